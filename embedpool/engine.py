@@ -1,0 +1,116 @@
+"""One ONNX Runtime session: token sequences in, L2-normalised vectors out.
+
+The engine knows nothing of pools, files or jobs. A picklable ``EngineSpec`` is the recipe
+a worker process uses to build its own engine (``spec.build()``), so the same engine runs
+in-process, in pool workers and in Ray actors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from embedpool.errors import ConfigError, ModelError
+from embedpool.models import ResolvedModel
+from embedpool.types import Pooling, Precision, TokenIds, Vectors
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (affinity-aware; cgroup quotas live in pool.resources)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Everything a process needs to build an engine; cheap to pickle."""
+
+    model: ResolvedModel
+    precision: Precision = "int8"
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "int8"):
+            raise ConfigError(f"precision must be fp32 or int8, got {self.precision!r}")
+        if self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    def build(self) -> Engine:
+        from embedpool.graph import prepare_onnx
+
+        path = prepare_onnx(self.model, self.precision)
+        return Engine(path, pooling=self.model.pooling, dim=self.model.dim, threads=self.threads)
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = min(threads, usable_cores())
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Threads spin-wait by default, burning a core between batches and starving sibling
+    # workers; a pool of single-threaded workers gains nothing from spinning.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if threads == 1 else "1")
+    # The arena keeps the high-water mark of every batch shape forever (the 863 MB peak of
+    # bare ORT at batch 32 x 256); without it RSS follows the current batch.
+    opts.enable_cpu_mem_arena = False
+    return opts
+
+
+class Engine:
+    """A loaded ONNX session plus pooling; always fully built."""
+
+    def __init__(self, onnx_path: Path, *, pooling: Pooling, dim: int, threads: int = 1) -> None:
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=session_options(threads),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
+        self.onnx_path = onnx_path
+        self.pooling = pooling
+        self.threads = threads
+        names = {i.name for i in self.session.get_inputs()}
+        self._needs_type_ids = "token_type_ids" in names
+        self._output = self.session.get_outputs()[0].name
+        self.dim = dim or int(self.session.get_outputs()[0].shape[-1])
+
+    def embed(self, sequences: Sequence[TokenIds]) -> Vectors:
+        """Vectors for already-tokenised sequences, in the given order."""
+        n = len(sequences)
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        longest = max(len(s) for s in sequences)
+        ids = np.zeros((n, longest), dtype=np.int64)
+        mask = np.zeros((n, longest), dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            ids[row, : len(seq)] = seq
+            mask[row, : len(seq)] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if self._needs_type_ids:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        out = self.session.run([self._output], feeds)[0]
+        if out.ndim == 3:  # token embeddings: pool here
+            out = pool_hidden(out, mask, self.pooling)
+        return l2_normalize(out.astype(np.float32, copy=False))
+
+
+def pool_hidden(hidden: np.ndarray, mask: np.ndarray, pooling: Pooling) -> np.ndarray:
+    if pooling == "cls":
+        return np.ascontiguousarray(hidden[:, 0, :])
+    m = mask[:, :, None].astype(hidden.dtype)
+    summed = (hidden * m).sum(axis=1)
+    counts: np.ndarray = np.clip(m.sum(axis=1), 1e-9, None)
+    return summed / counts
+
+
+def l2_normalize(x: np.ndarray) -> Vectors:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    out: Vectors = (x / np.clip(norms, 1e-12, None)).astype(np.float32, copy=False)
+    return out

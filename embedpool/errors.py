@@ -1,0 +1,82 @@
+"""Every exception embedpool raises on purpose.
+
+    EmbedpoolError                       base of all of them
+    ├── ConfigError (ValueError)         a bad option or EMBEDPOOL_* variable; names it and its value
+    ├── ModelError                       a model cannot be resolved, verified or loaded
+    │   ├── ModelNotFoundError (FileNotFoundError)  lists the sources tried and how to pass a directory
+    │   └── ModelIntegrityError          a weights file whose sha256 is not the expected one
+    ├── InputError (ValueError)          one bad input record: carries source, line number and id
+    ├── JobFailedError                   --strict and bad input, or nothing could be embedded
+    ├── CacheError                       the cache file is unreadable or corrupt; names path and --rebuild
+    └── PoolError
+        ├── WorkerStartError             a worker died while loading its engine; carries its traceback
+        ├── PoolBroken (concurrent.futures.process.BrokenProcessPool)
+        │                                the pool cannot go on (no worker can be started)
+        └── PoisonInputError             an input kept killing workers; carries the item's id
+
+Messages say what happened, the likely cause, what to do, and the data (pid, signal, sizes).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures.process import BrokenProcessPool
+
+
+class EmbedpoolError(Exception):
+    """Base class of embedpool's own errors."""
+
+
+class ConfigError(EmbedpoolError, ValueError):
+    """A bad option value or EMBEDPOOL_* environment variable."""
+
+
+class ModelError(EmbedpoolError):
+    """A model could not be resolved, verified or loaded."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """No source had the model."""
+
+
+class ModelIntegrityError(ModelError):
+    """A weights file's checksum does not match."""
+
+
+class InputError(EmbedpoolError, ValueError):
+    """One bad input record."""
+
+    def __init__(self, message: str, *, source: str = "", line: int | None = None,
+                 item_id: str | None = None) -> None:
+        where = source
+        if line is not None:
+            where = f"{source}:{line}" if source else f"line {line}"
+        ident = f" (id {item_id!r})" if item_id is not None else ""
+        super().__init__(f"{where}{ident}: {message}" if where else f"{message}{ident}")
+        self.source = source
+        self.line = line
+        self.item_id = item_id
+        self.reason = message
+
+
+class JobFailedError(EmbedpoolError):
+    """The job as a whole failed (strict mode with bad input, or nothing embedded)."""
+
+
+class CacheError(EmbedpoolError):
+    """The cache database is unreadable or corrupt."""
+
+
+class PoolError(EmbedpoolError):
+    """Base class of worker-pool failures."""
+
+
+class WorkerStartError(PoolError):
+    """A worker failed while loading its engine."""
+
+
+class PoolBroken(PoolError, BrokenProcessPool):
+    """The pool cannot make progress any more."""
+
+
+class PoisonInputError(PoolError):
+    """An input kept killing the workers that tried to embed it."""

@@ -1,0 +1,23 @@
+"""Type aliases shared by every module (one place, imported everywhere)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+#: One embedding matrix: float32, shape (n, dim), rows L2-normalised.
+Vectors = npt.NDArray[np.float32]
+#: One tokenised sequence, special tokens included, never longer than the model's max length.
+TokenIds = npt.NDArray[np.int32]
+
+Precision = Literal["fp32", "int8"]
+Pooling = Literal["mean", "cls"]
+LongTextMode = Literal["truncate", "window"]
+Profile = Literal["cloud", "local", "wsl2"]
+
+#: Structured event (see embedpool.events): a dict with at least "event" and "ts".
+Event = dict[str, Any]
+EventCallback = Callable[[Event], None]
