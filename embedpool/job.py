@@ -1,0 +1,364 @@
+"""The embedding job: texts in, vectors out in input order, through any executor.
+
+    texts ──window of WINDOW_ITEMS──▶ dedupe ──▶ cache lookup ──misses──▶ tokenize
+       (next window prepared in a       │                                    │
+        background thread meanwhile)    │hits                       plan_batches (token budget)
+                                        ▼                                    ▼
+    caller ◀── window vectors in ◀── assemble ◀── BatchResults ◀── executor.run (in-process,
+               input order             (windows averaged,            pool or Ray; any order)
+                                        cache written per batch)
+
+Windows bound memory (a 1M-chunk job never holds more than one window of vectors beyond what
+the caller keeps) and let output stream in input order. Every finished batch is written to the
+cache at once, so an interrupted job loses only its in-flight batches and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedpool.batching import (
+    DEFAULT_BATCH_TOKENS,
+    DEFAULT_MAX_BATCH_ITEMS,
+    dedupe,
+    plan_batches,
+)
+from embedpool.engine import EngineSpec, usable_cores
+from embedpool.errors import ConfigError, InputError
+from embedpool.executor import BatchResult, Executor, LocalExecutor, WorkBatch
+from embedpool.models import DEFAULT_MODEL, ResolvedModel, resolve_model
+from embedpool.tokenization import TextTokenizer
+from embedpool.types import EventCallback, LongTextMode, Precision, Vectors
+
+if TYPE_CHECKING:
+    from embedpool.cache import VectorCache
+
+#: Items prepared, batched and assembled together. Larger windows sort better (less padding)
+#: but hold more vectors and tokens in memory: 8192 x 384 floats is 12 MB.
+WINDOW_ITEMS = 8192
+#: Default precision: int8 meets the quality bar (README "Precision") at about twice fp32's speed.
+DEFAULT_PRECISION: Precision = "int8"
+
+
+@dataclass
+class ItemError:
+    index: int
+    id: str
+    message: str
+
+
+@dataclass
+class JobReport:
+    """Counters of one job; the CLI prints it as the final summary."""
+
+    chunks: int = 0
+    embedded: int = 0
+    truncated: int = 0
+    truncated_ids: list[str] = field(default_factory=list)
+    empty: int = 0
+    tokens: int = 0
+    cache_hits: int = 0
+    inferred: int = 0
+    input_errors: list[InputError] = field(default_factory=list)
+    item_errors: list[ItemError] = field(default_factory=list)
+    seconds: float = 0.0
+    interrupted: bool = False
+    peak_rss: int = 0
+
+    @property
+    def chunks_per_s(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def errors(self) -> int:
+        return len(self.input_errors) + len(self.item_errors)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"chunks": self.chunks, "embedded": self.embedded, "truncated": self.truncated,
+                "empty": self.empty, "tokens": self.tokens, "cache_hits": self.cache_hits,
+                "inferred": self.inferred, "errors": self.errors,
+                "seconds": round(self.seconds, 3), "chunks_per_s": round(self.chunks_per_s, 2),
+                "peak_rss_bytes": self.peak_rss, "interrupted": self.interrupted}
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """A window's vectors in input order; ``ok[i]`` says whether row i is a real vector."""
+
+    start: int
+    ids: list[str]
+    vectors: Vectors
+    ok: np.ndarray
+
+
+@dataclass
+class _Window:
+    """One prepared window: what is cached, what must run, and how to put it back together."""
+
+    start: int
+    ids: list[str]
+    unique_index: list[int]  # per item: index into unique texts
+    unique_vectors: Vectors  # (n_unique, dim), filled from cache and results
+    missing: list[int]  # unique indices that must be computed
+    unique_keys: list[bytes]
+    batches: list[WorkBatch]
+    positions: dict[int, tuple[int, ...]]  # batch id -> sequence indices
+    seq_owner: list[int]  # per sequence: unique index
+    seq_count: np.ndarray  # per unique index: sequences still outstanding
+    truncated: list[bool]  # per unique
+    empty: list[bool]  # per unique: empty or whitespace-only
+    tokens: int
+
+
+class Embedder:
+    """Loads a model once and embeds any number of texts.
+
+    ``workers=None`` runs the engine in this process (no subprocesses: safe in any script);
+    ``workers="auto"`` or an int runs the adaptive worker pool; ``backend="ray"`` runs Ray actors.
+    """
+
+    def __init__(self, model: str | Path | ResolvedModel = DEFAULT_MODEL, *,
+                 precision: Precision = DEFAULT_PRECISION, threads: int | None = None,
+                 workers: int | str | None = None, long_text: LongTextMode = "truncate",
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                 max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+                 cache: VectorCache | None = None, backend: str = "local",
+                 ray_address: str | None = None, pool_options: dict[str, Any] | None = None,
+                 on_event: EventCallback | None = None, engine: Any = None) -> None:
+        if long_text not in ("truncate", "window"):
+            raise ConfigError(f"long_text must be 'truncate' or 'window', got {long_text!r}")
+        if backend not in ("local", "ray"):
+            raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
+        self.model = model if isinstance(model, ResolvedModel) else resolve_model(model)
+        self.precision: Precision = precision
+        self.long_text: LongTextMode = long_text
+        self.batch_tokens = batch_tokens
+        self.max_batch_items = max_batch_items
+        self.cache = cache
+        self.on_event = on_event
+        self.tokenizer = TextTokenizer(self.model.tokenizer_path, self.model.max_length)
+        self.fingerprint = self.model.fingerprint(precision, long_text)
+        self.last_report = JobReport()
+        self._engine_override = engine  # any spec with .build() (tests, custom engines)
+        self.executor = self._make_executor(threads, workers, backend, ray_address,
+                                            pool_options or {})
+        self.dim = self.executor.dim
+
+    def _make_executor(self, threads: int | None, workers: int | str | None, backend: str,
+                       ray_address: str | None, pool_options: dict[str, Any]) -> Executor:
+        def spec(n_threads: int) -> Any:
+            return self._engine_override or EngineSpec(self.model, self.precision, n_threads)
+
+        if backend == "ray":
+            from embedpool.backends.ray import RayExecutor
+
+            n = None if workers in (None, "auto") else int(workers)
+            return RayExecutor(spec(threads or 1), address=ray_address, actors=n,
+                               on_event=self.on_event)
+        if workers is None:
+            return LocalExecutor(spec(threads or usable_cores()))
+        from embedpool.pool.supervisor import Pool, pool_config_for
+
+        cfg = pool_config_for(workers=workers, threads=threads, batch_tokens=self.batch_tokens,
+                              precision=self.precision, **pool_options)
+        return Pool(spec(1), cfg, on_event=self.on_event)
+
+    # -- public API -------------------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        """(len(texts), dim) float32, L2-normalised, in input order."""
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise InputError(f"text {i} is {type(t).__name__}, not str")
+        ids = [str(i) for i in range(len(texts))]
+        parts = [w.vectors for w in self.stream(ids, texts)]
+        errs = self.last_report.item_errors
+        if errs:
+            e = errs[0]
+            raise InputError(f"{len(errs)} text(s) could not be embedded; first: {e.message}",
+                             item_id=e.id)
+        if not parts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out: Vectors = np.concatenate(parts)
+        return out
+
+    def stream(self, ids: Sequence[str], texts: Sequence[str],
+               stop: threading.Event | None = None) -> Iterator[WindowResult]:
+        """Yield one ``WindowResult`` per window of up to WINDOW_ITEMS items, in input order.
+
+        Rows whose ``ok`` is False hold zeros: failed items (listed in
+        ``last_report.item_errors``) or, after ``stop`` was set, items never run. When ``stop``
+        is set, intake stops, in-flight batches finish, the interrupted window is yielded with
+        what it has, and the generator returns (``last_report.interrupted`` is True)."""
+        report = JobReport(chunks=len(texts))
+        self.last_report = report
+        t0 = time.perf_counter()
+        starts = list(range(0, len(texts), WINDOW_ITEMS))
+        with ThreadPoolExecutor(1, thread_name_prefix="embedpool-prepare") as prep:
+            nxt: Future[_Window] | None = (
+                prep.submit(self._prepare, starts[0], ids, texts) if starts else None)
+            for k in range(len(starts)):
+                assert nxt is not None
+                window = nxt.result()
+                nxt = (prep.submit(self._prepare, starts[k + 1], ids, texts)
+                       if k + 1 < len(starts) else None)
+                ok = self._execute(window, report, stop)
+                report.seconds = time.perf_counter() - t0
+                yield WindowResult(window.start, window.ids,
+                                   window.unique_vectors[window.unique_index],
+                                   ok[window.unique_index])
+                if not ok.all() and stop is not None and stop.is_set():
+                    report.interrupted = True
+                    return
+                if stop is not None and stop.is_set():
+                    report.interrupted = k + 1 < len(starts)
+                    return
+        report.seconds = time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def __enter__(self) -> Embedder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- steps ------------------------------------------------------------------------------
+
+    def _prepare(self, start: int, ids: Sequence[str], texts: Sequence[str]) -> _Window:
+        w_ids = list(ids[start:start + WINDOW_ITEMS])
+        uniq, inverse = dedupe(texts[start:start + WINDOW_ITEMS])
+        vectors = np.zeros((len(uniq), self.dim), dtype=np.float32)
+        keys: list[bytes] = []
+        missing = list(range(len(uniq)))
+        if self.cache is not None and not self.cache.disabled:
+            from embedpool.cache import text_key
+
+            keys = [text_key(t) for t in uniq]
+            found = self.cache.get_many(self.fingerprint, keys)
+            missing = []
+            for u, key in enumerate(keys):
+                vec = found.get(key)
+                if vec is None:
+                    missing.append(u)
+                else:
+                    vectors[u] = vec
+        enc = self.tokenizer.encode([uniq[u] for u in missing], self.long_text)
+        seq_owner = [missing[o] for o in enc.owner]
+        truncated = [False] * len(uniq)
+        for j, u in enumerate(missing):
+            truncated[u] = enc.truncated[j]
+        seq_count = np.bincount(np.asarray(seq_owner, dtype=np.int64), minlength=len(uniq))
+        first_id: dict[int, str] = {}
+        for i, u in enumerate(inverse):
+            first_id.setdefault(u, w_ids[i])
+        batches: list[WorkBatch] = []
+        positions: dict[int, tuple[int, ...]] = {}
+        for b in plan_batches([len(s) for s in enc.sequences], self.batch_tokens,
+                              self.max_batch_items):
+            batch_id = start + len(batches)  # unique per job: a window has < WINDOW_ITEMS batches
+            positions[batch_id] = b.indices
+            batches.append(WorkBatch(
+                batch_id=batch_id, sequences=tuple(enc.sequences[i] for i in b.indices),
+                keys=tuple(first_id[seq_owner[i]] for i in b.indices)))
+        return _Window(start=start, ids=w_ids, unique_index=inverse, unique_vectors=vectors,
+                       missing=missing, unique_keys=keys, batches=batches, positions=positions,
+                       seq_owner=seq_owner, seq_count=seq_count, truncated=truncated,
+                       empty=[not t.strip() for t in uniq],
+                       tokens=sum(len(s) for s in enc.sequences))
+
+    def _execute(self, w: _Window, report: JobReport,
+                 stop: threading.Event | None) -> np.ndarray:
+        """Run a window's batches; returns, per unique text, whether its vector is final."""
+        sums = np.zeros_like(w.unique_vectors)
+        remaining = w.seq_count.copy()
+        failed: dict[int, str] = {}
+        pending = set(w.positions)
+        done_so_far = report.embedded
+
+        def feed() -> Iterator[WorkBatch]:
+            for b in w.batches:
+                if stop is not None and stop.is_set():
+                    return
+                yield b
+
+        for res in self.executor.run(feed()):
+            pending.discard(res.batch_id)
+            done = self._absorb(res, w.positions[res.batch_id], w, sums, remaining, failed)
+            # window mode: an item with several windows is final once all are in
+            for u in done:
+                if w.seq_count[u] > 1:
+                    w.unique_vectors[u] = sums[u] / max(float(np.linalg.norm(sums[u])), 1e-12)
+            self._cache_put(w, done)
+            done_so_far += len(done)
+            self._emit({"event": "progress", "done": done_so_far, "total": report.chunks,
+                        "tokens": res.vectors.shape[0]})
+        ok = remaining == 0
+        for u in failed:
+            ok[u] = False
+        if pending:  # interrupted: count what is final, report nothing else
+            report.embedded += int(ok[w.unique_index].sum())
+            return ok
+        report.tokens += w.tokens
+        report.inferred += len(w.missing)
+        missing = set(w.missing)
+        for i, u in enumerate(w.unique_index):
+            if u not in missing:
+                report.cache_hits += 1
+            if w.empty[u]:
+                report.empty += 1
+            if w.truncated[u]:
+                report.truncated += 1
+                report.truncated_ids.append(w.ids[i])
+            if u in failed:
+                report.item_errors.append(ItemError(w.start + i, w.ids[i], failed[u]))
+            else:
+                report.embedded += 1
+        return ok
+
+    def _absorb(self, res: BatchResult, positions: tuple[int, ...], w: _Window,
+                sums: np.ndarray, remaining: np.ndarray, failed: dict[int, str]) -> list[int]:
+        """Fold one batch into the window; returns unique indices that just completed."""
+        done: list[int] = []
+        for pos, seq_i in enumerate(positions):
+            u = w.seq_owner[seq_i]
+            if pos in res.failed:
+                failed[u] = res.failed[pos]
+            elif w.seq_count[u] == 1:
+                w.unique_vectors[u] = res.vectors[pos]
+            else:
+                sums[u] += res.vectors[pos]
+            remaining[u] -= 1
+            if remaining[u] == 0 and u not in failed:
+                done.append(u)
+        return done
+
+    def _cache_put(self, w: _Window, done: list[int]) -> None:
+        if self.cache is None or self.cache.disabled or not done or not w.unique_keys:
+            return
+        self.cache.put_many(self.fingerprint,
+                            [(w.unique_keys[u], w.unique_vectors[u]) for u in done])
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            event.setdefault("ts", time.time())
+            self.on_event(event)
+
+
+def embed(texts: Sequence[str], model: str | Path = DEFAULT_MODEL,
+          precision: Precision = DEFAULT_PRECISION, **kwargs: Any) -> Vectors:
+    """One-shot helper: load the model, embed, release. Use ``Embedder`` for repeated calls."""
+    with Embedder(model, precision=precision, **kwargs) as e:
+        return e.embed(texts)
+
+
+ProgressFn = Callable[[JobReport], None]

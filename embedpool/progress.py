@@ -1,0 +1,147 @@
+"""What a person or a log sees while a job runs: live progress, plain lines, JSON events.
+
+- On a TTY: a rich live line (chunks, chunks/s, tokens/s, RSS of the whole process tree,
+  workers) redrawn a few times per second.
+- Otherwise: one plain line every ``PLAIN_INTERVAL_S`` on stderr.
+- ``--log-json``: every event (progress, scale, worker_death, retry, split, emergency,
+  recycle, status) as one JSON object per line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import Any, TextIO
+
+import psutil
+
+from embedpool.types import Event
+
+#: Plain (non-TTY) progress cadence: often enough for a CI log, rare enough to stay readable.
+PLAIN_INTERVAL_S = 5.0
+#: RSS sampling period: fast enough to catch a batch's peak (batches take ~50-500 ms).
+RSS_INTERVAL_S = 0.1
+
+
+def tree_rss() -> tuple[int, dict[int, int]]:
+    """RSS of this process plus all its descendants: (total, per pid)."""
+    me = psutil.Process()
+    per: dict[int, int] = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            per[p.pid] = p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return sum(per.values()), per
+
+
+class RssTracker:
+    """Samples the process tree's RSS in a daemon thread and keeps the peak."""
+
+    def __init__(self, interval_s: float = RSS_INTERVAL_S) -> None:
+        self.peak = 0
+        self.current = 0
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="embedpool-rss", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self._interval)
+
+    def sample(self) -> int:
+        total, _ = tree_rss()
+        self.current = total
+        self.peak = max(self.peak, total)
+        return total
+
+    def close(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sample()
+        return self.peak
+
+
+def fmt_bytes(n: float) -> str:
+    if n >= 1024**3:
+        return f"{n / 1024**3:.2f} GB"
+    return f"{n / 1024**2:.0f} MB"
+
+
+class Progress:
+    """Turns events into a live display, plain lines, or JSON lines."""
+
+    def __init__(self, total: int, tracker: RssTracker, *, log_json: bool = False,
+                 quiet: bool = False, stream: TextIO | None = None) -> None:
+        self.total = total
+        self.done = 0
+        self.tokens = 0
+        self.workers: int | None = None
+        self.tracker = tracker
+        self.stream = stream or sys.stderr
+        self.log_json = log_json
+        self.quiet = quiet
+        self.t0 = time.perf_counter()
+        self._last_plain = self.t0
+        self._lock = threading.Lock()
+        self._live: Any = None
+        if not quiet and not log_json and self.stream.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live("", console=Console(file=self.stream), refresh_per_second=4,
+                              transient=True)
+            self._live.start()
+
+    def line(self) -> str:
+        el = max(time.perf_counter() - self.t0, 1e-9)
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        workers = f"  workers {self.workers}" if self.workers is not None else ""
+        return (f"{self.done}/{self.total} chunks ({pct:.0f}%)  {self.done / el:.1f} chunks/s  "
+                f"{self.tokens / el:.0f} tokens/s  RSS {fmt_bytes(self.tracker.current)}{workers}")
+
+    def __call__(self, event: Event) -> None:
+        with self._lock:
+            kind = event.get("event")
+            if kind == "progress":
+                self.done = int(event.get("done", self.done))
+                self.tokens += int(event.get("tokens", 0))
+            if "workers" in event and isinstance(event["workers"], int):
+                self.workers = event["workers"]
+            if self.log_json:
+                ev = {"ts": time.time(), **event}
+                self.stream.write(json.dumps(ev, default=str) + "\n")
+                self.stream.flush()
+                return
+            if self.quiet:
+                return
+            if kind not in ("progress", "status") and kind is not None:
+                self.message(_describe(event))
+            if self._live is not None:
+                self._live.update(self.line())
+            elif time.perf_counter() - self._last_plain >= PLAIN_INTERVAL_S:
+                self._last_plain = time.perf_counter()
+                self.stream.write(self.line() + "\n")
+                self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self._live is not None:
+            self._live.console.print(text)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+def _describe(event: Event) -> str:
+    kind = event.get("event", "event")
+    rest = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "ts"))
+    return f"[{kind}] {rest}"
