@@ -86,7 +86,7 @@ def _pool_args(workers: str, threads: int | None, profile: str,
             opts["profile"] = profile
         mm = _max_memory(max_memory)
         if mm is not None:
-            opts["max_memory"] = mm
+            opts["max_memory_bytes"] = mm
     return w, opts
 
 
@@ -112,7 +112,8 @@ def main() -> None:
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
               help="Vector cache file (default: the user cache directory).")
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the vector cache.")
-@click.option("--rebuild-cache", is_flag=True, help="Recreate an unreadable cache file.")
+@click.option("--rebuild", "--rebuild-cache", "rebuild_cache", is_flag=True,
+              help="Recreate the cache file if it is unreadable or corrupt.")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
 @click.option("--log-json", is_flag=True, help="Events as JSON lines on stderr.")
@@ -125,12 +126,15 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str,
     """Embed INPUTS (JSONL records, text files or directories) into OUT."""
     from embedpool.inputs import read_inputs
     from embedpool.job import Embedder
-    from embedpool.outputs import open_output, partial_path
+    from embedpool.outputs import SUPPORTED_EXTENSIONS, open_output, partial_path
     from embedpool.progress import Progress, RssTracker
 
     try:
         parsed = read_inputs(list(inputs))
-        open_output(out, 1, dry_run=True)  # validates the extension before any work
+        if out.suffix.lower() not in SUPPORTED_EXTENSIONS:  # before any work
+            raise ConfigError(f"--out {str(out)!r}: unknown output format "
+                              f"{out.suffix or '(no extension)'}; use one of "
+                              f"{', '.join(SUPPORTED_EXTENSIONS)}")
     except (EmbedpoolError, ConfigError) as exc:
         _fail(str(exc), EXIT_USAGE)
     for err in parsed.errors[:MAX_ERRORS_SHOWN]:
@@ -191,7 +195,8 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str,
         report.peak_rss = tracker.close()
         if report.interrupted or got:
             dest = partial_path(out)
-            writer.commit(dest)
+            writer.retarget(dest)
+            writer.commit()
             _summary(report, out=dest, cache=cache)
             click.echo(f"interrupted: {report.embedded} of {report.chunks} chunks are in {dest}; "
                        f"{out} was not written. Run the same command again to resume.", err=True)
@@ -298,17 +303,19 @@ def doctor(profile: str, max_memory: str | None, workers: str, threads: int | No
            precision: str) -> None:
     """Print what embedpool detects about this machine and how it would run here."""
     from embedpool.doctor import render_doctor
-    from embedpool.pool.resources import detect_limits
+    from embedpool.pool.resources import detect_limits, memory_used
     from embedpool.pool.scaling import plan
 
     w = _workers(workers) if workers not in ("0",) else 1
     try:
         limits = detect_limits(max_memory=_max_memory(max_memory),
                                profile=None if profile == "auto" else profile)
-        p = plan(limits, workers=None if w == "auto" else int(w), threads=threads)
+        used = memory_used(limits)
+        p = plan(limits, workers=None if w == "auto" else int(w), threads=threads,
+                 precision=precision, mem_used=used)  # type: ignore[arg-type]
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
-    click.echo(render_doctor(limits, p))
+    click.echo(render_doctor(limits, p, mem_used=used))
 
 
 @main.group()
@@ -322,8 +329,11 @@ def cache_stats(cache_path: Path | None) -> None:
     from embedpool.cache import VectorCache
 
     try:
-        with VectorCache.open(cache_path) as c:
-            click.echo(c.stats().render() if hasattr(c.stats(), "render") else str(c.stats()))
+        with VectorCache.open(cache_path, readonly=True) as c:
+            st = c.stats()
+        click.echo(f"cache {st.path}: {st.total} vectors, {st.size_bytes / 1024**2:.1f} MB")
+        for fp, n in sorted(st.entries.items()):
+            click.echo(f"  model fingerprint {fp}: {n}")
     except CacheError as exc:
         _fail(str(exc), EXIT_USAGE)
 
@@ -350,8 +360,84 @@ def cache_clear(cache_path: Path | None) -> None:
     from embedpool.cache import VectorCache
 
     try:
-        with VectorCache.open(cache_path, rebuild=True) as c:
+        with VectorCache.open(cache_path, rebuild=True) as c:  # clear works on a corrupt file too
             n = c.clear()
         click.echo(f"cleared {n} entries")
     except CacheError as exc:
         _fail(str(exc), EXIT_USAGE)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@model_opt
+@precision_opt
+@long_text_opt
+@workers_opt
+@profile_opt
+@max_memory_opt
+@click.option("--api-key", default=None, help="Require this bearer token (or EMBEDPOOL_API_KEY).")
+@click.option("--max-items", type=click.IntRange(1), default=2048, show_default=True,
+              help="Most inputs in one request.")
+@click.option("--max-request-bytes", default="16M", show_default=True)
+@click.option("--max-queue-tokens", type=click.IntRange(1), default=2_000_000, show_default=True,
+              help="Queued tokens above which requests get 429 + Retry-After.")
+@click.option("--batch-tokens", type=click.IntRange(16), default=2048, show_default=True)
+@click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
+              help="How long the batcher gathers requests into one batch.")
+@click.option("--served-model-name", multiple=True, help="Extra model name clients may send.")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True)
+@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None)
+@click.option("--no-cache", is_flag=True)
+@click.option("--log-level", default="info", show_default=True)
+def serve(host: str, port: int, model: str, precision: str, long_text: str, workers: str,
+          profile: str, max_memory: str | None, api_key: str | None, max_items: int,
+          max_request_bytes: str, max_queue_tokens: int, batch_tokens: int, max_wait_ms: float,
+          served_model_name: tuple[str, ...], request_timeout: float, cache_path: Path | None,
+          no_cache: bool, log_level: str) -> None:
+    """Serve an OpenAI-compatible embeddings API (POST /v1/embeddings) on the worker pool."""
+    from embedpool.engine import EngineSpec
+    from embedpool.models import resolve_model
+    from embedpool.server import ServerSettings, run_server
+
+    w, pool_opts = _pool_args(workers, None, profile, max_memory)
+    try:
+        settings = ServerSettings(
+            host=host, port=port, model=model, precision=precision,  # type: ignore[arg-type]
+            long_text=long_text, api_key=api_key,  # type: ignore[arg-type]
+            max_items_per_request=max_items,
+            max_request_bytes=parse_bytes(max_request_bytes, what="--max-request-bytes"),
+            max_queue_tokens=max_queue_tokens, batch_tokens=batch_tokens,
+            max_wait_ms=max_wait_ms, served_model_names=served_model_name,
+            request_timeout_s=request_timeout, log_level=log_level)
+        resolved = resolve_model(model)
+    except (ConfigError, ModelError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    hook = None
+    if not no_cache:
+        from embedpool.cache import BoundCache, VectorCache
+
+        try:
+            hook = BoundCache(VectorCache.open(cache_path),
+                              resolved.fingerprint(precision, long_text))
+        except CacheError as exc:
+            _fail(str(exc), EXIT_USAGE)
+
+    def pool_factory() -> Any:
+        from embedpool.pool.supervisor import Pool, pool_config_for
+
+        if w is None:
+            from embedpool.microbatch import InProcessExecutor
+
+            return InProcessExecutor(EngineSpec(resolved, precision, _cores()).build)  # type: ignore[arg-type]
+        cfg = pool_config_for(workers=w, batch_tokens=batch_tokens,
+                              precision=precision, **pool_opts)  # type: ignore[arg-type]
+        return Pool(EngineSpec(resolved, precision, 1), cfg)  # type: ignore[arg-type]
+
+    run_server(settings, pool_factory, cache=hook)
+
+
+def _cores() -> int:
+    from embedpool.engine import usable_cores
+
+    return usable_cores()

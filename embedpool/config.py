@@ -83,3 +83,18 @@ def cache_root() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("embedpool"))
+
+
+def debug_crash_tokens() -> tuple[int, ...] | None:
+    """EMBEDPOOL_TEST_CRASH_TOKENS="id,id,...": test-only poison for the real model. A pool
+    worker SIGKILLs itself (as the OOM killer would) when a sequence contains these token ids
+    in a row. Unset (the only production value) means None."""
+    raw = env_str("EMBEDPOOL_TEST_CRASH_TOKENS")
+    if raw is None:
+        return None
+    try:
+        ids = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(f"EMBEDPOOL_TEST_CRASH_TOKENS={raw!r} is not a comma-separated list "
+                          f"of token ids") from None
+    return ids or None

@@ -21,6 +21,10 @@ from embedpool.types import Event
 
 #: Plain (non-TTY) progress cadence: often enough for a CI log, rare enough to stay readable.
 PLAIN_INTERVAL_S = 5.0
+#: Events worth a line for a person; the rest (ready, start, stop, status) go to --log-json.
+SHOWN_EVENTS = frozenset({"scale", "emergency", "worker_death", "retry", "split", "poison_item",
+                          "recycle", "worker_hung_warning", "worker_hung_kill", "pool_broken",
+                          "worker_start_failed"})
 #: RSS sampling period: fast enough to catch a batch's peak (batches take ~50-500 ms).
 RSS_INTERVAL_S = 0.1
 
@@ -119,7 +123,7 @@ class Progress:
                 return
             if self.quiet:
                 return
-            if kind not in ("progress", "status") and kind is not None:
+            if kind in SHOWN_EVENTS:
                 self.message(_describe(event))
             if self._live is not None:
                 self._live.update(self.line())

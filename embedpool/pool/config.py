@@ -1,0 +1,102 @@
+"""``PoolConfig``: every knob of the process pool in one frozen, validated dataclass.
+
+``None`` means "let the machine decide": worker count, threads and the batch token budget then
+come from ``scaling.plan()`` over the detected limits. Only the CLI and ``embedpool.config``
+read ``EMBEDPOOL_*`` variables; this class takes plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from embedpool.errors import ConfigError
+from embedpool.types import Precision, Profile
+
+StartMethod = Literal["spawn", "forkserver"]
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    #: Fixed worker count; None = adaptive (start and maximum from the profile's plan).
+    workers: int | None = None
+    #: Intra-op threads per worker; None = planned (workers x threads <= usable cores).
+    threads: int | None = None
+    #: Initial padded-token budget per batch sent to a worker; None = planned. Larger incoming
+    #: WorkBatches are cut to this budget and reassembled, so callers never notice.
+    batch_tokens: int | None = None
+    profile: Profile | None = None
+    #: The engine's precision: plan() uses it for the per-worker memory estimate.
+    precision: Precision = "int8"
+    #: Memory the pool may use in all (supervisor + workers); None = the detected limit.
+    max_memory_bytes: int | None = None
+    #: spawn is the most robust (no inherited state); forkserver respawns faster after a crash.
+    start_method: StartMethod = "spawn"
+    #: A worker must send Ready within this. Loading int8 MiniLM takes ~1 s; the margin is for
+    #: a busy machine and a cold disk, and it is only paid when something is badly wrong.
+    start_timeout_s: float = 120.0
+    #: Hung-worker deadline = base + per_token x padded tokens of its batch. Batches run at
+    #: ~30k tokens/s per core here, so 10 ms/token is a >100x margin; the base covers a busy
+    #: machine and page faults after a swap-in.
+    hang_base_s: float = 30.0
+    hang_per_token_s: float = 0.01
+    #: Fraction of the deadline after which a worker_hung_warning is emitted.
+    hang_warn_fraction: float = 0.6
+    #: Retries of a single input before it is reported as poison (so 1 + max_retries tries).
+    #: Multi-item batches are bisected instead, which is bounded by log2(items).
+    max_retries: int = 2
+    #: Recycle a worker (between batches) whose RSS, after gc, exceeds this many bytes ...
+    recycle_rss_bytes: int | None = None
+    #: ... or grew by more than this since it was ready (loky's 300 MB rule: a leak, or an
+    #: allocator that keeps the high-water mark of one huge batch).
+    recycle_growth_bytes: int | None = 300 * 1024 * 1024
+    #: How often the manager samples resources and asks the scaling policy (the policy's
+    #: thresholds and look-ahead are tuned for 1 s: scaling.SAMPLE_INTERVAL_S).
+    sample_interval_s: float = 1.0
+    #: Calm time before leaving emergency mode; None = the profile's (scaling.plan()).
+    emergency_exit_s: float | None = None
+    #: How often a 'status' event is emitted (0 = never).
+    status_interval_s: float = 5.0
+    #: How long a worker asked to leave may take before it is killed.
+    leave_timeout_s: float = 5.0
+    #: Consecutive failed starts (no worker alive) before the pool is declared broken.
+    max_start_failures: int = 3
+    #: Default look-ahead of Pool.run(): batches in flight or queued per worker.
+    pending_per_worker: int = 2
+
+    def __post_init__(self) -> None:
+        positive_ints = {"workers": self.workers, "threads": self.threads,
+                         "batch_tokens": self.batch_tokens,
+                         "max_memory_bytes": self.max_memory_bytes,
+                         "recycle_rss_bytes": self.recycle_rss_bytes,
+                         "recycle_growth_bytes": self.recycle_growth_bytes,
+                         "max_start_failures": self.max_start_failures,
+                         "pending_per_worker": self.pending_per_worker}
+        for name, value in positive_ints.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"PoolConfig.{name} must be >= 1 or None, got {value}")
+        if self.max_retries < 0:
+            raise ConfigError(f"PoolConfig.max_retries must be >= 0, got {self.max_retries}")
+        if self.start_method not in ("spawn", "forkserver"):
+            raise ConfigError(f"PoolConfig.start_method must be spawn or forkserver, "
+                              f"got {self.start_method!r}")
+        if self.profile is not None and self.profile not in ("cloud", "local", "wsl2"):
+            raise ConfigError(f"PoolConfig.profile must be cloud, local or wsl2, got {self.profile!r}")
+        positive_floats = {"start_timeout_s": self.start_timeout_s, "hang_base_s": self.hang_base_s,
+                           "sample_interval_s": self.sample_interval_s,
+                           "leave_timeout_s": self.leave_timeout_s}
+        for name, fvalue in positive_floats.items():
+            if not fvalue > 0:
+                raise ConfigError(f"PoolConfig.{name} must be > 0, got {fvalue}")
+        if self.precision not in ("int8", "fp32"):
+            raise ConfigError(f"PoolConfig.precision must be int8 or fp32, got {self.precision!r}")
+        if self.emergency_exit_s is not None and self.emergency_exit_s < 0:
+            raise ConfigError(f"PoolConfig.emergency_exit_s must be >= 0, got {self.emergency_exit_s}")
+        if self.hang_per_token_s < 0 or self.status_interval_s < 0:
+            raise ConfigError("PoolConfig.hang_per_token_s and status_interval_s must be >= 0")
+        if not 0 < self.hang_warn_fraction < 1:
+            raise ConfigError(f"PoolConfig.hang_warn_fraction must be in (0, 1), "
+                              f"got {self.hang_warn_fraction}")
+
+    def hang_deadline_s(self, padded_tokens: int) -> float:
+        return self.hang_base_s + self.hang_per_token_s * padded_tokens

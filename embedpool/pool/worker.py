@@ -1,0 +1,203 @@
+"""The worker process: build the engine once, answer Embed messages, never outlive the parent.
+
+``worker_main`` is a plain top-level function with explicit arguments so that it runs under
+``spawn`` and ``forkserver`` (nothing inherited but what is passed). Its life:
+
+    limit_threads(threads)          OMP/MKL/OPENBLAS env before anything heavy is imported
+    die_with_parent(parent_pid)     PR_SET_PDEATHSIG(SIGKILL) + a parent-pid watchdog thread
+    spec = pickle.loads(blob)       (the spec is unpickled here, after the env is set, so that
+    engine = spec.build()            importing onnxruntime/numpy sees it; errors are reported)
+    send Ready | StartFailed(traceback)
+    loop: Embed -> Result | TaskFailed;  Leave -> send Leaving, exit 0;  EOF -> exit
+
+No orphans, three ways: the pipe's EOF while idle; PR_SET_PDEATHSIG while busy in native code
+(Linux); a watchdog thread that notices the parent pid is gone (other platforms, and
+forkserver, where the direct parent is the fork server, not the pool).
+SIGINT is ignored: a Ctrl-C reaches the whole process group, and the supervisor, not each
+worker, decides how in-flight batches end.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+from embedpool.pool.protocol import (
+    Embed,
+    Leave,
+    Leaving,
+    Ready,
+    Result,
+    StartFailed,
+    TaskFailed,
+)
+
+#: Variables read by the common native thread pools. ONNX Runtime's own pool is sized by the
+#: engine's intra-op setting; these keep numpy's BLAS and any OpenMP library from starting one
+#: thread per core in every worker (workers x cores threads: the oversubscription that
+#: sentence-transformers users hit, #372 / #1585).
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                   "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+#: How often the watchdog checks that the parent is alive. Only matters where PDEATHSIG does
+#: not exist or cannot fire (forkserver); one check a second costs nothing.
+WATCHDOG_INTERVAL_S = 1.0
+PR_SET_PDEATHSIG = 1
+
+
+def limit_threads(threads: int) -> None:
+    for name in THREAD_ENV_VARS:
+        os.environ[name] = str(threads)
+
+
+def _parent_alive(parent_pid: int) -> bool:
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else (cannot happen for our parent)
+        return True
+    return True
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make sure this process ends when ``parent_pid`` does, whatever it is doing."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # pragma: no cover - exotic libc
+            pass
+    # The parent may have died before prctl ran (then it never fires).
+    if not _parent_alive(parent_pid):
+        os._exit(1)
+    original_ppid = os.getppid()
+
+    def watchdog() -> None:
+        while True:
+            time.sleep(WATCHDOG_INTERVAL_S)
+            if not _parent_alive(parent_pid) or (
+                    original_ppid == parent_pid and os.getppid() != original_ppid):
+                os._exit(1)  # no cleanup: there is nobody left to report to
+
+    threading.Thread(target=watchdog, name="embedpool-parent-watchdog", daemon=True).start()
+
+
+#: Added to this worker's oom_score_adj (-1000..1000): when a cgroup or the host runs out of
+#: memory, the kernel kills the process with the highest score, which is roughly its share of
+#: memory. A worker is disposable (its batch is retried, split, on a fresh one); the supervisor
+#: holds every finished vector and the job's state. Without this, a supervisor that holds many
+#: results can outscore a worker and the whole job dies (seen in tests/pool/test_pressure.py).
+#: Raising one's own score needs no privilege.
+WORKER_OOM_SCORE_ADJ = 300
+
+
+def prefer_oom_kill() -> None:
+    """Make the kernel's OOM killer pick this worker before the supervisor (Linux)."""
+    try:
+        with open("/proc/self/oom_score_adj", "r+") as f:
+            current = int(f.read().strip() or 0)
+            f.seek(0)
+            f.write(str(min(1000, current + WORKER_OOM_SCORE_ADJ)))
+    except (OSError, ValueError):  # not Linux, or a sandbox without /proc: nothing to do
+        pass
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc, else psutil)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+
+
+def _with_threads(spec: Any, threads: int) -> Any:
+    """The spec with its ``threads`` field set, where it has one (EngineSpec, FakeEngineSpec)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type) and any(
+            f.name == "threads" for f in dataclasses.fields(spec)):
+        return dataclasses.replace(spec, threads=threads)
+    return spec
+
+
+def _crash_hook() -> tuple[int, ...] | None:
+    """EMBEDPOOL_TEST_CRASH_TOKENS: a test-only poison for the real model (see embedpool.config)."""
+    if not os.environ.get("EMBEDPOOL_TEST_CRASH_TOKENS"):
+        return None
+    from embedpool.config import debug_crash_tokens
+
+    return debug_crash_tokens()
+
+
+def worker_main(conn: Connection, spec_blob: bytes, worker_id: int, threads: int,
+                parent_pid: int, gc_rss_bytes: int | None = None) -> None:
+    """Entry point of a worker process (the ``target`` of its ``Process``).
+
+    ``spec_blob`` is the pickled engine spec; ``gc_rss_bytes``: above this RSS the worker runs
+    ``gc.collect()`` before reporting it, so the supervisor's recycling decision is made on
+    memory that is really held, not on garbage.
+    """
+    limit_threads(threads)
+    die_with_parent(parent_pid)
+    prefer_oom_kill()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    pid = os.getpid()
+    try:
+        spec = _with_threads(pickle.loads(spec_blob), threads)
+        engine = spec.build()
+        dim = int(engine.dim)
+        crash_tokens = _crash_hook()
+    except BaseException as exc:  # everything, SystemExit included, is reported
+        conn.send(StartFailed(worker_id, pid, f"{type(exc).__name__}: {exc}",
+                              traceback.format_exc()))
+        conn.close()
+        sys.exit(3)
+    conn.send(Ready(worker_id, pid, dim, rss_bytes()))
+
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the supervisor is gone
+        if isinstance(msg, Embed):
+            _embed(conn, engine, msg, crash_tokens, gc_rss_bytes)
+        elif isinstance(msg, Leave):
+            conn.send(Leaving(worker_id, msg.reason))
+            conn.close()
+            return
+        else:  # pragma: no cover - protocol bug
+            raise TypeError(f"worker {worker_id}: unexpected message {msg!r}")
+
+
+def _embed(conn: Connection, engine: Any, msg: Embed, crash_tokens: tuple[int, ...] | None,
+           gc_rss_bytes: int | None) -> None:
+    if crash_tokens is not None:
+        from embedpool.testing import contains_subsequence
+
+        if any(contains_subsequence(s, crash_tokens) for s in msg.sequences):
+            os.kill(os.getpid(), signal.SIGKILL)
+    started = time.perf_counter()
+    try:
+        vectors = engine.embed(msg.sequences)
+    except Exception as exc:
+        conn.send(TaskFailed(msg.task_id, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        return
+    seconds = time.perf_counter() - started
+    rss = rss_bytes()
+    if gc_rss_bytes is not None and rss > gc_rss_bytes:
+        gc.collect()
+        rss = rss_bytes()
+    conn.send(Result(msg.task_id, vectors, seconds, rss))

@@ -1,0 +1,140 @@
+"""Test doubles that behave like the real thing where it matters: processes, signals, memory.
+
+``FakeEngineSpec`` builds a ``FakeEngine`` in ~no time: it returns deterministic unit vectors
+derived from each sequence's token ids (so results can be compared with a clean run), sleeps
+for a configurable time per token (so batches take real time and can be interrupted), and can
+be told to misbehave for real:
+
+- ``crash_on``: a token-id subsequence; a batch containing it SIGKILLs its own process,
+  exactly as the OOM killer would (poison-input tests);
+- ``raise_on``: a subsequence that makes ``embed`` raise (a Python error, not a crash);
+- ``grow_bytes_per_batch``: RSS that is allocated, touched and kept (recycling tests);
+- ``alloc_bytes_per_token``: a *transient* allocation proportional to the batch's padded
+  tokens (rows x longest row), touched page by page, held while the batch "runs" (the
+  delays) and freed after it, like a real engine's activations: two big batches at once
+  can push a cgroup over its limit, where one, or two small ones, fit (OOM tests);
+- ``fail_to_start`` / ``exit_on_start``: a load that raises, or a process that dies while
+  loading; ``fail_to_start_if_exists``: the same, switched on later by creating a file.
+
+It is picklable and importable under ``spawn``, so pool tests run real worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from embedpool.types import TokenIds, Vectors
+
+if TYPE_CHECKING:  # executor imports onnxruntime: keep it out of fake workers (fast spawn)
+    from embedpool.executor import WorkBatch
+
+
+def contains_subsequence(seq: TokenIds, pattern: Sequence[int]) -> bool:
+    """Whether ``pattern`` occurs contiguously in ``seq`` (numpy, no Python loop over tokens)."""
+    k = len(pattern)
+    if k == 0 or len(seq) < k:
+        return False
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(seq), k)
+    return bool(np.any(np.all(windows == np.asarray(pattern, dtype=windows.dtype), axis=1)))
+
+
+def fake_vectors(sequences: Sequence[TokenIds], dim: int) -> Vectors:
+    """The vectors a FakeEngine returns: a unit vector seeded by each sequence's bytes."""
+    out = np.empty((len(sequences), dim), dtype=np.float32)
+    for row, seq in enumerate(sequences):
+        seed = zlib.crc32(np.ascontiguousarray(seq, dtype=np.int32).tobytes())
+        v = np.random.default_rng(seed).standard_normal(dim)
+        out[row] = v / np.linalg.norm(v)
+    return out
+
+
+@dataclass(frozen=True)
+class FakeEngineSpec:
+    """Recipe for a FakeEngine; cheap to pickle, like ``EngineSpec``."""
+
+    dim: int = 32
+    threads: int = 1
+    #: Sleep per (unpadded) token and per batch: makes batches take real, interruptible time.
+    delay_per_token_s: float = 0.0
+    delay_per_batch_s: float = 0.0
+    crash_on: tuple[int, ...] | None = None
+    raise_on: tuple[int, ...] | None = None
+    grow_bytes_per_batch: int = 0
+    alloc_bytes_per_token: int = 0
+    fail_to_start: str | None = None
+    #: Fail to start only while this file exists: a pool that starts, then cannot respawn.
+    fail_to_start_if_exists: str | None = None
+    exit_on_start: int | None = None
+    start_delay_s: float = 0.0
+
+    def build(self) -> FakeEngine:
+        if self.start_delay_s:
+            time.sleep(self.start_delay_s)
+        if self.exit_on_start is not None:
+            os._exit(self.exit_on_start)
+        if self.fail_to_start is not None:
+            raise RuntimeError(self.fail_to_start)
+        if self.fail_to_start_if_exists is not None and os.path.exists(self.fail_to_start_if_exists):
+            raise RuntimeError(f"{self.fail_to_start_if_exists} exists")
+        return FakeEngine(self)
+
+
+class FakeEngine:
+    def __init__(self, spec: FakeEngineSpec) -> None:
+        self.spec = spec
+        self.dim = spec.dim
+        self.threads = spec.threads
+        self._hoard: list[bytes] = []
+
+    def embed(self, sequences: Sequence[TokenIds]) -> Vectors:
+        spec = self.spec
+        for seq in sequences:
+            if spec.crash_on is not None and contains_subsequence(seq, spec.crash_on):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if spec.raise_on is not None and contains_subsequence(seq, spec.raise_on):
+                raise ValueError(f"FakeEngine: raise_on {spec.raise_on} found in a sequence")
+        activations = b""
+        if spec.alloc_bytes_per_token and sequences:
+            padded = len(sequences) * max(len(s) for s in sequences)
+            # b"x" * n writes every page, so the whole allocation is charged at once (an
+            # untouched calloc would cost nothing until used); it is an mmap that del returns.
+            activations = b"x" * (spec.alloc_bytes_per_token * padded)
+        delay = spec.delay_per_batch_s + spec.delay_per_token_s * sum(len(s) for s in sequences)
+        if delay > 0:
+            time.sleep(delay)
+        del activations
+        if spec.grow_bytes_per_batch:
+            # bytes(n) may come from calloc'd, untouched pages; b"x" * n writes every page.
+            self._hoard.append(b"x" * spec.grow_bytes_per_batch)
+        return fake_vectors(sequences, self.dim)
+
+
+def make_sequences(n: int, *, seed: int = 0, min_len: int = 4, max_len: int = 64,
+                   vocab: int = 30000) -> list[TokenIds]:
+    """``n`` random int32 sequences framed like BERT input ([CLS]=101 ... [SEP]=102)."""
+    rng = np.random.default_rng(seed)
+    out: list[TokenIds] = []
+    for _ in range(n):
+        length = int(rng.integers(min_len, max_len + 1))
+        body = rng.integers(1000, vocab, size=max(0, length - 2))
+        out.append(np.concatenate([[101], body, [102]]).astype(np.int32))
+    return out
+
+
+def make_batches(sequences: Sequence[TokenIds], items_per_batch: int,
+                 keys: Iterable[str] | None = None) -> list[WorkBatch]:
+    """Consecutive WorkBatches of ``items_per_batch`` items; keys default to ``item-<index>``."""
+    from embedpool.executor import WorkBatch
+
+    all_keys = list(keys) if keys is not None else [f"item-{i}" for i in range(len(sequences))]
+    return [WorkBatch(b, tuple(sequences[i:i + items_per_batch]),
+                      tuple(all_keys[i:i + items_per_batch]))
+            for b, i in enumerate(range(0, len(sequences), items_per_batch))]

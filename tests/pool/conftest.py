@@ -1,0 +1,100 @@
+"""Shared fixtures of the pool tests: fast configs, event capture, and a leak check.
+
+Every pool test runs real worker processes. ``no_leftover_processes`` (applied with
+``pytestmark`` by the supervisor and fault tests) fails a test that leaves any child process
+behind, and kills them so one leak does not cascade: "no orphans, ever" is checked on every
+pool test, not only in one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psutil
+import pytest
+
+from embedpool.pool.config import PoolConfig
+from embedpool.types import Event
+
+#: Deadline for anything a test waits for. Generous: other engineers' tests share 2 cores.
+DEADLINE_S = 60.0
+
+
+def fast_config(**overrides: Any) -> PoolConfig:
+    """A PoolConfig for tests: 2 fixed workers, short timers, no periodic status noise."""
+    base: dict[str, Any] = dict(workers=2, sample_interval_s=0.2, status_interval_s=0,
+                                leave_timeout_s=3.0, start_timeout_s=60.0, hang_base_s=30.0,
+                                emergency_exit_s=0.5)
+    base.update(overrides)
+    return PoolConfig(**base)
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S,
+               interval: float = 0.02) -> None:
+    """Poll ``cond`` until true; fail the test (naming ``what``) at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class EventLog:
+    """Thread-safe list of events (they arrive on the supervisor's manager thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.events: list[Event] = []
+
+    def __call__(self, event: Event) -> None:
+        with self._lock:
+            self.events.append(event)
+
+    def named(self, name: str) -> list[Event]:
+        with self._lock:
+            return [e for e in self.events if e["event"] == name]
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [e["event"] for e in self.events]
+
+
+@pytest.fixture
+def event_log() -> EventLog:
+    return EventLog()
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture
+def no_leftover_processes() -> Iterator[None]:
+    before = _children()
+    yield
+    deadline = time.monotonic() + 15.0
+    left: set[int] = set()
+    while time.monotonic() < deadline:
+        left = set()
+        for pid in _children() - before:
+            try:
+                proc = psutil.Process(pid)
+                # multiprocessing's resource tracker and fork server are per-interpreter
+                # singletons that live until the interpreter exits: not leaks
+                cmd = " ".join(proc.cmdline())
+                if proc.status() != psutil.STATUS_ZOMBIE and not any(
+                        name in cmd for name in ("resource_tracker", "forkserver")):
+                    left.add(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not left:
+            return
+        time.sleep(0.05)
+    for pid in left:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(pid).kill()
+    pytest.fail(f"child processes left behind: {sorted(left)}")
