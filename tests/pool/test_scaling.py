@@ -161,6 +161,14 @@ def test_policy_validation(changes: dict[str, object], match: str) -> None:
         dataclasses.replace(POLICY, **changes)  # type: ignore[arg-type]
 
 
+def test_doctor_shows_a_max_memory_cap_beside_the_real_limit() -> None:
+    lim = capped(16, 16 * GiB, GiB)
+    text = render_doctor(lim, plan(lim, mem_used=12 * GiB), mem_used=12 * GiB)
+    assert "16.0 GiB limit  (source: host" in text
+    assert "12.0 GiB (75% of the limit, all programs" in text
+    assert "pool cap    1.0 GiB for embedpool's own RSS" in text
+
+
 def test_doctor_renders_every_number() -> None:
     lim = dataclasses.replace(limits(2, 512 * MiB), notes=("EMBEDPOOL_CPUS=8 ignored",))
     p = plan(lim)
