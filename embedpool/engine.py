@@ -107,7 +107,8 @@ def pool_hidden(hidden: np.ndarray, mask: np.ndarray, pooling: Pooling) -> np.nd
     m = mask[:, :, None].astype(hidden.dtype)
     summed = (hidden * m).sum(axis=1)
     counts: np.ndarray = np.clip(m.sum(axis=1), 1e-9, None)
-    return summed / counts
+    pooled: np.ndarray = summed / counts
+    return pooled
 
 
 def l2_normalize(x: np.ndarray) -> Vectors:

@@ -112,6 +112,7 @@ class _Window:
     batches: list[WorkBatch]
     positions: dict[int, tuple[int, ...]]  # batch id -> sequence indices
     seq_owner: list[int]  # per sequence: unique index
+    seq_lens: list[int]  # per sequence: tokens
     seq_count: np.ndarray  # per unique index: sequences still outstanding
     truncated: list[bool]  # per unique
     empty: list[bool]  # per unique: empty or whitespace-only
@@ -272,7 +273,8 @@ class Embedder:
                 keys=tuple(first_id[seq_owner[i]] for i in b.indices)))
         return _Window(start=start, ids=w_ids, unique_index=inverse, unique_vectors=vectors,
                        missing=missing, unique_keys=keys, batches=batches, positions=positions,
-                       seq_owner=seq_owner, seq_count=seq_count, truncated=truncated,
+                       seq_owner=seq_owner, seq_lens=[len(q) for q in enc.sequences],
+                       seq_count=seq_count, truncated=truncated,
                        empty=[not t.strip() for t in uniq],
                        tokens=sum(len(s) for s in enc.sequences))
 
@@ -301,8 +303,8 @@ class Embedder:
             self._cache_put(w, done)
             done_so_far += len(done)
             self._emit({"event": "progress", "done": done_so_far, "total": report.chunks,
-                        "tokens": res.vectors.shape[0]})
-        ok = remaining == 0
+                        "tokens": sum(w.seq_lens[i] for i in w.positions[res.batch_id])})
+        ok: np.ndarray = remaining == 0
         for u in failed:
             ok[u] = False
         if pending:  # interrupted: count what is final, report nothing else
