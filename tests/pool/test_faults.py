@@ -368,7 +368,9 @@ def test_real_model_poison_input_via_test_hook(real_model: Any, event_log: Event
                   if pairs.count(p) == 1)  # two tokens in a row that only text 21 has
     monkeypatch.setenv("EMBEDPOOL_TEST_CRASH_TOKENS", ",".join(map(str, poison)))
     batches = make_batches(seqs, 8)
-    with Pool(spec, fast_config(max_retries=1, start_method="forkserver"),
+    # spawn, not forkserver: a forkserver started by an earlier test would not see the
+    # environment variable set above, and its workers inherit the forkserver's environment.
+    with Pool(spec, fast_config(max_retries=1, start_method="spawn"),
               on_event=event_log) as pool:
         results = {r.batch_id: r for r in pool.run(batches)}
     failed = {(bid, pos) for bid, r in results.items() for pos in r.failed}
