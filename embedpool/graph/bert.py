@@ -1,0 +1,380 @@
+"""Build an ONNX graph for a BERT-family encoder straight from ``model.safetensors``.
+
+No PyTorch and no exporter: the weights are read with ``safetensors.numpy`` and the graph is
+written node by node with ``onnx.helper``. Two flavours come out of the same weights:
+
+``fused=True`` (what embedpool runs)
+    ONNX Runtime's transformer kernels from the ``com.microsoft`` domain, emitted directly
+    rather than hoping a pattern matcher recognises our subgraphs::
+
+        input_ids, attention_mask (int64) --Cast int32--> EmbedLayerNormalization
+            -> hidden, mask_index (per-row token counts)
+        per layer:  Attention(hidden, W_qkv, b_qkv, mask_index)      one packed QKV GEMM
+                    MatMul W_o -> SkipLayerNormalization(+hidden, +b_o)
+                    MatMul W_1 -> BiasGelu(+b_1) | FastGelu            erf or tanh GELU
+                    MatMul W_2 -> SkipLayerNormalization(+hidden, +b_2)
+        pooling:    mean over the mask, or the [CLS] row, then L2 normalisation
+
+    ``mask_index`` is the 1-D "right padding" form of the mask, valid because
+    embedpool.engine always pads on the right. ``token_type_ids`` is not an input:
+    sentence embedding always uses segment 0, so row 0 of the token-type table is folded
+    into the position table (exact: both are added before the embedding LayerNorm).
+
+``fused=False`` (reference and benchmark baseline)
+    The same maths in standard ONNX ops (opset 17: Gather, MatMul, Softmax,
+    LayerNormalization, Erf GELU), with ``token_type_ids`` as an optional input. It passes
+    ``onnx.checker`` with full type inference and is what a pattern-matching optimiser would
+    have to recognise.
+
+With ``pool=True`` (the default) the graph ends in pooling + L2 normalisation and outputs
+``sentence_embedding`` [batch, hidden]; this ships 1/seq of the data out of the session
+and lets ORT do the reduction in its threads. With ``pool=False`` it outputs
+``last_hidden_state`` [batch, seq, hidden] and the engine pools in numpy.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from embedpool.errors import ModelError
+from embedpool.models import BERT_FAMILY
+from embedpool.types import Pooling
+
+#: Bump when the emitted graph changes for the same weights; part of every cache key.
+BUILDER_VERSION = 3
+OPSET = 17  # LayerNormalization; ORT >= 1.14 runs it
+MS_DOMAIN = "com.microsoft"
+INPUT_IDS, ATTENTION_MASK, TOKEN_TYPE_IDS = "input_ids", "attention_mask", "token_type_ids"
+SENTENCE_EMBEDDING, LAST_HIDDEN_STATE = "sentence_embedding", "last_hidden_state"
+#: Erf GELU (BERT's "gelu") and the tanh approximation ("gelu_new" and friends).
+_ERF_GELU = frozenset({"gelu"})
+_TANH_GELU = frozenset({"gelu_new", "gelu_pytorch_tanh", "gelu_fast"})
+#: Safetensors key prefixes seen in the wild: bare BertModel, BertFor*, wrapped checkpoints.
+_PREFIXES = ("bert.", "model.", "encoder_model.", "0.auto_model.")
+#: Masked-out score bias of the unfused graph: large enough to zero a softmax weight in
+#: fp32 and small enough not to overflow when added to a score (HF uses dtype min).
+_MASK_NEG = -1e9
+
+Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The fields of ``config.json`` the builder needs, validated."""
+
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    intermediate_size: int
+    layer_norm_eps: float
+    hidden_act: str
+    max_position_embeddings: int
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any], where: str = "config.json") -> BertConfig:
+        model_type = str(config.get("model_type", ""))
+        if model_type not in BERT_FAMILY:
+            raise ModelError(f"{where}: model_type {model_type!r} is not a BERT-family encoder; "
+                             "embedpool builds ONNX graphs for 'bert' models only. Export an "
+                             "ONNX file to onnx/model.onnx and pass that directory instead.")
+        try:
+            cfg = cls(hidden_size=int(config["hidden_size"]),
+                      num_heads=int(config["num_attention_heads"]),
+                      num_layers=int(config["num_hidden_layers"]),
+                      intermediate_size=int(config["intermediate_size"]),
+                      layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                      hidden_act=str(config.get("hidden_act", "gelu")),
+                      max_position_embeddings=int(config.get("max_position_embeddings", 512)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{where}: missing or bad BERT field: {exc}") from exc
+        pos_type = config.get("position_embedding_type", "absolute")
+        if pos_type != "absolute":
+            raise ModelError(f"{where}: position_embedding_type {pos_type!r} is not supported "
+                             "(only 'absolute')")
+        if cfg.hidden_act not in _ERF_GELU | _TANH_GELU:
+            raise ModelError(f"{where}: hidden_act {cfg.hidden_act!r} is not supported "
+                             f"(supported: {', '.join(sorted(_ERF_GELU | _TANH_GELU))})")
+        if cfg.num_heads <= 0 or cfg.hidden_size % cfg.num_heads:
+            raise ModelError(f"{where}: hidden_size {cfg.hidden_size} is not divisible by "
+                             f"num_attention_heads {cfg.num_heads}")
+        return cfg
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+def load_weights(path: Path, cfg: BertConfig) -> dict[str, Array]:
+    """Float32 tensors keyed without any model prefix ("embeddings.word_embeddings.weight")."""
+    from safetensors.numpy import load_file
+
+    try:
+        raw = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own types; bf16 cannot map to numpy
+        raise ModelError(f"cannot read {path}: {exc} (embedpool reads fp32/fp16 safetensors)"
+                         ) from exc
+    out: dict[str, Array] = {}
+    for key, value in raw.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
+        key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
+        if np.issubdtype(value.dtype, np.floating):
+            out[key] = np.ascontiguousarray(value, dtype=np.float32)
+    missing = [k for k in _required_keys(cfg) if k not in out]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelError(f"{path}: not a BERT checkpoint matching its config.json; missing "
+                         f"{shown}")
+    return out
+
+
+def _required_keys(cfg: BertConfig) -> list[str]:
+    keys = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+            "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+    for i in range(cfg.num_layers):
+        p = f"encoder.layer.{i}."
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                     "attention.output.dense", "intermediate.dense", "output.dense",
+                     "attention.output.LayerNorm", "output.LayerNorm"):
+            keys += [p + name + ".weight", p + name + ".bias"]
+    return keys
+
+
+class _Graph:
+    """A tiny node/initialiser accumulator with unique names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def const(self, name: str, value: npt.ArrayLike, dtype: Any = np.float32) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, *, outputs: int = 1,
+           domain: str = "", **attrs: Any) -> list[str]:
+        self._n += 1
+        outs = [f"{name}_out{i}" if outputs > 1 else name for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{name}_{op_type}",
+                                           domain=domain or None, **attrs))
+        return outs
+
+    def op1(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
+        return self.op(op_type, inputs, name, **attrs)[0]
+
+
+def _linear_t(w: Mapping[str, Array], key: str) -> Array:
+    """torch Linear stores [out, in]; ONNX MatMul wants [in, out]."""
+    return np.ascontiguousarray(w[key + ".weight"].T)
+
+
+def build_bert(weights: Mapping[str, Array], cfg: BertConfig, *, pooling: Pooling,
+               fused: bool = True, pool: bool = True, normalize: bool = True,
+               name: str = "bert") -> onnx.ModelProto:
+    """The ONNX model for these weights (see the module docstring for the two flavours)."""
+    g = _Graph()
+    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "seq"])]
+    if fused:
+        hidden, mask_index = _embeddings_fused(g, weights, cfg)
+        for i in range(cfg.num_layers):
+            hidden = _layer_fused(g, weights, cfg, i, hidden, mask_index)
+    else:
+        inputs.append(helper.make_tensor_value_info(TOKEN_TYPE_IDS, TensorProto.INT64,
+                                                    ["batch", "seq"]))
+        hidden = _embeddings_plain(g, weights, cfg)
+        mask_bias = _mask_bias_plain(g)
+        for i in range(cfg.num_layers):
+            hidden = _layer_plain(g, weights, cfg, i, hidden, mask_bias)
+    if pool:
+        out_name = SENTENCE_EMBEDDING
+        out_shape: list[str | int] = ["batch", cfg.hidden_size]
+        _pool(g, hidden, pooling, normalize, out_name)
+    else:
+        out_name = LAST_HIDDEN_STATE
+        out_shape = ["batch", "seq", cfg.hidden_size]
+        g.op("Identity", [hidden], out_name)
+    outputs = [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)]
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits)
+    opsets = [helper.make_opsetid("", OPSET)]
+    if fused:
+        opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="embedpool",
+                              producer_version=str(BUILDER_VERSION))
+    # IR 8 keeps the file loadable by every ORT embedpool supports (>= 1.20).
+    model.ir_version = 8
+    return model
+
+
+# --- fused (com.microsoft) -------------------------------------------------------------------
+
+def _embeddings_fused(g: _Graph, w: Mapping[str, Array], cfg: BertConfig) -> tuple[str, str]:
+    ids32 = g.op1("Cast", [INPUT_IDS], "ids32", to=TensorProto.INT32)
+    mask32 = g.op1("Cast", [ATTENTION_MASK], "mask32", to=TensorProto.INT32)
+    pos = w["embeddings.position_embeddings.weight"]
+    type_table = w.get("embeddings.token_type_embeddings.weight")
+    if type_table is not None:
+        pos = pos + type_table[0]  # segment 0 for every token: fold it into positions
+    hidden, mask_index = g.op(
+        "EmbedLayerNormalization",
+        [ids32, "", g.const("emb.word", w["embeddings.word_embeddings.weight"]),
+         g.const("emb.pos", pos), "",
+         g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
+         g.const("emb.ln.b", w["embeddings.LayerNorm.bias"]), mask32],
+        "emb", outputs=2, domain=MS_DOMAIN, epsilon=cfg.layer_norm_eps)
+    return hidden, mask_index
+
+
+def _layer_fused(g: _Graph, w: Mapping[str, Array], cfg: BertConfig, i: int, x: str,
+                 mask_index: str) -> str:
+    p, n = f"encoder.layer.{i}.", f"l{i}"
+    qkv_w = np.concatenate([_linear_t(w, p + f"attention.self.{k}") for k in ("query", "key",
+                                                                              "value")], axis=1)
+    qkv_b = np.concatenate([w[p + f"attention.self.{k}.bias"] for k in ("query", "key", "value")])
+    attn = g.op1("Attention", [x, g.const(f"{n}.qkv.w", qkv_w), g.const(f"{n}.qkv.b", qkv_b),
+                               mask_index], f"{n}.attn", domain=MS_DOMAIN,
+                 num_heads=cfg.num_heads)
+    proj = g.op1("MatMul", [attn, g.const(f"{n}.o.w", _linear_t(w, p + "attention.output.dense"))],
+                 f"{n}.o")
+    x = g.op1("SkipLayerNormalization",
+              [proj, x, g.const(f"{n}.ln1.w", w[p + "attention.output.LayerNorm.weight"]),
+               g.const(f"{n}.ln1.b", w[p + "attention.output.LayerNorm.bias"]),
+               g.const(f"{n}.o.b", w[p + "attention.output.dense.bias"])],
+              f"{n}.ln1", domain=MS_DOMAIN, epsilon=cfg.layer_norm_eps)
+    up = g.op1("MatMul", [x, g.const(f"{n}.ff1.w", _linear_t(w, p + "intermediate.dense"))],
+               f"{n}.ff1")
+    gelu_op = "BiasGelu" if cfg.hidden_act in _ERF_GELU else "FastGelu"
+    act = g.op1(gelu_op, [up, g.const(f"{n}.ff1.b", w[p + "intermediate.dense.bias"])],
+                f"{n}.gelu", domain=MS_DOMAIN)
+    down = g.op1("MatMul", [act, g.const(f"{n}.ff2.w", _linear_t(w, p + "output.dense"))],
+                 f"{n}.ff2")
+    return g.op1("SkipLayerNormalization",
+                 [down, x, g.const(f"{n}.ln2.w", w[p + "output.LayerNorm.weight"]),
+                  g.const(f"{n}.ln2.b", w[p + "output.LayerNorm.bias"]),
+                  g.const(f"{n}.ff2.b", w[p + "output.dense.bias"])],
+                 f"{n}.ln2", domain=MS_DOMAIN, epsilon=cfg.layer_norm_eps)
+
+
+# --- plain (standard ONNX) -------------------------------------------------------------------
+
+def _embeddings_plain(g: _Graph, w: Mapping[str, Array], cfg: BertConfig) -> str:
+    word = g.op1("Gather", [g.const("emb.word", w["embeddings.word_embeddings.weight"]),
+                            INPUT_IDS], "emb.word_g")
+    shape = g.op1("Shape", [INPUT_IDS], "emb.shape")
+    seq = g.op1("Gather", [shape, g.const("c.one_i", 1, np.int64)], "emb.seq")
+    pos_ids = g.op1("Range", [g.const("c.zero_i", 0, np.int64), seq,
+                              g.const("c.one_i_step", 1, np.int64)], "emb.pos_ids")
+    pos = g.op1("Gather", [g.const("emb.pos", w["embeddings.position_embeddings.weight"]),
+                           pos_ids], "emb.pos_g")
+    x = g.op1("Add", [word, pos], "emb.word_pos")
+    type_table = w.get("embeddings.token_type_embeddings.weight")
+    if type_table is not None:
+        typ = g.op1("Gather", [g.const("emb.type", type_table), TOKEN_TYPE_IDS], "emb.type_g")
+        x = g.op1("Add", [x, typ], "emb.sum")
+    return g.op1("LayerNormalization", [x, g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
+                                        g.const("emb.ln.b", w["embeddings.LayerNorm.bias"])],
+                 "emb.ln", axis=-1, epsilon=cfg.layer_norm_eps)
+
+
+def _mask_bias_plain(g: _Graph) -> str:
+    """[batch, 1, 1, seq]: 0 where attended, a large negative number at padding."""
+    m = g.op1("Cast", [ATTENTION_MASK], "mask.f", to=TensorProto.FLOAT)
+    inv = g.op1("Sub", [g.const("c.one_f", 1.0), m], "mask.inv")
+    bias = g.op1("Mul", [inv, g.const("c.neg", _MASK_NEG)], "mask.neg")
+    return g.op1("Unsqueeze", [bias, g.const("c.axes12", [1, 2], np.int64)], "mask.bias")
+
+
+def _layer_plain(g: _Graph, w: Mapping[str, Array], cfg: BertConfig, i: int, x: str,
+                 mask_bias: str) -> str:
+    p, n = f"encoder.layer.{i}.", f"l{i}"
+    split_shape = g.const(f"{n}.split_shape", [0, 0, cfg.num_heads, cfg.head_dim], np.int64)
+
+    def dense(inp: str, key: str, tag: str) -> str:
+        mm = g.op1("MatMul", [inp, g.const(f"{n}.{tag}.w", _linear_t(w, p + key))], f"{n}.{tag}")
+        return g.op1("Add", [mm, g.const(f"{n}.{tag}.b", w[p + key + ".bias"])], f"{n}.{tag}.add")
+
+    def heads(inp: str, tag: str, perm: list[int]) -> str:
+        r = g.op1("Reshape", [inp, split_shape], f"{n}.{tag}.split")
+        return g.op1("Transpose", [r], f"{n}.{tag}.t", perm=perm)
+
+    q = heads(dense(x, "attention.self.query", "q"), "q", [0, 2, 1, 3])
+    k = heads(dense(x, "attention.self.key", "k"), "k", [0, 2, 3, 1])
+    v = heads(dense(x, "attention.self.value", "v"), "v", [0, 2, 1, 3])
+    scores = g.op1("MatMul", [q, k], f"{n}.qk")
+    scaled = g.op1("Mul", [scores, g.const(f"{n}.scale", 1.0 / math.sqrt(cfg.head_dim))],
+                   f"{n}.scaled")
+    probs = g.op1("Softmax", [g.op1("Add", [scaled, mask_bias], f"{n}.masked")], f"{n}.probs",
+                  axis=-1)
+    ctx = g.op1("Transpose", [g.op1("MatMul", [probs, v], f"{n}.ctx")], f"{n}.ctx.t",
+                perm=[0, 2, 1, 3])
+    ctx = g.op1("Reshape", [ctx, g.const(f"{n}.merge_shape", [0, 0, cfg.hidden_size], np.int64)],
+                f"{n}.ctx.merge")
+    attn = dense(ctx, "attention.output.dense", "o")
+    x = _layer_norm_plain(g, w, cfg, g.op1("Add", [attn, x], f"{n}.res1"),
+                          p + "attention.output.LayerNorm", f"{n}.ln1")
+    up = dense(x, "intermediate.dense", "ff1")
+    act = _gelu_plain(g, up, cfg.hidden_act, f"{n}.gelu")
+    down = dense(act, "output.dense", "ff2")
+    return _layer_norm_plain(g, w, cfg, g.op1("Add", [down, x], f"{n}.res2"),
+                             p + "output.LayerNorm", f"{n}.ln2")
+
+
+def _layer_norm_plain(g: _Graph, w: Mapping[str, Array], cfg: BertConfig, x: str, key: str,
+                      n: str) -> str:
+    return g.op1("LayerNormalization", [x, g.const(f"{n}.w", w[key + ".weight"]),
+                                        g.const(f"{n}.b", w[key + ".bias"])],
+                 n, axis=-1, epsilon=cfg.layer_norm_eps)
+
+
+def _gelu_plain(g: _Graph, x: str, act: str, n: str) -> str:
+    if act in _ERF_GELU:  # 0.5 x (1 + erf(x / sqrt 2))
+        erf = g.op1("Erf", [g.op1("Mul", [x, g.const(f"{n}.rsqrt2", 1 / math.sqrt(2))],
+                                  f"{n}.div")], f"{n}.erf")
+        inner = g.op1("Add", [erf, g.const(f"{n}.one", 1.0)], f"{n}.add1")
+    else:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        cube = g.op1("Mul", [g.op1("Mul", [x, x], f"{n}.sq"), x], f"{n}.cube")
+        poly = g.op1("Add", [x, g.op1("Mul", [cube, g.const(f"{n}.c", 0.044715)], f"{n}.cc")],
+                     f"{n}.poly")
+        tanh = g.op1("Tanh", [g.op1("Mul", [poly, g.const(f"{n}.k", math.sqrt(2 / math.pi))],
+                                    f"{n}.scaled")], f"{n}.tanh")
+        inner = g.op1("Add", [tanh, g.const(f"{n}.one", 1.0)], f"{n}.add1")
+    half = g.op1("Mul", [x, g.const(f"{n}.half", 0.5)], f"{n}.half_x")
+    return g.op1("Mul", [half, inner], f"{n}.out")
+
+
+# --- pooling (both flavours) -----------------------------------------------------------------
+
+def _pool(g: _Graph, hidden: str, pooling: Pooling, normalize: bool, out: str) -> None:
+    if pooling == "cls":
+        pooled = g.op1("Gather", [hidden, g.const("pool.zero", 0, np.int64)], "pool.cls", axis=1)
+    else:
+        m = g.op1("Cast", [ATTENTION_MASK], "pool.mask_f", to=TensorProto.FLOAT)
+        m3 = g.op1("Unsqueeze", [m, g.const("pool.axis2", [2], np.int64)], "pool.mask3")
+        axis1 = g.const("pool.axis1", [1], np.int64)
+        summed = g.op1("ReduceSum", [g.op1("Mul", [hidden, m3], "pool.masked"), axis1],
+                       "pool.sum", keepdims=0)
+        count = g.op1("ReduceSum", [m3, axis1], "pool.count", keepdims=0)
+        count = g.op1("Max", [count, g.const("pool.min_count", 1e-9)], "pool.count_clip")
+        pooled = g.op1("Div", [summed, count], "pool.mean")
+    if not normalize:
+        g.op("Identity", [pooled], out)
+        return
+    # opset 17: ReduceL2 takes its axes as an attribute (ReduceSum as an input).
+    norm = g.op1("ReduceL2", [pooled], "pool.norm", axes=[-1], keepdims=1)
+    norm = g.op1("Max", [norm, g.const("pool.min_norm", 1e-12)], "pool.norm_clip")
+    g.op("Div", [pooled, norm], out)
