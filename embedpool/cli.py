@@ -77,6 +77,14 @@ long_text_opt = click.option("--long-text", type=click.Choice(["truncate", "wind
                              help="truncate at the model's max length, or average overlapping windows.")
 
 
+def run_options(f: Any) -> Any:
+    """The options every command that runs the model shares (embed, bench)."""
+    for opt in reversed([model_opt, precision_opt, batch_tokens_opt, threads_opt, workers_opt,
+                         profile_opt, max_memory_opt, long_text_opt]):
+        f = opt(f)
+    return f
+
+
 def _pool_args(workers: str, threads: int | None, profile: str,
                max_memory: str | None) -> tuple[int | str | None, dict[str, Any]]:
     w = _workers(workers) if workers != "0" else None
@@ -100,14 +108,7 @@ def main() -> None:
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Output file: .jsonl, .npy (+ .ids.json) or .parquet.")
-@model_opt
-@precision_opt
-@batch_tokens_opt
-@threads_opt
-@workers_opt
-@profile_opt
-@max_memory_opt
-@long_text_opt
+@run_options
 @click.option("--strict", is_flag=True, help="Any bad input line fails the job before any work.")
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
               help="Vector cache file (default: the user cache directory).")
@@ -178,7 +179,8 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str,
                                 threads=threads, workers=w, long_text=long_text,  # type: ignore[arg-type]
                                 batch_tokens=batch_tokens or _default_batch_tokens(),
                                 cache=cache, backend=backend, ray_address=ray_address,
-                                pool_options=pool_opts, on_event=progress)
+                                pool_options=pool_opts, on_event=progress,
+                                lazy=cache is not None)
         except (ModelError, ConfigError) as exc:
             progress.close()
             _fail(str(exc), EXIT_USAGE)
@@ -246,14 +248,7 @@ def _summary(report: Any, *, out: Path, cache: Any) -> None:
 @click.option("--chunks", type=click.IntRange(1), default=2000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Fixed items per batch (the predecessor's knob); default: token budget.")
-@model_opt
-@precision_opt
-@batch_tokens_opt
-@threads_opt
-@workers_opt
-@profile_opt
-@max_memory_opt
-@long_text_opt
+@run_options
 @click.option("--compare", type=click.Choice(["fastembed"]), default=None,
               help="Also run this peer on the same model files and corpus.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")

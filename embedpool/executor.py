@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from embedpool.engine import Engine, EngineSpec
 from embedpool.types import TokenIds, Vectors
+
+if TYPE_CHECKING:
+    from embedpool.engine import EngineSpec
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class LocalExecutor:
     """The engine in this process, one batch at a time."""
 
     def __init__(self, spec: EngineSpec) -> None:
-        self.engine: Engine = spec.build()  # or any object with .embed() and .dim
+        self.engine: Any = spec.build()  # an Engine, or any object with .embed() and .dim
         self.dim = self.engine.dim
 
     def run(self, batches: Iterable[WorkBatch]) -> Iterator[BatchResult]:

@@ -31,9 +31,8 @@ from embedpool.batching import (
     dedupe,
     plan_batches,
 )
-from embedpool.engine import EngineSpec, usable_cores
 from embedpool.errors import ConfigError, InputError
-from embedpool.executor import BatchResult, Executor, LocalExecutor, WorkBatch
+from embedpool.executor import BatchResult, Executor, WorkBatch
 from embedpool.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import EventCallback, LongTextMode, Precision, Vectors
@@ -124,6 +123,8 @@ class Embedder:
 
     ``workers=None`` runs the engine in this process (no subprocesses: safe in any script);
     ``workers="auto"`` or an int runs the adaptive worker pool; ``backend="ray"`` runs Ray actors.
+    ``lazy=True`` starts the executor only when a text misses the cache, so a re-run over an
+    unchanged corpus starts no model at all.
     """
 
     def __init__(self, model: str | Path | ResolvedModel = DEFAULT_MODEL, *,
@@ -133,7 +134,8 @@ class Embedder:
                  max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
                  cache: VectorCache | None = None, backend: str = "local",
                  ray_address: str | None = None, pool_options: dict[str, Any] | None = None,
-                 on_event: EventCallback | None = None, engine: Any = None) -> None:
+                 on_event: EventCallback | None = None, engine: Any = None,
+                 lazy: bool = False) -> None:
         if long_text not in ("truncate", "window"):
             raise ConfigError(f"long_text must be 'truncate' or 'window', got {long_text!r}")
         if backend not in ("local", "ray"):
@@ -149,12 +151,24 @@ class Embedder:
         self.fingerprint = self.model.fingerprint(precision, long_text)
         self.last_report = JobReport()
         self._engine_override = engine  # any spec with .build() (tests, custom engines)
-        self.executor = self._make_executor(threads, workers, backend, ray_address,
-                                            pool_options or {})
-        self.dim = self.executor.dim
+        self._executor_args = (threads, workers, backend, ray_address, pool_options or {})
+        self._executor: Executor | None = None
+        self.dim: int = int(getattr(engine, "dim", 0) or self.model.dim)
+        if not lazy:
+            self.dim = self.executor.dim
+
+    @property
+    def executor(self) -> Executor:
+        """The executor, started on first use (``lazy=True``) or in the constructor."""
+        if self._executor is None:
+            self._executor = self._make_executor(*self._executor_args)
+        return self._executor
 
     def _make_executor(self, threads: int | None, workers: int | str | None, backend: str,
                        ray_address: str | None, pool_options: dict[str, Any]) -> Executor:
+        from embedpool.engine import EngineSpec, usable_cores
+        from embedpool.executor import LocalExecutor
+
         def spec(n_threads: int) -> Any:
             return self._engine_override or EngineSpec(self.model, self.precision, n_threads)
 
@@ -225,7 +239,8 @@ class Embedder:
         report.seconds = time.perf_counter() - t0
 
     def close(self) -> None:
-        self.executor.close()
+        if self._executor is not None:
+            self._executor.close()
 
     def __enter__(self) -> Embedder:
         return self
@@ -293,7 +308,8 @@ class Embedder:
                     return
                 yield b
 
-        for res in self.executor.run(feed()):
+        results = self.executor.run(feed()) if w.batches else iter(())
+        for res in results:
             pending.discard(res.batch_id)
             done = self._absorb(res, w.positions[res.batch_id], w, sums, remaining, failed)
             # window mode: an item with several windows is final once all are in
