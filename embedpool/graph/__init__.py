@@ -4,15 +4,21 @@ quantised, and cached on disk.
     ResolvedModel --prepare_onnx(model, precision)--> Path of a ready .onnx file
 
     shipped onnx/model.onnx ── fp32 ──> the shipped file, as is
-                             └─ int8 ──> quantize.quantize_int8(shipped) ──> cache
+                             └─ int8 ──> quantize.quantize_int8(shipped), dynamic ──> cache
     model.safetensors ─┬─ fp32: bert.build_bert(fused=True, pool=True) ──> cache
                        └─ int8: bert.build_bert(fused=False, pool=True)
-                                  └─ quantize.quantize_int8(keep int8_fp32_nodes) ──> cache
+                                  └─ quantize.quantize_int8_static(keep int8_fp32_nodes,
+                                       calibrated on stdlib chunks) ──> cache
+
+int8 is static (activation scales calibrated at build time, see quantize.py) so that a
+text's vector does not depend on its batch neighbours. A shipped graph's node names are
+unknown, so it cannot say which nodes to keep fp32; it gets the dynamic recipe, whose vectors
+move slightly with their batch (cos ~0.993 for a short text next to a 256-token one).
 
 Why int8 starts from the *unfused* fp32 graph: quantising the fused graph turns Attention
 into QAttention, which measured 15% slower here than the unfused graph's Q/K/V
 MatMulIntegers (ORT shares one DynamicQuantizeLinear between them and fuses
-SkipLayerNormalization itself at session start). For fp32 the fused graph is emitted
+SkipLayerNormalization itself at session start); measured with the dynamic recipe. For fp32 the fused graph is emitted
 directly because ORT's own optimiser (onnxruntime.transformers.optimizer) needs torch or
 sympy, neither of which embedpool depends on; measured, fused and unfused fp32 run at the
 same speed on this CPU (the unfused one keeps Softmax attention and Erf GELU even after
@@ -23,7 +29,8 @@ Numbers: benchmarks/graph_variants.py.
 Cache files live in ``cache_dir`` or ``config.cache_root() / "onnx"`` and are named
 ``<model>-<precision>-<key>.onnx``. The key hashes everything the bytes depend on (weights
 sha256, canonical config.json, pooling, max length, builder version, precision, and for
-int8 the quantisation recipe and ONNX Runtime's major.minor, whose quantiser writes it), so a
+int8 the quantisation recipe, the calibration set's recipe and Python version (the stdlib
+source it reads varies with it) and ONNX Runtime's major.minor, whose quantiser writes it), so a
 changed input gets a new file and a stale one is never reused. ``store.get_or_build`` makes
 concurrent first calls from several processes build once and never expose a partial file.
 """
@@ -31,41 +38,50 @@ concurrent first calls from several processes build once and never expose a part
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
-
-import onnx
+from typing import Any
 
 from embedpool.config import cache_root
-from embedpool.errors import ConfigError
+from embedpool.errors import ConfigError, ModelError
 from embedpool.graph.bert import BUILDER_VERSION, BertConfig, build_bert, load_weights
-from embedpool.graph.quantize import quantize_int8
 from embedpool.graph.store import cache_key, get_or_build
 from embedpool.models import ResolvedModel
 from embedpool.types import Precision
 
+# onnx (and quantize, which imports it) are imported where a graph is built: a pool worker
+# that finds its graph cached never needs them, and they cost it ~10-18 MB of RSS.
+
 __all__ = ["cache_path", "int8_fp32_nodes", "prepare_onnx"]
 
-#: The int8 recipe, part of the int8 cache key: which node names stay fp32 (see
-#: ``int8_fp32_nodes``) and whether weights use 7 bits (see quantize.py).
-INT8_RECIPE_VERSION = 2
+#: The int8 recipe, part of the int8 cache key: static or dynamic, which node names stay
+#: fp32 (see ``int8_fp32_nodes``) and whether weights use 7 bits (see quantize.py).
+#: 3: static, calibrated QOperator quantisation with ff2 of every layer in fp32.
+INT8_RECIPE_VERSION = 3
 #: 7-bit weights: no measurable quality gain with per-channel scales on MiniLM (0.9919 vs
-#: 0.9925 mean cosine), so the full 8 bits.
+#: 0.9925 mean cosine), so the full 8 bits. Dynamic recipe (shipped graphs) only.
 INT8_REDUCE_RANGE = False
-#: How many leading layers keep their FFN down-projection in fp32 (see int8_fp32_nodes).
-INT8_FP32_FF2_LAYERS = 2
+#: Calibration set: this many chunks evenly spaced through embedpool.corpus.stdlib_chunks
+#: (code and docstrings, the mix embedpool is for). 64 matched the measured quality of
+#: larger sets and keeps the build near 10-20 s; the held-out eval set is never used.
+INT8_CALIBRATION_CHUNKS = 64
+#: Calibration batch size (texts sorted by length first, so little padding): 16 bounds the
+#: memory of each calibration run (the augmented graph outputs every MatMul input) and is
+#: what the measured recipe used.
+INT8_CALIBRATION_BATCH = 16
 
 
 def int8_fp32_nodes(cfg: BertConfig) -> list[str]:
-    """Nodes of a built BERT graph that the int8 recipe keeps in fp32.
+    """Nodes of a built BERT graph that the int8 recipe keeps in fp32: the FFN
+    down-projection (``ff2``) of every layer.
 
-    The FFN down-projection (``ff2``) reads GELU output, whose rare large activations set
-    the per-batch activation scale of DynamicQuantizeLinear and crush every other value.
-    Measured on MiniLM against sentence-transformers (600 held-out chunks): all int8 0.9921
-    mean / 0.9831 min cosine; ff2 of layers 0-1 in fp32 0.9944 / 0.9866 at the same speed;
-    ff2 of every layer in fp32 0.9962 / 0.9905 but 10% slower. Early layers matter most
-    (their error propagates through the rest), so the first two layers it is.
+    ff2 reads GELU output, whose rare large activations set the activation range and crush
+    every other value into a few int8 steps; with static (calibrated) scales this hurts in
+    every layer, not just the first ones. Measured on MiniLM against sentence-transformers
+    (held-out eval): static with all ff2 in fp32 0.99426 mean / 0.98876 min cosine, equal to
+    the dynamic recipe with ff2 of layers 0-1 in fp32 (see quantize.py).
     """
-    return [f"l{i}.ff2_MatMul" for i in range(min(INT8_FP32_FF2_LAYERS, cfg.num_layers))]
+    return [f"l{i}.ff2_MatMul" for i in range(cfg.num_layers)]
 
 
 def prepare_onnx(model: ResolvedModel, precision: Precision, cache_dir: Path | None = None
@@ -84,6 +100,8 @@ def prepare_onnx(model: ResolvedModel, precision: Precision, cache_dir: Path | N
     cfg = _bert_config(model)
 
     def build_fp32(tmp: Path) -> None:
+        import onnx
+
         weights = load_weights(model.weights_path, cfg)
         # normalize=True whatever the model says: the engine's contract is L2-normalised
         # vectors, and normalising in the graph saves it a pass.
@@ -95,7 +113,8 @@ def prepare_onnx(model: ResolvedModel, precision: Precision, cache_dir: Path | N
         weights = load_weights(model.weights_path, cfg)
         graph = build_bert(weights, cfg, pooling=model.pooling, fused=False, pool=True,
                            normalize=True, name=model.name)
-        quantize_int8(graph, tmp, exclude=int8_fp32_nodes(cfg), reduce_range=INT8_REDUCE_RANGE)
+        quantize_int8_static(graph, tmp, exclude=int8_fp32_nodes(cfg),
+                             calibration=_calibration(model, [i.name for i in graph.graph.input]))
 
     if precision == "fp32":
         return get_or_build(cache_path(model, "fp32", cache_dir), build_fp32)
@@ -117,7 +136,7 @@ def cache_path(model: ResolvedModel, precision: Precision, cache_dir: Path | Non
         parts["builder"] = BUILDER_VERSION
         keep = int8_fp32_nodes(_bert_config(model))
     if precision == "int8":
-        parts.update(_int8_parts(keep))
+        parts.update(_int8_parts(keep, static=model.onnx_path is None))
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name).strip("._") or "model"
     return root / f"{slug}-{precision}-{cache_key(parts)[:20]}.onnx"
 
@@ -126,9 +145,47 @@ def _bert_config(model: ResolvedModel) -> BertConfig:
     return BertConfig.from_dict(model.config, where=str(model.directory / "config.json"))
 
 
-def _int8_parts(keep: list[str]) -> dict[str, object]:
+def _int8_parts(keep: list[str], *, static: bool) -> dict[str, object]:
     import onnxruntime
 
     ort_minor = ".".join(onnxruntime.__version__.split(".")[:2])
-    return {"recipe": INT8_RECIPE_VERSION, "keep_fp32": keep,
-            "reduce_range": INT8_REDUCE_RANGE, "onnxruntime": ort_minor}
+    parts: dict[str, object] = {"recipe": INT8_RECIPE_VERSION, "keep_fp32": keep,
+                                "onnxruntime": ort_minor}
+    if static:
+        parts["calibration"] = {"corpus": "stdlib", "chunks": INT8_CALIBRATION_CHUNKS,
+                                "batch": INT8_CALIBRATION_BATCH, "method": "minmax",
+                                "python": list(sys.version_info[:3])}
+    else:
+        parts["reduce_range"] = INT8_REDUCE_RANGE
+    return parts
+
+
+def _calibration(model: ResolvedModel, input_names: list[str]) -> Any:
+    """The int8 calibration reader: INT8_CALIBRATION_CHUNKS chunks evenly spaced through
+    the stdlib corpus, tokenised with the model's own tokenizer at its max length."""
+    from embedpool.corpus import stdlib_chunks
+    from embedpool.graph.quantize import TokenBatchReader
+    from embedpool.tokenization import TextTokenizer
+
+    chunks = stdlib_chunks(sys.maxsize)
+    if not chunks:
+        raise ModelError("int8 calibration found no stdlib sources to calibrate on")
+    step = len(chunks) / INT8_CALIBRATION_CHUNKS
+    picked = [chunks[int(i * step)].text
+              for i in range(min(INT8_CALIBRATION_CHUNKS, len(chunks)))]
+    sequences = TextTokenizer(model.tokenizer_path, model.max_length).encode(picked).sequences
+    return TokenBatchReader(sequences, input_names, batch_size=INT8_CALIBRATION_BATCH)
+
+
+def quantize_int8(*args: Any, **kwargs: Any) -> None:
+    """``quantize.quantize_int8``, imported on first use (see the imports)."""
+    from embedpool.graph.quantize import quantize_int8 as quantize
+
+    quantize(*args, **kwargs)
+
+
+def quantize_int8_static(*args: Any, **kwargs: Any) -> None:
+    """``quantize.quantize_int8_static``, imported on first use (see the imports)."""
+    from embedpool.graph.quantize import quantize_int8_static as quantize
+
+    quantize(*args, **kwargs)

@@ -39,16 +39,20 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from embedpool.errors import ModelError
 from embedpool.models import BERT_FAMILY
 from embedpool.types import Pooling
+
+# onnx is imported inside the builders, not here: a pool worker whose graph is cached only
+# needs BertConfig/BUILDER_VERSION (for the cache key), and importing onnx + protobuf costs
+# it ~10-18 MB of RSS (benchmarks/worker_rss.py).
+if TYPE_CHECKING:
+    import onnx
 
 #: Bump when the emitted graph changes for the same weights; part of every cache key.
 BUILDER_VERSION = 3
@@ -163,11 +167,15 @@ class _Graph:
         self._n = 0
 
     def const(self, name: str, value: npt.ArrayLike, dtype: Any = np.float32) -> str:
+        from onnx import numpy_helper
+
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], name: str, *, outputs: int = 1,
            domain: str = "", **attrs: Any) -> list[str]:
+        from onnx import helper
+
         self._n += 1
         outs = [f"{name}_out{i}" if outputs > 1 else name for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{name}_{op_type}",
@@ -187,6 +195,8 @@ def build_bert(weights: Mapping[str, Array], cfg: BertConfig, *, pooling: Poolin
                fused: bool = True, pool: bool = True, normalize: bool = True,
                name: str = "bert") -> onnx.ModelProto:
     """The ONNX model for these weights (see the module docstring for the two flavours)."""
+    from onnx import TensorProto, helper
+
     g = _Graph()
     inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "seq"])]
@@ -224,6 +234,8 @@ def build_bert(weights: Mapping[str, Array], cfg: BertConfig, *, pooling: Poolin
 # --- fused (com.microsoft) -------------------------------------------------------------------
 
 def _embeddings_fused(g: _Graph, w: Mapping[str, Array], cfg: BertConfig) -> tuple[str, str]:
+    from onnx import TensorProto
+
     ids32 = g.op1("Cast", [INPUT_IDS], "ids32", to=TensorProto.INT32)
     mask32 = g.op1("Cast", [ATTENTION_MASK], "mask32", to=TensorProto.INT32)
     pos = w["embeddings.position_embeddings.weight"]
@@ -293,6 +305,8 @@ def _embeddings_plain(g: _Graph, w: Mapping[str, Array], cfg: BertConfig) -> str
 
 def _mask_bias_plain(g: _Graph) -> str:
     """[batch, 1, 1, seq]: 0 where attended, a large negative number at padding."""
+    from onnx import TensorProto
+
     m = g.op1("Cast", [ATTENTION_MASK], "mask.f", to=TensorProto.FLOAT)
     inv = g.op1("Sub", [g.const("c.one_f", 1.0), m], "mask.inv")
     bias = g.op1("Mul", [inv, g.const("c.neg", _MASK_NEG)], "mask.neg")
@@ -360,6 +374,8 @@ def _gelu_plain(g: _Graph, x: str, act: str, n: str) -> str:
 # --- pooling (both flavours) -----------------------------------------------------------------
 
 def _pool(g: _Graph, hidden: str, pooling: Pooling, normalize: bool, out: str) -> None:
+    from onnx import TensorProto
+
     if pooling == "cls":
         pooled = g.op1("Gather", [hidden, g.const("pool.zero", 0, np.int64)], "pool.cls", axis=1)
     else:
