@@ -98,3 +98,9 @@ def debug_crash_tokens() -> tuple[int, ...] | None:
         raise ConfigError(f"EMBEDPOOL_TEST_CRASH_TOKENS={raw!r} is not a comma-separated list "
                           f"of token ids") from None
     return ids or None
+
+
+def malloc_tuning_enabled() -> bool:
+    """EMBEDPOOL_MALLOC_TUNING=0 turns off the workers' malloc_trim after load and after each
+    batch (for comparisons); on by default."""
+    return env_str("EMBEDPOOL_MALLOC_TUNING", "1", choices=("0", "1")) == "1"
