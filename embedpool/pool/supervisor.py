@@ -448,7 +448,10 @@ class Pool:
 
     def _wait_timeout(self) -> float:
         now = time.monotonic()
-        due = [self._next_sample, self._grace_deadline, self._spawn_not_before]
+        due = [self._next_sample, self._grace_deadline]
+        if self._spawn_not_before > now:  # a respawn backoff is running (0.0: none is);
+            # an expired one must not count, or wait() gets timeout 0 and this thread spins
+            due.append(self._spawn_not_before)
         if self.config.status_interval_s:
             due.append(self._next_status)
         for w in self._workers.values():
