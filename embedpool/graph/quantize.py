@@ -30,6 +30,7 @@ range and crush every other value into a few int8 steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
@@ -84,6 +85,20 @@ class TokenBatchReader(CalibrationDataReader):  # type: ignore[misc]
         self._it = iter(self.feeds)
 
 
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """The quantiser logs through the root logger: per-node chatter at INFO and a "consider
+    pre-processing" WARNING on every call (shape inference, moot here). Silence it meanwhile."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_int8_static(src: Path | onnx.ModelProto, dst: Path, *, exclude: Sequence[str],
                          calibration: CalibrationDataReader) -> None:
     """Write the static int8 version of ``src`` (a file or an in-memory model) to ``dst``:
@@ -91,20 +106,17 @@ def quantize_int8_static(src: Path | onnx.ModelProto, dst: Path, *, exclude: Seq
     nodes named in ``exclude`` stay fp32."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(max(quiet, logging.ERROR))
-    try:
-        quantize_static(src, dst, calibration, quant_format=QuantFormat.QOperator,
-                        op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=False,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(exclude) or None,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"MatMulConstBOnly": True,
-                                       "DefaultTensorType": onnx.TensorProto.FLOAT})
-    except Exception as exc:
-        raise ModelError(f"static int8 quantisation of {_describe(src)} failed: {exc}") from exc
-    finally:
-        logging.getLogger().setLevel(quiet)
+    with _quiet_root_logger():
+        try:
+            quantize_static(src, dst, calibration, quant_format=QuantFormat.QOperator,
+                            op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=False,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(exclude) or None,
+                            calibrate_method=CalibrationMethod.MinMax,
+                            extra_options={"MatMulConstBOnly": True,
+                                           "DefaultTensorType": onnx.TensorProto.FLOAT})
+        except Exception as exc:
+            raise ModelError(f"static int8 quantisation of {_describe(src)} failed: {exc}") from exc
 
 
 def quantize_int8(src: Path | onnx.ModelProto, dst: Path, *, exclude: Sequence[str] = (),
@@ -113,21 +125,16 @@ def quantize_int8(src: Path | onnx.ModelProto, dst: Path, *, exclude: Sequence[s
     nodes named in ``exclude`` stay fp32. Vectors depend slightly on batch neighbours."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    # The quantiser logs through the root logger: per-node chatter at INFO and a
-    # "consider pre-processing" WARNING on every call (shape inference, moot here).
-    quiet = logging.getLogger().level
-    logging.getLogger().setLevel(max(quiet, logging.ERROR))
-    try:
-        quantize_dynamic(src, dst, op_types_to_quantize=list(QUANT_OPS), per_channel=True,
-                         reduce_range=reduce_range, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=list(exclude) or None,
-                         extra_options={"MatMulConstBOnly": True,
-                                        # com.microsoft ops defeat ONNX shape inference
-                                        "DefaultTensorType": onnx.TensorProto.FLOAT})
-    except Exception as exc:
-        raise ModelError(f"int8 quantisation of {_describe(src)} failed: {exc}") from exc
-    finally:
-        logging.getLogger().setLevel(quiet)
+    with _quiet_root_logger():
+        try:
+            quantize_dynamic(src, dst, op_types_to_quantize=list(QUANT_OPS), per_channel=True,
+                             reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=list(exclude) or None,
+                             extra_options={"MatMulConstBOnly": True,
+                                            # com.microsoft ops defeat ONNX shape inference
+                                            "DefaultTensorType": onnx.TensorProto.FLOAT})
+        except Exception as exc:
+            raise ModelError(f"int8 quantisation of {_describe(src)} failed: {exc}") from exc
 
 
 def _describe(src: Path | onnx.ModelProto) -> str:
