@@ -32,9 +32,6 @@ Run: .venv/bin/python benchmarks/worker_rss.py [--rounds 3] [--batches 5] [--var
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
-import pickle
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,7 +42,7 @@ import numpy as np
 from embedpool.engine import Engine, EngineSpec
 from embedpool.models import resolve_model
 from embedpool.pool.protocol import Embed, Ready, Result
-from embedpool.pool.worker import worker_main
+from embedpool.testing import spawn_worker
 
 SEQ = 256
 #: A worker that is not ready by then is broken, not slow (loading takes ~1 s here).
@@ -125,21 +122,7 @@ def measure(precision: str, variant: str, batches: int) -> dict[str, float]:
         tweaks = dict(tweaks)
         tweaks["config"] = tuple(tweaks.get("config", {}).items())
         spec = _TweakedSpec(spec, **tweaks)
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=True)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # a spawned child takes the environment of the moment
-    try:
-        proc = ctx.Process(target=worker_main, daemon=True,
-                           args=(child, pickle.dumps(spec), 0, 1, os.getpid(), None))
-        proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    child.close()
+    proc, parent = spawn_worker(spec, env)
     try:
         if not parent.poll(READY_TIMEOUT_S):
             raise TimeoutError("worker not ready")

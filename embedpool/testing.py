@@ -21,12 +21,15 @@ It is picklable and importable under ``spawn``, so pool tests run real worker pr
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.process
 import os
 import signal
 import time
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -138,3 +141,31 @@ def make_batches(sequences: Sequence[TokenIds], items_per_batch: int,
     return [WorkBatch(b, tuple(sequences[i:i + items_per_batch]),
                       tuple(all_keys[i:i + items_per_batch]))
             for b, i in enumerate(range(0, len(sequences), items_per_batch))]
+
+
+def spawn_worker(spec: object, env: dict[str, str] | None = None
+                 ) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    """One real pool worker, spawned as the supervisor spawns it, with ``env`` set in its
+    environment (a spawned child copies the parent's environment when it starts). Returns the
+    process and the parent's end of its pipe (the worker's own end is already closed here)."""
+    import pickle
+
+    from embedpool.pool.worker import worker_main
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=True)
+    env = env or {}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        proc = ctx.Process(target=worker_main, daemon=True,
+                           args=(child, pickle.dumps(spec), 0, 1, os.getpid(), None))
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    child.close()
+    return proc, parent

@@ -6,7 +6,6 @@ per process, so both are checked in fresh spawned children, never in the test pr
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import pickle
 import subprocess
@@ -22,7 +21,7 @@ from embedpool.engine import EngineSpec
 from embedpool.graph import prepare_onnx
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.pool.protocol import Embed, Ready, Result
-from embedpool.pool.worker import worker_main
+from embedpool.testing import spawn_worker
 from embedpool.types import Precision
 
 #: Generous: the worker loads a model while other engineers' tests share 2 cores.
@@ -42,22 +41,7 @@ def model() -> Iterator[ResolvedModel]:
 def _run_worker(model: ResolvedModel, precision: Precision, env: dict[str, str],
                 batches: list[tuple[np.ndarray, ...]]) -> tuple[Ready, list[Result]]:
     """One real worker (spawned like the supervisor does) with ``env`` set, fed ``batches``."""
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=True)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # the spawned child copies the environment at start
-    try:
-        spec = EngineSpec(model, precision, threads=1)
-        proc = ctx.Process(target=worker_main, daemon=True,
-                           args=(child, pickle.dumps(spec), 0, 1, os.getpid(), None))
-        proc.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    child.close()
+    proc, parent = spawn_worker(EngineSpec(model, precision, threads=1), env)
     try:
         assert parent.poll(DEADLINE_S), "worker not ready in time"
         ready = parent.recv()
