@@ -59,6 +59,7 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
                  "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}, {}),
     "+onnx": ({}, {"import_onnx": True}),
     "mem-pattern": ({}, {"mem_pattern": True}),
+    "arena": ({}, {"arena": True}),
     "no-prepack": ({}, {"config": {"session.disable_prepacking": "1"}}),
     "dev-alloc": ({}, {"config": {"session.use_device_allocator_for_initializers": "1"}}),
 }
@@ -71,6 +72,7 @@ class _TweakedSpec:
     spec: EngineSpec
     import_onnx: bool = False
     mem_pattern: bool = False
+    arena: bool | None = None
     config: tuple[tuple[str, str], ...] = ()
 
     def build(self) -> Engine:
@@ -84,6 +86,8 @@ class _TweakedSpec:
         def tweaked(threads: int) -> Any:
             opts = plain(threads)
             opts.enable_mem_pattern = self.mem_pattern
+            if self.arena is not None:
+                opts.enable_cpu_mem_arena = self.arena
             for key, value in self.config:
                 opts.add_session_config_entry(key, value)
             return opts
@@ -144,7 +148,7 @@ def measure(precision: str, variant: str, batches: int) -> dict[str, float]:
                 raise RuntimeError(f"batch failed: {res}")
             return res.seconds
 
-        for n, count, tag in ((8, batches, "8"), (32, 2, "32")):
+        for n, count, tag in ((4, batches, "4"), (8, batches, "8"), (32, 2, "32")):
             work = _batches(n, count + 1, seed=n)
             run(work[0])  # warm-up: first-run allocations and lazy kernels
             _reset_peak(pid)
@@ -169,7 +173,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
     variants = args.variants.split(",")
-    cols = ["load", "peak8", "after8", "peak32", "after32", "cps8"]
+    cols = ["load", "peak4", "cps4", "peak8", "after8", "cps8", "peak32", "after32"]
     print(f"{'prec':5} {'variant':11} " + " ".join(f"{c:>8}" for c in cols)
           + "   (MiB; medians of rounds)")
     for precision in args.precisions.split(","):

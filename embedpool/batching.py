@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: Padded tokens per batch. Measured on 2 cores (README "Batch size"): small batches are both
-#: faster and lighter (cache-resident activations); 2048 (= 8 x 256) sits at the knee.
-DEFAULT_BATCH_TOKENS = 2048
+#: Padded tokens per batch. Small batches are both faster and lighter: one pool worker
+#: (1 thread, int8, benchmarks/worker_rss.py) ran 4 x 256 tokens at 12.5 chunks/s peaking at
+#: 145 MiB and 8 x 256 at 11.6 chunks/s peaking at 189 MiB. 1024 (= 4 x 256) keeps an int8
+#: worker within 150 MiB.
+DEFAULT_BATCH_TOKENS = 1024
 #: Item cap: protects against thousands of 3-token texts in one batch (per-row overhead).
 DEFAULT_MAX_BATCH_ITEMS = 64
 

@@ -164,7 +164,9 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
     results: dict[str, Any] = {"corpus": stats, "runs": []}
     ours = _in_subprocess("embedpool", cfg)
     results["runs"].append(ours)
-    echo(f"embedpool ({cfg.precision}, workers {cfg.workers}): {ours['chunks_per_s']:.1f} chunks/s, "
+    where = ("in-process" if cfg.workers is None
+             else f"workers {cfg.workers}" + (f" x {cfg.threads} threads" if cfg.threads else ""))
+    echo(f"embedpool ({cfg.precision}, {where}): {ours['chunks_per_s']:.1f} chunks/s, "
          f"{ours['tokens_per_s']:.0f} tokens/s, peak RSS {fmt_bytes(ours['peak_rss_bytes'])} "
          f"(load {ours['load_s']:.1f} s)")
     for e in ours.get("events", []):

@@ -7,9 +7,9 @@ in-process, in pool workers and in Ray actors.
 Memory. A worker's RSS is the loaded weights plus the activations of the batch in flight.
 What glibc keeps after freeing is returned by the worker (``pool.worker.release_memory``,
 after loading and after each batch), and a worker imports nothing it does not run (no
-``onnx`` once the graph is cached). The peak above the weights is the batch's activations
-(the int8 graph's unfused attention holds batch x heads x seq^2 fp32 scores at once), so the
-token budget bounds it; numbers per setting: benchmarks/worker_rss.py.
+``onnx`` once the graph is cached). Above the weights, ONNX Runtime's arena holds the
+largest batch's activations (attention holds batch x heads x seq^2 fp32 scores at once), so
+the token budget bounds it; numbers per setting: benchmarks/worker_rss.py.
 """
 
 from __future__ import annotations
@@ -65,13 +65,16 @@ def session_options(threads: int) -> ort.SessionOptions:
     # Threads spin-wait by default, burning a core between batches and starving sibling
     # workers; a pool of single-threaded workers gains nothing from spinning.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if threads == 1 else "1")
-    # The arena keeps the high-water mark of every batch shape forever (the 863 MB peak of
-    # bare ORT at batch 32 x 256); without it RSS follows the current batch.
-    opts.enable_cpu_mem_arena = False
+    # The arena keeps its high-water mark (the 863 MB peak of bare ORT at batch 32 x 256), so
+    # the batch token budget, not the arena, bounds memory: a worker's RSS is its load plus
+    # one budget-sized batch. Within that it is faster and lighter than allocating tensor by
+    # tensor from glibc, which refaults zeroed pages for every batch (benchmarks/
+    # worker_rss.py, 1 thread, 4 x 256 tokens: int8 12.5 vs 10.1 chunks/s and peak 145 vs
+    # 160 MiB; fp32 10.5 vs 9.2 chunks/s, peak 192 vs 190 MiB).
+    opts.enable_cpu_mem_arena = True
     # The memory pattern pre-allocates, from the first run of each shape, one block holding
-    # every planned activation; allocating tensor by tensor holds less at once. Measured
-    # (benchmarks/worker_rss.py, int8, 1 thread): peak at 8 x 256 tokens 285 -> 270 MiB, at
-    # 32 x 256 712 -> 601 MiB, same speed; fp32 (fused attention) unchanged.
+    # every planned activation: every batch has a new shape here, and it measured slower and
+    # no lighter (benchmarks/worker_rss.py, variant mem-pattern).
     # Also measured, no effect on RSS or speed: session.disable_prepacking and
     # session.use_device_allocator_for_initializers.
     opts.enable_mem_pattern = False

@@ -28,6 +28,7 @@ from embedpool.engine import Engine
 from embedpool.errors import ModelError
 from embedpool.graph import cache_path, int8_fp32_nodes, prepare_onnx
 from embedpool.graph.bert import BertConfig, build_bert, load_weights
+from embedpool.graph.quantize import TokenBatchReader, smooth_matmul_inputs
 from embedpool.graph.store import file_lock, get_or_build
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.tokenization import TextTokenizer
@@ -192,6 +193,69 @@ def test_tiny_bert_matches_numpy(tmp_path: Path, layout: str, pooling: Any, act:
         np.testing.assert_allclose(got[mask == 1], hidden[mask == 1], atol=1e-4)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_tiny_bert_int8_ready_matches_numpy(tmp_path: Path, pooling: Any) -> None:
+    """The graph the int8 recipe quantises: separate Q/K/V MatMuls into MultiHeadAttention and
+    an int8 word table. Only the table's rounding separates it from the fp32 maths."""
+    cfg = BertConfig.from_dict(TINY)
+    ckpt = tmp_path / "model.safetensors"
+    write_checkpoint(ckpt, tiny_weights(TINY), "bare")
+    model = build_bert(load_weights(ckpt, cfg), cfg, pooling=pooling, int8_ready=True)
+    ops = {n.op_type for n in model.graph.node}
+    assert "MultiHeadAttention" in ops and not ops & {"Attention", "EmbedLayerNormalization"}
+    table = next(t for t in model.graph.initializer if t.name == "emb.word.q")
+    assert table.data_type == onnx.TensorProto.INT8
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    ids, mask = pad([rng.integers(1, 50, n) for n in (7, 3, 12, 1)])
+    got = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    want = numpy_sentence(numpy_bert(tiny_weights(TINY), cfg, ids, mask), mask, pooling)
+    np.testing.assert_allclose(got, want, atol=2e-2)
+    assert ((got * want).sum(1) >= 0.9999).all()
+
+
+def test_smoothing_moves_scale_into_weights_without_changing_the_maths(tmp_path: Path) -> None:
+    """SmoothQuant rewrites ff1's input and weights; in fp32 the vectors must not move, and
+    the smoothed activation's channels must be flatter (what int8 needs)."""
+    cfg = BertConfig.from_dict(TINY)
+    ckpt = tmp_path / "model.safetensors"
+    weights = tiny_weights(TINY)
+    weights["encoder.layer.0.attention.output.LayerNorm.weight"][3] = 40.0  # an outlier channel
+    write_checkpoint(ckpt, weights, "bare")
+    model = build_bert(load_weights(ckpt, cfg), cfg, pooling="mean", int8_ready=True)
+    rng = np.random.default_rng(2)
+    seqs = [tuple(int(t) for t in rng.integers(1, 50, n)) for n in (9, 4, 12, 6)]
+    reader = TokenBatchReader(seqs, ["input_ids", "attention_mask"], batch_size=2)
+    nodes = [f"l{i}.ff1_MatMul" for i in range(cfg.num_layers)]
+    smoothed = smooth_matmul_inputs(model, nodes, reader, alpha=0.5)
+    muls = [n for n in smoothed.graph.node if n.name.endswith(".smooth_Mul")]
+    assert len(muls) == cfg.num_layers
+    ids, mask = pad([np.array(q) for q in seqs])
+    feeds = {"input_ids": ids, "attention_mask": mask}
+
+    def run(m: Any, outputs: list[str] | None = None) -> list[Any]:
+        if outputs:
+            m.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT,
+                                                                     None) for o in outputs)
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return list(sess.run(None, feeds))
+
+    np.testing.assert_allclose(run(smoothed)[0], run(model)[0], atol=1e-5)
+    raw, flat = muls[0].input[0], muls[0].output[0]
+    _, before, after = run(smoothed, [raw, flat])
+    spread = [np.abs(x).max(axis=(0, 1)).max() / np.abs(x).max(axis=(0, 1)).mean()
+              for x in (before, after)]
+    assert spread[1] < spread[0] / 2, spread
+    with pytest.raises(ModelError, match="no MatMul named"):
+        smooth_matmul_inputs(model, ["l9.ff1_MatMul"], reader, alpha=0.5)
+
+
+def test_int8_ready_is_fused_only() -> None:
+    cfg = BertConfig.from_dict(TINY)
+    with pytest.raises(ValueError, match="fused graph only"):
+        build_bert({}, cfg, pooling="mean", fused=False, int8_ready=True)
+
+
 # --- config validation ----------------------------------------------------------------------
 
 @pytest.mark.parametrize(
@@ -258,7 +322,9 @@ def test_int8_graph_is_static_and_keeps_the_chosen_nodes_fp32(minilm: ResolvedMo
                                                               built: dict[str, Path]) -> None:
     graph = onnx.load(str(built["int8"])).graph
     ops = {n.op_type for n in graph.node}
-    assert {"QLinearMatMul", "QuantizeLinear"} <= ops
+    assert {"QLinearMatMul", "QuantizeLinear", "MultiHeadAttention"} <= ops
+    word = next(t for t in graph.initializer if t.name == "emb.word.q")
+    assert word.data_type == onnx.TensorProto.INT8  # the 47 MB table, stored as int8
     assert not ops & {"DynamicQuantizeLinear", "MatMulInteger"}, "dynamic quantisation left"
     keep = set(int8_fp32_nodes(BertConfig.from_dict(minilm.config)))
     assert keep == {f"l{i}.ff2_MatMul" for i in range(6)}

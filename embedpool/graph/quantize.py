@@ -22,10 +22,17 @@ min 0.9744, the same quality as the dynamic recipe (ff2 of layers 0-1 in fp32); 
 fewer chunks/s than it, the price of reproducible vectors. The likely causes: ff2 stays fp32
 in all six layers instead of two, and each quantised MatMul runs as separate QuantizeLinear
 (shared by Q/K/V) -> QLinearMatMul -> DequantizeLinear kernels, where ORT fuses the dynamic
-path into DynamicQuantizeMatMul. Numbers: benchmarks/eval_quality.py.
+path into DynamicQuantizeMatMul. Numbers: benchmarks/eval_quality.py. The int8-ready graph
+(graph/bert.py) won back more than that: 25.3 vs 23.7 chunks/s for the same recipe on the
+unfused graph, and 1.23x fp32 (benchmarks/graph_variants.py, batch 4 x 2 threads).
 
 Why ff2 stays fp32: it reads GELU output, whose rare large activations set the activation
-range and crush every other value into a few int8 steps.
+range and crush every other value into a few int8 steps. Measured on the int8-ready graph
+against fp32 (100 stdlib chunks): quantising the ff2 of one layer alone costs 0.006-0.024 of
+mean cosine (layer 0 worst: 0.976), all six 0.058; SmoothQuant-style per-channel scaling of
+its input (alpha 0.5 or 0.75) did not help (0.93-0.94). Also measured and rejected:
+MatMulNBits with 8-bit blocked weights and int8 compute (per-row activation scales, so
+batch-independent): cos 0.9998 but slower than fp32 on this AVX2 CPU (11.3 vs 12.7 chunks/s).
 """
 
 from __future__ import annotations
@@ -42,8 +49,8 @@ from onnxruntime.quantization import CalibrationDataReader
 from embedpool.errors import ModelError
 from embedpool.types import TokenIds
 
-__all__ = ["QUANT_OPS", "TokenBatchReader", "quantize_int8",
-           "quantize_int8_static"]
+__all__ = ["QUANT_OPS", "TokenBatchReader", "quantize_int8", "quantize_int8_static",
+           "smooth_matmul_inputs"]
 
 #: Ops whose weights are quantised: every dense MatMul (-> MatMulInteger, fused by ORT into
 #: DynamicQuantizeMatMul / MatMulIntegerToFloat) and, in shipped graphs that have one, the
@@ -84,6 +91,71 @@ class TokenBatchReader(CalibrationDataReader):  # type: ignore[misc]
     def rewind(self) -> None:
         self._it = iter(self.feeds)
 
+
+
+def smooth_matmul_inputs(model: onnx.ModelProto, nodes: Collection[str],
+                         calibration: TokenBatchReader, *, alpha: float) -> onnx.ModelProto:
+    """SmoothQuant (Xiao et al., 2023) for the named MatMuls: a copy of ``model`` in which
+    each one's input is divided per channel by ``s`` and its weight rows multiplied by ``s``,
+    so the fp32 maths is unchanged while the activation's outlier channels shrink before a
+    per-tensor int8 scale is fitted to them.
+
+    ``s_j = max|X_j| ** alpha / max|W_j| ** (1 - alpha)``, with ``max|X_j|`` over the
+    calibration feeds. The division is an explicit Mul before the MatMul: the tensor also
+    feeds the residual path, so it cannot be folded into the LayerNorm that makes it.
+
+    Our own code because ONNX Runtime's quantiser offers SmoothQuant only through Intel's
+    neural-compressor, a large dependency for some 30 lines of arithmetic.
+    """
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    targets = [n for n in out.graph.node if n.name in nodes]
+    if {n.name for n in targets} != set(nodes):
+        raise ModelError(f"cannot smooth: no MatMul named {sorted(set(nodes) - {n.name for n in targets})}")
+    inits = {t.name: t for t in out.graph.initializer}
+    inputs = sorted({n.input[0] for n in targets})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in inputs)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    amax = {name: np.zeros(0, np.float32) for name in inputs}
+    for feed in calibration.feeds:
+        for name, value in zip(inputs, session.run(inputs, feed), strict=True):
+            cur = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
+            amax[name] = cur if amax[name].size == 0 else np.maximum(amax[name], cur)
+    scales: dict[str, np.ndarray] = {}
+    for name in inputs:
+        users = [n for n in targets if n.input[0] == name]
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in users]
+        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+        s = (np.maximum(amax[name], 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1 - alpha))
+        scales[name] = s.astype(np.float32)
+        for n, w in zip(users, weights, strict=True):
+            inits[n.input[1]].CopyFrom(numpy_helper.from_array(
+                (w * scales[name][:, None]).astype(np.float32), n.input[1]))
+    nodes_out: list[onnx.NodeProto] = []
+    added: set[str] = set()
+    for node in out.graph.node:
+        if node.name in nodes:
+            name = node.input[0]
+            smoothed = f"{name}.smoothed"
+            if name not in added:  # MatMuls sharing an input share one Mul
+                added.add(name)
+                out.graph.initializer.append(numpy_helper.from_array(1.0 / scales[name],
+                                                                     f"{name}.smooth"))
+                nodes_out.append(helper.make_node("Mul", [name, f"{name}.smooth"], [smoothed],
+                                                  name=f"{name}.smooth_Mul"))
+                out.graph.value_info.append(helper.make_tensor_value_info(
+                    smoothed, onnx.TensorProto.FLOAT, None))
+            node.input[0] = smoothed
+        nodes_out.append(node)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes_out)
+    return out
 
 
 @contextlib.contextmanager

@@ -47,8 +47,8 @@ class PoolConfig:
     max_retries: int = 2
     #: Recycle a worker (between batches) whose RSS, after gc, exceeds this many bytes ...
     recycle_rss_bytes: int | None = None
-    #: ... or grew by more than this since it was ready (loky's 300 MB rule: a leak, or an
-    #: allocator that keeps the high-water mark of one huge batch).
+    #: ... or grew by more than this since it was ready, beyond the activations of one batch
+    #: of the planned budget that ONNX Runtime's arena keeps (loky's 300 MB rule: a leak).
     recycle_growth_bytes: int | None = 300 * 1024 * 1024
     #: How often the manager samples resources and asks the scaling policy (the policy's
     #: thresholds and look-ahead are tuned for 1 s: scaling.SAMPLE_INTERVAL_S).

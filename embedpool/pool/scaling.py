@@ -67,12 +67,11 @@ from embedpool.types import Precision, Profile
 MiB = 1024 * 1024
 
 #: One worker's RSS with the default model once loaded (Python + numpy + ONNX Runtime + the
-#: graph), measured here: int8 138-140 MiB, fp32 192 MiB (one-off script: Engine(threads=1),
-#: psutil RSS after load and ru_maxrss after 5 batches; arena off as engine.py sets it).
-WORKER_BASE_RSS: Mapping[Precision, int] = {"int8": 140 * MiB, "fp32": 195 * MiB}
-#: Activation memory per padded token of a batch, on top of the base: measured 8x256 tokens
-#: peaked at +130 MiB (int8) / +92 MiB (fp32), 32x256 at +312 / +279 MiB. 64 KiB/token covers
-#: small budgets (where it is steepest) and overestimates large ones: the estimate is only
+#: graph), measured here (benchmarks/worker_rss.py): int8 101 MiB, fp32 154 MiB.
+WORKER_BASE_RSS: Mapping[Precision, int] = {"int8": 105 * MiB, "fp32": 160 * MiB}
+#: Activation memory per padded token of a batch, on top of the base (ONNX Runtime's arena
+#: keeps it between batches): measured 4x256 tokens +43 MiB (int8) / +38 (fp32), 8x256 +87 /
+#: +76, 32x256 +346 / +305, so ~45 KiB/token. 64 KiB/token errs high: the estimate is only
 #: used until the first reading shows real worker RSS, and erring high only costs a late
 #: growth step.
 ACTIVATION_PER_TOKEN = 64 * 1024

@@ -842,7 +842,9 @@ class Pool:
         if cfg.recycle_rss_bytes is not None:
             limit = cfg.recycle_rss_bytes
         if cfg.recycle_growth_bytes is not None:
-            grown = w.ready_rss + cfg.recycle_growth_bytes
+            # The arena legitimately keeps one batch's activations: growth beyond that counts.
+            grown = (w.ready_rss + cfg.recycle_growth_bytes
+                     + scaling.ACTIVATION_PER_TOKEN * self._policy.policy.batch_tokens)
             limit = grown if limit is None else min(limit, grown)
         if limit is None or w.rss <= limit or w.leave_reason is not None:
             return

@@ -200,7 +200,8 @@ def test_worker_whose_rss_grows_is_recycled_not_mistaken_for_a_crash(event_log: 
     mib = 1024 * 1024
     batches = make_batches(make_sequences(20, seed=16), 4)
     spec = FakeEngineSpec(dim=DIM, grow_bytes_per_batch=40 * mib)
-    with Pool(spec, fast_config(workers=1, recycle_growth_bytes=100 * mib),
+    with Pool(spec, fast_config(workers=1, recycle_growth_bytes=100 * mib,
+                                    batch_tokens=256),
               on_event=event_log) as pool:
         results = {r.batch_id: r for r in pool.run(batches)}
         wait_until(lambda: len(event_log.named(events.WORKER_EXIT)) >= 1, "a recycled worker")
