@@ -5,10 +5,13 @@ Each run spawns one worker exactly as the supervisor does (spawn context, pipe p
 ``/proc/<pid>/status`` from here:
 
     load      VmRSS once the worker has sent Ready
-    peak8     VmHWM over BATCHES batches of 8 x 256 tokens (the default 2048-token budget)
+    peak3     VmHWM over BATCHES batches of 3 x 256 tokens (the default 768-token budget)
+    cps3      chunks per second at 3 x 256 (engine time reported by the worker)
+    peak4     VmHWM over BATCHES batches of 4 x 256 tokens
+    peak8     VmHWM over BATCHES batches of 8 x 256 tokens
     after8    VmRSS after them
     peak32    VmHWM over 2 batches of 32 x 256 tokens (what bare ORT was measured at)
-    ch/s      chunks per second at 8 x 256 (engine time reported by the worker)
+    cps8      chunks per second at 8 x 256 (engine time reported by the worker)
 
 The high-water mark is reset (``/proc/<pid>/clear_refs`` = 5) after a warm-up batch, so the
 peaks are of steady batches, not of loading. Variants run interleaved, ROUNDS times, and the
@@ -22,6 +25,7 @@ Variants (all on top of the worker's current code):
     mmap-1M     default plus glibc's mmap/trim thresholds fixed at 1 MiB (rejected: slower)
     +onnx       default plus ``import onnx`` (what the lazy imports save)
     mem-pattern default plus SessionOptions.enable_mem_pattern = True (ORT's default)
+    no-arena    default with ORT's CPU memory arena off (tensor by tensor from glibc)
     no-prepack  default plus session.disable_prepacking = 1
     dev-alloc   default plus session.use_device_allocator_for_initializers = 1
 
@@ -59,7 +63,7 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
                  "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}, {}),
     "+onnx": ({}, {"import_onnx": True}),
     "mem-pattern": ({}, {"mem_pattern": True}),
-    "arena": ({}, {"arena": True}),
+    "no-arena": ({}, {"arena": False}),
     "no-prepack": ({}, {"config": {"session.disable_prepacking": "1"}}),
     "dev-alloc": ({}, {"config": {"session.use_device_allocator_for_initializers": "1"}}),
 }
@@ -148,7 +152,8 @@ def measure(precision: str, variant: str, batches: int) -> dict[str, float]:
                 raise RuntimeError(f"batch failed: {res}")
             return res.seconds
 
-        for n, count, tag in ((4, batches, "4"), (8, batches, "8"), (32, 2, "32")):
+        for n, count, tag in ((3, batches, "3"), (4, batches, "4"), (8, batches, "8"),
+                              (32, 2, "32")):
             work = _batches(n, count + 1, seed=n)
             run(work[0])  # warm-up: first-run allocations and lazy kernels
             _reset_peak(pid)
@@ -173,7 +178,7 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
     variants = args.variants.split(",")
-    cols = ["load", "peak4", "cps4", "peak8", "after8", "cps8", "peak32", "after32"]
+    cols = ["load", "peak3", "cps3", "peak4", "peak8", "after8", "cps8", "peak32"]
     print(f"{'prec':5} {'variant':11} " + " ".join(f"{c:>8}" for c in cols)
           + "   (MiB; medians of rounds)")
     for precision in args.precisions.split(","):

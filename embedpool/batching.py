@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: Padded tokens per batch. Small batches are both faster and lighter: one pool worker
-#: (1 thread, int8, benchmarks/worker_rss.py) ran 4 x 256 tokens at 12.5 chunks/s peaking at
-#: 145 MiB and 8 x 256 at 11.6 chunks/s peaking at 189 MiB. 1024 (= 4 x 256) keeps an int8
-#: worker within 150 MiB.
-DEFAULT_BATCH_TOKENS = 1024
+#: Padded tokens per batch. Small batches are as fast and lighter: one pool worker (1 thread,
+#: int8, benchmarks/worker_rss.py) peaked at 124 / 136 / 146 / 190 MiB with batches of
+#: 2 / 3 / 4 / 8 x 256 tokens, at the same speed within noise (10.5-12.2 chunks/s), and
+#: whole-pool runs at 768 and 1024 differed by less than their run-to-run noise. 768
+#: (= 3 x 256) keeps an int8 worker under 150 MB (136 MiB = 143 MB).
+DEFAULT_BATCH_TOKENS = 768
 #: Item cap: protects against thousands of 3-token texts in one batch (per-row overhead).
 DEFAULT_MAX_BATCH_ITEMS = 64
 

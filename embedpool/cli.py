@@ -378,7 +378,7 @@ def cache_clear(cache_path: Path | None) -> None:
 @click.option("--max-queue-tokens", type=click.IntRange(1), default=2_000_000, show_default=True,
               help="Queued tokens above which requests get 429 + Retry-After.")
 @click.option("--batch-tokens", type=click.IntRange(16), default=_default_batch_tokens,
-              show_default="1024")
+              show_default="768")
 @click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
               help="How long the batcher gathers requests into one batch.")
 @click.option("--served-model-name", multiple=True, help="Extra model name clients may send.")

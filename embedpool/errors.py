@@ -12,7 +12,10 @@
         ├── WorkerStartError             a worker died while loading its engine; carries its traceback
         ├── PoolBroken (concurrent.futures.process.BrokenProcessPool)
         │                                the pool cannot go on (no worker can be started)
-        └── PoisonInputError             an input kept killing workers; carries the item's id
+        ├── PoisonInputError             an input kept killing workers; carries the item's id
+        ├── QueueFull                    the server's batcher refused a request: sizes, Retry-After
+        ├── PoolUnavailable              a request's batch could not be embedded (broken, closed, timeout)
+        └── ItemFailed                   one input of a request could not be embedded; its index
 
 Messages say what happened, the likely cause, what to do, and the data (pid, signal, sizes).
 """
@@ -80,3 +83,29 @@ class PoolBroken(PoolError, BrokenProcessPool):
 
 class PoisonInputError(PoolError):
     """An input kept killing the workers that tried to embed it."""
+
+
+class QueueFull(PoolError):
+    """Admission refused: too many tokens queued. ``retry_after`` is in whole seconds."""
+
+    def __init__(self, queued_tokens: int, request_tokens: int, limit: int, retry_after: int) -> None:
+        super().__init__(
+            f"server busy: {queued_tokens} tokens queued, this request needs {request_tokens}, "
+            f"limit {limit}; retry after {retry_after} s")
+        self.queued_tokens = queued_tokens
+        self.request_tokens = request_tokens
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class PoolUnavailable(PoolError):
+    """The executor could not embed a batch of this request (broken, closed or timed out)."""
+
+
+class ItemFailed(PoolError):
+    """One input of a request could not be embedded (a poison input); ``index`` is its position."""
+
+    def __init__(self, index: int, reason: str) -> None:
+        super().__init__(f"input {index} could not be embedded: {reason}")
+        self.index = index
+        self.reason = reason

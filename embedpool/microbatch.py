@@ -51,7 +51,7 @@ import numpy as np
 
 from embedpool.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS, plan_batches
 from embedpool.engine import l2_normalize
-from embedpool.errors import PoolBroken, PoolError
+from embedpool.errors import ItemFailed, PoolBroken, PoolUnavailable, QueueFull
 from embedpool.executor import BatchResult, WorkBatch
 from embedpool.types import TokenIds, Vectors
 
@@ -73,32 +73,6 @@ RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 60
 #: No batch finished for this long while some were in flight: the pool is hung, not slow
 #: (a 2,048-token batch takes well under a second; Infinity #544 stayed "healthy" forever).
 STALL_TIMEOUT_S = 120.0
-
-
-class QueueFull(PoolError):
-    """Admission refused: too many tokens queued. ``retry_after`` is in whole seconds."""
-
-    def __init__(self, queued_tokens: int, request_tokens: int, limit: int, retry_after: int) -> None:
-        super().__init__(
-            f"server busy: {queued_tokens} tokens queued, this request needs {request_tokens}, "
-            f"limit {limit}; retry after {retry_after} s")
-        self.queued_tokens = queued_tokens
-        self.request_tokens = request_tokens
-        self.limit = limit
-        self.retry_after = retry_after
-
-
-class PoolUnavailable(PoolError):
-    """The executor could not embed a batch of this request (broken, closed or timed out)."""
-
-
-class ItemFailed(PoolError):
-    """One input of a request could not be embedded (a poison input); ``index`` is its position."""
-
-    def __init__(self, index: int, reason: str) -> None:
-        super().__init__(f"input {index} could not be embedded: {reason}")
-        self.index = index
-        self.reason = reason
 
 
 class SubmitExecutor(Protocol):

@@ -55,15 +55,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from embedpool.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS
 from embedpool.config import env_str
 from embedpool.engine import EngineSpec, usable_cores
-from embedpool.errors import ConfigError
+from embedpool.errors import ConfigError, ItemFailed, PoolUnavailable, QueueFull
 from embedpool.metrics import CONTENT_TYPE, ServerMetrics
 from embedpool.microbatch import (
     DEFAULT_MAX_QUEUE_TOKENS,
     InProcessExecutor,
-    ItemFailed,
     MicroBatcher,
-    PoolUnavailable,
-    QueueFull,
     SubmitExecutor,
 )
 from embedpool.models import ResolvedModel, find_known, resolve_model

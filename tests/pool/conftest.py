@@ -33,6 +33,27 @@ def fast_config(**overrides: Any) -> PoolConfig:
     return PoolConfig(**base)
 
 
+def clean_real_run(texts: list[str], max_tokens: int | None = None) -> tuple[Any, Any, Any]:
+    """(EngineSpec of the default model at its default precision, 1 thread; the token
+    sequences of ``texts``; their vectors from one clean in-process engine): what the
+    real-model pool tests compare a faulty pool run against. int8 is static, so a vector does
+    not depend on its batch mates (test_graph checks >= 0.99999): the batch splits and
+    retries a death causes must not move it."""
+    import numpy as np
+
+    from embedpool.engine import EngineSpec
+    from embedpool.models import resolve_model
+    from embedpool.tokenization import TextTokenizer
+
+    model = resolve_model()
+    spec = EngineSpec(model, threads=1)
+    engine = spec.build()
+    seqs = TextTokenizer(model.tokenizer_path, max_tokens or model.max_length).encode(
+        texts).sequences
+    clean = np.concatenate([engine.embed(seqs[i:i + 64]) for i in range(0, len(seqs), 64)])
+    return spec, seqs, clean
+
+
 def wait_until(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S,
                interval: float = 0.02) -> None:
     """Poll ``cond`` until true; fail the test (naming ``what``) at the deadline."""

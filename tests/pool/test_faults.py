@@ -26,7 +26,7 @@ from embedpool.errors import ConfigError, PoolBroken, WorkerStartError
 from embedpool.executor import BatchResult, WorkBatch
 from embedpool.pool.supervisor import Pool
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_batches, make_sequences
-from tests.pool.conftest import DEADLINE_S, EventLog, fast_config, wait_until
+from tests.pool.conftest import DEADLINE_S, EventLog, clean_real_run, fast_config, wait_until
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -319,26 +319,8 @@ def test_parent_killed_with_sigkill_leaves_no_workers(start_method: str) -> None
 
 @pytest.fixture(scope="module")
 def real_model() -> Any:
-    """(EngineSpec, sequences, clean single-process vectors), or skip while the ONNX graph
-    builder (embedpool.graph.prepare_onnx) is not there yet.
-
-    fp32: int8 quantises activations per batch (one dynamic scale per batch tensor), so an
-    int8 vector depends on its batch mates (cos ~0.992 alone vs in a batch), and a retry that
-    splits a batch could never match a clean run to 0.99999; fp32 is batch-invariant. See
-    test_real_model_pool.py."""
-    from embedpool.engine import EngineSpec
-    from embedpool.models import resolve_model
-    from embedpool.tokenization import TextTokenizer
-
-    model = resolve_model("all-MiniLM-L6-v2")
-    spec = EngineSpec(model, "fp32", 1)
-    try:
-        engine = spec.build()
-    except NotImplementedError:
-        pytest.skip("embedpool.graph.prepare_onnx is not implemented yet")
-    texts = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # chunk {i}" for i in range(400)]
-    seqs = TextTokenizer(model.tokenizer_path, model.max_length).encode(texts).sequences
-    return spec, seqs, engine.embed(seqs)
+    return clean_real_run([f"def f{i}(x):\n    return x * {i} + {i % 7}  # chunk {i}"
+                           for i in range(400)])
 
 
 @pytest.mark.slow

@@ -1,17 +1,12 @@
 """The pool with the real model: SIGKILL a random worker several times during a 2,000-chunk job;
 every chunk is embedded, equal to a clean single-process run, and each death is reported.
 
-**fp32, not int8, for "equal".** The int8 graph quantises activations per batch at run time
-(DynamicQuantizeLinear: one scale for the whole batch tensor, padding included), so an int8
-vector depends on its batch mates: the same chunk embedded alone, in a batch of 8 or of 40
-agrees only to cos ~0.992 (measured here). A SIGKILL splits the lost batch in half, which
-changes batch composition, so no int8 run with a kill can match a clean run to 0.99999;
-fp32 is batch-invariant (cos 0.9999999 between those three), so it tests what this test is
-about: no chunk lost, none mixed up, nothing corrupted by a death. The real-model poison test
-and a single-kill test are in test_faults.py (also fp32, for the same reason).
+It runs the default precision, int8, whose static activation scales make a vector
+independent of its batch mates, so the batch a SIGKILL splits in half must still give the
+clean run's vectors. The real-model poison test and a single-kill test are in test_faults.py.
 
-Chunks are the first 2,000 standard-library chunks, truncated to 16 tokens: at 64 tokens the
-fp32 job alone took ~3 minutes here (2 cores shared with other test runs, ~12 chunks/s).
+Chunks are the first 2,000 standard-library chunks, truncated to 16 tokens, which keeps the
+job near a minute on 2 shared cores.
 """
 
 from __future__ import annotations
@@ -30,7 +25,7 @@ from embedpool import events
 from embedpool.executor import BatchResult
 from embedpool.pool.supervisor import Pool
 from embedpool.testing import make_batches
-from tests.pool.conftest import DEADLINE_S, EventLog, fast_config, wait_until
+from tests.pool.conftest import DEADLINE_S, EventLog, clean_real_run, fast_config, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_processes")]
 
@@ -40,28 +35,16 @@ KILL_AT = (300, 800, 1300)  # sequences done before each kill
 
 
 @pytest.fixture(scope="module")
-def stdlib_fp32() -> Any:
-    """(EngineSpec fp32, sequences, clean vectors from one in-process engine)."""
+def stdlib_run() -> Any:
     from embedpool.corpus import stdlib_chunks
-    from embedpool.engine import EngineSpec
-    from embedpool.models import resolve_model
-    from embedpool.tokenization import TextTokenizer
 
-    model = resolve_model("all-MiniLM-L6-v2")
-    spec = EngineSpec(model, "fp32", 1)
-    try:
-        engine = spec.build()
-    except NotImplementedError:
-        pytest.skip("embedpool.graph.prepare_onnx is not implemented yet")
-    texts = [c.text for c in stdlib_chunks(CHUNKS)]
-    seqs = TextTokenizer(model.tokenizer_path, MAX_TOKENS).encode(texts).sequences
+    spec, seqs, clean = clean_real_run([c.text for c in stdlib_chunks(CHUNKS)], MAX_TOKENS)
     assert len(seqs) == CHUNKS
-    clean = np.concatenate([engine.embed(seqs[i:i + 64]) for i in range(0, len(seqs), 64)])
     return spec, seqs, clean
 
 
-def test_sigkill_random_workers_real_model(stdlib_fp32: Any, event_log: EventLog) -> None:
-    spec, seqs, clean = stdlib_fp32
+def test_sigkill_random_workers_real_model(stdlib_run: Any, event_log: EventLog) -> None:
+    spec, seqs, clean = stdlib_run
     batches = make_batches(seqs, 16)
     killed: list[int] = []
     rng = random.Random(7)

@@ -56,7 +56,7 @@ class PlanRow:
     max_workers: int
     threads: int
     kwargs: dict[str, object] = field(default_factory=dict)
-    batch: int = 1024
+    batch: int = 768
     reason: str | None = None
 
 
@@ -64,7 +64,7 @@ PLAN_ROWS = [
     pytest.param(PlanRow(limits(2, profile="cloud"), 2, 2, 1), id="cloud-2-cores-starts-full"),
     pytest.param(PlanRow(limits(2), 1, 2, 1), id="local-2-cores-starts-at-1"),
     pytest.param(PlanRow(limits(16), 1, 16, 1), id="local-16-cores"),
-    pytest.param(PlanRow(limits(8, profile="wsl2"), 1, 2, 1, batch=512,
+    pytest.param(PlanRow(limits(8, profile="wsl2"), 1, 2, 1, batch=384,
                          reason="wsl2 profile's cap"), id="wsl2-caps-at-2"),
     pytest.param(PlanRow(limits(1, profile="cloud"), 1, 1, 1), id="one-core"),
     pytest.param(PlanRow(limits(8), 1, 4, 2, {"threads": 2}), id="threads-2-on-8"),
@@ -75,36 +75,36 @@ PLAN_ROWS = [
     pytest.param(PlanRow(limits(2), 2, 2, 1, {"workers": 4}, reason="workers 4 capped at 2"),
                  id="workers-above-cores-capped"),
     pytest.param(PlanRow(limits(8), 3, 3, 2, {"workers": 3}), id="workers-3-on-8-get-2-threads"),
-    # (80% x 1024 - 150 supervisor) / (105 + 1024 x 64 KiB = 169 MiB per int8 worker) = 3
-    pytest.param(PlanRow(limits(16, GiB), 1, 3, 1, reason="169 MiB per int8 worker at 1024 tokens"),
+    # (80% x 1024 - 150 supervisor) / (105 + 768 x 64 KiB = 153 MiB per int8 worker) = 4
+    pytest.param(PlanRow(limits(16, GiB), 1, 4, 1, reason="153 MiB per int8 worker at 768 tokens"),
                  id="memory-1GiB-bounds-workers"),
     pytest.param(PlanRow(limits(16, 256 * MiB, "cloud"), 1, 1, 1, reason="not even one fits"),
                  id="memory-256MiB-still-one-worker"),
-    # (1638 - 150) / (160 + 64 = 224 MiB per fp32 worker) = 6
-    pytest.param(PlanRow(limits(16, 2 * GiB), 1, 6, 1, {"precision": "fp32"}, reason="224 MiB per fp32"),
+    # (1638 - 150) / (160 + 48 = 208 MiB per fp32 worker) = 7
+    pytest.param(PlanRow(limits(16, 2 * GiB), 1, 7, 1, {"precision": "fp32"}, reason="208 MiB per fp32"),
                  id="fp32-estimate"),
     # smaller batches, smaller workers: (819 - 150) / (105 + 32) = 4
     pytest.param(PlanRow(limits(16, GiB), 1, 4, 1, {"batch_tokens": 512}, batch=512),
                  id="memory-bound-follows-batch-budget"),
-    # (80% x 8 GiB - 5 GiB in use) / 169 = 8
-    pytest.param(PlanRow(limits(16, 8 * GiB), 1, 8, 1, {"mem_used": 5 * GiB}, reason="in use"),
+    # (80% x 8 GiB - 5 GiB in use) / 153 = 9
+    pytest.param(PlanRow(limits(16, 8 * GiB), 1, 9, 1, {"mem_used": 5 * GiB}, reason="in use"),
                  id="memory-in-use-counts"),
-    # (85% x 8 GiB - 6 GiB in use) / 169 = 4
-    pytest.param(PlanRow(limits(16, 8 * GiB, "cloud"), 4, 4, 1, {"mem_used": 6 * GiB}),
+    # (85% x 8 GiB - 6 GiB in use) / 153 = 5
+    pytest.param(PlanRow(limits(16, 8 * GiB, "cloud"), 5, 5, 1, {"mem_used": 6 * GiB}),
                  id="cloud-starts-at-memory-bound"),
     pytest.param(PlanRow(limits(2), 1, 2, 1, {"batch_tokens": 512}, batch=512, reason="as requested"),
                  id="batch-tokens-explicit"),
     pytest.param(PlanRow(limits(2), 1, 2, 1, {"batch_tokens": 100}, batch=100), id="batch-below-min"),
     # --max-memory 1G on a 16 GiB host with 12 GiB in use: the cap counts the pool's own RSS,
-    # (80% x 1024 - 150) / 169 = 3, not "host usage above the cap: 1 worker"
-    pytest.param(PlanRow(capped(16, 16 * GiB, GiB), 1, 3, 1, {"mem_used": 12 * GiB},
+    # (80% x 1024 - 150) / 153 = 4, not "host usage above the cap: 1 worker"
+    pytest.param(PlanRow(capped(16, 16 * GiB, GiB), 1, 4, 1, {"mem_used": 12 * GiB},
                          reason="counted against the pool's own RSS"),
                  id="max-memory-counts-the-pool-not-the-host"),
     # ... but the real limit still binds when it is the tighter one: (0.8 x 16 - 15.5) GiB < 0
     pytest.param(PlanRow(capped(16, 16 * GiB, 4 * GiB), 1, 1, 1, {"mem_used": 15 * GiB + GiB // 2},
                          reason="[host] - 15.5 GiB in use"),
                  id="max-memory-real-limit-still-binds"),
-    # ((80% x 2048 = 1638) - 600 used by the pool) / 169 = 6
+    # ((80% x 2048 = 1638) - 600 used by the pool) / 153 = 6
     pytest.param(PlanRow(capped(16, 16 * GiB, 2 * GiB), 1, 6, 1,
                          {"mem_used": GiB, "pool_used": 600 * MiB}, reason="600 MiB in use"),
                  id="max-memory-pool-usage-counts"),
@@ -176,7 +176,7 @@ def test_doctor_renders_every_number() -> None:
     p = plan(lim)
     text = render_doctor(lim, p, mem_used=128 * MiB)
     for needle in ("2 usable", "source: test", "512.0 MiB limit", "profile     local",
-                   f"at most {p.policy.max_workers} x 1", "1024 padded tokens", "80%", "70%",
+                   f"at most {p.policy.max_workers} x 1", "768 padded tokens", "80%", "70%",
                    "69%", "59%", "128.0 MiB (25%", "EMBEDPOOL_CPUS=8 ignored", *p.reasons):
         assert needle in text, needle
 

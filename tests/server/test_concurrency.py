@@ -19,14 +19,11 @@ import numpy as np
 import pytest
 from server_support import DIM, GatedEngine, LiveServer, expected_vectors
 
-from embedpool.errors import PoolBroken
+from embedpool.errors import ItemFailed, PoolBroken, PoolUnavailable, QueueFull
 from embedpool.executor import BatchResult, WorkBatch
 from embedpool.microbatch import (
     InProcessExecutor,
-    ItemFailed,
     MicroBatcher,
-    PoolUnavailable,
-    QueueFull,
     combine_windows,
 )
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_sequences
