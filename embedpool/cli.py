@@ -412,10 +412,12 @@ def serve(host: str, port: int, model: str, precision: str, long_text: str, work
     hook = None
     if not no_cache:
         from embedpool.cache import BoundCache, VectorCache
+        from embedpool.graph import graph_id
 
         try:
             hook = BoundCache(VectorCache.open(cache_path),
-                              resolved.fingerprint(precision, long_text))
+                              resolved.fingerprint(precision, long_text,
+                                                   graph=graph_id(resolved, precision)))  # type: ignore[arg-type]
         except CacheError as exc:
             _fail(str(exc), EXIT_USAGE)
 

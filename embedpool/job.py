@@ -33,6 +33,7 @@ from embedpool.batching import (
 )
 from embedpool.errors import ConfigError, InputError
 from embedpool.executor import BatchResult, Executor, WorkBatch
+from embedpool.graph import graph_id
 from embedpool.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import EventCallback, LongTextMode, Precision, Vectors
@@ -148,7 +149,8 @@ class Embedder:
         self.cache = cache
         self.on_event = on_event
         self.tokenizer = TextTokenizer(self.model.tokenizer_path, self.model.max_length)
-        self.fingerprint = self.model.fingerprint(precision, long_text)
+        self.fingerprint = self.model.fingerprint(precision, long_text,
+                                                  graph=graph_id(self.model, precision))
         self.last_report = JobReport()
         self._engine_override = engine  # any spec with .build() (tests, custom engines)
         self._executor_args = (threads, workers, backend, ray_address, pool_options or {})

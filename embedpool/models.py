@@ -94,10 +94,12 @@ class ResolvedModel:
         if not self.tokenizer_path.is_file():
             raise ModelError(f"model {self.name}: tokenizer file {self.tokenizer_path} is missing")
 
-    def fingerprint(self, precision: str, long_text: str = "truncate") -> str:
-        """Stable id of what produces a vector: weights, precision, pooling, length, mode."""
+    def fingerprint(self, precision: str, long_text: str = "truncate", graph: str = "") -> str:
+        """Stable id of what produces a vector: weights, precision, pooling, length, mode, and
+        the ONNX graph's own id (``embedpool.graph.graph_id``: builder and int8 recipe
+        versions), so that a cache never mixes vectors of two recipes."""
         key = "|".join([self.weights_sha256, precision, self.pooling, str(self.max_length),
-                        str(self.normalize), long_text])
+                        str(self.normalize), long_text, graph])
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 

@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 
 from embedpool.engine import Engine
 from embedpool.errors import ModelError
-from embedpool.graph import cache_path, int8_fp32_nodes, prepare_onnx
+from embedpool.graph import cache_path, graph_id, int8_fp32_nodes, prepare_onnx
 from embedpool.graph.bert import BertConfig, build_bert, load_weights
 from embedpool.graph.quantize import TokenBatchReader, smooth_matmul_inputs
 from embedpool.graph.store import file_lock, get_or_build
@@ -425,9 +425,14 @@ def test_int8_cache_key_follows_the_recipe(minilm: ResolvedModel, tmp_path: Path
                                            monkeypatch: pytest.MonkeyPatch, constant: str,
                                            value: int) -> None:
     before = {p: cache_path(minilm, p, tmp_path) for p in ("fp32", "int8")}  # type: ignore[misc]
+    ids = {p: graph_id(minilm, p) for p in ("fp32", "int8")}  # type: ignore[misc]
     monkeypatch.setattr(f"embedpool.graph.{constant}", value)
     assert cache_path(minilm, "int8", tmp_path) != before["int8"]
     assert cache_path(minilm, "fp32", tmp_path) == before["fp32"]
+    # ... and so does the vector cache's fingerprint: no vectors of two recipes in one cache
+    assert graph_id(minilm, "int8") != ids["int8"] and graph_id(minilm, "fp32") == ids["fp32"]
+    fingerprint = minilm.fingerprint("int8", graph=ids["int8"])
+    assert minilm.fingerprint("int8", graph=graph_id(minilm, "int8")) != fingerprint
 
 
 def test_non_bert_model_is_a_model_error(minilm: ResolvedModel, tmp_path: Path) -> None:

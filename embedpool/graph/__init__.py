@@ -54,7 +54,7 @@ from embedpool.types import Precision
 # onnx (and quantize, which imports it) are imported where a graph is built: a pool worker
 # that finds its graph cached never needs them, and they cost it ~10-18 MB of RSS.
 
-__all__ = ["cache_path", "int8_fp32_nodes", "int8_smoothed_nodes", "prepare_onnx"]
+__all__ = ["cache_path", "graph_id", "int8_fp32_nodes", "int8_smoothed_nodes", "prepare_onnx"]
 
 #: The int8 recipe, part of the int8 cache key: static or dynamic, which node names stay
 #: fp32 (see ``int8_fp32_nodes``) and whether weights use 7 bits (see quantize.py).
@@ -167,14 +167,19 @@ def cache_path(model: ResolvedModel, precision: Precision, cache_dir: Path | Non
     return root / f"{slug}-{precision}-{cache_key(parts)[:20]}.onnx"
 
 
+def graph_id(model: ResolvedModel, precision: Precision) -> str:
+    """The id of the graph ``prepare_onnx`` would run (its cache file's name, without building
+    anything): it changes whenever the graph's bytes would, e.g. a new int8 recipe. Part of
+    the vector cache's fingerprint."""
+    return cache_path(model, precision).stem
+
+
 def _bert_config(model: ResolvedModel) -> BertConfig:
     return BertConfig.from_dict(model.config, where=str(model.directory / "config.json"))
 
 
 def _int8_parts(keep: list[str], *, static: bool) -> dict[str, object]:
-    import onnxruntime
-
-    ort_minor = ".".join(onnxruntime.__version__.split(".")[:2])
+    ort_minor = ".".join(_onnxruntime_version().split(".")[:2])
     parts: dict[str, object] = {"recipe": INT8_RECIPE_VERSION, "keep_fp32": keep,
                                 "onnxruntime": ort_minor}
     if static:
@@ -185,6 +190,20 @@ def _int8_parts(keep: list[str], *, static: bool) -> dict[str, object]:
     else:
         parts["reduce_range"] = INT8_REDUCE_RANGE
     return parts
+
+
+def _onnxruntime_version() -> str:
+    """Without importing onnxruntime (~20 MB of RSS), which a pool's parent never needs."""
+    from importlib import metadata
+
+    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
 
 
 def _calibration(model: ResolvedModel, input_names: list[str]) -> Any:
