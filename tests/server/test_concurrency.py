@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -9,8 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,12 @@ from embedpool.executor import BatchResult, WorkBatch
 from embedpool.microbatch import (
     InProcessExecutor,
     MicroBatcher,
+    Ticket,
     combine_windows,
 )
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_sequences
 from embedpool.tokenization import TextTokenizer
+from embedpool.types import TokenIds
 
 DEADLINE_S = 60.0
 CLIENTS = 32
@@ -62,29 +66,42 @@ def test_32_concurrent_clients_get_their_own_vectors(server: LiveServer,
 
 
 # ----------------------------------------------------------------------------- batcher units
-def _gated_executor() -> tuple[InProcessExecutor, GatedEngine, threading.Event]:
+@dataclass
+class _Busy:
+    """A batcher whose one in-flight batch (``first``) is held in the engine until ``gate``
+    is set; ``batches`` lists every batch it sent."""
+
+    mb: MicroBatcher
+    first: Ticket
+    gate: threading.Event
+    batches: list[WorkBatch]
+
+
+@contextlib.contextmanager
+def _busy_batcher(first: TokenIds, **options: Any) -> Iterator[_Busy]:
     gate = threading.Event()
     engine = GatedEngine(FakeEngineSpec(dim=8), gate)
-    return InProcessExecutor(lambda: engine), engine, gate
-
-
-def test_requests_waiting_behind_a_busy_pool_share_one_batch() -> None:
-    ex, engine, gate = _gated_executor()
+    ex = InProcessExecutor(lambda: engine)
     batches: list[WorkBatch] = []
-    mb = MicroBatcher(ex, max_inflight=1, on_batch=batches.append)
+    mb = MicroBatcher(ex, max_inflight=1, on_batch=batches.append, **options)
     try:
-        seqs = make_sequences(5, seed=1)
-        first = mb.submit(seqs[:1], [0], 1)
+        ticket = mb.submit([first], [0], 1)
         assert engine.entered.wait(DEADLINE_S)
-        later = [mb.submit([s], [0], 1) for s in seqs[1:]]
-        gate.set()
-        for ticket, seq in zip([first, *later], seqs, strict=True):
-            np.testing.assert_array_equal(ticket.future.result(DEADLINE_S)[0], fake_vectors([seq], 8)[0])
-        assert [len(b.sequences) for b in batches] == [1, 4]
+        yield _Busy(mb, ticket, gate, batches)
     finally:
         gate.set()
         mb.close()
         ex.close()
+
+
+def test_requests_waiting_behind_a_busy_pool_share_one_batch() -> None:
+    seqs = make_sequences(5, seed=1)
+    with _busy_batcher(seqs[0]) as busy:
+        later = [busy.mb.submit([s], [0], 1) for s in seqs[1:]]
+        busy.gate.set()
+        for ticket, seq in zip([busy.first, *later], seqs, strict=True):
+            np.testing.assert_array_equal(ticket.future.result(DEADLINE_S)[0], fake_vectors([seq], 8)[0])
+        assert [len(b.sequences) for b in busy.batches] == [1, 4]
 
 
 def test_a_large_request_is_spread_over_many_batches_within_the_budget() -> None:
@@ -105,45 +122,28 @@ def test_a_large_request_is_spread_over_many_batches_within_the_budget() -> None
 
 
 def test_cancelled_request_never_reaches_the_executor() -> None:
-    ex, engine, gate = _gated_executor()
-    batches: list[WorkBatch] = []
-    mb = MicroBatcher(ex, max_inflight=1, on_batch=batches.append)
-    try:
-        seqs = make_sequences(3, seed=3)
-        first = mb.submit(seqs[:1], [0], 1)
-        assert engine.entered.wait(DEADLINE_S)
-        gone = mb.submit(seqs[1:2], [0], 1)
-        kept = mb.submit(seqs[2:], [0], 1)
+    seqs = make_sequences(3, seed=3)
+    with _busy_batcher(seqs[0]) as busy:
+        gone = busy.mb.submit(seqs[1:2], [0], 1)
+        kept = busy.mb.submit(seqs[2:], [0], 1)
         assert gone.future.cancel()
-        gate.set()
+        busy.gate.set()
         kept.future.result(DEADLINE_S)
-        first.future.result(DEADLINE_S)
-        sent = [s.tobytes() for b in batches for s in b.sequences]
+        busy.first.future.result(DEADLINE_S)
+        sent = [s.tobytes() for b in busy.batches for s in b.sequences]
         assert seqs[1].tobytes() not in sent and seqs[2].tobytes() in sent
-    finally:
-        gate.set()
-        mb.close()
-        ex.close()
 
 
 def test_queue_full_names_sizes_and_bounds_retry_after() -> None:
-    ex, engine, gate = _gated_executor()
-    mb = MicroBatcher(ex, max_queue_tokens=30, max_inflight=1)
-    try:
-        seqs = make_sequences(3, seed=4, min_len=20, max_len=20)
-        first = mb.submit(seqs[:1], [0], 1)
-        assert engine.entered.wait(DEADLINE_S)
+    seqs = make_sequences(3, seed=4, min_len=20, max_len=20)
+    with _busy_batcher(seqs[0], max_queue_tokens=30) as busy:
         with pytest.raises(QueueFull) as info:
-            mb.submit(seqs[1:2], [0], 1)
+            busy.mb.submit(seqs[1:2], [0], 1)
         assert info.value.queued_tokens == 20 and info.value.request_tokens == 20
         assert 1 <= info.value.retry_after <= 60
-        gate.set()
-        first.future.result(DEADLINE_S)
-        mb.submit(seqs[1:2], [0], 1).future.result(DEADLINE_S)  # room again
-    finally:
-        gate.set()
-        mb.close()
-        ex.close()
+        busy.gate.set()
+        busy.first.future.result(DEADLINE_S)
+        busy.mb.submit(seqs[1:2], [0], 1).future.result(DEADLINE_S)  # room again
 
 
 def test_oversized_request_is_admitted_into_an_empty_queue() -> None:
@@ -200,20 +200,13 @@ def test_executor_failures_map_to_request_errors(executor: _ScriptedExecutor,
 
 
 def test_close_fails_pending_requests() -> None:
-    ex, engine, gate = _gated_executor()
-    mb = MicroBatcher(ex, max_inflight=1)
-    try:
-        mb.submit(make_sequences(1), [0], 1)
-        assert engine.entered.wait(DEADLINE_S)
-        waiting = mb.submit(make_sequences(1, seed=9), [0], 1)
-        mb.close()
+    with _busy_batcher(make_sequences(1)[0]) as busy:
+        waiting = busy.mb.submit(make_sequences(1, seed=9), [0], 1)
+        busy.mb.close()
         with pytest.raises(PoolUnavailable):
             waiting.future.result(DEADLINE_S)
         with pytest.raises(PoolUnavailable):
-            mb.submit(make_sequences(1), [0], 1)
-    finally:
-        gate.set()
-        ex.close()
+            busy.mb.submit(make_sequences(1), [0], 1)
 
 
 @pytest.mark.parametrize(("owner", "n_items"), [([0, 1, 2], 3), ([0, 0, 1, 2, 2, 2], 3), ([0, 0], 1)],
