@@ -34,11 +34,6 @@ RSS_INTERVAL_S = 0.1
 TREE_REFRESH_S = 1.0
 
 
-def tree_rss() -> tuple[int, dict[int, int]]:
-    """RSS of this process plus all its descendants: (total, per pid)."""
-    return _rss_of(_tree_pids())
-
-
 def _tree_pids() -> list[int]:
     me = psutil.Process()
     try:

@@ -18,8 +18,8 @@ move slightly with their batch (cos ~0.993 for a short text next to a 256-token 
 
 Why int8 starts from the int8-ready graph (fused ops, Q/K/V as plain MatMuls into
 MultiHeadAttention, int8 word embeddings): against the unfused graph it was the same
-quality (held-out mean 0.9955), 5-8% faster (benchmarks/graph_variants.py, int8 vs
-int8-plain, 2 threads, batch 8) because bias, GELU, LayerNorm and softmax run fused, and its
+quality (held-out mean 0.9955), 7-9% faster (benchmarks/graph_variants.py, int8 vs
+int8-plain, 2 threads, batch 4) because bias, GELU, LayerNorm and softmax run fused, and its
 file is 34 instead of 69 MB, 34 MiB less RSS per worker. For fp32 the fused graph is emitted
 directly because ORT's own optimiser (onnxruntime.transformers.optimizer) needs torch or
 sympy, neither of which embedpool depends on; measured, fused and unfused fp32 run at the

@@ -254,15 +254,20 @@ def build_bert(weights: Mapping[str, Array], cfg: BertConfig, *, pooling: Poolin
 
 # --- fused (com.microsoft) -------------------------------------------------------------------
 
+def _positions_with_segment0(w: Mapping[str, Array]) -> Array:
+    """The position table with token-type row 0 added: sentence embedding always uses
+    segment 0, and both tables are added before the embedding LayerNorm, so this is exact."""
+    pos = w["embeddings.position_embeddings.weight"]
+    type_table = w.get("embeddings.token_type_embeddings.weight")
+    return pos if type_table is None else pos + type_table[0]
+
+
 def _embeddings_fused(g: _Graph, w: Mapping[str, Array], cfg: BertConfig) -> tuple[str, str]:
     from onnx import TensorProto
 
     ids32 = g.op1("Cast", [INPUT_IDS], "ids32", to=TensorProto.INT32)
     mask32 = g.op1("Cast", [ATTENTION_MASK], "mask32", to=TensorProto.INT32)
-    pos = w["embeddings.position_embeddings.weight"]
-    type_table = w.get("embeddings.token_type_embeddings.weight")
-    if type_table is not None:
-        pos = pos + type_table[0]  # segment 0 for every token: fold it into positions
+    pos = _positions_with_segment0(w)
     hidden, mask_index = g.op(
         "EmbedLayerNormalization",
         [ids32, "", g.const("emb.word", w["embeddings.word_embeddings.weight"]),
@@ -286,10 +291,7 @@ def _embeddings_int8(g: _Graph, w: Mapping[str, Array], cfg: BertConfig) -> tupl
     scales = g.op1("Gather", [g.const("emb.word.scale", scale), INPUT_IDS], "emb.word_s")
     word = g.op1("Mul", [g.op1("Cast", [rows], "emb.word_f", to=TensorProto.FLOAT), scales],
                  "emb.word")
-    pos_table = w["embeddings.position_embeddings.weight"]
-    type_table = w.get("embeddings.token_type_embeddings.weight")
-    if type_table is not None:
-        pos_table = pos_table + type_table[0]  # segment 0 for every token, as when fused
+    pos_table = _positions_with_segment0(w)
     seq = g.op1("Unsqueeze", [g.op1("Gather", [g.op1("Shape", [INPUT_IDS], "emb.shape"),
                                               g.const("c.one_i", 1, np.int64)], "emb.seq"),
                               g.const("c.axis0", [0], np.int64)], "emb.seq1")

@@ -142,6 +142,9 @@ def release_memory() -> bool:
     Measured and rejected: a fixed 1 MiB M_MMAP_THRESHOLD (activations mmapped, so freed at
     once) lowered the int8 peak by another ~10 MiB but ran ~10% slower, the price of
     faulting fresh zero pages for every tensor of every batch.
+    With ONNX Runtime's arena on (which keeps activations itself) it still pays, mostly at
+    load: RSS after load int8 100 vs 106 MiB, fp32 151 vs 180; peak at 3 x 256 tokens 133 vs
+    136 and 181 vs 207 MiB, same speed (worker_rss.py --variants default,no-tuning).
     EMBEDPOOL_MALLOC_TUNING=0 turns this off (for comparisons). Returns whether it trimmed.
     """
     libc = _glibc()
