@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 
 from embedpool.engine import Engine
-from embedpool.graph import _calibration, int8_fp32_nodes, prepare_onnx
-from embedpool.graph.bert import BertConfig, build_bert, load_weights
+from embedpool.graph import _calibration, prepare_onnx
+from embedpool.graph.families.bert import BertConfig, build_bert, int8_fp32_nodes, load_weights
 from embedpool.graph.quantize import quantize_int8, quantize_int8_static
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.tokenization import TextTokenizer

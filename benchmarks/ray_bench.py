@@ -58,7 +58,7 @@ def ensure_graph(model: ResolvedModel, precision: Precision, tmp: Path) -> None:
         pass
     import onnx
 
-    from embedpool.graph.bert import BertConfig, build_bert, load_weights
+    from embedpool.graph.families.bert import BertConfig, build_bert, load_weights
     from embedpool.graph.quantize import quantize_int8
 
     cfg = BertConfig.from_dict(model.config)

@@ -88,7 +88,7 @@ def export_for_fastembed(model_spec: str, out_dir: Path) -> tuple[Path, Any]:
     """A plain fp32 ONNX (last_hidden_state) + tokenizer files, as a hub export would be."""
     import shutil
 
-    from embedpool.graph.bert import BertConfig, build_bert, load_weights
+    from embedpool.graph.families.bert import BertConfig, build_bert, load_weights
     from embedpool.models import resolve_model
 
     m = resolve_model(model_spec)

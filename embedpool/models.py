@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from embedpool.errors import ModelError, ModelIntegrityError, ModelNotFoundError
+from embedpool.modelspec import HeadSpec, ModelFiles, PoolingSpec, TextSpec
 from embedpool.types import Pooling
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_MAX_LENGTH = 512
-#: Architectures the safetensors->ONNX builder understands (embedpool.graph).
-BERT_FAMILY = frozenset({"bert", "BertModel"})
 
 
 @dataclass(frozen=True)
@@ -77,20 +76,36 @@ class ResolvedModel:
     name: str
     directory: Path
     tokenizer_path: Path
-    dim: int
-    pooling: Pooling
-    max_length: int
-    normalize: bool
+    dim: int  # the output vector's width
+    head: HeadSpec  # pooling -> dense -> normalize (embedpool.modelspec)
+    text: TextSpec  # max length, lower-casing, prompts
     weights_path: Path  # model.safetensors, or the ONNX file when only that exists
     weights_sha256: str
     onnx_path: Path | None  # a ready ONNX file shipped with the model, used as is
     architecture: str
     source: str  # human-readable: where the files came from
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    #: Every file the vectors are computed from, hashed (cache keys).
+    files: ModelFiles = field(default_factory=ModelFiles)
+
+    @property
+    def pooling(self) -> Pooling:
+        """The single pooling mode (the graph builder reads ``head``)."""
+        mode = self.head.pooling.modes[0]
+        if len(self.head.pooling.modes) != 1 or mode not in ("mean", "cls"):
+            raise ModelError(f"model {self.name}: pooling {self.head.pooling.modes} has no "
+                             "single-mode name")
+        return mode  # type: ignore[return-value]
+
+    @property
+    def max_length(self) -> int:
+        return self.text.max_length
+
+    @property
+    def normalize(self) -> bool:
+        return self.head.normalize
 
     def __post_init__(self) -> None:
-        if self.pooling not in ("mean", "cls"):
-            raise ModelError(f"model {self.name}: unsupported pooling {self.pooling!r}")
         if not self.tokenizer_path.is_file():
             raise ModelError(f"model {self.name}: tokenizer file {self.tokenizer_path} is missing")
 
@@ -165,10 +180,9 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
     if onnx_path is None:
         if not config:
             raise ModelError(f"{directory}: model.safetensors needs a config.json beside it")
-        if arch not in BERT_FAMILY:
-            raise ModelError(f"{directory}: model_type {arch!r} is not a BERT-family encoder; "
-                             "embedpool builds ONNX graphs for 'bert' models only. "
-                             "Export an ONNX file to onnx/model.onnx instead.")
+        from embedpool.graph.families import family_for
+
+        family_for(config, where=str(directory / "config.json"))  # refuses what it cannot build
     weights = st_path if st_path.is_file() else onnx_path
     assert weights is not None
     digest = sha256_file(weights)
@@ -183,8 +197,9 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
         dim = known.dim if known else 0
     return ResolvedModel(
         name=name or directory.name, directory=directory,
-        tokenizer_path=directory / "tokenizer.json", dim=dim, pooling=pooling,
-        max_length=max_length, normalize=normalize, weights_path=weights,
+        tokenizer_path=directory / "tokenizer.json", dim=dim,
+        head=HeadSpec(PoolingSpec((pooling,)), normalize=normalize),
+        text=TextSpec(max_length=max_length), weights_path=weights,
         weights_sha256=digest, onnx_path=onnx_path, architecture=arch or "onnx",
         source=source or f"directory {directory}", config=config)
 

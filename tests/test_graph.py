@@ -27,10 +27,11 @@ from safetensors.numpy import save_file
 from embedpool.engine import Engine
 from embedpool.errors import ModelError
 from embedpool.graph import cache_path, graph_id, int8_fp32_nodes, prepare_onnx
-from embedpool.graph.bert import BertConfig, build_bert, load_weights
+from embedpool.graph.families.bert import BertConfig, build_bert, load_weights
 from embedpool.graph.quantize import TokenBatchReader, smooth_matmul_inputs
 from embedpool.graph.store import file_lock, get_or_build
 from embedpool.models import ResolvedModel, resolve_model
+from embedpool.modelspec import PoolingSpec
 from embedpool.tokenization import TextTokenizer
 
 F32 = npt.NDArray[np.float32]
@@ -326,7 +327,7 @@ def test_int8_graph_is_static_and_keeps_the_chosen_nodes_fp32(minilm: ResolvedMo
     word = next(t for t in graph.initializer if t.name == "emb.word.q")
     assert word.data_type == onnx.TensorProto.INT8  # the 47 MB table, stored as int8
     assert not ops & {"DynamicQuantizeLinear", "MatMulInteger"}, "dynamic quantisation left"
-    keep = set(int8_fp32_nodes(BertConfig.from_dict(minilm.config)))
+    keep = set(int8_fp32_nodes(minilm))
     assert keep == {f"l{i}.ff2_MatMul" for i in range(6)}
     assert keep <= {n.name for n in graph.node if n.op_type == "MatMul"}
     # Q, K, V, O, FF1 of every layer are quantised.
@@ -379,7 +380,7 @@ def test_second_call_reuses_the_file(minilm: ResolvedModel, cache: Path, built: 
     def no_build(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("rebuilt a cached graph")
 
-    monkeypatch.setattr("embedpool.graph.build_bert", no_build)
+    monkeypatch.setattr("embedpool.graph.families.bert.build", no_build)
     monkeypatch.setattr("embedpool.graph.quantize_int8", no_build)
     monkeypatch.setattr("embedpool.graph.quantize_int8_static", no_build)
     for p in ("fp32", "int8"):
@@ -393,8 +394,8 @@ def test_second_call_reuses_the_file(minilm: ResolvedModel, cache: Path, built: 
     [
         ({"config": "layer_norm_eps=1e-6"}, False),
         ({"config": "reordered"}, True),
-        ({"pooling": "cls"}, False),
-        ({"max_length": 128}, False),
+        ({"head": "cls"}, False),
+        ({"text": "max_length=128"}, False),
         ({"weights_sha256": "0" * 64}, False),
         ({"name": "renamed"}, False),  # the name is in the file name, not the key
     ],
@@ -406,6 +407,10 @@ def test_cache_key(minilm: ResolvedModel, tmp_path: Path, change: dict[str, Any]
         edit["config"] = {**minilm.config, "layer_norm_eps": 1e-6}
     elif edit.get("config") == "reordered":
         edit["config"] = dict(reversed(list(minilm.config.items())))
+    if edit.get("head") == "cls":
+        edit["head"] = dataclasses.replace(minilm.head, pooling=PoolingSpec(("cls",)))
+    if edit.get("text") == "max_length=128":
+        edit["text"] = dataclasses.replace(minilm.text, max_length=128)
     other = dataclasses.replace(minilm, **edit)
     for precision in ("fp32", "int8"):
         a = cache_path(minilm, precision, tmp_path)  # type: ignore[arg-type]
@@ -437,7 +442,7 @@ def test_int8_cache_key_follows_the_recipe(minilm: ResolvedModel, tmp_path: Path
 
 def test_non_bert_model_is_a_model_error(minilm: ResolvedModel, tmp_path: Path) -> None:
     other = dataclasses.replace(minilm, config={**minilm.config, "model_type": "t5"})
-    with pytest.raises(ModelError, match="not a BERT-family encoder"):
+    with pytest.raises(ModelError, match="model_type 't5' is not an encoder embedpool builds"):
         prepare_onnx(other, "fp32", tmp_path)
     assert not list(tmp_path.iterdir())
 
@@ -489,14 +494,15 @@ _CHILD = """
 import sys
 from pathlib import Path
 import embedpool.graph as g
+import embedpool.graph.families.bert as bert
 from embedpool.models import resolve_model
 
-real = g.build_bert
+real = bert.build
 def counting(*args, **kwargs):
     with open(sys.argv[2], "a") as log:
         log.write("build\\n")
     return real(*args, **kwargs)
-g.build_bert = counting
+bert.build = counting
 print(g.prepare_onnx(resolve_model(), "fp32", Path(sys.argv[1])))
 """
 

@@ -1,12 +1,17 @@
 """ONNX graphs for resolved models: used as shipped, or built from safetensors, then
 quantised, and cached on disk.
 
+The package: ``builder`` (GraphBuilder, the one API graphs are written with), ``families/``
+(one module per encoder architecture, picked by ``families.family_for``), ``head`` (pooling,
+dense, normalise), ``weights`` (safetensors in, float32 out), ``quantize`` (precision
+recipes), ``store`` (the atomic, locked on-disk cache).
+
     ResolvedModel --prepare_onnx(model, precision)--> Path of a ready .onnx file
 
     shipped onnx/model.onnx ── fp32 ──> the shipped file, as is
                              └─ int8 ──> quantize.quantize_int8(shipped), dynamic ──> cache
-    model.safetensors ─┬─ fp32: bert.build_bert(fused=True, pool=True) ──> cache
-                       └─ int8: bert.build_bert(fused=True, int8_ready=True, pool=True)
+    model.safetensors ─┬─ fp32: family.build(fused=True, pool=True) ──> cache
+                       └─ int8: family.build(fused=True, int8_ready=True, pool=True)
                                   └─ quantize.smooth_matmul_inputs(int8_smoothed_nodes)
                                   └─ quantize.quantize_int8_static(keep int8_fp32_nodes,
                                        calibrated on stdlib chunks) ──> cache
@@ -42,11 +47,12 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from embedpool.config import cache_root
 from embedpool.errors import ConfigError, ModelError
-from embedpool.graph.bert import BUILDER_VERSION, BertConfig, build_bert, load_weights
+from embedpool.graph.families import family_for
 from embedpool.graph.store import cache_key, get_or_build
 from embedpool.models import ResolvedModel
 from embedpool.types import Precision
@@ -78,32 +84,16 @@ INT8_CALIBRATION_CHUNKS = 64
 INT8_CALIBRATION_BATCH = 16
 
 
-def int8_fp32_nodes(cfg: BertConfig) -> list[str]:
-    """Nodes of a built BERT graph that the int8 recipe keeps in fp32: the FFN
-    down-projection (``ff2``) of every layer.
-
-    ff2 reads GELU output, whose rare large activations set the activation range and crush
-    every other value into a few int8 steps; with static (calibrated) scales this hurts in
-    every layer, not just the first ones. Measured on MiniLM against sentence-transformers
-    (held-out eval): static with all ff2 in fp32 0.99426 mean / 0.98876 min cosine, equal to
-    the dynamic recipe with ff2 of layers 0-1 in fp32 (see quantize.py).
-    """
-    return [f"l{i}.ff2_MatMul" for i in range(cfg.num_layers)]
+def int8_fp32_nodes(model: ResolvedModel) -> list[str]:
+    """Nodes of the model's built graph that the int8 recipe keeps in fp32 (its family says)."""
+    fam, cfg = _family(model)
+    return list(fam.int8_fp32_nodes(cfg))
 
 
-def int8_smoothed_nodes(cfg: BertConfig) -> list[str]:
-    """MatMuls whose input the int8 recipe smooths (quantize.smooth_matmul_inputs): the FFN
-    up-projection (``ff1``) of every layer.
-
-    Its input is a LayerNorm output with a few outlier channels, and with one per-tensor
-    scale those crush the rest: short texts, averaged over few tokens, showed it most. Against
-    fp32, on 11 texts of 1-3 tokens (benchmarks/graph_variants.py has the long-text side):
-    without smoothing min 0.963 / mean 0.984 cos; ff1 smoothed 0.981 / 0.991; ff1 and Q/K/V
-    smoothed (alpha 0.75) 0.982 / 0.991 but slower (one more Mul per layer); ff1 in fp32
-    0.988 / 0.994 but a third of the int8 speed-up gone. On 300 stdlib chunks ff1 smoothing
-    took the min from 0.985 to 0.994 (mean 0.9956 -> 0.9967).
-    """
-    return [f"l{i}.ff1_MatMul" for i in range(cfg.num_layers)]
+def int8_smoothed_nodes(model: ResolvedModel) -> list[str]:
+    """MatMuls whose input the int8 recipe smooths (its family says)."""
+    fam, cfg = _family(model)
+    return list(fam.int8_smoothed_nodes(cfg))
 
 
 def prepare_onnx(model: ResolvedModel, precision: Precision, cache_dir: Path | None = None
@@ -119,28 +109,29 @@ def prepare_onnx(model: ResolvedModel, precision: Precision, cache_dir: Path | N
                             lambda tmp: quantize_int8(shipped, tmp,
                                                       reduce_range=INT8_REDUCE_RANGE))
 
-    cfg = _bert_config(model)
+    fam, cfg = _family(model)
 
     def build_fp32(tmp: Path) -> None:
         import onnx
 
-        weights = load_weights(model.weights_path, cfg)
+        weights = fam.load_weights(model.weights_path, cfg)
         # normalize=True whatever the model says: the engine's contract is L2-normalised
         # vectors, and normalising in the graph saves it a pass.
-        graph = build_bert(weights, cfg, pooling=model.pooling, fused=True, pool=True,
-                           normalize=True, name=model.name)
+        graph = fam.build(weights, cfg, pooling=model.pooling, fused=True, pool=True,
+                          normalize=True, name=model.name)
         onnx.save(graph, tmp)
 
     def build_int8(tmp: Path) -> None:
         from embedpool.graph.quantize import smooth_matmul_inputs
 
-        weights = load_weights(model.weights_path, cfg)
-        graph = build_bert(weights, cfg, pooling=model.pooling, fused=True, int8_ready=True,
-                           pool=True, normalize=True, name=model.name)
+        weights = fam.load_weights(model.weights_path, cfg)
+        graph = fam.build(weights, cfg, pooling=model.pooling, fused=True, int8_ready=True,
+                          pool=True, normalize=True, name=model.name)
         calibration = _calibration(model, [i.name for i in graph.graph.input])
-        graph = smooth_matmul_inputs(graph, int8_smoothed_nodes(cfg), calibration,
+        graph = smooth_matmul_inputs(graph, fam.int8_smoothed_nodes(cfg), calibration,
                                      alpha=INT8_SMOOTH_ALPHA)
-        quantize_int8_static(graph, tmp, exclude=int8_fp32_nodes(cfg), calibration=calibration)
+        quantize_int8_static(graph, tmp, exclude=fam.int8_fp32_nodes(cfg),
+                             calibration=calibration)
 
     if precision == "fp32":
         return get_or_build(cache_path(model, "fp32", cache_dir), build_fp32)
@@ -159,8 +150,9 @@ def cache_path(model: ResolvedModel, precision: Precision, cache_dir: Path | Non
         parts["source"] = "shipped"
         keep: list[str] = []
     else:
-        parts["builder"] = BUILDER_VERSION
-        keep = int8_fp32_nodes(_bert_config(model))
+        fam, _ = _family(model)
+        parts["builder"] = f"{fam.NAME}:{fam.BUILDER_VERSION}"
+        keep = int8_fp32_nodes(model)
     if precision == "int8":
         parts.update(_int8_parts(keep, static=model.onnx_path is None))
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name).strip("._") or "model"
@@ -174,8 +166,11 @@ def graph_id(model: ResolvedModel, precision: Precision) -> str:
     return cache_path(model, precision).stem
 
 
-def _bert_config(model: ResolvedModel) -> BertConfig:
-    return BertConfig.from_dict(model.config, where=str(model.directory / "config.json"))
+def _family(model: ResolvedModel) -> tuple[ModuleType, Any]:
+    """The model's encoder family module and its parsed config."""
+    where = str(model.directory / "config.json")
+    fam = family_for(model.config, where)
+    return fam, fam.parse_config(model.config, where)
 
 
 def _int8_parts(keep: list[str], *, static: bool) -> dict[str, object]:

@@ -1,0 +1,43 @@
+"""Encoder families: one module per architecture, each turning a checkpoint into the encoder
+part of an ONNX graph with ``GraphBuilder`` (the head and the precision recipes are shared).
+
+A family module provides:
+
+    MODEL_TYPES       config.json ``model_type`` values it builds
+    BUILDER_VERSION   bumped whenever its emitted graph changes (part of every cache key)
+    parse_config(config, where) -> its frozen config dataclass; a ModelError names any field
+                      it cannot honour (an unknown position type, activation, ...)
+    load_weights(path, cfg) -> float32 tensors, checked against cfg
+    build(weights, cfg, *, pooling, fused, pool, normalize, int8_ready, name) -> ModelProto
+    int8_fp32_nodes(cfg), int8_smoothed_nodes(cfg)  what the int8 recipe keeps / smooths
+
+``family_for`` picks the module by ``model_type`` and refuses anything else with a message
+that names what it found, what embedpool builds, and the route through a shipped
+``onnx/model.onnx``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from embedpool.errors import ModelError
+from embedpool.graph.families import bert
+
+#: Every family, in the order ``embedpool models`` lists them.
+FAMILIES: tuple[ModuleType, ...] = (bert,)
+
+
+def family_for(config: Mapping[str, Any], where: str = "config.json") -> ModuleType:
+    """The family module that builds this ``config.json``, or a ModelError that teaches."""
+    model_type = str(config.get("model_type", ""))
+    for fam in FAMILIES:
+        if model_type in fam.MODEL_TYPES:
+            return fam
+    built = ", ".join(sorted(t for fam in FAMILIES for t in fam.MODEL_TYPES if t.islower()))
+    raise ModelError(
+        f"{where}: model_type {model_type!r} is not an encoder embedpool builds from "
+        f"safetensors (it builds: {built}). Export the model to ONNX (e.g. with optimum: "
+        "`optimum-cli export onnx --model DIR DIR/onnx`) so that DIR/onnx/model.onnx exists, "
+        "and pass that directory: embedpool runs a shipped ONNX file as is.")
