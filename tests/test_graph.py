@@ -380,7 +380,7 @@ def test_second_call_reuses_the_file(minilm: ResolvedModel, cache: Path, built: 
     def no_build(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("rebuilt a cached graph")
 
-    monkeypatch.setattr("embedpool.graph.families.bert.build", no_build)
+    monkeypatch.setattr("embedpool.graph.families.bert.build_encoder", no_build)
     monkeypatch.setattr("embedpool.graph.quantize_int8", no_build)
     monkeypatch.setattr("embedpool.graph.quantize_int8_static", no_build)
     for p in ("fp32", "int8"):
@@ -497,12 +497,12 @@ import embedpool.graph as g
 import embedpool.graph.families.bert as bert
 from embedpool.models import resolve_model
 
-real = bert.build
+real = bert.build_encoder
 def counting(*args, **kwargs):
     with open(sys.argv[2], "a") as log:
         log.write("build\\n")
     return real(*args, **kwargs)
-bert.build = counting
+bert.build_encoder = counting
 print(g.prepare_onnx(resolve_model(), "fp32", Path(sys.argv[1])))
 """
 

@@ -44,6 +44,7 @@ concurrent first calls from several processes build once and never expose a part
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -52,9 +53,11 @@ from typing import Any
 
 from embedpool.config import cache_root
 from embedpool.errors import ConfigError, ModelError
+from embedpool.graph.compose import compose
 from embedpool.graph.families import family_for
 from embedpool.graph.store import cache_key, get_or_build
 from embedpool.models import ResolvedModel
+from embedpool.modelspec import HeadSpec
 from embedpool.types import Precision
 
 # onnx (and quantize, which imports it) are imported where a graph is built: a pool worker
@@ -115,18 +118,15 @@ def prepare_onnx(model: ResolvedModel, precision: Precision, cache_dir: Path | N
         import onnx
 
         weights = fam.load_weights(model.weights_path, cfg)
-        # normalize=True whatever the model says: the engine's contract is L2-normalised
-        # vectors, and normalising in the graph saves it a pass.
-        graph = fam.build(weights, cfg, pooling=model.pooling, fused=True, pool=True,
-                          normalize=True, name=model.name)
+        graph = compose(fam, weights, cfg, _head(model), fused=True, name=model.name)
         onnx.save(graph, tmp)
 
     def build_int8(tmp: Path) -> None:
         from embedpool.graph.quantize import smooth_matmul_inputs
 
         weights = fam.load_weights(model.weights_path, cfg)
-        graph = fam.build(weights, cfg, pooling=model.pooling, fused=True, int8_ready=True,
-                          pool=True, normalize=True, name=model.name)
+        graph = compose(fam, weights, cfg, _head(model), fused=True, int8_ready=True,
+                        name=model.name)
         calibration = _calibration(model, [i.name for i in graph.graph.input])
         graph = smooth_matmul_inputs(graph, fam.int8_smoothed_nodes(cfg), calibration,
                                      alpha=INT8_SMOOTH_ALPHA)
@@ -164,6 +164,12 @@ def graph_id(model: ResolvedModel, precision: Precision) -> str:
     anything): it changes whenever the graph's bytes would, e.g. a new int8 recipe. Part of
     the vector cache's fingerprint."""
     return cache_path(model, precision).stem
+
+
+def _head(model: ResolvedModel) -> HeadSpec:
+    """normalize=True whatever the model says: the engine's contract is L2-normalised
+    vectors, and normalising in the graph saves it a pass."""
+    return dataclasses.replace(model.head, normalize=True)
 
 
 def _family(model: ResolvedModel) -> tuple[ModuleType, Any]:

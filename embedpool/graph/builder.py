@@ -49,6 +49,16 @@ class Linear:
     layer: int
 
 
+@dataclass(frozen=True)
+class Encoder:
+    """What a family's ``build_encoder`` returns: the token-state tensor's name and width,
+    and graph inputs it reads beyond ``input_ids`` and ``attention_mask``."""
+
+    hidden: str  # [batch, seq, width] float
+    width: int
+    extra_inputs: tuple[str, ...] = ()
+
+
 class GraphBuilder:
     """Accumulates nodes and initialisers with unique names."""
 

@@ -9,8 +9,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from embedpool.errors import ModelError
 from embedpool.graph.builder import ATTENTION_MASK, GraphBuilder
+from embedpool.modelspec import HeadSpec
 from embedpool.types import Pooling
+
+
+def apply_head(g: GraphBuilder, hidden: str, width: int, head: HeadSpec, out: str) -> int:
+    """The head's nodes from token states ``hidden`` [batch, seq, width] to the graph output
+    ``out``; returns the output's width."""
+    modes = head.pooling.modes
+    if len(modes) != 1 or modes[0] not in ("mean", "cls") or head.dense \
+            or not head.pooling.include_prompt:
+        raise ModelError(f"the graph head supports one mean or cls pooling and no Dense "
+                         f"layers, got {head}")
+    pool_and_normalize(g, hidden, modes[0], head.normalize, out)  # type: ignore[arg-type]
+    return head.out_dim(width)
 
 
 def pool_and_normalize(g: GraphBuilder, hidden: str, pooling: Pooling, normalize: bool,

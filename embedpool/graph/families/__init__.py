@@ -8,7 +8,8 @@ A family module provides:
     parse_config(config, where) -> its frozen config dataclass; a ModelError names any field
                       it cannot honour (an unknown position type, activation, ...)
     load_weights(path, cfg) -> float32 tensors, checked against cfg
-    build(weights, cfg, *, pooling, fused, pool, normalize, int8_ready, name) -> ModelProto
+    build_encoder(g, weights, cfg, *, fused, int8_ready) -> builder.Encoder: the encoder's
+                      nodes in a GraphBuilder (compose.compose adds inputs, head, outputs)
     int8_fp32_nodes(cfg), int8_smoothed_nodes(cfg)  what the int8 recipe keeps / smooths
 
 ``family_for`` picks the module by ``model_type`` and refuses anything else with a message

@@ -43,6 +43,7 @@ and lets ORT do the reduction in its threads. With ``pool=False`` it outputs
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -53,16 +54,14 @@ from embedpool.errors import ModelError
 from embedpool.graph.builder import (
     ATTENTION_MASK,
     INPUT_IDS,
-    LAST_HIDDEN_STATE,
     MS_DOMAIN,
-    SENTENCE_EMBEDDING,
     TOKEN_TYPE_IDS,
     Array,
+    Encoder,
     GraphBuilder,
     LinearRole,
     linear_t,
 )
-from embedpool.graph.head import pool_and_normalize
 from embedpool.types import Pooling
 
 if TYPE_CHECKING:
@@ -156,19 +155,14 @@ def _required_keys(cfg: BertConfig) -> list[str]:
     return keys
 
 
-def build_bert(weights: Mapping[str, Array], cfg: BertConfig, *, pooling: Pooling,
-               fused: bool = True, pool: bool = True, normalize: bool = True,
-               int8_ready: bool = False, name: str = "bert") -> onnx.ModelProto:
-    """The ONNX model for these weights (see the module docstring for the flavours).
-    ``int8_ready`` (fused only) is the graph the int8 recipe quantises: Q/K/V as plain
-    MatMuls into MultiHeadAttention, and an int8 word-embedding table."""
-    from onnx import TensorProto, helper
-
+def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: BertConfig, *,
+                  fused: bool = True, int8_ready: bool = False) -> Encoder:
+    """The encoder's nodes in ``g``: token states ``[batch, seq, hidden]`` from the
+    ``input_ids`` / ``attention_mask`` graph inputs (see the module docstring for the
+    flavours). ``int8_ready`` (fused only) is the graph the int8 recipe quantises: Q/K/V as
+    plain MatMuls into MultiHeadAttention, and an int8 word-embedding table."""
     if int8_ready and not fused:
         raise ValueError("int8_ready applies to the fused graph only")
-    g = GraphBuilder()
-    inputs = [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "seq"]),
-              helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "seq"])]
     if fused:
         if int8_ready:
             hidden, mask_index = _embeddings_int8(g, weights, cfg)
@@ -176,24 +170,24 @@ def build_bert(weights: Mapping[str, Array], cfg: BertConfig, *, pooling: Poolin
             hidden, mask_index = _embeddings_fused(g, weights, cfg)
         for i in range(cfg.num_layers):
             hidden = _layer_fused(g, weights, cfg, i, hidden, mask_index, split_qkv=int8_ready)
-    else:
-        inputs.append(helper.make_tensor_value_info(TOKEN_TYPE_IDS, TensorProto.INT64,
-                                                    ["batch", "seq"]))
-        hidden = _embeddings_plain(g, weights, cfg)
-        mask_bias = _mask_bias_plain(g)
-        for i in range(cfg.num_layers):
-            hidden = _layer_plain(g, weights, cfg, i, hidden, mask_bias)
-    if pool:
-        out_name = SENTENCE_EMBEDDING
-        out_shape: list[str | int] = ["batch", cfg.hidden_size]
-        pool_and_normalize(g, hidden, pooling, normalize, out_name)
-    else:
-        out_name = LAST_HIDDEN_STATE
-        out_shape = ["batch", "seq", cfg.hidden_size]
-        g.op("Identity", [hidden], out_name)
-    outputs = [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)]
-    return g.finish(name, inputs, outputs, producer_version=str(BUILDER_VERSION),
-                    declare_float_outputs=int8_ready)
+        return Encoder(hidden, cfg.hidden_size)
+    hidden = _embeddings_plain(g, weights, cfg)
+    mask_bias = _mask_bias_plain(g)
+    for i in range(cfg.num_layers):
+        hidden = _layer_plain(g, weights, cfg, i, hidden, mask_bias)
+    return Encoder(hidden, cfg.hidden_size, extra_inputs=(TOKEN_TYPE_IDS,))
+
+
+def build_bert(weights: Mapping[str, Array], cfg: BertConfig, *, pooling: Pooling,
+               fused: bool = True, pool: bool = True, normalize: bool = True,
+               int8_ready: bool = False, name: str = "bert") -> onnx.ModelProto:
+    """The whole model (encoder + single-mode pooling head), for tests and benchmarks."""
+    from embedpool.graph.compose import compose
+    from embedpool.modelspec import HeadSpec, PoolingSpec
+
+    head = HeadSpec(PoolingSpec((pooling,)), normalize=normalize) if pool else None
+    return compose(sys.modules[__name__], weights, cfg, head, fused=fused,
+                   int8_ready=int8_ready, name=name)
 
 
 # --- fused (com.microsoft) -------------------------------------------------------------------
@@ -378,7 +372,6 @@ def _gelu_plain(g: GraphBuilder, x: str, act: str, n: str) -> str:
 
 NAME = "bert"
 parse_config = BertConfig.from_dict
-build = build_bert
 
 
 def int8_fp32_nodes(cfg: BertConfig) -> list[str]:
