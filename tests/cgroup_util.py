@@ -19,7 +19,8 @@ page, and nothing it spawns (spawn/forkserver workers) can escape the limit befo
 v2 caveat: a cgroup with processes cannot give the memory controller to children (the
 "no internal processes" rule), so unless ``memory`` is already in our cgroup's
 ``cgroup.subtree_control`` (a delegated cgroup, e.g. ``systemd-run --user --scope -p
-Delegate=yes pytest``), ``unavailable_reason()`` says so and the tests skip.
+Delegate=yes pytest``), ``unavailable_reason()`` says so; the ``cgroup``-marked tests then
+skip locally and fail under CI=true (tests/ci_rules.py).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ _counter = itertools.count()
 
 
 class CgroupUnavailable(RuntimeError):
-    """No writable memory cgroup here; the message says why (tests skip with it)."""
+    """No writable memory cgroup here; the message says why (ci_rules reports it)."""
 
 
 def _mount_points() -> list[tuple[str, str, str, str]]:

@@ -305,16 +305,13 @@ def test_model_files_travel_through_the_object_store(ray_cluster: ModuleType,
     assert (cache / "model.onnx").read_bytes() == FILES["model.onnx"]
 
 
-def _real_spec_or_skip() -> Any:
+def _real_spec() -> Any:
     from embedpool.engine import EngineSpec
     from embedpool.graph import prepare_onnx
     from embedpool.models import resolve_model
 
     model = resolve_model()
-    try:
-        prepare_onnx(model, "int8")
-    except NotImplementedError:
-        pytest.skip("embedpool.graph.prepare_onnx is not implemented yet")
+    prepare_onnx(model, "int8")
     return EngineSpec(model, "int8", 1)
 
 
@@ -324,7 +321,7 @@ def test_real_model_output_equals_local(ray_cluster: ModuleType) -> None:
     from embedpool.batching import plan_batches
     from embedpool.tokenization import TextTokenizer
 
-    spec = _real_spec_or_skip()
+    spec = _real_spec()
     texts = [f"def f{i}(x):\n    return x * {i} + {'y' * (i % 40)}" for i in range(96)]
     seqs = TextTokenizer(spec.model.tokenizer_path, spec.model.max_length).encode(texts).sequences
     batches = [WorkBatch(n, tuple(seqs[i] for i in b.indices), tuple(str(i) for i in b.indices))

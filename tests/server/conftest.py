@@ -10,13 +10,13 @@ import pytest
 from server_support import LiveServer, fake_executor
 
 from embedpool.microbatch import SubmitExecutor
-from embedpool.models import ResolvedModel, resolve_model
+from embedpool.models import ResolvedModel
 from embedpool.tokenization import TextTokenizer
 
 
 @pytest.fixture(scope="session")
-def model() -> ResolvedModel:
-    return resolve_model()
+def model(real_model: ResolvedModel) -> ResolvedModel:
+    return real_model
 
 
 @pytest.fixture(scope="session")

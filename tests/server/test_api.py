@@ -216,10 +216,7 @@ def test_real_model_openai_client_matches_cli(serve: Callable[..., LiveServer],
     from embedpool.engine import EngineSpec
     from embedpool.server import default_executor_factory
 
-    try:
-        EngineSpec(model, "int8", threads=1).build()
-    except NotImplementedError:
-        pytest.skip("embedpool.graph.prepare_onnx is not implemented yet")
+    EngineSpec(model, "int8", threads=1).build()
     from embedpool.job import embed
 
     live = serve(default_executor_factory(model, "int8"))
