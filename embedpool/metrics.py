@@ -157,6 +157,9 @@ class ServerMetrics:
                                   registry=r)
         self.cache_misses = Counter("embedpool_cache_misses", "Inputs not in the vector cache",
                                     registry=r)
+        self.ready_probes = Counter("embedpool_ready_probes",
+                                    "Probe embeddings run for /ready (concurrent calls share one)",
+                                    registry=r)
         r.register(_ReadingsCollector(batcher_stats, pool_stats))
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:

@@ -177,7 +177,12 @@ def test_bearer_auth(serve: Callable[..., LiveServer], header: str | None, statu
     if status == 401:
         assert r.json()["error"]["code"] == "invalid_api_key"
         assert r.headers["WWW-Authenticate"] == "Bearer"
-    assert httpx.get(f"{live.url}/health", timeout=10).status_code == 200  # probes need no key
+    # Probes need no key (orchestrators send none); /metrics and the API do.
+    assert httpx.get(f"{live.url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{live.url}/ready", timeout=30).status_code == 200
+    assert httpx.get(f"{live.url}/metrics", headers=headers, timeout=10).status_code == (
+        401 if status == 401 else 200)
+    assert httpx.get(f"{live.url}/v1/models", headers=headers, timeout=10).status_code == status
 
 
 def test_openai_client_with_api_key(serve: Callable[..., LiveServer]) -> None:
@@ -213,11 +218,8 @@ def test_import_embedpool_does_not_load_web_stack() -> None:
 def test_real_model_openai_client_matches_cli(serve: Callable[..., LiveServer],
                                               model: ResolvedModel) -> None:
     """float and base64 from the real model equal the library/CLI's vectors for the same texts."""
-    from embedpool.engine import EngineSpec
-    from embedpool.server import default_executor_factory
-
-    EngineSpec(model, "int8", threads=1).build()
     from embedpool.job import embed
+    from embedpool.server import default_executor_factory
 
     live = serve(default_executor_factory(model, "int8"))
     client = live.openai()

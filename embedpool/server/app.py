@@ -1,0 +1,331 @@
+"""The FastAPI app: routes, auth, the lifespan that starts and stops the pool, and uvicorn.
+
+Each route is a small function of an :class:`_App` (the app's state: settings, runtime,
+metrics, the embedding service); :func:`create_app` only wires them to paths.
+
+Auth (when a key is set, by ``--api-key`` or ``EMBEDPOOL_API_KEY``): ``Authorization: Bearer
+<key>``, compared in constant time, on the API (``/v1/embeddings``, ``/v1/models``, their
+unprefixed aliases) and on ``/metrics`` (it tells traffic volumes and model names; Prometheus
+sends the key with ``authorization: {credentials: ...}`` in its scrape config). ``/health`` and
+``/ready`` stay open: orchestrators' probes carry no key, ``/health`` reads only in-process
+state, and ``/ready``'s one real embedding is shared and rate limited (readiness.py), so an
+open /ready cannot be used to get around the queue. ``/openapi.json`` and ``/docs`` are open.
+
+Lifecycle: the lifespan builds the executor (the worker pool) and the micro-batcher and stops
+both. :func:`run_server` runs uvicorn, whose SIGTERM handling stops accepting connections and
+waits for requests in flight before the lifespan closes the pool.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embedpool.engine import EngineSpec, usable_cores
+from embedpool.metrics import CONTENT_TYPE, ServerMetrics
+from embedpool.microbatch import InProcessExecutor, MicroBatcher, SubmitExecutor
+from embedpool.models import ResolvedModel, find_known, resolve_model
+from embedpool.server.openai import (
+    ERROR_RESPONSES,
+    ApiError,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+    ServedModel,
+    bad_request,
+    embedding_request_schema,
+    error_response,
+    model_card,
+    parse_embedding_request,
+    parse_json,
+    render_embeddings,
+    truncation_headers,
+)
+from embedpool.server.readiness import STARTING, Readiness, SharedProbe, probe_once
+from embedpool.server.service import EmbeddingService, Runtime, VectorCacheHook
+from embedpool.server.settings import ServerSettings
+from embedpool.tokenization import TextTokenizer
+from embedpool.types import Precision
+
+#: Responses with more floats than this are serialised on a thread (json.dumps of 2,048 x 384
+#: floats takes ~0.5 s, which would stall every other connection).
+INLINE_RENDER_VALUES = 64 * 384
+#: Routes counted by name in the request metrics; anything else counts as "other".
+ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/health",
+                    "/ready", "/metrics"})
+
+_bearer = HTTPBearer(auto_error=False, description="The key given by --api-key or "
+                                                   "EMBEDPOOL_API_KEY.")
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+class _MetricsMiddleware:
+    """Counts every HTTP response by route and status, with its latency (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        path = str(scope.get("path", ""))
+        route = (path if path in ROUTES else
+                 "/v1/models/{model}" if "/models/" in path else "other")
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.observe_request(route, status, time.perf_counter() - start)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing with 413 by Content-Length first and by the bytes actually sent."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise bad_request(f"Content-Length {declared[:40]!r} is not a number", None,
+                              "invalid_header") from None
+        if size > limit:
+            raise ApiError(413, f"request body is {size} bytes; the limit is {limit}: "
+                           "send fewer inputs per request", code="request_too_large")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes: "
+                           "send fewer inputs per request", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def default_executor_factory(model: ResolvedModel,
+                             precision: Precision) -> Callable[[], SubmitExecutor]:
+    """The engine in-process on one thread (``embedpool serve`` passes the worker pool)."""
+    spec = EngineSpec(model, precision, threads=usable_cores())
+    return lambda: InProcessExecutor(spec.build)
+
+
+def served_model(settings: ServerSettings, model: ResolvedModel) -> ServedModel:
+    """The names clients may use: the resolved name, the one asked for, the known model's
+    name and hub id, then ``--served-model-name`` aliases."""
+    names: list[str] = [model.name, settings.model]
+    known = find_known(model.name)
+    if known is not None:
+        names += [known.name, known.hub_id]
+    names += list(settings.served_model_names)
+    unique = tuple(dict.fromkeys(n for n in names if n))
+    return ServedModel(unique, model.dim, model.max_length)
+
+
+class _App:
+    """One app's state and its route handlers."""
+
+    def __init__(self, settings: ServerSettings, factory: Callable[[], SubmitExecutor],
+                 model: ResolvedModel, cache: VectorCacheHook | None) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.served = served_model(settings, model)
+        self.api_key = settings.resolved_api_key()
+        self.runtime = rt = Runtime()
+        self.metrics = ServerMetrics(lambda: rt.batcher.stats() if rt.batcher else None,
+                                     lambda: rt.executor.stats() if rt.executor else None)
+        tokenizer = TextTokenizer(model.tokenizer_path, model.max_length)
+        self.service = EmbeddingService(settings, tokenizer, self.served, rt, self.metrics,
+                                        cache)
+        self.probe = SharedProbe(self._probe, settings.ready_reuse_s)
+        self.probe_input = tokenizer.encode(["ready"])
+
+    # ------------------------------------------------------------ lifespan
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        s, rt = self.settings, self.runtime
+        rt.executor = await run_in_threadpool(self.factory)
+        rt.batcher = MicroBatcher(
+            rt.executor, batch_tokens=s.batch_tokens, max_batch_items=s.max_batch_items,
+            max_wait_s=s.max_wait_ms / 1000, max_queue_tokens=s.max_queue_tokens,
+            max_inflight=s.max_inflight_batches,
+            on_batch=lambda b: self.metrics.batch_tokens.observe(b.padded_tokens))
+
+    async def stop(self) -> None:
+        # uvicorn has already waited for the requests in flight (graceful shutdown).
+        rt = self.runtime
+        batcher, executor = rt.batcher, rt.executor
+        rt.batcher = None
+        if batcher is not None:
+            await run_in_threadpool(batcher.wait_idle, self.settings.graceful_timeout_s)
+            batcher.close()
+        if executor is not None:
+            await run_in_threadpool(executor.close)
+        rt.executor = None
+
+    # ------------------------------------------------------------ auth
+    def require_key(self, credentials: HTTPAuthorizationCredentials | None) -> None:
+        """401 unless the bearer token equals the key (constant time); no-op without a key."""
+        if self.api_key is None:
+            return
+        token = credentials.credentials.strip() if credentials is not None else ""
+        if credentials is None or not hmac.compare_digest(
+                token.encode("utf-8", "surrogateescape"), self.api_key.encode()):
+            raise ApiError(401, "Missing or incorrect API key: send 'Authorization: Bearer "
+                           "<key>' (the key given by --api-key or EMBEDPOOL_API_KEY).",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    # ------------------------------------------------------------ routes
+    async def embeddings(self, request: Request) -> Response:
+        s = self.settings
+        body = parse_json(await read_body(request, s.max_request_bytes))
+        call = parse_embedding_request(body, self.served, s.max_items_per_request)
+        done = await self.service.embed(call.texts)
+        args = (done.vectors, call.encoding_format, call.model, done.tokens, done.truncated)
+        content = (render_embeddings(*args) if done.vectors.size <= INLINE_RENDER_VALUES
+                   else await run_in_threadpool(render_embeddings, *args))
+        return Response(content, media_type="application/json",
+                        headers=truncation_headers(done.truncated))
+
+    async def list_models(self) -> Response:
+        started = self.runtime.started
+        return JSONResponse({"object": "list",
+                             "data": [model_card(n, started) for n in self.served.names]})
+
+    async def get_model(self, model_id: str) -> Response:
+        if self.served.lookup(model_id) is None:
+            raise self.served.not_found(model_id)
+        return JSONResponse(model_card(model_id, self.runtime.started))
+
+    async def health(self) -> Response:
+        """Liveness: 200 unless the pool is broken, the batcher died or the pool is hung."""
+        batcher = self.runtime.batcher
+        if batcher is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        problem = batcher.health()
+        if problem is not None:
+            return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self) -> Response:
+        """Readiness: one real tiny embedding through the pool, shared by concurrent callers."""
+        answer = STARTING if self.runtime.batcher is None else await self.probe.check()
+        return JSONResponse(answer.body, status_code=answer.status)
+
+    async def _probe(self) -> Readiness:
+        batcher = self.runtime.batcher
+        if batcher is None:
+            return STARTING
+        self.metrics.ready_probes.inc()
+        return await probe_once(batcher, self.probe_input, self.served.dim,
+                                self.settings.ready_timeout_s)
+
+    async def prometheus(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def _on_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def _on_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                          code=code, headers=getattr(exc, "headers", None))
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+    return error_response(400, f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}",
+                          param=".".join(loc) or None, code="invalid_value")
+
+
+def create_app(settings: ServerSettings,
+               executor_factory: Callable[[], SubmitExecutor] | None = None, *,
+               model: ResolvedModel | None = None,
+               cache: VectorCacheHook | None = None) -> FastAPI:
+    """Build the app. The executor is created by the lifespan (on startup), not here."""
+    resolved = model if model is not None else resolve_model(settings.model)
+    factory = executor_factory or default_executor_factory(resolved, settings.precision)
+    a = _App(settings, factory, resolved, cache)
+    app = FastAPI(title="embedpool", version="0.1.0", lifespan=a.lifespan,
+                  description="OpenAI-compatible embeddings on a local worker pool.")
+    app.add_middleware(_MetricsMiddleware, metrics=a.metrics)
+    app.add_exception_handler(ApiError, _on_api_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+
+    async def keyed(credentials: _Credentials) -> None:
+        a.require_key(credentials)
+
+    # Only a server with a key documents (and enforces) it in the schema.
+    auth: list[Any] = [Depends(keyed)] if a.api_key is not None else []
+    body_doc = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": embedding_request_schema(a.served, settings.max_items_per_request)}}}}
+    for prefix in ("/v1", ""):
+        listed = prefix == "/v1"  # the unprefixed aliases work but stay out of the schema
+        app.add_api_route(f"{prefix}/embeddings", a.embeddings, methods=["POST"],
+                          dependencies=auth, response_model=EmbeddingResponse,
+                          responses=ERROR_RESPONSES, openapi_extra=body_doc,
+                          summary="Create embeddings", include_in_schema=listed)
+        app.add_api_route(f"{prefix}/models", a.list_models, methods=["GET"], dependencies=auth,
+                          response_model=ModelList, responses=ERROR_RESPONSES,
+                          include_in_schema=listed)
+        app.add_api_route(f"{prefix}/models/{{model_id}}", a.get_model, methods=["GET"],
+                          dependencies=auth, response_model=ModelCard,
+                          responses=ERROR_RESPONSES, include_in_schema=listed)
+    app.add_api_route("/health", a.health, methods=["GET"],
+                      responses={503: {"description": "the pool is broken or hung"}})
+    app.add_api_route("/ready", a.ready, methods=["GET"],
+                      responses={503: {"description": "a probe embedding failed or timed out"}})
+    app.add_api_route("/metrics", a.prometheus, methods=["GET"], dependencies=auth,
+                      response_class=Response)
+    app.state.metrics = a.metrics  # for tests
+    app.state.runtime = a.runtime
+    return app
+
+
+def run_server(settings: ServerSettings,
+               executor_factory: Callable[[], SubmitExecutor] | None = None, *,
+               cache: VectorCacheHook | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn drains requests in flight, then the lifespan closes
+    the pool."""
+    import uvicorn
+
+    app = create_app(settings, executor_factory, cache=cache)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
+                            log_level=settings.log_level,
+                            timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s))
+    uvicorn.Server(config).run()
