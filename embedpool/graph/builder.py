@@ -73,6 +73,13 @@ class GraphBuilder:
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
+    def shared_const(self, name: str, value: npt.ArrayLike, dtype: Any = np.float32) -> str:
+        """A constant many nodes read (an axis, a shape, a scalar): added on first use only,
+        so helpers called once per layer can name it without duplicating the initialiser."""
+        if not any(t.name == name for t in self.inits):
+            self.const(name, value, dtype)
+        return name
+
     def op(self, op_type: str, inputs: list[str], name: str, *, outputs: int = 1,
            domain: str = "", **attrs: Any) -> list[str]:
         from onnx import helper

@@ -1,0 +1,293 @@
+"""The encoder families besides BERT (XLM-RoBERTa, NomicBert, ModernBERT) against their
+reference implementations, without torch.
+
+Each fixture under tests/fixtures/families/<name>/ is a small random-weight model in
+sentence-transformers' layout with golden vectors computed by transformers +
+sentence-transformers (scripts/make_family_fixtures.py, run in the dev venv). The goldens
+embed all texts in one padded batch; the texts include ones longer than ModernBERT's local
+window, short ones padded next to long ones, other scripts, a literal pad token, and one
+longer than every max length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime as ort
+import pytest
+
+from embedpool.engine import Engine
+from embedpool.errors import ModelError
+from embedpool.graph import _family, _head, prepare_onnx
+from embedpool.graph.compose import compose
+from embedpool.graph.families import FAMILIES, family_for
+from embedpool.models import ResolvedModel, resolve_model
+from embedpool.tokenization import TextTokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures" / "families"
+NAMES = ["xlmr", "modernbert"]
+F32 = npt.NDArray[np.float32]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixture:
+    model: ResolvedModel
+    texts: list[str]
+    input_ids: list[list[int]]
+    vectors: F32
+    query_vectors: F32
+    prompt_name: str
+
+
+def load_fixture(name: str, directory: Path | None = None) -> Fixture:
+    root = FIXTURES / name
+    gold = json.loads((root / "golden.json").read_text(encoding="utf-8"))
+    vecs = np.load(root / "golden.npz")
+    return Fixture(resolve_model(directory or root / "model"), gold["texts"], gold["input_ids"],
+                   vecs["vectors"], vecs["query_vectors"], gold["prompt_name"])
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def fixture(request: pytest.FixtureRequest) -> Fixture:
+    return load_fixture(request.param)
+
+
+@pytest.fixture(scope="module")
+def graphs(fixture: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """fp32 and int8 graphs of the fixture, built once by prepare_onnx."""
+    cache = tmp_path_factory.mktemp("onnx")
+    return {p: prepare_onnx(fixture.model, p, cache) for p in ("fp32", "int8")}  # type: ignore[misc]
+
+
+def embed(model: ResolvedModel, path: Path, texts: list[str]) -> F32:
+    """One padded batch, as the goldens were made."""
+    seqs = TextTokenizer(model.tokenizer_path, model.max_length).encode(texts).sequences
+    return Engine(path, pooling=model.pooling, dim=model.dim, threads=1).embed(seqs)
+
+
+def cosines(a: F32, b: F32) -> F32:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # type: ignore[no-any-return]
+
+
+def test_tokens_match_the_reference_tokenizer(fixture: Fixture) -> None:
+    model = fixture.model
+    seqs = TextTokenizer(model.tokenizer_path, model.max_length).encode(fixture.texts).sequences
+    assert [list(map(int, s)) for s in seqs] == fixture.input_ids
+
+
+def test_fp32_matches_reference(fixture: Fixture, graphs: dict[str, Path]) -> None:
+    cos = cosines(embed(fixture.model, graphs["fp32"], fixture.texts), fixture.vectors)
+    assert cos.min() >= 0.9999, cos
+
+
+def test_prompted_texts_match_reference(fixture: Fixture, graphs: dict[str, Path]) -> None:
+    """sentence-transformers prepends the prompt to the text: so does this."""
+    cfg = json.loads((fixture.model.directory / "config_sentence_transformers.json").read_text())
+    texts = [cfg["prompts"][fixture.prompt_name] + t for t in fixture.texts]
+    cos = cosines(embed(fixture.model, graphs["fp32"], texts), fixture.query_vectors)
+    assert cos.min() >= 0.9999, cos
+
+
+def run_graph(graph: onnx.ModelProto, fixture: Fixture) -> F32:
+    """The fixture's texts through an in-memory graph, in one right-padded batch."""
+    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    seqs = TextTokenizer(fixture.model.tokenizer_path,
+                         fixture.model.max_length).encode(fixture.texts).sequences
+    ids = np.zeros((len(seqs), max(len(s) for s in seqs)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in {i.name for i in sess.get_inputs()}:
+        feeds["token_type_ids"] = np.zeros_like(ids)
+    out: F32 = sess.run(None, feeds)[0]
+    return out
+
+
+def test_unfused_graph_matches_reference(fixture: Fixture) -> None:
+    """The standard-ops flavour (the benchmark baseline) computes the same vectors and passes
+    the ONNX checker with full type inference."""
+    fam, cfg = _family(fixture.model)
+    weights = fam.load_weights(fixture.model.weights_path, cfg)
+    graph = compose(fam, weights, cfg, _head(fixture.model), fused=False)
+    onnx.checker.check_model(graph, full_check=True)
+    assert not {n.domain for n in graph.graph.node} - {"", "ai.onnx"}
+    cos = cosines(run_graph(graph, fixture), fixture.vectors)
+    assert cos.min() >= 0.9999, cos
+
+
+#: The com.microsoft kernels each family's shipped fp32 graph must use, and ops it must not.
+FUSED_OPS: dict[str, tuple[set[str], set[str]]] = {
+    "xlmr": ({"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"},
+             {"Softmax", "Erf"}),
+    "nomic": ({"RotaryEmbedding", "MultiHeadAttention", "SkipLayerNormalization", "QuickGelu"},
+              {"Softmax", "Sigmoid"}),
+    "modernbert": ({"RotaryEmbedding", "MultiHeadAttention", "SkipLayerNormalization", "Gelu"},
+                   {"Erf"}),
+}
+
+
+def test_fp32_graph_uses_the_fused_kernels(fixture: Fixture, graphs: dict[str, Path]) -> None:
+    graph = onnx.load(str(graphs["fp32"]))
+    ops = {n.op_type for n in graph.graph.node}
+    want, unwanted = FUSED_OPS[fixture.model.directory.parent.name]
+    assert want <= ops, want - ops
+    assert not ops & unwanted
+    mha = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention"]
+    # no mask input: the kernel's FlashAttention path (padding rides on an extra dimension)
+    assert all(len(n.input) == 3 for n in mha), [list(n.input) for n in mha]
+
+
+@pytest.mark.parametrize("kind", ["mha", "plain"])
+def test_attention_variants_match_reference(kind: str) -> None:
+    """ModernBERT's benchmark alternatives: masked MultiHeadAttention with a [seq, seq] window
+    bias, and Softmax attention in standard ops, both in the fused graph."""
+    fixture = load_fixture("modernbert")
+    fam, cfg = _family(fixture.model)
+    weights = fam.load_weights(fixture.model.weights_path, cfg)
+    from embedpool.graph.builder import GraphBuilder
+    from embedpool.graph.head import apply_head
+
+    g = GraphBuilder()
+    enc = fam.build_encoder(g, weights, cfg, fused=True, attention=kind)
+    apply_head(g, enc.hidden, enc.width, _head(fixture.model), "sentence_embedding")
+    from onnx import TensorProto, helper
+
+    graph = g.finish("m", [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
+                           for n in ("input_ids", "attention_mask")],
+                     [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
+                                                    None)], producer_version="test")
+    cos = cosines(run_graph(graph, fixture), fixture.vectors)
+    assert cos.min() >= 0.9999, cos
+
+
+def test_int8_close_to_fp32(fixture: Fixture, graphs: dict[str, Path]) -> None:
+    cos = cosines(embed(fixture.model, graphs["int8"], fixture.texts),
+                  embed(fixture.model, graphs["fp32"], fixture.texts))
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97, cos
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_vector_ignores_batch_neighbours(fixture: Fixture, graphs: dict[str, Path],
+                                         precision: str) -> None:
+    """Padding is masked: a text alone and padded next to the longest one, one vector."""
+    batch = embed(fixture.model, graphs[precision], fixture.texts)
+    alone = np.concatenate([embed(fixture.model, graphs[precision], [t]) for t in fixture.texts])
+    assert cosines(batch, alone).min() >= 0.99999
+
+
+@pytest.mark.slow
+def test_pool_matches_reference(fixture: Fixture, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """One row per family through real pool workers (they build and cache the graph)."""
+    from embedpool.job import Embedder
+
+    monkeypatch.setenv("EMBEDPOOL_CACHE_DIR", str(tmp_path))
+    with Embedder(fixture.model, precision="fp32", workers=1) as e:
+        got = e.embed(fixture.texts)
+    assert cosines(got, fixture.vectors).min() >= 0.9999
+
+
+# --- XLM-RoBERTa ---------------------------------------------------------------------------
+
+def copy_model(name: str, tmp: Path, **config_changes: Any) -> Path:
+    """A copy of a fixture's model directory with config.json edited (None drops a key)."""
+    dst = tmp / name
+    shutil.copytree(FIXTURES / name / "model", dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for key, value in config_changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_roberta_model_type_builds_the_same_graph(tmp_path: Path) -> None:
+    fx = load_fixture("xlmr", copy_model("xlmr", tmp_path, model_type="roberta"))
+    got = embed(fx.model, prepare_onnx(fx.model, "fp32", tmp_path / "cache"), fx.texts)
+    assert cosines(got, fx.vectors).min() >= 0.9999
+
+
+def test_xlmr_positions_skip_a_literal_pad_token() -> None:
+    """The fixture's texts include '<pad>', which transformers' positions skip: the golden for
+    it is only matched if the graph skips it too (see test_fp32_matches_reference)."""
+    fx = load_fixture("xlmr")
+    pad = int(fx.model.config["pad_token_id"])
+    assert any(pad in ids for ids in fx.input_ids)
+
+
+# --- ModernBERT ------------------------------------------------------------------------------
+
+def test_modernbert_hub_config_format(tmp_path: Path) -> None:
+    """The released ModernBERTs' configs predate transformers 5: ``global_attn_every_n_layers``
+    and ``global_rope_theta`` / ``local_rope_theta`` instead of ``layer_types`` and
+    ``rope_parameters``. Same weights, same vectors."""
+    cfg = json.loads((FIXTURES / "modernbert" / "model" / "config.json").read_text())
+    rope = cfg["rope_parameters"]
+    directory = copy_model("modernbert", tmp_path, layer_types=None, rope_parameters=None,
+                           global_rope_theta=rope["full_attention"]["rope_theta"],
+                           local_rope_theta=rope["sliding_attention"]["rope_theta"])
+    fx = load_fixture("modernbert", directory)
+    got = embed(fx.model, prepare_onnx(fx.model, "fp32", tmp_path / "cache"), fx.texts)
+    assert cosines(got, fx.vectors).min() >= 0.9999
+
+
+def test_modernbert_window_matters() -> None:
+    """The fixture's texts are longer than its local window, so a graph that ignored the
+    window (every layer global) would give other vectors: the window is tested."""
+    fx = load_fixture("modernbert")
+    fam, cfg = _family(fx.model)
+    assert max(len(i) for i in fx.input_ids) > cfg.local_window + 1
+    everywhere_global = dataclasses.replace(cfg, layer_types=("full_attention",) * cfg.num_layers)
+    weights = fam.load_weights(fx.model.weights_path, cfg)
+    graph = compose(fam, weights, everywhere_global, _head(fx.model), fused=True)
+    cos = cosines(run_graph(graph, fx), fx.vectors)
+    long_texts = [i for i, ids in enumerate(fx.input_ids) if len(ids) > cfg.local_window // 2 + 1]
+    assert cos[long_texts].max() < 0.999, cos
+
+
+# --- refusals that teach -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("name", "change", "match"),
+    [
+        ("xlmr", {"position_embedding_type": "relative_key"}, "position_embedding_type"),
+        ("xlmr", {"is_decoder": True}, "is_decoder"),
+        ("xlmr", {"hidden_act": "relu"}, "hidden_act 'relu'"),
+        ("modernbert", {"rope_parameters": None, "local_rope_theta": None}, "local_rope_theta"),
+        ("modernbert", {"attention_bias": True}, "attention_bias"),
+        ("modernbert", {"hidden_activation": "silu"}, "hidden_activation"),
+        ("modernbert", {"layer_types": ["full_attention", "chunked_attention"] * 2},
+         "layer_types"),
+        ("modernbert", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+        ("modernbert", {"rope_parameters": {"full_attention": {"rope_type": "linear"}}},
+         "rope_type 'linear'"),
+    ],
+    ids=["xlmr-relative", "xlmr-decoder", "xlmr-relu", "modernbert-null-theta",
+         "modernbert-bias", "modernbert-silu", "modernbert-layer-type", "modernbert-yarn",
+         "modernbert-linear-rope"])
+def test_unhonoured_config_is_refused(tmp_path: Path, name: str, change: dict[str, Any],
+                                      match: str) -> None:
+    model = resolve_model(FIXTURES / name / "model")
+    cfg = {**model.config, **change}
+    with pytest.raises(ModelError, match=match):
+        family_for(cfg).parse_config(cfg, "config.json")
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama", "t5"])
+def test_unknown_architecture_names_what_embedpool_builds(model_type: str) -> None:
+    with pytest.raises(ModelError) as err:
+        family_for({"model_type": model_type, "architectures": ["SomethingForCausalLM"]})
+    msg = str(err.value)
+    assert repr(model_type) in msg and "onnx/model.onnx" in msg
+    for fam in FAMILIES:
+        assert fam.NAME in msg or any(t in msg for t in fam.MODEL_TYPES)
