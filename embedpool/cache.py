@@ -179,6 +179,9 @@ class VectorCache:
         self.misses = 0
         self.writes = 0
         self.write_errors = 0
+        #: True once a failure turned caching off for this job, with the reason. It means
+        #: *writes* are off; reads go on after a write failure. Callers must not skip get_many
+        #: on it: get_many and put_many decide for themselves, and never raise mid-job.
         self.disabled = False
         self.disabled_reason: str | None = None
         self._reads_ok = True
@@ -631,13 +634,10 @@ class BoundCache:
         self.fingerprint = fingerprint
 
     def get_many(self, texts: Sequence[str]) -> list[np.ndarray | None]:
-        if self.cache.disabled:
-            return [None] * len(texts)
         keys = [text_key(t) for t in texts]
         found = self.cache.get_many(self.fingerprint, keys)
         return [found.get(k) for k in keys]
 
     def put_many(self, texts: Sequence[str], vectors: np.ndarray) -> None:
-        if not self.cache.disabled:
-            self.cache.put_many(self.fingerprint,
-                                [(text_key(t), v) for t, v in zip(texts, vectors, strict=True)])
+        self.cache.put_many(self.fingerprint,
+                            [(text_key(t), v) for t, v in zip(texts, vectors, strict=True)])

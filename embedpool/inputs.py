@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -120,12 +121,15 @@ def read_text_file(path: Path, display: str) -> Iterator[Chunk | InputError]:
         return
     if _is_binary(data[:8192]):
         return
+    cut = size > len(data)
     try:
-        text = data.decode("utf-8")
+        # A file read only in part may end inside a multi-byte character: the incremental
+        # decoder keeps those last bytes back (final=False) instead of rejecting the file.
+        text = codecs.getincrementaldecoder("utf-8")().decode(data, final=not cut)
     except UnicodeDecodeError as exc:
         yield InputError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=display)
         return
-    if size > MAX_FILE_BYTES:
+    if cut:
         yield InputError(f"file is {size} bytes; only the first {MAX_FILE_BYTES} were read",
                          source=display)
     lines = text.splitlines(keepends=True)

@@ -258,7 +258,8 @@ class Embedder:
         vectors = np.zeros((len(uniq), self.dim), dtype=np.float32)
         keys: list[bytes] = []
         missing = list(range(len(uniq)))
-        if self.cache is not None and not self.cache.disabled:
+        # Not skipped when the cache is disabled: a write failure leaves reads on (cache.py).
+        if self.cache is not None:
             from embedpool.cache import text_key
 
             keys = [text_key(t) for t in uniq]
@@ -363,7 +364,7 @@ class Embedder:
         return done
 
     def _cache_put(self, w: _Window, done: list[int]) -> None:
-        if self.cache is None or self.cache.disabled or not done or not w.unique_keys:
+        if self.cache is None or not done or not w.unique_keys:
             return
         self.cache.put_many(self.fingerprint,
                             [(w.unique_keys[u], w.unique_vectors[u]) for u in done])

@@ -1,8 +1,9 @@
 """What a person or a log sees while a job runs: live progress, plain lines, JSON events.
 
-- On a TTY: a rich live line (chunks, chunks/s, tokens/s, RSS of the whole process tree,
-  workers) redrawn a few times per second.
-- Otherwise: one plain line every ``PLAIN_INTERVAL_S`` on stderr.
+- On a TTY: a ``rich.progress`` bar (done/total, percent, ETA, chunks/s, tokens/s, RSS of the
+  whole process tree, workers) redrawn a few times per second; events print above it.
+- Otherwise (a log file, CI): one plain line every ``PLAIN_INTERVAL_S`` on stderr, with the
+  same numbers and the ETA in text.
 - ``--log-json``: every event (progress, scale, worker_death, retry, split, emergency,
   recycle, status) as one JSON object per line on stderr.
 """
@@ -17,6 +18,18 @@ import time
 from typing import Any, TextIO
 
 import psutil
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.progress import Progress as RichProgress
+from rich.text import Text
 
 from embedpool.types import Event
 
@@ -96,8 +109,30 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 1024**2:.0f} MB"
 
 
+class _Rss(ProgressColumn):
+    """The process tree's RSS as last sampled by the tracker (read at each redraw)."""
+
+    def __init__(self, tracker: RssTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+
+    def render(self, task: Task) -> Text:
+        return Text(f"RSS {fmt_bytes(self.tracker.current)}")
+
+
+def _bar(tracker: RssTracker, stream: TextIO) -> RichProgress:
+    """The terminal display: rich computes the rate and the ETA from the completed counts."""
+    return RichProgress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(),
+        MofNCompleteColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[chunks_per_s]:.1f} chunks/s"),
+        TextColumn("{task.fields[tokens_per_s]:.0f} tokens/s"), _Rss(tracker),
+        TextColumn("{task.fields[workers]}"),
+        console=Console(file=stream), refresh_per_second=4, transient=True)
+
+
 class Progress:
-    """Turns events into a live display, plain lines, or JSON lines."""
+    """Turns events into a live progress bar, plain lines, or JSON lines."""
 
     def __init__(self, total: int, tracker: RssTracker, *, log_json: bool = False,
                  quiet: bool = False, stream: TextIO | None = None) -> None:
@@ -112,20 +147,25 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last_plain = self.t0
         self._lock = threading.Lock()
-        self._live: Any = None
+        self._bar: RichProgress | None = None
         if not quiet and not log_json and self.stream.isatty():
-            from rich.console import Console
-            from rich.live import Live
+            self._bar = _bar(tracker, self.stream)
+            self._task = self._bar.add_task("embedding", total=total, **self._fields())
+            self._bar.start()
 
-            self._live = Live("", console=Console(file=self.stream), refresh_per_second=4,
-                              transient=True)
-            self._live.start()
+    def _fields(self) -> dict[str, Any]:
+        el = max(time.perf_counter() - self.t0, 1e-9)
+        return {"chunks_per_s": self.done / el, "tokens_per_s": self.tokens / el,
+                "workers": f"workers {self.workers}" if self.workers is not None else ""}
 
     def line(self) -> str:
+        """The plain progress line (logs, CI)."""
         el = max(time.perf_counter() - self.t0, 1e-9)
         pct = 100.0 * self.done / self.total if self.total else 100.0
         workers = f"  workers {self.workers}" if self.workers is not None else ""
-        return (f"{self.done}/{self.total} chunks ({pct:.0f}%)  {self.done / el:.1f} chunks/s  "
+        rate = self.done / el
+        eta = f"ETA {_clock((self.total - self.done) / rate)}" if rate > 0 else "ETA ?"
+        return (f"{self.done}/{self.total} chunks ({pct:.0f}%)  {eta}  {rate:.1f} chunks/s  "
                 f"{self.tokens / el:.0f} tokens/s  RSS {fmt_bytes(self.tracker.current)}{workers}")
 
     def __call__(self, event: Event) -> None:
@@ -145,24 +185,31 @@ class Progress:
                 return
             if kind in SHOWN_EVENTS:
                 self.message(_describe(event))
-            if self._live is not None:
-                self._live.update(self.line())
+            if self._bar is not None:
+                self._bar.update(self._task, completed=self.done, **self._fields())
             elif time.perf_counter() - self._last_plain >= PLAIN_INTERVAL_S:
                 self._last_plain = time.perf_counter()
                 self.stream.write(self.line() + "\n")
                 self.stream.flush()
 
     def message(self, text: str) -> None:
-        if self._live is not None:
-            self._live.console.print(text)
+        if self._bar is not None:
+            # Plain text: '[scale] ...' must not be read as rich markup (it vanished).
+            self._bar.console.print(text, markup=False, highlight=False)
         else:
             self.stream.write(text + "\n")
             self.stream.flush()
 
     def close(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def _clock(seconds: float) -> str:
+    """h:mm:ss, as rich's ETA column shows it."""
+    s = int(seconds + 0.5)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _describe(event: Event) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -12,12 +13,20 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from embedpool.cache import LOOKUP_CHUNK, SCHEMA_VERSION, VectorCache, default_path, text_key
+from embedpool.cache import (
+    LOOKUP_CHUNK,
+    SCHEMA_VERSION,
+    BoundCache,
+    VectorCache,
+    default_path,
+    text_key,
+)
 from embedpool.errors import CacheError
 from embedpool.types import Vectors
 
@@ -541,3 +550,48 @@ def test_maintenance_blocked_by_a_stuck_writer_is_a_cache_error(db: Path) -> Non
         finally:
             other.close()
         assert cache.clear() == 3
+
+
+# ---------------------------------------------------------------------- callers after a write failure
+
+
+@contextlib.contextmanager
+def _write_lock_held(db: Path) -> Iterator[None]:
+    """Another connection holds the write lock: a cache opened with a short busy timeout then
+    fails its next write (and disables writes)."""
+    other = sqlite3.connect(db, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+def test_server_hook_keeps_reading_after_a_write_failure(db: Path) -> None:
+    texts = ["cached one", "cached two"]
+    with VectorCache.open(db, busy_timeout_s=0.2) as cache:
+        hook = BoundCache(cache, FP)
+        hook.put_many(texts, np.ones((2, DIM), np.float32))
+        with _write_lock_held(db):
+            hook.put_many(["new"], np.ones((1, DIM), np.float32))
+        assert cache.disabled
+        got = hook.get_many([*texts, "new"])
+    assert [v is not None for v in got] == [True, True, False]
+
+
+def test_job_keeps_reading_after_a_write_failure(db: Path) -> None:
+    from embedpool.job import Embedder
+    from embedpool.testing import FakeEngineSpec
+
+    old, new = ["def a(): pass", "def b(): pass"], ["brand new text"]
+    fake = FakeEngineSpec(dim=DIM)
+    with VectorCache.open(db, busy_timeout_s=0.2) as cache, \
+            Embedder(engine=fake, cache=cache) as emb:
+        first = emb.embed(old)
+        with _write_lock_held(db):
+            emb.embed(new)  # its put fails: writes are off for the rest of the job
+        assert cache.disabled
+        again = emb.embed(old)
+        assert emb.last_report.cache_hits == len(old)
+    np.testing.assert_array_equal(again, first)

@@ -1,9 +1,12 @@
+"""embedpool.inputs: JSONL records, text files and directories as (id, text) chunks."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
+from embedpool import inputs
 from embedpool.inputs import Chunk, read_inputs, split_lines
 
 
@@ -77,3 +80,31 @@ def test_directory_chunks_name_file_and_lines(tmp_path: Path) -> None:
 def test_missing_path_is_an_error(tmp_path: Path) -> None:
     got = read_inputs([tmp_path / "nope.jsonl"])
     assert got.chunks == [] and "no such file" in str(got.errors[0])
+
+
+#: (character, bytes of it before the cut): every way a cut can fall inside a character.
+_CUTS = [(c, k) for c in ("é", "€", "🙂") for k in range(1, len(c.encode("utf-8")))]
+
+
+@pytest.mark.parametrize(("char", "offset"), _CUTS, ids=[f"{len(c.encode())}-bytes-cut-after-{k}"
+                                                          for c, k in _CUTS])
+def test_a_file_cut_inside_a_character_is_read_up_to_it(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        char: str, offset: int) -> None:
+    encoded = char.encode("utf-8")
+    limit = 1000
+    monkeypatch.setattr(inputs, "MAX_FILE_BYTES", limit)
+    head = b"x = 1\n" * ((limit - offset) // 6)
+    head += b"#" * (limit - offset - len(head))
+    src = _write(tmp_path / "big.py", head + encoded + b"\nafter the cut\n")
+    got = read_inputs([src])
+    assert "".join(c.text for c in got.chunks) == head.decode()
+    assert len(got.errors) == 1 and f"only the first {limit} were read" in str(got.errors[0])
+
+
+def test_invalid_utf8_before_the_cut_is_still_refused(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inputs, "MAX_FILE_BYTES", 100)
+    src = _write(tmp_path / "bad.txt", b"ok\n" + b"caf\xe9 " * 40)
+    got = read_inputs([src])
+    assert got.chunks == [] and "not valid UTF-8" in str(got.errors[0])
