@@ -226,7 +226,8 @@ def test_smoothing_moves_scale_into_weights_without_changing_the_maths(tmp_path:
     model = build_bert(load_weights(ckpt, cfg), cfg, pooling="mean", int8_ready=True)
     rng = np.random.default_rng(2)
     seqs = [tuple(int(t) for t in rng.integers(1, 50, n)) for n in (9, 4, 12, 6)]
-    reader = TokenBatchReader(seqs, ["input_ids", "attention_mask"], batch_size=2)
+    reader = TokenBatchReader([np.array(q, dtype=np.int32) for q in seqs],
+                              ["input_ids", "attention_mask"], batch_size=2)
     nodes = [f"l{i}.ff1_MatMul" for i in range(cfg.num_layers)]
     smoothed = smooth_matmul_inputs(model, nodes, reader, alpha=0.5)
     muls = [n for n in smoothed.graph.node if n.name.endswith(".smooth_Mul")]
