@@ -487,6 +487,9 @@ def test_lock_wait_is_bounded(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait(timeout=10)
+        for pipe in (holder.stdin, holder.stdout):
+            if pipe is not None:
+                pipe.close()
     with file_lock(lock, timeout_s=5):  # released when its holder died
         pass
 

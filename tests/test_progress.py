@@ -37,9 +37,10 @@ def test_tracker_counts_a_child_and_keeps_the_peak_after_it_exits() -> None:
         with_child = tracker.sample(relist=True)
         assert with_child >= alone + CHILD_BYTES, (alone, with_child)
     finally:
-        assert child.stdin is not None
+        assert child.stdin is not None and child.stdout is not None
         child.stdin.close()
         child.wait(timeout=30)
+        child.stdout.close()
     after = tracker.sample(relist=True)  # the exited child is no longer listed
     assert after < with_child - CHILD_BYTES // 2
     assert tracker.close() >= with_child

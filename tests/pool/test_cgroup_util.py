@@ -87,4 +87,6 @@ def test_child_is_inside_own_cgroup_and_removed() -> None:
         finally:
             proc.kill()
             proc.wait(timeout=DEADLINE_S)
+            assert proc.stdin is not None
+            proc.stdin.close()
     assert not cg.path.exists()

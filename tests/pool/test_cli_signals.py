@@ -93,14 +93,21 @@ class Cli:
             self.proc.kill()
             self.proc.wait(DEADLINE_S)
             pytest.fail("the CLI did not exit after the signal:\n" + "\n".join(self.lines[-30:]))
-        self._reader.join(DEADLINE_S)
+        self._close()
         return rc
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(DEADLINE_S)
+        self._close()
+
+    def _close(self) -> None:
+        """Join the reader (it ends at EOF), then close both pipes (no leaked files)."""
         self._reader.join(DEADLINE_S)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 def _gone(procs: list[psutil.Process]) -> bool:

@@ -289,6 +289,10 @@ def test_memory_hog_shrinks_the_pool_which_grows_back_after(tmp_path: Path,
         if hog is not None and hog.poll() is None:
             hog.kill()
             hog.wait(DEADLINE_S)
+        if hog is not None:
+            for pipe in (hog.stdin, hog.stdout):
+                if pipe is not None:
+                    pipe.close()
         job.kill()
     n = check_vectors(job)
     left = job.events(events.WORKER_EXIT)
