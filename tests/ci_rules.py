@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from collections.abc import Generator, Mapping
 from typing import Literal, NoReturn
 
@@ -35,6 +36,7 @@ KINDS: dict[str, str] = {
 ALLOW_VAR = "EMBEDPOOL_CI_ALLOW_SKIP"
 #: Every allowed skip's reason starts with this, so the report hook can tell it apart.
 _PREFIX = "prerequisite missing"
+_KIND = re.compile(re.escape(_PREFIX) + r" \((\w+)\)")
 
 _skipped: dict[str, int] = {}
 
@@ -71,7 +73,6 @@ def missing(kind: str, reason: str) -> NoReturn:
     if decide(kind) == "fail":
         pytest.fail(f"{kind} prerequisite missing under CI=true: {reason}. Fix the runner, or "
                     f"opt out explicitly with {ALLOW_VAR}={kind}", pytrace=False)
-    _skipped[kind] = _skipped.get(kind, 0) + 1
     pytest.skip(f"{_PREFIX} ({kind}): {reason}")
 
 
@@ -105,10 +106,15 @@ def pytest_runtest_makereport(item: pytest.Item,
                               call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport,
                                                                         pytest.TestReport]:
     report = yield
-    if report.skipped and in_ci() and not hasattr(report, "wasxfail"):
+    if report.skipped and not hasattr(report, "wasxfail"):
         longrepr = report.longrepr
         reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
-        if _PREFIX not in reason:
+        found = _KIND.search(reason)
+        if found is not None:
+            # Counted here, not in missing(): a session fixture's skip is raised once and then
+            # replayed for every later test that uses it.
+            _skipped[found[1]] = _skipped.get(found[1], 0) + 1
+        elif in_ci():
             report.outcome = "failed"
             report.longrepr = (f"skipped under CI=true without naming a prerequisite kind: "
                                f"{reason}. Use ci_rules.missing(kind, reason) so that the run "

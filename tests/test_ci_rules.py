@@ -37,8 +37,15 @@ from ci_rules import missing
 def test_marked() -> None:
     pass
 
-def test_calls_missing() -> None:
+@pytest.fixture(scope="session")
+def model() -> None:  # a session fixture's skip is replayed for each test that uses it
     missing("model", "no model here")
+
+def test_needs_model(model: None) -> None:
+    pass
+
+def test_needs_model_too(model: None) -> None:
+    pass
 
 def test_bare_skip() -> None:
     pytest.skip("for no declared reason")
@@ -64,14 +71,14 @@ def _run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
 def test_locally_missing_prerequisites_skip(pytester: pytest.Pytester,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     result = _run(pytester, monkeypatch, {})
-    result.assert_outcomes(skipped=3)
+    result.assert_outcomes(skipped=4)
     result.stdout.fnmatch_lines(["*prerequisite missing (cgroup): no cgroup (test)*"])
 
 
 def test_under_ci_every_skip_fails_with_its_reason(pytester: pytest.Pytester,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     result = _run(pytester, monkeypatch, {"CI": "true"})
-    result.assert_outcomes(failed=2, errors=1)  # the marker check runs in setup: an error
+    result.assert_outcomes(failed=1, errors=3)  # prerequisites are checked in setup
     result.stdout.fnmatch_lines(["*cgroup prerequisite missing under CI=true: no cgroup (test)*",
                                  "*model prerequisite missing under CI=true: no model here*",
                                  "*without naming a prerequisite kind: *for no declared reason*",
@@ -81,7 +88,7 @@ def test_under_ci_every_skip_fails_with_its_reason(pytester: pytest.Pytester,
 def test_under_ci_an_opt_out_skips_and_is_printed(pytester: pytest.Pytester,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     result = _run(pytester, monkeypatch, {"CI": "true", ALLOW_VAR: "cgroup,model"})
-    result.assert_outcomes(skipped=2, failed=1)  # the bare skip still fails
+    result.assert_outcomes(skipped=3, failed=1)  # the bare skip still fails
     result.stdout.fnmatch_lines([f"*{ALLOW_VAR}: prerequisites allowed to skip*",
                                  "cgroup: *1 test(s) skipped",
-                                 "model: *1 test(s) skipped"])
+                                 "model: *2 test(s) skipped"])
