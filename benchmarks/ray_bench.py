@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from embedpool.batching import plan_batches
-from embedpool.executor import BatchResult, LocalExecutor, WorkBatch
+from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.types import Precision, TokenIds
 
@@ -133,10 +133,10 @@ def main() -> None:
             return EngineSpec(model, args.precision, threads=threads)
 
         runners: dict[str, _Runs] = {}
-        runners[f"local_1x{cores}"] = LocalExecutor(spec(cores))
+        runners[f"local_1x{cores}"] = InProcessExecutor(spec(cores))
         if not args.no_pool:
             from embedpool.pool.config import PoolConfig
-            from embedpool.pool.supervisor import Pool
+            from embedpool.pool.pool import Pool
 
             try:  # workers build their own graph: needs the real prepare_onnx
                 pool = Pool(spec(1), PoolConfig(workers=cores, threads=1,
@@ -164,7 +164,7 @@ def main() -> None:
                 ex.close()  # its actors hold the cluster's CPUs
         closers.append(ex)
         runners[f"ray_{len(ex.handles)}x1"] = ex
-        ready = [e for e in events if e["event"] == "actor_ready"]
+        ready = [e for e in events if e["event"] == "worker_ready"]
         report["ray_model_sources"] = sorted({str(e["model_source"]) for e in ready})
         report["ray_actor_startup_s"] = [e["startup_s"] for e in ready]
 

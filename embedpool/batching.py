@@ -63,10 +63,3 @@ def dedupe(texts: Sequence[str]) -> tuple[list[str], list[int]]:
     inverse = [first.setdefault(t, len(first)) for t in texts]
     return list(first), inverse
 
-
-def split_batch(batch: Batch) -> tuple[Batch, Batch]:
-    """Halve a batch (after an OOM kill); the halves keep the length order."""
-    if len(batch.indices) < 2:
-        raise ValueError("cannot split a batch of one")
-    mid = len(batch.indices) // 2
-    return Batch(batch.indices[:mid], batch.longest), Batch(batch.indices[mid:], batch.longest)

@@ -298,7 +298,8 @@ def doctor(profile: str, max_memory: str | None, workers: str, threads: int | No
            precision: str) -> None:
     """Print what embedpool detects about this machine and how it would run here."""
     from embedpool.doctor import render_doctor
-    from embedpool.pool.resources import detect_limits, memory_used
+    from embedpool.pool.limits import detect_limits
+    from embedpool.pool.readings import memory_used
     from embedpool.pool.scaling import plan
 
     w = _workers(workers) if workers not in ("0",) else 1
@@ -422,10 +423,10 @@ def serve(host: str, port: int, model: str, precision: str, long_text: str, work
             _fail(str(exc), EXIT_USAGE)
 
     def pool_factory() -> Any:
-        from embedpool.pool.supervisor import Pool, pool_config_for
+        from embedpool.pool.pool import Pool, pool_config_for
 
         if w is None:
-            from embedpool.microbatch import InProcessExecutor
+            from embedpool.executor import InProcessExecutor
 
             return InProcessExecutor(EngineSpec(resolved, precision, _cores()).build)  # type: ignore[arg-type]
         cfg = pool_config_for(workers=w, batch_tokens=batch_tokens,

@@ -69,6 +69,15 @@ def parse_bytes(text: str, *, what: str = "size") -> int:
     return int(value * _UNITS[unit])
 
 
+def format_bytes(n: float) -> str:
+    """Bytes for people, in the largest binary unit that keeps the number >= 1:
+    ``'16.0 GiB'``, ``'512.0 MiB'``, ``'900 B'`` (the units ``parse_bytes`` reads)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
 def env_bytes(name: str, environ: Mapping[str, str] | None = None) -> int | None:
     raw = env_str(name, None, environ=environ)
     return None if raw is None else parse_bytes(raw, what=name)
@@ -83,21 +92,6 @@ def cache_root() -> Path:
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("embedpool"))
-
-
-def debug_crash_tokens() -> tuple[int, ...] | None:
-    """EMBEDPOOL_TEST_CRASH_TOKENS="id,id,...": test-only poison for the real model. A pool
-    worker SIGKILLs itself (as the OOM killer would) when a sequence contains these token ids
-    in a row. Unset (the only production value) means None."""
-    raw = env_str("EMBEDPOOL_TEST_CRASH_TOKENS")
-    if raw is None:
-        return None
-    try:
-        ids = tuple(int(part) for part in raw.split(","))
-    except ValueError:
-        raise ConfigError(f"EMBEDPOOL_TEST_CRASH_TOKENS={raw!r} is not a comma-separated list "
-                          f"of token ids") from None
-    return ids or None
 
 
 def malloc_tuning_enabled() -> bool:

@@ -9,15 +9,9 @@ compare it), so the report is exactly what the pool will use, never a second gue
 
 from __future__ import annotations
 
-from embedpool.pool.resources import Limits
+from embedpool.config import format_bytes
+from embedpool.pool.machine import Limits
 from embedpool.pool.scaling import LOOKAHEAD_STEPS, SAMPLE_INTERVAL_S, Plan
-
-
-def _size(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def render_doctor(limits: Limits, plan: Plan, *, mem_used: int | None = None) -> str:
@@ -28,17 +22,17 @@ def render_doctor(limits: Limits, plan: Plan, *, mem_used: int | None = None) ->
         "embedpool doctor",
         f"  cores       {limits.cpus} usable  (source: {limits.cpus_source}; host has "
         f"{limits.host_cpus or '?'})",
-        f"  memory      {_size(limits.real_memory_bytes)} limit  (source: "
+        f"  memory      {format_bytes(limits.real_memory_bytes)} limit  (source: "
         f"{limits.real_memory_source}; host has "
-        f"{_size(limits.host_memory_bytes) if limits.host_memory_bytes else '?'})",
+        f"{format_bytes(limits.host_memory_bytes) if limits.host_memory_bytes else '?'})",
     ]
     if mem_used is not None:
-        lines.append(f"  in use      {_size(mem_used)} ({mem_used / limits.real_memory_bytes:.0%} of "
+        lines.append(f"  in use      {format_bytes(mem_used)} ({mem_used / limits.real_memory_bytes:.0%} of "
                      "the limit, all programs" + (", measured in the cgroup)"
                                                   if limits.memory_cgroup else
                                                   ", host MemTotal - MemAvailable)"))
     if limits.pool_memory_bytes is not None:
-        lines.append(f"  pool cap    {_size(limits.pool_memory_bytes)} for embedpool's own RSS "
+        lines.append(f"  pool cap    {format_bytes(limits.pool_memory_bytes)} for embedpool's own RSS "
                      f"(supervisor + workers)  (source: {limits.memory_source})")
     lines += [
         f"  profile     {limits.profile}  (why: {limits.profile_source})",
@@ -50,7 +44,7 @@ def render_doctor(limits: Limits, plan: Plan, *, mem_used: int | None = None) ->
         f"{p.mem_resume:.0%}  (now and {LOOKAHEAD_STEPS} x {SAMPLE_INTERVAL_S:g} s ahead)",
         f"  cpu         others' load stops growth at {p.cpu_stop:.0%}, resumes below "
         f"{p.cpu_resume:.0%}",
-        f"  worker RSS  ~{_size(p.worker_mem_estimate)} assumed until measured",
+        f"  worker RSS  ~{format_bytes(p.worker_mem_estimate)} assumed until measured",
         f"  emergency   after 2 consecutive OOM kills: 1 worker, {p.min_batch_tokens}-token "
         f"batches; leaves after {p.emergency_exit_s:g} s below {p.mem_resume:.0%}",
     ]

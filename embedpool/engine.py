@@ -25,6 +25,7 @@ import onnxruntime as ort
 from embedpool.errors import ConfigError, ModelError
 from embedpool.models import ResolvedModel
 from embedpool.types import Pooling, Precision, TokenIds, Vectors
+from embedpool.vectors import l2_normalize
 
 
 def usable_cores() -> int:
@@ -132,9 +133,3 @@ def pool_hidden(hidden: np.ndarray, mask: np.ndarray, pooling: Pooling) -> np.nd
     counts: np.ndarray = np.clip(m.sum(axis=1), 1e-9, None)
     pooled: np.ndarray = summed / counts
     return pooled
-
-
-def l2_normalize(x: np.ndarray) -> Vectors:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    out: Vectors = (x / np.clip(norms, 1e-12, None)).astype(np.float32, copy=False)
-    return out

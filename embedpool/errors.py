@@ -2,6 +2,7 @@
 
     EmbedpoolError                       base of all of them
     ├── ConfigError (ValueError)         a bad option or EMBEDPOOL_* variable; names it and its value
+    │   └── MissingExtraError (ImportError) an optional extra is not installed; names the pip command
     ├── ModelError                       a model cannot be resolved, verified or loaded
     │   ├── ModelNotFoundError (FileNotFoundError)  lists the sources tried and how to pass a directory
     │   └── ModelIntegrityError          a weights file whose sha256 is not the expected one
@@ -12,6 +13,7 @@
         ├── WorkerStartError             a worker died while loading its engine; carries its traceback
         ├── PoolBroken (concurrent.futures.process.BrokenProcessPool)
         │                                the pool cannot go on (no worker can be started)
+        ├── IntakeClosed                 the executor is stopping: no new batches
         ├── PoisonInputError             an input kept killing workers; carries the item's id
         ├── QueueFull                    the server's batcher refused a request: sizes, Retry-After
         ├── PoolUnavailable              a request's batch could not be embedded (broken, closed, timeout)
@@ -109,3 +111,11 @@ class ItemFailed(PoolError):
         super().__init__(f"input {index} could not be embedded: {reason}")
         self.index = index
         self.reason = reason
+
+
+class IntakeClosed(PoolError):
+    """The executor is stopping and takes no new batches (those already submitted finish)."""
+
+
+class MissingExtraError(ConfigError, ImportError):
+    """An optional extra (``pip install 'embedpool[ray]'``) is not installed; names it."""

@@ -1,29 +1,55 @@
-"""The contract between a job and whatever runs the model: in-process, pool or Ray.
+"""The one contract between a job and whatever runs the model, and the in-process executor.
 
-A job cuts its sequences into ``WorkBatch``es; an executor turns each into a ``BatchResult``
-(possibly out of order, possibly streaming). Per-item failures (a poison input) come back in
-``failed`` instead of failing the batch, so one bad text never costs the others.
+::
+
+    job / batcher ──submit(WorkBatch)──> Executor ──> Future[BatchResult]   (any order)
+    run(executor, batches): submit lazily, at most max_pending unfinished, yield as they finish
+
+    Executor            where the engine runs                    module
+    InProcessExecutor   this process, one background thread      here
+    Pool                local worker processes                   pool/pool.py
+    RayExecutor         Ray actors                               backends/ray/executor.py
+
+Every executor draws its work from a ``workqueue.WorkQueue`` and takes every failure through
+``faults.decide``, so a poison input, a death or a hang means the same thing everywhere. Each
+reports the same typed ``ExecutorStats`` and says when it can no longer embed (``broken``:
+the reason, or None), which a server's /health reads. Per-item failures (a given-up input)
+come back in ``BatchResult.failed``: one bad text never costs the others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import contextlib
+import dataclasses
+import logging
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Literal, Protocol
 
-import numpy as np
+from embedpool import events
+from embedpool.errors import IntakeClosed, PoolBroken, PoolUnavailable
+from embedpool.types import EventCallback, TokenIds, Vectors
 
-from embedpool.types import TokenIds, Vectors
+log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    from embedpool.engine import EngineSpec
+#: How long run() waits for a result before it asks whether the executor broke: a bound on
+#: how late a dead manager is noticed, not a polling interval (results wake it at once).
+RESULT_POLL_S = 1.0
+#: Default look-ahead of run(): batches in flight or queued per worker. Two keep a worker busy
+#: while its last result travels back, without committing work that could still be sorted.
+PENDING_PER_WORKER = 2
 
 
 @dataclass(frozen=True)
 class WorkBatch:
+    """Token sequences to embed together, with the ids of their items for error messages."""
+
     batch_id: int
     sequences: tuple[TokenIds, ...]
-    keys: tuple[str, ...] = ()  # human-readable item ids, for error messages
+    item_ids: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -41,30 +67,250 @@ class BatchResult:
     failed: dict[int, str] = field(default_factory=dict)  # position in batch -> error
 
 
-class Executor(Protocol):
-    """Runs batches; ``run`` yields one result per batch, in any order."""
+WorkerState = Literal["starting", "idle", "busy", "leaving"]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker (a pool process, a Ray actor, or the in-process engine's thread)."""
+
+    worker_id: int
+    pid: int | None
+    state: WorkerState
+    rss: int  # bytes, as last reported (0 before it is ready, or where not known)
+    batches_done: int
+    node: str = ""  # the Ray node it runs on; "" for local workers
+
+
+@dataclass
+class Counters:
+    """What an executor counts as it runs (the mutable half of ``ExecutorStats``)."""
+
+    batches_done: int = 0
+    sequences_done: int = 0
+    tokens_done: int = 0
+    #: Workers that died without being asked to (every kind below included).
+    deaths: int = 0
+    #: Deaths confirmed as OOM kills (a cgroup's oom_kill counter, Ray's OutOfMemoryError).
+    oom_kills: int = 0
+    #: SIGKILLs from outside that no evidence ties to the OOM killer.
+    external_sigkills: int = 0
+    retries: int = 0
+    splits: int = 0
+    recycles: int = 0
+    hung_kills: int = 0
+    poison_items: int = 0
+    start_failures: int = 0
+
+
+@dataclass(kw_only=True)
+class ExecutorStats(Counters):
+    """A snapshot of an executor, the same fields for every backend: its ``Counters`` and
+    these."""
+
+    backend: Literal["in-process", "pool", "ray"]
+    workers: tuple[WorkerInfo, ...]
+    target_workers: int
+    max_workers: int
+    threads: int  # intra-op threads per worker
+    batch_tokens: int  # the padded-token budget in force; 0 = batches run as submitted
+    emergency: bool = False
+    queued: int  # batches submitted and not yet started
+
+    @classmethod
+    def of(cls, counters: Counters, *, backend: Literal["in-process", "pool", "ray"],
+           workers: tuple[WorkerInfo, ...], target_workers: int, max_workers: int,
+           threads: int, batch_tokens: int, queued: int, emergency: bool = False
+           ) -> ExecutorStats:
+        return cls(backend=backend, workers=workers, target_workers=target_workers,
+                   max_workers=max_workers, threads=threads, batch_tokens=batch_tokens,
+                   emergency=emergency, queued=queued, **dataclasses.asdict(counters))
+
+
+class EmbeddingEngine(Protocol):
+    """What every executor runs: ``embed`` token sequences into L2-normalised vectors
+    (``engine.Engine``, or a test engine)."""
 
     dim: int
 
-    def run(self, batches: Iterable[WorkBatch]) -> Iterator[BatchResult]: ...
+    def embed(self, sequences: Sequence[TokenIds]) -> Vectors: ...
+
+
+class EngineRecipe(Protocol):
+    """A picklable recipe that builds an engine where it runs (``engine.EngineSpec``)."""
+
+    def build(self) -> EmbeddingEngine: ...
+
+
+class Executor(Protocol):
+    """Runs batches (see the module docstring). ``submit`` is thread-safe; a batch's future
+    fails with ``PoolBroken`` if the executor breaks, ``PoolError`` if it closes first."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def submit(self, batch: WorkBatch) -> Future[BatchResult]: ...
+
+    def stats(self) -> ExecutorStats: ...
+
+    @property
+    def broken(self) -> str | None: ...
 
     def close(self) -> None: ...
 
 
-class LocalExecutor:
-    """The engine in this process, one batch at a time."""
+def with_threads(spec: Any, threads: int) -> Any:
+    """The spec with ``threads`` intra-op threads where it has such a field (``EngineSpec``,
+    the test specs), else the spec itself."""
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type) and any(
+            f.name == "threads" for f in dataclasses.fields(spec)):
+        return dataclasses.replace(spec, threads=threads)
+    return spec
 
-    def __init__(self, spec: EngineSpec) -> None:
-        self.engine: Any = spec.build()  # an Engine, or any object with .embed() and .dim
-        self.dim = self.engine.dim
 
-    def run(self, batches: Iterable[WorkBatch]) -> Iterator[BatchResult]:
-        for b in batches:
-            yield BatchResult(b.batch_id, self.engine.embed(b.sequences))
+def run(executor: Executor, batches: Iterable[WorkBatch], max_pending: int | None = None
+        ) -> Generator[BatchResult, None, None]:
+    """Stream results as batches finish (any order). At most ``max_pending`` batches are
+    submitted and unfinished at a time (default: two per worker), so ``batches`` is consumed
+    lazily. When the executor stops taking batches (``IntakeClosed``), the ones in flight are
+    still yielded. Closing the generator early cancels what has not started (fastembed #669:
+    an early-closed parallel iterator hung)."""
+    limit = max_pending or PENDING_PER_WORKER * max(1, executor.stats().max_workers)
+    done: queue.SimpleQueue[Future[BatchResult]] = queue.SimpleQueue()
+    pending: set[Future[BatchResult]] = set()
+    source = iter(batches)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < limit:
+                batch = next(source, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                try:
+                    fut = executor.submit(batch)
+                except IntakeClosed:
+                    exhausted = True
+                    break
+                pending.add(fut)
+                fut.add_done_callback(done.put)
+            if not pending:
+                return
+            fut = _next_done(executor, done)
+            pending.discard(fut)
+            yield fut.result()
+    finally:
+        for fut in pending:
+            fut.cancel()
+
+
+def _next_done(executor: Executor, done: queue.SimpleQueue[Future[BatchResult]]
+               ) -> Future[BatchResult]:
+    while True:
+        try:
+            return done.get(timeout=RESULT_POLL_S)
+        except queue.Empty:
+            # An executor completes every future, even when it breaks; this guards against a
+            # bug there turning into a silent hang here.
+            broken = executor.broken
+            if broken:
+                with contextlib.suppress(queue.Empty):
+                    return done.get(timeout=RESULT_POLL_S)
+                raise PoolBroken(broken) from None
+
+
+class InProcessExecutor:
+    """The engine on one background thread of this process, behind the executor contract.
+
+    For ``--workers 0``, scripts that must not start processes, and tests. A batch whose
+    engine raises is bisected like a pool's (``faults``), so one bad input comes back in
+    ``BatchResult.failed`` and the others are embedded.
+    """
+
+    def __init__(self, engine: EngineRecipe | Callable[[], EmbeddingEngine],
+                 on_event: EventCallback | None = None) -> None:
+        from embedpool.workqueue import WorkQueue
+
+        build = engine.build if hasattr(engine, "build") else engine
+        self.engine: EmbeddingEngine = build()
+        self.dim = int(self.engine.dim)
+        self._threads = int(getattr(self.engine, "threads", 1) or 1)
+        self._cond = threading.Condition()
+        self._emit = events.Emitter(on_event, log, backend="in-process")
+        self._work = WorkQueue(self._wake, self._emit)
+        self._work.dim = self.dim
+        self._closed = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="embedpool-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, batch: WorkBatch) -> Future[BatchResult]:
+        if self._closed:
+            raise PoolUnavailable("the in-process executor is closed")
+        return self._work.submit(batch)
+
+    def stats(self) -> ExecutorStats:
+        from embedpool.proc import rss_bytes
+
+        worker = WorkerInfo(0, _own_pid(), "busy" if self._busy else "idle", rss_bytes() or 0,
+                            self._work.counters.batches_done)
+        return ExecutorStats.of(self._work.counters, backend="in-process", workers=(worker,),
+                                target_workers=1, max_workers=1, threads=self._threads,
+                                batch_tokens=0, queued=self._work.queued_batches)
+
+    @property
+    def broken(self) -> str | None:
+        if not self._closed and not self._thread.is_alive():
+            return "the in-process engine's thread is gone"
+        return None
+
+    def run(self, batches: Iterable[WorkBatch], max_pending: int | None = None
+            ) -> Generator[BatchResult, None, None]:
+        return run(self, batches, max_pending)
 
     def close(self) -> None:
-        pass
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._work.close_intake()
+            self._cond.notify_all()
+        self._thread.join(30.0)
+        self._work.cancel_unstarted()
+
+    def __enter__(self) -> InProcessExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        from embedpool.faults import engine_error_kind
+
+        while True:
+            with self._cond:
+                task = self._work.next_task(None)
+                while task is None and not self._closed:
+                    self._cond.wait()
+                    task = self._work.next_task(None)
+                if task is None:
+                    return
+                self._busy = True
+            try:
+                rows = self.engine.embed(task.sequences)
+            except Exception as exc:
+                self._work.fail(task, engine_error_kind(exc), f"{type(exc).__name__}: {exc}")
+            else:
+                self._work.complete(task, rows)
+            finally:
+                self._busy = False
 
 
-def empty_vectors(n: int, dim: int) -> Vectors:
-    return np.zeros((n, dim), dtype=np.float32)
+def _own_pid() -> int:
+    import os
+
+    return os.getpid()

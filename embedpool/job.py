@@ -15,9 +15,10 @@ cache at once, so an interrupted job loses only its in-flight batches and a reru
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedpool import events
 from embedpool.batching import (
     DEFAULT_BATCH_TOKENS,
     DEFAULT_MAX_BATCH_ITEMS,
@@ -32,14 +34,17 @@ from embedpool.batching import (
     plan_batches,
 )
 from embedpool.errors import ConfigError, InputError
-from embedpool.executor import BatchResult, Executor, WorkBatch
+from embedpool.executor import BatchResult, Executor, WorkBatch, run
 from embedpool.graph import graph_id
 from embedpool.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import EventCallback, LongTextMode, Precision, Vectors
+from embedpool.vectors import l2_normalize
 
 if TYPE_CHECKING:
     from embedpool.cache import VectorCache
+
+log = logging.getLogger(__name__)
 
 #: Items prepared, batched and assembled together. Larger windows sort better (less padding)
 #: but hold more vectors and tokens in memory: 8192 x 384 floats is 12 MB.
@@ -148,6 +153,7 @@ class Embedder:
         self.max_batch_items = max_batch_items
         self.cache = cache
         self.on_event = on_event
+        self._emit = events.Emitter(on_event, log)  # a raising callback never aborts a job
         self.tokenizer = TextTokenizer(self.model.tokenizer_path, self.model.max_length)
         self.fingerprint = self.model.fingerprint(precision, long_text,
                                                   graph=graph_id(self.model, precision))
@@ -169,7 +175,7 @@ class Embedder:
     def _make_executor(self, threads: int | None, workers: int | str | None, backend: str,
                        ray_address: str | None, pool_options: dict[str, Any]) -> Executor:
         from embedpool.engine import EngineSpec, usable_cores
-        from embedpool.executor import LocalExecutor
+        from embedpool.executor import InProcessExecutor
 
         def spec(n_threads: int) -> Any:
             return self._engine_override or EngineSpec(self.model, self.precision, n_threads)
@@ -179,10 +185,10 @@ class Embedder:
 
             n = None if workers in (None, "auto") else int(workers)
             return RayExecutor(spec(threads or 1), address=ray_address, actors=n,
-                               on_event=self.on_event)
+                               batch_tokens=self.batch_tokens, on_event=self.on_event)
         if workers is None:
-            return LocalExecutor(spec(threads or usable_cores()))
-        from embedpool.pool.supervisor import Pool, pool_config_for
+            return InProcessExecutor(spec(threads or usable_cores()), on_event=self.on_event)
+        from embedpool.pool.pool import Pool, pool_config_for
 
         cfg = pool_config_for(workers=workers, threads=threads, batch_tokens=self.batch_tokens,
                               precision=self.precision, **pool_options)
@@ -288,7 +294,7 @@ class Embedder:
             positions[batch_id] = b.indices
             batches.append(WorkBatch(
                 batch_id=batch_id, sequences=tuple(enc.sequences[i] for i in b.indices),
-                keys=tuple(first_id[seq_owner[i]] for i in b.indices)))
+                item_ids=tuple(first_id[seq_owner[i]] for i in b.indices)))
         return _Window(start=start, ids=w_ids, unique_index=inverse, unique_vectors=vectors,
                        missing=missing, unique_keys=keys, batches=batches, positions=positions,
                        seq_owner=seq_owner, seq_lens=[len(q) for q in enc.sequences],
@@ -311,18 +317,18 @@ class Embedder:
                     return
                 yield b
 
-        results = self.executor.run(feed()) if w.batches else iter(())
+        results = run(self.executor, feed()) if w.batches else iter(())
         for res in results:
             pending.discard(res.batch_id)
             done = self._absorb(res, w.positions[res.batch_id], w, sums, remaining, failed)
             # window mode: an item with several windows is final once all are in
             for u in done:
                 if w.seq_count[u] > 1:
-                    w.unique_vectors[u] = sums[u] / max(float(np.linalg.norm(sums[u])), 1e-12)
+                    w.unique_vectors[u] = l2_normalize(sums[u])
             self._cache_put(w, done)
             done_so_far += len(done)
-            self._emit({"event": "progress", "done": done_so_far, "total": report.chunks,
-                        "tokens": sum(w.seq_lens[i] for i in w.positions[res.batch_id])})
+            self._emit(events.PROGRESS, done=done_so_far, total=report.chunks,
+                       tokens=sum(w.seq_lens[i] for i in w.positions[res.batch_id]))
         ok: np.ndarray = remaining == 0
         for u in failed:
             ok[u] = False
@@ -369,11 +375,6 @@ class Embedder:
         self.cache.put_many(self.fingerprint,
                             [(w.unique_keys[u], w.unique_vectors[u]) for u in done])
 
-    def _emit(self, event: dict[str, Any]) -> None:
-        if self.on_event is not None:
-            event.setdefault("ts", time.time())
-            self.on_event(event)
-
 
 def embed(texts: Sequence[str], model: str | Path = DEFAULT_MODEL,
           precision: Precision = DEFAULT_PRECISION, **kwargs: Any) -> Vectors:
@@ -381,5 +382,3 @@ def embed(texts: Sequence[str], model: str | Path = DEFAULT_MODEL,
     with Embedder(model, precision=precision, **kwargs) as e:
         return e.embed(texts)
 
-
-ProgressFn = Callable[[JobReport], None]

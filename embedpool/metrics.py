@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from embedpool.microbatch import BatcherStats, stats_dict
+from embedpool.batcher import BatcherStats, stats_dict
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -37,8 +37,11 @@ BATCH_TOKEN_BUCKETS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 #: (metric name, kind, help, ``PoolStats`` fields summed). An executor without a field reads 0.
 POOL_READINGS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("embedpool_oom_kills", "counter", "Workers killed by the OOM killer (SIGKILL from outside)",
+    ("embedpool_oom_kills", "counter",
+     "Workers OOM-killed, confirmed by their cgroup's oom_kill counter or Ray's OutOfMemoryError",
      ("oom_kills",)),
+    ("embedpool_external_sigkills", "counter",
+     "Workers SIGKILLed from outside with no evidence of the OOM killer", ("external_sigkills",)),
     # A split after an OOM kill is a retry too, in two halves.
     ("embedpool_batch_retries", "counter", "Batch retries after a worker died (whole or split)",
      ("retries", "splits")),

@@ -45,6 +45,7 @@ from typing import IO, Any, Protocol
 import numpy as np
 
 from embedpool.errors import ConfigError
+from embedpool.proc import pid_alive
 from embedpool.types import Vectors
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".npy", ".parquet")
@@ -130,21 +131,9 @@ def _sweep_stale_temps(final: Path) -> None:
             if not entry.name.startswith(prefix):
                 continue
             pid_text = entry.name[len(prefix):].split("-", 1)[0]
-            if pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            if pid_text.isdigit() and not pid_alive(int(pid_text)):
                 with contextlib.suppress(OSError):
                     entry.unlink()
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, but not ours to signal
-    return True
 
 
 def _fsync_dir(directory: Path) -> None:

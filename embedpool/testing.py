@@ -6,17 +6,24 @@ for a configurable time per token (so batches take real time and can be interrup
 be told to misbehave for real:
 
 - ``crash_on``: a token-id subsequence; a batch containing it SIGKILLs its own process,
-  exactly as the OOM killer would (poison-input tests);
+  as the OOM killer would, but without the cgroup counting an OOM kill (poison-input tests);
 - ``raise_on``: a subsequence that makes ``embed`` raise (a Python error, not a crash);
+- ``hang_on``: a subsequence on which ``embed`` blocks forever (hung-worker tests);
 - ``grow_bytes_per_batch``: RSS that is allocated, touched and kept (recycling tests);
 - ``alloc_bytes_per_token``: a *transient* allocation proportional to the batch's padded
   tokens (rows x longest row), touched page by page, held while the batch "runs" (the
   delays) and freed after it, like a real engine's activations: two big batches at once
   can push a cgroup over its limit, where one, or two small ones, fit (OOM tests);
 - ``fail_to_start`` / ``exit_on_start``: a load that raises, or a process that dies while
-  loading; ``fail_to_start_if_exists``: the same, switched on later by creating a file.
+  loading; ``fail_to_start_if_exists``: the same, switched on later by creating a file;
+- ``join_cgroup``: a ``cgroup.procs`` file the worker writes its own pid to while it loads,
+  so that a test's memory limit binds that worker (a pool process or a Ray actor) alone and
+  the kernel's OOM killer, not the test, kills it.
 
-It is picklable and importable under ``spawn``, so pool tests run real worker processes.
+``CrashingSpec`` wraps any recipe (the real ``EngineSpec``) with the same ``crash_on``
+poison, so the real model's pool can be tested with a poison input; the product has no
+such hook. Both are picklable and importable under ``spawn``, so pool tests run real worker
+processes. Nothing in the product imports this module.
 """
 
 from __future__ import annotations
@@ -25,18 +32,19 @@ import multiprocessing
 import multiprocessing.process
 import os
 import signal
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedpool.types import TokenIds, Vectors
 
-if TYPE_CHECKING:  # executor imports onnxruntime: keep it out of fake workers (fast spawn)
+if TYPE_CHECKING:  # only for annotations: a fake worker imports as little as it can
     from embedpool.executor import WorkBatch
 
 
@@ -70,6 +78,7 @@ class FakeEngineSpec:
     delay_per_batch_s: float = 0.0
     crash_on: tuple[int, ...] | None = None
     raise_on: tuple[int, ...] | None = None
+    hang_on: tuple[int, ...] | None = None
     grow_bytes_per_batch: int = 0
     alloc_bytes_per_token: int = 0
     fail_to_start: str | None = None
@@ -77,8 +86,12 @@ class FakeEngineSpec:
     fail_to_start_if_exists: str | None = None
     exit_on_start: int | None = None
     start_delay_s: float = 0.0
+    join_cgroup: str | None = None
 
     def build(self) -> FakeEngine:
+        if self.join_cgroup is not None:
+            with open(self.join_cgroup, "w") as f:
+                f.write(str(os.getpid()))
         if self.start_delay_s:
             time.sleep(self.start_delay_s)
         if self.exit_on_start is not None:
@@ -99,11 +112,12 @@ class FakeEngine:
 
     def embed(self, sequences: Sequence[TokenIds]) -> Vectors:
         spec = self.spec
+        crash_if_poisoned(sequences, spec.crash_on)
         for seq in sequences:
-            if spec.crash_on is not None and contains_subsequence(seq, spec.crash_on):
-                os.kill(os.getpid(), signal.SIGKILL)
             if spec.raise_on is not None and contains_subsequence(seq, spec.raise_on):
                 raise ValueError(f"FakeEngine: raise_on {spec.raise_on} found in a sequence")
+            if spec.hang_on is not None and contains_subsequence(seq, spec.hang_on):
+                threading.Event().wait()  # forever: only a kill ends it
         activations = b""
         if spec.alloc_bytes_per_token and sequences:
             padded = len(sequences) * max(len(s) for s in sequences)
@@ -120,6 +134,40 @@ class FakeEngine:
         return fake_vectors(sequences, self.dim)
 
 
+def crash_if_poisoned(sequences: Sequence[TokenIds], poison: tuple[int, ...] | None) -> None:
+    """SIGKILL this process if any sequence contains ``poison``."""
+    if poison is not None and any(contains_subsequence(s, poison) for s in sequences):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class CrashingSpec:
+    """A recipe that builds ``inner``'s engine, wrapped so that a batch containing ``crash_on``
+    SIGKILLs its process first: the real model with a poison input. ``threads`` is passed on
+    to ``inner`` (the pool sets it, as on any spec)."""
+
+    inner: Any
+    crash_on: tuple[int, ...]
+    threads: int = 1
+
+    def build(self) -> CrashingEngine:
+        from embedpool.executor import with_threads
+
+        return CrashingEngine(with_threads(self.inner, self.threads).build(), self.crash_on)
+
+
+class CrashingEngine:
+    def __init__(self, engine: Any, crash_on: tuple[int, ...]) -> None:
+        self.engine = engine
+        self.dim = int(engine.dim)
+        self.crash_on = crash_on
+
+    def embed(self, sequences: Sequence[TokenIds]) -> Vectors:
+        crash_if_poisoned(sequences, self.crash_on)
+        vectors: Vectors = self.engine.embed(sequences)
+        return vectors
+
+
 def make_sequences(n: int, *, seed: int = 0, min_len: int = 4, max_len: int = 64,
                    vocab: int = 30000) -> list[TokenIds]:
     """``n`` random int32 sequences framed like BERT input ([CLS]=101 ... [SEP]=102)."""
@@ -133,13 +181,13 @@ def make_sequences(n: int, *, seed: int = 0, min_len: int = 4, max_len: int = 64
 
 
 def make_batches(sequences: Sequence[TokenIds], items_per_batch: int,
-                 keys: Iterable[str] | None = None) -> list[WorkBatch]:
-    """Consecutive WorkBatches of ``items_per_batch`` items; keys default to ``item-<index>``."""
+                 item_ids: Iterable[str] | None = None) -> list[WorkBatch]:
+    """Consecutive WorkBatches of ``items_per_batch`` items; ids default to ``item-<index>``."""
     from embedpool.executor import WorkBatch
 
-    all_keys = list(keys) if keys is not None else [f"item-{i}" for i in range(len(sequences))]
+    ids = list(item_ids) if item_ids is not None else [f"item-{i}" for i in range(len(sequences))]
     return [WorkBatch(b, tuple(sequences[i:i + items_per_batch]),
-                      tuple(all_keys[i:i + items_per_batch]))
+                      tuple(ids[i:i + items_per_batch]))
             for b, i in enumerate(range(0, len(sequences), items_per_batch))]
 
 

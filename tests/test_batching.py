@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from embedpool.batching import Batch, dedupe, plan_batches, split_batch
+from embedpool.batching import dedupe, plan_batches
 
 
 @pytest.mark.parametrize(
@@ -55,11 +55,3 @@ def test_dedupe(texts: list[str], uniq: list[str], inverse: list[int]) -> None:
     assert dedupe(texts) == (uniq, inverse)
     u, inv = dedupe(texts)
     assert [u[i] for i in inv] == texts
-
-
-def test_split_batch_halves_in_order() -> None:
-    a, b = split_batch(Batch((3, 1, 2, 0, 4), 9))
-    assert a.indices + b.indices == (3, 1, 2, 0, 4)
-    assert len(a.indices) == 2
-    with pytest.raises(ValueError):
-        split_batch(Batch((1,), 3))

@@ -1,7 +1,8 @@
-"""embedpool.events: event records, exit codes as people read them, likely causes of death.
+"""embedpool.events: event records and exit codes as people read them.
 
-(``exit_name`` and ``make_event``'s refusal are also exercised in tests/pool/test_supervisor.py,
-next to the pool that emits them.)"""
+(``exit_name`` and ``make_event``'s refusal are also exercised in tests/pool/test_pool.py, next
+to the pool that emits them; the ``Emitter`` and the causes of death with the fault policy in
+tests/test_faults.py.)"""
 
 from __future__ import annotations
 
@@ -38,14 +39,3 @@ def test_an_unknown_name_lists_the_known_ones() -> None:
                          ids=["sigkill", "unknown-signal", "exit-code"])
 def test_exit_name(exitcode: int, name: str) -> None:
     assert events.exit_name(exitcode) == name
-
-
-@pytest.mark.parametrize(("exitcode", "killed_by_pool", "cause"), [
-    (-signal.SIGKILL, None, "OOM killer"),
-    (-signal.SIGKILL, "hung past its deadline", "killed by the pool (hung past its deadline)"),
-    (-signal.SIGSEGV, None, "crashed on a signal"),
-    (1, None, "without saying it was leaving"),
-    (None, None, "without saying it was leaving"),
-], ids=["sigkill-from-outside", "killed-by-pool", "segfault", "exit-1", "unknown"])
-def test_death_cause(exitcode: int | None, killed_by_pool: str | None, cause: str) -> None:
-    assert cause in events.death_cause(exitcode, killed_by_pool=killed_by_pool)

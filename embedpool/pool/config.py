@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from embedpool.errors import ConfigError
+from embedpool.executor import PENDING_PER_WORKER
+from embedpool.faults import FaultPolicy
 from embedpool.types import Precision, Profile
 
 StartMethod = Literal["spawn", "forkserver"]
@@ -35,16 +37,13 @@ class PoolConfig:
     #: A worker must send Ready within this. Loading int8 MiniLM takes ~1 s; the margin is for
     #: a busy machine and a cold disk, and it is only paid when something is badly wrong.
     start_timeout_s: float = 120.0
-    #: Hung-worker deadline = base + per_token x padded tokens of its batch. Batches run at
-    #: ~30k tokens/s per core here, so 10 ms/token is a >100x margin; the base covers a busy
-    #: machine and page faults after a swap-in.
-    hang_base_s: float = 30.0
-    hang_per_token_s: float = 0.01
-    #: Fraction of the deadline after which a worker_hung_warning is emitted.
-    hang_warn_fraction: float = 0.6
-    #: Retries of a single input before it is reported as poison (so 1 + max_retries tries).
-    #: Multi-item batches are bisected instead, which is bounded by log2(items).
-    max_retries: int = 2
+    #: The fault policy's numbers (``faults.FaultPolicy``, where each is explained): the hung
+    #: worker deadline (base + per token of its task, warned at the fraction) and the retries
+    #: of a single input.
+    hang_base_s: float = FaultPolicy.hang_base_s
+    hang_per_token_s: float = FaultPolicy.hang_per_token_s
+    hang_warn_fraction: float = FaultPolicy.hang_warn_fraction
+    max_retries: int = FaultPolicy.max_retries
     #: Recycle a worker (between batches) whose RSS, after gc, exceeds this many bytes ...
     recycle_rss_bytes: int | None = None
     #: ... or grew by more than this since it was ready, beyond the activations of one batch
@@ -62,7 +61,7 @@ class PoolConfig:
     #: Consecutive failed starts (no worker alive) before the pool is declared broken.
     max_start_failures: int = 3
     #: Default look-ahead of Pool.run(): batches in flight or queued per worker.
-    pending_per_worker: int = 2
+    pending_per_worker: int = PENDING_PER_WORKER
 
     def __post_init__(self) -> None:
         positive_ints = {"workers": self.workers, "threads": self.threads,
@@ -75,14 +74,12 @@ class PoolConfig:
         for name, value in positive_ints.items():
             if value is not None and value < 1:
                 raise ConfigError(f"PoolConfig.{name} must be >= 1 or None, got {value}")
-        if self.max_retries < 0:
-            raise ConfigError(f"PoolConfig.max_retries must be >= 0, got {self.max_retries}")
         if self.start_method not in ("spawn", "forkserver"):
             raise ConfigError(f"PoolConfig.start_method must be spawn or forkserver, "
                               f"got {self.start_method!r}")
         if self.profile is not None and self.profile not in ("cloud", "local", "wsl2"):
             raise ConfigError(f"PoolConfig.profile must be cloud, local or wsl2, got {self.profile!r}")
-        positive_floats = {"start_timeout_s": self.start_timeout_s, "hang_base_s": self.hang_base_s,
+        positive_floats = {"start_timeout_s": self.start_timeout_s,
                            "sample_interval_s": self.sample_interval_s,
                            "leave_timeout_s": self.leave_timeout_s}
         for name, fvalue in positive_floats.items():
@@ -92,11 +89,15 @@ class PoolConfig:
             raise ConfigError(f"PoolConfig.precision must be int8 or fp32, got {self.precision!r}")
         if self.emergency_exit_s is not None and self.emergency_exit_s < 0:
             raise ConfigError(f"PoolConfig.emergency_exit_s must be >= 0, got {self.emergency_exit_s}")
-        if self.hang_per_token_s < 0 or self.status_interval_s < 0:
-            raise ConfigError("PoolConfig.hang_per_token_s and status_interval_s must be >= 0")
-        if not 0 < self.hang_warn_fraction < 1:
-            raise ConfigError(f"PoolConfig.hang_warn_fraction must be in (0, 1), "
-                              f"got {self.hang_warn_fraction}")
+        if self.status_interval_s < 0:
+            raise ConfigError("PoolConfig.status_interval_s must be >= 0")
+        try:
+            self.fault_policy  # noqa: B018 - validates the fault policy's fields
+        except ConfigError as exc:
+            raise ConfigError(f"PoolConfig.{exc}") from None
 
-    def hang_deadline_s(self, padded_tokens: int) -> float:
-        return self.hang_base_s + self.hang_per_token_s * padded_tokens
+    @property
+    def fault_policy(self) -> FaultPolicy:
+        return FaultPolicy(max_retries=self.max_retries, hang_base_s=self.hang_base_s,
+                           hang_per_token_s=self.hang_per_token_s,
+                           hang_warn_fraction=self.hang_warn_fraction)

@@ -9,11 +9,12 @@ Workers send finished, L2-normalised vectors, never hidden states.
     Embed(task_id, sequences)       Ready(worker_id, pid, dim, rss)     once, after loading
     Leave(reason)                   StartFailed(worker_id, pid, error, traceback)
                                     Result(task_id, vectors, seconds, rss)
-                                    TaskFailed(task_id, error, traceback)   Python error in embed
+                                    TaskFailed(task_id, error, traceback, kind)
+                                                                        an exception in embed
                                     Leaving(worker_id, reason)          before a cooperative exit
 
 A worker has at most one ``Embed`` in flight, so a crash is always charged to exactly one
-batch. A worker that exits without ``Leaving`` crashed, whatever its exit code.
+task. A worker that exits without ``Leaving`` crashed, whatever its exit code.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class TaskFailed:
     task_id: int
     error: str
     traceback: str
+    kind: str  # faults.engine_error_kind of the exception: engine_error or device_oom
 
 
 @dataclass(frozen=True)

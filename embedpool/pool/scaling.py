@@ -1,12 +1,12 @@
 """The scaling policy: pure functions from readings to a worker count and a batch token budget.
 
-Nothing here starts a process or reads the machine; the supervisor samples (``resources``),
-asks, and applies the answer. Everything is table-tested in ``tests/pool/test_scaling.py``::
+Nothing here starts a process or reads the machine; the pool's manager samples
+(``readings``), asks (through ``scaler``), and applies the answer. Everything is table-tested in ``tests/pool/test_scaling.py``::
 
     Limits --plan()--> Plan(policy, reasons)          once, at start (and `embedpool doctor`)
     PolicyState(workers=policy.start_workers, batch_tokens=policy.batch_tokens)
     every sample interval:  decide(history, state, policy, now) -> Decision(target, budget, state)
-    a worker SIGKILLed:     on_oom_kill(state, policy, now, killed_tokens) -> Decision
+    an OOM (faults):        on_oom_kill(state, policy, now, killed_tokens) -> Decision
     a batch completed:      on_batch_success(state, started_at)  -> PolicyState
 
 ``decide()``, in order (the first rule that applies wins):
@@ -59,9 +59,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from embedpool import faults
 from embedpool.batching import DEFAULT_BATCH_TOKENS
 from embedpool.errors import ConfigError
-from embedpool.pool.resources import Limits, Reading
+from embedpool.pool.machine import Limits, Reading
 from embedpool.types import Precision, Profile
 
 MiB = 1024 * 1024
@@ -354,16 +355,15 @@ def predict(values: Sequence[float], steps: int = LOOKAHEAD_STEPS) -> float:
 
 def on_oom_kill(state: PolicyState, policy: ProfilePolicy, now: float,
                 killed_tokens: int | None = None) -> Decision:
-    """A worker died of SIGKILL (most likely the OOM killer). Halve the batch budget (not below
-    ``min_batch_tokens``) and block growth until memory calms down. The second kill with no
-    batch completed in between enters emergency mode: one worker, ``min_batch_tokens``.
-    ``killed_tokens``: padded tokens of the multi-item batch it was running, if any; the
-    budget is never restored to that size again. (The death of a single item says that the
-    item, or another program, is the problem, not the batch size: it is not recorded.)"""
+    """A worker was OOM-killed or ran out of memory (``faults.OOM_KINDS``). Halve the batch
+    budget (not below ``min_batch_tokens``) and block growth until memory calms down. The
+    second kill with no batch completed in between enters emergency mode: one worker,
+    ``min_batch_tokens``. ``killed_tokens`` (``faults.Decision.forbid_tokens``): padded tokens
+    of the multi-item batch it was running, if any; the budget is never restored to that size
+    again (``faults.restored_budget``)."""
     count = state.consecutive_oom + 1
-    if killed_tokens is not None and killed_tokens > 0:
-        state = dataclasses.replace(state, oom_tokens=killed_tokens if state.oom_tokens is None
-                                    else min(state.oom_tokens, killed_tokens))
+    state = dataclasses.replace(state, oom_tokens=faults.forbidden_after(state.oom_tokens,
+                                                                         killed_tokens))
     if count >= 2:
         new = dataclasses.replace(state, workers=1, batch_tokens=policy.min_batch_tokens,
                                   emergency=True, consecutive_oom=count, calm_since=None,
@@ -372,7 +372,7 @@ def on_oom_kill(state: PolicyState, policy: ProfilePolicy, now: float,
         reason = (f"emergency mode on: {count} consecutive OOM kills; 1 worker, "
                   f"batch budget {new.batch_tokens} tokens")
     else:
-        halved = max(policy.min_batch_tokens, state.batch_tokens // 2)
+        halved = faults.lowered_budget(state.batch_tokens, policy.min_batch_tokens)
         new = dataclasses.replace(state, batch_tokens=halved, consecutive_oom=count,
                                   calm_since=None, mem_hot=True, last_oom_at=now,
                                   best_throughput={} if halved != state.batch_tokens
@@ -508,7 +508,7 @@ def _shrink(history: Sequence[Reading], state: PolicyState, policy: ProfilePolic
         new = dataclasses.replace(state, workers=state.workers - 1, calm_since=None)
         return _decision(state, new, "shrink", f"shrink {state.workers} -> {new.workers}: {why}")
     if state.batch_tokens > policy.min_batch_tokens:
-        bt = max(policy.min_batch_tokens, state.batch_tokens // 2)
+        bt = faults.lowered_budget(state.batch_tokens, policy.min_batch_tokens)
         new = dataclasses.replace(state, batch_tokens=bt, calm_since=None, best_throughput={})
         return _decision(state, new, "hold", f"batch budget {state.batch_tokens} -> {bt} "
                                              f"tokens at 1 worker: {why}")
@@ -554,9 +554,7 @@ def _grow_or_hold(history: Sequence[Reading], state: PolicyState, policy: Profil
         return _decision(state, new, "grow", f"grow {n} -> {n + 1}: {v.describe()}")
     # Rule 5: restore a lowered batch budget once memory has been calm long enough, up to
     # (not including) a size that was OOM-killed.
-    restore = min(policy.batch_tokens, state.batch_tokens * 2)
-    if state.oom_tokens is not None and restore >= state.oom_tokens:
-        restore = state.batch_tokens
+    restore = faults.restored_budget(state.batch_tokens, policy.batch_tokens, state.oom_tokens)
     if (restore > state.batch_tokens and state.calm_since is not None
             and now - state.calm_since >= policy.emergency_exit_s):
         bt = restore

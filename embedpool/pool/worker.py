@@ -35,6 +35,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from embedpool.faults import engine_error_kind
 from embedpool.pool.protocol import (
     Embed,
     Leave,
@@ -44,6 +45,7 @@ from embedpool.pool.protocol import (
     StartFailed,
     TaskFailed,
 )
+from embedpool.proc import pid_alive, rss_bytes
 
 #: Variables read by the common native thread pools. ONNX Runtime's own pool is sized by the
 #: engine's intra-op setting; these keep numpy's BLAS and any OpenMP library from starting one
@@ -62,16 +64,6 @@ def limit_threads(threads: int) -> None:
         os.environ[name] = str(threads)
 
 
-def _parent_alive(parent_pid: int) -> bool:
-    try:
-        os.kill(parent_pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else (cannot happen for our parent)
-        return True
-    return True
-
-
 def die_with_parent(parent_pid: int) -> None:
     """Make sure this process ends when ``parent_pid`` does, whatever it is doing."""
     if sys.platform.startswith("linux"):
@@ -83,14 +75,14 @@ def die_with_parent(parent_pid: int) -> None:
         except (OSError, AttributeError):  # pragma: no cover - exotic libc
             pass
     # The parent may have died before prctl ran (then it never fires).
-    if not _parent_alive(parent_pid):
+    if not pid_alive(parent_pid):
         os._exit(1)
     original_ppid = os.getppid()
 
     def watchdog() -> None:
         while True:
             time.sleep(WATCHDOG_INTERVAL_S)
-            if not _parent_alive(parent_pid) or (
+            if not pid_alive(parent_pid) or (
                     original_ppid == parent_pid and os.getppid() != original_ppid):
                 os._exit(1)  # no cleanup: there is nobody left to report to
 
@@ -156,36 +148,6 @@ def release_memory() -> bool:
     return True
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc, else psutil)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import psutil
-
-        return int(psutil.Process().memory_info().rss)
-
-
-def _with_threads(spec: Any, threads: int) -> Any:
-    """The spec with its ``threads`` field set, where it has one (EngineSpec, FakeEngineSpec)."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(spec) and not isinstance(spec, type) and any(
-            f.name == "threads" for f in dataclasses.fields(spec)):
-        return dataclasses.replace(spec, threads=threads)
-    return spec
-
-
-def _crash_hook() -> tuple[int, ...] | None:
-    """EMBEDPOOL_TEST_CRASH_TOKENS: a test-only poison for the real model (see embedpool.config)."""
-    if not os.environ.get("EMBEDPOOL_TEST_CRASH_TOKENS"):
-        return None
-    from embedpool.config import debug_crash_tokens
-
-    return debug_crash_tokens()
-
-
 def worker_main(conn: Connection, spec_blob: bytes, worker_id: int, threads: int,
                 parent_pid: int, gc_rss_bytes: int | None = None) -> None:
     """Entry point of a worker process (the ``target`` of its ``Process``).
@@ -200,17 +162,18 @@ def worker_main(conn: Connection, spec_blob: bytes, worker_id: int, threads: int
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     pid = os.getpid()
     try:
-        spec = _with_threads(pickle.loads(spec_blob), threads)
+        from embedpool.executor import with_threads  # numpy: only after limit_threads
+
+        spec: Any = with_threads(pickle.loads(spec_blob), threads)
         engine = spec.build()
         dim = int(engine.dim)
-        crash_tokens = _crash_hook()
         release_memory()  # the model file's parse buffers, freed but kept by the heap
     except BaseException as exc:  # everything, SystemExit included, is reported
         conn.send(StartFailed(worker_id, pid, f"{type(exc).__name__}: {exc}",
                               traceback.format_exc()))
         conn.close()
         sys.exit(3)
-    conn.send(Ready(worker_id, pid, dim, rss_bytes()))
+    conn.send(Ready(worker_id, pid, dim, rss_bytes() or 0))
 
     while True:
         try:
@@ -218,7 +181,7 @@ def worker_main(conn: Connection, spec_blob: bytes, worker_id: int, threads: int
         except (EOFError, OSError):
             return  # the supervisor is gone
         if isinstance(msg, Embed):
-            _embed(conn, engine, msg, crash_tokens, gc_rss_bytes)
+            _embed(conn, engine, msg, gc_rss_bytes)
         elif isinstance(msg, Leave):
             conn.send(Leaving(worker_id, msg.reason))
             conn.close()
@@ -227,23 +190,18 @@ def worker_main(conn: Connection, spec_blob: bytes, worker_id: int, threads: int
             raise TypeError(f"worker {worker_id}: unexpected message {msg!r}")
 
 
-def _embed(conn: Connection, engine: Any, msg: Embed, crash_tokens: tuple[int, ...] | None,
-           gc_rss_bytes: int | None) -> None:
-    if crash_tokens is not None:
-        from embedpool.testing import contains_subsequence
-
-        if any(contains_subsequence(s, crash_tokens) for s in msg.sequences):
-            os.kill(os.getpid(), signal.SIGKILL)
+def _embed(conn: Connection, engine: Any, msg: Embed, gc_rss_bytes: int | None) -> None:
     started = time.perf_counter()
     try:
         vectors = engine.embed(msg.sequences)
     except Exception as exc:
-        conn.send(TaskFailed(msg.task_id, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        conn.send(TaskFailed(msg.task_id, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                             str(engine_error_kind(exc))))
         return
     seconds = time.perf_counter() - started
     release_memory()  # so the reported RSS, which drives recycling and scaling, is what is live
-    rss = rss_bytes()
+    rss = rss_bytes() or 0
     if gc_rss_bytes is not None and rss > gc_rss_bytes:
         gc.collect()
-        rss = rss_bytes()
+        rss = rss_bytes() or 0
     conn.send(Result(msg.task_id, vectors, seconds, rss))

@@ -33,9 +33,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from embedpool.batcher import MicroBatcher, SubmitExecutor
 from embedpool.engine import EngineSpec, usable_cores
+from embedpool.executor import InProcessExecutor
 from embedpool.metrics import CONTENT_TYPE, ServerMetrics
-from embedpool.microbatch import InProcessExecutor, MicroBatcher, SubmitExecutor
 from embedpool.models import ResolvedModel, find_known, resolve_model
 from embedpool.server.openai import (
     ERROR_RESPONSES,

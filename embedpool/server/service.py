@@ -21,9 +21,9 @@ from typing import Protocol
 import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
+from embedpool.batcher import MicroBatcher, SubmitExecutor, Ticket
 from embedpool.errors import ItemFailed, PoolUnavailable, QueueFull
 from embedpool.metrics import ServerMetrics
-from embedpool.microbatch import MicroBatcher, SubmitExecutor, Ticket
 from embedpool.server.openai import ApiError, ServedModel
 from embedpool.server.settings import ServerSettings
 from embedpool.tokenization import Encoded, TextTokenizer

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from pool_support import DEADLINE_S, wait_until
 
 from embedpool.corpus import stdlib_chunks
-from tests.pool.conftest import DEADLINE_S, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_processes")]
 

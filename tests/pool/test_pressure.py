@@ -39,10 +39,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pool_support import DEADLINE_S, wait_until
 
 from embedpool import events
 from embedpool.testing import fake_vectors, make_sequences
-from tests.pool.conftest import DEADLINE_S, wait_until
 
 try:
     import cgroup_util
@@ -69,7 +69,7 @@ import json, os, sys
 import numpy as np
 from embedpool.executor import WorkBatch
 from embedpool.pool.config import PoolConfig
-from embedpool.pool.supervisor import Pool
+from embedpool.pool.pool import Pool
 from embedpool.testing import FakeEngineSpec, make_sequences
 
 p = json.loads(sys.argv[1])
@@ -315,7 +315,7 @@ import numpy as np
 from embedpool.engine import EngineSpec
 from embedpool.models import resolve_model
 from embedpool.pool.config import PoolConfig
-from embedpool.pool.supervisor import Pool
+from embedpool.pool.pool import Pool
 from embedpool.testing import make_batches
 from embedpool.tokenization import TextTokenizer
 

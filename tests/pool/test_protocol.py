@@ -27,7 +27,7 @@ MESSAGES = [
     Ready(1, 4242, 384, 90_000_000),
     StartFailed(1, 4242, "OSError('no model')", "Traceback ..."),
     Result(7, np.arange(6, dtype=np.float32).reshape(2, 3), 0.25, 91_000_000),
-    TaskFailed(7, "ValueError('bad')", "Traceback ..."),
+    TaskFailed(7, "ValueError('bad')", "Traceback ...", "engine_error"),
     Leaving(1, "recycle"),
 ]
 

@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pool_support import DEADLINE_S, EventLog, clean_real_run, fast_config, wait_until
 
 from embedpool import events
 from embedpool.executor import BatchResult
-from embedpool.pool.supervisor import Pool
+from embedpool.pool.pool import Pool
 from embedpool.testing import make_batches
-from tests.pool.conftest import DEADLINE_S, EventLog, clean_real_run, fast_config, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_processes")]
 

@@ -12,7 +12,7 @@ import pytest
 
 from embedpool.doctor import render_doctor
 from embedpool.errors import ConfigError
-from embedpool.pool.resources import Limits, Reading
+from embedpool.pool.machine import Limits, Reading
 from embedpool.pool.scaling import (
     MIN_BATCH_TOKENS,
     SUPERVISOR_BASELINE,
@@ -149,7 +149,15 @@ def test_plan_rejects(kwargs: dict[str, int], match: str) -> None:
 def test_profile_thresholds_keep_their_order() -> None:
     stops = {prof: plan(limits(profile=prof)).policy.mem_stop for prof in ("cloud", "local", "wsl2")}
     assert stops["wsl2"] < stops["local"] < stops["cloud"]
-    assert SUPERVISOR_BASELINE > 0
+
+
+def test_plan_without_a_reading_counts_the_supervisor_baseline() -> None:
+    """Without the memory in use, plan() reserves SUPERVISOR_BASELINE: on a memory-bound
+    1 GiB machine that is one worker fewer than with nothing in use."""
+    lim = limits(16, GiB)
+    assumed = plan(lim).policy.max_workers
+    assert plan(lim, mem_used=SUPERVISOR_BASELINE).policy.max_workers == assumed
+    assert plan(lim, mem_used=0).policy.max_workers == assumed + 1
 
 
 @pytest.mark.parametrize(("changes", "match"), [

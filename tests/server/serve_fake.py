@@ -9,7 +9,7 @@ import sys
 
 from server_support import DIM
 
-from embedpool.microbatch import InProcessExecutor
+from embedpool.executor import InProcessExecutor
 from embedpool.server import ServerSettings, run_server
 from embedpool.testing import FakeEngineSpec
 

@@ -13,10 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from embedpool.microbatch import InProcessExecutor, SubmitExecutor, combine_windows
+from embedpool.batcher import SubmitExecutor
+from embedpool.executor import InProcessExecutor
 from embedpool.testing import FakeEngine, FakeEngineSpec, fake_vectors
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import LongTextMode, TokenIds, Vectors
+from embedpool.vectors import combine_windows
 
 DIM = 384  # MiniLM's: the server checks the fake's vectors against the model's dimension
 START_DEADLINE_S = 30.0

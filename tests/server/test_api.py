@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from server_support import DIM, LiveServer, decode_base64, expected_vectors, fake_executor
 
-from embedpool.executor import WorkBatch
-from embedpool.microbatch import InProcessExecutor
+from embedpool.executor import InProcessExecutor, WorkBatch
 from embedpool.models import ResolvedModel
 from embedpool.testing import FakeEngineSpec, fake_vectors
 from embedpool.tokenization import TextTokenizer
@@ -155,7 +154,7 @@ def test_health_ready_metrics(server: LiveServer) -> None:
 
 class _FailingProbe(InProcessExecutor):
     def submit(self, batch: WorkBatch):  # type: ignore[no-untyped-def]
-        if batch.keys == ("probe",):
+        if batch.item_ids == ("probe",):
             raise RuntimeError("probe refused")
         return super().submit(batch)
 
@@ -207,7 +206,7 @@ def test_import_embedpool_does_not_load_web_stack() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, embedpool, embedpool.microbatch; "
+    code = ("import sys, embedpool, embedpool.batcher; "
             "bad = [m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

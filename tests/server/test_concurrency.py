@@ -21,17 +21,19 @@ import numpy as np
 import pytest
 from server_support import DIM, GatedEngine, LiveServer, expected_vectors
 
+from embedpool.batcher import MicroBatcher, Ticket
 from embedpool.errors import ItemFailed, PoolBroken, PoolUnavailable, QueueFull
-from embedpool.executor import BatchResult, WorkBatch
-from embedpool.microbatch import (
+from embedpool.executor import (
+    BatchResult,
+    Counters,
+    ExecutorStats,
     InProcessExecutor,
-    MicroBatcher,
-    Ticket,
-    combine_windows,
+    WorkBatch,
 )
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_sequences
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import TokenIds
+from embedpool.vectors import combine_windows
 
 DEADLINE_S = 60.0
 CLIENTS = 32
@@ -160,6 +162,9 @@ def test_oversized_request_is_admitted_into_an_empty_queue() -> None:
 class _ScriptedExecutor:
     """Answers each batch with a scripted failure (per-item or whole-batch)."""
 
+    dim = 8
+    broken: str | None = None  # the executor contract: never broken while idle
+
     def __init__(self, failed: dict[int, str] | None = None, error: BaseException | None = None) -> None:
         self.failed = failed or {}
         self.error = error
@@ -172,8 +177,9 @@ class _ScriptedExecutor:
             fut.set_result(BatchResult(batch.batch_id, fake_vectors(batch.sequences, 8), self.failed))
         return fut
 
-    def stats(self) -> dict[str, Any]:
-        return {"workers": 1}
+    def stats(self) -> ExecutorStats:
+        return ExecutorStats.of(Counters(), backend="in-process", workers=(), target_workers=1,
+                                max_workers=1, threads=1, batch_tokens=0, queued=0)
 
     def close(self) -> None:
         pass
@@ -280,7 +286,7 @@ def test_sigterm_finishes_requests_in_flight_then_exits() -> None:
 def test_sigkill_of_a_worker_loses_no_request(serve: Callable[..., LiveServer],
                                               tokenizer: TextTokenizer) -> None:
     from embedpool.pool.config import PoolConfig
-    from embedpool.pool.supervisor import Pool
+    from embedpool.pool.pool import Pool
 
     pools: list[Pool] = []
     spec = FakeEngineSpec(dim=DIM, delay_per_token_s=2e-4)

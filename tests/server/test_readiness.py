@@ -11,8 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 from server_support import DIM, GatedEngine, LiveServer
 
-from embedpool.executor import BatchResult, WorkBatch
-from embedpool.microbatch import InProcessExecutor
+from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
 from embedpool.server.readiness import Readiness, SharedProbe
 from embedpool.testing import FakeEngineSpec
 
@@ -26,7 +25,7 @@ class _CountingProbes(InProcessExecutor):
     probes = 0
 
     def submit(self, batch: WorkBatch) -> Future[BatchResult]:
-        if batch.keys == ("probe",):
+        if batch.item_ids == ("probe",):
             self.probes += 1
         return super().submit(batch)
 

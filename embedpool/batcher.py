@@ -10,11 +10,12 @@ How a request flows::
       │              batcher thread: │ take a window (FIFO, about batch_tokens x free slots),
       │                              │ plan_batches() over it (length-sorted, padded-token budget)
       │                              v
-      │                 executor.submit(WorkBatch) -> Future[BatchResult]   (pool or in-process)
+      │                 executor.submit(WorkBatch) -> Future[BatchResult]   (any Executor)
       │                              │
       │        done callback (pool's │ thread): scatter rows into each owning request;
       │                              v  poison row -> ItemFailed, batch error -> PoolUnavailable
-      └──── Future[Vectors] <── last row of a request: average windows per item, L2-normalise
+      └──── Future[Vectors] <── last row of a request: vectors.combine_windows (average
+                                  windows per item, L2-normalise)
 
 Why this shape:
 
@@ -30,9 +31,9 @@ Why this shape:
   to ``max_wait_s`` for company: a few milliseconds of latency for much fuller batches.
 * Admission counts tokens, not requests, so a 429 means "the server is really behind", and
   ``Retry-After`` is the backlog divided by the recently measured throughput.
-
-``InProcessExecutor`` is a one-thread stand-in for the process pool with the same ``submit``
-contract (used by tests, by ``--workers 0`` setups and until a pool is configured).
+* Health (``health()``): a broken executor (``Executor.broken``, which a pool sets when no
+  worker can be started, even while idle), a dead batcher thread, or no batch finished for
+  ``STALL_TIMEOUT_S`` while some are in flight.
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from embedpool.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS, plan_batches
-from embedpool.engine import l2_normalize
 from embedpool.errors import ItemFailed, PoolBroken, PoolUnavailable, QueueFull
-from embedpool.executor import BatchResult, WorkBatch
+from embedpool.executor import BatchResult, Executor, WorkBatch
 from embedpool.types import TokenIds, Vectors
+from embedpool.vectors import combine_windows
 
 #: Gather window: how long an idle batcher waits for more requests before sending a partial
 #: batch. 2 ms is below the cost of embedding one short text on a CPU (~5-10 ms) yet long
@@ -75,20 +76,8 @@ RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 60
 STALL_TIMEOUT_S = 120.0
 
 
-class SubmitExecutor(Protocol):
-    """What the batcher needs from a pool: thread-safe ``submit``, ``stats`` and ``close``."""
-
-    def submit(self, batch: WorkBatch) -> Future[BatchResult]: ...
-
-    def stats(self) -> Any: ...
-
-    def close(self) -> None: ...
-
-
-class EngineLike(Protocol):
-    dim: int
-
-    def embed(self, sequences: Sequence[TokenIds]) -> Vectors: ...
+#: What the batcher needs from an executor: the executor contract (``executor.Executor``).
+SubmitExecutor = Executor
 
 
 def stats_dict(stats: Any) -> dict[str, Any]:
@@ -115,19 +104,6 @@ def worker_count(stats: Any) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return 2
-
-
-def combine_windows(vectors: Vectors, owner: Sequence[int], n_items: int) -> Vectors:
-    """One vector per item: the mean of its windows' vectors, L2-normalised.
-
-    ``owner[i]`` is the item of row ``i`` (``tokenization.Encoded.owner``). Items with one
-    sequence keep their vector unchanged (the mean of one normalised row is itself).
-    """
-    if len(owner) == n_items:
-        return vectors
-    sums = np.zeros((n_items, vectors.shape[1]), dtype=np.float32)
-    np.add.at(sums, np.asarray(owner, dtype=np.intp), vectors)
-    return l2_normalize(sums)
 
 
 # ----------------------------------------------------------------------------- requests
@@ -268,14 +244,10 @@ class MicroBatcher:
             if self._inflight and stalled > STALL_TIMEOUT_S:
                 return (f"no batch finished for {stalled:.0f} s while {self._inflight} "
                         "are in flight: the pool looks hung")
-        broken = getattr(self.executor, "broken", None)
+        broken = self.executor.broken  # noticed while idle, not only by a failed batch
         if broken:
             return f"worker pool broken: {broken}"
         return None
-
-    def mark_broken(self, reason: str) -> None:
-        with self._cond:
-            self._broken = self._broken or reason
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the batcher; requests still pending fail with ``PoolUnavailable``."""
@@ -442,81 +414,3 @@ class MicroBatcher:
 
 #: Guards the per-request row counters, updated from whichever thread finishes a batch.
 _FILL_LOCK = threading.Lock()
-
-
-# ----------------------------------------------------------------------------- executor
-class InProcessExecutor:
-    """The engine on one background thread, behind the pool's ``submit`` contract.
-
-    A batch that raises is retried item by item, so one bad input comes back in
-    ``BatchResult.failed`` (as the pool reports a poison input) instead of failing the others.
-    """
-
-    def __init__(self, engine_factory: Callable[[], EngineLike]) -> None:
-        self.engine = engine_factory()
-        self.dim = self.engine.dim
-        self._queue: deque[tuple[WorkBatch, Future[BatchResult]] | None] = deque()
-        self._cond = threading.Condition()
-        self._done = 0
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="embedpool-engine", daemon=True)
-        self._thread.start()
-
-    def submit(self, batch: WorkBatch) -> Future[BatchResult]:
-        fut: Future[BatchResult] = Future()
-        with self._cond:
-            if self._closed:
-                raise PoolUnavailable("the in-process executor is closed")
-            self._queue.append((batch, fut))
-            self._cond.notify()
-        return fut
-
-    def stats(self) -> dict[str, Any]:
-        import psutil
-
-        with self._cond:
-            queued = len(self._queue)
-        return {"workers": 1, "queued_batches": queued, "batches_done": self._done,
-                "rss_bytes": psutil.Process().memory_info().rss}
-
-    def close(self) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._closed = True
-            self._queue.append(None)
-            self._cond.notify()
-        self._thread.join(30.0)
-        with self._cond:
-            left = [item for item in self._queue if item is not None]
-            self._queue.clear()
-        for _, fut in left:
-            fut.cancel()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
-                item = self._queue.popleft()
-            if item is None:
-                return
-            batch, fut = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            fut.set_result(self._embed(batch))
-            self._done += 1
-
-    def _embed(self, batch: WorkBatch) -> BatchResult:
-        try:
-            return BatchResult(batch.batch_id, self.engine.embed(batch.sequences))
-        except Exception:
-            pass
-        vectors = np.zeros((len(batch.sequences), self.dim), dtype=np.float32)
-        failed: dict[int, str] = {}
-        for pos, seq in enumerate(batch.sequences):
-            try:
-                vectors[pos] = self.engine.embed([seq])[0]
-            except Exception as exc:
-                failed[pos] = f"{type(exc).__name__}: {exc}"
-        return BatchResult(batch.batch_id, vectors, failed)

@@ -20,13 +20,19 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+from pool_support import DEADLINE_S, EventLog, clean_real_run, fast_config, wait_until
 
 from embedpool import events
 from embedpool.errors import ConfigError, PoolBroken, WorkerStartError
 from embedpool.executor import BatchResult, WorkBatch
-from embedpool.pool.supervisor import Pool
-from embedpool.testing import FakeEngineSpec, fake_vectors, make_batches, make_sequences
-from tests.pool.conftest import DEADLINE_S, EventLog, clean_real_run, fast_config, wait_until
+from embedpool.pool.pool import Pool
+from embedpool.testing import (
+    CrashingSpec,
+    FakeEngineSpec,
+    fake_vectors,
+    make_batches,
+    make_sequences,
+)
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -94,15 +100,21 @@ def test_sigkill_random_workers_during_a_long_job(event_log: EventLog) -> None:
     deaths = event_log.named(events.WORKER_DEATH)
     assert sorted(e["pid"] for e in deaths) == sorted(killed)
     assert {e["exit"] for e in deaths} == {"SIGKILL(-9)"}
-    assert all("OOM" in e["cause"] for e in deaths)
-    assert stats.deaths == 4 and stats.oom_kills == 4 and stats.poison_items == 0
+    # our kills are not the OOM killer's: the cgroup's oom_kill counter did not rise
+    assert {e["kind"] for e in deaths} == {"external_sigkill"}
+    assert all("did not rise" in e["cause"] for e in deaths)
+    assert stats.deaths == 4 and stats.external_sigkills == 4 and stats.oom_kills == 0
+    assert stats.poison_items == 0
     # each lost task is split after a SIGKILL (a one-item task is retried); a worker killed
     # just after it sent its result had nothing in flight
     lost = sum(1 for e in deaths if e["items"] > 0)
     assert len(event_log.named(events.SPLIT)) + len(event_log.named(events.RETRY)) == lost
 
 
-def test_two_oom_kills_in_a_row_enter_and_then_leave_emergency(event_log: EventLog) -> None:
+def test_sigkills_without_oom_evidence_keep_the_budget(event_log: EventLog) -> None:
+    """Two SIGKILLs in a row that the cgroup's oom_kill counter does not confirm are external
+    kills, not OOM kills: the budget stays and no emergency mode starts (the OOM path, with
+    the kernel's own kills, is tests/test_executor_faults.py and test_pressure.py)."""
     batches = make_batches(make_sequences(60, seed=12), 6)
     spec = FakeEngineSpec(dim=DIM, delay_per_batch_s=0.3)
     with Pool(spec, fast_config(workers=1, batch_tokens=1024), on_event=event_log) as pool:
@@ -117,16 +129,15 @@ def test_two_oom_kills_in_a_row_enter_and_then_leave_emergency(event_log: EventL
                 return len(event_log.named(events.WORKER_DEATH)) == n
 
             wait_until(died, f"death {n}")
-        wait_until(lambda: pool.stats().emergency, "emergency mode")
         results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
                                                                             strict=True)}
-        wait_until(lambda: not pool.stats().emergency, "emergency mode to end")
+        stats = pool.stats()
     check_all(results, batches)
-    emergency = event_log.named(events.EMERGENCY)
-    assert [e["on"] for e in emergency][:2] == [True, False]
-    scale = event_log.named(events.SCALE)
-    assert scale[0]["batch_tokens_to"] < scale[0]["batch_tokens_from"]  # first kill: halved
-    assert "reading" in scale[0] and "reason" in scale[0]
+    assert stats.external_sigkills == 2 and stats.oom_kills == 0
+    assert stats.batch_tokens == 1024 and not stats.emergency
+    assert event_log.named(events.EMERGENCY) == []
+    assert [e for e in event_log.named(events.SCALE)
+            if e["batch_tokens_to"] != e["batch_tokens_from"]] == []
 
 
 def test_sigstop_hung_worker_is_killed_and_its_batch_completes(event_log: EventLog) -> None:
@@ -169,7 +180,7 @@ def test_poison_input_is_isolated_and_reported_once(event_log: EventLog) -> None
     assert "item-37" in failed[(2, 5)] and "SIGKILL(-9)" in failed[(2, 5)]
     assert not results[2].vectors[5].any()
     (poison,) = event_log.named(events.POISON_ITEM)
-    assert poison["key"] == "item-37"
+    assert poison["item_id"] == "item-37" and poison["kind"] == "external_sigkill"
     # bisection 16 -> 1 costs log2(16) deaths, then 1 + max_retries tries of the item itself
     assert stats.deaths <= 4 + 1 + 1 and stats.poison_items == 1
     good = [b for b in batches if b.batch_id != 2]
@@ -270,9 +281,9 @@ def test_pool_breaks_when_no_worker_can_be_respawned(tmp_path: Path,
 
 _PARENT = """
 import json, sys
-from embedpool.pool.supervisor import Pool
+from embedpool.pool.pool import Pool
 from embedpool.testing import FakeEngineSpec, make_batches, make_sequences
-from tests.pool.conftest import fast_config, wait_until
+from tests.pool.pool_support import fast_config, wait_until
 pool = Pool(FakeEngineSpec(dim=8, delay_per_batch_s=30.0), fast_config(start_method=sys.argv[1]))
 futures = [pool.submit(b) for b in make_batches(make_sequences(8), 2)]
 wait_until(lambda: sum(w.state == "busy" for w in pool.stats().workers) == 2, "busy workers")
@@ -326,34 +337,37 @@ def real_model() -> Any:
 @pytest.mark.slow
 def test_real_model_survives_sigkill_with_vectors_of_a_clean_run(real_model: Any,
                                                                   event_log: EventLog) -> None:
+    """Exactly one SIGKILL, sent while a worker is busy (the batches are submitted and the
+    test waits for a busy worker before it kills), and the job still equals a clean run."""
     spec, seqs, clean = real_model
     batches = make_batches(seqs, 8)
     with Pool(spec, fast_config(), on_event=event_log) as pool:
-        results: dict[int, BatchResult] = {}
-        for r in pool.run(batches, max_pending=4):
-            results[r.batch_id] = r
-            if len(results) == 10:
-                pid = busy_pid(pool)
-                if pid is not None:
-                    os.kill(pid, signal.SIGKILL)
+        futures = [pool.submit(b) for b in batches]
+        wait_until(lambda: busy_pid(pool) is not None, "a busy worker")
+        pid = busy_pid(pool)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
+                                                                            strict=True)}
+        stats = pool.stats()
     got = np.concatenate([results[b.batch_id].vectors for b in batches])
     assert np.sum(got * clean, axis=1).min() >= 0.99999
-    assert {e["exit"] for e in event_log.named(events.WORKER_DEATH)} <= {"SIGKILL(-9)"}
+    (death,) = event_log.named(events.WORKER_DEATH)
+    assert death["pid"] == pid and death["exit"] == "SIGKILL(-9)" and death["items"] > 0
+    assert stats.deaths == 1 and not any(r.failed for r in results.values())
 
 
 @pytest.mark.slow
-def test_real_model_poison_input_via_test_hook(real_model: Any, event_log: EventLog,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_model_poison_input(real_model: Any, event_log: EventLog) -> None:
+    """The real engine wrapped by the test-only CrashingSpec, which SIGKILLs its worker on a
+    token pair only text 21 has: that text alone is given up."""
     spec, seqs, clean = real_model
     seqs = list(seqs[:48])
     pairs = [tuple(s[i:i + 2].tolist()) for s in seqs for i in range(len(s) - 1)]
     poison = next(p for p in (tuple(seqs[21][i:i + 2].tolist()) for i in range(len(seqs[21]) - 1))
                   if pairs.count(p) == 1)  # two tokens in a row that only text 21 has
-    monkeypatch.setenv("EMBEDPOOL_TEST_CRASH_TOKENS", ",".join(map(str, poison)))
     batches = make_batches(seqs, 8)
-    # spawn, not forkserver: a forkserver started by an earlier test would not see the
-    # environment variable set above, and its workers inherit the forkserver's environment.
-    with Pool(spec, fast_config(max_retries=1, start_method="spawn"),
+    with Pool(CrashingSpec(spec, poison), fast_config(max_retries=1),
               on_event=event_log) as pool:
         results = {r.batch_id: r for r in pool.run(batches)}
     failed = {(bid, pos) for bid, r in results.items() for pos in r.failed}

@@ -1,7 +1,9 @@
 """RayExecutor against a real local Ray cluster (see conftest.py), plus its pure parts.
 
 The Ray tests use embedpool.testing.FakeEngineSpec (deterministic vectors, a real SIGKILL
-on a poison token) except one that runs the real model once embedpool.graph can build it.
+on a poison token) except one that runs the real model. The faults both backends must survive
+alike (SIGKILL, an OOM kill in a cgroup, a hung actor, poison, a raising callback) are in
+tests/test_executor_faults.py, run against the local pool and Ray.
 """
 
 from __future__ import annotations
@@ -10,31 +12,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 
-from embedpool.backends.ray import (
-    INSTALL_HINT,
-    MissingExtraError,
-    ModelShipment,
-    RayExecutor,
-    _Task,
-    actor_range,
-    cut_to_budget,
-    exit_detail,
-    halve,
-    locate_model,
-    require_ray,
-    sha256_bytes,
-)
-from embedpool.errors import ConfigError, ModelIntegrityError, WorkerStartError
-from embedpool.executor import BatchResult, LocalExecutor, WorkBatch
+from embedpool.backends.ray import INSTALL_HINT, RayExecutor, require_ray
+from embedpool.backends.ray.cluster import actor_range, exit_detail, failure_of, task_error_kind
+from embedpool.errors import ConfigError, MissingExtraError, WorkerStartError
+from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
+from embedpool.faults import FaultPolicy
 from embedpool.testing import FakeEngineSpec, make_batches, make_sequences
 from embedpool.types import Event
+from tests.pool.pool_support import wait_until
 
 POISON = (424242, 424243)
 DEADLINE_S = 90.0  # any one job; a timeout here is a hang, not slowness
@@ -52,7 +43,7 @@ def collect(run: Callable[[], Any], deadline_s: float = DEADLINE_S) -> dict[int,
 
 
 def local_reference(spec: Any, batches: Sequence[WorkBatch]) -> dict[int, BatchResult]:
-    ex = LocalExecutor(spec)
+    ex = InProcessExecutor(spec)
     try:
         return {r.batch_id: r for r in ex.run(batches)}
     finally:
@@ -72,7 +63,8 @@ def assert_same(got: dict[int, BatchResult], want: dict[int, BatchResult],
 # --- without Ray --------------------------------------------------------------------------
 
 def test_import_embedpool_never_imports_ray() -> None:
-    code = ("import sys, embedpool, embedpool.backends, embedpool.backends.ray; "
+    code = ("import sys, embedpool, embedpool.backends, embedpool.backends.ray, "
+            "embedpool.backends.ray.executor; "
             "assert 'ray' not in sys.modules, 'ray was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -105,33 +97,6 @@ def test_bad_actor_counts_are_config_errors(actors: int | tuple[int, int]) -> No
         RayExecutor(FakeEngineSpec(), actors=actors)
 
 
-def _task(lengths: Sequence[int]) -> _Task:
-    seqs = tuple(np.ones(n, np.int32) for n in lengths)
-    return _Task(7, tuple(range(len(lengths))), seqs, tuple(f"k{i}" for i in range(len(lengths))))
-
-
-@pytest.mark.parametrize(("lengths", "cap", "want"), [
-    ([10] * 8, None, [8]),
-    ([10] * 8, 80, [8]),
-    ([10] * 8, 40, [4, 4]),
-    ([10] * 8, 30, [3, 3, 2]),
-    ([10] * 3, 5, [1, 1, 1]),  # one row over the cap still goes, alone
-], ids=["no-cap", "fits", "halves", "thirds", "row-over-cap"])
-def test_cut_to_budget(lengths: list[int], cap: int | None, want: list[int]) -> None:
-    pieces = cut_to_budget(_task(lengths), cap)
-    assert [len(p.positions) for p in pieces] == want
-    assert [p for piece in pieces for p in piece.positions] == list(range(len(lengths)))
-    assert [k for piece in pieces for k in piece.keys] == [f"k{i}" for i in range(len(lengths))]
-
-
-def test_halve_keeps_rows_and_keys() -> None:
-    a, b = halve(_task([5, 6, 7]))
-    assert (a.positions, b.positions) == ((0,), (1, 2))
-    assert (a.keys, b.keys) == (("k0",), ("k1", "k2"))
-    with pytest.raises(ValueError, match="one row"):
-        halve(a)
-
-
 @pytest.mark.parametrize(("text", "want"), [
     ("The actor died unexpectedly before finishing this task.\n\tpid: 19377\nThe actor is "
      "dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
@@ -145,44 +110,34 @@ def test_exit_detail(text: str, want: dict[str, str]) -> None:
     assert exit_detail(RuntimeError(text)) == want
 
 
-def _shipment(files: dict[str, bytes], origin: Path, payload: Any = None) -> ModelShipment:
-    manifest = tuple(sorted((k, sha256_bytes(v)) for k, v in files.items()))
-    return ModelShipment("files", manifest, str(origin), [payload], sum(map(len, files.values())))
+# what Ray raised -> what it means, by type only: the text of ActorDied mentions the OOM killer
+# for any unexpected exit, and "oom" is a substring of "room"
+FAILURES = [
+    pytest.param(lambda e: e.OutOfMemoryError("node memory 96% > 95%"), "oom_death", None,
+                 id="ray-memory-monitor"),
+    pytest.param(lambda e: e.ActorDiedError(), "death", None, id="actor-died"),
+    pytest.param(lambda e: e.WorkerCrashedError(), "death", None, id="worker-crashed"),
+    pytest.param(lambda e: e.RayTaskError("embed", "tb", ValueError("no room: oom")
+                                          ).as_instanceof_cause(),
+                 "task_error", "engine_error", id="error-whose-text-says-oom"),
+    pytest.param(lambda e: e.RayTaskError("embed", "tb", MemoryError("cannot allocate")
+                                          ).as_instanceof_cause(),
+                 "task_error", "device_oom", id="memory-error-in-embed"),
+    pytest.param(lambda e: e.ObjectLostError("ab" * 14, None, ""), "lost", None,
+                 id="result-lost"),
+]
 
 
-FILES = {"model.onnx": b"onnx-bytes" * 100, "1_Pooling/config.json": b'{"mean": true}'}
+@pytest.mark.ray
+@pytest.mark.parametrize(("make", "failure", "kind"), FAILURES)
+def test_failure_of_is_by_type(make: Callable[[Any], BaseException], failure: str,
+                               kind: str | None) -> None:
+    import ray
 
-
-@pytest.mark.parametrize(("at_origin", "in_cache", "want"), [
-    (True, False, "driver path"),
-    (False, True, "node cache"),
-    (False, False, "object store"),
-], ids=["driver-path", "node-cache", "object-store"])
-def test_locate_model_sources(tmp_path: Path, at_origin: bool, in_cache: bool, want: str) -> None:
-    origin, cache = tmp_path / "origin", tmp_path / "cache"
-    for base, present in ((origin, at_origin), (cache, in_cache)):
-        for rel, data in FILES.items():
-            if present:
-                (base / rel).parent.mkdir(parents=True, exist_ok=True)
-                (base / rel).write_bytes(data)
-    fetched: list[int] = []
-
-    def fetch() -> dict[str, bytes]:
-        fetched.append(1)
-        return FILES
-
-    where, source = locate_model(_shipment(FILES, origin), fetch, cache)
-    assert source == want
-    assert where == (origin if at_origin else cache)
-    assert all((where / rel).read_bytes() == data for rel, data in FILES.items())
-    assert len(fetched) == (want == "object store")
-
-
-def test_locate_model_rejects_damaged_bytes(tmp_path: Path) -> None:
-    damaged = {**FILES, "model.onnx": b"tampered"}
-    with pytest.raises(ModelIntegrityError, match=r"model\.onnx.*sha256"):
-        locate_model(_shipment(FILES, tmp_path / "absent"), lambda: damaged, tmp_path / "c")
-    assert not (tmp_path / "c" / "model.onnx").exists()
+    exc = make(ray.exceptions)
+    assert failure_of(exc, ray) == failure
+    if kind is not None:
+        assert str(task_error_kind(exc)) == kind
 
 
 # --- on the local Ray cluster ----------------------------------------------------------
@@ -194,11 +149,16 @@ def test_fake_engine_output_equals_local(ray_cluster: ModuleType) -> None:
     events: list[Event] = []
     with RayExecutor(spec, actors=2, on_event=events.append) as ex:
         assert ex.dim == 24
+        # the executor starts work on its first ready actor; here both are wanted
+        wait_until(lambda: [w.state for w in ex.stats().workers] == ["idle", "idle"],
+                   "both actors ready", timeout=DEADLINE_S)
         got = collect(lambda: ex.run(batches))
     assert_same(got, local_reference(spec, batches))
     assert all(not r.failed for r in got.values())
-    assert [e["event"] for e in events].count("actor_ready") == 2
-    assert not [e for e in events if e["event"] in ("worker_death", "retry", "split", "poison")]
+    assert [e["event"] for e in events].count("worker_ready") == 2
+    assert not [e for e in events
+                if e["event"] in ("worker_death", "retry", "split", "poison_item")]
+    assert all(e["backend"] == "ray" for e in events)
 
 
 @pytest.mark.ray
@@ -208,6 +168,8 @@ def test_killing_an_actor_mid_job_loses_nothing(ray_cluster: ModuleType) -> None
     events: list[Event] = []
     got: dict[int, BatchResult] = {}
     with RayExecutor(spec, actors=2, on_event=events.append) as ex:
+        wait_until(lambda: [w.state for w in ex.stats().workers] == ["idle", "idle"],
+                   "both actors ready", timeout=DEADLINE_S)  # a death, not a failed start
         victim = ex.handles[0]
         end = time.monotonic() + DEADLINE_S
         for res in ex.run(batches):
@@ -231,12 +193,13 @@ def test_poison_input_is_one_per_item_error(ray_cluster: ModuleType) -> None:
     seqs[13] = np.concatenate([seqs[13][:3], POISON, seqs[13][3:]]).astype(np.int32)
     batches = make_batches(seqs, 4)  # the poison sits at row 1 of batch 3
     events: list[Event] = []
-    with RayExecutor(spec, actors=2, max_retries=1, on_event=events.append) as ex:
+    with RayExecutor(spec, actors=2, policy=FaultPolicy(max_retries=1),
+                     on_event=events.append) as ex:
         got = collect(lambda: ex.run(batches))
     failed = {(bid, pos): msg for bid, r in got.items() for pos, msg in r.failed.items()}
     assert list(failed) == [(3, 1)]
-    assert "'item-13'" in failed[(3, 1)] and "killed its Ray actor 2 times" in failed[(3, 1)]
-    assert [e["key"] for e in events if e["event"] == "poison"] == ["item-13"]
+    assert "'item-13'" in failed[(3, 1)] and "died while embedding it 2 times" in failed[(3, 1)]
+    assert [e["item_id"] for e in events if e["event"] == "poison_item"] == ["item-13"]
     # 4 -> 2 -> 1 rows, then one try and max_retries=1 retry of the single row
     # (>=: see the kill test about ActorUnavailableError under heavy load)
     deaths = [e for e in events if e["event"] == "worker_death"]
@@ -253,7 +216,8 @@ def test_input_that_raises_is_isolated_without_killing_actors(ray_cluster: Modul
     seqs = make_sequences(16, seed=4)
     seqs[2] = np.concatenate([POISON, seqs[2]]).astype(np.int32)
     events: list[Event] = []
-    with RayExecutor(spec, actors=1, max_retries=0, on_event=events.append) as ex:
+    with RayExecutor(spec, actors=1, policy=FaultPolicy(max_retries=0),
+                     on_event=events.append) as ex:
         got = collect(lambda: ex.run(make_batches(seqs, 4)))
     assert {(b, p) for b, r in got.items() for p in r.failed} == {(0, 2)}
     assert "raised in the engine" in got[0].failed[2] and "ValueError" in got[0].failed[2]
@@ -282,46 +246,18 @@ def test_actor_range_grows_while_work_waits(ray_cluster: ModuleType) -> None:
         got = collect(lambda: ex.run(batches))
         assert len(ex.handles) == 2
     assert len(got) == len(batches)
-    assert sum(e["event"] == "actor_ready" for e in events) == 2
-
-
-@pytest.mark.ray
-def test_model_files_travel_through_the_object_store(ray_cluster: ModuleType,
-                                                     tmp_path: Path) -> None:
-    """A node without the driver's path fetches the bytes once, then uses its cache."""
-    shipment = _shipment(FILES, tmp_path / "not-on-any-node", ray_cluster.put(FILES))
-
-    def on_node(s: ModelShipment, cache: str) -> tuple[str, str]:
-        import ray
-
-        where, source = locate_model(s, lambda: ray.get(s.payload[0]), Path(cache))
-        return str(where), source
-
-    remote = ray_cluster.remote(num_cpus=0)(on_node)
-    cache = tmp_path / "node-cache"
-    first = ray_cluster.get(remote.remote(shipment, str(cache)), timeout=DEADLINE_S)
-    again = ray_cluster.get(remote.remote(shipment, str(cache)), timeout=DEADLINE_S)
-    assert first == (str(cache), "object store") and again == (str(cache), "node cache")
-    assert (cache / "model.onnx").read_bytes() == FILES["model.onnx"]
-
-
-def _real_spec() -> Any:
-    from embedpool.engine import EngineSpec
-    from embedpool.graph import prepare_onnx
-    from embedpool.models import resolve_model
-
-    model = resolve_model()
-    prepare_onnx(model, "int8")
-    return EngineSpec(model, "int8", 1)
+    assert sum(e["event"] == "worker_ready" for e in events) == 2
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_real_model_output_equals_local(ray_cluster: ModuleType) -> None:
     from embedpool.batching import plan_batches
+    from embedpool.engine import EngineSpec
+    from embedpool.models import resolve_model
     from embedpool.tokenization import TextTokenizer
 
-    spec = _real_spec()
+    spec = EngineSpec(resolve_model(), "int8", 1)
     texts = [f"def f{i}(x):\n    return x * {i} + {'y' * (i % 40)}" for i in range(96)]
     seqs = TextTokenizer(spec.model.tokenizer_path, spec.model.max_length).encode(texts).sequences
     batches = [WorkBatch(n, tuple(seqs[i] for i in b.indices), tuple(str(i) for i in b.indices))
@@ -331,5 +267,6 @@ def test_real_model_output_equals_local(ray_cluster: ModuleType) -> None:
         assert ex.dim == spec.model.dim
         got = collect(lambda: ex.run(batches))
     assert_same(got, local_reference(spec, batches))
-    sources = {e["model_source"] for e in events if e["event"] == "actor_ready"}
-    assert sources <= {"driver path", "node cache", "object store"}
+    sources = [e["model_source"] for e in events if e["event"] == "worker_ready"]
+    assert len(sources) == 2, sources  # one per actor, each from a place the shipment knows
+    assert set(sources) <= {"driver path", "node cache", "object store"}

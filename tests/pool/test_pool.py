@@ -10,12 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pool_support import DEADLINE_S, EventLog, fast_config, wait_until
 
 from embedpool import events
 from embedpool.errors import ConfigError, PoolError
 from embedpool.executor import BatchResult, WorkBatch
 from embedpool.pool.config import PoolConfig
-from embedpool.pool.supervisor import Pool, pool_config_for
+from embedpool.pool.pool import Pool, pool_config_for
 from embedpool.testing import (
     FakeEngineSpec,
     contains_subsequence,
@@ -24,7 +25,6 @@ from embedpool.testing import (
     make_sequences,
 )
 from embedpool.types import TokenIds
-from tests.pool.conftest import DEADLINE_S, EventLog, fast_config, wait_until
 
 DIM = 16
 

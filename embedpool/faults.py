@@ -1,0 +1,367 @@
+"""The failure policy every backend follows: what went wrong in, what to do out.
+
+A transport (the local pool's manager, the Ray executor, the in-process executor) observes a
+failure and names its kind from evidence; this module decides. Nothing here starts a process,
+reads a file or sends a byte, so every rule is tested by a table (``tests/test_faults.py``)::
+
+    evidence (the transport's)                        kind              decide(): 2+ items | 1 item
+    ------------------------------------------------  ----------------  --------------------------
+    the worker's cgroup oom_kill counter rose with    OOM_KILL          split      | retry, then give up
+      its SIGKILL, or Ray's OutOfMemoryError                            + halve the token budget, never
+                                                                          run the killed size again
+    SIGKILL from outside, no OOM evidence             EXTERNAL_SIGKILL  split      | retry, then give up
+    any other death (signal, exit without Leaving)    CRASH             split      | retry, then give up
+    silent past its deadline, killed by us            HUNG              split      | retry, then give up
+    a Python exception in embed (the worker lives)    ENGINE_ERROR      split      | give up at once
+    an out-of-memory error raised in a live worker    DEVICE_OOM        split      | retry, then give up
+      (MemoryError today; CUDA/ORT types later)                         + halve the token budget
+
+Every retry is bounded: a split halves a task, so a batch of n items costs at most log2(n)
+failures before each of its items runs alone, and one item gets ``1 + max_retries`` tries (one
+for an engine error) before it is given up with a per-item error naming it, its size, the tries
+and the last error. Every other item of its batch is still embedded.
+
+Why one rule each, where the two backends used to disagree:
+
+- A failed task of several items is split at once, whatever the kind (the pool retried it whole
+  once first). When an input is the cause, a whole retry costs one more death, or one more hang
+  deadline (30 s and more); when it is not, two halves cost about what the whole did.
+- One item whose engine raised is given up at once (Ray retried it): the same input raises again.
+- ``max_retries`` is 2 by default on both (Ray had 3): three tries of one input.
+- OOM is decided from evidence, never from an error's text: Ray's "ActorDied" message mentions
+  the OOM killer for any unexpected exit, and a substring "oom" matches "room".
+- After an OOM the budget is halved (not below the floor), doubled back after a calm period,
+  and never restored to a size that was killed (Ray kept the halved budget for the whole run).
+  "Calm" is the scaling policy's memory calm on the local pool, and time without an OOM on Ray,
+  which has no memory readings of the cluster.
+
+Also here: the task record every backend moves (``Task``: some positions of one batch), the
+reassembly of a batch from its pieces (``Assembly``), cutting a task to a token budget, the hang
+deadline, and attributing a SIGKILL to the OOM killer from a counter.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from embedpool.batching import plan_batches
+from embedpool.errors import ConfigError
+
+if TYPE_CHECKING:
+    from embedpool.executor import BatchResult, WorkBatch
+    from embedpool.types import TokenIds, Vectors
+
+
+class FailureKind(enum.StrEnum):
+    """What went wrong with a task, as the transport could tell from evidence."""
+
+    OOM_KILL = "oom_kill"
+    EXTERNAL_SIGKILL = "external_sigkill"
+    CRASH = "crash"
+    HUNG = "hung"
+    ENGINE_ERROR = "engine_error"
+    DEVICE_OOM = "device_oom"
+
+
+#: Kinds whose cause is memory: the batch size is the problem, so the budget goes down.
+OOM_KINDS = frozenset({FailureKind.OOM_KILL, FailureKind.DEVICE_OOM})
+#: Kinds in which the worker died (or was killed by us) and must be replaced.
+DEATH_KINDS = frozenset({FailureKind.OOM_KILL, FailureKind.EXTERNAL_SIGKILL, FailureKind.CRASH,
+                         FailureKind.HUNG})
+
+#: What the failure did to the worker, in words, for the per-item error of a given-up input.
+_WHAT = {
+    FailureKind.OOM_KILL: "was killed by the OOM killer while embedding it",
+    FailureKind.EXTERNAL_SIGKILL: "was killed (SIGKILL) while embedding it",
+    FailureKind.CRASH: "died while embedding it",
+    FailureKind.HUNG: "hung on it and was killed",
+    FailureKind.ENGINE_ERROR: "raised in the engine on it",
+    FailureKind.DEVICE_OOM: "ran out of memory in the engine on it",
+}
+
+
+@dataclass(frozen=True)
+class FaultPolicy:
+    """The numbers of the policy. Both backends take one (``PoolConfig.fault_policy``)."""
+
+    #: Retries of a single input after a death, hang or out-of-memory error (so up to
+    #: 1 + max_retries tries). Two: an input that kills three fresh workers in a row is the
+    #: cause, and a transient kill (another program's OOM, an operator) is rarely repeated
+    #: three times on the same input.
+    max_retries: int = 2
+    #: Hung-worker deadline = base + per_token x padded tokens of its task. Batches run at
+    #: ~30k tokens/s per core here, so 10 ms/token is a >100x margin; the base covers a busy
+    #: machine and page faults after a swap-in.
+    hang_base_s: float = 30.0
+    hang_per_token_s: float = 0.01
+    #: Fraction of the deadline after which a worker_hung_warning is emitted.
+    hang_warn_fraction: float = 0.6
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ConfigError(f"max_retries must be >= 0, got {self.max_retries}")
+        if not self.hang_base_s > 0:
+            raise ConfigError(f"hang_base_s must be > 0, got {self.hang_base_s}")
+        if self.hang_per_token_s < 0:
+            raise ConfigError(f"hang_per_token_s must be >= 0, got {self.hang_per_token_s}")
+        if not 0 < self.hang_warn_fraction < 1:
+            raise ConfigError(f"hang_warn_fraction must be in (0, 1), got "
+                              f"{self.hang_warn_fraction}")
+
+    def deadline_s(self, padded_tokens: int) -> float:
+        """Seconds a worker may stay silent on a task of ``padded_tokens``."""
+        return self.hang_base_s + self.hang_per_token_s * padded_tokens
+
+    def hang_check(self, silent_s: float, padded_tokens: int, warned: bool
+                   ) -> Literal["ok", "warn", "kill"]:
+        """What to do about a busy worker silent for ``silent_s``: warn once at the warning
+        fraction of its deadline, kill (and retry its task) at the deadline."""
+        deadline = self.deadline_s(padded_tokens)
+        if silent_s >= deadline:
+            return "kill"
+        if not warned and silent_s >= deadline * self.hang_warn_fraction:
+            return "warn"
+        return "ok"
+
+    def next_hang_check_s(self, padded_tokens: int, warned: bool) -> float:
+        """Seconds after a task started when ``hang_check`` next changes its answer."""
+        deadline = self.deadline_s(padded_tokens)
+        return deadline if warned else deadline * self.hang_warn_fraction
+
+
+Action = Literal["split", "retry", "give_up"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a failed task."""
+
+    action: Action
+    #: Halve the token budget now (an out-of-memory failure: the size is the problem).
+    lower_budget: bool = False
+    #: Padded tokens never to run again (the size that ran out of memory); None: none. The
+    #: death of one item says the item, or another program, is the cause, not the size.
+    forbid_tokens: int | None = None
+
+
+def decide(kind: FailureKind, *, items: int, tries: int, padded_tokens: int,
+           policy: FaultPolicy) -> Decision:
+    """The decision for a task of ``items`` items that failed ``tries`` times at this size
+    (this failure included), per the table in the module docstring."""
+    if items < 1 or tries < 1:
+        raise ValueError(f"a failed task has items >= 1 and tries >= 1, got {items}, {tries}")
+    oom = kind in OOM_KINDS
+    forbid = padded_tokens if oom and items > 1 else None
+    action: Action
+    if items > 1:
+        action = "split"
+    elif kind is FailureKind.ENGINE_ERROR or tries > policy.max_retries:
+        action = "give_up"
+    else:
+        action = "retry"
+    return Decision(action, lower_budget=oom, forbid_tokens=forbid)
+
+
+def death_kind(*, hung: bool, oom_confirmed: bool, sigkill: bool) -> FailureKind:
+    """The kind of a worker's death: killed by us for a hang; an OOM kill with evidence; a
+    SIGKILL from outside without it (``sigkill`` False where the transport cannot tell the
+    signal, as on Ray); else a crash."""
+    if hung:
+        return FailureKind.HUNG
+    if oom_confirmed:
+        return FailureKind.OOM_KILL
+    if sigkill:
+        return FailureKind.EXTERNAL_SIGKILL
+    return FailureKind.CRASH
+
+
+def engine_error_kind(exc: BaseException) -> FailureKind:
+    """The kind of an exception raised by a live engine, by its type (never its text)."""
+    return FailureKind.DEVICE_OOM if isinstance(exc, MemoryError) else FailureKind.ENGINE_ERROR
+
+
+def attribute_sigkill(credited: int | None, counter: int | None) -> tuple[bool, int | None]:
+    """Whether one SIGKILL death was the OOM killer's, from an ``oom_kill`` counter.
+
+    ``credited`` is the counter value already accounted for (read when the worker started, or
+    after the last death credited to it); ``counter`` is its value now, after the death (the
+    kernel counts an OOM kill before it sends the SIGKILL). A rise confirms one OOM kill and is
+    used up, so two deaths at once need two kills. Returns (confirmed, credited now); an
+    unreadable counter confirms nothing."""
+    if counter is None:
+        return False, credited
+    if credited is None:
+        return False, counter
+    if counter > credited:
+        return True, credited + 1
+    return False, counter
+
+
+# --- the token budget after an OOM ----------------------------------------------------------
+
+
+def lowered_budget(current: int, floor: int) -> int:
+    """The budget after an out-of-memory failure: halved, never below ``floor``."""
+    return max(floor, current // 2)
+
+
+def forbidden_after(forbidden: int | None, killed_tokens: int | None) -> int | None:
+    """The smallest size known to run out of memory, after one more such failure."""
+    if killed_tokens is None or killed_tokens <= 0:
+        return forbidden
+    return killed_tokens if forbidden is None else min(forbidden, killed_tokens)
+
+
+def restored_budget(current: int, planned: int, forbidden: int | None) -> int:
+    """The budget after a calm period: doubled up to the planned one, but never to a size
+    that ran out of memory (calm between batches says nothing about one batch's spike, and
+    restoring a killed size only repeats the kill)."""
+    restore = min(planned, current * 2)
+    if forbidden is not None and restore >= forbidden:
+        return current
+    return restore
+
+
+# --- tasks and reassembly -----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Assembly:
+    """One batch being filled by its pieces: complete when every position has a row or an
+    error. Rows of given-up positions stay zeros."""
+
+    batch: WorkBatch
+    vectors: Vectors
+    remaining: int
+    failed: dict[int, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, batch: WorkBatch, dim: int) -> Assembly:
+        import numpy as np
+
+        n = len(batch.sequences)
+        return cls(batch, np.zeros((n, dim), dtype=np.float32), n)
+
+    @property
+    def complete(self) -> bool:
+        return self.remaining == 0
+
+    def fill(self, positions: tuple[int, ...], rows: Vectors) -> bool:
+        """Rows for ``positions``; returns whether the batch is now complete."""
+        self.vectors[list(positions)] = rows
+        self.remaining -= len(positions)
+        return self.complete
+
+    def give_up(self, position: int, message: str) -> bool:
+        """An error instead of a row at ``position``; returns whether the batch is complete."""
+        self.failed[position] = message
+        self.remaining -= 1
+        return self.complete
+
+    def result(self) -> BatchResult:
+        from embedpool.executor import BatchResult
+
+        return BatchResult(self.batch.batch_id, self.vectors, dict(self.failed))
+
+
+_task_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Task:
+    """Some positions of one batch, sent to one worker at a time."""
+
+    assembly: Assembly
+    positions: tuple[int, ...]
+    #: Failures of exactly these positions (at this size) so far.
+    tries: int = 0
+    last_error: str = ""
+    #: It failed, or the task it was split from did: a transport that queues several tasks
+    #: on one worker runs it alone, so that a failure is charged to it for sure.
+    suspect: bool = False
+    task_id: int = field(default_factory=lambda: next(_task_ids))
+
+    @property
+    def batch_id(self) -> int:
+        return self.assembly.batch.batch_id
+
+    @property
+    def sequences(self) -> tuple[TokenIds, ...]:
+        seqs = self.assembly.batch.sequences
+        return tuple(seqs[p] for p in self.positions)
+
+    @property
+    def tokens(self) -> int:
+        seqs = self.assembly.batch.sequences
+        return sum(len(seqs[p]) for p in self.positions)
+
+    @property
+    def padded_tokens(self) -> int:
+        seqs = self.assembly.batch.sequences
+        return len(self.positions) * max((len(seqs[p]) for p in self.positions), default=0)
+
+    def item_id(self, i: int = 0) -> str:
+        """The id of the task's ``i``-th item, for messages."""
+        pos = self.positions[i]
+        ids = self.assembly.batch.item_ids
+        return ids[pos] if pos < len(ids) else f"batch {self.batch_id} item {pos}"
+
+    def describe(self) -> dict[str, Any]:
+        """The fields every event about this task carries."""
+        return {"batch_id": self.batch_id, "items": len(self.positions), "tokens": self.tokens}
+
+
+def whole(assembly: Assembly) -> Task:
+    """One task of every position of a batch."""
+    return Task(assembly, tuple(range(len(assembly.batch.sequences))))
+
+
+def halves(task: Task) -> tuple[Task, Task]:
+    """Two halves of a task of two or more items, in order."""
+    n = len(task.positions)
+    if n < 2:
+        raise ValueError("cannot split a task of one item")
+    mid = n // 2
+    return (Task(task.assembly, task.positions[:mid], suspect=True),
+            Task(task.assembly, task.positions[mid:], suspect=True))
+
+
+def cut_to_budget(task: Task, budget: int | None) -> list[Task]:
+    """Tasks of at most ``budget`` padded tokens (length-sorted, as ``plan_batches`` plans);
+    a task that fits stays whole, with its tries. An item longer than the budget goes alone."""
+    if budget is None or len(task.positions) < 2 or task.padded_tokens <= budget:
+        return [task]
+    seqs = task.assembly.batch.sequences
+    groups = plan_batches([len(seqs[p]) for p in task.positions], budget,
+                          max_items=len(task.positions))
+    return [Task(task.assembly, tuple(task.positions[i] for i in g.indices), suspect=task.suspect)
+            for g in groups]
+
+
+def give_up_message(task: Task, kind: FailureKind, error: str) -> str:
+    """The per-item error of an input that was given up."""
+    tries = task.tries
+    return (f"input {task.item_id()!r} ({task.tokens} tokens) could not be embedded: its worker "
+            f"{_WHAT[kind]} {tries} time{'' if tries == 1 else 's'} (isolated by bisection; every "
+            f"other input was embedded). Last error: {error}")
+
+
+_CAUSES = {
+    FailureKind.OOM_KILL: "OOM kill ({evidence}): its task is split and the token budget "
+                          "halved",
+    FailureKind.EXTERNAL_SIGKILL: "SIGKILL from outside, no evidence of the OOM killer "
+                                  "({evidence}): its task is split, or retried if it holds one "
+                                  "item",
+    FailureKind.CRASH: "died unexpectedly ({evidence}): its task is split, or retried if it "
+                       "holds one item",
+    FailureKind.HUNG: "killed by us: hung, silent past its deadline ({evidence}); its task is "
+                      "split, or retried if it holds one item",
+}
+
+
+def death_cause(kind: FailureKind, evidence: str) -> str:
+    """The ``cause`` of a worker_death event: the kind, the evidence for it, what happens."""
+    return _CAUSES.get(kind, "{evidence}").format(evidence=evidence)

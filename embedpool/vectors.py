@@ -1,0 +1,51 @@
+"""Arithmetic on finished embedding vectors, numpy only: normalise, average windows, truncate.
+
+Every vector embedpool returns is float32 and L2-normalised (cosine = dot product). The
+engine normalises what it pools; a long text embedded as several windows (``long_text
+="window"``) becomes the normalised mean of its windows' vectors, whether the windows came
+back through a job (``job.py``) or a server request (``batcher.py``); a model trained for it
+(Matryoshka) may be cut to its first N dimensions and normalised again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from embedpool.types import Vectors
+
+#: Norm below which a row is left as it is instead of divided: an all-zero row (a given-up
+#: input) must stay zeros, not become NaN.
+MIN_NORM = 1e-12
+
+
+def l2_normalize(x: np.ndarray) -> Vectors:
+    """Rows scaled to unit length, as float32 (all-zero rows stay zeros)."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    out: Vectors = (x / np.clip(norms, MIN_NORM, None)).astype(np.float32, copy=False)
+    return out
+
+
+def combine_windows(vectors: Vectors, owner: Sequence[int], n_items: int) -> Vectors:
+    """One vector per item: the normalised mean of its windows' vectors.
+
+    ``owner[i]`` is the item of row ``i`` (``tokenization.Encoded.owner``). With one row per
+    item the rows come back unchanged (the mean of one normalised row is itself).
+    """
+    if len(owner) == n_items:
+        return vectors
+    sums = np.zeros((n_items, vectors.shape[1]), dtype=np.float32)
+    np.add.at(sums, np.asarray(owner, dtype=np.intp), vectors)
+    return l2_normalize(sums)
+
+
+def truncate_dims(vectors: Vectors, dims: int) -> Vectors:
+    """The first ``dims`` dimensions of each row, normalised again (Matryoshka truncation).
+    Only meaningful for models trained for it; ``dims`` must be between 1 and the width."""
+    width = vectors.shape[-1]
+    if not 1 <= dims <= width:
+        raise ValueError(f"dims must be between 1 and the vectors' {width} dimensions, got {dims}")
+    if dims == width:
+        return vectors
+    return l2_normalize(vectors[..., :dims])

@@ -1,0 +1,236 @@
+"""The same faults against both backends, the local pool and Ray, with the same assertions.
+
+Each test runs once per backend (``backend`` is ``pool`` or ``ray``): a SIGKILL from outside,
+a real OOM kill by the kernel in a cgroup, a hung worker or actor, a poison input, and an
+``on_event`` callback that raises. Both backends take every failure through ``faults.py``,
+so the events, counters and per-item errors they report must be the same.
+
+The workers are real processes (pool workers, Ray actors on the local cluster of
+conftest.py) running the fake engine; the signals and the cgroup limit are real.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from embedpool import events
+from embedpool.executor import BatchResult, Executor, WorkBatch
+from embedpool.faults import FaultPolicy
+from embedpool.testing import FakeEngineSpec, fake_vectors, make_batches, make_sequences
+from embedpool.types import Event, TokenIds
+from tests.pool.pool_support import DEADLINE_S, EventLog, fast_config, wait_until
+
+try:
+    import cgroup_util
+except ImportError:  # tests/ is not on sys.path unless pytest's pythonpath says so
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import cgroup_util
+
+DIM = 16
+POISON = (31337, 31338)
+KiB, MiB = 1024, 1024 * 1024
+
+Start = Callable[..., Executor]
+
+
+@pytest.fixture
+def event_log() -> EventLog:
+    return EventLog()
+
+
+@pytest.fixture(params=["pool", pytest.param("ray", marks=pytest.mark.ray)])
+def backend(request: pytest.FixtureRequest) -> Iterator[Start]:
+    """``start(spec, workers=, batch_tokens=, policy=, on_event=)``: a started executor of
+    this backend; every one started is closed at teardown."""
+    started: list[Any] = []
+
+    def start(spec: FakeEngineSpec, *, workers: int = 2, batch_tokens: int = 1024,
+              policy: FaultPolicy | None = None,
+              on_event: Callable[[Event], None] | None = None) -> Executor:
+        p = policy or FaultPolicy()
+        ex: Any
+        if request.param == "pool":
+            from embedpool.pool.pool import Pool
+
+            ex = Pool(spec, fast_config(workers=workers, batch_tokens=batch_tokens,
+                                        max_retries=p.max_retries, hang_base_s=p.hang_base_s,
+                                        hang_per_token_s=p.hang_per_token_s),
+                      on_event=on_event)
+        else:
+            request.getfixturevalue("ray_cluster")
+            from embedpool.backends.ray import RayExecutor
+
+            ex = RayExecutor(spec, actors=workers, batch_tokens=batch_tokens, policy=p,
+                             on_event=on_event)
+        started.append(ex)
+        return ex  # type: ignore[no-any-return]
+
+    yield start
+    for ex in started:
+        ex.close()
+
+
+def run_all(ex: Executor, batches: list[WorkBatch]) -> dict[int, BatchResult]:
+    futures: list[Future[BatchResult]] = [ex.submit(b) for b in batches]
+    return {b.batch_id: f.result(timeout=DEADLINE_S * 2)
+            for b, f in zip(batches, futures, strict=True)}
+
+
+def assert_clean(results: dict[int, BatchResult], batches: list[WorkBatch],
+                 skip: frozenset[tuple[int, int]] = frozenset()) -> None:
+    """Every row equals a clean run's vector, except the given-up ones (zeros)."""
+    assert sorted(results) == sorted(b.batch_id for b in batches)
+    for b in batches:
+        r = results[b.batch_id]
+        want = fake_vectors(b.sequences, DIM)
+        for row in range(len(b.sequences)):
+            if (b.batch_id, row) in skip:
+                assert not r.vectors[row].any() and row in r.failed
+            else:
+                assert row not in r.failed, r.failed
+                assert float(r.vectors[row] @ want[row]) >= 0.99999
+
+
+def plant(seqs: list[TokenIds], index: int) -> None:
+    seqs[index] = np.concatenate([seqs[index][:3], POISON, seqs[index][3:]]).astype(np.int32)
+
+
+def busy_pid(ex: Executor) -> int | None:
+    busy = [w.pid for w in ex.stats().workers if w.state == "busy" and w.pid]
+    return busy[0] if busy else None
+
+
+# --- a SIGKILL from outside ---------------------------------------------------------------
+
+
+def test_sigkill_of_a_busy_worker_loses_nothing(backend: Start, event_log: EventLog) -> None:
+    batches = make_batches(make_sequences(120, seed=21), 6)
+    ex = backend(FakeEngineSpec(dim=DIM, delay_per_batch_s=0.1), on_event=event_log)
+    futures = [ex.submit(b) for b in batches]
+    wait_until(lambda: busy_pid(ex) is not None, "a busy worker")
+    pid = busy_pid(ex)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
+                                                                        strict=True)}
+    stats = ex.stats()
+    assert_clean(results, batches)
+    deaths = event_log.named(events.WORKER_DEATH)
+    # exactly our kill (Ray may add a death it reports for an overloaded actor: >= there)
+    assert [e["pid"] for e in deaths][:1] == [pid]
+    assert stats.deaths == len(deaths) and (stats.deaths == 1 or stats.backend == "ray")
+    assert stats.oom_kills == 0, "our SIGKILL is not an OOM kill: no cgroup counter rose"
+    assert deaths[0]["kind"] == ("external_sigkill" if stats.backend == "pool" else "crash")
+    assert stats.poison_items == 0
+    # the task it was running is split (or retried when it held one item), never lost
+    assert len(event_log.named(events.SPLIT)) + len(event_log.named(events.RETRY)) >= 1
+
+
+# --- the kernel's OOM killer in a cgroup -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.cgroup
+def test_oom_kill_in_a_cgroup_is_confirmed_split_and_lowers_the_budget(
+        backend: Start, event_log: EventLog) -> None:
+    """One worker, which joins a 128 MiB cgroup while it loads. A task of 16 x 64 = 1024
+    padded tokens allocates 1024 x 192 KiB = 192 MiB: the kernel kills it. The cgroup's
+    oom_kill counter rose, so it is an OOM kill: the budget is halved (2 x 96 MiB fit), the
+    killed size is never sent again, and every vector equals a clean run's."""
+    batches = make_batches(make_sequences(48, seed=22, min_len=64, max_len=64), 16)
+    with cgroup_util.memory_cgroup(128 * MiB) as cg:
+        spec = FakeEngineSpec(dim=DIM, alloc_bytes_per_token=192 * KiB,
+                              join_cgroup=str(cg.procs_file))
+        ex = backend(spec, workers=1, batch_tokens=1024, on_event=event_log)
+        results = run_all(ex, batches)
+        stats = ex.stats()
+        kernel_kills = cg.oom_kills()
+        ex.close()
+    assert_clean(results, batches)
+    (death,) = event_log.named(events.WORKER_DEATH)
+    assert kernel_kills == stats.deaths == stats.oom_kills == 1
+    assert death["kind"] == "oom_kill" and "OOM kill" in death["cause"]
+    assert death["tokens"] == 1024
+    assert stats.batch_tokens == 512, "the budget was not halved after the OOM kill"
+    lowered = [e for e in event_log.named(events.SCALE) if e["batch_tokens_to"] == 512]
+    assert lowered and lowered[0]["batch_tokens_from"] == 1024
+
+
+# --- a hung worker -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_hung_worker_is_killed_replaced_and_its_input_given_up(backend: Start,
+                                                               event_log: EventLog) -> None:
+    """An input on which the engine blocks forever: each task holding it is warned about at
+    60% of its deadline, killed at 100% and split; alone, it is given up as hung."""
+    seqs = make_sequences(12, seed=23)
+    seqs[5] = np.concatenate([seqs[5][:2], POISON, seqs[5][2:]]).astype(np.int32)
+    batches = make_batches(seqs, 4)  # the hang sits at row 1 of batch 1
+    policy = FaultPolicy(max_retries=0, hang_base_s=1.5, hang_per_token_s=0.0)
+    ex = backend(FakeEngineSpec(dim=DIM, hang_on=POISON), policy=policy, on_event=event_log)
+    results = run_all(ex, batches)
+    stats = ex.stats()
+    assert_clean(results, batches, skip=frozenset({(1, 1)}))
+    assert "item-5" in results[1].failed[1] and "hung" in results[1].failed[1]
+    kills = event_log.named(events.WORKER_HUNG_KILL)
+    # 4 items -> 2 -> 1, and the single item is not retried (max_retries=0)
+    assert len(kills) == 3 == stats.hung_kills == stats.deaths
+    assert len(event_log.named(events.WORKER_HUNG_WARNING)) == 3
+    assert {e["kind"] for e in event_log.named(events.WORKER_DEATH)} == {"hung"}
+    (poison,) = event_log.named(events.POISON_ITEM)
+    assert poison["item_id"] == "item-5" and poison["kind"] == "hung"
+
+
+# --- a poison input --------------------------------------------------------------------------------
+
+
+def test_poison_input_is_given_up_alone(backend: Start, event_log: EventLog) -> None:
+    seqs = make_sequences(32, seed=24)
+    plant(seqs, 13)
+    batches = make_batches(seqs, 8)  # row 5 of batch 1
+    ex = backend(FakeEngineSpec(dim=DIM, crash_on=POISON), policy=FaultPolicy(max_retries=1),
+                 on_event=event_log)
+    results = run_all(ex, batches)
+    stats = ex.stats()
+    assert_clean(results, batches, skip=frozenset({(1, 5)}))
+    assert "item-13" in results[1].failed[5] and "2 times" in results[1].failed[5]
+    # 8 -> 4 -> 2 -> 1 (3 deaths), then 1 + max_retries tries of the item (2 deaths)
+    assert stats.deaths >= 5 and stats.poison_items == 1 and stats.splits == 3
+    (poison,) = event_log.named(events.POISON_ITEM)
+    assert poison["item_id"] == "item-13" and poison["tries"] == 2
+
+
+# --- an on_event callback that raises ------------------------------------------------------------
+
+
+def test_a_raising_callback_is_logged_and_ignored(backend: Start,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Every event raises in the callback, deaths included: the job still completes."""
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def bad(event: Event) -> None:
+        with lock:
+            seen.append(event["event"])
+        raise RuntimeError("callback bug")
+
+    seqs = make_sequences(24, seed=25)
+    plant(seqs, 3)
+    batches = make_batches(seqs, 4)
+    ex = backend(FakeEngineSpec(dim=DIM, crash_on=POISON), policy=FaultPolicy(max_retries=0),
+                 on_event=bad)
+    results = run_all(ex, batches)
+    assert_clean(results, batches, skip=frozenset({(0, 3)}))
+    assert {events.WORKER_DEATH, events.SPLIT, events.POISON_ITEM} <= set(seen)
+    assert "callback failed" in caplog.text

@@ -1,0 +1,280 @@
+"""The fault policy (embedpool/faults.py) as tables, with no process anywhere.
+
+The seven behaviours on which the local pool and Ray used to disagree (issue 13), and the row
+or test that now pins the one rule for both:
+
+    a multi-item batch fails (not OOM)    DECIDE rows "*-many"          split at once
+    a Python error on one item            DECIDE row "engine_error-one" given up at once
+    default max_retries                   test_default_max_retries      2
+    is it an OOM?                         DEATH, ENGINE_ERRORS, SIGKILL_EVIDENCE rows; Ray's
+                                          classification by type: tests/backends/test_ray_executor.py
+    budget after an OOM                   BUDGET rows                   halved, restored after calm,
+                                                                        never to a killed size
+    event names                           test_emitter_rejects_unknown_names (and the backend
+                                          parity tests, which read the same names from both)
+    an on_event callback raises           test_emitter_survives_a_raising_callback
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from embedpool import events, faults
+from embedpool.errors import ConfigError
+from embedpool.executor import WorkBatch
+from embedpool.faults import Assembly, FailureKind, FaultPolicy, Task
+
+K = FailureKind
+POLICY = FaultPolicy(max_retries=2)
+
+# kind, items, tries (this failure included) -> action, lower_budget, forbid the size
+DECIDE: list[Any] = [
+    pytest.param(K.OOM_KILL, 8, 1, "split", True, True, id="oom_kill-many"),
+    pytest.param(K.OOM_KILL, 1, 1, "retry", True, False, id="oom_kill-one"),
+    pytest.param(K.OOM_KILL, 1, 3, "give_up", True, False, id="oom_kill-one-exhausted"),
+    pytest.param(K.EXTERNAL_SIGKILL, 8, 1, "split", False, False, id="external_sigkill-many"),
+    pytest.param(K.EXTERNAL_SIGKILL, 1, 2, "retry", False, False, id="external_sigkill-one"),
+    pytest.param(K.EXTERNAL_SIGKILL, 1, 3, "give_up", False, False,
+                 id="external_sigkill-one-exhausted"),
+    pytest.param(K.CRASH, 2, 1, "split", False, False, id="crash-many"),
+    pytest.param(K.CRASH, 2, 5, "split", False, False, id="crash-many-tries-do-not-matter"),
+    pytest.param(K.CRASH, 1, 1, "retry", False, False, id="crash-one"),
+    pytest.param(K.CRASH, 1, 3, "give_up", False, False, id="crash-one-exhausted"),
+    pytest.param(K.HUNG, 4, 1, "split", False, False, id="hung-many"),
+    pytest.param(K.HUNG, 1, 1, "retry", False, False, id="hung-one"),
+    pytest.param(K.HUNG, 1, 3, "give_up", False, False, id="hung-one-exhausted"),
+    pytest.param(K.ENGINE_ERROR, 16, 1, "split", False, False, id="engine_error-many"),
+    pytest.param(K.ENGINE_ERROR, 1, 1, "give_up", False, False, id="engine_error-one"),
+    pytest.param(K.DEVICE_OOM, 8, 1, "split", True, True, id="device_oom-many"),
+    pytest.param(K.DEVICE_OOM, 1, 1, "retry", True, False, id="device_oom-one"),
+    pytest.param(K.DEVICE_OOM, 1, 3, "give_up", True, False, id="device_oom-one-exhausted"),
+]
+
+
+@pytest.mark.parametrize(("kind", "items", "tries", "action", "lower", "forbid"), DECIDE)
+def test_decide(kind: FailureKind, items: int, tries: int, action: str, lower: bool,
+                forbid: bool) -> None:
+    d = faults.decide(kind, items=items, tries=tries, padded_tokens=1000, policy=POLICY)
+    assert (d.action, d.lower_budget, d.forbid_tokens) == (action, lower, 1000 if forbid else None)
+
+
+def test_every_kind_has_a_row() -> None:
+    rows = {p.values[0] for p in DECIDE}
+    assert rows == set(FailureKind)
+
+
+@pytest.mark.parametrize("max_retries", [0, 1, 2, 5])
+def test_one_item_gets_one_plus_max_retries_tries(max_retries: int) -> None:
+    policy = FaultPolicy(max_retries=max_retries)
+    actions = [faults.decide(K.CRASH, items=1, tries=t, padded_tokens=8, policy=policy).action
+               for t in range(1, max_retries + 2)]
+    assert actions == ["retry"] * max_retries + ["give_up"]
+
+
+def test_default_max_retries() -> None:
+    assert FaultPolicy().max_retries == 2
+
+
+def test_decide_rejects_a_task_that_did_not_fail() -> None:
+    with pytest.raises(ValueError, match="tries >= 1"):
+        faults.decide(K.CRASH, items=1, tries=0, padded_tokens=1, policy=POLICY)
+
+
+# hung? oom counter rose? SIGKILL? -> kind
+DEATH = [
+    pytest.param(True, False, True, K.HUNG, id="killed-by-us-for-a-hang"),
+    pytest.param(True, True, True, K.HUNG, id="hang-wins-over-a-coincident-oom"),
+    pytest.param(False, True, True, K.OOM_KILL, id="sigkill-with-oom-evidence"),
+    pytest.param(False, True, False, K.OOM_KILL, id="ray-oom-error-signal-unknown"),
+    pytest.param(False, False, True, K.EXTERNAL_SIGKILL, id="sigkill-without-evidence"),
+    pytest.param(False, False, False, K.CRASH, id="other-signal-or-exit"),
+]
+
+
+@pytest.mark.parametrize(("hung", "oom", "sigkill", "kind"), DEATH)
+def test_death_kind(hung: bool, oom: bool, sigkill: bool, kind: FailureKind) -> None:
+    assert faults.death_kind(hung=hung, oom_confirmed=oom, sigkill=sigkill) is kind
+
+
+class _Subclassed(MemoryError):
+    pass
+
+
+@pytest.mark.parametrize(("exc", "kind"), [
+    pytest.param(MemoryError("cannot allocate"), K.DEVICE_OOM, id="memory-error"),
+    pytest.param(_Subclassed(), K.DEVICE_OOM, id="memory-error-subclass"),
+    pytest.param(ValueError("out of memory in the room"), K.ENGINE_ERROR, id="text-says-memory"),
+    pytest.param(RuntimeError("boom"), K.ENGINE_ERROR, id="runtime-error"),
+])
+def test_engine_error_kind_is_by_type_never_by_text(exc: BaseException, kind: FailureKind) -> None:
+    assert faults.engine_error_kind(exc) is kind
+
+
+# credited before, counter now -> confirmed, credited after
+SIGKILL_EVIDENCE = [
+    pytest.param(3, 4, True, 4, id="counter-rose-by-one"),
+    pytest.param(3, 3, False, 3, id="counter-did-not-rise"),
+    pytest.param(3, 5, True, 4, id="two-kills-two-deaths-first"),
+    pytest.param(4, 5, True, 5, id="two-kills-two-deaths-second"),
+    pytest.param(3, None, False, 3, id="counter-unreadable"),
+    pytest.param(None, 7, False, 7, id="no-baseline-yet"),
+]
+
+
+@pytest.mark.parametrize(("credited", "counter", "confirmed", "after"), SIGKILL_EVIDENCE)
+def test_attribute_sigkill(credited: int | None, counter: int | None, confirmed: bool,
+                           after: int | None) -> None:
+    assert faults.attribute_sigkill(credited, counter) == (confirmed, after)
+
+
+# the token budget: lowered on OOM, restored after calm, never to a size that was killed
+BUDGET = [
+    pytest.param("lower", (1024, 256), 512, id="halved"),
+    pytest.param("lower", (300, 256), 256, id="not-below-the-floor"),
+    pytest.param("restore", (256, 1024, None), 512, id="doubled"),
+    pytest.param("restore", (768, 1024, None), 1024, id="up-to-the-plan"),
+    pytest.param("restore", (512, 1024, 1024), 512, id="never-to-the-killed-size"),
+    pytest.param("restore", (256, 1024, 1024), 512, id="below-the-killed-size-is-fine"),
+    pytest.param("forbid", (None, 1024), 1024, id="first-kill"),
+    pytest.param("forbid", (1024, 2048), 1024, id="keeps-the-smallest"),
+    pytest.param("forbid", (1024, None), 1024, id="single-item-death-forbids-nothing"),
+]
+
+
+@pytest.mark.parametrize(("rule", "args", "want"), BUDGET)
+def test_budget(rule: str, args: tuple[Any, ...], want: int) -> None:
+    fns: dict[str, Callable[..., int | None]] = {
+        "lower": faults.lowered_budget, "restore": faults.restored_budget,
+        "forbid": faults.forbidden_after}
+    assert fns[rule](*args) == want
+
+
+# silent seconds, padded tokens, warned -> verdict (deadline = 10 + 0.01 x tokens)
+HANG = [
+    pytest.param(5.0, 1000, False, "ok", id="early"),
+    pytest.param(12.0, 1000, False, "warn", id="at-60-percent"),
+    pytest.param(12.0, 1000, True, "ok", id="warned-once"),
+    pytest.param(20.0, 1000, True, "kill", id="at-the-deadline"),
+    pytest.param(20.0, 1000, False, "kill", id="deadline-without-a-warning"),
+    pytest.param(19.9, 1000, True, "ok", id="just-before"),
+    pytest.param(19.9, 2000, False, "warn", id="longer-batch-longer-deadline"),
+]
+
+
+@pytest.mark.parametrize(("silent", "tokens", "warned", "verdict"), HANG)
+def test_hang_check(silent: float, tokens: int, warned: bool, verdict: str) -> None:
+    policy = FaultPolicy(hang_base_s=10.0, hang_per_token_s=0.01, hang_warn_fraction=0.6)
+    assert policy.hang_check(silent, tokens, warned) == verdict
+
+
+@pytest.mark.parametrize(("warned", "then"), [(False, "warn"), (True, "kill")])
+def test_next_hang_check_is_when_the_verdict_changes(warned: bool, then: str) -> None:
+    policy = FaultPolicy(hang_base_s=10.0, hang_per_token_s=0.01, hang_warn_fraction=0.6)
+    due = policy.next_hang_check_s(1000, warned)
+    assert policy.hang_check(due - 1e-6, 1000, warned) == "ok"
+    assert policy.hang_check(due, 1000, warned) == then
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"max_retries": -1}, "max_retries"), ({"hang_base_s": 0}, "hang_base_s"),
+    ({"hang_per_token_s": -1}, "hang_per_token_s"), ({"hang_warn_fraction": 1.0}, "fraction")])
+def test_policy_validation(changes: dict[str, float], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        FaultPolicy(**changes)  # type: ignore[arg-type]
+
+
+# --- tasks, cutting and reassembly --------------------------------------------------------
+
+def _assembly(lengths: list[int], dim: int = 3) -> Assembly:
+    seqs = tuple(np.ones(n, np.int32) for n in lengths)
+    return Assembly.of(WorkBatch(7, seqs, tuple(f"k{i}" for i in range(len(lengths)))), dim)
+
+
+@pytest.mark.parametrize(("lengths", "budget", "want"), [
+    ([10] * 8, None, [8]),
+    ([10] * 8, 80, [8]),
+    ([10] * 8, 40, [4, 4]),
+    ([10] * 8, 30, [3, 3, 2]),
+    ([10] * 3, 5, [1, 1, 1]),  # one item over the budget still goes, alone
+    ([5, 50, 5, 50], 100, [2, 2]),  # length-sorted: the short ones together
+], ids=["no-budget", "fits", "halves", "thirds", "item-over-budget", "sorted"])
+def test_cut_to_budget(lengths: list[int], budget: int | None, want: list[int]) -> None:
+    pieces = faults.cut_to_budget(faults.whole(_assembly(lengths)), budget)
+    assert [len(p.positions) for p in pieces] == want
+    assert sorted(p for piece in pieces for p in piece.positions) == list(range(len(lengths)))
+    assert all(p.padded_tokens <= (budget or 10**9) or len(p.positions) == 1 for p in pieces)
+
+
+def test_a_task_that_fits_keeps_its_tries() -> None:
+    task = faults.whole(_assembly([4, 4]))
+    task.tries = 2
+    assert faults.cut_to_budget(task, 100) == [task]
+
+
+def test_halves_keep_positions_and_ids() -> None:
+    a, b = faults.halves(faults.whole(_assembly([5, 6, 7])))
+    assert (a.positions, b.positions) == ((0,), (1, 2))
+    assert (a.item_id(), b.item_id(1)) == ("k0", "k2")
+    with pytest.raises(ValueError, match="one item"):
+        faults.halves(a)
+
+
+def test_item_id_without_ids_names_batch_and_position() -> None:
+    asm = Assembly.of(WorkBatch(3, (np.ones(2, np.int32),)), 2)
+    assert faults.whole(asm).item_id() == "batch 3 item 0"
+
+
+def test_assembly_is_complete_when_every_position_has_a_row_or_an_error() -> None:
+    asm = _assembly([3, 3, 3, 3])
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    assert not asm.fill((2, 0), rows[[2, 0]])
+    assert not asm.give_up(1, "poison")
+    assert asm.fill((3,), rows[[3]])
+    result = asm.result()
+    assert result.batch_id == 7 and result.failed == {1: "poison"}
+    np.testing.assert_array_equal(result.vectors[[0, 2, 3]], rows[[0, 2, 3]])
+    assert not result.vectors[1].any()
+
+
+def test_give_up_message_names_the_item_its_size_tries_and_error() -> None:
+    task = Task(_assembly([4, 9]), (1,), tries=3)
+    msg = faults.give_up_message(task, K.CRASH, "worker pid 5 died: SIGSEGV(-11)")
+    assert "'k1'" in msg and "9 tokens" in msg and "3 times" in msg and "SIGSEGV" in msg
+
+
+@pytest.mark.parametrize(("kind", "evidence", "says"), [
+    (K.OOM_KILL, "oom_kill in memory.events rose: 3 -> 4", "OOM kill"),
+    (K.EXTERNAL_SIGKILL, "oom_kill did not rise", "no evidence of the OOM killer"),
+    (K.CRASH, "SIGSEGV(-11)", "died unexpectedly"),
+    (K.HUNG, "hung: silent 31.0 s", "killed by us: hung"),
+], ids=["oom", "external", "crash", "hung"])
+def test_death_cause_says_the_kind_and_its_evidence(kind: FailureKind, evidence: str,
+                                                    says: str) -> None:
+    cause = faults.death_cause(kind, evidence)
+    assert says in cause and evidence in cause
+
+
+# --- events: one set of names, a callback cannot break an executor --------------------------
+
+def test_emitter_rejects_unknown_names() -> None:
+    emit = events.Emitter(None, logging.getLogger("test"))
+    with pytest.raises(ValueError, match="unknown event"):
+        emit("poison")  # Ray's old name: now poison_item on every backend
+
+
+def test_emitter_survives_a_raising_callback(caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[str] = []
+
+    def bad(event: dict[str, Any]) -> None:
+        seen.append(event["event"])
+        raise RuntimeError("callback bug")
+
+    emit = events.Emitter(bad, logging.getLogger("test"), backend="ray")
+    event = emit(events.RETRY, batch_id=1)
+    assert seen == ["retry"] and event["backend"] == "ray" and event["batch_id"] == 1
+    assert "callback failed" in caplog.text and "callback bug" in caplog.text
