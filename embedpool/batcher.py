@@ -204,8 +204,9 @@ class MicroBatcher:
         with self._cond:
             if self._closed:
                 raise PoolUnavailable("the server is shutting down")
-            if self._broken is not None:
-                raise PoolUnavailable(f"the worker pool is broken: {self._broken}")
+            broken = self._broken or self.executor.broken
+            if broken:
+                raise PoolUnavailable(f"the worker pool is broken: {broken}")
             queued = self._pending_tokens + self._inflight_tokens
             # A request larger than the whole limit is still admitted into an empty queue;
             # otherwise it could never be served at all.

@@ -15,8 +15,10 @@
 No orphans, three ways: the pipe's EOF while idle; PR_SET_PDEATHSIG while busy in native code
 (Linux); a watchdog thread that notices the parent pid is gone (other platforms, and
 forkserver, where the direct parent is the fork server, not the pool).
-SIGINT is ignored: a Ctrl-C reaches the whole process group, and the supervisor, not each
-worker, decides how in-flight batches end.
+SIGINT and SIGTERM are ignored: a Ctrl-C, ``kill -TERM -PGID`` or systemd's
+``KillMode=control-group`` reach the whole process group, and the pool, not each worker,
+decides how in-flight batches end (a worker that died of them would be counted as a crash and
+respawned during the graceful drain). The pool ends its workers with Leave, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
 #: not exist or cannot fire (forkserver); one check a second costs nothing.
 WATCHDOG_INTERVAL_S = 1.0
 PR_SET_PDEATHSIG = 1
+#: Signals a group-wide stop delivers to every worker too: the pool handles the stop.
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def limit_threads(threads: int) -> None:
@@ -159,7 +163,8 @@ def worker_main(conn: Connection, spec_blob: bytes, worker_id: int, threads: int
     limit_threads(threads)
     die_with_parent(parent_pid)
     prefer_oom_kill()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
     pid = os.getpid()
     try:
         from embedpool.executor import with_threads  # numpy: only after limit_threads

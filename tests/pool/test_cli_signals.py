@@ -11,6 +11,7 @@ the pool is up) and, for the double signal, only after the CLI said it got the f
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -44,11 +45,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
 class Cli:
     """``embedpool embed`` in a subprocess with its stderr collected line by line."""
 
-    def __init__(self, inp: Path, out: Path) -> None:
+    def __init__(self, inp: Path, out: Path, *, own_group: bool = False) -> None:
+        # own_group: the CLI leads a new process group (as under systemd), so that a signal
+        # can be sent to the whole group: the CLI and every worker
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from embedpool.cli import main; main()", "embed", str(inp),
              "--out", str(out), "--workers", "2", "--no-cache", "--log-json", "--quiet"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=own_group)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -163,3 +167,33 @@ def test_signal_mid_job(tmp_path: Path, corpus: tuple[Path, set[str]],
     assert "interrupted" in log and str(partial) in log
     print(f"\n{signals}: exit {rc}, {len(rows)} of {len(ids)} rows in the partial file, "
           f"{len(workers)} children gone")
+
+
+def test_process_group_sigterm_drains_without_counting_crashes(
+        tmp_path: Path, corpus: tuple[Path, set[str]]) -> None:
+    """systemd's KillMode=control-group and ``kill -TERM -PGID`` send SIGTERM to every process
+    of the group, the workers included. The workers ignore it, as they ignore a Ctrl-C's
+    SIGINT: the CLI decides how in-flight batches end. So: exit 143, a partial file of
+    complete rows, and no worker death counted or respawned during the drain."""
+    inp, ids = corpus
+    out = tmp_path / "vectors.jsonl"
+    partial = tmp_path / "vectors.partial.jsonl"
+    cli = Cli(inp, out, own_group=True)
+    try:
+        cli.wait_for("progress with chunks done", lambda: cli.events("progress"))
+        workers = cli.descendants()
+        os.killpg(cli.proc.pid, signal.SIGTERM)
+        rc = cli.wait()
+    finally:
+        cli.kill()
+    log = "\n".join(cli.lines[-30:])
+    assert rc == EXIT_SIGTERM, log
+    wait_until(lambda: _gone(workers), f"the CLI's children {[p.pid for p in workers]} to exit",
+               timeout=15.0)
+    assert not out.exists()
+    rows = [json.loads(line) for line in partial.read_text().splitlines()]
+    assert 0 < len(rows) < len(ids), "the partial file is empty, or the job was not interrupted"
+    assert cli.events("worker_death") == [], "a worker died of the group's SIGTERM"
+    (stop,) = cli.events("pool_stop")
+    assert stop["deaths"] == 0 and stop["start_failures"] == 0
+

@@ -163,6 +163,26 @@ def test_sigstop_hung_worker_is_killed_and_its_batch_completes(event_log: EventL
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+def test_sigint_and_sigterm_to_a_worker_are_ignored(event_log: EventLog) -> None:
+    """A group-wide Ctrl-C or SIGTERM reaches the workers too; the pool decides, so a worker
+    goes on with its batch (the CLI test sends SIGTERM to the whole group)."""
+    batches = make_batches(make_sequences(16, seed=18), 4)
+    with Pool(FakeEngineSpec(dim=DIM, delay_per_batch_s=0.2), fast_config(workers=1),
+              on_event=event_log) as pool:
+        futures = [pool.submit(b) for b in batches]
+        wait_until(lambda: busy_pid(pool) is not None, "a busy worker")
+        pid = busy_pid(pool)
+        assert pid is not None
+        os.kill(pid, signal.SIGINT)
+        os.kill(pid, signal.SIGTERM)
+        results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
+                                                                            strict=True)}
+        stats = pool.stats()
+    check_all(results, batches)
+    assert stats.deaths == 0 and event_log.named(events.WORKER_DEATH) == []
+    assert [w.pid for w in stats.workers] == [pid]
+
+
 # --- bad inputs ----------------------------------------------------------------------------------
 
 
