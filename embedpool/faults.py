@@ -225,6 +225,40 @@ def restored_budget(current: int, planned: int, forbidden: int | None) -> int:
     return restore
 
 
+@dataclass
+class TokenBudget:
+    """The padded-token budget of a transport that has no memory readings (Ray): halved on
+    an out-of-memory failure, doubled back after ``calm_s`` without one, never to a size
+    that ran out of memory. (The local pool applies the same helpers inside its scaling
+    policy, where "calm" is memory below the resume threshold.)"""
+
+    planned: int
+    floor: int
+    current: int = 0  # 0: the planned budget
+    forbidden: int | None = None
+    last_oom_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.current = self.current or self.planned
+
+    def lower(self, forbid_tokens: int | None, now: float) -> bool:
+        """An out-of-memory failure; returns whether the budget changed."""
+        old = self.current
+        self.current = lowered_budget(self.current, self.floor)
+        self.forbidden = forbidden_after(self.forbidden, forbid_tokens)
+        self.last_oom_at = now
+        return self.current != old
+
+    def restore(self, now: float, calm_s: float) -> bool:
+        """One doubling after each ``calm_s`` without an OOM; returns whether it changed."""
+        if self.last_oom_at is None or now - self.last_oom_at < calm_s:
+            return False
+        old = self.current
+        self.current = restored_budget(self.current, self.planned, self.forbidden)
+        self.last_oom_at = now if self.current < self.planned else None
+        return self.current != old
+
+
 # --- tasks and reassembly -----------------------------------------------------------------
 
 

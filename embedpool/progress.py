@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from rich.progress import (
 from rich.progress import Progress as RichProgress
 from rich.text import Text
 
+from embedpool.proc import rss_bytes
 from embedpool.types import Event
 
 #: Plain (non-TTY) progress cadence: often enough for a CI log, rare enough to stay readable.
@@ -58,14 +58,9 @@ def _tree_pids() -> list[int]:
 def _rss_of(pids: list[int]) -> tuple[int, dict[int, int]]:
     per: dict[int, int] = {}
     for pid in pids:
-        try:  # /proc/<pid>/statm: one small read, no psutil object per sample
-            with open(f"/proc/{pid}/statm", "rb") as f:
-                per[pid] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError, IndexError):
-            try:
-                per[pid] = psutil.Process(pid).memory_info().rss
-            except psutil.Error:
-                continue  # gone since the tree was listed
+        rss = rss_bytes(pid)  # /proc/<pid>/statm: one small read, no psutil object per sample
+        if rss is not None:  # else gone since the tree was listed
+            per[pid] = rss
     return sum(per.values()), per
 
 

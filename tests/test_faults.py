@@ -278,3 +278,17 @@ def test_emitter_survives_a_raising_callback(caplog: pytest.LogCaptureFixture) -
     event = emit(events.RETRY, batch_id=1)
     assert seen == ["retry"] and event["backend"] == "ray" and event["batch_id"] == 1
     assert "callback failed" in caplog.text and "callback bug" in caplog.text
+
+
+# --- the token budget of a transport without memory readings (Ray) ----------------------------
+
+def test_token_budget_lowers_restores_after_calm_and_never_to_a_killed_size() -> None:
+    b = faults.TokenBudget(planned=1024, floor=256)
+    assert b.current == 1024 and not b.restore(100.0, 20.0)  # nothing to restore
+    assert b.lower(1024, now=0.0) and (b.current, b.forbidden) == (512, 1024)
+    assert b.lower(None, now=1.0) and b.current == 256  # a single item's OOM forbids nothing
+    assert not b.lower(None, now=2.0) and b.current == 256  # the floor
+    assert not b.restore(21.9, 20.0)  # not calm long enough since the last OOM (2.0)
+    assert b.restore(22.0, 20.0) and b.current == 512
+    assert not b.restore(30.0, 20.0)  # one doubling per calm period
+    assert not b.restore(42.0, 20.0) and b.current == 512  # 1024 was killed: never again

@@ -2,6 +2,7 @@
 
     shipping.py   the model's ONNX graph to every node, once, checked by sha256
     actor.py      EmbedActor: one engine in one Ray worker process
+    actors.py     ActorSet: the executor's actors (start, ready, grow, replace) and their queues
     cluster.py    joining a cluster; what Ray's exception types say about a failure
     executor.py   RayExecutor: the executor contract over a pool of actors
 
