@@ -32,7 +32,7 @@ from embedpool.models import ResolvedModel, resolve_model
 from embedpool.tokenization import TextTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "families"
-NAMES = ["xlmr", "modernbert"]
+NAMES = ["xlmr", "nomic", "modernbert"]
 F32 = npt.NDArray[np.float32]
 
 
@@ -225,6 +225,44 @@ def test_xlmr_positions_skip_a_literal_pad_token() -> None:
     assert any(pad in ids for ids in fx.input_ids)
 
 
+# --- NomicBert --------------------------------------------------------------------------------
+
+def test_nomic_native_layout(tmp_path: Path) -> None:
+    """The fixture has nomic-ai's hub layout; transformers' native one (hidden_size, ...,
+    layers.N.self_attn.q_proj) is the same model and gives the same vectors."""
+    from safetensors.numpy import load_file, save_file
+
+    src = FIXTURES / "nomic" / "model"
+    hub = json.loads((src / "config.json").read_text())
+    dst = tmp_path / "native"
+    shutil.copytree(src, dst)
+    native_cfg = {"model_type": "nomic_bert", "hidden_size": hub["n_embd"],
+                  "num_attention_heads": hub["n_head"], "num_hidden_layers": hub["n_layer"],
+                  "intermediate_size": hub["n_inner"], "max_position_embeddings": hub["n_positions"],
+                  "layer_norm_eps": hub["layer_norm_epsilon"], "hidden_act": "silu",
+                  "vocab_size": hub["vocab_size"], "type_vocab_size": hub["type_vocab_size"],
+                  "rope_parameters": {"rope_type": "default",
+                                      "rope_theta": hub["rotary_emb_base"]}}
+    (dst / "config.json").write_text(json.dumps(native_cfg))
+    names = {"attn.out_proj": "self_attn.o_proj", "mlp.fc11": "mlp.up_proj",
+             "mlp.fc12": "mlp.gate_proj", "mlp.fc2": "mlp.down_proj",
+             "norm1": "post_attention_layernorm", "norm2": "post_mlp_layernorm"}
+    out = {}
+    for key, value in load_file(str(src / "model.safetensors")).items():
+        key = key.replace("emb_ln.", "embeddings.LayerNorm.").replace("encoder.layers.", "layers.")
+        if key.endswith("attn.Wqkv.weight"):
+            for part, chunk in zip("qkv", np.split(value, 3), strict=True):
+                out[key.replace("attn.Wqkv", f"self_attn.{part}_proj")] = chunk
+            continue
+        for old, new in names.items():
+            key = key.replace(old, new)
+        out[key] = value
+    save_file(out, str(dst / "model.safetensors"))
+    fx = load_fixture("nomic", dst)
+    got = embed(fx.model, prepare_onnx(fx.model, "fp32", tmp_path / "cache"), fx.texts)
+    assert cosines(got, fx.vectors).min() >= 0.9999
+
+
 # --- ModernBERT ------------------------------------------------------------------------------
 
 def test_modernbert_hub_config_format(tmp_path: Path) -> None:
@@ -257,12 +295,22 @@ def test_modernbert_window_matters() -> None:
 
 # --- refusals that teach -------------------------------------------------------------------
 
+DROP = object()  # a config change that removes the key (its default then applies)
+
+
 @pytest.mark.parametrize(
     ("name", "change", "match"),
     [
         ("xlmr", {"position_embedding_type": "relative_key"}, "position_embedding_type"),
         ("xlmr", {"is_decoder": True}, "is_decoder"),
         ("xlmr", {"hidden_act": "relu"}, "hidden_act 'relu'"),
+        ("nomic", {"rotary_scaling_factor": 2.0}, "rotary_scaling_factor"),
+        ("nomic", {"rotary_emb_interleaved": True}, "rotary_emb_interleaved"),
+        ("nomic", {"rotary_emb_fraction": DROP}, r"rotary_emb_fraction = 0.0 \(its default\)"),
+        ("nomic", {"qkv_proj_bias": True}, "qkv_proj_bias"),
+        ("nomic", {"activation_function": "gelu"}, "activation_function"),
+        ("nomic", {"prenorm": True}, "prenorm"),
+        ("nomic", {"causal": True}, "causal"),
         ("modernbert", {"rope_parameters": None, "local_rope_theta": None}, "local_rope_theta"),
         ("modernbert", {"attention_bias": True}, "attention_bias"),
         ("modernbert", {"hidden_activation": "silu"}, "hidden_activation"),
@@ -272,13 +320,15 @@ def test_modernbert_window_matters() -> None:
         ("modernbert", {"rope_parameters": {"full_attention": {"rope_type": "linear"}}},
          "rope_type 'linear'"),
     ],
-    ids=["xlmr-relative", "xlmr-decoder", "xlmr-relu", "modernbert-null-theta",
+    ids=["xlmr-relative", "xlmr-decoder", "xlmr-relu", "nomic-ntk-scaling", "nomic-interleaved",
+         "nomic-no-rotary", "nomic-bias", "nomic-gelu", "nomic-prenorm", "nomic-causal",
+         "modernbert-null-theta",
          "modernbert-bias", "modernbert-silu", "modernbert-layer-type", "modernbert-yarn",
          "modernbert-linear-rope"])
 def test_unhonoured_config_is_refused(tmp_path: Path, name: str, change: dict[str, Any],
                                       match: str) -> None:
     model = resolve_model(FIXTURES / name / "model")
-    cfg = {**model.config, **change}
+    cfg = {k: v for k, v in {**model.config, **change}.items() if v is not DROP}
     with pytest.raises(ModelError, match=match):
         family_for(cfg).parse_config(cfg, "config.json")
 

@@ -13,9 +13,9 @@ A family module provides:
                       nodes in a GraphBuilder (compose.compose adds inputs, head, outputs)
     int8_fp32_nodes(cfg), int8_smoothed_nodes(cfg)  what the int8 recipe keeps / smooths
 
-Families: ``bert``, ``xlmr`` (XLM-RoBERTa/RoBERTa: BERT's layers, its own positions) and
-``modernbert``; ``layers`` holds the pieces the rotary families share (rotary positions,
-memory-efficient attention, gated MLPs, norms).
+Families: ``bert``, ``xlmr`` (XLM-RoBERTa/RoBERTa: BERT's layers, its own positions),
+``nomic`` (NomicBert) and ``modernbert``; ``layers`` holds the pieces the rotary families
+share (rotary positions, memory-efficient attention, gated MLPs, norms).
 
 ``family_for`` picks the module by ``model_type`` and refuses anything else with a message
 that names what it found, what embedpool builds, and the route through a shipped
@@ -29,10 +29,10 @@ from types import ModuleType
 from typing import Any
 
 from embedpool.errors import ModelError
-from embedpool.graph.families import bert, modernbert, xlmr
+from embedpool.graph.families import bert, modernbert, nomic, xlmr
 
 #: Every family, in the order ``embedpool models`` lists them.
-FAMILIES: tuple[ModuleType, ...] = (bert, xlmr, modernbert)
+FAMILIES: tuple[ModuleType, ...] = (bert, xlmr, nomic, modernbert)
 
 
 def family_for(config: Mapping[str, Any], where: str = "config.json") -> ModuleType:
