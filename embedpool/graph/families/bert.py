@@ -43,6 +43,7 @@ and lets ORT do the reduction in its threads. With ``pool=False`` it outputs
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ from embedpool.graph.builder import (
     LinearRole,
     linear_t,
 )
+from embedpool.graph.weights import HasShape, check_shapes
 from embedpool.types import Pooling
 
 if TYPE_CHECKING:
@@ -125,13 +127,33 @@ class BertConfig:
         return self.hidden_size // self.num_heads
 
 
-def check_weights(weights: Mapping[str, Array], cfg: BertConfig, where: str) -> None:
-    """Raise a ModelError naming what is missing if ``weights`` do not fit ``cfg``."""
+def check_weights(weights: Mapping[str, HasShape], cfg: BertConfig, where: str) -> None:
+    """Raise a ModelError naming what is missing or mis-shaped if ``weights`` (arrays, or
+    ``weights.tensor_infos`` from the headers alone) do not fit ``cfg``."""
     missing = [k for k in _required_keys(cfg) if k not in weights]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelError(f"{where}: not a BERT checkpoint matching its config.json; missing "
                          f"{shown}")
+    layers = {int(m.group(1)) for k in weights if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
+    if max(layers, default=-1) + 1 != cfg.num_layers:
+        raise ModelError(f"{where}: the weights have {max(layers) + 1} layers, config.json says "
+                         f"num_hidden_layers={cfg.num_layers}: the config belongs to another "
+                         "model")
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    vocab = weights["embeddings.word_embeddings.weight"].shape[0]
+    expected: dict[str, tuple[int, ...]] = {
+        "embeddings.word_embeddings.weight": (vocab, h),
+        "embeddings.position_embeddings.weight": (cfg.max_position_embeddings, h)}
+    for i in range(cfg.num_layers):
+        p = f"encoder.layer.{i}."
+        for name, shape in (("attention.self.query", (h, h)), ("attention.self.key", (h, h)),
+                            ("attention.self.value", (h, h)),
+                            ("attention.output.dense", (h, h)),
+                            ("intermediate.dense", (inter, h)), ("output.dense", (h, inter))):
+            expected[p + name + ".weight"] = shape
+            expected[p + name + ".bias"] = shape[:1]
+    check_shapes(weights, expected, where)
 
 
 def load_weights(path: Any, cfg: BertConfig) -> dict[str, Array]:
