@@ -149,7 +149,7 @@ def main() -> None:
         table = variants(model, Path(d))
         ref = np.load(args.reference) if args.reference else None
         if ref is None:
-            ref, _, _ = run(Engine(table["fp32-fused"](), pooling=model.pooling, dim=model.dim,
+            ref, _, _ = run(Engine(table["fp32-fused"](), head=model.head, dim=model.dim,
                                 threads=args.threads), seqs, args.batch)
         names = args.variants.split(",")
         paths = {name: table[name]() for name in names}
@@ -160,7 +160,7 @@ def main() -> None:
         # the one least disturbed by other processes.
         for _ in range(args.repeat):
             for name in names:
-                eng = Engine(paths[name], pooling=model.pooling, dim=model.dim,
+                eng = Engine(paths[name], head=model.head, dim=model.dim,
                              threads=args.threads)
                 vecs, secs, cpu = run(eng, seqs, args.batch)
                 best[name] = max(best[name], len(seqs) / secs)

@@ -167,11 +167,13 @@ class MicroBatcher:
                  max_wait_s: float = DEFAULT_MAX_WAIT_S,
                  max_queue_tokens: int = DEFAULT_MAX_QUEUE_TOKENS,
                  max_inflight: int | None = None,
-                 on_batch: Callable[[WorkBatch], None] | None = None) -> None:
+                 on_batch: Callable[[WorkBatch], None] | None = None,
+                 normalize_windows: bool = True) -> None:
         if batch_tokens < 1 or max_batch_items < 1 or max_queue_tokens < 1 or max_wait_s < 0:
             raise ValueError("batch_tokens, max_batch_items, max_queue_tokens must be >= 1 "
                              "and max_wait_s >= 0")
         self.executor = executor
+        self.normalize_windows = normalize_windows  # the model has Normalize (window mode)
         self.batch_tokens = batch_tokens
         self.max_batch_items = max_batch_items
         self.max_wait_s = max_wait_s
@@ -380,10 +382,10 @@ class MicroBatcher:
             if pos in result.failed:
                 _settle(req.future, error=ItemFailed(req.owner[i], result.failed[pos]))
                 continue
-            self._fill(req, i, result.vectors[pos])
+            self._fill(req, i, result.vectors[pos], self.normalize_windows)
 
     @staticmethod
-    def _fill(req: _Request, i: int, row: Vectors) -> None:
+    def _fill(req: _Request, i: int, row: Vectors, normalize: bool) -> None:
         # Batches of one request can finish on different pool threads at once.
         with _FILL_LOCK:
             if req.rows is None:
@@ -393,7 +395,8 @@ class MicroBatcher:
             last = req.remaining == 0
         if last:
             assert req.rows is not None
-            _settle(req.future, result=combine_windows(req.rows, req.owner, req.n_items))
+            _settle(req.future, result=combine_windows(req.rows, req.owner, req.n_items,
+                                                         normalize))
 
     # ------------------------------------------------------------------ throughput
     def _throughput(self) -> float:

@@ -157,7 +157,7 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
 
     m = resolve_model(cfg.model)
     texts = _corpus(cfg.chunks)
-    stats = token_stats(TextTokenizer(m.tokenizer_path, m.max_length).count(texts), m.max_length)
+    stats = token_stats(TextTokenizer.for_model(m).count(texts), m.max_length)
     echo(f"corpus: {len(texts)} chunks of Python {sys.version.split()[0]} stdlib source; tokens "
          f"mean {stats['mean']} p50 {stats['p50']} p90 {stats['p90']} p99 {stats['p99']} "
          f"max {stats['max']}; {stats['over_max_length']:.0%} over max length {m.max_length}")

@@ -1,4 +1,9 @@
-"""One ONNX Runtime session: token sequences in, L2-normalised vectors out.
+"""One ONNX Runtime session: token sequences in, the model's sentence vectors out.
+
+The vectors are what sentence-transformers returns for the model: L2-normalised when the
+model has a Normalize module, as computed otherwise. A graph embedpool builds ends in the
+model's whole head (``graph.head``); a shipped ``onnx/model.onnx`` that outputs token states
+gets the same head in numpy (``graph.head.head_numpy``).
 
 The engine knows nothing of pools, files or jobs. A picklable ``EngineSpec`` is the recipe
 a worker process uses to build its own engine (``spec.build()``), so the same engine runs
@@ -23,8 +28,10 @@ import numpy as np
 import onnxruntime as ort
 
 from embedpool.errors import ConfigError, ModelError
+from embedpool.graph.head import PROMPT_LENGTH, head_numpy, load_dense
 from embedpool.models import ResolvedModel
-from embedpool.types import Pooling, Precision, TokenIds, Vectors
+from embedpool.modelspec import HeadSpec
+from embedpool.types import Precision, TokenIds, Vectors
 from embedpool.vectors import l2_normalize
 
 
@@ -54,7 +61,7 @@ class EngineSpec:
         from embedpool.graph import prepare_onnx
 
         path = prepare_onnx(self.model, self.precision)
-        return Engine(path, pooling=self.model.pooling, dim=self.model.dim, threads=self.threads)
+        return Engine.for_model(path, self.model, threads=self.threads)
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -89,24 +96,50 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 class Engine:
-    """A loaded ONNX session plus pooling; always fully built."""
+    """A loaded ONNX session plus, for shipped graphs, the model's head; always fully built."""
 
-    def __init__(self, onnx_path: Path, *, pooling: Pooling, dim: int, threads: int = 1) -> None:
+    def __init__(self, onnx_path: Path, *, head: HeadSpec, dim: int, threads: int = 1,
+                 head_in_graph: bool = True) -> None:
+        """``head_in_graph``: a [batch, dim] output already went through ``head`` (embedpool
+        built the graph); otherwise (a shipped graph that pools by itself) Normalize and
+        truncate_dim are applied here. Token-state outputs always get the whole head here."""
         try:
             self.session = ort.InferenceSession(str(onnx_path), sess_options=session_options(threads),
                                                 providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ModelError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
         self.onnx_path = onnx_path
-        self.pooling = pooling
+        self.head = head
         self.threads = threads
+        self._head_in_graph = head_in_graph
         names = {i.name for i in self.session.get_inputs()}
         self._needs_type_ids = "token_type_ids" in names
-        self._output = self.session.get_outputs()[0].name
-        self.dim = dim or int(self.session.get_outputs()[0].shape[-1])
+        self._needs_prompt_length = PROMPT_LENGTH in names
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        out = next((outputs[n] for n in ("last_hidden_state", "token_embeddings") if n in outputs),
+                   self.session.get_outputs()[0])
+        self._output = out.name
+        # token states (a shipped encoder, or a graph built without its head) get the head
+        # here; a [batch, dim] output is final when embedpool built it (head_in_graph)
+        self._token_states = len(out.shape) == 3
+        self._dense = [load_dense(d) for d in head.dense] if self._token_states else []
+        if not head_in_graph and not self._token_states and head.dense:
+            raise ModelError(
+                f"{onnx_path} outputs pooled vectors ({out.name}), so embedpool cannot add the "
+                f"model's Dense layers after them; ship a graph that outputs last_hidden_state")
+        self.dim = dim or int(out.shape[-1])
 
-    def embed(self, sequences: Sequence[TokenIds]) -> Vectors:
-        """Vectors for already-tokenised sequences, in the given order."""
+    @classmethod
+    def for_model(cls, onnx_path: Path, model: ResolvedModel, *, threads: int = 1) -> Engine:
+        """The engine for ``model``'s graph at ``onnx_path`` (from ``graph.prepare_onnx``)."""
+        return cls(onnx_path, head=model.head, dim=model.dim, threads=threads,
+                   head_in_graph=model.onnx_path is None)
+
+    def embed(self, sequences: Sequence[TokenIds],
+              prompt_lengths: Sequence[int] | None = None) -> Vectors:
+        """Vectors for already-tokenised sequences, in the given order. ``prompt_lengths``:
+        per sequence, its prompt's length in tokens (``tokenization.Encoded.prompt_length``);
+        only models whose Pooling leaves the prompt out read it (None: no prompts)."""
         n = len(sequences)
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -116,20 +149,21 @@ class Engine:
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
+        plen = np.zeros(n, dtype=np.int64) if prompt_lengths is None else \
+            np.asarray(prompt_lengths, dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self._needs_type_ids:
             feeds["token_type_ids"] = np.zeros_like(ids)
+        if self._needs_prompt_length:
+            feeds[PROMPT_LENGTH] = plen
         out = self.session.run([self._output], feeds)[0]
-        if out.ndim == 3:  # token embeddings: pool here
-            out = pool_hidden(out, mask, self.pooling)
-        return l2_normalize(out.astype(np.float32, copy=False))
+        if self._token_states:
+            return head_numpy(out, mask, self.head, self._dense, plen)
+        vectors: Vectors = out.astype(np.float32, copy=False)
+        if not self._head_in_graph:  # a shipped graph that pools by itself (no Dense)
+            if self.head.normalize:
+                vectors = l2_normalize(vectors)
+            if self.head.truncate_dim is not None:
+                vectors = np.ascontiguousarray(vectors[:, :self.head.truncate_dim])
+        return vectors
 
-
-def pool_hidden(hidden: np.ndarray, mask: np.ndarray, pooling: Pooling) -> np.ndarray:
-    if pooling == "cls":
-        return np.ascontiguousarray(hidden[:, 0, :])
-    m = mask[:, :, None].astype(hidden.dtype)
-    summed = (hidden * m).sum(axis=1)
-    counts: np.ndarray = np.clip(m.sum(axis=1), 1e-9, None)
-    pooled: np.ndarray = summed / counts
-    return pooled

@@ -36,7 +36,7 @@ from embedpool.batching import (
 from embedpool.errors import ConfigError, InputError
 from embedpool.executor import BatchResult, Executor, WorkBatch, run
 from embedpool.graph import graph_id
-from embedpool.models import DEFAULT_MODEL, ResolvedModel, resolve_model
+from embedpool.models import DEFAULT_MODEL, ResolvedModel, check_batchable, resolve_model
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import EventCallback, LongTextMode, Precision, Vectors
 from embedpool.vectors import l2_normalize
@@ -147,6 +147,7 @@ class Embedder:
         if backend not in ("local", "ray"):
             raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
         self.model = model if isinstance(model, ResolvedModel) else resolve_model(model)
+        check_batchable(self.model)
         self.precision: Precision = precision
         self.long_text: LongTextMode = long_text
         self.batch_tokens = batch_tokens
@@ -154,7 +155,7 @@ class Embedder:
         self.cache = cache
         self.on_event = on_event
         self._emit = events.Emitter(on_event, log)  # a raising callback never aborts a job
-        self.tokenizer = TextTokenizer(self.model.tokenizer_path, self.model.max_length)
+        self.tokenizer = TextTokenizer.for_model(self.model)
         self.fingerprint = self.model.fingerprint(precision, long_text,
                                                   graph=graph_id(self.model, precision))
         self.last_report = JobReport()
@@ -197,7 +198,8 @@ class Embedder:
     # -- public API -------------------------------------------------------------------------
 
     def embed(self, texts: Sequence[str]) -> Vectors:
-        """(len(texts), dim) float32, L2-normalised, in input order."""
+        """(len(texts), dim) float32 in input order (L2-normalised when the model has a
+        Normalize module, as sentence-transformers returns them)."""
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InputError(f"text {i} is {type(t).__name__}, not str")
@@ -323,8 +325,9 @@ class Embedder:
             done = self._absorb(res, w.positions[res.batch_id], w, sums, remaining, failed)
             # window mode: an item with several windows is final once all are in
             for u in done:
-                if w.seq_count[u] > 1:
-                    w.unique_vectors[u] = l2_normalize(sums[u])
+                if w.seq_count[u] > 1:  # the mean of its windows, normalised if the model is
+                    mean = sums[u] / w.seq_count[u]
+                    w.unique_vectors[u] = l2_normalize(mean) if self.model.normalize else mean
             self._cache_put(w, done)
             done_so_far += len(done)
             self._emit(events.PROGRESS, done=done_so_far, total=report.chunks,

@@ -3,21 +3,37 @@
 The parent process tokenises (HF ``tokenizers``, in Rust, parallel over the batch) so that
 batches can be planned by real token counts and workers receive compact int32 ids, not text.
 
-Each item becomes one sequence (``truncate``) or several overlapping windows (``window``);
-every sequence is ``[CLS] content [SEP]`` and at most ``max_length`` tokens long.
+A text becomes tokens exactly as sentence-transformers 6.2 (with transformers 5) makes them
+(``modelspec.TextSpec``, read by ``models.layout``):
+
+    prompt + text ──normalizer──> tokens ──[CLS] ... [SEP], at most max_length──> sequence
+       │              └─ tokenizer.json's, or the BertNormalizer transformers rebuilds from
+       │                 tokenizer_config.json; a Lowercase in front when do_lower_case
+       └─ the prompt resolved as ST's encode does (explicit > named > the model's default);
+          it is part of the text, so it is truncated with it and counts toward max_length.
+          Its length in tokens (with [CLS], without a trailing special token: ST's
+          ``prompt_length``) is what a Pooling with include_prompt=False leaves out.
+
+Each item becomes one sequence (``truncate``) or several overlapping windows (``window``,
+each one ``[CLS] prompt window [SEP]``); every sequence is at most ``max_length`` tokens long.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
-from embedpool.errors import ModelError
+from embedpool.errors import ConfigError, ModelError
+from embedpool.modelspec import TextSpec
 from embedpool.types import LongTextMode, TokenIds
+
+if TYPE_CHECKING:
+    from embedpool.models import ResolvedModel
 
 #: Window mode: tokens shared by neighbouring windows. A quarter of the content width keeps
 #: every token with some context on both sides while costing at most ~1.33x the tokens.
@@ -32,18 +48,40 @@ class Encoded:
     owner: list[int]  # owner[i]: index of the text that sequences[i] belongs to
     n_tokens: list[int]  # per text: full token count with special tokens, before truncation
     truncated: list[bool]  # per text: tokens were dropped (truncate mode only)
+    #: The prompt's length in tokens as sentence-transformers counts it ([CLS] and the
+    #: prompt, no trailing special token), the same for every sequence; 0 without a prompt.
+    #: Engine.embed(sequences, prompt_lengths) needs it for include_prompt=False models.
+    prompt_length: int = 0
+    prompt: str = ""  # the prompt that was prepended ("" for none)
 
 
 class TextTokenizer:
-    """Wraps a ``tokenizer.json`` with embedpool's own truncation and windowing."""
+    """Wraps a ``tokenizer.json`` with sentence-transformers' text handling (lower-casing,
+    prompts, max length) and embedpool's own truncation report and windowing."""
 
-    def __init__(self, tokenizer_path: Path, max_length: int) -> None:
+    def __init__(self, tokenizer_path: Path, max_length: int, *, text: TextSpec | None = None
+                 ) -> None:
+        """``text``: the model's TextSpec (lower-casing, normalizer, prompts); its max length
+        is replaced by ``max_length``. Without one: the tokenizer as it is, no prompts."""
         try:
             tok = Tokenizer.from_file(str(tokenizer_path))
         except Exception as exc:
             raise ModelError(f"cannot load tokenizer {tokenizer_path}: {exc}") from exc
         tok.no_truncation()
         tok.no_padding()
+        self.text = text if text is not None else TextSpec(max_length)
+        if self.text.normalizer is not None:
+            n = self.text.normalizer
+            tok.normalizer = normalizers.BertNormalizer(
+                clean_text=n.clean_text, handle_chinese_chars=n.handle_chinese_chars,
+                strip_accents=n.strip_accents, lowercase=n.lowercase)
+        if self.text.do_lower_case and not _has_lowercase(tok.normalizer):
+            # what sentence-transformers 6 does: a Lowercase in front of the normalizer
+            current = tok.normalizer
+            rest: list[Any] = list(cast(Iterable[Any], current)) \
+                if isinstance(current, normalizers.Sequence) else \
+                [current] if current is not None else []
+            tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
         self._tok = tok
         self.max_length = max_length
         probe = tok.encode("a").ids
@@ -53,24 +91,61 @@ class TextTokenizer:
         self._cls = np.array(probe[:1], dtype=np.int32)
         self._sep = np.array(probe[-1:], dtype=np.int32)
         self.pad_id = int(tok.token_to_id("[PAD]") or 0)
+        self._special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self._prompt_lengths: dict[str, int] = {}
 
-    def count(self, texts: Sequence[str]) -> list[int]:
-        """Full token counts (special tokens included), without building sequences."""
-        return [len(e.ids) for e in self._tok.encode_batch(list(texts))]
+    @classmethod
+    def for_model(cls, model: ResolvedModel) -> TextTokenizer:
+        """The tokenizer exactly as the model's files configure it."""
+        return cls(model.tokenizer_path, model.max_length, text=model.text)
+
+    def resolve_prompt(self, prompt: str | None = None, prompt_name: str | None = None) -> str:
+        """The prompt texts get: ``prompt`` ("" for none) > ``prompt_name`` > the model's
+        default prompt (TextSpec.resolve_prompt); ConfigError for an unknown name."""
+        try:
+            return self.text.resolve_prompt(prompt, prompt_name) or ""
+        except KeyError as exc:
+            raise ConfigError(str(exc.args[0])) from None
+
+    def prompt_length(self, prompt: str) -> int:
+        """sentence-transformers' ``prompt_length``: the prompt tokenised alone, minus a
+        trailing special token ([CLS] and the prompt's tokens); 0 for no prompt."""
+        if not prompt:
+            return 0
+        if prompt not in self._prompt_lengths:
+            ids = self._tok.encode(prompt).ids
+            n = len(ids) - (1 if ids and ids[-1] in self._special else 0)
+            if n + 1 >= self.max_length:
+                raise ConfigError(f"the prompt {prompt!r} is {n - 1} tokens; with max length "
+                                  f"{self.max_length} no token of the text would fit")
+            self._prompt_lengths[prompt] = n
+        return self._prompt_lengths[prompt]
+
+    def count(self, texts: Sequence[str], *, prompt: str | None = None,
+              prompt_name: str | None = None) -> list[int]:
+        """Full token counts (special tokens and prompt included), without building sequences."""
+        p = self.resolve_prompt(prompt, prompt_name)
+        return [len(e.ids) for e in self._tok.encode_batch([p + t for t in texts])]
 
     def token_ids(self, text: str) -> list[int]:
         """Content ids of a text without special tokens (used by test hooks)."""
         ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
         return ids
 
-    def encode(self, texts: Sequence[str], mode: LongTextMode = "truncate") -> Encoded:
+    def encode(self, texts: Sequence[str], mode: LongTextMode = "truncate", *,
+               prompt: str | None = None, prompt_name: str | None = None) -> Encoded:
+        """The texts' sequences. ``prompt`` / ``prompt_name`` as in sentence-transformers'
+        ``encode``: neither applies the model's default prompt (if it has one); ``prompt=""``
+        applies none."""
+        p = self.resolve_prompt(prompt, prompt_name)
+        plen = self.prompt_length(p)
+        keep = max(plen - 1, 0)  # prompt tokens after [CLS], repeated in every window
         sequences: list[TokenIds] = []
         owner: list[int] = []
         n_tokens: list[int] = []
         truncated: list[bool] = []
         width = self.max_length - 2
-        stride = max(1, width - int(width * WINDOW_OVERLAP_FRACTION))
-        for i, enc in enumerate(self._tok.encode_batch(list(texts))):
+        for i, enc in enumerate(self._tok.encode_batch([p + t for t in texts])):
             ids = np.asarray(enc.ids, dtype=np.int32)
             n_tokens.append(int(ids.size))
             content = ids[1:-1]
@@ -83,10 +158,23 @@ class TextTokenizer:
                 owner.append(i)
                 truncated.append(True)
             else:
-                starts = list(range(0, max(1, content.size - width) + stride, stride))
-                starts = [s for s in starts if s < content.size and (s == 0 or s + width - stride < content.size)]
+                head, body = content[:keep], content[keep:]
+                w = width - keep
+                stride = max(1, w - int(w * WINDOW_OVERLAP_FRACTION))
+                starts = list(range(0, max(1, body.size - w) + stride, stride))
+                starts = [s for s in starts if s < body.size and (s == 0 or s + w - stride < body.size)]
                 for s in starts:
-                    sequences.append(np.concatenate([self._cls, content[s:s + width], self._sep]))
+                    sequences.append(np.concatenate([self._cls, head, body[s:s + w], self._sep]))
                     owner.append(i)
                 truncated.append(False)
-        return Encoded(sequences, owner, n_tokens, truncated)
+        return Encoded(sequences, owner, n_tokens, truncated, prompt_length=plen, prompt=p)
+
+
+def _has_lowercase(normalizer: object) -> bool:
+    """sentence-transformers' check: a Lowercase, or a Sequence holding one (a BertNormalizer
+    that lower-cases does not count, so ST adds a Lowercase in front of it too)."""
+    if isinstance(normalizer, normalizers.Lowercase):
+        return True
+    if isinstance(normalizer, normalizers.Sequence):
+        return any(isinstance(n, normalizers.Lowercase) for n in normalizer)  # type: ignore[attr-defined]
+    return False

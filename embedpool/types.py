@@ -8,7 +8,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-#: One embedding matrix: float32, shape (n, dim), rows L2-normalised.
+#: One embedding matrix: float32, shape (n, dim); rows L2-normalised when the model has a
+#: Normalize module (as sentence-transformers returns them), as computed otherwise.
 Vectors = npt.NDArray[np.float32]
 #: One tokenised sequence, special tokens included, never longer than the model's max length.
 TokenIds = npt.NDArray[np.int32]

@@ -1,10 +1,11 @@
 """Arithmetic on finished embedding vectors, numpy only: normalise, average windows, truncate.
 
-Every vector embedpool returns is float32 and L2-normalised (cosine = dot product). The
-engine normalises what it pools; a long text embedded as several windows (``long_text
-="window"``) becomes the normalised mean of its windows' vectors, whether the windows came
-back through a job (``job.py``) or a server request (``batcher.py``); a model trained for it
-(Matryoshka) may be cut to its first N dimensions and normalised again.
+Every vector embedpool returns is float32 and what sentence-transformers returns for the
+model: L2-normalised (cosine = dot product) when the model has a Normalize module, as
+computed otherwise. A long text embedded as several windows (``long_text="window"``) becomes
+the mean of its windows' vectors, normalised when the model normalises, whether the windows
+came back through a job (``job.py``) or a server request (``batcher.py``); a model trained for
+it (Matryoshka) may be cut to its first N dimensions and normalised again.
 """
 
 from __future__ import annotations
@@ -27,17 +28,24 @@ def l2_normalize(x: np.ndarray) -> Vectors:
     return out
 
 
-def combine_windows(vectors: Vectors, owner: Sequence[int], n_items: int) -> Vectors:
-    """One vector per item: the normalised mean of its windows' vectors.
+def combine_windows(vectors: Vectors, owner: Sequence[int], n_items: int,
+                    normalize: bool = True) -> Vectors:
+    """One vector per item: the mean of its windows' vectors, L2-normalised when the model
+    normalises (``normalize``: ``ResolvedModel.normalize``).
 
     ``owner[i]`` is the item of row ``i`` (``tokenization.Encoded.owner``). With one row per
-    item the rows come back unchanged (the mean of one normalised row is itself).
+    item the rows come back unchanged (the mean of one row is itself).
     """
     if len(owner) == n_items:
         return vectors
+    idx = np.asarray(owner, dtype=np.intp)
     sums = np.zeros((n_items, vectors.shape[1]), dtype=np.float32)
-    np.add.at(sums, np.asarray(owner, dtype=np.intp), vectors)
-    return l2_normalize(sums)
+    np.add.at(sums, idx, vectors)
+    if normalize:
+        return l2_normalize(sums)
+    counts = np.bincount(idx, minlength=n_items).clip(1)
+    means: Vectors = (sums / counts[:, None]).astype(np.float32)
+    return means
 
 
 def truncate_dims(vectors: Vectors, dims: int) -> Vectors:

@@ -306,7 +306,7 @@ def built(minilm: ResolvedModel, cache: Path) -> dict[str, Path]:
 def embed(model: ResolvedModel, path: Path, texts: list[str]) -> F32:
     """One padded batch on purpose: short texts padded to the longest prove the mask works."""
     seqs = TextTokenizer(model.tokenizer_path, model.max_length).encode(texts).sequences
-    return Engine(path, pooling=model.pooling, dim=model.dim, threads=1).embed(seqs)
+    return Engine.for_model(path, model, threads=1).embed(seqs)
 
 
 def op_types(path: Path) -> set[str]:

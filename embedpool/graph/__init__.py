@@ -34,8 +34,10 @@ default as the smaller node count and the layout ORT's kernels are tuned for.
 Numbers: benchmarks/graph_variants.py.
 
 Cache files live in ``cache_dir`` or ``config.cache_root() / "onnx"`` and are named
-``<model>-<precision>-<key>.onnx``. The key hashes everything the bytes depend on (weights
-sha256, canonical config.json, pooling, max length, builder version, precision, and for
+``<model>-<precision>-<key>.onnx``. The key hashes everything the bytes depend on (the
+files they are built from (ResolvedModel.files: the shipped ONNX file when there is one, else
+the safetensors, plus tokenizer, config.json and the sentence-transformers configs and Dense
+weights), canonical config.json, the head and text specs, builder version, precision, and for
 int8 the quantisation recipe, the calibration set's recipe and Python version (the stdlib
 source it reads varies with it) and ONNX Runtime's major.minor, whose quantiser writes it), so a
 changed input gets a new file and a stale one is never reused. ``store.get_or_build`` makes
@@ -44,7 +46,6 @@ concurrent first calls from several processes build once and never expose a part
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -57,11 +58,14 @@ from embedpool.graph.compose import compose
 from embedpool.graph.families import family_for
 from embedpool.graph.store import cache_key, get_or_build
 from embedpool.models import ResolvedModel
-from embedpool.modelspec import HeadSpec
 from embedpool.types import Precision
 
 # onnx (and quantize, which imports it) are imported where a graph is built: a pool worker
 # that finds its graph cached never needs them, and they cost it ~10-18 MB of RSS.
+
+#: ResolvedModel.files roles that do not shape the graph's bytes (config_sentence_transformers
+#: .json: prompts); every other file the vectors are computed from is part of the key.
+GRAPH_FREE_ROLES = ("st:prompts",)
 
 __all__ = ["cache_path", "graph_id", "int8_fp32_nodes", "int8_smoothed_nodes", "prepare_onnx"]
 
@@ -118,14 +122,14 @@ def prepare_onnx(model: ResolvedModel, precision: Precision, cache_dir: Path | N
         import onnx
 
         weights = fam.load_weights(model.weights_path, cfg)
-        graph = compose(fam, weights, cfg, _head(model), fused=True, name=model.name)
+        graph = compose(fam, weights, cfg, model.head, fused=True, name=model.name)
         onnx.save(graph, tmp)
 
     def build_int8(tmp: Path) -> None:
         from embedpool.graph.quantize import smooth_matmul_inputs
 
         weights = fam.load_weights(model.weights_path, cfg)
-        graph = compose(fam, weights, cfg, _head(model), fused=True, int8_ready=True,
+        graph = compose(fam, weights, cfg, model.head, fused=True, int8_ready=True,
                         name=model.name)
         calibration = _calibration(model, [i.name for i in graph.graph.input])
         graph = smooth_matmul_inputs(graph, fam.int8_smoothed_nodes(cfg), calibration,
@@ -143,8 +147,12 @@ def cache_path(model: ResolvedModel, precision: Precision, cache_dir: Path | Non
     """Where ``prepare_onnx`` keeps (or would keep) this model's graph; builds nothing.
     For a shipped fp32 ONNX file this is unused: the shipped file is returned as is."""
     root = cache_dir if cache_dir is not None else cache_root() / "onnx"
+    text = model.text.key()
+    text.pop("prompts", None)  # prompts change the texts, not the graph (calibration has none)
+    text.pop("default_prompt_name", None)
     parts: dict[str, object] = {"weights": model.weights_sha256, "config": model.config,
-                                "pooling": model.pooling, "max_length": model.max_length,
+                                "files": model.files.digest(exclude_roles=GRAPH_FREE_ROLES),
+                                "head": model.head.key(), "text": text,
                                 "precision": precision}
     if model.onnx_path is not None:
         parts["source"] = "shipped"
@@ -164,12 +172,6 @@ def graph_id(model: ResolvedModel, precision: Precision) -> str:
     anything): it changes whenever the graph's bytes would, e.g. a new int8 recipe. Part of
     the vector cache's fingerprint."""
     return cache_path(model, precision).stem
-
-
-def _head(model: ResolvedModel) -> HeadSpec:
-    """normalize=True whatever the model says: the engine's contract is L2-normalised
-    vectors, and normalising in the graph saves it a pass."""
-    return dataclasses.replace(model.head, normalize=True)
 
 
 def _family(model: ResolvedModel) -> tuple[ModuleType, Any]:
@@ -220,7 +222,8 @@ def _calibration(model: ResolvedModel, input_names: list[str]) -> Any:
     step = len(chunks) / INT8_CALIBRATION_CHUNKS
     picked = [chunks[int(i * step)].text
               for i in range(min(INT8_CALIBRATION_CHUNKS, len(chunks)))]
-    sequences = TextTokenizer(model.tokenizer_path, model.max_length).encode(picked).sequences
+    # the model's own tokenisation (lower-casing, max length), without a prompt
+    sequences = TextTokenizer.for_model(model).encode(picked, prompt="").sequences
     return TokenBatchReader(sequences, input_names, batch_size=INT8_CALIBRATION_BATCH)
 
 

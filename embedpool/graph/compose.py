@@ -1,7 +1,7 @@
 """Encoder + head -> one ONNX model: the graph inputs, a family's encoder, the model's
 sentence-transformers head, and the outputs, assembled the same way for every family.
 
-    input_ids, attention_mask (int64 [batch, seq])
+    input_ids, attention_mask (int64 [batch, seq]) [, prompt_length (int64 [batch]): see head]
         └─ family.build_encoder(g, weights, cfg) ──> token states [batch, seq, width]
               └─ head.apply_head(HeadSpec) ──> sentence_embedding [batch, out_dim]
                  (or, without a head, last_hidden_state [batch, seq, width])
@@ -21,7 +21,7 @@ from embedpool.graph.builder import (
     Array,
     GraphBuilder,
 )
-from embedpool.graph.head import apply_head
+from embedpool.graph.head import apply_head, head_inputs
 from embedpool.modelspec import HeadSpec
 
 if TYPE_CHECKING:
@@ -38,6 +38,8 @@ def compose(family: ModuleType, weights: Mapping[str, Array], cfg: Any, head: He
     enc = family.build_encoder(g, weights, cfg, fused=fused, int8_ready=int8_ready)
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
               for n in (INPUT_IDS, ATTENTION_MASK, *enc.extra_inputs)]
+    inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, shape)
+               for n, shape in (head_inputs(head) if head is not None else [])]
     if head is not None:
         out_shape: list[str | int] = ["batch", apply_head(g, enc.hidden, enc.width, head,
                                                           SENTENCE_EMBEDDING)]

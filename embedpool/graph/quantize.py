@@ -79,9 +79,11 @@ class TokenBatchReader(CalibrationDataReader):  # type: ignore[misc]
             for row, seq in enumerate(batch):
                 ids[row, : len(seq)] = seq
                 mask[row, : len(seq)] = 1
-            feed = {"input_ids": ids, "attention_mask": mask}
+            feed: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in input_names:
                 feed["token_type_ids"] = np.zeros_like(ids)
+            if "prompt_length" in input_names:  # calibration texts carry no prompt
+                feed["prompt_length"] = np.zeros((len(batch),), dtype=np.int64)
             self.feeds.append(feed)
         self._it: Iterator[dict[str, np.ndarray]] = iter(self.feeds)
 

@@ -2,7 +2,7 @@
 
 Messages travel pickled over one duplex ``multiprocessing`` Pipe per worker; numpy arrays
 pickle as raw buffers, so a result costs one copy of ``n x dim`` float32s and nothing else.
-Workers send finished, L2-normalised vectors, never hidden states.
+Workers send finished vectors (the model's head applied), never hidden states.
 
     supervisor -> worker            worker -> supervisor
     ---------------------           ------------------------------------------------

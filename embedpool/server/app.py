@@ -37,7 +37,7 @@ from embedpool.batcher import MicroBatcher, SubmitExecutor
 from embedpool.engine import EngineSpec, usable_cores
 from embedpool.executor import InProcessExecutor
 from embedpool.metrics import CONTENT_TYPE, ServerMetrics
-from embedpool.models import ResolvedModel, find_known, resolve_model
+from embedpool.models import ResolvedModel, check_batchable, find_known, resolve_model
 from embedpool.server.openai import (
     ERROR_RESPONSES,
     ApiError,
@@ -151,11 +151,12 @@ class _App:
         self.settings = settings
         self.factory = factory
         self.served = served_model(settings, model)
+        self.normalize = model.normalize
         self.api_key = settings.resolved_api_key()
         self.runtime = rt = Runtime()
         self.metrics = ServerMetrics(lambda: rt.batcher.stats() if rt.batcher else None,
                                      lambda: rt.executor.stats() if rt.executor else None)
-        tokenizer = TextTokenizer(model.tokenizer_path, model.max_length)
+        tokenizer = TextTokenizer.for_model(model)
         self.service = EmbeddingService(settings, tokenizer, self.served, rt, self.metrics,
                                         cache)
         self.probe = SharedProbe(self._probe, settings.ready_reuse_s)
@@ -177,7 +178,8 @@ class _App:
             rt.executor, batch_tokens=s.batch_tokens, max_batch_items=s.max_batch_items,
             max_wait_s=s.max_wait_ms / 1000, max_queue_tokens=s.max_queue_tokens,
             max_inflight=s.max_inflight_batches,
-            on_batch=lambda b: self.metrics.batch_tokens.observe(b.padded_tokens))
+            on_batch=lambda b: self.metrics.batch_tokens.observe(b.padded_tokens),
+            normalize_windows=self.normalize)
 
     async def stop(self) -> None:
         # uvicorn has already waited for the requests in flight (graceful shutdown).
@@ -279,6 +281,7 @@ def create_app(settings: ServerSettings,
                cache: VectorCacheHook | None = None) -> FastAPI:
     """Build the app. The executor is created by the lifespan (on startup), not here."""
     resolved = model if model is not None else resolve_model(settings.model)
+    check_batchable(resolved)
     factory = executor_factory or default_executor_factory(resolved, settings.precision)
     a = _App(settings, factory, resolved, cache)
     app = FastAPI(title="embedpool", version="0.1.0", lifespan=a.lifespan,

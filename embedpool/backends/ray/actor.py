@@ -34,8 +34,8 @@ class EmbedActor:
             from embedpool.engine import Engine
 
             where, source = locate_model(shipment, lambda: ray.get(shipment.payload[0]))
-            self.engine = Engine(where / shipment.graph_name, pooling=spec.model.pooling,
-                                 dim=spec.model.dim, threads=spec.threads)
+            self.engine = Engine.for_model(where / shipment.graph_name, spec.model,
+                                           threads=spec.threads)
         self.info: dict[str, Any] = {
             "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
             "dim": int(self.engine.dim), "model_source": source,

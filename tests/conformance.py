@@ -1,0 +1,95 @@
+"""The conformance fixtures (tests/fixtures/conformance, made by scripts/make_conformance.py):
+model directories materialised from the base model, a case's overlay and its transforms, and
+sentence-transformers' golden vectors for them. Used by tests/test_conformance.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+FIXTURES = Path(__file__).parent / "fixtures" / "conformance"
+CASES = FIXTURES / "cases"
+TEXTS: list[str] = json.loads((FIXTURES / "texts.json").read_text(encoding="utf-8"))
+LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64
+               + b"\nsize 123456\n")
+#: Files of a case directory that are not part of the model.
+NOT_MODEL = {"case.json", "golden.npz"}
+
+
+@cache
+def case(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((CASES / name / "case.json").read_text(encoding="utf-8"))
+    return data
+
+
+def names(*, errors: bool) -> list[str]:
+    return sorted(p.name for p in CASES.iterdir() if ("error" in case(p.name)) == errors)
+
+
+def golden(name: str) -> dict[str, np.ndarray]:
+    with np.load(CASES / name / "golden.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def materialise(name: str, dest: Path) -> Path:
+    """The case's model directory under ``dest``: its base (the base model, or the case it
+    starts from), its overlay, then its transforms."""
+    c = case(name)
+    d = dest / name
+    if c.get("from_case"):
+        shutil.copytree(materialise(c["from_case"], dest / f".from-{name}"), d)
+    else:
+        shutil.copytree(FIXTURES / "base", d)
+    for path in (CASES / name).rglob("*"):
+        rel = path.relative_to(CASES / name)
+        if path.is_file() and str(rel) not in NOT_MODEL:
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, d / rel)
+    for t in c.get("transforms", []):
+        apply(d, t)
+    return d
+
+
+def apply(d: Path, transform: str) -> None:
+    kind, _, arg = transform.partition(":")
+    if kind == "shard":
+        sharded_weights(d)
+    elif kind == "shipped-onnx":
+        (d / "onnx").mkdir(exist_ok=True)
+        shutil.copy(FIXTURES / "shipped.onnx", d / "onnx" / "model.onnx")
+    elif kind == "truncate":
+        p = d / arg
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif kind == "lfs":
+        (d / arg).write_bytes(LFS_POINTER)
+    elif kind == "rename":
+        src, dst = arg.split(":")
+        (d / src).rename(d / dst)
+    else:
+        raise ValueError(f"unknown transform {transform!r}")
+
+
+def sharded_weights(d: Path) -> None:
+    """model.safetensors as two shards and an index (what scripts/make_conformance.py did)."""
+    w = load_file(str(d / "model.safetensors"))
+    keys = sorted(w)
+    parts = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+             "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for file, ks in parts.items():
+        save_file({k: w[k] for k in ks}, str(d / file), metadata={"format": "pt"})
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in parts.items() for k in ks}}))
+    (d / "model.safetensors").unlink()
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    na = np.linalg.norm(a, axis=1).clip(1e-12)
+    nb = np.linalg.norm(b, axis=1).clip(1e-12)
+    cos: np.ndarray = (a * b).sum(1) / na / nb
+    return cos
