@@ -25,7 +25,7 @@ import pytest
 
 from embedpool.engine import Engine
 from embedpool.errors import ModelError
-from embedpool.graph import _family, _head, prepare_onnx
+from embedpool.graph import _family, prepare_onnx
 from embedpool.graph.compose import compose
 from embedpool.graph.families import FAMILIES, family_for
 from embedpool.models import ResolvedModel, resolve_model
@@ -69,7 +69,7 @@ def graphs(fixture: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 def embed(model: ResolvedModel, path: Path, texts: list[str]) -> F32:
     """One padded batch, as the goldens were made."""
     seqs = TextTokenizer(model.tokenizer_path, model.max_length).encode(texts).sequences
-    return Engine(path, pooling=model.pooling, dim=model.dim, threads=1).embed(seqs)
+    return Engine.for_model(path, model, threads=1).embed(seqs)
 
 
 def cosines(a: F32, b: F32) -> F32:
@@ -116,7 +116,7 @@ def test_unfused_graph_matches_reference(fixture: Fixture) -> None:
     the ONNX checker with full type inference."""
     fam, cfg = _family(fixture.model)
     weights = fam.load_weights(fixture.model.weights_path, cfg)
-    graph = compose(fam, weights, cfg, _head(fixture.model), fused=False)
+    graph = compose(fam, weights, cfg, fixture.model.head, fused=False)
     onnx.checker.check_model(graph, full_check=True)
     assert not {n.domain for n in graph.graph.node} - {"", "ai.onnx"}
     cos = cosines(run_graph(graph, fixture), fixture.vectors)
@@ -157,7 +157,7 @@ def test_attention_variants_match_reference(kind: str) -> None:
 
     g = GraphBuilder()
     enc = fam.build_encoder(g, weights, cfg, fused=True, attention=kind)
-    apply_head(g, enc.hidden, enc.width, _head(fixture.model), "sentence_embedding")
+    apply_head(g, enc.hidden, enc.width, fixture.model.head, "sentence_embedding")
     from onnx import TensorProto, helper
 
     graph = g.finish("m", [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
@@ -287,7 +287,7 @@ def test_modernbert_window_matters() -> None:
     assert max(len(i) for i in fx.input_ids) > cfg.local_window + 1
     everywhere_global = dataclasses.replace(cfg, layer_types=("full_attention",) * cfg.num_layers)
     weights = fam.load_weights(fx.model.weights_path, cfg)
-    graph = compose(fam, weights, everywhere_global, _head(fx.model), fused=True)
+    graph = compose(fam, weights, everywhere_global, fx.model.head, fused=True)
     cos = cosines(run_graph(graph, fx), fx.vectors)
     long_texts = [i for i, ids in enumerate(fx.input_ids) if len(ids) > cfg.local_window // 2 + 1]
     assert cos[long_texts].max() < 0.999, cos

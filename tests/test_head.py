@@ -125,7 +125,7 @@ def test_dense_chain_normalize_truncate(tmp_path: Path, normalize: bool,
 
 @pytest.mark.parametrize("act", DENSE_ACTIVATIONS)
 def test_activation_matches_torch(act: str) -> None:
-    by_name = {v: k for k, v in TORCH_ACTIVATIONS.items()}
+    by_name: dict[str, str] = {v: k for k, v in TORCH_ACTIVATIONS.items()}
     ref = next(v for k, v in ACTIVATIONS.items() if k.rsplit(".", 1)[-1] == by_name[act])
     x = np.array([ACTIVATIONS["inputs"]], dtype=np.float32)
     np.testing.assert_allclose(_activation_numpy(x, act)[0], ref, rtol=1e-5, atol=1e-6)

@@ -413,10 +413,10 @@ def test_include_prompt_false_without_a_default_prompt_is_batchable(tmp_path: Pa
 def test_known_models_are_consistent() -> None:
     names = [k.name.lower() for k in KNOWN_MODELS]
     assert len(set(names)) == len(names)
-    for km in KNOWN_MODELS:
-        assert find_known(km.hub_id) is km and find_known(km.name.upper()) is km
-        assert all(d <= km.dim for d in km.matryoshka_dims)
-        assert not km.matryoshka_dims or km.matryoshka
+    for entry in KNOWN_MODELS:
+        assert find_known(entry.hub_id) is entry and find_known(entry.name.upper()) is entry
+        assert all(d <= entry.dim for d in entry.matryoshka_dims)
+        assert not entry.matryoshka_dims or entry.matryoshka
     expected = {"nomic-embed-text-v1.5": (768, 8192, "search_query: "),
                 "multilingual-e5-large": (1024, 512, "query: "),
                 "bge-small-en-v1.5": (384, 512, "Represent this sentence for searching "

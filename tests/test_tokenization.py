@@ -96,7 +96,7 @@ def test_bert_normalizer_from_tokenizer_config_replaces_tokenizer_json() -> None
          "explicit-wins"])
 def test_prompt_resolution_as_sentence_transformers(call: dict[str, str], expected: str) -> None:
     tok = _tok(prompts=(("query", "query: "), ("doc", "passage: ")), default_prompt_name="query")
-    enc = tok.encode(["hello world"], **call)
+    enc = tok.encode(["hello world"], prompt=call.get("prompt"), prompt_name=call.get("prompt_name"))
     assert enc.prompt == expected
     assert enc.sequences[0].tolist() == _tok().encode([expected + "hello world"]).sequences[0].tolist()
 
