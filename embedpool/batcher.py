@@ -15,7 +15,7 @@ How a request flows::
       │        done callback (pool's │ thread): scatter rows into each owning request;
       │                              v  poison row -> ItemFailed, batch error -> PoolUnavailable
       └──── Future[Vectors] <── last row of a request: vectors.combine_windows (average
-                                  windows per item, L2-normalise)
+                                  windows per item, L2-normalise if the model does)
 
 Why this shape:
 

@@ -2,7 +2,7 @@
 
 A vector is addressed by ``(fingerprint, sha256(text))``. The fingerprint
 (:meth:`embedpool.models.ResolvedModel.fingerprint`) names everything that shapes a vector:
-weights hash, precision, pooling, max length, normalisation and long-text mode. The value is
+the hashes of every model file used, head and text specs, precision and long-text mode. The value is
 the exact float32 vector, stored little-endian, so a resumed job writes output equal bit for bit
 to an uninterrupted one.
 

@@ -128,7 +128,7 @@ class ExecutorStats(Counters):
 
 
 class EmbeddingEngine(Protocol):
-    """What every executor runs: ``embed`` token sequences into L2-normalised vectors
+    """What every executor runs: ``embed`` token sequences into the model's vectors
     (``engine.Engine``, or a test engine)."""
 
     dim: int

@@ -214,7 +214,7 @@ def test_replacing_the_shipped_onnx_changes_the_vectors(dirs: dict[str, Path], t
                                                                       "normalised"])
 def test_window_mode_averages_as_the_model_normalises(dirs: dict[str, Path], name: str) -> None:
     """An item's windows are averaged, then L2-normalised only when the model normalises."""
-    from embedpool.microbatch import combine_windows
+    from embedpool.vectors import combine_windows
 
     model = resolve_model(dirs[name])
     text = C.TEXTS[7] * 4  # several windows at max length 16 / 24
