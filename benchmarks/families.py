@@ -25,7 +25,8 @@ same process, so they see the same machine.
 
 Memory: one real pool worker per variant (spawned as the supervisor spawns it) embeds one
 batch per ``--rss-lengths`` (``max`` = the model's max length, one sequence); its VmHWM is
-read from /proc after each batch (reset before it), next to its RSS once loaded.
+read from /proc after each batch (reset before it), next to its RSS once loaded, and the
+engine seconds the worker reports for each batch.
 
 ``--attention`` instead measures one 12-head, 64-dim attention alone at 256, 2,048 and 8,192
 tokens, each variant in a fresh process: MultiHeadAttention without a mask (FlashAttention,
@@ -161,15 +162,13 @@ class PathSpec:
     """An engine recipe for a graph file that prepare_onnx does not ship (pickled to workers)."""
 
     path: Path
-    pooling: str
-    dim: int
+    model: Any  # the ResolvedModel it was built from
     threads: int = 1
 
     def build(self) -> Any:
         from embedpool.engine import Engine
 
-        return Engine(self.path, pooling=self.pooling, dim=self.dim,  # type: ignore[arg-type]
-                      threads=self.threads)
+        return Engine.for_model(self.path, self.model, threads=self.threads)
 
 
 def variant_specs(model: Any, variants: list[str], tmp: Path, threads: int) -> dict[str, Any]:
@@ -177,7 +176,7 @@ def variant_specs(model: Any, variants: list[str], tmp: Path, threads: int) -> d
     import onnx
 
     from embedpool.engine import EngineSpec
-    from embedpool.graph import _family, _head, prepare_onnx
+    from embedpool.graph import _family, prepare_onnx
     from embedpool.graph.compose import compose
 
     fam, cfg = _family(model)
@@ -195,12 +194,12 @@ def variant_specs(model: Any, variants: list[str], tmp: Path, threads: int) -> d
         weights = weights if weights is not None else fam.load_weights(model.weights_path, cfg)
         path = tmp / f"{model.name}-{v}.onnx"
         if v == "fp32-plain":
-            graph = compose(fam, weights, cfg, _head(model), fused=False)
+            graph = compose(fam, weights, cfg, model.head, fused=False)
         else:  # fp32-mha: the fused graph with the masked attention kernel
             wrapped = _with_attention(fam, "mha")
-            graph = compose(wrapped, weights, cfg, _head(model), fused=True)  # type: ignore[arg-type]
+            graph = compose(wrapped, weights, cfg, model.head, fused=True)
         onnx.save(graph, str(path))
-        specs[v] = PathSpec(path, model.pooling, model.dim, threads)
+        specs[v] = PathSpec(path, model, threads)
     return specs
 
 
@@ -278,6 +277,7 @@ def worker_peaks(spec: Any, lengths: list[int], vocab: int) -> dict[str, float]:
             if not isinstance(res, Result):
                 raise RuntimeError(f"batch of {length} tokens failed: {res}")
             row[f"peak@{length}"] = _status(ready.pid)["VmHWM"]
+            row[f"s@{length}"] = res.seconds
         return row
     finally:
         parent.close()
@@ -403,11 +403,13 @@ def main() -> None:
             rss_lengths = sorted({top if x == "max" else min(int(x), top)
                                   for x in args.rss_lengths.split(",")})
             print(f"{'worker MiB':>10} {'load':>8} "
-                  + " ".join(f"{'peak@' + str(n):>10}" for n in rss_lengths))
+                  + " ".join(f"{'peak@' + str(n):>10}" for n in rss_lengths)
+                  + "   (seconds per batch)")
             for v, spec in specs.items():
                 peaks = worker_peaks(spec, rss_lengths, vocab)
                 print(f"{v:>10} {peaks['load']:8.0f} "
-                      + " ".join(f"{peaks[f'peak@{n}']:10.0f}" for n in rss_lengths))
+                      + " ".join(f"{peaks[f'peak@{n}']:10.0f}" for n in rss_lengths)
+                      + "   (" + " ".join(f"{peaks[f's@{n}']:.1f}" for n in rss_lengths) + ")")
 
 
 if __name__ == "__main__":

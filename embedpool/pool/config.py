@@ -13,6 +13,7 @@ from typing import Literal
 from embedpool.errors import ConfigError
 from embedpool.executor import PENDING_PER_WORKER
 from embedpool.faults import FaultPolicy
+from embedpool.pool.scaling import ModelMemory
 from embedpool.types import Precision, Profile
 
 StartMethod = Literal["spawn", "forkserver"]
@@ -30,6 +31,9 @@ class PoolConfig:
     profile: Profile | None = None
     #: The engine's precision: plan() uses it for the per-worker memory estimate.
     precision: Precision = "int8"
+    #: The model's memory shape for that estimate (weights, widths, max length, attention
+    #: kernel); None = the default model's constants. Pool fills it in from an EngineSpec.
+    model_memory: ModelMemory | None = None
     #: Memory the pool may use in all (supervisor + workers); None = the detected limit.
     max_memory_bytes: int | None = None
     #: spawn is the most robust (no inherited state); forkserver respawns faster after a crash.

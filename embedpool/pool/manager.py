@@ -484,9 +484,11 @@ class Manager:
         if cfg.recycle_rss_bytes is not None:
             limit = cfg.recycle_rss_bytes
         if cfg.recycle_growth_bytes is not None:
-            # The arena legitimately keeps one batch's activations: growth beyond that counts.
+            # The arena legitimately keeps one batch's activations (for a long-context model,
+            # one max-length sequence's): growth beyond that counts.
             grown = (w.ready_rss + cfg.recycle_growth_bytes
-                     + scaling.ACTIVATION_PER_TOKEN * self.scaler.planned_batch_tokens)
+                     + scaling.activation_estimate(self.scaler.planned_batch_tokens,
+                                                   cfg.model_memory))
             limit = grown if limit is None else min(limit, grown)
         if limit is None or w.rss <= limit or w.leave_reason is not None:
             return

@@ -34,6 +34,7 @@ Faults, in short (each costs a task retry, never the pool; every retry is bounde
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import multiprocessing
 import pickle
@@ -48,6 +49,7 @@ from embedpool.errors import ConfigError, WorkerStartError
 from embedpool.executor import BatchResult, ExecutorStats, WorkBatch
 from embedpool.pool.config import PoolConfig
 from embedpool.pool.manager import Manager, Waker
+from embedpool.pool.scaling import ModelMemory
 from embedpool.types import Event, Precision
 from embedpool.workqueue import WorkQueue
 
@@ -74,12 +76,25 @@ def pool_config_for(workers: int | str | None = "auto", threads: int | None = No
         raise ConfigError(f"unknown pool option: {exc}") from None
 
 
+def _model_memory(spec: Any) -> ModelMemory | None:
+    """The memory shape of the model an EngineSpec runs (None for other engine specs)."""
+    model, precision = getattr(spec, "model", None), getattr(spec, "precision", None)
+    if model is None or precision is None:
+        return None
+    from embedpool.graph.families import model_memory
+
+    return model_memory(model, precision)
+
+
 class Pool:
     """Adaptive process pool running one engine per worker (see the module docstring)."""
 
     def __init__(self, spec: Any, config: PoolConfig | None = None,
                  on_event: Callable[[Event], None] | None = None) -> None:
-        self.config = cfg = config or PoolConfig()
+        cfg = config or PoolConfig()
+        if cfg.model_memory is None:
+            cfg = dataclasses.replace(cfg, model_memory=_model_memory(spec))
+        self.config = cfg
         try:
             spec_blob = pickle.dumps(spec)
         except Exception as exc:

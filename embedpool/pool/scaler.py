@@ -37,7 +37,8 @@ class Scaler:
         self.limits = detect_limits(max_memory=cfg.max_memory_bytes, profile=cfg.profile)
         self.plan = scaling.plan(self.limits, workers=cfg.workers, threads=cfg.threads,
                                  batch_tokens=cfg.batch_tokens, precision=cfg.precision,
-                                 mem_used=memory_used(self.limits), pool_used=own_rss())
+                                 mem_used=memory_used(self.limits), pool_used=own_rss(),
+                                 model=cfg.model_memory)
         policy = self.plan.policy
         if cfg.emergency_exit_s is not None:
             policy = dataclasses.replace(policy, emergency_exit_s=cfg.emergency_exit_s)

@@ -78,9 +78,64 @@ WORKER_BASE_RSS: Mapping[Precision, int] = {"int8": 105 * MiB, "fp32": 160 * MiB
 ACTIVATION_PER_TOKEN = 64 * 1024
 
 
-def worker_mem_estimate(precision: Precision, batch_tokens: int) -> int:
-    """Peak RSS one worker is expected to reach: base + activations of one batch."""
-    return WORKER_BASE_RSS[precision] + ACTIVATION_PER_TOKEN * batch_tokens
+#: Per model (``ModelMemory``): a worker's RSS besides its graph's weights once loaded
+#: (Python, numpy, ONNX Runtime, the worker): 64-66 MiB with the tiny test fixtures, 67-68
+#: MiniLM (its base minus its graph file), 73 gte-modernbert-size, 91 nomic-size
+#: (benchmarks/families.py). The largest, so that no worker is planned below its load.
+RUNTIME_RSS = 90 * MiB
+#: Activation bytes per padded token per unit of hidden / FFN width, besides attention
+#: scores: ONNX Runtime's arena holds many [tokens, hidden] tensors (q, k, v, their rotated
+#: and widened forms, context, residual sums, norms) and a few [tokens, ffn] ones. Fitted to
+#: pool workers' peaks (benchmarks/families.py, AMD EPYC, 1 thread, fp32, random weights):
+#: nomic-embed-text-v1.5's shape 68-70 KiB/token at 768, 2,048 and 8,192 tokens (estimate
+#: 78), gte-modernbert-base's 60-64 (estimate 65), MiniLM's 39-44 (estimate 43).
+ACTIVATION_PER_HIDDEN = 56
+ACTIVATION_PER_FFN = 6
+#: Bytes per attention score a kernel holds (fp32); the broadcast mask adds one "head".
+SCORE_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """What one worker's memory depends on, per model and precision
+    (``embedpool.graph.families.model_memory`` reads it from the model's files)."""
+
+    weights: int  # bytes of the graph the worker loads
+    hidden: int
+    ffn: int  # width of the FFN's inner activations (2 x intermediate when gated)
+    heads: int
+    max_seq: int  # the model's max length
+    #: Keys each query's scores span at once: None when the kernel holds every head's
+    #: [seq, seq] scores (ONNX Runtime's masked Attention / MultiHeadAttention: the BERT
+    #: family); else a constant, 0 for FlashAttention and 3 x the half-window for block-local
+    #: attention (the rotary families: memory linear in seq, not quadratic).
+    score_keys: int | None
+
+    def activations(self, batch_tokens: int) -> int:
+        """Activation bytes of the largest batch a worker gets under ``batch_tokens``: the
+        budget or one max-length sequence, whichever is larger (the planner runs a longer
+        sequence alone), its sequences as long as they can be (the worst case)."""
+        tokens = max(batch_tokens, self.max_seq)
+        keys = min(self.max_seq, tokens) if self.score_keys is None else self.score_keys
+        per_token = (ACTIVATION_PER_HIDDEN * self.hidden + ACTIVATION_PER_FFN * self.ffn
+                     + SCORE_BYTES * (self.heads + 1) * keys)
+        return per_token * tokens
+
+
+def activation_estimate(batch_tokens: int, model: ModelMemory | None = None) -> int:
+    """Activation bytes of one batch under ``batch_tokens``: the model's (``ModelMemory``)
+    or, without one, the default model's measured ACTIVATION_PER_TOKEN."""
+    return ACTIVATION_PER_TOKEN * batch_tokens if model is None else model.activations(batch_tokens)
+
+
+def worker_mem_estimate(precision: Precision, batch_tokens: int,
+                        model: ModelMemory | None = None) -> int:
+    """Peak RSS one worker is expected to reach: base + activations of one batch. ``model``:
+    the runtime, the model's weights and its activations (a long-context model's estimate
+    is that of one max-length sequence, whatever the budget); else the default model's."""
+    if model is None:
+        return WORKER_BASE_RSS[precision] + activation_estimate(batch_tokens)
+    return RUNTIME_RSS + model.weights + model.activations(batch_tokens)
 
 
 #: The supervisor: Python, numpy, the tokenizer, the queues. Counted when plan() is not told
@@ -208,7 +263,8 @@ class Plan:
 
 def plan(limits: Limits, *, workers: int | None = None, threads: int | None = None,
          batch_tokens: int | None = None, precision: Precision = "int8",
-         mem_used: int | None = None, pool_used: int | None = None) -> Plan:
+         mem_used: int | None = None, pool_used: int | None = None,
+         model: ModelMemory | None = None) -> Plan:
     """Turn the limits (and the user's ``--workers/--threads/--batch-tokens``) into a policy.
 
     Invariant: ``max_workers x threads_per_worker <= limits.cpus``. An explicit ``workers``
@@ -216,7 +272,8 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
     memory with a reason. ``mem_used`` is memory already in use against the real limit
     (``memory_used(limits)``), ``pool_used`` the pool's own RSS so far, counted against a
     ``--max-memory`` override (``limits.pool_memory_bytes``); the tighter budget wins. Either
-    defaults to the supervisor's own baseline."""
+    defaults to the supervisor's own baseline. ``model``: the model's memory shape (else the
+    default model's measured constants; see worker_mem_estimate)."""
     d = PROFILE_DEFAULTS[limits.profile]
     cpus = limits.cpus
     reasons = [f"profile {limits.profile}: {limits.profile_source}"]
@@ -257,7 +314,7 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
     bt = d.batch_tokens if batch_tokens is None else batch_tokens
 
     # -- worker bound from memory
-    per_worker = worker_mem_estimate(precision, bt)
+    per_worker = worker_mem_estimate(precision, bt, model)
     scopes = [(limits.real_memory_bytes, limits.real_memory_source,
                SUPERVISOR_BASELINE if mem_used is None else mem_used)]
     if limits.pool_memory_bytes is not None:
@@ -617,9 +674,11 @@ __all__ = [
     "TREND_WINDOW",
     "WORKER_BASE_RSS",
     "Decision",
+    "ModelMemory",
     "Plan",
     "PolicyState",
     "ProfilePolicy",
+    "activation_estimate",
     "decide",
     "on_batch_success",
     "on_oom_kill",

@@ -24,12 +24,18 @@ that names what it found, what embedpool builds, and the route through a shipped
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedpool.errors import ModelError
 from embedpool.graph.families import bert, modernbert, nomic, xlmr
+
+if TYPE_CHECKING:
+    from embedpool.models import ResolvedModel
+    from embedpool.pool.scaling import ModelMemory
 
 #: Every family, in the order ``embedpool models`` lists them.
 FAMILIES: tuple[ModuleType, ...] = (bert, xlmr, nomic, modernbert)
@@ -50,3 +56,44 @@ def family_for(config: Mapping[str, Any], where: str = "config.json") -> ModuleT
         f"({found}it builds: {built}). Export the model to ONNX (e.g. with optimum: "
         "`optimum-cli export onnx --model DIR DIR/onnx`) so that DIR/onnx/model.onnx exists, "
         "and pass that directory: embedpool runs a shipped ONNX file as is.")
+
+
+#: int8 graph bytes per fp32 graph byte: MiniLM's 33 / 87 MiB under the static recipe. Models
+#: with larger vocabularies or FFNs quantise a larger share (the word table, every MatMul but
+#: the kept ones), so this errs high for them, which only delays a growth step.
+INT8_WEIGHT_RATIO = 0.4
+
+
+def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
+    """The model's memory shape for the pool's estimate (pool.scaling.worker_mem_estimate),
+    or None when embedpool does not build its graph (a shipped ONNX file's shape is unknown:
+    the default model's constants apply)."""
+    from embedpool.pool.scaling import ModelMemory
+
+    if model.onnx_path is not None or not model.config:
+        return None
+    where = str(model.directory / "config.json")
+    fam = family_for(model.config, where)
+    cfg = fam.parse_config(model.config, where)
+    if fam is modernbert:  # block-local windows hold 3 x half-window keys per query
+        keys: int | None = 3 * (cfg.local_window // 2) if "sliding_attention" in cfg.layer_types \
+            else 0
+        ffn = 2 * cfg.intermediate_size
+    elif fam is nomic:  # FlashAttention: no score tensor
+        keys, ffn = 0, 2 * cfg.intermediate_size
+    else:  # BERT's masked Attention kernel: every head's [seq, seq] scores
+        cfg = getattr(cfg, "bert", cfg)  # XLM-R wraps BERT's config
+        keys, ffn = None, cfg.intermediate_size
+    fp32_bytes = 4 * _parameter_count(model.weights_path)
+    return ModelMemory(
+        weights=int(fp32_bytes * (INT8_WEIGHT_RATIO if precision == "int8" else 1.0)),
+        hidden=int(cfg.hidden_size), ffn=int(ffn), heads=int(cfg.num_heads),
+        max_seq=int(model.max_length), score_keys=keys)
+
+
+def _parameter_count(path: Path) -> int:
+    """Float elements of a checkpoint (shards included), from its headers alone."""
+    from embedpool.graph.weights import FLOAT_DTYPES, tensor_infos
+
+    return sum(math.prod(info.shape) for info in tensor_infos(path).values()
+               if info.dtype in FLOAT_DTYPES)
