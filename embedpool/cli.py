@@ -395,11 +395,15 @@ def cache_clear(cache_path: Path | None) -> None:
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None)
 @click.option("--no-cache", is_flag=True)
 @click.option("--log-level", default="info", show_default=True)
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: one endpoint in front of Ray actors (--workers N: N actors).")
+@click.option("--ray-address", default=None,
+              help="Ray cluster address (default: RAY_ADDRESS or a private local Ray).")
 def serve(host: str, port: int, model: str, precision: str, long_text: str, workers: str,
           profile: str, max_memory: str | None, api_key: str | None, max_items: int,
           max_request_bytes: str, max_queue_tokens: int, batch_tokens: int, max_wait_ms: float,
           served_model_name: tuple[str, ...], request_timeout: float, cache_path: Path | None,
-          no_cache: bool, log_level: str) -> None:
+          no_cache: bool, log_level: str, backend: str, ray_address: str | None) -> None:
     """Serve an OpenAI-compatible embeddings API (POST /v1/embeddings) on the worker pool."""
     from embedpool.engine import EngineSpec
     from embedpool.models import resolve_model
@@ -407,6 +411,7 @@ def serve(host: str, port: int, model: str, precision: str, long_text: str, work
 
     w, pool_opts = _pool_args(workers, None, profile, max_memory)
     try:
+        actors = _ray_actors(backend, ray_address, workers, pool_opts)
         settings = ServerSettings(
             host=host, port=port, model=model, precision=precision,  # type: ignore[arg-type]
             long_text=long_text, api_key=api_key,  # type: ignore[arg-type]
@@ -441,7 +446,40 @@ def serve(host: str, port: int, model: str, precision: str, long_text: str, work
                               precision=precision, **pool_opts)  # type: ignore[arg-type]
         return Pool(EngineSpec(resolved, precision, 1), cfg)  # type: ignore[arg-type]
 
-    run_server(settings, pool_factory, cache=hook)
+    factory: Any = pool_factory
+    if backend == "ray":
+        from embedpool.server.on_ray import ray_executor_factory
+
+        factory = ray_executor_factory(EngineSpec(resolved, precision, 1),  # type: ignore[arg-type]
+                                       address=ray_address, actors=actors,
+                                       batch_tokens=batch_tokens)
+    try:
+        run_server(settings, factory, cache=hook)
+    except (ConfigError, ModelError) as exc:  # raised while starting: a bad --ray-address
+        _fail(str(exc), EXIT_USAGE)
+    except EmbedpoolError as exc:
+        _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+
+
+def _ray_actors(backend: str, address: str | None, workers: str,
+                pool_opts: dict[str, Any]) -> int | None:
+    """For ``serve --backend ray``: the actors to start (None: one per cluster CPU), after
+    checking that Ray is installed and that no option of the local pool was given."""
+    if backend != "ray":
+        if address is not None:
+            raise ConfigError("--ray-address needs --backend ray")
+        return None
+    from embedpool.backends.ray import require_ray
+
+    if workers == "0":
+        raise ConfigError("--workers 0 (in-process) is for the local backend; with --backend "
+                          "ray, --workers N starts N actors (default: one per cluster CPU)")
+    local_only = {"profile": "--profile", "max_memory_bytes": "--max-memory"}
+    if pool_opts:
+        raise ConfigError(f"{', '.join(local_only[k] for k in pool_opts)}: for the local pool "
+                          "only; each Ray actor asks Ray for 1 CPU")
+    require_ray()
+    return None if workers == "auto" else int(workers)
 
 
 def _cores() -> int:

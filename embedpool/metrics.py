@@ -53,8 +53,15 @@ POOL_READINGS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
      ("poison_items",)),
     ("embedpool_worker_recycles", "counter", "Workers replaced because their memory grew",
      ("recycles",)),
+    ("embedpool_worker_start_failures", "counter",
+     "Replacement workers (or Ray actors) that failed while loading their engine",
+     ("start_failures",)),
     ("embedpool_target_workers", "gauge", "Workers the scaling policy wants now",
      ("target_workers",)),
+    ("embedpool_max_workers", "gauge", "Most workers (or Ray actors) the executor may run",
+     ("max_workers",)),
+    ("embedpool_executor_queued_batches", "gauge",
+     "Batches in the executor's own queue, not yet on a worker", ("queued",)),
     ("embedpool_pool_batch_tokens", "gauge", "The pool's current padded-token budget per task",
      ("batch_tokens",)),
     ("embedpool_pool_emergency", "gauge", "1 while the pool runs in single-worker emergency mode",
@@ -117,6 +124,13 @@ class _ReadingsCollector(Collector):
             stats = stats_dict(self._pool_stats())
         except Exception:  # a scrape must not fail because the pool is closing
             stats = {}
+        backend = stats.get("backend")
+        info = GaugeMetricFamily("embedpool_executor_info",
+                                 "Where batches run: in-process, pool (local workers) or ray "
+                                 "(Ray actors)", labels=["backend"])
+        if isinstance(backend, str):
+            info.add_metric([backend], 1)
+        yield info
         by_state, rss = worker_readings(stats)
         workers = GaugeMetricFamily("embedpool_workers", "Pool workers by state", labels=["state"])
         for state in ("starting", "idle", "busy", "leaving"):
@@ -125,7 +139,8 @@ class _ReadingsCollector(Collector):
             workers.add_metric([state], n)
         yield workers
         yield GaugeMetricFamily("embedpool_workers_rss_bytes",
-                                "Resident memory of all pool workers together", value=rss)
+                                "Resident memory of all pool workers together (Ray actors report none)",
+                                value=rss)
         for name, kind, doc, keys in POOL_READINGS:
             value = _number(stats, keys)
             if kind == "counter":

@@ -9,6 +9,8 @@ be told to misbehave for real:
   as the OOM killer would, but without the cgroup counting an OOM kill (poison-input tests);
 - ``raise_on``: a subsequence that makes ``embed`` raise (a Python error, not a crash);
 - ``hang_on``: a subsequence on which ``embed`` blocks forever (hung-worker tests);
+- ``hold_while_exists``: a file; every batch waits while it exists, a gate that works across
+  processes (a test holds batches in a worker or a Ray actor, then deletes the file);
 - ``grow_bytes_per_batch``: RSS that is allocated, touched and kept (recycling tests);
 - ``alloc_bytes_per_token``: a *transient* allocation proportional to the batch's padded
   tokens (rows x longest row), touched page by page, held while the batch "runs" (the
@@ -79,6 +81,7 @@ class FakeEngineSpec:
     crash_on: tuple[int, ...] | None = None
     raise_on: tuple[int, ...] | None = None
     hang_on: tuple[int, ...] | None = None
+    hold_while_exists: str | None = None
     grow_bytes_per_batch: int = 0
     alloc_bytes_per_token: int = 0
     fail_to_start: str | None = None
@@ -118,6 +121,8 @@ class FakeEngine:
                 raise ValueError(f"FakeEngine: raise_on {spec.raise_on} found in a sequence")
             if spec.hang_on is not None and contains_subsequence(seq, spec.hang_on):
                 threading.Event().wait()  # forever: only a kill ends it
+        if spec.hold_while_exists is not None:
+            wait_while_exists(spec.hold_while_exists)
         activations = b""
         if spec.alloc_bytes_per_token and sequences:
             padded = len(sequences) * max(len(s) for s in sequences)
@@ -132,6 +137,18 @@ class FakeEngine:
             # bytes(n) may come from calloc'd, untouched pages; b"x" * n writes every page.
             self._hoard.append(b"x" * spec.grow_bytes_per_batch)
         return fake_vectors(sequences, self.dim)
+
+
+#: How long a held batch waits for its gate file to go: a test that died without deleting it
+#: must not leave workers blocked for ever.
+HOLD_LIMIT_S = 300.0
+
+
+def wait_while_exists(path: str, poll_s: float = 0.01) -> None:
+    """Block while ``path`` exists (at most HOLD_LIMIT_S)."""
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(poll_s)
 
 
 def crash_if_poisoned(sequences: Sequence[TokenIds], poison: tuple[int, ...] | None) -> None:

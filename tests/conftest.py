@@ -1,6 +1,17 @@
-"""Suite-wide fixtures and plugins (the CI prerequisite rules live in ci_rules.py)."""
+"""Suite-wide fixtures and plugins (the CI prerequisite rules live in ci_rules.py).
+
+``ray_cluster``: a real local Ray cluster, started once per session and shared by the backend
+and the server tests. ``.ci/run`` may start a head with ``scripts/ray-head`` and export
+``RAY_ADDRESS``; then the tests join it. Otherwise the fixture starts a private instance on
+this machine: 2 CPUs, dashboard off, a 200 MB object store (the tests move kilobytes; the
+real-model tests move one int8 graph of ~23 MB).
+"""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from types import ModuleType
 
 import pytest
 
@@ -21,3 +32,36 @@ def real_model() -> ResolvedModel:
         return resolve_model()
     except ModelNotFoundError as exc:  # a corrupt model is a failure, never a skip
         missing("model", str(exc))
+
+
+#: Bytes of shared memory for the object store: big enough for one fp32 MiniLM graph
+#: (~90 MB), small enough not to crowd the other engineers' tests on this 2-core machine.
+OBJECT_STORE_BYTES = 200 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    """The ``ray`` module, connected to a cluster with at least 2 CPUs."""
+    from ci_rules import missing, ray_reason
+
+    reason = ray_reason()
+    if reason is not None:  # a skip locally, a failure under CI=true (tests/ci_rules.py)
+        missing("ray", reason)
+    import ray
+    if ray.is_initialized():
+        yield ray
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        # Workers inherit the driver's environment on a local instance: keep their model
+        # cache out of the user's real cache directory.
+        os.environ.setdefault("EMBEDPOOL_CACHE_DIR", str(tmp_path_factory.mktemp("ray-cache")))
+        os.environ.setdefault("RAY_worker_niceness", "0")  # as RayExecutor's own instance
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

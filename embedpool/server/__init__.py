@@ -19,7 +19,8 @@ One module per concern:
 * ``openai``: the wire format (parsing, validation, rendering, schemas, error shape);
 * ``service``: the embedding path (tokenise, cache, admission, await, failures -> HTTP);
 * ``readiness``: the shared, rate-limited ``/ready`` probe;
-* ``app``: routes, auth (which endpoints need the key, and why), lifespan, uvicorn.
+* ``app``: routes, auth (which endpoints need the key, and why), lifespan, uvicorn;
+* ``on_ray``: the executor of ``serve --backend ray`` (Ray actors behind the same batcher).
 
 FastAPI, Starlette and uvicorn are imported by this package only (``import embedpool`` does
 not load them).

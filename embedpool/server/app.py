@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hmac
 import math
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -124,6 +126,23 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def reinstall_signal_handlers() -> None:
+    """Put the Python handlers of SIGTERM and SIGINT (uvicorn's) back at the C level.
+
+    Native code that an executor loads may install its own: Ray's core worker installs
+    abseil's failure handler for SIGTERM, which logs a stack and chains to Python's handler,
+    but aborted the server (exit -6, requests in flight cut) in 4 of 4 tries here. Setting a
+    Python handler again is ``sigaction`` with Python's own, so uvicorn drains as it should.
+    Only the main thread may set handlers; a server on another thread (tests) has none.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
 def default_executor_factory(model: ResolvedModel,
                              precision: Precision) -> Callable[[], SubmitExecutor]:
     """The engine in-process on one thread (``embedpool serve`` passes the worker pool)."""
@@ -173,7 +192,13 @@ class _App:
 
     async def start(self) -> None:
         s, rt = self.settings, self.runtime
-        rt.executor = await run_in_threadpool(self.factory)
+        try:
+            # On a worker thread, which on_ray.py relies on (Ray leaves SIGTERM to uvicorn).
+            rt.executor = await run_in_threadpool(self.factory)
+        except Exception as exc:
+            rt.startup_error = exc
+            raise
+        reinstall_signal_handlers()
         rt.batcher = MicroBatcher(
             rt.executor, batch_tokens=s.batch_tokens, max_batch_items=s.max_batch_items,
             max_wait_s=s.max_wait_ms / 1000, max_queue_tokens=s.max_queue_tokens,
@@ -325,11 +350,18 @@ def run_server(settings: ServerSettings,
                executor_factory: Callable[[], SubmitExecutor] | None = None, *,
                cache: VectorCacheHook | None = None) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn drains requests in flight, then the lifespan closes
-    the pool."""
+    the pool. If the executor cannot be built, its error is raised here (uvicorn only logs
+    it), so that the command line can exit with its code."""
     import uvicorn
 
     app = create_app(settings, executor_factory, cache=cache)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
                             log_level=settings.log_level,
                             timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s))
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except SystemExit:  # uvicorn's exit 3 after a failed startup
+        error = app.state.runtime.startup_error
+        if error is not None:
+            raise error from None
+        raise

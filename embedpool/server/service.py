@@ -52,6 +52,8 @@ class Runtime:
     executor: SubmitExecutor | None = None
     batcher: MicroBatcher | None = None
     started: float = field(default_factory=time.time)
+    #: Why the executor could not be built (run_server raises it after uvicorn gives up).
+    startup_error: BaseException | None = None
 
     def running_batcher(self) -> MicroBatcher:
         """The batcher, or a 503 while the server starts or stops."""

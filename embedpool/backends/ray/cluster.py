@@ -5,7 +5,8 @@ Connecting (``connect``)
     ``$RAY_ADDRESS`` if set; else start a private local instance (all usable cores,
     dashboard off, workers at nice 0 like the local pool's rather than Ray's default 15)
     that the executor shuts down at close. ``address="auto"`` or ``"host:port"`` joins an
-    existing cluster; ``"ray://host:10001"`` goes through Ray Client.
+    existing cluster; ``"ray://host:10001"`` goes through Ray Client. A ``host:port`` where
+    nothing answers for 10 s is refused at once (``unreachable``), not after Ray's retries.
 
 Failures (``failure_of``)
     Ray's exception *types* say what happened, never their text: ``OutOfMemoryError`` is
@@ -21,6 +22,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
+import time
 from types import ModuleType
 from typing import Literal
 
@@ -30,6 +33,10 @@ from embedpool.faults import FailureKind, engine_error_kind
 INSTALL_HINT = "pip install 'embedpool[ray]'"
 #: Ray's knob for its worker processes' niceness (default 15), read when a raylet starts.
 RAY_NICENESS_ENV = "RAY_worker_niceness"
+#: How long a ``host:port`` address may refuse connections before we give up on it (a head
+#: that is still starting opens its port within seconds), and one TCP connect's timeout.
+GCS_PROBE_WINDOW_S = 10.0
+GCS_PROBE_CONNECT_S = 5.0
 
 
 def require_ray() -> ModuleType:
@@ -62,7 +69,12 @@ def connect(ray: ModuleType, address: str | None) -> bool:
             if saved is None:
                 os.environ.pop(RAY_NICENESS_ENV, None)
         return True
-    target = address or os.environ.get("RAY_ADDRESS")
+    target = address or os.environ.get("RAY_ADDRESS") or ""
+    refused = unreachable(target)
+    if refused is not None:
+        raise ConfigError(
+            f"cannot connect to the Ray cluster at {target!r}: {refused}. Check the address "
+            "(`ray status` on the head prints it) and that the head is running.")
     try:
         ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError) as exc:
@@ -72,6 +84,26 @@ def connect(ray: ModuleType, address: str | None) -> bool:
             "authentication also needs RAY_AUTH_MODE=token and its token "
             "(~/.ray/auth_token or RAY_AUTH_TOKEN) on this machine.") from exc
     return True
+
+
+def unreachable(address: str, window_s: float = GCS_PROBE_WINDOW_S) -> str | None:
+    """Why nothing answers a ``host:port`` address, or None (it answers, or the address is
+    ``auto`` or ``ray://``, which Ray resolves itself). A TCP connect, retried for
+    ``window_s``: Ray itself retries its GCS connection 20 times with a 40 s timeout each, so
+    a mistyped address would otherwise hang for about 13 minutes without a word."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return None
+    deadline = time.monotonic() + window_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)),
+                                          timeout=GCS_PROBE_CONNECT_S):
+                return None
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                return f"nothing answers at {host}:{port} ({exc.strerror or exc})"
+        time.sleep(0.5)
 
 
 def actor_range(actors: int | tuple[int, int] | None, cluster_cpus: float,

@@ -94,6 +94,11 @@ DEATH_SETTLE_S = 2.0
 BUDGET_CALM_S = 20.0
 #: Smallest budget an OOM lowers it to: one full-length sequence of the default model.
 MIN_BUDGET_TOKENS = 256
+#: The manager loop comes round at least every WAIT_TICK_S, or DEATH_SETTLE_S after a death;
+#: silent for this long, it is stuck (in a Ray call to a GCS that stopped answering, or in an
+#: on_event callback) and ``broken`` says so, which turns a server's /health red. A minute is
+#: far beyond any regular pass, and short enough for an orchestrator to act on.
+MANAGER_SILENT_S = 60.0
 
 
 class RayExecutor:
@@ -119,6 +124,7 @@ class RayExecutor:
         self._work = WorkQueue(self._wake.set, self._emit, policy)
         self._budget = TokenBudget(batch_tokens, min(MIN_BUDGET_TOKENS, batch_tokens))
         self._closing = False
+        self._last_pass = time.monotonic()  # when the manager loop last came round
         self._grace_deadline = float("inf")
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -172,8 +178,14 @@ class RayExecutor:
         exc = self._work.broken
         if exc is not None:
             return str(exc)
-        if self._thread is not None and not self._thread.is_alive() and not self._closing:
+        if self._thread is None or self._closing:
+            return None
+        if not self._thread.is_alive():
             return "the Ray executor's manager thread is gone"
+        silent = time.monotonic() - self._last_pass
+        if silent > MANAGER_SILENT_S:
+            return (f"the Ray executor's manager has been stuck for {silent:.0f} s (a Ray call "
+                    "that does not return, or an on_event callback that blocks)")
         return None
 
     @property
@@ -212,6 +224,7 @@ class RayExecutor:
         try:
             while not (self._closing and (self._work.idle
                                           or time.monotonic() >= self._grace_deadline)):
+                self._last_pass = time.monotonic()
                 self._dispatch(actors)
                 actors.maybe_grow(self._work.queued_tasks > 0)
                 actors.check_starved()

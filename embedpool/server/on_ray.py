@@ -1,0 +1,68 @@
+"""``serve --backend ray``: the server's executor is a ``RayExecutor``, built by the lifespan.
+
+Nothing else in the server changes with the backend: the micro-batcher submits ``WorkBatch``es
+through the executor contract (``executor.Executor``), so the API, the errors (422 naming a
+poison input, 429 + Retry-After, 503), the metrics (the executor's ``ExecutorStats``), /ready
+(the probe is a ``WorkBatch`` that runs on an actor) and /health (``RayExecutor.broken``)
+are the local server's. What Ray adds, ``RayExecutor`` handles under ``faults.py``'s rules:
+the model shipped once through the object store, dead and hung actors replaced, their
+batches split and retried, a poison input given up alone.
+
+Start-up and shutdown::
+
+    lifespan start (a worker thread) -> RayExecutor: ray.init, or join --ray-address;
+                                        ship the graph; start the actors; first one ready
+    SIGTERM (uvicorn)                -> stop accepting; finish the requests in flight
+    lifespan stop                    -> batcher drained -> RayExecutor.close: kill the
+                                        actors; ray.shutdown if embedpool started Ray
+
+SIGTERM stays uvicorn's, against two handlers Ray installs:
+
+* ``ray.init`` on the main thread replaces the Python SIGTERM handler with one that exits at
+  once. Ray is joined on the lifespan's worker thread instead, where it leaves the handler
+  alone and logs a warning saying so; that warning is filtered out here.
+* The driver's core worker (C++) installs abseil's failure handler for SIGTERM, whatever the
+  thread; it aborted the server mid-drain. The lifespan puts the Python handlers back on the
+  main thread once the executor is built (``app.reinstall_signal_handlers``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from embedpool.batcher import SubmitExecutor
+from embedpool.batching import DEFAULT_BATCH_TOKENS
+from embedpool.faults import FaultPolicy
+from embedpool.types import EventCallback
+
+#: The logger of Ray's ``ray.init`` (ray/_private/worker.py) and the start of the one record
+#: it logs when called off the main thread.
+_RAY_INIT_LOGGER = "ray._private.worker"
+_SIGTERM_NOTE = "SIGTERM handler is not set"
+
+
+class _DropSigtermNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_SIGTERM_NOTE)
+
+
+def ray_executor_factory(spec: Any, *, address: str | None = None, actors: int | None = None,
+                         batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                         policy: FaultPolicy | None = None,
+                         on_event: EventCallback | None = None
+                         ) -> Callable[[], SubmitExecutor]:
+    """A factory for ``create_app``/``run_server``: a ``RayExecutor`` running ``spec``
+    (``EngineSpec``: the model's graph is shipped through the object store; any other recipe
+    is built in each actor) on ``actors`` actors (None: one per cluster CPU), joining
+    ``address`` (None: ``$RAY_ADDRESS``, else a private local Ray that ``close`` stops)."""
+
+    def build() -> SubmitExecutor:
+        from embedpool.backends.ray import RayExecutor
+
+        logging.getLogger(_RAY_INIT_LOGGER).addFilter(_DropSigtermNote())
+        return RayExecutor(spec, address=address, actors=actors, batch_tokens=batch_tokens,
+                           policy=policy, on_event=on_event)
+
+    return build
