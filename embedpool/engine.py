@@ -19,6 +19,7 @@ the token budget bounds it; numbers per setting: benchmarks/worker_rss.py.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,18 +51,32 @@ class EngineSpec:
     model: ResolvedModel
     precision: Precision = "int8"
     threads: int = 1
+    #: "cpu" or "cuda:N" (embedpool.cuda_ep); on a GPU, ORT's arena cap in bytes (None: none).
+    device: str = "cpu"
+    gpu_mem_limit: int | None = None
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "int8"):
-            raise ConfigError(f"precision must be fp32 or int8, got {self.precision!r}")
+        if self.precision not in ("fp32", "int8", "fp16"):
+            raise ConfigError(f"precision must be fp32, int8 or fp16, got {self.precision!r}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        on_gpu = self.device != "cpu"
+        if (self.precision == "fp16" and not on_gpu) or (self.precision == "int8" and on_gpu):
+            raise ConfigError(f"precision {self.precision} does not run on {self.device}: int8 "
+                              "is the CPU's, fp16 the GPU's (fp32 runs on both)")
+
+    def on_cpu(self, precision: Precision = "fp32") -> EngineSpec:
+        """This engine on the CPU, for a pool whose GPU was lost (fp16 becomes fp32: the
+        precision fp16 is checked against, so the vectors stay within its tolerance)."""
+        cpu: Precision = self.precision if self.precision != "fp16" else precision
+        return dataclasses.replace(self, device="cpu", gpu_mem_limit=None, precision=cpu)
 
     def build(self) -> Engine:
         from embedpool.graph import prepare_onnx
 
         path = prepare_onnx(self.model, self.precision)
-        return Engine.for_model(path, self.model, threads=self.threads)
+        return Engine.for_model(path, self.model, threads=self.threads, device=self.device,
+                                gpu_mem_limit=self.gpu_mem_limit, precision=self.precision)
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -99,15 +114,28 @@ class Engine:
     """A loaded ONNX session plus, for shipped graphs, the model's head; always fully built."""
 
     def __init__(self, onnx_path: Path, *, head: HeadSpec, dim: int, threads: int = 1,
-                 head_in_graph: bool = True) -> None:
+                 head_in_graph: bool = True, device: str = "cpu",
+                 gpu_mem_limit: int | None = None, precision: str = "int8") -> None:
         """``head_in_graph``: a [batch, dim] output already went through ``head`` (embedpool
         built the graph); otherwise (a shipped graph that pools by itself) Normalize and
-        truncate_dim are applied here. Token-state outputs always get the whole head here."""
+        truncate_dim are applied here. Token-state outputs always get the whole head here.
+        ``device`` "cuda:N" runs the session on that GPU (``cuda_ep``), with ORT's arena
+        capped at ``gpu_mem_limit`` bytes."""
+        from embedpool import cuda_ep
+
+        self.device = device
+        if device != "cpu":
+            threads = 1  # the CPU side only feeds the GPU (a few shape ops run there)
+            cuda_ep.prepare(device)
         try:
-            self.session = ort.InferenceSession(str(onnx_path), sess_options=session_options(threads),
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(onnx_path), sess_options=session_options(threads),
+                providers=cuda_ep.providers_for(device, gpu_mem_limit, precision))
         except Exception as exc:
+            if device != "cpu":
+                raise cuda_ep.unavailable(device, exc) from exc
             raise ModelError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
+        cuda_ep.check_session(self.session.get_providers(), device)
         self.onnx_path = onnx_path
         self.head = head
         self.threads = threads
@@ -130,10 +158,13 @@ class Engine:
         self.dim = dim or int(out.shape[-1])
 
     @classmethod
-    def for_model(cls, onnx_path: Path, model: ResolvedModel, *, threads: int = 1) -> Engine:
+    def for_model(cls, onnx_path: Path, model: ResolvedModel, *, threads: int = 1,
+                  device: str = "cpu", gpu_mem_limit: int | None = None,
+                  precision: str = "int8") -> Engine:
         """The engine for ``model``'s graph at ``onnx_path`` (from ``graph.prepare_onnx``)."""
         return cls(onnx_path, head=model.head, dim=model.dim, threads=threads,
-                   head_in_graph=model.onnx_path is None)
+                   head_in_graph=model.onnx_path is None, device=device,
+                   gpu_mem_limit=gpu_mem_limit, precision=precision)
 
     def embed(self, sequences: Sequence[TokenIds],
               prompt_lengths: Sequence[int] | None = None) -> Vectors:

@@ -12,7 +12,8 @@
     └── PoolError
         ├── WorkerStartError             a worker died while loading its engine; carries its traceback
         ├── PoolBroken (concurrent.futures.process.BrokenProcessPool)
-        │                                the pool cannot go on (no worker can be started)
+        │   │                            the pool cannot go on (no worker can be started)
+        │   └── DeviceLost               its GPU was lost; the device executor moves to the CPU
         ├── IntakeClosed                 the executor is stopping: no new batches
         ├── PoisonInputError             an input kept killing workers; carries the item's id
         ├── QueueFull                    the server's batcher refused a request: sizes, Retry-After
@@ -81,6 +82,10 @@ class WorkerStartError(PoolError):
 
 class PoolBroken(PoolError, BrokenProcessPool):
     """The pool cannot make progress any more."""
+
+
+class DeviceLost(PoolBroken):
+    """A pool's GPU was lost (a sticky CUDA error): it cannot go on, but the CPU can."""
 
 
 class PoisonInputError(PoolError):

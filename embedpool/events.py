@@ -21,6 +21,8 @@ keys are plain JSON-serialisable values, so ``--log-json`` can write them as the
     emergency             emergency mode switched on or off            on, reason, reading
     status                periodically                                 batches_done, sequences_done, seq_per_s, workers, supervisor_rss, worker_rss
     pool_broken           no worker can be started any more            error
+    device_fallback       a GPU was lost (or its provider does not     device, to, reason, message
+                          load): its work moves to the CPU
     pool_stop             the pool closed                              counters
 
 Both backends emit these names (Ray's events add ``backend="ray"`` and the actor's name and
@@ -56,11 +58,12 @@ EMERGENCY: Final = "emergency"
 STATUS: Final = "status"
 POOL_BROKEN: Final = "pool_broken"
 POOL_STOP: Final = "pool_stop"
+DEVICE_FALLBACK: Final = "device_fallback"
 
 ALL_EVENTS: Final = (
     PROGRESS, POOL_START, WORKER_START, WORKER_READY, WORKER_START_FAILED, WORKER_DEATH, WORKER_EXIT,
     WORKER_HUNG_WARNING, WORKER_HUNG_KILL, RETRY, SPLIT, POISON_ITEM, RECYCLE, SCALE,
-    EMERGENCY, STATUS, POOL_BROKEN, POOL_STOP,
+    EMERGENCY, STATUS, POOL_BROKEN, POOL_STOP, DEVICE_FALLBACK,
 )
 
 
@@ -73,7 +76,8 @@ def make_event(name: str, **fields: Any) -> Event:
 
 #: Events logged at WARNING (the rest at DEBUG): something went wrong or changed mode.
 WARNINGS: Final = frozenset({WORKER_DEATH, WORKER_HUNG_WARNING, WORKER_HUNG_KILL,
-                             WORKER_START_FAILED, POISON_ITEM, POOL_BROKEN, EMERGENCY})
+                             WORKER_START_FAILED, POISON_ITEM, POOL_BROKEN, EMERGENCY,
+                             DEVICE_FALLBACK})
 
 
 class Emitter:

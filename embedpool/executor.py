@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from embedpool import events
-from embedpool.errors import IntakeClosed, PoolBroken, PoolUnavailable
+from embedpool.errors import DeviceLost, IntakeClosed, PoolBroken, PoolUnavailable
 from embedpool.types import EventCallback, TokenIds, Vectors
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ class BatchResult:
     batch_id: int
     vectors: Vectors  # (len(sequences), dim); rows listed in ``failed`` are zeros
     failed: dict[int, str] = field(default_factory=dict)  # position in batch -> error
+    #: The precision that computed it, where it is not the job's own (the CPU workers of a
+    #: device executor next to an fp16 GPU run fp32, pool/devices.py); None: the job's.
+    precision: str | None = None
 
 
 WorkerState = Literal["starting", "idle", "busy", "leaving"]
@@ -260,6 +263,8 @@ class InProcessExecutor:
 
     @property
     def broken(self) -> str | None:
+        if self._work.broken is not None:
+            return str(self._work.broken)
         if not self._closed and not self._thread.is_alive():
             return "the in-process engine's thread is gone"
         return None
@@ -303,7 +308,14 @@ class InProcessExecutor:
             try:
                 rows = self.engine.embed(task.sequences)
             except Exception as exc:
-                self._work.fail(task, engine_error_kind(exc), f"{type(exc).__name__}: {exc}")
+                decision = self._work.fail(task, engine_error_kind(exc),
+                                           f"{type(exc).__name__}: {exc}")
+                if decision.action == "fall_back":  # the GPU is gone: no engine left here
+                    self._work.break_(DeviceLost(
+                        f"{getattr(self.engine, 'device', 'the device')} was lost ({exc}); run "
+                        "with device='cpu', or with workers='auto', whose pool falls back to "
+                        "the CPU by itself"))
+                    return
             else:
                 self._work.complete(task, rows)
             finally:

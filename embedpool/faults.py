@@ -14,7 +14,13 @@ reads a file or sends a byte, so every rule is tested by a table (``tests/test_f
     silent past its deadline, killed by us            HUNG              split      | retry, then give up
     a Python exception in embed (the worker lives)    ENGINE_ERROR      split      | give up at once
     an out-of-memory error raised in a live worker    DEVICE_OOM        split      | retry, then give up
-      (MemoryError today; CUDA/ORT types later)                         + halve the token budget
+      (MemoryError; ONNX Runtime's CUDA/cuDNN/cuBLAS                    + halve the token budget
+      allocation failures, ``ort_error_kind``)
+    ONNX Runtime reports the GPU lost (a sticky       DEVICE_LOST       fall back: the task goes back,
+      CUDA error: launch failure, device-side assert,                   unblamed, and the transport
+      illegal address, ECC, error 999, ...)                             moves off the device (the
+                                                                        pool: to the CPU); a second
+                                                                        time it counts as ENGINE_ERROR
 
 Every retry is bounded: a split halves a task, so a batch of n items costs at most log2(n)
 failures before each of its items runs alone, and one item gets ``1 + max_retries`` tries (one
@@ -29,7 +35,14 @@ Why one rule each, where the two backends used to disagree:
 - One item whose engine raised is given up at once (Ray retried it): the same input raises again.
 - ``max_retries`` is 2 by default on both (Ray had 3): three tries of one input.
 - OOM is decided from evidence, never from an error's text: Ray's "ActorDied" message mentions
-  the OOM killer for any unexpected exit, and a substring "oom" matches "room".
+  the OOM killer for any unexpected exit, and a substring "oom" matches "room". The one
+  exception is ONNX Runtime, whose errors have no type per cause: for its own exception types
+  only (``onnxruntime.capi``), the CUDA runtime's, cuDNN's and cuBLAS's status in the message is
+  the evidence (``ort_error_kind``: status codes and names as those libraries spell them).
+- A lost GPU is not the input's fault: its task is not split or charged a try; the executor
+  falls back (a pool breaks with ``DeviceLost`` and the device executor moves its batches to
+  the CPU). Should the same task report a lost device again (a transport that cannot fall
+  back), it is an engine error, so the loop is bounded.
 - After an OOM the budget is halved (not below the floor), doubled back after a calm period,
   and never restored to a size that was killed (Ray kept the halved budget for the whole run).
   "Calm" is the scaling policy's memory calm on the local pool, and time without an OOM on Ray,
@@ -44,6 +57,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -64,6 +78,7 @@ class FailureKind(enum.StrEnum):
     HUNG = "hung"
     ENGINE_ERROR = "engine_error"
     DEVICE_OOM = "device_oom"
+    DEVICE_LOST = "device_lost"
 
 
 #: Kinds whose cause is memory: the batch size is the problem, so the budget goes down.
@@ -80,6 +95,7 @@ _WHAT = {
     FailureKind.HUNG: "hung on it and was killed",
     FailureKind.ENGINE_ERROR: "raised in the engine on it",
     FailureKind.DEVICE_OOM: "ran out of memory in the engine on it",
+    FailureKind.DEVICE_LOST: "lost its GPU on it",
 }
 
 
@@ -132,7 +148,8 @@ class FaultPolicy:
         return deadline if warned else deadline * self.hang_warn_fraction
 
 
-Action = Literal["split", "retry", "give_up"]
+#: fall_back: the task goes back unblamed and the transport leaves the device (DEVICE_LOST).
+Action = Literal["split", "retry", "give_up", "fall_back"]
 
 
 @dataclass(frozen=True)
@@ -156,6 +173,10 @@ def decide(kind: FailureKind, *, items: int, tries: int, padded_tokens: int,
     oom = kind in OOM_KINDS
     forbid = padded_tokens if oom and items > 1 else None
     action: Action
+    if kind is FailureKind.DEVICE_LOST:
+        if tries <= 1:
+            return Decision("fall_back")
+        kind = FailureKind.ENGINE_ERROR  # reported again: the transport did not fall back
     if items > 1:
         action = "split"
     elif kind is FailureKind.ENGINE_ERROR or tries > policy.max_retries:
@@ -179,8 +200,54 @@ def death_kind(*, hung: bool, oom_confirmed: bool, sigkill: bool) -> FailureKind
 
 
 def engine_error_kind(exc: BaseException) -> FailureKind:
-    """The kind of an exception raised by a live engine, by its type (never its text)."""
-    return FailureKind.DEVICE_OOM if isinstance(exc, MemoryError) else FailureKind.ENGINE_ERROR
+    """The kind of an exception raised by a live engine: by its type, and for ONNX Runtime's
+    own exception types by the CUDA status in its message (``ort_error_kind``)."""
+    if isinstance(exc, MemoryError):
+        return FailureKind.DEVICE_OOM
+    cls = type(exc)
+    return ort_error_kind(cls.__module__, cls.__name__, str(exc)) or FailureKind.ENGINE_ERROR
+
+
+#: Where ONNX Runtime's Python exceptions live (Fail, RuntimeException, EPFail, ...).
+ORT_EXCEPTION_MODULE = "onnxruntime.capi"
+#: cudaError_t codes that leave the CUDA context unusable (sticky errors) or the device gone,
+#: as ORT prints them ("CUDA failure 719: unspecified launch failure ; GPU=0 ; ..."):
+#: 3 initialization error, 4 driver shutting down, 46 devices unavailable, 100 no device,
+#: 101 invalid device ordinal, 214 uncorrectable ECC error, 700 illegal address, 702 launch
+#: timeout, 710 device-side assert, 719 launch failure, 999 unknown error (what a GPU that
+#: fell off the bus, Xid 79, returns).
+CUDA_LOST_CODES = frozenset({3, 4, 46, 100, 101, 214, 700, 702, 710, 719, 999})
+#: cudaError_t 2, cudaErrorMemoryAllocation ("out of memory").
+CUDA_OOM_CODE = 2
+_CUDA_CODE = re.compile(r"\bCUDA (?:failure|error) (\d+)\b")
+#: The same conditions by name or message, as other ORT code paths word them.
+DEVICE_OOM_MARKS = ("cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",
+                    "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
+                    "CUDA out of memory", "Failed to allocate memory for requested buffer",
+                    "is smaller than requested bytes")  # BFCArena: "Available memory of ..."
+DEVICE_LOST_MARKS = ("unspecified launch failure", "device-side assert", "illegal memory access",
+                     "uncorrectable ECC error", "GPU has fallen off the bus", "cudaErrorLaunchFailure",
+                     "cudaErrorIllegalAddress", "cudaErrorAssert", "cudaErrorUnknown",
+                     "cudaErrorECCUncorrectable", "cudaErrorDevicesUnavailable")
+_XID = re.compile(r"\bXid\b")  # the driver's name for a GPU fault, quoted by some messages
+
+
+def ort_error_kind(module: str, name: str, message: str) -> FailureKind | None:
+    """DEVICE_OOM or DEVICE_LOST for an exception of ONNX Runtime's (its class's ``module``
+    and ``name``) whose message carries that CUDA condition; None for anything else, which is
+    an engine error. A lost device wins over out-of-memory: after a sticky error, allocations
+    fail too, and only leaving the device helps."""
+    if not module.startswith(ORT_EXCEPTION_MODULE):
+        return None
+    if name == "DeviceReset":  # ORT's own status for a device that was reset
+        return FailureKind.DEVICE_LOST
+    codes = {int(c) for c in _CUDA_CODE.findall(message)}
+    if (codes & CUDA_LOST_CODES or any(m in message for m in DEVICE_LOST_MARKS)
+            or _XID.search(message)):
+        return FailureKind.DEVICE_LOST
+    if CUDA_OOM_CODE in codes or any(m in message for m in DEVICE_OOM_MARKS):
+        return FailureKind.DEVICE_OOM
+    return None
 
 
 def attribute_sigkill(credited: int | None, counter: int | None) -> tuple[bool, int | None]:

@@ -20,7 +20,14 @@ be told to misbehave for real:
   loading; ``fail_to_start_if_exists``: the same, switched on later by creating a file;
 - ``join_cgroup``: a ``cgroup.procs`` file the worker writes its own pid to while it loads,
   so that a test's memory limit binds that worker (a pool process or a Ray actor) alone and
-  the kernel's OOM killer, not the test, kills it.
+  the kernel's OOM killer, not the test, kills it;
+- a fake GPU (``device="cuda:N"``), whose failures are ONNX Runtime's own exceptions with the
+  texts ORT prints (``ORT_ERRORS``): ``device_oom_above``, a padded-token size above which a
+  batch raises the CUDA arena's out-of-memory error (as a GPU whose memory holds that much);
+  ``lose_device_on``, a subsequence after which the device is lost for good (every later
+  batch raises "unspecified launch failure", as a real sticky CUDA error does); and
+  ``unavailable``, a CUDA provider that does not load. ``on_cpu()`` is the same engine on
+  the CPU, where none of them happen: the recipe a pool falls back to.
 
 ``CrashingSpec`` wraps any recipe (the real ``EngineSpec``) with the same ``crash_on``
 poison, so the real model's pool can be tested with a poison input; the product has no
@@ -30,6 +37,7 @@ processes. Nothing in the product imports this module.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import multiprocessing.process
 import os
@@ -69,6 +77,55 @@ def fake_vectors(sequences: Sequence[TokenIds], dim: int) -> Vectors:
     return out
 
 
+#: ONNX Runtime's messages for the GPU failures the fault policy knows, as ORT formats them:
+#: "[ONNXRuntimeError] : code : NAME : " + the node's status, whose text comes from ORT's
+#: BFCArena and CudaCall ("%s failure %d: %s ; GPU=%d ; hostname=%s ; file=%s ; line=%d ;
+#: expr=%s;"). (exception class name in onnxruntime.capi.onnxruntime_pybind11_state, text)
+ORT_ERRORS: dict[str, tuple[str, str]] = {
+    "arena_oom": ("RuntimeException", (
+        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+        "running MultiHeadAttention node. Name:'layer.0.attention' Status Message: "
+        "/onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:376 void* onnxruntime::"
+        "BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*, bool, onnxruntime::"
+        "WaitNotificationFn) Failed to allocate memory for requested buffer of size 805306368")),
+    "cuda_oom": ("Fail", (
+        "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMul "
+        "node. Name:'layer.0.ff1' Status Message: CUDA failure 2: out of memory ; GPU=0 ; "
+        "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
+        "cuda_allocator.cc ; line=51 ; expr=cudaMalloc((void**)&p, size);")),
+    "cudnn_alloc": ("Fail", (
+        "[ONNXRuntimeError] : 1 : FAIL : CUDNN failure 2000: CUDNN_STATUS_ALLOC_FAILED ; GPU=0 ; "
+        "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
+        "cuda_execution_provider.cc ; line=178 ; expr=cudnnCreate(&cudnn_handle_);")),
+    "launch_failure": ("Fail", (
+        "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 719: unspecified launch failure ; GPU=0 ; "
+        "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
+        "gpu_data_transfer.cc ; line=73 ; expr=cudaMemcpyAsync(dst_data, src_data, bytes, "
+        "cudaMemcpyDeviceToHost, static_cast<cudaStream_t>(stream.GetHandle()));")),
+    "device_assert": ("RuntimeException", (
+        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+        "running Gather node. Name:'embeddings.word' Status Message: CUDA error "
+        "cudaErrorAssert:device-side assert triggered")),
+    "unknown_999": ("Fail", (
+        "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 999: unknown error ; GPU=0 ; "
+        "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
+        "cuda_call.cc ; line=116 ; expr=cudaSetDevice(info_.device_id);")),
+    "shape_error": ("InvalidArgument", (
+        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: "
+        "input_ids for the following indices index: 1 Got: 9000 Expected: 512")),
+}
+
+
+def ort_error(name: str) -> Exception:
+    """ONNX Runtime's own exception for ``ORT_ERRORS[name]`` (its real class, so the fault
+    policy sees what a real session raises)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    cls_name, text = ORT_ERRORS[name]
+    exc: Exception = getattr(ort_state, cls_name)(text)
+    return exc
+
+
 @dataclass(frozen=True)
 class FakeEngineSpec:
     """Recipe for a FakeEngine; cheap to pickle, like ``EngineSpec``."""
@@ -90,6 +147,21 @@ class FakeEngineSpec:
     exit_on_start: int | None = None
     start_delay_s: float = 0.0
     join_cgroup: str | None = None
+    #: A fake device: "cpu", or "cuda:N" for a fake GPU with the failures below.
+    device: str = "cpu"
+    #: Fake GPU memory: a batch of more padded tokens raises ORT's arena out-of-memory error.
+    device_oom_above: int | None = None
+    #: A batch containing this subsequence loses the fake GPU: it and every later batch raise
+    #: ORT's "unspecified launch failure" (``lost_error`` names another ORT_ERRORS entry).
+    lose_device_on: tuple[int, ...] | None = None
+    lost_error: str = "launch_failure"
+    #: The fake GPU's provider does not load: build() raises DeviceUnavailable.
+    unavailable: bool = False
+
+    def on_cpu(self) -> FakeEngineSpec:
+        """The same fake engine on the CPU: no device faults (what a pool falls back to)."""
+        return dataclasses.replace(self, device="cpu", device_oom_above=None,
+                                   lose_device_on=None, unavailable=False)
 
     def build(self) -> FakeEngine:
         if self.join_cgroup is not None:
@@ -103,6 +175,11 @@ class FakeEngineSpec:
             raise RuntimeError(self.fail_to_start)
         if self.fail_to_start_if_exists is not None and os.path.exists(self.fail_to_start_if_exists):
             raise RuntimeError(f"{self.fail_to_start_if_exists} exists")
+        if self.unavailable and self.device != "cpu":
+            from embedpool.device import DeviceUnavailable
+
+            raise DeviceUnavailable(f"{self.device}: ONNX Runtime's CUDAExecutionProvider did "
+                                    "not load (a fake GPU)", "package")
         return FakeEngine(self)
 
 
@@ -111,11 +188,20 @@ class FakeEngine:
         self.spec = spec
         self.dim = spec.dim
         self.threads = spec.threads
+        self.device = spec.device
         self._hoard: list[bytes] = []
+        self._lost = False
 
     def embed(self, sequences: Sequence[TokenIds]) -> Vectors:
         spec = self.spec
         crash_if_poisoned(sequences, spec.crash_on)
+        if self._lost or (spec.lose_device_on is not None and any(
+                contains_subsequence(s, spec.lose_device_on) for s in sequences)):
+            self._lost = True  # sticky, like a real CUDA context after such an error
+            raise ort_error(spec.lost_error)
+        if spec.device_oom_above is not None and sequences and (
+                len(sequences) * max(len(s) for s in sequences) > spec.device_oom_above):
+            raise ort_error("arena_oom")
         for seq in sequences:
             if spec.raise_on is not None and contains_subsequence(seq, spec.raise_on):
                 raise ValueError(f"FakeEngine: raise_on {spec.raise_on} found in a sequence")

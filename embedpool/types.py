@@ -14,7 +14,8 @@ Vectors = npt.NDArray[np.float32]
 #: One tokenised sequence, special tokens included, never longer than the model's max length.
 TokenIds = npt.NDArray[np.int32]
 
-Precision = Literal["fp32", "int8"]
+#: int8 runs on the CPU only, fp16 on a GPU only (embedpool.device), fp32 on both.
+Precision = Literal["fp32", "int8", "fp16"]
 Pooling = Literal["mean", "cls"]
 LongTextMode = Literal["truncate", "window"]
 Profile = Literal["cloud", "local", "wsl2"]

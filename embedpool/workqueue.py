@@ -6,9 +6,10 @@
     manager thread    next_task(budget) <─────────────────┘   retries first, then the next batch,
                         cut to the token budget (faults.cut_to_budget)
                       complete(task, rows)   rows into the batch's Assembly; whole -> result
-                      fail(task, kind, error) faults.decide: split / retry / give up, with the
-                                              event and the counter; returns the Decision so
-                                              the transport can lower its budget
+                      fail(task, kind, error) faults.decide: split / retry / give up / fall
+                                              back, with the event and the counter; returns
+                                              the Decision so the transport can lower its
+                                              budget or leave a lost device
                       requeue(task, reason)  back to the front, not blamed (it never ran)
                       break_(exc) / fail_unfinished(exc) / cancel_unstarted()
 
@@ -145,6 +146,13 @@ class WorkQueue:
             self._emit(events.SPLIT, batch_id=task.batch_id, items=len(task.positions),
                        halves=[len(a.positions), len(b.positions)], kind=str(kind), reason=error)
             self._tasks.extendleft((b, a))
+        elif decision.action == "fall_back":
+            # the device failed, not the input: back to the front for the transport to run
+            # elsewhere once it has left the device (faults.decide charges it one try)
+            c.retries += 1
+            self._emit(events.RETRY, attempt=task.tries + 1, kind=str(kind), reason=error,
+                       item_id=task.item_id(), **task.describe())
+            self._tasks.appendleft(task)
         elif decision.action == "retry":
             c.retries += 1
             self._emit(events.RETRY, attempt=task.tries + 1, kind=str(kind), reason=error,

@@ -28,6 +28,7 @@ from embedpool import events, faults
 from embedpool.errors import ConfigError
 from embedpool.executor import WorkBatch
 from embedpool.faults import Assembly, FailureKind, FaultPolicy, Task
+from embedpool.testing import ort_error
 
 K = FailureKind
 POLICY = FaultPolicy(max_retries=2)
@@ -53,6 +54,11 @@ DECIDE: list[Any] = [
     pytest.param(K.DEVICE_OOM, 8, 1, "split", True, True, id="device_oom-many"),
     pytest.param(K.DEVICE_OOM, 1, 1, "retry", True, False, id="device_oom-one"),
     pytest.param(K.DEVICE_OOM, 1, 3, "give_up", True, False, id="device_oom-one-exhausted"),
+    pytest.param(K.DEVICE_LOST, 8, 1, "fall_back", False, False, id="device_lost-many"),
+    pytest.param(K.DEVICE_LOST, 1, 1, "fall_back", False, False, id="device_lost-one"),
+    # reported again for the same task: the transport did not fall back; an engine error
+    pytest.param(K.DEVICE_LOST, 8, 2, "split", False, False, id="device_lost-again-many"),
+    pytest.param(K.DEVICE_LOST, 1, 2, "give_up", False, False, id="device_lost-again-one"),
 ]
 
 
@@ -113,6 +119,62 @@ class _Subclassed(MemoryError):
 ])
 def test_engine_error_kind_is_by_type_never_by_text(exc: BaseException, kind: FailureKind) -> None:
     assert faults.engine_error_kind(exc) is kind
+
+
+@pytest.mark.parametrize(("name", "kind"), [
+    pytest.param("arena_oom", K.DEVICE_OOM, id="bfc-arena"),
+    pytest.param("cuda_oom", K.DEVICE_OOM, id="cuda-failure-2"),
+    pytest.param("cudnn_alloc", K.DEVICE_OOM, id="cudnn-alloc-failed"),
+    pytest.param("launch_failure", K.DEVICE_LOST, id="cuda-failure-719"),
+    pytest.param("device_assert", K.DEVICE_LOST, id="device-side-assert"),
+    pytest.param("unknown_999", K.DEVICE_LOST, id="cuda-failure-999"),
+    pytest.param("shape_error", K.ENGINE_ERROR, id="invalid-argument"),
+])
+def test_ort_errors_by_their_cuda_status(name: str, kind: FailureKind) -> None:
+    """ONNX Runtime's real exception classes with the texts it prints (testing.ORT_ERRORS)."""
+    assert faults.engine_error_kind(ort_error(name)) is kind
+
+
+# module, class name, message -> kind (None: not ORT's, or nothing CUDA in it)
+ORT_TEXTS: list[Any] = [
+    pytest.param("builtins", "RuntimeError", "CUDA failure 2: out of memory", None,
+                 id="not-an-ort-exception"),
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
+                 "CUDA failure 20: this room is out of bounds", None, id="other-cuda-code"),
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
+                 "CUDA failure 2: out of memory ; GPU=0", K.DEVICE_OOM, id="code-2"),
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
+                 "CUBLAS failure 3: CUBLAS_STATUS_ALLOC_FAILED ; GPU=0", K.DEVICE_OOM,
+                 id="cublas-alloc"),
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "RuntimeException",
+                 "BFCArena::AllocateRawInternal: Available memory of 0 is smaller than "
+                 "requested bytes of 1048576", K.DEVICE_OOM, id="arena-limit"),
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
+                 "CUDA failure 700: an illegal memory access was encountered", K.DEVICE_LOST,
+                 id="code-700"),
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
+                 "CUDA error cudaErrorLaunchFailure:unspecified launch failure", K.DEVICE_LOST,
+                 id="error-name"),
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
+                 "CUDA failure 214: uncorrectable ECC error encountered", K.DEVICE_LOST,
+                 id="ecc"),
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
+                 "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus", K.DEVICE_LOST,
+                 id="xid-79"),
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
+                 "Xidian input failed", None, id="xid-is-a-word"),
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "DeviceReset", "reset",
+                 K.DEVICE_LOST, id="device-reset-type"),
+    # after a sticky error, allocations fail too: the lost device wins
+    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
+                 "CUDA failure 719: unspecified launch failure; Failed to allocate memory",
+                 K.DEVICE_LOST, id="lost-wins-over-oom"),
+]
+
+
+@pytest.mark.parametrize(("module", "name", "message", "kind"), ORT_TEXTS)
+def test_ort_error_kind(module: str, name: str, message: str, kind: FailureKind | None) -> None:
+    assert faults.ort_error_kind(module, name, message) is kind
 
 
 # credited before, counter now -> confirmed, credited after

@@ -142,3 +142,22 @@ def test_empty_batch_and_cancelled_batch() -> None:
     fut = work.submit(batch)
     assert fut.cancel()
     assert work.next_task(None) is None and work.idle
+
+
+def test_a_lost_device_puts_the_task_back_whole_once_then_it_is_an_engine_error() -> None:
+    work, seen, _ = queue()
+    (batch,) = make_batches(make_sequences(6, seed=7), 6)
+    fut = work.submit(batch)
+    task = work.next_task(None)
+    assert task is not None
+    decision = work.fail(task, FailureKind.DEVICE_LOST, "CUDA failure 719")
+    assert decision.action == "fall_back" and not decision.lower_budget
+    again = work.next_task(None)
+    assert again is task and len(again.positions) == 6  # whole, first in line, unsplit
+    assert [e["kind"] for e in seen if e["event"] == "retry"] == ["device_lost"]
+    # the transport did not leave the device: the second report is bisected like an error
+    assert work.fail(again, FailureKind.DEVICE_LOST, "CUDA failure 719").action == "split"
+    assert work.counters.splits == 1
+    assert finish_all(work) == 2
+    np.testing.assert_allclose(fut.result(timeout=0).vectors,
+                               fake_vectors(batch.sequences, DIM), atol=1e-6)

@@ -7,6 +7,7 @@ read ``EMBEDPOOL_*`` variables; this class takes plain values.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,10 @@ class PoolConfig:
     #: The model's memory shape for that estimate (weights, widths, max length, attention
     #: kernel); None = the default model's constants. Pool fills it in from an EngineSpec.
     model_memory: ModelMemory | None = None
+    #: Where the workers run: "cpu", or "cuda:N" (one GPU: the device executor runs one pool
+    #: per GPU, ``pool/devices.py``). A GPU pool's workers hold no activations in host RAM,
+    #: and a lost GPU breaks the pool with ``DeviceLost``.
+    device: str = "cpu"
     #: Memory the pool may use in all (supervisor + workers); None = the detected limit.
     max_memory_bytes: int | None = None
     #: spawn is the most robust (no inherited state); forkserver respawns faster after a crash.
@@ -89,8 +94,11 @@ class PoolConfig:
         for name, fvalue in positive_floats.items():
             if not fvalue > 0:
                 raise ConfigError(f"PoolConfig.{name} must be > 0, got {fvalue}")
-        if self.precision not in ("int8", "fp32"):
-            raise ConfigError(f"PoolConfig.precision must be int8 or fp32, got {self.precision!r}")
+        if self.precision not in ("int8", "fp32", "fp16"):
+            raise ConfigError(f"PoolConfig.precision must be int8, fp32 or fp16, got "
+                              f"{self.precision!r}")
+        if self.device != "cpu" and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigError(f"PoolConfig.device must be cpu or cuda:N, got {self.device!r}")
         if self.emergency_exit_s is not None and self.emergency_exit_s < 0:
             raise ConfigError(f"PoolConfig.emergency_exit_s must be >= 0, got {self.emergency_exit_s}")
         if self.status_interval_s < 0:

@@ -42,7 +42,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from embedpool import events, faults
-from embedpool.errors import PoolBroken, PoolError, WorkerStartError
+from embedpool.errors import DeviceLost, PoolBroken, PoolError, WorkerStartError
 from embedpool.events import Emitter, exit_name
 from embedpool.executor import WorkerInfo, WorkerState
 from embedpool.faults import FailureKind, Task
@@ -400,6 +400,11 @@ class Manager:
         decision = self.work.fail(task, kind, error)
         if decision.lower_budget:
             self._apply(self.scaler.on_oom(decision.forbid_tokens))
+        elif decision.action == "fall_back":
+            # The GPU is gone for every worker of this pool; the CPU is not: the device
+            # executor (devices.py) takes the batches this fails and runs them there.
+            self._break(DeviceLost(f"{self.config.device} was lost: {error}"))
+            self.shutdown()
 
     def _spawn(self) -> None:
         wid = next(self._worker_ids)

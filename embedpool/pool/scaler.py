@@ -38,7 +38,7 @@ class Scaler:
         self.plan = scaling.plan(self.limits, workers=cfg.workers, threads=cfg.threads,
                                  batch_tokens=cfg.batch_tokens, precision=cfg.precision,
                                  mem_used=memory_used(self.limits), pool_used=own_rss(),
-                                 model=cfg.model_memory)
+                                 model=cfg.model_memory, device=cfg.device)
         policy = self.plan.policy
         if cfg.emergency_exit_s is not None:
             policy = dataclasses.replace(policy, emergency_exit_s=cfg.emergency_exit_s)

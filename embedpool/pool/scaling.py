@@ -62,6 +62,7 @@ from typing import Literal
 from embedpool import faults
 from embedpool.batching import DEFAULT_BATCH_TOKENS
 from embedpool.errors import ConfigError
+from embedpool.pool.gpuplan import GPU_WORKER_HOST_RSS, PARENT_WORKERS_PER_CORE, parent_reserve
 from embedpool.pool.machine import Limits, Reading
 from embedpool.types import Precision, Profile
 
@@ -129,12 +130,17 @@ def activation_estimate(batch_tokens: int, model: ModelMemory | None = None) -> 
 
 
 def worker_mem_estimate(precision: Precision, batch_tokens: int,
-                        model: ModelMemory | None = None) -> int:
+                        model: ModelMemory | None = None, device: str = "cpu") -> int:
     """Peak RSS one worker is expected to reach: base + activations of one batch. ``model``:
     the runtime, the model's weights and its activations (a long-context model's estimate
-    is that of one max-length sequence, whatever the budget); else the default model's."""
+    is that of one max-length sequence, whatever the budget); else the default model's. A
+    GPU worker (``device`` "cuda:N"): its libraries, with the weights and activations on
+    the GPU (``gpuplan`` sizes its batches from the GPU's memory)."""
+    if device != "cpu":
+        return GPU_WORKER_HOST_RSS
     if model is None:
-        return WORKER_BASE_RSS[precision] + activation_estimate(batch_tokens)
+        return WORKER_BASE_RSS.get(precision, WORKER_BASE_RSS["fp32"]) + activation_estimate(
+            batch_tokens)
     return RUNTIME_RSS + model.weights + model.activations(batch_tokens)
 
 
@@ -264,10 +270,13 @@ class Plan:
 def plan(limits: Limits, *, workers: int | None = None, threads: int | None = None,
          batch_tokens: int | None = None, precision: Precision = "int8",
          mem_used: int | None = None, pool_used: int | None = None,
-         model: ModelMemory | None = None) -> Plan:
+         model: ModelMemory | None = None, device: str = "cpu") -> Plan:
     """Turn the limits (and the user's ``--workers/--threads/--batch-tokens``) into a policy.
 
-    Invariant: ``max_workers x threads_per_worker <= limits.cpus``. An explicit ``workers``
+    Invariant: ``max_workers x threads_per_worker <= limits.cpus - parent_reserve(cpus)``
+    (``gpuplan``: the parent keeps a core per 48 workers on big machines). ``device`` "cuda:N"
+    counts a GPU worker's host memory (``GPU_WORKER_HOST_RSS``, activations on the GPU);
+    ``gpuplan`` sizes its batches. An explicit ``workers``
     fixes the size (start = max) but memory can still shrink it, and is capped by cores and
     memory with a reason. ``mem_used`` is memory already in use against the real limit
     (``memory_used(limits)``), ``pool_used`` the pool's own RSS so far, counted against a
@@ -280,6 +289,14 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
     for name, value in (("workers", workers), ("threads", threads), ("batch_tokens", batch_tokens)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+
+    # -- cores for workers: on big machines the parent keeps some for tokenising and dispatch
+    all_cpus = cpus
+    reserve = parent_reserve(cpus)
+    if reserve:
+        cpus -= reserve
+        reasons.append(f"{reserve} of {all_cpus} cores kept for the parent (tokenising, "
+                       f"dispatch): one per {PARENT_WORKERS_PER_CORE} workers")
 
     # -- threads per worker
     if threads is not None:
@@ -314,7 +331,7 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
     bt = d.batch_tokens if batch_tokens is None else batch_tokens
 
     # -- worker bound from memory
-    per_worker = worker_mem_estimate(precision, bt, model)
+    per_worker = worker_mem_estimate(precision, bt, model, device)
     scopes = [(limits.real_memory_bytes, limits.real_memory_source,
                SUPERVISOR_BASELINE if mem_used is None else mem_used)]
     if limits.pool_memory_bytes is not None:
@@ -345,7 +362,7 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
                            mem_resume=d.mem_resume, cpu_stop=d.cpu_stop, cpu_resume=d.cpu_resume,
                            threads_per_worker=t, batch_tokens=bt, min_batch_tokens=min_bt,
                            emergency_exit_s=d.emergency_exit_s, worker_mem_estimate=per_worker,
-                           cpus=cpus, adaptive=workers is None)
+                           cpus=all_cpus, adaptive=workers is None)
     return Plan(policy, tuple(reasons))
 
 
