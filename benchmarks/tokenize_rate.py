@@ -13,6 +13,7 @@ and prints the ratio (how many single-threaded workers one parent core feeds) an
 means at 16 and 96 cores. Run on a quiet machine: numbers from a busy one are only ratios.
 
 Run: .venv/bin/python benchmarks/tokenize_rate.py [--chunks 2000] [--precision int8] [--json]
+     [--out FILE]
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
     ap.add_argument("--precision", default="int8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", default=None, help="also write the JSON result to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--arg", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -113,6 +115,9 @@ def main() -> None:
               "parent_all_cores": parent_n, "worker_1thread": worker,
               "workers_fed_per_parent_core": round(fed, 1),
               "parent_cores_needed": {str(n): round(n / fed, 2) for n in (16, 64, 96)}}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
     if args.json:
         print(json.dumps(result, indent=2))
         return

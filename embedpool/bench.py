@@ -29,13 +29,15 @@ class BenchConfig:
     chunks: int = 2000
     batch_size: int | None = None
     model: str = "all-MiniLM-L6-v2"
-    precision: str = "int8"
+    precision: str = "auto"
     batch_tokens: int | None = None
     threads: int | None = None
     workers: int | str | None = "auto"
     pool_options: dict[str, Any] = field(default_factory=dict)
     long_text: str = "truncate"
     compare: str | None = None
+    device: str = "auto"
+    cpu_workers: int | None = None
 
 
 def token_stats(lengths: list[int], max_length: int) -> dict[str, Any]:
@@ -55,7 +57,6 @@ def _corpus(n: int) -> list[str]:
 
 def run_embedpool(cfg: BenchConfig) -> dict[str, Any]:
     """Runs inside the child process."""
-    from embedpool.batching import DEFAULT_BATCH_TOKENS
     from embedpool.job import Embedder
     from embedpool.progress import RssTracker
 
@@ -64,24 +65,30 @@ def run_embedpool(cfg: BenchConfig) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     keep = ("scale", "emergency", "worker_death", "split", "retry", "recycle")
     t0 = time.perf_counter()
+    items: int | None
+    tokens: int | None
     if cfg.batch_size is not None:
         items, tokens = cfg.batch_size, cfg.batch_tokens or cfg.batch_size * 512
-    else:
-        items, tokens = 64, cfg.batch_tokens or DEFAULT_BATCH_TOKENS
-    with Embedder(cfg.model, precision=cfg.precision,  # type: ignore[arg-type]
-                  threads=cfg.threads, workers=cfg.workers, long_text=cfg.long_text,  # type: ignore[arg-type]
+    else:  # the device's defaults (a GPU's batches are much bigger)
+        items, tokens = None, cfg.batch_tokens
+    with Embedder(cfg.model, precision=cfg.precision, device=cfg.device,
+                  cpu_workers=cfg.cpu_workers, threads=cfg.threads, workers=cfg.workers,
+                  long_text=cfg.long_text,  # type: ignore[arg-type]
                   batch_tokens=tokens, max_batch_items=items, pool_options=cfg.pool_options,
                   on_event=lambda e: events.append(e) if e.get("event") in keep else None) as emb:
         load_s = time.perf_counter() - t0
         vecs = emb.embed(texts)
         report = emb.last_report
+        device = emb.device
+        precision, tokens, items = emb.precision, emb.batch_tokens, emb.max_batch_items
     peak = tracker.close()
     return {"runner": "embedpool", "chunks": len(texts), "seconds": report.seconds,
             "chunks_per_s": len(texts) / report.seconds, "tokens_per_s": report.tokens / report.seconds,
             "load_s": load_s, "peak_rss_bytes": peak, "truncated": report.truncated,
-            "dim": int(vecs.shape[1]), "events": events,
-            "settings": {"precision": cfg.precision, "workers": cfg.workers, "threads": cfg.threads,
-                         "batch_tokens": tokens, "max_batch_items": items}}
+            "dim": int(vecs.shape[1]), "events": events, "device": device,
+            "settings": {"precision": precision, "workers": cfg.workers, "threads": cfg.threads,
+                         "batch_tokens": tokens, "max_batch_items": items,
+                         "device": cfg.device, "cpu_workers": cfg.cpu_workers}}
 
 
 def export_for_fastembed(model_spec: str, out_dir: Path) -> tuple[Path, Any]:
@@ -166,7 +173,8 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
     results["runs"].append(ours)
     where = ("in-process" if cfg.workers is None
              else f"workers {cfg.workers}" + (f" x {cfg.threads} threads" if cfg.threads else ""))
-    echo(f"embedpool ({cfg.precision}, {where}): {ours['chunks_per_s']:.1f} chunks/s, "
+    echo(f"embedpool ({ours['settings']['precision']}, {where}): device {ours['device']}")
+    echo(f"embedpool: {ours['chunks_per_s']:.1f} chunks/s, "
          f"{ours['tokens_per_s']:.0f} tokens/s, peak RSS {fmt_bytes(ours['peak_rss_bytes'])} "
          f"(load {ours['load_s']:.1f} s)")
     for e in ours.get("events", []):

@@ -58,9 +58,17 @@ def _fail(msg: str, code: int) -> None:
 
 model_opt = click.option("--model", "-m", default=lambda: env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2",
                          show_default="all-MiniLM-L6-v2", help="Known name, model directory or hub id.")
-precision_opt = click.option("--precision", type=click.Choice(["fp32", "int8"]),
-                             default=lambda: env_str("EMBEDPOOL_PRECISION") or "int8",
-                             show_default="int8")
+precision_opt = click.option("--precision", type=click.Choice(["auto", "int8", "fp32", "fp16"]),
+                             default=lambda: env_str("EMBEDPOOL_PRECISION") or "auto",
+                             show_default="auto",
+                             help="auto: int8 on the CPU, fp16 on a GPU; fp32 runs on both.")
+device_opt = click.option("--device", default=lambda: env_str("EMBEDPOOL_DEVICE") or "auto",
+                          show_default="auto",
+                          help="auto (a GPU when onnxruntime-gpu and one are present, else the "
+                               "CPU), cpu, cuda (every GPU) or cuda:N.")
+cpu_workers_opt = click.option("--cpu-workers", type=click.IntRange(0), default=None,
+                               help="With a GPU: CPU workers alongside it (default none: the "
+                                    "cores tokenise for the GPU).")
 workers_opt = click.option("--workers", default="auto", show_default=True,
                            help="'auto' (adaptive pool), or a number of worker processes; "
                                 "0 runs in this process.")
@@ -79,8 +87,8 @@ long_text_opt = click.option("--long-text", type=click.Choice(["truncate", "wind
 
 def run_options(f: Any) -> Any:
     """The options every command that runs the model shares (embed, bench)."""
-    for opt in reversed([model_opt, precision_opt, batch_tokens_opt, threads_opt, workers_opt,
-                         profile_opt, max_memory_opt, long_text_opt]):
+    for opt in reversed([model_opt, precision_opt, device_opt, cpu_workers_opt, batch_tokens_opt,
+                         threads_opt, workers_opt, profile_opt, max_memory_opt, long_text_opt]):
         f = opt(f)
     return f
 
@@ -119,8 +127,9 @@ def main() -> None:
 @click.option("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
 @click.option("--log-json", is_flag=True, help="Events as JSON lines on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display, only the summary.")
-def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str,
-          batch_tokens: int | None, threads: int | None, workers: str, profile: str,
+def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, device: str,
+          cpu_workers: int | None, batch_tokens: int | None, threads: int | None, workers: str,
+          profile: str,
           max_memory: str | None, long_text: str, strict: bool, cache_path: Path | None,
           no_cache: bool, rebuild_cache: bool, backend: str, ray_address: str | None,
           log_json: bool, quiet: bool) -> None:
@@ -175,12 +184,12 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str,
     writer = None
     try:
         try:
-            embedder = Embedder(model, precision=precision,  # type: ignore[arg-type]
-                                threads=threads, workers=w, long_text=long_text,  # type: ignore[arg-type]
-                                batch_tokens=batch_tokens or _default_batch_tokens(),
-                                cache=cache, backend=backend, ray_address=ray_address,
-                                pool_options=pool_opts, on_event=progress,
-                                lazy=cache is not None)
+            embedder = Embedder(model, precision=precision, device=device,
+                                cpu_workers=cpu_workers, threads=threads, workers=w,
+                                long_text=long_text,  # type: ignore[arg-type]
+                                batch_tokens=batch_tokens, cache=cache, backend=backend,
+                                ray_address=ray_address, pool_options=pool_opts,
+                                on_event=progress, lazy=cache is not None)
         except (ModelError, ConfigError) as exc:
             progress.close()
             _fail(str(exc), EXIT_USAGE)
@@ -209,6 +218,11 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str,
         for e in report.item_errors[:MAX_ERRORS_SHOWN]:
             click.echo(f"item error: index {e.index} id {e.id!r}: {e.message}", err=True)
         sys.exit(EXIT_PARTIAL_ERRORS if report.errors else EXIT_OK)
+    except ConfigError as exc:  # raised when a lazy executor starts: --device cuda, say
+        if writer is not None:
+            writer.abort()
+        progress.close()
+        _fail(str(exc), EXIT_USAGE)
     except EmbedpoolError as exc:
         if writer is not None:
             writer.abort()
@@ -221,19 +235,13 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str,
             cache.close()
 
 
-def _default_batch_tokens() -> int:
-    from embedpool.batching import DEFAULT_BATCH_TOKENS
-
-    return DEFAULT_BATCH_TOKENS
-
-
 def _summary(report: Any, *, out: Path, cache: Any) -> None:
     from embedpool.progress import fmt_bytes
 
     parts = [f"chunks {report.chunks}", f"embedded {report.embedded}",
              f"truncated {report.truncated}", f"errors {report.errors}",
              f"seconds {report.seconds:.1f}", f"chunks/s {report.chunks_per_s:.1f}",
-             f"peak RSS {fmt_bytes(report.peak_rss)}"]
+             f"peak RSS {fmt_bytes(report.peak_rss)}", f"device {report.device}"]
     if cache is not None:
         parts.append(f"cache hits {report.cache_hits}")
         if getattr(cache, "disabled", False):
@@ -252,18 +260,24 @@ def _summary(report: Any, *, out: Path, cache: Any) -> None:
 @click.option("--compare", type=click.Choice(["fastembed"]), default=None,
               help="Also run this peer on the same model files and corpus.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench(chunks: int, batch_size: int | None, model: str, precision: str,
-          batch_tokens: int | None, threads: int | None, workers: str, profile: str,
-          max_memory: str | None, long_text: str, compare: str | None, as_json: bool) -> None:
+def bench(chunks: int, batch_size: int | None, model: str, precision: str, device: str,
+          cpu_workers: int | None, batch_tokens: int | None, threads: int | None, workers: str,
+          profile: str, max_memory: str | None, long_text: str, compare: str | None,
+          as_json: bool) -> None:
     """Benchmark on a deterministic corpus of Python standard-library source chunks."""
     from embedpool.bench import BenchConfig, run_bench
+    from embedpool.device import resolve_device
 
     w, pool_opts = _pool_args(workers, threads, profile, max_memory)
     cfg = BenchConfig(chunks=chunks, batch_size=batch_size, model=model, precision=precision,
                       batch_tokens=batch_tokens, threads=threads, workers=w,
-                      pool_options=pool_opts, long_text=long_text, compare=compare)
+                      pool_options=pool_opts, long_text=long_text, compare=compare,
+                      device=device, cpu_workers=cpu_workers)
     try:
+        resolve_device(device)  # a missing GPU fails here, at once, not in the child
         result = run_bench(cfg, echo=(lambda s: None) if as_json else click.echo)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
     except EmbedpoolError as exc:
         _fail(str(exc), EXIT_FAILED)
     if as_json:
@@ -302,10 +316,14 @@ def models() -> None:
 @workers_opt
 @threads_opt
 @precision_opt
+@device_opt
+@cpu_workers_opt
 def doctor(profile: str, max_memory: str | None, workers: str, threads: int | None,
-           precision: str) -> None:
-    """Print what embedpool detects about this machine and how it would run here."""
-    from embedpool.doctor import render_doctor
+           precision: str, device: str, cpu_workers: int | None) -> None:
+    """Print what embedpool detects about this machine (cores, memory, GPUs) and how it
+    would run here."""
+    from embedpool.device import DeviceRequest, decide_device, detect_facts, parse_device
+    from embedpool.doctor import render_devices, render_doctor
     from embedpool.pool.limits import detect_limits
     from embedpool.pool.readings import memory_used
     from embedpool.pool.scaling import plan
@@ -315,11 +333,28 @@ def doctor(profile: str, max_memory: str | None, workers: str, threads: int | No
         limits = detect_limits(max_memory=_max_memory(max_memory),
                                profile=None if profile == "auto" else profile)
         used = memory_used(limits)
-        p = plan(limits, workers=None if w == "auto" else int(w), threads=threads,
-                 precision=precision, mem_used=used)  # type: ignore[arg-type]
+        request = parse_device(device)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
-    click.echo(render_doctor(limits, p, mem_used=used))
+    facts = detect_facts(DeviceRequest("cuda"))  # the doctor always looks for GPUs
+    error = placement = None
+    try:
+        from embedpool.models import resolve_model
+        from embedpool.placement import place
+
+        placement = place(resolve_model(env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2"),
+                          device=request, precision=precision, cpu_workers=cpu_workers,
+                          cpus=limits.cpus, plan=decide_device(request, facts))
+        cpu_precision = placement.precision if not placement.on_gpu else "fp32"
+        p = plan(limits, workers=None if w == "auto" else int(w), threads=threads,
+                 precision=cpu_precision, mem_used=used)
+    except (ConfigError, ModelError) as exc:
+        error = str(exc)
+        p = plan(limits, workers=None if w == "auto" else int(w), threads=threads, mem_used=used)
+    click.echo(render_doctor(limits, p, mem_used=used,
+                             devices=render_devices(facts, placement, error)))
+    if error is not None:
+        sys.exit(EXIT_USAGE)
 
 
 @main.group()
@@ -376,6 +411,8 @@ def cache_clear(cache_path: Path | None) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @model_opt
 @precision_opt
+@device_opt
+@cpu_workers_opt
 @long_text_opt
 @workers_opt
 @profile_opt
@@ -386,8 +423,8 @@ def cache_clear(cache_path: Path | None) -> None:
 @click.option("--max-request-bytes", default="16M", show_default=True)
 @click.option("--max-queue-tokens", type=click.IntRange(1), default=2_000_000, show_default=True,
               help="Queued tokens above which requests get 429 + Retry-After.")
-@click.option("--batch-tokens", type=click.IntRange(16), default=_default_batch_tokens,
-              show_default="768")
+@click.option("--batch-tokens", type=click.IntRange(16), default=None,
+              show_default="768 on the CPU, the GPU's budget on a GPU")
 @click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
               help="How long the batcher gathers requests into one batch.")
 @click.option("--served-model-name", multiple=True, help="Extra model name clients may send.")
@@ -399,19 +436,26 @@ def cache_clear(cache_path: Path | None) -> None:
               help="ray: one endpoint in front of Ray actors (--workers N: N actors).")
 @click.option("--ray-address", default=None,
               help="Ray cluster address (default: RAY_ADDRESS or a private local Ray).")
-def serve(host: str, port: int, model: str, precision: str, long_text: str, workers: str,
+def serve(host: str, port: int, model: str, precision: str, device: str,
+          cpu_workers: int | None, long_text: str, workers: str,
           profile: str, max_memory: str | None, api_key: str | None, max_items: int,
-          max_request_bytes: str, max_queue_tokens: int, batch_tokens: int, max_wait_ms: float,
+          max_request_bytes: str, max_queue_tokens: int, batch_tokens: int | None,
+          max_wait_ms: float,
           served_model_name: tuple[str, ...], request_timeout: float, cache_path: Path | None,
           no_cache: bool, log_level: str, backend: str, ray_address: str | None) -> None:
     """Serve an OpenAI-compatible embeddings API (POST /v1/embeddings) on the worker pool."""
-    from embedpool.engine import EngineSpec
     from embedpool.models import resolve_model
+    from embedpool.placement import place, start_executor
     from embedpool.server import ServerSettings, run_server
 
     w, pool_opts = _pool_args(workers, None, profile, max_memory)
     try:
         actors = _ray_actors(backend, ray_address, workers, pool_opts)
+        resolved = resolve_model(model)
+        # the device and precision once: the server batches up to the device's budget
+        placement = place(resolved, device=device, precision=precision, cpu_workers=cpu_workers,
+                          batch_tokens=batch_tokens, backend=backend)
+        precision, batch_tokens = placement.precision, placement.batch_tokens
         settings = ServerSettings(
             host=host, port=port, model=model, precision=precision,  # type: ignore[arg-type]
             long_text=long_text, api_key=api_key,  # type: ignore[arg-type]
@@ -419,8 +463,8 @@ def serve(host: str, port: int, model: str, precision: str, long_text: str, work
             max_request_bytes=parse_bytes(max_request_bytes, what="--max-request-bytes"),
             max_queue_tokens=max_queue_tokens, batch_tokens=batch_tokens,
             max_wait_ms=max_wait_ms, served_model_names=served_model_name,
-            request_timeout_s=request_timeout, log_level=log_level)
-        resolved = resolve_model(model)
+            request_timeout_s=request_timeout, log_level=log_level,
+            max_batch_items=placement.max_batch_items)
     except (ConfigError, ModelError) as exc:
         _fail(str(exc), EXIT_USAGE)
     hook = None
@@ -436,23 +480,16 @@ def serve(host: str, port: int, model: str, precision: str, long_text: str, work
             _fail(str(exc), EXIT_USAGE)
 
     def pool_factory() -> Any:
-        from embedpool.pool.pool import Pool, pool_config_for
-
-        if w is None:
-            from embedpool.executor import InProcessExecutor
-
-            return InProcessExecutor(EngineSpec(resolved, precision, _cores()).build)  # type: ignore[arg-type]
-        cfg = pool_config_for(workers=w, batch_tokens=batch_tokens,
-                              precision=precision, **pool_opts)  # type: ignore[arg-type]
-        return Pool(EngineSpec(resolved, precision, 1), cfg)  # type: ignore[arg-type]
+        return start_executor(resolved, placement, workers=w, pool_options=pool_opts)
 
     factory: Any = pool_factory
     if backend == "ray":
+        from embedpool.engine import EngineSpec
         from embedpool.server.on_ray import ray_executor_factory
 
-        factory = ray_executor_factory(EngineSpec(resolved, precision, 1),  # type: ignore[arg-type]
+        factory = ray_executor_factory(EngineSpec(resolved, placement.precision, 1),
                                        address=ray_address, actors=actors,
-                                       batch_tokens=batch_tokens)
+                                       batch_tokens=placement.batch_tokens)
     try:
         run_server(settings, factory, cache=hook)
     except (ConfigError, ModelError) as exc:  # raised while starting: a bad --ray-address

@@ -356,10 +356,15 @@ def decide_device(request: DeviceRequest, facts: DeviceFacts) -> DevicePlan:
         if request.kind == "cuda":
             raise DeviceError(f"--device {request}: {message}"
                               + (f"; also: {clash}" if clash else ""), what)
-        return DevicePlan("cpu", (), f"auto: {message}", request, notes)
+        return DevicePlan("cpu", (), f"auto: {_AUTO_CPU_REASON[what]}", request, notes)
     gpus = facts.gpus if request.index is None else (facts.gpus[request.index],)
     why = "requested" if request.kind == "cuda" else f"auto: {ORT_GPU} and a GPU are present"
     return DevicePlan("cuda", gpus, why, request, notes)
+
+
+#: auto's quiet reason for the CPU, in the summary and the doctor (cuda gets the whole story).
+_AUTO_CPU_REASON: dict[Missing, str] = {"package": f"{ORT_GPU} not installed",
+                                        "driver": "no NVIDIA driver", "device": "no GPU visible"}
 
 
 def _missing(request: DeviceRequest, facts: DeviceFacts) -> tuple[Missing, str] | None:

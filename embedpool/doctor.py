@@ -1,22 +1,70 @@
 """``embedpool doctor``: what embedpool detected about this machine and what it will do.
 
-``render_doctor(limits, plan)`` is a pure function to plain text (the CLI prints it; tests
-compare it), so the report is exactly what the pool will use, never a second guess::
+``render_doctor(limits, plan)`` and ``render_devices(facts, placement)`` are pure functions to
+plain text (the CLI prints them; tests compare them), so the report is exactly what the pool
+will use, never a second guess::
 
     limits = detect_limits(max_memory=..., profile=..., cpus=...)
-    print(render_doctor(limits, plan(limits, workers=..., mem_used=memory_used(limits))))
+    devices = render_devices(detect_facts(...), place(model, device=...))
+    print(render_doctor(limits, plan(limits, ...), mem_used=..., devices=devices))
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from embedpool.config import format_bytes
+from embedpool.device import DeviceFacts
 from embedpool.pool.machine import Limits
 from embedpool.pool.scaling import LOOKAHEAD_STEPS, SAMPLE_INTERVAL_S, Plan
 
+if TYPE_CHECKING:
+    from embedpool.placement import Placement
 
-def render_doctor(limits: Limits, plan: Plan, *, mem_used: int | None = None) -> str:
+
+def render_devices(facts: DeviceFacts, placement: Placement | None,
+                   error: str | None = None) -> list[str]:
+    """The device part of the report: the ONNX Runtime packages, the driver, every GPU with
+    its memory, where the model would run, and the GPU plan (or the error that stops it)."""
+    dists = ", ".join(f"{n} {v}" for n, v in facts.distributions) or "none installed"
+    lines = [f"  onnxruntime {dists}  (package metadata)"]
+    lines.append(f"  driver      NVIDIA {facts.driver}  (source: {facts.driver_source})"
+                 if facts.driver else "  driver      no NVIDIA driver (nvidia-smi, "
+                 "/proc/driver/nvidia, libcuda: none found)")
+    for g in facts.gpus:
+        free = format_bytes(g.memory_free) if g.memory_free is not None else "unknown"
+        total = format_bytes(g.memory_total) if g.memory_total else "unknown"
+        lines.append(f"  gpu {g.index}       {g.name}: {total} total, {free} free"
+                     + (f"  (nvidia-smi index {g.smi_index})" if g.smi_index != g.index else ""))
+    if facts.all_gpus > len(facts.gpus):
+        lines.append(f"  hidden      {facts.all_gpus - len(facts.gpus)} GPU(s) not in "
+                     f"CUDA_VISIBLE_DEVICES={facts.cuda_visible_devices!r}")
+    if error is not None:
+        lines.append(f"  device      error: {error}")
+        return lines
+    if placement is None:
+        return lines
+    lines.append(f"  device      {placement.describe()}")
+    d = placement.devices
+    if d is not None:
+        for w in d.gpu_workers:
+            cap = format_bytes(w.mem_limit) if w.mem_limit is not None else "none"
+            lines.append(f"  gpu plan    cuda:{w.index}: 1 worker, {w.batch_tokens} padded tokens "
+                         f"per batch, ORT arena cap {cap}")
+        lines.append(f"  gpu plan    {d.cpu_workers} CPU worker(s) alongside, {d.parent_cores} "
+                     f"core(s) for the parent (tokenising) of {d.cpus}; job batches of "
+                     f"{placement.batch_tokens} tokens, {placement.max_batch_items} items")
+        lines += [f"    - {r}" for r in d.reasons]
+    lines += [f"  note        {n}" for n in placement.device.notes]
+    return lines
+
+
+def render_doctor(limits: Limits, plan: Plan, *, mem_used: int | None = None,
+                  devices: Sequence[str] = ()) -> str:
     """The doctor's report: cores, memory, profile (each with its source), the planned
-    workers x threads, batch budget, thresholds, and every reason behind them."""
+    workers x threads, batch budget, thresholds, and every reason behind them; ``devices``:
+    the lines of ``render_devices``."""
     p = plan.policy
     lines = [
         "embedpool doctor",
@@ -53,6 +101,7 @@ def render_doctor(limits: Limits, plan: Plan, *, mem_used: int | None = None) ->
                      f"{limits.memory_cgroup.path}")
     if limits.cpu_cgroup is not None:
         lines.append(f"  cgroup      cpu v{limits.cpu_cgroup.version} at {limits.cpu_cgroup.path}")
+    lines += list(devices)
     lines.append("why:")
     lines += [f"  - {r}" for r in plan.reasons]
     lines += [f"  - note: {n}" for n in limits.notes]

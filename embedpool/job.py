@@ -28,8 +28,6 @@ import numpy as np
 
 from embedpool import events
 from embedpool.batching import (
-    DEFAULT_BATCH_TOKENS,
-    DEFAULT_MAX_BATCH_ITEMS,
     dedupe,
     plan_batches,
 )
@@ -49,8 +47,9 @@ log = logging.getLogger(__name__)
 #: Items prepared, batched and assembled together. Larger windows sort better (less padding)
 #: but hold more vectors and tokens in memory: 8192 x 384 floats is 12 MB.
 WINDOW_ITEMS = 8192
-#: Default precision: int8 meets the quality bar (README "Precision") at about twice fp32's speed.
-DEFAULT_PRECISION: Precision = "int8"
+#: Default precision: "auto" is int8 on the CPU, which meets the quality bar (README
+#: "Precision") at about twice fp32's speed, and fp16 on a GPU (placement.precision_for).
+DEFAULT_PRECISION = "auto"
 
 
 @dataclass
@@ -77,6 +76,8 @@ class JobReport:
     seconds: float = 0.0
     interrupted: bool = False
     peak_rss: int = 0
+    #: Where the model ran and in which precision, and any fallback (placement, devices).
+    device: str = ""
 
     @property
     def chunks_per_s(self) -> float:
@@ -91,7 +92,8 @@ class JobReport:
                 "empty": self.empty, "tokens": self.tokens, "cache_hits": self.cache_hits,
                 "inferred": self.inferred, "errors": self.errors,
                 "seconds": round(self.seconds, 3), "chunks_per_s": round(self.chunks_per_s, 2),
-                "peak_rss_bytes": self.peak_rss, "interrupted": self.interrupted}
+                "peak_rss_bytes": self.peak_rss, "interrupted": self.interrupted,
+                "device": self.device}
 
 
 @dataclass(frozen=True)
@@ -129,35 +131,48 @@ class Embedder:
 
     ``workers=None`` runs the engine in this process (no subprocesses: safe in any script);
     ``workers="auto"`` or an int runs the adaptive worker pool; ``backend="ray"`` runs Ray actors.
+    ``device`` is "auto" (a GPU when onnxruntime-gpu and one are present, else the CPU),
+    "cpu" or "cuda[:N]"; ``precision`` "auto" is int8 on the CPU and fp16 on a GPU;
+    ``cpu_workers`` adds CPU workers next to the GPUs (``placement``). ``batch_tokens`` and
+    ``max_batch_items`` default to the device's (a GPU's batches are much bigger).
     ``lazy=True`` starts the executor only when a text misses the cache, so a re-run over an
     unchanged corpus starts no model at all.
     """
 
     def __init__(self, model: str | Path | ResolvedModel = DEFAULT_MODEL, *,
-                 precision: Precision = DEFAULT_PRECISION, threads: int | None = None,
+                 precision: str = DEFAULT_PRECISION, threads: int | None = None,
                  workers: int | str | None = None, long_text: LongTextMode = "truncate",
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                 max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+                 batch_tokens: int | None = None, max_batch_items: int | None = None,
                  cache: VectorCache | None = None, backend: str = "local",
                  ray_address: str | None = None, pool_options: dict[str, Any] | None = None,
                  on_event: EventCallback | None = None, engine: Any = None,
-                 lazy: bool = False) -> None:
+                 lazy: bool = False, device: str = "auto",
+                 cpu_workers: int | None = None) -> None:
+        from embedpool.device import DevicePlan, parse_device
+        from embedpool.placement import place
+
         if long_text not in ("truncate", "window"):
             raise ConfigError(f"long_text must be 'truncate' or 'window', got {long_text!r}")
         if backend not in ("local", "ray"):
             raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
         self.model = model if isinstance(model, ResolvedModel) else resolve_model(model)
         check_batchable(self.model)
-        self.precision: Precision = precision
+        # a custom engine recipe (tests) runs where it says: no device detection for it
+        custom = (DevicePlan("cpu", (), "a custom engine", parse_device(device))
+                  if engine is not None else None)
+        self.placement = place(self.model, device=device, precision=precision,
+                               cpu_workers=cpu_workers, batch_tokens=batch_tokens,
+                               max_batch_items=max_batch_items, backend=backend, plan=custom)
+        self.precision: Precision = self.placement.precision
         self.long_text: LongTextMode = long_text
-        self.batch_tokens = batch_tokens
-        self.max_batch_items = max_batch_items
+        self.batch_tokens = self.placement.batch_tokens
+        self.max_batch_items = self.placement.max_batch_items
         self.cache = cache
         self.on_event = on_event
         self._emit = events.Emitter(on_event, log)  # a raising callback never aborts a job
         self.tokenizer = TextTokenizer.for_model(self.model)
-        self.fingerprint = self.model.fingerprint(precision, long_text,
-                                                  graph=graph_id(self.model, precision))
+        self.fingerprint = self.model.fingerprint(self.precision, long_text,
+                                                  graph=graph_id(self.model, self.precision))
         self.last_report = JobReport()
         self._engine_override = engine  # any spec with .build() (tests, custom engines)
         self._executor_args = (threads, workers, backend, ray_address, pool_options or {})
@@ -181,6 +196,11 @@ class Embedder:
         def spec(n_threads: int) -> Any:
             return self._engine_override or EngineSpec(self.model, self.precision, n_threads)
 
+        if backend == "local" and self._engine_override is None:
+            from embedpool.placement import start_executor
+
+            return start_executor(self.model, self.placement, workers=workers, threads=threads,
+                                  pool_options=pool_options, on_event=self.on_event)
         if backend == "ray":
             from embedpool.backends.ray import RayExecutor
 
@@ -237,6 +257,7 @@ class Embedder:
                        if k + 1 < len(starts) else None)
                 ok = self._execute(window, report, stop)
                 report.seconds = time.perf_counter() - t0
+                report.device = self.device
                 yield WindowResult(window.start, window.ids,
                                    window.unique_vectors[window.unique_index],
                                    ok[window.unique_index])
@@ -247,6 +268,14 @@ class Embedder:
                     report.interrupted = k + 1 < len(starts)
                     return
         report.seconds = time.perf_counter() - t0
+
+    @property
+    def device(self) -> str:
+        """Where the model runs, in one line: the device executor's members and fallbacks
+        once it runs, else the placement."""
+        describe = getattr(self._executor, "describe", None)
+        text = describe() if callable(describe) else self.placement.device.describe()
+        return f"{text}, {self.precision}"
 
     def close(self) -> None:
         if self._executor is not None:
@@ -328,7 +357,7 @@ class Embedder:
                 if w.seq_count[u] > 1:  # the mean of its windows, normalised if the model is
                     mean = sums[u] / w.seq_count[u]
                     w.unique_vectors[u] = l2_normalize(mean) if self.model.normalize else mean
-            self._cache_put(w, done)
+            self._cache_put(w, done, res.precision)
             done_so_far += len(done)
             self._emit(events.PROGRESS, done=done_so_far, total=report.chunks,
                        tokens=sum(w.seq_lens[i] for i in w.positions[res.batch_id]))
@@ -372,16 +401,23 @@ class Embedder:
                 done.append(u)
         return done
 
-    def _cache_put(self, w: _Window, done: list[int]) -> None:
+    def _cache_put(self, w: _Window, done: list[int], precision: str | None = None) -> None:
+        """Cache finished vectors under the fingerprint of the graph that made them: a batch
+        a device executor ran in another precision (CPU workers next to a GPU, a fallback)
+        is keyed by that precision, never by the job's."""
         if self.cache is None or not done or not w.unique_keys:
             return
-        self.cache.put_many(self.fingerprint,
-                            [(w.unique_keys[u], w.unique_vectors[u]) for u in done])
+        fingerprint = self.fingerprint
+        if precision is not None and precision != self.precision:
+            fingerprint = self.model.fingerprint(precision, self.long_text,
+                                                 graph=graph_id(self.model, precision))  # type: ignore[arg-type]
+        self.cache.put_many(fingerprint, [(w.unique_keys[u], w.unique_vectors[u]) for u in done])
 
 
 def embed(texts: Sequence[str], model: str | Path = DEFAULT_MODEL,
-          precision: Precision = DEFAULT_PRECISION, **kwargs: Any) -> Vectors:
-    """One-shot helper: load the model, embed, release. Use ``Embedder`` for repeated calls."""
-    with Embedder(model, precision=precision, **kwargs) as e:
+          precision: str = DEFAULT_PRECISION, device: str = "auto", **kwargs: Any) -> Vectors:
+    """One-shot helper: load the model, embed, release. Use ``Embedder`` for repeated calls.
+    ``device``: "auto", "cpu" or "cuda[:N]" (see ``Embedder``)."""
+    with Embedder(model, precision=precision, device=device, **kwargs) as e:
         return e.embed(texts)
 

@@ -38,7 +38,7 @@ PLAIN_INTERVAL_S = 5.0
 #: Events worth a line for a person; the rest (ready, start, stop, status) go to --log-json.
 SHOWN_EVENTS = frozenset({"scale", "emergency", "worker_death", "retry", "split", "poison_item",
                           "recycle", "worker_hung_warning", "worker_hung_kill", "pool_broken",
-                          "worker_start_failed"})
+                          "worker_start_failed", "device_fallback"})
 #: RSS sampling period: fast enough to catch a batch's peak (batches take ~50-500 ms).
 RSS_INTERVAL_S = 0.1
 #: How often the tracker re-lists the process tree. Listing descendants makes psutil read
@@ -209,5 +209,7 @@ def _clock(seconds: float) -> str:
 
 def _describe(event: Event) -> str:
     kind = event.get("event", "event")
+    if kind == "device_fallback":  # one line that says it all
+        return f"[{kind}] {event.get('message', '')}"
     rest = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "ts"))
     return f"[{kind}] {rest}"

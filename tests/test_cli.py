@@ -187,5 +187,44 @@ def test_models_and_doctor_commands() -> None:
     assert "all-MiniLM-L6-v2" in res.stdout and "bundled" in res.stdout and "384" in res.stdout
     doc = run_cli("doctor")
     assert doc.returncode == 0
-    for word in ("cores", "memory", "profile", "workers", "batch"):
+    for word in ("cores", "memory", "profile", "workers", "batch", "onnxruntime", "driver",
+                 "device"):
         assert word in doc.stdout
+
+
+def _no_gpu_package() -> bool:
+    from embedpool.device import installed_ort_distributions
+
+    return all(n != "onnxruntime-gpu" for n, _ in installed_ort_distributions())
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["embed", "--device", "cuda"], "--device cuda: onnxruntime-gpu is not installed (the CPU "
+                                    "package onnxruntime"),
+    (["embed", "--device", "cuda:3", "--no-cache"], "--device cuda:3: onnxruntime-gpu is not"),
+    (["bench", "--device", "cuda", "--chunks", "5"], "--device cuda: onnxruntime-gpu"),
+    (["serve", "--device", "cuda", "--port", "0"], "--device cuda: onnxruntime-gpu"),
+    (["doctor", "--device", "cuda"], "device      error: --device cuda: onnxruntime-gpu"),
+    (["embed", "--precision", "fp16", "--no-cache"], "precision fp16 runs on a GPU only"),
+    (["embed", "--cpu-workers", "2", "--no-cache"], "--cpu-workers adds CPU workers next to a GPU"),
+    (["embed", "--device", "tpu"], "device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+])
+def test_a_device_that_is_not_there_fails_at_once_with_exit_2(small: Path, tmp_path: Path,
+                                                              args: list[str], says: str) -> None:
+    """No GPU here (nor in CI): --device cuda names what is missing and nothing starts."""
+    assert _no_gpu_package(), "this test expects a machine without onnxruntime-gpu"
+    cmd = list(args)
+    if cmd[0] == "embed":
+        cmd[1:1] = [str(small), "--out", str(tmp_path / "out.jsonl")]
+    res = run_cli(*cmd, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert says in res.stderr + res.stdout
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_summary_says_which_device(small: Path, tmp_path: Path) -> None:
+    res = run_cli("embed", str(small), "--out", str(tmp_path / "o.npy"), "--workers", "0",
+                  "--no-cache", "-q")
+    assert res.returncode == 0, res.stderr
+    assert "device cpu (auto: onnxruntime-gpu not installed), int8" in res.stderr

@@ -157,7 +157,9 @@ def test_decide_device(request_text: str, facts: DeviceFacts, kind: str,
 
 def test_auto_on_cpu_says_why_in_one_line() -> None:
     plan = decide_device(DeviceRequest("auto"), _facts(dists=CPU_ORT))
-    assert plan.describe().startswith("cpu (auto: onnxruntime-gpu is not installed")
+    assert plan.describe() == "cpu (auto: onnxruntime-gpu not installed)"
+    assert decide_device(DeviceRequest("auto"), _facts(driver=None, gpus=())).describe() == \
+        "cpu (auto: no NVIDIA driver)"
     plan = decide_device(DeviceRequest("auto"), _facts(gpus=(H200, A10)))
     assert plan.describe() == ("cuda:0 NVIDIA H200, cuda:1 NVIDIA A10 (auto: onnxruntime-gpu "
                                "and a GPU are present)")

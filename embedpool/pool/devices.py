@@ -338,13 +338,15 @@ class DeviceExecutor:
 
 
 def start(gpus: Sequence[PoolRecipe], *, cpu: PoolRecipe | None = None,
-          fallback: PoolRecipe | None = None, strict: bool = False,
-          on_event: EventCallback | None = None) -> DeviceExecutor:
+          fallback: PoolRecipe | None = None, start_fallback: PoolRecipe | None = None,
+          strict: bool = False, on_event: EventCallback | None = None) -> DeviceExecutor:
     """Start the GPU pools side by side (and ``cpu`` alongside), then the device executor.
 
     A GPU whose CUDA provider does not load is dropped with a note, or, when ``strict``
-    (``--device cuda``), fails the start with ``DeviceError``; with no GPU left, ``fallback``
-    is started at once. Any other start failure raises, and closes what had started."""
+    (``--device cuda``), fails the start with ``DeviceError``; with no GPU left,
+    ``start_fallback`` (default: ``fallback``) is started at once. ``fallback`` is what a
+    GPU lost later falls back to. Any other start failure raises, and closes what had
+    started."""
     started: list[Member] = []
     notes: list[str] = []
     recipes = list(gpus) + ([cpu] if cpu is not None else [])
@@ -366,11 +368,12 @@ def start(gpus: Sequence[PoolRecipe], *, cpu: PoolRecipe | None = None,
                 raise DeviceError(f"--device {r.name.split()[0]}: {why}", "package") from err
             notes.append(f"auto: {r.name} not used: {why}")
         if len(errors) == len(gpus):  # no GPU started
-            if fallback is None:
+            now = start_fallback or fallback
+            if now is None:
                 raise DeviceError("no GPU could be used: " + "; ".join(notes), "device")
-            started.append(fallback.start(on_event))
+            started.append(now.start(on_event))
             fallback = None
-            notes.append("running on the CPU")
+            notes.append("running on the CPU" + (f" ({now.precision})" if now.precision else ""))
     except BaseException:
         for m in started:
             with contextlib.suppress(Exception):

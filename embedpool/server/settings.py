@@ -52,7 +52,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.port <= 65535, "port", self.port),
-            (self.precision in ("fp32", "int8"), "precision", self.precision),
+            (self.precision in ("fp32", "int8", "fp16"), "precision", self.precision),
             (self.long_text in ("truncate", "window"), "long_text", self.long_text),
             (self.max_items_per_request >= 1, "max_items_per_request", self.max_items_per_request),
             (self.max_request_bytes >= 1024, "max_request_bytes", self.max_request_bytes),

@@ -1,0 +1,216 @@
+"""Where a job's model runs: --device, --precision and --cpu-workers resolved once, and the
+executor that runs there.
+
+::
+
+    place(model, device="auto", precision="auto", cpu_workers=None, batch_tokens=None)
+        device.resolve_device ──> DevicePlan (cpu, or the GPUs)        DeviceError: exit 2
+        precision_for         ──> int8 on the CPU, fp16 on a GPU (fp32 runs on both)
+        gpuplan.plan_devices  ──> per GPU: budget and arena cap; CPU workers alongside
+        = Placement (the job's batch size, the summary line)
+
+    start_executor(model, placement, workers=..., ...)
+        cpu   workers None: in-process; else the adaptive Pool (as before)
+        cuda  workers None: in-process on the first GPU; else pool/devices.start: one pool per
+              GPU, the CPU workers asked for, and a CPU pool to fall back on
+
+What runs where on a GPU machine: the parent tokenises and plans batches (on every core it
+has: tokenizers' own thread pool), one worker per GPU runs the model in fp16, CPU workers
+run only when ``cpu_workers`` asks for them (in fp32, the precision fp16 is checked against,
+so one job's vectors stay within its tolerance), and a lost GPU's batches move to a CPU pool
+(fp32 too). ``auto`` with a GPU whose CUDA provider does not load runs on the CPU in int8,
+as on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from embedpool.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS
+from embedpool.device import DeviceError, DevicePlan, DeviceRequest, resolve_device
+from embedpool.errors import ConfigError
+from embedpool.executor import Executor
+from embedpool.models import ResolvedModel
+from embedpool.pool.gpuplan import (
+    GPU_MAX_BATCH_ITEMS,
+    DevicesPlan,
+    GpuInput,
+    ModelShape,
+    plan_devices,
+)
+from embedpool.types import EventCallback, Precision
+
+log = logging.getLogger(__name__)
+
+PRECISIONS: tuple[str, ...] = ("auto", "int8", "fp32", "fp16")
+
+
+def graph_precisions() -> tuple[str, ...]:
+    """The precisions this embedpool's graph builder makes (fp16 where graph/ has it)."""
+    from embedpool import graph
+
+    return tuple(getattr(graph, "GRAPH_PRECISIONS", ("fp32", "int8")))
+
+
+def precision_for(requested: str, kind: str, available: tuple[str, ...]) -> Precision:
+    """The precision to run: ``auto`` is int8 on the CPU and fp16 on a GPU (fp32 where the
+    graph builder has no fp16); an explicit one must run on the device. Pure."""
+    if requested not in PRECISIONS:
+        raise ConfigError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        if kind == "cpu":
+            return "int8"
+        return "fp16" if "fp16" in available else "fp32"
+    if requested == "int8" and kind != "cpu":
+        raise ConfigError("precision int8 runs on the CPU only; on a GPU use fp16 (the default "
+                          "there) or fp32, or --device cpu")
+    if requested == "fp16" and kind == "cpu":
+        raise ConfigError("precision fp16 runs on a GPU only; on the CPU use int8 (the default "
+                          "there) or fp32")
+    if requested not in available:
+        raise ConfigError(f"precision {requested}: this embedpool's graph builder makes only "
+                          f"{', '.join(available)}")
+    return requested  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model runs and with which numbers (see the module docstring)."""
+
+    device: DevicePlan
+    precision: Precision
+    #: The GPU plan (cuda only): budgets per GPU, CPU workers alongside, the parent's cores.
+    devices: DevicesPlan | None
+    #: The job's batch size in padded tokens and items (a GPU's batches are much bigger).
+    batch_tokens: int
+    max_batch_items: int
+    #: What auto or the request asked for, for the fallbacks.
+    request: DeviceRequest
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.kind == "cuda"
+
+    def describe(self) -> str:
+        """The summary's device line: the device, the precision and why."""
+        extra = ""
+        if self.devices is not None and self.devices.cpu_workers:
+            extra = f" + {self.devices.cpu_workers} CPU worker(s) in fp32"
+        return f"{self.device.describe()}{extra}, {self.precision}"
+
+
+def model_shape(model: ResolvedModel, precision: str) -> ModelShape:
+    """The GPU budget's view of a model: its config's widths and its weights' size."""
+    try:
+        size = model.weights_path.stat().st_size
+    except OSError:
+        size = 0
+    return ModelShape.of(model.config, model.max_length, size, precision)
+
+
+def place(model: ResolvedModel, *, device: str | DeviceRequest = "auto",
+          precision: str = "auto", cpu_workers: int | None = None,
+          batch_tokens: int | None = None, max_batch_items: int | None = None,
+          backend: str = "local", cpus: int | None = None,
+          plan: DevicePlan | None = None) -> Placement:
+    """Resolve the device, the precision and the GPU plan (DeviceError/ConfigError: exit 2).
+    ``plan`` skips detection (tests, and callers that resolved it already)."""
+    request_plan = plan or resolve_device(device)
+    for note in request_plan.notes:
+        log.warning("embedpool: %s", note)
+    if backend != "local" and request_plan.kind == "cuda":
+        if request_plan.request.kind == "cuda":
+            raise DeviceError(f"--device {request_plan.request}: the {backend} backend runs its "
+                              "actors on the CPU; use --backend local for a GPU", "device")
+        request_plan = DevicePlan("cpu", (), f"auto: the {backend} backend runs on the CPU",
+                                  request_plan.request, request_plan.notes)
+    chosen = precision_for(precision, request_plan.kind, graph_precisions())
+    devices: DevicesPlan | None = None
+    if request_plan.kind == "cuda":
+        n_cpus = cpus or _usable_cpus()
+        try:
+            devices = plan_devices(n_cpus, [GpuInput(g.index, g.name, g.memory_free)
+                                            for g in request_plan.gpus],
+                                   model_shape(model, chosen), cpu_workers=cpu_workers)
+        except ConfigError as exc:
+            if request_plan.request.kind == "cuda":
+                raise DeviceError(f"--device {request_plan.request}: {exc}", "device") from exc
+            request_plan = DevicePlan("cpu", (), f"auto: {exc}", request_plan.request,
+                                      request_plan.notes)
+            chosen = precision_for(precision, "cpu", graph_precisions())
+    elif cpu_workers:
+        raise ConfigError("--cpu-workers adds CPU workers next to a GPU; on the CPU alone use "
+                          "--workers")
+    if devices is not None:
+        bt = batch_tokens or devices.batch_tokens
+        items = max_batch_items or GPU_MAX_BATCH_ITEMS
+    else:
+        bt = batch_tokens or DEFAULT_BATCH_TOKENS
+        items = max_batch_items or DEFAULT_MAX_BATCH_ITEMS
+    return Placement(request_plan, chosen, devices, bt, items, request_plan.request)
+
+
+def _usable_cpus() -> int:
+    from embedpool.pool.limits import detect_limits
+
+    return detect_limits().cpus
+
+
+def start_executor(model: ResolvedModel, placement: Placement, *, workers: int | str | None,
+                   threads: int | None = None, pool_options: dict[str, Any] | None = None,
+                   on_event: EventCallback | None = None) -> Executor:
+    """The executor for ``placement`` (see the module docstring)."""
+    from embedpool.engine import EngineSpec, usable_cores
+    from embedpool.executor import InProcessExecutor
+    from embedpool.pool.pool import pool_config_for
+
+    options = dict(pool_options or {})
+    if not placement.on_gpu:
+        spec = EngineSpec(model, placement.precision, threads or 1)
+        if workers is None:
+            return InProcessExecutor(EngineSpec(model, placement.precision,
+                                                threads or usable_cores()), on_event=on_event)
+        from embedpool.pool.pool import Pool
+
+        cfg = pool_config_for(workers=workers, threads=threads,
+                              batch_tokens=placement.batch_tokens,
+                              precision=placement.precision, **options)
+        return Pool(spec, cfg, on_event=on_event)
+    assert placement.devices is not None
+    gpus = placement.devices.gpu_workers
+    if workers is None:  # in this process, on the first GPU
+        g = gpus[0]
+        return InProcessExecutor(EngineSpec(model, placement.precision, 1, f"cuda:{g.index}",
+                                            g.mem_limit), on_event=on_event)
+    from embedpool.pool import devices
+    from embedpool.pool.devices import PoolRecipe
+
+    recipes = [PoolRecipe(f"cuda:{g.index} {g.name}",
+                          EngineSpec(model, placement.precision, 1, f"cuda:{g.index}",
+                                     g.mem_limit),
+                          pool_config_for(workers=1, threads=1, batch_tokens=g.batch_tokens,
+                                          precision=placement.precision,
+                                          device=f"cuda:{g.index}", **options))
+               for g in gpus]
+    cpu_precision: Precision = "fp32"
+    cpu = None
+    if placement.devices.cpu_workers:
+        cpu = PoolRecipe("cpu", EngineSpec(model, cpu_precision, 1),
+                         pool_config_for(workers=placement.devices.cpu_workers,
+                                         threads=placement.devices.cpu_threads,
+                                         precision=cpu_precision, **options),
+                         precision=None if placement.precision == cpu_precision else cpu_precision)
+
+    def cpu_pool(precision: Precision) -> PoolRecipe:
+        return PoolRecipe("cpu", EngineSpec(model, precision, 1),
+                          pool_config_for(workers=workers, precision=precision, **options),
+                          precision=None if placement.precision == precision else precision)
+
+    # a GPU lost mid-job: fp32, within fp16's tolerance of the vectors already made; no GPU
+    # usable at the start (auto): int8, what this machine runs without a GPU
+    return devices.start(recipes, cpu=cpu, fallback=cpu_pool("fp32"),
+                         start_fallback=None if placement.request.kind == "cuda"
+                         else cpu_pool("int8"),
+                         strict=placement.request.kind == "cuda", on_event=on_event)
