@@ -224,11 +224,15 @@ def report(directory: str) -> None:
                          f"{v['cos_min']:.6f} ({'meets' if v['meets_0.999'] else 'MISSES'} 0.999)")
         elif v is not None:
             lines.append(f"vectors cuda {p}: {str(v.get('error', v))[:300]}")
+    for where in ("gpu", "cpu"):
+        run = steps.get(f"embedpool_{where}", {})
+        if "chunks_per_s" in run:
+            rss = run["peak_tree_rss_bytes"]
+            lines.append(f"embedpool {where}: {run['chunks_per_s']:.1f} chunks/s over "
+                         f"{run.get('chunks', '?')} chunks, tree RSS peak {rss / 2**30:.2f} GiB "
+                         f"({'<=' if rss <= 2**30 else '>'} 1 GiB)"
+                         + (f"; FELL BACK: {run['fallbacks']}" if run.get("fallbacks") else ""))
     ours, st = steps.get("embedpool_gpu", {}), steps.get("st_gpu", {})
-    if "chunks_per_s" in ours:
-        lines.append(f"embedpool gpu: {ours['chunks_per_s']:.1f} chunks/s, tree RSS peak "
-                     f"{ours['peak_tree_rss_bytes'] / 2**30:.2f} GiB "
-                     f"({'<=' if ours['peak_tree_rss_bytes'] <= 2**30 else '>'} 1 GiB)")
     if "chunks_per_s" in st:
         lines.append(f"sentence-transformers fp16 b256: {st['chunks_per_s']:.1f} chunks/s")
     if "chunks_per_s" in ours and "chunks_per_s" in st:

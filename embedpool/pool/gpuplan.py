@@ -42,11 +42,12 @@ GiB = 1024 * MiB
 
 #: Single-threaded workers one parent core keeps fed. Measured with
 #: benchmarks/tokenize_rate.py on a 2-core AMD EPYC (AVX2, no AVX-512; other jobs kept it at a
-#: load of ~10): the job's prepare step (dedupe, tokenise, plan) ran 119,885 tokens/s on one
-#: core, one int8 worker (1 thread) 813 tokens/s on the same machine: one parent core per ~147
-#: workers. A third of that is kept: the parent also dispatches every batch, unpickles every
-#: result and writes the cache, which that probe does not count. Smaller: fewer workers on
-#: big machines; larger: workers waiting for tokens at 100+ cores.
+#: load of ~10, so only the ratio means anything), twice: the job's prepare step (dedupe,
+#: tokenise, plan) ran 119,885 and 75,255 tokens/s on one core, one int8 worker (1 thread)
+#: 813 and 883 tokens/s: one parent core per ~85-147 workers. About half the lower figure is
+#: kept: the parent also dispatches every batch, unpickles every result and writes the
+#: cache, which that probe does not count. Smaller: fewer workers on big machines; larger:
+#: workers waiting for tokens at 100+ cores.
 PARENT_WORKERS_PER_CORE = 48
 #: Cores one GPU worker takes (see the module docstring).
 GPU_WORKER_CORES = 1
