@@ -15,15 +15,17 @@
 # one records its error and the others still run.
 #   --cpu-only    skip everything that needs a GPU or torch (what CI's machines can run)
 #   --quick       small sizes (seconds, not minutes): a dry run of the script itself
-#   --skip-setup  use the .venv as it is
+#   --skip-setup  use the .venv (and $WORK/st-venv) as they are
+#   --setup-only  only the setup: with --skip-setup next, the two fit two 10-minute calls
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CPU_ONLY=0 QUICK=0 SETUP=1
+CPU_ONLY=0 QUICK=0 SETUP=1 SETUP_ONLY=0
 for arg in "$@"; do
   case "$arg" in
     --cpu-only) CPU_ONLY=1 ;;
     --quick) QUICK=1 ;;
     --skip-setup) SETUP=0 ;;
+    --setup-only) SETUP_ONLY=1 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -100,6 +102,11 @@ if [ "$SETUP" = 1 ]; then
   fi
   step setup 900 scripts/setup "$extras"
 fi
+if [ "$SETUP_ONLY" = 1 ]; then
+  if [ -n "${ST_PID:-}" ]; then wait "$ST_PID"; cat "$OUT/logs/setup_st.outer"; fi
+  echo "setup took $(( $(date +%s) - started )) s"
+  exit 0
+fi
 step doctor 120 .venv/bin/embedpool doctor --device "$([ "$CPU_ONLY" = 1 ] && echo cpu || echo auto)"
 cp "$OUT/logs/doctor.log" "$OUT/doctor.txt" 2>/dev/null
 step corpus 300 $P benchmarks/gpu_check.py corpus "$CHUNKS" "$WORK/corpus.json"
@@ -117,6 +124,7 @@ if [ "$CPU_ONLY" = 0 ]; then
   step embedpool_gpu 900 $P benchmarks/gpu_check.py embedpool "$OUT/steps/embedpool_gpu.json" \
     "$WORK/corpus.json" cuda --workers auto
   if [ -n "${ST_PID:-}" ]; then wait "$ST_PID"; cat "$OUT/logs/setup_st.outer"; fi
+  [ -x "$WORK/st-venv/bin/python" ] || step setup_st 900 setup_st
   step st_gpu 900 "$WORK/st-venv/bin/python" benchmarks/gpu_check.py st "$OUT/steps/st_gpu.json" \
     "$WORK/corpus.json"
 else

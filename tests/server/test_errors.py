@@ -230,7 +230,7 @@ def test_settings_validation() -> None:
     from embedpool.errors import ConfigError
     from embedpool.server import ServerSettings
 
-    for bad in ({"port": 70000}, {"precision": "fp16"}, {"long_text": "cut"},
+    for bad in ({"port": 70000}, {"precision": "bf16"}, {"long_text": "cut"},
                 {"max_items_per_request": 0}, {"max_wait_ms": -1}, {"max_inflight_batches": 0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             ServerSettings(**bad)
