@@ -30,7 +30,7 @@ from typing import Any
 
 from embedpool.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS
 from embedpool.device import DeviceError, DevicePlan, DeviceRequest, resolve_device
-from embedpool.errors import ConfigError
+from embedpool.errors import ConfigError, ModelError
 from embedpool.executor import Executor
 from embedpool.models import ResolvedModel
 from embedpool.pool.gpuplan import (
@@ -102,10 +102,16 @@ class Placement:
 
 
 def model_shape(model: ResolvedModel, precision: str) -> ModelShape:
-    """The GPU budget's view of a model: its config's widths and its weights' size."""
+    """The GPU budget's view of a model: its config's widths and its weights' size, counted
+    as the pool's host-memory estimate counts them (``graph.families.model_memory``: the
+    safetensors headers, every shard of a sharded checkpoint); a shipped ONNX file, which
+    embedpool does not build, by its size on disk."""
+    from embedpool.graph.families import model_memory
+
     try:
-        size = model.weights_path.stat().st_size
-    except OSError:
+        memory = model_memory(model, "fp32")
+        size = memory.weights if memory is not None else model.weights_path.stat().st_size
+    except (ModelError, OSError):
         size = 0
     return ModelShape.of(model.config, model.max_length, size, precision)
 

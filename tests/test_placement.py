@@ -123,3 +123,31 @@ def test_doctor_shows_the_gpus_their_memory_the_driver_and_the_plan() -> None:
     error = render_devices(DeviceFacts(), None, "--device cuda: no NVIDIA driver found")
     assert error[-1] == "  device      error: --device cuda: no NVIDIA driver found"
     assert "no NVIDIA driver" in error[1]
+
+
+def test_the_model_shape_counts_every_shard(tmp_path: Path) -> None:
+    """The weights of a sharded checkpoint are those of every shard its index lists, as the
+    pool's memory estimate counts them; unsharded, about the file's size."""
+    import dataclasses
+    import json
+
+    from safetensors.numpy import save_file
+
+    from embedpool.placement import model_shape
+
+    m = resolve_model()
+    shards: dict[str, dict[str, np.ndarray]] = {
+        "model-00001-of-00002.safetensors": {"a.weight": np.zeros((10, 30), np.float32)},
+        "model-00002-of-00002.safetensors": {"b.weight": np.zeros((5, 8), np.float16),
+                                             "b.bias": np.zeros(8, np.float32)}}
+    for file, tensors in shards.items():
+        save_file(tensors, str(tmp_path / file))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {
+        k: file for file, tensors in shards.items() for k in tensors}}))
+    sharded = dataclasses.replace(m, weights_path=index)
+    elements = 10 * 30 + 5 * 8 + 8
+    assert model_shape(sharded, "fp32").weight_bytes == 4 * elements  # fp16 widened, as loaded
+    assert model_shape(sharded, "fp16").weight_bytes == 2 * elements
+    on_disk = m.weights_path.stat().st_size
+    assert 0.99 * on_disk <= model_shape(m, "fp32").weight_bytes <= on_disk
