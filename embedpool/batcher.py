@@ -116,6 +116,7 @@ class _Request:
     owner: list[int]
     n_items: int
     future: Future[Vectors] = field(default_factory=Future)
+    prompt_length: int = 0  # of every sequence: one request has one prompt
     rows: Vectors | None = None
     remaining: int = 0
 
@@ -199,8 +200,11 @@ class MicroBatcher:
         self._thread.start()
 
     # ------------------------------------------------------------------ public facade
-    def submit(self, sequences: Sequence[TokenIds], owner: Sequence[int], n_items: int) -> Ticket:
-        """Queue one request's sequences; raises ``QueueFull`` or ``PoolUnavailable``."""
+    def submit(self, sequences: Sequence[TokenIds], owner: Sequence[int], n_items: int,
+               prompt_length: int = 0) -> Ticket:
+        """Queue one request's sequences, each starting with a prompt of ``prompt_length``
+        tokens (``tokenization.Encoded.prompt_length``); raises ``QueueFull`` or
+        ``PoolUnavailable``."""
         tokens = sum(len(s) for s in sequences)
         fut: Future[Vectors] = Future()
         with self._cond:
@@ -215,7 +219,7 @@ class MicroBatcher:
             if queued > 0 and queued + tokens > self.max_queue_tokens:
                 raise QueueFull(queued, tokens, self.max_queue_tokens, self._retry_after(queued))
             req = _Request(next(self._ids), list(sequences), list(owner), n_items, fut,
-                           remaining=len(sequences))
+                           prompt_length=prompt_length, remaining=len(sequences))
             if not sequences:
                 _settle(fut, result=np.zeros((0, 0), dtype=np.float32))
                 return Ticket(req.rid, fut, 0)
@@ -328,9 +332,12 @@ class MicroBatcher:
         lengths = [len(req.sequences[i]) for req, i in window]
         for plan in plan_batches(lengths, self.batch_tokens, self.max_batch_items):
             slots = [window[j] for j in plan.indices]
+            # requests with different prompts share batches: a prompt length per sequence
+            plens = tuple(req.prompt_length for req, _ in slots)
             batch = WorkBatch(next(self._batch_ids),
                               tuple(req.sequences[i] for req, i in slots),
-                              tuple(f"request {req.rid} input {req.owner[i]}" for req, i in slots))
+                              tuple(f"request {req.rid} input {req.owner[i]}" for req, i in slots),
+                              prompt_lengths=plens if any(plens) else ())
             tokens = batch.tokens
             with self._cond:
                 self._inflight += 1

@@ -50,6 +50,14 @@ class WorkBatch:
     batch_id: int
     sequences: tuple[TokenIds, ...]
     item_ids: tuple[str, ...] = ()
+    #: Per sequence, its prompt's length in tokens (``tokenization.Encoded.prompt_length``),
+    #: which a model whose Pooling leaves the prompt out needs; () when none has a prompt.
+    prompt_lengths: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.prompt_lengths and len(self.prompt_lengths) != len(self.sequences):
+            raise ValueError(f"batch {self.batch_id}: {len(self.prompt_lengths)} prompt "
+                             f"lengths for {len(self.sequences)} sequences")
 
     @property
     def tokens(self) -> int:
@@ -132,11 +140,23 @@ class ExecutorStats(Counters):
 
 class EmbeddingEngine(Protocol):
     """What every executor runs: ``embed`` token sequences into the model's vectors
-    (``engine.Engine``, or a test engine)."""
+    (``engine.Engine``, or a test engine). ``prompt_lengths`` (per sequence) is passed only
+    when some sequence has a prompt (``embed_sequences``), so an engine for models without
+    prompts may take ``sequences`` alone."""
 
     dim: int
 
-    def embed(self, sequences: Sequence[TokenIds]) -> Vectors: ...
+    def embed(self, sequences: Sequence[TokenIds],
+              prompt_lengths: Sequence[int] | None = None) -> Vectors: ...
+
+
+def embed_sequences(engine: EmbeddingEngine, sequences: Sequence[TokenIds],
+                    prompt_lengths: Sequence[int] | None) -> Vectors:
+    """``engine.embed``, with the prompt lengths only when there are any (see EmbeddingEngine):
+    the one call every backend makes."""
+    if prompt_lengths is None:
+        return engine.embed(sequences)
+    return engine.embed(sequences, prompt_lengths)
 
 
 class EngineRecipe(Protocol):
@@ -306,7 +326,7 @@ class InProcessExecutor:
                     return
                 self._busy = True
             try:
-                rows = self.engine.embed(task.sequences)
+                rows = embed_sequences(self.engine, task.sequences, task.prompt_lengths)
             except Exception as exc:
                 decision = self._work.fail(task, engine_error_kind(exc),
                                            f"{type(exc).__name__}: {exc}")

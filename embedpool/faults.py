@@ -395,6 +395,12 @@ class Task:
         return tuple(seqs[p] for p in self.positions)
 
     @property
+    def prompt_lengths(self) -> tuple[int, ...] | None:
+        """The prompt lengths of the task's sequences; None when the batch has none."""
+        lengths = self.assembly.batch.prompt_lengths
+        return tuple(lengths[p] for p in self.positions) if lengths else None
+
+    @property
     def tokens(self) -> int:
         seqs = self.assembly.batch.sequences
         return sum(len(seqs[p]) for p in self.positions)

@@ -34,7 +34,7 @@ from embedpool.batching import (
 from embedpool.errors import ConfigError, InputError
 from embedpool.executor import BatchResult, Executor, WorkBatch, run
 from embedpool.graph import graph_id
-from embedpool.models import DEFAULT_MODEL, ResolvedModel, check_batchable, resolve_model
+from embedpool.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import EventCallback, LongTextMode, Precision, Vectors
 from embedpool.vectors import l2_normalize
@@ -156,7 +156,6 @@ class Embedder:
         if backend not in ("local", "ray"):
             raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
         self.model = model if isinstance(model, ResolvedModel) else resolve_model(model)
-        check_batchable(self.model)
         # a custom engine recipe (tests) runs where it says: no device detection for it
         custom = (DevicePlan("cpu", (), "a custom engine", parse_device(device))
                   if engine is not None else None)
@@ -325,7 +324,9 @@ class Embedder:
             positions[batch_id] = b.indices
             batches.append(WorkBatch(
                 batch_id=batch_id, sequences=tuple(enc.sequences[i] for i in b.indices),
-                item_ids=tuple(first_id[seq_owner[i]] for i in b.indices)))
+                item_ids=tuple(first_id[seq_owner[i]] for i in b.indices),
+                prompt_lengths=(enc.prompt_length,) * len(b.indices) if enc.prompt_length
+                else ()))
         return _Window(start=start, ids=w_ids, unique_index=inverse, unique_vectors=vectors,
                        missing=missing, unique_keys=keys, batches=batches, positions=positions,
                        seq_owner=seq_owner, seq_lens=[len(q) for q in enc.sequences],

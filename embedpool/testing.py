@@ -192,7 +192,8 @@ class FakeEngine:
         self._hoard: list[bytes] = []
         self._lost = False
 
-    def embed(self, sequences: Sequence[TokenIds]) -> Vectors:
+    def embed(self, sequences: Sequence[TokenIds],
+              prompt_lengths: Sequence[int] | None = None) -> Vectors:
         spec = self.spec
         crash_if_poisoned(sequences, spec.crash_on)
         if self._lost or (spec.lose_device_on is not None and any(
@@ -265,10 +266,12 @@ class CrashingEngine:
         self.dim = int(engine.dim)
         self.crash_on = crash_on
 
-    def embed(self, sequences: Sequence[TokenIds]) -> Vectors:
+    def embed(self, sequences: Sequence[TokenIds],
+              prompt_lengths: Sequence[int] | None = None) -> Vectors:
+        from embedpool.executor import embed_sequences
+
         crash_if_poisoned(sequences, self.crash_on)
-        vectors: Vectors = self.engine.embed(sequences)
-        return vectors
+        return embed_sequences(self.engine, sequences, prompt_lengths)
 
 
 def make_sequences(n: int, *, seed: int = 0, min_len: int = 4, max_len: int = 64,

@@ -93,3 +93,32 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     nb = np.linalg.norm(b, axis=1).clip(1e-12)
     cos: np.ndarray = (a * b).sum(1) / na / nb
     return cos
+
+
+def mixed_prompt_batches(name: str, model: Any, per_batch: int = 7
+                         ) -> list[tuple[Any, np.ndarray]]:
+    """Every prompt call of case ``name`` (``case.json`` calls) mixed into batches of
+    ``per_batch`` sequences, so that one batch holds sequences with different prompt lengths
+    (as the server's micro-batcher mixes requests): [(WorkBatch, golden rows)]."""
+    from embedpool.executor import WorkBatch
+    from embedpool.tokenization import TextTokenizer
+
+    tok = TextTokenizer.for_model(model)
+    seqs: list[Any] = []
+    plens: list[int] = []
+    rows: list[np.ndarray] = []
+    for call, kwargs in case(name)["calls"].items():
+        enc = tok.encode(TEXTS, **kwargs)
+        assert len(enc.sequences) == len(TEXTS)
+        seqs += enc.sequences
+        plens += [enc.prompt_length] * len(enc.sequences)
+        rows.append(golden(name)[call])
+    want = np.concatenate(rows)
+    order = np.random.default_rng(0).permutation(len(seqs))
+    out = []
+    for b, start in enumerate(range(0, len(order), per_batch)):
+        idx = order[start:start + per_batch]
+        out.append((WorkBatch(b, tuple(seqs[i] for i in idx), tuple(str(i) for i in idx),
+                              prompt_lengths=tuple(plens[i] for i in idx)), want[idx]))
+    assert len({p for batch, _ in out for p in batch.prompt_lengths}) > 1
+    return out

@@ -40,9 +40,6 @@ from embedpool.tokenization import TextTokenizer
 
 VECTOR_CASES = C.names(errors=False)
 ERROR_CASES = C.names(errors=True)
-#: Refused by the executors (models.check_batchable): include_prompt=false with a default
-#: prompt needs prompt lengths that batches do not carry yet; its calls are tested below.
-BATCH_REFUSED = {"include-prompt-false"}
 #: fp32: vectors interchangeable with sentence-transformers'.
 FP32_MIN_COS, NORM_RTOL = 0.9999, 1e-3
 #: int8: the issue's quality bar (mean, min cosine to sentence-transformers' fp32).
@@ -82,7 +79,7 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-@pytest.mark.parametrize("name", sorted(set(VECTOR_CASES) - BATCH_REFUSED))
+@pytest.mark.parametrize("name", VECTOR_CASES)
 def test_vectors_match_sentence_transformers(dirs: dict[str, Path], tmp_path: Path, name: str,
                                              precision: str, cached: bool) -> None:
     cache = VectorCache.open(tmp_path / "vectors.sqlite3") if cached else None
@@ -116,20 +113,40 @@ def test_prompts_through_tokenizer_and_engine(dirs: dict[str, Path], name: str, 
     check(vecs, name, precision, C.golden(name)[call])
 
 
-def test_include_prompt_false_with_a_default_prompt_is_refused_by_the_executors(
-        dirs: dict[str, Path]) -> None:
-    with pytest.raises(ModelError, match=r"leaves the prompt out \(include_prompt false\) and "
-                       r"it has a default prompt \('query'\).*refuses the model"):
-        Embedder(dirs["include-prompt-false"], workers=None)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "precision"),
                          [("mean-old-flags", "int8"), ("labse-dense-tanh", "fp32"),
-                          ("cls-new-string", "fp32"), ("onnx-shipped", "int8")])
+                          ("cls-new-string", "fp32"), ("onnx-shipped", "int8"),
+                          ("include-prompt-false", "fp32")])
 def test_vectors_through_the_pool(dirs: dict[str, Path], name: str, precision: str) -> None:
     with Embedder(dirs[name], precision=precision, workers=1) as e:  # type: ignore[arg-type]
         check(e.embed(C.TEXTS), name, precision)
+
+
+PROMPT_LENGTH_CASES = ["include-prompt-false", "include-prompt-false-modes"]
+
+
+@pytest.mark.parametrize("executor", ["in-process", "pool"])
+@pytest.mark.parametrize("name", PROMPT_LENGTH_CASES)
+def test_prompt_lengths_travel_with_every_batch(dirs: dict[str, Path], name: str,
+                                                executor: str) -> None:
+    """include_prompt=false through an executor: batches that mix sequences of several
+    prompts (as the server's batcher does) still leave each one's own prompt out. The Ray
+    backend runs the same batches in tests/backends/test_ray_executor.py."""
+    from embedpool.engine import EngineSpec
+    from embedpool.executor import InProcessExecutor
+    from embedpool.pool.pool import Pool, pool_config_for
+
+    model = resolve_model(dirs[name])
+    spec = EngineSpec(model, "fp32", 1)
+    batches = C.mixed_prompt_batches(name, model)
+    ex: Any = (InProcessExecutor(spec) if executor == "in-process"
+               else Pool(spec, pool_config_for(workers=1, precision="fp32")))
+    with ex:
+        got = {r.batch_id: r for r in ex.run([b for b, _ in batches])}
+    for batch, want in batches:
+        assert not got[batch.batch_id].failed
+        check(got[batch.batch_id].vectors, name, "fp32", want)
 
 
 # --- refusals ------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from embedpool.graph import cache_path, graph_id
 from embedpool.models import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
-    check_batchable,
     filehash,
     find_known,
     load_directory,
@@ -400,12 +399,6 @@ def test_missing_tokenizer_json_says_how_to_make_one(model_dir: Path) -> None:
     (model_dir / "tokenizer.json").unlink()
     with pytest.raises(ModelError, match=r"tokenizer\.json .*save_pretrained"):
         load_directory(model_dir)
-
-
-def test_include_prompt_false_without_a_default_prompt_is_batchable(tmp_path: Path) -> None:
-    m = load_directory(C.materialise("include-prompt-false-modes", tmp_path))
-    assert not m.head.pooling.include_prompt and m.text.default_prompt_name is None
-    check_batchable(m)
 
 
 # --- known models ----------------------------------------------------------------------------

@@ -57,6 +57,28 @@ def test_cut_to_the_budget_and_reassembled_in_order() -> None:
     np.testing.assert_allclose(fut.result(timeout=0).vectors, fake_vectors(seqs, DIM), atol=1e-6)
 
 
+def test_prompt_lengths_follow_their_sequences_through_cuts_and_splits() -> None:
+    work, _, _ = queue()
+    seqs = make_sequences(8, seed=4, min_len=10, max_len=40)
+    plens = tuple(range(1, 9))
+    fut = work.submit(WorkBatch(0, tuple(seqs), prompt_lengths=plens))
+    task = work.next_task(100)  # cut to the budget
+    assert task is not None and 0 < len(task.positions) < 8
+    assert task.prompt_lengths == tuple(plens[p] for p in task.positions)
+    work.fail(task, FailureKind.CRASH, "died")  # split in two halves
+    half = work.next_task(None)
+    assert half is not None and half.prompt_lengths == tuple(plens[p] for p in half.positions)
+    work.complete(half, fake_vectors(half.sequences, DIM))
+    finish_all(work)
+    assert fut.result(timeout=0).vectors.shape == (8, DIM)
+    (plain,) = make_batches(seqs, 8)
+    work.submit(plain)
+    task = work.next_task(None)
+    assert task is not None and task.prompt_lengths is None  # engines get sequences alone
+    with pytest.raises(ValueError, match="3 prompt lengths for 8 sequences"):
+        WorkBatch(1, tuple(seqs), prompt_lengths=(1, 2, 3))
+
+
 def test_failures_split_retry_and_give_up_with_events() -> None:
     work, seen, _ = queue(max_retries=1)
     (batch,) = make_batches(make_sequences(4, seed=3), 4)

@@ -20,10 +20,9 @@ from embedpool.models.known import KNOWN_MODELS, KnownModel, find_known
 from embedpool.models.resolve import (
     DEFAULT_MODEL,
     ResolvedModel,
-    check_batchable,
     load_directory,
     resolve_model,
 )
 
-__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "KnownModel", "ResolvedModel", "check_batchable", "find_known",
+__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "KnownModel", "ResolvedModel", "find_known",
            "load_directory", "resolve_model", "sha256_file"]

@@ -99,19 +99,6 @@ class ResolvedModel:
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def check_batchable(model: ResolvedModel) -> None:
-    """A ModelError for a model whose vectors need per-sequence prompt lengths, which the
-    executors' batches do not carry yet: a Pooling with include_prompt=false and a default
-    prompt would otherwise pool its prompt in. (Tokenizer and engine handle it already:
-    ``TextTokenizer.encode(...).prompt_length`` into ``Engine.embed(..., prompt_lengths)``.)"""
-    if not model.head.pooling.include_prompt and model.text.resolve_prompt():
-        raise ModelError(
-            f"model {model.name}: its Pooling leaves the prompt out (include_prompt false) and "
-            f"it has a default prompt ({model.text.default_prompt_name!r}); embedpool's "
-            "batches do not carry prompt lengths yet, so it refuses the model rather than "
-            "pool the prompt's tokens in")
-
-
 def load_directory(directory: Path, *, name: str | None = None, source: str | None = None,
                    expected_sha256: str | None = None, known: KnownModel | None = None,
                    hash_cache: HashCache | None = None) -> ResolvedModel:

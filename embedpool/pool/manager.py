@@ -249,7 +249,7 @@ class Manager:
             if task is None:
                 return
             try:
-                w.conn.send(wire.Embed(task.task_id, task.sequences))
+                w.conn.send(wire.Embed(task.task_id, task.sequences, task.prompt_lengths))
             except (OSError, ValueError):  # it just died; the sentinel will say how
                 w.conn_open = False
                 self.work.requeue(task, f"worker {w.worker_id} died before it got the task")

@@ -6,7 +6,8 @@ Workers send finished vectors (the model's head applied), never hidden states.
 
     supervisor -> worker            worker -> supervisor
     ---------------------           ------------------------------------------------
-    Embed(task_id, sequences)       Ready(worker_id, pid, dim, rss)     once, after loading
+    Embed(task_id, sequences,       Ready(worker_id, pid, dim, rss)     once, after loading
+          prompt_lengths)
     Leave(reason)                   StartFailed(worker_id, pid, error, traceback)
                                     Result(task_id, vectors, seconds, rss)
                                     TaskFailed(task_id, error, traceback, kind)
@@ -33,6 +34,8 @@ if TYPE_CHECKING:  # numpy stays out of the worker's first imports (see worker.l
 class Embed:
     task_id: int
     sequences: tuple[TokenIds, ...]
+    #: Per sequence, its prompt's length in tokens; None when no sequence has a prompt.
+    prompt_lengths: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

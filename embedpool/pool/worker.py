@@ -196,9 +196,11 @@ def worker_main(conn: Connection, spec_blob: bytes, worker_id: int, threads: int
 
 
 def _embed(conn: Connection, engine: Any, msg: Embed, gc_rss_bytes: int | None) -> None:
+    from embedpool.executor import embed_sequences  # imported since start (with_threads)
+
     started = time.perf_counter()
     try:
-        vectors = engine.embed(msg.sequences)
+        vectors = embed_sequences(engine, msg.sequences, msg.prompt_lengths)
     except Exception as exc:
         conn.send(TaskFailed(msg.task_id, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
                              str(engine_error_kind(exc))))

@@ -39,7 +39,7 @@ from embedpool.batcher import MicroBatcher, SubmitExecutor
 from embedpool.engine import EngineSpec, usable_cores
 from embedpool.executor import InProcessExecutor
 from embedpool.metrics import CONTENT_TYPE, ServerMetrics
-from embedpool.models import ResolvedModel, check_batchable, find_known, resolve_model
+from embedpool.models import ResolvedModel, find_known, resolve_model
 from embedpool.server.openai import (
     ERROR_RESPONSES,
     ApiError,
@@ -306,7 +306,6 @@ def create_app(settings: ServerSettings,
                cache: VectorCacheHook | None = None) -> FastAPI:
     """Build the app. The executor is created by the lifespan (on startup), not here."""
     resolved = model if model is not None else resolve_model(settings.model)
-    check_batchable(resolved)
     factory = executor_factory or default_executor_factory(resolved, settings.precision)
     a = _App(settings, factory, resolved, cache)
     app = FastAPI(title="embedpool", version="0.1.0", lifespan=a.lifespan,

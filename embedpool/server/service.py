@@ -134,7 +134,8 @@ class EmbeddingService:
         rows = [j for j, o in enumerate(enc.owner) if o in where]
         try:
             return batcher.submit([enc.sequences[j] for j in rows],
-                                  [where[enc.owner[j]] for j in rows], len(todo))
+                                  [where[enc.owner[j]] for j in rows], len(todo),
+                                  enc.prompt_length)
         except QueueFull as exc:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",

@@ -270,3 +270,22 @@ def test_real_model_output_equals_local(ray_cluster: ModuleType) -> None:
     sources = [e["model_source"] for e in events if e["event"] == "worker_ready"]
     assert len(sources) == 2, sources  # one per actor, each from a place the shipment knows
     assert set(sources) <= {"driver path", "node cache", "object store"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_prompt_lengths_reach_the_actors(ray_cluster: ModuleType, tmp_path: Any) -> None:
+    """include_prompt=false on Ray: batches mixing several prompts (a conformance case with
+    sentence-transformers' golden vectors) leave each sequence's own prompt out."""
+    import conformance as C
+
+    from embedpool.engine import EngineSpec
+    from embedpool.models import resolve_model
+
+    model = resolve_model(C.materialise("include-prompt-false-modes", tmp_path))
+    batches = C.mixed_prompt_batches("include-prompt-false-modes", model)
+    with RayExecutor(EngineSpec(model, "fp32", 1), actors=1) as ex:
+        got = collect(lambda: ex.run([b for b, _ in batches]))
+    for batch, want in batches:
+        assert not got[batch.batch_id].failed
+        assert C.cosines(got[batch.batch_id].vectors, want).min() >= 0.9999

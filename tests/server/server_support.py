@@ -40,7 +40,8 @@ class GatedEngine(FakeEngine):
         self.gate = gate
         self.entered = threading.Event()
 
-    def embed(self, sequences: Sequence[TokenIds]) -> Vectors:
+    def embed(self, sequences: Sequence[TokenIds],
+              prompt_lengths: Sequence[int] | None = None) -> Vectors:
         self.entered.set()
         if not self.gate.wait(60.0):
             raise TimeoutError("GatedEngine: gate never opened")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from embedpool.backends.ray.shipping import ModelShipment, locate_model
-from embedpool.executor import EmbeddingEngine, with_threads
+from embedpool.executor import EmbeddingEngine, embed_sequences, with_threads
 from embedpool.types import TokenIds, Vectors
 
 
@@ -44,5 +44,6 @@ class EmbedActor:
     def ready(self) -> dict[str, Any]:
         return self.info
 
-    def embed(self, sequences: Sequence[TokenIds]) -> Vectors:
-        return self.engine.embed(sequences)
+    def embed(self, sequences: Sequence[TokenIds],
+              prompt_lengths: Sequence[int] | None = None) -> Vectors:
+        return embed_sequences(self.engine, sequences, prompt_lengths)

@@ -210,7 +210,7 @@ class ActorSet:
         return self._owner.get(ref)
 
     def send(self, slot: Slot, task: Task) -> None:
-        ref = slot.handle.embed.remote(task.sequences)
+        ref = slot.handle.embed.remote(task.sequences, task.prompt_lengths)
         if not slot.inflight:
             slot.head_started, slot.warned = time.monotonic(), False
         slot.inflight.append((ref, task))
