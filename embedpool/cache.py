@@ -1,10 +1,12 @@
 """Persistent, content-addressed vector cache: one SQLite file shared by every embedpool process.
 
-A vector is addressed by ``(fingerprint, sha256(text))``. The fingerprint
+A vector is addressed by ``(fingerprint, sha256([prompt,] text))`` (``text_key``). The fingerprint
 (:meth:`embedpool.models.ResolvedModel.fingerprint`) names everything that shapes a vector:
 the hashes of every model file used, head and text specs, precision and long-text mode. The value is
 the exact float32 vector, stored little-endian, so a resumed job writes output equal bit for bit
-to an uninterrupted one.
+to an uninterrupted one. Vectors are stored at the model's full width even when a call asks for
+fewer ``dimensions``: one entry then serves every width, and cutting one (``vectors.
+truncate_dims``) costs a slice and a norm, far less than a second entry or a re-embedding.
 
 How a job uses it::
 
@@ -103,9 +105,17 @@ _SCHEMA = (
 )
 
 
-def text_key(text: str) -> bytes:
-    """The cache key of one text: the sha256 digest (32 bytes) of its UTF-8 encoding."""
-    return sha256(text.encode("utf-8", "surrogatepass")).digest()
+def text_key(text: str, prompt: str = "") -> bytes:
+    """The cache key of one text: the sha256 digest (32 bytes) of its UTF-8 encoding, and of
+    its prompt when it has one. The prompt is part of the text but hashed apart from it
+    (length-prefixed), not as its prefix: a model whose Pooling leaves the prompt out embeds
+    the prompt "query: " with "x" otherwise than the text "query: x". Without a prompt the
+    key is the text's alone, as before prompts existed, so existing caches stay valid."""
+    data = text.encode("utf-8", "surrogatepass")
+    if not prompt:
+        return sha256(data).digest()
+    p = prompt.encode("utf-8", "surrogatepass")
+    return sha256(b"prompt\0" + len(p).to_bytes(8, "big") + p + data).digest()
 
 
 def default_path() -> Path:
@@ -633,11 +643,11 @@ class BoundCache:
         self.cache = cache
         self.fingerprint = fingerprint
 
-    def get_many(self, texts: Sequence[str]) -> list[np.ndarray | None]:
-        keys = [text_key(t) for t in texts]
+    def get_many(self, texts: Sequence[str], prompt: str = "") -> list[np.ndarray | None]:
+        keys = [text_key(t, prompt) for t in texts]
         found = self.cache.get_many(self.fingerprint, keys)
         return [found.get(k) for k in keys]
 
-    def put_many(self, texts: Sequence[str], vectors: np.ndarray) -> None:
-        self.cache.put_many(self.fingerprint,
-                            [(text_key(t), v) for t, v in zip(texts, vectors, strict=True)])
+    def put_many(self, texts: Sequence[str], vectors: np.ndarray, prompt: str = "") -> None:
+        self.cache.put_many(self.fingerprint, [(text_key(t, prompt), v)
+                                               for t, v in zip(texts, vectors, strict=True)])

@@ -117,6 +117,15 @@ def main() -> None:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
               help="Output file: .jsonl, .npy (+ .ids.json) or .parquet.")
 @run_options
+@click.option("--prompt-name", default=None,
+              help="Put the model's prompt of this name before every text (e.g. query, "
+                   "document; `embedpool models` lists them). Default: the model's default "
+                   "prompt, if it has one.")
+@click.option("--prompt", default=None,
+              help="Put this text before every text (e.g. 'query: '); '' for no prompt.")
+@click.option("--dimensions", type=int, default=None,
+              help="Keep the first N dimensions, normalised again (models trained for it: "
+                   "Matryoshka).")
 @click.option("--strict", is_flag=True, help="Any bad input line fails the job before any work.")
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
               help="Vector cache file (default: the user cache directory).")
@@ -130,7 +139,8 @@ def main() -> None:
 def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, device: str,
           cpu_workers: int | None, batch_tokens: int | None, threads: int | None, workers: str,
           profile: str,
-          max_memory: str | None, long_text: str, strict: bool, cache_path: Path | None,
+          max_memory: str | None, long_text: str, prompt_name: str | None,
+          prompt: str | None, dimensions: int | None, strict: bool, cache_path: Path | None,
           no_cache: bool, rebuild_cache: bool, backend: str, ray_address: str | None,
           log_json: bool, quiet: bool) -> None:
     """Embed INPUTS (JSONL records, text files or directories) into OUT."""
@@ -139,6 +149,8 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, devic
     from embedpool.outputs import SUPPORTED_EXTENSIONS, open_output, partial_path
     from embedpool.progress import Progress, RssTracker
 
+    if prompt is not None and prompt_name is not None:
+        _fail("--prompt and --prompt-name: give one of them", EXIT_USAGE)
     try:
         parsed = read_inputs(list(inputs))
         if out.suffix.lower() not in SUPPORTED_EXTENSIONS:  # before any work
@@ -189,15 +201,20 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, devic
                                 long_text=long_text,  # type: ignore[arg-type]
                                 batch_tokens=batch_tokens, cache=cache, backend=backend,
                                 ray_address=ray_address, pool_options=pool_opts,
-                                on_event=progress, lazy=cache is not None)
+                                on_event=progress, lazy=True)
+            # checked before any worker starts; with a cache, workers start on a miss
+            options = embedder.options(prompt=prompt, prompt_name=prompt_name,
+                                       dimensions=dimensions)
+            if cache is None:
+                embedder.start()
         except (ModelError, ConfigError) as exc:
             progress.close()
             _fail(str(exc), EXIT_USAGE)
         with embedder:
-            writer = open_output(out, embedder.dim)
+            writer = open_output(out, options.dimensions or embedder.dim)
             ids = [c.id for c in parsed.chunks]
             texts = [c.text for c in parsed.chunks]
-            for win in embedder.stream(ids, texts, stop=stop):
+            for win in embedder.stream(ids, texts, stop=stop, options=options):
                 keep = win.ok.nonzero()[0]
                 writer.write([win.ids[i] for i in keep], win.vectors[keep])
             report = embedder.last_report

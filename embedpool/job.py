@@ -8,6 +8,10 @@
                input order             (windows averaged,            pool or Ray; any order)
                                         cache written per batch)
 
+A call's prompt (explicit, named, or the model's default) is resolved once (``options``): it is
+tokenised with every text and keys the cache with it; ``dimensions`` cut the finished vectors
+(the cache keeps them whole).
+
 Windows bound memory (a 1M-chunk job never holds more than one window of vectors beyond what
 the caller keeps) and let output stream in input order. Every finished batch is written to the
 cache at once, so an interrupted job loses only its in-flight batches and a rerun resumes.
@@ -35,6 +39,7 @@ from embedpool.errors import ConfigError, InputError
 from embedpool.executor import BatchResult, Executor, WorkBatch, run
 from embedpool.graph import graph_id
 from embedpool.models import DEFAULT_MODEL, ResolvedModel, resolve_model
+from embedpool.options import CallOptions, resolve_options
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import EventCallback, LongTextMode, Precision, Vectors
 from embedpool.vectors import l2_normalize
@@ -178,7 +183,11 @@ class Embedder:
         self._executor: Executor | None = None
         self.dim: int = int(getattr(engine, "dim", 0) or self.model.dim)
         if not lazy:
-            self.dim = self.executor.dim
+            self.start()
+
+    def start(self) -> None:
+        """Start the executor now (what ``lazy=False`` does in the constructor)."""
+        self.dim = self.executor.dim
 
     @property
     def executor(self) -> Executor:
@@ -216,49 +225,72 @@ class Embedder:
 
     # -- public API -------------------------------------------------------------------------
 
-    def embed(self, texts: Sequence[str]) -> Vectors:
+    def options(self, *, prompt: str | None = None, prompt_name: str | None = None,
+                input_type: str | None = None, dimensions: int | None = None) -> CallOptions:
+        """A call's options checked against the model (``options.resolve_options``): the
+        prompt (``prompt``, else ``prompt_name`` or ``input_type`` — query, document,
+        passage — else the model's default prompt) and ``dimensions`` (Matryoshka models
+        only). Raises ``options.OptionError`` (a ConfigError) naming what was wrong."""
+        return resolve_options(self.tokenizer, model=self.model.name, width=self.dim,
+                               matryoshka=self.model.matryoshka,
+                               normalize=self.model.normalize, prompt=prompt,
+                               prompt_name=prompt_name, input_type=input_type,
+                               dimensions=dimensions)
+
+    def embed(self, texts: Sequence[str], *, prompt: str | None = None,
+              prompt_name: str | None = None, input_type: str | None = None,
+              dimensions: int | None = None) -> Vectors:
         """(len(texts), dim) float32 in input order (L2-normalised when the model has a
-        Normalize module, as sentence-transformers returns them)."""
+        Normalize module, as sentence-transformers returns them). ``prompt``,
+        ``prompt_name``, ``input_type`` and ``dimensions``: see ``options``; without any, the
+        model's default prompt applies (as in sentence-transformers) and vectors are whole."""
+        opts = self.options(prompt=prompt, prompt_name=prompt_name, input_type=input_type,
+                            dimensions=dimensions)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InputError(f"text {i} is {type(t).__name__}, not str")
         ids = [str(i) for i in range(len(texts))]
-        parts = [w.vectors for w in self.stream(ids, texts)]
+        parts = [w.vectors for w in self.stream(ids, texts, options=opts)]
         errs = self.last_report.item_errors
         if errs:
             e = errs[0]
             raise InputError(f"{len(errs)} text(s) could not be embedded; first: {e.message}",
                              item_id=e.id)
         if not parts:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, opts.dimensions or self.dim), dtype=np.float32)
         out: Vectors = np.concatenate(parts)
         return out
 
     def stream(self, ids: Sequence[str], texts: Sequence[str],
-               stop: threading.Event | None = None) -> Iterator[WindowResult]:
+               stop: threading.Event | None = None, *, options: CallOptions | None = None
+               ) -> Iterator[WindowResult]:
         """Yield one ``WindowResult`` per window of up to WINDOW_ITEMS items, in input order.
 
-        Rows whose ``ok`` is False hold zeros: failed items (listed in
-        ``last_report.item_errors``) or, after ``stop`` was set, items never run. When ``stop``
-        is set, intake stops, in-flight batches finish, the interrupted window is yielded with
-        what it has, and the generator returns (``last_report.interrupted`` is True)."""
+        ``options``: the call's prompt and dimensions (``Embedder.options``; None: the
+        model's default prompt, whole vectors). Rows whose ``ok`` is False hold zeros: failed
+        items (listed in ``last_report.item_errors``) or, after ``stop`` was set, items never
+        run. When ``stop`` is set, intake stops, in-flight batches finish, the interrupted
+        window is yielded with what it has, and the generator returns
+        (``last_report.interrupted`` is True)."""
+        opts = options if options is not None else self.options()
         report = JobReport(chunks=len(texts))
         self.last_report = report
         t0 = time.perf_counter()
         starts = list(range(0, len(texts), WINDOW_ITEMS))
         with ThreadPoolExecutor(1, thread_name_prefix="embedpool-prepare") as prep:
             nxt: Future[_Window] | None = (
-                prep.submit(self._prepare, starts[0], ids, texts) if starts else None)
+                prep.submit(self._prepare, starts[0], ids, texts, opts.prompt)
+                if starts else None)
             for k in range(len(starts)):
                 assert nxt is not None
                 window = nxt.result()
-                nxt = (prep.submit(self._prepare, starts[k + 1], ids, texts)
+                nxt = (prep.submit(self._prepare, starts[k + 1], ids, texts, opts.prompt)
                        if k + 1 < len(starts) else None)
                 ok = self._execute(window, report, stop)
                 report.seconds = time.perf_counter() - t0
                 report.device = self.device
                 yield WindowResult(window.start, window.ids,
-                                   window.unique_vectors[window.unique_index],
+                                   opts.shape(window.unique_vectors[window.unique_index]),
                                    ok[window.unique_index])
                 if not ok.all() and stop is not None and stop.is_set():
                     report.interrupted = True
@@ -288,7 +320,11 @@ class Embedder:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def _prepare(self, start: int, ids: Sequence[str], texts: Sequence[str]) -> _Window:
+    def _prepare(self, start: int, ids: Sequence[str], texts: Sequence[str],
+                 prompt: str | None = None) -> _Window:
+        """A window ready to run; ``prompt``: the resolved prompt (None: the model's default)."""
+        if prompt is None:
+            prompt = self.options().prompt
         w_ids = list(ids[start:start + WINDOW_ITEMS])
         uniq, inverse = dedupe(texts[start:start + WINDOW_ITEMS])
         vectors = np.zeros((len(uniq), self.dim), dtype=np.float32)
@@ -298,7 +334,7 @@ class Embedder:
         if self.cache is not None:
             from embedpool.cache import text_key
 
-            keys = [text_key(t) for t in uniq]
+            keys = [text_key(t, prompt) for t in uniq]
             found = self.cache.get_many(self.fingerprint, keys)
             missing = []
             for u, key in enumerate(keys):
@@ -307,7 +343,7 @@ class Embedder:
                     missing.append(u)
                 else:
                     vectors[u] = vec
-        enc = self.tokenizer.encode([uniq[u] for u in missing], self.long_text)
+        enc = self.tokenizer.encode([uniq[u] for u in missing], self.long_text, prompt=prompt)
         seq_owner = [missing[o] for o in enc.owner]
         truncated = [False] * len(uniq)
         for j, u in enumerate(missing):
@@ -416,9 +452,14 @@ class Embedder:
 
 
 def embed(texts: Sequence[str], model: str | Path = DEFAULT_MODEL,
-          precision: str = DEFAULT_PRECISION, device: str = "auto", **kwargs: Any) -> Vectors:
+          precision: str = DEFAULT_PRECISION, device: str = "auto", *,
+          prompt: str | None = None, prompt_name: str | None = None,
+          input_type: str | None = None, dimensions: int | None = None,
+          **kwargs: Any) -> Vectors:
     """One-shot helper: load the model, embed, release. Use ``Embedder`` for repeated calls.
-    ``device``: "auto", "cpu" or "cuda[:N]" (see ``Embedder``)."""
+    ``device``: "auto", "cpu" or "cuda[:N]" (see ``Embedder``); ``prompt``, ``prompt_name``,
+    ``input_type``, ``dimensions``: see ``Embedder.options``."""
     with Embedder(model, precision=precision, device=device, **kwargs) as e:
-        return e.embed(texts)
+        return e.embed(texts, prompt=prompt, prompt_name=prompt_name, input_type=input_type,
+                       dimensions=dimensions)
 

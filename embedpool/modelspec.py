@@ -189,15 +189,19 @@ class TextSpec:
 
     def prompt_name_for(self, input_type: str) -> str:
         """The prompt name an API ``input_type`` (query, document, passage) selects: the
-        first of INPUT_TYPE_PROMPTS[input_type] that the model has, else the first of them
-        (its prompt is then empty, as in sentence-transformers)."""
+        first of INPUT_TYPE_PROMPTS[input_type] whose prompt is not empty (e5's "passage"
+        for input_type document, where sentence-transformers saved "document" as ""); else
+        the first the model has, counting "query" and "document", which every model has
+        (empty unless set, as in sentence-transformers)."""
         try:
             candidates = INPUT_TYPE_PROMPTS[input_type]
         except KeyError:
             raise KeyError(f"input_type {input_type!r} is not one of "
                            f"{sorted(INPUT_TYPE_PROMPTS)}") from None
         have = dict(self.prompts)
-        return next((n for n in candidates if n in have), candidates[0])
+        return next((n for n in candidates if have.get(n)),
+                    next((n for n in candidates if n in {"query", "document", *have}),
+                         candidates[0]))
 
     def key(self) -> dict[str, object]:
         return {"max_length": self.max_length, "do_lower_case": self.do_lower_case,

@@ -48,12 +48,18 @@ def combine_windows(vectors: Vectors, owner: Sequence[int], n_items: int,
     return means
 
 
-def truncate_dims(vectors: Vectors, dims: int) -> Vectors:
-    """The first ``dims`` dimensions of each row, normalised again (Matryoshka truncation).
-    Only meaningful for models trained for it; ``dims`` must be between 1 and the width."""
+def truncate_dims(vectors: Vectors, dims: int, normalize: bool = True) -> Vectors:
+    """The first ``dims`` dimensions of each row (Matryoshka truncation), normalised again
+    when the model normalises its vectors (``normalize``: a cosine model's truncated vectors
+    are unit vectors again; a model without Normalize keeps its own values, as
+    sentence-transformers' ``truncate_dim`` does). Only meaningful for models trained for it
+    (``options.check_dimensions``); ``dims`` must be between 1 and the width."""
     width = vectors.shape[-1]
     if not 1 <= dims <= width:
         raise ValueError(f"dims must be between 1 and the vectors' {width} dimensions, got {dims}")
     if dims == width:
         return vectors
-    return l2_normalize(vectors[..., :dims])
+    if normalize:
+        return l2_normalize(vectors[..., :dims])
+    out: Vectors = np.ascontiguousarray(vectors[..., :dims], dtype=np.float32)
+    return out

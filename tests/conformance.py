@@ -122,3 +122,14 @@ def mixed_prompt_batches(name: str, model: Any, per_batch: int = 7
                               prompt_lengths=tuple(plens[i] for i in idx)), want[idx]))
     assert len({p for batch, _ in out for p in batch.prompt_lengths}) > 1
     return out
+
+
+def matryoshka(name: str, dest: Path, dims: tuple[int, ...] = (16, 8, 4)) -> Path:
+    """Case ``name``'s model marked as trained for truncated dimensions (config.json
+    ``matryoshka_dimensions``, as nomic and gte-modernbert ship it): random weights, so only
+    the arithmetic of truncation is tested with it, not its quality."""
+    d = materialise(name, dest)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["matryoshka_dimensions"] = list(dims)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d

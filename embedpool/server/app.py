@@ -40,6 +40,8 @@ from embedpool.engine import EngineSpec, usable_cores
 from embedpool.executor import InProcessExecutor
 from embedpool.metrics import CONTENT_TYPE, ServerMetrics
 from embedpool.models import ResolvedModel, find_known, resolve_model
+from embedpool.modelspec import INPUT_TYPE_PROMPTS
+from embedpool.options import input_type_prompt, prompt_names
 from embedpool.server.openai import (
     ERROR_RESPONSES,
     ApiError,
@@ -150,16 +152,22 @@ def default_executor_factory(model: ResolvedModel,
     return lambda: InProcessExecutor(spec.build)
 
 
-def served_model(settings: ServerSettings, model: ResolvedModel) -> ServedModel:
+def served_model(settings: ServerSettings, model: ResolvedModel,
+                 tokenizer: TextTokenizer) -> ServedModel:
     """The names clients may use: the resolved name, the one asked for, the known model's
-    name and hub id, then ``--served-model-name`` aliases."""
+    name and hub id, then ``--served-model-name`` aliases; and what requests may ask of it
+    (prompt names, input types, dimensions)."""
     names: list[str] = [model.name, settings.model]
     known = find_known(model.name)
     if known is not None:
         names += [known.name, known.hub_id]
     names += list(settings.served_model_names)
     unique = tuple(dict.fromkeys(n for n in names if n))
-    return ServedModel(unique, model.dim, model.max_length)
+    return ServedModel(unique, model.dim, model.max_length,
+                       prompt_names=tuple(prompt_names(tokenizer)),
+                       input_types=tuple((t, input_type_prompt(tokenizer, t))
+                                         for t in sorted(INPUT_TYPE_PROMPTS)),
+                       matryoshka=model.matryoshka, normalize=model.normalize)
 
 
 class _App:
@@ -169,13 +177,13 @@ class _App:
                  model: ResolvedModel, cache: VectorCacheHook | None) -> None:
         self.settings = settings
         self.factory = factory
-        self.served = served_model(settings, model)
+        tokenizer = TextTokenizer.for_model(model)
+        self.served = served_model(settings, model, tokenizer)
         self.normalize = model.normalize
         self.api_key = settings.resolved_api_key()
         self.runtime = rt = Runtime()
         self.metrics = ServerMetrics(lambda: rt.batcher.stats() if rt.batcher else None,
                                      lambda: rt.executor.stats() if rt.executor else None)
-        tokenizer = TextTokenizer.for_model(model)
         self.service = EmbeddingService(settings, tokenizer, self.served, rt, self.metrics,
                                         cache)
         self.probe = SharedProbe(self._probe, settings.ready_reuse_s)
@@ -235,7 +243,7 @@ class _App:
         s = self.settings
         body = parse_json(await read_body(request, s.max_request_bytes))
         call = parse_embedding_request(body, self.served, s.max_items_per_request)
-        done = await self.service.embed(call.texts)
+        done = await self.service.embed(call.texts, self.service.options(call))
         args = (done.vectors, call.encoding_format, call.model, done.tokens, done.truncated)
         content = (render_embeddings(*args) if done.vectors.size <= INLINE_RENDER_VALUES
                    else await run_in_threadpool(render_embeddings, *args))

@@ -12,7 +12,12 @@ Choices a client may notice:
   ``OpenAIEmbeddings``, which sends *tiktoken* ids that mean nothing to this model's vocabulary
   (set ``check_embedding_ctx_length=False`` there to send text).
 * An empty string is embedded (as ``[CLS] [SEP]``), as the CLI does.
-* ``dimensions`` is accepted only when it equals the model's own dimension.
+* ``dimensions``: a model trained for it (Matryoshka) keeps the first N values, normalised
+  again; any other model accepts only its own width (``options.check_dimensions``).
+* ``prompt_name`` (one of the model's prompts) and ``input_type`` (query, document, passage:
+  the convention of Cohere, Voyage and NIM, mapped to the model's prompt names) choose the
+  prompt put before every input; with neither, the model's default prompt applies. Both may be
+  given only when they agree. The openai client sends them with ``extra_body``.
 * ``usage.prompt_tokens`` counts the tokens fed to the model (after truncation).
 """
 
@@ -27,6 +32,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from embedpool.modelspec import INPUT_TYPE_PROMPTS
 from embedpool.types import Vectors
 
 #: Truncated indices listed in the header at most (the count header is always exact).
@@ -120,6 +126,12 @@ class ServedModel:
     names: tuple[str, ...]  # names[0] is the canonical one, echoed in responses
     dim: int
     max_length: int
+    #: The prompt names a request may send (``options.prompt_names``).
+    prompt_names: tuple[str, ...] = ("document", "query")
+    #: input_type -> the prompt name it selects for this model (``options.input_type_prompt``).
+    input_types: tuple[tuple[str, str], ...] = ()
+    matryoshka: bool = False  # any dimensions from 1 to dim, not only dim
+    normalize: bool = True  # the model normalises: truncated vectors are normalised again
 
     def lookup(self, name: str) -> str | None:
         """The canonical name for ``name`` (exact, then case-insensitive), or None."""
@@ -138,17 +150,29 @@ def embedding_request_schema(served: ServedModel, max_items: int) -> dict[str, A
     """The JSON schema of a request body this server accepts (published in /openapi.json).
 
     Every body valid under it is embedded (or refused only for its size, 413, or for server
-    state, 429/503); token-id arrays, empty arrays, other dimensions and unknown model names are
+    state, 429/503); token-id arrays, empty arrays, dimensions the model cannot give, unknown
+    prompt names, a prompt_name and input_type that disagree, and unknown model names are
     outside it, as the handler refuses them. Model names are matched case-insensitively too,
     which the schema does not spell out (stricter than the handler, never looser).
     """
     def nullable(schema: dict[str, Any]) -> dict[str, Any]:
         return {"anyOf": [schema, {"type": "null"}]}
 
+    def given(field: str) -> dict[str, Any]:
+        return {"required": [field], "properties": {field: {"type": "string"}}}
+
+    dims: dict[str, Any] = ({"type": "integer", "minimum": 1, "maximum": served.dim}
+                            if served.matryoshka else {"type": "integer", "enum": [served.dim]})
+    # prompt_name and input_type together only when they name the same prompt
+    agree = [{"properties": {"prompt_name": {"const": name},
+                             "input_type": {"enum": [t for t, n in served.input_types
+                                                     if n == name]}}}
+             for name in sorted({n for _, n in served.input_types})]
     return {
         "title": "EmbeddingRequest",
         "type": "object",
         "required": ["input"],
+        "anyOf": [{"not": given("prompt_name")}, {"not": given("input_type")}, *agree],
         "properties": {
             "input": {"description": "A text, or a list of texts (not token ids).",
                       "anyOf": [{"type": "string"},
@@ -158,8 +182,15 @@ def embedding_request_schema(served: ServedModel, max_items: int) -> dict[str, A
                       **nullable({"type": "string", "enum": list(served.names)})},
             "encoding_format": {"default": "float",
                                 **nullable({"type": "string", "enum": ["float", "base64"]})},
-            "dimensions": {"description": "Only the model's own dimension is accepted.",
-                           **nullable({"type": "integer", "enum": [served.dim]})},
+            "dimensions": {"description": "Keep the first N dimensions, normalised again "
+                                          "(Matryoshka models); other models: their own width.",
+                           **nullable(dims)},
+            "prompt_name": {"description": "The model's prompt to put before every input; "
+                                           "default: the model's default prompt.",
+                            **nullable({"type": "string", "enum": list(served.prompt_names)})},
+            "input_type": {"description": "query, document or passage: the model's prompt "
+                                          "for that kind of input.",
+                           **nullable({"type": "string", "enum": sorted(INPUT_TYPE_PROMPTS)})},
             "user": {"description": "Accepted and ignored.", **nullable({"type": "string"})},
         },
     }
@@ -173,6 +204,9 @@ class EmbeddingCall:
     texts: list[str]
     model: str
     encoding_format: Literal["float", "base64"]
+    prompt_name: str | None = None  # checked against the model by options.resolve_options
+    input_type: str | None = None
+    dimensions: int | None = None
 
 
 def _type_name(value: Any) -> str:
@@ -205,12 +239,20 @@ def parse_embedding_request(body: Any, served: ServedModel, max_items: int) -> E
     if fmt not in ("float", "base64"):
         raise bad_request(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}"[:300],
                           "encoding_format")
-    _check_dimensions(body.get("dimensions"), model, served.dim)
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise bad_request(f"'user' must be a string, got {_type_name(user)}", "user",
-                          "invalid_type")
-    return EmbeddingCall(texts, model, "base64" if fmt == "base64" else "float")
+    dims = body.get("dimensions")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
+        raise bad_request(f"'dimensions' must be an integer, got {_type_name(dims)}",
+                          "dimensions", "invalid_type")
+    strings = {}
+    for field in ("user", "prompt_name", "input_type"):
+        value = body.get(field)
+        if value is not None and not isinstance(value, str):
+            raise bad_request(f"'{field}' must be a string, got {_type_name(value)}", field,
+                              "invalid_type")
+        strings[field] = value
+    return EmbeddingCall(texts, model, "base64" if fmt == "base64" else "float",
+                         prompt_name=strings["prompt_name"], input_type=strings["input_type"],
+                         dimensions=dims)
 
 
 def _parse_model(name: Any, served: ServedModel) -> str:
@@ -223,18 +265,6 @@ def _parse_model(name: Any, served: ServedModel) -> str:
     if found is None:
         raise served.not_found(name)
     return found
-
-
-def _check_dimensions(dims: Any, model: str, dim: int) -> None:
-    if dims is None:
-        return
-    if isinstance(dims, bool) or not isinstance(dims, int):
-        raise bad_request(f"'dimensions' must be an integer, got {_type_name(dims)}",
-                          "dimensions", "invalid_type")
-    if dims != dim:
-        raise bad_request(f"model '{model}' produces {dim}-dimensional vectors and does not "
-                          f"support 'dimensions' (only {dim} is accepted); omit it",
-                          "dimensions", "unsupported_value")
 
 
 def _parse_input(value: Any, max_items: int) -> list[str]:

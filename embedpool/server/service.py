@@ -3,11 +3,13 @@ micro-batcher's queue, await the vectors, and map every failure to its HTTP answ
 
 ::
 
-    texts -> tokenise (on a thread above INLINE_TOKENIZE_CHARS)
-          -> cache.get_many          hits fill their rows; only misses go on
+    texts -> tokenise (on a thread above INLINE_TOKENIZE_CHARS), the call's prompt in front
+          -> cache.get_many          hits fill their rows; only misses go on (keyed by the
+                                     text and its prompt)
           -> MicroBatcher.submit     QueueFull -> 429 + Retry-After, PoolUnavailable -> 503
           -> await the future        timeout -> 503, ItemFailed -> 422 naming the input
-          -> cache.put_many          the misses' vectors
+          -> cache.put_many          the misses' vectors (whole)
+          -> dimensions              the first N values, normalised again (Matryoshka)
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from fastapi.concurrency import run_in_threadpool
 from embedpool.batcher import MicroBatcher, SubmitExecutor, Ticket
 from embedpool.errors import ItemFailed, PoolUnavailable, QueueFull
 from embedpool.metrics import ServerMetrics
-from embedpool.server.openai import ApiError, ServedModel
+from embedpool.options import CallOptions, OptionError, resolve_options
+from embedpool.server.openai import ApiError, EmbeddingCall, ServedModel, bad_request
 from embedpool.server.settings import ServerSettings
 from embedpool.tokenization import Encoded, TextTokenizer
 from embedpool.types import Vectors
@@ -40,9 +43,9 @@ class VectorCacheHook(Protocol):
     Keys are the input texts; the cache itself is bound to the model fingerprint.
     """
 
-    def get_many(self, texts: Sequence[str]) -> list[Vectors | None]: ...
+    def get_many(self, texts: Sequence[str], prompt: str = "") -> list[Vectors | None]: ...
 
-    def put_many(self, texts: Sequence[str], vectors: Vectors) -> None: ...
+    def put_many(self, texts: Sequence[str], vectors: Vectors, prompt: str = "") -> None: ...
 
 
 @dataclass
@@ -90,34 +93,50 @@ class EmbeddingService:
         self.metrics = metrics
         self.cache = cache
 
-    def tokenize(self, texts: list[str]) -> Encoded:
-        return self.tokenizer.encode(texts, self.settings.long_text)
+    def options(self, call: EmbeddingCall | None = None) -> CallOptions:
+        """The request's prompt and dimensions checked against the model (None: the model's
+        default prompt, whole vectors); a 400 naming the field otherwise."""
+        s = self.served
+        try:
+            return resolve_options(
+                self.tokenizer, model=s.names[0], width=s.dim, matryoshka=s.matryoshka,
+                normalize=s.normalize, prompt_name=call.prompt_name if call else None,
+                input_type=call.input_type if call else None,
+                dimensions=call.dimensions if call else None)
+        except OptionError as exc:
+            code = "unsupported_value" if exc.param == "dimensions" else "invalid_value"
+            raise bad_request(str(exc), exc.param, code) from None
 
-    async def embed(self, texts: list[str]) -> Embedded:
+    def tokenize(self, texts: list[str], prompt: str = "") -> Encoded:
+        return self.tokenizer.encode(texts, self.settings.long_text, prompt=prompt)
+
+    async def embed(self, texts: list[str], options: CallOptions | None = None) -> Embedded:
+        opts = options if options is not None else self.options()
         batcher = self.runtime.running_batcher()
         chars = sum(len(t) for t in texts)
-        enc = (self.tokenize(texts) if chars <= INLINE_TOKENIZE_CHARS
-               else await run_in_threadpool(self.tokenize, texts))
+        enc = (self.tokenize(texts, opts.prompt) if chars <= INLINE_TOKENIZE_CHARS
+               else await run_in_threadpool(self.tokenize, texts, opts.prompt))
         tokens = sum(len(s) for s in enc.sequences)
         truncated = [i for i, t in enumerate(enc.truncated) if t]
         self.metrics.truncated_items.inc(len(truncated))
         out = np.empty((len(texts), self.served.dim), dtype=np.float32)
-        todo = await self._from_cache(texts, out)
+        todo = await self._from_cache(texts, out, opts.prompt)
         if todo:
             ticket = self._admit(batcher, enc, todo)
             vectors = await self._wait(ticket, todo)
             out[todo] = vectors
             if self.cache is not None:
-                await run_in_threadpool(self.cache.put_many, [texts[i] for i in todo], vectors)
+                await run_in_threadpool(self.cache.put_many, [texts[i] for i in todo], vectors,
+                                        opts.prompt)
         self.metrics.embedded_items.inc(len(texts))
         self.metrics.embedded_tokens.inc(tokens)
-        return Embedded(out, tokens, truncated)
+        return Embedded(opts.shape(out), tokens, truncated)
 
-    async def _from_cache(self, texts: list[str], out: Vectors) -> list[int]:
+    async def _from_cache(self, texts: list[str], out: Vectors, prompt: str) -> list[int]:
         """Fill ``out``'s rows the cache knows; return the indices still to embed."""
         if self.cache is None:
             return list(range(len(texts)))
-        cached = await run_in_threadpool(self.cache.get_many, texts)
+        cached = await run_in_threadpool(self.cache.get_many, texts, prompt)
         todo = []
         for i, vector in enumerate(cached):
             if vector is None:

@@ -94,7 +94,9 @@ def test_dimensions(server: LiveServer, dimensions: int, status: int) -> None:
     assert r.status_code == status, r.text
     if status == 400:
         assert r.json()["error"]["param"] == "dimensions"
-        assert "does not support" in r.json()["error"]["message"]
+        assert ("was not trained for truncated dimensions" if dimensions else
+                "between 1 and") in r.json()["error"]["message"]
+        assert "384" in r.json()["error"]["message"]
 
 
 def test_truncation_is_reported(server: LiveServer, tokenizer: TextTokenizer) -> None:

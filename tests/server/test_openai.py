@@ -29,6 +29,15 @@ BODIES: list[tuple[str, dict[str, Any], bool, int]] = [
     ("other-dimensions", {"input": "a", "dimensions": 128}, False, 400),
     ("unknown-model", {"input": "a", "model": "gpt-4"}, False, 404),
     ("bad-format", {"input": "a", "encoding_format": "int8"}, False, 400),
+    ("prompt-name", {"input": "a", "prompt_name": "query"}, True, 200),
+    ("unknown-prompt-name", {"input": "a", "prompt_name": "search_query"}, False, 400),
+    ("input-type", {"input": "a", "input_type": "passage"}, True, 200),
+    ("unknown-input-type", {"input": "a", "input_type": "search_document"}, False, 400),
+    ("both-agree", {"input": "a", "input_type": "query", "prompt_name": "query"}, True, 200),
+    ("both-disagree", {"input": "a", "input_type": "query", "prompt_name": "document"},
+     False, 400),
+    ("null-prompt-fields", {"input": "a", "input_type": None, "prompt_name": None}, True, 200),
+    ("prompt-name-not-string", {"input": "a", "prompt_name": 3}, False, 400),
 ]
 
 
