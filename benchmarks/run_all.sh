@@ -21,4 +21,6 @@ $P benchmarks/cache_rerun.py --chunks 5000 | tee bench-out/cache-rerun.txt
 $P benchmarks/serve_bench.py --engine real --chunks 600 --per-request 8 --latency-requests 200 | tee bench-out/serve.txt
 $P benchmarks/ray_bench.py --chunks 400 --rounds 1 | tee bench-out/ray.txt
 $P benchmarks/worker_rss.py | tee bench-out/worker-rss.txt
+# 5. prompt overhead (a prompt vs the same texts prefixed by hand, one process)
+$P benchmarks/prompt_overhead.py --chunks 1000 --rounds 3 | tee bench-out/prompt-overhead.txt
 uptime | tee -a bench-out/uptime.txt
