@@ -3,7 +3,7 @@ sizes (random weights: speed and memory do not depend on the values), per graph 
 
     .venv/bin/python benchmarks/families.py [--quick] [--families xlmr,nomic,modernbert]
         [--variants fp32,int8,fp32-mha,fp32-plain] [--lengths 256,2048] [--threads 1]
-        [--rss-lengths 256,2048,max] [--repeat 3] [--attention]
+        [--rss-lengths 256,2048,max] [--rss-variants fp32,int8] [--repeat 3] [--attention]
 
 Shapes: multilingual-e5-small (XLM-R, 12 x 384, 250k vocab, 512 tokens),
 nomic-embed-text-v1.5 (NomicBert, 12 x 768, 8,192 tokens) and gte-modernbert-base
@@ -142,6 +142,10 @@ def make_model(family: str, root: Path) -> Path:
     (dst / "config.json").write_text(json.dumps(config))
     st = json.loads((dst / "sentence_bert_config.json").read_text())
     (dst / "sentence_bert_config.json").write_text(json.dumps({**st, "max_seq_length": max_seq}))
+    pooling = dst / "1_Pooling" / "config.json"
+    width = config.get("hidden_size", config.get("n_embd"))
+    pooling.write_text(json.dumps({**json.loads(pooling.read_text()),
+                                   "word_embedding_dimension": width}))
     rng = np.random.default_rng(0)
     weights: dict[str, np.ndarray] = {}
     for key, dims in _tensors(family, config).items():
@@ -371,6 +375,8 @@ def main() -> None:
     ap.add_argument("--variants", default="fp32,int8,fp32-mha,fp32-plain")
     ap.add_argument("--lengths", default="256,2048")
     ap.add_argument("--rss-lengths", default="256,2048,max")
+    ap.add_argument("--rss-variants", default=None,
+                    help="variants whose worker memory is measured (default: all; '' for none)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--attention", action="store_true", help="one attention op alone")
@@ -392,9 +398,10 @@ def main() -> None:
                   f"(max length {model.max_length}, {args.threads} thread(s))")
             specs = variant_specs(model, variants, tmp, args.threads)
             top = model.max_length
-            lengths = sorted({min(int(x), top) for x in args.lengths.split(",")})
-            engines = {v: s.build() for v, s in specs.items()}
-            print(f"{'chunks/s':>10} " + " ".join(f"{v:>11}" for v in specs))
+            lengths = sorted({min(int(x), top) for x in args.lengths.split(",") if x})
+            engines = {v: s.build() for v, s in specs.items()} if lengths else {}
+            if lengths:
+                print(f"{'chunks/s':>10} " + " ".join(f"{v:>11}" for v in specs))
             for length in lengths:
                 count = (6 if args.quick else 24) if length <= 512 else (1 if args.quick else 3)
                 row = speed(engines, length, count, vocab, 1 if args.quick else args.repeat)
@@ -402,10 +409,15 @@ def main() -> None:
             del engines
             rss_lengths = sorted({top if x == "max" else min(int(x), top)
                                   for x in args.rss_lengths.split(",")})
+            if args.rss_variants == "":
+                continue
             print(f"{'worker MiB':>10} {'load':>8} "
                   + " ".join(f"{'peak@' + str(n):>10}" for n in rss_lengths)
                   + "   (seconds per batch)")
-            for v, spec in specs.items():
+            rss_variants = list(specs) if args.rss_variants is None else \
+                [v for v in args.rss_variants.split(",") if v in specs]
+            for v in rss_variants:
+                spec = specs[v]
                 peaks = worker_peaks(spec, rss_lengths, vocab)
                 print(f"{v:>10} {peaks['load']:8.0f} "
                       + " ".join(f"{peaks[f'peak@{n}']:10.0f}" for n in rss_lengths)

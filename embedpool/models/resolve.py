@@ -177,14 +177,13 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
 def _check_weights(config: dict[str, Any], weights: Path, tdir: Path) -> None:
     """The family refuses what it cannot build; the headers must be readable and fit the
     config (in the parent, from the headers alone: no tensor is loaded)."""
-    from embedpool.graph.families import family_for
+    from embedpool.graph.families import parse_config
     from embedpool.graph.weights import tensor_infos
 
     where = str(tdir / "config.json")
     if not config:
         raise ModelError(f"{tdir}: model.safetensors needs a config.json beside it")
-    fam = family_for(config, where=where)
-    cfg = fam.parse_config(config, where)
+    fam, cfg = parse_config(config, where)
     infos = tensor_infos(weights)
     check = getattr(fam, "check_weights", None)
     if check is not None:

@@ -47,15 +47,36 @@ def family_for(config: Mapping[str, Any], where: str = "config.json") -> ModuleT
     for fam in FAMILIES:
         if model_type in fam.MODEL_TYPES:
             return fam
-    built = "; ".join(f"{fam.NAME} ({', '.join(sorted(t for t in fam.MODEL_TYPES if t.islower()))})"
-                      for fam in FAMILIES)
     arch = config.get("architectures")
     found = f"architectures {', '.join(map(str, arch))}; " if isinstance(arch, list) and arch else ""
     raise ModelError(
         f"{where}: model_type {model_type!r} is not an encoder embedpool builds from safetensors "
-        f"({found}it builds: {built}). Export the model to ONNX (e.g. with optimum: "
-        "`optimum-cli export onnx --model DIR DIR/onnx`) so that DIR/onnx/model.onnx exists, "
-        "and pass that directory: embedpool runs a shipped ONNX file as is.")
+        f"({found}it builds: {built_families()}). {ONNX_ROUTE}")
+
+
+#: The way around any architecture or config embedpool does not build.
+ONNX_ROUTE = ("Export the model to ONNX (e.g. with optimum: `optimum-cli export onnx --model "
+              "DIR DIR/onnx`) so that DIR/onnx/model.onnx exists, and pass that directory: "
+              "embedpool runs a shipped ONNX file as is.")
+
+
+def built_families() -> str:
+    """``bert (bert); xlm-roberta (roberta, xlm-roberta); ...``: what messages name."""
+    return "; ".join(f"{fam.NAME} ({', '.join(sorted(t for t in fam.MODEL_TYPES if t.islower()))})"
+                     for fam in FAMILIES)
+
+
+def parse_config(config: Mapping[str, Any], where: str = "config.json"
+                 ) -> tuple[ModuleType, Any]:
+    """The family and its parsed config; a refusal of the family (a field it cannot honour:
+    a position type, an activation, a decoder flag) also names what embedpool builds and the
+    ONNX route, so the message says what to do, not only what is wrong."""
+    fam = family_for(config, where)
+    try:
+        return fam, fam.parse_config(config, where)
+    except ModelError as exc:
+        raise ModelError(f"{str(exc).rstrip('.')}. embedpool builds {built_families()} from safetensors, each "
+                         f"as its reference implementation computes it. {ONNX_ROUTE}") from exc
 
 
 #: int8 graph bytes per fp32 graph byte: MiniLM's 33 / 87 MiB under the static recipe. Models
@@ -73,8 +94,7 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
     if model.onnx_path is not None or not model.config:
         return None
     where = str(model.directory / "config.json")
-    fam = family_for(model.config, where)
-    cfg = fam.parse_config(model.config, where)
+    fam, cfg = parse_config(model.config, where)
     if fam is modernbert:  # block-local windows hold 3 x half-window keys per query
         keys: int | None = 3 * (cfg.local_window // 2) if "sliding_attention" in cfg.layer_types \
             else 0

@@ -110,6 +110,10 @@ class BertConfig:
                       max_position_embeddings=int(config.get("max_position_embeddings", 512)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: missing or bad BERT field: {exc}") from exc
+        for flag in ("is_decoder", "add_cross_attention"):
+            if config.get(flag):
+                raise ModelError(f"{where}: {flag} is set: a {model_type} decoder attends "
+                                 "causally, and embedpool builds bidirectional encoders only")
         pos_type = config.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ModelError(f"{where}: position_embedding_type {pos_type!r} is not supported "
