@@ -24,6 +24,10 @@ batch by ``SentenceTransformer.encode``; ``query_vectors``: the same with
 ``prompt_name="query"``). The script checks that the reference itself is batch-independent
 (each text alone gives the same vector) before writing anything.
 
+``--long`` adds, for the long-context families (nomic, modernbert), ``long.json`` and
+``long.npz``: one text of 7,680-8,192 tokens (30 x MiniLM's window) embedded by the
+reference with the committed model at max length 8,192 (positions raised to match).
+
 The tokenizers' training is not bit-reproducible across runs (ties in pair counts), so a
 rerun writes slightly different fixtures: the committed files are the reference.
 """
@@ -352,14 +356,96 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
           f"tokens {[len(i) for i in input_ids]}")
 
 
+# --- long context ------------------------------------------------------------------------------
+
+#: The long-context families and the config key that bounds their positions.
+LONG: dict[str, str] = {"nomic": "max_position_embeddings", "modernbert": "max_position_embeddings"}
+LONG_MAX = 8192
+#: The long text's token count: at least 30 x MiniLM's 256-token window, and not truncated.
+LONG_TOKENS = (30 * 256, LONG_MAX)
+
+
+def long_model_dir(name: str, fixture: Path, dst: Path) -> Path:
+    """The committed fixture with max_seq_length and positions raised to LONG_MAX (what the
+    tests do with their copy). NomicBert gets transformers' native config, since
+    sentence-transformers loads nomic-ai's hub config only with trust_remote_code; the hub
+    weights load through transformers' conversion mapping (checked: the short goldens)."""
+    shutil.copytree(fixture / "model", dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    if name == "nomic":
+        cfg = {"model_type": "nomic_bert", "hidden_size": cfg["n_embd"],
+               "num_attention_heads": cfg["n_head"], "num_hidden_layers": cfg["n_layer"],
+               "intermediate_size": cfg["n_inner"], "layer_norm_eps": cfg["layer_norm_epsilon"],
+               "hidden_act": "silu", "vocab_size": cfg["vocab_size"],
+               "type_vocab_size": cfg["type_vocab_size"], "pad_token_id": cfg["pad_token_id"],
+               "rope_parameters": {"rope_type": "default", "rope_theta": cfg["rotary_emb_base"]}}
+    cfg[LONG[name]] = LONG_MAX
+    (dst / "config.json").write_text(json.dumps(cfg))
+    st_cfg = json.loads((dst / "sentence_bert_config.json").read_text())
+    (dst / "sentence_bert_config.json").write_text(json.dumps({**st_cfg,
+                                                               "max_seq_length": LONG_MAX}))
+    return dst
+
+
+def long_text(count: Callable[[str], int]) -> str:
+    """The fixture's texts (code, prose, other scripts, a literal pad token) repeated until
+    the text has LONG_TOKENS tokens."""
+    unit = "\n".join(TEXTS[1:]) + "\n"
+    lo, hi = 1, 400
+    while lo < hi:  # the fewest repetitions that reach LONG_TOKENS[0]
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if count(unit * mid) < LONG_TOKENS[0] else (lo, mid)
+    text = unit * lo
+    while count(text) > LONG_TOKENS[1]:
+        text = text[: int(len(text) * 0.99)]
+    if not LONG_TOKENS[0] <= count(text) <= LONG_TOKENS[1]:
+        raise SystemExit(f"no text of {LONG_TOKENS} tokens: {count(text)}")
+    return text
+
+
+def build_long(name: str, out: Path) -> None:
+    """``long.json`` (the text, its max length) and ``long.npz`` (``input_ids``, ``vector``)
+    next to the committed fixture: one text of LONG_TOKENS tokens embedded by the reference
+    at max length LONG_MAX."""
+    fixture = out / name
+    with tempfile.TemporaryDirectory() as tmp:
+        st = SentenceTransformer(str(long_model_dir(name, fixture, Path(tmp) / "m")),
+                                 device="cpu")
+        if st.max_seq_length != LONG_MAX:
+            raise SystemExit(f"{name}: max_seq_length {st.max_seq_length}")
+        gold = json.loads((fixture / "golden.json").read_text())
+        short = st.encode(gold["texts"][:-1], convert_to_numpy=True)
+        cos = (short * np.load(fixture / "golden.npz")["vectors"][:-1]).sum(1)
+        if cos.min() < 0.99999:
+            raise SystemExit(f"{name}: the long-context copy is not the fixture's model: {cos}")
+        text = long_text(lambda t: len(st.tokenizer(t)["input_ids"]))
+        ids = st.tokenize([text])["input_ids"][0].numpy()
+        vector = st.encode([text], convert_to_numpy=True)[0]
+    np.savez(fixture / "long.npz", input_ids=ids.astype(np.int32),
+             vector=vector.astype(np.float32))
+    (fixture / "long.json").write_text(json.dumps({
+        "text": text, "max_seq_length": LONG_MAX, "tokens": int(ids.size),
+        "made_by": {"torch": torch.__version__, "transformers": transformers.__version__,
+                    "sentence_transformers": sentence_transformers.__version__,
+                    "script": "scripts/make_family_fixtures.py --long"},
+    }, indent=1, ensure_ascii=False) + "\n")
+    print(f"{name}: long text of {ids.size} tokens")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("tests/fixtures/families"))
     ap.add_argument("--only", choices=sorted(FAMILIES), action="append")
+    ap.add_argument("--long", action="store_true",
+                    help="only the long-context goldens, from the committed fixtures")
     args = ap.parse_args()
     torch.manual_seed(SEED)
     for i, name in enumerate(FAMILIES):
         if args.only and name not in args.only:
+            continue
+        if args.long:
+            if name in LONG:
+                build_long(name, args.out)
             continue
         build(name, args.out, torch.Generator().manual_seed(SEED + i))
 

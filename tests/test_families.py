@@ -6,7 +6,9 @@ sentence-transformers' layout with golden vectors computed by transformers +
 sentence-transformers (scripts/make_family_fixtures.py, run in the dev venv). The goldens
 embed all texts in one padded batch; the texts include ones longer than ModernBERT's local
 window, short ones padded next to long ones, other scripts, a literal pad token, and one
-longer than every max length.
+longer than every max length. The long-context families (NomicBert, ModernBERT) also have
+``long.json`` / ``long.npz``: one text of 30 x MiniLM's window embedded by the reference at
+max length 8,192 (``--long``).
 """
 
 from __future__ import annotations
@@ -293,6 +295,92 @@ def test_modernbert_window_matters() -> None:
     cos = cosines(run_graph(graph, fx), fx.vectors)
     long_texts = [i for i, ids in enumerate(fx.input_ids) if len(ids) > cfg.local_window // 2 + 1]
     assert cos[long_texts].max() < 0.999, cos
+
+
+# --- long context ----------------------------------------------------------------------------
+
+LONG = ["nomic", "modernbert"]
+#: The config key that bounds each long-context fixture's positions (hub layouts).
+POSITIONS_KEY = {"nomic": "n_positions", "modernbert": "max_position_embeddings"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LongFixture:
+    model: ResolvedModel
+    text: str
+    input_ids: list[int]
+    vector: F32
+
+
+def load_long(name: str, tmp: Path) -> LongFixture:
+    """The fixture with its max length and positions raised to 8,192, and one text of
+    7,680-8,192 tokens (30 x MiniLM's 256-token window) with the reference's vector
+    (``scripts/make_family_fixtures.py --long``)."""
+    meta = json.loads((FIXTURES / name / "long.json").read_text(encoding="utf-8"))
+    gold = np.load(FIXTURES / name / "long.npz")
+    directory = copy_model(name, tmp, **{POSITIONS_KEY[name]: meta["max_seq_length"]})
+    st = json.loads((directory / "sentence_bert_config.json").read_text())
+    st["max_seq_length"] = meta["max_seq_length"]
+    (directory / "sentence_bert_config.json").write_text(json.dumps(st))
+    model = resolve_model(directory)
+    assert model.max_length == meta["max_seq_length"] == 8192
+    return LongFixture(model, meta["text"], gold["input_ids"].tolist(), gold["vector"])
+
+
+@pytest.fixture(scope="module", params=LONG)
+def long_fixture(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> LongFixture:
+    return load_long(request.param, tmp_path_factory.mktemp("long"))
+
+
+@pytest.fixture(scope="module")
+def long_graphs(long_fixture: LongFixture,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    cache = tmp_path_factory.mktemp("onnx")
+    return {p: prepare_onnx(long_fixture.model, p, cache)  # type: ignore[misc]
+            for p in ("fp32", "int8")}
+
+
+def test_long_text_is_one_untruncated_sequence(long_fixture: LongFixture) -> None:
+    """30 x MiniLM's window, tokenised as the reference does, nothing cut."""
+    fx = long_fixture
+    enc = TextTokenizer(fx.model.tokenizer_path, fx.model.max_length).encode([fx.text])
+    assert len(fx.input_ids) >= 30 * 256
+    assert [list(map(int, s)) for s in enc.sequences] == [fx.input_ids]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_long_text_matches_reference(long_fixture: LongFixture, long_graphs: dict[str, Path],
+                                     precision: str) -> None:
+    """Rotary positions thousands of tokens out, FlashAttention over 7,800 keys and (in
+    ModernBERT) block-local windows far from the start: the reference's vector, padded in a
+    batch next to a short text."""
+    fx = long_fixture
+    got = embed(fx.model, long_graphs[precision], [fx.text, "x"])[:1]
+    cos = float(cosines(got, fx.vector[None])[0])
+    assert cos >= (0.9999 if precision == "fp32" else 0.97), cos
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("long_text", ["truncate", "window"])
+def test_long_text_through_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    long_text: str) -> None:
+    """A pool worker embeds the 7,800-token text under the default 768-token budget (the
+    planner runs it alone) with the reference's vector; at 8,192 tokens it is one window, so
+    window mode gives the same vector; the pool's per-model estimate is planned for one
+    8,192-token sequence."""
+    from embedpool.graph.families import model_memory
+    from embedpool.job import Embedder
+
+    monkeypatch.setenv("EMBEDPOOL_CACHE_DIR", str(tmp_path / "cache"))
+    fx = load_long("modernbert", tmp_path)
+    mem = model_memory(fx.model, "fp32")
+    assert mem is not None and mem.max_seq == 8192
+    with Embedder(fx.model, precision="fp32", workers=1, long_text=long_text) as e:
+        got = e.embed(["short", fx.text, "another short one"])
+        report = e.last_report
+    assert cosines(got[1:2], fx.vector[None])[0] >= 0.9999
+    assert report.truncated == 0, report
 
 
 # --- refusals that teach -------------------------------------------------------------------
