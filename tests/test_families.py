@@ -33,6 +33,7 @@ from embedpool.graph.compose import compose
 from embedpool.graph.families import FAMILIES, family_for
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.tokenization import TextTokenizer
+from embedpool.types import LongTextMode
 
 FIXTURES = Path(__file__).parent / "fixtures" / "families"
 NAMES = ["xlmr", "nomic", "modernbert"]
@@ -364,7 +365,7 @@ def test_long_text_matches_reference(long_fixture: LongFixture, long_graphs: dic
 @pytest.mark.slow
 @pytest.mark.parametrize("long_text", ["truncate", "window"])
 def test_long_text_through_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    long_text: str) -> None:
+                                    long_text: LongTextMode) -> None:
     """A pool worker embeds the 7,800-token text under the default 768-token budget (the
     planner runs it alone) with the reference's vector; at 8,192 tokens it is one window, so
     window mode gives the same vector; the pool's per-model estimate is planned for one
@@ -458,7 +459,7 @@ def test_bert_decoder_is_refused() -> None:
                            "num_hidden_layers": 2, "intermediate_size": 64, "is_decoder": True})
 
 
-REFUSED = {
+REFUSED: dict[str, tuple[dict[str, Any], list[str]]] = {
     "decoder": ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
                 ["model_type 'qwen2'", "Qwen2ForCausalLM"]),
     "position-type": ({"position_embedding_type": "relative_key"},
