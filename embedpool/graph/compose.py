@@ -10,6 +10,7 @@ sentence-transformers head, and the outputs, assembled the same way for every fa
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from embedpool.graph.builder import (
     SENTENCE_EMBEDDING,
     Array,
     GraphBuilder,
+    Linear,
 )
 from embedpool.graph.head import apply_head, head_inputs
 from embedpool.modelspec import HeadSpec
@@ -28,14 +30,35 @@ if TYPE_CHECKING:
     import onnx
 
 
+@dataclass(frozen=True)
+class Composed:
+    """A composed model and what precision recipes need to know of it: the linears the
+    builder recorded (int8 keys on their roles), the nodes after the encoder (head and
+    output; fp16 keeps them float32) and the encoder's output tensor between the two."""
+
+    model: onnx.ModelProto
+    linears: list[Linear]
+    head_nodes: list[str]
+    hidden: str
+
+
 def compose(family: ModuleType, weights: Mapping[str, Array], cfg: Any, head: HeadSpec | None,
             *, fused: bool = True, int8_ready: bool = False, name: str = "model"
             ) -> onnx.ModelProto:
     """The model for these weights; ``head=None`` outputs the token states instead."""
+    return compose_parts(family, weights, cfg, head, fused=fused, int8_ready=int8_ready,
+                         name=name).model
+
+
+def compose_parts(family: ModuleType, weights: Mapping[str, Array], cfg: Any,
+                  head: HeadSpec | None, *, fused: bool = True, int8_ready: bool = False,
+                  name: str = "model") -> Composed:
+    """``compose``, with what the precision recipes need (see ``Composed``)."""
     from onnx import TensorProto, helper
 
     g = GraphBuilder()
     enc = family.build_encoder(g, weights, cfg, fused=fused, int8_ready=int8_ready)
+    encoder_nodes = len(g.nodes)
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
               for n in (INPUT_IDS, ATTENTION_MASK, *enc.extra_inputs)]
     inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, shape)
@@ -48,5 +71,6 @@ def compose(family: ModuleType, weights: Mapping[str, Array], cfg: Any, head: He
         out_name, out_shape = LAST_HIDDEN_STATE, ["batch", "seq", enc.width]
         g.op("Identity", [enc.hidden], out_name)
     outputs = [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, out_shape)]
-    return g.finish(name, inputs, outputs, producer_version=str(family.BUILDER_VERSION),
-                    declare_float_outputs=int8_ready)
+    head_nodes = [n.name for n in g.nodes[encoder_nodes:]]
+    model = g.finish(name, inputs, outputs, producer_version=str(family.BUILDER_VERSION))
+    return Composed(model, g.linears, head_nodes, enc.hidden)

@@ -10,8 +10,10 @@ A family module provides:
                       it cannot honour (an unknown position type, activation, ...)
     load_weights(path, cfg) -> float32 tensors, checked against cfg
     build_encoder(g, weights, cfg, *, fused, int8_ready) -> builder.Encoder: the encoder's
-                      nodes in a GraphBuilder (compose.compose adds inputs, head, outputs)
-    int8_fp32_nodes(cfg), int8_smoothed_nodes(cfg)  what the int8 recipe keeps / smooths
+                      nodes in a GraphBuilder (compose.compose adds inputs, head, outputs);
+                      with ``int8_ready`` every dense projection goes through ``g.linear``
+                      (with ``floor=GELU_FLOOR`` where it reads a GELU output): the int8
+                      recipe (graph/quantize.py) quantises linears by role, nothing else
 
 Families: ``bert``, ``xlmr`` (XLM-RoBERTa/RoBERTa: BERT's layers, its own positions),
 ``nomic`` (NomicBert) and ``modernbert``; ``layers`` holds the pieces the rotary families

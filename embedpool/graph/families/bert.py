@@ -21,9 +21,10 @@ written node by node with ``onnx.helper``. Two flavours come out of the same wei
     into the position table (exact: both are added before the embedding LayerNorm).
 
 ``fused=True, int8_ready=True`` (what the int8 recipe quantises)
-    The fused graph with two changes. Attention's packed QKV projection becomes three plain
-    MatMuls (the quantiser turns MatMuls into QLinearMatMul; it has no static form of
-    Attention) feeding MultiHeadAttention, which adds the biases and takes the 2-D mask. The
+    The fused graph with two changes. Attention's packed QKV projection becomes three
+    linears (``GraphBuilder.linear``, roles q/k/v: the int8 recipe quantises linears, and
+    Attention's packed weight is none) feeding MultiHeadAttention, which adds the biases and
+    takes the 2-D mask. The
     word-embedding table (47 of MiniLM's 90 MB) is stored as int8 rows, each with its own
     scale, and dequantised after the Gather, with EmbedLayerNormalization's maths in plain
     ops. Against the fused fp32 graph, before quantising: cos >= 0.99993 (mean 0.99998).
@@ -54,6 +55,7 @@ import numpy as np
 from embedpool.errors import ModelError
 from embedpool.graph.builder import (
     ATTENTION_MASK,
+    GELU_FLOOR,
     INPUT_IDS,
     MS_DOMAIN,
     TOKEN_TYPE_IDS,
@@ -297,7 +299,8 @@ def _layer_fused(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, i: in
     gelu_op = "BiasGelu" if cfg.hidden_act in _ERF_GELU else "FastGelu"
     act = g.op1(gelu_op, [up, g.const(f"{n}.ff1.b", w[p + "intermediate.dense.bias"])],
                 f"{n}.gelu", domain=MS_DOMAIN)
-    down = g.linear(act, linear_t(w, p + "output.dense"), f"{n}.ff2", role="ffn_down", layer=i)
+    down = g.linear(act, linear_t(w, p + "output.dense"), f"{n}.ff2", role="ffn_down", layer=i,
+                    floor=GELU_FLOOR)
     return g.op1("SkipLayerNormalization",
                  [down, x, g.const(f"{n}.ln2.w", w[p + "output.LayerNorm.weight"]),
                   g.const(f"{n}.ln2.b", w[p + "output.LayerNorm.bias"]),
@@ -341,8 +344,8 @@ def _layer_plain(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, i: in
     p, n = f"encoder.layer.{i}.", f"l{i}"
     split_shape = g.const(f"{n}.split_shape", [0, 0, cfg.num_heads, cfg.head_dim], np.int64)
 
-    def dense(inp: str, key: str, tag: str, role: LinearRole) -> str:
-        mm = g.linear(inp, linear_t(w, p + key), f"{n}.{tag}", role=role, layer=i)
+    def dense(inp: str, key: str, tag: str, role: LinearRole, floor: float | None = None) -> str:
+        mm = g.linear(inp, linear_t(w, p + key), f"{n}.{tag}", role=role, layer=i, floor=floor)
         return g.op1("Add", [mm, g.const(f"{n}.{tag}.b", w[p + key + ".bias"])], f"{n}.{tag}.add")
 
     def heads(inp: str, tag: str, perm: list[int]) -> str:
@@ -366,7 +369,7 @@ def _layer_plain(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, i: in
                           p + "attention.output.LayerNorm", f"{n}.ln1")
     up = dense(x, "intermediate.dense", "ff1", "ffn_up")
     act = _gelu_plain(g, up, cfg.hidden_act, f"{n}.gelu")
-    down = dense(act, "output.dense", "ff2", "ffn_down")
+    down = dense(act, "output.dense", "ff2", "ffn_down", GELU_FLOOR)
     return _layer_norm_plain(g, w, cfg, g.op1("Add", [down, x], f"{n}.res2"),
                              p + "output.LayerNorm", f"{n}.ln2")
 
@@ -398,30 +401,3 @@ def _gelu_plain(g: GraphBuilder, x: str, act: str, n: str) -> str:
 
 NAME = "bert"
 parse_config = BertConfig.from_dict
-
-
-def int8_fp32_nodes(cfg: BertConfig) -> list[str]:
-    """Nodes the int8 recipe keeps in fp32: the FFN down-projection (``ff2``) of every layer.
-
-    ff2 reads GELU output, whose rare large activations set the activation range and crush
-    every other value into a few int8 steps; with static (calibrated) scales this hurts in
-    every layer, not just the first ones. Measured on MiniLM against sentence-transformers
-    (held-out eval): static with all ff2 in fp32 0.99426 mean / 0.98876 min cosine, equal to
-    the dynamic recipe with ff2 of layers 0-1 in fp32 (see quantize.py).
-    """
-    return [f"l{i}.ff2_MatMul" for i in range(cfg.num_layers)]
-
-
-def int8_smoothed_nodes(cfg: BertConfig) -> list[str]:
-    """MatMuls whose input the int8 recipe smooths (quantize.smooth_matmul_inputs): the FFN
-    up-projection (``ff1``) of every layer.
-
-    Its input is a LayerNorm output with a few outlier channels, and with one per-tensor
-    scale those crush the rest: short texts, averaged over few tokens, showed it most. Against
-    fp32, on 11 texts of 1-3 tokens (benchmarks/graph_variants.py has the long-text side):
-    without smoothing min 0.963 / mean 0.984 cos; ff1 smoothed 0.981 / 0.991; ff1 and Q/K/V
-    smoothed (alpha 0.75) 0.982 / 0.991 but slower (one more Mul per layer); ff1 in fp32
-    0.988 / 0.994 but a third of the int8 speed-up gone. On 300 stdlib chunks ff1 smoothing
-    took the min from 0.985 to 0.994 (mean 0.9956 -> 0.9967).
-    """
-    return [f"l{i}.ff1_MatMul" for i in range(cfg.num_layers)]
