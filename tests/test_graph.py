@@ -29,7 +29,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from embedpool.engine import Engine
-from embedpool.errors import ModelError
+from embedpool.errors import ConfigError, ModelError
 from embedpool.graph import cache_path, graph_id, prepare_onnx
 from embedpool.graph import quantize as q8
 from embedpool.graph.compose import compose_parts
@@ -514,6 +514,74 @@ def test_cold_int8_build_fits_600mb_cgroup(minilm: ResolvedModel, built: dict[st
                                   embed(minilm, built["int8"], TEXTS))
 
 
+# --- fp16 (for GPU execution providers) -------------------------------------------------------
+
+def test_fp16_graph_is_float16_inside_float32_outside(minilm: ResolvedModel,
+                                                      tmp_path: Path) -> None:
+    """The encoder's weights and tensors float16, the head float32 behind one Cast, int64
+    inputs and a float32 output: what ORT's CUDA provider runs. It also runs on ORT's CPU
+    provider, whose float16 kernels cover these ops, and agrees with fp32 to issue 12's bar
+    (cos >= 0.999 mean and min; measured 0.999998 min on MiniLM)."""
+    path = prepare_onnx(minilm, "fp16", tmp_path)
+    assert path.name.startswith("all-MiniLM-L6-v2-fp16-")
+    model = onnx.load(str(path))
+    graph = model.graph
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    assert [i.type.tensor_type.elem_type for i in graph.input] == [onnx.TensorProto.INT64] * 2
+    assert [o.type.tensor_type.elem_type for o in graph.output] == [f32]
+    inits = {t.name: t for t in graph.initializer}
+    weights = [n.input[1] for n in graph.node if n.op_type in ("MatMul", "Attention")]
+    assert len(weights) == 4 * 6 and all(inits[w].data_type == f16 for w in weights)
+    assert not [t.name for t in graph.initializer if t.data_type == f32 and len(t.dims) > 0]
+    casts = [n for n in graph.node if n.op_type == "Cast"]
+    to = {n.name: n.attribute[0].i for n in casts}
+    assert sorted(to.values()) == sorted([onnx.TensorProto.INT32] * 2 + [f32] * 2)
+    back = next(n for n in casts if n.name.endswith(".fp32_Cast"))
+    readers = {i: [n for n in graph.node if i in n.input] for i in (back.input[0], back.output[0])}
+    assert readers[back.input[0]] == [back], "the float16 hidden state feeds the head directly"
+    assert readers[back.output[0]], "nothing reads the float32 hidden state"
+    got = embed(minilm, path, TEXTS)
+    want = embed(minilm, prepare_onnx(minilm, "fp32", tmp_path), TEXTS)
+    cos = (got * want).sum(1)
+    assert cos.mean() >= 0.999 and cos.min() >= 0.999, cos
+
+
+def test_fp16_tiny_bert_matches_numpy(tmp_path: Path) -> None:
+    """Every fused op of the tiny BERT in float16 (weights rounded too), the head in float32:
+    still the fp32 maths to float16 precision."""
+    cfg = BertConfig.from_dict(TINY)
+    ckpt = tmp_path / "model.safetensors"
+    write_checkpoint(ckpt, tiny_weights(TINY), "bare")
+    from embedpool.graph.fp16 import to_fp16
+
+    parts = compose_parts(bert, load_weights(ckpt, cfg), cfg, HeadSpec(PoolingSpec(("mean",))))
+    model = to_fp16(parts.model, parts.head_nodes, [parts.hidden])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    ids, mask = pad([rng.integers(1, 50, n) for n in (7, 3, 12, 1)])
+    got = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    assert got.dtype == np.float32
+    want = numpy_sentence(numpy_bert(tiny_weights(TINY), cfg, ids, mask), mask, "mean")
+    assert ((got * want).sum(1) >= 0.999).all(), (got * want).sum(1)
+
+
+def test_fp16_refuses_what_it_cannot_honour(minilm: ResolvedModel, built: dict[str, Path],
+                                            tmp_path: Path) -> None:
+    from embedpool.graph.fp16 import to_fp16
+
+    model = _one_linear(np.ones((4, 2), np.float32), q8.ZERO_POINT)
+    with pytest.raises(ValueError, match=r"graph output .* would be float16"):
+        to_fp16(model, [], [])
+    with pytest.raises(ValueError, match="no node named"):
+        to_fp16(model, ["nope"], [])
+    shipped = dataclasses.replace(minilm, onnx_path=built["fp32"])
+    with pytest.raises(ConfigError, match="fp16 graphs from safetensors only"):
+        prepare_onnx(shipped, "fp16", tmp_path)
+    with pytest.raises(ConfigError, match="precision must be one of fp32, int8, fp16"):
+        prepare_onnx(minilm, "bf16", tmp_path)  # type: ignore[arg-type]
+    assert not list(tmp_path.iterdir())
+
+
 # --- the cache ------------------------------------------------------------------------------
 
 def test_second_call_reuses_the_file(minilm: ResolvedModel, cache: Path, built: dict[str, Path],
@@ -555,13 +623,14 @@ def test_cache_key(minilm: ResolvedModel, tmp_path: Path, change: dict[str, Any]
     if edit.get("text") == "max_length=128":
         edit["text"] = dataclasses.replace(minilm.text, max_length=128)
     other = dataclasses.replace(minilm, **edit)
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32", "int8", "fp16"):
         a = cache_path(minilm, precision, tmp_path)  # type: ignore[arg-type]
         b = cache_path(other, precision, tmp_path)  # type: ignore[arg-type]
         assert (a == b) is same
         if change.get("name"):
             assert a.name.split("-")[-1] == b.name.split("-")[-1]
-    assert cache_path(minilm, "fp32", tmp_path) != cache_path(minilm, "int8", tmp_path)
+    keys = {cache_path(minilm, p, tmp_path) for p in ("fp32", "int8", "fp16")}
+    assert len(keys) == 3
 
 
 @pytest.mark.parametrize(

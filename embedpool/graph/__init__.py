@@ -4,7 +4,7 @@ quantised, and cached on disk.
 The package: ``builder`` (GraphBuilder, the one API graphs are written with), ``families/``
 (one module per encoder architecture, picked by ``families.family_for``), ``head`` (pooling,
 dense, normalise), ``weights`` (safetensors in, float32 out), ``quantize`` (the int8 recipe),
-``store`` (the atomic, locked on-disk cache).
+``fp16`` (the GPU graph), ``store`` (the atomic, locked on-disk cache).
 
     ResolvedModel --prepare_onnx(model, precision)--> Path of a ready .onnx file
 
@@ -12,9 +12,11 @@ dense, normalise), ``weights`` (safetensors in, float32 out), ``quantize`` (the 
                              └─ int8 ──> quantize.quantize_shipped: every constant-weight
                                          MatMul, per-row activations ──> cache
     model.safetensors ─┬─ fp32: compose(family, fused=True) ──> cache
-                       └─ int8: compose(family, fused=True, int8_ready=True)
-                                  └─ quantize.quantize_linears(zero_points(linears))
-                                       every encoder linear, by role ──> cache
+                       ├─ int8: compose(family, fused=True, int8_ready=True)
+                       │          └─ quantize.quantize_linears(zero_points(linears))
+                       │               every encoder linear, by role ──> cache
+                       └─ fp16: compose(family, fused=True)
+                                  └─ fp16.to_fp16: encoder float16, head float32 ──> cache
 
 int8 quantises weights per output channel and activations per row (token) at run time
 (quantize.py): a text's vector does not depend on its batch neighbours, no calibration set is
@@ -23,8 +25,11 @@ an empty cache dir, imports and model resolution included (``benchmarks/graph_va
 --build-cost``, best of 2, AMD EPYC Zen 3, 2 cores): int8 1.5 s and 232 MB peak RSS, against
 31 s and 1.7 GB for the calibrated static recipe it replaced (recipe 5, whose calibration set
 was the local stdlib, so two machines could build two graphs under one id); fp32 1.3 s /
-381 MB. A shipped graph gets the same recipe on every MatMul it has with a constant weight:
-batch-independent too.
+381 MB, fp16 1.8 s / 335 MB. A shipped graph gets the same recipe on every MatMul it has with
+a constant weight: batch-independent too.
+
+fp16 (graph/fp16.py) is for GPU execution providers: the fused graph's encoder in float16, its
+head in float32; the CPU engine does not run it (embedpool.types.Precision has no fp16).
 
 Why int8 starts from the int8-ready graph (fused ops, Q/K/V as three linears into
 MultiHeadAttention, int8 word embeddings): fused bias, GELU, LayerNorm and softmax kernels
@@ -72,12 +77,13 @@ from embedpool.models import ResolvedModel
 #: .json: prompts); every other file the vectors are computed from is part of the key.
 GRAPH_FREE_ROLES = ("st:prompts",)
 
-__all__ = ["GRAPH_PRECISIONS", "INT8_RECIPE_VERSION", "GraphPrecision", "cache_path",
-           "graph_id", "prepare_onnx"]
+__all__ = ["FP16_RECIPE_VERSION", "GRAPH_PRECISIONS", "INT8_RECIPE_VERSION", "GraphPrecision",
+           "cache_path", "graph_id", "prepare_onnx"]
 
-#: What prepare_onnx builds.
-GraphPrecision = Literal["fp32", "int8"]
-GRAPH_PRECISIONS: tuple[GraphPrecision, ...] = ("fp32", "int8")
+#: What prepare_onnx builds: embedpool's precisions (types.Precision) and fp16, a graph for
+#: GPU execution providers (graph/fp16.py) that the CPU engine does not run.
+GraphPrecision = Literal["fp32", "int8", "fp16"]
+GRAPH_PRECISIONS: tuple[GraphPrecision, ...] = ("fp32", "int8", "fp16")
 
 #: The int8 recipe, part of the int8 cache key (with quantize.recipe_key()).
 #: 3: static, calibrated QOperator quantisation with ff2 of every layer in fp32.
@@ -86,6 +92,9 @@ GRAPH_PRECISIONS: tuple[GraphPrecision, ...] = ("fp32", "int8")
 #: 6: no calibration: per-row activation scales and pair-bounded per-column int8 weights for
 #:    every encoder linear (quantize.py), ff2 included.
 INT8_RECIPE_VERSION = 6
+#: The fp16 recipe (graph/fp16.py), part of the fp16 cache key. 1: the fused fp32 graph's
+#: encoder in float16, its head in float32.
+FP16_RECIPE_VERSION = 1
 
 
 def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
@@ -97,6 +106,9 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
     if model.onnx_path is not None:
         if precision == "fp32":
             return model.onnx_path
+        if precision == "fp16":
+            raise ConfigError(f"{model.name} ships its own ONNX file; embedpool builds fp16 "
+                              "graphs from safetensors only (use fp32 or int8)")
         shipped = model.onnx_path
         return get_or_build(cache_path(model, "int8", cache_dir),
                             lambda tmp: quantize.quantize_shipped(shipped, tmp))
@@ -112,6 +124,10 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
         del weights  # the graph holds its own copy; the build's peak is the graph, once
         if precision == "int8":
             quantize.quantize_linears(parts.model, quantize.zero_points(parts.linears))
+        elif precision == "fp16":
+            from embedpool.graph.fp16 import to_fp16
+
+            to_fp16(parts.model, parts.head_nodes, [parts.hidden])
         onnx.save(parts.model, tmp)
 
     return get_or_build(cache_path(model, precision, cache_dir), build)
@@ -136,6 +152,8 @@ def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path 
         parts["builder"] = f"{fam.NAME}:{fam.BUILDER_VERSION}"
     if precision == "int8":
         parts["int8"] = {"recipe": INT8_RECIPE_VERSION, **quantize.recipe_key()}
+    elif precision == "fp16":
+        parts["fp16"] = FP16_RECIPE_VERSION
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name).strip("._") or "model"
     return root / f"{slug}-{precision}-{cache_key(parts)[:20]}.onnx"
 
