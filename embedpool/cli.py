@@ -11,6 +11,7 @@ Exit codes (also in the README):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -301,10 +302,16 @@ def bench(chunks: int, batch_size: int | None, model: str, precision: str, devic
         click.echo(json.dumps(result, indent=2))
 
 
-@main.command()
-def models() -> None:
+@main.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
     """List known models: family, dimension, max length, prompts, Matryoshka dimensions, and
-    where each comes from."""
+    where each comes from. `embedpool models build` builds their graphs ahead of time."""
+    if ctx.invoked_subcommand is None:
+        _list_models()
+
+
+def _list_models() -> None:
     import importlib.util
 
     from embedpool.models import KNOWN_MODELS
@@ -325,6 +332,41 @@ def models() -> None:
     click.echo("\nAny directory with config.json + tokenizer.json + model.safetensors "
                "(an encoder family embedpool builds) or onnx/model.onnx also works: "
                "--model /path/to/dir. Hub models need the internet or a local copy.")
+
+
+@models.command("build")
+@click.argument("names", nargs=-1)
+@click.option("--precision", "precisions", multiple=True,
+              type=click.Choice(["fp32", "int8", "fp16"]), default=("int8",),
+              show_default=True, help="Graph(s) to build; repeat for several.")
+@click.option("--log-json", is_flag=True, help="Events as JSON lines on stderr.")
+def models_build(names: tuple[str, ...], precisions: tuple[str, ...], log_json: bool) -> None:
+    """Build and verify the graphs of NAMES (default: the default model) ahead of time, into
+    the cache directory (EMBEDPOOL_CACHE_DIR): for a Dockerfile RUN step or a CI cache."""
+    import logging
+
+    from embedpool import events
+    from embedpool.graph import built_path
+    from embedpool.graph.prebuild import build_in_child, verify_graph
+    from embedpool.models import resolve_model
+    from embedpool.progress import BuildDisplay, fmt_bytes
+
+    display: Any = _json_events if log_json else BuildDisplay()
+    emit = events.Emitter(display, logging.getLogger("embedpool.graph"))
+    for name in names or (env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2",):
+        for precision in dict.fromkeys(precisions):
+            try:
+                model = resolve_model(name)
+                path = (built_path(model, precision)  # type: ignore[arg-type]
+                        or build_in_child(model, precision, emit).path)  # type: ignore[arg-type]
+                dim = verify_graph(model, path)
+            except (ConfigError, ModelError) as exc:
+                if isinstance(display, BuildDisplay):
+                    display.stop()
+                _fail(str(exc), EXIT_USAGE)
+                raise  # unreachable: _fail exits
+            click.echo(f"{model.name} {precision}: {path} ({fmt_bytes(path.stat().st_size)}), "
+                       f"verified: a {dim}-dim vector")
 
 
 @main.command()
@@ -368,8 +410,11 @@ def doctor(profile: str, max_memory: str | None, workers: str, threads: int | No
     except (ConfigError, ModelError) as exc:
         error = str(exc)
         p = plan(limits, workers=None if w == "auto" else int(w), threads=threads, mem_used=used)
+    from embedpool.graph.prebuild import built_graphs, graph_dir
+
     click.echo(render_doctor(limits, p, mem_used=used,
-                             devices=render_devices(facts, placement, error)))
+                             devices=render_devices(facts, placement, error),
+                             graphs=(graph_dir(), built_graphs())))
     if error is not None:
         sys.exit(EXIT_USAGE)
 
@@ -484,6 +529,12 @@ def serve(host: str, port: int, model: str, precision: str, device: str,
             max_batch_items=placement.max_batch_items)
     except (ConfigError, ModelError) as exc:
         _fail(str(exc), EXIT_USAGE)
+    # the graph built now, before the server and any worker start (int8 may become fp32)
+    precision = _ready_graph(resolved, precision, pool_opts.get("max_memory_bytes"))
+    if placement.devices is not None and placement.devices.cpu_workers:
+        _ready_graph(resolved, "fp32", pool_opts.get("max_memory_bytes"))  # the CPU workers'
+    settings = dataclasses.replace(settings, precision=precision)  # type: ignore[arg-type]
+    placement = dataclasses.replace(placement, precision=precision)  # type: ignore[arg-type]
     hook = None
     if not no_cache:
         from embedpool.cache import BoundCache, VectorCache
@@ -534,6 +585,30 @@ def _ray_actors(backend: str, address: str | None, workers: str,
                           "only; each Ray actor asks Ray for 1 CPU")
     require_ray()
     return None if workers == "auto" else int(workers)
+
+
+def _ready_graph(model: Any, precision: str, max_memory: int | None) -> str:
+    """The precision a run will use, its graph built now if this is its first run, on
+    screen (graph.prebuild: never inside a worker's start; int8 may fall back to fp32)."""
+    import logging
+
+    from embedpool import events
+    from embedpool.graph.prebuild import ensure_graph
+    from embedpool.progress import BuildDisplay
+
+    display = BuildDisplay()
+    try:
+        return ensure_graph(model, precision,  # type: ignore[arg-type]
+                            events.Emitter(display, logging.getLogger("embedpool.graph")),
+                            max_memory=max_memory)
+    except (ConfigError, ModelError) as exc:
+        display.stop()
+        _fail(str(exc), EXIT_USAGE)
+        raise  # unreachable: _fail exits
+
+
+def _json_events(event: dict[str, Any]) -> None:
+    click.echo(json.dumps(event, default=str), err=True)
 
 
 def _cores() -> int:

@@ -12,6 +12,7 @@ will use, never a second guess::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedpool.config import format_bytes
@@ -61,10 +62,12 @@ def render_devices(facts: DeviceFacts, placement: Placement | None,
 
 
 def render_doctor(limits: Limits, plan: Plan, *, mem_used: int | None = None,
-                  devices: Sequence[str] = ()) -> str:
+                  devices: Sequence[str] = (),
+                  graphs: tuple[Path, Sequence[tuple[str, int]]] | None = None) -> str:
     """The doctor's report: cores, memory, profile (each with its source), the planned
     workers x threads, batch budget, thresholds, and every reason behind them; ``devices``:
-    the lines of ``render_devices``."""
+    the lines of ``render_devices``; ``graphs``: the graph cache directory and the (file
+    name, bytes) of each graph built in it."""
     p = plan.policy
     lines = [
         "embedpool doctor",
@@ -102,6 +105,12 @@ def render_doctor(limits: Limits, plan: Plan, *, mem_used: int | None = None,
     if limits.cpu_cgroup is not None:
         lines.append(f"  cgroup      cpu v{limits.cpu_cgroup.version} at {limits.cpu_cgroup.path}")
     lines += list(devices)
+    if graphs is not None:
+        where, built = graphs
+        lines.append(f"  graphs      {len(built)} built in {where}" +
+                     ("" if built else " (a first run builds its graph: `embedpool models "
+                      "build` does it ahead of time)"))
+        lines += [f"                {name}  {format_bytes(size)}" for name, size in built]
     lines.append("why:")
     lines += [f"  - {r}" for r in plan.reasons]
     lines += [f"  - note: {n}" for n in limits.notes]

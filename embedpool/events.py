@@ -24,6 +24,11 @@ keys are plain JSON-serialisable values, so ``--log-json`` can write them as the
     device_fallback       a GPU was lost (or its provider does not     device, to, reason, message
                           load): its work moves to the CPU
     pool_stop             the pool closed                              counters
+    graph_build           a graph build starts or enters a stage       model, precision, stage, step, steps, estimate_bytes, available_bytes
+    graph_built           ... and is done (built False: another        model, precision, seconds, peak_rss, size_bytes, path, built
+                          process built it while this one waited)
+    graph_fallback        the int8 build cannot fit: fp32 this run     model, requested, precision, reason, message
+                          (DEBUG in the log: displays print its message, once)
 
 Both backends emit these names (Ray's events add ``backend="ray"`` and the actor's name and
 node). ``kind`` is a ``faults.FailureKind`` value. Callbacks run on the executor's manager
@@ -59,11 +64,15 @@ STATUS: Final = "status"
 POOL_BROKEN: Final = "pool_broken"
 POOL_STOP: Final = "pool_stop"
 DEVICE_FALLBACK: Final = "device_fallback"
+GRAPH_BUILD: Final = "graph_build"
+GRAPH_BUILT: Final = "graph_built"
+GRAPH_FALLBACK: Final = "graph_fallback"
 
 ALL_EVENTS: Final = (
     PROGRESS, POOL_START, WORKER_START, WORKER_READY, WORKER_START_FAILED, WORKER_DEATH, WORKER_EXIT,
     WORKER_HUNG_WARNING, WORKER_HUNG_KILL, RETRY, SPLIT, POISON_ITEM, RECYCLE, SCALE,
-    EMERGENCY, STATUS, POOL_BROKEN, POOL_STOP, DEVICE_FALLBACK,
+    EMERGENCY, STATUS, POOL_BROKEN, POOL_STOP, DEVICE_FALLBACK, GRAPH_BUILD, GRAPH_BUILT,
+    GRAPH_FALLBACK,
 )
 
 

@@ -19,6 +19,7 @@ cache at once, so an interrupted job loses only its in-flight batches and a reru
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -175,6 +176,15 @@ class Embedder:
         self.on_event = on_event
         self._emit = events.Emitter(on_event, log)  # a raising callback never aborts a job
         self.tokenizer = TextTokenizer.for_model(self.model)
+        if engine is None:  # built here, before any worker starts; int8 may fall back to fp32
+            from embedpool.graph.prebuild import ensure_graph
+
+            limit = (pool_options or {}).get("max_memory_bytes")
+            self.precision = ensure_graph(self.model, self.precision, self._emit,
+                                          max_memory=limit)
+            self.placement = dataclasses.replace(self.placement, precision=self.precision)
+            if self.placement.devices is not None and self.placement.devices.cpu_workers:
+                ensure_graph(self.model, "fp32", self._emit, max_memory=limit)  # CPU workers'
         self.fingerprint = self.model.fingerprint(self.precision, long_text,
                                                   graph=graph_id(self.model, self.precision))
         self.last_report = JobReport()

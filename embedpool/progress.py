@@ -5,7 +5,13 @@
 - Otherwise (a log file, CI): one plain line every ``PLAIN_INTERVAL_S`` on stderr, with the
   same numbers and the ETA in text.
 - ``--log-json``: every event (progress, scale, worker_death, retry, split, emergency,
-  recycle, status) as one JSON object per line on stderr.
+  recycle, status, graph_build/graph_built/graph_fallback) as one JSON object per line on
+  stderr.
+
+A first run's graph build (``graph.prebuild``) is never silent: ``BuildDisplay`` shows
+"building the int8 graph for all-MiniLM-L6-v2 (first run only)" with a bar of its stages on a
+TTY (the job's bar waits meanwhile: rich draws one live display at a time), a line when it
+starts and one when it ends elsewhere, and the fp32 fallback's one line either way.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     ProgressColumn,
+    SpinnerColumn,
     Task,
+    TaskID,
     TaskProgressColumn,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.progress import Progress as RichProgress
@@ -126,6 +135,66 @@ def _bar(tracker: RssTracker, stream: TextIO) -> RichProgress:
         console=Console(file=stream), refresh_per_second=4, transient=True)
 
 
+GRAPH_EVENTS = frozenset({"graph_build", "graph_built", "graph_fallback"})
+
+
+class BuildDisplay:
+    """A graph build's events as a person sees them (see the module doc)."""
+
+    def __init__(self, stream: TextIO | None = None, *, bar: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self._tty = self.stream.isatty() if bar is None else bar
+        self._bar: RichProgress | None = None
+        self._task: TaskID | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether a build's bar is on screen."""
+        return self._bar is not None
+
+    def __call__(self, event: Event) -> None:
+        kind = event.get("event")
+        if kind == "graph_fallback":
+            self._line(f"embedpool: {event.get('message', event.get('reason', ''))}")
+        elif kind == "graph_build":
+            stage, step, steps = event.get("stage", ""), event.get("step", 0), event.get("steps", 1)
+            if self._bar is None and step == 0 and stage != "waiting":
+                title = (f"building the {event.get('precision')} graph for {event.get('model')} "
+                         "(first run only)")
+                if self._tty:
+                    self._bar = RichProgress(
+                        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TextColumn("{task.fields[stage]}"),
+                        TimeElapsedColumn(), console=Console(file=self.stream),
+                        refresh_per_second=8, transient=True)
+                    self._task = self._bar.add_task(title, total=steps, stage="")
+                    self._bar.start()
+                else:
+                    self._line(title)
+            if stage == "waiting":
+                self._line("waiting for another embedpool process building the same graph")
+            if self._bar is not None and self._task is not None:
+                self._bar.update(self._task, completed=step, stage=stage)
+        elif kind == "graph_built":
+            self.stop()
+            verb = "built" if event.get("built", True) else "another process built"
+            self._line(f"{verb} the {event.get('precision')} graph for {event.get('model')} in "
+                       f"{float(event.get('seconds', 0)):.1f} s (peak RSS "
+                       f"{fmt_bytes(int(event.get('peak_rss', 0)))}): {event.get('path')}")
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def _line(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text, markup=False, highlight=False)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
 class Progress:
     """Turns events into a live progress bar, plain lines, or JSON lines."""
 
@@ -143,6 +212,7 @@ class Progress:
         self._last_plain = self.t0
         self._lock = threading.Lock()
         self._bar: RichProgress | None = None
+        self._build = BuildDisplay(self.stream)
         if not quiet and not log_json and self.stream.isatty():
             self._bar = _bar(tracker, self.stream)
             self._task = self._bar.add_task("embedding", total=total, **self._fields())
@@ -176,7 +246,10 @@ class Progress:
                 self.stream.write(json.dumps(ev, default=str) + "\n")
                 self.stream.flush()
                 return
-            if self.quiet:
+            if self.quiet and kind != "graph_fallback":
+                return
+            if kind in GRAPH_EVENTS:
+                self._graph_event(event)
                 return
             if kind in SHOWN_EVENTS:
                 self.message(_describe(event))
@@ -187,6 +260,14 @@ class Progress:
                 self.stream.write(self.line() + "\n")
                 self.stream.flush()
 
+    def _graph_event(self, event: Event) -> None:
+        """A first run's build: the job's bar steps aside while the build's is shown."""
+        if self._bar is not None and event.get("event") == "graph_build":
+            self._bar.stop()
+        self._build(event)
+        if self._bar is not None and not self._build.active:
+            self._bar.start()
+
     def message(self, text: str) -> None:
         if self._bar is not None:
             # Plain text: '[scale] ...' must not be read as rich markup (it vanished).
@@ -196,6 +277,7 @@ class Progress:
             self.stream.flush()
 
     def close(self) -> None:
+        self._build.stop()
         if self._bar is not None:
             self._bar.stop()
             self._bar = None

@@ -58,6 +58,7 @@ never expose a partial file.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -77,8 +78,8 @@ from embedpool.models import ResolvedModel
 #: .json: prompts); every other file the vectors are computed from is part of the key.
 GRAPH_FREE_ROLES = ("st:prompts",)
 
-__all__ = ["FP16_RECIPE_VERSION", "GRAPH_PRECISIONS", "INT8_RECIPE_VERSION", "GraphPrecision",
-           "cache_path", "graph_id", "prepare_onnx"]
+__all__ = ["BUILD_STAGES", "FP16_RECIPE_VERSION", "GRAPH_PRECISIONS", "INT8_RECIPE_VERSION",
+           "GraphPrecision", "built_path", "cache_path", "graph_id", "prepare_onnx"]
 
 #: What prepare_onnx builds: embedpool's precisions (types.Precision) and fp16, a graph for
 #: GPU execution providers (graph/fp16.py) that the CPU engine does not run.
@@ -97,12 +98,22 @@ INT8_RECIPE_VERSION = 6
 FP16_RECIPE_VERSION = 1
 
 
+#: The stages of a build from safetensors, in order, as ``prepare_onnx`` reports them
+#: (``on_stage``); a shipped graph's int8 build has only the last two.
+BUILD_STAGES = ("loading weights", "composing the graph", "quantising", "writing")
+
+
 def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
-                 cache_dir: Path | None = None) -> Path:
-    """Path to a cached ONNX file for this model and precision, building it if needed."""
+                 cache_dir: Path | None = None, *,
+                 on_stage: Callable[[str], None] | None = None) -> Path:
+    """Path to a cached ONNX file for this model and precision, building it if needed.
+    ``on_stage(name)`` is called as a build enters each of ``BUILD_STAGES`` (the third is
+    "converting to fp16" for fp16, skipped for fp32) and with "waiting" when another
+    process is building the same file; never when the file is already there."""
     if precision not in GRAPH_PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(GRAPH_PRECISIONS)}, "
                           f"got {precision!r}")
+    stage = on_stage or (lambda name: None)
     if model.onnx_path is not None:
         if precision == "fp32":
             return model.onnx_path
@@ -110,27 +121,50 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
             raise ConfigError(f"{model.name} ships its own ONNX file; embedpool builds fp16 "
                               "graphs from safetensors only (use fp32 or int8)")
         shipped = model.onnx_path
-        return get_or_build(cache_path(model, "int8", cache_dir),
-                            lambda tmp: quantize.quantize_shipped(shipped, tmp))
+
+        def quantize_shipped(tmp: Path) -> None:
+            stage("quantising")
+            quantize.quantize_shipped(shipped, tmp)
+
+        return get_or_build(cache_path(model, "int8", cache_dir), quantize_shipped,
+                            on_wait=lambda: stage("waiting"))
 
     fam, cfg = _family(model)
 
     def build(tmp: Path) -> None:
         import onnx
 
+        stage("loading weights")
         weights = fam.load_weights(model.weights_path, cfg)
+        stage("composing the graph")
         parts = compose_parts(fam, weights, cfg, model.head, fused=True,
                               int8_ready=precision == "int8", name=model.name)
         del weights  # the graph holds its own copy; the build's peak is the graph, once
         if precision == "int8":
+            stage("quantising")
             quantize.quantize_linears(parts.model, quantize.zero_points(parts.linears))
         elif precision == "fp16":
             from embedpool.graph.fp16 import to_fp16
 
+            stage("converting to fp16")
             to_fp16(parts.model, parts.head_nodes, [parts.hidden])
+        stage("writing")
         onnx.save(parts.model, tmp)
 
-    return get_or_build(cache_path(model, precision, cache_dir), build)
+    return get_or_build(cache_path(model, precision, cache_dir), build,
+                        on_wait=lambda: stage("waiting"))
+
+
+def built_path(model: ResolvedModel, precision: GraphPrecision,
+               cache_dir: Path | None = None) -> Path | None:
+    """The graph ``prepare_onnx`` would return if it needs no build now (a shipped fp32
+    file, or a cached one), else None. Reads no weights."""
+    if model.onnx_path is not None and precision == "fp32":
+        return model.onnx_path
+    if model.onnx_path is not None and precision == "fp16":
+        return None
+    path = cache_path(model, precision, cache_dir)
+    return path if path.is_file() else None
 
 
 def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path | None = None

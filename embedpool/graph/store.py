@@ -3,8 +3,9 @@
 Several worker processes often start at once and all ask for the same graph. The protocol:
 
 1. ``path`` exists            -> use it (a file only ever appears complete, see 3).
-2. take ``<path>.lock`` (fcntl, exclusive); look again: another process may have finished
-   the file while this one waited, in which case it is used and nothing is built.
+2. take ``<path>.lock`` (an exclusive ``filelock.FileLock``: flock on POSIX, released by the
+   kernel when its holder dies); look again: another process may have finished the file
+   while this one waited, in which case it is used and nothing is built.
 3. build into a private temporary file in the same directory, fsync it, ``os.replace`` it
    onto ``path`` (atomic on POSIX), release the lock.
 
@@ -15,12 +16,9 @@ half-written graph under the final name.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -41,36 +39,41 @@ def cache_key(parts: Mapping[str, object]) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (created if missing), bounded by ``timeout_s``."""
+def file_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S,
+              on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Exclusive lock on ``path`` (created if missing), bounded by ``timeout_s``; ``on_wait``
+    is called once if another process holds it (so a caller can say it is waiting)."""
+    from filelock import FileLock, Timeout
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # thread_local=False: the lock is the process's (a build may be awaited from any thread)
+    lock = FileLock(str(path), thread_local=False)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    raise ModelError(
-                        f"waited {timeout_s:.0f} s for {path} held by another embedpool "
-                        "process building the same graph; if none is running, delete the "
-                        "lock file and retry") from None
-                time.sleep(_LOCK_POLL_S)
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            if on_wait is not None:
+                on_wait()
+            lock.acquire(timeout=timeout_s, poll_interval=_LOCK_POLL_S)
+    except Timeout:
+        raise ModelError(
+            f"waited {timeout_s:.0f} s for {path} held by another embedpool process "
+            "building the same graph; if none is running, delete the lock file and retry"
+        ) from None
+    try:
         yield
     finally:
-        os.close(fd)  # closing releases the flock
+        lock.release()
 
 
-def get_or_build(path: Path, build: Callable[[Path], None]) -> Path:
-    """``path``, after calling ``build(tmp)`` to write it if no process has done so yet."""
+def get_or_build(path: Path, build: Callable[[Path], None],
+                 on_wait: Callable[[], None] | None = None) -> Path:
+    """``path``, after calling ``build(tmp)`` to write it if no process has done so yet;
+    ``on_wait``: called once if another process is building it now (see ``file_lock``)."""
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path.with_name(path.name + ".lock")):
+    with file_lock(path.with_name(path.name + ".lock"), on_wait=on_wait):
         if path.is_file():
             return path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
