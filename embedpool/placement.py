@@ -48,10 +48,10 @@ PRECISIONS: tuple[str, ...] = ("auto", "int8", "fp32", "fp16")
 
 
 def graph_precisions() -> tuple[str, ...]:
-    """The precisions this embedpool's graph builder makes (fp16 where graph/ has it)."""
-    from embedpool import graph
+    """The precisions the graph builder makes (``graph.GRAPH_PRECISIONS``)."""
+    from embedpool.graph import GRAPH_PRECISIONS
 
-    return tuple(getattr(graph, "GRAPH_PRECISIONS", ("fp32", "int8")))
+    return GRAPH_PRECISIONS
 
 
 def precision_for(requested: str, kind: str, available: tuple[str, ...]) -> Precision:

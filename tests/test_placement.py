@@ -14,7 +14,7 @@ from embedpool.errors import ConfigError
 from embedpool.graph import graph_id
 from embedpool.job import Embedder
 from embedpool.models import resolve_model
-from embedpool.placement import graph_precisions, place, precision_for
+from embedpool.placement import place, precision_for
 from embedpool.pool.gpuplan import GPU_MAX_BATCH_ITEMS, GPU_MAX_BATCH_TOKENS
 from embedpool.testing import FakeEngineSpec
 
@@ -57,7 +57,7 @@ def test_a_gpu_placement_batches_for_the_gpu() -> None:
     m = resolve_model()
     p = place(m, plan=_cuda(H200), cpus=16)
     assert p.on_gpu and p.devices is not None
-    assert p.precision == ("fp16" if "fp16" in graph_precisions() else "fp32")
+    assert p.precision == "fp16"
     assert (p.batch_tokens, p.max_batch_items) == (GPU_MAX_BATCH_TOKENS, GPU_MAX_BATCH_ITEMS)
     assert p.devices.cpu_workers == 0 and p.devices.parent_cores == 15
     assert p.describe().startswith("cuda:0 NVIDIA H200 (test)")
@@ -151,3 +151,27 @@ def test_the_model_shape_counts_every_shard(tmp_path: Path) -> None:
     assert model_shape(sharded, "fp16").weight_bytes == 2 * elements
     on_disk = m.weights_path.stat().st_size
     assert 0.99 * on_disk <= model_shape(m, "fp32").weight_bytes <= on_disk
+
+
+def test_fp16_runs_end_to_end_on_the_cpu_provider() -> None:
+    """With the graph builder's fp16, a GPU placement runs fp16, and that graph, built by
+    prepare_onnx and loaded by the engine as a GPU worker loads it (ORT's CPU provider standing
+    in for CUDA, which CI lacks), gives the fp32 graph's vectors within fp16's quality bar."""
+    from embedpool.engine import Engine, EngineSpec
+    from embedpool.graph import prepare_onnx
+    from embedpool.tokenization import TextTokenizer
+
+    m = resolve_model()
+    assert place(m, plan=_cuda(H200), cpus=16).precision == "fp16"
+    assert place(m, device="cpu").precision == "int8"
+    with pytest.raises(ConfigError, match="precision fp16 does not run on cpu"):
+        EngineSpec(m, "fp16")
+    texts = ["def add(a, b):\n    return a + b", "über naïve café", "x" * 2000,
+             *(f"item {i}: " + "word " * (i * 7 % 60) for i in range(13))]
+    seqs = TextTokenizer.for_model(m).encode(texts).sequences
+    fp16 = Engine.for_model(prepare_onnx(m, "fp16"), m, precision="fp16")
+    assert fp16.session.get_providers() == ["CPUExecutionProvider"]
+    got, want = fp16.embed(seqs), EngineSpec(m, "fp32").build().embed(seqs)
+    assert got.dtype == np.float32 and got.shape == want.shape == (len(texts), m.dim)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.mean() >= 0.999 and cos.min() >= 0.999, cos

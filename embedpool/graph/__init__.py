@@ -29,7 +29,8 @@ was the local stdlib, so two machines could build two graphs under one id); fp32
 a constant weight: batch-independent too.
 
 fp16 (graph/fp16.py) is for GPU execution providers: the fused graph's encoder in float16, its
-head in float32; the CPU engine does not run it (embedpool.types.Precision has no fp16).
+head in float32; the engine runs it on a GPU only (``EngineSpec`` refuses fp16 on the CPU,
+whose precision is int8), though ORT's CPU provider runs it too (tests/test_placement.py).
 
 Why int8 starts from the int8-ready graph (fused ops, Q/K/V as three linears into
 MultiHeadAttention, int8 word embeddings): fused bias, GELU, LayerNorm and softmax kernels
@@ -81,8 +82,8 @@ GRAPH_FREE_ROLES = ("st:prompts",)
 __all__ = ["BUILD_STAGES", "FP16_RECIPE_VERSION", "GRAPH_PRECISIONS", "INT8_RECIPE_VERSION",
            "GraphPrecision", "built_path", "cache_path", "graph_id", "prepare_onnx"]
 
-#: What prepare_onnx builds: embedpool's precisions (types.Precision) and fp16, a graph for
-#: GPU execution providers (graph/fp16.py) that the CPU engine does not run.
+#: What prepare_onnx builds: embedpool's precisions (types.Precision); fp16 is the graph for
+#: GPU execution providers (graph/fp16.py, ``placement``).
 GraphPrecision = Literal["fp32", "int8", "fp16"]
 GRAPH_PRECISIONS: tuple[GraphPrecision, ...] = ("fp32", "int8", "fp16")
 
