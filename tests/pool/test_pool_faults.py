@@ -106,9 +106,11 @@ def test_sigkill_random_workers_during_a_long_job(event_log: EventLog) -> None:
     assert stats.deaths == 4 and stats.external_sigkills == 4 and stats.oom_kills == 0
     assert stats.poison_items == 0
     # each lost task is split after a SIGKILL (a one-item task is retried); a worker killed
-    # just after it sent its result had nothing in flight
+    # just after it sent its result had nothing in flight. A task only queued behind the
+    # running one is put back unblamed (a "not_blamed" retry), which is not a lost task.
     lost = sum(1 for e in deaths if e["items"] > 0)
-    assert len(event_log.named(events.SPLIT)) + len(event_log.named(events.RETRY)) == lost
+    blamed_retries = [e for e in event_log.named(events.RETRY) if e["kind"] != "not_blamed"]
+    assert len(event_log.named(events.SPLIT)) + len(blamed_retries) == lost
 
 
 def test_sigkills_without_oom_evidence_keep_the_budget(event_log: EventLog) -> None:
