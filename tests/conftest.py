@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -65,3 +66,21 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def cgroup_factory() -> Iterator[Any]:
+    """Makes child memory cgroups with a real limit (tests/cgroup_util.py) and removes them
+    after the test."""
+    import cgroup_util
+
+    made: list[cgroup_util.MemoryCgroup] = []
+
+    def make(limit: int) -> cgroup_util.MemoryCgroup:
+        cg = cgroup_util.create_child(limit)
+        made.append(cg)
+        return cg
+
+    yield make
+    for cg in made:
+        cg.remove()

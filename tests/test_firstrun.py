@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,22 +245,6 @@ def test_a_first_run_waits_for_the_builder_then_uses_its_graph(
 
 
 # --- real memory limits ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cgroup_factory() -> Iterator[Any]:
-    import cgroup_util
-
-    made: list[Any] = []
-
-    def make(limit: int) -> Any:
-        cg = cgroup_util.create_child(limit)
-        made.append(cg)
-        return cg
-
-    yield make
-    for cg in made:
-        cg.remove()
 
 
 def _free_port() -> int:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -169,20 +168,6 @@ def check_vectors(job: Job, expected_batches: int | None = None) -> int:
         cos = np.sum(got * base[int(i) % len(base)], axis=1)
         assert cos.min() >= 0.99999, f"batch {i} differs from a clean run (cos {cos.min()})"
     return len(ids)
-
-
-@pytest.fixture
-def cgroup_factory() -> Iterator[Any]:
-    made: list[cgroup_util.MemoryCgroup] = []
-
-    def make(limit: int) -> cgroup_util.MemoryCgroup:
-        cg = cgroup_util.create_child(limit)
-        made.append(cg)
-        return cg
-
-    yield make
-    for cg in made:
-        cg.remove()
 
 
 # --- the kernel's OOM killer -------------------------------------------------------------------
