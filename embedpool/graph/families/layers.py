@@ -449,9 +449,3 @@ def qkv(g: GraphBuilder, x: str, w: Mapping[str, Array], name: str, layer: int
     roles: tuple[LinearRole, ...] = ("q", "k", "v")
     q, k, v = (g.linear(x, w[r], f"{name}.{r}", role=r, layer=layer) for r in roles)
     return q, k, v
-
-
-def nodes_with_role(num_layers: int, tag: str) -> list[str]:
-    """Node names of one linear per layer, as ``gated_mlp``/``qkv`` name them
-    (``l{i}.{tag}_MatMul``), for the int8 recipe's keep/smooth lists."""
-    return [f"l{i}.{tag}_MatMul" for i in range(num_layers)]

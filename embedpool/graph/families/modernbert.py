@@ -238,16 +238,3 @@ def build_model(weights: Mapping[str, Array], cfg: ModernBertConfig, *, pooling:
 # --- the family interface (see embedpool.graph.families) ------------------------------------
 
 parse_config = ModernBertConfig.from_dict
-
-
-def int8_fp32_nodes(cfg: ModernBertConfig) -> list[str]:
-    """The FFN down-projections (role ``ffn_down``): they read the GeGLU product, whose rare
-    large values would set a per-tensor int8 range too wide for the rest (BERT's ff2 reason)."""
-    return layers.nodes_with_role(cfg.num_layers, "down")
-
-
-def int8_smoothed_nodes(cfg: ModernBertConfig) -> list[str]:
-    """The FFN gate and up projections (roles ``ffn_gate``, ``ffn_up``): they read mlp_norm's
-    output, a LayerNorm output with outlier channels like BERT's ff1 input."""
-    return (layers.nodes_with_role(cfg.num_layers, "gate")
-            + layers.nodes_with_role(cfg.num_layers, "up"))

@@ -247,23 +247,3 @@ def build_model(weights: Mapping[str, Array], cfg: NomicConfig, *, pooling: Pool
 # --- the family interface (see embedpool.graph.families) ------------------------------------
 
 parse_config = NomicConfig.from_dict
-
-
-def int8_fp32_nodes(cfg: NomicConfig) -> list[str]:
-    """Linears the static int8 recipe keeps in fp32: the FFN down-projection (role
-    ``ffn_down``, BERT's ff2 reason), the attention output (``attn_out``) and V (``v``).
-
-    Measured on the NomicBert fixture against the reference, on this AVX2 EPYC (no VNNI):
-    down only, min 0.939 / mean 0.960 cosine; + attn_out 0.978 / 0.990; + v 0.994 / 0.997.
-    With 7-bit weights instead (reduce_range) every linear but down quantises to 0.998 /
-    0.999: the loss is ONNX Runtime's u8 x s8 kernel saturating its int16 pair sums on AVX2,
-    not int8 precision, so a recipe that bounds weight pairs makes this list moot.
-    """
-    return [node for tag in ("down", "o", "v") for node in layers.nodes_with_role(cfg.num_layers, tag)]
-
-
-def int8_smoothed_nodes(cfg: NomicConfig) -> list[str]:
-    """The FFN gate and up projections (roles ``ffn_gate``, ``ffn_up``), which read the
-    post-attention LayerNorm output as BERT's ff1 does."""
-    return (layers.nodes_with_role(cfg.num_layers, "gate")
-            + layers.nodes_with_role(cfg.num_layers, "up"))

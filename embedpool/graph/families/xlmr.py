@@ -44,7 +44,7 @@ from embedpool.graph.builder import (
     GraphBuilder,
 )
 from embedpool.graph.families import bert
-from embedpool.graph.families.layers import gather_rows, nodes_with_role
+from embedpool.graph.families.layers import gather_rows
 from embedpool.types import Pooling
 
 if TYPE_CHECKING:
@@ -201,14 +201,3 @@ def _embeddings_gather(g: GraphBuilder, w: Mapping[str, Array], cfg: RobertaConf
 # --- the family interface (see embedpool.graph.families) ------------------------------------
 
 parse_config = RobertaConfig.from_dict
-
-
-def int8_fp32_nodes(cfg: RobertaConfig) -> list[str]:
-    """The FFN down-projections (role ``ffn_down``), for BERT's reason (bert.int8_fp32_nodes)."""
-    return nodes_with_role(cfg.bert.num_layers, "ff2")
-
-
-def int8_smoothed_nodes(cfg: RobertaConfig) -> list[str]:
-    """The FFN up-projections (role ``ffn_up``), for BERT's reason (bert.int8_smoothed_nodes)."""
-    return nodes_with_role(cfg.bert.num_layers, "ff1")
-
