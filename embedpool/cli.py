@@ -507,7 +507,7 @@ def serve(host: str, port: int, model: str, precision: str, device: str,
           no_cache: bool, log_level: str, backend: str, ray_address: str | None) -> None:
     """Serve an OpenAI-compatible embeddings API (POST /v1/embeddings) on the worker pool."""
     from embedpool.models import resolve_model
-    from embedpool.placement import place, start_executor
+    from embedpool.placement import executor_factory, place
     from embedpool.server import ServerSettings, run_server
 
     w, pool_opts = _pool_args(workers, None, profile, max_memory)
@@ -529,12 +529,10 @@ def serve(host: str, port: int, model: str, precision: str, device: str,
             max_batch_items=placement.max_batch_items)
     except (ConfigError, ModelError) as exc:
         _fail(str(exc), EXIT_USAGE)
-    # the graph built now, before the server and any worker start (int8 may become fp32)
-    precision = _ready_graph(resolved, precision, pool_opts.get("max_memory_bytes"))
-    if placement.devices is not None and placement.devices.cpu_workers:
-        _ready_graph(resolved, "fp32", pool_opts.get("max_memory_bytes"))  # the CPU workers'
+    # the graphs built now, before the server and any worker start (int8 may become fp32)
+    placement = _ready_graphs(resolved, placement, pool_opts.get("max_memory_bytes"))
+    precision = placement.precision
     settings = dataclasses.replace(settings, precision=precision)  # type: ignore[arg-type]
-    placement = dataclasses.replace(placement, precision=precision)  # type: ignore[arg-type]
     hook = None
     if not no_cache:
         from embedpool.cache import BoundCache, VectorCache
@@ -547,17 +545,9 @@ def serve(host: str, port: int, model: str, precision: str, device: str,
         except CacheError as exc:
             _fail(str(exc), EXIT_USAGE)
 
-    def pool_factory() -> Any:
-        return start_executor(resolved, placement, workers=w, pool_options=pool_opts)
-
-    factory: Any = pool_factory
-    if backend == "ray":
-        from embedpool.engine import EngineSpec
-        from embedpool.server.on_ray import ray_executor_factory
-
-        factory = ray_executor_factory(EngineSpec(resolved, placement.precision, 1),
-                                       address=ray_address, actors=actors,
-                                       batch_tokens=placement.batch_tokens)
+    factory = executor_factory(resolved, placement, workers=actors if backend == "ray" else w,
+                               pool_options=pool_opts, backend=backend,
+                               ray_address=ray_address)
     try:
         run_server(settings, factory, cache=hook)
     except (ConfigError, ModelError) as exc:  # raised while starting: a bad --ray-address
@@ -587,20 +577,20 @@ def _ray_actors(backend: str, address: str | None, workers: str,
     return None if workers == "auto" else int(workers)
 
 
-def _ready_graph(model: Any, precision: str, max_memory: int | None) -> str:
-    """The precision a run will use, its graph built now if this is its first run, on
-    screen (graph.prebuild: never inside a worker's start; int8 may fall back to fp32)."""
+def _ready_graphs(model: Any, placement: Any, max_memory: int | None) -> Any:
+    """``placement.prepare_graphs`` on screen (a first run's build: ``BuildDisplay``); a
+    model that cannot be built exits 2."""
     import logging
 
     from embedpool import events
-    from embedpool.graph.prebuild import ensure_graph
+    from embedpool.placement import prepare_graphs
     from embedpool.progress import BuildDisplay
 
     display = BuildDisplay()
     try:
-        return ensure_graph(model, precision,  # type: ignore[arg-type]
-                            events.Emitter(display, logging.getLogger("embedpool.graph")),
-                            max_memory=max_memory)
+        return prepare_graphs(model, placement,
+                              events.Emitter(display, logging.getLogger("embedpool.graph")),
+                              max_memory=max_memory)
     except (ConfigError, ModelError) as exc:
         display.stop()
         _fail(str(exc), EXIT_USAGE)

@@ -19,7 +19,6 @@ cache at once, so an interrupted job loses only its in-flight batches and a reru
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -41,6 +40,7 @@ from embedpool.executor import BatchResult, Executor, WorkBatch, run
 from embedpool.graph import graph_id
 from embedpool.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from embedpool.options import CallOptions, resolve_options
+from embedpool.placement import place, prepare_graphs, start_executor
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import EventCallback, LongTextMode, Precision, Vectors
 from embedpool.vectors import l2_normalize
@@ -155,7 +155,6 @@ class Embedder:
                  lazy: bool = False, device: str = "auto",
                  cpu_workers: int | None = None) -> None:
         from embedpool.device import DevicePlan, parse_device
-        from embedpool.placement import place
 
         if long_text not in ("truncate", "window"):
             raise ConfigError(f"long_text must be 'truncate' or 'window', got {long_text!r}")
@@ -177,19 +176,17 @@ class Embedder:
         self._emit = events.Emitter(on_event, log)  # a raising callback never aborts a job
         self.tokenizer = TextTokenizer.for_model(self.model)
         if engine is None:  # built here, before any worker starts; int8 may fall back to fp32
-            from embedpool.graph.prebuild import ensure_graph
-
-            limit = (pool_options or {}).get("max_memory_bytes")
-            self.precision = ensure_graph(self.model, self.precision, self._emit,
-                                          max_memory=limit)
-            self.placement = dataclasses.replace(self.placement, precision=self.precision)
-            if self.placement.devices is not None and self.placement.devices.cpu_workers:
-                ensure_graph(self.model, "fp32", self._emit, max_memory=limit)  # CPU workers'
+            self.placement = prepare_graphs(self.model, self.placement, self._emit,
+                                            max_memory=(pool_options or {}).get(
+                                                "max_memory_bytes"))
+            self.precision = self.placement.precision
         self.fingerprint = self.model.fingerprint(self.precision, long_text,
                                                   graph=graph_id(self.model, self.precision))
         self.last_report = JobReport()
-        self._engine_override = engine  # any spec with .build() (tests, custom engines)
-        self._executor_args = (threads, workers, backend, ray_address, pool_options or {})
+        self._engine = engine  # any recipe with .build() (a custom engine, embedpool.testing)
+        self._executor_args: dict[str, Any] = {
+            "workers": workers, "threads": threads, "backend": backend,
+            "ray_address": ray_address, "pool_options": pool_options or {}}
         self._executor: Executor | None = None
         self.dim: int = int(getattr(engine, "dim", 0) or self.model.dim)
         if not lazy:
@@ -201,37 +198,12 @@ class Embedder:
 
     @property
     def executor(self) -> Executor:
-        """The executor, started on first use (``lazy=True``) or in the constructor."""
+        """The executor, started on first use (``lazy=True``) or in the constructor, by the
+        one construction path (``placement.start_executor``)."""
         if self._executor is None:
-            self._executor = self._make_executor(*self._executor_args)
+            self._executor = start_executor(self.model, self.placement, engine=self._engine,
+                                            on_event=self.on_event, **self._executor_args)
         return self._executor
-
-    def _make_executor(self, threads: int | None, workers: int | str | None, backend: str,
-                       ray_address: str | None, pool_options: dict[str, Any]) -> Executor:
-        from embedpool.engine import EngineSpec, usable_cores
-        from embedpool.executor import InProcessExecutor
-
-        def spec(n_threads: int) -> Any:
-            return self._engine_override or EngineSpec(self.model, self.precision, n_threads)
-
-        if backend == "local" and self._engine_override is None:
-            from embedpool.placement import start_executor
-
-            return start_executor(self.model, self.placement, workers=workers, threads=threads,
-                                  pool_options=pool_options, on_event=self.on_event)
-        if backend == "ray":
-            from embedpool.backends.ray import RayExecutor
-
-            n = None if workers in (None, "auto") else int(workers)
-            return RayExecutor(spec(threads or 1), address=ray_address, actors=n,
-                               batch_tokens=self.batch_tokens, on_event=self.on_event)
-        if workers is None:
-            return InProcessExecutor(spec(threads or usable_cores()), on_event=self.on_event)
-        from embedpool.pool.pool import Pool, pool_config_for
-
-        cfg = pool_config_for(workers=workers, threads=threads, batch_tokens=self.batch_tokens,
-                              precision=self.precision, **pool_options)
-        return Pool(spec(1), cfg, on_event=self.on_event)
 
     # -- public API -------------------------------------------------------------------------
 

@@ -9,10 +9,18 @@ executor that runs there.
         gpuplan.plan_devices  ──> per GPU: budget and arena cap; CPU workers alongside
         = Placement (the job's batch size, the summary line)
 
-    start_executor(model, placement, workers=..., ...)
-        cpu   workers None: in-process; else the adaptive Pool (as before)
+    prepare_graphs(model, placement, emit)   the graphs built before any worker starts
+                                             (int8 may fall back to fp32)
+    start_executor(model, placement, workers=..., backend=..., engine=...)
+        ray   a RayExecutor (one actor per cluster CPU, or --workers N)
+        cpu   workers None: in-process; else the adaptive Pool
         cuda  workers None: in-process on the first GPU; else pool/devices.start: one pool per
               GPU, the CPU workers asked for, and a CPU pool to fall back on
+
+``start_executor`` is the one construction path of every executor: the CLI's ``embed`` and
+``bench``, the library's ``Embedder`` and ``serve`` (``executor_factory``) all call it. An
+engine recipe other than the model's ``EngineSpec`` (a custom engine, ``embedpool.testing``'s
+fakes) enters here too, as ``engine=``, and runs in the same executors.
 
 What runs where on a GPU machine: the parent tokenises and plans batches (on every core it
 has: tokenizers' own thread pool), one worker per GPU runs the model in fp16, CPU workers
@@ -24,9 +32,12 @@ as on a machine without a GPU.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from embedpool.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS
 from embedpool.device import DeviceError, DevicePlan, DeviceRequest, resolve_device
@@ -41,6 +52,10 @@ from embedpool.pool.gpuplan import (
     plan_devices,
 )
 from embedpool.types import EventCallback, Precision
+
+if TYPE_CHECKING:
+    from embedpool.faults import FaultPolicy
+    from embedpool.graph.prebuild import Emit
 
 log = logging.getLogger(__name__)
 
@@ -164,38 +179,88 @@ def _usable_cpus() -> int:
     return detect_limits().cpus
 
 
+def engine_recipe(model: ResolvedModel, precision: Precision, threads: int, *,
+                  device: str = "cpu", gpu_mem_limit: int | None = None,
+                  engine: Any = None) -> Any:
+    """The recipe one executor's engines are built from: ``engine.EngineSpec`` for the model,
+    or ``engine`` (any picklable recipe with ``build()``: a custom engine, the test doubles of
+    ``embedpool.testing``) given the same threads and device where it has such fields."""
+    if engine is None:
+        from embedpool.engine import EngineSpec
+
+        return EngineSpec(model, precision, threads, device, gpu_mem_limit)
+    from embedpool.executor import with_threads
+
+    recipe = with_threads(engine, threads)
+    if device != "cpu" and dataclasses.is_dataclass(recipe) and not isinstance(
+            recipe, type) and any(f.name == "device" for f in dataclasses.fields(recipe)):
+        recipe = dataclasses.replace(recipe, device=device)
+    return recipe
+
+
+def prepare_graphs(model: ResolvedModel, placement: Placement, emit: Emit, *,
+                   max_memory: int | None = None) -> Placement:
+    """Build the graphs ``placement`` runs, now, before any worker starts (``graph.prebuild``:
+    a first run's build in one child process, on screen through ``emit``), and return the
+    placement in the precision that was built: int8 may fall back to fp32 where the build
+    does not fit. CPU workers next to a GPU run fp32: that graph too. The one place the CLI,
+    the library and ``serve`` build graphs (ConfigError/ModelError: the model cannot be
+    built)."""
+    from embedpool.graph.prebuild import ensure_graph
+
+    precision = ensure_graph(model, placement.precision, emit, max_memory=max_memory)
+    if placement.devices is not None and placement.devices.cpu_workers:
+        ensure_graph(model, "fp32", emit, max_memory=max_memory)
+    return dataclasses.replace(placement, precision=precision)
+
+
 def start_executor(model: ResolvedModel, placement: Placement, *, workers: int | str | None,
                    threads: int | None = None, pool_options: dict[str, Any] | None = None,
-                   on_event: EventCallback | None = None) -> Executor:
-    """The executor for ``placement`` (see the module docstring)."""
-    from embedpool.engine import EngineSpec, usable_cores
+                   on_event: EventCallback | None = None, backend: str = "local",
+                   ray_address: str | None = None, engine: Any = None,
+                   policy: FaultPolicy | None = None) -> Executor:
+    """The executor for ``placement``: the one construction path of every backend, for the
+    CLI, the library (``Embedder``) and ``serve`` (see the module docstring). ``engine``
+    replaces the model's ``EngineSpec`` by another recipe (``engine_recipe``); ``policy``
+    overrides Ray's fault policy (tests; a pool's comes from ``pool_options``)."""
+    from embedpool.engine import usable_cores
     from embedpool.executor import InProcessExecutor
     from embedpool.pool.pool import pool_config_for
 
+    def recipe(precision: Precision, n_threads: int, device: str = "cpu",
+               mem_limit: int | None = None) -> Any:
+        return engine_recipe(model, precision, n_threads, device=device,
+                             gpu_mem_limit=mem_limit, engine=engine)
+
     options = dict(pool_options or {})
+    if backend == "ray":
+        return ray_executor(recipe(placement.precision, threads or 1), address=ray_address,
+                            actors=None if workers in (None, "auto") else int(workers),
+                            batch_tokens=placement.batch_tokens, policy=policy,
+                            on_event=on_event)
+    if backend != "local":
+        raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
     if not placement.on_gpu:
-        spec = EngineSpec(model, placement.precision, threads or 1)
         if workers is None:
-            return InProcessExecutor(EngineSpec(model, placement.precision,
-                                                threads or usable_cores()), on_event=on_event)
+            return InProcessExecutor(recipe(placement.precision, threads or usable_cores()),
+                                     on_event=on_event)
         from embedpool.pool.pool import Pool
 
         cfg = pool_config_for(workers=workers, threads=threads,
                               batch_tokens=placement.batch_tokens,
                               precision=placement.precision, **options)
-        return Pool(spec, cfg, on_event=on_event)
+        return Pool(recipe(placement.precision, threads or 1), cfg, on_event=on_event)
     assert placement.devices is not None
     gpus = placement.devices.gpu_workers
     if workers is None:  # in this process, on the first GPU
         g = gpus[0]
-        return InProcessExecutor(EngineSpec(model, placement.precision, 1, f"cuda:{g.index}",
-                                            g.mem_limit), on_event=on_event)
+        return InProcessExecutor(recipe(placement.precision, 1, f"cuda:{g.index}",
+                                        g.mem_limit), on_event=on_event)
     from embedpool.pool import devices
     from embedpool.pool.devices import PoolRecipe
 
     recipes = [PoolRecipe(f"cuda:{g.index} {g.name}",
-                          EngineSpec(model, placement.precision, 1, f"cuda:{g.index}",
-                                     g.mem_limit),
+                          recipe(placement.precision, 1, f"cuda:{g.index}", g.mem_limit),
                           pool_config_for(workers=1, threads=1, batch_tokens=g.batch_tokens,
                                           precision=placement.precision,
                                           device=f"cuda:{g.index}", **options))
@@ -203,14 +268,14 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
     cpu_precision: Precision = "fp32"
     cpu = None
     if placement.devices.cpu_workers:
-        cpu = PoolRecipe("cpu", EngineSpec(model, cpu_precision, 1),
+        cpu = PoolRecipe("cpu", recipe(cpu_precision, 1),
                          pool_config_for(workers=placement.devices.cpu_workers,
                                          threads=placement.devices.cpu_threads,
                                          precision=cpu_precision, **options),
                          precision=None if placement.precision == cpu_precision else cpu_precision)
 
     def cpu_pool(precision: Precision) -> PoolRecipe:
-        return PoolRecipe("cpu", EngineSpec(model, precision, 1),
+        return PoolRecipe("cpu", recipe(precision, 1),
                           pool_config_for(workers=workers, precision=precision, **options),
                           precision=None if placement.precision == precision else precision)
 
@@ -220,3 +285,37 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
                          start_fallback=None if placement.request.kind == "cuda"
                          else cpu_pool("int8"),
                          strict=placement.request.kind == "cuda", on_event=on_event)
+
+
+def executor_factory(model: ResolvedModel, placement: Placement, *,
+                     workers: int | str | None, **kwargs: Any) -> Callable[[], Executor]:
+    """``start_executor`` deferred: what ``serve``'s lifespan calls when the server starts."""
+    return functools.partial(start_executor, model, placement, workers=workers, **kwargs)
+
+
+class _DropSigtermNote(logging.Filter):
+    """``ray.init`` off the main thread logs that it leaves SIGTERM alone: what the server
+    wants (``server/on_ray.py``), so not worth a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("SIGTERM handler is not set")
+
+
+_SIGTERM_NOTE_FILTER = _DropSigtermNote()
+
+
+def ray_executor(recipe: Any, *, address: str | None = None, actors: int | None = None,
+                 batch_tokens: int, policy: FaultPolicy | None = None,
+                 on_event: EventCallback | None = None) -> Executor:
+    """``start_executor``'s Ray backend: a ``RayExecutor`` running ``recipe`` (an
+    ``EngineSpec``'s graph is shipped through the object store; any other recipe is built in
+    each actor) on ``actors`` actors (None: one per cluster CPU), joining ``address`` (None:
+    ``$RAY_ADDRESS``, else a private local Ray that ``close`` stops)."""
+    from embedpool.backends.ray import RayExecutor
+
+    logging.getLogger("ray._private.worker").addFilter(_SIGTERM_NOTE_FILTER)
+    executor: Executor = RayExecutor(recipe, address=address, actors=actors,
+                                     batch_tokens=batch_tokens,
+                                     policy=policy,
+                                     on_event=on_event)
+    return executor

@@ -36,8 +36,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedpool.batcher import MicroBatcher, SubmitExecutor
-from embedpool.engine import EngineSpec, usable_cores
-from embedpool.executor import InProcessExecutor
 from embedpool.metrics import CONTENT_TYPE, ServerMetrics
 from embedpool.models import ResolvedModel, find_known, resolve_model
 from embedpool.modelspec import INPUT_TYPE_PROMPTS
@@ -147,9 +145,12 @@ def reinstall_signal_handlers() -> None:
 
 def default_executor_factory(model: ResolvedModel,
                              precision: Precision) -> Callable[[], SubmitExecutor]:
-    """The engine in-process on one thread (``embedpool serve`` passes the worker pool)."""
-    spec = EngineSpec(model, precision, threads=usable_cores())
-    return lambda: InProcessExecutor(spec.build)
+    """The engine in this process on the CPU (``embedpool serve`` passes its placement's),
+    built by the one construction path (``placement.start_executor``)."""
+    from embedpool.placement import executor_factory, place
+
+    return executor_factory(model, place(model, device="cpu", precision=precision),
+                            workers=None)
 
 
 def served_model(settings: ServerSettings, model: ResolvedModel,

@@ -20,7 +20,7 @@ SIGTERM stays uvicorn's, against two handlers Ray installs:
 
 * ``ray.init`` on the main thread replaces the Python SIGTERM handler with one that exits at
   once. Ray is joined on the lifespan's worker thread instead, where it leaves the handler
-  alone and logs a warning saying so; that warning is filtered out here.
+  alone and logs a warning saying so; ``placement.ray_executor`` filters that warning out.
 * The driver's core worker (C++) installs abseil's failure handler for SIGTERM, whatever the
   thread; it aborted the server mid-drain. The lifespan puts the Python handlers back on the
   main thread once the executor is built (``app.reinstall_signal_handlers``).
@@ -28,7 +28,7 @@ SIGTERM stays uvicorn's, against two handlers Ray installs:
 
 from __future__ import annotations
 
-import logging
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -37,32 +37,17 @@ from embedpool.batching import DEFAULT_BATCH_TOKENS
 from embedpool.faults import FaultPolicy
 from embedpool.types import EventCallback
 
-#: The logger of Ray's ``ray.init`` (ray/_private/worker.py) and the start of the one record
-#: it logs when called off the main thread.
-_RAY_INIT_LOGGER = "ray._private.worker"
-_SIGTERM_NOTE = "SIGTERM handler is not set"
-
-
-class _DropSigtermNote(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_SIGTERM_NOTE)
-
 
 def ray_executor_factory(spec: Any, *, address: str | None = None, actors: int | None = None,
                          batch_tokens: int = DEFAULT_BATCH_TOKENS,
                          policy: FaultPolicy | None = None,
                          on_event: EventCallback | None = None
                          ) -> Callable[[], SubmitExecutor]:
-    """A factory for ``create_app``/``run_server``: a ``RayExecutor`` running ``spec``
-    (``EngineSpec``: the model's graph is shipped through the object store; any other recipe
-    is built in each actor) on ``actors`` actors (None: one per cluster CPU), joining
-    ``address`` (None: ``$RAY_ADDRESS``, else a private local Ray that ``close`` stops)."""
+    """A factory for ``create_app``/``run_server`` around any engine recipe: a
+    ``RayExecutor`` built by ``placement.ray_executor``, the Ray branch of the one
+    construction path (``embedpool serve --backend ray`` goes through
+    ``placement.start_executor``)."""
+    from embedpool.placement import ray_executor
 
-    def build() -> SubmitExecutor:
-        from embedpool.backends.ray import RayExecutor
-
-        logging.getLogger(_RAY_INIT_LOGGER).addFilter(_DropSigtermNote())
-        return RayExecutor(spec, address=address, actors=actors, batch_tokens=batch_tokens,
-                           policy=policy, on_event=on_event)
-
-    return build
+    return functools.partial(ray_executor, spec, address=address, actors=actors,
+                             batch_tokens=batch_tokens, policy=policy, on_event=on_event)
