@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-from tokenizers import Tokenizer, normalizers
+from tokenizers import Encoding, Tokenizer, normalizers
 
 from embedpool.errors import ConfigError, ModelError
 from embedpool.modelspec import TextSpec
@@ -75,6 +75,9 @@ class TextTokenizer:
             tok.normalizer = normalizers.BertNormalizer(
                 clean_text=n.clean_text, handle_chinese_chars=n.handle_chinese_chars,
                 strip_accents=n.strip_accents, lowercase=n.lowercase)
+            from tokenizers import pre_tokenizers
+
+            tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # rebuilt with it too
         if self.text.do_lower_case and not _has_lowercase(tok.normalizer):
             # what sentence-transformers 6 does: a Lowercase in front of the normalizer
             current = tok.normalizer
@@ -126,6 +129,23 @@ class TextTokenizer:
         """Full token counts (special tokens and prompt included), without building sequences."""
         p = self.resolve_prompt(prompt, prompt_name)
         return [len(e.ids) for e in self._tok.encode_batch([p + t for t in texts])]
+
+    def encodings(self, texts: Sequence[str], *, prompt: str = "",
+                  add_special_tokens: bool = True) -> list[Encoding]:
+        """The ``tokenizers`` encodings of ``prompt + text`` (ids, tokens, offsets, special
+        tokens mask), untruncated: what token counting (``/tokenize``, ``embedpool tokenize``)
+        reports, in the exact tokenisation the model is fed."""
+        return list(self._tok.encode_batch([prompt + t for t in texts],
+                                           add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """The text of token ids (ValueError for an id outside the vocabulary)."""
+        size = self._tok.get_vocab_size(with_added_tokens=True)
+        bad = next((i for i in ids if not 0 <= i < size), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (0..{size - 1})")
+        text: str = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text
 
     def token_ids(self, text: str) -> list[int]:
         """Content ids of a text without special tokens (used by test hooks)."""

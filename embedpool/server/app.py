@@ -40,6 +40,9 @@ from embedpool.metrics import CONTENT_TYPE, ServerMetrics
 from embedpool.models import ResolvedModel, find_known, resolve_model
 from embedpool.modelspec import INPUT_TYPE_PROMPTS
 from embedpool.options import input_type_prompt, prompt_names
+from embedpool.server.dialects import INLINE_RENDER_VALUES, read_body, render_error
+from embedpool.server.ollama import ROUTES as OLLAMA_ROUTES
+from embedpool.server.ollama import register_ollama
 from embedpool.server.openai import (
     ERROR_RESPONSES,
     ApiError,
@@ -47,9 +50,7 @@ from embedpool.server.openai import (
     ModelCard,
     ModelList,
     ServedModel,
-    bad_request,
     embedding_request_schema,
-    error_response,
     model_card,
     parse_embedding_request,
     parse_json,
@@ -59,15 +60,14 @@ from embedpool.server.openai import (
 from embedpool.server.readiness import STARTING, Readiness, SharedProbe, probe_once
 from embedpool.server.service import EmbeddingService, Runtime, VectorCacheHook
 from embedpool.server.settings import ServerSettings
+from embedpool.server.tei import ROUTES as TEI_ROUTES
+from embedpool.server.tei import register_tei
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import Precision
 
-#: Responses with more floats than this are serialised on a thread (json.dumps of 2,048 x 384
-#: floats takes ~0.5 s, which would stall every other connection).
-INLINE_RENDER_VALUES = 64 * 384
 #: Routes counted by name in the request metrics; anything else counts as "other".
 ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/health",
-                    "/ready", "/metrics"})
+                    "/ready", "/metrics", *OLLAMA_ROUTES, *TEI_ROUTES})
 
 _bearer = HTTPBearer(auto_error=False, description="The key given by --api-key or "
                                                    "EMBEDPOOL_API_KEY.")
@@ -101,29 +101,6 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             self.metrics.observe_request(route, status, time.perf_counter() - start)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing with 413 by Content-Length first and by the bytes actually sent."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise bad_request(f"Content-Length {declared[:40]!r} is not a number", None,
-                              "invalid_header") from None
-        if size > limit:
-            raise ApiError(413, f"request body is {size} bytes; the limit is {limit}: "
-                           "send fewer inputs per request", code="request_too_large")
-    chunks: list[bytes] = []
-    total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes: "
-                           "send fewer inputs per request", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def reinstall_signal_handlers() -> None:
@@ -178,6 +155,7 @@ class _App:
                  model: ResolvedModel, cache: VectorCacheHook | None) -> None:
         self.settings = settings
         self.factory = factory
+        self.model = model
         tokenizer = TextTokenizer.for_model(model)
         self.served = served_model(settings, model, tokenizer)
         self.normalize = model.normalize
@@ -290,14 +268,15 @@ class _App:
 
 async def _on_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return exc.response()
+    return render_error(request, exc)  # in the shape of the route's dialect
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                          code=code, headers=getattr(exc, "headers", None))
+    return render_error(request, ApiError(
+        exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
+        headers=getattr(exc, "headers", None)))
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
@@ -305,8 +284,9 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     errors = exc.errors()
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    return error_response(400, f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}",
-                          param=".".join(loc) or None, code="invalid_value")
+    return render_error(request, ApiError(
+        400, f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}",
+        param=".".join(loc) or None, code="invalid_value"))
 
 
 def create_app(settings: ServerSettings,
@@ -349,6 +329,9 @@ def create_app(settings: ServerSettings,
                       responses={503: {"description": "a probe embedding failed or timed out"}})
     app.add_api_route("/metrics", a.prometheus, methods=["GET"], dependencies=auth,
                       response_class=Response)
+    # The Ollama and TEI dialects: the same key, limits and admission, their error shapes.
+    register_ollama(app, a, auth)
+    register_tei(app, a, auth)
     app.state.metrics = a.metrics  # for tests
     app.state.runtime = a.runtime
     return app

@@ -1,0 +1,239 @@
+"""Ollama's API on the embedpool server: ``/api/embed``, ``/api/embeddings``, ``/api/tags``,
+``/api/show``, ``/api/ps``, ``/api/version``, so that the ``ollama`` client, LangChain's
+``OllamaEmbeddings`` and the editor tools that index code through Ollama work unchanged.
+
+Shapes and codes follow Ollama's server (``server/routes.go``, ``api/types.go``):
+
+* errors are ``{"error": "<message>"}``: 400 for a bad body, 404 ``model '<name>' not
+  found``; the server's own limits as on every route (401 key, 413 body, 429 + Retry-After
+  queue full, 503 pool unavailable);
+* ``/api/embed``: ``input`` a string or a list of strings (an empty string or list embeds
+  nothing: ``embeddings: []``); ``truncate`` (default true) false refuses an input longer
+  than the model's window with 400 ``the input length exceeds the context length``;
+  ``dimensions`` keeps the first N values (a model trained for it; other models: their own
+  width, as on every route); vectors are L2-normalised, as Ollama's are; ``keep_alive`` and
+  ``options`` are accepted and ignored (the model stays loaded); ``prompt_eval_count`` counts
+  the tokens fed to the model; durations are nanoseconds;
+* ``/api/embeddings`` (the older route): ``prompt`` -> ``embedding``, the model's own vector
+  (not normalised again, as in Ollama);
+* model names: the served names, each also with Ollama's default tag ``:latest``; a request
+  without ``model`` gets the served model (Ollama requires one; embedpool serves one);
+* ``/api/tags`` and ``/api/ps`` list the served model as ``<name>:latest`` with its weights'
+  size, sha256 digest, family and parameter count; ``/api/show`` adds ``model_info``
+  (``<family>.embedding_length``, ``<family>.context_length``) and ``capabilities:
+  ["embedding"]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+import embedpool
+from embedpool.server.dialects import (
+    ModelFacts,
+    ServerContext,
+    json_body,
+    model_facts,
+    parameter_size,
+    read_body,
+    register_dialect,
+    type_name,
+)
+from embedpool.server.openai import ApiError, EmbeddingCall, parse_json, truncation_headers
+from embedpool.vectors import l2_normalize
+
+#: The Ollama release whose API these routes follow (reported by /api/version).
+OLLAMA_API_VERSION = "0.33.0"
+#: The tag Ollama gives a model name without one.
+DEFAULT_TAG = ":latest"
+#: Paths counted by name in the request metrics.
+ROUTES = ("/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps",
+          "/api/version")
+#: Ollama's message for truncate=false and an input longer than the model's window.
+TOO_LONG = "the input length exceeds the context length"
+
+
+def _render_error(err: ApiError) -> Response:
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+
+
+register_dialect("ollama", _render_error, prefixes=("/api/",))
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message, code="invalid_value")
+
+
+class OllamaRoutes:
+    """The handlers, over the app's state (auth is the app's dependency on every route)."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+
+    @cached_property
+    def facts(self) -> ModelFacts:
+        return model_facts(self.ctx.model, self.ctx.settings.precision)
+
+    # ------------------------------------------------------------ parsing
+    async def _body(self, request: Request) -> dict[str, Any]:
+        raw = await read_body(request, self.ctx.settings.max_request_bytes)
+        if not raw.strip():
+            raise _bad("missing request body")
+        body = parse_json(raw)
+        if not isinstance(body, dict):
+            raise _bad(f"the request body must be a JSON object, got {type_name(body)}")
+        for field in ("options",):
+            if body.get(field) is not None and not isinstance(body[field], dict):
+                raise _bad(f"'{field}' must be an object, got {type_name(body[field])}")
+        keep = body.get("keep_alive")
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, str | int
+                                                                            | float)):
+            raise _bad(f"'keep_alive' must be a duration string or a number of seconds, got "
+                       f"{type_name(keep)}")
+        return body
+
+    def _model(self, body: dict[str, Any], field: str = "model") -> str:
+        """The model name as the request gave it (echoed back); 404 if not served."""
+        name = body.get(field)
+        if name is None or name == "":
+            return self.ctx.served.names[0]
+        if not isinstance(name, str):
+            raise _bad(f"'{field}' must be a string, got {type_name(name)}")
+        served = self.ctx.served
+        if served.lookup(name) is None and (not name.endswith(DEFAULT_TAG) or served.lookup(
+                name[: -len(DEFAULT_TAG)]) is None):
+            raise ApiError(404, f"model '{name}' not found", param="model",
+                           code="model_not_found")
+        return name
+
+    def _texts(self, value: Any) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value] if value else []
+        if not isinstance(value, list):
+            raise _bad(f"invalid input type: 'input' must be a string or an array of "
+                       f"strings, got {type_name(value)}")
+        limit = self.ctx.settings.max_items_per_request
+        if len(value) > limit:
+            raise _bad(f"'input' has {len(value)} items; this server accepts at most {limit} "
+                       "per request: split it into several requests")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise _bad(f"invalid input type: input[{i}] must be a string, got "
+                           f"{type_name(item)}")
+        return list(value)
+
+    def _check_lengths(self, texts: Sequence[str], prompt: str) -> None:
+        """truncate=false: 400 for an input longer than the model's window (Ollama's rule)."""
+        tokenizer = self.ctx.service.tokenizer
+        for i, n in enumerate(tokenizer.count(texts, prompt=prompt)):
+            if n > tokenizer.max_length:
+                raise _bad(f"{TOO_LONG}: input[{i}] is {n} tokens, the model's context length "
+                           f"is {tokenizer.max_length} (send truncate: true to cut it)")
+
+    # ------------------------------------------------------------ embeddings
+    async def embed(self, request: Request) -> Response:
+        start = time.perf_counter_ns()
+        body = await self._body(request)
+        model = self._model(body)
+        texts = self._texts(body.get("input"))
+        truncate = body.get("truncate")
+        if truncate is not None and not isinstance(truncate, bool):
+            raise _bad(f"'truncate' must be a boolean, got {type_name(truncate)}")
+        dims = body.get("dimensions")
+        if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
+            raise _bad(f"'dimensions' must be an integer, got {type_name(dims)}")
+        service = self.ctx.service
+        opts = service.options(EmbeddingCall([], model, "float", dimensions=dims or None))
+        loaded = time.perf_counter_ns()
+        if not texts:
+            return JSONResponse({"model": model, "embeddings": []})
+        if truncate is False:
+            self._check_lengths(texts, opts.prompt)
+        done = await service.embed(texts, opts)
+        vectors = done.vectors if self.ctx.model.normalize else l2_normalize(done.vectors)
+        answer = {"model": model, "embeddings": vectors.tolist(),
+                  "total_duration": time.perf_counter_ns() - start,
+                  "load_duration": loaded - start, "prompt_eval_count": done.tokens}
+        return await json_body(answer, vectors.size,
+                               headers=truncation_headers(done.truncated))
+
+    async def embeddings(self, request: Request) -> Response:
+        body = await self._body(request)
+        model = self._model(body)
+        prompt = body.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise _bad(f"'prompt' must be a string, got {type_name(prompt)}")
+        if not prompt:
+            return JSONResponse({"embedding": []})
+        service = self.ctx.service
+        done = await service.embed([prompt], service.options(
+            EmbeddingCall([], model, "float")))
+        return await json_body({"embedding": done.vectors[0].tolist()}, done.vectors.size,
+                               headers=truncation_headers(done.truncated))
+
+    # ------------------------------------------------------------ models
+    def _details(self) -> dict[str, Any]:
+        f = self.facts
+        return {"parent_model": "", "format": "onnx", "family": f.family,
+                "families": [f.family], "parameter_size": parameter_size(f.parameters),
+                "quantization_level": f.dtype.upper()}
+
+    def _listing(self) -> dict[str, Any]:
+        name = self.ctx.served.names[0] + DEFAULT_TAG
+        f = self.facts
+        return {"name": name, "model": name, "size": f.size_bytes,
+                "digest": f.digest, "details": self._details()}
+
+    def _started(self) -> str:
+        return datetime.fromtimestamp(self.ctx.runtime.started, UTC).isoformat()
+
+    async def tags(self) -> Response:
+        return JSONResponse({"models": [{**self._listing(), "modified_at": self._started()}]})
+
+    async def ps(self) -> Response:
+        # Loaded for as long as the server runs: Ollama's "expires" is then far away.
+        loaded = self.ctx.runtime.batcher is not None
+        models = [{**self._listing(), "expires_at": "9999-12-31T23:59:59Z",
+                   "size_vram": 0, "context_length": self.facts.max_length}] if loaded else []
+        return JSONResponse({"models": models})
+
+    async def show(self, request: Request) -> Response:
+        body = await self._body(request)
+        if not body.get("model") and not body.get("name"):
+            raise _bad("model is required")
+        self._model(body, "model" if body.get("model") else "name")
+        f = self.facts
+        info: dict[str, Any] = {
+            "general.architecture": f.family, "general.basename": f.name,
+            f"{f.family}.embedding_length": f.dim, f"{f.family}.context_length": f.max_length,
+            f"{f.family}.pooling_type": f.pooling}
+        if f.parameters is not None:
+            info["general.parameter_count"] = f.parameters
+        return JSONResponse({"license": "", "modelfile": "", "parameters": "",
+                             "template": "", "details": self._details(), "model_info": info,
+                             "capabilities": ["embedding"], "modified_at": self._started()})
+
+    async def version(self) -> Response:
+        return JSONResponse({"version": OLLAMA_API_VERSION,
+                             "embedpool": embedpool.__version__})
+
+
+def register_ollama(app: FastAPI, ctx: ServerContext, dependencies: Sequence[Any]) -> None:
+    """Add the Ollama routes (``dependencies``: the app's auth), out of /openapi.json."""
+    r = OllamaRoutes(ctx)
+    deps = list(dependencies)
+    for path, handler, methods in (
+            ("/api/embed", r.embed, ["POST"]), ("/api/embeddings", r.embeddings, ["POST"]),
+            ("/api/show", r.show, ["POST"]), ("/api/tags", r.tags, ["GET", "HEAD"]),
+            ("/api/ps", r.ps, ["GET"]), ("/api/version", r.version, ["GET", "HEAD"])):
+        app.add_api_route(path, handler, methods=methods, dependencies=deps,
+                          include_in_schema=False)
