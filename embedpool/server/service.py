@@ -1,14 +1,18 @@
-"""The embedding path behind ``POST /v1/embeddings``: tokenise, ask the cache, admit into the
-micro-batcher's queue, await the vectors, and map every failure to its HTTP answer.
+"""The embedding path behind every dialect's embeddings route: prepare, admit into the
+micro-batcher's queue, await the vectors, assemble, and map every failure to its HTTP answer.
 
 ::
 
-    texts -> tokenise (on a thread above INLINE_TOKENIZE_CHARS), the call's prompt in front
-          -> cache.get_many          hits fill their rows; only misses go on (keyed by the
-                                     text and its prompt)
-          -> MicroBatcher.submit     QueueFull -> 429 + Retry-After, PoolUnavailable -> 503
-          -> await the future        timeout -> 503, ItemFailed -> 422 naming the input
-          -> cache.put_many          the misses' vectors (whole)
+    texts -> prepare.prepare         the job's prepare step: dedupe, cache lookup (keyed by
+                                     the text and its prompt), tokenise, the call's prompt in
+                                     front (on a thread with a cache or above
+                                     INLINE_TOKENIZE_CHARS); every input tokenised for usage
+          -> MicroBatcher.submit     the misses' sequences; QueueFull -> 429 + Retry-After,
+                                     PoolUnavailable -> 503
+          -> await the future        timeout -> 503, ItemFailed -> 422 naming the input;
+                                     windows averaged by the batcher's prepare.Assembly
+          -> Prepared.fill/store     the misses' vectors, written to the cache (whole)
+          -> Prepared.rows           one row per input (the dedupe undone)
           -> dimensions              the first N values, normalised again (Matryoshka)
 """
 
@@ -16,36 +20,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
-import numpy as np
 from fastapi.concurrency import run_in_threadpool
 
 from embedpool.batcher import MicroBatcher, SubmitExecutor, Ticket
 from embedpool.errors import ItemFailed, PoolUnavailable, QueueFull
 from embedpool.metrics import ServerMetrics
 from embedpool.options import CallOptions, OptionError, resolve_options
+from embedpool.prepare import Prepared, VectorCacheHook, prepare
 from embedpool.server.openai import ApiError, EmbeddingCall, ServedModel, bad_request
 from embedpool.server.settings import ServerSettings
 from embedpool.tokenization import Encoded, TextTokenizer
 from embedpool.types import Vectors
 
+__all__ = ["Embedded", "EmbeddingService", "Runtime", "VectorCacheHook", "pool_unavailable"]
+
 #: Requests with more characters than this are tokenised on a thread, not on the event loop:
 #: below it, tokenising (~50 us) costs less than the thread hop.
 INLINE_TOKENIZE_CHARS = 4096
-
-
-class VectorCacheHook(Protocol):
-    """What the server needs from a vector cache (``cache.BoundCache``).
-
-    Keys are the input texts; the cache itself is bound to the model fingerprint.
-    """
-
-    def get_many(self, texts: Sequence[str], prompt: str = "") -> list[Vectors | None]: ...
-
-    def put_many(self, texts: Sequence[str], vectors: Vectors, prompt: str = "") -> None: ...
 
 
 @dataclass
@@ -110,51 +103,39 @@ class EmbeddingService:
     def tokenize(self, texts: list[str], prompt: str = "") -> Encoded:
         return self.tokenizer.encode(texts, self.settings.long_text, prompt=prompt)
 
+    def prepare(self, texts: list[str], prompt: str = "") -> Prepared:
+        """The shared prepare step (``prepare.prepare``) for one request: every input
+        tokenised (its usage), only the cache's misses left to run."""
+        return prepare(texts, self.tokenizer, self.settings.long_text, self.served.dim,
+                       prompt=prompt, cache=self.cache, tokenize_all=True)
+
     async def embed(self, texts: list[str], options: CallOptions | None = None) -> Embedded:
         opts = options if options is not None else self.options()
         batcher = self.runtime.running_batcher()
         chars = sum(len(t) for t in texts)
-        enc = (self.tokenize(texts, opts.prompt) if chars <= INLINE_TOKENIZE_CHARS
-               else await run_in_threadpool(self.tokenize, texts, opts.prompt))
-        tokens = sum(len(s) for s in enc.sequences)
-        truncated = [i for i, t in enumerate(enc.truncated) if t]
+        prep = (self.prepare(texts, opts.prompt)
+                if self.cache is None and chars <= INLINE_TOKENIZE_CHARS
+                else await run_in_threadpool(self.prepare, texts, opts.prompt))
+        truncated = prep.truncated_inputs()
         self.metrics.truncated_items.inc(len(truncated))
-        out = np.empty((len(texts), self.served.dim), dtype=np.float32)
-        todo = await self._from_cache(texts, out, opts.prompt)
-        if todo:
-            ticket = self._admit(batcher, enc, todo)
-            vectors = await self._wait(ticket, todo)
-            out[todo] = vectors
+        if self.cache is not None:
+            hits = prep.hits()
+            self.metrics.cache_hits.inc(hits)
+            self.metrics.cache_misses.inc(len(texts) - hits)
+        if prep.missing:
+            ticket = self._admit(batcher, prep.encoded, len(prep.missing))
+            prep.fill(await self._wait(ticket, prep))
             if self.cache is not None:
-                await run_in_threadpool(self.cache.put_many, [texts[i] for i in todo], vectors,
-                                        opts.prompt)
+                await run_in_threadpool(prep.store, self.cache, range(len(prep.missing)))
+        tokens = prep.input_tokens()
         self.metrics.embedded_items.inc(len(texts))
         self.metrics.embedded_tokens.inc(tokens)
-        return Embedded(opts.shape(out), tokens, truncated)
+        return Embedded(opts.shape(prep.rows()), tokens, truncated)
 
-    async def _from_cache(self, texts: list[str], out: Vectors, prompt: str) -> list[int]:
-        """Fill ``out``'s rows the cache knows; return the indices still to embed."""
-        if self.cache is None:
-            return list(range(len(texts)))
-        cached = await run_in_threadpool(self.cache.get_many, texts, prompt)
-        todo = []
-        for i, vector in enumerate(cached):
-            if vector is None:
-                todo.append(i)
-            else:
-                out[i] = vector
-        self.metrics.cache_hits.inc(len(texts) - len(todo))
-        self.metrics.cache_misses.inc(len(todo))
-        return todo
-
-    def _admit(self, batcher: MicroBatcher, enc: Encoded, todo: list[int]) -> Ticket:
-        """Queue the sequences of the items in ``todo`` (their windows too), or refuse."""
-        where = {item: k for k, item in enumerate(todo)}
-        rows = [j for j, o in enumerate(enc.owner) if o in where]
+    def _admit(self, batcher: MicroBatcher, enc: Encoded, n_items: int) -> Ticket:
+        """Queue the sequences of the texts still to embed (their windows too), or refuse."""
         try:
-            return batcher.submit([enc.sequences[j] for j in rows],
-                                  [where[enc.owner[j]] for j in rows], len(todo),
-                                  enc.prompt_length)
+            return batcher.submit(enc.sequences, enc.owner, n_items, enc.prompt_length)
         except QueueFull as exc:
             self.metrics.rejected.labels("queue_full").inc()
             raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
@@ -163,7 +144,7 @@ class EmbeddingService:
             self.metrics.rejected.labels("pool_unavailable").inc()
             raise pool_unavailable(exc) from None
 
-    async def _wait(self, ticket: Ticket, todo: list[int]) -> Vectors:
+    async def _wait(self, ticket: Ticket, prep: Prepared) -> Vectors:
         timeout = self.settings.request_timeout_s
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ticket.future), timeout)
@@ -171,7 +152,7 @@ class EmbeddingService:
             raise ApiError(503, f"embedding did not finish within {timeout:g} s",
                            type="server_error", code="timeout") from None
         except ItemFailed as exc:
-            index = todo[exc.index]
+            index = prep.first_input(prep.missing[exc.index])
             raise ApiError(422, f"input[{index}] could not be embedded: {exc.reason}",
                            param=f"input[{index}]", code="input_failed") from None
         except PoolUnavailable as exc:
