@@ -50,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from embedpool.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS, plan_batches
+from embedpool.batching import plan_batches
+from embedpool.budget import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS
 from embedpool.errors import ItemFailed, PoolBroken, PoolUnavailable, QueueFull
 from embedpool.executor import BatchResult, Executor, WorkBatch
 from embedpool.types import TokenIds, Vectors

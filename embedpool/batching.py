@@ -2,7 +2,8 @@
 
 Padded cost of a batch is ``items x longest``; sorting by length keeps padding near zero,
 and a padded-token budget (not an item count) bounds both the activation memory and the
-latency of one batch whatever the text lengths are.
+latency of one batch whatever the text lengths are. How big a budget is decided in one
+place, ``budget.batch_budget``; this module only cuts batches to it.
 """
 
 from __future__ import annotations
@@ -10,14 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-#: Padded tokens per batch. Small batches are as fast and lighter: one pool worker (1 thread,
-#: int8, benchmarks/worker_rss.py) peaked at 124 / 136 / 146 / 190 MiB with batches of
-#: 2 / 3 / 4 / 8 x 256 tokens, at the same speed within noise (10.5-12.2 chunks/s), and
-#: whole-pool runs at 768 and 1024 differed by less than their run-to-run noise. 768
-#: (= 3 x 256) keeps an int8 worker under 150 MB (136 MiB = 143 MB).
-DEFAULT_BATCH_TOKENS = 768
-#: Item cap: protects against thousands of 3-token texts in one batch (per-row overhead).
-DEFAULT_MAX_BATCH_ITEMS = 64
+from embedpool.budget import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS
 
 
 @dataclass(frozen=True)

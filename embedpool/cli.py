@@ -370,15 +370,18 @@ def models_build(names: tuple[str, ...], precisions: tuple[str, ...], log_json: 
 
 
 @main.command()
+@model_opt
 @profile_opt
 @max_memory_opt
 @workers_opt
 @threads_opt
+@batch_tokens_opt
 @precision_opt
 @device_opt
 @cpu_workers_opt
-def doctor(profile: str, max_memory: str | None, workers: str, threads: int | None,
-           precision: str, device: str, cpu_workers: int | None) -> None:
+def doctor(model: str, profile: str, max_memory: str | None, workers: str,
+           threads: int | None, batch_tokens: int | None, precision: str, device: str,
+           cpu_workers: int | None) -> None:
     """Print what embedpool detects about this machine (cores, memory, GPUs) and how it
     would run here."""
     from embedpool.device import DeviceRequest, decide_device, detect_facts, parse_device
@@ -398,18 +401,25 @@ def doctor(profile: str, max_memory: str | None, workers: str, threads: int | No
     facts = detect_facts(DeviceRequest("cuda"))  # the doctor always looks for GPUs
     error = placement = None
     try:
+        from embedpool.graph.families import model_memory
         from embedpool.models import resolve_model
         from embedpool.placement import place
 
-        placement = place(resolve_model(env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2"),
-                          device=request, precision=precision, cpu_workers=cpu_workers,
-                          cpus=limits.cpus, plan=decide_device(request, facts))
+        # the budget and the plan exactly as embed and serve decide them (budget.batch_budget)
+        resolved = resolve_model(model)
+        placement = place(resolved, device=request, precision=precision,
+                          cpu_workers=cpu_workers, batch_tokens=batch_tokens,
+                          cpus=limits.cpus, plan=decide_device(request, facts),
+                          profile=limits.profile)
         cpu_precision = placement.precision if not placement.on_gpu else "fp32"
         p = plan(limits, workers=None if w == "auto" else int(w), threads=threads,
-                 precision=cpu_precision, mem_used=used)
+                 precision=cpu_precision, mem_used=used,
+                 model=model_memory(resolved, cpu_precision),
+                 budget=None if placement.on_gpu else placement.budget)
     except (ConfigError, ModelError) as exc:
         error = str(exc)
-        p = plan(limits, workers=None if w == "auto" else int(w), threads=threads, mem_used=used)
+        p = plan(limits, workers=None if w == "auto" else int(w), threads=threads,
+                 batch_tokens=batch_tokens, mem_used=used)
     from embedpool.graph.prebuild import built_graphs, graph_dir
 
     click.echo(render_doctor(limits, p, mem_used=used,
@@ -516,7 +526,8 @@ def serve(host: str, port: int, model: str, precision: str, device: str,
         resolved = resolve_model(model)
         # the device and precision once: the server batches up to the device's budget
         placement = place(resolved, device=device, precision=precision, cpu_workers=cpu_workers,
-                          batch_tokens=batch_tokens, backend=backend)
+                          batch_tokens=batch_tokens, backend=backend,
+                          profile=pool_opts.get("profile"))
         precision, batch_tokens = placement.precision, placement.batch_tokens
         settings = ServerSettings(
             host=host, port=port, model=model, precision=precision,  # type: ignore[arg-type]

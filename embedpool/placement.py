@@ -39,19 +39,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from embedpool.batching import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS
+from embedpool.budget import BatchBudget, batch_budget
 from embedpool.device import DeviceError, DevicePlan, DeviceRequest, resolve_device
 from embedpool.errors import ConfigError, ModelError
 from embedpool.executor import Executor
 from embedpool.models import ResolvedModel
 from embedpool.pool.gpuplan import (
-    GPU_MAX_BATCH_ITEMS,
     DevicesPlan,
     GpuInput,
     ModelShape,
     plan_devices,
 )
-from embedpool.types import EventCallback, Precision
+from embedpool.types import EventCallback, Precision, Profile
 
 if TYPE_CHECKING:
     from embedpool.faults import FaultPolicy
@@ -98,11 +97,21 @@ class Placement:
     precision: Precision
     #: The GPU plan (cuda only): budgets per GPU, CPU workers alongside, the parent's cores.
     devices: DevicesPlan | None
-    #: The job's batch size in padded tokens and items (a GPU's batches are much bigger).
-    batch_tokens: int
-    max_batch_items: int
+    #: The job's batch budget (``budget.batch_budget``: a GPU's batches are much bigger);
+    #: every executor and the server run it.
+    budget: BatchBudget
     #: What auto or the request asked for, for the fallbacks.
     request: DeviceRequest
+    #: The machine's profile the budget was decided for (None: Ray, where none applies).
+    profile: Profile | None = None
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.budget.tokens
+
+    @property
+    def max_batch_items(self) -> int:
+        return self.budget.max_items
 
     @property
     def on_gpu(self) -> bool:
@@ -135,9 +144,11 @@ def place(model: ResolvedModel, *, device: str | DeviceRequest = "auto",
           precision: str = "auto", cpu_workers: int | None = None,
           batch_tokens: int | None = None, max_batch_items: int | None = None,
           backend: str = "local", cpus: int | None = None,
-          plan: DevicePlan | None = None) -> Placement:
-    """Resolve the device, the precision and the GPU plan (DeviceError/ConfigError: exit 2).
-    ``plan`` skips detection (tests, and callers that resolved it already)."""
+          plan: DevicePlan | None = None, profile: str | None = None) -> Placement:
+    """Resolve the device, the precision, the GPU plan and the batch budget
+    (DeviceError/ConfigError: exit 2). ``plan`` skips detection (tests, and callers that
+    resolved it already); ``profile`` (``--profile``; None: ``EMBEDPOOL_PROFILE`` or detected,
+    as the pool detects it) sizes the CPU's budget on the local backend."""
     request_plan = plan or resolve_device(device)
     for note in request_plan.notes:
         log.warning("embedpool: %s", note)
@@ -154,7 +165,8 @@ def place(model: ResolvedModel, *, device: str | DeviceRequest = "auto",
         try:
             devices = plan_devices(n_cpus, [GpuInput(g.index, g.name, g.memory_free)
                                             for g in request_plan.gpus],
-                                   model_shape(model, chosen), cpu_workers=cpu_workers)
+                                   model_shape(model, chosen), cpu_workers=cpu_workers,
+                                   batch_tokens=batch_tokens)
         except ConfigError as exc:
             if request_plan.request.kind == "cuda":
                 raise DeviceError(f"--device {request_plan.request}: {exc}", "device") from exc
@@ -164,13 +176,24 @@ def place(model: ResolvedModel, *, device: str | DeviceRequest = "auto",
     elif cpu_workers:
         raise ConfigError("--cpu-workers adds CPU workers next to a GPU; on the CPU alone use "
                           "--workers")
+    chosen_profile = machine_profile(profile) if backend == "local" else None
     if devices is not None:
-        bt = batch_tokens or devices.batch_tokens
-        items = max_batch_items or GPU_MAX_BATCH_ITEMS
+        # the job batches for the biggest GPU (smaller pools cut its batches down)
+        biggest = max(devices.gpu_workers, key=lambda g: g.batch_tokens).budget
+        budget = dataclasses.replace(biggest, max_items=max_batch_items or biggest.max_items)
     else:
-        bt = batch_tokens or DEFAULT_BATCH_TOKENS
-        items = max_batch_items or DEFAULT_MAX_BATCH_ITEMS
-    return Placement(request_plan, chosen, devices, bt, items, request_plan.request)
+        budget = batch_budget(device="cpu", profile=chosen_profile, max_length=model.max_length,
+                              requested=batch_tokens, requested_items=max_batch_items)
+    return Placement(request_plan, chosen, devices, budget, request_plan.request,
+                     chosen_profile)
+
+
+def machine_profile(profile: str | None = None) -> Profile:
+    """The profile the pool will run: ``profile`` if given, else ``EMBEDPOOL_PROFILE`` or
+    detected (``limits.detect_limits``, which the pool's scaler calls the same way)."""
+    from embedpool.pool.limits import detect_limits
+
+    return detect_limits(profile=profile).profile
 
 
 def _usable_cpus() -> int:
@@ -236,8 +259,7 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
     if backend == "ray":
         return ray_executor(recipe(placement.precision, threads or 1), address=ray_address,
                             actors=None if workers in (None, "auto") else int(workers),
-                            batch_tokens=placement.batch_tokens, policy=policy,
-                            on_event=on_event)
+                            budget=placement.budget, policy=policy, on_event=on_event)
     if backend != "local":
         raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
     if not placement.on_gpu:
@@ -246,8 +268,7 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
                                      on_event=on_event)
         from embedpool.pool.pool import Pool
 
-        cfg = pool_config_for(workers=workers, threads=threads,
-                              batch_tokens=placement.batch_tokens,
+        cfg = pool_config_for(workers=workers, threads=threads, budget=placement.budget,
                               precision=placement.precision, **options)
         return Pool(recipe(placement.precision, threads or 1), cfg, on_event=on_event)
     assert placement.devices is not None
@@ -261,7 +282,7 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
 
     recipes = [PoolRecipe(f"cuda:{g.index} {g.name}",
                           recipe(placement.precision, 1, f"cuda:{g.index}", g.mem_limit),
-                          pool_config_for(workers=1, threads=1, batch_tokens=g.batch_tokens,
+                          pool_config_for(workers=1, threads=1, budget=g.budget,
                                           precision=placement.precision,
                                           device=f"cuda:{g.index}", **options))
                for g in gpus]
@@ -305,7 +326,8 @@ _SIGTERM_NOTE_FILTER = _DropSigtermNote()
 
 
 def ray_executor(recipe: Any, *, address: str | None = None, actors: int | None = None,
-                 batch_tokens: int, policy: FaultPolicy | None = None,
+                 batch_tokens: int | None = None, budget: BatchBudget | None = None,
+                 policy: FaultPolicy | None = None,
                  on_event: EventCallback | None = None) -> Executor:
     """``start_executor``'s Ray backend: a ``RayExecutor`` running ``recipe`` (an
     ``EngineSpec``'s graph is shipped through the object store; any other recipe is built in
@@ -315,7 +337,7 @@ def ray_executor(recipe: Any, *, address: str | None = None, actors: int | None 
 
     logging.getLogger("ray._private.worker").addFilter(_SIGTERM_NOTE_FILTER)
     executor: Executor = RayExecutor(recipe, address=address, actors=actors,
-                                     batch_tokens=batch_tokens,
+                                     batch_tokens=batch_tokens, budget=budget,
                                      policy=policy,
                                      on_event=on_event)
     return executor

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedpool.budget import GPU_MAX_BATCH_ITEMS, GPU_MAX_BATCH_TOKENS
 from embedpool.cache import VectorCache, text_key
 from embedpool.device import DeviceError, DevicePlan, DeviceRequest, Gpu
 from embedpool.errors import ConfigError
@@ -15,7 +16,6 @@ from embedpool.graph import graph_id
 from embedpool.job import Embedder
 from embedpool.models import resolve_model
 from embedpool.placement import place, precision_for
-from embedpool.pool.gpuplan import GPU_MAX_BATCH_ITEMS, GPU_MAX_BATCH_TOKENS
 from embedpool.testing import FakeEngineSpec
 
 GiB = 1024**3

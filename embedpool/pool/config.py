@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from embedpool.budget import BatchBudget
 from embedpool.errors import ConfigError
 from embedpool.executor import PENDING_PER_WORKER
 from embedpool.faults import FaultPolicy
@@ -26,9 +27,13 @@ class PoolConfig:
     workers: int | None = None
     #: Intra-op threads per worker; None = planned (workers x threads <= usable cores).
     threads: int | None = None
-    #: Initial padded-token budget per batch sent to a worker; None = planned. Larger incoming
-    #: WorkBatches are cut to this budget and reassembled, so callers never notice.
+    #: Initial padded-token budget per batch sent to a worker, as the user asked for it; None =
+    #: planned. Larger incoming WorkBatches are cut to this budget and reassembled, so callers
+    #: never notice.
     batch_tokens: int | None = None
+    #: The budget already decided (``budget.batch_budget``, through ``placement.place``): its
+    #: tokens, its OOM floor and its reason; wins over ``batch_tokens``.
+    budget: BatchBudget | None = None
     profile: Profile | None = None
     #: The engine's precision: plan() uses it for the per-worker memory estimate.
     precision: Precision = "int8"

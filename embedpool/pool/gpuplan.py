@@ -31,10 +31,16 @@ cores (one per ``PARENT_WORKERS_PER_CORE`` workers, rounded): see that constant.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from embedpool.batching import DEFAULT_BATCH_TOKENS
+from embedpool.budget import (
+    DEFAULT_BATCH_TOKENS,
+    GPU_MAX_BATCH_TOKENS,
+    BatchBudget,
+    batch_budget,
+)
 from embedpool.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -56,16 +62,6 @@ GPU_WORKER_CORES = 1
 #: tokens/s needs several cores of the rate measured above; benchmarks/gpu_check.sh measures
 #: both on a GPU machine. More: fewer CPU workers; fewer: a GPU waiting for tokens.
 TOKENIZER_CORES_PER_GPU = 4
-#: Most padded tokens in one GPU batch: 256 sequences of 256 tokens, the batch the
-#: sentence-transformers comparison runs. Larger batches add latency and host memory for
-#: the batch's ids and vectors; a model of MiniLM's size keeps the GPU busy well below this
-#: (not measured here).
-GPU_MAX_BATCH_TOKENS = 65536
-#: Items per GPU batch (the CPU's is 64): short texts need many rows to fill a GPU batch.
-GPU_MAX_BATCH_ITEMS = 1024
-#: The smallest GPU budget worth running: one full-length sequence (of the default model; a
-#: model with a longer window needs that window).
-GPU_MIN_BATCH_TOKENS = 256
 #: Share of the GPU's free memory the worker may use (its arena cap): the rest absorbs other
 #: programs' growth between our reading and our allocations.
 GPU_MEMORY_FRACTION = 0.85
@@ -79,10 +75,6 @@ ACTIVATION_SAFETY = 2.0
 #: The host RSS of one GPU worker: the CUDA runtime, cuBLAS and cuDNN mapped in, no
 #: activations (they are on the GPU). An estimate until benchmarks/gpu_check.sh measures it.
 GPU_WORKER_HOST_RSS = 1 * GiB
-#: The budget when the GPU's free memory is unknown (nvidia-smi missing): ORT's arena then
-#: has no cap, and a too-big batch fails as an out-of-memory error and is split.
-GPU_UNKNOWN_MEMORY_TOKENS = 16384
-
 
 def parent_reserve(cpus: int) -> int:
     """Cores kept free of workers for the parent: one per PARENT_WORKERS_PER_CORE, rounded
@@ -138,25 +130,38 @@ def gpu_mem_limit(free_bytes: int) -> int:
     return max(0, int(free_bytes * GPU_MEMORY_FRACTION) - CUDA_CONTEXT_BYTES)
 
 
-def gpu_batch_tokens(free_bytes: int | None, shape: ModelShape) -> tuple[int, str]:
-    """(padded tokens per batch, why) on a GPU with ``free_bytes`` free; 0 tokens when not
-    even one full-length sequence fits."""
+def gpu_budget(free_bytes: int | None, shape: ModelShape,
+               requested: int | None = None) -> BatchBudget:
+    """The batch budget on a GPU with ``free_bytes`` free: the padded tokens its memory holds
+    (``activation_bytes_per_token``), made a budget by ``budget.batch_budget`` (whole
+    sequences, the cap, the floor; ``requested``: ``--batch-tokens``, capped at what fits);
+    tokens 0 when not even one full-length sequence fits."""
     if free_bytes is None:
-        return GPU_UNKNOWN_MEMORY_TOKENS, (f"{GPU_UNKNOWN_MEMORY_TOKENS} tokens: free GPU "
-                                           "memory unknown")
+        b = batch_budget(device="cuda", max_length=shape.max_length, requested=requested)
+        return dataclasses.replace(b, reason=f"{b.tokens} tokens: {b.reason}")
     per_token = activation_bytes_per_token(shape)
     room = gpu_mem_limit(free_bytes) - shape.weight_bytes
     fits = max(0, room) // per_token
-    floor = max(GPU_MIN_BATCH_TOKENS, shape.max_length)
+    b = batch_budget(device="cuda", max_length=shape.max_length, requested=requested,
+                     gpu_fit=fits)
     how = (f"({GPU_MEMORY_FRACTION:.0%} of {_gib(free_bytes)} free - {_gib(CUDA_CONTEXT_BYTES)} "
            f"CUDA context - {_gib(shape.weight_bytes)} weights) / "
            f"{per_token / 1024:.0f} KiB per token = {fits} tokens")
-    if fits < floor:
-        return 0, f"too little free GPU memory: {how}, under one {floor}-token sequence"
-    if fits >= GPU_MAX_BATCH_TOKENS:
-        return GPU_MAX_BATCH_TOKENS, f"{GPU_MAX_BATCH_TOKENS} tokens (the cap); memory allows {how}"
-    tokens = fits // floor * floor  # whole sequences of the longest length
-    return tokens, how
+    if not b.fits:
+        why = f"too little free GPU memory: {how}, under one {b.floor}-token sequence"
+    elif requested is not None:
+        why = f"{b.tokens} tokens {b.reason}; memory allows {how}"
+    elif b.tokens >= GPU_MAX_BATCH_TOKENS:
+        why = f"{b.tokens} tokens (the cap); memory allows {how}"
+    else:
+        why = how
+    return dataclasses.replace(b, reason=why)
+
+
+def gpu_batch_tokens(free_bytes: int | None, shape: ModelShape) -> tuple[int, str]:
+    """(padded tokens per batch, why) on a GPU with ``free_bytes`` free (``gpu_budget``)."""
+    b = gpu_budget(free_bytes, shape)
+    return b.tokens, b.reason
 
 
 @dataclass(frozen=True)
@@ -172,10 +177,18 @@ class GpuInput:
 class GpuWorkerPlan:
     index: int
     name: str
-    batch_tokens: int
+    #: Its batch budget (``gpu_budget``): tokens, the OOM floor, items, why.
+    budget: BatchBudget
     #: ORT's arena cap in bytes; None when free memory is unknown (no cap).
     mem_limit: int | None
-    reason: str
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.budget.tokens
+
+    @property
+    def reason(self) -> str:
+        return self.budget.reason
 
 
 @dataclass(frozen=True)
@@ -204,13 +217,15 @@ class DevicesPlan:
 
 
 def plan_devices(cpus: int, gpus: Sequence[GpuInput], shape: ModelShape, *,
-                 cpu_workers: int | None = None, cpu_threads: int = 1) -> DevicesPlan:
+                 cpu_workers: int | None = None, cpu_threads: int = 1,
+                 batch_tokens: int | None = None) -> DevicesPlan:
     """Workers for ``gpus`` and, when asked (``cpu_workers``), CPU workers alongside.
 
     Every GPU with room for one full-length sequence gets one worker, up to cpus - 1 of them
     (a core stays with the parent). ``cpu_workers`` is capped so that the GPU workers, the
     CPU workers' threads and the parent's cores (TOKENIZER_CORES_PER_GPU per GPU worker, at
-    least parent_reserve(cpus)) fit in ``cpus``; None or 0 starts none. Raises ConfigError
+    least parent_reserve(cpus)) fit in ``cpus``; None or 0 starts none. ``batch_tokens``:
+    ``--batch-tokens``, capped per GPU at what its memory holds. Raises ConfigError
     when no GPU is usable (the caller decides whether that means the CPU or an error)."""
     if cpus < 1 or cpu_threads < 1 or (cpu_workers is not None and cpu_workers < 0):
         raise ConfigError(f"need cpus >= 1, cpu_threads >= 1, cpu_workers >= 0; got {cpus}, "
@@ -218,13 +233,13 @@ def plan_devices(cpus: int, gpus: Sequence[GpuInput], shape: ModelShape, *,
     reasons: list[str] = []
     plans: list[GpuWorkerPlan] = []
     for g in gpus:
-        tokens, why = gpu_batch_tokens(g.memory_free, shape)
-        if tokens == 0:
-            reasons.append(f"cuda:{g.index} {g.name} skipped: {why}")
+        b = gpu_budget(g.memory_free, shape, batch_tokens)
+        if not b.fits:
+            reasons.append(f"cuda:{g.index} {g.name} skipped: {b.reason}")
             continue
         limit = None if g.memory_free is None else gpu_mem_limit(g.memory_free)
-        plans.append(GpuWorkerPlan(g.index, g.name, tokens, limit, why))
-        reasons.append(f"cuda:{g.index} {g.name}: 1 worker, batch budget {why}")
+        plans.append(GpuWorkerPlan(g.index, g.name, b, limit))
+        reasons.append(f"cuda:{g.index} {g.name}: 1 worker, batch budget {b.reason}")
     if not plans:
         raise ConfigError("no GPU has room for the model: " + "; ".join(reasons))
     most = max(1, cpus - 1)

@@ -38,7 +38,8 @@ class Scaler:
         self.plan = scaling.plan(self.limits, workers=cfg.workers, threads=cfg.threads,
                                  batch_tokens=cfg.batch_tokens, precision=cfg.precision,
                                  mem_used=memory_used(self.limits), pool_used=own_rss(),
-                                 model=cfg.model_memory, device=cfg.device)
+                                 model=cfg.model_memory, device=cfg.device,
+                                 budget=cfg.budget)
         policy = self.plan.policy
         if cfg.emergency_exit_s is not None:
             policy = dataclasses.replace(policy, emergency_exit_s=cfg.emergency_exit_s)
@@ -72,7 +73,8 @@ class Scaler:
         return {"profile": self.limits.profile, "cpus": self.limits.cpus,
                 "memory_limit": self.limits.memory_bytes,
                 "memory_source": self.limits.memory_source,
-                "max_workers": self.max_workers, "plan": list(self.plan.reasons)}
+                "max_workers": self.max_workers, "budget_floor": self.policy.min_batch_tokens,
+                "plan": list(self.plan.reasons)}
 
     def on_success(self, started_at: float) -> None:
         self.state = scaling.on_batch_success(self.state, started_at)

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from embedpool import faults
-from embedpool.batching import DEFAULT_BATCH_TOKENS
+from embedpool.budget import BatchBudget, batch_budget
 from embedpool.errors import ConfigError
 from embedpool.pool.gpuplan import GPU_WORKER_HOST_RSS, PARENT_WORKERS_PER_CORE, parent_reserve
 from embedpool.pool.machine import Limits, Reading
@@ -179,9 +179,10 @@ class ProfilePolicy:
     #: vs 1x2 63.7): no intra-op sync barriers, and one worker's GIL-bound glue overlaps the
     #: other's GEMMs.
     threads_per_worker: int
-    #: Padded tokens per batch: small batches are faster *and* lighter (batching.py).
+    #: Padded tokens per batch (``budget.batch_budget``: small batches are faster *and*
+    #: lighter).
     batch_tokens: int
-    #: The floor for halving after OOM kills: one full-length (256-token) sequence.
+    #: The floor for halving after OOM kills (``BatchBudget.floor``).
     min_batch_tokens: int
     #: Calm time (memory below mem_resume) before leaving emergency mode, and between two
     #: doublings of the batch budget afterwards: long enough to see a transient hog's
@@ -227,7 +228,6 @@ class _ProfileDefaults:
     mem_resume: float
     cpu_stop: float
     cpu_resume: float
-    batch_tokens: int
     emergency_exit_s: float
 
 
@@ -243,20 +243,19 @@ class _ProfileDefaults:
 #: - wsl2: the VM gets ~50% of the host's RAM by default and hands freed memory back to
 #:   Windows lazily (microsoft/WSL #4166, #7429), so the VM's own "available" overstates what
 #:   the host can give; a WSL OOM takes the whole distro down. Stop at 50%, at most 2
-#:   workers, a smaller batch budget, and a longer calm period before recovering.
+#:   workers, and a longer calm period before recovering (its smaller batch budget:
+#:   ``budget.PROFILE_BATCH_TOKENS``).
 PROFILE_DEFAULTS: Mapping[Profile, _ProfileDefaults] = {
     "cloud": _ProfileDefaults(start_all=True, max_workers_cap=None, mem_stop=0.85,
                               mem_resume=0.75, cpu_stop=0.85, cpu_resume=0.75,
-                              batch_tokens=DEFAULT_BATCH_TOKENS, emergency_exit_s=20.0),
+                              emergency_exit_s=20.0),
     "local": _ProfileDefaults(start_all=False, max_workers_cap=None, mem_stop=0.80,
                               mem_resume=0.70, cpu_stop=0.69, cpu_resume=0.59,
-                              batch_tokens=DEFAULT_BATCH_TOKENS, emergency_exit_s=20.0),
+                              emergency_exit_s=20.0),
     "wsl2": _ProfileDefaults(start_all=False, max_workers_cap=2, mem_stop=0.50,
                              mem_resume=0.40, cpu_stop=0.69, cpu_resume=0.59,
-                             batch_tokens=DEFAULT_BATCH_TOKENS // 2, emergency_exit_s=30.0),
+                             emergency_exit_s=30.0),
 }
-#: One full-length sequence of the default model: the smallest batch that can hold any input.
-MIN_BATCH_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -270,8 +269,13 @@ class Plan:
 def plan(limits: Limits, *, workers: int | None = None, threads: int | None = None,
          batch_tokens: int | None = None, precision: Precision = "int8",
          mem_used: int | None = None, pool_used: int | None = None,
-         model: ModelMemory | None = None, device: str = "cpu") -> Plan:
+         model: ModelMemory | None = None, device: str = "cpu",
+         budget: BatchBudget | None = None) -> Plan:
     """Turn the limits (and the user's ``--workers/--threads/--batch-tokens``) into a policy.
+
+    The batch budget and its floor are ``budget`` (decided by ``budget.batch_budget``, as
+    ``placement.place`` does for every job and server), else decided here the same way from
+    the profile and ``batch_tokens``.
 
     Invariant: ``max_workers x threads_per_worker <= limits.cpus - parent_reserve(cpus)``
     (``gpuplan``: the parent keeps a core per 48 workers on big machines). ``device`` "cuda:N"
@@ -286,9 +290,12 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
     d = PROFILE_DEFAULTS[limits.profile]
     cpus = limits.cpus
     reasons = [f"profile {limits.profile}: {limits.profile_source}"]
-    for name, value in (("workers", workers), ("threads", threads), ("batch_tokens", batch_tokens)):
+    for name, value in (("workers", workers), ("threads", threads)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    if budget is None:
+        budget = batch_budget(device="cpu" if device == "cpu" else "cuda",
+                              profile=limits.profile, requested=batch_tokens)
 
     # -- cores for workers: on big machines the parent keeps some for tokenising and dispatch
     all_cpus = cpus
@@ -328,7 +335,7 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
         n_max = d.max_workers_cap
         reasons.append(f"max workers {n_max}: the {limits.profile} profile's cap")
 
-    bt = d.batch_tokens if batch_tokens is None else batch_tokens
+    bt = budget.tokens
 
     # -- worker bound from memory
     per_worker = worker_mem_estimate(precision, bt, model, device)
@@ -338,8 +345,8 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
         scopes.append((limits.pool_memory_bytes, limits.memory_source,
                        SUPERVISOR_BASELINE if pool_used is None else pool_used))
     mem_limit, mem_source, baseline = min(scopes, key=lambda sc: d.mem_stop * sc[0] - sc[2])
-    budget = d.mem_stop * mem_limit - baseline
-    by_mem = int(budget // per_worker)
+    room = d.mem_stop * mem_limit - baseline
+    by_mem = int(room // per_worker)
     if by_mem < n_max:
         n_max = max(1, by_mem)
         reasons.append(f"max workers {n_max}: ({d.mem_stop:.0%} of {_mib(mem_limit)} "
@@ -354,10 +361,8 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
                       "cloud starts at full size" if d.start_all else
                       f"{limits.profile} starts small and grows while the readings allow"))
 
-    reasons.append(f"batch budget {bt} padded tokens"
-                   + (" as requested" if batch_tokens is not None else
-                      ": small batches are faster and lighter on 2 cores"))
-    min_bt = min(MIN_BATCH_TOKENS, bt)
+    reasons.append(f"batch budget {bt} padded tokens: {budget.reason}")
+    min_bt = budget.floor
     policy = ProfilePolicy(start_workers=start, max_workers=n_max, mem_stop=d.mem_stop,
                            mem_resume=d.mem_resume, cpu_stop=d.cpu_stop, cpu_resume=d.cpu_resume,
                            threads_per_worker=t, batch_tokens=bt, min_batch_tokens=min_bt,
@@ -684,7 +689,6 @@ def _mib(n: float) -> str:
 __all__ = [
     "ACTIVATION_PER_TOKEN",
     "LOOKAHEAD_STEPS",
-    "MIN_BATCH_TOKENS",
     "PROFILE_DEFAULTS",
     "SAMPLE_INTERVAL_S",
     "SUPERVISOR_BASELINE",

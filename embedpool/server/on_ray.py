@@ -33,7 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from embedpool.batcher import SubmitExecutor
-from embedpool.batching import DEFAULT_BATCH_TOKENS
+from embedpool.budget import DEFAULT_BATCH_TOKENS
 from embedpool.faults import FaultPolicy
 from embedpool.types import EventCallback
 

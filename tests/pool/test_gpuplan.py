@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from embedpool.budget import GPU_MAX_BATCH_TOKENS, GPU_UNKNOWN_MEMORY_TOKENS
 from embedpool.errors import ConfigError
 from embedpool.pool import gpuplan
 from embedpool.pool.gpuplan import (
-    GPU_MAX_BATCH_TOKENS,
     TOKENIZER_CORES_PER_GPU,
     GpuInput,
     ModelShape,
@@ -171,7 +171,7 @@ BUDGETS = [
     pytest.param(2560 * MiB, LARGE_FP16, 5120, "per token", id="2.5g-large"),
     pytest.param(2 * GiB, LARGE_FP16, 0, "under one 512-token sequence", id="2g-large"),
     pytest.param(1536 * MiB, LARGE_FP16, 0, "too little free GPU memory", id="1.5g-large"),
-    pytest.param(None, LARGE_FP16, gpuplan.GPU_UNKNOWN_MEMORY_TOKENS, "unknown", id="unknown"),
+    pytest.param(None, LARGE_FP16, GPU_UNKNOWN_MEMORY_TOKENS, "unknown", id="unknown"),
 ]
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from embedpool.budget import MIN_BATCH_TOKENS
 from embedpool.doctor import render_doctor
 from embedpool.errors import ConfigError
 from embedpool.pool.machine import Limits, Reading
 from embedpool.pool.scaling import (
-    MIN_BATCH_TOKENS,
     SUPERVISOR_BASELINE,
     Decision,
     PolicyState,

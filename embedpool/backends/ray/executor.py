@@ -49,8 +49,9 @@ Resources per actor
     default: 2 processes x 1 thread beat 1 x 2 here.
 
 The token budget
-    Tasks are cut to ``batch_tokens`` (the job plans its batches to the same budget, so
-    normally nothing is cut). An out-of-memory failure halves it; it is doubled back after
+    Tasks are cut to ``budget`` (``budget.batch_budget``: the placement's, which the job plans
+    its batches to, so normally nothing is cut). An out-of-memory failure halves it, not below
+    its floor; it is doubled back after
     ``BUDGET_CALM_S`` without one, never to a size that ran out of memory (``faults``).
 """
 
@@ -67,7 +68,7 @@ from embedpool import events, executor, faults
 from embedpool.backends.ray import cluster
 from embedpool.backends.ray.actors import ActorSet, Slot
 from embedpool.backends.ray.shipping import ship_model
-from embedpool.batching import DEFAULT_BATCH_TOKENS
+from embedpool.budget import BatchBudget, batch_budget
 from embedpool.errors import ConfigError, PoolBroken, PoolError
 from embedpool.executor import BatchResult, ExecutorStats, WorkBatch
 from embedpool.faults import FailureKind, FaultPolicy, Task, TokenBudget
@@ -92,8 +93,6 @@ DEATH_SETTLE_S = 2.0
 #: local pool's calm period (scaling: 20 s on the cloud and local profiles). Ray gives the
 #: driver no memory readings of the cluster, so calm is measured in time alone.
 BUDGET_CALM_S = 20.0
-#: Smallest budget an OOM lowers it to: one full-length sequence of the default model.
-MIN_BUDGET_TOKENS = 256
 #: The manager loop comes round at least every WAIT_TICK_S, or DEATH_SETTLE_S after a death;
 #: silent for this long, it is stuck (in a Ray call to a GCS that stopped answering, or in an
 #: on_event callback) and ``broken`` says so, which turns a server's /health red. A minute is
@@ -107,14 +106,15 @@ class RayExecutor:
     def __init__(self, spec: Any, *, address: str | None = None,
                  actors: int | tuple[int, int] | None = None, cpus_per_actor: float = 1.0,
                  memory_per_actor: int | None = None,
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS, policy: FaultPolicy | None = None,
+                 batch_tokens: int | None = None, budget: BatchBudget | None = None,
+                 policy: FaultPolicy | None = None,
                  on_event: EventCallback | None = None) -> None:
         if cpus_per_actor <= 0:
             raise ConfigError(f"cpus_per_actor must be > 0, got {cpus_per_actor}")
         if memory_per_actor is not None and memory_per_actor <= 0:
             raise ConfigError(f"memory_per_actor must be > 0 bytes, got {memory_per_actor}")
-        if batch_tokens < 1:
-            raise ConfigError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        # the budget and its OOM floor: the placement's, else decided the same way
+        self.budget = budget or batch_budget(requested=batch_tokens)
         if isinstance(actors, int | tuple):
             cluster.actor_range(actors, 1.0, cpus_per_actor)  # validate before touching Ray
         self._ray = cluster.require_ray()
@@ -122,7 +122,7 @@ class RayExecutor:
         self._emit = events.Emitter(on_event, log, backend="ray")
         self._wake = threading.Event()
         self._work = WorkQueue(self._wake.set, self._emit, policy)
-        self._budget = TokenBudget(batch_tokens, min(MIN_BUDGET_TOKENS, batch_tokens))
+        self._budget = TokenBudget(self.budget.tokens, self.budget.floor)
         self._closing = False
         self._last_pass = time.monotonic()  # when the manager loop last came round
         self._grace_deadline = float("inf")
@@ -149,7 +149,8 @@ class RayExecutor:
             self._disconnect()
             raise
         self._emit(events.POOL_START, workers=self.min_actors, threads=self._threads,
-                   batch_tokens=self._budget.current, max_workers=self.max_actors)
+                   batch_tokens=self._budget.current, max_workers=self.max_actors,
+                   budget_floor=self.budget.floor, budget_reason=self.budget.reason)
         self._thread = threading.Thread(target=self._manage, name="embedpool-ray-manager",
                                         daemon=True)
         self._thread.start()
