@@ -19,10 +19,11 @@ cache at once, so an interrupted job loses only its in-flight batches and a reru
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,22 +32,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedpool import events
-from embedpool.batching import (
-    dedupe,
-    plan_batches,
-)
+from embedpool.batching import plan_batches
 from embedpool.errors import ConfigError, InputError
-from embedpool.executor import BatchResult, Executor, WorkBatch, run
+from embedpool.executor import Executor, WorkBatch, run
 from embedpool.graph import graph_id
 from embedpool.models import DEFAULT_MODEL, ResolvedModel, resolve_model
 from embedpool.options import CallOptions, resolve_options
 from embedpool.placement import place, prepare_graphs, start_executor
+from embedpool.prepare import Assembly, Prepared, prepare
 from embedpool.tokenization import TextTokenizer
-from embedpool.types import EventCallback, LongTextMode, Precision, Vectors
-from embedpool.vectors import l2_normalize
+from embedpool.types import EventCallback, LongTextMode, Precision, TokenIds, Vectors
 
 if TYPE_CHECKING:
-    from embedpool.cache import VectorCache
+    from embedpool.cache import BoundCache, VectorCache
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +54,9 @@ WINDOW_ITEMS = 8192
 #: Default precision: "auto" is int8 on the CPU, which meets the quality bar (README
 #: "Precision") at about twice fp32's speed, and fp16 on a GPU (placement.precision_for).
 DEFAULT_PRECISION = "auto"
+#: Ids the report lists (truncated chunks): the counts are exact, the list stops here, so a
+#: job of any size keeps a bounded report.
+MAX_LISTED_IDS = 1000
 
 
 @dataclass
@@ -114,22 +115,14 @@ class WindowResult:
 
 @dataclass
 class _Window:
-    """One prepared window: what is cached, what must run, and how to put it back together."""
+    """One prepared window (``prepare.Prepared``), its batches, and its assembly."""
 
     start: int
     ids: list[str]
-    unique_index: list[int]  # per item: index into unique texts
-    unique_vectors: Vectors  # (n_unique, dim), filled from cache and results
-    missing: list[int]  # unique indices that must be computed
-    unique_keys: list[bytes]
+    prep: Prepared
     batches: list[WorkBatch]
     positions: dict[int, tuple[int, ...]]  # batch id -> sequence indices
-    seq_owner: list[int]  # per sequence: unique index
-    seq_lens: list[int]  # per sequence: tokens
-    seq_count: np.ndarray  # per unique index: sequences still outstanding
-    truncated: list[bool]  # per unique
-    empty: list[bool]  # per unique: empty or whitespace-only
-    tokens: int
+    assembly: Assembly  # over prep.missing: sequence vectors -> one vector per missing text
 
 
 class Embedder:
@@ -189,6 +182,8 @@ class Embedder:
             "workers": workers, "threads": threads, "backend": backend,
             "ray_address": ray_address, "pool_options": pool_options or {}}
         self._executor: Executor | None = None
+        self._caches: dict[str, BoundCache] = {}  # per precision (_cache_for)
+        self._total: int | None = None  # the input's size, when the caller knows it
         self.dim: int = int(getattr(engine, "dim", 0) or self.model.dim)
         if not lazy:
             self.start()
@@ -232,8 +227,7 @@ class Embedder:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InputError(f"text {i} is {type(t).__name__}, not str")
-        ids = [str(i) for i in range(len(texts))]
-        parts = [w.vectors for w in self.stream(ids, texts, options=opts)]
+        parts = [w.vectors for w in self.stream(texts, options=opts)]
         errs = self.last_report.item_errors
         if errs:
             e = errs[0]
@@ -244,10 +238,19 @@ class Embedder:
         out: Vectors = np.concatenate(parts)
         return out
 
-    def stream(self, ids: Sequence[str], texts: Sequence[str],
-               stop: threading.Event | None = None, *, options: CallOptions | None = None
+    def stream(self, items: Iterable[str] | Iterable[tuple[str, str]],
+               texts: Iterable[str] | None = None, stop: threading.Event | None = None, *,
+               options: CallOptions | None = None, total: int | None = None
                ) -> Iterator[WindowResult]:
         """Yield one ``WindowResult`` per window of up to WINDOW_ITEMS items, in input order.
+
+        ``items``: any iterable, read lazily window by window (a generator, a file reader;
+        no ``len`` needed): texts (their ids are their positions), or ``(id, text)`` pairs
+        (``inputs.Chunk``); or ids, with their texts in ``texts``. The job holds at most
+        three windows of texts whatever the input's size: the one being run, the next one
+        being prepared meanwhile, and the one the caller is writing. ``total``: the input's
+        size, if the caller knows it (progress events); ``last_report.chunks`` counts what was
+        read.
 
         ``options``: the call's prompt and dimensions (``Embedder.options``; None: the
         model's default prompt, whole vectors). Rows whose ``ok`` is False hold zeros: failed
@@ -256,30 +259,42 @@ class Embedder:
         window is yielded with what it has, and the generator returns
         (``last_report.interrupted`` is True)."""
         opts = options if options is not None else self.options()
-        report = JobReport(chunks=len(texts))
+        report = JobReport()
         self.last_report = report
+        self._total = total
         t0 = time.perf_counter()
-        starts = list(range(0, len(texts), WINDOW_ITEMS))
+        source = _pairs(items, texts)
+
+        def take(start: int) -> _Window | None:
+            chunk = list(itertools.islice(source, WINDOW_ITEMS))
+            if not chunk:
+                return None
+            report.chunks += len(chunk)
+            ids, window_texts = [c[0] for c in chunk], [c[1] for c in chunk]
+            del chunk
+            return self._prepare_window(start, ids, window_texts, opts.prompt)
+
         with ThreadPoolExecutor(1, thread_name_prefix="embedpool-prepare") as prep:
-            nxt: Future[_Window] | None = (
-                prep.submit(self._prepare, starts[0], ids, texts, opts.prompt)
-                if starts else None)
-            for k in range(len(starts)):
-                assert nxt is not None
+            nxt: Future[_Window | None] = prep.submit(take, 0)
+            while True:
                 window = nxt.result()
-                nxt = (prep.submit(self._prepare, starts[k + 1], ids, texts, opts.prompt)
-                       if k + 1 < len(starts) else None)
+                if window is None:
+                    break
+                start = window.start + len(window.ids)
+                stopped = stop is not None and stop.is_set()
+                if not stopped:  # the next window is read and prepared while this one runs
+                    nxt = prep.submit(take, start)
                 ok = self._execute(window, report, stop)
                 report.seconds = time.perf_counter() - t0
                 report.device = self.device
-                yield WindowResult(window.start, window.ids,
-                                   opts.shape(window.unique_vectors[window.unique_index]),
-                                   ok[window.unique_index])
-                if not ok.all() and stop is not None and stop.is_set():
-                    report.interrupted = True
-                    return
+                prepared = window.prep
+                yield WindowResult(window.start, window.ids, opts.shape(prepared.rows()),
+                                   ok[prepared.inverse])
+                del window, prepared
                 if stop is not None and stop.is_set():
-                    report.interrupted = k + 1 < len(starts)
+                    # interrupted: mid-window, or with input left (the next window; when
+                    # stopped before it was taken, nxt is still this one: input may be left)
+                    report.interrupted = not ok.all() or nxt.result() is not None
                     return
         report.seconds = time.perf_counter() - t0
 
@@ -305,36 +320,22 @@ class Embedder:
 
     def _prepare(self, start: int, ids: Sequence[str], texts: Sequence[str],
                  prompt: str | None = None) -> _Window:
-        """A window ready to run; ``prompt``: the resolved prompt (None: the model's default)."""
-        if prompt is None:
-            prompt = self.options().prompt
-        w_ids = list(ids[start:start + WINDOW_ITEMS])
-        uniq, inverse = dedupe(texts[start:start + WINDOW_ITEMS])
-        vectors = np.zeros((len(uniq), self.dim), dtype=np.float32)
-        keys: list[bytes] = []
-        missing = list(range(len(uniq)))
-        # Not skipped when the cache is disabled: a write failure leaves reads on (cache.py).
-        if self.cache is not None:
-            from embedpool.cache import text_key
+        """The window of ``ids``/``texts`` that begins at ``start`` (benchmarks' view of the
+        prepare step: dedupe, cache lookup, tokenise, plan)."""
+        return self._prepare_window(start, list(ids[start:start + WINDOW_ITEMS]),
+                                    texts[start:start + WINDOW_ITEMS],
+                                    self.options().prompt if prompt is None else prompt)
 
-            keys = [text_key(t, prompt) for t in uniq]
-            found = self.cache.get_many(self.fingerprint, keys)
-            missing = []
-            for u, key in enumerate(keys):
-                vec = found.get(key)
-                if vec is None:
-                    missing.append(u)
-                else:
-                    vectors[u] = vec
-        enc = self.tokenizer.encode([uniq[u] for u in missing], self.long_text, prompt=prompt)
-        seq_owner = [missing[o] for o in enc.owner]
-        truncated = [False] * len(uniq)
-        for j, u in enumerate(missing):
-            truncated[u] = enc.truncated[j]
-        seq_count = np.bincount(np.asarray(seq_owner, dtype=np.int64), minlength=len(uniq))
+    def _prepare_window(self, start: int, ids: list[str], texts: Sequence[str],
+                        prompt: str) -> _Window:
+        """A window ready to run: the shared prepare step (``prepare.prepare``), then its
+        batches planned under the token budget."""
+        prepared = prepare(texts, self.tokenizer, self.long_text, self.dim, prompt=prompt,
+                           cache=self._cache_for(None))
+        enc = prepared.encoded
         first_id: dict[int, str] = {}
-        for i, u in enumerate(inverse):
-            first_id.setdefault(u, w_ids[i])
+        for i, u in enumerate(prepared.inverse):
+            first_id.setdefault(u, ids[i])
         batches: list[WorkBatch] = []
         positions: dict[int, tuple[int, ...]] = {}
         for b in plan_batches([len(s) for s in enc.sequences], self.batch_tokens,
@@ -343,22 +344,16 @@ class Embedder:
             positions[batch_id] = b.indices
             batches.append(WorkBatch(
                 batch_id=batch_id, sequences=tuple(enc.sequences[i] for i in b.indices),
-                item_ids=tuple(first_id[seq_owner[i]] for i in b.indices),
+                item_ids=tuple(first_id[prepared.missing[enc.owner[i]]] for i in b.indices),
                 prompt_lengths=(enc.prompt_length,) * len(b.indices) if enc.prompt_length
                 else ()))
-        return _Window(start=start, ids=w_ids, unique_index=inverse, unique_vectors=vectors,
-                       missing=missing, unique_keys=keys, batches=batches, positions=positions,
-                       seq_owner=seq_owner, seq_lens=[len(q) for q in enc.sequences],
-                       seq_count=seq_count, truncated=truncated,
-                       empty=[not t.strip() for t in uniq],
-                       tokens=sum(len(s) for s in enc.sequences))
+        return _Window(start, ids, prepared, batches, positions,
+                       Assembly(enc.owner, len(prepared.missing), self.model.normalize))
 
     def _execute(self, w: _Window, report: JobReport,
                  stop: threading.Event | None) -> np.ndarray:
         """Run a window's batches; returns, per unique text, whether its vector is final."""
-        sums = np.zeros_like(w.unique_vectors)
-        remaining = w.seq_count.copy()
-        failed: dict[int, str] = {}
+        prepared, assembly = w.prep, w.assembly
         pending = set(w.positions)
         done_so_far = report.embedded
 
@@ -371,67 +366,89 @@ class Embedder:
         results = run(self.executor, feed()) if w.batches else iter(())
         for res in results:
             pending.discard(res.batch_id)
-            done = self._absorb(res, w.positions[res.batch_id], w, sums, remaining, failed)
-            # window mode: an item with several windows is final once all are in
-            for u in done:
-                if w.seq_count[u] > 1:  # the mean of its windows, normalised if the model is
-                    mean = sums[u] / w.seq_count[u]
-                    w.unique_vectors[u] = l2_normalize(mean) if self.model.normalize else mean
-            self._cache_put(w, done, res.precision)
+            done: list[int] = []  # missing texts whose vector just became final
+            for pos, seq in enumerate(w.positions[res.batch_id]):
+                if pos in res.failed:
+                    assembly.fail(seq, res.failed[pos])
+                else:
+                    item = assembly.put(seq, res.vectors[pos])
+                    if item is not None:
+                        done.append(item)
+            for k in done:
+                prepared.vectors[prepared.missing[k]] = assembly.vector(k)
+            # the cache of the graph that made them (a device executor's fallback: another)
+            prepared.store(self._cache_for(res.precision), done)
             done_so_far += len(done)
-            self._emit(events.PROGRESS, done=done_so_far, total=report.chunks,
-                       tokens=sum(w.seq_lens[i] for i in w.positions[res.batch_id]))
-        ok: np.ndarray = remaining == 0
-        for u in failed:
-            ok[u] = False
+            self._emit(events.PROGRESS, done=done_so_far, total=self._progress_total(report),
+                       tokens=sum(len(s) for s in res_sequences(w, res.batch_id)))
+        ok = np.ones(len(prepared.texts), dtype=bool)
+        ok[prepared.missing] = assembly.final()
+        failed = {prepared.missing[k]: why for k, why in assembly.failed.items()}
         if pending:  # interrupted: count what is final, report nothing else
-            report.embedded += int(ok[w.unique_index].sum())
+            report.embedded += int(ok[prepared.inverse].sum())
             return ok
-        report.tokens += w.tokens
-        report.inferred += len(w.missing)
-        missing = set(w.missing)
-        for i, u in enumerate(w.unique_index):
-            if u not in missing:
-                report.cache_hits += 1
-            if w.empty[u]:
+        report.tokens += prepared.sequences_tokens
+        report.inferred += len(prepared.missing)
+        report.cache_hits += prepared.hits()
+        for i, u in enumerate(prepared.inverse):
+            if not prepared.texts[u].strip():
                 report.empty += 1
-            if w.truncated[u]:
+            if prepared.truncated[u]:
                 report.truncated += 1
-                report.truncated_ids.append(w.ids[i])
+                if len(report.truncated_ids) < MAX_LISTED_IDS:
+                    report.truncated_ids.append(w.ids[i])
             if u in failed:
                 report.item_errors.append(ItemError(w.start + i, w.ids[i], failed[u]))
             else:
                 report.embedded += 1
+        self._emit(events.PROGRESS, done=report.embedded, total=self._progress_total(report),
+                   tokens=0)
         return ok
 
-    def _absorb(self, res: BatchResult, positions: tuple[int, ...], w: _Window,
-                sums: np.ndarray, remaining: np.ndarray, failed: dict[int, str]) -> list[int]:
-        """Fold one batch into the window; returns unique indices that just completed."""
-        done: list[int] = []
-        for pos, seq_i in enumerate(positions):
-            u = w.seq_owner[seq_i]
-            if pos in res.failed:
-                failed[u] = res.failed[pos]
-            elif w.seq_count[u] == 1:
-                w.unique_vectors[u] = res.vectors[pos]
-            else:
-                sums[u] += res.vectors[pos]
-            remaining[u] -= 1
-            if remaining[u] == 0 and u not in failed:
-                done.append(u)
-        return done
+    def _progress_total(self, report: JobReport) -> int:
+        return self._total if self._total is not None else report.chunks
 
-    def _cache_put(self, w: _Window, done: list[int], precision: str | None = None) -> None:
-        """Cache finished vectors under the fingerprint of the graph that made them: a batch
-        a device executor ran in another precision (CPU workers next to a GPU, a fallback)
-        is keyed by that precision, never by the job's."""
-        if self.cache is None or not done or not w.unique_keys:
-            return
-        fingerprint = self.fingerprint
-        if precision is not None and precision != self.precision:
-            fingerprint = self.model.fingerprint(precision, self.long_text,
-                                                 graph=graph_id(self.model, precision))  # type: ignore[arg-type]
-        self.cache.put_many(fingerprint, [(w.unique_keys[u], w.unique_vectors[u]) for u in done])
+    def _cache_for(self, precision: str | None) -> BoundCache | None:
+        """The cache bound to the fingerprint of the graph that made a batch: a batch a
+        device executor ran in another precision (CPU workers next to a GPU, a fallback) is
+        keyed by that precision, never by the job's (None: the job's)."""
+        if self.cache is None:
+            return None
+        chosen = precision or self.precision
+        hook = self._caches.get(chosen)
+        if hook is None:
+            from embedpool.cache import BoundCache
+
+            fingerprint = self.fingerprint
+            if chosen != self.precision:
+                fingerprint = self.model.fingerprint(
+                    chosen, self.long_text,  # type: ignore[arg-type]
+                    graph=graph_id(self.model, chosen))  # type: ignore[arg-type]
+            hook = self._caches[chosen] = BoundCache(self.cache, fingerprint)
+        return hook
+
+
+def res_sequences(w: _Window, batch_id: int) -> list[TokenIds]:
+    """The sequences of one of a window's batches."""
+    return [w.prep.encoded.sequences[i] for i in w.positions[batch_id]]
+
+
+def _pairs(items: Iterable[str] | Iterable[tuple[str, str]], texts: Iterable[str] | None
+           ) -> Iterator[tuple[str, str]]:
+    """``(id, text)`` pairs from ``stream``'s arguments, lazily; a text that is not a str is
+    an InputError naming its position."""
+    pairs: Iterable[Any] = (zip(items, texts, strict=True) if texts is not None else items)
+    for n, item in enumerate(pairs):
+        if isinstance(item, str):
+            pair: tuple[Any, Any] = (str(n), item)
+        elif isinstance(item, tuple) and len(item) == 2:
+            pair = item
+        else:
+            raise InputError(f"item {n} is {type(item).__name__}: expected a text or an "
+                             "(id, text) pair")
+        if not isinstance(pair[1], str):
+            raise InputError(f"text {n} is {type(pair[1]).__name__}, not str")
+        yield pair
 
 
 def embed(texts: Sequence[str], model: str | Path = DEFAULT_MODEL,
