@@ -7,6 +7,8 @@ A text becomes tokens exactly as sentence-transformers 6.2 (with transformers 5)
 (``modelspec.TextSpec``, read by ``models.layout``):
 
     prompt + text ──normalizer──> tokens ──[CLS] ... [SEP], at most max_length──> sequence
+                                           (the special tokens the post-processor adds, kept
+                                           on truncation: none / <|endoftext|> for Qwen)
        │              └─ tokenizer.json's, or the BertNormalizer transformers rebuilds from
        │                 tokenizer_config.json; a Lowercase in front when do_lower_case
        └─ the prompt resolved as ST's encode does (explicit > named > the model's default);
@@ -87,15 +89,25 @@ class TextTokenizer:
             tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
         self._tok = tok
         self.max_length = max_length
-        probe = tok.encode("a").ids
-        if len(probe) < 2:
-            raise ModelError(f"{tokenizer_path}: tokenizer adds no special tokens; "
-                             "embedpool expects [CLS] ... [SEP]")
-        self._cls = np.array(probe[:1], dtype=np.int32)
-        self._sep = np.array(probe[-1:], dtype=np.int32)
+        # The special tokens the post-processor puts around a text: [CLS] / [SEP] (BERT),
+        # <s> / </s> (XLM-R), nothing / <|endoftext|> (Qwen3-Embedding), none at all (Qwen2).
+        full, bare = tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids
+        at = next((i for i in range(len(full) - len(bare) + 1)
+                   if full[i:i + len(bare)] == bare), None) if bare else None
+        if at is None:
+            raise ModelError(f"{tokenizer_path}: cannot tell the special tokens its "
+                             f"post-processor adds ('a' gives {full}, without them {bare})")
+        self._prefix = np.array(full[:at], dtype=np.int32)
+        self._suffix = np.array(full[at + len(bare):], dtype=np.int32)
         self.pad_id = int(tok.token_to_id("[PAD]") or 0)
         self._special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         self._prompt_lengths: dict[str, int] = {}
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The ``tokenizers`` Tokenizer as configured here (normalizer, lower-casing), no
+        truncation or padding: what pair encoding (``rerank.PairTokenizer``) starts from."""
+        return self._tok
 
     @classmethod
     def for_model(cls, model: ResolvedModel) -> TextTokenizer:
@@ -118,9 +130,10 @@ class TextTokenizer:
         if prompt not in self._prompt_lengths:
             ids = self._tok.encode(prompt).ids
             n = len(ids) - (1 if ids and ids[-1] in self._special else 0)
-            if n + 1 >= self.max_length:
-                raise ConfigError(f"the prompt {prompt!r} is {n - 1} tokens; with max length "
-                                  f"{self.max_length} no token of the text would fit")
+            if n + self._suffix.size >= self.max_length:
+                raise ConfigError(f"the prompt {prompt!r} is {n - self._prefix.size} tokens; "
+                                  f"with max length {self.max_length} no token of the text "
+                                  "would fit")
             self._prompt_lengths[prompt] = n
         return self._prompt_lengths[prompt]
 
@@ -159,22 +172,26 @@ class TextTokenizer:
         applies none."""
         p = self.resolve_prompt(prompt, prompt_name)
         plen = self.prompt_length(p)
-        keep = max(plen - 1, 0)  # prompt tokens after [CLS], repeated in every window
+        pre, suf = self._prefix, self._suffix
+        keep = max(plen - pre.size, 0)  # prompt tokens after [CLS], repeated in every window
         sequences: list[TokenIds] = []
         owner: list[int] = []
         n_tokens: list[int] = []
         truncated: list[bool] = []
-        width = self.max_length - 2
+        width = self.max_length - pre.size - suf.size
         for i, enc in enumerate(self._tok.encode_batch([p + t for t in texts])):
             ids = np.asarray(enc.ids, dtype=np.int32)
+            if not ids.size:
+                raise ConfigError(f"text {i} is empty and this model's tokenizer adds no "
+                                  "special tokens: it has no token to embed")
             n_tokens.append(int(ids.size))
-            content = ids[1:-1]
+            content = ids[pre.size:ids.size - suf.size]
             if ids.size <= self.max_length:
                 sequences.append(ids)
                 owner.append(i)
                 truncated.append(False)
             elif mode == "truncate":
-                sequences.append(np.concatenate([self._cls, content[:width], self._sep]))
+                sequences.append(np.concatenate([pre, content[:width], suf]))
                 owner.append(i)
                 truncated.append(True)
             else:
@@ -184,7 +201,7 @@ class TextTokenizer:
                 starts = list(range(0, max(1, body.size - w) + stride, stride))
                 starts = [s for s in starts if s < body.size and (s == 0 or s + w - stride < body.size)]
                 for s in starts:
-                    sequences.append(np.concatenate([self._cls, head, body[s:s + w], self._sep]))
+                    sequences.append(np.concatenate([pre, head, body[s:s + w], suf]))
                     owner.append(i)
                 truncated.append(False)
         return Encoded(sequences, owner, n_tokens, truncated, prompt_length=plen, prompt=p)

@@ -1,0 +1,62 @@
+"""Qwen3 decoders (Qwen3-Embedding-0.6B/4B/8B, voyage-4-nano and harrier-style Qwen3
+embedders) from ``model.safetensors``.
+
+Qwen2's block (``qwen2``'s docstring has the whole maths) with one change, as transformers'
+``Qwen3Model`` computes it: q and k get an **RMSNorm per head** (weights ``q_norm`` /
+``k_norm`` of ``head_dim`` values, eps ``rms_norm_eps``) after their projections and before
+the rotary positions. q/k/v/o biases only with ``attention_bias`` true (none in the released
+models). ``head_dim`` (128 in every Qwen3) is apart from ``hidden / heads`` (1024 / 16 = 64 in
+the 0.6B). Qwen3-Embedding attends causally and pools the last token, the ``<|endoftext|>``
+its tokenizer.json's post-processor appends (tokenization.py keeps it on truncation).
+
+The same refusals as ``qwen2`` (rotary scaling, sliding windows, ``mlp_bias``, other
+activations, ``use_bidirectional_attention``); ``is_causal: false`` builds it
+bidirectional.
+
+    per layer (fused):  SkipSimplifiedLayerNormalization -> q, k, v MatMuls
+                        -> SimplifiedLayerNormalization per head (q, k)
+                        -> GroupQueryAttention (rotary inside, causal) -> MatMul o
+                        -> SkipSimplifiedLayerNormalization -> SwiGLU (QuickGelu alpha 1)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from embedpool.errors import ModelError
+from embedpool.graph.builder import Array
+from embedpool.graph.families import qwen2
+from embedpool.graph.families.qwen2 import DecoderConfig
+from embedpool.types import Pooling
+
+if TYPE_CHECKING:
+    import onnx
+
+NAME = "qwen3"
+BUILDER_VERSION = 1
+MODEL_TYPES = frozenset({"qwen3"})
+
+
+def parse_config(config: Mapping[str, Any], where: str = "config.json") -> DecoderConfig:
+    if str(config.get("model_type", "")) not in MODEL_TYPES:
+        raise ModelError(f"{where}: model_type {config.get('model_type')!r} is not qwen3")
+    bias = bool(config.get("attention_bias", False))
+    return qwen2.parse_decoder(config, where, family="Qwen3", qkv_bias=bias, o_bias=bias,
+                               qk_norm=True)
+
+
+load_weights = qwen2.load_weights
+build_encoder = qwen2.build_encoder
+
+
+def build_model(weights: Mapping[str, Array], cfg: DecoderConfig, *, pooling: Pooling,
+                fused: bool = True, int8_ready: bool = False, name: str = "qwen3"
+                ) -> onnx.ModelProto:
+    """The whole model (decoder + one pooling + normalisation), for tests and benchmarks."""
+    from embedpool.graph.compose import compose
+    from embedpool.modelspec import HeadSpec, PoolingSpec
+
+    return compose(sys.modules[__name__], weights, cfg, HeadSpec(PoolingSpec((pooling,))),
+                   fused=fused, int8_ready=int8_ready, name=name)
