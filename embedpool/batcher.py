@@ -14,8 +14,8 @@ How a request flows::
       │                              │
       │        done callback (pool's │ thread): scatter rows into each owning request;
       │                              v  poison row -> ItemFailed, batch error -> PoolUnavailable
-      └──── Future[Vectors] <── last row of a request: vectors.combine_windows (average
-                                  windows per item, L2-normalise if the model does)
+      └──── Future[Vectors] <── last row of a request: prepare.Assembly (the job's too:
+                                  windows averaged per item by vectors.combine_windows)
 
 Why this shape:
 
@@ -54,8 +54,8 @@ from embedpool.batching import plan_batches
 from embedpool.budget import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS
 from embedpool.errors import ItemFailed, PoolBroken, PoolUnavailable, QueueFull
 from embedpool.executor import BatchResult, Executor, WorkBatch
+from embedpool.prepare import Assembly
 from embedpool.types import TokenIds, Vectors
-from embedpool.vectors import combine_windows
 
 #: Gather window: how long an idle batcher waits for more requests before sending a partial
 #: batch. 2 ms is below the cost of embedding one short text on a CPU (~5-10 ms) yet long
@@ -118,8 +118,8 @@ class _Request:
     n_items: int
     future: Future[Vectors] = field(default_factory=Future)
     prompt_length: int = 0  # of every sequence: one request has one prompt
-    rows: Vectors | None = None
-    remaining: int = 0
+    #: The rows so far, folded into one vector per input (``prepare.Assembly``).
+    assembly: Assembly | None = None
 
     @property
     def done(self) -> bool:
@@ -220,7 +220,7 @@ class MicroBatcher:
             if queued > 0 and queued + tokens > self.max_queue_tokens:
                 raise QueueFull(queued, tokens, self.max_queue_tokens, self._retry_after(queued))
             req = _Request(next(self._ids), list(sequences), list(owner), n_items, fut,
-                           prompt_length=prompt_length, remaining=len(sequences))
+                           prompt_length=prompt_length)
             if not sequences:
                 _settle(fut, result=np.zeros((0, 0), dtype=np.float32))
                 return Ticket(req.rid, fut, 0)
@@ -396,15 +396,13 @@ class MicroBatcher:
     def _fill(req: _Request, i: int, row: Vectors, normalize: bool) -> None:
         # Batches of one request can finish on different pool threads at once.
         with _FILL_LOCK:
-            if req.rows is None:
-                req.rows = np.empty((len(req.sequences), row.shape[0]), dtype=np.float32)
-            req.rows[i] = row
-            req.remaining -= 1
-            last = req.remaining == 0
+            if req.assembly is None:
+                req.assembly = Assembly(req.owner, req.n_items, normalize)
+            req.assembly.put(i, row)
+            last = req.assembly.complete
         if last:
-            assert req.rows is not None
-            _settle(req.future, result=combine_windows(req.rows, req.owner, req.n_items,
-                                                         normalize))
+            assert req.assembly is not None
+            _settle(req.future, result=req.assembly.vectors())
 
     # ------------------------------------------------------------------ throughput
     def _throughput(self) -> float:

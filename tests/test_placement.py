@@ -94,9 +94,9 @@ def test_vectors_are_cached_under_the_graph_that_made_them(tmp_path: Path) -> No
     with VectorCache.open(tmp_path / "c.sqlite") as cache:
         emb = Embedder(engine=FakeEngineSpec(dim=384), cache=cache, lazy=True, device="cpu")
         window = emb._prepare(0, ["a", "b"], ["one text", "another text"])
-        window.unique_vectors[:] = np.eye(2, 384, dtype=np.float32)
-        emb._cache_put(window, [0], "fp32")
-        emb._cache_put(window, [1], None)
+        window.prep.vectors[:] = np.eye(2, 384, dtype=np.float32)
+        window.prep.store(emb._cache_for("fp32"), [0])
+        window.prep.store(emb._cache_for(None), [1])
         m = emb.model
         fp32 = m.fingerprint("fp32", "truncate", graph=graph_id(m, "fp32"))
         keys = [text_key("one text"), text_key("another text")]
