@@ -16,10 +16,11 @@ A family module provides:
                       recipe (graph/quantize.py) quantises linears by role, nothing else
 
 Families: ``bert``, ``xlmr`` (XLM-RoBERTa/RoBERTa: BERT's layers, its own positions),
-``nomic`` (NomicBert), ``modernbert``, ``qwen3`` and ``qwen2`` (Qwen2, Llama, Mistral:
-Qwen2-based code embedders); ``layers`` holds the pieces the rotary families share (rotary
-positions, memory-efficient attention, gated MLPs, norms), ``decoder`` those of the decoder
-backbones (RMSNorm, grouped key/value heads, causal attention).
+``nomic`` (NomicBert), ``modernbert``, ``gemma3`` (Gemma 3 text: EmbeddingGemma), ``qwen3``
+and ``qwen2`` (Qwen2, Llama, Mistral: Qwen2-based code embedders);
+``layers`` holds the pieces the rotary families share (rotary positions, memory-efficient
+attention, gated MLPs, norms), ``decoder`` those of the decoder backbones (RMSNorm, grouped
+key/value heads, causal attention).
 
 ``family_for`` picks the module by ``model_type`` and refuses anything else with a message
 that names what it found, what embedpool builds, and the route through a shipped
@@ -35,14 +36,14 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from embedpool.errors import ModelError
-from embedpool.graph.families import bert, modernbert, nomic, qwen2, qwen3, xlmr
+from embedpool.graph.families import bert, gemma3, modernbert, nomic, qwen2, qwen3, xlmr
 
 if TYPE_CHECKING:
     from embedpool.models import ResolvedModel
     from embedpool.pool.scaling import ModelMemory
 
 #: Every family, in the order ``embedpool models`` lists them.
-FAMILIES: tuple[ModuleType, ...] = (bert, xlmr, nomic, modernbert, qwen3, qwen2)
+FAMILIES: tuple[ModuleType, ...] = (bert, xlmr, nomic, modernbert, gemma3, qwen3, qwen2)
 
 
 def family_for(config: Mapping[str, Any], where: str = "config.json") -> ModuleType:
@@ -102,6 +103,9 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
     if fam is modernbert:  # block-local windows hold 3 x half-window keys per query
         keys: int | None = 3 * (cfg.local_window // 2) if "sliding_attention" in cfg.layer_types \
             else 0
+        ffn = 2 * cfg.intermediate_size
+    elif fam is gemma3:  # as ModernBERT: block-local windows, FlashAttention elsewhere
+        keys = 3 * cfg.window_half if "sliding_attention" in cfg.layer_types else 0
         ffn = 2 * cfg.intermediate_size
     elif fam in (nomic, qwen3, qwen2):  # FlashAttention, GroupQueryAttention: no scores
         keys, ffn = 0, 2 * cfg.intermediate_size
