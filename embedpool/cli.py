@@ -1,4 +1,4 @@
-"""The ``embedpool`` command line: embed, bench, models, doctor, serve, cache.
+"""The ``embedpool`` command line: embed, bench, models, tokenize, doctor, serve, cache.
 
 Exit codes (also in the README):
   0  every chunk embedded, no errors
@@ -427,6 +427,49 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
                              graphs=(graph_dir(), built_graphs())))
     if error is not None:
         sys.exit(EXIT_USAGE)
+
+
+@main.command()
+@click.argument("texts", nargs=-1)
+@click.option("--input", "-i", "inputs", multiple=True, type=click.Path(path_type=Path),
+              help="JSONL records, text files or directories, read as `embed` reads them "
+                   "(each record's id is echoed). Without TEXTS or --input: one text per "
+                   "line of stdin.")
+@model_opt
+@click.option("--prompt-name", default=None, help="Count with this named prompt in front.")
+@click.option("--prompt", default=None, help="Count with this prompt text in front.")
+@click.option("--counts-only", is_flag=True, help="Only n_tokens and fits, no ids/tokens/offsets.")
+def tokenize(texts: tuple[str, ...], inputs: tuple[Path, ...], model: str,
+             prompt_name: str | None, prompt: str | None, counts_only: bool) -> None:
+    """Token counts, ids, tokens and character offsets of TEXTS in the model's own tokenizer
+    (with its prompt), one JSON line per text: what a chunker needs to fit the window."""
+    from embedpool.inputs import read_inputs
+    from embedpool.models import resolve_model
+    from embedpool.tokencount import token_records
+    from embedpool.tokenization import TextTokenizer
+
+    if prompt is not None and prompt_name is not None:
+        _fail("--prompt and --prompt-name: give one of them", EXIT_USAGE)
+    ids: list[str] | None = None
+    items = list(texts)
+    try:
+        if inputs:
+            parsed = read_inputs(list(inputs))
+            if parsed.errors:
+                raise ConfigError(f"input error: {parsed.errors[0]}")
+            items += [c.text for c in parsed.chunks]
+            ids = [str(i) for i in range(len(texts))] + [c.id for c in parsed.chunks]
+        elif not items:
+            items = [line.rstrip("\r\n") for line in sys.stdin]
+        tokenizer = TextTokenizer.for_model(resolve_model(model))
+        text = tokenizer.resolve_prompt(prompt, prompt_name)
+        tokenizer.prompt_length(text)
+    except (EmbedpoolError, ConfigError) as exc:
+        _fail(str(exc), EXIT_USAGE)
+    out = sys.stdout
+    for record in token_records(tokenizer, items, prompt=text, ids=ids,
+                                details=not counts_only):
+        out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
 @main.group()
