@@ -1,5 +1,5 @@
-"""Dev benchmark: the XLM-RoBERTa, NomicBert and ModernBERT families at their real models'
-sizes (random weights: speed and memory do not depend on the values), per graph variant:
+"""Dev benchmark: the XLM-RoBERTa, NomicBert, ModernBERT and Gemma 3 families at their real
+models' sizes (random weights: speed and memory do not depend on the values), per graph variant:
 
     .venv/bin/python benchmarks/families.py [--quick] [--families xlmr,nomic,modernbert]
         [--variants fp32,int8,fp32-mha,fp32-plain] [--lengths 256,2048] [--threads 1]
@@ -7,9 +7,10 @@ sizes (random weights: speed and memory do not depend on the values), per graph 
         [--chunks 24] [--long-chunks 3] [--attention]
 
 Shapes: multilingual-e5-small (XLM-R, 12 x 384, 250k vocab, 512 tokens),
-nomic-embed-text-v1.5 (NomicBert, 12 x 768, 8,192 tokens) and gte-modernbert-base
-(ModernBERT, 22 x 768, 8,192 tokens, 128-token local windows), written as model directories
-(config.json in the hub's format, model.safetensors, the fixture's small tokenizer) in a
+nomic-embed-text-v1.5 (NomicBert, 12 x 768, 8,192 tokens), gte-modernbert-base
+(ModernBERT, 22 x 768, 8,192 tokens, 128-token local windows) and embeddinggemma-300m
+(Gemma 3, 24 x 768, 262k vocab, 2,048 tokens, 512-token local windows, its two Dense
+modules), written as model directories (config.json in the hub's format, model.safetensors, the fixture's small tokenizer) in a
 temporary directory, then resolved and built by embedpool like any model.
 
 Variants: ``fp32`` and ``int8`` are what prepare_onnx ships (fused; rotary families use
@@ -79,7 +80,16 @@ SHAPES: dict[str, dict[str, Any]] = {
         "local_attention": 128, "global_attn_every_n_layers": 3,
         "global_rope_theta": 160000.0, "local_rope_theta": 10000.0, "max_seq_length": 8192,
     },
+    "gemma3": {  # google/embeddinggemma-300m (then Dense 768 -> 3072 -> 768)
+        "hidden_size": 768, "intermediate_size": 1152, "num_hidden_layers": 24,
+        "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 256,
+        "query_pre_attn_scalar": 256, "vocab_size": 262144, "max_position_embeddings": 2048,
+        "sliding_window": 512, "sliding_window_pattern": 6, "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0, "max_seq_length": 2048,
+    },
 }
+#: Dense modules after pooling, (in, out) per module, where the real model has them.
+DENSE: dict[str, list[tuple[int, int]]] = {"gemma3": [(768, 3072), (3072, 768)]}
 
 
 # --- random-weight models of the real size -------------------------------------------------
@@ -116,6 +126,21 @@ def _tensors(family: str, c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             for key in ("norm1", "norm2"):
                 out[p + key + ".weight"], out[p + key + ".bias"] = (h,), (h,)
         return out
+    if family == "gemma3":
+        h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+        q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+        out = {"embed_tokens.weight": (c["vocab_size"], h), "norm.weight": (h,)}
+        for n in range(c["num_hidden_layers"]):
+            p = f"layers.{n}."
+            out.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                        p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+                        p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                        p + "mlp.down_proj.weight": (h, i)})
+            for key in ("input_layernorm", "post_attention_layernorm",
+                        "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+                out[p + key + ".weight"] = (h,)
+        return out
     h, i = c["hidden_size"], c["intermediate_size"]
     out = {"embeddings.tok_embeddings.weight": (c["vocab_size"], h),
            "embeddings.norm.weight": (h,), "final_norm.weight": (h,)}
@@ -145,11 +170,24 @@ def make_model(family: str, root: Path) -> Path:
     (dst / "config.json").write_text(json.dumps(config))
     st = json.loads((dst / "sentence_bert_config.json").read_text())
     (dst / "sentence_bert_config.json").write_text(json.dumps({**st, "max_seq_length": max_seq}))
+    tok_cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    if "model_max_length" in tok_cfg:  # sentence-transformers 6's saves: it wins
+        (dst / "tokenizer_config.json").write_text(json.dumps({**tok_cfg,
+                                                               "model_max_length": max_seq}))
     pooling = dst / "1_Pooling" / "config.json"
     width = config.get("hidden_size", config.get("n_embd"))
-    pooling.write_text(json.dumps({**json.loads(pooling.read_text()),
-                                   "word_embedding_dimension": width}))
+    pooled = json.loads(pooling.read_text())
+    dim_key = "embedding_dimension" if "embedding_dimension" in pooled else \
+        "word_embedding_dimension"
+    pooling.write_text(json.dumps({**pooled, dim_key: width}))
     rng = np.random.default_rng(0)
+    for n, (d_in, d_out) in enumerate(DENSE.get(family, ())):
+        ddir = dst / f"{n + 2}_Dense"
+        dcfg = json.loads((ddir / "config.json").read_text())
+        (ddir / "config.json").write_text(json.dumps({**dcfg, "in_features": d_in,
+                                                      "out_features": d_out}))
+        w = rng.standard_normal((d_out, d_in), dtype=np.float32) * np.float32(1 / np.sqrt(d_in))
+        save_file({"linear.weight": w}, str(ddir / "model.safetensors"))
     weights: dict[str, np.ndarray] = {}
     for key, dims in _tensors(family, config).items():
         if len(dims) == 1:
@@ -192,8 +230,9 @@ def variant_specs(model: Any, variants: list[str], tmp: Path, threads: int) -> d
     for v in variants:
         if v in ("fp32", "int8"):
             t0 = time.perf_counter()
-            prepare_onnx(model, v)  # type: ignore[arg-type]
-            print(f"  built {v} in {time.perf_counter() - t0:.0f} s")
+            built = prepare_onnx(model, v)  # type: ignore[arg-type]
+            print(f"  built {v} in {time.perf_counter() - t0:.0f} s: "
+                  f"{built.stat().st_size / 2**20:.0f} MiB")
             specs[v] = EngineSpec(model, v, threads)  # type: ignore[arg-type]
             continue
         if v == "fp32-mha" and fam.NAME == "xlm-roberta":
