@@ -7,6 +7,19 @@ run in the same invocation on the same corpus and model files, one after the oth
 The fastembed peer gets the model as a plain fp32 ONNX export (last_hidden_state output, the
 layout every hub ONNX export has) built from the same safetensors, with the tokenizer files
 and the model's own max length (256 for MiniLM), at fastembed's default settings.
+
+The sentence-transformers peers (``st-torch``, ``st-onnx``, ``st-onnx-int8``, ``st-openvino``,
+``st-openvino-int8``) load the model's own directory with ``SentenceTransformer(path,
+backend=...)`` at its defaults (batch 32); ``-int8`` is its own quantised export
+(``export_dynamic_quantized_onnx_model`` with the avx512_vnni config, or
+``export_static_quantized_openvino_model`` calibrated on its default dataset, which needs the
+hub, so here 300 texts of the corpus are given instead). A peer whose package is missing
+fails with the pip command that installs it. Each peer's vectors are compared with
+sentence-transformers' fp32 (torch) on the same texts when the runner can compute them
+(``cos``), so a faster setting's quality is printed beside its speed.
+
+``--input FILE`` times the user's own texts (JSONL records or a text file, read as
+``embedpool embed`` reads them) instead of the built-in corpus, for every contender.
 """
 
 from __future__ import annotations
@@ -38,6 +51,13 @@ class BenchConfig:
     compare: str | None = None
     device: str = "auto"
     cpu_workers: int | None = None
+    engine: str = "auto"
+    #: The user's texts (``--input``: JSONL or a text file); None: the built-in corpus.
+    input: str | None = None
+    #: The interpreter the sentence-transformers peers run in (one that has it and torch).
+    peer_python: str | None = None
+    #: Where a runner saves its vectors (.npy) for the quality comparison; set by run_bench.
+    vectors_out: str | None = None
 
 
 def token_stats(lengths: list[int], max_length: int) -> dict[str, Any]:
@@ -49,10 +69,19 @@ def token_stats(lengths: list[int], max_length: int) -> dict[str, Any]:
             "max_length": max_length}
 
 
-def _corpus(n: int) -> list[str]:
-    from embedpool.corpus import stdlib_chunks
+def _corpus(n: int, path: str | None = None) -> list[str]:
+    """The first ``n`` texts: of the built-in corpus, or of ``path`` (``--input``)."""
+    if path is None:
+        from embedpool.corpus import stdlib_chunks
 
-    return [c.text for c in stdlib_chunks(n)]
+        return [c.text for c in stdlib_chunks(n)]
+    from embedpool.errors import ConfigError
+    from embedpool.inputs import read_inputs
+
+    texts = [c.text for c in read_inputs([Path(path)]).chunks[:n]]
+    if not texts:
+        raise ConfigError(f"--input {path}: no texts in it")
+    return texts
 
 
 def run_embedpool(cfg: BenchConfig) -> dict[str, Any]:
@@ -60,7 +89,7 @@ def run_embedpool(cfg: BenchConfig) -> dict[str, Any]:
     from embedpool.job import Embedder
     from embedpool.progress import RssTracker
 
-    texts = _corpus(cfg.chunks)
+    texts = _corpus(cfg.chunks, cfg.input)
     tracker = RssTracker()
     events: list[dict[str, Any]] = []
     keep = ("scale", "emergency", "worker_death", "split", "retry", "recycle",
@@ -72,13 +101,15 @@ def run_embedpool(cfg: BenchConfig) -> dict[str, Any]:
         items, tokens = cfg.batch_size, cfg.batch_tokens or cfg.batch_size * 512
     else:  # the device's defaults (a GPU's batches are much bigger)
         items, tokens = None, cfg.batch_tokens
-    with Embedder(cfg.model, precision=cfg.precision, device=cfg.device,
+    with Embedder(cfg.model, precision=cfg.precision, device=cfg.device, runtime=cfg.engine,
                   cpu_workers=cfg.cpu_workers, threads=cfg.threads, workers=cfg.workers,
                   long_text=cfg.long_text,  # type: ignore[arg-type]
                   batch_tokens=tokens, max_batch_items=items, pool_options=cfg.pool_options,
                   on_event=lambda e: events.append(e) if e.get("event") in keep else None) as emb:
         load_s = time.perf_counter() - t0
         vecs = emb.embed(texts)
+        if cfg.vectors_out:
+            np.save(cfg.vectors_out, vecs)
         report = emb.last_report
         device = emb.device
         precision, tokens, items = emb.precision, emb.batch_tokens, emb.max_batch_items
@@ -120,7 +151,7 @@ def run_fastembed(cfg: BenchConfig) -> dict[str, Any]:
     """Runs inside the child process: fastembed at its default settings (batch 256)."""
     from embedpool.progress import RssTracker
 
-    texts = _corpus(cfg.chunks)
+    texts = _corpus(cfg.chunks, cfg.input)
     with tempfile.TemporaryDirectory(prefix="embedpool-fastembed-") as tmp:
         model_dir, m = export_for_fastembed(cfg.model, Path(tmp))
         from fastembed import TextEmbedding
@@ -143,14 +174,125 @@ def run_fastembed(cfg: BenchConfig) -> dict[str, Any]:
             "dim": int(vecs.shape[1]), "settings": {"batch_size": 256, "parallel": None}}
 
 
+#: What each sentence-transformers target needs besides torch, as pip installs it.
+ST_INSTALL = {"torch": "sentence-transformers",
+              "onnx": "'sentence-transformers[onnx]' (optimum-onnx, onnxruntime)",
+              "openvino": "'sentence-transformers[openvino]' (optimum-intel, openvino, nncf)"}
+
+
+def run_sentence_transformers(cfg: BenchConfig, backend: str, int8: bool) -> dict[str, Any]:
+    """Runs inside the child process (an interpreter that has sentence-transformers:
+    ``--peer-python``): ``SentenceTransformer(model_dir, backend=...)`` at its defaults;
+    ``int8``: its own quantised export of the same model, made first (not timed). The peak
+    RSS is this process's high-water mark (ru_maxrss), read before the fp32 reference is
+    loaded for the quality figures."""
+    import resource
+
+    try:
+        import sentence_transformers as st
+    except ImportError as exc:
+        raise SystemExit(f"sentence-transformers is not importable in {sys.executable} "
+                         f"({exc}): pip install {ST_INSTALL[backend]}, or pass "
+                         "--peer-python with a Python that has it") from None
+    texts = _corpus(cfg.chunks, cfg.input)
+    path = cfg.model
+    with tempfile.TemporaryDirectory(prefix="embedpool-st-") as tmp:
+        try:
+            model = st.SentenceTransformer(path, backend=backend, device="cpu")
+            if int8:
+                model = _st_int8(st, model, path, backend, Path(tmp), texts)
+        except ImportError as exc:
+            raise SystemExit(f"sentence-transformers' {backend} backend cannot load ({exc}): "
+                             f"pip install {ST_INSTALL[backend]}") from None
+        t0 = time.perf_counter()
+        vecs = model.encode(texts, convert_to_numpy=True)
+        seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if backend == "torch" and not int8:
+        ref = vecs
+    else:
+        ref = st.SentenceTransformer(path, backend="torch", device="cpu").encode(
+            texts, convert_to_numpy=True)
+    if cfg.vectors_out:
+        np.save(cfg.vectors_out, np.asarray(ref, dtype=np.float32))
+    return {"runner": f"st-{backend}" + ("-int8" if int8 else ""), "chunks": len(texts),
+            "seconds": seconds, "chunks_per_s": len(texts) / seconds, "peak_rss_bytes": peak,
+            "dim": int(vecs.shape[1]), "cos": _cos_stats(vecs, ref),
+            "settings": {"backend": backend, "int8": int8, "batch_size": 32,
+                         "sentence_transformers": st.__version__}}
+
+
+def _st_int8(st: Any, model: Any, path: str, backend: str, out: Path, texts: list[str]) -> Any:
+    """sentence-transformers' own int8 export of ``model``, loaded back."""
+    if backend == "onnx":
+        from sentence_transformers.backend import export_dynamic_quantized_onnx_model
+
+        export_dynamic_quantized_onnx_model(model, "avx512_vnni", str(out))
+        return st.SentenceTransformer(str(out), backend="onnx", device="cpu",
+                                      model_kwargs={"file_name": "onnx/model_qint8_avx512_vnni.onnx"})
+    if backend == "openvino":
+        # export_static_quantized_openvino_model's calibration set (glue/sst2) comes from
+        # the hub; the same quantisation on 300 texts of the corpus instead
+        _ov_static(model, out, texts[:300])
+        return st.SentenceTransformer(str(out), backend="openvino", device="cpu",
+                                      model_kwargs={"file_name": "openvino/openvino_model_qint8_quantized.xml"})
+    raise SystemExit(f"sentence-transformers has no int8 export for backend {backend}")
+
+
+def _ov_static(model: Any, out: Path, texts: list[str]) -> None:
+    """optimum-intel's static int8 quantisation (what export_static_quantized_openvino_model
+    runs), calibrated on ``texts`` instead of a hub dataset."""
+    from datasets import Dataset
+    from optimum.intel import OVQuantizationConfig, OVQuantizer
+
+    ov_model = model[0].auto_model
+    tok = model.tokenizer
+    quantizer = OVQuantizer.from_pretrained(ov_model)
+    data = Dataset.from_dict({"text": texts}).map(
+        lambda x: tok(x["text"], padding="max_length", truncation=True,
+                      max_length=model.max_seq_length), batched=True, remove_columns=["text"])
+    quantizer.quantize(save_directory=out / "openvino", calibration_dataset=data,
+                       ov_config=OVQuantizationConfig(num_samples=len(texts)),
+                       file_name="openvino_model_qint8_quantized.xml")
+    model.save(str(out))
+
+
+def _cos_stats(a: Any, b: Any) -> dict[str, float]:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    c = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"mean": round(float(c.mean()), 5), "min": round(float(c.min()), 5)}
+
+
+def _st_runner(backend: str, int8: bool) -> Callable[[BenchConfig], dict[str, Any]]:
+    return lambda cfg: run_sentence_transformers(cfg, backend, int8)
+
+
 RUNNERS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
-    "embedpool": run_embedpool, "fastembed": run_fastembed}
+    "embedpool": run_embedpool, "fastembed": run_fastembed,
+    "st-torch": _st_runner("torch", False), "st-onnx": _st_runner("onnx", False),
+    "st-onnx-int8": _st_runner("onnx", True), "st-openvino": _st_runner("openvino", False),
+    "st-openvino-int8": _st_runner("openvino", True)}
 
 
 def _in_subprocess(runner: str, cfg: BenchConfig) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "embedpool.bench", runner,
-                           json.dumps(asdict(cfg))], capture_output=True, text=True, check=False)
+    python = sys.executable
+    env = None
+    if runner.startswith("st-"):
+        import os
+
+        python = cfg.peer_python or sys.executable
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run([python, "-m", "embedpool.bench", runner, json.dumps(asdict(cfg))],
+                          capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
+        from embedpool.errors import ConfigError
+
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        if runner.startswith("st-") and "pip install" in tail[0]:
+            raise ConfigError(f"--compare {runner}: {tail[0]}")
         raise RuntimeError(f"{runner} benchmark failed (exit {proc.returncode}):\n"
                            f"{proc.stderr[-3000:]}")
     last = proc.stdout.strip().splitlines()[-1]
@@ -158,19 +300,54 @@ def _in_subprocess(runner: str, cfg: BenchConfig) -> dict[str, Any]:
     return result
 
 
+def _compare(cfg: BenchConfig, m: Any, ours: dict[str, Any], mine: Path | None,
+             echo: Callable[[str], None]) -> dict[str, Any]:
+    """The peer's run; for a sentence-transformers peer (given the model's directory), also
+    both sides' cosines against its fp32 (torch) vectors of the same texts (``mine``: our
+    vectors' .npy)."""
+    if not (cfg.compare or "").startswith("st-") or mine is None:
+        return _in_subprocess(cfg.compare or "", cfg)
+    import dataclasses
+
+    ref_path = mine.with_name("reference.npy")
+    peer = _in_subprocess(cfg.compare or "", dataclasses.replace(
+        cfg, model=str(m.directory), vectors_out=str(ref_path)))
+    ours["cos"] = _cos_stats(np.load(mine), np.load(ref_path))
+    for name, run in (("embedpool", ours), (cfg.compare, peer)):
+        echo(f"{name} against sentence-transformers fp32: cos mean {run['cos']['mean']:.5f} "
+             f"min {run['cos']['min']:.5f}")
+    return peer
+
+
 def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     from embedpool.models import resolve_model
-    from embedpool.progress import fmt_bytes
     from embedpool.tokenization import TextTokenizer
 
     m = resolve_model(cfg.model)
-    texts = _corpus(cfg.chunks)
+    texts = _corpus(cfg.chunks, cfg.input)
     stats = token_stats(TextTokenizer.for_model(m).count(texts), m.max_length)
-    echo(f"corpus: {len(texts)} chunks of Python {sys.version.split()[0]} stdlib source; tokens "
+    what = (f"of {cfg.input}" if cfg.input else
+            f"of Python {sys.version.split()[0]} stdlib source")
+    echo(f"corpus: {len(texts)} chunks {what}; tokens "
          f"mean {stats['mean']} p50 {stats['p50']} p90 {stats['p90']} p99 {stats['p99']} "
          f"max {stats['max']}; {stats['over_max_length']:.0%} over max length {m.max_length}")
     results: dict[str, Any] = {"corpus": stats, "runs": []}
-    ours = _in_subprocess("embedpool", cfg)
+    scratch = tempfile.TemporaryDirectory(prefix="embedpool-bench-")
+    mine = Path(scratch.name) / "ours.npy" if (cfg.compare or "").startswith("st-") else None
+    try:
+        return _run_bench(cfg, m, results, mine, echo)
+    finally:
+        scratch.cleanup()
+
+
+def _run_bench(cfg: BenchConfig, m: Any, results: dict[str, Any], mine: Path | None,
+               echo: Callable[[str], None]) -> dict[str, Any]:
+    import dataclasses
+
+    from embedpool.progress import fmt_bytes
+
+    ours = _in_subprocess("embedpool", dataclasses.replace(
+        cfg, vectors_out=str(mine) if mine is not None else None))
     results["runs"].append(ours)
     where = ("in-process" if cfg.workers is None
              else f"workers {cfg.workers}" + (f" x {cfg.threads} threads" if cfg.threads else ""))
@@ -188,7 +365,7 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
             continue
         echo("  decision: " + ", ".join(f"{k}={v}" for k, v in e.items() if k != "ts"))
     if cfg.compare:
-        peer = _in_subprocess(cfg.compare, cfg)
+        peer = _compare(cfg, m, ours, mine, echo)
         results["runs"].append(peer)
         speed = ours["chunks_per_s"] / peer["chunks_per_s"]
         mem = peer["peak_rss_bytes"] / max(ours["peak_rss_bytes"], 1)

@@ -59,10 +59,22 @@ def _fail(msg: str, code: int) -> None:
 
 model_opt = click.option("--model", "-m", default=lambda: env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2",
                          show_default="all-MiniLM-L6-v2", help="Known name, model directory or hub id.")
-precision_opt = click.option("--precision", type=click.Choice(["auto", "int8", "fp32", "fp16"]),
+precision_opt = click.option("--precision",
+                             type=click.Choice(["auto", "int8", "fp32", "fp16", "bf16"]),
                              default=lambda: env_str("EMBEDPOOL_PRECISION") or "auto",
                              show_default="auto",
-                             help="auto: int8 on the CPU, fp16 on a GPU; fp32 runs on both.")
+                             help="auto: per CPU from measurements (int8 on ONNX Runtime, or "
+                                  "bf16 on OpenVINO where it measured faster), fp16 on a GPU; "
+                                  "fp32 runs on both; bf16 needs avx512_bf16 or AMX.")
+#: ``bench --compare`` targets (embedpool.bench.RUNNERS runs each; tests check they agree).
+COMPARE_TARGETS = ("fastembed", "st-torch", "st-onnx", "st-onnx-int8", "st-openvino",
+                   "st-openvino-int8")
+engine_opt = click.option("--engine", type=click.Choice(["auto", "onnxruntime", "openvino"]),
+                          default=lambda: env_str("EMBEDPOOL_ENGINE") or "auto",
+                          show_default="auto",
+                          help="The CPU's inference runtime: auto picks per CPU from measured "
+                               "tables (`embedpool doctor` says which and why); ONNX Runtime "
+                               "runs everywhere and on GPUs, OpenVINO needs the openvino extra.")
 device_opt = click.option("--device", default=lambda: env_str("EMBEDPOOL_DEVICE") or "auto",
                           show_default="auto",
                           help="auto (a GPU when onnxruntime-gpu and one are present, else the "
@@ -88,7 +100,8 @@ long_text_opt = click.option("--long-text", type=click.Choice(["truncate", "wind
 
 def run_options(f: Any) -> Any:
     """The options every command that runs the model shares (embed, bench)."""
-    for opt in reversed([model_opt, precision_opt, device_opt, cpu_workers_opt, batch_tokens_opt,
+    for opt in reversed([model_opt, precision_opt, engine_opt, device_opt, cpu_workers_opt,
+                         batch_tokens_opt,
                          threads_opt, workers_opt, profile_opt, max_memory_opt, long_text_opt]):
         f = opt(f)
     return f
@@ -137,38 +150,56 @@ def main() -> None:
 @click.option("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
 @click.option("--log-json", is_flag=True, help="Events as JSON lines on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display, only the summary.")
-def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, device: str,
+def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, engine: str,
+          device: str,
           cpu_workers: int | None, batch_tokens: int | None, threads: int | None, workers: str,
           profile: str,
           max_memory: str | None, long_text: str, prompt_name: str | None,
           prompt: str | None, dimensions: int | None, strict: bool, cache_path: Path | None,
           no_cache: bool, rebuild_cache: bool, backend: str, ray_address: str | None,
           log_json: bool, quiet: bool) -> None:
-    """Embed INPUTS (JSONL records, text files or directories) into OUT."""
-    from embedpool.inputs import read_inputs
+    """Embed INPUTS (JSONL records, text files or directories) into OUT.
+
+    The inputs stream through the job window by window: whatever their size, this process
+    holds a few windows of texts, and ids reach OUT beside their vectors."""
+    import itertools
+
+    from embedpool.inputs import (
+        ErrorLog,
+        chunks_of,
+        count_chunks,
+        iter_inputs,
+        validate_inputs,
+    )
     from embedpool.job import Embedder
     from embedpool.outputs import SUPPORTED_EXTENSIONS, open_output, partial_path
     from embedpool.progress import Progress, RssTracker
 
     if prompt is not None and prompt_name is not None:
         _fail("--prompt and --prompt-name: give one of them", EXIT_USAGE)
+    paths = list(inputs)
+    errors = ErrorLog(MAX_ERRORS_SHOWN)
+    total: int | None = None
     try:
-        parsed = read_inputs(list(inputs))
         if out.suffix.lower() not in SUPPORTED_EXTENSIONS:  # before any work
             raise ConfigError(f"--out {str(out)!r}: unknown output format "
                               f"{out.suffix or '(no extension)'}; use one of "
                               f"{', '.join(SUPPORTED_EXTENSIONS)}")
+        if strict:  # a validating pass before any work, holding nothing; its count is exact
+            total = validate_inputs(paths, errors)
     except (EmbedpoolError, ConfigError) as exc:
         _fail(str(exc), EXIT_USAGE)
-    for err in parsed.errors[:MAX_ERRORS_SHOWN]:
-        click.echo(f"input error: {err}", err=True)
-    if len(parsed.errors) > MAX_ERRORS_SHOWN:
-        click.echo(f"... and {len(parsed.errors) - MAX_ERRORS_SHOWN} more input errors", err=True)
-    if strict and parsed.errors:
-        _fail(f"--strict: {len(parsed.errors)} bad input record(s); nothing was embedded",
+    if strict and errors.count:
+        _show_input_errors(errors)
+        _fail(f"--strict: {errors.count} bad input record(s); nothing was embedded",
               EXIT_STRICT)
-    if not parsed.chunks:
-        _fail("no chunks to embed in the inputs", EXIT_FAILED if parsed.errors else EXIT_USAGE)
+    source = chunks_of(iter_inputs(paths), errors.add)
+    first = next(source, None)  # inputs without a single chunk fail before any work
+    if first is None:
+        _show_input_errors(errors)
+        _fail("no chunks to embed in the inputs", EXIT_FAILED if errors.count else EXIT_USAGE)
+        return  # unreachable: _fail exits
+    items = itertools.chain([first], source)
 
     cache = None
     if not no_cache:
@@ -180,7 +211,10 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, devic
             _fail(str(exc), EXIT_USAGE)
 
     tracker = RssTracker()
-    progress = Progress(len(parsed.chunks), tracker, log_json=log_json, quiet=quiet)
+    progress = Progress(total or 0, tracker, log_json=log_json, quiet=quiet)
+    if total is None:  # the progress total: a cheap pre-count beside the job, not before it
+        threading.Thread(target=lambda: progress.set_total(count_chunks(paths)),
+                         name="embedpool-count", daemon=True).start()
     w, pool_opts = _pool_args(workers, threads, profile, max_memory)
     stop = threading.Event()
     got: list[int] = []
@@ -197,7 +231,7 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, devic
     writer = None
     try:
         try:
-            embedder = Embedder(model, precision=precision, device=device,
+            embedder = Embedder(model, precision=precision, device=device, runtime=engine,
                                 cpu_workers=cpu_workers, threads=threads, workers=w,
                                 long_text=long_text,  # type: ignore[arg-type]
                                 batch_tokens=batch_tokens, cache=cache, backend=backend,
@@ -213,14 +247,14 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, devic
             _fail(str(exc), EXIT_USAGE)
         with embedder:
             writer = open_output(out, options.dimensions or embedder.dim)
-            ids = [c.id for c in parsed.chunks]
-            texts = [c.text for c in parsed.chunks]
-            for win in embedder.stream(ids, texts, stop=stop, options=options):
+            for win in embedder.stream(items, stop=stop, options=options, total=total):
                 keep = win.ok.nonzero()[0]
                 writer.write([win.ids[i] for i in keep], win.vectors[keep])
             report = embedder.last_report
         progress.close()
-        report.input_errors = parsed.errors
+        report.input_errors = errors.kept
+        report.input_error_count = errors.count
+        _show_input_errors(errors)
         report.peak_rss = tracker.close()
         if report.interrupted or got:
             dest = partial_path(out)
@@ -253,6 +287,14 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, devic
             cache.close()
 
 
+def _show_input_errors(errors: Any) -> None:
+    """The first input errors (``inputs.ErrorLog``), one line each, and how many more."""
+    for err in errors.kept:
+        click.echo(f"input error: {err}", err=True)
+    if errors.count > len(errors.kept):
+        click.echo(f"... and {errors.count - len(errors.kept)} more input errors", err=True)
+
+
 def _summary(report: Any, *, out: Path, cache: Any) -> None:
     from embedpool.progress import fmt_bytes
 
@@ -275,13 +317,22 @@ def _summary(report: Any, *, out: Path, cache: Any) -> None:
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Fixed items per batch (the predecessor's knob); default: token budget.")
 @run_options
-@click.option("--compare", type=click.Choice(["fastembed"]), default=None,
-              help="Also run this peer on the same model files and corpus.")
+@click.option("--compare", type=click.Choice(list(COMPARE_TARGETS)), default=None,
+              help="Also run this peer on the same model files and corpus (st-*: "
+                   "sentence-transformers' backends; -int8: its quantised export).")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False,
+                                                        path_type=Path), default=None,
+              help="Time these texts (JSONL records or a text file, as embed reads them) "
+                   "instead of the built-in corpus; --chunks caps how many.")
+@click.option("--peer-python", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The Python that runs --compare st-* (one with sentence-transformers and "
+                   "torch; default: this one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench(chunks: int, batch_size: int | None, model: str, precision: str, device: str,
+def bench(chunks: int, batch_size: int | None, model: str, precision: str, engine: str,
+          device: str,
           cpu_workers: int | None, batch_tokens: int | None, threads: int | None, workers: str,
           profile: str, max_memory: str | None, long_text: str, compare: str | None,
-          as_json: bool) -> None:
+          input_path: Path | None, peer_python: str | None, as_json: bool) -> None:
     """Benchmark on a deterministic corpus of Python standard-library source chunks."""
     from embedpool.bench import BenchConfig, run_bench
     from embedpool.device import resolve_device
@@ -290,7 +341,9 @@ def bench(chunks: int, batch_size: int | None, model: str, precision: str, devic
     cfg = BenchConfig(chunks=chunks, batch_size=batch_size, model=model, precision=precision,
                       batch_tokens=batch_tokens, threads=threads, workers=w,
                       pool_options=pool_opts, long_text=long_text, compare=compare,
-                      device=device, cpu_workers=cpu_workers)
+                      device=device, cpu_workers=cpu_workers, engine=engine,
+                      input=str(input_path) if input_path is not None else None,
+                      peer_python=peer_python)
     try:
         resolve_device(device)  # a missing GPU fails here, at once, not in the child
         result = run_bench(cfg, echo=(lambda s: None) if as_json else click.echo)
@@ -377,11 +430,12 @@ def models_build(names: tuple[str, ...], precisions: tuple[str, ...], log_json: 
 @threads_opt
 @batch_tokens_opt
 @precision_opt
+@engine_opt
 @device_opt
 @cpu_workers_opt
 def doctor(model: str, profile: str, max_memory: str | None, workers: str,
-           threads: int | None, batch_tokens: int | None, precision: str, device: str,
-           cpu_workers: int | None) -> None:
+           threads: int | None, batch_tokens: int | None, precision: str, engine: str,
+           device: str, cpu_workers: int | None) -> None:
     """Print what embedpool detects about this machine (cores, memory, GPUs) and how it
     would run here."""
     from embedpool.device import DeviceRequest, decide_device, detect_facts, parse_device
@@ -410,7 +464,7 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
         placement = place(resolved, device=request, precision=precision,
                           cpu_workers=cpu_workers, batch_tokens=batch_tokens,
                           cpus=limits.cpus, plan=decide_device(request, facts),
-                          profile=limits.profile)
+                          profile=limits.profile, engine=engine)
         cpu_precision = placement.precision if not placement.on_gpu else "fp32"
         p = plan(limits, workers=None if w == "auto" else int(w), threads=threads,
                  precision=cpu_precision, mem_used=used,
@@ -526,6 +580,7 @@ def cache_clear(cache_path: Path | None) -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @model_opt
 @precision_opt
+@engine_opt
 @device_opt
 @cpu_workers_opt
 @long_text_opt
@@ -551,7 +606,7 @@ def cache_clear(cache_path: Path | None) -> None:
               help="ray: one endpoint in front of Ray actors (--workers N: N actors).")
 @click.option("--ray-address", default=None,
               help="Ray cluster address (default: RAY_ADDRESS or a private local Ray).")
-def serve(host: str, port: int, model: str, precision: str, device: str,
+def serve(host: str, port: int, model: str, precision: str, engine: str, device: str,
           cpu_workers: int | None, long_text: str, workers: str,
           profile: str, max_memory: str | None, api_key: str | None, max_items: int,
           max_request_bytes: str, max_queue_tokens: int, batch_tokens: int | None,
@@ -570,7 +625,7 @@ def serve(host: str, port: int, model: str, precision: str, device: str,
         # the device and precision once: the server batches up to the device's budget
         placement = place(resolved, device=device, precision=precision, cpu_workers=cpu_workers,
                           batch_tokens=batch_tokens, backend=backend,
-                          profile=pool_opts.get("profile"))
+                          profile=pool_opts.get("profile"), engine=engine)
         precision, batch_tokens = placement.precision, placement.batch_tokens
         settings = ServerSettings(
             host=host, port=port, model=model, precision=precision,  # type: ignore[arg-type]

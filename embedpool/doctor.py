@@ -47,6 +47,9 @@ def render_devices(facts: DeviceFacts, placement: Placement | None,
     if placement is None:
         return lines
     lines.append(f"  device      {placement.describe()}")
+    if placement.runtime_reason:
+        lines.append(f"  engine      {placement.runtime}, {placement.precision}  "
+                     f"(why: {placement.runtime_reason})")
     d = placement.devices
     if d is not None:
         for w in d.gpu_workers:

@@ -7,7 +7,10 @@ gets the same head in numpy (``graph.head.head_numpy``).
 
 The engine knows nothing of pools, files or jobs. A picklable ``EngineSpec`` is the recipe
 a worker process uses to build its own engine (``spec.build()``), so the same engine runs
-in-process, in pool workers and in Ray actors.
+in-process, in pool workers and in Ray actors. ``EngineSpec.runtime`` picks the inference
+runtime behind the same contract: ONNX Runtime (``Engine``, here) or OpenVINO
+(``engine_openvino.OpenVinoEngine``, the only module that imports openvino); which one runs
+where is ``runtimes.choose``'s decision.
 
 Memory. A worker's RSS is the loaded weights plus the activations of the batch in flight.
 What glibc keeps after freeing is returned by the worker (``pool.worker.release_memory``,
@@ -31,8 +34,9 @@ import onnxruntime as ort
 from embedpool.errors import ConfigError, ModelError
 from embedpool.graph.head import PROMPT_LENGTH, head_numpy, load_dense
 from embedpool.models import ResolvedModel
+from embedpool.models.shipped_onnx import Tensor, choose_output
 from embedpool.modelspec import HeadSpec
-from embedpool.types import Precision, TokenIds, Vectors
+from embedpool.types import Precision, Runtime, TokenIds, Vectors
 from embedpool.vectors import l2_normalize
 
 
@@ -54,9 +58,17 @@ class EngineSpec:
     #: "cpu" or "cuda:N" (embedpool.cuda_ep); on a GPU, ORT's arena cap in bytes (None: none).
     device: str = "cpu"
     gpu_mem_limit: int | None = None
+    #: "onnxruntime" (every precision and device) or "openvino" (the CPU: fp32, bf16).
+    runtime: Runtime = "onnxruntime"
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "int8", "fp16"):
+        if self.runtime == "openvino":
+            if self.device != "cpu" or self.precision not in ("fp32", "bf16"):
+                raise ConfigError(f"the openvino engine runs fp32 or bf16 on the CPU, not "
+                                  f"{self.precision} on {self.device}")
+        elif self.runtime != "onnxruntime":
+            raise ConfigError(f"runtime must be onnxruntime or openvino, got {self.runtime!r}")
+        elif self.precision not in ("fp32", "int8", "fp16"):
             raise ConfigError(f"precision must be fp32, int8 or fp16, got {self.precision!r}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
@@ -72,9 +84,30 @@ class EngineSpec:
         return dataclasses.replace(self, device="cpu", gpu_mem_limit=None, precision=cpu)
 
     def build(self) -> Engine:
+        """The engine, its graph built first if need be."""
+        return self.load(self.graph())
+
+    def graph(self) -> Path:
+        """The ONNX file this spec's engine reads (``graph.prepare_onnx``; OpenVINO's:
+        ``engine_openvino.graph_for``), built if need be."""
+        if self.runtime == "openvino":
+            from embedpool.engine_openvino import graph_for
+
+            return graph_for(self.model)
         from embedpool.graph import prepare_onnx
 
-        path = prepare_onnx(self.model, self.precision)
+        precision = self.precision
+        if precision == "bf16":  # refused in __post_init__; narrows the type
+            raise ConfigError("precision bf16 runs on the openvino engine only")
+        return prepare_onnx(self.model, precision)
+
+    def load(self, path: Path) -> Engine:
+        """This spec's engine on the graph at ``path`` (``graph()``'s file, maybe shipped
+        elsewhere: the Ray actors)."""
+        if self.runtime == "openvino":
+            from embedpool.engine_openvino import OpenVinoEngine
+
+            return OpenVinoEngine.for_spec(self, path)
         return Engine.for_model(path, self.model, threads=self.threads, device=self.device,
                                 gpu_mem_limit=self.gpu_mem_limit, precision=self.precision)
 
@@ -136,26 +169,47 @@ class Engine:
                 raise cuda_ep.unavailable(device, exc) from exc
             raise ModelError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
         cuda_ep.check_session(self.session.get_providers(), device)
+        self.threads = threads
+        # a shipped graph's token states (models.shipped_onnx: resolve refused or set aside
+        # one without them); int32 ids where it declares them (a legal export)
+        declared = [Tensor(o.name, 0, len(o.shape or ())) for o in self.session.get_outputs()]
+        chosen = None if head_in_graph else choose_output(declared)
+        out = self.session.get_outputs()[[d.name for d in declared].index(chosen.name)] \
+            if chosen is not None else self.session.get_outputs()[0]
+        self._int32_inputs = {i.name for i in self.session.get_inputs()
+                              if i.type == "tensor(int32)"}
+        self._bind(onnx_path, head=head, dim=dim, head_in_graph=head_in_graph,
+                   inputs={i.name for i in self.session.get_inputs()},
+                   output=out.name, output_shape=list(out.shape))
+
+    def _bind(self, onnx_path: Path, *, head: HeadSpec, dim: int, head_in_graph: bool,
+              inputs: set[str], output: str, output_shape: Sequence[object]) -> None:
+        """What ``embed`` needs of the loaded graph, whichever runtime loaded it: its inputs,
+        the output it reads (``output_shape``: rank and, where static, width)."""
         self.onnx_path = onnx_path
         self.head = head
-        self.threads = threads
         self._head_in_graph = head_in_graph
-        names = {i.name for i in self.session.get_inputs()}
-        self._needs_type_ids = "token_type_ids" in names
-        self._needs_prompt_length = PROMPT_LENGTH in names
-        outputs = {o.name: o for o in self.session.get_outputs()}
-        out = next((outputs[n] for n in ("last_hidden_state", "token_embeddings") if n in outputs),
-                   self.session.get_outputs()[0])
-        self._output = out.name
+        self._needs_type_ids = "token_type_ids" in inputs
+        self._needs_prompt_length = PROMPT_LENGTH in inputs
+        self._output = output
         # token states (a shipped encoder, or a graph built without its head) get the head
         # here; a [batch, dim] output is final when embedpool built it (head_in_graph)
-        self._token_states = len(out.shape) == 3
+        self._token_states = len(output_shape) == 3
         self._dense = [load_dense(d) for d in head.dense] if self._token_states else []
         if not head_in_graph and not self._token_states and head.dense:
             raise ModelError(
-                f"{onnx_path} outputs pooled vectors ({out.name}), so embedpool cannot add the "
+                f"{onnx_path} outputs pooled vectors ({output}), so embedpool cannot add the "
                 f"model's Dense layers after them; ship a graph that outputs last_hidden_state")
-        self.dim = dim or int(out.shape[-1])
+        width = output_shape[-1]
+        self.dim = dim or (width if isinstance(width, int) else 0)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph's output for one batch's inputs (the runtime's one call)."""
+        if self._int32_inputs:
+            feeds = {k: v.astype(np.int32) if k in self._int32_inputs else v
+                     for k, v in feeds.items()}
+        out: np.ndarray = self.session.run([self._output], feeds)[0]
+        return out
 
     @classmethod
     def for_model(cls, onnx_path: Path, model: ResolvedModel, *, threads: int = 1,
@@ -187,7 +241,7 @@ class Engine:
             feeds["token_type_ids"] = np.zeros_like(ids)
         if self._needs_prompt_length:
             feeds[PROMPT_LENGTH] = plen
-        out = self.session.run([self._output], feeds)[0]
+        out = self._run(feeds)
         if self._token_states:
             return head_numpy(out, mask, self.head, self._dense, plen)
         vectors: Vectors = out.astype(np.float32, copy=False)

@@ -135,7 +135,10 @@ class Embedder:
     ``cpu_workers`` adds CPU workers next to the GPUs (``placement``). ``batch_tokens`` and
     ``max_batch_items`` default to the device's (a GPU's batches are much bigger).
     ``lazy=True`` starts the executor only when a text misses the cache, so a re-run over an
-    unchanged corpus starts no model at all.
+    unchanged corpus starts no model at all. ``runtime`` (the CLI's ``--engine``) is the
+    CPU's inference runtime: "auto" (per CPU, from measurements: ``runtimes``),
+    "onnxruntime" or "openvino" (which also runs ``precision="bf16"``); ``engine`` is
+    something else: a custom engine recipe (tests).
     """
 
     def __init__(self, model: str | Path | ResolvedModel = DEFAULT_MODEL, *,
@@ -146,7 +149,7 @@ class Embedder:
                  ray_address: str | None = None, pool_options: dict[str, Any] | None = None,
                  on_event: EventCallback | None = None, engine: Any = None,
                  lazy: bool = False, device: str = "auto",
-                 cpu_workers: int | None = None) -> None:
+                 cpu_workers: int | None = None, runtime: str = "auto") -> None:
         from embedpool.device import DevicePlan, parse_device
 
         if long_text not in ("truncate", "window"):
@@ -160,7 +163,7 @@ class Embedder:
         self.placement = place(self.model, device=device, precision=precision,
                                cpu_workers=cpu_workers, batch_tokens=batch_tokens,
                                max_batch_items=max_batch_items, backend=backend, plan=custom,
-                               profile=(pool_options or {}).get("profile"))
+                               profile=(pool_options or {}).get("profile"), engine=runtime)
         self.precision: Precision = self.placement.precision
         self.long_text: LongTextMode = long_text
         self.batch_tokens = self.placement.batch_tokens
@@ -304,7 +307,8 @@ class Embedder:
         once it runs, else the placement."""
         describe = getattr(self._executor, "describe", None)
         text = describe() if callable(describe) else self.placement.device.describe()
-        return f"{text}, {self.precision}"
+        on = " on OpenVINO" if self.placement.runtime == "openvino" else ""
+        return f"{text}, {self.precision}{on}"
 
     def close(self) -> None:
         if self._executor is not None:

@@ -6,6 +6,8 @@ executor that runs there.
     place(model, device="auto", precision="auto", cpu_workers=None, batch_tokens=None)
         device.resolve_device ──> DevicePlan (cpu, or the GPUs)        DeviceError: exit 2
         precision_for         ──> int8 on the CPU, fp16 on a GPU (fp32 runs on both)
+        runtimes.choose       ──> the CPU's runtime (--engine: ONNX Runtime or OpenVINO) and
+                                  precision, from the measured table for its feature set
         gpuplan.plan_devices  ──> per GPU: budget and arena cap; CPU workers alongside
         = Placement (the job's batch size, the summary line)
 
@@ -50,15 +52,16 @@ from embedpool.pool.gpuplan import (
     ModelShape,
     plan_devices,
 )
-from embedpool.types import EventCallback, Precision, Profile
+from embedpool.types import EventCallback, Precision, Profile, Runtime
 
 if TYPE_CHECKING:
     from embedpool.faults import FaultPolicy
     from embedpool.graph.prebuild import Emit
+    from embedpool.runtimes import RuntimeChoice
 
 log = logging.getLogger(__name__)
 
-PRECISIONS: tuple[str, ...] = ("auto", "int8", "fp32", "fp16")
+PRECISIONS: tuple[str, ...] = ("auto", "int8", "fp32", "fp16", "bf16")
 
 
 def graph_precisions() -> tuple[str, ...]:
@@ -77,6 +80,11 @@ def precision_for(requested: str, kind: str, available: tuple[str, ...]) -> Prec
         if kind == "cpu":
             return "int8"
         return "fp16" if "fp16" in available else "fp32"
+    if requested == "bf16":  # OpenVINO's, on the fp32 graph: runtimes.choose checks the CPU
+        if kind != "cpu":
+            raise ConfigError("precision bf16 runs on the CPU (OpenVINO) only; on a GPU use "
+                              "fp16 (the default there) or fp32, or --device cpu")
+        return "bf16"
     if requested == "int8" and kind != "cpu":
         raise ConfigError("precision int8 runs on the CPU only; on a GPU use fp16 (the default "
                           "there) or fp32, or --device cpu")
@@ -104,6 +112,9 @@ class Placement:
     request: DeviceRequest
     #: The machine's profile the budget was decided for (None: Ray, where none applies).
     profile: Profile | None = None
+    #: The CPU's inference runtime and why (runtimes.choose; a GPU's is ONNX Runtime).
+    runtime: Runtime = "onnxruntime"
+    runtime_reason: str = ""
 
     @property
     def batch_tokens(self) -> int:
@@ -122,7 +133,8 @@ class Placement:
         extra = ""
         if self.devices is not None and self.devices.cpu_workers:
             extra = f" + {self.devices.cpu_workers} CPU worker(s) in fp32"
-        return f"{self.device.describe()}{extra}, {self.precision}"
+        on = " on OpenVINO" if self.runtime == "openvino" else ""
+        return f"{self.device.describe()}{extra}, {self.precision}{on}"
 
 
 def model_shape(model: ResolvedModel, precision: str) -> ModelShape:
@@ -144,11 +156,13 @@ def place(model: ResolvedModel, *, device: str | DeviceRequest = "auto",
           precision: str = "auto", cpu_workers: int | None = None,
           batch_tokens: int | None = None, max_batch_items: int | None = None,
           backend: str = "local", cpus: int | None = None,
-          plan: DevicePlan | None = None, profile: str | None = None) -> Placement:
+          plan: DevicePlan | None = None, profile: str | None = None,
+          engine: str = "auto") -> Placement:
     """Resolve the device, the precision, the GPU plan and the batch budget
     (DeviceError/ConfigError: exit 2). ``plan`` skips detection (tests, and callers that
     resolved it already); ``profile`` (``--profile``; None: ``EMBEDPOOL_PROFILE`` or detected,
-    as the pool detects it) sizes the CPU's budget on the local backend."""
+    as the pool detects it) sizes the CPU's budget on the local backend; ``engine``
+    (``--engine``: auto, onnxruntime, openvino) the CPU's runtime (``runtimes.choose``)."""
     request_plan = plan or resolve_device(device)
     for note in request_plan.notes:
         log.warning("embedpool: %s", note)
@@ -184,8 +198,19 @@ def place(model: ResolvedModel, *, device: str | DeviceRequest = "auto",
     else:
         budget = batch_budget(device="cpu", profile=chosen_profile, max_length=model.max_length,
                               requested=batch_tokens, requested_items=max_batch_items)
+    runtime = _runtime(engine, precision, request_plan.kind)
+    if request_plan.kind == "cpu":
+        chosen = runtime.precision
     return Placement(request_plan, chosen, devices, budget, request_plan.request,
-                     chosen_profile)
+                     chosen_profile, runtime.runtime, runtime.reason)
+
+
+def _runtime(engine: str, precision: str, kind: str) -> RuntimeChoice:
+    """``runtimes.choose`` for this machine's CPU and installed packages."""
+    from embedpool.runtimes import choose, cpu_features, openvino_installed
+
+    return choose(engine, precision, device_kind=kind, cpu=cpu_features(),
+                  openvino=openvino_installed())
 
 
 def machine_profile(profile: str | None = None) -> Profile:
@@ -204,14 +229,14 @@ def _usable_cpus() -> int:
 
 def engine_recipe(model: ResolvedModel, precision: Precision, threads: int, *,
                   device: str = "cpu", gpu_mem_limit: int | None = None,
-                  engine: Any = None) -> Any:
+                  engine: Any = None, runtime: Runtime = "onnxruntime") -> Any:
     """The recipe one executor's engines are built from: ``engine.EngineSpec`` for the model,
     or ``engine`` (any picklable recipe with ``build()``: a custom engine, the test doubles of
     ``embedpool.testing``) given the same threads and device where it has such fields."""
     if engine is None:
         from embedpool.engine import EngineSpec
 
-        return EngineSpec(model, precision, threads, device, gpu_mem_limit)
+        return EngineSpec(model, precision, threads, device, gpu_mem_limit, runtime)
     from embedpool.executor import with_threads
 
     recipe = with_threads(engine, threads)
@@ -231,6 +256,9 @@ def prepare_graphs(model: ResolvedModel, placement: Placement, emit: Emit, *,
     built)."""
     from embedpool.graph.prebuild import ensure_graph
 
+    if placement.precision == "bf16":  # OpenVINO's bf16 reads the fp32 graph
+        ensure_graph(model, "fp32", emit, max_memory=max_memory)
+        return placement
     precision = ensure_graph(model, placement.precision, emit, max_memory=max_memory)
     if placement.devices is not None and placement.devices.cpu_workers:
         ensure_graph(model, "fp32", emit, max_memory=max_memory)
@@ -253,7 +281,9 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
     def recipe(precision: Precision, n_threads: int, device: str = "cpu",
                mem_limit: int | None = None) -> Any:
         return engine_recipe(model, precision, n_threads, device=device,
-                             gpu_mem_limit=mem_limit, engine=engine)
+                             gpu_mem_limit=mem_limit, engine=engine,
+                             runtime=placement.runtime if device == "cpu" and
+                             precision == placement.precision else "onnxruntime")
 
     options = dict(pool_options or {})
     if backend == "ray":

@@ -32,6 +32,7 @@ KINDS: dict[str, str] = {
     "cgroup": "a writable memory cgroup (v1, or a delegated v2) for real OOM kills",
     "ray": "Ray installed and a local cluster",
     "model": "the real default model (installed by requirements/default-model.txt)",
+    "openvino": "the openvino package (the 'openvino' extra: the second engine)",
 }
 ALLOW_VAR = "EMBEDPOOL_CI_ALLOW_SKIP"
 #: Every allowed skip's reason starts with this, so the report hook can tell it apart.
@@ -89,12 +90,19 @@ def ray_reason() -> str | None:
     return None
 
 
+def openvino_reason() -> str | None:
+    if importlib.util.find_spec("openvino") is None:
+        return "the openvino package is not installed (scripts/test installs the 'openvino' extra)"
+    return None
+
+
 def pytest_configure(config: pytest.Config) -> None:
     allowed_kinds()  # fail fast on a misspelt opt-out
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    for kind, reason_of in (("cgroup", cgroup_reason), ("ray", ray_reason)):
+    for kind, reason_of in (("cgroup", cgroup_reason), ("ray", ray_reason),
+                            ("openvino", openvino_reason)):
         if item.get_closest_marker(kind) is not None:
             reason = reason_of()
             if reason is not None:

@@ -106,8 +106,10 @@ BUILD_STAGES = ("loading weights", "composing the graph", "quantising", "writing
 
 def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
                  cache_dir: Path | None = None, *,
-                 on_stage: Callable[[str], None] | None = None) -> Path:
+                 on_stage: Callable[[str], None] | None = None, fused: bool = True) -> Path:
     """Path to a cached ONNX file for this model and precision, building it if needed.
+    ``fused=False`` (fp32 only): the family's standard-op graph, for runtimes that do not
+    convert ONNX Runtime's contrib ops (``engine_openvino``); cached under its own name.
     ``on_stage(name)`` is called as a build enters each of ``BUILD_STAGES`` (the third is
     "converting to fp16" for fp16, skipped for fp32) and with "waiting" when another
     process is building the same file; never when the file is already there."""
@@ -115,6 +117,8 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
         raise ConfigError(f"precision must be one of {', '.join(GRAPH_PRECISIONS)}, "
                           f"got {precision!r}")
     stage = on_stage or (lambda name: None)
+    if not fused and (precision != "fp32" or model.onnx_path is not None):
+        raise ConfigError("only embedpool's own fp32 graphs come unfused")
     if model.onnx_path is not None:
         if precision == "fp32":
             return model.onnx_path
@@ -138,7 +142,7 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
         stage("loading weights")
         weights = fam.load_weights(model.weights_path, cfg)
         stage("composing the graph")
-        parts = compose_parts(fam, weights, cfg, model.head, fused=True,
+        parts = compose_parts(fam, weights, cfg, model.head, fused=fused,
                               int8_ready=precision == "int8", name=model.name)
         del weights  # the graph holds its own copy; the build's peak is the graph, once
         if precision == "int8":
@@ -152,7 +156,7 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
         stage("writing")
         onnx.save(parts.model, tmp)
 
-    return get_or_build(cache_path(model, precision, cache_dir), build,
+    return get_or_build(cache_path(model, precision, cache_dir, fused=fused), build,
                         on_wait=lambda: stage("waiting"))
 
 
@@ -168,8 +172,8 @@ def built_path(model: ResolvedModel, precision: GraphPrecision,
     return path if path.is_file() else None
 
 
-def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path | None = None
-               ) -> Path:
+def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path | None = None,
+               *, fused: bool = True) -> Path:
     """Where ``prepare_onnx`` keeps (or would keep) this model's graph; builds nothing.
     For a shipped fp32 ONNX file this is unused: the shipped file is returned as is."""
     root = cache_dir if cache_dir is not None else cache_root() / "onnx"
@@ -190,14 +194,19 @@ def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path 
     elif precision == "fp16":
         parts["fp16"] = FP16_RECIPE_VERSION
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name).strip("._") or "model"
-    return root / f"{slug}-{precision}-{cache_key(parts)[:20]}.onnx"
+    return root / f"{slug}-{variant}-{cache_key(parts)[:20]}.onnx"
+    variant: str = precision
+    if not fused:  # the standard-op graph (engine_openvino); the fused key stays as it was
+        parts["fused"] = False
+        variant = f"{precision}-unfused"
 
 
-def graph_id(model: ResolvedModel, precision: GraphPrecision) -> str:
+def graph_id(model: ResolvedModel, precision: str) -> str:
     """The id of the graph ``prepare_onnx`` would run (its cache file's name, without building
     anything): it changes whenever the graph's bytes would, e.g. a new int8 recipe. Part of
-    the vector cache's fingerprint."""
-    return cache_path(model, precision).stem
+    the vector cache's fingerprint. bf16 (OpenVINO's, on the fp32 graph) gets an id of its
+    own: its vectors are not fp32's."""
+    return cache_path(model, precision).stem  # type: ignore[arg-type]
 
 
 def _family(model: ResolvedModel) -> tuple[ModuleType, Any]:

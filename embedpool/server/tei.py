@@ -12,6 +12,8 @@ Shapes and codes follow TEI's router (``router/src/http/server.rs``, ``types.rs`
   ``Tokenizer``, 413 (body limit), 424 ``Backend`` (an input the model failed on), 429
   ``Overloaded`` (+ Retry-After), 503 ``Unhealthy``; 401 ``Unauthorized`` (TEI answers it
   with no body);
+* ``GET /`` is TEI's health check (and answers Ollama's "is it running" probe): 200, or 503
+  ``Unhealthy``; open like ``/health``;
 * ``POST /`` dispatches by the body: ``{"inputs": {"source_sentence", "sentences"}}`` is a
   similarity (what ``sentence_similarity`` posts), ``{"query", "texts"}`` a rerank, anything
   else an embedding (what ``feature_extraction`` posts);
@@ -69,6 +71,8 @@ REFUSED = {
                 "/rerank)",
 }
 _DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+#: ApiError codes of an empty batch (TEI's 400 ``Empty``).
+_EMPTY = ("empty_input", "empty")
 #: error_type by status, for errors raised outside this module (auth, limits, the pool).
 _TYPES = {400: "Empty", 401: "Unauthorized", 404: "NotFound", 405: "NotFound",
           413: "Validation", 422: "Validation", 424: "Backend", 429: "Overloaded",
@@ -89,10 +93,10 @@ def _render_error(err: ApiError) -> Response:
     status = err.status
     if err.code == "input_failed":  # an input the model failed on: TEI's backend error
         status = 424
-    elif status == 400 and err.code not in ("empty_input", "invalid_json"):
+    elif status == 400 and err.code not in (*_EMPTY, "invalid_json"):
         status = 422  # TEI answers a body it cannot use with 422 Validation
     kind = ("Tokenizer" if err.code == "tokenizer" else
-            "Validation" if status == 400 and err.code != "empty_input" else
+            "Validation" if status == 400 and err.code not in _EMPTY else
             _TYPES.get(status, "Validation"))
     return JSONResponse({"error": err.message, "error_type": kind}, status_code=status,
                         headers=err.headers)
@@ -297,6 +301,15 @@ class TeiRoutes:
             "tokenization_workers": 1, "version": embedpool.__version__, "sha": None,
             "docker_label": None})
 
+    async def health(self) -> Response:
+        """TEI's ``GET /`` (and Ollama's): 200 while the server can embed, else 503."""
+        batcher = self.ctx.runtime.batcher
+        problem = "starting" if batcher is None else batcher.health()
+        if problem is not None:
+            raise ApiError(503, f"unhealthy: {problem}", code="unhealthy",
+                           headers={"Retry-After": "1"})
+        return Response("embedpool is running", media_type="text/plain")
+
     async def refused(self, request: Request) -> Response:
         path = request.url.path
         raise _invalid(f"POST {path} is not served by embedpool ({REFUSED.get(path, '')})")
@@ -343,3 +356,5 @@ def register_tei(app: FastAPI, ctx: ServerContext, dependencies: Sequence[Any]) 
                           include_in_schema=False)
     app.add_api_route("/info", r.info, methods=["GET"], dependencies=deps,
                       include_in_schema=False)
+    # open, as /health is: probes carry no key
+    app.add_api_route("/", r.health, methods=["GET", "HEAD"], include_in_schema=False)

@@ -137,7 +137,7 @@ def test_item_limit_on_every_route(keyed: LiveServer, dialect: str, path: str,
 
 @pytest.mark.parametrize(("dialect", "method", "path", "status"), [
     ("ollama", "GET", "/api/embed", 405), ("ollama", "GET", "/api/nothing", 404),
-    ("tei", "GET", "/embed", 405), ("tei", "GET", "/", 405),
+    ("tei", "GET", "/embed", 405), ("tei", "PUT", "/", 405),
     ("tei", "POST", "/embed_all", 422), ("tei", "POST", "/predict", 422)],
     ids=["ollama-405", "ollama-404", "tei-405", "tei-root-405", "tei-embed-all",
          "tei-predict"])
@@ -227,7 +227,7 @@ _bodies = st.one_of(
 @pytest.mark.parametrize(("dialect", "method", "path", "valid"), POSTS, ids=_ids(POSTS))
 def test_nothing_a_client_sends_gives_a_5xx(keyed: LiveServer, dialect: str, method: str,
                                             path: str, valid: Any) -> None:
-    @settings(max_examples=40, deadline=None, database=None,
+    @settings(max_examples=25, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(body=_bodies)
     def check(body: Any) -> None:
@@ -240,3 +240,44 @@ def test_nothing_a_client_sends_gives_a_5xx(keyed: LiveServer, dialect: str, met
             assert_shape(dialect, r, r.status_code)
 
     check()
+
+
+# ----------------------------------------------------------------------------- TEI tokens
+def test_tei_tokenize_counts_what_the_model_is_fed(keyed: LiveServer,
+                                                   tokenizer: TextTokenizer) -> None:
+    texts = ["def f(x): return x", "héllo wörld " * 200]
+    r = call(keyed, "POST", "/tokenize", {"inputs": texts})
+    assert r.status_code == 200, r.text
+    tokens = r.json()
+    fed = tokenizer.encode(texts)
+    assert [len(t) for t in tokens] == fed.n_tokens  # untruncated: the second is > 256
+    assert fed.n_tokens[1] > tokenizer.max_length
+    for toks, text in zip(tokens, texts, strict=True):
+        assert toks[0] == {"id": 101, "text": "[CLS]", "special": True, "start": None,
+                           "stop": None}
+        data = text.encode()
+        for t in toks[1:-1]:  # TEI's offsets: UTF-8 bytes
+            assert t["text"] == data[t["start"]:t["stop"]].decode()
+            assert not t["special"]
+    bare = call(keyed, "POST", "/tokenize", {"inputs": "héllo", "add_special_tokens": False})
+    assert [t["text"] for t in bare.json()[0]] == ["héllo"]
+    assert bare.json()[0][0]["stop"] == len("héllo".encode())
+    bad = call(keyed, "POST", "/tokenize", {"inputs": "a", "prompt_name": "nope"})
+    assert "nope" in assert_shape("tei", bad, 422)["error"]
+
+
+def test_tei_decode_round_trips(keyed: LiveServer, tokenizer: TextTokenizer) -> None:
+    ids = [t["id"] for t in call(keyed, "POST", "/tokenize",
+                                 {"inputs": "sort a list"}).json()[0]]
+    assert call(keyed, "POST", "/decode", {"ids": ids}).json() == ["sort a list"]
+    both = call(keyed, "POST", "/decode", {"ids": [ids, ids], "skip_special_tokens": False})
+    assert both.json() == ["[CLS] sort a list [SEP]"] * 2
+    err = assert_shape("tei", call(keyed, "POST", "/decode", {"ids": [10**9]}), 422)
+    assert err["error_type"] == "Tokenizer" and "1000000000" in err["error"]
+    assert assert_shape("tei", call(keyed, "POST", "/decode", {"ids": []}), 400)[
+        "error_type"] == "Empty"
+
+
+def test_root_get_is_an_open_health_check(keyed: LiveServer) -> None:
+    r = httpx.get(f"{keyed.url}/", timeout=DEADLINE_S)  # no key, as probes send none
+    assert r.status_code == 200 and "running" in r.text

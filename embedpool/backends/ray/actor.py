@@ -30,12 +30,9 @@ class EmbedActor:
         source = "built on the node"
         if shipment is None:
             self.engine: EmbeddingEngine = spec.build()
-        else:
-            from embedpool.engine import Engine
-
+        else:  # an EngineSpec: its runtime's engine on the shipped graph
             where, source = locate_model(shipment, lambda: ray.get(shipment.payload[0]))
-            self.engine = Engine.for_model(where / shipment.graph_name, spec.model,
-                                           threads=spec.threads)
+            self.engine = spec.load(where / shipment.graph_name)
         self.info: dict[str, Any] = {
             "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
             "dim": int(self.engine.dim), "model_source": source,

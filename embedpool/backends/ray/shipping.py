@@ -117,9 +117,7 @@ def locate_model(shipment: ModelShipment, fetch: Callable[[], Mapping[str, bytes
 
 def ship_model(spec: EngineSpec, ray: ModuleType) -> ModelShipment:
     """Put the spec's ready ONNX graph in the object store (built here if need be)."""
-    from embedpool.graph import prepare_onnx
-
-    onnx_path = prepare_onnx(spec.model, spec.precision)
+    onnx_path = spec.graph()  # the file its runtime reads (EngineSpec.graph)
     files = {onnx_path.name: onnx_path.read_bytes()}
     manifest = tuple(sorted((rel, sha256_bytes(b)) for rel, b in files.items()))
     ref = ray.put(files)

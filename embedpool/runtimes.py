@@ -1,0 +1,197 @@
+"""Which inference runtime runs a CPU job, and in which precision: ONNX Runtime or OpenVINO,
+chosen per CPU feature set from measurements, never by guess.
+
+ONNX Runtime is the universal engine (every CPU, and the GPU path); OpenVINO
+(``engine_openvino``, the ``openvino`` extra) is the second one, for what ONNX Runtime's CPU
+provider lacks: a bf16 matrix multiply. ``--engine auto`` looks the CPU's tier up in
+``MEASURED`` (one row per tier, each cell a measurement with its source); a tier or a cell
+with no measurement keeps ONNX Runtime and says so. ``choose`` is a pure function of the
+request, the CPU's flags and whether openvino is installed (tests/test_runtimes.py checks the
+table); ``cpu_features`` reads the flags from /proc/cpuinfo. ``benchmarks/engines.py`` makes
+the measurements for a new CPU in one command.
+
+Tiers, from the flags Linux reports: ``amx`` (amx_bf16: Sapphire Rapids and later),
+``avx512_bf16`` (Zen 4/5, Cooper Lake), ``vnni`` (avx512_vnni or avx_vnni, no bf16: Cascade
+and Ice Lake, Alder Lake), ``avx2`` (Zen 1-3, Haswell to Skylake client), ``baseline``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from embedpool.errors import ConfigError
+from embedpool.types import Precision, Runtime
+
+Tier = Literal["amx", "avx512_bf16", "vnni", "avx2", "baseline"]
+RUNTIMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
+#: The flags a bf16 matrix multiply needs (either); named in the refusal.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+#: Precisions each runtime runs on the CPU (the int8 graph is ONNX Runtime's dynamic
+#: MatMulInteger recipe: OpenVINO reads it but runs it at a third of its fp32 speed,
+#: benchmarks/engines.py; OpenVINO's own static int8 missed embedpool's quality bar,
+#: benchmarks/openvino_int8.py).
+CPU_PRECISIONS: dict[Runtime, tuple[Precision, ...]] = {
+    "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+INSTALL_HINT = "pip install 'embedpool[openvino]'"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What runs a precision request on a tier, and the measurement that says so."""
+
+    runtime: Runtime
+    precision: Precision
+    why: str
+
+
+_ORT_UNMEASURED = "no measurement of OpenVINO on this tier: ONNX Runtime, the universal engine"
+#: tier -> precision request ("auto", "fp32", "int8") -> the cell. bf16 is OpenVINO's on
+#: any tier that has it (ONNX Runtime's CPU provider has no bf16 matrix multiply).
+MEASURED: dict[Tier, dict[str, Cell]] = {
+    "avx2": {
+        "auto": Cell("onnxruntime", "int8",
+                     "AMD EPYC Zen 3, 2 threads, bare engines: ONNX Runtime int8 26.2 chunks/s, "
+                     "fp32 19.8, OpenVINO fp32 18.1, OpenVINO on the int8 graph 0.35x its fp32"),
+        "fp32": Cell("onnxruntime", "fp32",
+                     "AMD EPYC Zen 3, 2 threads: ONNX Runtime fp32 1.1-1.26x OpenVINO fp32"),
+        "int8": Cell("onnxruntime", "int8",
+                     "AMD EPYC Zen 3: OpenVINO on embedpool's int8 graph 0.3x ONNX Runtime's"),
+    },
+    "avx512_bf16": {
+        "auto": Cell("openvino", "bf16",
+                     "AMD Zen 4 (AVX-512 VNNI+BF16), 2 threads, batches of 8 x 200 tokens: "
+                     "OpenVINO bf16 76 sequences/s at cos 0.99995 to fp32, ONNX Runtime int8 "
+                     "68, fp32 38"),
+        "fp32": Cell("onnxruntime", "fp32", "OpenVINO fp32 not measured on this tier: "
+                     "ONNX Runtime, the universal engine"),
+        "int8": Cell("onnxruntime", "int8",
+                     "AMD Zen 4: OpenVINO on embedpool's int8 graph 43/s against ONNX "
+                     "Runtime's 68; OpenVINO's static int8 misses the quality bar"),
+    },
+    "amx": {p: Cell("onnxruntime", "int8" if p == "auto" else p, _ORT_UNMEASURED)  # type: ignore[arg-type]
+            for p in ("auto", "fp32", "int8")},
+    "vnni": {p: Cell("onnxruntime", "int8" if p == "auto" else p, _ORT_UNMEASURED)  # type: ignore[arg-type]
+             for p in ("auto", "fp32", "int8")},
+    "baseline": {p: Cell("onnxruntime", "int8" if p == "auto" else p, _ORT_UNMEASURED)  # type: ignore[arg-type]
+                 for p in ("auto", "fp32", "int8")},
+}
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU as /proc/cpuinfo describes it (first processor): its name and its flags."""
+
+    name: str
+    flags: frozenset[str]
+
+    @property
+    def tier(self) -> Tier:
+        f = self.flags
+        if "amx_bf16" in f:
+            return "amx"
+        if "avx512_bf16" in f:
+            return "avx512_bf16"
+        if "avx512_vnni" in f or "avx_vnni" in f:
+            return "vnni"
+        if "avx2" in f:
+            return "avx2"
+        return "baseline"
+
+    @property
+    def bf16(self) -> bool:
+        return any(flag in self.flags for flag in BF16_FLAGS)
+
+
+def parse_cpuinfo(text: str) -> CpuFeatures:
+    """The first processor's ``model name`` and ``flags`` of /proc/cpuinfo's text."""
+    name, flags = "unknown CPU", ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and name == "unknown CPU":
+            name = value.strip()
+        elif key == "flags" and not flags:
+            flags = value
+        if name != "unknown CPU" and flags:
+            break
+    return CpuFeatures(name, frozenset(flags.split()))
+
+
+def cpu_features(path: Path = Path("/proc/cpuinfo")) -> CpuFeatures:
+    """This machine's CPU (no flags where /proc/cpuinfo cannot be read: the baseline tier)."""
+    try:
+        return parse_cpuinfo(path.read_text(encoding="utf-8", errors="replace"))
+    except OSError:
+        return CpuFeatures("unknown CPU", frozenset())
+
+
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The runtime and precision a job runs, and why (one line for ``doctor``)."""
+
+    runtime: Runtime
+    precision: Precision
+    reason: str
+
+
+def choose(engine: str, precision: str, *, device_kind: str, cpu: CpuFeatures,
+           openvino: bool) -> RuntimeChoice:
+    """The runtime for ``--engine`` and ``--precision`` (both as asked: "auto" or a name) on
+    ``device_kind`` ("cpu" or "cuda"). Pure; ConfigError (exit 2) names what was wrong."""
+    if engine not in RUNTIMES:
+        raise ConfigError(f"engine {engine!r} is not one of {', '.join(RUNTIMES)}")
+    if device_kind != "cpu":
+        if engine == "openvino":
+            raise ConfigError("engine openvino runs on the CPU only; the GPU path is ONNX "
+                              "Runtime's (--engine onnxruntime or auto, or --device cpu)")
+        if precision == "bf16":
+            raise ConfigError("precision bf16 runs on the CPU (OpenVINO) only; on a GPU use "
+                              "fp16 or fp32")
+        # the GPU's precision is placement.precision_for's; this choice is the runtime's only
+        return RuntimeChoice("onnxruntime", "fp32", "a GPU: ONNX Runtime's CUDA provider")
+    tier = cpu.tier
+    if precision == "bf16":
+        if not cpu.bf16:
+            raise ConfigError(f"precision bf16 needs a CPU with {' or '.join(BF16_FLAGS)} "
+                              f"(this {cpu.name} has neither); use fp32 or int8")
+        if engine == "onnxruntime":
+            raise ConfigError("precision bf16 runs on OpenVINO only (ONNX Runtime's CPU "
+                              "provider has no bf16 matrix multiply): --engine openvino or auto")
+        if not openvino:
+            raise ConfigError(f"precision bf16 runs on OpenVINO, which is not installed: "
+                              f"{INSTALL_HINT}")
+        return RuntimeChoice("openvino", "bf16", f"bf16 asked for; {cpu.name} has "
+                             f"{' '.join(f for f in BF16_FLAGS if f in cpu.flags)}")
+    if precision not in ("auto", "fp32", "int8"):
+        raise ConfigError(f"precision {precision} does not run on the CPU; use int8, fp32"
+                          + (" or bf16" if cpu.bf16 else ""))
+    if engine == "openvino":
+        if not openvino:
+            raise ConfigError(f"engine openvino is not installed: {INSTALL_HINT}")
+        if precision == "int8":
+            raise ConfigError("precision int8 runs on ONNX Runtime (OpenVINO runs embedpool's "
+                              "int8 graph at a third of its fp32 speed); with --engine openvino "
+                              "use fp32" + (" or bf16" if cpu.bf16 else ""))
+        chosen: Precision = "bf16" if precision == "auto" and cpu.bf16 else (
+            "fp32" if precision == "auto" else precision)  # type: ignore[assignment]
+        return RuntimeChoice("openvino", chosen, f"--engine openvino, {chosen}"
+                             + (" (the CPU has bf16)" if precision == "auto" and cpu.bf16
+                                else ""))
+    cell = MEASURED[tier][precision]
+    if engine == "onnxruntime" or (cell.runtime == "openvino" and not openvino):
+        prec: Precision = "int8" if precision == "auto" else precision  # type: ignore[assignment]
+        if engine == "onnxruntime":
+            return RuntimeChoice("onnxruntime", prec, "--engine onnxruntime")
+        return RuntimeChoice("onnxruntime", prec,
+                             f"{tier} CPU ({cpu.name}): OpenVINO {cell.precision} measured "
+                             f"faster here ({cell.why}), but openvino is not installed "
+                             f"({INSTALL_HINT})")
+    return RuntimeChoice(cell.runtime, cell.precision,
+                         f"auto, {tier} tier ({cpu.name}): {cell.why}")
