@@ -193,12 +193,12 @@ def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path 
         parts["int8"] = {"recipe": INT8_RECIPE_VERSION, **quantize.recipe_key()}
     elif precision == "fp16":
         parts["fp16"] = FP16_RECIPE_VERSION
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name).strip("._") or "model"
-    return root / f"{slug}-{variant}-{cache_key(parts)[:20]}.onnx"
     variant: str = precision
     if not fused:  # the standard-op graph (engine_openvino); the fused key stays as it was
         parts["fused"] = False
         variant = f"{precision}-unfused"
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name).strip("._") or "model"
+    return root / f"{slug}-{variant}-{cache_key(parts)[:20]}.onnx"
 
 
 def graph_id(model: ResolvedModel, precision: str) -> str:
