@@ -97,6 +97,11 @@ def parse_decoder(config: Mapping[str, Any], where: str, *, family: str, qkv_bia
     rope = config.get("rope_parameters") or {}
     if not isinstance(rope, Mapping):
         raise refuse("rope_parameters", "not an object")
+    extra = sorted(set(rope) - {"rope_type", "rope_theta", "partial_rotary_factor"})
+    if extra:
+        raise ModelError(f"{where}: rope_parameters keys {extra} are not built (default "
+                         f"rotary positions take rope_theta only); embedpool builds {family} "
+                         "decoders without them")
     if rope.get("rope_type", "default") != "default":
         raise ModelError(f"{where}: rope_parameters.rope_type = {rope['rope_type']!r}: rotary "
                          f"scaling changes the positions; embedpool builds {family} decoders "

@@ -1,0 +1,422 @@
+"""The Qwen decoder families (qwen3; qwen2 with Llama and Mistral) against their reference
+implementations, without torch.
+
+The fixtures (tests/fixtures/families/qwen3 and qwen2, scripts/make_decoder_fixtures.py) are
+small random-weight ``Qwen3Model`` / ``Qwen2Model`` saved by sentence-transformers 6 with
+last-token pooling and Normalize: grouped-query (qwen3: 4 q / 2 kv heads) and multi-query
+(qwen2: 4 / 1) attention, ``head_dim`` 16 apart from hidden / heads (32 / 4), rotary theta
+1e6, causal attention; qwen3 has per-head q/k norms, tied embeddings and Qwen3-Embedding's
+tokenizer (its post-processor appends ``<|endoftext|>``, left padding), qwen2 q/k/v biases,
+untied embeddings and a tokenizer that appends nothing. Goldens: the texts in one padded
+batch, with the ``query`` prompt, at ``truncate_dim`` 16, one text of ~8,150 tokens, and
+(qwen3) the same model with ``is_causal: false``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from test_families import (
+    F32,
+    FIXTURES,
+    Fixture,
+    copy_model,
+    cosines,
+    embed,
+    load_fixture,
+    run_graph,
+)
+
+from embedpool.errors import ModelError
+from embedpool.graph import _family, prepare_onnx
+from embedpool.graph.compose import compose
+from embedpool.graph.families import family_for, model_memory, parse_config, qwen2, qwen3
+from embedpool.models import resolve_model
+from embedpool.tokenization import TextTokenizer
+
+NAMES = ["qwen3", "qwen2"]
+CLI = [sys.executable, "-m", "embedpool"]
+INT8_MEAN, INT8_MIN = 0.99, 0.97
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def fx(request: pytest.FixtureRequest) -> Fixture:
+    return load_fixture(request.param)
+
+
+@pytest.fixture(scope="module")
+def graphs(fx: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    cache = tmp_path_factory.mktemp("onnx")
+    return {p: prepare_onnx(fx.model, p, cache) for p in ("fp32", "int8")}  # type: ignore[misc]
+
+
+def golden(fx: Fixture, key: str) -> F32:
+    out: F32 = np.load(FIXTURES / fx.model.directory.parent.name / "golden.npz")[key]
+    return out
+
+
+def query_sequences(fx: Fixture) -> list[Any]:
+    """The texts with the model's ``query`` prompt, through embedpool's prompt path."""
+    tok = TextTokenizer.for_model(fx.model)
+    return tok.encode(fx.texts, prompt_name=fx.prompt_name).sequences
+
+
+def embed_sequences(fx: Fixture, path: Path, seqs: list[Any]) -> F32:
+    from embedpool.engine import Engine
+
+    return Engine.for_model(path, fx.model, threads=1).embed(seqs)
+
+
+# --- fidelity --------------------------------------------------------------------------------
+
+def test_tokens_match_the_reference_tokenizer(fx: Fixture) -> None:
+    """Qwen3-Embedding's tokenizer ends every text with <|endoftext|> (the token last-token
+    pooling reads); the qwen2 fixture's adds nothing, so its last token is the text's own."""
+    seqs = TextTokenizer.for_model(fx.model).encode(fx.texts).sequences
+    assert [list(map(int, s)) for s in seqs] == fx.input_ids
+    eos = int(fx.model.config["eos_token_id"])
+    ends_with_eos = [ids[-1] == eos for ids in fx.input_ids]
+    assert all(ends_with_eos) if fx.model.config["model_type"] == "qwen3" else not any(ends_with_eos)
+
+
+def test_fp32_matches_reference_in_a_padded_batch(fx: Fixture, graphs: dict[str, Path]) -> None:
+    """One-token texts padded next to a 325-token one (the reference padded Qwen3 on the
+    left, as its tokenizer_config says; embedpool pads right: the same vectors)."""
+    assert min(map(len, fx.input_ids)) <= 2 and max(map(len, fx.input_ids)) > 300
+    cos = cosines(embed(fx.model, graphs["fp32"], fx.texts), fx.vectors)
+    assert cos.min() >= 0.9999, cos
+
+
+def test_query_prompt_matches_reference(fx: Fixture, graphs: dict[str, Path]) -> None:
+    """The card's code-search instruction as the ``query`` prompt, resolved by name."""
+    assert "code" in dict(fx.model.text.prompts)["query"]
+    cos = cosines(embed_sequences(fx, graphs["fp32"], query_sequences(fx)), fx.query_vectors)
+    assert cos.min() >= 0.9999, cos
+
+
+def test_int8_matches_reference(fx: Fixture, graphs: dict[str, Path]) -> None:
+    """issue 11's int8 bar against the reference: mean >= 0.99, every vector >= 0.97."""
+    for got, want in ((embed(fx.model, graphs["int8"], fx.texts), fx.vectors),
+                      (embed_sequences(fx, graphs["int8"], query_sequences(fx)),
+                       fx.query_vectors)):
+        cos = cosines(got, want)
+        assert cos.mean() >= INT8_MEAN and cos.min() >= INT8_MIN, cos
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_vector_ignores_batch_neighbours(fx: Fixture, graphs: dict[str, Path],
+                                         precision: str) -> None:
+    batch = embed(fx.model, graphs[precision], fx.texts)
+    alone = np.concatenate([embed(fx.model, graphs[precision], [t]) for t in fx.texts])
+    assert cosines(batch, alone).min() >= 0.99999
+
+
+def test_unfused_graph_matches_reference(fx: Fixture) -> None:
+    """The standard-ops flavour (the benchmark baseline): same vectors, ONNX checker with full
+    type inference, no contrib op."""
+    fam, cfg = _family(fx.model)
+    graph = compose(fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head,
+                    fused=False)
+    onnx.checker.check_model(graph, full_check=True)
+    assert not {n.domain for n in graph.graph.node} - {"", "ai.onnx"}
+    cos = cosines(run_graph(graph, fx), fx.vectors)
+    assert cos.min() >= 0.9999, cos
+
+
+def test_fp32_graph_uses_the_fused_kernels(fx: Fixture, graphs: dict[str, Path]) -> None:
+    """GroupQueryAttention (rotary inside, causal, memory linear in length) in every layer;
+    RMSNorms fused; no Softmax attention."""
+    graph = onnx.load(str(graphs["fp32"]))
+    ops = [n.op_type for n in graph.graph.node]
+    layers = int(fx.model.config["num_hidden_layers"])
+    assert ops.count("GroupQueryAttention") == layers
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * layers
+    assert "QuickGelu" in ops and not {"Softmax", "MultiHeadAttention", "Sigmoid"} & set(ops)
+    gqa = next(n for n in graph.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs["do_rotary"] == 1
+    assert (attrs["num_heads"], attrs["kv_num_heads"]) == (
+        fx.model.config["num_attention_heads"], fx.model.config["num_key_value_heads"])
+    qk_norms = ops.count("SimplifiedLayerNormalization")
+    assert qk_norms == (1 + 2 * layers if fx.model.config["model_type"] == "qwen3" else 1)
+
+
+@pytest.mark.parametrize("kind", ["flash", "plain"])
+def test_attention_kinds_in_the_fused_graph(kind: str) -> None:
+    """``attention="plain"`` in the fused graph (Softmax attention) gives the reference; a
+    bidirectional kernel on a causal model does not (the mask is tested, not assumed)."""
+    fx = load_fixture("qwen3")
+    fam, cfg = _family(fx.model)
+    weights = fam.load_weights(fx.model.weights_path, cfg)
+    from onnx import TensorProto, helper
+
+    from embedpool.graph.builder import GraphBuilder
+    from embedpool.graph.head import apply_head
+
+    g = GraphBuilder()
+    if kind == "flash":
+        cfg = dataclasses.replace(cfg, causal=False)
+    enc = fam.build_encoder(g, weights, cfg, fused=True, attention=kind)
+    apply_head(g, enc.hidden, enc.width, fx.model.head, "sentence_embedding")
+    graph = g.finish("m", [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
+                           for n in ("input_ids", "attention_mask")],
+                     [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
+                                                    None)], producer_version="test")
+    cos = cosines(run_graph(graph, fx), fx.vectors)
+    if kind == "plain":
+        assert cos.min() >= 0.9999, cos
+    else:
+        assert cos[1:].max() < 0.999, cos
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bidirectional_config_matches_reference(tmp_path: Path, fused: bool) -> None:
+    """``is_causal: false`` (transformers 5's switch, honoured by sentence-transformers 6):
+    every token attends to every real token; fused, through mask-free MultiHeadAttention."""
+    directory = copy_model("qwen3", tmp_path, is_causal=False)
+    fx = load_fixture("qwen3", directory)
+    want = golden(load_fixture("qwen3"), "bidirectional_vectors")
+    fam, cfg = _family(fx.model)
+    assert not cfg.causal
+    graph = compose(fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head,
+                    fused=fused)
+    ops = {n.op_type for n in graph.graph.node}
+    assert ("MultiHeadAttention" in ops) == fused and "GroupQueryAttention" not in ops
+    cos = cosines(run_graph(graph, fx), want)
+    assert cos.min() >= 0.9999, cos
+
+
+def test_matryoshka_dimensions_match_truncate_dim(fx: Fixture, graphs: dict[str, Path]) -> None:
+    """Qwen3-Embedding's Matryoshka widths: the first N values of the vector are what
+    sentence-transformers' truncate_dim gives (embedpool renormalises them)."""
+    from embedpool.vectors import truncate_dims
+
+    dim = int(json.loads((FIXTURES / fx.model.directory.parent.name / "golden.json")
+                         .read_text())["dim"])
+    got = truncate_dims(embed(fx.model, graphs["fp32"], fx.texts), dim, normalize=True)
+    assert got.shape[1] == dim
+    assert cosines(got, golden(fx, "dim_vectors")).min() >= 0.9999
+
+
+def test_a_causal_lm_checkpoint_layout_loads(tmp_path: Path) -> None:
+    """A ``Qwen3ForCausalLM`` save: every key under ``model.``, and an ``lm_head.weight``
+    (untied) that an embedder never reads. The same vectors."""
+    from safetensors.numpy import load_file, save_file
+
+    fx = load_fixture("qwen3")
+    directory = copy_model("qwen3", tmp_path, tie_word_embeddings=False)
+    weights = load_file(str(directory / "model.safetensors"))
+    out = {f"model.{k}": v for k, v in weights.items()}
+    out["lm_head.weight"] = np.zeros_like(weights["embed_tokens.weight"])
+    save_file(out, str(directory / "model.safetensors"))
+    moved = load_fixture("qwen3", directory)
+    got = embed(moved.model, prepare_onnx(moved.model, "fp32", tmp_path / "cache"), fx.texts)
+    assert cosines(got, fx.vectors).min() >= 0.9999
+
+
+def test_llama_and_mistral_are_the_qwen2_graph_with_their_flags() -> None:
+    """Llama/Mistral configs parse to the Qwen2 block: q/k/v/o biases only with
+    attention_bias, no q/k norms."""
+    base = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_hidden_layers": 1, "intermediate_size": 48, "rope_theta": 500000.0}
+    llama = parse_config({"model_type": "llama", **base})[1]
+    assert (llama.qkv_bias, llama.o_bias, llama.qk_norm, llama.head_dim) == (False, False, False, 8)
+    biased = qwen2.parse_config({"model_type": "llama", "attention_bias": True, **base})
+    assert biased.qkv_bias and biased.o_bias and biased.rope_theta == 500000.0
+    mistral = qwen2.parse_config({"model_type": "mistral", "sliding_window": None, **base})
+    assert mistral.causal and not mistral.qkv_bias
+    assert qwen3.parse_config({"model_type": "qwen3", **base}).qk_norm
+
+
+# --- long context ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LongGolden:
+    text: str
+    input_ids: list[int]
+    vector: F32
+
+
+def load_long(name: str) -> LongGolden:
+    meta = json.loads((FIXTURES / name / "long.json").read_text(encoding="utf-8"))
+    gold = np.load(FIXTURES / name / "long.npz")
+    return LongGolden(meta["text"], gold["input_ids"].tolist(), gold["vector"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_long_text_matches_reference_in_a_padded_batch(fx: Fixture, graphs: dict[str, Path],
+                                                       precision: str) -> None:
+    """~8,150 tokens, untruncated (rotary positions thousands out, GroupQueryAttention over
+    every earlier key), next to a one-token text padded to its length."""
+    long = load_long(fx.model.directory.parent.name)
+    seqs = TextTokenizer.for_model(fx.model).encode([long.text, fx.texts[0]]).sequences
+    assert len(long.input_ids) >= 4096 and list(map(int, seqs[0])) == long.input_ids
+    got = embed_sequences(fx, graphs[precision], seqs)
+    cos = cosines(got, np.stack([long.vector, fx.vectors[0]]))
+    assert cos.min() >= (0.9999 if precision == "fp32" else INT8_MIN), cos
+
+
+def test_memory_is_planned_linear_in_length(fx: Fixture) -> None:
+    """The pool's estimate: no [seq, seq] scores (GroupQueryAttention), the SwiGLU's two
+    intermediate tensors, every weight; int8 smaller than fp32."""
+    mem, mem8 = model_memory(fx.model, "fp32"), model_memory(fx.model, "int8")
+    assert mem is not None and mem8 is not None
+    assert mem.score_keys == 0 and mem.max_seq == 8192
+    assert mem.ffn == 2 * fx.model.config["intermediate_size"]
+    assert mem.weights >= 4 * 30_000 and mem8.weights < mem.weights
+
+
+# --- through the pool, the CLI and serve -----------------------------------------------------
+
+@pytest.mark.slow
+def test_pool_matches_reference_with_prompts(fx: Fixture, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real pool worker (it builds and caches the graph): the padded batch, the query
+    prompt by name, Matryoshka dimensions, and the long text."""
+    from embedpool.job import Embedder
+
+    monkeypatch.setenv("EMBEDPOOL_CACHE_DIR", str(tmp_path))
+    long = load_long(fx.model.directory.parent.name)
+    with Embedder(fx.model, precision="fp32", workers=1) as e:
+        assert cosines(e.embed(fx.texts), fx.vectors).min() >= 0.9999
+        got = e.embed(fx.texts, prompt_name="query")
+        assert cosines(got, fx.query_vectors).min() >= 0.9999
+        got = e.embed(["x", long.text])
+        assert e.last_report.truncated == 0
+        assert cosines(got[1:], long.vector[None])[0] >= 0.9999
+
+
+def _jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
+                            for i, t in enumerate(texts)))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_cli_embeds_with_the_query_prompt(fx: Fixture, tmp_path: Path, precision: str) -> None:
+    out = tmp_path / "q.npy"
+    res = subprocess.run([*CLI, "embed", str(_jsonl(tmp_path / "t.jsonl", fx.texts)), "--out",
+                          str(out), "--model", str(fx.model.directory), "--precision", precision,
+                          "--prompt-name", "query", "--workers", "1", "--no-cache", "-q"],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")})
+    assert res.returncode == 0, res.stderr
+    cos = cosines(np.load(out), fx.query_vectors)
+    if precision == "fp32":
+        assert cos.min() >= 0.9999, cos
+    else:
+        assert cos.mean() >= INT8_MEAN and cos.min() >= INT8_MIN, cos
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_serve_answers_the_openai_client(tmp_path: Path) -> None:
+    """``embedpool serve`` on 127.0.0.1 with a pool worker, asked by the official openai
+    client: plain texts and ``prompt_name: query``, both equal to the reference."""
+    from openai import OpenAI
+
+    fx = load_fixture("qwen3")
+    port = _free_port()
+    server = subprocess.Popen([*CLI, "serve", "--model", str(fx.model.directory), "--precision",
+                               "fp32", "--workers", "1", "--port", str(port), "--no-cache"],
+                              env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    said: list[str] = []
+    try:
+        assert server.stderr is not None
+        for line in server.stderr:  # blocks until uvicorn reports; ends if the server exits
+            said.append(line)
+            if "Application startup complete" in line:
+                break
+        else:
+            pytest.fail(f"serve exited {server.wait()} before it started: {''.join(said)}")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
+                        max_retries=0, timeout=120.0)
+        for extra, want in (({}, fx.vectors), ({"prompt_name": "query"}, fx.query_vectors)):
+            got = client.embeddings.create(model=str(fx.model.directory), input=fx.texts,
+                                           extra_body=extra)
+            vecs = np.array([d.embedding for d in got.data], dtype=np.float32)
+            assert cosines(vecs, want).min() >= 0.9999
+    finally:
+        server.terminate()
+        server.communicate(timeout=60)
+
+
+# --- refusals that teach -------------------------------------------------------------------
+
+DROP = object()
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.*'yarn'"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.*'linear'"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},
+         "rope_type = 'llama3'"),
+        ({"rope_parameters": {"rope_theta": 1e6, "factor": 2.0}},
+         r"rope_parameters keys \['factor'\]"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5"),
+        ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window = True"),
+        ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+        ({"mlp_bias": True}, "mlp_bias = True"),
+        ({"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention = True"),
+        ({"is_causal": "no"}, "is_causal = 'no'"),
+        ({"num_key_value_heads": 3}, "not a multiple of 3 key/value heads"),
+        ({"head_dim": 15}, "head_dim 15 is not even"),
+        ({"num_hidden_layers": DROP}, "missing or bad .* field"),
+    ],
+    ids=["yarn", "linear-legacy", "llama3", "rope-extra-key", "partial-rotary", "sliding",
+         "sliding-layer", "mlp-bias", "gelu", "bidirectional-flag", "bad-is-causal",
+         "kv-heads", "odd-head-dim", "missing-layers"])
+def test_unhonoured_config_is_refused(fx: Fixture, change: dict[str, Any], match: str) -> None:
+    cfg = {k: v for k, v in {**fx.model.config, **change}.items() if v is not DROP}
+    with pytest.raises(ModelError, match=match):
+        family_for(cfg).parse_config(cfg, "config.json")
+
+
+def test_mistral_sliding_window_is_refused() -> None:
+    cfg = {"model_type": "mistral", "hidden_size": 32, "num_attention_heads": 4,
+           "num_hidden_layers": 1, "intermediate_size": 48, "sliding_window": 4096}
+    with pytest.raises(ModelError, match="sliding_window = 4096"):
+        qwen2.parse_config(cfg)
+
+
+def test_refusal_names_the_way_out(tmp_path: Path) -> None:
+    """Refused at resolution already (before any worker or build), naming the field, the
+    families embedpool builds and the onnx/model.onnx route."""
+    directory = copy_model("qwen3", tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ModelError) as err:
+        resolve_model(directory)
+    msg = str(err.value)
+    assert f"{directory / 'config.json'}: rope_scaling" in msg and "'yarn'" in msg
+    assert "onnx/model.onnx" in msg and "qwen3 (qwen3)" in msg and "qwen2 (llama, mistral, qwen2)" in msg
+
+
+@pytest.mark.slow
+def test_cli_refuses_an_unhonoured_field_in_one_line(tmp_path: Path) -> None:
+    directory = copy_model("qwen3", tmp_path, use_sliding_window=True, sliding_window=16)
+    res = subprocess.run([*CLI, "embed", str(_jsonl(tmp_path / "t.jsonl", ["a"])), "--out",
+                          str(tmp_path / "o.npy"), "--model", str(directory), "--workers", "1",
+                          "--no-cache"], capture_output=True, text=True, timeout=300,
+                         check=False,
+                         env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")})
+    assert res.returncode == 2, res.stderr
+    assert "use_sliding_window = True" in res.stderr and "Traceback" not in res.stderr
