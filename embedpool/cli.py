@@ -367,6 +367,7 @@ def models(ctx: click.Context) -> None:
 def _list_models() -> None:
     import importlib.util
 
+    from embedpool.config import format_bytes
     from embedpool.models import KNOWN_MODELS
 
     width = max(len(km.name) for km in KNOWN_MODELS)
@@ -380,10 +381,13 @@ def _list_models() -> None:
         prompts = ", ".join(f"{k}={v!r}" for k, v in km.prompts) or "no prompts"
         mrl = ("matryoshka " + ",".join(map(str, km.matryoshka_dims))
                if km.matryoshka_dims else "matryoshka" if km.matryoshka else "")
-        extra = "; ".join(x for x in (prompts, mrl, src) if x)
+        sizes = {p: km.weight_bytes(p) for p in ("fp32", "fp16", "int8")}
+        weights = "weights " + ", ".join(f"{p} {format_bytes(b)}" for p, b in sizes.items()
+                                         if b is not None) if km.params else ""
+        extra = "; ".join(x for x in (prompts, mrl, weights, src) if x)
         click.echo(f"{km.name:<{width}} {km.family:<11} {km.dim:>4} {km.max_length:>7}  {extra}")
     click.echo("\nAny directory with config.json + tokenizer.json + model.safetensors "
-               "(an encoder family embedpool builds) or onnx/model.onnx also works: "
+               "(a family embedpool builds) or onnx/model.onnx also works: "
                "--model /path/to/dir. Hub models need the internet or a local copy.")
 
 
@@ -476,9 +480,12 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
                  batch_tokens=batch_tokens, mem_used=used)
     from embedpool.graph.prebuild import built_graphs, graph_dir
 
+    built = built_graphs()
+    mine = _model_graphs(model, built)
     click.echo(render_doctor(limits, p, mem_used=used,
                              devices=render_devices(facts, placement, error),
-                             graphs=(graph_dir(), built_graphs())))
+                             graphs=(graph_dir(), mine), model=model,
+                             other_graphs=len(built) - len(mine)))
     if error is not None:
         sys.exit(EXIT_USAGE)
 
@@ -524,6 +531,21 @@ def tokenize(texts: tuple[str, ...], inputs: tuple[Path, ...], model: str,
     for record in token_records(tokenizer, items, prompt=text, ids=ids,
                                 details=not counts_only):
         out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+
+
+def _model_graphs(model: str, built: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The graphs of ``model`` among ``built`` (every precision and variant the builder
+    makes); none when the model does not resolve."""
+    from embedpool.graph import GRAPH_PRECISIONS, cache_path
+    from embedpool.models import resolve_model
+
+    try:
+        resolved = resolve_model(model)
+    except (ConfigError, ModelError):
+        return []
+    names = {cache_path(resolved, p, fused=f).name for p in GRAPH_PRECISIONS
+             for f in (True, False)}
+    return [g for g in built if g[0] in names]
 
 
 @main.group()

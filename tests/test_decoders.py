@@ -420,3 +420,31 @@ def test_cli_refuses_an_unhonoured_field_in_one_line(tmp_path: Path) -> None:
                          env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")})
     assert res.returncode == 2, res.stderr
     assert "use_sliding_window = True" in res.stderr and "Traceback" not in res.stderr
+
+
+# --- the known decoders ----------------------------------------------------------------------
+
+def test_models_lists_the_known_decoders_with_prompts_and_memory() -> None:
+    """``embedpool models``: each known decoder with its family, its code-search prompt and
+    its weights at every precision (fp32 4, fp16 2, int8 1 byte a parameter)."""
+    from click.testing import CliRunner
+
+    from embedpool.cli import main
+    from embedpool.models.known import find_known
+
+    res = CliRunner().invoke(main, ["models"])
+    assert res.exit_code == 0, res.output
+    lines = {line.split()[0]: line for line in res.output.splitlines() if line.strip()}
+    for name, family in (("Qwen3-Embedding-0.6B", "qwen3"), ("Qwen3-Embedding-4B", "qwen3"),
+                         ("Qwen3-Embedding-8B", "qwen3"), ("jina-code-embeddings-0.5b", "qwen2"),
+                         ("jina-code-embeddings-1.5b", "qwen2"),
+                         ("gte-Qwen2-1.5B-instruct", "qwen2")):
+        km = find_known(name)
+        assert km is not None and km.family == family and km.params is not None
+        line = lines[name]
+        assert f" {family} " in line and "weights fp32 " in line and ", int8 " in line
+        assert "code" in dict(km.prompts)["query"] and "code" in line
+    qwen06 = find_known("Qwen3-Embedding-0.6B")
+    assert qwen06 is not None and qwen06.params is not None
+    assert 590e6 < qwen06.params < 600e6  # the card's 0.6B, from the config's shapes
+    assert qwen06.weight_bytes("fp32") == 4 * qwen06.params == 4 * qwen06.weight_bytes("int8")  # type: ignore[operator]
