@@ -1,15 +1,24 @@
-"""Reading a job's inputs: JSONL records, text files and directories, as (id, text) chunks.
+"""Reading a job's inputs: JSONL records, text files and directories, as (id, text) chunks,
+streamed: ``iter_inputs`` yields one chunk (or input error) at a time and holds one JSONL
+line, or one text file, whatever the input's size; the job reads it window by window.
 
 - JSONL: one ``{"id": ..., "text": ...}`` per line. ``id`` is optional (default
   ``<file>:<line>``); a bad line (not UTF-8, not JSON, not an object, no ``text``, ``text``
   not a string) becomes an ``InputError`` naming the file, line and id, and the rest of the
-  file is read on.
+  file is read on. Lines are parsed by orjson (about 3.5x ``json.loads``, README
+  "Measured"); a line orjson refuses is parsed again by ``json`` (which also takes NaN and
+  integers beyond 64 bits), so what is accepted and every error message stay ``json``'s.
 - Any other file, or every text file under a directory, is split into chunks of lines whose
   ids name the file and lines (``src/app.py:L10-L52``). Splits prefer top-level definition
   boundaries (``def``/``class``/``function``/``fn``/... at column 0) and blank lines, which is
   cheap and keeps most functions whole. Binary files and VCS/build folders are skipped.
 - Empty or whitespace-only texts are kept and embedded (like sentence-transformers does: the
   vector of ``[CLS] [SEP]``); the job report counts them.
+
+``count_chunks`` is the progress total without holding anything: a JSONL file's lines
+counted in 1 MiB blocks (blank and bad lines included: an upper bound), text files split as
+the reader splits them. ``validate_inputs`` is ``--strict``'s pass before any work: every
+record read and checked, none kept.
 """
 
 from __future__ import annotations
@@ -18,9 +27,12 @@ import codecs
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
 
 from embedpool.errors import InputError
 
@@ -37,8 +49,9 @@ _BOUNDARY = re.compile(r"^(def |class |async def |function |export |fn |pub |fun
                        r"struct |interface |type |const |let |var |#{1,3} |@)")
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
+    """One input record: an ``(id, text)`` pair, what ``Embedder.stream`` reads."""
+
     id: str
     text: str
 
@@ -50,37 +63,55 @@ class Inputs:
 
 
 def read_jsonl(path: Path) -> Iterator[Chunk | InputError]:
+    """The records of a JSONL file, one line at a time (see the module docstring)."""
     src = str(path)
+    loads = orjson.loads
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield InputError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})",
-                                 source=src, line=lineno)
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                yield InputError(f"not valid JSON ({exc})", source=src, line=lineno)
-                continue
-            if not isinstance(obj, dict):
+                obj = loads(raw)
+            except orjson.JSONDecodeError:
+                if not raw.strip():
+                    continue
+                parsed = _parse_slowly(raw, src, lineno)
+                if isinstance(parsed, InputError):
+                    yield parsed
+                    continue
+                obj = parsed
+            if type(obj) is not dict:
                 yield InputError(f"expected a JSON object, got {type(obj).__name__}",
                                  source=src, line=lineno)
                 continue
-            raw_id = obj.get("id", f"{path.name}:{lineno}")
-            item_id = raw_id if isinstance(raw_id, str) else json.dumps(raw_id)
+            text = obj.get("text")
+            raw_id = obj.get("id")
+            if type(text) is str and type(raw_id) is str:  # the common record: no more checks
+                yield Chunk(raw_id, text)
+                continue
+            if type(raw_id) is float:  # orjson reads an integer beyond 64 bits as a float
+                raw_id = _parse_slowly(raw, src, lineno)["id"]
+            item_id = (f"{path.name}:{lineno}" if "id" not in obj else
+                       raw_id if isinstance(raw_id, str) else json.dumps(raw_id))
             if "text" not in obj:
                 yield InputError("missing field 'text'", source=src, line=lineno, item_id=item_id)
                 continue
-            text = obj["text"]
             if not isinstance(text, str):
                 yield InputError(f"field 'text' must be a string, got {type(text).__name__}",
                                  source=src, line=lineno, item_id=item_id)
                 continue
             yield Chunk(item_id, text)
+
+
+def _parse_slowly(raw: bytes, src: str, lineno: int) -> Any:
+    """A line orjson refused, by ``json`` (its errors are the messages users see)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return InputError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})",
+                          source=src, line=lineno)
+    try:
+        return json.loads(line)
+    except ValueError as exc:
+        return InputError(f"not valid JSON ({exc})", source=src, line=lineno)
 
 
 def split_lines(lines: Sequence[str], target: int = CHUNK_TARGET_LINES,
@@ -147,21 +178,88 @@ def iter_directory(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def read_inputs(paths: Sequence[Path]) -> Inputs:
-    """All chunks and all input errors of the given paths, in a deterministic order."""
-    out = Inputs()
+def iter_inputs(paths: Iterable[Path]) -> Iterator[Chunk | InputError]:
+    """Every chunk and input error of the given paths, in a deterministic order, read as
+    they are consumed (one JSONL line or one text file at a time)."""
     for path in paths:
         if path.is_dir():
-            items: Iterator[Chunk | InputError] = (
-                x for f in iter_directory(path)
-                for x in read_text_file(f, str(f.relative_to(path))))
+            for f in iter_directory(path):
+                yield from read_text_file(f, str(f.relative_to(path)))
         elif path.is_file() and path.suffix == ".jsonl":
-            items = read_jsonl(path)
+            yield from read_jsonl(path)
         elif path.is_file():
-            items = read_text_file(path, path.name)
+            yield from read_text_file(path, path.name)
         else:
-            out.errors.append(InputError("no such file or directory", source=str(path)))
-            continue
-        for x in items:
-            (out.errors if isinstance(x, InputError) else out.chunks).append(x)  # type: ignore[arg-type]
+            yield InputError("no such file or directory", source=str(path))
+
+
+def read_inputs(paths: Sequence[Path]) -> Inputs:
+    """All chunks and all input errors of the given paths, held in memory (small inputs and
+    tests; a job streams ``iter_inputs``)."""
+    out = Inputs()
+    for x in iter_inputs(paths):
+        if isinstance(x, InputError):
+            out.errors.append(x)
+        else:
+            out.chunks.append(x)
     return out
+
+
+@dataclass
+class ErrorLog:
+    """Input errors as a job meets them: all counted, the first ``keep`` kept (a bounded
+    report, whatever the input)."""
+
+    keep: int
+    count: int = 0
+    kept: list[InputError] = field(default_factory=list)
+
+    def add(self, error: InputError) -> None:
+        self.count += 1
+        if len(self.kept) < self.keep:
+            self.kept.append(error)
+
+
+def chunks_of(items: Iterable[Chunk | InputError],
+              on_error: Callable[[InputError], None]) -> Iterator[Chunk]:
+    """The chunks of ``items``, lazily; each input error goes to ``on_error``."""
+    for x in items:
+        if isinstance(x, InputError):
+            on_error(x)
+        else:
+            yield x
+
+
+def validate_inputs(paths: Sequence[Path], errors: ErrorLog) -> int:
+    """``--strict``'s pass before any work: read and check every record, keep none; the
+    number of chunks (the progress total), every error logged in ``errors``."""
+    return sum(1 for _ in chunks_of(iter_inputs(paths), errors.add))
+
+
+#: Block size of the line count: big enough that counting runs at disk speed.
+COUNT_BLOCK_BYTES = 1 << 20
+
+
+def count_chunks(paths: Sequence[Path]) -> int:
+    """The progress total, cheaply and holding nothing: a JSONL file's non-empty lines
+    (bad ones too: an upper bound), a text file's or directory's chunks as ``read_text_file``
+    splits them."""
+    total = 0
+    for path in paths:
+        if path.is_file() and path.suffix == ".jsonl":
+            total += _count_lines(path)
+        elif path.exists():
+            total += sum(1 for x in iter_inputs([path]) if not isinstance(x, InputError))
+    return total
+
+
+def _count_lines(path: Path) -> int:
+    lines = 0
+    last = b"\n"
+    with path.open("rb") as f:
+        while block := f.read(COUNT_BLOCK_BYTES):
+            lines += block.count(b"\n") - block.count(b"\n\n")
+            if last == b"\n" and block[:1] == b"\n":
+                lines -= 1  # an empty line across the block boundary
+            last = block[-1:]
+    return lines + (last != b"\n")

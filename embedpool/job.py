@@ -78,7 +78,9 @@ class JobReport:
     tokens: int = 0
     cache_hits: int = 0
     inferred: int = 0
+    #: The first input errors (the CLI keeps MAX_ERRORS_SHOWN) and how many there were.
     input_errors: list[InputError] = field(default_factory=list)
+    input_error_count: int = 0
     item_errors: list[ItemError] = field(default_factory=list)
     seconds: float = 0.0
     interrupted: bool = False
@@ -92,7 +94,7 @@ class JobReport:
 
     @property
     def errors(self) -> int:
-        return len(self.input_errors) + len(self.item_errors)
+        return max(self.input_error_count, len(self.input_errors)) + len(self.item_errors)
 
     def as_dict(self) -> dict[str, Any]:
         return {"chunks": self.chunks, "embedded": self.embedded, "truncated": self.truncated,

@@ -218,6 +218,13 @@ class Progress:
             self._task = self._bar.add_task("embedding", total=total, **self._fields())
             self._bar.start()
 
+    def set_total(self, total: int) -> None:
+        """The input's size, once a pre-count has it (the job does not wait for it)."""
+        with self._lock:
+            self.total = total
+            if self._bar is not None:
+                self._bar.update(self._task, total=total)
+
     def _fields(self) -> dict[str, Any]:
         el = max(time.perf_counter() - self.t0, 1e-9)
         return {"chunks_per_s": self.done / el, "tokens_per_s": self.tokens / el,
