@@ -11,6 +11,9 @@ and holds it to the issue's bar:
 - int8: mean cosine >= 0.99 and min >= 0.97;
 - retrieval: each query's nearest document is its own among distractors, at both precisions.
 
+fp32 runs on each engine (``engines.ENGINES``: ONNX Runtime and OpenVINO), int8 on ONNX
+Runtime, the engine that runs it.
+
 Each precision's ``Embedder`` (the public API, in-process) is built once per module:
 building the ONNX graph from safetensors and loading the session is the slow part. Its batch
 budget is raised so that all texts share one padded batch on purpose: a 3-token text padded
@@ -20,11 +23,13 @@ to 256 proves that the attention mask and the mean pooling ignore padding.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from engines import ENGINES
 
 from embedpool import Embedder
 from embedpool.models import resolve_model
@@ -69,20 +74,39 @@ ONE_BATCH_TOKENS = 1 << 20
 ONE_BATCH_ITEMS = 1024
 
 
-def _embedder(precision: Precision) -> Iterator[Embed]:
-    with Embedder(precision=precision, threads=THREADS, batch_tokens=ONE_BATCH_TOKENS,
-                  max_batch_items=ONE_BATCH_ITEMS) as e:
-        yield e.embed
+@pytest.fixture(scope="module")
+def embedders() -> Iterator[Callable[[Precision, str], Embed]]:
+    """One Embedder per (precision, engine) for the whole module, built on first use."""
+    with ExitStack() as stack:
+        built: dict[tuple[str, str], Embed] = {}
+
+        def get(precision: Precision, runtime: str = "onnxruntime") -> Embed:
+            if (precision, runtime) not in built:
+                e = stack.enter_context(Embedder(
+                    precision=precision, threads=THREADS, batch_tokens=ONE_BATCH_TOKENS,
+                    max_batch_items=ONE_BATCH_ITEMS, runtime=runtime))
+                assert e.placement.runtime == runtime
+                built[precision, runtime] = e.embed
+            return built[precision, runtime]
+
+        yield get
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def embed_fp32(request: pytest.FixtureRequest,
+               embedders: Callable[[Precision, str], Embed]) -> Embed:
+    return embedders("fp32", request.param)
 
 
 @pytest.fixture(scope="module")
-def embed_fp32() -> Iterator[Embed]:
-    yield from _embedder("fp32")
+def embed_int8(embedders: Callable[[Precision, str], Embed]) -> Embed:
+    return embedders("int8", "onnxruntime")
 
 
-@pytest.fixture(scope="module")
-def embed_int8() -> Iterator[Embed]:
-    yield from _embedder("int8")
+#: fp32 on each engine, int8 on ONNX Runtime (the engine that runs it).
+PRECISION_ENGINES = [
+    *[pytest.param("fp32", p.values[0], marks=p.marks, id=f"fp32-{p.id}") for p in ENGINES],
+    pytest.param("int8", "onnxruntime", id="int8-ort")]
 
 
 def _cosines(got: Vectors, want: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -160,10 +184,11 @@ def test_int8_is_close_to_reference(reference: Reference, embed_int8: Embed) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_each_query_finds_its_own_document(reference: Reference, precision: str,
-                                           request: pytest.FixtureRequest) -> None:
-    embed: Embed = request.getfixturevalue(f"embed_{precision}")
+@pytest.mark.parametrize(("precision", "runtime"), PRECISION_ENGINES)
+def test_each_query_finds_its_own_document(reference: Reference, precision: Precision,
+                                           runtime: str,
+                                           embedders: Callable[[Precision, str], Embed]) -> None:
+    embed = embedders(precision, runtime)
     q = embed(reference.queries)
     d = embed(reference.documents)
     nearest = (q @ d.T).argmax(axis=1)
@@ -179,11 +204,12 @@ NEIGHBOUR_MIN_COS = {"fp32": 0.99999, "int8": 0.99999}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_vectors_barely_depend_on_batch_neighbours(reference: Reference, precision: str,
-                                                   request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(("precision", "runtime"), PRECISION_ENGINES)
+def test_vectors_barely_depend_on_batch_neighbours(
+        reference: Reference, precision: Precision, runtime: str,
+        embedders: Callable[[Precision, str], Embed]) -> None:
     """A text alone and the same text padded inside a batch of longer ones: one vector."""
-    embed: Embed = request.getfixturevalue(f"embed_{precision}")
+    embed = embedders(precision, runtime)
     texts = reference.texts[:12] + [t for t in reference.texts if len(t) == 5000]
     batched = embed(texts)
     alone = np.stack([embed([t])[0] for t in texts[:4]])
