@@ -148,12 +148,15 @@ class Engine:
 
     def __init__(self, onnx_path: Path, *, head: HeadSpec, dim: int, threads: int = 1,
                  head_in_graph: bool = True, device: str = "cpu",
-                 gpu_mem_limit: int | None = None, precision: str = "int8") -> None:
+                 gpu_mem_limit: int | None = None, precision: str = "int8",
+                 segments: bool = False) -> None:
         """``head_in_graph``: a [batch, dim] output already went through ``head`` (embedpool
         built the graph); otherwise (a shipped graph that pools by itself) Normalize and
         truncate_dim are applied here. Token-state outputs always get the whole head here.
         ``device`` "cuda:N" runs the session on that GPU (``cuda_ep``), with ORT's arena
-        capped at ``gpu_mem_limit`` bytes."""
+        capped at ``gpu_mem_limit`` bytes. ``segments`` (a cross-encoder whose tokenizer
+        hands the model token types): ``embed``'s ``prompt_lengths`` are each pair's first
+        segment (``[CLS] query [SEP]``), and the tokens after it get token type 1."""
         from embedpool import cuda_ep
 
         self.device = device
@@ -179,11 +182,12 @@ class Engine:
         self._int32_inputs = {i.name for i in self.session.get_inputs()
                               if i.type == "tensor(int32)"}
         self._bind(onnx_path, head=head, dim=dim, head_in_graph=head_in_graph,
-                   inputs={i.name for i in self.session.get_inputs()},
+                   segments=segments, inputs={i.name for i in self.session.get_inputs()},
                    output=out.name, output_shape=list(out.shape))
 
     def _bind(self, onnx_path: Path, *, head: HeadSpec, dim: int, head_in_graph: bool,
-              inputs: set[str], output: str, output_shape: Sequence[object]) -> None:
+              inputs: set[str], output: str, output_shape: Sequence[object],
+              segments: bool = False) -> None:
         """What ``embed`` needs of the loaded graph, whichever runtime loaded it: its inputs,
         the output it reads (``output_shape``: rank and, where static, width)."""
         self.onnx_path = onnx_path
@@ -191,6 +195,7 @@ class Engine:
         self._head_in_graph = head_in_graph
         self._needs_type_ids = "token_type_ids" in inputs
         self._needs_prompt_length = PROMPT_LENGTH in inputs
+        self._segments = segments
         self._output = output
         # token states (a shipped encoder, or a graph built without its head) get the head
         # here; a [batch, dim] output is final when embedpool built it (head_in_graph)
@@ -218,7 +223,8 @@ class Engine:
         """The engine for ``model``'s graph at ``onnx_path`` (from ``graph.prepare_onnx``)."""
         return cls(onnx_path, head=model.head, dim=model.dim, threads=threads,
                    head_in_graph=model.onnx_path is None, device=device,
-                   gpu_mem_limit=gpu_mem_limit, precision=precision)
+                   gpu_mem_limit=gpu_mem_limit, precision=precision,
+                   segments=model.classifier is not None and model.classifier.token_types)
 
     def embed(self, sequences: Sequence[TokenIds],
               prompt_lengths: Sequence[int] | None = None) -> Vectors:
@@ -239,6 +245,9 @@ class Engine:
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self._needs_type_ids:
             feeds["token_type_ids"] = np.zeros_like(ids)
+            if self._segments:  # a pair: type 1 from the document's first token on
+                feeds["token_type_ids"] = ((np.arange(longest)[None, :] >= plen[:, None])
+                                           & (mask == 1)).astype(np.int64)
         if self._needs_prompt_length:
             feeds[PROMPT_LENGTH] = plen
         out = self._run(feeds)

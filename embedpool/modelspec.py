@@ -239,3 +239,44 @@ class ModelFiles:
                                 if r.role not in exclude_roles):
             h.update(f"{role}\0{sha}\n".encode())
         return h.hexdigest()
+
+
+#: What a cross-encoder's classification head looks like, by the transformers class it was
+#: saved from: ``pooler`` (BertForSequenceClassification: [CLS] -> pooler.dense -> tanh ->
+#: classifier), ``roberta`` (XLMRobertaForSequenceClassification: <s> -> classifier.dense ->
+#: tanh -> classifier.out_proj), ``modernbert`` (ModernBertForSequenceClassification: cls or
+#: mean pooling -> head.dense -> activation -> head.norm -> classifier).
+ClassifierKind = Literal["pooler", "roberta", "modernbert"]
+#: The activations sentence-transformers' CrossEncoder applies to the logits in ``predict``
+#: that embedpool implements (torch's Identity, Sigmoid, Tanh).
+ScoreActivation = Literal["identity", "sigmoid", "tanh"]
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    """A cross-encoder's head (``*ForSequenceClassification``): token states of a
+    ``[CLS] query [SEP] document [SEP]`` pair in, ``num_labels`` logits out. ``activation``
+    is what CrossEncoder.predict applies after the graph (scores); the graph returns logits."""
+
+    kind: ClassifierKind
+    num_labels: int
+    labels: tuple[str, ...]  # config.json id2label, in id order
+    activation: ScoreActivation
+    #: The tokenizer hands the model token_type_ids (BertTokenizer does; XLM-R's does not):
+    #: the document's tokens are segment 1.
+    token_types: bool = False
+    pooling: Literal["cls", "mean"] = "cls"  # ModernBERT's classifier_pooling
+    head_activation: str = "tanh"  # ModernBERT's classifier_activation
+    head_bias: bool = True  # ModernBERT's classifier_bias (head.dense)
+    norm_bias: bool = True  # ModernBERT's norm_bias (head.norm)
+
+    def __post_init__(self) -> None:
+        if self.num_labels < 1 or len(self.labels) != self.num_labels:
+            raise ValueError(f"num_labels {self.num_labels} with labels {self.labels}")
+
+    def key(self) -> dict[str, object]:
+        """What shapes the graph's logits (the activation is applied after the graph)."""
+        return {"kind": self.kind, "num_labels": self.num_labels,
+                "token_types": self.token_types, "pooling": self.pooling,
+                "head_activation": self.head_activation, "head_bias": self.head_bias,
+                "norm_bias": self.norm_bias}

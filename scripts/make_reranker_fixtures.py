@@ -20,6 +20,10 @@ layout of a real reranker, saved by transformers and then by ``CrossEncoder.save
   and a local-attention window smaller than the pairs; no activation saved anywhere (the
   num_labels == 1 default, Sigmoid).
 
+The weights are random (``make_family_fixtures.randomise``) but for the head's last linear,
+which reads the pooled features' first principal component over the fixture's pairs
+(``train_like_head``), as a trained head reads the direction relevance varies along.
+
 Golden scores (``golden.json`` + ``golden.npz``): every query x document pair scored in one
 padded batch by ``CrossEncoder.predict`` with its default activation (``scores``) and with
 ``activation_fn=Identity`` (``logits``). One document is longer than the window: with a short
@@ -58,6 +62,7 @@ QUERIES = [
     "how to add two numbers",
     "what is a vector cache?",
     "recherche de documents",
+    "x",
 ]
 DOCUMENTS = [
     "def add(a, b):\n    return a + b\n",
@@ -66,6 +71,19 @@ DOCUMENTS = [
     "compute(key)\n        return value\n",
     "Ceci est une phrase en français sur la recherche de documents.",
     "x",
+    "Embeddings map each text to a vector; similar texts get nearby vectors.",
+    "import numpy as np\nresult = np.dot(query, document)",
+    "Dies ist ein deutscher Satz über Vektoren und Suche.",
+    "Esta es una frase en español sobre el aprendizaje automático.",
+    "raise ValueError(\"bad input: expected a list of strings\")",
+    "with open(path, encoding=\"utf-8\") as f:\n    lines = f.read().splitlines()",
+    "Returns the number of tokens in the text, counting special tokens.",
+    "A search engine ranks documents by relevance.",
+    "The model reads long documents in windows and pools the token states.",
+    "def sub(a, b):\n    return a - b\n",
+    "the cache keeps vectors of texts already embedded",
+    "",
+    "42",
     # longer than the 64-token window with any query: the document is truncated
     "for i in range(10):\n    print(i, 'items processed')\n" * 8,
 ]
@@ -153,6 +171,36 @@ def set_activation(target: Path, how: str) -> None:
         (target / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def classifier_of(model: Any) -> torch.nn.Linear:
+    """The head's last linear: the one that turns pooled features into the logits."""
+    head = model.classifier
+    return head.out_proj if hasattr(head, "out_proj") else head
+
+
+def train_like_head(model: Any, tokenizer: Any, pairs: list[tuple[str, str]]) -> None:
+    """Point the last linear along the pooled features' first principal component over
+    ``pairs`` (logit std 3): a trained reranker's head reads the direction along which
+    relevant and irrelevant pairs differ, so its scores spread far beyond the rounding of
+    int8. A random head reads an arbitrary direction, where the pairs' scores bunch within
+    int8's noise and any ranking test would measure that artefact, not the model."""
+    linear = classifier_of(model)
+    seen: list[torch.Tensor] = []
+    hook = linear.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    feats = tokenizer([q for q, _ in pairs], [d for _, d in pairs], padding=True,
+                      truncation="longest_first", max_length=MAX_LEN, return_tensors="pt")
+    with torch.no_grad():
+        model(**feats)
+    hook.remove()
+    x = seen[0].double()
+    centred = x - x.mean(0)
+    direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    proj = centred @ direction
+    scale = 3.0 / float(proj.std())
+    with torch.no_grad():
+        linear.weight.copy_((direction * scale).float()[None, :])
+        linear.bias.fill_(float(-(x.mean(0) @ direction) * scale) + 0.5)
+
+
 def build(name: str, out: Path, gen: torch.Generator) -> None:
     kind, make = FAMILIES[name]
     tok = train_tokenizer(kind)
@@ -162,11 +210,13 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
     target = out / name / "model"
     if target.parent.exists():
         shutil.rmtree(target.parent)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN,
+                                   **spec["tokenizer"])
+    train_like_head(model, fast, [(q, d) for q in QUERIES for d in DOCUMENTS])
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "hf"
         model.save_pretrained(str(hf_dir), safe_serialization=True)
-        PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN,
-                                **spec["tokenizer"]).save_pretrained(str(hf_dir))
+        fast.save_pretrained(str(hf_dir))
         CrossEncoder(str(hf_dir), device="cpu").save(str(target))
     (target / "README.md").unlink(missing_ok=True)
     set_activation(target, spec["activation"])

@@ -142,7 +142,7 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
         stage("loading weights")
         weights = fam.load_weights(model.weights_path, cfg)
         stage("composing the graph")
-        parts = compose_parts(fam, weights, cfg, model.head, fused=fused,
+        parts = compose_parts(fam, weights, cfg, model.classifier or model.head, fused=fused,
                               int8_ready=precision == "int8", name=model.name)
         del weights  # the graph holds its own copy; the build's peak is the graph, once
         if precision == "int8":
@@ -184,6 +184,8 @@ def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path 
                                 "files": model.files.digest(exclude_roles=GRAPH_FREE_ROLES),
                                 "head": model.head.key(), "text": text,
                                 "precision": precision}
+    if model.classifier is not None:  # a cross-encoder's graph: logits, maybe token types
+        parts["classifier"] = model.classifier.key()
     if model.onnx_path is not None:
         parts["source"] = "shipped"
     else:

@@ -4,7 +4,10 @@ sentence-transformers head, and the outputs, assembled the same way for every fa
     input_ids, attention_mask (int64 [batch, seq]) [, prompt_length (int64 [batch]): see head]
         └─ family.build_encoder(g, weights, cfg) ──> token states [batch, seq, width]
               └─ head.apply_head(HeadSpec) ──> sentence_embedding [batch, out_dim]
-                 (or, without a head, last_hidden_state [batch, seq, width])
+                 (or, without a head, last_hidden_state [batch, seq, width];
+                 for a cross-encoder, classifier.apply_classifier(ClassifierSpec) ──>
+                 logits [batch, num_labels], with token_type_ids an input where the
+                 tokenizer hands them to the model)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from embedpool.graph.builder import (
     Linear,
 )
 from embedpool.graph.head import apply_head, head_inputs
-from embedpool.modelspec import HeadSpec
+from embedpool.modelspec import ClassifierSpec, HeadSpec
 
 if TYPE_CHECKING:
     import onnx
@@ -51,21 +54,33 @@ def compose(family: ModuleType, weights: Mapping[str, Array], cfg: Any, head: He
 
 
 def compose_parts(family: ModuleType, weights: Mapping[str, Array], cfg: Any,
-                  head: HeadSpec | None, *, fused: bool = True, int8_ready: bool = False,
-                  name: str = "model") -> Composed:
-    """``compose``, with what the precision recipes need (see ``Composed``)."""
+                  head: HeadSpec | ClassifierSpec | None, *, fused: bool = True,
+                  int8_ready: bool = False, name: str = "model") -> Composed:
+    """``compose``, with what the precision recipes need (see ``Composed``). A
+    ``ClassifierSpec`` head makes a cross-encoder's graph (``logits`` out)."""
     from onnx import TensorProto, helper
 
     g = GraphBuilder()
-    enc = family.build_encoder(g, weights, cfg, fused=fused, int8_ready=int8_ready)
+    classifier = head if isinstance(head, ClassifierSpec) else None
+    if classifier is not None and classifier.token_types:  # only BERT reads token types
+        enc = family.build_encoder(g, weights, cfg, fused=fused, int8_ready=int8_ready,
+                                   token_types=True)
+    else:
+        enc = family.build_encoder(g, weights, cfg, fused=fused, int8_ready=int8_ready)
     encoder_nodes = len(g.nodes)
     inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
               for n in (INPUT_IDS, ATTENTION_MASK, *enc.extra_inputs)]
-    inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, shape)
-               for n, shape in (head_inputs(head) if head is not None else [])]
-    if head is not None:
-        out_shape: list[str | int] = ["batch", apply_head(g, enc.hidden, enc.width, head,
-                                                          SENTENCE_EMBEDDING)]
+    out_shape: list[str | int]
+    if classifier is not None:
+        from embedpool.graph.classifier import LOGITS, apply_classifier
+
+        width = apply_classifier(g, enc.hidden, enc.width, classifier, weights,
+                                 norm_eps=float(getattr(cfg, "norm_eps", 1e-5)))
+        out_name, out_shape = LOGITS, ["batch", width]
+    elif isinstance(head, HeadSpec):
+        inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, shape)
+                   for n, shape in head_inputs(head)]
+        out_shape = ["batch", apply_head(g, enc.hidden, enc.width, head, SENTENCE_EMBEDDING)]
         out_name = SENTENCE_EMBEDDING
     else:
         out_name, out_shape = LAST_HIDDEN_STATE, ["batch", "seq", enc.width]

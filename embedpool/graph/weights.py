@@ -38,7 +38,7 @@ from embedpool.errors import ModelError
 from embedpool.graph.builder import Array
 
 #: Safetensors key prefixes seen in the wild: bare BertModel, BertFor*, wrapped checkpoints.
-PREFIXES = ("bert.", "model.", "encoder_model.", "0.auto_model.")
+PREFIXES = ("bert.", "model.", "encoder_model.", "0.auto_model.", "roberta.")
 #: What a git-lfs pointer file starts with (a clone without git-lfs leaves these in place of
 #: the weights; they are ~130 bytes of text).
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from embedpool.errors import ModelError, ModelIntegrityError, ModelNotFoundError
+from embedpool.models.crossencoder import cross_encoder_layout
 from embedpool.models.filehash import HashCache, sha256_files
 from embedpool.models.known import KNOWN_MODELS, KnownModel, find_known
 from embedpool.models.layout import hidden_size, read_json, read_layout
-from embedpool.modelspec import FileRef, HeadSpec, ModelFiles, TextSpec
+from embedpool.modelspec import ClassifierSpec, FileRef, HeadSpec, ModelFiles, TextSpec
 from embedpool.types import Pooling
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -63,6 +64,9 @@ class ResolvedModel:
     #: Trained for truncated dimensions (known models, or config.json matryoshka_dimensions).
     matryoshka: bool = False
     matryoshka_dims: tuple[int, ...] = ()
+    #: A cross-encoder's classification head (``models.crossencoder``): the graph outputs
+    #: its ``num_labels`` logits per [query, document] pair, and ``dim`` is num_labels.
+    classifier: ClassifierSpec | None = None
 
     @property
     def pooling(self) -> Pooling:
@@ -111,7 +115,8 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
     directory = directory.resolve()
     if not directory.is_dir():
         raise ModelNotFoundError(f"model directory {directory} does not exist")
-    layout = read_layout(directory)
+    cross = cross_encoder_layout(directory)
+    layout = cross[0] if cross is not None else read_layout(directory)
     tdir = layout.transformer_dir
     cfg = read_json(tdir / "config.json")
     config: dict[str, Any] = cfg if isinstance(cfg, dict) else {}
@@ -160,6 +165,8 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
                         text.default_prompt_name, text.normalizer)
     hidden = hidden_size(config)
     dim = layout.head.out_dim(hidden) if hidden else (known.dim if known else 0)
+    if cross is not None:
+        dim = cross[1].num_labels
     cfg_dims = config.get("matryoshka_dimensions")
     dims = tuple(int(d) for d in cfg_dims) if isinstance(cfg_dims, list) \
         else known.matryoshka_dims if known else ()
@@ -171,7 +178,7 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
         files=ModelFiles(tuple(FileRef(role, path, hashes[path]) for role, path in used)),
         similarity_fn_name=layout.similarity_fn_name,
         matryoshka=bool(dims) or (known is not None and known.matryoshka),
-        matryoshka_dims=dims)
+        matryoshka_dims=dims, classifier=cross[1] if cross is not None else None)
 
 
 def _check_weights(config: dict[str, Any], weights: Path, tdir: Path) -> None:

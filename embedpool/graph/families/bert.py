@@ -184,21 +184,26 @@ def _required_keys(cfg: BertConfig) -> list[str]:
 
 
 def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: BertConfig, *,
-                  fused: bool = True, int8_ready: bool = False) -> Encoder:
+                  fused: bool = True, int8_ready: bool = False,
+                  token_types: bool = False) -> Encoder:
     """The encoder's nodes in ``g``: token states ``[batch, seq, hidden]`` from the
     ``input_ids`` / ``attention_mask`` graph inputs (see the module docstring for the
     flavours). ``int8_ready`` (fused only) is the graph the int8 recipe quantises: Q/K/V as
-    plain MatMuls into MultiHeadAttention, and an int8 word-embedding table."""
+    plain MatMuls into MultiHeadAttention, and an int8 word-embedding table.
+    ``token_types``: the fused graphs take ``token_type_ids`` too and add each token's row
+    of the token-type table (a cross-encoder's pair: the document is segment 1), instead of
+    folding row 0 into the positions."""
     if int8_ready and not fused:
         raise ValueError("int8_ready applies to the fused graph only")
     if fused:
         if int8_ready:
-            hidden, mask_index = _embeddings_int8(g, weights, cfg)
+            hidden, mask_index = _embeddings_int8(g, weights, cfg, token_types)
         else:
-            hidden, mask_index = _embeddings_fused(g, weights, cfg)
+            hidden, mask_index = _embeddings_fused(g, weights, cfg, token_types)
         for i in range(cfg.num_layers):
             hidden = _layer_fused(g, weights, cfg, i, hidden, mask_index, split_qkv=int8_ready)
-        return Encoder(hidden, cfg.hidden_size)
+        return Encoder(hidden, cfg.hidden_size,
+                       extra_inputs=(TOKEN_TYPE_IDS,) if token_types else ())
     hidden = _embeddings_plain(g, weights, cfg)
     mask_bias = _mask_bias_plain(g)
     for i in range(cfg.num_layers):
@@ -228,23 +233,38 @@ def _positions_with_segment0(w: Mapping[str, Array]) -> Array:
     return pos if type_table is None else pos + type_table[0]
 
 
-def _embeddings_fused(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig) -> tuple[str, str]:
+def _token_type_table(w: Mapping[str, Array]) -> Array:
+    table = w.get("embeddings.token_type_embeddings.weight")
+    if table is None:
+        raise ModelError("the checkpoint has no embeddings.token_type_embeddings.weight, "
+                         "but its tokenizer hands the model token_type_ids")
+    return table
+
+
+def _embeddings_fused(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig,
+                      token_types: bool = False) -> tuple[str, str]:
     from onnx import TensorProto
 
     ids32 = g.op1("Cast", [INPUT_IDS], "ids32", to=TensorProto.INT32)
     mask32 = g.op1("Cast", [ATTENTION_MASK], "mask32", to=TensorProto.INT32)
-    pos = _positions_with_segment0(w)
+    if token_types:
+        pos = w["embeddings.position_embeddings.weight"]
+        seg = g.op1("Cast", [TOKEN_TYPE_IDS], "types32", to=TensorProto.INT32)
+        seg_table = g.const("emb.type", _token_type_table(w))
+    else:
+        pos, seg, seg_table = _positions_with_segment0(w), "", ""
     hidden, mask_index = g.op(
         "EmbedLayerNormalization",
-        [ids32, "", g.const("emb.word", w["embeddings.word_embeddings.weight"]),
-         g.const("emb.pos", pos), "",
+        [ids32, seg, g.const("emb.word", w["embeddings.word_embeddings.weight"]),
+         g.const("emb.pos", pos), seg_table,
          g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
          g.const("emb.ln.b", w["embeddings.LayerNorm.bias"]), mask32],
         "emb", outputs=2, domain=MS_DOMAIN, epsilon=cfg.layer_norm_eps)
     return hidden, mask_index
 
 
-def _embeddings_int8(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig) -> tuple[str, str]:
+def _embeddings_int8(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig,
+                     token_types: bool = False) -> tuple[str, str]:
     """EmbedLayerNormalization's maths with the word table stored as int8 rows, each with
     its own fp32 scale (symmetric, row max / 127): the table is most of a small model's
     weights (47 of 90 MB on MiniLM) and only a few of its rows are read per batch."""
@@ -257,14 +277,20 @@ def _embeddings_int8(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig) -
     scales = g.op1("Gather", [g.const("emb.word.scale", scale), INPUT_IDS], "emb.word_s")
     word = g.op1("Mul", [g.op1("Cast", [rows], "emb.word_f", to=TensorProto.FLOAT), scales],
                  "emb.word")
-    pos_table = _positions_with_segment0(w)
+    pos_table = w["embeddings.position_embeddings.weight"] if token_types \
+        else _positions_with_segment0(w)
     seq = g.op1("Unsqueeze", [g.op1("Gather", [g.op1("Shape", [INPUT_IDS], "emb.shape"),
                                               g.const("c.one_i", 1, np.int64)], "emb.seq"),
                               g.const("c.axis0", [0], np.int64)], "emb.seq1")
     pos = g.op1("Slice", [g.const("emb.pos", pos_table), g.const("c.zero1", [0], np.int64),
                           seq], "emb.pos_s")
+    x = g.op1("Add", [word, pos], "emb.sum")
+    if token_types:
+        typ = g.op1("Gather", [g.const("emb.type", _token_type_table(w)), TOKEN_TYPE_IDS],
+                    "emb.type_g")
+        x = g.op1("Add", [x, typ], "emb.sum_types")
     hidden = g.op1("LayerNormalization",
-                   [g.op1("Add", [word, pos], "emb.sum"),
+                   [x,
                     g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
                     g.const("emb.ln.b", w["embeddings.LayerNorm.bias"])],
                    "emb.ln", axis=-1, epsilon=cfg.layer_norm_eps)

@@ -1,0 +1,168 @@
+"""Cross-encoders (rerankers): a ``*ForSequenceClassification`` directory read into a
+ResolvedModel whose ``classifier`` says what its head computes and how CrossEncoder scores.
+
+What sentence-transformers 6.3's ``CrossEncoder`` does, and this module reads the same way:
+
+- **head**: the transformers class in config.json ``architectures`` (BertFor-, XLMRobertaFor-,
+  RobertaFor-, ModernBertForSequenceClassification), ``num_labels`` / ``id2label``, and for
+  ModernBERT ``classifier_pooling``, ``classifier_activation``, ``classifier_bias``,
+  ``norm_bias``. Anything else is refused with the ONNX route.
+- **activation** applied to the logits by ``predict`` (``CrossEncoder.get_default_activation_fn``
+  and ``_parse_model_config``): config_sentence_transformers.json ``activation_fn`` (6.x),
+  else config.json ``sentence_transformers.activation_fn`` (4.x-5.x), else config.json
+  ``sbert_ce_default_activation_function`` (< 4.0); a path that does not start with
+  ``torch.`` is not trusted (without trust_remote_code) and falls to the default: Sigmoid
+  when num_labels is 1, else Identity.
+- **token types**: the tokenizer hands the model ``token_type_ids`` when its
+  ``model_input_names`` has them: tokenizer_config.json's own list, else the tokenizer
+  class's default (BertTokenizer and its kin do, XLM-R's and the generic fast tokenizer do
+  not); only a BERT encoder with a 2-row token-type table reads them.
+- **max length**: the tokenizer's model_max_length, capped by the positions, as for
+  embedders (``layout.max_length``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from embedpool.errors import ModelError
+from embedpool.modelspec import ClassifierKind, ClassifierSpec, ScoreActivation
+
+if TYPE_CHECKING:
+    from embedpool.models.layout import Layout
+
+#: ``architectures[0]`` -> the head it has.
+ARCHITECTURES: dict[str, ClassifierKind] = {
+    "BertForSequenceClassification": "pooler",
+    "XLMRobertaForSequenceClassification": "roberta",
+    "RobertaForSequenceClassification": "roberta",
+    "ModernBertForSequenceClassification": "modernbert",
+}
+#: Tokenizer classes whose default ``model_input_names`` include token_type_ids.
+TOKEN_TYPE_TOKENIZERS = frozenset({
+    "BertTokenizer", "BertTokenizerFast", "ElectraTokenizer", "ElectraTokenizerFast",
+    "MobileBertTokenizer", "MobileBertTokenizerFast", "ConvBertTokenizer",
+    "ConvBertTokenizerFast", "SqueezeBertTokenizer", "SqueezeBertTokenizerFast"})
+#: torch activation class names CrossEncoder may instantiate, by what embedpool computes.
+ACTIVATIONS: dict[str, ScoreActivation] = {"Identity": "identity", "Sigmoid": "sigmoid",
+                                           "Tanh": "tanh"}
+#: ModernBERT classifier_activation values the graph computes (transformers' ACT2FN names).
+MODERNBERT_HEAD_ACTIVATIONS = frozenset({"gelu", "gelu_new", "gelu_pytorch_tanh", "relu",
+                                         "silu", "swish", "tanh"})
+
+
+def is_cross_encoder(config: Mapping[str, Any]) -> bool:
+    """config.json names a sequence-classification head (what CrossEncoder loads)."""
+    arch = config.get("architectures")
+    return isinstance(arch, list) and bool(arch) and \
+        str(arch[0]).endswith("ForSequenceClassification")
+
+
+def classifier_spec(config: Mapping[str, Any], tok_cfg: Mapping[str, Any],
+                    st_cfg: Mapping[str, Any], where: Path) -> ClassifierSpec:
+    """The head and scoring of the cross-encoder in ``where`` (see the module docstring).
+    ``tok_cfg``: tokenizer_config.json; ``st_cfg``: config_sentence_transformers.json."""
+    arch = str(config["architectures"][0])
+    kind = ARCHITECTURES.get(arch)
+    if kind is None:
+        raise ModelError(f"{where}: {arch} is a classifier embedpool does not build (it "
+                         f"builds {', '.join(sorted(ARCHITECTURES))}). Export the model "
+                         "to ONNX (optimum-cli export onnx --task text-classification) so "
+                         "that onnx/model.onnx exists, and pass that directory.")
+    id2label = config.get("id2label")
+    if isinstance(id2label, dict) and id2label:
+        try:
+            labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{where}: id2label keys must be label ids: {exc}") from exc
+        num_labels = int(config.get("num_labels", len(labels)))
+    else:
+        num_labels = int(config.get("num_labels", 2))
+        labels = tuple(f"LABEL_{i}" for i in range(num_labels))
+    if len(labels) != num_labels:
+        raise ModelError(f"{where}: num_labels {num_labels} but id2label has {len(labels)}")
+    names = tok_cfg.get("model_input_names")
+    if isinstance(names, list):
+        gives_types = "token_type_ids" in names
+    else:
+        gives_types = str(tok_cfg.get("tokenizer_class", "")) in TOKEN_TYPE_TOKENIZERS
+    token_types = kind == "pooler" and gives_types and int(config.get("type_vocab_size", 2)) > 1
+    fields: dict[str, Any] = {}
+    if kind == "modernbert":
+        pooling = str(config.get("classifier_pooling", "cls"))
+        if pooling not in ("cls", "mean"):
+            raise ModelError(f"{where}: classifier_pooling {pooling!r} is not cls or mean")
+        act = str(config.get("classifier_activation", "gelu"))
+        if act not in MODERNBERT_HEAD_ACTIVATIONS:
+            raise ModelError(f"{where}: classifier_activation {act!r} is not one embedpool "
+                             f"computes ({', '.join(sorted(MODERNBERT_HEAD_ACTIVATIONS))})")
+        fields = {"pooling": pooling, "head_activation": act,
+                  "head_bias": bool(config.get("classifier_bias", False)),
+                  "norm_bias": bool(config.get("norm_bias", False))}
+    return ClassifierSpec(kind, num_labels, labels, score_activation(config, st_cfg, num_labels,
+                                                                     where),
+                          token_types=token_types, **fields)
+
+
+def score_activation(config: Mapping[str, Any], st_cfg: Mapping[str, Any], num_labels: int,
+                     where: Path) -> ScoreActivation:
+    """The activation CrossEncoder.predict applies (see the module docstring)."""
+    st_model = config.get("sentence_transformers")
+    for path in (st_cfg.get("activation_fn"),
+                 st_model.get("activation_fn") if isinstance(st_model, dict) else None,
+                 config.get("sbert_ce_default_activation_function")):
+        if path is None:
+            continue
+        path = str(path)
+        if not path.startswith("torch."):
+            break  # untrusted: CrossEncoder warns and uses its default
+        name = path.rsplit(".", 1)[-1]
+        if name not in ACTIVATIONS:
+            raise ModelError(f"{where}: the activation {path} is not one embedpool applies "
+                             f"({', '.join(sorted(ACTIVATIONS))}); refused rather than "
+                             "score differently from CrossEncoder")
+        return ACTIVATIONS[name]
+    return "sigmoid" if num_labels == 1 else "identity"
+
+
+def cross_encoder_layout(directory: Path) -> tuple[Layout, ClassifierSpec] | None:
+    """The layout of a cross-encoder directory (CrossEncoder 6.x's modules.json with one
+    sequence-classification Transformer, or the older plain transformers directory) and its
+    classifier; None when ``directory`` is not a cross-encoder."""
+    from embedpool.models.layout import Layout, bert_normalizer, max_length, read_json
+    from embedpool.modelspec import HeadSpec, PoolingSpec, TextSpec
+
+    tdir = directory
+    modules = read_json(directory / "modules.json")
+    if isinstance(modules, list) and modules and isinstance(modules[0], dict):
+        tdir = directory / str(modules[0].get("path", "") or "")
+    config = read_json(tdir / "config.json")
+    if not isinstance(config, dict) or not is_cross_encoder(config):
+        return None
+    files: list[tuple[str, Path]] = []
+    if isinstance(modules, list):
+        if len(modules) != 1:
+            raise ModelError(f"{directory / 'modules.json'}: a cross-encoder with "
+                             f"{len(modules)} modules; embedpool reads the one-module "
+                             "sequence-classification layout CrossEncoder saves")
+        files.append(("st:modules", directory / "modules.json"))
+    st_bert = read_json(tdir / "sentence_bert_config.json")
+    st_bert = st_bert if isinstance(st_bert, dict) else {}
+    if st_bert:
+        files.append(("st:sentence_bert_config", tdir / "sentence_bert_config.json"))
+    st_path = directory / "config_sentence_transformers.json"
+    st_cfg = read_json(st_path)
+    st_cfg = st_cfg if isinstance(st_cfg, dict) else {}
+    if st_cfg:
+        files.append(("st:activation", st_path))
+    tok_cfg = read_json(tdir / "tokenizer_config.json")
+    tok_cfg = tok_cfg if isinstance(tok_cfg, dict) else {}
+    spec = classifier_spec(config, tok_cfg, st_cfg, tdir / "config.json")
+    text = TextSpec(max_length=max_length(tdir, config, st_bert, files),
+                    normalizer=bert_normalizer(tok_cfg or None))
+    # The head's fields are unused for a classifier (``classifier`` replaces them); no
+    # Normalize, so an engine returns the graph's logits as they are.
+    head = HeadSpec(PoolingSpec(("cls",)), normalize=False)
+    return Layout(tdir, head, text, None, tuple(files), isinstance(modules, list)), spec
