@@ -448,3 +448,33 @@ def test_models_lists_the_known_decoders_with_prompts_and_memory() -> None:
     assert qwen06 is not None and qwen06.params is not None
     assert 590e6 < qwen06.params < 600e6  # the card's 0.6B, from the config's shapes
     assert qwen06.weight_bytes("fp32") == 4 * qwen06.params == 4 * qwen06.weight_bytes("int8")  # type: ignore[operator]
+
+
+# --- memory planned before work --------------------------------------------------------------
+
+def test_a_model_that_cannot_fit_at_any_precision_is_refused_before_work(fx: Fixture) -> None:
+    """Its int8 weights alone (one byte a parameter) exceed what is available: refused,
+    naming the memory each precision needs; one byte more and it is left to the planner."""
+    from embedpool.graph.prebuild import check_runnable
+    from embedpool.graph.weights import tensor_infos
+
+    params = sum(int(np.prod(i.shape)) for i in tensor_infos(fx.model.weights_path).values())
+    with pytest.raises(ModelError, match=r"cannot run in the memory available here .*int8, one "
+                                         r"byte a parameter\) are .*fp32"):
+        check_runnable(fx.model, params - 1)
+    check_runnable(fx.model, params)
+    check_runnable(fx.model, None)
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_model_that_cannot_fit_in_one_line(tmp_path: Path) -> None:
+    fx = load_fixture("qwen3")
+    res = subprocess.run([*CLI, "embed", str(_jsonl(tmp_path / "t.jsonl", ["a"])), "--out",
+                          str(tmp_path / "o.npy"), "--model", str(fx.model.directory),
+                          "--max-memory", "1M", "--workers", "1", "--no-cache"],
+                         capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")})
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot run in the memory available here" in lines[0], res.stderr
+    assert not list((tmp_path / "cache").rglob("*.onnx"))  # refused before any build

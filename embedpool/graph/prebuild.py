@@ -212,12 +212,36 @@ def build_in_child(model: ResolvedModel, precision: GraphPrecision, emit: Emit =
     return result
 
 
+def check_runnable(model: ResolvedModel, available: int | None) -> None:
+    """A ModelError, before any work, when ``model`` cannot run in ``available`` bytes at any
+    precision: its smallest graph's weights alone (int8: one byte a parameter, a lower bound
+    of what a worker maps) exceed it. Only a certainty refuses; a model that might fit is
+    left to the build's and the pool's estimates."""
+    if available is None or model.onnx_path is not None or not model.config:
+        return
+    from embedpool.graph.weights import FLOAT_DTYPES, tensor_infos
+
+    int8 = sum(math.prod(info.shape) for info in tensor_infos(model.weights_path).values()
+               if info.dtype in FLOAT_DTYPES)
+    if int8 <= available:
+        return
+    raise ModelError(
+        f"{model.name} cannot run in the memory available here "
+        f"({format_bytes(max(available, 0))}): its smallest graph's weights alone (int8, one "
+        f"byte a parameter) are {format_bytes(int8)}, fp16 {format_bytes(2 * int8)}, fp32 "
+        f"{format_bytes(4 * int8)}, before the runtime and a batch's activations; raise the "
+        "memory limit (--max-memory, the container's) or pick a smaller model (`embedpool "
+        "models` lists each known model's weights)")
+
+
 def ensure_graph(model: ResolvedModel, precision: GraphPrecision, emit: Emit = _no_emit, *,
                  max_memory: int | None = None, cache_dir: Path | None = None
                  ) -> GraphPrecision:
     """The precision this run will use, its graph built (in a child process, see the module
     doc) if it was not yet: ``precision``, or fp32 where the int8 build cannot fit the
-    memory available or was killed (``graph_fallback``, with a one-line ``message``)."""
+    memory available or was killed (``graph_fallback``, with a one-line ``message``). A
+    model that cannot run here at any precision is refused first (``check_runnable``)."""
+    check_runnable(model, available_memory(max_memory))
     ready = {p for p in {precision, "fp32"} if built_path(model, p, cache_dir) is not None}
     if precision in ready:
         return precision
