@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 #: Families whose fused fp32 graph OpenVINO's ONNX frontend converts (the rest use the
 #: standard-op graph the families build with ``fused=False``).
-FUSED_CONVERTS = frozenset({"bert", "xlmr"})
+FUSED_CONVERTS = frozenset({"bert", "xlm-roberta"})
 _HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 

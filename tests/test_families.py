@@ -25,6 +25,7 @@ import numpy.typing as npt
 import onnx
 import onnxruntime as ort
 import pytest
+from engines import ENGINES
 
 from embedpool.engine import Engine
 from embedpool.errors import ModelError
@@ -76,6 +77,27 @@ def embed(model: ResolvedModel, path: Path, texts: list[str]) -> F32:
     return Engine.for_model(path, model, threads=1).embed(seqs)
 
 
+@pytest.fixture(scope="module", params=ENGINES)
+def fp32_engine(request: pytest.FixtureRequest, fixture: Fixture, graphs: dict[str, Path],
+                tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """The fixture's fp32 engine on each runtime (engines.ENGINES): ONNX Runtime on the
+    fused graph; OpenVINO on the graph it reads (engine_openvino.graph_for)."""
+    if request.param == "onnxruntime":
+        return Engine.for_model(graphs["fp32"], fixture.model, threads=1)
+    from embedpool.engine import EngineSpec
+
+    spec = EngineSpec(fixture.model, "fp32", 1, runtime="openvino")
+    from embedpool.engine_openvino import OpenVinoEngine, graph_for
+
+    return OpenVinoEngine.for_spec(spec, graph_for(fixture.model,
+                                                   tmp_path_factory.mktemp("ov")))
+
+
+def embed_on(engine: Engine, model: ResolvedModel, texts: list[str]) -> F32:
+    seqs = TextTokenizer(model.tokenizer_path, model.max_length).encode(texts).sequences
+    return engine.embed(seqs)
+
+
 def cosines(a: F32, b: F32) -> F32:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # type: ignore[no-any-return]
 
@@ -86,17 +108,42 @@ def test_tokens_match_the_reference_tokenizer(fixture: Fixture) -> None:
     assert [list(map(int, s)) for s in seqs] == fixture.input_ids
 
 
-def test_fp32_matches_reference(fixture: Fixture, graphs: dict[str, Path]) -> None:
-    cos = cosines(embed(fixture.model, graphs["fp32"], fixture.texts), fixture.vectors)
+def test_fp32_matches_reference(fixture: Fixture, fp32_engine: Engine) -> None:
+    cos = cosines(embed_on(fp32_engine, fixture.model, fixture.texts), fixture.vectors)
     assert cos.min() >= 0.9999, cos
 
 
-def test_prompted_texts_match_reference(fixture: Fixture, graphs: dict[str, Path]) -> None:
+def test_prompted_texts_match_reference(fixture: Fixture, fp32_engine: Engine) -> None:
     """sentence-transformers prepends the prompt to the text: so does this."""
     cfg = json.loads((fixture.model.directory / "config_sentence_transformers.json").read_text())
     texts = [cfg["prompts"][fixture.prompt_name] + t for t in fixture.texts]
-    cos = cosines(embed(fixture.model, graphs["fp32"], texts), fixture.query_vectors)
+    cos = cosines(embed_on(fp32_engine, fixture.model, texts), fixture.query_vectors)
     assert cos.min() >= 0.9999, cos
+
+
+def test_fp32_vector_ignores_batch_neighbours_on_each_engine(fixture: Fixture,
+                                                             fp32_engine: Engine) -> None:
+    batch = embed_on(fp32_engine, fixture.model, fixture.texts)
+    alone = np.concatenate([embed_on(fp32_engine, fixture.model, [t]) for t in fixture.texts])
+    assert cosines(batch, alone).min() >= 0.99999
+
+
+@pytest.mark.openvino
+def test_openvino_reads_the_fused_graph_exactly_where_listed(fixture: Fixture,
+                                                             graphs: dict[str, Path]) -> None:
+    """engine_openvino.FUSED_CONVERTS against OpenVINO's ONNX frontend itself: a family not
+    listed has a contrib op it cannot convert (so OpenVINO reads the unfused graph)."""
+    import openvino as ov
+
+    from embedpool.engine_openvino import FUSED_CONVERTS
+
+    fam, _ = _family(fixture.model)
+    try:
+        ov.Core().read_model(str(graphs["fp32"]))
+        converts = True
+    except RuntimeError:
+        converts = False
+    assert converts == (fam.NAME in FUSED_CONVERTS), fam.NAME
 
 
 def run_graph(graph: onnx.ModelProto, fixture: Fixture) -> F32:
@@ -196,6 +243,21 @@ def test_pool_matches_reference(fixture: Fixture, tmp_path: Path,
 
     monkeypatch.setenv("EMBEDPOOL_CACHE_DIR", str(tmp_path))
     with Embedder(fixture.model, precision="fp32", workers=1) as e:
+        got = e.embed(fixture.texts)
+    assert cosines(got, fixture.vectors).min() >= 0.9999
+
+
+@pytest.mark.slow
+@pytest.mark.openvino
+def test_pool_on_openvino_matches_reference(fixture: Fixture, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through pool workers on OpenVINO (a rotary family's worker builds the
+    unfused graph it reads, under the graph store's lock)."""
+    from embedpool.job import Embedder
+
+    monkeypatch.setenv("EMBEDPOOL_CACHE_DIR", str(tmp_path))
+    with Embedder(fixture.model, precision="fp32", workers=1, runtime="openvino") as e:
+        assert "OpenVINO" in e.device
         got = e.embed(fixture.texts)
     assert cosines(got, fixture.vectors).min() >= 0.9999
 
