@@ -212,7 +212,10 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
         shutil.rmtree(target.parent)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN,
                                    **spec["tokenizer"])
-    train_like_head(model, fast, [(q, d) for q in QUERIES for d in DOCUMENTS])
+    # a copy tokenises for the head, so the saved tokenizer keeps no truncation state
+    scratch = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.to_str()),
+                                      model_max_length=MAX_LEN, **spec["tokenizer"])
+    train_like_head(model, scratch, [(q, d) for q in QUERIES for d in DOCUMENTS])
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "hf"
         model.save_pretrained(str(hf_dir), safe_serialization=True)
