@@ -64,11 +64,13 @@ log = logging.getLogger(__name__)
 PRECISIONS: tuple[str, ...] = ("auto", "int8", "fp32", "fp16", "bf16")
 
 
-def graph_precisions() -> tuple[str, ...]:
-    """The precisions the graph builder makes (``graph.GRAPH_PRECISIONS``)."""
-    from embedpool.graph import GRAPH_PRECISIONS
+def graph_precisions(model: ResolvedModel | None = None) -> tuple[str, ...]:
+    """The precisions the graph builder makes (``graph.GRAPH_PRECISIONS``), for ``model``
+    where one is given (``graph.model_precisions``: no fp16 for a family whose activations
+    overflow it, e.g. EmbeddingGemma's)."""
+    from embedpool.graph import GRAPH_PRECISIONS, model_precisions
 
-    return GRAPH_PRECISIONS
+    return GRAPH_PRECISIONS if model is None else model_precisions(model)
 
 
 def precision_for(requested: str, kind: str, available: tuple[str, ...]) -> Precision:
@@ -93,7 +95,7 @@ def precision_for(requested: str, kind: str, available: tuple[str, ...]) -> Prec
                           "there) or fp32")
     if requested not in available:
         raise ConfigError(f"precision {requested}: this embedpool's graph builder makes only "
-                          f"{', '.join(available)}")
+                          f"{', '.join(available)} for this model")
     return requested  # type: ignore[return-value]
 
 
@@ -172,7 +174,7 @@ def place(model: ResolvedModel, *, device: str | DeviceRequest = "auto",
                               "actors on the CPU; use --backend local for a GPU", "device")
         request_plan = DevicePlan("cpu", (), f"auto: the {backend} backend runs on the CPU",
                                   request_plan.request, request_plan.notes)
-    chosen = precision_for(precision, request_plan.kind, graph_precisions())
+    chosen = precision_for(precision, request_plan.kind, graph_precisions(model))
     devices: DevicesPlan | None = None
     if request_plan.kind == "cuda":
         n_cpus = cpus or _usable_cpus()
@@ -186,7 +188,7 @@ def place(model: ResolvedModel, *, device: str | DeviceRequest = "auto",
                 raise DeviceError(f"--device {request_plan.request}: {exc}", "device") from exc
             request_plan = DevicePlan("cpu", (), f"auto: {exc}", request_plan.request,
                                       request_plan.notes)
-            chosen = precision_for(precision, "cpu", graph_precisions())
+            chosen = precision_for(precision, "cpu", graph_precisions(model))
     elif cpu_workers:
         raise ConfigError("--cpu-workers adds CPU workers next to a GPU; on the CPU alone use "
                           "--workers")

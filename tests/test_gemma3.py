@@ -18,7 +18,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,8 @@ from embedpool.tokenization import TextTokenizer
 
 NAME = "gemma3"
 CLI = [sys.executable, "-m", "embedpool"]
+#: A Ray server's start: joining the cluster, shipping the model, the actor's graph build.
+RAY_START_S = 240.0
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +225,26 @@ def test_lm_head_only_fields_change_nothing(fx: Fixture) -> None:
     assert gemma3.parse_config(changed) == gemma3.parse_config(fx.model.config)
 
 
+def test_no_fp16_graph_and_a_gpu_runs_fp32(fx: Fixture, tmp_path: Path) -> None:
+    """EmbeddingGemma's card: its activations do not support float16. No fp16 graph is built
+    (the refusal says why); a GPU placement under ``auto`` runs fp32 and an explicit fp16 is
+    refused before any work."""
+    from embedpool.device import DevicePlan, DeviceRequest, Gpu
+    from embedpool.errors import ConfigError
+    from embedpool.graph import model_precisions
+    from embedpool.placement import place
+
+    assert model_precisions(fx.model) == ("fp32", "int8")
+    with pytest.raises(ConfigError, match=r"no fp16 graph of a gemma3 model: .*overflow float16"):
+        prepare_onnx(fx.model, "fp16", tmp_path)
+    assert not list(tmp_path.iterdir())
+    gpu = Gpu(0, "NVIDIA H200", 141 * 2**30, 140 * 2**30)
+    cuda = DevicePlan("cuda", (gpu,), "test", DeviceRequest("cuda"))
+    assert place(fx.model, plan=cuda, cpus=16).precision == "fp32"
+    with pytest.raises(ConfigError, match="makes only fp32, int8 for this model"):
+        place(fx.model, plan=cuda, cpus=16, precision="fp16")
+
+
 # --- long context ----------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +377,51 @@ def test_serve_answers_the_openai_client(fx: Fixture, tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.communicate(timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_serve_on_ray_answers_the_openai_client(fx: Fixture, ray_cluster: ModuleType,
+                                                tmp_path: Path) -> None:
+    """``embedpool serve --backend ray`` joining the session's Ray cluster: the model's files
+    travel to the actors, which build the graph; plain and query-prompt vectors equal the
+    reference."""
+    import httpx
+    from openai import OpenAI
+
+    address = os.environ.get("RAY_ADDRESS") or ray_cluster.get_runtime_context().gcs_address
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([*CLI, "serve", "--backend", "ray", "--ray-address", address,
+                             "--model", str(fx.model.directory), "--precision", "fp32",
+                             "--workers", "1", "--port", str(port), "--no-cache",
+                             "--log-level", "warning"],
+                            env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + RAY_START_S
+        while True:  # bounded: the deadline, or the server's exit
+            assert proc.poll() is None, proc.communicate()[0][-5000:]
+            try:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the Ray server did not get ready"
+            time.sleep(0.2)
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120.0)
+        for extra, want in (({}, fx.vectors), ({"prompt_name": "query"}, fx.query_vectors)):
+            got = client.embeddings.create(model=str(fx.model.directory), input=fx.texts,
+                                           extra_body=extra)
+            vecs = np.array([d.embedding for d in got.data], dtype=np.float32)
+            assert cosines(vecs, want).min() >= 0.9999
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 # --- refusals that teach -------------------------------------------------------------------

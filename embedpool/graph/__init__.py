@@ -80,7 +80,8 @@ from embedpool.models import ResolvedModel
 GRAPH_FREE_ROLES = ("st:prompts",)
 
 __all__ = ["BUILD_STAGES", "FP16_RECIPE_VERSION", "GRAPH_PRECISIONS", "INT8_RECIPE_VERSION",
-           "GraphPrecision", "built_path", "cache_path", "graph_id", "prepare_onnx"]
+           "GraphPrecision", "built_path", "cache_path", "graph_id", "model_precisions",
+           "prepare_onnx"]
 
 #: What prepare_onnx builds: embedpool's precisions (types.Precision); fp16 is the graph for
 #: GPU execution providers (graph/fp16.py, ``placement``).
@@ -135,6 +136,10 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
                             on_wait=lambda: stage("waiting"))
 
     fam, cfg = _family(model)
+    unsafe: str = getattr(fam, "FP16_UNSAFE", "")
+    if precision == "fp16" and unsafe:
+        raise ConfigError(f"{model.name}: embedpool builds no fp16 graph of a {fam.NAME} model: "
+                          f"{unsafe}; use fp32 (or int8 on the CPU)")
 
     def build(tmp: Path) -> None:
         import onnx
@@ -201,6 +206,17 @@ def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path 
         variant = f"{precision}-unfused"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.name).strip("._") or "model"
     return root / f"{slug}-{variant}-{cache_key(parts)[:20]}.onnx"
+
+
+def model_precisions(model: ResolvedModel) -> tuple[GraphPrecision, ...]:
+    """The precisions ``prepare_onnx`` builds for this model: GRAPH_PRECISIONS, less fp16 for
+    a family whose activations overflow float16 (its ``FP16_UNSAFE`` says why). Reads
+    config.json only."""
+    if model.onnx_path is None and model.config:
+        fam = family_for(model.config, str(model.directory / "config.json"))
+        if getattr(fam, "FP16_UNSAFE", ""):
+            return tuple(p for p in GRAPH_PRECISIONS if p != "fp16")
+    return GRAPH_PRECISIONS
 
 
 def graph_id(model: ResolvedModel, precision: str) -> str:
