@@ -66,11 +66,13 @@ def render_devices(facts: DeviceFacts, placement: Placement | None,
 
 def render_doctor(limits: Limits, plan: Plan, *, mem_used: int | None = None,
                   devices: Sequence[str] = (),
-                  graphs: tuple[Path, Sequence[tuple[str, int]]] | None = None) -> str:
+                  graphs: tuple[Path, Sequence[tuple[str, int]]] | None = None,
+                  model: str | None = None, other_graphs: int = 0) -> str:
     """The doctor's report: cores, memory, profile (each with its source), the planned
     workers x threads, batch budget, thresholds, and every reason behind them; ``devices``:
     the lines of ``render_devices``; ``graphs``: the graph cache directory and the (file
-    name, bytes) of each graph built in it."""
+    name, bytes) of each graph of ``model`` built in it; ``other_graphs``: how many graphs of
+    other models it holds (counted, not listed)."""
     p = plan.policy
     lines = [
         "embedpool doctor",
@@ -110,10 +112,13 @@ def render_doctor(limits: Limits, plan: Plan, *, mem_used: int | None = None,
     lines += list(devices)
     if graphs is not None:
         where, built = graphs
-        lines.append(f"  graphs      {len(built)} built in {where}" +
+        of = f" for {model}" if model else ""
+        lines.append(f"  graphs      {len(built)} built{of} in {where}" +
                      ("" if built else " (a first run builds its graph: `embedpool models "
                       "build` does it ahead of time)"))
         lines += [f"                {name}  {format_bytes(size)}" for name, size in built]
+        if other_graphs:
+            lines.append(f"                and {other_graphs} graph(s) of other models")
     lines.append("why:")
     lines += [f"  - {r}" for r in plan.reasons]
     lines += [f"  - note: {n}" for n in limits.notes]
