@@ -88,6 +88,10 @@ class DeviceLost(PoolBroken):
     """A pool's GPU was lost (a sticky CUDA error): it cannot go on, but the CPU can."""
 
 
+class WorkersCannotStart(PoolBroken):
+    """No worker could be started any more, and none is alive (``faults.start_failure``)."""
+
+
 class PoisonInputError(PoolError):
     """An input kept killing the workers that tried to embed it."""
 

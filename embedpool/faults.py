@@ -115,6 +115,14 @@ class FaultPolicy:
     hang_per_token_s: float = 0.01
     #: Fraction of the deadline after which a worker_hung_warning is emitted.
     hang_warn_fraction: float = 0.6
+    #: Replacement workers that fail to start in a row, with no worker alive, before the
+    #: executor breaks: a model file that stopped loading fails the job instead of looping.
+    max_start_failures: int = 3
+    #: Wait before the next start after a failed one, doubled per failure in a row up to the
+    #: cap: a broken model file must not become a fork bomb, a transient failure must not
+    #: stall the pool for long.
+    start_backoff_s: float = 0.25
+    start_backoff_max_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
@@ -126,6 +134,11 @@ class FaultPolicy:
         if not 0 < self.hang_warn_fraction < 1:
             raise ConfigError(f"hang_warn_fraction must be in (0, 1), got "
                               f"{self.hang_warn_fraction}")
+        if self.max_start_failures < 1:
+            raise ConfigError(f"max_start_failures must be >= 1, got {self.max_start_failures}")
+        if not 0 < self.start_backoff_s <= self.start_backoff_max_s:
+            raise ConfigError(f"need 0 < start_backoff_s <= start_backoff_max_s, got "
+                              f"{self.start_backoff_s}, {self.start_backoff_max_s}")
 
     def deadline_s(self, padded_tokens: int) -> float:
         """Seconds a worker may stay silent on a task of ``padded_tokens``."""
@@ -265,6 +278,151 @@ def attribute_sigkill(credited: int | None, counter: int | None) -> tuple[bool, 
     if counter > credited:
         return True, credited + 1
     return False, counter
+
+
+# --- deaths and starts: the rules beside a failed task's --------------------------------------
+
+
+def idle_death_lowers_budget(kind: FailureKind) -> bool:
+    """A worker died holding no task: is the budget lowered? Only for an OOM kill (with
+    evidence): memory is tight whatever it was doing, and the next batch would add to it. Any
+    other idle death only costs a replacement. The same on every backend (Ray used to do
+    nothing; the pool halved)."""
+    return kind is FailureKind.OOM_KILL
+
+
+@dataclass(frozen=True)
+class Blame:
+    """Which of a dead worker's unfinished tasks, oldest first, was running (``running``:
+    its index, charged with the failure; None: unknown, none charged), and whether the
+    others go back as suspects (run alone next, so that a repeat is charged for sure).
+    ``forbid_tokens``: for an OOM kill nobody is charged with, the size never to run again."""
+
+    running: int | None
+    suspects: bool
+    forbid_tokens: int | None = None
+
+
+def blame(padded_tokens: tuple[int, ...] | list[int], kind: FailureKind, *,
+          hung: bool = False) -> Blame:
+    """Who killed the worker, from its unfinished tasks' sizes in submission order. One task:
+    that one. Several on a transport that queues (a Ray actor runs them one at a time): the
+    oldest may already have finished with its result lost in the death, so the one running
+    is unknown; none is charged, each runs alone next, and after an OOM kill the smaller of
+    the two oldest sizes is never run again (one of them was running). A hang kill knows its
+    task: the oldest, the one whose clock ran out."""
+    if not padded_tokens:
+        return Blame(None, False)
+    if len(padded_tokens) == 1 or hung:
+        return Blame(0, False)
+    forbid = min(padded_tokens[:2]) if kind in OOM_KINDS else None
+    return Blame(None, True, forbid)
+
+
+@dataclass(frozen=True)
+class StartDecision:
+    """After a worker failed to start: ``break`` the executor, or ``retry`` after
+    ``backoff_s``."""
+
+    action: Literal["retry", "break"]
+    backoff_s: float
+    reason: str
+
+
+def start_failure(policy: FaultPolicy, *, failures_in_row: int, ever_ready: bool,
+                  alive: int) -> StartDecision:
+    """A worker (or actor) failed while loading its engine. Before any was ever ready the
+    recipe is bad: break at once (the first start fails the job, not N of them). Later, retry
+    after a backoff (``start_backoff_s`` doubling per failure in a row, up to the cap), and
+    break only after ``max_start_failures`` in a row with no worker alive: while one lives,
+    the work goes on at a smaller size (Ray used to break after 3 even with live actors)."""
+    if failures_in_row < 1 or alive < 0:
+        raise ValueError(f"need failures_in_row >= 1 and alive >= 0, got {failures_in_row}, "
+                         f"{alive}")
+    backoff = min(policy.start_backoff_max_s,
+                  policy.start_backoff_s * 2 ** (failures_in_row - 1))
+    if not ever_ready:
+        return StartDecision("break", 0.0, "no worker has ever started: the engine recipe "
+                                           "does not load")
+    if alive == 0 and failures_in_row >= policy.max_start_failures:
+        return StartDecision("break", 0.0, f"no worker could be started ({failures_in_row} "
+                                           "failures in a row) and none is alive")
+    return StartDecision("retry", backoff, f"retry in {backoff:g} s ({failures_in_row} "
+                                           f"failure(s) in a row, {alive} worker(s) alive)")
+
+
+#: Why an executor of one device broke, as the device executor sees it.
+BreakCause = Literal["device_lost", "start_failures", "other"]
+
+
+def falls_back(cause: BreakCause, *, on_gpu: bool) -> bool:
+    """Whether the device executor moves a broken member's batches to the other devices (and
+    the CPU): when the member ran on a GPU and its GPU is lost, or no worker can start on it
+    any more (a GPU that fell off the bus fails every CUDA init). A CPU member's break, or a
+    failure of embedpool's own (a manager that crashed), fails the batch: it would fail on
+    the next device too."""
+    return on_gpu and cause in ("device_lost", "start_failures")
+
+
+def recycle_limit(*, ready_rss: int, rss_limit: int | None, growth_limit: int | None,
+                  arena_bytes: int) -> int | None:
+    """The RSS above which a worker is recycled between batches (None: never): the absolute
+    ``rss_limit``, and its RSS when ready plus ``growth_limit`` beyond ``arena_bytes`` (the
+    activations of one batch of the planned budget, which ONNX Runtime's arena keeps on
+    purpose): growth past that is a leak (loky's rule), whichever is lower."""
+    limit = rss_limit
+    if growth_limit is not None:
+        grown = ready_rss + growth_limit + arena_bytes
+        limit = grown if limit is None else min(limit, grown)
+    return limit
+
+
+@dataclass(frozen=True)
+class Running:
+    """A worker's running task as the hang rule sees it: who (``key``, the transport's), since
+    when (monotonic seconds), how big, and whether it was warned about already."""
+
+    key: Any
+    started: float
+    padded_tokens: int
+    warned: bool
+
+
+@dataclass(frozen=True)
+class HangVerdict:
+    """A busy worker past its warning point (``warn``) or its deadline (``kill``)."""
+
+    key: Any
+    verdict: Literal["warn", "kill"]
+    silent_s: float
+    deadline_s: float
+
+    @property
+    def reason(self) -> str:
+        return f"hung: silent {self.silent_s:.1f} s, deadline {self.deadline_s:.1f} s"
+
+    def fields(self) -> dict[str, Any]:
+        """The fields of its worker_hung_warning / worker_hung_kill event."""
+        return {"silent_s": round(self.silent_s, 2), "deadline_s": round(self.deadline_s, 2)}
+
+
+def hang_verdicts(policy: FaultPolicy, running: list[Running], now: float) -> list[HangVerdict]:
+    """The one hang loop of every backend: for each running task, warn once at the warning
+    fraction of its deadline, kill (and retry its task) at the deadline."""
+    out = []
+    for r in running:
+        silent = now - r.started
+        verdict = policy.hang_check(silent, r.padded_tokens, r.warned)
+        if verdict != "ok":
+            out.append(HangVerdict(r.key, verdict, silent, policy.deadline_s(r.padded_tokens)))
+    return out
+
+
+def next_hang_check(policy: FaultPolicy, running: list[Running]) -> float | None:
+    """The monotonic time at which ``hang_verdicts`` next changes its answer (None: no task
+    runs): what a transport's wait may block until."""
+    return min((r.started + policy.next_hang_check_s(r.padded_tokens, r.warned)
+                for r in running), default=None)
 
 
 # --- the token budget after an OOM ----------------------------------------------------------

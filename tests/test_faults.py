@@ -13,6 +13,15 @@ or test that now pins the one rule for both:
     event names                           test_emitter_rejects_unknown_names (and the backend
                                           parity tests, which read the same names from both)
     an on_event callback raises           test_emitter_survives_a_raising_callback
+
+And the rules beside a failed task's (issue 20), each one table for both backends:
+
+    a death with no task (idle OOM kill)  test_a_death_with_no_task     lower the budget
+    several unfinished tasks on a death   BLAME rows                    none charged, suspects
+    a replacement fails to start          START rows                    backoff; break with none alive
+    a device executor's member breaks     test_device_fallback          GPU lost / cannot start only
+    when a worker is recycled             test_recycle_limit
+    a hung worker                         test_one_hang_loop_...        one loop for both
 """
 
 from __future__ import annotations
@@ -354,3 +363,98 @@ def test_token_budget_lowers_restores_after_calm_and_never_to_a_killed_size() ->
     assert b.restore(22.0, 20.0) and b.current == 512
     assert not b.restore(30.0, 20.0)  # one doubling per calm period
     assert not b.restore(42.0, 20.0) and b.current == 512  # 1024 was killed: never again
+
+
+# --- the rules beside a failed task's (issue 20): one for every backend ------------------------
+
+@pytest.mark.parametrize(("kind", "lower"), [
+    pytest.param(K.OOM_KILL, True, id="oom-kill-lowers"),
+    pytest.param(K.EXTERNAL_SIGKILL, False, id="sigkill-only-replaces"),
+    pytest.param(K.CRASH, False, id="crash-only-replaces"),
+    pytest.param(K.HUNG, False, id="hung-only-replaces"),
+])
+def test_a_death_with_no_task(kind: FailureKind, lower: bool) -> None:
+    assert faults.idle_death_lowers_budget(kind) is lower
+
+
+# unfinished tasks' padded tokens (oldest first), kind, hung -> running index, suspects, forbid
+BLAME: list[Any] = [
+    pytest.param((), K.OOM_KILL, False, None, False, None, id="idle"),
+    pytest.param((512,), K.CRASH, False, 0, False, None, id="one-task-is-charged"),
+    pytest.param((512, 768), K.CRASH, False, None, True, None, id="two-none-charged"),
+    pytest.param((1024, 768, 256), K.OOM_KILL, False, None, True, 768,
+                 id="two-oom-forbids-the-smaller-of-the-oldest-two"),
+    pytest.param((512, 768), K.HUNG, True, 0, False, None, id="a-hang-knows-its-task"),
+]
+
+
+@pytest.mark.parametrize(("sizes", "kind", "hung", "running", "suspects", "forbid"), BLAME)
+def test_blame(sizes: tuple[int, ...], kind: FailureKind, hung: bool, running: int | None,
+               suspects: bool, forbid: int | None) -> None:
+    assert faults.blame(sizes, kind, hung=hung) == faults.Blame(running, suspects, forbid)
+
+
+START_POLICY = FaultPolicy(max_start_failures=3, start_backoff_s=0.25, start_backoff_max_s=10.0)
+# failures in a row, ever ready, alive -> action, backoff
+START: list[Any] = [
+    pytest.param(1, False, 0, "break", 0.0, id="never-ready-breaks-at-once"),
+    pytest.param(1, True, 1, "retry", 0.25, id="first-failure-backs-off"),
+    pytest.param(3, True, 1, "retry", 1.0, id="doubling"),
+    pytest.param(3, True, 0, "break", 0.0, id="three-in-a-row-none-alive"),
+    pytest.param(2, True, 0, "retry", 0.5, id="two-none-alive-still-retries"),
+    pytest.param(9, True, 2, "retry", 10.0, id="live-workers-keep-it-going-capped-backoff"),
+]
+
+
+@pytest.mark.parametrize(("failures", "ever_ready", "alive", "action", "backoff"), START)
+def test_start_failure(failures: int, ever_ready: bool, alive: int, action: str,
+                       backoff: float) -> None:
+    d = faults.start_failure(START_POLICY, failures_in_row=failures, ever_ready=ever_ready,
+                             alive=alive)
+    assert (d.action, d.backoff_s) == (action, backoff) and d.reason
+
+
+@pytest.mark.parametrize(("cause", "on_gpu", "falls"), [
+    pytest.param("device_lost", True, True, id="gpu-lost"),
+    pytest.param("start_failures", True, True, id="gpu-cannot-start-workers"),
+    pytest.param("other", True, False, id="gpu-internal-failure-fails-the-batch"),
+    pytest.param("device_lost", False, False, id="cpu-member-never-falls-back"),
+    pytest.param("start_failures", False, False, id="cpu-start-failures"),
+])
+def test_device_fallback(cause: Any, on_gpu: bool, falls: bool) -> None:
+    assert faults.falls_back(cause, on_gpu=on_gpu) is falls
+
+
+MiB_ = 1024 * 1024
+
+
+@pytest.mark.parametrize(("rss_limit", "growth", "want"), [
+    pytest.param(None, None, None, id="never"),
+    pytest.param(None, 300 * MiB_, 100 * MiB_ + 300 * MiB_ + 50 * MiB_, id="growth-past-arena"),
+    pytest.param(200 * MiB_, 300 * MiB_, 200 * MiB_, id="absolute-is-lower"),
+    pytest.param(900 * MiB_, 300 * MiB_, 450 * MiB_, id="growth-is-lower"),
+    pytest.param(900 * MiB_, None, 900 * MiB_, id="absolute-only"),
+])
+def test_recycle_limit(rss_limit: int | None, growth: int | None, want: int | None) -> None:
+    assert faults.recycle_limit(ready_rss=100 * MiB_, rss_limit=rss_limit, growth_limit=growth,
+                                arena_bytes=50 * MiB_) == want
+
+
+def test_one_hang_loop_warns_kills_and_says_when_to_look_again() -> None:
+    policy = FaultPolicy(hang_base_s=10.0, hang_per_token_s=0.01, hang_warn_fraction=0.6)
+    running = [faults.Running("a", 105.0, 1000, False),  # deadline 20: warn at 117
+               faults.Running("b", 100.0, 1000, True),   # warned: kill at 120
+               faults.Running("c", 115.0, 0, False)]     # deadline 10: warn at 121
+    assert faults.next_hang_check(policy, running) == 117.0
+    assert faults.next_hang_check(policy, []) is None
+    got = faults.hang_verdicts(policy, running, now=120.0)
+    assert [(v.key, v.verdict) for v in got] == [("a", "warn"), ("b", "kill")]
+    assert got[1].reason == "hung: silent 20.0 s, deadline 20.0 s"
+    assert got[1].fields() == {"silent_s": 20.0, "deadline_s": 20.0}
+
+
+def test_start_policy_is_validated() -> None:
+    with pytest.raises(ConfigError, match="max_start_failures"):
+        FaultPolicy(max_start_failures=0)
+    with pytest.raises(ConfigError, match="start_backoff"):
+        FaultPolicy(start_backoff_s=20.0, start_backoff_max_s=10.0)

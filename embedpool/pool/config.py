@@ -72,8 +72,9 @@ class PoolConfig:
     status_interval_s: float = 5.0
     #: How long a worker asked to leave may take before it is killed.
     leave_timeout_s: float = 5.0
-    #: Consecutive failed starts (no worker alive) before the pool is declared broken.
-    max_start_failures: int = 3
+    #: Consecutive failed starts (no worker alive) before the pool is declared broken
+    #: (``faults.start_failure``).
+    max_start_failures: int = FaultPolicy.max_start_failures
     #: Default look-ahead of Pool.run(): batches in flight or queued per worker.
     pending_per_worker: int = PENDING_PER_WORKER
 
@@ -117,4 +118,5 @@ class PoolConfig:
     def fault_policy(self) -> FaultPolicy:
         return FaultPolicy(max_retries=self.max_retries, hang_base_s=self.hang_base_s,
                            hang_per_token_s=self.hang_per_token_s,
-                           hang_warn_fraction=self.hang_warn_fraction)
+                           hang_warn_fraction=self.hang_warn_fraction,
+                           max_start_failures=self.max_start_failures)

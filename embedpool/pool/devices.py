@@ -8,9 +8,10 @@ the GPUs are lost, behind the one executor contract.
                                                                             cuda:1  Pool, 1 worker
                                                                             cpu     Pool, N workers (if asked)
     a member's future ──> the caller's future (results as they come, any order)
-    DeviceLost (the member's pool broke: its GPU is gone) ──> its batches back to the front of
-        the queue, the member closed, one line and a ``device_fallback`` event; no GPU left
-        ──> the CPU pool (``fallback``) is started and takes over
+    DeviceLost (the member's pool broke: its GPU is gone), or WorkersCannotStart on a GPU
+        (``faults.falls_back``) ──> its batches back to the front of the queue, the member
+        closed, one line and a ``device_fallback`` event; no GPU left ──> the CPU pool
+        (``fallback``) is started and takes over; any other failure fails the batch
 
 Each member is an ordinary ``Pool`` with its own token budget, fault handling and scaling, so
 a GPU's out-of-memory error splits and lowers *that* GPU's budget (``faults``), and a lost GPU
@@ -40,13 +41,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from embedpool import events, executor
+from embedpool import events, executor, faults
 from embedpool.device import DeviceError
 from embedpool.errors import (
+    DeviceLost,
     IntakeClosed,
     PoolBroken,
     PoolError,
     PoolUnavailable,
+    WorkersCannotStart,
     WorkerStartError,
 )
 from embedpool.executor import BatchResult, Counters, Executor, ExecutorStats, WorkBatch
@@ -75,7 +78,8 @@ class PoolRecipe:
 
         pool = Pool(self.spec, self.config, on_event=on_event)
         capacity = BATCHES_PER_WORKER * max(1, pool.stats().max_workers)
-        return Member(self.name, pool, capacity, self.precision)
+        return Member(self.name, pool, capacity, self.precision,
+                      on_gpu=self.config.device != "cpu")
 
 
 @dataclass(eq=False)
@@ -86,6 +90,8 @@ class Member:
     executor: Executor
     capacity: int
     precision: str | None = None
+    #: It runs on a GPU: a GPU lost or unable to start workers falls back (``faults``).
+    on_gpu: bool = False
     inflight: int = 0
     lost: str | None = None
 
@@ -274,9 +280,10 @@ class DeviceExecutor:
                 result = inner.result()
                 out.result = (dataclasses.replace(result, precision=m.precision)
                               if m.precision else result)
-            elif not self._closed and (isinstance(error, PoolBroken) or m.lost is not None):
-                # DeviceLost (its GPU is gone), or a member that can no longer start workers
-                # (a GPU that fell off the bus fails every CUDA init): the others run it
+            elif not self._closed and (m.lost is not None or faults.falls_back(
+                    break_cause(error), on_gpu=m.on_gpu)):
+                # DeviceLost (its GPU is gone), or a GPU member that can no longer start
+                # workers (one that fell off the bus fails every CUDA init): the others run it
                 out.events = self._lose(m, str(error))
                 self._queue.appendleft(job)
                 out.requeued = True
@@ -335,6 +342,15 @@ class DeviceExecutor:
         for _, fut in leftover:
             if fut.set_running_or_notify_cancel():
                 fut.set_exception(exc)
+
+
+def break_cause(error: BaseException | None) -> faults.BreakCause:
+    """Why a member's executor failed a batch, for ``faults.falls_back``."""
+    if isinstance(error, DeviceLost):
+        return "device_lost"
+    if isinstance(error, WorkersCannotStart):
+        return "start_failures"
+    return "other"
 
 
 def start(gpus: Sequence[PoolRecipe], *, cpu: PoolRecipe | None = None,

@@ -42,7 +42,13 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from embedpool import events, faults
-from embedpool.errors import DeviceLost, PoolBroken, PoolError, WorkerStartError
+from embedpool.errors import (
+    DeviceLost,
+    PoolBroken,
+    PoolError,
+    WorkersCannotStart,
+    WorkerStartError,
+)
 from embedpool.events import Emitter, exit_name
 from embedpool.executor import WorkerInfo, WorkerState
 from embedpool.faults import FailureKind, Task
@@ -60,10 +66,6 @@ log = logging.getLogger("embedpool.pool")
 #: Longest the manager sleeps when nothing is due: an upper bound on how late a deadline is
 #: noticed if a timer computation is off, not a polling interval (events wake it at once).
 MAX_WAIT_S = 1.0
-#: Backoff between failed starts (doubles per failure up to the cap): a broken model file
-#: must not become a fork bomb, a transient failure must not stall the pool for long.
-START_BACKOFF_S = 0.25
-START_BACKOFF_MAX_S = 10.0
 
 
 class Waker:
@@ -192,12 +194,11 @@ class Manager:
             due.append(self._spawn_not_before)
         if self.config.status_interval_s:
             due.append(self._next_status)
-        policy = self.work.policy
+        hang = faults.next_hang_check(self.work.policy, self._running())
+        if hang is not None:
+            due.append(hang)
         for w in self._workers.values():
-            if w.state == "busy" and w.task is not None:
-                due.append(w.task_started
-                           + policy.next_hang_check_s(w.task.padded_tokens, w.warned))
-            elif w.state == "starting":
+            if w.state == "starting":
                 due.append(w.started + self.config.start_timeout_s)
             elif w.state == "leaving":
                 due.append(w.leave_asked_at + self.config.leave_timeout_s)
@@ -317,7 +318,7 @@ class Manager:
                   **(task.describe() if task else {"items": 0, "tokens": 0}))
         if task is not None:
             self._fail(task, kind, f"worker pid {w.pid} died: {exit_name(code)}")
-        elif kind is FailureKind.OOM_KILL:  # killed between tasks: memory is tight anyway
+        elif faults.idle_death_lowers_budget(kind):  # killed between tasks: memory is tight
             self._apply(self.scaler.on_oom(None))
         self._publish()
 
@@ -325,27 +326,22 @@ class Manager:
         """Hung workers, workers that never became ready, workers that never left."""
         now = time.monotonic()
         cfg = self.config
-        policy = self.work.policy
+        for v in faults.hang_verdicts(self.work.policy, self._running(), now):
+            w = v.key
+            assert w.task is not None
+            fields = {"worker_id": w.worker_id, "pid": w.pid, **v.fields(), **w.task.describe()}
+            if v.verdict == "warn":
+                w.warned = True
+                self.emit(events.WORKER_HUNG_WARNING, **fields)
+            else:
+                self.work.counters.hung_kills += 1
+                self.emit(events.WORKER_HUNG_KILL, **fields)
+                w.hung = True
+                self._kill_worker(w, v.reason)
         for w in list(self._workers.values()):
             if w.kill_reason is not None:
                 continue
-            if w.state == "busy" and w.task is not None:
-                silent = now - w.task_started
-                verdict = policy.hang_check(silent, w.task.padded_tokens, w.warned)
-                if verdict == "ok":
-                    continue
-                deadline = policy.deadline_s(w.task.padded_tokens)
-                fields = {"worker_id": w.worker_id, "pid": w.pid, "silent_s": round(silent, 2),
-                          "deadline_s": round(deadline, 2), **w.task.describe()}
-                if verdict == "warn":
-                    w.warned = True
-                    self.emit(events.WORKER_HUNG_WARNING, **fields)
-                else:
-                    self.work.counters.hung_kills += 1
-                    self.emit(events.WORKER_HUNG_KILL, **fields)
-                    w.hung = True
-                    self._kill_worker(w, f"hung: silent {silent:.1f} s, deadline {deadline:.1f} s")
-            elif w.state == "starting" and now - w.started >= cfg.start_timeout_s:
+            if w.state == "starting" and now - w.started >= cfg.start_timeout_s:
                 self._kill_worker(w, f"not ready within start_timeout_s={cfg.start_timeout_s}")
             elif w.state == "leaving" and now - w.leave_asked_at >= cfg.leave_timeout_s:
                 self._kill_worker(w, f"did not leave within {cfg.leave_timeout_s} s")
@@ -468,33 +464,30 @@ class Manager:
                   exit=exit_name(code), traceback=tb)
         message = (f"worker {w.worker_id} (pid {w.pid}) failed to load its engine: {error}"
                    + (f"\n\nworker traceback:\n{tb}" if tb else ""))
+        alive = sum(x.state in ("idle", "busy") for x in self._workers.values())
+        decision = faults.start_failure(self.work.policy,
+                                        failures_in_row=self._start_failures_in_row,
+                                        ever_ready=bool(self.dim), alive=alive)
+        if decision.action == "retry":
+            self._spawn_not_before = time.monotonic() + decision.backoff_s
+            return
         if not self.dim:
             self.start_error = WorkerStartError(message)
             self._break(PoolBroken(message))
-            self.shutdown()
             self.first_ready.set()
-            return
-        backoff = min(START_BACKOFF_MAX_S,
-                      START_BACKOFF_S * 2 ** (self._start_failures_in_row - 1))
-        self._spawn_not_before = time.monotonic() + backoff
-        alive = any(x.state in ("idle", "busy") for x in self._workers.values())
-        if not alive and self._start_failures_in_row >= self.config.max_start_failures:
-            self._break(PoolBroken(f"no worker could be started ({self._start_failures_in_row} "
-                                   f"failures in a row); last: {message}"))
-            self.shutdown()
+        else:
+            self._break(WorkersCannotStart(f"{decision.reason}; last: {message}"))
+        self.shutdown()
 
     def _maybe_recycle(self, w: WorkerRecord) -> None:
         cfg = self.config
-        limit: int | None = None
-        if cfg.recycle_rss_bytes is not None:
-            limit = cfg.recycle_rss_bytes
-        if cfg.recycle_growth_bytes is not None:
-            # The arena legitimately keeps one batch's activations (for a long-context model,
-            # one max-length sequence's): growth beyond that counts.
-            grown = (w.ready_rss + cfg.recycle_growth_bytes
-                     + scaling.activation_estimate(self.scaler.planned_batch_tokens,
-                                                   cfg.model_memory))
-            limit = grown if limit is None else min(limit, grown)
+        # the arena legitimately keeps one batch's activations (for a long-context model, one
+        # max-length sequence's): growth beyond that counts
+        limit = faults.recycle_limit(
+            ready_rss=w.ready_rss, rss_limit=cfg.recycle_rss_bytes,
+            growth_limit=cfg.recycle_growth_bytes,
+            arena_bytes=scaling.activation_estimate(self.scaler.planned_batch_tokens,
+                                                    cfg.model_memory))
         if limit is None or w.rss <= limit or w.leave_reason is not None:
             return
         self.work.counters.recycles += 1
@@ -515,6 +508,12 @@ class Manager:
         except (OSError, ValueError):
             w.conn_open = False
         self._publish()
+
+    def _running(self) -> list[faults.Running]:
+        """The busy workers' tasks, for the hang rule (``faults.hang_verdicts``)."""
+        return [faults.Running(w, w.task_started, w.task.padded_tokens, w.warned)
+                for w in self._workers.values()
+                if w.state == "busy" and w.task is not None and w.kill_reason is None]
 
     def _kill_worker(self, w: WorkerRecord, reason: str) -> None:
         w.kill_reason = reason

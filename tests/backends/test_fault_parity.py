@@ -1,9 +1,10 @@
 """The same faults against both backends, the local pool and Ray, with the same assertions.
 
 Each test runs once per backend (``backend`` is ``pool`` or ``ray``): a SIGKILL from outside,
-a real OOM kill by the kernel in a cgroup, a hung worker or actor, a poison input, and an
-``on_event`` callback that raises. Both backends take every failure through ``faults.py``,
-so the events, counters and per-item errors they report must be the same.
+a real OOM kill by the kernel in a cgroup of a busy worker and of an idle one, a hung worker or
+actor, a poison input, replacements that cannot start, and an ``on_event`` callback that
+raises. Both backends take every failure through ``faults.py``, so the events, counters and
+per-item errors they report must be the same.
 
 The workers are real processes (pool workers, Ray actors on the local cluster of
 conftest.py) running the fake engine; the signals and the cgroup limit are real.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -164,6 +166,99 @@ def test_oom_kill_in_a_cgroup_is_confirmed_split_and_lowers_the_budget(
     assert stats.batch_tokens == 512, "the budget was not halved after the OOM kill"
     lowered = [e for e in event_log.named(events.SCALE) if e["batch_tokens_to"] == 512]
     assert lowered and lowered[0]["batch_tokens_from"] == 1024
+
+
+#: Joins a cgroup (argv[1]), takes argv[3] MiB in one go and holds it until the worker argv[2]
+#: is gone (or a zombie), then exits. The worker holds more of the cgroup's memory and has the
+#: higher oom_score_adj (pool workers raise theirs): the kernel kills it, idle.
+HOG = """
+import os, sys, time
+open(sys.argv[1], "w").write(str(os.getpid()))
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+held = bytearray(b"1") * (int(sys.argv[3]) << 20)
+end = time.monotonic() + 60
+while alive(int(sys.argv[2])) and time.monotonic() < end:
+    time.sleep(0.01)
+"""
+
+
+def only_pid(ex: Executor) -> int:
+    pids = [w.pid for w in ex.stats().workers if w.pid]
+    assert len(pids) == 1, ex.stats().workers
+    return pids[0]
+
+
+@pytest.mark.slow
+@pytest.mark.cgroup
+def test_an_idle_worker_oom_killed_lowers_the_budget(backend: Start,
+                                                    event_log: EventLog) -> None:
+    """A worker with no task, OOM-killed by the kernel because another process of its cgroup
+    took the memory: the same rule on both backends (``faults.idle_death_lowers_budget``),
+    the budget halved (memory is tight whatever the worker was doing), the worker replaced,
+    and the next batches embedded. Ray used to do nothing (it reports no idle death)."""
+    batches = make_batches(make_sequences(8, seed=27), 4)  # one before, one after
+    with cgroup_util.memory_cgroup(128 * MiB) as cg:
+        # its one batch leaves 80 MiB charged to the cgroup (it joined after loading)
+        spec = FakeEngineSpec(dim=DIM, join_cgroup=str(cg.procs_file),
+                              grow_bytes_per_batch=80 * MiB)
+        ex = backend(spec, workers=1, batch_tokens=1024, on_event=event_log)
+        assert_clean(run_all(ex, batches[:1]), batches[:1])
+        wait_until(lambda: [w.state for w in ex.stats().workers] == ["idle"], "an idle worker")
+        pid = only_pid(ex)
+        hog = subprocess.Popen([sys.executable, "-c", HOG, str(cg.procs_file), str(pid), "64"])
+        try:
+            wait_until(lambda: bool(event_log.named(events.WORKER_DEATH)),
+                       "the idle worker's death")
+        finally:
+            hog.kill()
+            hog.wait(timeout=DEADLINE_S)
+        results = run_all(ex, batches[1:])
+        stats = ex.stats()
+        kernel_kills = cg.oom_kills()
+        ex.close()  # before the cgroup goes, with the workers in it
+    assert_clean(results, batches[1:])
+    (death,) = event_log.named(events.WORKER_DEATH)
+    assert death["pid"] == pid and death["kind"] == "oom_kill" and death["items"] == 0
+    assert kernel_kills == stats.oom_kills == stats.deaths == 1
+    lowered = [e for e in event_log.named(events.SCALE)
+               if (e["batch_tokens_from"], e["batch_tokens_to"]) == (1024, 512)]
+    assert lowered, "an idle worker's OOM kill did not lower the budget"
+
+
+# --- replacements that cannot start ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_replacements_that_cannot_start_back_off_and_break_only_with_none_alive(
+        backend: Start, event_log: EventLog, tmp_path: Path) -> None:
+    """After the model stops loading (a flag file), a killed worker's replacements fail: the
+    executor retries with a growing backoff while a worker lives and keeps embedding on it
+    (Ray used to break after 3 failures with live actors), and breaks, naming the failure,
+    only once no worker is alive (``faults.start_failure``)."""
+    flag = tmp_path / "broken-model"
+    spec = FakeEngineSpec(dim=DIM, delay_per_batch_s=0.02, fail_to_start_if_exists=str(flag))
+    ex = backend(spec, workers=2, on_event=event_log)
+    batches = make_batches(make_sequences(48, seed=28), 4)
+    wait_until(lambda: sum(w.state == "idle" and w.pid is not None
+                           for w in ex.stats().workers) == 2, "two ready workers")
+    flag.touch()
+    first, second = (w.pid for w in ex.stats().workers)
+    assert first is not None and second is not None
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: ex.stats().start_failures >= 3, "three failed starts")
+    assert_clean(run_all(ex, batches), batches)  # on the survivor
+    assert ex.broken is None, "a live worker: the executor must not break"
+    failed = event_log.named(events.WORKER_START_FAILED)
+    assert len(failed) >= 3 and ex.stats().start_failures >= 3
+    assert not event_log.named(events.POOL_BROKEN)
+    os.kill(second, signal.SIGKILL)
+    wait_until(lambda: ex.broken is not None, "the executor to break with no worker alive")
+    assert "no worker could be started" in str(ex.broken)
+    assert "broken-model" in str(ex.broken)
 
 
 # --- a hung worker -------------------------------------------------------------------------------

@@ -7,9 +7,14 @@ decides), turns their ``ready()`` answers into ready slots or start failures, gr
 actor and remembers which actor holds which result, and removes (kills) an actor. It decides
 nothing about failed tasks: that is the executor's, through ``faults``.
 
-A start failure before any actor was ready raises ``WorkerStartError`` (a bad spec fails at
-once); later, ``MAX_START_FAILURES`` in a row, or ``ACTOR_START_TIMEOUT_S`` with no ready actor
-(the cluster cannot place one), raise ``PoolBroken``.
+What a start failure means is ``faults.start_failure``'s, the local pool's rule: before any
+actor was ready it raises ``WorkerStartError`` (a bad spec fails at once); later the
+replacement is started again after a backoff (0.25 s doubling to 10 s), and only
+``max_start_failures`` in a row with no actor alive raise ``WorkersCannotStart``.
+``ACTOR_START_TIMEOUT_S`` with no ready actor (the cluster cannot place one) raises
+``PoolBroken``. An actor of this node that died while idle (its pid gone) is found by
+``idle_deaths`` on each pass of the manager: Ray reports nothing for an actor with no call in
+flight.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from embedpool import events
+from embedpool import events, faults
 from embedpool.backends.ray import cluster
 from embedpool.backends.ray.actor import EmbedActor
 from embedpool.backends.ray.shipping import ModelShipment
-from embedpool.errors import PoolBroken, WorkerStartError
+from embedpool.errors import PoolBroken, WorkersCannotStart, WorkerStartError
 from embedpool.executor import Counters, WorkerInfo
-from embedpool.faults import Task
+from embedpool.faults import FaultPolicy, Task
 from embedpool.pool.cgroups import OomEvidence
 
 #: Batches queued on one actor: one running plus one waiting hides the round trip between
@@ -40,8 +45,6 @@ MAX_INFLIGHT_PER_ACTOR = 2
 #: ONNX from the object store and load it; an autoscaling cluster may need minutes to add
 #: a node. Beyond this the cluster cannot place the actor, and we say so.
 ACTOR_START_TIMEOUT_S = 300.0
-#: Replacement actors that fail to start in a row before the executor breaks (PoolBroken).
-MAX_START_FAILURES = 3
 #: Minimum seconds between two asks for the cluster's free CPUs (a GCS round trip).
 GROW_CHECK_S = 1.0
 #: How long one wait for the first actor blocks before the start deadline is looked at.
@@ -81,7 +84,8 @@ class ActorSet:
 
     def __init__(self, ray: ModuleType, spec: Any, shipment: ModelShipment | None, *,
                  cpus: float, memory: int | None, threads: int, max_actors: int,
-                 emit: events.Emitter, counters: Counters) -> None:
+                 emit: events.Emitter, counters: Counters,
+                 policy: FaultPolicy | None = None) -> None:
         self._ray = ray
         self._remote = ray.remote(EmbedActor)
         self._spec = spec
@@ -98,6 +102,9 @@ class ActorSet:
         self._starting: dict[Any, Slot] = {}
         self._owner: dict[Any, Slot] = {}  # result ref -> the actor computing it
         self._ids = itertools.count()
+        self._policy = policy or FaultPolicy()
+        #: Replacements waiting out a start failure's backoff: when each may start.
+        self._restarts: list[float] = []
         self._start_failures = 0
         self._ever_ready = False
         self._last_grow_check = 0.0
@@ -136,13 +143,15 @@ class ActorSet:
             self._emit(events.WORKER_START_FAILED, worker_id=slot.worker_id, actor=slot.name,
                        pid=None, error=cluster.first_line(exc), exit="actor died",
                        traceback="")
+            decision = faults.start_failure(
+                self._policy, failures_in_row=self._start_failures, ever_ready=self._ever_ready,
+                alive=sum(s.ready for s in self.slots))
+            if decision.action == "retry":
+                self._restarts.append(time.monotonic() + decision.backoff_s)
+                return
             if not self._ever_ready:
                 raise WorkerStartError(msg) from exc
-            if self._start_failures >= MAX_START_FAILURES:
-                raise PoolBroken(f"{self._start_failures} replacement Ray actors in a row "
-                                 f"failed to start; the last: {msg}") from exc
-            self.start()
-            return
+            raise WorkersCannotStart(f"{decision.reason}; the last: {msg}") from exc
         slot.ready = True
         self._ever_ready = True
         self._start_failures = 0
@@ -171,6 +180,27 @@ class ActorSet:
             for ref in done:
                 self.on_started(ref)
         return int(next(s.info["dim"] for s in self.slots if s.ready))
+
+    def start_due(self) -> None:
+        """Start the replacements whose start-failure backoff is over."""
+        now = time.monotonic()
+        due = [t for t in self._restarts if t <= now]
+        self._restarts = [t for t in self._restarts if t > now]
+        for _ in due:
+            self.start()
+
+    @property
+    def next_restart(self) -> float | None:
+        """When the next replacement may start (None: none waits)."""
+        return min(self._restarts, default=None)
+
+    def idle_deaths(self) -> list[Slot]:
+        """Ready actors of this node with nothing in flight whose process is gone."""
+        import psutil
+
+        return [s for s in self.slots
+                if s.ready and not s.inflight and s.info.get("node") == self._node
+                and s.info.get("pid") and not psutil.pid_exists(int(s.info["pid"]))]
 
     def check_starved(self) -> None:
         """No ready actor, and the replacements cannot be placed: say so instead of waiting."""

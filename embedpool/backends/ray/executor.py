@@ -139,7 +139,7 @@ class RayExecutor:
             self._actors = ActorSet(self._ray, spec, shipment, cpus=cpus_per_actor,
                                     memory=memory_per_actor, threads=self._threads,
                                     max_actors=self.max_actors, emit=self._emit,
-                                    counters=self._work.counters)
+                                    counters=self._work.counters, policy=self._work.policy)
             for _ in range(self.min_actors):
                 self._actors.start()
             self.dim = self._work.dim = self._actors.await_first_ready()
@@ -226,6 +226,10 @@ class RayExecutor:
             while not (self._closing and (self._work.idle
                                           or time.monotonic() >= self._grace_deadline)):
                 self._last_pass = time.monotonic()
+                actors.start_due()
+                for slot in actors.idle_deaths():
+                    self._actor_died(actors, slot, PoolError("the actor's process is gone"),
+                                     None)
                 self._dispatch(actors)
                 actors.maybe_grow(self._work.queued_tasks > 0)
                 actors.check_starved()
@@ -251,7 +255,7 @@ class RayExecutor:
         waiting = actors.pending()
         timeout = self._wait_timeout(actors)
         if not waiting:
-            if not actors.slots and not self._work.idle:
+            if not actors.slots and actors.next_restart is None and not self._work.idle:
                 raise PoolBroken("no Ray actor is alive or starting, with work left")
             self._wake.wait(timeout)
             self._wake.clear()
@@ -266,11 +270,10 @@ class RayExecutor:
     def _wait_timeout(self, actors: ActorSet) -> float:
         now = time.monotonic()
         due = [now + WAIT_TICK_S, self._grace_deadline]
-        policy = self._work.policy
-        for s in actors.slots:
-            if s.ready and s.inflight:
-                due.append(s.head_started
-                           + policy.next_hang_check_s(s.inflight[0][1].padded_tokens, s.warned))
+        for t in (faults.next_hang_check(self._work.policy, self._running(actors)),
+                  actors.next_restart):
+            if t is not None:
+                due.append(t)
         if any(s.has_room() for s in actors.slots) and not self._work.queued_tasks:
             due.append(now + IDLE_POLL_S)  # a submit cannot wake ray.wait
         return max(0.0, min(due) - now)
@@ -357,53 +360,49 @@ class RayExecutor:
         c.deaths += 1
         if kind is FailureKind.OOM_KILL:
             c.oom_kills += 1
-        # With two or more unfinished, the oldest may have finished and its result died with
-        # the actor (sent after the next task began), so the one running is unknown: blame
-        # none, and run each alone next (suspect). A hang kill knows its task: the head's.
-        ambiguous = len(tasks) > 1 and not hung
-        running = None if ambiguous or not tasks else tasks[0]
+        # who was running: faults.blame (several unfinished: unknown, each runs alone next)
+        who = faults.blame([t.padded_tokens for t in tasks], kind, hung=bool(hung))
+        running = tasks[who.running] if who.running is not None else None
         error = hung or cluster.first_line(exc)
         shown = running or (tasks[0] if tasks else None)
         self._emit(events.WORKER_DEATH, **slot.fields(), exit="actor died", kind=str(kind),
-                   cause=faults.death_cause(kind, evidence), error=error, blamed=not ambiguous,
-                   **cluster.exit_detail(exc),
+                   cause=faults.death_cause(kind, evidence), error=error,
+                   blamed=running is not None or not tasks, **cluster.exit_detail(exc),
                    **(shown.describe() if shown else {"items": 0, "tokens": 0}))
         actors.remove(slot)
         if not self._closing:
             actors.start()
-        for queued in reversed(tasks if ambiguous else tasks[1:]):
+        for queued in reversed([t for t in tasks if t is not running]):
             self._work.requeue(queued, f"unfinished on dead actor {slot.name}",
-                               suspect=ambiguous)
+                               suspect=who.suspects)
         if running is not None:
             self._fail(running, kind, error)
-        elif ambiguous and kind in faults.OOM_KINDS:
-            # one of the two oldest was running: never again the smaller of their sizes
-            self._lower_budget(kind, min(t.padded_tokens for t in tasks[:2]))
+        elif who.forbid_tokens is not None or (not tasks
+                                                and faults.idle_death_lowers_budget(kind)):
+            # an OOM kill nobody is charged with (one of the two oldest was running), or one
+            # of an idle actor: memory is tight; never again the size that may have run
+            self._lower_budget(kind, who.forbid_tokens)
 
     def _check_deadlines(self, actors: ActorSet) -> None:
-        """The hang rule of the local pool (``FaultPolicy.hang_check``) for each actor's
-        running task: warn at 60% of its deadline, kill and replace the actor at 100%."""
-        now = time.monotonic()
-        policy = self._work.policy
-        for slot in list(actors.slots):
-            if not slot.ready or not slot.inflight:
-                continue
-            task = slot.inflight[0][1]
-            silent = now - slot.head_started
-            verdict = policy.hang_check(silent, task.padded_tokens, slot.warned)
-            if verdict == "ok":
-                continue
-            deadline = policy.deadline_s(task.padded_tokens)
-            fields = {**slot.fields(), "silent_s": round(silent, 2),
-                      "deadline_s": round(deadline, 2), **task.describe()}
-            if verdict == "warn":
+        """The local pool's hang rule (``faults.hang_verdicts``) for each actor's running task:
+        warn at 60% of its deadline, kill and replace the actor at 100%."""
+        for v in faults.hang_verdicts(self._work.policy, self._running(actors),
+                                      time.monotonic()):
+            slot: Slot = v.key
+            fields = {**slot.fields(), **v.fields(), **slot.inflight[0][1].describe()}
+            if v.verdict == "warn":
                 slot.warned = True
                 self._emit(events.WORKER_HUNG_WARNING, **fields)
                 continue
             self._work.counters.hung_kills += 1
             self._emit(events.WORKER_HUNG_KILL, **fields)
-            reason = f"hung: silent {silent:.1f} s, deadline {deadline:.1f} s"
-            self._actor_died(actors, slot, PoolError(reason), FailureKind.HUNG, hung=reason)
+            self._actor_died(actors, slot, PoolError(v.reason), FailureKind.HUNG, hung=v.reason)
+
+    @staticmethod
+    def _running(actors: ActorSet) -> list[faults.Running]:
+        """Each actor's running task (the oldest unfinished), for the hang rule."""
+        return [faults.Running(s, s.head_started, s.inflight[0][1].padded_tokens, s.warned)
+                for s in actors.slots if s.ready and s.inflight]
 
     def _disconnect(self) -> None:
         if self._owns_ray and self._ray.is_initialized():
