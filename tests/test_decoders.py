@@ -276,7 +276,31 @@ def test_memory_is_planned_linear_in_length(fx: Fixture) -> None:
     assert mem.weights >= 4 * 30_000 and mem8.weights < mem.weights
 
 
-# --- through the pool, the CLI and serve -----------------------------------------------------
+def test_fp16_graph_on_the_cpu_provider(fx: Fixture, tmp_path: Path) -> None:
+    """The GPU graph (encoder in float16, GroupQueryAttention included; head in float32),
+    run on ONNX Runtime's CPU provider: cos >= 0.999 against the reference."""
+    path = prepare_onnx(fx.model, "fp16", tmp_path)
+    graph = onnx.load(str(path))
+    gqa = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa and graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    cos = cosines(run_graph(graph, fx), fx.vectors)
+    assert cos.min() >= 0.999, cos
+
+
+# --- through the pool, the CLI, serve and Ray -------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_backend_matches_reference(ray_cluster: Any, tmp_path: Path) -> None:
+    """The Ray backend's actors build and run the same graph: equal to the reference, with
+    the query prompt."""
+    from embedpool.job import Embedder
+
+    fx = load_fixture("qwen3")
+    with Embedder(fx.model, precision="fp32", backend="ray") as e:
+        assert cosines(e.embed(fx.texts), fx.vectors).min() >= 0.9999
+        got = e.embed(fx.texts, prompt_name="query")
+        assert cosines(got, fx.query_vectors).min() >= 0.9999
 
 @pytest.mark.slow
 def test_pool_matches_reference_with_prompts(fx: Fixture, tmp_path: Path,
