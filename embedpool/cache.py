@@ -26,9 +26,15 @@ immediate one cannot). Each transaction is short (one batch), so nobody waits lo
 Schema (version :data:`SCHEMA_VERSION`, in ``meta``)::
 
     fingerprints(id INTEGER PRIMARY KEY, fingerprint TEXT UNIQUE)   -- 32-char hex -> small int
-    vectors(id INTEGER PRIMARY KEY, fp, key BLOB(32), used, vec BLOB)
+    vectors(id INTEGER PRIMARY KEY, fp, key BLOB(32), used, vec BLOB, truncated)
         UNIQUE INDEX (fp, key)       -- the lookup
         INDEX (used)                 -- prune by age / LRU
+
+``truncated`` remembers that the text lost tokens (truncate mode), so a job served from the
+cache reports truncation as the first run did: 1 or 0 as the writer said, NULL in rows
+written before the column existed (added in place when a file without it is opened for
+writing). A caller that asks for the flag treats a NULL row as a miss and embeds the text
+again once; callers that do not (rerank logits) read every row.
 
 ``vectors`` is a rowid table on purpose: a WITHOUT ROWID table keeps at most ~1000 bytes of a
 row on its b-tree page, so every 384-dim vector (1,536 bytes) spilled to an overflow page and
@@ -99,7 +105,7 @@ _SCHEMA = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE fingerprints (id INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE)",
     "CREATE TABLE vectors (id INTEGER PRIMARY KEY, fp INTEGER NOT NULL, key BLOB NOT NULL,"
-    " used INTEGER NOT NULL, vec BLOB NOT NULL)",
+    " used INTEGER NOT NULL, vec BLOB NOT NULL, truncated INTEGER)",
     "CREATE UNIQUE INDEX vectors_key ON vectors (fp, key)",
     "CREATE INDEX vectors_used ON vectors (used)",
 )
@@ -202,6 +208,9 @@ class VectorCache:
         self._fp_ids: dict[str, int] = {}
         self._pending_touch: dict[int, set[bytes]] = {}
         self._closed = False
+        #: The file has the ``truncated`` column (a file written before it, opened read-only,
+        #: does not: every flag then reads as unknown).
+        self._has_flags = True
 
     # ------------------------------------------------------------------ opening
 
@@ -257,7 +266,24 @@ class VectorCache:
             raise
         cache = cls(path, conn, readonly=readonly, busy_timeout_s=busy_timeout_s)
         cache._load_fingerprints()
+        cache._has_flags = cache._flag_column()
         return cache
+
+    def _flag_column(self) -> bool:
+        """Whether ``vectors`` has the ``truncated`` column, adding it to a file written
+        before it existed (when writable; two processes may race: the loser sees it there)."""
+        def present() -> bool:
+            return any(r[1] == "truncated" for r in self._conn.execute(
+                "PRAGMA table_info(vectors)"))
+        try:
+            if present() or self.readonly:
+                return present()
+            with contextlib.suppress(sqlite3.OperationalError):  # "duplicate column"
+                self._conn.execute("ALTER TABLE vectors ADD COLUMN truncated INTEGER")
+            return present()
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise _corrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _prepare(conn: sqlite3.Connection, path: Path, *, readonly: bool) -> None:
@@ -319,11 +345,14 @@ class VectorCache:
 
     # ------------------------------------------------------------------ lookups and writes
 
-    def get_many(self, fingerprint: str, keys: Sequence[bytes]) -> dict[bytes, Vectors]:
+    def get_many(self, fingerprint: str, keys: Sequence[bytes], *,
+                 truncated: set[bytes] | None = None) -> dict[bytes, Vectors]:
         """The cached vectors among ``keys`` (hits only), each float32 of shape (dim,).
 
-        Duplicate keys are looked up once; hits/misses count distinct keys. Never raises for a
-        database error: it disables the cache's reads and reports misses.
+        ``truncated``: when given, the hits whose text was truncated are added to it, and a
+        row that does not know (written before the flag) is a miss. Duplicate keys are
+        looked up once; hits/misses count distinct keys. Never raises for a database error:
+        it disables the cache's reads and reports misses.
         """
         unique = list(dict.fromkeys(keys))
         found: dict[bytes, Vectors] = {}
@@ -338,12 +367,18 @@ class VectorCache:
                 fp_id = self._fp_id(fingerprint, create=False)
                 for chunk in _chunks(unique if fp_id is not None else [], LOOKUP_CHUNK):
                     marks = ",".join("?" * len(chunk))
+                    flag = "truncated" if self._has_flags else "NULL"
                     rows = conn.execute(
-                        f"SELECT key, used, vec FROM vectors WHERE fp = ? AND key IN ({marks})",
-                        (fp_id, *chunk))
-                    for key, used, blob in rows:
+                        f"SELECT key, used, vec, {flag} FROM vectors WHERE fp = ? AND key IN "
+                        f"({marks})", (fp_id, *chunk))
+                    for key, used, blob, cut in rows:
                         if len(blob) % 4:
                             continue  # a damaged value is a miss (it gets overwritten)
+                        if truncated is not None:
+                            if cut is None:
+                                continue  # truncation unknown: embedded again, once
+                            if cut:
+                                truncated.add(bytes(key))
                         found[bytes(key)] = np.frombuffer(blob, dtype=_FLOAT32_LE).astype(
                             np.float32)
                         if used < stale_before:
@@ -360,8 +395,10 @@ class VectorCache:
             self.misses += len(unique) - len(found)
         return found
 
-    def put_many(self, fingerprint: str, items: Iterable[tuple[bytes, Vectors]]) -> None:
-        """Store ``(key, vector)`` pairs in one transaction (call once per finished batch).
+    def put_many(self, fingerprint: str, items: Iterable[tuple[bytes, Vectors]], *,
+                 truncated: Collection[bytes] = ()) -> None:
+        """Store ``(key, vector)`` pairs in one transaction (call once per finished batch);
+        ``truncated``: the keys whose text was truncated.
 
         Never raises for a database error: the first failure disables writes for the rest of
         the job (see :attr:`disabled_reason`) and logs one warning.
@@ -370,7 +407,8 @@ class VectorCache:
         with self._lock:
             if self.disabled or self.readonly or self._closed:
                 return
-            rows: list[tuple[int, bytes, int, bytes]] = []
+            rows: list[tuple[int, bytes, int, bytes, int]] = []
+            cut = set(truncated)
             conn = self._connection()
             try:
                 conn.execute("BEGIN IMMEDIATE")
@@ -381,9 +419,9 @@ class VectorCache:
                         arr = np.asarray(vec, dtype=_FLOAT32_LE)
                         if arr.ndim != 1:
                             raise ValueError(f"a cached vector must be 1-D, got shape {arr.shape}")
-                        rows.append((fp_id, bytes(key), now, arr.tobytes()))
-                    conn.executemany("INSERT OR REPLACE INTO vectors (fp, key, used, vec) "
-                                     "VALUES (?, ?, ?, ?)", rows)
+                        rows.append((fp_id, bytes(key), now, arr.tobytes(), int(key in cut)))
+                    conn.executemany("INSERT OR REPLACE INTO vectors (fp, key, used, vec, "
+                                     "truncated) VALUES (?, ?, ?, ?, ?)", rows)
                     self._write_touches(conn, now)
                     conn.execute("COMMIT")
                 except BaseException:
@@ -643,11 +681,20 @@ class BoundCache:
         self.cache = cache
         self.fingerprint = fingerprint
 
-    def get_many(self, texts: Sequence[str], prompt: str = "") -> list[np.ndarray | None]:
+    def get_many(self, texts: Sequence[str], prompt: str = "",
+                 truncated: list[bool] | None = None) -> list[np.ndarray | None]:
+        """Per text its cached vector or None; ``truncated`` (when given) gets, per text,
+        whether it was truncated (False for misses)."""
         keys = [text_key(t, prompt) for t in texts]
-        found = self.cache.get_many(self.fingerprint, keys)
+        cut: set[bytes] | None = None if truncated is None else set()
+        found = self.cache.get_many(self.fingerprint, keys, truncated=cut)
+        if truncated is not None and cut is not None:
+            truncated[:] = [k in cut for k in keys]
         return [found.get(k) for k in keys]
 
-    def put_many(self, texts: Sequence[str], vectors: np.ndarray, prompt: str = "") -> None:
-        self.cache.put_many(self.fingerprint, [(text_key(t, prompt), v)
-                                               for t, v in zip(texts, vectors, strict=True)])
+    def put_many(self, texts: Sequence[str], vectors: np.ndarray, prompt: str = "",
+                 truncated: Sequence[bool] | None = None) -> None:
+        keys = [text_key(t, prompt) for t in texts]
+        cut = [k for k, c in zip(keys, truncated, strict=True) if c] if truncated else []
+        self.cache.put_many(self.fingerprint, list(zip(keys, vectors, strict=True)),
+                            truncated=cut)

@@ -42,9 +42,11 @@ class VectorCacheHook(Protocol):
     keys are the texts and the call's prompt; the cache itself is bound to the model's
     fingerprint."""
 
-    def get_many(self, texts: Sequence[str], prompt: str = "") -> list[Vectors | None]: ...
+    def get_many(self, texts: Sequence[str], prompt: str = "",
+                 truncated: list[bool] | None = None) -> list[Vectors | None]: ...
 
-    def put_many(self, texts: Sequence[str], vectors: Vectors, prompt: str = "") -> None: ...
+    def put_many(self, texts: Sequence[str], vectors: Vectors, prompt: str = "",
+                 truncated: Sequence[bool] | None = None) -> None: ...
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Prepared:
     encoded: Encoded
     #: Per unique text: tokens were dropped (truncate mode), and its tokens as fed to the
     #: model (the sum over its windows); known for every text with ``tokenize_all``, else
-    #: for the missing ones (0 and False for the hits).
+    #: for the missing ones (a hit: 0 tokens, and truncated as the cache remembers it).
     truncated: list[bool]
     tokens: list[int]
     prompt: str
@@ -100,7 +102,8 @@ class Prepared:
         to ``cache``, whole (before any ``dimensions`` cut)."""
         us = [self.missing[k] for k in which]
         if cache is not None and us:
-            cache.put_many([self.texts[u] for u in us], self.vectors[us], self.prompt)
+            cache.put_many([self.texts[u] for u in us], self.vectors[us], self.prompt,
+                           [self.truncated[u] for u in us])
 
     def rows(self) -> Vectors:
         """(n_inputs, dim): one row per input, in input order (the dedupe undone)."""
@@ -117,15 +120,16 @@ def prepare(texts: Sequence[str], tokenizer: TextTokenizer, long_text: LongTextM
     uniq, inverse = dedupe(texts)
     vectors = np.zeros((len(uniq), dim), dtype=np.float32)
     missing = list(range(len(uniq)))
+    truncated = [False] * len(uniq)
     if cache is not None and uniq:
-        found = cache.get_many(uniq, prompt)
+        # the cache remembers truncation: a hit reports it as its first run did
+        found = cache.get_many(uniq, prompt, truncated)
         missing = []
         for u, vec in enumerate(found):
             if vec is None:
                 missing.append(u)
             else:
                 vectors[u] = vec
-    truncated = [False] * len(uniq)
     tokens = [0] * len(uniq)
     if tokenize_all and len(missing) < len(uniq):
         every = tokenizer.encode(uniq, long_text, prompt=prompt)

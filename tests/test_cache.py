@@ -595,3 +595,39 @@ def test_job_keeps_reading_after_a_write_failure(db: Path) -> None:
         again = emb.embed(old)
         assert emb.last_report.cache_hits == len(old)
     np.testing.assert_array_equal(again, first)
+
+
+def test_truncation_flag_round_trips_and_old_rows_are_misses_for_it(db: Path) -> None:
+    """The cache remembers which texts were truncated (issue 22). A file written before the
+    column existed gets it on open; its rows do not know, so a caller that asks for the flag
+    embeds them again (a miss), while a caller that does not (rerank logits) still hits."""
+    keys = keys_for(3)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:  # as the old embedpool wrote it
+        conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("CREATE TABLE fingerprints (id INTEGER PRIMARY KEY, "
+                     "fingerprint TEXT NOT NULL UNIQUE)")
+        conn.execute("CREATE TABLE vectors (id INTEGER PRIMARY KEY, fp INTEGER NOT NULL, "
+                     "key BLOB NOT NULL, used INTEGER NOT NULL, vec BLOB NOT NULL)")
+        conn.execute("CREATE UNIQUE INDEX vectors_key ON vectors (fp, key)")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        conn.execute("INSERT INTO fingerprints VALUES (1, ?)", (FP,))
+        conn.execute("INSERT INTO vectors (fp, key, used, vec) VALUES (1, ?, ?, ?)",
+                     (keys[0], int(time.time()), vector_for(keys[0]).tobytes()))
+    with VectorCache.open(db) as cache:
+        assert set(cache.get_many(FP, keys)) == {keys[0]}  # no flag asked: a hit
+        flags: set[bytes] = set()
+        assert cache.get_many(FP, keys, truncated=flags) == {}  # unknown flag: a miss
+        cache.put_many(FP, [(k, vector_for(k)) for k in keys], truncated=[keys[1]])
+        flags = set()
+        assert set(cache.get_many(FP, keys, truncated=flags)) == set(keys)
+        assert flags == {keys[1]}
+    bound = BoundCache(VectorCache.open(db, readonly=True), FP)
+    texts = ["short", "long one"]
+    with VectorCache.open(db) as cache:
+        BoundCache(cache, FP).put_many(texts, np.stack([vector_for(b"x"), vector_for(b"y")]),
+                                       truncated=[False, True])
+    got: list[bool] = []
+    assert all(v is not None for v in bound.get_many(texts, "", got))
+    assert got == [False, True]
+    bound.cache.close()
