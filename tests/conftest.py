@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-from embedpool.models import ResolvedModel
+#: The suite's own cache directory (ONNX graphs, vector caches), whatever the environment
+#: says: a user who runs the tests with EMBEDPOOL_CACHE_DIR set to their real cache must not
+#: find the suite's fixture graphs there (62 of them, 155 MB, once). Kept between runs (it
+#: is the clone's, gitignored) so graphs are built once; EMBEDPOOL_TEST_CACHE_DIR moves it.
+#: Set before embedpool is imported: every subprocess and Ray worker inherits it.
+SUITE_CACHE_DIR = Path(os.environ.get("EMBEDPOOL_TEST_CACHE_DIR")
+                       or Path(__file__).resolve().parents[1] / ".test-cache")
+os.environ["EMBEDPOOL_CACHE_DIR"] = str(SUITE_CACHE_DIR)
+
+from embedpool.models import ResolvedModel  # noqa: E402 - after the cache directory is set
 
 pytest_plugins = ["ci_rules", "pytester"]
 
@@ -41,7 +51,7 @@ OBJECT_STORE_BYTES = 200 * 1024 * 1024
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+def ray_cluster() -> Iterator[ModuleType]:
     """The ``ray`` module, connected to a cluster with at least 2 CPUs."""
     from ci_rules import missing, ray_reason
 
@@ -56,9 +66,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        # Workers inherit the driver's environment on a local instance: keep their model
-        # cache out of the user's real cache directory.
-        os.environ.setdefault("EMBEDPOOL_CACHE_DIR", str(tmp_path_factory.mktemp("ray-cache")))
+        # Workers inherit the driver's environment on a local instance: their model cache
+        # is the suite's (SUITE_CACHE_DIR), never the user's.
         os.environ.setdefault("RAY_worker_niceness", "0")  # as RayExecutor's own instance
         ray.init(address="local", num_cpus=2, include_dashboard=False,
                  object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
