@@ -1,20 +1,24 @@
 """The embedding job: texts in, vectors out in input order, through any executor.
 
-    texts ──window of WINDOW_ITEMS──▶ dedupe ──▶ cache lookup ──misses──▶ tokenize
-       (next window prepared in a       │                                    │
-        background thread meanwhile)    │hits                       plan_batches (token budget)
-                                        ▼                                    ▼
-    caller ◀── window vectors in ◀── assemble ◀── BatchResults ◀── executor.run (in-process,
-               input order             (windows averaged,            pool or Ray; any order)
-                                        cache written per batch)
+    any iterable ──window (64, 128, ... WINDOW_ITEMS items)──▶ prepare.prepare: dedupe,
+    (read lazily; the next window is read and prepared     cache lookup, tokenise the misses
+     in a background thread while this one runs)                      │
+                                                            plan_batches (token budget)
+                                                                      ▼
+    caller ◀── window vectors in ◀── prepare.Assembly ◀── BatchResults ◀── executor.run
+               input order, with     (windows averaged,                   (placement.
+               their ids             cache written per batch)             start_executor)
 
 A call's prompt (explicit, named, or the model's default) is resolved once (``options``): it is
 tokenised with every text and keys the cache with it; ``dimensions`` cut the finished vectors
 (the cache keeps them whole).
 
-Windows bound memory (a 1M-chunk job never holds more than one window of vectors beyond what
-the caller keeps) and let output stream in input order. Every finished batch is written to the
-cache at once, so an interrupted job loses only its in-flight batches and a rerun resumes.
+Windows bound memory whatever the input's size: the job holds the window it runs, the next
+one it prepares and the one the caller writes (texts, tokens, vectors), never the input. The
+first window is small so the first vectors are out in seconds; windows then double up to
+WINDOW_ITEMS, where length sorting wastes little padding. Every finished batch is written to
+the cache at once, so an interrupted job loses only its in-flight batches and a rerun resumes.
+The steps either side of the executor are ``prepare.py``'s, which the server shares.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ log = logging.getLogger(__name__)
 #: Items prepared, batched and assembled together. Larger windows sort better (less padding)
 #: but hold more vectors and tokens in memory: 8192 x 384 floats is 12 MB.
 WINDOW_ITEMS = 8192
+#: The first window's items; each next window doubles, up to WINDOW_ITEMS. A window's vectors
+#: are written when it is whole, so a small first window puts the first vectors in the
+#: output within seconds (benchmarks/streaming.py) instead of after 8,192 items.
+FIRST_WINDOW_ITEMS = 64
 #: Default precision: "auto" is int8 on the CPU, which meets the quality bar (README
 #: "Precision") at about twice fp32's speed, and fp16 on a GPU (placement.precision_for).
 DEFAULT_PRECISION = "auto"
@@ -247,7 +255,8 @@ class Embedder:
                texts: Iterable[str] | None = None, stop: threading.Event | None = None, *,
                options: CallOptions | None = None, total: int | None = None
                ) -> Iterator[WindowResult]:
-        """Yield one ``WindowResult`` per window of up to WINDOW_ITEMS items, in input order.
+        """Yield one ``WindowResult`` per window, in input order: FIRST_WINDOW_ITEMS items,
+        each next window twice the last, up to WINDOW_ITEMS.
 
         ``items``: any iterable, read lazily window by window (a generator, a file reader;
         no ``len`` needed): texts (their ids are their positions), or ``(id, text)`` pairs
@@ -270,8 +279,8 @@ class Embedder:
         t0 = time.perf_counter()
         source = _pairs(items, texts)
 
-        def take(start: int) -> _Window | None:
-            chunk = list(itertools.islice(source, WINDOW_ITEMS))
+        def take(start: int, size: int) -> _Window | None:
+            chunk = list(itertools.islice(source, size))
             if not chunk:
                 return None
             report.chunks += len(chunk)
@@ -280,15 +289,17 @@ class Embedder:
             return self._prepare_window(start, ids, window_texts, opts.prompt)
 
         with ThreadPoolExecutor(1, thread_name_prefix="embedpool-prepare") as prep:
-            nxt: Future[_Window | None] = prep.submit(take, 0)
+            size = min(FIRST_WINDOW_ITEMS, WINDOW_ITEMS)
+            nxt: Future[_Window | None] = prep.submit(take, 0, size)
             while True:
                 window = nxt.result()
                 if window is None:
                     break
                 start = window.start + len(window.ids)
+                size = min(2 * size, WINDOW_ITEMS)
                 stopped = stop is not None and stop.is_set()
                 if not stopped:  # the next window is read and prepared while this one runs
-                    nxt = prep.submit(take, start)
+                    nxt = prep.submit(take, start, size)
                 ok = self._execute(window, report, stop)
                 report.seconds = time.perf_counter() - t0
                 report.device = self.device
