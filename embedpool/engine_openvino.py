@@ -72,9 +72,9 @@ class OpenVinoEngine(Engine):
         self.threads = threads
         self.precision = precision
         core = ov.Core()
-        try:
-            graph = core.read_model(str(onnx_path))
-            self._compiled = core.compile_model(graph, "CPU", compile_config(threads, precision))
+        try:  # compiled from the file: no ov.Model copy of the weights stays in Python
+            self._compiled = core.compile_model(str(onnx_path), "CPU",
+                                                compile_config(threads, precision))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise ModelError(f"OpenVINO cannot load {onnx_path}: {exc}") from exc
         self._request = self._compiled.create_infer_request()
@@ -84,7 +84,7 @@ class OpenVinoEngine(Engine):
         shape = [d.get_length() if d.is_static else "?" for d in out.get_partial_shape()]
         self._port = out
         self._bind(onnx_path, head=head, dim=dim, head_in_graph=head_in_graph,
-                   inputs={i.get_any_name() for i in graph.inputs},
+                   inputs={i.get_any_name() for i in self._compiled.inputs},
                    output=out.get_any_name(), output_shape=shape)
         self._segments = segments  # a cross-encoder's token types (Engine.embed)
 

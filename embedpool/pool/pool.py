@@ -83,7 +83,14 @@ def _model_memory(spec: Any) -> ModelMemory | None:
         return None
     from embedpool.graph.families import model_memory
 
-    return model_memory(model, precision)
+    if getattr(spec, "runtime", "onnxruntime") != "openvino":
+        return model_memory(model, precision)
+    from embedpool.runtimes import OPENVINO_EXTRA_RSS
+
+    # OpenVINO reads the fp32 graph (bf16 too) and holds more than ONNX Runtime beside it
+    memory = model_memory(model, "fp32")
+    return None if memory is None else dataclasses.replace(
+        memory, weights=memory.weights + OPENVINO_EXTRA_RSS)
 
 
 class Pool:
