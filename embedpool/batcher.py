@@ -118,6 +118,8 @@ class _Request:
     n_items: int
     future: Future[Vectors] = field(default_factory=Future)
     prompt_length: int = 0  # of every sequence: one request has one prompt
+    #: Per sequence instead (a rerank request: each pair's first segment, rerank.py).
+    prompt_lengths: list[int] | None = None
     #: The rows so far, folded into one vector per input (``prepare.Assembly``).
     assembly: Assembly | None = None
 
@@ -202,10 +204,14 @@ class MicroBatcher:
 
     # ------------------------------------------------------------------ public facade
     def submit(self, sequences: Sequence[TokenIds], owner: Sequence[int], n_items: int,
-               prompt_length: int = 0) -> Ticket:
+               prompt_length: int = 0, prompt_lengths: Sequence[int] | None = None) -> Ticket:
         """Queue one request's sequences, each starting with a prompt of ``prompt_length``
-        tokens (``tokenization.Encoded.prompt_length``); raises ``QueueFull`` or
-        ``PoolUnavailable``."""
+        tokens (``tokenization.Encoded.prompt_length``), or of ``prompt_lengths[i]`` tokens
+        each (a rerank request's pairs: ``WorkBatch.prompt_lengths``); raises ``QueueFull``
+        or ``PoolUnavailable``."""
+        if prompt_lengths is not None and len(prompt_lengths) != len(sequences):
+            raise ValueError(f"{len(prompt_lengths)} prompt lengths for {len(sequences)} "
+                             "sequences")
         tokens = sum(len(s) for s in sequences)
         fut: Future[Vectors] = Future()
         with self._cond:
@@ -220,7 +226,9 @@ class MicroBatcher:
             if queued > 0 and queued + tokens > self.max_queue_tokens:
                 raise QueueFull(queued, tokens, self.max_queue_tokens, self._retry_after(queued))
             req = _Request(next(self._ids), list(sequences), list(owner), n_items, fut,
-                           prompt_length=prompt_length)
+                           prompt_length=prompt_length,
+                           prompt_lengths=None if prompt_lengths is None
+                           else list(prompt_lengths))
             if not sequences:
                 _settle(fut, result=np.zeros((0, 0), dtype=np.float32))
                 return Ticket(req.rid, fut, 0)
@@ -334,7 +342,8 @@ class MicroBatcher:
         for plan in plan_batches(lengths, self.batch_tokens, self.max_batch_items):
             slots = [window[j] for j in plan.indices]
             # requests with different prompts share batches: a prompt length per sequence
-            plens = tuple(req.prompt_length for req, _ in slots)
+            plens = tuple(req.prompt_length if req.prompt_lengths is None
+                          else req.prompt_lengths[i] for req, i in slots)
             batch = WorkBatch(next(self._batch_ids),
                               tuple(req.sequences[i] for req, i in slots),
                               tuple(f"request {req.rid} input {req.owner[i]}" for req, i in slots),

@@ -628,13 +628,17 @@ def cache_clear(cache_path: Path | None) -> None:
               help="ray: one endpoint in front of Ray actors (--workers N: N actors).")
 @click.option("--ray-address", default=None,
               help="Ray cluster address (default: RAY_ADDRESS or a private local Ray).")
+@click.option("--reranker", default=None,
+              help="A cross-encoder served on /v1/rerank, /v2/rerank and /rerank beside the "
+                   "embedding model (its own workers, the same options).")
 def serve(host: str, port: int, model: str, precision: str, engine: str, device: str,
           cpu_workers: int | None, long_text: str, workers: str,
           profile: str, max_memory: str | None, api_key: str | None, max_items: int,
           max_request_bytes: str, max_queue_tokens: int, batch_tokens: int | None,
           max_wait_ms: float,
           served_model_name: tuple[str, ...], request_timeout: float, cache_path: Path | None,
-          no_cache: bool, log_level: str, backend: str, ray_address: str | None) -> None:
+          no_cache: bool, log_level: str, backend: str, ray_address: str | None,
+          reranker: str | None) -> None:
     """Serve an OpenAI-compatible embeddings API (POST /v1/embeddings) on the worker pool."""
     from embedpool.models import resolve_model
     from embedpool.placement import executor_factory, place
@@ -679,8 +683,16 @@ def serve(host: str, port: int, model: str, precision: str, engine: str, device:
     factory = executor_factory(resolved, placement, workers=actors if backend == "ray" else w,
                                pool_options=pool_opts, backend=backend,
                                ray_address=ray_address)
+    rerank_setup = None
+    if reranker is not None:
+        from embedpool.cli_rerank import reranker_setup
+
+        rerank_setup = reranker_setup(reranker, device=device, precision=precision,
+                                      workers=w, pool_options=pool_opts, backend=backend,
+                                      ray_address=ray_address, actors=actors,
+                                      cache_path=cache_path, no_cache=no_cache)
     try:
-        run_server(settings, factory, cache=hook)
+        run_server(settings, factory, cache=hook, reranker=rerank_setup)
     except (ConfigError, ModelError) as exc:  # raised while starting: a bad --ray-address
         _fail(str(exc), EXIT_USAGE)
     except EmbedpoolError as exc:
@@ -736,3 +748,13 @@ def _cores() -> int:
     from embedpool.engine import usable_cores
 
     return usable_cores()
+
+
+def _register_commands() -> None:
+    """Commands kept in modules of their own (``rerank``: cli_rerank.py)."""
+    from embedpool.cli_rerank import rerank
+
+    main.add_command(rerank)
+
+
+_register_commands()

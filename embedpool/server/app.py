@@ -58,6 +58,8 @@ from embedpool.server.openai import (
     truncation_headers,
 )
 from embedpool.server.readiness import STARTING, Readiness, SharedProbe, probe_once
+from embedpool.server.rerank import ROUTES as RERANK_ROUTES
+from embedpool.server.rerank import RerankerSetup, RerankService, register_rerank_routes
 from embedpool.server.service import EmbeddingService, Runtime, VectorCacheHook
 from embedpool.server.settings import ServerSettings
 from embedpool.server.tei import ROUTES as TEI_ROUTES
@@ -67,7 +69,7 @@ from embedpool.types import Precision
 
 #: Routes counted by name in the request metrics; anything else counts as "other".
 ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/health",
-                    "/ready", "/metrics", *OLLAMA_ROUTES, *TEI_ROUTES})
+                    "/ready", "/metrics", *OLLAMA_ROUTES, *TEI_ROUTES, *RERANK_ROUTES})
 
 _bearer = HTTPBearer(auto_error=False, description="The key given by --api-key or "
                                                    "EMBEDPOOL_API_KEY.")
@@ -152,7 +154,8 @@ class _App:
     """One app's state and its route handlers."""
 
     def __init__(self, settings: ServerSettings, factory: Callable[[], SubmitExecutor],
-                 model: ResolvedModel, cache: VectorCacheHook | None) -> None:
+                 model: ResolvedModel, cache: VectorCacheHook | None,
+                 reranker: RerankerSetup | None = None) -> None:
         self.settings = settings
         self.factory = factory
         self.model = model
@@ -167,6 +170,9 @@ class _App:
                                         cache)
         self.probe = SharedProbe(self._probe, settings.ready_reuse_s)
         self.probe_input = tokenizer.encode(["ready"])
+        #: ``serve --reranker``: the rerank routes' model, started and stopped with the app.
+        self.reranker = (RerankService(settings, reranker, self.metrics)
+                         if reranker is not None else None)
 
     # ------------------------------------------------------------ lifespan
     @asynccontextmanager
@@ -192,9 +198,13 @@ class _App:
             max_inflight=s.max_inflight_batches,
             on_batch=lambda b: self.metrics.batch_tokens.observe(b.padded_tokens),
             normalize_windows=self.normalize)
+        if self.reranker is not None:
+            await self.reranker.start()
 
     async def stop(self) -> None:
         # uvicorn has already waited for the requests in flight (graceful shutdown).
+        if self.reranker is not None:
+            await self.reranker.stop()
         rt = self.runtime
         batcher, executor = rt.batcher, rt.executor
         rt.batcher = None
@@ -292,11 +302,13 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: ServerSettings,
                executor_factory: Callable[[], SubmitExecutor] | None = None, *,
                model: ResolvedModel | None = None,
-               cache: VectorCacheHook | None = None) -> FastAPI:
-    """Build the app. The executor is created by the lifespan (on startup), not here."""
+               cache: VectorCacheHook | None = None,
+               reranker: RerankerSetup | None = None) -> FastAPI:
+    """Build the app. The executor is created by the lifespan (on startup), not here.
+    ``reranker``: a cross-encoder served on the rerank routes (server/rerank.py)."""
     resolved = model if model is not None else resolve_model(settings.model)
     factory = executor_factory or default_executor_factory(resolved, settings.precision)
-    a = _App(settings, factory, resolved, cache)
+    a = _App(settings, factory, resolved, cache, reranker)
     app = FastAPI(title="embedpool", version="0.1.0", lifespan=a.lifespan,
                   description="OpenAI-compatible embeddings on a local worker pool.")
     app.add_middleware(_MetricsMiddleware, metrics=a.metrics)
@@ -332,27 +344,32 @@ def create_app(settings: ServerSettings,
     # The Ollama and TEI dialects: the same key, limits and admission, their error shapes.
     register_ollama(app, a, auth)
     register_tei(app, a, auth)
+    if a.reranker is not None:
+        register_rerank_routes(app, a.reranker, settings, auth)
     app.state.metrics = a.metrics  # for tests
     app.state.runtime = a.runtime
+    app.state.rerank_startup_error = lambda: (a.reranker.runtime.startup_error
+                                              if a.reranker is not None else None)
     return app
 
 
 def run_server(settings: ServerSettings,
                executor_factory: Callable[[], SubmitExecutor] | None = None, *,
-               cache: VectorCacheHook | None = None) -> None:
+               cache: VectorCacheHook | None = None,
+               reranker: RerankerSetup | None = None) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn drains requests in flight, then the lifespan closes
     the pool. If the executor cannot be built, its error is raised here (uvicorn only logs
     it), so that the command line can exit with its code."""
     import uvicorn
 
-    app = create_app(settings, executor_factory, cache=cache)
+    app = create_app(settings, executor_factory, cache=cache, reranker=reranker)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
                             log_level=settings.log_level,
                             timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s))
     try:
         uvicorn.Server(config).run()
     except SystemExit:  # uvicorn's exit 3 after a failed startup
-        error = app.state.runtime.startup_error
+        error = app.state.runtime.startup_error or app.state.rerank_startup_error()
         if error is not None:
             raise error from None
         raise
