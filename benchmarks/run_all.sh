@@ -23,4 +23,7 @@ $P benchmarks/ray_bench.py --chunks 400 --rounds 1 | tee bench-out/ray.txt
 $P benchmarks/worker_rss.py | tee bench-out/worker-rss.txt
 # 5. prompt overhead (a prompt vs the same texts prefixed by hand, one process)
 $P benchmarks/prompt_overhead.py --chunks 1000 --rounds 3 | tee bench-out/prompt-overhead.txt
+# 6. the Ollama and TEI dialects' per-request overhead against the OpenAI route (one server)
+$P benchmarks/dialect_overhead.py --engine fake --rounds 12 --per-round 8 | tee bench-out/dialect-overhead-fake.txt
+$P benchmarks/dialect_overhead.py --rounds 8 --per-round 4 | tee bench-out/dialect-overhead.txt
 uptime | tee -a bench-out/uptime.txt
