@@ -300,6 +300,34 @@ def _in_subprocess(runner: str, cfg: BenchConfig) -> dict[str, Any]:
     return result
 
 
+#: The modules each sentence-transformers backend imports (checked before anything runs).
+ST_MODULES = {"torch": ("sentence_transformers", "torch"),
+              "onnx": ("sentence_transformers", "torch", "optimum.onnxruntime"),
+              "openvino": ("sentence_transformers", "torch", "optimum.intel")}
+
+
+def _check_peer(cfg: BenchConfig) -> None:
+    """A ``--compare st-*`` peer whose packages are missing is refused before anything runs
+    (ConfigError: exit 2), naming the pip command."""
+    if not (cfg.compare or "").startswith("st-"):
+        return
+    backend = (cfg.compare or "").split("-")[1]
+    python = cfg.peer_python or sys.executable
+    probe = "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in " \
+            f"{ST_MODULES[backend]!r}) else 3)"
+    try:
+        ok = subprocess.run([python, "-c", probe], capture_output=True, timeout=120,
+                            check=False).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if not ok:
+        from embedpool.errors import ConfigError
+
+        raise ConfigError(f"--compare {cfg.compare} needs {', '.join(ST_MODULES[backend])} in "
+                          f"{python}: pip install {ST_INSTALL[backend]} there, or pass "
+                          "--peer-python with a Python that has them")
+
+
 def _compare(cfg: BenchConfig, m: Any, ours: dict[str, Any], mine: Path | None,
              echo: Callable[[str], None]) -> dict[str, Any]:
     """The peer's run; for a sentence-transformers peer (given the model's directory), also
@@ -324,6 +352,7 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
     from embedpool.tokenization import TextTokenizer
 
     m = resolve_model(cfg.model)
+    _check_peer(cfg)
     texts = _corpus(cfg.chunks, cfg.input)
     stats = token_stats(TextTokenizer.for_model(m).count(texts), m.max_length)
     what = (f"of {cfg.input}" if cfg.input else
