@@ -16,8 +16,10 @@ Shapes and codes follow Ollama's server (``server/routes.go``, ``api/types.go``)
   the tokens fed to the model; durations are nanoseconds;
 * ``/api/embeddings`` (the older route): ``prompt`` -> ``embedding``, the model's own vector
   (not normalised again, as in Ollama);
-* model names: the served names, each also with Ollama's default tag ``:latest``; a request
-  without ``model`` gets the served model (Ollama requires one; embedpool serves one);
+* model names: the served names, each also with Ollama's default tag ``:latest``, and
+  Ollama's library names of the same models (``all-minilm``, ``nomic-embed-text``,
+  ``mxbai-embed-large``, ``bge-m3``); a request without ``model`` gets the served model
+  (Ollama requires one; embedpool serves one);
 * ``/api/tags`` and ``/api/ps`` list the served model as ``<name>:latest`` with its weights'
   size, sha256 digest, family and parameter count; ``/api/show`` adds ``model_info``
   (``<family>.embedding_length``, ``<family>.context_length``) and ``capabilities:
@@ -56,6 +58,16 @@ DEFAULT_TAG = ":latest"
 #: Paths counted by name in the request metrics.
 ROUTES = ("/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps",
           "/api/version")
+#: Ollama library names of the models embedpool knows (without a tag: ``:latest``), so a
+#: tool configured for Ollama's model finds the same model here.
+OLLAMA_NAMES = {
+    "all-minilm": "all-MiniLM-L6-v2", "all-minilm:l6": "all-MiniLM-L6-v2",
+    "all-minilm:22m": "all-MiniLM-L6-v2", "all-minilm:l12": "all-MiniLM-L12-v2",
+    "all-minilm:33m": "all-MiniLM-L12-v2", "nomic-embed-text": "nomic-embed-text-v1.5",
+    "nomic-embed-text:v1.5": "nomic-embed-text-v1.5", "mxbai-embed-large": "mxbai-embed-large-v1",
+    "mxbai-embed-large:335m": "mxbai-embed-large-v1", "bge-m3": "bge-m3",
+    "bge-m3:567m": "bge-m3",
+}
 #: Ollama's message for truncate=false and an input longer than the model's window.
 TOO_LONG = "the input length exceeds the context length"
 
@@ -65,6 +77,13 @@ def _render_error(err: ApiError) -> Response:
 
 
 register_dialect("ollama", _render_error, prefixes=("/api/",))
+
+
+def _canonical(name: str) -> str:
+    """A model name without Ollama's default tag, Ollama's library names mapped to
+    embedpool's (``nomic-embed-text`` -> ``nomic-embed-text-v1.5``)."""
+    bare = name.removesuffix(DEFAULT_TAG)
+    return OLLAMA_NAMES.get(bare.lower(), bare)
 
 
 def _bad(message: str) -> ApiError:
@@ -106,9 +125,7 @@ class OllamaRoutes:
             return self.ctx.served.names[0]
         if not isinstance(name, str):
             raise _bad(f"'{field}' must be a string, got {type_name(name)}")
-        served = self.ctx.served
-        if served.lookup(name) is None and (not name.endswith(DEFAULT_TAG) or served.lookup(
-                name[: -len(DEFAULT_TAG)]) is None):
+        if self.ctx.served.lookup(_canonical(name)) is None:
             raise ApiError(404, f"model '{name}' not found", param="model",
                            code="model_not_found")
         return name

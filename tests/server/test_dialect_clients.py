@@ -71,6 +71,8 @@ def test_ollama_embed_equals_openai(ollama: Any, reference: np.ndarray) -> None:
     assert answer.total_duration is not None and answer.total_duration > 0
     single = client.embed(model=f"{MODEL}:latest", input=TEXTS[1])
     assert_same(single.embeddings, reference[1:2])
+    by_ollama_name = client.embed(model="all-minilm", input=TEXTS[1])  # Ollama's library name
+    assert_same(by_ollama_name.embeddings, reference[1:2])
     # Ollama's rule: an empty input embeds nothing
     assert client.embed(model=MODEL, input="").embeddings == []
 
