@@ -641,6 +641,7 @@ def serve(host: str, port: int, model: str, precision: str, engine: str, device:
           reranker: str | None) -> None:
     """Serve an OpenAI-compatible embeddings API (POST /v1/embeddings) on the worker pool."""
     from embedpool.models import resolve_model
+    from embedpool.models.crossencoder import refuse_cross_encoder
     from embedpool.placement import executor_factory, place
     from embedpool.server import ServerSettings, run_server
 
@@ -648,6 +649,7 @@ def serve(host: str, port: int, model: str, precision: str, engine: str, device:
     try:
         actors = _ray_actors(backend, ray_address, workers, pool_opts)
         resolved = resolve_model(model)
+        refuse_cross_encoder(resolved)
         # the device and precision once: the server batches up to the device's budget
         placement = place(resolved, device=device, precision=precision, cpu_workers=cpu_workers,
                           batch_tokens=batch_tokens, backend=backend,

@@ -41,6 +41,7 @@ from embedpool.errors import ConfigError, InputError
 from embedpool.executor import Executor, WorkBatch, run
 from embedpool.graph import graph_id
 from embedpool.models import DEFAULT_MODEL, ResolvedModel, resolve_model
+from embedpool.models.crossencoder import refuse_cross_encoder
 from embedpool.options import CallOptions, resolve_options
 from embedpool.placement import place, prepare_graphs, start_executor
 from embedpool.prepare import Assembly, Prepared, prepare
@@ -167,6 +168,7 @@ class Embedder:
         if backend not in ("local", "ray"):
             raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
         self.model = model if isinstance(model, ResolvedModel) else resolve_model(model)
+        refuse_cross_encoder(self.model)
         # a custom engine recipe (tests) runs where it says: no device detection for it
         custom = (DevicePlan("cpu", (), "a custom engine", parse_device(device))
                   if engine is not None else None)

@@ -289,8 +289,54 @@ def cases(base: Path, tmp: Path) -> list[tuple[str, Case, Callable[[Path], None]
     add("onnx-shipped-dense", "onnx/model.onnx with a Dense head and no Normalize",
         lambda d: (dense_case(d, base, "mean", [(16, 8, True, torch.nn.ReLU(), False)], False),
                    ship(d)), transforms=["shipped-onnx"])
+    # issue 22: lower-casing that transformers 5 rebuilds from config.json or a class name
+    add("tokenizer-class-absent", "tokenizer_config.json without tokenizer_class, model_type "
+        "bert: transformers 5 rebuilds a BertTokenizer, lower-casing (cased tokenizer.json)",
+        lambda d: (old_layout(d, flags("mean"), normalize=True),
+                   edit_json(d / "tokenizer_config.json", tokenizer_class=None)),
+        contrast="mean-old-flags")
+    add("tokenizer-config-missing", "no tokenizer_config.json at all: the same rebuild",
+        lambda d: (old_layout(d, flags("mean"), normalize=True),
+                   (d / "tokenizer_config.json").unlink()),
+        transforms=["delete:tokenizer_config.json"], contrast="mean-old-flags")
+    add("distilbert-tokenizer-class", "tokenizer_class DistilBertTokenizer (a BertTokenizer "
+        "subclass with its own __init__): lower-cased",
+        lambda d: (old_layout(d, flags("mean"), normalize=True),
+                   edit_json(d / "tokenizer_config.json", tokenizer_class="DistilBertTokenizer")),
+        contrast="mean-old-flags")
+    add("electra-tokenizer-strip-accents", "tokenizer_class ElectraTokenizerFast (resolves to "
+        "BertTokenizer) with do_lower_case false, strip_accents true: cased, accents stripped",
+        lambda d: (old_layout(d, flags("mean"), normalize=True),
+                   edit_json(d / "tokenizer_config.json", tokenizer_class="ElectraTokenizerFast",
+                             do_lower_case=False, strip_accents=True)))
+    add("convbert-tokenizer-class", "tokenizer_class ConvBertTokenizer (a BertTokenizer "
+        "subclass without __init__): tokenizer.json as it is, cased",
+        lambda d: (old_layout(d, flags("mean"), normalize=True),
+                   edit_json(d / "tokenizer_config.json", tokenizer_class="ConvBertTokenizer")))
+    # issue 22: shipped graphs that pool by themselves or take other inputs
+    add("onnx-pooled-output", "onnx/model.onnx outputs pooled vectors only (a mean over every "
+        "token) beside model.safetensors, in a directory with include_prompt false and a "
+        "default prompt: sentence-transformers computes from the safetensors, so must embedpool",
+        lambda d: (new_pooling(d, base, "mean", include_prompt=False, prompts=prompts,
+                               default_prompt_name="query"),
+                   test_transform(d, "shipped-onnx-pooled")),
+        transforms=["shipped-onnx-pooled"], contrast="default-prompt")
+    add("onnx-int32-inputs", "onnx/model.onnx whose inputs are int32 (cast inside): fed int32",
+        lambda d: (old_layout(d, flags("cls", "mean"), normalize=True),
+                   test_transform(d, "shipped-onnx-int32")),
+        transforms=["shipped-onnx-int32"])
     out += refusals()
     return out
+
+
+def test_transform(d: Path, kind: str) -> None:
+    """tests/conformance.py's ONNX transforms (one implementation for script and test)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import conformance
+
+    conformance.apply(d, kind)
 
 
 def refusals() -> list[tuple[str, Case, Callable[[Path], None]]]:
@@ -364,6 +410,34 @@ def refusals() -> list[tuple[str, Case, Callable[[Path], None]]]:
         err("weights-bin-only", "only pytorch_model.bin, no safetensors", nothing,
             r"has neither onnx/model\.onnx, model\.onnx nor model\.safetensors\. It has "
             r"pytorch_model\.bin", ["rename:model.safetensors:pytorch_model.bin"]),
+        # issue 22
+        err("onnx-pooled-output-only", "a pooled-output onnx/model.onnx and no safetensors to "
+            "build from", nothing, r"model\.onnx outputs no token states \(sentence_embedding "
+            r"\(rank 2\)\): pooled vectors cannot be checked against the directory's pooling",
+            ["rename:model.safetensors:pytorch_model.bin"], from_case="onnx-pooled-output"),
+        err("onnx-pooled-dense", "a pooled-output onnx/model.onnx beside a Dense module, no "
+            "safetensors", nothing, r"model\.onnx outputs no token states",
+            ["shipped-onnx-pooled", "rename:model.safetensors:pytorch_model.bin"],
+            from_case="onnx-shipped-dense"),
+        err("onnx-renamed-inputs", "onnx/model.onnx whose input_ids input is named ids",
+            nothing, r"model\.onnx has inputs \['ids'\] that embedpool does not feed \(its "
+            r"inputs: ids, attention_mask, token_type_ids\)", ["onnx-rename-input:input_ids:ids"],
+            from_case="onnx-shipped"),
+        err("truncated-onnx", "onnx/model.onnx cut short (a partial download)", nothing,
+            r"model\.onnx is truncated or not an ONNX model .*download it again",
+            ["truncate:onnx/model.onnx"], from_case="onnx-shipped"),
+        err("auto-map-remote-code", "config.json auto_map to jina's remote BERT (ALiBi): "
+            "model_type bert, other maths",
+            lambda d: edit_json(d / "config.json", auto_map={
+                "AutoConfig": "jinaai/jina-bert-implementation--configuration_bert.JinaBertConfig",
+                "AutoModel": "jinaai/jina-bert-implementation--modeling_bert.JinaBertModel"}),
+            r"config\.json: auto_map names remote code \(jinaai/jina-bert-implementation--"
+            r"configuration_bert\.JinaBertConfig\) .*Known remote code: nomic_bert"),
+        err("empty-directory", "an empty directory (a download that never started)", nothing,
+            r"is not a model directory: it has none of config\.json, modules\.json", ["clear"]),
+        err("config-not-object", "config.json is a JSON list", nothing,
+            r"config\.json: expected a JSON object \(the model's configuration\), got list",
+            ["write:config.json:[1, 2, 3]"]),
     ]
 
 
@@ -448,6 +522,91 @@ def export_onnx(d: Path, dest: Path) -> None:
                       opset_version=17)
 
 
+# --- embedpool's table of the tokenizers transformers rebuilds --------------------------------
+
+def check_tokenizer_tables() -> None:
+    """embedpool.models.hf_tokenizer's tables, recomputed from the installed transformers:
+    every class name it resolves (tokenizer modules, its aliases, ``<Model>Tokenizer[Fast]``
+    for every config class) and every model type's registered class, classified as the
+    module classifies them. Fails, naming the difference, when transformers changed."""
+    import importlib
+    import inspect
+    import pkgutil
+    import sys
+    import warnings
+
+    import transformers.models as tm
+    from transformers import BertTokenizer
+    from transformers.models.auto import tokenization_auto as ta
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.mpnet.tokenization_mpnet import MPNetTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from embedpool.models import hf_tokenizer as hf
+
+    warnings.filterwarnings("ignore")
+    generic = ("TokenizersBackend", "PythonBackend", "PreTrainedTokenizerFast",
+               "MistralCommonBackend")
+    names = {v for v in ta.TOKENIZER_MAPPING_NAMES.values() if v}
+    for m in pkgutil.iter_modules(tm.__path__):
+        for sub in (f"tokenization_{m.name}", f"tokenization_{m.name}_fast"):
+            try:
+                mod = importlib.import_module(f"transformers.models.{m.name}.{sub}")
+            except Exception:  # a tokenizer module that needs an absent extra
+                continue
+            names |= {n for n, c in vars(mod).items() if inspect.isclass(c) and "Tokenizer" in n}
+    for cfg_name in CONFIG_MAPPING_NAMES.values():
+        names |= {cfg_name.removesuffix("Config") + "Tokenizer",
+                  cfg_name.removesuffix("Config") + "TokenizerFast"}
+    names |= {n + "Fast" for n in names} | {n.removesuffix("Fast") for n in names}
+    names = {n for n in names if not n.endswith("FastFast")}
+
+    def resolve(name: str) -> Any:
+        try:
+            return ta.tokenizer_class_from_name(name)
+        except Exception:
+            return None
+
+    def kind(cls: Any) -> str:
+        if cls is None or cls.__name__ in generic or "__init__" not in cls.__dict__:
+            return "as-is"
+        if issubclass(cls, (BertTokenizer, MPNetTokenizer)):
+            return "bert"
+        try:
+            src = inspect.getsource(cls.__init__)
+        except (OSError, TypeError):
+            src = ""
+        return "other" if "BertNormalizer" in src else "as-is"
+
+    def stripped(name: str) -> Any:
+        base = name.removesuffix("Fast")
+        return resolve(base) or (resolve(base + "Fast") if not base.endswith("Fast") else None)
+
+    want = {
+        "BERT_REBUILD_CLASSES": {n for n in names if kind(resolve(n)) == "bert"},
+        "BERT_REBUILD_WHEN_STRIPPED": {n for n in names if kind(stripped(n)) == "bert"},
+        "OTHER_REBUILD_CLASSES": {n for n in names if kind(resolve(n)) == "other"},
+        "BERT_REBUILD_TYPES": {t for t, c in ta.TOKENIZER_MAPPING_NAMES.items()
+                               if c and kind(resolve(c)) == "bert"},
+        "OTHER_REBUILD_TYPES": {t for t, c in ta.TOKENIZER_MAPPING_NAMES.items()
+                                if c and kind(resolve(c)) == "other"},
+        "NAMED_CLASS_IGNORED_TYPES": {t for t, c in ta.TOKENIZER_MAPPING_NAMES.items()
+                                      if c and c.removesuffix("Fast") in generic}
+        | set(ta.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS),
+    }
+    wrong = [t for t in ta.MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+             if t in want["BERT_REBUILD_TYPES"] | want["OTHER_REBUILD_TYPES"]]
+    bad = [f"MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS has rebuilding types {wrong}: "
+           "tokenizer_class() must return their registered class's kind"] if wrong else []
+    for table, names_want in want.items():
+        have = set(getattr(hf, table))
+        if have != names_want:
+            bad.append(f"{table}: add {sorted(names_want - have)}, drop {sorted(have - names_want)}")
+    if bad:
+        raise SystemExit("embedpool/models/hf_tokenizer.py is not transformers "
+                         f"{transformers.__version__}'s:\n  " + "\n  ".join(bad))
+
+
 # --- goldens ---------------------------------------------------------------------------------
 
 def golden(d: Path, calls: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -484,16 +643,7 @@ def st_outcome(d: Path) -> str:
 def apply_transforms(d: Path, transforms: list[str]) -> None:
     """The test's own transforms (tests/conformance.py), to record what ST does with them."""
     for t in transforms:
-        kind, _, arg = t.partition(":")
-        if kind == "truncate":
-            p = d / arg
-            p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-        elif kind == "lfs":
-            (d / arg).write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:"
-                                  + b"0" * 64 + b"\nsize 123456\n")
-        elif kind == "rename":
-            src, dst = arg.split(":")
-            (d / src).rename(d / dst)
+        test_transform(d, t)
 
 
 def activations() -> dict[str, Any]:
@@ -513,6 +663,7 @@ def main() -> None:
                         default=Path(__file__).resolve().parent.parent / "tests" / "fixtures"
                         / "conformance")
     args = parser.parse_args()
+    check_tokenizer_tables()
     out: Path = args.out
     shutil.rmtree(out, ignore_errors=True)
     (out / "cases").mkdir(parents=True)

@@ -71,8 +71,65 @@ def apply(d: Path, transform: str) -> None:
     elif kind == "rename":
         src, dst = arg.split(":")
         (d / src).rename(d / dst)
+    elif kind == "delete":
+        (d / arg).unlink()
+    elif kind == "clear":  # an empty directory (a download that never started)
+        for p in d.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif kind == "write":  # write:FILE:TEXT
+        rel, text = arg.split(":", 1)
+        (d / rel).write_text(text, encoding="utf-8")
+    elif kind in ONNX_EDITS:
+        (d / "onnx").mkdir(exist_ok=True)
+        target = d / "onnx" / "model.onnx"
+        edit_onnx(target if target.is_file() else FIXTURES / "shipped.onnx", target, kind, arg)
     else:
         raise ValueError(f"unknown transform {transform!r}")
+
+
+#: Transforms that write onnx/model.onnx: shipped.onnx (the base's encoder) changed as
+#: exporters and users leave it.
+ONNX_EDITS = ("shipped-onnx-pooled", "shipped-onnx-int32", "onnx-rename-input")
+
+
+def edit_onnx(src: Path, dest: Path, kind: str, arg: str = "") -> None:
+    """``shipped-onnx-pooled``: its only output the mean of the token states over the
+    sequence (a graph that pools by itself, whatever the directory's 1_Pooling says);
+    ``shipped-onnx-int32``: every input int32, cast to int64 inside (a legal export);
+    ``onnx-rename-input:OLD:NEW``: an input renamed."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+
+    def rename_input(old: str, new: str) -> None:
+        for node in g.node:
+            node.input[:] = [new if i == old else i for i in node.input]
+        for inp in g.input:
+            if inp.name == old:
+                inp.name = new
+
+    if kind == "shipped-onnx-pooled":
+        hidden = g.output[0].name
+        g.node.append(helper.make_node("ReduceMean", [hidden], ["sentence_embedding"], axes=[1],
+                                       keepdims=0))
+        del g.output[:]
+        g.output.append(helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
+                                                      ["batch", 16]))
+    elif kind == "shipped-onnx-int32":
+        for inp in list(g.input):
+            name = inp.name
+            rename_input(name, name + "_i64")
+            inp.name = name
+            inp.type.tensor_type.elem_type = TensorProto.INT32
+            g.node.insert(0, helper.make_node("Cast", [name], [name + "_i64"],
+                                              to=TensorProto.INT64))
+    elif kind == "onnx-rename-input":
+        old, new = arg.split(":")
+        rename_input(old, new)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dest))
 
 
 def sharded_weights(d: Path) -> None:

@@ -245,3 +245,97 @@ def test_window_mode_averages_as_the_model_normalises(dirs: dict[str, Path], nam
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     server_side = combine_windows(rows, [0] * len(rows), 1, model.normalize)[0]
     np.testing.assert_allclose(server_side, want, rtol=1e-5, atol=1e-6)
+
+
+# --- issue 22: what the cache remembers, NomicBert as transformers 5 saves it, remote code --
+
+@pytest.mark.parametrize("workers", [None, 1], ids=["in-process", "pool"])
+def test_truncation_is_reported_when_every_chunk_is_a_cache_hit(
+        dirs: dict[str, Path], tmp_path: Path, workers: int | None) -> None:
+    """The second identical run is served from the cache and reports the same truncation."""
+    long_texts = [t for t in C.TEXTS if len(t) > 100]
+    assert long_texts  # texts.json has one text over every case's max length
+    cache = VectorCache.open(tmp_path / "vectors.sqlite3")
+    try:
+        reports = []
+        for _ in range(2):
+            with Embedder(dirs["mean-old-flags"], precision="fp32", workers=workers,
+                          cache=cache) as e:
+                e.embed(C.TEXTS)
+                reports.append(e.last_report)
+    finally:
+        cache.close()
+    first, second = reports
+    assert second.cache_hits == len(C.TEXTS) and second.inferred == 0
+    assert first.truncated == second.truncated == len(long_texts)
+
+
+def _nomic_as_transformers5_saves_it(dest: Path) -> Path:
+    """The nomic family fixture (nomic-ai's layout) as transformers 5 saves it after
+    loading it: its native config (hidden_size, rope_parameters, ...) beside nomic-ai's
+    tensor names (emb_ln, encoder.layers.N.attn.Wqkv, mlp.fc11), checked in the dev env."""
+    src = Path(__file__).parent / "fixtures" / "families" / "nomic" / "model"
+    d = dest / "nomic-t5"
+    shutil.copytree(src, d)
+    hub = json.loads((src / "config.json").read_text())
+    native = {"architectures": ["NomicBertModel"], "model_type": "nomic_bert",
+              "attention_probs_dropout_prob": 0.0, "bos_token_id": None,
+              "classifier_dropout": None, "dtype": "float32", "eos_token_id": None,
+              "head_dim": hub["n_embd"] // hub["n_head"], "hidden_act": "silu",
+              "hidden_dropout_prob": 0.0, "hidden_size": hub["n_embd"],
+              "initializer_range": 0.02, "intermediate_size": hub["n_inner"],
+              "layer_norm_eps": hub["layer_norm_epsilon"],
+              "max_position_embeddings": hub["n_positions"], "num_attention_heads": hub["n_head"],
+              "num_hidden_layers": hub["n_layer"], "pad_token_id": 0,
+              "rope_parameters": {"rope_theta": hub["rotary_emb_base"], "rope_type": "default"},
+              "transformers_version": "5.25.0", "type_vocab_size": hub["type_vocab_size"],
+              "vocab_size": hub["vocab_size"]}
+    (d / "config.json").write_text(json.dumps(native))
+    return d
+
+
+def _nomic_golden() -> tuple[list[str], np.ndarray]:
+    fixture = Path(__file__).parent / "fixtures" / "families" / "nomic"
+    texts: list[str] = json.loads((fixture / "golden.json").read_text())["texts"]
+    with np.load(fixture / "golden.npz") as gold:
+        return texts, gold["vectors"]
+
+
+@pytest.mark.parametrize("workers", [None, 1], ids=["in-process", "pool"])
+def test_nomic_saved_by_transformers5_matches_the_reference(tmp_path: Path,
+                                                            workers: int | None) -> None:
+    """The tensors' layout is read from their names, not from the config (was refused as
+    "not a NomicBert checkpoint")."""
+    d = _nomic_as_transformers5_saves_it(tmp_path)
+    texts, want = _nomic_golden()
+    with Embedder(d, precision="fp32", workers=workers) as e:
+        got = e.embed(texts)
+    assert C.cosines(got, want).min() >= FP32_MIN_COS
+
+
+@pytest.mark.parametrize(("auto_map", "allowed"), [
+    ({"AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
+      "AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel",
+      "AutoModelForMaskedLM":
+          "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertForPreTraining"}, True),
+    ({"AutoConfig": "configuration_hf_nomic_bert.NomicBertConfig",
+      "AutoModel": "modeling_hf_nomic_bert.NomicBertModel"}, True),
+    ({"AutoConfig": "someone/nomic-fork--configuration_hf_nomic_bert.NomicBertConfig",
+      "AutoModel": "someone/nomic-fork--modeling_hf_nomic_bert.NomicBertModel"}, False),
+    ({"AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel",
+      "AutoModelForCausalLM": "nomic-ai/nomic-bert-2048--modeling_other.Other"}, False),
+], ids=["nomic-hub", "nomic-local-copy", "other-repo", "other-module"])
+def test_remote_code_allow_list(tmp_path: Path, auto_map: dict[str, str], allowed: bool) -> None:
+    """nomic-ai's NomicBert code (the hub's references, or the copy save_pretrained writes)
+    is the model embedpool builds; the same module names elsewhere are refused by name."""
+    d = _nomic_as_transformers5_saves_it(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "auto_map": auto_map}))
+    if not allowed:
+        with pytest.raises(ModelError, match=r"auto_map names remote code \(.*\) that builds "
+                                             r"model_type 'nomic_bert' its own way"):
+            resolve_model(d)
+        return
+    texts, want = _nomic_golden()
+    with Embedder(d, precision="fp32", workers=None) as e:
+        assert C.cosines(e.embed(texts), want).min() >= FP32_MIN_COS

@@ -204,9 +204,11 @@ def test_harmless_keys_are_accepted_and_named_ones_honoured(tmp_path: Path) -> N
     layout = read_layout(d)
     assert layout.head.pooling.modes == ("max",) and layout.head.normalize
     assert layout.head.truncate_dim == 8 and layout.head.out_dim(16) == 8
+    # model_type bert and no tokenizer_class: transformers 5 rebuilds a lower-casing
+    # BertTokenizer (models.hf_tokenizer)
     assert layout.text == TextSpec(max_length=12, do_lower_case=True,
                                    prompts=(("query", "q: "), ("doc", "")),
-                                   default_prompt_name="query")
+                                   default_prompt_name="query", normalizer=BertNormalizerSpec())
     assert layout.similarity_fn_name == "dot"
     roles = {r for r, _ in layout.files}
     assert {"st:modules", "st:pooling", "st:normalize", "st:sentence_bert_config",
@@ -254,7 +256,8 @@ def test_plain_directory_is_what_sentence_transformers_builds(tmp_path: Path) ->
                                "config_sentence_transformers.json": {"prompts": {"q": "q"}}})
     layout = read_layout(d)
     assert layout.head.pooling.modes == ("mean",) and not layout.head.normalize
-    assert layout.text == TextSpec(max_length=24)
+    # model_type bert, no tokenizer_class: transformers 5's lower-casing BertTokenizer
+    assert layout.text == TextSpec(max_length=24, normalizer=BertNormalizerSpec())
     assert not layout.sentence_transformers
 
 
@@ -265,12 +268,41 @@ def test_plain_directory_is_what_sentence_transformers_builds(tmp_path: Path) ->
        "tokenize_chinese_chars": False},
       BertNormalizerSpec(lowercase=False, strip_accents=True, handle_chinese_chars=False)),
      ({"tokenizer_class": "XLMRobertaTokenizer", "do_lower_case": True}, None),
-     ({}, None)],
-    ids=["bert-default-lowercases", "bert-explicit", "other-class", "no-class"])
+     ({}, BertNormalizerSpec(lowercase=True)),
+     ({"tokenizer_class": "DistilBertTokenizer"}, BertNormalizerSpec(lowercase=True)),
+     ({"tokenizer_class": "ConvBertTokenizer"}, None),
+     ({"tokenizer_class": "TokenizersBackend"}, None),
+     ({"tokenizer_class": "DPRQuestionEncoderTokenizerFast"}, None)],
+    ids=["bert-default-lowercases", "bert-explicit", "other-class", "no-class-bert-type",
+         "bert-subclass", "subclass-without-init", "generic-backend", "dpr-fast-as-written"])
 def test_bert_tokenizer_normalizer_from_tokenizer_config(
         tmp_path: Path, tok_cfg: dict[str, Any], expected: BertNormalizerSpec | None) -> None:
+    """What transformers 5's AutoTokenizer rebuilds (models.hf_tokenizer; the conformance
+    suite has sentence-transformers' vectors for the main rows)."""
     d = _layout_dir(tmp_path, {"tokenizer_config.json": {"model_max_length": 24, **tok_cfg}})
     assert read_layout(d).text.normalizer == expected
+
+
+@pytest.mark.parametrize(("config", "tok_cfg", "expected"), [
+    ({"model_type": "modernbert"}, {"tokenizer_class": "BertTokenizer"}, None),
+    ({"model_type": "mpnet"}, {}, BertNormalizerSpec(lowercase=True)),
+    ({"model_type": "xlm-roberta"}, {}, None),
+    ({"model_type": "new", "tokenizer_class": "BertTokenizerFast"}, {},
+     BertNormalizerSpec(lowercase=True)),
+], ids=["generic-type-ignores-named-class", "mpnet-default", "other-default",
+        "config-json-class"])
+def test_tokenizer_class_from_the_model_type(config: dict[str, Any], tok_cfg: dict[str, Any],
+                                             expected: BertNormalizerSpec | None) -> None:
+    from embedpool.models.hf_tokenizer import bert_normalizer
+
+    assert bert_normalizer(tok_cfg, config) == expected
+
+
+def test_a_class_that_rebuilds_by_other_rules_is_refused(tmp_path: Path) -> None:
+    d = _layout_dir(tmp_path, {"tokenizer_config.json": {"tokenizer_class": "RoFormerTokenizer"}})
+    with pytest.raises(ModelError, match=r"tokenizer_config\.json: transformers builds the "
+                                         r"tokenizer as RoFormerTokenizer, which rebuilds"):
+        read_layout(d)
 
 
 # --- Dense ---------------------------------------------------------------------------------

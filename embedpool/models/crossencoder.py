@@ -161,8 +161,19 @@ def cross_encoder_layout(directory: Path) -> tuple[Layout, ClassifierSpec] | Non
     tok_cfg = tok_cfg if isinstance(tok_cfg, dict) else {}
     spec = classifier_spec(config, tok_cfg, st_cfg, tdir / "config.json")
     text = TextSpec(max_length=max_length(tdir, config, st_bert, files),
-                    normalizer=bert_normalizer(tok_cfg or None))
+                    normalizer=bert_normalizer(tok_cfg or None, config, tdir))
     # The head's fields are unused for a classifier (``classifier`` replaces them); no
     # Normalize, so an engine returns the graph's logits as they are.
     head = HeadSpec(PoolingSpec(("cls",)), normalize=False)
     return Layout(tdir, head, text, None, tuple(files), isinstance(modules, list)), spec
+
+
+def refuse_cross_encoder(model: Any) -> None:
+    """ConfigError when a cross-encoder (``ResolvedModel.classifier``) is asked to embed: it
+    scores [query, document] pairs and makes no vectors (Embedder, serve --model)."""
+    if getattr(model, "classifier", None) is not None:
+        from embedpool.errors import ConfigError
+
+        raise ConfigError(f"{model.name} is a cross-encoder (a reranker: it scores [query, "
+                          "document] pairs and makes no vectors); rerank with "
+                          "embedpool.Reranker, `embedpool rerank` or `serve --reranker`")

@@ -9,8 +9,9 @@
                   └─ Normalize?
     config_sentence_transformers.json   prompts, default_prompt_name, similarity_fn_name,
                                         truncate_dim
-    tokenizer_config.json               model_max_length; a BertTokenizer's do_lower_case,
-                                        strip_accents, tokenize_chinese_chars
+    tokenizer_config.json               model_max_length; the tokenizer class transformers
+                                        builds and, for a BertTokenizer, its do_lower_case,
+                                        strip_accents, tokenize_chinese_chars (hf_tokenizer)
     no modules.json                     what SentenceTransformer(dir) builds: Transformer +
                                         mean pooling, no Normalize, the tokenizer's max
                                         length; sentence_bert_config.json and
@@ -32,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from embedpool.errors import ModelError
+from embedpool.models.hf_tokenizer import bert_normalizer as bert_normalizer
 from embedpool.modelspec import (
     POOLING_ORDER,
-    BertNormalizerSpec,
     DenseActivation,
     DenseSpec,
     HeadSpec,
@@ -70,8 +71,6 @@ SIMILARITY_FNS = ("cosine", "dot", "euclidean", "manhattan")
 VERY_LARGE = int(1e30)
 #: config.json model_types whose positions start at pad_token_id + 1 (RoBERTa's offset).
 PADDED_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "xlm_roberta"})
-#: tokenizer_config.json classes that transformers 5 rebuilds with a BertNormalizer.
-BERT_TOKENIZERS = frozenset({"BertTokenizer", "BertTokenizerFast"})
 
 # Keys that change nothing embedpool computes. Everything else in these files is honoured
 # (it has a field above) or refused.
@@ -109,6 +108,16 @@ def read_json(path: Path) -> Any:
         raise ModelError(f"cannot read {path}: {exc}") from exc
 
 
+def read_config(path: Path) -> dict[str, Any] | None:
+    """config.json as an object, or None when it does not exist; a ModelError when it is
+    there but not a JSON object (a config of another kind, or a damaged file)."""
+    data = read_json(path)
+    if data is not None and not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object (the model's configuration), got "
+                         f"{type(data).__name__} {str(data)[:60]}")
+    return data
+
+
 def read_layout(directory: Path) -> Layout:
     """The directory's head, text and config files (see the module docstring)."""
     modules = read_json(directory / "modules.json")
@@ -121,8 +130,7 @@ def read_layout(directory: Path) -> Layout:
     kinds = [_module_kind(m, where) for m in modules]
     _check_order(kinds, modules, where)
     tdir = _subdir(directory, modules[0], where)
-    config = read_json(tdir / "config.json")
-    config = config if isinstance(config, dict) else {}
+    config = read_config(tdir / "config.json") or {}
     st_cfg, st_path = _st_config(tdir)
     if st_path is not None:
         files.append(("st:sentence_bert_config", st_path))
@@ -151,7 +159,8 @@ def read_layout(directory: Path) -> Layout:
     text = TextSpec(max_length=max_length(tdir, config, st_cfg, files),
                     do_lower_case=_bool(st_cfg, "do_lower_case", st_path),
                     prompts=prompts, default_prompt_name=default_name,
-                    normalizer=bert_normalizer(read_json(tdir / "tokenizer_config.json")))
+                    normalizer=bert_normalizer(read_json(tdir / "tokenizer_config.json"), config,
+                                               tdir))
     head = HeadSpec(pooling, tuple(dense), normalize=normalize, truncate_dim=truncate_dim)
     return Layout(tdir, head, text, similarity, tuple(files), True)
 
@@ -160,11 +169,11 @@ def _plain_layout(directory: Path) -> Layout:
     """What SentenceTransformer(dir) builds without modules.json: Transformer + mean pooling.
     (For a *ForCausalLM it picks last-token pooling, but those are decoders embedpool refuses
     when it resolves the family.)"""
-    config = read_json(directory / "config.json")
-    config = config if isinstance(config, dict) else {}
+    config = read_config(directory / "config.json") or {}
     files: list[tuple[str, Path]] = []
     text = TextSpec(max_length=max_length(directory, config, {}, files),
-                    normalizer=bert_normalizer(read_json(directory / "tokenizer_config.json")))
+                    normalizer=bert_normalizer(read_json(directory / "tokenizer_config.json"),
+                                               config, directory))
     head = HeadSpec(PoolingSpec(("mean",)), normalize=False)
     return Layout(directory, head, text, None, tuple(files), False)
 
@@ -314,17 +323,6 @@ def max_length(tdir: Path, config: Mapping[str, Any], st_cfg: Mapping[str, Any],
     if length < 2:
         raise ModelError(f"{tdir}: max length {length} leaves no room for a text")
     return length
-
-
-def bert_normalizer(tok_cfg: Any) -> BertNormalizerSpec | None:
-    """transformers 5 rebuilds a BertTokenizer's normalizer from tokenizer_config.json."""
-    if not isinstance(tok_cfg, dict) or tok_cfg.get("tokenizer_class") not in BERT_TOKENIZERS:
-        return None
-    strip = tok_cfg.get("strip_accents")
-    return BertNormalizerSpec(lowercase=bool(tok_cfg.get("do_lower_case", True)),
-                              strip_accents=None if strip is None else bool(strip),
-                              handle_chinese_chars=bool(tok_cfg.get("tokenize_chinese_chars",
-                                                                    True)))
 
 
 def hidden_size(config: Mapping[str, Any]) -> int | None:

@@ -26,7 +26,9 @@ from embedpool.errors import ModelError, ModelIntegrityError, ModelNotFoundError
 from embedpool.models.crossencoder import cross_encoder_layout
 from embedpool.models.filehash import HashCache, sha256_files
 from embedpool.models.known import KNOWN_MODELS, KnownModel, find_known
-from embedpool.models.layout import hidden_size, read_json, read_layout
+from embedpool.models.layout import hidden_size, read_config, read_layout
+from embedpool.models.remote_code import check_remote_code
+from embedpool.models.shipped_onnx import choose_output, feed_types, pooled_refusal, read_signature
 from embedpool.modelspec import ClassifierSpec, FileRef, HeadSpec, ModelFiles, TextSpec
 from embedpool.types import Pooling
 
@@ -35,6 +37,9 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 #: transformers reads special_tokens_map.json for the special tokens it adds.
 TRANSFORMER_FILES = (("config", "config.json"), ("tokenizer", "tokenizer.json"),
                      ("special_tokens_map", "special_tokens_map.json"))
+#: A directory with none of these is not a model directory (an empty or unfinished download).
+MODEL_FILES = ("config.json", "modules.json", "tokenizer.json", "model.safetensors",
+               "model.safetensors.index.json", "onnx/model.onnx", "model.onnx")
 #: What a hub download fetches: every config (any depth), the weights in one file or shards,
 #: Dense heads' weights, a shipped ONNX graph, and vocab.txt for old tokenizers.
 HUB_PATTERNS = ["*.json", "model.safetensors", "model-*-of-*.safetensors",
@@ -115,11 +120,14 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
     directory = directory.resolve()
     if not directory.is_dir():
         raise ModelNotFoundError(f"model directory {directory} does not exist")
+    if not any((directory / name).exists() for name in MODEL_FILES):
+        raise ModelNotFoundError(
+            f"{directory} is not a model directory: it has none of {', '.join(MODEL_FILES)} "
+            "(an empty or unfinished download?)")
     cross = cross_encoder_layout(directory)
     layout = cross[0] if cross is not None else read_layout(directory)
     tdir = layout.transformer_dir
-    cfg = read_json(tdir / "config.json")
-    config: dict[str, Any] = cfg if isinstance(cfg, dict) else {}
+    config: dict[str, Any] = read_config(tdir / "config.json") or {}
     onnx_path = next((p for p in (tdir / "onnx" / "model.onnx", tdir / "model.onnx")
                       if p.is_file()), None)
     st_path = next((p for p in (tdir / "model.safetensors",
@@ -132,9 +140,10 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
         raise ModelNotFoundError(f"{tdir} has neither onnx/model.onnx, model.onnx nor "
                                  f"model.safetensors.{hint}")
     if onnx_path is not None:
-        _refuse_lfs_pointer(onnx_path)
-    else:
+        onnx_path = _check_shipped_onnx(onnx_path, st_path, tdir)
+    if onnx_path is None:
         assert st_path is not None
+        check_remote_code(config, str(tdir / "config.json"))
         _check_weights(config, st_path, tdir)
     used: list[tuple[str, Path]] = []
     if onnx_path is not None:
@@ -195,6 +204,21 @@ def _check_weights(config: dict[str, Any], weights: Path, tdir: Path) -> None:
     check = getattr(fam, "check_weights", None)
     if check is not None:
         check(infos, cfg, str(weights))
+
+
+def _check_shipped_onnx(onnx_path: Path, st_path: Path | None, tdir: Path) -> Path | None:
+    """The shipped graph, checked from its signature (models.shipped_onnx): the inputs
+    embedpool can feed, and token states out. None when it outputs only pooled vectors and
+    model.safetensors is there: the model is built from those, as sentence-transformers
+    does (it never reads onnx/model.onnx by default)."""
+    _refuse_lfs_pointer(onnx_path)
+    sig = read_signature(onnx_path)
+    feed_types(sig.inputs, onnx_path)
+    if choose_output(sig.outputs) is not None:
+        return onnx_path
+    if st_path is None:
+        raise pooled_refusal(onnx_path, sig.outputs, tdir)
+    return None
 
 
 def _refuse_lfs_pointer(path: Path) -> None:

@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from embedpool.batcher import MicroBatcher, SubmitExecutor
 from embedpool.metrics import CONTENT_TYPE, ServerMetrics
 from embedpool.models import ResolvedModel, find_known, resolve_model
+from embedpool.models.crossencoder import refuse_cross_encoder
 from embedpool.modelspec import INPUT_TYPE_PROMPTS
 from embedpool.options import input_type_prompt, prompt_names
 from embedpool.server.dialects import INLINE_RENDER_VALUES, read_body, render_error
@@ -307,6 +308,7 @@ def create_app(settings: ServerSettings,
     """Build the app. The executor is created by the lifespan (on startup), not here.
     ``reranker``: a cross-encoder served on the rerank routes (server/rerank.py)."""
     resolved = model if model is not None else resolve_model(settings.model)
+    refuse_cross_encoder(resolved)
     factory = executor_factory or default_executor_factory(resolved, settings.precision)
     a = _App(settings, factory, resolved, cache, reranker)
     app = FastAPI(title="embedpool", version="0.1.0", lifespan=a.lifespan,

@@ -11,9 +11,11 @@ BERT's post-norm block with three changes, as transformers' ``NomicBertModel`` c
 Embeddings are ``LayerNorm(word + token_type[0])``; the type row is folded into the word table
 (exact: both are added before the norm).
 
-Two layouts are read: nomic-ai's own (``n_embd``, ``encoder.layers.N.attn.Wqkv``,
-``mlp.fc11``..., every checkpoint on the hub) and transformers' native one
-(``hidden_size``, ``layers.N.self_attn.q_proj``...). Config fields that change the maths and
+Two layouts are read, for the config and for the tensors separately: nomic-ai's own
+(``n_embd``; ``emb_ln``, ``encoder.layers.N.attn.Wqkv``, ``mlp.fc11``..., every checkpoint on
+the hub) and transformers' native one (``hidden_size``; ``layers.N.self_attn.q_proj``...).
+transformers 5 saves a native config beside nomic-ai's tensor names, so the tensors' layout is
+read from their names, never from the config. Config fields that change the maths and
 that no released model sets (partial or interleaved rotary, rotary scaling, pre-norm, parallel
 blocks, RMSNorm, biases, causal attention, other activations) are refused by name.
 
@@ -64,7 +66,7 @@ class NomicConfig:
     layer_norm_eps: float
     rotary_base: float
     max_positions: int
-    hub_layout: bool  # nomic-ai's key names (else transformers' native ones)
+    hub_layout: bool  # the config in nomic-ai's format (the tensors' layout: tensor_layout)
 
     @property
     def head_dim(self) -> int:
@@ -165,6 +167,12 @@ def _hub_to_canonical(w: Mapping[str, Array], cfg: NomicConfig) -> dict[str, Arr
     return out
 
 
+def hub_tensor_names(names: Any) -> bool:
+    """Whether the tensors carry nomic-ai's names (``emb_ln``, ``encoder.layers.N.attn.Wqkv``),
+    whatever the config's format: transformers 5 saves them under a native config."""
+    return any(str(k).startswith(("emb_ln.", "encoder.layers.")) for k in names)
+
+
 def _required_keys(cfg: NomicConfig) -> list[str]:
     keys = ["embeddings.word_embeddings.weight", "embeddings.LayerNorm.weight",
             "embeddings.LayerNorm.bias"]
@@ -182,7 +190,7 @@ def load_weights(path: Any, cfg: NomicConfig) -> dict[str, Array]:
     from embedpool.graph.weights import load_safetensors
 
     raw = load_safetensors(path)
-    out = _hub_to_canonical(raw, cfg) if cfg.hub_layout else dict(raw)
+    out = _hub_to_canonical(raw, cfg) if hub_tensor_names(raw) else dict(raw)
     missing = [k for k in _required_keys(cfg) if k not in out]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -1,0 +1,89 @@
+"""``embedpool rerank`` as a user runs it (real subprocesses): documents from arguments,
+stdin and --input, JSON out with CrossEncoder's scores, exit 2 with one line for bad input;
+and a cross-encoder refused where vectors are asked of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from embedpool.errors import ConfigError
+from embedpool.models import resolve_model
+
+FIXTURES = Path(__file__).parent / "fixtures" / "rerankers"
+BERT = FIXTURES / "bert" / "model"
+
+
+def run(*args: str, stdin: str | None = None, tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "embedpool", "rerank", *args], input=stdin,
+                          capture_output=True, text=True, timeout=240, check=False,
+                          env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp / "cache")})
+
+
+def golden() -> tuple[dict[str, Any], Any]:
+    return (json.loads((FIXTURES / "bert" / "golden.json").read_text()),
+            np.load(FIXTURES / "bert" / "golden.npz"))
+
+
+@pytest.mark.slow
+def test_documents_from_arguments_stdin_and_input(tmp_path: Path) -> None:
+    g, gold = golden()
+    query, docs = g["queries"][0], g["documents"][:5]
+    res = run(query, *docs, "-m", str(BERT), "--precision", "fp32", "--workers", "0",
+              tmp=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    expected = gold["scores"][:5]
+    assert [r["index"] for r in out["results"]] == list(np.argsort(-expected, kind="stable"))
+    assert all(abs(r["score"] - float(expected[r["index"]])) <= 1e-4 for r in out["results"])
+    assert all(r["document"] == docs[r["index"]] for r in out["results"])
+    assert out["truncated"] == [] and out["query"] == query
+    # stdin, one document per line; top-n; no text back
+    res = run(query, "-m", str(BERT), "--precision", "fp32", "--workers", "0", "--top-n", "2",
+              "--no-documents", stdin="\n".join(d.replace("\n", " ") for d in docs) + "\n",
+              tmp=tmp_path)
+    assert res.returncode == 0, res.stderr
+    top = json.loads(res.stdout)["results"]
+    assert len(top) == 2 and all("document" not in r for r in top)
+    # --input records: their ids come back; the long document is reported as cut
+    src = tmp_path / "docs.jsonl"
+    long_doc = max(g["documents"], key=len)
+    src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n"
+                           for i, t in enumerate([docs[0], long_doc])))
+    res = run(query, "-i", str(src), "-m", str(BERT), "--workers", "0", tmp=tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert sorted(r["id"] for r in out["results"]) == ["d0", "d1"]
+    assert out["truncated"] == [1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "needle"), [
+    (["q", "a"], "--model is required"),
+    (["q", "a", "-m", str(FIXTURES.parent / "families" / "xlmr" / "model")],
+     "not a cross-encoder"),
+    (["word " * 100, "a", "-m", str(BERT)], "shorten the query"),
+    (["q", "a", "-m", str(BERT), "--top-n", "0"], "--top-n"),
+])
+def test_bad_input_exits_2_in_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    res = run(*args, "--no-cache", "--workers", "0", tmp=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_cross_encoder_makes_no_vectors() -> None:
+    from embedpool import Embedder
+    from embedpool.server import ServerSettings, create_app
+
+    model = resolve_model(BERT)
+    with pytest.raises(ConfigError, match="cross-encoder"):
+        Embedder(model, lazy=True)
+    with pytest.raises(ConfigError, match="serve --reranker"):
+        create_app(ServerSettings(), model=model)
