@@ -128,8 +128,26 @@ def test_fp32_graph_uses_the_fused_kernels(graphs: dict[str, Path]) -> None:
     assert want <= ops, want - ops
     assert not ops & {"Tanh", "ReduceMean", "Erf"}
     mha = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention"]
-    # the global layer only, mask-free (FlashAttention); local layers are block-local
+    # the global layer, mask-free (FlashAttention); each local layer an If between the same
+    # FlashAttention (the sequence fits one window) and block-local attention
     assert len(mha) == 1 and len(mha[0].input) == 3, [list(n.input) for n in mha]
+    ifs = [n for n in graph.graph.node if n.op_type == "If"]
+    assert len(ifs) == 3
+    for node in ifs:
+        branches = {a.name: {n.op_type for n in a.g.node} for a in node.attribute}
+        assert "MultiHeadAttention" in branches["then_branch"]
+        assert "MultiHeadAttention" not in branches["else_branch"]
+
+
+def test_both_window_branches_match_reference(fx: Fixture, graphs: dict[str, Path]) -> None:
+    """Each text alone: those within one window (at most 9 tokens here) run the local layers'
+    FlashAttention branch, the others the block-local one; all equal the reference."""
+    half = gemma3.parse_config(fx.model.config).window_half
+    lengths = [len(ids) for ids in fx.input_ids]
+    assert min(lengths) <= half + 1 < max(lengths)
+    alone = np.concatenate([embed(fx.model, graphs["fp32"], [t]) for t in fx.texts])
+    cos = cosines(alone, fx.vectors)
+    assert cos.min() >= 0.9999, cos
 
 
 @pytest.mark.parametrize("kind", ["mha", "plain"])

@@ -62,7 +62,7 @@ every machine (tested across processes, hash seeds and locales).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -259,7 +259,7 @@ def quantize_linears(model: onnx.ModelProto,
         done.add(node.name)
     if missing := wanted - done:
         raise ModelError(f"int8: no node named {sorted(missing)} in graph {graph.name!r}")
-    still_read = {i for n in out for i in n.input}
+    still_read = {i for n in out for i in _reads(n)}
     kept = [t for t in graph.initializer if t.name in still_read]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -269,6 +269,16 @@ def quantize_linears(model: onnx.ModelProto,
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
+
+
+def _reads(node: onnx.NodeProto) -> Iterator[str]:
+    """The tensors ``node`` reads, with those its subgraphs (an If's branches) read from the
+    outer scope: an initialiser only a branch reads is still read."""
+    yield from node.input
+    for attr in node.attribute:
+        for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+            for inner in sub.node:
+                yield from _reads(inner)
 
 
 def quantize_shipped(src: Path, dst: Path) -> None:

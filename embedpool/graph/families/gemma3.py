@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +79,7 @@ if TYPE_CHECKING:
     import onnx
 
 NAME = "gemma3"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: local layers run FlashAttention when the sequence fits a window
 MODEL_TYPES = frozenset({"gemma3_text"})
 LAYER_TYPES = ("full_attention", "sliding_attention")
 #: Why embedpool builds no fp16 graph of this family (graph.model_precisions): on a GPU
@@ -296,6 +296,33 @@ def _gamma(w: Array, factor: float = 1.0) -> Array:
     return g if factor == 1.0 else (g.astype(np.float64) * factor).astype(np.float32)
 
 
+def window_attention(g: GraphBuilder, plan: layers.AttentionPlan, fits: str, q: str, k: str,
+                     v: str, name: str, *, heads: int, head_dim: int) -> str:
+    """A local layer's attention, chosen at run time by an ``If`` on ``fits`` (the sequence is
+    at most ``window_half + 1`` long): then every key is within every query's window, and the
+    mask-free FlashAttention of a global layer computes the same context as block-local
+    attention, which pads the sequence to a whole block and scores 3 blocks of keys per
+    query (3x the work at 256 tokens with EmbeddingGemma's 256-token half-window)."""
+    from onnx import TensorProto, helper
+
+    cols, local_blocks = plan.cols, plan.blocks
+    assert cols is not None and local_blocks is not None
+
+    def branch(tag: str, build: Callable[[], str]) -> onnx.GraphProto:
+        start = len(g.nodes)
+        out = build()
+        nodes = g.nodes[start:]
+        del g.nodes[start:]
+        return helper.make_graph(nodes, f"{name}.{tag}", [], [
+            helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+    whole = branch("whole", lambda: layers.flash_attention(
+        g, q, k, v, cols, f"{name}.whole", heads=heads, head_dim=head_dim))
+    blocks = branch("blocks", lambda: layers.local_attention(
+        g, q, k, v, local_blocks, f"{name}.blocks", heads=heads, head_dim=head_dim))
+    return g.op1("If", [fits], name, then_branch=whole, else_branch=blocks)
+
+
 def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: Gemma3Config, *,
                   fused: bool = True, int8_ready: bool = False, attention: str = "") -> Encoder:
     """Token states [batch, seq, hidden] after the final norm. ``int8_ready`` (fused only):
@@ -312,10 +339,14 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: Gemma3Conf
             for lt, theta in (("full_attention", cfg.global_theta),
                               ("sliding_attention", cfg.local_theta))
             if lt in cfg.layer_types}
+    has_local = "sliding_attention" in cfg.layer_types
     plan = layers.plan_attention(
-        g, x, kind, heads=nh, head_dim=hd,
-        window_half=cfg.window_half if "sliding_attention" in cfg.layer_types else None,
-        has_global="full_attention" in cfg.layer_types)
+        g, x, kind, heads=nh, head_dim=hd, window_half=cfg.window_half if has_local else None,
+        has_global="full_attention" in cfg.layer_types or (has_local and kind == "flash"))
+    # a sequence within one window: every local layer sees every key (see window_attention)
+    fits = g.op1("Less", [layers.seq_len(g, INPUT_IDS), g.const("window.fits_below",
+                                                        [cfg.window_half + 2], np.int64)],
+                 "window.fits") if has_local and kind == "flash" else ""
     residual = x
     normed = decoder.rms_norm(g, x, _gamma(w["layers.0.input_layernorm.weight"]), eps,
                               "l0.input_norm", fused=fused)
@@ -333,8 +364,11 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: Gemma3Conf
                           head_dim=hd)
         k = decoder.repeat_kv(g, k, f"{n}.k_rep", kv_heads=kvh, groups=nh // kvh, head_dim=hd)
         v = decoder.repeat_kv(g, v, f"{n}.v_rep", kv_heads=kvh, groups=nh // kvh, head_dim=hd)
-        ctx = layers.self_attention(g, plan, q, k, v, f"{n}.attn", heads=nh, head_dim=hd,
-                                    local=layer_type == "sliding_attention")
+        if fits and layer_type == "sliding_attention":
+            ctx = window_attention(g, plan, fits, q, k, v, f"{n}.attn", heads=nh, head_dim=hd)
+        else:
+            ctx = layers.self_attention(g, plan, q, k, v, f"{n}.attn", heads=nh, head_dim=hd,
+                                        local=layer_type == "sliding_attention")
         o = g.linear(ctx, linear_t(w, p + "self_attn.o_proj"), f"{n}.o", role="attn_out",
                      layer=i)
         o = decoder.rms_norm(g, o, _gamma(w[p + "post_attention_layernorm.weight"]), eps,
