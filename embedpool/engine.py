@@ -220,11 +220,20 @@ class Engine:
     def for_model(cls, onnx_path: Path, model: ResolvedModel, *, threads: int = 1,
                   device: str = "cpu", gpu_mem_limit: int | None = None,
                   precision: str = "int8") -> Engine:
-        """The engine for ``model``'s graph at ``onnx_path`` (from ``graph.prepare_onnx``)."""
-        return cls(onnx_path, head=model.head, dim=model.dim, threads=threads,
-                   head_in_graph=model.onnx_path is None, device=device,
-                   gpu_mem_limit=gpu_mem_limit, precision=precision,
-                   segments=model.classifier is not None and model.classifier.token_types)
+        """The engine for ``model``'s graph at ``onnx_path`` (from ``graph.prepare_onnx``).
+        An error in a graph embedpool built from a shipped ``onnx/model.onnx`` (its int8
+        graph, in the graph cache) names the user's file first."""
+        try:
+            return cls(onnx_path, head=model.head, dim=model.dim, threads=threads,
+                       head_in_graph=model.onnx_path is None, device=device,
+                       gpu_mem_limit=gpu_mem_limit, precision=precision,
+                       segments=model.classifier is not None and model.classifier.token_types)
+        except ModelError as exc:
+            shipped = model.onnx_path
+            if shipped is None or onnx_path == shipped:
+                raise
+            raise ModelError(f"{shipped}: the {precision} graph embedpool built from it "
+                             f"({onnx_path}) cannot be used: {exc}") from exc
 
     def embed(self, sequences: Sequence[TokenIds],
               prompt_lengths: Sequence[int] | None = None) -> Vectors:

@@ -339,3 +339,17 @@ def test_remote_code_allow_list(tmp_path: Path, auto_map: dict[str, str], allowe
     texts, want = _nomic_golden()
     with Embedder(d, precision="fp32", workers=None) as e:
         assert C.cosines(e.embed(texts), want).min() >= FP32_MIN_COS
+
+
+def test_an_error_in_the_graph_built_from_a_shipped_file_names_that_file(
+        dirs: dict[str, Path], tmp_path: Path) -> None:
+    """The int8 graph of a shipped onnx/model.onnx lives in the graph cache; an error
+    loading it names the user's file, not only the cache file."""
+    model = resolve_model(dirs["onnx-shipped"])
+    assert model.onnx_path is not None
+    broken = tmp_path / "onnx-shipped-int8-0123.onnx"
+    broken.write_bytes(b"not a graph")
+    with pytest.raises(ModelError) as info:
+        Engine.for_model(broken, model, precision="int8")
+    assert str(info.value).startswith(f"{model.onnx_path}: the int8 graph embedpool built")
+    assert str(broken) in str(info.value)
