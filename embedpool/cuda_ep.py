@@ -36,7 +36,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from embedpool.device import DeviceUnavailable
+from embedpool.errors import DeviceUnavailable
 
 CUDA_EP = "CUDAExecutionProvider"
 CPU_EP = "CPUExecutionProvider"

@@ -39,11 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from embedpool.errors import ConfigError
+from embedpool.errors import ConfigError, DeviceError, DeviceMissing
 
 DeviceKind = Literal["cpu", "cuda"]
 RequestKind = Literal["auto", "cpu", "cuda"]
-Missing = Literal["package", "driver", "device"]
+Missing = DeviceMissing
 
 #: Distributions that install the ``onnxruntime`` module (each a build of the same package).
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino",
@@ -56,20 +56,6 @@ NVIDIA_SMI_TIMEOUT_S = 10.0
 #: The fix printed for a clash or a missing GPU package (scripts/setup gpu runs the same).
 GPU_INSTALL_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu && "
                    "pip install 'embedpool[gpu]'")
-
-
-class DeviceError(ConfigError):
-    """``--device`` asks for a device that is not usable here; ``missing`` says what is not
-    there: the package, the driver or the device (index out of range)."""
-
-    def __init__(self, message: str, missing: Missing) -> None:
-        super().__init__(message)
-        self.missing = missing
-
-
-class DeviceUnavailable(DeviceError):
-    """Raised in a worker whose ONNX Runtime cannot run on the planned device (the CUDA
-    provider does not load). ``auto`` falls back to the CPU on it; ``cuda`` reports it."""
 
 
 @dataclass(frozen=True)

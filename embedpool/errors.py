@@ -2,20 +2,23 @@
 
     EmbedpoolError                       base of all of them
     ├── ConfigError (ValueError)         a bad option or EMBEDPOOL_* variable; names it and its value
-    │   └── MissingExtraError (ImportError) an optional extra is not installed; names the pip command
+    │   ├── MissingExtraError (ImportError) an optional extra is not installed; names the pip command
+    │   ├── OptionError                  a refused call option (prompt, input_type, dimensions); its name
+    │   └── DeviceError                  --device asks for what is not usable here; what is missing
+    │       └── DeviceUnavailable        in a worker: ONNX Runtime's CUDA provider did not load
     ├── ModelError                       a model cannot be resolved, verified or loaded
     │   ├── ModelNotFoundError (FileNotFoundError)  lists the sources tried and how to pass a directory
-    │   └── ModelIntegrityError          a weights file whose sha256 is not the expected one
+    │   ├── ModelIntegrityError          a weights file whose sha256 is not the expected one
+    │   └── BuildKilled                  the graph build's process died by a signal (an OOM kill)
     ├── InputError (ValueError)          one bad input record: carries source, line number and id
-    ├── JobFailedError                   --strict and bad input, or nothing could be embedded
     ├── CacheError                       the cache file is unreadable or corrupt; names path and --rebuild
     └── PoolError
         ├── WorkerStartError             a worker died while loading its engine; carries its traceback
         ├── PoolBroken (concurrent.futures.process.BrokenProcessPool)
-        │   │                            the pool cannot go on (no worker can be started)
-        │   └── DeviceLost               its GPU was lost; the device executor moves to the CPU
+        │   │                            the pool cannot go on
+        │   ├── DeviceLost               its GPU was lost; the device executor moves to the CPU
+        │   └── WorkersCannotStart       no worker can be started and none is alive
         ├── IntakeClosed                 the executor is stopping: no new batches
-        ├── PoisonInputError             an input kept killing workers; carries the item's id
         ├── QueueFull                    the server's batcher refused a request: sizes, Retry-After
         ├── PoolUnavailable              a request's batch could not be embedded (broken, closed, timeout)
         └── ItemFailed                   one input of a request could not be embedded; its index
@@ -26,6 +29,10 @@ Messages say what happened, the likely cause, what to do, and the data (pid, sig
 from __future__ import annotations
 
 from concurrent.futures.process import BrokenProcessPool
+from typing import Literal
+
+#: What a DeviceError says is not there: the GPU package, the driver, or the device.
+DeviceMissing = Literal["package", "driver", "device"]
 
 
 class EmbedpoolError(Exception):
@@ -48,6 +55,32 @@ class ModelIntegrityError(ModelError):
     """A weights file's checksum does not match."""
 
 
+class BuildKilled(ModelError):
+    """The graph build's process died by a signal (most likely an OOM kill)."""
+
+
+class OptionError(ConfigError):
+    """A refused call option; ``param`` names it as the API spells it."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class DeviceError(ConfigError):
+    """``--device`` asks for a device that is not usable here; ``missing`` says what is not
+    there: the package, the driver or the device (index out of range)."""
+
+    def __init__(self, message: str, missing: DeviceMissing) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class DeviceUnavailable(DeviceError):
+    """Raised in a worker whose ONNX Runtime cannot run on the planned device (the CUDA
+    provider does not load). ``auto`` falls back to the CPU on it; ``cuda`` reports it."""
+
+
 class InputError(EmbedpoolError, ValueError):
     """One bad input record."""
 
@@ -63,9 +96,6 @@ class InputError(EmbedpoolError, ValueError):
         self.item_id = item_id
         self.reason = message
 
-
-class JobFailedError(EmbedpoolError):
-    """The job as a whole failed (strict mode with bad input, or nothing embedded)."""
 
 
 class CacheError(EmbedpoolError):
@@ -91,9 +121,6 @@ class DeviceLost(PoolBroken):
 class WorkersCannotStart(PoolBroken):
     """No worker could be started any more, and none is alive (``faults.start_failure``)."""
 
-
-class PoisonInputError(PoolError):
-    """An input kept killing the workers that tried to embed it."""
 
 
 class QueueFull(PoolError):

@@ -20,19 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from embedpool.errors import ConfigError
+from embedpool.errors import ConfigError, OptionError
 from embedpool.modelspec import INPUT_TYPE_PROMPTS
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import Vectors
 from embedpool.vectors import truncate_dims
-
-
-class OptionError(ConfigError):
-    """A refused call option; ``param`` names it as the API spells it."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)

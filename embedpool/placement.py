@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from embedpool.budget import BatchBudget, batch_budget
-from embedpool.device import DeviceError, DevicePlan, DeviceRequest, resolve_device
-from embedpool.errors import ConfigError, ModelError
+from embedpool.device import DevicePlan, DeviceRequest, resolve_device
+from embedpool.errors import ConfigError, DeviceError, ModelError
 from embedpool.executor import Executor
 from embedpool.models import ResolvedModel
 from embedpool.pool.gpuplan import (

@@ -176,7 +176,7 @@ class FakeEngineSpec:
         if self.fail_to_start_if_exists is not None and os.path.exists(self.fail_to_start_if_exists):
             raise RuntimeError(f"{self.fail_to_start_if_exists} exists")
         if self.unavailable and self.device != "cpu":
-            from embedpool.device import DeviceUnavailable
+            from embedpool.errors import DeviceUnavailable
 
             raise DeviceUnavailable(f"{self.device}: ONNX Runtime's CUDAExecutionProvider did "
                                     "not load (a fake GPU)", "package")

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 from embedpool import cuda_ep
-from embedpool.device import DeviceUnavailable
 from embedpool.engine import EngineSpec
-from embedpool.errors import ConfigError
+from embedpool.errors import ConfigError, DeviceUnavailable
 from embedpool.models import resolve_model
 
 GiB = 1024**3

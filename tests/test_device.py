@@ -9,7 +9,6 @@ import pytest
 
 from embedpool.device import (
     ORT_DISTRIBUTIONS,
-    DeviceError,
     DeviceFacts,
     DeviceRequest,
     Gpu,
@@ -22,7 +21,7 @@ from embedpool.device import (
     resolve_device,
     visible_gpus,
 )
-from embedpool.errors import ConfigError
+from embedpool.errors import ConfigError, DeviceError
 
 GiB = 1024**3
 MiB = 1024**2

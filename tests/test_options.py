@@ -7,8 +7,9 @@ import conformance as C
 import numpy as np
 import pytest
 
+from embedpool.errors import OptionError
 from embedpool.models import resolve_model
-from embedpool.options import CallOptions, OptionError, check_dimensions, resolve_options
+from embedpool.options import CallOptions, check_dimensions, resolve_options
 from embedpool.tokenization import TextTokenizer
 
 

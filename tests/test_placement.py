@@ -10,8 +10,8 @@ import pytest
 
 from embedpool.budget import GPU_MAX_BATCH_ITEMS, GPU_MAX_BATCH_TOKENS
 from embedpool.cache import VectorCache, text_key
-from embedpool.device import DeviceError, DevicePlan, DeviceRequest, Gpu
-from embedpool.errors import ConfigError
+from embedpool.device import DevicePlan, DeviceRequest, Gpu
+from embedpool.errors import ConfigError, DeviceError
 from embedpool.graph import graph_id
 from embedpool.job import Embedder
 from embedpool.models import resolve_model

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from embedpool.cache import VectorCache, text_key
+from embedpool.errors import OptionError
 from embedpool.job import Embedder
 from embedpool.models import ResolvedModel
-from embedpool.options import OptionError
 
 CLI = [sys.executable, "-m", "embedpool"]
 TEXTS = ["def add(a, b): return a + b", "hello world", "", "naïve café ☕",

@@ -43,7 +43,7 @@ from typing import Any
 
 from embedpool import events
 from embedpool.config import cache_root, format_bytes
-from embedpool.errors import ConfigError, EmbedpoolError, ModelError
+from embedpool.errors import BuildKilled, ConfigError, EmbedpoolError, ModelError
 from embedpool.graph import BUILD_STAGES, GraphPrecision, built_path, cache_path, prepare_onnx
 from embedpool.models import ResolvedModel
 
@@ -149,10 +149,6 @@ class Built:
     seconds: float
     peak_rss: int
     built: bool
-
-
-class BuildKilled(ModelError):
-    """The build's process died by a signal (most likely an OOM kill)."""
 
 
 def build_in_child(model: ResolvedModel, precision: GraphPrecision, emit: Emit = _no_emit, *,

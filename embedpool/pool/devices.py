@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embedpool import events, executor, faults
-from embedpool.device import DeviceError
 from embedpool.errors import (
+    DeviceError,
     DeviceLost,
     IntakeClosed,
     PoolBroken,

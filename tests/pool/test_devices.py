@@ -15,8 +15,7 @@ import pytest
 from pool_support import DEADLINE_S, EventLog, fast_config
 
 from embedpool import events
-from embedpool.device import DeviceError
-from embedpool.errors import DeviceLost
+from embedpool.errors import DeviceError, DeviceLost
 from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
 from embedpool.pool import devices
 from embedpool.pool.devices import DeviceExecutor, PoolRecipe
