@@ -263,6 +263,31 @@ def test_no_fp16_graph_and_a_gpu_runs_fp32(fx: Fixture, tmp_path: Path) -> None:
         place(fx.model, plan=cuda, cpus=16, precision="fp16")
 
 
+def test_known_model_lists_its_prompts_and_memory() -> None:
+    """``embedpool models``: embeddinggemma-300m with its family, its prompts (the code-search
+    one among them), its Matryoshka widths and its weights at fp32 and int8, not fp16; every
+    known model of a family without fp16 graphs says so."""
+    from click.testing import CliRunner
+
+    from embedpool.cli import main
+    from embedpool.graph.families import FAMILIES
+    from embedpool.models import KNOWN_MODELS
+    from embedpool.models.known import find_known
+
+    km = find_known("google/embeddinggemma-300m")
+    assert km is not None and km.params is not None and 300e6 < km.params < 310e6  # "308M"
+    assert dict(km.prompts)["InstructionRetrieval"] == "task: code retrieval | query: "
+    assert km.weight_bytes("fp16") is None and km.weight_bytes("int8") == km.params
+    unsafe = {t for fam in FAMILIES if getattr(fam, "FP16_UNSAFE", "") for t in fam.MODEL_TYPES}
+    assert all(not k.fp16 for k in KNOWN_MODELS if k.family in unsafe)
+    res = CliRunner().invoke(main, ["models"])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("embeddinggemma-300m "))
+    assert " gemma3_text " in line and "task: code retrieval | query: " in line
+    assert "matryoshka 768,512,256,128" in line and "weights fp32 " in line
+    assert ", int8 " in line and "fp16" not in line
+
+
 # --- long context ----------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -57,11 +57,15 @@ class KnownModel:
     package_subdir: str = "model"
     sha256: str | None = None  # of model.safetensors, verified at load
     licence: str = "apache-2.0"
+    #: False where embedpool builds no fp16 graph of it (its family's ``FP16_UNSAFE``:
+    #: activations that overflow float16, e.g. EmbeddingGemma's).
+    fp16: bool = True
 
     def weight_bytes(self, precision: str) -> int | None:
         """The graph's weights at ``precision``: 4 bytes a parameter in fp32, 2 in fp16, 1 in
-        int8 (every linear and the token table as int8, with fp32 scales per column or row)."""
-        if self.params is None:
+        int8 (every linear and the token table as int8, with fp32 scales per column or row);
+        None where not known or not built (fp16 of a model without an fp16 graph)."""
+        if self.params is None or (precision == "fp16" and not self.fp16):
             return None
         return self.params * {"fp32": 4, "fp16": 2, "int8": 1}[precision]
 
@@ -159,7 +163,8 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
     # Built at this shape (benchmarks/families.py): fp32 graph 1,178 MiB, int8 314 MiB.
     KnownModel("embeddinggemma-300m", "google/embeddinggemma-300m", 768, "mean", 2048,
                family="gemma3_text", prompts=GEMMA_PROMPTS, matryoshka=True,
-               matryoshka_dims=(768, 512, 256, 128), licence="gemma", params=_GEMMA_300M),
+               matryoshka_dims=(768, 512, 256, 128), licence="gemma", params=_GEMMA_300M,
+               fp16=False),
     KnownModel("snowflake-arctic-embed-m-v1.5", "Snowflake/snowflake-arctic-embed-m-v1.5", 768,
                "cls", 512, prompts=(("query", BGE_QUERY),), matryoshka=True,
                matryoshka_dims=(768, 256)),
