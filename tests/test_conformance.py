@@ -353,3 +353,31 @@ def test_an_error_in_the_graph_built_from_a_shipped_file_names_that_file(
         Engine.for_model(broken, model, precision="int8")
     assert str(info.value).startswith(f"{model.onnx_path}: the int8 graph embedpool built")
     assert str(broken) in str(info.value)
+
+
+def test_shipped_signature_is_read_without_the_weights(tmp_path: Path) -> None:
+    """models.shipped_onnx reads inputs and outputs from the protobuf framing: initializers
+    that old exporters list among the inputs are not inputs, and a file cut anywhere is
+    refused as truncated (here, 12 cuts across the file)."""
+    import onnx
+    from onnx import helper
+
+    from embedpool.models.shipped_onnx import read_signature
+
+    src = C.FIXTURES / "shipped.onnx"
+    sig = read_signature(src)
+    assert [(t.name, t.elem_type, t.rank) for t in sig.inputs] == [
+        ("input_ids", 7, 2), ("attention_mask", 7, 2), ("token_type_ids", 7, 2)]
+    assert [(t.name, t.rank) for t in sig.outputs] == [("last_hidden_state", 3)]
+    model = onnx.load(str(src))
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    old = tmp_path / "old-export.onnx"
+    onnx.save(model, str(old))
+    assert read_signature(old).inputs == sig.inputs
+    data = src.read_bytes()
+    for i in range(1, 13):
+        cut = tmp_path / f"cut{i}.onnx"
+        cut.write_bytes(data[: len(data) * i // 13])
+        with pytest.raises(ModelError, match=r"is truncated or not an ONNX model"):
+            read_signature(cut)

@@ -189,11 +189,11 @@ def feed_types(inputs: Sequence[Tensor], where: object) -> dict[str, int]:
 
 
 def choose_output(outputs: Sequence[Tensor]) -> Tensor | None:
-    """The token-state output embedpool reads, or None when the graph has none (only pooled
-    vectors, or outputs of unknown rank)."""
+    """The token-state output embedpool reads (rank 3, by name first), or None when the graph
+    has none: only pooled vectors, or outputs that do not declare their shape."""
     for name in TOKEN_STATE_OUTPUTS:
         for t in outputs:
-            if t.name == name and t.rank in (3, -1):
+            if t.name == name and t.rank == 3:
                 return t
     return next((t for t in outputs if t.rank == 3), None)
 
