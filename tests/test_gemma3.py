@@ -172,6 +172,21 @@ def test_attention_variants_match_reference(fx: Fixture, kind: str) -> None:
     assert cos.min() >= 0.9999, cos
 
 
+@pytest.mark.openvino
+def test_openvino_matches_reference(fx: Fixture, tmp_path: Path) -> None:
+    """The second engine reads the unfused graph (engine_openvino.graph_for): the padded batch
+    and the query prompt equal the reference there too."""
+    from embedpool.engine import EngineSpec
+    from embedpool.engine_openvino import OpenVinoEngine, graph_for
+
+    engine = OpenVinoEngine.for_spec(EngineSpec(fx.model, "fp32", 1, runtime="openvino"),
+                                     graph_for(fx.model, tmp_path))
+    tok = TextTokenizer(fx.model.tokenizer_path, fx.model.max_length)
+    for texts, want in ((fx.texts, fx.vectors), (prompted(fx), fx.query_vectors)):
+        cos = cosines(engine.embed(tok.encode(texts).sequences), want)
+        assert cos.min() >= 0.9999, cos
+
+
 # --- what the fixture pins down --------------------------------------------------------------
 
 def _variant(fx: Fixture, **changes: Any) -> F32:
