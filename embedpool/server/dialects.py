@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -88,8 +88,26 @@ def dialect_of(request: Request) -> str:
 
 
 def render_error(request: Request, err: ApiError) -> Response:
-    """``err`` in the shape of the request's dialect."""
+    """``err`` in the shape of the request's dialect. A message that quotes what the client
+    sent may hold lone surrogates (JSON's ``"\\ud800"``), which UTF-8 cannot encode: they
+    are escaped, so that quoting a bad value never turns a 4xx into a 500."""
+    try:
+        err.message.encode("utf-8")
+    except UnicodeEncodeError:
+        err.message = err.message.encode("utf-8", "backslashreplace").decode("utf-8")
     return _renderers[dialect_of(request)](err)
+
+
+def check_text(texts: Sequence[str], field: str, *, single: bool = False) -> None:
+    """A 400 naming ``field[i]`` for a text that is not valid Unicode (a lone surrogate,
+    which JSON can carry and the tokenizer cannot read), as the OpenAI route refuses it."""
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            where = field if single else f"{field}[{i}]"
+            raise bad_request(f"{where} is not valid Unicode text ({exc.reason} at character "
+                              f"{exc.start})", where, "invalid_text") from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:

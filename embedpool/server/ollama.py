@@ -41,6 +41,7 @@ import embedpool
 from embedpool.server.dialects import (
     ModelFacts,
     ServerContext,
+    check_text,
     json_body,
     model_facts,
     parameter_size,
@@ -134,6 +135,7 @@ class OllamaRoutes:
         if value is None:
             return []
         if isinstance(value, str):
+            check_text([value], "input", single=True)
             return [value] if value else []
         if not isinstance(value, list):
             raise _bad(f"invalid input type: 'input' must be a string or an array of "
@@ -146,6 +148,7 @@ class OllamaRoutes:
             if not isinstance(item, str):
                 raise _bad(f"invalid input type: input[{i}] must be a string, got "
                            f"{type_name(item)}")
+        check_text(value, "input")
         return list(value)
 
     def _check_lengths(self, texts: Sequence[str], prompt: str) -> None:
@@ -191,6 +194,7 @@ class OllamaRoutes:
             raise _bad(f"'prompt' must be a string, got {type_name(prompt)}")
         if not prompt:
             return JSONResponse({"embedding": []})
+        check_text([prompt], "prompt", single=True)
         service = self.ctx.service
         done = await service.embed([prompt], service.options(
             EmbeddingCall([], model, "float")))

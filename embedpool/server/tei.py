@@ -48,6 +48,7 @@ import embedpool
 from embedpool.server.dialects import (
     ModelFacts,
     ServerContext,
+    check_text,
     json_body,
     model_facts,
     read_body,
@@ -134,6 +135,7 @@ class TeiRoutes:
         if value is None:
             raise _invalid(f"`{field}` is required: a string or a list of strings")
         if isinstance(value, str):
+            check_text([value], field, single=True)
             return [value]
         if not isinstance(value, list):
             raise _invalid(f"`{field}` must be a string or a list of strings, got "
@@ -149,6 +151,7 @@ class TeiRoutes:
                                "does not accept: it tokenises text itself; send the texts")
             if not isinstance(item, str):
                 raise _invalid(f"{field}[{i}] must be a string, got {type_name(item)}")
+        check_text(value, field)
         return list(value)
 
     @staticmethod
@@ -221,6 +224,7 @@ class TeiRoutes:
         if not isinstance(source, str):
             raise _invalid(f"`inputs.source_sentence` must be a string, got "
                            f"{type_name(source)}")
+        check_text([source], "inputs.source_sentence", single=True)
         sentences = self._texts(inputs.get("sentences"), "inputs.sentences")
         params = body.get("parameters") or {}
         if not isinstance(params, dict):

@@ -212,7 +212,9 @@ def test_failing_input_is_named_in_every_dialect(serve: Callable[..., LiveServer
 # ----------------------------------------------------------------------------- no 5xx
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=20),
+    | st.text(max_size=20)
+    # lone surrogates: JSON carries them ("\ud800"), UTF-8 and the tokenizer cannot
+    | st.sampled_from(["a\ud800b", "\udfff", "query\udc80"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                 max_size=4),
     max_leaves=12)
@@ -284,3 +286,22 @@ def test_tei_decode_round_trips(keyed: LiveServer, tokenizer: TextTokenizer) -> 
 def test_root_get_is_an_open_health_check(keyed: LiveServer) -> None:
     r = httpx.get(f"{keyed.url}/", timeout=DEADLINE_S)  # no key, as probes send none
     assert r.status_code == 200 and "running" in r.text
+
+
+@pytest.mark.parametrize(("dialect", "path", "body", "field"), [
+    ("ollama", "/api/embed", b'{"input": ["ok", "a\\ud800b"]}', "input[1]"),
+    ("ollama", "/api/embeddings", b'{"prompt": "a\\ud800b"}', "prompt"),
+    ("ollama", "/api/embed", b'{"model": "m\\ud800", "input": "x"}', "model"),
+    ("tei", "/embed", b'{"inputs": "a\\ud800b"}', "inputs"),
+    ("tei", "/tokenize", b'{"inputs": ["x", "a\\ud800b"]}', "inputs[1]"),
+    ("tei", "/similarity", b'{"inputs": {"source_sentence": "\\udfff", "sentences": ["x"]}}',
+     "source_sentence"),
+    ("openai", "/v1/embeddings", b'{"input": "x", "model": "m\\ud800"}', "model"),
+], ids=["ollama-input", "ollama-prompt", "ollama-model", "tei-embed", "tei-tokenize",
+        "tei-similarity", "openai-model"])
+def test_lone_surrogates_are_4xx_naming_the_field(keyed: LiveServer, dialect: str, path: str,
+                                                  body: bytes, field: str) -> None:
+    r = call(keyed, "POST", path, content=body)
+    assert 400 <= r.status_code < 500, r.text
+    assert field.split("[")[0].split(".")[-1] in json.dumps(assert_shape(dialect, r,
+                                                                         r.status_code))
