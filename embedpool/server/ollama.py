@@ -8,8 +8,9 @@ Shapes and codes follow Ollama's server (``server/routes.go``, ``api/types.go``)
   found``; the server's own limits as on every route (401 key, 413 body, 429 + Retry-After
   queue full, 503 pool unavailable);
 * ``/api/embed``: ``input`` a string or a list of strings (an empty string or list embeds
-  nothing: ``embeddings: []``); ``truncate`` (default true) false refuses an input longer
-  than the model's window with 400 ``the input length exceeds the context length``;
+  nothing: ``embeddings: []``); ``truncate`` true (the default) leaves a long input to the
+  server's ``--long-text`` mode (cut to the window, or windows), false refuses an input
+  longer than the model's window with 400 ``the input length exceeds the context length``;
   ``dimensions`` keeps the first N values (a model trained for it; other models: their own
   width, as on every route); vectors are L2-normalised, as Ollama's are; ``keep_alive`` and
   ``options`` are accepted and ignored (the model stays loaded); ``prompt_eval_count`` counts

@@ -18,8 +18,8 @@ Shapes and codes follow TEI's router (``router/src/http/server.rs``, ``types.rs`
   similarity (what ``sentence_similarity`` posts), ``{"query", "texts"}`` a rerank, anything
   else an embedding (what ``feature_extraction`` posts);
 * ``inputs``: a string or a list of strings; token-id inputs are refused (422), as on the
-  OpenAI route; ``truncate``: omitted -> the server's ``--long-text`` mode (TEI's
-  ``auto_truncate``, which ``/info`` reports true), false -> 422 for an input longer than the
+  OpenAI route; ``truncate``: omitted or true -> the server's ``--long-text`` mode (cut or
+  windows; TEI's ``auto_truncate``, which ``/info`` reports true), false -> 422 for an input longer than the
   model's window; ``truncation_direction`` ``right`` only (422 for ``left``);
   ``normalize`` (default true) L2-normalises; false returns the model's own vectors
   (normalised anyway when the model ends in a Normalize module, as sentence-transformers
