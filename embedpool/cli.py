@@ -639,7 +639,9 @@ def serve(host: str, port: int, model: str, precision: str, engine: str, device:
           served_model_name: tuple[str, ...], request_timeout: float, cache_path: Path | None,
           no_cache: bool, log_level: str, backend: str, ray_address: str | None,
           reranker: str | None) -> None:
-    """Serve an OpenAI-compatible embeddings API (POST /v1/embeddings) on the worker pool."""
+    """Serve embeddings on the worker pool in OpenAI's API (POST /v1/embeddings), Ollama's
+    (POST /api/embed, ...) and TEI's (POST /embed, /tokenize, ...), under one key and one set
+    of limits."""
     from embedpool.models import resolve_model
     from embedpool.models.crossencoder import refuse_cross_encoder
     from embedpool.placement import executor_factory, place
