@@ -117,7 +117,8 @@ def test_prompts_through_tokenizer_and_engine(dirs: dict[str, Path], name: str, 
 @pytest.mark.parametrize(("name", "precision"),
                          [("mean-old-flags", "int8"), ("labse-dense-tanh", "fp32"),
                           ("cls-new-string", "fp32"), ("onnx-shipped", "int8"),
-                          ("include-prompt-false", "fp32")])
+                          ("include-prompt-false", "fp32"), ("tokenizer-config-missing", "fp32"),
+                          ("onnx-pooled-output", "fp32"), ("onnx-int32-inputs", "int8")])
 def test_vectors_through_the_pool(dirs: dict[str, Path], name: str, precision: str) -> None:
     with Embedder(dirs[name], precision=precision, workers=1) as e:  # type: ignore[arg-type]
         check(e.embed(C.TEXTS), name, precision)
