@@ -305,3 +305,12 @@ def test_lone_surrogates_are_4xx_naming_the_field(keyed: LiveServer, dialect: st
     assert 400 <= r.status_code < 500, r.text
     assert field.split("[")[0].split(".")[-1] in json.dumps(assert_shape(dialect, r,
                                                                          r.status_code))
+
+
+def test_metrics_count_every_dialect_route_by_name(serve: Callable[..., LiveServer]) -> None:
+    live = serve()
+    for _, method, path, body in ROUTES:
+        assert call(live, method, path, body, key=None).status_code == 200, path
+    metrics = httpx.get(f"{live.url}/metrics", timeout=DEADLINE_S).text
+    for _, _, path, _ in ROUTES:
+        assert f'route="{path}",status="200"' in metrics, path
