@@ -58,6 +58,9 @@ class BenchConfig:
     peer_python: str | None = None
     #: Where a runner saves its vectors (.npy) for the quality comparison; set by run_bench.
     vectors_out: str | None = None
+    #: The exact texts as a JSON list, for a peer in another interpreter (whose stdlib, and
+    #: so built-in corpus, may differ, and which need not have embedpool's dependencies).
+    texts_json: str | None = None
 
 
 def token_stats(lengths: list[int], max_length: int) -> dict[str, Any]:
@@ -84,12 +87,20 @@ def _corpus(n: int, path: str | None = None) -> list[str]:
     return texts
 
 
+def _texts(cfg: BenchConfig) -> list[str]:
+    """The texts every contender times (``texts_json`` when the parent wrote them)."""
+    if cfg.texts_json is not None:
+        texts: list[str] = json.loads(Path(cfg.texts_json).read_text(encoding="utf-8"))
+        return texts
+    return _corpus(cfg.chunks, cfg.input)
+
+
 def run_embedpool(cfg: BenchConfig) -> dict[str, Any]:
     """Runs inside the child process."""
     from embedpool.job import Embedder
     from embedpool.progress import RssTracker
 
-    texts = _corpus(cfg.chunks, cfg.input)
+    texts = _texts(cfg)
     tracker = RssTracker()
     events: list[dict[str, Any]] = []
     keep = ("scale", "emergency", "worker_death", "split", "retry", "recycle",
@@ -194,7 +205,7 @@ def run_sentence_transformers(cfg: BenchConfig, backend: str, int8: bool) -> dic
         raise SystemExit(f"sentence-transformers is not importable in {sys.executable} "
                          f"({exc}): pip install {ST_INSTALL[backend]}, or pass "
                          "--peer-python with a Python that has it") from None
-    texts = _corpus(cfg.chunks, cfg.input)
+    texts = _texts(cfg)
     path = cfg.model
     with tempfile.TemporaryDirectory(prefix="embedpool-st-") as tmp:
         try:
@@ -338,8 +349,10 @@ def _compare(cfg: BenchConfig, m: Any, ours: dict[str, Any], mine: Path | None,
     import dataclasses
 
     ref_path = mine.with_name("reference.npy")
+    texts_path = mine.with_name("texts.json")
+    texts_path.write_text(json.dumps(_corpus(cfg.chunks, cfg.input)), encoding="utf-8")
     peer = _in_subprocess(cfg.compare or "", dataclasses.replace(
-        cfg, model=str(m.directory), vectors_out=str(ref_path)))
+        cfg, model=str(m.directory), vectors_out=str(ref_path), texts_json=str(texts_path)))
     ours["cos"] = _cos_stats(np.load(mine), np.load(ref_path))
     for name, run in (("embedpool", ours), (cfg.compare, peer)):
         echo(f"{name} against sentence-transformers fp32: cos mean {run['cos']['mean']:.5f} "
