@@ -58,7 +58,7 @@ def fx() -> Fixture:
 @pytest.fixture(scope="module")
 def graphs(fx: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("onnx")
-    return {p: prepare_onnx(fx.model, p, cache) for p in ("fp32", "int8")}  # type: ignore[misc]
+    return {p: prepare_onnx(fx.model, p, cache) for p in ("fp32", "int8")}
 
 
 def prompted(fx: Fixture) -> list[str]:
@@ -208,6 +208,33 @@ def test_the_window_matters(fx: Fixture) -> None:
     assert cosines(everywhere_global, fx.vectors)[long_texts].max() < 0.999
     double_window = _variant(fx, sliding_window=2 * cfg.sliding_window)
     assert cosines(double_window, fx.vectors)[long_texts].max() < 0.9999
+
+
+def test_a_window_wider_than_the_positions_is_global(fx: Fixture) -> None:
+    """A local window that spans every position the model has (sliding_window 300: keys
+    within 150 of 128 positions) is built as global attention, no If and no blocks; the same
+    vectors as masked attention with the window as a [seq, seq] bias (positions raised so
+    that the window is kept)."""
+    from onnx import TensorProto, helper
+
+    from embedpool.graph.builder import GraphBuilder
+    from embedpool.graph.head import apply_head
+
+    fam, cfg = _family(fx.model)
+    weights = fam.load_weights(fx.model.weights_path, cfg)
+    wide = dataclasses.replace(cfg, sliding_window=300)
+    graph = compose(fam, weights, wide, fx.model.head)
+    assert "If" not in {n.op_type for n in graph.graph.node}
+    g = GraphBuilder()
+    enc = fam.build_encoder(g, weights, dataclasses.replace(wide, max_positions=512),
+                            attention="mha")
+    apply_head(g, enc.hidden, enc.width, fx.model.head, "sentence_embedding")
+    masked = g.finish("m", [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
+                            for n in ("input_ids", "attention_mask")],
+                      [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
+                                                     None)], producer_version="test")
+    assert "Abs" in {n.op_type for n in masked.graph.node}  # the window bias is there
+    assert cosines(run_graph(graph, fx), run_graph(masked, fx)).min() >= 0.99999
 
 
 def test_the_score_scale_and_rotary_bases_matter(fx: Fixture) -> None:
