@@ -175,6 +175,11 @@ class ServerMetrics:
                                   registry=r)
         self.cache_misses = Counter("embedpool_cache_misses", "Inputs not in the vector cache",
                                     registry=r)
+        self.reranked_pairs = Counter("embedpool_reranked_pairs",
+                                      "[query, document] pairs scored by the reranker",
+                                      registry=r)
+        self.reranked_tokens = Counter("embedpool_reranked_tokens",
+                                       "Tokens of the pairs scored by the reranker", registry=r)
         self.ready_probes = Counter("embedpool_ready_probes",
                                     "Probe embeddings run for /ready (concurrent calls share one)",
                                     registry=r)

@@ -176,8 +176,8 @@ class RerankService:
                 await run_in_threadpool(cache.put_many, query, [documents[i] for i in todo],
                                         logits)
         tokens = sum(len(s) for s in enc.sequences)
-        self.metrics.embedded_items.inc(len(documents))
-        self.metrics.embedded_tokens.inc(tokens)
+        self.metrics.reranked_pairs.inc(len(documents))
+        self.metrics.reranked_tokens.inc(tokens)
         return Scored(out, tokens, truncated)
 
     async def _run(self, batcher: MicroBatcher, enc: EncodedPairs, todo: list[int]

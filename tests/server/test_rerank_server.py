@@ -119,6 +119,8 @@ def test_cohere_client_v1_and_document_objects(rerank_serve: Callable[..., LiveS
         assert [x["index"] for x in out["results"]] == [x.index for x in res.results[:2]]
         assert out["results"][0]["document"] == {"text": docs[out["results"][0]["index"]]}
         assert out["usage"]["total_tokens"] > 0
+    metrics = httpx.get(f"{live.url}/metrics", timeout=DEADLINE_S).text
+    assert "embedpool_reranked_pairs_total 18.0" in metrics  # 3 requests x 6 documents
 
 
 # ----------------------------------------------------------------------------- TEI
