@@ -32,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from embedpool.errors import ConfigError, ModelError
+from embedpool.graph.external import has_external_data
 from embedpool.graph.head import PROMPT_LENGTH, head_numpy, load_dense
 from embedpool.models import ResolvedModel
 from embedpool.models.shipped_onnx import Tensor, choose_output
@@ -146,6 +147,16 @@ def session_options(threads: int) -> ort.SessionOptions:
 class Engine:
     """A loaded ONNX session plus, for shipped graphs, the model's head; always fully built."""
 
+    @staticmethod
+    def _options(onnx_path: Path, threads: int) -> ort.SessionOptions:
+        """``session_options``; for a graph whose weights are a memory-mapped side file that
+        every worker shares (graph/external.py), without pre-packing, which would copy them
+        into each worker's private memory."""
+        opts = session_options(threads)
+        if has_external_data(onnx_path):
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        return opts
+
     def __init__(self, onnx_path: Path, *, head: HeadSpec, dim: int, threads: int = 1,
                  head_in_graph: bool = True, device: str = "cpu",
                  gpu_mem_limit: int | None = None, precision: str = "int8",
@@ -165,7 +176,7 @@ class Engine:
             cuda_ep.prepare(device)
         try:
             self.session = ort.InferenceSession(
-                str(onnx_path), sess_options=session_options(threads),
+                str(onnx_path), sess_options=self._options(Path(onnx_path), threads),
                 providers=cuda_ep.providers_for(device, gpu_mem_limit, precision))
         except Exception as exc:
             if device != "cpu":

@@ -57,7 +57,7 @@ def fx(request: pytest.FixtureRequest) -> Fixture:
 @pytest.fixture(scope="module")
 def graphs(fx: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("onnx")
-    return {p: prepare_onnx(fx.model, p, cache) for p in ("fp32", "int8")}  # type: ignore[misc]
+    return {p: prepare_onnx(fx.model, p, cache) for p in ("fp32", "int8")}
 
 
 def golden(fx: Fixture, key: str) -> F32:
@@ -502,3 +502,33 @@ def test_cli_refuses_a_model_that_cannot_fit_in_one_line(tmp_path: Path) -> None
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot run in the memory available here" in lines[0], res.stderr
     assert not list((tmp_path / "cache").rglob("*.onnx"))  # refused before any build
+
+
+def test_large_graphs_map_their_weights_from_an_aligned_side_file(tmp_path: Path) -> None:
+    """graph.external: the weights in ``<graph>.data`` at page-aligned offsets (what ONNX
+    Runtime memory-maps, so workers share them), loaded by the engine without pre-packing;
+    the same vectors as the one-file graph."""
+    from embedpool.engine import Engine
+    from embedpool.graph import external
+
+    fx = load_fixture("qwen3")
+    fam, cfg = _family(fx.model)
+    weights = fam.load_weights(fx.model.weights_path, cfg)
+    one = tmp_path / "one.onnx"
+    assert not external.save(compose(fam, weights, cfg, fx.model.head), one, one)
+    assert not external.has_external_data(one)
+    final = tmp_path / "mapped.onnx"
+    graph = compose(fam, weights, cfg, fx.model.head)
+    assert external.save(graph, tmp_path / "tmp.onnx", final, min_bytes=0, tensor_min=1024)
+    (tmp_path / "tmp.onnx").rename(final)
+    assert external.has_external_data(final)
+    moved = [t for t in onnx.load(str(final), load_external_data=False).graph.initializer
+             if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(moved) >= 2 * int(cfg.num_layers)
+    assert all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % 4096 == 0
+               for t in moved)
+    assert final.stat().st_size < one.stat().st_size // 4
+    seqs = TextTokenizer.for_model(fx.model).encode(fx.texts).sequences
+    a = Engine.for_model(one, fx.model, threads=1).embed(seqs)
+    b = Engine.for_model(final, fx.model, threads=1).embed(seqs)
+    assert np.array_equal(a, b)

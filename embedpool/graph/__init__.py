@@ -66,7 +66,7 @@ from typing import Any, Literal
 
 from embedpool.config import cache_root
 from embedpool.errors import ConfigError
-from embedpool.graph import quantize
+from embedpool.graph import external, quantize
 from embedpool.graph.compose import compose_parts
 from embedpool.graph.families import family_for
 from embedpool.graph.store import cache_key, get_or_build
@@ -141,9 +141,9 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
         raise ConfigError(f"{model.name}: embedpool builds no fp16 graph of a {fam.NAME} model: "
                           f"{unsafe}; use fp32 (or int8 on the CPU)")
 
-    def build(tmp: Path) -> None:
-        import onnx
+    final = cache_path(model, precision, cache_dir, fused=fused)
 
+    def build(tmp: Path) -> None:
         stage("loading weights")
         weights = fam.load_weights(model.weights_path, cfg)
         stage("composing the graph")
@@ -159,10 +159,9 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
             stage("converting to fp16")
             to_fp16(parts.model, parts.head_nodes, [parts.hidden])
         stage("writing")
-        onnx.save(parts.model, tmp)
+        external.save(parts.model, tmp, final)  # a large graph's weights: mapped, shared
 
-    return get_or_build(cache_path(model, precision, cache_dir, fused=fused), build,
-                        on_wait=lambda: stage("waiting"))
+    return get_or_build(final, build, on_wait=lambda: stage("waiting"))
 
 
 def built_path(model: ResolvedModel, precision: GraphPrecision,
