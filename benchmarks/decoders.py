@@ -1,0 +1,285 @@
+"""Qwen3-Embedding-0.6B's shape, random weights: embedpool against sentence-transformers, whole
+processes in one run, and the process tree's peak RSS with 1 and 2 workers.
+
+    python benchmarks/decoders.py [--chunks 24] [--tokens 256] [--rounds 2] [--vocab 16384]
+                                  [--threads 1,2] [--work DIR] [--rss]
+
+Steps (each in its own process; this script only orchestrates, with any Python):
+
+1. ``make`` (the dev venv, torch): a ``Qwen3Model`` at Qwen3-Embedding-0.6B's shape (hidden
+   1024, 28 layers, 16 q / 8 kv heads, head_dim 128, intermediate 3072), random weights
+   saved in float32 by transformers, in sentence-transformers 6's layout (last-token pooling,
+   Normalize) with the Qwen tokenizer of tests/fixtures/families/qwen3. The vocabulary is
+   shrunk from 151,669 to ``--vocab`` rows: a row lookup costs the same whatever the table's
+   size, so speed does not change; it keeps the fp32 graph under protobuf's 2 GB and the
+   files small on a shared disk.
+2. ``build`` (the project venv): embedpool's default-precision graph (int8), built once
+   and cached before anything is timed.
+3. ``run`` alternately for each system and thread count (``--rounds`` times): load the model,
+   embed 2 chunks (warm-up), then embed ``--chunks`` chunks of ``--tokens`` tokens, timing
+   the process tree's CPU seconds (psutil: the process and its live children, i.e. pool
+   workers) and wall seconds over the timed part; the tree's RSS and PSS are sampled every 200 ms.
+   embedpool runs through ``Embedder`` (a real pool worker with ``--threads`` threads, its
+   defaults otherwise); sentence-transformers through ``SentenceTransformer.encode`` at its
+   defaults (float32, batch 32) with ``torch.set_num_threads``.
+4. ``--rss``: embedpool with 1 worker x 1 thread against 2 workers x 1 thread (and 1 worker x
+   2 threads), the tree's peak PSS over the same job (proportional set size: the weights the
+   workers map from one file, graph/external.py, counted once; RSS would count them per
+   process) beside its peak RSS.
+
+Reported: chunks per CPU second (the measure that holds on a shared machine), chunks per
+wall second, peak tree RSS, and the ratios embedpool / sentence-transformers of the same run.
+Outputs go to ``--work`` (default /tmp/embedpool-decoder-bench), never into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEV_PYTHON = os.environ.get("EMBEDPOOL_DEV_PYTHON", "/work/devenv/bin/python")
+PROJECT_PYTHON = os.environ.get("EMBEDPOOL_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
+SHAPE = {"hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16,
+         "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072}
+
+MAKE = r"""
+import json, shutil, sys
+from pathlib import Path
+import torch, transformers
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.base.modules import Normalize, Transformer
+from sentence_transformers.sentence_transformer.modules import Pooling
+root, out, shape, vocab = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
+fixture = root / "tests/fixtures/families/qwen3/model"
+torch.manual_seed(0)
+cfg = transformers.Qwen3Config(vocab_size=vocab, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                               tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                               pad_token_id=0, **shape)
+model = transformers.Qwen3Model(cfg).eval()
+hf = out / "hf"
+model.save_pretrained(str(hf), safe_serialization=True)
+for f in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(fixture / f, hf / f)
+st = SentenceTransformer(modules=[Transformer(str(hf), max_seq_length=8192),
+                                  Pooling(shape["hidden_size"], pooling_mode="lasttoken"),
+                                  Normalize()], device="cpu")
+st.save(str(out / "model"))
+shutil.rmtree(hf)
+print("made", out / "model")
+"""
+
+BUILD = r"""
+import sys
+from embedpool.graph import prepare_onnx
+from embedpool.models import resolve_model
+m = resolve_model(sys.argv[1])
+print("built", prepare_onnx(m, "int8"))
+"""
+
+#: One timed run: prints a JSON line {cpu_s, wall_s, peak_rss, chunks, tokens}.
+RUN = r"""
+import json, os, resource, sys, threading, time
+try:
+    import psutil
+except ImportError:  # the dev venv may lack it: one process, no workers to add up
+    psutil = None
+system, model_dir, texts_path, threads, workers = sys.argv[1:6]
+threads, workers = int(threads), int(workers)
+texts = json.loads(open(texts_path).read())
+me = psutil.Process() if psutil is not None else None
+peak = [0]
+peak_pss = [0]
+
+def pss(pid):  # proportional set size: shared pages (the mapped weights) split between sharers
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+    except OSError:
+        return 0
+stop = threading.Event()
+
+def tree():
+    procs = [me]
+    if psutil is None:
+        return procs
+    try:
+        procs += me.children(recursive=True)
+    except psutil.Error:
+        pass
+    return procs
+
+def sample():
+    if psutil is None:
+        return
+    while not stop.is_set():
+        rss = total_pss = 0
+        for p in tree():
+            try:
+                rss += p.memory_info().rss
+            except psutil.Error:
+                pass
+            total_pss += pss(p.pid)
+        peak[0] = max(peak[0], rss)
+        peak_pss[0] = max(peak_pss[0], total_pss)
+        stop.wait(0.2)
+
+def cpu():
+    if psutil is None:
+        t = os.times()
+        return t.user + t.system
+    total = 0.0
+    for p in tree():
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+threading.Thread(target=sample, daemon=True).start()
+if system == "embedpool":
+    from embedpool.job import Embedder
+    emb = Embedder(model_dir, workers=workers, threads=threads)
+    embed = emb.embed
+    extra = {"precision": emb.precision}
+else:
+    import torch
+    torch.set_num_threads(threads)
+    from sentence_transformers import SentenceTransformer
+    st = SentenceTransformer(model_dir, device="cpu")
+    embed = st.encode
+    extra = {"precision": "fp32 (torch)"}
+embed(texts[:2])
+c0, w0 = cpu(), time.perf_counter()
+vecs = embed(texts)
+c1, w1 = cpu(), time.perf_counter()
+stop.set()
+if psutil is None:  # the process's own high-water mark (Linux: KiB)
+    peak[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"cpu_s": c1 - c0, "wall_s": w1 - w0, "peak_rss": peak[0],
+                  "peak_pss": peak_pss[0] or peak[0],
+                  "chunks": len(texts), "dim": len(vecs[0]), **extra}))
+if system == "embedpool":
+    emb.close()
+"""
+
+
+def make_texts(model_dir: Path, n: int, tokens: int) -> list[str]:
+    """``n`` distinct chunks of ``tokens`` tokens each (with the EOS), decoded from windows
+    of a long code-and-prose text's ids."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    sys.path.insert(0, str(ROOT / "scripts"))
+    base = (ROOT / "embedpool" / "job.py").read_text() + (ROOT / "README.md").read_text()
+    ids = tok.encode(base, add_special_tokens=False).ids
+    out: list[str] = []
+    step = tokens - 1
+    for i in range(n):
+        start = (i * step) % max(1, len(ids) - step)
+        out.append(tok.decode(ids[start:start + step]))
+    counts = [len(tok.encode(t).ids) for t in out]
+    print(f"texts: {n} chunks, tokens mean {statistics.mean(counts):.0f} "
+          f"(min {min(counts)}, max {max(counts)})", flush=True)
+    return out
+
+
+def run(python: str, system: str, model_dir: Path, texts: Path, threads: int,
+        workers: int, env: dict[str, str]) -> dict[str, float]:
+    res = subprocess.run([python, "-c", RUN, system, str(model_dir), str(texts), str(threads),
+                          str(workers)], capture_output=True, text=True, env=env, timeout=3600,
+                         check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{system} run failed:\n{res.stderr[-3000:]}")
+    out: dict[str, float] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--chunks", type=int, default=24)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=16384)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/embedpool-decoder-bench"))
+    ap.add_argument("--rss", action="store_true", help="also 1 vs 2 workers, peak tree RSS")
+    ap.add_argument("--rss-chunks", type=int, default=4, help="chunks of the --rss runs")
+    ap.add_argument("--skip-speed", action="store_true", help="only the --rss runs")
+    ap.add_argument("--no-compare", action="store_true", help="embedpool only")
+    args = ap.parse_args()
+    work = args.work
+    model_dir = work / "model"
+    env = {**os.environ, "EMBEDPOOL_CACHE_DIR": str(work / "cache"), "TOKENIZERS_PARALLELISM":
+           "false"}
+    if not (model_dir / "model.safetensors").is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        subprocess.run([DEV_PYTHON, "-c", MAKE, str(ROOT), str(work), json.dumps(SHAPE),
+                        str(args.vocab)], check=True, env=env)
+    subprocess.run([PROJECT_PYTHON, "-c", BUILD, str(model_dir)], check=True, env=env)
+    texts = work / f"texts-{args.chunks}x{args.tokens}.json"
+    texts.write_text(json.dumps(make_texts(model_dir, args.chunks, args.tokens)))
+    print(textwrap.dedent(f"""\
+        CPU: {cpu_name()}, {os.cpu_count()} logical cores; load {os.getloadavg()[0]:.1f}
+        shape: Qwen3-Embedding-0.6B {SHAPE}, vocab {args.vocab} (real: 151,669; speed-neutral)
+        {args.chunks} chunks x {args.tokens} tokens, {args.rounds} round(s), alternating"""),
+          flush=True)
+    systems = [("embedpool", PROJECT_PYTHON)] + ([] if args.no_compare
+                                                 else [("sentence-transformers", DEV_PYTHON)])
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for _ in range(0 if args.skip_speed else args.rounds):
+        for threads in map(int, args.threads.split(",")):
+            for name, python in systems:
+                r = run(python, "embedpool" if name == "embedpool" else "st", model_dir, texts,
+                        threads, 1, env)
+                results.setdefault((name, threads), []).append(r)
+                print(f"  {name:<22} {threads} thread(s): {r['chunks'] / r['cpu_s']:.3f} "
+                      f"chunks/CPU s, {r['chunks'] / r['wall_s']:.3f} chunks/s, peak tree RSS "
+                      f"{r['peak_rss'] / 2**20:.0f} MiB ({r['precision']})", flush=True)
+    if results:
+        print("\nbest of rounds (chunks per CPU second; wall; peak tree RSS):")
+    for threads in map(int, args.threads.split(",")) if results else ():
+        best = {name: max(results[(name, threads)], key=lambda r: r["chunks"] / r["cpu_s"])
+                for name, _ in systems}
+        for name, r in best.items():
+            print(f"  {threads} thread(s) {name:<22} {r['chunks'] / r['cpu_s']:.3f} / "
+                  f"{r['chunks'] / r['wall_s']:.3f} chunks/s / {r['peak_rss'] / 2**20:.0f} MiB")
+        if len(best) == 2:
+            e, s = best["embedpool"], best["sentence-transformers"]
+            print(f"  {threads} thread(s) embedpool / sentence-transformers: "
+                  f"{(e['chunks'] / e['cpu_s']) / (s['chunks'] / s['cpu_s']):.2f}x per CPU s, "
+                  f"{(e['chunks'] / e['wall_s']) / (s['chunks'] / s['wall_s']):.2f}x wall, "
+                  f"{e['peak_rss'] / s['peak_rss']:.2f}x memory")
+    if args.rss:
+        print("\npeak tree RSS, embedpool (workers x threads):")
+        rss = {}
+        few = work / f"texts-{args.rss_chunks}x{args.tokens}.json"
+        few.write_text(json.dumps(json.loads(texts.read_text())[:args.rss_chunks]))
+        for workers, threads in ((1, 1), (2, 1), (1, 2)):
+            r = run(PROJECT_PYTHON, "embedpool", model_dir, few, threads, workers, env)
+            rss[(workers, threads)] = r["peak_pss"]
+            print(f"  {workers} x {threads}: PSS {r['peak_pss'] / 2**20:.0f} MiB, RSS "
+                  f"{r['peak_rss'] / 2**20:.0f} MiB, "
+                  f"{r['chunks'] / r['cpu_s']:.3f} chunks/CPU s, "
+                  f"{r['chunks'] / r['wall_s']:.3f} chunks/s", flush=True)
+        print(f"  peak tree PSS, 2 workers / 1 worker: {rss[(2, 1)] / rss[(1, 1)]:.2f}x; "
+              f"1 worker x 2 threads / 1 x 1: {rss[(1, 2)] / rss[(1, 1)]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
