@@ -2,37 +2,43 @@
 1M-chunk JSONL against a 10k one, and the JSONL reader's lines per second.
 
     .venv/bin/python benchmarks/streaming.py [--small 10000] [--large 1000000]
-        [--seconds 30] [--model tests/fixtures/families/modernbert/model] [--workers 1]
+        [--large-rows 12000] [--model tests/fixtures/families/modernbert/model]
+        [--workers 1] [--batch-tokens 8192] [--baseline-tree DIR]
         [--data-dir /tmp/embedpool-streaming]
 
 1. Two JSONL files of ``--small`` and ``--large`` records (``{"id", "text"}``, texts of about
-   430 characters of English-like words, ~100-130 MiniLM tokens), written once into
-   ``--data-dir`` and reused.
+   430 characters of English-like words), written once into ``--data-dir`` and reused.
 2. The reader: ``inputs.read_jsonl`` over the first 200k lines of the large file, and
    ``json.loads`` per line (the reader before orjson) over the same lines, in this process:
    lines per wall second and per CPU second (steady on a loaded machine), and their ratio.
 3. ``embedpool embed FILE --out OUT.npy --workers W --no-cache -q`` as a subprocess, the
    real CLI end to end, once per file. This script samples the parent's RSS (the ``embed``
-   process alone, not its workers) every 20 ms and watches the output's temporary file: the
-   first vector is written when it grows past the .npy header. Work is bounded by time, not
-   by the input: after ``--seconds`` the job gets SIGINT and finishes its in-flight batches
-   (what the CLI does on Ctrl-C). Both files run for the same time (the small one may finish
-   first), so the ratio of peak RSS compares the same work with 100x more input behind it.
-   The default model is the repo's random-weight ModernBERT fixture (4 x 32, max length
-   128: compute is cheap, so the parent's own work, reading and tokenising, dominates and
-   many windows pass in the time); ``--model all-MiniLM-L6-v2`` runs the real model.
+   process alone, not its workers) every 20 ms and watches the output's temporary file:
+   the first vector is written when a row appears there. The small file runs to its end.
+   Embedding all of the large one would take hours here, so its work is bounded by rows:
+   once ``--large-rows`` rows are written (default 1.2x the small file: past every window
+   size the small run reaches, so both did the same kind of work) it gets SIGINT and
+   finishes its in-flight batches, as on Ctrl-C. The ratio of peak RSS then compares the
+   same work with 100x more input behind it. The default model is the repo's random-weight
+   ModernBERT fixture (4 x 32, max length 128), so compute is cheap and the parent's own
+   work (reading, tokenising, writing) dominates; ``--model all-MiniLM-L6-v2`` runs the real
+   model.
 
 A graph is built on a model's first run: a warm-up run on 100 records builds it first, so no
-timing includes it. EMBEDPOOL_CACHE_DIR is set to ``--data-dir``/cache.
+timing includes it. EMBEDPOOL_CACHE_DIR is set to ``--data-dir``/cache. ``--baseline-tree
+DIR`` also runs the large file for ``--baseline-seconds`` with the embedpool checked out in
+DIR (``git archive 31104e9``: before streaming, every input was read first).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -91,23 +97,38 @@ def reader_rate(path: Path) -> dict[str, float]:
     return rates
 
 
+def rows_written(temp: Path) -> int:
+    """Rows in a .npy being streamed: its header (written at open) gives the width."""
+    with temp.open("rb") as f:
+        header = f.read(NPY_HEADER)
+    found = re.search(rb"'shape': \(\d+, (\d+)\)", header)
+    if found is None:
+        return 0
+    return max(0, (temp.stat().st_size - NPY_HEADER) // (4 * int(found.group(1))))
+
+
 def run_embed(src: Path, out_dir: Path, args: argparse.Namespace, seconds: float,
-              tree: Path | None = None) -> dict[str, object]:
-    """The CLI on ``src`` for at most ``seconds``: the parent's peak RSS, the first vector's
-    time, what the summary says."""
+              tree: Path | None = None, stop_rows: int | None = None) -> dict[str, object]:
+    """The CLI on ``src`` until it ends, ``stop_rows`` rows are written or ``seconds`` pass
+    (then SIGINT: in-flight batches finish): the parent's peak RSS, the first vector's time,
+    what the summary says. ``tree``: run the embedpool checked out there."""
     out = out_dir / f"{src.stem}.npy"
     for stale in out_dir.glob(f"*{src.stem}*"):
         stale.unlink()
     cmd = [sys.executable, "-m", "embedpool", "embed", str(src), "--out", str(out),
-           "--model", args.model, "--workers", args.workers, "--no-cache", "-q"]
-    t0 = time.perf_counter()
+           "--model", args.model, "--workers", args.workers, "--batch-tokens",
+           str(args.batch_tokens), "--no-cache", "-q"]
     env = {**os.environ, "EMBEDPOOL_CACHE_DIR": str(args.data_dir / "cache")}
-    if tree is not None:  # another checkout's embedpool (--baseline-tree)
+    if tree is not None:
         env["PYTHONPATH"] = str(tree)
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    t0 = time.perf_counter()
+    # cwd: not the repository, whose embedpool ``python -m`` would import first
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=args.data_dir)
     me = psutil.Process(proc.pid)
     peak = 0
     first: float | None = None
+    rows = 0
     interrupted = False
     while proc.poll() is None:
         try:
@@ -115,30 +136,37 @@ def run_embed(src: Path, out_dir: Path, args: argparse.Namespace, seconds: float
         except psutil.Error:
             break
         now = time.perf_counter() - t0
-        if first is None:
-            for temp in out_dir.glob(f".{out.name}.tmp-*"):
-                try:
-                    if temp.stat().st_size > NPY_HEADER:
-                        first = now
-                except OSError:
-                    pass
-        if now > seconds and not interrupted:
+        for temp in out_dir.glob(f".{out.name}.tmp-*"):
+            with contextlib.suppress(OSError):
+                rows = rows_written(temp)
+        if first is None and rows > 0:
+            first = now
+        if not interrupted and (now > seconds or (stop_rows is not None and rows >= stop_rows)):
             proc.send_signal(signal.SIGINT)
             interrupted = True
         time.sleep(0.02)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=300)
     summary = next((line for line in err.splitlines() if line.startswith("done:")), err[-500:])
-    return {"file": src.name, "tree": str(tree or "this"), "rc": proc.returncode, "peak_rss_mb": round(peak / 2**20, 1),
+    return {"file": src.name, "tree": str(tree or "this"), "rc": proc.returncode,
+            "peak_rss_mb": round(peak / 2**20, 1),
             "first_vector_s": None if first is None else round(first, 2),
-            "wall_s": round(time.perf_counter() - t0, 1), "interrupted": interrupted,
-            "summary": summary}
+            "rows_seen": rows, "wall_s": round(time.perf_counter() - t0, 1),
+            "interrupted": interrupted, "summary": summary}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", type=int, default=10_000)
     ap.add_argument("--large", type=int, default=1_000_000)
-    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--seconds", type=float, default=600.0,
+                    help="Cap on each run (SIGINT after it); the large run stops at "
+                         "--large-rows rows written.")
+    ap.add_argument("--large-rows", type=int, default=None,
+                    help="Rows the large run writes before SIGINT (default 1.2 x --small: "
+                         "past every window size the small run reaches).")
+    ap.add_argument("--baseline-seconds", type=float, default=60.0)
+    ap.add_argument("--batch-tokens", type=int, default=8192,
+                    help="Batch budget (the tiny fixture's 128-token texts: 64 per batch).")
     ap.add_argument("--model", default=str(FIXTURE))
     ap.add_argument("--workers", default="1")
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/embedpool-streaming"))
@@ -161,14 +189,16 @@ def main() -> None:
     out_dir = args.data_dir / "out"
     out_dir.mkdir(exist_ok=True)
     print("warm-up:", run_embed(warm, out_dir, args, 600)["summary"], flush=True)
-    results = [run_embed(src, out_dir, args, args.seconds) for src in (small, large)]
+    large_rows = args.large_rows or int(1.2 * args.small)
+    results = [run_embed(small, out_dir, args, args.seconds),
+               run_embed(large, out_dir, args, args.seconds, stop_rows=large_rows)]
     for r in results:
         print(json.dumps(r), flush=True)
     if args.baseline_tree is not None:
         print("baseline warm-up:",
               run_embed(warm, out_dir, args, 600, args.baseline_tree)["summary"], flush=True)
-        print(json.dumps(run_embed(large, out_dir, args, args.seconds, args.baseline_tree)),
-              flush=True)
+        print(json.dumps(run_embed(large, out_dir, args, args.baseline_seconds,
+                                   args.baseline_tree)), flush=True)
     peak_small = float(results[0]["peak_rss_mb"])  # type: ignore[arg-type]
     peak_large = float(results[1]["peak_rss_mb"])  # type: ignore[arg-type]
     print(f"parent peak RSS {args.large:,} / {args.small:,} chunks: "

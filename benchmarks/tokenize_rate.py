@@ -43,7 +43,7 @@ def _prepare_rate(chunks: int, repeats: int) -> dict[str, Any]:
         tokens = 0
         for start in range(0, len(texts), 8192):
             window = emb._prepare(start, ids, texts)
-            tokens += window.tokens
+            tokens += window.prep.sequences_tokens
         best = min(best, time.perf_counter() - t0)
     return {"texts": len(texts), "tokens": tokens, "seconds": best, "tokens_per_s": tokens / best,
             "texts_per_s": len(texts) / best, "cores": len(os.sched_getaffinity(0)),

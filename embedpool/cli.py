@@ -212,9 +212,8 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, engin
 
     tracker = RssTracker()
     progress = Progress(total or 0, tracker, log_json=log_json, quiet=quiet)
-    if total is None:  # the progress total: a cheap pre-count beside the job, not before it
-        threading.Thread(target=lambda: progress.set_total(count_chunks(paths)),
-                         name="embedpool-count", daemon=True).start()
+    counting = total is None  # the progress total: a cheap pre-count beside the job, not
+    # before it, started once the first vectors are out (it reads the whole input)
     w, pool_opts = _pool_args(workers, threads, profile, max_memory)
     stop = threading.Event()
     got: list[int] = []
@@ -250,6 +249,10 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, engin
             for win in embedder.stream(items, stop=stop, options=options, total=total):
                 keep = win.ok.nonzero()[0]
                 writer.write([win.ids[i] for i in keep], win.vectors[keep])
+                if counting:
+                    counting = False
+                    threading.Thread(target=lambda: progress.set_total(count_chunks(paths)),
+                                     name="embedpool-count", daemon=True).start()
             report = embedder.last_report
         progress.close()
         report.input_errors = errors.kept

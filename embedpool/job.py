@@ -37,6 +37,7 @@ import numpy as np
 
 from embedpool import events
 from embedpool.batching import plan_batches
+from embedpool.config import env_str
 from embedpool.errors import ConfigError, InputError
 from embedpool.executor import Executor, WorkBatch, run
 from embedpool.graph import graph_id
@@ -54,11 +55,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Items prepared, batched and assembled together. Larger windows sort better (less padding)
-#: but hold more vectors and tokens in memory: 8192 x 384 floats is 12 MB.
-WINDOW_ITEMS = 8192
+#: but hold more texts, tokens and vectors: the job holds up to three windows, about 2-3 KB
+#: per item beyond the vectors (4096 x 384 floats is 6 MB). 4,096 kept a 1M-chunk job's
+#: parent within 1.3x of a 10k-chunk one's (benchmarks/streaming.py).
+WINDOW_ITEMS = 4096
 #: The first window's items; each next window doubles, up to WINDOW_ITEMS. A window's vectors
 #: are written when it is whole, so a small first window puts the first vectors in the
-#: output within seconds (benchmarks/streaming.py) instead of after 8,192 items.
+#: output within seconds (benchmarks/streaming.py) instead of after a whole window.
 FIRST_WINDOW_ITEMS = 64
 #: Default precision: "auto" is int8 on the CPU, which meets the quality bar (README
 #: "Precision") at about twice fp32's speed, and fp16 on a GPU (placement.precision_for).
@@ -148,7 +151,8 @@ class Embedder:
     ``lazy=True`` starts the executor only when a text misses the cache, so a re-run over an
     unchanged corpus starts no model at all. ``runtime`` (the CLI's ``--engine``) is the
     CPU's inference runtime: "auto" (per CPU, from measurements: ``runtimes``),
-    "onnxruntime" or "openvino" (which also runs ``precision="bf16"``); ``engine`` is
+    "onnxruntime" or "openvino" (which also runs ``precision="bf16"``); None: the
+    ``EMBEDPOOL_ENGINE`` environment variable, else "auto". ``engine`` is
     something else: a custom engine recipe (tests).
     """
 
@@ -160,7 +164,7 @@ class Embedder:
                  ray_address: str | None = None, pool_options: dict[str, Any] | None = None,
                  on_event: EventCallback | None = None, engine: Any = None,
                  lazy: bool = False, device: str = "auto",
-                 cpu_workers: int | None = None, runtime: str = "auto") -> None:
+                 cpu_workers: int | None = None, runtime: str | None = None) -> None:
         from embedpool.device import DevicePlan, parse_device
 
         if long_text not in ("truncate", "window"):
@@ -175,7 +179,8 @@ class Embedder:
         self.placement = place(self.model, device=device, precision=precision,
                                cpu_workers=cpu_workers, batch_tokens=batch_tokens,
                                max_batch_items=max_batch_items, backend=backend, plan=custom,
-                               profile=(pool_options or {}).get("profile"), engine=runtime)
+                               profile=(pool_options or {}).get("profile"),
+                               engine=runtime or env_str("EMBEDPOOL_ENGINE") or "auto")
         self.precision: Precision = self.placement.precision
         self.long_text: LongTextMode = long_text
         self.batch_tokens = self.placement.batch_tokens
@@ -441,8 +446,8 @@ class Embedder:
             fingerprint = self.fingerprint
             if chosen != self.precision:
                 fingerprint = self.model.fingerprint(
-                    chosen, self.long_text,  # type: ignore[arg-type]
-                    graph=graph_id(self.model, chosen))  # type: ignore[arg-type]
+                    chosen, self.long_text,
+                    graph=graph_id(self.model, chosen))
             hook = self._caches[chosen] = BoundCache(self.cache, fingerprint)
         return hook
 

@@ -22,7 +22,7 @@ each one ``[CLS] prompt window [SEP]``); every sequence is at most ``max_length`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 #: Window mode: tokens shared by neighbouring windows. A quarter of the content width keeps
 #: every token with some context on both sides while costing at most ~1.33x the tokens.
 WINDOW_OVERLAP_FRACTION = 0.25
+#: Texts per ``tokenizers`` call in ``encode``. Its Encoding objects (ids, type ids, token
+#: strings, offsets, masks of the whole untruncated text) cost tens of KB per long text
+#: beyond the ids kept: a job window of 8,192 at once was a 180 MB transient peak
+#: (benchmarks/streaming.py). 256 still gives its thread pool plenty of texts per call.
+ENCODE_SLICE = 256
 
 
 @dataclass(frozen=True)
@@ -179,7 +184,7 @@ class TextTokenizer:
         n_tokens: list[int] = []
         truncated: list[bool] = []
         width = self.max_length - pre.size - suf.size
-        for i, enc in enumerate(self._tok.encode_batch([p + t for t in texts])):
+        for i, enc in self._encodings(texts, p):
             ids = np.asarray(enc.ids, dtype=np.int32)
             if not ids.size:
                 raise ConfigError(f"text {i} is empty and this model's tokenizer adds no "
@@ -205,6 +210,12 @@ class TextTokenizer:
                     owner.append(i)
                 truncated.append(False)
         return Encoded(sequences, owner, n_tokens, truncated, prompt_length=plen, prompt=p)
+
+    def _encodings(self, texts: Sequence[str], prompt: str) -> Iterator[tuple[int, Encoding]]:
+        """``(index, Encoding)`` of each ``prompt + text``, ENCODE_SLICE texts per call."""
+        for start in range(0, len(texts), ENCODE_SLICE):
+            batch = [prompt + t for t in texts[start:start + ENCODE_SLICE]]
+            yield from enumerate(self._tok.encode_batch(batch), start=start)
 
 
 def _has_lowercase(normalizer: object) -> bool:
