@@ -661,7 +661,7 @@ def serve(host: str, port: int, model: str, precision: str, engine: str, device:
                           profile=pool_opts.get("profile"), engine=engine)
         precision, batch_tokens = placement.precision, placement.batch_tokens
         settings = ServerSettings(
-            host=host, port=port, model=model, precision=precision,  # type: ignore[arg-type]
+            host=host, port=port, model=model, precision=precision,
             long_text=long_text, api_key=api_key,  # type: ignore[arg-type]
             max_items_per_request=max_items,
             max_request_bytes=parse_bytes(max_request_bytes, what="--max-request-bytes"),
@@ -683,7 +683,7 @@ def serve(host: str, port: int, model: str, precision: str, engine: str, device:
         try:
             hook = BoundCache(VectorCache.open(cache_path),
                               resolved.fingerprint(precision, long_text,
-                                                   graph=graph_id(resolved, precision)))  # type: ignore[arg-type]
+                                                   graph=graph_id(resolved, precision)))
         except CacheError as exc:
             _fail(str(exc), EXIT_USAGE)
 

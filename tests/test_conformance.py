@@ -85,7 +85,7 @@ def test_vectors_match_sentence_transformers(dirs: dict[str, Path], tmp_path: Pa
     cache = VectorCache.open(tmp_path / "vectors.sqlite3") if cached else None
     try:
         for run in range(2 if cached else 1):
-            with Embedder(dirs[name], precision=precision, workers=None,  # type: ignore[arg-type]
+            with Embedder(dirs[name], precision=precision, workers=None,
                           cache=cache) as e:
                 vecs = e.embed(C.TEXTS)
                 hits = e.last_report.cache_hits
@@ -120,7 +120,7 @@ def test_prompts_through_tokenizer_and_engine(dirs: dict[str, Path], name: str, 
                           ("include-prompt-false", "fp32"), ("tokenizer-config-missing", "fp32"),
                           ("onnx-pooled-output", "fp32"), ("onnx-int32-inputs", "int8")])
 def test_vectors_through_the_pool(dirs: dict[str, Path], name: str, precision: str) -> None:
-    with Embedder(dirs[name], precision=precision, workers=1) as e:  # type: ignore[arg-type]
+    with Embedder(dirs[name], precision=precision, workers=1) as e:
         check(e.embed(C.TEXTS), name, precision)
 
 
@@ -203,7 +203,7 @@ def test_replacing_the_shipped_onnx_changes_the_vectors(dirs: dict[str, Path], t
     cache = VectorCache.open(tmp_path / "vectors.sqlite3") if cached else None
 
     def embed() -> np.ndarray:
-        with Embedder(d, precision=precision, workers=None, cache=cache) as e:  # type: ignore[arg-type]
+        with Embedder(d, precision=precision, workers=None, cache=cache) as e:
             return e.embed(C.TEXTS)
 
     try:

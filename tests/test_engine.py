@@ -34,7 +34,7 @@ UNWANTED = ("onnx", "tokenizers", "safetensors", "huggingface_hub", "rich", "cli
 def model() -> Iterator[ResolvedModel]:
     m = resolve_model()
     for precision in ("int8", "fp32"):
-        prepare_onnx(m, precision)  # type: ignore[arg-type]  # cached before the children run
+        prepare_onnx(m, precision)  # cached before the children run
     yield m
 
 
@@ -95,7 +95,7 @@ def test_worker_with_a_cached_graph_imports_no_graph_building_packages(
         "engine.embed([[101, 2000, 102]])\n"
         f"print(','.join(m for m in {UNWANTED!r} if m in sys.modules))\n")
     for precision in ("int8", "fp32"):
-        spec = EngineSpec(model, precision, threads=1)  # type: ignore[arg-type]
+        spec = EngineSpec(model, precision, threads=1)
         out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(spec),
                              capture_output=True, timeout=DEADLINE_S, check=True,
                              cwd=Path(__file__).parent)

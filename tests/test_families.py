@@ -68,7 +68,7 @@ def fixture(request: pytest.FixtureRequest) -> Fixture:
 def graphs(fixture: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """fp32 and int8 graphs of the fixture, built once by prepare_onnx."""
     cache = tmp_path_factory.mktemp("onnx")
-    return {p: prepare_onnx(fixture.model, p, cache) for p in ("fp32", "int8")}  # type: ignore[misc]
+    return {p: prepare_onnx(fixture.model, p, cache) for p in ("fp32", "int8")}
 
 
 def embed(model: ResolvedModel, path: Path, texts: list[str]) -> F32:
@@ -400,7 +400,7 @@ def long_fixture(request: pytest.FixtureRequest,
 def long_graphs(long_fixture: LongFixture,
                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("onnx")
-    return {p: prepare_onnx(long_fixture.model, p, cache)  # type: ignore[misc]
+    return {p: prepare_onnx(long_fixture.model, p, cache)
             for p in ("fp32", "int8")}
 
 

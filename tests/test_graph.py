@@ -377,7 +377,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def built(minilm: ResolvedModel, cache: Path) -> dict[str, Path]:
     """fp32 and int8 MiniLM graphs, built once for the module."""
-    return {p: prepare_onnx(minilm, p, cache) for p in ("fp32", "int8")}  # type: ignore[misc]
+    return {p: prepare_onnx(minilm, p, cache) for p in ("fp32", "int8")}
 
 
 def embed(model: ResolvedModel, path: Path, texts: list[str]) -> F32:
@@ -595,7 +595,7 @@ def test_second_call_reuses_the_file(minilm: ResolvedModel, cache: Path, built: 
     monkeypatch.setattr("embedpool.graph.quantize.quantize_linears", no_build)
     monkeypatch.setattr("embedpool.graph.quantize.quantize_shipped", no_build)
     for p in ("fp32", "int8"):
-        assert prepare_onnx(minilm, p, cache) == built[p]  # type: ignore[arg-type]
+        assert prepare_onnx(minilm, p, cache) == built[p]
         assert built[p].stat().st_mtime_ns == before[p]
     assert sorted(f.name for f in cache.glob("*.onnx")) == sorted(p.name for p in built.values())
 
@@ -624,8 +624,8 @@ def test_cache_key(minilm: ResolvedModel, tmp_path: Path, change: dict[str, Any]
         edit["text"] = dataclasses.replace(minilm.text, max_length=128)
     other = dataclasses.replace(minilm, **edit)
     for precision in ("fp32", "int8", "fp16"):
-        a = cache_path(minilm, precision, tmp_path)  # type: ignore[arg-type]
-        b = cache_path(other, precision, tmp_path)  # type: ignore[arg-type]
+        a = cache_path(minilm, precision, tmp_path)
+        b = cache_path(other, precision, tmp_path)
         assert (a == b) is same
         if change.get("name"):
             assert a.name.split("-")[-1] == b.name.split("-")[-1]
@@ -641,8 +641,8 @@ def test_cache_key(minilm: ResolvedModel, tmp_path: Path, change: dict[str, Any]
 def test_int8_cache_key_follows_the_recipe(minilm: ResolvedModel, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch, constant: str,
                                            value: object) -> None:
-    before = {p: cache_path(minilm, p, tmp_path) for p in ("fp32", "int8")}  # type: ignore[misc]
-    ids = {p: graph_id(minilm, p) for p in ("fp32", "int8")}  # type: ignore[misc]
+    before = {p: cache_path(minilm, p, tmp_path) for p in ("fp32", "int8")}
+    ids = {p: graph_id(minilm, p) for p in ("fp32", "int8")}
     monkeypatch.setattr(f"embedpool.graph.{constant}", value)
     assert cache_path(minilm, "int8", tmp_path) != before["int8"]
     assert cache_path(minilm, "fp32", tmp_path) == before["fp32"]

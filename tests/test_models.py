@@ -395,7 +395,7 @@ def test_every_file_used_keys_the_vectors_and_the_graph(model_dir: Path, edit: s
     after = load_directory(model_dir)
     assert after.fingerprint("int8") != before.fingerprint("int8")
     for precision in ("fp32", "int8"):
-        same = cache_path(after, precision) == cache_path(before, precision)  # type: ignore[arg-type]
+        same = cache_path(after, precision) == cache_path(before, precision)
         assert same is not graph_changes
 
 

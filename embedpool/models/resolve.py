@@ -80,7 +80,7 @@ class ResolvedModel:
         if len(self.head.pooling.modes) != 1 or mode not in ("mean", "cls"):
             raise ModelError(f"model {self.name}: pooling {self.head.pooling.modes} has no "
                              "single-mode name")
-        return mode  # type: ignore[return-value]
+        return mode
 
     @property
     def max_length(self) -> int:

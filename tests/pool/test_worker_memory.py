@@ -77,8 +77,8 @@ def test_scores_grow_with_seq_only_for_full_score_kernels(score_keys: int | None
 
 def test_without_a_model_the_default_constants_apply() -> None:
     for precision in ("fp32", "int8"):
-        assert worker_mem_estimate(precision, 768) == (  # type: ignore[arg-type]
-            WORKER_BASE_RSS[precision] + ACTIVATION_PER_TOKEN * 768)  # type: ignore[index]
+        assert worker_mem_estimate(precision, 768) == (
+            WORKER_BASE_RSS[precision] + ACTIVATION_PER_TOKEN * 768)
     assert activation_estimate(768) == ACTIVATION_PER_TOKEN * 768
     assert activation_estimate(768, NOMIC) == NOMIC.activations(768)
 
