@@ -25,6 +25,11 @@ import pytest
 SUITE_CACHE_DIR = Path(os.environ.get("EMBEDPOOL_TEST_CACHE_DIR")
                        or Path(__file__).resolve().parents[1] / ".test-cache")
 os.environ["EMBEDPOOL_CACHE_DIR"] = str(SUITE_CACHE_DIR)
+#: The engine of every test that does not name one: ONNX Runtime, so that a runner whose CPU
+#: has avx512_bf16 (where --engine auto picks OpenVINO bf16: embedpool.runtimes) runs the same
+#: suite as any other. Tests of the other engine name it (tests/engines.py); the auto choice
+#: is tested as a pure function and through doctor (tests/test_runtimes.py).
+os.environ.setdefault("EMBEDPOOL_ENGINE", "onnxruntime")
 
 from embedpool.models import ResolvedModel  # noqa: E402 - after the cache directory is set
 

@@ -3,6 +3,7 @@ name what is missing, /proc/cpuinfo parsing, and what ``doctor`` says about it."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -125,7 +126,8 @@ def test_doctor_says_which_engine_and_why() -> None:
     assert res.returncode == 0, res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("engine "))
     assert "onnxruntime, fp32" in line and "why: --engine onnxruntime" in line
-    auto = subprocess.run([sys.executable, "-m", "embedpool", "doctor"],
+    env = {k: v for k, v in os.environ.items() if k != "EMBEDPOOL_ENGINE"}  # auto (conftest)
+    auto = subprocess.run([sys.executable, "-m", "embedpool", "doctor"], env=env,
                           capture_output=True, text=True, timeout=240, check=False)
     assert auto.returncode == 0, auto.stderr
     want = choose("auto", "auto", device_kind="cpu", cpu=cpu_features(),
@@ -137,7 +139,8 @@ def test_doctor_says_which_engine_and_why() -> None:
 def test_bf16_on_the_cli_refused_by_name_or_run_on_openvino() -> None:
     """Without avx512_bf16/AMX (this Zen 3, CI's runners): refused, naming the flags; with
     them: OpenVINO bf16 (when installed)."""
-    res = subprocess.run([sys.executable, "-m", "embedpool", "doctor", "--precision", "bf16"],
+    res = subprocess.run([sys.executable, "-m", "embedpool", "doctor", "--precision", "bf16",
+                          "--engine", "auto"],
                          capture_output=True, text=True, timeout=240, check=False)
     if cpu_features().bf16 and openvino_installed():
         assert res.returncode == 0, res.stderr
