@@ -55,11 +55,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Items prepared, batched and assembled together. Larger windows sort better (less padding)
-#: but hold more vectors and tokens in memory: 8192 x 384 floats is 12 MB.
-WINDOW_ITEMS = 8192
+#: but hold more texts, tokens and vectors: the job holds up to three windows, about 2-3 KB
+#: per item beyond the vectors (4096 x 384 floats is 6 MB). 4,096 kept a 1M-chunk job's
+#: parent within 1.3x of a 10k-chunk one's (benchmarks/streaming.py).
+WINDOW_ITEMS = 4096
 #: The first window's items; each next window doubles, up to WINDOW_ITEMS. A window's vectors
 #: are written when it is whole, so a small first window puts the first vectors in the
-#: output within seconds (benchmarks/streaming.py) instead of after 8,192 items.
+#: output within seconds (benchmarks/streaming.py) instead of after a whole window.
 FIRST_WINDOW_ITEMS = 64
 #: Default precision: "auto" is int8 on the CPU, which meets the quality bar (README
 #: "Precision") at about twice fp32's speed, and fp16 on a GPU (placement.precision_for).
@@ -444,8 +446,8 @@ class Embedder:
             fingerprint = self.fingerprint
             if chosen != self.precision:
                 fingerprint = self.model.fingerprint(
-                    chosen, self.long_text,  # type: ignore[arg-type]
-                    graph=graph_id(self.model, chosen))  # type: ignore[arg-type]
+                    chosen, self.long_text,
+                    graph=graph_id(self.model, chosen))
             hook = self._caches[chosen] = BoundCache(self.cache, fingerprint)
         return hook
 
