@@ -87,3 +87,52 @@ def test_a_cross_encoder_makes_no_vectors() -> None:
         Embedder(model, lazy=True)
     with pytest.raises(ConfigError, match="serve --reranker"):
         create_app(ServerSettings(), model=model)
+
+
+@pytest.mark.slow
+def test_serve_with_a_reranker(tmp_path: Path) -> None:
+    """``embedpool serve --reranker`` (a pool worker of its own) answers the cohere client with
+    CrossEncoder's scores, beside the embedding routes."""
+    import signal
+    import socket
+
+    import cohere
+    import httpx
+    from polling import wait_until
+
+    g, gold = golden()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    embedder = FIXTURES.parent / "families" / "xlmr" / "model"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedpool", "serve", "--port", str(port), "--model",
+         str(embedder), "--reranker", str(BERT), "--precision", "fp32", "--workers", "1",
+         "--no-cache", "--log-level", "warning"],
+        env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                return httpx.get(f"{url}/ready", timeout=30).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, "the server's /ready", timeout=240, interval=0.2)
+        docs = g["documents"][:6]
+        with httpx.Client(timeout=120) as http:
+            co = cohere.ClientV2(base_url=url, api_key="unused", httpx_client=http)
+            res = co.rerank(model=str(BERT), query=g["queries"][0], documents=docs)
+            emb = http.post(f"{url}/v1/embeddings", json={"input": ["a text"]})
+        expected = gold["scores"][:6]
+        assert [r.index for r in res.results] == list(np.argsort(-expected, kind="stable"))
+        assert max(abs(r.relevance_score - float(expected[r.index])) for r in res.results) \
+            <= 1e-4
+        assert emb.status_code == 200 and len(emb.json()["data"][0]["embedding"]) == 32
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    # uvicorn drains, then re-raises the SIGTERM it caught: the signal's exit, not a crash
+    assert proc.returncode in (0, -signal.SIGTERM)
