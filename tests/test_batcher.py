@@ -7,12 +7,13 @@ import signal
 from pathlib import Path
 
 import pytest
+from polling import wait_until
 
 from embedpool.batcher import MicroBatcher
 from embedpool.errors import PoolUnavailable
 from embedpool.pool.pool import Pool
 from embedpool.testing import FakeEngineSpec, make_sequences
-from tests.pool.pool_support import DEADLINE_S, fast_config, wait_until
+from tests.pool.pool_support import DEADLINE_S, fast_config
 
 
 def test_health_notices_a_pool_that_broke_while_idle(tmp_path: Path) -> None:

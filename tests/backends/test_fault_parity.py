@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from polling import wait_until
 
 from embedpool import events
 from embedpool.executor import BatchResult, Executor, WorkBatch
 from embedpool.faults import FaultPolicy
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_batches, make_sequences
 from embedpool.types import Event, TokenIds
-from tests.pool.pool_support import DEADLINE_S, EventLog, fast_config, wait_until
+from tests.pool.pool_support import DEADLINE_S, EventLog, fast_config
 
 try:
     import cgroup_util

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from polling import wait_until
 
 from embedpool.backends.ray import INSTALL_HINT, RayExecutor, require_ray
 from embedpool.backends.ray.cluster import actor_range, exit_detail, failure_of, task_error_kind
@@ -25,7 +26,6 @@ from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
 from embedpool.faults import FaultPolicy
 from embedpool.testing import FakeEngineSpec, make_batches, make_sequences
 from embedpool.types import Event
-from tests.pool.pool_support import wait_until
 
 POISON = (424242, 424243)
 DEADLINE_S = 90.0  # any one job; a timeout here is a hang, not slowness

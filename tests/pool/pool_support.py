@@ -4,11 +4,7 @@ from other test directories): fast configs, a clean real-model run, deadlines, e
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
-
-import pytest
 
 from embedpool.pool.config import PoolConfig
 from embedpool.types import Event
@@ -45,16 +41,6 @@ def clean_real_run(texts: list[str], max_tokens: int | None = None) -> tuple[Any
         texts).sequences
     clean = np.concatenate([engine.embed(seqs[i:i + 64]) for i in range(0, len(seqs), 64)])
     return spec, seqs, clean
-
-
-def wait_until(cond: Callable[[], bool], what: str, timeout: float = DEADLINE_S,
-               interval: float = 0.02) -> None:
-    """Poll ``cond`` until true; fail the test (naming ``what``) at the deadline."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 class EventLog:

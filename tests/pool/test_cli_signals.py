@@ -20,7 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from pool_support import DEADLINE_S, wait_until
+from polling import wait_until
+from pool_support import DEADLINE_S
 
 from embedpool.corpus import stdlib_chunks
 

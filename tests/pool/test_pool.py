@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pool_support import DEADLINE_S, EventLog, fast_config, wait_until
+from polling import wait_until
+from pool_support import DEADLINE_S, EventLog, fast_config
 
 from embedpool import events
 from embedpool.errors import ConfigError, PoolError

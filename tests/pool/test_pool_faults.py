@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
-from pool_support import DEADLINE_S, EventLog, clean_real_run, fast_config, wait_until
+from polling import wait_until
+from pool_support import DEADLINE_S, EventLog, clean_real_run, fast_config
 
 from embedpool import events
 from embedpool.errors import ConfigError, PoolBroken, WorkerStartError
@@ -305,7 +306,8 @@ _PARENT = """
 import json, sys
 from embedpool.pool.pool import Pool
 from embedpool.testing import FakeEngineSpec, make_batches, make_sequences
-from tests.pool.pool_support import fast_config, wait_until
+from tests.pool.pool_support import fast_config
+from tests.polling import wait_until
 pool = Pool(FakeEngineSpec(dim=8, delay_per_batch_s=30.0), fast_config(start_method=sys.argv[1]))
 futures = [pool.submit(b) for b in make_batches(make_sequences(8), 2)]
 wait_until(lambda: sum(w.state == "busy" for w in pool.stats().workers) == 2, "busy workers")

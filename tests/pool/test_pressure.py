@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pool_support import DEADLINE_S, wait_until
+from polling import wait_until
+from pool_support import DEADLINE_S
 
 from embedpool import events
 from embedpool.testing import fake_vectors, make_sequences

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pool_support import DEADLINE_S, EventLog, clean_real_run, fast_config, wait_until
+from polling import wait_until
+from pool_support import DEADLINE_S, EventLog, clean_real_run, fast_config
 
 from embedpool import events
 from embedpool.executor import BatchResult

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import socket
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,14 +77,19 @@ class LiveServer:
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
                                   name="test-uvicorn", daemon=True)
         thread.start()
-        deadline = time.monotonic() + START_DEADLINE_S
-        while not server.started:
+        from polling import wait_until  # here: serve_fake.py imports this module as a script
+
+        def started() -> bool:
             if not thread.is_alive():
                 raise RuntimeError("the test server exited during startup (see its log)")
-            if time.monotonic() > deadline:
-                server.should_exit = True
-                raise TimeoutError(f"the test server did not start within {START_DEADLINE_S} s")
-            time.sleep(0.01)
+            return bool(server.started)
+
+        try:
+            wait_until(started, "the test server's start", timeout=START_DEADLINE_S,
+                       interval=0.01)
+        except BaseException:
+            server.should_exit = True
+            raise
         return cls(app, f"http://127.0.0.1:{port}", server, thread)
 
     def stop(self) -> None:

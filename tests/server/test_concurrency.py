@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from polling import wait_until
 from server_support import DIM, GatedEngine, LiveServer, expected_vectors
 
 from embedpool.batcher import MicroBatcher, Ticket
@@ -234,11 +234,7 @@ def _free_port() -> int:
 
 
 def _poll(cond: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    wait_until(cond, what, timeout=deadline_s)
 
 
 def _metric(url: str, name: str) -> float:

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +26,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from polling import wait_until
 from server_support import DIM, LiveServer, decode_base64, expected_vectors
 
 from embedpool.backends.ray import RayExecutor
@@ -49,11 +49,7 @@ TEXTS = ["def add(a, b):\n    return a + b", "hello world", "Ray actors behind o
 
 
 def wait_for(cond: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-    end = time.monotonic() + deadline_s
-    while not cond():
-        if time.monotonic() > end:
-            raise TimeoutError(f"timed out after {deadline_s:.0f} s waiting for {what}")
-        time.sleep(0.05)
+    wait_until(cond, what, timeout=deadline_s, interval=0.05)
 
 
 def metric(url: str, name: str) -> float:
