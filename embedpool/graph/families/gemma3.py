@@ -39,13 +39,16 @@ causal attention (``use_bidirectional_attention`` false: no Gemma 3 embedder is 
 local layers. ``final_logit_softcapping`` and ``tie_word_embeddings`` act on the language-model
 head only, which an embedder does not have: they change no vector, and are accepted.
 
-No fp16 graph (``FP16_UNSAFE``): Gemma 3's residual stream outgrows float16's 65,504, and
-EmbeddingGemma's card says its activations do not support float16; on a GPU ``auto`` runs the
-fp32 graph, and an explicit fp16 is refused naming why.
+No fp16 graph (``FP16_UNSAFE``): EmbeddingGemma's model card says its activations do not
+support float16 (float32 or bfloat16 only), and a random-weight fixture cannot show where a
+trained model's activations overflow; so on a GPU ``auto`` runs the fp32 graph, and an
+explicit fp16 is refused naming why.
 
 Padding: embedpool right-pads, so real tokens keep the unpadded reference's positions;
 padded keys are hidden in every layer (global: FlashAttention with the padding riding on an
-extra dimension; local: block-local attention with a key bias, layers.local_attention), so
+extra dimension; local: block-local attention with a key bias, layers.local_attention, or,
+when the padded batch is at most ``window // 2 + 1`` long, an ``If`` takes the global
+layers' FlashAttention: every key is in every window then), so
 each real token's state equals the unpadded one. Attention memory is linear in length: no
 [seq, seq] score tensor is ever held.
 
@@ -96,8 +99,8 @@ MODEL_TYPES = frozenset({"gemma3_text"})
 LAYER_TYPES = ("full_attention", "sliding_attention")
 #: Why embedpool builds no fp16 graph of this family (graph.model_precisions): on a GPU
 #: ``auto`` runs fp32, and an explicit fp16 is refused with this reason.
-FP16_UNSAFE = ("Gemma 3's activations overflow float16 (EmbeddingGemma's model card: "
-               "'activations do not support float16')")
+FP16_UNSAFE = ("EmbeddingGemma's model card: its activations do not support float16 "
+               "(float32 or bfloat16)")
 #: hidden_activation values: the tanh approximation (what Gemma uses) and the erf form.
 ACTIVATIONS = decoder.TANH_GELU | {"gelu"}
 #: transformers' Gemma3TextConfig defaults (EmbeddingGemma's config sets each of these).
