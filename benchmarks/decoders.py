@@ -3,6 +3,7 @@ processes in one run, and the process tree's peak RSS with 1 and 2 workers.
 
     python benchmarks/decoders.py [--chunks 24] [--tokens 256] [--rounds 2] [--vocab 16384]
                                   [--threads 1,2] [--work DIR] [--rss]
+    .venv/bin/python benchmarks/decoders.py --fused-vs-plain [--layers 4] [--lengths 256,2048]
 
 Steps (each in its own process; this script only orchestrates, with any Python):
 
@@ -203,6 +204,49 @@ def run(python: str, system: str, model_dir: Path, texts: Path, threads: int,
     return out
 
 
+def fused_vs_plain(layers: int, lengths: list[int], repeat: int, vocab: int) -> None:
+    """The fused fp32 graph (GroupQueryAttention, Simplified/SkipSimplifiedLayerNormalization,
+    QuickGelu) against the unfused one (standard ops, Softmax attention), in this process,
+    1 thread, interleaved, at the real width with ``layers`` layers (the per-layer ratio is
+    the model's): chunks per CPU second at each length."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from embedpool.graph.compose import compose
+    from embedpool.graph.families import qwen3
+    from embedpool.modelspec import HeadSpec, PoolingSpec
+
+    cfg = qwen3.parse_config({"model_type": "qwen3", **SHAPE, "num_hidden_layers": layers,
+                              "vocab_size": vocab, "max_position_embeddings": 32768})
+    rng = np.random.default_rng(0)
+    shapes = qwen3.qwen2.expected_shapes(cfg)
+    shapes["embed_tokens.weight"] = (vocab, cfg.hidden_size)
+    weights = {k: (rng.standard_normal(v) * (0.02 if len(v) > 1 else 1)).astype(np.float32)
+               for k, v in shapes.items()}
+    head = HeadSpec(PoolingSpec(("lasttoken",)), normalize=True)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sessions = {name: ort.InferenceSession(compose(qwen3, weights, cfg, head, fused=fused)
+                                           .SerializeToString(), opts,
+                                           providers=["CPUExecutionProvider"])
+                for name, fused in (("fused", True), ("plain", False))}
+    print(f"\nfused vs plain fp32, {layers} layers at Qwen3-0.6B's width, 1 thread "
+          f"(chunks per CPU second, best of {repeat}):")
+    for n in lengths:
+        ids = rng.integers(0, vocab, (1, n)).astype(np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        best: dict[str, float] = {}
+        for _ in range(repeat):
+            for name, sess in sessions.items():
+                t = time.process_time()
+                sess.run(None, feeds)
+                best[name] = min(best.get(name, 1e9), time.process_time() - t)
+        print(f"  {n} tokens: fused {1 / best['fused']:.3f}, plain {1 / best['plain']:.3f} "
+              f"chunks/CPU s: fused {best['plain'] / best['fused']:.2f}x")
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -222,7 +266,15 @@ def main() -> None:
     ap.add_argument("--rss-chunks", type=int, default=4, help="chunks of the --rss runs")
     ap.add_argument("--skip-speed", action="store_true", help="only the --rss runs")
     ap.add_argument("--no-compare", action="store_true", help="embedpool only")
+    ap.add_argument("--fused-vs-plain", action="store_true",
+                    help="only the fused against the unfused fp32 graph, in this process")
+    ap.add_argument("--layers", type=int, default=4, help="layers of --fused-vs-plain")
+    ap.add_argument("--lengths", default="256,2048", help="tokens of --fused-vs-plain")
     args = ap.parse_args()
+    if args.fused_vs_plain:
+        fused_vs_plain(args.layers, [int(n) for n in args.lengths.split(",")], args.rounds,
+                       args.vocab)
+        return
     work = args.work
     model_dir = work / "model"
     env = {**os.environ, "EMBEDPOOL_CACHE_DIR": str(work / "cache"), "TOKENIZERS_PARALLELISM":

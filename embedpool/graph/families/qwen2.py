@@ -36,6 +36,16 @@ other than silu, ``use_bidirectional_attention`` (transformers' Qwen/Llama ignor
 
 Padding: embedpool right-pads, so a real query never sees a padded key under the causal mask
 (padded keys come after it), and its positions are those of the text alone.
+
+Fused against unfused fp32, measured with ``benchmarks/decoders.py --fused-vs-plain --layers 4
+--lengths 256,2048 --rounds 2`` (Qwen3-Embedding-0.6B's width, 4 of its layers, random
+weights, 1 thread, both graphs interleaved in one process, chunks per CPU second; AMD EPYC
+Zen 3: AVX2, no AVX-512, no VNNI; a shared machine at load ~18): at 256 tokens fused 1.52,
+unfused 1.84 (0.83x; at 3 x 256 tokens GroupQueryAttention 1.71, Softmax attention in the
+otherwise fused graph 1.65, the unfused graph 1.81: within that load's noise); at 2,048 tokens
+0.167 against 0.123, the fused graph **1.36x faster**. It ships: faster where the time goes
+(long texts), and its attention memory is linear in length where the unfused graph holds
+every head's [seq, seq] scores (4.3 GB for 16 heads at 8,192 tokens).
 """
 
 from __future__ import annotations
