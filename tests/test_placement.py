@@ -34,7 +34,9 @@ WITHOUT_FP16 = ("fp32", "int8")
     ("int8", "cuda", WITH_FP16, "int8 runs on the CPU only"),
     ("fp16", "cpu", WITH_FP16, "fp16 runs on a GPU only"),
     ("fp16", "cuda", WITHOUT_FP16, "makes only fp32, int8"),
-    ("bf16", "cuda", WITH_FP16, "not one of auto, int8, fp32, fp16"),
+    ("bf16", "cpu", WITH_FP16, "bf16"),  # OpenVINO's: runtimes.choose checks the CPU flags
+    ("bf16", "cuda", WITH_FP16, "bf16 runs on the CPU"),
+    ("int4", "cpu", WITH_FP16, "not one of auto, int8, fp32, fp16, bf16"),
 ])
 def test_precision_for(requested: str, kind: str, available: tuple[str, ...], want: str) -> None:
     if " " in want:
