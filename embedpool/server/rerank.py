@@ -362,13 +362,31 @@ class RerankRoutes:
 
 def register_rerank_routes(app: FastAPI, service: RerankService, settings: ServerSettings,
                            dependencies: Sequence[Any]) -> None:
-    """Add the rerank routes (``dependencies``: the app's auth) and let TEI's ``POST /`` hand
-    its rerank bodies here."""
-    from embedpool.server.tei import register_rerank
-
+    """Add the rerank routes (``dependencies``: the app's auth); TEI's ``POST /`` of this app
+    hands its rerank bodies to them (``tei_root``)."""
     r = RerankRoutes(settings, service)
     deps = list(dependencies)
     for path, handler in (("/v1/rerank", r.v1), ("/v2/rerank", r.v2), ("/rerank", r.any_shape)):
         app.add_api_route(path, handler, methods=["POST"], dependencies=deps,
                           summary="Rerank documents against a query", include_in_schema=True)
-    register_rerank(r.tei_body)
+    app.state.rerank_routes = r
+
+
+async def tei_root(request: Request, body: dict[str, Any]) -> Response:
+    """TEI's ``POST /`` with a rerank body: the rerank routes of the app it reached (one
+    process may hold several apps, e.g. tests), or TEI's 422 when that app has no reranker."""
+    routes = getattr(request.app.state, "rerank_routes", None)
+    if not isinstance(routes, RerankRoutes):
+        use_dialect(request, "tei")
+        raise ApiError(422, "this body is a rerank (`query`, `texts`), and this server serves "
+                       "no reranker (start it with serve --reranker)", code="no_reranker")
+    return await routes.tei_body(request, body)
+
+
+def _register_tei_root() -> None:
+    from embedpool.server.tei import register_rerank
+
+    register_rerank(tei_root)
+
+
+_register_tei_root()

@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from server_support import DIM, LiveServer, fake_executor
 
 from embedpool.executor import InProcessExecutor
@@ -223,7 +225,50 @@ def test_a_full_queue_is_429_with_retry_after(rerank_serve: Callable[..., LiveSe
     assert first and first[0].status_code == 200
 
 
-def test_no_reranker_no_rerank_routes(serve: Callable[..., LiveServer]) -> None:
+def test_no_reranker_no_rerank_routes(serve: Callable[..., LiveServer],
+                                      rerank_serve: Callable[..., LiveServer],
+                                      rerankers: dict[str, ResolvedModel]) -> None:
+    """An app without a reranker answers rerank bodies with TEI's 422 on ``POST /`` even
+    while another app in the process serves one (the TEI hand-over is per app)."""
+    with_reranker = rerank_serve(rerankers["xlmr"])
     live = serve()
     assert post(live, "/v2/rerank", {"query": "q", "documents": ["a"]}).status_code == 404
+    r = post(live, "/", {"query": "q", "texts": ["a"]})
+    assert r.status_code == 422 and "serves no reranker" in r.json()["error"]
+    assert r.json()["error_type"] == "Validation"
+    assert post(with_reranker, "/", {"query": "q", "texts": ["a"]}).status_code == 200
     assert DIM == 384
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=20) | st.sampled_from(["a\ud800b", "\udfff"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+_FIELDS = ["model", "query", "documents", "texts", "top_n", "return_documents", "raw_scores",
+           "return_text", "truncate", "truncation_direction", "max_tokens_per_doc",
+           "relevant_spans"]
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/rerank", "/"])
+def test_nothing_a_client_sends_gives_a_5xx(rerank_serve: Callable[..., LiveServer],
+                                            rerankers: dict[str, ResolvedModel],
+                                            path: str) -> None:
+    live = rerank_serve(rerankers["xlmr"])
+    valid: dict[str, Any] = {"query": "q", "texts" if path == "/" else "documents": ["a", "b"]}
+
+    @settings(max_examples=40, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(body=st.one_of(_json, st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=5)))
+    def check(body: Any) -> None:
+        sent = {**valid, **body} if isinstance(body, dict) else body
+        r = client.post(f"{live.url}{path}", content=json.dumps(sent),  # \u-escaped
+                        headers={"Content-Type": "application/json"})
+        assert r.status_code < 500, (sent, r.status_code, r.text)
+        if r.status_code >= 400:
+            err = r.json()
+            assert isinstance(err.get("message") or err.get("error"), str), err
+
+    with httpx.Client(timeout=DEADLINE_S) as client:
+        check()
