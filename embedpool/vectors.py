@@ -4,8 +4,9 @@ Every vector embedpool returns is float32 and what sentence-transformers returns
 model: L2-normalised (cosine = dot product) when the model has a Normalize module, as
 computed otherwise. A long text embedded as several windows (``long_text="window"``) becomes
 the mean of its windows' vectors, normalised when the model normalises, whether the windows
-came back through a job (``job.py``) or a server request (``batcher.py``); a model trained for
-it (Matryoshka) may be cut to its first N dimensions and normalised again.
+came back through a job or a server request (both fold them with ``prepare.Assembly``, which
+calls ``combine_windows``); a model trained for it (Matryoshka) may be cut to its first N
+dimensions and normalised again.
 """
 
 from __future__ import annotations
