@@ -12,9 +12,10 @@ Shapes and codes follow Ollama's server (``server/routes.go``, ``api/types.go``)
   server's ``--long-text`` mode (cut to the window, or windows), false refuses an input
   longer than the model's window with 400 ``the input length exceeds the context length``;
   ``dimensions`` keeps the first N values (a model trained for it; other models: their own
-  width, as on every route); vectors are L2-normalised, as Ollama's are; ``keep_alive`` and
-  ``options`` are accepted and ignored (the model stays loaded); ``prompt_eval_count`` counts
-  the tokens fed to the model; durations are nanoseconds;
+  width, as on every route); vectors are L2-normalised, as Ollama's are; ``keep_alive`` (a
+  duration, refused as Ollama refuses a bad one) and ``options`` are accepted and ignored
+  (the model stays loaded); ``prompt_eval_count`` counts the tokens fed to the model;
+  durations are nanoseconds;
 * ``/api/embeddings`` (the older route): ``prompt`` -> ``embedding``, the model's own vector
   (not normalised again, as in Ollama);
 * model names: the served names, each also with Ollama's default tag ``:latest``, and
@@ -29,6 +30,8 @@ Shapes and codes follow Ollama's server (``server/routes.go``, ``api/types.go``)
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -81,6 +84,37 @@ def _render_error(err: ApiError) -> Response:
 register_dialect("ollama", _render_error, prefixes=("/api/",))
 
 
+_DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+           "h": 3600.0}
+
+
+def keep_alive_s(value: Any) -> float | None:
+    """Ollama's ``keep_alive`` in seconds (None: not given; ``inf``: forever): a number of
+    seconds, or a Go duration string (``"5m"``, ``"1h30m"``, ``"-1"`` is refused by Go and by
+    Ollama, ``"-1m"`` means forever); a 400 as Ollama's for anything else. The served model
+    stays loaded whatever it says; it is parsed so that a bad value is refused as in Ollama."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _bad(f"json: keep_alive: Unsupported type: '{type_name(value)}'")
+    if not isinstance(value, str):
+        return math.inf if value < 0 else float(value)
+    text = value.strip()
+    sign, rest = (-1.0, text[1:]) if text.startswith("-") else (1.0, text.lstrip("+"))
+    if rest == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _DURATION.finditer(rest):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_S[match.group(2)]
+        pos = match.end()
+    if not rest or pos != len(rest):
+        raise _bad(f'time: invalid duration "{value}"')
+    return math.inf if sign < 0 else total
+
+
 def _canonical(name: str) -> str:
     """A model name without Ollama's default tag, Ollama's library names mapped to
     embedpool's (``nomic-embed-text`` -> ``nomic-embed-text-v1.5``)."""
@@ -113,11 +147,7 @@ class OllamaRoutes:
         for field in ("options",):
             if body.get(field) is not None and not isinstance(body[field], dict):
                 raise _bad(f"'{field}' must be an object, got {type_name(body[field])}")
-        keep = body.get("keep_alive")
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, str | int
-                                                                            | float)):
-            raise _bad(f"'keep_alive' must be a duration string or a number of seconds, got "
-                       f"{type_name(keep)}")
+        keep_alive_s(body.get("keep_alive"))  # checked as Ollama checks it
         return body
 
     def _model(self, body: dict[str, Any], field: str = "model") -> str:

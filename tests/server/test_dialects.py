@@ -6,6 +6,7 @@ a client sends gives a 5xx. Over the fake engine (the vectors do not matter here
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -314,3 +315,19 @@ def test_metrics_count_every_dialect_route_by_name(serve: Callable[..., LiveServ
     metrics = httpx.get(f"{live.url}/metrics", timeout=DEADLINE_S).text
     for _, _, path, _ in ROUTES:
         assert f'route="{path}",status="200"' in metrics, path
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    (None, None), (300, 300.0), (0, 0.0), (-1, math.inf), (2.5, 2.5), ("5m", 300.0),
+    ("1h30m", 5400.0), ("1.5s", 1.5), ("250ms", 0.25), ("0", 0.0), ("-1m", math.inf)])
+def test_keep_alive_is_read_as_ollama_reads_it(value: Any, seconds: float | None) -> None:
+    from embedpool.server.ollama import keep_alive_s
+
+    assert keep_alive_s(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["5x", "-1", "10", "", "m", "5m3", True, [1], {"a": 1}])
+def test_a_bad_keep_alive_is_400(keyed: LiveServer, value: Any) -> None:
+    r = call(keyed, "POST", "/api/embed", {"input": "a", "keep_alive": value})
+    err = assert_shape("ollama", r, 400)["error"]
+    assert "duration" in err or "Unsupported type" in err
