@@ -45,6 +45,7 @@ from fastapi.responses import JSONResponse, Response
 from tokenizers import Encoding
 
 import embedpool
+from embedpool.options import CallOptions
 from embedpool.server.dialects import (
     ModelFacts,
     ServerContext,
@@ -170,7 +171,8 @@ class TeiRoutes:
             raise _invalid(f"`{field}` must be a string, got {type_name(value)}")
         return value
 
-    def _options(self, body: dict[str, Any], dims: Any = None) -> Any:
+    def _options(self, body: dict[str, Any], dims: Any = None) -> CallOptions:
+        """The body's ``prompt_name`` and ``dimensions``, checked against the model."""
         if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
             raise _invalid(f"`dimensions` must be an integer, got {type_name(dims)}")
         call = EmbeddingCall([], self.ctx.served.names[0], "float",
