@@ -60,11 +60,14 @@ MEASURED: dict[Tier, dict[str, Cell]] = {
     "avx2": {
         "auto": Cell("onnxruntime", "int8",
                      "AMD EPYC Zen 3, 2 threads, bare engines: ONNX Runtime int8 26.2 chunks/s, "
-                     "fp32 19.8, OpenVINO fp32 18.1, OpenVINO on the int8 graph 0.35x its fp32"),
+                     "fp32 19.8, OpenVINO fp32 18.1 (quiet machine); OpenVINO ahead only under "
+                     "heavy load (README Measured)"),
         "fp32": Cell("onnxruntime", "fp32",
-                     "AMD EPYC Zen 3, 2 threads: ONNX Runtime fp32 1.1-1.26x OpenVINO fp32"),
+                     "AMD EPYC Zen 3, 2 threads: ONNX Runtime fp32 1.09-1.26x OpenVINO fp32 "
+                     "on quieter runs"),
         "int8": Cell("onnxruntime", "int8",
-                     "AMD EPYC Zen 3: OpenVINO on embedpool's int8 graph 0.3x ONNX Runtime's"),
+                     "AMD EPYC Zen 3: OpenVINO on embedpool's int8 graph 0.3-0.6x its own "
+                     "fp32; no OpenVINO int8 at embedpool's quality yet"),
     },
     "avx512_bf16": {
         "auto": Cell("openvino", "bf16",
