@@ -44,9 +44,10 @@ Why one rule each, where the two backends used to disagree:
   the CPU). Should the same task report a lost device again (a transport that cannot fall
   back), it is an engine error, so the loop is bounded.
 - After an OOM the budget is halved (not below the floor), doubled back after a calm period,
-  and never restored to a size that was killed (Ray kept the halved budget for the whole run).
-  "Calm" is the scaling policy's memory calm on the local pool, and time without an OOM on Ray,
-  which has no memory readings of the cluster.
+  and never restored to a size that was killed (Ray kept the halved budget for the whole run);
+  two in a row enter emergency mode at the floor (Ray only halved again). One state for both
+  (``BudgetState``). "Calm" is the scaling policy's memory calm on the local pool, and time
+  without an OOM on Ray, which has no memory readings of the cluster.
 
 Also here: the task record every backend moves (``Task``: some positions of one batch), the
 reassembly of a batch from its pieces (``Assembly``), cutting a task to a token budget, the hang
@@ -55,6 +56,7 @@ deadline, and attributing a SIGKILL to the OOM killer from a counter.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import re
@@ -450,38 +452,58 @@ def restored_budget(current: int, planned: int, forbidden: int | None) -> int:
     return restore
 
 
-@dataclass
-class TokenBudget:
-    """The padded-token budget of a transport that has no memory readings (Ray): halved on
-    an out-of-memory failure, doubled back after ``calm_s`` without one, never to a size
-    that ran out of memory. (The local pool applies the same helpers inside its scaling
-    policy, where "calm" is memory below the resume threshold.)"""
+#: OOM failures in a row (no batch completed in between) that switch to emergency mode: the
+#: budget at its floor (and, on the local pool, one worker) until calm.
+EMERGENCY_AFTER_OOMS = 2
 
-    planned: int
-    floor: int
-    current: int = 0  # 0: the planned budget
+
+@dataclass(frozen=True)
+class BudgetState:
+    """The token budget after out-of-memory failures: the one state every backend keeps (the
+    local pool's scaling policy inside its ``PolicyState``, Ray's executor on its own).
+
+    ``tokens`` is the budget in force; ``forbidden`` the smallest size that ran out of memory
+    (never run again); ``consecutive_oom`` the OOM failures with no batch completed since;
+    ``emergency`` is on after ``EMERGENCY_AFTER_OOMS`` of them: the budget sits at its floor
+    until calm. What "calm" is belongs to the transport: memory below the resume threshold on
+    the local pool, time without an OOM on Ray (no memory readings of the cluster)."""
+
+    tokens: int
+    consecutive_oom: int = 0
     forbidden: int | None = None
     last_oom_at: float | None = None
+    emergency: bool = False
 
-    def __post_init__(self) -> None:
-        self.current = self.current or self.planned
 
-    def lower(self, forbid_tokens: int | None, now: float) -> bool:
-        """An out-of-memory failure; returns whether the budget changed."""
-        old = self.current
-        self.current = lowered_budget(self.current, self.floor)
-        self.forbidden = forbidden_after(self.forbidden, forbid_tokens)
-        self.last_oom_at = now
-        return self.current != old
+def budget_after_oom(state: BudgetState, *, floor: int, killed_tokens: int | None,
+                     now: float) -> BudgetState:
+    """An out-of-memory failure: the budget halved (not below ``floor``), the killed size
+    (``Decision.forbid_tokens``) never run again; the second in a row (no batch completed in
+    between) enters emergency mode at the floor."""
+    count = state.consecutive_oom + 1
+    forbidden = forbidden_after(state.forbidden, killed_tokens)
+    if count >= EMERGENCY_AFTER_OOMS:
+        return BudgetState(floor, count, forbidden, now, emergency=True)
+    return BudgetState(lowered_budget(state.tokens, floor), count, forbidden, now,
+                       state.emergency)
 
-    def restore(self, now: float, calm_s: float) -> bool:
-        """One doubling after each ``calm_s`` without an OOM; returns whether it changed."""
-        if self.last_oom_at is None or now - self.last_oom_at < calm_s:
-            return False
-        old = self.current
-        self.current = restored_budget(self.current, self.planned, self.forbidden)
-        self.last_oom_at = now if self.current < self.planned else None
-        return self.current != old
+
+def budget_after_success(state: BudgetState, started_at: float | None = None) -> BudgetState:
+    """A batch completed: OOM failures are no longer consecutive. With ``started_at`` (when the
+    batch was dispatched), a batch already running before the last OOM does not count: in a
+    pool of two, the healthy worker's batch must not hide the dying one's repeats."""
+    if state.consecutive_oom == 0:
+        return state
+    if started_at is not None and state.last_oom_at is not None and started_at < state.last_oom_at:
+        return state
+    return dataclasses.replace(state, consecutive_oom=0)
+
+
+def budget_after_calm(state: BudgetState, planned: int) -> BudgetState:
+    """A calm period passed: emergency mode ends and the budget doubles towards ``planned``,
+    never to a forbidden size (``restored_budget``)."""
+    return dataclasses.replace(state, emergency=False, consecutive_oom=0,
+                               tokens=restored_budget(state.tokens, planned, state.forbidden))
 
 
 # --- tasks and reassembly -----------------------------------------------------------------

@@ -351,18 +351,30 @@ def test_emitter_survives_a_raising_callback(caplog: pytest.LogCaptureFixture) -
     assert "callback failed" in caplog.text and "callback bug" in caplog.text
 
 
-# --- the token budget of a transport without memory readings (Ray) ----------------------------
+# --- the token budget after OOM failures: one state for both backends ----------------------------
 
-def test_token_budget_lowers_restores_after_calm_and_never_to_a_killed_size() -> None:
-    b = faults.TokenBudget(planned=1024, floor=256)
-    assert b.current == 1024 and not b.restore(100.0, 20.0)  # nothing to restore
-    assert b.lower(1024, now=0.0) and (b.current, b.forbidden) == (512, 1024)
-    assert b.lower(None, now=1.0) and b.current == 256  # a single item's OOM forbids nothing
-    assert not b.lower(None, now=2.0) and b.current == 256  # the floor
-    assert not b.restore(21.9, 20.0)  # not calm long enough since the last OOM (2.0)
-    assert b.restore(22.0, 20.0) and b.current == 512
-    assert not b.restore(30.0, 20.0)  # one doubling per calm period
-    assert not b.restore(42.0, 20.0) and b.current == 512  # 1024 was killed: never again
+def test_one_budget_state_lowers_escalates_restores_and_never_to_a_killed_size() -> None:
+    """faults.BudgetState: the pool's scaling policy and Ray's executor keep this one state."""
+    b = faults.BudgetState(1024)
+    b = faults.budget_after_oom(b, floor=256, killed_tokens=1024, now=0.0)
+    assert (b.tokens, b.forbidden, b.consecutive_oom, b.emergency) == (512, 1024, 1, False)
+    b = faults.budget_after_success(b, started_at=-1.0)  # began before the OOM: no reset
+    assert b.consecutive_oom == 1
+    b = faults.budget_after_success(b, started_at=1.0)
+    assert b.consecutive_oom == 0
+    b = faults.budget_after_oom(b, floor=256, killed_tokens=None, now=2.0)
+    assert (b.tokens, b.consecutive_oom, b.emergency) == (256, 1, False)  # the floor
+    b = faults.budget_after_oom(b, floor=256, killed_tokens=None, now=3.0)
+    assert (b.tokens, b.consecutive_oom, b.emergency) == (256, 2, True)  # two in a row
+    b = faults.budget_after_calm(b, planned=1024)
+    assert (b.tokens, b.consecutive_oom, b.emergency) == (512, 0, False)
+    assert faults.budget_after_calm(b, planned=1024).tokens == 512  # 1024 was killed
+
+
+def test_two_ooms_in_a_row_go_straight_to_the_floor() -> None:
+    b = faults.budget_after_oom(faults.BudgetState(4096), floor=256, killed_tokens=4096, now=0.0)
+    b = faults.budget_after_oom(b, floor=256, killed_tokens=2048, now=1.0)
+    assert (b.tokens, b.emergency, b.forbidden) == (256, True, 2048)
 
 
 # --- the rules beside a failed task's (issue 20): one for every backend ------------------------

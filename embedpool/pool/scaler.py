@@ -44,8 +44,8 @@ class Scaler:
         if cfg.emergency_exit_s is not None:
             policy = dataclasses.replace(policy, emergency_exit_s=cfg.emergency_exit_s)
         self.policy = policy
-        self.state = scaling.PolicyState(workers=policy.start_workers,
-                                         batch_tokens=policy.batch_tokens)
+        self.state = scaling.PolicyState.of(workers=policy.start_workers,
+                                            batch_tokens=policy.batch_tokens)
         self.sampler = Sampler(self.limits)
         self.history: deque[Reading] = deque(maxlen=HISTORY_READINGS)
         self.threads = policy.threads_per_worker

@@ -4,7 +4,7 @@ Nothing here starts a process or reads the machine; the pool's manager samples
 (``readings``), asks (through ``scaler``), and applies the answer. Everything is table-tested in ``tests/pool/test_scaling.py``::
 
     Limits --plan()--> Plan(policy, reasons)          once, at start (and `embedpool doctor`)
-    PolicyState(workers=policy.start_workers, batch_tokens=policy.batch_tokens)
+    PolicyState.of(workers=policy.start_workers, batch_tokens=policy.batch_tokens)
     every sample interval:  decide(history, state, policy, now) -> Decision(target, budget, state)
     an OOM (faults):        on_oom_kill(state, policy, now, killed_tokens) -> Decision
     a batch completed:      on_batch_success(state, started_at)  -> PolicyState
@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from embedpool import faults
 from embedpool.budget import BatchBudget, batch_budget
@@ -378,12 +378,11 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
 @dataclass(frozen=True)
 class PolicyState:
     """Everything ``decide()`` remembers between calls. Start with
-    ``PolicyState(workers=policy.start_workers, batch_tokens=policy.batch_tokens)``."""
+    ``PolicyState.of(workers=policy.start_workers, batch_tokens=policy.batch_tokens)``."""
 
     workers: int
-    batch_tokens: int
-    emergency: bool = False
-    consecutive_oom: int = 0
+    #: The token budget after OOM kills: ``faults.BudgetState``, the state Ray keeps too.
+    budget: faults.BudgetState
     #: Since when memory has been below mem_resume (emergency exit, budget restore).
     calm_since: float | None = None
     #: Reporting only: the last decision found a throughput plateau (see plateau_since).
@@ -394,10 +393,50 @@ class PolicyState:
     mem_hot: bool = False
     cpu_hot: bool = False
     plateau_since: float | None = None
-    last_oom_at: float | None = None
-    #: Smallest padded-token size of a batch whose worker was OOM-killed: rule 5 restores the
-    #: budget only to sizes below it. None: no OOM kill yet.
-    oom_tokens: int | None = None
+
+    @classmethod
+    def of(cls, workers: int, batch_tokens: int, *, emergency: bool = False,
+           consecutive_oom: int = 0, last_oom_at: float | None = None,
+           oom_tokens: int | None = None, **rest: Any) -> PolicyState:
+        """A state from flat values (the budget's fields by their names here)."""
+        return cls(workers, faults.BudgetState(batch_tokens, consecutive_oom, oom_tokens,
+                                               last_oom_at, emergency), **rest)
+
+    @property
+    def batch_tokens(self) -> int:
+        return self.budget.tokens
+
+    @property
+    def emergency(self) -> bool:
+        return self.budget.emergency
+
+    @property
+    def consecutive_oom(self) -> int:
+        return self.budget.consecutive_oom
+
+    @property
+    def last_oom_at(self) -> float | None:
+        return self.budget.last_oom_at
+
+    @property
+    def oom_tokens(self) -> int | None:
+        """Smallest padded-token size of a batch whose worker was OOM-killed: rule 5 restores
+        the budget only to sizes below it. None: no OOM kill yet."""
+        return self.budget.forbidden
+
+
+#: PolicyState's flat names of the budget's fields.
+_BUDGET_FIELDS = {"batch_tokens": "tokens", "emergency": "emergency",
+                  "consecutive_oom": "consecutive_oom", "last_oom_at": "last_oom_at",
+                  "oom_tokens": "forbidden"}
+
+
+def _with(state: PolicyState, **changes: Any) -> PolicyState:
+    """``dataclasses.replace`` that also takes the budget's fields by their flat names."""
+    budget = {_BUDGET_FIELDS[k]: changes.pop(k) for k in list(changes) if k in _BUDGET_FIELDS}
+    if budget:
+        changes["budget"] = dataclasses.replace(state.budget, **budget)
+    return dataclasses.replace(state, **changes)
 
 
 Action = Literal["grow", "shrink", "hold"]
@@ -440,24 +479,20 @@ def on_oom_kill(state: PolicyState, policy: ProfilePolicy, now: float,
     ``min_batch_tokens``. ``killed_tokens`` (``faults.Decision.forbid_tokens``): padded tokens
     of the multi-item batch it was running, if any; the budget is never restored to that size
     again (``faults.restored_budget``)."""
-    count = state.consecutive_oom + 1
-    state = dataclasses.replace(state, oom_tokens=faults.forbidden_after(state.oom_tokens,
-                                                                         killed_tokens))
-    if count >= 2:
-        new = dataclasses.replace(state, workers=1, batch_tokens=policy.min_batch_tokens,
-                                  emergency=True, consecutive_oom=count, calm_since=None,
-                                  mem_hot=True, best_throughput={}, growth_blocked=False,
-                                  plateau_since=None, last_oom_at=now)
+    budget = faults.budget_after_oom(state.budget, floor=policy.min_batch_tokens,
+                                     killed_tokens=killed_tokens, now=now)
+    count = budget.consecutive_oom
+    if count >= faults.EMERGENCY_AFTER_OOMS:
+        new = _with(state, workers=1, budget=budget, calm_since=None, mem_hot=True,
+                    best_throughput={}, growth_blocked=False, plateau_since=None)
         reason = (f"emergency mode on: {count} consecutive OOM kills; 1 worker, "
                   f"batch budget {new.batch_tokens} tokens")
     else:
-        halved = faults.lowered_budget(state.batch_tokens, policy.min_batch_tokens)
-        new = dataclasses.replace(state, batch_tokens=halved, consecutive_oom=count,
-                                  calm_since=None, mem_hot=True, last_oom_at=now,
-                                  best_throughput={} if halved != state.batch_tokens
-                                  else state.best_throughput)
-        reason = (f"OOM kill: batch budget {state.batch_tokens} -> {halved} tokens, growth "
-                  f"blocked until memory is below {policy.mem_resume:.0%}")
+        new = _with(state, budget=budget, calm_since=None, mem_hot=True,
+                    best_throughput={} if budget.tokens != state.batch_tokens
+                    else state.best_throughput)
+        reason = (f"OOM kill: batch budget {state.batch_tokens} -> {budget.tokens} tokens, "
+                  f"growth blocked until memory is below {policy.mem_resume:.0%}")
     action: Action = "shrink" if new.workers < state.workers else "hold"
     return Decision(new.workers, new.batch_tokens, new.emergency, reason, new, action)
 
@@ -466,11 +501,7 @@ def on_batch_success(state: PolicyState, started_at: float | None = None) -> Pol
     """A batch completed: OOM kills are no longer consecutive. With ``started_at`` (when the
     batch was dispatched), a batch already running before the last OOM kill does not count:
     in a pool of two, the healthy worker's batch must not hide the dying one's repeats."""
-    if state.consecutive_oom == 0:
-        return state
-    if started_at is not None and state.last_oom_at is not None and started_at < state.last_oom_at:
-        return state
-    return dataclasses.replace(state, consecutive_oom=0)
+    return _with(state, budget=faults.budget_after_success(state.budget, started_at))
 
 
 @dataclass(frozen=True)
@@ -536,12 +567,12 @@ def decide(history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy
     if state.plateau_since is not None and now - state.plateau_since >= policy.reprobe_s:
         # Conditions may have changed (another program's load went): forget this count and
         # those above it, so that they are measured again and growth may probe once more.
-        state = dataclasses.replace(
+        state = _with(
             state, plateau_since=None, growth_blocked=False,
             best_throughput={k: t for k, t in state.best_throughput.items() if k < state.workers})
     v = _view(history, policy)
     calm = v.mem_now < policy.mem_resume
-    state = dataclasses.replace(
+    state = _with(
         state,
         mem_hot=_hysteresis(state.mem_hot, v.mem_now, v.mem_pred, policy.mem_stop, policy.mem_resume),
         cpu_hot=_hysteresis(state.cpu_hot, v.cpu_now, v.cpu_pred, policy.cpu_stop, policy.cpu_resume),
@@ -565,12 +596,12 @@ def _decision(old: PolicyState, new: PolicyState, action: Action, reason: str) -
 def _emergency(state: PolicyState, policy: ProfilePolicy, now: float, v: _View) -> Decision:
     if state.calm_since is not None and now - state.calm_since >= policy.emergency_exit_s:
         # Leave with the small budget; rule 5 doubles it back after each further calm period.
-        new = dataclasses.replace(state, emergency=False, consecutive_oom=0, workers=1,
+        new = _with(state, emergency=False, consecutive_oom=0, workers=1,
                                   calm_since=now, best_throughput={})
         return _decision(state, new, "hold",
                          f"emergency mode off: memory below {policy.mem_resume:.0%} for "
                          f"{policy.emergency_exit_s:.0f} s; {v.describe()}")
-    new = dataclasses.replace(state, workers=1, batch_tokens=min(state.batch_tokens,
+    new = _with(state, workers=1, batch_tokens=min(state.batch_tokens,
                                                                  policy.min_batch_tokens))
     waited = "" if state.calm_since is None else f", calm for {now - state.calm_since:.0f} s"
     return _decision(state, new, "hold", f"emergency mode: holding 1 worker{waited}; {v.describe()}")
@@ -584,11 +615,11 @@ def _shrink(history: Sequence[Reading], state: PolicyState, policy: ProfilePolic
     if v.r.workers > state.workers:
         return _decision(state, state, "hold", f"hold: a worker is still leaving; {why}")
     if state.workers > 1:
-        new = dataclasses.replace(state, workers=state.workers - 1, calm_since=None)
+        new = _with(state, workers=state.workers - 1, calm_since=None)
         return _decision(state, new, "shrink", f"shrink {state.workers} -> {new.workers}: {why}")
     if state.batch_tokens > policy.min_batch_tokens:
         bt = faults.lowered_budget(state.batch_tokens, policy.min_batch_tokens)
-        new = dataclasses.replace(state, batch_tokens=bt, calm_since=None, best_throughput={})
+        new = _with(state, batch_tokens=bt, calm_since=None, best_throughput={})
         return _decision(state, new, "hold", f"batch budget {state.batch_tokens} -> {bt} "
                                              f"tokens at 1 worker: {why}")
     return _decision(state, state, "hold", f"hold at 1 worker and the smallest budget: {why}")
@@ -606,7 +637,7 @@ def _back_off(history: Sequence[Reading], state: PolicyState, policy: ProfilePol
     if best[n] <= best[n - 1] * policy.plateau_gain:
         # The n-th worker does not earn its memory and CPU (contention, or a core that others
         # use): give it back. From n-1 the same table blocks growth until reprobe_s.
-        new = dataclasses.replace(state, workers=n - 1, growth_blocked=True, plateau_since=now)
+        new = _with(state, workers=n - 1, growth_blocked=True, plateau_since=now)
         return _decision(state, new, "shrink",
                          f"shrink {n} -> {n - 1}: throughput plateau, {n} workers did "
                          f"{best[n]:.1f} seq/s, {n - 1} did {best[n - 1]:.1f}; {v.describe()}")
@@ -625,11 +656,11 @@ def _grow_or_hold(history: Sequence[Reading], state: PolicyState, policy: Profil
             if more in best and more - 1 in best and best[more] <= best[more - 1] * policy.plateau_gain:
                 blocked = (f"throughput plateau: {more} workers did {best[more]:.1f} seq/s vs "
                            f"{best[more - 1]:.1f} at {more - 1}")
-                state = dataclasses.replace(state, growth_blocked=True, plateau_since=(
+                state = _with(state, growth_blocked=True, plateau_since=(
                     state.plateau_since if state.plateau_since is not None else now))
                 break
     if blocked is None:
-        new = dataclasses.replace(state, workers=n + 1, growth_blocked=False, plateau_since=None)
+        new = _with(state, workers=n + 1, growth_blocked=False, plateau_since=None)
         return _decision(state, new, "grow", f"grow {n} -> {n + 1}: {v.describe()}")
     # Rule 5: restore a lowered batch budget once memory has been calm long enough, up to
     # (not including) a size that was OOM-killed.
@@ -637,7 +668,7 @@ def _grow_or_hold(history: Sequence[Reading], state: PolicyState, policy: Profil
     if (restore > state.batch_tokens and state.calm_since is not None
             and now - state.calm_since >= policy.emergency_exit_s):
         bt = restore
-        new = dataclasses.replace(state, batch_tokens=bt, calm_since=now, best_throughput={})
+        new = _with(state, batch_tokens=bt, calm_since=now, best_throughput={})
         return _decision(state, new, "hold", f"batch budget {state.batch_tokens} -> {bt} tokens: "
                                              f"memory calm for {policy.emergency_exit_s:.0f} s; "
                                              f"{v.describe()}")

@@ -224,7 +224,8 @@ def test_an_idle_worker_oom_killed_lowers_the_budget(backend: Start,
     assert_clean(results, batches[1:])
     (death,) = event_log.named(events.WORKER_DEATH)
     assert death["pid"] == pid and death["kind"] == "oom_kill" and death["items"] == 0
-    assert kernel_kills == stats.oom_kills == stats.deaths == 1
+    # the kernel may also take the hog once the worker is gone: >= 1 kill in the cgroup
+    assert kernel_kills >= 1 and stats.oom_kills == stats.deaths == 1
     lowered = [e for e in event_log.named(events.SCALE)
                if (e["batch_tokens_from"], e["batch_tokens_to"]) == (1024, 512)]
     assert lowered, "an idle worker's OOM kill did not lower the budget"

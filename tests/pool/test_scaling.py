@@ -230,7 +230,7 @@ def series(key: str, values: Sequence[float], **kw: float | None) -> list[Readin
 
 
 def st(workers: int = 1, batch: int = 2048, **kw: object) -> PolicyState:
-    return PolicyState(workers=workers, batch_tokens=batch, **kw)  # type: ignore[arg-type]
+    return PolicyState.of(workers=workers, batch_tokens=batch, **kw)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -459,7 +459,7 @@ class Sim:
     t: float = 0.0
 
     def __post_init__(self) -> None:
-        self.state = PolicyState(self.policy.start_workers, self.policy.batch_tokens)
+        self.state = PolicyState.of(self.policy.start_workers, self.policy.batch_tokens)
 
     def step(self, n: int = 1, queue: int = 50) -> None:
         for _ in range(n):

@@ -71,7 +71,7 @@ from embedpool.backends.ray.shipping import ship_model
 from embedpool.budget import BatchBudget, batch_budget
 from embedpool.errors import ConfigError, PoolBroken, PoolError
 from embedpool.executor import BatchResult, ExecutorStats, WorkBatch
-from embedpool.faults import FailureKind, FaultPolicy, Task, TokenBudget
+from embedpool.faults import BudgetState, FailureKind, FaultPolicy, Task
 from embedpool.types import EventCallback, Vectors
 from embedpool.workqueue import WorkQueue
 
@@ -122,7 +122,10 @@ class RayExecutor:
         self._emit = events.Emitter(on_event, log, backend="ray")
         self._wake = threading.Event()
         self._work = WorkQueue(self._wake.set, self._emit, policy)
-        self._budget = TokenBudget(self.budget.tokens, self.budget.floor)
+        #: The budget after OOM failures (``faults.BudgetState``, the pool's too) and since when
+        #: it has been calm (no OOM, no restore step).
+        self._state = BudgetState(self.budget.tokens)
+        self._calm_since = 0.0
         self._closing = False
         self._last_pass = time.monotonic()  # when the manager loop last came round
         self._grace_deadline = float("inf")
@@ -149,7 +152,7 @@ class RayExecutor:
             self._disconnect()
             raise
         self._emit(events.POOL_START, workers=self.min_actors, threads=self._threads,
-                   batch_tokens=self._budget.current, max_workers=self.max_actors,
+                   batch_tokens=self._state.tokens, max_workers=self.max_actors,
                    budget_floor=self.budget.floor, budget_reason=self.budget.reason)
         self._thread = threading.Thread(target=self._manage, name="embedpool-ray-manager",
                                         daemon=True)
@@ -171,8 +174,9 @@ class RayExecutor:
         workers = self._actors.snapshot if self._actors is not None else ()
         return ExecutorStats.of(self._work.counters, backend="ray", workers=workers,
                                 target_workers=len(workers), max_workers=self.max_actors,
-                                threads=self._threads, batch_tokens=self._budget.current,
-                                queued=self._work.queued_batches)
+                                threads=self._threads, batch_tokens=self._state.tokens,
+                                queued=self._work.queued_batches,
+                                emergency=self._state.emergency)
 
     @property
     def broken(self) -> str | None:
@@ -234,10 +238,7 @@ class RayExecutor:
                 actors.maybe_grow(self._work.queued_tasks > 0)
                 actors.check_starved()
                 self._check_deadlines(actors)
-                before = self._budget.current
-                if self._budget.restore(time.monotonic(), BUDGET_CALM_S):
-                    self._scale_event(f"no out-of-memory failure for {BUDGET_CALM_S:.0f} s",
-                                      before)
+                self._maybe_restore()
                 actors.publish()
                 self._wait(actors)
         except PoolBroken as exc:
@@ -286,7 +287,7 @@ class RayExecutor:
             free = [s for s in actors.slots if s.has_room()]
             if not free:
                 return
-            task = self._work.next_task(self._budget.current)
+            task = self._work.next_task(self._state.tokens)
             if task is None:
                 return
             slot = min(free, key=lambda s: len(s.inflight))
@@ -310,9 +311,11 @@ class RayExecutor:
                     else FailureKind.CRASH)
             self._fail(task, kind, cluster.first_line(getattr(exc, "cause", None) or exc))
             return
+        started = slot.head_started
         actors.forget(slot, ref)
         if self._work.complete(task, rows):
             slot.batches_done += 1
+            self._state = faults.budget_after_success(self._state, started)
 
     def _fail(self, task: Task, kind: FailureKind, error: str) -> None:
         decision = self._work.fail(task, kind, error)
@@ -320,16 +323,41 @@ class RayExecutor:
             self._lower_budget(kind, decision.forbid_tokens)
 
     def _lower_budget(self, kind: FailureKind, forbid_tokens: int | None) -> None:
-        old = self._budget.current
-        self._budget.lower(forbid_tokens, time.monotonic())
-        forbidden = self._budget.forbidden
-        self._scale_event(f"{kind}: budget halved" + (
-            f"; never again {forbidden} tokens or more" if forbidden else ""), old)
+        old = self._state
+        now = time.monotonic()
+        self._state = faults.budget_after_oom(old, floor=self.budget.floor,
+                                              killed_tokens=forbid_tokens, now=now)
+        self._calm_since = now
+        forbidden = self._state.forbidden
+        what = (f"emergency mode: {self._state.consecutive_oom} consecutive out-of-memory "
+                f"failures, the floor" if self._state.emergency and not old.emergency
+                else "budget halved")
+        if self._state.emergency and not old.emergency:
+            self._emit(events.EMERGENCY, on=True, reason=f"{kind}: {what}", reading=None)
+        self._scale_event(f"{kind}: {what}" + (
+            f"; never again {forbidden} tokens or more" if forbidden else ""), old.tokens)
+
+    def _maybe_restore(self) -> None:
+        """After ``BUDGET_CALM_S`` without an OOM failure (Ray gives the driver no memory
+        readings of the cluster): emergency mode ends and the budget doubles, once per calm
+        period, up to the plan's but never to a size that ran out of memory."""
+        old = self._state
+        now = time.monotonic()
+        if ((old.tokens >= self.budget.tokens and not old.emergency)
+                or now - self._calm_since < BUDGET_CALM_S):
+            return
+        self._state = faults.budget_after_calm(old, self.budget.tokens)
+        self._calm_since = now
+        if old.emergency:
+            self._emit(events.EMERGENCY, on=False, reading=None,
+                       reason=f"no out-of-memory failure for {BUDGET_CALM_S:.0f} s")
+        if self._state.tokens != old.tokens:
+            self._scale_event(f"no out-of-memory failure for {BUDGET_CALM_S:.0f} s", old.tokens)
 
     def _scale_event(self, reason: str, old_tokens: int) -> None:
         n = len(self._actors.slots) if self._actors is not None else 0
         self._emit(events.SCALE, action="hold", workers_from=n, workers_to=n,
-                   batch_tokens_from=old_tokens, batch_tokens_to=self._budget.current,
+                   batch_tokens_from=old_tokens, batch_tokens_to=self._state.tokens,
                    reason=reason, reading=None)
 
     def _actor_died(self, actors: ActorSet, slot: Slot, exc: BaseException,
