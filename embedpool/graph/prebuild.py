@@ -304,9 +304,14 @@ def graph_dir() -> Path:
 
 
 def built_graphs(directory: Path | None = None) -> list[tuple[str, int]]:
-    """(file name, bytes) of every graph built in ``directory`` (default: ``graph_dir()``)."""
+    """(file name, bytes) of every graph built in ``directory`` (default: ``graph_dir()``);
+    a large graph's bytes include its weights' side file (graph/external.py)."""
+    from embedpool.graph.external import data_path
+
     where = directory if directory is not None else graph_dir()
-    return sorted((p.name, p.stat().st_size) for p in where.glob("*.onnx") if p.is_file())
+    return sorted((p.name, p.stat().st_size + (data_path(p).stat().st_size
+                                                if data_path(p).is_file() else 0))
+                  for p in where.glob("*.onnx") if p.is_file())
 
 
 def _stages(model: ResolvedModel, precision: str) -> tuple[str, ...]:
