@@ -8,7 +8,7 @@ from it, so ``embedpool doctor`` prints the plan that ``embed`` and ``serve`` ru
     batch_budget(device, profile, max_length, requested, gpu_fit) -> BatchBudget
         placement.place        the job's and the server's batches (Placement.budget)
         gpuplan.gpu_batch_tokens   a GPU's budget from the tokens its free memory holds
-        scaling.plan           the pool's budget in force at start and its OOM floor
+        plan.plan              the pool's budget in force at start and its OOM floor
         RayExecutor            its starting budget and OOM floor
         server settings        the server's batcher (from the placement, like the job)
 

@@ -448,8 +448,8 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
     from embedpool.device import DeviceRequest, decide_device, detect_facts, parse_device
     from embedpool.doctor import render_devices, render_doctor
     from embedpool.pool.limits import detect_limits
+    from embedpool.pool.plan import plan
     from embedpool.pool.readings import memory_used
-    from embedpool.pool.scaling import plan
 
     w = _workers(workers) if workers not in ("0",) else 1
     try:

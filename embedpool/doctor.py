@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 from embedpool.config import format_bytes
 from embedpool.device import DeviceFacts
 from embedpool.pool.machine import Limits
-from embedpool.pool.scaling import LOOKAHEAD_STEPS, SAMPLE_INTERVAL_S, Plan
+from embedpool.pool.plan import Plan
+from embedpool.pool.scaling import LOOKAHEAD_STEPS, SAMPLE_INTERVAL_S
 
 if TYPE_CHECKING:
     from embedpool.placement import Placement

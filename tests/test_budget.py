@@ -37,7 +37,7 @@ from embedpool.errors import ConfigError
 from embedpool.models import ResolvedModel
 from embedpool.placement import place
 from embedpool.pool.machine import Limits
-from embedpool.pool.scaling import plan
+from embedpool.pool.plan import plan
 
 CPU_ROWS = [
     # profile, requested, requested items -> tokens, floor, items, words in the reason

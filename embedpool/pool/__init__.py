@@ -6,7 +6,9 @@
     protocol.py   the wire messages, a handful of frozen dataclasses
     config.py     PoolConfig: every knob, validated
     scaler.py     the manager's seam to the scaling policy (the values in force)
-    scaling.py    the scaling policy: readings in, workers and batch budget out (pure)
+    plan.py       the plan: limits and options in, the policy's numbers and reasons out (pure)
+    memory.py     the memory model: one worker's RSS from its model and batch budget (pure)
+    scaling.py    the policy's state machine: readings in, workers and budget in force out (pure)
     machine.py    Limits and Reading: the policy's input types (no process code)
     limits.py     what this machine allows (CPUs, memory, profile), read once
     cgroups.py    reading cgroups: limits, usage, the OOM killer's counter

@@ -1,7 +1,7 @@
 """``PoolConfig``: every knob of the process pool in one frozen, validated dataclass.
 
 ``None`` means "let the machine decide": worker count, threads and the batch token budget then
-come from ``scaling.plan()`` over the detected limits. Only the CLI and ``embedpool.config``
+come from ``plan.plan()`` over the detected limits. Only the CLI and ``embedpool.config``
 read ``EMBEDPOOL_*`` variables; this class takes plain values.
 """
 
@@ -15,7 +15,7 @@ from embedpool.budget import BatchBudget
 from embedpool.errors import ConfigError
 from embedpool.executor import PENDING_PER_WORKER
 from embedpool.faults import FaultPolicy
-from embedpool.pool.scaling import ModelMemory
+from embedpool.pool.memory import ModelMemory
 from embedpool.types import Precision, Profile
 
 StartMethod = Literal["spawn", "forkserver"]
@@ -66,7 +66,7 @@ class PoolConfig:
     #: How often the manager samples resources and asks the scaling policy (the policy's
     #: thresholds and look-ahead are tuned for 1 s: scaling.SAMPLE_INTERVAL_S).
     sample_interval_s: float = 1.0
-    #: Calm time before leaving emergency mode; None = the profile's (scaling.plan()).
+    #: Calm time before leaving emergency mode; None = the profile's (plan.plan()).
     emergency_exit_s: float | None = None
     #: How often a 'status' event is emitted (0 = never).
     status_interval_s: float = 5.0

@@ -17,7 +17,7 @@ files (``cgroups``), ``/sys/class/dmi/id``), so tests point ``root`` at a fake t
 
 The profile (``cloud`` | ``local`` | ``wsl2``) is ``profile=`` or ``EMBEDPOOL_PROFILE`` if
 given, else ``wsl2`` when the kernel release says Microsoft/WSL, else ``cloud`` on a container,
-Kubernetes or cloud-VM signal, else ``local``. ``scaling.plan()`` turns it into numbers.
+Kubernetes or cloud-VM signal, else ``local``. ``plan.plan()`` turns it into numbers.
 
 Live readings (memory in use, RSS, CPU shares) are ``readings``; the types are ``machine``.
 """

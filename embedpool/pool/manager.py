@@ -52,8 +52,8 @@ from embedpool.errors import (
 from embedpool.events import Emitter, exit_name
 from embedpool.executor import WorkerInfo, WorkerState
 from embedpool.faults import FailureKind, Task
+from embedpool.pool import memory
 from embedpool.pool import protocol as wire
-from embedpool.pool import scaling
 from embedpool.pool.cgroups import OomEvidence
 from embedpool.pool.config import PoolConfig
 from embedpool.pool.scaler import Changes, Scaler
@@ -486,7 +486,7 @@ class Manager:
         limit = faults.recycle_limit(
             ready_rss=w.ready_rss, rss_limit=cfg.recycle_rss_bytes,
             growth_limit=cfg.recycle_growth_bytes,
-            arena_bytes=scaling.activation_estimate(self.scaler.planned_batch_tokens,
+            arena_bytes=memory.activation_estimate(self.scaler.planned_batch_tokens,
                                                     cfg.model_memory))
         if limit is None or w.rss <= limit or w.leave_reason is not None:
             return

@@ -49,7 +49,7 @@ from embedpool.errors import ConfigError, WorkerStartError
 from embedpool.executor import BatchResult, ExecutorStats, WorkBatch
 from embedpool.pool.config import PoolConfig
 from embedpool.pool.manager import Manager, Waker
-from embedpool.pool.scaling import ModelMemory
+from embedpool.pool.memory import ModelMemory
 from embedpool.types import Event, Precision
 from embedpool.workqueue import WorkQueue
 

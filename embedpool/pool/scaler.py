@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any
 
 from embedpool import events
-from embedpool.pool import scaling
+from embedpool.pool import plan, scaling
 from embedpool.pool.config import PoolConfig
 from embedpool.pool.limits import detect_limits
 from embedpool.pool.machine import Reading
@@ -35,7 +35,7 @@ class Scaler:
 
     def __init__(self, cfg: PoolConfig) -> None:
         self.limits = detect_limits(max_memory=cfg.max_memory_bytes, profile=cfg.profile)
-        self.plan = scaling.plan(self.limits, workers=cfg.workers, threads=cfg.threads,
+        self.plan = plan.plan(self.limits, workers=cfg.workers, threads=cfg.threads,
                                  batch_tokens=cfg.batch_tokens, precision=cfg.precision,
                                  mem_used=memory_used(self.limits), pool_used=own_rss(),
                                  model=cfg.model_memory, device=cfg.device,

@@ -1,6 +1,6 @@
 """The planner's choices on machines this one is not: 4, 16, 64 and 96 cores, 1-4 GPUs.
 
-Two tables: the CPU-only pool (``scaling.plan``, with the parent's reserve) and the GPU plan
+Two tables: the CPU-only pool (``plan.plan``, with the parent's reserve) and the GPU plan
 (``gpuplan.plan_devices``). Each row states what the planner must choose, and every row is
 also checked against the invariants: workers x threads never exceed the usable cores, and the
 parent keeps cores where its tokenisation would otherwise starve.
@@ -26,7 +26,7 @@ from embedpool.pool.gpuplan import (
     plan_devices,
 )
 from embedpool.pool.machine import Limits
-from embedpool.pool.scaling import plan
+from embedpool.pool.plan import plan
 from embedpool.types import Profile
 
 MiB = 1024**2

@@ -39,8 +39,9 @@ def test_limits_reject_nonsense() -> None:
 
 
 def test_the_policy_imports_no_process_code() -> None:
-    """scaling (and the types it reads) must be importable without psutil."""
-    code = ("import sys, embedpool.pool.scaling, embedpool.pool.machine, embedpool.faults; "
+    """The policy (scaling, plan, memory and the types they read) imports no psutil."""
+    code = ("import sys, embedpool.pool.scaling, embedpool.pool.plan, embedpool.pool.memory, "
+            "embedpool.pool.machine, embedpool.faults; "
             "sys.exit('psutil' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 

@@ -14,15 +14,14 @@ from embedpool.budget import MIN_BATCH_TOKENS
 from embedpool.doctor import render_doctor
 from embedpool.errors import ConfigError
 from embedpool.pool.machine import Limits, Reading
+from embedpool.pool.memory import SUPERVISOR_BASELINE
+from embedpool.pool.plan import ProfilePolicy, plan
 from embedpool.pool.scaling import (
-    SUPERVISOR_BASELINE,
     Decision,
     PolicyState,
-    ProfilePolicy,
     decide,
     on_batch_success,
     on_oom_kill,
-    plan,
     predict,
 )
 from embedpool.types import Profile

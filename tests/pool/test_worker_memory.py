@@ -1,4 +1,4 @@
-"""The per-model worker memory estimate (``scaling.worker_mem_estimate`` with a
+"""The per-model worker memory estimate (``memory.worker_mem_estimate`` with a
 ``ModelMemory``), table-tested against pool workers' measured peaks, and what it changes in
 the plan: a long-context model is budgeted for one max-length sequence.
 
@@ -17,15 +17,15 @@ import pytest
 from embedpool.graph.families import model_memory
 from embedpool.models import resolve_model
 from embedpool.pool.machine import Limits
-from embedpool.pool.scaling import (
+from embedpool.pool.memory import (
     ACTIVATION_PER_TOKEN,
     WORKER_BASE_RSS,
     MiB,
     ModelMemory,
     activation_estimate,
-    plan,
     worker_mem_estimate,
 )
+from embedpool.pool.plan import plan
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "families"
 
