@@ -603,7 +603,16 @@ def cache_clear(cache_path: Path | None) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@model_opt
+@click.option("--model", "-m", "models", multiple=True,
+              help="Known name, model directory or hub id; repeat it to serve several models "
+                   "in one memory budget (the first is the default).",
+              show_default="all-MiniLM-L6-v2 (or EMBEDPOOL_MODEL)")
+@click.option("--preload", type=click.Choice(["first", "all", "none"]), default="first",
+              show_default=True, help="Several models: which load at start (all: in order "
+                                      "while they fit); the others load on their first request.")
+@click.option("--keep-alive", type=float, default=300.0, show_default=True,
+              help="Several models: seconds a model stays loaded unused (0 or less: until "
+                   "another model needs its memory).")
 @precision_opt
 @engine_opt
 @device_opt
@@ -634,7 +643,8 @@ def cache_clear(cache_path: Path | None) -> None:
 @click.option("--reranker", default=None,
               help="A cross-encoder served on /v1/rerank, /v2/rerank and /rerank beside the "
                    "embedding model (its own workers, the same options).")
-def serve(host: str, port: int, model: str, precision: str, engine: str, device: str,
+def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_alive: float,
+          precision: str, engine: str, device: str,
           cpu_workers: int | None, long_text: str, workers: str,
           profile: str, max_memory: str | None, api_key: str | None, max_items: int,
           max_request_bytes: str, max_queue_tokens: int, batch_tokens: int | None,
@@ -651,6 +661,11 @@ def serve(host: str, port: int, model: str, precision: str, engine: str, device:
     from embedpool.server import ServerSettings, run_server
 
     w, pool_opts = _pool_args(workers, None, profile, max_memory)
+    model = models[0] if models else env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2"
+    if len(set(models)) < len(models):
+        _fail(f"--model: {', '.join(sorted({m for m in models if models.count(m) > 1}))} "
+              "given more than once", EXIT_USAGE)
+    asked_precision = precision
     try:
         actors = _ray_actors(backend, ray_address, workers, pool_opts)
         resolved = resolve_model(model)
@@ -668,7 +683,8 @@ def serve(host: str, port: int, model: str, precision: str, engine: str, device:
             max_queue_tokens=max_queue_tokens, batch_tokens=batch_tokens,
             max_wait_ms=max_wait_ms, served_model_names=served_model_name,
             request_timeout_s=request_timeout, log_level=log_level,
-            max_batch_items=placement.max_batch_items)
+            max_batch_items=placement.max_batch_items, preload=preload,
+            keep_alive_s=keep_alive, max_memory_bytes=_max_memory(max_memory))
     except (ConfigError, ModelError) as exc:
         _fail(str(exc), EXIT_USAGE)
     # the graphs built now, before the server and any worker start (int8 may become fp32)
@@ -698,8 +714,19 @@ def serve(host: str, port: int, model: str, precision: str, engine: str, device:
                                       workers=w, pool_options=pool_opts, backend=backend,
                                       ray_address=ray_address, actors=actors,
                                       cache_path=cache_path, no_cache=no_cache)
+    from embedpool.cli_models import extra_model_setup
+    from embedpool.server.registry import planned_bytes
+
+    extra = [extra_model_setup(name, device=device, precision=asked_precision, engine=engine,
+                               cpu_workers=cpu_workers, batch_tokens=settings.batch_tokens,
+                               long_text=long_text, workers=w, pool_options=pool_opts,
+                               backend=backend, ray_address=ray_address, actors=actors,
+                               cache_path=cache_path, no_cache=no_cache)
+             for name in models[1:]]
     try:
-        run_server(settings, factory, cache=hook, reranker=rerank_setup)
+        run_server(settings, factory, cache=hook, reranker=rerank_setup, models=extra,
+                   planned_bytes=planned_bytes(resolved, precision, settings.batch_tokens,
+                                               w if isinstance(w, int) else 1))
     except (ConfigError, ModelError) as exc:  # raised while starting: a bad --ray-address
         _fail(str(exc), EXIT_USAGE)
     except EmbedpoolError as exc:

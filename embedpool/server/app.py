@@ -23,7 +23,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -35,7 +35,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedpool.batcher import MicroBatcher, SubmitExecutor
+from embedpool.batcher import SubmitExecutor
 from embedpool.metrics import CONTENT_TYPE, ServerMetrics
 from embedpool.models import ResolvedModel, find_known, resolve_model
 from embedpool.models.crossencoder import refuse_cross_encoder
@@ -59,6 +59,7 @@ from embedpool.server.openai import (
     truncation_headers,
 )
 from embedpool.server.readiness import STARTING, Readiness, SharedProbe, probe_once
+from embedpool.server.registry import ModelRegistry, ModelSetup, ModelSlot
 from embedpool.server.rerank import ROUTES as RERANK_ROUTES
 from embedpool.server.rerank import RerankerSetup, RerankService, register_rerank_routes
 from embedpool.server.service import EmbeddingService, Runtime, VectorCacheHook
@@ -152,25 +153,29 @@ def served_model(settings: ServerSettings, model: ResolvedModel,
 
 
 class _App:
-    """One app's state and its route handlers."""
+    """One app's state and its route handlers. ``settings``, ``model``, ``served``,
+    ``service`` and ``runtime`` are the default (first) model's; ``registry`` holds every
+    served model (``serve --model A --model B``, registry.py)."""
 
-    def __init__(self, settings: ServerSettings, factory: Callable[[], SubmitExecutor],
-                 model: ResolvedModel, cache: VectorCacheHook | None,
+    def __init__(self, settings: ServerSettings, models: Sequence[ModelSetup],
                  reranker: RerankerSetup | None = None) -> None:
         self.settings = settings
-        self.factory = factory
-        self.model = model
-        tokenizer = TextTokenizer.for_model(model)
-        self.served = served_model(settings, model, tokenizer)
-        self.normalize = model.normalize
         self.api_key = settings.resolved_api_key()
-        self.runtime = rt = Runtime()
+        rt = Runtime()  # the default model's, replaced by its slot's below
         self.metrics = ServerMetrics(lambda: rt.batcher.stats() if rt.batcher else None,
                                      lambda: rt.executor.stats() if rt.executor else None)
-        self.service = EmbeddingService(settings, tokenizer, self.served, rt, self.metrics,
-                                        cache)
+        self.registry = ModelRegistry(
+            settings, models, lambda s, m, t: served_model(s, m.model, t), self.metrics)
+        default = self.registry.default
+        default.runtime = rt
+        default.service.runtime = rt
+        self.model: ResolvedModel = default.model
+        self.served: ServedModel = default.served
+        self.service: EmbeddingService = default.service
+        self.runtime: Runtime = rt
+        self.normalize = self.model.normalize
         self.probe = SharedProbe(self._probe, settings.ready_reuse_s)
-        self.probe_input = tokenizer.encode(["ready"])
+        self.probe_input = default.tokenizer.encode(["ready"])
         #: ``serve --reranker``: the rerank routes' model, started and stopped with the app.
         self.reranker = (RerankService(settings, reranker, self.metrics)
                          if reranker is not None else None)
@@ -185,20 +190,8 @@ class _App:
             await self.stop()
 
     async def start(self) -> None:
-        s, rt = self.settings, self.runtime
-        try:
-            # On a worker thread, which on_ray.py relies on (Ray leaves SIGTERM to uvicorn).
-            rt.executor = await run_in_threadpool(self.factory)
-        except Exception as exc:
-            rt.startup_error = exc
-            raise
+        await self.registry.start()  # --preload's models, each on a worker thread
         reinstall_signal_handlers()
-        rt.batcher = MicroBatcher(
-            rt.executor, batch_tokens=s.batch_tokens, max_batch_items=s.max_batch_items,
-            max_wait_s=s.max_wait_ms / 1000, max_queue_tokens=s.max_queue_tokens,
-            max_inflight=s.max_inflight_batches,
-            on_batch=lambda b: self.metrics.batch_tokens.observe(b.padded_tokens),
-            normalize_windows=self.normalize)
         if self.reranker is not None:
             await self.reranker.start()
 
@@ -206,15 +199,15 @@ class _App:
         # uvicorn has already waited for the requests in flight (graceful shutdown).
         if self.reranker is not None:
             await self.reranker.stop()
-        rt = self.runtime
-        batcher, executor = rt.batcher, rt.executor
-        rt.batcher = None
-        if batcher is not None:
-            await run_in_threadpool(batcher.wait_idle, self.settings.graceful_timeout_s)
-            batcher.close()
-        if executor is not None:
-            await run_in_threadpool(executor.close)
-        rt.executor = None
+        await self.registry.stop()
+
+    # ------------------------------------------------------------ models
+    def model_context(self, name: str | None) -> ModelSlot | None:
+        """The served model a request names (None or empty: the default); None if unknown."""
+        return self.registry.default if not name else self.registry.find(name)
+
+    def model_slots(self) -> list[ModelSlot]:
+        return list(self.registry.slots)
 
     # ------------------------------------------------------------ auth
     def require_key(self, credentials: HTTPAuthorizationCredentials | None) -> None:
@@ -232,8 +225,13 @@ class _App:
     async def embeddings(self, request: Request) -> Response:
         s = self.settings
         body = parse_json(await read_body(request, s.max_request_bytes))
-        call = parse_embedding_request(body, self.served, s.max_items_per_request)
-        done = await self.service.embed(call.texts, self.service.options(call))
+        name = body.get("model") if isinstance(body, dict) else None
+        slot = self.model_context(name) if isinstance(name, str) else None
+        if isinstance(name, str) and slot is None:
+            raise self.registry.not_found(name)
+        served, service = (slot.served, slot.service) if slot else (self.served, self.service)
+        call = parse_embedding_request(body, served, s.max_items_per_request)
+        done = await service.embed(call.texts, service.options(call))
         args = (done.vectors, call.encoding_format, call.model, done.tokens, done.truncated)
         content = (render_embeddings(*args) if done.vectors.size <= INLINE_RENDER_VALUES
                    else await run_in_threadpool(render_embeddings, *args))
@@ -241,27 +239,38 @@ class _App:
                         headers=truncation_headers(done.truncated))
 
     async def list_models(self) -> Response:
-        started = self.runtime.started
-        return JSONResponse({"object": "list",
-                             "data": [model_card(n, started) for n in self.served.names]})
+        """Every name of every served model, with its state (loaded, loading, unloaded)."""
+        return JSONResponse({"object": "list", "data": [
+            {**model_card(n, slot.runtime.started), "state": slot.state}
+            for slot in self.registry.slots for n in slot.served.names]})
 
     async def get_model(self, model_id: str) -> Response:
-        if self.served.lookup(model_id) is None:
-            raise self.served.not_found(model_id)
-        return JSONResponse(model_card(model_id, self.runtime.started))
+        slot = self.registry.find(model_id)
+        if slot is None:
+            raise self.registry.not_found(model_id)
+        return JSONResponse({**model_card(model_id, slot.runtime.started),
+                             "state": slot.state})
 
     async def health(self) -> Response:
-        """Liveness: 200 unless the pool is broken, the batcher died or the pool is hung."""
-        batcher = self.runtime.batcher
-        if batcher is None:
+        """Liveness: 200 unless a loaded model's pool is broken, its batcher died or its
+        pool is hung (a model unloaded for idleness is not a fault)."""
+        if not self.registry.started:
             return JSONResponse({"status": "starting"}, status_code=503)
-        problem = batcher.health()
-        if problem is not None:
-            return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
+        for slot in self.registry.slots:
+            batcher = slot.runtime.batcher
+            problem = batcher.health() if batcher is not None else None
+            if problem is not None:
+                if len(self.registry.slots) > 1:
+                    problem = f"{slot.name}: {problem}"
+                return JSONResponse({"status": "unhealthy", "reason": problem},
+                                    status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def ready(self) -> Response:
         """Readiness: one real tiny embedding through the pool, shared by concurrent callers."""
+        if self.registry.started and self.runtime.batcher is None:
+            # several models: the default one unloaded for idleness loads on demand
+            return JSONResponse({"status": "ready", "model": self.registry.default.state})
         answer = STARTING if self.runtime.batcher is None else await self.probe.check()
         return JSONResponse(answer.body, status_code=answer.status)
 
@@ -304,13 +313,20 @@ def create_app(settings: ServerSettings,
                executor_factory: Callable[[], SubmitExecutor] | None = None, *,
                model: ResolvedModel | None = None,
                cache: VectorCacheHook | None = None,
-               reranker: RerankerSetup | None = None) -> FastAPI:
+               reranker: RerankerSetup | None = None,
+               models: Sequence[ModelSetup] = (),
+               planned_bytes: int | None = None) -> FastAPI:
     """Build the app. The executor is created by the lifespan (on startup), not here.
-    ``reranker``: a cross-encoder served on the rerank routes (server/rerank.py)."""
+    ``reranker``: a cross-encoder served on the rerank routes (server/rerank.py).
+    ``models``: more embedding models beside the default one (registry.py);
+    ``planned_bytes``: the default model's planned memory (None: one worker's estimate)."""
     resolved = model if model is not None else resolve_model(settings.model)
     refuse_cross_encoder(resolved)
+    for extra in models:
+        refuse_cross_encoder(extra.model)
     factory = executor_factory or default_executor_factory(resolved, settings.precision)
-    a = _App(settings, factory, resolved, cache, reranker)
+    a = _App(settings, [ModelSetup(resolved, factory, cache, planned_bytes), *models],
+             reranker)
     app = FastAPI(title="embedpool", version="0.1.0", lifespan=a.lifespan,
                   description="OpenAI-compatible embeddings on a local worker pool.")
     app.add_middleware(_MetricsMiddleware, metrics=a.metrics)
@@ -350,6 +366,7 @@ def create_app(settings: ServerSettings,
         register_rerank_routes(app, a.reranker, settings, auth)
     app.state.metrics = a.metrics  # for tests
     app.state.runtime = a.runtime
+    app.state.registry = a.registry
     app.state.rerank_startup_error = lambda: (a.reranker.runtime.startup_error
                                               if a.reranker is not None else None)
     return app
@@ -358,13 +375,16 @@ def create_app(settings: ServerSettings,
 def run_server(settings: ServerSettings,
                executor_factory: Callable[[], SubmitExecutor] | None = None, *,
                cache: VectorCacheHook | None = None,
-               reranker: RerankerSetup | None = None) -> None:
+               reranker: RerankerSetup | None = None,
+               models: Sequence[ModelSetup] = (),
+               planned_bytes: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn drains requests in flight, then the lifespan closes
     the pool. If the executor cannot be built, its error is raised here (uvicorn only logs
     it), so that the command line can exit with its code."""
     import uvicorn
 
-    app = create_app(settings, executor_factory, cache=cache, reranker=reranker)
+    app = create_app(settings, executor_factory, cache=cache, reranker=reranker,
+                     models=models, planned_bytes=planned_bytes)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
                             log_level=settings.log_level,
                             timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s))

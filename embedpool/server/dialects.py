@@ -46,14 +46,39 @@ _paths: dict[str, str] = {}
 _prefixes: list[tuple[str, str]] = []
 
 
-class ServerContext(Protocol):
-    """What a dialect's routes need of the app (``app._App`` has it)."""
+class ModelContext(Protocol):
+    """One served model, as a dialect's routes use it (``registry.ModelSlot`` has it)."""
 
     settings: ServerSettings
     model: ResolvedModel
     served: ServedModel
     service: EmbeddingService
     runtime: Runtime
+
+    @property
+    def state(self) -> str:
+        """"loaded", "loading", "unloaded" or "unloading" (registry.py)."""
+        ...
+
+
+class ServerContext(Protocol):
+    """What a dialect's routes need of the app (``app._App`` has it): the default model's
+    parts, and every served model (``serve --model A --model B``) by the name a request
+    gives."""
+
+    settings: ServerSettings
+    model: ResolvedModel
+    served: ServedModel
+    service: EmbeddingService
+    runtime: Runtime
+
+    def model_context(self, name: str | None) -> ModelContext | None:
+        """The model a request names (None or empty: the default); None if not served."""
+        ...
+
+    def model_slots(self) -> Sequence[ModelContext]:
+        """Every served model, the default first."""
+        ...
 
 
 def register_dialect(name: str, renderer: ErrorRenderer, *, paths: tuple[str, ...] = (),

@@ -35,7 +35,6 @@ import re
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from functools import cached_property
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -43,6 +42,7 @@ from fastapi.responses import JSONResponse, Response
 
 import embedpool
 from embedpool.server.dialects import (
+    ModelContext,
     ModelFacts,
     ServerContext,
     check_text,
@@ -131,10 +131,15 @@ class OllamaRoutes:
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
+        self._facts: dict[str, ModelFacts] = {}
 
-    @cached_property
-    def facts(self) -> ModelFacts:
-        return model_facts(self.ctx.model, self.ctx.settings.precision)
+    def facts(self, model: ModelContext | None = None) -> ModelFacts:
+        """A served model's facts (the default's), read once."""
+        m = model if model is not None else self.ctx
+        key = m.served.names[0]
+        if key not in self._facts:
+            self._facts[key] = model_facts(m.model, m.settings.precision)
+        return self._facts[key]
 
     # ------------------------------------------------------------ parsing
     async def _body(self, request: Request) -> dict[str, Any]:
@@ -150,17 +155,24 @@ class OllamaRoutes:
         keep_alive_s(body.get("keep_alive"))  # checked as Ollama checks it
         return body
 
-    def _model(self, body: dict[str, Any], field: str = "model") -> str:
-        """The model name as the request gave it (echoed back); 404 if not served."""
+    def _model(self, body: dict[str, Any], field: str = "model") -> tuple[str, ModelContext]:
+        """The model name as the request gave it (echoed back) and the served model it
+        names (none: the default); 404 if not served."""
         name = body.get(field)
         if name is None or name == "":
-            return self.ctx.served.names[0]
+            return self.ctx.served.names[0], self._default()
         if not isinstance(name, str):
             raise _bad(f"'{field}' must be a string, got {type_name(name)}")
-        if self.ctx.served.lookup(_canonical(name)) is None:
+        found = self.ctx.model_context(_canonical(name))
+        if found is None:
             raise ApiError(404, f"model '{name}' not found", param="model",
                            code="model_not_found")
-        return name
+        return name, found
+
+    def _default(self) -> ModelContext:
+        found = self.ctx.model_context(None)
+        assert found is not None
+        return found
 
     def _texts(self, value: Any) -> list[str]:
         if value is None:
@@ -182,9 +194,10 @@ class OllamaRoutes:
         check_text(value, "input")
         return list(value)
 
-    def _check_lengths(self, texts: Sequence[str], prompt: str) -> None:
+    @staticmethod
+    def _check_lengths(ctx: ModelContext, texts: Sequence[str], prompt: str) -> None:
         """truncate=false: 400 for an input longer than the model's window (Ollama's rule)."""
-        tokenizer = self.ctx.service.tokenizer
+        tokenizer = ctx.service.tokenizer
         for i, n in enumerate(tokenizer.count(texts, prompt=prompt)):
             if n > tokenizer.max_length:
                 raise _bad(f"{TOO_LONG}: input[{i}] is {n} tokens, the model's context length "
@@ -194,7 +207,7 @@ class OllamaRoutes:
     async def embed(self, request: Request) -> Response:
         start = time.perf_counter_ns()
         body = await self._body(request)
-        model = self._model(body)
+        model, ctx = self._model(body)
         texts = self._texts(body.get("input"))
         truncate = body.get("truncate")
         if truncate is not None and not isinstance(truncate, bool):
@@ -202,15 +215,15 @@ class OllamaRoutes:
         dims = body.get("dimensions")
         if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
             raise _bad(f"'dimensions' must be an integer, got {type_name(dims)}")
-        service = self.ctx.service
+        service = ctx.service
         opts = service.options(EmbeddingCall([], model, "float", dimensions=dims or None))
         loaded = time.perf_counter_ns()
         if not texts:
             return JSONResponse({"model": model, "embeddings": []})
         if truncate is False:
-            self._check_lengths(texts, opts.prompt)
+            self._check_lengths(ctx, texts, opts.prompt)
         done = await service.embed(texts, opts)
-        vectors = done.vectors if self.ctx.model.normalize else l2_normalize(done.vectors)
+        vectors = done.vectors if ctx.model.normalize else l2_normalize(done.vectors)
         answer = {"model": model, "embeddings": vectors.tolist(),
                   "total_duration": time.perf_counter_ns() - start,
                   "load_duration": loaded - start, "prompt_eval_count": done.tokens}
@@ -219,51 +232,54 @@ class OllamaRoutes:
 
     async def embeddings(self, request: Request) -> Response:
         body = await self._body(request)
-        model = self._model(body)
+        model, ctx = self._model(body)
         prompt = body.get("prompt")
         if prompt is not None and not isinstance(prompt, str):
             raise _bad(f"'prompt' must be a string, got {type_name(prompt)}")
         if not prompt:
             return JSONResponse({"embedding": []})
         check_text([prompt], "prompt", single=True)
-        service = self.ctx.service
+        service = ctx.service
         done = await service.embed([prompt], service.options(
             EmbeddingCall([], model, "float")))
         return await json_body({"embedding": done.vectors[0].tolist()}, done.vectors.size,
                                headers=truncation_headers(done.truncated))
 
     # ------------------------------------------------------------ models
-    def _details(self) -> dict[str, Any]:
-        f = self.facts
+    def _details(self, m: ModelContext) -> dict[str, Any]:
+        f = self.facts(m)
         return {"parent_model": "", "format": "onnx", "family": f.family,
                 "families": [f.family], "parameter_size": parameter_size(f.parameters),
                 "quantization_level": f.dtype.upper()}
 
-    def _listing(self) -> dict[str, Any]:
-        name = self.ctx.served.names[0] + DEFAULT_TAG
-        f = self.facts
+    def _listing(self, m: ModelContext) -> dict[str, Any]:
+        name = m.served.names[0] + DEFAULT_TAG
+        f = self.facts(m)
         return {"name": name, "model": name, "size": f.size_bytes,
-                "digest": f.digest, "details": self._details()}
+                "digest": f.digest, "details": self._details(m), "state": m.state}
 
-    def _started(self) -> str:
-        return datetime.fromtimestamp(self.ctx.runtime.started, UTC).isoformat()
+    @staticmethod
+    def _started(m: ModelContext) -> str:
+        return datetime.fromtimestamp(m.runtime.started, UTC).isoformat()
 
     async def tags(self) -> Response:
-        return JSONResponse({"models": [{**self._listing(), "modified_at": self._started()}]})
+        return JSONResponse({"models": [{**self._listing(m), "modified_at": self._started(m)}
+                                        for m in self.ctx.model_slots()]})
 
     async def ps(self) -> Response:
-        # Loaded for as long as the server runs: Ollama's "expires" is then far away.
-        loaded = self.ctx.runtime.batcher is not None
-        models = [{**self._listing(), "expires_at": "9999-12-31T23:59:59Z",
-                   "size_vram": 0, "context_length": self.facts.max_length}] if loaded else []
+        # The loaded (and loading) models. "expires_at" stays far away: serve --keep-alive,
+        # not the request's keep_alive, decides when one is unloaded.
+        models = [{**self._listing(m), "expires_at": "9999-12-31T23:59:59Z",
+                   "size_vram": 0, "context_length": self.facts(m).max_length}
+                  for m in self.ctx.model_slots() if m.state in ("loaded", "loading")]
         return JSONResponse({"models": models})
 
     async def show(self, request: Request) -> Response:
         body = await self._body(request)
         if not body.get("model") and not body.get("name"):
             raise _bad("model is required")
-        self._model(body, "model" if body.get("model") else "name")
-        f = self.facts
+        _, m = self._model(body, "model" if body.get("model") else "name")
+        f = self.facts(m)
         info: dict[str, Any] = {
             "general.architecture": f.family, "general.basename": f.name,
             f"{f.family}.embedding_length": f.dim, f"{f.family}.context_length": f.max_length,
@@ -271,8 +287,8 @@ class OllamaRoutes:
         if f.parameters is not None:
             info["general.parameter_count"] = f.parameters
         return JSONResponse({"license": "", "modelfile": "", "parameters": "",
-                             "template": "", "details": self._details(), "model_info": info,
-                             "capabilities": ["embedding"], "modified_at": self._started()})
+                             "template": "", "details": self._details(m), "model_info": info,
+                             "capabilities": ["embedding"], "modified_at": self._started(m)})
 
     async def version(self) -> Response:
         return JSONResponse({"version": OLLAMA_API_VERSION,

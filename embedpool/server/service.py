@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from fastapi.concurrency import run_in_threadpool
@@ -85,6 +87,9 @@ class EmbeddingService:
         self.runtime = runtime
         self.metrics = metrics
         self.cache = cache
+        #: What every embedding runs inside (registry.ModelRegistry.use: the model loaded and
+        #: counted in flight); None: the runtime as it is.
+        self.guard: Callable[[], AbstractAsyncContextManager[None]] | None = None
 
     def options(self, call: EmbeddingCall | None = None) -> CallOptions:
         """The request's prompt and dimensions checked against the model (None: the model's
@@ -110,6 +115,12 @@ class EmbeddingService:
                        prompt=prompt, cache=self.cache, tokenize_all=True)
 
     async def embed(self, texts: list[str], options: CallOptions | None = None) -> Embedded:
+        if self.guard is None:
+            return await self._embed(texts, options)
+        async with self.guard():
+            return await self._embed(texts, options)
+
+    async def _embed(self, texts: list[str], options: CallOptions | None) -> Embedded:
         opts = options if options is not None else self.options()
         batcher = self.runtime.running_batcher()
         chars = sum(len(t) for t in texts)

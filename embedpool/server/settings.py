@@ -19,6 +19,8 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 #: the pool's hundreds of batches per second, nothing), while a load balancer polling every
 #: few seconds still sees every change.
 DEFAULT_READY_REUSE_S = 1.0
+#: ``serve --keep-alive``: Ollama's default, 5 minutes.
+DEFAULT_KEEP_ALIVE_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,15 @@ class ServerSettings:
     #: SIGTERM: how long uvicorn waits for requests in flight before closing connections.
     graceful_timeout_s: float = 30.0
     log_level: str = "info"
+    #: Several models (``serve --model A --model B``): which load when the server starts
+    #: ("first": the default model; "all": in order while they fit; "none": each on its first
+    #: request), and how long one stays loaded unused (<= 0: until room is needed).
+    preload: str = "first"
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
+    #: Bytes all models may use together; None: the planner's available memory at start
+    #: (under ``max_memory_bytes``, ``--max-memory``). Only held to with several models.
+    model_memory_bytes: int | None = None
+    max_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,6 +77,9 @@ class ServerSettings:
             (self.ready_timeout_s > 0, "ready_timeout_s", self.ready_timeout_s),
             (self.ready_reuse_s >= 0, "ready_reuse_s", self.ready_reuse_s),
             (self.graceful_timeout_s >= 0, "graceful_timeout_s", self.graceful_timeout_s),
+            (self.preload in ("all", "first", "none"), "preload", self.preload),
+            (self.model_memory_bytes is None or self.model_memory_bytes >= 1,
+             "model_memory_bytes", self.model_memory_bytes),
         ]
         for ok, name, value in checks:
             if not ok:

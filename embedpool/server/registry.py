@@ -1,0 +1,410 @@
+"""Several embedding models in one server and one memory budget (``serve --model A --model
+B``): which models are loaded, loading one on its first request, unloading idle ones.
+
+Two parts, kept apart:
+
+* :func:`plan_load`, the pure policy: given the loaded models (their planned bytes, requests
+  in flight, last use), the bytes the models may use and the new model's planned bytes, it
+  answers *load now*, *unload these least recently used idle models first*, *wait for a busy
+  one*, or *refuse* (the model cannot fit even alone). Table-tested in
+  tests/server/test_multi_model.py.
+* :class:`ModelRegistry`, the plumbing on the event loop: one :class:`ModelSlot` a model
+  (its tokenizer, names, executor factory and runtime; its embedding service, whose every
+  call goes through :meth:`ModelRegistry.use`), loads serialised by one lock, requests for a
+  loading model waiting on that load (bounded by ``request_timeout_s``, never dropped), a
+  model with requests in flight never unloaded, and a reaper that unloads a model idle for
+  ``keep_alive_s``.
+
+The budget is the planner's figure (``graph.prebuild.available_memory``: the memory
+cgroup's limit minus its use, MemAvailable, under ``--max-memory``) read once when the server
+starts, before any model is loaded, or ``ServerSettings.model_memory_bytes`` when set. A
+model's planned bytes are the pool's own estimate of one worker
+(``pool.memory.worker_mem_estimate`` of ``graph.families.model_memory``) times the workers it
+starts with: the pool grows only while its readings allow, so the plan covers what a load
+costs, and the pool's own limits keep the rest. Planned figures, not live readings, decide:
+memory a stopped pool freed shows up late in the readings, and the next load must not wait
+for it.
+
+Keep-alive applies when the server serves more than one model: a single model has nothing to
+make room for, so it stays loaded (as before). ``keep_alive_s <= 0``: never unloaded for
+idleness (only to make room).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from embedpool.batcher import MicroBatcher, SubmitExecutor
+from embedpool.config import format_bytes
+from embedpool.errors import ConfigError
+from embedpool.metrics import ServerMetrics
+from embedpool.models import ResolvedModel
+from embedpool.prepare import VectorCacheHook
+from embedpool.server.openai import ApiError, ServedModel
+from embedpool.server.service import EmbeddingService, Runtime
+from embedpool.server.settings import ServerSettings
+from embedpool.tokenization import TextTokenizer
+from embedpool.types import Precision
+
+State = Literal["loaded", "loading", "unloaded", "unloading"]
+Preload = Literal["all", "first", "none"]
+
+#: How often the reaper looks for models idle past their keep-alive (at most; a shorter
+#: keep-alive looks 4 times per keep-alive).
+REAP_INTERVAL_S = 5.0
+
+
+# ----------------------------------------------------------------------------- the policy
+@dataclass(frozen=True)
+class Resident:
+    """A loaded (or loading) model, as the policy sees it."""
+
+    name: str
+    planned_bytes: int
+    inflight: int  # requests using it now (a loading model counts as busy)
+    last_used: float
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """What to do to load a model: ``load`` now; ``unload`` the named idle models first (least
+    recently used first), then plan again; ``wait`` for a busy model to finish; ``refuse``:
+    it needs more than the whole budget."""
+
+    action: Literal["load", "unload", "wait", "refuse"]
+    needed: int
+    available: int
+    unload: tuple[str, ...] = ()
+
+
+def plan_load(resident: Sequence[Resident], budget: int, needed: int) -> LoadPlan:
+    """The decision for loading a model of ``needed`` planned bytes beside ``resident`` under
+    ``budget`` bytes for all models (see :class:`LoadPlan`). Idle models go least recently
+    used first, and only as many as make room; a busy model is never chosen."""
+    if needed > budget:
+        return LoadPlan("refuse", needed, budget)
+    free = budget - sum(r.planned_bytes for r in resident)
+    if needed <= free:
+        return LoadPlan("load", needed, free)
+    chosen: list[str] = []
+    room = free
+    for r in sorted((r for r in resident if r.inflight == 0), key=lambda r: r.last_used):
+        if room >= needed:
+            break
+        chosen.append(r.name)
+        room += r.planned_bytes
+    if room >= needed:
+        return LoadPlan("unload", needed, free, tuple(chosen))
+    return LoadPlan("wait", needed, free)
+
+
+def idle_expired(resident: Iterable[Resident], now: float, keep_alive_s: float) -> list[str]:
+    """The models idle (nothing in flight) for at least ``keep_alive_s``; none when
+    ``keep_alive_s <= 0`` (never unloaded for idleness)."""
+    if keep_alive_s <= 0:
+        return []
+    return [r.name for r in resident if r.inflight == 0 and now - r.last_used >= keep_alive_s]
+
+
+def planned_bytes(model: ResolvedModel, precision: str, batch_tokens: int,
+                  workers: int = 1) -> int:
+    """A model's planned memory: the pool's estimate of one worker's peak, times ``workers``."""
+    from embedpool.graph.families import model_memory
+    from embedpool.pool.memory import worker_mem_estimate
+
+    memory = model_memory(model, precision)
+    return max(1, workers) * worker_mem_estimate(precision, batch_tokens,  # type: ignore[arg-type]
+                                                 memory)
+
+
+# ----------------------------------------------------------------------------- the plumbing
+@dataclass(frozen=True)
+class ModelSetup:
+    """One model the server serves: the model, how to start its executor, its vector cache,
+    its planned bytes (None: :func:`planned_bytes` of one worker), the names clients may use
+    besides its own."""
+
+    model: ResolvedModel
+    factory: Callable[[], SubmitExecutor]
+    cache: VectorCacheHook | None = None
+    planned_bytes: int | None = None
+    aliases: tuple[str, ...] = ()
+    #: The precision its placement chose (None: the server's).
+    precision: Precision | None = None
+
+
+class ModelSlot:
+    """One served model: what the dialects' routes need of it (``dialects.ModelContext``) and
+    its load state. Its service's every embedding passes through the registry's ``use``."""
+
+    def __init__(self, registry: ModelRegistry, settings: ServerSettings, setup: ModelSetup,
+                 served: ServedModel, tokenizer: TextTokenizer,
+                 metrics: ServerMetrics) -> None:
+        self.settings = settings
+        self.setup = setup
+        self.model = setup.model
+        self.served = served
+        self.name = served.names[0]
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.runtime = Runtime()
+        self.service = EmbeddingService(settings, tokenizer, served, self.runtime, metrics,
+                                        setup.cache)
+        self.service.guard = lambda: registry.use(self)
+        self.planned = (setup.planned_bytes if setup.planned_bytes is not None else
+                        planned_bytes(setup.model, settings.precision, settings.batch_tokens))
+        self.state: State = "unloaded"
+        self.inflight = 0
+        self.last_used = time.monotonic()
+        self.loaded_at: float | None = None
+        self.loading: asyncio.Task[None] | None = None
+
+    def resident(self) -> Resident:
+        busy = self.inflight + (1 if self.state in ("loading", "unloading") else 0)
+        return Resident(self.name, self.planned, busy, self.last_used)
+
+    async def start(self) -> None:
+        s, rt = self.settings, self.runtime
+        try:
+            # On a worker thread, which on_ray.py relies on (Ray leaves SIGTERM to uvicorn).
+            rt.executor = await run_in_threadpool(self.setup.factory)
+        except Exception as exc:
+            rt.startup_error = exc
+            raise
+        rt.batcher = MicroBatcher(
+            rt.executor, batch_tokens=s.batch_tokens, max_batch_items=s.max_batch_items,
+            max_wait_s=s.max_wait_ms / 1000, max_queue_tokens=s.max_queue_tokens,
+            max_inflight=s.max_inflight_batches,
+            on_batch=lambda b: self.metrics.batch_tokens.observe(b.padded_tokens),
+            normalize_windows=self.model.normalize)
+        rt.started = time.time()
+        self.loaded_at = time.monotonic()
+
+    async def stop(self) -> None:
+        rt = self.runtime
+        batcher, executor = rt.batcher, rt.executor
+        rt.batcher = None
+        if batcher is not None:
+            await run_in_threadpool(batcher.wait_idle, self.settings.graceful_timeout_s)
+            batcher.close()
+        if executor is not None:
+            await run_in_threadpool(executor.close)
+        rt.executor = None
+
+
+class ModelRegistry:
+    """The served models (the first is the default), their loads and unloads."""
+
+    def __init__(self, settings: ServerSettings, setups: Sequence[ModelSetup],
+                 served: Callable[[ServerSettings, ModelSetup, TextTokenizer], ServedModel],
+                 metrics: ServerMetrics) -> None:
+        if not setups:
+            raise ValueError("a server serves at least one model")
+        self.settings = settings
+        self.slots: list[ModelSlot] = []
+        for i, setup in enumerate(setups):
+            tokenizer = TextTokenizer.for_model(setup.model)
+            # only the first model answers to --model's spelling and --served-model-name
+            own = settings if i == 0 else dataclasses.replace(
+                settings, model=setup.model.name, served_model_names=setup.aliases)
+            mine = (settings if setup.precision is None else
+                    dataclasses.replace(settings, precision=setup.precision))
+            self.slots.append(ModelSlot(self, mine, setup, served(own, setup, tokenizer),
+                                        tokenizer, metrics))
+        for i, slot in enumerate(self.slots):
+            for other in self.slots[:i]:
+                if other.served.lookup(slot.name) is not None:
+                    raise ConfigError(f"two models are both named {slot.name!r} "
+                                      f"({other.model.directory} and {slot.model.directory}): "
+                                      "each model served needs its own name")
+        self.default = self.slots[0]
+        #: Bytes for all models; one model alone is never held to it (nothing to make room
+        #: for: it loads as a single-model server always did).
+        self.budget = settings.model_memory_bytes or sys.maxsize
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._reaper: asyncio.Task[None] | None = None
+        #: True between start (its preloads done) and stop.
+        self.started = False
+        metrics.registry.register(_LoadedCollector(self))
+
+    # ------------------------------------------------------------ names
+    def find(self, name: str) -> ModelSlot | None:
+        """The slot serving ``name`` (its names, exact then case-insensitive)."""
+        for slot in self.slots:
+            if slot.served.lookup(name) is not None:
+                return slot
+        return None
+
+    def all_names(self) -> list[str]:
+        return [n for slot in self.slots for n in slot.served.names]
+
+    def not_found(self, name: str) -> ApiError:
+        return ApiError(404, f"The model '{name}' does not exist on this server. Served "
+                        f"models: {', '.join(self.all_names())}.", param="model",
+                        code="model_not_found")
+
+    # ------------------------------------------------------------ lifespan
+    async def start(self) -> None:
+        if self.settings.model_memory_bytes is None and len(self.slots) > 1:
+            from embedpool.graph.prebuild import available_memory
+
+            self.budget = await run_in_threadpool(available_memory,
+                                                  self.settings.max_memory_bytes)
+        preload = self.settings.preload
+        chosen = (self.slots if preload == "all" else
+                  self.slots[:1] if preload == "first" else [])
+        for slot in chosen:
+            if plan_load([s.resident() for s in self.loaded()], self.budget,
+                         slot.planned).action != "load":
+                continue  # preload fills the budget in order; the rest load on demand
+            await self._load(slot)
+        if len(self.slots) > 1 and self.settings.keep_alive_s > 0:
+            self._reaper = asyncio.create_task(self._reap_loop())
+        self.started = True
+
+    async def stop(self) -> None:
+        self.started = False
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        for slot in self.slots:
+            if slot.loading is not None:
+                with suppress(Exception):  # a failed load leaves nothing to stop
+                    await slot.loading
+            await slot.stop()
+            slot.state = "unloaded"
+
+    def loaded(self) -> list[ModelSlot]:
+        return [s for s in self.slots if s.state != "unloaded"]
+
+    # ------------------------------------------------------------ use
+    @asynccontextmanager
+    async def use(self, slot: ModelSlot) -> AsyncIterator[None]:
+        """``slot`` loaded (waiting for its load, loading it) and counted in flight while the
+        block runs: never unloaded under a request."""
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while slot.state != "loaded":
+            if slot.loading is None:
+                slot.loading = asyncio.create_task(self._load(slot))
+                # its error reaches every waiter; this keeps a load nobody awaits quiet
+                slot.loading.add_done_callback(lambda t: t.cancelled() or t.exception())
+            task = slot.loading
+            try:
+                await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise ApiError(503, f"the model {slot.name} did not load within "
+                               f"{self.settings.request_timeout_s:g} s", type="server_error",
+                               code="timeout", headers={"Retry-After": "5"}) from None
+        slot.inflight += 1
+        slot.last_used = time.monotonic()
+        try:
+            yield
+        finally:
+            slot.inflight -= 1
+            slot.last_used = time.monotonic()
+            self._changed.set()
+
+    async def _load(self, slot: ModelSlot) -> None:
+        """Make room by the policy, then start ``slot``'s executor (one load at a time)."""
+        try:
+            async with self._lock:
+                deadline = time.monotonic() + self.settings.request_timeout_s
+                slot.state = "loading"
+                while True:
+                    self._changed.clear()
+                    others = [s.resident() for s in self.loaded() if s is not slot]
+                    plan = plan_load(others, self.budget, slot.planned)
+                    if plan.action == "load":
+                        await slot.start()
+                        slot.state = "loaded"
+                        slot.last_used = time.monotonic()
+                        return
+                    if plan.action == "refuse":
+                        raise ApiError(
+                            503, f"the model {slot.name} needs {format_bytes(plan.needed)} of "
+                            f"memory (the pool's plan) and only {format_bytes(plan.available)} "
+                            "is available to models here: raise the memory limit or serve a "
+                            "smaller model", type="server_error", code="model_too_large")
+                    if plan.action == "unload":
+                        for name in plan.unload:
+                            await self._unload(self._slot(name))
+                        continue
+                    left = deadline - time.monotonic()
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), max(0.0, left))
+                    except TimeoutError:
+                        raise ApiError(
+                            503, f"the model {slot.name} needs {format_bytes(plan.needed)} and "
+                            f"{format_bytes(plan.available)} is free beside models busy with "
+                            f"requests for {self.settings.request_timeout_s:g} s",
+                            type="server_error", code="model_busy",
+                            headers={"Retry-After": "5"}) from None
+        except BaseException:
+            if slot.state == "loading":
+                slot.state = "unloaded"
+            raise
+        finally:
+            slot.loading = None
+            self._changed.set()
+
+    def _slot(self, name: str) -> ModelSlot:
+        return next(s for s in self.slots if s.name == name)
+
+    async def _unload(self, slot: ModelSlot) -> None:
+        """Stop an idle model (the caller checked it idle with no await since)."""
+        assert slot.inflight == 0
+        slot.state = "unloading"
+        try:
+            await slot.stop()
+        finally:
+            slot.state = "unloaded"
+            slot.loaded_at = None
+            self._changed.set()
+
+    async def reap(self) -> list[str]:
+        """Unload the models idle past keep-alive (skipped while a load holds the lock)."""
+        if self._lock.locked():
+            return []
+        async with self._lock:
+            names = idle_expired([s.resident() for s in self.slots if s.state == "loaded"],
+                                 time.monotonic(), self.settings.keep_alive_s)
+            for name in names:
+                slot = self._slot(name)
+                if slot.state == "loaded" and slot.inflight == 0:
+                    await self._unload(slot)
+            return names
+
+    async def _reap_loop(self) -> None:
+        interval = min(REAP_INTERVAL_S, self.settings.keep_alive_s / 4)
+        while True:
+            await asyncio.sleep(interval)  # a timer, not synchronisation
+            await self.reap()
+
+
+class _LoadedCollector(Collector):
+    """``embedpool_model_loaded{model, state}``: 1 for a loaded model, at scrape time."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        gauge = GaugeMetricFamily("embedpool_model_loaded",
+                                  "1 when the model is loaded (state: loaded, loading, "
+                                  "unloaded, unloading)", labels=["model", "state"])
+        for slot in self.registry.slots:
+            gauge.add_metric([slot.name, slot.state], 1.0 if slot.state == "loaded" else 0.0)
+        yield gauge

@@ -1,0 +1,239 @@
+"""Several models in one server and one memory budget (``serve --model A --model B``,
+server/registry.py): the load policy's table; a real server on 127.0.0.1 with three real
+models (the default model and two family fixtures) where requests alternate among them under a
+budget that holds two, each model's vectors equal to its own single-model server's; unload
+after keep-alive; a model that can never fit answered 503 naming its memory; a busy model never
+unloaded (the load waits for it)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from polling import wait_until
+from server_support import GatedEngine, LiveServer
+
+from embedpool.batcher import SubmitExecutor
+from embedpool.executor import InProcessExecutor
+from embedpool.models import ResolvedModel, resolve_model
+from embedpool.placement import executor_factory, place
+from embedpool.server.registry import LoadPlan, ModelSetup, Resident, idle_expired, plan_load
+from embedpool.testing import FakeEngineSpec
+
+FAMILIES = Path(__file__).parent.parent / "fixtures" / "families"
+TEXTS = ["def add(a, b): return a + b", "the quick brown fox", "SELECT * FROM t"]
+DEADLINE_S = 60.0
+
+
+# ----------------------------------------------------------------------------- the policy
+def _r(name: str, planned: int, inflight: int = 0, last_used: float = 0.0) -> Resident:
+    return Resident(name, planned, inflight, last_used)
+
+
+POLICY_TABLE: list[tuple[str, list[Resident], int, int, LoadPlan]] = [
+    ("empty, fits", [], 100, 60, LoadPlan("load", 60, 100)),
+    ("fits beside", [_r("a", 30)], 100, 60, LoadPlan("load", 60, 70)),
+    ("exactly fits", [_r("a", 40)], 100, 60, LoadPlan("load", 60, 60)),
+    ("never fits, even alone", [], 100, 101, LoadPlan("refuse", 101, 100)),
+    ("never fits, others loaded", [_r("a", 50, inflight=2)], 100, 150,
+     LoadPlan("refuse", 150, 100)),
+    ("the least recently used idle one goes",
+     [_r("a", 50, last_used=2.0), _r("b", 50, last_used=1.0)], 100, 50,
+     LoadPlan("unload", 50, 0, ("b",))),
+    ("only as many as make room, oldest first",
+     [_r("a", 30, last_used=3.0), _r("b", 30, last_used=1.0), _r("c", 30, last_used=2.0)],
+     100, 50, LoadPlan("unload", 50, 10, ("b", "c"))),
+    ("a busy one is skipped even when oldest",
+     [_r("a", 50, inflight=1, last_used=0.0), _r("b", 50, last_used=5.0)], 100, 50,
+     LoadPlan("unload", 50, 0, ("b",))),
+    ("idle ones are not enough: wait for the busy",
+     [_r("a", 60, inflight=1), _r("b", 30)], 100, 50, LoadPlan("wait", 50, 10)),
+    ("all busy: wait", [_r("a", 50, inflight=1), _r("b", 50, inflight=3)], 100, 10,
+     LoadPlan("wait", 10, 0)),
+]
+
+
+@pytest.mark.parametrize(("resident", "budget", "needed", "plan"),
+                         [row[1:] for row in POLICY_TABLE], ids=[row[0] for row in POLICY_TABLE])
+def test_plan_load(resident: list[Resident], budget: int, needed: int, plan: LoadPlan) -> None:
+    assert plan_load(resident, budget, needed) == plan
+
+
+def test_idle_expired() -> None:
+    models = [_r("old", 1, last_used=0.0), _r("busy", 1, inflight=1, last_used=0.0),
+              _r("fresh", 1, last_used=9.5)]
+    assert idle_expired(models, now=10.0, keep_alive_s=5.0) == ["old"]
+    assert idle_expired(models, now=10.0, keep_alive_s=0.0) == []  # never for idleness
+    assert idle_expired(models, now=10.0, keep_alive_s=-1.0) == []
+
+
+# ----------------------------------------------------------------------------- servers
+@pytest.fixture(scope="module")
+def three(real_model: ResolvedModel) -> list[ResolvedModel]:
+    """The default model and two embedding fixtures of other families, each under its own
+    name (both fixtures' directories are named "model")."""
+    return [real_model, *(replace(resolve_model(FAMILIES / f / "model"), name=f"{f}-tiny")
+                          for f in ("modernbert", "xlmr"))]
+
+
+def engine(model: ResolvedModel) -> Callable[[], SubmitExecutor]:
+    """The real engine in this process, fp32."""
+    return executor_factory(model, place(model, device="cpu", precision="fp32"), workers=None)
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., LiveServer]]:
+    """``start(first, factory, *extra_setups, **settings)``: a server; all stop at teardown."""
+    from embedpool.server import ServerSettings, create_app
+
+    started: list[LiveServer] = []
+
+    def run(first: ResolvedModel, factory: Callable[[], SubmitExecutor], *extra: ModelSetup,
+            planned_bytes: int | None = None, **overrides: Any) -> LiveServer:
+        settings = replace(ServerSettings(api_key="", precision="fp32"), **overrides)
+        live = LiveServer.start(create_app(settings, factory, model=first, models=extra,
+                                           planned_bytes=planned_bytes))
+        started.append(live)
+        return live
+
+    yield run
+    for live in started:
+        live.stop()
+
+
+def embed(live: LiveServer, model: str | None) -> np.ndarray:
+    body: dict[str, Any] = {"input": TEXTS}
+    if model is not None:
+        body["model"] = model
+    r = httpx.post(f"{live.url}/v1/embeddings", json=body, timeout=DEADLINE_S)
+    assert r.status_code == 200, r.text
+    return np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+
+
+def states(live: LiveServer) -> dict[str, str]:
+    data = httpx.get(f"{live.url}/v1/models", timeout=DEADLINE_S).json()["data"]
+    return {d["id"]: d["state"] for d in data}
+
+
+@pytest.mark.slow
+def test_requests_alternate_among_three_models_in_a_budget_of_two(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    from ollama import Client
+
+    # each model's vectors from its own single-model server
+    single: dict[str, np.ndarray] = {}
+    for m in three:
+        live = start(m, engine(m))
+        single[m.name] = embed(live, None)
+        live.stop()
+    a, b, c = three
+    unit = 1000
+    live = start(a, engine(a), ModelSetup(b, engine(b), planned_bytes=unit),
+                 ModelSetup(c, engine(c), planned_bytes=unit), planned_bytes=unit,
+                 model_memory_bytes=2 * unit + unit // 2)
+    registry = live.app.state.registry
+    assert states(live)[a.name] == "loaded"
+    assert states(live)[b.name] == states(live)[c.name] == "unloaded"  # --preload first
+    ollama = Client(host=live.url)
+    client = live.openai()
+    for rnd in range(2):
+        for m in three:
+            if rnd == 0:
+                got = embed(live, m.name)
+            else:  # the official clients, routed by their model field too
+                got = np.array(ollama.embed(model=m.name, input=TEXTS).embeddings,
+                               dtype=np.float32)
+                via_openai = client.embeddings.create(model=m.name, input=TEXTS)
+                np.testing.assert_allclose(
+                    np.array([d.embedding for d in via_openai.data], dtype=np.float32),
+                    single[m.name], atol=1e-5)
+            np.testing.assert_allclose(got, single[m.name], atol=1e-5, err_msg=m.name)
+            loaded = [n for n, s in states(live).items() if s == "loaded"]
+            assert m.name in loaded
+            assert len({registry.find(n).name for n in loaded}) <= 2  # never all three
+    # the default model (TEI has no model field) after it was unloaded to make room
+    r = httpx.post(f"{live.url}/embed", json={"inputs": TEXTS}, timeout=DEADLINE_S)
+    assert r.status_code == 200, r.text
+    np.testing.assert_allclose(np.array(r.json(), dtype=np.float32), single[a.name], atol=1e-5)
+    ps = {m["name"] for m in httpx.get(f"{live.url}/api/ps", timeout=DEADLINE_S).json()["models"]}
+    tags = httpx.get(f"{live.url}/api/tags", timeout=DEADLINE_S).json()["models"]
+    assert len(tags) == 3 and len(ps) == 2
+    metrics = httpx.get(f"{live.url}/metrics", timeout=DEADLINE_S).text
+    assert f'embedpool_model_loaded{{model="{a.name}",state="loaded"}} 1.0' in metrics
+    r = httpx.post(f"{live.url}/v1/embeddings", json={"input": "x", "model": "nope"},
+                   timeout=DEADLINE_S)
+    assert r.status_code == 404 and b.name in r.json()["error"]["message"]
+    client.close()
+    ollama._client.close()
+
+
+def fake(model: ResolvedModel, gate: threading.Event | None = None
+         ) -> Callable[[], SubmitExecutor]:
+    spec = FakeEngineSpec(dim=model.dim)
+    if gate is None:
+        return lambda: InProcessExecutor(spec.build)
+    return lambda: InProcessExecutor(lambda: GatedEngine(spec, gate))
+
+
+def test_idle_models_unload_after_keep_alive_and_load_again(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    a, b, _ = three
+    live = start(a, fake(a), ModelSetup(b, fake(b), planned_bytes=1), preload="all",
+                 keep_alive_s=0.3, model_memory_bytes=10**12, planned_bytes=1)
+    assert set(states(live).values()) == {"loaded"}
+    wait_until(lambda: set(states(live).values()) == {"unloaded"},
+               "both models unloaded after keep-alive", timeout=DEADLINE_S)
+    assert httpx.get(f"{live.url}/health", timeout=DEADLINE_S).status_code == 200
+    assert embed(live, b.name).shape == (len(TEXTS), b.dim)  # loads again on demand
+    assert states(live)[b.name] == "loaded"
+
+
+def test_a_model_that_can_never_fit_gets_503_naming_its_memory(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    a, b, _ = three
+    live = start(a, fake(a), ModelSetup(b, fake(b), planned_bytes=5 * 2**30),
+                 model_memory_bytes=2**30, planned_bytes=1)
+    r = httpx.post(f"{live.url}/v1/embeddings", json={"input": "x", "model": b.name},
+                   timeout=DEADLINE_S)
+    assert r.status_code == 503, r.text
+    message = r.json()["error"]["message"]
+    assert "5.0 GiB" in message and "1.0 GiB" in message, message
+    r = httpx.post(f"{live.url}/api/embed", json={"input": "x", "model": b.name},
+                   timeout=DEADLINE_S)
+    assert r.status_code == 503 and "5.0 GiB" in r.json()["error"]
+    assert embed(live, a.name).shape == (len(TEXTS), a.dim)  # the rest still serves
+    assert states(live)[b.name] == "unloaded"
+
+
+def test_a_busy_model_is_never_unloaded_the_load_waits_for_it(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    a, b, _ = three
+    gate = threading.Event()
+    live = start(a, fake(a, gate), ModelSetup(b, fake(b), planned_bytes=10),
+                 model_memory_bytes=15, planned_bytes=10)
+    results: dict[str, int] = {}
+
+    def call(name: str) -> None:
+        r = httpx.post(f"{live.url}/v1/embeddings", json={"input": "x", "model": name},
+                       timeout=DEADLINE_S)
+        results[name] = r.status_code
+
+    first = threading.Thread(target=call, args=(a.name,))
+    first.start()
+    wait_until(lambda: live.app.state.registry.default.inflight == 1, "a's request in flight")
+    second = threading.Thread(target=call, args=(b.name,))
+    second.start()
+    wait_until(lambda: states(live)[b.name] == "loading", "b waiting to load")
+    assert states(live)[a.name] == "loaded"  # busy: not unloaded for b
+    gate.set()
+    first.join(DEADLINE_S)
+    second.join(DEADLINE_S)
+    assert results == {a.name: 200, b.name: 200}
+    assert states(live)[b.name] == "loaded"
+    assert states(live)[a.name] == "unloaded"
