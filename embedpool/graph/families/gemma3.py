@@ -73,8 +73,10 @@ the fused graph was 0.87x the unfused one); at 2,048 tokens 0.106 vs 0.072, the 
 **1.48x faster** (768 keys per query in local layers instead of 2,048), and its attention
 memory linear in length where the unfused graph holds [heads, seq, seq] scores. At 512 tokens
 (another run, ``--lengths 512 --chunks 4``, load 16-18) the unfused graph is 1.11x faster:
-block-local attention scores 768 keys per query where 512 would do, between one window and
-about twice that length (a third branch with masked attention there is not built). A pool
+block-local attention scores 768 keys per query where 512 would do. A third branch for up to
+3 half-windows (Softmax attention with the window as a bias, the unfused graph's own) was
+tried and measured 1.09x there, no gain, so it is not built: the gap is not the local layers'
+kernel alone. A pool
 worker's peak RSS at one 2,048-token text: 1,142 MiB fused, 1,434 MiB unfused. Built at that
 shape: the fp32 graph is 1,178 MiB, int8 314 MiB (the word table as int8 rows).
 """
