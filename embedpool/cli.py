@@ -111,9 +111,9 @@ def _pool_args(workers: str, threads: int | None, profile: str,
                max_memory: str | None) -> tuple[int | str | None, dict[str, Any]]:
     w = _workers(workers) if workers != "0" else None
     opts: dict[str, Any] = {}
+    if profile != "auto":  # the batch budget's too (placement.place), in-process included
+        opts["profile"] = profile
     if w is not None:
-        if profile != "auto":
-            opts["profile"] = profile
         mm = _max_memory(max_memory)
         if mm is not None:
             opts["max_memory_bytes"] = mm

@@ -11,19 +11,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from suite_cache import SUITE_CACHE_DIR
 
-#: The suite's own cache directory (ONNX graphs, vector caches), whatever the environment
-#: says: a user who runs the tests with EMBEDPOOL_CACHE_DIR set to their real cache must not
-#: find the suite's fixture graphs there (62 of them, 155 MB, once). Kept between runs (it
-#: is the clone's, gitignored) so graphs are built once; EMBEDPOOL_TEST_CACHE_DIR moves it.
-#: Set before embedpool is imported: every subprocess and Ray worker inherits it.
-SUITE_CACHE_DIR = Path(os.environ.get("EMBEDPOOL_TEST_CACHE_DIR")
-                       or Path(__file__).resolve().parents[1] / ".test-cache")
+# the suite's own cache directory, whatever the environment says (tests/suite_cache.py); set
+# before embedpool is imported: every subprocess and Ray worker inherits it
 os.environ["EMBEDPOOL_CACHE_DIR"] = str(SUITE_CACHE_DIR)
 #: The engine of every test that does not name one: ONNX Runtime, so that a runner whose CPU
 #: has avx512_bf16 (where --engine auto picks OpenVINO bf16: embedpool.runtimes) runs the same
@@ -31,7 +26,7 @@ os.environ["EMBEDPOOL_CACHE_DIR"] = str(SUITE_CACHE_DIR)
 #: is tested as a pure function and through doctor (tests/test_runtimes.py).
 os.environ.setdefault("EMBEDPOOL_ENGINE", "onnxruntime")
 
-from embedpool.models import ResolvedModel  # noqa: E402 - after the cache directory is set
+from embedpool.models import ResolvedModel
 
 pytest_plugins = ["ci_rules", "pytester"]
 

@@ -116,6 +116,19 @@ def test_the_placement_the_pool_plan_and_the_rule_agree(real_model: ResolvedMode
     assert ray.profile is None and ray.budget == batch_budget()
 
 
+def test_the_profile_sizes_the_in_process_budget_too(real_model: ResolvedModel) -> None:
+    """``--workers 0 --profile wsl2``: no pool, but the job's batches are the profile's."""
+    from embedpool.cli import _pool_args
+    from embedpool.job import Embedder
+    from embedpool.testing import FakeEngineSpec
+
+    w, opts = _pool_args("0", None, "wsl2", None)
+    assert w is None and opts == {"profile": "wsl2"}
+    e = Embedder(real_model, workers=w, pool_options=opts, engine=FakeEngineSpec(dim=384),
+                 lazy=True)
+    assert e.batch_tokens == DEFAULT_BATCH_TOKENS // 2
+
+
 def test_budget_is_frozen() -> None:
     b = BatchBudget(768, 256, 64, "x")
     with pytest.raises(AttributeError):

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SUITE_CACHE_DIR
 from platformdirs import user_cache_dir
+from suite_cache import SUITE_CACHE_DIR
 
 from embedpool.config import cache_root
 from embedpool.graph.prebuild import graph_dir
