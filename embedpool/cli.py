@@ -462,9 +462,10 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
     facts = detect_facts(DeviceRequest("cuda"))  # the doctor always looks for GPUs
     error = placement = None
     try:
-        from embedpool.graph.families import model_memory
+        from embedpool.engine import EngineSpec
         from embedpool.models import resolve_model
         from embedpool.placement import place
+        from embedpool.pool.pool import engine_memory
 
         # the budget and the plan exactly as embed and serve decide them (budget.batch_budget)
         resolved = resolve_model(model)
@@ -475,7 +476,8 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
         cpu_precision = placement.precision if not placement.on_gpu else "fp32"
         p = plan(limits, workers=None if w == "auto" else int(w), threads=threads,
                  precision=cpu_precision, mem_used=used,
-                 model=model_memory(resolved, cpu_precision),
+                 model=engine_memory(EngineSpec(resolved, cpu_precision, runtime=(
+                     placement.runtime if not placement.on_gpu else "onnxruntime"))),
                  budget=None if placement.on_gpu else placement.budget)
     except (ConfigError, ModelError) as exc:
         error = str(exc)

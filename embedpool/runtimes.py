@@ -40,7 +40,7 @@ INSTALL_HINT = "pip install 'embedpool[openvino]'"
 #: libraries and CPU plugin, and the plugin's own copy of the weights beside the frontend's.
 #: Measured with the default model, 1 thread, after 3 x 256 tokens and malloc_trim (AMD EPYC
 #: Zen 3): OpenVINO 2026.4 fp32 294-296 MiB against ONNX Runtime fp32 184 MiB. The pool's
-#: per-worker estimate adds it (pool.pool._model_memory) until a worker is measured.
+#: per-worker estimate adds it (pool.pool.engine_memory) until a worker is measured.
 OPENVINO_EXTRA_RSS = 112 * 1024 * 1024
 
 

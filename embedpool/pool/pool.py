@@ -76,8 +76,9 @@ def pool_config_for(workers: int | str | None = "auto", threads: int | None = No
         raise ConfigError(f"unknown pool option: {exc}") from None
 
 
-def _model_memory(spec: Any) -> ModelMemory | None:
-    """The memory shape of the model an EngineSpec runs (None for other engine specs)."""
+def engine_memory(spec: Any) -> ModelMemory | None:
+    """The memory shape of the model an EngineSpec runs, its runtime's included (None for
+    other engine specs): what the pool and ``doctor`` assume per worker until measured."""
     model, precision = getattr(spec, "model", None), getattr(spec, "precision", None)
     if model is None or precision is None:
         return None
@@ -100,7 +101,7 @@ class Pool:
                  on_event: Callable[[Event], None] | None = None) -> None:
         cfg = config or PoolConfig()
         if cfg.model_memory is None:
-            cfg = dataclasses.replace(cfg, model_memory=_model_memory(spec))
+            cfg = dataclasses.replace(cfg, model_memory=engine_memory(spec))
         self.config = cfg
         try:
             spec_blob = pickle.dumps(spec)
