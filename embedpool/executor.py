@@ -74,7 +74,7 @@ class BatchResult:
     vectors: Vectors  # (len(sequences), dim); rows listed in ``failed`` are zeros
     failed: dict[int, str] = field(default_factory=dict)  # position in batch -> error
     #: The precision that computed it, where it is not the job's own (the CPU workers of a
-    #: device executor next to an fp16 GPU run fp32, pool/devices.py); None: the job's.
+    #: device executor next to an fp16 GPU run fp32, pool/device_executor.py); None: the job's.
     precision: str | None = None
 
 

@@ -16,7 +16,7 @@ executor that runs there.
     start_executor(model, placement, workers=..., backend=..., engine=...)
         ray   a RayExecutor (one actor per cluster CPU, or --workers N)
         cpu   workers None: in-process; else the adaptive Pool
-        cuda  workers None: in-process on the first GPU; else pool/devices.start: one pool per
+        cuda  workers None: in-process on the first GPU; else pool/device_executor.start: one pool per
               GPU, the CPU workers asked for, and a CPU pool to fall back on
 
 ``start_executor`` is the one construction path of every executor: the CLI's ``embed`` and
@@ -217,7 +217,7 @@ def _runtime(engine: str, precision: str, kind: str) -> RuntimeChoice:
 
 def machine_profile(profile: str | None = None) -> Profile:
     """The profile the pool will run: ``profile`` if given, else ``EMBEDPOOL_PROFILE`` or
-    detected (``limits.detect_limits``, which the pool's scaler calls the same way)."""
+    detected (``limits.detect_limits``, which the pool's autoscaler calls the same way)."""
     from embedpool.pool.limits import detect_limits
 
     return detect_limits(profile=profile).profile
@@ -309,8 +309,8 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
         g = gpus[0]
         return InProcessExecutor(recipe(placement.precision, 1, f"cuda:{g.index}",
                                         g.mem_limit), on_event=on_event)
-    from embedpool.pool import devices
-    from embedpool.pool.devices import PoolRecipe
+    from embedpool.pool import device_executor
+    from embedpool.pool.device_executor import PoolRecipe
 
     recipes = [PoolRecipe(f"cuda:{g.index} {g.name}",
                           recipe(placement.precision, 1, f"cuda:{g.index}", g.mem_limit),
@@ -334,7 +334,7 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
 
     # a GPU lost mid-job: fp32, within fp16's tolerance of the vectors already made; no GPU
     # usable at the start (auto): int8, what this machine runs without a GPU
-    return devices.start(recipes, cpu=cpu, fallback=cpu_pool("fp32"),
+    return device_executor.start(recipes, cpu=cpu, fallback=cpu_pool("fp32"),
                          start_fallback=None if placement.request.kind == "cuda"
                          else cpu_pool("int8"),
                          strict=placement.request.kind == "cuda", on_event=on_event)

@@ -5,7 +5,7 @@
     worker.py     worker_main: the worker process (engine, Embed -> Result, never an orphan)
     protocol.py   the wire messages, a handful of frozen dataclasses
     config.py     PoolConfig: every knob, validated
-    scaler.py     the manager's seam to the scaling policy (the values in force)
+    autoscaler.py the manager's seam to the scaling policy (the values in force)
     plan.py       the plan: limits and options in, the policy's numbers and reasons out (pure)
     memory.py     the memory model: one worker's RSS from its model and batch budget (pure)
     scaling.py    the policy's state machine: readings in, workers and budget in force out (pure)

@@ -41,7 +41,7 @@ class PoolConfig:
     #: kernel); None = the default model's constants. Pool fills it in from an EngineSpec.
     model_memory: ModelMemory | None = None
     #: Where the workers run: "cpu", or "cuda:N" (one GPU: the device executor runs one pool
-    #: per GPU, ``pool/devices.py``). A GPU pool's workers hold no activations in host RAM,
+    #: per GPU, ``pool/device_executor.py``). A GPU pool's workers hold no activations in host RAM,
     #: and a lost GPU breaks the pool with ``DeviceLost``.
     device: str = "cpu"
     #: Memory the pool may use in all (supervisor + workers); None = the detected limit.

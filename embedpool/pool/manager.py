@@ -9,13 +9,13 @@
                                                              ├ Ready/StartFailed/Leaving
                                                              └ sentinel   -> handle_death
     check_deadlines: warn at 60% of a task's deadline, kill a hung worker at 100%
-    apply_scaling:   Sampler reading -> scaling (through Scaler) -> spawn / ask to Leave / budget
+    apply_scaling:   Sampler reading -> scaling (through Autoscaler) -> spawn / ask to Leave / budget
     shutdown:        fail what is left, Leave to all, kill stragglers
 
 The manager decides nothing about failures or sizes itself: a death is classified from its
 evidence (the exit signal, the worker's cgroup ``oom_kill`` counter: ``cgroups.OomEvidence``)
 into a ``faults.FailureKind`` and handed to the ``WorkQueue`` (split, retry or give up); an
-out-of-memory decision lowers the budget through the ``Scaler``. It blocks on
+out-of-memory decision lowers the budget through the ``Autoscaler``. It blocks on
 ``multiprocessing.connection.wait`` and never polls ``is_alive()``, so a death is seen the
 moment the kernel reaps it. Messages are read before deaths in one round: a worker's last
 ``Result`` or ``Leaving`` is in its pipe before its sentinel fires, and must not be taken for
@@ -54,9 +54,9 @@ from embedpool.executor import WorkerInfo, WorkerState
 from embedpool.faults import FailureKind, Task
 from embedpool.pool import memory
 from embedpool.pool import protocol as wire
+from embedpool.pool.autoscaler import Autoscaler, Changes
 from embedpool.pool.cgroups import OomEvidence
 from embedpool.pool.config import PoolConfig
-from embedpool.pool.scaler import Changes, Scaler
 from embedpool.pool.worker import worker_main
 from embedpool.proc import rss_bytes
 from embedpool.workqueue import WorkQueue
@@ -132,7 +132,7 @@ class Manager:
         self.work = work
         self.emit = emit
         self.waker = waker
-        self.scaler = Scaler(config)
+        self.scaler = Autoscaler(config)
         self.threads = self.scaler.threads
         self.dim = 0
         #: Set once the first worker is ready (or the pool failed to start).
@@ -398,7 +398,7 @@ class Manager:
             self._apply(self.scaler.on_oom(decision.forbid_tokens))
         elif decision.action == "fall_back":
             # The GPU is gone for every worker of this pool; the CPU is not: the device
-            # executor (devices.py) takes the batches this fails and runs them there.
+            # executor (device_executor.py) takes the batches this fails and runs them there.
             self._break(DeviceLost(f"{self.config.device} was lost: {error}"))
             self.shutdown()
 

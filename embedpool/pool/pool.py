@@ -7,7 +7,7 @@
     submit(WorkBatch) -> Future ─> inbox ──wake pipe──>   dispatch: next_task(budget) ─Embed─> worker_main
     run(batches) (executor.run)      │                    wait(pipes, sentinels, wakeup)       engine.embed
                                      │ tasks, retries  <─ Result / TaskFailed / death ───────  Result
-                                     └ Future.set_result  check_deadlines, apply_scaling (Scaler)
+                                     └ Future.set_result  check_deadlines, apply_scaling (Autoscaler)
 
 What happens on a result, a death, a hang, a failed start and at shutdown is the manager's
 (``manager.py``, whose docstring draws it); what a failure *means* (split, retry, give up,

@@ -2,7 +2,7 @@
 batch budget in force.
 
 Nothing here starts a process or reads the machine; the pool's manager samples
-(``readings``), asks (through ``scaler``), and applies the answer. The policy's numbers come
+(``readings``), asks (through ``autoscaler``), and applies the answer. The policy's numbers come
 from ``pool/plan.py`` (once, at start), a worker's memory from ``pool/memory.py``, the budget's
 OOM transitions from ``faults.BudgetState``. Everything is table-tested in
 ``tests/pool/test_scaling.py``::

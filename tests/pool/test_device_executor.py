@@ -17,8 +17,8 @@ from pool_support import DEADLINE_S, EventLog, fast_config
 from embedpool import events
 from embedpool.errors import DeviceError, DeviceLost
 from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
-from embedpool.pool import devices
-from embedpool.pool.devices import DeviceExecutor, PoolRecipe
+from embedpool.pool import device_executor
+from embedpool.pool.device_executor import DeviceExecutor, PoolRecipe
 from embedpool.pool.pool import Pool
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_batches, make_sequences
 
@@ -82,7 +82,7 @@ def test_a_lost_gpu_moves_its_batches_to_the_cpu(event_log: EventLog) -> None:
                                                       lose_device_on=POISON,
                                                       delay_per_batch_s=0.01), gpu_config())
     cpu = PoolRecipe("cpu", gpu.spec.on_cpu(), fast_config(workers=2), precision="fp32")
-    ex = devices.start([gpu], fallback=cpu, on_event=event_log)
+    ex = device_executor.start([gpu], fallback=cpu, on_event=event_log)
     try:
         assert ex.devices == ["cuda:0 FakeGPU"]
         results = {r.batch_id: r for r in ex.run(batches)}
@@ -109,7 +109,7 @@ def test_cpu_workers_alongside_a_gpu_share_the_batches(event_log: EventLog) -> N
                                                       delay_per_batch_s=0.02), gpu_config())
     cpu = PoolRecipe("cpu", FakeEngineSpec(dim=DIM, delay_per_batch_s=0.02),
                      fast_config(workers=2), precision="fp32")
-    with devices.start([gpu], cpu=cpu, on_event=event_log) as ex:
+    with device_executor.start([gpu], cpu=cpu, on_event=event_log) as ex:
         assert ex.devices == ["cuda:0 FakeGPU", "cpu"]
         assert ex.stats().max_workers == 3
         results = {r.batch_id: r for r in ex.run(batches)}
@@ -123,7 +123,7 @@ def test_auto_runs_on_the_cpu_when_the_cuda_provider_does_not_load(event_log: Ev
     gpu = PoolRecipe("cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0", unavailable=True),
                      gpu_config())
     cpu = PoolRecipe("cpu", gpu.spec.on_cpu(), fast_config(workers=1), precision="fp32")
-    with devices.start([gpu], fallback=cpu, on_event=event_log) as ex:
+    with device_executor.start([gpu], fallback=cpu, on_event=event_log) as ex:
         assert ex.devices == ["cpu"]
         assert any("auto: cuda:0 FakeGPU not used" in n and "did not load" in n
                    for n in ex.notes)
@@ -136,7 +136,7 @@ def test_cuda_fails_at_once_when_the_provider_does_not_load() -> None:
                      gpu_config())
     cpu = PoolRecipe("cpu", gpu.spec.on_cpu(), fast_config(workers=1))
     with pytest.raises(DeviceError) as info:
-        devices.start([gpu], fallback=cpu, strict=True)
+        device_executor.start([gpu], fallback=cpu, strict=True)
     assert info.value.missing == "package"
     assert str(info.value).startswith("--device cuda:0: cuda:0: ONNX Runtime's "
                                       "CUDAExecutionProvider did not load")

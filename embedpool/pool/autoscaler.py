@@ -1,6 +1,7 @@
-"""The pool manager's seam to the scaling policy: readings in, the values in force out.
+"""The pool's autoscaler: the manager's seam to the scaling policy (``scaling``), readings in,
+the values in force out.
 
-``Scaler`` holds what the pure policy (``scaling``) decided last (target workers, the batch
+``Autoscaler`` holds what the pure policy (``scaling``) decided last (target workers, the batch
 token budget in force, emergency mode) and the machine's ``Limits``; each call takes a
 reading (``readings.Sampler``) or an event (a batch done, an OOM), asks the policy, adopts its
 answer and returns the events that describe the change, for the manager to emit. Two budgets,
@@ -30,7 +31,7 @@ HISTORY_READINGS = 30
 Changes = list[tuple[str, dict[str, Any]]]
 
 
-class Scaler:
+class Autoscaler:
     """The scaling policy's state for one pool (see the module docstring)."""
 
     def __init__(self, cfg: PoolConfig) -> None:
