@@ -3,10 +3,12 @@ server/registry.py): the load policy's table; a real server on 127.0.0.1 with th
 models (the default model and two family fixtures) where requests alternate among them under a
 budget that holds two, each model's vectors equal to its own single-model server's; unload
 after keep-alive; a model that can never fit answered 503 naming its memory; a busy model never
-unloaded (the load waits for it)."""
+unloaded (the load waits for it); and the issue's measured bar, three real-size models
+alternating inside a memory cgroup smaller than their sum (slow, cgroup)."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -237,3 +239,83 @@ def test_a_busy_model_is_never_unloaded_the_load_waits_for_it(
     assert results == {a.name: 200, b.name: 200}
     assert states(live)[b.name] == "loaded"
     assert states(live)[a.name] == "unloaded"
+
+
+# ----------------------------------------------------------------------------- measured
+MiB = 1024 * 1024
+#: Under the three copies' planned 3 x ~209 MiB (fp32) and under their real use loaded
+#: together (measured here: 435 MiB, the server ~70 MiB and ~120 MiB a worker), far above
+#: one loaded (~205 MiB).
+CGROUP_LIMIT = 400 * MiB
+
+
+@pytest.mark.slow
+@pytest.mark.cgroup
+def test_three_models_alternate_in_a_cgroup_smaller_than_their_sum(
+        tmp_path: Path, real_model: ResolvedModel, cgroup_factory: Any,
+        start: Callable[..., LiveServer]) -> None:
+    """The issue's measured bar: ``embedpool serve`` with three real-size models (the default
+    model's weights under three names, each its own pool worker) inside a memory cgroup
+    smaller than their planned sum and than their real use loaded together: requests
+    alternating among them all answer, with the single-model server's vectors, one model
+    loaded at a time, 0 OOM kills."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from embedpool.graph.prebuild import ensure_graph
+    from embedpool.server.registry import planned_bytes
+
+    copies: list[str] = []
+    for name in ("minilm-a", "minilm-b", "minilm-c"):
+        d = tmp_path / name
+        shutil.copytree(real_model.directory, d, copy_function=os.link)
+        copy = resolve_model(d)
+        assert copy.name == name
+        ensure_graph(copy, "fp32")  # built here, outside the cgroup (a build is not a load)
+        copies.append(str(d))
+    planned = planned_bytes(resolve_model(copies[0]), "fp32", 768)
+    assert 3 * planned > CGROUP_LIMIT, planned
+    reference = start(real_model, engine(real_model))
+    want = embed(reference, None)
+    reference.stop()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    cg = cgroup_factory(CGROUP_LIMIT)
+    argv = [sys.executable, "-m", "embedpool", "serve", "--port", str(port), "--precision",
+            "fp32", "--workers", "1", "--batch-tokens", "768", "--no-cache", "--log-level",
+            "warning", "--preload", "none"]
+    for c in copies:
+        argv += ["--model", c]
+    proc = subprocess.Popen(cg.wrap(argv), env=dict(os.environ), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    err = ""
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            try:
+                return httpx.get(f"{url}/health", timeout=30).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, "the server's start", timeout=240, interval=0.2)
+        most = 0
+        with httpx.Client(timeout=120) as http:
+            for name in ["minilm-a", "minilm-b", "minilm-c"] * 2 + ["minilm-b", "minilm-a"]:
+                r = http.post(f"{url}/v1/embeddings", json={"input": TEXTS, "model": name})
+                assert r.status_code == 200, (name, r.text)
+                got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+                np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+                data = http.get(f"{url}/v1/models").json()["data"]
+                most = max(most, len({d["id"] for d in data
+                                      if d["state"] == "loaded" and "/" not in d["id"]}))
+        assert most == 1, most  # the budget (400 MiB less the server) holds one plan
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    assert cg.oom_kills() == 0, err[-3000:]
