@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from embedpool.batcher import BatcherStats, stats_dict
+from embedpool.microbatcher import BatcherStats, stats_dict
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

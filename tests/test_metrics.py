@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedpool.batcher import BatcherStats
 from embedpool.metrics import POOL_READINGS, ServerMetrics, worker_readings
+from embedpool.microbatcher import BatcherStats
 
 
 def _samples(metrics: ServerMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -35,8 +35,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedpool.batcher import SubmitExecutor
 from embedpool.metrics import CONTENT_TYPE, ServerMetrics
+from embedpool.microbatcher import SubmitExecutor
 from embedpool.models import ResolvedModel, find_known, resolve_model
 from embedpool.models.crossencoder import refuse_cross_encoder
 from embedpool.modelspec import INPUT_TYPE_PROMPTS

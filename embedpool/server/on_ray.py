@@ -32,9 +32,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from embedpool.batcher import SubmitExecutor
 from embedpool.budget import DEFAULT_BATCH_TOKENS
 from embedpool.faults import FaultPolicy
+from embedpool.microbatcher import SubmitExecutor
 from embedpool.types import EventCallback
 
 

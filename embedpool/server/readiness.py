@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from embedpool.batcher import MicroBatcher
 from embedpool.errors import PoolUnavailable
+from embedpool.microbatcher import MicroBatcher
 from embedpool.tokenization import Encoded
 
 

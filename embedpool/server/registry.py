@@ -45,10 +45,10 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from embedpool.batcher import MicroBatcher, SubmitExecutor
 from embedpool.config import format_bytes
 from embedpool.errors import ConfigError
 from embedpool.metrics import ServerMetrics
+from embedpool.microbatcher import MicroBatcher, SubmitExecutor
 from embedpool.models import ResolvedModel
 from embedpool.prepare import VectorCacheHook
 from embedpool.server.openai import ApiError, ServedModel

@@ -37,9 +37,9 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from embedpool.batcher import MicroBatcher, SubmitExecutor
 from embedpool.errors import InputError, ItemFailed, PoolUnavailable, QueueFull
 from embedpool.metrics import ServerMetrics
+from embedpool.microbatcher import MicroBatcher, SubmitExecutor
 from embedpool.models import ResolvedModel, find_known
 from embedpool.rerank import EncodedPairs, PairCache, PairTokenizer, activate, check_reranker
 from embedpool.server.dialects import read_body, register_dialect, type_name, use_dialect

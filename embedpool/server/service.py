@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 from fastapi.concurrency import run_in_threadpool
 
-from embedpool.batcher import MicroBatcher, SubmitExecutor, Ticket
 from embedpool.errors import ItemFailed, OptionError, PoolUnavailable, QueueFull
 from embedpool.metrics import ServerMetrics
+from embedpool.microbatcher import MicroBatcher, SubmitExecutor, Ticket
 from embedpool.options import CallOptions, resolve_options
 from embedpool.prepare import Prepared, VectorCacheHook, prepare
 from embedpool.server.openai import ApiError, EmbeddingCall, ServedModel, bad_request

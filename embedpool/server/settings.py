@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from embedpool.batcher import DEFAULT_MAX_QUEUE_TOKENS
 from embedpool.budget import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_ITEMS
 from embedpool.config import env_str
 from embedpool.errors import ConfigError
+from embedpool.microbatcher import DEFAULT_MAX_QUEUE_TOKENS
 from embedpool.types import LongTextMode, Precision
 
 #: OpenAI's own limit on inputs per request; clients (LangChain, LlamaIndex) chunk to it.

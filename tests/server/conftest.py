@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from server_support import LiveServer, fake_executor
 
-from embedpool.batcher import SubmitExecutor
+from embedpool.microbatcher import SubmitExecutor
 from embedpool.models import ResolvedModel
 from embedpool.tokenization import TextTokenizer
 

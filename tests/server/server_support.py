@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from embedpool.batcher import SubmitExecutor
 from embedpool.executor import InProcessExecutor
+from embedpool.microbatcher import SubmitExecutor
 from embedpool.testing import FakeEngine, FakeEngineSpec, fake_vectors
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import LongTextMode, TokenIds, Vectors

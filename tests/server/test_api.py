@@ -208,7 +208,7 @@ def test_import_embedpool_does_not_load_web_stack() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, embedpool, embedpool.batcher; "
+    code = ("import sys, embedpool, embedpool.microbatcher; "
             "bad = [m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -21,7 +21,6 @@ import pytest
 from polling import wait_until
 from server_support import DIM, GatedEngine, LiveServer, expected_vectors
 
-from embedpool.batcher import MicroBatcher, Ticket
 from embedpool.errors import ItemFailed, PoolBroken, PoolUnavailable, QueueFull
 from embedpool.executor import (
     BatchResult,
@@ -30,6 +29,7 @@ from embedpool.executor import (
     InProcessExecutor,
     WorkBatch,
 )
+from embedpool.microbatcher import MicroBatcher, Ticket
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_sequences
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import TokenIds

@@ -21,7 +21,7 @@ import pytest
 from polling import wait_until
 from server_support import GatedEngine, LiveServer
 
-from embedpool.batcher import SubmitExecutor
+from embedpool.microbatcher import SubmitExecutor
 from embedpool.executor import InProcessExecutor
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.placement import executor_factory, place

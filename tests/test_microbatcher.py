@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from polling import wait_until
 
-from embedpool.batcher import MicroBatcher
 from embedpool.errors import PoolUnavailable
+from embedpool.microbatcher import MicroBatcher
 from embedpool.pool.pool import Pool
 from embedpool.testing import FakeEngineSpec, make_sequences
 from tests.pool.pool_support import DEADLINE_S, fast_config
