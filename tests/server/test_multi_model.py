@@ -21,8 +21,8 @@ import pytest
 from polling import wait_until
 from server_support import GatedEngine, LiveServer
 
-from embedpool.microbatcher import SubmitExecutor
 from embedpool.executor import InProcessExecutor
+from embedpool.microbatcher import SubmitExecutor
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.placement import executor_factory, place
 from embedpool.server.registry import LoadPlan, ModelSetup, Resident, idle_expired, plan_load
