@@ -4,6 +4,7 @@ processes in one run, and the process tree's peak RSS with 1 and 2 workers.
     python benchmarks/decoders.py [--chunks 24] [--tokens 256] [--rounds 2] [--vocab 16384]
                                   [--threads 1,2] [--work DIR] [--rss]
     .venv/bin/python benchmarks/decoders.py --fused-vs-plain [--layers 4] [--lengths 256,2048]
+    python benchmarks/decoders.py --long 8192     # one long text in the int8 engine: peak RSS
 
 Steps (each in its own process; this script only orchestrates, with any Python):
 
@@ -247,6 +248,24 @@ def fused_vs_plain(layers: int, lengths: list[int], repeat: int, vocab: int) -> 
               f"chunks/CPU s: fused {best['plain'] / best['fused']:.2f}x")
 
 
+LONG = r"""
+import resource, sys, time
+from pathlib import Path
+import numpy as np
+from embedpool.engine import Engine
+from embedpool.graph import prepare_onnx
+from embedpool.models import resolve_model
+m = resolve_model(sys.argv[1])
+e = Engine.for_model(prepare_onnx(m, "int8"), m, threads=1)
+ids = np.random.default_rng(0).integers(1, 400, int(sys.argv[2])).astype(np.int32)
+t = time.process_time()
+e.embed([ids])
+t = time.process_time() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(f"one {ids.size}-token text, int8, 1 thread: {t:.1f} CPU s, peak RSS {peak:.0f} MiB")
+"""
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -266,6 +285,8 @@ def main() -> None:
     ap.add_argument("--rss-chunks", type=int, default=4, help="chunks of the --rss runs")
     ap.add_argument("--skip-speed", action="store_true", help="only the --rss runs")
     ap.add_argument("--no-compare", action="store_true", help="embedpool only")
+    ap.add_argument("--long", type=int, default=0,
+                    help="only one text of this many tokens through the int8 engine: peak RSS")
     ap.add_argument("--fused-vs-plain", action="store_true",
                     help="only the fused against the unfused fp32 graph, in this process")
     ap.add_argument("--layers", type=int, default=4, help="layers of --fused-vs-plain")
@@ -284,6 +305,10 @@ def main() -> None:
         subprocess.run([DEV_PYTHON, "-c", MAKE, str(ROOT), str(work), json.dumps(SHAPE),
                         str(args.vocab)], check=True, env=env)
     subprocess.run([PROJECT_PYTHON, "-c", BUILD, str(model_dir)], check=True, env=env)
+    if args.long:
+        subprocess.run([PROJECT_PYTHON, "-c", LONG, str(model_dir), str(args.long)],
+                       check=True, env=env)
+        return
     texts = work / f"texts-{args.chunks}x{args.tokens}.json"
     texts.write_text(json.dumps(make_texts(model_dir, args.chunks, args.tokens)))
     print(textwrap.dedent(f"""\
