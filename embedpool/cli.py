@@ -642,9 +642,10 @@ def cache_clear(cache_path: Path | None) -> None:
               help="ray: one endpoint in front of Ray actors (--workers N: N actors).")
 @click.option("--ray-address", default=None,
               help="Ray cluster address (default: RAY_ADDRESS or a private local Ray).")
-@click.option("--reranker", default=None,
+@click.option("--reranker", "rerankers", multiple=True,
               help="A cross-encoder served on /v1/rerank, /v2/rerank and /rerank beside the "
-                   "embedding model (its own workers, the same options).")
+                   "embedding model (its own workers, the same options); repeat it for "
+                   "several, picked by the request's model (the first by default).")
 def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_alive: float,
           precision: str, engine: str, device: str,
           cpu_workers: int | None, long_text: str, workers: str,
@@ -653,7 +654,7 @@ def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_aliv
           max_wait_ms: float,
           served_model_name: tuple[str, ...], request_timeout: float, cache_path: Path | None,
           no_cache: bool, log_level: str, backend: str, ray_address: str | None,
-          reranker: str | None) -> None:
+          rerankers: tuple[str, ...]) -> None:
     """Serve embeddings on the worker pool in OpenAI's API (POST /v1/embeddings), Ollama's
     (POST /api/embed, ...) and TEI's (POST /embed, /tokenize, ...), under one key and one set
     of limits."""
@@ -708,14 +709,13 @@ def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_aliv
     factory = executor_factory(resolved, placement, workers=actors if backend == "ray" else w,
                                pool_options=pool_opts, backend=backend,
                                ray_address=ray_address)
-    rerank_setup = None
-    if reranker is not None:
-        from embedpool.cli_rerank import reranker_setup
+    from embedpool.cli_rerank import reranker_setup
 
-        rerank_setup = reranker_setup(reranker, device=device, precision=precision,
-                                      workers=w, pool_options=pool_opts, backend=backend,
-                                      ray_address=ray_address, actors=actors,
-                                      cache_path=cache_path, no_cache=no_cache)
+    rerank_setups = [reranker_setup(name, device=device, precision=precision, workers=w,
+                                    pool_options=pool_opts, backend=backend,
+                                    ray_address=ray_address, actors=actors,
+                                    cache_path=cache_path, no_cache=no_cache)
+                     for name in dict.fromkeys(rerankers)]
     from embedpool.cli_models import extra_model_setup
     from embedpool.server.registry import planned_bytes
 
@@ -726,7 +726,7 @@ def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_aliv
                                cache_path=cache_path, no_cache=no_cache)
              for name in models[1:]]
     try:
-        run_server(settings, factory, cache=hook, reranker=rerank_setup, models=extra,
+        run_server(settings, factory, cache=hook, rerankers=rerank_setups, models=extra,
                    planned_bytes=planned_bytes(resolved, precision, settings.batch_tokens,
                                                w if isinstance(w, int) else 1))
     except (ConfigError, ModelError) as exc:  # raised while starting: a bad --ray-address

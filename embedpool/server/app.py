@@ -158,7 +158,8 @@ class _App:
     served model (``serve --model A --model B``, registry.py)."""
 
     def __init__(self, settings: ServerSettings, models: Sequence[ModelSetup],
-                 reranker: RerankerSetup | None = None) -> None:
+                 reranker: RerankerSetup | None = None,
+                 rerankers: Sequence[RerankerSetup] = ()) -> None:
         self.settings = settings
         self.api_key = settings.resolved_api_key()
         rt = Runtime()  # the default model's, replaced by its slot's below
@@ -179,6 +180,9 @@ class _App:
         #: ``serve --reranker``: the rerank routes' model, started and stopped with the app.
         self.reranker = (RerankService(settings, reranker, self.metrics)
                          if reranker is not None else None)
+        #: ``serve --reranker A --reranker B``: the rerankers after the first (always loaded,
+        #: outside the models' memory budget).
+        self.more_rerankers = [RerankService(settings, r, self.metrics) for r in rerankers]
 
     # ------------------------------------------------------------ lifespan
     @asynccontextmanager
@@ -194,9 +198,13 @@ class _App:
         reinstall_signal_handlers()
         if self.reranker is not None:
             await self.reranker.start()
+        for more in self.more_rerankers:
+            await more.start()
 
     async def stop(self) -> None:
         # uvicorn has already waited for the requests in flight (graceful shutdown).
+        for more in self.more_rerankers:
+            await more.stop()
         if self.reranker is not None:
             await self.reranker.stop()
         await self.registry.stop()
@@ -315,18 +323,22 @@ def create_app(settings: ServerSettings,
                cache: VectorCacheHook | None = None,
                reranker: RerankerSetup | None = None,
                models: Sequence[ModelSetup] = (),
-               planned_bytes: int | None = None) -> FastAPI:
+               planned_bytes: int | None = None,
+               rerankers: Sequence[RerankerSetup] = ()) -> FastAPI:
     """Build the app. The executor is created by the lifespan (on startup), not here.
     ``reranker``: a cross-encoder served on the rerank routes (server/rerank.py).
     ``models``: more embedding models beside the default one (registry.py);
-    ``planned_bytes``: the default model's planned memory (None: one worker's estimate)."""
+    ``planned_bytes``: the default model's planned memory (None: one worker's estimate);
+    ``rerankers``: more cross-encoders beside ``reranker``, picked by a request's ``model``."""
+    if rerankers and reranker is None:
+        reranker, rerankers = rerankers[0], rerankers[1:]
     resolved = model if model is not None else resolve_model(settings.model)
     refuse_cross_encoder(resolved)
     for extra in models:
         refuse_cross_encoder(extra.model)
     factory = executor_factory or default_executor_factory(resolved, settings.precision)
     a = _App(settings, [ModelSetup(resolved, factory, cache, planned_bytes), *models],
-             reranker)
+             reranker, rerankers)
     app = FastAPI(title="embedpool", version="0.1.0", lifespan=a.lifespan,
                   description="OpenAI-compatible embeddings on a local worker pool.")
     app.add_middleware(_MetricsMiddleware, metrics=a.metrics)
@@ -363,12 +375,13 @@ def create_app(settings: ServerSettings,
     register_ollama(app, a, auth)
     register_tei(app, a, auth)
     if a.reranker is not None:
-        register_rerank_routes(app, a.reranker, settings, auth)
+        register_rerank_routes(app, a.reranker, settings, auth, a.more_rerankers)
     app.state.metrics = a.metrics  # for tests
     app.state.runtime = a.runtime
     app.state.registry = a.registry
-    app.state.rerank_startup_error = lambda: (a.reranker.runtime.startup_error
-                                              if a.reranker is not None else None)
+    app.state.rerank_startup_error = lambda: next(
+        (r.runtime.startup_error for r in ([a.reranker] if a.reranker else []) +
+         a.more_rerankers if r.runtime.startup_error is not None), None)
     return app
 
 
@@ -377,14 +390,15 @@ def run_server(settings: ServerSettings,
                cache: VectorCacheHook | None = None,
                reranker: RerankerSetup | None = None,
                models: Sequence[ModelSetup] = (),
-               planned_bytes: int | None = None) -> None:
+               planned_bytes: int | None = None,
+               rerankers: Sequence[RerankerSetup] = ()) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn drains requests in flight, then the lifespan closes
     the pool. If the executor cannot be built, its error is raised here (uvicorn only logs
     it), so that the command line can exit with its code."""
     import uvicorn
 
     app = create_app(settings, executor_factory, cache=cache, reranker=reranker,
-                     models=models, planned_bytes=planned_bytes)
+                     models=models, planned_bytes=planned_bytes, rerankers=rerankers)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
                             log_level=settings.log_level,
                             timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s))

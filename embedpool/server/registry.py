@@ -309,6 +309,12 @@ class ModelRegistry:
                 raise ApiError(503, f"the model {slot.name} did not load within "
                                f"{self.settings.request_timeout_s:g} s", type="server_error",
                                code="timeout", headers={"Retry-After": "5"}) from None
+            except ApiError:
+                raise
+            except Exception as exc:  # its executor failed to start: the next request retries
+                raise ApiError(503, f"the model {slot.name} could not be loaded: "
+                               f"{type(exc).__name__}: {exc}", type="server_error",
+                               code="model_load_failed", headers={"Retry-After": "5"}) from exc
         slot.inflight += 1
         slot.last_used = time.monotonic()
         try:

@@ -270,9 +270,28 @@ def best_first(scores: np.ndarray, top_n: int | None = None) -> list[int]:
 class RerankRoutes:
     """The handlers; ``tei.register_rerank`` gets :meth:`tei_body` for TEI's ``POST /``."""
 
-    def __init__(self, settings: ServerSettings, service: RerankService) -> None:
+    def __init__(self, settings: ServerSettings, service: RerankService,
+                 more: Sequence[RerankService] = ()) -> None:
         self.settings = settings
         self.service = service
+        #: ``serve --reranker A --reranker B``: every reranker; a request picks one by its
+        #: ``model`` (none: the first).
+        self.services = [service, *more]
+
+    def pick(self, name: Any) -> RerankService:
+        """The reranker a request's ``model`` names (None: the first); 404 listing every
+        reranker's names otherwise."""
+        if isinstance(name, str):
+            for svc in self.services:
+                if name in svc.names:
+                    return svc
+            if len(self.services) > 1:
+                names = [n for svc in self.services for n in svc.names]
+                raise ApiError(404, f"the model {name!r} is not served for rerank; this "
+                               f"server reranks with {', '.join(repr(n) for n in names)}",
+                               param="model", code="model_not_found")
+        self.service.check_model(name)
+        return self.service
 
     async def _body(self, request: Request) -> dict[str, Any]:
         body = parse_json(await read_body(request, self.settings.max_request_bytes))
@@ -297,8 +316,7 @@ class RerankRoutes:
 
     async def _cohere(self, body: dict[str, Any], *, return_documents: bool,
                       version: str = "1") -> Response:
-        svc = self.service
-        svc.check_model(body.get("model"))
+        svc = self.pick(body.get("model"))
         query = _query(body)
         documents = _documents(body.get("documents"), "documents",
                                self.settings.max_items_per_request, objects=True)
@@ -361,10 +379,12 @@ class RerankRoutes:
 
 
 def register_rerank_routes(app: FastAPI, service: RerankService, settings: ServerSettings,
-                           dependencies: Sequence[Any]) -> None:
-    """Add the rerank routes (``dependencies``: the app's auth); TEI's ``POST /`` of this app
-    hands its rerank bodies to them (``tei_root``)."""
-    r = RerankRoutes(settings, service)
+                           dependencies: Sequence[Any],
+                           more: Sequence[RerankService] = ()) -> None:
+    """Add the rerank routes (``dependencies``: the app's auth; ``more``: rerankers beside
+    ``service``, picked by the request's ``model``); TEI's ``POST /`` of this app hands its
+    rerank bodies to them (``tei_root``)."""
+    r = RerankRoutes(settings, service, more)
     deps = list(dependencies)
     for path, handler in (("/v1/rerank", r.v1), ("/v2/rerank", r.v2), ("/rerank", r.any_shape)):
         app.add_api_route(path, handler, methods=["POST"], dependencies=deps,

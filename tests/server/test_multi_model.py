@@ -319,3 +319,64 @@ def test_three_models_alternate_in_a_cgroup_smaller_than_their_sum(
         proc.send_signal(signal.SIGTERM)
         err = proc.communicate(timeout=60)[1]
     assert cg.oom_kills() == 0, err[-3000:]
+
+
+# ----------------------------------------------------------------------------- rerankers
+def test_several_rerankers_each_picked_by_the_request_model(three: list[ResolvedModel]) -> None:
+    """``serve --reranker A --reranker B``: /v1/rerank scores with the reranker its ``model``
+    names (each equal to its CrossEncoder golden), the first without one, 404 naming both
+    for another name."""
+    import json
+
+    from embedpool.server import ServerSettings, create_app
+    from embedpool.server.rerank import RerankerSetup
+
+    root = FAMILIES.parent / "rerankers"
+    setups, golds = [], {}
+    for family in ("bert", "xlmr"):
+        m = replace(resolve_model(root / family / "model"), name=f"{family}-rr")
+        setups.append(RerankerSetup(m, engine(m)))
+        golds[m.name] = (json.loads((root / family / "golden.json").read_text()),
+                         np.load(root / family / "golden.npz")["scores"])
+    a = three[0]
+    live = LiveServer.start(create_app(ServerSettings(api_key=""), fake(a), model=a,
+                                       rerankers=setups))
+    try:
+        with httpx.Client(timeout=DEADLINE_S) as http:
+            for name in (None, "bert-rr", "xlmr-rr"):
+                g, scores = golds[name or "bert-rr"]
+                docs = g["documents"]
+                body: dict[str, Any] = {"query": g["queries"][0], "documents": docs}
+                if name is not None:
+                    body["model"] = name
+                r = http.post(f"{live.url}/v1/rerank", json=body)
+                assert r.status_code == 200, r.text
+                got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+                assert r.json()["model"] == (name or "bert-rr")
+                assert max(abs(got[i] - float(scores[i])) for i in range(len(docs))) <= 1e-4
+            r = http.post(f"{live.url}/v1/rerank",
+                          json={"model": "nope", "query": "q", "documents": ["d"]})
+            assert r.status_code == 404 and "bert-rr" in r.text and "xlmr-rr" in r.text
+    finally:
+        live.stop()
+
+
+def test_a_model_that_fails_to_load_gets_503_and_the_next_request_retries(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    a, b, _ = three
+    tries: list[int] = []
+
+    def flaky() -> SubmitExecutor:
+        tries.append(1)
+        if len(tries) == 1:
+            raise RuntimeError("the engine could not start")
+        return fake(b)()
+
+    live = start(a, fake(a), ModelSetup(b, flaky, planned_bytes=1), planned_bytes=1,
+                 model_memory_bytes=10**12)
+    r = httpx.post(f"{live.url}/api/embed", json={"input": "x", "model": b.name},
+                   timeout=DEADLINE_S)
+    assert r.status_code == 503, r.text
+    assert b.name in r.json()["error"] and "the engine could not start" in r.json()["error"]
+    assert states(live)[b.name] == "unloaded"
+    assert embed(live, b.name).shape == (len(TEXTS), b.dim) and len(tries) == 2
