@@ -52,7 +52,14 @@ from embedpool.errors import (
     WorkersCannotStart,
     WorkerStartError,
 )
-from embedpool.executor import BatchResult, Counters, Executor, ExecutorStats, WorkBatch
+from embedpool.executor import (
+    BatchResult,
+    Counters,
+    EngineRecipe,
+    Executor,
+    ExecutorStats,
+    WorkBatch,
+)
 from embedpool.pool.config import PoolConfig
 from embedpool.types import EventCallback
 
@@ -69,7 +76,7 @@ class PoolRecipe:
     engine recipe and the pool's config; ``precision`` when it differs from the job's."""
 
     name: str
-    spec: Any
+    spec: EngineRecipe
     config: PoolConfig
     precision: str | None = None
 

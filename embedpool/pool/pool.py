@@ -46,7 +46,7 @@ from typing import Any
 
 from embedpool import events, executor
 from embedpool.errors import ConfigError, WorkerStartError
-from embedpool.executor import BatchResult, ExecutorStats, WorkBatch
+from embedpool.executor import BatchResult, EngineRecipe, ExecutorStats, WorkBatch
 from embedpool.pool.config import PoolConfig
 from embedpool.pool.manager import Manager, Waker
 from embedpool.pool.memory import ModelMemory
@@ -97,7 +97,7 @@ def engine_memory(spec: Any) -> ModelMemory | None:
 class Pool:
     """Adaptive process pool running one engine per worker (see the module docstring)."""
 
-    def __init__(self, spec: Any, config: PoolConfig | None = None,
+    def __init__(self, spec: EngineRecipe, config: PoolConfig | None = None,
                  on_event: Callable[[Event], None] | None = None) -> None:
         cfg = config or PoolConfig()
         if cfg.model_memory is None:

@@ -81,7 +81,7 @@ def test_a_lost_gpu_moves_its_batches_to_the_cpu(event_log: EventLog) -> None:
     gpu = PoolRecipe("cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0",
                                                       lose_device_on=POISON,
                                                       delay_per_batch_s=0.01), gpu_config())
-    cpu = PoolRecipe("cpu", gpu.spec.on_cpu(), fast_config(workers=2), precision="fp32")
+    cpu = PoolRecipe("cpu", _fake(gpu).on_cpu(), fast_config(workers=2), precision="fp32")
     ex = device_executor.start([gpu], fallback=cpu, on_event=event_log)
     try:
         assert ex.devices == ["cuda:0 FakeGPU"]
@@ -119,10 +119,15 @@ def test_cpu_workers_alongside_a_gpu_share_the_batches(event_log: EventLog) -> N
     assert event_log.named(events.DEVICE_FALLBACK) == []
 
 
+def _fake(recipe: PoolRecipe) -> FakeEngineSpec:
+    assert isinstance(recipe.spec, FakeEngineSpec)
+    return recipe.spec
+
+
 def test_auto_runs_on_the_cpu_when_the_cuda_provider_does_not_load(event_log: EventLog) -> None:
     gpu = PoolRecipe("cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0", unavailable=True),
                      gpu_config())
-    cpu = PoolRecipe("cpu", gpu.spec.on_cpu(), fast_config(workers=1), precision="fp32")
+    cpu = PoolRecipe("cpu", _fake(gpu).on_cpu(), fast_config(workers=1), precision="fp32")
     with device_executor.start([gpu], fallback=cpu, on_event=event_log) as ex:
         assert ex.devices == ["cpu"]
         assert any("auto: cuda:0 FakeGPU not used" in n and "did not load" in n
@@ -134,7 +139,7 @@ def test_auto_runs_on_the_cpu_when_the_cuda_provider_does_not_load(event_log: Ev
 def test_cuda_fails_at_once_when_the_provider_does_not_load() -> None:
     gpu = PoolRecipe("cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0", unavailable=True),
                      gpu_config())
-    cpu = PoolRecipe("cpu", gpu.spec.on_cpu(), fast_config(workers=1))
+    cpu = PoolRecipe("cpu", _fake(gpu).on_cpu(), fast_config(workers=1))
     with pytest.raises(DeviceError) as info:
         device_executor.start([gpu], fallback=cpu, strict=True)
     assert info.value.missing == "package"

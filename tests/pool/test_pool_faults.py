@@ -29,6 +29,7 @@ from embedpool.executor import BatchResult, WorkBatch
 from embedpool.pool.pool import Pool
 from embedpool.testing import (
     CrashingSpec,
+    FakeEngine,
     FakeEngineSpec,
     fake_vectors,
     make_batches,
@@ -274,7 +275,8 @@ def test_worker_that_never_gets_ready_is_bounded_by_start_timeout() -> None:
 
 def test_unpicklable_spec_is_refused_before_any_process() -> None:
     class LocalSpec:  # a local class cannot be pickled by reference
-        def build(self) -> None: ...
+        def build(self) -> FakeEngine:
+            return FakeEngineSpec().build()
 
     with pytest.raises(ConfigError, match="cannot be pickled"):
         Pool(LocalSpec())

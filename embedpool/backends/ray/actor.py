@@ -17,12 +17,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from embedpool.backends.ray.shipping import ModelShipment, locate_model
-from embedpool.executor import EmbeddingEngine, embed_sequences, with_threads
+from embedpool.executor import EmbeddingEngine, EngineRecipe, embed_sequences, with_threads
 from embedpool.types import TokenIds, Vectors
 
 
 class EmbedActor:
-    def __init__(self, spec: Any, shipment: ModelShipment | None, threads: int) -> None:
+    def __init__(self, spec: EngineRecipe, shipment: ModelShipment | None,
+                 threads: int) -> None:
         started = time.perf_counter()
         import ray
 
@@ -31,6 +32,9 @@ class EmbedActor:
         if shipment is None:
             self.engine: EmbeddingEngine = spec.build()
         else:  # an EngineSpec: its runtime's engine on the shipped graph
+            from embedpool.engine import EngineSpec
+
+            assert isinstance(spec, EngineSpec), "a shipment comes with an EngineSpec only"
             where, source = locate_model(shipment, lambda: ray.get(shipment.payload[0]))
             self.engine = spec.load(where / shipment.graph_name)
         self.info: dict[str, Any] = {

@@ -33,7 +33,7 @@ from embedpool.backends.ray import cluster
 from embedpool.backends.ray.actor import EmbedActor
 from embedpool.backends.ray.shipping import ModelShipment
 from embedpool.errors import PoolBroken, WorkersCannotStart, WorkerStartError
-from embedpool.executor import Counters, WorkerInfo
+from embedpool.executor import Counters, EngineRecipe, WorkerInfo
 from embedpool.faults import FaultPolicy, Task
 from embedpool.pool.cgroups import OomEvidence
 
@@ -82,7 +82,7 @@ class ActorSet:
     """The actors of one executor (see the module docstring). Used by one thread at a time:
     the constructor's until the first actor is ready, the executor's manager thread after."""
 
-    def __init__(self, ray: ModuleType, spec: Any, shipment: ModelShipment | None, *,
+    def __init__(self, ray: ModuleType, spec: EngineRecipe, shipment: ModelShipment | None, *,
                  cpus: float, memory: int | None, threads: int, max_actors: int,
                  emit: events.Emitter, counters: Counters,
                  policy: FaultPolicy | None = None) -> None:

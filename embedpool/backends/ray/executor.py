@@ -70,7 +70,7 @@ from embedpool.backends.ray.actors import ActorSet, Slot
 from embedpool.backends.ray.shipping import ship_model
 from embedpool.budget import BatchBudget, batch_budget
 from embedpool.errors import ConfigError, PoolBroken, PoolError
-from embedpool.executor import BatchResult, ExecutorStats, WorkBatch
+from embedpool.executor import BatchResult, EngineRecipe, ExecutorStats, WorkBatch
 from embedpool.faults import BudgetState, FailureKind, FaultPolicy, Task
 from embedpool.types import EventCallback, Vectors
 from embedpool.workqueue import WorkQueue
@@ -103,7 +103,7 @@ MANAGER_SILENT_S = 60.0
 class RayExecutor:
     """Runs WorkBatches on a pool of Ray actors (see the module docstring)."""
 
-    def __init__(self, spec: Any, *, address: str | None = None,
+    def __init__(self, spec: EngineRecipe, *, address: str | None = None,
                  actors: int | tuple[int, int] | None = None, cpus_per_actor: float = 1.0,
                  memory_per_actor: int | None = None,
                  batch_tokens: int | None = None, budget: BatchBudget | None = None,
