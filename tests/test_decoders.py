@@ -538,3 +538,37 @@ def test_large_graphs_map_their_weights_from_an_aligned_side_file(tmp_path: Path
     a = Engine.for_model(one, fx.model, threads=1).embed(seqs)
     b = Engine.for_model(final, fx.model, threads=1).embed(seqs)
     assert np.array_equal(a, b)
+
+
+def test_ray_ships_a_large_graphs_weights_side_file(tmp_path: Path) -> None:
+    """A graph written with external data travels to Ray nodes with its side file, and the
+    shipment names the graph itself (the engine loads it from the node's copy)."""
+    from embedpool.backends.ray.shipping import ship_model, write_files
+    from embedpool.engine import Engine
+    from embedpool.graph import external
+
+    fx = load_fixture("qwen3")
+    fam, cfg = _family(fx.model)
+    graph = compose(fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head)
+    final = tmp_path / "driver" / "g.onnx"
+    final.parent.mkdir()
+    assert external.save(graph, tmp_path / "driver" / "tmp.onnx", final, min_bytes=0,
+                         tensor_min=1024)
+    (tmp_path / "driver" / "tmp.onnx").rename(final)
+
+    class Spec:
+        def graph(self) -> Path:
+            return final
+
+    class ObjectStore:
+        def put(self, files: dict[str, bytes]) -> dict[str, bytes]:
+            return files
+
+    shipment = ship_model(Spec(), ObjectStore())  # type: ignore[arg-type]
+    assert [rel for rel, _ in shipment.manifest] == ["g.onnx", "g.onnx.data"]
+    assert shipment.graph_name == "g.onnx"
+    node = tmp_path / "node"
+    write_files(node, shipment.payload[0], shipment.manifest)
+    seqs = TextTokenizer.for_model(fx.model).encode(fx.texts).sequences
+    got = Engine.for_model(node / shipment.graph_name, fx.model, threads=1).embed(seqs)
+    assert cosines(got, fx.vectors).min() >= 0.9999

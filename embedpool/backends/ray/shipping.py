@@ -117,8 +117,13 @@ def locate_model(shipment: ModelShipment, fetch: Callable[[], Mapping[str, bytes
 
 def ship_model(spec: EngineSpec, ray: ModuleType) -> ModelShipment:
     """Put the spec's ready ONNX graph in the object store (built here if need be)."""
+    from embedpool.graph.external import data_path
+
     onnx_path = spec.graph()  # the file its runtime reads (EngineSpec.graph)
     files = {onnx_path.name: onnx_path.read_bytes()}
+    side = data_path(onnx_path)
+    if side.is_file():  # a large graph's weights (graph/external.py) travel beside it
+        files[side.name] = side.read_bytes()
     manifest = tuple(sorted((rel, sha256_bytes(b)) for rel, b in files.items()))
     ref = ray.put(files)
     return ModelShipment(manifest, str(onnx_path.parent), [ref],
