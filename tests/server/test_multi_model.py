@@ -380,3 +380,44 @@ def test_a_model_that_fails_to_load_gets_503_and_the_next_request_retries(
     assert b.name in r.json()["error"] and "the engine could not start" in r.json()["error"]
     assert states(live)[b.name] == "unloaded"
     assert embed(live, b.name).shape == (len(TEXTS), b.dim) and len(tries) == 2
+
+
+def test_requests_for_a_loading_model_wait_for_its_one_load(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    a, b, _ = three
+    gate = threading.Event()
+    loads: list[int] = []
+
+    def slow() -> SubmitExecutor:
+        loads.append(1)
+        if not gate.wait(DEADLINE_S):
+            raise TimeoutError("the test never opened the gate")
+        return fake(b)()
+
+    live = start(a, fake(a), ModelSetup(b, slow, planned_bytes=1), planned_bytes=1,
+                 model_memory_bytes=10**12)
+    codes: list[int] = []
+
+    def call() -> None:
+        r = httpx.post(f"{live.url}/v1/embeddings", json={"input": TEXTS, "model": b.name},
+                       timeout=DEADLINE_S)
+        codes.append(r.status_code)
+
+    callers = [threading.Thread(target=call) for _ in range(3)]
+    for t in callers:
+        t.start()
+    wait_until(lambda: states(live)[b.name] == "loading" and loads, "b loading")
+    assert embed(live, a.name).shape == (len(TEXTS), a.dim)  # the others keep serving
+    gate.set()
+    for t in callers:
+        t.join(DEADLINE_S)
+    assert codes == [200, 200, 200] and len(loads) == 1
+
+
+def test_serve_refuses_the_same_model_twice() -> None:
+    from click.testing import CliRunner
+
+    from embedpool.cli import main
+
+    result = CliRunner().invoke(main, ["serve", "--model", "x", "--model", "x"])
+    assert result.exit_code == 2 and "--model: x given more than once" in result.output
