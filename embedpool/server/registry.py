@@ -42,13 +42,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 from fastapi.concurrency import run_in_threadpool
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from embedpool.config import format_bytes
 from embedpool.errors import ConfigError
-from embedpool.metrics import ServerMetrics
-from embedpool.microbatcher import MicroBatcher, SubmitExecutor
+from embedpool.metrics import POOL_READINGS, ServerMetrics
+from embedpool.microbatcher import MicroBatcher, SubmitExecutor, stats_dict
 from embedpool.models import ResolvedModel
 from embedpool.prepare import VectorCacheHook
 from embedpool.server.openai import ApiError, ServedModel
@@ -169,6 +169,23 @@ class ModelSlot:
         self.last_used = time.monotonic()
         self.loaded_at: float | None = None
         self.loading: asyncio.Task[None] | None = None
+        #: The pool counters (OOM kills, deaths, ...) of this model's pools already closed.
+        self.closed_counts: dict[str, float] = {}
+
+    def pool_counts(self) -> dict[str, float]:
+        """This model's pool counters: its pools closed so far and the running one."""
+        counts = dict(self.closed_counts)
+        executor = self.runtime.executor
+        try:
+            stats = stats_dict(executor.stats()) if executor is not None else {}
+        except Exception:  # a scrape must not fail because the pool is closing
+            stats = {}
+        for name, kind, _, keys in POOL_READINGS:
+            if kind == "counter":
+                counts[name] = counts.get(name, 0.0) + sum(
+                    float(v) for v in (stats.get(k) for k in keys)
+                    if isinstance(v, int | float) and not isinstance(v, bool))
+        return counts
 
     def resident(self) -> Resident:
         busy = self.inflight + (1 if self.state in ("loading", "unloading") else 0)
@@ -199,6 +216,8 @@ class ModelSlot:
             await run_in_threadpool(batcher.wait_idle, self.settings.graceful_timeout_s)
             batcher.close()
         if executor is not None:
+            self.closed_counts = self.pool_counts()
+            rt.executor = None
             await run_in_threadpool(executor.close)
         rt.executor = None
 
@@ -402,7 +421,9 @@ class ModelRegistry:
 
 
 class _LoadedCollector(Collector):
-    """``embedpool_model_loaded{model, state}``: 1 for a loaded model, at scrape time."""
+    """``embedpool_model_loaded{model, state}``: 1 for a loaded model; and each pool counter
+    per model (``embedpool_model_oom_kills{model}``, ...: its closed pools' and the running
+    one's), at scrape time."""
 
     def __init__(self, registry: ModelRegistry) -> None:
         self.registry = registry
@@ -414,3 +435,12 @@ class _LoadedCollector(Collector):
         for slot in self.registry.slots:
             gauge.add_metric([slot.name, slot.state], 1.0 if slot.state == "loaded" else 0.0)
         yield gauge
+        counts = [(slot.name, slot.pool_counts()) for slot in self.registry.slots]
+        for name, kind, doc, _ in POOL_READINGS:
+            if kind != "counter":
+                continue
+            family = CounterMetricFamily(name.replace("embedpool_", "embedpool_model_", 1),
+                                         f"{doc}, by model", labels=["model"])
+            for model, values in counts:
+                family.add_metric([model], values.get(name, 0.0))
+            yield family

@@ -168,6 +168,7 @@ def test_requests_alternate_among_three_models_in_a_budget_of_two(
     assert len(tags) == 3 and len(ps) == 2
     metrics = httpx.get(f"{live.url}/metrics", timeout=DEADLINE_S).text
     assert f'embedpool_model_loaded{{model="{a.name}",state="loaded"}} 1.0' in metrics
+    assert f'embedpool_model_oom_kills_total{{model="{c.name}"}} 0.0' in metrics
     r = httpx.post(f"{live.url}/v1/embeddings", json={"input": "x", "model": "nope"},
                    timeout=DEADLINE_S)
     assert r.status_code == 404 and b.name in r.json()["error"]["message"]
@@ -314,7 +315,11 @@ def test_three_models_alternate_in_a_cgroup_smaller_than_their_sum(
                 data = http.get(f"{url}/v1/models").json()["data"]
                 most = max(most, len({d["id"] for d in data
                                       if d["state"] == "loaded" and "/" not in d["id"]}))
+            metrics = http.get(f"{url}/metrics").text
         assert most == 1, most  # the budget (400 MiB less the server) holds one plan
+        for name in ("minilm-a", "minilm-b", "minilm-c"):  # every pool, closed ones too
+            assert f'embedpool_model_oom_kills_total{{model="{name}"}} 0.0' in metrics
+            assert f'embedpool_model_loaded{{model="{name}",state=' in metrics
     finally:
         proc.send_signal(signal.SIGTERM)
         err = proc.communicate(timeout=60)[1]
