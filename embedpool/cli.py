@@ -668,6 +668,9 @@ def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_aliv
     if len(set(models)) < len(models):
         _fail(f"--model: {', '.join(sorted({m for m in models if models.count(m) > 1}))} "
               "given more than once", EXIT_USAGE)
+    if len(models) > 1 and backend == "ray":
+        _fail("several --model with --backend ray: not supported yet (one model per Ray "
+              "server); serve them on the local backend", EXIT_USAGE)
     asked_precision = precision
     try:
         actors = _ray_actors(backend, ray_address, workers, pool_opts)

@@ -419,10 +419,13 @@ def test_requests_for_a_loading_model_wait_for_its_one_load(
     assert codes == [200, 200, 200] and len(loads) == 1
 
 
-def test_serve_refuses_the_same_model_twice() -> None:
+def test_serve_refuses_the_same_model_twice_and_several_on_ray() -> None:
     from click.testing import CliRunner
 
     from embedpool.cli import main
 
     result = CliRunner().invoke(main, ["serve", "--model", "x", "--model", "x"])
     assert result.exit_code == 2 and "--model: x given more than once" in result.output
+    result = CliRunner().invoke(main, ["serve", "--model", "x", "--model", "y", "--backend",
+                                       "ray"])
+    assert result.exit_code == 2 and "--backend ray: not supported" in result.output
