@@ -38,7 +38,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from embedpool.batching import plan_batches
-from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
+from embedpool.executor import BatchResult, WorkBatch
+from embedpool.inprocess import InProcessExecutor
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.types import Precision, TokenIds
 

@@ -277,7 +277,7 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
     replaces the model's ``EngineSpec`` by another recipe (``engine_recipe``); ``policy``
     overrides Ray's fault policy (tests; a pool's comes from ``pool_options``)."""
     from embedpool.engine import usable_cores
-    from embedpool.executor import InProcessExecutor
+    from embedpool.inprocess import InProcessExecutor
     from embedpool.pool.pool import pool_config_for
 
     def recipe(precision: Precision, n_threads: int, device: str = "cpu",

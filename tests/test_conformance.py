@@ -135,7 +135,7 @@ def test_prompt_lengths_travel_with_every_batch(dirs: dict[str, Path], name: str
     prompts (as the server's batcher does) still leave each one's own prompt out. The Ray
     backend runs the same batches in tests/backends/test_ray_executor.py."""
     from embedpool.engine import EngineSpec
-    from embedpool.executor import InProcessExecutor
+    from embedpool.inprocess import InProcessExecutor
     from embedpool.pool.pool import Pool, pool_config_for
 
     model = resolve_model(dirs[name])

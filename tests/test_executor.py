@@ -14,11 +14,11 @@ from embedpool.executor import (
     BatchResult,
     Counters,
     ExecutorStats,
-    InProcessExecutor,
     WorkBatch,
     run,
     with_threads,
 )
+from embedpool.inprocess import InProcessExecutor
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_batches, make_sequences
 
 DIM = 8

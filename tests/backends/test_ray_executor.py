@@ -22,8 +22,9 @@ from polling import wait_until
 from embedpool.backends.ray import INSTALL_HINT, RayExecutor, require_ray
 from embedpool.backends.ray.cluster import actor_range, exit_detail, failure_of, task_error_kind
 from embedpool.errors import ConfigError, MissingExtraError, WorkerStartError
-from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
+from embedpool.executor import BatchResult, WorkBatch
 from embedpool.faults import FaultPolicy
+from embedpool.inprocess import InProcessExecutor
 from embedpool.testing import FakeEngineSpec, make_batches, make_sequences
 from embedpool.types import Event
 

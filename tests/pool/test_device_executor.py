@@ -16,7 +16,8 @@ from pool_support import DEADLINE_S, EventLog, fast_config
 
 from embedpool import events
 from embedpool.errors import DeviceError, DeviceLost
-from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
+from embedpool.executor import BatchResult, WorkBatch
+from embedpool.inprocess import InProcessExecutor
 from embedpool.pool import device_executor
 from embedpool.pool.device_executor import DeviceExecutor, PoolRecipe
 from embedpool.pool.pool import Pool

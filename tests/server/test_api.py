@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from server_support import DIM, LiveServer, decode_base64, expected_vectors, fake_executor
 
-from embedpool.executor import InProcessExecutor, WorkBatch
+from embedpool.executor import WorkBatch
+from embedpool.inprocess import InProcessExecutor
 from embedpool.models import ResolvedModel
 from embedpool.testing import FakeEngineSpec, fake_vectors
 from embedpool.tokenization import TextTokenizer

@@ -26,9 +26,9 @@ from embedpool.executor import (
     BatchResult,
     Counters,
     ExecutorStats,
-    InProcessExecutor,
     WorkBatch,
 )
+from embedpool.inprocess import InProcessExecutor
 from embedpool.microbatcher import MicroBatcher, Ticket
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_sequences
 from embedpool.tokenization import TextTokenizer

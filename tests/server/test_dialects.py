@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_support import DIM, GatedEngine, LiveServer
 
-from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
+from embedpool.executor import BatchResult, WorkBatch
+from embedpool.inprocess import InProcessExecutor
 from embedpool.testing import FakeEngineSpec
 from embedpool.tokenization import TextTokenizer
 

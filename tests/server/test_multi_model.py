@@ -18,15 +18,20 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from polling import wait_until
-from server_support import GatedEngine, LiveServer
-
-from embedpool.executor import InProcessExecutor
+from embedpool.inprocess import InProcessExecutor
 from embedpool.microbatcher import SubmitExecutor
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.placement import executor_factory, place
-from embedpool.server.registry import LoadPlan, ModelSetup, Resident, idle_expired, plan_load
+from embedpool.server.registry import (
+    LoadPlan,
+    ModelSetup,
+    Resident,
+    idle_expired,
+    plan_load,
+)
 from embedpool.testing import FakeEngineSpec
+from polling import wait_until
+from server_support import GatedEngine, LiveServer
 
 FAMILIES = Path(__file__).parent.parent / "fixtures" / "families"
 TEXTS = ["def add(a, b): return a + b", "the quick brown fox", "SELECT * FROM t"]
@@ -421,7 +426,6 @@ def test_requests_for_a_loading_model_wait_for_its_one_load(
 
 def test_serve_refuses_the_same_model_twice_and_several_on_ray() -> None:
     from click.testing import CliRunner
-
     from embedpool.cli import main
 
     result = CliRunner().invoke(main, ["serve", "--model", "x", "--model", "x"])

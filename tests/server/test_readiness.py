@@ -11,7 +11,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import httpx
 from server_support import DIM, GatedEngine, LiveServer
 
-from embedpool.executor import BatchResult, InProcessExecutor, WorkBatch
+from embedpool.executor import BatchResult, WorkBatch
+from embedpool.inprocess import InProcessExecutor
 from embedpool.server.readiness import Readiness, SharedProbe
 from embedpool.testing import FakeEngineSpec
 
