@@ -18,6 +18,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from polling import wait_until
+from server_support import GatedEngine, LiveServer
+
 from embedpool.inprocess import InProcessExecutor
 from embedpool.microbatcher import SubmitExecutor
 from embedpool.models import ResolvedModel, resolve_model
@@ -30,8 +33,6 @@ from embedpool.server.registry import (
     plan_load,
 )
 from embedpool.testing import FakeEngineSpec
-from polling import wait_until
-from server_support import GatedEngine, LiveServer
 
 FAMILIES = Path(__file__).parent.parent / "fixtures" / "families"
 TEXTS = ["def add(a, b): return a + b", "the quick brown fox", "SELECT * FROM t"]
@@ -426,6 +427,7 @@ def test_requests_for_a_loading_model_wait_for_its_one_load(
 
 def test_serve_refuses_the_same_model_twice_and_several_on_ray() -> None:
     from click.testing import CliRunner
+
     from embedpool.cli import main
 
     result = CliRunner().invoke(main, ["serve", "--model", "x", "--model", "x"])
