@@ -16,25 +16,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import pytest
-from test_families import (
+from family_support import (
+    CLI,
     F32,
     FIXTURES,
     Fixture,
+    cache_env,
+    cli_embed_query,
     copy_model,
     cosines,
     embed,
+    embed_alone,
+    encoder_graph,
+    golden,
+    jsonl,
     load_fixture,
+    load_long_golden,
     run_graph,
+    serve_matches_reference,
 )
 
 from embedpool.errors import ModelError
@@ -45,7 +51,6 @@ from embedpool.models import resolve_model
 from embedpool.tokenization import TextTokenizer
 
 NAMES = ["qwen3", "qwen2"]
-CLI = [sys.executable, "-m", "embedpool"]
 INT8_MEAN, INT8_MIN = 0.99, 0.97
 
 
@@ -58,11 +63,6 @@ def fx(request: pytest.FixtureRequest) -> Fixture:
 def graphs(fx: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("onnx")
     return {p: prepare_onnx(fx.model, p, cache) for p in ("fp32", "int8")}
-
-
-def golden(fx: Fixture, key: str) -> F32:
-    out: F32 = np.load(FIXTURES / fx.model.directory.parent.name / "golden.npz")[key]
-    return out
 
 
 def query_sequences(fx: Fixture) -> list[Any]:
@@ -117,7 +117,7 @@ def test_int8_matches_reference(fx: Fixture, graphs: dict[str, Path]) -> None:
 def test_vector_ignores_batch_neighbours(fx: Fixture, graphs: dict[str, Path],
                                          precision: str) -> None:
     batch = embed(fx.model, graphs[precision], fx.texts)
-    alone = np.concatenate([embed(fx.model, graphs[precision], [t]) for t in fx.texts])
+    alone = embed_alone(fx.model, graphs[precision], fx.texts)
     assert cosines(batch, alone).min() >= 0.99999
 
 
@@ -158,20 +158,9 @@ def test_attention_kinds_in_the_fused_graph(kind: str) -> None:
     fx = load_fixture("qwen3")
     fam, cfg = _family(fx.model)
     weights = fam.load_weights(fx.model.weights_path, cfg)
-    from onnx import TensorProto, helper
-
-    from embedpool.graph.builder import GraphBuilder
-    from embedpool.graph.head import apply_head
-
-    g = GraphBuilder()
     if kind == "flash":
         cfg = dataclasses.replace(cfg, causal=False)
-    enc = fam.build_encoder(g, weights, cfg, fused=True, attention=kind)
-    apply_head(g, enc.hidden, enc.width, fx.model.head, "sentence_embedding")
-    graph = g.finish("m", [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
-                           for n in ("input_ids", "attention_mask")],
-                     [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
-                                                    None)], producer_version="test")
+    graph = encoder_graph(fam, weights, cfg, fx, attention=kind)
     cos = cosines(run_graph(graph, fx), fx.vectors)
     if kind == "plain":
         assert cos.min() >= 0.9999, cos
@@ -185,7 +174,7 @@ def test_bidirectional_config_matches_reference(tmp_path: Path, fused: bool) -> 
     every token attends to every real token; fused, through mask-free MultiHeadAttention."""
     directory = copy_model("qwen3", tmp_path, is_causal=False)
     fx = load_fixture("qwen3", directory)
-    want = golden(load_fixture("qwen3"), "bidirectional_vectors")
+    want = golden("qwen3", "bidirectional_vectors")
     fam, cfg = _family(fx.model)
     assert not cfg.causal
     graph = compose(fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head,
@@ -205,7 +194,7 @@ def test_matryoshka_dimensions_match_truncate_dim(fx: Fixture, graphs: dict[str,
                          .read_text())["dim"])
     got = truncate_dims(embed(fx.model, graphs["fp32"], fx.texts), dim, normalize=True)
     assert got.shape[1] == dim
-    assert cosines(got, golden(fx, "dim_vectors")).min() >= 0.9999
+    assert cosines(got, golden(fx.model.directory.parent.name, "dim_vectors")).min() >= 0.9999
 
 
 def test_a_causal_lm_checkpoint_layout_loads(tmp_path: Path) -> None:
@@ -240,25 +229,12 @@ def test_llama_and_mistral_are_the_qwen2_graph_with_their_flags() -> None:
 
 # --- long context ----------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class LongGolden:
-    text: str
-    input_ids: list[int]
-    vector: F32
-
-
-def load_long(name: str) -> LongGolden:
-    meta = json.loads((FIXTURES / name / "long.json").read_text(encoding="utf-8"))
-    gold = np.load(FIXTURES / name / "long.npz")
-    return LongGolden(meta["text"], gold["input_ids"].tolist(), gold["vector"])
-
-
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_long_text_matches_reference_in_a_padded_batch(fx: Fixture, graphs: dict[str, Path],
                                                        precision: str) -> None:
     """~8,150 tokens, untruncated (rotary positions thousands out, GroupQueryAttention over
     every earlier key), next to a one-token text padded to its length."""
-    long = load_long(fx.model.directory.parent.name)
+    long = load_long_golden(fx.model.directory.parent.name)
     seqs = TextTokenizer.for_model(fx.model).encode([long.text, fx.texts[0]]).sequences
     assert len(long.input_ids) >= 4096 and list(map(int, seqs[0])) == long.input_ids
     got = embed_sequences(fx, graphs[precision], seqs)
@@ -312,7 +288,7 @@ def test_pool_matches_reference_with_prompts(fx: Fixture, tmp_path: Path,
     from embedpool.job import Embedder
 
     monkeypatch.setenv("EMBEDPOOL_CACHE_DIR", str(tmp_path))
-    long = load_long(fx.model.directory.parent.name)
+    long = load_long_golden(fx.model.directory.parent.name)
     with Embedder(fx.model, precision="fp32", workers=1) as e:
         assert cosines(e.embed(fx.texts), fx.vectors).min() >= 0.9999
         got = e.embed(fx.texts, prompt_name="query")
@@ -322,66 +298,21 @@ def test_pool_matches_reference_with_prompts(fx: Fixture, tmp_path: Path,
         assert cosines(got[1:], long.vector[None])[0] >= 0.9999
 
 
-def _jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
-                            for i, t in enumerate(texts)))
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_cli_embeds_with_the_query_prompt(fx: Fixture, tmp_path: Path, precision: str) -> None:
-    out = tmp_path / "q.npy"
-    res = subprocess.run([*CLI, "embed", str(_jsonl(tmp_path / "t.jsonl", fx.texts)), "--out",
-                          str(out), "--model", str(fx.model.directory), "--precision", precision,
-                          "--prompt-name", "query", "--workers", "1", "--no-cache", "-q"],
-                         capture_output=True, text=True, timeout=300, check=False,
-                         env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")})
-    assert res.returncode == 0, res.stderr
-    cos = cosines(np.load(out), fx.query_vectors)
+    cos = cosines(cli_embed_query(fx, tmp_path, precision), fx.query_vectors)
     if precision == "fp32":
         assert cos.min() >= 0.9999, cos
     else:
         assert cos.mean() >= INT8_MEAN and cos.min() >= INT8_MIN, cos
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_serve_answers_the_openai_client(tmp_path: Path) -> None:
     """``embedpool serve`` on 127.0.0.1 with a pool worker, asked by the official openai
     client: plain texts and ``prompt_name: query``, both equal to the reference."""
-    from openai import OpenAI
-
-    fx = load_fixture("qwen3")
-    port = _free_port()
-    server = subprocess.Popen([*CLI, "serve", "--model", str(fx.model.directory), "--precision",
-                               "fp32", "--workers", "1", "--port", str(port), "--no-cache"],
-                              env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    said: list[str] = []
-    try:
-        assert server.stderr is not None
-        for line in server.stderr:  # blocks until uvicorn reports; ends if the server exits
-            said.append(line)
-            if "Application startup complete" in line:
-                break
-        else:
-            pytest.fail(f"serve exited {server.wait()} before it started: {''.join(said)}")
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                        max_retries=0, timeout=120.0)
-        for extra, want in (({}, fx.vectors), ({"prompt_name": "query"}, fx.query_vectors)):
-            got = client.embeddings.create(model=str(fx.model.directory), input=fx.texts,
-                                           extra_body=extra)
-            vecs = np.array([d.embedding for d in got.data], dtype=np.float32)
-            assert cosines(vecs, want).min() >= 0.9999
-    finally:
-        server.terminate()
-        server.communicate(timeout=60)
+    serve_matches_reference(load_fixture("qwen3"), tmp_path)
 
 
 # --- refusals that teach -------------------------------------------------------------------
@@ -439,11 +370,11 @@ def test_refusal_names_the_way_out(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_cli_refuses_an_unhonoured_field_in_one_line(tmp_path: Path) -> None:
     directory = copy_model("qwen3", tmp_path, use_sliding_window=True, sliding_window=16)
-    res = subprocess.run([*CLI, "embed", str(_jsonl(tmp_path / "t.jsonl", ["a"])), "--out",
+    res = subprocess.run([*CLI, "embed", str(jsonl(tmp_path / "t.jsonl", ["a"])), "--out",
                           str(tmp_path / "o.npy"), "--model", str(directory), "--workers", "1",
                           "--no-cache"], capture_output=True, text=True, timeout=300,
                          check=False,
-                         env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")})
+                         env=cache_env(tmp_path / "cache"))
     assert res.returncode == 2, res.stderr
     assert "use_sliding_window = True" in res.stderr and "Traceback" not in res.stderr
 
@@ -495,11 +426,11 @@ def test_a_model_that_cannot_fit_at_any_precision_is_refused_before_work(fx: Fix
 @pytest.mark.slow
 def test_cli_refuses_a_model_that_cannot_fit_in_one_line(tmp_path: Path) -> None:
     fx = load_fixture("qwen3")
-    res = subprocess.run([*CLI, "embed", str(_jsonl(tmp_path / "t.jsonl", ["a"])), "--out",
+    res = subprocess.run([*CLI, "embed", str(jsonl(tmp_path / "t.jsonl", ["a"])), "--out",
                           str(tmp_path / "o.npy"), "--model", str(fx.model.directory),
                           "--max-memory", "1M", "--workers", "1", "--no-cache"],
                          capture_output=True, text=True, timeout=300, check=False,
-                         env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")})
+                         env=cache_env(tmp_path / "cache"))
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot run in the memory available here" in lines[0], res.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_families import cosines, load_fixture
+from family_support import cosines, load_fixture
 
 from embedpool.engine import EngineSpec
 from embedpool.tokenization import TextTokenizer

@@ -21,11 +21,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import onnx
-import onnxruntime as ort
 import pytest
 from engines import ENGINES
+from family_support import (
+    F32,
+    FIXTURES,
+    Fixture,
+    LongFixture,
+    copy_model,
+    cosines,
+    embed,
+    embed_alone,
+    encode,
+    encoder_graph,
+    load_fixture,
+    load_long_golden,
+    long_cosine,
+    prompted,
+    run_graph,
+)
 
 from embedpool.engine import Engine
 from embedpool.errors import ModelError
@@ -36,27 +51,7 @@ from embedpool.models import ResolvedModel, resolve_model
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import LongTextMode
 
-FIXTURES = Path(__file__).parent / "fixtures" / "families"
 NAMES = ["xlmr", "nomic", "modernbert"]
-F32 = npt.NDArray[np.float32]
-
-
-@dataclasses.dataclass(frozen=True)
-class Fixture:
-    model: ResolvedModel
-    texts: list[str]
-    input_ids: list[list[int]]
-    vectors: F32
-    query_vectors: F32
-    prompt_name: str
-
-
-def load_fixture(name: str, directory: Path | None = None) -> Fixture:
-    root = FIXTURES / name
-    gold = json.loads((root / "golden.json").read_text(encoding="utf-8"))
-    vecs = np.load(root / "golden.npz")
-    return Fixture(resolve_model(directory or root / "model"), gold["texts"], gold["input_ids"],
-                   vecs["vectors"], vecs["query_vectors"], gold["prompt_name"])
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -69,12 +64,6 @@ def graphs(fixture: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     """fp32 and int8 graphs of the fixture, built once by prepare_onnx."""
     cache = tmp_path_factory.mktemp("onnx")
     return {p: prepare_onnx(fixture.model, p, cache) for p in ("fp32", "int8")}
-
-
-def embed(model: ResolvedModel, path: Path, texts: list[str]) -> F32:
-    """One padded batch, as the goldens were made."""
-    seqs = TextTokenizer(model.tokenizer_path, model.max_length).encode(texts).sequences
-    return Engine.for_model(path, model, threads=1).embed(seqs)
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -94,12 +83,7 @@ def fp32_engine(request: pytest.FixtureRequest, fixture: Fixture, graphs: dict[s
 
 
 def embed_on(engine: Engine, model: ResolvedModel, texts: list[str]) -> F32:
-    seqs = TextTokenizer(model.tokenizer_path, model.max_length).encode(texts).sequences
-    return engine.embed(seqs)
-
-
-def cosines(a: F32, b: F32) -> F32:
-    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # type: ignore[no-any-return]
+    return engine.embed(encode(model, texts))
 
 
 def test_tokens_match_the_reference_tokenizer(fixture: Fixture) -> None:
@@ -115,9 +99,8 @@ def test_fp32_matches_reference(fixture: Fixture, fp32_engine: Engine) -> None:
 
 def test_prompted_texts_match_reference(fixture: Fixture, fp32_engine: Engine) -> None:
     """sentence-transformers prepends the prompt to the text: so does this."""
-    cfg = json.loads((fixture.model.directory / "config_sentence_transformers.json").read_text())
-    texts = [cfg["prompts"][fixture.prompt_name] + t for t in fixture.texts]
-    cos = cosines(embed_on(fp32_engine, fixture.model, texts), fixture.query_vectors)
+    cos = cosines(embed_on(fp32_engine, fixture.model, prompted(fixture)),
+                  fixture.query_vectors)
     assert cos.min() >= 0.9999, cos
 
 
@@ -144,22 +127,6 @@ def test_openvino_reads_the_fused_graph_exactly_where_listed(fixture: Fixture,
     except RuntimeError:
         converts = False
     assert converts == (fam.NAME in FUSED_CONVERTS), fam.NAME
-
-
-def run_graph(graph: onnx.ModelProto, fixture: Fixture) -> F32:
-    """The fixture's texts through an in-memory graph, in one right-padded batch."""
-    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    seqs = TextTokenizer(fixture.model.tokenizer_path,
-                         fixture.model.max_length).encode(fixture.texts).sequences
-    ids = np.zeros((len(seqs), max(len(s) for s in seqs)), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = s, 1
-    feeds = {"input_ids": ids, "attention_mask": mask}
-    if "token_type_ids" in {i.name for i in sess.get_inputs()}:
-        feeds["token_type_ids"] = np.zeros_like(ids)
-    out: F32 = sess.run(None, feeds)[0]
-    return out
 
 
 def test_unfused_graph_matches_reference(fixture: Fixture) -> None:
@@ -203,18 +170,7 @@ def test_attention_variants_match_reference(kind: str) -> None:
     fixture = load_fixture("modernbert")
     fam, cfg = _family(fixture.model)
     weights = fam.load_weights(fixture.model.weights_path, cfg)
-    from embedpool.graph.builder import GraphBuilder
-    from embedpool.graph.head import apply_head
-
-    g = GraphBuilder()
-    enc = fam.build_encoder(g, weights, cfg, fused=True, attention=kind)
-    apply_head(g, enc.hidden, enc.width, fixture.model.head, "sentence_embedding")
-    from onnx import TensorProto, helper
-
-    graph = g.finish("m", [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
-                           for n in ("input_ids", "attention_mask")],
-                     [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
-                                                    None)], producer_version="test")
+    graph = encoder_graph(fam, weights, cfg, fixture, attention=kind)
     cos = cosines(run_graph(graph, fixture), fixture.vectors)
     assert cos.min() >= 0.9999, cos
 
@@ -231,7 +187,7 @@ def test_vector_ignores_batch_neighbours(fixture: Fixture, graphs: dict[str, Pat
                                          precision: str) -> None:
     """Padding is masked: a text alone and padded next to the longest one, one vector."""
     batch = embed(fixture.model, graphs[precision], fixture.texts)
-    alone = np.concatenate([embed(fixture.model, graphs[precision], [t]) for t in fixture.texts])
+    alone = embed_alone(fixture.model, graphs[precision], fixture.texts)
     assert cosines(batch, alone).min() >= 0.99999
 
 
@@ -263,20 +219,6 @@ def test_pool_on_openvino_matches_reference(fixture: Fixture, tmp_path: Path,
 
 
 # --- XLM-RoBERTa ---------------------------------------------------------------------------
-
-def copy_model(name: str, tmp: Path, **config_changes: Any) -> Path:
-    """A copy of a fixture's model directory with config.json edited (None drops a key)."""
-    dst = tmp / name
-    shutil.copytree(FIXTURES / name / "model", dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    for key, value in config_changes.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
 
 def test_roberta_model_type_builds_the_same_graph(tmp_path: Path) -> None:
     fx = load_fixture("xlmr", copy_model("xlmr", tmp_path, model_type="roberta"))
@@ -367,27 +309,18 @@ LONG = ["nomic", "modernbert"]
 POSITIONS_KEY = {"nomic": "n_positions", "modernbert": "max_position_embeddings"}
 
 
-@dataclasses.dataclass(frozen=True)
-class LongFixture:
-    model: ResolvedModel
-    text: str
-    input_ids: list[int]
-    vector: F32
-
-
 def load_long(name: str, tmp: Path) -> LongFixture:
     """The fixture with its max length and positions raised to 8,192, and one text of
     7,680-8,192 tokens (30 x MiniLM's 256-token window) with the reference's vector
     (``scripts/make_family_fixtures.py --long``)."""
-    meta = json.loads((FIXTURES / name / "long.json").read_text(encoding="utf-8"))
-    gold = np.load(FIXTURES / name / "long.npz")
-    directory = copy_model(name, tmp, **{POSITIONS_KEY[name]: meta["max_seq_length"]})
+    long = load_long_golden(name)
+    directory = copy_model(name, tmp, **{POSITIONS_KEY[name]: long.max_seq_length})
     st = json.loads((directory / "sentence_bert_config.json").read_text())
-    st["max_seq_length"] = meta["max_seq_length"]
+    st["max_seq_length"] = long.max_seq_length
     (directory / "sentence_bert_config.json").write_text(json.dumps(st))
     model = resolve_model(directory)
-    assert model.max_length == meta["max_seq_length"] == 8192
-    return LongFixture(model, meta["text"], gold["input_ids"].tolist(), gold["vector"])
+    assert model.max_length == long.max_seq_length == 8192
+    return LongFixture(model, long.text, long.input_ids, long.vector)
 
 
 @pytest.fixture(scope="module", params=LONG)
@@ -419,8 +352,7 @@ def test_long_text_matches_reference(long_fixture: LongFixture, long_graphs: dic
     ModernBERT) block-local windows far from the start: the reference's vector, padded in a
     batch next to a short text."""
     fx = long_fixture
-    got = embed(fx.model, long_graphs[precision], [fx.text, "x"])[:1]
-    cos = float(cosines(got, fx.vector[None])[0])
+    cos = long_cosine(fx.model, long_graphs[precision], fx)
     assert cos >= (0.9999 if precision == "fp32" else 0.97), cos
 
 

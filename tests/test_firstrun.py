@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from family_support import free_port, wait_started
 
 from embedpool import events
 from embedpool.graph import cache_path, prepare_onnx
@@ -247,12 +247,6 @@ def test_a_first_run_waits_for_the_builder_then_uses_its_graph(
 # --- real memory limits ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.cgroup
 def test_first_run_embed_and_serve_fit_600mb(tmp_path: Path, real_model: ResolvedModel,
@@ -274,19 +268,13 @@ def test_first_run_embed_and_serve_fit_600mb(tmp_path: Path, real_model: Resolve
     assert cos.mean() >= INT8_BAR[0] and cos.min() >= INT8_BAR[1], cos
 
     cg2 = cgroup_factory(600 * MiB)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(cg2.wrap([*CLI, "serve", "--port", str(port), "--no-cache"]),
                               env=_env(tmp_path / "serve-cache"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
     said: list[str] = []
     try:
-        assert server.stderr is not None
-        for line in server.stderr:  # blocks until uvicorn reports; ends if the server exits
-            said.append(line)
-            if "Application startup complete" in line:
-                break
-        else:
-            pytest.fail(f"serve exited {server.wait()} before it started")
+        said = wait_started(server)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
                         max_retries=0, timeout=120.0)
         texts = _reference()[0][:8]

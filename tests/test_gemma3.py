@@ -15,37 +15,45 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import onnx
 import pytest
-from test_families import (
+from family_support import (
+    CLI,
     F32,
     FIXTURES,
     Fixture,
+    LongFixture,
+    cache_env,
+    cli_embed_query,
     copy_model,
     cosines,
     embed,
+    embed_alone,
+    encoder_graph,
+    free_port,
     load_fixture,
+    load_long_golden,
+    long_cosine,
+    openai_vectors,
+    prompted,
     run_graph,
+    serve_matches_reference,
 )
 
 from embedpool.errors import ModelError
 from embedpool.graph import _family, prepare_onnx
 from embedpool.graph.compose import compose
 from embedpool.graph.families import family_for, gemma3, model_memory, parse_config
-from embedpool.models import ResolvedModel, resolve_model
+from embedpool.models import resolve_model
 from embedpool.tokenization import TextTokenizer
 
 NAME = "gemma3"
-CLI = [sys.executable, "-m", "embedpool"]
 #: A Ray server's start: joining the cluster, shipping the model, the actor's graph build.
 RAY_START_S = 240.0
 
@@ -59,11 +67,6 @@ def fx() -> Fixture:
 def graphs(fx: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cache = tmp_path_factory.mktemp("onnx")
     return {p: prepare_onnx(fx.model, p, cache) for p in ("fp32", "int8")}
-
-
-def prompted(fx: Fixture) -> list[str]:
-    cfg = json.loads((fx.model.directory / "config_sentence_transformers.json").read_text())
-    return [cfg["prompts"][fx.prompt_name] + t for t in fx.texts]
 
 
 # --- fidelity --------------------------------------------------------------------------------
@@ -99,20 +102,11 @@ def test_int8_matches_reference(fx: Fixture, graphs: dict[str, Path]) -> None:
     assert cos.mean() >= 0.99 and cos.min() >= 0.97, cos
 
 
-def alone(fx: Fixture, graph: Path) -> F32:
-    """Each text in a batch of its own, through one engine."""
-    from embedpool.engine import Engine
-
-    engine = Engine.for_model(graph, fx.model, threads=1)
-    tok = TextTokenizer(fx.model.tokenizer_path, fx.model.max_length)
-    return np.concatenate([engine.embed(tok.encode([t]).sequences) for t in fx.texts])
-
-
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_vector_ignores_batch_neighbours(fx: Fixture, graphs: dict[str, Path],
                                          precision: str) -> None:
     batch = embed(fx.model, graphs[precision], fx.texts)
-    assert cosines(batch, alone(fx, graphs[precision])).min() >= 0.99999
+    assert cosines(batch, embed_alone(fx.model, graphs[precision], fx.texts)).min() >= 0.99999
 
 
 def test_unfused_graph_matches_reference(fx: Fixture) -> None:
@@ -153,7 +147,7 @@ def test_both_window_branches_match_reference(fx: Fixture, graphs: dict[str, Pat
     half = gemma3.parse_config(fx.model.config).window_half
     lengths = [len(ids) for ids in fx.input_ids]
     assert min(lengths) <= half + 1 < max(lengths)
-    cos = cosines(alone(fx, graphs["fp32"]), fx.vectors)
+    cos = cosines(embed_alone(fx.model, graphs["fp32"], fx.texts), fx.vectors)
     assert cos.min() >= 0.9999, cos
 
 
@@ -163,18 +157,7 @@ def test_attention_variants_match_reference(fx: Fixture, kind: str) -> None:
     [seq, seq] window bias, and Softmax attention in standard ops."""
     fam, cfg = _family(fx.model)
     weights = fam.load_weights(fx.model.weights_path, cfg)
-    from onnx import TensorProto, helper
-
-    from embedpool.graph.builder import GraphBuilder
-    from embedpool.graph.head import apply_head
-
-    g = GraphBuilder()
-    enc = fam.build_encoder(g, weights, cfg, fused=True, attention=kind)
-    apply_head(g, enc.hidden, enc.width, fx.model.head, "sentence_embedding")
-    graph = g.finish("m", [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
-                           for n in ("input_ids", "attention_mask")],
-                     [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
-                                                    None)], producer_version="test")
+    graph = encoder_graph(fam, weights, cfg, fx, attention=kind)
     cos = cosines(run_graph(graph, fx), fx.vectors)
     assert cos.min() >= 0.9999, cos
 
@@ -222,24 +205,13 @@ def test_a_window_wider_than_the_positions_is_global(fx: Fixture) -> None:
     within 150 of 128 positions) is built as global attention, no If and no blocks; the same
     vectors as masked attention with the window as a [seq, seq] bias (positions raised so
     that the window is kept)."""
-    from onnx import TensorProto, helper
-
-    from embedpool.graph.builder import GraphBuilder
-    from embedpool.graph.head import apply_head
-
     fam, cfg = _family(fx.model)
     weights = fam.load_weights(fx.model.weights_path, cfg)
     wide = dataclasses.replace(cfg, sliding_window=300)
     graph = compose(fam, weights, wide, fx.model.head)
     assert "If" not in {n.op_type for n in graph.graph.node}
-    g = GraphBuilder()
-    enc = fam.build_encoder(g, weights, dataclasses.replace(wide, max_positions=512),
-                            attention="mha")
-    apply_head(g, enc.hidden, enc.width, fx.model.head, "sentence_embedding")
-    masked = g.finish("m", [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
-                            for n in ("input_ids", "attention_mask")],
-                      [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
-                                                     None)], producer_version="test")
+    masked = encoder_graph(fam, weights, dataclasses.replace(wide, max_positions=512), fx,
+                           attention="mha")
     assert "Abs" in {n.op_type for n in masked.graph.node}  # the window bias is there
     assert cosines(run_graph(graph, fx), run_graph(masked, fx)).min() >= 0.99999
 
@@ -339,26 +311,17 @@ def test_known_model_lists_its_prompts_and_memory() -> None:
 
 # --- long context ----------------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class LongFixture:
-    model: ResolvedModel
-    text: str
-    input_ids: list[int]
-    vector: F32
-
-
 def load_long(tmp: Path) -> LongFixture:
     """The fixture with its positions and max length raised to 8,192 (as the script raised
     them for the reference), and the long text's golden."""
-    meta = json.loads((FIXTURES / NAME / "long.json").read_text(encoding="utf-8"))
-    gold = np.load(FIXTURES / NAME / "long.npz")
-    directory = copy_model(NAME, tmp, max_position_embeddings=meta["max_seq_length"])
+    long = load_long_golden(NAME)
+    directory = copy_model(NAME, tmp, max_position_embeddings=long.max_seq_length)
     tok_cfg = json.loads((directory / "tokenizer_config.json").read_text())
-    tok_cfg["model_max_length"] = meta["max_seq_length"]
+    tok_cfg["model_max_length"] = long.max_seq_length
     (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     model = resolve_model(directory)
     assert model.max_length == 8192
-    return LongFixture(model, meta["text"], gold["input_ids"].tolist(), gold["vector"])
+    return LongFixture(model, long.text, long.input_ids, long.vector)
 
 
 @pytest.fixture(scope="module")
@@ -379,8 +342,7 @@ def test_long_text_matches_reference(long_fx: LongFixture, tmp_path_factory: pyt
     """4,127 tokens: rotary positions thousands out, windows far from the start, the global
     layer's FlashAttention over every key; padded in a batch next to a one-token text."""
     path = prepare_onnx(long_fx.model, precision, tmp_path_factory.mktemp("long-onnx"))  # type: ignore[arg-type]
-    got = embed(long_fx.model, path, [long_fx.text, "x"])[:1]
-    cos = float(cosines(got, long_fx.vector[None])[0])
+    cos = long_cosine(long_fx.model, path, long_fx)
     assert cos >= (0.9999 if precision == "fp32" else 0.97), cos
 
 
@@ -410,65 +372,21 @@ def test_pool_matches_reference_with_prompts(fx: Fixture, long_fx: LongFixture, 
     assert cosines(got[1:], long_fx.vector[None])[0] >= 0.97
 
 
-def _jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
-                            for i, t in enumerate(texts)))
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_cli_embeds_with_the_query_prompt(fx: Fixture, tmp_path: Path, precision: str) -> None:
-    out = tmp_path / "q.npy"
-    res = subprocess.run([*CLI, "embed", str(_jsonl(tmp_path / "t.jsonl", fx.texts)), "--out",
-                          str(out), "--model", str(fx.model.directory), "--precision", precision,
-                          "--prompt-name", "query", "--workers", "1", "--no-cache", "-q"],
-                         capture_output=True, text=True, timeout=300, check=False,
-                         env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")})
-    assert res.returncode == 0, res.stderr
-    cos = cosines(np.load(out), fx.query_vectors)
+    cos = cosines(cli_embed_query(fx, tmp_path, precision), fx.query_vectors)
     if precision == "fp32":
         assert cos.min() >= 0.9999, cos
     else:
         assert cos.mean() >= 0.99 and cos.min() >= 0.97, cos
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_serve_answers_the_openai_client(fx: Fixture, tmp_path: Path) -> None:
     """``embedpool serve`` on 127.0.0.1 with a pool worker, asked by the official openai
     client: plain texts and ``prompt_name: query``, both equal to the reference."""
-    from openai import OpenAI
-
-    port = _free_port()
-    server = subprocess.Popen([*CLI, "serve", "--model", str(fx.model.directory), "--precision",
-                               "fp32", "--workers", "1", "--port", str(port), "--no-cache"],
-                              env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    said: list[str] = []
-    try:
-        assert server.stderr is not None
-        for line in server.stderr:  # blocks until uvicorn reports; ends if the server exits
-            said.append(line)
-            if "Application startup complete" in line:
-                break
-        else:
-            pytest.fail(f"serve exited {server.wait()} before it started: {''.join(said)}")
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused",
-                        max_retries=0, timeout=120.0)
-        for extra, want in (({}, fx.vectors), ({"prompt_name": "query"}, fx.query_vectors)):
-            got = client.embeddings.create(model=str(fx.model.directory), input=fx.texts,
-                                           extra_body=extra)
-            vecs = np.array([d.embedding for d in got.data], dtype=np.float32)
-            assert cosines(vecs, want).min() >= 0.9999
-    finally:
-        server.terminate()
-        server.communicate(timeout=60)
+    serve_matches_reference(fx, tmp_path)
 
 
 @pytest.mark.slow
@@ -479,16 +397,15 @@ def test_serve_on_ray_answers_the_openai_client(fx: Fixture, ray_cluster: Module
     travel to the actors, which build the graph; plain and query-prompt vectors equal the
     reference."""
     import httpx
-    from openai import OpenAI
 
     address = os.environ.get("RAY_ADDRESS") or ray_cluster.get_runtime_context().gcs_address
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([*CLI, "serve", "--backend", "ray", "--ray-address", address,
                              "--model", str(fx.model.directory), "--precision", "fp32",
                              "--workers", "1", "--port", str(port), "--no-cache",
                              "--log-level", "warning"],
-                            env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")},
+                            env=cache_env(tmp_path / "cache"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + RAY_START_S
@@ -501,12 +418,8 @@ def test_serve_on_ray_answers_the_openai_client(fx: Fixture, ray_cluster: Module
                 pass
             assert time.monotonic() < deadline, "the Ray server did not get ready"
             time.sleep(0.2)
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120.0)
-        for extra, want in (({}, fx.vectors), ({"prompt_name": "query"}, fx.query_vectors)):
-            got = client.embeddings.create(model=str(fx.model.directory), input=fx.texts,
-                                           extra_body=extra)
-            vecs = np.array([d.embedding for d in got.data], dtype=np.float32)
-            assert cosines(vecs, want).min() >= 0.9999
+        for got, want in openai_vectors(f"{url}/v1", fx):
+            assert cosines(got, want).min() >= 0.9999
     finally:
         proc.terminate()
         try:
