@@ -84,7 +84,6 @@ shape: the fp32 graph is 1,178 MiB, int8 314 MiB (the word table as int8 rows).
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -94,7 +93,6 @@ import numpy as np
 from embedpool.errors import ModelError
 from embedpool.graph.builder import INPUT_IDS, Array, Encoder, GraphBuilder, linear_t
 from embedpool.graph.families import decoder, layers
-from embedpool.types import Pooling
 
 if TYPE_CHECKING:
     import onnx
@@ -219,13 +217,8 @@ def _sliding_window(config: Mapping[str, Any]) -> int:
 
 
 def _layer_types(config: Mapping[str, Any], n_layers: int, where: str) -> tuple[str, ...]:
-    given = config.get("layer_types")
-    if given is not None:
-        types = tuple(str(t) for t in given)
-        bad = sorted(set(types) - set(LAYER_TYPES))
-        if bad or len(types) != n_layers:
-            raise ModelError(f"{where}: layer_types {list(types)} must name {n_layers} layers, "
-                             f"each one of {list(LAYER_TYPES)}")
+    types = layers.listed_layer_types(config, n_layers, where, LAYER_TYPES)
+    if types is not None:
         return types
     # transformers reads `sliding_window_pattern` (not the `_sliding_window_pattern` it saves)
     every = config.get("sliding_window_pattern")
@@ -416,15 +409,8 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: Gemma3Conf
     return Encoder(normed, cfg.hidden_size)
 
 
-def build_model(weights: Mapping[str, Array], cfg: Gemma3Config, *, pooling: Pooling,
-                fused: bool = True, int8_ready: bool = False, name: str = "gemma3"
-                ) -> onnx.ModelProto:
-    """The whole model (encoder + one pooling + normalisation), for tests and benchmarks."""
-    from embedpool.graph.compose import compose
-    from embedpool.modelspec import HeadSpec, PoolingSpec
-
-    return compose(sys.modules[__name__], weights, cfg, HeadSpec(PoolingSpec((pooling,))),
-                   fused=fused, int8_ready=int8_ready, name=name)
+#: The whole model (the encoder + one pooling + normalisation), for tests and benchmarks.
+build_model = layers.model_builder(__name__, "gemma3")
 
 
 # --- the family interface (see embedpool.graph.families) ------------------------------------

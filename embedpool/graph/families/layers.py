@@ -14,17 +14,27 @@ Conventions: activations are ``[batch, seq, hidden]``; sequences are right-padde
 ``embedpool.engine`` feeds), so every position id is ``arange(seq)`` and the padding mask only
 has to hide padded *keys*. Every linear goes through ``GraphBuilder.linear`` with its role
 (q, k, v, attn_out, ffn_up, ffn_gate, ffn_down), the names the int8 recipe keys on.
+
+Also what every family module would otherwise repeat: the checked ``layer_types`` list of a
+config, and the ``build_model`` of each family module (``model_builder``).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from embedpool.errors import ModelError
 from embedpool.graph.builder import ATTENTION_MASK, MS_DOMAIN, Array, GraphBuilder, LinearRole
+from embedpool.types import Pooling
+
+if TYPE_CHECKING:
+    import onnx
 
 #: Masked-out score bias of the plain graphs: zeroes a softmax weight in fp32 and cannot
 #: overflow when added to a score (HF uses dtype min, which two masks added would overflow).
@@ -449,3 +459,41 @@ def qkv(g: GraphBuilder, x: str, w: Mapping[str, Array], name: str, layer: int
     roles: tuple[LinearRole, ...] = ("q", "k", "v")
     q, k, v = (g.linear(x, w[r], f"{name}.{r}", role=r, layer=layer) for r in roles)
     return q, k, v
+
+
+# --- what every family module has ------------------------------------------------------------
+
+def listed_layer_types(config: Mapping[str, Any], n_layers: int, where: str,
+                       allowed: tuple[str, ...]) -> tuple[str, ...] | None:
+    """config.json's ``layer_types``, checked (one a layer, each one of ``allowed``); None
+    when the config has none (the family derives them from its own field)."""
+    given = config.get("layer_types")
+    if given is None:
+        return None
+    types = tuple(str(t) for t in given)
+    bad = sorted(set(types) - set(allowed))
+    if bad or len(types) != n_layers:
+        raise ModelError(f"{where}: layer_types {list(types)} must name {n_layers} layers, "
+                         f"each one of {list(allowed)}")
+    return types
+
+
+class BuildModel(Protocol):
+    def __call__(self, weights: Mapping[str, Array], cfg: Any, *, pooling: Pooling,
+                 fused: bool = True, int8_ready: bool = False, name: str = ...
+                 ) -> onnx.ModelProto: ...
+
+
+def model_builder(module: str, default_name: str) -> BuildModel:
+    """A family module's ``build_model``: the whole model (the family's encoder + one pooling
+    + normalisation) through ``compose``, for tests and benchmarks. ``module`` is the family
+    module's ``__name__`` (looked up when called: the module is still loading here)."""
+    def build_model(weights: Mapping[str, Array], cfg: Any, *, pooling: Pooling,
+                    fused: bool = True, int8_ready: bool = False, name: str = default_name
+                    ) -> onnx.ModelProto:
+        from embedpool.graph.compose import compose
+        from embedpool.modelspec import HeadSpec, PoolingSpec
+
+        return compose(sys.modules[module], weights, cfg, HeadSpec(PoolingSpec((pooling,))),
+                       fused=fused, int8_ready=int8_ready, name=name)
+    return build_model

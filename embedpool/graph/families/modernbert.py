@@ -36,20 +36,15 @@ texts), and its memory grows linearly with length (see layers.flash_attention).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from embedpool.errors import ModelError
 from embedpool.graph.builder import INPUT_IDS, Array, Encoder, GraphBuilder
 from embedpool.graph.families import layers
-from embedpool.types import Pooling
-
-if TYPE_CHECKING:
-    import onnx
 
 NAME = "modernbert"
 BUILDER_VERSION = 1
@@ -109,13 +104,8 @@ class ModernBertConfig:
 
 
 def _layer_types(config: Mapping[str, Any], n_layers: int, where: str) -> tuple[str, ...]:
-    given = config.get("layer_types")
-    if given is not None:
-        types = tuple(str(t) for t in given)
-        bad = sorted(set(types) - set(LAYER_TYPES))
-        if bad or len(types) != n_layers:
-            raise ModelError(f"{where}: layer_types {list(types)} must name {n_layers} layers, "
-                             f"each one of {list(LAYER_TYPES)}")
+    types = layers.listed_layer_types(config, n_layers, where, LAYER_TYPES)
+    if types is not None:
         return types
     every = int(config.get("global_attn_every_n_layers", 3))
     if every < 1:
@@ -224,15 +214,8 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: ModernBert
     return Encoder(normed, cfg.hidden_size)
 
 
-def build_model(weights: Mapping[str, Array], cfg: ModernBertConfig, *, pooling: Pooling,
-                fused: bool = True, int8_ready: bool = False, name: str = "modernbert"
-                ) -> onnx.ModelProto:
-    """The whole model (encoder + one pooling + normalisation), for tests and benchmarks."""
-    from embedpool.graph.compose import compose
-    from embedpool.modelspec import HeadSpec, PoolingSpec
-
-    return compose(sys.modules[__name__], weights, cfg, HeadSpec(PoolingSpec((pooling,))),
-                   fused=fused, int8_ready=int8_ready, name=name)
+#: The whole model (the encoder + one pooling + normalisation), for tests and benchmarks.
+build_model = layers.model_builder(__name__, "modernbert")
 
 
 # --- the family interface (see embedpool.graph.families) ------------------------------------

@@ -37,20 +37,15 @@ for one Softmax attention at 8,192 tokens (layers.flash_attention), which is wha
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from embedpool.errors import ModelError
 from embedpool.graph.builder import INPUT_IDS, Array, Encoder, GraphBuilder, linear_t
 from embedpool.graph.families import layers
-from embedpool.types import Pooling
-
-if TYPE_CHECKING:
-    import onnx
 
 NAME = "nomic_bert"
 BUILDER_VERSION = 1
@@ -241,15 +236,8 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: NomicConfi
     return Encoder(x, cfg.hidden_size)
 
 
-def build_model(weights: Mapping[str, Array], cfg: NomicConfig, *, pooling: Pooling,
-                fused: bool = True, int8_ready: bool = False, name: str = "nomic"
-                ) -> onnx.ModelProto:
-    """The whole model (encoder + one pooling + normalisation), for tests and benchmarks."""
-    from embedpool.graph.compose import compose
-    from embedpool.modelspec import HeadSpec, PoolingSpec
-
-    return compose(sys.modules[__name__], weights, cfg, HeadSpec(PoolingSpec((pooling,))),
-                   fused=fused, int8_ready=int8_ready, name=name)
+#: The whole model (the encoder + one pooling + normalisation), for tests and benchmarks.
+build_model = layers.model_builder(__name__, "nomic")
 
 
 # --- the family interface (see embedpool.graph.families) ------------------------------------

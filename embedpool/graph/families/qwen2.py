@@ -50,18 +50,13 @@ every head's [seq, seq] scores (4.3 GB for 16 heads at 8,192 tokens).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from embedpool.errors import ModelError
 from embedpool.graph.builder import INPUT_IDS, Array, Encoder, GraphBuilder, linear_t
 from embedpool.graph.families import decoder, layers
-from embedpool.types import Pooling
-
-if TYPE_CHECKING:
-    import onnx
 
 NAME = "qwen2"
 BUILDER_VERSION = 1
@@ -283,12 +278,5 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: DecoderCon
     return Encoder(normed, cfg.hidden_size)
 
 
-def build_model(weights: Mapping[str, Array], cfg: DecoderConfig, *, pooling: Pooling,
-                fused: bool = True, int8_ready: bool = False, name: str = "qwen2"
-                ) -> onnx.ModelProto:
-    """The whole model (decoder + one pooling + normalisation), for tests and benchmarks."""
-    from embedpool.graph.compose import compose
-    from embedpool.modelspec import HeadSpec, PoolingSpec
-
-    return compose(sys.modules[__name__], weights, cfg, HeadSpec(PoolingSpec((pooling,))),
-                   fused=fused, int8_ready=int8_ready, name=name)
+#: The whole model (the decoder + one pooling + normalisation), for tests and benchmarks.
+build_model = layers.model_builder(__name__, "qwen2")

@@ -21,18 +21,12 @@ bidirectional.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from embedpool.errors import ModelError
-from embedpool.graph.builder import Array
-from embedpool.graph.families import qwen2
+from embedpool.graph.families import layers, qwen2
 from embedpool.graph.families.qwen2 import DecoderConfig
-from embedpool.types import Pooling
-
-if TYPE_CHECKING:
-    import onnx
 
 NAME = "qwen3"
 BUILDER_VERSION = 1
@@ -51,12 +45,5 @@ load_weights = qwen2.load_weights
 build_encoder = qwen2.build_encoder
 
 
-def build_model(weights: Mapping[str, Array], cfg: DecoderConfig, *, pooling: Pooling,
-                fused: bool = True, int8_ready: bool = False, name: str = "qwen3"
-                ) -> onnx.ModelProto:
-    """The whole model (decoder + one pooling + normalisation), for tests and benchmarks."""
-    from embedpool.graph.compose import compose
-    from embedpool.modelspec import HeadSpec, PoolingSpec
-
-    return compose(sys.modules[__name__], weights, cfg, HeadSpec(PoolingSpec((pooling,))),
-                   fused=fused, int8_ready=int8_ready, name=name)
+#: The whole model (the decoder + one pooling + normalisation), for tests and benchmarks.
+build_model = layers.model_builder(__name__, "qwen3")

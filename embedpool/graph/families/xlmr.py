@@ -27,10 +27,9 @@ its max length of 512: the fused graph 2% and **11% faster**, as BERT's (bert.py
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -44,11 +43,7 @@ from embedpool.graph.builder import (
     GraphBuilder,
 )
 from embedpool.graph.families import bert
-from embedpool.graph.families.layers import gather_rows
-from embedpool.types import Pooling
-
-if TYPE_CHECKING:
-    import onnx
+from embedpool.graph.families.layers import gather_rows, model_builder
 
 NAME = "xlm-roberta"
 #: Bump when the emitted graph changes for the same weights; part of every cache key.
@@ -132,15 +127,8 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: RobertaCon
     return Encoder(hidden, cfg.bert.hidden_size)
 
 
-def build_model(weights: Mapping[str, Array], cfg: RobertaConfig, *, pooling: Pooling,
-                fused: bool = True, int8_ready: bool = False, name: str = "xlmr"
-                ) -> onnx.ModelProto:
-    """The whole model (encoder + one pooling + normalisation), for tests and benchmarks."""
-    from embedpool.graph.compose import compose
-    from embedpool.modelspec import HeadSpec, PoolingSpec
-
-    return compose(sys.modules[__name__], weights, cfg, HeadSpec(PoolingSpec((pooling,))),
-                   fused=fused, int8_ready=int8_ready, name=name)
+#: The whole model (the encoder + one pooling + normalisation), for tests and benchmarks.
+build_model = model_builder(__name__, "xlmr")
 
 
 # --- embeddings ----------------------------------------------------------------------------------
