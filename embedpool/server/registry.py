@@ -365,8 +365,10 @@ class ModelRegistry:
                             "is available to models here: raise the memory limit or serve a "
                             "smaller model", type="server_error", code="model_too_large")
                     if plan.action == "unload":
-                        for name in plan.unload:
-                            await self._unload(self._slot(name))
+                        # one at a time, then plan again: while one stops, a request may
+                        # take another of the chosen (planned and checked with no await
+                        # between, so this one is idle)
+                        await self._unload(self._slot(plan.unload[0]))
                         continue
                     left = deadline - time.monotonic()
                     try:
@@ -407,11 +409,15 @@ class ModelRegistry:
         async with self._lock:
             names = idle_expired([s.resident() for s in self.slots if s.state == "loaded"],
                                  time.monotonic(), self.settings.keep_alive_s)
+            done: list[str] = []
             for name in names:
                 slot = self._slot(name)
-                if slot.state == "loaded" and slot.inflight == 0:
+                # checked again: a request may have used it while the one before stopped
+                if idle_expired([slot.resident()] if slot.state == "loaded" else [],
+                                time.monotonic(), self.settings.keep_alive_s):
                     await self._unload(slot)
-            return names
+                    done.append(name)
+            return done
 
     async def _reap_loop(self) -> None:
         interval = min(REAP_INTERVAL_S, self.settings.keep_alive_s / 4)

@@ -435,3 +435,18 @@ def test_serve_refuses_the_same_model_twice_and_several_on_ray() -> None:
     result = CliRunner().invoke(main, ["serve", "--model", "x", "--model", "y", "--backend",
                                        "ray"])
     assert result.exit_code == 2 and "--backend ray: not supported" in result.output
+
+
+def test_a_large_model_unloads_as_many_idle_ones_as_it_needs(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    a, b, c = three
+    live = start(a, fake(a), ModelSetup(b, fake(b), planned_bytes=1),
+                 ModelSetup(c, fake(c), planned_bytes=2), planned_bytes=1,
+                 model_memory_bytes=2)
+    assert embed(live, b.name).shape == (len(TEXTS), b.dim)
+    assert states(live)[a.name] == states(live)[b.name] == "loaded"  # 1 + 1 fit in 2
+    assert embed(live, c.name).shape == (len(TEXTS), c.dim)
+    assert (states(live)[a.name], states(live)[b.name], states(live)[c.name]) == (
+        "unloaded", "unloaded", "loaded")
+    assert embed(live, a.name).shape == (len(TEXTS), a.dim)  # and back
+    assert (states(live)[a.name], states(live)[c.name]) == ("loaded", "unloaded")
