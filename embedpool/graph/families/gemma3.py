@@ -342,9 +342,7 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: Gemma3Conf
     """Token states [batch, seq, hidden] after the final norm. ``int8_ready`` (fused only):
     the word table as int8 rows; every projection is already a plain MatMul. ``attention``:
     one of layers.ATTENTION_KINDS (default: ``flash`` fused, ``plain`` unfused)."""
-    if int8_ready and not fused:
-        raise ValueError("int8_ready applies to the fused graph only")
-    kind = attention or ("flash" if fused else "plain")
+    kind = layers.attention_kind(attention, fused=fused, int8_ready=int8_ready)
     w, eps = weights, cfg.norm_eps
     nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     table = (w["embed_tokens.weight"] * np.float32(math.sqrt(cfg.hidden_size))).astype(np.float32)

@@ -378,6 +378,15 @@ def local_attention(g: GraphBuilder, q: str, k: str, v: str, lb: LocalBlocks, na
 ATTENTION_KINDS = ("flash", "mha", "plain")
 
 
+def attention_kind(attention: str, *, fused: bool, int8_ready: bool,
+                   default: str = "flash") -> str:
+    """A ``build_encoder``'s attention kind: ``attention`` when given, else ``default`` in the
+    fused graph and ``plain`` in the unfused one. ``int8_ready`` is refused unfused."""
+    if int8_ready and not fused:
+        raise ValueError("int8_ready applies to the fused graph only")
+    return attention or (default if fused else "plain")
+
+
 @dataclass(frozen=True)
 class AttentionPlan:
     """What every attention of one graph shares: its kind and the per-graph mask tensors."""

@@ -167,9 +167,7 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: ModernBert
     """Token states [batch, seq, hidden] after the final norm. ``int8_ready`` (fused only):
     the word table as int8 rows; every projection is already a plain MatMul. ``attention``:
     one of layers.ATTENTION_KINDS (default: ``flash`` fused, ``plain`` unfused)."""
-    if int8_ready and not fused:
-        raise ValueError("int8_ready applies to the fused graph only")
-    kind = attention or ("flash" if fused else "plain")
+    kind = layers.attention_kind(attention, fused=fused, int8_ready=int8_ready)
     w, h, inter = weights, cfg.hidden_size, cfg.intermediate_size
     x = layers.gather_rows(g, w["embeddings.tok_embeddings.weight"], INPUT_IDS, "emb.word",
                            int8=int8_ready)

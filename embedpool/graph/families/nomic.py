@@ -201,9 +201,7 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: NomicConfi
     """Token states [batch, seq, hidden]. ``int8_ready`` (fused only): the word table as int8
     rows; every projection is already a plain MatMul. ``attention``: one of
     layers.ATTENTION_KINDS (default: ``flash`` fused, ``plain`` unfused)."""
-    if int8_ready and not fused:
-        raise ValueError("int8_ready applies to the fused graph only")
-    kind = attention or ("flash" if fused else "plain")
+    kind = layers.attention_kind(attention, fused=fused, int8_ready=int8_ready)
     w = weights
     word = w["embeddings.word_embeddings.weight"]
     types = w.get("embeddings.token_type_embeddings.weight")

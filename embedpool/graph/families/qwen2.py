@@ -235,9 +235,8 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: DecoderCon
     the token table as int8 rows; every projection is a plain MatMul either way.
     ``attention``: one of decoder.ATTENTION_KINDS (default: ``gqa`` fused causal, ``flash``
     fused bidirectional, ``plain`` unfused)."""
-    if int8_ready and not fused:
-        raise ValueError("int8_ready applies to the fused graph only")
-    kind = attention or (("gqa" if cfg.causal else "flash") if fused else "plain")
+    kind = layers.attention_kind(attention, fused=fused, int8_ready=int8_ready,
+                                 default="gqa" if cfg.causal else "flash")
     w = weights
     nh, kvh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_eps
     x = layers.gather_rows(g, w["embed_tokens.weight"], INPUT_IDS, "emb.word", int8=int8_ready)
