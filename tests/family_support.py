@@ -29,6 +29,8 @@ from embedpool.tokenization import TextTokenizer
 FIXTURES = Path(__file__).parent / "fixtures" / "families"
 F32 = npt.NDArray[np.float32]
 CLI = [sys.executable, "-m", "embedpool"]
+#: issue 11's int8 bar against the reference: the mean cosine, and every vector's.
+INT8_MEAN, INT8_MIN = 0.99, 0.97
 
 
 # --- fixtures and goldens --------------------------------------------------------------------
@@ -102,6 +104,29 @@ class LongFixture:
     vector: F32
 
 
+# --- graphs ------------------------------------------------------------------------------------
+
+def prepare_graphs(model: ResolvedModel, cache: Path) -> dict[str, Path]:
+    """The model's fp32 and int8 graphs, built by prepare_onnx into ``cache``."""
+    from embedpool.graph import prepare_onnx
+
+    return {p: prepare_onnx(model, p, cache) for p in ("fp32", "int8")}
+
+
+def checked_unfused_graph(fx: Fixture) -> onnx.ModelProto:
+    """The standard-ops flavour of the fixture's graph, after the ONNX checker with full type
+    inference, and asserted free of contrib ops."""
+    from embedpool.graph import _family
+    from embedpool.graph.compose import compose
+
+    fam, cfg = _family(fx.model)
+    graph = compose(fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head,
+                    fused=False)
+    onnx.checker.check_model(graph, full_check=True)
+    assert not {n.domain for n in graph.graph.node} - {"", "ai.onnx"}
+    return graph
+
+
 # --- embedding ---------------------------------------------------------------------------------
 
 def encode(model: ResolvedModel, texts: list[str]) -> list[Any]:
@@ -122,6 +147,14 @@ def embed_alone(model: ResolvedModel, path: Path, texts: list[str]) -> F32:
 
 def cosines(a: F32, b: F32) -> F32:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # type: ignore[no-any-return]
+
+
+def embedder_matches_reference(embedder: Any, fx: Fixture) -> None:
+    """An Embedder (pool or Ray) gives the reference's vectors for the fixture's texts, plain
+    and with the ``query`` prompt by name."""
+    assert cosines(embedder.embed(fx.texts), fx.vectors).min() >= 0.9999
+    got = embedder.embed(fx.texts, prompt_name="query")
+    assert cosines(got, fx.query_vectors).min() >= 0.9999
 
 
 def long_cosine(model: ResolvedModel, path: Path, long: LongGolden | LongFixture) -> float:

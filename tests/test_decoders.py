@@ -27,18 +27,23 @@ from family_support import (
     CLI,
     F32,
     FIXTURES,
+    INT8_MEAN,
+    INT8_MIN,
     Fixture,
     cache_env,
+    checked_unfused_graph,
     cli_embed_query,
     copy_model,
     cosines,
     embed,
     embed_alone,
+    embedder_matches_reference,
     encoder_graph,
     golden,
     jsonl,
     load_fixture,
     load_long_golden,
+    prepare_graphs,
     run_graph,
     serve_matches_reference,
 )
@@ -51,7 +56,6 @@ from embedpool.models import resolve_model
 from embedpool.tokenization import TextTokenizer
 
 NAMES = ["qwen3", "qwen2"]
-INT8_MEAN, INT8_MIN = 0.99, 0.97
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -61,8 +65,7 @@ def fx(request: pytest.FixtureRequest) -> Fixture:
 
 @pytest.fixture(scope="module")
 def graphs(fx: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    cache = tmp_path_factory.mktemp("onnx")
-    return {p: prepare_onnx(fx.model, p, cache) for p in ("fp32", "int8")}
+    return prepare_graphs(fx.model, tmp_path_factory.mktemp("onnx"))
 
 
 def query_sequences(fx: Fixture) -> list[Any]:
@@ -124,12 +127,7 @@ def test_vector_ignores_batch_neighbours(fx: Fixture, graphs: dict[str, Path],
 def test_unfused_graph_matches_reference(fx: Fixture) -> None:
     """The standard-ops flavour (the benchmark baseline): same vectors, ONNX checker with full
     type inference, no contrib op."""
-    fam, cfg = _family(fx.model)
-    graph = compose(fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head,
-                    fused=False)
-    onnx.checker.check_model(graph, full_check=True)
-    assert not {n.domain for n in graph.graph.node} - {"", "ai.onnx"}
-    cos = cosines(run_graph(graph, fx), fx.vectors)
+    cos = cosines(run_graph(checked_unfused_graph(fx), fx), fx.vectors)
     assert cos.min() >= 0.9999, cos
 
 
@@ -276,9 +274,7 @@ def test_ray_backend_matches_reference(ray_cluster: Any, tmp_path: Path) -> None
 
     fx = load_fixture("qwen3")
     with Embedder(fx.model, precision="fp32", backend="ray") as e:
-        assert cosines(e.embed(fx.texts), fx.vectors).min() >= 0.9999
-        got = e.embed(fx.texts, prompt_name="query")
-        assert cosines(got, fx.query_vectors).min() >= 0.9999
+        embedder_matches_reference(e, fx)
 
 @pytest.mark.slow
 def test_pool_matches_reference_with_prompts(fx: Fixture, tmp_path: Path,
@@ -290,9 +286,7 @@ def test_pool_matches_reference_with_prompts(fx: Fixture, tmp_path: Path,
     monkeypatch.setenv("EMBEDPOOL_CACHE_DIR", str(tmp_path))
     long = load_long_golden(fx.model.directory.parent.name)
     with Embedder(fx.model, precision="fp32", workers=1) as e:
-        assert cosines(e.embed(fx.texts), fx.vectors).min() >= 0.9999
-        got = e.embed(fx.texts, prompt_name="query")
-        assert cosines(got, fx.query_vectors).min() >= 0.9999
+        embedder_matches_reference(e, fx)
         got = e.embed(["x", long.text])
         assert e.last_report.truncated == 0
         assert cosines(got[1:], long.vector[None])[0] >= 0.9999
