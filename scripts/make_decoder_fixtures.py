@@ -53,7 +53,7 @@ from sentence_transformers.sentence_transformer.modules import Pooling
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_family_fixtures import CORPUS, TEXTS, long_text, randomise
+from make_family_fixtures import CORPUS, TEXTS, long_text, randomise, unpadded_ids
 
 SEED = 20261207
 #: Matryoshka width the goldens are also computed at (``truncate_dim``).
@@ -168,9 +168,7 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
         if cos.min() < 0.99999:
             raise SystemExit(f"{name}: the reference differs {what}: {cos}")
     features = st.tokenize(TEXTS)
-    input_ids = [row[m.bool()].tolist() for row, m in zip(features["input_ids"],
-                                                           features["attention_mask"],
-                                                           strict=True)]
+    input_ids = unpadded_ids(features)
     text = long_text(lambda t: len(st.tokenizer(t)["input_ids"]))
     long_ids = st.tokenize([text])["input_ids"][0].numpy()
     long_vec = _encode(st, [text])[0]

@@ -304,6 +304,12 @@ def to_legacy_st_layout(target: Path, spec: dict[str, Any], width: int) -> None:
 
 # --- building one fixture --------------------------------------------------------------------
 
+def unpadded_ids(features: dict[str, Any]) -> list[list[int]]:
+    """Each text's token ids from a padded ``tokenize`` batch (the attention mask's tokens)."""
+    return [row[m.bool()].tolist() for row, m in zip(features["input_ids"],
+                                                     features["attention_mask"], strict=True)]
+
+
 def build(name: str, out: Path, gen: torch.Generator) -> None:
     kind, make = FAMILIES[name]
     tok = train_tokenizer(kind)
@@ -337,9 +343,7 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
     if cos.min() < 0.99999:
         raise SystemExit(f"{name}: the reference depends on batch padding: {cos}")
     features = st.tokenize(TEXTS)
-    input_ids = [row[m.bool()].tolist() for row, m in zip(features["input_ids"],
-                                                           features["attention_mask"],
-                                                           strict=True)]
+    input_ids = unpadded_ids(features)
     if name == "nomic":
         to_nomic_hub_layout(target)
         check_nomic_hub_layout(target, model, features["input_ids"], features["attention_mask"])

@@ -54,7 +54,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, processors, tra
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).parent))
-from make_family_fixtures import CORPUS, TEXTS
+from make_family_fixtures import CORPUS, TEXTS, unpadded_ids
 
 SEED = 20261207
 NAME = "gemma3"
@@ -177,9 +177,7 @@ def build(out: Path, gen: torch.Generator) -> None:
     if cos.min() < 0.99999:
         raise SystemExit(f"the reference depends on batch padding: {cos}")
     features = st.tokenize(TEXTS)
-    input_ids = [row[m.bool()].tolist() for row, m in zip(features["input_ids"],
-                                                           features["attention_mask"],
-                                                           strict=True)]
+    input_ids = unpadded_ids(features)
     if any(ids[0] != 2 or ids[-1] != 1 for ids in input_ids):
         raise SystemExit(f"the tokenizer does not wrap texts in <bos> ... <eos>: {input_ids}")
     np.savez(out / NAME / "golden.npz", vectors=vectors.astype(np.float32),
