@@ -149,6 +149,19 @@ def cosines(a: F32, b: F32) -> F32:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)  # type: ignore[no-any-return]
 
 
+def meets_bar(cos: F32, precision: str) -> None:
+    """fp32: every vector at cos >= 0.9999 to the reference; int8: issue 11's bar."""
+    if precision == "fp32":
+        assert cos.min() >= 0.9999, cos
+    else:
+        assert cos.mean() >= INT8_MEAN and cos.min() >= INT8_MIN, cos
+
+
+def padding_cosines(model: ResolvedModel, path: Path, texts: list[str]) -> F32:
+    """Each text's vector in one padded batch against its vector alone."""
+    return cosines(embed(model, path, texts), embed_alone(model, path, texts))
+
+
 def embedder_matches_reference(embedder: Any, fx: Fixture) -> None:
     """An Embedder (pool or Ray) gives the reference's vectors for the fixture's texts, plain
     and with the ``query`` prompt by name."""

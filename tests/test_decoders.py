@@ -27,7 +27,6 @@ from family_support import (
     CLI,
     F32,
     FIXTURES,
-    INT8_MEAN,
     INT8_MIN,
     Fixture,
     cache_env,
@@ -36,13 +35,14 @@ from family_support import (
     copy_model,
     cosines,
     embed,
-    embed_alone,
     embedder_matches_reference,
     encoder_graph,
     golden,
     jsonl,
     load_fixture,
     load_long_golden,
+    meets_bar,
+    padding_cosines,
     prepare_graphs,
     run_graph,
     serve_matches_reference,
@@ -112,16 +112,13 @@ def test_int8_matches_reference(fx: Fixture, graphs: dict[str, Path]) -> None:
     for got, want in ((embed(fx.model, graphs["int8"], fx.texts), fx.vectors),
                       (embed_sequences(fx, graphs["int8"], query_sequences(fx)),
                        fx.query_vectors)):
-        cos = cosines(got, want)
-        assert cos.mean() >= INT8_MEAN and cos.min() >= INT8_MIN, cos
+        meets_bar(cosines(got, want), "int8")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_vector_ignores_batch_neighbours(fx: Fixture, graphs: dict[str, Path],
                                          precision: str) -> None:
-    batch = embed(fx.model, graphs[precision], fx.texts)
-    alone = embed_alone(fx.model, graphs[precision], fx.texts)
-    assert cosines(batch, alone).min() >= 0.99999
+    assert padding_cosines(fx.model, graphs[precision], fx.texts).min() >= 0.99999
 
 
 def test_unfused_graph_matches_reference(fx: Fixture) -> None:
@@ -295,11 +292,7 @@ def test_pool_matches_reference_with_prompts(fx: Fixture, tmp_path: Path,
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_cli_embeds_with_the_query_prompt(fx: Fixture, tmp_path: Path, precision: str) -> None:
-    cos = cosines(cli_embed_query(fx, tmp_path, precision), fx.query_vectors)
-    if precision == "fp32":
-        assert cos.min() >= 0.9999, cos
-    else:
-        assert cos.mean() >= INT8_MEAN and cos.min() >= INT8_MIN, cos
+    meets_bar(cosines(cli_embed_query(fx, tmp_path, precision), fx.query_vectors), precision)
 
 
 @pytest.mark.slow

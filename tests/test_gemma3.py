@@ -27,8 +27,6 @@ from family_support import (
     CLI,
     F32,
     FIXTURES,
-    INT8_MEAN,
-    INT8_MIN,
     Fixture,
     LongFixture,
     cache_env,
@@ -44,7 +42,9 @@ from family_support import (
     load_fixture,
     load_long_golden,
     long_cosine,
+    meets_bar,
     openai_vectors,
+    padding_cosines,
     prepare_graphs,
     prompted,
     run_graph,
@@ -102,15 +102,13 @@ def test_query_prompt_matches_reference(fx: Fixture, graphs: dict[str, Path]) ->
 
 def test_int8_matches_reference(fx: Fixture, graphs: dict[str, Path]) -> None:
     """issue 11's int8 bar against the reference: mean >= 0.99, every vector >= 0.97."""
-    cos = cosines(embed(fx.model, graphs["int8"], fx.texts), fx.vectors)
-    assert cos.mean() >= INT8_MEAN and cos.min() >= INT8_MIN, cos
+    meets_bar(cosines(embed(fx.model, graphs["int8"], fx.texts), fx.vectors), "int8")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_vector_ignores_batch_neighbours(fx: Fixture, graphs: dict[str, Path],
                                          precision: str) -> None:
-    batch = embed(fx.model, graphs[precision], fx.texts)
-    assert cosines(batch, embed_alone(fx.model, graphs[precision], fx.texts)).min() >= 0.99999
+    assert padding_cosines(fx.model, graphs[precision], fx.texts).min() >= 0.99999
 
 
 def test_unfused_graph_matches_reference(fx: Fixture) -> None:
@@ -373,11 +371,7 @@ def test_pool_matches_reference_with_prompts(fx: Fixture, long_fx: LongFixture, 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_cli_embeds_with_the_query_prompt(fx: Fixture, tmp_path: Path, precision: str) -> None:
-    cos = cosines(cli_embed_query(fx, tmp_path, precision), fx.query_vectors)
-    if precision == "fp32":
-        assert cos.min() >= 0.9999, cos
-    else:
-        assert cos.mean() >= INT8_MEAN and cos.min() >= INT8_MIN, cos
+    meets_bar(cosines(cli_embed_query(fx, tmp_path, precision), fx.query_vectors), precision)
 
 
 @pytest.mark.slow
