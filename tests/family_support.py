@@ -1,7 +1,8 @@
 """Helpers the model-family fidelity tests share (tests/test_families.py, test_decoders.py,
 test_gemma3.py): loading a fixture and its goldens (tests/fixtures/families/<name>/), embedding
 its texts through an engine, an in-memory graph, the CLI or ``embedpool serve``, and cosines
-against the reference. Not a conftest: the test modules import what they use by name.
+against the reference (test_firstrun.py and test_engine_openvino.py use a few). Not a
+conftest: the test modules import what they use by name.
 """
 
 from __future__ import annotations
