@@ -186,7 +186,7 @@ def test_models_build_verifies_and_doctor_lists_it(tmp_path: Path,
     doctor = subprocess.run([*CLI, "doctor"], env=env, capture_output=True, text=True,
                             timeout=120)
     assert doctor.returncode == 0, doctor.stderr
-    assert f"1 built in {tmp_path / 'cache' / 'onnx'}" in doctor.stdout
+    assert f"1 built for {real_model.name} in {tmp_path / 'cache' / 'onnx'}" in doctor.stdout
     assert path.name in doctor.stdout
     # nothing to build the second time: the graph is verified again, not rebuilt
     again = subprocess.run([*CLI, "models", "build"], env=env, capture_output=True, text=True,

@@ -151,8 +151,14 @@ def hf_client(live: LiveServer, key: str = KEY) -> Any:
 
 @pytest.fixture(scope="module")
 def hf(live: LiveServer) -> Iterator[Any]:
-    with hf_client(live) as client:
-        yield client
+    # CI sets HF_HUB_OFFLINE=1 (no hub downloads), which makes huggingface_hub refuse every
+    # request, even to this server on 127.0.0.1: lift it for these clients only.
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        with hf_client(live) as client:
+            yield client
 
 
 def test_inference_client_feature_extraction(hf: Any, reference: np.ndarray) -> None:
