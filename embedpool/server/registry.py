@@ -48,7 +48,7 @@ from prometheus_client.registry import Collector
 from embedpool.config import format_bytes
 from embedpool.errors import ConfigError
 from embedpool.metrics import POOL_READINGS, ServerMetrics
-from embedpool.microbatcher import MicroBatcher, SubmitExecutor, stats_dict
+from embedpool.microbatcher import SubmitExecutor, stats_dict
 from embedpool.models import ResolvedModel
 from embedpool.prepare import VectorCacheHook
 from embedpool.server.openai import ApiError, ServedModel
@@ -192,34 +192,18 @@ class ModelSlot:
         return Resident(self.name, self.planned, busy, self.last_used)
 
     async def start(self) -> None:
-        s, rt = self.settings, self.runtime
-        try:
-            # On a worker thread, which on_ray.py relies on (Ray leaves SIGTERM to uvicorn).
-            rt.executor = await run_in_threadpool(self.setup.factory)
-        except Exception as exc:
-            rt.startup_error = exc
-            raise
-        rt.batcher = MicroBatcher(
-            rt.executor, batch_tokens=s.batch_tokens, max_batch_items=s.max_batch_items,
-            max_wait_s=s.max_wait_ms / 1000, max_queue_tokens=s.max_queue_tokens,
-            max_inflight=s.max_inflight_batches,
-            on_batch=lambda b: self.metrics.batch_tokens.observe(b.padded_tokens),
-            normalize_windows=self.model.normalize)
+        rt = self.runtime
+        await rt.start(self.setup.factory, self.settings, self.metrics,
+                       normalize_windows=self.model.normalize)
         rt.started = time.time()
         self.loaded_at = time.monotonic()
 
     async def stop(self) -> None:
         rt = self.runtime
-        batcher, executor = rt.batcher, rt.executor
-        rt.batcher = None
-        if batcher is not None:
-            await run_in_threadpool(batcher.wait_idle, self.settings.graceful_timeout_s)
-            batcher.close()
-        if executor is not None:
+        await rt.stop_batcher(self.settings.graceful_timeout_s)
+        if rt.executor is not None:
             self.closed_counts = self.pool_counts()
-            rt.executor = None
-            await run_in_threadpool(executor.close)
-        rt.executor = None
+        await rt.close_executor()
 
 
 class ModelRegistry:

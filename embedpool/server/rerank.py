@@ -37,14 +37,14 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from embedpool.errors import InputError, ItemFailed, PoolUnavailable, QueueFull
+from embedpool.errors import InputError, ItemFailed, PoolUnavailable
 from embedpool.metrics import ServerMetrics
 from embedpool.microbatcher import MicroBatcher, SubmitExecutor
 from embedpool.models import ResolvedModel, find_known
 from embedpool.rerank import EncodedPairs, PairCache, PairTokenizer, activate, check_reranker
 from embedpool.server.dialects import read_body, register_dialect, type_name, use_dialect
 from embedpool.server.openai import ApiError, bad_request, parse_json, truncation_headers
-from embedpool.server.service import INLINE_TOKENIZE_CHARS, Runtime, pool_unavailable
+from embedpool.server.service import INLINE_TOKENIZE_CHARS, Runtime, admit, pool_unavailable
 from embedpool.server.settings import ServerSettings
 
 #: The rerank routes (request metrics count them by name).
@@ -101,29 +101,12 @@ class RerankService:
 
     # ------------------------------------------------------------ lifespan
     async def start(self) -> None:
-        s, rt = self.settings, self.runtime
-        try:
-            rt.executor = await run_in_threadpool(self.setup.factory)
-        except Exception as exc:
-            rt.startup_error = exc
-            raise
-        rt.batcher = MicroBatcher(
-            rt.executor, batch_tokens=s.batch_tokens, max_batch_items=s.max_batch_items,
-            max_wait_s=s.max_wait_ms / 1000, max_queue_tokens=s.max_queue_tokens,
-            max_inflight=s.max_inflight_batches,
-            on_batch=lambda b: self.metrics.batch_tokens.observe(b.padded_tokens),
-            normalize_windows=False)
+        await self.runtime.start(self.setup.factory, self.settings, self.metrics,
+                                 normalize_windows=False)
 
     async def stop(self) -> None:
-        rt = self.runtime
-        batcher, executor = rt.batcher, rt.executor
-        rt.batcher = None
-        if batcher is not None:
-            await run_in_threadpool(batcher.wait_idle, self.settings.graceful_timeout_s)
-            batcher.close()
-        if executor is not None:
-            await run_in_threadpool(executor.close)
-        rt.executor = None
+        await self.runtime.stop_batcher(self.settings.graceful_timeout_s)
+        await self.runtime.close_executor()
 
     # ------------------------------------------------------------ scoring
     def check_model(self, name: Any) -> None:
@@ -182,18 +165,10 @@ class RerankService:
 
     async def _run(self, batcher: MicroBatcher, enc: EncodedPairs, todo: list[int]
                    ) -> np.ndarray:
-        try:
-            ticket = batcher.submit(
-                [enc.sequences[i] for i in todo], list(range(len(todo))), len(todo),
-                prompt_lengths=[enc.segments[i] for i in todo]
-                if self.classifier.token_types else None)
-        except QueueFull as exc:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(exc.retry_after)}) from None
-        except PoolUnavailable as exc:
-            self.metrics.rejected.labels("pool_unavailable").inc()
-            raise pool_unavailable(exc) from None
+        ticket = admit(self.metrics, lambda: batcher.submit(
+            [enc.sequences[i] for i in todo], list(range(len(todo))), len(todo),
+            prompt_lengths=[enc.segments[i] for i in todo]
+            if self.classifier.token_types else None))
         timeout = self.settings.request_timeout_s
         try:
             rows = await asyncio.wait_for(asyncio.wrap_future(ticket.future), timeout)

@@ -36,7 +36,8 @@ from embedpool.server.settings import ServerSettings
 from embedpool.tokenization import Encoded, TextTokenizer
 from embedpool.types import Vectors
 
-__all__ = ["Embedded", "EmbeddingService", "Runtime", "VectorCacheHook", "pool_unavailable"]
+__all__ = ["Embedded", "EmbeddingService", "Runtime", "VectorCacheHook", "admit",
+           "pool_unavailable"]
 
 #: Requests with more characters than this are tokenised on a thread, not on the event loop:
 #: below it, tokenising (~50 us) costs less than the thread hop.
@@ -59,6 +60,50 @@ class Runtime:
             raise ApiError(503, "the server is starting or shutting down", type="server_error",
                            code="not_ready", headers={"Retry-After": "1"})
         return self.batcher
+
+    async def start(self, factory: Callable[[], SubmitExecutor], settings: ServerSettings,
+                    metrics: ServerMetrics, *, normalize_windows: bool) -> None:
+        """Build the executor (on a worker thread, which on_ray.py relies on: Ray leaves
+        SIGTERM to uvicorn) and the micro-batcher in front of it; a build error is kept in
+        ``startup_error`` and raised."""
+        try:
+            self.executor = await run_in_threadpool(factory)
+        except Exception as exc:
+            self.startup_error = exc
+            raise
+        s = settings
+        self.batcher = MicroBatcher(
+            self.executor, batch_tokens=s.batch_tokens, max_batch_items=s.max_batch_items,
+            max_wait_s=s.max_wait_ms / 1000, max_queue_tokens=s.max_queue_tokens,
+            max_inflight=s.max_inflight_batches,
+            on_batch=lambda b: metrics.batch_tokens.observe(b.padded_tokens),
+            normalize_windows=normalize_windows)
+
+    async def stop_batcher(self, graceful_timeout_s: float) -> None:
+        """Take no more work, wait (bounded) for what is queued, close the batcher."""
+        batcher, self.batcher = self.batcher, None
+        if batcher is not None:
+            await run_in_threadpool(batcher.wait_idle, graceful_timeout_s)
+            batcher.close()
+
+    async def close_executor(self) -> None:
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            await run_in_threadpool(executor.close)
+
+
+def admit(metrics: ServerMetrics, submit: Callable[[], Ticket]) -> Ticket:
+    """``submit()`` into the micro-batcher's queue, or the refusal: 429 + Retry-After when the
+    queue is full, 503 when the pool cannot take work."""
+    try:
+        return submit()
+    except QueueFull as exc:
+        metrics.rejected.labels("queue_full").inc()
+        raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+    except PoolUnavailable as exc:
+        metrics.rejected.labels("pool_unavailable").inc()
+        raise pool_unavailable(exc) from None
 
 
 @dataclass(frozen=True)
@@ -145,15 +190,8 @@ class EmbeddingService:
 
     def _admit(self, batcher: MicroBatcher, enc: Encoded, n_items: int) -> Ticket:
         """Queue the sequences of the texts still to embed (their windows too), or refuse."""
-        try:
-            return batcher.submit(enc.sequences, enc.owner, n_items, enc.prompt_length)
-        except QueueFull as exc:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(exc.retry_after)}) from None
-        except PoolUnavailable as exc:
-            self.metrics.rejected.labels("pool_unavailable").inc()
-            raise pool_unavailable(exc) from None
+        return admit(self.metrics, lambda: batcher.submit(enc.sequences, enc.owner, n_items,
+                                                          enc.prompt_length))
 
     async def _wait(self, ticket: Ticket, prep: Prepared) -> Vectors:
         timeout = self.settings.request_timeout_s
