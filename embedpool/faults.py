@@ -60,6 +60,7 @@ import dataclasses
 import enum
 import itertools
 import re
+import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -351,6 +352,19 @@ def start_failure(policy: FaultPolicy, *, failures_in_row: int, ever_ready: bool
                                            "failures in a row) and none is alive")
     return StartDecision("retry", backoff, f"retry in {backoff:g} s ({failures_in_row} "
                                            f"failure(s) in a row, {alive} worker(s) alive)")
+
+
+#: Signals a running worker ignores (pool.worker.IGNORED_SIGNALS: the parent decides how a
+#: Ctrl-C or a group's SIGTERM ends the work).
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def start_interrupted(exit_code: int | None) -> bool:
+    """A worker that died of SIGINT or SIGTERM before it was ready was stopped from outside
+    (``kill -TERM -PGID`` or systemd's KillMode=control-group reach it before its handlers are
+    in place), not failed to load its engine: it is not a start failure. The pool starts
+    another if it still wants one."""
+    return exit_code is not None and -exit_code in STOP_SIGNALS
 
 
 #: Why an executor of one device broke, as the device executor sees it.

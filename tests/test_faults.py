@@ -470,3 +470,16 @@ def test_start_policy_is_validated() -> None:
         FaultPolicy(max_start_failures=0)
     with pytest.raises(ConfigError, match="start_backoff"):
         FaultPolicy(start_backoff_s=20.0, start_backoff_max_s=10.0)
+
+
+@pytest.mark.parametrize(("exit_code", "interrupted"), [
+    pytest.param(-15, True, id="sigterm"),
+    pytest.param(-2, True, id="sigint"),
+    pytest.param(-9, False, id="sigkill-is-a-failure"),
+    pytest.param(1, False, id="exit-1-is-a-failure"),
+    pytest.param(None, False, id="unknown"),
+])
+def test_a_worker_stopped_while_starting_is_not_a_start_failure(
+        exit_code: int | None, interrupted: bool) -> None:
+    """A group's SIGTERM (systemd, kill -TERM -PGID) can reach a worker before it ignores it."""
+    assert faults.start_interrupted(exit_code) is interrupted

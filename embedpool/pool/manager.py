@@ -300,6 +300,11 @@ class Manager:
                       reason=w.leave_reason or "asked", exit=exit_name(code))
             self._publish()
             return
+        if w.state == "starting" and faults.start_interrupted(code):
+            self.emit(events.WORKER_EXIT, worker_id=w.worker_id, pid=w.pid,
+                      reason="stopped while starting", exit=exit_name(code))
+            self._publish()
+            return
         if w.state == "starting":
             self._on_start_failure(w, code)
             return
