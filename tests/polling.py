@@ -7,6 +7,7 @@ condition holds.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -25,3 +26,18 @@ def wait_until(cond: Callable[[], object], what: str, timeout: float = DEADLINE_
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_ready(proc: subprocess.Popen[str], url: str, timeout: float = 240.0) -> None:
+    """Wait until a ``serve`` subprocess answers ``/ready`` with 200; fail with its stderr if
+    it exits first."""
+    import httpx
+
+    def ready() -> bool:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            return httpx.get(f"{url}/ready", timeout=30).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, "the server's /ready", timeout=timeout, interval=0.2)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from polling import wait_until
+from polling import wait_ready
 
 from embedpool.budget import (
     DEFAULT_BATCH_TOKENS,
@@ -226,14 +226,7 @@ def test_serve_runs_the_doctors_budget(real_model: ResolvedModel, tmp_path: Path
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        def ready() -> bool:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                return httpx.get(f"{url}/ready", timeout=30).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, "the server's /ready", timeout=240, interval=0.2)
+        wait_ready(proc, url)
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
         assert _metric(metrics, "embedpool_pool_batch_tokens") == doctor["batch_tokens"] == 384
         assert _metric(metrics, "embedpool_max_workers") == doctor["max_workers"]

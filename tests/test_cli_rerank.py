@@ -98,7 +98,7 @@ def test_serve_with_a_reranker(tmp_path: Path) -> None:
 
     import cohere
     import httpx
-    from polling import wait_until
+    from polling import wait_ready
 
     g, gold = golden()
     with socket.socket() as s:
@@ -113,14 +113,7 @@ def test_serve_with_a_reranker(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        def ready() -> bool:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                return httpx.get(f"{url}/ready", timeout=30).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_until(ready, "the server's /ready", timeout=240, interval=0.2)
+        wait_ready(proc, url)
         docs = g["documents"][:6]
         with httpx.Client(timeout=120) as http:
             co = cohere.ClientV2(base_url=url, api_key="unused", httpx_client=http)
