@@ -447,9 +447,9 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
     would run here."""
     from embedpool.device import DeviceRequest, decide_device, detect_facts, parse_device
     from embedpool.doctor import render_devices, render_doctor
-    from embedpool.pool.limits import detect_limits
-    from embedpool.pool.plan import plan
-    from embedpool.pool.readings import memory_used
+    from embedpool.executors.pool.limits import detect_limits
+    from embedpool.executors.pool.plan import plan
+    from embedpool.executors.pool.readings import memory_used
 
     w = _workers(workers) if workers not in ("0",) else 1
     try:
@@ -463,9 +463,9 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
     error = placement = None
     try:
         from embedpool.engine import EngineSpec
+        from embedpool.executors.pool.pool import engine_memory
         from embedpool.models import resolve_model
         from embedpool.placement import place
-        from embedpool.pool.pool import engine_memory
 
         # the budget and the plan exactly as embed and serve decide them (budget.batch_budget)
         resolved = resolve_model(model)
@@ -746,7 +746,7 @@ def _ray_actors(backend: str, address: str | None, workers: str,
         if address is not None:
             raise ConfigError("--ray-address needs --backend ray")
         return None
-    from embedpool.backends.ray import require_ray
+    from embedpool.executors.ray import require_ray
 
     if workers == "0":
         raise ConfigError("--workers 0 (in-process) is for the local backend; with --backend "

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from embedpool.config import format_bytes
 from embedpool.device import DeviceFacts
-from embedpool.pool.machine import Limits
-from embedpool.pool.plan import Plan
-from embedpool.pool.scaling import LOOKAHEAD_STEPS, SAMPLE_INTERVAL_S
+from embedpool.executors.pool.machine import Limits
+from embedpool.executors.pool.plan import Plan
+from embedpool.executors.pool.scaling import LOOKAHEAD_STEPS, SAMPLE_INTERVAL_S
 
 if TYPE_CHECKING:
     from embedpool.placement import Placement

@@ -8,9 +8,10 @@ protocols, ``run`` and ``Executor``. A leaf: it imports no implementation (``wor
     run(executor, batches): submit lazily, at most max_pending unfinished, yield as they finish
 
     Executor            where the engine runs                    module
-    InProcessExecutor   this process, one background thread      inprocess.py
-    Pool                local worker processes                   pool/pool.py
-    RayExecutor         Ray actors                               backends/ray/executor.py
+    InProcessExecutor   this process, one background thread      executors/inprocess.py
+    Pool                local worker processes                   executors/pool/pool.py
+    DeviceExecutor      one pool per GPU plus the CPU            executors/devices.py
+    RayExecutor         Ray actors                               executors/ray/executor.py
 
 Every executor draws its work from a ``workqueue.WorkQueue`` and takes every failure through
 ``faults.decide``, so a poison input, a death or a hang means the same thing everywhere. Each
@@ -74,7 +75,7 @@ class BatchResult:
     vectors: Vectors  # (len(sequences), dim); rows listed in ``failed`` are zeros
     failed: dict[int, str] = field(default_factory=dict)  # position in batch -> error
     #: The precision that computed it, where it is not the job's own (the CPU workers of a
-    #: device executor next to an fp16 GPU run fp32, pool/device_executor.py); None: the job's.
+    #: device executor next to an fp16 GPU run fp32, executors/devices.py); None: the job's.
     precision: str | None = None
 
 

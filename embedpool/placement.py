@@ -16,7 +16,7 @@ executor that runs there.
     start_executor(model, placement, workers=..., backend=..., engine=...)
         ray   a RayExecutor (one actor per cluster CPU, or --workers N)
         cpu   workers None: in-process; else the adaptive Pool
-        cuda  workers None: in-process on the first GPU; else pool/device_executor.start: one pool per
+        cuda  workers None: in-process on the first GPU; else pool/devices.start: one pool per
               GPU, the CPU workers asked for, and a CPU pool to fall back on
 
 ``start_executor`` is the one construction path of every executor: the CLI's ``embed`` and
@@ -45,13 +45,13 @@ from embedpool.budget import BatchBudget, batch_budget
 from embedpool.device import DevicePlan, DeviceRequest, resolve_device
 from embedpool.errors import ConfigError, DeviceError, ModelError
 from embedpool.executor import Executor
-from embedpool.models import ResolvedModel
-from embedpool.pool.gpuplan import (
+from embedpool.executors.pool.gpuplan import (
     DevicesPlan,
     GpuInput,
     ModelShape,
     plan_devices,
 )
+from embedpool.models import ResolvedModel
 from embedpool.types import EventCallback, Precision, Profile, Runtime
 
 if TYPE_CHECKING:
@@ -218,13 +218,13 @@ def _runtime(engine: str, precision: str, kind: str) -> RuntimeChoice:
 def machine_profile(profile: str | None = None) -> Profile:
     """The profile the pool will run: ``profile`` if given, else ``EMBEDPOOL_PROFILE`` or
     detected (``limits.detect_limits``, which the pool's autoscaler calls the same way)."""
-    from embedpool.pool.limits import detect_limits
+    from embedpool.executors.pool.limits import detect_limits
 
     return detect_limits(profile=profile).profile
 
 
 def _usable_cpus() -> int:
-    from embedpool.pool.limits import detect_limits
+    from embedpool.executors.pool.limits import detect_limits
 
     return detect_limits().cpus
 
@@ -277,8 +277,8 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
     replaces the model's ``EngineSpec`` by another recipe (``engine_recipe``); ``policy``
     overrides Ray's fault policy (tests; a pool's comes from ``pool_options``)."""
     from embedpool.engine import usable_cores
-    from embedpool.inprocess import InProcessExecutor
-    from embedpool.pool.pool import pool_config_for
+    from embedpool.executors.inprocess import InProcessExecutor
+    from embedpool.executors.pool.pool import pool_config_for
 
     def recipe(precision: Precision, n_threads: int, device: str = "cpu",
                mem_limit: int | None = None) -> Any:
@@ -298,7 +298,7 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
         if workers is None:
             return InProcessExecutor(recipe(placement.precision, threads or usable_cores()),
                                      on_event=on_event)
-        from embedpool.pool.pool import Pool
+        from embedpool.executors.pool.pool import Pool
 
         cfg = pool_config_for(workers=workers, threads=threads, budget=placement.budget,
                               precision=placement.precision, **options)
@@ -309,8 +309,8 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
         g = gpus[0]
         return InProcessExecutor(recipe(placement.precision, 1, f"cuda:{g.index}",
                                         g.mem_limit), on_event=on_event)
-    from embedpool.pool import device_executor
-    from embedpool.pool.device_executor import PoolRecipe
+    from embedpool.executors import devices
+    from embedpool.executors.devices import PoolRecipe
 
     recipes = [PoolRecipe(f"cuda:{g.index} {g.name}",
                           recipe(placement.precision, 1, f"cuda:{g.index}", g.mem_limit),
@@ -334,7 +334,7 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
 
     # a GPU lost mid-job: fp32, within fp16's tolerance of the vectors already made; no GPU
     # usable at the start (auto): int8, what this machine runs without a GPU
-    return device_executor.start(recipes, cpu=cpu, fallback=cpu_pool("fp32"),
+    return devices.start(recipes, cpu=cpu, fallback=cpu_pool("fp32"),
                          start_fallback=None if placement.request.kind == "cuda"
                          else cpu_pool("int8"),
                          strict=placement.request.kind == "cuda", on_event=on_event)
@@ -365,7 +365,7 @@ def ray_executor(recipe: Any, *, address: str | None = None, actors: int | None 
     ``EngineSpec``'s graph is shipped through the object store; any other recipe is built in
     each actor) on ``actors`` actors (None: one per cluster CPU), joining ``address`` (None:
     ``$RAY_ADDRESS``, else a private local Ray that ``close`` stops)."""
-    from embedpool.backends.ray import RayExecutor
+    from embedpool.executors.ray import RayExecutor
 
     logging.getLogger("ray._private.worker").addFilter(_SIGTERM_NOTE_FILTER)
     executor: Executor = RayExecutor(recipe, address=address, actors=actors,

@@ -304,7 +304,7 @@ def spawn_worker(spec: object, env: dict[str, str] | None = None
     process and the parent's end of its pipe (the worker's own end is already closed here)."""
     import pickle
 
-    from embedpool.pool.worker import worker_main
+    from embedpool.executors.pool.worker import worker_main
 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=True)

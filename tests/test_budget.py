@@ -34,10 +34,10 @@ from embedpool.budget import (
 )
 from embedpool.device import DevicePlan, DeviceRequest
 from embedpool.errors import ConfigError
+from embedpool.executors.pool.machine import Limits
+from embedpool.executors.pool.plan import plan
 from embedpool.models import ResolvedModel
 from embedpool.placement import place
-from embedpool.pool.machine import Limits
-from embedpool.pool.plan import plan
 
 CPU_ROWS = [
     # profile, requested, requested items -> tokens, floor, items, words in the reason

@@ -133,10 +133,10 @@ def test_prompt_lengths_travel_with_every_batch(dirs: dict[str, Path], name: str
                                                 executor: str) -> None:
     """include_prompt=false through an executor: batches that mix sequences of several
     prompts (as the server's batcher does) still leave each one's own prompt out. The Ray
-    backend runs the same batches in tests/backends/test_ray_executor.py."""
+    backend runs the same batches in tests/executors/ray/test_ray_executor.py."""
     from embedpool.engine import EngineSpec
-    from embedpool.inprocess import InProcessExecutor
-    from embedpool.pool.pool import Pool, pool_config_for
+    from embedpool.executors.inprocess import InProcessExecutor
+    from embedpool.executors.pool.pool import Pool, pool_config_for
 
     model = resolve_model(dirs[name])
     spec = EngineSpec(model, "fp32", 1)

@@ -461,8 +461,8 @@ def test_large_graphs_map_their_weights_from_an_aligned_side_file(tmp_path: Path
 def test_ray_ships_a_large_graphs_weights_side_file(tmp_path: Path) -> None:
     """A graph written with external data travels to Ray nodes with its side file, and the
     shipment names the graph itself (the engine loads it from the node's copy)."""
-    from embedpool.backends.ray.shipping import ship_model, write_files
     from embedpool.engine import Engine
+    from embedpool.executors.ray.shipping import ship_model, write_files
     from embedpool.graph import external
 
     fx = load_fixture("qwen3")

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from embedpool.engine import EngineSpec
+from embedpool.executors.pool.protocol import Embed, Ready, Result
 from embedpool.graph import prepare_onnx
 from embedpool.models import ResolvedModel, resolve_model
-from embedpool.pool.protocol import Embed, Ready, Result
 from embedpool.testing import spawn_worker
 from embedpool.types import Precision
 
@@ -89,7 +89,7 @@ def test_worker_with_a_cached_graph_imports_no_graph_building_packages(
     """onnx and friends cost a worker 10-18 MB of RSS for nothing once the graph is cached."""
     code = (
         "import pickle, sys\n"
-        "import embedpool.pool.worker\n"
+        "import embedpool.executors.pool.worker\n"
         "spec = pickle.loads(sys.stdin.buffer.read())\n"
         "engine = spec.build()\n"
         "engine.embed([[101, 2000, 102]])\n"
@@ -105,7 +105,7 @@ def test_worker_with_a_cached_graph_imports_no_graph_building_packages(
 @pytest.mark.parametrize(("env", "applied"), [({}, True), ({"EMBEDPOOL_MALLOC_TUNING": "0"}, False)],
                          ids=["default", "disabled"])
 def test_release_memory_trims_unless_disabled(env: dict[str, str], applied: bool) -> None:
-    code = "from embedpool.pool.worker import release_memory\nprint(release_memory())\n"
+    code = "from embedpool.executors.pool.worker import release_memory\nprint(release_memory())\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=DEADLINE_S,
                          check=True, env={**os.environ, **env})
     assert out.stdout.decode().strip() == str(applied and sys.platform.startswith("linux"))

@@ -1,6 +1,6 @@
 """embedpool.events: event records and exit codes as people read them.
 
-(``exit_name`` and ``make_event``'s refusal are also exercised in tests/pool/test_pool.py, next
+(``exit_name`` and ``make_event``'s refusal are also exercised in tests/executors/pool/test_pool.py, next
 to the pool that emits them; the ``Emitter`` and the causes of death with the fault policy in
 tests/test_faults.py.)"""
 

@@ -18,7 +18,7 @@ from embedpool.executor import (
     run,
     with_threads,
 )
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_batches, make_sequences
 
 DIM = 8

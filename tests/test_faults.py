@@ -7,7 +7,7 @@ or test that now pins the one rule for both:
     a Python error on one item            DECIDE row "engine_error-one" given up at once
     default max_retries                   test_default_max_retries      2
     is it an OOM?                         DEATH, ENGINE_ERRORS, SIGKILL_EVIDENCE rows; Ray's
-                                          classification by type: tests/backends/test_ray_executor.py
+                                          classification by type: tests/executors/ray/test_ray_executor.py
     budget after an OOM                   BUDGET rows                   halved, restored after calm,
                                                                         never to a killed size
     event names                           test_emitter_rejects_unknown_names (and the backend

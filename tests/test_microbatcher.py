@@ -10,10 +10,10 @@ import pytest
 from polling import wait_until
 
 from embedpool.errors import PoolUnavailable
+from embedpool.executors.pool.pool import Pool
 from embedpool.microbatcher import MicroBatcher
-from embedpool.pool.pool import Pool
 from embedpool.testing import FakeEngineSpec, make_sequences
-from tests.pool.pool_support import DEADLINE_S, fast_config
+from tests.executors.pool.pool_support import DEADLINE_S, fast_config
 
 
 def test_health_notices_a_pool_that_broke_while_idle(tmp_path: Path) -> None:

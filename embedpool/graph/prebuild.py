@@ -122,8 +122,8 @@ def available_memory(max_memory: int | None = None) -> int:
     ``max_memory`` (``--max-memory``) that minus this process's RSS."""
     import psutil
 
-    from embedpool.pool.limits import detect_limits
-    from embedpool.pool.readings import memory_used, own_rss
+    from embedpool.executors.pool.limits import detect_limits
+    from embedpool.executors.pool.readings import memory_used, own_rss
 
     limits = detect_limits(max_memory=max_memory)
     free = min(limits.real_memory_bytes - memory_used(limits),

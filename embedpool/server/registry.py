@@ -120,8 +120,8 @@ def idle_expired(resident: Iterable[Resident], now: float, keep_alive_s: float) 
 def planned_bytes(model: ResolvedModel, precision: str, batch_tokens: int,
                   workers: int = 1) -> int:
     """A model's planned memory: the pool's estimate of one worker's peak, times ``workers``."""
+    from embedpool.executors.pool.memory import worker_mem_estimate
     from embedpool.graph.families import model_memory
-    from embedpool.pool.memory import worker_mem_estimate
 
     memory = model_memory(model, precision)
     return max(1, workers) * worker_mem_estimate(precision, batch_tokens,  # type: ignore[arg-type]

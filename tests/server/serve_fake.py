@@ -12,7 +12,7 @@ import argparse
 
 from server_support import DIM
 
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.server import ServerSettings, run_server
 from embedpool.testing import FakeEngineSpec
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.microbatcher import SubmitExecutor
 from embedpool.testing import FakeEngine, FakeEngineSpec, fake_vectors
 from embedpool.tokenization import TextTokenizer

@@ -10,7 +10,7 @@ import pytest
 from server_support import DIM, LiveServer, decode_base64, expected_vectors, fake_executor
 
 from embedpool.executor import WorkBatch
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.models import ResolvedModel
 from embedpool.testing import FakeEngineSpec, fake_vectors
 from embedpool.tokenization import TextTokenizer

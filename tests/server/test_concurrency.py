@@ -28,7 +28,7 @@ from embedpool.executor import (
     ExecutorStats,
     WorkBatch,
 )
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.microbatcher import MicroBatcher, Ticket
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_sequences
 from embedpool.tokenization import TextTokenizer
@@ -281,8 +281,8 @@ def test_sigterm_finishes_requests_in_flight_then_exits() -> None:
 @pytest.mark.slow
 def test_sigkill_of_a_worker_loses_no_request(serve: Callable[..., LiveServer],
                                               tokenizer: TextTokenizer) -> None:
-    from embedpool.pool.config import PoolConfig
-    from embedpool.pool.pool import Pool
+    from embedpool.executors.pool.config import PoolConfig
+    from embedpool.executors.pool.pool import Pool
 
     pools: list[Pool] = []
     spec = FakeEngineSpec(dim=DIM, delay_per_token_s=2e-4)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from server_support import DIM, GatedEngine, LiveServer
 
 from embedpool.executor import BatchResult, WorkBatch
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.testing import FakeEngineSpec
 from embedpool.tokenization import TextTokenizer
 

@@ -15,7 +15,7 @@ from server_support import DIM, GatedEngine, LiveServer, expected_vectors
 
 from embedpool.errors import PoolBroken
 from embedpool.executor import BatchResult, WorkBatch
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.testing import FakeEngineSpec
 from embedpool.tokenization import TextTokenizer
 

@@ -21,7 +21,7 @@ import pytest
 from polling import wait_until
 from server_support import GatedEngine, LiveServer
 
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.microbatcher import SubmitExecutor
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.placement import executor_factory, place

@@ -29,7 +29,7 @@ import pytest
 from polling import wait_until
 from server_support import DIM, LiveServer, decode_base64, expected_vectors
 
-from embedpool.backends.ray import RayExecutor
+from embedpool.executors.ray import RayExecutor
 from embedpool.faults import FaultPolicy
 from embedpool.models import ResolvedModel
 from embedpool.server.on_ray import ray_executor_factory
@@ -356,7 +356,7 @@ def test_health_is_red_while_the_executor_is_stuck_or_broken(
     """/health turns red when the Ray executor's manager is stuck (here: in an on_event
     callback that blocks), green again when it moves on; and red for good, with /ready and
     requests at 503, when no replacement actor can start."""
-    from embedpool.backends.ray import executor as ray_executor
+    from embedpool.executors.ray import executor as ray_executor
 
     monkeypatch.setattr(ray_executor, "MANAGER_SILENT_S", 1.0)
     no_start = tmp_path / "no-start"
@@ -438,7 +438,7 @@ def test_serve_at_an_address_where_nothing_answers_exits_2_at_once() -> None:
 
 
 def test_unreachable_lets_ray_resolve_what_is_not_host_port() -> None:
-    from embedpool.backends.ray.cluster import unreachable
+    from embedpool.executors.ray.cluster import unreachable
 
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))

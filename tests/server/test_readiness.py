@@ -12,7 +12,7 @@ import httpx
 from server_support import DIM, GatedEngine, LiveServer
 
 from embedpool.executor import BatchResult, WorkBatch
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.server.readiness import Readiness, SharedProbe
 from embedpool.testing import FakeEngineSpec
 

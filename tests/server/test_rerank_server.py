@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_support import DIM, LiveServer, fake_executor
 
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.placement import executor_factory, place
 from embedpool.server.rerank import RerankerSetup

@@ -18,7 +18,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from server_support import DIM, LiveServer
 
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.testing import FakeEngineSpec
 
 MAX_EXAMPLES = 30  # per operation and mode: ~2 minutes on a busy 2-core machine at most

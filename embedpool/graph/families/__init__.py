@@ -39,8 +39,8 @@ from embedpool.errors import ModelError
 from embedpool.graph.families import bert, gemma3, modernbert, nomic, qwen2, qwen3, xlmr
 
 if TYPE_CHECKING:
+    from embedpool.executors.pool.memory import ModelMemory
     from embedpool.models import ResolvedModel
-    from embedpool.pool.memory import ModelMemory
 
 #: Every family, in the order ``embedpool models`` lists them.
 FAMILIES: tuple[ModuleType, ...] = (bert, xlmr, nomic, modernbert, gemma3, qwen3, qwen2)
@@ -100,7 +100,7 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
     """The model's memory shape for the pool's estimate (pool.memory.worker_mem_estimate),
     or None when embedpool does not build its graph (a shipped ONNX file's shape is unknown:
     the default model's constants apply)."""
-    from embedpool.pool.memory import ModelMemory
+    from embedpool.executors.pool.memory import ModelMemory
 
     if model.onnx_path is not None or not model.config:
         return None
