@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_bench import start_server
 
 from embedpool.corpus import stdlib_chunks
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.models import resolve_model
 from embedpool.server import ServerSettings, create_app, default_executor_factory
 from embedpool.testing import FakeEngineSpec

@@ -306,7 +306,7 @@ def _status(pid: int) -> dict[str, float]:
 
 def worker_peaks(spec: Any, lengths: list[int], vocab: int) -> dict[str, float]:
     """MiB: RSS once loaded, then the peak of one batch per length."""
-    from embedpool.pool.protocol import Embed, Ready, Result
+    from embedpool.executors.pool.protocol import Embed, Ready, Result
     from embedpool.testing import spawn_worker
 
     proc, parent = spawn_worker(spec, {})

@@ -39,7 +39,7 @@ import numpy as np
 
 from embedpool.batching import plan_batches
 from embedpool.executor import BatchResult, WorkBatch
-from embedpool.inprocess import InProcessExecutor
+from embedpool.executors.inprocess import InProcessExecutor
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.types import Precision, TokenIds
 
@@ -112,8 +112,8 @@ def main() -> None:
 
     import ray
 
-    from embedpool.backends.ray import RayExecutor
     from embedpool.engine import EngineSpec, usable_cores
+    from embedpool.executors.ray import RayExecutor
     from embedpool.testing import FakeEngineSpec
 
     cores = usable_cores()
@@ -136,8 +136,8 @@ def main() -> None:
         runners: dict[str, _Runs] = {}
         runners[f"local_1x{cores}"] = InProcessExecutor(spec(cores))
         if not args.no_pool:
-            from embedpool.pool.config import PoolConfig
-            from embedpool.pool.pool import Pool
+            from embedpool.executors.pool.config import PoolConfig
+            from embedpool.executors.pool.pool import Pool
 
             try:  # workers build their own graph: needs the real prepare_onnx
                 pool = Pool(spec(1), PoolConfig(workers=cores, threads=1,

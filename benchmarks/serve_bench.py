@@ -47,9 +47,9 @@ import httpx
 
 from embedpool.corpus import stdlib_chunks
 from embedpool.engine import EngineSpec
+from embedpool.executors.pool.pool import Pool, pool_config_for
 from embedpool.job import Embedder
 from embedpool.models import resolve_model
-from embedpool.pool.pool import Pool, pool_config_for
 from embedpool.server import ServerSettings, create_app
 from embedpool.testing import FakeEngineSpec
 

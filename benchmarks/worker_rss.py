@@ -1,4 +1,4 @@
-"""RSS and speed of a real pool worker (``embedpool.pool.worker.worker_main``) per setting.
+"""RSS and speed of a real pool worker (``embedpool.executors.pool.worker.worker_main``) per setting.
 
 Each run spawns one worker exactly as the supervisor does (spawn context, pipe protocol,
 1 intra-op thread), with the default model's cached graph, and reads the worker's
@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 
 from embedpool.engine import Engine, EngineSpec
+from embedpool.executors.pool.protocol import Embed, Ready, Result
 from embedpool.models import resolve_model
-from embedpool.pool.protocol import Embed, Ready, Result
 from embedpool.testing import spawn_worker
 
 SEQ = 256
