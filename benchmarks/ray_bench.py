@@ -113,7 +113,7 @@ def main() -> None:
     import ray
 
     from embedpool.engine import EngineSpec, usable_cores
-    from embedpool.executors.ray import RayExecutor
+    from embedpool.executors.ray.executor import RayExecutor
     from embedpool.testing import FakeEngineSpec
 
     cores = usable_cores()

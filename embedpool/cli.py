@@ -746,7 +746,7 @@ def _ray_actors(backend: str, address: str | None, workers: str,
         if address is not None:
             raise ConfigError("--ray-address needs --backend ray")
         return None
-    from embedpool.executors.ray import require_ray
+    from embedpool.executors.ray.cluster import require_ray
 
     if workers == "0":
         raise ConfigError("--workers 0 (in-process) is for the local backend; with --backend "

@@ -365,7 +365,7 @@ def ray_executor(recipe: Any, *, address: str | None = None, actors: int | None 
     ``EngineSpec``'s graph is shipped through the object store; any other recipe is built in
     each actor) on ``actors`` actors (None: one per cluster CPU), joining ``address`` (None:
     ``$RAY_ADDRESS``, else a private local Ray that ``close`` stops)."""
-    from embedpool.executors.ray import RayExecutor
+    from embedpool.executors.ray.executor import RayExecutor
 
     logging.getLogger("ray._private.worker").addFilter(_SIGTERM_NOTE_FILTER)
     executor: Executor = RayExecutor(recipe, address=address, actors=actors,

@@ -71,7 +71,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Start]:
                       on_event=on_event)
         else:
             request.getfixturevalue("ray_cluster")
-            from embedpool.executors.ray import RayExecutor
+            from embedpool.executors.ray.executor import RayExecutor
 
             ex = RayExecutor(spec, actors=workers, batch_tokens=batch_tokens, policy=p,
                              on_event=on_event)

@@ -29,7 +29,7 @@ import pytest
 from polling import wait_until
 from server_support import DIM, LiveServer, decode_base64, expected_vectors
 
-from embedpool.executors.ray import RayExecutor
+from embedpool.executors.ray.executor import RayExecutor
 from embedpool.faults import FaultPolicy
 from embedpool.models import ResolvedModel
 from embedpool.server.on_ray import ray_executor_factory

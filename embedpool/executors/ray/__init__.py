@@ -7,11 +7,7 @@
     executor.py   RayExecutor: the executor contract over a pool of actors
 
 Importing any of these never imports ``ray``: it is imported when a ``RayExecutor`` is built.
+This ``__init__`` imports none of them (they import from each other and from the package, so
+re-exporting here would make a circle): ``from embedpool.executors.ray.executor import
+RayExecutor``, ``from embedpool.executors.ray.cluster import require_ray``.
 """
-
-from __future__ import annotations
-
-from embedpool.executors.ray.cluster import INSTALL_HINT, require_ray
-from embedpool.executors.ray.executor import RayExecutor
-
-__all__ = ["INSTALL_HINT", "RayExecutor", "require_ray"]

@@ -22,8 +22,15 @@ from polling import wait_until
 from embedpool.errors import ConfigError, MissingExtraError, WorkerStartError
 from embedpool.executor import BatchResult, WorkBatch
 from embedpool.executors.inprocess import InProcessExecutor
-from embedpool.executors.ray import INSTALL_HINT, RayExecutor, require_ray
-from embedpool.executors.ray.cluster import actor_range, exit_detail, failure_of, task_error_kind
+from embedpool.executors.ray.cluster import (
+    INSTALL_HINT,
+    actor_range,
+    exit_detail,
+    failure_of,
+    require_ray,
+    task_error_kind,
+)
+from embedpool.executors.ray.executor import RayExecutor
 from embedpool.faults import FaultPolicy
 from embedpool.testing import FakeEngineSpec, make_batches, make_sequences
 from embedpool.types import Event
