@@ -18,6 +18,7 @@ exported (dashboards and alerts do not break on an executor that lacks one).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -97,56 +98,146 @@ def worker_readings(stats: dict[str, Any]) -> tuple[dict[str, int], float]:
     return by_state, rss
 
 
+@dataclass(frozen=True)
+class ModelReadings:
+    """One served model's readings at scrape time (``registry.Member.readings``)."""
+
+    name: str
+    state: str  # loaded, loading, unloaded, unloading
+    batcher: BatcherStats | None
+    pool: dict[str, Any]  # ``stats_dict`` of its running pool's stats ({}: none running)
+    closed: dict[str, float]  # the counters of its pools already closed, by metric name
+
+
+def pool_counters(stats: dict[str, Any]) -> dict[str, float]:
+    """The counter readings (``POOL_READINGS`` of kind counter) of one pool's stats."""
+    return {name: _number(stats, keys) for name, kind, _, keys in POOL_READINGS
+            if kind == "counter"}
+
+
+#: Gauges whose server-wide (unlabelled) value is the largest model's, not the sum.
+_MAX_GAUGES = frozenset({"embedpool_pool_broken", "embedpool_pool_batch_tokens",
+                         "embedpool_pool_emergency"})
+_WORKER_STATES = ("starting", "idle", "busy", "leaving")
+
+
+#: The per-model twin of a reading: ``embedpool_queue_tokens`` -> ``embedpool_model_queue_tokens``.
+def _per_model(name: str) -> str:
+    return name.replace("embedpool_", "embedpool_model_", 1)
+
+
+def _batcher_values(b: BatcherStats | None) -> dict[str, float]:
+    return {"embedpool_queue_tokens": b.queued_tokens if b else 0,
+            "embedpool_queue_sequences": b.pending_sequences if b else 0,
+            "embedpool_inflight_batches": b.inflight_batches if b else 0,
+            "embedpool_throughput_tokens_per_second": b.tokens_per_s if b else 0.0,
+            "embedpool_pool_broken": 1 if b and b.broken else 0}
+
+
+_BATCHER_DOCS = {
+    "embedpool_queue_tokens": "Tokens admitted and not yet embedded (pending + in flight)",
+    "embedpool_queue_sequences": "Sequences waiting in the batcher for a batch",
+    "embedpool_inflight_batches": "Batches submitted to the pool",
+    "embedpool_throughput_tokens_per_second": "Tokens embedded per second over the last few "
+                                              "seconds",
+    "embedpool_pool_broken": "1 when the worker pool is broken",
+}
+
+
 class _ReadingsCollector(Collector):
-    """Reads the batcher and the pool at scrape time."""
+    """Reads the batchers and the pools at scrape time: the server's values (unlabelled: the
+    sum over its models, the largest for a state or a budget) and, once the app names its
+    models (:meth:`ServerMetrics.set_models`), each model's under ``embedpool_model_*`` with
+    a ``model`` label (every served model; one not loaded reads 0, its closed pools'
+    counters kept)."""
 
     def __init__(self, batcher_stats: Callable[[], BatcherStats | None],
                  pool_stats: Callable[[], Any]) -> None:
         self._batcher_stats = batcher_stats
         self._pool_stats = pool_stats
+        self.models: Callable[[], list[ModelReadings]] | None = None
 
-    def collect(self) -> Iterable[Metric]:
-        b = self._batcher_stats()
-        yield GaugeMetricFamily("embedpool_queue_tokens",
-                                "Tokens admitted and not yet embedded (pending + in flight)",
-                                value=b.queued_tokens if b else 0)
-        yield GaugeMetricFamily("embedpool_queue_sequences",
-                                "Sequences waiting in the batcher for a batch",
-                                value=b.pending_sequences if b else 0)
-        yield GaugeMetricFamily("embedpool_inflight_batches", "Batches submitted to the pool",
-                                value=b.inflight_batches if b else 0)
-        yield GaugeMetricFamily("embedpool_throughput_tokens_per_second",
-                                "Tokens embedded per second over the last few seconds",
-                                value=b.tokens_per_s if b else 0.0)
-        yield GaugeMetricFamily("embedpool_pool_broken", "1 when the worker pool is broken",
-                                value=1 if b and b.broken else 0)
+    def _sources(self) -> list[ModelReadings]:
+        if self.models is not None:
+            return self.models()
         try:
             stats = stats_dict(self._pool_stats())
         except Exception:  # a scrape must not fail because the pool is closing
             stats = {}
-        backend = stats.get("backend")
+        return [ModelReadings("", "loaded", self._batcher_stats(), stats, {})]
+
+    def collect(self) -> Iterable[Metric]:
+        sources = self._sources()
+        labelled = self.models is not None
+        per_batcher = [(m.name, _batcher_values(m.batcher)) for m in sources]
+        for name, doc in _BATCHER_DOCS.items():
+            each = [v[name] for _, v in per_batcher]
+            total = max(each, default=0) if name in _MAX_GAUGES else sum(each)
+            yield GaugeMetricFamily(name, doc, value=total)
+            if labelled:
+                twin = GaugeMetricFamily(_per_model(name), f"{doc}, by model",
+                                         labels=["model"])
+                for model, values in per_batcher:
+                    twin.add_metric([model], values[name])
+                yield twin
         info = GaugeMetricFamily("embedpool_executor_info",
                                  "Where batches run: in-process, pool (local workers) or ray "
                                  "(Ray actors)", labels=["backend"])
-        if isinstance(backend, str):
-            info.add_metric([backend], 1)
+        for backend in dict.fromkeys(m.pool.get("backend") for m in sources):
+            if isinstance(backend, str):
+                info.add_metric([backend], 1)
         yield info
-        by_state, rss = worker_readings(stats)
+        readings = [(m.name, *worker_readings(m.pool)) for m in sources]
         workers = GaugeMetricFamily("embedpool_workers", "Pool workers by state", labels=["state"])
-        for state in ("starting", "idle", "busy", "leaving"):
-            workers.add_metric([state], by_state.pop(state, 0))
-        for state, n in by_state.items():
+        by_model = GaugeMetricFamily("embedpool_model_workers", "Pool workers by model and state",
+                                     labels=["model", "state"])
+        totals = dict.fromkeys(_WORKER_STATES, 0)
+        for model, by_state, _ in readings:
+            for state, n in by_state.items():
+                totals[state] = totals.get(state, 0) + n
+            if labelled:
+                for state in dict.fromkeys([*_WORKER_STATES, *by_state]):
+                    by_model.add_metric([model, state], by_state.get(state, 0))
+        for state, n in totals.items():
             workers.add_metric([state], n)
         yield workers
-        yield GaugeMetricFamily("embedpool_workers_rss_bytes",
-                                "Resident memory of all pool workers together (Ray actors report none)",
-                                value=rss)
+        if labelled:
+            yield by_model
+        rss_doc = "Resident memory of all pool workers together (Ray actors report none)"
+        yield GaugeMetricFamily("embedpool_workers_rss_bytes", rss_doc,
+                                value=sum(rss for _, _, rss in readings))
+        if labelled:
+            rss = GaugeMetricFamily("embedpool_model_workers_rss_bytes", f"{rss_doc}, by model",
+                                    labels=["model"])
+            for model, _, r in readings:
+                rss.add_metric([model], r)
+            yield rss
         for name, kind, doc, keys in POOL_READINGS:
-            value = _number(stats, keys)
+            series: list[tuple[str, float]]
             if kind == "counter":
-                yield CounterMetricFamily(name, doc, value=value)
+                series = [(m.name, m.closed.get(name, 0.0) + _number(m.pool, keys))
+                          for m in sources]
+                yield CounterMetricFamily(name, doc, value=sum(x for _, x in series))
+                family: CounterMetricFamily | GaugeMetricFamily = CounterMetricFamily(
+                    _per_model(name), f"{doc}, by model", labels=["model"])
             else:
-                yield GaugeMetricFamily(name, doc, value=value)
+                series = [(m.name, _number(m.pool, keys)) for m in sources]
+                vs = [x for _, x in series]
+                yield GaugeMetricFamily(name, doc, value=max(vs, default=0.0)
+                                        if name in _MAX_GAUGES else sum(vs))
+                family = GaugeMetricFamily(_per_model(name), f"{doc}, by model",
+                                           labels=["model"])
+            if labelled:
+                for model, x in series:
+                    family.add_metric([model], x)
+                yield family
+        if labelled:
+            loaded = GaugeMetricFamily("embedpool_model_loaded",
+                                       "1 when the model is loaded (state: loaded, loading, "
+                                       "unloaded, unloading)", labels=["model", "state"])
+            for m in sources:
+                loaded.add_metric([m.name, m.state], 1.0 if m.state == "loaded" else 0.0)
+            yield loaded
         yield GaugeMetricFamily("embedpool_server_rss_bytes", "Resident memory of the server process",
                                 value=psutil.Process().memory_info().rss)
 
@@ -183,7 +274,13 @@ class ServerMetrics:
         self.ready_probes = Counter("embedpool_ready_probes",
                                     "Probe embeddings run for /ready (concurrent calls share one)",
                                     registry=r)
-        r.register(_ReadingsCollector(batcher_stats, pool_stats))
+        self._readings = _ReadingsCollector(batcher_stats, pool_stats)
+        r.register(self._readings)
+
+    def set_models(self, models: Callable[[], list[ModelReadings]]) -> None:
+        """Read every served model (``models()`` at each scrape) instead of the one
+        ``batcher_stats``/``pool_stats``: the server's sums and each model's series."""
+        self._readings.models = models
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -59,7 +59,7 @@ from embedpool.server.openai import (
     truncation_headers,
 )
 from embedpool.server.readiness import STARTING, Readiness, SharedProbe, probe_once
-from embedpool.server.registry import ModelRegistry, ModelSetup, ModelSlot
+from embedpool.server.registry import Member, ModelRegistry, ModelSetup, ModelSlot
 from embedpool.server.rerank import ROUTES as RERANK_ROUTES
 from embedpool.server.rerank import RerankerSetup, RerankService, register_rerank_routes
 from embedpool.server.service import EmbeddingService, Runtime, VectorCacheHook
@@ -166,7 +166,8 @@ class _App:
         self.metrics = ServerMetrics(lambda: rt.batcher.stats() if rt.batcher else None,
                                      lambda: rt.executor.stats() if rt.executor else None)
         self.registry = ModelRegistry(
-            settings, models, lambda s, m, t: served_model(s, m.model, t), self.metrics)
+            settings, models, lambda s, m, t: served_model(s, m.model, t), self.metrics,
+            [r for r in (reranker, *rerankers) if r is not None])
         default = self.registry.default
         default.runtime = rt
         default.service.runtime = rt
@@ -177,12 +178,12 @@ class _App:
         self.normalize = self.model.normalize
         self.probe = SharedProbe(self._probe, settings.ready_reuse_s)
         self.probe_input = default.tokenizer.encode(["ready"])
-        #: ``serve --reranker``: the rerank routes' model, started and stopped with the app.
-        self.reranker = (RerankService(settings, reranker, self.metrics)
-                         if reranker is not None else None)
-        #: ``serve --reranker A --reranker B``: the rerankers after the first (always loaded,
-        #: outside the models' memory budget).
-        self.more_rerankers = [RerankService(settings, r, self.metrics) for r in rerankers]
+        #: ``serve --reranker``: the rerank routes' default model, a registry member (loaded,
+        #: unloaded and planned in the one memory budget like the embedders).
+        services = [r.service for r in self.registry.rerankers]
+        self.reranker: RerankService | None = services[0] if services else None
+        #: ``serve --reranker A --reranker B``: the rerankers after the first.
+        self.more_rerankers = services[1:]
 
     # ------------------------------------------------------------ lifespan
     @asynccontextmanager
@@ -196,17 +197,9 @@ class _App:
     async def start(self) -> None:
         await self.registry.start()  # --preload's models, each on a worker thread
         reinstall_signal_handlers()
-        if self.reranker is not None:
-            await self.reranker.start()
-        for more in self.more_rerankers:
-            await more.start()
 
     async def stop(self) -> None:
         # uvicorn has already waited for the requests in flight (graceful shutdown).
-        for more in self.more_rerankers:
-            await more.stop()
-        if self.reranker is not None:
-            await self.reranker.stop()
         await self.registry.stop()
 
     # ------------------------------------------------------------ models
@@ -216,6 +209,14 @@ class _App:
 
     def model_slots(self) -> list[ModelSlot]:
         return list(self.registry.slots)
+
+    def members(self) -> list[Member]:
+        """Every served model, embedders then rerankers."""
+        return list(self.registry.members)
+
+    def expires_in(self, member: Any) -> float:
+        """Seconds until the idle ``member`` is unloaded (inf: not for idleness)."""
+        return self.registry.expires_in(member)
 
     # ------------------------------------------------------------ auth
     def require_key(self, credentials: HTTPAuthorizationCredentials | None) -> None:
@@ -247,17 +248,19 @@ class _App:
                         headers=truncation_headers(done.truncated))
 
     async def list_models(self) -> Response:
-        """Every name of every served model, with its state (loaded, loading, unloaded)."""
+        """Every name of every served model (rerankers too), with its state (loaded, loading,
+        unloaded, unloading) and kind (embedding, rerank)."""
         return JSONResponse({"object": "list", "data": [
-            {**model_card(n, slot.runtime.started), "state": slot.state}
-            for slot in self.registry.slots for n in slot.served.names]})
+            {**model_card(n, m.runtime.started), "state": m.state, "kind": m.kind}
+            for m in self.registry.members for n in m.names]})
 
     async def get_model(self, model_id: str) -> Response:
-        slot = self.registry.find(model_id)
-        if slot is None:
+        member: Member | None = self.registry.find(model_id) or next(
+            (r for r in self.registry.rerankers if model_id in r.names), None)
+        if member is None:
             raise self.registry.not_found(model_id)
-        return JSONResponse({**model_card(model_id, slot.runtime.started),
-                             "state": slot.state})
+        return JSONResponse({**model_card(model_id, member.runtime.started),
+                             "state": member.state, "kind": member.kind})
 
     async def health(self) -> Response:
         """Liveness: 200 unless a loaded model's pool is broken, its batcher died or its

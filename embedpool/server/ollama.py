@@ -13,17 +13,23 @@ Shapes and codes follow Ollama's server (``server/routes.go``, ``api/types.go``)
   longer than the model's window with 400 ``the input length exceeds the context length``;
   ``dimensions`` keeps the first N values (a model trained for it; other models: their own
   width, as on every route); vectors are L2-normalised, as Ollama's are; ``keep_alive`` (a
-  duration, refused as Ollama refuses a bad one) and ``options`` are accepted and ignored
-  (the model stays loaded); ``prompt_eval_count`` counts the tokens fed to the model;
-  durations are nanoseconds;
+  Go duration string or seconds, refused as Ollama refuses a bad one) is honoured as in
+  Ollama: how long the model stays loaded idle after this request, until its next request
+  sets its own (none: the server's ``--keep-alive``); ``0`` unloads it once its requests are
+  done, a negative value keeps it loaded; within the server's memory budget either way (an
+  idle model is unloaded when another needs its memory); ``options`` is accepted and
+  ignored; ``prompt_eval_count`` counts the tokens fed to the model; durations are
+  nanoseconds;
 * ``/api/embeddings`` (the older route): ``prompt`` -> ``embedding``, the model's own vector
   (not normalised again, as in Ollama);
 * model names: the served names, each also with Ollama's default tag ``:latest``, and
   Ollama's library names of the same models (``all-minilm``, ``nomic-embed-text``,
   ``mxbai-embed-large``, ``bge-m3``); a request without ``model`` gets the served model
   (Ollama requires one; embedpool serves one);
-* ``/api/tags`` and ``/api/ps`` list the served model as ``<name>:latest`` with its weights'
-  size, sha256 digest, family and parameter count; ``/api/show`` adds ``model_info``
+* ``/api/tags`` lists the served models (embedders and rerankers) as ``<name>:latest`` with
+  their weights' size, sha256 digest, family and parameter count; ``/api/ps`` the loaded ones,
+  with ``expires_at`` when the idle model is unloaded (the far future where it is kept);
+  ``/api/show`` adds ``model_info``
   (``<family>.embedding_length``, ``<family>.context_length``) and ``capabilities:
   ["embedding"]``.
 """
@@ -35,12 +41,13 @@ import re
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 import embedpool
+from embedpool.models import ResolvedModel
 from embedpool.server.dialects import (
     ModelContext,
     ModelFacts,
@@ -54,6 +61,8 @@ from embedpool.server.dialects import (
     type_name,
 )
 from embedpool.server.openai import ApiError, EmbeddingCall, parse_json, truncation_headers
+from embedpool.server.service import Runtime
+from embedpool.server.settings import ServerSettings
 from embedpool.vectors import l2_normalize
 
 #: The Ollama release whose API these routes follow (reported by /api/version).
@@ -73,8 +82,38 @@ OLLAMA_NAMES = {
     "mxbai-embed-large:335m": "mxbai-embed-large-v1", "bge-m3": "bge-m3",
     "bge-m3:567m": "bge-m3",
 }
+#: /api/ps's ``expires_at`` of a model kept loaded (no idle unload).
+NEVER = "9999-12-31T23:59:59Z"
 #: Ollama's message for truncate=false and an input longer than the model's window.
 TOO_LONG = "the input length exceeds the context length"
+
+
+class Listed(Protocol):
+    """A served model as /api/tags and /api/ps list it (``registry.Member``: embedders and
+    rerankers)."""
+
+    settings: ServerSettings
+    model: ResolvedModel
+    runtime: Runtime
+    kind: str
+
+    @property
+    def names(self) -> tuple[str, ...]: ...
+
+    @property
+    def state(self) -> str: ...
+
+
+class OllamaContext(ServerContext, Protocol):
+    """What the Ollama routes need of the app beyond a dialect's (``app._App`` has it)."""
+
+    def members(self) -> Sequence[Listed]:
+        """Every served model: the embedders, then the rerankers."""
+        ...
+
+    def expires_in(self, member: Any) -> float:
+        """Seconds until the idle ``member`` is unloaded (inf: not for idleness)."""
+        ...
 
 
 def _render_error(err: ApiError) -> Response:
@@ -92,8 +131,7 @@ _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.
 def keep_alive_s(value: Any) -> float | None:
     """Ollama's ``keep_alive`` in seconds (None: not given; ``inf``: forever): a number of
     seconds, or a Go duration string (``"5m"``, ``"1h30m"``, ``"-1"`` is refused by Go and by
-    Ollama, ``"-1m"`` means forever); a 400 as Ollama's for anything else. The served model
-    stays loaded whatever it says; it is parsed so that a bad value is refused as in Ollama."""
+    Ollama, ``"-1m"`` means forever); a 400 as Ollama's for anything else."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -129,14 +167,14 @@ def _bad(message: str) -> ApiError:
 class OllamaRoutes:
     """The handlers, over the app's state (auth is the app's dependency on every route)."""
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: OllamaContext) -> None:
         self.ctx = ctx
         self._facts: dict[str, ModelFacts] = {}
 
-    def facts(self, model: ModelContext | None = None) -> ModelFacts:
+    def facts(self, model: ModelContext | Listed | None = None) -> ModelFacts:
         """A served model's facts (the default's), read once."""
         m = model if model is not None else self.ctx
-        key = m.served.names[0]
+        key = m.names[0] if hasattr(m, "names") else m.served.names[0]
         if key not in self._facts:
             self._facts[key] = model_facts(m.model, m.settings.precision)
         return self._facts[key]
@@ -152,7 +190,7 @@ class OllamaRoutes:
         for field in ("options",):
             if body.get(field) is not None and not isinstance(body[field], dict):
                 raise _bad(f"'{field}' must be an object, got {type_name(body[field])}")
-        keep_alive_s(body.get("keep_alive"))  # checked as Ollama checks it
+        keep_alive_s(body.get("keep_alive"))  # checked as Ollama checks it, on every route
         return body
 
     def _model(self, body: dict[str, Any], field: str = "model") -> tuple[str, ModelContext]:
@@ -222,7 +260,7 @@ class OllamaRoutes:
             return JSONResponse({"model": model, "embeddings": []})
         if truncate is False:
             self._check_lengths(ctx, texts, opts.prompt)
-        done = await service.embed(texts, opts)
+        done = await service.embed(texts, opts, keep_alive_s=keep_alive_s(body.get("keep_alive")))
         vectors = done.vectors if ctx.model.normalize else l2_normalize(done.vectors)
         answer = {"model": model, "embeddings": vectors.tolist(),
                   "total_duration": time.perf_counter_ns() - start,
@@ -240,38 +278,43 @@ class OllamaRoutes:
             return JSONResponse({"embedding": []})
         check_text([prompt], "prompt", single=True)
         service = ctx.service
-        done = await service.embed([prompt], service.options(
-            EmbeddingCall([], model, "float")))
+        done = await service.embed([prompt], service.options(EmbeddingCall([], model, "float")),
+                                   keep_alive_s=keep_alive_s(body.get("keep_alive")))
         return await json_body({"embedding": done.vectors[0].tolist()}, done.vectors.size,
                                headers=truncation_headers(done.truncated))
 
     # ------------------------------------------------------------ models
-    def _details(self, m: ModelContext) -> dict[str, Any]:
+    def _details(self, m: ModelContext | Listed) -> dict[str, Any]:
         f = self.facts(m)
         return {"parent_model": "", "format": "onnx", "family": f.family,
                 "families": [f.family], "parameter_size": parameter_size(f.parameters),
                 "quantization_level": f.dtype.upper()}
 
-    def _listing(self, m: ModelContext) -> dict[str, Any]:
-        name = m.served.names[0] + DEFAULT_TAG
+    def _listing(self, m: Listed) -> dict[str, Any]:
+        name = m.names[0] + DEFAULT_TAG
         f = self.facts(m)
         return {"name": name, "model": name, "size": f.size_bytes,
                 "digest": f.digest, "details": self._details(m), "state": m.state}
 
     @staticmethod
-    def _started(m: ModelContext) -> str:
+    def _started(m: ModelContext | Listed) -> str:
         return datetime.fromtimestamp(m.runtime.started, UTC).isoformat()
 
     async def tags(self) -> Response:
         return JSONResponse({"models": [{**self._listing(m), "modified_at": self._started(m)}
-                                        for m in self.ctx.model_slots()]})
+                                        for m in self.ctx.members()]})
+
+    def _expires_at(self, m: Listed) -> str:
+        left = self.ctx.expires_in(m)
+        if math.isinf(left):
+            return NEVER
+        return datetime.fromtimestamp(time.time() + left, UTC).isoformat()
 
     async def ps(self) -> Response:
-        # The loaded (and loading) models. "expires_at" stays far away: serve --keep-alive,
-        # not the request's keep_alive, decides when one is unloaded.
-        models = [{**self._listing(m), "expires_at": "9999-12-31T23:59:59Z",
+        """The loaded (and loading) models, with when each is unloaded if left idle."""
+        models = [{**self._listing(m), "expires_at": self._expires_at(m),
                    "size_vram": 0, "context_length": self.facts(m).max_length}
-                  for m in self.ctx.model_slots() if m.state in ("loaded", "loading")]
+                  for m in self.ctx.members() if m.state in ("loaded", "loading")]
         return JSONResponse({"models": models})
 
     async def show(self, request: Request) -> Response:
@@ -295,7 +338,7 @@ class OllamaRoutes:
                              "embedpool": embedpool.__version__})
 
 
-def register_ollama(app: FastAPI, ctx: ServerContext, dependencies: Sequence[Any]) -> None:
+def register_ollama(app: FastAPI, ctx: OllamaContext, dependencies: Sequence[Any]) -> None:
     """Add the Ollama routes (``dependencies``: the app's auth), out of /openapi.json."""
     r = OllamaRoutes(ctx)
     deps = list(dependencies)

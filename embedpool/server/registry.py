@@ -1,5 +1,6 @@
-"""Several embedding models in one server and one memory budget (``serve --model A --model
-B``): which models are loaded, loading one on its first request, unloading idle ones.
+"""Several models in one server and one memory budget (``serve --model A --model B
+--reranker R``): which models are loaded, loading one on its first request, unloading idle
+ones. Embedders and rerankers are members alike: the same plan, keep-alive and LRU order.
 
 Two parts, kept apart:
 
@@ -8,50 +9,58 @@ Two parts, kept apart:
   answers *load now*, *unload these least recently used idle models first*, *wait for a busy
   one*, or *refuse* (the model cannot fit even alone). Table-tested in
   tests/server/test_multi_model.py.
-* :class:`ModelRegistry`, the plumbing on the event loop: one :class:`ModelSlot` a model
-  (its tokenizer, names, executor factory and runtime; its embedding service, whose every
-  call goes through :meth:`ModelRegistry.use`), loads serialised by one lock, requests for a
-  loading model waiting on that load (bounded by ``request_timeout_s``, never dropped), a
-  model with requests in flight never unloaded, and a reaper that unloads a model idle for
-  ``keep_alive_s``.
+* :class:`ModelRegistry`, the plumbing on the event loop: one :class:`Member` a model (an
+  embedder's :class:`ModelSlot`: its tokenizer, names and embedding service; a reranker's
+  :class:`RerankerSlot`: its rerank service; each service's every call goes through
+  :meth:`ModelRegistry.use`), loads serialised by one lock, requests for a loading model
+  waiting on that load (bounded by ``request_timeout_s``, never dropped), a model with
+  requests in flight never unloaded, and a reaper that unloads a model idle past its
+  keep-alive.
 
 The budget is the planner's figure (``graph.prebuild.available_memory``: the memory
 cgroup's limit minus its use, MemAvailable, under ``--max-memory``) read once when the server
 starts, before any model is loaded, or ``ServerSettings.model_memory_bytes`` when set. A
 model's planned bytes are the pool's own estimate of one worker
-(``pool.memory.worker_mem_estimate`` of ``graph.families.model_memory``) times the workers it
+(``pool.memory.worker_mem_estimate`` of ``graph.families.catalog.model_memory``) times the workers it
 starts with: the pool grows only while its readings allow, so the plan covers what a load
 costs, and the pool's own limits keep the rest. Planned figures, not live readings, decide:
 memory a stopped pool freed shows up late in the readings, and the next load must not wait
 for it.
 
-Keep-alive applies when the server serves more than one model: a single model has nothing to
-make room for, so it stays loaded (as before). ``keep_alive_s <= 0``: never unloaded for
-idleness (only to make room).
+Keep-alive: the server's (``--keep-alive``) applies when the server serves more than one
+model: a single model has nothing to make room for, so it stays loaded (as before);
+``keep_alive_s <= 0``: never unloaded for idleness (only to make room). A request may carry
+its own (Ollama's ``keep_alive``, :meth:`ModelRegistry.use`): it holds for that model until
+its next request, which sets its own (none: the server's), as in Ollama: seconds, ``0``
+unloads the model once its requests are done, ``inf`` (Ollama's negative) never for
+idleness. Whatever the keep-alive, an idle model is unloaded when another needs its memory.
+
+``--preload``: ``first`` loads the default embedder and the default reranker at start,
+``all`` every model in order while they fit, ``none`` nothing; the rest load on demand.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi.concurrency import run_in_threadpool
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from embedpool.config import format_bytes
 from embedpool.errors import ConfigError
-from embedpool.metrics import POOL_READINGS, ServerMetrics
+from embedpool.metrics import ModelReadings, ServerMetrics, pool_counters
 from embedpool.microbatcher import SubmitExecutor, stats_dict
 from embedpool.models import ResolvedModel
 from embedpool.prepare import VectorCacheHook
 from embedpool.server.openai import ApiError, ServedModel
+from embedpool.server.rerank import RerankerSetup, RerankService
 from embedpool.server.service import EmbeddingService, Runtime
 from embedpool.server.settings import ServerSettings
 from embedpool.tokenization import TextTokenizer
@@ -74,6 +83,9 @@ class Resident:
     planned_bytes: int
     inflight: int  # requests using it now (a loading model counts as busy)
     last_used: float
+    #: Its last request's keep-alive in seconds (0: unload when idle, inf: never for
+    #: idleness); None: the server's.
+    keep_alive_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,19 +121,34 @@ def plan_load(resident: Sequence[Resident], budget: int, needed: int) -> LoadPla
     return LoadPlan("wait", needed, free)
 
 
+def keep_alive_of(r: Resident, keep_alive_s: float) -> float:
+    """How long ``r`` stays loaded idle: its request's keep-alive, else the server's
+    ``keep_alive_s`` (``<= 0``: forever)."""
+    if r.keep_alive_s is not None:
+        return max(0.0, r.keep_alive_s)
+    return keep_alive_s if keep_alive_s > 0 else math.inf
+
+
 def idle_expired(resident: Iterable[Resident], now: float, keep_alive_s: float) -> list[str]:
-    """The models idle (nothing in flight) for at least ``keep_alive_s``; none when
-    ``keep_alive_s <= 0`` (never unloaded for idleness)."""
-    if keep_alive_s <= 0:
-        return []
-    return [r.name for r in resident if r.inflight == 0 and now - r.last_used >= keep_alive_s]
+    """The models idle (nothing in flight) for at least their keep-alive (:func:`keep_alive_of`:
+    the server's ``keep_alive_s``, ``<= 0`` never, unless a request gave its own)."""
+    return [r.name for r in resident
+            if r.inflight == 0 and now - r.last_used >= keep_alive_of(r, keep_alive_s)]
+
+
+def next_expiry(resident: Iterable[Resident], now: float, keep_alive_s: float) -> float | None:
+    """Seconds until the first idle model's keep-alive runs out (None: none will)."""
+    left = [r.last_used + keep_alive_of(r, keep_alive_s) - now
+            for r in resident if r.inflight == 0]
+    soonest = min(left, default=math.inf)
+    return None if math.isinf(soonest) else max(0.0, soonest)
 
 
 def planned_bytes(model: ResolvedModel, precision: str, batch_tokens: int,
                   workers: int = 1) -> int:
     """A model's planned memory: the pool's estimate of one worker's peak, times ``workers``."""
     from embedpool.executors.pool.memory import worker_mem_estimate
-    from embedpool.graph.families import model_memory
+    from embedpool.graph.families.catalog import model_memory
 
     memory = model_memory(model, precision)
     return max(1, workers) * worker_mem_estimate(precision, batch_tokens,  # type: ignore[arg-type]
@@ -144,57 +171,65 @@ class ModelSetup:
     precision: Precision | None = None
 
 
-class ModelSlot:
-    """One served model: what the dialects' routes need of it (``dialects.ModelContext``) and
-    its load state. Its service's every embedding passes through the registry's ``use``."""
+class Member:
+    """One model the registry loads and unloads (an embedder's :class:`ModelSlot` or a
+    reranker's :class:`RerankerSlot`): its runtime (executor and batcher), planned bytes and
+    load state."""
 
-    def __init__(self, registry: ModelRegistry, settings: ServerSettings, setup: ModelSetup,
-                 served: ServedModel, tokenizer: TextTokenizer,
-                 metrics: ServerMetrics) -> None:
+    kind = "embedding"
+
+    def __init__(self, settings: ServerSettings, name: str, model: ResolvedModel,
+                 factory: Callable[[], SubmitExecutor], planned: int,
+                 metrics: ServerMetrics, *, normalize_windows: bool) -> None:
         self.settings = settings
-        self.setup = setup
-        self.model = setup.model
-        self.served = served
-        self.name = served.names[0]
-        self.tokenizer = tokenizer
+        self.name = name
+        self.model = model
+        self.factory = factory
+        self.planned = planned
         self.metrics = metrics
+        self.normalize_windows = normalize_windows
         self.runtime = Runtime()
-        self.service = EmbeddingService(settings, tokenizer, served, self.runtime, metrics,
-                                        setup.cache)
-        self.service.guard = lambda: registry.use(self)
-        self.planned = (setup.planned_bytes if setup.planned_bytes is not None else
-                        planned_bytes(setup.model, settings.precision, settings.batch_tokens))
         self.state: State = "unloaded"
         self.inflight = 0
         self.last_used = time.monotonic()
         self.loaded_at: float | None = None
         self.loading: asyncio.Task[None] | None = None
+        #: The keep-alive its last request asked for (seconds; None: the server's).
+        self.keep_alive_s: float | None = None
         #: The pool counters (OOM kills, deaths, ...) of this model's pools already closed.
         self.closed_counts: dict[str, float] = {}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        raise NotImplementedError
 
     def pool_counts(self) -> dict[str, float]:
         """This model's pool counters: its pools closed so far and the running one."""
         counts = dict(self.closed_counts)
+        for name, value in pool_counters(self.pool_stats()).items():
+            counts[name] = counts.get(name, 0.0) + value
+        return counts
+
+    def pool_stats(self) -> dict[str, Any]:
         executor = self.runtime.executor
         try:
-            stats = stats_dict(executor.stats()) if executor is not None else {}
+            return stats_dict(executor.stats()) if executor is not None else {}
         except Exception:  # a scrape must not fail because the pool is closing
-            stats = {}
-        for name, kind, _, keys in POOL_READINGS:
-            if kind == "counter":
-                counts[name] = counts.get(name, 0.0) + sum(
-                    float(v) for v in (stats.get(k) for k in keys)
-                    if isinstance(v, int | float) and not isinstance(v, bool))
-        return counts
+            return {}
+
+    def readings(self) -> ModelReadings:
+        batcher = self.runtime.batcher
+        return ModelReadings(self.name, self.state, batcher.stats() if batcher else None,
+                             self.pool_stats(), self.closed_counts)
 
     def resident(self) -> Resident:
         busy = self.inflight + (1 if self.state in ("loading", "unloading") else 0)
-        return Resident(self.name, self.planned, busy, self.last_used)
+        return Resident(self.name, self.planned, busy, self.last_used, self.keep_alive_s)
 
     async def start(self) -> None:
         rt = self.runtime
-        await rt.start(self.setup.factory, self.settings, self.metrics,
-                       normalize_windows=self.model.normalize)
+        await rt.start(self.factory, self.settings, self.metrics,
+                       normalize_windows=self.normalize_windows)
         rt.started = time.time()
         self.loaded_at = time.monotonic()
 
@@ -206,12 +241,61 @@ class ModelSlot:
         await rt.close_executor()
 
 
+class ModelSlot(Member):
+    """One served embedding model: what the dialects' routes need of it
+    (``dialects.ModelContext``) and its load state. Its service's every embedding passes
+    through the registry's ``use``."""
+
+    def __init__(self, registry: ModelRegistry, settings: ServerSettings, setup: ModelSetup,
+                 served: ServedModel, tokenizer: TextTokenizer,
+                 metrics: ServerMetrics) -> None:
+        super().__init__(settings, served.names[0], setup.model, setup.factory,
+                         setup.planned_bytes if setup.planned_bytes is not None else
+                         planned_bytes(setup.model, settings.precision, settings.batch_tokens),
+                         metrics, normalize_windows=setup.model.normalize)
+        self.setup = setup
+        self.served = served
+        self.tokenizer = tokenizer
+        self.service = EmbeddingService(settings, tokenizer, served, self.runtime, metrics,
+                                        setup.cache)
+        self.service.guard = lambda keep_alive_s: registry.use(self, keep_alive_s)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.served.names
+
+
+class RerankerSlot(Member):
+    """One served reranker (``serve --reranker``): its rerank service, whose every scoring
+    passes through the registry's ``use``."""
+
+    kind = "rerank"
+
+    def __init__(self, registry: ModelRegistry, settings: ServerSettings,
+                 setup: RerankerSetup, metrics: ServerMetrics) -> None:
+        service = RerankService(settings, setup, metrics)
+        precision = setup.precision or settings.precision
+        super().__init__(settings, service.names[0], setup.model, setup.factory,
+                         setup.planned_bytes if setup.planned_bytes is not None else
+                         planned_bytes(setup.model, precision, settings.batch_tokens),
+                         metrics, normalize_windows=False)
+        self.setup = setup
+        self.service = service
+        service.runtime = self.runtime
+        service.guard = lambda: registry.use(self)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.service.names
+
+
 class ModelRegistry:
-    """The served models (the first is the default), their loads and unloads."""
+    """The served models (the first embedder is the default; then the rerankers), their loads
+    and unloads."""
 
     def __init__(self, settings: ServerSettings, setups: Sequence[ModelSetup],
                  served: Callable[[ServerSettings, ModelSetup, TextTokenizer], ServedModel],
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, rerankers: Sequence[RerankerSetup] = ()) -> None:
         if not setups:
             raise ValueError("a server serves at least one model")
         self.settings = settings
@@ -231,20 +315,34 @@ class ModelRegistry:
                     raise ConfigError(f"two models are both named {slot.name!r} "
                                       f"({other.model.directory} and {slot.model.directory}): "
                                       "each model served needs its own name")
+        #: ``serve --reranker``: the rerankers, in the same budget (the first is the default).
+        self.rerankers = [RerankerSlot(self, settings if r.precision is None else
+                                       dataclasses.replace(settings, precision=r.precision),
+                                       r, metrics) for r in rerankers]
+        #: Every model: the embedders, then the rerankers.
+        self.members: list[Member] = [*self.slots, *self.rerankers]
+        seen: dict[str, Member] = {}
+        for m in self.members:
+            first = seen.setdefault(m.name, m)
+            if first is not m:
+                raise ConfigError(f"two models are both named {m.name!r} "
+                                  f"({first.model.directory} and {m.model.directory}): "
+                                  "each model served needs its own name")
         self.default = self.slots[0]
         #: Bytes for all models; one model alone is never held to it (nothing to make room
         #: for: it loads as a single-model server always did).
         self.budget = settings.model_memory_bytes or sys.maxsize
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
         #: True between start (its preloads done) and stop.
         self.started = False
-        metrics.registry.register(_LoadedCollector(self))
+        metrics.set_models(lambda: [m.readings() for m in self.members])
 
     # ------------------------------------------------------------ names
     def find(self, name: str) -> ModelSlot | None:
-        """The slot serving ``name`` (its names, exact then case-insensitive)."""
+        """The embedder serving ``name`` (its names, exact then case-insensitive)."""
         for slot in self.slots:
             if slot.served.lookup(name) is not None:
                 return slot
@@ -260,21 +358,21 @@ class ModelRegistry:
 
     # ------------------------------------------------------------ lifespan
     async def start(self) -> None:
-        if self.settings.model_memory_bytes is None and len(self.slots) > 1:
+        if self.settings.model_memory_bytes is None and len(self.members) > 1:
             from embedpool.graph.prebuild import available_memory
 
             self.budget = await run_in_threadpool(available_memory,
                                                   self.settings.max_memory_bytes)
         preload = self.settings.preload
-        chosen = (self.slots if preload == "all" else
-                  self.slots[:1] if preload == "first" else [])
-        for slot in chosen:
+        chosen: list[Member] = (list(self.members) if preload == "all" else
+                                [*self.slots[:1], *self.rerankers[:1]] if preload == "first"
+                                else [])
+        for member in chosen:
             if plan_load([s.resident() for s in self.loaded()], self.budget,
-                         slot.planned).action != "load":
+                         member.planned).action != "load":
                 continue  # preload fills the budget in order; the rest load on demand
-            await self._load(slot)
-        if len(self.slots) > 1 and self.settings.keep_alive_s > 0:
-            self._reaper = asyncio.create_task(self._reap_loop())
+            await self._load(member)
+        self._reaper = asyncio.create_task(self._reap_loop())
         self.started = True
 
     async def stop(self) -> None:
@@ -284,21 +382,36 @@ class ModelRegistry:
             with suppress(asyncio.CancelledError):
                 await self._reaper
             self._reaper = None
-        for slot in self.slots:
-            if slot.loading is not None:
+        for member in self.members:
+            if member.loading is not None:
                 with suppress(Exception):  # a failed load leaves nothing to stop
-                    await slot.loading
-            await slot.stop()
-            slot.state = "unloaded"
+                    await member.loading
+            await member.stop()
+            member.state = "unloaded"
 
-    def loaded(self) -> list[ModelSlot]:
-        return [s for s in self.slots if s.state != "unloaded"]
+    def loaded(self) -> list[Member]:
+        return [s for s in self.members if s.state != "unloaded"]
+
+    def keep_alive(self, member: Member) -> float:
+        """How long ``member`` stays loaded idle now (seconds; inf: not for idleness)."""
+        server = self.settings.keep_alive_s if len(self.members) > 1 else 0.0
+        return keep_alive_of(member.resident(), server)
+
+    def expires_in(self, member: Member) -> float:
+        """Seconds until ``member`` is unloaded for idleness if no request comes (inf:
+        never; counted from now while requests are in flight)."""
+        keep = self.keep_alive(member)
+        if member.inflight or member.state != "loaded":
+            return keep
+        return max(0.0, member.last_used + keep - time.monotonic())
 
     # ------------------------------------------------------------ use
     @asynccontextmanager
-    async def use(self, slot: ModelSlot) -> AsyncIterator[None]:
+    async def use(self, slot: Member, keep_alive_s: float | None = None
+                  ) -> AsyncIterator[None]:
         """``slot`` loaded (waiting for its load, loading it) and counted in flight while the
-        block runs: never unloaded under a request."""
+        block runs: never unloaded under a request. ``keep_alive_s``: the request's
+        keep-alive (None: the server's), the model's from the end of this request on."""
         deadline = time.monotonic() + self.settings.request_timeout_s
         while slot.state != "loaded":
             if slot.loading is None:
@@ -325,9 +438,12 @@ class ModelRegistry:
         finally:
             slot.inflight -= 1
             slot.last_used = time.monotonic()
+            slot.keep_alive_s = keep_alive_s
             self._changed.set()
+            if slot.inflight == 0:
+                self._wake.set()  # the reaper plans its next look with this model's expiry
 
-    async def _load(self, slot: ModelSlot) -> None:
+    async def _load(self, slot: Member) -> None:
         """Make room by the policy, then start ``slot``'s executor (one load at a time)."""
         try:
             async with self._lock:
@@ -372,10 +488,10 @@ class ModelRegistry:
             slot.loading = None
             self._changed.set()
 
-    def _slot(self, name: str) -> ModelSlot:
-        return next(s for s in self.slots if s.name == name)
+    def _slot(self, name: str) -> Member:
+        return next(s for s in self.members if s.name == name)
 
-    async def _unload(self, slot: ModelSlot) -> None:
+    async def _unload(self, slot: Member) -> None:
         """Stop an idle model (the caller checked it idle with no await since)."""
         assert slot.inflight == 0
         slot.state = "unloading"
@@ -386,51 +502,37 @@ class ModelRegistry:
             slot.loaded_at = None
             self._changed.set()
 
+    def _server_keep_alive(self) -> float:
+        """The server's keep-alive for :func:`idle_expired` (one model: never for idleness)."""
+        return self.settings.keep_alive_s if len(self.members) > 1 else 0.0
+
     async def reap(self) -> list[str]:
-        """Unload the models idle past keep-alive (skipped while a load holds the lock)."""
-        if self._lock.locked():
-            return []
+        """Unload the models idle past their keep-alive (after a load that holds the lock)."""
         async with self._lock:
-            names = idle_expired([s.resident() for s in self.slots if s.state == "loaded"],
-                                 time.monotonic(), self.settings.keep_alive_s)
+            server = self._server_keep_alive()
+            names = idle_expired([s.resident() for s in self.members if s.state == "loaded"],
+                                 time.monotonic(), server)
             done: list[str] = []
             for name in names:
                 slot = self._slot(name)
                 # checked again: a request may have used it while the one before stopped
                 if idle_expired([slot.resident()] if slot.state == "loaded" else [],
-                                time.monotonic(), self.settings.keep_alive_s):
+                                time.monotonic(), server):
                     await self._unload(slot)
                     done.append(name)
             return done
 
     async def _reap_loop(self) -> None:
-        interval = min(REAP_INTERVAL_S, self.settings.keep_alive_s / 4)
+        """Reap, then sleep until the next model's keep-alive runs out or a model's last
+        request ends (``use`` wakes it: a new keep-alive, perhaps 0), whichever is first."""
         while True:
-            await asyncio.sleep(interval)  # a timer, not synchronisation
+            self._wake.clear()
             await self.reap()
-
-
-class _LoadedCollector(Collector):
-    """``embedpool_model_loaded{model, state}``: 1 for a loaded model; and each pool counter
-    per model (``embedpool_model_oom_kills{model}``, ...: its closed pools' and the running
-    one's), at scrape time."""
-
-    def __init__(self, registry: ModelRegistry) -> None:
-        self.registry = registry
-
-    def collect(self) -> Iterable[Metric]:
-        gauge = GaugeMetricFamily("embedpool_model_loaded",
-                                  "1 when the model is loaded (state: loaded, loading, "
-                                  "unloaded, unloading)", labels=["model", "state"])
-        for slot in self.registry.slots:
-            gauge.add_metric([slot.name, slot.state], 1.0 if slot.state == "loaded" else 0.0)
-        yield gauge
-        counts = [(slot.name, slot.pool_counts()) for slot in self.registry.slots]
-        for name, kind, doc, _ in POOL_READINGS:
-            if kind != "counter":
-                continue
-            family = CounterMetricFamily(name.replace("embedpool_", "embedpool_model_", 1),
-                                         f"{doc}, by model", labels=["model"])
-            for model, values in counts:
-                family.add_metric([model], values.get(name, 0.0))
-            yield family
+            soonest = next_expiry([s.resident() for s in self.members if s.state == "loaded"],
+                                  time.monotonic(), self._server_keep_alive())
+            # a timer, not synchronisation: at most REAP_INTERVAL_S late for a model whose
+            # keep-alive a request did not change, never busy (10 ms at least)
+            timeout = REAP_INTERVAL_S if soonest is None else min(REAP_INTERVAL_S,
+                                                                    soonest + 0.01)
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ from embedpool.server.dialects import read_body, register_dialect, type_name, us
 from embedpool.server.openai import ApiError, bad_request, parse_json, truncation_headers
 from embedpool.server.service import INLINE_TOKENIZE_CHARS, Runtime, admit, pool_unavailable
 from embedpool.server.settings import ServerSettings
+from embedpool.types import Precision
 
 #: The rerank routes (request metrics count them by name).
 ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank")
@@ -69,6 +71,10 @@ class RerankerSetup:
     cache: PairCache | None = None
     #: Names clients may send as ``model`` besides the model's own.
     aliases: tuple[str, ...] = ()
+    #: Its planned memory (None: one worker's estimate, ``registry.planned_bytes``).
+    planned_bytes: int | None = None
+    #: The precision its placement chose (None: the server's).
+    precision: Precision | None = None
 
 
 @dataclass(frozen=True)
@@ -93,20 +99,15 @@ class RerankService:
         self.classifier = setup.model.classifier
         self.tokenizer = PairTokenizer.for_model(setup.model)
         self.metrics = metrics
+        #: Its member's runtime in the registry (registry.RerankerSlot sets it).
         self.runtime = Runtime()
+        #: What every scoring runs inside (registry.ModelRegistry.use: the model loaded and
+        #: counted in flight); None: the runtime as it is.
+        self.guard: Callable[[], AbstractAsyncContextManager[None]] | None = None
         known = find_known(setup.model.name)
         names = [setup.model.name, *setup.aliases,
                  *((known.name, known.hub_id) if known is not None else ())]
         self.names = tuple(dict.fromkeys(n for n in names if n))
-
-    # ------------------------------------------------------------ lifespan
-    async def start(self) -> None:
-        await self.runtime.start(self.setup.factory, self.settings, self.metrics,
-                                 normalize_windows=False)
-
-    async def stop(self) -> None:
-        await self.runtime.stop_batcher(self.settings.graceful_timeout_s)
-        await self.runtime.close_executor()
 
     # ------------------------------------------------------------ scoring
     def check_model(self, name: Any) -> None:
@@ -130,6 +131,12 @@ class RerankService:
                     ) -> Scored:
         """The documents' logits against ``query`` (n, num_labels); ``truncate=False``: a 422
         naming the first pair longer than the window instead of cutting it."""
+        if self.guard is None:
+            return await self._score(query, documents, truncate)
+        async with self.guard():
+            return await self._score(query, documents, truncate)
+
+    async def _score(self, query: str, documents: list[str], truncate: bool) -> Scored:
         batcher = self.runtime.running_batcher()
         chars = len(query) * len(documents) + sum(len(d) for d in documents)
         enc = (self.encode(query, documents) if chars <= INLINE_TOKENIZE_CHARS

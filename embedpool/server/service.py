@@ -132,9 +132,10 @@ class EmbeddingService:
         self.runtime = runtime
         self.metrics = metrics
         self.cache = cache
-        #: What every embedding runs inside (registry.ModelRegistry.use: the model loaded and
-        #: counted in flight); None: the runtime as it is.
-        self.guard: Callable[[], AbstractAsyncContextManager[None]] | None = None
+        #: What every embedding runs inside, given the request's keep-alive
+        #: (registry.ModelRegistry.use: the model loaded and counted in flight); None: the
+        #: runtime as it is.
+        self.guard: Callable[[float | None], AbstractAsyncContextManager[None]] | None = None
 
     def options(self, call: EmbeddingCall | None = None) -> CallOptions:
         """The request's prompt and dimensions checked against the model (None: the model's
@@ -159,10 +160,13 @@ class EmbeddingService:
         return prepare(texts, self.tokenizer, self.settings.long_text, self.served.dim,
                        prompt=prompt, cache=self.cache, tokenize_all=True)
 
-    async def embed(self, texts: list[str], options: CallOptions | None = None) -> Embedded:
+    async def embed(self, texts: list[str], options: CallOptions | None = None, *,
+                    keep_alive_s: float | None = None) -> Embedded:
+        """The texts' vectors; ``keep_alive_s``: how long the model stays loaded idle after
+        this request (Ollama's ``keep_alive``; None: the server's, registry.py)."""
         if self.guard is None:
             return await self._embed(texts, options)
-        async with self.guard():
+        async with self.guard(keep_alive_s):
             return await self._embed(texts, options)
 
     async def _embed(self, texts: list[str], options: CallOptions | None) -> Embedded:

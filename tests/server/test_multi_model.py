@@ -194,7 +194,7 @@ def test_idle_models_unload_after_keep_alive_and_load_again(
         start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
     a, b, _ = three
     live = start(a, fake(a), ModelSetup(b, fake(b), planned_bytes=1), preload="all",
-                 keep_alive_s=0.3, model_memory_bytes=10**12, planned_bytes=1)
+                 keep_alive_s=1.0, model_memory_bytes=10**12, planned_bytes=1)
     assert set(states(live).values()) == {"loaded"}
     wait_until(lambda: set(states(live).values()) == {"unloaded"},
                "both models unloaded after keep-alive", timeout=DEADLINE_S)
