@@ -51,7 +51,8 @@ from family_support import (
 from embedpool.errors import ModelError
 from embedpool.graph import _family, prepare_onnx
 from embedpool.graph.compose import compose
-from embedpool.graph.families import family_for, model_memory, parse_config, qwen2, qwen3
+from embedpool.graph.families import qwen2, qwen3
+from embedpool.graph.families.catalog import family_for, model_memory, parse_config
 from embedpool.models import resolve_model
 from embedpool.tokenization import TextTokenizer
 
@@ -240,7 +241,7 @@ def test_long_text_matches_reference_in_a_padded_batch(fx: Fixture, graphs: dict
 def test_memory_is_planned_linear_in_length(fx: Fixture) -> None:
     """The pool's estimate: no [seq, seq] scores (GroupQueryAttention), the measured
     activation width per token, every weight; int8 smaller than fp32."""
-    from embedpool.graph.families import DECODER_FFN_FACTOR
+    from embedpool.graph.families.catalog import DECODER_FFN_FACTOR
 
     mem, mem8 = model_memory(fx.model, "fp32"), model_memory(fx.model, "int8")
     assert mem is not None and mem8 is not None
@@ -264,14 +265,16 @@ def test_fp16_graph_on_the_cpu_provider(fx: Fixture, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_ray_backend_matches_reference(ray_cluster: Any, tmp_path: Path) -> None:
-    """The Ray backend's actors build and run the same graph: equal to the reference, with
-    the query prompt."""
+@pytest.mark.parametrize(("name", "precision"), [("qwen3", "fp32"), ("qwen2", "int8")])
+def test_ray_backend_matches_reference(ray_cluster: Any, tmp_path: Path, name: str,
+                                       precision: str) -> None:
+    """The Ray backend's actors build and run the same graph: equal to the reference (int8:
+    within its bar), plain and with the query prompt."""
     from embedpool.job import Embedder
 
-    fx = load_fixture("qwen3")
-    with Embedder(fx.model, precision="fp32", backend="ray") as e:
-        embedder_matches_reference(e, fx)
+    fx = load_fixture(name)
+    with Embedder(fx.model, precision=precision, backend="ray") as e:
+        embedder_matches_reference(e, fx, precision)
 
 @pytest.mark.slow
 def test_pool_matches_reference_with_prompts(fx: Fixture, tmp_path: Path,
@@ -300,6 +303,13 @@ def test_serve_answers_the_openai_client(tmp_path: Path) -> None:
     """``embedpool serve`` on 127.0.0.1 with a pool worker, asked by the official openai
     client: plain texts and ``prompt_name: query``, both equal to the reference."""
     serve_matches_reference(load_fixture("qwen3"), tmp_path)
+
+
+@pytest.mark.slow
+def test_serve_int8_applies_the_prompt_by_input_type(fx: Fixture, tmp_path: Path) -> None:
+    """Each family's int8 graph through ``serve``, its query prompt (Qwen3's ``Instruct:
+    ...\nQuery:``, jina-code's) chosen by ``input_type: query``: within the int8 bar."""
+    serve_matches_reference(fx, tmp_path, "int8", prompt_field="input_type")
 
 
 # --- refusals that teach -------------------------------------------------------------------

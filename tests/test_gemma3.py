@@ -54,7 +54,8 @@ from family_support import (
 from embedpool.errors import ModelError
 from embedpool.graph import _family, prepare_onnx
 from embedpool.graph.compose import compose
-from embedpool.graph.families import family_for, gemma3, model_memory, parse_config
+from embedpool.graph.families import gemma3
+from embedpool.graph.families.catalog import family_for, model_memory, parse_config
 from embedpool.models import resolve_model
 from embedpool.tokenization import TextTokenizer
 
@@ -289,7 +290,7 @@ def test_known_model_lists_its_prompts_and_memory() -> None:
     from click.testing import CliRunner
 
     from embedpool.cli import main
-    from embedpool.graph.families import FAMILIES
+    from embedpool.graph.families.catalog import FAMILIES
     from embedpool.models import KNOWN_MODELS
     from embedpool.models.known import find_known
 
@@ -379,6 +380,24 @@ def test_serve_answers_the_openai_client(fx: Fixture, tmp_path: Path) -> None:
     """``embedpool serve`` on 127.0.0.1 with a pool worker, asked by the official openai
     client: plain texts and ``prompt_name: query``, both equal to the reference."""
     serve_matches_reference(fx, tmp_path)
+
+
+@pytest.mark.slow
+def test_serve_int8_applies_the_prompt_by_input_type(fx: Fixture, tmp_path: Path) -> None:
+    """The int8 graph through ``serve``, EmbeddingGemma's query prompt (``task: search result
+    | query: ``) chosen by ``input_type: query``: within the int8 bar."""
+    serve_matches_reference(fx, tmp_path, "int8", prompt_field="input_type")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_backend_int8_matches_reference(fx: Fixture, ray_cluster: ModuleType) -> None:
+    """The Ray backend's actors build the int8 graph: within its bar, plain and with the
+    query prompt by name."""
+    from embedpool.job import Embedder
+
+    with Embedder(fx.model, precision="int8", backend="ray") as e:
+        embedder_matches_reference(e, fx, "int8")
 
 
 @pytest.mark.slow
