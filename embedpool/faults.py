@@ -40,9 +40,20 @@ Why one rule each, where the two backends used to disagree:
   only (``onnxruntime.capi``), the CUDA runtime's, cuDNN's and cuBLAS's status in the message is
   the evidence (``ort_error_kind``: status codes and names as those libraries spell them).
 - A lost GPU is not the input's fault: its task is not split or charged a try; the executor
-  falls back (a pool breaks with ``DeviceLost`` and the device executor moves its batches to
-  the CPU). Should the same task report a lost device again (a transport that cannot fall
-  back), it is an engine error, so the loop is bounded.
+  breaks with ``DeviceLost`` (the pool, the in-process executor and Ray alike: none can leave
+  its device), and the device executor above the GPU pools moves their batches to the other
+  devices and the CPU (``falls_back``). Ray has no device fallback: its actors run the CPU
+  recipe, and one that reports a lost GPU (a recipe of the caller's) breaks it with the
+  reason. Should the same task report a lost device again (a transport that did not stop),
+  it is an engine error, so the loop is bounded.
+- A death is charged by one rule (``blame``): an idle worker's to nobody (an OOM kill still
+  lowers the budget), one task's to it, and two or more unfinished tasks' (a Ray actor
+  queues two) to none, each run alone next; after an out-of-memory death the budget is
+  lowered anyway and the smaller of the two oldest sizes is never run again.
+- Start failures (``start_failure``): break at once before any worker was ever ready; later
+  back off 0.25 s doubling to 10 s, and break only after three in a row with none alive (Ray
+  used to break after three with live actors and retry at once).
+- Recycling (``recycle``) is the local pool's: a Ray actor reports no RSS to the driver.
 - After an OOM the budget is halved (not below the floor), doubled back after a calm period,
   and never restored to a size that was killed (Ray kept the halved budget for the whole run);
   two in a row enter emergency mode at the floor (Ray only halved again). One state for both
@@ -296,30 +307,36 @@ def idle_death_lowers_budget(kind: FailureKind) -> bool:
 
 @dataclass(frozen=True)
 class Blame:
-    """Which of a dead worker's unfinished tasks, oldest first, was running (``running``:
-    its index, charged with the failure; None: unknown, none charged), and whether the
-    others go back as suspects (run alone next, so that a repeat is charged for sure).
-    ``forbid_tokens``: for an OOM kill nobody is charged with, the size never to run again."""
+    """What a worker's death does to its unfinished tasks (oldest first): which one was running
+    (``running``: its index, charged with the failure through ``decide``; None: none is, or
+    it is unknown), whether the others go back as suspects (run alone next, so that a repeat
+    is charged for sure), and, when no task is charged, whether the budget is lowered anyway
+    (``lower_budget``) and which size is never run again (``forbid_tokens``)."""
 
     running: int | None
     suspects: bool
     forbid_tokens: int | None = None
+    lower_budget: bool = False
 
 
 def blame(padded_tokens: tuple[int, ...] | list[int], kind: FailureKind, *,
           hung: bool = False) -> Blame:
-    """Who killed the worker, from its unfinished tasks' sizes in submission order. One task:
-    that one. Several on a transport that queues (a Ray actor runs them one at a time): the
-    oldest may already have finished with its result lost in the death, so the one running
-    is unknown; none is charged, each runs alone next, and after an OOM kill the smaller of
-    the two oldest sizes is never run again (one of them was running). A hang kill knows its
-    task: the oldest, the one whose clock ran out."""
+    """Who killed the worker, from its unfinished tasks' sizes in submission order; the one
+    rule of every backend (a pool worker holds one task, a Ray actor up to two).
+
+    None (an idle worker): nobody is charged; an OOM kill lowers the budget all the same
+    (``idle_death_lowers_budget``). One task: that one. Several on a transport that queues (a
+    Ray actor runs them one at a time): the oldest may already have finished with its result
+    lost in the death, so the one running is unknown; none is charged, each runs alone next,
+    and after an out-of-memory death the budget is lowered and the smaller of the two oldest
+    sizes is never run again (one of them was running). A hang kill knows its task: the
+    oldest, the one whose clock ran out."""
     if not padded_tokens:
-        return Blame(None, False)
+        return Blame(None, False, lower_budget=idle_death_lowers_budget(kind))
     if len(padded_tokens) == 1 or hung:
         return Blame(0, False)
-    forbid = min(padded_tokens[:2]) if kind in OOM_KINDS else None
-    return Blame(None, True, forbid)
+    oom = kind in OOM_KINDS
+    return Blame(None, True, min(padded_tokens[:2]) if oom else None, lower_budget=oom)
 
 
 @dataclass(frozen=True)
@@ -371,13 +388,35 @@ def start_interrupted(exit_code: int | None) -> bool:
 BreakCause = Literal["device_lost", "start_failures", "other"]
 
 
-def falls_back(cause: BreakCause, *, on_gpu: bool) -> bool:
-    """Whether the device executor moves a broken member's batches to the other devices (and
-    the CPU): when the member ran on a GPU and its GPU is lost, or no worker can start on it
-    any more (a GPU that fell off the bus fails every CUDA init). A CPU member's break, or a
-    failure of embedpool's own (a manager that crashed), fails the batch: it would fail on
-    the next device too."""
-    return on_gpu and cause in ("device_lost", "start_failures")
+def falls_back(cause: BreakCause, *, on_gpu: bool, lost: bool = False,
+               closing: bool = False) -> bool:
+    """Whether the device executor puts a batch that a member failed back in its queue, for
+    the other devices (and the CPU), rather than failing it: when the member ran on a GPU and
+    its GPU is lost, or no worker can start on it any more (a GPU that fell off the bus fails
+    every CUDA init); and whatever the error, when the member already left its device
+    (``lost``: its pool is closing under the batches it still held). A CPU member's break,
+    or a failure of embedpool's own (a manager that crashed), fails the batch: it would fail
+    on the next device too. Nothing goes back while the executor itself is ``closing``."""
+    if closing:
+        return False
+    return lost or (on_gpu and cause in ("device_lost", "start_failures"))
+
+
+#: What a device executor does with a GPU whose pool did not start: ``drop`` it with a note
+#: (the others, or the CPU, run the job), ``refuse`` the start (``DeviceError``: the user
+#: asked for that device), or ``fail`` with the pool's own error.
+DeviceStart = Literal["drop", "refuse", "fail"]
+
+
+def device_start(*, unavailable: bool, on_gpu: bool, strict: bool) -> DeviceStart:
+    """A member's pool failed to start. ``unavailable``: its worker raised
+    ``DeviceUnavailable`` (ONNX Runtime's CUDA provider does not load here). Such a GPU is
+    dropped under ``--device auto`` and refused under ``--device cuda`` (``strict``); any
+    other start failure, and any failure of the CPU member, fails the start: the recipe
+    would fail on the next device too."""
+    if not unavailable or not on_gpu:
+        return "fail"
+    return "refuse" if strict else "drop"
 
 
 def recycle_limit(*, ready_rss: int, rss_limit: int | None, growth_limit: int | None,
@@ -390,6 +429,20 @@ def recycle_limit(*, ready_rss: int, rss_limit: int | None, growth_limit: int | 
     if growth_limit is not None:
         grown = ready_rss + growth_limit + arena_bytes
         limit = grown if limit is None else min(limit, grown)
+    return limit
+
+
+def recycle(*, rss: int, ready_rss: int, rss_limit: int | None, growth_limit: int | None,
+            arena_bytes: int, leaving: bool = False) -> int | None:
+    """After a batch: the limit a worker's ``rss`` passed, so that it is asked to leave and
+    is replaced (a ``recycle`` event); None: it stays (under its ``recycle_limit``, or already
+    leaving). Only the local pool recycles: a Ray actor reports no RSS to the driver, and Ray
+    restarts nothing it is not told to (``max_restarts=0``), so its actors are never
+    recycled."""
+    limit = recycle_limit(ready_rss=ready_rss, rss_limit=rss_limit, growth_limit=growth_limit,
+                          arena_bytes=arena_bytes)
+    if limit is None or leaving or rss <= limit:
+        return None
     return limit
 
 
@@ -532,6 +585,8 @@ class Assembly:
     vectors: Vectors
     remaining: int
     failed: dict[int, str] = field(default_factory=dict)
+    #: The precision that made its rows where not the job's (``BatchResult.precision``).
+    precision: str | None = None
 
     @classmethod
     def of(cls, batch: WorkBatch, dim: int) -> Assembly:
@@ -559,7 +614,7 @@ class Assembly:
     def result(self) -> BatchResult:
         from embedpool.executor import BatchResult
 
-        return BatchResult(self.batch.batch_id, self.vectors, dict(self.failed))
+        return BatchResult(self.batch.batch_id, self.vectors, dict(self.failed), self.precision)
 
 
 _task_ids = itertools.count()

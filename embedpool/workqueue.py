@@ -11,6 +11,8 @@
                                               the Decision so the transport can lower its
                                               budget or leave a lost device
                       requeue(task, reason)  back to the front, not blamed (it never ran)
+                      deliver(task, result)  an inner executor's BatchResult (device executor)
+                      fail_batch(task, exc)  the whole batch fails with an inner executor's error
                       break_(exc) / fail_unfinished(exc) / cancel_unstarted()
 
 So a backend only moves bytes: it picks a worker, sends ``task.sequences``, and reports what
@@ -131,6 +133,43 @@ class WorkQueue:
         if task.assembly.fill(task.positions, rows):
             self._finish(task.assembly)
         return True
+
+    def deliver(self, task: Task, result: BatchResult) -> bool:
+        """The ``result`` of an executor this one hands the task's positions to, in order (the
+        device executor's members, which do their own fault handling): its rows, its
+        given-up items as given up here, and the precision that made them. Returns False
+        (the task failed as an engine error) when its rows have the wrong shape."""
+        asm = task.assembly
+        if result.precision is not None:
+            asm.precision = result.precision
+        if not result.failed:
+            return self.complete(task, result.vectors)
+        want = (len(task.positions), self.dim)
+        if result.vectors.shape != want:
+            self.fail(task, FailureKind.ENGINE_ERROR,
+                      f"engine returned shape {result.vectors.shape}, expected {want}")
+            return False
+        keep = [i for i in range(len(task.positions)) if i not in result.failed]
+        done = False
+        if keep:
+            positions = tuple(task.positions[i] for i in keep)
+            self.counters.sequences_done += len(keep)
+            self.counters.tokens_done += sum(len(asm.batch.sequences[p]) for p in positions)
+            done = asm.fill(positions, result.vectors[keep])
+        for i, message in sorted(result.failed.items()):
+            done = asm.give_up(task.positions[i], message)
+        if done:
+            self._finish(asm)
+        return True
+
+    def fail_batch(self, task: Task, exc: BaseException) -> None:
+        """The task's whole batch fails with ``exc``: what an executor this one hands it to
+        raised, where running it elsewhere would not help (``faults.falls_back``)."""
+        asm = task.assembly
+        self._tasks = deque(t for t in self._tasks if t.assembly is not asm)
+        fut = self._running.pop(asm, None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
 
     def fail(self, task: Task, kind: FailureKind, error: str) -> faults.Decision:
         """A task failed: split it, retry it, or give up on its one item (``faults.decide``)."""

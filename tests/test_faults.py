@@ -16,12 +16,17 @@ or test that now pins the one rule for both:
 
 And the rules beside a failed task's (issue 20), each one table for both backends:
 
-    a death with no task (idle OOM kill)  test_a_death_with_no_task     lower the budget
-    several unfinished tasks on a death   BLAME rows                    none charged, suspects
+    a death with no task (idle OOM kill)  BLAME rows "idle-*"           lower the budget (OOM only)
+    several unfinished tasks on a death   BLAME rows "two-*"            none charged, suspects;
+                                                                        OOM: lower, forbid a size
     a replacement fails to start          START rows                    backoff; break with none alive
-    a device executor's member breaks     test_device_fallback          GPU lost / cannot start only
-    when a worker is recycled             test_recycle_limit
+    repeated OOM failures                 test_one_budget_state_...     one BudgetState, emergency
+    a device executor's member breaks     FALLBACK rows                 GPU lost / cannot start only
+    a GPU pool does not start             test_device_start             auto drops, cuda refuses
+    when a worker is recycled             RECYCLE rows                  the local pool's only
     a hung worker                         test_one_hang_loop_...        one loop for both
+
+Each of these also runs on real processes, both backends: tests/executors/test_fault_parity.py.
 """
 
 from __future__ import annotations
@@ -389,21 +394,31 @@ def test_a_death_with_no_task(kind: FailureKind, lower: bool) -> None:
     assert faults.idle_death_lowers_budget(kind) is lower
 
 
-# unfinished tasks' padded tokens (oldest first), kind, hung -> running index, suspects, forbid
+# unfinished tasks' padded tokens (oldest first), kind, hung
+#   -> running index, suspects, forbid, lower the budget though nobody is charged
 BLAME: list[Any] = [
-    pytest.param((), K.OOM_KILL, False, None, False, None, id="idle"),
-    pytest.param((512,), K.CRASH, False, 0, False, None, id="one-task-is-charged"),
-    pytest.param((512, 768), K.CRASH, False, None, True, None, id="two-none-charged"),
-    pytest.param((1024, 768, 256), K.OOM_KILL, False, None, True, 768,
-                 id="two-oom-forbids-the-smaller-of-the-oldest-two"),
-    pytest.param((512, 768), K.HUNG, True, 0, False, None, id="a-hang-knows-its-task"),
+    pytest.param((), K.OOM_KILL, False, None, False, None, True, id="idle-oom-kill-lowers"),
+    pytest.param((), K.EXTERNAL_SIGKILL, False, None, False, None, False,
+                 id="idle-sigkill-only-replaces"),
+    pytest.param((), K.CRASH, False, None, False, None, False, id="idle-crash-only-replaces"),
+    pytest.param((512,), K.CRASH, False, 0, False, None, False, id="one-task-is-charged"),
+    pytest.param((512,), K.OOM_KILL, False, 0, False, None, False,
+                 id="one-oom-task-is-charged-decide-lowers"),
+    pytest.param((512, 768), K.CRASH, False, None, True, None, False, id="two-none-charged"),
+    pytest.param((512, 768), K.EXTERNAL_SIGKILL, False, None, True, None, False,
+                 id="two-sigkill-none-charged-budget-kept"),
+    pytest.param((1024, 768, 256), K.OOM_KILL, False, None, True, 768, True,
+                 id="two-oom-lowers-and-forbids-the-smaller-of-the-oldest-two"),
+    pytest.param((512, 768), K.HUNG, True, 0, False, None, False, id="a-hang-knows-its-task"),
 ]
 
 
-@pytest.mark.parametrize(("sizes", "kind", "hung", "running", "suspects", "forbid"), BLAME)
+@pytest.mark.parametrize(("sizes", "kind", "hung", "running", "suspects", "forbid", "lower"),
+                         BLAME)
 def test_blame(sizes: tuple[int, ...], kind: FailureKind, hung: bool, running: int | None,
-               suspects: bool, forbid: int | None) -> None:
-    assert faults.blame(sizes, kind, hung=hung) == faults.Blame(running, suspects, forbid)
+               suspects: bool, forbid: int | None, lower: bool) -> None:
+    assert faults.blame(sizes, kind, hung=hung) == faults.Blame(running, suspects, forbid,
+                                                                lower)
 
 
 START_POLICY = FaultPolicy(max_start_failures=3, start_backoff_s=0.25, start_backoff_max_s=10.0)
@@ -426,15 +441,33 @@ def test_start_failure(failures: int, ever_ready: bool, alive: int, action: str,
     assert (d.action, d.backoff_s) == (action, backoff) and d.reason
 
 
-@pytest.mark.parametrize(("cause", "on_gpu", "falls"), [
-    pytest.param("device_lost", True, True, id="gpu-lost"),
-    pytest.param("start_failures", True, True, id="gpu-cannot-start-workers"),
-    pytest.param("other", True, False, id="gpu-internal-failure-fails-the-batch"),
-    pytest.param("device_lost", False, False, id="cpu-member-never-falls-back"),
-    pytest.param("start_failures", False, False, id="cpu-start-failures"),
+# why the member broke, it runs on a GPU, it already left its device, the executor closes
+FALLBACK: list[Any] = [
+    pytest.param("device_lost", True, False, False, True, id="gpu-lost"),
+    pytest.param("start_failures", True, False, False, True, id="gpu-cannot-start-workers"),
+    pytest.param("other", True, False, False, False, id="gpu-internal-failure-fails-the-batch"),
+    pytest.param("device_lost", False, False, False, False, id="cpu-member-never-falls-back"),
+    pytest.param("start_failures", False, False, False, False, id="cpu-start-failures"),
+    pytest.param("other", True, True, False, True,
+                 id="a-lost-members-leftovers-go-back-whatever-the-error"),
+    pytest.param("device_lost", True, False, True, False, id="nothing-goes-back-when-closing"),
+]
+
+
+@pytest.mark.parametrize(("cause", "on_gpu", "lost", "closing", "falls"), FALLBACK)
+def test_device_fallback(cause: Any, on_gpu: bool, lost: bool, closing: bool,
+                         falls: bool) -> None:
+    assert faults.falls_back(cause, on_gpu=on_gpu, lost=lost, closing=closing) is falls
+
+
+@pytest.mark.parametrize(("unavailable", "on_gpu", "strict", "want"), [
+    pytest.param(True, True, False, "drop", id="auto-drops-a-gpu-without-cuda"),
+    pytest.param(True, True, True, "refuse", id="cuda-refuses"),
+    pytest.param(False, True, False, "fail", id="any-other-gpu-start-failure-fails"),
+    pytest.param(True, False, False, "fail", id="the-cpu-member-fails"),
 ])
-def test_device_fallback(cause: Any, on_gpu: bool, falls: bool) -> None:
-    assert faults.falls_back(cause, on_gpu=on_gpu) is falls
+def test_device_start(unavailable: bool, on_gpu: bool, strict: bool, want: str) -> None:
+    assert faults.device_start(unavailable=unavailable, on_gpu=on_gpu, strict=strict) == want
 
 
 MiB_ = 1024 * 1024
@@ -450,6 +483,24 @@ MiB_ = 1024 * 1024
 def test_recycle_limit(rss_limit: int | None, growth: int | None, want: int | None) -> None:
     assert faults.recycle_limit(ready_rss=100 * MiB_, rss_limit=rss_limit, growth_limit=growth,
                                 arena_bytes=50 * MiB_) == want
+
+
+# RSS after a batch, absolute limit, leaving already -> the limit passed (recycle) or None
+RECYCLE: list[Any] = [
+    pytest.param(450 * MiB_, None, False, None, id="at-the-growth-limit-stays"),
+    pytest.param(451 * MiB_, None, False, 450 * MiB_, id="past-the-growth-limit"),
+    pytest.param(300 * MiB_, 250 * MiB_, False, 250 * MiB_, id="past-the-absolute-limit"),
+    pytest.param(900 * MiB_, None, True, None, id="already-leaving"),
+]
+
+
+@pytest.mark.parametrize(("rss", "rss_limit", "leaving", "want"), RECYCLE)
+def test_recycle(rss: int, rss_limit: int | None, leaving: bool, want: int | None) -> None:
+    assert faults.recycle(rss=rss, ready_rss=100 * MiB_, rss_limit=rss_limit,
+                          growth_limit=300 * MiB_, arena_bytes=50 * MiB_,
+                          leaving=leaving) == want
+    assert faults.recycle(rss=10**12, ready_rss=0, rss_limit=None, growth_limit=None,
+                          arena_bytes=0) is None  # no limit: never
 
 
 def test_one_hang_loop_warns_kills_and_says_when_to_look_again() -> None:

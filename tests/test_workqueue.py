@@ -183,3 +183,35 @@ def test_a_lost_device_puts_the_task_back_whole_once_then_it_is_an_engine_error(
     assert finish_all(work) == 2
     np.testing.assert_allclose(fut.result(timeout=0).vectors,
                                fake_vectors(batch.sequences, DIM), atol=1e-6)
+
+
+def test_an_inner_executors_result_is_delivered_with_its_given_up_items_and_precision() -> None:
+    """The device executor hands whole batches to its members and delivers what they return."""
+    work, _, _ = queue()
+    (batch,) = make_batches(make_sequences(5, seed=9), 5)
+    fut = work.submit(batch)
+    task = work.next_task(None)
+    assert task is not None and len(task.positions) == 5
+    rows = fake_vectors(batch.sequences, DIM)
+    rows[3] = 0.0
+    inner = BatchResult(batch.batch_id, rows, {3: "input 'item-3' could not be embedded"},
+                        precision="fp32")
+    assert work.deliver(task, inner)
+    result = fut.result(timeout=0)
+    assert result.failed == {3: "input 'item-3' could not be embedded"}
+    assert result.precision == "fp32"
+    np.testing.assert_allclose(result.vectors, rows, atol=1e-6)
+    assert work.idle and work.counters.sequences_done == 4
+
+
+def test_fail_batch_fails_only_that_batch() -> None:
+    work, _, _ = queue()
+    first, second = make_batches(make_sequences(8, seed=10), 4)
+    f1, f2 = work.submit(first), work.submit(second)
+    task = work.next_task(None)
+    assert task is not None and task.batch_id == first.batch_id
+    work.fail_batch(task, PoolBroken("the CPU pool broke"))
+    with pytest.raises(PoolBroken, match="the CPU pool broke"):
+        f1.result(timeout=0)
+    assert finish_all(work) == 1 and f2.result(timeout=0).failed == {}
+    assert work.idle

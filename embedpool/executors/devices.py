@@ -3,15 +3,22 @@ the GPUs are lost, behind the one executor contract.
 
 ::
 
-    job ──submit(batch)──> DeviceExecutor: queue ── dispatcher thread ──> the first member with room:
-                                                                            cuda:0  Pool, 1 worker
-                                                                            cuda:1  Pool, 1 worker
-                                                                            cpu     Pool, N workers (if asked)
-    a member's future ──> the caller's future (results as they come, any order)
+    job ──submit(batch)──> WorkQueue ── dispatcher thread: next_task ──> the first member with room:
+                                                                          cuda:0  Pool, 1 worker
+                                                                          cuda:1  Pool, 1 worker
+                                                                          cpu     Pool, N workers (if asked)
+    a member's future ──> settled on the dispatcher: WorkQueue.deliver (rows, given-up items,
+        precision) ──> the caller's future (results as they come, any order)
     DeviceLost (the member's pool broke: its GPU is gone), or WorkersCannotStart on a GPU
-        (``faults.falls_back``) ──> its batches back to the front of the queue, the member
-        closed, one line and a ``device_fallback`` event; no GPU left ──> the CPU pool
+        (``faults.falls_back``) ──> WorkQueue.requeue (back to the front, unblamed), the
+        member closed, one line and a ``device_fallback`` event; no GPU left ──> the CPU pool
         (``fallback``) is started and takes over; any other failure fails the batch
+        (``WorkQueue.fail_batch``)
+
+The device executor draws from a ``WorkQueue`` as the pool and Ray do; its tasks are whole
+batches (no token budget here: each member cuts its own, and does its own fault handling), and
+only its dispatcher thread touches them: a member's future, finished on that member's thread,
+is handed over and settled there.
 
 Each member is an ordinary ``Pool`` with its own token budget, fault handling and scaling, so
 a GPU's out-of-memory error splits and lowers *that* GPU's budget (``faults``), and a lost GPU
@@ -21,12 +28,14 @@ more of them without any speed estimate. Members are tried in order, GPUs first.
 
 ``start`` builds one from recipes (``PoolRecipe``): it starts the GPU pools side by side, and
 a GPU whose CUDA provider does not load (``DeviceUnavailable`` in its worker) is dropped with a
-note under ``auto``, or fails the start under ``cuda`` (``DeviceError``). A member whose
-precision differs from the job's (CPU workers next to an fp16 GPU run fp32) marks its results
+note under ``auto``, or fails the start under ``cuda`` (``DeviceError``), as
+``faults.device_start`` rules. A member whose precision differs from the job's (CPU workers next to an fp16 GPU run fp32) marks its results
 (``BatchResult.precision``), so the job caches only vectors of its own graph.
 
 Our own code, not a library's: Ray or a work-stealing executor would bring a scheduler to
-solve what a deque and a capacity per member solve here.
+solve what the shared WorkQueue and a capacity per member solve here. Ray has no counterpart:
+its actors run on the CPU, and an actor that reports a lost GPU breaks the Ray executor
+(``faults``).
 """
 
 from __future__ import annotations
@@ -35,11 +44,11 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from embedpool import events, executor, faults
 from embedpool.errors import (
@@ -61,7 +70,9 @@ from embedpool.executor import (
     WorkBatch,
 )
 from embedpool.executors.pool.config import PoolConfig
+from embedpool.faults import Task
 from embedpool.types import EventCallback
+from embedpool.workqueue import WorkQueue
 
 log = logging.getLogger("embedpool.executors.pool")
 
@@ -103,17 +114,8 @@ class Member:
     lost: str | None = None
 
 
-Job = tuple[WorkBatch, "Future[BatchResult]"]
-
-
-@dataclass
-class _Outcome:
-    """What a finished member future means for the caller's future (set outside the lock)."""
-
-    result: BatchResult | None = None
-    error: BaseException | None = None
-    requeued: bool = False
-    events: list[dict[str, Any]] = field(default_factory=list)
+#: A member's future finished (or its submit raised): settled on the dispatcher thread.
+Outcome = tuple[Member, Task, "Future[BatchResult] | None", "BaseException | None"]
 
 
 class DeviceExecutor:
@@ -127,64 +129,54 @@ class DeviceExecutor:
         self._members = list(members)
         self._fallback = fallback
         self._emit = events.Emitter(on_event, log, backend="pool")
-        self._cond = threading.Condition()  # an RLock: an event callback may call stats()
-        self._queue: deque[Job] = deque()
-        self._to_close: list[Member] = []
-        self._closed = False
-        self._broken: PoolBroken | None = None
+        self._cond = threading.Condition()  # guards _outcomes, _closing, _grace_deadline
+        self._work = WorkQueue(self._wake, self._emit)
+        self.dim = self._work.dim = int(self._members[0].executor.dim)
+        self._outcomes: deque[Outcome] = deque()
+        self._closing = False
+        self._grace_deadline = float("inf")
         #: Lines people should see once (a GPU dropped at start, a fallback): the job summary.
         self.notes: list[str] = list(notes)
-        self.dim = int(self._members[0].executor.dim)
         self._thread = threading.Thread(target=self._run, name="embedpool-devices", daemon=True)
         self._thread.start()
 
     # -- the executor contract -----------------------------------------------------------------
 
     def submit(self, batch: WorkBatch) -> Future[BatchResult]:
-        fut: Future[BatchResult] = Future()
-        with self._cond:
-            if self._broken is not None:
-                raise self._broken
-            if self._closed:
-                raise IntakeClosed("the device executor is stopping and takes no new batches")
-            self._queue.append((batch, fut))
-            self._cond.notify_all()
-        return fut
+        return self._work.submit(batch)
 
     def run(self, batches: Iterable[WorkBatch], max_pending: int | None = None
             ) -> Generator[BatchResult, None, None]:
         return executor.run(self, batches, max_pending)
 
     def stats(self) -> ExecutorStats:
-        with self._cond:
-            members = list(self._members)
-            queued = len(self._queue)
+        members = list(self._members)
         snaps = [m.executor.stats() for m in members]
         live = [s for m, s in zip(members, snaps, strict=True) if m.lost is None] or snaps
         total = Counters()
         for s in snaps:
             for f in dataclasses.fields(Counters):
                 setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
+        total.retries += self._work.counters.retries  # batches moved off a lost device
         return ExecutorStats.of(
             total, backend="pool", workers=tuple(w for s in live for w in s.workers),
             target_workers=sum(s.target_workers for s in live),
             max_workers=sum(s.max_workers for s in live), threads=live[0].threads,
             batch_tokens=live[0].batch_tokens, emergency=any(s.emergency for s in live),
-            queued=queued + sum(s.queued for s in live))
+            queued=self._work.queued_batches + sum(s.queued for s in live))
 
     @property
     def broken(self) -> str | None:
-        if self._broken is not None:
-            return str(self._broken)
-        if not self._closed and not self._thread.is_alive():
+        if self._work.broken is not None:
+            return str(self._work.broken)
+        if not self._closing and not self._thread.is_alive():
             return "the device executor's dispatcher thread is gone"
         return None
 
     @property
     def devices(self) -> list[str]:
         """The members that run now, by name."""
-        with self._cond:
-            return [m.name for m in self._members if m.lost is None]
+        return [m.name for m in list(self._members) if m.lost is None]
 
     def describe(self) -> str:
         """One line for the job summary: where the batches run, and any fallback."""
@@ -193,21 +185,17 @@ class DeviceExecutor:
 
     def close(self, grace_s: float = 10.0) -> None:
         """Finish what was submitted within ``grace_s``, then close every member."""
+        self._work.close_intake()
         with self._cond:
-            self._closed = True
+            if not self._closing:
+                self._closing = True
+                self._grace_deadline = time.monotonic() + grace_s
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
-            self._thread.join(grace_s)
-        with self._cond:
-            members = list(self._members)
-            leftover = list(self._queue)
-            self._queue.clear()
-        for m in members:
+            self._thread.join(grace_s + 5.0)
+        for m in list(self._members):
             with contextlib.suppress(Exception):
                 m.executor.close()
-        for _, fut in leftover:
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(PoolError("the device executor closed before this batch ran"))
 
     def __enter__(self) -> DeviceExecutor:
         return self
@@ -215,19 +203,32 @@ class DeviceExecutor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- the dispatcher ----------------------------------------------------------------------------
+    # -- the dispatcher thread: the only one that touches the WorkQueue's tasks ------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def _live(self) -> list[Member]:
         return [m for m in self._members if m.lost is None]
 
     def _due(self) -> bool:
-        """Whether the dispatcher has something to do now (called with the lock held)."""
-        if self._to_close:
+        """Whether the dispatcher has something to do now (lock held)."""
+        if self._outcomes or self._done():
             return True
+        if not self._work.queued_tasks:
+            return False
         live = self._live()
-        if self._queue and not live:
+        return not live or any(m.inflight < m.capacity for m in live)
+
+    def _done(self) -> bool:
+        """Broken, or closing with nothing left (or past the grace period)."""
+        if self._work.broken is not None:
             return True
-        return bool(self._queue) and any(m.inflight < m.capacity for m in live)
+        if not self._closing:
+            return False
+        return ((self._work.idle and not any(m.inflight for m in self._members))
+                or time.monotonic() >= self._grace_deadline)
 
     def _run(self) -> None:
         try:
@@ -235,120 +236,116 @@ class DeviceExecutor:
                 pass
         except BaseException as exc:  # pragma: no cover - a bug; never leave futures hanging
             log.exception("embedpool device executor crashed")
-            self._break(PoolBroken(f"the device executor failed: {exc!r}"))
+            self._work.break_(PoolBroken(f"the device executor failed: {exc!r}"))
+        finally:
+            self._work.close_intake()
+            self._work.fail_unfinished(self._work.broken)
 
     def _step(self) -> bool:
-        sends: list[tuple[Member, Job]] = []
         with self._cond:
             while not self._due():
-                if self._closed and not self._queue and not any(m.inflight for m in self._members):
-                    return False
-                if self._broken is not None:
-                    return False
-                self._cond.wait()
-            closing, self._to_close = self._to_close, []
-            live = self._live()
-            need_fallback = not live and bool(self._queue)
-            for m in live:
-                while self._queue and m.inflight < m.capacity:
-                    job = self._queue.popleft()
-                    if job[1].cancelled():
-                        continue
-                    m.inflight += 1
-                    sends.append((m, job))
-        for m in closing:
-            with contextlib.suppress(Exception):
-                m.executor.close()
-        if need_fallback:
+                timeout = (self._grace_deadline - time.monotonic()
+                           if self._grace_deadline < float("inf") else None)
+                self._cond.wait(timeout)
+            outcomes, self._outcomes = list(self._outcomes), deque()
+        for outcome in outcomes:
+            self._settle(*outcome)
+        if self._done():
+            return False
+        live = self._live()
+        if not live and self._work.queued_tasks:
             self._start_fallback()
-        for m, job in sends:
-            self._send(m, job)
+            return True
+        sends: list[tuple[Member, Task]] = []
+        for m in live:  # GPUs first: each takes what it has room for
+            while m.inflight < m.capacity:
+                task = self._work.next_task(None)  # whole batches: members cut their own
+                if task is None:
+                    break
+                m.inflight += 1
+                sends.append((m, task))
+        for m, task in sends:
+            self._send(m, task)
         return True
 
-    def _send(self, m: Member, job: Job) -> None:
+    def _send(self, m: Member, task: Task) -> None:
         try:
-            inner = m.executor.submit(job[0])
+            inner = m.executor.submit(_batch_of(task))
         except (PoolError, IntakeClosed) as exc:
-            self._finish(m, job, None, exc)
+            self._outcome(m, task, None, exc)
             return
-        inner.add_done_callback(lambda f: self._finish(m, job, f, None))
+        inner.add_done_callback(lambda f: self._outcome(m, task, f, None))
 
-    def _finish(self, m: Member, job: Job, inner: Future[BatchResult] | None,
+    def _outcome(self, m: Member, task: Task, inner: Future[BatchResult] | None,
+                 error: BaseException | None) -> None:
+        """A member is done with a task (on that member's manager thread): to the dispatcher."""
+        with self._cond:
+            self._outcomes.append((m, task, inner, error))
+            self._cond.notify_all()
+
+    def _settle(self, m: Member, task: Task, inner: Future[BatchResult] | None,
                 error: BaseException | None) -> None:
-        """A member is done with a batch (this runs on that member's manager thread)."""
-        _, fut = job
+        m.inflight -= 1
         if inner is not None:
             error = (PoolUnavailable("the batch was cancelled") if inner.cancelled()
                      else inner.exception())
-        out = _Outcome()
-        with self._cond:
-            m.inflight -= 1
-            if error is None and inner is not None:
-                result = inner.result()
-                out.result = (dataclasses.replace(result, precision=m.precision)
-                              if m.precision else result)
-            elif not self._closed and (m.lost is not None or faults.falls_back(
-                    break_cause(error), on_gpu=m.on_gpu)):
-                # DeviceLost (its GPU is gone), or a GPU member that can no longer start
-                # workers (one that fell off the bus fails every CUDA init): the others run it
-                out.events = self._lose(m, str(error))
-                self._queue.appendleft(job)
-                out.requeued = True
-            else:
-                out.error = error
-            self._cond.notify_all()
-        for ev in out.events:
-            self._emit(events.DEVICE_FALLBACK, **ev)
-            log.warning("embedpool: %s", ev["message"])
-        if out.requeued or not fut.set_running_or_notify_cancel():
-            return
-        if out.error is not None:
-            fut.set_exception(out.error)
+        if error is None and inner is not None:
+            result = inner.result()
+            self._work.deliver(task, dataclasses.replace(result, precision=m.precision)
+                               if m.precision else result)
+        elif faults.falls_back(break_cause(error), on_gpu=m.on_gpu, lost=m.lost is not None,
+                               closing=self._closing):
+            # DeviceLost (its GPU is gone), or a GPU member that can no longer start
+            # workers (one that fell off the bus fails every CUDA init): the others run it
+            self._lose(m, str(error))
+            self._work.requeue(task, f"{m.name} left: {_first_line(str(error))}")
         else:
-            assert out.result is not None
-            fut.set_result(out.result)
+            self._work.fail_batch(task, error or PoolError("the member failed the batch"))
 
-    def _lose(self, m: Member, reason: str) -> list[dict[str, Any]]:
-        """Drop a member whose device is gone (lock held); the event to emit, once."""
+    def _lose(self, m: Member, reason: str) -> None:
+        """Drop a member whose device is gone and close it; one line and one event."""
         if m.lost is not None:
-            return []
+            return
         m.lost = reason
-        self._to_close.append(m)
+        with contextlib.suppress(Exception):
+            m.executor.close()
         others = [x.name for x in self._live()]
         to = " + ".join(others) if others else ("cpu" if self._fallback else "nothing")
-        first = reason.strip().splitlines()[0][:300] if reason.strip() else "lost"
+        first = _first_line(reason) or "lost"
         message = f"{m.name} lost ({first}); its batches now run on {to}"
         self.notes.append(f"fell back: {message}")
-        return [{"device": m.name, "to": to, "reason": first, "message": message}]
+        self._emit(events.DEVICE_FALLBACK, device=m.name, to=to, reason=first, message=message)
+        log.warning("embedpool: %s", message)
 
     def _start_fallback(self) -> None:
-        with self._cond:
-            fallback, self._fallback = self._fallback, None
-            lost = "; ".join(f"{m.name}: {m.lost}" for m in self._members if m.lost)
+        fallback, self._fallback = self._fallback, None
+        lost = "; ".join(f"{m.name}: {m.lost}" for m in self._members if m.lost)
         if fallback is None:
-            self._break(PoolBroken(f"every device was lost and there is no CPU fallback: {lost}"))
+            self._work.break_(PoolBroken(
+                f"every device was lost and there is no CPU fallback: {lost}"))
             return
         try:
             member = fallback()
         except Exception as exc:
-            self._break(PoolBroken(f"every GPU was lost ({lost}) and the CPU pool did not start: "
-                                   f"{exc}"))
+            self._work.break_(PoolBroken(
+                f"every GPU was lost ({lost}) and the CPU pool did not start: {exc}"))
             return
-        with self._cond:
-            self._members.append(member)
-            self._cond.notify_all()
+        self._members.append(member)
 
-    def _break(self, exc: PoolBroken) -> None:
-        with self._cond:
-            if self._broken is None:
-                self._broken = exc
-            leftover = list(self._queue)
-            self._queue.clear()
-            self._cond.notify_all()
-        self._emit(events.POOL_BROKEN, error=str(exc))
-        for _, fut in leftover:
-            if fut.set_running_or_notify_cancel():
-                fut.set_exception(exc)
+
+def _batch_of(task: Task) -> WorkBatch:
+    """The batch of a task's positions (the whole submitted batch when it holds them all)."""
+    batch = task.assembly.batch
+    if len(task.positions) == len(batch.sequences):
+        return batch
+    pos = task.positions
+    return WorkBatch(batch.batch_id, tuple(batch.sequences[p] for p in pos),
+                     tuple(batch.item_ids[p] for p in pos) if batch.item_ids else (),
+                     tuple(batch.prompt_lengths[p] for p in pos) if batch.prompt_lengths else ())
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:300] if text.strip() else ""
 
 
 def break_cause(error: BaseException | None) -> faults.BreakCause:
@@ -384,10 +381,13 @@ def start(gpus: Sequence[PoolRecipe], *, cpu: PoolRecipe | None = None,
     try:
         for r, err in errors:
             unavailable = isinstance(err, WorkerStartError) and "DeviceUnavailable" in str(err)
-            if not unavailable or r is cpu:
+            action = faults.device_start(unavailable=unavailable,
+                                         on_gpu=r is not cpu and r.config.device != "cpu",
+                                         strict=strict)
+            if action == "fail":
                 raise err
             why = _device_unavailable_line(str(err))
-            if strict:
+            if action == "refuse":
                 raise DeviceError(f"--device {r.name.split()[0]}: {why}", "package") from err
             notes.append(f"auto: {r.name} not used: {why}")
         if len(errors) == len(gpus):  # no GPU started

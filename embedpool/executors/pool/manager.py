@@ -318,13 +318,17 @@ class Manager:
         c.oom_kills += kind is FailureKind.OOM_KILL
         c.external_sigkills += kind is FailureKind.EXTERNAL_SIGKILL
         task = w.task
+        # who is charged: faults.blame (a worker holds one task; none: memory is tight after
+        # an OOM kill whatever it was doing)
+        who = faults.blame([task.padded_tokens] if task else [], kind, hung=w.hung)
         self.emit(events.WORKER_DEATH, worker_id=w.worker_id, pid=w.pid, exit=exit_name(code),
                   exitcode=code, kind=str(kind), cause=faults.death_cause(kind, evidence),
+                  blamed=who.running is not None or task is None,
                   **(task.describe() if task else {"items": 0, "tokens": 0}))
-        if task is not None:
+        if task is not None and who.running is not None:
             self._fail(task, kind, f"worker pid {w.pid} died: {exit_name(code)}")
-        elif faults.idle_death_lowers_budget(kind):  # killed between tasks: memory is tight
-            self._apply(self.scaler.on_oom(None))
+        elif who.lower_budget:
+            self._apply(self.scaler.on_oom(who.forbid_tokens))
         self._publish()
 
     def check_deadlines(self) -> None:
@@ -488,12 +492,13 @@ class Manager:
         cfg = self.config
         # the arena legitimately keeps one batch's activations (for a long-context model, one
         # max-length sequence's): growth beyond that counts
-        limit = faults.recycle_limit(
-            ready_rss=w.ready_rss, rss_limit=cfg.recycle_rss_bytes,
+        limit = faults.recycle(
+            rss=w.rss, ready_rss=w.ready_rss, rss_limit=cfg.recycle_rss_bytes,
             growth_limit=cfg.recycle_growth_bytes,
             arena_bytes=memory.activation_estimate(self.scaler.planned_batch_tokens,
-                                                    cfg.model_memory))
-        if limit is None or w.rss <= limit or w.leave_reason is not None:
+                                                    cfg.model_memory),
+            leaving=w.leave_reason is not None)
+        if limit is None:
             return
         self.work.counters.recycles += 1
         self.emit(events.RECYCLE, worker_id=w.worker_id, pid=w.pid, rss=w.rss, limit=limit,

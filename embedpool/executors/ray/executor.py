@@ -66,7 +66,7 @@ from typing import Any
 
 from embedpool import events, executor, faults
 from embedpool.budget import BatchBudget, batch_budget
-from embedpool.errors import ConfigError, PoolBroken, PoolError
+from embedpool.errors import ConfigError, DeviceLost, PoolBroken, PoolError
 from embedpool.executor import BatchResult, EngineRecipe, ExecutorStats, WorkBatch
 from embedpool.executors.ray import cluster
 from embedpool.executors.ray.actors import ActorSet, Slot
@@ -321,6 +321,11 @@ class RayExecutor:
         decision = self._work.fail(task, kind, error)
         if decision.lower_budget:
             self._lower_budget(kind, decision.forbid_tokens)
+        elif decision.action == "fall_back":
+            # an actor's GPU is lost (a recipe of the caller's: start_executor gives Ray the
+            # CPU's). Ray has no device fallback: the executor breaks, as a pool does
+            raise DeviceLost(f"a Ray actor's device was lost: {error}. The Ray backend has no "
+                             "device fallback; run its actors on the CPU")
 
     def _lower_budget(self, kind: FailureKind, forbid_tokens: int | None) -> None:
         old = self._state
@@ -405,8 +410,7 @@ class RayExecutor:
                                suspect=who.suspects)
         if running is not None:
             self._fail(running, kind, error)
-        elif who.forbid_tokens is not None or (not tasks
-                                                and faults.idle_death_lowers_budget(kind)):
+        elif who.lower_budget:
             # an OOM kill nobody is charged with (one of the two oldest was running), or one
             # of an idle actor: memory is tight; never again the size that may have run
             self._lower_budget(kind, who.forbid_tokens)

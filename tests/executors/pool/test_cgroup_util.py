@@ -14,7 +14,7 @@ import pytest
 try:
     import cgroup_util
 except ImportError:  # tests/ is not on sys.path unless pytest's pythonpath says so
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import cgroup_util
 
 MiB = cgroup_util.MiB

@@ -27,7 +27,7 @@ from embedpool.corpus import stdlib_chunks
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("no_leftover_processes")]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CHUNKS = 3000
 DIM = 384
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # embedpool.cli's documented codes

@@ -322,7 +322,7 @@ futures[0].result()
 def test_parent_killed_with_sigkill_leaves_no_workers(start_method: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", _PARENT, start_method],
                             stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+                            cwd=Path(__file__).resolve().parents[3])
     try:
         line: list[str] = []
         reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()  # type: ignore[union-attr]

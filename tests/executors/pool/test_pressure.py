@@ -47,12 +47,12 @@ from embedpool.testing import fake_vectors, make_sequences
 try:
     import cgroup_util
 except ImportError:  # tests/ is not on sys.path unless pytest's pythonpath says so
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import cgroup_util
 
 MiB = cgroup_util.MiB
 KiB = 1024
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DIM = 16
 
 # The cgroup marker makes tests/ci_rules.py check for a writable memory cgroup: a skip
