@@ -1,4 +1,5 @@
-"""python -m embedpool: the CLI."""
+"""``python -m embedpool``: the command line (``embedpool.cli.main``), as the ``embedpool``
+script runs it."""
 
 from embedpool.cli import main
 

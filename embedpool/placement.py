@@ -141,10 +141,10 @@ class Placement:
 
 def model_shape(model: ResolvedModel, precision: str) -> ModelShape:
     """The GPU budget's view of a model: its config's widths and its weights' size, counted
-    as the pool's host-memory estimate counts them (``graph.families.model_memory``: the
+    as the pool's host-memory estimate counts them (``graph.families.catalog.model_memory``: the
     safetensors headers, every shard of a sharded checkpoint); a shipped ONNX file, which
     embedpool does not build, by its size on disk."""
-    from embedpool.graph.families import model_memory
+    from embedpool.graph.families.catalog import model_memory
 
     try:
         memory = model_memory(model, "fp32")

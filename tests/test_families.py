@@ -49,7 +49,7 @@ from embedpool.engine import Engine
 from embedpool.errors import ModelError
 from embedpool.graph import _family, prepare_onnx
 from embedpool.graph.compose import compose
-from embedpool.graph.families import FAMILIES, family_for
+from embedpool.graph.families.catalog import FAMILIES, family_for
 from embedpool.models import ResolvedModel, resolve_model
 from embedpool.tokenization import TextTokenizer
 from embedpool.types import LongTextMode
@@ -357,7 +357,7 @@ def test_long_text_through_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     planner runs it alone) with the reference's vector; at 8,192 tokens it is one window, so
     window mode gives the same vector; the pool's per-model estimate is planned for one
     8,192-token sequence."""
-    from embedpool.graph.families import model_memory
+    from embedpool.graph.families.catalog import model_memory
     from embedpool.job import Embedder
 
     monkeypatch.setenv("EMBEDPOOL_CACHE_DIR", str(tmp_path / "cache"))
@@ -424,7 +424,7 @@ def test_unknown_architecture_names_what_embedpool_builds(model_type: str) -> No
 def test_family_refusal_teaches_the_way_out() -> None:
     """A field a family cannot honour is named, and so are the families embedpool builds and
     the route through a shipped onnx/model.onnx (what to do, not only what is wrong)."""
-    from embedpool.graph.families import parse_config
+    from embedpool.graph.families.catalog import parse_config
 
     cfg = {**resolve_model(FIXTURES / "xlmr" / "model").config,
            "position_embedding_type": "relative_key_query"}

@@ -2,7 +2,7 @@
 quantised, and cached on disk.
 
 The package: ``builder`` (GraphBuilder, the one API graphs are written with), ``families/``
-(one module per encoder architecture, picked by ``families.family_for``), ``head`` (pooling,
+(one module per encoder architecture, picked by ``families.catalog.family_for``), ``head`` (pooling,
 dense, normalise), ``weights`` (safetensors in, float32 out), ``quantize`` (the int8 recipe),
 ``fp16`` (the GPU graph), ``store`` (the atomic, locked on-disk cache).
 
@@ -68,7 +68,7 @@ from embedpool.config import cache_root
 from embedpool.errors import ConfigError
 from embedpool.graph import external, quantize
 from embedpool.graph.compose import compose_parts
-from embedpool.graph.families import family_for
+from embedpool.graph.families.catalog import family_for
 from embedpool.graph.store import cache_key, get_or_build
 from embedpool.models import ResolvedModel
 

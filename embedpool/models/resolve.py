@@ -193,7 +193,7 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
 def _check_weights(config: dict[str, Any], weights: Path, tdir: Path) -> None:
     """The family refuses what it cannot build; the headers must be readable and fit the
     config (in the parent, from the headers alone: no tensor is loaded)."""
-    from embedpool.graph.families import parse_config
+    from embedpool.graph.families.catalog import parse_config
     from embedpool.graph.weights import tensor_infos
 
     where = str(tdir / "config.json")

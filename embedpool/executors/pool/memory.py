@@ -48,7 +48,7 @@ SCORE_BYTES = 4
 @dataclass(frozen=True)
 class ModelMemory:
     """What one worker's memory depends on, per model and precision
-    (``embedpool.graph.families.model_memory`` reads it from the model's files)."""
+    (``embedpool.graph.families.catalog.model_memory`` reads it from the model's files)."""
 
     weights: int  # bytes of the graph the worker loads
     hidden: int

@@ -82,7 +82,7 @@ def engine_memory(spec: Any) -> ModelMemory | None:
     model, precision = getattr(spec, "model", None), getattr(spec, "precision", None)
     if model is None or precision is None:
         return None
-    from embedpool.graph.families import model_memory
+    from embedpool.graph.families.catalog import model_memory
 
     if getattr(spec, "runtime", "onnxruntime") != "openvino":
         return model_memory(model, precision)

@@ -24,7 +24,7 @@ from embedpool.executors.pool.memory import (
     worker_mem_estimate,
 )
 from embedpool.executors.pool.plan import plan
-from embedpool.graph.families import model_memory
+from embedpool.graph.families.catalog import model_memory
 from embedpool.models import resolve_model
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "families"
