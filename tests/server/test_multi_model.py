@@ -8,6 +8,8 @@ alternating inside a memory cgroup smaller than their sum (slow, cgroup)."""
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -30,8 +32,10 @@ from embedpool.server.registry import (
     ModelSetup,
     Resident,
     idle_expired,
+    next_expiry,
     plan_load,
 )
+from embedpool.server.rerank import RerankerSetup
 from embedpool.testing import FakeEngineSpec
 
 FAMILIES = Path(__file__).parent.parent / "fixtures" / "families"
@@ -40,8 +44,9 @@ DEADLINE_S = 60.0
 
 
 # ----------------------------------------------------------------------------- the policy
-def _r(name: str, planned: int, inflight: int = 0, last_used: float = 0.0) -> Resident:
-    return Resident(name, planned, inflight, last_used)
+def _r(name: str, planned: int, inflight: int = 0, last_used: float = 0.0,
+       keep_alive_s: float | None = None) -> Resident:
+    return Resident(name, planned, inflight, last_used, keep_alive_s)
 
 
 POLICY_TABLE: list[tuple[str, list[Resident], int, int, LoadPlan]] = [
@@ -79,6 +84,15 @@ def test_idle_expired() -> None:
     assert idle_expired(models, now=10.0, keep_alive_s=5.0) == ["old"]
     assert idle_expired(models, now=10.0, keep_alive_s=0.0) == []  # never for idleness
     assert idle_expired(models, now=10.0, keep_alive_s=-1.0) == []
+    # a request's own keep-alive (Ollama's): 0 at once, inf never, else its seconds
+    asked = [_r("now", 1, last_used=9.9, keep_alive_s=0.0),
+             _r("forever", 1, last_used=0.0, keep_alive_s=math.inf),
+             _r("short", 1, last_used=8.0, keep_alive_s=1.0),
+             _r("busy", 1, inflight=1, last_used=0.0, keep_alive_s=0.0)]
+    assert idle_expired(asked, now=10.0, keep_alive_s=0.0) == ["now", "short"]
+    assert idle_expired(asked, now=10.0, keep_alive_s=300.0) == ["now", "short"]
+    assert next_expiry(asked[1:3], now=8.5, keep_alive_s=0.0) == 0.5
+    assert next_expiry(asked[1:2], now=8.5, keep_alive_s=0.0) is None  # never
 
 
 # ----------------------------------------------------------------------------- servers
@@ -103,10 +117,11 @@ def start() -> Iterator[Callable[..., LiveServer]]:
     started: list[LiveServer] = []
 
     def run(first: ResolvedModel, factory: Callable[[], SubmitExecutor], *extra: ModelSetup,
-            planned_bytes: int | None = None, **overrides: Any) -> LiveServer:
+            planned_bytes: int | None = None, rerankers: tuple[RerankerSetup, ...] = (),
+            **overrides: Any) -> LiveServer:
         settings = replace(ServerSettings(api_key="", precision="fp32"), **overrides)
         live = LiveServer.start(create_app(settings, factory, model=first, models=extra,
-                                           planned_bytes=planned_bytes))
+                                           planned_bytes=planned_bytes, rerankers=rerankers))
         started.append(live)
         return live
 
@@ -450,3 +465,177 @@ def test_a_large_model_unloads_as_many_idle_ones_as_it_needs(
         "unloaded", "unloaded", "loaded")
     assert embed(live, a.name).shape == (len(TEXTS), a.dim)  # and back
     assert (states(live)[a.name], states(live)[c.name]) == ("loaded", "unloaded")
+
+
+# ----------------------------------------------------------------------------- rerankers in the budget
+def bert_reranker() -> tuple[ResolvedModel, dict[str, Any], np.ndarray]:
+    """The BERT cross-encoder fixture (as ``bert-rr``), its golden texts and scores."""
+    root = FAMILIES.parent / "rerankers" / "bert"
+    model = replace(resolve_model(root / "model"), name="bert-rr")
+    return (model, json.loads((root / "golden.json").read_text()),
+            np.load(root / "golden.npz")["scores"])
+
+
+def rerank(live: LiveServer, golden: dict[str, Any], scores: np.ndarray) -> None:
+    """One /v1/rerank of the golden's first query, every score equal to CrossEncoder's."""
+    docs = golden["documents"]
+    r = httpx.post(f"{live.url}/v1/rerank", json={"query": golden["queries"][0],
+                                                  "documents": docs}, timeout=DEADLINE_S)
+    assert r.status_code == 200, r.text
+    got = {x["index"]: x["relevance_score"] for x in r.json()["results"]}
+    assert len(got) == len(docs)
+    assert max(abs(got[i] - float(scores[i])) for i in range(len(docs))) <= 1e-4
+
+
+def kinds(live: LiveServer) -> dict[str, str]:
+    data = httpx.get(f"{live.url}/v1/models", timeout=DEADLINE_S).json()["data"]
+    return {d["id"]: d["kind"] for d in data}
+
+
+def own_names(live: LiveServer, field: Callable[[LiveServer], dict[str, str]],
+              names: tuple[str, ...]) -> dict[str, str]:
+    """``field`` of the models by their own names (not the default's alias)."""
+    return {n: v for n, v in field(live).items() if n in names}
+
+
+def test_a_reranker_request_makes_an_idle_embedder_unload_and_back(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    """``serve --model A --reranker R`` in a budget that holds one of them: the reranker is a
+    registry member like the embedder (not preloaded when it does not fit, listed with its
+    state), its request unloads the idle embedder and the embedder's next request unloads
+    it again, every vector and score right."""
+    a = three[1]
+    rr, golden, scores = bert_reranker()
+    live = start(a, engine(a), planned_bytes=1, model_memory_bytes=1,
+                 rerankers=(RerankerSetup(rr, engine(rr), planned_bytes=1),))
+    names = (a.name, "bert-rr")
+    # --preload first: the reranker is the first reranker, but there is no room beside a
+    assert own_names(live, states, names) == {a.name: "loaded", "bert-rr": "unloaded"}
+    assert own_names(live, kinds, names) == {a.name: "embedding", "bert-rr": "rerank"}
+    want = embed(live, a.name)
+    for _ in range(2):
+        rerank(live, golden, scores)
+        assert own_names(live, states, names) == {a.name: "unloaded", "bert-rr": "loaded"}
+        np.testing.assert_allclose(embed(live, a.name), want, atol=1e-6)
+        assert own_names(live, states, names) == {a.name: "loaded", "bert-rr": "unloaded"}
+    ps = httpx.get(f"{live.url}/api/ps", timeout=DEADLINE_S).json()["models"]
+    assert [m["name"] for m in ps] == [f"{a.name}:latest"]
+    tags = httpx.get(f"{live.url}/api/tags", timeout=DEADLINE_S).json()["models"]
+    assert {m["name"] for m in tags} == {f"{a.name}:latest", "bert-rr:latest"}
+    r = httpx.get(f"{live.url}/v1/models/bert-rr", timeout=DEADLINE_S)
+    assert r.json()["state"] == "unloaded" and r.json()["kind"] == "rerank"
+    metrics = httpx.get(f"{live.url}/metrics", timeout=DEADLINE_S).text
+    assert 'embedpool_model_loaded{model="bert-rr",state="unloaded"} 0.0' in metrics
+    assert 'embedpool_model_oom_kills_total{model="bert-rr"} 0.0' in metrics
+
+
+def test_a_reranker_that_can_never_fit_gets_503_and_the_embedder_serves(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    a = three[0]
+    rr, _, _ = bert_reranker()
+    live = start(a, fake(a), planned_bytes=1, model_memory_bytes=2**30,
+                 rerankers=(RerankerSetup(rr, engine(rr), planned_bytes=3 * 2**30),))
+    r = httpx.post(f"{live.url}/v1/rerank", json={"query": "q", "documents": ["d"]},
+                   timeout=DEADLINE_S)
+    assert r.status_code == 503 and "3.0 GiB" in r.json()["message"], r.text
+    assert embed(live, a.name).shape == (len(TEXTS), a.dim)
+    assert own_names(live, states, (a.name, "bert-rr")) == {a.name: "loaded",
+                                                           "bert-rr": "unloaded"}
+
+
+def test_every_served_model_has_its_own_metric_series(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    """/metrics: each model's readings under ``embedpool_model_*{model}`` (the reranker's
+    too), and the unlabelled readings the sum over the models (not the first model's)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b, _ = three
+    rr, golden, scores = bert_reranker()
+    live = start(a, fake(a), ModelSetup(b, fake(b), planned_bytes=1), planned_bytes=1,
+                 preload="all", model_memory_bytes=10**12,
+                 rerankers=(RerankerSetup(rr, engine(rr), planned_bytes=1),))
+    rerank(live, golden, scores)
+    embed(live, b.name)
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    text = httpx.get(f"{live.url}/metrics", timeout=DEADLINE_S).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def per_model(name: str, **labels: str) -> dict[str, float]:
+        return {m: samples[(name, tuple(sorted({"model": m, **labels}.items())))]
+                for m in (a.name, b.name, "bert-rr")}
+
+    idle = per_model("embedpool_model_workers", state="idle")
+    assert all(v >= 1 for v in idle.values()), idle  # every loaded model's own pool
+    assert samples[("embedpool_workers", (("state", "idle"),))] == sum(idle.values())
+    most = per_model("embedpool_model_max_workers")
+    assert samples[("embedpool_max_workers", ())] == sum(most.values())
+    rss = per_model("embedpool_model_workers_rss_bytes")
+    assert all(v > 0 for v in rss.values()) and samples[
+        ("embedpool_workers_rss_bytes", ())] == sum(rss.values())
+    assert set(per_model("embedpool_model_queue_tokens").values()) == {0.0}
+    assert set(per_model("embedpool_model_oom_kills_total").values()) == {0.0}
+
+
+# ----------------------------------------------------------------------------- keep_alive
+def test_ollama_keep_alive_per_request(start: Callable[..., LiveServer],
+                                       three: list[ResolvedModel]) -> None:
+    """Ollama's ``keep_alive`` through the official client, as Ollama honours it: a duration
+    string or seconds sets how long the model stays loaded idle (/api/ps ``expires_at``),
+    negative keeps it, 0 unloads it after the request (it loads again on the next), a
+    request without one goes back to the server's keep-alive; a bad one is Ollama's 400."""
+    from datetime import UTC, datetime
+
+    from ollama import Client, ResponseError
+
+    a, b, _ = three
+    live = start(a, fake(a), ModelSetup(b, fake(b), planned_bytes=1), planned_bytes=1,
+                 model_memory_bytes=10**12, keep_alive_s=300.0)
+    client = Client(host=live.url)
+    tag = f"{b.name}:latest"
+
+    def expires() -> dict[str, datetime]:
+        return {m.model: m.expires_at for m in client.ps().models
+                if m.model is not None and m.expires_at is not None}
+
+    def left(keep_alive: float | str | None) -> float:
+        client.embed(model=b.name, input=TEXTS, keep_alive=keep_alive)
+        return (expires()[tag] - datetime.now(UTC)).total_seconds()
+
+    assert 540 < left("10m") <= 600
+    assert 10 < left(30) <= 30
+    assert 240 < left(None) <= 300  # the server's --keep-alive again
+    assert left(-1) > 10**9 and left("-1m") > 10**9  # kept loaded (the far future)
+    for keep_alive in (0, "0s"):
+        client.embed(model=b.name, input=TEXTS, keep_alive=keep_alive)
+        wait_until(lambda: tag not in expires() and states(live)[b.name] == "unloaded",
+                   f"b unloaded after keep_alive {keep_alive!r}", timeout=DEADLINE_S)
+        assert states(live)[a.name] == "loaded"  # only the model the request named
+    got = client.embeddings(model=b.name, prompt="x", keep_alive=0)  # loads again
+    assert len(got.embedding) == b.dim
+    wait_until(lambda: states(live)[b.name] == "unloaded", "b unloaded after /api/embeddings",
+               timeout=DEADLINE_S)
+    with pytest.raises(ResponseError) as bad:
+        client.embed(model=b.name, input="x", keep_alive="5 parsecs")
+    assert bad.value.status_code == 400 and "invalid duration" in bad.value.error
+    client._client.close()
+
+
+def test_keep_alive_zero_unloads_a_single_served_model_and_it_loads_again(
+        start: Callable[..., LiveServer], three: list[ResolvedModel]) -> None:
+    from ollama import Client
+
+    a = three[1]
+    live = start(a, engine(a))
+    client = Client(host=live.url)
+    want = np.array(client.embed(model=a.name, input=TEXTS).embeddings, dtype=np.float32)
+    kept = client.ps().models[0].expires_at
+    assert kept is not None and kept.year == 9999  # one model: kept loaded
+    client.embed(model=a.name, input=TEXTS, keep_alive=0)
+    wait_until(lambda: not client.ps().models, "the model unloaded", timeout=DEADLINE_S)
+    assert httpx.get(f"{live.url}/health", timeout=DEADLINE_S).status_code == 200
+    got = np.array(client.embed(model=a.name, input=TEXTS).embeddings, dtype=np.float32)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert states(live)[a.name] == "loaded"
+    client._client.close()
