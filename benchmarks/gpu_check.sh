@@ -9,6 +9,10 @@
 #      GPU (torch CUDA, fp16, batch 256), as a ratio, with the whole tree's peak host RSS
 #   3. the CPU pool's parallel efficiency at 1, 2, 4, 8 and 16 workers
 #   4. the parent's tokenisation rate against one worker's (benchmarks/tokenize_rate.py)
+#   5. Qwen3-Embedding-0.6B's shape (random weights, benchmarks/decoders.py's make step, in the
+#      torch venv): embedpool fp16 on CUDA against sentence-transformers fp16 on the same GPU
+#      over 256-token chunks (chunks/s, ratio), and both fp16 vector sets against embedpool's
+#      CPU fp32 (which equals sentence-transformers fp32: tests/test_decoders.py): cos >= 0.999
 # Setup: scripts/setup gpu,dev (this repo's .venv, onnxruntime-gpu in place of onnxruntime);
 # torch and sentence-transformers only in a separate venv ($WORK/st-venv), for step 2. It needs
 # PyPI; anything else from the internet may be missing. Every step is fail-soft: a failing
@@ -17,15 +21,17 @@
 #   --quick       small sizes (seconds, not minutes): a dry run of the script itself
 #   --skip-setup  use the .venv (and $WORK/st-venv) as they are
 #   --setup-only  only the setup: with --skip-setup next, the two fit two 10-minute calls
+#   --skip-qwen3  leave out step 5 (a few minutes: the model's make, two graph builds)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CPU_ONLY=0 QUICK=0 SETUP=1 SETUP_ONLY=0
+CPU_ONLY=0 QUICK=0 SETUP=1 SETUP_ONLY=0 QWEN3=1
 for arg in "$@"; do
   case "$arg" in
     --cpu-only) CPU_ONLY=1 ;;
     --quick) QUICK=1 ;;
     --skip-setup) SETUP=0 ;;
     --setup-only) SETUP_ONLY=1 ;;
+    --skip-qwen3) QWEN3=0 ;;
     *) echo "unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -37,9 +43,9 @@ mkdir -p "$WORK"
 export OUT WORK
 export EMBEDPOOL_CACHE_DIR="$WORK/cache" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "$QUICK" = 1 ]; then
-  CHUNKS=300 VEC=64 WORKERS=1,2 PER_WORKER=150 TOK_CHUNKS=200
+  CHUNKS=300 VEC=64 WORKERS=1,2 PER_WORKER=150 TOK_CHUNKS=200 QCHUNKS=64 QVEC=4
 else
-  CHUNKS=20000 VEC=1000 WORKERS=1,2,4,8,16 PER_WORKER=250 TOK_CHUNKS=2000
+  CHUNKS=20000 VEC=1000 WORKERS=1,2,4,8,16 PER_WORKER=250 TOK_CHUNKS=2000 QCHUNKS=2048 QVEC=32
 fi
 P=.venv/bin/python
 started=$(date +%s)
@@ -127,6 +133,22 @@ if [ "$CPU_ONLY" = 0 ]; then
   [ -x "$WORK/st-venv/bin/python" ] || step setup_st 900 setup_st
   step st_gpu 900 "$WORK/st-venv/bin/python" benchmarks/gpu_check.py st "$OUT/steps/st_gpu.json" \
     "$WORK/corpus.json"
+  if [ "$QWEN3" = 1 ]; then  # step 5: made with torch, so only where the torch venv is
+    Q="$WORK/qwen3-0.6b"
+    step qwen3_make 900 "$WORK/st-venv/bin/python" benchmarks/gpu_check.py qwen3_make "$Q"
+    step qwen3_corpus 300 $P benchmarks/gpu_check.py qwen3_corpus "$Q/model" "$QCHUNKS" \
+      "$WORK/qwen3_corpus.json"
+    step qwen3_graphs 900 $P benchmarks/gpu_check.py qwen3_graphs "$Q/model"
+    step qwen3_embedpool_gpu 900 $P benchmarks/gpu_check.py embedpool \
+      "$OUT/steps/qwen3_embedpool_gpu.json" "$WORK/qwen3_corpus.json" cuda --model "$Q/model" \
+      --precision fp16 --workers auto
+    rm -f "$WORK/qwen3_st_fp16.npy"
+    step qwen3_st_gpu 900 "$WORK/st-venv/bin/python" benchmarks/gpu_check.py st \
+      "$OUT/steps/qwen3_st_gpu.json" "$WORK/qwen3_corpus.json" --max-length model \
+      --save-vectors "$QVEC" "$WORK/qwen3_st_fp16.npy"
+    step qwen3_vectors 900 $P benchmarks/gpu_check.py qwen3_vectors "$OUT/steps/qwen3_vectors.json" \
+      "$WORK/qwen3_corpus.json" "$QVEC" cuda:0 "$WORK/qwen3_st_fp16.npy"
+  fi
 else
   # the same throughput step on the CPU: checks the step itself where there is no GPU
   step embedpool_cpu 900 $P benchmarks/gpu_check.py embedpool "$OUT/steps/embedpool_cpu.json" \
