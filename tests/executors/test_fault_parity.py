@@ -1,10 +1,24 @@
 """The same faults against both backends, the local pool and Ray, with the same assertions.
 
-Each test runs once per backend (``backend`` is ``pool`` or ``ray``): a SIGKILL from outside,
-a real OOM kill by the kernel in a cgroup of a busy worker and of an idle one, a hung worker or
-actor, a poison input, replacements that cannot start, and an ``on_event`` callback that
-raises. Both backends take every failure through ``faults.py``, so the events, counters and
-per-item errors they report must be the same.
+Each test runs once per backend (``backend`` is ``pool`` or ``ray``), one row of issue 20's
+part 4 each where it names one:
+
+    a SIGKILL from outside                      test_sigkill_of_a_busy_worker_loses_nothing
+    two or more unfinished tasks on a death     test_a_death_with_several_unfinished_tasks_...
+    an OOM kill by the kernel (busy)            test_oom_kill_in_a_cgroup_is_confirmed_...
+    an OOM kill of an idle worker               test_an_idle_worker_oom_killed_lowers_the_budget
+    repeated OOM kills: one budget state        test_repeated_oom_kills_enter_emergency_...
+    replacements that cannot start              test_replacements_that_cannot_start_...
+    a hung worker or actor (one hang loop)      test_hung_worker_is_killed_replaced_...
+    a lost GPU: device fallback                 test_a_lost_gpu_breaks_the_executor_...
+    a poison input                              test_poison_input_is_given_up_alone
+    an on_event callback that raises            test_a_raising_callback_is_logged_and_ignored
+
+Recycling is the local pool's only (a Ray actor reports no RSS: ``faults.recycle``); its test
+is tests/executors/pool/test_pool_faults.py. Both backends take every failure through ``faults.py``,
+so the events, counters and per-item errors they report must be the same; where a backend's
+transport differs (a pool worker holds one task, a Ray actor two), the same rule gives the
+answer each row states.
 
 The workers are real processes (pool workers, Ray actors on the local cluster of
 conftest.py) running the fake engine; the signals and the cgroup limit are real.
@@ -27,6 +41,7 @@ import pytest
 from polling import wait_until
 
 from embedpool import events
+from embedpool.errors import DeviceLost
 from embedpool.executor import BatchResult, Executor, WorkBatch
 from embedpool.faults import FaultPolicy
 from embedpool.testing import FakeEngineSpec, fake_vectors, make_batches, make_sequences
@@ -65,9 +80,10 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Start]:
         if request.param == "pool":
             from embedpool.executors.pool.pool import Pool
 
+            on_gpu = {"device": spec.device, "profile": "cloud"} if spec.device != "cpu" else {}
             ex = Pool(spec, fast_config(workers=workers, batch_tokens=batch_tokens,
                                         max_retries=p.max_retries, hang_base_s=p.hang_base_s,
-                                        hang_per_token_s=p.hang_per_token_s),
+                                        hang_per_token_s=p.hang_per_token_s, **on_gpu),
                       on_event=on_event)
         else:
             request.getfixturevalue("ray_cluster")
@@ -139,6 +155,47 @@ def test_sigkill_of_a_busy_worker_loses_nothing(backend: Start, event_log: Event
     assert len(event_log.named(events.SPLIT)) + len(event_log.named(events.RETRY)) >= 1
 
 
+# --- a death with two or more unfinished tasks -----------------------------------------------
+
+
+def test_a_death_with_several_unfinished_tasks_charges_none_of_them(
+        backend: Start, event_log: EventLog, tmp_path: Path) -> None:
+    """One worker, two batches, held at a gate (a file) so that neither finishes; then a
+    SIGKILL. One rule (``faults.blame``) on both: a pool worker holds one task, which is
+    charged (split); a Ray actor holds both (it queues two), and since the oldest may have
+    finished with its result lost, neither is charged: both go back unblamed and run alone.
+    No input is given up and every vector is a clean run's."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    batches = make_batches(make_sequences(8, seed=29), 4)
+    ex = backend(FakeEngineSpec(dim=DIM, hold_while_exists=str(gate)), workers=1,
+                 on_event=event_log)
+    futures = [ex.submit(b) for b in batches]
+    is_ray = ex.stats().backend == "ray"
+    # the pool's worker takes one batch, the other waits; a Ray actor takes both
+    wait_until(lambda: busy_pid(ex) is not None and ex.stats().queued == (0 if is_ray else 1),
+               "the worker holding its batches")
+    pid = busy_pid(ex)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: bool(event_log.named(events.WORKER_DEATH)), "the death")
+    gate.unlink()
+    results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
+                                                                        strict=True)}
+    stats = ex.stats()
+    assert_clean(results, batches)
+    (death,) = event_log.named(events.WORKER_DEATH)
+    assert death["pid"] == pid and stats.deaths == 1 and stats.poison_items == 0
+    not_blamed = [e for e in event_log.named(events.RETRY) if e["kind"] == "not_blamed"]
+    if is_ray:  # two unfinished: none charged, both back as suspects, no split
+        assert death["blamed"] is False
+        assert len(not_blamed) == 2 and not event_log.named(events.SPLIT)
+    else:  # one task: it is charged, split at once
+        assert death["blamed"] is True and not not_blamed
+        (split,) = event_log.named(events.SPLIT)
+        assert split["items"] == 4 and split["kind"] == "external_sigkill"
+
+
 # --- the kernel's OOM killer in a cgroup -------------------------------------------------------
 
 
@@ -167,6 +224,36 @@ def test_oom_kill_in_a_cgroup_is_confirmed_split_and_lowers_the_budget(
     assert stats.batch_tokens == 512, "the budget was not halved after the OOM kill"
     lowered = [e for e in event_log.named(events.SCALE) if e["batch_tokens_to"] == 512]
     assert lowered and lowered[0]["batch_tokens_from"] == 1024
+
+
+@pytest.mark.slow
+@pytest.mark.cgroup
+def test_repeated_oom_kills_enter_emergency_mode_with_one_budget_state(
+        backend: Start, event_log: EventLog) -> None:
+    """Two OOM kills in a row (no batch completed in between): the first halves the budget
+    (1024 -> 512), the second enters emergency mode at the floor (256) on both backends
+    (``faults.budget_after_oom``: one ``BudgetState``; Ray used to halve again), the killed
+    sizes are never sent again, and every vector equals a clean run's. At 320 KiB a padded
+    token, 1024 tokens (320 MiB) and 512 (160 MiB) overflow the 128 MiB cgroup, 256 fit."""
+    batches = make_batches(make_sequences(32, seed=30, min_len=64, max_len=64), 16)
+    with cgroup_util.memory_cgroup(128 * MiB) as cg:
+        spec = FakeEngineSpec(dim=DIM, alloc_bytes_per_token=320 * KiB,
+                              join_cgroup=str(cg.procs_file))
+        ex = backend(spec, workers=1, batch_tokens=1024, on_event=event_log)
+        results = run_all(ex, batches)
+        stats = ex.stats()
+        kernel_kills = cg.oom_kills()
+        ex.close()
+    assert_clean(results, batches)
+    deaths = event_log.named(events.WORKER_DEATH)
+    assert [(d["kind"], d["tokens"]) for d in deaths] == [("oom_kill", 1024), ("oom_kill", 512)]
+    assert kernel_kills == stats.oom_kills == stats.deaths == 2
+    steps = [(e["batch_tokens_from"], e["batch_tokens_to"]) for e in event_log.named(events.SCALE)]
+    assert steps[:2] == [(1024, 512), (512, 256)], steps
+    assert all(to < 512 for _, to in steps[2:]), "a killed size came back"
+    emergency = event_log.named(events.EMERGENCY)
+    assert emergency and emergency[0]["on"] is True
+    assert stats.batch_tokens == 256 and stats.poison_items == 0
 
 
 #: Joins a cgroup (argv[1]), takes argv[3] MiB in one go and holds it until the worker argv[2]
@@ -287,6 +374,47 @@ def test_hung_worker_is_killed_replaced_and_its_input_given_up(backend: Start,
     assert {e["kind"] for e in event_log.named(events.WORKER_DEATH)} == {"hung"}
     (poison,) = event_log.named(events.POISON_ITEM)
     assert poison["item_id"] == "item-5" and poison["kind"] == "hung"
+
+
+# --- a lost GPU ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_lost_gpu_breaks_the_executor_and_only_the_device_executor_falls_back(
+        backend: Start, event_log: EventLog) -> None:
+    """A sticky CUDA error (the fake GPU's "unspecified launch failure") is nobody's input's
+    fault: no input is given up or split for it (``faults.decide``: fall back). Neither
+    backend can leave its device, so both break with ``DeviceLost`` naming the error; the
+    pool's device executor (``executors/devices.py``) then runs the batches on the CPU. Ray
+    has no device fallback (its actors run the CPU recipe): it stays broken, and says so."""
+    seqs = make_sequences(24, seed=31)
+    plant(seqs, 9)
+    batches = make_batches(seqs, 6)  # row 3 of batch 1
+    gpu = FakeEngineSpec(dim=DIM, device="cuda:0", lose_device_on=POISON)
+    ex = backend(gpu, workers=1, on_event=event_log)
+    futures = [ex.submit(b) for b in batches]
+    with pytest.raises(DeviceLost, match="unspecified launch failure"):
+        futures[1].result(timeout=DEADLINE_S)
+    wait_until(lambda: ex.broken is not None, "the executor to break")
+    assert "was lost" in str(ex.broken)
+    assert not event_log.named(events.SPLIT) and not event_log.named(events.POISON_ITEM)
+    if ex.stats().backend == "ray":
+        assert "no device fallback" in str(ex.broken)
+        return
+    ex.close()
+    from embedpool.executors import devices
+    from embedpool.executors.devices import PoolRecipe
+
+    cpu = PoolRecipe("cpu", gpu.on_cpu(), fast_config(workers=1), precision="fp32")
+    on_gpu = PoolRecipe("cuda:0 FakeGPU", gpu, fast_config(workers=1, device="cuda:0",
+                                                           profile="cloud"))
+    with devices.start([on_gpu], fallback=cpu, on_event=event_log) as dex:
+        results = {r.batch_id: r for r in dex.run(batches)}
+        assert dex.devices == ["cpu"]
+    assert_clean(results, batches)
+    (fallback,) = event_log.named(events.DEVICE_FALLBACK)
+    assert fallback["device"] == "cuda:0 FakeGPU" and fallback["to"] == "cpu"
+    assert results[1].precision == "fp32"  # the poisoned batch ran on the CPU
 
 
 # --- a poison input --------------------------------------------------------------------------------
