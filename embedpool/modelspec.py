@@ -245,8 +245,10 @@ class ModelFiles:
 #: saved from: ``pooler`` (BertForSequenceClassification: [CLS] -> pooler.dense -> tanh ->
 #: classifier), ``roberta`` (XLMRobertaForSequenceClassification: <s> -> classifier.dense ->
 #: tanh -> classifier.out_proj), ``modernbert`` (ModernBertForSequenceClassification: cls or
-#: mean pooling -> head.dense -> activation -> head.norm -> classifier).
-ClassifierKind = Literal["pooler", "roberta", "modernbert"]
+#: mean pooling -> head.dense -> activation -> head.norm -> classifier), ``causal_lm`` (a
+#: ``*ForCausalLM`` reranker such as Qwen3-Reranker: the last token's lm_head logits of the
+#: true and false tokens, ``yes`` - ``no``, sentence-transformers' LogitScore).
+ClassifierKind = Literal["pooler", "roberta", "modernbert", "causal_lm"]
 #: The activations sentence-transformers' CrossEncoder applies to the logits in ``predict``
 #: that embedpool implements (torch's Identity, Sigmoid, Tanh).
 ScoreActivation = Literal["identity", "sigmoid", "tanh"]
@@ -269,6 +271,14 @@ class ClassifierSpec:
     head_activation: str = "tanh"  # ModernBERT's classifier_activation
     head_bias: bool = True  # ModernBERT's classifier_bias (head.dense)
     norm_bias: bool = True  # ModernBERT's norm_bias (head.norm)
+    #: causal_lm: the vocabulary ids whose last-token logits score a pair (LogitScore's
+    #: true_token_id / false_token_id; false -1: the true logit alone), whether lm_head is
+    #: the token table (tie_word_embeddings), and the chat template (jinja source) that
+    #: renders a [query, document] pair as the prompt (graph-free: applied in the parent).
+    true_token: int = -1
+    false_token: int = -1
+    tied_lm_head: bool = False
+    pair_template: str = ""
 
     def __post_init__(self) -> None:
         if self.num_labels < 1 or len(self.labels) != self.num_labels:
@@ -279,4 +289,7 @@ class ClassifierSpec:
         return {"kind": self.kind, "num_labels": self.num_labels,
                 "token_types": self.token_types, "pooling": self.pooling,
                 "head_activation": self.head_activation, "head_bias": self.head_bias,
-                "norm_bias": self.norm_bias}
+                "norm_bias": self.norm_bias, **({"true_token": self.true_token,
+                                                 "false_token": self.false_token,
+                                                 "tied_lm_head": self.tied_lm_head}
+                                                if self.kind == "causal_lm" else {})}

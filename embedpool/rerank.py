@@ -12,6 +12,14 @@ with token types 0/1 for BERT, ``<s> q </s></s> d </s>`` for XLM-R), and the sco
 ``CrossEncoder.predict``'s: the logits, then the activation the model's config names
 (``ClassifierSpec.activation``; ``raw=True`` skips it, TEI's ``raw_scores``).
 
+A causal-LM reranker (Qwen3-Reranker, ``ClassifierSpec.kind == "causal_lm"``) has no pair
+template in its tokenizer: the pair is rendered by the model's chat template from the
+messages ``query`` and ``document`` (and ``system``: the ``instruction``), as CrossEncoder 6.3
+renders it (``PairTemplate``, jinja2 in transformers' sandbox settings), and tokenised
+without added special tokens. The template is rendered once per reranker with stand-ins, so
+a pair's text is ``before + query + middle + document + after``, and the document's tokens
+are found by their offsets.
+
 Truncation (the choice, and why): a pair longer than the model's window loses tokens from the
 **document's end only, never the query** (``tokenizers``' ``only_second``), and the pair is
 reported (``RerankReport.truncated``, the CLI's ``truncated``, the routes' warnings): a
@@ -19,7 +27,9 @@ reranker judges the document against the whole question. CrossEncoder truncates
 ``longest_first``, which cuts only the document too as long as the query is at most about half
 the window; the scores are then equal. Only a query longer than that is scored differently
 (CrossEncoder would cut the query as well), and a query that leaves no room for any document
-token is refused (``InputError``).
+token is refused (``InputError``). A causal-LM reranker's pair keeps its template's text after
+the document (CrossEncoder cuts the rendered pair's tail and restores the template's suffix:
+the same tokens when only the document is cut).
 
 Pairs go through the embedders' machinery: one ``WorkBatch`` sequence per pair, cut to the
 token budget (``batching.plan_batches``), run by any executor (in-process, the pool, Ray:
@@ -90,13 +100,71 @@ class EncodedPairs:
     n_tokens: list[int]  # per pair, before truncation
 
 
+class PairTemplate:
+    """A chat template that renders a [query, document] pair (a causal-LM reranker's), split
+    once into the text around the two: ``before + query + middle + document + after``.
+
+    Rendered as transformers' ``apply_chat_template`` renders (jinja2's sandbox, trim_blocks,
+    lstrip_blocks, loop controls, ``raise_exception``, ``tojson``; the tokenizer's special
+    tokens as variables) with the messages CrossEncoder hands it: ``system`` (the
+    instruction, when one is given), ``query``, ``document``."""
+
+    _STANDINS = (("\ue000q\ue001", "\ue000d\ue001"), ("\ue002Q\ue003", "\ue002D\ue003"))
+
+    def __init__(self, source: str, *, instruction: str | None = None,
+                 variables: dict[str, str] | None = None) -> None:
+        import json
+
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            template = env.from_string(source)
+        except TemplateError as exc:
+            raise ConfigError(f"the model's chat template does not compile: {exc}") from exc
+        parts = []
+        for q, d in self._STANDINS:
+            messages = ([{"role": "system", "content": instruction}] if instruction else []) + [
+                {"role": "query", "content": q}, {"role": "document", "content": d}]
+            try:
+                text = template.render(messages=messages, add_generation_prompt=False,
+                                       **(variables or {}))
+            except TemplateError as exc:
+                raise ConfigError(f"the model's chat template fails on a pair: {exc}") from exc
+            if text.count(q) != 1 or text.count(d) != 1 or text.index(q) > text.index(d):
+                raise ConfigError("the model's chat template does not render the query once "
+                                  "and then the document once; embedpool cannot rank with it")
+            before, rest = text.split(q)
+            middle, after = rest.split(d)
+            parts.append((before, middle, after))
+        if parts[0] != parts[1]:
+            raise ConfigError("the model's chat template renders differently around different "
+                              "texts; embedpool cannot split it into a prompt around the pair")
+        self.before, self.middle, self.after = parts[0]
+
+    def render(self, query: str, document: str) -> tuple[str, int, int]:
+        """The pair's text and where the document starts and ends in it (characters)."""
+        start = len(self.before) + len(query) + len(self.middle)
+        return (self.before + query + self.middle + document + self.after, start,
+                start + len(document))
+
+
 class PairTokenizer:
     """A model's tokenizer (``TextTokenizer``'s, with the normalizer transformers uses)
-    applied to [query, document] pairs through its own pair template; documents are cut to
-    the window, queries never (see the module docstring)."""
+    applied to [query, document] pairs through its own pair template (or, for a causal-LM
+    reranker, its chat template: ``template``); documents are cut to the window, queries
+    never (see the module docstring)."""
 
-    def __init__(self, text: TextTokenizer) -> None:
+    def __init__(self, text: TextTokenizer, template: PairTemplate | None = None) -> None:
         self.max_length = text.max_length
+        self.template = template
         self._full = Tokenizer.from_str(text.backend.to_str())
         self._full.no_truncation()
         self._full.no_padding()
@@ -105,8 +173,19 @@ class PairTokenizer:
         self.specials = self._full.num_special_tokens_to_add(True)
 
     @classmethod
-    def for_model(cls, model: ResolvedModel) -> PairTokenizer:
-        return cls(TextTokenizer.for_model(model))
+    def for_model(cls, model: ResolvedModel, *, instruction: str | None = None
+                  ) -> PairTokenizer:
+        """``instruction``: a causal-LM reranker's instruction (CrossEncoder's ``prompt``,
+        rendered as the ``system`` message; the template's default without one)."""
+        spec = model.classifier
+        if spec is None or spec.kind != "causal_lm":
+            if instruction:
+                raise ConfigError(f"{model.name} takes no instruction (only a causal-LM "
+                                  "reranker such as Qwen3-Reranker renders one)")
+            return cls(TextTokenizer.for_model(model))
+        return cls(TextTokenizer.for_model(model),
+                   PairTemplate(spec.pair_template, instruction=instruction,
+                                variables=_special_tokens(model)))
 
     def query_tokens(self, query: str) -> int:
         """The query's tokens without special tokens."""
@@ -117,6 +196,8 @@ class PairTokenizer:
         a document token (naming its length and the window)."""
         if not pairs:
             return EncodedPairs([], [], [], [])
+        if self.template is not None:
+            return self._encode_rendered(pairs, self.template)
         try:
             encs = self._cut.encode_batch(list(pairs))
         except Exception:  # tokenizers: "Sequence to truncate too short ..."
@@ -143,6 +224,63 @@ class PairTokenizer:
             truncated.append(bool(enc.overflowing))
             n_tokens.append(int(ids.size) + cut)
         return EncodedPairs(sequences, segments, truncated, n_tokens)
+
+
+    def _encode_rendered(self, pairs: Sequence[tuple[str, str]], template: PairTemplate
+                         ) -> EncodedPairs:
+        """Pairs rendered by a chat template, tokenised whole (no special tokens added, as
+        apply_chat_template), the document's tokens cut from its end when the pair is longer
+        than the window (the template's text after it is kept)."""
+        rendered = [template.render(q, d) for q, d in pairs]
+        encs = self._full.encode_batch([text for text, _, _ in rendered],
+                                       add_special_tokens=False)
+        sequences: list[TokenIds] = []
+        truncated: list[bool] = []
+        n_tokens: list[int] = []
+        for i, (enc, (_, start, end)) in enumerate(zip(encs, rendered, strict=True)):
+            ids = np.asarray(enc.ids, dtype=np.int32)
+            n = int(ids.size)
+            n_tokens.append(n)
+            excess = n - self.max_length
+            if excess <= 0:
+                sequences.append(ids)
+                truncated.append(False)
+                continue
+            offsets = enc.offsets
+            doc_end = next((j for j, (a, _) in enumerate(offsets) if a >= end), n)
+            doc_start = next((j for j, (_, b) in enumerate(offsets) if b > start), doc_end)
+            doc_start = min(doc_start, doc_end)
+            if doc_end - doc_start < excess:
+                fixed = n - (doc_end - doc_start)
+                raise InputError(
+                    f"pair {i}: the query and the model's prompt template take {fixed} tokens; "
+                    f"with the model's window of {self.max_length} tokens no document token "
+                    "would fit (rerank truncates documents, never the query): shorten the "
+                    "query", item_id=str(i))
+            sequences.append(np.concatenate([ids[:doc_end - excess], ids[doc_end:]]))
+            truncated.append(True)
+        return EncodedPairs(sequences, [0] * len(sequences), truncated, n_tokens)
+
+
+def _special_tokens(model: ResolvedModel) -> dict[str, str]:
+    """The tokenizer's special tokens as transformers hands them to a chat template
+    (``bos_token``, ``eos_token``, ...: tokenizer_config.json's strings)."""
+    import json
+
+    ref = model.files.by_role("tokenizer_config")
+    try:
+        cfg = json.loads(ref.path.read_text(encoding="utf-8")) if ref is not None else {}
+    except (OSError, ValueError):
+        cfg = {}
+    out: dict[str, str] = {}
+    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                "mask_token"):
+        value = cfg.get(key) if isinstance(cfg, dict) else None
+        if isinstance(value, dict):  # an AddedToken's dict
+            value = value.get("content")
+        if isinstance(value, str):
+            out[key] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -210,7 +348,9 @@ class Reranker:
     ``precision`` "auto" is int8 on the CPU (fp32 equals CrossEncoder within 1e-4;
     int8 ranks as it: per query Spearman mean >= 0.99, worst 0.98, tests/test_rerank.py;
     its linears' rounding, not the word table, swaps near-tied documents); ``cache`` keeps the
-    logits of pairs already scored; ``engine``: a custom engine recipe (tests).
+    logits of pairs already scored; ``engine``: a custom engine recipe (tests);
+    ``instruction``: a causal-LM reranker's task instruction (Qwen3-Reranker's
+    ``<Instruct>``; CrossEncoder's ``prompt``), the template's default without one.
     """
 
     def __init__(self, model: str | Path | ResolvedModel, *, precision: str = "auto",
@@ -219,7 +359,8 @@ class Reranker:
                  cache: VectorCache | None = None, backend: str = "local",
                  ray_address: str | None = None, pool_options: dict[str, Any] | None = None,
                  on_event: EventCallback | None = None, engine: Any = None,
-                 lazy: bool = False, device: str = "cpu") -> None:
+                 lazy: bool = False, device: str = "cpu",
+                 instruction: str | None = None) -> None:
         from embedpool.device import DevicePlan, parse_device
         from embedpool.placement import place, prepare_graphs
 
@@ -240,9 +381,12 @@ class Reranker:
                                             max_memory=(pool_options or {}).get(
                                                 "max_memory_bytes"))
         self.precision: Precision = self.placement.precision
-        self.tokenizer = PairTokenizer.for_model(self.model)
+        self.tokenizer = PairTokenizer.for_model(self.model, instruction=instruction)
         self.cache = cache
         self.fingerprint = reranker_fingerprint(self.model, self.precision)
+        if instruction:  # the same pair scores differently under another instruction
+            self.fingerprint += ":" + sha256(instruction.encode("utf-8", "surrogatepass")
+                                             ).hexdigest()[:16]
         self.last_report = RerankReport()
         self._engine = engine
         self._executor_args: dict[str, Any] = {

@@ -53,7 +53,8 @@ from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_family_fixtures import randomise, train_tokenizer
+from make_decoder_fixtures import QWEN_SPLIT
+from make_family_fixtures import CORPUS, randomise, train_tokenizer
 
 SEED = 20241207
 MAX_LEN = 64
@@ -258,15 +259,206 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
           f"pair tokens {[len(i) for i in features['input_ids']]}")
 
 
+# --- Qwen3-Reranker: yes/no logits of a causal LM --------------------------------------------
+
+#: Qwen3-Reranker's chat template as the sentence-transformers-ready checkpoints ship it
+#: (chat_template.jinja): the pair's ``query`` and ``document`` messages (and a ``system``
+#: message, CrossEncoder's prompt, as the instruction) rendered into the model card's recipe,
+#: prefix ``<|im_start|>system ... <|im_start|>user\n``, ``<Instruct>: .. <Query>: ..
+#: <Document>: ..``, suffix ``<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n``
+#: (jinja drops the file's last newline).
+QWEN3_TEMPLATE = (
+    '{%- set instruction = messages | selectattr("role", "eq", "system") | map(attribute="content")'
+    ' | first | default("Given a web search query, retrieve relevant passages that answer the '
+    'query") -%}\n'
+    '{%- set query_text = messages | selectattr("role", "eq", "query") | map(attribute="content")'
+    ' | first -%}\n'
+    '{%- set document_text = messages | selectattr("role", "eq", "document") | '
+    'map(attribute="content") | first -%}\n'
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
+    'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n<Instruct>: {{ instruction }}\n<Query>: {{ query_text }}\n"
+    "<Document>: {{ document_text }}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n\n")
+QWEN3_MAX_LEN = 128
+#: CrossEncoder's ``prompt`` for one query's goldens (the template's ``<Instruct>``).
+QWEN3_INSTRUCTION = "Given a code search query, retrieve the code that answers it"
+QWEN3_VOCAB = 800
+QWEN3_CORPUS = CORPUS + (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct "
+    'provided. Note that the answer can only be "yes" or "no".\n<Instruct>: Given a web search '
+    "query, retrieve relevant passages that answer the query\n<Query>: \n<Document>: \n"
+    "system\nuser\nassistant\n") + "yes\nno\n" * 20
+
+
+def qwen3_tokenizer() -> Any:
+    """Qwen's tokenizer as make_decoder_fixtures builds it (NFC, Qwen's split, byte-level BPE,
+    Qwen's special tokens), trained with the reranker's template so that ``yes`` and ``no``
+    are single tokens (CrossEncoder reads their ids); ``<think>`` / ``</think>`` added as
+    Qwen3's tokenizer has them (not special); no post-processor token (apply_chat_template
+    adds none)."""
+    from tokenizers import AddedToken, Regex, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.train_from_iterator([QWEN3_CORPUS], trainers.BpeTrainer(
+        vocab_size=QWEN3_VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    vocab = tok.get_vocab()
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(tok.to_str())["model"]["merges"]]
+    qt = transformers.Qwen2Tokenizer(vocab=vocab, merges=merges, padding_side="left",
+                                     model_max_length=QWEN3_MAX_LEN)
+    qt.add_tokens([AddedToken(t, special=True, normalized=False)
+                   for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")], special_tokens=True)
+    qt.add_tokens([AddedToken("<think>", special=False, normalized=False),
+                   AddedToken("</think>", special=False, normalized=False)])
+    for word in ("yes", "no"):
+        if word not in qt.get_vocab():
+            raise SystemExit(f"qwen3: {word!r} is not one token of the trained vocabulary")
+    return qt
+
+
+def qwen3_head(model: Any, tok: Any, pairs: list[tuple[str, str]], yes: int, no: int) -> None:
+    """``lm_head``'s yes row = its no row + the first principal component of the last
+    token's states over ``pairs`` (score std 3): a trained reranker's yes/no logits differ
+    along the direction its pairs vary, far beyond int8's rounding (``train_like_head``)."""
+    texts = [tok.apply_chat_template([{"role": "query", "content": q},
+                                      {"role": "document", "content": d}], tokenize=False)
+             for q, d in pairs]
+    feats = tok(texts, padding=True, truncation=True, max_length=QWEN3_MAX_LEN,
+                return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        states = model.model(**feats).last_hidden_state[:, -1].double()  # left padding
+    centred = states - states.mean(0)
+    direction = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    scale = 3.0 / float((centred @ direction).std())
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w[yes] = w[no] + (direction * scale).float()
+
+
+def tie_lm_head(directory: Path) -> None:
+    """The fixture as a tied checkpoint: ``tie_word_embeddings: true`` and no lm_head.weight
+    (transformers 5 ties only when lm_head is absent or equal; tests/test_rerank.py makes the
+    same copy with safetensors.numpy)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg_path = directory / "config.json"
+    cfg_json = json.loads(cfg_path.read_text())
+    cfg_json["tie_word_embeddings"] = True
+    cfg_path.write_text(json.dumps(cfg_json, indent=2) + "\n")
+    tensors = load_file(str(directory / "model.safetensors"))
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def build_qwen3(out: Path, gen: torch.Generator) -> None:
+    """Qwen3-Reranker's layout: a Qwen3ForCausalLM (untied lm_head, as the 8B has it; the
+    0.6B/4B tie it to the embeddings, which embedpool reads too) saved by transformers with
+    the reranker's chat_template.jinja, loaded by CrossEncoder 6.3 (Transformer
+    text-generation + LogitScore(yes, no)) and saved by it. Goldens: CrossEncoder.predict's
+    scores (sigmoid of yes - no) and logits (Identity: yes - no), every pair in one padded
+    batch; the yes and no logits themselves (transformers, the card's recipe: the last
+    token's lm_head row of each); a document longer than the window (CrossEncoder cuts the
+    rendered pair's tail and restores the template's suffix: the document's end is cut);
+    the first query's logits with CrossEncoder's ``prompt`` (the instruction); every pair's
+    logits with ``tie_word_embeddings: true`` (tests flip it in a copy of the fixture)."""
+    tok = qwen3_tokenizer()
+    tok.chat_template = QWEN3_TEMPLATE
+    eid = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = transformers.Qwen3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu",
+        max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        attention_bias=False, use_sliding_window=False, bos_token_id=eid, eos_token_id=eid,
+        pad_token_id=eid)
+    model = transformers.Qwen3ForCausalLM(cfg)
+    randomise(model, gen)
+    model.eval()
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    pairs = [(q, d) for q in QUERIES for d in DOCUMENTS]
+    qwen3_head(model, tok, pairs, yes, no)
+    target = out / "qwen3" / "model"
+    if target.parent.exists():
+        shutil.rmtree(target.parent)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = Path(tmp) / "hf"
+        model.save_pretrained(str(hf_dir), safe_serialization=True)
+        tok.save_pretrained(str(hf_dir))
+        CrossEncoder(str(hf_dir), device="cpu").save(str(target))
+    (target / "README.md").unlink(missing_ok=True)
+    ce = CrossEncoder(str(target), device="cpu")
+    identity = torch.nn.Identity()
+    scores = ce.predict(pairs, batch_size=len(pairs), convert_to_numpy=True)
+    logits = ce.predict(pairs, batch_size=len(pairs), activation_fn=identity,
+                        convert_to_numpy=True)
+    alone = np.array([ce.predict([p], activation_fn=identity)[0] for p in pairs])
+    if np.abs(alone - logits).max() > 1e-5:
+        raise SystemExit(f"qwen3: the reference depends on batch padding: {alone - logits}")
+    features = ce[0].preprocess(pairs)
+    ids = [row[m.bool()].tolist() for row, m in zip(features["input_ids"],
+                                                     features["attention_mask"], strict=True)]
+    truncated = [len(i) >= QWEN3_MAX_LEN for i in ids]
+    if not any(truncated):
+        raise SystemExit("qwen3: no pair is longer than the window")
+    # the card's recipe on the untruncated pairs: the yes and no logits of the last token
+    card = ce.tokenizer.apply_chat_template(
+        [[{"role": "query", "content": q}, {"role": "document", "content": d}]
+         for q, d in pairs], tokenize=False)
+    with torch.no_grad():
+        enc = ce.tokenizer(card, padding=True, return_tensors="pt", add_special_tokens=False)
+        last = ce.model(**enc).logits[:, -1]
+    yes_no = torch.stack([last[:, yes], last[:, no]], 1).numpy()
+    full = [not t for t in truncated]
+    if np.abs(yes_no[full, 0] - yes_no[full, 1] - logits[full]).max() > 1e-5:
+        raise SystemExit("qwen3: CrossEncoder's logits are not yes - no of the card's recipe")
+    # CrossEncoder's prompt: rendered as the system message, the template's <Instruct>
+    instructed = ce.predict([(QUERIES[0], d) for d in DOCUMENTS], prompt=QWEN3_INSTRUCTION,
+                            activation_fn=identity, convert_to_numpy=True)
+    # the 0.6B/4B layout: lm_head tied to the token table, so not saved
+    with tempfile.TemporaryDirectory() as tmp:
+        tied_dir = Path(tmp) / "tied"
+        shutil.copytree(target, tied_dir)
+        tie_lm_head(tied_dir)
+        tied = CrossEncoder(str(tied_dir), device="cpu")
+        if not torch.equal(tied.model.lm_head.weight, tied.model.model.embed_tokens.weight):
+            raise SystemExit("qwen3: tie_word_embeddings did not tie lm_head")
+        tied_logits = tied.predict(pairs, batch_size=len(pairs), activation_fn=identity,
+                                   convert_to_numpy=True)
+    np.savez(out / "qwen3" / "golden.npz", scores=scores.astype(np.float32),
+             logits=logits.astype(np.float32), yes_no=yes_no.astype(np.float32),
+             instructed_logits=instructed.astype(np.float32),
+             tied_logits=tied_logits.astype(np.float32))
+    (out / "qwen3" / "golden.json").write_text(json.dumps({
+        "queries": QUERIES, "documents": DOCUMENTS, "max_length": QWEN3_MAX_LEN,
+        "activation": type(ce.activation_fn).__name__, "yes_id": yes, "no_id": no,
+        "input_ids": ids, "truncated": truncated, "instruction": QWEN3_INSTRUCTION,
+        "made_by": {"torch": torch.__version__, "transformers": transformers.__version__,
+                    "sentence_transformers": sentence_transformers.__version__,
+                    "script": "scripts/make_reranker_fixtures.py"},
+    }, indent=1, ensure_ascii=False) + "\n")
+    size = sum(p.stat().st_size for p in (out / "qwen3").rglob("*") if p.is_file())
+    print(f"qwen3: {size / 1024:.0f} KB, activation {type(ce.activation_fn).__name__}, "
+          f"pair tokens {[len(i) for i in ids]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("tests/fixtures/rerankers"))
-    ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--families", default=",".join([*FAMILIES, "qwen3"]))
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(SEED)
     torch.manual_seed(SEED)
     for name in args.families.split(","):
-        build(name, args.out, gen)
+        if name == "qwen3":  # its own seed: the same fixture whatever else is built
+            torch.manual_seed(SEED)
+            build_qwen3(args.out, torch.Generator().manual_seed(SEED))
+        else:
+            build(name, args.out, gen)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Rerank: cross-encoders (BERT, XLM-R, ModernBERT) against sentence-transformers'
+"""Rerank: cross-encoders (BERT, XLM-R, ModernBERT, Qwen3-Reranker) against sentence-transformers'
 CrossEncoder.predict goldens (tests/fixtures/rerankers, scripts/make_reranker_fixtures.py),
 the pair tokenisation and truncation rule, the activation rules, the cache, and a real pool."""
 
@@ -233,3 +233,175 @@ def test_pairs_through_a_real_pool(models: dict[str, ResolvedModel]) -> None:
         logits = r.predict(pairs_of(g), raw=True)
         assert r.executor.stats().backend == "pool"
     assert np.abs(logits - gold["logits"]).max() <= FP32_TOL
+
+
+# --- Qwen3-Reranker: yes/no logits of a causal LM ---------------------------------------------
+
+QWEN3 = FIXTURES / "qwen3" / "model"
+
+
+@pytest.fixture(scope="module")
+def qwen3() -> Any:
+    with Reranker(QWEN3, precision="fp32") as r:
+        yield r
+
+
+def qwen3_copy(tmp_path: Path, *, drop: tuple[str, ...] = (), tie: bool = False) -> Path:
+    """The fixture copied, less the files in ``drop``; ``tie``: a tied checkpoint
+    (tie_word_embeddings true, no lm_head.weight), as the script's ``tie_lm_head``."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    target = tmp_path / "qwen3"
+    shutil.copytree(QWEN3, target)
+    for name in drop:
+        path = target / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if tie:
+        cfg = json.loads((target / "config.json").read_text())
+        (target / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+        tensors = load_file(target / "model.safetensors")
+        del tensors["lm_head.weight"]
+        save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+def test_qwen3_reranker_is_read_as_crossencoder_reads_it() -> None:
+    g, _ = golden("qwen3")
+    model = resolve_model(QWEN3)
+    spec = model.classifier
+    assert spec is not None and model.dim == 1 and model.max_length == g["max_length"]
+    # LogitScore's token ids (1_LogitScore/config.json), the default Sigmoid it saved
+    assert (spec.kind, spec.true_token, spec.false_token) == ("causal_lm", g["yes_id"],
+                                                              g["no_id"])
+    assert spec.activation == "sigmoid" and not spec.tied_lm_head
+    assert "<Document>: {{ document_text }}" in spec.pair_template  # chat_template.jinja
+
+
+def test_qwen3_plain_transformers_directory_scores_yes_and_no(tmp_path: Path) -> None:
+    """Without modules.json CrossEncoder takes the tokens "yes" and "no"; without a template
+    that renders the pair's roles, the model card's recipe (the same text here)."""
+    g, _ = golden("qwen3")
+    plain = qwen3_copy(tmp_path, drop=("modules.json", "1_LogitScore", "chat_template.jinja",
+                                       "config_sentence_transformers.json"))
+    model = resolve_model(plain)
+    assert model.classifier is not None
+    assert (model.classifier.true_token, model.classifier.false_token) == (g["yes_id"],
+                                                                           g["no_id"])
+    enc = PairTokenizer.for_model(model).encode(pairs_of(g))
+    assert [s.tolist() for s in enc.sequences] == g["input_ids"]
+
+
+def test_qwen3_pair_tokens_equal_crossencoders(qwen3: Reranker) -> None:
+    """The chat template rendered and tokenised as CrossEncoder does; a pair over the window
+    loses the document's end, the template's suffix kept (CrossEncoder restores it)."""
+    g, _ = golden("qwen3")
+    enc = qwen3.tokenizer.encode(pairs_of(g))
+    assert [s.tolist() for s in enc.sequences] == g["input_ids"]
+    assert enc.truncated == g["truncated"] and any(g["truncated"])
+    assert all(n > g["max_length"] for n, t in zip(enc.n_tokens, enc.truncated, strict=True)
+               if t)
+
+
+def test_qwen3_fp32_equals_crossencoder(qwen3: Reranker) -> None:
+    g, gold = golden("qwen3")
+    pairs = pairs_of(g)
+    raw = qwen3.predict(pairs, raw=True)  # LogitScore: logit(yes) - logit(no)
+    assert np.abs(raw - gold["logits"]).max() <= FP32_TOL
+    assert np.abs(qwen3.predict(pairs) - gold["scores"]).max() <= FP32_TOL  # p(yes)
+    assert qwen3.last_report.truncated == [i for i, t in enumerate(g["truncated"]) if t]
+    # the card's recipe: transformers' yes and no logits of the last token (whole pairs)
+    whole = ~np.asarray(g["truncated"])
+    yes, no = gold["yes_no"][whole, 0], gold["yes_no"][whole, 1]
+    assert np.abs(raw[whole] - (yes - no)).max() <= FP32_TOL
+    p_yes = np.exp(yes) / (np.exp(yes) + np.exp(no))  # softmax over [no, yes]
+    assert np.abs(qwen3.predict(pairs)[whole] - p_yes).max() <= FP32_TOL
+
+
+def test_qwen3_instruction_is_crossencoders_prompt() -> None:
+    g, gold = golden("qwen3")
+    with Reranker(QWEN3, precision="fp32", instruction=g["instruction"]) as r:
+        got = r.score(g["queries"][0], g["documents"], raw=True)
+    assert np.abs(got - gold["instructed_logits"]).max() <= FP32_TOL
+    assert np.abs(got - gold["logits"][:len(got)]).max() > 1e-3  # the instruction counts
+
+
+def test_qwen3_tied_lm_head(tmp_path: Path) -> None:
+    """The 0.6B/4B layout: no lm_head in the checkpoint, the token table's rows score."""
+    g, gold = golden("qwen3")
+    with Reranker(qwen3_copy(tmp_path, tie=True), precision="fp32") as r:
+        assert r.classifier.tied_lm_head
+        got = r.predict(pairs_of(g), raw=True)
+    assert np.abs(got - gold["tied_logits"]).max() <= FP32_TOL
+    assert np.abs(got - gold["logits"]).max() > 1e-2
+
+
+def test_qwen3_int8_keeps_each_querys_ranking() -> None:
+    g, gold = golden("qwen3")
+    with Reranker(QWEN3, precision="int8") as r:
+        assert r.precision == "int8"
+        scores = r.predict(pairs_of(g), raw=True)
+    n = len(g["documents"])
+    rho = [spearman(scores[q * n:(q + 1) * n], gold["logits"][q * n:(q + 1) * n])
+           for q in range(len(g["queries"]))]
+    print("qwen3 int8 Spearman per query:", [round(x, 4) for x in rho])
+    assert min(rho) >= 0.99, rho
+
+
+def test_qwen3_a_query_that_fills_the_window_is_refused(qwen3: Reranker) -> None:
+    with pytest.raises(InputError, match=r"prompt template take .* window of 128 tokens"):
+        qwen3.score("word " * 120, ["a document"])
+
+
+@pytest.mark.slow
+def test_qwen3_through_the_cli_and_serve(tmp_path: Path) -> None:
+    """``embedpool rerank`` and ``embedpool serve --reranker`` (the cohere client, a pool
+    worker) give CrossEncoder's scores for the Qwen3 reranker."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import cohere
+    import httpx
+    from polling import wait_ready
+
+    g, gold = golden("qwen3")
+    query, docs = g["queries"][1], g["documents"]
+    n = len(docs)
+    expected = gold["scores"][n:2 * n]
+    env = {**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "embedpool", "rerank", query, *docs, "-m",
+                          str(QWEN3), "--precision", "fp32", "--workers", "0"],
+                         capture_output=True, text=True, timeout=240, check=False, env=env)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [r["index"] for r in out["results"]] == list(np.argsort(-expected, kind="stable"))
+    assert max(abs(r["score"] - float(expected[r["index"]])) for r in out["results"]) <= 1e-4
+    assert out["truncated"] == [docs.index(max(docs, key=len))]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    embedder = FIXTURES.parent / "families" / "xlmr" / "model"
+    reranker = qwen3_copy(tmp_path)  # served models need names of their own (not "model")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedpool", "serve", "--port", str(port), "--model",
+         str(embedder), "--reranker", str(reranker), "--precision", "fp32", "--workers", "1",
+         "--no-cache", "--log-level", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url)
+        with httpx.Client(timeout=120) as http:
+            co = cohere.ClientV2(base_url=url, api_key="unused", httpx_client=http)
+            ranked = co.rerank(model="qwen3", query=query, documents=docs, top_n=5)
+        assert [r.index for r in ranked.results] == \
+            list(np.argsort(-expected, kind="stable")[:5])
+        assert max(abs(r.relevance_score - float(expected[r.index]))
+                   for r in ranked.results) <= 1e-4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode in (0, -signal.SIGTERM)

@@ -146,6 +146,10 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
     def build(tmp: Path) -> None:
         stage("loading weights")
         weights = fam.load_weights(model.weights_path, cfg)
+        if model.classifier is not None:  # a causal-LM reranker's two lm_head rows
+            from embedpool.graph.classifier import lm_rows
+
+            weights.update(lm_rows(model.classifier, model.weights_path, weights))
         stage("composing the graph")
         parts = compose_parts(fam, weights, cfg, model.classifier or model.head, fused=fused,
                               int8_ready=precision == "int8", name=model.name)
