@@ -567,9 +567,13 @@ def budget_after_success(state: BudgetState, started_at: float | None = None) ->
 
 
 def budget_after_calm(state: BudgetState, planned: int) -> BudgetState:
-    """A calm period passed: emergency mode ends and the budget doubles towards ``planned``,
-    never to a forbidden size (``restored_budget``)."""
-    return dataclasses.replace(state, emergency=False, consecutive_oom=0,
+    """A calm period passed. In emergency mode, the first one only ends it, at the floor;
+    each further one doubles the budget towards ``planned``, never to a forbidden size
+    (``restored_budget``). One step per calm period on every backend (the local pool's calm is
+    its memory's, Ray's is time without an OOM)."""
+    if state.emergency:
+        return dataclasses.replace(state, emergency=False, consecutive_oom=0)
+    return dataclasses.replace(state, consecutive_oom=0,
                                tokens=restored_budget(state.tokens, planned, state.forbidden))
 
 

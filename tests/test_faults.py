@@ -372,7 +372,9 @@ def test_one_budget_state_lowers_escalates_restores_and_never_to_a_killed_size()
     b = faults.budget_after_oom(b, floor=256, killed_tokens=None, now=3.0)
     assert (b.tokens, b.consecutive_oom, b.emergency) == (256, 2, True)  # two in a row
     b = faults.budget_after_calm(b, planned=1024)
-    assert (b.tokens, b.consecutive_oom, b.emergency) == (512, 0, False)
+    assert (b.tokens, b.consecutive_oom, b.emergency) == (256, 0, False)  # emergency ends
+    b = faults.budget_after_calm(b, planned=1024)
+    assert (b.tokens, b.consecutive_oom, b.emergency) == (512, 0, False)  # then doubles
     assert faults.budget_after_calm(b, planned=1024).tokens == 512  # 1024 was killed
 
 

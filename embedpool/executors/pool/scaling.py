@@ -299,9 +299,10 @@ def _decision(old: PolicyState, new: PolicyState, action: Action, reason: str) -
 
 def _emergency(state: PolicyState, policy: ProfilePolicy, now: float, v: _View) -> Decision:
     if state.calm_since is not None and now - state.calm_since >= policy.emergency_exit_s:
-        # Leave with the small budget; rule 5 doubles it back after each further calm period.
-        new = _with(state, emergency=False, consecutive_oom=0, workers=1,
-                                  calm_since=now, best_throughput={})
+        # Leave with the small budget; rule 5 doubles it back after each further calm period
+        # (faults.budget_after_calm: Ray's steps are the same).
+        new = _with(state, budget=faults.budget_after_calm(state.budget, policy.batch_tokens),
+                    workers=1, calm_since=now, best_throughput={})
         return _decision(state, new, "hold",
                          f"emergency mode off: memory below {policy.mem_resume:.0%} for "
                          f"{policy.emergency_exit_s:.0f} s; {v.describe()}")
@@ -368,11 +369,11 @@ def _grow_or_hold(history: Sequence[Reading], state: PolicyState, policy: Profil
         return _decision(state, new, "grow", f"grow {n} -> {n + 1}: {v.describe()}")
     # Rule 5: restore a lowered batch budget once memory has been calm long enough, up to
     # (not including) a size that was OOM-killed.
-    restore = faults.restored_budget(state.batch_tokens, policy.batch_tokens, state.oom_tokens)
-    if (restore > state.batch_tokens and state.calm_since is not None
+    restored = faults.budget_after_calm(state.budget, policy.batch_tokens)
+    if (restored.tokens > state.batch_tokens and state.calm_since is not None
             and now - state.calm_since >= policy.emergency_exit_s):
-        bt = restore
-        new = _with(state, batch_tokens=bt, calm_since=now, best_throughput={})
+        bt = restored.tokens
+        new = _with(state, budget=restored, calm_since=now, best_throughput={})
         return _decision(state, new, "hold", f"batch budget {state.batch_tokens} -> {bt} tokens: "
                                              f"memory calm for {policy.emergency_exit_s:.0f} s; "
                                              f"{v.describe()}")
