@@ -26,7 +26,8 @@ Each is written under ``<out>/<name>/``: ``model/`` (sentence-transformers 6's s
 .json with prompts), ``golden.json`` (texts, the reference's token ids, versions),
 ``golden.npz`` (``vectors``: the texts in one padded batch by ``SentenceTransformer.encode``;
 ``query_vectors``: with ``prompt_name="query"``; ``dim_vectors``: ``truncate_dim=DIM``;
-qwen3's ``bidirectional_vectors``: the same model with ``is_causal: false`` in config.json),
+``bidirectional_vectors``: the same model with ``is_causal: false`` in config.json, as a
+gte-Qwen2-like directory says its bidirectional attention),
 ``long.json`` / ``long.npz``: one text of 7,680-8,192 tokens, its ids and vector. The script
 checks that the reference is batch-independent (each text alone, padded either side, gives
 the same vector) before writing anything.
@@ -120,7 +121,7 @@ def qwen2() -> tuple[Any, Any, dict[str, Any]]:
     return transformers.Qwen2Model(cfg), tok, {
         "prompts": {"query": "Find the most relevant code snippet given the following query:\n",
                     "passage": "Candidate code snippet:\n"},
-        "pooling": "lasttoken"}
+        "pooling": "lasttoken", "bidirectional": True}
 
 
 DECODERS: dict[str, Callable[[], tuple[Any, Any, dict[str, Any]]]] = {

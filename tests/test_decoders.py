@@ -165,12 +165,14 @@ def test_attention_kinds_in_the_fused_graph(kind: str) -> None:
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_bidirectional_config_matches_reference(tmp_path: Path, fused: bool) -> None:
+@pytest.mark.parametrize("name", NAMES)
+def test_bidirectional_config_matches_reference(tmp_path: Path, fused: bool, name: str) -> None:
     """``is_causal: false`` (transformers 5's switch, honoured by sentence-transformers 6):
-    every token attends to every real token; fused, through mask-free MultiHeadAttention."""
-    directory = copy_model("qwen3", tmp_path, is_causal=False)
-    fx = load_fixture("qwen3", directory)
-    want = golden("qwen3", "bidirectional_vectors")
+    every token attends to every real token; fused, through mask-free MultiHeadAttention.
+    qwen2: a gte-Qwen2-like directory (q/k/v biases, MQA) with its attention stated."""
+    directory = copy_model(name, tmp_path, is_causal=False)
+    fx = load_fixture(name, directory)
+    want = golden(name, "bidirectional_vectors")
     fam, cfg = _family(fx.model)
     assert not cfg.causal
     graph = compose(fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head,
@@ -179,6 +181,28 @@ def test_bidirectional_config_matches_reference(tmp_path: Path, fused: bool) -> 
     assert ("MultiHeadAttention" in ops) == fused and "GroupQueryAttention" not in ops
     cos = cosines(run_graph(graph, fx), want)
     assert cos.min() >= 0.9999, cos
+
+
+#: config.json's auto_map as gte-Qwen2-1.5B-instruct's hub files have it (saved copies name
+#: the repository: "Alibaba-NLP/gte-Qwen2-1.5B-instruct--modeling_qwen.Qwen2Model").
+GTE_AUTO_MAP = {"AutoModel": "modeling_qwen.Qwen2Model",
+                "AutoModelForCausalLM": "modeling_qwen.Qwen2ForCausalLM",
+                "AutoModelForSequenceClassification":
+                    "modeling_qwen.Qwen2ForSequenceClassification"}
+
+
+@pytest.mark.parametrize("is_causal", [None, False])
+def test_gte_qwen2_as_published_is_refused_naming_the_choice(tmp_path: Path,
+                                                             is_causal: bool | None) -> None:
+    """gte-Qwen2's own code (auto_map) decides its attention (bidirectional, by its card),
+    which embedpool cannot check: refused, with or without is_causal beside it, naming
+    auto_map and the explicit is_causal choice; never built causal in silence."""
+    directory = copy_model("qwen2", tmp_path, auto_map=GTE_AUTO_MAP, is_causal=is_causal,
+                           architectures=["Qwen2Model"])
+    with pytest.raises(ModelError, match=r"auto_map names remote code \(modeling_qwen\.Qwen2"
+                                         r"Model\).*remove auto_map and state \"is_causal\": "
+                                         r"false"):
+        resolve_model(directory)
 
 
 def test_matryoshka_dimensions_match_truncate_dim(fx: Fixture, graphs: dict[str, Path]) -> None:

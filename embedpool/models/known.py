@@ -60,6 +60,9 @@ class KnownModel:
     #: False where embedpool builds no fp16 graph of it (its family's ``FP16_UNSAFE``:
     #: activations that overflow float16, e.g. EmbeddingGemma's).
     fp16: bool = True
+    #: A reranker (cross-encoder): one score per [query, document] pair (``dim`` 1), served
+    #: by ``embedpool rerank`` / ``serve --reranker``, never as an embedder.
+    reranker: bool = False
 
     def weight_bytes(self, precision: str) -> int | None:
         """The graph's weights at ``precision``: 4 bytes a parameter in fp32, 2 in fp16, 1 in
@@ -96,7 +99,9 @@ QWEN3_PROMPTS = (("query", QWEN3_CODE_QUERY), ("document", ""))
 #: jina-code-embeddings' nl2code prefixes (its card: natural-language query -> code).
 JINA_CODE_PROMPTS = (("query", "Find the most relevant code snippet given the following query:\n"),
                      ("document", "Candidate code snippet:\n"))
-#: gte-Qwen2's query format (its card: ``Instruct: {task}\nQuery: ``, documents plain).
+#: gte-Qwen2's query format (its card: ``Instruct: {task}\nQuery: ``, documents plain). Its hub
+#: files are refused as published (``auto_map`` to its own code, which its card says attends
+#: bidirectionally; models/remote_code.py): without auto_map, ``is_causal`` decides.
 GTE_QWEN2_PROMPTS = (("query", "Instruct: Given a code search query, retrieve relevant code "
                       "snippets\nQuery: "),)
 _QWEN3_06B = decoder_params(vocab=151_669, hidden=1024, layers=28, heads=16, kv_heads=8,
@@ -187,6 +192,15 @@ KNOWN_MODELS: tuple[KnownModel, ...] = (
                32768, family="qwen2", prompts=GTE_QWEN2_PROMPTS, params=_QWEN2_15B),
     KnownModel("gte-Qwen2-7B-instruct", "Alibaba-NLP/gte-Qwen2-7B-instruct", 3584, None,
                32768, family="qwen2", prompts=GTE_QWEN2_PROMPTS, params=_QWEN2_7B),
+    # Rerankers. Qwen3-Reranker: a Qwen3 causal LM scoring p(yes) (the last token's yes/no
+    # logits; the decoder of the Qwen3 base of its size, of which only lm_head's two rows
+    # are built); its instruction: Reranker(instruction=...)
+    KnownModel("Qwen3-Reranker-0.6B", "Qwen/Qwen3-Reranker-0.6B", 1, None, 32768,
+               family="qwen3", params=_QWEN3_06B, reranker=True),
+    KnownModel("Qwen3-Reranker-4B", "Qwen/Qwen3-Reranker-4B", 1, None, 32768,
+               family="qwen3", params=_QWEN3_4B, reranker=True),
+    KnownModel("Qwen3-Reranker-8B", "Qwen/Qwen3-Reranker-8B", 1, None, 32768,
+               family="qwen3", params=_QWEN3_8B, reranker=True),
 )
 
 

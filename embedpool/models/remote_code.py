@@ -22,6 +22,12 @@ The same module names copied into the model directory (what ``save_pretrained`` 
 remote-code model) are accepted by name: embedpool cannot tell an edited copy from the
 original. A directory that ships ``onnx/model.onnx`` is not checked here: its graph, exported
 from that code, is the maths embedpool runs.
+
+gte-Qwen2 (``model_type: qwen2``, ``auto_map`` to its own ``modeling_qwen``) is refused so: its
+card says its attention is bidirectional, its config.json says nothing embedpool reads, and
+its code is the only reference (trust_remote_code). The refusal of a decoder names the
+explicit choice instead: without ``auto_map``, ``is_causal`` in config.json decides (false:
+bidirectional), as in transformers 5 and sentence-transformers 6.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ KNOWN_REMOTE_CODE: dict[str, tuple[str, frozenset[str]]] = {
     "nomic_bert": ("nomic-ai/nomic-bert-2048",
                    frozenset({"configuration_hf_nomic_bert", "modeling_hf_nomic_bert"})),
 }
+
+#: Decoder model types whose attention ``is_causal`` in config.json states (families qwen2,
+#: qwen3): the way out the refusal names for them.
+DECODER_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
 
 
 def check_remote_code(config: Mapping[str, Any], where: str) -> None:
@@ -53,11 +63,15 @@ def check_remote_code(config: Mapping[str, Any], where: str) -> None:
     allowed = "; ".join(f"{t}: {repo} ({', '.join(sorted(mods))})"
                         for t, (repo, mods) in KNOWN_REMOTE_CODE.items())
     shown = unknown[0] if unknown else repr(auto_map)
+    attention = (" A decoder whose code changes only its attention mask (gte-Qwen2's, "
+                 "bidirectional by its card): remove auto_map and state \"is_causal\": false "
+                 "(or true) in config.json, which embedpool builds as it says."
+                 if model_type in DECODER_TYPES else "")
     raise ModelError(
         f"{where}: auto_map names remote code ({shown}) that builds model_type "
         f"{model_type!r} its own way, which embedpool cannot check; refused rather than "
         f"build transformers' {model_type!r} in its place. Known remote code: {allowed}. "
-        "An onnx/model.onnx exported from the model is used as it is.")
+        f"An onnx/model.onnx exported from the model is used as it is.{attention}")
 
 
 def _refs(auto_map: Any) -> list[str]:

@@ -15,7 +15,10 @@ As transformers' ``Qwen2Model`` / ``LlamaModel`` / ``MistralModel`` compute it (
 
 ``mask`` is causal (the models' default) or, with ``is_causal: false`` in config.json
 (transformers 5's bidirectional switch, what sentence-transformers 6 honours),
-bidirectional over the real tokens. ``head_dim`` may differ from ``hidden / heads``.
+bidirectional over the real tokens. Nothing else decides it: gte-Qwen2 as published (its card:
+bidirectional; its config.json: no ``is_causal``, ``auto_map`` to its own modeling_qwen) is
+refused by ``models/remote_code.py`` before this module is reached, naming ``is_causal`` as
+the explicit choice. ``head_dim`` may differ from ``hidden / heads``.
 Biases: Qwen2 has them on q, k and v; Llama/Mistral/Qwen3 on q, k, v and o when
 ``attention_bias`` is true. Tied or untied embeddings do not matter (the LM head is unused).
 
