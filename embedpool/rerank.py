@@ -333,7 +333,8 @@ def check_reranker(model: ResolvedModel) -> None:
         raise ConfigError(f"{model.name} is not a cross-encoder (config.json architectures: "
                           f"{model.config.get('architectures')}); rerank needs a "
                           "*ForSequenceClassification model such as "
-                          "cross-encoder/ms-marco-MiniLM-L6-v2 or BAAI/bge-reranker-base")
+                          "cross-encoder/ms-marco-MiniLM-L6-v2 or BAAI/bge-reranker-base, "
+                          "or a causal-LM reranker such as Qwen/Qwen3-Reranker-0.6B")
     if model.classifier.num_labels != 1:
         raise ConfigError(f"{model.name} has {model.classifier.num_labels} labels "
                           f"({', '.join(model.classifier.labels)}); ranking needs one score "

@@ -354,6 +354,21 @@ def test_qwen3_a_query_that_fills_the_window_is_refused(qwen3: Reranker) -> None
         qwen3.score("word " * 120, ["a document"])
 
 
+def test_qwen3_rerankers_are_known_models() -> None:
+    from click.testing import CliRunner
+
+    from embedpool.cli import main
+    from embedpool.models import find_known
+
+    listing = CliRunner().invoke(main, ["models"])
+    assert listing.exit_code == 0, listing.output
+    for size in ("0.6B", "4B", "8B"):
+        km = find_known(f"Qwen/Qwen3-Reranker-{size}")
+        assert km is not None and km.reranker and km.dim == 1 and km.family == "qwen3"
+        line = next(x for x in listing.output.splitlines() if x.startswith(km.name + " "))
+        assert "reranker" in line and "hub: Qwen/Qwen3-Reranker-" in line
+
+
 @pytest.mark.slow
 def test_qwen3_through_the_cli_and_serve(tmp_path: Path) -> None:
     """``embedpool rerank`` and ``embedpool serve --reranker`` (the cohere client, a pool

@@ -294,6 +294,8 @@ def _causal_lm_layout(directory: Path, tdir: Path, modules: Any, config: dict[st
 
     files: list[tuple[str, Path]] = []
     logit_cfg: dict[str, Any] | None = None
+    if not isinstance(modules, list) and not _has_yes_no(tdir):
+        return None  # a plain causal LM CrossEncoder could not score: not a reranker
     if isinstance(modules, list):
         types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
         if len(types) != 2 or types[1] != LOGIT_SCORE:
@@ -321,6 +323,21 @@ def _causal_lm_layout(directory: Path, tdir: Path, modules: Any, config: dict[st
                                                config, tdir))
     head = HeadSpec(PoolingSpec(("lasttoken",)), normalize=False)
     return Layout(tdir, head, text, None, tuple(files), isinstance(modules, list)), spec
+
+
+def _has_yes_no(tdir: Path) -> bool:
+    """tokenizer.json's vocabulary has the tokens ``yes`` and ``no`` (read as JSON: a
+    tokenizer embedpool cannot load is reported where it is loaded)."""
+    from embedpool.models.layout import read_json
+
+    tok = read_json(tdir / "tokenizer.json")
+    model = tok.get("model") if isinstance(tok, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    added = {str(t.get("content")) for t in tok.get("added_tokens") or []
+             if isinstance(t, dict)} if isinstance(tok, dict) else set()
+    words = set(vocab) if isinstance(vocab, dict) else {  # Unigram: [token, score] pairs
+        str(v[0]) for v in vocab or [] if isinstance(v, list) and v}
+    return all(w in words or w in added for w in ("yes", "no"))
 
 
 def refuse_cross_encoder(model: Any) -> None:
