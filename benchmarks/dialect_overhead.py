@@ -13,14 +13,21 @@ and base64, the openai client's), Ollama ``/api/embed`` and ``/api/embeddings``,
 route ``--per-round`` requests per round, the order rotating), so load from other programs
 falls on all alike. Reported per route: the median latency and the CPU time of this process
 per request (server, engine and the httpx client, the same client for every route), each as
-a ratio to OpenAI float. On a shared machine the CPU ratio is the one that holds: wall-clock
-latency swings with other programs' load. The goal is a ratio <= 1.05.
+a ratio to OpenAI float; and the CPU ratio round by round (each route against OpenAI float in
+the same round: its median and quartiles), which says whether the difference has settled. On a
+shared machine the CPU ratio is the one that holds: wall-clock latency swings with other
+programs' load. The goal is a ratio <= 1.05. The CPU model and the load average (before and
+after) are printed with the numbers.
+
+    .venv/bin/python benchmarks/dialect_overhead.py --payload short --rounds 40
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import sys
 import time
@@ -43,7 +50,7 @@ MODEL = "all-MiniLM-L6-v2"
 
 def bodies(texts: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Route name -> (path, body) embedding ``texts``."""
-    routes = {
+    routes: dict[str, tuple[str, dict[str, Any]]] = {
         "openai-float": ("/v1/embeddings", {"model": MODEL, "input": texts,
                                             "encoding_format": "float"}),
         "openai-base64": ("/v1/embeddings", {"model": MODEL, "input": texts,
@@ -57,18 +64,23 @@ def bodies(texts: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
     return routes
 
 
+Measured = dict[str, tuple[float, float, list[float]]]
+
+
 def measure(url: str, routes: dict[str, tuple[str, dict[str, Any]]], rounds: int,
-            per_round: int) -> dict[str, tuple[float, float]]:
-    """Per route: median latency (ms) and CPU ms per request of this process (server,
-    engine and client together), routes interleaved round by round."""
+            per_round: int) -> Measured:
+    """Per route: median latency (ms), CPU ms per request of this process (server, engine
+    and client together), and its ratio to openai-float's in each round; routes interleaved
+    round by round, the order rotating."""
     names = list(routes)
     times: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, float] = dict.fromkeys(names, 0.0)
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     payloads = {n: json.dumps(b).encode() for n, (_, b) in routes.items()}
     with httpx.Client(base_url=url, timeout=120,
                       headers={"content-type": "application/json"}) as client:
-        for name in names:  # warm-up: every route once
-            client.post(routes[name][0], content=payloads[name]).raise_for_status()
+        for name in names:  # warm-up: every route a few times
+            for _ in range(3):
+                client.post(routes[name][0], content=payloads[name]).raise_for_status()
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
@@ -79,9 +91,20 @@ def measure(url: str, routes: dict[str, tuple[str, dict[str, Any]]], rounds: int
                     resp = client.post(path, content=body)
                     times[name].append(time.perf_counter() - start)
                     resp.raise_for_status()
-                cpu[name] += time.process_time() - cpu_start
-    return {n: (statistics.median(times[n]) * 1000, cpu[n] * 1000 / len(times[n]))
-            for n in names}
+                cpu[name].append((time.process_time() - cpu_start) / per_round)
+    base = cpu["openai-float"]
+    return {n: (statistics.median(times[n]) * 1000, statistics.fmean(cpu[n]) * 1000,
+                [c / b for c, b in zip(cpu[n], base, strict=True)]) for n in names}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -90,6 +113,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--payload", choices=["short", "chunks", "both"], default="both",
+                    help="short: 1 short text; chunks: 16 code chunks")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -98,22 +123,38 @@ def main() -> None:
                else (lambda: InProcessExecutor(FakeEngineSpec(dim=model.dim).build)))
     app = create_app(ServerSettings(api_key="", precision=args.precision), factory, model=model)
     url, stop = start_server(app)
-    chunks = [c.text[:600] for c in stdlib_chunks(16)]
+    payloads = {"1 short text": ["How do I sort a list in Python?"]}
+    if args.payload != "short":
+        payloads["16 code chunks"] = [c.text[:600] for c in stdlib_chunks(16)]
+        if args.payload == "chunks":
+            del payloads["1 short text"]
+    load_before = os.getloadavg()
     results: dict[str, Any] = {"engine": args.engine, "precision": args.precision,
-                               "rounds": args.rounds, "per_round": args.per_round}
+                               "rounds": args.rounds, "per_round": args.per_round,
+                               "cpu": cpu_name(), "loadavg_before": load_before}
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs; load average before "
+          f"{' '.join(f'{x:.2f}' for x in load_before)}")
     try:
-        for label, texts in (("1 short text", ["How do I sort a list in Python?"]),
-                             ("16 code chunks", chunks)):
+        for label, texts in payloads.items():
             got = measure(url, bodies(texts), args.rounds, args.per_round)
-            wall, cpu = got["openai-float"]
-            print(f"\n{label}: per request, median wall ms and CPU ms (ratio to openai-float)")
-            for name, (ms, cms) in got.items():
+            wall, cpu, _ = got["openai-float"]
+            print(f"\n{label}: per request, median wall ms and mean CPU ms (ratio to "
+                  "openai-float); CPU ratio round by round: median [quartiles]")
+            results[label] = {}
+            for name, (ms, cms, ratios) in got.items():
+                q1, med, q3 = statistics.quantiles(ratios, n=4)
                 print(f"  {name:18s} wall {ms:8.2f} ms {ms / wall:6.3f}x   "
-                      f"cpu {cms:8.2f} ms {cms / cpu:6.3f}x")
-            results[label] = {n: {"wall_ms": ms, "wall_ratio": ms / wall, "cpu_ms": cms,
-                                  "cpu_ratio": cms / cpu} for n, (ms, cms) in got.items()}
+                      f"cpu {cms:8.2f} ms {cms / cpu:6.3f}x   "
+                      f"by round {med:6.3f}x [{q1:.3f}, {q3:.3f}]")
+                results[label][name] = {"wall_ms": ms, "wall_ratio": ms / wall,
+                                        "cpu_ms": cms, "cpu_ratio": cms / cpu,
+                                        "cpu_ratio_rounds_median": med,
+                                        "cpu_ratio_rounds_quartiles": [q1, q3]}
     finally:
         stop()
+    load_after = os.getloadavg()
+    results["loadavg_after"] = load_after
+    print(f"\nload average after {' '.join(f'{x:.2f}' for x in load_after)}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

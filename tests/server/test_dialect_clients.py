@@ -2,7 +2,20 @@
 127.0.0.1 serving the real model: the official ``ollama`` client (embed, embeddings, list,
 show, ps), LangChain's ``OllamaEmbeddings``, ``huggingface_hub.InferenceClient``
 (feature_extraction, sentence_similarity). Each client's vectors equal the OpenAI route's for
-the same texts; errors reach each client as its dialect's error."""
+the same texts; errors reach each client as its dialect's error.
+
+Not here: LangChain's ``HuggingFaceEndpointEmbeddings`` (langchain-huggingface). Unchanged, it
+reaches a self-hosted TEI only as ``HuggingFaceEndpointEmbeddings(model="http://HOST:PORT")``.
+The current release, 1.2.x (1.2.0-1.2.3), refuses that in its validator (``validate_environment``:
+"`model` must be a HuggingFace repo ID, not a URL"); a repo id is sent to
+``https://router.huggingface.co/hf-inference/models/<id>/pipeline/feature-extraction``
+(huggingface_hub's ``INFERENCE_PROXY_TEMPLATE``, a constant no setting moves), and a
+``client=`` passed in is replaced by that validator. 1.0.x-1.1.x accept the URL and work
+against this server (checked by hand: 1.1.0 with huggingface_hub 0.36.2, ``embed_documents``
+and ``embed_query``), but require ``huggingface_hub<1`` (1.2 requires ``<2``), and this
+environment has huggingface_hub 2.x (the ``InferenceClient`` tests below run on it): no
+release of langchain-huggingface installs beside it, so the client cannot be tested here.
+See the README's "TEI's API"."""
 
 from __future__ import annotations
 
