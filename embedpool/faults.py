@@ -384,6 +384,25 @@ def start_interrupted(exit_code: int | None) -> bool:
     return exit_code is not None and -exit_code in STOP_SIGNALS
 
 
+#: How a worker process ended, as the local pool's manager reads it from its sentinel.
+ExitKind = Literal["left", "stopped_while_starting", "start_failure", "death"]
+
+
+def exit_kind(*, said_leaving: bool, asked_to_leave: bool, holding_task: bool, starting: bool,
+              exit_code: int | None) -> ExitKind:
+    """What a worker's end means: ``left`` when it said so, or was asked to leave and held
+    no task (a worker asked between tasks may be gone before its Leaving is read; one asked
+    while it was starting is killed by the pool: a scale-down, not a start failure that
+    would count and back off); a worker that had not started: stopped from outside
+    (``start_interrupted``) or a start failure (``start_failure``); anything else is a death
+    (``death_kind``, ``blame``)."""
+    if said_leaving or (asked_to_leave and not holding_task):
+        return "left"
+    if starting:
+        return "stopped_while_starting" if start_interrupted(exit_code) else "start_failure"
+    return "death"
+
+
 #: Why an executor of one device broke, as the device executor sees it.
 BreakCause = Literal["device_lost", "start_failures", "other"]
 

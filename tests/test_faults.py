@@ -25,6 +25,7 @@ And the rules beside a failed task's (issue 20), each one table for both backend
     a GPU pool does not start             test_device_start             auto drops, cuda refuses
     when a worker is recycled             RECYCLE rows                  the local pool's only
     a hung worker                         test_one_hang_loop_...        one loop for both
+    how a pool worker ended               EXITS rows                    left / start failure / death
 
 Each of these also runs on real processes, both backends: tests/executors/test_fault_parity.py.
 """
@@ -536,3 +537,25 @@ def test_a_worker_stopped_while_starting_is_not_a_start_failure(
         exit_code: int | None, interrupted: bool) -> None:
     """A group's SIGTERM (systemd, kill -TERM -PGID) can reach a worker before it ignores it."""
     assert faults.start_interrupted(exit_code) is interrupted
+
+
+# said Leaving, asked to leave, holding a task, starting, exit code -> what its end means
+EXITS: list[Any] = [
+    pytest.param(True, False, False, False, 0, "left", id="said-leaving"),
+    pytest.param(False, True, False, False, -9, "left", id="asked-between-tasks-gone-first"),
+    pytest.param(False, True, True, False, -9, "death", id="asked-while-busy-died-busy"),
+    pytest.param(False, True, False, True, -9, "left",
+                 id="asked-while-starting-killed-by-us-is-a-scale-down"),
+    pytest.param(False, False, False, True, -15, "stopped_while_starting",
+                 id="group-sigterm-while-starting"),
+    pytest.param(False, False, False, True, 1, "start_failure", id="load-failed"),
+    pytest.param(False, False, True, False, -9, "death", id="busy-sigkill"),
+    pytest.param(False, False, False, False, -9, "death", id="idle-sigkill"),
+]
+
+
+@pytest.mark.parametrize(("said", "asked", "holding", "starting", "code", "want"), EXITS)
+def test_exit_kind(said: bool, asked: bool, holding: bool, starting: bool, code: int,
+                   want: str) -> None:
+    assert faults.exit_kind(said_leaving=said, asked_to_leave=asked, holding_task=holding,
+                            starting=starting, exit_code=code) == want

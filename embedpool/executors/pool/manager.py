@@ -293,19 +293,22 @@ class Manager:
         w.conn.close()
         with contextlib.suppress(ValueError):
             w.process.close()
-        if w.said_leaving or (w.leave_reason is not None and w.task is None
-                              and w.state != "starting"):
+        how = faults.exit_kind(said_leaving=w.said_leaving,
+                               asked_to_leave=w.leave_reason is not None,
+                               holding_task=w.task is not None, starting=w.state == "starting",
+                               exit_code=code)
+        if how == "left":
             self._oom.forget(w)
             self.emit(events.WORKER_EXIT, worker_id=w.worker_id, pid=w.pid,
                       reason=w.leave_reason or "asked", exit=exit_name(code))
             self._publish()
             return
-        if w.state == "starting" and faults.start_interrupted(code):
+        if how == "stopped_while_starting":
             self.emit(events.WORKER_EXIT, worker_id=w.worker_id, pid=w.pid,
                       reason="stopped while starting", exit=exit_name(code))
             self._publish()
             return
-        if w.state == "starting":
+        if how == "start_failure":
             self._on_start_failure(w, code)
             return
         sigkill = code == -signal.SIGKILL and w.kill_reason is None
