@@ -136,7 +136,7 @@ class PairTemplate:
             try:
                 text = template.render(messages=messages, add_generation_prompt=False,
                                        **(variables or {}))
-            except TemplateError as exc:
+            except Exception as exc:  # jinja's errors, or a filter's on unexpected content
                 raise ConfigError(f"the model's chat template fails on a pair: {exc}") from exc
             if text.count(q) != 1 or text.count(d) != 1 or text.index(q) > text.index(d):
                 raise ConfigError("the model's chat template does not render the query once "

@@ -152,19 +152,45 @@ def test_a_long_query_is_kept_whole(name: str, fp32: dict[str, Reranker]) -> Non
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_int8_keeps_the_rankings(name: str, models: dict[str, ResolvedModel]) -> None:
-    """int8 against CrossEncoder's fp32 ranking, per query of 19 documents: Spearman mean
-    >= 0.99 and every query >= 0.98. (Issue 19 asks >= 0.99 per query; on these 32-wide
-    random-weight fixtures int8's rounding, ~3-5% of the logits' spread, swaps a few near-tied
-    documents in one query of each family (worst 0.982); benchmarks/rerank.py measures the bar
-    at the real model's shape with its trained encoder weights.)"""
+    """Issue 19's bar: int8 against CrossEncoder's fp32 logits, Spearman >= 0.99 for every
+    query (of 19 documents). The measurement means something only where a query's scores
+    spread well beyond int8's rounding: the fixtures' heads read the pooled features' first
+    principal component (train_like_head), so each query's logits spread (std >= 1, checked
+    first) and no pair of documents is nearer than int8's error would swap by chance."""
     g, gold = golden(name)
+    n = len(g["documents"])
+    per_query = gold["logits"].reshape(len(g["queries"]), n)
+    assert per_query.std(axis=1).min() >= 1.0, "fixture scores bunch: Spearman would be noise"
     with Reranker(models[name], precision="int8") as r:
         assert r.precision == "int8"
-        scores = r.predict(pairs_of(g), raw=True)
-    n = len(g["documents"])
-    rho = [spearman(scores[q * n:(q + 1) * n], gold["logits"][q * n:(q + 1) * n])
-           for q in range(len(g["queries"]))]
-    assert np.mean(rho) >= 0.99 and min(rho) >= 0.98, rho
+        scores = r.predict(pairs_of(g), raw=True).reshape(per_query.shape)
+    rho = [spearman(s, ref) for s, ref in zip(scores, per_query, strict=True)]
+    print(name, "int8 Spearman per query:", [round(x, 4) for x in rho])
+    assert min(rho) >= 0.99, rho
+    # and no logit moves by more than a fifth of its query's spread
+    assert (np.abs(scores - per_query).max(axis=1) / per_query.std(axis=1)).max() <= 0.2
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_int8_classifier_keeps_its_last_layer_fp32(name: str,
+                                                   models: dict[str, ResolvedModel]) -> None:
+    """A cross-encoder's int8 graph: every encoder linear int8 but the last layer's
+    (quantize.zero_points(classifier=True)); an embedder's recipe is unchanged by it."""
+    from embedpool.graph import _family, quantize
+    from embedpool.graph.compose import compose_parts
+
+    model = models[name]
+    fam, cfg = _family(model)
+    parts = compose_parts(fam, fam.load_weights(model.weights_path, cfg), cfg, model.classifier,
+                          int8_ready=True)
+    last = max(lin.layer for lin in parts.linears)
+    embedder = quantize.zero_points(parts.linears)
+    assert {lin.layer for lin in parts.linears if lin.node in embedder} == set(range(last + 1))
+    recipe = quantize.zero_points(parts.linears, classifier=True)
+    assert set(recipe) == {lin.node for lin in parts.linears
+                           if lin.node in embedder and lin.layer != last}
+    assert all(recipe[k] == embedder[k] for k in recipe)
+    assert quantize.recipe_key(classifier=True) != quantize.recipe_key()
 
 
 def test_rank_is_best_first_with_top_n(fp32: dict[str, Reranker]) -> None:
@@ -279,12 +305,22 @@ def test_qwen3_reranker_is_read_as_crossencoder_reads_it() -> None:
     assert "<Document>: {{ document_text }}" in spec.pair_template  # chat_template.jinja
 
 
-def test_qwen3_plain_transformers_directory_scores_yes_and_no(tmp_path: Path) -> None:
+#: A chat model's template: system/user/assistant only, so a pair's roles render nothing.
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m.role in ['system', 'user', 'assistant'] %}"
+                 "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template", [None, CHAT_TEMPLATE])
+def test_qwen3_plain_transformers_directory_scores_yes_and_no(tmp_path: Path,
+                                                              template: str | None) -> None:
     """Without modules.json CrossEncoder takes the tokens "yes" and "no"; without a template
-    that renders the pair's roles, the model card's recipe (the same text here)."""
+    that renders the pair's roles (none, or a chat model's), the model card's recipe (the
+    same text here)."""
     g, _ = golden("qwen3")
     plain = qwen3_copy(tmp_path, drop=("modules.json", "1_LogitScore", "chat_template.jinja",
                                        "config_sentence_transformers.json"))
+    if template is not None:
+        (plain / "chat_template.jinja").write_text(template)
     model = resolve_model(plain)
     assert model.classifier is not None
     assert (model.classifier.true_token, model.classifier.false_token) == (g["yes_id"],

@@ -230,13 +230,26 @@ def pair_template(tdir: Path, model_type: str, files: list[tuple[str, Path]]) ->
             raw = next((t.get("template") for t in raw if isinstance(t, dict)
                         and t.get("name") == "default"), None)
         source = raw if isinstance(raw, str) else None
-    if source is not None and "query" in source and "document" in source:
+    if source is not None and _renders_pair(source):
         return source
     if model_type == "qwen3":
         return QWEN3_RERANKER_TEMPLATE
     raise ModelError(f"{tdir}: no chat template that renders a [query, document] pair (the "
                      "roles 'query' and 'document', as CrossEncoder 6 requires); add a "
                      "chat_template.jinja")
+
+
+def _renders_pair(source: str) -> bool:
+    """The template renders a pair's query and then its document (``rerank.PairTemplate``
+    builds from it); a chat model's template, which has no such roles, does not."""
+    from embedpool.errors import ConfigError
+    from embedpool.rerank import PairTemplate
+
+    try:
+        PairTemplate(source)
+    except ConfigError:
+        return False
+    return True
 
 
 def cross_encoder_layout(directory: Path) -> tuple[Layout, ClassifierSpec] | None:
