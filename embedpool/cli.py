@@ -12,6 +12,7 @@ Exit codes (also in the README):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -669,9 +670,6 @@ def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_aliv
     if len(set(models)) < len(models):
         _fail(f"--model: {', '.join(sorted({m for m in models if models.count(m) > 1}))} "
               "given more than once", EXIT_USAGE)
-    if len(models) > 1 and backend == "ray":
-        _fail("several --model with --backend ray: not supported yet (one model per Ray "
-              "server); serve them on the local backend", EXIT_USAGE)
     asked_precision = precision
     try:
         actors = _ray_actors(backend, ray_address, workers, pool_opts)
@@ -706,7 +704,8 @@ def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_aliv
         try:
             hook = BoundCache(VectorCache.open(cache_path),
                               resolved.fingerprint(precision, long_text,
-                                                   graph=graph_id(resolved, precision)))
+                                                   graph=graph_id(resolved, precision,
+                                                                placement.runtime)))
         except CacheError as exc:
             _fail(str(exc), EXIT_USAGE)
 
@@ -730,9 +729,14 @@ def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_aliv
                                cache_path=cache_path, no_cache=no_cache)
              for name in models[1:]]
     try:
+        from embedpool.server.on_ray import hold_ray
+
+        # --backend ray: one Ray for the server's life, which every model's actors join
         run_server(settings, factory, cache=hook, rerankers=rerank_setups, models=extra,
                    planned_bytes=planned_bytes(resolved, precision, settings.batch_tokens,
-                                               w if isinstance(w, int) else 1))
+                                               w if isinstance(w, int) else 1),
+                   session=functools.partial(hold_ray, ray_address) if backend == "ray"
+                   else None)
     except (ConfigError, ModelError) as exc:  # raised while starting: a bad --ray-address
         _fail(str(exc), EXIT_USAGE)
     except EmbedpoolError as exc:

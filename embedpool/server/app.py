@@ -159,7 +159,8 @@ class _App:
 
     def __init__(self, settings: ServerSettings, models: Sequence[ModelSetup],
                  reranker: RerankerSetup | None = None,
-                 rerankers: Sequence[RerankerSetup] = ()) -> None:
+                 rerankers: Sequence[RerankerSetup] = (),
+                 session: Callable[[], Callable[[], None]] | None = None) -> None:
         self.settings = settings
         self.api_key = settings.resolved_api_key()
         rt = Runtime()  # the default model's, replaced by its slot's below
@@ -184,6 +185,12 @@ class _App:
         self.reranker: RerankService | None = services[0] if services else None
         #: ``serve --reranker A --reranker B``: the rerankers after the first.
         self.more_rerankers = services[1:]
+        #: What the server holds for its life around every model's executor (run on a worker
+        #: thread before the first load; it returns what releases it at stop): the Ray of
+        #: ``serve --backend ray`` (``on_ray.hold_ray``); None: nothing.
+        self.session = session
+        self.end_session: Callable[[], None] | None = None
+        self.session_error: BaseException | None = None
 
     # ------------------------------------------------------------ lifespan
     @asynccontextmanager
@@ -195,12 +202,30 @@ class _App:
             await self.stop()
 
     async def start(self) -> None:
-        await self.registry.start()  # --preload's models, each on a worker thread
+        if self.session is not None:  # e.g. the Ray every model's executor joins (on_ray.py)
+            try:
+                self.end_session = await run_in_threadpool(self.session)
+            except Exception as exc:
+                self.session_error = exc
+                raise
+        try:
+            await self.registry.start()  # --preload's models, each on a worker thread
+        except BaseException:
+            await self._end_session()
+            raise
         reinstall_signal_handlers()
 
     async def stop(self) -> None:
         # uvicorn has already waited for the requests in flight (graceful shutdown).
-        await self.registry.stop()
+        try:
+            await self.registry.stop()
+        finally:
+            await self._end_session()
+
+    async def _end_session(self) -> None:
+        end, self.end_session = self.end_session, None
+        if end is not None:
+            await run_in_threadpool(end)
 
     # ------------------------------------------------------------ models
     def model_context(self, name: str | None) -> ModelSlot | None:
@@ -327,12 +352,14 @@ def create_app(settings: ServerSettings,
                reranker: RerankerSetup | None = None,
                models: Sequence[ModelSetup] = (),
                planned_bytes: int | None = None,
-               rerankers: Sequence[RerankerSetup] = ()) -> FastAPI:
+               rerankers: Sequence[RerankerSetup] = (),
+               session: Callable[[], Callable[[], None]] | None = None) -> FastAPI:
     """Build the app. The executor is created by the lifespan (on startup), not here.
     ``reranker``: a cross-encoder served on the rerank routes (server/rerank.py).
     ``models``: more embedding models beside the default one (registry.py);
     ``planned_bytes``: the default model's planned memory (None: one worker's estimate);
-    ``rerankers``: more cross-encoders beside ``reranker``, picked by a request's ``model``."""
+    ``rerankers``: more cross-encoders beside ``reranker``, picked by a request's ``model``;
+    ``session``: held for the server's life around every executor (``on_ray.hold_ray``)."""
     if rerankers and reranker is None:
         reranker, rerankers = rerankers[0], rerankers[1:]
     resolved = model if model is not None else resolve_model(settings.model)
@@ -341,7 +368,7 @@ def create_app(settings: ServerSettings,
         refuse_cross_encoder(extra.model)
     factory = executor_factory or default_executor_factory(resolved, settings.precision)
     a = _App(settings, [ModelSetup(resolved, factory, cache, planned_bytes), *models],
-             reranker, rerankers)
+             reranker, rerankers, session)
     app = FastAPI(title="embedpool", version="0.1.0", lifespan=a.lifespan,
                   description="OpenAI-compatible embeddings on a local worker pool.")
     app.add_middleware(_MetricsMiddleware, metrics=a.metrics)
@@ -382,7 +409,7 @@ def create_app(settings: ServerSettings,
     app.state.metrics = a.metrics  # for tests
     app.state.runtime = a.runtime
     app.state.registry = a.registry
-    app.state.rerank_startup_error = lambda: next(
+    app.state.rerank_startup_error = lambda: a.session_error or next(
         (r.runtime.startup_error for r in ([a.reranker] if a.reranker else []) +
          a.more_rerankers if r.runtime.startup_error is not None), None)
     return app
@@ -394,14 +421,16 @@ def run_server(settings: ServerSettings,
                reranker: RerankerSetup | None = None,
                models: Sequence[ModelSetup] = (),
                planned_bytes: int | None = None,
-               rerankers: Sequence[RerankerSetup] = ()) -> None:
+               rerankers: Sequence[RerankerSetup] = (),
+               session: Callable[[], Callable[[], None]] | None = None) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn drains requests in flight, then the lifespan closes
     the pool. If the executor cannot be built, its error is raised here (uvicorn only logs
     it), so that the command line can exit with its code."""
     import uvicorn
 
     app = create_app(settings, executor_factory, cache=cache, reranker=reranker,
-                     models=models, planned_bytes=planned_bytes, rerankers=rerankers)
+                     models=models, planned_bytes=planned_bytes, rerankers=rerankers,
+                     session=session)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
                             log_level=settings.log_level,
                             timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s))

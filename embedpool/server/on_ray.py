@@ -16,6 +16,12 @@ Start-up and shutdown::
     lifespan stop                    -> batcher drained -> RayExecutor.close: kill the
                                         actors; ray.shutdown if embedpool started Ray
 
+Several models (``serve --backend ray --model A --model B``, ``--reranker``): each model's
+``RayExecutor`` joins one Ray that the server holds for its whole life (:func:`hold_ray`, the
+lifespan's first step, on its worker thread), so that unloading a model (registry.py: idle
+past its keep-alive, or making room) stops its actors and never the Ray the other models'
+actors run on.
+
 SIGTERM stays uvicorn's, against two handlers Ray installs:
 
 * ``ray.init`` on the main thread replaces the Python SIGTERM handler with one that exits at
@@ -51,3 +57,20 @@ def ray_executor_factory(spec: Any, *, address: str | None = None, actors: int |
 
     return functools.partial(ray_executor, spec, address=address, actors=actors,
                              batch_tokens=batch_tokens, policy=policy, on_event=on_event)
+
+
+def hold_ray(address: str | None) -> Callable[[], None]:
+    """Join ``address`` (None: ``$RAY_ADDRESS``, else start a private local Ray) for the
+    server's life, before any executor: every ``RayExecutor`` then joins it and none shuts it
+    down at close. Returns what lets it go at the server's stop (``ray.shutdown`` where this
+    call joined or started it). Call it off the main thread (see the module docstring)."""
+    import logging
+
+    from embedpool.executors.ray.cluster import connect, require_ray
+    from embedpool.placement import _SIGTERM_NOTE_FILTER
+
+    ray = require_ray()
+    logging.getLogger("ray._private.worker").addFilter(_SIGTERM_NOTE_FILTER)
+    if connect(ray, address):
+        return lambda: ray.shutdown()
+    return lambda: None

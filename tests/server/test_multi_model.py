@@ -440,16 +440,13 @@ def test_requests_for_a_loading_model_wait_for_its_one_load(
     assert codes == [200, 200, 200] and len(loads) == 1
 
 
-def test_serve_refuses_the_same_model_twice_and_several_on_ray() -> None:
+def test_serve_refuses_the_same_model_twice() -> None:
     from click.testing import CliRunner
 
     from embedpool.cli import main
 
     result = CliRunner().invoke(main, ["serve", "--model", "x", "--model", "x"])
     assert result.exit_code == 2 and "--model: x given more than once" in result.output
-    result = CliRunner().invoke(main, ["serve", "--model", "x", "--model", "y", "--backend",
-                                       "ray"])
-    assert result.exit_code == 2 and "--backend ray: not supported" in result.output
 
 
 def test_a_large_model_unloads_as_many_idle_ones_as_it_needs(

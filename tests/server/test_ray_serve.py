@@ -176,6 +176,81 @@ def test_cli_serve_on_ray_answers_as_the_local_server(ray_cluster: ModuleType,
         _stop(proc)
 
 
+@pytest.mark.slow
+def test_cli_serve_on_ray_serves_several_models_through_one_registry(
+        ray_cluster: ModuleType, tmp_path: Path) -> None:
+    """``embedpool serve --backend ray --model A --model B`` (two family fixtures, fp32, one
+    actor each, joining the session's cluster): each model answers with its in-process
+    vectors; a model unloaded (Ollama's ``keep_alive: 0``) stops its own actors only, the
+    other's keep answering (the server holds one Ray for all, which no model's executor shuts
+    down), and it loads again on its next request."""
+    import shutil
+    from dataclasses import replace
+
+    from ollama import Client
+
+    from embedpool.models import resolve_model
+    from embedpool.placement import executor_factory, place
+    from embedpool.server import ServerSettings, create_app
+
+    families = Path(__file__).parent.parent / "fixtures" / "families"
+    names = ("modernbert-tiny", "xlmr-tiny")
+    texts = TEXTS[:4]
+    want: dict[str, np.ndarray] = {}
+    for name, family in zip(names, ("modernbert", "xlmr"), strict=True):
+        shutil.copytree(families / family / "model", tmp_path / name, copy_function=os.link)
+        m = resolve_model(tmp_path / name)
+        local = LiveServer.start(create_app(
+            replace(ServerSettings(api_key=""), precision="fp32"),
+            executor_factory(m, place(m, device="cpu", precision="fp32"), workers=None),
+            model=m))
+        try:
+            r = httpx.post(f"{local.url}/v1/embeddings", json={"input": texts},
+                           timeout=DEADLINE_S)
+            assert r.status_code == 200, r.text
+            want[name] = np.array([d["embedding"] for d in r.json()["data"]],
+                                  dtype=np.float32)
+        finally:
+            local.stop()
+    address = os.environ.get("RAY_ADDRESS") or ray_cluster.get_runtime_context().gcs_address
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "embedpool", "serve", "--backend", "ray", "--ray-address",
+            address, "--workers", "1", "--precision", "fp32", "--preload", "all",
+            "--port", str(port), "--no-cache", "--log-level", "warning"]
+    for name in names:
+        argv += ["--model", str(tmp_path / name)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client = Client(host=url, timeout=DEADLINE_S)
+    try:
+        wait_for(lambda: _answers(proc, url), "the Ray server to start", START_DEADLINE_S)
+
+        def states() -> dict[str, str]:
+            data = httpx.get(f"{url}/v1/models", timeout=DEADLINE_S).json()["data"]
+            return {d["id"]: d["state"] for d in data if d["id"] in names}
+
+        def check(name: str, keep_alive: float | None = None) -> None:
+            got = client.embed(model=name, input=texts, keep_alive=keep_alive).embeddings
+            np.testing.assert_allclose(np.array(got, dtype=np.float32), want[name],
+                                       atol=1e-5, err_msg=name)
+
+        assert states() == dict.fromkeys(names, "loaded")
+        a, b = names
+        check(b)
+        check(a, keep_alive=0)  # a (whose executor came first) unloads after this request
+        wait_for(lambda: states()[a] == "unloaded", "a unloaded")
+        check(b)  # b's actors outlive a's executor
+        assert states() == {a: "unloaded", b: "loaded"}
+        check(a)  # and a loads again, its actors anew
+        assert states() == dict.fromkeys(names, "loaded")
+        text = httpx.get(f"{url}/metrics", timeout=DEADLINE_S).text
+        for name in names:
+            assert f'embedpool_model_worker_deaths_total{{model="{name}"}} 0.0' in text
+    finally:
+        client._client.close()
+        _stop(proc)
+
+
 def _answers(proc: subprocess.Popen[str], url: str) -> bool:
     assert proc.poll() is None, f"the server exited: {_output(proc)}"
     try:
