@@ -156,7 +156,8 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
         del weights  # the graph holds its own copy; the build's peak is the graph, once
         if precision == "int8":
             stage("quantising")
-            quantize.quantize_linears(parts.model, quantize.zero_points(parts.linears))
+            quantize.quantize_linears(parts.model, quantize.zero_points(
+                parts.linears, classifier=model.classifier is not None))
         elif precision == "fp16":
             from embedpool.graph.fp16 import to_fp16
 
@@ -200,7 +201,8 @@ def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path 
         fam, _ = _family(model)
         parts["builder"] = f"{fam.NAME}:{fam.BUILDER_VERSION}"
     if precision == "int8":
-        parts["int8"] = {"recipe": INT8_RECIPE_VERSION, **quantize.recipe_key()}
+        parts["int8"] = {"recipe": INT8_RECIPE_VERSION,
+                         **quantize.recipe_key(classifier=model.classifier is not None)}
     elif precision == "fp16":
         parts["fp16"] = FP16_RECIPE_VERSION
     variant: str = precision
