@@ -162,4 +162,11 @@ def reranker_setup(name: str, *, device: str, precision: str, workers: int | str
     factory = executor_factory(model, placement, workers=actors if backend == "ray" else workers,
                                pool_options=pool_options, backend=backend,
                                ray_address=ray_address)
-    return RerankerSetup(model, factory, cache, aliases=(name,))
+    from embedpool.server.registry import planned_bytes
+
+    # planned like an embedding model (registry.py): the server's one memory budget holds both
+    return RerankerSetup(model, factory, cache, aliases=(name,),
+                         planned_bytes=planned_bytes(model, placement.precision,
+                                                     placement.batch_tokens,
+                                                     workers if isinstance(workers, int) else 1),
+                         precision=placement.precision)

@@ -1,6 +1,9 @@
 """Rerank on the server: ``POST /v1/rerank``, ``/v2/rerank`` and ``/rerank`` in the shape
 Cohere, Jina, vLLM and llama.cpp share, and TEI's ``/rerank`` (also what TEI's ``POST /``
-hands over), from one cross-encoder served beside the embedding model (``serve --reranker``).
+hands over), from the cross-encoders served beside the embedding models (``serve
+--reranker``), each a member of the model registry (registry.py: loaded, unloaded and planned
+in the server's one memory budget like an embedding model; every scoring runs inside its
+``use``).
 
 Shapes (told apart on ``/rerank`` by ``texts``, TEI's, against ``documents``):
 
