@@ -21,7 +21,10 @@ Formats, chosen by the extension:
   it is from the same run (a kill between the renames leaves ids without an array, which
   reads as "no output").
 * ``.parquet``: columns ``id`` (string) and ``embedding`` (``fixed_size_list<float32>[dim]``),
-  written with pyarrow's ParquetWriter in row groups of about :data:`PARQUET_ROW_GROUP_BYTES`.
+  written with pyarrow's ParquetWriter. Rows are buffered as Arrow arrays until
+  :data:`PARQUET_ROW_GROUP_BYTES` of vectors and ids (or :data:`PARQUET_ROW_GROUP_ROWS` rows)
+  are held, then written as one row group: the writer holds at most that plus one ``write``
+  (a job's window) and the row group being encoded, whatever the output's size.
   pyarrow is imported only here, when a parquet file is opened.
 
 ``open_output(out, dim, partial=True)`` writes ``partial_path(out)`` (``NAME.partial.EXT``)
@@ -50,9 +53,15 @@ from embedpool.types import Vectors
 
 SUPPORTED_EXTENSIONS = (".jsonl", ".npy", ".parquet")
 
-#: Target size of one parquet row group. Larger groups compress and scan better; this bounds
-#: the rows buffered in memory (about 43,000 rows of 384 dims).
-PARQUET_ROW_GROUP_BYTES = 64 << 20
+#: Bytes (vectors and ids) of one parquet row group, which the writer buffers before writing
+#: it: the bound on the parent's output buffer (a job's window of 4,096 x 384 floats is 6 MiB).
+#: 16 MiB is about 10,000 rows of 384 dims: groups large enough for readers to scan at speed
+#: (DuckDB and Polars read row groups of this size in parallel), while the parent of a
+#: 1M-chunk job stays within 1.3x of a 10k-chunk one's (benchmarks/streaming.py; 64 MiB
+#: groups, buffered and then copied whole, put it over).
+PARQUET_ROW_GROUP_BYTES = 16 << 20
+#: At most this many rows per row group, whatever their width.
+PARQUET_ROW_GROUP_ROWS = 1 << 17
 
 #: Bytes reserved for the .npy magic + header, so the header can be rewritten in place with the
 #: final shape: 128 holds any (rows, dim) pair of 64-bit integers and keeps the data 64-byte
@@ -409,29 +418,31 @@ class ParquetWriter(AtomicWriter):
             f.close()
             temp.unlink()
             raise
-        self._group_rows = max(1024, PARQUET_ROW_GROUP_BYTES // (4 * dim))
-        self._buf_ids: list[str] = []
-        self._buf_vecs: list[Vectors] = []
-        self._buffered = 0
+        self._group_bytes = PARQUET_ROW_GROUP_BYTES
+        self._group_rows = PARQUET_ROW_GROUP_ROWS
+        self._buf: list[Any] = []  # pyarrow RecordBatches, one per write
+        self._buf_rows = 0
+        self._buf_bytes = 0
 
     def _write(self, ids: Sequence[str], vectors: Vectors) -> None:
-        self._buf_ids.extend(ids)
-        self._buf_vecs.append(np.array(vectors, dtype=np.float32, copy=True))
-        self._buffered += len(ids)
-        if self._buffered >= self._group_rows:
+        pa = self._pa
+        flat = np.array(vectors, dtype=np.float32, copy=True).reshape(-1)  # the caller's is theirs
+        batch = pa.RecordBatch.from_arrays(
+            [pa.array(ids, type=pa.string()),
+             pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), self.dim)],
+            schema=self._schema)
+        self._buf.append(batch)
+        self._buf_rows += batch.num_rows
+        self._buf_bytes += batch.nbytes
+        if self._buf_bytes >= self._group_bytes or self._buf_rows >= self._group_rows:
             self._flush()
 
     def _flush(self) -> None:
-        if not self._buffered:
+        if not self._buf_rows:
             return
-        pa = self._pa
-        flat = np.concatenate(self._buf_vecs).reshape(-1)
-        table = pa.Table.from_arrays(
-            [pa.array(self._buf_ids, type=pa.string()),
-             pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), self.dim)],
-            schema=self._schema)
-        self._writer.write_table(table, row_group_size=len(self._buf_ids))
-        self._buf_ids, self._buf_vecs, self._buffered = [], [], 0
+        table = self._pa.Table.from_batches(self._buf, schema=self._schema)
+        self._buf, self._buf_rows, self._buf_bytes = [], 0, 0
+        self._writer.write_table(table, row_group_size=table.num_rows)
 
     def _finish(self) -> None:
         self._flush()

@@ -93,21 +93,75 @@ def test_npy_is_memory_mappable(tmp_path: Path) -> None:
     assert mapped.shape == vecs.shape and np.array_equal(mapped, vecs)
 
 
-def test_large_dim_parquet_row_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parquet_row_groups_are_bounded_by_bytes(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import pyarrow.parquet as pq
 
     import embedpool.outputs as outputs
 
-    monkeypatch.setattr(outputs, "PARQUET_ROW_GROUP_BYTES", 1)  # -> 1024-row groups
+    monkeypatch.setattr(outputs, "PARQUET_ROW_GROUP_BYTES", 4096)
     out = tmp_path / "v.parquet"
     vecs = np.random.default_rng(3).standard_normal((2500, 4)).astype(np.float32)
     ids = [str(i) for i in range(2500)]
     with open_output(out, 4) as w:
         for s in range(0, 2500, 100):
             w.write(ids[s:s + 100], vecs[s:s + 100])
-    assert pq.ParquetFile(out).metadata.num_row_groups == 3
+    meta = pq.ParquetFile(out).metadata
+    rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+    # a group closes once 4 KiB are held: 16 B of floats + 4 B of offsets + the id per row,
+    # written 100 rows (2.2 KiB) at a time -> 200 rows a group, the last holds the rest
+    assert rows == [200] * 12 + [100]
     got_ids, got = read_back(out, dim=4)
     assert got_ids == ids and np.array_equal(got, vecs)
+
+
+def test_parquet_row_groups_are_bounded_by_rows(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow.parquet as pq
+
+    import embedpool.outputs as outputs
+
+    monkeypatch.setattr(outputs, "PARQUET_ROW_GROUP_ROWS", 300)
+    out = tmp_path / "v.parquet"
+    with open_output(out, 1) as w:
+        for _ in range(10):
+            w.write([""] * 100, np.zeros((100, 1), np.float32))
+    meta = pq.ParquetFile(out).metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [300] * 3 + [100]
+
+
+def test_parquet_writer_memory_stays_bounded_whatever_the_output_size(tmp_path: Path) -> None:
+    """Past its first row groups, the writer's memory does not grow with the output: numpy's
+    buffers (tracemalloc) stay near the row-group bound plus a write, and Arrow's pool, which
+    the parquet encoder allocates from, reaches no new high. A fresh interpreter, whose
+    pyarrow import and first groups are done before the measure starts."""
+    script = textwrap.dedent("""
+        import sys, tracemalloc
+        import numpy as np, pyarrow as pa
+        import embedpool.outputs as outputs
+        bound, window, dim = 1 << 20, 1024, 64  # a 256 KiB write; 32 MiB written in all
+        outputs.PARQUET_ROW_GROUP_BYTES = bound
+        vecs = np.random.default_rng(5).standard_normal((window, dim)).astype(np.float32)
+        ids = [f"doc-{i:06d}" for i in range(window)]
+        tracemalloc.start()
+        with outputs.open_output(outputs.Path(sys.argv[1]), dim) as w:
+            for _ in range(8):
+                w.write(ids, vecs)
+            held, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            arrow_before = pa.default_memory_pool().max_memory()
+            for _ in range(120):
+                w.write(ids, vecs)
+            numpy_growth = tracemalloc.get_traced_memory()[1] - held
+            arrow_growth = pa.default_memory_pool().max_memory() - arrow_before
+        print(numpy_growth, arrow_growth, 128 * vecs.nbytes, vecs.nbytes, bound)
+    """)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "v.parquet")],
+                         capture_output=True, text=True, timeout=DEADLINE_S, check=True)
+    numpy_growth, arrow_growth, written, window_bytes, bound = map(int, out.stdout.split())
+    assert written == 32 << 20
+    assert numpy_growth < 2 * (bound + window_bytes), out.stdout  # ~1.5 MiB measured
+    assert arrow_growth < window_bytes, out.stdout
 
 
 def _normalised(rng: np.random.Generator) -> Vectors:
