@@ -60,9 +60,11 @@ log = logging.getLogger(__name__)
 #: parent within 1.3x of a 10k-chunk one's (benchmarks/streaming.py).
 WINDOW_ITEMS = 4096
 #: The first window's items; each next window doubles, up to WINDOW_ITEMS. A window's vectors
-#: are written when it is whole, so a small first window puts the first vectors in the
-#: output within seconds (benchmarks/streaming.py) instead of after a whole window.
-FIRST_WINDOW_ITEMS = 64
+#: are written when it is whole, and while the pool starts one worker runs it alone: 16 chunks
+#: of ~130 MiniLM tokens are two or three batches of the CPU's budget, so the first vectors
+#: are out a few batches after the first worker is ready (64 took ~3 s more under load:
+#: benchmarks/streaming.py). Reaching WINDOW_ITEMS takes two windows more than from 64.
+FIRST_WINDOW_ITEMS = 16
 #: Default precision: "auto" is int8 on the CPU, which meets the quality bar (README
 #: "Precision") at about twice fp32's speed, and fp16 on a GPU (placement.precision_for).
 DEFAULT_PRECISION = "auto"
@@ -195,7 +197,8 @@ class Embedder:
                                                 "max_memory_bytes"))
             self.precision = self.placement.precision
         self.fingerprint = self.model.fingerprint(self.precision, long_text,
-                                                  graph=graph_id(self.model, self.precision))
+                                                  graph=graph_id(self.model, self.precision,
+                                                                self.placement.runtime))
         self.last_report = JobReport()
         self._engine = engine  # any recipe with .build() (a custom engine, embedpool.testing)
         self._executor_args: dict[str, Any] = {
@@ -447,7 +450,7 @@ class Embedder:
             if chosen != self.precision:
                 fingerprint = self.model.fingerprint(
                     chosen, self.long_text,
-                    graph=graph_id(self.model, chosen))
+                    graph=graph_id(self.model, chosen, self.placement.runtime))
             hook = self._caches[chosen] = BoundCache(self.cache, fingerprint)
         return hook
 
