@@ -87,8 +87,8 @@ __all__ = ["CLASSIFIER_FP32_LAYERS", "INT8_ROLES", "PAIR_LIMIT", "ZERO_POINT",
 INT8_ROLES: frozenset[LinearRole] = frozenset(
     {"q", "k", "v", "qkv", "attn_out", "ffn_up", "ffn_gate", "ffn_down"})
 #: A cross-encoder's int8 graph keeps its last encoder layer in float32 (every other layer
-#: as above). Measured per layer (``benchmarks/rerank.py``'s model, 4 queries x 24 stdlib
-#: chunks, logits against the fp32 graph, logit spread (std) ~2.4 per query): all layers
+#: as above). Measured per layer (``benchmarks/rerank_int8_layers.py`` on
+#: ``benchmarks/rerank.py``'s model, trained encoder weights; 4 queries x 24 stdlib chunks, logits against the fp32 graph, logit spread (std) ~2.4 per query): all layers
 #: int8, Spearman worst 0.987, rms error 0.104; only the last layer int8: rms 0.051 (only the
 #: first: 0.020); every layer but the last: worst 0.993, rms 0.077. The score is one row of
 #: the last layer (CLS, or the pooled rows), whose rounding reaches the logit unaveraged.
