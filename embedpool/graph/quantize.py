@@ -50,6 +50,12 @@ and prose chunks and 500 docstring -> code pairs from non-stdlib site-packages):
 0.99777, min 0.99574, MRR@10 0.8148 (sentence-transformers 0.8142); recipe 5 gave 0.99669 /
 0.99300 / 0.8151.
 
+Cross-encoders (``zero_points(classifier=True)``, its own cache key): the same recipe but for
+the last encoder layer, which stays float32. The score reads one row of that layer (CLS, or
+the pooled rows) and its rounding reaches the logit unaveraged; measured per role and per
+layer (``benchmarks/rerank_int8_layers.py``), no role dominates and the last layer costs the
+most (CLASSIFIER_FP32_LAYERS). The embedders' graphs are unchanged by it.
+
 Graphs whose node names are unknown (a shipped ``onnx/model.onnx``) get the same recipe on
 every MatMul with a constant 2-D float weight, zero point 128 throughout.
 
