@@ -40,7 +40,8 @@ def extra_model_setup(name: str, *, device: str, precision: str, engine: str,
         try:
             hook = BoundCache(VectorCache.open(cache_path),
                               model.fingerprint(placement.precision, long_text,
-                                                graph=graph_id(model, placement.precision)))
+                                                graph=graph_id(model, placement.precision,
+                                                                placement.runtime)))
         except CacheError as exc:
             _fail(str(exc), EXIT_USAGE)
     factory = executor_factory(model, placement, workers=actors if backend == "ray" else workers,

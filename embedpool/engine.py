@@ -59,13 +59,13 @@ class EngineSpec:
     #: "cpu" or "cuda:N" (embedpool.cuda_ep); on a GPU, ORT's arena cap in bytes (None: none).
     device: str = "cpu"
     gpu_mem_limit: int | None = None
-    #: "onnxruntime" (every precision and device) or "openvino" (the CPU: fp32, bf16).
+    #: "onnxruntime" (every precision and device) or "openvino" (the CPU: fp32, int8, bf16).
     runtime: Runtime = "onnxruntime"
 
     def __post_init__(self) -> None:
         if self.runtime == "openvino":
-            if self.device != "cpu" or self.precision not in ("fp32", "bf16"):
-                raise ConfigError(f"the openvino engine runs fp32 or bf16 on the CPU, not "
+            if self.device != "cpu" or self.precision not in ("fp32", "int8", "bf16"):
+                raise ConfigError(f"the openvino engine runs fp32, int8 or bf16 on the CPU, not "
                                   f"{self.precision} on {self.device}")
         elif self.runtime != "onnxruntime":
             raise ConfigError(f"runtime must be onnxruntime or openvino, got {self.runtime!r}")
@@ -94,7 +94,7 @@ class EngineSpec:
         if self.runtime == "openvino":
             from embedpool.engine_openvino import graph_for
 
-            return graph_for(self.model)
+            return graph_for(self.model, precision=self.precision)
         from embedpool.graph import prepare_onnx
 
         precision = self.precision

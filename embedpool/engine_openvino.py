@@ -4,14 +4,17 @@ sentence vectors out), run by OpenVINO's CPU plugin. The only module that import
 OpenVINO reads the ONNX graph embedpool builds (``graph.prepare_onnx``) or the model's
 shipped ``onnx/model.onnx`` as it is. Where the fused graph holds an ONNX Runtime contrib op
 that OpenVINO's ONNX frontend does not convert (``com.microsoft.RotaryEmbedding``: NomicBert,
-ModernBERT), it reads the family's standard-op graph instead (``graph.prepare_onnx(...,
-fused=False)``, cached beside the others); ``FUSED_CONVERTS`` lists the families whose
-fused graph converts (tests/test_engine_openvino.py checks it against the frontend).
+ModernBERT; the decoders' GroupQueryAttention), it reads the family's standard-op graph
+instead (``graph.ov_graph``; ``FUSED_CONVERTS`` lists the families whose fused graph
+converts; tests/test_families.py checks it against the frontend).
 
 Precisions: fp32 (``INFERENCE_PRECISION_HINT=f32``: OpenVINO's CPU plugin would otherwise
-run bf16 on a CPU that has it) and bf16 (the same fp32 graph, ``INFERENCE_PRECISION_HINT=
+run bf16 on a CPU that has it), bf16 (the same fp32 graph, ``INFERENCE_PRECISION_HINT=
 bf16``: the plugin's bf16 matrix multiplies, on avx512_bf16 or AMX only; refused by name on
-another CPU, whatever OpenVINO would emulate). Which engine runs where: ``runtimes``.
+another CPU, whatever OpenVINO would emulate) and int8 (that graph's weights as int8 behind
+``DequantizeLinear``, ``graph.weight_int8``, run with f32 compute: OpenVINO keeps the weights
+compressed). Which file it reads: ``graph.ov_graph`` (re-exported here). Which engine runs
+where: ``runtimes``.
 
 Settings: one stream, ``threads`` inference threads, latency hint, and no CPU pinning (a pool
 runs several single-threaded workers side by side, and the parent tokenises on the same
@@ -21,34 +24,18 @@ cores: pinned threads would fight them).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import openvino as ov
 
 from embedpool.engine import Engine, EngineSpec, usable_cores
 from embedpool.errors import ConfigError, ModelError
+from embedpool.graph.ov_graph import FUSED_CONVERTS, graph_for
 from embedpool.modelspec import HeadSpec
 from embedpool.runtimes import BF16_FLAGS, cpu_features
 
-if TYPE_CHECKING:
-    from embedpool.models import ResolvedModel
-
-#: Families whose fused fp32 graph OpenVINO's ONNX frontend converts (the rest use the
-#: standard-op graph the families build with ``fused=False``).
-FUSED_CONVERTS = frozenset({"bert", "xlm-roberta"})
-_HINTS = {"fp32": "f32", "bf16": "bf16"}
-
-
-def graph_for(model: ResolvedModel, cache_dir: Path | None = None) -> Path:
-    """The ONNX file OpenVINO reads for ``model`` (fp32 and bf16 read the same one): the
-    shipped file as is, the fused fp32 graph where it converts, else the unfused one."""
-    from embedpool.graph import _family, prepare_onnx
-
-    if model.onnx_path is not None:
-        return model.onnx_path
-    fam, _ = _family(model)
-    return prepare_onnx(model, "fp32", cache_dir, fused=fam.NAME in FUSED_CONVERTS)
+_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def compile_config(threads: int, precision: str) -> dict[str, Any]:
@@ -65,7 +52,7 @@ class OpenVinoEngine(Engine):
                  head_in_graph: bool = True, precision: str = "fp32",
                  segments: bool = False) -> None:
         if precision not in _HINTS:
-            raise ConfigError(f"the openvino engine runs fp32 or bf16, not {precision}")
+            raise ConfigError(f"the openvino engine runs fp32, int8 or bf16, not {precision}")
         if precision == "bf16" and not cpu_features().bf16:
             raise ConfigError(f"precision bf16 needs a CPU with {' or '.join(BF16_FLAGS)}")
         self.device = "cpu"

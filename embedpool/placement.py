@@ -56,6 +56,7 @@ from embedpool.types import EventCallback, Precision, Profile, Runtime
 
 if TYPE_CHECKING:
     from embedpool.faults import FaultPolicy
+    from embedpool.graph import GraphPrecision
     from embedpool.graph.prebuild import Emit
     from embedpool.runtimes import RuntimeChoice
 
@@ -258,9 +259,14 @@ def prepare_graphs(model: ResolvedModel, placement: Placement, emit: Emit, *,
     built)."""
     from embedpool.graph.prebuild import ensure_graph
 
-    if placement.precision == "bf16":  # OpenVINO's bf16 reads the fp32 graph
-        ensure_graph(model, "fp32", emit, max_memory=max_memory)
+    if placement.runtime == "openvino" and placement.devices is None:
+        # OpenVINO's graph (graph.ov_graph; bf16 reads the fp32 one): unfused where need be
+        graph: GraphPrecision = "fp32" if placement.precision == "bf16" else (
+            placement.precision)
+        ensure_graph(model, graph, emit, max_memory=max_memory, runtime="openvino")
         return placement
+    if placement.precision == "bf16":  # runs on OpenVINO only (runtimes.choose)
+        raise ConfigError("precision bf16 runs on the openvino engine only")
     precision = ensure_graph(model, placement.precision, emit, max_memory=max_memory)
     if placement.devices is not None and placement.devices.cpu_workers:
         ensure_graph(model, "fp32", emit, max_memory=max_memory)

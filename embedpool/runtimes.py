@@ -29,19 +29,25 @@ Tier = Literal["amx", "avx512_bf16", "vnni", "avx2", "baseline"]
 RUNTIMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
 #: The flags a bf16 matrix multiply needs (either); named in the refusal.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-#: Precisions each runtime runs on the CPU (the int8 graph is ONNX Runtime's dynamic
-#: MatMulInteger recipe: OpenVINO reads it but runs it at a third of its fp32 speed,
-#: benchmarks/engines.py; OpenVINO's own static int8 missed embedpool's quality bar,
+#: Precisions each runtime runs on the CPU. int8 is a different graph on each: ONNX Runtime's
+#: is embedpool's dynamic MatMulInteger recipe (graph.quantize; OpenVINO runs that one at a
+#: third of its fp32 speed), OpenVINO's the fp32 graph with int8 weights behind
+#: DequantizeLinear (graph.weight_int8; its static int8 missed the quality bar,
 #: benchmarks/openvino_int8.py).
 CPU_PRECISIONS: dict[Runtime, tuple[Precision, ...]] = {
-    "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+    "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "int8", "bf16")}
 INSTALL_HINT = "pip install 'embedpool[openvino]'"
-#: What an OpenVINO worker holds beyond an ONNX Runtime worker of the same fp32 graph: its
-#: libraries and CPU plugin, and the plugin's own copy of the weights beside the frontend's.
-#: Measured with the default model, 1 thread, after 3 x 256 tokens and malloc_trim (AMD EPYC
-#: Zen 3): OpenVINO 2026.4 fp32 294-296 MiB against ONNX Runtime fp32 184 MiB. The pool's
-#: per-worker estimate adds it (pool.pool.engine_memory) until a worker is measured.
-OPENVINO_EXTRA_RSS = 112 * 1024 * 1024
+#: What an OpenVINO worker holds beyond an ONNX Runtime worker of the same precision: its
+#: libraries and CPU plugin, and (fp32, bf16) the plugin's own copy of the weights beside the
+#: frontend's. Measured with the default model, 1 thread, after 3 x 4 x 256 tokens and
+#: malloc_trim (AMD EPYC Zen 3, OpenVINO 2026.4): fp32 294-296 MiB against ONNX Runtime fp32
+#: 184 (one run), 293 against 213 (another); int8 (weight-only, graph.weight_int8) 200 MiB
+#: against ONNX Runtime int8 156. ENABLE_MMAP and CPU_RUNTIME_CACHE_CAPACITY=0 did not
+#: lower it (200 and 244 MiB: an ONNX file is read, not mapped). The pool's per-worker
+#: estimate adds it (executors.pool.pool.engine_memory) until a worker is measured.
+OPENVINO_EXTRA_RSS: dict[Precision, int] = {"fp32": 112 * 1024 * 1024,
+                                             "bf16": 112 * 1024 * 1024,
+                                             "int8": 64 * 1024 * 1024}
 
 
 @dataclass(frozen=True)
@@ -66,8 +72,9 @@ MEASURED: dict[Tier, dict[str, Cell]] = {
                      "AMD EPYC Zen 3, 2 threads: ONNX Runtime fp32 1.09-1.26x OpenVINO fp32 "
                      "on quieter runs"),
         "int8": Cell("onnxruntime", "int8",
-                     "AMD EPYC Zen 3: OpenVINO on embedpool's int8 graph 0.3-0.6x its own "
-                     "fp32; no OpenVINO int8 at embedpool's quality yet"),
+                     "AMD EPYC Zen 3, 2 threads, one run under heavy load: OpenVINO's "
+                     "weight-only int8 0.92x ONNX Runtime int8 (cos 0.9995 to fp32, no faster "
+                     "than OpenVINO fp32 without VNNI)"),
     },
     "avx512_bf16": {
         "auto": Cell("openvino", "bf16",
@@ -184,15 +191,13 @@ def choose(engine: str, precision: str, *, device_kind: str, cpu: CpuFeatures,
     if engine == "openvino":
         if not openvino:
             raise ConfigError(f"engine openvino is not installed: {INSTALL_HINT}")
-        if precision == "int8":
-            raise ConfigError("precision int8 runs on ONNX Runtime (OpenVINO runs embedpool's "
-                              "int8 graph at a third of its fp32 speed); with --engine openvino "
-                              "use fp32" + (" or bf16" if cpu.bf16 else ""))
-        chosen: Precision = "bf16" if precision == "auto" and cpu.bf16 else (
-            "fp32" if precision == "auto" else precision)  # type: ignore[assignment]
+        # auto: bf16 where the CPU has it (fp32-grade vectors), else int8 (weight-only: the
+        # quality bar at a third of fp32's weights in memory), as ONNX Runtime's default
+        chosen: Precision = ("bf16" if cpu.bf16 else "int8") if precision == "auto" else (
+            precision)  # type: ignore[assignment]
         return RuntimeChoice("openvino", chosen, f"--engine openvino, {chosen}"
-                             + (" (the CPU has bf16)" if precision == "auto" and cpu.bf16
-                                else ""))
+                             + ((" (the CPU has bf16)" if cpu.bf16 else " (no bf16 here)")
+                                if precision == "auto" else ""))
     cell = MEASURED[tier][precision]
     if engine == "onnxruntime" or (cell.runtime == "openvino" and not openvino):
         prec: Precision = "int8" if precision == "auto" else precision  # type: ignore[assignment]

@@ -98,15 +98,17 @@ def embed_fp32(request: pytest.FixtureRequest,
     return embedders("fp32", request.param)
 
 
-@pytest.fixture(scope="module")
-def embed_int8(embedders: Callable[[Precision, str], Embed]) -> Embed:
-    return embedders("int8", "onnxruntime")
+@pytest.fixture(scope="module", params=ENGINES)
+def embed_int8(request: pytest.FixtureRequest,
+               embedders: Callable[[Precision, str], Embed]) -> Embed:
+    """int8 on each engine: ONNX Runtime's dynamic recipe, OpenVINO's weight-only int8."""
+    return embedders("int8", request.param)
 
 
-#: fp32 on each engine, int8 on ONNX Runtime (the engine that runs it).
-PRECISION_ENGINES = [
-    *[pytest.param("fp32", p.values[0], marks=p.marks, id=f"fp32-{p.id}") for p in ENGINES],
-    pytest.param("int8", "onnxruntime", id="int8-ort")]
+#: fp32 and int8, each on each engine.
+PRECISION_ENGINES = [pytest.param(precision, p.values[0], marks=p.marks,
+                                  id=f"{precision}-{p.id}")
+                     for precision in ("fp32", "int8") for p in ENGINES]
 
 
 def _cosines(got: Vectors, want: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

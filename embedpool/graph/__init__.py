@@ -224,12 +224,18 @@ def model_precisions(model: ResolvedModel) -> tuple[GraphPrecision, ...]:
     return GRAPH_PRECISIONS
 
 
-def graph_id(model: ResolvedModel, precision: str) -> str:
+def graph_id(model: ResolvedModel, precision: str, runtime: str = "onnxruntime") -> str:
     """The id of the graph ``prepare_onnx`` would run (its cache file's name, without building
     anything): it changes whenever the graph's bytes would, e.g. a new int8 recipe. Part of
     the vector cache's fingerprint. bf16 (OpenVINO's, on the fp32 graph) gets an id of its
-    own: its vectors are not fp32's."""
-    return cache_path(model, precision).stem  # type: ignore[arg-type]
+    own: its vectors are not fp32's; so does OpenVINO's int8 (``graph.weight_int8``: another
+    recipe than ONNX Runtime's)."""
+    stem = cache_path(model, precision).stem  # type: ignore[arg-type]
+    if runtime == "openvino" and precision == "int8":
+        from embedpool.graph.weight_int8 import RECIPE_VERSION
+
+        return f"{stem}-ovw8v{RECIPE_VERSION}"
+    return stem
 
 
 def _family(model: ResolvedModel) -> tuple[ModuleType, Any]:

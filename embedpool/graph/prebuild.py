@@ -153,7 +153,7 @@ class Built:
 
 def build_in_child(model: ResolvedModel, precision: GraphPrecision, emit: Emit = _no_emit, *,
                    cache_dir: Path | None = None, estimate: int | None = None,
-                   available: int | None = None) -> Built:
+                   available: int | None = None, runtime: str = "onnxruntime") -> Built:
     """Build (or wait for another process building) this graph in a child process; emits
     ``graph_build`` as the build starts and enters each stage, ``graph_built`` at the end.
     Raises the child's ModelError/ConfigError as such, BuildKilled if it died by a signal."""
@@ -171,7 +171,7 @@ def build_in_child(model: ResolvedModel, precision: GraphPrecision, emit: Emit =
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         assert proc.stdin is not None and proc.stdout is not None
         try:
-            proc.stdin.write(pickle.dumps((model, precision, target)))
+            proc.stdin.write(pickle.dumps((model, precision, target, runtime)))
             proc.stdin.close()
             for raw in proc.stdout:
                 try:
@@ -231,13 +231,23 @@ def check_runnable(model: ResolvedModel, available: int | None) -> None:
 
 
 def ensure_graph(model: ResolvedModel, precision: GraphPrecision, emit: Emit = _no_emit, *,
-                 max_memory: int | None = None, cache_dir: Path | None = None
-                 ) -> GraphPrecision:
+                 max_memory: int | None = None, cache_dir: Path | None = None,
+                 runtime: str = "onnxruntime") -> GraphPrecision:
     """The precision this run will use, its graph built (in a child process, see the module
     doc) if it was not yet: ``precision``, or fp32 where the int8 build cannot fit the
     memory available or was killed (``graph_fallback``, with a one-line ``message``). A
-    model that cannot run here at any precision is refused first (``check_runnable``)."""
+    model that cannot run here at any precision is refused first (``check_runnable``).
+    ``runtime="openvino"``: the graph OpenVINO reads (``graph.ov_graph``: the standard-op
+    graph where the fused one does not convert; int8 as weight-only int8), no fallback."""
     check_runnable(model, available_memory(max_memory))
+    if runtime == "openvino":
+        from embedpool.graph import ov_graph
+
+        if ov_graph.built(model, precision, cache_dir) is None:
+            build_in_child(model, precision, emit, cache_dir=cache_dir, runtime=runtime,
+                           estimate=build_estimate(model, "fp32"),
+                           available=available_memory(max_memory))
+        return precision
     ready = {p for p in {precision, "fp32"} if built_path(model, p, cache_dir) is not None}
     if precision in ready:
         return precision
@@ -331,7 +341,7 @@ def _child_main() -> int:
         sys.stdout.write(json.dumps(msg) + "\n")
         sys.stdout.flush()
 
-    model, precision, cache_dir = pickle.loads(sys.stdin.buffer.read())
+    model, precision, cache_dir, runtime = pickle.loads(sys.stdin.buffer.read())
     stages: list[str] = []
 
     def on_stage(name: str) -> None:
@@ -339,7 +349,12 @@ def _child_main() -> int:
         say({"stage": name})
 
     try:
-        path = prepare_onnx(model, precision, cache_dir, on_stage=on_stage)
+        if runtime == "openvino":  # the graph OpenVINO reads (no openvino import needed)
+            from embedpool.graph.ov_graph import graph_for
+
+            path = graph_for(model, cache_dir, precision)
+        else:
+            path = prepare_onnx(model, precision, cache_dir, on_stage=on_stage)
     except EmbedpoolError as exc:
         say({"error": {"type": type(exc).__name__, "message": str(exc)}})
         return 2

@@ -88,10 +88,11 @@ def engine_memory(spec: Any) -> ModelMemory | None:
         return model_memory(model, precision)
     from embedpool.runtimes import OPENVINO_EXTRA_RSS
 
-    # OpenVINO reads the fp32 graph (bf16 too) and holds more than ONNX Runtime beside it
-    memory = model_memory(model, "fp32")
+    # OpenVINO reads the fp32 graph (bf16 too; int8: its weights as int8, about as large as
+    # ONNX Runtime's int8 graph) and holds more than ONNX Runtime beside it
+    memory = model_memory(model, "int8" if precision == "int8" else "fp32")
     return None if memory is None else dataclasses.replace(
-        memory, weights=memory.weights + OPENVINO_EXTRA_RSS)
+        memory, weights=memory.weights + OPENVINO_EXTRA_RSS[precision])
 
 
 class Pool:
