@@ -596,6 +596,83 @@ def budget_after_calm(state: BudgetState, planned: int) -> BudgetState:
                                tokens=restored_budget(state.tokens, planned, state.forbidden))
 
 
+#: Time without an out-of-memory failure that counts as calm where a transport has no memory
+#: readings (Ray's cluster, the in-process engine): the local pool's calm period (scaling: 20 s
+#: on the cloud and local profiles).
+BUDGET_CALM_S = 20.0
+
+#: (event name, fields) of a budget change, for the transport to emit.
+BudgetChanges = list[tuple[str, dict[str, Any]]]
+
+
+@dataclass
+class TimedBudget:
+    """``BudgetState`` where calm is time alone (``calm_s`` without an OOM failure): Ray's
+    executor and the in-process one keep one. The local pool keeps the same state in its
+    scaling policy, whose calm is its memory readings'. Each step returns the events that
+    describe it (``scale``, ``emergency``); ``workers`` is only reported in them."""
+
+    planned: int
+    floor: int
+    state: BudgetState
+    calm_s: float = BUDGET_CALM_S
+    calm_since: float = 0.0
+
+    @classmethod
+    def of(cls, planned: int, floor: int, calm_s: float = BUDGET_CALM_S) -> TimedBudget:
+        return cls(planned, min(floor, planned), BudgetState(planned), calm_s)
+
+    @property
+    def tokens(self) -> int:
+        return self.state.tokens
+
+    def after_oom(self, kind: FailureKind, forbid_tokens: int | None, now: float,
+                  workers: int) -> BudgetChanges:
+        """An out-of-memory failure (``Decision.lower_budget`` or ``Blame.lower_budget``)."""
+        old = self.state
+        self.state = budget_after_oom(old, floor=self.floor, killed_tokens=forbid_tokens,
+                                      now=now)
+        self.calm_since = now
+        entered = self.state.emergency and not old.emergency
+        what = (f"emergency mode: {self.state.consecutive_oom} consecutive out-of-memory "
+                "failures, the floor" if entered else "budget halved")
+        forbidden = self.state.forbidden
+        changes: BudgetChanges = []
+        if entered:
+            changes.append(("emergency", {"on": True, "reason": f"{kind}: {what}",
+                                          "reading": None}))
+        changes.append(self._scale(f"{kind}: {what}" + (
+            f"; never again {forbidden} tokens or more" if forbidden else ""), old.tokens,
+            workers))
+        return changes
+
+    def after_success(self, started_at: float | None) -> None:
+        """A batch completed (``budget_after_success``)."""
+        self.state = budget_after_success(self.state, started_at)
+
+    def after_time(self, now: float, workers: int) -> BudgetChanges:
+        """Once per ``calm_s`` without an OOM failure: emergency mode ends, then the budget
+        doubles towards ``planned`` (``budget_after_calm``)."""
+        old = self.state
+        if ((old.tokens >= self.planned and not old.emergency)
+                or now - self.calm_since < self.calm_s):
+            return []
+        self.state = budget_after_calm(old, self.planned)
+        self.calm_since = now
+        why = f"no out-of-memory failure for {self.calm_s:.0f} s"
+        changes: BudgetChanges = []
+        if old.emergency:
+            changes.append(("emergency", {"on": False, "reason": why, "reading": None}))
+        if self.state.tokens != old.tokens:
+            changes.append(self._scale(why, old.tokens, workers))
+        return changes
+
+    def _scale(self, reason: str, old_tokens: int, workers: int) -> tuple[str, dict[str, Any]]:
+        return ("scale", {"action": "hold", "workers_from": workers, "workers_to": workers,
+                          "batch_tokens_from": old_tokens, "batch_tokens_to": self.state.tokens,
+                          "reason": reason, "reading": None})
+
+
 # --- tasks and reassembly -----------------------------------------------------------------
 
 

@@ -559,3 +559,23 @@ def test_exit_kind(said: bool, asked: bool, holding: bool, starting: bool, code:
                    want: str) -> None:
     assert faults.exit_kind(said_leaving=said, asked_to_leave=asked, holding_task=holding,
                             starting=starting, exit_code=code) == want
+
+
+def test_a_timed_budget_lowers_escalates_and_restores_one_step_per_calm_period() -> None:
+    """Ray's and the in-process executor's budget: the same BudgetState steps as the pool's,
+    with calm measured in time, and the events that say so."""
+    b = faults.TimedBudget.of(1024, 256, calm_s=20.0)
+    first = b.after_oom(K.OOM_KILL, 1024, now=100.0, workers=2)
+    assert [n for n, _ in first] == ["scale"] and b.tokens == 512
+    assert first[0][1]["batch_tokens_from"] == 1024 and "never again 1024" in first[0][1]["reason"]
+    second = b.after_oom(K.DEVICE_OOM, None, now=101.0, workers=2)  # one item: no size
+    assert [(n, f.get("on")) for n, f in second] == [("emergency", True), ("scale", None)]
+    assert (b.tokens, b.state.emergency) == (256, True)
+    assert b.after_time(120.0, 2) == []  # 19 s: not calm yet
+    ended = b.after_time(121.0, 2)
+    assert [(n, f.get("on")) for n, f in ended] == [("emergency", False)]  # at the floor
+    assert b.tokens == 256 and b.after_time(140.0, 2) == []
+    raised = b.after_time(141.0, 2)
+    assert [(f["batch_tokens_from"], f["batch_tokens_to"]) for _, f in raised] == [(256, 512)]
+    b.after_success(None)
+    assert b.after_time(200.0, 2) == [] and b.tokens == 512  # 1024 ran out of memory

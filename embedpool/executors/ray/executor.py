@@ -71,7 +71,7 @@ from embedpool.executor import BatchResult, EngineRecipe, ExecutorStats, WorkBat
 from embedpool.executors.ray import cluster
 from embedpool.executors.ray.actors import ActorSet, Slot
 from embedpool.executors.ray.shipping import ship_model
-from embedpool.faults import BudgetState, FailureKind, FaultPolicy, Task
+from embedpool.faults import FailureKind, FaultPolicy, Task
 from embedpool.types import EventCallback, Vectors
 from embedpool.workqueue import WorkQueue
 
@@ -90,9 +90,9 @@ IDLE_POLL_S = 0.02
 #: this only bounds it.
 DEATH_SETTLE_S = 2.0
 #: Time without an out-of-memory failure before the lowered budget is doubled back: the
-#: local pool's calm period (scaling: 20 s on the cloud and local profiles). Ray gives the
-#: driver no memory readings of the cluster, so calm is measured in time alone.
-BUDGET_CALM_S = 20.0
+#: local pool's calm period. Ray gives the driver no memory readings of the cluster, so calm
+#: is measured in time alone (``faults.TimedBudget``).
+BUDGET_CALM_S = faults.BUDGET_CALM_S
 #: The manager loop comes round at least every WAIT_TICK_S, or DEATH_SETTLE_S after a death;
 #: silent for this long, it is stuck (in a Ray call to a GCS that stopped answering, or in an
 #: on_event callback) and ``broken`` says so, which turns a server's /health red. A minute is
@@ -122,10 +122,10 @@ class RayExecutor:
         self._emit = events.Emitter(on_event, log, backend="ray")
         self._wake = threading.Event()
         self._work = WorkQueue(self._wake.set, self._emit, policy)
-        #: The budget after OOM failures (``faults.BudgetState``, the pool's too) and since when
-        #: it has been calm (no OOM, no restore step).
-        self._state = BudgetState(self.budget.tokens)
-        self._calm_since = 0.0
+        #: The budget after OOM failures (``faults.BudgetState``, the pool's too), calm after
+        #: BUDGET_CALM_S without one (Ray gives the driver no memory readings of the cluster).
+        self._oom_budget = faults.TimedBudget.of(self.budget.tokens, self.budget.floor,
+                                                 BUDGET_CALM_S)
         self._closing = False
         self._last_pass = time.monotonic()  # when the manager loop last came round
         self._grace_deadline = float("inf")
@@ -152,7 +152,7 @@ class RayExecutor:
             self._disconnect()
             raise
         self._emit(events.POOL_START, workers=self.min_actors, threads=self._threads,
-                   batch_tokens=self._state.tokens, max_workers=self.max_actors,
+                   batch_tokens=self._oom_budget.tokens, max_workers=self.max_actors,
                    budget_floor=self.budget.floor, budget_reason=self.budget.reason)
         self._thread = threading.Thread(target=self._manage, name="embedpool-ray-manager",
                                         daemon=True)
@@ -174,9 +174,9 @@ class RayExecutor:
         workers = self._actors.snapshot if self._actors is not None else ()
         return ExecutorStats.of(self._work.counters, backend="ray", workers=workers,
                                 target_workers=len(workers), max_workers=self.max_actors,
-                                threads=self._threads, batch_tokens=self._state.tokens,
+                                threads=self._threads, batch_tokens=self._oom_budget.tokens,
                                 queued=self._work.queued_batches,
-                                emergency=self._state.emergency)
+                                emergency=self._oom_budget.state.emergency)
 
     @property
     def broken(self) -> str | None:
@@ -287,7 +287,7 @@ class RayExecutor:
             free = [s for s in actors.slots if s.has_room()]
             if not free:
                 return
-            task = self._work.next_task(self._state.tokens)
+            task = self._work.next_task(self._oom_budget.tokens)
             if task is None:
                 return
             slot = min(free, key=lambda s: len(s.inflight))
@@ -315,7 +315,7 @@ class RayExecutor:
         actors.forget(slot, ref)
         if self._work.complete(task, rows):
             slot.batches_done += 1
-            self._state = faults.budget_after_success(self._state, started)
+            self._oom_budget.after_success(started)
 
     def _fail(self, task: Task, kind: FailureKind, error: str) -> None:
         decision = self._work.fail(task, kind, error)
@@ -328,42 +328,21 @@ class RayExecutor:
                              "device fallback; run its actors on the CPU")
 
     def _lower_budget(self, kind: FailureKind, forbid_tokens: int | None) -> None:
-        old = self._state
-        now = time.monotonic()
-        self._state = faults.budget_after_oom(old, floor=self.budget.floor,
-                                              killed_tokens=forbid_tokens, now=now)
-        self._calm_since = now
-        forbidden = self._state.forbidden
-        what = (f"emergency mode: {self._state.consecutive_oom} consecutive out-of-memory "
-                f"failures, the floor" if self._state.emergency and not old.emergency
-                else "budget halved")
-        if self._state.emergency and not old.emergency:
-            self._emit(events.EMERGENCY, on=True, reason=f"{kind}: {what}", reading=None)
-        self._scale_event(f"{kind}: {what}" + (
-            f"; never again {forbidden} tokens or more" if forbidden else ""), old.tokens)
+        self._emit_all(self._oom_budget.after_oom(kind, forbid_tokens, time.monotonic(),
+                                                  self._workers()))
 
     def _maybe_restore(self) -> None:
-        """After ``BUDGET_CALM_S`` without an OOM failure (Ray gives the driver no memory
-        readings of the cluster): emergency mode ends and the budget doubles, once per calm
-        period, up to the plan's but never to a size that ran out of memory."""
-        old = self._state
-        now = time.monotonic()
-        if ((old.tokens >= self.budget.tokens and not old.emergency)
-                or now - self._calm_since < BUDGET_CALM_S):
-            return
-        self._state = faults.budget_after_calm(old, self.budget.tokens)
-        self._calm_since = now
-        if old.emergency:
-            self._emit(events.EMERGENCY, on=False, reading=None,
-                       reason=f"no out-of-memory failure for {BUDGET_CALM_S:.0f} s")
-        if self._state.tokens != old.tokens:
-            self._scale_event(f"no out-of-memory failure for {BUDGET_CALM_S:.0f} s", old.tokens)
+        """After ``BUDGET_CALM_S`` without an OOM failure: emergency mode ends, then the
+        budget doubles, once per calm period, up to the plan's but never to a size that ran
+        out of memory (``faults.TimedBudget``)."""
+        self._emit_all(self._oom_budget.after_time(time.monotonic(), self._workers()))
 
-    def _scale_event(self, reason: str, old_tokens: int) -> None:
-        n = len(self._actors.slots) if self._actors is not None else 0
-        self._emit(events.SCALE, action="hold", workers_from=n, workers_to=n,
-                   batch_tokens_from=old_tokens, batch_tokens_to=self._state.tokens,
-                   reason=reason, reading=None)
+    def _workers(self) -> int:
+        return len(self._actors.slots) if self._actors is not None else 0
+
+    def _emit_all(self, changes: faults.BudgetChanges) -> None:
+        for name, fields in changes:
+            self._emit(name, **fields)
 
     def _actor_died(self, actors: ActorSet, slot: Slot, exc: BaseException,
                     kind: FailureKind | None, hung: str = "") -> None:
