@@ -22,8 +22,10 @@ def fast_config(**overrides: Any) -> PoolConfig:
     return PoolConfig(**base)
 
 
-def clean_real_run(texts: list[str], max_tokens: int | None = None) -> tuple[Any, Any, Any]:
-    """(EngineSpec of the default model at its default precision, 1 thread; the token
+def clean_real_run(texts: list[str], max_tokens: int | None = None,
+                   runtime: str = "onnxruntime") -> tuple[Any, Any, Any]:
+    """(EngineSpec of the default model at its default precision (int8), 1 thread, on
+    ``runtime`` (ONNX Runtime or OpenVINO, tests/engines.py); the token
     sequences of ``texts``; their vectors from one clean in-process engine): what the
     real-model pool tests compare a faulty pool run against. int8 is static, so a vector does
     not depend on its batch mates (test_graph checks >= 0.99999): the batch splits and
@@ -35,7 +37,7 @@ def clean_real_run(texts: list[str], max_tokens: int | None = None) -> tuple[Any
     from embedpool.tokenization import TextTokenizer
 
     model = resolve_model()
-    spec = EngineSpec(model, threads=1)
+    spec = EngineSpec(model, threads=1, runtime=runtime)  # type: ignore[arg-type]
     engine = spec.build()
     seqs = TextTokenizer(model.tokenizer_path, max_tokens or model.max_length).encode(
         texts).sequences

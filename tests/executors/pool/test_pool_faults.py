@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+from engines import ENGINES
 from polling import wait_until
 from pool_support import DEADLINE_S, EventLog, clean_real_run, fast_config
 
@@ -354,10 +355,12 @@ def test_parent_killed_with_sigkill_leaves_no_workers(start_method: str) -> None
 # --- the real model ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def real_model() -> Any:
+@pytest.fixture(scope="module", params=ENGINES)
+def real_model(request: pytest.FixtureRequest) -> Any:
+    """The real engine on each runtime (tests/engines.py): the faults are the pool's, the
+    engine under them a parameter."""
     return clean_real_run([f"def f{i}(x):\n    return x * {i} + {i % 7}  # chunk {i}"
-                           for i in range(400)])
+                           for i in range(400)], runtime=request.param)
 
 
 @pytest.mark.slow
