@@ -344,18 +344,20 @@ def main() -> None:
                   f"{e['peak_rss'] / s['peak_rss']:.2f}x memory")
     if args.rss:
         print("\npeak tree RSS, embedpool (workers x threads):")
-        rss = {}
+        rss: dict[tuple[int, int], dict[str, float]] = {}
         few = work / f"texts-{args.rss_chunks}x{args.tokens}.json"
         few.write_text(json.dumps(json.loads(texts.read_text())[:args.rss_chunks]))
         for workers, threads in ((1, 1), (2, 1), (1, 2)):
             r = run(PROJECT_PYTHON, "embedpool", model_dir, few, threads, workers, env)
-            rss[(workers, threads)] = r["peak_pss"]
+            rss[(workers, threads)] = r
             print(f"  {workers} x {threads}: PSS {r['peak_pss'] / 2**20:.0f} MiB, RSS "
                   f"{r['peak_rss'] / 2**20:.0f} MiB, "
                   f"{r['chunks'] / r['cpu_s']:.3f} chunks/CPU s, "
                   f"{r['chunks'] / r['wall_s']:.3f} chunks/s", flush=True)
-        print(f"  peak tree PSS, 2 workers / 1 worker: {rss[(2, 1)] / rss[(1, 1)]:.2f}x; "
-              f"1 worker x 2 threads / 1 x 1: {rss[(1, 2)] / rss[(1, 1)]:.2f}x")
+        for key, what in (("peak_pss", "PSS"), ("peak_rss", "RSS")):
+            print(f"  peak tree {what}, 2 workers / 1 worker: "
+                  f"{rss[(2, 1)][key] / rss[(1, 1)][key]:.2f}x; 1 worker x 2 threads / 1 x 1: "
+                  f"{rss[(1, 2)][key] / rss[(1, 1)][key]:.2f}x")
 
 
 if __name__ == "__main__":
