@@ -188,6 +188,9 @@ class Member:
         self.planned = planned
         self.metrics = metrics
         self.normalize_windows = normalize_windows
+        #: Unique among the registry's models (its plans and metrics): the name, unless an
+        #: embedder and a reranker share it (then "name (kind)").
+        self.key = name
         self.runtime = Runtime()
         self.state: State = "unloaded"
         self.inflight = 0
@@ -219,12 +222,12 @@ class Member:
 
     def readings(self) -> ModelReadings:
         batcher = self.runtime.batcher
-        return ModelReadings(self.name, self.state, batcher.stats() if batcher else None,
+        return ModelReadings(self.key, self.state, batcher.stats() if batcher else None,
                              self.pool_stats(), self.closed_counts)
 
     def resident(self) -> Resident:
         busy = self.inflight + (1 if self.state in ("loading", "unloading") else 0)
-        return Resident(self.name, self.planned, busy, self.last_used, self.keep_alive_s)
+        return Resident(self.key, self.planned, busy, self.last_used, self.keep_alive_s)
 
     async def start(self) -> None:
         rt = self.runtime
@@ -321,13 +324,15 @@ class ModelRegistry:
                                        r, metrics) for r in rerankers]
         #: Every model: the embedders, then the rerankers.
         self.members: list[Member] = [*self.slots, *self.rerankers]
-        seen: dict[str, Member] = {}
-        for m in self.members:
-            first = seen.setdefault(m.name, m)
-            if first is not m:
-                raise ConfigError(f"two models are both named {m.name!r} "
-                                  f"({first.model.directory} and {m.model.directory}): "
-                                  "each model served needs its own name")
+        # An embedder and a reranker may share a name (each kind's routes pick among their
+        # own); the registry, its plans and the metrics' label tell them apart by key.
+        keys: set[str] = set()
+        for i, m in enumerate(self.members):
+            if m.key in keys:
+                m.key = f"{m.name} ({m.kind})"
+            if m.key in keys:
+                m.key = f"{m.name} ({m.kind} {i})"
+            keys.add(m.key)
         self.default = self.slots[0]
         #: Bytes for all models; one model alone is never held to it (nothing to make room
         #: for: it loads as a single-model server always did).
@@ -488,8 +493,8 @@ class ModelRegistry:
             slot.loading = None
             self._changed.set()
 
-    def _slot(self, name: str) -> Member:
-        return next(s for s in self.members if s.name == name)
+    def _slot(self, key: str) -> Member:
+        return next(s for s in self.members if s.key == key)
 
     async def _unload(self, slot: Member) -> None:
         """Stop an idle model (the caller checked it idle with no await since)."""
