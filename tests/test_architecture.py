@@ -10,6 +10,8 @@ The import graph is what runs when a module is imported: its module-level import
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from functools import cache
 from pathlib import Path
@@ -147,3 +149,16 @@ def test_every_module_has_a_docstring_that_states_its_role() -> None:
         if doc is None or len(doc.strip()) < MIN_DOCSTRING_CHARS:
             missing.append(name)
     assert missing == [], f"modules without a docstring stating their role: {missing}"
+
+
+def test_a_pools_parent_does_not_import_onnxruntime() -> None:
+    """The parent of a pool resolves the model, builds the engine recipe and pickles it for
+    its workers without onnxruntime (its import delayed the first worker's start and cost the
+    parent's RSS); the engine imports it where a session is made."""
+    code = ("import pickle, sys\n"
+            "import embedpool.cli, embedpool.job, embedpool.placement, embedpool.engine\n"
+            "from embedpool.models import resolve_model\n"
+            "from embedpool.placement import engine_recipe\n"
+            "pickle.dumps(engine_recipe(resolve_model(), 'int8', 1))\n"
+            "assert 'onnxruntime' not in sys.modules, 'onnxruntime imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
