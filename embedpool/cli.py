@@ -339,7 +339,7 @@ def bench(chunks: int, batch_size: int | None, model: str, precision: str, engin
           input_path: Path | None, peer_python: str | None, as_json: bool) -> None:
     """Benchmark on a deterministic corpus of Python standard-library source chunks."""
     from embedpool.bench import BenchConfig, run_bench
-    from embedpool.device import resolve_device
+    from embedpool.device_choice import resolve_device
 
     w, pool_opts = _pool_args(workers, threads, profile, max_memory)
     cfg = BenchConfig(chunks=chunks, batch_size=batch_size, model=model, precision=precision,
@@ -447,7 +447,7 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
            device: str, cpu_workers: int | None) -> None:
     """Print what embedpool detects about this machine (cores, memory, GPUs) and how it
     would run here."""
-    from embedpool.device import DeviceRequest, decide_device, detect_facts, parse_device
+    from embedpool.device_choice import DeviceRequest, decide_device, detect_facts, parse_device
     from embedpool.doctor import render_devices, render_doctor
     from embedpool.executors.pool.limits import detect_limits
     from embedpool.executors.pool.plan import plan

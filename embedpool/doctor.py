@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from embedpool.config import format_bytes
-from embedpool.device import DeviceFacts
+from embedpool.device_choice import DeviceFacts
 from embedpool.executors.pool.machine import Limits
 from embedpool.executors.pool.plan import Plan
 from embedpool.executors.pool.scaling import LOOKAHEAD_STEPS, SAMPLE_INTERVAL_S

@@ -167,7 +167,7 @@ class Embedder:
                  on_event: EventCallback | None = None, engine: Any = None,
                  lazy: bool = False, device: str = "auto",
                  cpu_workers: int | None = None, runtime: str | None = None) -> None:
-        from embedpool.device import DevicePlan, parse_device
+        from embedpool.device_choice import DevicePlan, parse_device
 
         if long_text not in ("truncate", "window"):
             raise ConfigError(f"long_text must be 'truncate' or 'window', got {long_text!r}")

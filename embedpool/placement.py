@@ -4,7 +4,7 @@ executor that runs there.
 ::
 
     place(model, device="auto", precision="auto", cpu_workers=None, batch_tokens=None)
-        device.resolve_device ──> DevicePlan (cpu, or the GPUs)        DeviceError: exit 2
+        device_choice.resolve_device ─> DevicePlan (cpu, or the GPUs)        DeviceError: exit 2
         precision_for         ──> int8 on the CPU, fp16 on a GPU (fp32 runs on both)
         runtimes.choose       ──> the CPU's runtime (--engine: ONNX Runtime or OpenVINO) and
                                   precision, from the measured table for its feature set
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from embedpool.budget import BatchBudget, batch_budget
-from embedpool.device import DevicePlan, DeviceRequest, resolve_device
+from embedpool.device_choice import DevicePlan, DeviceRequest, resolve_device
 from embedpool.errors import ConfigError, DeviceError, ModelError
 from embedpool.executor import Executor
 from embedpool.executors.pool.gpuplan import (

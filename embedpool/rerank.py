@@ -362,7 +362,7 @@ class Reranker:
                  on_event: EventCallback | None = None, engine: Any = None,
                  lazy: bool = False, device: str = "cpu",
                  instruction: str | None = None) -> None:
-        from embedpool.device import DevicePlan, parse_device
+        from embedpool.device_choice import DevicePlan, parse_device
         from embedpool.placement import place, prepare_graphs
 
         self.model = model if isinstance(model, ResolvedModel) else resolve_model(model)

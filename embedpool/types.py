@@ -14,7 +14,7 @@ Vectors = npt.NDArray[np.float32]
 #: One tokenised sequence, special tokens included, never longer than the model's max length.
 TokenIds = npt.NDArray[np.int32]
 
-#: int8 runs on the CPU only, fp16 on a GPU only (embedpool.device), fp32 on both; bf16 on a
+#: int8 runs on the CPU only, fp16 on a GPU only (embedpool.device_choice), fp32 on both; bf16 on a
 #: CPU with avx512_bf16 or AMX, in OpenVINO (embedpool.runtimes).
 Precision = Literal["fp32", "int8", "fp16", "bf16"]
 #: The inference runtime behind ``engine.EngineSpec`` (embedpool.runtimes chooses it).

@@ -32,7 +32,7 @@ from embedpool.budget import (
     BatchBudget,
     batch_budget,
 )
-from embedpool.device import DevicePlan, DeviceRequest
+from embedpool.device_choice import DevicePlan, DeviceRequest
 from embedpool.errors import ConfigError
 from embedpool.executors.pool.machine import Limits
 from embedpool.executors.pool.plan import plan

@@ -193,7 +193,7 @@ def test_models_and_doctor_commands() -> None:
 
 
 def _no_gpu_package() -> bool:
-    from embedpool.device import installed_ort_distributions
+    from embedpool.device_choice import installed_ort_distributions
 
     return all(n != "onnxruntime-gpu" for n, _ in installed_ort_distributions())
 

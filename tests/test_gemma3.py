@@ -267,7 +267,7 @@ def test_no_fp16_graph_and_a_gpu_runs_fp32(fx: Fixture, tmp_path: Path) -> None:
     """EmbeddingGemma's card: its activations do not support float16. No fp16 graph is built
     (the refusal says why); a GPU placement under ``auto`` runs fp32 and an explicit fp16 is
     refused before any work."""
-    from embedpool.device import DevicePlan, DeviceRequest, Gpu
+    from embedpool.device_choice import DevicePlan, DeviceRequest, Gpu
     from embedpool.errors import ConfigError
     from embedpool.graph import model_precisions
     from embedpool.placement import place

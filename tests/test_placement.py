@@ -10,7 +10,7 @@ import pytest
 
 from embedpool.budget import GPU_MAX_BATCH_ITEMS, GPU_MAX_BATCH_TOKENS
 from embedpool.cache import VectorCache, text_key
-from embedpool.device import DevicePlan, DeviceRequest, Gpu
+from embedpool.device_choice import DevicePlan, DeviceRequest, Gpu
 from embedpool.errors import ConfigError, DeviceError
 from embedpool.graph import graph_id
 from embedpool.job import Embedder
@@ -108,7 +108,7 @@ def test_vectors_are_cached_under_the_graph_that_made_them(tmp_path: Path) -> No
 
 
 def test_doctor_shows_the_gpus_their_memory_the_driver_and_the_plan() -> None:
-    from embedpool.device import DeviceFacts
+    from embedpool.device_choice import DeviceFacts
     from embedpool.doctor import render_devices
 
     facts = DeviceFacts(distributions=(("onnxruntime-gpu", "1.26.0"),), driver="570.86.15",

@@ -1,6 +1,6 @@
 """How the pool uses GPUs and many cores: pure functions from what is there to a plan.
 
-Nothing here reads the machine; ``doctor``, the CLI and the library detect (``device``,
+Nothing here reads the machine; ``doctor``, the CLI and the library detect (``device_choice``,
 ``limits``) and ask. Table-tested in ``tests/executors/pool/test_gpuplan.py`` for 4, 16, 64 and 96 cores
 and 1-4 GPUs::
 
@@ -166,7 +166,7 @@ def gpu_batch_tokens(free_bytes: int | None, shape: ModelShape) -> tuple[int, st
 
 @dataclass(frozen=True)
 class GpuInput:
-    """One GPU as the planner needs it (``device.Gpu`` has these fields and more)."""
+    """One GPU as the planner needs it (``device_choice.Gpu`` has these fields and more)."""
 
     index: int
     name: str

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from embedpool.device import (
+from embedpool.device_choice import (
     ORT_DISTRIBUTIONS,
     DeviceFacts,
     DeviceRequest,

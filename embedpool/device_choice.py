@@ -1,4 +1,6 @@
 """Which device runs the model: what is installed and present, and the decision from that.
+(Named for the choice: the executor that runs one pool per chosen GPU is
+``executors/devices.py``.)
 
 ::
 
