@@ -513,6 +513,16 @@ def next_hang_check(policy: FaultPolicy, running: list[Running]) -> float | None
                 for r in running), default=None)
 
 
+def wait_s(policy: FaultPolicy, running: list[Running], now: float,
+           due: list[float | None], cap: float) -> float:
+    """How long a transport's manager may block now (the pool's ``wait``, Ray's
+    ``ray.wait``): until the hang rule next changes its answer (``next_hang_check``) or the
+    transport's own next due time (``due``; None: none), at most ``cap``, never negative.
+    Results and deaths wake it earlier."""
+    times = [t for t in (*due, next_hang_check(policy, running)) if t is not None]
+    return max(0.0, min(cap, min(times, default=now + cap) - now))
+
+
 # --- the token budget after an OOM ----------------------------------------------------------
 
 

@@ -579,3 +579,13 @@ def test_a_timed_budget_lowers_escalates_and_restores_one_step_per_calm_period()
     assert [(f["batch_tokens_from"], f["batch_tokens_to"]) for _, f in raised] == [(256, 512)]
     b.after_success(None)
     assert b.after_time(200.0, 2) == [] and b.tokens == 512  # 1024 ran out of memory
+
+
+def test_one_wait_for_every_manager() -> None:
+    """The pool's and Ray's managers block until the hang rule or their own next due time."""
+    policy = FaultPolicy(hang_base_s=10.0, hang_per_token_s=0.0, hang_warn_fraction=0.5)
+    running = [faults.Running("a", 100.0, 0, False)]  # warn at 105
+    assert faults.wait_s(policy, running, 101.0, [None, 200.0], cap=30.0) == 4.0
+    assert faults.wait_s(policy, running, 101.0, [102.5], cap=30.0) == 1.5
+    assert faults.wait_s(policy, [], 101.0, [None], cap=1.0) == 1.0  # nothing due: the cap
+    assert faults.wait_s(policy, [], 101.0, [50.0], cap=1.0) == 0.0  # overdue: never negative

@@ -194,15 +194,12 @@ class Manager:
             due.append(self._spawn_not_before)
         if self.config.status_interval_s:
             due.append(self._next_status)
-        hang = faults.next_hang_check(self.work.policy, self._running())
-        if hang is not None:
-            due.append(hang)
         for w in self._workers.values():
             if w.state == "starting":
                 due.append(w.started + self.config.start_timeout_s)
             elif w.state == "leaving":
                 due.append(w.leave_asked_at + self.config.leave_timeout_s)
-        return min(MAX_WAIT_S, max(0.0, min(due) - now))
+        return faults.wait_s(self.work.policy, self._running(), now, list(due), MAX_WAIT_S)
 
     def _handle_ready(self, ready: list[Any]) -> None:
         by_conn = {id(w.conn): w for w in self._workers.values()}

@@ -270,14 +270,10 @@ class RayExecutor:
 
     def _wait_timeout(self, actors: ActorSet) -> float:
         now = time.monotonic()
-        due = [now + WAIT_TICK_S, self._grace_deadline]
-        for t in (faults.next_hang_check(self._work.policy, self._running(actors)),
-                  actors.next_restart):
-            if t is not None:
-                due.append(t)
+        due: list[float | None] = [self._grace_deadline, actors.next_restart]
         if any(s.has_room() for s in actors.slots) and not self._work.queued_tasks:
             due.append(now + IDLE_POLL_S)  # a submit cannot wake ray.wait
-        return max(0.0, min(due) - now)
+        return faults.wait_s(self._work.policy, self._running(actors), now, due, WAIT_TICK_S)
 
     def _dispatch(self, actors: ActorSet) -> None:
         """Fill every ready actor up to its room, least loaded first. A suspect task
