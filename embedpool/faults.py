@@ -56,9 +56,27 @@ Why one rule each, where the two backends used to disagree:
 - Recycling (``recycle``) is the local pool's: a Ray actor reports no RSS to the driver.
 - After an OOM the budget is halved (not below the floor), doubled back after a calm period,
   and never restored to a size that was killed (Ray kept the halved budget for the whole run);
-  two in a row enter emergency mode at the floor (Ray only halved again). One state for both
-  (``BudgetState``). "Calm" is the scaling policy's memory calm on the local pool, and time
-  without an OOM on Ray, which has no memory readings of the cluster.
+  two in a row enter emergency mode at the floor (Ray only halved again); the first calm
+  period in emergency mode only ends it. One state for every backend (``BudgetState``).
+  "Calm" is the scaling policy's memory calm on the local pool, and time without an OOM
+  (``TimedBudget``) on Ray, which has no memory readings of the cluster, and in process.
+
+Every rule as the backends use it::
+
+    rule                  pool manager              Ray executor / actors      device executor
+    decide                WorkQueue.fail            WorkQueue.fail             (members decide)
+    blame                 one task or none          up to two tasks            -
+    exit_kind             sentinel: left/start/...  - (Ray reports deaths)     -
+    start_failure         _on_start_failure         ActorSet.on_started        -
+    start_interrupted     via exit_kind             -                          -
+    budget_after_*        scaling (memory calm)     TimedBudget (time calm)    (members' own)
+    hang_verdicts,wait_s  check_deadlines, wait     _check_deadlines, wait     -
+    recycle               _maybe_recycle            - (no RSS reported)        -
+    falls_back            -                         -                          _settle
+    device_start          -                         -                          start
+
+The in-process executor uses ``decide`` (WorkQueue) and ``TimedBudget``; it has no worker to
+lose, and breaks with ``DeviceLost`` when its GPU is lost.
 
 Also here: the task record every backend moves (``Task``: some positions of one batch), the
 reassembly of a batch from its pieces (``Assembly``), cutting a task to a token budget, the hang
