@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
+from engines import ENGINES
 from family_support import (
     CLI,
     F32,
@@ -36,6 +37,7 @@ from family_support import (
     cosines,
     embed,
     embedder_matches_reference,
+    encode,
     encoder_graph,
     golden,
     jsonl,
@@ -48,6 +50,7 @@ from family_support import (
     serve_matches_reference,
 )
 
+from embedpool.engine import Engine
 from embedpool.errors import ModelError
 from embedpool.graph import _family, prepare_onnx
 from embedpool.graph.compose import compose
@@ -67,6 +70,24 @@ def fx(request: pytest.FixtureRequest) -> Fixture:
 @pytest.fixture(scope="module")
 def graphs(fx: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return prepare_graphs(fx.model, tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engines(request: pytest.FixtureRequest, fx: Fixture, graphs: dict[str, Path],
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Engine]:
+    """The fixture's fp32 and int8 engines on each runtime (tests/engines.py): ONNX Runtime
+    on the graphs above; OpenVINO on the graphs it reads (graph.ov_graph: the standard-op
+    graph, GroupQueryAttention and RotaryEmbedding do not convert; int8: its weight-only
+    int8 form)."""
+    if request.param == "onnxruntime":
+        return {p: Engine.for_model(graphs[p], fx.model, threads=1) for p in ("fp32", "int8")}
+    from embedpool.engine import EngineSpec
+    from embedpool.engine_openvino import OpenVinoEngine, graph_for
+
+    cache = tmp_path_factory.mktemp("ov")
+    return {p: OpenVinoEngine.for_spec(EngineSpec(fx.model, p, 1, runtime="openvino"),
+                                       graph_for(fx.model, cache, p))
+            for p in ("fp32", "int8")}
 
 
 def query_sequences(fx: Fixture) -> list[Any]:
@@ -93,26 +114,26 @@ def test_tokens_match_the_reference_tokenizer(fx: Fixture) -> None:
     assert all(ends_with_eos) if fx.model.config["model_type"] == "qwen3" else not any(ends_with_eos)
 
 
-def test_fp32_matches_reference_in_a_padded_batch(fx: Fixture, graphs: dict[str, Path]) -> None:
+def test_fp32_matches_reference_in_a_padded_batch(fx: Fixture,
+                                                   engines: dict[str, Engine]) -> None:
     """One-token texts padded next to a 325-token one (the reference padded Qwen3 on the
     left, as its tokenizer_config says; embedpool pads right: the same vectors)."""
     assert min(map(len, fx.input_ids)) <= 2 and max(map(len, fx.input_ids)) > 300
-    cos = cosines(embed(fx.model, graphs["fp32"], fx.texts), fx.vectors)
+    cos = cosines(engines["fp32"].embed(encode(fx.model, fx.texts)), fx.vectors)
     assert cos.min() >= 0.9999, cos
 
 
-def test_query_prompt_matches_reference(fx: Fixture, graphs: dict[str, Path]) -> None:
+def test_query_prompt_matches_reference(fx: Fixture, engines: dict[str, Engine]) -> None:
     """The card's code-search instruction as the ``query`` prompt, resolved by name."""
     assert "code" in dict(fx.model.text.prompts)["query"]
-    cos = cosines(embed_sequences(fx, graphs["fp32"], query_sequences(fx)), fx.query_vectors)
+    cos = cosines(engines["fp32"].embed(query_sequences(fx)), fx.query_vectors)
     assert cos.min() >= 0.9999, cos
 
 
-def test_int8_matches_reference(fx: Fixture, graphs: dict[str, Path]) -> None:
+def test_int8_matches_reference(fx: Fixture, engines: dict[str, Engine]) -> None:
     """issue 11's int8 bar against the reference: mean >= 0.99, every vector >= 0.97."""
-    for got, want in ((embed(fx.model, graphs["int8"], fx.texts), fx.vectors),
-                      (embed_sequences(fx, graphs["int8"], query_sequences(fx)),
-                       fx.query_vectors)):
+    for got, want in ((engines["int8"].embed(encode(fx.model, fx.texts)), fx.vectors),
+                      (engines["int8"].embed(query_sequences(fx)), fx.query_vectors)):
         meets_bar(cosines(got, want), "int8")
 
 
