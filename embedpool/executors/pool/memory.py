@@ -2,7 +2,8 @@
 (``tests/executors/pool/test_worker_memory.py``).
 
 A worker's peak RSS is its runtime, its graph's weights and the activations of one batch of
-the budget (``worker_mem_estimate``); ``plan.plan`` divides the memory it may use by it, and
+the budget (``worker_mem_estimate``); ``plan.plan`` divides the memory it may use by it (the
+weights counted once where the workers share them: ``shared_weight_bytes``), and
 the manager's recycle rule (``faults.recycle_limit``) allows one batch's activations
 (``activation_estimate``) above a worker's size when ready.
 """
@@ -60,6 +61,12 @@ class ModelMemory:
     #: family); else a constant, 0 for FlashAttention and 3 x the half-window for block-local
     #: attention (the rotary families: memory linear in seq, not quadratic).
     score_keys: int | None
+    #: The graph's weights are a memory-mapped side file (``graph.external``, graphs above
+    #: its ``EXTERNAL_MIN_BYTES``) that every worker maps from one page cache: counted once
+    #: for the pool (``shared_weight_bytes``), not once per worker. Measured at
+    #: Qwen3-Embedding-0.6B's int8 shape (benchmarks/decoders.py --rss): a second worker
+    #: added its runtime and activations only.
+    shared_weights: bool = False
 
     def activations(self, batch_tokens: int) -> int:
         """Activation bytes of the largest batch a worker gets under ``batch_tokens``: the
@@ -91,6 +98,14 @@ def worker_mem_estimate(precision: Precision, batch_tokens: int,
         return WORKER_BASE_RSS.get(precision, WORKER_BASE_RSS["fp32"]) + activation_estimate(
             batch_tokens)
     return RUNTIME_RSS + model.weights + model.activations(batch_tokens)
+
+
+def shared_weight_bytes(model: ModelMemory | None, device: str = "cpu") -> int:
+    """Bytes of ``worker_mem_estimate`` that every CPU worker shares (the mapped weights of
+    ``ModelMemory.shared_weights``): the pool counts them once, and one more worker adds its
+    estimate less them."""
+    return model.weights if model is not None and model.shared_weights and device == "cpu" \
+        else 0
 
 
 #: The supervisor: Python, numpy, the tokenizer, the queues. Counted when plan() is not told

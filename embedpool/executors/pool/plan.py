@@ -20,6 +20,7 @@ from embedpool.executors.pool.memory import (
     SUPERVISOR_BASELINE,
     MiB,
     ModelMemory,
+    shared_weight_bytes,
     worker_mem_estimate,
 )
 from embedpool.types import Precision, Profile
@@ -214,12 +215,15 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
                        SUPERVISOR_BASELINE if pool_used is None else pool_used))
     mem_limit, mem_source, baseline = min(scopes, key=lambda sc: d.mem_stop * sc[0] - sc[2])
     room = d.mem_stop * mem_limit - baseline
-    by_mem = int(room // per_worker)
+    # mapped weights every worker shares: once for the pool, not per worker
+    shared = shared_weight_bytes(model, device)
+    by_mem = int((room - shared) // (per_worker - shared))
     if by_mem < n_max:
         n_max = max(1, by_mem)
         reasons.append(f"max workers {n_max}: ({d.mem_stop:.0%} of {_mib(mem_limit)} "
-                       f"[{mem_source}] - {_mib(baseline)} in use) / "
-                       f"{_mib(per_worker)} per {precision} worker at {bt} tokens"
+                       f"[{mem_source}] - {_mib(baseline)} in use"
+                       + (f" - {_mib(shared)} of weights the workers share" if shared else "")
+                       + f") / {_mib(per_worker - shared)} per {precision} worker at {bt} tokens"
                        + (" (not even one fits: relying on small batches and emergency mode)"
                           if by_mem < 1 else ""))
 
@@ -234,7 +238,8 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
     policy = ProfilePolicy(start_workers=start, max_workers=n_max, mem_stop=d.mem_stop,
                            mem_resume=d.mem_resume, cpu_stop=d.cpu_stop, cpu_resume=d.cpu_resume,
                            threads_per_worker=t, batch_tokens=bt, min_batch_tokens=min_bt,
-                           emergency_exit_s=d.emergency_exit_s, worker_mem_estimate=per_worker,
+                           emergency_exit_s=d.emergency_exit_s,
+                           worker_mem_estimate=per_worker - shared,
                            cpus=all_cpus, adaptive=workers is None)
     return Plan(policy, tuple(reasons))
 

@@ -80,6 +80,7 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
     or None when embedpool does not build its graph (a shipped ONNX file's shape is unknown:
     the default model's constants apply)."""
     from embedpool.executors.pool.memory import ModelMemory
+    from embedpool.graph.external import EXTERNAL_MIN_BYTES
 
     if model.onnx_path is not None or not model.config:
         return None
@@ -100,10 +101,12 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
         cfg = getattr(cfg, "bert", cfg)  # XLM-R wraps BERT's config
         keys, ffn = None, cfg.intermediate_size
     fp32_bytes = 4 * _parameter_count(model.weights_path)
+    weights = int(fp32_bytes * (INT8_WEIGHT_RATIO if precision == "int8" else 1.0))
     return ModelMemory(
-        weights=int(fp32_bytes * (INT8_WEIGHT_RATIO if precision == "int8" else 1.0)),
-        hidden=int(cfg.hidden_size), ffn=int(ffn), heads=int(cfg.num_heads),
-        max_seq=int(model.max_length), score_keys=keys)
+        weights=weights, hidden=int(cfg.hidden_size), ffn=int(ffn), heads=int(cfg.num_heads),
+        max_seq=int(model.max_length), score_keys=keys,
+        # a graph this large is written with its weights mapped from one side file
+        shared_weights=weights > EXTERNAL_MIN_BYTES)
 
 
 def _parameter_count(path: Path) -> int:

@@ -27,7 +27,7 @@ from embedpool.executors.pool.plan import plan
 from embedpool.graph.families.catalog import model_memory
 from embedpool.models import resolve_model
 
-FIXTURES = Path(__file__).parents[1] / "fixtures" / "families"
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "families"
 
 #: fp32 graph bytes of the real models (4 bytes per parameter).
 NOMIC = ModelMemory(weights=523 * 10**6, hidden=768, ffn=2 * 3072, heads=12, max_seq=8192,
@@ -109,3 +109,25 @@ def test_model_memory_reads_the_family_shape(name: str, keys: int | None,
                                                          model.config.get("n_inner", 0)))
     assert 0.9 * model.weights_path.stat().st_size <= fp32.weights <= model.weights_path.stat().st_size
     assert int8.weights < fp32.weights
+
+
+def test_plan_counts_weights_the_workers_share_once() -> None:
+    """A graph whose weights every worker maps from one file (``graph.external``) costs each
+    further worker its runtime and activations only: on 3 GiB and 64 cores, a model with 1 GiB
+    of shared weights is planned more workers than the same model holding them privately,
+    and one more worker is expected to add its estimate less the weights."""
+    limits = Limits(cpus=64, cpus_source="test", memory_bytes=3 * 1024 * MiB,
+                    memory_source="test", profile="cloud", profile_source="test")
+    shared = ModelMemory(weights=1024 * MiB, hidden=1024, ffn=6 * 3072, heads=16, max_seq=512,
+                         score_keys=0, shared_weights=True)
+    private = ModelMemory(**{**shared.__dict__, "shared_weights": False})
+    a, b = plan(limits, mem_used=0, model=shared), plan(limits, mem_used=0, model=private)
+    per = worker_mem_estimate("int8", a.policy.batch_tokens, shared)
+    assert per == worker_mem_estimate("int8", b.policy.batch_tokens, private)
+    room = 0.85 * limits.real_memory_bytes  # the cloud profile's mem_stop
+    assert b.policy.max_workers == int(room // per) < a.policy.max_workers
+    assert a.policy.max_workers == int((room - shared.weights) // (per - shared.weights)) < 32
+    assert a.policy.worker_mem_estimate == per - shared.weights
+    assert b.policy.worker_mem_estimate == per
+    assert any("weights the workers share" in r for r in a.reasons)
+    assert not any("weights the workers share" in r for r in b.reasons)
