@@ -1,6 +1,6 @@
 """The embedding job: texts in, vectors out in input order, through any executor.
 
-    any iterable ──window (64, 128, ... WINDOW_ITEMS items)──▶ prepare.prepare: dedupe,
+    any iterable ──window (16, 32, ... WINDOW_ITEMS items)───▶ prepare.prepare: dedupe,
     (read lazily; the next window is read and prepared     cache lookup, tokenise the misses
      in a background thread while this one runs)                      │
                                                             plan_batches (token budget)
