@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 @click.option("--raw", is_flag=True, help="Logits instead of the model's activation "
                                           "(CrossEncoder.predict's scores).")
 @click.option("--no-documents", is_flag=True, help="Leave the documents' text out of the output.")
+@click.option("--instruction", default=None,
+              help="A causal-LM reranker's task instruction (Qwen3-Reranker's <Instruct>; "
+                   "CrossEncoder's prompt). Default: its template's own.")
 @click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto",
               show_default=True, help="auto: int8 on the CPU.")
 @device_opt
@@ -63,7 +66,7 @@ if TYPE_CHECKING:
 @click.option("--no-cache", is_flag=True)
 def rerank(query: str, documents: tuple[str, ...], inputs: tuple[Path, ...],
            model: str | None, top_n: int | None, raw: bool, no_documents: bool,
-           precision: str, device: str, threads: int | None, workers: str, profile: str,
+           instruction: str | None, precision: str, device: str, threads: int | None, workers: str, profile: str,
            max_memory: str | None, cache_path: Path | None, no_cache: bool) -> None:
     """Rank DOCUMENTS by relevance to QUERY with a cross-encoder, best first (scores as
     sentence-transformers' CrossEncoder gives them); a document too long for the window loses
@@ -97,7 +100,8 @@ def rerank(query: str, documents: tuple[str, ...], inputs: tuple[Path, ...],
 
             cache = VectorCache.open(cache_path)
         reranker = Reranker(model, precision=precision, device=device, threads=threads,
-                            workers=w, pool_options=pool_opts, cache=cache)
+                            workers=w, pool_options=pool_opts, cache=cache,
+                            instruction=instruction)
     except (EmbedpoolError, ConfigError, CacheError) as exc:
         _fail(str(exc), EXIT_USAGE)
     try:

@@ -432,6 +432,13 @@ def test_qwen3_through_the_cli_and_serve(tmp_path: Path) -> None:
     assert [r["index"] for r in out["results"]] == list(np.argsort(-expected, kind="stable"))
     assert max(abs(r["score"] - float(expected[r["index"]])) for r in out["results"]) <= 1e-4
     assert out["truncated"] == [docs.index(max(docs, key=len))]
+    res = subprocess.run([sys.executable, "-m", "embedpool", "rerank", g["queries"][0], *docs,
+                          "-m", str(QWEN3), "--precision", "fp32", "--workers", "0", "--raw",
+                          "--instruction", g["instruction"]],
+                         capture_output=True, text=True, timeout=240, check=False, env=env)
+    assert res.returncode == 0, res.stderr
+    got = {r["index"]: r["score"] for r in json.loads(res.stdout)["results"]}
+    assert max(abs(got[i] - float(x)) for i, x in enumerate(gold["instructed_logits"])) <= 1e-4
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])

@@ -180,11 +180,12 @@ def causal_lm_spec(config: Mapping[str, Any], tdir: Path, logit_cfg: Mapping[str
         raise ModelError(f"{where}: a {config['architectures'][0]} reranker; embedpool scores "
                          f"causal-LM rerankers of {', '.join(sorted(CAUSAL_LM_TYPES))} "
                          f"(Qwen3-Reranker), not model_type {model_type!r}")
-    try:
-        tok = Tokenizer.from_file(str(tdir / "tokenizer.json"))
-    except Exception as exc:
-        raise ModelError(f"{tdir / 'tokenizer.json'}: cannot read the tokenizer: {exc}") from exc
     if logit_cfg is None:  # CrossEncoder's default: the tokens "yes" and "no"
+        try:
+            tok = Tokenizer.from_file(str(tdir / "tokenizer.json"))
+        except Exception as exc:
+            raise ModelError(f"{tdir / 'tokenizer.json'}: cannot read the tokenizer: "
+                             f"{exc}") from exc
         true_id, false_id = tok.token_to_id("yes"), tok.token_to_id("no")
         if true_id is None or false_id is None:
             raise ModelError(f"{tdir}: a causal LM whose tokenizer has no 'yes' and 'no' "
