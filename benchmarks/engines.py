@@ -10,7 +10,8 @@ interleaved round by round so that a shared machine's load hits all of them alik
 round counts:
 
 * ``ort-fp32``, ``ort-int8``: ONNX Runtime on embedpool's fp32 and int8 graphs;
-* ``ov-fp32``: OpenVINO on the fp32 graph; ``ov-bf16`` where the CPU has avx512_bf16 or AMX
+* ``ov-fp32``: OpenVINO on the fp32 graph; ``ov-int8``: OpenVINO's int8 (weight-only int8
+  behind DequantizeLinear, graph.weight_int8); ``ov-bf16`` where the CPU has avx512_bf16 or AMX
   (else listed as not measurable, with the flags it needs);
 * ``ov-int8graph``: OpenVINO on embedpool's int8 graph (dynamic MatMulInteger), to show what
   it makes of it.
@@ -67,6 +68,7 @@ def main() -> int:
     skipped: dict[str, str] = {}
     if openvino_installed():
         specs["ov-fp32"] = EngineSpec(model, "fp32", args.threads, runtime="openvino")
+        specs["ov-int8"] = EngineSpec(model, "int8", args.threads, runtime="openvino")
         if cpu.bf16:
             specs["ov-bf16"] = EngineSpec(model, "bf16", args.threads, runtime="openvino")
         else:
@@ -99,6 +101,7 @@ def main() -> int:
             vectors[name] = np.concatenate(out)
     ref = vectors["ort-fp32"]
     rows = []
+    print(f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'engine':14} {'chunks/s':>9} {'x ort-fp32':>10} {'x ort-int8':>10} "
           f"{'cos mean':>9} {'cos min':>8} {'load s':>7}")
     for name in engines:

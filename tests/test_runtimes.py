@@ -10,14 +10,17 @@ import sys
 import pytest
 
 from embedpool.errors import ConfigError
+from embedpool.models import ResolvedModel
 from embedpool.runtimes import (
     MEASURED,
+    OPENVINO_EXTRA_RSS,
     CpuFeatures,
     choose,
     cpu_features,
     openvino_installed,
     parse_cpuinfo,
 )
+from embedpool.types import Precision, Runtime
 
 ZEN3 = CpuFeatures("AMD EPYC 7B13", frozenset({"fma", "avx", "avx2"}))
 ZEN4 = CpuFeatures("AMD EPYC 9B14", frozenset({"avx2", "avx512f", "avx512_vnni",
@@ -154,3 +157,21 @@ def test_bf16_on_the_cli_refused_by_name_or_run_on_openvino() -> None:
         assert res.returncode == 2
         assert ("avx512_bf16 or amx_bf16" in res.stdout
                 or "openvino" in res.stdout), res.stdout
+
+
+def test_pool_estimate_is_per_engine_and_precision(real_model: ResolvedModel) -> None:
+    """A worker's assumed RSS (until measured): OpenVINO's libraries on top of ONNX Runtime's
+    at each precision, and OpenVINO's int8 (weights kept 8-bit) below its fp32."""
+    from embedpool.engine import EngineSpec
+    from embedpool.executors.pool.pool import engine_memory
+
+    def weights(precision: Precision, runtime: Runtime) -> int:
+        memory = engine_memory(EngineSpec(real_model, precision, runtime=runtime))
+        assert memory is not None
+        return memory.weights
+
+    for precision in ("fp32", "int8"):
+        assert weights(precision, "openvino") - weights(precision, "onnxruntime") == (
+            OPENVINO_EXTRA_RSS[precision])
+    assert weights("int8", "openvino") < weights("fp32", "openvino")
+    assert weights("bf16", "openvino") == weights("fp32", "openvino")
