@@ -373,6 +373,16 @@ def test_qwen3_tied_lm_head(tmp_path: Path) -> None:
     assert np.abs(got - gold["logits"]).max() > 1e-2
 
 
+def test_qwen3_without_lm_head_or_tie_is_refused(tmp_path: Path) -> None:
+    """No lm_head.weight and no tie_word_embeddings: transformers would score with a random
+    lm_head; embedpool names what is missing instead."""
+    copy = qwen3_copy(tmp_path, tie=True)
+    cfg = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    with pytest.raises(ModelError, match=r"no lm_head\.weight"):
+        Reranker(copy, precision="fp32", lazy=True)
+
+
 def test_qwen3_int8_keeps_each_querys_ranking() -> None:
     g, gold = golden("qwen3")
     with Reranker(QWEN3, precision="int8") as r:
