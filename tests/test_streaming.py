@@ -70,6 +70,19 @@ def test_the_job_holds_a_bounded_number_of_texts_whatever_the_input_size() -> No
         assert emb.last_report.chunks == source.n == emb.last_report.embedded
 
 
+def test_the_first_window_is_small_and_windows_double_up_to_the_cap(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first window's vectors are out after FIRST_WINDOW_ITEMS items (a couple of batches),
+    not after a whole window; the windows then double to WINDOW_ITEMS."""
+    monkeypatch.setattr(job, "WINDOW_ITEMS", 4 * job.FIRST_WINDOW_ITEMS)
+    first = job.FIRST_WINDOW_ITEMS
+    source = CountingSource(first * (1 + 2 + 4 + 4 + 4) + 3)
+    with Embedder(engine=FakeEngineSpec(dim=8), batch_tokens=64) as emb:
+        sizes = [len(win.ids) for win in emb.stream(source)]
+    assert first <= 16
+    assert sizes == [first, 2 * first, 4 * first, 4 * first, 4 * first, 3]
+
+
 @pytest.mark.usefixtures("small_windows")
 @pytest.mark.parametrize("ext", [".jsonl", ".npy", ".parquet"])
 def test_ids_stream_beside_their_vectors_in_every_format(tmp_path: Path, ext: str) -> None:
