@@ -183,8 +183,10 @@ def main() -> None:
     ce = results["crossencoder"]
     ce_wall = statistics.median(n / r["wall"] for r in ce)
     ce_cpu = statistics.median(n / r["cpu"] for r in ce)
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{n} pairs ({len(queries)} queries x {len(docs)} stdlib chunks), {args.rounds} "
-          f"rounds, {args.threads} threads, medians; CPU: {cpu_name()}")
+          f"rounds, {args.threads} threads, medians; CPU: {cpu_name()} ({os.cpu_count()} "
+          f"logical); load average at the end {load} (1, 5, 15 min)")
     print(f"{'system':28} {'pairs/s':>9} {'pairs/CPU-s':>12} {'x CE wall':>10} {'x CE CPU':>9}")
     print(f"{'CrossEncoder fp32 (torch)':28} {ce_wall:9.1f} {ce_cpu:12.1f} {1:10.2f} {1:9.2f}")
     reference = ce[0]["scores"]

@@ -104,7 +104,7 @@ def main() -> None:
 
     report("nothing quantised (int8 word table)", ready.model)
     report("every linear (embedders' recipe)", only(lambda lin: True))
-    report("every layer but the last (shipped)",
+    report("cross-encoder recipe (shipped)",
            quantize.quantize_linears(copy.deepcopy(ready.model),
                                      quantize.zero_points(linears, classifier=True)))
     def role_is(role: str) -> Callable[[Linear], bool]:

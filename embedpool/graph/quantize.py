@@ -51,10 +51,11 @@ and prose chunks and 500 docstring -> code pairs from non-stdlib site-packages):
 0.99300 / 0.8151.
 
 Cross-encoders (``zero_points(classifier=True)``, its own cache key): the same recipe but for
-the last encoder layer, which stays float32. The score reads one row of that layer (CLS, or
-the pooled rows) and its rounding reaches the logit unaveraged; measured per role and per
-layer (``benchmarks/rerank_int8_layers.py``), no role dominates and the last layer costs the
-most (CLASSIFIER_FP32_LAYERS). The embedders' graphs are unchanged by it.
+the last two encoder layers (at most half), which stay float32. The score reads one row of
+the last layer (CLS, or the pooled rows), and the last layers' rounding reaches it least
+averaged; measured per role and per layer (``benchmarks/rerank_int8_layers.py``), no role
+dominates, the last layers cost the most (CLASSIFIER_FP32_LAYERS). The embedders' graphs
+are unchanged by it.
 
 Graphs whose node names are unknown (a shipped ``onnx/model.onnx``) get the same recipe on
 every MatMul with a constant 2-D float weight, zero point 128 throughout.
@@ -92,14 +93,16 @@ __all__ = ["CLASSIFIER_FP32_LAYERS", "INT8_ROLES", "PAIR_LIMIT", "ZERO_POINT",
 #: per token, so int8 would save nothing measurable and its error would land on the vector.
 INT8_ROLES: frozenset[LinearRole] = frozenset(
     {"q", "k", "v", "qkv", "attn_out", "ffn_up", "ffn_gate", "ffn_down"})
-#: A cross-encoder's int8 graph keeps its last encoder layer in float32 (every other layer
-#: as above). Measured per layer (``benchmarks/rerank_int8_layers.py`` on
-#: ``benchmarks/rerank.py``'s model, trained encoder weights; 4 queries x 24 stdlib chunks, logits against the fp32 graph, logit spread (std) ~2.4 per query): all layers
-#: int8, Spearman worst 0.987, rms error 0.104; only the last layer int8: rms 0.051 (only the
-#: first: 0.020); every layer but the last: worst 0.993, rms 0.077. The score is one row of
-#: the last layer (CLS, or the pooled rows), whose rounding reaches the logit unaveraged.
-#: No single role dominates (quantising all but one role at a time: worst 0.985-0.993).
-CLASSIFIER_FP32_LAYERS = "last"
+#: A cross-encoder's int8 graph keeps its last encoder layers in float32: this many, at most
+#: half of its layers (every other layer as above). The score is one row of the last layer
+#: (CLS, or the pooled rows): the last layers' rounding reaches it least averaged. Measured
+#: (``benchmarks/rerank_int8_layers.py`` on ``benchmarks/rerank.py``'s model, MiniLM-L6's
+#: trained encoder weights; logits against the fp32 graph, logit std ~2.4 per query): on 8
+#: queries x 24 stdlib chunks, every layer int8: Spearman worst 0.987 (of the first 4), rms
+#: error 0.104; all but the last: worst 0.9896, rms 0.079; all but the last two: worst
+#: 0.9965, rms 0.040. Per group alone (first 4 queries): layer 0 rms 0.020, the last 0.051;
+#: no role dominates (all but one role at a time: worst 0.985-0.993).
+CLASSIFIER_FP32_LAYERS = 2
 #: Activation zero points (uint8). 128 splits the range evenly (inputs of either sign).
 ZERO_POINT = 128
 #: For an input with a ``floor``: 16 measured best of 8/16/32/128 for MiniLM's FFN
@@ -133,12 +136,14 @@ def recipe_key(*, classifier: bool = False) -> dict[str, object]:
 def zero_points(linears: Iterable[Linear], *, classifier: bool = False) -> dict[str, int]:
     """The recipe for a built graph: node name -> activation zero point, for every linear
     whose role is in INT8_ROLES. ``classifier`` (a cross-encoder's graph, whose score reads
-    one row of the last layer): the last encoder layer's linears stay float32 (see
-    CLASSIFIER_FP32_LAYERS)."""
+    one row of the last layer): the last CLASSIFIER_FP32_LAYERS encoder layers' linears (at
+    most half the layers) stay float32."""
     lins = [lin for lin in linears if lin.role in INT8_ROLES]
-    last = max((lin.layer for lin in lins), default=-1) if classifier else -1
+    layers = sorted({lin.layer for lin in lins if lin.layer >= 0})
+    keep = min(CLASSIFIER_FP32_LAYERS, len(layers) // 2) if classifier else 0
+    fp32 = set(layers[len(layers) - keep:]) if keep else set()
     return {lin.node: ZERO_POINT if lin.floor is None else ZERO_POINT_FLOORED
-            for lin in lins if last < 0 or lin.layer != last}
+            for lin in lins if lin.layer not in fp32}
 
 
 def quantize_weight(w: npt.NDArray[np.floating]) -> tuple[Int8, F32]:
