@@ -443,10 +443,12 @@ class ModelRegistry:
         finally:
             slot.inflight -= 1
             slot.last_used = time.monotonic()
-            slot.keep_alive_s = keep_alive_s
+            changed, slot.keep_alive_s = slot.keep_alive_s != keep_alive_s, keep_alive_s
             self._changed.set()
-            if slot.inflight == 0:
-                self._wake.set()  # the reaper plans its next look with this model's expiry
+            if slot.inflight == 0 and (changed or keep_alive_s == 0):
+                # a new keep-alive: the reaper plans its next look again (else its timer,
+                # at most REAP_INTERVAL_S, finds a later expiry by itself)
+                self._wake.set()
 
     async def _load(self, slot: Member) -> None:
         """Make room by the policy, then start ``slot``'s executor (one load at a time)."""
