@@ -350,9 +350,11 @@ def _child_main() -> int:
 
     try:
         if runtime == "openvino":  # the graph OpenVINO reads (no openvino import needed)
-            from embedpool.graph.ov_graph import graph_for
+            from embedpool.graph import ov_graph
 
-            path = graph_for(model, cache_dir, precision)
+            if ov_graph.built(model, precision, cache_dir) is None:
+                on_stage("writing")  # OpenVINO's graph reports no stages of its own
+            path = ov_graph.graph_for(model, cache_dir, precision)
         else:
             path = prepare_onnx(model, precision, cache_dir, on_stage=on_stage)
     except EmbedpoolError as exc:
