@@ -3,7 +3,8 @@ chosen per CPU feature set from measurements, never by guess.
 
 ONNX Runtime is the universal engine (every CPU, and the GPU path); OpenVINO
 (``engine_openvino``, the ``openvino`` extra) is the second one, for what ONNX Runtime's CPU
-provider lacks: a bf16 matrix multiply. ``--engine auto`` looks the CPU's tier up in
+provider lacks: a bf16 matrix multiply; its int8 is weight-only (``graph.weight_int8``: higher
+quality than ONNX Runtime's int8, no faster without VNNI). ``--engine auto`` looks the CPU's tier up in
 ``MEASURED`` (one row per tier, each cell a measurement with its source); a tier or a cell
 with no measurement keeps ONNX Runtime and says so. ``choose`` is a pure function of the
 request, the CPU's flags and whether openvino is installed (tests/test_runtimes.py checks the
