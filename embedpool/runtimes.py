@@ -73,9 +73,9 @@ MEASURED: dict[Tier, dict[str, Cell]] = {
                      "AMD EPYC Zen 3, 2 threads: ONNX Runtime fp32 1.09-1.26x OpenVINO fp32 "
                      "on quieter runs"),
         "int8": Cell("onnxruntime", "int8",
-                     "AMD EPYC Zen 3, 2 threads, one run under heavy load: OpenVINO's "
-                     "weight-only int8 0.92x ONNX Runtime int8 (cos 0.9995 to fp32, no faster "
-                     "than OpenVINO fp32 without VNNI)"),
+                     "AMD EPYC Zen 3, 2 threads, two runs under heavy load: OpenVINO's "
+                     "weight-only int8 0.92-1.02x ONNX Runtime int8 (cos 0.9995 to fp32 "
+                     "against 0.998; no faster than OpenVINO fp32 without VNNI)"),
     },
     "avx512_bf16": {
         "auto": Cell("openvino", "bf16",
