@@ -30,8 +30,9 @@ Steps (each in its own process; this script orchestrates, with the project venv'
    through decoders.py's runner (``Embedder``, one pool worker with ``--threads``
    threads; the hung-worker deadline raised, see ``EMBEDPOOL_RUN``); llama.cpp as
    ``Llama(gguf, embedding=True, pooling_type=LAST, n_threads=t,
-   n_threads_batch=t, n_ctx=n_batch=2,048)`` and ``Llama.embed(chunks, normalize=True)``
-   (it packs sequences into batches of ``n_batch`` tokens), one process, peak RSS from
+   n_threads_batch=t, n_ctx=n_batch=n_ubatch=512)`` (llama-cpp-python's default context;
+   ``LLAMACPP_N_CTX`` sets another) and ``Llama.embed(chunks, normalize=True)`` (it packs
+   sequences into batches of ``n_batch`` tokens), one process, peak RSS from
    ``getrusage`` (llama.cpp maps the GGUF: its pages count once they are touched).
 
 Reported: chunks per CPU second (the measure that holds on a shared machine), chunks per
@@ -41,21 +42,26 @@ wall second, peak RSS, and the ratios embedpool / llama.cpp of the same run. Out
 Building llama-cpp-python here: PyPI has only its sdist (0.3.36, no wheel for this
 platform); ``CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 nice -n 10 pip install
 --no-deps llama_cpp_python-0.3.36.tar.gz`` into the dev venv builds with the system's
-cmake/gcc/ninja: 193 steps, of which ggml and libllama (what embeddings use) took ~40 minutes
-on 2 cores shared at load 10-25; the rest is the multimodal library (``-DLLAVA_BUILD=OFF``
-skips it: embeddings never load it). The measured run used libllama/libggml from that build
-beside the sdist's ``llama_cpp`` package on PYTHONPATH, before pip had finished the rest.
-``diskcache`` (imported by ``llama_cpp.llama``) comes from PyPI.
+cmake/gcc/ninja: 193 steps in ~75 minutes on 2 cores shared at load 10-25 (it installed);
+ggml and libllama (what embeddings use) were done after ~40, the rest is the multimodal
+library (``-DLLAVA_BUILD=OFF`` skips it: embeddings never load it). The measured runs used
+libllama/libggml from that build beside the sdist's ``llama_cpp`` package on PYTHONPATH,
+before pip had finished the rest. ``diskcache`` (imported by ``llama_cpp.llama``) and
+``sentencepiece`` (the converter) come from PyPI.
 
-Measured (one round, ``--chunks 8 --rounds 1 --check 6``; AMD EPYC Zen 3: AVX2, no
-AVX-512, no VNNI; 2 cores shared, load 14-24, so wall speeds mean little): chunks per CPU
-second, embedpool int8 / llama.cpp Q8_0, 1 thread 0.241 / 0.095 (**2.54x**), 2 threads
-0.227 / 0.078 (**2.91x**); peak RSS 667 / 1,357 MiB. Token ids equal in 6 of 6 chunks;
-against embedpool fp32: llama.cpp cos mean 0.99957 (min 0.99945), embedpool int8 0.99832
-(min 0.99806). llama-cpp-python's ``embed`` decodes every sequence of a batch in one
-unified KV cache, so each token's attention spans the batch's other sequences' keys
-(masked): at ``n_batch`` 2,048 (8 chunks a batch) that is extra attention work its default
-``n_ctx=n_batch=512`` (2 a batch) does less of (``LLAMACPP_N_CTX``).
+Measured (AMD EPYC Zen 3: AVX2, no AVX-512, no VNNI; 2 shared cores; chunks per CPU second,
+embedpool int8 / llama.cpp Q8_0, whole processes alternating, one round each):
+
+- ``--chunks 8 --rounds 1 --threads 1 --check 0`` and ``--threads 2`` (n_ctx 512, load
+  1-3): 1 thread 0.321 / 0.151 (**2.12x**), 2 threads 0.251 / 0.134 (**1.88x**); peak RSS
+  665-667 / 652 MiB.
+- ``LLAMACPP_N_CTX=2048 ... --chunks 8 --rounds 1 --check 6`` (load 14-24): 1 thread
+  0.241 / 0.095 (2.54x), 2 threads 0.227 / 0.078 (2.91x); peak RSS 667 / 1,357 MiB.
+  llama-cpp-python's ``embed`` decodes a batch's sequences in one unified KV cache, so each
+  token's attention spans the other sequences' (masked) keys: 8 chunks a batch cost more
+  than 2.
+- Token ids equal in 6 of 6 chunks; against embedpool fp32: llama.cpp cos mean 0.99957
+  (min 0.99945), embedpool int8 0.99832 (min 0.99806).
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ import decoders  # benchmarks/decoders.py: the model, its texts and runner
 ROOT = decoders.ROOT
 DEV_PYTHON = decoders.DEV_PYTHON
 PROJECT_PYTHON = decoders.PROJECT_PYTHON
-N_CTX = 2048
+N_CTX = 512
 
 #: convert_hf_to_gguf.py with the pre-tokenizer named (see the module docstring, step 2).
 CONVERT = r"""
@@ -237,7 +243,8 @@ def main() -> None:
     work, model_dir = args.work, args.model
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "EMBEDPOOL_CACHE_DIR": str(work / "cache"),
-           "TOKENIZERS_PARALLELISM": "false", "LLAMACPP_N_CTX": str(N_CTX)}
+           "TOKENIZERS_PARALLELISM": "false",
+           "LLAMACPP_N_CTX": os.environ.get("LLAMACPP_N_CTX", str(N_CTX))}
     if not (model_dir / "model.safetensors").is_file():
         model_dir.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([DEV_PYTHON, "-c", decoders.MAKE, str(ROOT), str(model_dir.parent),
