@@ -107,7 +107,7 @@ from llama_cpp import LLAMA_POOLING_TYPE_LAST, Llama
 gguf, texts_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 save = sys.argv[4] if len(sys.argv) > 4 else None
 texts = json.loads(open(texts_path).read())
-n_ctx = int(os.environ.get("LLAMACPP_N_CTX", "2048"))
+n_ctx = int(os.environ.get("LLAMACPP_N_CTX", "512"))
 llm = Llama(model_path=gguf, embedding=True, pooling_type=LLAMA_POOLING_TYPE_LAST,
             n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx, n_batch=n_ctx,
             n_ubatch=n_ctx, verbose=False)
