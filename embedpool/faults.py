@@ -193,6 +193,26 @@ class FaultPolicy:
         return deadline if warned else deadline * self.hang_warn_fraction
 
 
+#: The slowest compute rate the hang rule allows a worker, in floating-point operations a
+#: second: a 20th of the slowest rate measured per core here (int8 GEMMs ~100-150 GFLOP/s,
+#: fp32 ~76 at 1 thread on an AVX2 Zen 3, benchmarks/decoders.py), so a machine 10x
+#: overloaded still finishes well inside the deadline. At the default model's 22.7M
+#: parameters it gives the policy's own 10 ms a token.
+HANG_MIN_FLOPS = 5e9
+
+
+def hang_per_token_s(parameters: int | None,
+                     floor: float = FaultPolicy.hang_per_token_s) -> float:
+    """The hang deadline's allowance per padded token for a model of ``parameters`` weights
+    (None: unknown, e.g. a shipped ONNX file): a token costs about 2 x parameters operations,
+    so a 0.6B decoder gets ~0.24 s a token and an 8B one ~3.2 s, where one constant sized for
+    the small encoders (10 ms) killed a healthy 0.6B worker on a busy machine. Never below
+    ``floor``."""
+    if not parameters or parameters <= 0:
+        return floor
+    return max(floor, 2.0 * parameters / HANG_MIN_FLOPS)
+
+
 #: fall_back: the task goes back unblamed and the transport leaves the device (DEVICE_LOST).
 Action = Literal["split", "retry", "give_up", "fall_back"]
 

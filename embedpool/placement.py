@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from embedpool.budget import BatchBudget, batch_budget
 from embedpool.device_choice import DevicePlan, DeviceRequest, resolve_device
-from embedpool.errors import ConfigError, DeviceError, ModelError
+from embedpool.errors import ConfigError, DeviceError, EmbedpoolError, ModelError
 from embedpool.executor import Executor
 from embedpool.executors.pool.gpuplan import (
     DevicesPlan,
@@ -273,6 +273,16 @@ def prepare_graphs(model: ResolvedModel, placement: Placement, emit: Emit, *,
     return dataclasses.replace(placement, precision=precision)
 
 
+def _hang_per_token_s(model: ResolvedModel) -> float:
+    from embedpool.faults import hang_per_token_s
+    from embedpool.graph.families.catalog import parameter_count
+
+    try:
+        return hang_per_token_s(parameter_count(model))
+    except (OSError, ValueError, EmbedpoolError):  # an unreadable header: the default
+        return hang_per_token_s(None)
+
+
 def start_executor(model: ResolvedModel, placement: Placement, *, workers: int | str | None,
                    threads: int | None = None, pool_options: dict[str, Any] | None = None,
                    on_event: EventCallback | None = None, backend: str = "local",
@@ -294,7 +304,13 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
                              precision == placement.precision else "onnxruntime")
 
     options = dict(pool_options or {})
+    # the hang deadline's allowance per token follows the model's size (faults.hang_per_token_s)
+    options.setdefault("hang_per_token_s", _hang_per_token_s(model))
     if backend == "ray":
+        if policy is None:
+            from embedpool.faults import FaultPolicy
+
+            policy = FaultPolicy(hang_per_token_s=options["hang_per_token_s"])
         return ray_executor(recipe(placement.precision, threads or 1), address=ray_address,
                             actors=None if workers in (None, "auto") else int(workers),
                             budget=placement.budget, policy=policy, on_event=on_event)

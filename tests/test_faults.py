@@ -43,6 +43,7 @@ from embedpool import events, faults
 from embedpool.errors import ConfigError
 from embedpool.executor import WorkBatch
 from embedpool.faults import Assembly, FailureKind, FaultPolicy, Task
+from embedpool.models import ResolvedModel
 from embedpool.testing import ort_error
 
 K = FailureKind
@@ -589,3 +590,43 @@ def test_one_wait_for_every_manager() -> None:
     assert faults.wait_s(policy, running, 101.0, [102.5], cap=30.0) == 1.5
     assert faults.wait_s(policy, [], 101.0, [None], cap=1.0) == 1.0  # nothing due: the cap
     assert faults.wait_s(policy, [], 101.0, [50.0], cap=1.0) == 0.0  # overdue: never negative
+
+
+# --- the hang deadline's allowance per token, by the model's size --------------------------------
+# parameters -> seconds a padded token (2 x parameters operations at faults.HANG_MIN_FLOPS)
+HANG_PER_TOKEN = [
+    pytest.param(None, 0.01, id="unknown-size: the policy's own"),
+    pytest.param(22_700_000, 0.01, id="MiniLM-L6: the floor"),
+    pytest.param(596_000_000, 0.2384, id="Qwen3-0.6B"),
+    pytest.param(7_570_000_000, 3.028, id="Qwen3-8B"),
+]
+
+
+@pytest.mark.parametrize(("parameters", "want"), HANG_PER_TOKEN)
+def test_hang_allowance_follows_the_models_size(parameters: int | None, want: float) -> None:
+    assert faults.hang_per_token_s(parameters) == pytest.approx(want, rel=1e-3)
+    # a 0.6B decoder's 256-token batch gets minutes on a busy machine, where 10 ms a token
+    # gave it 32.6 s and killed it (seen at load 20 on 2 cores)
+    deadline = FaultPolicy(hang_per_token_s=faults.hang_per_token_s(parameters)).deadline_s(256)
+    assert deadline == pytest.approx(30.0 + 256 * want, rel=1e-3)
+
+
+def test_the_construction_path_gives_a_pool_its_models_allowance(
+        monkeypatch: pytest.MonkeyPatch, real_model: ResolvedModel) -> None:
+    """start_executor reads the model's size and hands its allowance to the pool's policy (a
+    fake engine stands for the model's: only the number matters here)."""
+    from embedpool.executors.pool.pool import Pool
+    from embedpool.graph.families import catalog
+    from embedpool.placement import place, start_executor
+    from embedpool.testing import FakeEngineSpec
+
+    model = real_model
+    assert catalog.parameter_count(model) == pytest.approx(22.7e6, rel=0.02)
+    monkeypatch.setattr(catalog, "parameter_count", lambda m: 596_000_000)
+    placement = place(model, device="cpu", precision="fp32")
+    ex = start_executor(model, placement, workers=1, engine=FakeEngineSpec())
+    try:
+        assert isinstance(ex, Pool)
+        assert ex.config.fault_policy.hang_per_token_s == pytest.approx(0.2384, rel=1e-3)
+    finally:
+        ex.close()

@@ -109,6 +109,15 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
         shared_weights=weights > EXTERNAL_MIN_BYTES)
 
 
+def parameter_count(model: ResolvedModel) -> int | None:
+    """The model's float parameters, from its checkpoint's headers (None for a shipped ONNX
+    file or a directory without a checkpoint): what the hang rule sizes its deadline by
+    (``faults.hang_per_token_s``)."""
+    if model.onnx_path is not None or not model.config:
+        return None
+    return _parameter_count(model.weights_path)
+
+
 def _parameter_count(path: Path) -> int:
     """Float elements of a checkpoint (shards included), from its headers alone."""
     from embedpool.graph.weights import FLOAT_DTYPES, tensor_infos
