@@ -43,8 +43,10 @@ def timed(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
 
 
 def report(label: str, n: int, wall: float, cpu: float, unit: str) -> None:
-    print(f"{label:<34} {wall * 1000:9.1f} ms wall {cpu * 1000:9.1f} ms cpu   "
-          f"{n / wall:>12,.0f} {unit}/s wall {n / max(cpu, 1e-9):>12,.0f} {unit}/s cpu")
+    print(
+        f"{label:<34} {wall * 1000:9.1f} ms wall {cpu * 1000:9.1f} ms cpu   "
+        f"{n / wall:>12,.0f} {unit}/s wall {n / max(cpu, 1e-9):>12,.0f} {unit}/s cpu"
+    )
 
 
 def main() -> None:
@@ -77,8 +79,9 @@ def main() -> None:
             run += 1
             with VectorCache.open(root / f"put{run}.sqlite3") as cache:
                 for s in range(0, n, args.batch):
-                    cache.put_many(FP, zip(keys[s:s + args.batch], vecs[s:s + args.batch],
-                                           strict=True))
+                    cache.put_many(
+                        FP, zip(keys[s : s + args.batch], vecs[s : s + args.batch], strict=True)
+                    )
 
         report(f"put_many (batches of {args.batch})", n, *timed(put_all, args.repeat), "writes")
         db = root / f"put{run}.sqlite3"
@@ -95,11 +98,18 @@ def main() -> None:
         miss_keys = [text_key(f"not cached {i}") for i in range(n)]
         with VectorCache.open(db) as cache:
             cache.get_many(FP, keys)
-            report("get_many (open cache)", n,
-                   *timed(lambda: cache.get_many(FP, keys), args.repeat), "lookups")
-            report("get_many (all misses)", n,
-                   *timed(lambda: cache.get_many(FP, miss_keys), args.repeat),
-                   "lookups")
+            report(
+                "get_many (open cache)",
+                n,
+                *timed(lambda: cache.get_many(FP, keys), args.repeat),
+                "lookups",
+            )
+            report(
+                "get_many (all misses)",
+                n,
+                *timed(lambda: cache.get_many(FP, miss_keys), args.repeat),
+                "lookups",
+            )
 
         for ext in SUPPORTED_EXTENSIONS:
             out = root / f"out{ext}"
@@ -107,7 +117,7 @@ def main() -> None:
             def write_out(out: Path = out) -> None:
                 with open_output(out, dim) as w:
                     for s in range(0, n, args.batch):
-                        w.write(ids[s:s + args.batch], vecs[s:s + args.batch])
+                        w.write(ids[s : s + args.batch], vecs[s : s + args.batch])
 
             wall, cpu = timed(write_out, args.repeat)
             report(f"write {ext}", n, wall, cpu, "rows")

@@ -23,8 +23,9 @@ from embedpool.corpus import stdlib_chunks
 
 def run(args: list[str]) -> tuple[float, str]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "embedpool", *args], capture_output=True,
-                          text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "embedpool", *args], capture_output=True, text=True, check=True
+    )
     return time.perf_counter() - t0, proc.stderr
 
 
@@ -46,9 +47,11 @@ def main() -> None:
         src.write_text("".join(json.dumps(r) + "\n" for r in recs))
         third, log3 = run([*common, "--out", str(d / f"3{a.out_ext}")])
     hits = [re.search(r"cache hits (\d+)", x).group(1) for x in (log2, log3)]  # type: ignore[union-attr]
-    print(f"chunks {len(recs)}: first run {first:.1f} s; unchanged re-run {second:.2f} s "
-          f"(cache hits {hits[0]}) = {first / second:.0f}x faster; 1% changed {third:.1f} s "
-          f"(cache hits {hits[1]}, re-embedded {len(recs) - int(hits[1])})")
+    print(
+        f"chunks {len(recs)}: first run {first:.1f} s; unchanged re-run {second:.2f} s "
+        f"(cache hits {hits[0]}) = {first / second:.0f}x faster; 1% changed {third:.1f} s "
+        f"(cache hits {hits[1]}, re-embedded {len(recs) - int(hits[1])})"
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEV_PYTHON = os.environ.get("EMBEDPOOL_DEV_PYTHON", "/work/devenv/bin/python")
 PROJECT_PYTHON = os.environ.get("EMBEDPOOL_PYTHON", str(ROOT / ".venv" / "bin" / "python"))
-SHAPE = {"hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16,
-         "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 3072}
+SHAPE = {
+    "hidden_size": 1024,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 3072,
+}
 
 MAKE = r"""
 import json, shutil, sys
@@ -187,18 +193,33 @@ def make_texts(model_dir: Path, n: int, tokens: int) -> list[str]:
     step = tokens - 1
     for i in range(n):
         start = (i * step) % max(1, len(ids) - step)
-        out.append(tok.decode(ids[start:start + step]))
+        out.append(tok.decode(ids[start : start + step]))
     counts = [len(tok.encode(t).ids) for t in out]
-    print(f"texts: {n} chunks, tokens mean {statistics.mean(counts):.0f} "
-          f"(min {min(counts)}, max {max(counts)})", flush=True)
+    print(
+        f"texts: {n} chunks, tokens mean {statistics.mean(counts):.0f} "
+        f"(min {min(counts)}, max {max(counts)})",
+        flush=True,
+    )
     return out
 
 
-def run(python: str, system: str, model_dir: Path, texts: Path, threads: int,
-        workers: int, env: dict[str, str]) -> dict[str, float]:
-    res = subprocess.run([python, "-c", RUN, system, str(model_dir), str(texts), str(threads),
-                          str(workers)], capture_output=True, text=True, env=env, timeout=3600,
-                         check=False)
+def run(
+    python: str,
+    system: str,
+    model_dir: Path,
+    texts: Path,
+    threads: int,
+    workers: int,
+    env: dict[str, str],
+) -> dict[str, float]:
+    res = subprocess.run(
+        [python, "-c", RUN, system, str(model_dir), str(texts), str(threads), str(workers)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+        check=False,
+    )
     if res.returncode != 0:
         raise SystemExit(f"{system} run failed:\n{res.stderr[-3000:]}")
     out: dict[str, float] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -219,22 +240,37 @@ def fused_vs_plain(layers: int, lengths: list[int], repeat: int, vocab: int) -> 
     from embedpool.graph.families import qwen3
     from embedpool.modelspec import HeadSpec, PoolingSpec
 
-    cfg = qwen3.parse_config({"model_type": "qwen3", **SHAPE, "num_hidden_layers": layers,
-                              "vocab_size": vocab, "max_position_embeddings": 32768})
+    cfg = qwen3.parse_config(
+        {
+            "model_type": "qwen3",
+            **SHAPE,
+            "num_hidden_layers": layers,
+            "vocab_size": vocab,
+            "max_position_embeddings": 32768,
+        }
+    )
     rng = np.random.default_rng(0)
     shapes = qwen3.qwen2.expected_shapes(cfg)
     shapes["embed_tokens.weight"] = (vocab, cfg.hidden_size)
-    weights = {k: (rng.standard_normal(v) * (0.02 if len(v) > 1 else 1)).astype(np.float32)
-               for k, v in shapes.items()}
+    weights = {
+        k: (rng.standard_normal(v) * (0.02 if len(v) > 1 else 1)).astype(np.float32)
+        for k, v in shapes.items()
+    }
     head = HeadSpec(PoolingSpec(("lasttoken",)), normalize=True)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sessions = {name: ort.InferenceSession(compose(qwen3, weights, cfg, head, fused=fused)
-                                           .SerializeToString(), opts,
-                                           providers=["CPUExecutionProvider"])
-                for name, fused in (("fused", True), ("plain", False))}
-    print(f"\nfused vs plain fp32, {layers} layers at Qwen3-0.6B's width, 1 thread "
-          f"(chunks per CPU second, best of {repeat}):")
+    sessions = {
+        name: ort.InferenceSession(
+            compose(qwen3, weights, cfg, head, fused=fused).SerializeToString(),
+            opts,
+            providers=["CPUExecutionProvider"],
+        )
+        for name, fused in (("fused", True), ("plain", False))
+    }
+    print(
+        f"\nfused vs plain fp32, {layers} layers at Qwen3-0.6B's width, 1 thread "
+        f"(chunks per CPU second, best of {repeat}):"
+    )
     for n in lengths:
         ids = rng.integers(0, vocab, (1, n)).astype(np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -244,8 +280,10 @@ def fused_vs_plain(layers: int, lengths: list[int], repeat: int, vocab: int) -> 
                 t = time.process_time()
                 sess.run(None, feeds)
                 best[name] = min(best.get(name, 1e9), time.process_time() - t)
-        print(f"  {n} tokens: fused {1 / best['fused']:.3f}, plain {1 / best['plain']:.3f} "
-              f"chunks/CPU s: fused {best['plain'] / best['fused']:.2f}x")
+        print(
+            f"  {n} tokens: fused {1 / best['fused']:.3f}, plain {1 / best['plain']:.3f} "
+            f"chunks/CPU s: fused {best['plain'] / best['fused']:.2f}x"
+        )
 
 
 LONG = r"""
@@ -285,79 +323,118 @@ def main() -> None:
     ap.add_argument("--rss-chunks", type=int, default=4, help="chunks of the --rss runs")
     ap.add_argument("--skip-speed", action="store_true", help="only the --rss runs")
     ap.add_argument("--no-compare", action="store_true", help="embedpool only")
-    ap.add_argument("--long", type=int, default=0,
-                    help="only one text of this many tokens through the int8 engine: peak RSS")
-    ap.add_argument("--fused-vs-plain", action="store_true",
-                    help="only the fused against the unfused fp32 graph, in this process")
+    ap.add_argument(
+        "--long",
+        type=int,
+        default=0,
+        help="only one text of this many tokens through the int8 engine: peak RSS",
+    )
+    ap.add_argument(
+        "--fused-vs-plain",
+        action="store_true",
+        help="only the fused against the unfused fp32 graph, in this process",
+    )
     ap.add_argument("--layers", type=int, default=4, help="layers of --fused-vs-plain")
     ap.add_argument("--lengths", default="256,2048", help="tokens of --fused-vs-plain")
     args = ap.parse_args()
     if args.fused_vs_plain:
-        fused_vs_plain(args.layers, [int(n) for n in args.lengths.split(",")], args.rounds,
-                       args.vocab)
+        fused_vs_plain(
+            args.layers, [int(n) for n in args.lengths.split(",")], args.rounds, args.vocab
+        )
         return
     work = args.work
     model_dir = work / "model"
-    env = {**os.environ, "EMBEDPOOL_CACHE_DIR": str(work / "cache"), "TOKENIZERS_PARALLELISM":
-           "false"}
+    env = {
+        **os.environ,
+        "EMBEDPOOL_CACHE_DIR": str(work / "cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if not (model_dir / "model.safetensors").is_file():
         work.mkdir(parents=True, exist_ok=True)
-        subprocess.run([DEV_PYTHON, "-c", MAKE, str(ROOT), str(work), json.dumps(SHAPE),
-                        str(args.vocab)], check=True, env=env)
+        subprocess.run(
+            [DEV_PYTHON, "-c", MAKE, str(ROOT), str(work), json.dumps(SHAPE), str(args.vocab)],
+            check=True,
+            env=env,
+        )
     subprocess.run([PROJECT_PYTHON, "-c", BUILD, str(model_dir)], check=True, env=env)
     if args.long:
-        subprocess.run([PROJECT_PYTHON, "-c", LONG, str(model_dir), str(args.long)],
-                       check=True, env=env)
+        subprocess.run(
+            [PROJECT_PYTHON, "-c", LONG, str(model_dir), str(args.long)], check=True, env=env
+        )
         return
     texts = work / f"texts-{args.chunks}x{args.tokens}.json"
     texts.write_text(json.dumps(make_texts(model_dir, args.chunks, args.tokens)))
-    print(textwrap.dedent(f"""\
+    print(
+        textwrap.dedent(f"""\
         CPU: {cpu_name()}, {os.cpu_count()} logical cores; load {os.getloadavg()[0]:.1f}
         shape: Qwen3-Embedding-0.6B {SHAPE}, vocab {args.vocab} (real: 151,669; speed-neutral)
         {args.chunks} chunks x {args.tokens} tokens, {args.rounds} round(s), alternating"""),
-          flush=True)
-    systems = [("embedpool", PROJECT_PYTHON)] + ([] if args.no_compare
-                                                 else [("sentence-transformers", DEV_PYTHON)])
+        flush=True,
+    )
+    systems = [("embedpool", PROJECT_PYTHON)] + (
+        [] if args.no_compare else [("sentence-transformers", DEV_PYTHON)]
+    )
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     for _ in range(0 if args.skip_speed else args.rounds):
         for threads in map(int, args.threads.split(",")):
             for name, python in systems:
-                r = run(python, "embedpool" if name == "embedpool" else "st", model_dir, texts,
-                        threads, 1, env)
+                r = run(
+                    python,
+                    "embedpool" if name == "embedpool" else "st",
+                    model_dir,
+                    texts,
+                    threads,
+                    1,
+                    env,
+                )
                 results.setdefault((name, threads), []).append(r)
-                print(f"  {name:<22} {threads} thread(s): {r['chunks'] / r['cpu_s']:.3f} "
-                      f"chunks/CPU s, {r['chunks'] / r['wall_s']:.3f} chunks/s, peak tree RSS "
-                      f"{r['peak_rss'] / 2**20:.0f} MiB ({r['precision']})", flush=True)
+                print(
+                    f"  {name:<22} {threads} thread(s): {r['chunks'] / r['cpu_s']:.3f} "
+                    f"chunks/CPU s, {r['chunks'] / r['wall_s']:.3f} chunks/s, peak tree RSS "
+                    f"{r['peak_rss'] / 2**20:.0f} MiB ({r['precision']})",
+                    flush=True,
+                )
     if results:
         print("\nbest of rounds (chunks per CPU second; wall; peak tree RSS):")
     for threads in map(int, args.threads.split(",")) if results else ():
-        best = {name: max(results[(name, threads)], key=lambda r: r["chunks"] / r["cpu_s"])
-                for name, _ in systems}
+        best = {
+            name: max(results[(name, threads)], key=lambda r: r["chunks"] / r["cpu_s"])
+            for name, _ in systems
+        }
         for name, r in best.items():
-            print(f"  {threads} thread(s) {name:<22} {r['chunks'] / r['cpu_s']:.3f} / "
-                  f"{r['chunks'] / r['wall_s']:.3f} chunks/s / {r['peak_rss'] / 2**20:.0f} MiB")
+            print(
+                f"  {threads} thread(s) {name:<22} {r['chunks'] / r['cpu_s']:.3f} / "
+                f"{r['chunks'] / r['wall_s']:.3f} chunks/s / {r['peak_rss'] / 2**20:.0f} MiB"
+            )
         if len(best) == 2:
             e, s = best["embedpool"], best["sentence-transformers"]
-            print(f"  {threads} thread(s) embedpool / sentence-transformers: "
-                  f"{(e['chunks'] / e['cpu_s']) / (s['chunks'] / s['cpu_s']):.2f}x per CPU s, "
-                  f"{(e['chunks'] / e['wall_s']) / (s['chunks'] / s['wall_s']):.2f}x wall, "
-                  f"{e['peak_rss'] / s['peak_rss']:.2f}x memory")
+            print(
+                f"  {threads} thread(s) embedpool / sentence-transformers: "
+                f"{(e['chunks'] / e['cpu_s']) / (s['chunks'] / s['cpu_s']):.2f}x per CPU s, "
+                f"{(e['chunks'] / e['wall_s']) / (s['chunks'] / s['wall_s']):.2f}x wall, "
+                f"{e['peak_rss'] / s['peak_rss']:.2f}x memory"
+            )
     if args.rss:
         print("\npeak tree RSS, embedpool (workers x threads):")
         rss: dict[tuple[int, int], dict[str, float]] = {}
         few = work / f"texts-{args.rss_chunks}x{args.tokens}.json"
-        few.write_text(json.dumps(json.loads(texts.read_text())[:args.rss_chunks]))
+        few.write_text(json.dumps(json.loads(texts.read_text())[: args.rss_chunks]))
         for workers, threads in ((1, 1), (2, 1), (1, 2)):
             r = run(PROJECT_PYTHON, "embedpool", model_dir, few, threads, workers, env)
             rss[(workers, threads)] = r
-            print(f"  {workers} x {threads}: PSS {r['peak_pss'] / 2**20:.0f} MiB, RSS "
-                  f"{r['peak_rss'] / 2**20:.0f} MiB, "
-                  f"{r['chunks'] / r['cpu_s']:.3f} chunks/CPU s, "
-                  f"{r['chunks'] / r['wall_s']:.3f} chunks/s", flush=True)
+            print(
+                f"  {workers} x {threads}: PSS {r['peak_pss'] / 2**20:.0f} MiB, RSS "
+                f"{r['peak_rss'] / 2**20:.0f} MiB, "
+                f"{r['chunks'] / r['cpu_s']:.3f} chunks/CPU s, "
+                f"{r['chunks'] / r['wall_s']:.3f} chunks/s",
+                flush=True,
+            )
         for key, what in (("peak_pss", "PSS"), ("peak_rss", "RSS")):
-            print(f"  peak tree {what}, 2 workers / 1 worker: "
-                  f"{rss[(2, 1)][key] / rss[(1, 1)][key]:.2f}x; 1 worker x 2 threads / 1 x 1: "
-                  f"{rss[(1, 2)][key] / rss[(1, 1)][key]:.2f}x")
+            print(
+                f"  peak tree {what}, 2 workers / 1 worker: "
+                f"{rss[(2, 1)][key] / rss[(1, 1)][key]:.2f}x; 1 worker x 2 threads / 1 x 1: "
+                f"{rss[(1, 2)][key] / rss[(1, 1)][key]:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -51,10 +51,14 @@ MODEL = "all-MiniLM-L6-v2"
 def bodies(texts: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
     """Route name -> (path, body) embedding ``texts``."""
     routes: dict[str, tuple[str, dict[str, Any]]] = {
-        "openai-float": ("/v1/embeddings", {"model": MODEL, "input": texts,
-                                            "encoding_format": "float"}),
-        "openai-base64": ("/v1/embeddings", {"model": MODEL, "input": texts,
-                                             "encoding_format": "base64"}),
+        "openai-float": (
+            "/v1/embeddings",
+            {"model": MODEL, "input": texts, "encoding_format": "float"},
+        ),
+        "openai-base64": (
+            "/v1/embeddings",
+            {"model": MODEL, "input": texts, "encoding_format": "base64"},
+        ),
         "ollama-embed": ("/api/embed", {"model": MODEL, "input": texts}),
         "tei-embed": ("/embed", {"inputs": texts}),
         "tei-root": ("/", {"inputs": texts}),
@@ -67,8 +71,9 @@ def bodies(texts: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
 Measured = dict[str, tuple[float, float, list[float]]]
 
 
-def measure(url: str, routes: dict[str, tuple[str, dict[str, Any]]], rounds: int,
-            per_round: int) -> Measured:
+def measure(
+    url: str, routes: dict[str, tuple[str, dict[str, Any]]], rounds: int, per_round: int
+) -> Measured:
     """Per route: median latency (ms), CPU ms per request of this process (server, engine
     and client together), and its ratio to openai-float's in each round; routes interleaved
     round by round, the order rotating."""
@@ -76,13 +81,14 @@ def measure(url: str, routes: dict[str, tuple[str, dict[str, Any]]], rounds: int
     times: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     payloads = {n: json.dumps(b).encode() for n, (_, b) in routes.items()}
-    with httpx.Client(base_url=url, timeout=120,
-                      headers={"content-type": "application/json"}) as client:
+    with httpx.Client(
+        base_url=url, timeout=120, headers={"content-type": "application/json"}
+    ) as client:
         for name in names:  # warm-up: every route a few times
             for _ in range(3):
                 client.post(routes[name][0], content=payloads[name]).raise_for_status()
         for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 path, body = routes[name][0], payloads[name]
                 cpu_start = time.process_time()
@@ -93,8 +99,14 @@ def measure(url: str, routes: dict[str, tuple[str, dict[str, Any]]], rounds: int
                     resp.raise_for_status()
                 cpu[name].append((time.process_time() - cpu_start) / per_round)
     base = cpu["openai-float"]
-    return {n: (statistics.median(times[n]) * 1000, statistics.fmean(cpu[n]) * 1000,
-                [c / b for c, b in zip(cpu[n], base, strict=True)]) for n in names}
+    return {
+        n: (
+            statistics.median(times[n]) * 1000,
+            statistics.fmean(cpu[n]) * 1000,
+            [c / b for c, b in zip(cpu[n], base, strict=True)],
+        )
+        for n in names
+    }
 
 
 def cpu_name() -> str:
@@ -113,14 +125,21 @@ def main() -> None:
     ap.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--per-round", type=int, default=5)
-    ap.add_argument("--payload", choices=["short", "chunks", "both"], default="both",
-                    help="short: 1 short text; chunks: 16 code chunks")
+    ap.add_argument(
+        "--payload",
+        choices=["short", "chunks", "both"],
+        default="both",
+        help="short: 1 short text; chunks: 16 code chunks",
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
     model = resolve_model(MODEL)
-    factory = (default_executor_factory(model, args.precision) if args.engine == "real"
-               else (lambda: InProcessExecutor(FakeEngineSpec(dim=model.dim).build)))
+    factory = (
+        default_executor_factory(model, args.precision)
+        if args.engine == "real"
+        else (lambda: InProcessExecutor(FakeEngineSpec(dim=model.dim).build))
+    )
     app = create_app(ServerSettings(api_key="", precision=args.precision), factory, model=model)
     url, stop = start_server(app)
     payloads = {"1 short text": ["How do I sort a list in Python?"]}
@@ -129,27 +148,42 @@ def main() -> None:
         if args.payload == "chunks":
             del payloads["1 short text"]
     load_before = os.getloadavg()
-    results: dict[str, Any] = {"engine": args.engine, "precision": args.precision,
-                               "rounds": args.rounds, "per_round": args.per_round,
-                               "cpu": cpu_name(), "loadavg_before": load_before}
-    print(f"{cpu_name()}, {os.cpu_count()} CPUs; load average before "
-          f"{' '.join(f'{x:.2f}' for x in load_before)}")
+    results: dict[str, Any] = {
+        "engine": args.engine,
+        "precision": args.precision,
+        "rounds": args.rounds,
+        "per_round": args.per_round,
+        "cpu": cpu_name(),
+        "loadavg_before": load_before,
+    }
+    print(
+        f"{cpu_name()}, {os.cpu_count()} CPUs; load average before "
+        f"{' '.join(f'{x:.2f}' for x in load_before)}"
+    )
     try:
         for label, texts in payloads.items():
             got = measure(url, bodies(texts), args.rounds, args.per_round)
             wall, cpu, _ = got["openai-float"]
-            print(f"\n{label}: per request, median wall ms and mean CPU ms (ratio to "
-                  "openai-float); CPU ratio round by round: median [quartiles]")
+            print(
+                f"\n{label}: per request, median wall ms and mean CPU ms (ratio to "
+                "openai-float); CPU ratio round by round: median [quartiles]"
+            )
             results[label] = {}
             for name, (ms, cms, ratios) in got.items():
                 q1, med, q3 = statistics.quantiles(ratios, n=4)
-                print(f"  {name:18s} wall {ms:8.2f} ms {ms / wall:6.3f}x   "
-                      f"cpu {cms:8.2f} ms {cms / cpu:6.3f}x   "
-                      f"by round {med:6.3f}x [{q1:.3f}, {q3:.3f}]")
-                results[label][name] = {"wall_ms": ms, "wall_ratio": ms / wall,
-                                        "cpu_ms": cms, "cpu_ratio": cms / cpu,
-                                        "cpu_ratio_rounds_median": med,
-                                        "cpu_ratio_rounds_quartiles": [q1, q3]}
+                print(
+                    f"  {name:18s} wall {ms:8.2f} ms {ms / wall:6.3f}x   "
+                    f"cpu {cms:8.2f} ms {cms / cpu:6.3f}x   "
+                    f"by round {med:6.3f}x [{q1:.3f}, {q3:.3f}]"
+                )
+                results[label][name] = {
+                    "wall_ms": ms,
+                    "wall_ratio": ms / wall,
+                    "cpu_ms": cms,
+                    "cpu_ratio": cms / cpu,
+                    "cpu_ratio_rounds_median": med,
+                    "cpu_ratio_rounds_quartiles": [q1, q3],
+                }
     finally:
         stop()
     load_after = os.getloadavg()

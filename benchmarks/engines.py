@@ -55,16 +55,21 @@ def main() -> int:
     model = resolve_model(args.model)
     tok = TextTokenizer.for_model(model)
     seqs = sorted(tok.encode([c.text for c in stdlib_chunks(args.chunks)]).sequences, key=len)
-    batches = [seqs[i:i + args.batch] for i in range(0, len(seqs), args.batch)]
+    batches = [seqs[i : i + args.batch] for i in range(0, len(seqs), args.batch)]
     tokens = sum(len(s) for s in seqs)
-    print(f"CPU: {cpu.name}; flags: {' '.join(f for f in FLAGS if f in cpu.flags) or 'none'}; "
-          f"tier {cpu.tier}; {os.cpu_count()} cores visible, {args.threads} threads")
-    print(f"{len(seqs)} chunks, {tokens} tokens, batches of {args.batch}, "
-          f"{args.rounds} interleaved rounds (best counts)")
+    print(
+        f"CPU: {cpu.name}; flags: {' '.join(f for f in FLAGS if f in cpu.flags) or 'none'}; "
+        f"tier {cpu.tier}; {os.cpu_count()} cores visible, {args.threads} threads"
+    )
+    print(
+        f"{len(seqs)} chunks, {tokens} tokens, batches of {args.batch}, "
+        f"{args.rounds} interleaved rounds (best counts)"
+    )
 
     specs: dict[str, EngineSpec] = {
         "ort-fp32": EngineSpec(model, "fp32", args.threads),
-        "ort-int8": EngineSpec(model, "int8", args.threads)}
+        "ort-int8": EngineSpec(model, "int8", args.threads),
+    }
     skipped: dict[str, str] = {}
     if openvino_installed():
         specs["ov-fp32"] = EngineSpec(model, "fp32", args.threads, runtime="openvino")
@@ -87,7 +92,8 @@ def main() -> int:
 
         t0 = time.perf_counter()
         engines["ov-int8graph"] = OpenVinoEngine(
-            prepare_onnx(model, "int8"), head=model.head, dim=model.dim, threads=args.threads)
+            prepare_onnx(model, "int8"), head=model.head, dim=model.dim, threads=args.threads
+        )
         load_s["ov-int8graph"] = time.perf_counter() - t0
 
     best: dict[str, float] = {}
@@ -102,31 +108,48 @@ def main() -> int:
     ref = vectors["ort-fp32"]
     rows = []
     print(f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'engine':14} {'chunks/s':>9} {'x ort-fp32':>10} {'x ort-int8':>10} "
-          f"{'cos mean':>9} {'cos min':>8} {'load s':>7}")
+    print(
+        f"{'engine':14} {'chunks/s':>9} {'x ort-fp32':>10} {'x ort-int8':>10} "
+        f"{'cos mean':>9} {'cos min':>8} {'load s':>7}"
+    )
     for name in engines:
         v = vectors[name]
         cos = (v * ref).sum(1) / np.linalg.norm(v, axis=1) / np.linalg.norm(ref, axis=1)
         rate = len(seqs) / best[name]
-        row = {"engine": name, "chunks_per_s": round(rate, 2),
-               "vs_ort_fp32": round(best["ort-fp32"] / best[name], 3),
-               "vs_ort_int8": round(best["ort-int8"] / best[name], 3),
-               "cos_mean": round(float(cos.mean()), 6), "cos_min": round(float(cos.min()), 6),
-               "load_s": round(load_s[name], 2)}
+        row = {
+            "engine": name,
+            "chunks_per_s": round(rate, 2),
+            "vs_ort_fp32": round(best["ort-fp32"] / best[name], 3),
+            "vs_ort_int8": round(best["ort-int8"] / best[name], 3),
+            "cos_mean": round(float(cos.mean()), 6),
+            "cos_min": round(float(cos.min()), 6),
+            "load_s": round(load_s[name], 2),
+        }
         rows.append(row)
-        print(f"{name:14} {rate:9.1f} {row['vs_ort_fp32']:10.2f} {row['vs_ort_int8']:10.2f} "
-              f"{row['cos_mean']:9.5f} {row['cos_min']:8.5f} {row['load_s']:7.2f}")
+        print(
+            f"{name:14} {rate:9.1f} {row['vs_ort_fp32']:10.2f} {row['vs_ort_int8']:10.2f} "
+            f"{row['cos_mean']:9.5f} {row['cos_min']:8.5f} {row['load_s']:7.2f}"
+        )
     for name, why in skipped.items():
         print(f"{name:14} {why}")
     pick = choose("auto", "auto", device_kind="cpu", cpu=cpu, openvino=openvino_installed())
     print(f"--engine auto here today: {pick.runtime} {pick.precision} ({pick.reason})")
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
-            json.dump({"cpu": cpu.name, "tier": cpu.tier,
-                       "flags": sorted(f for f in FLAGS if f in cpu.flags),
-                       "threads": args.threads, "chunks": len(seqs), "rows": rows,
-                       "not_measured": skipped,
-                       "auto": [pick.runtime, pick.precision]}, f, indent=2)
+            json.dump(
+                {
+                    "cpu": cpu.name,
+                    "tier": cpu.tier,
+                    "flags": sorted(f for f in FLAGS if f in cpu.flags),
+                    "threads": args.threads,
+                    "chunks": len(seqs),
+                    "rows": rows,
+                    "not_measured": skipped,
+                    "auto": [pick.runtime, pick.precision],
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

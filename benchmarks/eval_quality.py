@@ -74,12 +74,18 @@ def load_pairs(directory: Path) -> Pairs | None:
         q, c = z["queries"].astype(np.float32), z["codes"].astype(np.float32)
     if len(q) != len(recs) or len(c) != len(recs):
         raise SystemExit(f"{vectors} does not match {path} ({len(q)}/{len(c)} vs {len(recs)})")
-    return Pairs([str(r["id"]) for r in recs], [str(r["query"]) for r in recs],
-                 [str(r["code"]) for r in recs], q, c)
+    return Pairs(
+        [str(r["id"]) for r in recs],
+        [str(r["query"]) for r in recs],
+        [str(r["code"]) for r in recs],
+        q,
+        c,
+    )
 
 
-def mrr_at(queries: npt.NDArray[np.float32], codes: npt.NDArray[np.float32],
-           k: int = MRR_AT) -> float:
+def mrr_at(
+    queries: npt.NDArray[np.float32], codes: npt.NDArray[np.float32], k: int = MRR_AT
+) -> float:
     """Mean reciprocal rank of each query's own code among all codes, 0 beyond rank k."""
     queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     codes = codes / np.linalg.norm(codes, axis=1, keepdims=True)
@@ -107,8 +113,7 @@ class Result:
     @property
     def passed(self) -> bool:
         want_mean, want_min = BARS[self.precision]
-        return bool(self.cos.mean() >= want_mean and self.cos.min() >= want_min
-                    and self.mrr_passed)
+        return bool(self.cos.mean() >= want_mean and self.cos.min() >= want_min and self.mrr_passed)
 
 
 def load_corpus(path: Path) -> tuple[list[str], list[str]]:
@@ -147,16 +152,25 @@ class GraphEmbedder:
         out = np.zeros((len(seqs), self.engine.dim), dtype=np.float32)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         for start in range(0, len(order), 32):
-            idx = order[start:start + 32]
+            idx = order[start : start + 32]
             out[idx] = self.engine.embed([seqs[i] for i in idx])
         return out
 
 
-def evaluate(texts: list[str], reference: npt.NDArray[np.float32], precision: Precision,
-             threads: int, pairs: Pairs | None = None, graph: Path | None = None) -> Result:
+def evaluate(
+    texts: list[str],
+    reference: npt.NDArray[np.float32],
+    precision: Precision,
+    threads: int,
+    pairs: Pairs | None = None,
+    graph: Path | None = None,
+) -> Result:
     t0 = time.perf_counter()
-    with (GraphEmbedder(graph, threads) if graph is not None
-          else Embedder(precision=precision, threads=threads)) as e:
+    with (
+        GraphEmbedder(graph, threads)
+        if graph is not None
+        else Embedder(precision=precision, threads=threads)
+    ) as e:
         e.embed(texts[:8])  # warm-up: graph build/cache load and first-run allocations
         build = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -186,18 +200,26 @@ def load_output(path: Path, ids: list[str]) -> npt.NDArray[np.float32]:
 
 def report(r: Result, ids: list[str], worst: int) -> str:
     c = r.cos
-    speed = (f"{len(c) / r.seconds:.1f} chunks/s ({len(c)} in {r.seconds:.1f} s; "
-             f"build+load {r.build_seconds:.1f} s)" if r.seconds == r.seconds else "from file")
-    lines = [f"{r.precision}: cos mean {c.mean():.6f}  min {c.min():.6f} "
-             f"(1-min {1 - float(c.min()):.1e})  "
-             f"p1 {np.percentile(c, 1):.6f}  p50 {np.median(c):.6f}  |  "
-             f"{speed}  "
-             f"[{'PASS' if r.passed else 'FAIL'}: mean>={BARS[r.precision][0]}, "
-             f"min>={BARS[r.precision][1]}]"]
+    speed = (
+        f"{len(c) / r.seconds:.1f} chunks/s ({len(c)} in {r.seconds:.1f} s; "
+        f"build+load {r.build_seconds:.1f} s)"
+        if r.seconds == r.seconds
+        else "from file"
+    )
+    lines = [
+        f"{r.precision}: cos mean {c.mean():.6f}  min {c.min():.6f} "
+        f"(1-min {1 - float(c.min()):.1e})  "
+        f"p1 {np.percentile(c, 1):.6f}  p50 {np.median(c):.6f}  |  "
+        f"{speed}  "
+        f"[{'PASS' if r.passed else 'FAIL'}: mean>={BARS[r.precision][0]}, "
+        f"min>={BARS[r.precision][1]}]"
+    ]
     if r.mrr is not None and r.ref_mrr is not None:
-        lines.append(f"    docstring->code MRR@{MRR_AT}: {r.mrr:.4f} (reference {r.ref_mrr:.4f}, "
-                     f"{100 * (r.mrr / r.ref_mrr - 1):+.2f}%)  "
-                     f"[{'PASS' if r.mrr_passed else 'FAIL'}: within {100 * MRR_BAR:.0f}%]")
+        lines.append(
+            f"    docstring->code MRR@{MRR_AT}: {r.mrr:.4f} (reference {r.ref_mrr:.4f}, "
+            f"{100 * (r.mrr / r.ref_mrr - 1):+.2f}%)  "
+            f"[{'PASS' if r.mrr_passed else 'FAIL'}: within {100 * MRR_BAR:.0f}%]"
+        )
     lines += [f"    cos {c[i]:.6f}  {ids[i]}" for i in np.argsort(c)[:worst]]
     return "\n".join(lines)
 
@@ -205,33 +227,49 @@ def report(r: Result, ids: list[str], worst: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("corpus", nargs="?", type=Path, default=DEFAULT_CORPUS)
-    ap.add_argument("--reference", type=Path, default=None,
-                    help="reference vectors (default: st_vectors.npy beside the corpus)")
+    ap.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="reference vectors (default: st_vectors.npy beside the corpus)",
+    )
     ap.add_argument("--precision", choices=["fp32", "int8", "both"], default="both")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="first N records only (0: all)")
-    ap.add_argument("--vectors", type=Path, default=None,
-                    help="check this `embedpool embed` .jsonl output instead of embedding "
-                         "(--precision names the bar to apply)")
+    ap.add_argument(
+        "--vectors",
+        type=Path,
+        default=None,
+        help="check this `embedpool embed` .jsonl output instead of embedding "
+        "(--precision names the bar to apply)",
+    )
     ap.add_argument("--worst", type=int, default=3, help="lowest-cosine ids to list")
-    ap.add_argument("--onnx", type=Path, default=None,
-                    help="evaluate this ONNX file of the default model instead of embedpool's "
-                         "graph (--precision names the bar to apply)")
+    ap.add_argument(
+        "--onnx",
+        type=Path,
+        default=None,
+        help="evaluate this ONNX file of the default model instead of embedpool's "
+        "graph (--precision names the bar to apply)",
+    )
     args = ap.parse_args()
 
     ids, texts = load_corpus(args.corpus)
     ref_path = args.reference or args.corpus.parent / "st_vectors.npy"
     reference = np.load(ref_path).astype(np.float32)
     if reference.shape[0] != len(texts):
-        print(f"{ref_path} has {reference.shape[0]} rows, {args.corpus} {len(texts)} records",
-              file=sys.stderr)
+        print(
+            f"{ref_path} has {reference.shape[0]} rows, {args.corpus} {len(texts)} records",
+            file=sys.stderr,
+        )
         return 2
     if args.limit:
-        ids, texts, reference = ids[:args.limit], texts[:args.limit], reference[:args.limit]
+        ids, texts, reference = ids[: args.limit], texts[: args.limit], reference[: args.limit]
     reference /= np.linalg.norm(reference, axis=1, keepdims=True)
     pairs = load_pairs(args.corpus.parent)
-    print(f"corpus {args.corpus}: {len(texts)} records; "
-          f"{len(pairs.ids) if pairs else 'no'} docstring->code pairs; threads {args.threads}")
+    print(
+        f"corpus {args.corpus}: {len(texts)} records; "
+        f"{len(pairs.ids) if pairs else 'no'} docstring->code pairs; threads {args.threads}"
+    )
     precisions: list[Precision] = ["fp32", "int8"] if args.precision == "both" else [args.precision]
     ok = True
     if args.vectors is not None:

@@ -64,28 +64,58 @@ BATCH_TIMEOUT_S = 1800.0
 #: The real models' shapes, as their hub config.json files state them.
 SHAPES: dict[str, dict[str, Any]] = {
     "xlmr": {  # intfloat/multilingual-e5-small
-        "model_type": "xlm-roberta", "hidden_size": 384, "num_hidden_layers": 12,
-        "num_attention_heads": 12, "intermediate_size": 1536, "vocab_size": 250037,
-        "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1,
-        "layer_norm_eps": 1e-12, "hidden_act": "gelu", "max_seq_length": 512,
+        "model_type": "xlm-roberta",
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 1536,
+        "vocab_size": 250037,
+        "max_position_embeddings": 514,
+        "type_vocab_size": 1,
+        "pad_token_id": 1,
+        "layer_norm_eps": 1e-12,
+        "hidden_act": "gelu",
+        "max_seq_length": 512,
     },
     "nomic": {  # nomic-ai/nomic-embed-text-v1.5
-        "n_embd": 768, "n_head": 12, "n_layer": 12, "n_inner": 3072, "n_positions": 8192,
-        "vocab_size": 30528, "type_vocab_size": 2, "rotary_emb_base": 1000,
+        "n_embd": 768,
+        "n_head": 12,
+        "n_layer": 12,
+        "n_inner": 3072,
+        "n_positions": 8192,
+        "vocab_size": 30528,
+        "type_vocab_size": 2,
+        "rotary_emb_base": 1000,
         "max_seq_length": 8192,
     },
     "modernbert": {  # Alibaba-NLP/gte-modernbert-base
-        "hidden_size": 768, "num_hidden_layers": 22, "num_attention_heads": 12,
-        "intermediate_size": 1152, "vocab_size": 50368, "max_position_embeddings": 8192,
-        "local_attention": 128, "global_attn_every_n_layers": 3,
-        "global_rope_theta": 160000.0, "local_rope_theta": 10000.0, "max_seq_length": 8192,
+        "hidden_size": 768,
+        "num_hidden_layers": 22,
+        "num_attention_heads": 12,
+        "intermediate_size": 1152,
+        "vocab_size": 50368,
+        "max_position_embeddings": 8192,
+        "local_attention": 128,
+        "global_attn_every_n_layers": 3,
+        "global_rope_theta": 160000.0,
+        "local_rope_theta": 10000.0,
+        "max_seq_length": 8192,
     },
     "gemma3": {  # google/embeddinggemma-300m (then Dense 768 -> 3072 -> 768)
-        "hidden_size": 768, "intermediate_size": 1152, "num_hidden_layers": 24,
-        "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 256,
-        "query_pre_attn_scalar": 256, "vocab_size": 262144, "max_position_embeddings": 2048,
-        "sliding_window": 512, "sliding_window_pattern": 6, "rope_theta": 1000000.0,
-        "rope_local_base_freq": 10000.0, "max_seq_length": 2048,
+        "hidden_size": 768,
+        "intermediate_size": 1152,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 3,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "vocab_size": 262144,
+        "max_position_embeddings": 2048,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "max_seq_length": 2048,
     },
 }
 #: Dense modules after pooling, (in, out) per module, where the real model has them.
@@ -93,6 +123,7 @@ DENSE: dict[str, list[tuple[int, int]]] = {"gemma3": [(768, 3072), (3072, 768)]}
 
 
 # --- random-weight models of the real size -------------------------------------------------
+
 
 def _tensors(family: str, c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every tensor name and shape of a checkpoint of ``family`` with config ``c``."""
@@ -102,27 +133,42 @@ def _tensors(family: str, c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             "embeddings.word_embeddings.weight": (c["vocab_size"], h),
             "embeddings.position_embeddings.weight": (c["max_position_embeddings"], h),
             "embeddings.token_type_embeddings.weight": (c["type_vocab_size"], h),
-            "embeddings.LayerNorm.weight": (h,), "embeddings.LayerNorm.bias": (h,)}
+            "embeddings.LayerNorm.weight": (h,),
+            "embeddings.LayerNorm.bias": (h,),
+        }
         for n in range(c["num_hidden_layers"]):
             p = f"encoder.layer.{n}."
-            for key, shape in (("attention.self.query", (h, h)), ("attention.self.key", (h, h)),
-                               ("attention.self.value", (h, h)),
-                               ("attention.output.dense", (h, h)),
-                               ("intermediate.dense", (i, h)), ("output.dense", (h, i))):
+            for key, shape in (
+                ("attention.self.query", (h, h)),
+                ("attention.self.key", (h, h)),
+                ("attention.self.value", (h, h)),
+                ("attention.output.dense", (h, h)),
+                ("intermediate.dense", (i, h)),
+                ("output.dense", (h, i)),
+            ):
                 out[p + key + ".weight"], out[p + key + ".bias"] = shape, shape[:1]
             for key in ("attention.output.LayerNorm", "output.LayerNorm"):
                 out[p + key + ".weight"], out[p + key + ".bias"] = (h,), (h,)
         return out
     if family == "nomic":
         h, i = c["n_embd"], c["n_inner"]
-        out = {"embeddings.word_embeddings.weight": (c["vocab_size"], h),
-               "embeddings.token_type_embeddings.weight": (c["type_vocab_size"], h),
-               "emb_ln.weight": (h,), "emb_ln.bias": (h,)}
+        out = {
+            "embeddings.word_embeddings.weight": (c["vocab_size"], h),
+            "embeddings.token_type_embeddings.weight": (c["type_vocab_size"], h),
+            "emb_ln.weight": (h,),
+            "emb_ln.bias": (h,),
+        }
         for n in range(c["n_layer"]):
             p = f"encoder.layers.{n}."
-            out.update({p + "attn.Wqkv.weight": (3 * h, h), p + "attn.out_proj.weight": (h, h),
-                        p + "mlp.fc11.weight": (i, h), p + "mlp.fc12.weight": (i, h),
-                        p + "mlp.fc2.weight": (h, i)})
+            out.update(
+                {
+                    p + "attn.Wqkv.weight": (3 * h, h),
+                    p + "attn.out_proj.weight": (h, h),
+                    p + "mlp.fc11.weight": (i, h),
+                    p + "mlp.fc12.weight": (i, h),
+                    p + "mlp.fc2.weight": (h, i),
+                }
+            )
             for key in ("norm1", "norm2"):
                 out[p + key + ".weight"], out[p + key + ".bias"] = (h,), (h,)
         return out
@@ -132,23 +178,44 @@ def _tensors(family: str, c: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         out = {"embed_tokens.weight": (c["vocab_size"], h), "norm.weight": (h,)}
         for n in range(c["num_hidden_layers"]):
             p = f"layers.{n}."
-            out.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                        p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
-                        p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                        p + "mlp.down_proj.weight": (h, i)})
-            for key in ("input_layernorm", "post_attention_layernorm",
-                        "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            out.update(
+                {
+                    p + "self_attn.q_proj.weight": (q, h),
+                    p + "self_attn.k_proj.weight": (kv, h),
+                    p + "self_attn.v_proj.weight": (kv, h),
+                    p + "self_attn.o_proj.weight": (h, q),
+                    p + "self_attn.q_norm.weight": (hd,),
+                    p + "self_attn.k_norm.weight": (hd,),
+                    p + "mlp.gate_proj.weight": (i, h),
+                    p + "mlp.up_proj.weight": (i, h),
+                    p + "mlp.down_proj.weight": (h, i),
+                }
+            )
+            for key in (
+                "input_layernorm",
+                "post_attention_layernorm",
+                "pre_feedforward_layernorm",
+                "post_feedforward_layernorm",
+            ):
                 out[p + key + ".weight"] = (h,)
         return out
     h, i = c["hidden_size"], c["intermediate_size"]
-    out = {"embeddings.tok_embeddings.weight": (c["vocab_size"], h),
-           "embeddings.norm.weight": (h,), "final_norm.weight": (h,)}
+    out = {
+        "embeddings.tok_embeddings.weight": (c["vocab_size"], h),
+        "embeddings.norm.weight": (h,),
+        "final_norm.weight": (h,),
+    }
     for n in range(c["num_hidden_layers"]):
         p = f"layers.{n}."
-        out.update({p + "attn.Wqkv.weight": (3 * h, h), p + "attn.Wo.weight": (h, h),
-                    p + "mlp_norm.weight": (h,), p + "mlp.Wi.weight": (2 * i, h),
-                    p + "mlp.Wo.weight": (h, i)})
+        out.update(
+            {
+                p + "attn.Wqkv.weight": (3 * h, h),
+                p + "attn.Wo.weight": (h, h),
+                p + "mlp_norm.weight": (h,),
+                p + "mlp.Wi.weight": (2 * i, h),
+                p + "mlp.Wo.weight": (h, i),
+            }
+        )
         if n:
             out[p + "attn_norm.weight"] = (h,)
     return out
@@ -172,20 +239,23 @@ def make_model(family: str, root: Path) -> Path:
     (dst / "sentence_bert_config.json").write_text(json.dumps({**st, "max_seq_length": max_seq}))
     tok_cfg = json.loads((dst / "tokenizer_config.json").read_text())
     if "model_max_length" in tok_cfg:  # sentence-transformers 6's saves: it wins
-        (dst / "tokenizer_config.json").write_text(json.dumps({**tok_cfg,
-                                                               "model_max_length": max_seq}))
+        (dst / "tokenizer_config.json").write_text(
+            json.dumps({**tok_cfg, "model_max_length": max_seq})
+        )
     pooling = dst / "1_Pooling" / "config.json"
     width = config.get("hidden_size", config.get("n_embd"))
     pooled = json.loads(pooling.read_text())
-    dim_key = "embedding_dimension" if "embedding_dimension" in pooled else \
-        "word_embedding_dimension"
+    dim_key = (
+        "embedding_dimension" if "embedding_dimension" in pooled else "word_embedding_dimension"
+    )
     pooling.write_text(json.dumps({**pooled, dim_key: width}))
     rng = np.random.default_rng(0)
     for n, (d_in, d_out) in enumerate(DENSE.get(family, ())):
         ddir = dst / f"{n + 2}_Dense"
         dcfg = json.loads((ddir / "config.json").read_text())
-        (ddir / "config.json").write_text(json.dumps({**dcfg, "in_features": d_in,
-                                                      "out_features": d_out}))
+        (ddir / "config.json").write_text(
+            json.dumps({**dcfg, "in_features": d_in, "out_features": d_out})
+        )
         w = rng.standard_normal((d_out, d_in), dtype=np.float32) * np.float32(1 / np.sqrt(d_in))
         save_file({"linear.weight": w}, str(ddir / "model.safetensors"))
     weights: dict[str, np.ndarray] = {}
@@ -201,6 +271,7 @@ def make_model(family: str, root: Path) -> Path:
 
 
 # --- graph variants ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PathSpec:
@@ -231,8 +302,10 @@ def variant_specs(model: Any, variants: list[str], tmp: Path, threads: int) -> d
         if v in ("fp32", "int8"):
             t0 = time.perf_counter()
             built = prepare_onnx(model, v)  # type: ignore[arg-type]
-            print(f"  built {v} in {time.perf_counter() - t0:.0f} s: "
-                  f"{built.stat().st_size / 2**20:.0f} MiB")
+            print(
+                f"  built {v} in {time.perf_counter() - t0:.0f} s: "
+                f"{built.stat().st_size / 2**20:.0f} MiB"
+            )
             specs[v] = EngineSpec(model, v, threads)  # type: ignore[arg-type]
             continue
         if v == "fp32-mha" and fam.NAME == "xlm-roberta":
@@ -263,17 +336,19 @@ def _with_attention(fam: Any, kind: str) -> Any:
 
 # --- speed ---------------------------------------------------------------------------------------
 
+
 def random_batches(length: int, count: int, vocab: int, seed: int) -> list[list[np.ndarray]]:
     """``count`` chunks of ``length`` random ids (special tokens excluded), in batches of
     the default budget."""
     rng = np.random.default_rng(seed)
     per = max(1, BUDGET // length)
     chunks = [rng.integers(5, vocab, length).astype(np.int32) for _ in range(count)]
-    return [chunks[i:i + per] for i in range(0, count, per)]
+    return [chunks[i : i + per] for i in range(0, count, per)]
 
 
-def speed(engines: dict[str, Any], length: int, count: int, vocab: int, repeat: int
-          ) -> dict[str, tuple[float, float]]:
+def speed(
+    engines: dict[str, Any], length: int, count: int, vocab: int, repeat: int
+) -> dict[str, tuple[float, float]]:
     """Per variant, the best of ``repeat`` rounds: (chunks per wall second, chunks per CPU
     second of this process). With one intra-op thread ONNX Runtime computes on the calling
     thread, so CPU seconds are the engine's own work: the measure that holds while other jobs
@@ -293,6 +368,7 @@ def speed(engines: dict[str, Any], length: int, count: int, vocab: int, repeat: 
 
 
 # --- worker memory -------------------------------------------------------------------------------
+
 
 def _status(pid: int) -> dict[str, float]:
     out: dict[str, float] = {}
@@ -340,6 +416,7 @@ def worker_peaks(spec: Any, lengths: list[int], vocab: int) -> dict[str, float]:
 
 # --- one attention alone -------------------------------------------------------------------------
 
+
 def _attention_run(seq: int, variant: str, out: Any) -> None:
     """In a fresh process: one attention of ``variant`` at ``seq`` tokens; sends (s, MB)."""
     import resource
@@ -351,27 +428,42 @@ def _attention_run(seq: int, variant: str, out: Any) -> None:
     d = heads * hd
     dq = heads * (hd + 1) if variant == "flash" else d
     vi = helper.make_tensor_value_info
-    inputs = [vi("q", TensorProto.FLOAT, [1, seq, dq]), vi("k", TensorProto.FLOAT, [1, seq, dq]),
-              vi("v", TensorProto.FLOAT, [1, seq, d])]
+    inputs = [
+        vi("q", TensorProto.FLOAT, [1, seq, dq]),
+        vi("k", TensorProto.FLOAT, [1, seq, dq]),
+        vi("v", TensorProto.FLOAT, [1, seq, d]),
+    ]
     inits: list[Any] = []
     rng = np.random.default_rng(0)
-    feed = {"q": rng.standard_normal((1, seq, dq), dtype=np.float32),
-            "k": rng.standard_normal((1, seq, dq), dtype=np.float32),
-            "v": rng.standard_normal((1, seq, d), dtype=np.float32)}
+    feed = {
+        "q": rng.standard_normal((1, seq, dq), dtype=np.float32),
+        "k": rng.standard_normal((1, seq, dq), dtype=np.float32),
+        "v": rng.standard_normal((1, seq, d), dtype=np.float32),
+    }
     if variant == "plain":
         inputs.append(vi("bias", TensorProto.FLOAT, [1, 1, 1, seq]))
         feed["bias"] = np.zeros((1, 1, 1, seq), np.float32)
-        inits = [numpy_helper.from_array(np.array([0, 0, heads, hd], np.int64), "split"),
-                 numpy_helper.from_array(np.array([0, 0, -1], np.int64), "merge"),
-                 numpy_helper.from_array(np.array(hd ** -0.5, np.float32), "scale")]
+        inits = [
+            numpy_helper.from_array(np.array([0, 0, heads, hd], np.int64), "split"),
+            numpy_helper.from_array(np.array([0, 0, -1], np.int64), "merge"),
+            numpy_helper.from_array(np.array(hd**-0.5, np.float32), "scale"),
+        ]
         mk = helper.make_node
-        nodes = [mk("Reshape", ["q", "split"], ["q4"]), mk("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
-                 mk("Reshape", ["k", "split"], ["k4"]), mk("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
-                 mk("Reshape", ["v", "split"], ["v4"]), mk("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
-                 mk("MatMul", ["qt", "kt"], ["s"]), mk("Mul", ["s", "scale"], ["s2"]),
-                 mk("Add", ["s2", "bias"], ["s3"]), mk("Softmax", ["s3"], ["p"], axis=-1),
-                 mk("MatMul", ["p", "vt"], ["c"]), mk("Transpose", ["c"], ["ct"], perm=[0, 2, 1, 3]),
-                 mk("Reshape", ["ct", "merge"], ["out"])]
+        nodes = [
+            mk("Reshape", ["q", "split"], ["q4"]),
+            mk("Transpose", ["q4"], ["qt"], perm=[0, 2, 1, 3]),
+            mk("Reshape", ["k", "split"], ["k4"]),
+            mk("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+            mk("Reshape", ["v", "split"], ["v4"]),
+            mk("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
+            mk("MatMul", ["qt", "kt"], ["s"]),
+            mk("Mul", ["s", "scale"], ["s2"]),
+            mk("Add", ["s2", "bias"], ["s3"]),
+            mk("Softmax", ["s3"], ["p"], axis=-1),
+            mk("MatMul", ["p", "vt"], ["c"]),
+            mk("Transpose", ["c"], ["ct"], perm=[0, 2, 1, 3]),
+            mk("Reshape", ["ct", "merge"], ["out"]),
+        ]
     else:
         names = ["q", "k", "v"]
         attrs: dict[str, Any] = {"num_heads": heads}
@@ -380,19 +472,21 @@ def _attention_run(seq: int, variant: str, out: Any) -> None:
             feed["mask"] = np.ones((1, seq), np.int32)
             names += ["", "mask"]
         else:
-            attrs["scale"] = hd ** -0.5
-        nodes = [helper.make_node("MultiHeadAttention", names, ["out"], domain="com.microsoft",
-                                  **attrs)]
-    graph = helper.make_graph(nodes, "attention", inputs,
-                              [vi("out", TensorProto.FLOAT, None)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+            attrs["scale"] = hd**-0.5
+        nodes = [
+            helper.make_node("MultiHeadAttention", names, ["out"], domain="com.microsoft", **attrs)
+        ]
+    graph = helper.make_graph(
+        nodes, "attention", inputs, [vi("out", TensorProto.FLOAT, None)], initializer=inits
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 8
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.enable_mem_pattern = False
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     sess.run(None, feed)
@@ -415,6 +509,7 @@ def attention_table(lengths: list[int]) -> None:
 
 # --- main ----------------------------------------------------------------------------------------
 
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the tiny fixtures, short lengths")
@@ -422,8 +517,11 @@ def main() -> None:
     ap.add_argument("--variants", default="fp32,int8,fp32-mha,fp32-plain")
     ap.add_argument("--lengths", default="256,2048")
     ap.add_argument("--rss-lengths", default="256,2048,max")
-    ap.add_argument("--rss-variants", default=None,
-                    help="variants whose worker memory is measured (default: all; '' for none)")
+    ap.add_argument(
+        "--rss-variants",
+        default=None,
+        help="variants whose worker memory is measured (default: all; '' for none)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--chunks", type=int, default=24, help="chunks per round up to 512 tokens")
@@ -443,39 +541,60 @@ def main() -> None:
             directory = FIXTURES / family / "model" if args.quick else make_model(family, tmp)
             model = resolve_model(directory)
             vocab = int(model.config.get("vocab_size", 0))
-            print(f"\n== {family}: {SHAPES[family] if not args.quick else 'fixture'} "
-                  f"(max length {model.max_length}, {args.threads} thread(s))")
+            print(
+                f"\n== {family}: {SHAPES[family] if not args.quick else 'fixture'} "
+                f"(max length {model.max_length}, {args.threads} thread(s))"
+            )
             specs = variant_specs(model, variants, tmp, args.threads)
             top = model.max_length
             lengths = sorted({min(int(x), top) for x in args.lengths.split(",") if x})
             engines = {v: s.build() for v, s in specs.items()} if lengths else {}
             if lengths:
-                print("chunks per wall second / per CPU second, and CPU-second speed against "
-                      f"{variants[0]}")
+                print(
+                    "chunks per wall second / per CPU second, and CPU-second speed against "
+                    f"{variants[0]}"
+                )
                 print(f"{'':>10} " + " ".join(f"{v:>24}" for v in specs))
             for length in lengths:
-                count = (6 if args.quick else args.chunks) if length <= 512 else \
-                    (1 if args.quick else args.long_chunks)
+                count = (
+                    (6 if args.quick else args.chunks)
+                    if length <= 512
+                    else (1 if args.quick else args.long_chunks)
+                )
                 row = speed(engines, length, count, vocab, 1 if args.quick else args.repeat)
                 ref = row[next(iter(specs))][1]
-                print(f"{length:>6} tok " + " ".join(
-                    f"{row[v][0]:8.4g} /{row[v][1]:8.4g} {row[v][1] / ref:5.2f}x" for v in specs))
+                print(
+                    f"{length:>6} tok "
+                    + " ".join(
+                        f"{row[v][0]:8.4g} /{row[v][1]:8.4g} {row[v][1] / ref:5.2f}x" for v in specs
+                    )
+                )
             del engines
-            rss_lengths = sorted({top if x == "max" else min(int(x), top)
-                                  for x in args.rss_lengths.split(",")})
+            rss_lengths = sorted(
+                {top if x == "max" else min(int(x), top) for x in args.rss_lengths.split(",")}
+            )
             if args.rss_variants == "":
                 continue
-            print(f"{'worker MiB':>10} {'load':>8} "
-                  + " ".join(f"{'peak@' + str(n):>10}" for n in rss_lengths)
-                  + "   (seconds per batch)")
-            rss_variants = list(specs) if args.rss_variants is None else \
-                [v for v in args.rss_variants.split(",") if v in specs]
+            print(
+                f"{'worker MiB':>10} {'load':>8} "
+                + " ".join(f"{'peak@' + str(n):>10}" for n in rss_lengths)
+                + "   (seconds per batch)"
+            )
+            rss_variants = (
+                list(specs)
+                if args.rss_variants is None
+                else [v for v in args.rss_variants.split(",") if v in specs]
+            )
             for v in rss_variants:
                 spec = specs[v]
                 peaks = worker_peaks(spec, rss_lengths, vocab)
-                print(f"{v:>10} {peaks['load']:8.0f} "
-                      + " ".join(f"{peaks[f'peak@{n}']:10.0f}" for n in rss_lengths)
-                      + "   (" + " ".join(f"{peaks[f's@{n}']:.1f}" for n in rss_lengths) + ")")
+                print(
+                    f"{v:>10} {peaks['load']:8.0f} "
+                    + " ".join(f"{peaks[f'peak@{n}']:10.0f}" for n in rss_lengths)
+                    + "   ("
+                    + " ".join(f"{peaks[f's@{n}']:.1f}" for n in rss_lengths)
+                    + ")"
+                )
 
 
 if __name__ == "__main__":

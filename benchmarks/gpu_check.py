@@ -71,6 +71,7 @@ def cpu_name() -> str:
 
 # -- corpus ---------------------------------------------------------------------------------
 
+
 def corpus(n: int, out: str) -> None:
     """N distinct chunks: the stdlib's, then the same again with a marker line, so that no
     two are equal (the job dedupes equal texts)."""
@@ -78,12 +79,15 @@ def corpus(n: int, out: str) -> None:
     from embedpool.models import resolve_model
 
     base = [c.text for c in stdlib_chunks(n)]
-    texts = [base[i] if i < len(base) else f"{base[i % len(base)]}\n# copy {i // len(base)}"
-             for i in range(n)]
+    texts = [
+        base[i] if i < len(base) else f"{base[i % len(base)]}\n# copy {i // len(base)}"
+        for i in range(n)
+    ]
     write(out, {"texts": texts, "model_dir": str(resolve_model().directory)})
 
 
 # -- vectors ---------------------------------------------------------------------------------
+
 
 def vectors(out: str, n: int) -> None:
     """The CPU fp32 reference against CUDA fp32 and fp16 (each an in-process engine, batches
@@ -102,12 +106,16 @@ def vectors(out: str, n: int) -> None:
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
 
     def run(precision: str, device: str) -> Any:
-        engine = EngineSpec(m, precision, threads=os.cpu_count() or 1,  # type: ignore[arg-type]
-                            device=device).build()
+        engine = EngineSpec(
+            m,
+            precision,
+            threads=os.cpu_count() or 1,  # type: ignore[arg-type]
+            device=device,
+        ).build()
         got = np.zeros((len(seqs), m.dim), dtype=np.float32)
         t0 = time.perf_counter()
         for i in range(0, len(order), 32):
-            idx = order[i:i + 32]
+            idx = order[i : i + 32]
             got[idx] = engine.embed([seqs[j] for j in idx])
         return got, time.perf_counter() - t0
 
@@ -124,14 +132,17 @@ def vectors(out: str, n: int) -> None:
             result[f"cuda_{precision}"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             continue
         cos = np.sum(got * ref, axis=1)
-        result[f"cuda_{precision}"] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-                                       "seconds": round(secs, 2),
-                                       "meets_0.999": bool(cos.mean() >= 0.999
-                                                           and cos.min() >= 0.999)}
+        result[f"cuda_{precision}"] = {
+            "cos_mean": float(cos.mean()),
+            "cos_min": float(cos.min()),
+            "seconds": round(secs, 2),
+            "meets_0.999": bool(cos.mean() >= 0.999 and cos.min() >= 0.999),
+        }
     write(out, result)
 
 
 # -- throughput -----------------------------------------------------------------------------
+
 
 def embedpool_run(out: str, corpus_file: str, device: str, extra: list[str]) -> None:
     """embedpool over the corpus in a child, with the whole tree's RSS sampled from here."""
@@ -140,11 +151,24 @@ def embedpool_run(out: str, corpus_file: str, device: str, extra: list[str]) -> 
     texts = json.loads(Path(corpus_file).read_text())["texts"]
     work = Path(os.environ.get("WORK") or Path(corpus_file).parent)  # big files stay out of OUT
     src = work / (Path(out).stem + ".jsonl")
-    src.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
-                           for i, t in enumerate(texts)))
+    src.write_text(
+        "".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts))
+    )
     dest = work / (Path(out).stem + ".npy")
-    cmd = [sys.executable, "-m", "embedpool", "embed", str(src), "--out", str(dest),
-           "--device", device, "--no-cache", "--log-json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedpool",
+        "embed",
+        str(src),
+        "--out",
+        str(dest),
+        "--device",
+        device,
+        "--no-cache",
+        "--log-json",
+        *extra,
+    ]
     log = work / (Path(out).stem + ".log")
     with open(log, "w") as err:  # a file, not a pipe: nobody reads a pipe while we sample
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
@@ -160,14 +184,19 @@ def embedpool_run(out: str, corpus_file: str, device: str, extra: list[str]) -> 
     stderr = log.read_text(errors="replace")
     summary = [ln for ln in stderr.splitlines() if ln.startswith("done:")]
     events = [json.loads(ln) for ln in stderr.splitlines() if ln.startswith("{")]
-    result: dict[str, Any] = {"exit": proc.returncode, "command": " ".join(cmd[2:]),
-                              "chunks": len(texts), "peak_tree_rss_bytes": peak,
-                              "summary": summary[-1] if summary else stderr[-3000:],
-                              "fallbacks": [e for e in events if e.get("event") == "device_fallback"]}
+    result: dict[str, Any] = {
+        "exit": proc.returncode,
+        "command": " ".join(cmd[2:]),
+        "chunks": len(texts),
+        "peak_tree_rss_bytes": peak,
+        "summary": summary[-1] if summary else stderr[-3000:],
+        "fallbacks": [e for e in events if e.get("event") == "device_fallback"],
+    }
     progress = [e for e in events if e.get("event") == "progress"]
     if summary:
-        fields = dict(part.split(" ", 1) for part in summary[-1][len("done: "):].split(", ")
-                      if " " in part)
+        fields = dict(
+            part.split(" ", 1) for part in summary[-1][len("done: ") :].split(", ") if " " in part
+        )
         try:
             result["seconds"] = float(fields["seconds"])
             result["chunks_per_s"] = float(fields["chunks/s"])
@@ -179,8 +208,12 @@ def embedpool_run(out: str, corpus_file: str, device: str, extra: list[str]) -> 
     write(out, result)
 
 
-def st_run(out: str, corpus_file: str, max_length: int | None = MAX_LENGTH,
-           save: tuple[int, str] | None = None) -> None:
+def st_run(
+    out: str,
+    corpus_file: str,
+    max_length: int | None = MAX_LENGTH,
+    save: tuple[int, str] | None = None,
+) -> None:
     """sentence-transformers on the GPU: torch CUDA, fp16, batch 256 (its encode sorts by
     length itself). Runs in the torch venv; only torch and sentence-transformers needed.
     ``max_length`` None keeps the model's own; ``save`` (N, FILE): the first N vectors as
@@ -204,13 +237,25 @@ def st_run(out: str, corpus_file: str, max_length: int | None = MAX_LENGTH,
     torch.cuda.synchronize()
     secs = time.perf_counter() - t1
     if save is not None:
-        np.save(save[1], np.asarray(vecs[:save[0]], dtype=np.float32))
-    write(out, {"chunks": len(texts), "seconds": secs, "chunks_per_s": len(texts) / secs,
-                "load_s": load, "dim": int(vecs.shape[1]),
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
-                "settings": {"dtype": "float16", "batch_size": 256,
-                             "max_seq_length": model.max_seq_length}})
+        np.save(save[1], np.asarray(vecs[: save[0]], dtype=np.float32))
+    write(
+        out,
+        {
+            "chunks": len(texts),
+            "seconds": secs,
+            "chunks_per_s": len(texts) / secs,
+            "load_s": load,
+            "dim": int(vecs.shape[1]),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0),
+            "settings": {
+                "dtype": "float16",
+                "batch_size": 256,
+                "max_seq_length": model.max_seq_length,
+            },
+        },
+    )
 
 
 def efficiency(out: str, workers: list[int], per_worker: int) -> None:
@@ -218,15 +263,36 @@ def efficiency(out: str, workers: list[int], per_worker: int) -> None:
     runs: dict[str, Any] = {}
     for n in workers:
         chunks = max(500, per_worker * n)
-        proc = subprocess.run([sys.executable, "-m", "embedpool", "bench", "--device", "cpu",
-                               "--workers", str(n), "--threads", "1", "--chunks", str(chunks),
-                               "--json"], capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "embedpool",
+                "bench",
+                "--device",
+                "cpu",
+                "--workers",
+                str(n),
+                "--threads",
+                "1",
+                "--chunks",
+                str(chunks),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             runs[str(n)] = {"error": proc.stderr[-2000:]}
             continue
         r = json.loads(proc.stdout)["runs"][0]
-        runs[str(n)] = {"chunks": chunks, "tokens_per_s": r["tokens_per_s"],
-                        "chunks_per_s": r["chunks_per_s"], "peak_rss_bytes": r["peak_rss_bytes"]}
+        runs[str(n)] = {
+            "chunks": chunks,
+            "tokens_per_s": r["tokens_per_s"],
+            "chunks_per_s": r["chunks_per_s"],
+            "peak_rss_bytes": r["peak_rss_bytes"],
+        }
     one = runs.get("1", {}).get("tokens_per_s")
     for count, run in runs.items():
         if one and "tokens_per_s" in run:
@@ -236,6 +302,7 @@ def efficiency(out: str, workers: list[int], per_worker: int) -> None:
 
 # -- Qwen3-Embedding-0.6B's shape -------------------------------------------------------------
 
+
 def qwen3_make(directory: str) -> None:
     """decoders.py's make step with this interpreter (the torch venv): DIR/model."""
     mod = decoders()
@@ -244,8 +311,18 @@ def qwen3_make(directory: str) -> None:
         print("exists", work / "model")
         return
     work.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-c", mod.MAKE, str(BENCHMARKS.parent), str(work),
-                    json.dumps(mod.SHAPE), "16384"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            mod.MAKE,
+            str(BENCHMARKS.parent),
+            str(work),
+            json.dumps(mod.SHAPE),
+            "16384",
+        ],
+        check=True,
+    )
 
 
 def qwen3_corpus(model_dir: str, n: int, out: str) -> None:
@@ -279,19 +356,30 @@ def qwen3_vectors(out: str, corpus_file: str, n: int, device: str, st_file: str 
     seqs = TextTokenizer(m.tokenizer_path, m.max_length).encode(data["texts"][:n]).sequences
 
     def run(precision: Literal["fp32", "fp16"], where: str) -> tuple[Any, float]:
-        engine = Engine.for_model(prepare_onnx(m, precision), m, threads=os.cpu_count() or 1,
-                                  device=where, precision=precision)
+        engine = Engine.for_model(
+            prepare_onnx(m, precision),
+            m,
+            threads=os.cpu_count() or 1,
+            device=where,
+            precision=precision,
+        )
         t0 = time.perf_counter()
-        got = np.concatenate([engine.embed(seqs[i:i + 8]) for i in range(0, len(seqs), 8)])
+        got = np.concatenate([engine.embed(seqs[i : i + 8]) for i in range(0, len(seqs), 8)])
         return got, time.perf_counter() - t0
 
     def compare(got: Any, ref: Any) -> dict[str, Any]:
         cos = np.sum(got * ref, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
-        return {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-                f"meets_{FP16_BAR}": bool(cos.min() >= FP16_BAR)}
+        return {
+            "cos_mean": float(cos.mean()),
+            "cos_min": float(cos.min()),
+            f"meets_{FP16_BAR}": bool(cos.min() >= FP16_BAR),
+        }
 
-    result: dict[str, Any] = {"chunks": len(seqs), "device": device,
-                              "tokens_max": max(len(s) for s in seqs)}
+    result: dict[str, Any] = {
+        "chunks": len(seqs),
+        "device": device,
+        "tokens_max": max(len(s) for s in seqs),
+    }
     ref, secs = run("fp32", "cpu")
     result["cpu_fp32_seconds"] = round(secs, 2)
     try:
@@ -301,19 +389,21 @@ def qwen3_vectors(out: str, corpus_file: str, n: int, device: str, st_file: str 
         result["embedpool_fp16"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
     if st_file and Path(st_file).is_file():
         st = np.load(st_file)
-        result["st_fp16"] = (compare(st, ref[:len(st)]) if st.shape[1] == ref.shape[1] else
-                             {"error": f"sentence-transformers vectors {st.shape} against "
-                                       f"{ref.shape}"})
+        result["st_fp16"] = (
+            compare(st, ref[: len(st)])
+            if st.shape[1] == ref.shape[1]
+            else {"error": f"sentence-transformers vectors {st.shape} against {ref.shape}"}
+        )
     write(out, result)
 
 
 # -- report ---------------------------------------------------------------------------------
 
+
 def report(directory: str) -> None:
     d = Path(directory)
     steps = {p.stem: json.loads(p.read_text()) for p in sorted((d / "steps").glob("*.json"))}
-    out: dict[str, Any] = {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
-                           "steps": steps}
+    out: dict[str, Any] = {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "steps": steps}
     lines = [f"gpu_check on {out['cpu']}, {out['cores']} cores"]
     gpu = steps.get("machine", {}).get("gpu")
     if gpu:
@@ -322,18 +412,22 @@ def report(directory: str) -> None:
     for p in ("fp32", "fp16"):
         v = vec.get(f"cuda_{p}")
         if isinstance(v, dict) and "cos_mean" in v:
-            lines.append(f"vectors cuda {p} vs cpu fp32: cos mean {v['cos_mean']:.6f}, min "
-                         f"{v['cos_min']:.6f} ({'meets' if v['meets_0.999'] else 'MISSES'} 0.999)")
+            lines.append(
+                f"vectors cuda {p} vs cpu fp32: cos mean {v['cos_mean']:.6f}, min "
+                f"{v['cos_min']:.6f} ({'meets' if v['meets_0.999'] else 'MISSES'} 0.999)"
+            )
         elif v is not None:
             lines.append(f"vectors cuda {p}: {str(v.get('error', v))[:300]}")
     for where in ("gpu", "cpu"):
         run = steps.get(f"embedpool_{where}", {})
         if "chunks_per_s" in run:
             rss = run["peak_tree_rss_bytes"]
-            lines.append(f"embedpool {where}: {run['chunks_per_s']:.1f} chunks/s over "
-                         f"{run.get('chunks', '?')} chunks, tree RSS peak {rss / 2**30:.2f} GiB "
-                         f"({'<=' if rss <= 2**30 else '>'} 1 GiB)"
-                         + (f"; FELL BACK: {run['fallbacks']}" if run.get("fallbacks") else ""))
+            lines.append(
+                f"embedpool {where}: {run['chunks_per_s']:.1f} chunks/s over "
+                f"{run.get('chunks', '?')} chunks, tree RSS peak {rss / 2**30:.2f} GiB "
+                f"({'<=' if rss <= 2**30 else '>'} 1 GiB)"
+                + (f"; FELL BACK: {run['fallbacks']}" if run.get("fallbacks") else "")
+            )
     ours, st = steps.get("embedpool_gpu", {}), steps.get("st_gpu", {})
     if "chunks_per_s" in st:
         lines.append(f"sentence-transformers fp16 b256: {st['chunks_per_s']:.1f} chunks/s")
@@ -346,14 +440,19 @@ def report(directory: str) -> None:
     if eff:
         lines.append("cpu pool (int8, 1 thread/worker): workers tokens/s efficiency")
         for n, r in eff.items():
-            lines.append(f"  {n:>3} {r.get('tokens_per_s', 0):>10.0f} "
-                         f"{r.get('efficiency', float('nan')):>6.2f}" if "tokens_per_s" in r
-                         else f"  {n:>3} error: {str(r.get('error', ''))[:200]}")
+            lines.append(
+                f"  {n:>3} {r.get('tokens_per_s', 0):>10.0f} "
+                f"{r.get('efficiency', float('nan')):>6.2f}"
+                if "tokens_per_s" in r
+                else f"  {n:>3} error: {str(r.get('error', ''))[:200]}"
+            )
     tok = steps.get("tokenize", {})
     if "parent_1core" in tok:
-        lines.append(f"parent tokenising: {tok['parent_1core']['tokens_per_s']:.0f} tokens/s on "
-                     f"1 core, {tok['parent_all_cores']['tokens_per_s']:.0f} on "
-                     f"{tok['cores']}; one worker {tok['worker_1thread']['tokens_per_s']:.0f}")
+        lines.append(
+            f"parent tokenising: {tok['parent_1core']['tokens_per_s']:.0f} tokens/s on "
+            f"1 core, {tok['parent_all_cores']['tokens_per_s']:.0f} on "
+            f"{tok['cores']}; one worker {tok['worker_1thread']['tokens_per_s']:.0f}"
+        )
     for name, s in steps.items():
         if isinstance(s, dict) and "error" in s and name not in ("vectors", "qwen3_vectors"):
             lines.append(f"step {name} failed: {str(s['error']).splitlines()[-1][:300]}")
@@ -368,25 +467,33 @@ def qwen3_lines(steps: dict[str, Any], out: dict[str, Any]) -> list[str]:
     against sentence-transformers fp16 on the same GPU."""
     lines: list[str] = []
     vec = steps.get("qwen3_vectors", {})
-    for key, who in (("embedpool_fp16", "embedpool fp16"), ("st_fp16", "sentence-transformers fp16")):
+    for key, who in (
+        ("embedpool_fp16", "embedpool fp16"),
+        ("st_fp16", "sentence-transformers fp16"),
+    ):
         v = vec.get(key)
         if isinstance(v, dict) and "cos_mean" in v:
-            lines.append(f"qwen3-0.6b {who} ({vec.get('device', '?')}) vs embedpool cpu fp32: "
-                         f"cos mean {v['cos_mean']:.6f}, min {v['cos_min']:.6f} "
-                         f"({'meets' if v[f'meets_{FP16_BAR}'] else 'MISSES'} {FP16_BAR})")
+            lines.append(
+                f"qwen3-0.6b {who} ({vec.get('device', '?')}) vs embedpool cpu fp32: "
+                f"cos mean {v['cos_mean']:.6f}, min {v['cos_min']:.6f} "
+                f"({'meets' if v[f'meets_{FP16_BAR}'] else 'MISSES'} {FP16_BAR})"
+            )
         elif isinstance(v, dict):
             lines.append(f"qwen3-0.6b {who}: {str(v.get('error', v))[:300]}")
     if "error" in vec:
         lines.append(f"qwen3-0.6b vectors failed: {str(vec['error']).splitlines()[-1][:300]}")
     ours, st = steps.get("qwen3_embedpool_gpu", {}), steps.get("qwen3_st_gpu", {})
     if "chunks_per_s" in ours:
-        lines.append(f"qwen3-0.6b embedpool fp16 cuda: {ours['chunks_per_s']:.1f} chunks/s "
-                     f"({QWEN3_TOKENS} tokens), tree RSS peak "
-                     f"{ours['peak_tree_rss_bytes'] / 2**30:.2f} GiB"
-                     + (f"; FELL BACK: {ours['fallbacks']}" if ours.get("fallbacks") else ""))
+        lines.append(
+            f"qwen3-0.6b embedpool fp16 cuda: {ours['chunks_per_s']:.1f} chunks/s "
+            f"({QWEN3_TOKENS} tokens), tree RSS peak "
+            f"{ours['peak_tree_rss_bytes'] / 2**30:.2f} GiB"
+            + (f"; FELL BACK: {ours['fallbacks']}" if ours.get("fallbacks") else "")
+        )
     if "chunks_per_s" in st:
-        lines.append(f"qwen3-0.6b sentence-transformers fp16 b256: {st['chunks_per_s']:.1f} "
-                     "chunks/s")
+        lines.append(
+            f"qwen3-0.6b sentence-transformers fp16 b256: {st['chunks_per_s']:.1f} chunks/s"
+        )
     if "chunks_per_s" in ours and "chunks_per_s" in st:
         ratio = ours["chunks_per_s"] / st["chunks_per_s"]
         out["qwen3_ratio_embedpool_over_st"] = round(ratio, 3)

@@ -77,7 +77,7 @@ def stdlib_chunks(n: int) -> list[str]:
     for path in sorted(lib.glob("*.py")):
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         for start in range(0, len(lines), CHUNK_LINES):
-            text = "\n".join(lines[start:start + CHUNK_LINES]).strip()
+            text = "\n".join(lines[start : start + CHUNK_LINES]).strip()
             if text:
                 chunks.append(text)
     step = max(1, len(chunks) // n)
@@ -91,12 +91,13 @@ def run(engine: Engine, seqs: list[TokenIds], batch: int) -> tuple[np.ndarray, f
     engine.embed(seqs[:2])  # warm-up: first run allocates and plans
     t0, c0 = time.perf_counter(), time.process_time()
     for s in range(0, len(order), batch):
-        idx = order[s:s + batch]
+        idx = order[s : s + batch]
         out[idx] = engine.embed([seqs[i] for i in idx])
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 # --- candidate recipes: recipe 6 with one thing changed ------------------------------------
+
 
 @contextlib.contextmanager
 def patched(obj: Any, name: str, value: Any) -> Iterator[None]:
@@ -128,8 +129,9 @@ class U8U8Emitter(q8._Emitter):
         mm = nodes[-1]
         w = next(t for t in self.inits if t.name == mm.input[1])
         signed = onnx.numpy_helper.to_array(w)
-        w.CopyFrom(onnx.numpy_helper.from_array(
-            (signed.astype(np.int16) + 128).astype(np.uint8), w.name))
+        w.CopyFrom(
+            onnx.numpy_helper.from_array((signed.astype(np.int16) + 128).astype(np.uint8), w.name)
+        )
         mm.input.append(self._const("int8.wzp128", 128, np.uint8))
         return nodes
 
@@ -145,23 +147,37 @@ def static_emitter(ranges: dict[str, tuple[float, float]]) -> type[q8._Emitter]:
                 scale = max((hi - lo) / 255, 1e-12)
                 zero = int(np.clip(np.rint(-lo / scale), 0, 255))
                 s = self._const(f"{x}.s", scale, np.float32)
-                nodes.append(helper.make_node("QuantizeLinear",
-                                              [x, s, self._const(f"{x}.z", zero, np.uint8)],
-                                              [f"{x}.u8"], name=f"{x}.u8_QuantizeLinear"))
+                nodes.append(
+                    helper.make_node(
+                        "QuantizeLinear",
+                        [x, s, self._const(f"{x}.z", zero, np.uint8)],
+                        [f"{x}.u8"],
+                        name=f"{x}.u8_QuantizeLinear",
+                    )
+                )
                 self._quantised[(x, 0)] = (f"{x}.u8", s)
             return self._quantised[(x, 0)]
 
-        def linear(self, node: onnx.NodeProto, weight: np.ndarray, zp: int
-                   ) -> list[onnx.NodeProto]:
+        def linear(self, node: onnx.NodeProto, weight: np.ndarray, zp: int) -> list[onnx.NodeProto]:
             nodes: list[onnx.NodeProto] = []
             x_u8, scale = self.activation(node.input[0], zp, nodes)
             q, w_scale = q8.quantize_weight(weight)
             w = node.input[1]
-            nodes.append(helper.make_node(
-                "MatMulIntegerToFloat",
-                [x_u8, self._const(f"{w}.q", q, np.int8), scale,
-                 self._const(f"{w}.scale", w_scale, np.float32), f"{node.input[0]}.z"],
-                list(node.output), name=f"{node.name}.int8", domain=q8.MS_DOMAIN))
+            nodes.append(
+                helper.make_node(
+                    "MatMulIntegerToFloat",
+                    [
+                        x_u8,
+                        self._const(f"{w}.q", q, np.int8),
+                        scale,
+                        self._const(f"{w}.scale", w_scale, np.float32),
+                        f"{node.input[0]}.z",
+                    ],
+                    list(node.output),
+                    name=f"{node.name}.int8",
+                    domain=q8.MS_DOMAIN,
+                )
+            )
             return nodes
 
     return StaticEmitter
@@ -178,35 +194,50 @@ class NBitsEmitter(q8._Emitter):
         scale = (np.maximum(np.abs(blocks).max(axis=2), 1e-12) / 127).astype(np.float32)
         packed = (np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
         w = node.input[1]
-        return [helper.make_node(
-            "MatMulNBits", [node.input[0], self._const(f"{w}.nb", packed, np.uint8),
-                            self._const(f"{w}.ns", scale, np.float32)],
-            list(node.output), name=f"{node.name}.nbits", domain=q8.MS_DOMAIN, K=k, N=n,
-            bits=8, block_size=self.BLOCK, accuracy_level=4)]
+        return [
+            helper.make_node(
+                "MatMulNBits",
+                [
+                    node.input[0],
+                    self._const(f"{w}.nb", packed, np.uint8),
+                    self._const(f"{w}.ns", scale, np.float32),
+                ],
+                list(node.output),
+                name=f"{node.name}.nbits",
+                domain=q8.MS_DOMAIN,
+                K=k,
+                N=n,
+                bits=8,
+                block_size=self.BLOCK,
+                accuracy_level=4,
+            )
+        ]
 
 
-def calibrate_ranges(graph: onnx.ModelProto, inputs: list[str], model: ResolvedModel
-                     ) -> dict[str, tuple[float, float]]:
+def calibrate_ranges(
+    graph: onnx.ModelProto, inputs: list[str], model: ResolvedModel
+) -> dict[str, tuple[float, float]]:
     """Streaming MinMax: the fp32 graph run batch by batch over 64 stdlib chunks, keeping
     only each tensor's running min and max."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(graph)
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in inputs)
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in inputs
+    )
     sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    seqs = TextTokenizer.for_model(model).encode(
-        stdlib_chunks(2000)[::31][:64]).sequences
+    seqs = TextTokenizer.for_model(model).encode(stdlib_chunks(2000)[::31][:64]).sequences
     ranges: dict[str, tuple[float, float]] = {}
     for start in range(0, len(seqs), 8):
-        batch = sorted(seqs, key=len)[start:start + 8]
+        batch = sorted(seqs, key=len)[start : start + 8]
         ids = np.zeros((len(batch), max(map(len, batch))), np.int64)
         mask = np.zeros_like(ids)
         for r, s in enumerate(batch):
-            ids[r, :len(s)], mask[r, :len(s)] = s, 1
-        for name, v in zip(inputs, sess.run(inputs, {"input_ids": ids, "attention_mask": mask}),
-                           strict=True):
+            ids[r, : len(s)], mask[r, : len(s)] = s, 1
+        for name, v in zip(
+            inputs, sess.run(inputs, {"input_ids": ids, "attention_mask": mask}), strict=True
+        ):
             lo, hi = ranges.get(name, (np.inf, -np.inf))
             ranges[name] = (min(lo, float(v.min())), max(hi, float(v.max())))
     return ranges
@@ -221,8 +252,9 @@ def variants(model: ResolvedModel, tmp: Path) -> dict[str, Callable[[], Path]]:
             patches = dict(options)
             if not path.exists():
                 weights = fam.load_weights(model.weights_path, cfg)
-                parts = compose_parts(fam, weights, cfg, model.head, int8_ready=True,
-                                      name=model.name)
+                parts = compose_parts(
+                    fam, weights, cfg, model.head, int8_ready=True, name=model.name
+                )
                 graph, linears = parts.model, parts.linears
                 recipe = q8.zero_points(linears)
                 if patches.pop("nofloor", False):
@@ -236,15 +268,26 @@ def variants(model: ResolvedModel, tmp: Path) -> dict[str, Callable[[], Path]]:
                     q8.quantize_linears(graph, recipe)
                 onnx.save(graph, path)
             return path
+
         return make
 
     def fp32(fused: bool) -> Callable[[], Path]:
         def make() -> Path:
             path = tmp / f"fp32-{fused}.onnx"
             if not path.exists():
-                onnx.save(compose(fam, fam.load_weights(model.weights_path, cfg), cfg,
-                                  model.head, fused=fused, name=model.name), path)
+                onnx.save(
+                    compose(
+                        fam,
+                        fam.load_weights(model.weights_path, cfg),
+                        cfg,
+                        model.head,
+                        fused=fused,
+                        name=model.name,
+                    ),
+                    path,
+                )
             return path
+
         return make
 
     def shipped() -> Path:
@@ -258,12 +301,25 @@ def variants(model: ResolvedModel, tmp: Path) -> dict[str, Callable[[], Path]]:
 
         path = tmp / "int8-dynamic.onnx"
         if not path.exists():
-            graph = compose(fam, fam.load_weights(model.weights_path, cfg), cfg, model.head,
-                            int8_ready=True, name=model.name)
-            quantize_dynamic(graph, path, op_types_to_quantize=["MatMul"], per_channel=True,
-                             weight_type=QuantType.QInt8,
-                             extra_options={"MatMulConstBOnly": True,
-                                            "DefaultTensorType": onnx.TensorProto.FLOAT})
+            graph = compose(
+                fam,
+                fam.load_weights(model.weights_path, cfg),
+                cfg,
+                model.head,
+                int8_ready=True,
+                name=model.name,
+            )
+            quantize_dynamic(
+                graph,
+                path,
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                extra_options={
+                    "MatMulConstBOnly": True,
+                    "DefaultTensorType": onnx.TensorProto.FLOAT,
+                },
+            )
         return path
 
     def v5() -> Path:
@@ -281,8 +337,7 @@ def variants(model: ResolvedModel, tmp: Path) -> dict[str, Callable[[], Path]]:
         "int8-v5": v5,
         "int8-shipped": shipped,
         "int8-unbounded": int8_with("int8-unbounded", quantize_weight=weights_max127),
-        "int8-u8u8": int8_with("int8-u8u8", _Emitter=U8U8Emitter,
-                               quantize_weight=weights_max127),
+        "int8-u8u8": int8_with("int8-u8u8", _Emitter=U8U8Emitter, quantize_weight=weights_max127),
         "int8-w7": int8_with("int8-w7", quantize_weight=weights_7bit),
         "int8-nofloor": int8_with("int8-nofloor", nofloor=True),
         "int8-static": int8_with("int8-static", static=True),
@@ -318,12 +373,18 @@ def build_cost(names: list[str], repeat: int) -> None:
         runs = []
         for _ in range(repeat):
             with tempfile.TemporaryDirectory() as d:
-                out = subprocess.run([sys.executable, "-c", _BUILD, name, d,
-                                      str(Path(__file__).parent)],
-                                     capture_output=True, text=True, check=True).stdout.split()
+                out = subprocess.run(
+                    [sys.executable, "-c", _BUILD, name, d, str(Path(__file__).parent)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout.split()
                 runs.append((float(out[0]), int(out[1]) * 1024 / 1e6))
-        print(f"{name:10s} {min(r[0] for r in runs):6.2f} s  {min(r[1] for r in runs):6.0f} MB "
-              f"(runs: {', '.join(f'{s:.2f} s/{m:.0f} MB' for s, m in runs)})", flush=True)
+        print(
+            f"{name:10s} {min(r[0] for r in runs):6.2f} s  {min(r[1] for r in runs):6.0f} MB "
+            f"(runs: {', '.join(f'{s:.2f} s/{m:.0f} MB' for s, m in runs)})",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -349,15 +410,18 @@ def main() -> None:
     seqs = tok.encode(texts + fixture).sequences
     n = len(texts)
     ntok = sum(len(s) for s in seqs[:n])
-    print(f"{n} chunks, {ntok} tokens, mean {ntok / n:.0f}; + {len(fixture)} fixture texts; "
-          f"threads {args.threads}, batch {args.batch}; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"{n} chunks, {ntok} tokens, mean {ntok / n:.0f}; + {len(fixture)} fixture texts; "
+        f"threads {args.threads}, batch {args.batch}; load {os.getloadavg()[0]:.1f}"
+    )
     with tempfile.TemporaryDirectory() as d:
         table = variants(model, Path(d))
         paths = {name: table[name]() for name in names}
         ref = np.load(args.reference) if args.reference is not None else None
         if ref is None:
-            ref = run(Engine.for_model(table["fp32"](), model, threads=args.threads), seqs,
-                      args.batch)[0]
+            ref = run(
+                Engine.for_model(table["fp32"](), model, threads=args.threads), seqs, args.batch
+            )[0]
         best = dict.fromkeys(names, 0.0)
         best_cpu = dict.fromkeys(names, 0.0)
         quality: dict[str, tuple[float, ...]] = {}
@@ -373,21 +437,31 @@ def main() -> None:
                 if name not in quality:
                     fix = eng.embed(seqs[n:])
                     cos, fcos = (vecs * ref[:n]).sum(1), (fix * ref[n:]).sum(1)
-                    alone = np.stack([eng.embed([s])[0] for s in seqs[n:n + 12]])
-                    mixed = eng.embed([*seqs[n:n + 12], longest])[:12]
-                    quality[name] = (cos.mean(), cos.min(), fcos.mean(), fcos.min(),
-                                     (alone * mixed).sum(1).min())
+                    alone = np.stack([eng.embed([s])[0] for s in seqs[n : n + 12]])
+                    mixed = eng.embed([*seqs[n : n + 12], longest])[:12]
+                    quality[name] = (
+                        cos.mean(),
+                        cos.min(),
+                        fcos.mean(),
+                        fcos.min(),
+                        (alone * mixed).sum(1).min(),
+                    )
                 del eng
         base = best.get("fp32", 0.0)
         base_cpu = best_cpu.get("fp32", 0.0)
-        print(f"{'variant':15s} {'chunks/s':>8s} {'x fp32':>6s} {'/cpu-s':>7s} {'x fp32':>6s}  "
-              "chunks cos mean/min   fixture cos mean/min  batch-indep  size")
+        print(
+            f"{'variant':15s} {'chunks/s':>8s} {'x fp32':>6s} {'/cpu-s':>7s} {'x fp32':>6s}  "
+            "chunks cos mean/min   fixture cos mean/min  batch-indep  size"
+        )
         for name in names:
             q = quality[name]
-            print(f"{name:15s} {best[name]:8.1f} {best[name] / base if base else 0:6.2f} "
-                  f"{best_cpu[name]:7.1f} {best_cpu[name] / base_cpu if base_cpu else 0:6.2f}  "
-                  f"{q[0]:.5f} / {q[1]:.5f}    {q[2]:.5f} / {q[3]:.5f}     {q[4]:.7f}  "
-                  f"{paths[name].stat().st_size / 1e6:3.0f} MB", flush=True)
+            print(
+                f"{name:15s} {best[name]:8.1f} {best[name] / base if base else 0:6.2f} "
+                f"{best_cpu[name]:7.1f} {best_cpu[name] / base_cpu if base_cpu else 0:6.2f}  "
+                f"{q[0]:.5f} / {q[1]:.5f}    {q[2]:.5f} / {q[3]:.5f}     {q[4]:.7f}  "
+                f"{paths[name].stat().st_size / 1e6:3.0f} MB",
+                flush=True,
+            )
         print(json.dumps({"load_after": os.getloadavg()[0]}))
 
 

@@ -47,7 +47,7 @@ class TokenBatchReader(CalibrationDataReader):  # type: ignore[misc]
         ordered = sorted(sequences, key=len)
         self.feeds: list[dict[str, np.ndarray]] = []
         for start in range(0, len(ordered), batch_size):
-            batch = ordered[start:start + batch_size]
+            batch = ordered[start : start + batch_size]
             ids = np.zeros((len(batch), max(len(s) for s in batch)), dtype=np.int64)
             mask = np.zeros_like(ids)
             for row, seq in enumerate(batch):
@@ -74,8 +74,9 @@ def calibration(model: ResolvedModel) -> TokenBatchReader:
     return TokenBatchReader(seqs, CALIBRATION_BATCH)
 
 
-def smooth(model: onnx.ModelProto, nodes: Sequence[str], reader: TokenBatchReader
-           ) -> onnx.ModelProto:
+def smooth(
+    model: onnx.ModelProto, nodes: Sequence[str], reader: TokenBatchReader
+) -> onnx.ModelProto:
     """SmoothQuant on the named MatMuls' inputs (recipe 5's smooth_matmul_inputs)."""
     import onnxruntime as ort
 
@@ -84,8 +85,9 @@ def smooth(model: onnx.ModelProto, nodes: Sequence[str], reader: TokenBatchReade
     inputs = sorted({n.input[0] for n in targets})
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
-                              for n in inputs)
+    probe.graph.output.extend(
+        helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in inputs
+    )
     session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     amax: dict[str, np.ndarray] = {}
     for feed in reader.feeds:
@@ -97,21 +99,30 @@ def smooth(model: onnx.ModelProto, nodes: Sequence[str], reader: TokenBatchReade
         users = [n for n in targets if n.input[0] == name]
         weights = [numpy_helper.to_array(inits[n.input[1]]) for n in users]
         wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        s = (np.maximum(amax[name], 1e-5) ** SMOOTH_ALPHA
-             / np.maximum(wmax, 1e-5) ** (1 - SMOOTH_ALPHA)).astype(np.float32)
+        s = (
+            np.maximum(amax[name], 1e-5) ** SMOOTH_ALPHA
+            / np.maximum(wmax, 1e-5) ** (1 - SMOOTH_ALPHA)
+        ).astype(np.float32)
         for n, w in zip(users, weights, strict=True):
-            inits[n.input[1]].CopyFrom(numpy_helper.from_array(
-                (w * s[:, None]).astype(np.float32), n.input[1]))
+            inits[n.input[1]].CopyFrom(
+                numpy_helper.from_array((w * s[:, None]).astype(np.float32), n.input[1])
+            )
         model.graph.initializer.append(numpy_helper.from_array(1.0 / s, f"{name}.smooth"))
     for node in model.graph.node:
         if node.name in nodes:
             name = node.input[0]
             if not any(o.output[0] == f"{name}.smoothed" for o in nodes_out):
-                nodes_out.append(helper.make_node("Mul", [name, f"{name}.smooth"],
-                                                  [f"{name}.smoothed"],
-                                                  name=f"{name}.smooth_Mul"))
-                model.graph.value_info.append(helper.make_tensor_value_info(
-                    f"{name}.smoothed", onnx.TensorProto.FLOAT, None))
+                nodes_out.append(
+                    helper.make_node(
+                        "Mul",
+                        [name, f"{name}.smooth"],
+                        [f"{name}.smoothed"],
+                        name=f"{name}.smooth_Mul",
+                    )
+                )
+                model.graph.value_info.append(
+                    helper.make_tensor_value_info(f"{name}.smoothed", onnx.TensorProto.FLOAT, None)
+                )
             node.input[0] = f"{name}.smoothed"
         nodes_out.append(node)
     del model.graph.node[:]
@@ -122,12 +133,22 @@ def smooth(model: onnx.ModelProto, nodes: Sequence[str], reader: TokenBatchReade
 def build(model: ResolvedModel, dst: Path) -> None:
     """Write recipe 5's int8 graph of ``model`` (a safetensors model) to ``dst``."""
     fam, cfg = _family(model)
-    graph = compose(fam, fam.load_weights(model.weights_path, cfg), cfg, model.head,
-                    fused=True, int8_ready=True, name=model.name)
+    graph = compose(
+        fam,
+        fam.load_weights(model.weights_path, cfg),
+        cfg,
+        model.head,
+        fused=True,
+        int8_ready=True,
+        name=model.name,
+    )
     # the calibrator records only tensors of known type; ONNX inference knows no MS op
     graph.graph.value_info.extend(
         helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
-        for node in graph.graph.node if node.domain == MS_DOMAIN for out in node.output)
+        for node in graph.graph.node
+        if node.domain == MS_DOMAIN
+        for out in node.output
+    )
     layers = range(cfg.num_layers)
     reader = calibration(model)
     graph = smooth(graph, [f"l{i}.ff1_MatMul" for i in layers], reader)
@@ -136,14 +157,23 @@ def build(model: ResolvedModel, dst: Path) -> None:
     root.setLevel(logging.ERROR)  # the quantiser's per-node chatter
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            quantize_static(graph, dst, reader, quant_format=QuantFormat.QOperator,
-                            op_types_to_quantize=["MatMul"], per_channel=True,
-                            reduce_range=False, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8,
-                            nodes_to_exclude=[f"l{i}.ff2_MatMul" for i in layers],
-                            calibrate_method=CalibrationMethod.MinMax,
-                            extra_options={"MatMulConstBOnly": True,
-                                           "DefaultTensorType": onnx.TensorProto.FLOAT})
+            quantize_static(
+                graph,
+                dst,
+                reader,
+                quant_format=QuantFormat.QOperator,
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,
+                reduce_range=False,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=[f"l{i}.ff2_MatMul" for i in layers],
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={
+                    "MatMulConstBOnly": True,
+                    "DefaultTensorType": onnx.TensorProto.FLOAT,
+                },
+            )
     finally:
         root.setLevel(level)
 

@@ -163,26 +163,49 @@ open(out[:-4] + ".ids.json", "w").write(json.dumps(ids))
 #: encoders), and the worker is killed as hung and its batch split, again and again.
 _EMBEDDER = "Embedder(model_dir, workers=workers, threads=threads)"
 EMBEDPOOL_RUN = decoders.RUN.replace(
-    _EMBEDDER, _EMBEDDER[:-1] + ', pool_options={"hang_base_s": 3600.0})')
+    _EMBEDDER, _EMBEDDER[:-1] + ', pool_options={"hang_base_s": 3600.0})'
+)
 assert EMBEDPOOL_RUN != decoders.RUN, "decoders.RUN no longer builds its Embedder as expected"
 
 
-def embedpool_run(model_dir: Path, texts: Path, threads: int, env: dict[str, str]
-                  ) -> dict[str, Any]:
-    res = subprocess.run([PROJECT_PYTHON, "-c", EMBEDPOOL_RUN, "embedpool", str(model_dir),
-                          str(texts), str(threads), "1"], capture_output=True, text=True,
-                         env=env, timeout=3600, check=False)
+def embedpool_run(
+    model_dir: Path, texts: Path, threads: int, env: dict[str, str]
+) -> dict[str, Any]:
+    res = subprocess.run(
+        [
+            PROJECT_PYTHON,
+            "-c",
+            EMBEDPOOL_RUN,
+            "embedpool",
+            str(model_dir),
+            str(texts),
+            str(threads),
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+        check=False,
+    )
     if res.returncode != 0:
         raise SystemExit(f"embedpool run failed:\n{res.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
     return out
 
 
-def llama_run(gguf: Path, texts: Path, threads: int, env: dict[str, str],
-              save: Path | None = None) -> dict[str, Any]:
+def llama_run(
+    gguf: Path, texts: Path, threads: int, env: dict[str, str], save: Path | None = None
+) -> dict[str, Any]:
     cmd = [DEV_PYTHON, "-c", LLAMA_RUN, str(gguf), str(texts), str(threads)]
-    res = subprocess.run(cmd + ([str(save)] if save else []), capture_output=True, text=True,
-                         env=env, timeout=3600, check=False)
+    res = subprocess.run(
+        cmd + ([str(save)] if save else []),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+        check=False,
+    )
     if res.returncode != 0:
         raise SystemExit(f"llama.cpp run failed:\n{res.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -193,11 +216,14 @@ def convert(llama_src: Path, model_dir: Path, gguf: Path, env: dict[str, str]) -
     if gguf.is_file():
         return
     if not (llama_src / "convert_hf_to_gguf.py").is_file():
-        raise SystemExit(f"--llama-src {llama_src} has no convert_hf_to_gguf.py (unpack "
-                         "llama-cpp-python's sdist: pip download --no-deps llama-cpp-python)")
+        raise SystemExit(
+            f"--llama-src {llama_src} has no convert_hf_to_gguf.py (unpack "
+            "llama-cpp-python's sdist: pip download --no-deps llama-cpp-python)"
+        )
     tmp = gguf.with_suffix(".part")
-    subprocess.run([DEV_PYTHON, "-c", CONVERT, str(llama_src), str(model_dir), str(tmp)],
-                   check=True, env=env)
+    subprocess.run(
+        [DEV_PYTHON, "-c", CONVERT, str(llama_src), str(model_dir), str(tmp)], check=True, env=env
+    )
     tmp.rename(gguf)
 
 
@@ -211,16 +237,29 @@ def check(model_dir: Path, gguf: Path, texts: Path, work: Path, env: dict[str, s
         if name == "llama.cpp":
             llama_run(gguf, texts, 2, env, save=out)
         else:
-            subprocess.run([PROJECT_PYTHON, "-c", EMBEDPOOL_VECTORS, str(model_dir), str(texts),
-                            name, str(out)], check=True, env=env)
+            subprocess.run(
+                [
+                    PROJECT_PYTHON,
+                    "-c",
+                    EMBEDPOOL_VECTORS,
+                    str(model_dir),
+                    str(texts),
+                    name,
+                    str(out),
+                ],
+                check=True,
+                env=env,
+            )
         vecs[name] = np.load(out)
         ids[name] = json.loads(out.with_suffix(".ids.json").read_text())
     ref = vecs["fp32"]
     same = sum(a == b for a, b in zip(ids["llama.cpp"], ids["fp32"], strict=True))
-    print(f"\nvectors of {len(ref)} chunks against embedpool fp32 (cos mean / min); token ids "
-          f"equal to embedpool's in {same} of {len(ref)} chunks "
-          f"(lengths llama.cpp {sorted({len(i) for i in ids['llama.cpp']})}, embedpool "
-          f"{sorted({len(i) for i in ids['fp32']})}):")
+    print(
+        f"\nvectors of {len(ref)} chunks against embedpool fp32 (cos mean / min); token ids "
+        f"equal to embedpool's in {same} of {len(ref)} chunks "
+        f"(lengths llama.cpp {sorted({len(i) for i in ids['llama.cpp']})}, embedpool "
+        f"{sorted({len(i) for i in ids['fp32']})}):"
+    )
     for name in ("int8", "llama.cpp"):
         got = vecs[name]
         cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
@@ -236,35 +275,55 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--check", type=int, default=8, help="chunks of the vectors check (0: none)")
     ap.add_argument("--model", type=Path, default=Path("/tmp/embedpool-decoder-bench/model"))
-    ap.add_argument("--llama-src", type=Path,
-                    default=Path("/tmp/llama18/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+    ap.add_argument(
+        "--llama-src",
+        type=Path,
+        default=Path("/tmp/llama18/llama_cpp_python-0.3.36/vendor/llama.cpp"),
+    )
     ap.add_argument("--work", type=Path, default=Path("/tmp/embedpool-llamacpp-bench"))
     args = ap.parse_args()
     work, model_dir = args.work, args.model
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "EMBEDPOOL_CACHE_DIR": str(work / "cache"),
-           "TOKENIZERS_PARALLELISM": "false",
-           "LLAMACPP_N_CTX": os.environ.get("LLAMACPP_N_CTX", str(N_CTX))}
+    env = {
+        **os.environ,
+        "EMBEDPOOL_CACHE_DIR": str(work / "cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "LLAMACPP_N_CTX": os.environ.get("LLAMACPP_N_CTX", str(N_CTX)),
+    }
     if not (model_dir / "model.safetensors").is_file():
         model_dir.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([DEV_PYTHON, "-c", decoders.MAKE, str(ROOT), str(model_dir.parent),
-                        json.dumps(decoders.SHAPE), "16384"], check=True, env=env)
+        subprocess.run(
+            [
+                DEV_PYTHON,
+                "-c",
+                decoders.MAKE,
+                str(ROOT),
+                str(model_dir.parent),
+                json.dumps(decoders.SHAPE),
+                "16384",
+            ],
+            check=True,
+            env=env,
+        )
     gguf = work / "model-q8_0.gguf"
     convert(args.llama_src, model_dir, gguf, env)
     for precision in ("int8", "fp32"):
-        subprocess.run([PROJECT_PYTHON, "-c", BUILD, str(model_dir), precision], check=True,
-                       env=env)
+        subprocess.run(
+            [PROJECT_PYTHON, "-c", BUILD, str(model_dir), precision], check=True, env=env
+        )
     texts = work / f"texts-{args.chunks}x{args.tokens}.json"
     texts.write_text(json.dumps(decoders.make_texts(model_dir, args.chunks, args.tokens)))
-    print(textwrap.dedent(f"""\
+    print(
+        textwrap.dedent(f"""\
         CPU: {decoders.cpu_name()}, {os.cpu_count()} logical cores; load {os.getloadavg()[0]:.1f}
         shape: Qwen3-Embedding-0.6B {decoders.SHAPE}, model {model_dir}
         llama.cpp: {gguf} ({gguf.stat().st_size / 2**20:.0f} MiB, Q8_0)
         {args.chunks} chunks x {args.tokens} tokens, {args.rounds} round(s), alternating"""),
-          flush=True)
+        flush=True,
+    )
     if args.check:
         few = work / f"texts-check-{args.check}.json"
-        few.write_text(json.dumps(json.loads(texts.read_text())[:args.check]))
+        few.write_text(json.dumps(json.loads(texts.read_text())[: args.check]))
         check(model_dir, gguf, few, work, env)
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     threads_list = [int(t) for t in args.threads.split(",")]
@@ -272,24 +331,36 @@ def main() -> None:
     for _ in range(args.rounds):
         for threads in threads_list:
             for name in ("embedpool", "llama.cpp"):
-                r = (embedpool_run(model_dir, texts, threads, env) if name == "embedpool"
-                     else llama_run(gguf, texts, threads, env))
+                r = (
+                    embedpool_run(model_dir, texts, threads, env)
+                    if name == "embedpool"
+                    else llama_run(gguf, texts, threads, env)
+                )
                 results.setdefault((name, threads), []).append(r)
-                print(f"  {name:<10} {threads} thread(s): {r['chunks'] / r['cpu_s']:.3f} "
-                      f"chunks/CPU s, {r['chunks'] / r['wall_s']:.3f} chunks/s, peak RSS "
-                      f"{r['peak_rss'] / 2**20:.0f} MiB ({r['precision']})", flush=True)
+                print(
+                    f"  {name:<10} {threads} thread(s): {r['chunks'] / r['cpu_s']:.3f} "
+                    f"chunks/CPU s, {r['chunks'] / r['wall_s']:.3f} chunks/s, peak RSS "
+                    f"{r['peak_rss'] / 2**20:.0f} MiB ({r['precision']})",
+                    flush=True,
+                )
     print("\nbest of rounds (chunks per CPU second / per wall second / peak RSS):")
     for threads in threads_list:
-        best = {name: max(results[(name, threads)], key=lambda r: r["chunks"] / r["cpu_s"])
-                for name in ("embedpool", "llama.cpp")}
+        best = {
+            name: max(results[(name, threads)], key=lambda r: r["chunks"] / r["cpu_s"])
+            for name in ("embedpool", "llama.cpp")
+        }
         for name, r in best.items():
-            print(f"  {threads} thread(s) {name:<10} {r['chunks'] / r['cpu_s']:.3f} / "
-                  f"{r['chunks'] / r['wall_s']:.3f} chunks/s / {r['peak_rss'] / 2**20:.0f} MiB")
+            print(
+                f"  {threads} thread(s) {name:<10} {r['chunks'] / r['cpu_s']:.3f} / "
+                f"{r['chunks'] / r['wall_s']:.3f} chunks/s / {r['peak_rss'] / 2**20:.0f} MiB"
+            )
         e, ll = best["embedpool"], best["llama.cpp"]
-        print(f"  {threads} thread(s) embedpool int8 / llama.cpp Q8_0: "
-              f"{(e['chunks'] / e['cpu_s']) / (ll['chunks'] / ll['cpu_s']):.2f}x per CPU s, "
-              f"{(e['chunks'] / e['wall_s']) / (ll['chunks'] / ll['wall_s']):.2f}x wall, "
-              f"{e['peak_rss'] / ll['peak_rss']:.2f}x memory")
+        print(
+            f"  {threads} thread(s) embedpool int8 / llama.cpp Q8_0: "
+            f"{(e['chunks'] / e['cpu_s']) / (ll['chunks'] / ll['cpu_s']):.2f}x per CPU s, "
+            f"{(e['chunks'] / e['wall_s']) / (ll['chunks'] / ll['wall_s']):.2f}x wall, "
+            f"{e['peak_rss'] / ll['peak_rss']:.2f}x memory"
+        )
 
 
 if __name__ == "__main__":

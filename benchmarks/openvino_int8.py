@@ -61,23 +61,22 @@ def main() -> int:
         seqs = sorted(tok.encode(texts).sequences, key=len)
         out = []
         for i in range(0, len(seqs), size):
-            b = seqs[i:i + size]
+            b = seqs[i : i + size]
             ids = np.zeros((len(b), max(len(s) for s in b)), np.int64)
             mask = np.zeros_like(ids)
             for r, s in enumerate(b):
-                ids[r, :len(s)] = s
-                mask[r, :len(s)] = 1
+                ids[r, : len(s)] = s
+                mask[r, : len(s)] = 1
             out.append({"input_ids": ids, "attention_mask": mask})
         return out
 
     held = batches(chunks[2000:], 8)
-    calibration = batches(chunks[:args.calibration], 1)
+    calibration = batches(chunks[: args.calibration], 1)
     core = ov.Core()
     config = {"INFERENCE_NUM_THREADS": args.threads, "INFERENCE_PRECISION_HINT": "f32"}
     with tempfile.TemporaryDirectory(prefix="embedpool-ov-int8-") as tmp:
         ir = str(Path(tmp) / "fp32.xml")
-        ov.save_model(core.read_model(str(prepare_onnx(model, "fp32"))), ir,
-                      compress_to_fp16=False)
+        ov.save_model(core.read_model(str(prepare_onnx(model, "fp32"))), ir, compress_to_fp16=False)
 
         def run(m: Any, extra: dict[str, Any] | None = None) -> tuple[np.ndarray, float]:
             compiled = core.compile_model(m, "CPU", {**config, **(extra or {})})
@@ -89,19 +88,39 @@ def main() -> int:
         n = len(ref)
         print(f"OpenVINO fp32: {n / t_ref:.2f} chunks/s on {n} held-out chunks")
         candidates: dict[str, tuple[Any, dict[str, Any] | None]] = {
-            "static-transformer": (lambda: nncf.quantize(
-                core.read_model(ir), nncf.Dataset(calibration), subset_size=args.calibration,
-                model_type=nncf.ModelType.TRANSFORMER), None),
-            "static-transformer-no-sq": (lambda: nncf.quantize(
-                core.read_model(ir), nncf.Dataset(calibration), subset_size=args.calibration,
-                model_type=nncf.ModelType.TRANSFORMER,
-                advanced_parameters=nncf.AdvancedQuantizationParameters(
-                    smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))), None),
-            "weight-int8": (lambda: nncf.compress_weights(
-                core.read_model(ir), mode=nncf.CompressWeightsMode.INT8_ASYM), None),
-            "weight-int8-dynamic": (lambda: nncf.compress_weights(
-                core.read_model(ir), mode=nncf.CompressWeightsMode.INT8_ASYM),
-                {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 32}),
+            "static-transformer": (
+                lambda: nncf.quantize(
+                    core.read_model(ir),
+                    nncf.Dataset(calibration),
+                    subset_size=args.calibration,
+                    model_type=nncf.ModelType.TRANSFORMER,
+                ),
+                None,
+            ),
+            "static-transformer-no-sq": (
+                lambda: nncf.quantize(
+                    core.read_model(ir),
+                    nncf.Dataset(calibration),
+                    subset_size=args.calibration,
+                    model_type=nncf.ModelType.TRANSFORMER,
+                    advanced_parameters=nncf.AdvancedQuantizationParameters(
+                        smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1)
+                    ),
+                ),
+                None,
+            ),
+            "weight-int8": (
+                lambda: nncf.compress_weights(
+                    core.read_model(ir), mode=nncf.CompressWeightsMode.INT8_ASYM
+                ),
+                None,
+            ),
+            "weight-int8-dynamic": (
+                lambda: nncf.compress_weights(
+                    core.read_model(ir), mode=nncf.CompressWeightsMode.INT8_ASYM
+                ),
+                {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 32},
+            ),
         }
         wanted = set(args.only.split(",")) if args.only else set(candidates)
         for name, (make, extra) in candidates.items():
@@ -113,9 +132,12 @@ def main() -> int:
             v, dt = run(quantised, extra)
             cos = (v * ref).sum(1) / np.linalg.norm(v, axis=1) / np.linalg.norm(ref, axis=1)
             ok = cos.mean() >= 0.997 and cos.min() >= 0.99
-            print(f"{name}: built in {built:.1f} s, {n / dt:.2f} chunks/s ({t_ref / dt:.2f}x "
-                  f"fp32), cos mean {cos.mean():.5f} min {cos.min():.5f}"
-                  f" ({'meets' if ok else 'misses'} the bar)", flush=True)
+            print(
+                f"{name}: built in {built:.1f} s, {n / dt:.2f} chunks/s ({t_ref / dt:.2f}x "
+                f"fp32), cos mean {cos.mean():.5f} min {cos.min():.5f}"
+                f" ({'meets' if ok else 'misses'} the bar)",
+                flush=True,
+            )
     return 0
 
 

@@ -54,8 +54,7 @@ def main() -> None:
     prefixed = [args.prompt + t for t in texts]
     ids = [str(i) for i in range(len(texts))]
     n = len(texts)
-    with Embedder(precision=args.precision, threads=args.threads, workers=None,
-                  device="cpu") as e:
+    with Embedder(precision=args.precision, threads=args.threads, workers=None, device="cpu") as e:
         e.embed(texts[:64])  # warm the session
         runs: dict[str, Callable[[], object]] = {
             "prepare prompt": lambda: e._prepare(0, ids, texts, args.prompt),
@@ -72,13 +71,17 @@ def main() -> None:
                     old = got.get(f"{stage} {mode}", (float("inf"), float("inf")))
                     got[f"{stage} {mode}"] = (min(old[0], w), min(old[1], c))
         tokens = e.last_report.tokens
-    print(f"{n} chunks, {tokens} tokens each way; precision {args.precision}, "
-          f"{args.threads} thread(s), in-process")
+    print(
+        f"{n} chunks, {tokens} tokens each way; precision {args.precision}, "
+        f"{args.threads} thread(s), in-process"
+    )
     for stage in ("prepare", "embed"):
         (wp, cp), (wx, cx) = got[f"{stage} prompt"], got[f"{stage} prefixed"]
-        print(f"{stage:<8} prompt {n / wp:9.1f} chunks/s wall, {cp * 1e3:8.1f} ms cpu | "
-              f"prefixed {n / wx:9.1f} chunks/s wall, {cx * 1e3:8.1f} ms cpu | "
-              f"throughput ratio (prompt/prefixed) wall {wx / wp:.3f}, cpu {cx / cp:.3f}")
+        print(
+            f"{stage:<8} prompt {n / wp:9.1f} chunks/s wall, {cp * 1e3:8.1f} ms cpu | "
+            f"prefixed {n / wx:9.1f} chunks/s wall, {cx * 1e3:8.1f} ms cpu | "
+            f"throughput ratio (prompt/prefixed) wall {wx / wp:.3f}, cpu {cx / cp:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,15 @@ def ensure_graph(model: ResolvedModel, precision: Precision, tmp: Path) -> None:
 
     cfg = BertConfig.from_dict(model.config)
     fp32 = tmp / "model-fp32.onnx"
-    onnx.save(build_bert(load_weights(model.weights_path, cfg), cfg, pooling=model.pooling,
-                         normalize=model.normalize), fp32)
+    onnx.save(
+        build_bert(
+            load_weights(model.weights_path, cfg),
+            cfg,
+            pooling=model.pooling,
+            normalize=model.normalize,
+        ),
+        fp32,
+    )
     path = fp32
     if precision == "int8":
         path = tmp / "model-int8.onnx"
@@ -84,8 +91,10 @@ def corpus_batches(model: ResolvedModel, n: int) -> list[WorkBatch]:
     chunks = stdlib_chunks(n)
     tok = TextTokenizer(model.tokenizer_path, model.max_length)
     seqs: list[TokenIds] = tok.encode([c.text for c in chunks]).sequences
-    return [WorkBatch(i, tuple(seqs[j] for j in b.indices), tuple(chunks[j].id for j in b.indices))
-            for i, b in enumerate(plan_batches([len(s) for s in seqs]))]
+    return [
+        WorkBatch(i, tuple(seqs[j] for j in b.indices), tuple(chunks[j].id for j in b.indices))
+        for i, b in enumerate(plan_batches([len(s) for s in seqs]))
+    ]
 
 
 def timed_run(ex: _Runs, batches: list[WorkBatch]) -> tuple[float, dict[int, BatchResult]]:
@@ -101,8 +110,12 @@ def min_cos(a: dict[int, BatchResult], b: dict[int, BatchResult]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", type=int, default=400)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="timed passes per executor, interleaved; the median is reported")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed passes per executor, interleaved; the median is reported",
+    )
     ap.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     ap.add_argument("--address", default=None, help="join this cluster instead of a local one")
     ap.add_argument("--actors", type=int, default=None, help="default: cluster CPUs")
@@ -120,9 +133,14 @@ def main() -> None:
     model = resolve_model()
     batches = corpus_batches(model, args.chunks)
     n = sum(len(b.sequences) for b in batches)
-    report: dict[str, Any] = {"chunks": n, "batches": len(batches),
-                              "tokens": sum(b.tokens for b in batches), "cores": cores,
-                              "precision": args.precision, "fake": args.fake}
+    report: dict[str, Any] = {
+        "chunks": n,
+        "batches": len(batches),
+        "tokens": sum(b.tokens for b in batches),
+        "cores": cores,
+        "precision": args.precision,
+        "fake": args.fake,
+    }
     closers: list[Any] = []
     with tempfile.TemporaryDirectory() as tmp:
         if not args.fake:
@@ -140,8 +158,7 @@ def main() -> None:
             from embedpool.executors.pool.pool import Pool
 
             try:  # workers build their own graph: needs the real prepare_onnx
-                pool = Pool(spec(1), PoolConfig(workers=cores, threads=1,
-                                                precision=args.precision))
+                pool = Pool(spec(1), PoolConfig(workers=cores, threads=1, precision=args.precision))
                 closers.append(pool)
                 runners[f"pool_{cores}x1"] = pool
             except Exception as exc:
@@ -153,8 +170,7 @@ def main() -> None:
         else:
             # As RayExecutor's own local instance: workers at nice 0, not Ray's 15.
             os.environ.setdefault("RAY_worker_niceness", "0")
-            ray.init(address="local", num_cpus=cores, include_dashboard=False,
-                     log_to_driver=False)
+            ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
         report["ray_init_s"] = round(time.perf_counter() - started, 2)
         events: list[dict[str, Any]] = []
         for label in ("cold", "warm"):  # warm: a second executor after the first closed
@@ -173,7 +189,7 @@ def main() -> None:
         results: dict[str, dict[int, BatchResult]] = {}
         for r in range(args.rounds):
             names = list(runners)
-            for name in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
                 secs, results[name] = timed_run(runners[name], batches)
                 speeds[name].append(n / secs)
         for name, xs in speeds.items():
@@ -184,7 +200,8 @@ def main() -> None:
         for other in runners:
             if other != ray_key:
                 report[f"ray_vs_{other.split('_')[0]}"] = round(
-                    report[f"{ray_key}_chunks_s"] / report[f"{other}_chunks_s"], 3)
+                    report[f"{ray_key}_chunks_s"] / report[f"{other}_chunks_s"], 3
+                )
         for c in reversed(closers):
             c.close()
         ray.shutdown()

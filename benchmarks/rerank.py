@@ -105,12 +105,18 @@ print(json.dumps({"wall": w, "cpu": c, "scores": [float(s) for s in scores],
 """
 
 QUERIES = [
-    "how to read a file line by line", "parse command line arguments",
-    "join paths on windows and posix", "compute a hash of bytes",
-    "run a subprocess and capture its output", "format a date as ISO 8601",
-    "sort a list of dicts by a key", "retry a network request with backoff",
-    "encode json with custom objects", "walk a directory tree recursively",
-    "compress data with gzip", "thread pool executor map",
+    "how to read a file line by line",
+    "parse command line arguments",
+    "join paths on windows and posix",
+    "compute a hash of bytes",
+    "run a subprocess and capture its output",
+    "format a date as ISO 8601",
+    "sort a list of dicts by a key",
+    "retry a network request with backoff",
+    "encode json with custom objects",
+    "walk a directory tree recursively",
+    "compress data with gzip",
+    "thread pool executor map",
 ]
 
 
@@ -123,7 +129,7 @@ def stdlib_chunks(n: int) -> list[str]:
     for path in sorted(lib.glob("*.py")):
         text = path.read_text(encoding="utf-8", errors="replace")
         for start in range(0, len(text) - 900, 9000):
-            out.append(text[start:start + 900])
+            out.append(text[start : start + 900])
             if len(out) == n:
                 return out
     return out
@@ -138,8 +144,13 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def run(python: str, code: str, *args: str) -> dict[str, Any]:
-    res = subprocess.run([python, "-c", code, *args], capture_output=True, text=True,
-                         check=False, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    res = subprocess.run(
+        [python, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     if res.returncode != 0:
         raise SystemExit(f"{python} failed:\n{res.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(res.stdout.strip().splitlines()[-1])
@@ -157,22 +168,37 @@ def main() -> None:
     args = ap.parse_args()
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
-    queries = QUERIES[:args.queries]
+    queries = QUERIES[: args.queries]
     docs = stdlib_chunks(args.docs)
     pairs = [[q, d] for q in queries for d in docs]
     pairs_path = work / "pairs.json"
     pairs_path.write_text(json.dumps(pairs))
     model_dir = work / "ms-marco-MiniLM-L6-v2-shape"
     if not (model_dir / "model.safetensors").is_file():
-        minilm = subprocess.run([PROJECT_PYTHON, "-c", "from embedpool.models import "
-                                 "resolve_model; print(resolve_model().directory)"],
-                                capture_output=True, text=True, check=True).stdout.strip()
+        minilm = subprocess.run(
+            [
+                PROJECT_PYTHON,
+                "-c",
+                "from embedpool.models import resolve_model; print(resolve_model().directory)",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         print(run(DEV_PYTHON, MAKE, str(ROOT), minilm, str(model_dir), str(pairs_path)))
     precisions = args.precisions.split(",")
     for p in precisions:  # graphs built and cached before anything is timed
-        subprocess.run([PROJECT_PYTHON, "-c", "import sys; from embedpool.rerank import "
-                        "Reranker; Reranker(sys.argv[1], precision=sys.argv[2], lazy=True)",
-                        str(model_dir), p], check=True)
+        subprocess.run(
+            [
+                PROJECT_PYTHON,
+                "-c",
+                "import sys; from embedpool.rerank import "
+                "Reranker; Reranker(sys.argv[1], precision=sys.argv[2], lazy=True)",
+                str(model_dir),
+                p,
+            ],
+            check=True,
+        )
     results: dict[str, list[dict[str, Any]]] = {"crossencoder": [], **{p: [] for p in precisions}}
     t = str(args.threads)
     for _ in range(args.rounds):
@@ -184,9 +210,11 @@ def main() -> None:
     ce_wall = statistics.median(n / r["wall"] for r in ce)
     ce_cpu = statistics.median(n / r["cpu"] for r in ce)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"{n} pairs ({len(queries)} queries x {len(docs)} stdlib chunks), {args.rounds} "
-          f"rounds, {args.threads} threads, medians; CPU: {cpu_name()} ({os.cpu_count()} "
-          f"logical); load average at the end {load} (1, 5, 15 min)")
+    print(
+        f"{n} pairs ({len(queries)} queries x {len(docs)} stdlib chunks), {args.rounds} "
+        f"rounds, {args.threads} threads, medians; CPU: {cpu_name()} ({os.cpu_count()} "
+        f"logical); load average at the end {load} (1, 5, 15 min)"
+    )
     print(f"{'system':28} {'pairs/s':>9} {'pairs/CPU-s':>12} {'x CE wall':>10} {'x CE CPU':>9}")
     print(f"{'CrossEncoder fp32 (torch)':28} {ce_wall:9.1f} {ce_cpu:12.1f} {1:10.2f} {1:9.2f}")
     reference = ce[0]["scores"]
@@ -194,29 +222,44 @@ def main() -> None:
         rs = results[p]
         wall = statistics.median(n / r["wall"] for r in rs)
         cpu = statistics.median(n / r["cpu"] for r in rs)
-        print(f"{'embedpool ' + rs[0]['precision']:28} {wall:9.1f} {cpu:12.1f} "
-              f"{wall / ce_wall:10.2f} {cpu / ce_cpu:9.2f}")
+        print(
+            f"{'embedpool ' + rs[0]['precision']:28} {wall:9.1f} {cpu:12.1f} "
+            f"{wall / ce_wall:10.2f} {cpu / ce_cpu:9.2f}"
+        )
         scores = rs[0]["scores"]
         if rs[0]["precision"] == "fp32":
             diff = max(abs(a - b) for a, b in zip(scores, reference, strict=True))
             print(f"  fp32 max |score - CrossEncoder| = {diff:.2e}")
         else:
             k = len(docs)
-            rho = [spearman(scores[i * k:(i + 1) * k], reference[i * k:(i + 1) * k])
-                   for i in range(len(queries))]
-            print(f"  {rs[0]['precision']} Spearman per query vs CrossEncoder: min "
-                  f"{min(rho):.4f}, mean {statistics.mean(rho):.4f}")
+            rho = [
+                spearman(scores[i * k : (i + 1) * k], reference[i * k : (i + 1) * k])
+                for i in range(len(queries))
+            ]
+            print(
+                f"  {rs[0]['precision']} Spearman per query vs CrossEncoder: min "
+                f"{min(rho):.4f}, mean {statistics.mean(rho):.4f}"
+            )
             # what the Spearman figure means: the scores' spread within a query (tied scores
             # would make any ranking measure noise) and the largest error against it
-            spread = [statistics.pstdev(reference[i * k:(i + 1) * k])
-                      for i in range(len(queries))]
-            worst = max(max(abs(a - b) for a, b in zip(scores[i * k:(i + 1) * k],
-                                                       reference[i * k:(i + 1) * k],
-                                                       strict=True)) / spread[i]
-                        for i in range(len(queries)))
-            print(f"  CrossEncoder's score std within a query: min {min(spread):.3f}, "
-                  f"mean {statistics.mean(spread):.3f}; largest |int8 - CE| / that std: "
-                  f"{worst:.3f}")
+            spread = [
+                statistics.pstdev(reference[i * k : (i + 1) * k]) for i in range(len(queries))
+            ]
+            worst = max(
+                max(
+                    abs(a - b)
+                    for a, b in zip(
+                        scores[i * k : (i + 1) * k], reference[i * k : (i + 1) * k], strict=True
+                    )
+                )
+                / spread[i]
+                for i in range(len(queries))
+            )
+            print(
+                f"  CrossEncoder's score std within a query: min {min(spread):.3f}, "
+                f"mean {statistics.mean(spread):.3f}; largest |int8 - CE| / that std: "
+                f"{worst:.3f}"
+            )
         print(f"  pairs truncated: {rs[0]['truncated']}")
 
 

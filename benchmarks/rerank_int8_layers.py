@@ -58,18 +58,19 @@ def main() -> None:
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
 
     def score(graph: Any) -> np.ndarray:
-        sess = ort.InferenceSession(graph.SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(
+            graph.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
         order = np.argsort([len(s) for s in enc.sequences])
         out = np.zeros(len(pairs), np.float32)
         for b in range(0, len(order), 16):
-            rows = order[b:b + 16]
+            rows = order[b : b + 16]
             width = max(len(enc.sequences[i]) for i in rows)
             ids = np.zeros((len(rows), width), np.int64)
             mask, types = np.zeros_like(ids), np.zeros_like(ids)
             for r, i in enumerate(rows):
                 n = len(enc.sequences[i])
-                ids[r, :n], mask[r, :n], types[r, enc.segments[i]:n] = enc.sequences[i], 1, 1
+                ids[r, :n], mask[r, :n], types[r, enc.segments[i] : n] = enc.sequences[i], 1, 1
             feed = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in inputs:
                 feed["token_type_ids"] = types
@@ -82,18 +83,22 @@ def main() -> None:
 
     ref = score(fp32).reshape(len(queries), per)
     spread = ref.std(axis=1)
-    print(f"{len(queries)} queries x {per} documents; logit std per query: "
-          f"{' '.join(f'{s:.2f}' for s in spread)}")
+    print(
+        f"{len(queries)} queries x {per} documents; logit std per query: "
+        f"{' '.join(f'{s:.2f}' for s in spread)}"
+    )
 
     def report(label: str, graph: Any) -> None:
         t = time.perf_counter()
         got = score(graph).reshape(ref.shape)
         rho = [spearman(g, r) for g, r in zip(got, ref, strict=True)]
         err = got - ref
-        print(f"{label:34} Spearman min {min(rho):.4f} mean {np.mean(rho):.4f}  |err| max "
-              f"{np.abs(err).max():.3f} rms {np.sqrt((err ** 2).mean()):.3f}  err/spread "
-              f"{(err.std(axis=1) / spread).max():.3f}  ({time.perf_counter() - t:.0f} s)",
-              flush=True)
+        print(
+            f"{label:34} Spearman min {min(rho):.4f} mean {np.mean(rho):.4f}  |err| max "
+            f"{np.abs(err).max():.3f} rms {np.sqrt((err**2).mean()):.3f}  err/spread "
+            f"{(err.std(axis=1) / spread).max():.3f}  ({time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
 
     linears = ready.linears
     zps = quantize.zero_points(linears)
@@ -104,9 +109,13 @@ def main() -> None:
 
     report("nothing quantised (int8 word table)", ready.model)
     report("every linear (embedders' recipe)", only(lambda lin: True))
-    report("cross-encoder recipe (shipped)",
-           quantize.quantize_linears(copy.deepcopy(ready.model),
-                                     quantize.zero_points(linears, classifier=True)))
+    report(
+        "cross-encoder recipe (shipped)",
+        quantize.quantize_linears(
+            copy.deepcopy(ready.model), quantize.zero_points(linears, classifier=True)
+        ),
+    )
+
     def role_is(role: str) -> Callable[[Linear], bool]:
         return lambda lin: lin.role == role
 
@@ -118,15 +127,20 @@ def main() -> None:
 
     groups: list[tuple[str, Callable[[Linear], bool]]] = []
     if args.by in ("roles", "both"):
-        groups += [(f"role {r}", role_is(r))
-                   for r in sorted({lin.role for lin in linears if lin.node in zps})]
+        groups += [
+            (f"role {r}", role_is(r))
+            for r in sorted({lin.role for lin in linears if lin.node in zps})
+        ]
     if args.by in ("layers", "both"):
-        groups += [(f"layer {i}", layer_is(i))
-                   for i in sorted({lin.layer for lin in linears if lin.node in zps})]
+        groups += [
+            (f"layer {i}", layer_is(i))
+            for i in sorted({lin.layer for lin in linears if lin.node in zps})
+        ]
     for label, member in groups:
         report(f"only {label}", only(member))
     for label, member in groups:
         report(f"all but {label}", only(negated(member)))
+
 
 if __name__ == "__main__":
     main()

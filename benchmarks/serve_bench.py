@@ -94,9 +94,10 @@ def run_clients(url: str, requests: list[list[str]], clients: int, timeout: floa
                     texts = work.get_nowait()
                 except queue.Empty:
                     return
-                r = http.post(f"{url}/v1/embeddings",
-                              json={"input": texts, "model": "all-MiniLM-L6-v2",
-                                    "encoding_format": "base64"})
+                r = http.post(
+                    f"{url}/v1/embeddings",
+                    json={"input": texts, "model": "all-MiniLM-L6-v2", "encoding_format": "base64"},
+                )
                 if r.status_code != 200:
                     errors.append(f"{r.status_code} {r.text[:200]}")
 
@@ -125,16 +126,30 @@ def connect_ray(address: str | None) -> float:
         ray.init(address=address, log_to_driver=False)
     else:
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address="local", num_cpus=usable_cores(), include_dashboard=False,
-                 log_to_driver=False)
+        ray.init(
+            address="local", num_cpus=usable_cores(), include_dashboard=False, log_to_driver=False
+        )
     return time.perf_counter() - started
 
 
-def direct_rate(model: Any, spec: Any, texts: list[str], workers: str, precision: str,
-                batch_tokens: int, backend: str) -> float:
+def direct_rate(
+    model: Any,
+    spec: Any,
+    texts: list[str],
+    workers: str,
+    precision: str,
+    batch_tokens: int,
+    backend: str,
+) -> float:
     """Chunks/s of ``Embedder.embed``, the CLI's path, after a warm-up."""
-    with Embedder(model, precision=precision, workers=workers, engine=spec,  # type: ignore[arg-type]
-                  batch_tokens=batch_tokens, backend=backend) as emb:
+    with Embedder(
+        model,
+        precision=precision,
+        workers=workers,
+        engine=spec,  # type: ignore[arg-type]
+        batch_tokens=batch_tokens,
+        backend=backend,
+    ) as emb:
         emb.embed(texts[:32])  # warm-up: workers loaded, first batches run
         start = time.perf_counter()
         emb.embed(texts)
@@ -159,11 +174,19 @@ def main() -> None:
     ap.add_argument("--engine", choices=["real", "fake"], default="real")
     ap.add_argument("--precision", choices=["int8", "fp32"], default="int8")
     ap.add_argument("--workers", default="2", help="pool workers, and Ray actors (same for all)")
-    ap.add_argument("--backend", choices=["local", "ray"], default="local",
-                    help="ray: also the server on Ray actors, as a ratio to the local one")
+    ap.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="ray: also the server on Ray actors, as a ratio to the local one",
+    )
     ap.add_argument("--ray-address", default=None, help="default: a private local Ray")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="passes per server and concurrency (the median is reported)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="passes per server and concurrency (the median is reported)",
+    )
     ap.add_argument("--chunks", type=int, default=600)
     ap.add_argument("--per-request", type=int, default=16)
     ap.add_argument("--clients", default="1,8,32")
@@ -181,9 +204,14 @@ def main() -> None:
     texts = [c.text for c in stdlib_chunks(args.chunks)]
     settings = ServerSettings(api_key="", precision=args.precision, log_level="warning")
     tokens = settings.batch_tokens
-    results: dict[str, Any] = {"engine": args.engine, "workers": args.workers,
-                               "backend": args.backend, "chunks": len(texts),
-                               "per_request": args.per_request, "rounds": args.rounds}
+    results: dict[str, Any] = {
+        "engine": args.engine,
+        "workers": args.workers,
+        "backend": args.backend,
+        "chunks": len(texts),
+        "per_request": args.per_request,
+        "rounds": args.rounds,
+    }
     on_ray = args.backend == "ray"
     if on_ray:
         results["ray_init_s"] = round(connect_ray(args.ray_address), 2)
@@ -205,8 +233,9 @@ def main() -> None:
     if on_ray:
         from embedpool.server.on_ray import ray_executor_factory
 
-        factories["ray"] = ray_executor_factory(spec, address=args.ray_address,
-                                                actors=int(args.workers), batch_tokens=tokens)
+        factories["ray"] = ray_executor_factory(
+            spec, address=args.ray_address, actors=int(args.workers), batch_tokens=tokens
+        )
     servers: dict[str, str] = {}
     stops: list[Callable[[], None]] = []
     try:
@@ -219,12 +248,12 @@ def main() -> None:
             results[f"{name}_server_start_s"] = round(time.perf_counter() - started, 2)
             run_clients(url, [texts[:16]] * 4, 4, CLIENT_TIMEOUT_S)  # warm-up
             servers[name] = url
-        requests = [texts[i:i + args.per_request] for i in range(0, len(texts), args.per_request)]
+        requests = [texts[i : i + args.per_request] for i in range(0, len(texts), args.per_request)]
         names = list(servers)
         for c in (int(x) for x in args.clients.split(",")):
             runs: dict[str, list[float]] = {n: [] for n in names}
             for r in range(args.rounds):
-                for name in names[r % len(names):] + names[:r % len(names)]:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     seconds = run_clients(servers[name], requests, c, CLIENT_TIMEOUT_S)
                     runs[name].append(len(texts) / seconds)
             for name, rates in runs.items():
@@ -234,8 +263,11 @@ def main() -> None:
                 results[f"{key}_{c}_ratio"] = round(rate / direct, 3)
                 if args.rounds > 1:
                     results[f"{key}_{c}_runs"] = [round(x, 1) for x in rates]
-                print(f"{name} server, {c:>2} clients: {rate:.1f} chunks/s = "
-                      f"{rate / direct:.2f} x direct", flush=True)
+                print(
+                    f"{name} server, {c:>2} clients: {rate:.1f} chunks/s = "
+                    f"{rate / direct:.2f} x direct",
+                    flush=True,
+                )
             if on_ray:
                 ratio = statistics.median(runs["ray"]) / statistics.median(runs["local"])
                 results[f"ray_vs_local_{c}"] = round(ratio, 3)
@@ -246,8 +278,11 @@ def main() -> None:
             p50, p99 = latency_ms(url, args.latency_requests)
             prefix = "latency" if name == "local" else f"{name}_latency"
             results[f"{prefix}_p50_ms"], results[f"{prefix}_p99_ms"] = round(p50, 2), round(p99, 2)
-            print(f"{name} server, short text latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
-                  f"({args.latency_requests} requests)", flush=True)
+            print(
+                f"{name} server, short text latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms "
+                f"({args.latency_requests} requests)",
+                flush=True,
+            )
     finally:
         for stop in reversed(stops):
             stop()

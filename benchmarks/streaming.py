@@ -69,14 +69,25 @@ def make_jsonl(path: Path, n: int) -> Path:
     if path.exists():
         return path
     rng = random.Random(0)
-    words = sorted({w.strip(".,;:()[]'\"`") for w in (REPO / "README.md").read_text().split()
-                    if w.isascii() and w.isalpha()})
+    words = sorted(
+        {
+            w.strip(".,;:()[]'\"`")
+            for w in (REPO / "README.md").read_text().split()
+            if w.isascii() and w.isalpha()
+        }
+    )
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:
         for start in range(0, n, 10_000):
-            f.write(b"".join(
-                orjson.dumps({"id": f"doc-{i}", "text": " ".join(rng.choices(words, k=64))[:430]})
-                + b"\n" for i in range(start, min(n, start + 10_000))))
+            f.write(
+                b"".join(
+                    orjson.dumps(
+                        {"id": f"doc-{i}", "text": " ".join(rng.choices(words, k=64))[:430]}
+                    )
+                    + b"\n"
+                    for i in range(start, min(n, start + 10_000))
+                )
+            )
     tmp.rename(path)
     return path
 
@@ -155,17 +166,30 @@ class Events:
                     self.done = max(self.done, int(event.get("done", 0)))
 
     def first(self, name: str, **match: object) -> float | None:
-        return next((t for t, e in self.seen if e.get("event") == name
-                     and all(e.get(k) == v for k, v in match.items())), None)
+        return next(
+            (
+                t
+                for t, e in self.seen
+                if e.get("event") == name and all(e.get(k) == v for k, v in match.items())
+            ),
+            None,
+        )
 
     def join(self) -> None:
         self._thread.join(timeout=60)
 
 
-def run_embed(src: Path, out_dir: Path, args: argparse.Namespace, seconds: float,
-              tree: Path | None = None, stop_rows: int | None = None, fmt: str = "npy",
-              cli: list[str] | None = None, env: dict[str, str] | None = None
-              ) -> dict[str, object]:
+def run_embed(
+    src: Path,
+    out_dir: Path,
+    args: argparse.Namespace,
+    seconds: float,
+    tree: Path | None = None,
+    stop_rows: int | None = None,
+    fmt: str = "npy",
+    cli: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, object]:
     """The CLI on ``src`` until it ends, ``stop_rows`` rows are done or ``seconds`` pass
     (then SIGINT: in-flight batches finish): the parent's peak RSS, the first vector's time
     (.npy), what the summary says. ``tree``: run the embedpool checked out there. ``cli``:
@@ -173,18 +197,36 @@ def run_embed(src: Path, out_dir: Path, args: argparse.Namespace, seconds: float
     out = out_dir / f"{src.stem}.{fmt}"
     for stale in out_dir.glob(f"*{src.stem}*"):
         stale.unlink()
-    opts = cli if cli is not None else [
-        "--model", args.model, "--workers", args.workers, "--batch-tokens",
-        str(args.batch_tokens), "--no-cache"]
-    cmd = [sys.executable, "-m", "embedpool", "embed", str(src), "--out", str(out), *opts,
-           "--log-json"]
+    opts = (
+        cli
+        if cli is not None
+        else [
+            "--model",
+            args.model,
+            "--workers",
+            args.workers,
+            "--batch-tokens",
+            str(args.batch_tokens),
+            "--no-cache",
+        ]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedpool",
+        "embed",
+        str(src),
+        "--out",
+        str(out),
+        *opts,
+        "--log-json",
+    ]
     env = env or {**os.environ, "EMBEDPOOL_CACHE_DIR": str(args.data_dir / "cache")}
     if tree is not None:
         env["PYTHONPATH"] = str(tree)
     t0 = time.perf_counter()
     # cwd: not the repository, whose embedpool ``python -m`` would import first
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=args.data_dir)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, cwd=args.data_dir)
     events = Events(proc, t0)
     me = psutil.Process(proc.pid)
     peak = 0
@@ -201,21 +243,31 @@ def run_embed(src: Path, out_dir: Path, args: argparse.Namespace, seconds: float
                 with contextlib.suppress(OSError):
                     if rows_written(temp) > 0:
                         first = now
-        stop = stop_rows is not None and (events.done >= stop_rows
-                                          or (stop_rows == 1 and first is not None))
+        stop = stop_rows is not None and (
+            events.done >= stop_rows or (stop_rows == 1 and first is not None)
+        )
         if not interrupted and (now > seconds or stop):
             proc.send_signal(signal.SIGINT)
             interrupted = True
         time.sleep(0.02)
     proc.wait(timeout=300)
     events.join()
-    summary = next((line for line in events.lines if line.startswith("done:")),
-                   " | ".join(events.lines[-5:]))
-    return {"file": src.name, "format": fmt, "tree": str(tree or "this"),
-            "rc": proc.returncode, "peak_rss_mb": round(peak / 2**20, 1),
-            "first_vector_s": None if first is None else round(first, 2),
-            "rows_done": events.done, "wall_s": round(time.perf_counter() - t0, 1),
-            "interrupted": interrupted, "summary": summary, "events": events}
+    summary = next(
+        (line for line in events.lines if line.startswith("done:")), " | ".join(events.lines[-5:])
+    )
+    return {
+        "file": src.name,
+        "format": fmt,
+        "tree": str(tree or "this"),
+        "rc": proc.returncode,
+        "peak_rss_mb": round(peak / 2**20, 1),
+        "first_vector_s": None if first is None else round(first, 2),
+        "rows_done": events.done,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "interrupted": interrupted,
+        "summary": summary,
+        "events": events,
+    }
 
 
 def defaults_env(args: argparse.Namespace) -> dict[str, str]:
@@ -223,70 +275,111 @@ def defaults_env(args: argparse.Namespace) -> dict[str, str]:
     cached (in the data dir) as an installed package has it, whatever this shell says
     (PYTHONDONTWRITEBYTECODE=1 recompiles every embedpool module in the CLI and in each
     worker on every start)."""
-    env = {**os.environ, "EMBEDPOOL_CACHE_DIR": str(args.data_dir / "cache-defaults"),
-           "PYTHONPYCACHEPREFIX": str(args.data_dir / "pycache")}
+    env = {
+        **os.environ,
+        "EMBEDPOOL_CACHE_DIR": str(args.data_dir / "cache-defaults"),
+        "PYTHONPYCACHEPREFIX": str(args.data_dir / "pycache"),
+    }
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 
-def first_vector(large: Path, out_dir: Path, args: argparse.Namespace,
-                 tree: Path | None = None) -> dict[str, object]:
+def first_vector(
+    large: Path, out_dir: Path, args: argparse.Namespace, tree: Path | None = None
+) -> dict[str, object]:
     """``embedpool embed LARGE -o OUT.npy`` with the default model and workers and a fresh
     vector cache, until its first row is written; where the seconds went."""
     for stale in (args.data_dir / "cache-defaults").glob("vectors.sqlite3*"):
         stale.unlink()
-    r = run_embed(large, out_dir, args, 120, tree, stop_rows=1, cli=[],
-                  env=defaults_env(args))
+    r = run_embed(large, out_dir, args, 120, tree, stop_rows=1, cli=[], env=defaults_env(args))
     ev = r.pop("events")
     assert isinstance(ev, Events)
     written = r["first_vector_s"]
     assert written is None or isinstance(written, float)
-    marks = {"first worker started": ev.first("worker_start"),
-             "first worker ready": ev.first("worker_ready"),
-             "first batch done": ev.first("progress")}
-    return {"tree": str(tree or "this"), "first_vector_s": written, "load": load(),
-            **{k: None if v is None else round(v, 2) for k, v in marks.items()}}
+    marks = {
+        "first worker started": ev.first("worker_start"),
+        "first worker ready": ev.first("worker_ready"),
+        "first batch done": ev.first("progress"),
+    }
+    return {
+        "tree": str(tree or "this"),
+        "first_vector_s": written,
+        "load": load(),
+        **{k: None if v is None else round(v, 2) for k, v in marks.items()},
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", type=int, default=10_000)
     ap.add_argument("--large", type=int, default=1_000_000)
-    ap.add_argument("--seconds", type=float, default=600.0,
-                    help="Cap on each run (SIGINT after it); the large run stops at "
-                         "--large-rows rows written.")
-    ap.add_argument("--large-rows", type=int, default=None,
-                    help="Rows the large run writes before SIGINT (default 1.2 x --small: "
-                         "past every window size the small run reaches).")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=600.0,
+        help="Cap on each run (SIGINT after it); the large run stops at --large-rows rows written.",
+    )
+    ap.add_argument(
+        "--large-rows",
+        type=int,
+        default=None,
+        help="Rows the large run writes before SIGINT (default 1.2 x --small: "
+        "past every window size the small run reaches).",
+    )
     ap.add_argument("--baseline-seconds", type=float, default=60.0)
-    ap.add_argument("--batch-tokens", type=int, default=8192,
-                    help="Batch budget (the tiny fixture's 128-token texts: 64 per batch).")
+    ap.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=8192,
+        help="Batch budget (the tiny fixture's 128-token texts: 64 per batch).",
+    )
     ap.add_argument("--model", default=str(FIXTURE))
     ap.add_argument("--workers", default="1")
-    ap.add_argument("--formats", default="npy,parquet",
-                    help="Output formats the small and large runs write (comma-separated).")
-    ap.add_argument("--first-runs", type=int, default=2,
-                    help="Runs of the default-settings first-vector measure (0: none).")
-    ap.add_argument("--first-baseline-tree", type=Path, default=None,
-                    help="Also measure the first vector with the embedpool checked out here, "
-                         "alternating with this one's runs (same load).")
+    ap.add_argument(
+        "--formats",
+        default="npy,parquet",
+        help="Output formats the small and large runs write (comma-separated).",
+    )
+    ap.add_argument(
+        "--first-runs",
+        type=int,
+        default=2,
+        help="Runs of the default-settings first-vector measure (0: none).",
+    )
+    ap.add_argument(
+        "--first-baseline-tree",
+        type=Path,
+        default=None,
+        help="Also measure the first vector with the embedpool checked out here, "
+        "alternating with this one's runs (same load).",
+    )
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/embedpool-streaming"))
-    ap.add_argument("--baseline-tree", type=Path, default=None,
-                    help="Also run the large file with the embedpool of this checkout (e.g. "
-                         "`git archive 31104e9`, before streaming), for the same time.")
+    ap.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="Also run the large file with the embedpool of this checkout (e.g. "
+        "`git archive 31104e9`, before streaming), for the same time.",
+    )
     args = ap.parse_args()
     args.data_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     small = make_jsonl(args.data_dir / f"chunks-{args.small}.jsonl", args.small)
     large = make_jsonl(args.data_dir / f"chunks-{args.large}.jsonl", args.large)
     warm = make_jsonl(args.data_dir / "chunks-100.jsonl", 100)
-    print(f"inputs ready in {time.perf_counter() - t0:.1f} s: {large} "
-          f"({large.stat().st_size / 2**20:.0f} MiB)", flush=True)
+    print(
+        f"inputs ready in {time.perf_counter() - t0:.1f} s: {large} "
+        f"({large.stat().st_size / 2**20:.0f} MiB)",
+        flush=True,
+    )
     rates = reader_rate(large)
     fast = rates["read_jsonl lines/cpu-s"]
-    print("reader: " + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items())
-          + f" (per CPU second {fast / rates['json.loads lines/cpu-s']:.2f}x json.loads)",
-          flush=True)
+    print(
+        "reader: "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in rates.items())
+        + f" (per CPU second {fast / rates['json.loads lines/cpu-s']:.2f}x json.loads)",
+        flush=True,
+    )
     out_dir = args.data_dir / "out"
     out_dir.mkdir(exist_ok=True)
     print(f"CPU: {cpu_name()}, {os.cpu_count()} CPUs; {load()}", flush=True)
@@ -294,19 +387,28 @@ def main() -> None:
     if args.first_runs:  # the default model's graph, built before any timing
         trees = [None, args.first_baseline_tree] if args.first_baseline_tree else [None]
         for tree in trees:
-            print("warm-up (defaults):", run_embed(warm, out_dir, args, 600, tree, cli=[],
-                                                   env=defaults_env(args))["summary"],
-                  flush=True)
+            print(
+                "warm-up (defaults):",
+                run_embed(warm, out_dir, args, 600, tree, cli=[], env=defaults_env(args))[
+                    "summary"
+                ],
+                flush=True,
+            )
     for i in range(args.first_runs):
         for tree in [None, args.first_baseline_tree] if args.first_baseline_tree else [None]:
-            print(f"first vector, default settings, run {i + 1}:",
-                  json.dumps(first_vector(large, out_dir, args, tree)), flush=True)
+            print(
+                f"first vector, default settings, run {i + 1}:",
+                json.dumps(first_vector(large, out_dir, args, tree)),
+                flush=True,
+            )
     large_rows = args.large_rows or int(1.2 * args.small)
     ratios = []
     first: object = None
     for fmt in filter(None, args.formats.split(",")):
-        results = [run_embed(small, out_dir, args, args.seconds, fmt=fmt),
-                   run_embed(large, out_dir, args, args.seconds, stop_rows=large_rows, fmt=fmt)]
+        results = [
+            run_embed(small, out_dir, args, args.seconds, fmt=fmt),
+            run_embed(large, out_dir, args, args.seconds, stop_rows=large_rows, fmt=fmt),
+        ]
         for r in results:
             r.pop("events")
             print(json.dumps(r), flush=True)
@@ -316,15 +418,21 @@ def main() -> None:
         if fmt == "npy":
             first = results[1]["first_vector_s"]
     if args.baseline_tree is not None:
-        print("baseline warm-up:",
-              run_embed(warm, out_dir, args, 600, args.baseline_tree)["summary"], flush=True)
+        print(
+            "baseline warm-up:",
+            run_embed(warm, out_dir, args, 600, args.baseline_tree)["summary"],
+            flush=True,
+        )
         base = run_embed(large, out_dir, args, args.baseline_seconds, args.baseline_tree)
         base.pop("events")
         print(json.dumps(base), flush=True)
-    print(f"parent peak RSS {args.large:,} / {args.small:,} chunks: {', '.join(ratios)} "
-          f"(target <= 1.3); first vector on {args.large:,} (the benchmark's model): "
-          f"{first} s (target <= 5); reader {fast:,.0f} lines "
-          f"per CPU second (target >= 100,000); {cpu_name()}, {load()}")
+    print(
+        f"parent peak RSS {args.large:,} / {args.small:,} chunks: {', '.join(ratios)} "
+        f"(target <= 1.3); first vector on {args.large:,} (the benchmark's model): "
+        f"{first} s (target <= 5); reader {fast:,.0f} lines "
+        f"per CPU second (target >= 100,000); {cpu_name()}, {load()}"
+    )
+
 
 if __name__ == "__main__":
     main()

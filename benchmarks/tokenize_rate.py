@@ -45,9 +45,15 @@ def _prepare_rate(chunks: int, repeats: int) -> dict[str, Any]:
             window = emb._prepare(start, ids, texts)
             tokens += window.prep.sequences_tokens
         best = min(best, time.perf_counter() - t0)
-    return {"texts": len(texts), "tokens": tokens, "seconds": best, "tokens_per_s": tokens / best,
-            "texts_per_s": len(texts) / best, "cores": len(os.sched_getaffinity(0)),
-            "rayon_threads": os.environ.get("RAYON_NUM_THREADS", "default")}
+    return {
+        "texts": len(texts),
+        "tokens": tokens,
+        "seconds": best,
+        "tokens_per_s": tokens / best,
+        "texts_per_s": len(texts) / best,
+        "cores": len(os.sched_getaffinity(0)),
+        "rayon_threads": os.environ.get("RAYON_NUM_THREADS", "default"),
+    }
 
 
 def _worker_rate(chunks: int, precision: str) -> dict[str, Any]:
@@ -68,8 +74,13 @@ def _worker_rate(chunks: int, precision: str) -> dict[str, Any]:
         engine.embed(b.sequences)
         tokens += b.tokens
     seconds = time.perf_counter() - t0
-    return {"texts": len(texts), "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "precision": precision}
+    return {
+        "texts": len(texts),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "precision": precision,
+    }
 
 
 def _child(kind: str, chunks: int, extra: str, one_core: bool) -> dict[str, Any]:
@@ -111,10 +122,15 @@ def main() -> None:
     worker = _child("worker", args.chunks, args.precision, one_core=True)
     per_core = parent1["tokens_per_s"]
     fed = per_core / worker["tokens_per_s"]
-    result = {"cpu": _cpu_name(), "cores": cores, "parent_1core": parent1,
-              "parent_all_cores": parent_n, "worker_1thread": worker,
-              "workers_fed_per_parent_core": round(fed, 1),
-              "parent_cores_needed": {str(n): round(n / fed, 2) for n in (16, 64, 96)}}
+    result = {
+        "cpu": _cpu_name(),
+        "cores": cores,
+        "parent_1core": parent1,
+        "parent_all_cores": parent_n,
+        "worker_1thread": worker,
+        "workers_fed_per_parent_core": round(fed, 1),
+        "parent_cores_needed": {str(n): round(n / fed, 2) for n in (16, 64, 96)},
+    }
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
@@ -122,12 +138,16 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return
     print(f"cpu: {result['cpu']}, {cores} usable cores")
-    print(f"parent prepare, 1 core (RAYON_NUM_THREADS=1): {per_core:,.0f} tokens/s "
-          f"({parent1['texts_per_s']:,.0f} texts/s)")
+    print(
+        f"parent prepare, 1 core (RAYON_NUM_THREADS=1): {per_core:,.0f} tokens/s "
+        f"({parent1['texts_per_s']:,.0f} texts/s)"
+    )
     print(f"parent prepare, {cores} cores: {parent_n['tokens_per_s']:,.0f} tokens/s")
     print(f"one worker, 1 thread, {args.precision}: {worker['tokens_per_s']:,.0f} tokens/s")
-    print(f"one parent core feeds {fed:.1f} single-threaded workers; parent cores needed: "
-          + ", ".join(f"{n} workers {v}" for n, v in result["parent_cores_needed"].items()))
+    print(
+        f"one parent core feeds {fed:.1f} single-threaded workers; parent cores needed: "
+        + ", ".join(f"{n} workers {v}" for n, v in result["parent_cores_needed"].items())
+    )
 
 
 def _cpu_name() -> str:

@@ -59,8 +59,10 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "default": ({}, {}),
     "no-tuning": ({"EMBEDPOOL_MALLOC_TUNING": "0"}, {}),
     # the rejected alternative: activations mmapped (freed at once), fixed thresholds
-    "mmap-1M": ({"MALLOC_MMAP_THRESHOLD_": str(1 << 20),
-                 "MALLOC_TRIM_THRESHOLD_": str(1 << 20)}, {}),
+    "mmap-1M": (
+        {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20)},
+        {},
+    ),
     "+onnx": ({}, {"import_onnx": True}),
     "mem-pattern": ({}, {"mem_pattern": True}),
     "no-arena": ({}, {"arena": False}),
@@ -119,8 +121,13 @@ def _reset_peak(pid: int) -> None:
 def _batches(n: int, count: int, seed: int = 0) -> list[tuple[np.ndarray, ...]]:
     """``count`` batches of ``n`` full-length sequences of ids from MiniLM's word range."""
     rng = np.random.default_rng(seed)
-    return [tuple(np.concatenate([[101], rng.integers(1000, 29000, SEQ - 2), [102]])
-                  .astype(np.int32) for _ in range(n)) for _ in range(count)]
+    return [
+        tuple(
+            np.concatenate([[101], rng.integers(1000, 29000, SEQ - 2), [102]]).astype(np.int32)
+            for _ in range(n)
+        )
+        for _ in range(count)
+    ]
 
 
 def measure(precision: str, variant: str, batches: int) -> dict[str, float]:
@@ -152,8 +159,12 @@ def measure(precision: str, variant: str, batches: int) -> dict[str, float]:
                 raise RuntimeError(f"batch failed: {res}")
             return res.seconds
 
-        for n, count, tag in ((3, batches, "3"), (4, batches, "4"), (8, batches, "8"),
-                              (32, 2, "32")):
+        for n, count, tag in (
+            (3, batches, "3"),
+            (4, batches, "4"),
+            (8, batches, "8"),
+            (32, 2, "32"),
+        ):
             work = _batches(n, count + 1, seed=n)
             run(work[0])  # warm-up: first-run allocations and lazy kernels
             _reset_peak(pid)
@@ -179,8 +190,11 @@ def main() -> None:
     args = ap.parse_args()
     variants = args.variants.split(",")
     cols = ["load", "peak3", "cps3", "peak4", "peak8", "after8", "cps8", "peak32"]
-    print(f"{'prec':5} {'variant':11} " + " ".join(f"{c:>8}" for c in cols)
-          + "   (MiB; medians of rounds)")
+    print(
+        f"{'prec':5} {'variant':11} "
+        + " ".join(f"{c:>8}" for c in cols)
+        + "   (MiB; medians of rounds)"
+    )
     for precision in args.precisions.split(","):
         rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
         started = time.monotonic()

@@ -15,17 +15,31 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_MODEL", "Embedder", "JobReport", "Reranker", "__version__", "embed",
-           "rerank", "resolve_model"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "Embedder",
+    "JobReport",
+    "Reranker",
+    "__version__",
+    "embed",
+    "rerank",
+    "resolve_model",
+]
 
 if TYPE_CHECKING:
     from embedpool.job import Embedder, JobReport, embed
     from embedpool.models import DEFAULT_MODEL, resolve_model
     from embedpool.rerank import Reranker, rerank
 
-_LAZY = {"Embedder": "embedpool.job", "JobReport": "embedpool.job", "embed": "embedpool.job",
-         "resolve_model": "embedpool.models", "DEFAULT_MODEL": "embedpool.models",
-         "Reranker": "embedpool.rerank", "rerank": "embedpool.rerank"}
+_LAZY = {
+    "Embedder": "embedpool.job",
+    "JobReport": "embedpool.job",
+    "embed": "embedpool.job",
+    "resolve_model": "embedpool.models",
+    "DEFAULT_MODEL": "embedpool.models",
+    "Reranker": "embedpool.rerank",
+    "rerank": "embedpool.rerank",
+}
 
 
 def __getattr__(name: str) -> Any:

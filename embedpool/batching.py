@@ -26,22 +26,29 @@ class Batch:
         return len(self.indices) * self.longest
 
 
-def plan_batches(lengths: Sequence[int], token_budget: int = DEFAULT_BATCH_TOKENS,
-                 max_items: int = DEFAULT_MAX_BATCH_ITEMS) -> list[Batch]:
+def plan_batches(
+    lengths: Sequence[int],
+    token_budget: int = DEFAULT_BATCH_TOKENS,
+    max_items: int = DEFAULT_MAX_BATCH_ITEMS,
+) -> list[Batch]:
     """Sort by length and cut greedily so that ``items x longest <= token_budget``.
 
     A single sequence longer than the budget still forms a batch of its own.
     Batches are returned shortest first; every index appears exactly once.
     """
     if token_budget < 1 or max_items < 1:
-        raise ValueError(f"token_budget and max_items must be >= 1, got {token_budget}, {max_items}")
+        raise ValueError(
+            f"token_budget and max_items must be >= 1, got {token_budget}, {max_items}"
+        )
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[Batch] = []
     current: list[int] = []
     longest = 0
     for i in order:
         n = max(1, lengths[i])
-        if current and (len(current) + 1 > max_items or (len(current) + 1) * max(longest, n) > token_budget):
+        if current and (
+            len(current) + 1 > max_items or (len(current) + 1) * max(longest, n) > token_budget
+        ):
             batches.append(Batch(tuple(current), longest))
             current, longest = [], 0
         current.append(i)
@@ -56,4 +63,3 @@ def dedupe(texts: Sequence[str]) -> tuple[list[str], list[int]]:
     first: dict[str, int] = {}
     inverse = [first.setdefault(t, len(first)) for t in texts]
     return list(first), inverse
-

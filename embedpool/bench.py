@@ -65,11 +65,16 @@ class BenchConfig:
 
 def token_stats(lengths: list[int], max_length: int) -> dict[str, Any]:
     a = np.asarray(lengths)
-    return {"tokens_total": int(a.sum()), "mean": round(float(a.mean()), 1),
-            "p50": int(np.percentile(a, 50)), "p90": int(np.percentile(a, 90)),
-            "p99": int(np.percentile(a, 99)), "max": int(a.max()),
-            "over_max_length": round(float((a > max_length).mean()), 3),
-            "max_length": max_length}
+    return {
+        "tokens_total": int(a.sum()),
+        "mean": round(float(a.mean()), 1),
+        "p50": int(np.percentile(a, 50)),
+        "p90": int(np.percentile(a, 90)),
+        "p99": int(np.percentile(a, 99)),
+        "max": int(a.max()),
+        "over_max_length": round(float((a > max_length).mean()), 3),
+        "max_length": max_length,
+    }
 
 
 def _corpus(n: int, path: str | None = None) -> list[str]:
@@ -103,8 +108,16 @@ def run_embedpool(cfg: BenchConfig) -> dict[str, Any]:
     texts = _texts(cfg)
     tracker = RssTracker()
     events: list[dict[str, Any]] = []
-    keep = ("scale", "emergency", "worker_death", "split", "retry", "recycle",
-            "graph_built", "graph_fallback")
+    keep = (
+        "scale",
+        "emergency",
+        "worker_death",
+        "split",
+        "retry",
+        "recycle",
+        "graph_built",
+        "graph_fallback",
+    )
     t0 = time.perf_counter()
     items: int | None
     tokens: int | None
@@ -112,11 +125,20 @@ def run_embedpool(cfg: BenchConfig) -> dict[str, Any]:
         items, tokens = cfg.batch_size, cfg.batch_tokens or cfg.batch_size * 512
     else:  # the device's defaults (a GPU's batches are much bigger)
         items, tokens = None, cfg.batch_tokens
-    with Embedder(cfg.model, precision=cfg.precision, device=cfg.device, runtime=cfg.engine,
-                  cpu_workers=cfg.cpu_workers, threads=cfg.threads, workers=cfg.workers,
-                  long_text=cfg.long_text,  # type: ignore[arg-type]
-                  batch_tokens=tokens, max_batch_items=items, pool_options=cfg.pool_options,
-                  on_event=lambda e: events.append(e) if e.get("event") in keep else None) as emb:
+    with Embedder(
+        cfg.model,
+        precision=cfg.precision,
+        device=cfg.device,
+        runtime=cfg.engine,
+        cpu_workers=cfg.cpu_workers,
+        threads=cfg.threads,
+        workers=cfg.workers,
+        long_text=cfg.long_text,  # type: ignore[arg-type]
+        batch_tokens=tokens,
+        max_batch_items=items,
+        pool_options=cfg.pool_options,
+        on_event=lambda e: events.append(e) if e.get("event") in keep else None,
+    ) as emb:
         load_s = time.perf_counter() - t0
         vecs = emb.embed(texts)
         if cfg.vectors_out:
@@ -125,13 +147,28 @@ def run_embedpool(cfg: BenchConfig) -> dict[str, Any]:
         device = emb.device
         precision, tokens, items = emb.precision, emb.batch_tokens, emb.max_batch_items
     peak = tracker.close()
-    return {"runner": "embedpool", "chunks": len(texts), "seconds": report.seconds,
-            "chunks_per_s": len(texts) / report.seconds, "tokens_per_s": report.tokens / report.seconds,
-            "load_s": load_s, "peak_rss_bytes": peak, "truncated": report.truncated,
-            "dim": int(vecs.shape[1]), "events": events, "device": device,
-            "settings": {"precision": precision, "workers": cfg.workers, "threads": cfg.threads,
-                         "batch_tokens": tokens, "max_batch_items": items,
-                         "device": cfg.device, "cpu_workers": cfg.cpu_workers}}
+    return {
+        "runner": "embedpool",
+        "chunks": len(texts),
+        "seconds": report.seconds,
+        "chunks_per_s": len(texts) / report.seconds,
+        "tokens_per_s": report.tokens / report.seconds,
+        "load_s": load_s,
+        "peak_rss_bytes": peak,
+        "truncated": report.truncated,
+        "dim": int(vecs.shape[1]),
+        "events": events,
+        "device": device,
+        "settings": {
+            "precision": precision,
+            "workers": cfg.workers,
+            "threads": cfg.threads,
+            "batch_tokens": tokens,
+            "max_batch_items": items,
+            "device": cfg.device,
+            "cpu_workers": cfg.cpu_workers,
+        },
+    }
 
 
 def export_for_fastembed(model_spec: str, out_dir: Path) -> tuple[Path, Any]:
@@ -143,8 +180,9 @@ def export_for_fastembed(model_spec: str, out_dir: Path) -> tuple[Path, Any]:
 
     m = resolve_model(model_spec)
     cfg = BertConfig.from_dict(m.config)
-    onnx_model = build_bert(load_weights(m.weights_path, cfg), cfg, pooling=m.pooling,
-                            fused=False, pool=False)
+    onnx_model = build_bert(
+        load_weights(m.weights_path, cfg), cfg, pooling=m.pooling, fused=False, pool=False
+    )
     import onnx
 
     onnx.save(onnx_model, str(out_dir / "model.onnx"))
@@ -170,8 +208,13 @@ def run_fastembed(cfg: BenchConfig) -> dict[str, Any]:
 
         name = f"embedpool-bench/{m.name}"
         TextEmbedding.add_custom_model(
-            model=name, pooling=PoolingType.MEAN if m.pooling == "mean" else PoolingType.CLS,
-            normalization=True, sources=ModelSource(hf=name), dim=m.dim, model_file="model.onnx")
+            model=name,
+            pooling=PoolingType.MEAN if m.pooling == "mean" else PoolingType.CLS,
+            normalization=True,
+            sources=ModelSource(hf=name),
+            dim=m.dim,
+            model_file="model.onnx",
+        )
         tracker = RssTracker()
         t0 = time.perf_counter()
         fe = TextEmbedding(model_name=name, specific_model_path=str(model_dir))
@@ -180,15 +223,24 @@ def run_fastembed(cfg: BenchConfig) -> dict[str, Any]:
         vecs = np.stack(list(fe.embed(texts)))
         seconds = time.perf_counter() - t1
         peak = tracker.close()
-    return {"runner": "fastembed", "chunks": len(texts), "seconds": seconds,
-            "chunks_per_s": len(texts) / seconds, "load_s": load_s, "peak_rss_bytes": peak,
-            "dim": int(vecs.shape[1]), "settings": {"batch_size": 256, "parallel": None}}
+    return {
+        "runner": "fastembed",
+        "chunks": len(texts),
+        "seconds": seconds,
+        "chunks_per_s": len(texts) / seconds,
+        "load_s": load_s,
+        "peak_rss_bytes": peak,
+        "dim": int(vecs.shape[1]),
+        "settings": {"batch_size": 256, "parallel": None},
+    }
 
 
 #: What each sentence-transformers target needs besides torch, as pip installs it.
-ST_INSTALL = {"torch": "sentence-transformers",
-              "onnx": "'sentence-transformers[onnx]' (optimum-onnx, onnxruntime)",
-              "openvino": "'sentence-transformers[openvino]' (optimum-intel, openvino, nncf)"}
+ST_INSTALL = {
+    "torch": "sentence-transformers",
+    "onnx": "'sentence-transformers[onnx]' (optimum-onnx, onnxruntime)",
+    "openvino": "'sentence-transformers[openvino]' (optimum-intel, openvino, nncf)",
+}
 
 
 def run_sentence_transformers(cfg: BenchConfig, backend: str, int8: bool) -> dict[str, Any]:
@@ -202,9 +254,11 @@ def run_sentence_transformers(cfg: BenchConfig, backend: str, int8: bool) -> dic
     try:
         import sentence_transformers as st
     except ImportError as exc:
-        raise SystemExit(f"sentence-transformers is not importable in {sys.executable} "
-                         f"({exc}): pip install {ST_INSTALL[backend]}, or pass "
-                         "--peer-python with a Python that has it") from None
+        raise SystemExit(
+            f"sentence-transformers is not importable in {sys.executable} "
+            f"({exc}): pip install {ST_INSTALL[backend]}, or pass "
+            "--peer-python with a Python that has it"
+        ) from None
     texts = _texts(cfg)
     path = cfg.model
     with tempfile.TemporaryDirectory(prefix="embedpool-st-") as tmp:
@@ -213,8 +267,10 @@ def run_sentence_transformers(cfg: BenchConfig, backend: str, int8: bool) -> dic
             if int8:
                 model = _st_int8(st, model, path, backend, Path(tmp), texts)
         except ImportError as exc:
-            raise SystemExit(f"sentence-transformers' {backend} backend cannot load ({exc}): "
-                             f"pip install {ST_INSTALL[backend]}") from None
+            raise SystemExit(
+                f"sentence-transformers' {backend} backend cannot load ({exc}): "
+                f"pip install {ST_INSTALL[backend]}"
+            ) from None
         t0 = time.perf_counter()
         vecs = model.encode(texts, convert_to_numpy=True)
         seconds = time.perf_counter() - t0
@@ -223,14 +279,25 @@ def run_sentence_transformers(cfg: BenchConfig, backend: str, int8: bool) -> dic
         ref = vecs
     else:
         ref = st.SentenceTransformer(path, backend="torch", device="cpu").encode(
-            texts, convert_to_numpy=True)
+            texts, convert_to_numpy=True
+        )
     if cfg.vectors_out:
         np.save(cfg.vectors_out, np.asarray(ref, dtype=np.float32))
-    return {"runner": f"st-{backend}" + ("-int8" if int8 else ""), "chunks": len(texts),
-            "seconds": seconds, "chunks_per_s": len(texts) / seconds, "peak_rss_bytes": peak,
-            "dim": int(vecs.shape[1]), "cos": _cos_stats(vecs, ref),
-            "settings": {"backend": backend, "int8": int8, "batch_size": 32,
-                         "sentence_transformers": st.__version__}}
+    return {
+        "runner": f"st-{backend}" + ("-int8" if int8 else ""),
+        "chunks": len(texts),
+        "seconds": seconds,
+        "chunks_per_s": len(texts) / seconds,
+        "peak_rss_bytes": peak,
+        "dim": int(vecs.shape[1]),
+        "cos": _cos_stats(vecs, ref),
+        "settings": {
+            "backend": backend,
+            "int8": int8,
+            "batch_size": 32,
+            "sentence_transformers": st.__version__,
+        },
+    }
 
 
 def _st_int8(st: Any, model: Any, path: str, backend: str, out: Path, texts: list[str]) -> Any:
@@ -239,14 +306,22 @@ def _st_int8(st: Any, model: Any, path: str, backend: str, out: Path, texts: lis
         from sentence_transformers.backend import export_dynamic_quantized_onnx_model
 
         export_dynamic_quantized_onnx_model(model, "avx512_vnni", str(out))
-        return st.SentenceTransformer(str(out), backend="onnx", device="cpu",
-                                      model_kwargs={"file_name": "onnx/model_qint8_avx512_vnni.onnx"})
+        return st.SentenceTransformer(
+            str(out),
+            backend="onnx",
+            device="cpu",
+            model_kwargs={"file_name": "onnx/model_qint8_avx512_vnni.onnx"},
+        )
     if backend == "openvino":
         # export_static_quantized_openvino_model's calibration set (glue/sst2) comes from
         # the hub; the same quantisation on 300 texts of the corpus instead
         _ov_static(model, out, texts[:300])
-        return st.SentenceTransformer(str(out), backend="openvino", device="cpu",
-                                      model_kwargs={"file_name": "openvino/openvino_model_qint8_quantized.xml"})
+        return st.SentenceTransformer(
+            str(out),
+            backend="openvino",
+            device="cpu",
+            model_kwargs={"file_name": "openvino/openvino_model_qint8_quantized.xml"},
+        )
     raise SystemExit(f"sentence-transformers has no int8 export for backend {backend}")
 
 
@@ -260,11 +335,18 @@ def _ov_static(model: Any, out: Path, texts: list[str]) -> None:
     tok = model.tokenizer
     quantizer = OVQuantizer.from_pretrained(ov_model)
     data = Dataset.from_dict({"text": texts}).map(
-        lambda x: tok(x["text"], padding="max_length", truncation=True,
-                      max_length=model.max_seq_length), batched=True, remove_columns=["text"])
-    quantizer.quantize(save_directory=out / "openvino", calibration_dataset=data,
-                       ov_config=OVQuantizationConfig(num_samples=len(texts)),
-                       file_name="openvino_model_qint8_quantized.xml")
+        lambda x: tok(
+            x["text"], padding="max_length", truncation=True, max_length=model.max_seq_length
+        ),
+        batched=True,
+        remove_columns=["text"],
+    )
+    quantizer.quantize(
+        save_directory=out / "openvino",
+        calibration_dataset=data,
+        ov_config=OVQuantizationConfig(num_samples=len(texts)),
+        file_name="openvino_model_qint8_quantized.xml",
+    )
     model.save(str(out))
 
 
@@ -280,10 +362,14 @@ def _st_runner(backend: str, int8: bool) -> Callable[[BenchConfig], dict[str, An
 
 
 RUNNERS: dict[str, Callable[[BenchConfig], dict[str, Any]]] = {
-    "embedpool": run_embedpool, "fastembed": run_fastembed,
-    "st-torch": _st_runner("torch", False), "st-onnx": _st_runner("onnx", False),
-    "st-onnx-int8": _st_runner("onnx", True), "st-openvino": _st_runner("openvino", False),
-    "st-openvino-int8": _st_runner("openvino", True)}
+    "embedpool": run_embedpool,
+    "fastembed": run_fastembed,
+    "st-torch": _st_runner("torch", False),
+    "st-onnx": _st_runner("onnx", False),
+    "st-onnx-int8": _st_runner("onnx", True),
+    "st-openvino": _st_runner("openvino", False),
+    "st-openvino-int8": _st_runner("openvino", True),
+}
 
 
 def _in_subprocess(runner: str, cfg: BenchConfig) -> dict[str, Any]:
@@ -294,27 +380,37 @@ def _in_subprocess(runner: str, cfg: BenchConfig) -> dict[str, Any]:
 
         python = cfg.peer_python or sys.executable
         root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run([python, "-m", "embedpool.bench", runner, json.dumps(asdict(cfg))],
-                          capture_output=True, text=True, check=False, env=env)
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p),
+        }
+    proc = subprocess.run(
+        [python, "-m", "embedpool.bench", runner, json.dumps(asdict(cfg))],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
     if proc.returncode != 0:
         from embedpool.errors import ConfigError
 
         tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
         if runner.startswith("st-") and "pip install" in tail[0]:
             raise ConfigError(f"--compare {runner}: {tail[0]}")
-        raise RuntimeError(f"{runner} benchmark failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{runner} benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     last = proc.stdout.strip().splitlines()[-1]
     result: dict[str, Any] = json.loads(last)
     return result
 
 
 #: The modules each sentence-transformers backend imports (checked before anything runs).
-ST_MODULES = {"torch": ("sentence_transformers", "torch"),
-              "onnx": ("sentence_transformers", "torch", "optimum.onnxruntime"),
-              "openvino": ("sentence_transformers", "torch", "optimum.intel")}
+ST_MODULES = {
+    "torch": ("sentence_transformers", "torch"),
+    "onnx": ("sentence_transformers", "torch", "optimum.onnxruntime"),
+    "openvino": ("sentence_transformers", "torch", "optimum.intel"),
+}
 
 
 def _check_peer(cfg: BenchConfig) -> None:
@@ -324,23 +420,32 @@ def _check_peer(cfg: BenchConfig) -> None:
         return
     backend = (cfg.compare or "").split("-")[1]
     python = cfg.peer_python or sys.executable
-    probe = "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in " \
-            f"{ST_MODULES[backend]!r}) else 3)"
+    probe = (
+        "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in "
+        f"{ST_MODULES[backend]!r}) else 3)"
+    )
     try:
-        ok = subprocess.run([python, "-c", probe], capture_output=True, timeout=120,
-                            check=False).returncode == 0
+        ok = (
+            subprocess.run(
+                [python, "-c", probe], capture_output=True, timeout=120, check=False
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         ok = False
     if not ok:
         from embedpool.errors import ConfigError
 
-        raise ConfigError(f"--compare {cfg.compare} needs {', '.join(ST_MODULES[backend])} in "
-                          f"{python}: pip install {ST_INSTALL[backend]} there, or pass "
-                          "--peer-python with a Python that has them")
+        raise ConfigError(
+            f"--compare {cfg.compare} needs {', '.join(ST_MODULES[backend])} in "
+            f"{python}: pip install {ST_INSTALL[backend]} there, or pass "
+            "--peer-python with a Python that has them"
+        )
 
 
-def _compare(cfg: BenchConfig, m: Any, ours: dict[str, Any], mine: Path | None,
-             echo: Callable[[str], None]) -> dict[str, Any]:
+def _compare(
+    cfg: BenchConfig, m: Any, ours: dict[str, Any], mine: Path | None, echo: Callable[[str], None]
+) -> dict[str, Any]:
     """The peer's run; for a sentence-transformers peer (given the model's directory), also
     both sides' cosines against its fp32 (torch) vectors of the same texts (``mine``: our
     vectors' .npy)."""
@@ -351,12 +456,18 @@ def _compare(cfg: BenchConfig, m: Any, ours: dict[str, Any], mine: Path | None,
     ref_path = mine.with_name("reference.npy")
     texts_path = mine.with_name("texts.json")
     texts_path.write_text(json.dumps(_corpus(cfg.chunks, cfg.input)), encoding="utf-8")
-    peer = _in_subprocess(cfg.compare or "", dataclasses.replace(
-        cfg, model=str(m.directory), vectors_out=str(ref_path), texts_json=str(texts_path)))
+    peer = _in_subprocess(
+        cfg.compare or "",
+        dataclasses.replace(
+            cfg, model=str(m.directory), vectors_out=str(ref_path), texts_json=str(texts_path)
+        ),
+    )
     ours["cos"] = _cos_stats(np.load(mine), np.load(ref_path))
     for name, run in (("embedpool", ours), (cfg.compare, peer)):
-        echo(f"{name} against sentence-transformers fp32: cos mean {run['cos']['mean']:.5f} "
-             f"min {run['cos']['min']:.5f}")
+        echo(
+            f"{name} against sentence-transformers fp32: cos mean {run['cos']['mean']:.5f} "
+            f"min {run['cos']['min']:.5f}"
+        )
     return peer
 
 
@@ -368,11 +479,12 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
     _check_peer(cfg)
     texts = _corpus(cfg.chunks, cfg.input)
     stats = token_stats(TextTokenizer.for_model(m).count(texts), m.max_length)
-    what = (f"of {cfg.input}" if cfg.input else
-            f"of Python {sys.version.split()[0]} stdlib source")
-    echo(f"corpus: {len(texts)} chunks {what}; tokens "
-         f"mean {stats['mean']} p50 {stats['p50']} p90 {stats['p90']} p99 {stats['p99']} "
-         f"max {stats['max']}; {stats['over_max_length']:.0%} over max length {m.max_length}")
+    what = f"of {cfg.input}" if cfg.input else f"of Python {sys.version.split()[0]} stdlib source"
+    echo(
+        f"corpus: {len(texts)} chunks {what}; tokens "
+        f"mean {stats['mean']} p50 {stats['p50']} p90 {stats['p90']} p99 {stats['p99']} "
+        f"max {stats['max']}; {stats['over_max_length']:.0%} over max length {m.max_length}"
+    )
     results: dict[str, Any] = {"corpus": stats, "runs": []}
     scratch = tempfile.TemporaryDirectory(prefix="embedpool-bench-")
     mine = Path(scratch.name) / "ours.npy" if (cfg.compare or "").startswith("st-") else None
@@ -382,28 +494,42 @@ def run_bench(cfg: BenchConfig, echo: Callable[[str], None] = print) -> dict[str
         scratch.cleanup()
 
 
-def _run_bench(cfg: BenchConfig, m: Any, results: dict[str, Any], mine: Path | None,
-               echo: Callable[[str], None]) -> dict[str, Any]:
+def _run_bench(
+    cfg: BenchConfig,
+    m: Any,
+    results: dict[str, Any],
+    mine: Path | None,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
     import dataclasses
 
     from embedpool.progress import fmt_bytes
 
-    ours = _in_subprocess("embedpool", dataclasses.replace(
-        cfg, vectors_out=str(mine) if mine is not None else None))
+    ours = _in_subprocess(
+        "embedpool", dataclasses.replace(cfg, vectors_out=str(mine) if mine is not None else None)
+    )
     results["runs"].append(ours)
-    where = ("in-process" if cfg.workers is None
-             else f"workers {cfg.workers}" + (f" x {cfg.threads} threads" if cfg.threads else ""))
+    where = (
+        "in-process"
+        if cfg.workers is None
+        else f"workers {cfg.workers}" + (f" x {cfg.threads} threads" if cfg.threads else "")
+    )
     echo(f"embedpool ({ours['settings']['precision']}, {where}): device {ours['device']}")
-    echo(f"embedpool: {ours['chunks_per_s']:.1f} chunks/s, "
-         f"{ours['tokens_per_s']:.0f} tokens/s, peak RSS {fmt_bytes(ours['peak_rss_bytes'])} "
-         f"(load {ours['load_s']:.1f} s)")
+    echo(
+        f"embedpool: {ours['chunks_per_s']:.1f} chunks/s, "
+        f"{ours['tokens_per_s']:.0f} tokens/s, peak RSS {fmt_bytes(ours['peak_rss_bytes'])} "
+        f"(load {ours['load_s']:.1f} s)"
+    )
     for e in ours.get("events", []):
         if e.get("event") == "graph_built":  # a cold cache: what the first run paid first
-            results["cold_build"] = {k: e[k] for k in ("precision", "seconds", "peak_rss",
-                                                       "size_bytes", "built")}
-            echo(f"  cold build: the {e['precision']} graph in {e['seconds']:.1f} s, peak RSS "
-                 f"{fmt_bytes(e['peak_rss'])} (its own process, before any worker; included "
-                 "in load and in the peak above)")
+            results["cold_build"] = {
+                k: e[k] for k in ("precision", "seconds", "peak_rss", "size_bytes", "built")
+            }
+            echo(
+                f"  cold build: the {e['precision']} graph in {e['seconds']:.1f} s, peak RSS "
+                f"{fmt_bytes(e['peak_rss'])} (its own process, before any worker; included "
+                "in load and in the peak above)"
+            )
             continue
         echo("  decision: " + ", ".join(f"{k}={v}" for k, v in e.items() if k != "ts"))
     if cfg.compare:
@@ -412,10 +538,14 @@ def _run_bench(cfg: BenchConfig, m: Any, results: dict[str, Any], mine: Path | N
         speed = ours["chunks_per_s"] / peer["chunks_per_s"]
         mem = peer["peak_rss_bytes"] / max(ours["peak_rss_bytes"], 1)
         results["ratio"] = {"throughput": round(speed, 2), "peak_rss_peer_over_ours": round(mem, 2)}
-        echo(f"{cfg.compare} (defaults): {peer['chunks_per_s']:.1f} chunks/s, peak RSS "
-             f"{fmt_bytes(peer['peak_rss_bytes'])}")
-        echo(f"ratio: embedpool is {speed:.2f}x {cfg.compare}'s throughput with "
-             f"1/{mem:.1f} of its peak RSS")
+        echo(
+            f"{cfg.compare} (defaults): {peer['chunks_per_s']:.1f} chunks/s, peak RSS "
+            f"{fmt_bytes(peer['peak_rss_bytes'])}"
+        )
+        echo(
+            f"ratio: embedpool is {speed:.2f}x {cfg.compare}'s throughput with "
+            f"1/{mem:.1f} of its peak RSS"
+        )
     return results
 
 

@@ -45,9 +45,11 @@ DEFAULT_BATCH_TOKENS = 768
 #: overhead).
 DEFAULT_MAX_BATCH_ITEMS = 64
 #: Per profile on the CPU: wsl2 halves the default (see the module docstring).
-PROFILE_BATCH_TOKENS: dict[Profile, int] = {"cloud": DEFAULT_BATCH_TOKENS,
-                                            "local": DEFAULT_BATCH_TOKENS,
-                                            "wsl2": DEFAULT_BATCH_TOKENS // 2}
+PROFILE_BATCH_TOKENS: dict[Profile, int] = {
+    "cloud": DEFAULT_BATCH_TOKENS,
+    "local": DEFAULT_BATCH_TOKENS,
+    "wsl2": DEFAULT_BATCH_TOKENS // 2,
+}
 #: The floor an out-of-memory failure lowers a budget to: one full-length sequence of the
 #: default model.
 MIN_BATCH_TOKENS = 256
@@ -84,14 +86,21 @@ class BatchBudget:
 
     def describe(self) -> str:
         """One line for the doctor and the plan's reasons."""
-        return (f"batch budget {self.tokens} padded tokens, {self.max_items} items (an OOM "
-                f"halves it, never below {self.floor}): {self.reason}")
+        return (
+            f"batch budget {self.tokens} padded tokens, {self.max_items} items (an OOM "
+            f"halves it, never below {self.floor}): {self.reason}"
+        )
 
 
-def batch_budget(*, device: DeviceKind = "cpu", profile: Profile | None = None,
-                 max_length: int | None = None, requested: int | None = None,
-                 requested_items: int | None = None, gpu_fit: int | None = None
-                 ) -> BatchBudget:
+def batch_budget(
+    *,
+    device: DeviceKind = "cpu",
+    profile: Profile | None = None,
+    max_length: int | None = None,
+    requested: int | None = None,
+    requested_items: int | None = None,
+    gpu_fit: int | None = None,
+) -> BatchBudget:
     """The batch budget (rules in the module docstring). ``profile``: the machine's, None where
     none applies (Ray actors); ``max_length``: the model's; ``requested``/``requested_items``:
     ``--batch-tokens`` and the item cap asked for; ``gpu_fit`` (``device="cuda"``): the padded
@@ -103,28 +112,37 @@ def batch_budget(*, device: DeviceKind = "cpu", profile: Profile | None = None,
         return _gpu_budget(max_length, requested, requested_items, gpu_fit)
     items = requested_items or DEFAULT_MAX_BATCH_ITEMS
     if requested is not None:
-        return BatchBudget(requested, min(MIN_BATCH_TOKENS, requested), items,
-                           "as requested (--batch-tokens)")
+        return BatchBudget(
+            requested, min(MIN_BATCH_TOKENS, requested), items, "as requested (--batch-tokens)"
+        )
     tokens = PROFILE_BATCH_TOKENS[profile or "local"]
     if profile == "wsl2":
-        why = (f"the wsl2 profile halves the default {DEFAULT_BATCH_TOKENS} (WSL2's VM returns "
-               "memory to Windows lazily: smaller spikes)")
+        why = (
+            f"the wsl2 profile halves the default {DEFAULT_BATCH_TOKENS} (WSL2's VM returns "
+            "memory to Windows lazily: smaller spikes)"
+        )
     else:
-        why = ("small batches are as fast as big ones on the CPU and lighter"
-               + (f" ({profile} profile)" if profile else ""))
+        why = "small batches are as fast as big ones on the CPU and lighter" + (
+            f" ({profile} profile)" if profile else ""
+        )
     return BatchBudget(tokens, min(MIN_BATCH_TOKENS, tokens), items, why)
 
 
-def _gpu_budget(max_length: int | None, requested: int | None, requested_items: int | None,
-                fit: int | None) -> BatchBudget:
+def _gpu_budget(
+    max_length: int | None, requested: int | None, requested_items: int | None, fit: int | None
+) -> BatchBudget:
     floor = max(GPU_MIN_BATCH_TOKENS, max_length or 0)
     items = requested_items or GPU_MAX_BATCH_ITEMS
     if fit is None:
         tokens = GPU_UNKNOWN_MEMORY_TOKENS
         why = "free GPU memory unknown"
     elif fit < floor:
-        return BatchBudget(0, floor, items, f"the GPU's free memory holds {fit} tokens, under "
-                                            f"one {floor}-token sequence")
+        return BatchBudget(
+            0,
+            floor,
+            items,
+            f"the GPU's free memory holds {fit} tokens, under one {floor}-token sequence",
+        )
     elif fit >= GPU_MAX_BATCH_TOKENS:
         tokens, why = GPU_MAX_BATCH_TOKENS, f"the cap; the GPU's free memory holds {fit}"
     else:
@@ -134,6 +152,10 @@ def _gpu_budget(max_length: int | None, requested: int | None, requested_items: 
         return BatchBudget(tokens, floor, items, why)
     if fit is not None and requested > fit:  # more than the GPU's memory holds
         tokens = fit // floor * floor
-        return BatchBudget(tokens, floor, items, f"--batch-tokens {requested} capped: the "
-                                                 f"GPU's free memory holds {fit} tokens")
+        return BatchBudget(
+            tokens,
+            floor,
+            items,
+            f"--batch-tokens {requested} capped: the GPU's free memory holds {fit} tokens",
+        )
     return BatchBudget(requested, min(floor, requested), items, "as requested (--batch-tokens)")

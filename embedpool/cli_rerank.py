@@ -41,22 +41,47 @@ if TYPE_CHECKING:
 @click.command()
 @click.argument("query")
 @click.argument("documents", nargs=-1)
-@click.option("--input", "-i", "inputs", multiple=True, type=click.Path(path_type=Path),
-              help="JSONL records, text files or directories, read as `embed` reads them "
-                   "(each record's id is echoed). Without DOCUMENTS or --input: one document "
-                   "per line of stdin.")
-@click.option("--model", "-m", default=lambda: env_str("EMBEDPOOL_RERANKER") or None,
-              help="The cross-encoder: a model directory or hub id (or EMBEDPOOL_RERANKER).")
-@click.option("--top-n", type=click.IntRange(1), default=None,
-              help="Return the best N documents (default: all).")
-@click.option("--raw", is_flag=True, help="Logits instead of the model's activation "
-                                          "(CrossEncoder.predict's scores).")
+@click.option(
+    "--input",
+    "-i",
+    "inputs",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="JSONL records, text files or directories, read as `embed` reads them "
+    "(each record's id is echoed). Without DOCUMENTS or --input: one document "
+    "per line of stdin.",
+)
+@click.option(
+    "--model",
+    "-m",
+    default=lambda: env_str("EMBEDPOOL_RERANKER") or None,
+    help="The cross-encoder: a model directory or hub id (or EMBEDPOOL_RERANKER).",
+)
+@click.option(
+    "--top-n",
+    type=click.IntRange(1),
+    default=None,
+    help="Return the best N documents (default: all).",
+)
+@click.option(
+    "--raw",
+    is_flag=True,
+    help="Logits instead of the model's activation (CrossEncoder.predict's scores).",
+)
 @click.option("--no-documents", is_flag=True, help="Leave the documents' text out of the output.")
-@click.option("--instruction", default=None,
-              help="A causal-LM reranker's task instruction (Qwen3-Reranker's <Instruct>; "
-                   "CrossEncoder's prompt). Default: its template's own.")
-@click.option("--precision", type=click.Choice(["auto", "int8", "fp32"]), default="auto",
-              show_default=True, help="auto: int8 on the CPU.")
+@click.option(
+    "--instruction",
+    default=None,
+    help="A causal-LM reranker's task instruction (Qwen3-Reranker's <Instruct>; "
+    "CrossEncoder's prompt). Default: its template's own.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "int8", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="auto: int8 on the CPU.",
+)
 @device_opt
 @threads_opt
 @workers_opt
@@ -64,18 +89,35 @@ if TYPE_CHECKING:
 @max_memory_opt
 @click.option("--cache", "cache_path", type=click.Path(path_type=Path), default=None)
 @click.option("--no-cache", is_flag=True)
-def rerank(query: str, documents: tuple[str, ...], inputs: tuple[Path, ...],
-           model: str | None, top_n: int | None, raw: bool, no_documents: bool,
-           instruction: str | None, precision: str, device: str, threads: int | None, workers: str, profile: str,
-           max_memory: str | None, cache_path: Path | None, no_cache: bool) -> None:
+def rerank(
+    query: str,
+    documents: tuple[str, ...],
+    inputs: tuple[Path, ...],
+    model: str | None,
+    top_n: int | None,
+    raw: bool,
+    no_documents: bool,
+    instruction: str | None,
+    precision: str,
+    device: str,
+    threads: int | None,
+    workers: str,
+    profile: str,
+    max_memory: str | None,
+    cache_path: Path | None,
+    no_cache: bool,
+) -> None:
     """Rank DOCUMENTS by relevance to QUERY with a cross-encoder, best first (scores as
     sentence-transformers' CrossEncoder gives them); a document too long for the window loses
     its end, never the query, and is listed in ``truncated``."""
     from embedpool.rerank import Reranker
 
     if model is None:
-        _fail("--model is required: a cross-encoder directory or hub id (e.g. "
-              "cross-encoder/ms-marco-MiniLM-L6-v2)", EXIT_USAGE)
+        _fail(
+            "--model is required: a cross-encoder directory or hub id (e.g. "
+            "cross-encoder/ms-marco-MiniLM-L6-v2)",
+            EXIT_USAGE,
+        )
     assert model is not None
     docs = list(documents)
     ids: list[str] | None = None
@@ -92,16 +134,24 @@ def rerank(query: str, documents: tuple[str, ...], inputs: tuple[Path, ...],
         elif not docs:
             docs = [line.rstrip("\r\n") for line in sys.stdin]
         if not docs:
-            raise ConfigError("no documents: give them as arguments, with --input, or one per "
-                              "line on stdin")
+            raise ConfigError(
+                "no documents: give them as arguments, with --input, or one per line on stdin"
+            )
         w, pool_opts = _pool_args(workers, threads, profile, max_memory)
         if not no_cache:
             from embedpool.cache import VectorCache
 
             cache = VectorCache.open(cache_path)
-        reranker = Reranker(model, precision=precision, device=device, threads=threads,
-                            workers=w, pool_options=pool_opts, cache=cache,
-                            instruction=instruction)
+        reranker = Reranker(
+            model,
+            precision=precision,
+            device=device,
+            threads=threads,
+            workers=w,
+            pool_options=pool_opts,
+            cache=cache,
+            instruction=instruction,
+        )
     except (EmbedpoolError, ConfigError, CacheError) as exc:
         _fail(str(exc), EXIT_USAGE)
     try:
@@ -125,15 +175,27 @@ def rerank(query: str, documents: tuple[str, ...], inputs: tuple[Path, ...],
         if not no_documents:
             item["document"] = r.document
         results.append(item)
-    json.dump({"model": reranker.model.name, "query": query, "results": results,
-               "truncated": truncated}, sys.stdout, ensure_ascii=False)
+    json.dump(
+        {"model": reranker.model.name, "query": query, "results": results, "truncated": truncated},
+        sys.stdout,
+        ensure_ascii=False,
+    )
     sys.stdout.write("\n")
 
 
-def reranker_setup(name: str, *, device: str, precision: str, workers: int | str | None,
-                   pool_options: dict[str, Any], backend: str, ray_address: str | None,
-                   actors: int | None, cache_path: Path | None, no_cache: bool
-                   ) -> RerankerSetup:
+def reranker_setup(
+    name: str,
+    *,
+    device: str,
+    precision: str,
+    workers: int | str | None,
+    pool_options: dict[str, Any],
+    backend: str,
+    ray_address: str | None,
+    actors: int | None,
+    cache_path: Path | None,
+    no_cache: bool,
+) -> RerankerSetup:
     """``serve --reranker``: the cross-encoder resolved and checked, its graph built now (on
     screen), its executor deferred to the server's start, its cache bound; exits 2 for a
     model that is not a one-label cross-encoder."""
@@ -146,10 +208,13 @@ def reranker_setup(name: str, *, device: str, precision: str, workers: int | str
     try:
         model = resolve_model(name)
         check_reranker(model)
-        placement = place(model, device=device,
-                          precision=precision if precision in ("auto", "int8", "fp32")
-                          else "auto", backend=backend,
-                          profile=pool_options.get("profile"))
+        placement = place(
+            model,
+            device=device,
+            precision=precision if precision in ("auto", "int8", "fp32") else "auto",
+            backend=backend,
+            profile=pool_options.get("profile"),
+        )
     except (EmbedpoolError, ConfigError) as exc:
         _fail(f"--reranker: {exc}", EXIT_USAGE)
         raise  # unreachable
@@ -159,18 +224,32 @@ def reranker_setup(name: str, *, device: str, precision: str, workers: int | str
         from embedpool.cache import VectorCache
 
         try:
-            cache = PairCache(VectorCache.open(cache_path),
-                              reranker_fingerprint(model, placement.precision))
+            cache = PairCache(
+                VectorCache.open(cache_path), reranker_fingerprint(model, placement.precision)
+            )
         except CacheError as exc:
             _fail(str(exc), EXIT_USAGE)
-    factory = executor_factory(model, placement, workers=actors if backend == "ray" else workers,
-                               pool_options=pool_options, backend=backend,
-                               ray_address=ray_address)
+    factory = executor_factory(
+        model,
+        placement,
+        workers=actors if backend == "ray" else workers,
+        pool_options=pool_options,
+        backend=backend,
+        ray_address=ray_address,
+    )
     from embedpool.server.registry import planned_bytes
 
     # planned like an embedding model (registry.py): the server's one memory budget holds both
-    return RerankerSetup(model, factory, cache, aliases=(name,),
-                         planned_bytes=planned_bytes(model, placement.precision,
-                                                     placement.batch_tokens,
-                                                     workers if isinstance(workers, int) else 1),
-                         precision=placement.precision)
+    return RerankerSetup(
+        model,
+        factory,
+        cache,
+        aliases=(name,),
+        planned_bytes=planned_bytes(
+            model,
+            placement.precision,
+            placement.batch_tokens,
+            workers if isinstance(workers, int) else 1,
+        ),
+        precision=placement.precision,
+    )

@@ -12,8 +12,13 @@ from pathlib import Path
 from embedpool.errors import ConfigError
 
 
-def env_str(name: str, default: str | None = None, *, choices: tuple[str, ...] | None = None,
-            environ: Mapping[str, str] | None = None) -> str | None:
+def env_str(
+    name: str,
+    default: str | None = None,
+    *,
+    choices: tuple[str, ...] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str | None:
     env = os.environ if environ is None else environ
     value = env.get(name)
     if value is None or value == "":
@@ -23,8 +28,13 @@ def env_str(name: str, default: str | None = None, *, choices: tuple[str, ...] |
     return value
 
 
-def env_int(name: str, default: int | None = None, *, minimum: int | None = None,
-            environ: Mapping[str, str] | None = None) -> int | None:
+def env_int(
+    name: str,
+    default: int | None = None,
+    *,
+    minimum: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int | None:
     raw = env_str(name, None, environ=environ)
     if raw is None:
         return default
@@ -37,8 +47,14 @@ def env_int(name: str, default: int | None = None, *, minimum: int | None = None
     return value
 
 
-def env_float(name: str, default: float | None = None, *, minimum: float | None = None,
-              maximum: float | None = None, environ: Mapping[str, str] | None = None) -> float | None:
+def env_float(
+    name: str,
+    default: float | None = None,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> float | None:
     raw = env_str(name, None, environ=environ)
     if raw is None:
         return default
@@ -51,15 +67,27 @@ def env_float(name: str, default: float | None = None, *, minimum: float | None 
     return value
 
 
-_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
-          "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3, "t": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+    "t": 1024**4,
+}
 
 
 def parse_bytes(text: str, *, what: str = "size") -> int:
     """'512M', '2GiB', '1500000' -> bytes. Binary units (an OOM killer counts pages, not SI)."""
     s = text.strip().lower().replace(" ", "")
     num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     try:
         value = float(num)
     except ValueError:

@@ -22,8 +22,11 @@ def stdlib_dir() -> Path:
 def stdlib_chunks(n: int, root: Path | None = None) -> list[Chunk]:
     """The first ``n`` chunks of stdlib ``*.py`` files in sorted path order."""
     base = root or stdlib_dir()
-    files = sorted(p for p in base.rglob("*.py")
-                   if not any(part in _SKIP for part in p.relative_to(base).parts))
+    files = sorted(
+        p
+        for p in base.rglob("*.py")
+        if not any(part in _SKIP for part in p.relative_to(base).parts)
+    )
     out: list[Chunk] = []
     for f in files:
         for x in read_text_file(f, str(f.relative_to(base))):

@@ -50,18 +50,19 @@ def device_index(device: str) -> int:
 
 def cuda_options(device: str, mem_limit: int | None, precision: str) -> dict[str, str]:
     """The CUDA provider's options (see the module docstring)."""
-    opts = {"device_id": str(device_index(device)),
-            "arena_extend_strategy": "kSameAsRequested",
-            "cudnn_conv_algo_search": "HEURISTIC",
-            "do_copy_in_default_stream": "1",
-            "use_tf32": "0" if precision == "fp32" else "1"}
+    opts = {
+        "device_id": str(device_index(device)),
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "do_copy_in_default_stream": "1",
+        "use_tf32": "0" if precision == "fp32" else "1",
+    }
     if mem_limit is not None:
         opts["gpu_mem_limit"] = str(int(mem_limit))
     return opts
 
 
-def providers_for(device: str, mem_limit: int | None = None, precision: str = "fp16"
-                  ) -> list[Any]:
+def providers_for(device: str, mem_limit: int | None = None, precision: str = "fp16") -> list[Any]:
     """ORT's ``providers`` argument for ``device`` ("cpu" or "cuda:N"). The CPU provider comes
     second on a GPU: ORT places there the few nodes CUDA has no kernel for (shape arithmetic)."""
     if device == "cpu":
@@ -87,8 +88,9 @@ def prepare(device: str) -> None:
 def unavailable(device: str, exc: BaseException) -> DeviceUnavailable:
     """A CUDA session that failed to build, as DeviceUnavailable naming the cause."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DeviceUnavailable(f"{device}: ONNX Runtime could not start a CUDA session: "
-                             f"{first[:400]}", "device")
+    return DeviceUnavailable(
+        f"{device}: ONNX Runtime could not start a CUDA session: {first[:400]}", "device"
+    )
 
 
 def check_available(available: Sequence[str], device: str) -> None:
@@ -98,7 +100,8 @@ def check_available(available: Sequence[str], device: str) -> None:
             f"{device}: this ONNX Runtime has no {CUDA_EP} (providers: {', '.join(available)}): "
             f"the CPU package onnxruntime is the one imported; install onnxruntime-gpu "
             f"(pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'embedpool[gpu]')",
-            "package")
+            "package",
+        )
 
 
 def check_session(session_providers: Sequence[str], device: str) -> None:
@@ -108,4 +111,6 @@ def check_session(session_providers: Sequence[str], device: str) -> None:
             f"{device}: ONNX Runtime could not create its {CUDA_EP} and fell back to "
             f"{', '.join(session_providers) or 'nothing'} (its log above says why; usually "
             f"the CUDA 12 or cuDNN 9 libraries are missing: pip install 'onnxruntime-gpu[cuda,cudnn]' "
-            f"brings them)", "package")
+            f"brings them)",
+            "package",
+        )

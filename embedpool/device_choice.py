@@ -48,16 +48,22 @@ RequestKind = Literal["auto", "cpu", "cuda"]
 Missing = DeviceMissing
 
 #: Distributions that install the ``onnxruntime`` module (each a build of the same package).
-ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino",
-                     "onnxruntime-directml", "onnxruntime-training", "onnxruntime-qnn",
-                     "ort-nightly", "ort-nightly-gpu")
+ORT_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-openvino",
+    "onnxruntime-directml",
+    "onnxruntime-training",
+    "onnxruntime-qnn",
+    "ort-nightly",
+    "ort-nightly-gpu",
+)
 #: The distribution whose wheels carry the CUDA execution provider on Linux and Windows.
 ORT_GPU = "onnxruntime-gpu"
 #: How long nvidia-smi may take. It answers in ~0.1-0.5 s; a hung driver must not hang us.
 NVIDIA_SMI_TIMEOUT_S = 10.0
 #: The fix printed for a clash or a missing GPU package (scripts/setup gpu runs the same).
-GPU_INSTALL_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu && "
-                   "pip install 'embedpool[gpu]'")
+GPU_INSTALL_FIX = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'embedpool[gpu]'"
 
 
 @dataclass(frozen=True)
@@ -161,11 +167,16 @@ def ort_clash(distributions: Iterable[tuple[str, str]]) -> str | None:
     names = " and ".join(f"{n} {v}" for n, v in found)
     gpu = any(n == ORT_GPU for n, _ in found)
     others = " ".join(n for n, _ in found)
-    fix = (f"pip uninstall -y {others} && pip install {ORT_GPU}" if gpu
-           else f"pip uninstall -y {others} && pip install onnxruntime")
-    return (f"{names} are both installed and share the onnxruntime module (the one installed "
-            f"last overwrote the other's files; uninstalling either breaks it); fix: {fix}"
-            + (" (scripts/setup gpu does this)" if gpu else ""))
+    fix = (
+        f"pip uninstall -y {others} && pip install {ORT_GPU}"
+        if gpu
+        else f"pip uninstall -y {others} && pip install onnxruntime"
+    )
+    return (
+        f"{names} are both installed and share the onnxruntime module (the one installed "
+        f"last overwrote the other's files; uninstalling either breaks it); fix: {fix}"
+        + (" (scripts/setup gpu does this)" if gpu else "")
+    )
 
 
 def installed_ort_distributions() -> tuple[tuple[str, str], ...]:
@@ -185,7 +196,7 @@ def installed_ort_distributions() -> tuple[tuple[str, str], ...]:
 # --- the GPUs ---------------------------------------------------------------------------------
 
 #: The one nvidia-smi query: CSV, no header, memory in MiB.
-NVIDIA_SMI_QUERY = ("index,name,uuid,memory.total,memory.free,driver_version")
+NVIDIA_SMI_QUERY = "index,name,uuid,memory.total,memory.free,driver_version"
 
 
 def parse_nvidia_smi(text: str) -> tuple[tuple[Gpu, ...], str | None]:
@@ -200,8 +211,16 @@ def parse_nvidia_smi(text: str) -> tuple[tuple[Gpu, ...], str | None]:
         if len(parts) != 6 or not parts[0].isdigit():
             continue
         idx, name, uuid, total, free, drv = parts
-        gpus.append(Gpu(index=int(idx), name=name, memory_total=_mib(total) or 0,
-                        memory_free=_mib(free), uuid=uuid, smi_index=int(idx)))
+        gpus.append(
+            Gpu(
+                index=int(idx),
+                name=name,
+                memory_total=_mib(total) or 0,
+                memory_free=_mib(free),
+                uuid=uuid,
+                smi_index=int(idx),
+            )
+        )
         driver = driver or (drv if drv and not drv.startswith("[") else None)
     return tuple(gpus), driver
 
@@ -227,9 +246,17 @@ def visible_gpus(gpus: Sequence[Gpu], cuda_visible_devices: str | None) -> tuple
         if match is None or match in out:
             break  # CUDA ignores this entry and every one after it
         out.append(match)
-    return tuple(Gpu(index=i, name=g.name, memory_total=g.memory_total,
-                     memory_free=g.memory_free, uuid=g.uuid, smi_index=g.smi_index)
-                 for i, g in enumerate(out))
+    return tuple(
+        Gpu(
+            index=i,
+            name=g.name,
+            memory_total=g.memory_total,
+            memory_free=g.memory_free,
+            uuid=g.uuid,
+            smi_index=g.smi_index,
+        )
+        for i, g in enumerate(out)
+    )
 
 
 def _match_gpu(gpus: Sequence[Gpu], entry: str) -> Gpu | None:
@@ -248,12 +275,14 @@ def run_nvidia_smi(args: Sequence[str]) -> str | None:
     """stdout of ``nvidia-smi ARGS``, or None when it is missing, fails or times out."""
     exe = shutil.which("nvidia-smi") or next(
         (p for p in ("/usr/lib/wsl/lib/nvidia-smi", "/usr/bin/nvidia-smi") if os.path.exists(p)),
-        None)
+        None,
+    )
     if exe is None:
         return None
     try:
-        proc = subprocess.run([exe, *args], capture_output=True, text=True, check=False,
-                              timeout=NVIDIA_SMI_TIMEOUT_S)
+        proc = subprocess.run(
+            [exe, *args], capture_output=True, text=True, check=False, timeout=NVIDIA_SMI_TIMEOUT_S
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout if proc.returncode == 0 else None
@@ -275,8 +304,12 @@ def _proc_driver(root: Path) -> tuple[str | None, int]:
 
 #: Where the driver's libcuda lives when nothing else says so (WSL2 maps the Windows driver
 #: there; the others are the usual Linux locations).
-LIBCUDA_PATHS = ("usr/lib/wsl/lib/libcuda.so.1", "usr/lib/x86_64-linux-gnu/libcuda.so.1",
-                 "usr/lib64/libcuda.so.1", "usr/lib/aarch64-linux-gnu/libcuda.so.1")
+LIBCUDA_PATHS = (
+    "usr/lib/wsl/lib/libcuda.so.1",
+    "usr/lib/x86_64-linux-gnu/libcuda.so.1",
+    "usr/lib64/libcuda.so.1",
+    "usr/lib/aarch64-linux-gnu/libcuda.so.1",
+)
 
 
 def _libcuda(root: Path) -> str | None:
@@ -285,9 +318,14 @@ def _libcuda(root: Path) -> str | None:
     return next(("/" + p for p in LIBCUDA_PATHS if (root / p).exists()), None)
 
 
-def detect_facts(request: DeviceRequest | None = None, *, run: Runner = run_nvidia_smi,
-                 root: Path = Path("/"), environ: Mapping[str, str] | None = None,
-                 distributions: Sequence[tuple[str, str]] | None = None) -> DeviceFacts:
+def detect_facts(
+    request: DeviceRequest | None = None,
+    *,
+    run: Runner = run_nvidia_smi,
+    root: Path = Path("/"),
+    environ: Mapping[str, str] | None = None,
+    distributions: Sequence[tuple[str, str]] | None = None,
+) -> DeviceFacts:
     """Read what is installed and present. With ``request`` ``auto`` or ``cpu`` and no
     onnxruntime-gpu installed, the GPUs are not probed (``gpus_probed`` False): nothing
     could use them. ``run``, ``root``, ``environ`` and ``distributions`` are for tests."""
@@ -316,13 +354,29 @@ def detect_facts(request: DeviceRequest | None = None, *, run: Runner = run_nvid
             driver, source, count = "unknown", libcuda, 1
         if driver is not None and count and not gpus:
             # nvidia-smi is missing: the GPUs exist but their memory is unknown
-            gpus = tuple(Gpu(index=i, name="NVIDIA GPU (nvidia-smi missing)", memory_total=0,
-                             memory_free=None, smi_index=i) for i in range(count))
-            notes.append("nvidia-smi not found: GPU memory unknown, the token budget falls "
-                         "back to its default")
-    return DeviceFacts(distributions=dists, driver=driver, driver_source=source,
-                       gpus=visible_gpus(gpus, visible), all_gpus=len(gpus),
-                       cuda_visible_devices=visible, notes=tuple(notes))
+            gpus = tuple(
+                Gpu(
+                    index=i,
+                    name="NVIDIA GPU (nvidia-smi missing)",
+                    memory_total=0,
+                    memory_free=None,
+                    smi_index=i,
+                )
+                for i in range(count)
+            )
+            notes.append(
+                "nvidia-smi not found: GPU memory unknown, the token budget falls "
+                "back to its default"
+            )
+    return DeviceFacts(
+        distributions=dists,
+        driver=driver,
+        driver_source=source,
+        gpus=visible_gpus(gpus, visible),
+        all_gpus=len(gpus),
+        cuda_visible_devices=visible,
+        notes=tuple(notes),
+    )
 
 
 # --- the decision -----------------------------------------------------------------------------
@@ -342,8 +396,9 @@ def decide_device(request: DeviceRequest, facts: DeviceFacts) -> DevicePlan:
     if missing is not None:
         what, message = missing
         if request.kind == "cuda":
-            raise DeviceError(f"--device {request}: {message}"
-                              + (f"; also: {clash}" if clash else ""), what)
+            raise DeviceError(
+                f"--device {request}: {message}" + (f"; also: {clash}" if clash else ""), what
+            )
         return DevicePlan("cpu", (), f"auto: {_AUTO_CPU_REASON[what]}", request, notes)
     gpus = facts.gpus if request.index is None else (facts.gpus[request.index],)
     why = "requested" if request.kind == "cuda" else f"auto: {ORT_GPU} and a GPU are present"
@@ -351,8 +406,11 @@ def decide_device(request: DeviceRequest, facts: DeviceFacts) -> DevicePlan:
 
 
 #: auto's quiet reason for the CPU, in the summary and the doctor (cuda gets the whole story).
-_AUTO_CPU_REASON: dict[Missing, str] = {"package": f"{ORT_GPU} not installed",
-                                        "driver": "no NVIDIA driver", "device": "no GPU visible"}
+_AUTO_CPU_REASON: dict[Missing, str] = {
+    "package": f"{ORT_GPU} not installed",
+    "driver": "no NVIDIA driver",
+    "device": "no GPU visible",
+}
 
 
 def _missing(request: DeviceRequest, facts: DeviceFacts) -> tuple[Missing, str] | None:
@@ -360,23 +418,30 @@ def _missing(request: DeviceRequest, facts: DeviceFacts) -> tuple[Missing, str] 
     if not facts.gpu_package:
         cpu = next((f"{n} {v}" for n, v in facts.distributions if n != ORT_GPU), None)
         have = f"the CPU package {cpu} is" if cpu else "no onnxruntime is"
-        return "package", (f"{ORT_GPU} is not installed ({have}); install it with: "
-                           f"{GPU_INSTALL_FIX}")
+        return "package", (
+            f"{ORT_GPU} is not installed ({have}); install it with: {GPU_INSTALL_FIX}"
+        )
     if facts.driver is None:
         if not facts.gpus_probed:
             return "driver", "GPUs not probed"
-        return "driver", ("no NVIDIA driver found (nvidia-smi and /proc/driver/nvidia are "
-                          "absent, so libcuda is not there either); install the NVIDIA driver "
-                          "(on WSL2, the Windows driver provides it)")
+        return "driver", (
+            "no NVIDIA driver found (nvidia-smi and /proc/driver/nvidia are "
+            "absent, so libcuda is not there either); install the NVIDIA driver "
+            "(on WSL2, the Windows driver provides it)"
+        )
     if not facts.gpus:
-        hidden = (f" (CUDA_VISIBLE_DEVICES={facts.cuda_visible_devices!r} hides all "
-                  f"{facts.all_gpus})" if facts.all_gpus and facts.cuda_visible_devices is not None
-                  else "")
+        hidden = (
+            f" (CUDA_VISIBLE_DEVICES={facts.cuda_visible_devices!r} hides all {facts.all_gpus})"
+            if facts.all_gpus and facts.cuda_visible_devices is not None
+            else ""
+        )
         return "device", f"the NVIDIA driver {facts.driver} sees no GPU{hidden}"
     if request.index is not None and request.index >= len(facts.gpus):
-        return "device", (f"GPU index {request.index} is out of range: "
-                          f"{len(facts.gpus)} GPU(s) visible (cuda:0"
-                          f"{f'..cuda:{len(facts.gpus) - 1}' if len(facts.gpus) > 1 else ''})")
+        return "device", (
+            f"GPU index {request.index} is out of range: "
+            f"{len(facts.gpus)} GPU(s) visible (cuda:0"
+            f"{f'..cuda:{len(facts.gpus) - 1}' if len(facts.gpus) > 1 else ''})"
+        )
     return None
 
 
@@ -384,6 +449,5 @@ def resolve_device(device: str | DeviceRequest | None = "auto") -> DevicePlan:
     """Parse, detect and decide: the one call the CLI and the library make."""
     request = parse_device(device)
     if request.kind == "cpu":  # the clash check still runs: it reads package metadata only
-        return decide_device(request, DeviceFacts(installed_ort_distributions(),
-                                                  gpus_probed=False))
+        return decide_device(request, DeviceFacts(installed_ort_distributions(), gpus_probed=False))
     return decide_device(request, detect_facts(request))

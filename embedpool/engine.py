@@ -71,8 +71,10 @@ class EngineSpec:
     def __post_init__(self) -> None:
         if self.runtime == "openvino":
             if self.device != "cpu" or self.precision not in ("fp32", "int8", "bf16"):
-                raise ConfigError(f"the openvino engine runs fp32, int8 or bf16 on the CPU, not "
-                                  f"{self.precision} on {self.device}")
+                raise ConfigError(
+                    f"the openvino engine runs fp32, int8 or bf16 on the CPU, not "
+                    f"{self.precision} on {self.device}"
+                )
         elif self.runtime != "onnxruntime":
             raise ConfigError(f"runtime must be onnxruntime or openvino, got {self.runtime!r}")
         elif self.precision not in ("fp32", "int8", "fp16"):
@@ -81,8 +83,10 @@ class EngineSpec:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         on_gpu = self.device != "cpu"
         if (self.precision == "fp16" and not on_gpu) or (self.precision == "int8" and on_gpu):
-            raise ConfigError(f"precision {self.precision} does not run on {self.device}: int8 "
-                              "is the CPU's, fp16 the GPU's (fp32 runs on both)")
+            raise ConfigError(
+                f"precision {self.precision} does not run on {self.device}: int8 "
+                "is the CPU's, fp16 the GPU's (fp32 runs on both)"
+            )
 
     def on_cpu(self, precision: Precision = "fp32") -> EngineSpec:
         """This engine on the CPU, for a pool whose GPU was lost (fp16 becomes fp32: the
@@ -115,8 +119,14 @@ class EngineSpec:
             from embedpool.engine_openvino import OpenVinoEngine
 
             return OpenVinoEngine.for_spec(self, path)
-        return Engine.for_model(path, self.model, threads=self.threads, device=self.device,
-                                gpu_mem_limit=self.gpu_mem_limit, precision=self.precision)
+        return Engine.for_model(
+            path,
+            self.model,
+            threads=self.threads,
+            device=self.device,
+            gpu_mem_limit=self.gpu_mem_limit,
+            precision=self.precision,
+        )
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -165,10 +175,19 @@ class Engine:
             opts.add_session_config_entry("session.disable_prepacking", "1")
         return opts
 
-    def __init__(self, onnx_path: Path, *, head: HeadSpec, dim: int, threads: int = 1,
-                 head_in_graph: bool = True, device: str = "cpu",
-                 gpu_mem_limit: int | None = None, precision: str = "int8",
-                 segments: bool = False) -> None:
+    def __init__(
+        self,
+        onnx_path: Path,
+        *,
+        head: HeadSpec,
+        dim: int,
+        threads: int = 1,
+        head_in_graph: bool = True,
+        device: str = "cpu",
+        gpu_mem_limit: int | None = None,
+        precision: str = "int8",
+        segments: bool = False,
+    ) -> None:
         """``head_in_graph``: a [batch, dim] output already went through ``head`` (embedpool
         built the graph); otherwise (a shipped graph that pools by itself) Normalize and
         truncate_dim are applied here. Token-state outputs always get the whole head here.
@@ -186,8 +205,10 @@ class Engine:
             cuda_ep.prepare(device)
         try:
             self.session = ort.InferenceSession(
-                str(onnx_path), sess_options=self._options(Path(onnx_path), threads),
-                providers=cuda_ep.providers_for(device, gpu_mem_limit, precision))
+                str(onnx_path),
+                sess_options=self._options(Path(onnx_path), threads),
+                providers=cuda_ep.providers_for(device, gpu_mem_limit, precision),
+            )
         except Exception as exc:
             if device != "cpu":
                 raise cuda_ep.unavailable(device, exc) from exc
@@ -198,17 +219,37 @@ class Engine:
         # one without them); int32 ids where it declares them (a legal export)
         declared = [Tensor(o.name, 0, len(o.shape or ())) for o in self.session.get_outputs()]
         chosen = None if head_in_graph else choose_output(declared)
-        out = self.session.get_outputs()[[d.name for d in declared].index(chosen.name)] \
-            if chosen is not None else self.session.get_outputs()[0]
-        self._int32_inputs = {i.name for i in self.session.get_inputs()
-                              if i.type == "tensor(int32)"}
-        self._bind(onnx_path, head=head, dim=dim, head_in_graph=head_in_graph,
-                   segments=segments, inputs={i.name for i in self.session.get_inputs()},
-                   output=out.name, output_shape=list(out.shape))
+        out = (
+            self.session.get_outputs()[[d.name for d in declared].index(chosen.name)]
+            if chosen is not None
+            else self.session.get_outputs()[0]
+        )
+        self._int32_inputs = {
+            i.name for i in self.session.get_inputs() if i.type == "tensor(int32)"
+        }
+        self._bind(
+            onnx_path,
+            head=head,
+            dim=dim,
+            head_in_graph=head_in_graph,
+            segments=segments,
+            inputs={i.name for i in self.session.get_inputs()},
+            output=out.name,
+            output_shape=list(out.shape),
+        )
 
-    def _bind(self, onnx_path: Path, *, head: HeadSpec, dim: int, head_in_graph: bool,
-              inputs: set[str], output: str, output_shape: Sequence[object],
-              segments: bool = False) -> None:
+    def _bind(
+        self,
+        onnx_path: Path,
+        *,
+        head: HeadSpec,
+        dim: int,
+        head_in_graph: bool,
+        inputs: set[str],
+        output: str,
+        output_shape: Sequence[object],
+        segments: bool = False,
+    ) -> None:
         """What ``embed`` needs of the loaded graph, whichever runtime loaded it: its inputs,
         the output it reads (``output_shape``: rank and, where static, width)."""
         self.onnx_path = onnx_path
@@ -225,39 +266,58 @@ class Engine:
         if not head_in_graph and not self._token_states and head.dense:
             raise ModelError(
                 f"{onnx_path} outputs pooled vectors ({output}), so embedpool cannot add the "
-                f"model's Dense layers after them; ship a graph that outputs last_hidden_state")
+                f"model's Dense layers after them; ship a graph that outputs last_hidden_state"
+            )
         width = output_shape[-1]
         self.dim = dim or (width if isinstance(width, int) else 0)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The graph's output for one batch's inputs (the runtime's one call)."""
         if self._int32_inputs:
-            feeds = {k: v.astype(np.int32) if k in self._int32_inputs else v
-                     for k, v in feeds.items()}
+            feeds = {
+                k: v.astype(np.int32) if k in self._int32_inputs else v for k, v in feeds.items()
+            }
         out: np.ndarray = self.session.run([self._output], feeds)[0]
         return out
 
     @classmethod
-    def for_model(cls, onnx_path: Path, model: ResolvedModel, *, threads: int = 1,
-                  device: str = "cpu", gpu_mem_limit: int | None = None,
-                  precision: str = "int8") -> Engine:
+    def for_model(
+        cls,
+        onnx_path: Path,
+        model: ResolvedModel,
+        *,
+        threads: int = 1,
+        device: str = "cpu",
+        gpu_mem_limit: int | None = None,
+        precision: str = "int8",
+    ) -> Engine:
         """The engine for ``model``'s graph at ``onnx_path`` (from ``graph.prepare_onnx``).
         An error in a graph embedpool built from a shipped ``onnx/model.onnx`` (its int8
         graph, in the graph cache) names the user's file first."""
         try:
-            return cls(onnx_path, head=model.head, dim=model.dim, threads=threads,
-                       head_in_graph=model.onnx_path is None, device=device,
-                       gpu_mem_limit=gpu_mem_limit, precision=precision,
-                       segments=model.classifier is not None and model.classifier.token_types)
+            return cls(
+                onnx_path,
+                head=model.head,
+                dim=model.dim,
+                threads=threads,
+                head_in_graph=model.onnx_path is None,
+                device=device,
+                gpu_mem_limit=gpu_mem_limit,
+                precision=precision,
+                segments=model.classifier is not None and model.classifier.token_types,
+            )
         except ModelError as exc:
             shipped = model.onnx_path
             if shipped is None or onnx_path == shipped:
                 raise
-            raise ModelError(f"{shipped}: the {precision} graph embedpool built from it "
-                             f"({onnx_path}) cannot be used: {exc}") from exc
+            raise ModelError(
+                f"{shipped}: the {precision} graph embedpool built from it "
+                f"({onnx_path}) cannot be used: {exc}"
+            ) from exc
 
-    def embed(self, sequences: Sequence[TokenIds],
-              prompt_lengths: Sequence[int] | None = None) -> Vectors:
+    def embed(
+        self, sequences: Sequence[TokenIds], prompt_lengths: Sequence[int] | None = None
+    ) -> Vectors:
         """Vectors for already-tokenised sequences, in the given order. ``prompt_lengths``:
         per sequence, its prompt's length in tokens (``tokenization.Encoded.prompt_length``);
         only models whose Pooling leaves the prompt out read it (None: no prompts)."""
@@ -270,14 +330,18 @@ class Engine:
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
-        plen = np.zeros(n, dtype=np.int64) if prompt_lengths is None else \
-            np.asarray(prompt_lengths, dtype=np.int64)
+        plen = (
+            np.zeros(n, dtype=np.int64)
+            if prompt_lengths is None
+            else np.asarray(prompt_lengths, dtype=np.int64)
+        )
         feeds = {"input_ids": ids, "attention_mask": mask}
         if self._needs_type_ids:
             feeds["token_type_ids"] = np.zeros_like(ids)
             if self._segments:  # a pair: type 1 from the document's first token on
-                feeds["token_type_ids"] = ((np.arange(longest)[None, :] >= plen[:, None])
-                                           & (mask == 1)).astype(np.int64)
+                feeds["token_type_ids"] = (
+                    (np.arange(longest)[None, :] >= plen[:, None]) & (mask == 1)
+                ).astype(np.int64)
         if self._needs_prompt_length:
             feeds[PROMPT_LENGTH] = plen
         out = self._run(feeds)
@@ -288,6 +352,5 @@ class Engine:
             if self.head.normalize:
                 vectors = l2_normalize(vectors)
             if self.head.truncate_dim is not None:
-                vectors = np.ascontiguousarray(vectors[:, :self.head.truncate_dim])
+                vectors = np.ascontiguousarray(vectors[:, : self.head.truncate_dim])
         return vectors
-

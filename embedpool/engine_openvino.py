@@ -40,17 +40,29 @@ _HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 def compile_config(threads: int, precision: str) -> dict[str, Any]:
     """The CPU plugin's settings for one engine (see the module docstring)."""
-    return {"INFERENCE_NUM_THREADS": min(threads, usable_cores()), "NUM_STREAMS": 1,
-            "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False,
-            "INFERENCE_PRECISION_HINT": _HINTS[precision]}
+    return {
+        "INFERENCE_NUM_THREADS": min(threads, usable_cores()),
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "ENABLE_CPU_PINNING": False,
+        "INFERENCE_PRECISION_HINT": _HINTS[precision],
+    }
 
 
 class OpenVinoEngine(Engine):
     """A model compiled by OpenVINO's CPU plugin; ``embed`` as ``Engine.embed``."""
 
-    def __init__(self, onnx_path: Path, *, head: HeadSpec, dim: int, threads: int = 1,
-                 head_in_graph: bool = True, precision: str = "fp32",
-                 segments: bool = False) -> None:
+    def __init__(
+        self,
+        onnx_path: Path,
+        *,
+        head: HeadSpec,
+        dim: int,
+        threads: int = 1,
+        head_in_graph: bool = True,
+        precision: str = "fp32",
+        segments: bool = False,
+    ) -> None:
         if precision not in _HINTS:
             raise ConfigError(f"the openvino engine runs fp32, int8 or bf16, not {precision}")
         if precision == "bf16" and not cpu_features().bf16:
@@ -60,19 +72,28 @@ class OpenVinoEngine(Engine):
         self.precision = precision
         core = ov.Core()
         try:  # compiled from the file: no ov.Model copy of the weights stays in Python
-            self._compiled = core.compile_model(str(onnx_path), "CPU",
-                                                compile_config(threads, precision))
+            self._compiled = core.compile_model(
+                str(onnx_path), "CPU", compile_config(threads, precision)
+            )
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise ModelError(f"OpenVINO cannot load {onnx_path}: {exc}") from exc
         self._request = self._compiled.create_infer_request()
         outputs = {o.get_any_name(): o for o in self._compiled.outputs}
-        out = next((outputs[n] for n in ("last_hidden_state", "token_embeddings")
-                    if n in outputs), self._compiled.outputs[0])
+        out = next(
+            (outputs[n] for n in ("last_hidden_state", "token_embeddings") if n in outputs),
+            self._compiled.outputs[0],
+        )
         shape = [d.get_length() if d.is_static else "?" for d in out.get_partial_shape()]
         self._port = out
-        self._bind(onnx_path, head=head, dim=dim, head_in_graph=head_in_graph,
-                   inputs={i.get_any_name() for i in self._compiled.inputs},
-                   output=out.get_any_name(), output_shape=shape)
+        self._bind(
+            onnx_path,
+            head=head,
+            dim=dim,
+            head_in_graph=head_in_graph,
+            inputs={i.get_any_name() for i in self._compiled.inputs},
+            output=out.get_any_name(),
+            output_shape=shape,
+        )
         self._segments = segments  # a cross-encoder's token types (Engine.embed)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -83,15 +104,19 @@ class OpenVinoEngine(Engine):
     @classmethod
     def for_spec(cls, spec: EngineSpec, onnx_path: Path) -> OpenVinoEngine:
         model = spec.model
-        return cls(onnx_path, head=model.head, dim=model.dim, threads=spec.threads,
-                   head_in_graph=model.onnx_path is None, precision=spec.precision,
-                   segments=bool(getattr(getattr(model, "classifier", None), "token_types",
-                                         False)))
+        return cls(
+            onnx_path,
+            head=model.head,
+            dim=model.dim,
+            threads=spec.threads,
+            head_in_graph=model.onnx_path is None,
+            precision=spec.precision,
+            segments=bool(getattr(getattr(model, "classifier", None), "token_types", False)),
+        )
 
 
 def version() -> str:
     return str(ov.get_version())
 
 
-__all__ = ["FUSED_CONVERTS", "OpenVinoEngine", "compile_config",
-           "graph_for", "version"]
+__all__ = ["FUSED_CONVERTS", "OpenVinoEngine", "compile_config", "graph_for", "version"]

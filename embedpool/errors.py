@@ -84,8 +84,9 @@ class DeviceUnavailable(DeviceError):
 class InputError(EmbedpoolError, ValueError):
     """One bad input record."""
 
-    def __init__(self, message: str, *, source: str = "", line: int | None = None,
-                 item_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, source: str = "", line: int | None = None, item_id: str | None = None
+    ) -> None:
         where = source
         if line is not None:
             where = f"{source}:{line}" if source else f"line {line}"
@@ -95,7 +96,6 @@ class InputError(EmbedpoolError, ValueError):
         self.line = line
         self.item_id = item_id
         self.reason = message
-
 
 
 class CacheError(EmbedpoolError):
@@ -122,14 +122,16 @@ class WorkersCannotStart(PoolBroken):
     """No worker could be started any more, and none is alive (``faults.start_failure``)."""
 
 
-
 class QueueFull(PoolError):
     """Admission refused: too many tokens queued. ``retry_after`` is in whole seconds."""
 
-    def __init__(self, queued_tokens: int, request_tokens: int, limit: int, retry_after: int) -> None:
+    def __init__(
+        self, queued_tokens: int, request_tokens: int, limit: int, retry_after: int
+    ) -> None:
         super().__init__(
             f"server busy: {queued_tokens} tokens queued, this request needs {request_tokens}, "
-            f"limit {limit}; retry after {retry_after} s")
+            f"limit {limit}; retry after {retry_after} s"
+        )
         self.queued_tokens = queued_tokens
         self.request_tokens = request_tokens
         self.limit = limit

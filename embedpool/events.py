@@ -69,9 +69,27 @@ GRAPH_BUILT: Final = "graph_built"
 GRAPH_FALLBACK: Final = "graph_fallback"
 
 ALL_EVENTS: Final = (
-    PROGRESS, POOL_START, WORKER_START, WORKER_READY, WORKER_START_FAILED, WORKER_DEATH, WORKER_EXIT,
-    WORKER_HUNG_WARNING, WORKER_HUNG_KILL, RETRY, SPLIT, POISON_ITEM, RECYCLE, SCALE,
-    EMERGENCY, STATUS, POOL_BROKEN, POOL_STOP, DEVICE_FALLBACK, GRAPH_BUILD, GRAPH_BUILT,
+    PROGRESS,
+    POOL_START,
+    WORKER_START,
+    WORKER_READY,
+    WORKER_START_FAILED,
+    WORKER_DEATH,
+    WORKER_EXIT,
+    WORKER_HUNG_WARNING,
+    WORKER_HUNG_KILL,
+    RETRY,
+    SPLIT,
+    POISON_ITEM,
+    RECYCLE,
+    SCALE,
+    EMERGENCY,
+    STATUS,
+    POOL_BROKEN,
+    POOL_STOP,
+    DEVICE_FALLBACK,
+    GRAPH_BUILD,
+    GRAPH_BUILT,
     GRAPH_FALLBACK,
 )
 
@@ -84,9 +102,18 @@ def make_event(name: str, **fields: Any) -> Event:
 
 
 #: Events logged at WARNING (the rest at DEBUG): something went wrong or changed mode.
-WARNINGS: Final = frozenset({WORKER_DEATH, WORKER_HUNG_WARNING, WORKER_HUNG_KILL,
-                             WORKER_START_FAILED, POISON_ITEM, POOL_BROKEN, EMERGENCY,
-                             DEVICE_FALLBACK})
+WARNINGS: Final = frozenset(
+    {
+        WORKER_DEATH,
+        WORKER_HUNG_WARNING,
+        WORKER_HUNG_KILL,
+        WORKER_START_FAILED,
+        POISON_ITEM,
+        POOL_BROKEN,
+        EMERGENCY,
+        DEVICE_FALLBACK,
+    }
+)
 
 
 class Emitter:
@@ -94,8 +121,9 @@ class Emitter:
     event. A callback that raises is logged and ignored: a broken callback must not break
     the executor (or abort a job)."""
 
-    def __init__(self, on_event: EventCallback | None, logger: logging.Logger,
-                 **extra: Any) -> None:
+    def __init__(
+        self, on_event: EventCallback | None, logger: logging.Logger, **extra: Any
+    ) -> None:
         self._on_event = on_event
         self._log = logger
         self._extra = extra

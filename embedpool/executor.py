@@ -57,8 +57,10 @@ class WorkBatch:
 
     def __post_init__(self) -> None:
         if self.prompt_lengths and len(self.prompt_lengths) != len(self.sequences):
-            raise ValueError(f"batch {self.batch_id}: {len(self.prompt_lengths)} prompt "
-                             f"lengths for {len(self.sequences)} sequences")
+            raise ValueError(
+                f"batch {self.batch_id}: {len(self.prompt_lengths)} prompt "
+                f"lengths for {len(self.sequences)} sequences"
+            )
 
     @property
     def tokens(self) -> int:
@@ -130,13 +132,30 @@ class ExecutorStats(Counters):
     queued: int  # batches submitted and not yet started
 
     @classmethod
-    def of(cls, counters: Counters, *, backend: Literal["in-process", "pool", "ray"],
-           workers: tuple[WorkerInfo, ...], target_workers: int, max_workers: int,
-           threads: int, batch_tokens: int, queued: int, emergency: bool = False
-           ) -> ExecutorStats:
-        return cls(backend=backend, workers=workers, target_workers=target_workers,
-                   max_workers=max_workers, threads=threads, batch_tokens=batch_tokens,
-                   emergency=emergency, queued=queued, **dataclasses.asdict(counters))
+    def of(
+        cls,
+        counters: Counters,
+        *,
+        backend: Literal["in-process", "pool", "ray"],
+        workers: tuple[WorkerInfo, ...],
+        target_workers: int,
+        max_workers: int,
+        threads: int,
+        batch_tokens: int,
+        queued: int,
+        emergency: bool = False,
+    ) -> ExecutorStats:
+        return cls(
+            backend=backend,
+            workers=workers,
+            target_workers=target_workers,
+            max_workers=max_workers,
+            threads=threads,
+            batch_tokens=batch_tokens,
+            emergency=emergency,
+            queued=queued,
+            **dataclasses.asdict(counters),
+        )
 
 
 class EmbeddingEngine(Protocol):
@@ -147,12 +166,14 @@ class EmbeddingEngine(Protocol):
 
     dim: int
 
-    def embed(self, sequences: Sequence[TokenIds],
-              prompt_lengths: Sequence[int] | None = None) -> Vectors: ...
+    def embed(
+        self, sequences: Sequence[TokenIds], prompt_lengths: Sequence[int] | None = None
+    ) -> Vectors: ...
 
 
-def embed_sequences(engine: EmbeddingEngine, sequences: Sequence[TokenIds],
-                    prompt_lengths: Sequence[int] | None) -> Vectors:
+def embed_sequences(
+    engine: EmbeddingEngine, sequences: Sequence[TokenIds], prompt_lengths: Sequence[int] | None
+) -> Vectors:
     """``engine.embed``, with the prompt lengths only when there are any (see EmbeddingEngine):
     the one call every backend makes."""
     if prompt_lengths is None:
@@ -186,14 +207,18 @@ class Executor(Protocol):
 def with_threads(spec: Any, threads: int) -> Any:
     """The spec with ``threads`` intra-op threads where it has such a field (``EngineSpec``,
     the test specs), else the spec itself."""
-    if dataclasses.is_dataclass(spec) and not isinstance(spec, type) and any(
-            f.name == "threads" for f in dataclasses.fields(spec)):
+    if (
+        dataclasses.is_dataclass(spec)
+        and not isinstance(spec, type)
+        and any(f.name == "threads" for f in dataclasses.fields(spec))
+    ):
         return dataclasses.replace(spec, threads=threads)
     return spec
 
 
-def run(executor: Executor, batches: Iterable[WorkBatch], max_pending: int | None = None
-        ) -> Generator[BatchResult, None, None]:
+def run(
+    executor: Executor, batches: Iterable[WorkBatch], max_pending: int | None = None
+) -> Generator[BatchResult, None, None]:
     """Stream results as batches finish (any order). At most ``max_pending`` batches are
     submitted and unfinished at a time (default: two per worker), so ``batches`` is consumed
     lazily. When the executor stops taking batches (``IntakeClosed``), the ones in flight are
@@ -228,8 +253,9 @@ def run(executor: Executor, batches: Iterable[WorkBatch], max_pending: int | Non
             fut.cancel()
 
 
-def _next_done(executor: Executor, done: queue.SimpleQueue[Future[BatchResult]]
-               ) -> Future[BatchResult]:
+def _next_done(
+    executor: Executor, done: queue.SimpleQueue[Future[BatchResult]]
+) -> Future[BatchResult]:
     while True:
         try:
             return done.get(timeout=RESULT_POLL_S)

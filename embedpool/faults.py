@@ -116,8 +116,9 @@ class FailureKind(enum.StrEnum):
 #: Kinds whose cause is memory: the batch size is the problem, so the budget goes down.
 OOM_KINDS = frozenset({FailureKind.OOM_KILL, FailureKind.DEVICE_OOM})
 #: Kinds in which the worker died (or was killed by us) and must be replaced.
-DEATH_KINDS = frozenset({FailureKind.OOM_KILL, FailureKind.EXTERNAL_SIGKILL, FailureKind.CRASH,
-                         FailureKind.HUNG})
+DEATH_KINDS = frozenset(
+    {FailureKind.OOM_KILL, FailureKind.EXTERNAL_SIGKILL, FailureKind.CRASH, FailureKind.HUNG}
+)
 
 #: What the failure did to the worker, in words, for the per-item error of a given-up input.
 _WHAT = {
@@ -164,20 +165,24 @@ class FaultPolicy:
         if self.hang_per_token_s < 0:
             raise ConfigError(f"hang_per_token_s must be >= 0, got {self.hang_per_token_s}")
         if not 0 < self.hang_warn_fraction < 1:
-            raise ConfigError(f"hang_warn_fraction must be in (0, 1), got "
-                              f"{self.hang_warn_fraction}")
+            raise ConfigError(
+                f"hang_warn_fraction must be in (0, 1), got {self.hang_warn_fraction}"
+            )
         if self.max_start_failures < 1:
             raise ConfigError(f"max_start_failures must be >= 1, got {self.max_start_failures}")
         if not 0 < self.start_backoff_s <= self.start_backoff_max_s:
-            raise ConfigError(f"need 0 < start_backoff_s <= start_backoff_max_s, got "
-                              f"{self.start_backoff_s}, {self.start_backoff_max_s}")
+            raise ConfigError(
+                f"need 0 < start_backoff_s <= start_backoff_max_s, got "
+                f"{self.start_backoff_s}, {self.start_backoff_max_s}"
+            )
 
     def deadline_s(self, padded_tokens: int) -> float:
         """Seconds a worker may stay silent on a task of ``padded_tokens``."""
         return self.hang_base_s + self.hang_per_token_s * padded_tokens
 
-    def hang_check(self, silent_s: float, padded_tokens: int, warned: bool
-                   ) -> Literal["ok", "warn", "kill"]:
+    def hang_check(
+        self, silent_s: float, padded_tokens: int, warned: bool
+    ) -> Literal["ok", "warn", "kill"]:
         """What to do about a busy worker silent for ``silent_s``: warn once at the warning
         fraction of its deadline, kill (and retry its task) at the deadline."""
         deadline = self.deadline_s(padded_tokens)
@@ -201,8 +206,7 @@ class FaultPolicy:
 HANG_MIN_FLOPS = 5e9
 
 
-def hang_per_token_s(parameters: int | None,
-                     floor: float = FaultPolicy.hang_per_token_s) -> float:
+def hang_per_token_s(parameters: int | None, floor: float = FaultPolicy.hang_per_token_s) -> float:
     """The hang deadline's allowance per padded token for a model of ``parameters`` weights
     (None: unknown, e.g. a shipped ONNX file): a token costs about 2 x parameters operations,
     so a 0.6B decoder gets ~0.24 s a token and an 8B one ~3.2 s, where one constant sized for
@@ -229,8 +233,9 @@ class Decision:
     forbid_tokens: int | None = None
 
 
-def decide(kind: FailureKind, *, items: int, tries: int, padded_tokens: int,
-           policy: FaultPolicy) -> Decision:
+def decide(
+    kind: FailureKind, *, items: int, tries: int, padded_tokens: int, policy: FaultPolicy
+) -> Decision:
     """The decision for a task of ``items`` items that failed ``tries`` times at this size
     (this failure included), per the table in the module docstring."""
     if items < 1 or tries < 1:
@@ -286,14 +291,28 @@ CUDA_LOST_CODES = frozenset({3, 4, 46, 100, 101, 214, 700, 702, 710, 719, 999})
 CUDA_OOM_CODE = 2
 _CUDA_CODE = re.compile(r"\bCUDA (?:failure|error) (\d+)\b")
 #: The same conditions by name or message, as other ORT code paths word them.
-DEVICE_OOM_MARKS = ("cudaErrorMemoryAllocation", "CUDA_ERROR_OUT_OF_MEMORY",
-                    "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED",
-                    "CUDA out of memory", "Failed to allocate memory for requested buffer",
-                    "is smaller than requested bytes")  # BFCArena: "Available memory of ..."
-DEVICE_LOST_MARKS = ("unspecified launch failure", "device-side assert", "illegal memory access",
-                     "uncorrectable ECC error", "GPU has fallen off the bus", "cudaErrorLaunchFailure",
-                     "cudaErrorIllegalAddress", "cudaErrorAssert", "cudaErrorUnknown",
-                     "cudaErrorECCUncorrectable", "cudaErrorDevicesUnavailable")
+DEVICE_OOM_MARKS = (
+    "cudaErrorMemoryAllocation",
+    "CUDA_ERROR_OUT_OF_MEMORY",
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDA out of memory",
+    "Failed to allocate memory for requested buffer",
+    "is smaller than requested bytes",
+)  # BFCArena: "Available memory of ..."
+DEVICE_LOST_MARKS = (
+    "unspecified launch failure",
+    "device-side assert",
+    "illegal memory access",
+    "uncorrectable ECC error",
+    "GPU has fallen off the bus",
+    "cudaErrorLaunchFailure",
+    "cudaErrorIllegalAddress",
+    "cudaErrorAssert",
+    "cudaErrorUnknown",
+    "cudaErrorECCUncorrectable",
+    "cudaErrorDevicesUnavailable",
+)
 _XID = re.compile(r"\bXid\b")  # the driver's name for a GPU fault, quoted by some messages
 
 
@@ -307,8 +326,11 @@ def ort_error_kind(module: str, name: str, message: str) -> FailureKind | None:
     if name == "DeviceReset":  # ORT's own status for a device that was reset
         return FailureKind.DEVICE_LOST
     codes = {int(c) for c in _CUDA_CODE.findall(message)}
-    if (codes & CUDA_LOST_CODES or any(m in message for m in DEVICE_LOST_MARKS)
-            or _XID.search(message)):
+    if (
+        codes & CUDA_LOST_CODES
+        or any(m in message for m in DEVICE_LOST_MARKS)
+        or _XID.search(message)
+    ):
         return FailureKind.DEVICE_LOST
     if CUDA_OOM_CODE in codes or any(m in message for m in DEVICE_OOM_MARKS):
         return FailureKind.DEVICE_OOM
@@ -357,8 +379,9 @@ class Blame:
     lower_budget: bool = False
 
 
-def blame(padded_tokens: tuple[int, ...] | list[int], kind: FailureKind, *,
-          hung: bool = False) -> Blame:
+def blame(
+    padded_tokens: tuple[int, ...] | list[int], kind: FailureKind, *, hung: bool = False
+) -> Blame:
     """Who killed the worker, from its unfinished tasks' sizes in submission order; the one
     rule of every backend (a pool worker holds one task, a Ray actor up to two).
 
@@ -387,26 +410,34 @@ class StartDecision:
     reason: str
 
 
-def start_failure(policy: FaultPolicy, *, failures_in_row: int, ever_ready: bool,
-                  alive: int) -> StartDecision:
+def start_failure(
+    policy: FaultPolicy, *, failures_in_row: int, ever_ready: bool, alive: int
+) -> StartDecision:
     """A worker (or actor) failed while loading its engine. Before any was ever ready the
     recipe is bad: break at once (the first start fails the job, not N of them). Later, retry
     after a backoff (``start_backoff_s`` doubling per failure in a row, up to the cap), and
     break only after ``max_start_failures`` in a row with no worker alive: while one lives,
     the work goes on at a smaller size (Ray used to break after 3 even with live actors)."""
     if failures_in_row < 1 or alive < 0:
-        raise ValueError(f"need failures_in_row >= 1 and alive >= 0, got {failures_in_row}, "
-                         f"{alive}")
-    backoff = min(policy.start_backoff_max_s,
-                  policy.start_backoff_s * 2 ** (failures_in_row - 1))
+        raise ValueError(
+            f"need failures_in_row >= 1 and alive >= 0, got {failures_in_row}, {alive}"
+        )
+    backoff = min(policy.start_backoff_max_s, policy.start_backoff_s * 2 ** (failures_in_row - 1))
     if not ever_ready:
-        return StartDecision("break", 0.0, "no worker has ever started: the engine recipe "
-                                           "does not load")
+        return StartDecision(
+            "break", 0.0, "no worker has ever started: the engine recipe does not load"
+        )
     if alive == 0 and failures_in_row >= policy.max_start_failures:
-        return StartDecision("break", 0.0, f"no worker could be started ({failures_in_row} "
-                                           "failures in a row) and none is alive")
-    return StartDecision("retry", backoff, f"retry in {backoff:g} s ({failures_in_row} "
-                                           f"failure(s) in a row, {alive} worker(s) alive)")
+        return StartDecision(
+            "break",
+            0.0,
+            f"no worker could be started ({failures_in_row} failures in a row) and none is alive",
+        )
+    return StartDecision(
+        "retry",
+        backoff,
+        f"retry in {backoff:g} s ({failures_in_row} failure(s) in a row, {alive} worker(s) alive)",
+    )
 
 
 #: Signals a running worker ignores (pool.worker.IGNORED_SIGNALS: the parent decides how a
@@ -426,8 +457,14 @@ def start_interrupted(exit_code: int | None) -> bool:
 ExitKind = Literal["left", "stopped_while_starting", "start_failure", "death"]
 
 
-def exit_kind(*, said_leaving: bool, asked_to_leave: bool, holding_task: bool, starting: bool,
-              exit_code: int | None) -> ExitKind:
+def exit_kind(
+    *,
+    said_leaving: bool,
+    asked_to_leave: bool,
+    holding_task: bool,
+    starting: bool,
+    exit_code: int | None,
+) -> ExitKind:
     """What a worker's end means: ``left`` when it said so, or was asked to leave and held
     no task (a worker asked between tasks may be gone before its Leaving is read; one asked
     while it was starting is killed by the pool: a scale-down, not a start failure that
@@ -445,8 +482,9 @@ def exit_kind(*, said_leaving: bool, asked_to_leave: bool, holding_task: bool, s
 BreakCause = Literal["device_lost", "start_failures", "other"]
 
 
-def falls_back(cause: BreakCause, *, on_gpu: bool, lost: bool = False,
-               closing: bool = False) -> bool:
+def falls_back(
+    cause: BreakCause, *, on_gpu: bool, lost: bool = False, closing: bool = False
+) -> bool:
     """Whether the device executor puts a batch that a member failed back in its queue, for
     the other devices (and the CPU), rather than failing it: when the member ran on a GPU and
     its GPU is lost, or no worker can start on it any more (a GPU that fell off the bus fails
@@ -476,8 +514,9 @@ def device_start(*, unavailable: bool, on_gpu: bool, strict: bool) -> DeviceStar
     return "refuse" if strict else "drop"
 
 
-def recycle_limit(*, ready_rss: int, rss_limit: int | None, growth_limit: int | None,
-                  arena_bytes: int) -> int | None:
+def recycle_limit(
+    *, ready_rss: int, rss_limit: int | None, growth_limit: int | None, arena_bytes: int
+) -> int | None:
     """The RSS above which a worker is recycled between batches (None: never): the absolute
     ``rss_limit``, and its RSS when ready plus ``growth_limit`` beyond ``arena_bytes`` (the
     activations of one batch of the planned budget, which ONNX Runtime's arena keeps on
@@ -489,15 +528,23 @@ def recycle_limit(*, ready_rss: int, rss_limit: int | None, growth_limit: int | 
     return limit
 
 
-def recycle(*, rss: int, ready_rss: int, rss_limit: int | None, growth_limit: int | None,
-            arena_bytes: int, leaving: bool = False) -> int | None:
+def recycle(
+    *,
+    rss: int,
+    ready_rss: int,
+    rss_limit: int | None,
+    growth_limit: int | None,
+    arena_bytes: int,
+    leaving: bool = False,
+) -> int | None:
     """After a batch: the limit a worker's ``rss`` passed, so that it is asked to leave and
     is replaced (a ``recycle`` event); None: it stays (under its ``recycle_limit``, or already
     leaving). Only the local pool recycles: a Ray actor reports no RSS to the driver, and Ray
     restarts nothing it is not told to (``max_restarts=0``), so its actors are never
     recycled."""
-    limit = recycle_limit(ready_rss=ready_rss, rss_limit=rss_limit, growth_limit=growth_limit,
-                          arena_bytes=arena_bytes)
+    limit = recycle_limit(
+        ready_rss=ready_rss, rss_limit=rss_limit, growth_limit=growth_limit, arena_bytes=arena_bytes
+    )
     if limit is None or leaving or rss <= limit:
         return None
     return limit
@@ -547,12 +594,15 @@ def hang_verdicts(policy: FaultPolicy, running: list[Running], now: float) -> li
 def next_hang_check(policy: FaultPolicy, running: list[Running]) -> float | None:
     """The monotonic time at which ``hang_verdicts`` next changes its answer (None: no task
     runs): what a transport's wait may block until."""
-    return min((r.started + policy.next_hang_check_s(r.padded_tokens, r.warned)
-                for r in running), default=None)
+    return min(
+        (r.started + policy.next_hang_check_s(r.padded_tokens, r.warned) for r in running),
+        default=None,
+    )
 
 
-def wait_s(policy: FaultPolicy, running: list[Running], now: float,
-           due: list[float | None], cap: float) -> float:
+def wait_s(
+    policy: FaultPolicy, running: list[Running], now: float, due: list[float | None], cap: float
+) -> float:
     """How long a transport's manager may block now (the pool's ``wait``, Ray's
     ``ray.wait``): until the hang rule next changes its answer (``next_hang_check``) or the
     transport's own next due time (``due``; None: none), at most ``cap``, never negative.
@@ -609,8 +659,9 @@ class BudgetState:
     emergency: bool = False
 
 
-def budget_after_oom(state: BudgetState, *, floor: int, killed_tokens: int | None,
-                     now: float) -> BudgetState:
+def budget_after_oom(
+    state: BudgetState, *, floor: int, killed_tokens: int | None, now: float
+) -> BudgetState:
     """An out-of-memory failure: the budget halved (not below ``floor``), the killed size
     (``Decision.forbid_tokens``) never run again; the second in a row (no batch completed in
     between) enters emergency mode at the floor."""
@@ -618,8 +669,7 @@ def budget_after_oom(state: BudgetState, *, floor: int, killed_tokens: int | Non
     forbidden = forbidden_after(state.forbidden, killed_tokens)
     if count >= EMERGENCY_AFTER_OOMS:
         return BudgetState(floor, count, forbidden, now, emergency=True)
-    return BudgetState(lowered_budget(state.tokens, floor), count, forbidden, now,
-                       state.emergency)
+    return BudgetState(lowered_budget(state.tokens, floor), count, forbidden, now, state.emergency)
 
 
 def budget_after_success(state: BudgetState, started_at: float | None = None) -> BudgetState:
@@ -640,8 +690,9 @@ def budget_after_calm(state: BudgetState, planned: int) -> BudgetState:
     its memory's, Ray's is time without an OOM)."""
     if state.emergency:
         return dataclasses.replace(state, emergency=False, consecutive_oom=0)
-    return dataclasses.replace(state, consecutive_oom=0,
-                               tokens=restored_budget(state.tokens, planned, state.forbidden))
+    return dataclasses.replace(
+        state, consecutive_oom=0, tokens=restored_budget(state.tokens, planned, state.forbidden)
+    )
 
 
 #: Time without an out-of-memory failure that counts as calm where a transport has no memory
@@ -674,24 +725,34 @@ class TimedBudget:
     def tokens(self) -> int:
         return self.state.tokens
 
-    def after_oom(self, kind: FailureKind, forbid_tokens: int | None, now: float,
-                  workers: int) -> BudgetChanges:
+    def after_oom(
+        self, kind: FailureKind, forbid_tokens: int | None, now: float, workers: int
+    ) -> BudgetChanges:
         """An out-of-memory failure (``Decision.lower_budget`` or ``Blame.lower_budget``)."""
         old = self.state
-        self.state = budget_after_oom(old, floor=self.floor, killed_tokens=forbid_tokens,
-                                      now=now)
+        self.state = budget_after_oom(old, floor=self.floor, killed_tokens=forbid_tokens, now=now)
         self.calm_since = now
         entered = self.state.emergency and not old.emergency
-        what = (f"emergency mode: {self.state.consecutive_oom} consecutive out-of-memory "
-                "failures, the floor" if entered else "budget halved")
+        what = (
+            f"emergency mode: {self.state.consecutive_oom} consecutive out-of-memory "
+            "failures, the floor"
+            if entered
+            else "budget halved"
+        )
         forbidden = self.state.forbidden
         changes: BudgetChanges = []
         if entered:
-            changes.append(("emergency", {"on": True, "reason": f"{kind}: {what}",
-                                          "reading": None}))
-        changes.append(self._scale(f"{kind}: {what}" + (
-            f"; never again {forbidden} tokens or more" if forbidden else ""), old.tokens,
-            workers))
+            changes.append(
+                ("emergency", {"on": True, "reason": f"{kind}: {what}", "reading": None})
+            )
+        changes.append(
+            self._scale(
+                f"{kind}: {what}"
+                + (f"; never again {forbidden} tokens or more" if forbidden else ""),
+                old.tokens,
+                workers,
+            )
+        )
         return changes
 
     def after_success(self, started_at: float | None) -> None:
@@ -702,8 +763,9 @@ class TimedBudget:
         """Once per ``calm_s`` without an OOM failure: emergency mode ends, then the budget
         doubles towards ``planned`` (``budget_after_calm``)."""
         old = self.state
-        if ((old.tokens >= self.planned and not old.emergency)
-                or now - self.calm_since < self.calm_s):
+        if (
+            old.tokens >= self.planned and not old.emergency
+        ) or now - self.calm_since < self.calm_s:
             return []
         self.state = budget_after_calm(old, self.planned)
         self.calm_since = now
@@ -716,9 +778,18 @@ class TimedBudget:
         return changes
 
     def _scale(self, reason: str, old_tokens: int, workers: int) -> tuple[str, dict[str, Any]]:
-        return ("scale", {"action": "hold", "workers_from": workers, "workers_to": workers,
-                          "batch_tokens_from": old_tokens, "batch_tokens_to": self.state.tokens,
-                          "reason": reason, "reading": None})
+        return (
+            "scale",
+            {
+                "action": "hold",
+                "workers_from": workers,
+                "workers_to": workers,
+                "batch_tokens_from": old_tokens,
+                "batch_tokens_to": self.state.tokens,
+                "reason": reason,
+                "reading": None,
+            },
+        )
 
 
 # --- tasks and reassembly -----------------------------------------------------------------
@@ -829,8 +900,10 @@ def halves(task: Task) -> tuple[Task, Task]:
     if n < 2:
         raise ValueError("cannot split a task of one item")
     mid = n // 2
-    return (Task(task.assembly, task.positions[:mid], suspect=True),
-            Task(task.assembly, task.positions[mid:], suspect=True))
+    return (
+        Task(task.assembly, task.positions[:mid], suspect=True),
+        Task(task.assembly, task.positions[mid:], suspect=True),
+    )
 
 
 def cut_to_budget(task: Task, budget: int | None) -> list[Task]:
@@ -839,30 +912,34 @@ def cut_to_budget(task: Task, budget: int | None) -> list[Task]:
     if budget is None or len(task.positions) < 2 or task.padded_tokens <= budget:
         return [task]
     seqs = task.assembly.batch.sequences
-    groups = plan_batches([len(seqs[p]) for p in task.positions], budget,
-                          max_items=len(task.positions))
-    return [Task(task.assembly, tuple(task.positions[i] for i in g.indices), suspect=task.suspect)
-            for g in groups]
+    groups = plan_batches(
+        [len(seqs[p]) for p in task.positions], budget, max_items=len(task.positions)
+    )
+    return [
+        Task(task.assembly, tuple(task.positions[i] for i in g.indices), suspect=task.suspect)
+        for g in groups
+    ]
 
 
 def give_up_message(task: Task, kind: FailureKind, error: str) -> str:
     """The per-item error of an input that was given up."""
     tries = task.tries
-    return (f"input {task.item_id()!r} ({task.tokens} tokens) could not be embedded: its worker "
-            f"{_WHAT[kind]} {tries} time{'' if tries == 1 else 's'} (isolated by bisection; every "
-            f"other input was embedded). Last error: {error}")
+    return (
+        f"input {task.item_id()!r} ({task.tokens} tokens) could not be embedded: its worker "
+        f"{_WHAT[kind]} {tries} time{'' if tries == 1 else 's'} (isolated by bisection; every "
+        f"other input was embedded). Last error: {error}"
+    )
 
 
 _CAUSES = {
-    FailureKind.OOM_KILL: "OOM kill ({evidence}): its task is split and the token budget "
-                          "halved",
+    FailureKind.OOM_KILL: "OOM kill ({evidence}): its task is split and the token budget halved",
     FailureKind.EXTERNAL_SIGKILL: "SIGKILL from outside, no evidence of the OOM killer "
-                                  "({evidence}): its task is split, or retried if it holds one "
-                                  "item",
+    "({evidence}): its task is split, or retried if it holds one "
+    "item",
     FailureKind.CRASH: "died unexpectedly ({evidence}): its task is split, or retried if it "
-                       "holds one item",
+    "holds one item",
     FailureKind.HUNG: "killed by us: hung, silent past its deadline ({evidence}); its task is "
-                      "split, or retried if it holds one item",
+    "split, or retried if it holds one item",
 }
 
 

@@ -42,11 +42,30 @@ CHUNK_TARGET_LINES = 40
 CHUNK_MAX_LINES = 60
 #: Files larger than this are split but never read whole into one chunk.
 MAX_FILE_BYTES = 16 * 1024 * 1024
-SKIP_DIRS = frozenset({".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", "venv",
-                       ".mypy_cache", ".pytest_cache", ".ruff_cache", "dist", "build", ".tox",
-                       ".idea", ".vscode", "target"})
-_BOUNDARY = re.compile(r"^(def |class |async def |function |export |fn |pub |func |impl |"
-                       r"struct |interface |type |const |let |var |#{1,3} |@)")
+SKIP_DIRS = frozenset(
+    {
+        ".git",
+        ".hg",
+        ".svn",
+        "node_modules",
+        "__pycache__",
+        ".venv",
+        "venv",
+        ".mypy_cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        "dist",
+        "build",
+        ".tox",
+        ".idea",
+        ".vscode",
+        "target",
+    }
+)
+_BOUNDARY = re.compile(
+    r"^(def |class |async def |function |export |fn |pub |func |impl |"
+    r"struct |interface |type |const |let |var |#{1,3} |@)"
+)
 
 
 class Chunk(NamedTuple):
@@ -79,8 +98,9 @@ def read_jsonl(path: Path) -> Iterator[Chunk | InputError]:
                     continue
                 obj = parsed
             if type(obj) is not dict:
-                yield InputError(f"expected a JSON object, got {type(obj).__name__}",
-                                 source=src, line=lineno)
+                yield InputError(
+                    f"expected a JSON object, got {type(obj).__name__}", source=src, line=lineno
+                )
                 continue
             text = obj.get("text")
             raw_id = obj.get("id")
@@ -89,14 +109,23 @@ def read_jsonl(path: Path) -> Iterator[Chunk | InputError]:
                 continue
             if type(raw_id) is float:  # orjson reads an integer beyond 64 bits as a float
                 raw_id = _parse_slowly(raw, src, lineno)["id"]
-            item_id = (f"{path.name}:{lineno}" if "id" not in obj else
-                       raw_id if isinstance(raw_id, str) else json.dumps(raw_id))
+            item_id = (
+                f"{path.name}:{lineno}"
+                if "id" not in obj
+                else raw_id
+                if isinstance(raw_id, str)
+                else json.dumps(raw_id)
+            )
             if "text" not in obj:
                 yield InputError("missing field 'text'", source=src, line=lineno, item_id=item_id)
                 continue
             if not isinstance(text, str):
-                yield InputError(f"field 'text' must be a string, got {type(text).__name__}",
-                                 source=src, line=lineno, item_id=item_id)
+                yield InputError(
+                    f"field 'text' must be a string, got {type(text).__name__}",
+                    source=src,
+                    line=lineno,
+                    item_id=item_id,
+                )
                 continue
             yield Chunk(item_id, text)
 
@@ -106,16 +135,18 @@ def _parse_slowly(raw: bytes, src: str, lineno: int) -> Any:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return InputError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})",
-                          source=src, line=lineno)
+        return InputError(
+            f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=src, line=lineno
+        )
     try:
         return json.loads(line)
     except ValueError as exc:
         return InputError(f"not valid JSON ({exc})", source=src, line=lineno)
 
 
-def split_lines(lines: Sequence[str], target: int = CHUNK_TARGET_LINES,
-                maximum: int = CHUNK_MAX_LINES) -> list[tuple[int, int]]:
+def split_lines(
+    lines: Sequence[str], target: int = CHUNK_TARGET_LINES, maximum: int = CHUNK_MAX_LINES
+) -> list[tuple[int, int]]:
     """(start, end) 0-based half-open line ranges: cut at a definition boundary or blank line
     once ``target`` lines are reached, and always at ``maximum``. Pure."""
     ranges: list[tuple[int, int]] = []
@@ -161,8 +192,9 @@ def read_text_file(path: Path, display: str) -> Iterator[Chunk | InputError]:
         yield InputError(f"not valid UTF-8 ({exc.reason} at byte {exc.start})", source=display)
         return
     if cut:
-        yield InputError(f"file is {size} bytes; only the first {MAX_FILE_BYTES} were read",
-                         source=display)
+        yield InputError(
+            f"file is {size} bytes; only the first {MAX_FILE_BYTES} were read", source=display
+        )
     lines = text.splitlines(keepends=True)
     for start, end in split_lines(lines):
         body = "".join(lines[start:end])
@@ -220,8 +252,9 @@ class ErrorLog:
             self.kept.append(error)
 
 
-def chunks_of(items: Iterable[Chunk | InputError],
-              on_error: Callable[[InputError], None]) -> Iterator[Chunk]:
+def chunks_of(
+    items: Iterable[Chunk | InputError], on_error: Callable[[InputError], None]
+) -> Iterator[Chunk]:
     """The chunks of ``items``, lazily; each input error goes to ``on_error``."""
     for x in items:
         if isinstance(x, InputError):

@@ -111,12 +111,21 @@ class JobReport:
         return max(self.input_error_count, len(self.input_errors)) + len(self.item_errors)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"chunks": self.chunks, "embedded": self.embedded, "truncated": self.truncated,
-                "empty": self.empty, "tokens": self.tokens, "cache_hits": self.cache_hits,
-                "inferred": self.inferred, "errors": self.errors,
-                "seconds": round(self.seconds, 3), "chunks_per_s": round(self.chunks_per_s, 2),
-                "peak_rss_bytes": self.peak_rss, "interrupted": self.interrupted,
-                "device": self.device}
+        return {
+            "chunks": self.chunks,
+            "embedded": self.embedded,
+            "truncated": self.truncated,
+            "empty": self.empty,
+            "tokens": self.tokens,
+            "cache_hits": self.cache_hits,
+            "inferred": self.inferred,
+            "errors": self.errors,
+            "seconds": round(self.seconds, 3),
+            "chunks_per_s": round(self.chunks_per_s, 2),
+            "peak_rss_bytes": self.peak_rss,
+            "interrupted": self.interrupted,
+            "device": self.device,
+        }
 
 
 @dataclass(frozen=True)
@@ -158,15 +167,27 @@ class Embedder:
     something else: a custom engine recipe (tests).
     """
 
-    def __init__(self, model: str | Path | ResolvedModel = DEFAULT_MODEL, *,
-                 precision: str = DEFAULT_PRECISION, threads: int | None = None,
-                 workers: int | str | None = None, long_text: LongTextMode = "truncate",
-                 batch_tokens: int | None = None, max_batch_items: int | None = None,
-                 cache: VectorCache | None = None, backend: str = "local",
-                 ray_address: str | None = None, pool_options: dict[str, Any] | None = None,
-                 on_event: EventCallback | None = None, engine: Any = None,
-                 lazy: bool = False, device: str = "auto",
-                 cpu_workers: int | None = None, runtime: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path | ResolvedModel = DEFAULT_MODEL,
+        *,
+        precision: str = DEFAULT_PRECISION,
+        threads: int | None = None,
+        workers: int | str | None = None,
+        long_text: LongTextMode = "truncate",
+        batch_tokens: int | None = None,
+        max_batch_items: int | None = None,
+        cache: VectorCache | None = None,
+        backend: str = "local",
+        ray_address: str | None = None,
+        pool_options: dict[str, Any] | None = None,
+        on_event: EventCallback | None = None,
+        engine: Any = None,
+        lazy: bool = False,
+        device: str = "auto",
+        cpu_workers: int | None = None,
+        runtime: str | None = None,
+    ) -> None:
         from embedpool.device_choice import DevicePlan, parse_device
 
         if long_text not in ("truncate", "window"):
@@ -176,13 +197,23 @@ class Embedder:
         self.model = model if isinstance(model, ResolvedModel) else resolve_model(model)
         refuse_cross_encoder(self.model)
         # a custom engine recipe (tests) runs where it says: no device detection for it
-        custom = (DevicePlan("cpu", (), "a custom engine", parse_device(device))
-                  if engine is not None else None)
-        self.placement = place(self.model, device=device, precision=precision,
-                               cpu_workers=cpu_workers, batch_tokens=batch_tokens,
-                               max_batch_items=max_batch_items, backend=backend, plan=custom,
-                               profile=(pool_options or {}).get("profile"),
-                               engine=runtime or env_str("EMBEDPOOL_ENGINE") or "auto")
+        custom = (
+            DevicePlan("cpu", (), "a custom engine", parse_device(device))
+            if engine is not None
+            else None
+        )
+        self.placement = place(
+            self.model,
+            device=device,
+            precision=precision,
+            cpu_workers=cpu_workers,
+            batch_tokens=batch_tokens,
+            max_batch_items=max_batch_items,
+            backend=backend,
+            plan=custom,
+            profile=(pool_options or {}).get("profile"),
+            engine=runtime or env_str("EMBEDPOOL_ENGINE") or "auto",
+        )
         self.precision: Precision = self.placement.precision
         self.long_text: LongTextMode = long_text
         self.batch_tokens = self.placement.batch_tokens
@@ -192,18 +223,27 @@ class Embedder:
         self._emit = events.Emitter(on_event, log)  # a raising callback never aborts a job
         self.tokenizer = TextTokenizer.for_model(self.model)
         if engine is None:  # built here, before any worker starts; int8 may fall back to fp32
-            self.placement = prepare_graphs(self.model, self.placement, self._emit,
-                                            max_memory=(pool_options or {}).get(
-                                                "max_memory_bytes"))
+            self.placement = prepare_graphs(
+                self.model,
+                self.placement,
+                self._emit,
+                max_memory=(pool_options or {}).get("max_memory_bytes"),
+            )
             self.precision = self.placement.precision
-        self.fingerprint = self.model.fingerprint(self.precision, long_text,
-                                                  graph=graph_id(self.model, self.precision,
-                                                                self.placement.runtime))
+        self.fingerprint = self.model.fingerprint(
+            self.precision,
+            long_text,
+            graph=graph_id(self.model, self.precision, self.placement.runtime),
+        )
         self.last_report = JobReport()
         self._engine = engine  # any recipe with .build() (a custom engine, embedpool.testing)
         self._executor_args: dict[str, Any] = {
-            "workers": workers, "threads": threads, "backend": backend,
-            "ray_address": ray_address, "pool_options": pool_options or {}}
+            "workers": workers,
+            "threads": threads,
+            "backend": backend,
+            "ray_address": ray_address,
+            "pool_options": pool_options or {},
+        }
         self._executor: Executor | None = None
         self._caches: dict[str, BoundCache] = {}  # per precision (_cache_for)
         self._total: int | None = None  # the input's size, when the caller knows it
@@ -220,33 +260,57 @@ class Embedder:
         """The executor, started on first use (``lazy=True``) or in the constructor, by the
         one construction path (``placement.start_executor``)."""
         if self._executor is None:
-            self._executor = start_executor(self.model, self.placement, engine=self._engine,
-                                            on_event=self.on_event, **self._executor_args)
+            self._executor = start_executor(
+                self.model,
+                self.placement,
+                engine=self._engine,
+                on_event=self.on_event,
+                **self._executor_args,
+            )
         return self._executor
 
     # -- public API -------------------------------------------------------------------------
 
-    def options(self, *, prompt: str | None = None, prompt_name: str | None = None,
-                input_type: str | None = None, dimensions: int | None = None) -> CallOptions:
+    def options(
+        self,
+        *,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        input_type: str | None = None,
+        dimensions: int | None = None,
+    ) -> CallOptions:
         """A call's options checked against the model (``options.resolve_options``): the
         prompt (``prompt``, else ``prompt_name`` or ``input_type`` — query, document,
         passage — else the model's default prompt) and ``dimensions`` (Matryoshka models
         only). Raises ``options.OptionError`` (a ConfigError) naming what was wrong."""
-        return resolve_options(self.tokenizer, model=self.model.name, width=self.dim,
-                               matryoshka=self.model.matryoshka,
-                               normalize=self.model.normalize, prompt=prompt,
-                               prompt_name=prompt_name, input_type=input_type,
-                               dimensions=dimensions)
+        return resolve_options(
+            self.tokenizer,
+            model=self.model.name,
+            width=self.dim,
+            matryoshka=self.model.matryoshka,
+            normalize=self.model.normalize,
+            prompt=prompt,
+            prompt_name=prompt_name,
+            input_type=input_type,
+            dimensions=dimensions,
+        )
 
-    def embed(self, texts: Sequence[str], *, prompt: str | None = None,
-              prompt_name: str | None = None, input_type: str | None = None,
-              dimensions: int | None = None) -> Vectors:
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        input_type: str | None = None,
+        dimensions: int | None = None,
+    ) -> Vectors:
         """(len(texts), dim) float32 in input order (L2-normalised when the model has a
         Normalize module, as sentence-transformers returns them). ``prompt``,
         ``prompt_name``, ``input_type`` and ``dimensions``: see ``options``; without any, the
         model's default prompt applies (as in sentence-transformers) and vectors are whole."""
-        opts = self.options(prompt=prompt, prompt_name=prompt_name, input_type=input_type,
-                            dimensions=dimensions)
+        opts = self.options(
+            prompt=prompt, prompt_name=prompt_name, input_type=input_type, dimensions=dimensions
+        )
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InputError(f"text {i} is {type(t).__name__}, not str")
@@ -254,17 +318,23 @@ class Embedder:
         errs = self.last_report.item_errors
         if errs:
             e = errs[0]
-            raise InputError(f"{len(errs)} text(s) could not be embedded; first: {e.message}",
-                             item_id=e.id)
+            raise InputError(
+                f"{len(errs)} text(s) could not be embedded; first: {e.message}", item_id=e.id
+            )
         if not parts:
             return np.zeros((0, opts.dimensions or self.dim), dtype=np.float32)
         out: Vectors = np.concatenate(parts)
         return out
 
-    def stream(self, items: Iterable[str] | Iterable[tuple[str, str]],
-               texts: Iterable[str] | None = None, stop: threading.Event | None = None, *,
-               options: CallOptions | None = None, total: int | None = None
-               ) -> Iterator[WindowResult]:
+    def stream(
+        self,
+        items: Iterable[str] | Iterable[tuple[str, str]],
+        texts: Iterable[str] | None = None,
+        stop: threading.Event | None = None,
+        *,
+        options: CallOptions | None = None,
+        total: int | None = None,
+    ) -> Iterator[WindowResult]:
         """Yield one ``WindowResult`` per window, in input order: FIRST_WINDOW_ITEMS items,
         each next window twice the last, up to WINDOW_ITEMS.
 
@@ -314,8 +384,9 @@ class Embedder:
                 report.seconds = time.perf_counter() - t0
                 report.device = self.device
                 prepared = window.prep
-                yield WindowResult(window.start, window.ids, opts.shape(prepared.rows()),
-                                   ok[prepared.inverse])
+                yield WindowResult(
+                    window.start, window.ids, opts.shape(prepared.rows()), ok[prepared.inverse]
+                )
                 del window, prepared
                 if stop is not None and stop.is_set():
                     # interrupted: mid-window, or with input left (the next window; when
@@ -345,40 +416,62 @@ class Embedder:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def _prepare(self, start: int, ids: Sequence[str], texts: Sequence[str],
-                 prompt: str | None = None) -> _Window:
+    def _prepare(
+        self, start: int, ids: Sequence[str], texts: Sequence[str], prompt: str | None = None
+    ) -> _Window:
         """The window of ``ids``/``texts`` that begins at ``start`` (benchmarks' view of the
         prepare step: dedupe, cache lookup, tokenise, plan)."""
-        return self._prepare_window(start, list(ids[start:start + WINDOW_ITEMS]),
-                                    texts[start:start + WINDOW_ITEMS],
-                                    self.options().prompt if prompt is None else prompt)
+        return self._prepare_window(
+            start,
+            list(ids[start : start + WINDOW_ITEMS]),
+            texts[start : start + WINDOW_ITEMS],
+            self.options().prompt if prompt is None else prompt,
+        )
 
-    def _prepare_window(self, start: int, ids: list[str], texts: Sequence[str],
-                        prompt: str) -> _Window:
+    def _prepare_window(
+        self, start: int, ids: list[str], texts: Sequence[str], prompt: str
+    ) -> _Window:
         """A window ready to run: the shared prepare step (``prepare.prepare``), then its
         batches planned under the token budget."""
-        prepared = prepare(texts, self.tokenizer, self.long_text, self.dim, prompt=prompt,
-                           cache=self._cache_for(None))
+        prepared = prepare(
+            texts,
+            self.tokenizer,
+            self.long_text,
+            self.dim,
+            prompt=prompt,
+            cache=self._cache_for(None),
+        )
         enc = prepared.encoded
         first_id: dict[int, str] = {}
         for i, u in enumerate(prepared.inverse):
             first_id.setdefault(u, ids[i])
         batches: list[WorkBatch] = []
         positions: dict[int, tuple[int, ...]] = {}
-        for b in plan_batches([len(s) for s in enc.sequences], self.batch_tokens,
-                              self.max_batch_items):
+        for b in plan_batches(
+            [len(s) for s in enc.sequences], self.batch_tokens, self.max_batch_items
+        ):
             batch_id = start + len(batches)  # unique per job: a window has < WINDOW_ITEMS batches
             positions[batch_id] = b.indices
-            batches.append(WorkBatch(
-                batch_id=batch_id, sequences=tuple(enc.sequences[i] for i in b.indices),
-                item_ids=tuple(first_id[prepared.missing[enc.owner[i]]] for i in b.indices),
-                prompt_lengths=(enc.prompt_length,) * len(b.indices) if enc.prompt_length
-                else ()))
-        return _Window(start, ids, prepared, batches, positions,
-                       Assembly(enc.owner, len(prepared.missing), self.model.normalize))
+            batches.append(
+                WorkBatch(
+                    batch_id=batch_id,
+                    sequences=tuple(enc.sequences[i] for i in b.indices),
+                    item_ids=tuple(first_id[prepared.missing[enc.owner[i]]] for i in b.indices),
+                    prompt_lengths=(enc.prompt_length,) * len(b.indices)
+                    if enc.prompt_length
+                    else (),
+                )
+            )
+        return _Window(
+            start,
+            ids,
+            prepared,
+            batches,
+            positions,
+            Assembly(enc.owner, len(prepared.missing), self.model.normalize),
+        )
 
-    def _execute(self, w: _Window, report: JobReport,
-                 stop: threading.Event | None) -> np.ndarray:
+    def _execute(self, w: _Window, report: JobReport, stop: threading.Event | None) -> np.ndarray:
         """Run a window's batches; returns, per unique text, whether its vector is final."""
         prepared, assembly = w.prep, w.assembly
         pending = set(w.positions)
@@ -406,8 +499,12 @@ class Embedder:
             # the cache of the graph that made them (a device executor's fallback: another)
             prepared.store(self._cache_for(res.precision), done)
             done_so_far += len(done)
-            self._emit(events.PROGRESS, done=done_so_far, total=self._progress_total(report),
-                       tokens=sum(len(s) for s in res_sequences(w, res.batch_id)))
+            self._emit(
+                events.PROGRESS,
+                done=done_so_far,
+                total=self._progress_total(report),
+                tokens=sum(len(s) for s in res_sequences(w, res.batch_id)),
+            )
         ok = np.ones(len(prepared.texts), dtype=bool)
         ok[prepared.missing] = assembly.final()
         failed = {prepared.missing[k]: why for k, why in assembly.failed.items()}
@@ -428,8 +525,9 @@ class Embedder:
                 report.item_errors.append(ItemError(w.start + i, w.ids[i], failed[u]))
             else:
                 report.embedded += 1
-        self._emit(events.PROGRESS, done=report.embedded, total=self._progress_total(report),
-                   tokens=0)
+        self._emit(
+            events.PROGRESS, done=report.embedded, total=self._progress_total(report), tokens=0
+        )
         return ok
 
     def _progress_total(self, report: JobReport) -> int:
@@ -449,8 +547,10 @@ class Embedder:
             fingerprint = self.fingerprint
             if chosen != self.precision:
                 fingerprint = self.model.fingerprint(
-                    chosen, self.long_text,
-                    graph=graph_id(self.model, chosen, self.placement.runtime))
+                    chosen,
+                    self.long_text,
+                    graph=graph_id(self.model, chosen, self.placement.runtime),
+                )
             hook = self._caches[chosen] = BoundCache(self.cache, fingerprint)
         return hook
 
@@ -460,33 +560,46 @@ def res_sequences(w: _Window, batch_id: int) -> list[TokenIds]:
     return [w.prep.encoded.sequences[i] for i in w.positions[batch_id]]
 
 
-def _pairs(items: Iterable[str] | Iterable[tuple[str, str]], texts: Iterable[str] | None
-           ) -> Iterator[tuple[str, str]]:
+def _pairs(
+    items: Iterable[str] | Iterable[tuple[str, str]], texts: Iterable[str] | None
+) -> Iterator[tuple[str, str]]:
     """``(id, text)`` pairs from ``stream``'s arguments, lazily; a text that is not a str is
     an InputError naming its position."""
-    pairs: Iterable[Any] = (zip(items, texts, strict=True) if texts is not None else items)
+    pairs: Iterable[Any] = zip(items, texts, strict=True) if texts is not None else items
     for n, item in enumerate(pairs):
         if isinstance(item, str):
             pair: tuple[Any, Any] = (str(n), item)
         elif isinstance(item, tuple) and len(item) == 2:
             pair = item
         else:
-            raise InputError(f"item {n} is {type(item).__name__}: expected a text or an "
-                             "(id, text) pair")
+            raise InputError(
+                f"item {n} is {type(item).__name__}: expected a text or an (id, text) pair"
+            )
         if not isinstance(pair[1], str):
             raise InputError(f"text {n} is {type(pair[1]).__name__}, not str")
         yield pair
 
 
-def embed(texts: Sequence[str], model: str | Path = DEFAULT_MODEL,
-          precision: str = DEFAULT_PRECISION, device: str = "auto", *,
-          prompt: str | None = None, prompt_name: str | None = None,
-          input_type: str | None = None, dimensions: int | None = None,
-          **kwargs: Any) -> Vectors:
+def embed(
+    texts: Sequence[str],
+    model: str | Path = DEFAULT_MODEL,
+    precision: str = DEFAULT_PRECISION,
+    device: str = "auto",
+    *,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    input_type: str | None = None,
+    dimensions: int | None = None,
+    **kwargs: Any,
+) -> Vectors:
     """One-shot helper: load the model, embed, release. Use ``Embedder`` for repeated calls.
     ``device``: "auto", "cpu" or "cuda[:N]" (see ``Embedder``); ``prompt``, ``prompt_name``,
     ``input_type``, ``dimensions``: see ``Embedder.options``."""
     with Embedder(model, precision=precision, device=device, **kwargs) as e:
-        return e.embed(texts, prompt=prompt, prompt_name=prompt_name, input_type=input_type,
-                       dimensions=dimensions)
-
+        return e.embed(
+            texts,
+            prompt=prompt,
+            prompt_name=prompt_name,
+            input_type=input_type,
+            dimensions=dimensions,
+        )

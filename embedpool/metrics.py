@@ -38,35 +38,85 @@ BATCH_TOKEN_BUCKETS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 #: (metric name, kind, help, ``PoolStats`` fields summed). An executor without a field reads 0.
 POOL_READINGS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    ("embedpool_oom_kills", "counter",
-     "Workers OOM-killed, confirmed by their cgroup's oom_kill counter or Ray's OutOfMemoryError",
-     ("oom_kills",)),
-    ("embedpool_external_sigkills", "counter",
-     "Workers SIGKILLed from outside with no evidence of the OOM killer", ("external_sigkills",)),
+    (
+        "embedpool_oom_kills",
+        "counter",
+        "Workers OOM-killed, confirmed by their cgroup's oom_kill counter or Ray's OutOfMemoryError",
+        ("oom_kills",),
+    ),
+    (
+        "embedpool_external_sigkills",
+        "counter",
+        "Workers SIGKILLed from outside with no evidence of the OOM killer",
+        ("external_sigkills",),
+    ),
     # A split after an OOM kill is a retry too, in two halves.
-    ("embedpool_batch_retries", "counter", "Batch retries after a worker died (whole or split)",
-     ("retries", "splits")),
-    ("embedpool_worker_deaths", "counter", "Workers that died without being asked to leave",
-     ("deaths",)),
-    ("embedpool_hung_kills", "counter", "Workers killed for exceeding their batch deadline",
-     ("hung_kills",)),
-    ("embedpool_poison_inputs", "counter", "Inputs given up on after killing workers",
-     ("poison_items",)),
-    ("embedpool_worker_recycles", "counter", "Workers replaced because their memory grew",
-     ("recycles",)),
-    ("embedpool_worker_start_failures", "counter",
-     "Replacement workers (or Ray actors) that failed while loading their engine",
-     ("start_failures",)),
-    ("embedpool_target_workers", "gauge", "Workers the scaling policy wants now",
-     ("target_workers",)),
-    ("embedpool_max_workers", "gauge", "Most workers (or Ray actors) the executor may run",
-     ("max_workers",)),
-    ("embedpool_executor_queued_batches", "gauge",
-     "Batches in the executor's own queue, not yet on a worker", ("queued",)),
-    ("embedpool_pool_batch_tokens", "gauge", "The pool's current padded-token budget per task",
-     ("batch_tokens",)),
-    ("embedpool_pool_emergency", "gauge", "1 while the pool runs in single-worker emergency mode",
-     ("emergency",)),
+    (
+        "embedpool_batch_retries",
+        "counter",
+        "Batch retries after a worker died (whole or split)",
+        ("retries", "splits"),
+    ),
+    (
+        "embedpool_worker_deaths",
+        "counter",
+        "Workers that died without being asked to leave",
+        ("deaths",),
+    ),
+    (
+        "embedpool_hung_kills",
+        "counter",
+        "Workers killed for exceeding their batch deadline",
+        ("hung_kills",),
+    ),
+    (
+        "embedpool_poison_inputs",
+        "counter",
+        "Inputs given up on after killing workers",
+        ("poison_items",),
+    ),
+    (
+        "embedpool_worker_recycles",
+        "counter",
+        "Workers replaced because their memory grew",
+        ("recycles",),
+    ),
+    (
+        "embedpool_worker_start_failures",
+        "counter",
+        "Replacement workers (or Ray actors) that failed while loading their engine",
+        ("start_failures",),
+    ),
+    (
+        "embedpool_target_workers",
+        "gauge",
+        "Workers the scaling policy wants now",
+        ("target_workers",),
+    ),
+    (
+        "embedpool_max_workers",
+        "gauge",
+        "Most workers (or Ray actors) the executor may run",
+        ("max_workers",),
+    ),
+    (
+        "embedpool_executor_queued_batches",
+        "gauge",
+        "Batches in the executor's own queue, not yet on a worker",
+        ("queued",),
+    ),
+    (
+        "embedpool_pool_batch_tokens",
+        "gauge",
+        "The pool's current padded-token budget per task",
+        ("batch_tokens",),
+    ),
+    (
+        "embedpool_pool_emergency",
+        "gauge",
+        "1 while the pool runs in single-worker emergency mode",
+        ("emergency",),
+    ),
 )
 
 
@@ -111,13 +161,15 @@ class ModelReadings:
 
 def pool_counters(stats: dict[str, Any]) -> dict[str, float]:
     """The counter readings (``POOL_READINGS`` of kind counter) of one pool's stats."""
-    return {name: _number(stats, keys) for name, kind, _, keys in POOL_READINGS
-            if kind == "counter"}
+    return {
+        name: _number(stats, keys) for name, kind, _, keys in POOL_READINGS if kind == "counter"
+    }
 
 
 #: Gauges whose server-wide (unlabelled) value is the largest model's, not the sum.
-_MAX_GAUGES = frozenset({"embedpool_pool_broken", "embedpool_pool_batch_tokens",
-                         "embedpool_pool_emergency"})
+_MAX_GAUGES = frozenset(
+    {"embedpool_pool_broken", "embedpool_pool_batch_tokens", "embedpool_pool_emergency"}
+)
 _WORKER_STATES = ("starting", "idle", "busy", "leaving")
 
 
@@ -127,11 +179,13 @@ def _per_model(name: str) -> str:
 
 
 def _batcher_values(b: BatcherStats | None) -> dict[str, float]:
-    return {"embedpool_queue_tokens": b.queued_tokens if b else 0,
-            "embedpool_queue_sequences": b.pending_sequences if b else 0,
-            "embedpool_inflight_batches": b.inflight_batches if b else 0,
-            "embedpool_throughput_tokens_per_second": b.tokens_per_s if b else 0.0,
-            "embedpool_pool_broken": 1 if b and b.broken else 0}
+    return {
+        "embedpool_queue_tokens": b.queued_tokens if b else 0,
+        "embedpool_queue_sequences": b.pending_sequences if b else 0,
+        "embedpool_inflight_batches": b.inflight_batches if b else 0,
+        "embedpool_throughput_tokens_per_second": b.tokens_per_s if b else 0.0,
+        "embedpool_pool_broken": 1 if b and b.broken else 0,
+    }
 
 
 _BATCHER_DOCS = {
@@ -139,7 +193,7 @@ _BATCHER_DOCS = {
     "embedpool_queue_sequences": "Sequences waiting in the batcher for a batch",
     "embedpool_inflight_batches": "Batches submitted to the pool",
     "embedpool_throughput_tokens_per_second": "Tokens embedded per second over the last few "
-                                              "seconds",
+    "seconds",
     "embedpool_pool_broken": "1 when the worker pool is broken",
 }
 
@@ -151,8 +205,9 @@ class _ReadingsCollector(Collector):
     a ``model`` label (every served model; one not loaded reads 0, its closed pools'
     counters kept)."""
 
-    def __init__(self, batcher_stats: Callable[[], BatcherStats | None],
-                 pool_stats: Callable[[], Any]) -> None:
+    def __init__(
+        self, batcher_stats: Callable[[], BatcherStats | None], pool_stats: Callable[[], Any]
+    ) -> None:
         self._batcher_stats = batcher_stats
         self._pool_stats = pool_stats
         self.models: Callable[[], list[ModelReadings]] | None = None
@@ -175,22 +230,24 @@ class _ReadingsCollector(Collector):
             total = max(each, default=0) if name in _MAX_GAUGES else sum(each)
             yield GaugeMetricFamily(name, doc, value=total)
             if labelled:
-                twin = GaugeMetricFamily(_per_model(name), f"{doc}, by model",
-                                         labels=["model"])
+                twin = GaugeMetricFamily(_per_model(name), f"{doc}, by model", labels=["model"])
                 for model, values in per_batcher:
                     twin.add_metric([model], values[name])
                 yield twin
-        info = GaugeMetricFamily("embedpool_executor_info",
-                                 "Where batches run: in-process, pool (local workers) or ray "
-                                 "(Ray actors)", labels=["backend"])
+        info = GaugeMetricFamily(
+            "embedpool_executor_info",
+            "Where batches run: in-process, pool (local workers) or ray (Ray actors)",
+            labels=["backend"],
+        )
         for backend in dict.fromkeys(m.pool.get("backend") for m in sources):
             if isinstance(backend, str):
                 info.add_metric([backend], 1)
         yield info
         readings = [(m.name, *worker_readings(m.pool)) for m in sources]
         workers = GaugeMetricFamily("embedpool_workers", "Pool workers by state", labels=["state"])
-        by_model = GaugeMetricFamily("embedpool_model_workers", "Pool workers by model and state",
-                                     labels=["model", "state"])
+        by_model = GaugeMetricFamily(
+            "embedpool_model_workers", "Pool workers by model and state", labels=["model", "state"]
+        )
         totals = dict.fromkeys(_WORKER_STATES, 0)
         for model, by_state, _ in readings:
             for state, n in by_state.items():
@@ -204,76 +261,108 @@ class _ReadingsCollector(Collector):
         if labelled:
             yield by_model
         rss_doc = "Resident memory of all pool workers together (Ray actors report none)"
-        yield GaugeMetricFamily("embedpool_workers_rss_bytes", rss_doc,
-                                value=sum(rss for _, _, rss in readings))
+        yield GaugeMetricFamily(
+            "embedpool_workers_rss_bytes", rss_doc, value=sum(rss for _, _, rss in readings)
+        )
         if labelled:
-            rss = GaugeMetricFamily("embedpool_model_workers_rss_bytes", f"{rss_doc}, by model",
-                                    labels=["model"])
+            rss = GaugeMetricFamily(
+                "embedpool_model_workers_rss_bytes", f"{rss_doc}, by model", labels=["model"]
+            )
             for model, _, r in readings:
                 rss.add_metric([model], r)
             yield rss
         for name, kind, doc, keys in POOL_READINGS:
             series: list[tuple[str, float]]
             if kind == "counter":
-                series = [(m.name, m.closed.get(name, 0.0) + _number(m.pool, keys))
-                          for m in sources]
+                series = [
+                    (m.name, m.closed.get(name, 0.0) + _number(m.pool, keys)) for m in sources
+                ]
                 yield CounterMetricFamily(name, doc, value=sum(x for _, x in series))
                 family: CounterMetricFamily | GaugeMetricFamily = CounterMetricFamily(
-                    _per_model(name), f"{doc}, by model", labels=["model"])
+                    _per_model(name), f"{doc}, by model", labels=["model"]
+                )
             else:
                 series = [(m.name, _number(m.pool, keys)) for m in sources]
                 vs = [x for _, x in series]
-                yield GaugeMetricFamily(name, doc, value=max(vs, default=0.0)
-                                        if name in _MAX_GAUGES else sum(vs))
-                family = GaugeMetricFamily(_per_model(name), f"{doc}, by model",
-                                           labels=["model"])
+                yield GaugeMetricFamily(
+                    name, doc, value=max(vs, default=0.0) if name in _MAX_GAUGES else sum(vs)
+                )
+                family = GaugeMetricFamily(_per_model(name), f"{doc}, by model", labels=["model"])
             if labelled:
                 for model, x in series:
                     family.add_metric([model], x)
                 yield family
         if labelled:
-            loaded = GaugeMetricFamily("embedpool_model_loaded",
-                                       "1 when the model is loaded (state: loaded, loading, "
-                                       "unloaded, unloading)", labels=["model", "state"])
+            loaded = GaugeMetricFamily(
+                "embedpool_model_loaded",
+                "1 when the model is loaded (state: loaded, loading, unloaded, unloading)",
+                labels=["model", "state"],
+            )
             for m in sources:
                 loaded.add_metric([m.name, m.state], 1.0 if m.state == "loaded" else 0.0)
             yield loaded
-        yield GaugeMetricFamily("embedpool_server_rss_bytes", "Resident memory of the server process",
-                                value=psutil.Process().memory_info().rss)
+        yield GaugeMetricFamily(
+            "embedpool_server_rss_bytes",
+            "Resident memory of the server process",
+            value=psutil.Process().memory_info().rss,
+        )
 
 
 class ServerMetrics:
     """All metrics of one app, on its own ``CollectorRegistry``."""
 
-    def __init__(self, batcher_stats: Callable[[], BatcherStats | None],
-                 pool_stats: Callable[[], Any]) -> None:
+    def __init__(
+        self, batcher_stats: Callable[[], BatcherStats | None], pool_stats: Callable[[], Any]
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("embedpool_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=r)
-        self.latency = Histogram("embedpool_request_duration_seconds",
-                                 "HTTP request latency by route", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_tokens = Histogram("embedpool_batch_tokens", "Padded tokens per batch sent to the pool",
-                                      buckets=BATCH_TOKEN_BUCKETS, registry=r)
+        self.requests = Counter(
+            "embedpool_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "embedpool_request_duration_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            "embedpool_batch_tokens",
+            "Padded tokens per batch sent to the pool",
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=r,
+        )
         self.embedded_items = Counter("embedpool_embedded_items", "Inputs embedded", registry=r)
         self.embedded_tokens = Counter("embedpool_embedded_tokens", "Tokens embedded", registry=r)
-        self.truncated_items = Counter("embedpool_truncated_items",
-                                       "Inputs cut to the model's maximum length", registry=r)
-        self.rejected = Counter("embedpool_rejected_requests", "Requests refused before embedding",
-                                ["reason"], registry=r)
-        self.cache_hits = Counter("embedpool_cache_hits", "Inputs answered from the vector cache",
-                                  registry=r)
-        self.cache_misses = Counter("embedpool_cache_misses", "Inputs not in the vector cache",
-                                    registry=r)
-        self.reranked_pairs = Counter("embedpool_reranked_pairs",
-                                      "[query, document] pairs scored by the reranker",
-                                      registry=r)
-        self.reranked_tokens = Counter("embedpool_reranked_tokens",
-                                       "Tokens of the pairs scored by the reranker", registry=r)
-        self.ready_probes = Counter("embedpool_ready_probes",
-                                    "Probe embeddings run for /ready (concurrent calls share one)",
-                                    registry=r)
+        self.truncated_items = Counter(
+            "embedpool_truncated_items", "Inputs cut to the model's maximum length", registry=r
+        )
+        self.rejected = Counter(
+            "embedpool_rejected_requests",
+            "Requests refused before embedding",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "embedpool_cache_hits", "Inputs answered from the vector cache", registry=r
+        )
+        self.cache_misses = Counter(
+            "embedpool_cache_misses", "Inputs not in the vector cache", registry=r
+        )
+        self.reranked_pairs = Counter(
+            "embedpool_reranked_pairs", "[query, document] pairs scored by the reranker", registry=r
+        )
+        self.reranked_tokens = Counter(
+            "embedpool_reranked_tokens", "Tokens of the pairs scored by the reranker", registry=r
+        )
+        self.ready_probes = Counter(
+            "embedpool_ready_probes",
+            "Probe embeddings run for /ready (concurrent calls share one)",
+            registry=r,
+        )
         self._readings = _ReadingsCollector(batcher_stats, pool_stats)
         r.register(self._readings)
 

@@ -148,8 +148,9 @@ class BatcherStats:
     broken: str | None  # why the executor is considered broken, else None
 
 
-def _settle(fut: Future[Vectors], *, result: Vectors | None = None,
-            error: BaseException | None = None) -> None:
+def _settle(
+    fut: Future[Vectors], *, result: Vectors | None = None, error: BaseException | None = None
+) -> None:
     """Resolve a request future unless it is already done (cancelled by its client)."""
     if fut.done():
         return
@@ -166,16 +167,22 @@ def _settle(fut: Future[Vectors], *, result: Vectors | None = None,
 class MicroBatcher:
     """Shared queue + batcher thread between request handlers and a ``SubmitExecutor``."""
 
-    def __init__(self, executor: SubmitExecutor, *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                 max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S,
-                 max_queue_tokens: int = DEFAULT_MAX_QUEUE_TOKENS,
-                 max_inflight: int | None = None,
-                 on_batch: Callable[[WorkBatch], None] | None = None,
-                 normalize_windows: bool = True) -> None:
+    def __init__(
+        self,
+        executor: SubmitExecutor,
+        *,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
+        max_queue_tokens: int = DEFAULT_MAX_QUEUE_TOKENS,
+        max_inflight: int | None = None,
+        on_batch: Callable[[WorkBatch], None] | None = None,
+        normalize_windows: bool = True,
+    ) -> None:
         if batch_tokens < 1 or max_batch_items < 1 or max_queue_tokens < 1 or max_wait_s < 0:
-            raise ValueError("batch_tokens, max_batch_items, max_queue_tokens must be >= 1 "
-                             "and max_wait_s >= 0")
+            raise ValueError(
+                "batch_tokens, max_batch_items, max_queue_tokens must be >= 1 and max_wait_s >= 0"
+            )
         self.executor = executor
         self.normalize_windows = normalize_windows  # the model has Normalize (window mode)
         self.batch_tokens = batch_tokens
@@ -203,15 +210,20 @@ class MicroBatcher:
         self._thread.start()
 
     # ------------------------------------------------------------------ public facade
-    def submit(self, sequences: Sequence[TokenIds], owner: Sequence[int], n_items: int,
-               prompt_length: int = 0, prompt_lengths: Sequence[int] | None = None) -> Ticket:
+    def submit(
+        self,
+        sequences: Sequence[TokenIds],
+        owner: Sequence[int],
+        n_items: int,
+        prompt_length: int = 0,
+        prompt_lengths: Sequence[int] | None = None,
+    ) -> Ticket:
         """Queue one request's sequences, each starting with a prompt of ``prompt_length``
         tokens (``tokenization.Encoded.prompt_length``), or of ``prompt_lengths[i]`` tokens
         each (a rerank request's pairs: ``WorkBatch.prompt_lengths``); raises ``QueueFull``
         or ``PoolUnavailable``."""
         if prompt_lengths is not None and len(prompt_lengths) != len(sequences):
-            raise ValueError(f"{len(prompt_lengths)} prompt lengths for {len(sequences)} "
-                             "sequences")
+            raise ValueError(f"{len(prompt_lengths)} prompt lengths for {len(sequences)} sequences")
         tokens = sum(len(s) for s in sequences)
         fut: Future[Vectors] = Future()
         with self._cond:
@@ -225,10 +237,15 @@ class MicroBatcher:
             # otherwise it could never be served at all.
             if queued > 0 and queued + tokens > self.max_queue_tokens:
                 raise QueueFull(queued, tokens, self.max_queue_tokens, self._retry_after(queued))
-            req = _Request(next(self._ids), list(sequences), list(owner), n_items, fut,
-                           prompt_length=prompt_length,
-                           prompt_lengths=None if prompt_lengths is None
-                           else list(prompt_lengths))
+            req = _Request(
+                next(self._ids),
+                list(sequences),
+                list(owner),
+                n_items,
+                fut,
+                prompt_length=prompt_length,
+                prompt_lengths=None if prompt_lengths is None else list(prompt_lengths),
+            )
             if not sequences:
                 _settle(fut, result=np.zeros((0, 0), dtype=np.float32))
                 return Ticket(req.rid, fut, 0)
@@ -243,9 +260,15 @@ class MicroBatcher:
 
     def stats(self) -> BatcherStats:
         with self._cond:
-            return BatcherStats(self._pending_tokens + self._inflight_tokens, len(self._pending),
-                                self._inflight, self._throughput(), self._batches_done,
-                                self._batches_failed, self._broken)
+            return BatcherStats(
+                self._pending_tokens + self._inflight_tokens,
+                len(self._pending),
+                self._inflight,
+                self._throughput(),
+                self._batches_done,
+                self._batches_failed,
+                self._broken,
+            )
 
     def health(self) -> str | None:
         """None when healthy, else why not (broken pool, dead batcher, stalled executor)."""
@@ -258,8 +281,10 @@ class MicroBatcher:
                 return "batcher thread died"
             stalled = time.monotonic() - self._last_progress
             if self._inflight and stalled > STALL_TIMEOUT_S:
-                return (f"no batch finished for {stalled:.0f} s while {self._inflight} "
-                        "are in flight: the pool looks hung")
+                return (
+                    f"no batch finished for {stalled:.0f} s while {self._inflight} "
+                    "are in flight: the pool looks hung"
+                )
         broken = self.executor.broken  # noticed while idle, not only by a failed batch
         if broken:
             return f"worker pool broken: {broken}"
@@ -274,7 +299,9 @@ class MicroBatcher:
             self._pending_tokens = 0
             self._cond.notify_all()
         for req, _ in pending:
-            _settle(req.future, error=PoolUnavailable("the server shut down before this request ran"))
+            _settle(
+                req.future, error=PoolUnavailable("the server shut down before this request ran")
+            )
         self._thread.join(timeout)
 
     def wait_idle(self, timeout: float) -> bool:
@@ -342,12 +369,16 @@ class MicroBatcher:
         for plan in plan_batches(lengths, self.batch_tokens, self.max_batch_items):
             slots = [window[j] for j in plan.indices]
             # requests with different prompts share batches: a prompt length per sequence
-            plens = tuple(req.prompt_length if req.prompt_lengths is None
-                          else req.prompt_lengths[i] for req, i in slots)
-            batch = WorkBatch(next(self._batch_ids),
-                              tuple(req.sequences[i] for req, i in slots),
-                              tuple(f"request {req.rid} input {req.owner[i]}" for req, i in slots),
-                              prompt_lengths=plens if any(plens) else ())
+            plens = tuple(
+                req.prompt_length if req.prompt_lengths is None else req.prompt_lengths[i]
+                for req, i in slots
+            )
+            batch = WorkBatch(
+                next(self._batch_ids),
+                tuple(req.sequences[i] for req, i in slots),
+                tuple(f"request {req.rid} input {req.owner[i]}" for req, i in slots),
+                prompt_lengths=plens if any(plens) else (),
+            )
             tokens = batch.tokens
             with self._cond:
                 self._inflight += 1
@@ -359,11 +390,11 @@ class MicroBatcher:
                 continue
             if self._on_batch is not None:
                 self._on_batch(batch)
-            fut.add_done_callback(
-                lambda f, s=slots, t=tokens: self._on_done(f, s, t))  # type: ignore[misc]
+            fut.add_done_callback(lambda f, s=slots, t=tokens: self._on_done(f, s, t))  # type: ignore[misc]
 
-    def _on_done(self, fut: Future[BatchResult], slots: list[tuple[_Request, int]],
-                 tokens: int) -> None:
+    def _on_done(
+        self, fut: Future[BatchResult], slots: list[tuple[_Request, int]], tokens: int
+    ) -> None:
         try:
             result: BatchResult | None = fut.result()
             error: BaseException | None = None
@@ -371,8 +402,13 @@ class MicroBatcher:
             result, error = None, exc
         self._finish(slots, tokens, result, error)
 
-    def _finish(self, slots: list[tuple[_Request, int]], tokens: int,
-                result: BatchResult | None, error: BaseException | None) -> None:
+    def _finish(
+        self,
+        slots: list[tuple[_Request, int]],
+        tokens: int,
+        result: BatchResult | None,
+        error: BaseException | None,
+    ) -> None:
         """Account for one finished batch and scatter its rows (runs on the executor's thread)."""
         now = time.monotonic()
         with self._cond:
@@ -390,8 +426,12 @@ class MicroBatcher:
         if error is not None or result is None:
             why = f"{type(error).__name__}: {error}" if error is not None else "no result"
             for req, _ in slots:
-                _settle(req.future, error=PoolUnavailable(
-                    f"the worker pool could not embed a batch of this request ({why})"))
+                _settle(
+                    req.future,
+                    error=PoolUnavailable(
+                        f"the worker pool could not embed a batch of this request ({why})"
+                    ),
+                )
             return
         for pos, (req, i) in enumerate(slots):
             if req.done:

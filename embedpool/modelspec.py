@@ -29,20 +29,61 @@ from typing import Literal
 #: list is concatenated in the list's own order. Several modes make the output
 #: ``len(modes) x hidden`` wide.
 PoolingMode = Literal["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken"]
-POOLING_ORDER: tuple[PoolingMode, ...] = ("cls", "max", "mean", "mean_sqrt_len_tokens",
-                                          "weightedmean", "lasttoken")
+POOLING_ORDER: tuple[PoolingMode, ...] = (
+    "cls",
+    "max",
+    "mean",
+    "mean_sqrt_len_tokens",
+    "weightedmean",
+    "lasttoken",
+)
 
 #: Activations of a sentence-transformers ``Dense`` module, by the short lower-case name of
 #: the torch class it saves (``torch.nn.modules.activation.Tanh`` -> ``"tanh"``). torch
 #: instantiates each with its default arguments (GELU: erf, LeakyReLU: slope 0.01, ELU and
 #: CELU: alpha 1, Softplus: beta 1 threshold 20, Hardtanh: [-1, 1]).
-DenseActivation = Literal["identity", "tanh", "relu", "gelu", "sigmoid", "silu", "leakyrelu",
-                          "elu", "softplus", "mish", "hardtanh", "relu6", "selu", "celu",
-                          "softsign", "tanhshrink", "hardsigmoid", "hardswish", "logsigmoid"]
+DenseActivation = Literal[
+    "identity",
+    "tanh",
+    "relu",
+    "gelu",
+    "sigmoid",
+    "silu",
+    "leakyrelu",
+    "elu",
+    "softplus",
+    "mish",
+    "hardtanh",
+    "relu6",
+    "selu",
+    "celu",
+    "softsign",
+    "tanhshrink",
+    "hardsigmoid",
+    "hardswish",
+    "logsigmoid",
+]
 DENSE_ACTIVATIONS: tuple[DenseActivation, ...] = (
-    "identity", "tanh", "relu", "gelu", "sigmoid", "silu", "leakyrelu", "elu", "softplus",
-    "mish", "hardtanh", "relu6", "selu", "celu", "softsign", "tanhshrink", "hardsigmoid",
-    "hardswish", "logsigmoid")
+    "identity",
+    "tanh",
+    "relu",
+    "gelu",
+    "sigmoid",
+    "silu",
+    "leakyrelu",
+    "elu",
+    "softplus",
+    "mish",
+    "hardtanh",
+    "relu6",
+    "selu",
+    "celu",
+    "softsign",
+    "tanhshrink",
+    "hardsigmoid",
+    "hardswish",
+    "logsigmoid",
+)
 
 #: What ``TextSpec.prompt_name_for`` maps an API ``input_type`` to, in order of preference:
 #: sentence-transformers' ``encode_query`` uses "query", ``encode_document`` the first of
@@ -87,11 +128,13 @@ class DenseSpec:
 
     def __post_init__(self) -> None:
         if self.in_features <= 0 or self.out_features <= 0:
-            raise ValueError(f"Dense widths must be positive, got {self.in_features} -> "
-                             f"{self.out_features}")
+            raise ValueError(
+                f"Dense widths must be positive, got {self.in_features} -> {self.out_features}"
+            )
         if self.activation not in DENSE_ACTIVATIONS:
-            raise ValueError(f"Dense activation {self.activation!r} is not among "
-                             f"{DENSE_ACTIVATIONS}")
+            raise ValueError(
+                f"Dense activation {self.activation!r} is not among {DENSE_ACTIVATIONS}"
+            )
 
 
 @dataclass(frozen=True)
@@ -118,10 +161,16 @@ class HeadSpec:
     def key(self) -> dict[str, object]:
         """Everything that shapes the output, without file paths (cache keys must not change
         when a model directory moves; the Dense weights are keyed by their files' hashes)."""
-        return {"modes": list(self.pooling.modes), "include_prompt": self.pooling.include_prompt,
-                "dense": [[d.in_features, d.out_features, d.bias, d.activation, d.residual]
-                          for d in self.dense],
-                "normalize": self.normalize, "truncate_dim": self.truncate_dim}
+        return {
+            "modes": list(self.pooling.modes),
+            "include_prompt": self.pooling.include_prompt,
+            "dense": [
+                [d.in_features, d.out_features, d.bias, d.activation, d.residual]
+                for d in self.dense
+            ],
+            "normalize": self.normalize,
+            "truncate_dim": self.truncate_dim,
+        }
 
 
 @dataclass(frozen=True)
@@ -158,10 +207,13 @@ class TextSpec:
     def __post_init__(self) -> None:
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
-        if self.default_prompt_name is not None and \
-                self.default_prompt_name not in dict(self.prompts):
-            raise ValueError(f"default prompt name {self.default_prompt_name!r} is not one of "
-                             f"the prompts {sorted(dict(self.prompts))}")
+        if self.default_prompt_name is not None and self.default_prompt_name not in dict(
+            self.prompts
+        ):
+            raise ValueError(
+                f"default prompt name {self.default_prompt_name!r} is not one of "
+                f"the prompts {sorted(dict(self.prompts))}"
+            )
 
     def prompt(self, name: str) -> str:
         for key, value in self.prompts:
@@ -169,8 +221,9 @@ class TextSpec:
                 return value
         raise KeyError(name)
 
-    def resolve_prompt(self, prompt: str | None = None, prompt_name: str | None = None
-                       ) -> str | None:
+    def resolve_prompt(
+        self, prompt: str | None = None, prompt_name: str | None = None
+    ) -> str | None:
         """The prompt a text gets, as sentence-transformers' ``encode`` resolves it: an
         explicit ``prompt`` (``""`` for none) wins over ``prompt_name``, which wins over the
         model's ``default_prompt_name``. "query" and "document" always exist (empty unless
@@ -180,8 +233,10 @@ class TextSpec:
         prompts = {"query": "", "document": "", **dict(self.prompts)}
         if prompt_name is not None:
             if prompt_name not in prompts:
-                raise KeyError(f"prompt name {prompt_name!r} is not one of the model's "
-                               f"prompts: {sorted(prompts)}")
+                raise KeyError(
+                    f"prompt name {prompt_name!r} is not one of the model's "
+                    f"prompts: {sorted(prompts)}"
+                )
             return prompts[prompt_name]
         if self.default_prompt_name is not None:
             return prompts[self.default_prompt_name]
@@ -196,20 +251,30 @@ class TextSpec:
         try:
             candidates = INPUT_TYPE_PROMPTS[input_type]
         except KeyError:
-            raise KeyError(f"input_type {input_type!r} is not one of "
-                           f"{sorted(INPUT_TYPE_PROMPTS)}") from None
+            raise KeyError(
+                f"input_type {input_type!r} is not one of {sorted(INPUT_TYPE_PROMPTS)}"
+            ) from None
         have = dict(self.prompts)
-        return next((n for n in candidates if have.get(n)),
-                    next((n for n in candidates if n in {"query", "document", *have}),
-                         candidates[0]))
+        return next(
+            (n for n in candidates if have.get(n)),
+            next((n for n in candidates if n in {"query", "document", *have}), candidates[0]),
+        )
 
     def key(self) -> dict[str, object]:
-        return {"max_length": self.max_length, "do_lower_case": self.do_lower_case,
-                "prompts": [list(p) for p in self.prompts],
-                "default_prompt_name": self.default_prompt_name,
-                "normalizer": None if self.normalizer is None else [
-                    self.normalizer.lowercase, self.normalizer.strip_accents,
-                    self.normalizer.handle_chinese_chars, self.normalizer.clean_text]}
+        return {
+            "max_length": self.max_length,
+            "do_lower_case": self.do_lower_case,
+            "prompts": [list(p) for p in self.prompts],
+            "default_prompt_name": self.default_prompt_name,
+            "normalizer": None
+            if self.normalizer is None
+            else [
+                self.normalizer.lowercase,
+                self.normalizer.strip_accents,
+                self.normalizer.handle_chinese_chars,
+                self.normalizer.clean_text,
+            ],
+        }
 
 
 @dataclass(frozen=True)
@@ -235,8 +300,9 @@ class ModelFiles:
         """sha256 over (role, sha256) of every file, paths left out: the same files in
         another directory give the same digest."""
         h = hashlib.sha256()
-        for role, sha in sorted((r.role, r.sha256) for r in self.refs
-                                if r.role not in exclude_roles):
+        for role, sha in sorted(
+            (r.role, r.sha256) for r in self.refs if r.role not in exclude_roles
+        ):
             h.update(f"{role}\0{sha}\n".encode())
         return h.hexdigest()
 
@@ -286,10 +352,21 @@ class ClassifierSpec:
 
     def key(self) -> dict[str, object]:
         """What shapes the graph's logits (the activation is applied after the graph)."""
-        return {"kind": self.kind, "num_labels": self.num_labels,
-                "token_types": self.token_types, "pooling": self.pooling,
-                "head_activation": self.head_activation, "head_bias": self.head_bias,
-                "norm_bias": self.norm_bias, **({"true_token": self.true_token,
-                                                 "false_token": self.false_token,
-                                                 "tied_lm_head": self.tied_lm_head}
-                                                if self.kind == "causal_lm" else {})}
+        return {
+            "kind": self.kind,
+            "num_labels": self.num_labels,
+            "token_types": self.token_types,
+            "pooling": self.pooling,
+            "head_activation": self.head_activation,
+            "head_bias": self.head_bias,
+            "norm_bias": self.norm_bias,
+            **(
+                {
+                    "true_token": self.true_token,
+                    "false_token": self.false_token,
+                    "tied_lm_head": self.tied_lm_head,
+                }
+                if self.kind == "causal_lm"
+                else {}
+            ),
+        }

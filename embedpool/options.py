@@ -42,10 +42,18 @@ class CallOptions:
         return truncate_dims(vectors, self.dimensions, normalize=self.normalize)
 
 
-def resolve_options(tokenizer: TextTokenizer, *, model: str, width: int, matryoshka: bool,
-                    normalize: bool, prompt: str | None = None, prompt_name: str | None = None,
-                    input_type: str | None = None, dimensions: int | None = None
-                    ) -> CallOptions:
+def resolve_options(
+    tokenizer: TextTokenizer,
+    *,
+    model: str,
+    width: int,
+    matryoshka: bool,
+    normalize: bool,
+    prompt: str | None = None,
+    prompt_name: str | None = None,
+    input_type: str | None = None,
+    dimensions: int | None = None,
+) -> CallOptions:
     """The call's options, checked against the model (``tokenizer``: its prompts and max
     length; ``width``: its vectors' width, 0 when not known yet; ``matryoshka``: trained for
     truncation). Raises OptionError."""
@@ -54,9 +62,11 @@ def resolve_options(tokenizer: TextTokenizer, *, model: str, width: int, matryos
     if input_type is not None:
         name = input_type_prompt(tokenizer, input_type)
         if prompt_name is not None and prompt_name != name:
-            raise OptionError(f"prompt_name {prompt_name!r} and input_type {input_type!r} "
-                              f"(prompt name {name!r} for this model) disagree: give one",
-                              "input_type")
+            raise OptionError(
+                f"prompt_name {prompt_name!r} and input_type {input_type!r} "
+                f"(prompt name {name!r} for this model) disagree: give one",
+                "input_type",
+            )
         prompt_name = name
     try:
         text = tokenizer.resolve_prompt(prompt, prompt_name)
@@ -76,13 +86,16 @@ def prompt_names(tokenizer: TextTokenizer) -> list[str]:
 def input_type_prompt(tokenizer: TextTokenizer, input_type: str) -> str:
     """The prompt name an ``input_type`` selects for this model; OptionError if unknown."""
     if not isinstance(input_type, str) or input_type not in INPUT_TYPE_PROMPTS:
-        raise OptionError(f"input_type {input_type!r} is not one of "
-                          f"{', '.join(sorted(INPUT_TYPE_PROMPTS))}", "input_type")
+        raise OptionError(
+            f"input_type {input_type!r} is not one of {', '.join(sorted(INPUT_TYPE_PROMPTS))}",
+            "input_type",
+        )
     return tokenizer.text.prompt_name_for(input_type)
 
 
-def check_dimensions(dimensions: int | None, *, model: str, width: int, matryoshka: bool
-                     ) -> int | None:
+def check_dimensions(
+    dimensions: int | None, *, model: str, width: int, matryoshka: bool
+) -> int | None:
     """The dimensions to keep, or None for the model's full width. ``width`` 0: not known
     yet (a shipped graph before its engine loads); the upper bound is then checked when the
     vectors arrive (``truncate_dims``)."""
@@ -91,12 +104,18 @@ def check_dimensions(dimensions: int | None, *, model: str, width: int, matryosh
     if isinstance(dimensions, bool) or not isinstance(dimensions, int):
         raise OptionError(f"dimensions must be an integer, got {dimensions!r}", "dimensions")
     if dimensions < 1 or (width and dimensions > width):
-        raise OptionError(f"dimensions must be between 1 and model {model}'s width "
-                          f"{width or '(unknown)'}, got {dimensions}", "dimensions")
+        raise OptionError(
+            f"dimensions must be between 1 and model {model}'s width "
+            f"{width or '(unknown)'}, got {dimensions}",
+            "dimensions",
+        )
     if dimensions == width:
         return None
     if not matryoshka:
-        raise OptionError(f"model {model} was not trained for truncated dimensions "
-                          f"(Matryoshka); its vectors have {width} dimensions: omit "
-                          f"dimensions or ask for {width}", "dimensions")
+        raise OptionError(
+            f"model {model} was not trained for truncated dimensions "
+            f"(Matryoshka); its vectors have {width} dimensions: omit "
+            f"dimensions or ask for {width}",
+            "dimensions",
+        )
     return dimensions

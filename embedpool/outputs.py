@@ -101,8 +101,10 @@ def open_output(path: Path, dim: int, *, partial: bool = False) -> AtomicWriter:
     ext = path.suffix.lower()
     writer_cls = _WRITERS.get(ext)
     if writer_cls is None:
-        raise ConfigError(f"--out {str(path)!r}: unknown output format {ext or '(no extension)'}; "
-                          f"use one of {', '.join(SUPPORTED_EXTENSIONS)}")
+        raise ConfigError(
+            f"--out {str(path)!r}: unknown output format {ext or '(no extension)'}; "
+            f"use one of {', '.join(SUPPORTED_EXTENSIONS)}"
+        )
     if dim <= 0:
         raise ValueError(f"dim must be positive, got {dim}")
     final = partial_path(path) if partial else path
@@ -139,7 +141,7 @@ def _sweep_stale_temps(final: Path) -> None:
         for entry in final.parent.iterdir():
             if not entry.name.startswith(prefix):
                 continue
-            pid_text = entry.name[len(prefix):].split("-", 1)[0]
+            pid_text = entry.name[len(prefix) :].split("-", 1)[0]
             if pid_text.isdigit() and not pid_alive(int(pid_text)):
                 with contextlib.suppress(OSError):
                     entry.unlink()
@@ -180,8 +182,10 @@ class AtomicWriter:
             raise RuntimeError(f"output {self.path} is already committed or aborted")
         arr = np.asarray(vectors, dtype=np.float32)
         if arr.ndim != 2 or arr.shape != (len(ids), self.dim):
-            raise ValueError(f"output {self.path}: expected vectors of shape "
-                             f"({len(ids)}, {self.dim}), got {arr.shape}")
+            raise ValueError(
+                f"output {self.path}: expected vectors of shape "
+                f"({len(ids)}, {self.dim}), got {arr.shape}"
+            )
         if len(ids):
             self._write(ids, arr)
             self.rows += len(ids)
@@ -224,8 +228,12 @@ class AtomicWriter:
     def __enter__(self) -> AtomicWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc_type is None and not self._done:
             self.commit()
         elif not self._done:
@@ -255,9 +263,12 @@ class JsonlWriter(AtomicWriter):
 
     def _write(self, ids: Sequence[str], vectors: Vectors) -> None:
         dumps = json.dumps
-        self._f.write("".join(
-            f'{{"id": {dumps(i)}, "embedding": {row}}}\n'
-            for i, row in zip(ids, format_vectors(vectors), strict=True)))
+        self._f.write(
+            "".join(
+                f'{{"id": {dumps(i)}, "embedding": {row}}}\n'
+                for i, row in zip(ids, format_vectors(vectors), strict=True)
+            )
+        )
 
     def _finish(self) -> None:
         _finish_file(self._f)
@@ -284,7 +295,7 @@ def format_vectors(vectors: Vectors) -> list[str]:
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     rows: list[str] = []
     for start in range(0, len(x), _FORMAT_ROWS):
-        rows.extend(_format_chunk(x[start:start + _FORMAT_ROWS]))
+        rows.extend(_format_chunk(x[start : start + _FORMAT_ROWS]))
     return rows
 
 
@@ -329,7 +340,7 @@ def _format_chunk(x: Vectors) -> list[str]:
     chars[:, 1] = ord("0")
     chars[:, 2] = ord(".")
     if pad:
-        chars[:, 3:3 + pad] = (np.arange(pad) < (k - 9)[:, None]) * np.uint8(ord("0"))
+        chars[:, 3 : 3 + pad] = (np.arange(pad) < (k - 9)[:, None]) * np.uint8(ord("0"))
     m32 = m.astype(np.uint32)  # < 10**9
     keep = np.arange(9) >= (9 - k)[:, None]
     for j in range(9):  # scalar divisors: numpy's fast path
@@ -337,7 +348,7 @@ def _format_chunk(x: Vectors) -> list[str]:
         chars[:, 3 + pad + j] = (digit.astype(np.uint8) + np.uint8(ord("0"))) * keep[:, j]
     chars[:, 12 + pad] = ord(",")
     chars[:, 13 + pad] = ord(" ")
-    chars.reshape(n, d, -1)[:, -1, 12 + pad:] = 0  # no separator after a row's last value
+    chars.reshape(n, d, -1)[:, -1, 12 + pad :] = 0  # no separator after a row's last value
     lengths = (np.signbit(flat) + k + 4).reshape(n, d).sum(axis=1) - 2
     text = chars[chars != 0].tobytes().decode("ascii")
     ends = np.cumsum(lengths).tolist()
@@ -404,11 +415,12 @@ class ParquetWriter(AtomicWriter):
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as exc:
-            raise ConfigError(f"--out {str(path)!r}: writing parquet needs pyarrow "
-                              f"(pip install 'embedpool[parquet]')") from exc
+            raise ConfigError(
+                f"--out {str(path)!r}: writing parquet needs pyarrow "
+                f"(pip install 'embedpool[parquet]')"
+            ) from exc
         self._pa = pa
-        self._schema = pa.schema([("id", pa.string()),
-                                  ("embedding", pa.list_(pa.float32(), dim))])
+        self._schema = pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
         temp, f = _create_temp(path, "wb")
         self._temps.append(temp)
         self._file = f
@@ -428,9 +440,12 @@ class ParquetWriter(AtomicWriter):
         pa = self._pa
         flat = np.array(vectors, dtype=np.float32, copy=True).reshape(-1)  # the caller's is theirs
         batch = pa.RecordBatch.from_arrays(
-            [pa.array(ids, type=pa.string()),
-             pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), self.dim)],
-            schema=self._schema)
+            [
+                pa.array(ids, type=pa.string()),
+                pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), self.dim),
+            ],
+            schema=self._schema,
+        )
         self._buf.append(batch)
         self._buf_rows += batch.num_rows
         self._buf_bytes += batch.nbytes

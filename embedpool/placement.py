@@ -85,18 +85,25 @@ def precision_for(requested: str, kind: str, available: tuple[str, ...]) -> Prec
         return "fp16" if "fp16" in available else "fp32"
     if requested == "bf16":  # OpenVINO's, on the fp32 graph: runtimes.choose checks the CPU
         if kind != "cpu":
-            raise ConfigError("precision bf16 runs on the CPU (OpenVINO) only; on a GPU use "
-                              "fp16 (the default there) or fp32, or --device cpu")
+            raise ConfigError(
+                "precision bf16 runs on the CPU (OpenVINO) only; on a GPU use "
+                "fp16 (the default there) or fp32, or --device cpu"
+            )
         return "bf16"
     if requested == "int8" and kind != "cpu":
-        raise ConfigError("precision int8 runs on the CPU only; on a GPU use fp16 (the default "
-                          "there) or fp32, or --device cpu")
+        raise ConfigError(
+            "precision int8 runs on the CPU only; on a GPU use fp16 (the default "
+            "there) or fp32, or --device cpu"
+        )
     if requested == "fp16" and kind == "cpu":
-        raise ConfigError("precision fp16 runs on a GPU only; on the CPU use int8 (the default "
-                          "there) or fp32")
+        raise ConfigError(
+            "precision fp16 runs on a GPU only; on the CPU use int8 (the default there) or fp32"
+        )
     if requested not in available:
-        raise ConfigError(f"precision {requested}: this embedpool's graph builder makes only "
-                          f"{', '.join(available)} for this model")
+        raise ConfigError(
+            f"precision {requested}: this embedpool's graph builder makes only "
+            f"{', '.join(available)} for this model"
+        )
     return requested  # type: ignore[return-value]
 
 
@@ -155,12 +162,20 @@ def model_shape(model: ResolvedModel, precision: str) -> ModelShape:
     return ModelShape.of(model.config, model.max_length, size, precision)
 
 
-def place(model: ResolvedModel, *, device: str | DeviceRequest = "auto",
-          precision: str = "auto", cpu_workers: int | None = None,
-          batch_tokens: int | None = None, max_batch_items: int | None = None,
-          backend: str = "local", cpus: int | None = None,
-          plan: DevicePlan | None = None, profile: str | None = None,
-          engine: str = "auto") -> Placement:
+def place(
+    model: ResolvedModel,
+    *,
+    device: str | DeviceRequest = "auto",
+    precision: str = "auto",
+    cpu_workers: int | None = None,
+    batch_tokens: int | None = None,
+    max_batch_items: int | None = None,
+    backend: str = "local",
+    cpus: int | None = None,
+    plan: DevicePlan | None = None,
+    profile: str | None = None,
+    engine: str = "auto",
+) -> Placement:
     """Resolve the device, the precision, the GPU plan and the batch budget
     (DeviceError/ConfigError: exit 2). ``plan`` skips detection (tests, and callers that
     resolved it already); ``profile`` (``--profile``; None: ``EMBEDPOOL_PROFILE`` or detected,
@@ -171,49 +186,76 @@ def place(model: ResolvedModel, *, device: str | DeviceRequest = "auto",
         log.warning("embedpool: %s", note)
     if backend != "local" and request_plan.kind == "cuda":
         if request_plan.request.kind == "cuda":
-            raise DeviceError(f"--device {request_plan.request}: the {backend} backend runs its "
-                              "actors on the CPU; use --backend local for a GPU", "device")
-        request_plan = DevicePlan("cpu", (), f"auto: the {backend} backend runs on the CPU",
-                                  request_plan.request, request_plan.notes)
+            raise DeviceError(
+                f"--device {request_plan.request}: the {backend} backend runs its "
+                "actors on the CPU; use --backend local for a GPU",
+                "device",
+            )
+        request_plan = DevicePlan(
+            "cpu",
+            (),
+            f"auto: the {backend} backend runs on the CPU",
+            request_plan.request,
+            request_plan.notes,
+        )
     chosen = precision_for(precision, request_plan.kind, graph_precisions(model))
     devices: DevicesPlan | None = None
     if request_plan.kind == "cuda":
         n_cpus = cpus or _usable_cpus()
         try:
-            devices = plan_devices(n_cpus, [GpuInput(g.index, g.name, g.memory_free)
-                                            for g in request_plan.gpus],
-                                   model_shape(model, chosen), cpu_workers=cpu_workers,
-                                   batch_tokens=batch_tokens)
+            devices = plan_devices(
+                n_cpus,
+                [GpuInput(g.index, g.name, g.memory_free) for g in request_plan.gpus],
+                model_shape(model, chosen),
+                cpu_workers=cpu_workers,
+                batch_tokens=batch_tokens,
+            )
         except ConfigError as exc:
             if request_plan.request.kind == "cuda":
                 raise DeviceError(f"--device {request_plan.request}: {exc}", "device") from exc
-            request_plan = DevicePlan("cpu", (), f"auto: {exc}", request_plan.request,
-                                      request_plan.notes)
+            request_plan = DevicePlan(
+                "cpu", (), f"auto: {exc}", request_plan.request, request_plan.notes
+            )
             chosen = precision_for(precision, "cpu", graph_precisions(model))
     elif cpu_workers:
-        raise ConfigError("--cpu-workers adds CPU workers next to a GPU; on the CPU alone use "
-                          "--workers")
+        raise ConfigError(
+            "--cpu-workers adds CPU workers next to a GPU; on the CPU alone use --workers"
+        )
     chosen_profile = machine_profile(profile) if backend == "local" else None
     if devices is not None:
         # the job batches for the biggest GPU (smaller pools cut its batches down)
         biggest = max(devices.gpu_workers, key=lambda g: g.batch_tokens).budget
         budget = dataclasses.replace(biggest, max_items=max_batch_items or biggest.max_items)
     else:
-        budget = batch_budget(device="cpu", profile=chosen_profile, max_length=model.max_length,
-                              requested=batch_tokens, requested_items=max_batch_items)
+        budget = batch_budget(
+            device="cpu",
+            profile=chosen_profile,
+            max_length=model.max_length,
+            requested=batch_tokens,
+            requested_items=max_batch_items,
+        )
     runtime = _runtime(engine, precision, request_plan.kind)
     if request_plan.kind == "cpu":
         chosen = runtime.precision
-    return Placement(request_plan, chosen, devices, budget, request_plan.request,
-                     chosen_profile, runtime.runtime, runtime.reason)
+    return Placement(
+        request_plan,
+        chosen,
+        devices,
+        budget,
+        request_plan.request,
+        chosen_profile,
+        runtime.runtime,
+        runtime.reason,
+    )
 
 
 def _runtime(engine: str, precision: str, kind: str) -> RuntimeChoice:
     """``runtimes.choose`` for this machine's CPU and installed packages."""
     from embedpool.runtimes import choose, cpu_features, openvino_installed
 
-    return choose(engine, precision, device_kind=kind, cpu=cpu_features(),
-                  openvino=openvino_installed())
+    return choose(
+        engine, precision, device_kind=kind, cpu=cpu_features(), openvino=openvino_installed()
+    )
 
 
 def machine_profile(profile: str | None = None) -> Profile:
@@ -230,9 +272,16 @@ def _usable_cpus() -> int:
     return detect_limits().cpus
 
 
-def engine_recipe(model: ResolvedModel, precision: Precision, threads: int, *,
-                  device: str = "cpu", gpu_mem_limit: int | None = None,
-                  engine: Any = None, runtime: Runtime = "onnxruntime") -> Any:
+def engine_recipe(
+    model: ResolvedModel,
+    precision: Precision,
+    threads: int,
+    *,
+    device: str = "cpu",
+    gpu_mem_limit: int | None = None,
+    engine: Any = None,
+    runtime: Runtime = "onnxruntime",
+) -> Any:
     """The recipe one executor's engines are built from: ``engine.EngineSpec`` for the model,
     or ``engine`` (any picklable recipe with ``build()``: a custom engine, the test doubles of
     ``embedpool.testing``) given the same threads and device where it has such fields."""
@@ -243,14 +292,19 @@ def engine_recipe(model: ResolvedModel, precision: Precision, threads: int, *,
     from embedpool.executor import with_threads
 
     recipe = with_threads(engine, threads)
-    if device != "cpu" and dataclasses.is_dataclass(recipe) and not isinstance(
-            recipe, type) and any(f.name == "device" for f in dataclasses.fields(recipe)):
+    if (
+        device != "cpu"
+        and dataclasses.is_dataclass(recipe)
+        and not isinstance(recipe, type)
+        and any(f.name == "device" for f in dataclasses.fields(recipe))
+    ):
         recipe = dataclasses.replace(recipe, device=device)
     return recipe
 
 
-def prepare_graphs(model: ResolvedModel, placement: Placement, emit: Emit, *,
-                   max_memory: int | None = None) -> Placement:
+def prepare_graphs(
+    model: ResolvedModel, placement: Placement, emit: Emit, *, max_memory: int | None = None
+) -> Placement:
     """Build the graphs ``placement`` runs, now, before any worker starts (``graph.prebuild``:
     a first run's build in one child process, on screen through ``emit``), and return the
     placement in the precision that was built: int8 may fall back to fp32 where the build
@@ -261,8 +315,7 @@ def prepare_graphs(model: ResolvedModel, placement: Placement, emit: Emit, *,
 
     if placement.runtime == "openvino" and placement.devices is None:
         # OpenVINO's graph (graph.ov_graph; bf16 reads the fp32 one): unfused where need be
-        graph: GraphPrecision = "fp32" if placement.precision == "bf16" else (
-            placement.precision)
+        graph: GraphPrecision = "fp32" if placement.precision == "bf16" else (placement.precision)
         ensure_graph(model, graph, emit, max_memory=max_memory, runtime="openvino")
         return placement
     if placement.precision == "bf16":  # runs on OpenVINO only (runtimes.choose)
@@ -283,11 +336,19 @@ def _hang_per_token_s(model: ResolvedModel) -> float:
         return hang_per_token_s(None)
 
 
-def start_executor(model: ResolvedModel, placement: Placement, *, workers: int | str | None,
-                   threads: int | None = None, pool_options: dict[str, Any] | None = None,
-                   on_event: EventCallback | None = None, backend: str = "local",
-                   ray_address: str | None = None, engine: Any = None,
-                   policy: FaultPolicy | None = None) -> Executor:
+def start_executor(
+    model: ResolvedModel,
+    placement: Placement,
+    *,
+    workers: int | str | None,
+    threads: int | None = None,
+    pool_options: dict[str, Any] | None = None,
+    on_event: EventCallback | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
+    engine: Any = None,
+    policy: FaultPolicy | None = None,
+) -> Executor:
     """The executor for ``placement``: the one construction path of every backend, for the
     CLI, the library (``Embedder``) and ``serve`` (see the module docstring). ``engine``
     replaces the model's ``EngineSpec`` by another recipe (``engine_recipe``); ``policy``
@@ -296,12 +357,20 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
     from embedpool.executors.inprocess import InProcessExecutor
     from embedpool.executors.pool.pool import pool_config_for
 
-    def recipe(precision: Precision, n_threads: int, device: str = "cpu",
-               mem_limit: int | None = None) -> Any:
-        return engine_recipe(model, precision, n_threads, device=device,
-                             gpu_mem_limit=mem_limit, engine=engine,
-                             runtime=placement.runtime if device == "cpu" and
-                             precision == placement.precision else "onnxruntime")
+    def recipe(
+        precision: Precision, n_threads: int, device: str = "cpu", mem_limit: int | None = None
+    ) -> Any:
+        return engine_recipe(
+            model,
+            precision,
+            n_threads,
+            device=device,
+            gpu_mem_limit=mem_limit,
+            engine=engine,
+            runtime=placement.runtime
+            if device == "cpu" and precision == placement.precision
+            else "onnxruntime",
+        )
 
     options = dict(pool_options or {})
     # the hang deadline's allowance per token follows the model's size (faults.hang_per_token_s)
@@ -311,59 +380,94 @@ def start_executor(model: ResolvedModel, placement: Placement, *, workers: int |
             from embedpool.faults import FaultPolicy
 
             policy = FaultPolicy(hang_per_token_s=options["hang_per_token_s"])
-        return ray_executor(recipe(placement.precision, threads or 1), address=ray_address,
-                            actors=None if workers in (None, "auto") else int(workers),
-                            budget=placement.budget, policy=policy, on_event=on_event)
+        return ray_executor(
+            recipe(placement.precision, threads or 1),
+            address=ray_address,
+            actors=None if workers in (None, "auto") else int(workers),
+            budget=placement.budget,
+            policy=policy,
+            on_event=on_event,
+        )
     if backend != "local":
         raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
     if not placement.on_gpu:
         if workers is None:
-            return InProcessExecutor(recipe(placement.precision, threads or usable_cores()),
-                                     on_event=on_event)
+            return InProcessExecutor(
+                recipe(placement.precision, threads or usable_cores()), on_event=on_event
+            )
         from embedpool.executors.pool.pool import Pool
 
-        cfg = pool_config_for(workers=workers, threads=threads, budget=placement.budget,
-                              precision=placement.precision, **options)
+        cfg = pool_config_for(
+            workers=workers,
+            threads=threads,
+            budget=placement.budget,
+            precision=placement.precision,
+            **options,
+        )
         return Pool(recipe(placement.precision, threads or 1), cfg, on_event=on_event)
     assert placement.devices is not None
     gpus = placement.devices.gpu_workers
     if workers is None:  # in this process, on the first GPU
         g = gpus[0]
-        return InProcessExecutor(recipe(placement.precision, 1, f"cuda:{g.index}",
-                                        g.mem_limit), on_event=on_event)
+        return InProcessExecutor(
+            recipe(placement.precision, 1, f"cuda:{g.index}", g.mem_limit), on_event=on_event
+        )
     from embedpool.executors import devices
     from embedpool.executors.devices import PoolRecipe
 
-    recipes = [PoolRecipe(f"cuda:{g.index} {g.name}",
-                          recipe(placement.precision, 1, f"cuda:{g.index}", g.mem_limit),
-                          pool_config_for(workers=1, threads=1, budget=g.budget,
-                                          precision=placement.precision,
-                                          device=f"cuda:{g.index}", **options))
-               for g in gpus]
+    recipes = [
+        PoolRecipe(
+            f"cuda:{g.index} {g.name}",
+            recipe(placement.precision, 1, f"cuda:{g.index}", g.mem_limit),
+            pool_config_for(
+                workers=1,
+                threads=1,
+                budget=g.budget,
+                precision=placement.precision,
+                device=f"cuda:{g.index}",
+                **options,
+            ),
+        )
+        for g in gpus
+    ]
     cpu_precision: Precision = "fp32"
     cpu = None
     if placement.devices.cpu_workers:
-        cpu = PoolRecipe("cpu", recipe(cpu_precision, 1),
-                         pool_config_for(workers=placement.devices.cpu_workers,
-                                         threads=placement.devices.cpu_threads,
-                                         precision=cpu_precision, **options),
-                         precision=None if placement.precision == cpu_precision else cpu_precision)
+        cpu = PoolRecipe(
+            "cpu",
+            recipe(cpu_precision, 1),
+            pool_config_for(
+                workers=placement.devices.cpu_workers,
+                threads=placement.devices.cpu_threads,
+                precision=cpu_precision,
+                **options,
+            ),
+            precision=None if placement.precision == cpu_precision else cpu_precision,
+        )
 
     def cpu_pool(precision: Precision) -> PoolRecipe:
-        return PoolRecipe("cpu", recipe(precision, 1),
-                          pool_config_for(workers=workers, precision=precision, **options),
-                          precision=None if placement.precision == precision else precision)
+        return PoolRecipe(
+            "cpu",
+            recipe(precision, 1),
+            pool_config_for(workers=workers, precision=precision, **options),
+            precision=None if placement.precision == precision else precision,
+        )
 
     # a GPU lost mid-job: fp32, within fp16's tolerance of the vectors already made; no GPU
     # usable at the start (auto): int8, what this machine runs without a GPU
-    return devices.start(recipes, cpu=cpu, fallback=cpu_pool("fp32"),
-                         start_fallback=None if placement.request.kind == "cuda"
-                         else cpu_pool("int8"),
-                         strict=placement.request.kind == "cuda", on_event=on_event)
+    return devices.start(
+        recipes,
+        cpu=cpu,
+        fallback=cpu_pool("fp32"),
+        start_fallback=None if placement.request.kind == "cuda" else cpu_pool("int8"),
+        strict=placement.request.kind == "cuda",
+        on_event=on_event,
+    )
 
 
-def executor_factory(model: ResolvedModel, placement: Placement, *,
-                     workers: int | str | None, **kwargs: Any) -> Callable[[], Executor]:
+def executor_factory(
+    model: ResolvedModel, placement: Placement, *, workers: int | str | None, **kwargs: Any
+) -> Callable[[], Executor]:
     """``start_executor`` deferred: what ``serve``'s lifespan calls when the server starts."""
     return functools.partial(start_executor, model, placement, workers=workers, **kwargs)
 
@@ -379,10 +483,16 @@ class _DropSigtermNote(logging.Filter):
 _SIGTERM_NOTE_FILTER = _DropSigtermNote()
 
 
-def ray_executor(recipe: Any, *, address: str | None = None, actors: int | None = None,
-                 batch_tokens: int | None = None, budget: BatchBudget | None = None,
-                 policy: FaultPolicy | None = None,
-                 on_event: EventCallback | None = None) -> Executor:
+def ray_executor(
+    recipe: Any,
+    *,
+    address: str | None = None,
+    actors: int | None = None,
+    batch_tokens: int | None = None,
+    budget: BatchBudget | None = None,
+    policy: FaultPolicy | None = None,
+    on_event: EventCallback | None = None,
+) -> Executor:
     """``start_executor``'s Ray backend: a ``RayExecutor`` running ``recipe`` (an
     ``EngineSpec``'s graph is shipped through the object store; any other recipe is built in
     each actor) on ``actors`` actors (None: one per cluster CPU), joining ``address`` (None:
@@ -390,8 +500,13 @@ def ray_executor(recipe: Any, *, address: str | None = None, actors: int | None 
     from embedpool.executors.ray.executor import RayExecutor
 
     logging.getLogger("ray._private.worker").addFilter(_SIGTERM_NOTE_FILTER)
-    executor: Executor = RayExecutor(recipe, address=address, actors=actors,
-                                     batch_tokens=batch_tokens, budget=budget,
-                                     policy=policy,
-                                     on_event=on_event)
+    executor: Executor = RayExecutor(
+        recipe,
+        address=address,
+        actors=actors,
+        batch_tokens=batch_tokens,
+        budget=budget,
+        policy=policy,
+        on_event=on_event,
+    )
     return executor

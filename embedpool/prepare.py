@@ -42,11 +42,17 @@ class VectorCacheHook(Protocol):
     keys are the texts and the call's prompt; the cache itself is bound to the model's
     fingerprint."""
 
-    def get_many(self, texts: Sequence[str], prompt: str = "",
-                 truncated: list[bool] | None = None) -> list[Vectors | None]: ...
+    def get_many(
+        self, texts: Sequence[str], prompt: str = "", truncated: list[bool] | None = None
+    ) -> list[Vectors | None]: ...
 
-    def put_many(self, texts: Sequence[str], vectors: Vectors, prompt: str = "",
-                 truncated: Sequence[bool] | None = None) -> None: ...
+    def put_many(
+        self,
+        texts: Sequence[str],
+        vectors: Vectors,
+        prompt: str = "",
+        truncated: Sequence[bool] | None = None,
+    ) -> None: ...
 
 
 @dataclass
@@ -81,7 +87,9 @@ class Prepared:
 
     def input_tokens(self) -> int:
         """Tokens of every input as the model is fed them (duplicates counted each time)."""
-        return int(np.asarray(self.tokens, dtype=np.int64)[self.inverse].sum()) if self.inverse else 0
+        return (
+            int(np.asarray(self.tokens, dtype=np.int64)[self.inverse].sum()) if self.inverse else 0
+        )
 
     def truncated_inputs(self) -> list[int]:
         """Indices of the inputs whose text was truncated."""
@@ -102,8 +110,12 @@ class Prepared:
         to ``cache``, whole (before any ``dimensions`` cut)."""
         us = [self.missing[k] for k in which]
         if cache is not None and us:
-            cache.put_many([self.texts[u] for u in us], self.vectors[us], self.prompt,
-                           [self.truncated[u] for u in us])
+            cache.put_many(
+                [self.texts[u] for u in us],
+                self.vectors[us],
+                self.prompt,
+                [self.truncated[u] for u in us],
+            )
 
     def rows(self) -> Vectors:
         """(n_inputs, dim): one row per input, in input order (the dedupe undone)."""
@@ -111,9 +123,16 @@ class Prepared:
         return out
 
 
-def prepare(texts: Sequence[str], tokenizer: TextTokenizer, long_text: LongTextMode, dim: int,
-            *, prompt: str = "", cache: VectorCacheHook | None = None,
-            tokenize_all: bool = False) -> Prepared:
+def prepare(
+    texts: Sequence[str],
+    tokenizer: TextTokenizer,
+    long_text: LongTextMode,
+    dim: int,
+    *,
+    prompt: str = "",
+    cache: VectorCacheHook | None = None,
+    tokenize_all: bool = False,
+) -> Prepared:
     """Dedupe ``texts``, look the unique ones up in ``cache`` and tokenise the misses (every
     unique text with ``tokenize_all``), ``prompt`` in front of each (see the module
     docstring)."""
@@ -135,10 +154,14 @@ def prepare(texts: Sequence[str], tokenizer: TextTokenizer, long_text: LongTextM
         every = tokenizer.encode(uniq, long_text, prompt=prompt)
         position = {u: k for k, u in enumerate(missing)}
         rows = [j for j, o in enumerate(every.owner) if o in position]
-        enc = Encoded([every.sequences[j] for j in rows],
-                      [position[every.owner[j]] for j in rows],
-                      [every.n_tokens[u] for u in missing], [every.truncated[u] for u in missing],
-                      every.prompt_length, every.prompt)
+        enc = Encoded(
+            [every.sequences[j] for j in rows],
+            [position[every.owner[j]] for j in rows],
+            [every.n_tokens[u] for u in missing],
+            [every.truncated[u] for u in missing],
+            every.prompt_length,
+            every.prompt,
+        )
         _count(every, range(len(uniq)), truncated, tokens)
     else:
         enc = tokenizer.encode([uniq[u] for u in missing], long_text, prompt=prompt)
@@ -146,8 +169,7 @@ def prepare(texts: Sequence[str], tokenizer: TextTokenizer, long_text: LongTextM
     return Prepared(uniq, inverse, vectors, missing, enc, truncated, tokens, prompt)
 
 
-def _count(enc: Encoded, owners: Sequence[int], truncated: list[bool], tokens: list[int]
-           ) -> None:
+def _count(enc: Encoded, owners: Sequence[int], truncated: list[bool], tokens: list[int]) -> None:
     """Per owner of ``enc`` (``owners[o]``: its unique index): truncated, tokens fed."""
     for o, u in enumerate(owners):
         truncated[u] = enc.truncated[o]
@@ -206,12 +228,13 @@ class Assembly:
     def vector(self, item: int) -> Vectors:
         """The final vector of one item (``combine_windows`` over its sequences)."""
         assert self.rows is not None
-        seqs = self._order[self._starts[item]:self._starts[item + 1]]
+        seqs = self._order[self._starts[item] : self._starts[item + 1]]
         out: Vectors = combine_windows(self.rows[seqs], [0] * len(seqs), 1, self.normalize)[0]
         return out
 
     def vectors(self) -> Vectors:
         """(n_items, dim): every item's vector, once all are in."""
         assert self.rows is not None
-        return combine_windows(self.rows[self._order], self.owner[self._order].tolist(),
-                               self.n_items, self.normalize)
+        return combine_windows(
+            self.rows[self._order], self.owner[self._order].tolist(), self.n_items, self.normalize
+        )

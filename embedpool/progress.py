@@ -45,9 +45,22 @@ from embedpool.types import Event
 #: Plain (non-TTY) progress cadence: often enough for a CI log, rare enough to stay readable.
 PLAIN_INTERVAL_S = 5.0
 #: Events worth a line for a person; the rest (ready, start, stop, status) go to --log-json.
-SHOWN_EVENTS = frozenset({"scale", "emergency", "worker_death", "retry", "split", "poison_item",
-                          "recycle", "worker_hung_warning", "worker_hung_kill", "pool_broken",
-                          "worker_start_failed", "device_fallback"})
+SHOWN_EVENTS = frozenset(
+    {
+        "scale",
+        "emergency",
+        "worker_death",
+        "retry",
+        "split",
+        "poison_item",
+        "recycle",
+        "worker_hung_warning",
+        "worker_hung_kill",
+        "pool_broken",
+        "worker_start_failed",
+        "device_fallback",
+    }
+)
 #: RSS sampling period: fast enough to catch a batch's peak (batches take ~50-500 ms).
 RSS_INTERVAL_S = 0.1
 #: How often the tracker re-lists the process tree. Listing descendants makes psutil read
@@ -127,12 +140,19 @@ class _Rss(ProgressColumn):
 def _bar(tracker: RssTracker, stream: TextIO) -> RichProgress:
     """The terminal display: rich computes the rate and the ETA from the completed counts."""
     return RichProgress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(),
-        MofNCompleteColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeRemainingColumn(),
         TextColumn("{task.fields[chunks_per_s]:.1f} chunks/s"),
-        TextColumn("{task.fields[tokens_per_s]:.0f} tokens/s"), _Rss(tracker),
+        TextColumn("{task.fields[tokens_per_s]:.0f} tokens/s"),
+        _Rss(tracker),
         TextColumn("{task.fields[workers]}"),
-        console=Console(file=stream), refresh_per_second=4, transient=True)
+        console=Console(file=stream),
+        refresh_per_second=4,
+        transient=True,
+    )
 
 
 GRAPH_EVENTS = frozenset({"graph_build", "graph_built", "graph_fallback"})
@@ -159,14 +179,22 @@ class BuildDisplay:
         elif kind == "graph_build":
             stage, step, steps = event.get("stage", ""), event.get("step", 0), event.get("steps", 1)
             if self._bar is None and step == 0 and stage != "waiting":
-                title = (f"building the {event.get('precision')} graph for {event.get('model')} "
-                         "(first run only)")
+                title = (
+                    f"building the {event.get('precision')} graph for {event.get('model')} "
+                    "(first run only)"
+                )
                 if self._tty:
                     self._bar = RichProgress(
-                        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                        MofNCompleteColumn(), TextColumn("{task.fields[stage]}"),
-                        TimeElapsedColumn(), console=Console(file=self.stream),
-                        refresh_per_second=8, transient=True)
+                        SpinnerColumn(),
+                        TextColumn("{task.description}"),
+                        BarColumn(),
+                        MofNCompleteColumn(),
+                        TextColumn("{task.fields[stage]}"),
+                        TimeElapsedColumn(),
+                        console=Console(file=self.stream),
+                        refresh_per_second=8,
+                        transient=True,
+                    )
                     self._task = self._bar.add_task(title, total=steps, stage="")
                     self._bar.start()
                 else:
@@ -178,9 +206,11 @@ class BuildDisplay:
         elif kind == "graph_built":
             self.stop()
             verb = "built" if event.get("built", True) else "another process built"
-            self._line(f"{verb} the {event.get('precision')} graph for {event.get('model')} in "
-                       f"{float(event.get('seconds', 0)):.1f} s (peak RSS "
-                       f"{fmt_bytes(int(event.get('peak_rss', 0)))}): {event.get('path')}")
+            self._line(
+                f"{verb} the {event.get('precision')} graph for {event.get('model')} in "
+                f"{float(event.get('seconds', 0)):.1f} s (peak RSS "
+                f"{fmt_bytes(int(event.get('peak_rss', 0)))}): {event.get('path')}"
+            )
 
     def stop(self) -> None:
         if self._bar is not None:
@@ -198,8 +228,15 @@ class BuildDisplay:
 class Progress:
     """Turns events into a live progress bar, plain lines, or JSON lines."""
 
-    def __init__(self, total: int, tracker: RssTracker, *, log_json: bool = False,
-                 quiet: bool = False, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        tracker: RssTracker,
+        *,
+        log_json: bool = False,
+        quiet: bool = False,
+        stream: TextIO | None = None,
+    ) -> None:
         self.total = total
         self.done = 0
         self.tokens = 0
@@ -227,8 +264,11 @@ class Progress:
 
     def _fields(self) -> dict[str, Any]:
         el = max(time.perf_counter() - self.t0, 1e-9)
-        return {"chunks_per_s": self.done / el, "tokens_per_s": self.tokens / el,
-                "workers": f"workers {self.workers}" if self.workers is not None else ""}
+        return {
+            "chunks_per_s": self.done / el,
+            "tokens_per_s": self.tokens / el,
+            "workers": f"workers {self.workers}" if self.workers is not None else "",
+        }
 
     def line(self) -> str:
         """The plain progress line (logs, CI)."""
@@ -237,8 +277,10 @@ class Progress:
         workers = f"  workers {self.workers}" if self.workers is not None else ""
         rate = self.done / el
         eta = f"ETA {_clock((self.total - self.done) / rate)}" if rate > 0 else "ETA ?"
-        return (f"{self.done}/{self.total} chunks ({pct:.0f}%)  {eta}  {rate:.1f} chunks/s  "
-                f"{self.tokens / el:.0f} tokens/s  RSS {fmt_bytes(self.tracker.current)}{workers}")
+        return (
+            f"{self.done}/{self.total} chunks ({pct:.0f}%)  {eta}  {rate:.1f} chunks/s  "
+            f"{self.tokens / el:.0f} tokens/s  RSS {fmt_bytes(self.tracker.current)}{workers}"
+        )
 
     def __call__(self, event: Event) -> None:
         with self._lock:

@@ -74,8 +74,9 @@ def pair_key(query: str, document: str) -> bytes:
     """The cache key of a [query, document] pair: sha256 of both, length-prefixed so that no
     split of one string between the two gives the same key."""
     q = query.encode("utf-8", "surrogatepass")
-    return sha256(b"pair\0" + len(q).to_bytes(8, "big") + q +
-                  document.encode("utf-8", "surrogatepass")).digest()
+    return sha256(
+        b"pair\0" + len(q).to_bytes(8, "big") + q + document.encode("utf-8", "surrogatepass")
+    ).digest()
 
 
 def activate(logits: np.ndarray, activation: ScoreActivation) -> np.ndarray:
@@ -111,8 +112,13 @@ class PairTemplate:
 
     _STANDINS = (("\ue000q\ue001", "\ue000d\ue001"), ("\ue002Q\ue003", "\ue002D\ue003"))
 
-    def __init__(self, source: str, *, instruction: str | None = None,
-                 variables: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        instruction: str | None = None,
+        variables: dict[str, str] | None = None,
+    ) -> None:
         import json
 
         from jinja2 import TemplateError
@@ -121,8 +127,9 @@ class PairTemplate:
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
         env.globals["raise_exception"] = raise_exception
         try:
@@ -132,28 +139,38 @@ class PairTemplate:
         parts = []
         for q, d in self._STANDINS:
             messages = ([{"role": "system", "content": instruction}] if instruction else []) + [
-                {"role": "query", "content": q}, {"role": "document", "content": d}]
+                {"role": "query", "content": q},
+                {"role": "document", "content": d},
+            ]
             try:
-                text = template.render(messages=messages, add_generation_prompt=False,
-                                       **(variables or {}))
+                text = template.render(
+                    messages=messages, add_generation_prompt=False, **(variables or {})
+                )
             except Exception as exc:  # jinja's errors, or a filter's on unexpected content
                 raise ConfigError(f"the model's chat template fails on a pair: {exc}") from exc
             if text.count(q) != 1 or text.count(d) != 1 or text.index(q) > text.index(d):
-                raise ConfigError("the model's chat template does not render the query once "
-                                  "and then the document once; embedpool cannot rank with it")
+                raise ConfigError(
+                    "the model's chat template does not render the query once "
+                    "and then the document once; embedpool cannot rank with it"
+                )
             before, rest = text.split(q)
             middle, after = rest.split(d)
             parts.append((before, middle, after))
         if parts[0] != parts[1]:
-            raise ConfigError("the model's chat template renders differently around different "
-                              "texts; embedpool cannot split it into a prompt around the pair")
+            raise ConfigError(
+                "the model's chat template renders differently around different "
+                "texts; embedpool cannot split it into a prompt around the pair"
+            )
         self.before, self.middle, self.after = parts[0]
 
     def render(self, query: str, document: str) -> tuple[str, int, int]:
         """The pair's text and where the document starts and ends in it (characters)."""
         start = len(self.before) + len(query) + len(self.middle)
-        return (self.before + query + self.middle + document + self.after, start,
-                start + len(document))
+        return (
+            self.before + query + self.middle + document + self.after,
+            start,
+            start + len(document),
+        )
 
 
 class PairTokenizer:
@@ -173,19 +190,23 @@ class PairTokenizer:
         self.specials = self._full.num_special_tokens_to_add(True)
 
     @classmethod
-    def for_model(cls, model: ResolvedModel, *, instruction: str | None = None
-                  ) -> PairTokenizer:
+    def for_model(cls, model: ResolvedModel, *, instruction: str | None = None) -> PairTokenizer:
         """``instruction``: a causal-LM reranker's instruction (CrossEncoder's ``prompt``,
         rendered as the ``system`` message; the template's default without one)."""
         spec = model.classifier
         if spec is None or spec.kind != "causal_lm":
             if instruction:
-                raise ConfigError(f"{model.name} takes no instruction (only a causal-LM "
-                                  "reranker such as Qwen3-Reranker renders one)")
+                raise ConfigError(
+                    f"{model.name} takes no instruction (only a causal-LM "
+                    "reranker such as Qwen3-Reranker renders one)"
+                )
             return cls(TextTokenizer.for_model(model))
-        return cls(TextTokenizer.for_model(model),
-                   PairTemplate(spec.pair_template, instruction=instruction,
-                                variables=_special_tokens(model)))
+        return cls(
+            TextTokenizer.for_model(model),
+            PairTemplate(
+                spec.pair_template, instruction=instruction, variables=_special_tokens(model)
+            ),
+        )
 
     def query_tokens(self, query: str) -> int:
         """The query's tokens without special tokens."""
@@ -205,7 +226,8 @@ class PairTokenizer:
             raise InputError(
                 f"the query is {longest} tokens; with the model's window of {self.max_length} "
                 f"tokens and the pair's {self.specials} special tokens no document token would "
-                "fit (rerank truncates documents, never the query): shorten the query") from None
+                "fit (rerank truncates documents, never the query): shorten the query"
+            ) from None
         sequences: list[TokenIds] = []
         segments: list[int] = []
         truncated: list[bool] = []
@@ -216,8 +238,10 @@ class PairTokenizer:
             ones = np.flatnonzero(types)
             first = int(ones[0]) if ones.size else int(ids.size)
             if ones.size and not (types[first:] == 1).all():
-                raise InputError("the tokenizer's pair template gives token types that are not "
-                                 "one query segment then one document segment")
+                raise InputError(
+                    "the tokenizer's pair template gives token types that are not "
+                    "one query segment then one document segment"
+                )
             sequences.append(ids)
             segments.append(first)
             cut = sum(len(o.ids) for o in enc.overflowing[:1])
@@ -225,15 +249,14 @@ class PairTokenizer:
             n_tokens.append(int(ids.size) + cut)
         return EncodedPairs(sequences, segments, truncated, n_tokens)
 
-
-    def _encode_rendered(self, pairs: Sequence[tuple[str, str]], template: PairTemplate
-                         ) -> EncodedPairs:
+    def _encode_rendered(
+        self, pairs: Sequence[tuple[str, str]], template: PairTemplate
+    ) -> EncodedPairs:
         """Pairs rendered by a chat template, tokenised whole (no special tokens added, as
         apply_chat_template), the document's tokens cut from its end when the pair is longer
         than the window (the template's text after it is kept)."""
         rendered = [template.render(q, d) for q, d in pairs]
-        encs = self._full.encode_batch([text for text, _, _ in rendered],
-                                       add_special_tokens=False)
+        encs = self._full.encode_batch([text for text, _, _ in rendered], add_special_tokens=False)
         sequences: list[TokenIds] = []
         truncated: list[bool] = []
         n_tokens: list[int] = []
@@ -256,8 +279,10 @@ class PairTokenizer:
                     f"pair {i}: the query and the model's prompt template take {fixed} tokens; "
                     f"with the model's window of {self.max_length} tokens no document token "
                     "would fit (rerank truncates documents, never the query): shorten the "
-                    "query", item_id=str(i))
-            sequences.append(np.concatenate([ids[:doc_end - excess], ids[doc_end:]]))
+                    "query",
+                    item_id=str(i),
+                )
+            sequences.append(np.concatenate([ids[: doc_end - excess], ids[doc_end:]]))
             truncated.append(True)
         return EncodedPairs(sequences, [0] * len(sequences), truncated, n_tokens)
 
@@ -273,8 +298,15 @@ def _special_tokens(model: ResolvedModel) -> dict[str, str]:
     except (OSError, ValueError):
         cfg = {}
     out: dict[str, str] = {}
-    for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
-                "mask_token"):
+    for key in (
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "sep_token",
+        "pad_token",
+        "cls_token",
+        "mask_token",
+    ):
         value = cfg.get(key) if isinstance(cfg, dict) else None
         if isinstance(value, dict):  # an AddedToken's dict
             value = value.get("content")
@@ -316,8 +348,9 @@ class PairCache:
         return [found.get(k) for k in keys]
 
     def put_many(self, query: str, documents: Sequence[str], logits: np.ndarray) -> None:
-        self.cache.put_many(self.fingerprint, [(pair_key(query, d), logits[i])
-                                               for i, d in enumerate(documents)])
+        self.cache.put_many(
+            self.fingerprint, [(pair_key(query, d), logits[i]) for i, d in enumerate(documents)]
+        )
 
 
 def reranker_fingerprint(model: ResolvedModel, precision: Precision) -> str:
@@ -330,15 +363,19 @@ def reranker_fingerprint(model: ResolvedModel, precision: Precision) -> str:
 def check_reranker(model: ResolvedModel) -> None:
     """ConfigError unless ``model`` is a cross-encoder with one score per pair."""
     if model.classifier is None:
-        raise ConfigError(f"{model.name} is not a cross-encoder (config.json architectures: "
-                          f"{model.config.get('architectures')}); rerank needs a "
-                          "*ForSequenceClassification model such as "
-                          "cross-encoder/ms-marco-MiniLM-L6-v2 or BAAI/bge-reranker-base, "
-                          "or a causal-LM reranker such as Qwen/Qwen3-Reranker-0.6B")
+        raise ConfigError(
+            f"{model.name} is not a cross-encoder (config.json architectures: "
+            f"{model.config.get('architectures')}); rerank needs a "
+            "*ForSequenceClassification model such as "
+            "cross-encoder/ms-marco-MiniLM-L6-v2 or BAAI/bge-reranker-base, "
+            "or a causal-LM reranker such as Qwen/Qwen3-Reranker-0.6B"
+        )
     if model.classifier.num_labels != 1:
-        raise ConfigError(f"{model.name} has {model.classifier.num_labels} labels "
-                          f"({', '.join(model.classifier.labels)}); ranking needs one score "
-                          "per pair (num_labels 1), as CrossEncoder.rank does")
+        raise ConfigError(
+            f"{model.name} has {model.classifier.num_labels} labels "
+            f"({', '.join(model.classifier.labels)}); ranking needs one score "
+            "per pair (num_labels 1), as CrossEncoder.rank does"
+        )
 
 
 class Reranker:
@@ -354,14 +391,25 @@ class Reranker:
     ``<Instruct>``; CrossEncoder's ``prompt``), the template's default without one.
     """
 
-    def __init__(self, model: str | Path | ResolvedModel, *, precision: str = "auto",
-                 threads: int | None = None, workers: int | str | None = None,
-                 batch_tokens: int | None = None, max_batch_items: int | None = None,
-                 cache: VectorCache | None = None, backend: str = "local",
-                 ray_address: str | None = None, pool_options: dict[str, Any] | None = None,
-                 on_event: EventCallback | None = None, engine: Any = None,
-                 lazy: bool = False, device: str = "cpu",
-                 instruction: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path | ResolvedModel,
+        *,
+        precision: str = "auto",
+        threads: int | None = None,
+        workers: int | str | None = None,
+        batch_tokens: int | None = None,
+        max_batch_items: int | None = None,
+        cache: VectorCache | None = None,
+        backend: str = "local",
+        ray_address: str | None = None,
+        pool_options: dict[str, Any] | None = None,
+        on_event: EventCallback | None = None,
+        engine: Any = None,
+        lazy: bool = False,
+        device: str = "cpu",
+        instruction: str | None = None,
+    ) -> None:
         from embedpool.device_choice import DevicePlan, parse_device
         from embedpool.placement import place, prepare_graphs
 
@@ -369,30 +417,47 @@ class Reranker:
         check_reranker(self.model)
         assert self.model.classifier is not None
         self.classifier = self.model.classifier
-        custom = (DevicePlan("cpu", (), "a custom engine", parse_device(device))
-                  if engine is not None else None)
-        self.placement = place(self.model, device=device, precision=precision,
-                               batch_tokens=batch_tokens, max_batch_items=max_batch_items,
-                               backend=backend, plan=custom,
-                               profile=(pool_options or {}).get("profile"))
+        custom = (
+            DevicePlan("cpu", (), "a custom engine", parse_device(device))
+            if engine is not None
+            else None
+        )
+        self.placement = place(
+            self.model,
+            device=device,
+            precision=precision,
+            batch_tokens=batch_tokens,
+            max_batch_items=max_batch_items,
+            backend=backend,
+            plan=custom,
+            profile=(pool_options or {}).get("profile"),
+        )
         self.on_event = on_event
         self._emit = events.Emitter(on_event, log)
         if engine is None:  # the graph built before any worker starts, as for embedders
-            self.placement = prepare_graphs(self.model, self.placement, self._emit,
-                                            max_memory=(pool_options or {}).get(
-                                                "max_memory_bytes"))
+            self.placement = prepare_graphs(
+                self.model,
+                self.placement,
+                self._emit,
+                max_memory=(pool_options or {}).get("max_memory_bytes"),
+            )
         self.precision: Precision = self.placement.precision
         self.tokenizer = PairTokenizer.for_model(self.model, instruction=instruction)
         self.cache = cache
         self.fingerprint = reranker_fingerprint(self.model, self.precision)
         if instruction:  # the same pair scores differently under another instruction
-            self.fingerprint += ":" + sha256(instruction.encode("utf-8", "surrogatepass")
-                                             ).hexdigest()[:16]
+            self.fingerprint += (
+                ":" + sha256(instruction.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+            )
         self.last_report = RerankReport()
         self._engine = engine
         self._executor_args: dict[str, Any] = {
-            "workers": workers, "threads": threads, "backend": backend,
-            "ray_address": ray_address, "pool_options": pool_options or {}}
+            "workers": workers,
+            "threads": threads,
+            "backend": backend,
+            "ray_address": ray_address,
+            "pool_options": pool_options or {},
+        }
         self._executor: Executor | None = None
         self._batch_ids = 0
         if not lazy:
@@ -405,8 +470,13 @@ class Reranker:
         if self._executor is None:
             from embedpool.placement import start_executor
 
-            self._executor = start_executor(self.model, self.placement, engine=self._engine,
-                                            on_event=self.on_event, **self._executor_args)
+            self._executor = start_executor(
+                self.model,
+                self.placement,
+                engine=self._engine,
+                on_event=self.on_event,
+                **self._executor_args,
+            )
         return self._executor
 
     @property
@@ -415,12 +485,14 @@ class Reranker:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def rank(self, query: str, documents: Sequence[str], top_n: int | None = None, *,
-             raw: bool = False) -> list[Ranked]:
+    def rank(
+        self, query: str, documents: Sequence[str], top_n: int | None = None, *, raw: bool = False
+    ) -> list[Ranked]:
         """``documents`` by relevance to ``query``, best first (ties in input order), at most
         ``top_n`` of them. Scores as ``CrossEncoder.rank`` gives them (``raw``: the logits)."""
-        if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int)
-                                  or top_n < 1):
+        if top_n is not None and (
+            isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1
+        ):
             raise InputError(f"top_n must be a positive integer, got {top_n!r}")
         scores = self.score(query, documents, raw=raw)
         order = np.argsort(-scores, kind="stable")[:top_n]
@@ -443,8 +515,12 @@ class Reranker:
     def predict(self, pairs: Sequence[tuple[str, str]], *, raw: bool = False) -> np.ndarray:
         """``CrossEncoder.predict``: (n,) scores for one-label models, else (n, num_labels)."""
         for i, p in enumerate(pairs):
-            if not (isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
-                    and isinstance(p[1], str)):
+            if not (
+                isinstance(p, (tuple, list))
+                and len(p) == 2
+                and isinstance(p[0], str)
+                and isinstance(p[1], str)
+            ):
                 raise InputError(f"pair {i} is not a [query, document] pair of strings")
         logits = self.logits([(p[0], p[1]) for p in pairs])
         out = activate(logits, "identity" if raw else self.activation)
@@ -469,19 +545,30 @@ class Reranker:
         report.truncated = [todo[j] for j, t in enumerate(enc.truncated) if t]
         report.tokens = sum(len(s) for s in enc.sequences)
         if report.truncated:
-            log.info("rerank: %d document(s) cut to the %d-token window (pairs %s)",
-                     len(report.truncated), self.tokenizer.max_length, report.truncated[:10])
+            log.info(
+                "rerank: %d document(s) cut to the %d-token window (pairs %s)",
+                len(report.truncated),
+                self.tokenizer.max_length,
+                report.truncated[:10],
+            )
         batches: list[WorkBatch] = []
         positions: dict[int, tuple[int, ...]] = {}
         segments = self.classifier.token_types
-        for b in plan_batches([len(s) for s in enc.sequences], self.placement.batch_tokens,
-                              self.placement.max_batch_items):
+        for b in plan_batches(
+            [len(s) for s in enc.sequences],
+            self.placement.batch_tokens,
+            self.placement.max_batch_items,
+        ):
             self._batch_ids += 1
             positions[self._batch_ids] = b.indices
-            batches.append(WorkBatch(
-                self._batch_ids, tuple(enc.sequences[j] for j in b.indices),
-                tuple(f"pair {todo[j]}" for j in b.indices),
-                prompt_lengths=tuple(enc.segments[j] for j in b.indices) if segments else ()))
+            batches.append(
+                WorkBatch(
+                    self._batch_ids,
+                    tuple(enc.sequences[j] for j in b.indices),
+                    tuple(f"pair {todo[j]}" for j in b.indices),
+                    prompt_lengths=tuple(enc.segments[j] for j in b.indices) if segments else (),
+                )
+            )
         failed: list[tuple[int, str]] = []
         for res in run(self.executor, batches) if batches else ():
             done: list[int] = []
@@ -495,8 +582,9 @@ class Reranker:
                 self.cache.put_many(self.fingerprint, [(keys[i], out[i]) for i in done])
         if failed:
             i, why = min(failed)
-            raise InputError(f"{len(failed)} pair(s) could not be scored; first: pair {i}: "
-                             f"{why}", item_id=str(i))
+            raise InputError(
+                f"{len(failed)} pair(s) could not be scored; first: pair {i}: {why}", item_id=str(i)
+            )
         return out
 
     def close(self) -> None:
@@ -510,8 +598,9 @@ class Reranker:
         self.close()
 
 
-def rerank(query: str, documents: Sequence[str], model: str | Path, top_n: int | None = None,
-           **kwargs: Any) -> list[Ranked]:
+def rerank(
+    query: str, documents: Sequence[str], model: str | Path, top_n: int | None = None, **kwargs: Any
+) -> list[Ranked]:
     """One-shot helper: load the reranker, rank, release. Use ``Reranker`` for repeated calls."""
     with Reranker(model, **kwargs) as r:
         return r.rank(query, documents, top_n)

@@ -36,7 +36,9 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 #: DequantizeLinear (graph.weight_int8; its static int8 missed the quality bar,
 #: benchmarks/openvino_int8.py).
 CPU_PRECISIONS: dict[Runtime, tuple[Precision, ...]] = {
-    "onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "int8", "bf16")}
+    "onnxruntime": ("fp32", "int8"),
+    "openvino": ("fp32", "int8", "bf16"),
+}
 INSTALL_HINT = "pip install 'embedpool[openvino]'"
 #: What an OpenVINO worker holds beyond an ONNX Runtime worker of the same precision: its
 #: libraries and CPU plugin, and (fp32, bf16) the plugin's own copy of the weights beside the
@@ -46,9 +48,11 @@ INSTALL_HINT = "pip install 'embedpool[openvino]'"
 #: against ONNX Runtime int8 156. ENABLE_MMAP and CPU_RUNTIME_CACHE_CAPACITY=0 did not
 #: lower it (200 and 244 MiB: an ONNX file is read, not mapped). The pool's per-worker
 #: estimate adds it (executors.pool.pool.engine_memory) until a worker is measured.
-OPENVINO_EXTRA_RSS: dict[Precision, int] = {"fp32": 112 * 1024 * 1024,
-                                             "bf16": 112 * 1024 * 1024,
-                                             "int8": 64 * 1024 * 1024}
+OPENVINO_EXTRA_RSS: dict[Precision, int] = {
+    "fp32": 112 * 1024 * 1024,
+    "bf16": 112 * 1024 * 1024,
+    "int8": 64 * 1024 * 1024,
+}
 
 
 @dataclass(frozen=True)
@@ -65,35 +69,58 @@ _ORT_UNMEASURED = "no measurement of OpenVINO on this tier: ONNX Runtime, the un
 #: any tier that has it (ONNX Runtime's CPU provider has no bf16 matrix multiply).
 MEASURED: dict[Tier, dict[str, Cell]] = {
     "avx2": {
-        "auto": Cell("onnxruntime", "int8",
-                     "AMD EPYC Zen 3, 2 threads, bare engines: ONNX Runtime int8 26.2 chunks/s, "
-                     "fp32 19.8, OpenVINO fp32 18.1 (quiet machine); OpenVINO ahead only under "
-                     "heavy load (README Measured)"),
-        "fp32": Cell("onnxruntime", "fp32",
-                     "AMD EPYC Zen 3, 2 threads: ONNX Runtime fp32 1.09-1.26x OpenVINO fp32 "
-                     "on quieter runs"),
-        "int8": Cell("onnxruntime", "int8",
-                     "AMD EPYC Zen 3, 2 threads, two runs under heavy load: OpenVINO's "
-                     "weight-only int8 0.92-1.02x ONNX Runtime int8 (cos 0.9995 to fp32 "
-                     "against 0.998; no faster than OpenVINO fp32 without VNNI)"),
+        "auto": Cell(
+            "onnxruntime",
+            "int8",
+            "AMD EPYC Zen 3, 2 threads, bare engines: ONNX Runtime int8 26.2 chunks/s, "
+            "fp32 19.8, OpenVINO fp32 18.1 (quiet machine); OpenVINO ahead only under "
+            "heavy load (README Measured)",
+        ),
+        "fp32": Cell(
+            "onnxruntime",
+            "fp32",
+            "AMD EPYC Zen 3, 2 threads: ONNX Runtime fp32 1.09-1.26x OpenVINO fp32 on quieter runs",
+        ),
+        "int8": Cell(
+            "onnxruntime",
+            "int8",
+            "AMD EPYC Zen 3, 2 threads, two runs under heavy load: OpenVINO's "
+            "weight-only int8 0.92-1.02x ONNX Runtime int8 (cos 0.9995 to fp32 "
+            "against 0.998; no faster than OpenVINO fp32 without VNNI)",
+        ),
     },
     "avx512_bf16": {
-        "auto": Cell("openvino", "bf16",
-                     "AMD Zen 4 (AVX-512 VNNI+BF16), 2 threads, batches of 8 x 200 tokens: "
-                     "OpenVINO bf16 76 sequences/s at cos 0.99995 to fp32, ONNX Runtime int8 "
-                     "68, fp32 38"),
-        "fp32": Cell("onnxruntime", "fp32", "OpenVINO fp32 not measured on this tier: "
-                     "ONNX Runtime, the universal engine"),
-        "int8": Cell("onnxruntime", "int8",
-                     "AMD Zen 4: OpenVINO on embedpool's int8 graph 43/s against ONNX "
-                     "Runtime's 68; OpenVINO's static int8 misses the quality bar"),
+        "auto": Cell(
+            "openvino",
+            "bf16",
+            "AMD Zen 4 (AVX-512 VNNI+BF16), 2 threads, batches of 8 x 200 tokens: "
+            "OpenVINO bf16 76 sequences/s at cos 0.99995 to fp32, ONNX Runtime int8 "
+            "68, fp32 38",
+        ),
+        "fp32": Cell(
+            "onnxruntime",
+            "fp32",
+            "OpenVINO fp32 not measured on this tier: ONNX Runtime, the universal engine",
+        ),
+        "int8": Cell(
+            "onnxruntime",
+            "int8",
+            "AMD Zen 4: OpenVINO on embedpool's int8 graph 43/s against ONNX "
+            "Runtime's 68; OpenVINO's static int8 misses the quality bar",
+        ),
     },
-    "amx": {p: Cell("onnxruntime", "int8" if p == "auto" else p, _ORT_UNMEASURED)  # type: ignore[arg-type]
-            for p in ("auto", "fp32", "int8")},
-    "vnni": {p: Cell("onnxruntime", "int8" if p == "auto" else p, _ORT_UNMEASURED)  # type: ignore[arg-type]
-             for p in ("auto", "fp32", "int8")},
-    "baseline": {p: Cell("onnxruntime", "int8" if p == "auto" else p, _ORT_UNMEASURED)  # type: ignore[arg-type]
-                 for p in ("auto", "fp32", "int8")},
+    "amx": {
+        p: Cell("onnxruntime", "int8" if p == "auto" else p, _ORT_UNMEASURED)  # type: ignore[arg-type]
+        for p in ("auto", "fp32", "int8")
+    },
+    "vnni": {
+        p: Cell("onnxruntime", "int8" if p == "auto" else p, _ORT_UNMEASURED)  # type: ignore[arg-type]
+        for p in ("auto", "fp32", "int8")
+    },
+    "baseline": {
+        p: Cell("onnxruntime", "int8" if p == "auto" else p, _ORT_UNMEASURED)  # type: ignore[arg-type]
+        for p in ("auto", "fp32", "int8")
+    },
 }
 
 
@@ -158,55 +185,79 @@ class RuntimeChoice:
     reason: str
 
 
-def choose(engine: str, precision: str, *, device_kind: str, cpu: CpuFeatures,
-           openvino: bool) -> RuntimeChoice:
+def choose(
+    engine: str, precision: str, *, device_kind: str, cpu: CpuFeatures, openvino: bool
+) -> RuntimeChoice:
     """The runtime for ``--engine`` and ``--precision`` (both as asked: "auto" or a name) on
     ``device_kind`` ("cpu" or "cuda"). Pure; ConfigError (exit 2) names what was wrong."""
     if engine not in RUNTIMES:
         raise ConfigError(f"engine {engine!r} is not one of {', '.join(RUNTIMES)}")
     if device_kind != "cpu":
         if engine == "openvino":
-            raise ConfigError("engine openvino runs on the CPU only; the GPU path is ONNX "
-                              "Runtime's (--engine onnxruntime or auto, or --device cpu)")
+            raise ConfigError(
+                "engine openvino runs on the CPU only; the GPU path is ONNX "
+                "Runtime's (--engine onnxruntime or auto, or --device cpu)"
+            )
         if precision == "bf16":
-            raise ConfigError("precision bf16 runs on the CPU (OpenVINO) only; on a GPU use "
-                              "fp16 or fp32")
+            raise ConfigError(
+                "precision bf16 runs on the CPU (OpenVINO) only; on a GPU use fp16 or fp32"
+            )
         # the GPU's precision is placement.precision_for's; this choice is the runtime's only
         return RuntimeChoice("onnxruntime", "fp32", "a GPU: ONNX Runtime's CUDA provider")
     tier = cpu.tier
     if precision == "bf16":
         if not cpu.bf16:
-            raise ConfigError(f"precision bf16 needs a CPU with {' or '.join(BF16_FLAGS)} "
-                              f"(this {cpu.name} has neither); use fp32 or int8")
+            raise ConfigError(
+                f"precision bf16 needs a CPU with {' or '.join(BF16_FLAGS)} "
+                f"(this {cpu.name} has neither); use fp32 or int8"
+            )
         if engine == "onnxruntime":
-            raise ConfigError("precision bf16 runs on OpenVINO only (ONNX Runtime's CPU "
-                              "provider has no bf16 matrix multiply): --engine openvino or auto")
+            raise ConfigError(
+                "precision bf16 runs on OpenVINO only (ONNX Runtime's CPU "
+                "provider has no bf16 matrix multiply): --engine openvino or auto"
+            )
         if not openvino:
-            raise ConfigError(f"precision bf16 runs on OpenVINO, which is not installed: "
-                              f"{INSTALL_HINT}")
-        return RuntimeChoice("openvino", "bf16", f"bf16 asked for; {cpu.name} has "
-                             f"{' '.join(f for f in BF16_FLAGS if f in cpu.flags)}")
+            raise ConfigError(
+                f"precision bf16 runs on OpenVINO, which is not installed: {INSTALL_HINT}"
+            )
+        return RuntimeChoice(
+            "openvino",
+            "bf16",
+            f"bf16 asked for; {cpu.name} has {' '.join(f for f in BF16_FLAGS if f in cpu.flags)}",
+        )
     if precision not in ("auto", "fp32", "int8"):
-        raise ConfigError(f"precision {precision} does not run on the CPU; use int8, fp32"
-                          + (" or bf16" if cpu.bf16 else ""))
+        raise ConfigError(
+            f"precision {precision} does not run on the CPU; use int8, fp32"
+            + (" or bf16" if cpu.bf16 else "")
+        )
     if engine == "openvino":
         if not openvino:
             raise ConfigError(f"engine openvino is not installed: {INSTALL_HINT}")
         # auto: bf16 where the CPU has it (fp32-grade vectors), else int8 (weight-only: the
         # quality bar at a third of fp32's weights in memory), as ONNX Runtime's default
-        chosen: Precision = ("bf16" if cpu.bf16 else "int8") if precision == "auto" else (
-            precision)  # type: ignore[assignment]
-        return RuntimeChoice("openvino", chosen, f"--engine openvino, {chosen}"
-                             + ((" (the CPU has bf16)" if cpu.bf16 else " (no bf16 here)")
-                                if precision == "auto" else ""))
+        chosen: Precision = ("bf16" if cpu.bf16 else "int8") if precision == "auto" else (precision)  # type: ignore[assignment]
+        return RuntimeChoice(
+            "openvino",
+            chosen,
+            f"--engine openvino, {chosen}"
+            + (
+                (" (the CPU has bf16)" if cpu.bf16 else " (no bf16 here)")
+                if precision == "auto"
+                else ""
+            ),
+        )
     cell = MEASURED[tier][precision]
     if engine == "onnxruntime" or (cell.runtime == "openvino" and not openvino):
         prec: Precision = "int8" if precision == "auto" else precision  # type: ignore[assignment]
         if engine == "onnxruntime":
             return RuntimeChoice("onnxruntime", prec, "--engine onnxruntime")
-        return RuntimeChoice("onnxruntime", prec,
-                             f"{tier} CPU ({cpu.name}): OpenVINO {cell.precision} measured "
-                             f"faster here ({cell.why}), but openvino is not installed "
-                             f"({INSTALL_HINT})")
-    return RuntimeChoice(cell.runtime, cell.precision,
-                         f"auto, {tier} tier ({cpu.name}): {cell.why}")
+        return RuntimeChoice(
+            "onnxruntime",
+            prec,
+            f"{tier} CPU ({cpu.name}): OpenVINO {cell.precision} measured "
+            f"faster here ({cell.why}), but openvino is not installed "
+            f"({INSTALL_HINT})",
+        )
+    return RuntimeChoice(
+        cell.runtime, cell.precision, f"auto, {tier} tier ({cpu.name}): {cell.why}"
+    )

@@ -82,37 +82,65 @@ def fake_vectors(sequences: Sequence[TokenIds], dim: int) -> Vectors:
 #: BFCArena and CudaCall ("%s failure %d: %s ; GPU=%d ; hostname=%s ; file=%s ; line=%d ;
 #: expr=%s;"). (exception class name in onnxruntime.capi.onnxruntime_pybind11_state, text)
 ORT_ERRORS: dict[str, tuple[str, str]] = {
-    "arena_oom": ("RuntimeException", (
-        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
-        "running MultiHeadAttention node. Name:'layer.0.attention' Status Message: "
-        "/onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:376 void* onnxruntime::"
-        "BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*, bool, onnxruntime::"
-        "WaitNotificationFn) Failed to allocate memory for requested buffer of size 805306368")),
-    "cuda_oom": ("Fail", (
-        "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMul "
-        "node. Name:'layer.0.ff1' Status Message: CUDA failure 2: out of memory ; GPU=0 ; "
-        "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
-        "cuda_allocator.cc ; line=51 ; expr=cudaMalloc((void**)&p, size);")),
-    "cudnn_alloc": ("Fail", (
-        "[ONNXRuntimeError] : 1 : FAIL : CUDNN failure 2000: CUDNN_STATUS_ALLOC_FAILED ; GPU=0 ; "
-        "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
-        "cuda_execution_provider.cc ; line=178 ; expr=cudnnCreate(&cudnn_handle_);")),
-    "launch_failure": ("Fail", (
-        "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 719: unspecified launch failure ; GPU=0 ; "
-        "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
-        "gpu_data_transfer.cc ; line=73 ; expr=cudaMemcpyAsync(dst_data, src_data, bytes, "
-        "cudaMemcpyDeviceToHost, static_cast<cudaStream_t>(stream.GetHandle()));")),
-    "device_assert": ("RuntimeException", (
-        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
-        "running Gather node. Name:'embeddings.word' Status Message: CUDA error "
-        "cudaErrorAssert:device-side assert triggered")),
-    "unknown_999": ("Fail", (
-        "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 999: unknown error ; GPU=0 ; "
-        "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
-        "cuda_call.cc ; line=116 ; expr=cudaSetDevice(info_.device_id);")),
-    "shape_error": ("InvalidArgument", (
-        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: "
-        "input_ids for the following indices index: 1 Got: 9000 Expected: 512")),
+    "arena_oom": (
+        "RuntimeException",
+        (
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+            "running MultiHeadAttention node. Name:'layer.0.attention' Status Message: "
+            "/onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:376 void* onnxruntime::"
+            "BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*, bool, onnxruntime::"
+            "WaitNotificationFn) Failed to allocate memory for requested buffer of size 805306368"
+        ),
+    ),
+    "cuda_oom": (
+        "Fail",
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running MatMul "
+            "node. Name:'layer.0.ff1' Status Message: CUDA failure 2: out of memory ; GPU=0 ; "
+            "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
+            "cuda_allocator.cc ; line=51 ; expr=cudaMalloc((void**)&p, size);"
+        ),
+    ),
+    "cudnn_alloc": (
+        "Fail",
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : CUDNN failure 2000: CUDNN_STATUS_ALLOC_FAILED ; GPU=0 ; "
+            "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
+            "cuda_execution_provider.cc ; line=178 ; expr=cudnnCreate(&cudnn_handle_);"
+        ),
+    ),
+    "launch_failure": (
+        "Fail",
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 719: unspecified launch failure ; GPU=0 ; "
+            "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
+            "gpu_data_transfer.cc ; line=73 ; expr=cudaMemcpyAsync(dst_data, src_data, bytes, "
+            "cudaMemcpyDeviceToHost, static_cast<cudaStream_t>(stream.GetHandle()));"
+        ),
+    ),
+    "device_assert": (
+        "RuntimeException",
+        (
+            "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+            "running Gather node. Name:'embeddings.word' Status Message: CUDA error "
+            "cudaErrorAssert:device-side assert triggered"
+        ),
+    ),
+    "unknown_999": (
+        "Fail",
+        (
+            "[ONNXRuntimeError] : 1 : FAIL : CUDA failure 999: unknown error ; GPU=0 ; "
+            "hostname=gpu-host ; file=/onnxruntime_src/onnxruntime/core/providers/cuda/"
+            "cuda_call.cc ; line=116 ; expr=cudaSetDevice(info_.device_id);"
+        ),
+    ),
+    "shape_error": (
+        "InvalidArgument",
+        (
+            "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: "
+            "input_ids for the following indices index: 1 Got: 9000 Expected: 512"
+        ),
+    ),
 }
 
 
@@ -160,8 +188,9 @@ class FakeEngineSpec:
 
     def on_cpu(self) -> FakeEngineSpec:
         """The same fake engine on the CPU: no device faults (what a pool falls back to)."""
-        return dataclasses.replace(self, device="cpu", device_oom_above=None,
-                                   lose_device_on=None, unavailable=False)
+        return dataclasses.replace(
+            self, device="cpu", device_oom_above=None, lose_device_on=None, unavailable=False
+        )
 
     def build(self) -> FakeEngine:
         if self.join_cgroup is not None:
@@ -173,13 +202,17 @@ class FakeEngineSpec:
             os._exit(self.exit_on_start)
         if self.fail_to_start is not None:
             raise RuntimeError(self.fail_to_start)
-        if self.fail_to_start_if_exists is not None and os.path.exists(self.fail_to_start_if_exists):
+        if self.fail_to_start_if_exists is not None and os.path.exists(
+            self.fail_to_start_if_exists
+        ):
             raise RuntimeError(f"{self.fail_to_start_if_exists} exists")
         if self.unavailable and self.device != "cpu":
             from embedpool.errors import DeviceUnavailable
 
-            raise DeviceUnavailable(f"{self.device}: ONNX Runtime's CUDAExecutionProvider did "
-                                    "not load (a fake GPU)", "package")
+            raise DeviceUnavailable(
+                f"{self.device}: ONNX Runtime's CUDAExecutionProvider did not load (a fake GPU)",
+                "package",
+            )
         return FakeEngine(self)
 
 
@@ -192,16 +225,22 @@ class FakeEngine:
         self._hoard: list[bytes] = []
         self._lost = False
 
-    def embed(self, sequences: Sequence[TokenIds],
-              prompt_lengths: Sequence[int] | None = None) -> Vectors:
+    def embed(
+        self, sequences: Sequence[TokenIds], prompt_lengths: Sequence[int] | None = None
+    ) -> Vectors:
         spec = self.spec
         crash_if_poisoned(sequences, spec.crash_on)
-        if self._lost or (spec.lose_device_on is not None and any(
-                contains_subsequence(s, spec.lose_device_on) for s in sequences)):
+        if self._lost or (
+            spec.lose_device_on is not None
+            and any(contains_subsequence(s, spec.lose_device_on) for s in sequences)
+        ):
             self._lost = True  # sticky, like a real CUDA context after such an error
             raise ort_error(spec.lost_error)
-        if spec.device_oom_above is not None and sequences and (
-                len(sequences) * max(len(s) for s in sequences) > spec.device_oom_above):
+        if (
+            spec.device_oom_above is not None
+            and sequences
+            and (len(sequences) * max(len(s) for s in sequences) > spec.device_oom_above)
+        ):
             raise ort_error("arena_oom")
         for seq in sequences:
             if spec.raise_on is not None and contains_subsequence(seq, spec.raise_on):
@@ -266,16 +305,18 @@ class CrashingEngine:
         self.dim = int(engine.dim)
         self.crash_on = crash_on
 
-    def embed(self, sequences: Sequence[TokenIds],
-              prompt_lengths: Sequence[int] | None = None) -> Vectors:
+    def embed(
+        self, sequences: Sequence[TokenIds], prompt_lengths: Sequence[int] | None = None
+    ) -> Vectors:
         from embedpool.executor import embed_sequences
 
         crash_if_poisoned(sequences, self.crash_on)
         return embed_sequences(self.engine, sequences, prompt_lengths)
 
 
-def make_sequences(n: int, *, seed: int = 0, min_len: int = 4, max_len: int = 64,
-                   vocab: int = 30000) -> list[TokenIds]:
+def make_sequences(
+    n: int, *, seed: int = 0, min_len: int = 4, max_len: int = 64, vocab: int = 30000
+) -> list[TokenIds]:
     """``n`` random int32 sequences framed like BERT input ([CLS]=101 ... [SEP]=102)."""
     rng = np.random.default_rng(seed)
     out: list[TokenIds] = []
@@ -286,19 +327,22 @@ def make_sequences(n: int, *, seed: int = 0, min_len: int = 4, max_len: int = 64
     return out
 
 
-def make_batches(sequences: Sequence[TokenIds], items_per_batch: int,
-                 item_ids: Iterable[str] | None = None) -> list[WorkBatch]:
+def make_batches(
+    sequences: Sequence[TokenIds], items_per_batch: int, item_ids: Iterable[str] | None = None
+) -> list[WorkBatch]:
     """Consecutive WorkBatches of ``items_per_batch`` items; ids default to ``item-<index>``."""
     from embedpool.executor import WorkBatch
 
     ids = list(item_ids) if item_ids is not None else [f"item-{i}" for i in range(len(sequences))]
-    return [WorkBatch(b, tuple(sequences[i:i + items_per_batch]),
-                      tuple(ids[i:i + items_per_batch]))
-            for b, i in enumerate(range(0, len(sequences), items_per_batch))]
+    return [
+        WorkBatch(b, tuple(sequences[i : i + items_per_batch]), tuple(ids[i : i + items_per_batch]))
+        for b, i in enumerate(range(0, len(sequences), items_per_batch))
+    ]
 
 
-def spawn_worker(spec: object, env: dict[str, str] | None = None
-                 ) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+def spawn_worker(
+    spec: object, env: dict[str, str] | None = None
+) -> tuple[multiprocessing.process.BaseProcess, Connection]:
     """One real pool worker, spawned as the supervisor spawns it, with ``env`` set in its
     environment (a spawned child copies the parent's environment when it starts). Returns the
     process and the parent's end of its pipe (the worker's own end is already closed here)."""
@@ -312,8 +356,11 @@ def spawn_worker(spec: object, env: dict[str, str] | None = None
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        proc = ctx.Process(target=worker_main, daemon=True,
-                           args=(child, pickle.dumps(spec), 0, 1, os.getpid(), None))
+        proc = ctx.Process(
+            target=worker_main,
+            daemon=True,
+            args=(child, pickle.dumps(spec), 0, 1, os.getpid(), None),
+        )
         proc.start()
     finally:
         for k, v in saved.items():

@@ -20,14 +20,19 @@ from embedpool.tokenization import TextTokenizer
 BATCH = 256
 
 
-def token_records(tokenizer: TextTokenizer, texts: Sequence[str], *, prompt: str = "",
-                  ids: Sequence[str] | None = None, details: bool = True
-                  ) -> Iterator[dict[str, Any]]:
+def token_records(
+    tokenizer: TextTokenizer,
+    texts: Sequence[str],
+    *,
+    prompt: str = "",
+    ids: Sequence[str] | None = None,
+    details: bool = True,
+) -> Iterator[dict[str, Any]]:
     """One record per text (``ids``: the texts' own ids, echoed as ``id``)."""
     shift = len(prompt)
     limit = tokenizer.max_length
     for start in range(0, len(texts), BATCH):
-        part = texts[start:start + BATCH]
+        part = texts[start : start + BATCH]
         for k, enc in enumerate(tokenizer.encodings(part, prompt=prompt)):
             index = start + k
             record: dict[str, Any] = {"index": index}
@@ -39,6 +44,7 @@ def token_records(tokenizer: TextTokenizer, texts: Sequence[str], *, prompt: str
                 offsets: list[list[int] | None] = []
                 for (a, b), special in zip(enc.offsets, enc.special_tokens_mask, strict=True):
                     offsets.append(None if special or a < shift else [a - shift, b - shift])
-                record.update({"ids": list(enc.ids), "tokens": list(enc.tokens),
-                               "offsets": offsets})
+                record.update(
+                    {"ids": list(enc.ids), "tokens": list(enc.tokens), "offsets": offsets}
+                )
             yield record

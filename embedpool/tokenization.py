@@ -66,8 +66,9 @@ class TextTokenizer:
     """Wraps a ``tokenizer.json`` with sentence-transformers' text handling (lower-casing,
     prompts, max length) and embedpool's own truncation report and windowing."""
 
-    def __init__(self, tokenizer_path: Path, max_length: int, *, text: TextSpec | None = None
-                 ) -> None:
+    def __init__(
+        self, tokenizer_path: Path, max_length: int, *, text: TextSpec | None = None
+    ) -> None:
         """``text``: the model's TextSpec (lower-casing, normalizer, prompts); its max length
         is replaced by ``max_length``. Without one: the tokenizer as it is, no prompts."""
         try:
@@ -80,30 +81,45 @@ class TextTokenizer:
         if self.text.normalizer is not None:
             n = self.text.normalizer
             tok.normalizer = normalizers.BertNormalizer(
-                clean_text=n.clean_text, handle_chinese_chars=n.handle_chinese_chars,
-                strip_accents=n.strip_accents, lowercase=n.lowercase)
+                clean_text=n.clean_text,
+                handle_chinese_chars=n.handle_chinese_chars,
+                strip_accents=n.strip_accents,
+                lowercase=n.lowercase,
+            )
             from tokenizers import pre_tokenizers
 
             tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # rebuilt with it too
         if self.text.do_lower_case and not _has_lowercase(tok.normalizer):
             # what sentence-transformers 6 does: a Lowercase in front of the normalizer
             current = tok.normalizer
-            rest: list[Any] = list(cast(Iterable[Any], current)) \
-                if isinstance(current, normalizers.Sequence) else \
-                [current] if current is not None else []
+            rest: list[Any] = (
+                list(cast(Iterable[Any], current))
+                if isinstance(current, normalizers.Sequence)
+                else [current]
+                if current is not None
+                else []
+            )
             tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), *rest])
         self._tok = tok
         self.max_length = max_length
         # The special tokens the post-processor puts around a text: [CLS] / [SEP] (BERT),
         # <s> / </s> (XLM-R), nothing / <|endoftext|> (Qwen3-Embedding), none at all (Qwen2).
         full, bare = tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids
-        at = next((i for i in range(len(full) - len(bare) + 1)
-                   if full[i:i + len(bare)] == bare), None) if bare else None
+        at = (
+            next(
+                (i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare),
+                None,
+            )
+            if bare
+            else None
+        )
         if at is None:
-            raise ModelError(f"{tokenizer_path}: cannot tell the special tokens its "
-                             f"post-processor adds ('a' gives {full}, without them {bare})")
+            raise ModelError(
+                f"{tokenizer_path}: cannot tell the special tokens its "
+                f"post-processor adds ('a' gives {full}, without them {bare})"
+            )
         self._prefix = np.array(full[:at], dtype=np.int32)
-        self._suffix = np.array(full[at + len(bare):], dtype=np.int32)
+        self._suffix = np.array(full[at + len(bare) :], dtype=np.int32)
         self.pad_id = int(tok.token_to_id("[PAD]") or 0)
         self._special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
         self._prompt_lengths: dict[str, int] = {}
@@ -136,25 +152,32 @@ class TextTokenizer:
             ids = self._tok.encode(prompt).ids
             n = len(ids) - (1 if ids and ids[-1] in self._special else 0)
             if n + self._suffix.size >= self.max_length:
-                raise ConfigError(f"the prompt {prompt!r} is {n - self._prefix.size} tokens; "
-                                  f"with max length {self.max_length} no token of the text "
-                                  "would fit")
+                raise ConfigError(
+                    f"the prompt {prompt!r} is {n - self._prefix.size} tokens; "
+                    f"with max length {self.max_length} no token of the text "
+                    "would fit"
+                )
             self._prompt_lengths[prompt] = n
         return self._prompt_lengths[prompt]
 
-    def count(self, texts: Sequence[str], *, prompt: str | None = None,
-              prompt_name: str | None = None) -> list[int]:
+    def count(
+        self, texts: Sequence[str], *, prompt: str | None = None, prompt_name: str | None = None
+    ) -> list[int]:
         """Full token counts (special tokens and prompt included), without building sequences."""
         p = self.resolve_prompt(prompt, prompt_name)
         return [len(e.ids) for e in self._tok.encode_batch([p + t for t in texts])]
 
-    def encodings(self, texts: Sequence[str], *, prompt: str = "",
-                  add_special_tokens: bool = True) -> list[Encoding]:
+    def encodings(
+        self, texts: Sequence[str], *, prompt: str = "", add_special_tokens: bool = True
+    ) -> list[Encoding]:
         """The ``tokenizers`` encodings of ``prompt + text`` (ids, tokens, offsets, special
         tokens mask), untruncated: what token counting (``/tokenize``, ``embedpool tokenize``)
         reports, in the exact tokenisation the model is fed."""
-        return list(self._tok.encode_batch([prompt + t for t in texts],
-                                           add_special_tokens=add_special_tokens))
+        return list(
+            self._tok.encode_batch(
+                [prompt + t for t in texts], add_special_tokens=add_special_tokens
+            )
+        )
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         """The text of token ids (ValueError for an id outside the vocabulary)."""
@@ -170,8 +193,14 @@ class TextTokenizer:
         ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
         return ids
 
-    def encode(self, texts: Sequence[str], mode: LongTextMode = "truncate", *,
-               prompt: str | None = None, prompt_name: str | None = None) -> Encoded:
+    def encode(
+        self,
+        texts: Sequence[str],
+        mode: LongTextMode = "truncate",
+        *,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+    ) -> Encoded:
         """The texts' sequences. ``prompt`` / ``prompt_name`` as in sentence-transformers'
         ``encode``: neither applies the model's default prompt (if it has one); ``prompt=""``
         applies none."""
@@ -187,10 +216,12 @@ class TextTokenizer:
         for i, enc in self._encodings(texts, p):
             ids = np.asarray(enc.ids, dtype=np.int32)
             if not ids.size:
-                raise ConfigError(f"text {i} is empty and this model's tokenizer adds no "
-                                  "special tokens: it has no token to embed")
+                raise ConfigError(
+                    f"text {i} is empty and this model's tokenizer adds no "
+                    "special tokens: it has no token to embed"
+                )
             n_tokens.append(int(ids.size))
-            content = ids[pre.size:ids.size - suf.size]
+            content = ids[pre.size : ids.size - suf.size]
             if ids.size <= self.max_length:
                 sequences.append(ids)
                 owner.append(i)
@@ -204,9 +235,11 @@ class TextTokenizer:
                 w = width - keep
                 stride = max(1, w - int(w * WINDOW_OVERLAP_FRACTION))
                 starts = list(range(0, max(1, body.size - w) + stride, stride))
-                starts = [s for s in starts if s < body.size and (s == 0 or s + w - stride < body.size)]
+                starts = [
+                    s for s in starts if s < body.size and (s == 0 or s + w - stride < body.size)
+                ]
                 for s in starts:
-                    sequences.append(np.concatenate([pre, head, body[s:s + w], suf]))
+                    sequences.append(np.concatenate([pre, head, body[s : s + w], suf]))
                     owner.append(i)
                 truncated.append(False)
         return Encoded(sequences, owner, n_tokens, truncated, prompt_length=plen, prompt=p)
@@ -214,7 +247,7 @@ class TextTokenizer:
     def _encodings(self, texts: Sequence[str], prompt: str) -> Iterator[tuple[int, Encoding]]:
         """``(index, Encoding)`` of each ``prompt + text``, ENCODE_SLICE texts per call."""
         for start in range(0, len(texts), ENCODE_SLICE):
-            batch = [prompt + t for t in texts[start:start + ENCODE_SLICE]]
+            batch = [prompt + t for t in texts[start : start + ENCODE_SLICE]]
             yield from enumerate(self._tok.encode_batch(batch), start=start)
 
 

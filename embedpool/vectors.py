@@ -29,8 +29,9 @@ def l2_normalize(x: np.ndarray) -> Vectors:
     return out
 
 
-def combine_windows(vectors: Vectors, owner: Sequence[int], n_items: int,
-                    normalize: bool = True) -> Vectors:
+def combine_windows(
+    vectors: Vectors, owner: Sequence[int], n_items: int, normalize: bool = True
+) -> Vectors:
     """One vector per item: the mean of its windows' vectors, L2-normalised when the model
     normalises (``normalize``: ``ResolvedModel.normalize``).
 

@@ -37,8 +37,13 @@ from embedpool.types import Vectors
 class WorkQueue:
     """Batches in, tasks out, under one fault policy (see the module docstring)."""
 
-    def __init__(self, wake: Callable[[], None], emit: events.Emitter,
-                 policy: FaultPolicy | None = None, counters: Counters | None = None) -> None:
+    def __init__(
+        self,
+        wake: Callable[[], None],
+        emit: events.Emitter,
+        policy: FaultPolicy | None = None,
+        counters: Counters | None = None,
+    ) -> None:
         self.policy = policy or FaultPolicy()
         self.counters = counters or Counters()
         #: Vector width; set by the executor once its first worker is ready.
@@ -124,8 +129,11 @@ class WorkQueue:
         they have the wrong shape: a broken engine, not a crash."""
         want = (len(task.positions), self.dim)
         if rows.shape != want:
-            self.fail(task, FailureKind.ENGINE_ERROR,
-                      f"engine returned shape {rows.shape}, expected {want}")
+            self.fail(
+                task,
+                FailureKind.ENGINE_ERROR,
+                f"engine returned shape {rows.shape}, expected {want}",
+            )
             return False
         c = self.counters
         c.sequences_done += len(task.positions)
@@ -146,8 +154,11 @@ class WorkQueue:
             return self.complete(task, result.vectors)
         want = (len(task.positions), self.dim)
         if result.vectors.shape != want:
-            self.fail(task, FailureKind.ENGINE_ERROR,
-                      f"engine returned shape {result.vectors.shape}, expected {want}")
+            self.fail(
+                task,
+                FailureKind.ENGINE_ERROR,
+                f"engine returned shape {result.vectors.shape}, expected {want}",
+            )
             return False
         keep = [i for i in range(len(task.positions)) if i not in result.failed]
         done = False
@@ -176,32 +187,62 @@ class WorkQueue:
         task.tries += 1
         task.last_error = error
         task.suspect = True
-        decision = faults.decide(kind, items=len(task.positions), tries=task.tries,
-                                 padded_tokens=task.padded_tokens, policy=self.policy)
+        decision = faults.decide(
+            kind,
+            items=len(task.positions),
+            tries=task.tries,
+            padded_tokens=task.padded_tokens,
+            policy=self.policy,
+        )
         c = self.counters
         if decision.action == "split":
             a, b = faults.halves(task)
             c.splits += 1
-            self._emit(events.SPLIT, batch_id=task.batch_id, items=len(task.positions),
-                       halves=[len(a.positions), len(b.positions)], kind=str(kind), reason=error)
+            self._emit(
+                events.SPLIT,
+                batch_id=task.batch_id,
+                items=len(task.positions),
+                halves=[len(a.positions), len(b.positions)],
+                kind=str(kind),
+                reason=error,
+            )
             self._tasks.extendleft((b, a))
         elif decision.action == "fall_back":
             # the device failed, not the input: back to the front for the transport to run
             # elsewhere once it has left the device (faults.decide charges it one try)
             c.retries += 1
-            self._emit(events.RETRY, attempt=task.tries + 1, kind=str(kind), reason=error,
-                       item_id=task.item_id(), **task.describe())
+            self._emit(
+                events.RETRY,
+                attempt=task.tries + 1,
+                kind=str(kind),
+                reason=error,
+                item_id=task.item_id(),
+                **task.describe(),
+            )
             self._tasks.appendleft(task)
         elif decision.action == "retry":
             c.retries += 1
-            self._emit(events.RETRY, attempt=task.tries + 1, kind=str(kind), reason=error,
-                       item_id=task.item_id(), **task.describe())
+            self._emit(
+                events.RETRY,
+                attempt=task.tries + 1,
+                kind=str(kind),
+                reason=error,
+                item_id=task.item_id(),
+                **task.describe(),
+            )
             self._tasks.appendleft(task)
         else:
             message = faults.give_up_message(task, kind, error)
             c.poison_items += 1
-            self._emit(events.POISON_ITEM, batch_id=task.batch_id, position=task.positions[0],
-                       item_id=task.item_id(), kind=str(kind), tries=task.tries, error=message)
+            self._emit(
+                events.POISON_ITEM,
+                batch_id=task.batch_id,
+                position=task.positions[0],
+                item_id=task.item_id(),
+                kind=str(kind),
+                tries=task.tries,
+                error=message,
+            )
             if task.assembly.give_up(task.positions[0], message):
                 self._finish(task.assembly)
         return decision
@@ -211,8 +252,14 @@ class WorkQueue:
         died); ``suspect`` when it may also have been the one running."""
         task.suspect = task.suspect or suspect
         self.counters.retries += 1
-        self._emit(events.RETRY, attempt=task.tries + 1, kind="not_blamed", reason=reason,
-                   item_id=task.item_id(), **task.describe())
+        self._emit(
+            events.RETRY,
+            attempt=task.tries + 1,
+            kind="not_blamed",
+            reason=reason,
+            item_id=task.item_id(),
+            **task.describe(),
+        )
         self._tasks.appendleft(task)
 
     def unget(self, task: Task) -> None:
@@ -235,9 +282,13 @@ class WorkQueue:
             del self._running[asm]
             if not fut.done():
                 n = len(asm.batch.sequences)
-                fut.set_exception(exc or PoolError(
-                    f"the executor closed with batch {asm.batch.batch_id} unfinished "
-                    f"({asm.remaining} of {n} items left)"))
+                fut.set_exception(
+                    exc
+                    or PoolError(
+                        f"the executor closed with batch {asm.batch.batch_id} unfinished "
+                        f"({asm.remaining} of {n} items left)"
+                    )
+                )
         self._tasks.clear()
         self.cancel_unstarted(exc)
 

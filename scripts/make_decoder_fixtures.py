@@ -61,8 +61,10 @@ SEED = 20261207
 DIM = 16
 LONG_MAX = 8192
 #: Qwen2/Qwen3's pre-tokenizer split (transformers' tokenization_qwen2.PRETOKENIZE_REGEX).
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
-              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+    r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CODE_QUERY = "Instruct: Given a code search query, retrieve relevant code\nQuery:"
 
@@ -73,55 +75,107 @@ def qwen_tokenizer(*, eos: bool, padding_side: str) -> transformers.PreTrainedTo
     post-processor appends ``<|endoftext|>`` (Qwen3-Embedding's tokenizer.json)."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(
-        vocab_size=500, special_tokens=QWEN_SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.train_from_iterator(
+        [CORPUS],
+        trainers.BpeTrainer(
+            vocab_size=500,
+            special_tokens=QWEN_SPECIAL,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     vocab = tok.get_vocab()
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(tok.to_str())["model"]["merges"]]
-    qt = transformers.Qwen2Tokenizer(vocab=vocab, merges=merges, padding_side=padding_side,
-                                     model_max_length=LONG_MAX)
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+        for m in json.loads(tok.to_str())["model"]["merges"]
+    ]
+    qt = transformers.Qwen2Tokenizer(
+        vocab=vocab, merges=merges, padding_side=padding_side, model_max_length=LONG_MAX
+    )
     if eos:
         eid = qt.convert_tokens_to_ids("<|endoftext|>")
         qt._tokenizer.post_processor = processors.TemplateProcessing(
-            single="$A:0 <|endoftext|>:0", pair="$A:0 <|endoftext|>:0 $B:1 <|endoftext|>:1",
-            special_tokens=[("<|endoftext|>", eid)])
+            single="$A:0 <|endoftext|>:0",
+            pair="$A:0 <|endoftext|>:0 $B:1 <|endoftext|>:1",
+            special_tokens=[("<|endoftext|>", eid)],
+        )
     return qt
 
 
 # --- the families (one builder each) ---------------------------------------------------------
 
+
 def qwen3() -> tuple[Any, Any, dict[str, Any]]:
     tok = qwen_tokenizer(eos=True, padding_side="left")
     eid = tok.convert_tokens_to_ids("<|endoftext|>")
     cfg = transformers.Qwen3Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu",
-        max_position_embeddings=LONG_MAX, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        hidden_act="silu",
+        max_position_embeddings=LONG_MAX,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        attention_bias=False, use_sliding_window=False, bos_token_id=eid, eos_token_id=eid,
-        pad_token_id=eid)
-    return transformers.Qwen3Model(cfg), tok, {
-        "prompts": {"query": CODE_QUERY, "document": ""}, "pooling": "lasttoken",
-        "bidirectional": True}
+        attention_bias=False,
+        use_sliding_window=False,
+        bos_token_id=eid,
+        eos_token_id=eid,
+        pad_token_id=eid,
+    )
+    return (
+        transformers.Qwen3Model(cfg),
+        tok,
+        {
+            "prompts": {"query": CODE_QUERY, "document": ""},
+            "pooling": "lasttoken",
+            "bidirectional": True,
+        },
+    )
 
 
 def qwen2() -> tuple[Any, Any, dict[str, Any]]:
     tok = qwen_tokenizer(eos=False, padding_side="right")
     eid = tok.convert_tokens_to_ids("<|endoftext|>")
     cfg = transformers.Qwen2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=16, hidden_act="silu",
-        max_position_embeddings=LONG_MAX, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        hidden_act="silu",
+        max_position_embeddings=LONG_MAX,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        use_sliding_window=False, bos_token_id=eid, eos_token_id=eid, pad_token_id=eid)
-    return transformers.Qwen2Model(cfg), tok, {
-        "prompts": {"query": "Find the most relevant code snippet given the following query:\n",
-                    "passage": "Candidate code snippet:\n"},
-        "pooling": "lasttoken", "bidirectional": True}
+        use_sliding_window=False,
+        bos_token_id=eid,
+        eos_token_id=eid,
+        pad_token_id=eid,
+    )
+    return (
+        transformers.Qwen2Model(cfg),
+        tok,
+        {
+            "prompts": {
+                "query": "Find the most relevant code snippet given the following query:\n",
+                "passage": "Candidate code snippet:\n",
+            },
+            "pooling": "lasttoken",
+            "bidirectional": True,
+        },
+    )
 
 
 DECODERS: dict[str, Callable[[], tuple[Any, Any, dict[str, Any]]]] = {
@@ -132,9 +186,11 @@ DECODERS: dict[str, Callable[[], tuple[Any, Any, dict[str, Any]]]] = {
 
 # --- building one fixture --------------------------------------------------------------------
 
+
 def _encode(st: SentenceTransformer, texts: list[str], **kw: Any) -> np.ndarray:
-    return np.asarray(st.encode(texts, batch_size=len(texts), convert_to_numpy=True, **kw),
-                      dtype=np.float32)
+    return np.asarray(
+        st.encode(texts, batch_size=len(texts), convert_to_numpy=True, **kw), dtype=np.float32
+    )
 
 
 def build(name: str, out: Path, gen: torch.Generator) -> None:
@@ -147,9 +203,14 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
         model.save_pretrained(str(hf_dir), safe_serialization=True)
         tok.save_pretrained(str(hf_dir))
         st = SentenceTransformer(
-            modules=[Transformer(str(hf_dir), max_seq_length=LONG_MAX),
-                     Pooling(width, pooling_mode=spec["pooling"]), Normalize()],
-            prompts=spec["prompts"], device="cpu")
+            modules=[
+                Transformer(str(hf_dir), max_seq_length=LONG_MAX),
+                Pooling(width, pooling_mode=spec["pooling"]),
+                Normalize(),
+            ],
+            prompts=spec["prompts"],
+            device="cpu",
+        )
         target = out / name / "model"
         if target.parent.exists():
             shutil.rmtree(target.parent)
@@ -180,25 +241,53 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
             shutil.copytree(target, bidir)
             cfg = json.loads((bidir / "config.json").read_text())
             (bidir / "config.json").write_text(json.dumps({**cfg, "is_causal": False}))
-            extra["bidirectional_vectors"] = _encode(SentenceTransformer(str(bidir), device="cpu"),
-                                                     TEXTS)
+            extra["bidirectional_vectors"] = _encode(
+                SentenceTransformer(str(bidir), device="cpu"), TEXTS
+            )
         if (extra["bidirectional_vectors"] * vectors).sum(1)[1:].max() > 0.999:
             raise SystemExit(f"{name}: is_causal false changes nothing")
-    made_by = {"torch": torch.__version__, "transformers": transformers.__version__,
-               "sentence_transformers": sentence_transformers.__version__,
-               "script": "scripts/make_decoder_fixtures.py"}
-    np.savez(out / name / "golden.npz", vectors=vectors, query_vectors=query, dim_vectors=dims,
-             **extra)
-    (out / name / "golden.json").write_text(json.dumps({
-        "texts": TEXTS, "input_ids": input_ids, "prompt_name": "query", "dim": DIM,
-        "made_by": made_by}, indent=1, ensure_ascii=False) + "\n")
+    made_by = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "script": "scripts/make_decoder_fixtures.py",
+    }
+    np.savez(
+        out / name / "golden.npz", vectors=vectors, query_vectors=query, dim_vectors=dims, **extra
+    )
+    (out / name / "golden.json").write_text(
+        json.dumps(
+            {
+                "texts": TEXTS,
+                "input_ids": input_ids,
+                "prompt_name": "query",
+                "dim": DIM,
+                "made_by": made_by,
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     np.savez(out / name / "long.npz", input_ids=long_ids.astype(np.int32), vector=long_vec)
-    (out / name / "long.json").write_text(json.dumps({
-        "text": text, "max_seq_length": LONG_MAX, "tokens": int(long_ids.size),
-        "made_by": made_by}, indent=1, ensure_ascii=False) + "\n")
+    (out / name / "long.json").write_text(
+        json.dumps(
+            {
+                "text": text,
+                "max_seq_length": LONG_MAX,
+                "tokens": int(long_ids.size),
+                "made_by": made_by,
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     size = sum(p.stat().st_size for p in (out / name).rglob("*") if p.is_file())
-    print(f"{name}: {size / 1024:.0f} KB, dim {vectors.shape[1]}, tokens "
-          f"{[len(i) for i in input_ids]}, long {long_ids.size}")
+    print(
+        f"{name}: {size / 1024:.0f} KB, dim {vectors.shape[1]}, tokens "
+        f"{[len(i) for i in input_ids]}, long {long_ids.size}"
+    )
 
 
 def main() -> None:

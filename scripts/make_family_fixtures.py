@@ -65,7 +65,8 @@ SEED = 20240611
 
 #: What the tokenizers learn their small vocabularies from: prose, code, and a little of
 #: other scripts, so that the test texts split into real pieces and a few unknowns.
-CORPUS = """
+CORPUS = (
+    """
 The quick brown fox jumps over the lazy dog. A search engine ranks documents by relevance.
 Embeddings map each text to a vector; similar texts get nearby vectors.
 def add(a, b):
@@ -86,7 +87,9 @@ Returns the number of tokens in the text, counting special tokens.
 raise ValueError("bad input: expected a list of strings")
 with open(path, encoding="utf-8") as f:
     lines = f.read().splitlines()
-""" * 3
+"""
+    * 3
+)
 
 #: Embedded in one padded batch: short texts padded next to long ones, texts longer than the
 #: ModernBERT fixture's 16-token local window, other scripts, a literal pad token (XLM-R's
@@ -113,33 +116,52 @@ def train_tokenizer(kind: str) -> Tokenizer:
         tok.normalizer = normalizers.NFKC()
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        tok.train_from_iterator([CORPUS], trainers.UnigramTrainer(
-            vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+        tok.train_from_iterator(
+            [CORPUS],
+            trainers.UnigramTrainer(
+                vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"
+            ),
+        )
         tok.add_special_tokens(["<mask>"])
         tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
-            special_tokens=[("<s>", 0), ("</s>", 2)])
+            single="<s> $A </s>",
+            pair="<s> $A </s> </s> $B </s>",
+            special_tokens=[("<s>", 0), ("</s>", 2)],
+        )
     elif kind == "wordpiece":  # BERT-style, lower-cased (nomic uses bert-base-uncased's)
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator([CORPUS], trainers.WordPieceTrainer(
-            vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+        tok.train_from_iterator(
+            [CORPUS],
+            trainers.WordPieceTrainer(
+                vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            ),
+        )
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+        )
     else:  # ModernBERT: byte-level BPE (OLMo/NeoX style) with [CLS] ... [SEP]
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator([CORPUS], trainers.BpeTrainer(
-            vocab_size=500, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.train_from_iterator(
+            [CORPUS],
+            trainers.BpeTrainer(
+                vocab_size=500,
+                special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
+        )
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+        )
     return tok
 
 
@@ -168,49 +190,105 @@ def randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
 
 # --- the families --------------------------------------------------------------------------
 
+
 def xlmr(tok: Tokenizer) -> tuple[transformers.PreTrainedModel, dict[str, Any]]:
     cfg = transformers.XLMRobertaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=64, max_position_embeddings=66,
-        type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        layer_norm_eps=1e-5, hidden_act="gelu")
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=66,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+    )
     return transformers.XLMRobertaModel(cfg, add_pooling_layer=False), {
-        "max_seq_length": 64, "pooling": "mean",
+        "max_seq_length": 64,
+        "pooling": "mean",
         "prompts": {"query": "query: ", "passage": "passage: "},
-        "tokenizer": {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>",
-                      "sep_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-                      "mask_token": "<mask>"}}
+        "tokenizer": {
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "cls_token": "<s>",
+            "sep_token": "</s>",
+            "pad_token": "<pad>",
+            "unk_token": "<unk>",
+            "mask_token": "<mask>",
+        },
+    }
 
 
 def nomic(tok: Tokenizer) -> tuple[transformers.PreTrainedModel, dict[str, Any]]:
     cfg = transformers.NomicBertConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=48, max_position_embeddings=128,
-        type_vocab_size=2, pad_token_id=0, layer_norm_eps=1e-12, hidden_act="silu",
-        rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=128,
+        type_vocab_size=2,
+        pad_token_id=0,
+        layer_norm_eps=1e-12,
+        hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+    )
     return transformers.NomicBertModel(cfg), {
-        "max_seq_length": 128, "pooling": "mean",
+        "max_seq_length": 128,
+        "pooling": "mean",
         "prompts": {"query": "search_query: ", "document": "search_document: "},
-        "tokenizer": {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-                      "unk_token": "[UNK]", "mask_token": "[MASK]"}}
+        "tokenizer": {
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+        },
+    }
 
 
 def modernbert(tok: Tokenizer) -> tuple[transformers.PreTrainedModel, dict[str, Any]]:
     ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
     cfg = transformers.ModernBertConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=4,
-        num_attention_heads=2, intermediate_size=48, max_position_embeddings=128,
-        global_attn_every_n_layers=3, local_attention=16, global_rope_theta=160000.0,
-        local_rope_theta=10000.0, norm_eps=1e-5, hidden_activation="gelu",
-        pad_token_id=ids["[PAD]"], cls_token_id=ids["[CLS]"], bos_token_id=ids["[CLS]"],
-        sep_token_id=ids["[SEP]"], eos_token_id=ids["[SEP]"])
-    assert cfg.layer_types == ["full_attention", "sliding_attention", "sliding_attention",
-                               "full_attention"], cfg.layer_types
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=128,
+        global_attn_every_n_layers=3,
+        local_attention=16,
+        global_rope_theta=160000.0,
+        local_rope_theta=10000.0,
+        norm_eps=1e-5,
+        hidden_activation="gelu",
+        pad_token_id=ids["[PAD]"],
+        cls_token_id=ids["[CLS]"],
+        bos_token_id=ids["[CLS]"],
+        sep_token_id=ids["[SEP]"],
+        eos_token_id=ids["[SEP]"],
+    )
+    assert cfg.layer_types == [
+        "full_attention",
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+    ], cfg.layer_types
     return transformers.ModernBertModel(cfg), {
-        "max_seq_length": 128, "pooling": "cls",
+        "max_seq_length": 128,
+        "pooling": "cls",
         "prompts": {"query": "search_query: ", "document": "search_document: "},
-        "tokenizer": {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-                      "unk_token": "[UNK]", "mask_token": "[MASK]"}}
+        "tokenizer": {
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+        },
+    }
 
 
 FAMILIES: dict[str, tuple[str, Callable[[Tokenizer], tuple[Any, dict[str, Any]]]]] = {
@@ -222,6 +300,7 @@ FAMILIES: dict[str, tuple[str, Callable[[Tokenizer], tuple[Any, dict[str, Any]]]
 
 # --- nomic-ai's hub layout -------------------------------------------------------------------
 
+
 def to_nomic_hub_layout(model_dir: Path) -> None:
     """Rewrite a transformers-native NomicBert save as nomic-ai's own checkpoints are laid
     out (their ``trust_remote_code`` config keys and weight names), the layout of every
@@ -230,20 +309,40 @@ def to_nomic_hub_layout(model_dir: Path) -> None:
     cfg = json.loads((model_dir / "config.json").read_text())
     heads = cfg["num_attention_heads"]
     hub = {
-        "architectures": ["NomicBertModel"], "model_type": "nomic_bert",
-        "activation_function": "swiglu", "n_embd": cfg["hidden_size"], "n_head": heads,
-        "n_layer": cfg["num_hidden_layers"], "n_inner": cfg["intermediate_size"],
-        "n_positions": cfg["max_position_embeddings"], "max_trained_positions": 2048,
-        "layer_norm_epsilon": cfg["layer_norm_eps"], "vocab_size": cfg["vocab_size"],
-        "type_vocab_size": cfg["type_vocab_size"], "pad_token_id": cfg["pad_token_id"],
-        "rotary_emb_base": cfg["rope_parameters"]["rope_theta"], "rotary_emb_fraction": 1.0,
-        "rotary_emb_interleaved": False, "rotary_emb_scale_base": None,
-        "rotary_scaling_factor": None, "qkv_proj_bias": False, "mlp_fc1_bias": False,
-        "mlp_fc2_bias": False, "prenorm": False, "parallel_block": False,
-        "parallel_block_tied_norm": False, "use_rms_norm": False, "causal": False,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-        "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "summary_activation": None,
-        "initializer_range": 0.02, "tie_word_embeddings": True,
+        "architectures": ["NomicBertModel"],
+        "model_type": "nomic_bert",
+        "activation_function": "swiglu",
+        "n_embd": cfg["hidden_size"],
+        "n_head": heads,
+        "n_layer": cfg["num_hidden_layers"],
+        "n_inner": cfg["intermediate_size"],
+        "n_positions": cfg["max_position_embeddings"],
+        "max_trained_positions": 2048,
+        "layer_norm_epsilon": cfg["layer_norm_eps"],
+        "vocab_size": cfg["vocab_size"],
+        "type_vocab_size": cfg["type_vocab_size"],
+        "pad_token_id": cfg["pad_token_id"],
+        "rotary_emb_base": cfg["rope_parameters"]["rope_theta"],
+        "rotary_emb_fraction": 1.0,
+        "rotary_emb_interleaved": False,
+        "rotary_emb_scale_base": None,
+        "rotary_scaling_factor": None,
+        "qkv_proj_bias": False,
+        "mlp_fc1_bias": False,
+        "mlp_fc2_bias": False,
+        "prenorm": False,
+        "parallel_block": False,
+        "parallel_block_tied_norm": False,
+        "use_rms_norm": False,
+        "causal": False,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "attn_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "summary_activation": None,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": True,
     }
     (model_dir / "config.json").write_text(json.dumps(hub, indent=2) + "\n")
     native = load_file(str(model_dir / "model.safetensors"))
@@ -258,19 +357,23 @@ def to_nomic_hub_layout(model_dir: Path) -> None:
                 continue
             if rest.startswith(("self_attn.k_proj", "self_attn.v_proj")):
                 continue
-            rest = (rest.replace("self_attn.o_proj", "attn.out_proj")
-                    .replace("mlp.up_proj", "mlp.fc11").replace("mlp.gate_proj", "mlp.fc12")
-                    .replace("mlp.down_proj", "mlp.fc2")
-                    .replace("post_attention_layernorm", "norm1")
-                    .replace("post_mlp_layernorm", "norm2"))
+            rest = (
+                rest.replace("self_attn.o_proj", "attn.out_proj")
+                .replace("mlp.up_proj", "mlp.fc11")
+                .replace("mlp.gate_proj", "mlp.fc12")
+                .replace("mlp.down_proj", "mlp.fc2")
+                .replace("post_attention_layernorm", "norm1")
+                .replace("post_mlp_layernorm", "norm2")
+            )
             out[p + rest] = value
         else:
             out[key.replace("embeddings.LayerNorm", "emb_ln")] = value
     save_file(out, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
 
 
-def check_nomic_hub_layout(model_dir: Path, native: torch.nn.Module, ids: torch.Tensor,
-                           mask: torch.Tensor) -> None:
+def check_nomic_hub_layout(
+    model_dir: Path, native: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
+) -> None:
     """transformers' own conversion of the hub layout gives the native model back."""
     cfg = native.config
     loaded = transformers.NomicBertModel.from_pretrained(str(model_dir), config=cfg)
@@ -293,21 +396,36 @@ def to_legacy_st_layout(target: Path, spec: dict[str, Any], width: int) -> None:
         m["type"] = "sentence_transformers.models." + m["type"].rsplit(".", 1)[1]
     (target / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
     on = {"cls": "cls_token", "mean": "mean_tokens"}[spec["pooling"]]
-    flags = {f"pooling_mode_{m}": m == on
-             for m in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens",
-                       "weightedmean_tokens", "lasttoken")}
-    (target / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": width, **flags, "include_prompt": True}, indent=2) + "\n")
-    (target / "sentence_bert_config.json").write_text(json.dumps(
-        {"max_seq_length": spec["max_seq_length"], "do_lower_case": False}, indent=2) + "\n")
+    flags = {
+        f"pooling_mode_{m}": m == on
+        for m in (
+            "cls_token",
+            "mean_tokens",
+            "max_tokens",
+            "mean_sqrt_len_tokens",
+            "weightedmean_tokens",
+            "lasttoken",
+        )
+    }
+    (target / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": width, **flags, "include_prompt": True}, indent=2)
+        + "\n"
+    )
+    (target / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": spec["max_seq_length"], "do_lower_case": False}, indent=2)
+        + "\n"
+    )
 
 
 # --- building one fixture --------------------------------------------------------------------
 
+
 def unpadded_ids(features: dict[str, Any]) -> list[list[int]]:
     """Each text's token ids from a padded ``tokenize`` batch (the attention mask's tokens)."""
-    return [row[m.bool()].tolist() for row, m in zip(features["input_ids"],
-                                                     features["attention_mask"], strict=True)]
+    return [
+        row[m.bool()].tolist()
+        for row, m in zip(features["input_ids"], features["attention_mask"], strict=True)
+    ]
 
 
 def build(name: str, out: Path, gen: torch.Generator) -> None:
@@ -319,15 +437,19 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "hf"
         model.save_pretrained(str(hf_dir), safe_serialization=True)
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok,
-                                       model_max_length=spec["max_seq_length"],
-                                       **spec["tokenizer"])
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, model_max_length=spec["max_seq_length"], **spec["tokenizer"]
+        )
         fast.save_pretrained(str(hf_dir))
         st = SentenceTransformer(
-            modules=[Transformer(str(hf_dir), max_seq_length=spec["max_seq_length"]),
-                     Pooling(model.config.hidden_size, pooling_mode=spec["pooling"]),
-                     Normalize()],
-            prompts=spec["prompts"], device="cpu")
+            modules=[
+                Transformer(str(hf_dir), max_seq_length=spec["max_seq_length"]),
+                Pooling(model.config.hidden_size, pooling_mode=spec["pooling"]),
+                Normalize(),
+            ],
+            prompts=spec["prompts"],
+            device="cpu",
+        )
         target = out / name / "model"
         if target.parent.exists():
             shutil.rmtree(target.parent)
@@ -347,17 +469,34 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
     if name == "nomic":
         to_nomic_hub_layout(target)
         check_nomic_hub_layout(target, model, features["input_ids"], features["attention_mask"])
-    np.savez(out / name / "golden.npz", vectors=vectors.astype(np.float32),
-             query_vectors=query.astype(np.float32))
-    (out / name / "golden.json").write_text(json.dumps({
-        "texts": TEXTS, "input_ids": input_ids, "prompt_name": "query",
-        "made_by": {"torch": torch.__version__, "transformers": transformers.__version__,
+    np.savez(
+        out / name / "golden.npz",
+        vectors=vectors.astype(np.float32),
+        query_vectors=query.astype(np.float32),
+    )
+    (out / name / "golden.json").write_text(
+        json.dumps(
+            {
+                "texts": TEXTS,
+                "input_ids": input_ids,
+                "prompt_name": "query",
+                "made_by": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
                     "sentence_transformers": sentence_transformers.__version__,
-                    "script": "scripts/make_family_fixtures.py"},
-    }, indent=1, ensure_ascii=False) + "\n")
+                    "script": "scripts/make_family_fixtures.py",
+                },
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     size = sum(p.stat().st_size for p in (out / name).rglob("*") if p.is_file())
-    print(f"{name}: {size / 1024:.0f} KB, dim {vectors.shape[1]}, "
-          f"tokens {[len(i) for i in input_ids]}")
+    print(
+        f"{name}: {size / 1024:.0f} KB, dim {vectors.shape[1]}, "
+        f"tokens {[len(i) for i in input_ids]}"
+    )
 
 
 # --- long context ------------------------------------------------------------------------------
@@ -377,17 +516,25 @@ def long_model_dir(name: str, fixture: Path, dst: Path) -> Path:
     shutil.copytree(fixture / "model", dst)
     cfg = json.loads((dst / "config.json").read_text())
     if name == "nomic":
-        cfg = {"model_type": "nomic_bert", "hidden_size": cfg["n_embd"],
-               "num_attention_heads": cfg["n_head"], "num_hidden_layers": cfg["n_layer"],
-               "intermediate_size": cfg["n_inner"], "layer_norm_eps": cfg["layer_norm_epsilon"],
-               "hidden_act": "silu", "vocab_size": cfg["vocab_size"],
-               "type_vocab_size": cfg["type_vocab_size"], "pad_token_id": cfg["pad_token_id"],
-               "rope_parameters": {"rope_type": "default", "rope_theta": cfg["rotary_emb_base"]}}
+        cfg = {
+            "model_type": "nomic_bert",
+            "hidden_size": cfg["n_embd"],
+            "num_attention_heads": cfg["n_head"],
+            "num_hidden_layers": cfg["n_layer"],
+            "intermediate_size": cfg["n_inner"],
+            "layer_norm_eps": cfg["layer_norm_epsilon"],
+            "hidden_act": "silu",
+            "vocab_size": cfg["vocab_size"],
+            "type_vocab_size": cfg["type_vocab_size"],
+            "pad_token_id": cfg["pad_token_id"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg["rotary_emb_base"]},
+        }
     cfg[LONG[name]] = LONG_MAX
     (dst / "config.json").write_text(json.dumps(cfg))
     st_cfg = json.loads((dst / "sentence_bert_config.json").read_text())
-    (dst / "sentence_bert_config.json").write_text(json.dumps({**st_cfg,
-                                                               "max_seq_length": LONG_MAX}))
+    (dst / "sentence_bert_config.json").write_text(
+        json.dumps({**st_cfg, "max_seq_length": LONG_MAX})
+    )
     return dst
 
 
@@ -413,8 +560,7 @@ def build_long(name: str, out: Path) -> None:
     at max length LONG_MAX."""
     fixture = out / name
     with tempfile.TemporaryDirectory() as tmp:
-        st = SentenceTransformer(str(long_model_dir(name, fixture, Path(tmp) / "m")),
-                                 device="cpu")
+        st = SentenceTransformer(str(long_model_dir(name, fixture, Path(tmp) / "m")), device="cpu")
         if st.max_seq_length != LONG_MAX:
             raise SystemExit(f"{name}: max_seq_length {st.max_seq_length}")
         gold = json.loads((fixture / "golden.json").read_text())
@@ -425,14 +571,25 @@ def build_long(name: str, out: Path) -> None:
         text = long_text(lambda t: len(st.tokenizer(t)["input_ids"]))
         ids = st.tokenize([text])["input_ids"][0].numpy()
         vector = st.encode([text], convert_to_numpy=True)[0]
-    np.savez(fixture / "long.npz", input_ids=ids.astype(np.int32),
-             vector=vector.astype(np.float32))
-    (fixture / "long.json").write_text(json.dumps({
-        "text": text, "max_seq_length": LONG_MAX, "tokens": int(ids.size),
-        "made_by": {"torch": torch.__version__, "transformers": transformers.__version__,
+    np.savez(fixture / "long.npz", input_ids=ids.astype(np.int32), vector=vector.astype(np.float32))
+    (fixture / "long.json").write_text(
+        json.dumps(
+            {
+                "text": text,
+                "max_seq_length": LONG_MAX,
+                "tokens": int(ids.size),
+                "made_by": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
                     "sentence_transformers": sentence_transformers.__version__,
-                    "script": "scripts/make_family_fixtures.py --long"},
-    }, indent=1, ensure_ascii=False) + "\n")
+                    "script": "scripts/make_family_fixtures.py --long",
+                },
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     print(f"{name}: long text of {ids.size} tokens")
 
 
@@ -440,8 +597,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("tests/fixtures/families"))
     ap.add_argument("--only", choices=sorted(FAMILIES), action="append")
-    ap.add_argument("--long", action="store_true",
-                    help="only the long-context goldens, from the committed fixtures")
+    ap.add_argument(
+        "--long",
+        action="store_true",
+        help="only the long-context goldens, from the committed fixtures",
+    )
     args = ap.parse_args()
     torch.manual_seed(SEED)
     for i, name in enumerate(FAMILIES):

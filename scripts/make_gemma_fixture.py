@@ -88,38 +88,66 @@ def gemma_tokenizer() -> Tokenizer:
     follow the learned vocabulary, as in Gemma's (which has them among its first ids)."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=420,
-                                                          special_tokens=SPECIALS))
+    tok.train_from_iterator([CORPUS], trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS))
     vocab = dict(tok.get_vocab())
     merges = json.loads(tok.to_str())["model"]["merges"]
     for b in range(256):
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    out = Tokenizer(models.BPE(vocab, [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-                                       for m in merges],
-                               unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    out = Tokenizer(
+        models.BPE(
+            vocab,
+            [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges],
+            unk_token="<unk>",
+            byte_fallback=True,
+            fuse_unk=True,
+        )
+    )
     out.add_special_tokens(SPECIALS)
     out.normalizer = normalizers.Replace(" ", "▁")
-    out.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse()])
+    out.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
     out.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", pair="<bos> $A <eos> $B <eos>",
-        special_tokens=[("<bos>", 2), ("<eos>", 1)])
+        single="<bos> $A <eos>",
+        pair="<bos> $A <eos> $B <eos>",
+        special_tokens=[("<bos>", 2), ("<eos>", 1)],
+    )
     assert [out.token_to_id(t) for t in SPECIALS] == [0, 1, 2, 3]
     return out
 
 
 def gemma_config(vocab_size: int, **changes: Any) -> transformers.Gemma3TextConfig:
     kwargs: dict[str, Any] = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=24, query_pre_attn_scalar=20,
-        max_position_embeddings=MAX_SEQ, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
-        sliding_window=16, use_bidirectional_attention=True,
-        layer_types=["sliding_attention", "sliding_attention", "full_attention",
-                     "sliding_attention"],
-        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
-        pad_token_id=0, eos_token_id=1, bos_token_id=2, attn_logit_softcapping=None,
-        final_logit_softcapping=None, tie_word_embeddings=True)
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=24,
+        query_pre_attn_scalar=20,
+        max_position_embeddings=MAX_SEQ,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
+        sliding_window=16,
+        use_bidirectional_attention=True,
+        layer_types=[
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+        ],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        },
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+        tie_word_embeddings=True,
+    )
     kwargs.update(changes)
     return transformers.Gemma3TextConfig(**kwargs)
 
@@ -155,14 +183,28 @@ def build(out: Path, gen: torch.Generator) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "hf"
         model.save_pretrained(str(hf_dir), safe_serialization=True)
-        PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_SEQ,
-                                bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                unk_token="<unk>", padding_side="right",
-                                add_bos_token=True, add_eos_token=True).save_pretrained(str(hf_dir))
+        PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            model_max_length=MAX_SEQ,
+            bos_token="<bos>",
+            eos_token="<eos>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            padding_side="right",
+            add_bos_token=True,
+            add_eos_token=True,
+        ).save_pretrained(str(hf_dir))
         st = SentenceTransformer(
-            modules=[Transformer(str(hf_dir), max_seq_length=MAX_SEQ),
-                     Pooling(hidden, pooling_mode="mean"), dense1, dense2, Normalize()],
-            prompts=PROMPTS, device="cpu")
+            modules=[
+                Transformer(str(hf_dir), max_seq_length=MAX_SEQ),
+                Pooling(hidden, pooling_mode="mean"),
+                dense1,
+                dense2,
+                Normalize(),
+            ],
+            prompts=PROMPTS,
+            device="cpu",
+        )
         if target.parent.exists():
             shutil.rmtree(target.parent)
         st.save(str(target))
@@ -180,19 +222,34 @@ def build(out: Path, gen: torch.Generator) -> None:
     input_ids = unpadded_ids(features)
     if any(ids[0] != 2 or ids[-1] != 1 for ids in input_ids):
         raise SystemExit(f"the tokenizer does not wrap texts in <bos> ... <eos>: {input_ids}")
-    np.savez(out / NAME / "golden.npz", vectors=vectors.astype(np.float32),
-             query_vectors=query.astype(np.float32))
-    (out / NAME / "golden.json").write_text(json.dumps({
-        "texts": TEXTS, "input_ids": input_ids, "prompt_name": "query",
-        "made_by": made_by(""),
-    }, indent=1, ensure_ascii=False) + "\n")
+    np.savez(
+        out / NAME / "golden.npz",
+        vectors=vectors.astype(np.float32),
+        query_vectors=query.astype(np.float32),
+    )
+    (out / NAME / "golden.json").write_text(
+        json.dumps(
+            {
+                "texts": TEXTS,
+                "input_ids": input_ids,
+                "prompt_name": "query",
+                "made_by": made_by(""),
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     print(f"{NAME}: dim {vectors.shape[1]}, tokens {[len(i) for i in input_ids]}")
 
 
 def made_by(flags: str) -> dict[str, str]:
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "sentence_transformers": sentence_transformers.__version__,
-            "script": f"scripts/make_gemma_fixture.py{flags}"}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "script": f"scripts/make_gemma_fixture.py{flags}",
+    }
 
 
 def long_model_dir(fixture: Path, dst: Path) -> Path:
@@ -234,18 +291,30 @@ def build_long(out: Path) -> None:
         ids = st.tokenize([text])["input_ids"][0].numpy()
         vector = st.encode([text], convert_to_numpy=True)[0]
     np.savez(fixture / "long.npz", input_ids=ids.astype(np.int32), vector=vector.astype(np.float32))
-    (fixture / "long.json").write_text(json.dumps({
-        "text": text, "max_seq_length": LONG_MAX, "tokens": int(ids.size),
-        "made_by": made_by(" (long)"),
-    }, indent=1, ensure_ascii=False) + "\n")
+    (fixture / "long.json").write_text(
+        json.dumps(
+            {
+                "text": text,
+                "max_seq_length": LONG_MAX,
+                "tokens": int(ids.size),
+                "made_by": made_by(" (long)"),
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     print(f"{NAME}: long text of {ids.size} tokens")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=Path("tests/fixtures/families"))
-    ap.add_argument("--long-only", action="store_true",
-                    help="only the long-context golden, from the committed fixture")
+    ap.add_argument(
+        "--long-only",
+        action="store_true",
+        help="only the long-context golden, from the committed fixture",
+    )
     args = ap.parse_args()
     torch.manual_seed(SEED)
     if not args.long_only:

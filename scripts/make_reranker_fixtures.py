@@ -76,8 +76,8 @@ DOCUMENTS = [
     "import numpy as np\nresult = np.dot(query, document)",
     "Dies ist ein deutscher Satz über Vektoren und Suche.",
     "Esta es una frase en español sobre el aprendizaje automático.",
-    "raise ValueError(\"bad input: expected a list of strings\")",
-    "with open(path, encoding=\"utf-8\") as f:\n    lines = f.read().splitlines()",
+    'raise ValueError("bad input: expected a list of strings")',
+    'with open(path, encoding="utf-8") as f:\n    lines = f.read().splitlines()',
     "Returns the number of tokens in the text, counting special tokens.",
     "A search engine ranks documents by relevance.",
     "The model reads long documents in windows and pools the token states.",
@@ -89,60 +89,120 @@ DOCUMENTS = [
     "for i in range(10):\n    print(i, 'items processed')\n" * 8,
 ]
 #: Longer than half the window: CrossEncoder's longest_first would cut it too.
-LONG_QUERY = ("Embeddings map each text to a vector; similar texts get nearby vectors, and a "
-              "search engine ranks documents by the cosine of their vectors to the query.")
+LONG_QUERY = (
+    "Embeddings map each text to a vector; similar texts get nearby vectors, and a "
+    "search engine ranks documents by the cosine of their vectors to the query."
+)
 
 
 def bert(tok: Tokenizer) -> tuple[Any, dict[str, Any]]:
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")),
-                        ("[SEP]", tok.token_to_id("[SEP]"))])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
     cfg = transformers.BertConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=64, max_position_embeddings=MAX_LEN,
-        type_vocab_size=2, num_labels=1, layer_norm_eps=1e-12, hidden_act="gelu")
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=MAX_LEN,
+        type_vocab_size=2,
+        num_labels=1,
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
+    )
     return transformers.BertForSequenceClassification(cfg), {
-        "tokenizer": {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-                      "unk_token": "[UNK]", "mask_token": "[MASK]",
-                      "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]},
-        "activation": "legacy-identity"}
+        "tokenizer": {
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
+        },
+        "activation": "legacy-identity",
+    }
 
 
 def xlmr(tok: Tokenizer) -> tuple[Any, dict[str, Any]]:
     tok.post_processor = processors.RobertaProcessing(
-        ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")),
-        trim_offsets=False, add_prefix_space=False)
+        ("</s>", tok.token_to_id("</s>")),
+        ("<s>", tok.token_to_id("<s>")),
+        trim_offsets=False,
+        add_prefix_space=False,
+    )
     cfg = transformers.XLMRobertaConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=64, max_position_embeddings=MAX_LEN + 2,
-        type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        layer_norm_eps=1e-5, hidden_act="gelu", num_labels=1)
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=MAX_LEN + 2,
+        type_vocab_size=1,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        num_labels=1,
+    )
     return transformers.XLMRobertaForSequenceClassification(cfg), {
-        "tokenizer": {"bos_token": "<s>", "eos_token": "</s>", "cls_token": "<s>",
-                      "sep_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
-                      "mask_token": "<mask>"},
-        "activation": "saved"}
+        "tokenizer": {
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "cls_token": "<s>",
+            "sep_token": "</s>",
+            "pad_token": "<pad>",
+            "unk_token": "<unk>",
+            "mask_token": "<mask>",
+        },
+        "activation": "saved",
+    }
 
 
 def modernbert(tok: Tokenizer) -> tuple[Any, dict[str, Any]]:
     ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
     cfg = transformers.ModernBertConfig(
-        vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=4,
-        num_attention_heads=2, intermediate_size=48, max_position_embeddings=MAX_LEN,
-        global_attn_every_n_layers=3, local_attention=16, global_rope_theta=160000.0,
-        local_rope_theta=10000.0, norm_eps=1e-5, hidden_activation="gelu",
-        classifier_pooling="mean", classifier_activation="gelu", num_labels=1,
-        pad_token_id=ids["[PAD]"], cls_token_id=ids["[CLS]"], bos_token_id=ids["[CLS]"],
-        sep_token_id=ids["[SEP]"], eos_token_id=ids["[SEP]"])
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=MAX_LEN,
+        global_attn_every_n_layers=3,
+        local_attention=16,
+        global_rope_theta=160000.0,
+        local_rope_theta=10000.0,
+        norm_eps=1e-5,
+        hidden_activation="gelu",
+        classifier_pooling="mean",
+        classifier_activation="gelu",
+        num_labels=1,
+        pad_token_id=ids["[PAD]"],
+        cls_token_id=ids["[CLS]"],
+        bos_token_id=ids["[CLS]"],
+        sep_token_id=ids["[SEP]"],
+        eos_token_id=ids["[SEP]"],
+    )
     return transformers.ModernBertForSequenceClassification(cfg), {
-        "tokenizer": {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
-                      "unk_token": "[UNK]", "mask_token": "[MASK]"},
-        "activation": "none"}
+        "tokenizer": {
+            "cls_token": "[CLS]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "unk_token": "[UNK]",
+            "mask_token": "[MASK]",
+        },
+        "activation": "none",
+    }
 
 
-FAMILIES = {"bert": ("wordpiece", bert), "xlmr": ("unigram", xlmr),
-            "modernbert": ("bpe", modernbert)}
+FAMILIES = {
+    "bert": ("wordpiece", bert),
+    "xlmr": ("unigram", xlmr),
+    "modernbert": ("bpe", modernbert),
+}
 
 
 def fit_long_query(tokenizer: Any) -> str:
@@ -187,8 +247,14 @@ def train_like_head(model: Any, tokenizer: Any, pairs: list[tuple[str, str]]) ->
     linear = classifier_of(model)
     seen: list[torch.Tensor] = []
     hook = linear.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
-    feats = tokenizer([q for q, _ in pairs], [d for _, d in pairs], padding=True,
-                      truncation="longest_first", max_length=MAX_LEN, return_tensors="pt")
+    feats = tokenizer(
+        [q for q, _ in pairs],
+        [d for _, d in pairs],
+        padding=True,
+        truncation="longest_first",
+        max_length=MAX_LEN,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         model(**feats)
     hook.remove()
@@ -211,11 +277,15 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
     target = out / name / "model"
     if target.parent.exists():
         shutil.rmtree(target.parent)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=MAX_LEN,
-                                   **spec["tokenizer"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=MAX_LEN, **spec["tokenizer"]
+    )
     # a copy tokenises for the head, so the saved tokenizer keeps no truncation state
-    scratch = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.to_str()),
-                                      model_max_length=MAX_LEN, **spec["tokenizer"])
+    scratch = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tok.to_str()),
+        model_max_length=MAX_LEN,
+        **spec["tokenizer"],
+    )
     train_like_head(model, scratch, [(q, d) for q in QUERIES for d in DOCUMENTS])
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = Path(tmp) / "hf"
@@ -228,35 +298,59 @@ def build(name: str, out: Path, gen: torch.Generator) -> None:
     identity = torch.nn.Identity()
     pairs = [(q, d) for q in QUERIES for d in DOCUMENTS]
     scores = ce.predict(pairs, batch_size=len(pairs), convert_to_numpy=True)
-    logits = ce.predict(pairs, batch_size=len(pairs), activation_fn=identity,
-                        convert_to_numpy=True)
+    logits = ce.predict(pairs, batch_size=len(pairs), activation_fn=identity, convert_to_numpy=True)
     alone = np.array([ce.predict([p], activation_fn=identity)[0] for p in pairs])
     if np.abs(alone - logits).max() > 1e-5:
         raise SystemExit(f"{name}: the reference depends on batch padding: {alone - logits}")
-    features = ce.tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation="longest_first",
-                            max_length=MAX_LEN)
+    features = ce.tokenizer(
+        [q for q, _ in pairs], [d for _, d in pairs], truncation="longest_first", max_length=MAX_LEN
+    )
     long_query = fit_long_query(ce.tokenizer)
     long_docs = [d for d in DOCUMENTS if len(ce.tokenizer(long_query, d)["input_ids"]) > MAX_LEN]
-    lq = ce.tokenizer([long_query] * len(long_docs), long_docs, truncation="only_second",
-                      max_length=MAX_LEN, padding=True, return_tensors="pt")
+    lq = ce.tokenizer(
+        [long_query] * len(long_docs),
+        long_docs,
+        truncation="only_second",
+        max_length=MAX_LEN,
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         long_query_logits = ce.model(**lq).logits[:, 0].numpy()
-    np.savez(out / name / "golden.npz", scores=scores.astype(np.float32),
-             logits=logits.astype(np.float32),
-             long_query_logits=long_query_logits.astype(np.float32))
-    (out / name / "golden.json").write_text(json.dumps({
-        "queries": QUERIES, "documents": DOCUMENTS, "long_query": long_query,
-        "long_query_documents": long_docs, "max_length": MAX_LEN,
-        "activation": type(ce.activation_fn).__name__,
-        "input_ids": features["input_ids"],
-        "token_type_ids": features.get("token_type_ids"),
-        "made_by": {"torch": torch.__version__, "transformers": transformers.__version__,
+    np.savez(
+        out / name / "golden.npz",
+        scores=scores.astype(np.float32),
+        logits=logits.astype(np.float32),
+        long_query_logits=long_query_logits.astype(np.float32),
+    )
+    (out / name / "golden.json").write_text(
+        json.dumps(
+            {
+                "queries": QUERIES,
+                "documents": DOCUMENTS,
+                "long_query": long_query,
+                "long_query_documents": long_docs,
+                "max_length": MAX_LEN,
+                "activation": type(ce.activation_fn).__name__,
+                "input_ids": features["input_ids"],
+                "token_type_ids": features.get("token_type_ids"),
+                "made_by": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
                     "sentence_transformers": sentence_transformers.__version__,
-                    "script": "scripts/make_reranker_fixtures.py"},
-    }, indent=1, ensure_ascii=False) + "\n")
+                    "script": "scripts/make_reranker_fixtures.py",
+                },
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     size = sum(p.stat().st_size for p in (out / name).rglob("*") if p.is_file())
-    print(f"{name}: {size / 1024:.0f} KB, activation {type(ce.activation_fn).__name__}, "
-          f"pair tokens {[len(i) for i in features['input_ids']]}")
+    print(
+        f"{name}: {size / 1024:.0f} KB, activation {type(ce.activation_fn).__name__}, "
+        f"pair tokens {[len(i) for i in features['input_ids']]}"
+    )
 
 
 # --- Qwen3-Reranker: yes/no logits of a causal LM --------------------------------------------
@@ -272,22 +366,28 @@ QWEN3_TEMPLATE = (
     ' | first | default("Given a web search query, retrieve relevant passages that answer the '
     'query") -%}\n'
     '{%- set query_text = messages | selectattr("role", "eq", "query") | map(attribute="content")'
-    ' | first -%}\n'
+    " | first -%}\n"
     '{%- set document_text = messages | selectattr("role", "eq", "document") | '
     'map(attribute="content") | first -%}\n'
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
     'and the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
     "<|im_start|>user\n<Instruct>: {{ instruction }}\n<Query>: {{ query_text }}\n"
-    "<Document>: {{ document_text }}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n\n")
+    "<Document>: {{ document_text }}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n\n"
+)
 QWEN3_MAX_LEN = 128
 #: CrossEncoder's ``prompt`` for one query's goldens (the template's ``<Instruct>``).
 QWEN3_INSTRUCTION = "Given a code search query, retrieve the code that answers it"
 QWEN3_VOCAB = 800
-QWEN3_CORPUS = CORPUS + (
-    "Judge whether the Document meets the requirements based on the Query and the Instruct "
-    'provided. Note that the answer can only be "yes" or "no".\n<Instruct>: Given a web search '
-    "query, retrieve relevant passages that answer the query\n<Query>: \n<Document>: \n"
-    "system\nuser\nassistant\n") + "yes\nno\n" * 20
+QWEN3_CORPUS = (
+    CORPUS
+    + (
+        "Judge whether the Document meets the requirements based on the Query and the Instruct "
+        'provided. Note that the answer can only be "yes" or "no".\n<Instruct>: Given a web search '
+        "query, retrieve relevant passages that answer the query\n<Query>: \n<Document>: \n"
+        "system\nuser\nassistant\n"
+    )
+    + "yes\nno\n" * 20
+)
 
 
 def qwen3_tokenizer() -> Any:
@@ -300,21 +400,41 @@ def qwen3_tokenizer() -> Any:
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.train_from_iterator([QWEN3_CORPUS], trainers.BpeTrainer(
-        vocab_size=QWEN3_VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.train_from_iterator(
+        [QWEN3_CORPUS],
+        trainers.BpeTrainer(
+            vocab_size=QWEN3_VOCAB,
+            special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     vocab = tok.get_vocab()
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(tok.to_str())["model"]["merges"]]
-    qt = transformers.Qwen2Tokenizer(vocab=vocab, merges=merges, padding_side="left",
-                                     model_max_length=QWEN3_MAX_LEN)
-    qt.add_tokens([AddedToken(t, special=True, normalized=False)
-                   for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")], special_tokens=True)
-    qt.add_tokens([AddedToken("<think>", special=False, normalized=False),
-                   AddedToken("</think>", special=False, normalized=False)])
+    merges = [
+        tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+        for m in json.loads(tok.to_str())["model"]["merges"]
+    ]
+    qt = transformers.Qwen2Tokenizer(
+        vocab=vocab, merges=merges, padding_side="left", model_max_length=QWEN3_MAX_LEN
+    )
+    qt.add_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+        ],
+        special_tokens=True,
+    )
+    qt.add_tokens(
+        [
+            AddedToken("<think>", special=False, normalized=False),
+            AddedToken("</think>", special=False, normalized=False),
+        ]
+    )
     for word in ("yes", "no"):
         if word not in qt.get_vocab():
             raise SystemExit(f"qwen3: {word!r} is not one token of the trained vocabulary")
@@ -325,11 +445,20 @@ def qwen3_head(model: Any, tok: Any, pairs: list[tuple[str, str]], yes: int, no:
     """``lm_head``'s yes row = its no row + the first principal component of the last
     token's states over ``pairs`` (score std 3): a trained reranker's yes/no logits differ
     along the direction its pairs vary, far beyond int8's rounding (``train_like_head``)."""
-    texts = [tok.apply_chat_template([{"role": "query", "content": q},
-                                      {"role": "document", "content": d}], tokenize=False)
-             for q, d in pairs]
-    feats = tok(texts, padding=True, truncation=True, max_length=QWEN3_MAX_LEN,
-                return_tensors="pt", add_special_tokens=False)
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "query", "content": q}, {"role": "document", "content": d}], tokenize=False
+        )
+        for q, d in pairs
+    ]
+    feats = tok(
+        texts,
+        padding=True,
+        truncation=True,
+        max_length=QWEN3_MAX_LEN,
+        return_tensors="pt",
+        add_special_tokens=False,
+    )
     with torch.no_grad():
         states = model.model(**feats).last_hidden_state[:, -1].double()  # left padding
     centred = states - states.mean(0)
@@ -370,12 +499,24 @@ def build_qwen3(out: Path, gen: torch.Generator) -> None:
     tok.chat_template = QWEN3_TEMPLATE
     eid = tok.convert_tokens_to_ids("<|endoftext|>")
     cfg = transformers.Qwen3Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_act="silu",
-        max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        hidden_act="silu",
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        attention_bias=False, use_sliding_window=False, bos_token_id=eid, eos_token_id=eid,
-        pad_token_id=eid)
+        attention_bias=False,
+        use_sliding_window=False,
+        bos_token_id=eid,
+        eos_token_id=eid,
+        pad_token_id=eid,
+    )
     model = transformers.Qwen3ForCausalLM(cfg)
     randomise(model, gen)
     model.eval()
@@ -394,21 +535,23 @@ def build_qwen3(out: Path, gen: torch.Generator) -> None:
     ce = CrossEncoder(str(target), device="cpu")
     identity = torch.nn.Identity()
     scores = ce.predict(pairs, batch_size=len(pairs), convert_to_numpy=True)
-    logits = ce.predict(pairs, batch_size=len(pairs), activation_fn=identity,
-                        convert_to_numpy=True)
+    logits = ce.predict(pairs, batch_size=len(pairs), activation_fn=identity, convert_to_numpy=True)
     alone = np.array([ce.predict([p], activation_fn=identity)[0] for p in pairs])
     if np.abs(alone - logits).max() > 1e-5:
         raise SystemExit(f"qwen3: the reference depends on batch padding: {alone - logits}")
     features = ce[0].preprocess(pairs)
-    ids = [row[m.bool()].tolist() for row, m in zip(features["input_ids"],
-                                                     features["attention_mask"], strict=True)]
+    ids = [
+        row[m.bool()].tolist()
+        for row, m in zip(features["input_ids"], features["attention_mask"], strict=True)
+    ]
     truncated = [len(i) >= QWEN3_MAX_LEN for i in ids]
     if not any(truncated):
         raise SystemExit("qwen3: no pair is longer than the window")
     # the card's recipe on the untruncated pairs: the yes and no logits of the last token
     card = ce.tokenizer.apply_chat_template(
-        [[{"role": "query", "content": q}, {"role": "document", "content": d}]
-         for q, d in pairs], tokenize=False)
+        [[{"role": "query", "content": q}, {"role": "document", "content": d}] for q, d in pairs],
+        tokenize=False,
+    )
     with torch.no_grad():
         enc = ce.tokenizer(card, padding=True, return_tensors="pt", add_special_tokens=False)
         last = ce.model(**enc).logits[:, -1]
@@ -417,8 +560,12 @@ def build_qwen3(out: Path, gen: torch.Generator) -> None:
     if np.abs(yes_no[full, 0] - yes_no[full, 1] - logits[full]).max() > 1e-5:
         raise SystemExit("qwen3: CrossEncoder's logits are not yes - no of the card's recipe")
     # CrossEncoder's prompt: rendered as the system message, the template's <Instruct>
-    instructed = ce.predict([(QUERIES[0], d) for d in DOCUMENTS], prompt=QWEN3_INSTRUCTION,
-                            activation_fn=identity, convert_to_numpy=True)
+    instructed = ce.predict(
+        [(QUERIES[0], d) for d in DOCUMENTS],
+        prompt=QWEN3_INSTRUCTION,
+        activation_fn=identity,
+        convert_to_numpy=True,
+    )
     # the 0.6B/4B layout: lm_head tied to the token table, so not saved
     with tempfile.TemporaryDirectory() as tmp:
         tied_dir = Path(tmp) / "tied"
@@ -427,23 +574,46 @@ def build_qwen3(out: Path, gen: torch.Generator) -> None:
         tied = CrossEncoder(str(tied_dir), device="cpu")
         if not torch.equal(tied.model.lm_head.weight, tied.model.model.embed_tokens.weight):
             raise SystemExit("qwen3: tie_word_embeddings did not tie lm_head")
-        tied_logits = tied.predict(pairs, batch_size=len(pairs), activation_fn=identity,
-                                   convert_to_numpy=True)
-    np.savez(out / "qwen3" / "golden.npz", scores=scores.astype(np.float32),
-             logits=logits.astype(np.float32), yes_no=yes_no.astype(np.float32),
-             instructed_logits=instructed.astype(np.float32),
-             tied_logits=tied_logits.astype(np.float32))
-    (out / "qwen3" / "golden.json").write_text(json.dumps({
-        "queries": QUERIES, "documents": DOCUMENTS, "max_length": QWEN3_MAX_LEN,
-        "activation": type(ce.activation_fn).__name__, "yes_id": yes, "no_id": no,
-        "input_ids": ids, "truncated": truncated, "instruction": QWEN3_INSTRUCTION,
-        "made_by": {"torch": torch.__version__, "transformers": transformers.__version__,
+        tied_logits = tied.predict(
+            pairs, batch_size=len(pairs), activation_fn=identity, convert_to_numpy=True
+        )
+    np.savez(
+        out / "qwen3" / "golden.npz",
+        scores=scores.astype(np.float32),
+        logits=logits.astype(np.float32),
+        yes_no=yes_no.astype(np.float32),
+        instructed_logits=instructed.astype(np.float32),
+        tied_logits=tied_logits.astype(np.float32),
+    )
+    (out / "qwen3" / "golden.json").write_text(
+        json.dumps(
+            {
+                "queries": QUERIES,
+                "documents": DOCUMENTS,
+                "max_length": QWEN3_MAX_LEN,
+                "activation": type(ce.activation_fn).__name__,
+                "yes_id": yes,
+                "no_id": no,
+                "input_ids": ids,
+                "truncated": truncated,
+                "instruction": QWEN3_INSTRUCTION,
+                "made_by": {
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
                     "sentence_transformers": sentence_transformers.__version__,
-                    "script": "scripts/make_reranker_fixtures.py"},
-    }, indent=1, ensure_ascii=False) + "\n")
+                    "script": "scripts/make_reranker_fixtures.py",
+                },
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     size = sum(p.stat().st_size for p in (out / "qwen3").rglob("*") if p.is_file())
-    print(f"qwen3: {size / 1024:.0f} KB, activation {type(ce.activation_fn).__name__}, "
-          f"pair tokens {[len(i) for i in ids]}")
+    print(
+        f"qwen3: {size / 1024:.0f} KB, activation {type(ce.activation_fn).__name__}, "
+        f"pair tokens {[len(i) for i in ids]}"
+    )
 
 
 def main() -> None:

@@ -75,15 +75,18 @@ def own_memory_cgroup() -> tuple[Literal[1, 2], Path]:
             if fstype == "cgroup2":
                 directory = _join(point, root, v2_path)
                 if (directory / "cgroup.controllers").is_file() and "memory" in (
-                        directory / "cgroup.controllers").read_text().split():
+                    directory / "cgroup.controllers"
+                ).read_text().split():
                     return 2, directory
-    raise CgroupUnavailable("no memory cgroup controller is mounted (checked /proc/self/cgroup "
-                            "and /proc/self/mountinfo)")
+    raise CgroupUnavailable(
+        "no memory cgroup controller is mounted (checked /proc/self/cgroup "
+        "and /proc/self/mountinfo)"
+    )
 
 
 def _join(point: str, root: str, path: str) -> Path:
     if root not in ("/", "") and path.startswith(root):
-        path = path[len(root):]
+        path = path[len(root) :]
     return Path(point) / path.lstrip("/")
 
 
@@ -134,8 +137,7 @@ class MemoryCgroup:
         return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.procs_file), *argv]
 
     def usage(self) -> int:
-        return int(self._read("memory.usage_in_bytes" if self.version == 1
-                              else "memory.current"))
+        return int(self._read("memory.usage_in_bytes" if self.version == 1 else "memory.current"))
 
     def events(self) -> dict[str, int]:
         """Counters, the same names on both versions: ``oom_kill`` (processes the OOM killer
@@ -205,21 +207,24 @@ def create_child(limit_bytes: int | None = None, *, name: str | None = None) -> 
                     f"cgroup v2 {parent}: memory is not delegated to children and cannot be "
                     f"({exc.strerror}; a cgroup with processes cannot enable it). Run the "
                     "tests in a delegated cgroup, e.g. systemd-run --user --scope -p "
-                    "Delegate=yes pytest") from exc
+                    "Delegate=yes pytest"
+                ) from exc
     path = parent / (name or f"embedpool-test-{os.getpid()}-{next(_counter)}")
     try:
         path.mkdir()
     except OSError as exc:
-        raise CgroupUnavailable(f"cannot create a child cgroup in {parent}: "
-                                f"{exc.strerror or exc}") from exc
+        raise CgroupUnavailable(
+            f"cannot create a child cgroup in {parent}: {exc.strerror or exc}"
+        ) from exc
     cg = MemoryCgroup(version, path)
     if limit_bytes is not None:
         try:
             cg.set_limit(limit_bytes)
         except OSError as exc:
             cg.remove()
-            raise CgroupUnavailable(f"cannot set a memory limit in {path}: "
-                                    f"{exc.strerror or exc}") from exc
+            raise CgroupUnavailable(
+                f"cannot set a memory limit in {path}: {exc.strerror or exc}"
+            ) from exc
     return cg
 
 

@@ -55,8 +55,10 @@ def allowed_kinds(env: Mapping[str, str] | None = None) -> frozenset[str]:
     kinds = frozenset(k.strip() for k in raw.split(",") if k.strip())
     unknown = sorted(kinds - KINDS.keys())
     if unknown:
-        raise pytest.UsageError(f"{ALLOW_VAR}={raw!r}: unknown kind(s) {', '.join(unknown)}; "
-                                f"known: {', '.join(sorted(KINDS))}")
+        raise pytest.UsageError(
+            f"{ALLOW_VAR}={raw!r}: unknown kind(s) {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(KINDS))}"
+        )
     return kinds
 
 
@@ -72,8 +74,11 @@ def decide(kind: str, env: Mapping[str, str] | None = None) -> Literal["skip", "
 def missing(kind: str, reason: str) -> NoReturn:
     """Skip or fail the running test because prerequisite ``kind`` is missing (see module)."""
     if decide(kind) == "fail":
-        pytest.fail(f"{kind} prerequisite missing under CI=true: {reason}. Fix the runner, or "
-                    f"opt out explicitly with {ALLOW_VAR}={kind}", pytrace=False)
+        pytest.fail(
+            f"{kind} prerequisite missing under CI=true: {reason}. Fix the runner, or "
+            f"opt out explicitly with {ALLOW_VAR}={kind}",
+            pytrace=False,
+        )
     pytest.skip(f"{_PREFIX} ({kind}): {reason}")
 
 
@@ -101,8 +106,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    for kind, reason_of in (("cgroup", cgroup_reason), ("ray", ray_reason),
-                            ("openvino", openvino_reason)):
+    for kind, reason_of in (
+        ("cgroup", cgroup_reason),
+        ("ray", ray_reason),
+        ("openvino", openvino_reason),
+    ):
         if item.get_closest_marker(kind) is not None:
             reason = reason_of()
             if reason is not None:
@@ -110,9 +118,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item,
-                              call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport,
-                                                                        pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.skipped and not hasattr(report, "wasxfail"):
         longrepr = report.longrepr
@@ -124,9 +132,11 @@ def pytest_runtest_makereport(item: pytest.Item,
             _skipped[found[1]] = _skipped.get(found[1], 0) + 1
         elif in_ci():
             report.outcome = "failed"
-            report.longrepr = (f"skipped under CI=true without naming a prerequisite kind: "
-                               f"{reason}. Use ci_rules.missing(kind, reason) so that the run "
-                               f"can opt out with {ALLOW_VAR}")
+            report.longrepr = (
+                f"skipped under CI=true without naming a prerequisite kind: "
+                f"{reason}. Use ci_rules.missing(kind, reason) so that the run "
+                f"can opt out with {ALLOW_VAR}"
+            )
     return report
 
 
@@ -136,8 +146,10 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         return
     tr = terminalreporter
     if not allowed:
-        tr.write_line(f"CI prerequisites: all enforced ({', '.join(sorted(KINDS))}); "
-                      f"none allowed to skip ({ALLOW_VAR} is empty)")
+        tr.write_line(
+            f"CI prerequisites: all enforced ({', '.join(sorted(KINDS))}); "
+            f"none allowed to skip ({ALLOW_VAR} is empty)"
+        )
         return
     tr.write_sep("=", f"{ALLOW_VAR}: prerequisites allowed to skip", yellow=True)
     for kind in sorted(allowed):

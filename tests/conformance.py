@@ -16,8 +16,9 @@ from safetensors.numpy import load_file, save_file
 FIXTURES = Path(__file__).parent / "fixtures" / "conformance"
 CASES = FIXTURES / "cases"
 TEXTS: list[str] = json.loads((FIXTURES / "texts.json").read_text(encoding="utf-8"))
-LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64
-               + b"\nsize 123456\n")
+LFS_POINTER = (
+    b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 123456\n"
+)
 #: Files of a case directory that are not part of the model.
 NOT_MODEL = {"case.json", "golden.npz"}
 
@@ -112,19 +113,22 @@ def edit_onnx(src: Path, dest: Path, kind: str, arg: str = "") -> None:
 
     if kind == "shipped-onnx-pooled":
         hidden = g.output[0].name
-        g.node.append(helper.make_node("ReduceMean", [hidden], ["sentence_embedding"], axes=[1],
-                                       keepdims=0))
+        g.node.append(
+            helper.make_node("ReduceMean", [hidden], ["sentence_embedding"], axes=[1], keepdims=0)
+        )
         del g.output[:]
-        g.output.append(helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT,
-                                                      ["batch", 16]))
+        g.output.append(
+            helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", 16])
+        )
     elif kind == "shipped-onnx-int32":
         for inp in list(g.input):
             name = inp.name
             rename_input(name, name + "_i64")
             inp.name = name
             inp.type.tensor_type.elem_type = TensorProto.INT32
-            g.node.insert(0, helper.make_node("Cast", [name], [name + "_i64"],
-                                              to=TensorProto.INT64))
+            g.node.insert(
+                0, helper.make_node("Cast", [name], [name + "_i64"], to=TensorProto.INT64)
+            )
     elif kind == "onnx-rename-input":
         old, new = arg.split(":")
         rename_input(old, new)
@@ -136,12 +140,15 @@ def sharded_weights(d: Path) -> None:
     """model.safetensors as two shards and an index (what scripts/make_conformance.py did)."""
     w = load_file(str(d / "model.safetensors"))
     keys = sorted(w)
-    parts = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-             "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    parts = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for file, ks in parts.items():
         save_file({k: w[k] for k in ks}, str(d / file), metadata={"format": "pt"})
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f for f, ks in parts.items() for k in ks}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in parts.items() for k in ks}})
+    )
     (d / "model.safetensors").unlink()
 
 
@@ -152,8 +159,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return cos
 
 
-def mixed_prompt_batches(name: str, model: Any, per_batch: int = 7
-                         ) -> list[tuple[Any, np.ndarray]]:
+def mixed_prompt_batches(name: str, model: Any, per_batch: int = 7) -> list[tuple[Any, np.ndarray]]:
     """Every prompt call of case ``name`` (``case.json`` calls) mixed into batches of
     ``per_batch`` sequences, so that one batch holds sequences with different prompt lengths
     (as the server's micro-batcher mixes requests): [(WorkBatch, golden rows)]."""
@@ -174,9 +180,18 @@ def mixed_prompt_batches(name: str, model: Any, per_batch: int = 7
     order = np.random.default_rng(0).permutation(len(seqs))
     out = []
     for b, start in enumerate(range(0, len(order), per_batch)):
-        idx = order[start:start + per_batch]
-        out.append((WorkBatch(b, tuple(seqs[i] for i in idx), tuple(str(i) for i in idx),
-                              prompt_lengths=tuple(plens[i] for i in idx)), want[idx]))
+        idx = order[start : start + per_batch]
+        out.append(
+            (
+                WorkBatch(
+                    b,
+                    tuple(seqs[i] for i in idx),
+                    tuple(str(i) for i in idx),
+                    prompt_lengths=tuple(plens[i] for i in idx),
+                ),
+                want[idx],
+            )
+        )
     assert len({p for batch, _ in out for p in batch.prompt_lengths}) > 1
     return out
 

@@ -59,6 +59,7 @@ def ray_cluster() -> Iterator[ModuleType]:
     if reason is not None:  # a skip locally, a failure under CI=true (tests/ci_rules.py)
         missing("ray", reason)
     import ray
+
     if ray.is_initialized():
         yield ray
         return
@@ -69,8 +70,13 @@ def ray_cluster() -> Iterator[ModuleType]:
         # Workers inherit the driver's environment on a local instance: their model cache
         # is the suite's (SUITE_CACHE_DIR), never the user's.
         os.environ.setdefault("RAY_worker_niceness", "0")  # as RayExecutor's own instance
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=OBJECT_STORE_BYTES,
+            log_to_driver=False,
+        )
     try:
         yield ray
     finally:

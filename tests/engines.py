@@ -7,5 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-ENGINES = [pytest.param("onnxruntime", id="ort"),
-           pytest.param("openvino", id="openvino", marks=pytest.mark.openvino)]
+ENGINES = [
+    pytest.param("onnxruntime", id="ort"),
+    pytest.param("openvino", id="openvino", marks=pytest.mark.openvino),
+]

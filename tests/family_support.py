@@ -36,6 +36,7 @@ INT8_MEAN, INT8_MIN = 0.99, 0.97
 
 # --- fixtures and goldens --------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Fixture:
     model: ResolvedModel
@@ -50,8 +51,14 @@ def load_fixture(name: str, directory: Path | None = None) -> Fixture:
     root = FIXTURES / name
     gold = json.loads((root / "golden.json").read_text(encoding="utf-8"))
     vecs = np.load(root / "golden.npz")
-    return Fixture(resolve_model(directory or root / "model"), gold["texts"], gold["input_ids"],
-                   vecs["vectors"], vecs["query_vectors"], gold["prompt_name"])
+    return Fixture(
+        resolve_model(directory or root / "model"),
+        gold["texts"],
+        gold["input_ids"],
+        vecs["vectors"],
+        vecs["query_vectors"],
+        gold["prompt_name"],
+    )
 
 
 def golden(name: str, key: str) -> F32:
@@ -83,6 +90,7 @@ def prompted(fx: Fixture) -> list[str]:
 @dataclasses.dataclass(frozen=True)
 class LongGolden:
     """A fixture's long text (``long.json`` / ``long.npz``) and the reference's vector."""
+
     text: str
     input_ids: list[int]
     vector: F32
@@ -92,13 +100,15 @@ class LongGolden:
 def load_long_golden(name: str) -> LongGolden:
     meta = json.loads((FIXTURES / name / "long.json").read_text(encoding="utf-8"))
     gold = np.load(FIXTURES / name / "long.npz")
-    return LongGolden(meta["text"], gold["input_ids"].tolist(), gold["vector"],
-                      int(meta["max_seq_length"]))
+    return LongGolden(
+        meta["text"], gold["input_ids"].tolist(), gold["vector"], int(meta["max_seq_length"])
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class LongFixture:
     """A fixture's model with its max length raised for the long text, and that text."""
+
     model: ResolvedModel
     text: str
     input_ids: list[int]
@@ -106,6 +116,7 @@ class LongFixture:
 
 
 # --- graphs ------------------------------------------------------------------------------------
+
 
 def prepare_graphs(model: ResolvedModel, cache: Path) -> dict[str, Path]:
     """The model's fp32 and int8 graphs, built by prepare_onnx into ``cache``."""
@@ -121,14 +132,16 @@ def checked_unfused_graph(fx: Fixture) -> onnx.ModelProto:
     from embedpool.graph.compose import compose
 
     fam, cfg = _family(fx.model)
-    graph = compose(fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head,
-                    fused=False)
+    graph = compose(
+        fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head, fused=False
+    )
     onnx.checker.check_model(graph, full_check=True)
     assert not {n.domain for n in graph.graph.node} - {"", "ai.onnx"}
     return graph
 
 
 # --- embedding ---------------------------------------------------------------------------------
+
 
 def encode(model: ResolvedModel, texts: list[str]) -> list[Any]:
     """The texts' token sequences, through embedpool's tokenizer at the model's max length."""
@@ -192,8 +205,9 @@ def run_graph(graph: onnx.ModelProto, fixture: Fixture) -> F32:
     return out
 
 
-def encoder_graph(fam: Any, weights: Any, cfg: Any, fx: Fixture, *, attention: str,
-                  fused: bool = True) -> onnx.ModelProto:
+def encoder_graph(
+    fam: Any, weights: Any, cfg: Any, fx: Fixture, *, attention: str, fused: bool = True
+) -> onnx.ModelProto:
     """The family's encoder with one ``attention`` variant (a benchmark alternative) and the
     fixture's head, as a whole graph (compose() builds only the shipped variant)."""
     from onnx import TensorProto, helper
@@ -205,19 +219,25 @@ def encoder_graph(fam: Any, weights: Any, cfg: Any, fx: Fixture, *, attention: s
     enc = fam.build_encoder(g, weights, cfg, fused=fused, attention=attention)
     apply_head(g, enc.hidden, enc.width, fx.model.head, "sentence_embedding")
     graph: onnx.ModelProto = g.finish(
-        "m", [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
-              for n in ("input_ids", "attention_mask")],
+        "m",
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "s"])
+            for n in ("input_ids", "attention_mask")
+        ],
         [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, None)],
-        producer_version="test")
+        producer_version="test",
+    )
     return graph
 
 
 # --- the CLI and serve -------------------------------------------------------------------------
 
+
 def jsonl(path: Path, texts: list[str]) -> Path:
     """The texts as an ``embed`` input file, one {"id", "text"} object a line."""
-    path.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
-                            for i, t in enumerate(texts)))
+    path.write_text(
+        "".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts))
+    )
     return path
 
 
@@ -228,11 +248,30 @@ def cache_env(cache: Path) -> dict[str, str]:
 def cli_embed_query(fx: Fixture, tmp_path: Path, precision: str) -> F32:
     """``embedpool embed --prompt-name query`` on the fixture's texts in one pool worker."""
     out = tmp_path / "q.npy"
-    res = subprocess.run([*CLI, "embed", str(jsonl(tmp_path / "t.jsonl", fx.texts)), "--out",
-                          str(out), "--model", str(fx.model.directory), "--precision", precision,
-                          "--prompt-name", "query", "--workers", "1", "--no-cache", "-q"],
-                         capture_output=True, text=True, timeout=300, check=False,
-                         env=cache_env(tmp_path / "cache"))
+    res = subprocess.run(
+        [
+            *CLI,
+            "embed",
+            str(jsonl(tmp_path / "t.jsonl", fx.texts)),
+            "--out",
+            str(out),
+            "--model",
+            str(fx.model.directory),
+            "--precision",
+            precision,
+            "--prompt-name",
+            "query",
+            "--workers",
+            "1",
+            "--no-cache",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=cache_env(tmp_path / "cache"),
+    )
     assert res.returncode == 0, res.stderr
     got: F32 = np.load(out)
     return got
@@ -256,8 +295,9 @@ def wait_started(server: subprocess.Popen[str]) -> list[str]:
     pytest.fail(f"serve exited {server.wait()} before it started: {''.join(said)}")
 
 
-def openai_vectors(base_url: str, fx: Fixture, prompt_field: str = "prompt_name"
-                   ) -> list[tuple[F32, F32]]:
+def openai_vectors(
+    base_url: str, fx: Fixture, prompt_field: str = "prompt_name"
+) -> list[tuple[F32, F32]]:
     """The official openai client asks the server for the fixture's texts, plain and with
     ``{prompt_field}: query`` (``prompt_name`` or ``input_type``): (got, reference) for each."""
     from openai import OpenAI
@@ -265,22 +305,39 @@ def openai_vectors(base_url: str, fx: Fixture, prompt_field: str = "prompt_name"
     client = OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120.0)
     out = []
     for extra, want in (({}, fx.vectors), ({prompt_field: "query"}, fx.query_vectors)):
-        got = client.embeddings.create(model=str(fx.model.directory), input=fx.texts,
-                                       extra_body=extra)
+        got = client.embeddings.create(
+            model=str(fx.model.directory), input=fx.texts, extra_body=extra
+        )
         out.append((np.array([d.embedding for d in got.data], dtype=np.float32), want))
     return out
 
 
-def serve_matches_reference(fx: Fixture, tmp_path: Path, precision: str = "fp32",
-                            prompt_field: str = "prompt_name") -> None:
+def serve_matches_reference(
+    fx: Fixture, tmp_path: Path, precision: str = "fp32", prompt_field: str = "prompt_name"
+) -> None:
     """``embedpool serve`` on 127.0.0.1 with one pool worker, asked by the openai client:
     plain and query-prompt vectors (by ``prompt_field``) equal to the reference at
     ``precision``'s bar."""
     port = free_port()
-    server = subprocess.Popen([*CLI, "serve", "--model", str(fx.model.directory), "--precision",
-                               precision, "--workers", "1", "--port", str(port), "--no-cache"],
-                              env=cache_env(tmp_path / "cache"), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--model",
+            str(fx.model.directory),
+            "--precision",
+            precision,
+            "--workers",
+            "1",
+            "--port",
+            str(port),
+            "--no-cache",
+        ],
+        env=cache_env(tmp_path / "cache"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_started(server)
         for got, want in openai_vectors(f"http://127.0.0.1:{port}/v1", fx, prompt_field):

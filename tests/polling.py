@@ -17,8 +17,9 @@ import pytest
 DEADLINE_S = 120.0
 
 
-def wait_until(cond: Callable[[], object], what: str, timeout: float = DEADLINE_S,
-               interval: float = 0.02) -> None:
+def wait_until(
+    cond: Callable[[], object], what: str, timeout: float = DEADLINE_S, interval: float = 0.02
+) -> None:
     """Poll ``cond`` every ``interval`` s until it is true; fail the test (naming ``what``)
     after ``timeout`` s."""
     deadline = time.monotonic() + timeout

@@ -13,5 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-SUITE_CACHE_DIR = Path(os.environ.get("EMBEDPOOL_TEST_CACHE_DIR")
-                       or Path(__file__).resolve().parents[1] / ".test-cache")
+SUITE_CACHE_DIR = Path(
+    os.environ.get("EMBEDPOOL_TEST_CACHE_DIR")
+    or Path(__file__).resolve().parents[1] / ".test-cache"
+)

@@ -82,9 +82,15 @@ def embedders() -> Iterator[Callable[[Precision, str], Embed]]:
 
         def get(precision: Precision, runtime: str = "onnxruntime") -> Embed:
             if (precision, runtime) not in built:
-                e = stack.enter_context(Embedder(
-                    precision=precision, threads=THREADS, batch_tokens=ONE_BATCH_TOKENS,
-                    max_batch_items=ONE_BATCH_ITEMS, runtime=runtime))
+                e = stack.enter_context(
+                    Embedder(
+                        precision=precision,
+                        threads=THREADS,
+                        batch_tokens=ONE_BATCH_TOKENS,
+                        max_batch_items=ONE_BATCH_ITEMS,
+                        runtime=runtime,
+                    )
+                )
                 assert e.placement.runtime == runtime
                 built[precision, runtime] = e.embed
             return built[precision, runtime]
@@ -93,22 +99,26 @@ def embedders() -> Iterator[Callable[[Precision, str], Embed]]:
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def embed_fp32(request: pytest.FixtureRequest,
-               embedders: Callable[[Precision, str], Embed]) -> Embed:
+def embed_fp32(
+    request: pytest.FixtureRequest, embedders: Callable[[Precision, str], Embed]
+) -> Embed:
     return embedders("fp32", request.param)
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def embed_int8(request: pytest.FixtureRequest,
-               embedders: Callable[[Precision, str], Embed]) -> Embed:
+def embed_int8(
+    request: pytest.FixtureRequest, embedders: Callable[[Precision, str], Embed]
+) -> Embed:
     """int8 on each engine: ONNX Runtime's dynamic recipe, OpenVINO's weight-only int8."""
     return embedders("int8", request.param)
 
 
 #: fp32 and int8, each on each engine.
-PRECISION_ENGINES = [pytest.param(precision, p.values[0], marks=p.marks,
-                                  id=f"{precision}-{p.id}")
-                     for precision in ("fp32", "int8") for p in ENGINES]
+PRECISION_ENGINES = [
+    pytest.param(precision, p.values[0], marks=p.marks, id=f"{precision}-{p.id}")
+    for precision in ("fp32", "int8")
+    for p in ENGINES
+]
 
 
 def _cosines(got: Vectors, want: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -135,10 +145,19 @@ def test_fixture_covers_the_required_kinds_of_text(reference: Reference) -> None
     assert np.allclose(norms, 1.0, atol=1e-3), "reference vectors are not normalised"
     joined = "\n".join(texts)
     required = {
-        "python": "def fib(", "javascript": "async function", "rust": "fn main()",
-        "c": "#include <stdio.h>", "sql": "SELECT ", "shell": "#!/usr/bin/env bash",
-        "chinese": "机器学习", "japanese": "ですね", "korean": "안녕하세요",
-        "emoji": "🚀", "arabic": "مرحبا", "hebrew": "שלום", "url": "https://",
+        "python": "def fib(",
+        "javascript": "async function",
+        "rust": "fn main()",
+        "c": "#include <stdio.h>",
+        "sql": "SELECT ",
+        "shell": "#!/usr/bin/env bash",
+        "chinese": "机器学习",
+        "japanese": "ですね",
+        "korean": "안녕하세요",
+        "emoji": "🚀",
+        "arabic": "مرحبا",
+        "hebrew": "שלום",
+        "url": "https://",
     }
     missing = [kind for kind, marker in required.items() if marker not in joined]
     assert not missing, f"fixture lacks {missing}"
@@ -147,8 +166,9 @@ def test_fixture_covers_the_required_kinds_of_text(reference: Reference) -> None
     assert any(t != t.strip() and sum(c.isspace() for c in t) > len(t) / 2 for t in texts)
 
 
-def test_fixture_long_text_is_truncated_by_the_model(reference: Reference,
-                                                     tokenizer: TextTokenizer) -> None:
+def test_fixture_long_text_is_truncated_by_the_model(
+    reference: Reference, tokenizer: TextTokenizer
+) -> None:
     long_text = next(t for t in reference.texts if len(t) == 5000)
     enc = tokenizer.encode([long_text])
     assert enc.truncated == [True]
@@ -170,8 +190,7 @@ def test_fp32_matches_reference_for_every_text(reference: Reference, embed_fp32:
     assert got.shape == (len(reference.texts), DIM)
     assert got.dtype == np.float32
     cos = _cosines(got, reference.vectors)
-    assert cos.min() >= FP32_MIN_COS, (
-        f"fp32 below {FP32_MIN_COS}: {_worst(cos, reference.texts)}")
+    assert cos.min() >= FP32_MIN_COS, f"fp32 below {FP32_MIN_COS}: {_worst(cos, reference.texts)}"
 
 
 @pytest.mark.slow
@@ -180,22 +199,30 @@ def test_int8_is_close_to_reference(reference: Reference, embed_int8: Embed) -> 
     assert got.shape == (len(reference.texts), DIM)
     cos = _cosines(got, reference.vectors)
     assert cos.mean() >= INT8_MEAN_COS, (
-        f"int8 mean cos {cos.mean():.5f} < {INT8_MEAN_COS}; worst: {_worst(cos, reference.texts)}")
+        f"int8 mean cos {cos.mean():.5f} < {INT8_MEAN_COS}; worst: {_worst(cos, reference.texts)}"
+    )
     assert cos.min() >= INT8_MIN_COS, (
-        f"int8 min cos below {INT8_MIN_COS}: {_worst(cos, reference.texts)}")
+        f"int8 min cos below {INT8_MIN_COS}: {_worst(cos, reference.texts)}"
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("precision", "runtime"), PRECISION_ENGINES)
-def test_each_query_finds_its_own_document(reference: Reference, precision: Precision,
-                                           runtime: str,
-                                           embedders: Callable[[Precision, str], Embed]) -> None:
+def test_each_query_finds_its_own_document(
+    reference: Reference,
+    precision: Precision,
+    runtime: str,
+    embedders: Callable[[Precision, str], Embed],
+) -> None:
     embed = embedders(precision, runtime)
     q = embed(reference.queries)
     d = embed(reference.documents)
     nearest = (q @ d.T).argmax(axis=1)
-    wrong = [f"{reference.queries[i]!r} -> {reference.documents[j][:50]!r}"
-             for i, j in enumerate(nearest) if i != j]
+    wrong = [
+        f"{reference.queries[i]!r} -> {reference.documents[j][:50]!r}"
+        for i, j in enumerate(nearest)
+        if i != j
+    ]
     assert not wrong, f"{precision}: queries matched the wrong document: {wrong}"
 
 
@@ -208,8 +235,11 @@ NEIGHBOUR_MIN_COS = {"fp32": 0.99999, "int8": 0.99999}
 @pytest.mark.slow
 @pytest.mark.parametrize(("precision", "runtime"), PRECISION_ENGINES)
 def test_vectors_barely_depend_on_batch_neighbours(
-        reference: Reference, precision: Precision, runtime: str,
-        embedders: Callable[[Precision, str], Embed]) -> None:
+    reference: Reference,
+    precision: Precision,
+    runtime: str,
+    embedders: Callable[[Precision, str], Embed],
+) -> None:
     """A text alone and the same text padded inside a batch of longer ones: one vector."""
     embed = embedders(precision, runtime)
     texts = reference.texts[:12] + [t for t in reference.texts if len(t) == 5000]
@@ -217,4 +247,5 @@ def test_vectors_barely_depend_on_batch_neighbours(
     alone = np.stack([embed([t])[0] for t in texts[:4]])
     cos = np.sum(batched[:4] * alone, axis=1)
     assert cos.min() >= NEIGHBOUR_MIN_COS[precision], (
-        f"{precision}: batch neighbours moved vectors: cos {cos}")
+        f"{precision}: batch neighbours moved vectors: cos {cos}"
+    )

@@ -33,7 +33,8 @@ def modules() -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _run_at_import(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
@@ -46,8 +47,7 @@ def _run_at_import(body: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom
                 yield from _run_at_import(node.body)
             yield from _run_at_import(node.orelse)
         elif isinstance(node, ast.Try):
-            for block in (node.body, node.orelse, node.finalbody,
-                          *(h.body for h in node.handlers)):
+            for block in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
                 yield from _run_at_import(block)
         elif isinstance(node, (ast.With, ast.ClassDef)):
             yield from _run_at_import(node.body)
@@ -130,7 +130,8 @@ def test_the_checker_finds_a_circle_and_the_packages_modules() -> None:
 def test_no_import_circle() -> None:
     found = circles(import_graph())
     assert found == [], "import circles (strongly connected components): " + "; ".join(
-        " <-> ".join(c) for c in found)
+        " <-> ".join(c) for c in found
+    )
 
 
 def test_models_and_graph_families_do_not_import_each_other_at_module_level() -> None:
@@ -155,10 +156,12 @@ def test_a_pools_parent_does_not_import_onnxruntime() -> None:
     """The parent of a pool resolves the model, builds the engine recipe and pickles it for
     its workers without onnxruntime (its import delayed the first worker's start and cost the
     parent's RSS); the engine imports it where a session is made."""
-    code = ("import pickle, sys\n"
-            "import embedpool.cli, embedpool.job, embedpool.placement, embedpool.engine\n"
-            "from embedpool.models import resolve_model\n"
-            "from embedpool.placement import engine_recipe\n"
-            "pickle.dumps(engine_recipe(resolve_model(), 'int8', 1))\n"
-            "assert 'onnxruntime' not in sys.modules, 'onnxruntime imported'\n")
+    code = (
+        "import pickle, sys\n"
+        "import embedpool.cli, embedpool.job, embedpool.placement, embedpool.engine\n"
+        "from embedpool.models import resolve_model\n"
+        "from embedpool.placement import engine_recipe\n"
+        "pickle.dumps(engine_recipe(resolve_model(), 'int8', 1))\n"
+        "assert 'onnxruntime' not in sys.modules, 'onnxruntime imported'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

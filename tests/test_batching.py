@@ -19,8 +19,9 @@ from embedpool.batching import dedupe, plan_batches
         pytest.param([7, 7, 7], 20, 8, [(0, 1), (2,)], id="stable-ties"),
     ],
 )
-def test_plan_batches(lengths: list[int], budget: int, max_items: int,
-                      expected: list[tuple[int, ...]]) -> None:
+def test_plan_batches(
+    lengths: list[int], budget: int, max_items: int, expected: list[tuple[int, ...]]
+) -> None:
     batches = plan_batches(lengths, budget, max_items)
     assert [b.indices for b in batches] == expected
     for b in batches:

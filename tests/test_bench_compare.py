@@ -22,8 +22,11 @@ def test_every_compare_target_has_a_runner() -> None:
 
 def test_input_file_gives_the_users_texts(tmp_path: Path) -> None:
     path = tmp_path / "texts.jsonl"
-    path.write_text('{"id": "a", "text": "first text"}\n{"id": "b", "text": "second"}\n'
-                    '{"id": "c", "text": "third"}\n', encoding="utf-8")
+    path.write_text(
+        '{"id": "a", "text": "first text"}\n{"id": "b", "text": "second"}\n'
+        '{"id": "c", "text": "third"}\n',
+        encoding="utf-8",
+    )
     assert _corpus(2, str(path)) == ["first text", "second"]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("", encoding="utf-8")
@@ -35,12 +38,15 @@ def test_input_file_gives_the_users_texts(tmp_path: Path) -> None:
 def test_missing_sentence_transformers_backend_is_refused_at_once(tmp_path: Path) -> None:
     """The project venv never has torch: --compare st-onnx names what to install, exit 2,
     before embedpool's own run starts (no graph is built: the cache dir stays empty)."""
-    res = subprocess.run([sys.executable, "-m", "embedpool", "bench", "--compare", "st-onnx",
-                          "--chunks", "5"], capture_output=True, text=True, timeout=240,
-                         check=False, env={**os.environ,
-                                           "EMBEDPOOL_CACHE_DIR": str(tmp_path)})
+    res = subprocess.run(
+        [sys.executable, "-m", "embedpool", "bench", "--compare", "st-onnx", "--chunks", "5"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path)},
+    )
     assert res.returncode == 2, res.stderr
     assert "pip install 'sentence-transformers[onnx]'" in res.stderr
     assert "--peer-python" in res.stderr
     assert not any(tmp_path.rglob("*.onnx"))
-

@@ -49,7 +49,7 @@ def vector_for(key: bytes, dim: int = DIM) -> Vectors:
 
 def fill(cache: VectorCache, keys: list[bytes], fp: str = FP, batch: int = 50) -> None:
     for s in range(0, len(keys), batch):
-        cache.put_many(fp, [(k, vector_for(k)) for k in keys[s:s + batch]])
+        cache.put_many(fp, [(k, vector_for(k)) for k in keys[s : s + batch]])
 
 
 @pytest.fixture
@@ -60,8 +60,11 @@ def db(tmp_path: Path) -> Path:
 # ---------------------------------------------------------------------- keys and round trips
 
 
-@pytest.mark.parametrize("text", ["", "def f(x):\n    return x", "ünïcødé ✓ 漢字", "a" * 100_000],
-                         ids=["empty", "code", "unicode", "long"])
+@pytest.mark.parametrize(
+    "text",
+    ["", "def f(x):\n    return x", "ünïcødé ✓ 漢字", "a" * 100_000],
+    ids=["empty", "code", "unicode", "long"],
+)
 def test_text_key_is_sha256_of_utf8(text: str) -> None:
     key = text_key(text)
     assert key == hashlib.sha256(text.encode("utf-8")).digest()
@@ -72,13 +75,18 @@ def test_text_key_lone_surrogate_does_not_raise() -> None:
     assert len(text_key("bad \udc80 surrogate")) == 32
 
 
-@pytest.mark.parametrize("values", [
-    np.array([0.0, -0.0, 1e-45, -1e-45, 3.4028235e38, -3.4028235e38, 1 / 3, np.pi],
-             dtype=np.float32),
-    np.random.default_rng(1).standard_normal(384).astype(np.float32),
-    np.random.default_rng(2).standard_normal(1024).astype(np.float32),
-    np.array([0.5], dtype=np.float32),
-], ids=["special-values", "dim384", "dim1024", "dim1"])
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array(
+            [0.0, -0.0, 1e-45, -1e-45, 3.4028235e38, -3.4028235e38, 1 / 3, np.pi], dtype=np.float32
+        ),
+        np.random.default_rng(1).standard_normal(384).astype(np.float32),
+        np.random.default_rng(2).standard_normal(1024).astype(np.float32),
+        np.array([0.5], dtype=np.float32),
+    ],
+    ids=["special-values", "dim384", "dim1024", "dim1"],
+)
 def test_round_trip_is_bit_exact_float32(db: Path, values: Vectors) -> None:
     key = text_key("x")
     with VectorCache.open(db) as cache:
@@ -139,8 +147,9 @@ def test_empty_put_and_get(db: Path) -> None:
         assert cache.get_many(FP, []) == {}
 
 
-def test_default_path_follows_embedpool_cache_dir(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_path_follows_embedpool_cache_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("EMBEDPOOL_CACHE_DIR", str(tmp_path / "root"))
     assert default_path() == tmp_path / "root" / "vectors.sqlite3"
     with VectorCache.open() as cache:
@@ -160,12 +169,13 @@ def test_file_is_in_wal_mode(db: Path) -> None:
 def test_threads_share_one_cache(db: Path) -> None:
     errors: list[BaseException] = []
     with VectorCache.open(db) as cache:
+
         def work(t: int) -> None:
             try:
                 keys = keys_for(200, prefix=f"thread{t}-")
                 for s in range(0, 200, 20):
-                    cache.put_many(FP, [(k, vector_for(k)) for k in keys[s:s + 20]])
-                    got = cache.get_many(FP, keys[:s + 20])
+                    cache.put_many(FP, [(k, vector_for(k)) for k in keys[s : s + 20]])
+                    got = cache.get_many(FP, keys[: s + 20])
                     assert len(got) == s + 20
             except BaseException as exc:
                 errors.append(exc)
@@ -227,8 +237,12 @@ _READER = textwrap.dedent("""
 
 
 def _spawn(script: str, *args: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-c", script, *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
@@ -320,23 +334,35 @@ def _other_schema_version(path: Path) -> None:
     with VectorCache.open(path):
         pass
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE meta SET value = ? WHERE name = 'schema_version'",
-                 (str(SCHEMA_VERSION + 1),))
+    conn.execute(
+        "UPDATE meta SET value = ? WHERE name = 'schema_version'", (str(SCHEMA_VERSION + 1),)
+    )
     conn.commit()
     conn.close()
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (_garbage, "not an SQLite database"),
-    (_truncated_half, "truncated"),
-    (_truncated_header, "not an SQLite database"),
-    (_garbage_after_header, "unusable"),
-    (_foreign_database, "not an embedpool cache"),
-    (_other_schema_version, f"schema version is {SCHEMA_VERSION + 1}"),
-], ids=["garbage", "truncated-half", "truncated-header", "garbage-after-header",
-        "foreign-database", "other-schema-version"])
-def test_unusable_file_raises_at_open_and_rebuild_recovers(db: Path, damage: object,
-                                                           message: str) -> None:
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_garbage, "not an SQLite database"),
+        (_truncated_half, "truncated"),
+        (_truncated_header, "not an SQLite database"),
+        (_garbage_after_header, "unusable"),
+        (_foreign_database, "not an embedpool cache"),
+        (_other_schema_version, f"schema version is {SCHEMA_VERSION + 1}"),
+    ],
+    ids=[
+        "garbage",
+        "truncated-half",
+        "truncated-header",
+        "garbage-after-header",
+        "foreign-database",
+        "other-schema-version",
+    ],
+)
+def test_unusable_file_raises_at_open_and_rebuild_recovers(
+    db: Path, damage: object, message: str
+) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     assert callable(damage)
     damage(db)
@@ -374,9 +400,9 @@ def test_directory_in_the_way_is_a_clear_error(db: Path) -> None:
         VectorCache.open(db, rebuild=True)
 
 
-def test_corruption_found_mid_job_turns_lookups_into_misses(db: Path,
-                                                            caplog: pytest.LogCaptureFixture
-                                                            ) -> None:
+def test_corruption_found_mid_job_turns_lookups_into_misses(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     keys = keys_for(2000)
     with VectorCache.open(db) as cache:
         fill(cache, keys, batch=500)
@@ -394,8 +420,9 @@ def test_corruption_found_mid_job_turns_lookups_into_misses(db: Path,
 # ---------------------------------------------------------------------- write failures
 
 
-def test_disk_full_disables_writes_and_the_job_goes_on(db: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_disk_full_disables_writes_and_the_job_goes_on(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     keys = keys_for(400)
     with VectorCache.open(db) as cache, caplog.at_level(logging.WARNING, "embedpool.cache"):
         fill(cache, keys[:50])
@@ -403,7 +430,7 @@ def test_disk_full_disables_writes_and_the_job_goes_on(db: Path,
         # Simulates a full disk: SQLite answers "database or disk is full" past this size.
         cache._conn.execute(f"PRAGMA max_page_count = {pages + 2}")
         for s in range(50, 400, 50):  # the job keeps calling put_many; none raises
-            cache.put_many(FP, [(k, np.ones(1024, np.float32)) for k in keys[s:s + 50]])
+            cache.put_many(FP, [(k, np.ones(1024, np.float32)) for k in keys[s : s + 50]])
         assert cache.disabled
         assert "disk is full" in (cache.disabled_reason or "")
         assert cache.write_errors == 1
@@ -448,8 +475,10 @@ def test_readonly_never_writes(db: Path) -> None:
 
 def _age(db: Path, keys: list[bytes], seconds_ago: float) -> None:
     conn = sqlite3.connect(db)
-    conn.executemany("UPDATE vectors SET used = ? WHERE key = ?",
-                     [(int(time.time() - seconds_ago), k) for k in keys])
+    conn.executemany(
+        "UPDATE vectors SET used = ? WHERE key = ?",
+        [(int(time.time() - seconds_ago), k) for k in keys],
+    )
     conn.commit()
     conn.close()
 
@@ -586,8 +615,10 @@ def test_job_keeps_reading_after_a_write_failure(db: Path) -> None:
 
     old, new = ["def a(): pass", "def b(): pass"], ["brand new text"]
     fake = FakeEngineSpec(dim=DIM)
-    with VectorCache.open(db, busy_timeout_s=0.2) as cache, \
-            Embedder(engine=fake, cache=cache) as emb:
+    with (
+        VectorCache.open(db, busy_timeout_s=0.2) as cache,
+        Embedder(engine=fake, cache=cache) as emb,
+    ):
         first = emb.embed(old)
         with _write_lock_held(db):
             emb.embed(new)  # its put fails: writes are off for the rest of the job
@@ -605,15 +636,20 @@ def test_truncation_flag_round_trips_and_old_rows_are_misses_for_it(db: Path) ->
     db.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:  # as the old embedpool wrote it
         conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        conn.execute("CREATE TABLE fingerprints (id INTEGER PRIMARY KEY, "
-                     "fingerprint TEXT NOT NULL UNIQUE)")
-        conn.execute("CREATE TABLE vectors (id INTEGER PRIMARY KEY, fp INTEGER NOT NULL, "
-                     "key BLOB NOT NULL, used INTEGER NOT NULL, vec BLOB NOT NULL)")
+        conn.execute(
+            "CREATE TABLE fingerprints (id INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE)"
+        )
+        conn.execute(
+            "CREATE TABLE vectors (id INTEGER PRIMARY KEY, fp INTEGER NOT NULL, "
+            "key BLOB NOT NULL, used INTEGER NOT NULL, vec BLOB NOT NULL)"
+        )
         conn.execute("CREATE UNIQUE INDEX vectors_key ON vectors (fp, key)")
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         conn.execute("INSERT INTO fingerprints VALUES (1, ?)", (FP,))
-        conn.execute("INSERT INTO vectors (fp, key, used, vec) VALUES (1, ?, ?, ?)",
-                     (keys[0], int(time.time()), vector_for(keys[0]).tobytes()))
+        conn.execute(
+            "INSERT INTO vectors (fp, key, used, vec) VALUES (1, ?, ?, ?)",
+            (keys[0], int(time.time()), vector_for(keys[0]).tobytes()),
+        )
     with VectorCache.open(db) as cache:
         assert set(cache.get_many(FP, keys)) == {keys[0]}  # no flag asked: a hit
         flags: set[bytes] = set()
@@ -625,8 +661,9 @@ def test_truncation_flag_round_trips_and_old_rows_are_misses_for_it(db: Path) ->
     bound = BoundCache(VectorCache.open(db, readonly=True), FP)
     texts = ["short", "long one"]
     with VectorCache.open(db) as cache:
-        BoundCache(cache, FP).put_many(texts, np.stack([vector_for(b"x"), vector_for(b"y")]),
-                                       truncated=[False, True])
+        BoundCache(cache, FP).put_many(
+            texts, np.stack([vector_for(b"x"), vector_for(b"y")]), truncated=[False, True]
+        )
     got: list[bool] = []
     assert all(v is not None for v in bound.get_many(texts, "", got))
     assert got == [False, True]

@@ -16,8 +16,9 @@ DECISIONS = [
 ]
 
 
-@pytest.mark.parametrize(("env", "kind", "want"), [r[1:] for r in DECISIONS],
-                         ids=[r[0] for r in DECISIONS])
+@pytest.mark.parametrize(
+    ("env", "kind", "want"), [r[1:] for r in DECISIONS], ids=[r[0] for r in DECISIONS]
+)
 def test_decide(env: dict[str, str], kind: str, want: str) -> None:
     assert decide(kind, env) == want
 
@@ -52,8 +53,9 @@ def test_bare_skip() -> None:
 """
 
 
-def _run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
-         env: dict[str, str]) -> pytest.RunResult:
+def _run(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> pytest.RunResult:
     import ci_rules
 
     for name in ("CI", ALLOW_VAR):
@@ -68,27 +70,38 @@ def _run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
     return pytester.runpytest_inprocess("-p", "ci_rules", "-rs", "-p", "no:cacheprovider")
 
 
-def test_locally_missing_prerequisites_skip(pytester: pytest.Pytester,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_locally_missing_prerequisites_skip(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     result = _run(pytester, monkeypatch, {})
     result.assert_outcomes(skipped=4)
     result.stdout.fnmatch_lines(["*prerequisite missing (cgroup): no cgroup (test)*"])
 
 
-def test_under_ci_every_skip_fails_with_its_reason(pytester: pytest.Pytester,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_under_ci_every_skip_fails_with_its_reason(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     result = _run(pytester, monkeypatch, {"CI": "true"})
     result.assert_outcomes(failed=1, errors=3)  # prerequisites are checked in setup
-    result.stdout.fnmatch_lines(["*cgroup prerequisite missing under CI=true: no cgroup (test)*",
-                                 "*model prerequisite missing under CI=true: no model here*",
-                                 "*without naming a prerequisite kind: *for no declared reason*",
-                                 "*none allowed to skip*"])
+    result.stdout.fnmatch_lines(
+        [
+            "*cgroup prerequisite missing under CI=true: no cgroup (test)*",
+            "*model prerequisite missing under CI=true: no model here*",
+            "*without naming a prerequisite kind: *for no declared reason*",
+            "*none allowed to skip*",
+        ]
+    )
 
 
-def test_under_ci_an_opt_out_skips_and_is_printed(pytester: pytest.Pytester,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_under_ci_an_opt_out_skips_and_is_printed(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
     result = _run(pytester, monkeypatch, {"CI": "true", ALLOW_VAR: "cgroup,model"})
     result.assert_outcomes(skipped=3, failed=1)  # the bare skip still fails
-    result.stdout.fnmatch_lines([f"*{ALLOW_VAR}: prerequisites allowed to skip*",
-                                 "cgroup: *1 test(s) skipped",
-                                 "model: *2 test(s) skipped"])
+    result.stdout.fnmatch_lines(
+        [
+            f"*{ALLOW_VAR}: prerequisites allowed to skip*",
+            "cgroup: *1 test(s) skipped",
+            "model: *2 test(s) skipped",
+        ]
+    )

@@ -20,8 +20,9 @@ CLI = [sys.executable, "-m", "embedpool"]
 
 
 def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def write_jsonl(path: Path, records: list[dict[str, object]]) -> Path:
@@ -46,7 +47,9 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("ext", [".jsonl", ".npy", ".parquet"])
-def test_formats_hold_the_same_vectors_in_input_order(small: Path, tmp_path: Path, ext: str) -> None:
+def test_formats_hold_the_same_vectors_in_input_order(
+    small: Path, tmp_path: Path, ext: str
+) -> None:
     out = tmp_path / f"out{ext}"
     res = run_cli("embed", str(small), "--out", str(out), "--workers", "0", "--no-cache", "-q")
     assert res.returncode == 0, res.stderr
@@ -70,18 +73,34 @@ def test_formats_hold_the_same_vectors_in_input_order(small: Path, tmp_path: Pat
 
 def test_bad_lines_are_reported_and_the_rest_embedded(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
-    src.write_bytes(b'{"id": "a", "text": "alpha"}\nnot json\n{"id": "b"}\n'
-                    b'{"id": "c", "text": 5}\n{"id": "d", "text": "\xff"}\n{"id": "e", "text": "omega"}\n')
+    src.write_bytes(
+        b'{"id": "a", "text": "alpha"}\nnot json\n{"id": "b"}\n'
+        b'{"id": "c", "text": 5}\n{"id": "d", "text": "\xff"}\n{"id": "e", "text": "omega"}\n'
+    )
     out = tmp_path / "o.jsonl"
     res = run_cli("embed", str(src), "--out", str(out), "--workers", "0", "--no-cache", "-q")
     assert res.returncode == 3, res.stderr
-    for needle in (f"{src}:2", "not valid JSON", f"{src}:3 (id 'b'): missing field 'text'",
-                   "(id 'c'): field 'text' must be a string", f"{src}:5", "not valid UTF-8"):
+    for needle in (
+        f"{src}:2",
+        "not valid JSON",
+        f"{src}:3 (id 'b'): missing field 'text'",
+        "(id 'c'): field 'text' must be a string",
+        f"{src}:5",
+        "not valid UTF-8",
+    ):
         assert needle in res.stderr
     assert read_jsonl_out(out)[0] == ["a", "e"]
 
-    strict = run_cli("embed", str(src), "--out", str(tmp_path / "s.jsonl"), "--strict",
-                     "--workers", "0", "--no-cache")
+    strict = run_cli(
+        "embed",
+        str(src),
+        "--out",
+        str(tmp_path / "s.jsonl"),
+        "--strict",
+        "--workers",
+        "0",
+        "--no-cache",
+    )
     assert strict.returncode == 4
     assert "--strict: 4 bad input record(s)" in strict.stderr
     assert not (tmp_path / "s.jsonl").exists()
@@ -91,15 +110,22 @@ def test_bad_lines_are_reported_and_the_rest_embedded(tmp_path: Path) -> None:
     ("args", "message"),
     [
         pytest.param(["--out", "x.csv"], "unknown output format .csv", id="bad-extension"),
-        pytest.param(["--out", "x.jsonl", "--model", "/nonexistent/model"], "not found. Tried",
-                     id="unknown-model"),
-        pytest.param(["--out", "x.jsonl", "--workers", "many"], "use 'auto' or a positive integer",
-                     id="bad-workers"),
+        pytest.param(
+            ["--out", "x.jsonl", "--model", "/nonexistent/model"],
+            "not found. Tried",
+            id="unknown-model",
+        ),
+        pytest.param(
+            ["--out", "x.jsonl", "--workers", "many"],
+            "use 'auto' or a positive integer",
+            id="bad-workers",
+        ),
         pytest.param(["--out", "x.jsonl", "--max-memory", "lots"], "is not a size", id="bad-size"),
     ],
 )
-def test_usage_errors_exit_2_and_name_the_problem(small: Path, tmp_path: Path,
-                                                  args: list[str], message: str) -> None:
+def test_usage_errors_exit_2_and_name_the_problem(
+    small: Path, tmp_path: Path, args: list[str], message: str
+) -> None:
     args = [a if not a.startswith("x.") else str(tmp_path / a) for a in args]
     res = run_cli("embed", str(small), *args, "--no-cache")
     assert res.returncode == 2, res.stderr
@@ -113,8 +139,18 @@ def test_corrupt_cache_is_named_with_the_way_out(small: Path, tmp_path: Path) ->
     res = run_cli("embed", str(small), "--out", str(out), "--workers", "0", "--cache", str(cache))
     assert res.returncode == 2
     assert str(cache) in res.stderr and "--rebuild" in res.stderr
-    res = run_cli("embed", str(small), "--out", str(out), "--workers", "0", "--cache", str(cache),
-                  "--rebuild", "-q")
+    res = run_cli(
+        "embed",
+        str(small),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        "--cache",
+        str(cache),
+        "--rebuild",
+        "-q",
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -148,8 +184,11 @@ def test_kill_9_then_rerun_resumes_to_the_uninterrupted_result(tmp_path: Path) -
     cache = tmp_path / "c.sqlite3"
     out = tmp_path / "o.npy"
     common = ["--workers", "1", "--precision", "fp32", "--batch-tokens", "512"]
-    proc = subprocess.Popen([*CLI, "embed", str(src), "--out", str(out), "--cache", str(cache),
-                             *common, "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CLI, "embed", str(src), "--out", str(out), "--cache", str(cache), *common, "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 180
     rows = 0
     while time.monotonic() < deadline and proc.poll() is None:
@@ -175,8 +214,9 @@ def test_kill_9_then_rerun_resumes_to_the_uninterrupted_result(tmp_path: Path) -
     ref = run_cli("embed", str(src), "--out", str(clean), "--no-cache", *common, "-q")
     assert ref.returncode == 0
     got, want = np.load(out), np.load(clean)
-    assert json.loads(Path(str(out) + ".ids.json").read_text()) == \
-        json.loads(Path(str(clean) + ".ids.json").read_text())
+    assert json.loads(Path(str(out) + ".ids.json").read_text()) == json.loads(
+        Path(str(clean) + ".ids.json").read_text()
+    )
     cos = np.sum(got * want, axis=1)
     assert cos.min() >= 0.99999, f"worst cosine {cos.min()} at row {int(cos.argmin())}"
 
@@ -187,8 +227,16 @@ def test_models_and_doctor_commands() -> None:
     assert "all-MiniLM-L6-v2" in res.stdout and "bundled" in res.stdout and "384" in res.stdout
     doc = run_cli("doctor")
     assert doc.returncode == 0
-    for word in ("cores", "memory", "profile", "workers", "batch", "onnxruntime", "driver",
-                 "device"):
+    for word in (
+        "cores",
+        "memory",
+        "profile",
+        "workers",
+        "batch",
+        "onnxruntime",
+        "driver",
+        "device",
+    ):
         assert word in doc.stdout
 
 
@@ -198,19 +246,28 @@ def _no_gpu_package() -> bool:
     return all(n != "onnxruntime-gpu" for n, _ in installed_ort_distributions())
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["embed", "--device", "cuda"], "--device cuda: onnxruntime-gpu is not installed (the CPU "
-                                    "package onnxruntime"),
-    (["embed", "--device", "cuda:3", "--no-cache"], "--device cuda:3: onnxruntime-gpu is not"),
-    (["bench", "--device", "cuda", "--chunks", "5"], "--device cuda: onnxruntime-gpu"),
-    (["serve", "--device", "cuda", "--port", "0"], "--device cuda: onnxruntime-gpu"),
-    (["doctor", "--device", "cuda"], "device      error: --device cuda: onnxruntime-gpu"),
-    (["embed", "--precision", "fp16", "--no-cache"], "precision fp16 runs on a GPU only"),
-    (["embed", "--cpu-workers", "2", "--no-cache"], "--cpu-workers adds CPU workers next to a GPU"),
-    (["embed", "--device", "tpu"], "device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
-])
-def test_a_device_that_is_not_there_fails_at_once_with_exit_2(small: Path, tmp_path: Path,
-                                                              args: list[str], says: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["embed", "--device", "cuda"],
+            "--device cuda: onnxruntime-gpu is not installed (the CPU package onnxruntime",
+        ),
+        (["embed", "--device", "cuda:3", "--no-cache"], "--device cuda:3: onnxruntime-gpu is not"),
+        (["bench", "--device", "cuda", "--chunks", "5"], "--device cuda: onnxruntime-gpu"),
+        (["serve", "--device", "cuda", "--port", "0"], "--device cuda: onnxruntime-gpu"),
+        (["doctor", "--device", "cuda"], "device      error: --device cuda: onnxruntime-gpu"),
+        (["embed", "--precision", "fp16", "--no-cache"], "precision fp16 runs on a GPU only"),
+        (
+            ["embed", "--cpu-workers", "2", "--no-cache"],
+            "--cpu-workers adds CPU workers next to a GPU",
+        ),
+        (["embed", "--device", "tpu"], "device 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+    ],
+)
+def test_a_device_that_is_not_there_fails_at_once_with_exit_2(
+    small: Path, tmp_path: Path, args: list[str], says: str
+) -> None:
     """No GPU here (nor in CI): --device cuda names what is missing and nothing starts."""
     assert _no_gpu_package(), "this test expects a machine without onnxruntime-gpu"
     cmd = list(args)
@@ -224,7 +281,8 @@ def test_a_device_that_is_not_there_fails_at_once_with_exit_2(small: Path, tmp_p
 
 
 def test_the_summary_says_which_device(small: Path, tmp_path: Path) -> None:
-    res = run_cli("embed", str(small), "--out", str(tmp_path / "o.npy"), "--workers", "0",
-                  "--no-cache", "-q")
+    res = run_cli(
+        "embed", str(small), "--out", str(tmp_path / "o.npy"), "--workers", "0", "--no-cache", "-q"
+    )
     assert res.returncode == 0, res.stderr
     assert "device cpu (auto: onnxruntime-gpu not installed), int8" in res.stderr

@@ -22,22 +22,29 @@ BERT = FIXTURES / "bert" / "model"
 
 
 def run(*args: str, stdin: str | None = None, tmp: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "embedpool", "rerank", *args], input=stdin,
-                          capture_output=True, text=True, timeout=240, check=False,
-                          env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp / "cache")})
+    return subprocess.run(
+        [sys.executable, "-m", "embedpool", "rerank", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp / "cache")},
+    )
 
 
 def golden() -> tuple[dict[str, Any], Any]:
-    return (json.loads((FIXTURES / "bert" / "golden.json").read_text()),
-            np.load(FIXTURES / "bert" / "golden.npz"))
+    return (
+        json.loads((FIXTURES / "bert" / "golden.json").read_text()),
+        np.load(FIXTURES / "bert" / "golden.npz"),
+    )
 
 
 @pytest.mark.slow
 def test_documents_from_arguments_stdin_and_input(tmp_path: Path) -> None:
     g, gold = golden()
     query, docs = g["queries"][0], g["documents"][:5]
-    res = run(query, *docs, "-m", str(BERT), "--precision", "fp32", "--workers", "0",
-              tmp=tmp_path)
+    res = run(query, *docs, "-m", str(BERT), "--precision", "fp32", "--workers", "0", tmp=tmp_path)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     expected = gold["scores"][:5]
@@ -46,17 +53,31 @@ def test_documents_from_arguments_stdin_and_input(tmp_path: Path) -> None:
     assert all(r["document"] == docs[r["index"]] for r in out["results"])
     assert out["truncated"] == [] and out["query"] == query
     # stdin, one document per line; top-n; no text back
-    res = run(query, "-m", str(BERT), "--precision", "fp32", "--workers", "0", "--top-n", "2",
-              "--no-documents", stdin="\n".join(d.replace("\n", " ") for d in docs) + "\n",
-              tmp=tmp_path)
+    res = run(
+        query,
+        "-m",
+        str(BERT),
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--top-n",
+        "2",
+        "--no-documents",
+        stdin="\n".join(d.replace("\n", " ") for d in docs) + "\n",
+        tmp=tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     top = json.loads(res.stdout)["results"]
     assert len(top) == 2 and all("document" not in r for r in top)
     # --input records: their ids come back; the long document is reported as cut
     src = tmp_path / "docs.jsonl"
     long_doc = max(g["documents"], key=len)
-    src.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n"
-                           for i, t in enumerate([docs[0], long_doc])))
+    src.write_text(
+        "".join(
+            json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate([docs[0], long_doc])
+        )
+    )
     res = run(query, "-i", str(src), "-m", str(BERT), "--workers", "0", tmp=tmp_path)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -65,13 +86,18 @@ def test_documents_from_arguments_stdin_and_input(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("args", "needle"), [
-    (["q", "a"], "--model is required"),
-    (["q", "a", "-m", str(FIXTURES.parent / "families" / "xlmr" / "model")],
-     "not a cross-encoder"),
-    (["word " * 100, "a", "-m", str(BERT)], "shorten the query"),
-    (["q", "a", "-m", str(BERT), "--top-n", "0"], "--top-n"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["q", "a"], "--model is required"),
+        (
+            ["q", "a", "-m", str(FIXTURES.parent / "families" / "xlmr" / "model")],
+            "not a cross-encoder",
+        ),
+        (["word " * 100, "a", "-m", str(BERT)], "shorten the query"),
+        (["q", "a", "-m", str(BERT), "--top-n", "0"], "--top-n"),
+    ],
+)
 def test_bad_input_exits_2_in_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
     res = run(*args, "--no-cache", "--workers", "0", tmp=tmp_path)
     assert res.returncode == 2, (res.stdout, res.stderr)
@@ -106,11 +132,30 @@ def test_serve_with_a_reranker(tmp_path: Path) -> None:
         port = int(s.getsockname()[1])
     embedder = FIXTURES.parent / "families" / "xlmr" / "model"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "embedpool", "serve", "--port", str(port), "--model",
-         str(embedder), "--reranker", str(BERT), "--precision", "fp32", "--workers", "1",
-         "--no-cache", "--log-level", "warning"],
+        [
+            sys.executable,
+            "-m",
+            "embedpool",
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            str(embedder),
+            "--reranker",
+            str(BERT),
+            "--precision",
+            "fp32",
+            "--workers",
+            "1",
+            "--no-cache",
+            "--log-level",
+            "warning",
+        ],
         env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url)
@@ -121,8 +166,7 @@ def test_serve_with_a_reranker(tmp_path: Path) -> None:
             emb = http.post(f"{url}/v1/embeddings", json={"input": ["a text"]})
         expected = gold["scores"][:6]
         assert [r.index for r in res.results] == list(np.argsort(-expected, kind="stable"))
-        assert max(abs(r.relevance_score - float(expected[r.index])) for r in res.results) \
-            <= 1e-4
+        assert max(abs(r.relevance_score - float(expected[r.index])) for r in res.results) <= 1e-4
         assert emb.status_code == 200 and len(emb.json()["data"][0]["embedding"]) == 32
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -80,13 +80,13 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("name", VECTOR_CASES)
-def test_vectors_match_sentence_transformers(dirs: dict[str, Path], tmp_path: Path, name: str,
-                                             precision: str, cached: bool) -> None:
+def test_vectors_match_sentence_transformers(
+    dirs: dict[str, Path], tmp_path: Path, name: str, precision: str, cached: bool
+) -> None:
     cache = VectorCache.open(tmp_path / "vectors.sqlite3") if cached else None
     try:
         for run in range(2 if cached else 1):
-            with Embedder(dirs[name], precision=precision, workers=None,
-                          cache=cache) as e:
+            with Embedder(dirs[name], precision=precision, workers=None, cache=cache) as e:
                 vecs = e.embed(C.TEXTS)
                 hits = e.last_report.cache_hits
             check(vecs, name, precision)
@@ -101,8 +101,9 @@ CALLS = [(name, call) for name in VECTOR_CASES for call in C.case(name).get("cal
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize(("name", "call"), CALLS, ids=[f"{n}-{c}" for n, c in CALLS])
-def test_prompts_through_tokenizer_and_engine(dirs: dict[str, Path], name: str, call: str,
-                                              precision: str) -> None:
+def test_prompts_through_tokenizer_and_engine(
+    dirs: dict[str, Path], name: str, call: str, precision: str
+) -> None:
     """The API the library, CLI and server plumb prompts through: TextTokenizer.encode with
     ST's prompt arguments, Engine.embed with the prompt length (include_prompt=false)."""
     model = resolve_model(dirs[name])
@@ -114,11 +115,19 @@ def test_prompts_through_tokenizer_and_engine(dirs: dict[str, Path], name: str, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "precision"),
-                         [("mean-old-flags", "int8"), ("labse-dense-tanh", "fp32"),
-                          ("cls-new-string", "fp32"), ("onnx-shipped", "int8"),
-                          ("include-prompt-false", "fp32"), ("tokenizer-config-missing", "fp32"),
-                          ("onnx-pooled-output", "fp32"), ("onnx-int32-inputs", "int8")])
+@pytest.mark.parametrize(
+    ("name", "precision"),
+    [
+        ("mean-old-flags", "int8"),
+        ("labse-dense-tanh", "fp32"),
+        ("cls-new-string", "fp32"),
+        ("onnx-shipped", "int8"),
+        ("include-prompt-false", "fp32"),
+        ("tokenizer-config-missing", "fp32"),
+        ("onnx-pooled-output", "fp32"),
+        ("onnx-int32-inputs", "int8"),
+    ],
+)
 def test_vectors_through_the_pool(dirs: dict[str, Path], name: str, precision: str) -> None:
     with Embedder(dirs[name], precision=precision, workers=1) as e:
         check(e.embed(C.TEXTS), name, precision)
@@ -129,8 +138,9 @@ PROMPT_LENGTH_CASES = ["include-prompt-false", "include-prompt-false-modes"]
 
 @pytest.mark.parametrize("executor", ["in-process", "pool"])
 @pytest.mark.parametrize("name", PROMPT_LENGTH_CASES)
-def test_prompt_lengths_travel_with_every_batch(dirs: dict[str, Path], name: str,
-                                                executor: str) -> None:
+def test_prompt_lengths_travel_with_every_batch(
+    dirs: dict[str, Path], name: str, executor: str
+) -> None:
     """include_prompt=false through an executor: batches that mix sequences of several
     prompts (as the server's batcher does) still leave each one's own prompt out. The Ray
     backend runs the same batches in tests/executors/ray/test_ray_executor.py."""
@@ -141,8 +151,11 @@ def test_prompt_lengths_travel_with_every_batch(dirs: dict[str, Path], name: str
     model = resolve_model(dirs[name])
     spec = EngineSpec(model, "fp32", 1)
     batches = C.mixed_prompt_batches(name, model)
-    ex: Any = (InProcessExecutor(spec) if executor == "in-process"
-               else Pool(spec, pool_config_for(workers=1, precision="fp32")))
+    ex: Any = (
+        InProcessExecutor(spec)
+        if executor == "in-process"
+        else Pool(spec, pool_config_for(workers=1, precision="fp32"))
+    )
     with ex:
         got = {r.batch_id: r for r in ex.run([b for b, _ in batches])}
     for batch, want in batches:
@@ -152,6 +165,7 @@ def test_prompt_lengths_travel_with_every_batch(dirs: dict[str, Path], name: str
 
 # --- refusals ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ERROR_CASES)
 def test_refusal_in_the_library(dirs: dict[str, Path], name: str) -> None:
     with pytest.raises(ModelError, match=C.case(name)["error"]):
@@ -160,17 +174,35 @@ def test_refusal_in_the_library(dirs: dict[str, Path], name: str) -> None:
 
 @pytest.mark.parametrize("workers", ["0", "1"], ids=["in-process", "pool"])
 @pytest.mark.parametrize("name", ERROR_CASES)
-def test_refusal_through_the_cli(dirs: dict[str, Path], tmp_path: Path, name: str,
-                                 workers: str) -> None:
+def test_refusal_through_the_cli(
+    dirs: dict[str, Path], tmp_path: Path, name: str, workers: str
+) -> None:
     """Exit 2 and one line that names the cause, whether or not a pool would run."""
     inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
-                           for i, t in enumerate(C.TEXTS) if t))
-    out = subprocess.run([sys.executable, "-m", "embedpool", "embed", str(inp), "--out",
-                          str(tmp_path / "out.npy"), "--model", str(dirs[name]),
-                          "--workers", workers, "--no-cache", "-q"],
-                         capture_output=True, text=True, timeout=DEADLINE_S,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    inp.write_text(
+        "".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(C.TEXTS) if t)
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedpool",
+            "embed",
+            str(inp),
+            "--out",
+            str(tmp_path / "out.npy"),
+            "--model",
+            str(dirs[name]),
+            "--workers",
+            workers,
+            "--no-cache",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2, out.stderr
     assert len(lines) == 1 and lines[0].startswith("embedpool: "), out.stderr
@@ -180,6 +212,7 @@ def test_refusal_through_the_cli(dirs: dict[str, Path], tmp_path: Path, name: st
 
 
 # --- the bge layout: the shipped ONNX file is what the vectors come from --------------------
+
 
 def _other_encoder(d: Path, dest: Path) -> None:
     """An encoder of the same shape with other weights (the base's rows reversed), as a
@@ -194,8 +227,9 @@ def _other_encoder(d: Path, dest: Path) -> None:
 
 @pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_replacing_the_shipped_onnx_changes_the_vectors(dirs: dict[str, Path], tmp_path: Path,
-                                                        precision: str, cached: bool) -> None:
+def test_replacing_the_shipped_onnx_changes_the_vectors(
+    dirs: dict[str, Path], tmp_path: Path, precision: str, cached: bool
+) -> None:
     """The issue's bge case: the int8 graph was keyed on model.safetensors but built from
     onnx/model.onnx, and fp32 with the cache served the old vectors."""
     d = tmp_path / "bge"
@@ -219,8 +253,10 @@ def test_replacing_the_shipped_onnx_changes_the_vectors(dirs: dict[str, Path], t
     shutil.copytree(d, ref_dir)
     shutil.rmtree(ref_dir / "onnx")
     w = load_safetensors(d / "model.safetensors")
-    save_file({k: np.ascontiguousarray(v[::-1]) if v.ndim == 2 else v for k, v in w.items()},
-              str(ref_dir / "model.safetensors"))
+    save_file(
+        {k: np.ascontiguousarray(v[::-1]) if v.ndim == 2 else v for k, v in w.items()},
+        str(ref_dir / "model.safetensors"),
+    )
     with Embedder(ref_dir, precision="fp32", workers=None) as e:
         want = e.embed(C.TEXTS)
     assert C.cosines(after, before).min() < 0.9, "still the old model's vectors"
@@ -228,8 +264,7 @@ def test_replacing_the_shipped_onnx_changes_the_vectors(dirs: dict[str, Path], t
     assert load_directory(d).files.by_role("onnx") is not None
 
 
-@pytest.mark.parametrize("name", ["plain-hf", "mean-old-flags"], ids=["unnormalised",
-                                                                      "normalised"])
+@pytest.mark.parametrize("name", ["plain-hf", "mean-old-flags"], ids=["unnormalised", "normalised"])
 def test_window_mode_averages_as_the_model_normalises(dirs: dict[str, Path], name: str) -> None:
     """An item's windows are averaged, then L2-normalised only when the model normalises."""
     from embedpool.vectors import combine_windows
@@ -250,9 +285,11 @@ def test_window_mode_averages_as_the_model_normalises(dirs: dict[str, Path], nam
 
 # --- issue 22: what the cache remembers, NomicBert as transformers 5 saves it, remote code --
 
+
 @pytest.mark.parametrize("workers", [None, 1], ids=["in-process", "pool"])
 def test_truncation_is_reported_when_every_chunk_is_a_cache_hit(
-        dirs: dict[str, Path], tmp_path: Path, workers: int | None) -> None:
+    dirs: dict[str, Path], tmp_path: Path, workers: int | None
+) -> None:
     """The second identical run is served from the cache and reports the same truncation."""
     long_texts = [t for t in C.TEXTS if len(t) > 100]
     assert long_texts  # texts.json has one text over every case's max length
@@ -260,8 +297,9 @@ def test_truncation_is_reported_when_every_chunk_is_a_cache_hit(
     try:
         reports = []
         for _ in range(2):
-            with Embedder(dirs["mean-old-flags"], precision="fp32", workers=workers,
-                          cache=cache) as e:
+            with Embedder(
+                dirs["mean-old-flags"], precision="fp32", workers=workers, cache=cache
+            ) as e:
                 e.embed(C.TEXTS)
                 reports.append(e.last_report)
     finally:
@@ -279,18 +317,30 @@ def _nomic_as_transformers5_saves_it(dest: Path) -> Path:
     d = dest / "nomic-t5"
     shutil.copytree(src, d)
     hub = json.loads((src / "config.json").read_text())
-    native = {"architectures": ["NomicBertModel"], "model_type": "nomic_bert",
-              "attention_probs_dropout_prob": 0.0, "bos_token_id": None,
-              "classifier_dropout": None, "dtype": "float32", "eos_token_id": None,
-              "head_dim": hub["n_embd"] // hub["n_head"], "hidden_act": "silu",
-              "hidden_dropout_prob": 0.0, "hidden_size": hub["n_embd"],
-              "initializer_range": 0.02, "intermediate_size": hub["n_inner"],
-              "layer_norm_eps": hub["layer_norm_epsilon"],
-              "max_position_embeddings": hub["n_positions"], "num_attention_heads": hub["n_head"],
-              "num_hidden_layers": hub["n_layer"], "pad_token_id": 0,
-              "rope_parameters": {"rope_theta": hub["rotary_emb_base"], "rope_type": "default"},
-              "transformers_version": "5.25.0", "type_vocab_size": hub["type_vocab_size"],
-              "vocab_size": hub["vocab_size"]}
+    native = {
+        "architectures": ["NomicBertModel"],
+        "model_type": "nomic_bert",
+        "attention_probs_dropout_prob": 0.0,
+        "bos_token_id": None,
+        "classifier_dropout": None,
+        "dtype": "float32",
+        "eos_token_id": None,
+        "head_dim": hub["n_embd"] // hub["n_head"],
+        "hidden_act": "silu",
+        "hidden_dropout_prob": 0.0,
+        "hidden_size": hub["n_embd"],
+        "initializer_range": 0.02,
+        "intermediate_size": hub["n_inner"],
+        "layer_norm_eps": hub["layer_norm_epsilon"],
+        "max_position_embeddings": hub["n_positions"],
+        "num_attention_heads": hub["n_head"],
+        "num_hidden_layers": hub["n_layer"],
+        "pad_token_id": 0,
+        "rope_parameters": {"rope_theta": hub["rotary_emb_base"], "rope_type": "default"},
+        "transformers_version": "5.25.0",
+        "type_vocab_size": hub["type_vocab_size"],
+        "vocab_size": hub["vocab_size"],
+    }
     (d / "config.json").write_text(json.dumps(native))
     return d
 
@@ -303,8 +353,9 @@ def _nomic_golden() -> tuple[list[str], np.ndarray]:
 
 
 @pytest.mark.parametrize("workers", [None, 1], ids=["in-process", "pool"])
-def test_nomic_saved_by_transformers5_matches_the_reference(tmp_path: Path,
-                                                            workers: int | None) -> None:
+def test_nomic_saved_by_transformers5_matches_the_reference(
+    tmp_path: Path, workers: int | None
+) -> None:
     """The tensors' layout is read from their names, not from the config (was refused as
     "not a NomicBert checkpoint")."""
     d = _nomic_as_transformers5_saves_it(tmp_path)
@@ -314,18 +365,41 @@ def test_nomic_saved_by_transformers5_matches_the_reference(tmp_path: Path,
     assert C.cosines(got, want).min() >= FP32_MIN_COS
 
 
-@pytest.mark.parametrize(("auto_map", "allowed"), [
-    ({"AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
-      "AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel",
-      "AutoModelForMaskedLM":
-          "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertForPreTraining"}, True),
-    ({"AutoConfig": "configuration_hf_nomic_bert.NomicBertConfig",
-      "AutoModel": "modeling_hf_nomic_bert.NomicBertModel"}, True),
-    ({"AutoConfig": "someone/nomic-fork--configuration_hf_nomic_bert.NomicBertConfig",
-      "AutoModel": "someone/nomic-fork--modeling_hf_nomic_bert.NomicBertModel"}, False),
-    ({"AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel",
-      "AutoModelForCausalLM": "nomic-ai/nomic-bert-2048--modeling_other.Other"}, False),
-], ids=["nomic-hub", "nomic-local-copy", "other-repo", "other-module"])
+@pytest.mark.parametrize(
+    ("auto_map", "allowed"),
+    [
+        (
+            {
+                "AutoConfig": "nomic-ai/nomic-bert-2048--configuration_hf_nomic_bert.NomicBertConfig",
+                "AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel",
+                "AutoModelForMaskedLM": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertForPreTraining",
+            },
+            True,
+        ),
+        (
+            {
+                "AutoConfig": "configuration_hf_nomic_bert.NomicBertConfig",
+                "AutoModel": "modeling_hf_nomic_bert.NomicBertModel",
+            },
+            True,
+        ),
+        (
+            {
+                "AutoConfig": "someone/nomic-fork--configuration_hf_nomic_bert.NomicBertConfig",
+                "AutoModel": "someone/nomic-fork--modeling_hf_nomic_bert.NomicBertModel",
+            },
+            False,
+        ),
+        (
+            {
+                "AutoModel": "nomic-ai/nomic-bert-2048--modeling_hf_nomic_bert.NomicBertModel",
+                "AutoModelForCausalLM": "nomic-ai/nomic-bert-2048--modeling_other.Other",
+            },
+            False,
+        ),
+    ],
+    ids=["nomic-hub", "nomic-local-copy", "other-repo", "other-module"],
+)
 def test_remote_code_allow_list(tmp_path: Path, auto_map: dict[str, str], allowed: bool) -> None:
     """nomic-ai's NomicBert code (the hub's references, or the copy save_pretrained writes)
     is the model embedpool builds; the same module names elsewhere are refused by name."""
@@ -333,8 +407,11 @@ def test_remote_code_allow_list(tmp_path: Path, auto_map: dict[str, str], allowe
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "auto_map": auto_map}))
     if not allowed:
-        with pytest.raises(ModelError, match=r"auto_map names remote code \(.*\) that builds "
-                                             r"model_type 'nomic_bert' its own way"):
+        with pytest.raises(
+            ModelError,
+            match=r"auto_map names remote code \(.*\) that builds "
+            r"model_type 'nomic_bert' its own way",
+        ):
             resolve_model(d)
         return
     texts, want = _nomic_golden()
@@ -343,7 +420,8 @@ def test_remote_code_allow_list(tmp_path: Path, auto_map: dict[str, str], allowe
 
 
 def test_an_error_in_the_graph_built_from_a_shipped_file_names_that_file(
-        dirs: dict[str, Path], tmp_path: Path) -> None:
+    dirs: dict[str, Path], tmp_path: Path
+) -> None:
     """The int8 graph of a shipped onnx/model.onnx lives in the graph cache; an error
     loading it names the user's file, not only the cache file."""
     model = resolve_model(dirs["onnx-shipped"])
@@ -368,11 +446,16 @@ def test_shipped_signature_is_read_without_the_weights(tmp_path: Path) -> None:
     src = C.FIXTURES / "shipped.onnx"
     sig = read_signature(src)
     assert [(t.name, t.elem_type, t.rank) for t in sig.inputs] == [
-        ("input_ids", 7, 2), ("attention_mask", 7, 2), ("token_type_ids", 7, 2)]
+        ("input_ids", 7, 2),
+        ("attention_mask", 7, 2),
+        ("token_type_ids", 7, 2),
+    ]
     assert [(t.name, t.rank) for t in sig.outputs] == [("last_hidden_state", 3)]
     model = onnx.load(str(src))
-    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-                             for t in model.graph.initializer)
+    model.graph.input.extend(
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        for t in model.graph.initializer
+    )
     old = tmp_path / "old-export.onnx"
     onnx.save(model, str(old))
     assert read_signature(old).inputs == sig.inputs

@@ -17,19 +17,27 @@ def test_providers_for_the_cpu_and_a_gpu() -> None:
     assert cuda_ep.providers_for("cpu") == ["CPUExecutionProvider"]
     (cuda, opts), cpu = cuda_ep.providers_for("cuda:2", 3 * GiB, "fp16")
     assert (cuda, cpu) == ("CUDAExecutionProvider", "CPUExecutionProvider")
-    assert opts == {"device_id": "2", "arena_extend_strategy": "kSameAsRequested",
-                    "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1",
-                    "use_tf32": "1", "gpu_mem_limit": str(3 * GiB)}
+    assert opts == {
+        "device_id": "2",
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "do_copy_in_default_stream": "1",
+        "use_tf32": "1",
+        "gpu_mem_limit": str(3 * GiB),
+    }
     (_, fp32), _ = cuda_ep.providers_for("cuda:0", None, "fp32")
     assert fp32["use_tf32"] == "0" and "gpu_mem_limit" not in fp32  # fp32 means fp32
 
 
-@pytest.mark.parametrize(("providers", "ok"), [
-    (["CUDAExecutionProvider", "CPUExecutionProvider"], True),
-    (["CPUExecutionProvider"], False),                      # ORT fell back quietly
-    (["TensorrtExecutionProvider", "CUDAExecutionProvider"], False),
-    ([], False),
-])
+@pytest.mark.parametrize(
+    ("providers", "ok"),
+    [
+        (["CUDAExecutionProvider", "CPUExecutionProvider"], True),
+        (["CPUExecutionProvider"], False),  # ORT fell back quietly
+        (["TensorrtExecutionProvider", "CUDAExecutionProvider"], False),
+        ([], False),
+    ],
+)
 def test_check_session(providers: list[str], ok: bool) -> None:
     if ok:
         cuda_ep.check_session(providers, "cuda:0")
@@ -54,10 +62,17 @@ def test_this_onnxruntime_has_no_cuda_provider_and_the_engine_says_so() -> None:
     assert "pip install 'embedpool[gpu]'" in str(info.value)
 
 
-@pytest.mark.parametrize(("precision", "device", "ok"), [
-    ("int8", "cpu", True), ("fp32", "cpu", True), ("fp32", "cuda:0", True),
-    ("fp16", "cuda:1", True), ("fp16", "cpu", False), ("int8", "cuda:0", False),
-])
+@pytest.mark.parametrize(
+    ("precision", "device", "ok"),
+    [
+        ("int8", "cpu", True),
+        ("fp32", "cpu", True),
+        ("fp32", "cuda:0", True),
+        ("fp16", "cuda:1", True),
+        ("fp16", "cpu", False),
+        ("int8", "cuda:0", False),
+    ],
+)
 def test_engine_spec_precision_and_device(precision: str, device: str, ok: bool) -> None:
     m = resolve_model()
     if ok:

@@ -23,9 +23,12 @@ def _run(g: GraphBuilder, out: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         t = TensorProto.INT64 if feeds[n].dtype == np.int64 else TensorProto.FLOAT
         return helper.make_tensor_value_info(n, t, None)
 
-    model = g.finish("t", [vi(n) for n in feeds],
-                     [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
-                     producer_version="0")
+    model = g.finish(
+        "t",
+        [vi(n) for n in feeds],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        producer_version="0",
+    )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return np.asarray(sess.run(None, feeds)[0])
 
@@ -35,12 +38,13 @@ def _rope_np(x: np.ndarray, heads: int) -> np.ndarray:
     x4 = x.reshape(B, S, heads, D)
     c = np.concatenate([cos, cos], 1)[None, :, None]
     s = np.concatenate([sin, sin], 1)[None, :, None]
-    rot = np.concatenate([-x4[..., D // 2:], x4[..., :D // 2]], -1)
+    rot = np.concatenate([-x4[..., D // 2 :], x4[..., : D // 2]], -1)
     return np.asarray((x4 * c + rot * s).reshape(B, S, heads * D))
 
 
-def _reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, causal: bool
-               ) -> np.ndarray:
+def _reference(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, causal: bool
+) -> np.ndarray:
     """transformers' eager attention: repeat_kv, scores * scale + masks, softmax."""
     qh = q.reshape(B, S, H, D).transpose(0, 2, 1, 3)
     kh = np.repeat(k.reshape(B, S, KV, D).transpose(0, 2, 1, 3), H // KV, axis=1)
@@ -55,8 +59,9 @@ def _reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, ca
     return np.asarray((p @ vh).transpose(0, 2, 1, 3).reshape(B, S, H * D))
 
 
-@pytest.mark.parametrize(("kind", "causal"), [("gqa", True), ("plain", True), ("flash", False),
-                                              ("plain", False)])
+@pytest.mark.parametrize(
+    ("kind", "causal"), [("gqa", True), ("plain", True), ("flash", False), ("plain", False)]
+)
 @pytest.mark.parametrize("rotary", [False, True])
 def test_attention_kinds_equal_the_reference(kind: str, causal: bool, rotary: bool) -> None:
     rng = np.random.default_rng(1)
@@ -73,10 +78,24 @@ def test_attention_kinds_equal_the_reference(kind: str, causal: bool, rotary: bo
     if rot is not None and kind != "gqa":
         qn = layers.rotate(g, qn, rot, "q_rot", heads=H, head_dim=D, fused=fused)
         kn = layers.rotate(g, kn, rot, "k_rot", heads=KV, head_dim=D, fused=fused)
-    out = decoder.attention(g, plan, qn, kn, "v", "attn", heads=H, kv_heads=KV, head_dim=D,
-                            scale=SCALE, rotary=rot if kind == "gqa" else None)
-    got = _run(g, out, {INPUT_IDS: np.zeros((B, S), np.int64), ATTENTION_MASK: mask,
-                        "q": q, "k": k, "v": v})
+    out = decoder.attention(
+        g,
+        plan,
+        qn,
+        kn,
+        "v",
+        "attn",
+        heads=H,
+        kv_heads=KV,
+        head_dim=D,
+        scale=SCALE,
+        rotary=rot if kind == "gqa" else None,
+    )
+    got = _run(
+        g,
+        out,
+        {INPUT_IDS: np.zeros((B, S), np.int64), ATTENTION_MASK: mask, "q": q, "k": k, "v": v},
+    )
     if rotary:
         q, k = _rope_np(q, H), _rope_np(k, KV)
     want = _reference(q, k, v, mask, causal)
@@ -106,8 +125,8 @@ def test_rms_norms(fused: bool) -> None:
     normed, total = decoder.add_rms_norm(g, "x", "r", w, 1e-6, "n", fused=fused)
     both = g.op1("Concat", [normed, total], "both", axis=-1)
     got = _run(g, both, {"x": x, "r": r})
-    np.testing.assert_allclose(got[..., :H * D], rms(x + r, w), atol=1e-5)
-    np.testing.assert_allclose(got[..., H * D:], x + r, atol=1e-6)
+    np.testing.assert_allclose(got[..., : H * D], rms(x + r, w), atol=1e-5)
+    np.testing.assert_allclose(got[..., H * D :], x + r, atol=1e-6)
     g = GraphBuilder()
     out = decoder.head_rms_norm(g, "x", hw, 1e-6, "hn", heads=H, head_dim=D, fused=fused)
     want = rms(x.reshape(B, S, H, D), hw).reshape(B, S, H * D)
@@ -119,5 +138,5 @@ def test_tanh_gelu(fused: bool) -> None:
     x = np.linspace(-6, 6, 97, dtype=np.float32).reshape(1, 1, 97)
     g = GraphBuilder()
     got = _run(g, decoder.activation(g, "x", "gelu_pytorch_tanh", "a", fused=fused), {"x": x})
-    want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     np.testing.assert_allclose(got, want, atol=1e-5)

@@ -73,8 +73,12 @@ def graphs(fx: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def engines(request: pytest.FixtureRequest, fx: Fixture, graphs: dict[str, Path],
-            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Engine]:
+def engines(
+    request: pytest.FixtureRequest,
+    fx: Fixture,
+    graphs: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Engine]:
     """The fixture's fp32 and int8 engines on each runtime (tests/engines.py): ONNX Runtime
     on the graphs above; OpenVINO on the graphs it reads (graph.ov_graph: the standard-op
     graph, GroupQueryAttention and RotaryEmbedding do not convert; int8: its weight-only
@@ -85,9 +89,12 @@ def engines(request: pytest.FixtureRequest, fx: Fixture, graphs: dict[str, Path]
     from embedpool.engine_openvino import OpenVinoEngine, graph_for
 
     cache = tmp_path_factory.mktemp("ov")
-    return {p: OpenVinoEngine.for_spec(EngineSpec(fx.model, p, 1, runtime="openvino"),
-                                       graph_for(fx.model, cache, p))
-            for p in ("fp32", "int8")}
+    return {
+        p: OpenVinoEngine.for_spec(
+            EngineSpec(fx.model, p, 1, runtime="openvino"), graph_for(fx.model, cache, p)
+        )
+        for p in ("fp32", "int8")
+    }
 
 
 def query_sequences(fx: Fixture) -> list[Any]:
@@ -104,6 +111,7 @@ def embed_sequences(fx: Fixture, path: Path, seqs: list[Any]) -> F32:
 
 # --- fidelity --------------------------------------------------------------------------------
 
+
 def test_tokens_match_the_reference_tokenizer(fx: Fixture) -> None:
     """Qwen3-Embedding's tokenizer ends every text with <|endoftext|> (the token last-token
     pooling reads); the qwen2 fixture's adds nothing, so its last token is the text's own."""
@@ -111,11 +119,12 @@ def test_tokens_match_the_reference_tokenizer(fx: Fixture) -> None:
     assert [list(map(int, s)) for s in seqs] == fx.input_ids
     eos = int(fx.model.config["eos_token_id"])
     ends_with_eos = [ids[-1] == eos for ids in fx.input_ids]
-    assert all(ends_with_eos) if fx.model.config["model_type"] == "qwen3" else not any(ends_with_eos)
+    assert (
+        all(ends_with_eos) if fx.model.config["model_type"] == "qwen3" else not any(ends_with_eos)
+    )
 
 
-def test_fp32_matches_reference_in_a_padded_batch(fx: Fixture,
-                                                   engines: dict[str, Engine]) -> None:
+def test_fp32_matches_reference_in_a_padded_batch(fx: Fixture, engines: dict[str, Engine]) -> None:
     """One-token texts padded next to a 325-token one (the reference padded Qwen3 on the
     left, as its tokenizer_config says; embedpool pads right: the same vectors)."""
     assert min(map(len, fx.input_ids)) <= 2 and max(map(len, fx.input_ids)) > 300
@@ -132,14 +141,17 @@ def test_query_prompt_matches_reference(fx: Fixture, engines: dict[str, Engine])
 
 def test_int8_matches_reference(fx: Fixture, engines: dict[str, Engine]) -> None:
     """issue 11's int8 bar against the reference: mean >= 0.99, every vector >= 0.97."""
-    for got, want in ((engines["int8"].embed(encode(fx.model, fx.texts)), fx.vectors),
-                      (engines["int8"].embed(query_sequences(fx)), fx.query_vectors)):
+    for got, want in (
+        (engines["int8"].embed(encode(fx.model, fx.texts)), fx.vectors),
+        (engines["int8"].embed(query_sequences(fx)), fx.query_vectors),
+    ):
         meets_bar(cosines(got, want), "int8")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_vector_ignores_batch_neighbours(fx: Fixture, graphs: dict[str, Path],
-                                         precision: str) -> None:
+def test_vector_ignores_batch_neighbours(
+    fx: Fixture, graphs: dict[str, Path], precision: str
+) -> None:
     assert padding_cosines(fx.model, graphs[precision], fx.texts).min() >= 0.99999
 
 
@@ -163,7 +175,9 @@ def test_fp32_graph_uses_the_fused_kernels(fx: Fixture, graphs: dict[str, Path])
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
     assert attrs["do_rotary"] == 1
     assert (attrs["num_heads"], attrs["kv_num_heads"]) == (
-        fx.model.config["num_attention_heads"], fx.model.config["num_key_value_heads"])
+        fx.model.config["num_attention_heads"],
+        fx.model.config["num_key_value_heads"],
+    )
     qk_norms = ops.count("SimplifiedLayerNormalization")
     assert qk_norms == (1 + 2 * layers if fx.model.config["model_type"] == "qwen3" else 1)
 
@@ -196,8 +210,9 @@ def test_bidirectional_config_matches_reference(tmp_path: Path, fused: bool, nam
     want = golden(name, "bidirectional_vectors")
     fam, cfg = _family(fx.model)
     assert not cfg.causal
-    graph = compose(fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head,
-                    fused=fused)
+    graph = compose(
+        fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head, fused=fused
+    )
     ops = {n.op_type for n in graph.graph.node}
     assert ("MultiHeadAttention" in ops) == fused and "GroupQueryAttention" not in ops
     cos = cosines(run_graph(graph, fx), want)
@@ -206,23 +221,29 @@ def test_bidirectional_config_matches_reference(tmp_path: Path, fused: bool, nam
 
 #: config.json's auto_map as gte-Qwen2-1.5B-instruct's hub files have it (saved copies name
 #: the repository: "Alibaba-NLP/gte-Qwen2-1.5B-instruct--modeling_qwen.Qwen2Model").
-GTE_AUTO_MAP = {"AutoModel": "modeling_qwen.Qwen2Model",
-                "AutoModelForCausalLM": "modeling_qwen.Qwen2ForCausalLM",
-                "AutoModelForSequenceClassification":
-                    "modeling_qwen.Qwen2ForSequenceClassification"}
+GTE_AUTO_MAP = {
+    "AutoModel": "modeling_qwen.Qwen2Model",
+    "AutoModelForCausalLM": "modeling_qwen.Qwen2ForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_qwen.Qwen2ForSequenceClassification",
+}
 
 
 @pytest.mark.parametrize("is_causal", [None, False])
-def test_gte_qwen2_as_published_is_refused_naming_the_choice(tmp_path: Path,
-                                                             is_causal: bool | None) -> None:
+def test_gte_qwen2_as_published_is_refused_naming_the_choice(
+    tmp_path: Path, is_causal: bool | None
+) -> None:
     """gte-Qwen2's own code (auto_map) decides its attention (bidirectional, by its card),
     which embedpool cannot check: refused, with or without is_causal beside it, naming
     auto_map and the explicit is_causal choice; never built causal in silence."""
-    directory = copy_model("qwen2", tmp_path, auto_map=GTE_AUTO_MAP, is_causal=is_causal,
-                           architectures=["Qwen2Model"])
-    with pytest.raises(ModelError, match=r"auto_map names remote code \(modeling_qwen\.Qwen2"
-                                         r"Model\).*remove auto_map and state \"is_causal\": "
-                                         r"false"):
+    directory = copy_model(
+        "qwen2", tmp_path, auto_map=GTE_AUTO_MAP, is_causal=is_causal, architectures=["Qwen2Model"]
+    )
+    with pytest.raises(
+        ModelError,
+        match=r"auto_map names remote code \(modeling_qwen\.Qwen2"
+        r"Model\).*remove auto_map and state \"is_causal\": "
+        r"false",
+    ):
         resolve_model(directory)
 
 
@@ -231,8 +252,9 @@ def test_matryoshka_dimensions_match_truncate_dim(fx: Fixture, graphs: dict[str,
     sentence-transformers' truncate_dim gives (embedpool renormalises them)."""
     from embedpool.vectors import truncate_dims
 
-    dim = int(json.loads((FIXTURES / fx.model.directory.parent.name / "golden.json")
-                         .read_text())["dim"])
+    dim = int(
+        json.loads((FIXTURES / fx.model.directory.parent.name / "golden.json").read_text())["dim"]
+    )
     got = truncate_dims(embed(fx.model, graphs["fp32"], fx.texts), dim, normalize=True)
     assert got.shape[1] == dim
     assert cosines(got, golden(fx.model.directory.parent.name, "dim_vectors")).min() >= 0.9999
@@ -257,8 +279,14 @@ def test_a_causal_lm_checkpoint_layout_loads(tmp_path: Path) -> None:
 def test_llama_and_mistral_are_the_qwen2_graph_with_their_flags() -> None:
     """Llama/Mistral configs parse to the Qwen2 block: q/k/v/o biases only with
     attention_bias, no q/k norms."""
-    base = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "num_hidden_layers": 1, "intermediate_size": 48, "rope_theta": 500000.0}
+    base = {
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 1,
+        "intermediate_size": 48,
+        "rope_theta": 500000.0,
+    }
     llama = parse_config({"model_type": "llama", **base})[1]
     assert (llama.qkv_bias, llama.o_bias, llama.qk_norm, llama.head_dim) == (False, False, False, 8)
     biased = qwen2.parse_config({"model_type": "llama", "attention_bias": True, **base})
@@ -270,9 +298,11 @@ def test_llama_and_mistral_are_the_qwen2_graph_with_their_flags() -> None:
 
 # --- long context ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_long_text_matches_reference_in_a_padded_batch(fx: Fixture, graphs: dict[str, Path],
-                                                       precision: str) -> None:
+def test_long_text_matches_reference_in_a_padded_batch(
+    fx: Fixture, graphs: dict[str, Path], precision: str
+) -> None:
     """~8,150 tokens, untruncated (rotary positions thousands out, GroupQueryAttention over
     every earlier key), next to a one-token text padded to its length."""
     long = load_long_golden(fx.model.directory.parent.name)
@@ -308,11 +338,13 @@ def test_fp16_graph_on_the_cpu_provider(fx: Fixture, tmp_path: Path) -> None:
 
 # --- through the pool, the CLI, serve and Ray -------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.parametrize(("name", "precision"), [("qwen3", "fp32"), ("qwen2", "int8")])
-def test_ray_backend_matches_reference(ray_cluster: Any, tmp_path: Path, name: str,
-                                       precision: str) -> None:
+def test_ray_backend_matches_reference(
+    ray_cluster: Any, tmp_path: Path, name: str, precision: str
+) -> None:
     """The Ray backend's actors build and run the same graph: equal to the reference (int8:
     within its bar), plain and with the query prompt."""
     from embedpool.job import Embedder
@@ -321,9 +353,11 @@ def test_ray_backend_matches_reference(ray_cluster: Any, tmp_path: Path, name: s
     with Embedder(fx.model, precision=precision, backend="ray") as e:
         embedder_matches_reference(e, fx, precision)
 
+
 @pytest.mark.slow
-def test_pool_matches_reference_with_prompts(fx: Fixture, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pool_matches_reference_with_prompts(
+    fx: Fixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A real pool worker (it builds and caches the graph): the padded batch, the query
     prompt by name, Matryoshka dimensions, and the long text."""
     from embedpool.job import Embedder
@@ -367,10 +401,11 @@ DROP = object()
     [
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.*'yarn'"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.*'linear'"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},
-         "rope_type = 'llama3'"),
-        ({"rope_parameters": {"rope_theta": 1e6, "factor": 2.0}},
-         r"rope_parameters keys \['factor'\]"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}, "rope_type = 'llama3'"),
+        (
+            {"rope_parameters": {"rope_theta": 1e6, "factor": 2.0}},
+            r"rope_parameters keys \['factor'\]",
+        ),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5"),
         ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window = True"),
         ({"layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
@@ -382,9 +417,23 @@ DROP = object()
         ({"head_dim": 15}, "head_dim 15 is not even"),
         ({"num_hidden_layers": DROP}, "missing or bad .* field"),
     ],
-    ids=["yarn", "linear-legacy", "llama3", "rope-extra-key", "partial-rotary", "sliding",
-         "sliding-layer", "mlp-bias", "gelu", "bidirectional-flag", "bad-is-causal",
-         "kv-heads", "odd-head-dim", "missing-layers"])
+    ids=[
+        "yarn",
+        "linear-legacy",
+        "llama3",
+        "rope-extra-key",
+        "partial-rotary",
+        "sliding",
+        "sliding-layer",
+        "mlp-bias",
+        "gelu",
+        "bidirectional-flag",
+        "bad-is-causal",
+        "kv-heads",
+        "odd-head-dim",
+        "missing-layers",
+    ],
+)
 def test_unhonoured_config_is_refused(fx: Fixture, change: dict[str, Any], match: str) -> None:
     cfg = {k: v for k, v in {**fx.model.config, **change}.items() if v is not DROP}
     with pytest.raises(ModelError, match=match):
@@ -392,8 +441,14 @@ def test_unhonoured_config_is_refused(fx: Fixture, change: dict[str, Any], match
 
 
 def test_mistral_sliding_window_is_refused() -> None:
-    cfg = {"model_type": "mistral", "hidden_size": 32, "num_attention_heads": 4,
-           "num_hidden_layers": 1, "intermediate_size": 48, "sliding_window": 4096}
+    cfg = {
+        "model_type": "mistral",
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "intermediate_size": 48,
+        "sliding_window": 4096,
+    }
     with pytest.raises(ModelError, match="sliding_window = 4096"):
         qwen2.parse_config(cfg)
 
@@ -406,22 +461,41 @@ def test_refusal_names_the_way_out(tmp_path: Path) -> None:
         resolve_model(directory)
     msg = str(err.value)
     assert f"{directory / 'config.json'}: rope_scaling" in msg and "'yarn'" in msg
-    assert "onnx/model.onnx" in msg and "qwen3 (qwen3)" in msg and "qwen2 (llama, mistral, qwen2)" in msg
+    assert (
+        "onnx/model.onnx" in msg
+        and "qwen3 (qwen3)" in msg
+        and "qwen2 (llama, mistral, qwen2)" in msg
+    )
 
 
 @pytest.mark.slow
 def test_cli_refuses_an_unhonoured_field_in_one_line(tmp_path: Path) -> None:
     directory = copy_model("qwen3", tmp_path, use_sliding_window=True, sliding_window=16)
-    res = subprocess.run([*CLI, "embed", str(jsonl(tmp_path / "t.jsonl", ["a"])), "--out",
-                          str(tmp_path / "o.npy"), "--model", str(directory), "--workers", "1",
-                          "--no-cache"], capture_output=True, text=True, timeout=300,
-                         check=False,
-                         env=cache_env(tmp_path / "cache"))
+    res = subprocess.run(
+        [
+            *CLI,
+            "embed",
+            str(jsonl(tmp_path / "t.jsonl", ["a"])),
+            "--out",
+            str(tmp_path / "o.npy"),
+            "--model",
+            str(directory),
+            "--workers",
+            "1",
+            "--no-cache",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=cache_env(tmp_path / "cache"),
+    )
     assert res.returncode == 2, res.stderr
     assert "use_sliding_window = True" in res.stderr and "Traceback" not in res.stderr
 
 
 # --- the known decoders ----------------------------------------------------------------------
+
 
 def test_models_lists_the_known_decoders_with_prompts_and_memory() -> None:
     """``embedpool models``: each known decoder with its family, its code-search prompt and
@@ -434,10 +508,14 @@ def test_models_lists_the_known_decoders_with_prompts_and_memory() -> None:
     res = CliRunner().invoke(main, ["models"])
     assert res.exit_code == 0, res.output
     lines = {line.split()[0]: line for line in res.output.splitlines() if line.strip()}
-    for name, family in (("Qwen3-Embedding-0.6B", "qwen3"), ("Qwen3-Embedding-4B", "qwen3"),
-                         ("Qwen3-Embedding-8B", "qwen3"), ("jina-code-embeddings-0.5b", "qwen2"),
-                         ("jina-code-embeddings-1.5b", "qwen2"),
-                         ("gte-Qwen2-1.5B-instruct", "qwen2")):
+    for name, family in (
+        ("Qwen3-Embedding-0.6B", "qwen3"),
+        ("Qwen3-Embedding-4B", "qwen3"),
+        ("Qwen3-Embedding-8B", "qwen3"),
+        ("jina-code-embeddings-0.5b", "qwen2"),
+        ("jina-code-embeddings-1.5b", "qwen2"),
+        ("gte-Qwen2-1.5B-instruct", "qwen2"),
+    ):
         km = find_known(name)
         assert km is not None and km.family == family and km.params is not None
         line = lines[name]
@@ -451,6 +529,7 @@ def test_models_lists_the_known_decoders_with_prompts_and_memory() -> None:
 
 # --- memory planned before work --------------------------------------------------------------
 
+
 def test_a_model_that_cannot_fit_at_any_precision_is_refused_before_work(fx: Fixture) -> None:
     """Its int8 weights alone (one byte a parameter) exceed what is available: refused,
     naming the memory each precision needs; one byte more and it is left to the planner."""
@@ -458,8 +537,11 @@ def test_a_model_that_cannot_fit_at_any_precision_is_refused_before_work(fx: Fix
     from embedpool.graph.weights import tensor_infos
 
     params = sum(int(np.prod(i.shape)) for i in tensor_infos(fx.model.weights_path).values())
-    with pytest.raises(ModelError, match=r"cannot run in the memory available here .*int8, one "
-                                         r"byte a parameter\) are .*fp32"):
+    with pytest.raises(
+        ModelError,
+        match=r"cannot run in the memory available here .*int8, one "
+        r"byte a parameter\) are .*fp32",
+    ):
         check_runnable(fx.model, params - 1)
     check_runnable(fx.model, params)
     check_runnable(fx.model, None)
@@ -468,11 +550,27 @@ def test_a_model_that_cannot_fit_at_any_precision_is_refused_before_work(fx: Fix
 @pytest.mark.slow
 def test_cli_refuses_a_model_that_cannot_fit_in_one_line(tmp_path: Path) -> None:
     fx = load_fixture("qwen3")
-    res = subprocess.run([*CLI, "embed", str(jsonl(tmp_path / "t.jsonl", ["a"])), "--out",
-                          str(tmp_path / "o.npy"), "--model", str(fx.model.directory),
-                          "--max-memory", "1M", "--workers", "1", "--no-cache"],
-                         capture_output=True, text=True, timeout=300, check=False,
-                         env=cache_env(tmp_path / "cache"))
+    res = subprocess.run(
+        [
+            *CLI,
+            "embed",
+            str(jsonl(tmp_path / "t.jsonl", ["a"])),
+            "--out",
+            str(tmp_path / "o.npy"),
+            "--model",
+            str(fx.model.directory),
+            "--max-memory",
+            "1M",
+            "--workers",
+            "1",
+            "--no-cache",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=cache_env(tmp_path / "cache"),
+    )
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot run in the memory available here" in lines[0], res.stderr
@@ -497,11 +595,15 @@ def test_large_graphs_map_their_weights_from_an_aligned_side_file(tmp_path: Path
     assert external.save(graph, tmp_path / "tmp.onnx", final, min_bytes=0, tensor_min=1024)
     (tmp_path / "tmp.onnx").rename(final)
     assert external.has_external_data(final)
-    moved = [t for t in onnx.load(str(final), load_external_data=False).graph.initializer
-             if t.data_location == onnx.TensorProto.EXTERNAL]
+    moved = [
+        t
+        for t in onnx.load(str(final), load_external_data=False).graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
     assert len(moved) >= 2 * int(cfg.num_layers)
-    assert all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % 4096 == 0
-               for t in moved)
+    assert all(
+        int(dict((e.key, e.value) for e in t.external_data)["offset"]) % 4096 == 0 for t in moved
+    )
     assert final.stat().st_size < one.stat().st_size // 4
     from embedpool.graph.prebuild import built_graphs  # doctor's list counts the side file
 
@@ -525,8 +627,9 @@ def test_ray_ships_a_large_graphs_weights_side_file(tmp_path: Path) -> None:
     graph = compose(fam, fam.load_weights(fx.model.weights_path, cfg), cfg, fx.model.head)
     final = tmp_path / "driver" / "g.onnx"
     final.parent.mkdir()
-    assert external.save(graph, tmp_path / "driver" / "tmp.onnx", final, min_bytes=0,
-                         tensor_min=1024)
+    assert external.save(
+        graph, tmp_path / "driver" / "tmp.onnx", final, min_bytes=0, tensor_min=1024
+    )
     (tmp_path / "driver" / "tmp.onnx").rename(final)
 
     class Spec:

@@ -32,12 +32,19 @@ GPU_ORT = (("onnxruntime-gpu", "1.32.0"),)
 BOTH_ORT = (("onnxruntime", "1.32.0"), ("onnxruntime-gpu", "1.32.0"))
 
 
-@pytest.mark.parametrize(("text", "want"), [
-    ("auto", DeviceRequest("auto")), (None, DeviceRequest("auto")), ("cpu", DeviceRequest("cpu")),
-    ("CUDA", DeviceRequest("cuda")), ("gpu", DeviceRequest("cuda")),
-    ("cuda:0", DeviceRequest("cuda", 0)), (" cuda:3 ", DeviceRequest("cuda", 3)),
-    ("gpu:1", DeviceRequest("cuda", 1)),
-])
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("auto", DeviceRequest("auto")),
+        (None, DeviceRequest("auto")),
+        ("cpu", DeviceRequest("cpu")),
+        ("CUDA", DeviceRequest("cuda")),
+        ("gpu", DeviceRequest("cuda")),
+        ("cuda:0", DeviceRequest("cuda", 0)),
+        (" cuda:3 ", DeviceRequest("cuda", 3)),
+        ("gpu:1", DeviceRequest("cuda", 1)),
+    ],
+)
 def test_parse_device(text: str | None, want: DeviceRequest) -> None:
     assert parse_device(text) == want
     assert parse_device(str(want)) == want  # str() round-trips
@@ -50,9 +57,11 @@ def test_parse_device_refuses_with_the_choices(text: str) -> None:
 
 
 def test_parse_nvidia_smi_reads_every_gpu_and_the_driver() -> None:
-    text = ("0, NVIDIA H200, GPU-aaaa-1111, 143771, 142000, 570.86.15\n"
-            "1, NVIDIA A10, GPU-bbbb-2222, 23028, [N/A], 570.86.15\n"
-            "garbage line\n")
+    text = (
+        "0, NVIDIA H200, GPU-aaaa-1111, 143771, 142000, 570.86.15\n"
+        "1, NVIDIA A10, GPU-bbbb-2222, 23028, [N/A], 570.86.15\n"
+        "garbage line\n"
+    )
     gpus, driver = parse_nvidia_smi(text)
     assert driver == "570.86.15"
     assert [g.name for g in gpus] == ["NVIDIA H200", "NVIDIA A10"]
@@ -61,28 +70,36 @@ def test_parse_nvidia_smi_reads_every_gpu_and_the_driver() -> None:
     assert parse_nvidia_smi("") == ((), None)
 
 
-@pytest.mark.parametrize(("visible", "want"), [
-    (None, ["NVIDIA H200", "NVIDIA A10"]),
-    ("1", ["NVIDIA A10"]),
-    ("1,0", ["NVIDIA A10", "NVIDIA H200"]),          # CUDA numbers them in this order
-    ("GPU-bbbb", ["NVIDIA A10"]),                    # a unique UUID prefix
-    ("0,7,1", ["NVIDIA H200"]),                      # CUDA stops at the first bad entry
-    ("", []), ("-1", []), ("0,0", ["NVIDIA H200"]),
-])
+@pytest.mark.parametrize(
+    ("visible", "want"),
+    [
+        (None, ["NVIDIA H200", "NVIDIA A10"]),
+        ("1", ["NVIDIA A10"]),
+        ("1,0", ["NVIDIA A10", "NVIDIA H200"]),  # CUDA numbers them in this order
+        ("GPU-bbbb", ["NVIDIA A10"]),  # a unique UUID prefix
+        ("0,7,1", ["NVIDIA H200"]),  # CUDA stops at the first bad entry
+        ("", []),
+        ("-1", []),
+        ("0,0", ["NVIDIA H200"]),
+    ],
+)
 def test_visible_gpus_follows_cuda_visible_devices(visible: str | None, want: list[str]) -> None:
     got = visible_gpus((H200, A10), visible)
     assert [g.name for g in got] == want
     assert [g.index for g in got] == list(range(len(want)))  # CUDA ordinals, renumbered
 
 
-@pytest.mark.parametrize(("dists", "want"), [
-    ((), None),
-    (CPU_ORT, None),
-    (GPU_ORT, None),
-    (BOTH_ORT, "onnxruntime 1.32.0 and onnxruntime-gpu 1.32.0 are both installed"),
-    ((("onnxruntime", "1.32.0"), ("onnxruntime-openvino", "1.20.0")), "onnxruntime-openvino"),
-    ((("numpy", "2.0"), ("onnxruntime", "1.32.0")), None),   # other packages are not ORT
-])
+@pytest.mark.parametrize(
+    ("dists", "want"),
+    [
+        ((), None),
+        (CPU_ORT, None),
+        (GPU_ORT, None),
+        (BOTH_ORT, "onnxruntime 1.32.0 and onnxruntime-gpu 1.32.0 are both installed"),
+        ((("onnxruntime", "1.32.0"), ("onnxruntime-openvino", "1.20.0")), "onnxruntime-openvino"),
+        ((("numpy", "2.0"), ("onnxruntime", "1.32.0")), None),  # other packages are not ORT
+    ],
+)
 def test_ort_clash(dists: tuple[tuple[str, str], ...], want: str | None) -> None:
     msg = ort_clash(dists)
     if want is None:
@@ -108,12 +125,21 @@ def test_ort_clash_fix_keeps_the_gpu_package() -> None:
     assert msg.endswith("pip install onnxruntime-gpu (scripts/setup gpu does this)")
 
 
-def _facts(dists: tuple[tuple[str, str], ...] = GPU_ORT, driver: str | None = "570.86",
-           gpus: tuple[Gpu, ...] = (H200,), all_gpus: int | None = None,
-           visible: str | None = None) -> DeviceFacts:
-    return DeviceFacts(distributions=dists, driver=driver, driver_source="nvidia-smi", gpus=gpus,
-                       all_gpus=len(gpus) if all_gpus is None else all_gpus,
-                       cuda_visible_devices=visible)
+def _facts(
+    dists: tuple[tuple[str, str], ...] = GPU_ORT,
+    driver: str | None = "570.86",
+    gpus: tuple[Gpu, ...] = (H200,),
+    all_gpus: int | None = None,
+    visible: str | None = None,
+) -> DeviceFacts:
+    return DeviceFacts(
+        distributions=dists,
+        driver=driver,
+        driver_source="nvidia-smi",
+        gpus=gpus,
+        all_gpus=len(gpus) if all_gpus is None else all_gpus,
+        cuda_visible_devices=visible,
+    )
 
 
 # request, facts -> kind, devices (or the error's `missing` and a phrase of its message)
@@ -139,8 +165,9 @@ DECISIONS: list[tuple[str, DeviceFacts, str, tuple[str, ...] | str]] = [
 
 
 @pytest.mark.parametrize(("request_text", "facts", "kind", "want"), DECISIONS)
-def test_decide_device(request_text: str, facts: DeviceFacts, kind: str,
-                       want: tuple[str, ...] | str) -> None:
+def test_decide_device(
+    request_text: str, facts: DeviceFacts, kind: str, want: tuple[str, ...] | str
+) -> None:
     request = parse_device(request_text)
     if isinstance(want, str):
         with pytest.raises(DeviceError) as info:
@@ -158,11 +185,14 @@ def test_decide_device(request_text: str, facts: DeviceFacts, kind: str,
 def test_auto_on_cpu_says_why_in_one_line() -> None:
     plan = decide_device(DeviceRequest("auto"), _facts(dists=CPU_ORT))
     assert plan.describe() == "cpu (auto: onnxruntime-gpu not installed)"
-    assert decide_device(DeviceRequest("auto"), _facts(driver=None, gpus=())).describe() == \
-        "cpu (auto: no NVIDIA driver)"
+    assert (
+        decide_device(DeviceRequest("auto"), _facts(driver=None, gpus=())).describe()
+        == "cpu (auto: no NVIDIA driver)"
+    )
     plan = decide_device(DeviceRequest("auto"), _facts(gpus=(H200, A10)))
-    assert plan.describe() == ("cuda:0 NVIDIA H200, cuda:1 NVIDIA A10 (auto: onnxruntime-gpu "
-                               "and a GPU are present)")
+    assert plan.describe() == (
+        "cuda:0 NVIDIA H200, cuda:1 NVIDIA A10 (auto: onnxruntime-gpu and a GPU are present)"
+    )
 
 
 class _Smi:
@@ -179,20 +209,29 @@ class _Smi:
 
 def test_detect_does_not_probe_gpus_for_auto_without_the_gpu_package(tmp_path: Path) -> None:
     smi = _Smi("0, NVIDIA H200, GPU-a, 143771, 142000, 570.86\n")
-    facts = detect_facts(DeviceRequest("auto"), run=smi, root=tmp_path, environ={},
-                         distributions=CPU_ORT)
+    facts = detect_facts(
+        DeviceRequest("auto"), run=smi, root=tmp_path, environ={}, distributions=CPU_ORT
+    )
     assert smi.calls == []
     assert not facts.gpus_probed
-    facts = detect_facts(DeviceRequest("cuda"), run=smi, root=tmp_path, environ={},
-                         distributions=CPU_ORT)
+    facts = detect_facts(
+        DeviceRequest("cuda"), run=smi, root=tmp_path, environ={}, distributions=CPU_ORT
+    )
     assert len(smi.calls) == 1 and facts.gpus[0].name == "NVIDIA H200"  # to name what is missing
 
 
 def test_detect_applies_cuda_visible_devices(tmp_path: Path) -> None:
-    smi = _Smi("0, NVIDIA H200, GPU-a, 143771, 142000, 570.86\n"
-               "1, NVIDIA A10, GPU-b, 23028, 22000, 570.86\n")
-    facts = detect_facts(DeviceRequest("auto"), run=smi, root=tmp_path,
-                         environ={"CUDA_VISIBLE_DEVICES": "1"}, distributions=GPU_ORT)
+    smi = _Smi(
+        "0, NVIDIA H200, GPU-a, 143771, 142000, 570.86\n"
+        "1, NVIDIA A10, GPU-b, 23028, 22000, 570.86\n"
+    )
+    facts = detect_facts(
+        DeviceRequest("auto"),
+        run=smi,
+        root=tmp_path,
+        environ={"CUDA_VISIBLE_DEVICES": "1"},
+        distributions=GPU_ORT,
+    )
     assert [(g.index, g.smi_index, g.name) for g in facts.gpus] == [(0, 1, "NVIDIA A10")]
     assert facts.all_gpus == 2 and facts.driver == "570.86"
 
@@ -200,10 +239,13 @@ def test_detect_applies_cuda_visible_devices(tmp_path: Path) -> None:
 def test_detect_reads_proc_driver_nvidia_without_nvidia_smi(tmp_path: Path) -> None:
     proc = tmp_path / "proc/driver/nvidia"
     (proc / "gpus/0000:01:00.0").mkdir(parents=True)
-    (proc / "version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  "
-                                  "Thu Feb 22 01:44:30 UTC 2024\nGCC version:  gcc 12\n")
-    facts = detect_facts(DeviceRequest("cuda"), run=_Smi(None), root=tmp_path, environ={},
-                         distributions=GPU_ORT)
+    (proc / "version").write_text(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14  "
+        "Thu Feb 22 01:44:30 UTC 2024\nGCC version:  gcc 12\n"
+    )
+    facts = detect_facts(
+        DeviceRequest("cuda"), run=_Smi(None), root=tmp_path, environ={}, distributions=GPU_ORT
+    )
     assert facts.driver == "550.54.14" and facts.driver_source == "/proc/driver/nvidia/version"
     assert len(facts.gpus) == 1 and facts.gpus[0].memory_free is None
     assert any("nvidia-smi not found" in n for n in facts.notes)
@@ -214,14 +256,16 @@ def test_detect_finds_wsl2_libcuda_without_nvidia_smi(tmp_path: Path) -> None:
     lib = tmp_path / "usr/lib/wsl/lib/libcuda.so.1"
     lib.parent.mkdir(parents=True)
     lib.write_bytes(b"")
-    facts = detect_facts(DeviceRequest("cuda"), run=_Smi(None), root=tmp_path, environ={},
-                         distributions=GPU_ORT)
+    facts = detect_facts(
+        DeviceRequest("cuda"), run=_Smi(None), root=tmp_path, environ={}, distributions=GPU_ORT
+    )
     assert facts.driver_source == "/usr/lib/wsl/lib/libcuda.so.1" and len(facts.gpus) == 1
 
 
 def test_detect_nothing_names_the_driver(tmp_path: Path) -> None:
-    facts = detect_facts(DeviceRequest("cuda"), run=_Smi(None), root=tmp_path, environ={},
-                         distributions=GPU_ORT)
+    facts = detect_facts(
+        DeviceRequest("cuda"), run=_Smi(None), root=tmp_path, environ={}, distributions=GPU_ORT
+    )
     with pytest.raises(DeviceError) as info:
         decide_device(DeviceRequest("cuda"), facts)
     assert info.value.missing == "driver"

@@ -38,8 +38,12 @@ def model() -> Iterator[ResolvedModel]:
     yield m
 
 
-def _run_worker(model: ResolvedModel, precision: Precision, env: dict[str, str],
-                batches: list[tuple[np.ndarray, ...]]) -> tuple[Ready, list[Result]]:
+def _run_worker(
+    model: ResolvedModel,
+    precision: Precision,
+    env: dict[str, str],
+    batches: list[tuple[np.ndarray, ...]],
+) -> tuple[Ready, list[Result]]:
     """One real worker (spawned like the supervisor does) with ``env`` set, fed ``batches``."""
     proc, parent = spawn_worker(EngineSpec(model, precision, threads=1), env)
     try:
@@ -64,14 +68,17 @@ def _run_worker(model: ResolvedModel, precision: Precision, env: dict[str, str],
 
 def _batch(n: int, length: int, seed: int) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
-    return tuple(np.concatenate([[101], rng.integers(1000, 29000, length - 2), [102]])
-                 .astype(np.int32) for _ in range(n))
+    return tuple(
+        np.concatenate([[101], rng.integers(1000, 29000, length - 2), [102]]).astype(np.int32)
+        for _ in range(n)
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["int8", "fp32"])
-def test_memory_settings_change_no_vector_and_lower_rss(model: ResolvedModel,
-                                                        precision: Precision) -> None:
+def test_memory_settings_change_no_vector_and_lower_rss(
+    model: ResolvedModel, precision: Precision
+) -> None:
     # ragged lengths: padding and the mask go through the same kernels either way
     batches = [_batch(8, 256, 1), _batch(4, 100, 2) + _batch(4, 37, 3)]
     _, tuned = _run_worker(model, precision, {}, batches)
@@ -85,7 +92,8 @@ def test_memory_settings_change_no_vector_and_lower_rss(model: ResolvedModel,
 
 
 def test_worker_with_a_cached_graph_imports_no_graph_building_packages(
-        model: ResolvedModel) -> None:
+    model: ResolvedModel,
+) -> None:
     """onnx and friends cost a worker 10-18 MB of RSS for nothing once the graph is cached."""
     code = (
         "import pickle, sys\n"
@@ -93,26 +101,41 @@ def test_worker_with_a_cached_graph_imports_no_graph_building_packages(
         "spec = pickle.loads(sys.stdin.buffer.read())\n"
         "engine = spec.build()\n"
         "engine.embed([[101, 2000, 102]])\n"
-        f"print(','.join(m for m in {UNWANTED!r} if m in sys.modules))\n")
+        f"print(','.join(m for m in {UNWANTED!r} if m in sys.modules))\n"
+    )
     for precision in ("int8", "fp32"):
         spec = EngineSpec(model, precision, threads=1)
-        out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(spec),
-                             capture_output=True, timeout=DEADLINE_S, check=True,
-                             cwd=Path(__file__).parent)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            input=pickle.dumps(spec),
+            capture_output=True,
+            timeout=DEADLINE_S,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
         assert out.stdout.decode().strip() == "", (precision, out.stdout, out.stderr[-2000:])
 
 
-@pytest.mark.parametrize(("env", "applied"), [({}, True), ({"EMBEDPOOL_MALLOC_TUNING": "0"}, False)],
-                         ids=["default", "disabled"])
+@pytest.mark.parametrize(
+    ("env", "applied"),
+    [({}, True), ({"EMBEDPOOL_MALLOC_TUNING": "0"}, False)],
+    ids=["default", "disabled"],
+)
 def test_release_memory_trims_unless_disabled(env: dict[str, str], applied: bool) -> None:
     code = "from embedpool.executors.pool.worker import release_memory\nprint(release_memory())\n"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=DEADLINE_S,
-                         check=True, env={**os.environ, **env})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        timeout=DEADLINE_S,
+        check=True,
+        env={**os.environ, **env},
+    )
     assert out.stdout.decode().strip() == str(applied and sys.platform.startswith("linux"))
 
 
-def test_mem_pattern_setting_changes_no_vector(model: ResolvedModel,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mem_pattern_setting_changes_no_vector(
+    model: ResolvedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """enable_mem_pattern=False (engine.session_options) only changes how memory is held."""
     import embedpool.engine as engine_module
 

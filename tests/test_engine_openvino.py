@@ -25,8 +25,9 @@ pytestmark = pytest.mark.openvino
 
 @pytest.mark.parametrize("precision", ["int8"])
 @pytest.mark.parametrize("name", ["gemma3"])
-def test_decoder_on_openvino_matches_reference(name: str, precision: Precision,
-                                               tmp_path: Path) -> None:
+def test_decoder_on_openvino_matches_reference(
+    name: str, precision: Precision, tmp_path: Path
+) -> None:
     from embedpool.engine_openvino import FUSED_CONVERTS, OpenVinoEngine, graph_for
     from embedpool.graph import _family
 
@@ -35,8 +36,7 @@ def test_decoder_on_openvino_matches_reference(name: str, precision: Precision,
     assert fam.NAME not in FUSED_CONVERTS
     path = graph_for(fx.model, tmp_path, precision)
     assert "unfused" in path.name
-    engine = OpenVinoEngine.for_spec(EngineSpec(fx.model, precision, 1, runtime="openvino"),
-                                     path)
+    engine = OpenVinoEngine.for_spec(EngineSpec(fx.model, precision, 1, runtime="openvino"), path)
     seqs = TextTokenizer.for_model(fx.model).encode(fx.texts, prompt="").sequences
     got = engine.embed(seqs)
     assert got.shape == fx.vectors.shape
@@ -57,8 +57,11 @@ def test_int8_weights_stay_8_bit_in_the_compiled_model(tmp_path: Path) -> None:
     dq = [n for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"]
     assert dq, "no DequantizeLinear in the int8 graph"
     compiled = ov.Core().compile_model(str(path), "CPU", compile_config(1, "int8"))
-    fcs = [op for op in compiled.get_runtime_model().get_ops()
-           if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"]
+    fcs = [
+        op
+        for op in compiled.get_runtime_model().get_ops()
+        if op.get_rt_info()["layerType"].astype(str) == "FullyConnected"
+    ]
     assert fcs
     weights = {op.input(1).get_element_type().get_type_name() for op in fcs}
     assert weights == {"u8"}, weights
@@ -78,8 +81,9 @@ def test_int8_graph_is_deterministic_and_apart_from_onnxruntimes(tmp_path: Path)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_prebuild_builds_the_graph_openvino_reads(precision: GraphPrecision,
-                                                  tmp_path: Path) -> None:
+def test_prebuild_builds_the_graph_openvino_reads(
+    precision: GraphPrecision, tmp_path: Path
+) -> None:
     """For a rotary family the graph prebuild (a child process) builds the standard-op graph
     (int8: its weight-only form), not the fused one ONNX Runtime reads."""
     from embedpool.graph import built_path

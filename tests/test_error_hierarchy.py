@@ -18,9 +18,13 @@ PRIVATE = {
 
 
 def defined() -> dict[str, type[BaseException]]:
-    return {name: cls for name, cls in vars(errors).items()
-            if inspect.isclass(cls) and issubclass(cls, BaseException)
-            and cls.__module__ == errors.__name__}
+    return {
+        name: cls
+        for name, cls in vars(errors).items()
+        if inspect.isclass(cls)
+        and issubclass(cls, BaseException)
+        and cls.__module__ == errors.__name__
+    }
 
 
 def drawn() -> dict[str, str]:
@@ -52,13 +56,20 @@ def test_the_drawn_tree_is_the_defined_one() -> None:
 
 def test_every_drawn_error_is_raised_somewhere() -> None:
     source = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py") if p.name != "errors.py")
-    unused = [name for name in defined() if name != "EmbedpoolError"
-              and not re.search(rf"\b{name}\(", source)]
+    unused = [
+        name
+        for name in defined()
+        if name != "EmbedpoolError" and not re.search(rf"\b{name}\(", source)
+    ]
     assert not unused, f"drawn but never raised: {unused}"
 
 
 def test_no_module_defines_an_exception_of_its_own() -> None:
     own = re.compile(r"^class (\w+)\((?:[\w.]*(?:Error|Exception)\b)", re.M)
-    found = {m.group(1): str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
-             if p.name != "errors.py" for m in own.finditer(p.read_text())}
+    found = {
+        m.group(1): str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "errors.py"
+        for m in own.finditer(p.read_text())
+    }
     assert set(found) <= set(PRIVATE), f"exceptions outside errors.py: {found}"

@@ -34,8 +34,10 @@ def test_an_unknown_name_lists_the_known_ones() -> None:
         events.make_event("poison")
 
 
-@pytest.mark.parametrize(("exitcode", "name"), [(-signal.SIGKILL, "SIGKILL(-9)"),
-                                                (-200, "signal 200(-200)"), (3, "exit 3")],
-                         ids=["sigkill", "unknown-signal", "exit-code"])
+@pytest.mark.parametrize(
+    ("exitcode", "name"),
+    [(-signal.SIGKILL, "SIGKILL(-9)"), (-200, "signal 200(-200)"), (3, "exit 3")],
+    ids=["sigkill", "unknown-signal", "exit-code"],
+)
 def test_exit_name(exitcode: int, name: str) -> None:
     assert events.exit_name(exitcode) == name

@@ -30,9 +30,11 @@ def test_in_process_results_equal_the_engine() -> None:
     with InProcessExecutor(FakeEngineSpec(dim=DIM)) as ex:
         got = {r.batch_id: r for r in ex.run(batches)}
         stats = ex.stats()
-    np.testing.assert_allclose(np.concatenate([got[b.batch_id].vectors for b in batches]),
-                               fake_vectors([s for b in batches for s in b.sequences], DIM),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.concatenate([got[b.batch_id].vectors for b in batches]),
+        fake_vectors([s for b in batches for s in b.sequences], DIM),
+        atol=1e-6,
+    )
     assert stats.backend == "in-process" and stats.batches_done == len(batches)
     assert stats.workers[0].rss > 0 and stats.deaths == 0
 
@@ -46,8 +48,9 @@ def test_in_process_isolates_an_input_that_raises() -> None:
         stats = ex.stats()
     assert list(result.failed) == [6] and "ValueError" in result.failed[6]
     ok = [i for i in range(8) if i != 6]
-    np.testing.assert_allclose(result.vectors[ok], fake_vectors([seqs[i] for i in ok], DIM),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        result.vectors[ok], fake_vectors([seqs[i] for i in ok], DIM), atol=1e-6
+    )
     assert stats.poison_items == 1 and stats.splits == 3  # 8 -> 4 -> 2 -> 1
 
 
@@ -81,8 +84,16 @@ class _Scripted:
         return fut
 
     def stats(self) -> ExecutorStats:
-        return ExecutorStats.of(Counters(), backend="in-process", workers=(), target_workers=1,
-                                max_workers=1, threads=1, batch_tokens=0, queued=0)
+        return ExecutorStats.of(
+            Counters(),
+            backend="in-process",
+            workers=(),
+            target_workers=1,
+            max_workers=1,
+            threads=1,
+            batch_tokens=0,
+            queued=0,
+        )
 
     def close(self) -> None:
         pass
@@ -129,8 +140,11 @@ def test_closing_run_early_cancels_what_has_not_started() -> None:
     assert len(ex.futures) == 4 and all(f.cancelled() for f in ex.futures[1:])
 
 
-@pytest.mark.parametrize(("spec", "threads"), [
-    (FakeEngineSpec(threads=1), 3), (object(), 3)], ids=["dataclass-with-threads", "other"])
+@pytest.mark.parametrize(
+    ("spec", "threads"),
+    [(FakeEngineSpec(threads=1), 3), (object(), 3)],
+    ids=["dataclass-with-threads", "other"],
+)
 def test_with_threads(spec: Any, threads: int) -> None:
     out = with_threads(spec, threads)
     if isinstance(spec, FakeEngineSpec):

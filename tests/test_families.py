@@ -69,8 +69,12 @@ def graphs(fixture: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def fp32_engine(request: pytest.FixtureRequest, fixture: Fixture, graphs: dict[str, Path],
-                tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def fp32_engine(
+    request: pytest.FixtureRequest,
+    fixture: Fixture,
+    graphs: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Engine:
     """The fixture's fp32 engine on each runtime (engines.ENGINES): ONNX Runtime on the
     fused graph; OpenVINO on the graph it reads (engine_openvino.graph_for)."""
     if request.param == "onnxruntime":
@@ -80,13 +84,16 @@ def fp32_engine(request: pytest.FixtureRequest, fixture: Fixture, graphs: dict[s
     spec = EngineSpec(fixture.model, "fp32", 1, runtime="openvino")
     from embedpool.engine_openvino import OpenVinoEngine, graph_for
 
-    return OpenVinoEngine.for_spec(spec, graph_for(fixture.model,
-                                                   tmp_path_factory.mktemp("ov")))
+    return OpenVinoEngine.for_spec(spec, graph_for(fixture.model, tmp_path_factory.mktemp("ov")))
 
 
 @pytest.fixture(scope="module", params=ENGINES)
-def int8_engine(request: pytest.FixtureRequest, fixture: Fixture, graphs: dict[str, Path],
-                tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def int8_engine(
+    request: pytest.FixtureRequest,
+    fixture: Fixture,
+    graphs: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Engine:
     """The fixture's int8 engine on each runtime: ONNX Runtime's dynamic int8 graph;
     OpenVINO's weight-only int8 form of the graph it reads (graph.weight_int8)."""
     if request.param == "onnxruntime":
@@ -95,8 +102,9 @@ def int8_engine(request: pytest.FixtureRequest, fixture: Fixture, graphs: dict[s
     from embedpool.engine_openvino import OpenVinoEngine, graph_for
 
     spec = EngineSpec(fixture.model, "int8", 1, runtime="openvino")
-    return OpenVinoEngine.for_spec(spec, graph_for(fixture.model, tmp_path_factory.mktemp("ov"),
-                                                   "int8"))
+    return OpenVinoEngine.for_spec(
+        spec, graph_for(fixture.model, tmp_path_factory.mktemp("ov"), "int8")
+    )
 
 
 def embed_on(engine: Engine, model: ResolvedModel, texts: list[str]) -> F32:
@@ -116,21 +124,22 @@ def test_fp32_matches_reference(fixture: Fixture, fp32_engine: Engine) -> None:
 
 def test_prompted_texts_match_reference(fixture: Fixture, fp32_engine: Engine) -> None:
     """sentence-transformers prepends the prompt to the text: so does this."""
-    cos = cosines(embed_on(fp32_engine, fixture.model, prompted(fixture)),
-                  fixture.query_vectors)
+    cos = cosines(embed_on(fp32_engine, fixture.model, prompted(fixture)), fixture.query_vectors)
     assert cos.min() >= 0.9999, cos
 
 
-def test_fp32_vector_ignores_batch_neighbours_on_each_engine(fixture: Fixture,
-                                                             fp32_engine: Engine) -> None:
+def test_fp32_vector_ignores_batch_neighbours_on_each_engine(
+    fixture: Fixture, fp32_engine: Engine
+) -> None:
     batch = embed_on(fp32_engine, fixture.model, fixture.texts)
     alone = np.concatenate([embed_on(fp32_engine, fixture.model, [t]) for t in fixture.texts])
     assert cosines(batch, alone).min() >= 0.99999
 
 
 @pytest.mark.openvino
-def test_openvino_reads_the_fused_graph_exactly_where_listed(fixture: Fixture,
-                                                             graphs: dict[str, Path]) -> None:
+def test_openvino_reads_the_fused_graph_exactly_where_listed(
+    fixture: Fixture, graphs: dict[str, Path]
+) -> None:
     """engine_openvino.FUSED_CONVERTS against OpenVINO's ONNX frontend itself: a family not
     listed has a contrib op it cannot convert (so OpenVINO reads the unfused graph)."""
     import openvino as ov
@@ -155,12 +164,18 @@ def test_unfused_graph_matches_reference(fixture: Fixture) -> None:
 
 #: The com.microsoft kernels each family's shipped fp32 graph must use, and ops it must not.
 FUSED_OPS: dict[str, tuple[set[str], set[str]]] = {
-    "xlmr": ({"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"},
-             {"Softmax", "Erf"}),
-    "nomic": ({"RotaryEmbedding", "MultiHeadAttention", "SkipLayerNormalization", "QuickGelu"},
-              {"Softmax", "Sigmoid"}),
-    "modernbert": ({"RotaryEmbedding", "MultiHeadAttention", "SkipLayerNormalization", "Gelu"},
-                   {"Erf"}),
+    "xlmr": (
+        {"EmbedLayerNormalization", "Attention", "SkipLayerNormalization", "BiasGelu"},
+        {"Softmax", "Erf"},
+    ),
+    "nomic": (
+        {"RotaryEmbedding", "MultiHeadAttention", "SkipLayerNormalization", "QuickGelu"},
+        {"Softmax", "Sigmoid"},
+    ),
+    "modernbert": (
+        {"RotaryEmbedding", "MultiHeadAttention", "SkipLayerNormalization", "Gelu"},
+        {"Erf"},
+    ),
 }
 
 
@@ -198,15 +213,17 @@ def test_int8_matches_reference(fixture: Fixture, int8_engine: Engine) -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_vector_ignores_batch_neighbours(fixture: Fixture, graphs: dict[str, Path],
-                                         precision: str) -> None:
+def test_vector_ignores_batch_neighbours(
+    fixture: Fixture, graphs: dict[str, Path], precision: str
+) -> None:
     """Padding is masked: a text alone and padded next to the longest one, one vector."""
     assert padding_cosines(fixture.model, graphs[precision], fixture.texts).min() >= 0.99999
 
 
 @pytest.mark.slow
-def test_pool_matches_reference(fixture: Fixture, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pool_matches_reference(
+    fixture: Fixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One row per family through real pool workers (they build and cache the graph)."""
     from embedpool.job import Embedder
 
@@ -218,8 +235,9 @@ def test_pool_matches_reference(fixture: Fixture, tmp_path: Path,
 
 @pytest.mark.slow
 @pytest.mark.openvino
-def test_pool_on_openvino_matches_reference(fixture: Fixture, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pool_on_openvino_matches_reference(
+    fixture: Fixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The same through pool workers on OpenVINO (a rotary family's worker builds the
     unfused graph it reads, under the graph store's lock)."""
     from embedpool.job import Embedder
@@ -232,6 +250,7 @@ def test_pool_on_openvino_matches_reference(fixture: Fixture, tmp_path: Path,
 
 
 # --- XLM-RoBERTa ---------------------------------------------------------------------------
+
 
 def test_roberta_model_type_builds_the_same_graph(tmp_path: Path) -> None:
     fx = load_fixture("xlmr", copy_model("xlmr", tmp_path, model_type="roberta"))
@@ -249,6 +268,7 @@ def test_xlmr_positions_skip_a_literal_pad_token() -> None:
 
 # --- NomicBert --------------------------------------------------------------------------------
 
+
 def test_nomic_native_layout(tmp_path: Path) -> None:
     """The fixture has nomic-ai's hub layout; transformers' native one (hidden_size, ...,
     layers.N.self_attn.q_proj) is the same model and gives the same vectors."""
@@ -258,17 +278,28 @@ def test_nomic_native_layout(tmp_path: Path) -> None:
     hub = json.loads((src / "config.json").read_text())
     dst = tmp_path / "native"
     shutil.copytree(src, dst)
-    native_cfg = {"model_type": "nomic_bert", "hidden_size": hub["n_embd"],
-                  "num_attention_heads": hub["n_head"], "num_hidden_layers": hub["n_layer"],
-                  "intermediate_size": hub["n_inner"], "max_position_embeddings": hub["n_positions"],
-                  "layer_norm_eps": hub["layer_norm_epsilon"], "hidden_act": "silu",
-                  "vocab_size": hub["vocab_size"], "type_vocab_size": hub["type_vocab_size"],
-                  "rope_parameters": {"rope_type": "default",
-                                      "rope_theta": hub["rotary_emb_base"]}}
+    native_cfg = {
+        "model_type": "nomic_bert",
+        "hidden_size": hub["n_embd"],
+        "num_attention_heads": hub["n_head"],
+        "num_hidden_layers": hub["n_layer"],
+        "intermediate_size": hub["n_inner"],
+        "max_position_embeddings": hub["n_positions"],
+        "layer_norm_eps": hub["layer_norm_epsilon"],
+        "hidden_act": "silu",
+        "vocab_size": hub["vocab_size"],
+        "type_vocab_size": hub["type_vocab_size"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": hub["rotary_emb_base"]},
+    }
     (dst / "config.json").write_text(json.dumps(native_cfg))
-    names = {"attn.out_proj": "self_attn.o_proj", "mlp.fc11": "mlp.up_proj",
-             "mlp.fc12": "mlp.gate_proj", "mlp.fc2": "mlp.down_proj",
-             "norm1": "post_attention_layernorm", "norm2": "post_mlp_layernorm"}
+    names = {
+        "attn.out_proj": "self_attn.o_proj",
+        "mlp.fc11": "mlp.up_proj",
+        "mlp.fc12": "mlp.gate_proj",
+        "mlp.fc2": "mlp.down_proj",
+        "norm1": "post_attention_layernorm",
+        "norm2": "post_mlp_layernorm",
+    }
     out = {}
     for key, value in load_file(str(src / "model.safetensors")).items():
         key = key.replace("emb_ln.", "embeddings.LayerNorm.").replace("encoder.layers.", "layers.")
@@ -287,15 +318,21 @@ def test_nomic_native_layout(tmp_path: Path) -> None:
 
 # --- ModernBERT ------------------------------------------------------------------------------
 
+
 def test_modernbert_hub_config_format(tmp_path: Path) -> None:
     """The released ModernBERTs' configs predate transformers 5: ``global_attn_every_n_layers``
     and ``global_rope_theta`` / ``local_rope_theta`` instead of ``layer_types`` and
     ``rope_parameters``. Same weights, same vectors."""
     cfg = json.loads((FIXTURES / "modernbert" / "model" / "config.json").read_text())
     rope = cfg["rope_parameters"]
-    directory = copy_model("modernbert", tmp_path, layer_types=None, rope_parameters=None,
-                           global_rope_theta=rope["full_attention"]["rope_theta"],
-                           local_rope_theta=rope["sliding_attention"]["rope_theta"])
+    directory = copy_model(
+        "modernbert",
+        tmp_path,
+        layer_types=None,
+        rope_parameters=None,
+        global_rope_theta=rope["full_attention"]["rope_theta"],
+        local_rope_theta=rope["sliding_attention"]["rope_theta"],
+    )
     fx = load_fixture("modernbert", directory)
     got = embed(fx.model, prepare_onnx(fx.model, "fp32", tmp_path / "cache"), fx.texts)
     assert cosines(got, fx.vectors).min() >= 0.9999
@@ -337,14 +374,16 @@ def load_long(name: str, tmp: Path) -> LongFixture:
 
 
 @pytest.fixture(scope="module", params=LONG)
-def long_fixture(request: pytest.FixtureRequest,
-                 tmp_path_factory: pytest.TempPathFactory) -> LongFixture:
+def long_fixture(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> LongFixture:
     return load_long(request.param, tmp_path_factory.mktemp("long"))
 
 
 @pytest.fixture(scope="module")
-def long_graphs(long_fixture: LongFixture,
-                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def long_graphs(
+    long_fixture: LongFixture, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
     return prepare_graphs(long_fixture.model, tmp_path_factory.mktemp("onnx"))
 
 
@@ -357,8 +396,9 @@ def test_long_text_is_one_untruncated_sequence(long_fixture: LongFixture) -> Non
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_long_text_matches_reference(long_fixture: LongFixture, long_graphs: dict[str, Path],
-                                     precision: str) -> None:
+def test_long_text_matches_reference(
+    long_fixture: LongFixture, long_graphs: dict[str, Path], precision: str
+) -> None:
     """Rotary positions thousands of tokens out, FlashAttention over 7,800 keys and (in
     ModernBERT) block-local windows far from the start: the reference's vector, padded in a
     batch next to a short text."""
@@ -369,8 +409,9 @@ def test_long_text_matches_reference(long_fixture: LongFixture, long_graphs: dic
 
 @pytest.mark.slow
 @pytest.mark.parametrize("long_text", ["truncate", "window"])
-def test_long_text_through_the_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    long_text: LongTextMode) -> None:
+def test_long_text_through_the_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, long_text: LongTextMode
+) -> None:
     """A pool worker embeds the 7,800-token text under the default 768-token budget (the
     planner runs it alone) with the reference's vector; at 8,192 tokens it is one window, so
     window mode gives the same vector; the pool's per-model estimate is planned for one
@@ -410,19 +451,36 @@ DROP = object()  # a config change that removes the key (its default then applie
         ("modernbert", {"rope_parameters": None, "local_rope_theta": None}, "local_rope_theta"),
         ("modernbert", {"attention_bias": True}, "attention_bias"),
         ("modernbert", {"hidden_activation": "silu"}, "hidden_activation"),
-        ("modernbert", {"layer_types": ["full_attention", "chunked_attention"] * 2},
-         "layer_types"),
+        ("modernbert", {"layer_types": ["full_attention", "chunked_attention"] * 2}, "layer_types"),
         ("modernbert", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
-        ("modernbert", {"rope_parameters": {"full_attention": {"rope_type": "linear"}}},
-         "rope_type 'linear'"),
+        (
+            "modernbert",
+            {"rope_parameters": {"full_attention": {"rope_type": "linear"}}},
+            "rope_type 'linear'",
+        ),
     ],
-    ids=["xlmr-relative", "xlmr-decoder", "xlmr-relu", "nomic-ntk-scaling", "nomic-interleaved",
-         "nomic-no-rotary", "nomic-bias", "nomic-gelu", "nomic-prenorm", "nomic-causal",
-         "modernbert-null-theta",
-         "modernbert-bias", "modernbert-silu", "modernbert-layer-type", "modernbert-yarn",
-         "modernbert-linear-rope"])
-def test_unhonoured_config_is_refused(tmp_path: Path, name: str, change: dict[str, Any],
-                                      match: str) -> None:
+    ids=[
+        "xlmr-relative",
+        "xlmr-decoder",
+        "xlmr-relu",
+        "nomic-ntk-scaling",
+        "nomic-interleaved",
+        "nomic-no-rotary",
+        "nomic-bias",
+        "nomic-gelu",
+        "nomic-prenorm",
+        "nomic-causal",
+        "modernbert-null-theta",
+        "modernbert-bias",
+        "modernbert-silu",
+        "modernbert-layer-type",
+        "modernbert-yarn",
+        "modernbert-linear-rope",
+    ],
+)
+def test_unhonoured_config_is_refused(
+    tmp_path: Path, name: str, change: dict[str, Any], match: str
+) -> None:
     model = resolve_model(FIXTURES / name / "model")
     cfg = {k: v for k, v in {**model.config, **change}.items() if v is not DROP}
     with pytest.raises(ModelError, match=match):
@@ -444,8 +502,10 @@ def test_family_refusal_teaches_the_way_out() -> None:
     the route through a shipped onnx/model.onnx (what to do, not only what is wrong)."""
     from embedpool.graph.families.catalog import parse_config
 
-    cfg = {**resolve_model(FIXTURES / "xlmr" / "model").config,
-           "position_embedding_type": "relative_key_query"}
+    cfg = {
+        **resolve_model(FIXTURES / "xlmr" / "model").config,
+        "position_embedding_type": "relative_key_query",
+    }
     with pytest.raises(ModelError) as err:
         parse_config(cfg, "x/config.json")
     msg = str(err.value)
@@ -460,22 +520,37 @@ def test_bert_decoder_is_refused() -> None:
     from embedpool.graph.families import bert
 
     with pytest.raises(ModelError, match="is_decoder"):
-        bert.parse_config({"model_type": "bert", "hidden_size": 32, "num_attention_heads": 4,
-                           "num_hidden_layers": 2, "intermediate_size": 64, "is_decoder": True})
+        bert.parse_config(
+            {
+                "model_type": "bert",
+                "hidden_size": 32,
+                "num_attention_heads": 4,
+                "num_hidden_layers": 2,
+                "intermediate_size": 64,
+                "is_decoder": True,
+            }
+        )
 
 
 REFUSED: dict[str, tuple[dict[str, Any], list[str]]] = {
     # A decoder embedpool does not build (qwen2, qwen3, llama, mistral and gemma3 it does).
-    "decoder": ({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]},
-                ["model_type 'phi3'", "Phi3ForCausalLM"]),
-    "position-type": ({"position_embedding_type": "relative_key"},
-                      ["position_embedding_type 'relative_key'"]),
+    "decoder": (
+        {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]},
+        ["model_type 'phi3'", "Phi3ForCausalLM"],
+    ),
+    "position-type": (
+        {"position_embedding_type": "relative_key"},
+        ["position_embedding_type 'relative_key'"],
+    ),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", [["embed", "--workers", "0"], ["embed", "--workers", "1"],
-                                 ["serve", "--port", "0"]], ids=["in-process", "pool", "serve"])
+@pytest.mark.parametrize(
+    "how",
+    [["embed", "--workers", "0"], ["embed", "--workers", "1"], ["serve", "--port", "0"]],
+    ids=["in-process", "pool", "serve"],
+)
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_cli_refuses_what_it_does_not_build(tmp_path: Path, case: str, how: list[str]) -> None:
     """Exit 2 before any worker starts, naming what was found, the families embedpool builds
@@ -489,10 +564,22 @@ def test_cli_refuses_what_it_does_not_build(tmp_path: Path, case: str, how: list
     src.write_text(json.dumps({"id": "a", "text": "hello"}) + "\n")
     out = tmp_path / "out.jsonl"
     args = [how[0], str(src), "--out", str(out), *how[1:]] if how[0] == "embed" else how
-    res = subprocess.run([sys.executable, "-m", "embedpool", *args, "--model", str(directory),
-                          "--no-cache" if how[0] == "embed" else "--log-level=warning"],
-                         capture_output=True, text=True, timeout=120, check=False,
-                         env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedpool",
+            *args,
+            "--model",
+            str(directory),
+            "--no-cache" if how[0] == "embed" else "--log-level=warning",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert res.returncode == 2, (res.stdout, res.stderr)
     for words in [*found, "onnx/model.onnx", *(f"{fam.NAME} (" for fam in FAMILIES)]:
         assert words in res.stderr, (words, res.stderr)

@@ -56,8 +56,9 @@ DECIDE: list[Any] = [
     pytest.param(K.OOM_KILL, 1, 3, "give_up", True, False, id="oom_kill-one-exhausted"),
     pytest.param(K.EXTERNAL_SIGKILL, 8, 1, "split", False, False, id="external_sigkill-many"),
     pytest.param(K.EXTERNAL_SIGKILL, 1, 2, "retry", False, False, id="external_sigkill-one"),
-    pytest.param(K.EXTERNAL_SIGKILL, 1, 3, "give_up", False, False,
-                 id="external_sigkill-one-exhausted"),
+    pytest.param(
+        K.EXTERNAL_SIGKILL, 1, 3, "give_up", False, False, id="external_sigkill-one-exhausted"
+    ),
     pytest.param(K.CRASH, 2, 1, "split", False, False, id="crash-many"),
     pytest.param(K.CRASH, 2, 5, "split", False, False, id="crash-many-tries-do-not-matter"),
     pytest.param(K.CRASH, 1, 1, "retry", False, False, id="crash-one"),
@@ -79,8 +80,9 @@ DECIDE: list[Any] = [
 
 
 @pytest.mark.parametrize(("kind", "items", "tries", "action", "lower", "forbid"), DECIDE)
-def test_decide(kind: FailureKind, items: int, tries: int, action: str, lower: bool,
-                forbid: bool) -> None:
+def test_decide(
+    kind: FailureKind, items: int, tries: int, action: str, lower: bool, forbid: bool
+) -> None:
     d = faults.decide(kind, items=items, tries=tries, padded_tokens=1000, policy=POLICY)
     assert (d.action, d.lower_budget, d.forbid_tokens) == (action, lower, 1000 if forbid else None)
 
@@ -93,8 +95,10 @@ def test_every_kind_has_a_row() -> None:
 @pytest.mark.parametrize("max_retries", [0, 1, 2, 5])
 def test_one_item_gets_one_plus_max_retries_tries(max_retries: int) -> None:
     policy = FaultPolicy(max_retries=max_retries)
-    actions = [faults.decide(K.CRASH, items=1, tries=t, padded_tokens=8, policy=policy).action
-               for t in range(1, max_retries + 2)]
+    actions = [
+        faults.decide(K.CRASH, items=1, tries=t, padded_tokens=8, policy=policy).action
+        for t in range(1, max_retries + 2)
+    ]
     assert actions == ["retry"] * max_retries + ["give_up"]
 
 
@@ -127,25 +131,33 @@ class _Subclassed(MemoryError):
     pass
 
 
-@pytest.mark.parametrize(("exc", "kind"), [
-    pytest.param(MemoryError("cannot allocate"), K.DEVICE_OOM, id="memory-error"),
-    pytest.param(_Subclassed(), K.DEVICE_OOM, id="memory-error-subclass"),
-    pytest.param(ValueError("out of memory in the room"), K.ENGINE_ERROR, id="text-says-memory"),
-    pytest.param(RuntimeError("boom"), K.ENGINE_ERROR, id="runtime-error"),
-])
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        pytest.param(MemoryError("cannot allocate"), K.DEVICE_OOM, id="memory-error"),
+        pytest.param(_Subclassed(), K.DEVICE_OOM, id="memory-error-subclass"),
+        pytest.param(
+            ValueError("out of memory in the room"), K.ENGINE_ERROR, id="text-says-memory"
+        ),
+        pytest.param(RuntimeError("boom"), K.ENGINE_ERROR, id="runtime-error"),
+    ],
+)
 def test_engine_error_kind_is_by_type_never_by_text(exc: BaseException, kind: FailureKind) -> None:
     assert faults.engine_error_kind(exc) is kind
 
 
-@pytest.mark.parametrize(("name", "kind"), [
-    pytest.param("arena_oom", K.DEVICE_OOM, id="bfc-arena"),
-    pytest.param("cuda_oom", K.DEVICE_OOM, id="cuda-failure-2"),
-    pytest.param("cudnn_alloc", K.DEVICE_OOM, id="cudnn-alloc-failed"),
-    pytest.param("launch_failure", K.DEVICE_LOST, id="cuda-failure-719"),
-    pytest.param("device_assert", K.DEVICE_LOST, id="device-side-assert"),
-    pytest.param("unknown_999", K.DEVICE_LOST, id="cuda-failure-999"),
-    pytest.param("shape_error", K.ENGINE_ERROR, id="invalid-argument"),
-])
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        pytest.param("arena_oom", K.DEVICE_OOM, id="bfc-arena"),
+        pytest.param("cuda_oom", K.DEVICE_OOM, id="cuda-failure-2"),
+        pytest.param("cudnn_alloc", K.DEVICE_OOM, id="cudnn-alloc-failed"),
+        pytest.param("launch_failure", K.DEVICE_LOST, id="cuda-failure-719"),
+        pytest.param("device_assert", K.DEVICE_LOST, id="device-side-assert"),
+        pytest.param("unknown_999", K.DEVICE_LOST, id="cuda-failure-999"),
+        pytest.param("shape_error", K.ENGINE_ERROR, id="invalid-argument"),
+    ],
+)
 def test_ort_errors_by_their_cuda_status(name: str, kind: FailureKind) -> None:
     """ONNX Runtime's real exception classes with the texts it prints (testing.ORT_ERRORS)."""
     assert faults.engine_error_kind(ort_error(name)) is kind
@@ -153,38 +165,88 @@ def test_ort_errors_by_their_cuda_status(name: str, kind: FailureKind) -> None:
 
 # module, class name, message -> kind (None: not ORT's, or nothing CUDA in it)
 ORT_TEXTS: list[Any] = [
-    pytest.param("builtins", "RuntimeError", "CUDA failure 2: out of memory", None,
-                 id="not-an-ort-exception"),
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
-                 "CUDA failure 20: this room is out of bounds", None, id="other-cuda-code"),
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
-                 "CUDA failure 2: out of memory ; GPU=0", K.DEVICE_OOM, id="code-2"),
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
-                 "CUBLAS failure 3: CUBLAS_STATUS_ALLOC_FAILED ; GPU=0", K.DEVICE_OOM,
-                 id="cublas-alloc"),
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "RuntimeException",
-                 "BFCArena::AllocateRawInternal: Available memory of 0 is smaller than "
-                 "requested bytes of 1048576", K.DEVICE_OOM, id="arena-limit"),
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
-                 "CUDA failure 700: an illegal memory access was encountered", K.DEVICE_LOST,
-                 id="code-700"),
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
-                 "CUDA error cudaErrorLaunchFailure:unspecified launch failure", K.DEVICE_LOST,
-                 id="error-name"),
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
-                 "CUDA failure 214: uncorrectable ECC error encountered", K.DEVICE_LOST,
-                 id="ecc"),
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
-                 "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus", K.DEVICE_LOST,
-                 id="xid-79"),
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
-                 "Xidian input failed", None, id="xid-is-a-word"),
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "DeviceReset", "reset",
-                 K.DEVICE_LOST, id="device-reset-type"),
+    pytest.param(
+        "builtins", "RuntimeError", "CUDA failure 2: out of memory", None, id="not-an-ort-exception"
+    ),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "Fail",
+        "CUDA failure 20: this room is out of bounds",
+        None,
+        id="other-cuda-code",
+    ),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "Fail",
+        "CUDA failure 2: out of memory ; GPU=0",
+        K.DEVICE_OOM,
+        id="code-2",
+    ),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "Fail",
+        "CUBLAS failure 3: CUBLAS_STATUS_ALLOC_FAILED ; GPU=0",
+        K.DEVICE_OOM,
+        id="cublas-alloc",
+    ),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "RuntimeException",
+        "BFCArena::AllocateRawInternal: Available memory of 0 is smaller than "
+        "requested bytes of 1048576",
+        K.DEVICE_OOM,
+        id="arena-limit",
+    ),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "Fail",
+        "CUDA failure 700: an illegal memory access was encountered",
+        K.DEVICE_LOST,
+        id="code-700",
+    ),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "Fail",
+        "CUDA error cudaErrorLaunchFailure:unspecified launch failure",
+        K.DEVICE_LOST,
+        id="error-name",
+    ),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "Fail",
+        "CUDA failure 214: uncorrectable ECC error encountered",
+        K.DEVICE_LOST,
+        id="ecc",
+    ),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "Fail",
+        "NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus",
+        K.DEVICE_LOST,
+        id="xid-79",
+    ),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "Fail",
+        "Xidian input failed",
+        None,
+        id="xid-is-a-word",
+    ),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "DeviceReset",
+        "reset",
+        K.DEVICE_LOST,
+        id="device-reset-type",
+    ),
     # after a sticky error, allocations fail too: the lost device wins
-    pytest.param("onnxruntime.capi.onnxruntime_pybind11_state", "Fail",
-                 "CUDA failure 719: unspecified launch failure; Failed to allocate memory",
-                 K.DEVICE_LOST, id="lost-wins-over-oom"),
+    pytest.param(
+        "onnxruntime.capi.onnxruntime_pybind11_state",
+        "Fail",
+        "CUDA failure 719: unspecified launch failure; Failed to allocate memory",
+        K.DEVICE_LOST,
+        id="lost-wins-over-oom",
+    ),
 ]
 
 
@@ -205,8 +267,9 @@ SIGKILL_EVIDENCE = [
 
 
 @pytest.mark.parametrize(("credited", "counter", "confirmed", "after"), SIGKILL_EVIDENCE)
-def test_attribute_sigkill(credited: int | None, counter: int | None, confirmed: bool,
-                           after: int | None) -> None:
+def test_attribute_sigkill(
+    credited: int | None, counter: int | None, confirmed: bool, after: int | None
+) -> None:
     assert faults.attribute_sigkill(credited, counter) == (confirmed, after)
 
 
@@ -227,8 +290,10 @@ BUDGET = [
 @pytest.mark.parametrize(("rule", "args", "want"), BUDGET)
 def test_budget(rule: str, args: tuple[Any, ...], want: int) -> None:
     fns: dict[str, Callable[..., int | None]] = {
-        "lower": faults.lowered_budget, "restore": faults.restored_budget,
-        "forbid": faults.forbidden_after}
+        "lower": faults.lowered_budget,
+        "restore": faults.restored_budget,
+        "forbid": faults.forbidden_after,
+    }
     assert fns[rule](*args) == want
 
 
@@ -258,9 +323,15 @@ def test_next_hang_check_is_when_the_verdict_changes(warned: bool, then: str) ->
     assert policy.hang_check(due, 1000, warned) == then
 
 
-@pytest.mark.parametrize(("changes", "match"), [
-    ({"max_retries": -1}, "max_retries"), ({"hang_base_s": 0}, "hang_base_s"),
-    ({"hang_per_token_s": -1}, "hang_per_token_s"), ({"hang_warn_fraction": 1.0}, "fraction")])
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"max_retries": -1}, "max_retries"),
+        ({"hang_base_s": 0}, "hang_base_s"),
+        ({"hang_per_token_s": -1}, "hang_per_token_s"),
+        ({"hang_warn_fraction": 1.0}, "fraction"),
+    ],
+)
 def test_policy_validation(changes: dict[str, float], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         FaultPolicy(**changes)  # type: ignore[arg-type]
@@ -268,19 +339,24 @@ def test_policy_validation(changes: dict[str, float], match: str) -> None:
 
 # --- tasks, cutting and reassembly --------------------------------------------------------
 
+
 def _assembly(lengths: list[int], dim: int = 3) -> Assembly:
     seqs = tuple(np.ones(n, np.int32) for n in lengths)
     return Assembly.of(WorkBatch(7, seqs, tuple(f"k{i}" for i in range(len(lengths)))), dim)
 
 
-@pytest.mark.parametrize(("lengths", "budget", "want"), [
-    ([10] * 8, None, [8]),
-    ([10] * 8, 80, [8]),
-    ([10] * 8, 40, [4, 4]),
-    ([10] * 8, 30, [3, 3, 2]),
-    ([10] * 3, 5, [1, 1, 1]),  # one item over the budget still goes, alone
-    ([5, 50, 5, 50], 100, [2, 2]),  # length-sorted: the short ones together
-], ids=["no-budget", "fits", "halves", "thirds", "item-over-budget", "sorted"])
+@pytest.mark.parametrize(
+    ("lengths", "budget", "want"),
+    [
+        ([10] * 8, None, [8]),
+        ([10] * 8, 80, [8]),
+        ([10] * 8, 40, [4, 4]),
+        ([10] * 8, 30, [3, 3, 2]),
+        ([10] * 3, 5, [1, 1, 1]),  # one item over the budget still goes, alone
+        ([5, 50, 5, 50], 100, [2, 2]),  # length-sorted: the short ones together
+    ],
+    ids=["no-budget", "fits", "halves", "thirds", "item-over-budget", "sorted"],
+)
 def test_cut_to_budget(lengths: list[int], budget: int | None, want: list[int]) -> None:
     pieces = faults.cut_to_budget(faults.whole(_assembly(lengths)), budget)
     assert [len(p.positions) for p in pieces] == want
@@ -325,19 +401,25 @@ def test_give_up_message_names_the_item_its_size_tries_and_error() -> None:
     assert "'k1'" in msg and "9 tokens" in msg and "3 times" in msg and "SIGSEGV" in msg
 
 
-@pytest.mark.parametrize(("kind", "evidence", "says"), [
-    (K.OOM_KILL, "oom_kill in memory.events rose: 3 -> 4", "OOM kill"),
-    (K.EXTERNAL_SIGKILL, "oom_kill did not rise", "no evidence of the OOM killer"),
-    (K.CRASH, "SIGSEGV(-11)", "died unexpectedly"),
-    (K.HUNG, "hung: silent 31.0 s", "killed by us: hung"),
-], ids=["oom", "external", "crash", "hung"])
-def test_death_cause_says_the_kind_and_its_evidence(kind: FailureKind, evidence: str,
-                                                    says: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "evidence", "says"),
+    [
+        (K.OOM_KILL, "oom_kill in memory.events rose: 3 -> 4", "OOM kill"),
+        (K.EXTERNAL_SIGKILL, "oom_kill did not rise", "no evidence of the OOM killer"),
+        (K.CRASH, "SIGSEGV(-11)", "died unexpectedly"),
+        (K.HUNG, "hung: silent 31.0 s", "killed by us: hung"),
+    ],
+    ids=["oom", "external", "crash", "hung"],
+)
+def test_death_cause_says_the_kind_and_its_evidence(
+    kind: FailureKind, evidence: str, says: str
+) -> None:
     cause = faults.death_cause(kind, evidence)
     assert says in cause and evidence in cause
 
 
 # --- events: one set of names, a callback cannot break an executor --------------------------
+
 
 def test_emitter_rejects_unknown_names() -> None:
     emit = events.Emitter(None, logging.getLogger("test"))
@@ -359,6 +441,7 @@ def test_emitter_survives_a_raising_callback(caplog: pytest.LogCaptureFixture) -
 
 
 # --- the token budget after OOM failures: one state for both backends ----------------------------
+
 
 def test_one_budget_state_lowers_escalates_restores_and_never_to_a_killed_size() -> None:
     """faults.BudgetState: the pool's scaling policy and Ray's executor keep this one state."""
@@ -388,12 +471,16 @@ def test_two_ooms_in_a_row_go_straight_to_the_floor() -> None:
 
 # --- the rules beside a failed task's (issue 20): one for every backend ------------------------
 
-@pytest.mark.parametrize(("kind", "lower"), [
-    pytest.param(K.OOM_KILL, True, id="oom-kill-lowers"),
-    pytest.param(K.EXTERNAL_SIGKILL, False, id="sigkill-only-replaces"),
-    pytest.param(K.CRASH, False, id="crash-only-replaces"),
-    pytest.param(K.HUNG, False, id="hung-only-replaces"),
-])
+
+@pytest.mark.parametrize(
+    ("kind", "lower"),
+    [
+        pytest.param(K.OOM_KILL, True, id="oom-kill-lowers"),
+        pytest.param(K.EXTERNAL_SIGKILL, False, id="sigkill-only-replaces"),
+        pytest.param(K.CRASH, False, id="crash-only-replaces"),
+        pytest.param(K.HUNG, False, id="hung-only-replaces"),
+    ],
+)
 def test_a_death_with_no_task(kind: FailureKind, lower: bool) -> None:
     assert faults.idle_death_lowers_budget(kind) is lower
 
@@ -402,27 +489,50 @@ def test_a_death_with_no_task(kind: FailureKind, lower: bool) -> None:
 #   -> running index, suspects, forbid, lower the budget though nobody is charged
 BLAME: list[Any] = [
     pytest.param((), K.OOM_KILL, False, None, False, None, True, id="idle-oom-kill-lowers"),
-    pytest.param((), K.EXTERNAL_SIGKILL, False, None, False, None, False,
-                 id="idle-sigkill-only-replaces"),
+    pytest.param(
+        (), K.EXTERNAL_SIGKILL, False, None, False, None, False, id="idle-sigkill-only-replaces"
+    ),
     pytest.param((), K.CRASH, False, None, False, None, False, id="idle-crash-only-replaces"),
     pytest.param((512,), K.CRASH, False, 0, False, None, False, id="one-task-is-charged"),
-    pytest.param((512,), K.OOM_KILL, False, 0, False, None, False,
-                 id="one-oom-task-is-charged-decide-lowers"),
+    pytest.param(
+        (512,), K.OOM_KILL, False, 0, False, None, False, id="one-oom-task-is-charged-decide-lowers"
+    ),
     pytest.param((512, 768), K.CRASH, False, None, True, None, False, id="two-none-charged"),
-    pytest.param((512, 768), K.EXTERNAL_SIGKILL, False, None, True, None, False,
-                 id="two-sigkill-none-charged-budget-kept"),
-    pytest.param((1024, 768, 256), K.OOM_KILL, False, None, True, 768, True,
-                 id="two-oom-lowers-and-forbids-the-smaller-of-the-oldest-two"),
+    pytest.param(
+        (512, 768),
+        K.EXTERNAL_SIGKILL,
+        False,
+        None,
+        True,
+        None,
+        False,
+        id="two-sigkill-none-charged-budget-kept",
+    ),
+    pytest.param(
+        (1024, 768, 256),
+        K.OOM_KILL,
+        False,
+        None,
+        True,
+        768,
+        True,
+        id="two-oom-lowers-and-forbids-the-smaller-of-the-oldest-two",
+    ),
     pytest.param((512, 768), K.HUNG, True, 0, False, None, False, id="a-hang-knows-its-task"),
 ]
 
 
-@pytest.mark.parametrize(("sizes", "kind", "hung", "running", "suspects", "forbid", "lower"),
-                         BLAME)
-def test_blame(sizes: tuple[int, ...], kind: FailureKind, hung: bool, running: int | None,
-               suspects: bool, forbid: int | None, lower: bool) -> None:
-    assert faults.blame(sizes, kind, hung=hung) == faults.Blame(running, suspects, forbid,
-                                                                lower)
+@pytest.mark.parametrize(("sizes", "kind", "hung", "running", "suspects", "forbid", "lower"), BLAME)
+def test_blame(
+    sizes: tuple[int, ...],
+    kind: FailureKind,
+    hung: bool,
+    running: int | None,
+    suspects: bool,
+    forbid: int | None,
+    lower: bool,
+) -> None:
+    assert faults.blame(sizes, kind, hung=hung) == faults.Blame(running, suspects, forbid, lower)
 
 
 START_POLICY = FaultPolicy(max_start_failures=3, start_backoff_s=0.25, start_backoff_max_s=10.0)
@@ -438,10 +548,12 @@ START: list[Any] = [
 
 
 @pytest.mark.parametrize(("failures", "ever_ready", "alive", "action", "backoff"), START)
-def test_start_failure(failures: int, ever_ready: bool, alive: int, action: str,
-                       backoff: float) -> None:
-    d = faults.start_failure(START_POLICY, failures_in_row=failures, ever_ready=ever_ready,
-                             alive=alive)
+def test_start_failure(
+    failures: int, ever_ready: bool, alive: int, action: str, backoff: float
+) -> None:
+    d = faults.start_failure(
+        START_POLICY, failures_in_row=failures, ever_ready=ever_ready, alive=alive
+    )
     assert (d.action, d.backoff_s) == (action, backoff) and d.reason
 
 
@@ -452,24 +564,27 @@ FALLBACK: list[Any] = [
     pytest.param("other", True, False, False, False, id="gpu-internal-failure-fails-the-batch"),
     pytest.param("device_lost", False, False, False, False, id="cpu-member-never-falls-back"),
     pytest.param("start_failures", False, False, False, False, id="cpu-start-failures"),
-    pytest.param("other", True, True, False, True,
-                 id="a-lost-members-leftovers-go-back-whatever-the-error"),
+    pytest.param(
+        "other", True, True, False, True, id="a-lost-members-leftovers-go-back-whatever-the-error"
+    ),
     pytest.param("device_lost", True, False, True, False, id="nothing-goes-back-when-closing"),
 ]
 
 
 @pytest.mark.parametrize(("cause", "on_gpu", "lost", "closing", "falls"), FALLBACK)
-def test_device_fallback(cause: Any, on_gpu: bool, lost: bool, closing: bool,
-                         falls: bool) -> None:
+def test_device_fallback(cause: Any, on_gpu: bool, lost: bool, closing: bool, falls: bool) -> None:
     assert faults.falls_back(cause, on_gpu=on_gpu, lost=lost, closing=closing) is falls
 
 
-@pytest.mark.parametrize(("unavailable", "on_gpu", "strict", "want"), [
-    pytest.param(True, True, False, "drop", id="auto-drops-a-gpu-without-cuda"),
-    pytest.param(True, True, True, "refuse", id="cuda-refuses"),
-    pytest.param(False, True, False, "fail", id="any-other-gpu-start-failure-fails"),
-    pytest.param(True, False, False, "fail", id="the-cpu-member-fails"),
-])
+@pytest.mark.parametrize(
+    ("unavailable", "on_gpu", "strict", "want"),
+    [
+        pytest.param(True, True, False, "drop", id="auto-drops-a-gpu-without-cuda"),
+        pytest.param(True, True, True, "refuse", id="cuda-refuses"),
+        pytest.param(False, True, False, "fail", id="any-other-gpu-start-failure-fails"),
+        pytest.param(True, False, False, "fail", id="the-cpu-member-fails"),
+    ],
+)
 def test_device_start(unavailable: bool, on_gpu: bool, strict: bool, want: str) -> None:
     assert faults.device_start(unavailable=unavailable, on_gpu=on_gpu, strict=strict) == want
 
@@ -477,16 +592,23 @@ def test_device_start(unavailable: bool, on_gpu: bool, strict: bool, want: str) 
 MiB_ = 1024 * 1024
 
 
-@pytest.mark.parametrize(("rss_limit", "growth", "want"), [
-    pytest.param(None, None, None, id="never"),
-    pytest.param(None, 300 * MiB_, 100 * MiB_ + 300 * MiB_ + 50 * MiB_, id="growth-past-arena"),
-    pytest.param(200 * MiB_, 300 * MiB_, 200 * MiB_, id="absolute-is-lower"),
-    pytest.param(900 * MiB_, 300 * MiB_, 450 * MiB_, id="growth-is-lower"),
-    pytest.param(900 * MiB_, None, 900 * MiB_, id="absolute-only"),
-])
+@pytest.mark.parametrize(
+    ("rss_limit", "growth", "want"),
+    [
+        pytest.param(None, None, None, id="never"),
+        pytest.param(None, 300 * MiB_, 100 * MiB_ + 300 * MiB_ + 50 * MiB_, id="growth-past-arena"),
+        pytest.param(200 * MiB_, 300 * MiB_, 200 * MiB_, id="absolute-is-lower"),
+        pytest.param(900 * MiB_, 300 * MiB_, 450 * MiB_, id="growth-is-lower"),
+        pytest.param(900 * MiB_, None, 900 * MiB_, id="absolute-only"),
+    ],
+)
 def test_recycle_limit(rss_limit: int | None, growth: int | None, want: int | None) -> None:
-    assert faults.recycle_limit(ready_rss=100 * MiB_, rss_limit=rss_limit, growth_limit=growth,
-                                arena_bytes=50 * MiB_) == want
+    assert (
+        faults.recycle_limit(
+            ready_rss=100 * MiB_, rss_limit=rss_limit, growth_limit=growth, arena_bytes=50 * MiB_
+        )
+        == want
+    )
 
 
 # RSS after a batch, absolute limit, leaving already -> the limit passed (recycle) or None
@@ -500,18 +622,30 @@ RECYCLE: list[Any] = [
 
 @pytest.mark.parametrize(("rss", "rss_limit", "leaving", "want"), RECYCLE)
 def test_recycle(rss: int, rss_limit: int | None, leaving: bool, want: int | None) -> None:
-    assert faults.recycle(rss=rss, ready_rss=100 * MiB_, rss_limit=rss_limit,
-                          growth_limit=300 * MiB_, arena_bytes=50 * MiB_,
-                          leaving=leaving) == want
-    assert faults.recycle(rss=10**12, ready_rss=0, rss_limit=None, growth_limit=None,
-                          arena_bytes=0) is None  # no limit: never
+    assert (
+        faults.recycle(
+            rss=rss,
+            ready_rss=100 * MiB_,
+            rss_limit=rss_limit,
+            growth_limit=300 * MiB_,
+            arena_bytes=50 * MiB_,
+            leaving=leaving,
+        )
+        == want
+    )
+    assert (
+        faults.recycle(rss=10**12, ready_rss=0, rss_limit=None, growth_limit=None, arena_bytes=0)
+        is None
+    )  # no limit: never
 
 
 def test_one_hang_loop_warns_kills_and_says_when_to_look_again() -> None:
     policy = FaultPolicy(hang_base_s=10.0, hang_per_token_s=0.01, hang_warn_fraction=0.6)
-    running = [faults.Running("a", 105.0, 1000, False),  # deadline 20: warn at 117
-               faults.Running("b", 100.0, 1000, True),   # warned: kill at 120
-               faults.Running("c", 115.0, 0, False)]     # deadline 10: warn at 121
+    running = [
+        faults.Running("a", 105.0, 1000, False),  # deadline 20: warn at 117
+        faults.Running("b", 100.0, 1000, True),  # warned: kill at 120
+        faults.Running("c", 115.0, 0, False),
+    ]  # deadline 10: warn at 121
     assert faults.next_hang_check(policy, running) == 117.0
     assert faults.next_hang_check(policy, []) is None
     got = faults.hang_verdicts(policy, running, now=120.0)
@@ -527,15 +661,19 @@ def test_start_policy_is_validated() -> None:
         FaultPolicy(start_backoff_s=20.0, start_backoff_max_s=10.0)
 
 
-@pytest.mark.parametrize(("exit_code", "interrupted"), [
-    pytest.param(-15, True, id="sigterm"),
-    pytest.param(-2, True, id="sigint"),
-    pytest.param(-9, False, id="sigkill-is-a-failure"),
-    pytest.param(1, False, id="exit-1-is-a-failure"),
-    pytest.param(None, False, id="unknown"),
-])
+@pytest.mark.parametrize(
+    ("exit_code", "interrupted"),
+    [
+        pytest.param(-15, True, id="sigterm"),
+        pytest.param(-2, True, id="sigint"),
+        pytest.param(-9, False, id="sigkill-is-a-failure"),
+        pytest.param(1, False, id="exit-1-is-a-failure"),
+        pytest.param(None, False, id="unknown"),
+    ],
+)
 def test_a_worker_stopped_while_starting_is_not_a_start_failure(
-        exit_code: int | None, interrupted: bool) -> None:
+    exit_code: int | None, interrupted: bool
+) -> None:
     """A group's SIGTERM (systemd, kill -TERM -PGID) can reach a worker before it ignores it."""
     assert faults.start_interrupted(exit_code) is interrupted
 
@@ -545,10 +683,12 @@ EXITS: list[Any] = [
     pytest.param(True, False, False, False, 0, "left", id="said-leaving"),
     pytest.param(False, True, False, False, -9, "left", id="asked-between-tasks-gone-first"),
     pytest.param(False, True, True, False, -9, "death", id="asked-while-busy-died-busy"),
-    pytest.param(False, True, False, True, -9, "left",
-                 id="asked-while-starting-killed-by-us-is-a-scale-down"),
-    pytest.param(False, False, False, True, -15, "stopped_while_starting",
-                 id="group-sigterm-while-starting"),
+    pytest.param(
+        False, True, False, True, -9, "left", id="asked-while-starting-killed-by-us-is-a-scale-down"
+    ),
+    pytest.param(
+        False, False, False, True, -15, "stopped_while_starting", id="group-sigterm-while-starting"
+    ),
     pytest.param(False, False, False, True, 1, "start_failure", id="load-failed"),
     pytest.param(False, False, True, False, -9, "death", id="busy-sigkill"),
     pytest.param(False, False, False, False, -9, "death", id="idle-sigkill"),
@@ -556,10 +696,19 @@ EXITS: list[Any] = [
 
 
 @pytest.mark.parametrize(("said", "asked", "holding", "starting", "code", "want"), EXITS)
-def test_exit_kind(said: bool, asked: bool, holding: bool, starting: bool, code: int,
-                   want: str) -> None:
-    assert faults.exit_kind(said_leaving=said, asked_to_leave=asked, holding_task=holding,
-                            starting=starting, exit_code=code) == want
+def test_exit_kind(
+    said: bool, asked: bool, holding: bool, starting: bool, code: int, want: str
+) -> None:
+    assert (
+        faults.exit_kind(
+            said_leaving=said,
+            asked_to_leave=asked,
+            holding_task=holding,
+            starting=starting,
+            exit_code=code,
+        )
+        == want
+    )
 
 
 def test_a_timed_budget_lowers_escalates_and_restores_one_step_per_calm_period() -> None:
@@ -612,7 +761,8 @@ def test_hang_allowance_follows_the_models_size(parameters: int | None, want: fl
 
 
 def test_the_construction_path_gives_a_pool_its_models_allowance(
-        monkeypatch: pytest.MonkeyPatch, real_model: ResolvedModel) -> None:
+    monkeypatch: pytest.MonkeyPatch, real_model: ResolvedModel
+) -> None:
     """start_executor reads the model's size and hands its allowance to the pool's policy (a
     fake engine stands for the model's: only the number matters here)."""
     from embedpool.executors.pool.pool import Pool

@@ -39,8 +39,9 @@ def _write(path: Path, data: bytes) -> os.stat_result:
     return path.stat()
 
 
-def test_hash_is_the_files_sha256_and_is_reused(tmp_path: Path, reads: list[Path],
-                                                trusting: None) -> None:
+def test_hash_is_the_files_sha256_and_is_reused(
+    tmp_path: Path, reads: list[Path], trusting: None
+) -> None:
     f = tmp_path / "w.bin"
     _write(f, b"weights" * 1000)
     store = tmp_path / "hashes.json"
@@ -50,8 +51,9 @@ def test_hash_is_the_files_sha256_and_is_reused(tmp_path: Path, reads: list[Path
 
 
 @pytest.mark.parametrize("change", ["new-inode", "new-size"])
-def test_content_change_with_restored_mtime_is_caught(tmp_path: Path, reads: list[Path],
-                                                      trusting: None, change: str) -> None:
+def test_content_change_with_restored_mtime_is_caught(
+    tmp_path: Path, reads: list[Path], trusting: None, change: str
+) -> None:
     f = tmp_path / "w.bin"
     st = _write(f, b"a" * 100)
     store = tmp_path / "hashes.json"
@@ -69,8 +71,9 @@ def test_content_change_with_restored_mtime_is_caught(tmp_path: Path, reads: lis
     assert reads == [f, f]
 
 
-def test_a_file_changed_just_before_hashing_is_never_trusted(tmp_path: Path,
-                                                             reads: list[Path]) -> None:
+def test_a_file_changed_just_before_hashing_is_never_trusted(
+    tmp_path: Path, reads: list[Path]
+) -> None:
     """Same size, same inode, mtime restored, within one timestamp tick: only the racy
     window (git's "racily clean" entries) can catch that, and it does."""
     f = tmp_path / "w.bin"
@@ -84,10 +87,12 @@ def test_a_file_changed_just_before_hashing_is_never_trusted(tmp_path: Path,
     assert reads == [f, f]
 
 
-@pytest.mark.parametrize("content", [b"{not json", b'{"entries": 3}', b""],
-                         ids=["garbage", "wrong-shape", "empty"])
-def test_a_damaged_cache_file_is_ignored(tmp_path: Path, reads: list[Path], trusting: None,
-                                         content: bytes) -> None:
+@pytest.mark.parametrize(
+    "content", [b"{not json", b'{"entries": 3}', b""], ids=["garbage", "wrong-shape", "empty"]
+)
+def test_a_damaged_cache_file_is_ignored(
+    tmp_path: Path, reads: list[Path], trusting: None, content: bytes
+) -> None:
     f = tmp_path / "w.bin"
     _write(f, b"x")
     store = tmp_path / "hashes.json"
@@ -97,13 +102,16 @@ def test_a_damaged_cache_file_is_ignored(tmp_path: Path, reads: list[Path], trus
     assert reads == [f]  # rewritten whole by the first call
 
 
-def test_an_unwritable_cache_dir_only_costs_full_hashes(tmp_path: Path, reads: list[Path],
-                                                        trusting: None) -> None:
+def test_an_unwritable_cache_dir_only_costs_full_hashes(
+    tmp_path: Path, reads: list[Path], trusting: None
+) -> None:
     f = tmp_path / "w.bin"
     _write(f, b"x")
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache dir should be")
     for _ in range(2):
-        assert sha256_files([f], HashCache(blocker / "hashes.json"))[f] == \
-            hashlib.sha256(b"x").hexdigest()
+        assert (
+            sha256_files([f], HashCache(blocker / "hashes.json"))[f]
+            == hashlib.sha256(b"x").hexdigest()
+        )
     assert reads == [f, f]

@@ -76,6 +76,7 @@ def graphs(fx: Fixture, tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
 
 # --- fidelity --------------------------------------------------------------------------------
 
+
 def test_tokens_match_the_reference_tokenizer(fx: Fixture) -> None:
     """Gemma's template: every text in <bos> (2) ... <eos> (1), the last one truncated to the
     max length with <eos> kept last."""
@@ -107,8 +108,9 @@ def test_int8_matches_reference(fx: Fixture, graphs: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_vector_ignores_batch_neighbours(fx: Fixture, graphs: dict[str, Path],
-                                         precision: str) -> None:
+def test_vector_ignores_batch_neighbours(
+    fx: Fixture, graphs: dict[str, Path], precision: str
+) -> None:
     assert padding_cosines(fx.model, graphs[precision], fx.texts).min() >= 0.99999
 
 
@@ -124,8 +126,13 @@ def test_unfused_graph_matches_reference(fx: Fixture) -> None:
 def test_fp32_graph_uses_the_fused_kernels(graphs: dict[str, Path]) -> None:
     graph = onnx.load(str(graphs["fp32"]))
     ops = {n.op_type for n in graph.graph.node}
-    want = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization",
-            "RotaryEmbedding", "MultiHeadAttention", "FastGelu"}
+    want = {
+        "SimplifiedLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "RotaryEmbedding",
+        "MultiHeadAttention",
+        "FastGelu",
+    }
     assert want <= ops, want - ops
     assert not ops & {"Tanh", "ReduceMean", "Erf"}
     mha = [n for n in graph.graph.node if n.op_type == "MultiHeadAttention"]
@@ -168,8 +175,9 @@ def test_openvino_matches_reference(fx: Fixture, tmp_path: Path) -> None:
     from embedpool.engine import EngineSpec
     from embedpool.engine_openvino import OpenVinoEngine, graph_for
 
-    engine = OpenVinoEngine.for_spec(EngineSpec(fx.model, "fp32", 1, runtime="openvino"),
-                                     graph_for(fx.model, tmp_path))
+    engine = OpenVinoEngine.for_spec(
+        EngineSpec(fx.model, "fp32", 1, runtime="openvino"), graph_for(fx.model, tmp_path)
+    )
     tok = TextTokenizer(fx.model.tokenizer_path, fx.model.max_length)
     for texts, want in ((fx.texts, fx.vectors), (prompted(fx), fx.query_vectors)):
         cos = cosines(engine.embed(tok.encode(texts).sequences), want)
@@ -177,6 +185,7 @@ def test_openvino_matches_reference(fx: Fixture, tmp_path: Path) -> None:
 
 
 # --- what the fixture pins down --------------------------------------------------------------
+
 
 def _variant(fx: Fixture, **changes: Any) -> F32:
     fam, cfg = _family(fx.model)
@@ -209,8 +218,9 @@ def test_a_window_wider_than_the_positions_is_global(fx: Fixture) -> None:
     wide = dataclasses.replace(cfg, sliding_window=300)
     graph = compose(fam, weights, wide, fx.model.head)
     assert "If" not in {n.op_type for n in graph.graph.node}
-    masked = encoder_graph(fam, weights, dataclasses.replace(wide, max_positions=512), fx,
-                           attention="mha")
+    masked = encoder_graph(
+        fam, weights, dataclasses.replace(wide, max_positions=512), fx, attention="mha"
+    )
     assert "Abs" in {n.op_type for n in masked.graph.node}  # the window bias is there
     assert cosines(run_graph(graph, fx), run_graph(masked, fx)).min() >= 0.99999
 
@@ -233,10 +243,16 @@ def test_hub_config_format(tmp_path: Path) -> None:
     ``layer_types``). Same weights, same vectors."""
     cfg = json.loads((FIXTURES / NAME / "model" / "config.json").read_text())
     rope = cfg["rope_parameters"]
-    directory = copy_model(NAME, tmp_path, rope_parameters=None, layer_types=None,
-                           sliding_window_pattern=3, rope_scaling=None,
-                           rope_theta=rope["full_attention"]["rope_theta"],
-                           rope_local_base_freq=rope["sliding_attention"]["rope_theta"])
+    directory = copy_model(
+        NAME,
+        tmp_path,
+        rope_parameters=None,
+        layer_types=None,
+        sliding_window_pattern=3,
+        rope_scaling=None,
+        rope_theta=rope["full_attention"]["rope_theta"],
+        rope_local_base_freq=rope["sliding_attention"]["rope_theta"],
+    )
     hub = load_fixture(NAME, directory)
     assert gemma3.parse_config(hub.model.config) == gemma3.parse_config(cfg)
     got = embed(hub.model, prepare_onnx(hub.model, "fp32", tmp_path / "cache"), hub.texts)
@@ -273,7 +289,9 @@ def test_no_fp16_graph_and_a_gpu_runs_fp32(fx: Fixture, tmp_path: Path) -> None:
     from embedpool.placement import place
 
     assert model_precisions(fx.model) == ("fp32", "int8")
-    with pytest.raises(ConfigError, match=r"no fp16 graph of a gemma3 model: .*do not support float16"):
+    with pytest.raises(
+        ConfigError, match=r"no fp16 graph of a gemma3 model: .*do not support float16"
+    ):
         prepare_onnx(fx.model, "fp16", tmp_path)
     assert not list(tmp_path.iterdir())
     gpu = Gpu(0, "NVIDIA H200", 141 * 2**30, 140 * 2**30)
@@ -310,6 +328,7 @@ def test_known_model_lists_its_prompts_and_memory() -> None:
 
 # --- long context ----------------------------------------------------------------------------
 
+
 def load_long(tmp: Path) -> LongFixture:
     """The fixture with its positions and max length raised to 8,192 (as the script raised
     them for the reference), and the long text's golden."""
@@ -330,14 +349,16 @@ def long_fx(tmp_path_factory: pytest.TempPathFactory) -> LongFixture:
 
 def test_long_text_is_one_untruncated_sequence(long_fx: LongFixture) -> None:
     enc = TextTokenizer(long_fx.model.tokenizer_path, long_fx.model.max_length).encode(
-        [long_fx.text])
+        [long_fx.text]
+    )
     assert len(long_fx.input_ids) >= 4096
     assert [list(map(int, s)) for s in enc.sequences] == [long_fx.input_ids]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_long_text_matches_reference(long_fx: LongFixture, tmp_path_factory: pytest.TempPathFactory,
-                                     precision: str) -> None:
+def test_long_text_matches_reference(
+    long_fx: LongFixture, tmp_path_factory: pytest.TempPathFactory, precision: str
+) -> None:
     """4,127 tokens: rotary positions thousands out, windows far from the start, the global
     layer's FlashAttention over every key; padded in a batch next to a one-token text."""
     path = prepare_onnx(long_fx.model, precision, tmp_path_factory.mktemp("long-onnx"))  # type: ignore[arg-type]
@@ -353,9 +374,11 @@ def test_memory_is_planned_linear_in_length(long_fx: LongFixture) -> None:
 
 # --- through the pool, the CLI and serve -----------------------------------------------------
 
+
 @pytest.mark.slow
-def test_pool_matches_reference_with_prompts(fx: Fixture, long_fx: LongFixture, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pool_matches_reference_with_prompts(
+    fx: Fixture, long_fx: LongFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A real pool worker (it builds and caches the graph): the padded batch, the query
     prompt by name, and the long text under the default token budget."""
     from embedpool.job import Embedder
@@ -402,8 +425,9 @@ def test_ray_backend_int8_matches_reference(fx: Fixture, ray_cluster: ModuleType
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_serve_on_ray_answers_the_openai_client(fx: Fixture, ray_cluster: ModuleType,
-                                                tmp_path: Path) -> None:
+def test_serve_on_ray_answers_the_openai_client(
+    fx: Fixture, ray_cluster: ModuleType, tmp_path: Path
+) -> None:
     """``embedpool serve --backend ray`` joining the session's Ray cluster: the model's files
     travel to the actors, which build the graph; plain and query-prompt vectors equal the
     reference."""
@@ -412,12 +436,31 @@ def test_serve_on_ray_answers_the_openai_client(fx: Fixture, ray_cluster: Module
     address = os.environ.get("RAY_ADDRESS") or ray_cluster.get_runtime_context().gcs_address
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([*CLI, "serve", "--backend", "ray", "--ray-address", address,
-                             "--model", str(fx.model.directory), "--precision", "fp32",
-                             "--workers", "1", "--port", str(port), "--no-cache",
-                             "--log-level", "warning"],
-                            env=cache_env(tmp_path / "cache"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *CLI,
+            "serve",
+            "--backend",
+            "ray",
+            "--ray-address",
+            address,
+            "--model",
+            str(fx.model.directory),
+            "--precision",
+            "fp32",
+            "--workers",
+            "1",
+            "--port",
+            str(port),
+            "--no-cache",
+            "--log-level",
+            "warning",
+        ],
+        env=cache_env(tmp_path / "cache"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + RAY_START_S
         while True:  # bounded: the deadline, or the server's exit
@@ -454,10 +497,14 @@ DROP = object()
         ({"attention_bias": True}, "attention_bias"),
         ({"hidden_activation": "silu"}, "hidden_activation 'silu'"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 8.0}}, "rope_scaling"),
-        ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0}}},
-         "rope_type 'yarn'"),
-        ({"rope_parameters": {"full_attention": {"rope_theta": 1e6, "factor": 2.0}}},
-         r"rope_parameters.full_attention keys \['factor'\]"),
+        (
+            {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0}}},
+            "rope_type 'yarn'",
+        ),
+        (
+            {"rope_parameters": {"full_attention": {"rope_theta": 1e6, "factor": 2.0}}},
+            r"rope_parameters.full_attention keys \['factor'\]",
+        ),
         ({"layer_types": ["full_attention", "chunked_attention"] * 2}, "layer_types"),
         ({"layer_types": ["full_attention"] * 3}, "layer_types"),
         ({"sliding_window": None}, "sliding_window None"),
@@ -465,9 +512,23 @@ DROP = object()
         ({"head_dim": 25}, "head_dim 25"),
         ({"query_pre_attn_scalar": 0}, "query_pre_attn_scalar"),
     ],
-    ids=["causal", "causal-by-default", "softcap", "bias", "silu", "rope-scaling", "yarn",
-         "rope-extra-key", "layer-type", "layer-count", "null-window", "kv-heads", "odd-head-dim",
-         "zero-scalar"])
+    ids=[
+        "causal",
+        "causal-by-default",
+        "softcap",
+        "bias",
+        "silu",
+        "rope-scaling",
+        "yarn",
+        "rope-extra-key",
+        "layer-type",
+        "layer-count",
+        "null-window",
+        "kv-heads",
+        "odd-head-dim",
+        "zero-scalar",
+    ],
+)
 def test_unhonoured_config_is_refused(fx: Fixture, change: dict[str, Any], match: str) -> None:
     cfg = {k: v for k, v in {**fx.model.config, **change}.items() if v is not DROP}
     with pytest.raises(ModelError, match=match):
@@ -487,7 +548,10 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path: Path) -> Non
     directory = copy_model(NAME, tmp_path, head_dim=16)
     model = resolve_model(directory)
     fam, cfg = _family(model)
-    with pytest.raises(ModelError, match=r"self_attn.q_proj.weight is \[48, 32\], config.json "
-                                         r"implies \[32, 32\]"):
+    with pytest.raises(
+        ModelError,
+        match=r"self_attn.q_proj.weight is \[48, 32\], config.json "
+        r"implies \[32, 32\]",
+    ):
         fam.load_weights(model.weights_path, cfg)
     shutil.rmtree(directory)

@@ -52,12 +52,14 @@ TEXTS = [
 
 # --- an independent numpy BERT -------------------------------------------------------------
 
+
 def _erf(x: Any) -> Any:
     """Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7): numpy has no erf, and math.erf per
     element is too slow for MiniLM's activations."""
     t = 1.0 / (1.0 + 0.3275911 * np.abs(x))
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
-                                                                          + t * 1.061405429))))
+    poly = t * (
+        0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
+    )
     return np.sign(x) * (1.0 - poly * np.exp(-x * x))
 
 
@@ -67,16 +69,18 @@ def _ln(x: Any, w: Any, b: Any, eps: float) -> Any:
     return (x - mu) / np.sqrt(var + eps) * w + b
 
 
-def numpy_bert(w: dict[str, F32], cfg: BertConfig, ids: npt.NDArray[np.int64],
-               mask: npt.NDArray[np.int64]) -> F32:
+def numpy_bert(
+    w: dict[str, F32], cfg: BertConfig, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.int64]
+) -> F32:
     """last_hidden_state, float64 maths, straight from the BERT paper's definitions."""
     f = {k: v.astype(np.float64) for k, v in w.items()}
     b, s = ids.shape
-    x = (f["embeddings.word_embeddings.weight"][ids]
-         + f["embeddings.position_embeddings.weight"][:s][None]
-         + f["embeddings.token_type_embeddings.weight"][0])
-    x = _ln(x, f["embeddings.LayerNorm.weight"], f["embeddings.LayerNorm.bias"],
-            cfg.layer_norm_eps)
+    x = (
+        f["embeddings.word_embeddings.weight"][ids]
+        + f["embeddings.position_embeddings.weight"][:s][None]
+        + f["embeddings.token_type_embeddings.weight"][0]
+    )
+    x = _ln(x, f["embeddings.LayerNorm.weight"], f["embeddings.LayerNorm.bias"], cfg.layer_norm_eps)
     bias = (1.0 - mask[:, None, None, :]) * -1e9
     nh, hd = cfg.num_heads, cfg.head_dim
     for i in range(cfg.num_layers):
@@ -85,21 +89,31 @@ def numpy_bert(w: dict[str, F32], cfg: BertConfig, ids: npt.NDArray[np.int64],
         def lin(t: Any, key: str, p: str = p) -> Any:
             return t @ f[p + key + ".weight"].T + f[p + key + ".bias"]
 
-        q, k, v = (lin(x, f"attention.self.{n}").reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
-                   for n in ("query", "key", "value"))
+        q, k, v = (
+            lin(x, f"attention.self.{n}").reshape(b, s, nh, hd).transpose(0, 2, 1, 3)
+            for n in ("query", "key", "value")
+        )
         scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd) + bias
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         ctx = (probs @ v).transpose(0, 2, 1, 3).reshape(b, s, nh * hd)
-        x = _ln(x + lin(ctx, "attention.output.dense"), f[p + "attention.output.LayerNorm.weight"],
-                f[p + "attention.output.LayerNorm.bias"], cfg.layer_norm_eps)
+        x = _ln(
+            x + lin(ctx, "attention.output.dense"),
+            f[p + "attention.output.LayerNorm.weight"],
+            f[p + "attention.output.LayerNorm.bias"],
+            cfg.layer_norm_eps,
+        )
         h = lin(x, "intermediate.dense")
         if cfg.hidden_act == "gelu":
             h = 0.5 * h * (1.0 + _erf(h / math.sqrt(2.0)))
         else:
             h = 0.5 * h * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
-        x = _ln(x + lin(h, "output.dense"), f[p + "output.LayerNorm.weight"],
-                f[p + "output.LayerNorm.bias"], cfg.layer_norm_eps)
+        x = _ln(
+            x + lin(h, "output.dense"),
+            f[p + "output.LayerNorm.weight"],
+            f[p + "output.LayerNorm.bias"],
+            cfg.layer_norm_eps,
+        )
     return x.astype(np.float32)  # type: ignore[no-any-return]
 
 
@@ -122,10 +136,18 @@ def pad(seqs: list[Any]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
 
 # --- a tiny random BERT, for builder options MiniLM does not exercise ----------------------
 
-TINY = {"model_type": "bert", "hidden_size": 32, "num_attention_heads": 4,
-        "num_hidden_layers": 2, "intermediate_size": 64, "layer_norm_eps": 1e-7,
-        "hidden_act": "gelu", "max_position_embeddings": 24, "vocab_size": 50,
-        "type_vocab_size": 2}
+TINY = {
+    "model_type": "bert",
+    "hidden_size": 32,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "intermediate_size": 64,
+    "layer_norm_eps": 1e-7,
+    "hidden_act": "gelu",
+    "max_position_embeddings": 24,
+    "vocab_size": 50,
+    "type_vocab_size": 2,
+}
 
 
 def tiny_weights(cfg: dict[str, Any], seed: int = 0) -> dict[str, F32]:
@@ -135,15 +157,23 @@ def tiny_weights(cfg: dict[str, Any], seed: int = 0) -> dict[str, F32]:
     def r(*shape: int) -> F32:
         return rng.normal(0, 0.3, shape).astype(np.float32)
 
-    w = {"embeddings.word_embeddings.weight": r(cfg["vocab_size"], h),
-         "embeddings.position_embeddings.weight": r(cfg["max_position_embeddings"], h),
-         "embeddings.token_type_embeddings.weight": r(2, h),
-         "embeddings.LayerNorm.weight": 1 + r(h), "embeddings.LayerNorm.bias": r(h)}
+    w = {
+        "embeddings.word_embeddings.weight": r(cfg["vocab_size"], h),
+        "embeddings.position_embeddings.weight": r(cfg["max_position_embeddings"], h),
+        "embeddings.token_type_embeddings.weight": r(2, h),
+        "embeddings.LayerNorm.weight": 1 + r(h),
+        "embeddings.LayerNorm.bias": r(h),
+    }
     for i in range(cfg["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
-        for name, (o, n) in {"attention.self.query": (h, h), "attention.self.key": (h, h),
-                             "attention.self.value": (h, h), "attention.output.dense": (h, h),
-                             "intermediate.dense": (inter, h), "output.dense": (h, inter)}.items():
+        for name, (o, n) in {
+            "attention.self.query": (h, h),
+            "attention.self.key": (h, h),
+            "attention.self.value": (h, h),
+            "attention.output.dense": (h, h),
+            "intermediate.dense": (inter, h),
+            "output.dense": (h, inter),
+        }.items():
             w[p + name + ".weight"], w[p + name + ".bias"] = r(o, n), r(o)
         for name in ("attention.output.LayerNorm", "output.LayerNorm"):
             w[p + name + ".weight"], w[p + name + ".bias"] = 1 + r(h), r(h)
@@ -156,7 +186,8 @@ def write_checkpoint(path: Path, w: dict[str, F32], layout: str) -> None:
     for key, value in w.items():
         if layout == "tf-names":
             key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
-                "LayerNorm.bias", "LayerNorm.beta")
+                "LayerNorm.bias", "LayerNorm.beta"
+            )
         out[("bert." if layout == "bert-prefix" else "") + key] = value
     if layout == "bert-prefix":
         out["cls.predictions.bias"] = np.zeros(3, np.float32)  # heads are ignored
@@ -175,10 +206,20 @@ def write_checkpoint(path: Path, w: dict[str, F32], layout: str) -> None:
         ("bare", "mean", "gelu", True, False),
         ("bare", "mean", "gelu", False, False),
     ],
-    ids=["fused-mean", "plain-mean", "prefix-fused-cls", "prefix-plain-cls",
-         "tf-fused-tanh", "tf-plain-tanh", "fused-hidden", "plain-hidden"])
-def test_tiny_bert_matches_numpy(tmp_path: Path, layout: str, pooling: Any, act: str,
-                                 fused: bool, pool: bool) -> None:
+    ids=[
+        "fused-mean",
+        "plain-mean",
+        "prefix-fused-cls",
+        "prefix-plain-cls",
+        "tf-fused-tanh",
+        "tf-plain-tanh",
+        "fused-hidden",
+        "plain-hidden",
+    ],
+)
+def test_tiny_bert_matches_numpy(
+    tmp_path: Path, layout: str, pooling: Any, act: str, fused: bool, pool: bool
+) -> None:
     config = {**TINY, "hidden_act": act}
     cfg = BertConfig.from_dict(config)
     ckpt = tmp_path / "model.safetensors"
@@ -227,8 +268,9 @@ def test_tiny_bert_int8_matches_numpy(tmp_path: Path) -> None:
     cfg = BertConfig.from_dict(TINY)
     ckpt = tmp_path / "model.safetensors"
     write_checkpoint(ckpt, tiny_weights(TINY), "bare")
-    parts = compose_parts(bert, load_weights(ckpt, cfg), cfg, HeadSpec(PoolingSpec(("mean",))),
-                          int8_ready=True)
+    parts = compose_parts(
+        bert, load_weights(ckpt, cfg), cfg, HeadSpec(PoolingSpec(("mean",))), int8_ready=True
+    )
     model, linears = parts.model, parts.linears
     recipe = q8.zero_points(linears)
     assert len(recipe) == 6 * cfg.num_layers
@@ -273,10 +315,12 @@ def _one_linear(w: F32, zp: int) -> onnx.ModelProto:
 
     k, n = w.shape
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="lin_MatMul")], "one",
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="lin_MatMul")],
+        "one",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", n])],
-        initializer=[numpy_helper.from_array(w, "w")])
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return q8.quantize_linears(model, {"lin_MatMul": zp})
@@ -286,8 +330,9 @@ def _emulate(x: F32, w: F32, zp: int) -> F32:
     """The recipe's arithmetic in numpy, integers exact: per-row scale, u8 with zero point,
     int8 weights, int32 accumulation, per-column then per-row scaling."""
     hi, lo = x.max(-1, keepdims=True), x.min(-1, keepdims=True)
-    s = np.maximum(np.maximum(hi * np.float32(1 / (255 - zp)), lo * np.float32(-1 / zp)),
-                   np.float32(1e-12))
+    s = np.maximum(
+        np.maximum(hi * np.float32(1 / (255 - zp)), lo * np.float32(-1 / zp)), np.float32(1e-12)
+    )
     u = np.clip(np.rint(x * (np.float32(1) / s)) + zp, 0, 255).astype(np.int64)
     qw, ws = q8.quantize_weight(w)
     acc = (u - zp) @ qw.astype(np.int64)
@@ -310,8 +355,9 @@ def test_int8_linear_is_exact_integer_arithmetic(zp: int) -> None:
     x[0, 1] = 0.0
     x[1, 2] = -np.abs(x[1, 2]) * 50
     x[2] *= np.float32(1e4)
-    sess = ort.InferenceSession(_one_linear(w, zp).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(
+        _one_linear(w, zp).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     got = sess.run(None, {"x": x})[0]
     want = _emulate(x, w, zp)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
@@ -337,6 +383,7 @@ def test_int8_ready_is_fused_only() -> None:
 
 # --- config validation ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [
@@ -347,7 +394,8 @@ def test_int8_ready_is_fused_only() -> None:
         ({"num_attention_heads": 5}, "not divisible"),
         ({"hidden_size": None}, "missing or bad"),
     ],
-    ids=["roberta", "gpt2", "relu", "relative-positions", "heads", "no-hidden-size"])
+    ids=["roberta", "gpt2", "relu", "relative-positions", "heads", "no-hidden-size"],
+)
 def test_unsupported_config_is_a_model_error(change: dict[str, Any], match: str) -> None:
     config = {k: v for k, v in {**TINY, **change}.items() if v is not None}
     with pytest.raises(ModelError, match=match):
@@ -363,6 +411,7 @@ def test_checkpoint_missing_layers_names_the_keys(tmp_path: Path) -> None:
 
 
 # --- the real model through prepare_onnx -----------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def minilm(real_model: ResolvedModel) -> ResolvedModel:
@@ -408,8 +457,11 @@ def test_int8_graph_quantises_every_linear_per_row(built: dict[str, Path]) -> No
     assert not set(ops) & {"DynamicQuantizeLinear", "QLinearMatMul", "DynamicQuantizeMatMul"}
     # one activation quantisation per distinct input: Q/K/V share theirs
     assert ops.count("QuantizeLinear") == 4 * 6
-    floats = [t for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
-              and len(t.dims) == 2 and min(t.dims) > 1]
+    floats = [
+        t
+        for t in graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 and min(t.dims) > 1
+    ]
     assert [t.name for t in floats] == ["emb.pos"], "an fp32 weight matrix is left"
 
 
@@ -417,8 +469,9 @@ def test_minilm_fp32_matches_numpy(minilm: ResolvedModel, built: dict[str, Path]
     cfg = BertConfig.from_dict(minilm.config)
     seqs = TextTokenizer.for_model(minilm).encode(TEXTS).sequences
     ids, mask = pad(seqs)
-    want = numpy_sentence(numpy_bert(load_weights(minilm.weights_path, cfg), cfg, ids, mask),
-                          mask, minilm.pooling)
+    want = numpy_sentence(
+        numpy_bert(load_weights(minilm.weights_path, cfg), cfg, ids, mask), mask, minilm.pooling
+    )
     got = embed(minilm, built["fp32"], TEXTS)
     assert got.shape == (len(TEXTS), 384)
     np.testing.assert_allclose(got, want, atol=1e-4)
@@ -429,8 +482,9 @@ def test_minilm_int8_close_to_fp32(minilm: ResolvedModel, built: dict[str, Path]
     assert cos.mean() >= 0.99 and cos.min() >= 0.97, cos
 
 
-def test_int8_vector_ignores_batch_neighbours(minilm: ResolvedModel,
-                                              built: dict[str, Path]) -> None:
+def test_int8_vector_ignores_batch_neighbours(
+    minilm: ResolvedModel, built: dict[str, Path]
+) -> None:
     """Static activation scales: a text alone and padded among long texts, one vector (the
     dynamic recipe gave cos ~0.993 here, so resumed jobs and pool retries changed vectors)."""
     long_texts = [TEXTS[3] * 8, "word " * 400]  # both truncated to max_length
@@ -462,23 +516,32 @@ print(json.dumps({"path": str(path), "hwm_kb": hwm_kb, "ort_in_build": ort_in_bu
 """
 
 
-def cold_build(cache: Path, env: dict[str, str] | None = None,
-               wrap: Any = None) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+def cold_build(
+    cache: Path, env: dict[str, str] | None = None, wrap: Any = None
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     argv = [sys.executable, "-c", _COLD_BUILD, str(cache), "int8", json.dumps(TEXTS)]
-    proc = subprocess.run(wrap(argv) if wrap else argv, capture_output=True, text=True,
-                          timeout=240, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        wrap(argv) if wrap else argv,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, **(env or {})},
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
     return proc, result
 
 
 @pytest.mark.slow
-def test_int8_build_is_deterministic(minilm: ResolvedModel, built: dict[str, Path],
-                                     tmp_path: Path) -> None:
+def test_int8_build_is_deterministic(
+    minilm: ResolvedModel, built: dict[str, Path], tmp_path: Path
+) -> None:
     """Two cold builds in two fresh processes (other hash seeds, another locale) and two
     empty cache dirs write the same bytes as this process did, and embed every text to the
     same vector: no calibration data, randomness or dict order goes into the graph."""
-    runs = [cold_build(tmp_path / f"cache{i}", {"PYTHONHASHSEED": seed, "LC_ALL": loc})
-            for i, (seed, loc) in enumerate([("1", "C"), ("2", "C.UTF-8")])]
+    runs = [
+        cold_build(tmp_path / f"cache{i}", {"PYTHONHASHSEED": seed, "LC_ALL": loc})
+        for i, (seed, loc) in enumerate([("1", "C"), ("2", "C.UTF-8")])
+    ]
     for proc, _ in runs:
         assert proc.returncode == 0, proc.stderr[-2000:]
     paths = [Path(r["path"]) for _, r in runs]
@@ -497,8 +560,9 @@ BUILD_PEAK_LIMIT_KB = 400 * 1024
 
 @pytest.mark.slow
 @pytest.mark.cgroup
-def test_cold_int8_build_fits_600mb_cgroup(minilm: ResolvedModel, built: dict[str, Path],
-                                           tmp_path: Path) -> None:
+def test_cold_int8_build_fits_600mb_cgroup(
+    minilm: ResolvedModel, built: dict[str, Path], tmp_path: Path
+) -> None:
     """The first run's build inside a real 600 MB memory cgroup (the kernel's OOM killer
     enforces it): it completes, nothing is killed, and the vectors are the usual ones."""
     import cgroup_util
@@ -510,14 +574,17 @@ def test_cold_int8_build_fits_600mb_cgroup(minilm: ResolvedModel, built: dict[st
     assert result["hwm_kb"] < BUILD_PEAK_LIMIT_KB, result["hwm_kb"]
     assert not result["ort_in_build"], "the int8 build imported onnxruntime (~20 MB)"
     assert Path(result["path"]).read_bytes() == built["int8"].read_bytes()
-    np.testing.assert_array_equal(np.array(result["vectors"], dtype=np.float32),
-                                  embed(minilm, built["int8"], TEXTS))
+    np.testing.assert_array_equal(
+        np.array(result["vectors"], dtype=np.float32), embed(minilm, built["int8"], TEXTS)
+    )
 
 
 # --- fp16 (for GPU execution providers) -------------------------------------------------------
 
-def test_fp16_graph_is_float16_inside_float32_outside(minilm: ResolvedModel,
-                                                      tmp_path: Path) -> None:
+
+def test_fp16_graph_is_float16_inside_float32_outside(
+    minilm: ResolvedModel, tmp_path: Path
+) -> None:
     """The encoder's weights and tensors float16, the head float32 behind one Cast, int64
     inputs and a float32 output: what ORT's CUDA provider runs. It also runs on ORT's CPU
     provider, whose float16 kernels cover these ops, and agrees with fp32 to issue 12's bar
@@ -565,8 +632,9 @@ def test_fp16_tiny_bert_matches_numpy(tmp_path: Path) -> None:
     assert ((got * want).sum(1) >= 0.999).all(), (got * want).sum(1)
 
 
-def test_fp16_refuses_what_it_cannot_honour(minilm: ResolvedModel, built: dict[str, Path],
-                                            tmp_path: Path) -> None:
+def test_fp16_refuses_what_it_cannot_honour(
+    minilm: ResolvedModel, built: dict[str, Path], tmp_path: Path
+) -> None:
     from embedpool.graph.fp16 import to_fp16
 
     model = _one_linear(np.ones((4, 2), np.float32), q8.ZERO_POINT)
@@ -584,8 +652,10 @@ def test_fp16_refuses_what_it_cannot_honour(minilm: ResolvedModel, built: dict[s
 
 # --- the cache ------------------------------------------------------------------------------
 
-def test_second_call_reuses_the_file(minilm: ResolvedModel, cache: Path, built: dict[str, Path],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_second_call_reuses_the_file(
+    minilm: ResolvedModel, cache: Path, built: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = {p: built[p].stat().st_mtime_ns for p in built}
 
     def no_build(*args: Any, **kwargs: Any) -> None:
@@ -610,9 +680,11 @@ def test_second_call_reuses_the_file(minilm: ResolvedModel, cache: Path, built: 
         ({"weights_sha256": "0" * 64}, False),
         ({"name": "renamed"}, False),  # the name is in the file name, not the key
     ],
-    ids=["config-eps", "config-key-order", "pooling", "max-length", "weights", "name"])
-def test_cache_key(minilm: ResolvedModel, tmp_path: Path, change: dict[str, Any],
-                   same: bool) -> None:
+    ids=["config-eps", "config-key-order", "pooling", "max-length", "weights", "name"],
+)
+def test_cache_key(
+    minilm: ResolvedModel, tmp_path: Path, change: dict[str, Any], same: bool
+) -> None:
     edit = dict(change)
     if edit.get("config") == "layer_norm_eps=1e-6":
         edit["config"] = {**minilm.config, "layer_norm_eps": 1e-6}
@@ -635,12 +707,21 @@ def test_cache_key(minilm: ResolvedModel, tmp_path: Path, change: dict[str, Any]
 
 @pytest.mark.parametrize(
     ("constant", "value"),
-    [("INT8_RECIPE_VERSION", 999), ("quantize.ZERO_POINT_FLOORED", 8),
-     ("quantize.PAIR_LIMIT", 127), ("quantize.INT8_ROLES", frozenset({"q"}))],
-    ids=["recipe-version", "zero-point", "pair-limit", "roles"])
-def test_int8_cache_key_follows_the_recipe(minilm: ResolvedModel, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch, constant: str,
-                                           value: object) -> None:
+    [
+        ("INT8_RECIPE_VERSION", 999),
+        ("quantize.ZERO_POINT_FLOORED", 8),
+        ("quantize.PAIR_LIMIT", 127),
+        ("quantize.INT8_ROLES", frozenset({"q"})),
+    ],
+    ids=["recipe-version", "zero-point", "pair-limit", "roles"],
+)
+def test_int8_cache_key_follows_the_recipe(
+    minilm: ResolvedModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    constant: str,
+    value: object,
+) -> None:
     before = {p: cache_path(minilm, p, tmp_path) for p in ("fp32", "int8")}
     ids = {p: graph_id(minilm, p) for p in ("fp32", "int8")}
     monkeypatch.setattr(f"embedpool.graph.{constant}", value)
@@ -659,8 +740,9 @@ def test_non_bert_model_is_a_model_error(minilm: ResolvedModel, tmp_path: Path) 
     assert not list(tmp_path.iterdir())
 
 
-def test_shipped_onnx_is_used_as_is_and_quantised(minilm: ResolvedModel, built: dict[str, Path],
-                                                  tmp_path: Path) -> None:
+def test_shipped_onnx_is_used_as_is_and_quantised(
+    minilm: ResolvedModel, built: dict[str, Path], tmp_path: Path
+) -> None:
     """A shipped graph (node names unknown) gets the recipe on every constant-weight MatMul
     (here the fused fp32 graph: Attention's packed QKV stays fp32), batch-independent too."""
     shipped = dataclasses.replace(minilm, onnx_path=built["fp32"])
@@ -690,13 +772,21 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
 def test_lock_wait_is_bounded(tmp_path: Path) -> None:
     lock = tmp_path / "x.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import fcntl, os, sys
             fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
             fcntl.flock(fd, fcntl.LOCK_EX)
             print("locked", flush=True)
             sys.stdin.read()
-        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(ModelError, match="waited"), file_lock(lock, timeout_s=0.3):
@@ -732,9 +822,16 @@ print(g.prepare_onnx(resolve_model(), "fp32", Path(sys.argv[1])))
 def test_concurrent_builders_build_once(tmp_path: Path) -> None:
     cache, log = tmp_path / "cache", tmp_path / "builds.log"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(cache), str(log)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(cache), str(log)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=240)

@@ -31,19 +31,24 @@ from embedpool.models.layout import TORCH_ACTIVATIONS
 from embedpool.modelspec import DENSE_ACTIVATIONS, DenseSpec, HeadSpec, PoolingSpec
 
 WIDTH = 6
-ACTIVATIONS = json.loads((Path(__file__).parent / "fixtures" / "conformance" /
-                          "activations.json").read_text())
+ACTIVATIONS = json.loads(
+    (Path(__file__).parent / "fixtures" / "conformance" / "activations.json").read_text()
+)
 
 
-def run_graph(head: HeadSpec, hidden: np.ndarray, mask: np.ndarray,
-              prompt_lengths: np.ndarray) -> np.ndarray:
+def run_graph(
+    head: HeadSpec, hidden: np.ndarray, mask: np.ndarray, prompt_lengths: np.ndarray
+) -> np.ndarray:
     """The head alone as a graph whose input is the token states."""
     g = GraphBuilder()
     width = apply_head(g, "hidden", hidden.shape[-1], head, "out")
-    inputs = [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["b", "s", WIDTH]),
-              helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["b", "s"])]
-    inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, shape)
-               for n, shape in head_inputs(head)]
+    inputs = [
+        helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["b", "s", WIDTH]),
+        helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["b", "s"]),
+    ]
+    inputs += [
+        helper.make_tensor_value_info(n, TensorProto.INT64, shape) for n, shape in head_inputs(head)
+    ]
     out = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", width])]
     model = g.finish("head", inputs, out, producer_version="test")
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -65,8 +70,16 @@ def batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return hidden, mask, np.array([2, 3, 0, 4], dtype=np.int64)
 
 
-def dense(tmp: Path, n_in: int, n_out: int, act: str, *, bias: bool = True,
-          residual: bool = False, seed: int = 1) -> DenseSpec:
+def dense(
+    tmp: Path,
+    n_in: int,
+    n_out: int,
+    act: str,
+    *,
+    bias: bool = True,
+    residual: bool = False,
+    seed: int = 1,
+) -> DenseSpec:
     rng = np.random.default_rng(seed)
     w = {"linear.weight": rng.normal(0, 0.5, (n_out, n_in)).astype(np.float32)}
     if bias:
@@ -82,18 +95,23 @@ MODES = ["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoke
 
 
 @pytest.mark.parametrize("include_prompt", [True, False], ids=["prompt-in", "prompt-out"])
-@pytest.mark.parametrize("modes", [[m] for m in MODES] + [["lasttoken", "cls", "max"], MODES],
-                         ids=[*MODES, "three-concat", "all-six"])
+@pytest.mark.parametrize(
+    "modes",
+    [[m] for m in MODES] + [["lasttoken", "cls", "max"], MODES],
+    ids=[*MODES, "three-concat", "all-six"],
+)
 def test_pooling_graph_matches_numpy(modes: list[str], include_prompt: bool) -> None:
-    head = HeadSpec(PoolingSpec(tuple(modes), include_prompt=include_prompt),  # type: ignore[arg-type]
-                    normalize=False)
+    head = HeadSpec(
+        PoolingSpec(tuple(modes), include_prompt=include_prompt),  # type: ignore[arg-type]
+        normalize=False,
+    )
     hidden, mask, plen = batch()
     want = head_numpy(hidden, mask, head, [], plen)
     got = run_graph(head, hidden, mask, plen)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     if not include_prompt and "lasttoken" in modes:  # row 1: all 3 tokens are the prompt
         col = modes.index("lasttoken") * WIDTH
-        assert not got[1, col:col + WIDTH].any()
+        assert not got[1, col : col + WIDTH].any()
 
 
 def test_pooling_reads_padding_nowhere() -> None:
@@ -102,19 +120,28 @@ def test_pooling_reads_padding_nowhere() -> None:
     head = HeadSpec(PoolingSpec(tuple(MODES)), normalize=False)  # type: ignore[arg-type]
     noisy = hidden.copy()
     noisy[mask == 0] = 1e6
-    np.testing.assert_allclose(run_graph(head, noisy, mask, plen),
-                               run_graph(head, hidden, mask, plen), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        run_graph(head, noisy, mask, plen),
+        run_graph(head, hidden, mask, plen),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
-@pytest.mark.parametrize(("normalize", "truncate"), [(True, None), (False, 3), (True, 3)],
-                         ids=["normalize", "truncate", "normalize-then-truncate"])
-def test_dense_chain_normalize_truncate(tmp_path: Path, normalize: bool,
-                                        truncate: int | None) -> None:
-    chain = (dense(tmp_path, 2 * WIDTH, 5, "gelu", seed=1),
-             dense(tmp_path, 5, 5, "silu", residual=True, seed=2),
-             dense(tmp_path, 5, 4, "softplus", bias=False, residual=True, seed=3))
-    head = HeadSpec(PoolingSpec(("cls", "mean")), chain, normalize=normalize,
-                    truncate_dim=truncate)
+@pytest.mark.parametrize(
+    ("normalize", "truncate"),
+    [(True, None), (False, 3), (True, 3)],
+    ids=["normalize", "truncate", "normalize-then-truncate"],
+)
+def test_dense_chain_normalize_truncate(
+    tmp_path: Path, normalize: bool, truncate: int | None
+) -> None:
+    chain = (
+        dense(tmp_path, 2 * WIDTH, 5, "gelu", seed=1),
+        dense(tmp_path, 5, 5, "silu", residual=True, seed=2),
+        dense(tmp_path, 5, 4, "softplus", bias=False, residual=True, seed=3),
+    )
+    head = HeadSpec(PoolingSpec(("cls", "mean")), chain, normalize=normalize, truncate_dim=truncate)
     hidden, mask, plen = batch(3)
     got = run_graph(head, hidden, mask, plen)
     want = head_numpy(hidden, mask, head, [load_dense(d) for d in chain], plen)
@@ -132,9 +159,12 @@ def test_activation_matches_torch(act: str) -> None:
     g = GraphBuilder()
     out = _activation(g, "x", act, "a")
     g.op("Identity", [out], "y")
-    model = g.finish("act", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, x.size])],
-                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, x.size])],
-                     producer_version="test")
+    model = g.finish(
+        "act",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, x.size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, x.size])],
+        producer_version="test",
+    )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got: Any = sess.run(None, {"x": x})[0][0]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

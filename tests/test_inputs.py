@@ -21,14 +21,20 @@ def _write(path: Path, data: bytes) -> Path:
         pytest.param(b"{not json", "not valid JSON", id="not-json"),
         pytest.param(b'{"id": "x"}', "missing field 'text'", id="no-text"),
         pytest.param(b'{"id": "x", "text": 3}', "must be a string, got int", id="text-int"),
-        pytest.param(b'{"id": "x", "text": null}', "must be a string, got NoneType", id="text-null"),
+        pytest.param(
+            b'{"id": "x", "text": null}', "must be a string, got NoneType", id="text-null"
+        ),
         pytest.param(b'["a"]', "expected a JSON object, got list", id="array"),
         pytest.param(b'{"id": "x", "text": "\xff\xfe"}', "not valid UTF-8", id="not-utf8"),
     ],
 )
-def test_bad_jsonl_line_is_reported_and_others_kept(tmp_path: Path, line: bytes, message: str) -> None:
-    src = _write(tmp_path / "in.jsonl",
-                 b'{"id": "a", "text": "first"}\n' + line + b'\n{"id": "b", "text": "last"}\n')
+def test_bad_jsonl_line_is_reported_and_others_kept(
+    tmp_path: Path, line: bytes, message: str
+) -> None:
+    src = _write(
+        tmp_path / "in.jsonl",
+        b'{"id": "a", "text": "first"}\n' + line + b'\n{"id": "b", "text": "last"}\n',
+    )
     got = read_inputs([src])
     assert [c.id for c in got.chunks] == ["a", "b"]
     assert len(got.errors) == 1
@@ -56,8 +62,9 @@ def test_error_names_the_id(tmp_path: Path) -> None:
     [
         pytest.param(["x\n"] * 10, [(0, 10)], id="short-file-one-chunk"),
         pytest.param(["x\n"] * 130, [(0, 60), (60, 120), (120, 130)], id="hard-cut-at-max"),
-        pytest.param(["x\n"] * 45 + ["def f():\n"] + ["x\n"] * 30, [(0, 45), (45, 76)],
-                     id="cut-at-def"),
+        pytest.param(
+            ["x\n"] * 45 + ["def f():\n"] + ["x\n"] * 30, [(0, 45), (45, 76)], id="cut-at-def"
+        ),
         pytest.param(["x\n"] * 42 + ["\n"] + ["x\n"] * 30, [(0, 43), (43, 73)], id="cut-at-blank"),
     ],
 )
@@ -86,11 +93,12 @@ def test_missing_path_is_an_error(tmp_path: Path) -> None:
 _CUTS = [(c, k) for c in ("é", "€", "🙂") for k in range(1, len(c.encode("utf-8")))]
 
 
-@pytest.mark.parametrize(("char", "offset"), _CUTS, ids=[f"{len(c.encode())}-bytes-cut-after-{k}"
-                                                          for c, k in _CUTS])
-def test_a_file_cut_inside_a_character_is_read_up_to_it(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch,
-                                                        char: str, offset: int) -> None:
+@pytest.mark.parametrize(
+    ("char", "offset"), _CUTS, ids=[f"{len(c.encode())}-bytes-cut-after-{k}" for c, k in _CUTS]
+)
+def test_a_file_cut_inside_a_character_is_read_up_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, char: str, offset: int
+) -> None:
     encoded = char.encode("utf-8")
     limit = 1000
     monkeypatch.setattr(inputs, "MAX_FILE_BYTES", limit)
@@ -102,8 +110,9 @@ def test_a_file_cut_inside_a_character_is_read_up_to_it(tmp_path: Path,
     assert len(got.errors) == 1 and f"only the first {limit} were read" in str(got.errors[0])
 
 
-def test_invalid_utf8_before_the_cut_is_still_refused(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_utf8_before_the_cut_is_still_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(inputs, "MAX_FILE_BYTES", 100)
     src = _write(tmp_path / "bad.txt", b"ok\n" + b"caf\xe9 " * 40)
     got = read_inputs([src])

@@ -12,8 +12,18 @@ from embedpool.job import Embedder
 from embedpool.testing import FakeEngineSpec, fake_vectors
 from embedpool.tokenization import TextTokenizer
 
-TEXTS = ["def f(x):\n    return x", "hello world", "", "   ", "hello world", "SELECT 1;",
-         "αβγ 你好 🙂", "x " * 3000, "short", "def f(x):\n    return x"]
+TEXTS = [
+    "def f(x):\n    return x",
+    "hello world",
+    "",
+    "   ",
+    "hello world",
+    "SELECT 1;",
+    "αβγ 你好 🙂",
+    "x " * 3000,
+    "short",
+    "def f(x):\n    return x",
+]
 
 
 @pytest.fixture
@@ -34,8 +44,9 @@ def _expected(emb: Embedder, texts: list[str], mode: str = "truncate") -> np.nda
 
 @pytest.mark.parametrize("window_items", [3, 4096], ids=["many-windows", "one-window"])
 @pytest.mark.parametrize("mode", ["truncate", "window"])
-def test_vectors_in_input_order(fake: FakeEngineSpec, monkeypatch: pytest.MonkeyPatch,
-                                window_items: int, mode: str) -> None:
+def test_vectors_in_input_order(
+    fake: FakeEngineSpec, monkeypatch: pytest.MonkeyPatch, window_items: int, mode: str
+) -> None:
     monkeypatch.setattr(job, "WINDOW_ITEMS", window_items)
     with Embedder(engine=fake, long_text=mode, batch_tokens=300) as emb:  # type: ignore[arg-type]
         got = emb.embed(TEXTS)
@@ -56,8 +67,10 @@ def test_duplicates_are_embedded_once(fake: FakeEngineSpec) -> None:
 
 def test_window_mode_differs_from_truncate_only_for_long_texts(fake: FakeEngineSpec) -> None:
     texts = ["short text", "token " * 2000]
-    with Embedder(engine=fake, long_text="truncate") as a, \
-            Embedder(engine=fake, long_text="window") as b:
+    with (
+        Embedder(engine=fake, long_text="truncate") as a,
+        Embedder(engine=fake, long_text="window") as b,
+    ):
         ta, tb = a.embed(texts), b.embed(texts)
     assert np.allclose(ta[0], tb[0])
     assert not np.allclose(ta[1], tb[1])

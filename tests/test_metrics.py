@@ -45,15 +45,25 @@ def test_every_name_is_exported_with_nothing_running() -> None:
     names = {name for name, _ in _samples(metrics)}
     for name, kind, _, _ in POOL_READINGS:
         assert (f"{name}_total" if kind == "counter" else name) in names, name
-    for name in ("embedpool_queue_tokens", "embedpool_inflight_batches", "embedpool_pool_broken",
-                 "embedpool_workers_rss_bytes", "embedpool_server_rss_bytes"):
+    for name in (
+        "embedpool_queue_tokens",
+        "embedpool_inflight_batches",
+        "embedpool_pool_broken",
+        "embedpool_workers_rss_bytes",
+        "embedpool_server_rss_bytes",
+    ):
         assert name in names, name
     assert _value(metrics, "embedpool_workers", state="busy") == 0
 
 
 def test_readings_are_taken_at_scrape_time() -> None:
-    pool = _PoolStats([_Worker("busy", 100), _Worker("idle", 50), _Worker("idle", 25)],
-                      oom_kills=1, retries=2, splits=3, target_workers=3)
+    pool = _PoolStats(
+        [_Worker("busy", 100), _Worker("idle", 50), _Worker("idle", 25)],
+        oom_kills=1,
+        retries=2,
+        splits=3,
+        target_workers=3,
+    )
     batcher: list[BatcherStats | None] = [None]
     metrics = ServerMetrics(lambda: batcher[0], lambda: pool)
     assert _value(metrics, "embedpool_workers", state="idle") == 2
@@ -82,14 +92,21 @@ def test_requests_are_counted_by_route_and_status() -> None:
     metrics.observe_request("/v1/embeddings", 429, 0.001)
     assert _value(metrics, "embedpool_requests_total", route="/v1/embeddings", status="200") == 2
     assert _value(metrics, "embedpool_requests_total", route="/v1/embeddings", status="429") == 1
-    assert _value(metrics, "embedpool_request_duration_seconds_count",
-                  route="/v1/embeddings") == 3
+    assert _value(metrics, "embedpool_request_duration_seconds_count", route="/v1/embeddings") == 3
 
 
-@pytest.mark.parametrize(("stats", "by_state", "rss"), [
-    ({"workers": 1, "rss_bytes": 10}, {"idle": 1}, 10.0),
-    ({"workers": [_Worker("busy", 5), _Worker("starting", 0)]}, {"busy": 1, "starting": 1}, 5.0),
-    ({}, {}, 0.0),
-], ids=["in-process-count", "pool-records", "nothing"])
+@pytest.mark.parametrize(
+    ("stats", "by_state", "rss"),
+    [
+        ({"workers": 1, "rss_bytes": 10}, {"idle": 1}, 10.0),
+        (
+            {"workers": [_Worker("busy", 5), _Worker("starting", 0)]},
+            {"busy": 1, "starting": 1},
+            5.0,
+        ),
+        ({}, {}, 0.0),
+    ],
+    ids=["in-process-count", "pool-records", "nothing"],
+)
 def test_worker_readings(stats: dict[str, Any], by_state: dict[str, int], rss: float) -> None:
     assert worker_readings(stats) == (by_state, rss)

@@ -22,16 +22,17 @@ def test_health_notices_a_pool_that_broke_while_idle(tmp_path: Path) -> None:
     idle worker dies and its replacements fail to load: the pool breaks with no batch in
     flight, and the batcher's health (what /health serves) and admission both say so."""
     flag = tmp_path / "broken-model"
-    pool = Pool(FakeEngineSpec(dim=8, fail_to_start_if_exists=str(flag)),
-                fast_config(workers=1, max_start_failures=2))
+    pool = Pool(
+        FakeEngineSpec(dim=8, fail_to_start_if_exists=str(flag)),
+        fast_config(workers=1, max_start_failures=2),
+    )
     mb = MicroBatcher(pool)
     try:
         assert mb.health() is None and pool.broken is None
         flag.touch()
         (pid,) = [w.pid for w in pool.stats().workers if w.pid]
         os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: pool.broken is not None, "the idle pool to break",
-                   timeout=DEADLINE_S)
+        wait_until(lambda: pool.broken is not None, "the idle pool to break", timeout=DEADLINE_S)
         assert "no worker could be started" in (pool.broken or "")
         health = mb.health()
         assert health is not None and "broken" in health and "broken-model" in health

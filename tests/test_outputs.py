@@ -27,7 +27,8 @@ from embedpool.types import Vectors
 DIM = 8
 DEADLINE_S = 60.0
 IDS = ["plain", "ünïcødé ✓", 'quote " and \\ backslash', "new\nline", "", "x" * 300] + [
-    f"id{i}" for i in range(94)]
+    f"id{i}" for i in range(94)
+]
 
 
 def sample(n: int = len(IDS), dim: int = DIM) -> Vectors:
@@ -65,7 +66,7 @@ def test_round_trip_is_exact(tmp_path: Path, ext: str, chunk: int) -> None:
     vecs = sample()
     writer = open_output(out, DIM)
     for s in range(0, len(IDS), chunk):
-        writer.write(IDS[s:s + chunk], vecs[s:s + chunk])
+        writer.write(IDS[s : s + chunk], vecs[s : s + chunk])
         writer.write([], np.empty((0, DIM), np.float32))  # empty chunks are fine
         assert not out.exists(), "nothing appears under the final name before commit"
     writer.commit()
@@ -93,8 +94,9 @@ def test_npy_is_memory_mappable(tmp_path: Path) -> None:
     assert mapped.shape == vecs.shape and np.array_equal(mapped, vecs)
 
 
-def test_parquet_row_groups_are_bounded_by_bytes(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parquet_row_groups_are_bounded_by_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pyarrow.parquet as pq
 
     import embedpool.outputs as outputs
@@ -105,7 +107,7 @@ def test_parquet_row_groups_are_bounded_by_bytes(tmp_path: Path,
     ids = [str(i) for i in range(2500)]
     with open_output(out, 4) as w:
         for s in range(0, 2500, 100):
-            w.write(ids[s:s + 100], vecs[s:s + 100])
+            w.write(ids[s : s + 100], vecs[s : s + 100])
     meta = pq.ParquetFile(out).metadata
     rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
     # a group closes once 4 KiB are held: 16 B of floats + 4 B of offsets + the id per row,
@@ -115,8 +117,9 @@ def test_parquet_row_groups_are_bounded_by_bytes(tmp_path: Path,
     assert got_ids == ids and np.array_equal(got, vecs)
 
 
-def test_parquet_row_groups_are_bounded_by_rows(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_parquet_row_groups_are_bounded_by_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pyarrow.parquet as pq
 
     import embedpool.outputs as outputs
@@ -156,8 +159,13 @@ def test_parquet_writer_memory_stays_bounded_whatever_the_output_size(tmp_path: 
             arrow_growth = pa.default_memory_pool().max_memory() - arrow_before
         print(numpy_growth, arrow_growth, 128 * vecs.nbytes, vecs.nbytes, bound)
     """)
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "v.parquet")],
-                         capture_output=True, text=True, timeout=DEADLINE_S, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "v.parquet")],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        check=True,
+    )
     numpy_growth, arrow_growth, written, window_bytes, bound = map(int, out.stdout.split())
     assert written == 32 << 20
     assert numpy_growth < 2 * (bound + window_bytes), out.stdout  # ~1.5 MiB measured
@@ -170,16 +178,23 @@ def _normalised(rng: np.random.Generator) -> Vectors:
     return normalised
 
 
-@pytest.mark.parametrize("make", [
-    _normalised,
-    lambda rng: rng.uniform(1e-7, 1e-6, (50, 64)).astype(np.float32),
-    lambda rng: rng.uniform(0.999, 1.0, (50, 64)).astype(np.float32),
-    lambda rng: (rng.standard_normal((50, 64)) * 10.0 ** rng.integers(-45, 38, (50, 64))
-                 ).astype(np.float32),
-    lambda rng: np.zeros((3, 5), np.float32),
-    lambda rng: np.array([[0.0, -0.0, 0.1, 1e-7, 9.9999994e-8, 0.99999994, 1.0, 1e-45,
-                           3.4028235e38, -2.5]], np.float32),
-], ids=["normalised", "tiny", "near-one", "any-magnitude", "zeros", "edges"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        _normalised,
+        lambda rng: rng.uniform(1e-7, 1e-6, (50, 64)).astype(np.float32),
+        lambda rng: rng.uniform(0.999, 1.0, (50, 64)).astype(np.float32),
+        lambda rng: (
+            rng.standard_normal((50, 64)) * 10.0 ** rng.integers(-45, 38, (50, 64))
+        ).astype(np.float32),
+        lambda rng: np.zeros((3, 5), np.float32),
+        lambda rng: np.array(
+            [[0.0, -0.0, 0.1, 1e-7, 9.9999994e-8, 0.99999994, 1.0, 1e-45, 3.4028235e38, -2.5]],
+            np.float32,
+        ),
+    ],
+    ids=["normalised", "tiny", "near-one", "any-magnitude", "zeros", "edges"],
+)
 def test_jsonl_floats_read_back_exactly(make: Callable[[np.random.Generator], Vectors]) -> None:
     vecs = make(np.random.default_rng(7))
     rows = format_vectors(vecs)
@@ -189,7 +204,8 @@ def test_jsonl_floats_read_back_exactly(make: Callable[[np.random.Generator], Ve
 
 def test_jsonl_floats_are_short() -> None:
     assert format_vectors(np.array([[0.1, 0.25, -0.5, 0.0, -0.0]], np.float32)) == [
-        "[0.1, 0.25, -0.5, 0.0, -0.0]"]
+        "[0.1, 0.25, -0.5, 0.0, -0.0]"
+    ]
     vecs = _normalised(np.random.default_rng(1))
     mean_chars = sum(map(len, format_vectors(vecs))) / vecs.size
     assert mean_chars < 14, "9 significant digits at most, not 17"
@@ -234,8 +250,9 @@ def test_commit_replaces_an_existing_output(tmp_path: Path) -> None:
     assert read_back(out)[0] == IDS
 
 
-def test_npy_kill_between_renames_leaves_no_array(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_npy_kill_between_renames_leaves_no_array(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Regression: an old OUT.npy must never pair with a new OUT.npy.ids.json."""
     out = tmp_path / "v.npy"
     with open_output(out, DIM) as w:
@@ -266,11 +283,15 @@ def test_write_after_commit_is_refused(tmp_path: Path) -> None:
         writer.write(IDS[:1], sample()[:1])
 
 
-@pytest.mark.parametrize(("ids", "shape"), [
-    (["a", "b"], (3, DIM)),
-    (["a"], (1, DIM + 1)),
-    (["a"], (DIM,)),
-], ids=["row-count", "dim", "one-dimensional"])
+@pytest.mark.parametrize(
+    ("ids", "shape"),
+    [
+        (["a", "b"], (3, DIM)),
+        (["a"], (1, DIM + 1)),
+        (["a"], (DIM,)),
+    ],
+    ids=["row-count", "dim", "one-dimensional"],
+)
 def test_wrong_shape_is_refused(tmp_path: Path, ids: list[str], shape: tuple[int, ...]) -> None:
     writer = open_output(tmp_path / "v.npy", DIM)
     with pytest.raises(ValueError, match="expected vectors of shape"):
@@ -296,9 +317,13 @@ _KILLED_WRITER = textwrap.dedent("""
 @pytest.mark.parametrize("ext", SUPPORTED_EXTENSIONS)
 def test_sigkill_mid_write_leaves_no_final_file(tmp_path: Path, ext: str) -> None:
     out = tmp_path / f"vectors{ext}"
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(out)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # returns at the latest when the child exits
@@ -330,11 +355,15 @@ def test_temporaries_of_a_live_process_are_not_swept(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- partial outputs
 
 
-@pytest.mark.parametrize(("out", "expected"), [
-    ("v.jsonl", "v.partial.jsonl"),
-    ("dir/run.2024.npy", "dir/run.2024.partial.npy"),
-    ("x.parquet", "x.partial.parquet"),
-], ids=["jsonl", "dotted-stem", "parquet"])
+@pytest.mark.parametrize(
+    ("out", "expected"),
+    [
+        ("v.jsonl", "v.partial.jsonl"),
+        ("dir/run.2024.npy", "dir/run.2024.partial.npy"),
+        ("x.parquet", "x.partial.parquet"),
+    ],
+    ids=["jsonl", "dotted-stem", "parquet"],
+)
 def test_partial_path(out: str, expected: str) -> None:
     assert partial_path(Path(out)) == Path(expected)
 
@@ -377,8 +406,9 @@ def test_creates_the_output_directory(tmp_path: Path) -> None:
 
 def test_importing_outputs_does_not_import_pyarrow() -> None:
     code = "import sys, embedpool.outputs; print('pyarrow' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=DEADLINE_S, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE_S, check=True
+    )
     assert result.stdout.strip() == "False"
 
 

@@ -23,21 +23,24 @@ WITH_FP16 = ("fp32", "int8", "fp16")
 WITHOUT_FP16 = ("fp32", "int8")
 
 
-@pytest.mark.parametrize(("requested", "kind", "available", "want"), [
-    ("auto", "cpu", WITH_FP16, "int8"),
-    ("auto", "cuda", WITH_FP16, "fp16"),
-    ("auto", "cuda", WITHOUT_FP16, "fp32"),   # a graph builder without fp16
-    ("fp32", "cpu", WITH_FP16, "fp32"),
-    ("fp32", "cuda", WITH_FP16, "fp32"),
-    ("int8", "cpu", WITH_FP16, "int8"),
-    ("fp16", "cuda", WITH_FP16, "fp16"),
-    ("int8", "cuda", WITH_FP16, "int8 runs on the CPU only"),
-    ("fp16", "cpu", WITH_FP16, "fp16 runs on a GPU only"),
-    ("fp16", "cuda", WITHOUT_FP16, "makes only fp32, int8"),
-    ("bf16", "cpu", WITH_FP16, "bf16"),  # OpenVINO's: runtimes.choose checks the CPU flags
-    ("bf16", "cuda", WITH_FP16, "bf16 runs on the CPU"),
-    ("int4", "cpu", WITH_FP16, "not one of auto, int8, fp32, fp16, bf16"),
-])
+@pytest.mark.parametrize(
+    ("requested", "kind", "available", "want"),
+    [
+        ("auto", "cpu", WITH_FP16, "int8"),
+        ("auto", "cuda", WITH_FP16, "fp16"),
+        ("auto", "cuda", WITHOUT_FP16, "fp32"),  # a graph builder without fp16
+        ("fp32", "cpu", WITH_FP16, "fp32"),
+        ("fp32", "cuda", WITH_FP16, "fp32"),
+        ("int8", "cpu", WITH_FP16, "int8"),
+        ("fp16", "cuda", WITH_FP16, "fp16"),
+        ("int8", "cuda", WITH_FP16, "int8 runs on the CPU only"),
+        ("fp16", "cpu", WITH_FP16, "fp16 runs on a GPU only"),
+        ("fp16", "cuda", WITHOUT_FP16, "makes only fp32, int8"),
+        ("bf16", "cpu", WITH_FP16, "bf16"),  # OpenVINO's: runtimes.choose checks the CPU flags
+        ("bf16", "cuda", WITH_FP16, "bf16 runs on the CPU"),
+        ("int4", "cpu", WITH_FP16, "not one of auto, int8, fp32, fp16, bf16"),
+    ],
+)
 def test_precision_for(requested: str, kind: str, available: tuple[str, ...], want: str) -> None:
     if " " in want:
         with pytest.raises(ConfigError, match=want):
@@ -111,11 +114,17 @@ def test_doctor_shows_the_gpus_their_memory_the_driver_and_the_plan() -> None:
     from embedpool.device_choice import DeviceFacts
     from embedpool.doctor import render_devices
 
-    facts = DeviceFacts(distributions=(("onnxruntime-gpu", "1.26.0"),), driver="570.86.15",
-                        driver_source="nvidia-smi", gpus=(H200,), all_gpus=2,
-                        cuda_visible_devices="0")
-    lines = "\n".join(render_devices(facts, place(resolve_model(), plan=_cuda(H200), cpus=16,
-                                                  cpu_workers=2)))
+    facts = DeviceFacts(
+        distributions=(("onnxruntime-gpu", "1.26.0"),),
+        driver="570.86.15",
+        driver_source="nvidia-smi",
+        gpus=(H200,),
+        all_gpus=2,
+        cuda_visible_devices="0",
+    )
+    lines = "\n".join(
+        render_devices(facts, place(resolve_model(), plan=_cuda(H200), cpus=16, cpu_workers=2))
+    )
     assert "onnxruntime onnxruntime-gpu 1.26.0" in lines
     assert "driver      NVIDIA 570.86.15  (source: nvidia-smi)" in lines
     assert "gpu 0       NVIDIA H200: 141.0 GiB total, 140.0 GiB free" in lines
@@ -140,13 +149,22 @@ def test_the_model_shape_counts_every_shard(tmp_path: Path) -> None:
     m = resolve_model()
     shards: dict[str, dict[str, np.ndarray]] = {
         "model-00001-of-00002.safetensors": {"a.weight": np.zeros((10, 30), np.float32)},
-        "model-00002-of-00002.safetensors": {"b.weight": np.zeros((5, 8), np.float16),
-                                             "b.bias": np.zeros(8, np.float32)}}
+        "model-00002-of-00002.safetensors": {
+            "b.weight": np.zeros((5, 8), np.float16),
+            "b.bias": np.zeros(8, np.float32),
+        },
+    }
     for file, tensors in shards.items():
         save_file(tensors, str(tmp_path / file))
     index = tmp_path / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {}, "weight_map": {
-        k: file for file, tensors in shards.items() for k in tensors}}))
+    index.write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {k: file for file, tensors in shards.items() for k in tensors},
+            }
+        )
+    )
     sharded = dataclasses.replace(m, weights_path=index)
     elements = 10 * 30 + 5 * 8 + 8
     assert model_shape(sharded, "fp32").weight_bytes == 4 * elements  # fp16 widened, as loaded
@@ -168,8 +186,12 @@ def test_fp16_runs_end_to_end_on_the_cpu_provider() -> None:
     assert place(m, device="cpu").precision == "int8"
     with pytest.raises(ConfigError, match="precision fp16 does not run on cpu"):
         EngineSpec(m, "fp16")
-    texts = ["def add(a, b):\n    return a + b", "über naïve café", "x" * 2000,
-             *(f"item {i}: " + "word " * (i * 7 % 60) for i in range(13))]
+    texts = [
+        "def add(a, b):\n    return a + b",
+        "über naïve café",
+        "x" * 2000,
+        *(f"item {i}: " + "word " * (i * 7 % 60) for i in range(13)),
+    ]
     seqs = TextTokenizer.for_model(m).encode(texts).sequences
     fp16 = Engine.for_model(prepare_onnx(m, "fp16"), m, precision="fp16")
     assert fp16.session.get_providers() == ["CPUExecutionProvider"]

@@ -22,13 +22,19 @@ class DictCache:
         self.data: dict[tuple[str, str], Vectors] = {}
         self.gets = 0
 
-    def get_many(self, texts: Sequence[str], prompt: str = "",
-                 truncated: list[bool] | None = None) -> list[Vectors | None]:
+    def get_many(
+        self, texts: Sequence[str], prompt: str = "", truncated: list[bool] | None = None
+    ) -> list[Vectors | None]:
         self.gets += len(texts)
         return [self.data.get((prompt, t)) for t in texts]
 
-    def put_many(self, texts: Sequence[str], vectors: Vectors, prompt: str = "",
-                 truncated: Sequence[bool] | None = None) -> None:
+    def put_many(
+        self,
+        texts: Sequence[str],
+        vectors: Vectors,
+        prompt: str = "",
+        truncated: Sequence[bool] | None = None,
+    ) -> None:
         for t, v in zip(texts, vectors, strict=True):
             self.data[(prompt, t)] = np.array(v)
 
@@ -39,7 +45,8 @@ def tokenizer() -> TextTokenizer:
 
 
 def test_prepare_dedupes_asks_the_cache_once_per_text_and_tokenises_the_misses(
-        tokenizer: TextTokenizer) -> None:
+    tokenizer: TextTokenizer,
+) -> None:
     cache = DictCache()
     cache.data[("", "cached")] = np.full(4, 0.5, dtype=np.float32)
     texts = ["a text", "cached", "a text", "another", "cached"]

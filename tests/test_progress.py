@@ -21,17 +21,20 @@ from embedpool.progress import Progress, RssTracker
 
 MiB = 1024 * 1024
 CHILD_BYTES = 200 * MiB
-_CHILD = ("import sys\n"
-          f"block = b'x' * {CHILD_BYTES}  # written, so resident\n"
-          "print('ready', flush=True)\n"
-          "sys.stdin.read()\n")
+_CHILD = (
+    "import sys\n"
+    f"block = b'x' * {CHILD_BYTES}  # written, so resident\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+)
 
 
 def test_tracker_counts_a_child_and_keeps_the_peak_after_it_exits() -> None:
     tracker = RssTracker(interval_s=0.05)
     alone = tracker.sample(relist=True)
-    child = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout is not None and child.stdout.readline() == "ready\n"
         with_child = tracker.sample(relist=True)
@@ -53,7 +56,8 @@ def _events(progress: Progress) -> None:
 
 
 def test_a_terminal_gets_a_bar_with_eta_rates_rss_and_workers(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     master, slave = pty.openpty()
     # 200 columns, so that every column fits on the bar's one line (rich sizes the console
     # from the standard streams or COLUMNS, not from the file it writes to).
@@ -88,8 +92,11 @@ def test_logs_get_plain_lines_with_the_eta(monkeypatch: pytest.MonkeyPatch) -> N
     finally:
         tracker.close()
     last = stream.getvalue().splitlines()[-1]
-    assert re.fullmatch(r"30/100 chunks \(30%\)  ETA \d+:\d\d:\d\d  [\d.]+ chunks/s  \d+ "
-                        r"tokens/s  RSS \d+ MB  workers 2", last), last
+    assert re.fullmatch(
+        r"30/100 chunks \(30%\)  ETA \d+:\d\d:\d\d  [\d.]+ chunks/s  \d+ "
+        r"tokens/s  RSS \d+ MB  workers 2",
+        last,
+    ), last
     assert "\x1b[" not in stream.getvalue()  # no terminal control codes in a log
 
 

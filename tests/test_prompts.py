@@ -21,27 +21,32 @@ from embedpool.job import Embedder
 from embedpool.models import ResolvedModel
 
 CLI = [sys.executable, "-m", "embedpool"]
-TEXTS = ["def add(a, b): return a + b", "hello world", "", "naïve café ☕",
-         "x " * 254,  # 256 tokens with [CLS] and [SEP]: MiniLM's max length, but not with a prompt
-         "y " * 400]  # truncated with or without one
+TEXTS = [
+    "def add(a, b): return a + b",
+    "hello world",
+    "",
+    "naïve café ☕",
+    "x " * 254,  # 256 tokens with [CLS] and [SEP]: MiniLM's max length, but not with a prompt
+    "y " * 400,
+]  # truncated with or without one
 PROMPT = "query: "  # 2 tokens in MiniLM's vocabulary ("query", ":")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=240,
-                          check=False)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=240, check=False)
 
 
 def jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
-                            for i, t in enumerate(texts)))
+    path.write_text(
+        "".join(json.dumps({"id": str(i), "text": t}) + "\n" for i, t in enumerate(texts))
+    )
     return path
 
 
 # --- the library, the real default model -----------------------------------------------------
 
-def test_a_prompt_gives_exactly_the_vectors_of_the_prefixed_text(real_model: ResolvedModel
-                                                                 ) -> None:
+
+def test_a_prompt_gives_exactly_the_vectors_of_the_prefixed_text(real_model: ResolvedModel) -> None:
     with Embedder(real_model, workers=None) as e:
         got = e.embed(TEXTS, prompt=PROMPT)
         prompted = e.last_report
@@ -72,17 +77,32 @@ def test_the_prompt_is_part_of_the_cache_key(real_model: ResolvedModel, tmp_path
     np.testing.assert_array_equal(again, prompted)
     np.testing.assert_array_equal(prefixed, prompted)
     assert float(plain[0] @ prompted[0]) < 0.99
-    assert len({text_key("x"), text_key("x", PROMPT), text_key(PROMPT + "x"),
-                text_key("", PROMPT + "x")}) == 4
+    assert (
+        len(
+            {
+                text_key("x"),
+                text_key("x", PROMPT),
+                text_key(PROMPT + "x"),
+                text_key("", PROMPT + "x"),
+            }
+        )
+        == 4
+    )
 
 
 def test_library_refusals(real_model: ResolvedModel) -> None:
     with Embedder(real_model, workers=None, lazy=True) as e:
-        with pytest.raises(OptionError, match=r"prompt name 'query ' is not one of the "
-                                              r"model's prompts: \['document', 'query'\]"):
+        with pytest.raises(
+            OptionError,
+            match=r"prompt name 'query ' is not one of the "
+            r"model's prompts: \['document', 'query'\]",
+        ):
             e.embed(["a"], prompt_name="query ")
-        with pytest.raises(OptionError, match=r"all-MiniLM-L6-v2 was not trained for "
-                                              r"truncated dimensions.* 384 dimensions"):
+        with pytest.raises(
+            OptionError,
+            match=r"all-MiniLM-L6-v2 was not trained for "
+            r"truncated dimensions.* 384 dimensions",
+        ):
             e.embed(["a"], dimensions=128)
         assert e.embed(["a"], dimensions=384).shape == (1, 384)  # its own width: accepted
 
@@ -118,8 +138,10 @@ def test_prompt_calls_through_the_pool(dirs: dict[str, Path]) -> None:
 
 # --- Matryoshka ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["include-prompt-false-modes", "plain-hf"],
-                         ids=["normalised", "unnormalised"])
+
+@pytest.mark.parametrize(
+    "name", ["include-prompt-false-modes", "plain-hf"], ids=["normalised", "unnormalised"]
+)
 def test_dimensions_keep_the_first_values(tmp_path: Path, name: str) -> None:
     d = C.matryoshka(name, tmp_path)
     cache = VectorCache.open(tmp_path / "v.sqlite3")
@@ -141,34 +163,72 @@ def test_dimensions_keep_the_first_values(tmp_path: Path, name: str) -> None:
 
 # --- the CLI ---------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_cli_prompt_equals_the_prefixed_text(tmp_path: Path) -> None:
     a, b = tmp_path / "a.npy", tmp_path / "b.npy"
-    res = run_cli("embed", str(jsonl(tmp_path / "t.jsonl", TEXTS)), "--out", str(a),
-                  "--prompt", PROMPT, "--workers", "0", "--no-cache", "-q")
+    res = run_cli(
+        "embed",
+        str(jsonl(tmp_path / "t.jsonl", TEXTS)),
+        "--out",
+        str(a),
+        "--prompt",
+        PROMPT,
+        "--workers",
+        "0",
+        "--no-cache",
+        "-q",
+    )
     assert res.returncode == 0, res.stderr
     assert "truncated 2" in res.stderr
-    res = run_cli("embed", str(jsonl(tmp_path / "p.jsonl", [PROMPT + t for t in TEXTS])),
-                  "--out", str(b), "--workers", "0", "--no-cache", "-q")
+    res = run_cli(
+        "embed",
+        str(jsonl(tmp_path / "p.jsonl", [PROMPT + t for t in TEXTS])),
+        "--out",
+        str(b),
+        "--workers",
+        "0",
+        "--no-cache",
+        "-q",
+    )
     assert res.returncode == 0, res.stderr
     np.testing.assert_array_equal(np.load(a), np.load(b))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("args", "message"), [
-    (["--prompt-name", "search"], r"prompt name 'search' is not one of the model's prompts: "
-                                  r"\['document', 'query'\]"),
-    (["--prompt", "q: ", "--prompt-name", "query"], "--prompt and --prompt-name: give one"),
-    (["--dimensions", "128"], r"all-MiniLM-L6-v2 was not trained for truncated dimensions "
-                              r"\(Matryoshka\); its vectors have 384 dimensions"),
-    (["--dimensions", "0"], "between 1 and model all-MiniLM-L6-v2's width 384, got 0"),
-    (["--dimensions", "385"], "between 1 and model all-MiniLM-L6-v2's width 384, got 385"),
-], ids=["unknown-name", "both", "not-matryoshka", "zero", "too-wide"])
-def test_cli_refusals_exit_2_before_any_work(tmp_path: Path, args: list[str],
-                                             message: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--prompt-name", "search"],
+            r"prompt name 'search' is not one of the model's prompts: "
+            r"\['document', 'query'\]",
+        ),
+        (["--prompt", "q: ", "--prompt-name", "query"], "--prompt and --prompt-name: give one"),
+        (
+            ["--dimensions", "128"],
+            r"all-MiniLM-L6-v2 was not trained for truncated dimensions "
+            r"\(Matryoshka\); its vectors have 384 dimensions",
+        ),
+        (["--dimensions", "0"], "between 1 and model all-MiniLM-L6-v2's width 384, got 0"),
+        (["--dimensions", "385"], "between 1 and model all-MiniLM-L6-v2's width 384, got 385"),
+    ],
+    ids=["unknown-name", "both", "not-matryoshka", "zero", "too-wide"],
+)
+def test_cli_refusals_exit_2_before_any_work(tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "o.npy"
-    res = run_cli("embed", str(jsonl(tmp_path / "t.jsonl", TEXTS)), "--out", str(out), *args,
-                  "--workers", "1", "-q", "--cache", str(tmp_path / "c.sqlite3"))
+    res = run_cli(
+        "embed",
+        str(jsonl(tmp_path / "t.jsonl", TEXTS)),
+        "--out",
+        str(out),
+        *args,
+        "--workers",
+        "1",
+        "-q",
+        "--cache",
+        str(tmp_path / "c.sqlite3"),
+    )
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("embedpool: "), res.stderr
@@ -186,15 +246,31 @@ def test_cli_dimensions_into_every_format(tmp_path: Path, ext: str) -> None:
     full, cut = tmp_path / "full.npy", tmp_path / f"cut{ext}"
     cache = str(tmp_path / "c.sqlite3")
     for out, extra in ((full, []), (cut, ["--dimensions", "4"])):
-        res = run_cli("embed", str(inp), "--out", str(out), "--model", str(d), "--precision",
-                      "fp32", "--workers", "0", "-q", "--cache", cache, *extra)
+        res = run_cli(
+            "embed",
+            str(inp),
+            "--out",
+            str(out),
+            "--model",
+            str(d),
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "-q",
+            "--cache",
+            cache,
+            *extra,
+        )
         assert res.returncode == 0, res.stderr
     assert f"cache hits {len(C.TEXTS)}" in res.stderr
     if ext == ".npy":
         got = np.load(cut)
     elif ext == ".jsonl":
-        got = np.array([json.loads(line)["embedding"] for line in cut.read_text().splitlines()],
-                       dtype=np.float32)
+        got = np.array(
+            [json.loads(line)["embedding"] for line in cut.read_text().splitlines()],
+            dtype=np.float32,
+        )
     else:
         import pyarrow.parquet as pq
 

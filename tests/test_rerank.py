@@ -51,6 +51,7 @@ def fp32(models: dict[str, ResolvedModel]) -> Any:
 
 # --- the model's files, read as CrossEncoder reads them -------------------------------------
 
+
 def test_classifier_specs_follow_the_layouts(models: dict[str, ResolvedModel]) -> None:
     bert, xlmr, modern = (models[n].classifier for n in FAMILIES)
     assert bert is not None and xlmr is not None and modern is not None
@@ -68,41 +69,59 @@ def test_classifier_specs_follow_the_layouts(models: dict[str, ResolvedModel]) -
         assert models[n].classifier.activation == expected  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(("st_cfg", "config", "labels", "expected"), [
-    ({"activation_fn": "torch.nn.modules.linear.Identity"}, {}, 1, "identity"),
-    ({}, {"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Tanh"}}, 1,
-     "tanh"),
-    ({}, {"sbert_ce_default_activation_function": "torch.nn.modules.activation.Sigmoid"}, 3,
-     "sigmoid"),
-    # a path outside torch is not trusted: CrossEncoder warns and uses its default
-    ({"activation_fn": "mypkg.Custom"}, {}, 1, "sigmoid"),
-    ({}, {}, 1, "sigmoid"),
-    ({}, {}, 2, "identity"),
-])
-def test_activation_is_chosen_as_crossencoder_chooses(st_cfg: dict[str, Any],
-                                                       config: dict[str, Any], labels: int,
-                                                       expected: str) -> None:
+@pytest.mark.parametrize(
+    ("st_cfg", "config", "labels", "expected"),
+    [
+        ({"activation_fn": "torch.nn.modules.linear.Identity"}, {}, 1, "identity"),
+        (
+            {},
+            {"sentence_transformers": {"activation_fn": "torch.nn.modules.activation.Tanh"}},
+            1,
+            "tanh",
+        ),
+        (
+            {},
+            {"sbert_ce_default_activation_function": "torch.nn.modules.activation.Sigmoid"},
+            3,
+            "sigmoid",
+        ),
+        # a path outside torch is not trusted: CrossEncoder warns and uses its default
+        ({"activation_fn": "mypkg.Custom"}, {}, 1, "sigmoid"),
+        ({}, {}, 1, "sigmoid"),
+        ({}, {}, 2, "identity"),
+    ],
+)
+def test_activation_is_chosen_as_crossencoder_chooses(
+    st_cfg: dict[str, Any], config: dict[str, Any], labels: int, expected: str
+) -> None:
     assert score_activation(config, st_cfg, labels, Path("x")) == expected
 
 
 def test_an_activation_embedpool_cannot_apply_is_refused() -> None:
     with pytest.raises(ModelError, match="Softplus"):
-        score_activation({}, {"activation_fn": "torch.nn.modules.activation.Softplus"}, 1,
-                         Path("x"))
+        score_activation(
+            {}, {"activation_fn": "torch.nn.modules.activation.Softplus"}, 1, Path("x")
+        )
 
 
 def test_token_types_follow_the_tokenizer_class() -> None:
-    config = {"architectures": ["BertForSequenceClassification"], "num_labels": 1,
-              "type_vocab_size": 2}
+    config = {
+        "architectures": ["BertForSequenceClassification"],
+        "num_labels": 1,
+        "type_vocab_size": 2,
+    }
     assert classifier_spec(config, {"tokenizer_class": "BertTokenizer"}, {}, Path("x")).token_types
-    assert not classifier_spec(config, {"tokenizer_class": "PreTrainedTokenizerFast"}, {},
-                               Path("x")).token_types
+    assert not classifier_spec(
+        config, {"tokenizer_class": "PreTrainedTokenizerFast"}, {}, Path("x")
+    ).token_types
     with pytest.raises(ModelError, match="DebertaV2ForSequenceClassification"):
-        classifier_spec({**config, "architectures": ["DebertaV2ForSequenceClassification"]},
-                        {}, {}, Path("x"))
+        classifier_spec(
+            {**config, "architectures": ["DebertaV2ForSequenceClassification"]}, {}, {}, Path("x")
+        )
 
 
 # --- pairs --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_pair_tokens_equal_the_reference(name: str, models: dict[str, ResolvedModel]) -> None:
@@ -121,6 +140,7 @@ def test_a_query_that_leaves_no_room_is_refused(models: dict[str, ResolvedModel]
 
 
 # --- scores against CrossEncoder.predict ----------------------------------------------------
+
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_fp32_equals_crossencoder(name: str, fp32: dict[str, Reranker]) -> None:
@@ -172,8 +192,9 @@ def test_int8_keeps_the_rankings(name: str, models: dict[str, ResolvedModel]) ->
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_int8_classifier_keeps_its_last_layers_fp32(name: str,
-                                                    models: dict[str, ResolvedModel]) -> None:
+def test_int8_classifier_keeps_its_last_layers_fp32(
+    name: str, models: dict[str, ResolvedModel]
+) -> None:
     """A cross-encoder's int8 graph: every encoder linear int8 but the last two layers' (at
     most half the layers: quantize.zero_points(classifier=True)); an embedder's recipe is
     unchanged by it."""
@@ -182,16 +203,18 @@ def test_int8_classifier_keeps_its_last_layers_fp32(name: str,
 
     model = models[name]
     fam, cfg = _family(model)
-    parts = compose_parts(fam, fam.load_weights(model.weights_path, cfg), cfg, model.classifier,
-                          int8_ready=True)
+    parts = compose_parts(
+        fam, fam.load_weights(model.weights_path, cfg), cfg, model.classifier, int8_ready=True
+    )
     layers = 1 + max(lin.layer for lin in parts.linears)
     embedder = quantize.zero_points(parts.linears)
     assert {lin.layer for lin in parts.linears if lin.node in embedder} == set(range(layers))
     recipe = quantize.zero_points(parts.linears, classifier=True)
     fp32 = min(quantize.CLASSIFIER_FP32_LAYERS, layers // 2)
     assert fp32 >= 1  # the fixtures have 2 (BERT, XLM-R) and 4 (ModernBERT) layers
-    assert set(recipe) == {lin.node for lin in parts.linears
-                           if lin.node in embedder and lin.layer < layers - fp32}
+    assert set(recipe) == {
+        lin.node for lin in parts.linears if lin.node in embedder and lin.layer < layers - fp32
+    }
     assert all(recipe[k] == embedder[k] for k in recipe)
     assert quantize.recipe_key(classifier=True) != quantize.recipe_key()
 
@@ -201,7 +224,7 @@ def test_rank_is_best_first_with_top_n(fp32: dict[str, Reranker]) -> None:
     r = fp32["xlmr"]
     query, docs = g["queries"][0], g["documents"]
     ranked = r.rank(query, docs)
-    expected = gold["scores"][:len(docs)]
+    expected = gold["scores"][: len(docs)]
     assert [x.index for x in ranked] == list(np.argsort(-expected, kind="stable"))
     assert all(isinstance(x, Ranked) and x.document == docs[x.index] for x in ranked)
     assert [x.score for x in ranked] == sorted((x.score for x in ranked), reverse=True)
@@ -211,14 +234,18 @@ def test_rank_is_best_first_with_top_n(fp32: dict[str, Reranker]) -> None:
     assert r.rank(query, []) == []
 
 
-@pytest.mark.parametrize(("query", "docs", "top_n", "match"), [
-    (3, ["a"], None, "query is int"),
-    ("q", "one string", None, "list of strings"),
-    ("q", ["a", None], None, "document 1 is NoneType"),
-    ("q", ["a"], 0, "top_n"),
-])
-def test_bad_input_names_what_was_wrong(fp32: dict[str, Reranker], query: Any, docs: Any,
-                                        top_n: Any, match: str) -> None:
+@pytest.mark.parametrize(
+    ("query", "docs", "top_n", "match"),
+    [
+        (3, ["a"], None, "query is int"),
+        ("q", "one string", None, "list of strings"),
+        ("q", ["a", None], None, "document 1 is NoneType"),
+        ("q", ["a"], 0, "top_n"),
+    ],
+)
+def test_bad_input_names_what_was_wrong(
+    fp32: dict[str, Reranker], query: Any, docs: Any, top_n: Any, match: str
+) -> None:
     with pytest.raises(InputError, match=match):
         fp32["bert"].rank(query, docs, top_n)
 
@@ -228,13 +255,16 @@ def test_an_embedding_model_is_not_a_reranker(real_model: ResolvedModel) -> None
         Reranker(real_model, lazy=True)
 
 
-def test_the_cache_is_keyed_by_query_and_document(tmp_path: Path,
-                                                  models: dict[str, ResolvedModel]) -> None:
+def test_the_cache_is_keyed_by_query_and_document(
+    tmp_path: Path, models: dict[str, ResolvedModel]
+) -> None:
     from embedpool.cache import VectorCache
 
     g, gold = golden("bert")
-    with VectorCache.open(tmp_path / "c.sqlite") as cache, \
-            Reranker(models["bert"], precision="fp32", cache=cache) as r:
+    with (
+        VectorCache.open(tmp_path / "c.sqlite") as cache,
+        Reranker(models["bert"], precision="fp32", cache=cache) as r,
+    ):
         docs = g["documents"]
         first = r.score(g["queries"][0], docs, raw=True)
         assert r.last_report.cache_hits == 0
@@ -243,13 +273,14 @@ def test_the_cache_is_keyed_by_query_and_document(tmp_path: Path,
         np.testing.assert_array_equal(first, again)
         other = r.score(g["queries"][1], docs, raw=True)  # same documents, another query
         assert r.last_report.cache_hits == 0
-        assert np.abs(other - gold["logits"][len(docs):2 * len(docs)]).max() <= FP32_TOL
+        assert np.abs(other - gold["logits"][len(docs) : 2 * len(docs)]).max() <= FP32_TOL
 
 
 def test_activate_matches_torch_definitions() -> None:
     x = np.array([-30.0, -1.0, 0.0, 2.5, 30.0], dtype=np.float32)
-    np.testing.assert_allclose(activate(x, "sigmoid"), 1 / (1 + np.exp(-x.astype(np.float64))),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        activate(x, "sigmoid"), 1 / (1 + np.exp(-x.astype(np.float64))), rtol=1e-6
+    )
     np.testing.assert_array_equal(activate(x, "identity"), x)
     np.testing.assert_allclose(activate(x, "tanh"), np.tanh(x), rtol=1e-6)
 
@@ -302,32 +333,40 @@ def test_qwen3_reranker_is_read_as_crossencoder_reads_it() -> None:
     spec = model.classifier
     assert spec is not None and model.dim == 1 and model.max_length == g["max_length"]
     # LogitScore's token ids (1_LogitScore/config.json), the default Sigmoid it saved
-    assert (spec.kind, spec.true_token, spec.false_token) == ("causal_lm", g["yes_id"],
-                                                              g["no_id"])
+    assert (spec.kind, spec.true_token, spec.false_token) == ("causal_lm", g["yes_id"], g["no_id"])
     assert spec.activation == "sigmoid" and not spec.tied_lm_head
     assert "<Document>: {{ document_text }}" in spec.pair_template  # chat_template.jinja
 
 
 #: A chat model's template: system/user/assistant only, so a pair's roles render nothing.
-CHAT_TEMPLATE = ("{% for m in messages %}{% if m.role in ['system', 'user', 'assistant'] %}"
-                 "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m.role in ['system', 'user', 'assistant'] %}"
+    "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+)
 
 
 @pytest.mark.parametrize("template", [None, CHAT_TEMPLATE])
-def test_qwen3_plain_transformers_directory_scores_yes_and_no(tmp_path: Path,
-                                                              template: str | None) -> None:
+def test_qwen3_plain_transformers_directory_scores_yes_and_no(
+    tmp_path: Path, template: str | None
+) -> None:
     """Without modules.json CrossEncoder takes the tokens "yes" and "no"; without a template
     that renders the pair's roles (none, or a chat model's), the model card's recipe (the
     same text here)."""
     g, _ = golden("qwen3")
-    plain = qwen3_copy(tmp_path, drop=("modules.json", "1_LogitScore", "chat_template.jinja",
-                                       "config_sentence_transformers.json"))
+    plain = qwen3_copy(
+        tmp_path,
+        drop=(
+            "modules.json",
+            "1_LogitScore",
+            "chat_template.jinja",
+            "config_sentence_transformers.json",
+        ),
+    )
     if template is not None:
         (plain / "chat_template.jinja").write_text(template)
     model = resolve_model(plain)
     assert model.classifier is not None
-    assert (model.classifier.true_token, model.classifier.false_token) == (g["yes_id"],
-                                                                           g["no_id"])
+    assert (model.classifier.true_token, model.classifier.false_token) == (g["yes_id"], g["no_id"])
     enc = PairTokenizer.for_model(model).encode(pairs_of(g))
     assert [s.tolist() for s in enc.sequences] == g["input_ids"]
 
@@ -339,8 +378,7 @@ def test_qwen3_pair_tokens_equal_crossencoders(qwen3: Reranker) -> None:
     enc = qwen3.tokenizer.encode(pairs_of(g))
     assert [s.tolist() for s in enc.sequences] == g["input_ids"]
     assert enc.truncated == g["truncated"] and any(g["truncated"])
-    assert all(n > g["max_length"] for n, t in zip(enc.n_tokens, enc.truncated, strict=True)
-               if t)
+    assert all(n > g["max_length"] for n, t in zip(enc.n_tokens, enc.truncated, strict=True) if t)
 
 
 def test_qwen3_fp32_equals_crossencoder(qwen3: Reranker) -> None:
@@ -363,7 +401,7 @@ def test_qwen3_instruction_is_crossencoders_prompt() -> None:
     with Reranker(QWEN3, precision="fp32", instruction=g["instruction"]) as r:
         got = r.score(g["queries"][0], g["documents"], raw=True)
     assert np.abs(got - gold["instructed_logits"]).max() <= FP32_TOL
-    assert np.abs(got - gold["logits"][:len(got)]).max() > 1e-3  # the instruction counts
+    assert np.abs(got - gold["logits"][: len(got)]).max() > 1e-3  # the instruction counts
 
 
 def test_qwen3_tied_lm_head(tmp_path: Path) -> None:
@@ -392,8 +430,10 @@ def test_qwen3_int8_keeps_each_querys_ranking() -> None:
         assert r.precision == "int8"
         scores = r.predict(pairs_of(g), raw=True)
     n = len(g["documents"])
-    rho = [spearman(scores[q * n:(q + 1) * n], gold["logits"][q * n:(q + 1) * n])
-           for q in range(len(g["queries"]))]
+    rho = [
+        spearman(scores[q * n : (q + 1) * n], gold["logits"][q * n : (q + 1) * n])
+        for q in range(len(g["queries"]))
+    ]
     print("qwen3 int8 Spearman per query:", [round(x, 4) for x in rho])
     assert min(rho) >= 0.99, rho
 
@@ -435,20 +475,58 @@ def test_qwen3_through_the_cli_and_serve(tmp_path: Path) -> None:
     g, gold = golden("qwen3")
     query, docs = g["queries"][1], g["documents"]
     n = len(docs)
-    expected = gold["scores"][n:2 * n]
+    expected = gold["scores"][n : 2 * n]
     env = {**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path / "cache")}
-    res = subprocess.run([sys.executable, "-m", "embedpool", "rerank", query, *docs, "-m",
-                          str(QWEN3), "--precision", "fp32", "--workers", "0"],
-                         capture_output=True, text=True, timeout=240, check=False, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedpool",
+            "rerank",
+            query,
+            *docs,
+            "-m",
+            str(QWEN3),
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert [r["index"] for r in out["results"]] == list(np.argsort(-expected, kind="stable"))
     assert max(abs(r["score"] - float(expected[r["index"]])) for r in out["results"]) <= 1e-4
     assert out["truncated"] == [docs.index(max(docs, key=len))]
-    res = subprocess.run([sys.executable, "-m", "embedpool", "rerank", g["queries"][0], *docs,
-                          "-m", str(QWEN3), "--precision", "fp32", "--workers", "0", "--raw",
-                          "--instruction", g["instruction"]],
-                         capture_output=True, text=True, timeout=240, check=False, env=env)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedpool",
+            "rerank",
+            g["queries"][0],
+            *docs,
+            "-m",
+            str(QWEN3),
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--raw",
+            "--instruction",
+            g["instruction"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     got = {r["index"]: r["score"] for r in json.loads(res.stdout)["results"]}
     assert max(abs(got[i] - float(x)) for i, x in enumerate(gold["instructed_logits"])) <= 1e-4
@@ -458,20 +536,40 @@ def test_qwen3_through_the_cli_and_serve(tmp_path: Path) -> None:
     embedder = FIXTURES.parent / "families" / "xlmr" / "model"
     reranker = qwen3_copy(tmp_path)  # served models need names of their own (not "model")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "embedpool", "serve", "--port", str(port), "--model",
-         str(embedder), "--reranker", str(reranker), "--precision", "fp32", "--workers", "1",
-         "--no-cache", "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "embedpool",
+            "serve",
+            "--port",
+            str(port),
+            "--model",
+            str(embedder),
+            "--reranker",
+            str(reranker),
+            "--precision",
+            "fp32",
+            "--workers",
+            "1",
+            "--no-cache",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url)
         with httpx.Client(timeout=120) as http:
             co = cohere.ClientV2(base_url=url, api_key="unused", httpx_client=http)
             ranked = co.rerank(model="qwen3", query=query, documents=docs, top_n=5)
-        assert [r.index for r in ranked.results] == \
-            list(np.argsort(-expected, kind="stable")[:5])
-        assert max(abs(r.relevance_score - float(expected[r.index]))
-                   for r in ranked.results) <= 1e-4
+        assert [r.index for r in ranked.results] == list(np.argsort(-expected, kind="stable")[:5])
+        assert (
+            max(abs(r.relevance_score - float(expected[r.index])) for r in ranked.results) <= 1e-4
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)

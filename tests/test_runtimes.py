@@ -23,34 +23,41 @@ from embedpool.runtimes import (
 from embedpool.types import Precision, Runtime
 
 ZEN3 = CpuFeatures("AMD EPYC 7B13", frozenset({"fma", "avx", "avx2"}))
-ZEN4 = CpuFeatures("AMD EPYC 9B14", frozenset({"avx2", "avx512f", "avx512_vnni",
-                                               "avx512_bf16"}))
+ZEN4 = CpuFeatures("AMD EPYC 9B14", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}))
 ICELAKE = CpuFeatures("Intel Xeon 8375C", frozenset({"avx2", "avx512f", "avx512_vnni"}))
-SPR = CpuFeatures("Intel Xeon 8481C", frozenset({"avx2", "avx512_vnni", "avx512_bf16",
-                                                "amx_bf16", "amx_int8", "amx_tile"}))
+SPR = CpuFeatures(
+    "Intel Xeon 8481C",
+    frozenset({"avx2", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile"}),
+)
 OLD = CpuFeatures("Intel Atom", frozenset({"sse4_2"}))
 
 
-@pytest.mark.parametrize(("cpu", "tier"), [(ZEN3, "avx2"), (ZEN4, "avx512_bf16"),
-                                           (ICELAKE, "vnni"), (SPR, "amx"), (OLD, "baseline")])
+@pytest.mark.parametrize(
+    ("cpu", "tier"),
+    [(ZEN3, "avx2"), (ZEN4, "avx512_bf16"), (ICELAKE, "vnni"), (SPR, "amx"), (OLD, "baseline")],
+)
 def test_tiers_from_flags(cpu: CpuFeatures, tier: str) -> None:
     assert cpu.tier == tier
 
 
-@pytest.mark.parametrize(("cpu", "openvino", "want"), [
-    # Zen 3: ONNX Runtime int8, whether or not openvino is installed (fp32 measured slower)
-    (ZEN3, True, ("onnxruntime", "int8")),
-    (ZEN3, False, ("onnxruntime", "int8")),
-    # Zen 4 (VNNI + BF16): OpenVINO bf16 measured faster than ONNX Runtime's int8
-    (ZEN4, True, ("openvino", "bf16")),
-    (ZEN4, False, ("onnxruntime", "int8")),
-    # no measurement on these tiers: the universal engine
-    (ICELAKE, True, ("onnxruntime", "int8")),
-    (SPR, True, ("onnxruntime", "int8")),
-    (OLD, True, ("onnxruntime", "int8")),
-])
-def test_auto_picks_from_the_measured_table(cpu: CpuFeatures, openvino: bool,
-                                            want: tuple[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("cpu", "openvino", "want"),
+    [
+        # Zen 3: ONNX Runtime int8, whether or not openvino is installed (fp32 measured slower)
+        (ZEN3, True, ("onnxruntime", "int8")),
+        (ZEN3, False, ("onnxruntime", "int8")),
+        # Zen 4 (VNNI + BF16): OpenVINO bf16 measured faster than ONNX Runtime's int8
+        (ZEN4, True, ("openvino", "bf16")),
+        (ZEN4, False, ("onnxruntime", "int8")),
+        # no measurement on these tiers: the universal engine
+        (ICELAKE, True, ("onnxruntime", "int8")),
+        (SPR, True, ("onnxruntime", "int8")),
+        (OLD, True, ("onnxruntime", "int8")),
+    ],
+)
+def test_auto_picks_from_the_measured_table(
+    cpu: CpuFeatures, openvino: bool, want: tuple[str, str]
+) -> None:
     got = choose("auto", "auto", device_kind="cpu", cpu=cpu, openvino=openvino)
     assert (got.runtime, got.precision) == want
     assert cpu.name in got.reason
@@ -69,51 +76,64 @@ def test_every_cell_names_its_measurement() -> None:
                 assert "OpenVINO" in cell.why and any(ch.isdigit() for ch in cell.why)
 
 
-@pytest.mark.parametrize(("engine", "precision", "want"), [
-    ("onnxruntime", "auto", ("onnxruntime", "int8")),
-    ("onnxruntime", "fp32", ("onnxruntime", "fp32")),
-    ("openvino", "fp32", ("openvino", "fp32")),
-    ("openvino", "auto", ("openvino", "bf16")),
-    ("auto", "bf16", ("openvino", "bf16")),
-    ("auto", "fp32", ("onnxruntime", "fp32")),
-    ("auto", "int8", ("onnxruntime", "int8")),
-])
-def test_explicit_requests_on_a_bf16_cpu(engine: str, precision: str,
-                                         want: tuple[str, str]) -> None:
+@pytest.mark.parametrize(
+    ("engine", "precision", "want"),
+    [
+        ("onnxruntime", "auto", ("onnxruntime", "int8")),
+        ("onnxruntime", "fp32", ("onnxruntime", "fp32")),
+        ("openvino", "fp32", ("openvino", "fp32")),
+        ("openvino", "auto", ("openvino", "bf16")),
+        ("auto", "bf16", ("openvino", "bf16")),
+        ("auto", "fp32", ("onnxruntime", "fp32")),
+        ("auto", "int8", ("onnxruntime", "int8")),
+    ],
+)
+def test_explicit_requests_on_a_bf16_cpu(
+    engine: str, precision: str, want: tuple[str, str]
+) -> None:
     got = choose(engine, precision, device_kind="cpu", cpu=ZEN4, openvino=True)
     assert (got.runtime, got.precision) == want
 
 
-@pytest.mark.parametrize(("engine", "precision", "cpu", "openvino", "device", "says"), [
-    ("auto", "bf16", ZEN3, True, "cpu", "needs a CPU with avx512_bf16 or amx_bf16"),
-    ("onnxruntime", "bf16", ZEN4, True, "cpu", "bf16 runs on OpenVINO only"),
-    ("auto", "bf16", ZEN4, False, "cpu", "pip install"),
-    ("openvino", "auto", ZEN3, False, "cpu", "engine openvino is not installed"),
-    ("openvino", "auto", ZEN3, True, "cuda", "runs on the CPU only"),
-    ("auto", "bf16", ZEN4, True, "cuda", "bf16 runs on the CPU"),
-    ("tensorrt", "auto", ZEN3, True, "cpu", "engine 'tensorrt' is not one of"),
-])
-def test_refusals_name_what_is_missing(engine: str, precision: str, cpu: CpuFeatures,
-                                       openvino: bool, device: str, says: str) -> None:
+@pytest.mark.parametrize(
+    ("engine", "precision", "cpu", "openvino", "device", "says"),
+    [
+        ("auto", "bf16", ZEN3, True, "cpu", "needs a CPU with avx512_bf16 or amx_bf16"),
+        ("onnxruntime", "bf16", ZEN4, True, "cpu", "bf16 runs on OpenVINO only"),
+        ("auto", "bf16", ZEN4, False, "cpu", "pip install"),
+        ("openvino", "auto", ZEN3, False, "cpu", "engine openvino is not installed"),
+        ("openvino", "auto", ZEN3, True, "cuda", "runs on the CPU only"),
+        ("auto", "bf16", ZEN4, True, "cuda", "bf16 runs on the CPU"),
+        ("tensorrt", "auto", ZEN3, True, "cpu", "engine 'tensorrt' is not one of"),
+    ],
+)
+def test_refusals_name_what_is_missing(
+    engine: str, precision: str, cpu: CpuFeatures, openvino: bool, device: str, says: str
+) -> None:
     with pytest.raises(ConfigError, match=says):
         choose(engine, precision, device_kind=device, cpu=cpu, openvino=openvino)
 
 
-@pytest.mark.parametrize(("precision", "want"), [("auto", "int8"), ("int8", "int8"),
-                                                ("fp32", "fp32")])
+@pytest.mark.parametrize(
+    ("precision", "want"), [("auto", "int8"), ("int8", "int8"), ("fp32", "fp32")]
+)
 def test_openvino_on_zen3_runs_int8_for_auto(precision: str, want: str) -> None:
     """Without bf16, --engine openvino's default is its weight-only int8 (the quality bar,
     int8 weights in memory), as ONNX Runtime's default is its int8."""
     got = choose("openvino", precision, device_kind="cpu", cpu=ZEN3, openvino=True)
     assert (got.runtime, got.precision) == ("openvino", want)
-    assert choose("auto", precision, device_kind="cpu", cpu=ZEN3,
-                  openvino=True).runtime == "onnxruntime"  # measured: not faster here
+    assert (
+        choose("auto", precision, device_kind="cpu", cpu=ZEN3, openvino=True).runtime
+        == "onnxruntime"
+    )  # measured: not faster here
 
 
 def test_parse_cpuinfo_reads_the_first_processor() -> None:
-    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n"
-            "flags\t\t: fpu avx2 avx512_vnni avx512_bf16\n\nprocessor\t: 1\n"
-            "model name\t: other\nflags\t\t: fpu\n")
+    text = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n"
+        "flags\t\t: fpu avx2 avx512_vnni avx512_bf16\n\nprocessor\t: 1\n"
+        "model name\t: other\nflags\t\t: fpu\n"
+    )
     cpu = parse_cpuinfo(text)
     assert cpu.name == "AMD EPYC 9B14"
     assert cpu.flags == {"fpu", "avx2", "avx512_vnni", "avx512_bf16"}
@@ -128,18 +148,38 @@ def test_this_machine_has_a_tier() -> None:
 
 
 def test_doctor_says_which_engine_and_why() -> None:
-    res = subprocess.run([sys.executable, "-m", "embedpool", "doctor", "--engine",
-                          "onnxruntime", "--precision", "fp32"],
-                         capture_output=True, text=True, timeout=240, check=False)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedpool",
+            "doctor",
+            "--engine",
+            "onnxruntime",
+            "--precision",
+            "fp32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.strip().startswith("engine "))
     assert "onnxruntime, fp32" in line and "why: --engine onnxruntime" in line
     env = {k: v for k, v in os.environ.items() if k != "EMBEDPOOL_ENGINE"}  # auto (conftest)
-    auto = subprocess.run([sys.executable, "-m", "embedpool", "doctor"], env=env,
-                          capture_output=True, text=True, timeout=240, check=False)
+    auto = subprocess.run(
+        [sys.executable, "-m", "embedpool", "doctor"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert auto.returncode == 0, auto.stderr
-    want = choose("auto", "auto", device_kind="cpu", cpu=cpu_features(),
-                  openvino=openvino_installed())
+    want = choose(
+        "auto", "auto", device_kind="cpu", cpu=cpu_features(), openvino=openvino_installed()
+    )
     line = next(ln for ln in auto.stdout.splitlines() if ln.strip().startswith("engine "))
     assert f"{want.runtime}, {want.precision}" in line and cpu_features().name in line
 
@@ -147,16 +187,19 @@ def test_doctor_says_which_engine_and_why() -> None:
 def test_bf16_on_the_cli_refused_by_name_or_run_on_openvino() -> None:
     """Without avx512_bf16/AMX (this Zen 3, CI's runners): refused, naming the flags; with
     them: OpenVINO bf16 (when installed)."""
-    res = subprocess.run([sys.executable, "-m", "embedpool", "doctor", "--precision", "bf16",
-                          "--engine", "auto"],
-                         capture_output=True, text=True, timeout=240, check=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "embedpool", "doctor", "--precision", "bf16", "--engine", "auto"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     if cpu_features().bf16 and openvino_installed():
         assert res.returncode == 0, res.stderr
         assert "openvino, bf16" in res.stdout
     else:
         assert res.returncode == 2
-        assert ("avx512_bf16 or amx_bf16" in res.stdout
-                or "openvino" in res.stdout), res.stdout
+        assert "avx512_bf16 or amx_bf16" in res.stdout or "openvino" in res.stdout, res.stdout
 
 
 def test_pool_estimate_is_per_engine_and_precision(real_model: ResolvedModel) -> None:
@@ -171,7 +214,9 @@ def test_pool_estimate_is_per_engine_and_precision(real_model: ResolvedModel) ->
         return memory.weights
 
     for precision in ("fp32", "int8"):
-        assert weights(precision, "openvino") - weights(precision, "onnxruntime") == (
-            OPENVINO_EXTRA_RSS[precision])
+        assert (
+            weights(precision, "openvino") - weights(precision, "onnxruntime")
+            == (OPENVINO_EXTRA_RSS[precision])
+        )
     assert weights("int8", "openvino") < weights("fp32", "openvino")
     assert weights("bf16", "openvino") == weights("fp32", "openvino")

@@ -71,7 +71,8 @@ def test_the_job_holds_a_bounded_number_of_texts_whatever_the_input_size() -> No
 
 
 def test_the_first_window_is_small_and_windows_double_up_to_the_cap(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The first window's vectors are out after FIRST_WINDOW_ITEMS items (a couple of batches),
     not after a whole window; the windows then double to WINDOW_ITEMS."""
     monkeypatch.setattr(job, "WINDOW_ITEMS", 4 * job.FIRST_WINDOW_ITEMS)
@@ -124,8 +125,10 @@ def test_stream_takes_texts_pairs_or_ids_and_texts() -> None:
 
 
 def test_a_text_that_is_not_a_str_is_named() -> None:
-    with Embedder(engine=FakeEngineSpec(dim=8)) as emb, pytest.raises(ValueError,
-                                                                      match="text 1 is int"):
+    with (
+        Embedder(engine=FakeEngineSpec(dim=8)) as emb,
+        pytest.raises(ValueError, match="text 1 is int"),
+    ):
         list(emb.stream(iter([("a", "ok"), ("b", 3)])))  # type: ignore[arg-type]
 
 
@@ -157,12 +160,13 @@ def test_pre_count_without_holding(tmp_path: Path) -> None:
 
 def test_jsonl_reader_keeps_json_semantics_for_what_orjson_refuses(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
-    src.write_bytes(b'{"id": 12345678901234567890123, "text": "big id"}\n'
-                    b'{"id": "nan", "text": "x", "score": NaN}\n'
-                    b'{"id": "s", "text": "\\ud800 lone surrogate"}\n')
+    src.write_bytes(
+        b'{"id": 12345678901234567890123, "text": "big id"}\n'
+        b'{"id": "nan", "text": "x", "score": NaN}\n'
+        b'{"id": "s", "text": "\\ud800 lone surrogate"}\n'
+    )
     got = [x for x in iter_inputs([src])]
-    assert [c.id for c in got if isinstance(c, Chunk)] == ["12345678901234567890123", "nan",
-                                                           "s"]
+    assert [c.id for c in got if isinstance(c, Chunk)] == ["12345678901234567890123", "nan", "s"]
 
 
 def test_strict_rejects_a_bad_file_before_any_work(tmp_path: Path) -> None:
@@ -171,10 +175,22 @@ def test_strict_rejects_a_bad_file_before_any_work(tmp_path: Path) -> None:
     model was even looked up); without --strict the same command fails on the model (2)."""
     src = _jsonl(tmp_path / "in.jsonl", 9000, bad_at=9000)
     out = tmp_path / "out.npy"
-    cmd = [sys.executable, "-m", "embedpool", "embed", str(src), "--out", str(out),
-           "--model", str(tmp_path / "no-such-model"), "--no-cache", "-q"]
-    strict = subprocess.run([*cmd, "--strict"], capture_output=True, text=True, timeout=120,
-                            check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "embedpool",
+        "embed",
+        str(src),
+        "--out",
+        str(out),
+        "--model",
+        str(tmp_path / "no-such-model"),
+        "--no-cache",
+        "-q",
+    ]
+    strict = subprocess.run(
+        [*cmd, "--strict"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert strict.returncode == 4, strict.stderr
     assert f"{src}:9001" in strict.stderr and "not valid JSON" in strict.stderr
     assert "nothing was embedded" in strict.stderr

@@ -42,9 +42,8 @@ def test_counts_are_what_the_model_is_fed(tokenizer: TextTokenizer) -> None:
         assert r["offsets"][0] is None and r["offsets"][-1] is None  # [CLS], [SEP]
         for token, span in zip(r["tokens"][1:-1], r["offsets"][1:-1], strict=True):
             # MiniLM lower-cases and strips accents: compare the normalised piece
-            piece = text[span[0]:span[1]].lower()
-            assert token.removeprefix("##") in (piece, piece.replace("é", "e")
-                                                .replace("ö", "o"))
+            piece = text[span[0] : span[1]].lower()
+            assert token.removeprefix("##") in (piece, piece.replace("é", "e").replace("ö", "o"))
 
 
 def test_prompt_is_counted_and_not_in_the_offsets(tokenizer: TextTokenizer) -> None:
@@ -52,14 +51,15 @@ def test_prompt_is_counted_and_not_in_the_offsets(tokenizer: TextTokenizer) -> N
     prompt_tokens = prompted["n_tokens"] - plain["n_tokens"]
     assert prompt_tokens == len(tokenizer.token_ids("query: ")) > 0
     assert prompted["n_tokens"] == tokenizer.count(["sort a list"], prompt="query: ")[0]
-    assert prompted["offsets"][1:1 + prompt_tokens] == [None] * prompt_tokens
-    assert prompted["offsets"][1 + prompt_tokens:] == plain["offsets"][1:]
+    assert prompted["offsets"][1 : 1 + prompt_tokens] == [None] * prompt_tokens
+    assert prompted["offsets"][1 + prompt_tokens :] == plain["offsets"][1:]
 
 
 def test_inputs_stdin_and_counts_only(tmp_path: Path, tokenizer: TextTokenizer) -> None:
     src = tmp_path / "chunks.jsonl"
-    src.write_text("".join(json.dumps({"id": f"c{i}", "text": t}) + "\n"
-                           for i, t in enumerate(TEXTS[:2])))
+    src.write_text(
+        "".join(json.dumps({"id": f"c{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS[:2]))
+    )
     records = run("--input", str(src), "--counts-only")
     assert [r["id"] for r in records] == ["c0", "c1"]
     assert set(records[0]) == {"index", "id", "n_tokens", "max_length", "fits"}
@@ -68,14 +68,23 @@ def test_inputs_stdin_and_counts_only(tmp_path: Path, tokenizer: TextTokenizer) 
     assert [r["n_tokens"] for r in piped] == tokenizer.count(["one line", "another line"])
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["x", "--prompt-name", "nope"], "nope"),
-    (["x", "--prompt", "a", "--prompt-name", "query"], "--prompt"),
-    (["x", "--model", "no-such-model-anywhere"], "no-such-model-anywhere"),
-], ids=["unknown-prompt", "both-prompts", "unknown-model"])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["x", "--prompt-name", "nope"], "nope"),
+        (["x", "--prompt", "a", "--prompt-name", "query"], "--prompt"),
+        (["x", "--model", "no-such-model-anywhere"], "no-such-model-anywhere"),
+    ],
+    ids=["unknown-prompt", "both-prompts", "unknown-model"],
+)
 def test_bad_options_exit_2(args: list[str], needle: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "embedpool", "tokenize", *args],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "embedpool", "tokenize", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert needle in lines[0] and "Traceback" not in done.stderr, done.stderr

@@ -48,7 +48,7 @@ def test_window_mode_covers_every_token(tok: TextTokenizer, n_words: int) -> Non
         assert len(seq) <= tok.max_length and seq[0] == 101 and seq[-1] == 102
         body = list(seq[1:-1])
         # every window is a contiguous slice of the content
-        starts = [i for i in range(len(content)) if content[i:i + len(body)] == body]
+        starts = [i for i in range(len(content)) if content[i : i + len(body)] == body]
         assert starts, "window is not a slice of the text"
         covered.update(range(starts[0], starts[0] + len(body)))
         assert len(body) <= width
@@ -72,38 +72,65 @@ def _tok(**text: Any) -> TextTokenizer:
 
 def test_do_lower_case_lower_cases_text_and_prompt() -> None:
     cased, lower = _tok(), _tok(do_lower_case=True)
-    assert cased.encode(["Hello World"]).sequences[0].tolist() != \
-        cased.encode(["hello world"]).sequences[0].tolist()
-    assert lower.encode(["Hello World"]).sequences[0].tolist() == \
-        cased.encode(["hello world"]).sequences[0].tolist()
-    assert lower.encode(["x"], prompt="QUERY: ").sequences[0].tolist() == \
-        cased.encode(["x"], prompt="query: ").sequences[0].tolist()
+    assert (
+        cased.encode(["Hello World"]).sequences[0].tolist()
+        != cased.encode(["hello world"]).sequences[0].tolist()
+    )
+    assert (
+        lower.encode(["Hello World"]).sequences[0].tolist()
+        == cased.encode(["hello world"]).sequences[0].tolist()
+    )
+    assert (
+        lower.encode(["x"], prompt="QUERY: ").sequences[0].tolist()
+        == cased.encode(["x"], prompt="query: ").sequences[0].tolist()
+    )
 
 
 def test_bert_normalizer_from_tokenizer_config_replaces_tokenizer_json() -> None:
     rebuilt = _tok(normalizer=BertNormalizerSpec(lowercase=True))
     cased = _tok()
-    assert rebuilt.encode(["Hello Wörld"]).sequences[0].tolist() == \
-        cased.encode(["hello world"]).sequences[0].tolist()  # lower-cased, accents stripped
+    assert (
+        rebuilt.encode(["Hello Wörld"]).sequences[0].tolist()
+        == cased.encode(["hello world"]).sequences[0].tolist()
+    )  # lower-cased, accents stripped
 
 
 @pytest.mark.parametrize(
     ("call", "expected"),
-    [({}, "query: "), ({"prompt": ""}, ""), ({"prompt": "Search: "}, "Search: "),
-     ({"prompt_name": "doc"}, "passage: "), ({"prompt_name": "document"}, ""),
-     ({"prompt": "x: ", "prompt_name": "doc"}, "x: ")],
-    ids=["default", "empty-overrides-default", "explicit", "named", "st-placeholder",
-         "explicit-wins"])
+    [
+        ({}, "query: "),
+        ({"prompt": ""}, ""),
+        ({"prompt": "Search: "}, "Search: "),
+        ({"prompt_name": "doc"}, "passage: "),
+        ({"prompt_name": "document"}, ""),
+        ({"prompt": "x: ", "prompt_name": "doc"}, "x: "),
+    ],
+    ids=[
+        "default",
+        "empty-overrides-default",
+        "explicit",
+        "named",
+        "st-placeholder",
+        "explicit-wins",
+    ],
+)
 def test_prompt_resolution_as_sentence_transformers(call: dict[str, str], expected: str) -> None:
     tok = _tok(prompts=(("query", "query: "), ("doc", "passage: ")), default_prompt_name="query")
-    enc = tok.encode(["hello world"], prompt=call.get("prompt"), prompt_name=call.get("prompt_name"))
+    enc = tok.encode(
+        ["hello world"], prompt=call.get("prompt"), prompt_name=call.get("prompt_name")
+    )
     assert enc.prompt == expected
-    assert enc.sequences[0].tolist() == _tok().encode([expected + "hello world"]).sequences[0].tolist()
+    assert (
+        enc.sequences[0].tolist() == _tok().encode([expected + "hello world"]).sequences[0].tolist()
+    )
 
 
 def test_unknown_prompt_name_names_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match=r"prompt name 'qury' is not one of the model's "
-                       r"prompts: \['doc', 'document', 'query'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"prompt name 'qury' is not one of the model's "
+        r"prompts: \['doc', 'document', 'query'\]",
+    ):
         _tok(prompts=(("doc", "d: "),)).encode(["x"], prompt_name="qury")
 
 
@@ -113,7 +140,7 @@ def test_prompt_counts_toward_max_length_and_its_length_is_st_s() -> None:
     enc = tok.encode(["hello world " * 20], prompt="Represent this query: ")
     seq = enc.sequences[0].tolist()
     assert len(seq) == 12 and enc.truncated == [True]
-    assert seq[1:1 + len(prompt_ids)] == prompt_ids  # the prompt is kept, the text cut
+    assert seq[1 : 1 + len(prompt_ids)] == prompt_ids  # the prompt is kept, the text cut
     assert enc.prompt_length == 1 + len(prompt_ids)  # [CLS] + prompt, no [SEP]
     assert enc.n_tokens == [tok.count(["hello world " * 20], prompt="Represent this query: ")[0]]
 
@@ -128,8 +155,8 @@ def test_window_mode_repeats_the_prompt_in_every_window() -> None:
     covered: list[int] = []
     for seq in enc.sequences:
         ids = seq.tolist()
-        assert len(ids) <= 12 and ids[1:1 + len(prompt_ids)] == prompt_ids
-        covered += ids[1 + len(prompt_ids):-1]
+        assert len(ids) <= 12 and ids[1 : 1 + len(prompt_ids)] == prompt_ids
+        covered += ids[1 + len(prompt_ids) : -1]
     assert set(covered) == set(content)
 
 

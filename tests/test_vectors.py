@@ -16,9 +16,11 @@ def test_l2_normalize_keeps_zero_rows_zero() -> None:
     np.testing.assert_allclose(l2_normalize(np.array([3.0, 4.0])), [0.6, 0.8])
 
 
-@pytest.mark.parametrize(("owner", "n_items"), [
-    ([0, 1, 2], 3), ([0, 0, 1], 2), ([0, 1, 1, 1, 2], 3)],
-    ids=["one-window-each", "first-has-two", "middle-has-three"])
+@pytest.mark.parametrize(
+    ("owner", "n_items"),
+    [([0, 1, 2], 3), ([0, 0, 1], 2), ([0, 1, 1, 1, 2], 3)],
+    ids=["one-window-each", "first-has-two", "middle-has-three"],
+)
 def test_combine_windows_is_the_normalised_mean(owner: list[int], n_items: int) -> None:
     rows = l2_normalize(np.random.default_rng(1).standard_normal((len(owner), 6)))
     out = combine_windows(rows, owner, n_items)

@@ -17,17 +17,21 @@ from embedpool.errors import ModelError
 from embedpool.graph.families.bert import BertConfig, check_weights, load_weights
 from embedpool.graph.weights import load_safetensors, tensor_infos
 
-LFS_POINTER = (b"version https://git-lfs.github.com/spec/v1\n"
-               b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
-               b"size 90868376\n")
+LFS_POINTER = (
+    b"version https://git-lfs.github.com/spec/v1\n"
+    b"oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+    b"size 90868376\n"
+)
 
 
 def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"bert.embeddings.word_embeddings.weight": rng.normal(size=(11, 4)).astype(np.float32),
-            "bert.encoder.layer.0.output.LayerNorm.gamma": rng.normal(size=4).astype(np.float32),
-            "bert.embeddings.position_ids": np.arange(7, dtype=np.int64)[None],
-            "cls.bias": rng.normal(size=3).astype(np.float32)}
+    return {
+        "bert.embeddings.word_embeddings.weight": rng.normal(size=(11, 4)).astype(np.float32),
+        "bert.encoder.layer.0.output.LayerNorm.gamma": rng.normal(size=4).astype(np.float32),
+        "bert.embeddings.position_ids": np.arange(7, dtype=np.int64)[None],
+        "cls.bias": rng.normal(size=3).astype(np.float32),
+    }
 
 
 def _write_raw(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]]) -> None:
@@ -35,8 +39,11 @@ def _write_raw(path: Path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]
     header: dict[str, Any] = {}
     data = b""
     for name, (dtype, shape, raw) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(shape),
-                        "data_offsets": [len(data), len(data) + len(raw)]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
         data += raw
     blob = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
@@ -47,10 +54,14 @@ def test_fp32_keys_and_values_match_the_reference_reader(tmp_path: Path) -> None
     save_file(_tensors(), str(path))
     got = load_safetensors(path)
     ref = load_file(str(path))
-    assert set(got) == {"embeddings.word_embeddings.weight", "encoder.layer.0.output.LayerNorm.weight",
-                        "cls.bias"}  # prefix gone, TF name fixed, int buffer dropped
-    assert np.array_equal(got["embeddings.word_embeddings.weight"],
-                          ref["bert.embeddings.word_embeddings.weight"])
+    assert set(got) == {
+        "embeddings.word_embeddings.weight",
+        "encoder.layer.0.output.LayerNorm.weight",
+        "cls.bias",
+    }  # prefix gone, TF name fixed, int buffer dropped
+    assert np.array_equal(
+        got["embeddings.word_embeddings.weight"], ref["bert.embeddings.word_embeddings.weight"]
+    )
     assert all(v.dtype == np.float32 for v in got.values())
 
 
@@ -77,20 +88,28 @@ def test_bf16_is_widened_exactly(tmp_path: Path) -> None:
 def test_sharded_checkpoint_loads_like_one_file(tmp_path: Path) -> None:
     whole = _tensors()
     names = sorted(whole)
-    shards = {"model-00001-of-00002.safetensors": names[:2],
-              "model-00002-of-00002.safetensors": names[2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:2],
+        "model-00002-of-00002.safetensors": names[2:],
+    }
     for file, keys in shards.items():
         save_file({k: whole[k] for k in keys}, str(tmp_path / file))
     index = tmp_path / "model.safetensors.index.json"
-    index.write_text(json.dumps({"metadata": {}, "weight_map": {
-        k: file for file, keys in shards.items() for k in keys}}))
+    index.write_text(
+        json.dumps(
+            {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}
+        )
+    )
     save_file(whole, str(tmp_path / "one.safetensors"))
     got, want = load_safetensors(index), load_safetensors(tmp_path / "one.safetensors")
     assert set(got) == set(want)
     assert all(np.array_equal(got[k], want[k]) for k in want)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ModelError, match=r"lists the shard model-00002-of-00002\.safetensors, "
-                       r"which is missing: the download is incomplete"):
+    with pytest.raises(
+        ModelError,
+        match=r"lists the shard model-00002-of-00002\.safetensors, "
+        r"which is missing: the download is incomplete",
+    ):
         load_safetensors(index)
 
 
@@ -117,14 +136,17 @@ def _broken(tmp_path: Path, kind: str) -> Path:
 
 @pytest.mark.parametrize(
     ("kind", "match"),
-    [("lfs-pointer", r"is a git-lfs pointer file \(\d+ bytes\), not the weights.*git lfs pull"),
-     ("truncated-data", r"is truncated .*the download is incomplete; download the file again"),
-     ("truncated-header", r"is truncated .*header.*the download is incomplete"),
-     ("tiny", r"is truncated \(3 bytes"),
-     ("garbage", r"is not a safetensors file"),
-     ("f8", r"dtype F8_E4M3, which embedpool does not read"),
-     ("bad-size", r"spans 8 bytes, expected 12: the file is corrupt")],
-    ids=lambda v: v if "\\" not in v and "(" not in v else None)
+    [
+        ("lfs-pointer", r"is a git-lfs pointer file \(\d+ bytes\), not the weights.*git lfs pull"),
+        ("truncated-data", r"is truncated .*the download is incomplete; download the file again"),
+        ("truncated-header", r"is truncated .*header.*the download is incomplete"),
+        ("tiny", r"is truncated \(3 bytes"),
+        ("garbage", r"is not a safetensors file"),
+        ("f8", r"dtype F8_E4M3, which embedpool does not read"),
+        ("bad-size", r"spans 8 bytes, expected 12: the file is corrupt"),
+    ],
+    ids=lambda v: v if "\\" not in v and "(" not in v else None,
+)
 def test_broken_files_name_the_cause_and_the_fix(tmp_path: Path, kind: str, match: str) -> None:
     path = _broken(tmp_path, kind)
     for read in (tensor_infos, load_safetensors):
@@ -133,22 +155,36 @@ def test_broken_files_name_the_cause_and_the_fix(tmp_path: Path, kind: str, matc
         assert str(path) in str(info.value)
 
 
-TINY = {"model_type": "bert", "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1,
-        "intermediate_size": 16, "max_position_embeddings": 12}
+TINY = {
+    "model_type": "bert",
+    "hidden_size": 8,
+    "num_attention_heads": 2,
+    "num_hidden_layers": 1,
+    "intermediate_size": 16,
+    "max_position_embeddings": 12,
+}
 
 
 def _bert(cfg: dict[str, Any], layers: int) -> dict[str, np.ndarray]:
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    w = {"embeddings.word_embeddings.weight": np.zeros((20, h)),
-         "embeddings.position_embeddings.weight": np.zeros((cfg["max_position_embeddings"], h)),
-         "embeddings.LayerNorm.weight": np.zeros(h), "embeddings.LayerNorm.bias": np.zeros(h)}
+    w = {
+        "embeddings.word_embeddings.weight": np.zeros((20, h)),
+        "embeddings.position_embeddings.weight": np.zeros((cfg["max_position_embeddings"], h)),
+        "embeddings.LayerNorm.weight": np.zeros(h),
+        "embeddings.LayerNorm.bias": np.zeros(h),
+    }
     for i in range(layers):
         p = f"encoder.layer.{i}."
-        for name, (o, n) in {"attention.self.query": (h, h), "attention.self.key": (h, h),
-                             "attention.self.value": (h, h), "attention.output.dense": (h, h),
-                             "intermediate.dense": (inter, h), "output.dense": (h, inter),
-                             "attention.output.LayerNorm": (h, 0), "output.LayerNorm": (h, 0)
-                             }.items():
+        for name, (o, n) in {
+            "attention.self.query": (h, h),
+            "attention.self.key": (h, h),
+            "attention.self.value": (h, h),
+            "attention.output.dense": (h, h),
+            "intermediate.dense": (inter, h),
+            "output.dense": (h, inter),
+            "attention.output.LayerNorm": (h, 0),
+            "output.LayerNorm": (h, 0),
+        }.items():
             w[p + name + ".weight"] = np.zeros((o, n) if n else (o,))
             w[p + name + ".bias"] = np.zeros(o)
     return {k: v.astype(np.float32) for k, v in w.items()}
@@ -156,16 +192,27 @@ def _bert(cfg: dict[str, Any], layers: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize(
     ("config", "layers", "match"),
-    [({"hidden_size": 16, "num_attention_heads": 2}, 1,
-      r"do not match config\.json: embeddings\.word_embeddings\.weight is \[20, 8\], "
-      r"config\.json implies \[20, 16\]"),
-     ({"intermediate_size": 32}, 1, r"intermediate\.dense\.weight is \[16, 8\], config\.json "
-                                    r"implies \[32, 8\]"),
-     ({"max_position_embeddings": 64}, 1, r"position_embeddings\.weight is \[12, 8\]"),
-     ({}, 2, r"the weights have 2 layers, config\.json says num_hidden_layers=1")],
-    ids=["hidden", "intermediate", "positions", "extra-layer"])
+    [
+        (
+            {"hidden_size": 16, "num_attention_heads": 2},
+            1,
+            r"do not match config\.json: embeddings\.word_embeddings\.weight is \[20, 8\], "
+            r"config\.json implies \[20, 16\]",
+        ),
+        (
+            {"intermediate_size": 32},
+            1,
+            r"intermediate\.dense\.weight is \[16, 8\], config\.json "
+            r"implies \[32, 8\]",
+        ),
+        ({"max_position_embeddings": 64}, 1, r"position_embeddings\.weight is \[12, 8\]"),
+        ({}, 2, r"the weights have 2 layers, config\.json says num_hidden_layers=1"),
+    ],
+    ids=["hidden", "intermediate", "positions", "extra-layer"],
+)
 def test_config_that_does_not_fit_the_weights_names_the_mismatch(
-        tmp_path: Path, config: dict[str, Any], layers: int, match: str) -> None:
+    tmp_path: Path, config: dict[str, Any], layers: int, match: str
+) -> None:
     path = tmp_path / "model.safetensors"
     save_file(_bert(TINY, layers), str(path))
     cfg = BertConfig.from_dict({**TINY, **config})

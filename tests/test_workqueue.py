@@ -22,8 +22,11 @@ DIM = 4
 def queue(max_retries: int = 2) -> tuple[WorkQueue, list[Event], list[int]]:
     seen: list[Event] = []
     wakes: list[int] = []
-    work = WorkQueue(lambda: wakes.append(1), events.Emitter(seen.append, logging.getLogger("t")),
-                     FaultPolicy(max_retries=max_retries))
+    work = WorkQueue(
+        lambda: wakes.append(1),
+        events.Emitter(seen.append, logging.getLogger("t")),
+        FaultPolicy(max_retries=max_retries),
+    )
     work.dim = DIM
     return work, seen, wakes
 
@@ -181,8 +184,9 @@ def test_a_lost_device_puts_the_task_back_whole_once_then_it_is_an_engine_error(
     assert work.fail(again, FailureKind.DEVICE_LOST, "CUDA failure 719").action == "split"
     assert work.counters.splits == 1
     assert finish_all(work) == 2
-    np.testing.assert_allclose(fut.result(timeout=0).vectors,
-                               fake_vectors(batch.sequences, DIM), atol=1e-6)
+    np.testing.assert_allclose(
+        fut.result(timeout=0).vectors, fake_vectors(batch.sequences, DIM), atol=1e-6
+    )
 
 
 def test_an_inner_executors_result_is_delivered_with_its_given_up_items_and_precision() -> None:
@@ -194,8 +198,9 @@ def test_an_inner_executors_result_is_delivered_with_its_given_up_items_and_prec
     assert task is not None and len(task.positions) == 5
     rows = fake_vectors(batch.sequences, DIM)
     rows[3] = 0.0
-    inner = BatchResult(batch.batch_id, rows, {3: "input 'item-3' could not be embedded"},
-                        precision="fp32")
+    inner = BatchResult(
+        batch.batch_id, rows, {3: "input 'item-3' could not be embedded"}, precision="fp32"
+    )
     assert work.deliver(task, inner)
     result = fut.result(timeout=0)
     assert result.failed == {3: "input 'item-3' could not be embedded"}

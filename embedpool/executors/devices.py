@@ -96,8 +96,7 @@ class PoolRecipe:
 
         pool = Pool(self.spec, self.config, on_event=on_event)
         capacity = BATCHES_PER_WORKER * max(1, pool.stats().max_workers)
-        return Member(self.name, pool, capacity, self.precision,
-                      on_gpu=self.config.device != "cpu")
+        return Member(self.name, pool, capacity, self.precision, on_gpu=self.config.device != "cpu")
 
 
 @dataclass(eq=False)
@@ -121,9 +120,14 @@ Outcome = tuple[Member, Task, "Future[BatchResult] | None", "BaseException | Non
 class DeviceExecutor:
     """Members behind one executor, with the CPU fallback (see the module docstring)."""
 
-    def __init__(self, members: Sequence[Member], *,
-                 fallback: Callable[[], Member] | None = None,
-                 on_event: EventCallback | None = None, notes: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        members: Sequence[Member],
+        *,
+        fallback: Callable[[], Member] | None = None,
+        on_event: EventCallback | None = None,
+        notes: Sequence[str] = (),
+    ) -> None:
         if not members:
             raise ValueError("a device executor needs at least one member")
         self._members = list(members)
@@ -145,8 +149,9 @@ class DeviceExecutor:
     def submit(self, batch: WorkBatch) -> Future[BatchResult]:
         return self._work.submit(batch)
 
-    def run(self, batches: Iterable[WorkBatch], max_pending: int | None = None
-            ) -> Generator[BatchResult, None, None]:
+    def run(
+        self, batches: Iterable[WorkBatch], max_pending: int | None = None
+    ) -> Generator[BatchResult, None, None]:
         return executor.run(self, batches, max_pending)
 
     def stats(self) -> ExecutorStats:
@@ -159,11 +164,16 @@ class DeviceExecutor:
                 setattr(total, f.name, getattr(total, f.name) + getattr(s, f.name))
         total.retries += self._work.counters.retries  # batches moved off a lost device
         return ExecutorStats.of(
-            total, backend="pool", workers=tuple(w for s in live for w in s.workers),
+            total,
+            backend="pool",
+            workers=tuple(w for s in live for w in s.workers),
             target_workers=sum(s.target_workers for s in live),
-            max_workers=sum(s.max_workers for s in live), threads=live[0].threads,
-            batch_tokens=live[0].batch_tokens, emergency=any(s.emergency for s in live),
-            queued=self._work.queued_batches + sum(s.queued for s in live))
+            max_workers=sum(s.max_workers for s in live),
+            threads=live[0].threads,
+            batch_tokens=live[0].batch_tokens,
+            emergency=any(s.emergency for s in live),
+            queued=self._work.queued_batches + sum(s.queued for s in live),
+        )
 
     @property
     def broken(self) -> str | None:
@@ -227,8 +237,9 @@ class DeviceExecutor:
             return True
         if not self._closing:
             return False
-        return ((self._work.idle and not any(m.inflight for m in self._members))
-                or time.monotonic() >= self._grace_deadline)
+        return (
+            self._work.idle and not any(m.inflight for m in self._members)
+        ) or time.monotonic() >= self._grace_deadline
 
     def _run(self) -> None:
         try:
@@ -244,8 +255,11 @@ class DeviceExecutor:
     def _step(self) -> bool:
         with self._cond:
             while not self._due():
-                timeout = (self._grace_deadline - time.monotonic()
-                           if self._grace_deadline < float("inf") else None)
+                timeout = (
+                    self._grace_deadline - time.monotonic()
+                    if self._grace_deadline < float("inf")
+                    else None
+                )
                 self._cond.wait(timeout)
             outcomes, self._outcomes = list(self._outcomes), deque()
         for outcome in outcomes:
@@ -276,25 +290,32 @@ class DeviceExecutor:
             return
         inner.add_done_callback(lambda f: self._outcome(m, task, f, None))
 
-    def _outcome(self, m: Member, task: Task, inner: Future[BatchResult] | None,
-                 error: BaseException | None) -> None:
+    def _outcome(
+        self, m: Member, task: Task, inner: Future[BatchResult] | None, error: BaseException | None
+    ) -> None:
         """A member is done with a task (on that member's manager thread): to the dispatcher."""
         with self._cond:
             self._outcomes.append((m, task, inner, error))
             self._cond.notify_all()
 
-    def _settle(self, m: Member, task: Task, inner: Future[BatchResult] | None,
-                error: BaseException | None) -> None:
+    def _settle(
+        self, m: Member, task: Task, inner: Future[BatchResult] | None, error: BaseException | None
+    ) -> None:
         m.inflight -= 1
         if inner is not None:
-            error = (PoolUnavailable("the batch was cancelled") if inner.cancelled()
-                     else inner.exception())
+            error = (
+                PoolUnavailable("the batch was cancelled")
+                if inner.cancelled()
+                else inner.exception()
+            )
         if error is None and inner is not None:
             result = inner.result()
-            self._work.deliver(task, dataclasses.replace(result, precision=m.precision)
-                               if m.precision else result)
-        elif faults.falls_back(break_cause(error), on_gpu=m.on_gpu, lost=m.lost is not None,
-                               closing=self._closing):
+            self._work.deliver(
+                task, dataclasses.replace(result, precision=m.precision) if m.precision else result
+            )
+        elif faults.falls_back(
+            break_cause(error), on_gpu=m.on_gpu, lost=m.lost is not None, closing=self._closing
+        ):
             # DeviceLost (its GPU is gone), or a GPU member that can no longer start
             # workers (one that fell off the bus fails every CUDA init): the others run it
             self._lose(m, str(error))
@@ -321,14 +342,16 @@ class DeviceExecutor:
         fallback, self._fallback = self._fallback, None
         lost = "; ".join(f"{m.name}: {m.lost}" for m in self._members if m.lost)
         if fallback is None:
-            self._work.break_(PoolBroken(
-                f"every device was lost and there is no CPU fallback: {lost}"))
+            self._work.break_(
+                PoolBroken(f"every device was lost and there is no CPU fallback: {lost}")
+            )
             return
         try:
             member = fallback()
         except Exception as exc:
-            self._work.break_(PoolBroken(
-                f"every GPU was lost ({lost}) and the CPU pool did not start: {exc}"))
+            self._work.break_(
+                PoolBroken(f"every GPU was lost ({lost}) and the CPU pool did not start: {exc}")
+            )
             return
         self._members.append(member)
 
@@ -339,9 +362,12 @@ def _batch_of(task: Task) -> WorkBatch:
     if len(task.positions) == len(batch.sequences):
         return batch
     pos = task.positions
-    return WorkBatch(batch.batch_id, tuple(batch.sequences[p] for p in pos),
-                     tuple(batch.item_ids[p] for p in pos) if batch.item_ids else (),
-                     tuple(batch.prompt_lengths[p] for p in pos) if batch.prompt_lengths else ())
+    return WorkBatch(
+        batch.batch_id,
+        tuple(batch.sequences[p] for p in pos),
+        tuple(batch.item_ids[p] for p in pos) if batch.item_ids else (),
+        tuple(batch.prompt_lengths[p] for p in pos) if batch.prompt_lengths else (),
+    )
 
 
 def _first_line(text: str) -> str:
@@ -357,9 +383,15 @@ def break_cause(error: BaseException | None) -> faults.BreakCause:
     return "other"
 
 
-def start(gpus: Sequence[PoolRecipe], *, cpu: PoolRecipe | None = None,
-          fallback: PoolRecipe | None = None, start_fallback: PoolRecipe | None = None,
-          strict: bool = False, on_event: EventCallback | None = None) -> DeviceExecutor:
+def start(
+    gpus: Sequence[PoolRecipe],
+    *,
+    cpu: PoolRecipe | None = None,
+    fallback: PoolRecipe | None = None,
+    start_fallback: PoolRecipe | None = None,
+    strict: bool = False,
+    on_event: EventCallback | None = None,
+) -> DeviceExecutor:
     """Start the GPU pools side by side (and ``cpu`` alongside), then the device executor.
 
     A GPU whose CUDA provider does not load is dropped with a note, or, when ``strict``
@@ -381,9 +413,11 @@ def start(gpus: Sequence[PoolRecipe], *, cpu: PoolRecipe | None = None,
     try:
         for r, err in errors:
             unavailable = isinstance(err, WorkerStartError) and "DeviceUnavailable" in str(err)
-            action = faults.device_start(unavailable=unavailable,
-                                         on_gpu=r is not cpu and r.config.device != "cpu",
-                                         strict=strict)
+            action = faults.device_start(
+                unavailable=unavailable,
+                on_gpu=r is not cpu and r.config.device != "cpu",
+                strict=strict,
+            )
             if action == "fail":
                 raise err
             why = _device_unavailable_line(str(err))
@@ -405,8 +439,12 @@ def start(gpus: Sequence[PoolRecipe], *, cpu: PoolRecipe | None = None,
     for n in notes:
         log.warning("embedpool: %s", n)
     recipe = fallback
-    return DeviceExecutor(started, fallback=(lambda: recipe.start(on_event)) if recipe else None,
-                          on_event=on_event, notes=notes)
+    return DeviceExecutor(
+        started,
+        fallback=(lambda: recipe.start(on_event)) if recipe else None,
+        on_event=on_event,
+        notes=notes,
+    )
 
 
 def _device_unavailable_line(message: str) -> str:

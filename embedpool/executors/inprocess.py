@@ -44,8 +44,11 @@ class InProcessExecutor:
     ``BatchResult.failed`` and the others are embedded.
     """
 
-    def __init__(self, engine: EngineRecipe | Callable[[], EmbeddingEngine],
-                 on_event: EventCallback | None = None) -> None:
+    def __init__(
+        self,
+        engine: EngineRecipe | Callable[[], EmbeddingEngine],
+        on_event: EventCallback | None = None,
+    ) -> None:
         build = engine.build if hasattr(engine, "build") else engine
         self.engine: EmbeddingEngine = build()
         self.dim = int(self.engine.dim)
@@ -70,13 +73,24 @@ class InProcessExecutor:
         from embedpool.proc import rss_bytes
 
         budget = self._oom_budget
-        worker = WorkerInfo(0, _own_pid(), "busy" if self._busy else "idle", rss_bytes() or 0,
-                            self._work.counters.batches_done)
-        return ExecutorStats.of(self._work.counters, backend="in-process", workers=(worker,),
-                                target_workers=1, max_workers=1, threads=self._threads,
-                                batch_tokens=budget.tokens if budget else 0,
-                                queued=self._work.queued_batches,
-                                emergency=budget.state.emergency if budget else False)
+        worker = WorkerInfo(
+            0,
+            _own_pid(),
+            "busy" if self._busy else "idle",
+            rss_bytes() or 0,
+            self._work.counters.batches_done,
+        )
+        return ExecutorStats.of(
+            self._work.counters,
+            backend="in-process",
+            workers=(worker,),
+            target_workers=1,
+            max_workers=1,
+            threads=self._threads,
+            batch_tokens=budget.tokens if budget else 0,
+            queued=self._work.queued_batches,
+            emergency=budget.state.emergency if budget else False,
+        )
 
     @property
     def broken(self) -> str | None:
@@ -86,8 +100,9 @@ class InProcessExecutor:
             return "the in-process engine's thread is gone"
         return None
 
-    def run(self, batches: Iterable[WorkBatch], max_pending: int | None = None
-            ) -> Generator[BatchResult, None, None]:
+    def run(
+        self, batches: Iterable[WorkBatch], max_pending: int | None = None
+    ) -> Generator[BatchResult, None, None]:
         return executor.run(self, batches, max_pending)
 
     def close(self) -> None:
@@ -139,13 +154,17 @@ class InProcessExecutor:
                     if self._oom_budget is None:  # from the size that ran out of memory
                         self._oom_budget = faults.TimedBudget.of(padded, MIN_BATCH_TOKENS)
                     for name, fields in self._oom_budget.after_oom(
-                            kind, decision.forbid_tokens, time.monotonic(), 1):
+                        kind, decision.forbid_tokens, time.monotonic(), 1
+                    ):
                         self._emit(name, **fields)
                 if decision.action == "fall_back":  # the GPU is gone: no engine left here
-                    self._work.break_(DeviceLost(
-                        f"{getattr(self.engine, 'device', 'the device')} was lost ({exc}); run "
-                        "with device='cpu', or with workers='auto', whose pool falls back to "
-                        "the CPU by itself"))
+                    self._work.break_(
+                        DeviceLost(
+                            f"{getattr(self.engine, 'device', 'the device')} was lost ({exc}); run "
+                            "with device='cpu', or with workers='auto', whose pool falls back to "
+                            "the CPU by itself"
+                        )
+                    )
                     return
             else:
                 if self._work.complete(task, rows) and self._oom_budget is not None:

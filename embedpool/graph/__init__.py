@@ -79,9 +79,18 @@ from embedpool.models import ResolvedModel
 #: .json: prompts); every other file the vectors are computed from is part of the key.
 GRAPH_FREE_ROLES = ("st:prompts",)
 
-__all__ = ["BUILD_STAGES", "FP16_RECIPE_VERSION", "GRAPH_PRECISIONS", "INT8_RECIPE_VERSION",
-           "GraphPrecision", "built_path", "cache_path", "graph_id", "model_precisions",
-           "prepare_onnx"]
+__all__ = [
+    "BUILD_STAGES",
+    "FP16_RECIPE_VERSION",
+    "GRAPH_PRECISIONS",
+    "INT8_RECIPE_VERSION",
+    "GraphPrecision",
+    "built_path",
+    "cache_path",
+    "graph_id",
+    "model_precisions",
+    "prepare_onnx",
+]
 
 #: What prepare_onnx builds: embedpool's precisions (types.Precision); fp16 is the graph for
 #: GPU execution providers (graph/fp16.py, ``placement``).
@@ -105,9 +114,14 @@ FP16_RECIPE_VERSION = 1
 BUILD_STAGES = ("loading weights", "composing the graph", "quantising", "writing")
 
 
-def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
-                 cache_dir: Path | None = None, *,
-                 on_stage: Callable[[str], None] | None = None, fused: bool = True) -> Path:
+def prepare_onnx(
+    model: ResolvedModel,
+    precision: GraphPrecision,
+    cache_dir: Path | None = None,
+    *,
+    on_stage: Callable[[str], None] | None = None,
+    fused: bool = True,
+) -> Path:
     """Path to a cached ONNX file for this model and precision, building it if needed.
     ``fused=False`` (fp32 only): the family's standard-op graph, for runtimes that do not
     convert ONNX Runtime's contrib ops (``engine_openvino``); cached under its own name.
@@ -115,8 +129,9 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
     "converting to fp16" for fp16, skipped for fp32) and with "waiting" when another
     process is building the same file; never when the file is already there."""
     if precision not in GRAPH_PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(GRAPH_PRECISIONS)}, "
-                          f"got {precision!r}")
+        raise ConfigError(
+            f"precision must be one of {', '.join(GRAPH_PRECISIONS)}, got {precision!r}"
+        )
     stage = on_stage or (lambda name: None)
     if not fused and (precision != "fp32" or model.onnx_path is not None):
         raise ConfigError("only embedpool's own fp32 graphs come unfused")
@@ -124,22 +139,27 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
         if precision == "fp32":
             return model.onnx_path
         if precision == "fp16":
-            raise ConfigError(f"{model.name} ships its own ONNX file; embedpool builds fp16 "
-                              "graphs from safetensors only (use fp32 or int8)")
+            raise ConfigError(
+                f"{model.name} ships its own ONNX file; embedpool builds fp16 "
+                "graphs from safetensors only (use fp32 or int8)"
+            )
         shipped = model.onnx_path
 
         def quantize_shipped(tmp: Path) -> None:
             stage("quantising")
             quantize.quantize_shipped(shipped, tmp)
 
-        return get_or_build(cache_path(model, "int8", cache_dir), quantize_shipped,
-                            on_wait=lambda: stage("waiting"))
+        return get_or_build(
+            cache_path(model, "int8", cache_dir), quantize_shipped, on_wait=lambda: stage("waiting")
+        )
 
     fam, cfg = _family(model)
     unsafe: str = getattr(fam, "FP16_UNSAFE", "")
     if precision == "fp16" and unsafe:
-        raise ConfigError(f"{model.name}: embedpool builds no fp16 graph of a {fam.NAME} model: "
-                          f"{unsafe}; use fp32 (or int8 on the CPU)")
+        raise ConfigError(
+            f"{model.name}: embedpool builds no fp16 graph of a {fam.NAME} model: "
+            f"{unsafe}; use fp32 (or int8 on the CPU)"
+        )
 
     final = cache_path(model, precision, cache_dir, fused=fused)
 
@@ -151,13 +171,22 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
 
             weights.update(lm_rows(model.classifier, model.weights_path, weights))
         stage("composing the graph")
-        parts = compose_parts(fam, weights, cfg, model.classifier or model.head, fused=fused,
-                              int8_ready=precision == "int8", name=model.name)
+        parts = compose_parts(
+            fam,
+            weights,
+            cfg,
+            model.classifier or model.head,
+            fused=fused,
+            int8_ready=precision == "int8",
+            name=model.name,
+        )
         del weights  # the graph holds its own copy; the build's peak is the graph, once
         if precision == "int8":
             stage("quantising")
-            quantize.quantize_linears(parts.model, quantize.zero_points(
-                parts.linears, classifier=model.classifier is not None))
+            quantize.quantize_linears(
+                parts.model,
+                quantize.zero_points(parts.linears, classifier=model.classifier is not None),
+            )
         elif precision == "fp16":
             from embedpool.graph.fp16 import to_fp16
 
@@ -169,8 +198,9 @@ def prepare_onnx(model: ResolvedModel, precision: GraphPrecision,
     return get_or_build(final, build, on_wait=lambda: stage("waiting"))
 
 
-def built_path(model: ResolvedModel, precision: GraphPrecision,
-               cache_dir: Path | None = None) -> Path | None:
+def built_path(
+    model: ResolvedModel, precision: GraphPrecision, cache_dir: Path | None = None
+) -> Path | None:
     """The graph ``prepare_onnx`` would return if it needs no build now (a shipped fp32
     file, or a cached one), else None. Reads no weights."""
     if model.onnx_path is not None and precision == "fp32":
@@ -181,18 +211,27 @@ def built_path(model: ResolvedModel, precision: GraphPrecision,
     return path if path.is_file() else None
 
 
-def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path | None = None,
-               *, fused: bool = True) -> Path:
+def cache_path(
+    model: ResolvedModel,
+    precision: GraphPrecision,
+    cache_dir: Path | None = None,
+    *,
+    fused: bool = True,
+) -> Path:
     """Where ``prepare_onnx`` keeps (or would keep) this model's graph; builds nothing.
     For a shipped fp32 ONNX file this is unused: the shipped file is returned as is."""
     root = cache_dir if cache_dir is not None else cache_root() / "onnx"
     text = model.text.key()
     text.pop("prompts", None)  # prompts change the texts, not the graph
     text.pop("default_prompt_name", None)
-    parts: dict[str, object] = {"weights": model.weights_sha256, "config": model.config,
-                                "files": model.files.digest(exclude_roles=GRAPH_FREE_ROLES),
-                                "head": model.head.key(), "text": text,
-                                "precision": precision}
+    parts: dict[str, object] = {
+        "weights": model.weights_sha256,
+        "config": model.config,
+        "files": model.files.digest(exclude_roles=GRAPH_FREE_ROLES),
+        "head": model.head.key(),
+        "text": text,
+        "precision": precision,
+    }
     if model.classifier is not None:  # a cross-encoder's graph: logits, maybe token types
         parts["classifier"] = model.classifier.key()
     if model.onnx_path is not None:
@@ -201,8 +240,10 @@ def cache_path(model: ResolvedModel, precision: GraphPrecision, cache_dir: Path 
         fam, _ = _family(model)
         parts["builder"] = f"{fam.NAME}:{fam.BUILDER_VERSION}"
     if precision == "int8":
-        parts["int8"] = {"recipe": INT8_RECIPE_VERSION,
-                         **quantize.recipe_key(classifier=model.classifier is not None)}
+        parts["int8"] = {
+            "recipe": INT8_RECIPE_VERSION,
+            **quantize.recipe_key(classifier=model.classifier is not None),
+        }
     elif precision == "fp16":
         parts["fp16"] = FP16_RECIPE_VERSION
     variant: str = precision

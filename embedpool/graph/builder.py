@@ -42,8 +42,9 @@ Array = npt.NDArray[np.float32]
 GELU_FLOOR = -0.17
 
 #: What a linear layer does in its block; recipes key their choices on it.
-LinearRole = Literal["q", "k", "v", "qkv", "attn_out", "ffn_up", "ffn_gate", "ffn_down",
-                     "head_dense"]
+LinearRole = Literal[
+    "q", "k", "v", "qkv", "attn_out", "ffn_up", "ffn_gate", "ffn_down", "head_dense"
+]
 
 
 @dataclass(frozen=True)
@@ -88,20 +89,39 @@ class GraphBuilder:
             self.const(name, value, dtype)
         return name
 
-    def op(self, op_type: str, inputs: list[str], name: str, *, outputs: int = 1,
-           domain: str = "", **attrs: Any) -> list[str]:
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        name: str,
+        *,
+        outputs: int = 1,
+        domain: str = "",
+        **attrs: Any,
+    ) -> list[str]:
         from onnx import helper
 
         outs = [f"{name}_out{i}" if outputs > 1 else name for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{name}_{op_type}",
-                                           domain=domain or None, **attrs))
+        self.nodes.append(
+            helper.make_node(
+                op_type, inputs, outs, name=f"{name}_{op_type}", domain=domain or None, **attrs
+            )
+        )
         return outs
 
     def op1(self, op_type: str, inputs: list[str], name: str, **attrs: Any) -> str:
         return self.op(op_type, inputs, name, **attrs)[0]
 
-    def linear(self, x: str, weight: Array, name: str, *, role: LinearRole, layer: int = -1,
-               floor: float | None = None) -> str:
+    def linear(
+        self,
+        x: str,
+        weight: Array,
+        name: str,
+        *,
+        role: LinearRole,
+        layer: int = -1,
+        floor: float | None = None,
+    ) -> str:
         """``x @ weight`` (``weight`` is ``[in, out]``); the node is named ``<name>_MatMul``.
         ``floor``: no value of ``x`` is below it (e.g. ``GELU_FLOOR``); leave None if unsure
         (a wrong floor costs int8 precision, never correctness)."""
@@ -112,9 +132,15 @@ class GraphBuilder:
     def nodes_with_role(self, *roles: LinearRole) -> list[str]:
         return [lin.node for lin in self.linears if lin.role in roles]
 
-    def finish(self, name: str, inputs: list[onnx.ValueInfoProto],
-               outputs: list[onnx.ValueInfoProto], *, producer_version: str,
-               declare_float_outputs: bool = False) -> onnx.ModelProto:
+    def finish(
+        self,
+        name: str,
+        inputs: list[onnx.ValueInfoProto],
+        outputs: list[onnx.ValueInfoProto],
+        *,
+        producer_version: str,
+        declare_float_outputs: bool = False,
+    ) -> onnx.ModelProto:
         """The model. ``declare_float_outputs``: declare every com.microsoft node's outputs
         as float, for graphs the quantiser will calibrate (ONNX shape inference knows no
         com.microsoft op, and the calibrator only records tensors whose type it knows).
@@ -128,12 +154,19 @@ class GraphBuilder:
         if declare_float_outputs:
             graph.value_info.extend(
                 helper.make_tensor_value_info(out, TensorProto.FLOAT, None)
-                for node in self.nodes if node.domain == MS_DOMAIN for out in node.output)
+                for node in self.nodes
+                if node.domain == MS_DOMAIN
+                for out in node.output
+            )
         opsets = [helper.make_opsetid("", OPSET)]
         if any(n.domain == MS_DOMAIN for n in self.nodes):
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
-        model = helper.make_model(graph, opset_imports=opsets, producer_name="embedpool",
-                                  producer_version=producer_version)
+        model = helper.make_model(
+            graph,
+            opset_imports=opsets,
+            producer_name="embedpool",
+            producer_version=producer_version,
+        )
         # IR 8 keeps the file loadable by every ORT embedpool supports (>= 1.20).
         model.ir_version = 8
         self.inits.reverse()

@@ -55,8 +55,9 @@ def score_tokens(spec: ClassifierSpec) -> list[int]:
     return [spec.true_token] + ([spec.false_token] if spec.false_token >= 0 else [])
 
 
-def lm_rows(spec: ClassifierSpec, weights_path: Path, weights: Mapping[str, Array]
-            ) -> dict[str, Array]:
+def lm_rows(
+    spec: ClassifierSpec, weights_path: Path, weights: Mapping[str, Array]
+) -> dict[str, Array]:
     """What a head needs beyond the family's weights: a causal_lm head's lm_head rows
     (``LM_ROWS``), read alone from the checkpoint (an untied lm_head of 150k rows is not
     loaded for two), or the token table's rows when the checkpoint has no lm_head and
@@ -69,20 +70,24 @@ def lm_rows(spec: ClassifierSpec, weights_path: Path, weights: Mapping[str, Arra
     lm = infos.get("lm_head.weight")
     if lm is None:
         if not spec.tied_lm_head:
-            raise ModelError(f"{weights_path}: no lm_head.weight, and config.json does not "
-                             "tie it to the token table (tie_word_embeddings)")
+            raise ModelError(
+                f"{weights_path}: no lm_head.weight, and config.json does not "
+                "tie it to the token table (tie_word_embeddings)"
+            )
         return {LM_ROWS: np.ascontiguousarray(weights["embed_tokens.weight"][ids])}
     if lm.dtype not in FLOAT_DTYPES or len(lm.shape) != 2:
-        raise ModelError(f"{weights_path}: lm_head.weight is {lm.dtype} {list(lm.shape)}, not "
-                         "a float matrix")
+        raise ModelError(
+            f"{weights_path}: lm_head.weight is {lm.dtype} {list(lm.shape)}, not a float matrix"
+        )
     width = lm.shape[1]
     size = width * int(np.dtype(FLOAT_DTYPES[lm.dtype]).itemsize)
     rows = []
     with lm.file.open("rb") as f:
         for i in ids:
             if not 0 <= i < lm.shape[0]:
-                raise ModelError(f"{weights_path}: token id {i} is outside lm_head's "
-                                 f"{lm.shape[0]} rows")
+                raise ModelError(
+                    f"{weights_path}: token id {i} is outside lm_head's {lm.shape[0]} rows"
+                )
             f.seek(lm.start + i * size)
             buf = f.read(size)
             if len(buf) != size:
@@ -97,15 +102,25 @@ def head_weights(spec: ClassifierSpec, width: int) -> dict[str, tuple[int, ...]]
     if spec.kind == "causal_lm":
         return {LM_ROWS: (len(score_tokens(spec)), width)}
     if spec.kind == "pooler":
-        return {"pooler.dense.weight": (width, width), "pooler.dense.bias": (width,),
-                "classifier.weight": (n, width), "classifier.bias": (n,)}
+        return {
+            "pooler.dense.weight": (width, width),
+            "pooler.dense.bias": (width,),
+            "classifier.weight": (n, width),
+            "classifier.bias": (n,),
+        }
     if spec.kind == "roberta":
-        return {"classifier.dense.weight": (width, width), "classifier.dense.bias": (width,),
-                "classifier.out_proj.weight": (n, width), "classifier.out_proj.bias": (n,)}
-    shapes: dict[str, tuple[int, ...]] = {"head.dense.weight": (width, width),
-                                          "head.norm.weight": (width,),
-                                          "classifier.weight": (n, width),
-                                          "classifier.bias": (n,)}
+        return {
+            "classifier.dense.weight": (width, width),
+            "classifier.dense.bias": (width,),
+            "classifier.out_proj.weight": (n, width),
+            "classifier.out_proj.bias": (n,),
+        }
+    shapes: dict[str, tuple[int, ...]] = {
+        "head.dense.weight": (width, width),
+        "head.norm.weight": (width,),
+        "classifier.weight": (n, width),
+        "classifier.bias": (n,),
+    }
     if spec.head_bias:
         shapes["head.dense.bias"] = (width,)
     if spec.norm_bias:
@@ -113,20 +128,28 @@ def head_weights(spec: ClassifierSpec, width: int) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def check_head(weights: Mapping[str, Array], spec: ClassifierSpec, width: int,
-               where: str) -> None:
+def check_head(weights: Mapping[str, Array], spec: ClassifierSpec, width: int, where: str) -> None:
     """A ModelError naming what is missing or mis-shaped in the head's weights."""
     need = head_weights(spec, width)
     missing = [k for k in need if k not in weights]
     if missing:
-        raise ModelError(f"{where}: the {spec.kind} classification head needs "
-                         f"{', '.join(missing)}, which the checkpoint lacks")
+        raise ModelError(
+            f"{where}: the {spec.kind} classification head needs "
+            f"{', '.join(missing)}, which the checkpoint lacks"
+        )
     check_shapes(weights, need, where)
 
 
-def apply_classifier(g: GraphBuilder, hidden: str, width: int, spec: ClassifierSpec,
-                     weights: Mapping[str, Array], *, norm_eps: float = 1e-5,
-                     out: str = LOGITS) -> int:
+def apply_classifier(
+    g: GraphBuilder,
+    hidden: str,
+    width: int,
+    spec: ClassifierSpec,
+    weights: Mapping[str, Array],
+    *,
+    norm_eps: float = 1e-5,
+    out: str = LOGITS,
+) -> int:
     """The head's nodes from ``hidden`` to the graph output ``out`` [batch, num_labels];
     returns num_labels. ``norm_eps``: ModernBERT's (head.norm's) epsilon."""
     check_head(weights, spec, width, "classification head")
@@ -136,49 +159,57 @@ def apply_classifier(g: GraphBuilder, hidden: str, width: int, spec: ClassifierS
     if spec.kind == "modernbert" and spec.pooling == "mean":
         x = _masked_mean(g, hidden)
     else:
-        x = g.op1("Gather", [hidden, g.const("cls.first", 0, np.int64)], "cls.first_token",
-                  axis=1)
+        x = g.op1("Gather", [hidden, g.const("cls.first", 0, np.int64)], "cls.first_token", axis=1)
     if spec.kind in ("pooler", "roberta"):
-        dense, proj = (("pooler.dense", "classifier") if spec.kind == "pooler"
-                       else ("classifier.dense", "classifier.out_proj"))
+        dense, proj = (
+            ("pooler.dense", "classifier")
+            if spec.kind == "pooler"
+            else ("classifier.dense", "classifier.out_proj")
+        )
         x = g.op1("Tanh", [_dense(g, x, weights, dense, bias=True)], "cls.tanh")
         logits = _dense(g, x, weights, proj, bias=True)
     else:
         x = _dense(g, x, weights, "head.dense", bias=spec.head_bias)
         x = _activation(g, x, spec.head_activation)
         scale = g.const("cls.norm.w", weights["head.norm.weight"])
-        bias = g.const("cls.norm.b", weights["head.norm.bias"] if spec.norm_bias
-                       else np.zeros(width, dtype=np.float32))
-        x = g.op1("LayerNormalization", [x, scale, bias], "cls.norm", axis=-1,
-                  epsilon=norm_eps)
+        bias = g.const(
+            "cls.norm.b",
+            weights["head.norm.bias"] if spec.norm_bias else np.zeros(width, dtype=np.float32),
+        )
+        x = g.op1("LayerNormalization", [x, scale, bias], "cls.norm", axis=-1, epsilon=norm_eps)
         logits = _dense(g, x, weights, "classifier", bias=True)
     g.op("Identity", [logits], out)
     return spec.num_labels
 
 
-def _causal_lm_score(g: GraphBuilder, hidden: str, width: int, spec: ClassifierSpec,
-                     rows: Array, out: str) -> None:
+def _causal_lm_score(
+    g: GraphBuilder, hidden: str, width: int, spec: ClassifierSpec, rows: Array, out: str
+) -> None:
     """The last token's [true, false] logits (a float32 MatMul with the two rows), then
     true - false (a MatMul with [[1], [-1]]), as LogitScore; the true logit alone without a
     false token."""
     from embedpool.graph.head import apply_head
     from embedpool.modelspec import HeadSpec, PoolingSpec
 
-    last = apply_head(g, hidden, width, HeadSpec(PoolingSpec(("lasttoken",)), normalize=False),
-                      "cls.last_token")
+    last = apply_head(
+        g, hidden, width, HeadSpec(PoolingSpec(("lasttoken",)), normalize=False), "cls.last_token"
+    )
     assert last == width
-    logits = g.op1("MatMul", ["cls.last_token", g.const("cls.lm_rows",
-                                                         np.ascontiguousarray(rows.T))],
-                   "cls.lm_logits")
+    logits = g.op1(
+        "MatMul",
+        ["cls.last_token", g.const("cls.lm_rows", np.ascontiguousarray(rows.T))],
+        "cls.lm_logits",
+    )
     if rows.shape[0] == 2:
-        logits = g.op1("MatMul", [logits, g.const("cls.true_minus_false",
-                                                  np.array([[1.0], [-1.0]], np.float32))],
-                       "cls.log_odds")
+        logits = g.op1(
+            "MatMul",
+            [logits, g.const("cls.true_minus_false", np.array([[1.0], [-1.0]], np.float32))],
+            "cls.log_odds",
+        )
     g.op("Identity", [logits], out)
 
 
-def _dense(g: GraphBuilder, x: str, weights: Mapping[str, Array], key: str, *,
-           bias: bool) -> str:
+def _dense(g: GraphBuilder, x: str, weights: Mapping[str, Array], key: str, *, bias: bool) -> str:
     w = np.ascontiguousarray(weights[key + ".weight"].T)
     y = g.op1("MatMul", [x, g.const(f"cls.{key}.w", w)], f"cls.{key}")
     if bias:
@@ -193,8 +224,9 @@ def _masked_mean(g: GraphBuilder, hidden: str) -> str:
     mask = g.op1("Cast", [ATTENTION_MASK], "cls.mask_f", to=TensorProto.FLOAT)
     mask3 = g.op1("Unsqueeze", [mask, g.const("cls.axis2", [2], np.int64)], "cls.mask3")
     axis1 = g.const("cls.axis1", [1], np.int64)
-    total = g.op1("ReduceSum", [g.op1("Mul", [hidden, mask3], "cls.masked"), axis1],
-                  "cls.sum", keepdims=0)
+    total = g.op1(
+        "ReduceSum", [g.op1("Mul", [hidden, mask3], "cls.masked"), axis1], "cls.sum", keepdims=0
+    )
     count = g.op1("ReduceSum", [mask, axis1], "cls.count", keepdims=1)
     return g.op1("Div", [total, count], "cls.mean")
 
@@ -209,16 +241,23 @@ def _activation(g: GraphBuilder, x: str, act: str) -> str:
         return g.op1("Tanh", [x], "cls.act")
     if act == "gelu":  # erf form
         half = g.op1("Mul", [x, g.const("cls.half", 0.5)], "cls.act_half")
-        erf = g.op1("Erf", [g.op1("Mul", [x, g.const("cls.rsqrt2", 1 / np.sqrt(2.0))],
-                                  "cls.act_scaled")], "cls.act_erf")
-        return g.op1("Mul", [half, g.op1("Add", [erf, g.const("cls.one", 1.0)], "cls.act_1p")],
-                     "cls.act")
+        erf = g.op1(
+            "Erf",
+            [g.op1("Mul", [x, g.const("cls.rsqrt2", 1 / np.sqrt(2.0))], "cls.act_scaled")],
+            "cls.act_erf",
+        )
+        return g.op1(
+            "Mul", [half, g.op1("Add", [erf, g.const("cls.one", 1.0)], "cls.act_1p")], "cls.act"
+        )
     # gelu_new / gelu_pytorch_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
     cube = g.op1("Mul", [g.op1("Mul", [x, x], "cls.act_sq"), x], "cls.act_cube")
-    inner = g.op1("Add", [x, g.op1("Mul", [cube, g.const("cls.c", 0.044715)], "cls.act_c")],
-                  "cls.act_inner")
-    t = g.op1("Tanh", [g.op1("Mul", [inner, g.const("cls.k", np.sqrt(2 / np.pi))],
-                             "cls.act_k")], "cls.act_tanh")
+    inner = g.op1(
+        "Add", [x, g.op1("Mul", [cube, g.const("cls.c", 0.044715)], "cls.act_c")], "cls.act_inner"
+    )
+    t = g.op1(
+        "Tanh",
+        [g.op1("Mul", [inner, g.const("cls.k", np.sqrt(2 / np.pi))], "cls.act_k")],
+        "cls.act_tanh",
+    )
     half = g.op1("Mul", [x, g.const("cls.half", 0.5)], "cls.act_half")
-    return g.op1("Mul", [half, g.op1("Add", [t, g.const("cls.one", 1.0)], "cls.act_1p")],
-                 "cls.act")
+    return g.op1("Mul", [half, g.op1("Add", [t, g.const("cls.one", 1.0)], "cls.act_1p")], "cls.act")

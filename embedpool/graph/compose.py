@@ -45,17 +45,32 @@ class Composed:
     hidden: str
 
 
-def compose(family: ModuleType, weights: Mapping[str, Array], cfg: Any, head: HeadSpec | None,
-            *, fused: bool = True, int8_ready: bool = False, name: str = "model"
-            ) -> onnx.ModelProto:
+def compose(
+    family: ModuleType,
+    weights: Mapping[str, Array],
+    cfg: Any,
+    head: HeadSpec | None,
+    *,
+    fused: bool = True,
+    int8_ready: bool = False,
+    name: str = "model",
+) -> onnx.ModelProto:
     """The model for these weights; ``head=None`` outputs the token states instead."""
-    return compose_parts(family, weights, cfg, head, fused=fused, int8_ready=int8_ready,
-                         name=name).model
+    return compose_parts(
+        family, weights, cfg, head, fused=fused, int8_ready=int8_ready, name=name
+    ).model
 
 
-def compose_parts(family: ModuleType, weights: Mapping[str, Array], cfg: Any,
-                  head: HeadSpec | ClassifierSpec | None, *, fused: bool = True,
-                  int8_ready: bool = False, name: str = "model") -> Composed:
+def compose_parts(
+    family: ModuleType,
+    weights: Mapping[str, Array],
+    cfg: Any,
+    head: HeadSpec | ClassifierSpec | None,
+    *,
+    fused: bool = True,
+    int8_ready: bool = False,
+    name: str = "model",
+) -> Composed:
     """``compose``, with what the precision recipes need (see ``Composed``). A
     ``ClassifierSpec`` head makes a cross-encoder's graph (``logits`` out)."""
     from onnx import TensorProto, helper
@@ -63,23 +78,34 @@ def compose_parts(family: ModuleType, weights: Mapping[str, Array], cfg: Any,
     g = GraphBuilder()
     classifier = head if isinstance(head, ClassifierSpec) else None
     if classifier is not None and classifier.token_types:  # only BERT reads token types
-        enc = family.build_encoder(g, weights, cfg, fused=fused, int8_ready=int8_ready,
-                                   token_types=True)
+        enc = family.build_encoder(
+            g, weights, cfg, fused=fused, int8_ready=int8_ready, token_types=True
+        )
     else:
         enc = family.build_encoder(g, weights, cfg, fused=fused, int8_ready=int8_ready)
     encoder_nodes = len(g.nodes)
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
-              for n in (INPUT_IDS, ATTENTION_MASK, *enc.extra_inputs)]
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+        for n in (INPUT_IDS, ATTENTION_MASK, *enc.extra_inputs)
+    ]
     out_shape: list[str | int]
     if classifier is not None:
         from embedpool.graph.classifier import LOGITS, apply_classifier
 
-        width = apply_classifier(g, enc.hidden, enc.width, classifier, weights,
-                                 norm_eps=float(getattr(cfg, "norm_eps", 1e-5)))
+        width = apply_classifier(
+            g,
+            enc.hidden,
+            enc.width,
+            classifier,
+            weights,
+            norm_eps=float(getattr(cfg, "norm_eps", 1e-5)),
+        )
         out_name, out_shape = LOGITS, ["batch", width]
     elif isinstance(head, HeadSpec):
-        inputs += [helper.make_tensor_value_info(n, TensorProto.INT64, shape)
-                   for n, shape in head_inputs(head)]
+        inputs += [
+            helper.make_tensor_value_info(n, TensorProto.INT64, shape)
+            for n, shape in head_inputs(head)
+        ]
         out_shape = ["batch", apply_head(g, enc.hidden, enc.width, head, SENTENCE_EMBEDDING)]
         out_name = SENTENCE_EMBEDDING
     else:

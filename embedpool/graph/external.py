@@ -54,8 +54,13 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def save(model: onnx.ModelProto, tmp: Path, final: Path,
-         min_bytes: int = EXTERNAL_MIN_BYTES, tensor_min: int = TENSOR_MIN_BYTES) -> bool:
+def save(
+    model: onnx.ModelProto,
+    tmp: Path,
+    final: Path,
+    min_bytes: int = EXTERNAL_MIN_BYTES,
+    tensor_min: int = TENSOR_MIN_BYTES,
+) -> bool:
     """Write ``model`` to ``tmp`` (later renamed to ``final`` by the caller, the store's
     atomic build): as one file when its initialisers hold ``min_bytes`` or less, else with
     every initialiser of ``tensor_min`` bytes or more moved to ``data_path(final)`` at an
@@ -81,8 +86,11 @@ def save(model: onnx.ModelProto, tmp: Path, final: Path,
                 t.ClearField("raw_data")
                 t.data_location = onnx.TensorProto.EXTERNAL
                 del t.external_data[:]
-                for key, value in (("location", data.name), ("offset", str(offset)),
-                                   ("length", str(len(raw)))):
+                for key, value in (
+                    ("location", data.name),
+                    ("offset", str(offset)),
+                    ("length", str(len(raw))),
+                ):
                     entry = t.external_data.add()
                     entry.key, entry.value = key, value
             f.flush()

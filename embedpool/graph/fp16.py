@@ -39,8 +39,9 @@ def _half(array: np.ndarray) -> np.ndarray:
     return half
 
 
-def to_fp16(model: onnx.ModelProto, fp32_nodes: Collection[str], boundary: Collection[str]
-            ) -> onnx.ModelProto:
+def to_fp16(
+    model: onnx.ModelProto, fp32_nodes: Collection[str], boundary: Collection[str]
+) -> onnx.ModelProto:
     """Rewrite ``model`` in place (and return it): every node not named in ``fp32_nodes``
     computes in float16; the float tensors in ``boundary`` (made by float16 nodes, read by
     float32 ones) are cast back to float32 for their float32 readers. Graph inputs and
@@ -87,13 +88,21 @@ def to_fp16(model: onnx.ModelProto, fp32_nodes: Collection[str], boundary: Colle
                 if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT:
                     attr.i = TensorProto.FLOAT16
                 elif attr.type == AttributeProto.TENSOR and attr.t.data_type == TensorProto.FLOAT:
-                    attr.t.CopyFrom(numpy_helper.from_array(_half(numpy_helper.to_array(attr.t)),
-                                                            attr.t.name))
+                    attr.t.CopyFrom(
+                        numpy_helper.from_array(_half(numpy_helper.to_array(attr.t)), attr.t.name)
+                    )
         nodes.append(node)
         for out in node.output:
             if out in cast_back:
-                nodes.append(helper.make_node("Cast", [out], [cast_back[out]],
-                                              name=f"{out}.fp32_Cast", to=TensorProto.FLOAT))
+                nodes.append(
+                    helper.make_node(
+                        "Cast",
+                        [out],
+                        [cast_back[out]],
+                        name=f"{out}.fp32_Cast",
+                        to=TensorProto.FLOAT,
+                    )
+                )
     if unmade := set(cast_back) - made_half:
         raise ValueError(f"fp16: boundary tensor {sorted(unmade)} is not made by a float16 node")
     del graph.node[:]

@@ -58,14 +58,17 @@ def apply_head(g: GraphBuilder, hidden: str, width: int, head: HeadSpec, out: st
     mask = g.op1("Cast", [ATTENTION_MASK], "pool.mask_f", to=TensorProto.FLOAT)
     if not head.pooling.include_prompt:
         mask = _without_prompt(g, mask)
-    pooled = [_pool(g, hidden, mask, mode, i, default_cls=head.pooling.include_prompt)
-              for i, mode in enumerate(head.pooling.modes)]
+    pooled = [
+        _pool(g, hidden, mask, mode, i, default_cls=head.pooling.include_prompt)
+        for i, mode in enumerate(head.pooling.modes)
+    ]
     x = pooled[0] if len(pooled) == 1 else g.op1("Concat", pooled, "pool.concat", axis=-1)
     x_width = width * len(pooled)
     for i, dense in enumerate(head.dense):
         if dense.in_features != x_width:
-            raise ModelError(f"Dense {i} takes {dense.in_features} values, the head before it "
-                             f"gives {x_width}")
+            raise ModelError(
+                f"Dense {i} takes {dense.in_features} values, the head before it gives {x_width}"
+            )
         x = _dense(g, x, dense, load_dense(dense), i)
         x_width = dense.out_features
     if head.normalize:
@@ -74,9 +77,16 @@ def apply_head(g: GraphBuilder, hidden: str, width: int, head: HeadSpec, out: st
         norm = g.op1("Max", [norm, g.const("pool.min_norm", 1e-12)], "pool.norm_clip")
         x = g.op1("Div", [x, norm], "pool.normalized")
     if head.truncate_dim is not None and head.truncate_dim < x_width:
-        x = g.op1("Slice", [x, g.const("head.trunc.start", [0], np.int64),
-                            g.const("head.trunc.end", [head.truncate_dim], np.int64),
-                            g.const("head.trunc.axis", [-1], np.int64)], "head.truncate")
+        x = g.op1(
+            "Slice",
+            [
+                x,
+                g.const("head.trunc.start", [0], np.int64),
+                g.const("head.trunc.end", [head.truncate_dim], np.int64),
+                g.const("head.trunc.axis", [-1], np.int64),
+            ],
+            "head.truncate",
+        )
         x_width = head.truncate_dim
     g.op("Identity", [x], out)
     return x_width
@@ -96,31 +106,41 @@ def load_dense(dense: DenseSpec) -> dict[str, Array]:
     for key, shape in need.items():
         if key not in w or w[key].shape != shape:
             got = list(w[key].shape) if key in w else "missing"
-            raise ModelError(f"{dense.weights}: {key} is {got}, the Dense config implies "
-                             f"{list(shape)}")
+            raise ModelError(
+                f"{dense.weights}: {key} is {got}, the Dense config implies {list(shape)}"
+            )
     return w
 
 
 # --- pooling --------------------------------------------------------------------------------
+
 
 def _without_prompt(g: GraphBuilder, mask: str) -> str:
     """The pooling mask with positions < prompt_length zeroed (right padding, so this is
     sentence-transformers' ``attention_mask[:, :prompt_length] = 0``)."""
     from onnx import TensorProto
 
-    seq = g.op1("Gather", [g.op1("Shape", [ATTENTION_MASK], "pool.shape"),
-                           g.const("pool.one_i", 1, np.int64)], "pool.seq")
-    pos = g.op1("Range", [g.const("pool.zero_i", 0, np.int64), seq,
-                          g.const("pool.step_i", 1, np.int64)], "pool.pos")
-    plen = g.op1("Unsqueeze", [PROMPT_LENGTH, g.const("pool.axis1_", [1], np.int64)],
-                 "pool.plen")
-    keep = g.op1("Cast", [g.op1("GreaterOrEqual", [pos, plen], "pool.after_prompt")],
-                 "pool.keep", to=TensorProto.FLOAT)
+    seq = g.op1(
+        "Gather",
+        [g.op1("Shape", [ATTENTION_MASK], "pool.shape"), g.const("pool.one_i", 1, np.int64)],
+        "pool.seq",
+    )
+    pos = g.op1(
+        "Range",
+        [g.const("pool.zero_i", 0, np.int64), seq, g.const("pool.step_i", 1, np.int64)],
+        "pool.pos",
+    )
+    plen = g.op1("Unsqueeze", [PROMPT_LENGTH, g.const("pool.axis1_", [1], np.int64)], "pool.plen")
+    keep = g.op1(
+        "Cast",
+        [g.op1("GreaterOrEqual", [pos, plen], "pool.after_prompt")],
+        "pool.keep",
+        to=TensorProto.FLOAT,
+    )
     return g.op1("Mul", [mask, keep], "pool.mask_np")
 
 
-def _pool(g: GraphBuilder, hidden: str, mask: str, mode: str, i: int, *, default_cls: bool
-          ) -> str:
+def _pool(g: GraphBuilder, hidden: str, mask: str, mode: str, i: int, *, default_cls: bool) -> str:
     """One pooling mode over ``mask`` [batch, seq] (float, 1 where pooled)."""
     n = f"pool{i}.{mode}"
     if mode == "cls" and default_cls:
@@ -135,18 +155,26 @@ def _pool(g: GraphBuilder, hidden: str, mask: str, mode: str, i: int, *, default
     if mode == "weightedmean":  # weights: position + 1 (right padding: no offset)
         from onnx import TensorProto
 
-        seq = g.op1("Gather", [g.op1("Shape", [mask], f"{n}.mshape"),
-                               g.const(f"{n}.one_i", 1, np.int64)], f"{n}.seq")
-        pos = g.op1("Range", [g.const(f"{n}.one_s", 1, np.int64),
-                              g.op1("Add", [seq, g.const(f"{n}.one_a", 1, np.int64)],
-                                    f"{n}.seq1"),
-                              g.const(f"{n}.step", 1, np.int64)], f"{n}.pos")
-        weights = g.op1("Mul", [mask, g.op1("Cast", [pos], f"{n}.pos_f", to=TensorProto.FLOAT)],
-                        f"{n}.w")
+        seq = g.op1(
+            "Gather",
+            [g.op1("Shape", [mask], f"{n}.mshape"), g.const(f"{n}.one_i", 1, np.int64)],
+            f"{n}.seq",
+        )
+        pos = g.op1(
+            "Range",
+            [
+                g.const(f"{n}.one_s", 1, np.int64),
+                g.op1("Add", [seq, g.const(f"{n}.one_a", 1, np.int64)], f"{n}.seq1"),
+                g.const(f"{n}.step", 1, np.int64),
+            ],
+            f"{n}.pos",
+        )
+        weights = g.op1(
+            "Mul", [mask, g.op1("Cast", [pos], f"{n}.pos_f", to=TensorProto.FLOAT)], f"{n}.w"
+        )
         return _masked_mean(g, hidden, _mask3(g, weights, n), n)
     if mode in ("mean", "mean_sqrt_len_tokens"):
-        return _masked_mean(g, hidden, _mask3(g, mask, n), n,
-                            sqrt=mode == "mean_sqrt_len_tokens")
+        return _masked_mean(g, hidden, _mask3(g, mask, n), n, sqrt=mode == "mean_sqrt_len_tokens")
     raise ModelError(f"pooling mode {mode!r} has no graph implementation")
 
 
@@ -158,8 +186,9 @@ def _masked_mean(g: GraphBuilder, hidden: str, w3: str, n: str, *, sqrt: bool = 
     """sum(hidden * w) / max(sum(w), 1e-9) over the sequence (sqrt of the denominator for
     mean_sqrt_len_tokens)."""
     axis1 = g.const(f"{n}.axis1", [1], np.int64)
-    summed = g.op1("ReduceSum", [g.op1("Mul", [hidden, w3], f"{n}.weighted"), axis1],
-                   f"{n}.sum", keepdims=0)
+    summed = g.op1(
+        "ReduceSum", [g.op1("Mul", [hidden, w3], f"{n}.weighted"), axis1], f"{n}.sum", keepdims=0
+    )
     total = g.op1("ReduceSum", [w3, axis1], f"{n}.total", keepdims=0)
     total = g.op1("Max", [total, g.const(f"{n}.min", 1e-9)], f"{n}.total_clip")
     if sqrt:
@@ -172,20 +201,31 @@ def _pick(g: GraphBuilder, hidden: str, mask: str, n: str, *, last: bool) -> str
     them; lasttoken multiplies by the mask first, so a fully masked row gives zeros."""
     idx = g.op1("ArgMax", [mask], f"{n}.idx", axis=1, keepdims=1, select_last_index=int(last))
     shape = g.op1("Shape", [hidden], f"{n}.shape")
-    batch = g.op1("Slice", [shape, g.const(f"{n}.s0", [0], np.int64),
-                            g.const(f"{n}.s1", [1], np.int64)], f"{n}.batch")
-    width = g.op1("Slice", [shape, g.const(f"{n}.s2", [2], np.int64),
-                            g.const(f"{n}.s3", [3], np.int64)], f"{n}.width")
-    idx_shape = g.op1("Concat", [batch, g.const(f"{n}.one", [1], np.int64), width],
-                      f"{n}.idx_shape", axis=0)
-    idx3 = g.op1("Expand", [g.op1("Unsqueeze", [idx, g.const(f"{n}.axis2b", [2], np.int64)],
-                                  f"{n}.idx3"), idx_shape], f"{n}.idx_b")
+    batch = g.op1(
+        "Slice",
+        [shape, g.const(f"{n}.s0", [0], np.int64), g.const(f"{n}.s1", [1], np.int64)],
+        f"{n}.batch",
+    )
+    width = g.op1(
+        "Slice",
+        [shape, g.const(f"{n}.s2", [2], np.int64), g.const(f"{n}.s3", [3], np.int64)],
+        f"{n}.width",
+    )
+    idx_shape = g.op1(
+        "Concat", [batch, g.const(f"{n}.one", [1], np.int64), width], f"{n}.idx_shape", axis=0
+    )
+    idx3 = g.op1(
+        "Expand",
+        [g.op1("Unsqueeze", [idx, g.const(f"{n}.axis2b", [2], np.int64)], f"{n}.idx3"), idx_shape],
+        f"{n}.idx_b",
+    )
     src = g.op1("Mul", [hidden, _mask3(g, mask, n)], f"{n}.masked") if last else hidden
     picked = g.op1("GatherElements", [src, idx3], f"{n}.pick", axis=1)
     return g.op1("Squeeze", [picked, g.const(f"{n}.axis1", [1], np.int64)], n)
 
 
 # --- Dense ----------------------------------------------------------------------------------
+
 
 def _dense(g: GraphBuilder, x: str, spec: DenseSpec, w: Mapping[str, Array], i: int) -> str:
     n = f"head.dense{i}"
@@ -194,9 +234,17 @@ def _dense(g: GraphBuilder, x: str, spec: DenseSpec, w: Mapping[str, Array], i: 
         y = g.op1("Add", [y, g.const(f"{n}.b", w["linear.bias"])], f"{n}.add")
     y = _activation(g, y, spec.activation, f"{n}.act")
     if spec.residual:
-        res = x if spec.in_features == spec.out_features else g.linear(
-            x, np.ascontiguousarray(w["residual.weight"].T), f"{n}.res", role="head_dense",
-            layer=i)
+        res = (
+            x
+            if spec.in_features == spec.out_features
+            else g.linear(
+                x,
+                np.ascontiguousarray(w["residual.weight"].T),
+                f"{n}.res",
+                role="head_dense",
+                layer=i,
+            )
+        )
         y = g.op1("Add", [y, res], f"{n}.residual")
     return y
 
@@ -207,18 +255,25 @@ def _softplus(g: GraphBuilder, x: str, n: str) -> str:
 
 
 def _activation(g: GraphBuilder, x: str, act: str, n: str) -> str:
-    simple = {"tanh": "Tanh", "relu": "Relu", "sigmoid": "Sigmoid", "softsign": "Softsign",
-              "hardswish": "HardSwish"}
+    simple = {
+        "tanh": "Tanh",
+        "relu": "Relu",
+        "sigmoid": "Sigmoid",
+        "softsign": "Softsign",
+        "hardswish": "HardSwish",
+    }
     if act == "identity":
         return x
     if act in simple:
         return g.op1(simple[act], [x], n)
     if act == "gelu":  # torch GELU(): 0.5 x (1 + erf(x / sqrt 2))
-        erf = g.op1("Erf", [g.op1("Mul", [x, g.const(f"{n}.rsqrt2", 1 / math.sqrt(2))],
-                                  f"{n}.scaled")], f"{n}.erf")
+        erf = g.op1(
+            "Erf",
+            [g.op1("Mul", [x, g.const(f"{n}.rsqrt2", 1 / math.sqrt(2))], f"{n}.scaled")],
+            f"{n}.erf",
+        )
         half = g.op1("Mul", [x, g.const(f"{n}.c_half", 0.5)], f"{n}.half")
-        return g.op1("Mul", [half, g.op1("Add", [erf, g.const(f"{n}.one", 1.0)], f"{n}.erf1")],
-                     n)
+        return g.op1("Mul", [half, g.op1("Add", [erf, g.const(f"{n}.one", 1.0)], f"{n}.erf1")], n)
     if act == "silu":
         return g.op1("Mul", [x, g.op1("Sigmoid", [x], f"{n}.sig")], n)
     if act == "leakyrelu":
@@ -246,9 +301,14 @@ def _activation(g: GraphBuilder, x: str, act: str, n: str) -> str:
 
 # --- the same head in numpy -------------------------------------------------------------------
 
-def head_numpy(hidden: np.ndarray, mask: np.ndarray, head: HeadSpec,
-               dense_weights: Sequence[Mapping[str, Array]],
-               prompt_lengths: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+
+def head_numpy(
+    hidden: np.ndarray,
+    mask: np.ndarray,
+    head: HeadSpec,
+    dense_weights: Sequence[Mapping[str, Array]],
+    prompt_lengths: Sequence[int] | np.ndarray | None = None,
+) -> np.ndarray:
     """``apply_head``'s maths on token states [batch, seq, width] (a shipped graph's output)
     with its right-padded attention mask; float32 [batch, out_dim]."""
     h = hidden.astype(np.float32, copy=False)
@@ -286,7 +346,7 @@ def head_numpy(hidden: np.ndarray, mask: np.ndarray, head: HeadSpec,
     if head.normalize:
         x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     if head.truncate_dim is not None:
-        x = x[:, :head.truncate_dim]
+        x = x[:, : head.truncate_dim]
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -297,16 +357,24 @@ def _softplus_np(x: np.ndarray) -> Any:
 def _activation_numpy(x: np.ndarray, act: str) -> Any:
     erf = np.vectorize(math.erf, otypes=[np.float64])
     table: dict[str, Callable[[np.ndarray], Any]] = {
-        "identity": lambda v: v, "tanh": np.tanh, "relu": lambda v: np.maximum(v, 0),
+        "identity": lambda v: v,
+        "tanh": np.tanh,
+        "relu": lambda v: np.maximum(v, 0),
         "gelu": lambda v: 0.5 * v * (1 + erf(v / math.sqrt(2))),
-        "sigmoid": lambda v: 1 / (1 + np.exp(-v)), "silu": lambda v: v / (1 + np.exp(-v)),
+        "sigmoid": lambda v: 1 / (1 + np.exp(-v)),
+        "silu": lambda v: v / (1 + np.exp(-v)),
         "leakyrelu": lambda v: np.where(v > 0, v, 0.01 * v),
         "elu": lambda v: np.where(v > 0, v, np.expm1(np.minimum(v, 0))),
         "celu": lambda v: np.where(v > 0, v, np.expm1(np.minimum(v, 0))),
-        "selu": lambda v: _SELU_SCALE * np.where(v > 0, v, _SELU_ALPHA * np.expm1(np.minimum(v, 0))),
-        "softplus": _softplus_np, "mish": lambda v: v * np.tanh(_softplus_np(v)),
-        "hardtanh": lambda v: np.clip(v, -1, 1), "relu6": lambda v: np.clip(v, 0, 6),
-        "softsign": lambda v: v / (1 + np.abs(v)), "tanhshrink": lambda v: v - np.tanh(v),
+        "selu": lambda v: (
+            _SELU_SCALE * np.where(v > 0, v, _SELU_ALPHA * np.expm1(np.minimum(v, 0)))
+        ),
+        "softplus": _softplus_np,
+        "mish": lambda v: v * np.tanh(_softplus_np(v)),
+        "hardtanh": lambda v: np.clip(v, -1, 1),
+        "relu6": lambda v: np.clip(v, 0, 6),
+        "softsign": lambda v: v / (1 + np.abs(v)),
+        "tanhshrink": lambda v: v - np.tanh(v),
         "hardsigmoid": lambda v: np.clip(v / 6 + 0.5, 0, 1),
         "hardswish": lambda v: v * np.clip(v / 6 + 0.5, 0, 1),
         "logsigmoid": lambda v: -_softplus_np(-v),

@@ -44,8 +44,7 @@ def int8_path(key: Path) -> Path:
     return key.with_name(f"{key.stem}-ovw8v{RECIPE_VERSION}.onnx")
 
 
-def graph_for(model: ResolvedModel, cache_dir: Path | None = None,
-              precision: str = "fp32") -> Path:
+def graph_for(model: ResolvedModel, cache_dir: Path | None = None, precision: str = "fp32") -> Path:
     """The ONNX file OpenVINO reads for ``model`` at ``precision``, built (and cached) if
     need be."""
     fp32, key = _fp32(model, cache_dir, build=True)

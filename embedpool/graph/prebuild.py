@@ -76,8 +76,13 @@ class Decision:
     reason: str | None = None
 
 
-def decide(requested: GraphPrecision, *, ready: Collection[str], need: Mapping[str, int],
-           available: int | None) -> Decision:
+def decide(
+    requested: GraphPrecision,
+    *,
+    ready: Collection[str],
+    need: Mapping[str, int],
+    available: int | None,
+) -> Decision:
     """The policy: the graph asked for when it is built or its build fits ``available``
     bytes (None: unknown, assume it fits); else, for int8, fp32 when it is built or its
     build fits; else the build asked for all the same (the estimate is conservative, and a
@@ -86,8 +91,10 @@ def decide(requested: GraphPrecision, *, ready: Collection[str], need: Mapping[s
         return Decision(requested, build=False)
     if available is None or need[requested] <= available:
         return Decision(requested, build=True)
-    short = (f"building the {requested} graph needs about {format_bytes(need[requested])} "
-             f"and {format_bytes(max(available, 0))} is available")
+    short = (
+        f"building the {requested} graph needs about {format_bytes(need[requested])} "
+        f"and {format_bytes(max(available, 0))} is available"
+    )
     if requested == "int8":
         if "fp32" in ready:
             return Decision("fp32", build=False, reason=short)
@@ -103,8 +110,11 @@ def weight_bytes(model: ResolvedModel) -> int:
         return model.onnx_path.stat().st_size
     from embedpool.graph.weights import FLOAT_DTYPES, tensor_infos
 
-    return sum(4 * math.prod(info.shape) for info in tensor_infos(model.weights_path).values()
-               if info.dtype in FLOAT_DTYPES)
+    return sum(
+        4 * math.prod(info.shape)
+        for info in tensor_infos(model.weights_path).values()
+        if info.dtype in FLOAT_DTYPES
+    )
 
 
 def build_estimate(model: ResolvedModel, precision: GraphPrecision) -> int:
@@ -126,8 +136,9 @@ def available_memory(max_memory: int | None = None) -> int:
     from embedpool.executors.pool.readings import memory_used, own_rss
 
     limits = detect_limits(max_memory=max_memory)
-    free = min(limits.real_memory_bytes - memory_used(limits),
-               int(psutil.virtual_memory().available))
+    free = min(
+        limits.real_memory_bytes - memory_used(limits), int(psutil.virtual_memory().available)
+    )
     if limits.pool_memory_bytes is not None:
         free = min(free, limits.pool_memory_bytes - own_rss())
     return free
@@ -151,24 +162,42 @@ class Built:
     built: bool
 
 
-def build_in_child(model: ResolvedModel, precision: GraphPrecision, emit: Emit = _no_emit, *,
-                   cache_dir: Path | None = None, estimate: int | None = None,
-                   available: int | None = None, runtime: str = "onnxruntime") -> Built:
+def build_in_child(
+    model: ResolvedModel,
+    precision: GraphPrecision,
+    emit: Emit = _no_emit,
+    *,
+    cache_dir: Path | None = None,
+    estimate: int | None = None,
+    available: int | None = None,
+    runtime: str = "onnxruntime",
+) -> Built:
     """Build (or wait for another process building) this graph in a child process; emits
     ``graph_build`` as the build starts and enters each stage, ``graph_built`` at the end.
     Raises the child's ModelError/ConfigError as such, BuildKilled if it died by a signal."""
     steps = len(_stages(model, precision))
     common = {"model": model.name, "precision": precision}
-    emit(events.GRAPH_BUILD, **common, stage="starting", step=0, steps=steps,
-         estimate_bytes=estimate, available_bytes=available)
+    emit(
+        events.GRAPH_BUILD,
+        **common,
+        stage="starting",
+        step=0,
+        steps=steps,
+        estimate_bytes=estimate,
+        available_bytes=available,
+    )
     t0 = time.perf_counter()
     target = cache_dir if cache_dir is not None else cache_path(model, precision).parent
     done: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     step = 0
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([sys.executable, "-m", "embedpool.graph.prebuild"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "embedpool.graph.prebuild"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
         assert proc.stdin is not None and proc.stdout is not None
         try:
             proc.stdin.write(pickle.dumps((model, precision, target, runtime)))
@@ -180,8 +209,15 @@ def build_in_child(model: ResolvedModel, precision: GraphPrecision, emit: Emit =
                     continue  # a library's stray print, not ours
                 if "stage" in msg:
                     step = min(step + 1, steps) if msg["stage"] != "waiting" else step
-                    emit(events.GRAPH_BUILD, **common, stage=msg["stage"], step=step,
-                         steps=steps, estimate_bytes=estimate, available_bytes=available)
+                    emit(
+                        events.GRAPH_BUILD,
+                        **common,
+                        stage=msg["stage"],
+                        step=step,
+                        steps=steps,
+                        estimate_bytes=estimate,
+                        available_bytes=available,
+                    )
                 elif "done" in msg:
                     done = msg["done"]
                 elif "error" in msg:
@@ -196,15 +232,26 @@ def build_in_child(model: ResolvedModel, precision: GraphPrecision, emit: Emit =
         cls = ConfigError if error.get("type") == "ConfigError" else ModelError
         raise cls(error["message"])
     if rc < 0:
-        raise BuildKilled(f"building the {precision} graph for {model.name} was killed "
-                          f"({events.exit_name(rc)}), most likely out of memory (it needs about "
-                          f"{format_bytes(estimate or build_estimate(model, precision))})")
+        raise BuildKilled(
+            f"building the {precision} graph for {model.name} was killed "
+            f"({events.exit_name(rc)}), most likely out of memory (it needs about "
+            f"{format_bytes(estimate or build_estimate(model, precision))})"
+        )
     if rc != 0 or done is None:
-        raise ModelError(f"building the {precision} graph for {model.name} failed "
-                         f"({events.exit_name(rc)}): {stderr.strip() or 'no output'}")
+        raise ModelError(
+            f"building the {precision} graph for {model.name} failed "
+            f"({events.exit_name(rc)}): {stderr.strip() or 'no output'}"
+        )
     result = Built(Path(done["path"]), seconds, int(done["peak_rss"]), bool(done["built"]))
-    emit(events.GRAPH_BUILT, **common, seconds=round(seconds, 3), peak_rss=result.peak_rss,
-         size_bytes=result.path.stat().st_size, path=str(result.path), built=result.built)
+    emit(
+        events.GRAPH_BUILT,
+        **common,
+        seconds=round(seconds, 3),
+        peak_rss=result.peak_rss,
+        size_bytes=result.path.stat().st_size,
+        path=str(result.path),
+        built=result.built,
+    )
     return result
 
 
@@ -217,8 +264,11 @@ def check_runnable(model: ResolvedModel, available: int | None) -> None:
         return
     from embedpool.graph.weights import FLOAT_DTYPES, tensor_infos
 
-    int8 = sum(math.prod(info.shape) for info in tensor_infos(model.weights_path).values()
-               if info.dtype in FLOAT_DTYPES)
+    int8 = sum(
+        math.prod(info.shape)
+        for info in tensor_infos(model.weights_path).values()
+        if info.dtype in FLOAT_DTYPES
+    )
     if int8 <= available:
         return
     raise ModelError(
@@ -227,12 +277,19 @@ def check_runnable(model: ResolvedModel, available: int | None) -> None:
         f"byte a parameter) are {format_bytes(int8)}, fp16 {format_bytes(2 * int8)}, fp32 "
         f"{format_bytes(4 * int8)}, before the runtime and a batch's activations; raise the "
         "memory limit (--max-memory, the container's) or pick a smaller model (`embedpool "
-        "models` lists each known model's weights)")
+        "models` lists each known model's weights)"
+    )
 
 
-def ensure_graph(model: ResolvedModel, precision: GraphPrecision, emit: Emit = _no_emit, *,
-                 max_memory: int | None = None, cache_dir: Path | None = None,
-                 runtime: str = "onnxruntime") -> GraphPrecision:
+def ensure_graph(
+    model: ResolvedModel,
+    precision: GraphPrecision,
+    emit: Emit = _no_emit,
+    *,
+    max_memory: int | None = None,
+    cache_dir: Path | None = None,
+    runtime: str = "onnxruntime",
+) -> GraphPrecision:
     """The precision this run will use, its graph built (in a child process, see the module
     doc) if it was not yet: ``precision``, or fp32 where the int8 build cannot fit the
     memory available or was killed (``graph_fallback``, with a one-line ``message``). A
@@ -244,9 +301,15 @@ def ensure_graph(model: ResolvedModel, precision: GraphPrecision, emit: Emit = _
         from embedpool.graph import ov_graph
 
         if ov_graph.built(model, precision, cache_dir) is None:
-            build_in_child(model, precision, emit, cache_dir=cache_dir, runtime=runtime,
-                           estimate=build_estimate(model, "fp32"),
-                           available=available_memory(max_memory))
+            build_in_child(
+                model,
+                precision,
+                emit,
+                cache_dir=cache_dir,
+                runtime=runtime,
+                estimate=build_estimate(model, "fp32"),
+                available=available_memory(max_memory),
+            )
         return precision
     ready = {p for p in {precision, "fp32"} if built_path(model, p, cache_dir) is not None}
     if precision in ready:
@@ -259,8 +322,14 @@ def ensure_graph(model: ResolvedModel, precision: GraphPrecision, emit: Emit = _
     if not choice.build:
         return choice.precision
     try:
-        build_in_child(model, choice.precision, emit, cache_dir=cache_dir,
-                       estimate=need[choice.precision], available=available)
+        build_in_child(
+            model,
+            choice.precision,
+            emit,
+            cache_dir=cache_dir,
+            estimate=need[choice.precision],
+            available=available,
+        )
     except BuildKilled as exc:
         if choice.precision != "int8":
             raise
@@ -268,25 +337,39 @@ def ensure_graph(model: ResolvedModel, precision: GraphPrecision, emit: Emit = _
         _fallback(model, precision, "fp32", str(exc), emit)
         if "fp32" not in ready:
             try:
-                build_in_child(model, "fp32", emit, cache_dir=cache_dir,
-                               estimate=need["fp32"], available=available_memory(max_memory))
+                build_in_child(
+                    model,
+                    "fp32",
+                    emit,
+                    cache_dir=cache_dir,
+                    estimate=need["fp32"],
+                    available=available_memory(max_memory),
+                )
             except BuildKilled as again:
                 raise BuildKilled(
                     f"{again}; no graph of {model.name} can be built in the memory available "
                     f"here ({format_bytes(max(available, 0))}): build it where there is more "
                     f"(`embedpool models build {model.name}`) and bring the cache directory "
-                    "(EMBEDPOOL_CACHE_DIR), or raise the memory limit") from None
+                    "(EMBEDPOOL_CACHE_DIR), or raise the memory limit"
+                ) from None
         return "fp32"
     return choice.precision
 
 
-def _fallback(model: ResolvedModel, requested: str, used: str, reason: str,
-              emit: Emit) -> None:
-    message = (f"{reason}: running {model.name} in {used} for this run; "
-               f"`embedpool models build {model.name} --precision {requested}` where memory "
-               f"allows makes later runs {requested}")
-    emit(events.GRAPH_FALLBACK, model=model.name, requested=requested, precision=used,
-         reason=reason, message=message)
+def _fallback(model: ResolvedModel, requested: str, used: str, reason: str, emit: Emit) -> None:
+    message = (
+        f"{reason}: running {model.name} in {used} for this run; "
+        f"`embedpool models build {model.name} --precision {requested}` where memory "
+        f"allows makes later runs {requested}"
+    )
+    emit(
+        events.GRAPH_FALLBACK,
+        model=model.name,
+        requested=requested,
+        precision=used,
+        reason=reason,
+        message=message,
+    )
 
 
 def verify_graph(model: ResolvedModel, path: Path) -> int:
@@ -301,10 +384,15 @@ def verify_graph(model: ResolvedModel, path: Path) -> int:
     seqs = TextTokenizer.for_model(model).encode(["embedpool checks this graph"]).sequences
     vec = Engine.for_model(path, model, threads=1).embed(seqs)
     norm = float(np.linalg.norm(vec))
-    if vec.shape != (1, model.dim) or not np.isfinite(vec).all() or \
-            (model.normalize and abs(norm - 1.0) > 1e-3):
-        raise ModelError(f"{path} gives a bad vector for {model.name} (shape {vec.shape}, "
-                         f"norm {norm:.4f}, expected {model.dim} dims); delete it and rebuild")
+    if (
+        vec.shape != (1, model.dim)
+        or not np.isfinite(vec).all()
+        or (model.normalize and abs(norm - 1.0) > 1e-3)
+    ):
+        raise ModelError(
+            f"{path} gives a bad vector for {model.name} (shape {vec.shape}, "
+            f"norm {norm:.4f}, expected {model.dim} dims); delete it and rebuild"
+        )
     return int(vec.shape[1])
 
 
@@ -319,9 +407,11 @@ def built_graphs(directory: Path | None = None) -> list[tuple[str, int]]:
     from embedpool.graph.external import data_path
 
     where = directory if directory is not None else graph_dir()
-    return sorted((p.name, p.stat().st_size + (data_path(p).stat().st_size
-                                                if data_path(p).is_file() else 0))
-                  for p in where.glob("*.onnx") if p.is_file())
+    return sorted(
+        (p.name, p.stat().st_size + (data_path(p).stat().st_size if data_path(p).is_file() else 0))
+        for p in where.glob("*.onnx")
+        if p.is_file()
+    )
 
 
 def _stages(model: ResolvedModel, precision: str) -> tuple[str, ...]:
@@ -360,8 +450,15 @@ def _child_main() -> int:
     except EmbedpoolError as exc:
         say({"error": {"type": type(exc).__name__, "message": str(exc)}})
         return 2
-    say({"done": {"path": str(path), "peak_rss": _peak_rss(),
-                  "built": any(s != "waiting" for s in stages)}})
+    say(
+        {
+            "done": {
+                "path": str(path),
+                "peak_rss": _peak_rss(),
+                "built": any(s != "waiting" for s in stages),
+            }
+        }
+    )
     return 0
 
 

@@ -85,14 +85,25 @@ if TYPE_CHECKING:
 # onnx is imported where a graph is written: graph/__init__ reads this module's constants
 # for cache keys in pool workers, which must not pay onnx's ~10-18 MB of RSS.
 
-__all__ = ["CLASSIFIER_FP32_LAYERS", "INT8_ROLES", "PAIR_LIMIT", "ZERO_POINT",
-           "ZERO_POINT_FLOORED", "quantize_linears", "quantize_shipped", "quantize_weight", "recipe_key", "zero_points"]
+__all__ = [
+    "CLASSIFIER_FP32_LAYERS",
+    "INT8_ROLES",
+    "PAIR_LIMIT",
+    "ZERO_POINT",
+    "ZERO_POINT_FLOORED",
+    "quantize_linears",
+    "quantize_shipped",
+    "quantize_weight",
+    "recipe_key",
+    "zero_points",
+]
 
 #: Roles the recipe quantises: every linear of the encoder. ``head_dense`` (a
 #: sentence-transformers Dense layer after pooling) stays fp32: it runs once per text, not
 #: per token, so int8 would save nothing measurable and its error would land on the vector.
 INT8_ROLES: frozenset[LinearRole] = frozenset(
-    {"q", "k", "v", "qkv", "attn_out", "ffn_up", "ffn_gate", "ffn_down"})
+    {"q", "k", "v", "qkv", "attn_out", "ffn_up", "ffn_gate", "ffn_down"}
+)
 #: A cross-encoder's int8 graph keeps its last encoder layers in float32: this many, at most
 #: half of its layers (every other layer as above). The score is one row of the last layer
 #: (CLS, or the pooled rows): the last layers' rounding reaches it least averaged. Measured
@@ -126,8 +137,12 @@ def recipe_key(*, classifier: bool = False) -> dict[str, object]:
     a cross-encoder's graph (``zero_points(classifier=True)``); an embedder's key is
     unchanged by it."""
     key: dict[str, object] = {
-        "activations": "per-row", "zero_points": [ZERO_POINT, ZERO_POINT_FLOORED],
-        "weights": "per-column", "pair_limit": PAIR_LIMIT, "roles": sorted(INT8_ROLES)}
+        "activations": "per-row",
+        "zero_points": [ZERO_POINT, ZERO_POINT_FLOORED],
+        "weights": "per-column",
+        "pair_limit": PAIR_LIMIT,
+        "roles": sorted(INT8_ROLES),
+    }
     if classifier:
         key["fp32_layers"] = CLASSIFIER_FP32_LAYERS
     return key
@@ -141,9 +156,12 @@ def zero_points(linears: Iterable[Linear], *, classifier: bool = False) -> dict[
     lins = [lin for lin in linears if lin.role in INT8_ROLES]
     layers = sorted({lin.layer for lin in lins if lin.layer >= 0})
     keep = min(CLASSIFIER_FP32_LAYERS, len(layers) // 2) if classifier else 0
-    fp32 = set(layers[len(layers) - keep:]) if keep else set()
-    return {lin.node: ZERO_POINT if lin.floor is None else ZERO_POINT_FLOORED
-            for lin in lins if lin.layer not in fp32}
+    fp32 = set(layers[len(layers) - keep :]) if keep else set()
+    return {
+        lin.node: ZERO_POINT if lin.floor is None else ZERO_POINT_FLOORED
+        for lin in lins
+        if lin.layer not in fp32
+    }
 
 
 def quantize_weight(w: npt.NDArray[np.floating]) -> tuple[Int8, F32]:
@@ -156,9 +174,10 @@ def quantize_weight(w: npt.NDArray[np.floating]) -> tuple[Int8, F32]:
     a = np.abs(w)
     padded = np.concatenate([a, np.zeros((1, n), np.float32)]) if k % 2 else a
     pair_max = (padded[0::2] + padded[1::2]).max(axis=0) if k else np.zeros(n, np.float32)
-    scale = np.maximum(np.maximum(a.max(axis=0, initial=0.0) / np.float32(127),
-                                  pair_max / np.float32(PAIR_LIMIT)),
-                       np.float32(_MIN_SCALE)).astype(np.float32)
+    scale = np.maximum(
+        np.maximum(a.max(axis=0, initial=0.0) / np.float32(127), pair_max / np.float32(PAIR_LIMIT)),
+        np.float32(_MIN_SCALE),
+    ).astype(np.float32)
     exact = w / scale
     q = np.clip(np.rint(exact), -127, 127)
     # Rounding can lift a pair just over the limit (64.5 + 63.5 -> 64 + 64 is fine, 64.6 +
@@ -217,25 +236,43 @@ class _Emitter:
         nodes += [
             self._reduce("ReduceMax", x, hi),
             self._reduce("ReduceMin", x, lo),
-            helper.make_node("Mul", [hi, self._const(f"int8.k{zp}", 1 / (255 - zp), np.float32)],
-                             [f"{hi}.s"], name=f"{hi}.s_Mul"),
-            helper.make_node("Mul", [lo, self._const(f"int8.nk{zp}", -1 / zp, np.float32)],
-                             [f"{lo}.s"], name=f"{lo}.s_Mul"),
-            helper.make_node("Max", [f"{hi}.s", f"{lo}.s",
-                                     self._const("int8.min_scale", _MIN_SCALE, np.float32)],
-                             [scale], name=f"{scale}_Max"),
+            helper.make_node(
+                "Mul",
+                [hi, self._const(f"int8.k{zp}", 1 / (255 - zp), np.float32)],
+                [f"{hi}.s"],
+                name=f"{hi}.s_Mul",
+            ),
+            helper.make_node(
+                "Mul",
+                [lo, self._const(f"int8.nk{zp}", -1 / zp, np.float32)],
+                [f"{lo}.s"],
+                name=f"{lo}.s_Mul",
+            ),
+            helper.make_node(
+                "Max",
+                [f"{hi}.s", f"{lo}.s", self._const("int8.min_scale", _MIN_SCALE, np.float32)],
+                [scale],
+                name=f"{scale}_Max",
+            ),
             helper.make_node("Reciprocal", [scale], [inv], name=f"{inv}_Reciprocal"),
             helper.make_node("Mul", [x, inv], [f"{base}.scaled"], name=f"{base}.scaled_Mul"),
-            helper.make_node("QuantizeLinear",
-                             [f"{base}.scaled", self._const("int8.one", 1.0, np.float32),
-                              self._const(f"int8.zp{zp}", zp, np.uint8)],
-                             [f"{base}.u8"], name=f"{base}.u8_QuantizeLinear"),
+            helper.make_node(
+                "QuantizeLinear",
+                [
+                    f"{base}.scaled",
+                    self._const("int8.one", 1.0, np.float32),
+                    self._const(f"int8.zp{zp}", zp, np.uint8),
+                ],
+                [f"{base}.u8"],
+                name=f"{base}.u8_QuantizeLinear",
+            ),
         ]
         self._quantised[key] = (f"{base}.u8", scale)
         return self._quantised[key]
 
-    def linear(self, node: onnx.NodeProto, weight: npt.NDArray[np.floating], zp: int
-               ) -> list[onnx.NodeProto]:
+    def linear(
+        self, node: onnx.NodeProto, weight: npt.NDArray[np.floating], zp: int
+    ) -> list[onnx.NodeProto]:
         """The nodes replacing ``node`` (a MatMul of input 0 by the constant ``weight``)."""
         from onnx import helper
 
@@ -243,17 +280,27 @@ class _Emitter:
         x_u8, row_scale = self.activation(node.input[0], zp, nodes)
         q, w_scale = quantize_weight(weight)
         w = node.input[1]
-        nodes.append(helper.make_node(
-            "MatMulIntegerToFloat",
-            [x_u8, self._const(f"{w}.q", q, np.int8), row_scale,
-             self._const(f"{w}.scale", w_scale, np.float32), f"int8.zp{zp}"],
-            list(node.output), name=f"{node.name}.int8", domain=MS_DOMAIN))
+        nodes.append(
+            helper.make_node(
+                "MatMulIntegerToFloat",
+                [
+                    x_u8,
+                    self._const(f"{w}.q", q, np.int8),
+                    row_scale,
+                    self._const(f"{w}.scale", w_scale, np.float32),
+                    f"int8.zp{zp}",
+                ],
+                list(node.output),
+                name=f"{node.name}.int8",
+                domain=MS_DOMAIN,
+            )
+        )
         return nodes
 
 
-def quantize_linears(model: onnx.ModelProto,
-                     recipe: Mapping[str, int] | Callable[[onnx.NodeProto], int | None]
-                     ) -> onnx.ModelProto:
+def quantize_linears(
+    model: onnx.ModelProto, recipe: Mapping[str, int] | Callable[[onnx.NodeProto], int | None]
+) -> onnx.ModelProto:
     """Rewrite ``model`` in place (and return it): each MatMul the recipe names (a mapping
     node name -> zero point, or a function returning a zero point or None) becomes the int8
     subgraph of the module docstring; its fp32 weight is dropped unless something else reads
@@ -263,8 +310,9 @@ def quantize_linears(model: onnx.ModelProto,
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
-        raise ModelError(f"int8: graph {graph.name!r} uses opset {opset}; the int8 recipe "
-                         "needs opset >= 13")
+        raise ModelError(
+            f"int8: graph {graph.name!r} uses opset {opset}; the int8 recipe needs opset >= 13"
+        )
     inits = {t.name: t for t in graph.initializer}
     if callable(recipe):
         zero_point_of, wanted = recipe, set[str]()
@@ -280,10 +328,15 @@ def quantize_linears(model: onnx.ModelProto,
             out.append(node)
             continue
         weight = inits.get(node.input[1]) if len(node.input) == 2 else None
-        if (node.op_type != "MatMul" or weight is None or len(weight.dims) != 2
-                or weight.data_type != TensorProto.FLOAT):
-            raise ModelError(f"int8: node {node.name!r} is not a MatMul by a constant 2-D "
-                             "float weight")
+        if (
+            node.op_type != "MatMul"
+            or weight is None
+            or len(weight.dims) != 2
+            or weight.data_type != TensorProto.FLOAT
+        ):
+            raise ModelError(
+                f"int8: node {node.name!r} is not a MatMul by a constant 2-D float weight"
+            )
         out.extend(emit.linear(node, numpy_helper.to_array(weight), zp))
         done.add(node.name)
     if missing := wanted - done:
@@ -321,16 +374,22 @@ def quantize_shipped(src: Path, dst: Path) -> None:
         model = onnx.load(str(src))
     except Exception as exc:
         raise ModelError(f"cannot read {src}: {exc}") from exc
-    consts = {t.name for t in model.graph.initializer
-              if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT}
+    consts = {
+        t.name
+        for t in model.graph.initializer
+        if len(t.dims) == 2 and t.data_type == TensorProto.FLOAT
+    }
 
     def recipe(node: onnx.NodeProto) -> int | None:
         constant_weight = len(node.input) == 2 and node.input[1] in consts
         return ZERO_POINT if node.op_type == "MatMul" and constant_weight else None
 
     quantize_linears(model, recipe)
-    if not any(n.domain == MS_DOMAIN and n.op_type == "MatMulIntegerToFloat"
-               for n in model.graph.node):
-        raise ModelError(f"{src}: no MatMul with a constant weight to quantise; use "
-                         "--precision fp32 for this model")
+    if not any(
+        n.domain == MS_DOMAIN and n.op_type == "MatMulIntegerToFloat" for n in model.graph.node
+    ):
+        raise ModelError(
+            f"{src}: no MatMul with a constant weight to quantise; use "
+            "--precision fp32 for this model"
+        )
     onnx.save(model, str(dst))

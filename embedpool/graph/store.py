@@ -39,8 +39,9 @@ def cache_key(parts: Mapping[str, object]) -> str:
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S,
-              on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+def file_lock(
+    path: Path, timeout_s: float = LOCK_TIMEOUT_S, on_wait: Callable[[], None] | None = None
+) -> Iterator[None]:
     """Exclusive lock on ``path`` (created if missing), bounded by ``timeout_s``; ``on_wait``
     is called once if another process holds it (so a caller can say it is waiting)."""
     from filelock import FileLock, Timeout
@@ -66,8 +67,9 @@ def file_lock(path: Path, timeout_s: float = LOCK_TIMEOUT_S,
         lock.release()
 
 
-def get_or_build(path: Path, build: Callable[[Path], None],
-                 on_wait: Callable[[], None] | None = None) -> Path:
+def get_or_build(
+    path: Path, build: Callable[[Path], None], on_wait: Callable[[], None] | None = None
+) -> Path:
     """``path``, after calling ``build(tmp)`` to write it if no process has done so yet;
     ``on_wait``: called once if another process is building it now (see ``file_lock``)."""
     if path.is_file():

@@ -36,8 +36,12 @@ RECIPE_VERSION = 1
 MIN_ELEMENTS = 256
 #: (op_type, input index) -> the axis the scales run along: MatMul's and Attention's weight
 #: [in, out] per output column; an embedding table [rows, dim] per row.
-_WEIGHT_INPUTS = {("MatMul", 1): 1, ("Attention", 1): 1, ("Gather", 0): 0,
-                  ("EmbedLayerNormalization", 2): 0}
+_WEIGHT_INPUTS = {
+    ("MatMul", 1): 1,
+    ("Attention", 1): 1,
+    ("Gather", 0): 0,
+    ("EmbedLayerNormalization", 2): 0,
+}
 
 
 def quantize_weights(model: onnx.ModelProto) -> int:
@@ -55,8 +59,13 @@ def quantize_weights(model: onnx.ModelProto) -> int:
     dequant = []
     for tensor in list(graph.initializer):
         axes = readers.get(tensor.name, {None})
-        if (len(tensor.dims) != 2 or tensor.data_type != TensorProto.FLOAT
-                or int(np.prod(tensor.dims)) < MIN_ELEMENTS or len(axes) != 1 or None in axes):
+        if (
+            len(tensor.dims) != 2
+            or tensor.data_type != TensorProto.FLOAT
+            or int(np.prod(tensor.dims)) < MIN_ELEMENTS
+            or len(axes) != 1
+            or None in axes
+        ):
             continue
         axis = next(iter(axes))
         assert axis is not None
@@ -70,11 +79,22 @@ def quantize_weights(model: onnx.ModelProto) -> int:
         q = np.clip(np.rint(w / scale.reshape(shape)) + zero.reshape(shape), 0, 255)
         names = [f"{tensor.name}.{part}" for part in ("uint8", "scale", "zero_point")]
         graph.initializer.remove(tensor)
-        graph.initializer.extend([numpy_helper.from_array(q.astype(np.uint8), names[0]),
-                                  numpy_helper.from_array(scale, names[1]),
-                                  numpy_helper.from_array(zero, names[2])])
-        dequant.append(helper.make_node("DequantizeLinear", names, [tensor.name],
-                                        name=f"{tensor.name}.dequantize", axis=axis))
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(q.astype(np.uint8), names[0]),
+                numpy_helper.from_array(scale, names[1]),
+                numpy_helper.from_array(zero, names[2]),
+            ]
+        )
+        dequant.append(
+            helper.make_node(
+                "DequantizeLinear",
+                names,
+                [tensor.name],
+                name=f"{tensor.name}.dequantize",
+                axis=axis,
+            )
+        )
     nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend([*dequant, *nodes])

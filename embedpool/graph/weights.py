@@ -48,8 +48,17 @@ MAX_HEADER_BYTES = 100_000_000
 #: Little-endian numpy dtypes of the safetensors float dtypes embedpool converts.
 FLOAT_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
 #: Integer / bool dtypes: buffers such as ``position_ids``, never weights; dropped on load.
-INT_DTYPES = {"I8": 1, "U8": 1, "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8,
-              "BOOL": 1}
+INT_DTYPES = {
+    "I8": 1,
+    "U8": 1,
+    "I16": 2,
+    "U16": 2,
+    "I32": 4,
+    "U32": 4,
+    "I64": 8,
+    "U64": 8,
+    "BOOL": 1,
+}
 INDEX_SUFFIX = ".index.json"
 
 
@@ -73,7 +82,7 @@ def normalise_key(key: str) -> str:
     """The key without a model prefix, with TF-era LayerNorm names made PyTorch's."""
     for prefix in PREFIXES:
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
             break
     # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
     key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
@@ -90,14 +99,17 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 raise ModelError(
                     f"{path} is a git-lfs pointer file ({size} bytes), not the weights: the "
                     "repository was cloned without git-lfs. Run `git lfs install && git lfs "
-                    f"pull` in {path.parent}, or download the file again.")
+                    f"pull` in {path.parent}, or download the file again."
+                )
             if size < 8:
                 raise ModelError(_truncated(path, size, "8 bytes of header length"))
             (n,) = np.frombuffer(head[:8], dtype="<u8")
             n = int(n)
             if n > MAX_HEADER_BYTES:
-                raise ModelError(f"{path} is not a safetensors file (its first 8 bytes give a "
-                                 f"header of {n} bytes); download it again")
+                raise ModelError(
+                    f"{path} is not a safetensors file (its first 8 bytes give a "
+                    f"header of {n} bytes); download it again"
+                )
             if 8 + n > size:
                 raise ModelError(_truncated(path, size, f"a {n}-byte header"))
             f.seek(8)
@@ -109,8 +121,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
     except ValueError as exc:
-        raise ModelError(f"{path} has a corrupt safetensors header ({exc}); download it "
-                         "again") from exc
+        raise ModelError(
+            f"{path} has a corrupt safetensors header ({exc}); download it again"
+        ) from exc
     base = 8 + n
     out: dict[str, TensorInfo] = {}
     for key, meta in header.items():
@@ -121,13 +134,17 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             shape = tuple(int(d) for d in meta["shape"])
             start, end = (int(o) for o in meta["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{path}: tensor {key!r} has a corrupt header entry ({exc}); "
-                             "download the file again") from exc
+            raise ModelError(
+                f"{path}: tensor {key!r} has a corrupt header entry ({exc}); "
+                "download the file again"
+            ) from exc
         itemsize = _itemsize(dtype, key, path)
         if end - start != math.prod(shape) * itemsize or start < 0:
-            raise ModelError(f"{path}: tensor {key!r} ({dtype} {list(shape)}) spans "
-                             f"{end - start} bytes, expected {math.prod(shape) * itemsize}: "
-                             "the file is corrupt; download it again")
+            raise ModelError(
+                f"{path}: tensor {key!r} ({dtype} {list(shape)}) spans "
+                f"{end - start} bytes, expected {math.prod(shape) * itemsize}: "
+                "the file is corrupt; download it again"
+            )
         out[key] = TensorInfo(dtype, shape, base + start, base + end, path)
     needed = max((t.end for t in out.values()), default=base)
     if needed > size:
@@ -149,8 +166,10 @@ def checkpoint_files(path: Path) -> list[Path]:
     for name in shards:
         shard = path.parent / str(name)
         if shard.parent != path.parent or not shard.is_file():
-            raise ModelError(f"{path} lists the shard {name}, which is missing: the download "
-                             "is incomplete; download the model again")
+            raise ModelError(
+                f"{path} lists the shard {name}, which is missing: the download "
+                "is incomplete; download the model again"
+            )
         files.append(shard)
     return files
 
@@ -166,8 +185,10 @@ def tensor_infos(path: Path | str) -> dict[str, TensorInfo]:
         for key, info in read_header(file).items():
             name = normalise_key(key)
             if name in out and info.dtype in FLOAT_DTYPES and out[name].dtype in FLOAT_DTYPES:
-                raise ModelError(f"{path}: two tensors map to {name!r} ({key!r} and another); "
-                                 "embedpool cannot tell which one the model uses")
+                raise ModelError(
+                    f"{path}: two tensors map to {name!r} ({key!r} and another); "
+                    "embedpool cannot tell which one the model uses"
+                )
             out[name] = info
     return out
 
@@ -184,21 +205,30 @@ def load_safetensors(path: Path | str) -> dict[str, Array]:
         try:
             with file.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
                 for name, info in items:
-                    out[name] = _to_float32(mm[info.start:info.end], info)
+                    out[name] = _to_float32(mm[info.start : info.end], info)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot read {file}: {exc}") from exc
     return out
 
 
-def check_shapes(tensors: Mapping[str, HasShape], expected: Mapping[str, tuple[int, ...]],
-                 where: str, config: str = "config.json") -> None:
+def check_shapes(
+    tensors: Mapping[str, HasShape],
+    expected: Mapping[str, tuple[int, ...]],
+    where: str,
+    config: str = "config.json",
+) -> None:
     """A ModelError naming every tensor whose shape is not what ``config`` implies."""
-    wrong = [f"{k} is {list(tensors[k].shape)}, config.json implies {list(v)}"
-             for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != v]
+    wrong = [
+        f"{k} is {list(tensors[k].shape)}, config.json implies {list(v)}"
+        for k, v in expected.items()
+        if k in tensors and tuple(tensors[k].shape) != v
+    ]
     if wrong:
         shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
-        raise ModelError(f"{where}: the weights do not match {config}: {shown}. The config "
-                         "belongs to another model or the weights are of another size.")
+        raise ModelError(
+            f"{where}: the weights do not match {config}: {shown}. The config "
+            "belongs to another model or the weights are of another size."
+        )
 
 
 def _to_float32(buf: bytes, info: TensorInfo) -> Array:
@@ -215,11 +245,15 @@ def _itemsize(dtype: str, key: str, path: Path) -> int:
         return int(np.dtype(FLOAT_DTYPES[dtype]).itemsize)
     if dtype in INT_DTYPES:
         return INT_DTYPES[dtype]
-    raise ModelError(f"{path}: tensor {key!r} has dtype {dtype}, which embedpool does not "
-                     f"read (it reads {', '.join(FLOAT_DTYPES)}); convert the checkpoint to "
-                     "float32, float16 or bfloat16")
+    raise ModelError(
+        f"{path}: tensor {key!r} has dtype {dtype}, which embedpool does not "
+        f"read (it reads {', '.join(FLOAT_DTYPES)}); convert the checkpoint to "
+        "float32, float16 or bfloat16"
+    )
 
 
 def _truncated(path: Path, size: int, needed: str) -> str:
-    return (f"{path} is truncated ({size} bytes, too short for {needed}): the download is "
-            "incomplete; download the file again")
+    return (
+        f"{path} is truncated ({size} bytes, too short for {needed}): the download is "
+        "incomplete; download the file again"
+    )

@@ -24,5 +24,13 @@ from embedpool.models.resolve import (
     resolve_model,
 )
 
-__all__ = ["DEFAULT_MODEL", "KNOWN_MODELS", "KnownModel", "ResolvedModel", "find_known",
-           "load_directory", "resolve_model", "sha256_file"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "KNOWN_MODELS",
+    "KnownModel",
+    "ResolvedModel",
+    "find_known",
+    "load_directory",
+    "resolve_model",
+    "sha256_file",
+]

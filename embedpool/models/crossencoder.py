@@ -53,13 +53,26 @@ ARCHITECTURES: dict[str, ClassifierKind] = {
     "ModernBertForSequenceClassification": "modernbert",
 }
 #: Tokenizer classes whose default ``model_input_names`` include token_type_ids.
-TOKEN_TYPE_TOKENIZERS = frozenset({
-    "BertTokenizer", "BertTokenizerFast", "ElectraTokenizer", "ElectraTokenizerFast",
-    "MobileBertTokenizer", "MobileBertTokenizerFast", "ConvBertTokenizer",
-    "ConvBertTokenizerFast", "SqueezeBertTokenizer", "SqueezeBertTokenizerFast"})
+TOKEN_TYPE_TOKENIZERS = frozenset(
+    {
+        "BertTokenizer",
+        "BertTokenizerFast",
+        "ElectraTokenizer",
+        "ElectraTokenizerFast",
+        "MobileBertTokenizer",
+        "MobileBertTokenizerFast",
+        "ConvBertTokenizer",
+        "ConvBertTokenizerFast",
+        "SqueezeBertTokenizer",
+        "SqueezeBertTokenizerFast",
+    }
+)
 #: torch activation class names CrossEncoder may instantiate, by what embedpool computes.
-ACTIVATIONS: dict[str, ScoreActivation] = {"Identity": "identity", "Sigmoid": "sigmoid",
-                                           "Tanh": "tanh"}
+ACTIVATIONS: dict[str, ScoreActivation] = {
+    "Identity": "identity",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+}
 #: Decoder model types whose ``*ForCausalLM`` embedpool scores as a reranker (the family's
 #: decoder builder; others are refused naming these).
 CAUSAL_LM_TYPES = frozenset({"qwen3"})
@@ -81,30 +94,36 @@ QWEN3_RERANKER_TEMPLATE = (
     'Query and the Instruct provided. Note that the answer can only be "yes" or "no".'
     "<|im_end|>\n<|im_start|>user\n<Instruct>: {{ instruction }}\n<Query>: {{ query_text }}\n"
     "<Document>: {{ document_text }}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>"
-    "\n\n\n")
+    "\n\n\n"
+)
 #: ModernBERT classifier_activation values the graph computes (transformers' ACT2FN names).
-MODERNBERT_HEAD_ACTIVATIONS = frozenset({"gelu", "gelu_new", "gelu_pytorch_tanh", "relu",
-                                         "silu", "swish", "tanh"})
+MODERNBERT_HEAD_ACTIVATIONS = frozenset(
+    {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish", "tanh"}
+)
 
 
 def is_cross_encoder(config: Mapping[str, Any]) -> bool:
     """config.json names a sequence-classification head (what CrossEncoder loads)."""
     arch = config.get("architectures")
-    return isinstance(arch, list) and bool(arch) and \
-        str(arch[0]).endswith("ForSequenceClassification")
+    return (
+        isinstance(arch, list) and bool(arch) and str(arch[0]).endswith("ForSequenceClassification")
+    )
 
 
-def classifier_spec(config: Mapping[str, Any], tok_cfg: Mapping[str, Any],
-                    st_cfg: Mapping[str, Any], where: Path) -> ClassifierSpec:
+def classifier_spec(
+    config: Mapping[str, Any], tok_cfg: Mapping[str, Any], st_cfg: Mapping[str, Any], where: Path
+) -> ClassifierSpec:
     """The head and scoring of the cross-encoder in ``where`` (see the module docstring).
     ``tok_cfg``: tokenizer_config.json; ``st_cfg``: config_sentence_transformers.json."""
     arch = str(config["architectures"][0])
     kind = ARCHITECTURES.get(arch)
     if kind is None:
-        raise ModelError(f"{where}: {arch} is a classifier embedpool does not build (it "
-                         f"builds {', '.join(sorted(ARCHITECTURES))}). Export the model "
-                         "to ONNX (optimum-cli export onnx --task text-classification) so "
-                         "that onnx/model.onnx exists, and pass that directory.")
+        raise ModelError(
+            f"{where}: {arch} is a classifier embedpool does not build (it "
+            f"builds {', '.join(sorted(ARCHITECTURES))}). Export the model "
+            "to ONNX (optimum-cli export onnx --task text-classification) so "
+            "that onnx/model.onnx exists, and pass that directory."
+        )
     id2label = config.get("id2label")
     if isinstance(id2label, dict) and id2label:
         try:
@@ -130,23 +149,36 @@ def classifier_spec(config: Mapping[str, Any], tok_cfg: Mapping[str, Any],
             raise ModelError(f"{where}: classifier_pooling {pooling!r} is not cls or mean")
         act = str(config.get("classifier_activation", "gelu"))
         if act not in MODERNBERT_HEAD_ACTIVATIONS:
-            raise ModelError(f"{where}: classifier_activation {act!r} is not one embedpool "
-                             f"computes ({', '.join(sorted(MODERNBERT_HEAD_ACTIVATIONS))})")
-        fields = {"pooling": pooling, "head_activation": act,
-                  "head_bias": bool(config.get("classifier_bias", False)),
-                  "norm_bias": bool(config.get("norm_bias", False))}
-    return ClassifierSpec(kind, num_labels, labels, score_activation(config, st_cfg, num_labels,
-                                                                     where),
-                          token_types=token_types, **fields)
+            raise ModelError(
+                f"{where}: classifier_activation {act!r} is not one embedpool "
+                f"computes ({', '.join(sorted(MODERNBERT_HEAD_ACTIVATIONS))})"
+            )
+        fields = {
+            "pooling": pooling,
+            "head_activation": act,
+            "head_bias": bool(config.get("classifier_bias", False)),
+            "norm_bias": bool(config.get("norm_bias", False)),
+        }
+    return ClassifierSpec(
+        kind,
+        num_labels,
+        labels,
+        score_activation(config, st_cfg, num_labels, where),
+        token_types=token_types,
+        **fields,
+    )
 
 
-def score_activation(config: Mapping[str, Any], st_cfg: Mapping[str, Any], num_labels: int,
-                     where: Path) -> ScoreActivation:
+def score_activation(
+    config: Mapping[str, Any], st_cfg: Mapping[str, Any], num_labels: int, where: Path
+) -> ScoreActivation:
     """The activation CrossEncoder.predict applies (see the module docstring)."""
     st_model = config.get("sentence_transformers")
-    for path in (st_cfg.get("activation_fn"),
-                 st_model.get("activation_fn") if isinstance(st_model, dict) else None,
-                 config.get("sbert_ce_default_activation_function")):
+    for path in (
+        st_cfg.get("activation_fn"),
+        st_model.get("activation_fn") if isinstance(st_model, dict) else None,
+        config.get("sbert_ce_default_activation_function"),
+    ):
         if path is None:
             continue
         path = str(path)
@@ -154,9 +186,11 @@ def score_activation(config: Mapping[str, Any], st_cfg: Mapping[str, Any], num_l
             break  # untrusted: CrossEncoder warns and uses its default
         name = path.rsplit(".", 1)[-1]
         if name not in ACTIVATIONS:
-            raise ModelError(f"{where}: the activation {path} is not one embedpool applies "
-                             f"({', '.join(sorted(ACTIVATIONS))}); refused rather than "
-                             "score differently from CrossEncoder")
+            raise ModelError(
+                f"{where}: the activation {path} is not one embedpool applies "
+                f"({', '.join(sorted(ACTIVATIONS))}); refused rather than "
+                "score differently from CrossEncoder"
+            )
         return ACTIVATIONS[name]
     return "sigmoid" if num_labels == 1 else "identity"
 
@@ -167,9 +201,13 @@ def is_causal_lm(config: Mapping[str, Any]) -> bool:
     return isinstance(arch, list) and bool(arch) and str(arch[0]).endswith("ForCausalLM")
 
 
-def causal_lm_spec(config: Mapping[str, Any], tdir: Path, logit_cfg: Mapping[str, Any] | None,
-                   st_cfg: Mapping[str, Any], files: list[tuple[str, Path]]
-                   ) -> ClassifierSpec:
+def causal_lm_spec(
+    config: Mapping[str, Any],
+    tdir: Path,
+    logit_cfg: Mapping[str, Any] | None,
+    st_cfg: Mapping[str, Any],
+    files: list[tuple[str, Path]],
+) -> ClassifierSpec:
     """The scoring of a causal-LM reranker in ``tdir`` (see the module docstring).
     ``logit_cfg``: LogitScore's config.json (None: a plain transformers directory)."""
     from tokenizers import Tokenizer
@@ -177,41 +215,57 @@ def causal_lm_spec(config: Mapping[str, Any], tdir: Path, logit_cfg: Mapping[str
     where = tdir / "config.json"
     model_type = str(config.get("model_type", ""))
     if model_type not in CAUSAL_LM_TYPES:
-        raise ModelError(f"{where}: a {config['architectures'][0]} reranker; embedpool scores "
-                         f"causal-LM rerankers of {', '.join(sorted(CAUSAL_LM_TYPES))} "
-                         f"(Qwen3-Reranker), not model_type {model_type!r}")
+        raise ModelError(
+            f"{where}: a {config['architectures'][0]} reranker; embedpool scores "
+            f"causal-LM rerankers of {', '.join(sorted(CAUSAL_LM_TYPES))} "
+            f"(Qwen3-Reranker), not model_type {model_type!r}"
+        )
     if logit_cfg is None:  # CrossEncoder's default: the tokens "yes" and "no"
         try:
             tok = Tokenizer.from_file(str(tdir / "tokenizer.json"))
         except Exception as exc:
-            raise ModelError(f"{tdir / 'tokenizer.json'}: cannot read the tokenizer: "
-                             f"{exc}") from exc
+            raise ModelError(
+                f"{tdir / 'tokenizer.json'}: cannot read the tokenizer: {exc}"
+            ) from exc
         true_id, false_id = tok.token_to_id("yes"), tok.token_to_id("no")
         if true_id is None or false_id is None:
-            raise ModelError(f"{tdir}: a causal LM whose tokenizer has no 'yes' and 'no' "
-                             "tokens, which CrossEncoder scores by; save it with "
-                             "CrossEncoder (modules.json with a LogitScore naming its tokens)")
+            raise ModelError(
+                f"{tdir}: a causal LM whose tokenizer has no 'yes' and 'no' "
+                "tokens, which CrossEncoder scores by; save it with "
+                "CrossEncoder (modules.json with a LogitScore naming its tokens)"
+            )
     else:
         try:
             true_id = int(logit_cfg["true_token_id"])
             raw_false = logit_cfg.get("false_token_id")
             false_id = -1 if raw_false is None else int(raw_false)
         except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"{tdir}: LogitScore's config needs an integer true_token_id "
-                             f"(and false_token_id or null): {exc}") from exc
+            raise ModelError(
+                f"{tdir}: LogitScore's config needs an integer true_token_id "
+                f"(and false_token_id or null): {exc}"
+            ) from exc
         if str(logit_cfg.get("module_input_name", "causal_logits")) != "causal_logits":
-            raise ModelError(f"{tdir}: LogitScore reads {logit_cfg['module_input_name']!r}; "
-                             "embedpool computes it on the causal LM's logits only")
+            raise ModelError(
+                f"{tdir}: LogitScore reads {logit_cfg['module_input_name']!r}; "
+                "embedpool computes it on the causal LM's logits only"
+            )
     vocab = int(config.get("vocab_size", 0))
     for name, tid in (("true", true_id), ("false", false_id)):
         if (tid >= 0 or name == "true") and not 0 <= tid < vocab:
-            raise ModelError(f"{where}: the {name} token id {tid} is outside the vocabulary "
-                             f"of {vocab}")
+            raise ModelError(
+                f"{where}: the {name} token id {tid} is outside the vocabulary of {vocab}"
+            )
     template = pair_template(tdir, model_type, files)
-    return ClassifierSpec("causal_lm", 1, ("score",), score_activation(config, st_cfg, 1, where),
-                          true_token=true_id, false_token=false_id,
-                          tied_lm_head=bool(config.get("tie_word_embeddings", False)),
-                          pair_template=template)
+    return ClassifierSpec(
+        "causal_lm",
+        1,
+        ("score",),
+        score_activation(config, st_cfg, 1, where),
+        true_token=true_id,
+        false_token=false_id,
+        tied_lm_head=bool(config.get("tie_word_embeddings", False)),
+        pair_template=template,
+    )
 
 
 def pair_template(tdir: Path, model_type: str, files: list[tuple[str, Path]]) -> str:
@@ -228,16 +282,24 @@ def pair_template(tdir: Path, model_type: str, files: list[tuple[str, Path]]) ->
         tok_cfg = read_json(tdir / "tokenizer_config.json")
         raw = tok_cfg.get("chat_template") if isinstance(tok_cfg, dict) else None
         if isinstance(raw, list):  # named templates: transformers uses "default"
-            raw = next((t.get("template") for t in raw if isinstance(t, dict)
-                        and t.get("name") == "default"), None)
+            raw = next(
+                (
+                    t.get("template")
+                    for t in raw
+                    if isinstance(t, dict) and t.get("name") == "default"
+                ),
+                None,
+            )
         source = raw if isinstance(raw, str) else None
     if source is not None and _renders_pair(source):
         return source
     if model_type == "qwen3":
         return QWEN3_RERANKER_TEMPLATE
-    raise ModelError(f"{tdir}: no chat template that renders a [query, document] pair (the "
-                     "roles 'query' and 'document', as CrossEncoder 6 requires); add a "
-                     "chat_template.jinja")
+    raise ModelError(
+        f"{tdir}: no chat template that renders a [query, document] pair (the "
+        "roles 'query' and 'document', as CrossEncoder 6 requires); add a "
+        "chat_template.jinja"
+    )
 
 
 def _renders_pair(source: str) -> bool:
@@ -274,9 +336,11 @@ def cross_encoder_layout(directory: Path) -> tuple[Layout, ClassifierSpec] | Non
     files: list[tuple[str, Path]] = []
     if isinstance(modules, list):
         if len(modules) != 1:
-            raise ModelError(f"{directory / 'modules.json'}: a cross-encoder with "
-                             f"{len(modules)} modules; embedpool reads the one-module "
-                             "sequence-classification layout CrossEncoder saves")
+            raise ModelError(
+                f"{directory / 'modules.json'}: a cross-encoder with "
+                f"{len(modules)} modules; embedpool reads the one-module "
+                "sequence-classification layout CrossEncoder saves"
+            )
         files.append(("st:modules", directory / "modules.json"))
     st_bert = read_json(tdir / "sentence_bert_config.json")
     st_bert = st_bert if isinstance(st_bert, dict) else {}
@@ -290,16 +354,19 @@ def cross_encoder_layout(directory: Path) -> tuple[Layout, ClassifierSpec] | Non
     tok_cfg = read_json(tdir / "tokenizer_config.json")
     tok_cfg = tok_cfg if isinstance(tok_cfg, dict) else {}
     spec = classifier_spec(config, tok_cfg, st_cfg, tdir / "config.json")
-    text = TextSpec(max_length=max_length(tdir, config, st_bert, files),
-                    normalizer=bert_normalizer(tok_cfg or None, config, tdir))
+    text = TextSpec(
+        max_length=max_length(tdir, config, st_bert, files),
+        normalizer=bert_normalizer(tok_cfg or None, config, tdir),
+    )
     # The head's fields are unused for a classifier (``classifier`` replaces them); no
     # Normalize, so an engine returns the graph's logits as they are.
     head = HeadSpec(PoolingSpec(("cls",)), normalize=False)
     return Layout(tdir, head, text, None, tuple(files), isinstance(modules, list)), spec
 
 
-def _causal_lm_layout(directory: Path, tdir: Path, modules: Any, config: dict[str, Any]
-                      ) -> tuple[Layout, ClassifierSpec] | None:
+def _causal_lm_layout(
+    directory: Path, tdir: Path, modules: Any, config: dict[str, Any]
+) -> tuple[Layout, ClassifierSpec] | None:
     """A causal-LM reranker's layout: CrossEncoder's ``[Transformer, LogitScore]`` modules, or
     a plain transformers directory; None for a causal LM saved as something else (an
     embedder's modules.json with Pooling)."""
@@ -332,9 +399,10 @@ def _causal_lm_layout(directory: Path, tdir: Path, modules: Any, config: dict[st
         files.append(("st:activation", st_path))
     spec = causal_lm_spec(config, tdir, logit_cfg, st_cfg, files)
     tok_cfg = read_json(tdir / "tokenizer_config.json")
-    text = TextSpec(max_length=max_length(tdir, config, st_bert, files),
-                    normalizer=bert_normalizer(tok_cfg if isinstance(tok_cfg, dict) else None,
-                                               config, tdir))
+    text = TextSpec(
+        max_length=max_length(tdir, config, st_bert, files),
+        normalizer=bert_normalizer(tok_cfg if isinstance(tok_cfg, dict) else None, config, tdir),
+    )
     head = HeadSpec(PoolingSpec(("lasttoken",)), normalize=False)
     return Layout(tdir, head, text, None, tuple(files), isinstance(modules, list)), spec
 
@@ -347,10 +415,18 @@ def _has_yes_no(tdir: Path) -> bool:
     tok = read_json(tdir / "tokenizer.json")
     model = tok.get("model") if isinstance(tok, dict) else None
     vocab = model.get("vocab") if isinstance(model, dict) else None
-    added = {str(t.get("content")) for t in tok.get("added_tokens") or []
-             if isinstance(t, dict)} if isinstance(tok, dict) else set()
-    words = set(vocab) if isinstance(vocab, dict) else {  # Unigram: [token, score] pairs
-        str(v[0]) for v in vocab or [] if isinstance(v, list) and v}
+    added = (
+        {str(t.get("content")) for t in tok.get("added_tokens") or [] if isinstance(t, dict)}
+        if isinstance(tok, dict)
+        else set()
+    )
+    words = (
+        set(vocab)
+        if isinstance(vocab, dict)
+        else {  # Unigram: [token, score] pairs
+            str(v[0]) for v in vocab or [] if isinstance(v, list) and v
+        }
+    )
     return all(w in words or w in added for w in ("yes", "no"))
 
 
@@ -360,6 +436,8 @@ def refuse_cross_encoder(model: Any) -> None:
     if getattr(model, "classifier", None) is not None:
         from embedpool.errors import ConfigError
 
-        raise ConfigError(f"{model.name} is a cross-encoder (a reranker: it scores [query, "
-                          "document] pairs and makes no vectors); rerank with "
-                          "embedpool.Reranker, `embedpool rerank` or `serve --reranker`")
+        raise ConfigError(
+            f"{model.name} is a cross-encoder (a reranker: it scores [query, "
+            "document] pairs and makes no vectors); rerank with "
+            "embedpool.Reranker, `embedpool rerank` or `serve --reranker`"
+        )

@@ -78,10 +78,13 @@ class HashCache:
         st = path.stat()
         ident = _identity(st)
         entry = self._entries.get(key)
-        if isinstance(entry, dict) and entry.get("id") == ident \
-                and isinstance(entry.get("sha256"), str) \
-                and max(st.st_mtime_ns, st.st_ctime_ns) + RACY_WINDOW_NS \
-                < int(entry.get("hashed_at", 0)):
+        if (
+            isinstance(entry, dict)
+            and entry.get("id") == ident
+            and isinstance(entry.get("sha256"), str)
+            and max(st.st_mtime_ns, st.st_ctime_ns) + RACY_WINDOW_NS
+            < int(entry.get("hashed_at", 0))
+        ):
             return str(entry["sha256"])
         hashed_at = time.time_ns()
         digest = sha256_file(path)
@@ -97,8 +100,9 @@ class HashCache:
         entries = self._entries
         if len(entries) > MAX_ENTRIES:
             alive = {k: v for k, v in entries.items() if Path(k).exists()}
-            newest = sorted(alive.items(), key=lambda kv: int(kv[1].get("hashed_at", 0)),
-                            reverse=True)
+            newest = sorted(
+                alive.items(), key=lambda kv: int(kv[1].get("hashed_at", 0)), reverse=True
+            )
             entries = dict(newest[:MAX_ENTRIES])
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:

@@ -32,54 +32,191 @@ from embedpool.modelspec import BertNormalizerSpec
 
 #: Class names (as tokenizer_config.json or config.json write them) that resolve to a class
 #: rebuilding a BertNormalizer + BertPreTokenizer + WordPiece from the vocabulary.
-BERT_REBUILD_CLASSES = frozenset({
-    "BertTokenizer", "BertTokenizerFast", "DistilBertTokenizer", "DistilBertTokenizerFast",
-    "ElectraTokenizer", "ElectraTokenizerFast", "LayoutLMTokenizer", "LayoutLMTokenizerFast",
-    "MobileBertTokenizer", "MobileBertTokenizerFast", "SqueezeBertTokenizer",
-    "SqueezeBertTokenizerFast", "LxmertTokenizer", "LxmertTokenizerFast", "MPNetTokenizer",
-    "MPNetTokenizerFast", "DPRContextEncoderTokenizer", "DPRQuestionEncoderTokenizer",
-    "DPRReaderTokenizer"})
+BERT_REBUILD_CLASSES = frozenset(
+    {
+        "BertTokenizer",
+        "BertTokenizerFast",
+        "DistilBertTokenizer",
+        "DistilBertTokenizerFast",
+        "ElectraTokenizer",
+        "ElectraTokenizerFast",
+        "LayoutLMTokenizer",
+        "LayoutLMTokenizerFast",
+        "MobileBertTokenizer",
+        "MobileBertTokenizerFast",
+        "SqueezeBertTokenizer",
+        "SqueezeBertTokenizerFast",
+        "LxmertTokenizer",
+        "LxmertTokenizerFast",
+        "MPNetTokenizer",
+        "MPNetTokenizerFast",
+        "DPRContextEncoderTokenizer",
+        "DPRQuestionEncoderTokenizer",
+        "DPRReaderTokenizer",
+    }
+)
 #: The DPR fast names resolve to classes without an ``__init__`` (tokenizer.json as is) when
 #: they are looked up as written, and to the slow, rebuilding ones when transformers strips
 #: "Fast" first (tokenizer_config.json's class for a model type it agrees with).
 BERT_REBUILD_WHEN_STRIPPED = BERT_REBUILD_CLASSES | {
-    "DPRContextEncoderTokenizerFast", "DPRQuestionEncoderTokenizerFast",
-    "DPRReaderTokenizerFast"}
+    "DPRContextEncoderTokenizerFast",
+    "DPRQuestionEncoderTokenizerFast",
+    "DPRReaderTokenizerFast",
+}
 #: Classes that rebuild a BertNormalizer with rules of their own (jieba, BPE, ...), which
 #: embedpool does not reproduce: refused by name.
-OTHER_REBUILD_CLASSES = frozenset({
-    "FunnelTokenizer", "FunnelTokenizerFast", "HerbertTokenizer", "HerbertTokenizerFast",
-    "LayoutLMv2Tokenizer", "LayoutLMv2TokenizerFast", "OpenAIGPTTokenizer",
-    "OpenAIGPTTokenizerFast", "RoFormerTokenizer", "RoFormerTokenizerFast",
-    "SplinterTokenizer", "SplinterTokenizerFast"})
+OTHER_REBUILD_CLASSES = frozenset(
+    {
+        "FunnelTokenizer",
+        "FunnelTokenizerFast",
+        "HerbertTokenizer",
+        "HerbertTokenizerFast",
+        "LayoutLMv2Tokenizer",
+        "LayoutLMv2TokenizerFast",
+        "OpenAIGPTTokenizer",
+        "OpenAIGPTTokenizerFast",
+        "RoFormerTokenizer",
+        "RoFormerTokenizerFast",
+        "SplinterTokenizer",
+        "SplinterTokenizerFast",
+    }
+)
 #: config.json model types whose registered tokenizer is one of BERT_REBUILD_CLASSES (used
 #: when neither file names a class).
-BERT_REBUILD_TYPES = frozenset({
-    "align", "bark", "bert", "blip", "bros", "chinese_clip", "convbert", "distilbert", "dpr",
-    "electra", "ernie", "flava", "git", "grounding-dino", "layoutlm", "lxmert", "megatron-bert",
-    "mm-grounding-dino", "mobilebert", "mpnet", "nezha", "nomic_bert", "qdqbert", "realm",
-    "retribert", "squeezebert", "tvp", "vilt", "visual_bert"})
-OTHER_REBUILD_TYPES = frozenset({"funnel", "herbert", "layoutlmv2", "openai-gpt", "roformer",
-                                 "splinter"})
+BERT_REBUILD_TYPES = frozenset(
+    {
+        "align",
+        "bark",
+        "bert",
+        "blip",
+        "bros",
+        "chinese_clip",
+        "convbert",
+        "distilbert",
+        "dpr",
+        "electra",
+        "ernie",
+        "flava",
+        "git",
+        "grounding-dino",
+        "layoutlm",
+        "lxmert",
+        "megatron-bert",
+        "mm-grounding-dino",
+        "mobilebert",
+        "mpnet",
+        "nezha",
+        "nomic_bert",
+        "qdqbert",
+        "realm",
+        "retribert",
+        "squeezebert",
+        "tvp",
+        "vilt",
+        "visual_bert",
+    }
+)
+OTHER_REBUILD_TYPES = frozenset(
+    {"funnel", "herbert", "layoutlmv2", "openai-gpt", "roformer", "splinter"}
+)
 #: Model types for which transformers ignores a named class that differs from the registered
 #: one: those registered to TokenizersBackend / PreTrainedTokenizerFast (tokenizer.json as
 #: is), and MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS (their registered class, none of them
 #: a BERT one).
-NAMED_CLASS_IGNORED_TYPES = frozenset({
-    "EvollaModel", "arctic", "aria", "beam", "bigbird_pegasus", "canary", "chatlm",
-    "cohere_asr", "ernie4_5", "ernie4_5_moe", "flex_olmo", "fuyu", "glm", "glm4", "glm4_moe",
-    "glm4_moe_lite", "glm4v", "glm4v_moe", "glm_image", "glmasr", "got_ocr2", "gpt_bigcode",
-    "gradium_phonon_tts", "granite", "granitemoe", "granitemoehybrid", "granitemoeshared",
-    "h2ovl_chat", "hyperclovax", "hyperclovax_vision_v2", "hyperclovax_vlm", "internlm2",
-    "internlm3", "iquestcoder", "jamba", "kimi_k25", "kimi_linear", "kosmos-2", "llava",
-    "llava_next", "mimo_v2_flash", "minicpm3", "minicpm_ocr", "minicpmv", "minicpmv4_6",
-    "minicpmv4_7", "minimax_m2", "ministral", "ministral3", "mistral", "mistral3",
-    "mistral_large4", "mixtral", "modernbert", "modernbert-decoder", "molmo", "molmo2",
-    "nemo_speechlm", "nemotron", "nvfp4", "nystromformer", "olmo2", "olmo3", "olmo_hybrid",
-    "omniasr", "opencua", "openvla", "paddleocr_vl", "pegasus_x", "persimmon", "phi3",
-    "phi3_v", "phimoe", "pix2struct", "pixtral", "pocket_tts", "qwen2", "qwen3_5",
-    "qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp", "siglip2", "smolvlm", "stablelm",
-    "step3_vl", "umt5", "vipllava", "voxtral", "voxtral_realtime", "xlm-roberta-xl"})
+NAMED_CLASS_IGNORED_TYPES = frozenset(
+    {
+        "EvollaModel",
+        "arctic",
+        "aria",
+        "beam",
+        "bigbird_pegasus",
+        "canary",
+        "chatlm",
+        "cohere_asr",
+        "ernie4_5",
+        "ernie4_5_moe",
+        "flex_olmo",
+        "fuyu",
+        "glm",
+        "glm4",
+        "glm4_moe",
+        "glm4_moe_lite",
+        "glm4v",
+        "glm4v_moe",
+        "glm_image",
+        "glmasr",
+        "got_ocr2",
+        "gpt_bigcode",
+        "gradium_phonon_tts",
+        "granite",
+        "granitemoe",
+        "granitemoehybrid",
+        "granitemoeshared",
+        "h2ovl_chat",
+        "hyperclovax",
+        "hyperclovax_vision_v2",
+        "hyperclovax_vlm",
+        "internlm2",
+        "internlm3",
+        "iquestcoder",
+        "jamba",
+        "kimi_k25",
+        "kimi_linear",
+        "kosmos-2",
+        "llava",
+        "llava_next",
+        "mimo_v2_flash",
+        "minicpm3",
+        "minicpm_ocr",
+        "minicpmv",
+        "minicpmv4_6",
+        "minicpmv4_7",
+        "minimax_m2",
+        "ministral",
+        "ministral3",
+        "mistral",
+        "mistral3",
+        "mistral_large4",
+        "mixtral",
+        "modernbert",
+        "modernbert-decoder",
+        "molmo",
+        "molmo2",
+        "nemo_speechlm",
+        "nemotron",
+        "nvfp4",
+        "nystromformer",
+        "olmo2",
+        "olmo3",
+        "olmo_hybrid",
+        "omniasr",
+        "opencua",
+        "openvla",
+        "paddleocr_vl",
+        "pegasus_x",
+        "persimmon",
+        "phi3",
+        "phi3_v",
+        "phimoe",
+        "pix2struct",
+        "pixtral",
+        "pocket_tts",
+        "qwen2",
+        "qwen3_5",
+        "qwen3_5_moe",
+        "qwen3_5_moe_text",
+        "qwen4_exp",
+        "siglip2",
+        "smolvlm",
+        "stablelm",
+        "step3_vl",
+        "umt5",
+        "vipllava",
+        "voxtral",
+        "voxtral_realtime",
+        "xlm-roberta-xl",
+    }
+)
 #: The special tokens each rebuilding class puts around a text when the files name none.
 DEFAULT_SPECIALS = {"MPNetTokenizer": ("<s>", "</s>")}
 BERT_SPECIALS = ("[CLS]", "[SEP]")
@@ -87,23 +224,27 @@ BERT_SPECIALS = ("[CLS]", "[SEP]")
 Rebuild = Literal["bert", "other", "as-is"]
 
 
-def tokenizer_class(tok_cfg: Mapping[str, Any], config: Mapping[str, Any]
-                    ) -> tuple[Rebuild, str]:
+def tokenizer_class(tok_cfg: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[Rebuild, str]:
     """What AutoTokenizer builds: ("bert" | "other" | "as-is", the class name it went by)."""
     model_type = str(config.get("model_type") or "")
     named = tok_cfg.get("tokenizer_class") or config.get("tokenizer_class")
     if isinstance(named, str) and named:
         if model_type in NAMED_CLASS_IGNORED_TYPES:
             return "as-is", named
-        if named in BERT_REBUILD_WHEN_STRIPPED - BERT_REBUILD_CLASSES and \
-                model_type not in BERT_REBUILD_TYPES:
+        if (
+            named in BERT_REBUILD_WHEN_STRIPPED - BERT_REBUILD_CLASSES
+            and model_type not in BERT_REBUILD_TYPES
+        ):
             # looked up as written (no init: as is) or stripped (a rebuild) depending on a
             # registry of every model type; too rare to carry that table: refused
             return "other", named
         # a model type registered to another class looks the name up as written; else
         # transformers strips "Fast" first (only the DPR fast names differ between the two)
-        table = BERT_REBUILD_WHEN_STRIPPED if _registered_is(model_type, named) \
+        table = (
+            BERT_REBUILD_WHEN_STRIPPED
+            if _registered_is(model_type, named)
             else BERT_REBUILD_CLASSES
+        )
         if named in table:
             return "bert", named
         if named in OTHER_REBUILD_CLASSES:
@@ -123,8 +264,9 @@ def _registered_is(model_type: str, named: str) -> bool:
     return model_type not in BERT_REBUILD_TYPES or named.removesuffix("Fast") == registered
 
 
-def bert_normalizer(tok_cfg: Any, config: Any = None, tdir: Path | None = None
-                    ) -> BertNormalizerSpec | None:
+def bert_normalizer(
+    tok_cfg: Any, config: Any = None, tdir: Path | None = None
+) -> BertNormalizerSpec | None:
     """The BertNormalizer transformers 5 rebuilds for a directory (tokenizer_config.json,
     config.json, the folder holding tokenizer.json), or None when it keeps ``tokenizer.json``'s
     own; a ModelError when it rebuilds a tokenizer embedpool cannot reproduce from
@@ -136,16 +278,19 @@ def bert_normalizer(tok_cfg: Any, config: Any = None, tdir: Path | None = None
     if kind == "as-is":
         return None
     if kind == "other":
-        raise ModelError(f"{where}: transformers builds the tokenizer as {name}, which "
-                         "rebuilds its normalizer by rules embedpool does not reproduce; "
-                         "refused rather than tokenise differently")
+        raise ModelError(
+            f"{where}: transformers builds the tokenizer as {name}, which "
+            "rebuilds its normalizer by rules embedpool does not reproduce; "
+            "refused rather than tokenise differently"
+        )
     if tdir is not None:
         _check_wordpiece(tdir, tok_cfg, name)
     strip = tok_cfg.get("strip_accents")
     return BertNormalizerSpec(
         lowercase=_flag(tok_cfg, "do_lower_case", True, where),
         strip_accents=None if strip is None else _flag(tok_cfg, "strip_accents", True, where),
-        handle_chinese_chars=_flag(tok_cfg, "tokenize_chinese_chars", True, where))
+        handle_chinese_chars=_flag(tok_cfg, "tokenize_chinese_chars", True, where),
+    )
 
 
 def _flag(cfg: Mapping[str, Any], key: str, default: bool, where: Path) -> bool:
@@ -171,22 +316,28 @@ def _check_wordpiece(tdir: Path, tok_cfg: Mapping[str, Any], name: str) -> None:
         raise ModelError(f"cannot read {path}: {exc}") from exc
     model = data.get("model") if isinstance(data, dict) else None
     model = model if isinstance(model, dict) else {}
-    if model.get("type", "WordPiece") != "WordPiece" or \
-            model.get("continuing_subword_prefix", "##") != "##" or \
-            model.get("max_input_chars_per_word", 100) != 100:
+    if (
+        model.get("type", "WordPiece") != "WordPiece"
+        or model.get("continuing_subword_prefix", "##") != "##"
+        or model.get("max_input_chars_per_word", 100) != 100
+    ):
         raise ModelError(
             f"{path}: transformers rebuilds this tokenizer as {name} (a WordPiece with prefix "
             f"'##'), not the {model.get('type')!r} model saved here; refused rather than "
-            "tokenise differently from sentence-transformers")
+            "tokenise differently from sentence-transformers"
+        )
     default = DEFAULT_SPECIALS.get(name.removesuffix("Fast"), BERT_SPECIALS)
-    want = (_token(tok_cfg.get("cls_token")) or default[0],
-            _token(tok_cfg.get("sep_token")) or default[1])
+    want = (
+        _token(tok_cfg.get("cls_token")) or default[0],
+        _token(tok_cfg.get("sep_token")) or default[1],
+    )
     got = _template_specials(data.get("post_processor"))
     if got is not None and got != want:
         raise ModelError(
             f"{path}: transformers rebuilds this tokenizer as {name}, which puts {want[0]} ... "
             f"{want[1]} around a text; tokenizer.json puts {got[0]} ... {got[1]}. Set "
-            "cls_token and sep_token in tokenizer_config.json; refused until they agree")
+            "cls_token and sep_token in tokenizer_config.json; refused until they agree"
+        )
 
 
 def _token(value: Any) -> str | None:
@@ -209,7 +360,10 @@ def _template_specials(proc: Any) -> tuple[str, str] | None:
         except (KeyError, IndexError, TypeError):
             return None
     if proc.get("type") == "TemplateProcessing":
-        specials = [p["SpecialToken"]["id"] for p in proc.get("single") or []
-                    if isinstance(p, dict) and "SpecialToken" in p]
+        specials = [
+            p["SpecialToken"]["id"]
+            for p in proc.get("single") or []
+            if isinstance(p, dict) and "SpecialToken" in p
+        ]
         return (str(specials[0]), str(specials[-1])) if len(specials) >= 2 else None
     return None

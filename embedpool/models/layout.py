@@ -48,24 +48,48 @@ from embedpool.modelspec import (
 SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "Dropout", "Normalize")
 #: Legacy pooling flags, in the order sentence-transformers concatenates them.
 LEGACY_POOLING_FLAGS: dict[str, PoolingMode] = {
-    "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
-    "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
-    "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 assert tuple(LEGACY_POOLING_FLAGS.values()) == POOLING_ORDER
 #: torch activation classes a Dense module may name, and embedpool's name for each.
 TORCH_ACTIVATIONS: dict[str, DenseActivation] = {
-    "Identity": "identity", "Tanh": "tanh", "ReLU": "relu", "GELU": "gelu",
-    "Sigmoid": "sigmoid", "SiLU": "silu", "LeakyReLU": "leakyrelu", "ELU": "elu",
-    "Softplus": "softplus", "Mish": "mish", "Hardtanh": "hardtanh", "ReLU6": "relu6",
-    "SELU": "selu", "CELU": "celu", "Softsign": "softsign", "Tanhshrink": "tanhshrink",
-    "Hardsigmoid": "hardsigmoid", "Hardswish": "hardswish", "LogSigmoid": "logsigmoid"}
+    "Identity": "identity",
+    "Tanh": "tanh",
+    "ReLU": "relu",
+    "GELU": "gelu",
+    "Sigmoid": "sigmoid",
+    "SiLU": "silu",
+    "LeakyReLU": "leakyrelu",
+    "ELU": "elu",
+    "Softplus": "softplus",
+    "Mish": "mish",
+    "Hardtanh": "hardtanh",
+    "ReLU6": "relu6",
+    "SELU": "selu",
+    "CELU": "celu",
+    "Softsign": "softsign",
+    "Tanhshrink": "tanhshrink",
+    "Hardsigmoid": "hardsigmoid",
+    "Hardswish": "hardswish",
+    "LogSigmoid": "logsigmoid",
+}
 #: sentence-transformers' default Transformer output (its only text modality).
 DEFAULT_MODALITY = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
 #: The file names sentence-transformers tries, in order, for the Transformer's config.
-ST_CONFIG_NAMES = ("sentence_bert_config.json", "sentence_roberta_config.json",
-                   "sentence_distilbert_config.json", "sentence_camembert_config.json",
-                   "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
-                   "sentence_xlnet_config.json")
+ST_CONFIG_NAMES = (
+    "sentence_bert_config.json",
+    "sentence_roberta_config.json",
+    "sentence_distilbert_config.json",
+    "sentence_camembert_config.json",
+    "sentence_albert_config.json",
+    "sentence_xlm-roberta_config.json",
+    "sentence_xlnet_config.json",
+)
 SIMILARITY_FNS = ("cosine", "dot", "euclidean", "manhattan")
 #: transformers' model_max_length when tokenizer_config.json has none (int(1e30)).
 VERY_LARGE = int(1e30)
@@ -77,12 +101,35 @@ PADDED_POSITIONS = frozenset({"roberta", "xlm-roberta", "camembert", "xlm_robert
 HARMLESS_ST_CONFIG = frozenset({"unpad_inputs", "backend", "cache_dir"})
 #: loading options for torch / transformers; ``dtype`` only sets the torch compute type,
 #: embedpool computes in fp32 (or its int8 recipe) whatever the checkpoint's dtype
-HARMLESS_MODEL_KWARGS = frozenset({"torch_dtype", "dtype", "attn_implementation",
-                                   "trust_remote_code", "low_cpu_mem_usage", "device_map",
-                                   "revision", "cache_dir", "local_files_only", "token",
-                                   "file_name", "provider", "export", "subfolder"})
-HARMLESS_LOAD_KWARGS = frozenset({"trust_remote_code", "revision", "cache_dir",
-                                  "local_files_only", "token", "use_fast", "subfolder"})
+HARMLESS_MODEL_KWARGS = frozenset(
+    {
+        "torch_dtype",
+        "dtype",
+        "attn_implementation",
+        "trust_remote_code",
+        "low_cpu_mem_usage",
+        "device_map",
+        "revision",
+        "cache_dir",
+        "local_files_only",
+        "token",
+        "file_name",
+        "provider",
+        "export",
+        "subfolder",
+    }
+)
+HARMLESS_LOAD_KWARGS = frozenset(
+    {
+        "trust_remote_code",
+        "revision",
+        "cache_dir",
+        "local_files_only",
+        "token",
+        "use_fast",
+        "subfolder",
+    }
+)
 HARMLESS_PROMPTS_CONFIG = frozenset({"__version__", "requirements"})
 
 
@@ -113,8 +160,10 @@ def read_config(path: Path) -> dict[str, Any] | None:
     there but not a JSON object (a config of another kind, or a damaged file)."""
     data = read_json(path)
     if data is not None and not isinstance(data, dict):
-        raise ModelError(f"{path}: expected a JSON object (the model's configuration), got "
-                         f"{type(data).__name__} {str(data)[:60]}")
+        raise ModelError(
+            f"{path}: expected a JSON object (the model's configuration), got "
+            f"{type(data).__name__} {str(data)[:60]}"
+        )
     return data
 
 
@@ -156,11 +205,13 @@ def read_layout(directory: Path) -> Layout:
     prompts, default_name, similarity, truncate_dim = _prompts_config(prompts_cfg)
     if prompts_cfg.is_file():
         files.append(("st:prompts", prompts_cfg))
-    text = TextSpec(max_length=max_length(tdir, config, st_cfg, files),
-                    do_lower_case=_bool(st_cfg, "do_lower_case", st_path),
-                    prompts=prompts, default_prompt_name=default_name,
-                    normalizer=bert_normalizer(read_json(tdir / "tokenizer_config.json"), config,
-                                               tdir))
+    text = TextSpec(
+        max_length=max_length(tdir, config, st_cfg, files),
+        do_lower_case=_bool(st_cfg, "do_lower_case", st_path),
+        prompts=prompts,
+        default_prompt_name=default_name,
+        normalizer=bert_normalizer(read_json(tdir / "tokenizer_config.json"), config, tdir),
+    )
     head = HeadSpec(pooling, tuple(dense), normalize=normalize, truncate_dim=truncate_dim)
     return Layout(tdir, head, text, similarity, tuple(files), True)
 
@@ -171,26 +222,34 @@ def _plain_layout(directory: Path) -> Layout:
     when it resolves the family.)"""
     config = read_config(directory / "config.json") or {}
     files: list[tuple[str, Path]] = []
-    text = TextSpec(max_length=max_length(directory, config, {}, files),
-                    normalizer=bert_normalizer(read_json(directory / "tokenizer_config.json"),
-                                               config, directory))
+    text = TextSpec(
+        max_length=max_length(directory, config, {}, files),
+        normalizer=bert_normalizer(
+            read_json(directory / "tokenizer_config.json"), config, directory
+        ),
+    )
     head = HeadSpec(PoolingSpec(("mean",)), normalize=False)
     return Layout(directory, head, text, None, tuple(files), False)
 
 
 # --- modules.json ------------------------------------------------------------------------------
 
+
 def _module_kind(module: Any, where: Path) -> str:
     if not isinstance(module, dict):
         raise ModelError(f"{where}: every module must be an object, got {module!r}")
     unknown = set(module) - {"idx", "name", "path", "type", "kwargs"}
     if unknown:
-        raise ModelError(f"{where}: module {module.get('name')!r} has keys {sorted(unknown)} "
-                         "that embedpool does not know")
+        raise ModelError(
+            f"{where}: module {module.get('name')!r} has keys {sorted(unknown)} "
+            "that embedpool does not know"
+        )
     if module.get("kwargs"):
-        raise ModelError(f"{where}: module {module.get('type')!r} takes forward kwargs "
-                         f"{module['kwargs']} (task-specific adapters); embedpool does not "
-                         "implement them")
+        raise ModelError(
+            f"{where}: module {module.get('type')!r} takes forward kwargs "
+            f"{module['kwargs']} (task-specific adapters); embedpool does not "
+            "implement them"
+        )
     ref = str(module.get("type", ""))
     kind = ref.rsplit(".", 1)[-1]
     if not ref.startswith("sentence_transformers.") or kind not in SUPPORTED_MODULES:
@@ -198,7 +257,8 @@ def _module_kind(module: Any, where: Path) -> str:
             f"{where}: module {ref!r} (path {module.get('path', '')!r}) is not one embedpool "
             f"implements; it supports sentence-transformers' {', '.join(SUPPORTED_MODULES)} "
             "(Dropout is a no-op at inference). Its vectors cannot be computed without it, "
-            "so the model is refused rather than embedded without the module.")
+            "so the model is refused rather than embedded without the module."
+        )
     return kind
 
 
@@ -207,15 +267,19 @@ def _check_order(kinds: list[str], modules: list[Any], where: Path) -> None:
     the order HeadSpec computes. Anything else is refused."""
     order = " -> ".join(kinds)
     if kinds[0] != "Transformer" or kinds.count("Transformer") != 1:
-        raise ModelError(f"{where}: the first module must be the only Transformer "
-                         f"(found {order})")
+        raise ModelError(f"{where}: the first module must be the only Transformer (found {order})")
     if kinds.count("Pooling") != 1 or kinds[1] != "Pooling":
-        raise ModelError(f"{where}: embedpool needs exactly one Pooling module right after the "
-                         f"Transformer (found {order}); without it there is no sentence vector")
-    if kinds.count("Normalize") > 1 or ("Normalize" in kinds and "Dense" in
-                                        kinds[kinds.index("Normalize"):]):
-        raise ModelError(f"{where}: modules in the order {order} are not supported (Normalize "
-                         "must come once, after every Dense)")
+        raise ModelError(
+            f"{where}: embedpool needs exactly one Pooling module right after the "
+            f"Transformer (found {order}); without it there is no sentence vector"
+        )
+    if kinds.count("Normalize") > 1 or (
+        "Normalize" in kinds and "Dense" in kinds[kinds.index("Normalize") :]
+    ):
+        raise ModelError(
+            f"{where}: modules in the order {order} are not supported (Normalize "
+            "must come once, after every Dense)"
+        )
 
 
 def _subdir(directory: Path, module: dict[str, Any], where: Path) -> Path:
@@ -227,6 +291,7 @@ def _subdir(directory: Path, module: dict[str, Any], where: Path) -> Path:
 
 
 # --- Transformer: sentence_bert_config.json, tokenizer_config.json, max length ---------------
+
 
 def _st_config(tdir: Path) -> tuple[dict[str, Any], Path | None]:
     for name in ST_CONFIG_NAMES:
@@ -242,8 +307,10 @@ def _st_config(tdir: Path) -> tuple[dict[str, Any], Path | None]:
 
 def _check_st_config(cfg: dict[str, Any], path: Path) -> None:
     def refuse(key: str, why: str) -> ModelError:
-        return ModelError(f"{path}: {key}={cfg[key]!r} {why}; embedpool refuses the model "
-                          "rather than compute different vectors")
+        return ModelError(
+            f"{path}: {key}={cfg[key]!r} {why}; embedpool refuses the model "
+            "rather than compute different vectors"
+        )
 
     for key, value in cfg.items():
         if key in HARMLESS_ST_CONFIG or key in ("max_seq_length", "do_lower_case"):
@@ -263,16 +330,23 @@ def _check_st_config(cfg: dict[str, Any], path: Path) -> None:
             _check_kwargs(cfg, key, HARMLESS_LOAD_KWARGS | {"model_max_length"}, path)
         elif key in ("config_args", "config_kwargs"):
             _check_kwargs(cfg, key, HARMLESS_LOAD_KWARGS, path)
-        elif key in ("processing_kwargs", "query_length", "document_length", "query_expansion",
-                     "tokenizer_name_or_path"):
+        elif key in (
+            "processing_kwargs",
+            "query_length",
+            "document_length",
+            "query_expansion",
+            "tokenizer_name_or_path",
+        ):
             if value:
                 raise refuse(key, "changes how texts are tokenised")
         else:
-            raise ModelError(f"{path}: key {key!r} is unknown to embedpool, so it cannot tell "
-                             "whether it changes the vectors; refused. Known keys: "
-                             "max_seq_length, do_lower_case, transformer_task, modality_config, "
-                             "module_output_name, model/tokenizer/config kwargs, "
-                             f"{', '.join(sorted(HARMLESS_ST_CONFIG))}")
+            raise ModelError(
+                f"{path}: key {key!r} is unknown to embedpool, so it cannot tell "
+                "whether it changes the vectors; refused. Known keys: "
+                "max_seq_length, do_lower_case, transformer_task, modality_config, "
+                "module_output_name, model/tokenizer/config kwargs, "
+                f"{', '.join(sorted(HARMLESS_ST_CONFIG))}"
+            )
 
 
 def _check_kwargs(cfg: dict[str, Any], key: str, harmless: frozenset[str], path: Path) -> None:
@@ -281,13 +355,16 @@ def _check_kwargs(cfg: dict[str, Any], key: str, harmless: frozenset[str], path:
         raise ModelError(f"{path}: {key} must be an object, got {value!r}")
     unknown = sorted(set(value) - harmless)
     if unknown:
-        raise ModelError(f"{path}: {key} sets {unknown}, which embedpool does not implement "
-                         f"(it accepts {', '.join(sorted(harmless))}); refused rather than "
-                         "compute different vectors")
+        raise ModelError(
+            f"{path}: {key} sets {unknown}, which embedpool does not implement "
+            f"(it accepts {', '.join(sorted(harmless))}); refused rather than "
+            "compute different vectors"
+        )
 
 
-def max_length(tdir: Path, config: Mapping[str, Any], st_cfg: Mapping[str, Any],
-               files: list[tuple[str, Path]]) -> int:
+def max_length(
+    tdir: Path, config: Mapping[str, Any], st_cfg: Mapping[str, Any], files: list[tuple[str, Path]]
+) -> int:
     """The max sequence length sentence-transformers uses, capped by the positions the model
     has. ST: ``model_max_length`` in sentence_bert_config.json's tokenizer kwargs, else its
     ``max_seq_length``, as given; else min(tokenizer_config.json ``model_max_length`` (1e30
@@ -317,9 +394,11 @@ def max_length(tdir: Path, config: Mapping[str, Any], st_cfg: Mapping[str, Any],
             usable -= int(config.get("pad_token_id", 1)) + 1
         length = min(length, usable)
     if length >= VERY_LARGE:
-        raise ModelError(f"{tdir}: no max length: neither sentence_bert_config.json "
-                         "max_seq_length, tokenizer_config.json model_max_length nor "
-                         "config.json max_position_embeddings says one; set max_seq_length")
+        raise ModelError(
+            f"{tdir}: no max length: neither sentence_bert_config.json "
+            "max_seq_length, tokenizer_config.json model_max_length nor "
+            "config.json max_position_embeddings says one; set max_seq_length"
+        )
     if length < 2:
         raise ModelError(f"{tdir}: max length {length} leaves no room for a text")
     return length
@@ -335,12 +414,20 @@ def hidden_size(config: Mapping[str, Any]) -> int | None:
 
 # --- Pooling, Dense, Normalize ---------------------------------------------------------------
 
-POOLING_KEYS = frozenset({"embedding_dimension", "word_embedding_dimension", "pooling_mode",
-                          "include_prompt", *LEGACY_POOLING_FLAGS})
+POOLING_KEYS = frozenset(
+    {
+        "embedding_dimension",
+        "word_embedding_dimension",
+        "pooling_mode",
+        "include_prompt",
+        *LEGACY_POOLING_FLAGS,
+    }
+)
 
 
-def _pooling(mdir: Path, hidden: int | None, files: list[tuple[str, Path]]
-             ) -> tuple[PoolingSpec, int | None]:
+def _pooling(
+    mdir: Path, hidden: int | None, files: list[tuple[str, Path]]
+) -> tuple[PoolingSpec, int | None]:
     path = mdir / "config.json"
     cfg = read_json(path)
     if not isinstance(cfg, dict):
@@ -349,8 +436,10 @@ def _pooling(mdir: Path, hidden: int | None, files: list[tuple[str, Path]]
     spec = pooling_spec(cfg, str(path))
     dim = cfg.get("embedding_dimension", cfg.get("word_embedding_dimension"))
     if dim is not None and hidden is not None and dim != hidden:
-        raise ModelError(f"{path}: embedding_dimension {dim} is not the encoder's hidden size "
-                         f"{hidden} (config.json): the files belong to different models")
+        raise ModelError(
+            f"{path}: embedding_dimension {dim} is not the encoder's hidden size "
+            f"{hidden} (config.json): the files belong to different models"
+        )
     width = dim if isinstance(dim, int) else hidden
     return spec, None if width is None else width * len(spec.modes)
 
@@ -361,9 +450,11 @@ def pooling_spec(cfg: Mapping[str, Any], where: str) -> PoolingSpec:
     mean, as sentence-transformers does)."""
     unknown = sorted(set(cfg) - POOLING_KEYS)
     if unknown:
-        raise ModelError(f"{where}: pooling keys {unknown} are unknown to embedpool (known: "
-                         f"pooling_mode, include_prompt, embedding_dimension and the old "
-                         "pooling_mode_* flags); refused rather than pool differently")
+        raise ModelError(
+            f"{where}: pooling keys {unknown} are unknown to embedpool (known: "
+            f"pooling_mode, include_prompt, embedding_dimension and the old "
+            "pooling_mode_* flags); refused rather than pool differently"
+        )
     if "pooling_mode" in cfg:
         raw = cfg["pooling_mode"]
         modes = [raw] if isinstance(raw, str) else list(raw) if isinstance(raw, list) else None
@@ -373,20 +464,30 @@ def pooling_spec(cfg: Mapping[str, Any], where: str) -> PoolingSpec:
         modes = [m for key, m in LEGACY_POOLING_FLAGS.items() if cfg.get(key)] or ["mean"]
     bad = [m for m in modes if m not in POOLING_ORDER]
     if bad:
-        raise ModelError(f"{where}: pooling mode {bad[0]!r} is not supported (embedpool "
-                         f"supports {', '.join(POOLING_ORDER)})")
+        raise ModelError(
+            f"{where}: pooling mode {bad[0]!r} is not supported (embedpool "
+            f"supports {', '.join(POOLING_ORDER)})"
+        )
     include_prompt = cfg.get("include_prompt", True)
     if not isinstance(include_prompt, bool):
         raise ModelError(f"{where}: include_prompt must be true or false, got {include_prompt!r}")
     return PoolingSpec(tuple(modes), include_prompt=include_prompt)  # type: ignore[arg-type]
 
 
-DENSE_KEYS = frozenset({"in_features", "out_features", "bias", "activation_function",
-                        "module_input_name", "module_output_name", "use_residual"})
+DENSE_KEYS = frozenset(
+    {
+        "in_features",
+        "out_features",
+        "bias",
+        "activation_function",
+        "module_input_name",
+        "module_output_name",
+        "use_residual",
+    }
+)
 
 
-def _dense(mdir: Path, width: int | None, index: int, files: list[tuple[str, Path]]
-           ) -> DenseSpec:
+def _dense(mdir: Path, width: int | None, index: int, files: list[tuple[str, Path]]) -> DenseSpec:
     from embedpool.graph.weights import tensor_infos
 
     path = mdir / "config.json"
@@ -395,28 +496,35 @@ def _dense(mdir: Path, width: int | None, index: int, files: list[tuple[str, Pat
         raise ModelError(f"{path}: the Dense module's config is missing or not an object")
     unknown = sorted(set(cfg) - DENSE_KEYS)
     if unknown:
-        raise ModelError(f"{path}: Dense keys {unknown} are unknown to embedpool (known: "
-                         f"{', '.join(sorted(DENSE_KEYS))}); refused rather than ignored")
+        raise ModelError(
+            f"{path}: Dense keys {unknown} are unknown to embedpool (known: "
+            f"{', '.join(sorted(DENSE_KEYS))}); refused rather than ignored"
+        )
     for key in ("module_input_name", "module_output_name"):
         if cfg.get(key) not in (None, "sentence_embedding"):
-            raise ModelError(f"{path}: {key}={cfg[key]!r}: embedpool implements Dense on the "
-                             "sentence embedding only")
+            raise ModelError(
+                f"{path}: {key}={cfg[key]!r}: embedpool implements Dense on the "
+                "sentence embedding only"
+            )
     try:
         n_in, n_out = int(cfg["in_features"]), int(cfg["out_features"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{path}: in_features and out_features are required ({exc})") from exc
     if width is not None and n_in != width:
-        raise ModelError(f"{path}: in_features {n_in} does not match the {width} values the "
-                         "modules before it produce")
+        raise ModelError(
+            f"{path}: in_features {n_in} does not match the {width} values the "
+            "modules before it produce"
+        )
     weights = mdir / "model.safetensors"
     if not weights.is_file():
         if (mdir / "pytorch_model.bin").is_file():
             raise ModelError(
                 f"{mdir} has only pytorch_model.bin, which embedpool does not read (it needs "
                 "torch to unpickle). Convert it once where torch is installed: python -c "
-                f"\"import torch; from safetensors.torch import save_file; "
+                f'"import torch; from safetensors.torch import save_file; '
                 f"save_file(torch.load('{mdir}/pytorch_model.bin'), "
-                f"'{mdir}/model.safetensors')\"")
+                f"'{mdir}/model.safetensors')\""
+            )
         raise ModelError(f"{mdir}: the Dense module's model.safetensors is missing")
     bias = _bool(cfg, "bias", path, default=True)
     residual = _bool(cfg, "use_residual", path, default=False)
@@ -431,8 +539,9 @@ def _dense(mdir: Path, width: int | None, index: int, files: list[tuple[str, Pat
         if key not in infos:
             raise ModelError(f"{weights}: {key} is missing")
         if infos[key].shape != shape:
-            raise ModelError(f"{weights}: {key} is {list(infos[key].shape)}, {path.name} "
-                             f"implies {list(shape)}")
+            raise ModelError(
+                f"{weights}: {key} is {list(infos[key].shape)}, {path.name} implies {list(shape)}"
+            )
     files += [(f"st:dense:{index}:config", path), (f"st:dense:{index}:weights", weights)]
     return spec
 
@@ -446,7 +555,8 @@ def _activation(cfg: Mapping[str, Any], path: Path) -> DenseActivation:
         raise ModelError(
             f"{path}: activation_function {ref!r} is not one embedpool implements (torch.nn "
             f"classes: {', '.join(TORCH_ACTIVATIONS)}). sentence-transformers itself replaces "
-            "a non-torch activation with Tanh unless trust_remote_code is set.")
+            "a non-torch activation with Tanh unless trust_remote_code is set."
+        )
     return TORCH_ACTIVATIONS[name]
 
 
@@ -462,39 +572,54 @@ def _normalize(mdir: Path, files: list[tuple[str, Path]]) -> None:
         if key not in ("module_input_name", "module_output_name"):
             raise ModelError(f"{path}: Normalize key {key!r} is unknown to embedpool; refused")
         if value not in (None, "sentence_embedding"):
-            raise ModelError(f"{path}: {key}={value!r}: embedpool normalises the sentence "
-                             "embedding only")
+            raise ModelError(
+                f"{path}: {key}={value!r}: embedpool normalises the sentence embedding only"
+            )
 
 
 # --- config_sentence_transformers.json --------------------------------------------------------
 
-def _prompts_config(path: Path) -> tuple[tuple[tuple[str, str], ...], str | None, str | None,
-                                         int | None]:
+
+def _prompts_config(
+    path: Path,
+) -> tuple[tuple[tuple[str, str], ...], str | None, str | None, int | None]:
     """(prompts, default_prompt_name, similarity_fn_name, truncate_dim)."""
     cfg = read_json(path)
     if cfg is None:
         return (), None, None, None
     if not isinstance(cfg, dict):
         raise ModelError(f"{path}: expected a JSON object")
-    known = HARMLESS_PROMPTS_CONFIG | {"prompts", "default_prompt_name", "similarity_fn_name",
-                                       "model_type", "truncate_dim"}
+    known = HARMLESS_PROMPTS_CONFIG | {
+        "prompts",
+        "default_prompt_name",
+        "similarity_fn_name",
+        "model_type",
+        "truncate_dim",
+    }
     unknown = sorted(set(cfg) - known)
     if unknown:
-        raise ModelError(f"{path}: keys {unknown} are unknown to embedpool, so it cannot tell "
-                         f"whether they change the vectors; refused (known: {sorted(known)})")
+        raise ModelError(
+            f"{path}: keys {unknown} are unknown to embedpool, so it cannot tell "
+            f"whether they change the vectors; refused (known: {sorted(known)})"
+        )
     model_type = cfg.get("model_type", "SentenceTransformer")
     if model_type != "SentenceTransformer":
-        raise ModelError(f"{path}: model_type {model_type!r} is not a SentenceTransformer "
-                         "(embedpool embeds dense sentence vectors only)")
+        raise ModelError(
+            f"{path}: model_type {model_type!r} is not a SentenceTransformer "
+            "(embedpool embeds dense sentence vectors only)"
+        )
     raw = cfg.get("prompts") or {}
-    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str | None)
-                                            for k, v in raw.items()):
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | None) for k, v in raw.items()
+    ):
         raise ModelError(f"{path}: prompts must map names to strings, got {raw!r}")
     prompts = tuple((k, v or "") for k, v in raw.items())
     default = cfg.get("default_prompt_name")
     if default is not None and default not in dict(prompts):
-        raise ModelError(f"{path}: default_prompt_name {default!r} is not one of the prompts "
-                         f"{sorted(dict(prompts))}")
+        raise ModelError(
+            f"{path}: default_prompt_name {default!r} is not one of the prompts "
+            f"{sorted(dict(prompts))}"
+        )
     similarity = cfg.get("similarity_fn_name")
     # sentence-transformers keeps only the single-vector similarities it supports
     similarity = similarity if similarity in SIMILARITY_FNS else None
@@ -505,6 +630,7 @@ def _prompts_config(path: Path) -> tuple[tuple[tuple[str, str], ...], str | None
 
 
 # --- small readers -----------------------------------------------------------------------------
+
 
 def _bool(cfg: Mapping[str, Any], key: str, path: Path | None, default: bool = False) -> bool:
     value = cfg.get(key, default)

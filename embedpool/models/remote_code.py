@@ -39,8 +39,10 @@ from embedpool.errors import ModelError
 
 #: model_type -> (the repository the code lives in, the modules embedpool reproduces).
 KNOWN_REMOTE_CODE: dict[str, tuple[str, frozenset[str]]] = {
-    "nomic_bert": ("nomic-ai/nomic-bert-2048",
-                   frozenset({"configuration_hf_nomic_bert", "modeling_hf_nomic_bert"})),
+    "nomic_bert": (
+        "nomic-ai/nomic-bert-2048",
+        frozenset({"configuration_hf_nomic_bert", "modeling_hf_nomic_bert"}),
+    ),
 }
 
 #: Decoder model types whose attention ``is_causal`` in config.json states (families qwen2,
@@ -60,18 +62,23 @@ def check_remote_code(config: Mapping[str, Any], where: str) -> None:
     unknown = [r for r in refs if known is None or not _is_known(r, *known)]
     if not unknown and refs:
         return
-    allowed = "; ".join(f"{t}: {repo} ({', '.join(sorted(mods))})"
-                        for t, (repo, mods) in KNOWN_REMOTE_CODE.items())
+    allowed = "; ".join(
+        f"{t}: {repo} ({', '.join(sorted(mods))})" for t, (repo, mods) in KNOWN_REMOTE_CODE.items()
+    )
     shown = unknown[0] if unknown else repr(auto_map)
-    attention = (" A decoder whose code changes only its attention mask (gte-Qwen2's, "
-                 "bidirectional by its card): remove auto_map and state \"is_causal\": false "
-                 "(or true) in config.json, which embedpool builds as it says."
-                 if model_type in DECODER_TYPES else "")
+    attention = (
+        " A decoder whose code changes only its attention mask (gte-Qwen2's, "
+        'bidirectional by its card): remove auto_map and state "is_causal": false '
+        "(or true) in config.json, which embedpool builds as it says."
+        if model_type in DECODER_TYPES
+        else ""
+    )
     raise ModelError(
         f"{where}: auto_map names remote code ({shown}) that builds model_type "
         f"{model_type!r} its own way, which embedpool cannot check; refused rather than "
         f"build transformers' {model_type!r} in its place. Known remote code: {allowed}. "
-        f"An onnx/model.onnx exported from the model is used as it is.{attention}")
+        f"An onnx/model.onnx exported from the model is used as it is.{attention}"
+    )
 
 
 def _refs(auto_map: Any) -> list[str]:

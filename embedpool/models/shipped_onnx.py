@@ -36,8 +36,17 @@ OPTIONAL_INPUTS = ("token_type_ids",)
 TOKEN_STATE_OUTPUTS = ("last_hidden_state", "token_embeddings")
 #: ONNX TensorProto element types embedpool feeds token ids and masks as.
 INT32, INT64 = 6, 7
-ELEM_NAMES = {1: "float", 6: "int32", 7: "int64", 10: "float16", 11: "double", 16: "bfloat16",
-              9: "bool", 3: "int8", 2: "uint8"}
+ELEM_NAMES = {
+    1: "float",
+    6: "int32",
+    7: "int64",
+    10: "float16",
+    11: "double",
+    16: "bfloat16",
+    9: "bool",
+    3: "int8",
+    2: "uint8",
+}
 
 
 @dataclass(frozen=True)
@@ -95,9 +104,11 @@ def _signature(buf: mmap.mmap, path: Path) -> Signature:
             elif field == 5:
                 initializers.add(_string_field(buf, start, end, 8))
     except _Truncated:
-        raise ModelError(f"{path} is truncated or not an ONNX model (its protobuf ends "
-                         "inside a field, or has no graph); the download is incomplete: "
-                         "download it again") from None
+        raise ModelError(
+            f"{path} is truncated or not an ONNX model (its protobuf ends "
+            "inside a field, or has no graph); the download is incomplete: "
+            "download it again"
+        ) from None
     return Signature(tuple(t for t in inputs if t.name not in initializers), tuple(outputs))
 
 
@@ -159,12 +170,14 @@ def _value_info(buf: mmap.mmap, start: int, end: int) -> Tensor:
                     if f3 == 1 and w3 == 0:
                         elem, _ = _varint(buf, s3, e3)
                     elif f3 == 2 and w3 == 2:
-                        rank = sum(1 for f4, w4, _, _ in _fields(buf, s3, e3)
-                                   if f4 == 1 and w4 == 2)
+                        rank = sum(
+                            1 for f4, w4, _, _ in _fields(buf, s3, e3) if f4 == 1 and w4 == 2
+                        )
     return Tensor(name, elem, rank)
 
 
 # --- the decisions (shared with the engine) ---------------------------------------------------
+
 
 def feed_types(inputs: Sequence[Tensor], where: object) -> dict[str, int]:
     """input name -> the ONNX element type embedpool feeds it (int32 or int64); a ModelError
@@ -173,18 +186,24 @@ def feed_types(inputs: Sequence[Tensor], where: object) -> dict[str, int]:
     unknown = [n for n in names if n not in REQUIRED_INPUTS + OPTIONAL_INPUTS]
     missing = [n for n in REQUIRED_INPUTS if n not in names]
     if unknown or missing:
-        what = f"inputs {unknown} that embedpool does not feed" if unknown else \
-            f"no {' or '.join(missing)} input"
+        what = (
+            f"inputs {unknown} that embedpool does not feed"
+            if unknown
+            else f"no {' or '.join(missing)} input"
+        )
         raise ModelError(
             f"{where} has {what} (its inputs: {', '.join(names) or 'none'}); embedpool feeds "
             "input_ids and attention_mask, and token_type_ids when the graph has it. "
             "Re-export it with those inputs (optimum-cli export onnx), or remove it to "
-            "build the graph from model.safetensors")
+            "build the graph from model.safetensors"
+        )
     bad = [t for t in inputs if t.elem_type not in (INT32, INT64)]
     if bad:
         t = bad[0]
-        raise ModelError(f"{where}: input {t.name} is {ELEM_NAMES.get(t.elem_type, t.elem_type)}"
-                         "; embedpool feeds token ids and masks as int64 or int32")
+        raise ModelError(
+            f"{where}: input {t.name} is {ELEM_NAMES.get(t.elem_type, t.elem_type)}"
+            "; embedpool feeds token ids and masks as int64 or int32"
+        )
     return {t.name: t.elem_type for t in inputs}
 
 
@@ -204,4 +223,5 @@ def pooled_refusal(path: Path, outputs: Sequence[Tensor], tdir: Path) -> ModelEr
         f"{path} outputs no token states ({shown}): pooled vectors cannot be checked against "
         "the directory's pooling (1_Pooling, include_prompt, Dense), and there is no "
         f"{tdir / 'model.safetensors'} to build the model from instead; ship a graph that "
-        "outputs last_hidden_state")
+        "outputs last_hidden_state"
+    )

@@ -32,5 +32,10 @@ from embedpool.server.app import create_app, default_executor_factory, run_serve
 from embedpool.server.service import VectorCacheHook
 from embedpool.server.settings import ServerSettings
 
-__all__ = ["ServerSettings", "VectorCacheHook", "create_app", "default_executor_factory",
-           "run_server"]
+__all__ = [
+    "ServerSettings",
+    "VectorCacheHook",
+    "create_app",
+    "default_executor_factory",
+    "run_server",
+]

@@ -70,11 +70,24 @@ from embedpool.tokenization import TextTokenizer
 from embedpool.types import Precision
 
 #: Routes counted by name in the request metrics; anything else counts as "other".
-ROUTES = frozenset({"/v1/embeddings", "/embeddings", "/v1/models", "/models", "/health",
-                    "/ready", "/metrics", *OLLAMA_ROUTES, *TEI_ROUTES, *RERANK_ROUTES})
+ROUTES = frozenset(
+    {
+        "/v1/embeddings",
+        "/embeddings",
+        "/v1/models",
+        "/models",
+        "/health",
+        "/ready",
+        "/metrics",
+        *OLLAMA_ROUTES,
+        *TEI_ROUTES,
+        *RERANK_ROUTES,
+    }
+)
 
-_bearer = HTTPBearer(auto_error=False, description="The key given by --api-key or "
-                                                   "EMBEDPOOL_API_KEY.")
+_bearer = HTTPBearer(
+    auto_error=False, description="The key given by --api-key or EMBEDPOOL_API_KEY."
+)
 _Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
@@ -99,8 +112,7 @@ class _MetricsMiddleware:
             await send(message)
 
         path = str(scope.get("path", ""))
-        route = (path if path in ROUTES else
-                 "/v1/models/{model}" if "/models/" in path else "other")
+        route = path if path in ROUTES else "/v1/models/{model}" if "/models/" in path else "other"
         try:
             await self.app(scope, receive, send_status)
         finally:
@@ -124,18 +136,19 @@ def reinstall_signal_handlers() -> None:
             signal.signal(sig, handler)
 
 
-def default_executor_factory(model: ResolvedModel,
-                             precision: Precision) -> Callable[[], SubmitExecutor]:
+def default_executor_factory(
+    model: ResolvedModel, precision: Precision
+) -> Callable[[], SubmitExecutor]:
     """The engine in this process on the CPU (``embedpool serve`` passes its placement's),
     built by the one construction path (``placement.start_executor``)."""
     from embedpool.placement import executor_factory, place
 
-    return executor_factory(model, place(model, device="cpu", precision=precision),
-                            workers=None)
+    return executor_factory(model, place(model, device="cpu", precision=precision), workers=None)
 
 
-def served_model(settings: ServerSettings, model: ResolvedModel,
-                 tokenizer: TextTokenizer) -> ServedModel:
+def served_model(
+    settings: ServerSettings, model: ResolvedModel, tokenizer: TextTokenizer
+) -> ServedModel:
     """The names clients may use: the resolved name, the one asked for, the known model's
     name and hub id, then ``--served-model-name`` aliases; and what requests may ask of it
     (prompt names, input types, dimensions)."""
@@ -145,11 +158,15 @@ def served_model(settings: ServerSettings, model: ResolvedModel,
         names += [known.name, known.hub_id]
     names += list(settings.served_model_names)
     unique = tuple(dict.fromkeys(n for n in names if n))
-    return ServedModel(unique, model.dim, model.max_length,
-                       prompt_names=tuple(prompt_names(tokenizer)),
-                       input_types=tuple((t, input_type_prompt(tokenizer, t))
-                                         for t in sorted(INPUT_TYPE_PROMPTS)),
-                       matryoshka=model.matryoshka, normalize=model.normalize)
+    return ServedModel(
+        unique,
+        model.dim,
+        model.max_length,
+        prompt_names=tuple(prompt_names(tokenizer)),
+        input_types=tuple((t, input_type_prompt(tokenizer, t)) for t in sorted(INPUT_TYPE_PROMPTS)),
+        matryoshka=model.matryoshka,
+        normalize=model.normalize,
+    )
 
 
 class _App:
@@ -157,18 +174,28 @@ class _App:
     ``service`` and ``runtime`` are the default (first) model's; ``registry`` holds every
     served model (``serve --model A --model B``, registry.py)."""
 
-    def __init__(self, settings: ServerSettings, models: Sequence[ModelSetup],
-                 reranker: RerankerSetup | None = None,
-                 rerankers: Sequence[RerankerSetup] = (),
-                 session: Callable[[], Callable[[], None]] | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        models: Sequence[ModelSetup],
+        reranker: RerankerSetup | None = None,
+        rerankers: Sequence[RerankerSetup] = (),
+        session: Callable[[], Callable[[], None]] | None = None,
+    ) -> None:
         self.settings = settings
         self.api_key = settings.resolved_api_key()
         rt = Runtime()  # the default model's, replaced by its slot's below
-        self.metrics = ServerMetrics(lambda: rt.batcher.stats() if rt.batcher else None,
-                                     lambda: rt.executor.stats() if rt.executor else None)
+        self.metrics = ServerMetrics(
+            lambda: rt.batcher.stats() if rt.batcher else None,
+            lambda: rt.executor.stats() if rt.executor else None,
+        )
         self.registry = ModelRegistry(
-            settings, models, lambda s, m, t: served_model(s, m.model, t), self.metrics,
-            [r for r in (reranker, *rerankers) if r is not None])
+            settings,
+            models,
+            lambda s, m, t: served_model(s, m.model, t),
+            self.metrics,
+            [r for r in (reranker, *rerankers) if r is not None],
+        )
         default = self.registry.default
         default.runtime = rt
         default.service.runtime = rt
@@ -250,10 +277,15 @@ class _App:
             return
         token = credentials.credentials.strip() if credentials is not None else ""
         if credentials is None or not hmac.compare_digest(
-                token.encode("utf-8", "surrogateescape"), self.api_key.encode()):
-            raise ApiError(401, "Missing or incorrect API key: send 'Authorization: Bearer "
-                           "<key>' (the key given by --api-key or EMBEDPOOL_API_KEY).",
-                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            token.encode("utf-8", "surrogateescape"), self.api_key.encode()
+        ):
+            raise ApiError(
+                401,
+                "Missing or incorrect API key: send 'Authorization: Bearer "
+                "<key>' (the key given by --api-key or EMBEDPOOL_API_KEY).",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     # ------------------------------------------------------------ routes
     async def embeddings(self, request: Request) -> Response:
@@ -267,25 +299,42 @@ class _App:
         call = parse_embedding_request(body, served, s.max_items_per_request)
         done = await service.embed(call.texts, service.options(call))
         args = (done.vectors, call.encoding_format, call.model, done.tokens, done.truncated)
-        content = (render_embeddings(*args) if done.vectors.size <= INLINE_RENDER_VALUES
-                   else await run_in_threadpool(render_embeddings, *args))
-        return Response(content, media_type="application/json",
-                        headers=truncation_headers(done.truncated))
+        content = (
+            render_embeddings(*args)
+            if done.vectors.size <= INLINE_RENDER_VALUES
+            else await run_in_threadpool(render_embeddings, *args)
+        )
+        return Response(
+            content, media_type="application/json", headers=truncation_headers(done.truncated)
+        )
 
     async def list_models(self) -> Response:
         """Every name of every served model (rerankers too), with its state (loaded, loading,
         unloaded, unloading) and kind (embedding, rerank)."""
-        return JSONResponse({"object": "list", "data": [
-            {**model_card(n, m.runtime.started), "state": m.state, "kind": m.kind}
-            for m in self.registry.members for n in m.names]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {**model_card(n, m.runtime.started), "state": m.state, "kind": m.kind}
+                    for m in self.registry.members
+                    for n in m.names
+                ],
+            }
+        )
 
     async def get_model(self, model_id: str) -> Response:
         member: Member | None = self.registry.find(model_id) or next(
-            (r for r in self.registry.rerankers if model_id in r.names), None)
+            (r for r in self.registry.rerankers if model_id in r.names), None
+        )
         if member is None:
             raise self.registry.not_found(model_id)
-        return JSONResponse({**model_card(model_id, member.runtime.started),
-                             "state": member.state, "kind": member.kind})
+        return JSONResponse(
+            {
+                **model_card(model_id, member.runtime.started),
+                "state": member.state,
+                "kind": member.kind,
+            }
+        )
 
     async def health(self) -> Response:
         """Liveness: 200 unless a loaded model's pool is broken, its batcher died or its
@@ -298,8 +347,7 @@ class _App:
             if problem is not None:
                 if len(self.registry.slots) > 1:
                     problem = f"{slot.name}: {problem}"
-                return JSONResponse({"status": "unhealthy", "reason": problem},
-                                    status_code=503)
+                return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def ready(self) -> Response:
@@ -315,8 +363,9 @@ class _App:
         if batcher is None:
             return STARTING
         self.metrics.ready_probes.inc()
-        return await probe_once(batcher, self.probe_input, self.served.dim,
-                                self.settings.ready_timeout_s)
+        return await probe_once(
+            batcher, self.probe_input, self.served.dim, self.settings.ready_timeout_s
+        )
 
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
@@ -330,9 +379,15 @@ async def _on_api_error(request: Request, exc: Exception) -> Response:
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return render_error(request, ApiError(
-        exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
-        headers=getattr(exc, "headers", None)))
+    return render_error(
+        request,
+        ApiError(
+            exc.status_code,
+            f"{request.method} {request.url.path}: {exc.detail}",
+            code=code,
+            headers=getattr(exc, "headers", None),
+        ),
+    )
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
@@ -340,20 +395,29 @@ async def _on_validation_error(request: Request, exc: Exception) -> Response:
     errors = exc.errors()
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-    return render_error(request, ApiError(
-        400, f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}",
-        param=".".join(loc) or None, code="invalid_value"))
+    return render_error(
+        request,
+        ApiError(
+            400,
+            f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid')}",
+            param=".".join(loc) or None,
+            code="invalid_value",
+        ),
+    )
 
 
-def create_app(settings: ServerSettings,
-               executor_factory: Callable[[], SubmitExecutor] | None = None, *,
-               model: ResolvedModel | None = None,
-               cache: VectorCacheHook | None = None,
-               reranker: RerankerSetup | None = None,
-               models: Sequence[ModelSetup] = (),
-               planned_bytes: int | None = None,
-               rerankers: Sequence[RerankerSetup] = (),
-               session: Callable[[], Callable[[], None]] | None = None) -> FastAPI:
+def create_app(
+    settings: ServerSettings,
+    executor_factory: Callable[[], SubmitExecutor] | None = None,
+    *,
+    model: ResolvedModel | None = None,
+    cache: VectorCacheHook | None = None,
+    reranker: RerankerSetup | None = None,
+    models: Sequence[ModelSetup] = (),
+    planned_bytes: int | None = None,
+    rerankers: Sequence[RerankerSetup] = (),
+    session: Callable[[], Callable[[], None]] | None = None,
+) -> FastAPI:
     """Build the app. The executor is created by the lifespan (on startup), not here.
     ``reranker``: a cross-encoder served on the rerank routes (server/rerank.py).
     ``models``: more embedding models beside the default one (registry.py);
@@ -367,10 +431,19 @@ def create_app(settings: ServerSettings,
     for extra in models:
         refuse_cross_encoder(extra.model)
     factory = executor_factory or default_executor_factory(resolved, settings.precision)
-    a = _App(settings, [ModelSetup(resolved, factory, cache, planned_bytes), *models],
-             reranker, rerankers, session)
-    app = FastAPI(title="embedpool", version="0.1.0", lifespan=a.lifespan,
-                  description="OpenAI-compatible embeddings on a local worker pool.")
+    a = _App(
+        settings,
+        [ModelSetup(resolved, factory, cache, planned_bytes), *models],
+        reranker,
+        rerankers,
+        session,
+    )
+    app = FastAPI(
+        title="embedpool",
+        version="0.1.0",
+        lifespan=a.lifespan,
+        description="OpenAI-compatible embeddings on a local worker pool.",
+    )
     app.add_middleware(_MetricsMiddleware, metrics=a.metrics)
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
@@ -381,26 +454,62 @@ def create_app(settings: ServerSettings,
 
     # Only a server with a key documents (and enforces) it in the schema.
     auth: list[Any] = [Depends(keyed)] if a.api_key is not None else []
-    body_doc = {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": embedding_request_schema(a.served, settings.max_items_per_request)}}}}
+    body_doc = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": embedding_request_schema(a.served, settings.max_items_per_request)
+                }
+            },
+        }
+    }
     for prefix in ("/v1", ""):
         listed = prefix == "/v1"  # the unprefixed aliases work but stay out of the schema
-        app.add_api_route(f"{prefix}/embeddings", a.embeddings, methods=["POST"],
-                          dependencies=auth, response_model=EmbeddingResponse,
-                          responses=ERROR_RESPONSES, openapi_extra=body_doc,
-                          summary="Create embeddings", include_in_schema=listed)
-        app.add_api_route(f"{prefix}/models", a.list_models, methods=["GET"], dependencies=auth,
-                          response_model=ModelList, responses=ERROR_RESPONSES,
-                          include_in_schema=listed)
-        app.add_api_route(f"{prefix}/models/{{model_id}}", a.get_model, methods=["GET"],
-                          dependencies=auth, response_model=ModelCard,
-                          responses=ERROR_RESPONSES, include_in_schema=listed)
-    app.add_api_route("/health", a.health, methods=["GET"],
-                      responses={503: {"description": "the pool is broken or hung"}})
-    app.add_api_route("/ready", a.ready, methods=["GET"],
-                      responses={503: {"description": "a probe embedding failed or timed out"}})
-    app.add_api_route("/metrics", a.prometheus, methods=["GET"], dependencies=auth,
-                      response_class=Response)
+        app.add_api_route(
+            f"{prefix}/embeddings",
+            a.embeddings,
+            methods=["POST"],
+            dependencies=auth,
+            response_model=EmbeddingResponse,
+            responses=ERROR_RESPONSES,
+            openapi_extra=body_doc,
+            summary="Create embeddings",
+            include_in_schema=listed,
+        )
+        app.add_api_route(
+            f"{prefix}/models",
+            a.list_models,
+            methods=["GET"],
+            dependencies=auth,
+            response_model=ModelList,
+            responses=ERROR_RESPONSES,
+            include_in_schema=listed,
+        )
+        app.add_api_route(
+            f"{prefix}/models/{{model_id}}",
+            a.get_model,
+            methods=["GET"],
+            dependencies=auth,
+            response_model=ModelCard,
+            responses=ERROR_RESPONSES,
+            include_in_schema=listed,
+        )
+    app.add_api_route(
+        "/health",
+        a.health,
+        methods=["GET"],
+        responses={503: {"description": "the pool is broken or hung"}},
+    )
+    app.add_api_route(
+        "/ready",
+        a.ready,
+        methods=["GET"],
+        responses={503: {"description": "a probe embedding failed or timed out"}},
+    )
+    app.add_api_route(
+        "/metrics", a.prometheus, methods=["GET"], dependencies=auth, response_class=Response
+    )
     # The Ollama and TEI dialects: the same key, limits and admission, their error shapes.
     register_ollama(app, a, auth)
     register_tei(app, a, auth)
@@ -409,31 +518,54 @@ def create_app(settings: ServerSettings,
     app.state.metrics = a.metrics  # for tests
     app.state.runtime = a.runtime
     app.state.registry = a.registry
-    app.state.rerank_startup_error = lambda: a.session_error or next(
-        (r.runtime.startup_error for r in ([a.reranker] if a.reranker else []) +
-         a.more_rerankers if r.runtime.startup_error is not None), None)
+    app.state.rerank_startup_error = lambda: (
+        a.session_error
+        or next(
+            (
+                r.runtime.startup_error
+                for r in ([a.reranker] if a.reranker else []) + a.more_rerankers
+                if r.runtime.startup_error is not None
+            ),
+            None,
+        )
+    )
     return app
 
 
-def run_server(settings: ServerSettings,
-               executor_factory: Callable[[], SubmitExecutor] | None = None, *,
-               cache: VectorCacheHook | None = None,
-               reranker: RerankerSetup | None = None,
-               models: Sequence[ModelSetup] = (),
-               planned_bytes: int | None = None,
-               rerankers: Sequence[RerankerSetup] = (),
-               session: Callable[[], Callable[[], None]] | None = None) -> None:
+def run_server(
+    settings: ServerSettings,
+    executor_factory: Callable[[], SubmitExecutor] | None = None,
+    *,
+    cache: VectorCacheHook | None = None,
+    reranker: RerankerSetup | None = None,
+    models: Sequence[ModelSetup] = (),
+    planned_bytes: int | None = None,
+    rerankers: Sequence[RerankerSetup] = (),
+    session: Callable[[], Callable[[], None]] | None = None,
+) -> None:
     """Serve until SIGINT/SIGTERM; uvicorn drains requests in flight, then the lifespan closes
     the pool. If the executor cannot be built, its error is raised here (uvicorn only logs
     it), so that the command line can exit with its code."""
     import uvicorn
 
-    app = create_app(settings, executor_factory, cache=cache, reranker=reranker,
-                     models=models, planned_bytes=planned_bytes, rerankers=rerankers,
-                     session=session)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, lifespan="on",
-                            log_level=settings.log_level,
-                            timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s))
+    app = create_app(
+        settings,
+        executor_factory,
+        cache=cache,
+        reranker=reranker,
+        models=models,
+        planned_bytes=planned_bytes,
+        rerankers=rerankers,
+        session=session,
+    )
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        lifespan="on",
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s),
+    )
     try:
         uvicorn.Server(config).run()
     except SystemExit:  # uvicorn's exit 3 after a failed startup

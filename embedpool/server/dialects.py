@@ -57,7 +57,7 @@ class ModelContext(Protocol):
 
     @property
     def state(self) -> str:
-        """"loaded", "loading", "unloaded" or "unloading" (registry.py)."""
+        """ "loaded", "loading", "unloaded" or "unloading" (registry.py)."""
         ...
 
 
@@ -81,8 +81,13 @@ class ServerContext(Protocol):
         ...
 
 
-def register_dialect(name: str, renderer: ErrorRenderer, *, paths: tuple[str, ...] = (),
-                     prefixes: tuple[str, ...] = ()) -> None:
+def register_dialect(
+    name: str,
+    renderer: ErrorRenderer,
+    *,
+    paths: tuple[str, ...] = (),
+    prefixes: tuple[str, ...] = (),
+) -> None:
     """Answer errors of ``paths`` (exact) and of paths under ``prefixes`` with ``renderer``."""
     _renderers[name] = renderer
     for path in paths:
@@ -131,8 +136,11 @@ def check_text(texts: Sequence[str], field: str, *, single: bool = False) -> Non
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
             where = field if single else f"{field}[{i}]"
-            raise bad_request(f"{where} is not valid Unicode text ({exc.reason} at character "
-                              f"{exc.start})", where, "invalid_text") from None
+            raise bad_request(
+                f"{where} is not valid Unicode text ({exc.reason} at character {exc.start})",
+                where,
+                "invalid_text",
+            ) from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -142,26 +150,41 @@ async def read_body(request: Request, limit: int) -> bytes:
         try:
             size = int(declared)
         except ValueError:
-            raise bad_request(f"Content-Length {declared[:40]!r} is not a number", None,
-                              "invalid_header") from None
+            raise bad_request(
+                f"Content-Length {declared[:40]!r} is not a number", None, "invalid_header"
+            ) from None
         if size > limit:
-            raise ApiError(413, f"request body is {size} bytes; the limit is {limit}: "
-                           "send fewer inputs per request", code="request_too_large")
+            raise ApiError(
+                413,
+                f"request body is {size} bytes; the limit is {limit}: "
+                "send fewer inputs per request",
+                code="request_too_large",
+            )
     chunks: list[bytes] = []
     total = 0
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes: "
-                           "send fewer inputs per request", code="request_too_large")
+            raise ApiError(
+                413,
+                f"request body exceeds the limit of {limit} bytes: send fewer inputs per request",
+                code="request_too_large",
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
 
 def type_name(value: Any) -> str:
     """A JSON value's type as JSON names it (for error messages)."""
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 @dataclass(frozen=True)
@@ -192,9 +215,18 @@ def model_facts(model: ResolvedModel, precision: str) -> ModelFacts:
         params, files = None, [model.weights_path]
     size = sum(f.stat().st_size for f in files if f.is_file())
     family = str(model.config.get("model_type") or model.architecture or "unknown")
-    return ModelFacts(model.name, family, model.architecture, params, size,
-                      model.weights_sha256, "+".join(model.head.pooling.modes), precision,
-                      model.dim, model.max_length)
+    return ModelFacts(
+        model.name,
+        family,
+        model.architecture,
+        params,
+        size,
+        model.weights_sha256,
+        "+".join(model.head.pooling.modes),
+        precision,
+        model.dim,
+        model.max_length,
+    )
 
 
 def parameter_size(count: int | None) -> str:
@@ -208,15 +240,16 @@ def parameter_size(count: int | None) -> str:
     return str(count)
 
 
-async def json_body(body: Any, values: int, status: int = 200,
-                    headers: dict[str, str] | None = None) -> Response:
+async def json_body(
+    body: Any, values: int, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     """``body`` as compact JSON; with more than INLINE_RENDER_VALUES floats, serialised on a
     thread (json.dumps of 2,048 x 384 floats takes ~0.5 s, which would stall every other
     connection)."""
-    content = (_dumps(body) if values <= INLINE_RENDER_VALUES
-               else await run_in_threadpool(_dumps, body))
-    return Response(content, status_code=status, media_type="application/json",
-                    headers=headers)
+    content = (
+        _dumps(body) if values <= INLINE_RENDER_VALUES else await run_in_threadpool(_dumps, body)
+    )
+    return Response(content, status_code=status, media_type="application/json", headers=headers)
 
 
 def _dumps(body: Any) -> bytes:

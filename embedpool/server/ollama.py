@@ -70,16 +70,20 @@ OLLAMA_API_VERSION = "0.33.0"
 #: The tag Ollama gives a model name without one.
 DEFAULT_TAG = ":latest"
 #: Paths counted by name in the request metrics.
-ROUTES = ("/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps",
-          "/api/version")
+ROUTES = ("/api/embed", "/api/embeddings", "/api/tags", "/api/show", "/api/ps", "/api/version")
 #: Ollama library names of the models embedpool knows (without a tag: ``:latest``), so a
 #: tool configured for Ollama's model finds the same model here.
 OLLAMA_NAMES = {
-    "all-minilm": "all-MiniLM-L6-v2", "all-minilm:l6": "all-MiniLM-L6-v2",
-    "all-minilm:22m": "all-MiniLM-L6-v2", "all-minilm:l12": "all-MiniLM-L12-v2",
-    "all-minilm:33m": "all-MiniLM-L12-v2", "nomic-embed-text": "nomic-embed-text-v1.5",
-    "nomic-embed-text:v1.5": "nomic-embed-text-v1.5", "mxbai-embed-large": "mxbai-embed-large-v1",
-    "mxbai-embed-large:335m": "mxbai-embed-large-v1", "bge-m3": "bge-m3",
+    "all-minilm": "all-MiniLM-L6-v2",
+    "all-minilm:l6": "all-MiniLM-L6-v2",
+    "all-minilm:22m": "all-MiniLM-L6-v2",
+    "all-minilm:l12": "all-MiniLM-L12-v2",
+    "all-minilm:33m": "all-MiniLM-L12-v2",
+    "nomic-embed-text": "nomic-embed-text-v1.5",
+    "nomic-embed-text:v1.5": "nomic-embed-text-v1.5",
+    "mxbai-embed-large": "mxbai-embed-large-v1",
+    "mxbai-embed-large:335m": "mxbai-embed-large-v1",
+    "bge-m3": "bge-m3",
     "bge-m3:567m": "bge-m3",
 }
 #: /api/ps's ``expires_at`` of a model kept loaded (no idle unload).
@@ -124,8 +128,16 @@ register_dialect("ollama", _render_error, prefixes=("/api/",))
 
 
 _DURATION = re.compile(r"([0-9]*\.?[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
-_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
-           "h": 3600.0}
+_UNIT_S = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
 
 
 def keep_alive_s(value: Any) -> float | None:
@@ -203,8 +215,7 @@ class OllamaRoutes:
             raise _bad(f"'{field}' must be a string, got {type_name(name)}")
         found = self.ctx.model_context(_canonical(name))
         if found is None:
-            raise ApiError(404, f"model '{name}' not found", param="model",
-                           code="model_not_found")
+            raise ApiError(404, f"model '{name}' not found", param="model", code="model_not_found")
         return name, found
 
     def _default(self) -> ModelContext:
@@ -219,16 +230,21 @@ class OllamaRoutes:
             check_text([value], "input", single=True)
             return [value] if value else []
         if not isinstance(value, list):
-            raise _bad(f"invalid input type: 'input' must be a string or an array of "
-                       f"strings, got {type_name(value)}")
+            raise _bad(
+                f"invalid input type: 'input' must be a string or an array of "
+                f"strings, got {type_name(value)}"
+            )
         limit = self.ctx.settings.max_items_per_request
         if len(value) > limit:
-            raise _bad(f"'input' has {len(value)} items; this server accepts at most {limit} "
-                       "per request: split it into several requests")
+            raise _bad(
+                f"'input' has {len(value)} items; this server accepts at most {limit} "
+                "per request: split it into several requests"
+            )
         for i, item in enumerate(value):
             if not isinstance(item, str):
-                raise _bad(f"invalid input type: input[{i}] must be a string, got "
-                           f"{type_name(item)}")
+                raise _bad(
+                    f"invalid input type: input[{i}] must be a string, got {type_name(item)}"
+                )
         check_text(value, "input")
         return list(value)
 
@@ -238,8 +254,10 @@ class OllamaRoutes:
         tokenizer = ctx.service.tokenizer
         for i, n in enumerate(tokenizer.count(texts, prompt=prompt)):
             if n > tokenizer.max_length:
-                raise _bad(f"{TOO_LONG}: input[{i}] is {n} tokens, the model's context length "
-                           f"is {tokenizer.max_length} (send truncate: true to cut it)")
+                raise _bad(
+                    f"{TOO_LONG}: input[{i}] is {n} tokens, the model's context length "
+                    f"is {tokenizer.max_length} (send truncate: true to cut it)"
+                )
 
     # ------------------------------------------------------------ embeddings
     async def embed(self, request: Request) -> Response:
@@ -262,11 +280,14 @@ class OllamaRoutes:
             self._check_lengths(ctx, texts, opts.prompt)
         done = await service.embed(texts, opts, keep_alive_s=keep_alive_s(body.get("keep_alive")))
         vectors = done.vectors if ctx.model.normalize else l2_normalize(done.vectors)
-        answer = {"model": model, "embeddings": vectors.tolist(),
-                  "total_duration": time.perf_counter_ns() - start,
-                  "load_duration": loaded - start, "prompt_eval_count": done.tokens}
-        return await json_body(answer, vectors.size,
-                               headers=truncation_headers(done.truncated))
+        answer = {
+            "model": model,
+            "embeddings": vectors.tolist(),
+            "total_duration": time.perf_counter_ns() - start,
+            "load_duration": loaded - start,
+            "prompt_eval_count": done.tokens,
+        }
+        return await json_body(answer, vectors.size, headers=truncation_headers(done.truncated))
 
     async def embeddings(self, request: Request) -> Response:
         body = await self._body(request)
@@ -278,31 +299,54 @@ class OllamaRoutes:
             return JSONResponse({"embedding": []})
         check_text([prompt], "prompt", single=True)
         service = ctx.service
-        done = await service.embed([prompt], service.options(EmbeddingCall([], model, "float")),
-                                   keep_alive_s=keep_alive_s(body.get("keep_alive")))
-        return await json_body({"embedding": done.vectors[0].tolist()}, done.vectors.size,
-                               headers=truncation_headers(done.truncated))
+        done = await service.embed(
+            [prompt],
+            service.options(EmbeddingCall([], model, "float")),
+            keep_alive_s=keep_alive_s(body.get("keep_alive")),
+        )
+        return await json_body(
+            {"embedding": done.vectors[0].tolist()},
+            done.vectors.size,
+            headers=truncation_headers(done.truncated),
+        )
 
     # ------------------------------------------------------------ models
     def _details(self, m: ModelContext | Listed) -> dict[str, Any]:
         f = self.facts(m)
-        return {"parent_model": "", "format": "onnx", "family": f.family,
-                "families": [f.family], "parameter_size": parameter_size(f.parameters),
-                "quantization_level": f.dtype.upper()}
+        return {
+            "parent_model": "",
+            "format": "onnx",
+            "family": f.family,
+            "families": [f.family],
+            "parameter_size": parameter_size(f.parameters),
+            "quantization_level": f.dtype.upper(),
+        }
 
     def _listing(self, m: Listed) -> dict[str, Any]:
         name = m.names[0] + DEFAULT_TAG
         f = self.facts(m)
-        return {"name": name, "model": name, "size": f.size_bytes,
-                "digest": f.digest, "details": self._details(m), "state": m.state}
+        return {
+            "name": name,
+            "model": name,
+            "size": f.size_bytes,
+            "digest": f.digest,
+            "details": self._details(m),
+            "state": m.state,
+        }
 
     @staticmethod
     def _started(m: ModelContext | Listed) -> str:
         return datetime.fromtimestamp(m.runtime.started, UTC).isoformat()
 
     async def tags(self) -> Response:
-        return JSONResponse({"models": [{**self._listing(m), "modified_at": self._started(m)}
-                                        for m in self.ctx.members()]})
+        return JSONResponse(
+            {
+                "models": [
+                    {**self._listing(m), "modified_at": self._started(m)}
+                    for m in self.ctx.members()
+                ]
+            }
+        )
 
     def _expires_at(self, m: Listed) -> str:
         left = self.ctx.expires_in(m)
@@ -312,9 +356,16 @@ class OllamaRoutes:
 
     async def ps(self) -> Response:
         """The loaded (and loading) models, with when each is unloaded if left idle."""
-        models = [{**self._listing(m), "expires_at": self._expires_at(m),
-                   "size_vram": 0, "context_length": self.facts(m).max_length}
-                  for m in self.ctx.members() if m.state in ("loaded", "loading")]
+        models = [
+            {
+                **self._listing(m),
+                "expires_at": self._expires_at(m),
+                "size_vram": 0,
+                "context_length": self.facts(m).max_length,
+            }
+            for m in self.ctx.members()
+            if m.state in ("loaded", "loading")
+        ]
         return JSONResponse({"models": models})
 
     async def show(self, request: Request) -> Response:
@@ -324,18 +375,29 @@ class OllamaRoutes:
         _, m = self._model(body, "model" if body.get("model") else "name")
         f = self.facts(m)
         info: dict[str, Any] = {
-            "general.architecture": f.family, "general.basename": f.name,
-            f"{f.family}.embedding_length": f.dim, f"{f.family}.context_length": f.max_length,
-            f"{f.family}.pooling_type": f.pooling}
+            "general.architecture": f.family,
+            "general.basename": f.name,
+            f"{f.family}.embedding_length": f.dim,
+            f"{f.family}.context_length": f.max_length,
+            f"{f.family}.pooling_type": f.pooling,
+        }
         if f.parameters is not None:
             info["general.parameter_count"] = f.parameters
-        return JSONResponse({"license": "", "modelfile": "", "parameters": "",
-                             "template": "", "details": self._details(m), "model_info": info,
-                             "capabilities": ["embedding"], "modified_at": self._started(m)})
+        return JSONResponse(
+            {
+                "license": "",
+                "modelfile": "",
+                "parameters": "",
+                "template": "",
+                "details": self._details(m),
+                "model_info": info,
+                "capabilities": ["embedding"],
+                "modified_at": self._started(m),
+            }
+        )
 
     async def version(self) -> Response:
-        return JSONResponse({"version": OLLAMA_API_VERSION,
-                             "embedpool": embedpool.__version__})
+        return JSONResponse({"version": OLLAMA_API_VERSION, "embedpool": embedpool.__version__})
 
 
 def register_ollama(app: FastAPI, ctx: OllamaContext, dependencies: Sequence[Any]) -> None:
@@ -343,8 +405,13 @@ def register_ollama(app: FastAPI, ctx: OllamaContext, dependencies: Sequence[Any
     r = OllamaRoutes(ctx)
     deps = list(dependencies)
     for path, handler, methods in (
-            ("/api/embed", r.embed, ["POST"]), ("/api/embeddings", r.embeddings, ["POST"]),
-            ("/api/show", r.show, ["POST"]), ("/api/tags", r.tags, ["GET", "HEAD"]),
-            ("/api/ps", r.ps, ["GET"]), ("/api/version", r.version, ["GET", "HEAD"])):
-        app.add_api_route(path, handler, methods=methods, dependencies=deps,
-                          include_in_schema=False)
+        ("/api/embed", r.embed, ["POST"]),
+        ("/api/embeddings", r.embeddings, ["POST"]),
+        ("/api/show", r.show, ["POST"]),
+        ("/api/tags", r.tags, ["GET", "HEAD"]),
+        ("/api/ps", r.ps, ["GET"]),
+        ("/api/version", r.version, ["GET", "HEAD"]),
+    ):
+        app.add_api_route(
+            path, handler, methods=methods, dependencies=deps, include_in_schema=False
+        )

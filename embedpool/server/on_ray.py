@@ -44,19 +44,30 @@ from embedpool.microbatcher import SubmitExecutor
 from embedpool.types import EventCallback
 
 
-def ray_executor_factory(spec: Any, *, address: str | None = None, actors: int | None = None,
-                         batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                         policy: FaultPolicy | None = None,
-                         on_event: EventCallback | None = None
-                         ) -> Callable[[], SubmitExecutor]:
+def ray_executor_factory(
+    spec: Any,
+    *,
+    address: str | None = None,
+    actors: int | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    policy: FaultPolicy | None = None,
+    on_event: EventCallback | None = None,
+) -> Callable[[], SubmitExecutor]:
     """A factory for ``create_app``/``run_server`` around any engine recipe: a
     ``RayExecutor`` built by ``placement.ray_executor``, the Ray branch of the one
     construction path (``embedpool serve --backend ray`` goes through
     ``placement.start_executor``)."""
     from embedpool.placement import ray_executor
 
-    return functools.partial(ray_executor, spec, address=address, actors=actors,
-                             batch_tokens=batch_tokens, policy=policy, on_event=on_event)
+    return functools.partial(
+        ray_executor,
+        spec,
+        address=address,
+        actors=actors,
+        batch_tokens=batch_tokens,
+        policy=policy,
+        on_event=on_event,
+    )
 
 
 def hold_ray(address: str | None) -> Callable[[], None]:

@@ -43,9 +43,16 @@ MAX_HEADER_INDICES = 512
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -55,13 +62,25 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, type=self.type, param=self.param,
-                              code=self.code, headers=self.headers)
+        return error_response(
+            self.status,
+            self.message,
+            type=self.type,
+            param=self.param,
+            code=self.code,
+            headers=self.headers,
+        )
 
 
-def error_response(status: int, message: str, *, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -116,7 +135,8 @@ class ModelList(BaseModel):
 
 #: The error statuses every API route documents, all in OpenAI's shape.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)
+}
 
 
 @dataclass(frozen=True)
@@ -141,9 +161,13 @@ class ServedModel:
         return self.names[0] if any(n.lower() == low for n in self.names) else None
 
     def not_found(self, name: str) -> ApiError:
-        return ApiError(404, f"The model '{name}' does not exist on this server. "
-                        f"Served models: {', '.join(self.names)}.",
-                        param="model", code="model_not_found")
+        return ApiError(
+            404,
+            f"The model '{name}' does not exist on this server. "
+            f"Served models: {', '.join(self.names)}.",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def embedding_request_schema(served: ServedModel, max_items: int) -> dict[str, Any]:
@@ -155,42 +179,69 @@ def embedding_request_schema(served: ServedModel, max_items: int) -> dict[str, A
     outside it, as the handler refuses them. Model names are matched case-insensitively too,
     which the schema does not spell out (stricter than the handler, never looser).
     """
+
     def nullable(schema: dict[str, Any]) -> dict[str, Any]:
         return {"anyOf": [schema, {"type": "null"}]}
 
     def given(field: str) -> dict[str, Any]:
         return {"required": [field], "properties": {field: {"type": "string"}}}
 
-    dims: dict[str, Any] = ({"type": "integer", "minimum": 1, "maximum": served.dim}
-                            if served.matryoshka else {"type": "integer", "enum": [served.dim]})
+    dims: dict[str, Any] = (
+        {"type": "integer", "minimum": 1, "maximum": served.dim}
+        if served.matryoshka
+        else {"type": "integer", "enum": [served.dim]}
+    )
     # prompt_name and input_type together only when they name the same prompt
-    agree = [{"properties": {"prompt_name": {"const": name},
-                             "input_type": {"enum": [t for t, n in served.input_types
-                                                     if n == name]}}}
-             for name in sorted({n for _, n in served.input_types})]
+    agree = [
+        {
+            "properties": {
+                "prompt_name": {"const": name},
+                "input_type": {"enum": [t for t, n in served.input_types if n == name]},
+            }
+        }
+        for name in sorted({n for _, n in served.input_types})
+    ]
     return {
         "title": "EmbeddingRequest",
         "type": "object",
         "required": ["input"],
         "anyOf": [{"not": given("prompt_name")}, {"not": given("input_type")}, *agree],
         "properties": {
-            "input": {"description": "A text, or a list of texts (not token ids).",
-                      "anyOf": [{"type": "string"},
-                                {"type": "array", "items": {"type": "string"},
-                                 "minItems": 1, "maxItems": max_items}]},
-            "model": {"description": "A served model name; omitted or null: the served model.",
-                      **nullable({"type": "string", "enum": list(served.names)})},
-            "encoding_format": {"default": "float",
-                                **nullable({"type": "string", "enum": ["float", "base64"]})},
-            "dimensions": {"description": "Keep the first N dimensions, normalised again "
-                                          "(Matryoshka models); other models: their own width.",
-                           **nullable(dims)},
-            "prompt_name": {"description": "The model's prompt to put before every input; "
-                                           "default: the model's default prompt.",
-                            **nullable({"type": "string", "enum": list(served.prompt_names)})},
-            "input_type": {"description": "query, document or passage: the model's prompt "
-                                          "for that kind of input.",
-                           **nullable({"type": "string", "enum": sorted(INPUT_TYPE_PROMPTS)})},
+            "input": {
+                "description": "A text, or a list of texts (not token ids).",
+                "anyOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {"type": "string"},
+                        "minItems": 1,
+                        "maxItems": max_items,
+                    },
+                ],
+            },
+            "model": {
+                "description": "A served model name; omitted or null: the served model.",
+                **nullable({"type": "string", "enum": list(served.names)}),
+            },
+            "encoding_format": {
+                "default": "float",
+                **nullable({"type": "string", "enum": ["float", "base64"]}),
+            },
+            "dimensions": {
+                "description": "Keep the first N dimensions, normalised again "
+                "(Matryoshka models); other models: their own width.",
+                **nullable(dims),
+            },
+            "prompt_name": {
+                "description": "The model's prompt to put before every input; "
+                "default: the model's default prompt.",
+                **nullable({"type": "string", "enum": list(served.prompt_names)}),
+            },
+            "input_type": {
+                "description": "query, document or passage: the model's prompt "
+                "for that kind of input.",
+                **nullable({"type": "string", "enum": sorted(INPUT_TYPE_PROMPTS)}),
+            },
             "user": {"description": "Accepted and ignored.", **nullable({"type": "string"})},
         },
     }
@@ -210,8 +261,15 @@ class EmbeddingCall:
 
 
 def _type_name(value: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
-            float: "number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "object",
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def parse_json(raw: bytes) -> Any:
@@ -219,48 +277,62 @@ def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}"[:300], None,
-                          "invalid_json") from None
+        raise bad_request(
+            f"the request body is not valid JSON: {exc}"[:300], None, "invalid_json"
+        ) from None
 
 
 def parse_embedding_request(body: Any, served: ServedModel, max_items: int) -> EmbeddingCall:
     """Validate an OpenAI embeddings body; every error names the field and input index."""
     if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {_type_name(body)}",
-                          None, "invalid_type")
+        raise bad_request(
+            f"the request body must be a JSON object, got {_type_name(body)}", None, "invalid_type"
+        )
     model = _parse_model(body.get("model"), served)
     if "input" not in body:
-        raise bad_request("'input' is required: a string or an array of strings", "input",
-                          "missing_required_parameter")
+        raise bad_request(
+            "'input' is required: a string or an array of strings",
+            "input",
+            "missing_required_parameter",
+        )
     texts = _parse_input(body["input"], max_items)
     fmt = body.get("encoding_format")
     if fmt is None:
         fmt = "float"
     if fmt not in ("float", "base64"):
-        raise bad_request(f"'encoding_format' must be 'float' or 'base64', got {fmt!r}"[:300],
-                          "encoding_format")
+        raise bad_request(
+            f"'encoding_format' must be 'float' or 'base64', got {fmt!r}"[:300], "encoding_format"
+        )
     dims = body.get("dimensions")
     if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
-        raise bad_request(f"'dimensions' must be an integer, got {_type_name(dims)}",
-                          "dimensions", "invalid_type")
+        raise bad_request(
+            f"'dimensions' must be an integer, got {_type_name(dims)}", "dimensions", "invalid_type"
+        )
     strings = {}
     for field in ("user", "prompt_name", "input_type"):
         value = body.get(field)
         if value is not None and not isinstance(value, str):
-            raise bad_request(f"'{field}' must be a string, got {_type_name(value)}", field,
-                              "invalid_type")
+            raise bad_request(
+                f"'{field}' must be a string, got {_type_name(value)}", field, "invalid_type"
+            )
         strings[field] = value
-    return EmbeddingCall(texts, model, "base64" if fmt == "base64" else "float",
-                         prompt_name=strings["prompt_name"], input_type=strings["input_type"],
-                         dimensions=dims)
+    return EmbeddingCall(
+        texts,
+        model,
+        "base64" if fmt == "base64" else "float",
+        prompt_name=strings["prompt_name"],
+        input_type=strings["input_type"],
+        dimensions=dims,
+    )
 
 
 def _parse_model(name: Any, served: ServedModel) -> str:
     if name is None:
         return served.names[0]
     if not isinstance(name, str):
-        raise bad_request(f"'model' must be a string, got {_type_name(name)}", "model",
-                          "invalid_type")
+        raise bad_request(
+            f"'model' must be a string, got {_type_name(name)}", "model", "invalid_type"
+        )
     found = served.lookup(name)
     if found is None:
         raise served.not_found(name)
@@ -274,52 +346,76 @@ def _parse_input(value: Any, max_items: int) -> list[str]:
     elif isinstance(value, list):
         items, single = value, False
     else:
-        raise bad_request(f"'input' must be a string or an array of strings, got "
-                          f"{_type_name(value)}", "input", "invalid_type")
+        raise bad_request(
+            f"'input' must be a string or an array of strings, got {_type_name(value)}",
+            "input",
+            "invalid_type",
+        )
     if not items:
-        raise bad_request("'input' is an empty array: send at least one string", "input",
-                          "empty_input")
+        raise bad_request(
+            "'input' is an empty array: send at least one string", "input", "empty_input"
+        )
     if not single and len(items) > max_items:
-        raise bad_request(f"'input' has {len(items)} items; this server accepts at most "
-                          f"{max_items} per request: split it into several requests", "input",
-                          "too_many_inputs")
+        raise bad_request(
+            f"'input' has {len(items)} items; this server accepts at most "
+            f"{max_items} per request: split it into several requests",
+            "input",
+            "too_many_inputs",
+        )
     first = items[0]
-    if not single and (isinstance(first, list) or (isinstance(first, int)
-                                                   and not isinstance(first, bool))):
-        raise bad_request("'input' is token ids, which this server does not accept: it embeds "
-                          "text with its own tokenizer, and token arrays usually come from "
-                          "tiktoken (LangChain's OpenAIEmbeddings: set "
-                          "check_embedding_ctx_length=False). Send the texts instead.", "input",
-                          "unsupported_token_input")
+    if not single and (
+        isinstance(first, list) or (isinstance(first, int) and not isinstance(first, bool))
+    ):
+        raise bad_request(
+            "'input' is token ids, which this server does not accept: it embeds "
+            "text with its own tokenizer, and token arrays usually come from "
+            "tiktoken (LangChain's OpenAIEmbeddings: set "
+            "check_embedding_ctx_length=False). Send the texts instead.",
+            "input",
+            "unsupported_token_input",
+        )
     for i, item in enumerate(items):
         where = "input" if single else f"input[{i}]"
         if not isinstance(item, str):
-            raise bad_request(f"{where} must be a string, got {_type_name(item)}", where,
-                              "invalid_type")
+            raise bad_request(
+                f"{where} must be a string, got {_type_name(item)}", where, "invalid_type"
+            )
         try:
             item.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise bad_request(f"{where} is not valid Unicode text ({exc.reason} at character "
-                              f"{exc.start})", where, "invalid_text") from None
+            raise bad_request(
+                f"{where} is not valid Unicode text ({exc.reason} at character {exc.start})",
+                where,
+                "invalid_text",
+            ) from None
     return list(items)
 
 
 # ----------------------------------------------------------------------------- rendering
-def render_embeddings(vectors: Vectors, fmt: str, model: str, prompt_tokens: int,
-                      truncated: Sequence[int]) -> bytes:
+def render_embeddings(
+    vectors: Vectors, fmt: str, model: str, prompt_tokens: int, truncated: Sequence[int]
+) -> bytes:
     """The response body. base64 is little-endian float32, as the openai client decodes it."""
     data: list[dict[str, Any]] = []
     if fmt == "base64":
         le = vectors.astype("<f4", copy=False)
         for i in range(le.shape[0]):
-            data.append({"object": "embedding", "index": i,
-                         "embedding": base64.b64encode(le[i].tobytes()).decode("ascii")})
+            data.append(
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": base64.b64encode(le[i].tobytes()).decode("ascii"),
+                }
+            )
     else:
         for i, row in enumerate(vectors.tolist()):
             data.append({"object": "embedding", "index": i, "embedding": row})
-    body: dict[str, Any] = {"object": "list", "data": data, "model": model,
-                            "usage": {"prompt_tokens": prompt_tokens,
-                                      "total_tokens": prompt_tokens}}
+    body: dict[str, Any] = {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
     if truncated:
         body["truncated_indices"] = list(truncated)
     return json.dumps(body, separators=(",", ":")).encode()

@@ -33,8 +33,9 @@ class Readiness:
 STARTING = Readiness(503, {"status": "starting"})
 
 
-async def probe_once(batcher: MicroBatcher, encoded: Encoded, dim: int,
-                     timeout_s: float) -> Readiness:
+async def probe_once(
+    batcher: MicroBatcher, encoded: Encoded, dim: int, timeout_s: float
+) -> Readiness:
     """Embed ``encoded`` (one tiny text) through the executor and check the vector."""
     start = time.perf_counter()
     try:
@@ -44,20 +45,25 @@ async def probe_once(batcher: MicroBatcher, encoded: Encoded, dim: int,
         if result.failed or vec.shape != (1, dim) or not np.isfinite(vec).all():
             raise PoolUnavailable(f"probe returned a bad vector (failed={result.failed})")
     except TimeoutError:
-        return Readiness(503, {"status": "unready",
-                               "reason": f"probe embedding took over {timeout_s:g} s"})
+        return Readiness(
+            503, {"status": "unready", "reason": f"probe embedding took over {timeout_s:g} s"}
+        )
     except Exception as exc:  # any failure of the probe means "not ready", never a 500
-        return Readiness(503, {"status": "unready",
-                               "reason": f"{type(exc).__name__}: {exc}"[:500]})
-    return Readiness(200, {"status": "ready",
-                           "probe_ms": round((time.perf_counter() - start) * 1e3, 2)})
+        return Readiness(503, {"status": "unready", "reason": f"{type(exc).__name__}: {exc}"[:500]})
+    return Readiness(
+        200, {"status": "ready", "probe_ms": round((time.perf_counter() - start) * 1e3, 2)}
+    )
 
 
 class SharedProbe:
     """At most one probe in flight; its answer reused for ``reuse_s`` (event-loop only)."""
 
-    def __init__(self, run: Callable[[], Awaitable[Readiness]], reuse_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        run: Callable[[], Awaitable[Readiness]],
+        reuse_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._run = run
         self._reuse_s = reuse_s
         self._clock = clock

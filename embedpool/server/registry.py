@@ -132,27 +132,31 @@ def keep_alive_of(r: Resident, keep_alive_s: float) -> float:
 def idle_expired(resident: Iterable[Resident], now: float, keep_alive_s: float) -> list[str]:
     """The models idle (nothing in flight) for at least their keep-alive (:func:`keep_alive_of`:
     the server's ``keep_alive_s``, ``<= 0`` never, unless a request gave its own)."""
-    return [r.name for r in resident
-            if r.inflight == 0 and now - r.last_used >= keep_alive_of(r, keep_alive_s)]
+    return [
+        r.name
+        for r in resident
+        if r.inflight == 0 and now - r.last_used >= keep_alive_of(r, keep_alive_s)
+    ]
 
 
 def next_expiry(resident: Iterable[Resident], now: float, keep_alive_s: float) -> float | None:
     """Seconds until the first idle model's keep-alive runs out (None: none will)."""
-    left = [r.last_used + keep_alive_of(r, keep_alive_s) - now
-            for r in resident if r.inflight == 0]
+    left = [r.last_used + keep_alive_of(r, keep_alive_s) - now for r in resident if r.inflight == 0]
     soonest = min(left, default=math.inf)
     return None if math.isinf(soonest) else max(0.0, soonest)
 
 
-def planned_bytes(model: ResolvedModel, precision: str, batch_tokens: int,
-                  workers: int = 1) -> int:
+def planned_bytes(model: ResolvedModel, precision: str, batch_tokens: int, workers: int = 1) -> int:
     """A model's planned memory: the pool's estimate of one worker's peak, times ``workers``."""
     from embedpool.executors.pool.memory import worker_mem_estimate
     from embedpool.graph.families.catalog import model_memory
 
     memory = model_memory(model, precision)
-    return max(1, workers) * worker_mem_estimate(precision, batch_tokens,  # type: ignore[arg-type]
-                                                 memory)
+    return max(1, workers) * worker_mem_estimate(
+        precision,  # type: ignore[arg-type]
+        batch_tokens,
+        memory,
+    )
 
 
 # ----------------------------------------------------------------------------- the plumbing
@@ -178,9 +182,17 @@ class Member:
 
     kind = "embedding"
 
-    def __init__(self, settings: ServerSettings, name: str, model: ResolvedModel,
-                 factory: Callable[[], SubmitExecutor], planned: int,
-                 metrics: ServerMetrics, *, normalize_windows: bool) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        name: str,
+        model: ResolvedModel,
+        factory: Callable[[], SubmitExecutor],
+        planned: int,
+        metrics: ServerMetrics,
+        *,
+        normalize_windows: bool,
+    ) -> None:
         self.settings = settings
         self.name = name
         self.model = model
@@ -222,8 +234,13 @@ class Member:
 
     def readings(self) -> ModelReadings:
         batcher = self.runtime.batcher
-        return ModelReadings(self.key, self.state, batcher.stats() if batcher else None,
-                             self.pool_stats(), self.closed_counts)
+        return ModelReadings(
+            self.key,
+            self.state,
+            batcher.stats() if batcher else None,
+            self.pool_stats(),
+            self.closed_counts,
+        )
 
     def resident(self) -> Resident:
         busy = self.inflight + (1 if self.state in ("loading", "unloading") else 0)
@@ -231,8 +248,9 @@ class Member:
 
     async def start(self) -> None:
         rt = self.runtime
-        await rt.start(self.factory, self.settings, self.metrics,
-                       normalize_windows=self.normalize_windows)
+        await rt.start(
+            self.factory, self.settings, self.metrics, normalize_windows=self.normalize_windows
+        )
         rt.started = time.time()
         self.loaded_at = time.monotonic()
 
@@ -249,18 +267,32 @@ class ModelSlot(Member):
     (``dialects.ModelContext``) and its load state. Its service's every embedding passes
     through the registry's ``use``."""
 
-    def __init__(self, registry: ModelRegistry, settings: ServerSettings, setup: ModelSetup,
-                 served: ServedModel, tokenizer: TextTokenizer,
-                 metrics: ServerMetrics) -> None:
-        super().__init__(settings, served.names[0], setup.model, setup.factory,
-                         setup.planned_bytes if setup.planned_bytes is not None else
-                         planned_bytes(setup.model, settings.precision, settings.batch_tokens),
-                         metrics, normalize_windows=setup.model.normalize)
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: ServerSettings,
+        setup: ModelSetup,
+        served: ServedModel,
+        tokenizer: TextTokenizer,
+        metrics: ServerMetrics,
+    ) -> None:
+        super().__init__(
+            settings,
+            served.names[0],
+            setup.model,
+            setup.factory,
+            setup.planned_bytes
+            if setup.planned_bytes is not None
+            else planned_bytes(setup.model, settings.precision, settings.batch_tokens),
+            metrics,
+            normalize_windows=setup.model.normalize,
+        )
         self.setup = setup
         self.served = served
         self.tokenizer = tokenizer
-        self.service = EmbeddingService(settings, tokenizer, served, self.runtime, metrics,
-                                        setup.cache)
+        self.service = EmbeddingService(
+            settings, tokenizer, served, self.runtime, metrics, setup.cache
+        )
         self.service.guard = lambda keep_alive_s: registry.use(self, keep_alive_s)
 
     @property
@@ -274,14 +306,26 @@ class RerankerSlot(Member):
 
     kind = "rerank"
 
-    def __init__(self, registry: ModelRegistry, settings: ServerSettings,
-                 setup: RerankerSetup, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        settings: ServerSettings,
+        setup: RerankerSetup,
+        metrics: ServerMetrics,
+    ) -> None:
         service = RerankService(settings, setup, metrics)
         precision = setup.precision or settings.precision
-        super().__init__(settings, service.names[0], setup.model, setup.factory,
-                         setup.planned_bytes if setup.planned_bytes is not None else
-                         planned_bytes(setup.model, precision, settings.batch_tokens),
-                         metrics, normalize_windows=False)
+        super().__init__(
+            settings,
+            service.names[0],
+            setup.model,
+            setup.factory,
+            setup.planned_bytes
+            if setup.planned_bytes is not None
+            else planned_bytes(setup.model, precision, settings.batch_tokens),
+            metrics,
+            normalize_windows=False,
+        )
         self.setup = setup
         self.service = service
         service.runtime = self.runtime
@@ -296,9 +340,14 @@ class ModelRegistry:
     """The served models (the first embedder is the default; then the rerankers), their loads
     and unloads."""
 
-    def __init__(self, settings: ServerSettings, setups: Sequence[ModelSetup],
-                 served: Callable[[ServerSettings, ModelSetup, TextTokenizer], ServedModel],
-                 metrics: ServerMetrics, rerankers: Sequence[RerankerSetup] = ()) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        setups: Sequence[ModelSetup],
+        served: Callable[[ServerSettings, ModelSetup, TextTokenizer], ServedModel],
+        metrics: ServerMetrics,
+        rerankers: Sequence[RerankerSetup] = (),
+    ) -> None:
         if not setups:
             raise ValueError("a server serves at least one model")
         self.settings = settings
@@ -306,22 +355,41 @@ class ModelRegistry:
         for i, setup in enumerate(setups):
             tokenizer = TextTokenizer.for_model(setup.model)
             # only the first model answers to --model's spelling and --served-model-name
-            own = settings if i == 0 else dataclasses.replace(
-                settings, model=setup.model.name, served_model_names=setup.aliases)
-            mine = (settings if setup.precision is None else
-                    dataclasses.replace(settings, precision=setup.precision))
-            self.slots.append(ModelSlot(self, mine, setup, served(own, setup, tokenizer),
-                                        tokenizer, metrics))
+            own = (
+                settings
+                if i == 0
+                else dataclasses.replace(
+                    settings, model=setup.model.name, served_model_names=setup.aliases
+                )
+            )
+            mine = (
+                settings
+                if setup.precision is None
+                else dataclasses.replace(settings, precision=setup.precision)
+            )
+            self.slots.append(
+                ModelSlot(self, mine, setup, served(own, setup, tokenizer), tokenizer, metrics)
+            )
         for i, slot in enumerate(self.slots):
             for other in self.slots[:i]:
                 if other.served.lookup(slot.name) is not None:
-                    raise ConfigError(f"two models are both named {slot.name!r} "
-                                      f"({other.model.directory} and {slot.model.directory}): "
-                                      "each model served needs its own name")
+                    raise ConfigError(
+                        f"two models are both named {slot.name!r} "
+                        f"({other.model.directory} and {slot.model.directory}): "
+                        "each model served needs its own name"
+                    )
         #: ``serve --reranker``: the rerankers, in the same budget (the first is the default).
-        self.rerankers = [RerankerSlot(self, settings if r.precision is None else
-                                       dataclasses.replace(settings, precision=r.precision),
-                                       r, metrics) for r in rerankers]
+        self.rerankers = [
+            RerankerSlot(
+                self,
+                settings
+                if r.precision is None
+                else dataclasses.replace(settings, precision=r.precision),
+                r,
+                metrics,
+            )
+            for r in rerankers
+        ]
         #: Every model: the embedders, then the rerankers.
         self.members: list[Member] = [*self.slots, *self.rerankers]
         # An embedder and a reranker may share a name (each kind's routes pick among their
@@ -357,24 +425,33 @@ class ModelRegistry:
         return [n for slot in self.slots for n in slot.served.names]
 
     def not_found(self, name: str) -> ApiError:
-        return ApiError(404, f"The model '{name}' does not exist on this server. Served "
-                        f"models: {', '.join(self.all_names())}.", param="model",
-                        code="model_not_found")
+        return ApiError(
+            404,
+            f"The model '{name}' does not exist on this server. Served "
+            f"models: {', '.join(self.all_names())}.",
+            param="model",
+            code="model_not_found",
+        )
 
     # ------------------------------------------------------------ lifespan
     async def start(self) -> None:
         if self.settings.model_memory_bytes is None and len(self.members) > 1:
             from embedpool.graph.prebuild import available_memory
 
-            self.budget = await run_in_threadpool(available_memory,
-                                                  self.settings.max_memory_bytes)
+            self.budget = await run_in_threadpool(available_memory, self.settings.max_memory_bytes)
         preload = self.settings.preload
-        chosen: list[Member] = (list(self.members) if preload == "all" else
-                                [*self.slots[:1], *self.rerankers[:1]] if preload == "first"
-                                else [])
+        chosen: list[Member] = (
+            list(self.members)
+            if preload == "all"
+            else [*self.slots[:1], *self.rerankers[:1]]
+            if preload == "first"
+            else []
+        )
         for member in chosen:
-            if plan_load([s.resident() for s in self.loaded()], self.budget,
-                         member.planned).action != "load":
+            if (
+                plan_load([s.resident() for s in self.loaded()], self.budget, member.planned).action
+                != "load"
+            ):
                 continue  # preload fills the budget in order; the rest load on demand
             await self._load(member)
         self._reaper = asyncio.create_task(self._reap_loop())
@@ -412,8 +489,7 @@ class ModelRegistry:
 
     # ------------------------------------------------------------ use
     @asynccontextmanager
-    async def use(self, slot: Member, keep_alive_s: float | None = None
-                  ) -> AsyncIterator[None]:
+    async def use(self, slot: Member, keep_alive_s: float | None = None) -> AsyncIterator[None]:
         """``slot`` loaded (waiting for its load, loading it) and counted in flight while the
         block runs: never unloaded under a request. ``keep_alive_s``: the request's
         keep-alive (None: the server's), the model's from the end of this request on."""
@@ -427,15 +503,24 @@ class ModelRegistry:
             try:
                 await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
-                raise ApiError(503, f"the model {slot.name} did not load within "
-                               f"{self.settings.request_timeout_s:g} s", type="server_error",
-                               code="timeout", headers={"Retry-After": "5"}) from None
+                raise ApiError(
+                    503,
+                    f"the model {slot.name} did not load within "
+                    f"{self.settings.request_timeout_s:g} s",
+                    type="server_error",
+                    code="timeout",
+                    headers={"Retry-After": "5"},
+                ) from None
             except ApiError:
                 raise
             except Exception as exc:  # its executor failed to start: the next request retries
-                raise ApiError(503, f"the model {slot.name} could not be loaded: "
-                               f"{type(exc).__name__}: {exc}", type="server_error",
-                               code="model_load_failed", headers={"Retry-After": "5"}) from exc
+                raise ApiError(
+                    503,
+                    f"the model {slot.name} could not be loaded: {type(exc).__name__}: {exc}",
+                    type="server_error",
+                    code="model_load_failed",
+                    headers={"Retry-After": "5"},
+                ) from exc
         slot.inflight += 1
         slot.last_used = time.monotonic()
         try:
@@ -467,10 +552,14 @@ class ModelRegistry:
                         return
                     if plan.action == "refuse":
                         raise ApiError(
-                            503, f"the model {slot.name} needs {format_bytes(plan.needed)} of "
+                            503,
+                            f"the model {slot.name} needs {format_bytes(plan.needed)} of "
                             f"memory (the pool's plan) and only {format_bytes(plan.available)} "
                             "is available to models here: raise the memory limit or serve a "
-                            "smaller model", type="server_error", code="model_too_large")
+                            "smaller model",
+                            type="server_error",
+                            code="model_too_large",
+                        )
                     if plan.action == "unload":
                         # one at a time, then plan again: while one stops, a request may
                         # take another of the chosen (planned and checked with no await
@@ -482,11 +571,14 @@ class ModelRegistry:
                         await asyncio.wait_for(self._changed.wait(), max(0.0, left))
                     except TimeoutError:
                         raise ApiError(
-                            503, f"the model {slot.name} needs {format_bytes(plan.needed)} and "
+                            503,
+                            f"the model {slot.name} needs {format_bytes(plan.needed)} and "
                             f"{format_bytes(plan.available)} is free beside models busy with "
                             f"requests for {self.settings.request_timeout_s:g} s",
-                            type="server_error", code="model_busy",
-                            headers={"Retry-After": "5"}) from None
+                            type="server_error",
+                            code="model_busy",
+                            headers={"Retry-After": "5"},
+                        ) from None
         except BaseException:
             if slot.state == "loading":
                 slot.state = "unloaded"
@@ -517,14 +609,18 @@ class ModelRegistry:
         """Unload the models idle past their keep-alive (after a load that holds the lock)."""
         async with self._lock:
             server = self._server_keep_alive()
-            names = idle_expired([s.resident() for s in self.members if s.state == "loaded"],
-                                 time.monotonic(), server)
+            names = idle_expired(
+                [s.resident() for s in self.members if s.state == "loaded"],
+                time.monotonic(),
+                server,
+            )
             done: list[str] = []
             for name in names:
                 slot = self._slot(name)
                 # checked again: a request may have used it while the one before stopped
-                if idle_expired([slot.resident()] if slot.state == "loaded" else [],
-                                time.monotonic(), server):
+                if idle_expired(
+                    [slot.resident()] if slot.state == "loaded" else [], time.monotonic(), server
+                ):
                     await self._unload(slot)
                     done.append(name)
             return done
@@ -535,11 +631,13 @@ class ModelRegistry:
         while True:
             self._wake.clear()
             await self.reap()
-            soonest = next_expiry([s.resident() for s in self.members if s.state == "loaded"],
-                                  time.monotonic(), self._server_keep_alive())
+            soonest = next_expiry(
+                [s.resident() for s in self.members if s.state == "loaded"],
+                time.monotonic(),
+                self._server_keep_alive(),
+            )
             # a timer, not synchronisation: at most REAP_INTERVAL_S late for a model whose
             # keep-alive a request did not change, never busy (10 ms at least)
-            timeout = REAP_INTERVAL_S if soonest is None else min(REAP_INTERVAL_S,
-                                                                    soonest + 0.01)
+            timeout = REAP_INTERVAL_S if soonest is None else min(REAP_INTERVAL_S, soonest + 0.01)
             with suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)

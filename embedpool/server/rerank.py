@@ -57,8 +57,11 @@ ROUTES = ("/v1/rerank", "/v2/rerank", "/rerank")
 
 
 def _render_error(err: ApiError) -> Response:
-    return JSONResponse({"message": err.message, "type": err.type, "code": err.code},
-                        status_code=err.status, headers=err.headers)
+    return JSONResponse(
+        {"message": err.message, "type": err.type, "code": err.code},
+        status_code=err.status,
+        headers=err.headers,
+    )
 
 
 register_dialect("rerank", _render_error, paths=ROUTES)
@@ -92,8 +95,9 @@ class Scored:
 class RerankService:
     """Scores a query against documents through the reranker's batcher (and cache)."""
 
-    def __init__(self, settings: ServerSettings, setup: RerankerSetup,
-                 metrics: ServerMetrics) -> None:
+    def __init__(
+        self, settings: ServerSettings, setup: RerankerSetup, metrics: ServerMetrics
+    ) -> None:
         check_reranker(setup.model)
         assert setup.model.classifier is not None
         self.settings = settings
@@ -108,8 +112,11 @@ class RerankService:
         #: counted in flight); None: the runtime as it is.
         self.guard: Callable[[], AbstractAsyncContextManager[None]] | None = None
         known = find_known(setup.model.name)
-        names = [setup.model.name, *setup.aliases,
-                 *((known.name, known.hub_id) if known is not None else ())]
+        names = [
+            setup.model.name,
+            *setup.aliases,
+            *((known.name, known.hub_id) if known is not None else ()),
+        ]
         self.names = tuple(dict.fromkeys(n for n in names if n))
 
     # ------------------------------------------------------------ scoring
@@ -120,9 +127,13 @@ class RerankService:
         if not isinstance(name, str):
             raise bad_request(f"model must be a string, got {type_name(name)}", "model")
         if name not in self.names:
-            raise ApiError(404, f"the model {name!r} is not served for rerank; this server "
-                           f"reranks with {', '.join(repr(n) for n in self.names)}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model {name!r} is not served for rerank; this server "
+                f"reranks with {', '.join(repr(n) for n in self.names)}",
+                param="model",
+                code="model_not_found",
+            )
 
     def encode(self, query: str, documents: list[str]) -> EncodedPairs:
         try:
@@ -130,8 +141,7 @@ class RerankService:
         except InputError as exc:
             raise bad_request(str(exc), "query", "query_too_long") from None
 
-    async def score(self, query: str, documents: list[str], *, truncate: bool = True
-                    ) -> Scored:
+    async def score(self, query: str, documents: list[str], *, truncate: bool = True) -> Scored:
         """The documents' logits against ``query`` (n, num_labels); ``truncate=False``: a 422
         naming the first pair longer than the window instead of cutting it."""
         if self.guard is None:
@@ -142,14 +152,22 @@ class RerankService:
     async def _score(self, query: str, documents: list[str], truncate: bool) -> Scored:
         batcher = self.runtime.running_batcher()
         chars = len(query) * len(documents) + sum(len(d) for d in documents)
-        enc = (self.encode(query, documents) if chars <= INLINE_TOKENIZE_CHARS
-               else await run_in_threadpool(self.encode, query, documents))
+        enc = (
+            self.encode(query, documents)
+            if chars <= INLINE_TOKENIZE_CHARS
+            else await run_in_threadpool(self.encode, query, documents)
+        )
         truncated = [i for i, t in enumerate(enc.truncated) if t]
         if truncated and not truncate:
             i = truncated[0]
-            raise ApiError(422, f"the query with document {i} is {enc.n_tokens[i]} tokens; the "
-                           f"model's window is {self.tokenizer.max_length} (truncate: true "
-                           "cuts the document's end)", param=f"texts[{i}]", code="too_long")
+            raise ApiError(
+                422,
+                f"the query with document {i} is {enc.n_tokens[i]} tokens; the "
+                f"model's window is {self.tokenizer.max_length} (truncate: true "
+                "cuts the document's end)",
+                param=f"texts[{i}]",
+                code="too_long",
+            )
         self.metrics.truncated_items.inc(len(truncated))
         out = np.zeros((len(documents), self.classifier.num_labels), dtype=np.float32)
         todo = list(range(len(documents)))
@@ -166,29 +184,42 @@ class RerankService:
             logits = await self._run(batcher, enc, todo)
             out[todo] = logits
             if cache is not None:
-                await run_in_threadpool(cache.put_many, query, [documents[i] for i in todo],
-                                        logits)
+                await run_in_threadpool(cache.put_many, query, [documents[i] for i in todo], logits)
         tokens = sum(len(s) for s in enc.sequences)
         self.metrics.reranked_pairs.inc(len(documents))
         self.metrics.reranked_tokens.inc(tokens)
         return Scored(out, tokens, truncated)
 
-    async def _run(self, batcher: MicroBatcher, enc: EncodedPairs, todo: list[int]
-                   ) -> np.ndarray:
-        ticket = admit(self.metrics, lambda: batcher.submit(
-            [enc.sequences[i] for i in todo], list(range(len(todo))), len(todo),
-            prompt_lengths=[enc.segments[i] for i in todo]
-            if self.classifier.token_types else None))
+    async def _run(self, batcher: MicroBatcher, enc: EncodedPairs, todo: list[int]) -> np.ndarray:
+        ticket = admit(
+            self.metrics,
+            lambda: batcher.submit(
+                [enc.sequences[i] for i in todo],
+                list(range(len(todo))),
+                len(todo),
+                prompt_lengths=[enc.segments[i] for i in todo]
+                if self.classifier.token_types
+                else None,
+            ),
+        )
         timeout = self.settings.request_timeout_s
         try:
             rows = await asyncio.wait_for(asyncio.wrap_future(ticket.future), timeout)
         except TimeoutError:
-            raise ApiError(503, f"rerank did not finish within {timeout:g} s",
-                           type="server_error", code="timeout") from None
+            raise ApiError(
+                503,
+                f"rerank did not finish within {timeout:g} s",
+                type="server_error",
+                code="timeout",
+            ) from None
         except ItemFailed as exc:
             index = todo[exc.index]
-            raise ApiError(422, f"documents[{index}] could not be scored: {exc.reason}",
-                           param=f"documents[{index}]", code="input_failed") from None
+            raise ApiError(
+                422,
+                f"documents[{index}] could not be scored: {exc.reason}",
+                param=f"documents[{index}]",
+                code="input_failed",
+            ) from None
         except PoolUnavailable as exc:
             raise pool_unavailable(exc) from None
         return np.asarray(rows, dtype=np.float32)
@@ -198,8 +229,9 @@ class RerankService:
 def _query(body: dict[str, Any]) -> str:
     query = body.get("query")
     if query is None:
-        raise bad_request("query is required: the text the documents are ranked against",
-                          "query", "missing_field")
+        raise bad_request(
+            "query is required: the text the documents are ranked against", "query", "missing_field"
+        )
     if not isinstance(query, str):
         raise bad_request(f"query must be a string, got {type_name(query)}", "query")
     return query
@@ -222,8 +254,11 @@ def _documents(value: Any, field: str, max_items: int, *, objects: bool) -> list
     if not isinstance(value, list):
         raise bad_request(f"{field} must be an array of strings, got {type_name(value)}", field)
     if len(value) > max_items:
-        raise bad_request(f"{field} has {len(value)} items; at most {max_items} per request",
-                          field, "too_many_inputs")
+        raise bad_request(
+            f"{field} has {len(value)} items; at most {max_items} per request",
+            field,
+            "too_many_inputs",
+        )
     out: list[str] = []
     for i, item in enumerate(value):
         if isinstance(item, str):
@@ -232,8 +267,9 @@ def _documents(value: Any, field: str, max_items: int, *, objects: bool) -> list
             out.append(item["text"])
         else:
             shape = 'a string or {"text": string}' if objects else "a string"
-            raise bad_request(f"{field}[{i}] must be {shape}, got {type_name(item)}",
-                              f"{field}[{i}]")
+            raise bad_request(
+                f"{field}[{i}] must be {shape}, got {type_name(item)}", f"{field}[{i}]"
+            )
     return out
 
 
@@ -255,8 +291,9 @@ def best_first(scores: np.ndarray, top_n: int | None = None) -> list[int]:
 class RerankRoutes:
     """The handlers; ``tei.register_rerank`` gets :meth:`tei_body` for TEI's ``POST /``."""
 
-    def __init__(self, settings: ServerSettings, service: RerankService,
-                 more: Sequence[RerankService] = ()) -> None:
+    def __init__(
+        self, settings: ServerSettings, service: RerankService, more: Sequence[RerankService] = ()
+    ) -> None:
         self.settings = settings
         self.service = service
         #: ``serve --reranker A --reranker B``: every reranker; a request picks one by its
@@ -272,25 +309,29 @@ class RerankRoutes:
                     return svc
             if len(self.services) > 1:
                 names = [n for svc in self.services for n in svc.names]
-                raise ApiError(404, f"the model {name!r} is not served for rerank; this "
-                               f"server reranks with {', '.join(repr(n) for n in names)}",
-                               param="model", code="model_not_found")
+                raise ApiError(
+                    404,
+                    f"the model {name!r} is not served for rerank; this "
+                    f"server reranks with {', '.join(repr(n) for n in names)}",
+                    param="model",
+                    code="model_not_found",
+                )
         self.service.check_model(name)
         return self.service
 
     async def _body(self, request: Request) -> dict[str, Any]:
         body = parse_json(await read_body(request, self.settings.max_request_bytes))
         if not isinstance(body, dict):
-            raise bad_request(f"the request body must be a JSON object, got {type_name(body)}",
-                              None)
+            raise bad_request(
+                f"the request body must be a JSON object, got {type_name(body)}", None
+            )
         return body
 
     async def v1(self, request: Request) -> Response:
         return await self._cohere(await self._body(request), return_documents=True)
 
     async def v2(self, request: Request) -> Response:
-        return await self._cohere(await self._body(request), return_documents=False,
-                                  version="2")
+        return await self._cohere(await self._body(request), return_documents=False, version="2")
 
     async def any_shape(self, request: Request) -> Response:
         """``/rerank``: TEI's body (``texts``) or Cohere's (``documents``)."""
@@ -299,23 +340,35 @@ class RerankRoutes:
             return await self.tei_body(request, body)
         return await self._cohere(body, return_documents=True)
 
-    async def _cohere(self, body: dict[str, Any], *, return_documents: bool,
-                      version: str = "1") -> Response:
+    async def _cohere(
+        self, body: dict[str, Any], *, return_documents: bool, version: str = "1"
+    ) -> Response:
         svc = self.pick(body.get("model"))
         query = _query(body)
-        documents = _documents(body.get("documents"), "documents",
-                               self.settings.max_items_per_request, objects=True)
+        documents = _documents(
+            body.get("documents"), "documents", self.settings.max_items_per_request, objects=True
+        )
         top_n = _top_n(body)
         give_docs = _flag(body, "return_documents", return_documents)
         per_doc = body.get("max_tokens_per_doc")
-        if per_doc is not None and (isinstance(per_doc, bool) or not isinstance(per_doc, int)
-                                    or per_doc < svc.tokenizer.max_length):
-            raise bad_request(f"max_tokens_per_doc {per_doc!r} is below the model's window of "
-                              f"{svc.tokenizer.max_length} tokens; embedpool cuts documents to "
-                              "the window only", "max_tokens_per_doc", "unsupported_value")
+        if per_doc is not None and (
+            isinstance(per_doc, bool)
+            or not isinstance(per_doc, int)
+            or per_doc < svc.tokenizer.max_length
+        ):
+            raise bad_request(
+                f"max_tokens_per_doc {per_doc!r} is below the model's window of "
+                f"{svc.tokenizer.max_length} tokens; embedpool cuts documents to "
+                "the window only",
+                "max_tokens_per_doc",
+                "unsupported_value",
+            )
         if body.get("relevant_spans"):
-            raise bad_request("relevant_spans: embedpool scores whole documents, it finds no "
-                              "spans", "relevant_spans", "unsupported_value")
+            raise bad_request(
+                "relevant_spans: embedpool scores whole documents, it finds no spans",
+                "relevant_spans",
+                "unsupported_value",
+            )
         scored = await svc.score(query, documents)
         scores = activate(scored.logits[:, 0], svc.classifier.activation)
         results = []
@@ -324,16 +377,28 @@ class RerankRoutes:
             if give_docs:
                 item["document"] = {"text": documents[i]}
             results.append(item)
-        warnings = [f"documents {', '.join(map(str, scored.truncated[:20]))}"
-                    f"{' and more' if len(scored.truncated) > 20 else ''} were cut to the "
-                    f"model's window of {svc.tokenizer.max_length} tokens (the query is never "
-                    "cut)"] if scored.truncated else []
-        answer = {"id": str(uuid.uuid4()), "model": svc.names[0], "results": results,
-                  "usage": {"total_tokens": scored.tokens},
-                  "meta": {"api_version": {"version": version},
-                           "billed_units": {"search_units": 1},
-                           "tokens": {"input_tokens": scored.tokens},
-                           "warnings": warnings}}
+        warnings = (
+            [
+                f"documents {', '.join(map(str, scored.truncated[:20]))}"
+                f"{' and more' if len(scored.truncated) > 20 else ''} were cut to the "
+                f"model's window of {svc.tokenizer.max_length} tokens (the query is never "
+                "cut)"
+            ]
+            if scored.truncated
+            else []
+        )
+        answer = {
+            "id": str(uuid.uuid4()),
+            "model": svc.names[0],
+            "results": results,
+            "usage": {"total_tokens": scored.tokens},
+            "meta": {
+                "api_version": {"version": version},
+                "billed_units": {"search_units": 1},
+                "tokens": {"input_tokens": scored.tokens},
+                "warnings": warnings,
+            },
+        }
         return JSONResponse(answer, headers=truncation_headers(scored.truncated))
 
     async def tei_body(self, request: Request, body: dict[str, Any]) -> Response:
@@ -341,8 +406,9 @@ class RerankRoutes:
         use_dialect(request, "tei")
         svc = self.service
         query = _query(body)
-        texts = _documents(body.get("texts"), "texts", self.settings.max_items_per_request,
-                           objects=False)
+        texts = _documents(
+            body.get("texts"), "texts", self.settings.max_items_per_request, objects=False
+        )
         if not texts:
             raise ApiError(400, "`texts` cannot be empty", code="empty")
         raw = _flag(body, "raw_scores", False)
@@ -350,8 +416,12 @@ class RerankRoutes:
         truncate = _flag(body, "truncate", True)
         direction = body.get("truncation_direction", "right")
         if not isinstance(direction, str) or direction.lower() != "right":
-            raise ApiError(422, f"truncation_direction {direction!r}: embedpool cuts the end "
-                           "of the document (right)", param="truncation_direction")
+            raise ApiError(
+                422,
+                f"truncation_direction {direction!r}: embedpool cuts the end "
+                "of the document (right)",
+                param="truncation_direction",
+            )
         scored = await svc.score(query, texts, truncate=truncate)
         scores = activate(scored.logits[:, 0], "identity" if raw else svc.classifier.activation)
         out: list[dict[str, Any]] = []
@@ -363,17 +433,27 @@ class RerankRoutes:
         return JSONResponse(out, headers=truncation_headers(scored.truncated))
 
 
-def register_rerank_routes(app: FastAPI, service: RerankService, settings: ServerSettings,
-                           dependencies: Sequence[Any],
-                           more: Sequence[RerankService] = ()) -> None:
+def register_rerank_routes(
+    app: FastAPI,
+    service: RerankService,
+    settings: ServerSettings,
+    dependencies: Sequence[Any],
+    more: Sequence[RerankService] = (),
+) -> None:
     """Add the rerank routes (``dependencies``: the app's auth; ``more``: rerankers beside
     ``service``, picked by the request's ``model``); TEI's ``POST /`` of this app hands its
     rerank bodies to them (``tei_root``)."""
     r = RerankRoutes(settings, service, more)
     deps = list(dependencies)
     for path, handler in (("/v1/rerank", r.v1), ("/v2/rerank", r.v2), ("/rerank", r.any_shape)):
-        app.add_api_route(path, handler, methods=["POST"], dependencies=deps,
-                          summary="Rerank documents against a query", include_in_schema=True)
+        app.add_api_route(
+            path,
+            handler,
+            methods=["POST"],
+            dependencies=deps,
+            summary="Rerank documents against a query",
+            include_in_schema=True,
+        )
     app.state.rerank_routes = r
 
 
@@ -383,8 +463,12 @@ async def tei_root(request: Request, body: dict[str, Any]) -> Response:
     routes = getattr(request.app.state, "rerank_routes", None)
     if not isinstance(routes, RerankRoutes):
         use_dialect(request, "tei")
-        raise ApiError(422, "this body is a rerank (`query`, `texts`), and this server serves "
-                       "no reranker (start it with serve --reranker)", code="no_reranker")
+        raise ApiError(
+            422,
+            "this body is a rerank (`query`, `texts`), and this server serves "
+            "no reranker (start it with serve --reranker)",
+            code="no_reranker",
+        )
     return await routes.tei_body(request, body)
 
 

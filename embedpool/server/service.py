@@ -36,8 +36,14 @@ from embedpool.server.settings import ServerSettings
 from embedpool.tokenization import Encoded, TextTokenizer
 from embedpool.types import Vectors
 
-__all__ = ["Embedded", "EmbeddingService", "Runtime", "VectorCacheHook", "admit",
-           "pool_unavailable"]
+__all__ = [
+    "Embedded",
+    "EmbeddingService",
+    "Runtime",
+    "VectorCacheHook",
+    "admit",
+    "pool_unavailable",
+]
 
 #: Requests with more characters than this are tokenised on a thread, not on the event loop:
 #: below it, tokenising (~50 us) costs less than the thread hop.
@@ -57,12 +63,23 @@ class Runtime:
     def running_batcher(self) -> MicroBatcher:
         """The batcher, or a 503 while the server starts or stops."""
         if self.batcher is None:
-            raise ApiError(503, "the server is starting or shutting down", type="server_error",
-                           code="not_ready", headers={"Retry-After": "1"})
+            raise ApiError(
+                503,
+                "the server is starting or shutting down",
+                type="server_error",
+                code="not_ready",
+                headers={"Retry-After": "1"},
+            )
         return self.batcher
 
-    async def start(self, factory: Callable[[], SubmitExecutor], settings: ServerSettings,
-                    metrics: ServerMetrics, *, normalize_windows: bool) -> None:
+    async def start(
+        self,
+        factory: Callable[[], SubmitExecutor],
+        settings: ServerSettings,
+        metrics: ServerMetrics,
+        *,
+        normalize_windows: bool,
+    ) -> None:
         """Build the executor (on a worker thread, which on_ray.py relies on: Ray leaves
         SIGTERM to uvicorn) and the micro-batcher in front of it; a build error is kept in
         ``startup_error`` and raised."""
@@ -73,11 +90,15 @@ class Runtime:
             raise
         s = settings
         self.batcher = MicroBatcher(
-            self.executor, batch_tokens=s.batch_tokens, max_batch_items=s.max_batch_items,
-            max_wait_s=s.max_wait_ms / 1000, max_queue_tokens=s.max_queue_tokens,
+            self.executor,
+            batch_tokens=s.batch_tokens,
+            max_batch_items=s.max_batch_items,
+            max_wait_s=s.max_wait_ms / 1000,
+            max_queue_tokens=s.max_queue_tokens,
             max_inflight=s.max_inflight_batches,
             on_batch=lambda b: metrics.batch_tokens.observe(b.padded_tokens),
-            normalize_windows=normalize_windows)
+            normalize_windows=normalize_windows,
+        )
 
     async def stop_batcher(self, graceful_timeout_s: float) -> None:
         """Take no more work, wait (bounded) for what is queued, close the batcher."""
@@ -99,8 +120,13 @@ def admit(metrics: ServerMetrics, submit: Callable[[], Ticket]) -> Ticket:
         return submit()
     except QueueFull as exc:
         metrics.rejected.labels("queue_full").inc()
-        raise ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
-                       headers={"Retry-After": str(exc.retry_after)}) from None
+        raise ApiError(
+            429,
+            str(exc),
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
     except PoolUnavailable as exc:
         metrics.rejected.labels("pool_unavailable").inc()
         raise pool_unavailable(exc) from None
@@ -116,16 +142,23 @@ class Embedded:
 
 
 def pool_unavailable(exc: PoolUnavailable) -> ApiError:
-    return ApiError(503, str(exc), type="server_error", code="pool_unavailable",
-                    headers={"Retry-After": "5"})
+    return ApiError(
+        503, str(exc), type="server_error", code="pool_unavailable", headers={"Retry-After": "5"}
+    )
 
 
 class EmbeddingService:
     """Embeds validated texts through the runtime's batcher (and the cache, when there is one)."""
 
-    def __init__(self, settings: ServerSettings, tokenizer: TextTokenizer, served: ServedModel,
-                 runtime: Runtime, metrics: ServerMetrics,
-                 cache: VectorCacheHook | None) -> None:
+    def __init__(
+        self,
+        settings: ServerSettings,
+        tokenizer: TextTokenizer,
+        served: ServedModel,
+        runtime: Runtime,
+        metrics: ServerMetrics,
+        cache: VectorCacheHook | None,
+    ) -> None:
         self.settings = settings
         self.tokenizer = tokenizer
         self.served = served
@@ -143,10 +176,15 @@ class EmbeddingService:
         s = self.served
         try:
             return resolve_options(
-                self.tokenizer, model=s.names[0], width=s.dim, matryoshka=s.matryoshka,
-                normalize=s.normalize, prompt_name=call.prompt_name if call else None,
+                self.tokenizer,
+                model=s.names[0],
+                width=s.dim,
+                matryoshka=s.matryoshka,
+                normalize=s.normalize,
+                prompt_name=call.prompt_name if call else None,
                 input_type=call.input_type if call else None,
-                dimensions=call.dimensions if call else None)
+                dimensions=call.dimensions if call else None,
+            )
         except OptionError as exc:
             code = "unsupported_value" if exc.param == "dimensions" else "invalid_value"
             raise bad_request(str(exc), exc.param, code) from None
@@ -157,11 +195,23 @@ class EmbeddingService:
     def prepare(self, texts: list[str], prompt: str = "") -> Prepared:
         """The shared prepare step (``prepare.prepare``) for one request: every input
         tokenised (its usage), only the cache's misses left to run."""
-        return prepare(texts, self.tokenizer, self.settings.long_text, self.served.dim,
-                       prompt=prompt, cache=self.cache, tokenize_all=True)
+        return prepare(
+            texts,
+            self.tokenizer,
+            self.settings.long_text,
+            self.served.dim,
+            prompt=prompt,
+            cache=self.cache,
+            tokenize_all=True,
+        )
 
-    async def embed(self, texts: list[str], options: CallOptions | None = None, *,
-                    keep_alive_s: float | None = None) -> Embedded:
+    async def embed(
+        self,
+        texts: list[str],
+        options: CallOptions | None = None,
+        *,
+        keep_alive_s: float | None = None,
+    ) -> Embedded:
         """The texts' vectors; ``keep_alive_s``: how long the model stays loaded idle after
         this request (Ollama's ``keep_alive``; None: the server's, registry.py)."""
         if self.guard is None:
@@ -173,9 +223,11 @@ class EmbeddingService:
         opts = options if options is not None else self.options()
         batcher = self.runtime.running_batcher()
         chars = sum(len(t) for t in texts)
-        prep = (self.prepare(texts, opts.prompt)
-                if self.cache is None and chars <= INLINE_TOKENIZE_CHARS
-                else await run_in_threadpool(self.prepare, texts, opts.prompt))
+        prep = (
+            self.prepare(texts, opts.prompt)
+            if self.cache is None and chars <= INLINE_TOKENIZE_CHARS
+            else await run_in_threadpool(self.prepare, texts, opts.prompt)
+        )
         truncated = prep.truncated_inputs()
         self.metrics.truncated_items.inc(len(truncated))
         if self.cache is not None:
@@ -194,19 +246,29 @@ class EmbeddingService:
 
     def _admit(self, batcher: MicroBatcher, enc: Encoded, n_items: int) -> Ticket:
         """Queue the sequences of the texts still to embed (their windows too), or refuse."""
-        return admit(self.metrics, lambda: batcher.submit(enc.sequences, enc.owner, n_items,
-                                                          enc.prompt_length))
+        return admit(
+            self.metrics,
+            lambda: batcher.submit(enc.sequences, enc.owner, n_items, enc.prompt_length),
+        )
 
     async def _wait(self, ticket: Ticket, prep: Prepared) -> Vectors:
         timeout = self.settings.request_timeout_s
         try:
             return await asyncio.wait_for(asyncio.wrap_future(ticket.future), timeout)
         except TimeoutError:
-            raise ApiError(503, f"embedding did not finish within {timeout:g} s",
-                           type="server_error", code="timeout") from None
+            raise ApiError(
+                503,
+                f"embedding did not finish within {timeout:g} s",
+                type="server_error",
+                code="timeout",
+            ) from None
         except ItemFailed as exc:
             index = prep.first_input(prep.missing[exc.index])
-            raise ApiError(422, f"input[{index}] could not be embedded: {exc.reason}",
-                           param=f"input[{index}]", code="input_failed") from None
+            raise ApiError(
+                422,
+                f"input[{index}] could not be embedded: {exc.reason}",
+                param=f"input[{index}]",
+                code="input_failed",
+            ) from None
         except PoolUnavailable as exc:
             raise pool_unavailable(exc) from None

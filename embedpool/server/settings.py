@@ -71,15 +71,21 @@ class ServerSettings:
             (self.batch_tokens >= 1, "batch_tokens", self.batch_tokens),
             (self.max_batch_items >= 1, "max_batch_items", self.max_batch_items),
             (0 <= self.max_wait_ms <= 1000, "max_wait_ms", self.max_wait_ms),
-            (self.max_inflight_batches is None or self.max_inflight_batches >= 1,
-             "max_inflight_batches", self.max_inflight_batches),
+            (
+                self.max_inflight_batches is None or self.max_inflight_batches >= 1,
+                "max_inflight_batches",
+                self.max_inflight_batches,
+            ),
             (self.request_timeout_s > 0, "request_timeout_s", self.request_timeout_s),
             (self.ready_timeout_s > 0, "ready_timeout_s", self.ready_timeout_s),
             (self.ready_reuse_s >= 0, "ready_reuse_s", self.ready_reuse_s),
             (self.graceful_timeout_s >= 0, "graceful_timeout_s", self.graceful_timeout_s),
             (self.preload in ("all", "first", "none"), "preload", self.preload),
-            (self.model_memory_bytes is None or self.model_memory_bytes >= 1,
-             "model_memory_bytes", self.model_memory_bytes),
+            (
+                self.model_memory_bytes is None or self.model_memory_bytes >= 1,
+                "model_memory_bytes",
+                self.model_memory_bytes,
+            ),
         ]
         for ok, name, value in checks:
             if not ok:

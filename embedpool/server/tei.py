@@ -67,18 +67,25 @@ ROUTES = ("/", "/embed", "/similarity", "/tokenize", "/decode", "/info")
 #: TEI routes embedpool does not serve, refused in TEI's shape (422) with the reason.
 REFUSED = {
     "/embed_all": "per-token embeddings: embedpool's engines return pooled vectors only; "
-                  "use /embed",
+    "use /embed",
     "/embed_sparse": "sparse (SPLADE) embeddings: embedpool serves dense embedders",
-    "/predict": "sequence classification: embedpool serves no classifier (rerankers: "
-                "/rerank)",
+    "/predict": "sequence classification: embedpool serves no classifier (rerankers: /rerank)",
 }
 _DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 #: ApiError codes of an empty batch (TEI's 400 ``Empty``).
 _EMPTY = ("empty_input", "empty")
 #: error_type by status, for errors raised outside this module (auth, limits, the pool).
-_TYPES = {400: "Empty", 401: "Unauthorized", 404: "NotFound", 405: "NotFound",
-          413: "Validation", 422: "Validation", 424: "Backend", 429: "Overloaded",
-          503: "Unhealthy"}
+_TYPES = {
+    400: "Empty",
+    401: "Unauthorized",
+    404: "NotFound",
+    405: "NotFound",
+    413: "Validation",
+    422: "Validation",
+    424: "Backend",
+    429: "Overloaded",
+    503: "Unhealthy",
+}
 
 #: A handler of TEI's rerank body (``query``, ``texts``) posted to ``/``: the rerank routes'
 #: (rerank.py registers it). Called after the key check, with the parsed body.
@@ -97,11 +104,16 @@ def _render_error(err: ApiError) -> Response:
         status = 424
     elif status == 400 and err.code not in (*_EMPTY, "invalid_json"):
         status = 422  # TEI answers a body it cannot use with 422 Validation
-    kind = ("Tokenizer" if err.code == "tokenizer" else
-            "Validation" if status == 400 and err.code not in _EMPTY else
-            _TYPES.get(status, "Validation"))
-    return JSONResponse({"error": err.message, "error_type": kind}, status_code=status,
-                        headers=err.headers)
+    kind = (
+        "Tokenizer"
+        if err.code == "tokenizer"
+        else "Validation"
+        if status == 400 and err.code not in _EMPTY
+        else _TYPES.get(status, "Validation")
+    )
+    return JSONResponse(
+        {"error": err.message, "error_type": kind}, status_code=status, headers=err.headers
+    )
 
 
 register_dialect("tei", _render_error, paths=(*ROUTES, *REFUSED))
@@ -139,8 +151,9 @@ class TeiRoutes:
             check_text([value], field, single=True)
             return [value]
         if not isinstance(value, list):
-            raise _invalid(f"`{field}` must be a string or a list of strings, got "
-                           f"{type_name(value)}")
+            raise _invalid(
+                f"`{field}` must be a string or a list of strings, got {type_name(value)}"
+            )
         if not value:
             raise _empty(field)
         limit = self.ctx.settings.max_items_per_request
@@ -148,8 +161,10 @@ class TeiRoutes:
             raise _invalid(f"batch size {len(value)} > maximum allowed batch size {limit}")
         for i, item in enumerate(value):
             if isinstance(item, int | list) and not isinstance(item, bool):
-                raise _invalid(f"`{field}` holds token ids ({field}[{i}]), which embedpool "
-                               "does not accept: it tokenises text itself; send the texts")
+                raise _invalid(
+                    f"`{field}` holds token ids ({field}[{i}]), which embedpool "
+                    "does not accept: it tokenises text itself; send the texts"
+                )
             if not isinstance(item, str):
                 raise _invalid(f"{field}[{i}] must be a string, got {type_name(item)}")
         check_text(value, field)
@@ -175,27 +190,35 @@ class TeiRoutes:
         """The body's ``prompt_name`` and ``dimensions``, checked against the model."""
         if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
             raise _invalid(f"`dimensions` must be an integer, got {type_name(dims)}")
-        call = EmbeddingCall([], self.ctx.served.names[0], "float",
-                             prompt_name=self._string(body, "prompt_name"), dimensions=dims)
+        call = EmbeddingCall(
+            [],
+            self.ctx.served.names[0],
+            "float",
+            prompt_name=self._string(body, "prompt_name"),
+            dimensions=dims,
+        )
         return self.ctx.service.options(call)
 
     def _truncation(self, body: dict[str, Any], texts: Sequence[str], prompt: str) -> None:
         """``truncation_direction`` right only; ``truncate: false``: 422 for a long input."""
         direction = self._string(body, "truncation_direction")
         if direction is not None and direction.lower() != "right":
-            raise _invalid(f"truncation_direction {direction!r} is not supported: embedpool "
-                           "keeps the start of a text (right)")
+            raise _invalid(
+                f"truncation_direction {direction!r} is not supported: embedpool "
+                "keeps the start of a text (right)"
+            )
         if self._flag(body, "truncate", None) is False:
             tokenizer = self.ctx.service.tokenizer
             for i, n in enumerate(tokenizer.count(texts, prompt=prompt)):
                 if n > tokenizer.max_length:
-                    raise _invalid(f"Input validation error: `inputs` must have less than "
-                                   f"{tokenizer.max_length} tokens. Given: {n} (inputs[{i}]; "
-                                   "send truncate: true to cut it)")
+                    raise _invalid(
+                        f"Input validation error: `inputs` must have less than "
+                        f"{tokenizer.max_length} tokens. Given: {n} (inputs[{i}]; "
+                        "send truncate: true to cut it)"
+                    )
 
     # ------------------------------------------------------------ embeddings
-    async def _vectors(self, body: dict[str, Any], texts: list[str]
-                       ) -> tuple[Vectors, list[int]]:
+    async def _vectors(self, body: dict[str, Any], texts: list[str]) -> tuple[Vectors, list[int]]:
         opts = self._options(body, body.get("dimensions"))
         normalize = self._flag(body, "normalize", True)
         self._truncation(body, texts, opts.prompt)
@@ -211,8 +234,9 @@ class TeiRoutes:
 
     async def _embed(self, body: dict[str, Any]) -> Response:
         vectors, truncated = await self._vectors(body, self._texts(body.get("inputs")))
-        return await json_body(vectors.tolist(), vectors.size,
-                               headers=truncation_headers(truncated))
+        return await json_body(
+            vectors.tolist(), vectors.size, headers=truncation_headers(truncated)
+        )
 
     async def similarity(self, request: Request) -> Response:
         return await self._similarity(await self._body(request))
@@ -220,25 +244,30 @@ class TeiRoutes:
     async def _similarity(self, body: dict[str, Any]) -> Response:
         inputs = body.get("inputs")
         if not isinstance(inputs, dict):
-            raise _invalid("`inputs` must be an object {source_sentence, sentences}, got "
-                           f"{type_name(inputs)}")
+            raise _invalid(
+                "`inputs` must be an object {source_sentence, sentences}, got "
+                f"{type_name(inputs)}"
+            )
         source = inputs.get("source_sentence")
         if not isinstance(source, str):
-            raise _invalid(f"`inputs.source_sentence` must be a string, got "
-                           f"{type_name(source)}")
+            raise _invalid(f"`inputs.source_sentence` must be a string, got {type_name(source)}")
         check_text([source], "inputs.source_sentence", single=True)
         sentences = self._texts(inputs.get("sentences"), "inputs.sentences")
         params = body.get("parameters") or {}
         if not isinstance(params, dict):
             raise _invalid(f"`parameters` must be an object, got {type_name(params)}")
         if len(sentences) + 1 > self.ctx.settings.max_items_per_request:
-            raise _invalid(f"batch size {len(sentences) + 1} > maximum allowed batch size "
-                           f"{self.ctx.settings.max_items_per_request}")
-        vectors, truncated = await self._vectors({**params, "normalize": True},
-                                                 [source, *sentences])
+            raise _invalid(
+                f"batch size {len(sentences) + 1} > maximum allowed batch size "
+                f"{self.ctx.settings.max_items_per_request}"
+            )
+        vectors, truncated = await self._vectors(
+            {**params, "normalize": True}, [source, *sentences]
+        )
         scores = vectors[1:] @ vectors[0]  # cosine: the vectors are unit length
-        return await json_body([float(s) for s in scores], len(sentences),
-                               headers=truncation_headers(truncated))
+        return await json_body(
+            [float(s) for s in scores], len(sentences), headers=truncation_headers(truncated)
+        )
 
     async def root(self, request: Request) -> Response:
         """TEI's ``POST /``: by the body, a similarity, a rerank or an embedding."""
@@ -247,8 +276,9 @@ class TeiRoutes:
             return await self._similarity(body)
         if "query" in body and "texts" in body:
             if not _rerank:
-                raise _invalid("this body is a rerank (`query`, `texts`), and this server "
-                               "serves no reranker")
+                raise _invalid(
+                    "this body is a rerank (`query`, `texts`), and this server serves no reranker"
+                )
             use_dialect(request, "tei")
             return await _rerank[0](request, body)
         return await self._embed(body)
@@ -261,8 +291,11 @@ class TeiRoutes:
         prompt = self._options(body).prompt
         chars = sum(len(t) for t in texts)
         args = (texts, prompt, bool(special))
-        tokens = (_tokens(self.ctx, *args) if chars <= INLINE_TOKENIZE_CHARS
-                  else await run_in_threadpool(_tokens, self.ctx, *args))
+        tokens = (
+            _tokens(self.ctx, *args)
+            if chars <= INLINE_TOKENIZE_CHARS
+            else await run_in_threadpool(_tokens, self.ctx, *args)
+        )
         return await json_body(tokens, sum(len(t) for t in tokens))
 
     async def decode(self, request: Request) -> Response:
@@ -273,12 +306,19 @@ class TeiRoutes:
         elif isinstance(ids, list) and ids:
             batch = [ids]
         else:
-            raise (_empty("ids") if ids == [] else
-                   _invalid(f"`ids` must be a list of token ids or a list of such lists, got "
-                            f"{type_name(ids)}"))
+            raise (
+                _empty("ids")
+                if ids == []
+                else _invalid(
+                    f"`ids` must be a list of token ids or a list of such lists, got "
+                    f"{type_name(ids)}"
+                )
+            )
         if len(batch) > self.ctx.settings.max_items_per_request:
-            raise _invalid(f"batch size {len(batch)} > maximum allowed batch size "
-                           f"{self.ctx.settings.max_items_per_request}")
+            raise _invalid(
+                f"batch size {len(batch)} > maximum allowed batch size "
+                f"{self.ctx.settings.max_items_per_request}"
+            )
         skip = bool(self._flag(body, "skip_special_tokens", True))
         tokenizer = self.ctx.service.tokenizer
         texts = []
@@ -294,26 +334,35 @@ class TeiRoutes:
     # ------------------------------------------------------------ info
     async def info(self) -> Response:
         s, f = self.ctx.settings, self.facts
-        return JSONResponse({
-            "model_id": self.ctx.served.names[0], "model_sha": None,
-            "model_dtype": _DTYPES.get(f.dtype, f.dtype),
-            "served_model_name": self.ctx.served.names[0],
-            "model_type": {"embedding": {"pooling": f.pooling}},
-            # full-window requests the token queue holds (embedpool admits by tokens)
-            "max_concurrent_requests": max(1, s.max_queue_tokens // f.max_length),
-            "max_input_length": f.max_length, "max_batch_tokens": s.batch_tokens,
-            "max_batch_requests": s.max_batch_items,
-            "max_client_batch_size": s.max_items_per_request, "auto_truncate": True,
-            "tokenization_workers": 1, "version": embedpool.__version__, "sha": None,
-            "docker_label": None})
+        return JSONResponse(
+            {
+                "model_id": self.ctx.served.names[0],
+                "model_sha": None,
+                "model_dtype": _DTYPES.get(f.dtype, f.dtype),
+                "served_model_name": self.ctx.served.names[0],
+                "model_type": {"embedding": {"pooling": f.pooling}},
+                # full-window requests the token queue holds (embedpool admits by tokens)
+                "max_concurrent_requests": max(1, s.max_queue_tokens // f.max_length),
+                "max_input_length": f.max_length,
+                "max_batch_tokens": s.batch_tokens,
+                "max_batch_requests": s.max_batch_items,
+                "max_client_batch_size": s.max_items_per_request,
+                "auto_truncate": True,
+                "tokenization_workers": 1,
+                "version": embedpool.__version__,
+                "sha": None,
+                "docker_label": None,
+            }
+        )
 
     async def health(self) -> Response:
         """TEI's ``GET /`` (and Ollama's): 200 while the server can embed, else 503."""
         batcher = self.ctx.runtime.batcher
         problem = "starting" if batcher is None else batcher.health()
         if problem is not None:
-            raise ApiError(503, f"unhealthy: {problem}", code="unhealthy",
-                           headers={"Retry-After": "1"})
+            raise ApiError(
+                503, f"unhealthy: {problem}", code="unhealthy", headers={"Retry-After": "1"}
+            )
         return Response("embedpool is running", media_type="text/plain")
 
     async def refused(self, request: Request) -> Response:
@@ -321,12 +370,13 @@ class TeiRoutes:
         raise _invalid(f"POST {path} is not served by embedpool ({REFUSED.get(path, '')})")
 
 
-def _tokens(ctx: ServerContext, texts: list[str], prompt: str,
-            add_special_tokens: bool) -> list[list[dict[str, Any]]]:
-    encodings = ctx.service.tokenizer.encodings(texts, prompt=prompt,
-                                                add_special_tokens=add_special_tokens)
-    return [_simple_tokens(enc, prompt + text) for enc, text in zip(encodings, texts,
-                                                                     strict=True)]
+def _tokens(
+    ctx: ServerContext, texts: list[str], prompt: str, add_special_tokens: bool
+) -> list[list[dict[str, Any]]]:
+    encodings = ctx.service.tokenizer.encodings(
+        texts, prompt=prompt, add_special_tokens=add_special_tokens
+    )
+    return [_simple_tokens(enc, prompt + text) for enc, text in zip(encodings, texts, strict=True)]
 
 
 def _simple_tokens(enc: Encoding, text: str) -> list[dict[str, Any]]:
@@ -337,17 +387,23 @@ def _simple_tokens(enc: Encoding, text: str) -> list[dict[str, Any]]:
     else:
         byte_at = np.concatenate([[0], np.cumsum([len(c.encode("utf-8")) for c in text])])
     out: list[dict[str, Any]] = []
-    for tid, (start, stop), special, token in zip(enc.ids, enc.offsets,
-                                                  enc.special_tokens_mask, enc.tokens,
-                                                  strict=True):
+    for tid, (start, stop), special, token in zip(
+        enc.ids, enc.offsets, enc.special_tokens_mask, enc.tokens, strict=True
+    ):
         if special:
-            out.append({"id": tid, "text": token, "special": True, "start": None,
-                        "stop": None})
+            out.append({"id": tid, "text": token, "special": True, "start": None, "stop": None})
             continue
         if byte_at is not None:
             start, stop = int(byte_at[start]), int(byte_at[stop])
-        out.append({"id": tid, "text": data[start:stop].decode("utf-8", "replace"),
-                    "special": False, "start": start, "stop": stop})
+        out.append(
+            {
+                "id": tid,
+                "text": data[start:stop].decode("utf-8", "replace"),
+                "special": False,
+                "start": start,
+                "stop": stop,
+            }
+        )
     return out
 
 
@@ -355,12 +411,17 @@ def register_tei(app: FastAPI, ctx: ServerContext, dependencies: Sequence[Any]) 
     """Add the TEI routes (``dependencies``: the app's auth), out of /openapi.json."""
     r = TeiRoutes(ctx)
     deps = list(dependencies)
-    for path, handler in (("/", r.root), ("/embed", r.embed), ("/similarity", r.similarity),
-                          ("/tokenize", r.tokenize), ("/decode", r.decode),
-                          *((p, r.refused) for p in REFUSED)):
-        app.add_api_route(path, handler, methods=["POST"], dependencies=deps,
-                          include_in_schema=False)
-    app.add_api_route("/info", r.info, methods=["GET"], dependencies=deps,
-                      include_in_schema=False)
+    for path, handler in (
+        ("/", r.root),
+        ("/embed", r.embed),
+        ("/similarity", r.similarity),
+        ("/tokenize", r.tokenize),
+        ("/decode", r.decode),
+        *((p, r.refused) for p in REFUSED),
+    ):
+        app.add_api_route(
+            path, handler, methods=["POST"], dependencies=deps, include_in_schema=False
+        )
+    app.add_api_route("/info", r.info, methods=["GET"], dependencies=deps, include_in_schema=False)
     # open, as /health is: probes carry no key
     app.add_api_route("/", r.health, methods=["GET", "HEAD"], include_in_schema=False)

@@ -72,25 +72,39 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Start]:
     this backend; every one started is closed at teardown."""
     started: list[Any] = []
 
-    def start(spec: FakeEngineSpec, *, workers: int = 2, batch_tokens: int = 1024,
-              policy: FaultPolicy | None = None,
-              on_event: Callable[[Event], None] | None = None) -> Executor:
+    def start(
+        spec: FakeEngineSpec,
+        *,
+        workers: int = 2,
+        batch_tokens: int = 1024,
+        policy: FaultPolicy | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> Executor:
         p = policy or FaultPolicy()
         ex: Any
         if request.param == "pool":
             from embedpool.executors.pool.pool import Pool
 
             on_gpu = {"device": spec.device, "profile": "cloud"} if spec.device != "cpu" else {}
-            ex = Pool(spec, fast_config(workers=workers, batch_tokens=batch_tokens,
-                                        max_retries=p.max_retries, hang_base_s=p.hang_base_s,
-                                        hang_per_token_s=p.hang_per_token_s, **on_gpu),
-                      on_event=on_event)
+            ex = Pool(
+                spec,
+                fast_config(
+                    workers=workers,
+                    batch_tokens=batch_tokens,
+                    max_retries=p.max_retries,
+                    hang_base_s=p.hang_base_s,
+                    hang_per_token_s=p.hang_per_token_s,
+                    **on_gpu,
+                ),
+                on_event=on_event,
+            )
         else:
             request.getfixturevalue("ray_cluster")
             from embedpool.executors.ray.executor import RayExecutor
 
-            ex = RayExecutor(spec, actors=workers, batch_tokens=batch_tokens, policy=p,
-                             on_event=on_event)
+            ex = RayExecutor(
+                spec, actors=workers, batch_tokens=batch_tokens, policy=p, on_event=on_event
+            )
         started.append(ex)
         return ex  # type: ignore[no-any-return]
 
@@ -101,12 +115,16 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Start]:
 
 def run_all(ex: Executor, batches: list[WorkBatch]) -> dict[int, BatchResult]:
     futures: list[Future[BatchResult]] = [ex.submit(b) for b in batches]
-    return {b.batch_id: f.result(timeout=DEADLINE_S * 2)
-            for b, f in zip(batches, futures, strict=True)}
+    return {
+        b.batch_id: f.result(timeout=DEADLINE_S * 2) for b, f in zip(batches, futures, strict=True)
+    }
 
 
-def assert_clean(results: dict[int, BatchResult], batches: list[WorkBatch],
-                 skip: frozenset[tuple[int, int]] = frozenset()) -> None:
+def assert_clean(
+    results: dict[int, BatchResult],
+    batches: list[WorkBatch],
+    skip: frozenset[tuple[int, int]] = frozenset(),
+) -> None:
     """Every row equals a clean run's vector, except the given-up ones (zeros)."""
     assert sorted(results) == sorted(b.batch_id for b in batches)
     for b in batches:
@@ -140,8 +158,9 @@ def test_sigkill_of_a_busy_worker_loses_nothing(backend: Start, event_log: Event
     pid = busy_pid(ex)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
-                                                                        strict=True)}
+    results = {
+        b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures, strict=True)
+    }
     stats = ex.stats()
     assert_clean(results, batches)
     deaths = event_log.named(events.WORKER_DEATH)
@@ -159,7 +178,8 @@ def test_sigkill_of_a_busy_worker_loses_nothing(backend: Start, event_log: Event
 
 
 def test_a_death_with_several_unfinished_tasks_charges_none_of_them(
-        backend: Start, event_log: EventLog, tmp_path: Path) -> None:
+    backend: Start, event_log: EventLog, tmp_path: Path
+) -> None:
     """One worker, two batches, held at a gate (a file) so that neither finishes; then a
     SIGKILL. One rule (``faults.blame``) on both: a pool worker holds one task, which is
     charged (split); a Ray actor holds both (it queues two), and since the oldest may have
@@ -168,20 +188,24 @@ def test_a_death_with_several_unfinished_tasks_charges_none_of_them(
     gate = tmp_path / "gate"
     gate.touch()
     batches = make_batches(make_sequences(8, seed=29), 4)
-    ex = backend(FakeEngineSpec(dim=DIM, hold_while_exists=str(gate)), workers=1,
-                 on_event=event_log)
+    ex = backend(
+        FakeEngineSpec(dim=DIM, hold_while_exists=str(gate)), workers=1, on_event=event_log
+    )
     futures = [ex.submit(b) for b in batches]
     is_ray = ex.stats().backend == "ray"
     # the pool's worker takes one batch, the other waits; a Ray actor takes both
-    wait_until(lambda: busy_pid(ex) is not None and ex.stats().queued == (0 if is_ray else 1),
-               "the worker holding its batches")
+    wait_until(
+        lambda: busy_pid(ex) is not None and ex.stats().queued == (0 if is_ray else 1),
+        "the worker holding its batches",
+    )
     pid = busy_pid(ex)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: bool(event_log.named(events.WORKER_DEATH)), "the death")
     gate.unlink()
-    results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
-                                                                        strict=True)}
+    results = {
+        b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures, strict=True)
+    }
     stats = ex.stats()
     assert_clean(results, batches)
     (death,) = event_log.named(events.WORKER_DEATH)
@@ -202,15 +226,17 @@ def test_a_death_with_several_unfinished_tasks_charges_none_of_them(
 @pytest.mark.slow
 @pytest.mark.cgroup
 def test_oom_kill_in_a_cgroup_is_confirmed_split_and_lowers_the_budget(
-        backend: Start, event_log: EventLog) -> None:
+    backend: Start, event_log: EventLog
+) -> None:
     """One worker, which joins a 128 MiB cgroup while it loads. A task of 16 x 64 = 1024
     padded tokens allocates 1024 x 192 KiB = 192 MiB: the kernel kills it. The cgroup's
     oom_kill counter rose, so it is an OOM kill: the budget is halved (2 x 96 MiB fit), the
     killed size is never sent again, and every vector equals a clean run's."""
     batches = make_batches(make_sequences(48, seed=22, min_len=64, max_len=64), 16)
     with cgroup_util.memory_cgroup(128 * MiB) as cg:
-        spec = FakeEngineSpec(dim=DIM, alloc_bytes_per_token=192 * KiB,
-                              join_cgroup=str(cg.procs_file))
+        spec = FakeEngineSpec(
+            dim=DIM, alloc_bytes_per_token=192 * KiB, join_cgroup=str(cg.procs_file)
+        )
         ex = backend(spec, workers=1, batch_tokens=1024, on_event=event_log)
         results = run_all(ex, batches)
         stats = ex.stats()
@@ -229,7 +255,8 @@ def test_oom_kill_in_a_cgroup_is_confirmed_split_and_lowers_the_budget(
 @pytest.mark.slow
 @pytest.mark.cgroup
 def test_repeated_oom_kills_enter_emergency_mode_with_one_budget_state(
-        backend: Start, event_log: EventLog) -> None:
+    backend: Start, event_log: EventLog
+) -> None:
     """Two OOM kills in a row (no batch completed in between): the first halves the budget
     (1024 -> 512), the second enters emergency mode at the floor (256) on both backends
     (``faults.budget_after_oom``: one ``BudgetState``; Ray used to halve again), the killed
@@ -237,8 +264,9 @@ def test_repeated_oom_kills_enter_emergency_mode_with_one_budget_state(
     token, 1024 tokens (320 MiB) and 512 (160 MiB) overflow the 128 MiB cgroup, 256 fit."""
     batches = make_batches(make_sequences(32, seed=30, min_len=64, max_len=64), 16)
     with cgroup_util.memory_cgroup(128 * MiB) as cg:
-        spec = FakeEngineSpec(dim=DIM, alloc_bytes_per_token=320 * KiB,
-                              join_cgroup=str(cg.procs_file))
+        spec = FakeEngineSpec(
+            dim=DIM, alloc_bytes_per_token=320 * KiB, join_cgroup=str(cg.procs_file)
+        )
         ex = backend(spec, workers=1, batch_tokens=1024, on_event=event_log)
         results = run_all(ex, batches)
         stats = ex.stats()
@@ -282,8 +310,7 @@ def only_pid(ex: Executor) -> int:
 
 @pytest.mark.slow
 @pytest.mark.cgroup
-def test_an_idle_worker_oom_killed_lowers_the_budget(backend: Start,
-                                                    event_log: EventLog) -> None:
+def test_an_idle_worker_oom_killed_lowers_the_budget(backend: Start, event_log: EventLog) -> None:
     """A worker with no task, OOM-killed by the kernel because another process of its cgroup
     took the memory: the same rule on both backends (``faults.idle_death_lowers_budget``),
     the budget halved (memory is tight whatever the worker was doing), the worker replaced,
@@ -291,16 +318,18 @@ def test_an_idle_worker_oom_killed_lowers_the_budget(backend: Start,
     batches = make_batches(make_sequences(8, seed=27), 4)  # one before, one after
     with cgroup_util.memory_cgroup(128 * MiB) as cg:
         # its one batch leaves 80 MiB charged to the cgroup (it joined after loading)
-        spec = FakeEngineSpec(dim=DIM, join_cgroup=str(cg.procs_file),
-                              grow_bytes_per_batch=80 * MiB)
+        spec = FakeEngineSpec(
+            dim=DIM, join_cgroup=str(cg.procs_file), grow_bytes_per_batch=80 * MiB
+        )
         ex = backend(spec, workers=1, batch_tokens=1024, on_event=event_log)
         assert_clean(run_all(ex, batches[:1]), batches[:1])
         wait_until(lambda: [w.state for w in ex.stats().workers] == ["idle"], "an idle worker")
         pid = only_pid(ex)
         hog = subprocess.Popen([sys.executable, "-c", HOG, str(cg.procs_file), str(pid), "64"])
         try:
-            wait_until(lambda: bool(event_log.named(events.WORKER_DEATH)),
-                       "the idle worker's death")
+            wait_until(
+                lambda: bool(event_log.named(events.WORKER_DEATH)), "the idle worker's death"
+            )
         finally:
             hog.kill()
             hog.wait(timeout=DEADLINE_S)
@@ -313,8 +342,11 @@ def test_an_idle_worker_oom_killed_lowers_the_budget(backend: Start,
     assert death["pid"] == pid and death["kind"] == "oom_kill" and death["items"] == 0
     # the kernel may also take the hog once the worker is gone: >= 1 kill in the cgroup
     assert kernel_kills >= 1 and stats.oom_kills == stats.deaths == 1
-    lowered = [e for e in event_log.named(events.SCALE)
-               if (e["batch_tokens_from"], e["batch_tokens_to"]) == (1024, 512)]
+    lowered = [
+        e
+        for e in event_log.named(events.SCALE)
+        if (e["batch_tokens_from"], e["batch_tokens_to"]) == (1024, 512)
+    ]
     assert lowered, "an idle worker's OOM kill did not lower the budget"
 
 
@@ -323,7 +355,8 @@ def test_an_idle_worker_oom_killed_lowers_the_budget(backend: Start,
 
 @pytest.mark.slow
 def test_replacements_that_cannot_start_back_off_and_break_only_with_none_alive(
-        backend: Start, event_log: EventLog, tmp_path: Path) -> None:
+    backend: Start, event_log: EventLog, tmp_path: Path
+) -> None:
     """After the model stops loading (a flag file), a killed worker's replacements fail: the
     executor retries with a growing backoff while a worker lives and keeps embedding on it
     (Ray used to break after 3 failures with live actors), and breaks, naming the failure,
@@ -332,8 +365,10 @@ def test_replacements_that_cannot_start_back_off_and_break_only_with_none_alive(
     spec = FakeEngineSpec(dim=DIM, delay_per_batch_s=0.02, fail_to_start_if_exists=str(flag))
     ex = backend(spec, workers=2, on_event=event_log)
     batches = make_batches(make_sequences(48, seed=28), 4)
-    wait_until(lambda: sum(w.state == "idle" and w.pid is not None
-                           for w in ex.stats().workers) == 2, "two ready workers")
+    wait_until(
+        lambda: sum(w.state == "idle" and w.pid is not None for w in ex.stats().workers) == 2,
+        "two ready workers",
+    )
     flag.touch()
     first, second = (w.pid for w in ex.stats().workers)
     assert first is not None and second is not None
@@ -354,8 +389,9 @@ def test_replacements_that_cannot_start_back_off_and_break_only_with_none_alive(
 
 
 @pytest.mark.slow
-def test_hung_worker_is_killed_replaced_and_its_input_given_up(backend: Start,
-                                                               event_log: EventLog) -> None:
+def test_hung_worker_is_killed_replaced_and_its_input_given_up(
+    backend: Start, event_log: EventLog
+) -> None:
     """An input on which the engine blocks forever: each task holding it is warned about at
     60% of its deadline, killed at 100% and split; alone, it is given up as hung."""
     seqs = make_sequences(12, seed=23)
@@ -381,7 +417,8 @@ def test_hung_worker_is_killed_replaced_and_its_input_given_up(backend: Start,
 
 @pytest.mark.slow
 def test_a_lost_gpu_breaks_the_executor_and_only_the_device_executor_falls_back(
-        backend: Start, event_log: EventLog) -> None:
+    backend: Start, event_log: EventLog
+) -> None:
     """A sticky CUDA error (the fake GPU's "unspecified launch failure") is nobody's input's
     fault: no input is given up or split for it (``faults.decide``: fall back). Neither
     backend can leave its device, so both break with ``DeviceLost`` naming the error; the
@@ -406,8 +443,9 @@ def test_a_lost_gpu_breaks_the_executor_and_only_the_device_executor_falls_back(
     from embedpool.executors.devices import PoolRecipe
 
     cpu = PoolRecipe("cpu", gpu.on_cpu(), fast_config(workers=1), precision="fp32")
-    on_gpu = PoolRecipe("cuda:0 FakeGPU", gpu, fast_config(workers=1, device="cuda:0",
-                                                           profile="cloud"))
+    on_gpu = PoolRecipe(
+        "cuda:0 FakeGPU", gpu, fast_config(workers=1, device="cuda:0", profile="cloud")
+    )
     with devices.start([on_gpu], fallback=cpu, on_event=event_log) as dex:
         results = {r.batch_id: r for r in dex.run(batches)}
         assert dex.devices == ["cpu"]
@@ -424,8 +462,11 @@ def test_poison_input_is_given_up_alone(backend: Start, event_log: EventLog) -> 
     seqs = make_sequences(32, seed=24)
     plant(seqs, 13)
     batches = make_batches(seqs, 8)  # row 5 of batch 1
-    ex = backend(FakeEngineSpec(dim=DIM, crash_on=POISON), policy=FaultPolicy(max_retries=1),
-                 on_event=event_log)
+    ex = backend(
+        FakeEngineSpec(dim=DIM, crash_on=POISON),
+        policy=FaultPolicy(max_retries=1),
+        on_event=event_log,
+    )
     results = run_all(ex, batches)
     stats = ex.stats()
     assert_clean(results, batches, skip=frozenset({(1, 5)}))
@@ -439,8 +480,9 @@ def test_poison_input_is_given_up_alone(backend: Start, event_log: EventLog) -> 
 # --- an on_event callback that raises ------------------------------------------------------------
 
 
-def test_a_raising_callback_is_logged_and_ignored(backend: Start,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_a_raising_callback_is_logged_and_ignored(
+    backend: Start, caplog: pytest.LogCaptureFixture
+) -> None:
     """Every event raises in the callback, deaths included: the job still completes."""
     seen: list[str] = []
     lock = threading.Lock()
@@ -453,8 +495,9 @@ def test_a_raising_callback_is_logged_and_ignored(backend: Start,
     seqs = make_sequences(24, seed=25)
     plant(seqs, 3)
     batches = make_batches(seqs, 4)
-    ex = backend(FakeEngineSpec(dim=DIM, crash_on=POISON), policy=FaultPolicy(max_retries=0),
-                 on_event=bad)
+    ex = backend(
+        FakeEngineSpec(dim=DIM, crash_on=POISON), policy=FaultPolicy(max_retries=0), on_event=bad
+    )
     results = run_all(ex, batches)
     assert_clean(results, batches, skip=frozenset({(0, 3)}))
     assert {events.WORKER_DEATH, events.SPLIT, events.POISON_ITEM} <= set(seen)

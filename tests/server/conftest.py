@@ -31,8 +31,9 @@ def serve(model: ResolvedModel) -> Iterator[Callable[..., LiveServer]]:
 
     started: list[LiveServer] = []
 
-    def start(executor_factory: Callable[[], SubmitExecutor] | None = None,
-              **overrides: Any) -> LiveServer:
+    def start(
+        executor_factory: Callable[[], SubmitExecutor] | None = None, **overrides: Any
+    ) -> LiveServer:
         settings = replace(ServerSettings(api_key=""), **overrides)
         app = create_app(settings, executor_factory or fake_executor(), model=model)
         live = LiveServer.start(app)

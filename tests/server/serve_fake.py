@@ -25,8 +25,9 @@ def main() -> None:
     ap.add_argument("--hold", default=None)
     args = ap.parse_args()
     spec = FakeEngineSpec(dim=DIM, delay_per_batch_s=args.delay, hold_while_exists=args.hold)
-    settings = ServerSettings(port=args.port, api_key="", graceful_timeout_s=30,
-                              log_level="warning")
+    settings = ServerSettings(
+        port=args.port, api_key="", graceful_timeout_s=30, log_level="warning"
+    )
     if args.ray:
         from embedpool.server.on_ray import ray_executor_factory
 

@@ -24,8 +24,9 @@ START_DEADLINE_S = 30.0
 STOP_DEADLINE_S = 30.0
 
 
-def expected_vectors(tokenizer: TextTokenizer, texts: Sequence[str],
-                     mode: LongTextMode = "truncate") -> Vectors:
+def expected_vectors(
+    tokenizer: TextTokenizer, texts: Sequence[str], mode: LongTextMode = "truncate"
+) -> Vectors:
     """What the fake engine answers for these texts, computed without the server."""
     enc = tokenizer.encode(texts, mode)
     return combine_windows(fake_vectors(enc.sequences, DIM), enc.owner, len(texts))
@@ -39,8 +40,9 @@ class GatedEngine(FakeEngine):
         self.gate = gate
         self.entered = threading.Event()
 
-    def embed(self, sequences: Sequence[TokenIds],
-              prompt_lengths: Sequence[int] | None = None) -> Vectors:
+    def embed(
+        self, sequences: Sequence[TokenIds], prompt_lengths: Sequence[int] | None = None
+    ) -> Vectors:
         self.entered.set()
         if not self.gate.wait(60.0):
             raise TimeoutError("GatedEngine: gate never opened")
@@ -71,11 +73,13 @@ class LiveServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(app, lifespan="on", log_level="warning",
-                                timeout_graceful_shutdown=5)
+        config = uvicorn.Config(
+            app, lifespan="on", log_level="warning", timeout_graceful_shutdown=5
+        )
         server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]},
-                                  name="test-uvicorn", daemon=True)
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True
+        )
         thread.start()
         from polling import wait_until  # here: serve_fake.py imports this module as a script
 
@@ -85,8 +89,7 @@ class LiveServer:
             return bool(server.started)
 
         try:
-            wait_until(started, "the test server's start", timeout=START_DEADLINE_S,
-                       interval=0.01)
+            wait_until(started, "the test server's start", timeout=START_DEADLINE_S, interval=0.01)
         except BaseException:
             server.should_exit = True
             raise

@@ -18,15 +18,20 @@ from embedpool.tokenization import TextTokenizer
 TEXTS = ["def f(x):\n    return x + 1", "hello world", "", "naïve café ☕", "x" * 50]
 
 
-def test_openai_client_float_and_base64_equal_engine(server: LiveServer,
-                                                     tokenizer: TextTokenizer) -> None:
+def test_openai_client_float_and_base64_equal_engine(
+    server: LiveServer, tokenizer: TextTokenizer
+) -> None:
     client = server.openai()
     want = expected_vectors(tokenizer, TEXTS)
-    as_float = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS,
-                                        encoding_format="float")
-    as_default = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS)  # base64 on the wire
-    as_b64 = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS,
-                                      encoding_format="base64")
+    as_float = client.embeddings.create(
+        model="all-MiniLM-L6-v2", input=TEXTS, encoding_format="float"
+    )
+    as_default = client.embeddings.create(
+        model="all-MiniLM-L6-v2", input=TEXTS
+    )  # base64 on the wire
+    as_b64 = client.embeddings.create(
+        model="all-MiniLM-L6-v2", input=TEXTS, encoding_format="base64"
+    )
     got_float = np.array([d.embedding for d in as_float.data], dtype=np.float32)
     got_default = np.array([d.embedding for d in as_default.data], dtype=np.float32)
     got_b64 = np.stack([decode_base64(str(d.embedding)) for d in as_b64.data])
@@ -39,14 +44,17 @@ def test_openai_client_float_and_base64_equal_engine(server: LiveServer,
     assert as_float.usage.prompt_tokens == as_float.usage.total_tokens == tokens
 
 
-def test_single_string_input_and_unprefixed_route(server: LiveServer,
-                                                 tokenizer: TextTokenizer) -> None:
+def test_single_string_input_and_unprefixed_route(
+    server: LiveServer, tokenizer: TextTokenizer
+) -> None:
     r = httpx.post(f"{server.url}/embeddings", json={"input": "hello world"}, timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "list" and body["data"][0]["object"] == "embedding"
-    np.testing.assert_array_equal(np.array(body["data"][0]["embedding"], dtype=np.float32),
-                                  expected_vectors(tokenizer, ["hello world"])[0])
+    np.testing.assert_array_equal(
+        np.array(body["data"][0]["embedding"], dtype=np.float32),
+        expected_vectors(tokenizer, ["hello world"])[0],
+    )
     assert r.headers["X-Embedpool-Truncated"] == "0"
 
 
@@ -54,12 +62,21 @@ def test_empty_string_is_embedded_as_cls_sep(server: LiveServer) -> None:
     r = httpx.post(f"{server.url}/v1/embeddings", json={"input": [""]}, timeout=30)
     assert r.status_code == 200, r.text
     want = fake_vectors([np.array([101, 102], dtype=np.int32)], DIM)[0]
-    np.testing.assert_array_equal(np.array(r.json()["data"][0]["embedding"], dtype=np.float32), want)
+    np.testing.assert_array_equal(
+        np.array(r.json()["data"][0]["embedding"], dtype=np.float32), want
+    )
 
 
-@pytest.mark.parametrize("name", ["all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2",
-                                  "ALL-MINILM-L6-V2", "text-embedding-3-small"],
-                         ids=["name", "hub-id", "case", "alias"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "all-MiniLM-L6-v2",
+        "sentence-transformers/all-MiniLM-L6-v2",
+        "ALL-MINILM-L6-V2",
+        "text-embedding-3-small",
+    ],
+    ids=["name", "hub-id", "case", "alias"],
+)
 def test_model_names_and_aliases(serve: Callable[..., LiveServer], name: str) -> None:
     live = serve(served_model_names=("text-embedding-3-small",))
     res = live.openai().embeddings.create(model=name, input=["a"])
@@ -87,16 +104,21 @@ def test_unknown_model_is_404_listing_served_models(server: LiveServer) -> None:
     assert "all-MiniLM-L6-v2" in err["message"]
 
 
-@pytest.mark.parametrize(("dimensions", "status"), [(DIM, 200), (128, 400), (0, 400)],
-                         ids=["native", "smaller", "zero"])
+@pytest.mark.parametrize(
+    ("dimensions", "status"), [(DIM, 200), (128, 400), (0, 400)], ids=["native", "smaller", "zero"]
+)
 def test_dimensions(server: LiveServer, dimensions: int, status: int) -> None:
-    r = httpx.post(f"{server.url}/v1/embeddings",
-                   json={"input": ["a"], "dimensions": dimensions, "user": "u1"}, timeout=30)
+    r = httpx.post(
+        f"{server.url}/v1/embeddings",
+        json={"input": ["a"], "dimensions": dimensions, "user": "u1"},
+        timeout=30,
+    )
     assert r.status_code == status, r.text
     if status == 400:
         assert r.json()["error"]["param"] == "dimensions"
-        assert ("was not trained for truncated dimensions" if dimensions else
-                "between 1 and") in r.json()["error"]["message"]
+        assert (
+            "was not trained for truncated dimensions" if dimensions else "between 1 and"
+        ) in r.json()["error"]["message"]
         assert "384" in r.json()["error"]["message"]
 
 
@@ -111,8 +133,9 @@ def test_truncation_is_reported(server: LiveServer, tokenizer: TextTokenizer) ->
     np.testing.assert_array_equal(got, expected_vectors(tokenizer, texts))
 
 
-def test_window_mode_averages_windows(serve: Callable[..., LiveServer],
-                                      tokenizer: TextTokenizer) -> None:
+def test_window_mode_averages_windows(
+    serve: Callable[..., LiveServer], tokenizer: TextTokenizer
+) -> None:
     live = serve(long_text="window", batch_tokens=512)
     texts = ["word " * 700, "short", " ".join(f"w{i}" for i in range(400))]
     r = httpx.post(f"{live.url}/v1/embeddings", json={"input": texts}, timeout=30)
@@ -123,8 +146,9 @@ def test_window_mode_averages_windows(serve: Callable[..., LiveServer],
     assert len(tokenizer.encode(texts, "window").sequences) > len(texts)
 
 
-def test_large_request_is_split_into_batches_in_order(serve: Callable[..., LiveServer],
-                                                      tokenizer: TextTokenizer) -> None:
+def test_large_request_is_split_into_batches_in_order(
+    serve: Callable[..., LiveServer], tokenizer: TextTokenizer
+) -> None:
     live = serve(batch_tokens=256, max_batch_items=16)
     texts = [f"item {i} " + "tok " * (i % 37) for i in range(300)]
     r = httpx.post(f"{live.url}/v1/embeddings", json={"input": texts}, timeout=60)
@@ -132,8 +156,11 @@ def test_large_request_is_split_into_batches_in_order(serve: Callable[..., LiveS
     got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
     np.testing.assert_array_equal(got, expected_vectors(tokenizer, texts))
     metrics = httpx.get(f"{live.url}/metrics", timeout=10).text
-    count = next(float(line.split()[-1]) for line in metrics.splitlines()
-                 if line.startswith("embedpool_batch_tokens_count"))
+    count = next(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("embedpool_batch_tokens_count")
+    )
     assert count >= 300 / 16
 
 
@@ -144,12 +171,21 @@ def test_health_ready_metrics(server: LiveServer) -> None:
     httpx.post(f"{server.url}/v1/embeddings", json={"input": ["a", "b"]}, timeout=30)
     httpx.post(f"{server.url}/v1/embeddings", json={"input": []}, timeout=30)
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    for name in ["embedpool_requests_total", "embedpool_request_duration_seconds_bucket",
-                 "embedpool_queue_tokens", "embedpool_batch_tokens_bucket", "embedpool_workers",
-                 "embedpool_workers_rss_bytes", "embedpool_server_rss_bytes",
-                 "embedpool_oom_kills_total", "embedpool_batch_retries_total",
-                 "embedpool_cache_hits_total", "embedpool_inflight_batches",
-                 "embedpool_rejected_requests_total", "embedpool_embedded_items_total"]:
+    for name in [
+        "embedpool_requests_total",
+        "embedpool_request_duration_seconds_bucket",
+        "embedpool_queue_tokens",
+        "embedpool_batch_tokens_bucket",
+        "embedpool_workers",
+        "embedpool_workers_rss_bytes",
+        "embedpool_server_rss_bytes",
+        "embedpool_oom_kills_total",
+        "embedpool_batch_retries_total",
+        "embedpool_cache_hits_total",
+        "embedpool_inflight_batches",
+        "embedpool_rejected_requests_total",
+        "embedpool_embedded_items_total",
+    ]:
         assert name in text, name
     assert 'embedpool_requests_total{route="/v1/embeddings",status="200"} 1.0' in text
     assert 'embedpool_requests_total{route="/v1/embeddings",status="400"} 1.0' in text
@@ -168,9 +204,17 @@ def test_ready_fails_when_the_probe_fails(serve: Callable[..., LiveServer]) -> N
     assert r.status_code == 503 and "probe refused" in r.json()["reason"]
 
 
-@pytest.mark.parametrize(("header", "status"), [
-    (None, 401), ("Bearer wrong", 401), ("Basic s3cret", 401), ("Bearer s3cret", 200),
-    ("bearer s3cret", 200)], ids=["missing", "wrong-key", "wrong-scheme", "right", "lowercase"])
+@pytest.mark.parametrize(
+    ("header", "status"),
+    [
+        (None, 401),
+        ("Bearer wrong", 401),
+        ("Basic s3cret", 401),
+        ("Bearer s3cret", 200),
+        ("bearer s3cret", 200),
+    ],
+    ids=["missing", "wrong-key", "wrong-scheme", "right", "lowercase"],
+)
 def test_bearer_auth(serve: Callable[..., LiveServer], header: str | None, status: int) -> None:
     live = serve(api_key="s3cret")
     headers = {"Authorization": header} if header else {}
@@ -183,7 +227,8 @@ def test_bearer_auth(serve: Callable[..., LiveServer], header: str | None, statu
     assert httpx.get(f"{live.url}/health", timeout=10).status_code == 200
     assert httpx.get(f"{live.url}/ready", timeout=30).status_code == 200
     assert httpx.get(f"{live.url}/metrics", headers=headers, timeout=10).status_code == (
-        401 if status == 401 else 200)
+        401 if status == 401 else 200
+    )
     assert httpx.get(f"{live.url}/v1/models", headers=headers, timeout=10).status_code == status
 
 
@@ -191,7 +236,9 @@ def test_openai_client_with_api_key(serve: Callable[..., LiveServer]) -> None:
     import openai
 
     live = serve(api_key="s3cret")
-    assert len(live.openai("s3cret").embeddings.create(model="all-MiniLM-L6-v2", input="a").data) == 1
+    assert (
+        len(live.openai("s3cret").embeddings.create(model="all-MiniLM-L6-v2", input="a").data) == 1
+    )
     with pytest.raises(openai.AuthenticationError):
         live.openai("nope").embeddings.create(model="all-MiniLM-L6-v2", input="a")
 
@@ -209,23 +256,28 @@ def test_import_embedpool_does_not_load_web_stack() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, embedpool, embedpool.microbatcher; "
-            "bad = [m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, embedpool, embedpool.microbatcher; "
+        "bad = [m for m in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 @pytest.mark.slow
-def test_real_model_openai_client_matches_cli(serve: Callable[..., LiveServer],
-                                              model: ResolvedModel) -> None:
+def test_real_model_openai_client_matches_cli(
+    serve: Callable[..., LiveServer], model: ResolvedModel
+) -> None:
     """float and base64 from the real model equal the library/CLI's vectors for the same texts."""
     from embedpool.job import embed
     from embedpool.server import default_executor_factory
 
     live = serve(default_executor_factory(model, "int8"))
     client = live.openai()
-    as_float = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS, encoding_format="float")
+    as_float = client.embeddings.create(
+        model="all-MiniLM-L6-v2", input=TEXTS, encoding_format="float"
+    )
     as_b64 = client.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS)
     got_float = np.array([d.embedding for d in as_float.data], dtype=np.float32)
     got_b64 = np.array([d.embedding for d in as_b64.data], dtype=np.float32)

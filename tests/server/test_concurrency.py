@@ -42,12 +42,15 @@ REQUESTS_PER_CLIENT = 4
 
 def _texts(client: int, request: int) -> list[str]:
     n = 1 + (client + request) % 6
-    return [f"client {client} request {request} item {i} " + "word " * ((client * 7 + i) % 40)
-            for i in range(n)]
+    return [
+        f"client {client} request {request} item {i} " + "word " * ((client * 7 + i) % 40)
+        for i in range(n)
+    ]
 
 
-def test_32_concurrent_clients_get_their_own_vectors(server: LiveServer,
-                                                     tokenizer: TextTokenizer) -> None:
+def test_32_concurrent_clients_get_their_own_vectors(
+    server: LiveServer, tokenizer: TextTokenizer
+) -> None:
     def client_run(c: int) -> int:
         client = server.openai()
         for r in range(REQUESTS_PER_CLIENT):
@@ -102,15 +105,18 @@ def test_requests_waiting_behind_a_busy_pool_share_one_batch() -> None:
         later = [busy.mb.submit([s], [0], 1) for s in seqs[1:]]
         busy.gate.set()
         for ticket, seq in zip([busy.first, *later], seqs, strict=True):
-            np.testing.assert_array_equal(ticket.future.result(DEADLINE_S)[0], fake_vectors([seq], 8)[0])
+            np.testing.assert_array_equal(
+                ticket.future.result(DEADLINE_S)[0], fake_vectors([seq], 8)[0]
+            )
         assert [len(b.sequences) for b in busy.batches] == [1, 4]
 
 
 def test_a_large_request_is_spread_over_many_batches_within_the_budget() -> None:
     ex = InProcessExecutor(FakeEngineSpec(dim=8).build)
     batches: list[WorkBatch] = []
-    mb = MicroBatcher(ex, batch_tokens=128, max_batch_items=8, max_inflight=4,
-                      on_batch=batches.append)
+    mb = MicroBatcher(
+        ex, batch_tokens=128, max_batch_items=8, max_inflight=4, on_batch=batches.append
+    )
     try:
         seqs = make_sequences(200, seed=2, max_len=40)
         out = mb.submit(seqs, list(range(200)), 200).future.result(DEADLINE_S)
@@ -165,7 +171,9 @@ class _ScriptedExecutor:
     dim = 8
     broken: str | None = None  # the executor contract: never broken while idle
 
-    def __init__(self, failed: dict[int, str] | None = None, error: BaseException | None = None) -> None:
+    def __init__(
+        self, failed: dict[int, str] | None = None, error: BaseException | None = None
+    ) -> None:
         self.failed = failed or {}
         self.error = error
 
@@ -174,24 +182,39 @@ class _ScriptedExecutor:
         if self.error is not None:
             fut.set_exception(self.error)
         else:
-            fut.set_result(BatchResult(batch.batch_id, fake_vectors(batch.sequences, 8), self.failed))
+            fut.set_result(
+                BatchResult(batch.batch_id, fake_vectors(batch.sequences, 8), self.failed)
+            )
         return fut
 
     def stats(self) -> ExecutorStats:
-        return ExecutorStats.of(Counters(), backend="in-process", workers=(), target_workers=1,
-                                max_workers=1, threads=1, batch_tokens=0, queued=0)
+        return ExecutorStats.of(
+            Counters(),
+            backend="in-process",
+            workers=(),
+            target_workers=1,
+            max_workers=1,
+            threads=1,
+            batch_tokens=0,
+            queued=0,
+        )
 
     def close(self) -> None:
         pass
 
 
-@pytest.mark.parametrize(("executor", "error", "broken"), [
-    (_ScriptedExecutor(failed={0: "killed 3 workers"}), ItemFailed, False),
-    (_ScriptedExecutor(error=RuntimeError("lost")), PoolUnavailable, False),
-    (_ScriptedExecutor(error=PoolBroken("no workers")), PoolUnavailable, True)],
-    ids=["poison-item", "batch-error", "pool-broken"])
-def test_executor_failures_map_to_request_errors(executor: _ScriptedExecutor,
-                                                 error: type[Exception], broken: bool) -> None:
+@pytest.mark.parametrize(
+    ("executor", "error", "broken"),
+    [
+        (_ScriptedExecutor(failed={0: "killed 3 workers"}), ItemFailed, False),
+        (_ScriptedExecutor(error=RuntimeError("lost")), PoolUnavailable, False),
+        (_ScriptedExecutor(error=PoolBroken("no workers")), PoolUnavailable, True),
+    ],
+    ids=["poison-item", "batch-error", "pool-broken"],
+)
+def test_executor_failures_map_to_request_errors(
+    executor: _ScriptedExecutor, error: type[Exception], broken: bool
+) -> None:
     mb = MicroBatcher(executor)
     try:
         ticket = mb.submit(make_sequences(1, seed=6), [0], 1)
@@ -215,8 +238,11 @@ def test_close_fails_pending_requests() -> None:
             busy.mb.submit(make_sequences(1), [0], 1)
 
 
-@pytest.mark.parametrize(("owner", "n_items"), [([0, 1, 2], 3), ([0, 0, 1, 2, 2, 2], 3), ([0, 0], 1)],
-                         ids=["no-windows", "mixed", "one-item-two-windows"])
+@pytest.mark.parametrize(
+    ("owner", "n_items"),
+    [([0, 1, 2], 3), ([0, 0, 1, 2, 2, 2], 3), ([0, 0], 1)],
+    ids=["no-windows", "mixed", "one-item-two-windows"],
+)
 def test_combine_windows(owner: list[int], n_items: int) -> None:
     rows = fake_vectors(make_sequences(len(owner), seed=7), 8)
     out = combine_windows(rows, owner, n_items)
@@ -239,7 +265,9 @@ def _poll(cond: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -
 
 def _metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    return next(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+    )
 
 
 @pytest.mark.slow
@@ -247,9 +275,14 @@ def test_sigterm_finishes_requests_in_flight_then_exits() -> None:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     script = Path(__file__).with_name("serve_fake.py")
-    proc = subprocess.Popen([sys.executable, str(script), str(port), "1.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(port), "1.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
+
         def up() -> bool:
             assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
             try:
@@ -259,10 +292,17 @@ def test_sigterm_finishes_requests_in_flight_then_exits() -> None:
 
         _poll(up, "the server to start")
         result: list[httpx.Response] = []
-        t = threading.Thread(target=lambda: result.append(httpx.post(
-            f"{url}/v1/embeddings", json={"input": ["in flight"]}, timeout=DEADLINE_S)))
+        t = threading.Thread(
+            target=lambda: result.append(
+                httpx.post(
+                    f"{url}/v1/embeddings", json={"input": ["in flight"]}, timeout=DEADLINE_S
+                )
+            )
+        )
         t.start()
-        _poll(lambda: _metric(url, "embedpool_inflight_batches") >= 1, "the request to be in flight")
+        _poll(
+            lambda: _metric(url, "embedpool_inflight_batches") >= 1, "the request to be in flight"
+        )
         proc.send_signal(signal.SIGTERM)
         t.join(DEADLINE_S)
         assert result and result[0].status_code == 200, result
@@ -279,8 +319,9 @@ def test_sigterm_finishes_requests_in_flight_then_exits() -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_of_a_worker_loses_no_request(serve: Callable[..., LiveServer],
-                                              tokenizer: TextTokenizer) -> None:
+def test_sigkill_of_a_worker_loses_no_request(
+    serve: Callable[..., LiveServer], tokenizer: TextTokenizer
+) -> None:
     from embedpool.executors.pool.config import PoolConfig
     from embedpool.executors.pool.pool import Pool
 
@@ -305,8 +346,10 @@ def test_sigkill_of_a_worker_loses_no_request(serve: Callable[..., LiveServer],
         killed.append(pid)
 
     def client(c: int) -> list[httpx.Response]:
-        return [httpx.post(f"{live.url}/v1/embeddings", json={"input": texts[c]},
-                           timeout=DEADLINE_S) for _ in range(3)]
+        return [
+            httpx.post(f"{live.url}/v1/embeddings", json={"input": texts[c]}, timeout=DEADLINE_S)
+            for _ in range(3)
+        ]
 
     with ThreadPoolExecutor(9) as ex:
         futures = [ex.submit(client, c) for c in range(8)]

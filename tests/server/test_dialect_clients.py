@@ -32,17 +32,22 @@ pytestmark = pytest.mark.slow  # the real model's engine
 
 KEY = "dialect-key"
 MODEL = "all-MiniLM-L6-v2"
-TEXTS = ["def add(a, b):\n    return a + b", "How do I sort a list in Python?",
-         "héllo wörld, ünïcode", "",
-         "a long chunk " * 200]  # > 256 tokens: truncated on every route alike
+TEXTS = [
+    "def add(a, b):\n    return a + b",
+    "How do I sort a list in Python?",
+    "héllo wörld, ünïcode",
+    "",
+    "a long chunk " * 200,
+]  # > 256 tokens: truncated on every route alike
 
 
 @pytest.fixture(scope="module")
 def live(model: ResolvedModel) -> Iterator[LiveServer]:
     from embedpool.server import ServerSettings, create_app, default_executor_factory
 
-    app = create_app(ServerSettings(api_key=KEY), default_executor_factory(model, "int8"),
-                     model=model)
+    app = create_app(
+        ServerSettings(api_key=KEY), default_executor_factory(model, "int8"), model=model
+    )
     server = LiveServer.start(app)
     yield server
     server.stop()
@@ -144,8 +149,12 @@ def test_ollama_errors_reach_the_client(live: LiveServer, ollama: Any) -> None:
 def test_langchain_ollama_embeddings(live: LiveServer, reference: np.ndarray) -> None:
     from langchain_ollama import OllamaEmbeddings
 
-    emb = OllamaEmbeddings(model=MODEL, base_url=live.url, validate_model_on_init=True,
-                           client_kwargs={"headers": {"Authorization": f"Bearer {KEY}"}})
+    emb = OllamaEmbeddings(
+        model=MODEL,
+        base_url=live.url,
+        validate_model_on_init=True,
+        client_kwargs={"headers": {"Authorization": f"Bearer {KEY}"}},
+    )
     try:
         assert_same(emb.embed_documents(TEXTS[:3]), reference[:3])
         assert_same([emb.embed_query(TEXTS[1])], reference[1:2])
@@ -178,9 +187,8 @@ def test_inference_client_feature_extraction(hf: Any, reference: np.ndarray) -> 
     client = hf
     for i, text in enumerate(TEXTS):
         got = client.feature_extraction(text)
-        assert_same(got, reference[i:i + 1])
-    query = client.feature_extraction(TEXTS[1], prompt_name="query", normalize=True,
-                                      truncate=True)
+        assert_same(got, reference[i : i + 1])
+    query = client.feature_extraction(TEXTS[1], prompt_name="query", normalize=True, truncate=True)
     assert_same(query, reference[1:2])  # MiniLM's query prompt is empty
 
 
@@ -202,13 +210,15 @@ def test_inference_client_errors(live: LiveServer, hf: Any) -> None:
     assert denied.value.response.status_code == 401
 
 
-def test_tei_embed_normalize_and_info(live: LiveServer, reference: np.ndarray,
-                                      model: ResolvedModel) -> None:
+def test_tei_embed_normalize_and_info(
+    live: LiveServer, reference: np.ndarray, model: ResolvedModel
+) -> None:
     import httpx
 
     auth = {"Authorization": f"Bearer {KEY}"}
-    r = httpx.post(f"{live.url}/embed", json={"inputs": TEXTS, "normalize": False},
-                   headers=auth, timeout=60)
+    r = httpx.post(
+        f"{live.url}/embed", json={"inputs": TEXTS, "normalize": False}, headers=auth, timeout=60
+    )
     assert_same(r.json(), reference)  # MiniLM ends in Normalize: its own vectors are unit
     assert r.headers["X-Embedpool-Truncated-Indices"] == "4"
     info = httpx.get(f"{live.url}/info", headers=auth, timeout=60).json()

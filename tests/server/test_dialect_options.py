@@ -33,8 +33,11 @@ def raw_model(tmp_path_factory: pytest.TempPathFactory) -> ResolvedModel:
 def live(raw_model: ResolvedModel) -> Iterator[LiveServer]:
     from embedpool.server import ServerSettings, create_app, default_executor_factory
 
-    app = create_app(ServerSettings(api_key="", precision="fp32"),
-                     default_executor_factory(raw_model, "fp32"), model=raw_model)
+    app = create_app(
+        ServerSettings(api_key="", precision="fp32"),
+        default_executor_factory(raw_model, "fp32"),
+        model=raw_model,
+    )
     server = LiveServer.start(app)
     yield server
     server.stop()
@@ -52,11 +55,13 @@ def unit(v: np.ndarray) -> np.ndarray:
 
 
 def test_normalisation_per_route(live: LiveServer) -> None:
-    raw = np.array([d["embedding"] for d in post(live, "/v1/embeddings",
-                                                 {"input": TEXTS})["data"]], dtype=np.float32)
+    raw = np.array(
+        [d["embedding"] for d in post(live, "/v1/embeddings", {"input": TEXTS})["data"]],
+        dtype=np.float32,
+    )
     norms = np.linalg.norm(raw, axis=1)
     assert np.all(np.abs(norms - 1) > 1e-3), norms  # the model's own vectors are not unit
-    golden = C.golden(NAME)["default"][:len(TEXTS)]
+    golden = C.golden(NAME)["default"][: len(TEXTS)]
     np.testing.assert_allclose(raw, golden, atol=1e-4)  # and they are the reference's
 
     ollama = np.array(post(live, "/api/embed", {"input": TEXTS})["embeddings"])
@@ -70,15 +75,16 @@ def test_normalisation_per_route(live: LiveServer) -> None:
 
 
 def test_dimensions_cut_and_renormalise(live: LiveServer) -> None:
-    raw = np.array([d["embedding"] for d in post(live, "/v1/embeddings",
-                                                 {"input": TEXTS})["data"]], dtype=np.float32)
+    raw = np.array(
+        [d["embedding"] for d in post(live, "/v1/embeddings", {"input": TEXTS})["data"]],
+        dtype=np.float32,
+    )
     want = unit(raw[:, :8])
     got = np.array(post(live, "/api/embed", {"input": TEXTS, "dimensions": 8})["embeddings"])
     np.testing.assert_allclose(got, want, atol=1e-6)
     tei = np.array(post(live, "/embed", {"inputs": TEXTS, "dimensions": 8}))
     np.testing.assert_allclose(tei, want, atol=1e-6)
-    tei_raw = np.array(post(live, "/embed", {"inputs": TEXTS, "dimensions": 8,
-                                             "normalize": False}))
+    tei_raw = np.array(post(live, "/embed", {"inputs": TEXTS, "dimensions": 8, "normalize": False}))
     np.testing.assert_allclose(tei_raw, raw[:, :8], atol=1e-6)
 
 
@@ -89,8 +95,7 @@ def test_tei_tokenize_counts_the_named_prompt(tmp_path: Path) -> None:
     tok = TextTokenizer.for_model(prompted)
     prompt = tok.resolve_prompt(None, "query")
     assert prompt  # the fixture has a query prompt
-    live = LiveServer.start(create_app(ServerSettings(api_key=""), fake_executor(),
-                                       model=prompted))
+    live = LiveServer.start(create_app(ServerSettings(api_key=""), fake_executor(), model=prompted))
     try:
         got = post(live, "/tokenize", {"inputs": ["sort a list"], "prompt_name": "query"})[0]
         plain = post(live, "/tokenize", {"inputs": ["sort a list"]})[0]
@@ -100,5 +105,6 @@ def test_tei_tokenize_counts_the_named_prompt(tmp_path: Path) -> None:
     assert len(got) > len(plain)
     full = (prompt + "sort a list").encode()
     assert [t["text"] for t in got if not t["special"]] == [
-        full[t["start"]:t["stop"]].decode() for t in got if not t["special"]]
+        full[t["start"] : t["stop"]].decode() for t in got if not t["special"]
+    ]
     assert got[-2]["stop"] == len(full)  # offsets run into prompt + text

@@ -19,8 +19,9 @@ TEXTS = ["def add(a, b):\n    return a + b", "héllo wörld", "SELECT * FROM t W
 
 @pytest.mark.slow
 @pytest.mark.openvino
-def test_serve_on_openvino_matches_onnx_runtime(model: ResolvedModel,
-                                                serve: Callable[..., LiveServer]) -> None:
+def test_serve_on_openvino_matches_onnx_runtime(
+    model: ResolvedModel, serve: Callable[..., LiveServer]
+) -> None:
     placement = place(model, device="cpu", precision="fp32", engine="openvino")
     assert placement.runtime == "openvino"
     live = serve(executor_factory(model, placement, workers=1), precision="fp32")

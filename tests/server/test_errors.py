@@ -43,7 +43,13 @@ BAD_INPUTS: list[tuple[str, Any, int, str, str | None]] = [
     ("too-many", {"input": ["a"] * 9}, 400, "too_many_inputs", "input"),
     ("model-number", {"input": "a", "model": 5}, 400, "invalid_type", "model"),
     ("unknown-model", {"input": "a", "model": "gpt-4"}, 404, "model_not_found", "model"),
-    ("bad-format", {"input": "a", "encoding_format": "int8"}, 400, "invalid_value", "encoding_format"),
+    (
+        "bad-format",
+        {"input": "a", "encoding_format": "int8"},
+        400,
+        "invalid_value",
+        "encoding_format",
+    ),
     ("dimensions-string", {"input": "a", "dimensions": "384"}, 400, "invalid_type", "dimensions"),
     ("dimensions-bool", {"input": "a", "dimensions": True}, 400, "invalid_type", "dimensions"),
     ("dimensions-float", {"input": "a", "dimensions": 384.0}, 400, "invalid_type", "dimensions"),
@@ -56,8 +62,9 @@ def small_server(model: Any) -> Iterator[LiveServer]:
     from embedpool.server import ServerSettings, create_app
 
     settings = ServerSettings(api_key="", max_items_per_request=8, max_request_bytes=1 << 20)
-    app = create_app(settings, lambda: InProcessExecutor(FakeEngineSpec(dim=DIM).build),
-                     model=model)
+    app = create_app(
+        settings, lambda: InProcessExecutor(FakeEngineSpec(dim=DIM).build), model=model
+    )
     live = LiveServer.start(app)
     yield live
     live.stop()
@@ -66,13 +73,19 @@ def small_server(model: Any) -> Iterator[LiveServer]:
 def _post(live: LiveServer, body: Any, **kw: Any) -> httpx.Response:
     url = f"{live.url}/v1/embeddings"
     if isinstance(body, bytes):
-        return httpx.post(url, content=body, headers={"content-type": "application/json"},
-                          timeout=DEADLINE_S, **kw)
+        return httpx.post(
+            url,
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=DEADLINE_S,
+            **kw,
+        )
     return httpx.post(url, json=body, timeout=DEADLINE_S, **kw)
 
 
-def _assert_openai_error(r: httpx.Response, status: int, code: str | None = None,
-                         param: str | None = None) -> dict[str, Any]:
+def _assert_openai_error(
+    r: httpx.Response, status: int, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -83,17 +96,28 @@ def _assert_openai_error(r: httpx.Response, status: int, code: str | None = None
     return dict(err)
 
 
-@pytest.mark.parametrize(("body", "status", "code", "param"),
-                         [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
-def test_bad_input_is_4xx_naming_the_field(small_server: LiveServer, tokenizer: TextTokenizer,
-                                           body: Any, status: int, code: str,
-                                           param: str | None) -> None:
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [row[1:] for row in BAD_INPUTS],
+    ids=[row[0] for row in BAD_INPUTS],
+)
+def test_bad_input_is_4xx_naming_the_field(
+    small_server: LiveServer,
+    tokenizer: TextTokenizer,
+    body: Any,
+    status: int,
+    code: str,
+    param: str | None,
+) -> None:
     err = _assert_openai_error(_post(small_server, body), status, code, param)
     if param and "[" in param:
         assert param in err["message"]  # the message names the index too
     ok = _post(small_server, {"input": ["still serving"]})  # and the server keeps serving
     assert ok.status_code == 200
-    assert ok.json()["data"][0]["embedding"] == expected_vectors(tokenizer, ["still serving"])[0].tolist()
+    assert (
+        ok.json()["data"][0]["embedding"]
+        == expected_vectors(tokenizer, ["still serving"])[0].tolist()
+    )
 
 
 def test_oversized_payload_by_content_length(small_server: LiveServer) -> None:
@@ -124,17 +148,21 @@ def test_bad_content_length_header(small_server: LiveServer) -> None:
     assert status.startswith(b"4")
 
 
-@pytest.mark.parametrize(("method", "path", "status"), [
-    ("GET", "/v1/nothing", 404), ("GET", "/v1/embeddings", 405), ("DELETE", "/v1/models", 405)],
-    ids=["unknown-route", "get-embeddings", "delete-models"])
-def test_routing_errors_use_openai_shape(small_server: LiveServer, method: str, path: str,
-                                         status: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [("GET", "/v1/nothing", 404), ("GET", "/v1/embeddings", 405), ("DELETE", "/v1/models", 405)],
+    ids=["unknown-route", "get-embeddings", "delete-models"],
+)
+def test_routing_errors_use_openai_shape(
+    small_server: LiveServer, method: str, path: str, status: int
+) -> None:
     r = httpx.request(method, f"{small_server.url}{path}", timeout=DEADLINE_S)
     _assert_openai_error(r, status)
 
 
-def test_poison_input_is_422_naming_its_index(serve: Callable[..., LiveServer],
-                                              tokenizer: TextTokenizer) -> None:
+def test_poison_input_is_422_naming_its_index(
+    serve: Callable[..., LiveServer], tokenizer: TextTokenizer
+) -> None:
     poison = tokenizer.token_ids("poison")
     live = serve(lambda: InProcessExecutor(FakeEngineSpec(dim=DIM, raise_on=tuple(poison)).build))
     r = _post(live, {"input": ["fine", "also fine", "this is poison", "ok"]})
@@ -185,8 +213,9 @@ def test_broken_pool_turns_health_red(serve: Callable[..., LiveServer]) -> None:
     _assert_openai_error(_post(live, {"input": "c"}), 503, "pool_unavailable")
 
 
-def test_queue_full_is_429_with_retry_after(serve: Callable[..., LiveServer],
-                                            tokenizer: TextTokenizer) -> None:
+def test_queue_full_is_429_with_retry_after(
+    serve: Callable[..., LiveServer], tokenizer: TextTokenizer
+) -> None:
     gate = threading.Event()
     engines: list[GatedEngine] = []
 
@@ -194,6 +223,7 @@ def test_queue_full_is_429_with_retry_after(serve: Callable[..., LiveServer],
         def build() -> GatedEngine:
             engines.append(GatedEngine(FakeEngineSpec(dim=DIM), gate))
             return engines[0]
+
         return InProcessExecutor(build)
 
     live = serve(factory, max_queue_tokens=20)
@@ -201,7 +231,9 @@ def test_queue_full_is_429_with_retry_after(serve: Callable[..., LiveServer],
     t = threading.Thread(target=lambda: first.append(_post(live, {"input": ["one two three"]})))
     t.start()
     try:
-        assert engines and engines[0].entered.wait(DEADLINE_S), "first request never reached the engine"
+        assert engines and engines[0].entered.wait(DEADLINE_S), (
+            "first request never reached the engine"
+        )
         r = _post(live, {"input": ["this request does not fit in the queue at all, " * 3]})
         _assert_openai_error(r, 429, "queue_full")
         assert r.json()["error"]["type"] == "rate_limit_error"
@@ -217,8 +249,10 @@ def test_queue_full_is_429_with_retry_after(serve: Callable[..., LiveServer],
 
 def test_request_timeout_is_503(serve: Callable[..., LiveServer]) -> None:
     gate = threading.Event()
-    live = serve(lambda: InProcessExecutor(lambda: GatedEngine(FakeEngineSpec(dim=DIM), gate)),
-                 request_timeout_s=0.3)
+    live = serve(
+        lambda: InProcessExecutor(lambda: GatedEngine(FakeEngineSpec(dim=DIM), gate)),
+        request_timeout_s=0.3,
+    )
     try:
         start = time.monotonic()
         _assert_openai_error(_post(live, {"input": "slow"}), 503, "timeout")
@@ -231,7 +265,13 @@ def test_settings_validation() -> None:
     from embedpool.errors import ConfigError
     from embedpool.server import ServerSettings
 
-    for bad in ({"port": 70000}, {"precision": "bf16"}, {"long_text": "cut"},
-                {"max_items_per_request": 0}, {"max_wait_ms": -1}, {"max_inflight_batches": 0}):
+    for bad in (
+        {"port": 70000},
+        {"precision": "bf16"},
+        {"long_text": "cut"},
+        {"max_items_per_request": 0},
+        {"max_wait_ms": -1},
+        {"max_inflight_batches": 0},
+    ):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             ServerSettings(**bad)

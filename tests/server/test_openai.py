@@ -20,8 +20,18 @@ MAX_ITEMS = 2048  # ServerSettings' default, which the default test server uses
 BODIES: list[tuple[str, dict[str, Any], bool, int]] = [
     ("string", {"input": "a"}, True, 200),
     ("strings", {"input": ["a", "b"], "model": "all-MiniLM-L6-v2"}, True, 200),
-    ("all-fields", {"input": ["a"], "encoding_format": "base64", "dimensions": DIM,
-                    "user": "u", "model": None}, True, 200),
+    (
+        "all-fields",
+        {
+            "input": ["a"],
+            "encoding_format": "base64",
+            "dimensions": DIM,
+            "user": "u",
+            "model": None,
+        },
+        True,
+        200,
+    ),
     ("token-ids", {"input": [101, 2023, 102]}, False, 400),
     ("token-arrays", {"input": [[101, 102], [5]]}, False, 400),
     ("empty-array", {"input": []}, False, 400),
@@ -34,8 +44,7 @@ BODIES: list[tuple[str, dict[str, Any], bool, int]] = [
     ("input-type", {"input": "a", "input_type": "passage"}, True, 200),
     ("unknown-input-type", {"input": "a", "input_type": "search_document"}, False, 400),
     ("both-agree", {"input": "a", "input_type": "query", "prompt_name": "query"}, True, 200),
-    ("both-disagree", {"input": "a", "input_type": "query", "prompt_name": "document"},
-     False, 400),
+    ("both-disagree", {"input": "a", "input_type": "query", "prompt_name": "document"}, False, 400),
     ("null-prompt-fields", {"input": "a", "input_type": None, "prompt_name": None}, True, 200),
     ("prompt-name-not-string", {"input": "a", "prompt_name": 3}, False, 400),
 ]
@@ -54,16 +63,17 @@ def live(model: Any) -> Any:
 
     from embedpool.server import ServerSettings, create_app
 
-    server = LiveServer.start(create_app(ServerSettings(api_key=""), fake_executor(),
-                                         model=model))
+    server = LiveServer.start(create_app(ServerSettings(api_key=""), fake_executor(), model=model))
     yield server
     server.stop()
 
 
-@pytest.mark.parametrize(("body", "valid", "status"), [r[1:] for r in BODIES],
-                         ids=[r[0] for r in BODIES])
-def test_schema_and_handler_agree(live: LiveServer, request_schema: dict[str, Any],
-                                  body: dict[str, Any], valid: bool, status: int) -> None:
+@pytest.mark.parametrize(
+    ("body", "valid", "status"), [r[1:] for r in BODIES], ids=[r[0] for r in BODIES]
+)
+def test_schema_and_handler_agree(
+    live: LiveServer, request_schema: dict[str, Any], body: dict[str, Any], valid: bool, status: int
+) -> None:
     errors = list(jsonschema.Draft202012Validator(request_schema).iter_errors(body))
     assert (not errors) == valid, errors
     r = httpx.post(f"{live.url}/v1/embeddings", json=body, timeout=30)

@@ -32,8 +32,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Vector
     model = resolve_model(C.matryoshka(NAME, root))
     cache = VectorCache.open(root / "v.sqlite3")
     hook = BoundCache(cache, model.fingerprint("fp32", graph=graph_id(model, "fp32")))
-    app = create_app(ServerSettings(api_key="", precision="fp32", max_wait_ms=50),
-                     default_executor_factory(model, "fp32"), model=model, cache=hook)
+    app = create_app(
+        ServerSettings(api_key="", precision="fp32", max_wait_ms=50),
+        default_executor_factory(model, "fp32"),
+        model=model,
+        cache=hook,
+    )
     server = LiveServer.start(app)
     client = server.openai()  # one client, closed at the end: no socket left to the GC
     yield client, cache
@@ -52,12 +56,14 @@ def golden(call: str) -> np.ndarray:
 
 
 def test_prompt_name_and_input_type_give_sentence_transformers_vectors(
-        live: tuple[Any, VectorCache]) -> None:
-    calls = [({}, "default"),
-             ({"extra_body": {"prompt_name": "long"}}, "prompt_name=long"),
-             ({"extra_body": {"input_type": "query"}}, "prompt_name=query"),
-             ({"extra_body": {"prompt_name": "query", "input_type": "query"}},
-              "prompt_name=query")]
+    live: tuple[Any, VectorCache],
+) -> None:
+    calls = [
+        ({}, "default"),
+        ({"extra_body": {"prompt_name": "long"}}, "prompt_name=long"),
+        ({"extra_body": {"input_type": "query"}}, "prompt_name=query"),
+        ({"extra_body": {"prompt_name": "query", "input_type": "query"}}, "prompt_name=query"),
+    ]
     # sent together, so that the micro-batcher mixes requests with different prompts
     with ThreadPoolExecutor(len(calls)) as pool:
         got = list(pool.map(lambda c: create(live, **c[0]), calls))
@@ -66,43 +72,56 @@ def test_prompt_name_and_input_type_give_sentence_transformers_vectors(
 
 
 def test_a_vector_cached_without_the_prompt_is_not_served_with_it(
-        live: tuple[Any, VectorCache]) -> None:
+    live: tuple[Any, VectorCache],
+) -> None:
     texts = ["only here", "and here"]
     client = live[0]
     plain = client.embeddings.create(model=NAME, input=texts)
-    prompted = client.embeddings.create(model=NAME, input=texts,
-                                        extra_body={"prompt_name": "query"})
+    prompted = client.embeddings.create(
+        model=NAME, input=texts, extra_body={"prompt_name": "query"}
+    )
     again = client.embeddings.create(model=NAME, input=texts, extra_body={"input_type": "query"})
-    a, b, c = (np.array([d.embedding for d in r.data], dtype=np.float32)
-               for r in (plain, prompted, again))
+    a, b, c = (
+        np.array([d.embedding for d in r.data], dtype=np.float32) for r in (plain, prompted, again)
+    )
     assert C.cosines(a, b).max() < 0.999
     np.testing.assert_array_equal(b, c)  # the second prompted request came from the cache
     assert prompted.usage.prompt_tokens > plain.usage.prompt_tokens  # the prompt's tokens count
 
 
-def test_dimensions_keep_the_first_values_normalised(live: tuple[Any, VectorCache]
-                                                     ) -> None:
+def test_dimensions_keep_the_first_values_normalised(live: tuple[Any, VectorCache]) -> None:
     full = create(live, extra_body={"prompt_name": "query"})
     cut = create(live, dimensions=8, extra_body={"prompt_name": "query"})
     want = full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True)
     assert cut.shape == (len(C.TEXTS), 8)
     np.testing.assert_allclose(cut, want, rtol=1e-5, atol=1e-6)
-    as_float = create(live, dimensions=8, encoding_format="float",
-                      extra_body={"prompt_name": "query"})
+    as_float = create(
+        live, dimensions=8, encoding_format="float", extra_body={"prompt_name": "query"}
+    )
     np.testing.assert_array_equal(as_float, cut)
 
 
-@pytest.mark.parametrize(("kwargs", "param", "message"), [
-    ({"extra_body": {"prompt_name": "search_query"}}, "prompt_name",
-     r"'search_query' is not one of the model's prompts: \['doc', 'document', 'long', 'query'\]"),
-    ({"extra_body": {"input_type": "classification"}}, "input_type",
-     "'classification' is not one of document, passage, query"),
-    ({"extra_body": {"input_type": "query", "prompt_name": "long"}}, "input_type", "disagree"),
-    ({"dimensions": 65}, "dimensions", "between 1 and model .*'s width 64, got 65"),
-], ids=["prompt-name", "input-type", "conflict", "too-wide"])
-def test_refusals_are_400_naming_the_field(live: tuple[Any, VectorCache],
-                                           kwargs: dict[str, Any], param: str,
-                                           message: str) -> None:
+@pytest.mark.parametrize(
+    ("kwargs", "param", "message"),
+    [
+        (
+            {"extra_body": {"prompt_name": "search_query"}},
+            "prompt_name",
+            r"'search_query' is not one of the model's prompts: \['doc', 'document', 'long', 'query'\]",
+        ),
+        (
+            {"extra_body": {"input_type": "classification"}},
+            "input_type",
+            "'classification' is not one of document, passage, query",
+        ),
+        ({"extra_body": {"input_type": "query", "prompt_name": "long"}}, "input_type", "disagree"),
+        ({"dimensions": 65}, "dimensions", "between 1 and model .*'s width 64, got 65"),
+    ],
+    ids=["prompt-name", "input-type", "conflict", "too-wide"],
+)
+def test_refusals_are_400_naming_the_field(
+    live: tuple[Any, VectorCache], kwargs: dict[str, Any], param: str, message: str
+) -> None:
     import re
 
     with pytest.raises(openai.BadRequestError) as info:
@@ -113,11 +132,12 @@ def test_refusals_are_400_naming_the_field(live: tuple[Any, VectorCache],
     assert len(create(live)) == len(C.TEXTS)  # the service stays up
 
 
-def test_default_model_refuses_other_dimensions_with_its_width(
-        serve: Any, tmp_path: Path) -> None:
+def test_default_model_refuses_other_dimensions_with_its_width(serve: Any, tmp_path: Path) -> None:
     with serve().openai() as client, pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="all-MiniLM-L6-v2", input=["a"], dimensions=64)
     err = info.value.body
     assert isinstance(err, dict) and err["param"] == "dimensions"
-    assert "was not trained for truncated dimensions (Matryoshka); its vectors have 384" \
+    assert (
+        "was not trained for truncated dimensions (Matryoshka); its vectors have 384"
         in err["message"]
+    )

@@ -43,9 +43,16 @@ DEADLINE_S = 120.0  # one wait; reaching it means a hang, not slowness
 #: A server process's start: a private ray.init (10-20 s here, more on a loaded machine) or
 #: joining a cluster, building or finding the int8 graph, the actors' start.
 START_DEADLINE_S = 240.0
-TEXTS = ["def add(a, b):\n    return a + b", "hello world", "Ray actors behind one endpoint",
-         "class Pool:\n    '''A pool of workers.'''", "x" * 3000, "über naïve café", "?",
-         *(f"item {i}: " + "word " * (i * 7 % 60) for i in range(13))]
+TEXTS = [
+    "def add(a, b):\n    return a + b",
+    "hello world",
+    "Ray actors behind one endpoint",
+    "class Pool:\n    '''A pool of workers.'''",
+    "x" * 3000,
+    "über naïve café",
+    "?",
+    *(f"item {i}: " + "word " * (i * 7 % 60) for i in range(13)),
+]
 
 
 def wait_for(cond: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
@@ -55,8 +62,14 @@ def wait_for(cond: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S
 def metric(url: str, name: str) -> float:
     """One sample of /metrics, by its full name with labels (0.0 when absent)."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                 if line.startswith(name + " ")), 0.0)
+    return next(
+        (
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + " ")
+        ),
+        0.0,
+    )
 
 
 def post(url: str, texts: list[str]) -> httpx.Response:
@@ -84,15 +97,23 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_serve(ray_cluster: ModuleType, serve: Callable[..., LiveServer]
-              ) -> Callable[..., LiveServer]:
+def ray_serve(
+    ray_cluster: ModuleType, serve: Callable[..., LiveServer]
+) -> Callable[..., LiveServer]:
     """``ray_serve(spec, actors=2, policy=None, on_event=None, **settings)``: the app over a
     RayExecutor on the session's cluster, serving once every actor is ready."""
 
-    def start(spec: FakeEngineSpec, *, actors: int = 2, policy: FaultPolicy | None = None,
-              on_event: Callable[[Event], None] | None = None, **settings: Any) -> LiveServer:
-        live = serve(ray_executor_factory(spec, actors=actors, policy=policy,
-                                          on_event=on_event), **settings)
+    def start(
+        spec: FakeEngineSpec,
+        *,
+        actors: int = 2,
+        policy: FaultPolicy | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        **settings: Any,
+    ) -> LiveServer:
+        live = serve(
+            ray_executor_factory(spec, actors=actors, policy=policy, on_event=on_event), **settings
+        )
         wait_for(lambda: idle_actors(live) == actors, f"{actors} idle actors")
         return live
 
@@ -110,8 +131,9 @@ def idle_actors(live: LiveServer) -> int:
 
 
 def busy_actor_pid(live: LiveServer) -> int | None:
-    return next((w.pid for w in executor_of(live).stats().workers
-                 if w.state == "busy" and w.pid), None)
+    return next(
+        (w.pid for w in executor_of(live).stats().workers if w.state == "busy" and w.pid), None
+    )
 
 
 def client_texts(c: int) -> list[str]:
@@ -122,9 +144,9 @@ def client_texts(c: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_cli_serve_on_ray_answers_as_the_local_server(ray_cluster: ModuleType,
-                                                      serve: Callable[..., LiveServer],
-                                                      model: ResolvedModel) -> None:
+def test_cli_serve_on_ray_answers_as_the_local_server(
+    ray_cluster: ModuleType, serve: Callable[..., LiveServer], model: ResolvedModel
+) -> None:
     """``embedpool serve --backend ray --ray-address`` (real model, int8) joins the session's
     cluster: float and base64 vectors equal the local server's for the same texts; /ready,
     /health and /metrics answer as locally; SIGTERM stops its actors, not the cluster."""
@@ -137,9 +159,27 @@ def test_cli_serve_on_ray_answers_as_the_local_server(ray_cluster: ModuleType,
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "embedpool", "serve", "--backend", "ray", "--ray-address", address,
-         "--workers", "2", "--port", str(port), "--no-cache", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "embedpool",
+            "serve",
+            "--backend",
+            "ray",
+            "--ray-address",
+            address,
+            "--workers",
+            "2",
+            "--port",
+            str(port),
+            "--no-cache",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: _answers(proc, url), "the Ray server to start", START_DEADLINE_S)
         ready = httpx.get(f"{url}/ready", timeout=DEADLINE_S)
@@ -147,11 +187,15 @@ def test_cli_serve_on_ray_answers_as_the_local_server(ray_cluster: ModuleType,
         assert httpx.get(f"{url}/health", timeout=DEADLINE_S).json() == {"status": "ok"}
         from openai import OpenAI
 
-        clients = [OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0, timeout=DEADLINE_S)
-                   for u in (url, local.url)]
+        clients = [
+            OpenAI(base_url=f"{u}/v1", api_key="unused", max_retries=0, timeout=DEADLINE_S)
+            for u in (url, local.url)
+        ]
         for fmt in ("float", "base64"):
-            got, want = (c.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS,
-                                             encoding_format=fmt) for c in clients)
+            got, want = (
+                c.embeddings.create(model="all-MiniLM-L6-v2", input=TEXTS, encoding_format=fmt)
+                for c in clients
+            )
             assert len(got.data) == len(TEXTS) == len(want.data)
             assert got.usage.prompt_tokens == want.usage.prompt_tokens
             for g, w in zip(got.data, want.data, strict=True):
@@ -170,15 +214,21 @@ def test_cli_serve_on_ray_answers_as_the_local_server(ray_cluster: ModuleType,
         output = _output(proc)
         assert rc in (0, -signal.SIGTERM) and "SIGTERM received" not in output, output
         # its actors are gone (their CPUs are free again); the cluster it joined is not
-        wait_for(lambda: ray_cluster.available_resources().get("CPU", 0.0)
-                 == ray_cluster.cluster_resources().get("CPU"), "the actors' CPUs to be freed")
+        wait_for(
+            lambda: (
+                ray_cluster.available_resources().get("CPU", 0.0)
+                == ray_cluster.cluster_resources().get("CPU")
+            ),
+            "the actors' CPUs to be freed",
+        )
     finally:
         _stop(proc)
 
 
 @pytest.mark.slow
 def test_cli_serve_on_ray_serves_several_models_through_one_registry(
-        ray_cluster: ModuleType, tmp_path: Path) -> None:
+    ray_cluster: ModuleType, tmp_path: Path
+) -> None:
     """``embedpool serve --backend ray --model A --model B`` (two family fixtures, fp32, one
     actor each, joining the session's cluster): each model answers with its in-process
     vectors; a model unloaded (Ollama's ``keep_alive: 0``) stops its own actors only, the
@@ -200,24 +250,43 @@ def test_cli_serve_on_ray_serves_several_models_through_one_registry(
     for name, family in zip(names, ("modernbert", "xlmr"), strict=True):
         shutil.copytree(families / family / "model", tmp_path / name, copy_function=os.link)
         m = resolve_model(tmp_path / name)
-        local = LiveServer.start(create_app(
-            replace(ServerSettings(api_key=""), precision="fp32"),
-            executor_factory(m, place(m, device="cpu", precision="fp32"), workers=None),
-            model=m))
+        local = LiveServer.start(
+            create_app(
+                replace(ServerSettings(api_key=""), precision="fp32"),
+                executor_factory(m, place(m, device="cpu", precision="fp32"), workers=None),
+                model=m,
+            )
+        )
         try:
-            r = httpx.post(f"{local.url}/v1/embeddings", json={"input": texts},
-                           timeout=DEADLINE_S)
+            r = httpx.post(f"{local.url}/v1/embeddings", json={"input": texts}, timeout=DEADLINE_S)
             assert r.status_code == 200, r.text
-            want[name] = np.array([d["embedding"] for d in r.json()["data"]],
-                                  dtype=np.float32)
+            want[name] = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
         finally:
             local.stop()
     address = os.environ.get("RAY_ADDRESS") or ray_cluster.get_runtime_context().gcs_address
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "embedpool", "serve", "--backend", "ray", "--ray-address",
-            address, "--workers", "1", "--precision", "fp32", "--preload", "all",
-            "--port", str(port), "--no-cache", "--log-level", "warning"]
+    argv = [
+        sys.executable,
+        "-m",
+        "embedpool",
+        "serve",
+        "--backend",
+        "ray",
+        "--ray-address",
+        address,
+        "--workers",
+        "1",
+        "--precision",
+        "fp32",
+        "--preload",
+        "all",
+        "--port",
+        str(port),
+        "--no-cache",
+        "--log-level",
+        "warning",
+    ]
     for name in names:
         argv += ["--model", str(tmp_path / name)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -231,8 +300,9 @@ def test_cli_serve_on_ray_serves_several_models_through_one_registry(
 
         def check(name: str, keep_alive: float | None = None) -> None:
             got = client.embed(model=name, input=texts, keep_alive=keep_alive).embeddings
-            np.testing.assert_allclose(np.array(got, dtype=np.float32), want[name],
-                                       atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(
+                np.array(got, dtype=np.float32), want[name], atol=1e-5, err_msg=name
+            )
 
         assert states() == dict.fromkeys(names, "loaded")
         a, b = names
@@ -279,7 +349,8 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 @pytest.mark.slow
 def test_sigterm_drains_then_stops_actors_and_its_private_ray(
-        tmp_path: Path, tokenizer: TextTokenizer) -> None:
+    tmp_path: Path, tokenizer: TextTokenizer
+) -> None:
     """A server that started its own Ray: after SIGTERM it accepts no new connection, still
     answers the request held in its actor, then exits and leaves no Ray process behind."""
     hold = tmp_path / "hold"
@@ -288,9 +359,13 @@ def test_sigterm_drains_then_stops_actors_and_its_private_ray(
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a private instance
     script = Path(__file__).with_name("serve_fake.py")
-    proc = subprocess.Popen([sys.executable, str(script), str(port), "0", "--ray",
-                             "--hold", str(hold)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(port), "0", "--ray", "--hold", str(hold)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     try:
         wait_for(lambda: _answers(proc, url), "the server to start its Ray", START_DEADLINE_S)
         ray_procs = psutil.Process(proc.pid).children(recursive=True)
@@ -332,8 +407,9 @@ def test_sigterm_drains_then_stops_actors_and_its_private_ray(
 # --- faults, on the session's cluster ---------------------------------------------------
 
 
-def test_an_actor_sigkilled_mid_request_loses_nothing(ray_serve: Callable[..., LiveServer],
-                                                      tokenizer: TextTokenizer) -> None:
+def test_an_actor_sigkilled_mid_request_loses_nothing(
+    ray_serve: Callable[..., LiveServer], tokenizer: TextTokenizer
+) -> None:
     live = ray_serve(FakeEngineSpec(dim=DIM, delay_per_token_s=2e-4), batch_tokens=256)
     killed: list[int] = []
 
@@ -363,19 +439,27 @@ def test_an_actor_sigkilled_mid_request_loses_nothing(ray_serve: Callable[..., L
     assert httpx.get(f"{live.url}/health", timeout=DEADLINE_S).status_code == 200
 
 
-@pytest.mark.parametrize(("hook", "says"), [("crash_on", "died while embedding it 2 times"),
-                                            ("hang_on", "hung on it and was killed 2 times")],
-                         ids=["kills-its-actor", "hangs-its-actor"])
+@pytest.mark.parametrize(
+    ("hook", "says"),
+    [
+        ("crash_on", "died while embedding it 2 times"),
+        ("hang_on", "hung on it and was killed 2 times"),
+    ],
+    ids=["kills-its-actor", "hangs-its-actor"],
+)
 def test_a_poison_input_is_422_and_nothing_else_is_lost(
-        ray_serve: Callable[..., LiveServer], tokenizer: TextTokenizer, hook: str,
-        says: str) -> None:
+    ray_serve: Callable[..., LiveServer], tokenizer: TextTokenizer, hook: str, says: str
+) -> None:
     """An input that kills (or hangs) every actor that embeds it: its request gets a 422
     naming its index after 1 + max_retries tries alone; the requests sharing its batches get
     their vectors; a hung actor is killed at the deadline and replaced."""
     poison = tuple(tokenizer.token_ids("poison"))
     policy = FaultPolicy(max_retries=1, hang_base_s=2.0, hang_per_token_s=0.0)
-    spec = (FakeEngineSpec(dim=DIM, crash_on=poison) if hook == "crash_on"
-            else FakeEngineSpec(dim=DIM, hang_on=poison))
+    spec = (
+        FakeEngineSpec(dim=DIM, crash_on=poison)
+        if hook == "crash_on"
+        else FakeEngineSpec(dim=DIM, hang_on=poison)
+    )
     live = ray_serve(spec, policy=policy)
     bad = ["fine", "also fine", "this is poison", "ok"]
     with ThreadPoolExecutor(7) as pool:
@@ -400,12 +484,14 @@ def test_a_poison_input_is_422_and_nothing_else_is_lost(
     assert httpx.get(f"{live.url}/health", timeout=DEADLINE_S).status_code == 200
 
 
-def test_a_full_queue_is_429_with_retry_after(ray_serve: Callable[..., LiveServer],
-                                              tokenizer: TextTokenizer, tmp_path: Path) -> None:
+def test_a_full_queue_is_429_with_retry_after(
+    ray_serve: Callable[..., LiveServer], tokenizer: TextTokenizer, tmp_path: Path
+) -> None:
     hold = tmp_path / "hold"
     hold.touch()
-    live = ray_serve(FakeEngineSpec(dim=DIM, hold_while_exists=str(hold)), actors=1,
-                     max_queue_tokens=20)
+    live = ray_serve(
+        FakeEngineSpec(dim=DIM, hold_while_exists=str(hold)), actors=1, max_queue_tokens=20
+    )
     first: list[httpx.Response] = []
     t = threading.Thread(target=lambda: first.append(post(live.url, ["one two three"])))
     t.start()
@@ -426,8 +512,11 @@ def test_a_full_queue_is_429_with_retry_after(ray_serve: Callable[..., LiveServe
 
 
 def test_health_is_red_while_the_executor_is_stuck_or_broken(
-        ray_serve: Callable[..., LiveServer], tokenizer: TextTokenizer, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    ray_serve: Callable[..., LiveServer],
+    tokenizer: TextTokenizer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """/health turns red when the Ray executor's manager is stuck (here: in an on_event
     callback that blocks), green again when it moves on; and red for good, with /ready and
     requests at 503, when no replacement actor can start."""
@@ -441,8 +530,9 @@ def test_health_is_red_while_the_executor_is_stuck_or_broken(
         if event["event"] == "worker_death" and blocking.is_set():
             release.wait(DEADLINE_S)
 
-    live = ray_serve(FakeEngineSpec(dim=DIM, fail_to_start_if_exists=str(no_start)), actors=1,
-                     on_event=on_event)
+    live = ray_serve(
+        FakeEngineSpec(dim=DIM, fail_to_start_if_exists=str(no_start)), actors=1, on_event=on_event
+    )
 
     def health() -> httpx.Response:
         return httpx.get(f"{live.url}/health", timeout=DEADLINE_S)
@@ -483,12 +573,19 @@ def test_health_is_red_while_the_executor_is_stuck_or_broken(
 # --- the command line's refusals ----------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["--backend", "ray", "--workers", "0"], "--workers 0 (in-process) is for the local backend"),
-    (["--backend", "ray", "--max-memory", "1G"], "--max-memory: for the local pool only"),
-    (["--backend", "ray", "--profile", "wsl2"], "--profile: for the local pool only"),
-    (["--ray-address", "127.0.0.1:6379"], "--ray-address needs --backend ray"),
-], ids=["workers-0", "max-memory", "profile", "address-without-ray"])
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (
+            ["--backend", "ray", "--workers", "0"],
+            "--workers 0 (in-process) is for the local backend",
+        ),
+        (["--backend", "ray", "--max-memory", "1G"], "--max-memory: for the local pool only"),
+        (["--backend", "ray", "--profile", "wsl2"], "--profile: for the local pool only"),
+        (["--ray-address", "127.0.0.1:6379"], "--ray-address needs --backend ray"),
+    ],
+    ids=["workers-0", "max-memory", "profile", "address-without-ray"],
+)
 def test_serve_refuses_what_ray_cannot_do_with_exit_2(args: list[str], says: str) -> None:
     from click.testing import CliRunner
 
@@ -505,9 +602,26 @@ def test_serve_at_an_address_where_nothing_answers_exits_2_at_once() -> None:
     closed = free_port()  # bound and released: nothing listens there
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run(
-        [sys.executable, "-m", "embedpool", "serve", "--backend", "ray", "--ray-address",
-         f"127.0.0.1:{closed}", "--no-cache", "--port", "0", "--log-level", "warning"],
-        capture_output=True, text=True, timeout=DEADLINE_S, env=env)
+        [
+            sys.executable,
+            "-m",
+            "embedpool",
+            "serve",
+            "--backend",
+            "ray",
+            "--ray-address",
+            f"127.0.0.1:{closed}",
+            "--no-cache",
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        env=env,
+    )
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"nothing answers at 127.0.0.1:{closed}" in done.stderr, done.stderr[-3000:]
 

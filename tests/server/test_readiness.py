@@ -40,6 +40,7 @@ def test_a_flood_of_ready_runs_one_probe(serve: Callable[..., LiveServer]) -> No
         def build() -> GatedEngine:
             engines.append(GatedEngine(FakeEngineSpec(dim=DIM), gate))
             return engines[0]
+
         executors.append(_CountingProbes(build))
         return executors[0]
 

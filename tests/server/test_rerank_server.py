@@ -49,13 +49,19 @@ def rerank_serve(model: ResolvedModel) -> Iterator[Callable[..., LiveServer]]:
 
     started: list[LiveServer] = []
 
-    def start(reranker: ResolvedModel, factory: Callable[[], Any] | None = None,
-              **overrides: Any) -> LiveServer:
+    def start(
+        reranker: ResolvedModel, factory: Callable[[], Any] | None = None, **overrides: Any
+    ) -> LiveServer:
         settings = replace(ServerSettings(api_key=""), **overrides)
-        make = factory or executor_factory(reranker, place(reranker, device="cpu",
-                                                           precision="fp32"), workers=None)
-        app = create_app(settings, fake_executor(), model=model,
-                         reranker=RerankerSetup(reranker, make, aliases=("my-reranker",)))
+        make = factory or executor_factory(
+            reranker, place(reranker, device="cpu", precision="fp32"), workers=None
+        )
+        app = create_app(
+            settings,
+            fake_executor(),
+            model=model,
+            reranker=RerankerSetup(reranker, make, aliases=("my-reranker",)),
+        )
         live = LiveServer.start(app)
         started.append(live)
         return live
@@ -71,8 +77,9 @@ def post(live: LiveServer, path: str, body: Any, key: str | None = None) -> http
 
 
 # ----------------------------------------------------------------------------- cohere
-def test_cohere_client_v2_gets_crossencoder_scores(rerank_serve: Callable[..., LiveServer],
-                                                   rerankers: dict[str, ResolvedModel]) -> None:
+def test_cohere_client_v2_gets_crossencoder_scores(
+    rerank_serve: Callable[..., LiveServer], rerankers: dict[str, ResolvedModel]
+) -> None:
     import cohere
 
     g, gold = golden("xlmr")
@@ -81,7 +88,7 @@ def test_cohere_client_v2_gets_crossencoder_scores(rerank_serve: Callable[..., L
     with httpx.Client(timeout=DEADLINE_S) as http:
         co = cohere.ClientV2(base_url=live.url, api_key="unused", httpx_client=http)
         res = co.rerank(model="my-reranker", query=g["queries"][1], documents=docs, top_n=5)
-    expected = gold["scores"][len(docs):2 * len(docs)]  # the sigmoid of the logits
+    expected = gold["scores"][len(docs) : 2 * len(docs)]  # the sigmoid of the logits
     order = list(np.argsort(-expected, kind="stable")[:5])
     assert [r.index for r in res.results] == order
     for r in res.results:
@@ -90,16 +97,17 @@ def test_cohere_client_v2_gets_crossencoder_scores(rerank_serve: Callable[..., L
     long_doc = docs.index(max(docs, key=len))
     assert res.meta is not None and res.meta.warnings
     assert "were cut to the model's window of 64 tokens" in res.meta.warnings[0]
-    raw = post(live, "/v2/rerank", {"model": "my-reranker", "query": g["queries"][1],
-                                    "documents": docs})
+    raw = post(
+        live, "/v2/rerank", {"model": "my-reranker", "query": g["queries"][1], "documents": docs}
+    )
     assert all("document" not in x for x in raw.json()["results"])  # v2: ids and scores only
     cut = raw.headers["X-Embedpool-Truncated-Indices"].split(",")
-    assert str(long_doc) in cut and f"documents {', '.join(cut)} were cut" in \
-        res.meta.warnings[0]
+    assert str(long_doc) in cut and f"documents {', '.join(cut)} were cut" in res.meta.warnings[0]
 
 
-def test_cohere_client_v1_and_document_objects(rerank_serve: Callable[..., LiveServer],
-                                               rerankers: dict[str, ResolvedModel]) -> None:
+def test_cohere_client_v1_and_document_objects(
+    rerank_serve: Callable[..., LiveServer], rerankers: dict[str, ResolvedModel]
+) -> None:
     import cohere
 
     g, gold = golden("bert")  # token types through the server's batcher
@@ -112,8 +120,12 @@ def test_cohere_client_v1_and_document_objects(rerank_serve: Callable[..., LiveS
     assert [r.index for r in res.results] == list(np.argsort(-expected, kind="stable"))
     assert max(abs(r.relevance_score - float(expected[r.index])) for r in res.results) <= TOL
     # Jina / vLLM: documents as {"text": ...}, return_documents default true
-    body = {"model": "my-reranker", "query": g["queries"][0],
-            "documents": [{"text": d} for d in docs], "top_n": 2}
+    body = {
+        "model": "my-reranker",
+        "query": g["queries"][0],
+        "documents": [{"text": d} for d in docs],
+        "top_n": 2,
+    }
     for path in ("/v1/rerank", "/rerank"):
         r = post(live, path, body)
         assert r.status_code == 200, r.text
@@ -126,17 +138,21 @@ def test_cohere_client_v1_and_document_objects(rerank_serve: Callable[..., LiveS
 
 
 # ----------------------------------------------------------------------------- TEI
-def test_tei_shape_on_rerank_and_root(rerank_serve: Callable[..., LiveServer],
-                                      rerankers: dict[str, ResolvedModel]) -> None:
+def test_tei_shape_on_rerank_and_root(
+    rerank_serve: Callable[..., LiveServer], rerankers: dict[str, ResolvedModel]
+) -> None:
     g, gold = golden("bert")
     live = rerank_serve(rerankers["bert"])
     docs = g["documents"]
     for path in ("/rerank", "/"):
-        r = post(live, path, {"query": g["queries"][2], "texts": docs, "raw_scores": True,
-                              "return_text": True})
+        r = post(
+            live,
+            path,
+            {"query": g["queries"][2], "texts": docs, "raw_scores": True, "return_text": True},
+        )
         assert r.status_code == 200, r.text
         out = r.json()
-        logits = gold["logits"][2 * len(docs):3 * len(docs)]
+        logits = gold["logits"][2 * len(docs) : 3 * len(docs)]
         assert [x["index"] for x in out] == list(np.argsort(-logits, kind="stable"))
         assert max(abs(x["score"] - float(logits[x["index"]])) for x in out) <= TOL
         assert all(x["text"] == docs[x["index"]] for x in out)
@@ -148,22 +164,30 @@ def test_tei_shape_on_rerank_and_root(rerank_serve: Callable[..., LiveServer],
 
 
 # ----------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize(("path", "body", "status", "needle"), [
-    ("/v2/rerank", {"documents": ["a"]}, 400, "query is required"),
-    ("/v2/rerank", {"query": "q", "documents": "a"}, 400, "array of strings"),
-    ("/v2/rerank", {"query": "q", "documents": ["a", 3]}, 400, "documents[1]"),
-    ("/v2/rerank", {"query": "q", "documents": [{"title": "x"}]}, 400, "documents[0]"),
-    ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 400, "top_n"),
-    ("/v2/rerank", {"query": "q", "documents": ["a"], "model": "other"}, 404, "other"),
-    ("/v1/rerank", {"query": "q", "documents": ["a"] * 5}, 400, "at most 4"),
-    ("/v1/rerank", [1, 2], 400, "JSON object"),
-    ("/v1/rerank", {"query": "word " * 100, "documents": ["a"]}, 400, "shorten the query"),
-    ("/rerank", {"query": "q", "texts": []}, 400, "cannot be empty"),
-    ("/rerank", {"query": "q", "texts": ["a"], "raw_scores": "yes"}, 422, "raw_scores"),
-])
-def test_bad_input_is_4xx_naming_it(rerank_serve: Callable[..., LiveServer],
-                                    rerankers: dict[str, ResolvedModel], path: str, body: Any,
-                                    status: int, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        ("/v2/rerank", {"documents": ["a"]}, 400, "query is required"),
+        ("/v2/rerank", {"query": "q", "documents": "a"}, 400, "array of strings"),
+        ("/v2/rerank", {"query": "q", "documents": ["a", 3]}, 400, "documents[1]"),
+        ("/v2/rerank", {"query": "q", "documents": [{"title": "x"}]}, 400, "documents[0]"),
+        ("/v2/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 400, "top_n"),
+        ("/v2/rerank", {"query": "q", "documents": ["a"], "model": "other"}, 404, "other"),
+        ("/v1/rerank", {"query": "q", "documents": ["a"] * 5}, 400, "at most 4"),
+        ("/v1/rerank", [1, 2], 400, "JSON object"),
+        ("/v1/rerank", {"query": "word " * 100, "documents": ["a"]}, 400, "shorten the query"),
+        ("/rerank", {"query": "q", "texts": []}, 400, "cannot be empty"),
+        ("/rerank", {"query": "q", "texts": ["a"], "raw_scores": "yes"}, 422, "raw_scores"),
+    ],
+)
+def test_bad_input_is_4xx_naming_it(
+    rerank_serve: Callable[..., LiveServer],
+    rerankers: dict[str, ResolvedModel],
+    path: str,
+    body: Any,
+    status: int,
+    needle: str,
+) -> None:
     live = rerank_serve(rerankers["xlmr"], max_items_per_request=4)
     r = post(live, path, body)
     assert r.status_code == status, r.text
@@ -173,8 +197,9 @@ def test_bad_input_is_4xx_naming_it(rerank_serve: Callable[..., LiveServer],
     assert post(live, "/v2/rerank", {"query": "q", "documents": ["a"]}).status_code == 200
 
 
-def test_key_and_body_limit_hold(rerank_serve: Callable[..., LiveServer],
-                                 rerankers: dict[str, ResolvedModel]) -> None:
+def test_key_and_body_limit_hold(
+    rerank_serve: Callable[..., LiveServer], rerankers: dict[str, ResolvedModel]
+) -> None:
     live = rerank_serve(rerankers["xlmr"], api_key="sekret", max_request_bytes=2048)
     body = {"query": "q", "documents": ["a"]}
     assert post(live, "/v2/rerank", body).status_code == 401
@@ -189,16 +214,18 @@ class _Gated(FakeEngine):
         self.gate = gate
         self.entered = threading.Event()
 
-    def embed(self, sequences: Sequence[TokenIds],
-              prompt_lengths: Sequence[int] | None = None) -> Vectors:
+    def embed(
+        self, sequences: Sequence[TokenIds], prompt_lengths: Sequence[int] | None = None
+    ) -> Vectors:
         self.entered.set()
         if not self.gate.wait(DEADLINE_S):
             raise TimeoutError("the gate never opened")
         return super().embed(sequences)
 
 
-def test_a_full_queue_is_429_with_retry_after(rerank_serve: Callable[..., LiveServer],
-                                              rerankers: dict[str, ResolvedModel]) -> None:
+def test_a_full_queue_is_429_with_retry_after(
+    rerank_serve: Callable[..., LiveServer], rerankers: dict[str, ResolvedModel]
+) -> None:
     gate = threading.Event()
     engines: list[_Gated] = []
 
@@ -206,11 +233,15 @@ def test_a_full_queue_is_429_with_retry_after(rerank_serve: Callable[..., LiveSe
         engines.append(_Gated(gate))
         return engines[-1]
 
-    live = rerank_serve(rerankers["xlmr"], factory=lambda: InProcessExecutor(build),
-                        max_queue_tokens=40)
+    live = rerank_serve(
+        rerankers["xlmr"], factory=lambda: InProcessExecutor(build), max_queue_tokens=40
+    )
     first: list[httpx.Response] = []
-    t = threading.Thread(target=lambda: first.append(
-        post(live, "/v2/rerank", {"query": "q", "documents": ["one two three"]})))
+    t = threading.Thread(
+        target=lambda: first.append(
+            post(live, "/v2/rerank", {"query": "q", "documents": ["one two three"]})
+        )
+    )
     t.start()
     try:
         assert engines and engines[0].entered.wait(DEADLINE_S), "the first request never ran"
@@ -225,9 +256,11 @@ def test_a_full_queue_is_429_with_retry_after(rerank_serve: Callable[..., LiveSe
     assert first and first[0].status_code == 200
 
 
-def test_no_reranker_no_rerank_routes(serve: Callable[..., LiveServer],
-                                      rerank_serve: Callable[..., LiveServer],
-                                      rerankers: dict[str, ResolvedModel]) -> None:
+def test_no_reranker_no_rerank_routes(
+    serve: Callable[..., LiveServer],
+    rerank_serve: Callable[..., LiveServer],
+    rerankers: dict[str, ResolvedModel],
+) -> None:
     """An app without a reranker answers rerank bodies with TEI's 422 on ``POST /`` even
     while another app in the process serves one (the TEI hand-over is per app)."""
     with_reranker = rerank_serve(rerankers["xlmr"])
@@ -241,30 +274,51 @@ def test_no_reranker_no_rerank_routes(serve: Callable[..., LiveServer],
 
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
-    | st.text(max_size=20) | st.sampled_from(["a\ud800b", "\udfff"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                                max_size=4),
-    max_leaves=12)
-_FIELDS = ["model", "query", "documents", "texts", "top_n", "return_documents", "raw_scores",
-           "return_text", "truncate", "truncation_direction", "max_tokens_per_doc",
-           "relevant_spans"]
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.sampled_from(["a\ud800b", "\udfff"]),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_FIELDS = [
+    "model",
+    "query",
+    "documents",
+    "texts",
+    "top_n",
+    "return_documents",
+    "raw_scores",
+    "return_text",
+    "truncate",
+    "truncation_direction",
+    "max_tokens_per_doc",
+    "relevant_spans",
+]
 
 
 @pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/rerank", "/"])
-def test_nothing_a_client_sends_gives_a_5xx(rerank_serve: Callable[..., LiveServer],
-                                            rerankers: dict[str, ResolvedModel],
-                                            path: str) -> None:
+def test_nothing_a_client_sends_gives_a_5xx(
+    rerank_serve: Callable[..., LiveServer], rerankers: dict[str, ResolvedModel], path: str
+) -> None:
     live = rerank_serve(rerankers["xlmr"])
     valid: dict[str, Any] = {"query": "q", "texts" if path == "/" else "documents": ["a", "b"]}
 
-    @settings(max_examples=40, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(body=st.one_of(_json, st.dictionaries(st.sampled_from(_FIELDS), _json, max_size=5)))
     def check(body: Any) -> None:
         sent = {**valid, **body} if isinstance(body, dict) else body
-        r = client.post(f"{live.url}{path}", content=json.dumps(sent),  # \u-escaped
-                        headers={"Content-Type": "application/json"})
+        r = client.post(
+            f"{live.url}{path}",
+            content=json.dumps(sent),  # \u-escaped
+            headers={"Content-Type": "application/json"},
+        )
         assert r.status_code < 500, (sent, r.status_code, r.text)
         if r.status_code >= 400:
             err = r.json()

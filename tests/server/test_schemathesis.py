@@ -30,8 +30,9 @@ def live(model: Any) -> Iterator[LiveServer]:
 
     # Small limits so that generated bodies hit them (413, too many items) as well.
     settings = ServerSettings(api_key="", max_items_per_request=16, max_request_bytes=64 * 1024)
-    app = create_app(settings, lambda: InProcessExecutor(FakeEngineSpec(dim=DIM).build),
-                     model=model)
+    app = create_app(
+        settings, lambda: InProcessExecutor(FakeEngineSpec(dim=DIM).build), model=model
+    )
     server = LiveServer.start(app)
     yield server
     server.stop()
@@ -45,8 +46,14 @@ def api_schema(live: LiveServer) -> Any:
 # Explicit operations instead of schemathesis.pytest.from_fixture, whose lazy loader breaks
 # under pytest 9 ('Function' object has no attribute '_nodeid'); test_every_operation_is_listed
 # keeps this list honest.
-OPERATIONS = [("POST", "/v1/embeddings"), ("GET", "/v1/models"), ("GET", "/v1/models/{model_id}"),
-              ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics")]
+OPERATIONS = [
+    ("POST", "/v1/embeddings"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    ("GET", "/metrics"),
+]
 
 
 def test_every_operation_is_listed(api_schema: Any) -> None:
@@ -57,7 +64,8 @@ def test_every_operation_is_listed(api_schema: Any) -> None:
 #: Negative examples need something that can be made invalid: only the body qualifies (a path
 #: string parameter cannot violate its schema).
 CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
-    ("POST", "/v1/embeddings", GenerationMode.NEGATIVE)]
+    ("POST", "/v1/embeddings", GenerationMode.NEGATIVE)
+]
 
 
 @schemathesis.check
@@ -65,13 +73,15 @@ def valid_is_accepted(ctx: Any, response: Any, case: Any) -> bool | None:
     """A schema-valid request is not refused as invalid (400, 422). 404 (an unknown model id in
     the path) and 413 (the body size limit, which no schema states) remain possible."""
     if response.status_code in (400, 422):
-        raise AssertionError(f"schema-valid request refused with {response.status_code}: "
-                             f"{response.text[:300]}")
+        raise AssertionError(
+            f"schema-valid request refused with {response.status_code}: {response.text[:300]}"
+        )
     return None
 
 
-@pytest.mark.parametrize(("method", "path", "mode"), CASES,
-                         ids=[f"{m} {p} {g.value}" for m, p, g in CASES])
+@pytest.mark.parametrize(
+    ("method", "path", "mode"), CASES, ids=[f"{m} {p} {g.value}" for m, p, g in CASES]
+)
 def test_no_server_errors(api_schema: Any, method: str, path: str, mode: GenerationMode) -> None:
     operation = api_schema[path][method]
 
@@ -80,8 +90,13 @@ def test_no_server_errors(api_schema: Any, method: str, path: str, mode: Generat
         checks.append(valid_is_accepted)
 
     @given(operation.as_strategy(mode))
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def check(case: Any) -> None:
         case.call_and_validate(checks=checks, timeout=30)
 

@@ -57,8 +57,8 @@ def under(root: Path, absolute: str) -> Path:
 @dataclass(frozen=True)
 class _Mount:
     version: Literal[1, 2]
-    root: str           # the mount's root inside the hierarchy ("/" in a cgroup namespace)
-    point: str          # where it is mounted
+    root: str  # the mount's root inside the hierarchy ("/" in a cgroup namespace)
+    point: str  # where it is mounted
     controllers: frozenset[str]
 
 
@@ -101,7 +101,7 @@ def _cgroup_dir(root: Path, mount: _Mount, path: str) -> Path:
     """Directory of ``path`` under ``mount``: strip the mount's root, as in a namespace."""
     rel = path
     if mount.root not in ("/", "") and (path == mount.root or path.startswith(mount.root + "/")):
-        rel = path[len(mount.root):]
+        rel = path[len(mount.root) :]
     elif mount.root not in ("/", ""):
         rel = "/"  # our cgroup is outside the mount's view: the mount point is the best we have
     return under(root, mount.point) / rel.lstrip("/")
@@ -116,8 +116,9 @@ def _ancestors(directory: Path, stop: Path) -> list[Path]:
     return out
 
 
-def cgroup_dirs(root: Path, controller: str, pid: int | str = "self"
-                ) -> list[tuple[Literal[1, 2], Path, Path]]:
+def cgroup_dirs(
+    root: Path, controller: str, pid: int | str = "self"
+) -> list[tuple[Literal[1, 2], Path, Path]]:
     """(version, own directory, mount point) for every hierarchy that may hold ``controller``
     for process ``pid``."""
     v2_path, v1_paths = proc_cgroups(root, pid)
@@ -200,8 +201,9 @@ def cpu_seconds(cgroup: Cgroup) -> float | None:
 def memory_used(cgroup: Cgroup) -> int | None:
     """A cgroup's usage minus its inactive file cache (what the kernel reclaims before it
     OOM-kills, and what ``docker stats`` and the kubelet subtract too)."""
-    current = read_int(cgroup.path / ("memory.current" if cgroup.version == 2
-                                      else "memory.usage_in_bytes"))
+    current = read_int(
+        cgroup.path / ("memory.current" if cgroup.version == 2 else "memory.usage_in_bytes")
+    )
     if current is None:
         return None
     stat: dict[str, int] = {}
@@ -209,8 +211,10 @@ def memory_used(cgroup: Cgroup) -> int | None:
         key, _, value = line.partition(" ")
         if value.strip().isdigit():
             stat[key] = int(value)
-    inactive = stat.get("inactive_file" if cgroup.version == 2 else "total_inactive_file",
-                        stat.get("inactive_file", 0))
+    inactive = stat.get(
+        "inactive_file" if cgroup.version == 2 else "total_inactive_file",
+        stat.get("inactive_file", 0),
+    )
     return max(0, current - inactive)
 
 

@@ -79,34 +79,45 @@ class PoolConfig:
     pending_per_worker: int = PENDING_PER_WORKER
 
     def __post_init__(self) -> None:
-        positive_ints = {"workers": self.workers, "threads": self.threads,
-                         "batch_tokens": self.batch_tokens,
-                         "max_memory_bytes": self.max_memory_bytes,
-                         "recycle_rss_bytes": self.recycle_rss_bytes,
-                         "recycle_growth_bytes": self.recycle_growth_bytes,
-                         "max_start_failures": self.max_start_failures,
-                         "pending_per_worker": self.pending_per_worker}
+        positive_ints = {
+            "workers": self.workers,
+            "threads": self.threads,
+            "batch_tokens": self.batch_tokens,
+            "max_memory_bytes": self.max_memory_bytes,
+            "recycle_rss_bytes": self.recycle_rss_bytes,
+            "recycle_growth_bytes": self.recycle_growth_bytes,
+            "max_start_failures": self.max_start_failures,
+            "pending_per_worker": self.pending_per_worker,
+        }
         for name, value in positive_ints.items():
             if value is not None and value < 1:
                 raise ConfigError(f"PoolConfig.{name} must be >= 1 or None, got {value}")
         if self.start_method not in ("spawn", "forkserver"):
-            raise ConfigError(f"PoolConfig.start_method must be spawn or forkserver, "
-                              f"got {self.start_method!r}")
+            raise ConfigError(
+                f"PoolConfig.start_method must be spawn or forkserver, got {self.start_method!r}"
+            )
         if self.profile is not None and self.profile not in ("cloud", "local", "wsl2"):
-            raise ConfigError(f"PoolConfig.profile must be cloud, local or wsl2, got {self.profile!r}")
-        positive_floats = {"start_timeout_s": self.start_timeout_s,
-                           "sample_interval_s": self.sample_interval_s,
-                           "leave_timeout_s": self.leave_timeout_s}
+            raise ConfigError(
+                f"PoolConfig.profile must be cloud, local or wsl2, got {self.profile!r}"
+            )
+        positive_floats = {
+            "start_timeout_s": self.start_timeout_s,
+            "sample_interval_s": self.sample_interval_s,
+            "leave_timeout_s": self.leave_timeout_s,
+        }
         for name, fvalue in positive_floats.items():
             if not fvalue > 0:
                 raise ConfigError(f"PoolConfig.{name} must be > 0, got {fvalue}")
         if self.precision not in ("int8", "fp32", "fp16"):
-            raise ConfigError(f"PoolConfig.precision must be int8, fp32 or fp16, got "
-                              f"{self.precision!r}")
+            raise ConfigError(
+                f"PoolConfig.precision must be int8, fp32 or fp16, got {self.precision!r}"
+            )
         if self.device != "cpu" and not re.fullmatch(r"cuda:\d+", self.device):
             raise ConfigError(f"PoolConfig.device must be cpu or cuda:N, got {self.device!r}")
         if self.emergency_exit_s is not None and self.emergency_exit_s < 0:
-            raise ConfigError(f"PoolConfig.emergency_exit_s must be >= 0, got {self.emergency_exit_s}")
+            raise ConfigError(
+                f"PoolConfig.emergency_exit_s must be >= 0, got {self.emergency_exit_s}"
+            )
         if self.status_interval_s < 0:
             raise ConfigError("PoolConfig.status_interval_s must be >= 0")
         try:
@@ -116,7 +127,10 @@ class PoolConfig:
 
     @property
     def fault_policy(self) -> FaultPolicy:
-        return FaultPolicy(max_retries=self.max_retries, hang_base_s=self.hang_base_s,
-                           hang_per_token_s=self.hang_per_token_s,
-                           hang_warn_fraction=self.hang_warn_fraction,
-                           max_start_failures=self.max_start_failures)
+        return FaultPolicy(
+            max_retries=self.max_retries,
+            hang_base_s=self.hang_base_s,
+            hang_per_token_s=self.hang_per_token_s,
+            hang_warn_fraction=self.hang_warn_fraction,
+            max_start_failures=self.max_start_failures,
+        )

@@ -76,6 +76,7 @@ ACTIVATION_SAFETY = 2.0
 #: activations (they are on the GPU). An estimate until benchmarks/gpu_check.sh measures it.
 GPU_WORKER_HOST_RSS = 1 * GiB
 
+
 def parent_reserve(cpus: int) -> int:
     """Cores kept free of workers for the parent: one per PARENT_WORKERS_PER_CORE, rounded
     half up (4, 16 cores: 0; 24-71: 1; 72-119: 2)."""
@@ -96,22 +97,28 @@ class ModelShape:
     dtype_bytes: int = 2
 
     @classmethod
-    def of(cls, config: Mapping[str, object], max_length: int, fp32_weight_bytes: int,
-           precision: str) -> ModelShape:
+    def of(
+        cls, config: Mapping[str, object], max_length: int, fp32_weight_bytes: int, precision: str
+    ) -> ModelShape:
         """From a transformers config.json (BERT, RoBERTa, ModernBERT and NomicBert names)."""
+
         def num(*names: str, default: int) -> int:
             for n in names:
                 v = config.get(n)
                 if isinstance(v, int) and v > 0:
                     return v
             return default
+
         hidden = num("hidden_size", "n_embd", "d_model", default=768)
         dtype = 2 if precision == "fp16" else 4
-        return cls(hidden=hidden,
-                   intermediate=num("intermediate_size", "n_inner", default=4 * hidden),
-                   heads=num("num_attention_heads", "n_head", default=max(1, hidden // 64)),
-                   max_length=max_length, weight_bytes=fp32_weight_bytes * dtype // 4,
-                   dtype_bytes=dtype)
+        return cls(
+            hidden=hidden,
+            intermediate=num("intermediate_size", "n_inner", default=4 * hidden),
+            heads=num("num_attention_heads", "n_head", default=max(1, hidden // 64)),
+            max_length=max_length,
+            weight_bytes=fp32_weight_bytes * dtype // 4,
+            dtype_bytes=dtype,
+        )
 
 
 def activation_bytes_per_token(shape: ModelShape) -> int:
@@ -130,8 +137,9 @@ def gpu_mem_limit(free_bytes: int) -> int:
     return max(0, int(free_bytes * GPU_MEMORY_FRACTION) - CUDA_CONTEXT_BYTES)
 
 
-def gpu_budget(free_bytes: int | None, shape: ModelShape,
-               requested: int | None = None) -> BatchBudget:
+def gpu_budget(
+    free_bytes: int | None, shape: ModelShape, requested: int | None = None
+) -> BatchBudget:
     """The batch budget on a GPU with ``free_bytes`` free: the padded tokens its memory holds
     (``activation_bytes_per_token``), made a budget by ``budget.batch_budget`` (whole
     sequences, the cap, the floor; ``requested``: ``--batch-tokens``, capped at what fits);
@@ -142,11 +150,12 @@ def gpu_budget(free_bytes: int | None, shape: ModelShape,
     per_token = activation_bytes_per_token(shape)
     room = gpu_mem_limit(free_bytes) - shape.weight_bytes
     fits = max(0, room) // per_token
-    b = batch_budget(device="cuda", max_length=shape.max_length, requested=requested,
-                     gpu_fit=fits)
-    how = (f"({GPU_MEMORY_FRACTION:.0%} of {_gib(free_bytes)} free - {_gib(CUDA_CONTEXT_BYTES)} "
-           f"CUDA context - {_gib(shape.weight_bytes)} weights) / "
-           f"{per_token / 1024:.0f} KiB per token = {fits} tokens")
+    b = batch_budget(device="cuda", max_length=shape.max_length, requested=requested, gpu_fit=fits)
+    how = (
+        f"({GPU_MEMORY_FRACTION:.0%} of {_gib(free_bytes)} free - {_gib(CUDA_CONTEXT_BYTES)} "
+        f"CUDA context - {_gib(shape.weight_bytes)} weights) / "
+        f"{per_token / 1024:.0f} KiB per token = {fits} tokens"
+    )
     if not b.fits:
         why = f"too little free GPU memory: {how}, under one {b.floor}-token sequence"
     elif requested is not None:
@@ -212,13 +221,22 @@ class DevicesPlan:
 
     @property
     def cores_used(self) -> int:
-        return (len(self.gpu_workers) * GPU_WORKER_CORES + self.cpu_workers * self.cpu_threads
-                + self.parent_cores)
+        return (
+            len(self.gpu_workers) * GPU_WORKER_CORES
+            + self.cpu_workers * self.cpu_threads
+            + self.parent_cores
+        )
 
 
-def plan_devices(cpus: int, gpus: Sequence[GpuInput], shape: ModelShape, *,
-                 cpu_workers: int | None = None, cpu_threads: int = 1,
-                 batch_tokens: int | None = None) -> DevicesPlan:
+def plan_devices(
+    cpus: int,
+    gpus: Sequence[GpuInput],
+    shape: ModelShape,
+    *,
+    cpu_workers: int | None = None,
+    cpu_threads: int = 1,
+    batch_tokens: int | None = None,
+) -> DevicesPlan:
     """Workers for ``gpus`` and, when asked (``cpu_workers``), CPU workers alongside.
 
     Every GPU with room for one full-length sequence gets one worker, up to cpus - 1 of them
@@ -228,8 +246,10 @@ def plan_devices(cpus: int, gpus: Sequence[GpuInput], shape: ModelShape, *,
     ``--batch-tokens``, capped per GPU at what its memory holds. Raises ConfigError
     when no GPU is usable (the caller decides whether that means the CPU or an error)."""
     if cpus < 1 or cpu_threads < 1 or (cpu_workers is not None and cpu_workers < 0):
-        raise ConfigError(f"need cpus >= 1, cpu_threads >= 1, cpu_workers >= 0; got {cpus}, "
-                          f"{cpu_threads}, {cpu_workers}")
+        raise ConfigError(
+            f"need cpus >= 1, cpu_threads >= 1, cpu_workers >= 0; got {cpus}, "
+            f"{cpu_threads}, {cpu_workers}"
+        )
     reasons: list[str] = []
     plans: list[GpuWorkerPlan] = []
     for g in gpus:
@@ -244,24 +264,30 @@ def plan_devices(cpus: int, gpus: Sequence[GpuInput], shape: ModelShape, *,
         raise ConfigError("no GPU has room for the model: " + "; ".join(reasons))
     most = max(1, cpus - 1)
     if len(plans) > most:
-        reasons.append(f"{len(plans)} GPUs but {cpus} cores: {most} GPU worker(s), one core "
-                       f"for the parent's tokenisation")
+        reasons.append(
+            f"{len(plans)} GPUs but {cpus} cores: {most} GPU worker(s), one core "
+            f"for the parent's tokenisation"
+        )
         plans = plans[:most]
     n_gpu = len(plans)
     left = max(0, cpus - n_gpu * GPU_WORKER_CORES)
     wanted = cpu_workers or 0
     if not wanted:
-        reasons.append(f"no CPU workers alongside (not asked): {left} core(s) tokenise for "
-                       f"{n_gpu} GPU worker(s)")
+        reasons.append(
+            f"no CPU workers alongside (not asked): {left} core(s) tokenise for "
+            f"{n_gpu} GPU worker(s)"
+        )
         return DevicesPlan(cpus, tuple(plans), 0, cpu_threads, left, tuple(reasons))
     parent = min(left, max(parent_reserve(cpus), TOKENIZER_CORES_PER_GPU * n_gpu))
     fit = (left - parent) // cpu_threads
     n_cpu = min(wanted, fit)
     if n_cpu < wanted:
-        reasons.append(f"CPU workers {wanted} capped at {n_cpu}: {cpus} cores - {n_gpu} GPU "
-                       f"worker(s) - {parent} for the parent's tokenisation "
-                       f"({TOKENIZER_CORES_PER_GPU} per GPU) leave {left - parent}, "
-                       f"{cpu_threads} thread(s) each")
+        reasons.append(
+            f"CPU workers {wanted} capped at {n_cpu}: {cpus} cores - {n_gpu} GPU "
+            f"worker(s) - {parent} for the parent's tokenisation "
+            f"({TOKENIZER_CORES_PER_GPU} per GPU) leave {left - parent}, "
+            f"{cpu_threads} thread(s) each"
+        )
     else:
         reasons.append(f"{n_cpu} CPU worker(s) x {cpu_threads} thread(s) alongside, as asked")
     spare = left - n_cpu * cpu_threads

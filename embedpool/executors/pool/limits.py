@@ -36,17 +36,44 @@ from embedpool.executors.pool.machine import PROFILES, Cgroup, Limits
 from embedpool.types import Profile
 
 #: Substrings of a cgroup path that mean a container runtime placed us there.
-_CONTAINER_CGROUP_MARKS = ("docker", "kubepods", "containerd", "libpod", "crio", "ecs", "lxc",
-                           "garden", "actions_job")
+_CONTAINER_CGROUP_MARKS = (
+    "docker",
+    "kubepods",
+    "containerd",
+    "libpod",
+    "crio",
+    "ecs",
+    "lxc",
+    "garden",
+    "actions_job",
+)
 #: DMI values (lower case) that name a cloud VM. Hyper-V's "Virtual Machine" alone is not one:
 #: a local Hyper-V guest says the same; Azure adds the "7783-7084-3265-9085-8269-3286-77"
 #: chassis asset tag, which we check instead.
 _CLOUD_DMI = {
-    "sys_vendor": ("amazon ec2", "google", "digitalocean", "hetzner", "openstack",
-                   "alibaba cloud", "tencent cloud", "scaleway", "linode", "vultr", "exoscale",
-                   "oraclecloud"),
-    "product_name": ("google compute engine", "openstack", "hvm domu", "droplet", "alibaba cloud ecs",
-                     "cvm", "kvm (oci)"),
+    "sys_vendor": (
+        "amazon ec2",
+        "google",
+        "digitalocean",
+        "hetzner",
+        "openstack",
+        "alibaba cloud",
+        "tencent cloud",
+        "scaleway",
+        "linode",
+        "vultr",
+        "exoscale",
+        "oraclecloud",
+    ),
+    "product_name": (
+        "google compute engine",
+        "openstack",
+        "hvm domu",
+        "droplet",
+        "alibaba cloud ecs",
+        "cvm",
+        "kvm (oci)",
+    ),
     "bios_vendor": ("amazon ec2", "google", "hetzner"),
     "chassis_asset_tag": ("7783-7084-3265-9085-8269-3286-77", "oraclecloud.com"),
     "board_vendor": ("amazon ec2", "google"),
@@ -137,9 +164,14 @@ def _detect_profile(root: Path, environ: Mapping[str, str]) -> tuple[Profile, st
 # the public entry points
 
 
-def detect_limits(*, max_memory: int | None = None, profile: str | None = None,
-                  cpus: int | None = None, root: Path = Path("/"),
-                  environ: Mapping[str, str] | None = None) -> Limits:
+def detect_limits(
+    *,
+    max_memory: int | None = None,
+    profile: str | None = None,
+    cpus: int | None = None,
+    root: Path = Path("/"),
+    environ: Mapping[str, str] | None = None,
+) -> Limits:
     """Read the machine. Keyword arguments (the CLI's flags) take precedence over the
     ``EMBEDPOOL_CPUS`` / ``EMBEDPOOL_MAX_MEMORY`` / ``EMBEDPOOL_PROFILE`` variables; either
     only ever lowers a hardware limit. A malformed variable raises ConfigError naming it."""
@@ -204,8 +236,9 @@ def detect_limits(*, max_memory: int | None = None, profile: str | None = None,
             pool_bytes = memory_bytes = override[0]
             memory_source = f"{override[1]}, counted against the pool's own RSS"
         elif override[0] > system_bytes:
-            notes.append(f"{override[1]} ignored: above the {format_bytes(system_bytes)} of "
-                         f"{system_source}")
+            notes.append(
+                f"{override[1]} ignored: above the {format_bytes(system_bytes)} of {system_source}"
+            )
 
     # -- profile
     if profile is not None:
@@ -219,13 +252,24 @@ def detect_limits(*, max_memory: int | None = None, profile: str | None = None,
         else:
             chosen, profile_source = _detect_profile(root, env)
 
-    return Limits(cpus=n_cpus, cpus_source=cpus_source, memory_bytes=memory_bytes,
-                  memory_source=memory_source, profile=chosen, profile_source=profile_source,
-                  host_cpus=host_cpus, host_memory_bytes=host_mem, cpu_ids=cpu_ids,
-                  memory_cgroup=memory_cgroup, cpu_cgroup=cpu_cgroup,
-                  system_memory_bytes=system_bytes, system_memory_source=system_source,
-                  pool_memory_bytes=pool_bytes,
-                  notes=tuple(notes), root=root)
+    return Limits(
+        cpus=n_cpus,
+        cpus_source=cpus_source,
+        memory_bytes=memory_bytes,
+        memory_source=memory_source,
+        profile=chosen,
+        profile_source=profile_source,
+        host_cpus=host_cpus,
+        host_memory_bytes=host_mem,
+        cpu_ids=cpu_ids,
+        memory_cgroup=memory_cgroup,
+        cpu_cgroup=cpu_cgroup,
+        system_memory_bytes=system_bytes,
+        system_memory_source=system_source,
+        pool_memory_bytes=pool_bytes,
+        notes=tuple(notes),
+        root=root,
+    )
 
 
 def _as_profile(value: str, name: str) -> Profile:

@@ -65,8 +65,9 @@ class Limits:
 
     def __post_init__(self) -> None:
         if self.cpus < 1 or self.memory_bytes < 1:
-            raise ConfigError(f"limits must be positive, got cpus={self.cpus}, "
-                              f"memory_bytes={self.memory_bytes}")
+            raise ConfigError(
+                f"limits must be positive, got cpus={self.cpus}, memory_bytes={self.memory_bytes}"
+            )
         if self.profile not in PROFILES:
             raise ConfigError(f"profile {self.profile!r} is not one of {', '.join(PROFILES)}")
 

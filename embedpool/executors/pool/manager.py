@@ -126,8 +126,15 @@ class WorkerRecord:
 class Manager:
     """The body of the pool's manager thread (see the module docstring)."""
 
-    def __init__(self, spec_blob: bytes, config: PoolConfig, work: WorkQueue, emit: Emitter,
-                 waker: Waker, ctx: BaseContext) -> None:
+    def __init__(
+        self,
+        spec_blob: bytes,
+        config: PoolConfig,
+        work: WorkQueue,
+        emit: Emitter,
+        waker: Waker,
+        ctx: BaseContext,
+    ) -> None:
         self.config = config
         self.work = work
         self.emit = emit
@@ -171,8 +178,7 @@ class Manager:
                 self._publish()
         except BaseException as exc:
             log.exception("embedpool pool manager crashed")
-            self._break(PoolBroken(f"the pool's manager failed: {exc!r}\n"
-                                   f"{traceback.format_exc()}"))
+            self._break(PoolBroken(f"the pool's manager failed: {exc!r}\n{traceback.format_exc()}"))
             self.shutdown()
         finally:
             self.first_ready.set()  # never leave Pool() waiting
@@ -258,8 +264,9 @@ class Manager:
     def handle_result(self, w: WorkerRecord, msg: wire.Result) -> None:
         task = w.task
         if task is None or task.task_id != msg.task_id:  # pragma: no cover - protocol bug
-            log.error("worker %s sent a result for task %s it was not given", w.worker_id,
-                      msg.task_id)
+            log.error(
+                "worker %s sent a result for task %s it was not given", w.worker_id, msg.task_id
+            )
             return
         w.task, w.state, w.rss = None, "idle", msg.rss
         if self.work.complete(task, msg.vectors):
@@ -290,19 +297,32 @@ class Manager:
         w.conn.close()
         with contextlib.suppress(ValueError):
             w.process.close()
-        how = faults.exit_kind(said_leaving=w.said_leaving,
-                               asked_to_leave=w.leave_reason is not None,
-                               holding_task=w.task is not None, starting=w.state == "starting",
-                               exit_code=code)
+        how = faults.exit_kind(
+            said_leaving=w.said_leaving,
+            asked_to_leave=w.leave_reason is not None,
+            holding_task=w.task is not None,
+            starting=w.state == "starting",
+            exit_code=code,
+        )
         if how == "left":
             self._oom.forget(w)
-            self.emit(events.WORKER_EXIT, worker_id=w.worker_id, pid=w.pid,
-                      reason=w.leave_reason or "asked", exit=exit_name(code))
+            self.emit(
+                events.WORKER_EXIT,
+                worker_id=w.worker_id,
+                pid=w.pid,
+                reason=w.leave_reason or "asked",
+                exit=exit_name(code),
+            )
             self._publish()
             return
         if how == "stopped_while_starting":
-            self.emit(events.WORKER_EXIT, worker_id=w.worker_id, pid=w.pid,
-                      reason="stopped while starting", exit=exit_name(code))
+            self.emit(
+                events.WORKER_EXIT,
+                worker_id=w.worker_id,
+                pid=w.pid,
+                reason="stopped while starting",
+                exit=exit_name(code),
+            )
             self._publish()
             return
         if how == "start_failure":
@@ -321,10 +341,17 @@ class Manager:
         # who is charged: faults.blame (a worker holds one task; none: memory is tight after
         # an OOM kill whatever it was doing)
         who = faults.blame([task.padded_tokens] if task else [], kind, hung=w.hung)
-        self.emit(events.WORKER_DEATH, worker_id=w.worker_id, pid=w.pid, exit=exit_name(code),
-                  exitcode=code, kind=str(kind), cause=faults.death_cause(kind, evidence),
-                  blamed=who.running is not None or task is None,
-                  **(task.describe() if task else {"items": 0, "tokens": 0}))
+        self.emit(
+            events.WORKER_DEATH,
+            worker_id=w.worker_id,
+            pid=w.pid,
+            exit=exit_name(code),
+            exitcode=code,
+            kind=str(kind),
+            cause=faults.death_cause(kind, evidence),
+            blamed=who.running is not None or task is None,
+            **(task.describe() if task else {"items": 0, "tokens": 0}),
+        )
         if task is not None and who.running is not None:
             self._fail(task, kind, f"worker pid {w.pid} died: {exit_name(code)}")
         elif who.lower_budget:
@@ -365,8 +392,13 @@ class Manager:
         if self.dim:  # readings only make sense once workers run
             live = [w for w in self._workers.values() if w.pid is not None]
             queued = self.work.queued_tasks + sum(1 for w in live if w.state == "busy")
-            self._apply(self.scaler.sample([w.pid for w in live if w.pid is not None],
-                                           queued, self.work.counters.sequences_done))
+            self._apply(
+                self.scaler.sample(
+                    [w.pid for w in live if w.pid is not None],
+                    queued,
+                    self.work.counters.sequences_done,
+                )
+            )
         self._ensure_workers()
 
     def shutdown(self) -> None:
@@ -415,9 +447,18 @@ class Manager:
         wid = next(self._worker_ids)
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(  # type: ignore[attr-defined]
-            target=worker_main, name=f"embedpool-worker-{wid}", daemon=True,
-            args=(child_conn, self._spec_blob, wid, self.threads, os.getpid(),
-                  self.config.recycle_rss_bytes))
+            target=worker_main,
+            name=f"embedpool-worker-{wid}",
+            daemon=True,
+            args=(
+                child_conn,
+                self._spec_blob,
+                wid,
+                self.threads,
+                os.getpid(),
+                self.config.recycle_rss_bytes,
+            ),
+        )
         proc.start()
         child_conn.close()  # ours is closed so that the worker's death gives us EOF
         self._workers[wid] = WorkerRecord(wid, proc, parent_conn, time.monotonic(), pid=proc.pid)
@@ -445,13 +486,23 @@ class Manager:
         self._oom.watch(w, msg.pid)
         self._start_failures_in_row = 0
         self._spawn_not_before = 0.0
-        self.emit(events.WORKER_READY, worker_id=w.worker_id, pid=msg.pid, rss=msg.rss,
-                  seconds=round(time.monotonic() - w.started, 3))
+        self.emit(
+            events.WORKER_READY,
+            worker_id=w.worker_id,
+            pid=msg.pid,
+            rss=msg.rss,
+            seconds=round(time.monotonic() - w.started, 3),
+        )
         if not self.dim:
             self.dim = self.work.dim = msg.dim
-            self.emit(events.POOL_START, workers=self.scaler.target_workers,
-                      threads=self.threads, batch_tokens=self.scaler.batch_tokens,
-                      start_method=self.config.start_method, **self.scaler.describe())
+            self.emit(
+                events.POOL_START,
+                workers=self.scaler.target_workers,
+                threads=self.threads,
+                batch_tokens=self.scaler.batch_tokens,
+                start_method=self.config.start_method,
+                **self.scaler.describe(),
+            )
             self.first_ready.set()
             self._ensure_workers()  # now start the rest
         elif msg.dim != self.dim:  # pragma: no cover - a spec that is not deterministic
@@ -466,17 +517,28 @@ class Manager:
         if sf is not None:
             error, tb = sf.error, sf.traceback
         else:
-            error = (f"worker died while starting: {exit_name(code)}"
-                     + (f" ({w.kill_reason})" if w.kill_reason else ""))
+            error = f"worker died while starting: {exit_name(code)}" + (
+                f" ({w.kill_reason})" if w.kill_reason else ""
+            )
             tb = ""
-        self.emit(events.WORKER_START_FAILED, worker_id=w.worker_id, pid=w.pid, error=error,
-                  exit=exit_name(code), traceback=tb)
-        message = (f"worker {w.worker_id} (pid {w.pid}) failed to load its engine: {error}"
-                   + (f"\n\nworker traceback:\n{tb}" if tb else ""))
+        self.emit(
+            events.WORKER_START_FAILED,
+            worker_id=w.worker_id,
+            pid=w.pid,
+            error=error,
+            exit=exit_name(code),
+            traceback=tb,
+        )
+        message = f"worker {w.worker_id} (pid {w.pid}) failed to load its engine: {error}" + (
+            f"\n\nworker traceback:\n{tb}" if tb else ""
+        )
         alive = sum(x.state in ("idle", "busy") for x in self._workers.values())
-        decision = faults.start_failure(self.work.policy,
-                                        failures_in_row=self._start_failures_in_row,
-                                        ever_ready=bool(self.dim), alive=alive)
+        decision = faults.start_failure(
+            self.work.policy,
+            failures_in_row=self._start_failures_in_row,
+            ever_ready=bool(self.dim),
+            alive=alive,
+        )
         if decision.action == "retry":
             self._spawn_not_before = time.monotonic() + decision.backoff_s
             return
@@ -493,16 +555,26 @@ class Manager:
         # the arena legitimately keeps one batch's activations (for a long-context model, one
         # max-length sequence's): growth beyond that counts
         limit = faults.recycle(
-            rss=w.rss, ready_rss=w.ready_rss, rss_limit=cfg.recycle_rss_bytes,
+            rss=w.rss,
+            ready_rss=w.ready_rss,
+            rss_limit=cfg.recycle_rss_bytes,
             growth_limit=cfg.recycle_growth_bytes,
-            arena_bytes=memory.activation_estimate(self.scaler.planned_batch_tokens,
-                                                    cfg.model_memory),
-            leaving=w.leave_reason is not None)
+            arena_bytes=memory.activation_estimate(
+                self.scaler.planned_batch_tokens, cfg.model_memory
+            ),
+            leaving=w.leave_reason is not None,
+        )
         if limit is None:
             return
         self.work.counters.recycles += 1
-        self.emit(events.RECYCLE, worker_id=w.worker_id, pid=w.pid, rss=w.rss, limit=limit,
-                  ready_rss=w.ready_rss)
+        self.emit(
+            events.RECYCLE,
+            worker_id=w.worker_id,
+            pid=w.pid,
+            rss=w.rss,
+            limit=limit,
+            ready_rss=w.ready_rss,
+        )
         self._ask_leave(w, "recycle")
 
     def _ask_leave(self, w: WorkerRecord, reason: str) -> None:
@@ -521,9 +593,11 @@ class Manager:
 
     def _running(self) -> list[faults.Running]:
         """The busy workers' tasks, for the hang rule (``faults.hang_verdicts``)."""
-        return [faults.Running(w, w.task_started, w.task.padded_tokens, w.warned)
-                for w in self._workers.values()
-                if w.state == "busy" and w.task is not None and w.kill_reason is None]
+        return [
+            faults.Running(w, w.task_started, w.task.padded_tokens, w.warned)
+            for w in self._workers.values()
+            if w.state == "busy" and w.task is not None and w.kill_reason is None
+        ]
 
     def _kill_worker(self, w: WorkerRecord, reason: str) -> None:
         w.kill_reason = reason
@@ -554,17 +628,25 @@ class Manager:
         c = self.work.counters
         done = c.sequences_done
         self._status_mark = (now, done)
-        self.emit(events.STATUS, batches_done=c.batches_done, sequences_done=done,
-                  seq_per_s=round((done - n0) / max(now - t0, 1e-9), 2),
-                  workers=len(self._workers), target_workers=self.scaler.target_workers,
-                  batch_tokens=self.scaler.batch_tokens, emergency=self.scaler.emergency,
-                  supervisor_rss=rss_bytes() or 0,
-                  worker_rss={str(w.pid): w.rss for w in self._workers.values()})
+        self.emit(
+            events.STATUS,
+            batches_done=c.batches_done,
+            sequences_done=done,
+            seq_per_s=round((done - n0) / max(now - t0, 1e-9), 2),
+            workers=len(self._workers),
+            target_workers=self.scaler.target_workers,
+            batch_tokens=self.scaler.batch_tokens,
+            emergency=self.scaler.emergency,
+            supervisor_rss=rss_bytes() or 0,
+            worker_rss={str(w.pid): w.rss for w in self._workers.values()},
+        )
 
     def _publish(self) -> None:
         """Refresh the snapshot that stats() reads from other threads (one atomic store)."""
-        self.snapshot = tuple(WorkerInfo(w.worker_id, w.pid, w.state, w.rss, w.batches_done)
-                              for w in self._workers.values())
+        self.snapshot = tuple(
+            WorkerInfo(w.worker_id, w.pid, w.state, w.rss, w.batches_done)
+            for w in self._workers.values()
+        )
 
 
 def kill(proc: BaseProcess) -> None:

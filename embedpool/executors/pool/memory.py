@@ -74,8 +74,11 @@ class ModelMemory:
         sequence alone), its sequences as long as they can be (the worst case)."""
         tokens = max(batch_tokens, self.max_seq)
         keys = min(self.max_seq, tokens) if self.score_keys is None else self.score_keys
-        per_token = (ACTIVATION_PER_HIDDEN * self.hidden + ACTIVATION_PER_FFN * self.ffn
-                     + SCORE_BYTES * (self.heads + 1) * keys)
+        per_token = (
+            ACTIVATION_PER_HIDDEN * self.hidden
+            + ACTIVATION_PER_FFN * self.ffn
+            + SCORE_BYTES * (self.heads + 1) * keys
+        )
         return per_token * tokens
 
 
@@ -85,8 +88,9 @@ def activation_estimate(batch_tokens: int, model: ModelMemory | None = None) -> 
     return ACTIVATION_PER_TOKEN * batch_tokens if model is None else model.activations(batch_tokens)
 
 
-def worker_mem_estimate(precision: Precision, batch_tokens: int,
-                        model: ModelMemory | None = None, device: str = "cpu") -> int:
+def worker_mem_estimate(
+    precision: Precision, batch_tokens: int, model: ModelMemory | None = None, device: str = "cpu"
+) -> int:
     """Peak RSS one worker is expected to reach: base + activations of one batch. ``model``:
     the runtime, the model's weights and its activations (a long-context model's estimate
     is that of one max-length sequence, whatever the budget); else the default model's. A
@@ -96,7 +100,8 @@ def worker_mem_estimate(precision: Precision, batch_tokens: int,
         return GPU_WORKER_HOST_RSS
     if model is None:
         return WORKER_BASE_RSS.get(precision, WORKER_BASE_RSS["fp32"]) + activation_estimate(
-            batch_tokens)
+            batch_tokens
+        )
     return RUNTIME_RSS + model.weights + model.activations(batch_tokens)
 
 
@@ -104,8 +109,7 @@ def shared_weight_bytes(model: ModelMemory | None, device: str = "cpu") -> int:
     """Bytes of ``worker_mem_estimate`` that every CPU worker shares (the mapped weights of
     ``ModelMemory.shared_weights``): the pool counts them once, and one more worker adds its
     estimate less them."""
-    return model.weights if model is not None and model.shared_weights and device == "cpu" \
-        else 0
+    return model.weights if model is not None and model.shared_weights and device == "cpu" else 0
 
 
 #: The supervisor: Python, numpy, the tokenizer, the queues. Counted when plan() is not told

@@ -74,17 +74,23 @@ class ProfilePolicy:
 
     def __post_init__(self) -> None:
         if not 1 <= self.start_workers <= self.max_workers:
-            raise ConfigError(f"need 1 <= start_workers <= max_workers, got "
-                              f"{self.start_workers}, {self.max_workers}")
-        for lo, hi, what in ((self.mem_resume, self.mem_stop, "mem"),
-                             (self.cpu_resume, self.cpu_stop, "cpu")):
+            raise ConfigError(
+                f"need 1 <= start_workers <= max_workers, got "
+                f"{self.start_workers}, {self.max_workers}"
+            )
+        for lo, hi, what in (
+            (self.mem_resume, self.mem_stop, "mem"),
+            (self.cpu_resume, self.cpu_stop, "cpu"),
+        ):
             if not 0 < lo < hi <= 1:
                 raise ConfigError(f"need 0 < {what}_resume < {what}_stop <= 1, got {lo}, {hi}")
         if self.threads_per_worker < 1:
             raise ConfigError(f"threads_per_worker must be >= 1, got {self.threads_per_worker}")
         if not 1 <= self.min_batch_tokens <= self.batch_tokens:
-            raise ConfigError(f"need 1 <= min_batch_tokens <= batch_tokens, got "
-                              f"{self.min_batch_tokens}, {self.batch_tokens}")
+            raise ConfigError(
+                f"need 1 <= min_batch_tokens <= batch_tokens, got "
+                f"{self.min_batch_tokens}, {self.batch_tokens}"
+            )
         if self.emergency_exit_s < 0 or self.settle_readings < 1 or self.plateau_gain < 1:
             raise ConfigError("emergency_exit_s >= 0, settle_readings >= 1, plateau_gain >= 1")
 
@@ -115,15 +121,33 @@ class _ProfileDefaults:
 #:   workers, and a longer calm period before recovering (its smaller batch budget:
 #:   ``budget.PROFILE_BATCH_TOKENS``).
 PROFILE_DEFAULTS: Mapping[Profile, _ProfileDefaults] = {
-    "cloud": _ProfileDefaults(start_all=True, max_workers_cap=None, mem_stop=0.85,
-                              mem_resume=0.75, cpu_stop=0.85, cpu_resume=0.75,
-                              emergency_exit_s=20.0),
-    "local": _ProfileDefaults(start_all=False, max_workers_cap=None, mem_stop=0.80,
-                              mem_resume=0.70, cpu_stop=0.69, cpu_resume=0.59,
-                              emergency_exit_s=20.0),
-    "wsl2": _ProfileDefaults(start_all=False, max_workers_cap=2, mem_stop=0.50,
-                             mem_resume=0.40, cpu_stop=0.69, cpu_resume=0.59,
-                             emergency_exit_s=30.0),
+    "cloud": _ProfileDefaults(
+        start_all=True,
+        max_workers_cap=None,
+        mem_stop=0.85,
+        mem_resume=0.75,
+        cpu_stop=0.85,
+        cpu_resume=0.75,
+        emergency_exit_s=20.0,
+    ),
+    "local": _ProfileDefaults(
+        start_all=False,
+        max_workers_cap=None,
+        mem_stop=0.80,
+        mem_resume=0.70,
+        cpu_stop=0.69,
+        cpu_resume=0.59,
+        emergency_exit_s=20.0,
+    ),
+    "wsl2": _ProfileDefaults(
+        start_all=False,
+        max_workers_cap=2,
+        mem_stop=0.50,
+        mem_resume=0.40,
+        cpu_stop=0.69,
+        cpu_resume=0.59,
+        emergency_exit_s=30.0,
+    ),
 }
 
 
@@ -135,11 +159,19 @@ class Plan:
     reasons: tuple[str, ...]
 
 
-def plan(limits: Limits, *, workers: int | None = None, threads: int | None = None,
-         batch_tokens: int | None = None, precision: Precision = "int8",
-         mem_used: int | None = None, pool_used: int | None = None,
-         model: ModelMemory | None = None, device: str = "cpu",
-         budget: BatchBudget | None = None) -> Plan:
+def plan(
+    limits: Limits,
+    *,
+    workers: int | None = None,
+    threads: int | None = None,
+    batch_tokens: int | None = None,
+    precision: Precision = "int8",
+    mem_used: int | None = None,
+    pool_used: int | None = None,
+    model: ModelMemory | None = None,
+    device: str = "cpu",
+    budget: BatchBudget | None = None,
+) -> Plan:
     """Turn the limits (and the user's ``--workers/--threads/--batch-tokens``) into a policy.
 
     The batch budget and its floor are ``budget`` (decided by ``budget.batch_budget``, as
@@ -163,40 +195,51 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if budget is None:
-        budget = batch_budget(device="cpu" if device == "cpu" else "cuda",
-                              profile=limits.profile, requested=batch_tokens)
+        budget = batch_budget(
+            device="cpu" if device == "cpu" else "cuda",
+            profile=limits.profile,
+            requested=batch_tokens,
+        )
 
     # -- cores for workers: on big machines the parent keeps some for tokenising and dispatch
     all_cpus = cpus
     reserve = parent_reserve(cpus)
     if reserve:
         cpus -= reserve
-        reasons.append(f"{reserve} of {all_cpus} cores kept for the parent (tokenising, "
-                       f"dispatch): one per {PARENT_WORKERS_PER_CORE} workers")
+        reasons.append(
+            f"{reserve} of {all_cpus} cores kept for the parent (tokenising, "
+            f"dispatch): one per {PARENT_WORKERS_PER_CORE} workers"
+        )
 
     # -- threads per worker
     if threads is not None:
         t = min(threads, cpus)
         if t < threads:
-            reasons.append(f"threads {threads} capped at {cpus} usable cores ({limits.cpus_source})")
+            reasons.append(
+                f"threads {threads} capped at {cpus} usable cores ({limits.cpus_source})"
+            )
         else:
             reasons.append(f"threads {t} per worker as requested")
     elif workers is not None:
         t = max(1, cpus // max(1, min(workers, cpus)))
-        reasons.append(f"threads {t} per worker: {cpus} cores shared by {min(workers, cpus)} "
-                       f"requested workers")
+        reasons.append(
+            f"threads {t} per worker: {cpus} cores shared by {min(workers, cpus)} requested workers"
+        )
     else:
         t = 1
-        reasons.append("threads 1 per worker: processes beat threads here (2x1 70.7 vs 1x2 "
-                       "63.7 chunks/s)")
+        reasons.append(
+            "threads 1 per worker: processes beat threads here (2x1 70.7 vs 1x2 63.7 chunks/s)"
+        )
 
     # -- worker bound from cores
     by_cpu = max(1, cpus // t)
     if workers is not None:
         n_max = min(workers, by_cpu)
         if n_max < workers:
-            reasons.append(f"workers {workers} capped at {n_max}: {n_max} x {t} threads "
-                           f"fill {cpus} cores ({limits.cpus_source})")
+            reasons.append(
+                f"workers {workers} capped at {n_max}: {n_max} x {t} threads "
+                f"fill {cpus} cores ({limits.cpus_source})"
+            )
     else:
         n_max = by_cpu
         reasons.append(f"max workers {n_max} = {cpus} cores // {t} threads ({limits.cpus_source})")
@@ -208,11 +251,21 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
 
     # -- worker bound from memory
     per_worker = worker_mem_estimate(precision, bt, model, device)
-    scopes = [(limits.real_memory_bytes, limits.real_memory_source,
-               SUPERVISOR_BASELINE if mem_used is None else mem_used)]
+    scopes = [
+        (
+            limits.real_memory_bytes,
+            limits.real_memory_source,
+            SUPERVISOR_BASELINE if mem_used is None else mem_used,
+        )
+    ]
     if limits.pool_memory_bytes is not None:
-        scopes.append((limits.pool_memory_bytes, limits.memory_source,
-                       SUPERVISOR_BASELINE if pool_used is None else pool_used))
+        scopes.append(
+            (
+                limits.pool_memory_bytes,
+                limits.memory_source,
+                SUPERVISOR_BASELINE if pool_used is None else pool_used,
+            )
+        )
     mem_limit, mem_source, baseline = min(scopes, key=lambda sc: d.mem_stop * sc[0] - sc[2])
     room = d.mem_stop * mem_limit - baseline
     # mapped weights every worker shares: once for the pool, not per worker
@@ -220,27 +273,47 @@ def plan(limits: Limits, *, workers: int | None = None, threads: int | None = No
     by_mem = int((room - shared) // (per_worker - shared))
     if by_mem < n_max:
         n_max = max(1, by_mem)
-        reasons.append(f"max workers {n_max}: ({d.mem_stop:.0%} of {_mib(mem_limit)} "
-                       f"[{mem_source}] - {_mib(baseline)} in use"
-                       + (f" - {_mib(shared)} of weights the workers share" if shared else "")
-                       + f") / {_mib(per_worker - shared)} per {precision} worker at {bt} tokens"
-                       + (" (not even one fits: relying on small batches and emergency mode)"
-                          if by_mem < 1 else ""))
+        reasons.append(
+            f"max workers {n_max}: ({d.mem_stop:.0%} of {_mib(mem_limit)} "
+            f"[{mem_source}] - {_mib(baseline)} in use"
+            + (f" - {_mib(shared)} of weights the workers share" if shared else "")
+            + f") / {_mib(per_worker - shared)} per {precision} worker at {bt} tokens"
+            + (
+                " (not even one fits: relying on small batches and emergency mode)"
+                if by_mem < 1
+                else ""
+            )
+        )
 
     start = n_max if (workers is not None or d.start_all) else 1
-    reasons.append(f"start with {start} worker(s): "
-                   + ("fixed by --workers" if workers is not None else
-                      "cloud starts at full size" if d.start_all else
-                      f"{limits.profile} starts small and grows while the readings allow"))
+    reasons.append(
+        f"start with {start} worker(s): "
+        + (
+            "fixed by --workers"
+            if workers is not None
+            else "cloud starts at full size"
+            if d.start_all
+            else f"{limits.profile} starts small and grows while the readings allow"
+        )
+    )
 
     reasons.append(f"batch budget {bt} padded tokens: {budget.reason}")
     min_bt = budget.floor
-    policy = ProfilePolicy(start_workers=start, max_workers=n_max, mem_stop=d.mem_stop,
-                           mem_resume=d.mem_resume, cpu_stop=d.cpu_stop, cpu_resume=d.cpu_resume,
-                           threads_per_worker=t, batch_tokens=bt, min_batch_tokens=min_bt,
-                           emergency_exit_s=d.emergency_exit_s,
-                           worker_mem_estimate=per_worker - shared,
-                           cpus=all_cpus, adaptive=workers is None)
+    policy = ProfilePolicy(
+        start_workers=start,
+        max_workers=n_max,
+        mem_stop=d.mem_stop,
+        mem_resume=d.mem_resume,
+        cpu_stop=d.cpu_stop,
+        cpu_resume=d.cpu_resume,
+        threads_per_worker=t,
+        batch_tokens=bt,
+        min_batch_tokens=min_bt,
+        emergency_exit_s=d.emergency_exit_s,
+        worker_mem_estimate=per_worker - shared,
+        cpus=all_cpus,
+        adaptive=workers is None,
+    )
     return Plan(policy, tuple(reasons))
 
 

@@ -56,9 +56,13 @@ from embedpool.workqueue import WorkQueue
 log = logging.getLogger("embedpool.executors.pool")
 
 
-def pool_config_for(workers: int | str | None = "auto", threads: int | None = None,
-                    batch_tokens: int | None = None, precision: Precision | None = None,
-                    **options: Any) -> PoolConfig:
+def pool_config_for(
+    workers: int | str | None = "auto",
+    threads: int | None = None,
+    batch_tokens: int | None = None,
+    precision: Precision | None = None,
+    **options: Any,
+) -> PoolConfig:
     """A PoolConfig from CLI-style values: ``workers`` is ``"auto"``/None or a count;
     other keyword arguments are PoolConfig fields."""
     if precision is not None:
@@ -91,15 +95,22 @@ def engine_memory(spec: Any) -> ModelMemory | None:
     # OpenVINO reads the fp32 graph (bf16 too; int8: its weights as int8, about as large as
     # ONNX Runtime's int8 graph) and holds more than ONNX Runtime beside it
     memory = model_memory(model, "int8" if precision == "int8" else "fp32")
-    return None if memory is None else dataclasses.replace(
-        memory, weights=memory.weights + OPENVINO_EXTRA_RSS[precision])
+    return (
+        None
+        if memory is None
+        else dataclasses.replace(memory, weights=memory.weights + OPENVINO_EXTRA_RSS[precision])
+    )
 
 
 class Pool:
     """Adaptive process pool running one engine per worker (see the module docstring)."""
 
-    def __init__(self, spec: EngineRecipe, config: PoolConfig | None = None,
-                 on_event: Callable[[Event], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: EngineRecipe,
+        config: PoolConfig | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
         cfg = config or PoolConfig()
         if cfg.model_memory is None:
             cfg = dataclasses.replace(cfg, model_memory=engine_memory(spec))
@@ -107,13 +118,15 @@ class Pool:
         try:
             spec_blob = pickle.dumps(spec)
         except Exception as exc:
-            raise ConfigError(f"the engine spec {spec!r} cannot be pickled for the workers: "
-                              f"{exc}") from exc
+            raise ConfigError(
+                f"the engine spec {spec!r} cannot be pickled for the workers: {exc}"
+            ) from exc
         emit = events.Emitter(on_event, log)
         waker = Waker()
         self._work = WorkQueue(waker.wake, emit, cfg.fault_policy)
-        self._manager = m = Manager(spec_blob, cfg, self._work, emit, waker,
-                                    multiprocessing.get_context(cfg.start_method))
+        self._manager = m = Manager(
+            spec_blob, cfg, self._work, emit, waker, multiprocessing.get_context(cfg.start_method)
+        )
         self.threads = m.threads
         self._thread = threading.Thread(target=m.run, name="embedpool-pool-manager", daemon=True)
         self._thread.start()
@@ -135,19 +148,28 @@ class Pool:
         Raises ``PoolBroken`` when it is broken, ``IntakeClosed`` after ``stop_intake``."""
         return self._work.submit(batch)
 
-    def run(self, batches: Iterable[WorkBatch], max_pending: int | None = None
-            ) -> Generator[BatchResult, None, None]:
+    def run(
+        self, batches: Iterable[WorkBatch], max_pending: int | None = None
+    ) -> Generator[BatchResult, None, None]:
         """``executor.run`` over this pool (bounded look-ahead, any order)."""
-        limit = max_pending or self.config.pending_per_worker * max(1, self._manager.scaler.max_workers)
+        limit = max_pending or self.config.pending_per_worker * max(
+            1, self._manager.scaler.max_workers
+        )
         return executor.run(self, batches, limit)
 
     def stats(self) -> ExecutorStats:
         s = self._manager.scaler
-        return ExecutorStats.of(self._work.counters, backend="pool",
-                                workers=self._manager.snapshot, target_workers=s.target_workers,
-                                max_workers=s.max_workers, threads=self.threads,
-                                batch_tokens=s.batch_tokens, emergency=s.emergency,
-                                queued=self._work.queued_batches)
+        return ExecutorStats.of(
+            self._work.counters,
+            backend="pool",
+            workers=self._manager.snapshot,
+            target_workers=s.target_workers,
+            max_workers=s.max_workers,
+            threads=self.threads,
+            batch_tokens=s.batch_tokens,
+            emergency=s.emergency,
+            queued=self._work.queued_batches,
+        )
 
     @property
     def broken(self) -> str | None:

@@ -92,8 +92,14 @@ class Sampler:
         busy = 0.0
         for i in ids:
             t = per_cpu[i]
-            busy += float(t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0)
-                          + getattr(t, "softirq", 0.0) + getattr(t, "steal", 0.0))
+            busy += float(
+                t.user
+                + t.system
+                + getattr(t, "nice", 0.0)
+                + getattr(t, "irq", 0.0)
+                + getattr(t, "softirq", 0.0)
+                + getattr(t, "steal", 0.0)
+            )
         return busy
 
     def _pool_cpu_seconds(self, pids: Sequence[int]) -> float:
@@ -142,12 +148,24 @@ class Sampler:
         throughput = (done_count - self._last_done) / elapsed if elapsed > 0 else 0.0
         pool_used = own_rss() + sum(rss.values())
         used, limit, scope = memory_in_scope(self.limits, memory_used(self.limits), pool_used)
-        reading = Reading(ts=now, cpu_percent=max(0.0, cpu), mem_used=used, mem_limit=limit,
-                          mem_scope=scope,
-                          worker_rss=tuple(rss[p] for p in pids if p in rss),
-                          queue_depth=queue_depth, workers=len(rss),
-                          throughput=max(0.0, throughput), pool_cpu_percent=pool_cpu)
-        self._last_ts, self._last_wall, self._last_done, self._last_busy = now, wall, done_count, busy
+        reading = Reading(
+            ts=now,
+            cpu_percent=max(0.0, cpu),
+            mem_used=used,
+            mem_limit=limit,
+            mem_scope=scope,
+            worker_rss=tuple(rss[p] for p in pids if p in rss),
+            queue_depth=queue_depth,
+            workers=len(rss),
+            throughput=max(0.0, throughput),
+            pool_cpu_percent=pool_cpu,
+        )
+        self._last_ts, self._last_wall, self._last_done, self._last_busy = (
+            now,
+            wall,
+            done_count,
+            busy,
+        )
         return reading
 
 

@@ -78,7 +78,6 @@ TREND_WINDOW = 5
 LOOKAHEAD_STEPS = 2
 
 
-
 @dataclass(frozen=True)
 class PolicyState:
     """Everything ``decide()`` remembers between calls. Start with
@@ -99,12 +98,23 @@ class PolicyState:
     plateau_since: float | None = None
 
     @classmethod
-    def of(cls, workers: int, batch_tokens: int, *, emergency: bool = False,
-           consecutive_oom: int = 0, last_oom_at: float | None = None,
-           oom_tokens: int | None = None, **rest: Any) -> PolicyState:
+    def of(
+        cls,
+        workers: int,
+        batch_tokens: int,
+        *,
+        emergency: bool = False,
+        consecutive_oom: int = 0,
+        last_oom_at: float | None = None,
+        oom_tokens: int | None = None,
+        **rest: Any,
+    ) -> PolicyState:
         """A state from flat values (the budget's fields by their names here)."""
-        return cls(workers, faults.BudgetState(batch_tokens, consecutive_oom, oom_tokens,
-                                               last_oom_at, emergency), **rest)
+        return cls(
+            workers,
+            faults.BudgetState(batch_tokens, consecutive_oom, oom_tokens, last_oom_at, emergency),
+            **rest,
+        )
 
     @property
     def batch_tokens(self) -> int:
@@ -130,9 +140,13 @@ class PolicyState:
 
 
 #: PolicyState's flat names of the budget's fields.
-_BUDGET_FIELDS = {"batch_tokens": "tokens", "emergency": "emergency",
-                  "consecutive_oom": "consecutive_oom", "last_oom_at": "last_oom_at",
-                  "oom_tokens": "forbidden"}
+_BUDGET_FIELDS = {
+    "batch_tokens": "tokens",
+    "emergency": "emergency",
+    "consecutive_oom": "consecutive_oom",
+    "last_oom_at": "last_oom_at",
+    "oom_tokens": "forbidden",
+}
 
 
 def _with(state: PolicyState, **changes: Any) -> PolicyState:
@@ -175,28 +189,46 @@ def predict(values: Sequence[float], steps: int = LOOKAHEAD_STEPS) -> float:
     return float(values[-1]) + steps * num / den
 
 
-def on_oom_kill(state: PolicyState, policy: ProfilePolicy, now: float,
-                killed_tokens: int | None = None) -> Decision:
+def on_oom_kill(
+    state: PolicyState, policy: ProfilePolicy, now: float, killed_tokens: int | None = None
+) -> Decision:
     """A worker was OOM-killed or ran out of memory (``faults.OOM_KINDS``). Halve the batch
     budget (not below ``min_batch_tokens``) and block growth until memory calms down. The
     second kill with no batch completed in between enters emergency mode: one worker,
     ``min_batch_tokens``. ``killed_tokens`` (``faults.Decision.forbid_tokens``): padded tokens
     of the multi-item batch it was running, if any; the budget is never restored to that size
     again (``faults.restored_budget``)."""
-    budget = faults.budget_after_oom(state.budget, floor=policy.min_batch_tokens,
-                                     killed_tokens=killed_tokens, now=now)
+    budget = faults.budget_after_oom(
+        state.budget, floor=policy.min_batch_tokens, killed_tokens=killed_tokens, now=now
+    )
     count = budget.consecutive_oom
     if count >= faults.EMERGENCY_AFTER_OOMS:
-        new = _with(state, workers=1, budget=budget, calm_since=None, mem_hot=True,
-                    best_throughput={}, growth_blocked=False, plateau_since=None)
-        reason = (f"emergency mode on: {count} consecutive OOM kills; 1 worker, "
-                  f"batch budget {new.batch_tokens} tokens")
+        new = _with(
+            state,
+            workers=1,
+            budget=budget,
+            calm_since=None,
+            mem_hot=True,
+            best_throughput={},
+            growth_blocked=False,
+            plateau_since=None,
+        )
+        reason = (
+            f"emergency mode on: {count} consecutive OOM kills; 1 worker, "
+            f"batch budget {new.batch_tokens} tokens"
+        )
     else:
-        new = _with(state, budget=budget, calm_since=None, mem_hot=True,
-                    best_throughput={} if budget.tokens != state.batch_tokens
-                    else state.best_throughput)
-        reason = (f"OOM kill: batch budget {state.batch_tokens} -> {budget.tokens} tokens, "
-                  f"growth blocked until memory is below {policy.mem_resume:.0%}")
+        new = _with(
+            state,
+            budget=budget,
+            calm_since=None,
+            mem_hot=True,
+            best_throughput={} if budget.tokens != state.batch_tokens else state.best_throughput,
+        )
+        reason = (
+            f"OOM kill: batch budget {state.batch_tokens} -> {budget.tokens} tokens, "
+            f"growth blocked until memory is below {policy.mem_resume:.0%}"
+        )
     action: Action = "shrink" if new.workers < state.workers else "hold"
     return Decision(new.workers, new.batch_tokens, new.emergency, reason, new, action)
 
@@ -221,22 +253,27 @@ class _View:
     worker_rss: int
 
     def describe(self) -> str:
-        return (f"memory {self.mem_now:.0%} (predicted {self.mem_pred:.0%}) of "
-                f"{_mib(self.r.mem_limit)}, others' CPU {self.cpu_now:.0%} (predicted "
-                f"{self.cpu_pred:.0%}), queue {self.r.queue_depth}, workers {self.r.workers}, "
-                f"{self.r.throughput:.1f} seq/s")
+        return (
+            f"memory {self.mem_now:.0%} (predicted {self.mem_pred:.0%}) of "
+            f"{_mib(self.r.mem_limit)}, others' CPU {self.cpu_now:.0%} (predicted "
+            f"{self.cpu_pred:.0%}), queue {self.r.queue_depth}, workers {self.r.workers}, "
+            f"{self.r.throughput:.1f} seq/s"
+        )
 
 
 def _view(history: Sequence[Reading], policy: ProfilePolicy) -> _View:
     recent = history[-TREND_WINDOW:]
     r = recent[-1]
     observed = [max(h.worker_rss) for h in recent if h.worker_rss]
-    return _View(r=r, mem_now=r.mem_fraction,
-                 mem_pred=predict([h.mem_fraction for h in recent]),
-                 used_pred=predict([float(h.mem_used) for h in recent]),
-                 cpu_now=r.foreign_cpu_percent / 100,
-                 cpu_pred=predict([h.foreign_cpu_percent / 100 for h in recent]),
-                 worker_rss=max(observed) if observed else policy.worker_mem_estimate)
+    return _View(
+        r=r,
+        mem_now=r.mem_fraction,
+        mem_pred=predict([h.mem_fraction for h in recent]),
+        used_pred=predict([float(h.mem_used) for h in recent]),
+        cpu_now=r.foreign_cpu_percent / 100,
+        cpu_pred=predict([h.foreign_cpu_percent / 100 for h in recent]),
+        worker_rss=max(observed) if observed else policy.worker_mem_estimate,
+    )
 
 
 def _hysteresis(hot: bool, now: float, pred: float, stop: float, resume: float) -> bool:
@@ -263,8 +300,9 @@ def _learn(history: Sequence[Reading], state: PolicyState) -> dict[int, float]:
     return best
 
 
-def decide(history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy,
-           now: float) -> Decision:
+def decide(
+    history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy, now: float
+) -> Decision:
     """The target worker count and batch budget for now (rules in the module docstring)."""
     if not history:
         return _decision(state, state, "hold", "no readings yet")
@@ -272,16 +310,24 @@ def decide(history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy
         # Conditions may have changed (another program's load went): forget this count and
         # those above it, so that they are measured again and growth may probe once more.
         state = _with(
-            state, plateau_since=None, growth_blocked=False,
-            best_throughput={k: t for k, t in state.best_throughput.items() if k < state.workers})
+            state,
+            plateau_since=None,
+            growth_blocked=False,
+            best_throughput={k: t for k, t in state.best_throughput.items() if k < state.workers},
+        )
     v = _view(history, policy)
     calm = v.mem_now < policy.mem_resume
     state = _with(
         state,
-        mem_hot=_hysteresis(state.mem_hot, v.mem_now, v.mem_pred, policy.mem_stop, policy.mem_resume),
-        cpu_hot=_hysteresis(state.cpu_hot, v.cpu_now, v.cpu_pred, policy.cpu_stop, policy.cpu_resume),
+        mem_hot=_hysteresis(
+            state.mem_hot, v.mem_now, v.mem_pred, policy.mem_stop, policy.mem_resume
+        ),
+        cpu_hot=_hysteresis(
+            state.cpu_hot, v.cpu_now, v.cpu_pred, policy.cpu_stop, policy.cpu_resume
+        ),
         calm_since=(state.calm_since if state.calm_since is not None else now) if calm else None,
-        best_throughput=_learn(history, state))
+        best_throughput=_learn(history, state),
+    )
     if state.emergency:
         return _emergency(state, policy, now, v)
     shrink = _shrink(history, state, policy, v)
@@ -301,19 +347,30 @@ def _emergency(state: PolicyState, policy: ProfilePolicy, now: float, v: _View) 
     if state.calm_since is not None and now - state.calm_since >= policy.emergency_exit_s:
         # Leave with the small budget; rule 5 doubles it back after each further calm period
         # (faults.budget_after_calm: Ray's steps are the same).
-        new = _with(state, budget=faults.budget_after_calm(state.budget, policy.batch_tokens),
-                    workers=1, calm_since=now, best_throughput={})
-        return _decision(state, new, "hold",
-                         f"emergency mode off: memory below {policy.mem_resume:.0%} for "
-                         f"{policy.emergency_exit_s:.0f} s; {v.describe()}")
-    new = _with(state, workers=1, batch_tokens=min(state.batch_tokens,
-                                                                 policy.min_batch_tokens))
+        new = _with(
+            state,
+            budget=faults.budget_after_calm(state.budget, policy.batch_tokens),
+            workers=1,
+            calm_since=now,
+            best_throughput={},
+        )
+        return _decision(
+            state,
+            new,
+            "hold",
+            f"emergency mode off: memory below {policy.mem_resume:.0%} for "
+            f"{policy.emergency_exit_s:.0f} s; {v.describe()}",
+        )
+    new = _with(state, workers=1, batch_tokens=min(state.batch_tokens, policy.min_batch_tokens))
     waited = "" if state.calm_since is None else f", calm for {now - state.calm_since:.0f} s"
-    return _decision(state, new, "hold", f"emergency mode: holding 1 worker{waited}; {v.describe()}")
+    return _decision(
+        state, new, "hold", f"emergency mode: holding 1 worker{waited}; {v.describe()}"
+    )
 
 
-def _shrink(history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy,
-            v: _View) -> Decision | None:
+def _shrink(
+    history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy, v: _View
+) -> Decision | None:
     if max(v.mem_now, v.mem_pred) < policy.mem_stop:
         return None
     why = f"memory at or heading over {policy.mem_stop:.0%}: {v.describe()}"
@@ -325,13 +382,18 @@ def _shrink(history: Sequence[Reading], state: PolicyState, policy: ProfilePolic
     if state.batch_tokens > policy.min_batch_tokens:
         bt = faults.lowered_budget(state.batch_tokens, policy.min_batch_tokens)
         new = _with(state, batch_tokens=bt, calm_since=None, best_throughput={})
-        return _decision(state, new, "hold", f"batch budget {state.batch_tokens} -> {bt} "
-                                             f"tokens at 1 worker: {why}")
+        return _decision(
+            state,
+            new,
+            "hold",
+            f"batch budget {state.batch_tokens} -> {bt} tokens at 1 worker: {why}",
+        )
     return _decision(state, state, "hold", f"hold at 1 worker and the smallest budget: {why}")
 
 
-def _back_off(history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy,
-              now: float, v: _View) -> Decision | None:
+def _back_off(
+    history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy, now: float, v: _View
+) -> Decision | None:
     """Throughput at n workers vs n-1: a plateau blocks growth; a loss goes back to n-1."""
     n = state.workers
     best = state.best_throughput
@@ -343,14 +405,19 @@ def _back_off(history: Sequence[Reading], state: PolicyState, policy: ProfilePol
         # The n-th worker does not earn its memory and CPU (contention, or a core that others
         # use): give it back. From n-1 the same table blocks growth until reprobe_s.
         new = _with(state, workers=n - 1, growth_blocked=True, plateau_since=now)
-        return _decision(state, new, "shrink",
-                         f"shrink {n} -> {n - 1}: throughput plateau, {n} workers did "
-                         f"{best[n]:.1f} seq/s, {n - 1} did {best[n - 1]:.1f}; {v.describe()}")
+        return _decision(
+            state,
+            new,
+            "shrink",
+            f"shrink {n} -> {n - 1}: throughput plateau, {n} workers did "
+            f"{best[n]:.1f} seq/s, {n - 1} did {best[n - 1]:.1f}; {v.describe()}",
+        )
     return None
 
 
-def _grow_or_hold(history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy,
-                  now: float, v: _View) -> Decision:
+def _grow_or_hold(
+    history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy, now: float, v: _View
+) -> Decision:
     n = state.workers
     best = state.best_throughput
     blocked = _growth_blocker(history, state, policy, v)
@@ -358,11 +425,20 @@ def _grow_or_hold(history: Sequence[Reading], state: PolicyState, policy: Profil
         # The last worker added brought nothing (n vs n-1), or one more was tried and brought
         # nothing (n+1 vs n, after a back-off or a memory shrink): stop adding.
         for more in (n, n + 1):
-            if more in best and more - 1 in best and best[more] <= best[more - 1] * policy.plateau_gain:
-                blocked = (f"throughput plateau: {more} workers did {best[more]:.1f} seq/s vs "
-                           f"{best[more - 1]:.1f} at {more - 1}")
-                state = _with(state, growth_blocked=True, plateau_since=(
-                    state.plateau_since if state.plateau_since is not None else now))
+            if (
+                more in best
+                and more - 1 in best
+                and best[more] <= best[more - 1] * policy.plateau_gain
+            ):
+                blocked = (
+                    f"throughput plateau: {more} workers did {best[more]:.1f} seq/s vs "
+                    f"{best[more - 1]:.1f} at {more - 1}"
+                )
+                state = _with(
+                    state,
+                    growth_blocked=True,
+                    plateau_since=(state.plateau_since if state.plateau_since is not None else now),
+                )
                 break
     if blocked is None:
         new = _with(state, workers=n + 1, growth_blocked=False, plateau_since=None)
@@ -370,18 +446,27 @@ def _grow_or_hold(history: Sequence[Reading], state: PolicyState, policy: Profil
     # Rule 5: restore a lowered batch budget once memory has been calm long enough, up to
     # (not including) a size that was OOM-killed.
     restored = faults.budget_after_calm(state.budget, policy.batch_tokens)
-    if (restored.tokens > state.batch_tokens and state.calm_since is not None
-            and now - state.calm_since >= policy.emergency_exit_s):
+    if (
+        restored.tokens > state.batch_tokens
+        and state.calm_since is not None
+        and now - state.calm_since >= policy.emergency_exit_s
+    ):
         bt = restored.tokens
         new = _with(state, budget=restored, calm_since=now, best_throughput={})
-        return _decision(state, new, "hold", f"batch budget {state.batch_tokens} -> {bt} tokens: "
-                                             f"memory calm for {policy.emergency_exit_s:.0f} s; "
-                                             f"{v.describe()}")
+        return _decision(
+            state,
+            new,
+            "hold",
+            f"batch budget {state.batch_tokens} -> {bt} tokens: "
+            f"memory calm for {policy.emergency_exit_s:.0f} s; "
+            f"{v.describe()}",
+        )
     return _decision(state, state, "hold", f"hold at {n}: {blocked}; {v.describe()}")
 
 
-def _growth_blocker(history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy,
-                    v: _View) -> str | None:
+def _growth_blocker(
+    history: Sequence[Reading], state: PolicyState, policy: ProfilePolicy, v: _View
+) -> str | None:
     """Why the pool may not grow by one now, or None."""
     n = state.workers
     if n >= policy.max_workers:
@@ -391,13 +476,16 @@ def _growth_blocker(history: Sequence[Reading], state: PolicyState, policy: Prof
     if not _settled(history, n, policy.settle_readings):
         return f"settling at {n} workers (live {v.r.workers})"
     if state.mem_hot:
-        return (f"memory went over {policy.mem_stop:.0%} and is not yet under "
-                f"{policy.mem_resume:.0%}")
+        return (
+            f"memory went over {policy.mem_stop:.0%} and is not yet under {policy.mem_resume:.0%}"
+        )
     ceiling = policy.mem_stop * v.r.mem_limit
     worst = max(float(v.r.mem_used), v.used_pred) + v.worker_rss
     if worst >= ceiling:
-        return (f"one more worker (~{_mib(v.worker_rss)}) would take memory to "
-                f"{worst / v.r.mem_limit:.0%}, over {policy.mem_stop:.0%}")
+        return (
+            f"one more worker (~{_mib(v.worker_rss)}) would take memory to "
+            f"{worst / v.r.mem_limit:.0%}, over {policy.mem_stop:.0%}"
+        )
     if not policy.adaptive:
         # The user fixed the count: the pool starts at it whatever the CPU, and after a memory
         # shrink it comes back to it once memory allows. Others' CPU load and throughput are
@@ -405,16 +493,20 @@ def _growth_blocker(history: Sequence[Reading], state: PolicyState, policy: Prof
         # at 1 for good after a memory hog left: tests/executors/pool/test_pressure.py).
         return None
     if state.cpu_hot:
-        return (f"other programs use {max(v.cpu_now, v.cpu_pred):.0%} CPU (growth stops at "
-                f"{policy.cpu_stop:.0%}, resumes under {policy.cpu_resume:.0%})")
+        return (
+            f"other programs use {max(v.cpu_now, v.cpu_pred):.0%} CPU (growth stops at "
+            f"{policy.cpu_stop:.0%}, resumes under {policy.cpu_resume:.0%})"
+        )
     if policy.cpus > 0:
         others = policy.cpus * max(v.cpu_now, v.cpu_pred)
         free = policy.cpus - others - n * policy.threads_per_worker
         # Half a core of slack: readings are noisy, and the throughput rule catches a miss.
         if free + 0.5 < policy.threads_per_worker:
-            return (f"no free core for {policy.threads_per_worker} more thread(s): others use "
-                    f"{others:.1f} of {policy.cpus} cores, {n} workers use "
-                    f"{n * policy.threads_per_worker}")
+            return (
+                f"no free core for {policy.threads_per_worker} more thread(s): others use "
+                f"{others:.1f} of {policy.cpus} cores, {n} workers use "
+                f"{n * policy.threads_per_worker}"
+            )
     return None
 
 

@@ -53,8 +53,13 @@ from embedpool.proc import pid_alive, rss_bytes
 #: engine's intra-op setting; these keep numpy's BLAS and any OpenMP library from starting one
 #: thread per core in every worker (workers x cores threads: the oversubscription that
 #: sentence-transformers users hit, #372 / #1585).
-THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                   "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+THREAD_ENV_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
 #: How often the watchdog checks that the parent is alive. Only matters where PDEATHSIG does
 #: not exist or cannot fire (forkserver); one check a second costs nothing.
 WATCHDOG_INTERVAL_S = 1.0
@@ -87,7 +92,8 @@ def die_with_parent(parent_pid: int) -> None:
         while True:
             time.sleep(WATCHDOG_INTERVAL_S)
             if not pid_alive(parent_pid) or (
-                    original_ppid == parent_pid and os.getppid() != original_ppid):
+                original_ppid == parent_pid and os.getppid() != original_ppid
+            ):
                 os._exit(1)  # no cleanup: there is nobody left to report to
 
     threading.Thread(target=watchdog, name="embedpool-parent-watchdog", daemon=True).start()
@@ -152,8 +158,14 @@ def release_memory() -> bool:
     return True
 
 
-def worker_main(conn: Connection, spec_blob: bytes, worker_id: int, threads: int,
-                parent_pid: int, gc_rss_bytes: int | None = None) -> None:
+def worker_main(
+    conn: Connection,
+    spec_blob: bytes,
+    worker_id: int,
+    threads: int,
+    parent_pid: int,
+    gc_rss_bytes: int | None = None,
+) -> None:
     """Entry point of a worker process (the ``target`` of its ``Process``).
 
     ``spec_blob`` is the pickled engine spec; ``gc_rss_bytes``: above this RSS the worker runs
@@ -174,8 +186,9 @@ def worker_main(conn: Connection, spec_blob: bytes, worker_id: int, threads: int
         dim = int(engine.dim)
         release_memory()  # the model file's parse buffers, freed but kept by the heap
     except BaseException as exc:  # everything, SystemExit included, is reported
-        conn.send(StartFailed(worker_id, pid, f"{type(exc).__name__}: {exc}",
-                              traceback.format_exc()))
+        conn.send(
+            StartFailed(worker_id, pid, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        )
         conn.close()
         sys.exit(3)
     conn.send(Ready(worker_id, pid, dim, rss_bytes() or 0))
@@ -202,8 +215,14 @@ def _embed(conn: Connection, engine: Any, msg: Embed, gc_rss_bytes: int | None) 
     try:
         vectors = embed_sequences(engine, msg.sequences, msg.prompt_lengths)
     except Exception as exc:
-        conn.send(TaskFailed(msg.task_id, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
-                             str(engine_error_kind(exc))))
+        conn.send(
+            TaskFailed(
+                msg.task_id,
+                f"{type(exc).__name__}: {exc}",
+                traceback.format_exc(),
+                str(engine_error_kind(exc)),
+            )
+        )
         return
     seconds = time.perf_counter() - started
     release_memory()  # so the reported RSS, which drives recycling and scaling, is what is live

@@ -22,8 +22,7 @@ from embedpool.types import TokenIds, Vectors
 
 
 class EmbedActor:
-    def __init__(self, spec: EngineRecipe, shipment: ModelShipment | None,
-                 threads: int) -> None:
+    def __init__(self, spec: EngineRecipe, shipment: ModelShipment | None, threads: int) -> None:
         started = time.perf_counter()
         import ray
 
@@ -38,13 +37,17 @@ class EmbedActor:
             where, source = locate_model(shipment, lambda: ray.get(shipment.payload[0]))
             self.engine = spec.load(where / shipment.graph_name)
         self.info: dict[str, Any] = {
-            "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-            "dim": int(self.engine.dim), "model_source": source,
-            "startup_s": round(time.perf_counter() - started, 3)}
+            "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
+            "dim": int(self.engine.dim),
+            "model_source": source,
+            "startup_s": round(time.perf_counter() - started, 3),
+        }
 
     def ready(self) -> dict[str, Any]:
         return self.info
 
-    def embed(self, sequences: Sequence[TokenIds],
-              prompt_lengths: Sequence[int] | None = None) -> Vectors:
+    def embed(
+        self, sequences: Sequence[TokenIds], prompt_lengths: Sequence[int] | None = None
+    ) -> Vectors:
         return embed_sequences(self.engine, sequences, prompt_lengths)

@@ -68,24 +68,41 @@ class Slot:
 
     def fields(self) -> dict[str, Any]:
         """The fields every event about this actor carries."""
-        return {"worker_id": self.worker_id, "actor": self.name, "pid": self.info.get("pid"),
-                "node": self.info.get("node")}
+        return {
+            "worker_id": self.worker_id,
+            "actor": self.name,
+            "pid": self.info.get("pid"),
+            "node": self.info.get("node"),
+        }
 
     def has_room(self) -> bool:
         """Ready, below MAX_INFLIGHT_PER_ACTOR, and not running a suspect task (which runs
         alone, so that a death is charged to it for sure)."""
-        return (self.ready and len(self.inflight) < MAX_INFLIGHT_PER_ACTOR
-                and not (self.inflight and self.inflight[-1][1].suspect))
+        return (
+            self.ready
+            and len(self.inflight) < MAX_INFLIGHT_PER_ACTOR
+            and not (self.inflight and self.inflight[-1][1].suspect)
+        )
 
 
 class ActorSet:
     """The actors of one executor (see the module docstring). Used by one thread at a time:
     the constructor's until the first actor is ready, the executor's manager thread after."""
 
-    def __init__(self, ray: ModuleType, spec: EngineRecipe, shipment: ModelShipment | None, *,
-                 cpus: float, memory: int | None, threads: int, max_actors: int,
-                 emit: events.Emitter, counters: Counters,
-                 policy: FaultPolicy | None = None) -> None:
+    def __init__(
+        self,
+        ray: ModuleType,
+        spec: EngineRecipe,
+        shipment: ModelShipment | None,
+        *,
+        cpus: float,
+        memory: int | None,
+        threads: int,
+        max_actors: int,
+        emit: events.Emitter,
+        counters: Counters,
+        policy: FaultPolicy | None = None,
+    ) -> None:
         self._ray = ray
         self._remote = ray.remote(EmbedActor)
         self._spec = spec
@@ -117,8 +134,13 @@ class ActorSet:
     def start(self) -> Slot:
         wid = next(self._ids)
         name = f"embedpool-{os.getpid()}-{id(self):x}-{wid}"
-        opts: dict[str, Any] = {"num_cpus": self._cpus, "max_restarts": 0,
-                                "max_task_retries": 0, "max_concurrency": 1, "name": name}
+        opts: dict[str, Any] = {
+            "num_cpus": self._cpus,
+            "max_restarts": 0,
+            "max_task_retries": 0,
+            "max_concurrency": 1,
+            "name": name,
+        }
         if self._memory is not None:
             opts["memory"] = self._memory
         handle = self._remote.options(**opts).remote(self._spec, self.shipment, self._threads)
@@ -126,8 +148,9 @@ class ActorSet:
         self.slots.append(slot)
         self._starting[handle.ready.remote()] = slot
         self.publish()
-        self._emit(events.WORKER_START, worker_id=wid, actor=name, cpus=self._cpus,
-                   memory=self._memory)
+        self._emit(
+            events.WORKER_START, worker_id=wid, actor=name, cpus=self._cpus, memory=self._memory
+        )
         return slot
 
     def on_started(self, ref: Any) -> None:
@@ -140,12 +163,21 @@ class ActorSet:
             self._counters.start_failures += 1
             self._start_failures += 1
             msg = f"Ray actor {slot.name} failed while loading its engine: {exc}"
-            self._emit(events.WORKER_START_FAILED, worker_id=slot.worker_id, actor=slot.name,
-                       pid=None, error=cluster.first_line(exc), exit="actor died",
-                       traceback="")
+            self._emit(
+                events.WORKER_START_FAILED,
+                worker_id=slot.worker_id,
+                actor=slot.name,
+                pid=None,
+                error=cluster.first_line(exc),
+                exit="actor died",
+                traceback="",
+            )
             decision = faults.start_failure(
-                self._policy, failures_in_row=self._start_failures, ever_ready=self._ever_ready,
-                alive=sum(s.ready for s in self.slots))
+                self._policy,
+                failures_in_row=self._start_failures,
+                ever_ready=self._ever_ready,
+                alive=sum(s.ready for s in self.slots),
+            )
             if decision.action == "retry":
                 self._restarts.append(time.monotonic() + decision.backoff_s)
                 return
@@ -157,10 +189,14 @@ class ActorSet:
         self._start_failures = 0
         if slot.info.get("node") == self._node and slot.info.get("pid"):
             self.oom.watch(slot, int(slot.info["pid"]))  # on our node: its cgroup is readable
-        self._emit(events.WORKER_READY, **slot.fields(), rss=0,
-                   seconds=round(time.monotonic() - slot.started, 3),
-                   model_source=slot.info.get("model_source"),
-                   startup_s=slot.info.get("startup_s"))
+        self._emit(
+            events.WORKER_READY,
+            **slot.fields(),
+            rss=0,
+            seconds=round(time.monotonic() - slot.started, 3),
+            model_source=slot.info.get("model_source"),
+            startup_s=slot.info.get("startup_s"),
+        )
         self.publish()
 
     def await_first_ready(self) -> int:
@@ -174,9 +210,11 @@ class ActorSet:
                     f"for {self._cpus} CPU and {self._memory or 'no'} memory; the cluster "
                     f"has {self._ray.cluster_resources()} and "
                     f"{self._ray.available_resources()} free. Lower cpus_per_actor/"
-                    "memory_per_actor or add nodes.")
-            done, _ = self._ray.wait(list(self._starting), num_returns=1,
-                                     timeout=min(left, START_TICK_S))
+                    "memory_per_actor or add nodes."
+                )
+            done, _ = self._ray.wait(
+                list(self._starting), num_returns=1, timeout=min(left, START_TICK_S)
+            )
             for ref in done:
                 self.on_started(ref)
         return int(next(s.info["dim"] for s in self.slots if s.ready))
@@ -198,9 +236,15 @@ class ActorSet:
         """Ready actors of this node with nothing in flight whose process is gone."""
         import psutil
 
-        return [s for s in self.slots
-                if s.ready and not s.inflight and s.info.get("node") == self._node
-                and s.info.get("pid") and not psutil.pid_exists(int(s.info["pid"]))]
+        return [
+            s
+            for s in self.slots
+            if s.ready
+            and not s.inflight
+            and s.info.get("node") == self._node
+            and s.info.get("pid")
+            and not psutil.pid_exists(int(s.info["pid"]))
+        ]
 
     def check_starved(self) -> None:
         """No ready actor, and the replacements cannot be placed: say so instead of waiting."""
@@ -211,7 +255,8 @@ class ActorSet:
             raise PoolBroken(
                 f"no Ray actor has been ready for {waited:.0f} s: the replacements for dead "
                 f"actors cannot be placed ({self._cpus} CPU, {self._memory or 'no'} memory "
-                f"each; free: {self._ray.available_resources()}). Did a node leave?")
+                f"each; free: {self._ray.available_resources()}). Did a node leave?"
+            )
 
     def maybe_grow(self, backlog: bool) -> None:
         """One more actor, up to ``max_actors``, while work waits, every ready actor is full
@@ -274,8 +319,14 @@ class ActorSet:
 
     def publish(self) -> None:
         self.snapshot = tuple(
-            WorkerInfo(s.worker_id, s.info.get("pid"),
-                       "starting" if not s.ready else "busy" if s.inflight else "idle",
-                       0, s.batches_done, str(s.info.get("node") or ""))
-            for s in self.slots)
+            WorkerInfo(
+                s.worker_id,
+                s.info.get("pid"),
+                "starting" if not s.ready else "busy" if s.inflight else "idle",
+                0,
+                s.batches_done,
+                str(s.info.get("node") or ""),
+            )
+            for s in self.slots
+        )
         self.handles = tuple(s.handle for s in self.slots)

@@ -46,7 +46,8 @@ def require_ray() -> ModuleType:
     except ImportError as exc:
         raise MissingExtraError(
             f"the Ray backend needs the 'ray' extra, which is not installed ({exc}). "
-            f"Install it with: {INSTALL_HINT}") from exc
+            f"Install it with: {INSTALL_HINT}"
+        ) from exc
     return ray
 
 
@@ -63,8 +64,12 @@ def connect(ray: ModuleType, address: str | None) -> bool:
         saved = os.environ.get(RAY_NICENESS_ENV)
         os.environ.setdefault(RAY_NICENESS_ENV, "0")
         try:
-            ray.init(address="local", num_cpus=usable_cores(), include_dashboard=False,
-                     log_to_driver=False)
+            ray.init(
+                address="local",
+                num_cpus=usable_cores(),
+                include_dashboard=False,
+                log_to_driver=False,
+            )
         finally:
             if saved is None:
                 os.environ.pop(RAY_NICENESS_ENV, None)
@@ -74,7 +79,8 @@ def connect(ray: ModuleType, address: str | None) -> bool:
     if refused is not None:
         raise ConfigError(
             f"cannot connect to the Ray cluster at {target!r}: {refused}. Check the address "
-            "(`ray status` on the head prints it) and that the head is running.")
+            "(`ray status` on the head prints it) and that the head is running."
+        )
     try:
         ray.init(address=address, log_to_driver=False)
     except (ConnectionError, RuntimeError) as exc:
@@ -82,7 +88,8 @@ def connect(ray: ModuleType, address: str | None) -> bool:
             f"cannot connect to the Ray cluster at {target!r}: {first_line(exc)}. Check "
             "the address (`ray status` on the head prints it). A cluster with token "
             "authentication also needs RAY_AUTH_MODE=token and its token "
-            "(~/.ray/auth_token or RAY_AUTH_TOKEN) on this machine.") from exc
+            "(~/.ray/auth_token or RAY_AUTH_TOKEN) on this machine."
+        ) from exc
     return True
 
 
@@ -97,8 +104,9 @@ def unreachable(address: str, window_s: float = GCS_PROBE_WINDOW_S) -> str | Non
     deadline = time.monotonic() + window_s
     while True:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)),
-                                          timeout=GCS_PROBE_CONNECT_S):
+            with socket.create_connection(
+                (host.strip("[]"), int(port)), timeout=GCS_PROBE_CONNECT_S
+            ):
                 return None
         except OSError as exc:
             if time.monotonic() >= deadline:
@@ -106,16 +114,18 @@ def unreachable(address: str, window_s: float = GCS_PROBE_WINDOW_S) -> str | Non
         time.sleep(0.5)
 
 
-def actor_range(actors: int | tuple[int, int] | None, cluster_cpus: float,
-                cpus_per_actor: float) -> tuple[int, int]:
+def actor_range(
+    actors: int | tuple[int, int] | None, cluster_cpus: float, cpus_per_actor: float
+) -> tuple[int, int]:
     """(actors to start, most actors to grow to)."""
     if actors is None:
         n = max(1, math.floor(cluster_cpus / cpus_per_actor + 1e-9))
         return n, n
     lo, hi = (actors, actors) if isinstance(actors, int) else actors
     if lo < 1 or hi < lo:
-        raise ConfigError(f"actors must be N >= 1 or (min, max) with 1 <= min <= max, "
-                          f"got {actors!r}")
+        raise ConfigError(
+            f"actors must be N >= 1 or (min, max) with 1 <= min <= max, got {actors!r}"
+        )
     return lo, hi
 
 
@@ -151,8 +161,10 @@ def exit_detail(exc: BaseException) -> dict[str, str]:
     worker_death event for people, never used to decide anything."""
     text = " ".join(str(exc).split())
     out: dict[str, str] = {}
-    for key, pattern in (("exit_type", r"Worker exit type: (\w+)"),
-                         ("exit_detail", r"Worker exit detail: (.{1,200}?)(?: Some common|$)")):
+    for key, pattern in (
+        ("exit_type", r"Worker exit type: (\w+)"),
+        ("exit_detail", r"Worker exit detail: (.{1,200}?)(?: Some common|$)"),
+    ):
         m = re.search(pattern, text)
         if m:
             out[key] = m.group(1).strip()

@@ -103,12 +103,19 @@ MANAGER_SILENT_S = 60.0
 class RayExecutor:
     """Runs WorkBatches on a pool of Ray actors (see the module docstring)."""
 
-    def __init__(self, spec: EngineRecipe, *, address: str | None = None,
-                 actors: int | tuple[int, int] | None = None, cpus_per_actor: float = 1.0,
-                 memory_per_actor: int | None = None,
-                 batch_tokens: int | None = None, budget: BatchBudget | None = None,
-                 policy: FaultPolicy | None = None,
-                 on_event: EventCallback | None = None) -> None:
+    def __init__(
+        self,
+        spec: EngineRecipe,
+        *,
+        address: str | None = None,
+        actors: int | tuple[int, int] | None = None,
+        cpus_per_actor: float = 1.0,
+        memory_per_actor: int | None = None,
+        batch_tokens: int | None = None,
+        budget: BatchBudget | None = None,
+        policy: FaultPolicy | None = None,
+        on_event: EventCallback | None = None,
+    ) -> None:
         if cpus_per_actor <= 0:
             raise ConfigError(f"cpus_per_actor must be > 0, got {cpus_per_actor}")
         if memory_per_actor is not None and memory_per_actor <= 0:
@@ -124,8 +131,9 @@ class RayExecutor:
         self._work = WorkQueue(self._wake.set, self._emit, policy)
         #: The budget after OOM failures (``faults.BudgetState``, the pool's too), calm after
         #: BUDGET_CALM_S without one (Ray gives the driver no memory readings of the cluster).
-        self._oom_budget = faults.TimedBudget.of(self.budget.tokens, self.budget.floor,
-                                                 BUDGET_CALM_S)
+        self._oom_budget = faults.TimedBudget.of(
+            self.budget.tokens, self.budget.floor, BUDGET_CALM_S
+        )
         self._closing = False
         self._last_pass = time.monotonic()  # when the manager loop last came round
         self._grace_deadline = float("inf")
@@ -139,10 +147,18 @@ class RayExecutor:
             shipment = ship_model(spec, self._ray) if isinstance(spec, EngineSpec) else None
             cpus = float(self._ray.cluster_resources().get("CPU", 0.0))
             self.min_actors, self.max_actors = cluster.actor_range(actors, cpus, cpus_per_actor)
-            self._actors = ActorSet(self._ray, spec, shipment, cpus=cpus_per_actor,
-                                    memory=memory_per_actor, threads=self._threads,
-                                    max_actors=self.max_actors, emit=self._emit,
-                                    counters=self._work.counters, policy=self._work.policy)
+            self._actors = ActorSet(
+                self._ray,
+                spec,
+                shipment,
+                cpus=cpus_per_actor,
+                memory=memory_per_actor,
+                threads=self._threads,
+                max_actors=self.max_actors,
+                emit=self._emit,
+                counters=self._work.counters,
+                policy=self._work.policy,
+            )
             for _ in range(self.min_actors):
                 self._actors.start()
             self.dim = self._work.dim = self._actors.await_first_ready()
@@ -151,11 +167,18 @@ class RayExecutor:
                 self._actors.remove_all()
             self._disconnect()
             raise
-        self._emit(events.POOL_START, workers=self.min_actors, threads=self._threads,
-                   batch_tokens=self._oom_budget.tokens, max_workers=self.max_actors,
-                   budget_floor=self.budget.floor, budget_reason=self.budget.reason)
-        self._thread = threading.Thread(target=self._manage, name="embedpool-ray-manager",
-                                        daemon=True)
+        self._emit(
+            events.POOL_START,
+            workers=self.min_actors,
+            threads=self._threads,
+            batch_tokens=self._oom_budget.tokens,
+            max_workers=self.max_actors,
+            budget_floor=self.budget.floor,
+            budget_reason=self.budget.reason,
+        )
+        self._thread = threading.Thread(
+            target=self._manage, name="embedpool-ray-manager", daemon=True
+        )
         self._thread.start()
 
     # -- the executor contract ------------------------------------------------------------
@@ -163,8 +186,9 @@ class RayExecutor:
     def submit(self, batch: WorkBatch) -> Future[BatchResult]:
         return self._work.submit(batch)
 
-    def run(self, batches: Iterable[WorkBatch], max_pending: int | None = None
-            ) -> Generator[BatchResult, None, None]:
+    def run(
+        self, batches: Iterable[WorkBatch], max_pending: int | None = None
+    ) -> Generator[BatchResult, None, None]:
         """``executor.run`` over these actors (bounded look-ahead, any order)."""
         if self._closed:
             raise PoolError("RayExecutor.run after close()")
@@ -172,11 +196,17 @@ class RayExecutor:
 
     def stats(self) -> ExecutorStats:
         workers = self._actors.snapshot if self._actors is not None else ()
-        return ExecutorStats.of(self._work.counters, backend="ray", workers=workers,
-                                target_workers=len(workers), max_workers=self.max_actors,
-                                threads=self._threads, batch_tokens=self._oom_budget.tokens,
-                                queued=self._work.queued_batches,
-                                emergency=self._oom_budget.state.emergency)
+        return ExecutorStats.of(
+            self._work.counters,
+            backend="ray",
+            workers=workers,
+            target_workers=len(workers),
+            max_workers=self.max_actors,
+            threads=self._threads,
+            batch_tokens=self._oom_budget.tokens,
+            queued=self._work.queued_batches,
+            emergency=self._oom_budget.state.emergency,
+        )
 
     @property
     def broken(self) -> str | None:
@@ -189,8 +219,10 @@ class RayExecutor:
             return "the Ray executor's manager thread is gone"
         silent = time.monotonic() - self._last_pass
         if silent > MANAGER_SILENT_S:
-            return (f"the Ray executor's manager has been stuck for {silent:.0f} s (a Ray call "
-                    "that does not return, or an on_event callback that blocks)")
+            return (
+                f"the Ray executor's manager has been stuck for {silent:.0f} s (a Ray call "
+                "that does not return, or an on_event callback that blocks)"
+            )
         return None
 
     @property
@@ -227,13 +259,13 @@ class RayExecutor:
         actors = self._actors
         assert actors is not None
         try:
-            while not (self._closing and (self._work.idle
-                                          or time.monotonic() >= self._grace_deadline)):
+            while not (
+                self._closing and (self._work.idle or time.monotonic() >= self._grace_deadline)
+            ):
                 self._last_pass = time.monotonic()
                 actors.start_due()
                 for slot in actors.idle_deaths():
-                    self._actor_died(actors, slot, PoolError("the actor's process is gone"),
-                                     None)
+                    self._actor_died(actors, slot, PoolError("the actor's process is gone"), None)
                 self._dispatch(actors)
                 actors.maybe_grow(self._work.queued_tasks > 0)
                 actors.check_starved()
@@ -299,12 +331,12 @@ class RayExecutor:
         except self._ray.exceptions.RayError as exc:
             failure = cluster.failure_of(exc, self._ray)
             if failure in ("oom_death", "death"):
-                self._actor_died(actors, slot, exc, FailureKind.OOM_KILL
-                                 if failure == "oom_death" else None)
+                self._actor_died(
+                    actors, slot, exc, FailureKind.OOM_KILL if failure == "oom_death" else None
+                )
                 return
             actors.forget(slot, ref)
-            kind = (cluster.task_error_kind(exc) if failure == "task_error"
-                    else FailureKind.CRASH)
+            kind = cluster.task_error_kind(exc) if failure == "task_error" else FailureKind.CRASH
             self._fail(task, kind, cluster.first_line(getattr(exc, "cause", None) or exc))
             return
         started = slot.head_started
@@ -320,12 +352,15 @@ class RayExecutor:
         elif decision.action == "fall_back":
             # an actor's GPU is lost (a recipe of the caller's: start_executor gives Ray the
             # CPU's). Ray has no device fallback: the executor breaks, as a pool does
-            raise DeviceLost(f"a Ray actor's device was lost: {error}. The Ray backend has no "
-                             "device fallback; run its actors on the CPU")
+            raise DeviceLost(
+                f"a Ray actor's device was lost: {error}. The Ray backend has no "
+                "device fallback; run its actors on the CPU"
+            )
 
     def _lower_budget(self, kind: FailureKind, forbid_tokens: int | None) -> None:
-        self._emit_all(self._oom_budget.after_oom(kind, forbid_tokens, time.monotonic(),
-                                                  self._workers()))
+        self._emit_all(
+            self._oom_budget.after_oom(kind, forbid_tokens, time.monotonic(), self._workers())
+        )
 
     def _maybe_restore(self) -> None:
         """After ``BUDGET_CALM_S`` without an OOM failure: emergency mode ends, then the
@@ -340,14 +375,23 @@ class RayExecutor:
         for name, fields in changes:
             self._emit(name, **fields)
 
-    def _actor_died(self, actors: ActorSet, slot: Slot, exc: BaseException,
-                    kind: FailureKind | None, hung: str = "") -> None:
+    def _actor_died(
+        self,
+        actors: ActorSet,
+        slot: Slot,
+        exc: BaseException,
+        kind: FailureKind | None,
+        hung: str = "",
+    ) -> None:
         """The actor's running task failed; the others queued on it go back unblamed; it is
         replaced. Results that left the actor before it died are kept."""
         tasks: list[Task] = []
         refs = [ref for ref, _ in slot.inflight]
-        settled = set() if hung else set(self._ray.wait(
-            refs, num_returns=len(refs), timeout=DEATH_SETTLE_S)[0])
+        settled = (
+            set()
+            if hung
+            else set(self._ray.wait(refs, num_returns=len(refs), timeout=DEATH_SETTLE_S)[0])
+        )
         for ref, task in list(slot.inflight):
             if ref in settled:
                 try:
@@ -373,16 +417,24 @@ class RayExecutor:
         running = tasks[who.running] if who.running is not None else None
         error = hung or cluster.first_line(exc)
         shown = running or (tasks[0] if tasks else None)
-        self._emit(events.WORKER_DEATH, **slot.fields(), exit="actor died", kind=str(kind),
-                   cause=faults.death_cause(kind, evidence), error=error,
-                   blamed=running is not None or not tasks, **cluster.exit_detail(exc),
-                   **(shown.describe() if shown else {"items": 0, "tokens": 0}))
+        self._emit(
+            events.WORKER_DEATH,
+            **slot.fields(),
+            exit="actor died",
+            kind=str(kind),
+            cause=faults.death_cause(kind, evidence),
+            error=error,
+            blamed=running is not None or not tasks,
+            **cluster.exit_detail(exc),
+            **(shown.describe() if shown else {"items": 0, "tokens": 0}),
+        )
         actors.remove(slot)
         if not self._closing:
             actors.start()
         for queued in reversed([t for t in tasks if t is not running]):
-            self._work.requeue(queued, f"unfinished on dead actor {slot.name}",
-                               suspect=who.suspects)
+            self._work.requeue(
+                queued, f"unfinished on dead actor {slot.name}", suspect=who.suspects
+            )
         if running is not None:
             self._fail(running, kind, error)
         elif who.lower_budget:
@@ -393,8 +445,7 @@ class RayExecutor:
     def _check_deadlines(self, actors: ActorSet) -> None:
         """The local pool's hang rule (``faults.hang_verdicts``) for each actor's running task:
         warn at 60% of its deadline, kill and replace the actor at 100%."""
-        for v in faults.hang_verdicts(self._work.policy, self._running(actors),
-                                      time.monotonic()):
+        for v in faults.hang_verdicts(self._work.policy, self._running(actors), time.monotonic()):
             slot: Slot = v.key
             fields = {**slot.fields(), **v.fields(), **slot.inflight[0][1].describe()}
             if v.verdict == "warn":
@@ -408,8 +459,11 @@ class RayExecutor:
     @staticmethod
     def _running(actors: ActorSet) -> list[faults.Running]:
         """Each actor's running task (the oldest unfinished), for the hang rule."""
-        return [faults.Running(s, s.head_started, s.inflight[0][1].padded_tokens, s.warned)
-                for s in actors.slots if s.ready and s.inflight]
+        return [
+            faults.Running(s, s.head_started, s.inflight[0][1].padded_tokens, s.warned)
+            for s in actors.slots
+            if s.ready and s.inflight
+        ]
 
     def _disconnect(self) -> None:
         if self._owns_ray and self._ray.is_initialized():

@@ -63,12 +63,15 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def has_files(directory: Path, manifest: Iterable[tuple[str, str]]) -> bool:
-    return all((directory / rel).is_file() and sha256_file(directory / rel) == digest
-               for rel, digest in manifest)
+    return all(
+        (directory / rel).is_file() and sha256_file(directory / rel) == digest
+        for rel, digest in manifest
+    )
 
 
-def write_files(directory: Path, files: Mapping[str, bytes],
-                manifest: Iterable[tuple[str, str]]) -> None:
+def write_files(
+    directory: Path, files: Mapping[str, bytes], manifest: Iterable[tuple[str, str]]
+) -> None:
     """Check every sha256, then write each file atomically (temp name + rename)."""
     for rel, digest in manifest:
         data = files.get(rel)
@@ -76,7 +79,8 @@ def write_files(directory: Path, files: Mapping[str, bytes],
             got = "missing" if data is None else sha256_bytes(data)
             raise ModelIntegrityError(
                 f"model file {rel} from the Ray object store has sha256 {got}, expected "
-                f"{digest}; the object was damaged in transit or the driver's file changed.")
+                f"{digest}; the object was damaged in transit or the driver's file changed."
+            )
     for rel, digest in manifest:
         target = directory / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -98,12 +102,15 @@ def node_cache_dir(digest: str) -> Path:
             continue
         if os.access(target, os.W_OK):
             return target
-    raise ModelIntegrityError(f"no writable directory for the shipped model {digest}: tried "
-                              f"{cache_root()} and {tempfile.gettempdir()}")
+    raise ModelIntegrityError(
+        f"no writable directory for the shipped model {digest}: tried "
+        f"{cache_root()} and {tempfile.gettempdir()}"
+    )
 
 
-def locate_model(shipment: ModelShipment, fetch: Callable[[], Mapping[str, bytes]],
-                 cache_dir: Path | None = None) -> tuple[Path, str]:
+def locate_model(
+    shipment: ModelShipment, fetch: Callable[[], Mapping[str, bytes]], cache_dir: Path | None = None
+) -> tuple[Path, str]:
     """(directory holding the shipment's files, where they came from) on this node."""
     origin = Path(shipment.origin)
     if has_files(origin, shipment.manifest):
@@ -126,5 +133,6 @@ def ship_model(spec: EngineSpec, ray: ModuleType) -> ModelShipment:
         files[side.name] = side.read_bytes()
     manifest = tuple(sorted((rel, sha256_bytes(b)) for rel, b in files.items()))
     ref = ray.put(files)
-    return ModelShipment(manifest, str(onnx_path.parent), [ref],
-                         sum(len(b) for b in files.values()))
+    return ModelShipment(
+        manifest, str(onnx_path.parent), [ref], sum(len(b) for b in files.values())
+    )

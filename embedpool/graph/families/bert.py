@@ -99,33 +99,44 @@ class BertConfig:
     def from_dict(cls, config: Mapping[str, Any], where: str = "config.json") -> BertConfig:
         model_type = str(config.get("model_type", ""))
         if model_type not in MODEL_TYPES:
-            raise ModelError(f"{where}: model_type {model_type!r} is not a BERT-family encoder; "
-                             "embedpool builds ONNX graphs for 'bert' models only. Export an "
-                             "ONNX file to onnx/model.onnx and pass that directory instead.")
+            raise ModelError(
+                f"{where}: model_type {model_type!r} is not a BERT-family encoder; "
+                "embedpool builds ONNX graphs for 'bert' models only. Export an "
+                "ONNX file to onnx/model.onnx and pass that directory instead."
+            )
         try:
-            cfg = cls(hidden_size=int(config["hidden_size"]),
-                      num_heads=int(config["num_attention_heads"]),
-                      num_layers=int(config["num_hidden_layers"]),
-                      intermediate_size=int(config["intermediate_size"]),
-                      layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
-                      hidden_act=str(config.get("hidden_act", "gelu")),
-                      max_position_embeddings=int(config.get("max_position_embeddings", 512)))
+            cfg = cls(
+                hidden_size=int(config["hidden_size"]),
+                num_heads=int(config["num_attention_heads"]),
+                num_layers=int(config["num_hidden_layers"]),
+                intermediate_size=int(config["intermediate_size"]),
+                layer_norm_eps=float(config.get("layer_norm_eps", 1e-12)),
+                hidden_act=str(config.get("hidden_act", "gelu")),
+                max_position_embeddings=int(config.get("max_position_embeddings", 512)),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: missing or bad BERT field: {exc}") from exc
         for flag in ("is_decoder", "add_cross_attention"):
             if config.get(flag):
-                raise ModelError(f"{where}: {flag} is set: a {model_type} decoder attends "
-                                 "causally, and embedpool builds bidirectional encoders only")
+                raise ModelError(
+                    f"{where}: {flag} is set: a {model_type} decoder attends "
+                    "causally, and embedpool builds bidirectional encoders only"
+                )
         pos_type = config.get("position_embedding_type", "absolute")
         if pos_type != "absolute":
-            raise ModelError(f"{where}: position_embedding_type {pos_type!r} is not supported "
-                             "(only 'absolute')")
+            raise ModelError(
+                f"{where}: position_embedding_type {pos_type!r} is not supported (only 'absolute')"
+            )
         if cfg.hidden_act not in _ERF_GELU | _TANH_GELU:
-            raise ModelError(f"{where}: hidden_act {cfg.hidden_act!r} is not supported "
-                             f"(supported: {', '.join(sorted(_ERF_GELU | _TANH_GELU))})")
+            raise ModelError(
+                f"{where}: hidden_act {cfg.hidden_act!r} is not supported "
+                f"(supported: {', '.join(sorted(_ERF_GELU | _TANH_GELU))})"
+            )
         if cfg.num_heads <= 0 or cfg.hidden_size % cfg.num_heads:
-            raise ModelError(f"{where}: hidden_size {cfg.hidden_size} is not divisible by "
-                             f"num_attention_heads {cfg.num_heads}")
+            raise ModelError(
+                f"{where}: hidden_size {cfg.hidden_size} is not divisible by "
+                f"num_attention_heads {cfg.num_heads}"
+            )
         return cfg
 
     @property
@@ -138,25 +149,35 @@ def check_weights(weights: Mapping[str, HasShape], cfg: BertConfig, where: str) 
     ``weights.tensor_infos`` from the headers alone) do not fit ``cfg``."""
     missing = [k for k in _required_keys(cfg) if k not in weights]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelError(f"{where}: not a BERT checkpoint matching its config.json; missing "
-                         f"{shown}")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise ModelError(
+            f"{where}: not a BERT checkpoint matching its config.json; missing {shown}"
+        )
     layers = {int(m.group(1)) for k in weights if (m := re.match(r"encoder\.layer\.(\d+)\.", k))}
     if max(layers, default=-1) + 1 != cfg.num_layers:
-        raise ModelError(f"{where}: the weights have {max(layers) + 1} layers, config.json says "
-                         f"num_hidden_layers={cfg.num_layers}: the config belongs to another "
-                         "model")
+        raise ModelError(
+            f"{where}: the weights have {max(layers) + 1} layers, config.json says "
+            f"num_hidden_layers={cfg.num_layers}: the config belongs to another "
+            "model"
+        )
     h, inter = cfg.hidden_size, cfg.intermediate_size
     vocab = weights["embeddings.word_embeddings.weight"].shape[0]
     expected: dict[str, tuple[int, ...]] = {
         "embeddings.word_embeddings.weight": (vocab, h),
-        "embeddings.position_embeddings.weight": (cfg.max_position_embeddings, h)}
+        "embeddings.position_embeddings.weight": (cfg.max_position_embeddings, h),
+    }
     for i in range(cfg.num_layers):
         p = f"encoder.layer.{i}."
-        for name, shape in (("attention.self.query", (h, h)), ("attention.self.key", (h, h)),
-                            ("attention.self.value", (h, h)),
-                            ("attention.output.dense", (h, h)),
-                            ("intermediate.dense", (inter, h)), ("output.dense", (h, inter))):
+        for name, shape in (
+            ("attention.self.query", (h, h)),
+            ("attention.self.key", (h, h)),
+            ("attention.self.value", (h, h)),
+            ("attention.output.dense", (h, h)),
+            ("intermediate.dense", (inter, h)),
+            ("output.dense", (h, inter)),
+        ):
             expected[p + name + ".weight"] = shape
             expected[p + name + ".bias"] = shape[:1]
     check_shapes(weights, expected, where)
@@ -172,20 +193,37 @@ def load_weights(path: Any, cfg: BertConfig) -> dict[str, Array]:
 
 
 def _required_keys(cfg: BertConfig) -> list[str]:
-    keys = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-            "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+    keys = [
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "embeddings.LayerNorm.weight",
+        "embeddings.LayerNorm.bias",
+    ]
     for i in range(cfg.num_layers):
         p = f"encoder.layer.{i}."
-        for name in ("attention.self.query", "attention.self.key", "attention.self.value",
-                     "attention.output.dense", "intermediate.dense", "output.dense",
-                     "attention.output.LayerNorm", "output.LayerNorm"):
+        for name in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+            "attention.output.LayerNorm",
+            "output.LayerNorm",
+        ):
             keys += [p + name + ".weight", p + name + ".bias"]
     return keys
 
 
-def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: BertConfig, *,
-                  fused: bool = True, int8_ready: bool = False,
-                  token_types: bool = False) -> Encoder:
+def build_encoder(
+    g: GraphBuilder,
+    weights: Mapping[str, Array],
+    cfg: BertConfig,
+    *,
+    fused: bool = True,
+    int8_ready: bool = False,
+    token_types: bool = False,
+) -> Encoder:
     """The encoder's nodes in ``g``: token states ``[batch, seq, hidden]`` from the
     ``input_ids`` / ``attention_mask`` graph inputs (see the module docstring for the
     flavours). ``int8_ready`` (fused only) is the graph the int8 recipe quantises: Q/K/V as
@@ -202,8 +240,9 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: BertConfig
             hidden, mask_index = _embeddings_fused(g, weights, cfg, token_types)
         for i in range(cfg.num_layers):
             hidden = _layer_fused(g, weights, cfg, i, hidden, mask_index, split_qkv=int8_ready)
-        return Encoder(hidden, cfg.hidden_size,
-                       extra_inputs=(TOKEN_TYPE_IDS,) if token_types else ())
+        return Encoder(
+            hidden, cfg.hidden_size, extra_inputs=(TOKEN_TYPE_IDS,) if token_types else ()
+        )
     hidden = _embeddings_plain(g, weights, cfg)
     mask_bias = _mask_bias_plain(g)
     for i in range(cfg.num_layers):
@@ -211,19 +250,29 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: BertConfig
     return Encoder(hidden, cfg.hidden_size, extra_inputs=(TOKEN_TYPE_IDS,))
 
 
-def build_bert(weights: Mapping[str, Array], cfg: BertConfig, *, pooling: Pooling,
-               fused: bool = True, pool: bool = True, normalize: bool = True,
-               int8_ready: bool = False, name: str = "bert") -> onnx.ModelProto:
+def build_bert(
+    weights: Mapping[str, Array],
+    cfg: BertConfig,
+    *,
+    pooling: Pooling,
+    fused: bool = True,
+    pool: bool = True,
+    normalize: bool = True,
+    int8_ready: bool = False,
+    name: str = "bert",
+) -> onnx.ModelProto:
     """The whole model (encoder + single-mode pooling head), for tests and benchmarks."""
     from embedpool.graph.compose import compose
     from embedpool.modelspec import HeadSpec, PoolingSpec
 
     head = HeadSpec(PoolingSpec((pooling,)), normalize=normalize) if pool else None
-    return compose(sys.modules[__name__], weights, cfg, head, fused=fused,
-                   int8_ready=int8_ready, name=name)
+    return compose(
+        sys.modules[__name__], weights, cfg, head, fused=fused, int8_ready=int8_ready, name=name
+    )
 
 
 # --- fused (com.microsoft) -------------------------------------------------------------------
+
 
 def _positions_with_segment0(w: Mapping[str, Array]) -> Array:
     """The position table with token-type row 0 added: sentence embedding always uses
@@ -236,13 +285,16 @@ def _positions_with_segment0(w: Mapping[str, Array]) -> Array:
 def _token_type_table(w: Mapping[str, Array]) -> Array:
     table = w.get("embeddings.token_type_embeddings.weight")
     if table is None:
-        raise ModelError("the checkpoint has no embeddings.token_type_embeddings.weight, "
-                         "but its tokenizer hands the model token_type_ids")
+        raise ModelError(
+            "the checkpoint has no embeddings.token_type_embeddings.weight, "
+            "but its tokenizer hands the model token_type_ids"
+        )
     return table
 
 
-def _embeddings_fused(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig,
-                      token_types: bool = False) -> tuple[str, str]:
+def _embeddings_fused(
+    g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, token_types: bool = False
+) -> tuple[str, str]:
     from onnx import TensorProto
 
     ids32 = g.op1("Cast", [INPUT_IDS], "ids32", to=TensorProto.INT32)
@@ -255,16 +307,27 @@ def _embeddings_fused(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig,
         pos, seg, seg_table = _positions_with_segment0(w), "", ""
     hidden, mask_index = g.op(
         "EmbedLayerNormalization",
-        [ids32, seg, g.const("emb.word", w["embeddings.word_embeddings.weight"]),
-         g.const("emb.pos", pos), seg_table,
-         g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
-         g.const("emb.ln.b", w["embeddings.LayerNorm.bias"]), mask32],
-        "emb", outputs=2, domain=MS_DOMAIN, epsilon=cfg.layer_norm_eps)
+        [
+            ids32,
+            seg,
+            g.const("emb.word", w["embeddings.word_embeddings.weight"]),
+            g.const("emb.pos", pos),
+            seg_table,
+            g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
+            g.const("emb.ln.b", w["embeddings.LayerNorm.bias"]),
+            mask32,
+        ],
+        "emb",
+        outputs=2,
+        domain=MS_DOMAIN,
+        epsilon=cfg.layer_norm_eps,
+    )
     return hidden, mask_index
 
 
-def _embeddings_int8(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig,
-                     token_types: bool = False) -> tuple[str, str]:
+def _embeddings_int8(
+    g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, token_types: bool = False
+) -> tuple[str, str]:
     """EmbedLayerNormalization's maths with the word table stored as int8 rows, each with
     its own fp32 scale (symmetric, row max / 127): the table is most of a small model's
     weights (47 of 90 MB on MiniLM) and only a few of its rows are read per batch."""
@@ -275,84 +338,164 @@ def _embeddings_int8(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig,
     q = np.clip(np.rint(table / scale), -127, 127).astype(np.int8)
     rows = g.op1("Gather", [g.const("emb.word.q", q, np.int8), INPUT_IDS], "emb.word_g")
     scales = g.op1("Gather", [g.const("emb.word.scale", scale), INPUT_IDS], "emb.word_s")
-    word = g.op1("Mul", [g.op1("Cast", [rows], "emb.word_f", to=TensorProto.FLOAT), scales],
-                 "emb.word")
-    pos_table = w["embeddings.position_embeddings.weight"] if token_types \
-        else _positions_with_segment0(w)
-    seq = g.op1("Unsqueeze", [g.op1("Gather", [g.op1("Shape", [INPUT_IDS], "emb.shape"),
-                                              g.const("c.one_i", 1, np.int64)], "emb.seq"),
-                              g.const("c.axis0", [0], np.int64)], "emb.seq1")
-    pos = g.op1("Slice", [g.const("emb.pos", pos_table), g.const("c.zero1", [0], np.int64),
-                          seq], "emb.pos_s")
+    word = g.op1(
+        "Mul", [g.op1("Cast", [rows], "emb.word_f", to=TensorProto.FLOAT), scales], "emb.word"
+    )
+    pos_table = (
+        w["embeddings.position_embeddings.weight"] if token_types else _positions_with_segment0(w)
+    )
+    seq = g.op1(
+        "Unsqueeze",
+        [
+            g.op1(
+                "Gather",
+                [g.op1("Shape", [INPUT_IDS], "emb.shape"), g.const("c.one_i", 1, np.int64)],
+                "emb.seq",
+            ),
+            g.const("c.axis0", [0], np.int64),
+        ],
+        "emb.seq1",
+    )
+    pos = g.op1(
+        "Slice",
+        [g.const("emb.pos", pos_table), g.const("c.zero1", [0], np.int64), seq],
+        "emb.pos_s",
+    )
     x = g.op1("Add", [word, pos], "emb.sum")
     if token_types:
-        typ = g.op1("Gather", [g.const("emb.type", _token_type_table(w)), TOKEN_TYPE_IDS],
-                    "emb.type_g")
+        typ = g.op1(
+            "Gather", [g.const("emb.type", _token_type_table(w)), TOKEN_TYPE_IDS], "emb.type_g"
+        )
         x = g.op1("Add", [x, typ], "emb.sum_types")
-    hidden = g.op1("LayerNormalization",
-                   [x,
-                    g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
-                    g.const("emb.ln.b", w["embeddings.LayerNorm.bias"])],
-                   "emb.ln", axis=-1, epsilon=cfg.layer_norm_eps)
+    hidden = g.op1(
+        "LayerNormalization",
+        [
+            x,
+            g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
+            g.const("emb.ln.b", w["embeddings.LayerNorm.bias"]),
+        ],
+        "emb.ln",
+        axis=-1,
+        epsilon=cfg.layer_norm_eps,
+    )
     mask32 = g.op1("Cast", [ATTENTION_MASK], "mask32", to=TensorProto.INT32)
     return hidden, mask32
 
 
-def _layer_fused(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, i: int, x: str,
-                 mask_index: str, *, split_qkv: bool = False) -> str:
+def _layer_fused(
+    g: GraphBuilder,
+    w: Mapping[str, Array],
+    cfg: BertConfig,
+    i: int,
+    x: str,
+    mask_index: str,
+    *,
+    split_qkv: bool = False,
+) -> str:
     p, n = f"encoder.layer.{i}.", f"l{i}"
     qkv_b = np.concatenate([w[p + f"attention.self.{k}.bias"] for k in ("query", "key", "value")])
     if split_qkv:  # three quantisable MatMuls; MultiHeadAttention adds the biases
-        q, k, v = (g.linear(x, linear_t(w, p + f"attention.self.{key}"), f"{n}.{t}",
-                            role=t, layer=i)  # type: ignore[arg-type]
-                   for t, key in (("q", "query"), ("k", "key"), ("v", "value")))
-        attn = g.op1("MultiHeadAttention", [q, k, v, g.const(f"{n}.qkv.b", qkv_b), mask_index],
-                     f"{n}.attn", domain=MS_DOMAIN, num_heads=cfg.num_heads)
+        q, k, v = (
+            g.linear(x, linear_t(w, p + f"attention.self.{key}"), f"{n}.{t}", role=t, layer=i)  # type: ignore[arg-type]
+            for t, key in (("q", "query"), ("k", "key"), ("v", "value"))
+        )
+        attn = g.op1(
+            "MultiHeadAttention",
+            [q, k, v, g.const(f"{n}.qkv.b", qkv_b), mask_index],
+            f"{n}.attn",
+            domain=MS_DOMAIN,
+            num_heads=cfg.num_heads,
+        )
     else:
-        qkv_w = np.concatenate([linear_t(w, p + f"attention.self.{k}")
-                                for k in ("query", "key", "value")], axis=1)
-        attn = g.op1("Attention", [x, g.const(f"{n}.qkv.w", qkv_w),
-                                   g.const(f"{n}.qkv.b", qkv_b), mask_index],
-                     f"{n}.attn", domain=MS_DOMAIN, num_heads=cfg.num_heads)
-    proj = g.linear(attn, linear_t(w, p + "attention.output.dense"), f"{n}.o", role="attn_out",
-                    layer=i)
-    x = g.op1("SkipLayerNormalization",
-              [proj, x, g.const(f"{n}.ln1.w", w[p + "attention.output.LayerNorm.weight"]),
-               g.const(f"{n}.ln1.b", w[p + "attention.output.LayerNorm.bias"]),
-               g.const(f"{n}.o.b", w[p + "attention.output.dense.bias"])],
-              f"{n}.ln1", domain=MS_DOMAIN, epsilon=cfg.layer_norm_eps)
+        qkv_w = np.concatenate(
+            [linear_t(w, p + f"attention.self.{k}") for k in ("query", "key", "value")], axis=1
+        )
+        attn = g.op1(
+            "Attention",
+            [x, g.const(f"{n}.qkv.w", qkv_w), g.const(f"{n}.qkv.b", qkv_b), mask_index],
+            f"{n}.attn",
+            domain=MS_DOMAIN,
+            num_heads=cfg.num_heads,
+        )
+    proj = g.linear(
+        attn, linear_t(w, p + "attention.output.dense"), f"{n}.o", role="attn_out", layer=i
+    )
+    x = g.op1(
+        "SkipLayerNormalization",
+        [
+            proj,
+            x,
+            g.const(f"{n}.ln1.w", w[p + "attention.output.LayerNorm.weight"]),
+            g.const(f"{n}.ln1.b", w[p + "attention.output.LayerNorm.bias"]),
+            g.const(f"{n}.o.b", w[p + "attention.output.dense.bias"]),
+        ],
+        f"{n}.ln1",
+        domain=MS_DOMAIN,
+        epsilon=cfg.layer_norm_eps,
+    )
     up = g.linear(x, linear_t(w, p + "intermediate.dense"), f"{n}.ff1", role="ffn_up", layer=i)
     gelu_op = "BiasGelu" if cfg.hidden_act in _ERF_GELU else "FastGelu"
-    act = g.op1(gelu_op, [up, g.const(f"{n}.ff1.b", w[p + "intermediate.dense.bias"])],
-                f"{n}.gelu", domain=MS_DOMAIN)
-    down = g.linear(act, linear_t(w, p + "output.dense"), f"{n}.ff2", role="ffn_down", layer=i,
-                    floor=GELU_FLOOR)
-    return g.op1("SkipLayerNormalization",
-                 [down, x, g.const(f"{n}.ln2.w", w[p + "output.LayerNorm.weight"]),
-                  g.const(f"{n}.ln2.b", w[p + "output.LayerNorm.bias"]),
-                  g.const(f"{n}.ff2.b", w[p + "output.dense.bias"])],
-                 f"{n}.ln2", domain=MS_DOMAIN, epsilon=cfg.layer_norm_eps)
+    act = g.op1(
+        gelu_op,
+        [up, g.const(f"{n}.ff1.b", w[p + "intermediate.dense.bias"])],
+        f"{n}.gelu",
+        domain=MS_DOMAIN,
+    )
+    down = g.linear(
+        act, linear_t(w, p + "output.dense"), f"{n}.ff2", role="ffn_down", layer=i, floor=GELU_FLOOR
+    )
+    return g.op1(
+        "SkipLayerNormalization",
+        [
+            down,
+            x,
+            g.const(f"{n}.ln2.w", w[p + "output.LayerNorm.weight"]),
+            g.const(f"{n}.ln2.b", w[p + "output.LayerNorm.bias"]),
+            g.const(f"{n}.ff2.b", w[p + "output.dense.bias"]),
+        ],
+        f"{n}.ln2",
+        domain=MS_DOMAIN,
+        epsilon=cfg.layer_norm_eps,
+    )
 
 
 # --- plain (standard ONNX) -------------------------------------------------------------------
 
+
 def _embeddings_plain(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig) -> str:
-    word = g.op1("Gather", [g.const("emb.word", w["embeddings.word_embeddings.weight"]),
-                            INPUT_IDS], "emb.word_g")
+    word = g.op1(
+        "Gather",
+        [g.const("emb.word", w["embeddings.word_embeddings.weight"]), INPUT_IDS],
+        "emb.word_g",
+    )
     shape = g.op1("Shape", [INPUT_IDS], "emb.shape")
     seq = g.op1("Gather", [shape, g.const("c.one_i", 1, np.int64)], "emb.seq")
-    pos_ids = g.op1("Range", [g.const("c.zero_i", 0, np.int64), seq,
-                              g.const("c.one_i_step", 1, np.int64)], "emb.pos_ids")
-    pos = g.op1("Gather", [g.const("emb.pos", w["embeddings.position_embeddings.weight"]),
-                           pos_ids], "emb.pos_g")
+    pos_ids = g.op1(
+        "Range",
+        [g.const("c.zero_i", 0, np.int64), seq, g.const("c.one_i_step", 1, np.int64)],
+        "emb.pos_ids",
+    )
+    pos = g.op1(
+        "Gather",
+        [g.const("emb.pos", w["embeddings.position_embeddings.weight"]), pos_ids],
+        "emb.pos_g",
+    )
     x = g.op1("Add", [word, pos], "emb.word_pos")
     type_table = w.get("embeddings.token_type_embeddings.weight")
     if type_table is not None:
         typ = g.op1("Gather", [g.const("emb.type", type_table), TOKEN_TYPE_IDS], "emb.type_g")
         x = g.op1("Add", [x, typ], "emb.sum")
-    return g.op1("LayerNormalization", [x, g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
-                                        g.const("emb.ln.b", w["embeddings.LayerNorm.bias"])],
-                 "emb.ln", axis=-1, epsilon=cfg.layer_norm_eps)
+    return g.op1(
+        "LayerNormalization",
+        [
+            x,
+            g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
+            g.const("emb.ln.b", w["embeddings.LayerNorm.bias"]),
+        ],
+        "emb.ln",
+        axis=-1,
+        epsilon=cfg.layer_norm_eps,
+    )
 
 
 def _mask_bias_plain(g: GraphBuilder) -> str:
@@ -365,8 +508,9 @@ def _mask_bias_plain(g: GraphBuilder) -> str:
     return g.op1("Unsqueeze", [bias, g.const("c.axes12", [1, 2], np.int64)], "mask.bias")
 
 
-def _layer_plain(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, i: int, x: str,
-                 mask_bias: str) -> str:
+def _layer_plain(
+    g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, i: int, x: str, mask_bias: str
+) -> str:
     p, n = f"encoder.layer.{i}.", f"l{i}"
     split_shape = g.const(f"{n}.split_shape", [0, 0, cfg.num_heads, cfg.head_dim], np.int64)
 
@@ -382,42 +526,67 @@ def _layer_plain(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, i: in
     k = heads(dense(x, "attention.self.key", "k", "k"), "k", [0, 2, 3, 1])
     v = heads(dense(x, "attention.self.value", "v", "v"), "v", [0, 2, 1, 3])
     scores = g.op1("MatMul", [q, k], f"{n}.qk")
-    scaled = g.op1("Mul", [scores, g.const(f"{n}.scale", 1.0 / math.sqrt(cfg.head_dim))],
-                   f"{n}.scaled")
-    probs = g.op1("Softmax", [g.op1("Add", [scaled, mask_bias], f"{n}.masked")], f"{n}.probs",
-                  axis=-1)
-    ctx = g.op1("Transpose", [g.op1("MatMul", [probs, v], f"{n}.ctx")], f"{n}.ctx.t",
-                perm=[0, 2, 1, 3])
-    ctx = g.op1("Reshape", [ctx, g.const(f"{n}.merge_shape", [0, 0, cfg.hidden_size], np.int64)],
-                f"{n}.ctx.merge")
+    scaled = g.op1(
+        "Mul", [scores, g.const(f"{n}.scale", 1.0 / math.sqrt(cfg.head_dim))], f"{n}.scaled"
+    )
+    probs = g.op1(
+        "Softmax", [g.op1("Add", [scaled, mask_bias], f"{n}.masked")], f"{n}.probs", axis=-1
+    )
+    ctx = g.op1(
+        "Transpose", [g.op1("MatMul", [probs, v], f"{n}.ctx")], f"{n}.ctx.t", perm=[0, 2, 1, 3]
+    )
+    ctx = g.op1(
+        "Reshape",
+        [ctx, g.const(f"{n}.merge_shape", [0, 0, cfg.hidden_size], np.int64)],
+        f"{n}.ctx.merge",
+    )
     attn = dense(ctx, "attention.output.dense", "o", "attn_out")
-    x = _layer_norm_plain(g, w, cfg, g.op1("Add", [attn, x], f"{n}.res1"),
-                          p + "attention.output.LayerNorm", f"{n}.ln1")
+    x = _layer_norm_plain(
+        g,
+        w,
+        cfg,
+        g.op1("Add", [attn, x], f"{n}.res1"),
+        p + "attention.output.LayerNorm",
+        f"{n}.ln1",
+    )
     up = dense(x, "intermediate.dense", "ff1", "ffn_up")
     act = _gelu_plain(g, up, cfg.hidden_act, f"{n}.gelu")
     down = dense(act, "output.dense", "ff2", "ffn_down", GELU_FLOOR)
-    return _layer_norm_plain(g, w, cfg, g.op1("Add", [down, x], f"{n}.res2"),
-                             p + "output.LayerNorm", f"{n}.ln2")
+    return _layer_norm_plain(
+        g, w, cfg, g.op1("Add", [down, x], f"{n}.res2"), p + "output.LayerNorm", f"{n}.ln2"
+    )
 
 
-def _layer_norm_plain(g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, x: str, key: str,
-                      n: str) -> str:
-    return g.op1("LayerNormalization", [x, g.const(f"{n}.w", w[key + ".weight"]),
-                                        g.const(f"{n}.b", w[key + ".bias"])],
-                 n, axis=-1, epsilon=cfg.layer_norm_eps)
+def _layer_norm_plain(
+    g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, x: str, key: str, n: str
+) -> str:
+    return g.op1(
+        "LayerNormalization",
+        [x, g.const(f"{n}.w", w[key + ".weight"]), g.const(f"{n}.b", w[key + ".bias"])],
+        n,
+        axis=-1,
+        epsilon=cfg.layer_norm_eps,
+    )
 
 
 def _gelu_plain(g: GraphBuilder, x: str, act: str, n: str) -> str:
     if act in _ERF_GELU:  # 0.5 x (1 + erf(x / sqrt 2))
-        erf = g.op1("Erf", [g.op1("Mul", [x, g.const(f"{n}.rsqrt2", 1 / math.sqrt(2))],
-                                  f"{n}.div")], f"{n}.erf")
+        erf = g.op1(
+            "Erf",
+            [g.op1("Mul", [x, g.const(f"{n}.rsqrt2", 1 / math.sqrt(2))], f"{n}.div")],
+            f"{n}.erf",
+        )
         inner = g.op1("Add", [erf, g.const(f"{n}.one", 1.0)], f"{n}.add1")
     else:  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
         cube = g.op1("Mul", [g.op1("Mul", [x, x], f"{n}.sq"), x], f"{n}.cube")
-        poly = g.op1("Add", [x, g.op1("Mul", [cube, g.const(f"{n}.c", 0.044715)], f"{n}.cc")],
-                     f"{n}.poly")
-        tanh = g.op1("Tanh", [g.op1("Mul", [poly, g.const(f"{n}.k", math.sqrt(2 / math.pi))],
-                                    f"{n}.scaled")], f"{n}.tanh")
+        poly = g.op1(
+            "Add", [x, g.op1("Mul", [cube, g.const(f"{n}.c", 0.044715)], f"{n}.cc")], f"{n}.poly"
+        )
+        tanh = g.op1(
+            "Tanh",
+            [g.op1("Mul", [poly, g.const(f"{n}.k", math.sqrt(2 / math.pi))], f"{n}.scaled")],
+            f"{n}.tanh",
+        )
         inner = g.op1("Add", [tanh, g.const(f"{n}.one", 1.0)], f"{n}.add1")
     half = g.op1("Mul", [x, g.const(f"{n}.half", 0.5)], f"{n}.half_x")
     return g.op1("Mul", [half, inner], f"{n}.out")

@@ -5,7 +5,6 @@ it found, what embedpool builds, and the route through a shipped ``onnx/model.on
 that runs the model (the pool's estimate reads it).
 """
 
-
 from __future__ import annotations
 
 import math
@@ -32,26 +31,32 @@ def family_for(config: Mapping[str, Any], where: str = "config.json") -> ModuleT
         if model_type in fam.MODEL_TYPES:
             return fam
     arch = config.get("architectures")
-    found = f"architectures {', '.join(map(str, arch))}; " if isinstance(arch, list) and arch else ""
+    found = (
+        f"architectures {', '.join(map(str, arch))}; " if isinstance(arch, list) and arch else ""
+    )
     raise ModelError(
         f"{where}: model_type {model_type!r} is not an encoder embedpool builds from safetensors "
-        f"({found}it builds: {built_families()}). {ONNX_ROUTE}")
+        f"({found}it builds: {built_families()}). {ONNX_ROUTE}"
+    )
 
 
 #: The way around any architecture or config embedpool does not build.
-ONNX_ROUTE = ("Export the model to ONNX (e.g. with optimum: `optimum-cli export onnx --model "
-              "DIR DIR/onnx`) so that DIR/onnx/model.onnx exists, and pass that directory: "
-              "embedpool runs a shipped ONNX file as is.")
+ONNX_ROUTE = (
+    "Export the model to ONNX (e.g. with optimum: `optimum-cli export onnx --model "
+    "DIR DIR/onnx`) so that DIR/onnx/model.onnx exists, and pass that directory: "
+    "embedpool runs a shipped ONNX file as is."
+)
 
 
 def built_families() -> str:
     """``bert (bert); xlm-roberta (roberta, xlm-roberta); ...``: what messages name."""
-    return "; ".join(f"{fam.NAME} ({', '.join(sorted(t for t in fam.MODEL_TYPES if t.islower()))})"
-                     for fam in FAMILIES)
+    return "; ".join(
+        f"{fam.NAME} ({', '.join(sorted(t for t in fam.MODEL_TYPES if t.islower()))})"
+        for fam in FAMILIES
+    )
 
 
-def parse_config(config: Mapping[str, Any], where: str = "config.json"
-                 ) -> tuple[ModuleType, Any]:
+def parse_config(config: Mapping[str, Any], where: str = "config.json") -> tuple[ModuleType, Any]:
     """The family and its parsed config; a refusal of the family (a field it cannot honour:
     a position type, an activation, a decoder flag) also names what embedpool builds and the
     ONNX route, so the message says what to do, not only what is wrong."""
@@ -59,8 +64,10 @@ def parse_config(config: Mapping[str, Any], where: str = "config.json"
     try:
         return fam, fam.parse_config(config, where)
     except ModelError as exc:
-        raise ModelError(f"{str(exc).rstrip('.')}. embedpool builds {built_families()} from safetensors, each "
-                         f"as its reference implementation computes it. {ONNX_ROUTE}") from exc
+        raise ModelError(
+            f"{str(exc).rstrip('.')}. embedpool builds {built_families()} from safetensors, each "
+            f"as its reference implementation computes it. {ONNX_ROUTE}"
+        ) from exc
 
 
 #: int8 graph bytes per fp32 graph byte: MiniLM's 33 / 87 MiB under the static recipe. Models
@@ -87,8 +94,9 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
     where = str(model.directory / "config.json")
     fam, cfg = parse_config(model.config, where)
     if fam is modernbert:  # block-local windows hold 3 x half-window keys per query
-        keys: int | None = 3 * (cfg.local_window // 2) if "sliding_attention" in cfg.layer_types \
-            else 0
+        keys: int | None = (
+            3 * (cfg.local_window // 2) if "sliding_attention" in cfg.layer_types else 0
+        )
         ffn = 2 * cfg.intermediate_size
     elif fam is gemma3:  # as ModernBERT: block-local windows, FlashAttention elsewhere
         keys = 3 * cfg.window_half if "sliding_attention" in cfg.layer_types else 0
@@ -103,10 +111,15 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
     fp32_bytes = 4 * _parameter_count(model.weights_path)
     weights = int(fp32_bytes * (INT8_WEIGHT_RATIO if precision == "int8" else 1.0))
     return ModelMemory(
-        weights=weights, hidden=int(cfg.hidden_size), ffn=int(ffn), heads=int(cfg.num_heads),
-        max_seq=int(model.max_length), score_keys=keys,
+        weights=weights,
+        hidden=int(cfg.hidden_size),
+        ffn=int(ffn),
+        heads=int(cfg.num_heads),
+        max_seq=int(model.max_length),
+        score_keys=keys,
         # a graph this large is written with its weights mapped from one side file
-        shared_weights=weights > EXTERNAL_MIN_BYTES)
+        shared_weights=weights > EXTERNAL_MIN_BYTES,
+    )
 
 
 def parameter_count(model: ResolvedModel) -> int | None:
@@ -122,5 +135,6 @@ def _parameter_count(path: Path) -> int:
     """Float elements of a checkpoint (shards included), from its headers alone."""
     from embedpool.graph.weights import FLOAT_DTYPES, tensor_infos
 
-    return sum(math.prod(info.shape) for info in tensor_infos(path).values()
-               if info.dtype in FLOAT_DTYPES)
+    return sum(
+        math.prod(info.shape) for info in tensor_infos(path).values() if info.dtype in FLOAT_DTYPES
+    )

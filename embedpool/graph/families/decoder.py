@@ -66,8 +66,8 @@ TANH_GELU = frozenset({"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_tanh"
 
 # --- norms ---------------------------------------------------------------------------------------
 
-def rms_norm(g: GraphBuilder, x: str, weight: Array, eps: float, name: str, *,
-             fused: bool) -> str:
+
+def rms_norm(g: GraphBuilder, x: str, weight: Array, eps: float, name: str, *, fused: bool) -> str:
     """``x / sqrt(mean(x^2, -1) + eps) * weight`` over the last axis, in float32 (as
     Qwen3RMSNorm / LlamaRMSNorm compute it). Gemma's ``(1 + weight)``: pass ``weight + 1``."""
     w = g.const(f"{name}.w", weight)
@@ -75,31 +75,51 @@ def rms_norm(g: GraphBuilder, x: str, weight: Array, eps: float, name: str, *,
         return g.op1("SimplifiedLayerNormalization", [x, w], name, axis=-1, epsilon=eps)
     sq = g.op1("Mul", [x, x], f"{name}.sq")
     mean = g.op1("ReduceMean", [sq], f"{name}.ms", axes=[-1], keepdims=1)
-    rms = g.op1("Sqrt", [g.op1("Add", [mean, g.const(f"{name}.eps", eps)], f"{name}.mse")],
-                f"{name}.rms")
+    rms = g.op1(
+        "Sqrt", [g.op1("Add", [mean, g.const(f"{name}.eps", eps)], f"{name}.mse")], f"{name}.rms"
+    )
     return g.op1("Mul", [g.op1("Div", [x, rms], f"{name}.x_n"), w], name)
 
 
-def add_rms_norm(g: GraphBuilder, x: str, residual: str, weight: Array, eps: float, name: str,
-                 *, fused: bool) -> tuple[str, str]:
+def add_rms_norm(
+    g: GraphBuilder, x: str, residual: str, weight: Array, eps: float, name: str, *, fused: bool
+) -> tuple[str, str]:
     """``(rms_norm(x + residual), x + residual)``: SkipSimplifiedLayerNormalization when
     fused (its fourth output is the sum, the residual stream of a pre-norm decoder)."""
     if not fused:
         total = g.op1("Add", [x, residual], f"{name}.sum")
         return rms_norm(g, total, weight, eps, name, fused=False), total
-    outs = g.op("SkipSimplifiedLayerNormalization", [x, residual, g.const(f"{name}.w", weight)],
-                name, outputs=4, domain=MS_DOMAIN, epsilon=eps)
+    outs = g.op(
+        "SkipSimplifiedLayerNormalization",
+        [x, residual, g.const(f"{name}.w", weight)],
+        name,
+        outputs=4,
+        domain=MS_DOMAIN,
+        epsilon=eps,
+    )
     # its mean and inverse deviation (outputs 1, 2) left unnamed: "Unused outputs" above
     g.nodes[-1].output[1] = g.nodes[-1].output[2] = ""
     return outs[0], outs[3]
 
 
-def head_rms_norm(g: GraphBuilder, x: str, weight: Array, eps: float, name: str, *,
-                  heads: int, head_dim: int, fused: bool) -> str:
+def head_rms_norm(
+    g: GraphBuilder,
+    x: str,
+    weight: Array,
+    eps: float,
+    name: str,
+    *,
+    heads: int,
+    head_dim: int,
+    fused: bool,
+) -> str:
     """RMSNorm of every head of ``x`` [batch, seq, heads * head_dim] over its ``head_dim``
     values, one ``weight`` [head_dim] shared by the heads (Qwen3's and Gemma3's q/k norms)."""
-    x4 = g.op1("Reshape", [x, g.shared_const(f"c.heads{heads}x{head_dim}",
-                                             [0, 0, heads, head_dim], np.int64)], f"{name}.x4")
+    x4 = g.op1(
+        "Reshape",
+        [x, g.shared_const(f"c.heads{heads}x{head_dim}", [0, 0, heads, head_dim], np.int64)],
+        f"{name}.x4",
+    )
     y = rms_norm(g, x4, weight, eps, f"{name}.n", fused=fused)
     return g.op1("Reshape", [y, g.shared_const("c.merge3", [0, 0, -1], np.int64)], name)
 
@@ -112,16 +132,24 @@ def activation(g: GraphBuilder, x: str, act: str, name: str, *, fused: bool) -> 
     if fused:
         return g.op1("FastGelu", [x], name, domain=MS_DOMAIN)
     cube = g.op1("Mul", [g.op1("Mul", [x, x], f"{name}.x2"), x], f"{name}.x3")
-    inner = g.op1("Add", [x, g.op1("Mul", [cube, g.shared_const("c.gelu_c", 0.044715)],
-                                   f"{name}.cx3")], f"{name}.in")
-    t = g.op1("Tanh", [g.op1("Mul", [inner, g.shared_const("c.gelu_s", math.sqrt(2 / math.pi))],
-                             f"{name}.arg")], f"{name}.tanh")
+    inner = g.op1(
+        "Add",
+        [x, g.op1("Mul", [cube, g.shared_const("c.gelu_c", 0.044715)], f"{name}.cx3")],
+        f"{name}.in",
+    )
+    t = g.op1(
+        "Tanh",
+        [g.op1("Mul", [inner, g.shared_const("c.gelu_s", math.sqrt(2 / math.pi))], f"{name}.arg")],
+        f"{name}.tanh",
+    )
     half_x = g.op1("Mul", [x, g.shared_const("c.half", 0.5)], f"{name}.half_x")
-    return g.op1("Mul", [half_x, g.op1("Add", [t, g.shared_const("c.one_f", 1.0)],
-                                       f"{name}.t1")], name)
+    return g.op1(
+        "Mul", [half_x, g.op1("Add", [t, g.shared_const("c.one_f", 1.0)], f"{name}.t1")], name
+    )
 
 
 # --- attention -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DecoderPlan:
@@ -136,8 +164,15 @@ class DecoderPlan:
     bias: str = ""  # plain: [batch, 1, seq, seq] (causal and padding) or [batch, 1, 1, seq]
 
 
-def plan_attention(g: GraphBuilder, kind: str, *, causal: bool, heads: int, head_dim: int,
-                   scale: float | None = None) -> DecoderPlan:
+def plan_attention(
+    g: GraphBuilder,
+    kind: str,
+    *,
+    causal: bool,
+    heads: int,
+    head_dim: int,
+    scale: float | None = None,
+) -> DecoderPlan:
     """The shared tensors of ``kind`` (ATTENTION_KINDS). ``gqa`` is causal only; a
     bidirectional graph's fused kind is ``flash``. ``scale`` defaults to 1/sqrt(head_dim)."""
     from onnx import TensorProto
@@ -151,66 +186,135 @@ def plan_attention(g: GraphBuilder, kind: str, *, causal: bool, heads: int, head
     s = scale if scale is not None else 1.0 / math.sqrt(head_dim)
     shape = g.op1("Shape", [INPUT_IDS], "attn.ids_shape")
     if kind == "gqa":
-        seq = g.op1("Slice", [shape, g.shared_const("c.s1", [1], np.int64),
-                              g.shared_const("c.s2", [2], np.int64)], "attn.seq")
-        batch = g.op1("Slice", [shape, g.shared_const("c.s0", [0], np.int64),
-                                g.shared_const("c.s1", [1], np.int64)], "attn.batch")
+        seq = g.op1(
+            "Slice",
+            [shape, g.shared_const("c.s1", [1], np.int64), g.shared_const("c.s2", [2], np.int64)],
+            "attn.seq",
+        )
+        batch = g.op1(
+            "Slice",
+            [shape, g.shared_const("c.s0", [0], np.int64), g.shared_const("c.s1", [1], np.int64)],
+            "attn.batch",
+        )
         last = g.op1("Sub", [seq, g.shared_const("c.one_i1", [1], np.int64)], "attn.last")
-        seqlens = g.op1("Cast", [g.op1("Expand", [last, batch], "attn.lasts")],
-                        "attn.seqlens_k", to=TensorProto.INT32)
-        total = g.op1("Cast", [g.op1("Squeeze", [seq, g.shared_const("c.axes0", [0], np.int64)],
-                                     "attn.seq0")], "attn.total_len", to=TensorProto.INT32)
+        seqlens = g.op1(
+            "Cast",
+            [g.op1("Expand", [last, batch], "attn.lasts")],
+            "attn.seqlens_k",
+            to=TensorProto.INT32,
+        )
+        total = g.op1(
+            "Cast",
+            [g.op1("Squeeze", [seq, g.shared_const("c.axes0", [0], np.int64)], "attn.seq0")],
+            "attn.total_len",
+            to=TensorProto.INT32,
+        )
         return DecoderPlan(kind, causal, seqlens_k=seqlens, total_len=total)
     m = g.op1("Cast", [ATTENTION_MASK], "attn.mask_f", to=TensorProto.FLOAT)
     if kind == "flash":
-        bs = g.op1("Slice", [shape, g.shared_const("c.s0", [0], np.int64),
-                             g.shared_const("c.s2", [2], np.int64)], "attn.bs")
-        cols = g.op1("Concat", [bs, g.shared_const(f"c.heads{heads}_1", [heads, 1], np.int64)],
-                     "attn.cols_shape", axis=0)
-        neg = g.op1("Mul", [g.op1("Sub", [m, g.shared_const("c.one_f", 1.0)], "attn.inv"),
-                            g.const("attn.pad_big", layers.PAD_SCORE / s)], "attn.pad_neg")
-        pad_k = g.op1("Expand", [g.op1("Unsqueeze", [neg, g.shared_const("c.axes23", [2, 3],
-                                                                          np.int64)],
-                                       "attn.pad_k4"), cols], "attn.pad_k")
+        bs = g.op1(
+            "Slice",
+            [shape, g.shared_const("c.s0", [0], np.int64), g.shared_const("c.s2", [2], np.int64)],
+            "attn.bs",
+        )
+        cols = g.op1(
+            "Concat",
+            [bs, g.shared_const(f"c.heads{heads}_1", [heads, 1], np.int64)],
+            "attn.cols_shape",
+            axis=0,
+        )
+        neg = g.op1(
+            "Mul",
+            [
+                g.op1("Sub", [m, g.shared_const("c.one_f", 1.0)], "attn.inv"),
+                g.const("attn.pad_big", layers.PAD_SCORE / s),
+            ],
+            "attn.pad_neg",
+        )
+        pad_k = g.op1(
+            "Expand",
+            [
+                g.op1(
+                    "Unsqueeze", [neg, g.shared_const("c.axes23", [2, 3], np.int64)], "attn.pad_k4"
+                ),
+                cols,
+            ],
+            "attn.pad_k",
+        )
         pad_q = g.op1("Expand", [g.shared_const("c.one_f", 1.0), cols], "attn.pad_q")
         return DecoderPlan(kind, causal, pad_q=pad_q, pad_k=pad_k)
     bias = layers.mask_bias_plain(g)  # [batch, 1, 1, seq]
     if causal:
         n = g.op1("Gather", [shape, g.shared_const("c.one_i", 1, np.int64)], "attn.n")
-        pos = g.op1("Range", [g.shared_const("c.zero_i", 0, np.int64), n,
-                              g.shared_const("c.one_i", 1, np.int64)], "attn.pos")
+        pos = g.op1(
+            "Range",
+            [g.shared_const("c.zero_i", 0, np.int64), n, g.shared_const("c.one_i", 1, np.int64)],
+            "attn.pos",
+        )
         rows = g.op1("Unsqueeze", [pos, g.shared_const("c.axes1", [1], np.int64)], "attn.rows")
         future = g.op1("Greater", [pos, rows], "attn.future")  # [seq, seq]: key after query
-        tri = g.op1("Where", [future, g.shared_const("c.neg", layers.MASK_NEG),
-                              g.shared_const("c.zero_f", 0.0)], "attn.causal")
+        tri = g.op1(
+            "Where",
+            [future, g.shared_const("c.neg", layers.MASK_NEG), g.shared_const("c.zero_f", 0.0)],
+            "attn.causal",
+        )
         bias = g.op1("Add", [bias, tri], "attn.bias")
     return DecoderPlan(kind, causal, bias=bias)
 
 
-def repeat_kv(g: GraphBuilder, x: str, name: str, *, kv_heads: int, groups: int,
-              head_dim: int) -> str:
+def repeat_kv(
+    g: GraphBuilder, x: str, name: str, *, kv_heads: int, groups: int, head_dim: int
+) -> str:
     """[batch, seq, kv_heads * head_dim] -> [batch, seq, kv_heads * groups * head_dim], each
     K/V head repeated for the ``groups`` query heads that read it (transformers' repeat_kv:
     query head ``h`` reads kv head ``h // groups``)."""
     if groups == 1:
         return x
-    x5 = g.op1("Reshape", [x, g.shared_const(f"c.kv{kv_heads}x1x{head_dim}",
-                                             [0, 0, kv_heads, 1, head_dim], np.int64)],
-               f"{name}.x5")
-    shape = g.op1("Concat", [g.op1("Slice", [g.op1("Shape", [x], f"{name}.shape"),
-                                             g.shared_const("c.s0", [0], np.int64),
-                                             g.shared_const("c.s2", [2], np.int64)],
-                                   f"{name}.bs"),
-                             g.shared_const(f"c.kv{kv_heads}x{groups}x{head_dim}",
-                                            [kv_heads, groups, head_dim], np.int64)],
-                  f"{name}.rshape", axis=0)
+    x5 = g.op1(
+        "Reshape",
+        [
+            x,
+            g.shared_const(f"c.kv{kv_heads}x1x{head_dim}", [0, 0, kv_heads, 1, head_dim], np.int64),
+        ],
+        f"{name}.x5",
+    )
+    shape = g.op1(
+        "Concat",
+        [
+            g.op1(
+                "Slice",
+                [
+                    g.op1("Shape", [x], f"{name}.shape"),
+                    g.shared_const("c.s0", [0], np.int64),
+                    g.shared_const("c.s2", [2], np.int64),
+                ],
+                f"{name}.bs",
+            ),
+            g.shared_const(
+                f"c.kv{kv_heads}x{groups}x{head_dim}", [kv_heads, groups, head_dim], np.int64
+            ),
+        ],
+        f"{name}.rshape",
+        axis=0,
+    )
     wide = g.op1("Expand", [x5, shape], f"{name}.wide")
     return g.op1("Reshape", [wide, g.shared_const("c.merge3", [0, 0, -1], np.int64)], name)
 
 
-def attention(g: GraphBuilder, plan: DecoderPlan, q: str, k: str, v: str, name: str, *,
-              heads: int, kv_heads: int, head_dim: int, scale: float | None = None,
-              rotary: layers.Rotary | None = None) -> str:
+def attention(
+    g: GraphBuilder,
+    plan: DecoderPlan,
+    q: str,
+    k: str,
+    v: str,
+    name: str,
+    *,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    scale: float | None = None,
+    rotary: layers.Rotary | None = None,
+) -> str:
     """Self-attention of q [batch, seq, heads * head_dim] over k, v [batch, seq, kv_heads *
     head_dim] -> [batch, seq, heads * head_dim]. ``rotary`` (``gqa`` only, a fused
     ``layers.rotary_consts``): the kernel rotates q and k itself (half-split convention,
@@ -225,8 +329,16 @@ def attention(g: GraphBuilder, plan: DecoderPlan, q: str, k: str, v: str, name: 
             inputs += [rotary.cos, rotary.sin]
             attrs = {"do_rotary": 1, "rotary_interleaved": 0}
         # output 0 only: see "Unused outputs" in the module docstring
-        return g.op1("GroupQueryAttention", inputs, name, domain=MS_DOMAIN, num_heads=heads,
-                     kv_num_heads=kv_heads, scale=s, **attrs)
+        return g.op1(
+            "GroupQueryAttention",
+            inputs,
+            name,
+            domain=MS_DOMAIN,
+            num_heads=heads,
+            kv_num_heads=kv_heads,
+            scale=s,
+            **attrs,
+        )
     if rotary is not None:
         raise ValueError("only the gqa kernel applies rotary itself; rotate q and k first")
     groups = heads // kv_heads
@@ -235,20 +347,37 @@ def attention(g: GraphBuilder, plan: DecoderPlan, q: str, k: str, v: str, name: 
     split = g.shared_const(f"c.heads{heads}x{head_dim}", [0, 0, heads, head_dim], np.int64)
     merge = g.shared_const("c.merge3", [0, 0, -1], np.int64)
     if plan.kind == "flash":
+
         def widen(x: str, col: str, tag: str) -> str:
             x4 = g.op1("Reshape", [x, split], f"{name}.{tag}4")
-            return g.op1("Reshape", [g.op1("Concat", [x4, col], f"{name}.{tag}c", axis=3), merge],
-                         f"{name}.{tag}w")
+            return g.op1(
+                "Reshape",
+                [g.op1("Concat", [x4, col], f"{name}.{tag}c", axis=3), merge],
+                f"{name}.{tag}w",
+            )
 
-        return g.op1("MultiHeadAttention", [widen(q, plan.pad_q, "q"), widen(k, plan.pad_k, "k"),
-                                            v], name, domain=MS_DOMAIN, num_heads=heads, scale=s)
+        return g.op1(
+            "MultiHeadAttention",
+            [widen(q, plan.pad_q, "q"), widen(k, plan.pad_k, "k"), v],
+            name,
+            domain=MS_DOMAIN,
+            num_heads=heads,
+            scale=s,
+        )
 
     def heads_first(x: str, tag: str, perm: list[int]) -> str:
-        return g.op1("Transpose", [g.op1("Reshape", [x, split], f"{name}.{tag}4")],
-                     f"{name}.{tag}t", perm=perm)
+        return g.op1(
+            "Transpose",
+            [g.op1("Reshape", [x, split], f"{name}.{tag}4")],
+            f"{name}.{tag}t",
+            perm=perm,
+        )
 
-    scores = g.op1("MatMul", [heads_first(q, "q", [0, 2, 1, 3]),
-                              heads_first(k, "k", [0, 2, 3, 1])], f"{name}.qk")
+    scores = g.op1(
+        "MatMul",
+        [heads_first(q, "q", [0, 2, 1, 3]), heads_first(k, "k", [0, 2, 3, 1])],
+        f"{name}.qk",
+    )
     scores = g.op1("Mul", [scores, g.const(f"{name}.scale", s)], f"{name}.scaled")
     scores = g.op1("Add", [scores, plan.bias], f"{name}.masked")
     probs = g.op1("Softmax", [scores], f"{name}.probs", axis=-1)

@@ -98,22 +98,35 @@ if TYPE_CHECKING:
     import onnx
 
 NAME = "gemma3"
-BUILDER_VERSION = 3  # 2: local layers flash within one window; 3: a window wider than positions is global
+BUILDER_VERSION = (
+    3  # 2: local layers flash within one window; 3: a window wider than positions is global
+)
 MODEL_TYPES = frozenset({"gemma3_text"})
 LAYER_TYPES = ("full_attention", "sliding_attention")
 #: Why embedpool builds no fp16 graph of this family (graph.model_precisions): on a GPU
 #: ``auto`` runs fp32, and an explicit fp16 is refused with this reason.
-FP16_UNSAFE = ("EmbeddingGemma's model card: its activations do not support float16 "
-               "(float32 or bfloat16)")
+FP16_UNSAFE = (
+    "EmbeddingGemma's model card: its activations do not support float16 (float32 or bfloat16)"
+)
 #: hidden_activation values: the tanh approximation (what Gemma uses) and the erf form.
 ACTIVATIONS = decoder.TANH_GELU | {"gelu"}
 #: transformers' Gemma3TextConfig defaults (EmbeddingGemma's config sets each of these).
 DEFAULTS: dict[str, Any] = {
-    "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
-    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-    "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-6, "max_position_embeddings": 131_072,
-    "sliding_window": 4096, "sliding_window_pattern": 6, "rope_theta": 1_000_000.0,
-    "rope_local_base_freq": 10_000.0, "hidden_activation": "gelu_pytorch_tanh"}
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 131_072,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "hidden_activation": "gelu_pytorch_tanh",
+}
 
 
 @dataclass(frozen=True)
@@ -160,34 +173,50 @@ class Gemma3Config:
             n_layers = int(get("num_hidden_layers"))
             global_theta, local_theta = _rope_thetas(config, where)
             heads, kv_heads = int(get("num_attention_heads")), int(get("num_key_value_heads"))
-            cfg = cls(hidden_size=int(get("hidden_size")),
-                      intermediate_size=int(get("intermediate_size")), num_layers=n_layers,
-                      num_heads=heads, num_kv_heads=kv_heads, head_dim=int(get("head_dim")),
-                      query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
-                      norm_eps=float(get("rms_norm_eps")),
-                      max_positions=int(get("max_position_embeddings")),
-                      sliding_window=_sliding_window(config),
-                      global_theta=global_theta, local_theta=local_theta,
-                      layer_types=_layer_types(config, n_layers, where),
-                      activation=str(get("hidden_activation")),
-                      vocab_size=int(config["vocab_size"]))
+            cfg = cls(
+                hidden_size=int(get("hidden_size")),
+                intermediate_size=int(get("intermediate_size")),
+                num_layers=n_layers,
+                num_heads=heads,
+                num_kv_heads=kv_heads,
+                head_dim=int(get("head_dim")),
+                query_pre_attn_scalar=float(get("query_pre_attn_scalar")),
+                norm_eps=float(get("rms_norm_eps")),
+                max_positions=int(get("max_position_embeddings")),
+                sliding_window=_sliding_window(config),
+                global_theta=global_theta,
+                local_theta=local_theta,
+                layer_types=_layer_types(config, n_layers, where),
+                activation=str(get("hidden_activation")),
+                vocab_size=int(config["vocab_size"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{where}: missing or bad Gemma 3 field: {exc}") from exc
         if cfg.activation not in ACTIVATIONS:
-            raise ModelError(f"{where}: hidden_activation {cfg.activation!r} is not supported "
-                             f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+            raise ModelError(
+                f"{where}: hidden_activation {cfg.activation!r} is not supported "
+                f"(supported: {', '.join(sorted(ACTIVATIONS))})"
+            )
         if "sliding_attention" in cfg.layer_types and cfg.sliding_window < 2:
-            raise ModelError(f"{where}: sliding_window {config.get('sliding_window')!r} leaves "
-                             "the local layers no window")
-        if min(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size) <= 0 \
-                or cfg.num_heads % cfg.num_kv_heads or cfg.head_dim % 2:
-            raise ModelError(f"{where}: num_attention_heads {cfg.num_heads}, "
-                             f"num_key_value_heads {cfg.num_kv_heads} and head_dim "
-                             f"{cfg.head_dim} must be positive, the heads a multiple of the "
-                             "key/value heads and head_dim even")
+            raise ModelError(
+                f"{where}: sliding_window {config.get('sliding_window')!r} leaves "
+                "the local layers no window"
+            )
+        if (
+            min(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size) <= 0
+            or cfg.num_heads % cfg.num_kv_heads
+            or cfg.head_dim % 2
+        ):
+            raise ModelError(
+                f"{where}: num_attention_heads {cfg.num_heads}, "
+                f"num_key_value_heads {cfg.num_kv_heads} and head_dim "
+                f"{cfg.head_dim} must be positive, the heads a multiple of the "
+                "key/value heads and head_dim even"
+            )
         if cfg.query_pre_attn_scalar <= 0:
-            raise ModelError(f"{where}: query_pre_attn_scalar must be positive, got "
-                             f"{cfg.query_pre_attn_scalar}")
+            raise ModelError(
+                f"{where}: query_pre_attn_scalar must be positive, got {cfg.query_pre_attn_scalar}"
+            )
         return cfg
 
 
@@ -197,14 +226,19 @@ def _refuse_unbuilt(config: Mapping[str, Any], where: str) -> None:
         raise ModelError(
             f"{where}: use_bidirectional_attention is {config.get('use_bidirectional_attention')!r}"
             ": a causal Gemma 3 (a chat model's backbone) is not an embedder embedpool builds; "
-            "EmbeddingGemma's config sets it true")
+            "EmbeddingGemma's config sets it true"
+        )
     if config.get("attn_logit_softcapping") is not None:
-        raise ModelError(f"{where}: attn_logit_softcapping "
-                         f"{config['attn_logit_softcapping']!r} is not supported (tanh-capped "
-                         "attention scores; EmbeddingGemma sets null)")
+        raise ModelError(
+            f"{where}: attn_logit_softcapping "
+            f"{config['attn_logit_softcapping']!r} is not supported (tanh-capped "
+            "attention scores; EmbeddingGemma sets null)"
+        )
     if config.get("attention_bias"):
-        raise ModelError(f"{where}: attention_bias is true: embedpool builds Gemma 3 without "
-                         "projection biases, as every released Gemma 3 is")
+        raise ModelError(
+            f"{where}: attention_bias is true: embedpool builds Gemma 3 without "
+            "projection biases, as every released Gemma 3 is"
+        )
 
 
 def _sliding_window(config: Mapping[str, Any]) -> int:
@@ -225,31 +259,42 @@ def _layer_types(config: Mapping[str, Any], n_layers: int, where: str) -> tuple[
     every = DEFAULTS["sliding_window_pattern"] if every is None else int(every)
     if every < 1:
         raise ModelError(f"{where}: sliding_window_pattern must be >= 1, got {every}")
-    return tuple("sliding_attention" if (i + 1) % every else "full_attention"
-                 for i in range(n_layers))
+    return tuple(
+        "sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)
+    )
 
 
 def _rope_thetas(config: Mapping[str, Any], where: str) -> tuple[float, float]:
     """(global, local) rotary bases from transformers 5's ``rope_parameters`` per layer type
     or the older ``rope_theta`` / ``rope_local_base_freq`` (EmbeddingGemma's hub config)."""
     if config.get("rope_scaling"):
-        raise ModelError(f"{where}: rope_scaling {config['rope_scaling']} is not supported "
-                         "(plain rotary positions only)")
+        raise ModelError(
+            f"{where}: rope_scaling {config['rope_scaling']} is not supported "
+            "(plain rotary positions only)"
+        )
     params = config.get("rope_parameters") or {}
     if not isinstance(params, Mapping) or set(params) - set(LAYER_TYPES):
-        raise ModelError(f"{where}: rope_parameters {params!r} must map full_attention and "
-                         "sliding_attention to their rotary parameters")
+        raise ModelError(
+            f"{where}: rope_parameters {params!r} must map full_attention and "
+            "sliding_attention to their rotary parameters"
+        )
     thetas = []
-    for kind, old_key in (("full_attention", "rope_theta"),
-                          ("sliding_attention", "rope_local_base_freq")):
+    for kind, old_key in (
+        ("full_attention", "rope_theta"),
+        ("sliding_attention", "rope_local_base_freq"),
+    ):
         p = params.get(kind) or {}
         if p.get("rope_type", "default") != "default":
-            raise ModelError(f"{where}: rope_type {p['rope_type']!r} for {kind} is not "
-                             "supported (plain rotary positions only)")
+            raise ModelError(
+                f"{where}: rope_type {p['rope_type']!r} for {kind} is not "
+                "supported (plain rotary positions only)"
+            )
         extra = sorted(set(p) - {"rope_type", "rope_theta"})
         if extra:
-            raise ModelError(f"{where}: rope_parameters.{kind} keys {extra} are not supported "
-                             "(plain rotary positions: rope_type default and rope_theta)")
+            raise ModelError(
+                f"{where}: rope_parameters.{kind} keys {extra} are not supported "
+                "(plain rotary positions: rope_type default and rope_theta)"
+            )
         theta = p.get("rope_theta", config.get(old_key))
         thetas.append(float(DEFAULTS[old_key] if theta is None else theta))
     return thetas[0], thetas[1]
@@ -257,22 +302,41 @@ def _rope_thetas(config: Mapping[str, Any], where: str) -> tuple[float, float]:
 
 # --- weights -------------------------------------------------------------------------------------
 
-LAYER_KEYS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-              "post_feedforward_layernorm", "self_attn.q_proj", "self_attn.k_proj",
-              "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm", "self_attn.k_norm",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LAYER_KEYS = (
+    "input_layernorm",
+    "post_attention_layernorm",
+    "pre_feedforward_layernorm",
+    "post_feedforward_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "self_attn.q_norm",
+    "self_attn.k_norm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def _shapes(cfg: Gemma3Config) -> dict[str, tuple[int, ...]]:
     h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    per_layer = {"input_layernorm": (h,), "post_attention_layernorm": (h,),
-                 "pre_feedforward_layernorm": (h,), "post_feedforward_layernorm": (h,),
-                 "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h),
-                 "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q),
-                 "self_attn.q_norm": (hd,), "self_attn.k_norm": (hd,),
-                 "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-                 "mlp.down_proj": (h, inter)}
+    per_layer = {
+        "input_layernorm": (h,),
+        "post_attention_layernorm": (h,),
+        "pre_feedforward_layernorm": (h,),
+        "post_feedforward_layernorm": (h,),
+        "self_attn.q_proj": (q, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, q),
+        "self_attn.q_norm": (hd,),
+        "self_attn.k_norm": (hd,),
+        "mlp.gate_proj": (inter, h),
+        "mlp.up_proj": (inter, h),
+        "mlp.down_proj": (h, inter),
+    }
     out = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
     for i in range(cfg.num_layers):
         out.update({f"layers.{i}.{k}.weight": s for k, s in per_layer.items()})
@@ -287,21 +351,28 @@ def load_weights(path: Any, cfg: Gemma3Config) -> dict[str, Array]:
     out = load_safetensors(path)
     for prefix in ("language_model.model.", "language_model."):
         if any(k.startswith(prefix) for k in out):
-            out = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in out.items()}
+            out = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in out.items()}
     expected = _shapes(cfg)
     missing = [k for k in expected if k not in out]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelError(f"{path}: not a Gemma 3 checkpoint matching its config.json; "
-                         f"missing {shown}")
-    wrong = [f"{k} is {list(out[k].shape)}, config.json implies {list(s)}"
-             for k, s in expected.items() if tuple(out[k].shape) != s]
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise ModelError(
+            f"{path}: not a Gemma 3 checkpoint matching its config.json; missing {shown}"
+        )
+    wrong = [
+        f"{k} is {list(out[k].shape)}, config.json implies {list(s)}"
+        for k, s in expected.items()
+        if tuple(out[k].shape) != s
+    ]
     if wrong:
         raise ModelError(f"{path}: does not match its config.json: {'; '.join(wrong[:3])}")
     return out
 
 
 # --- the graph -----------------------------------------------------------------------------------
+
 
 def _gamma(w: Array, factor: float = 1.0) -> Array:
     """Gemma's norm scale ``1 + w`` in float32 (as transformers computes it), times
@@ -310,8 +381,18 @@ def _gamma(w: Array, factor: float = 1.0) -> Array:
     return g if factor == 1.0 else (g.astype(np.float64) * factor).astype(np.float32)
 
 
-def window_attention(g: GraphBuilder, plan: layers.AttentionPlan, fits: str, q: str, k: str,
-                     v: str, name: str, *, heads: int, head_dim: int) -> str:
+def window_attention(
+    g: GraphBuilder,
+    plan: layers.AttentionPlan,
+    fits: str,
+    q: str,
+    k: str,
+    v: str,
+    name: str,
+    *,
+    heads: int,
+    head_dim: int,
+) -> str:
     """A local layer's attention, chosen at run time by an ``If`` on ``fits`` (the sequence is
     at most ``window_half + 1`` long): then every key is within every query's window, and the
     mask-free FlashAttention of a global layer computes the same context as block-local
@@ -327,18 +408,37 @@ def window_attention(g: GraphBuilder, plan: layers.AttentionPlan, fits: str, q: 
         out = build()
         nodes = g.nodes[start:]
         del g.nodes[start:]
-        return helper.make_graph(nodes, f"{name}.{tag}", [], [
-            helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+        return helper.make_graph(
+            nodes,
+            f"{name}.{tag}",
+            [],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+        )
 
-    whole = branch("whole", lambda: layers.flash_attention(
-        g, q, k, v, cols, f"{name}.whole", heads=heads, head_dim=head_dim))
-    blocks = branch("blocks", lambda: layers.local_attention(
-        g, q, k, v, local_blocks, f"{name}.blocks", heads=heads, head_dim=head_dim))
+    whole = branch(
+        "whole",
+        lambda: layers.flash_attention(
+            g, q, k, v, cols, f"{name}.whole", heads=heads, head_dim=head_dim
+        ),
+    )
+    blocks = branch(
+        "blocks",
+        lambda: layers.local_attention(
+            g, q, k, v, local_blocks, f"{name}.blocks", heads=heads, head_dim=head_dim
+        ),
+    )
     return g.op1("If", [fits], name, then_branch=whole, else_branch=blocks)
 
 
-def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: Gemma3Config, *,
-                  fused: bool = True, int8_ready: bool = False, attention: str = "") -> Encoder:
+def build_encoder(
+    g: GraphBuilder,
+    weights: Mapping[str, Array],
+    cfg: Gemma3Config,
+    *,
+    fused: bool = True,
+    int8_ready: bool = False,
+    attention: str = "",
+) -> Encoder:
     """Token states [batch, seq, hidden] after the final norm. ``int8_ready`` (fused only):
     the word table as int8 rows; every projection is already a plain MatMul. ``attention``:
     one of layers.ATTENTION_KINDS (default: ``flash`` fused, ``plain`` unfused)."""
@@ -347,63 +447,122 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: Gemma3Conf
     nh, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     table = (w["embed_tokens.weight"] * np.float32(math.sqrt(cfg.hidden_size))).astype(np.float32)
     x = layers.gather_rows(g, table, INPUT_IDS, "emb.word", int8=int8_ready)
-    rope = {lt: layers.rotary_consts(g, theta, hd, cfg.max_positions, f"rope.{lt}", fused=fused)
-            for lt, theta in (("full_attention", cfg.global_theta),
-                              ("sliding_attention", cfg.local_theta))
-            if lt in cfg.layer_types}
+    rope = {
+        lt: layers.rotary_consts(g, theta, hd, cfg.max_positions, f"rope.{lt}", fused=fused)
+        for lt, theta in (
+            ("full_attention", cfg.global_theta),
+            ("sliding_attention", cfg.local_theta),
+        )
+        if lt in cfg.layer_types
+    }
     # local layers whose window spans every position the model has attend globally
     windowed = "sliding_attention" in cfg.layer_types and cfg.window_half + 1 < cfg.max_positions
     plan = layers.plan_attention(
-        g, x, kind, heads=nh, head_dim=hd, window_half=cfg.window_half if windowed else None,
-        has_global="full_attention" in cfg.layer_types or not windowed or kind == "flash")
+        g,
+        x,
+        kind,
+        heads=nh,
+        head_dim=hd,
+        window_half=cfg.window_half if windowed else None,
+        has_global="full_attention" in cfg.layer_types or not windowed or kind == "flash",
+    )
     # a sequence within one window: every local layer sees every key (see window_attention)
-    fits = g.op1("Less", [layers.seq_len(g, INPUT_IDS), g.const("window.fits_below",
-                                                        [cfg.window_half + 2], np.int64)],
-                 "window.fits") if windowed and kind == "flash" else ""
+    fits = (
+        g.op1(
+            "Less",
+            [
+                layers.seq_len(g, INPUT_IDS),
+                g.const("window.fits_below", [cfg.window_half + 2], np.int64),
+            ],
+            "window.fits",
+        )
+        if windowed and kind == "flash"
+        else ""
+    )
     residual = x
-    normed = decoder.rms_norm(g, x, _gamma(w["layers.0.input_layernorm.weight"]), eps,
-                              "l0.input_norm", fused=fused)
+    normed = decoder.rms_norm(
+        g, x, _gamma(w["layers.0.input_layernorm.weight"]), eps, "l0.input_norm", fused=fused
+    )
     for i, layer_type in enumerate(cfg.layer_types):
         p, n = f"layers.{i}.", f"l{i}"
-        q, k, v = layers.qkv(g, normed, {r: linear_t(w, p + f"self_attn.{r}_proj")
-                                         for r in "qkv"}, n, i)
-        q = decoder.head_rms_norm(g, q, _gamma(w[p + "self_attn.q_norm.weight"], cfg.query_scale),
-                                  eps, f"{n}.q_norm", heads=nh, head_dim=hd, fused=fused)
-        k = decoder.head_rms_norm(g, k, _gamma(w[p + "self_attn.k_norm.weight"]), eps,
-                                  f"{n}.k_norm", heads=kvh, head_dim=hd, fused=fused)
-        q = layers.rotate(g, q, rope[layer_type], f"{n}.q_rot", fused=fused, heads=nh,
-                          head_dim=hd)
-        k = layers.rotate(g, k, rope[layer_type], f"{n}.k_rot", fused=fused, heads=kvh,
-                          head_dim=hd)
+        q, k, v = layers.qkv(
+            g, normed, {r: linear_t(w, p + f"self_attn.{r}_proj") for r in "qkv"}, n, i
+        )
+        q = decoder.head_rms_norm(
+            g,
+            q,
+            _gamma(w[p + "self_attn.q_norm.weight"], cfg.query_scale),
+            eps,
+            f"{n}.q_norm",
+            heads=nh,
+            head_dim=hd,
+            fused=fused,
+        )
+        k = decoder.head_rms_norm(
+            g,
+            k,
+            _gamma(w[p + "self_attn.k_norm.weight"]),
+            eps,
+            f"{n}.k_norm",
+            heads=kvh,
+            head_dim=hd,
+            fused=fused,
+        )
+        q = layers.rotate(g, q, rope[layer_type], f"{n}.q_rot", fused=fused, heads=nh, head_dim=hd)
+        k = layers.rotate(g, k, rope[layer_type], f"{n}.k_rot", fused=fused, heads=kvh, head_dim=hd)
         k = decoder.repeat_kv(g, k, f"{n}.k_rep", kv_heads=kvh, groups=nh // kvh, head_dim=hd)
         v = decoder.repeat_kv(g, v, f"{n}.v_rep", kv_heads=kvh, groups=nh // kvh, head_dim=hd)
         local = windowed and layer_type == "sliding_attention"
         if fits and local:
             ctx = window_attention(g, plan, fits, q, k, v, f"{n}.attn", heads=nh, head_dim=hd)
         else:
-            ctx = layers.self_attention(g, plan, q, k, v, f"{n}.attn", heads=nh, head_dim=hd,
-                                        local=local)
-        o = g.linear(ctx, linear_t(w, p + "self_attn.o_proj"), f"{n}.o", role="attn_out",
-                     layer=i)
-        o = decoder.rms_norm(g, o, _gamma(w[p + "post_attention_layernorm.weight"]), eps,
-                             f"{n}.post_attn_norm", fused=fused)
+            ctx = layers.self_attention(
+                g, plan, q, k, v, f"{n}.attn", heads=nh, head_dim=hd, local=local
+            )
+        o = g.linear(ctx, linear_t(w, p + "self_attn.o_proj"), f"{n}.o", role="attn_out", layer=i)
+        o = decoder.rms_norm(
+            g,
+            o,
+            _gamma(w[p + "post_attention_layernorm.weight"]),
+            eps,
+            f"{n}.post_attn_norm",
+            fused=fused,
+        )
         normed, residual = decoder.add_rms_norm(
-            g, o, residual, _gamma(w[p + "pre_feedforward_layernorm.weight"]), eps,
-            f"{n}.pre_ff_norm", fused=fused)
-        gate = g.linear(normed, linear_t(w, p + "mlp.gate_proj"), f"{n}.gate", role="ffn_gate",
-                        layer=i)
+            g,
+            o,
+            residual,
+            _gamma(w[p + "pre_feedforward_layernorm.weight"]),
+            eps,
+            f"{n}.pre_ff_norm",
+            fused=fused,
+        )
+        gate = g.linear(
+            normed, linear_t(w, p + "mlp.gate_proj"), f"{n}.gate", role="ffn_gate", layer=i
+        )
         up = g.linear(normed, linear_t(w, p + "mlp.up_proj"), f"{n}.up", role="ffn_up", layer=i)
         act = decoder.activation(g, gate, cfg.activation, f"{n}.act", fused=fused)
         glu = g.op1("Mul", [act, up], f"{n}.glu")
-        mlp = g.linear(glu, linear_t(w, p + "mlp.down_proj"), f"{n}.down", role="ffn_down",
-                       layer=i)
-        mlp = decoder.rms_norm(g, mlp, _gamma(w[p + "post_feedforward_layernorm.weight"]),
-                               eps, f"{n}.post_ff_norm", fused=fused)
+        mlp = g.linear(glu, linear_t(w, p + "mlp.down_proj"), f"{n}.down", role="ffn_down", layer=i)
+        mlp = decoder.rms_norm(
+            g,
+            mlp,
+            _gamma(w[p + "post_feedforward_layernorm.weight"]),
+            eps,
+            f"{n}.post_ff_norm",
+            fused=fused,
+        )
         last = i == cfg.num_layers - 1
         next_key = "norm.weight" if last else f"layers.{i + 1}.input_layernorm.weight"
         normed, residual = decoder.add_rms_norm(
-            g, mlp, residual, _gamma(w[next_key]), eps,
-            "final_norm" if last else f"l{i + 1}.input_norm", fused=fused)
+            g,
+            mlp,
+            residual,
+            _gamma(w[next_key]),
+            eps,
+            "final_norm" if last else f"l{i + 1}.input_norm",
+            fused=fused,
+        )
     return Encoder(normed, cfg.hidden_size)
 
 

@@ -47,6 +47,7 @@ ERF_GELU = frozenset({"gelu", "geglu"})
 
 # --- masks -------------------------------------------------------------------------------------
 
+
 def mask_int32(g: GraphBuilder) -> str:
     """The 2-D padding mask as MultiHeadAttention's ``key_padding_mask`` (int32, 1 = token)."""
     from onnx import TensorProto
@@ -67,26 +68,40 @@ def mask_bias_plain(g: GraphBuilder) -> str:
 def seq_len(g: GraphBuilder, x: str, axis: int = 1) -> str:
     """Dimension ``axis`` of ``x`` as a 1-element int64 tensor."""
     shape = g.op1("Shape", [x], f"{x}.shape")
-    return g.op1("Slice", [shape, g.shared_const(f"c.ax{axis}", [axis], np.int64),
-                           g.shared_const(f"c.ax{axis}_end", [axis + 1], np.int64)], f"{x}.len{axis}")
+    return g.op1(
+        "Slice",
+        [
+            shape,
+            g.shared_const(f"c.ax{axis}", [axis], np.int64),
+            g.shared_const(f"c.ax{axis}_end", [axis + 1], np.int64),
+        ],
+        f"{x}.len{axis}",
+    )
 
 
 def window_bias(g: GraphBuilder, x: str, half: int, name: str) -> str:
     """[1, 1, seq, seq] additive bias: 0 where ``|i - j| <= half`` (a bidirectional sliding
     window, as transformers' ``sliding_window_bidirectional_overlay``), MASK_NEG elsewhere."""
     n = g.op1("Squeeze", [seq_len(g, x), g.shared_const("c.axes0", [0], np.int64)], f"{name}.n")
-    pos = g.op1("Range", [g.shared_const("c.zero_i", 0, np.int64), n, g.shared_const("c.one_i", 1, np.int64)],
-                f"{name}.pos")
+    pos = g.op1(
+        "Range",
+        [g.shared_const("c.zero_i", 0, np.int64), n, g.shared_const("c.one_i", 1, np.int64)],
+        f"{name}.pos",
+    )
     rows = g.op1("Unsqueeze", [pos, g.shared_const("c.axes1", [1], np.int64)], f"{name}.rows")
     cols = g.op1("Unsqueeze", [pos, g.shared_const("c.axes0b", [0], np.int64)], f"{name}.cols")
     dist = g.op1("Abs", [g.op1("Sub", [rows, cols], f"{name}.diff")], f"{name}.dist")
     outside = g.op1("Greater", [dist, g.const(f"{name}.half", half, np.int64)], f"{name}.out")
-    bias = g.op1("Where", [outside, g.shared_const("c.neg", MASK_NEG),
-                           g.shared_const("c.zero_f", 0.0)], f"{name}.bias2")
+    bias = g.op1(
+        "Where",
+        [outside, g.shared_const("c.neg", MASK_NEG), g.shared_const("c.zero_f", 0.0)],
+        f"{name}.bias2",
+    )
     return g.op1("Unsqueeze", [bias, g.shared_const("c.axes01", [0, 1], np.int64)], name)
 
 
 # --- embeddings ----------------------------------------------------------------------------------
+
 
 def gather_rows(g: GraphBuilder, table: Array, ids: str, name: str, *, int8: bool) -> str:
     """``table[ids]``. With ``int8`` the table is stored as int8 rows, each with its own fp32
@@ -100,21 +115,30 @@ def gather_rows(g: GraphBuilder, table: Array, ids: str, name: str, *, int8: boo
     scale = np.maximum(np.abs(table).max(axis=1, keepdims=True), 1e-12) / 127.0
     q = np.clip(np.rint(table / scale), -127, 127).astype(np.int8)
     rows = g.op1("Gather", [g.const(f"{name}.q", q, np.int8), ids], f"{name}_g")
-    scales = g.op1("Gather", [g.const(f"{name}.scale", scale.astype(np.float32)), ids],
-                   f"{name}_s")
+    scales = g.op1("Gather", [g.const(f"{name}.scale", scale.astype(np.float32)), ids], f"{name}_s")
     return g.op1("Mul", [g.op1("Cast", [rows], f"{name}_f", to=TensorProto.FLOAT), scales], name)
 
 
-def layer_norm(g: GraphBuilder, x: str, weight: Array, bias: Array | None, eps: float,
-               name: str) -> str:
+def layer_norm(
+    g: GraphBuilder, x: str, weight: Array, bias: Array | None, eps: float, name: str
+) -> str:
     inputs = [x, g.const(f"{name}.w", weight)]
     if bias is not None:
         inputs.append(g.const(f"{name}.b", bias))
     return g.op1("LayerNormalization", inputs, name, axis=-1, epsilon=eps)
 
 
-def add_norm(g: GraphBuilder, x: str, residual: str, weight: Array, bias: Array | None,
-             eps: float, name: str, *, fused: bool) -> tuple[str, str]:
+def add_norm(
+    g: GraphBuilder,
+    x: str,
+    residual: str,
+    weight: Array,
+    bias: Array | None,
+    eps: float,
+    name: str,
+    *,
+    fused: bool,
+) -> tuple[str, str]:
     """``(norm(x + residual), x + residual)``: SkipLayerNormalization when fused (its fourth
     output is the sum, which pre-norm layers carry on as the residual stream)."""
     if not fused:
@@ -128,6 +152,7 @@ def add_norm(g: GraphBuilder, x: str, residual: str, weight: Array, bias: Array 
 
 
 # --- rotary positions --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Rotary:
@@ -145,53 +170,97 @@ def rotary_tables(theta: float, head_dim: int, max_positions: int) -> tuple[Arra
     (arange(0, dim, 2) / dim)`` and the product in float32, the cos/sin of that float32 angle."""
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)
-    angles = (np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :])
+    angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
     angles = angles.astype(np.float32).astype(np.float64)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def rotary_consts(g: GraphBuilder, theta: float, head_dim: int, max_positions: int,
-                  name: str, *, fused: bool) -> Rotary:
+def rotary_consts(
+    g: GraphBuilder, theta: float, head_dim: int, max_positions: int, name: str, *, fused: bool
+) -> Rotary:
     cos, sin = rotary_tables(theta, head_dim, max_positions)
     if fused:
         return Rotary(g.const(f"{name}.cos", cos), g.const(f"{name}.sin", sin), "", "")
-    return Rotary("", "", g.const(f"{name}.cos2", np.concatenate([cos, cos], axis=1)),
-                  g.const(f"{name}.sin2", np.concatenate([sin, sin], axis=1)))
+    return Rotary(
+        "",
+        "",
+        g.const(f"{name}.cos2", np.concatenate([cos, cos], axis=1)),
+        g.const(f"{name}.sin2", np.concatenate([sin, sin], axis=1)),
+    )
 
 
-def rotate(g: GraphBuilder, x: str, rot: Rotary, name: str, *, heads: int, head_dim: int,
-           fused: bool) -> str:
+def rotate(
+    g: GraphBuilder, x: str, rot: Rotary, name: str, *, heads: int, head_dim: int, fused: bool
+) -> str:
     """Rotary position embedding of ``x`` [batch, seq, heads * head_dim], the half-split
     ("rotate_half", GPT-NeoX) convention, positions ``arange(seq)``."""
     if fused:
         start = g.shared_const("c.pos0", [0], np.int64)  # positions start at 0 for every row
-        return g.op1("RotaryEmbedding", [x, start, rot.cos, rot.sin], name, domain=MS_DOMAIN,
-                     num_heads=heads)
+        return g.op1(
+            "RotaryEmbedding", [x, start, rot.cos, rot.sin], name, domain=MS_DOMAIN, num_heads=heads
+        )
     half = head_dim // 2
     shape = g.shared_const(f"c.heads{heads}x{head_dim}", [0, 0, heads, head_dim], np.int64)
     x4 = g.op1("Reshape", [x, shape], f"{name}.x4")
-    x1 = g.op1("Slice", [x4, g.shared_const("c.s0", [0], np.int64), g.shared_const(f"c.s{half}", [half], np.int64),
-                         g.shared_const("c.am1", [-1], np.int64)], f"{name}.x1")
-    x2 = g.op1("Slice", [x4, g.shared_const(f"c.s{half}", [half], np.int64),
-                         g.shared_const(f"c.s{head_dim}", [head_dim], np.int64),
-                         g.shared_const("c.am1", [-1], np.int64)], f"{name}.x2")
+    x1 = g.op1(
+        "Slice",
+        [
+            x4,
+            g.shared_const("c.s0", [0], np.int64),
+            g.shared_const(f"c.s{half}", [half], np.int64),
+            g.shared_const("c.am1", [-1], np.int64),
+        ],
+        f"{name}.x1",
+    )
+    x2 = g.op1(
+        "Slice",
+        [
+            x4,
+            g.shared_const(f"c.s{half}", [half], np.int64),
+            g.shared_const(f"c.s{head_dim}", [head_dim], np.int64),
+            g.shared_const("c.am1", [-1], np.int64),
+        ],
+        f"{name}.x2",
+    )
     rotated = g.op1("Concat", [g.op1("Neg", [x2], f"{name}.neg"), x1], f"{name}.rot", axis=-1)
     n = seq_len(g, x)
     zero = g.shared_const("c.s0", [0], np.int64)
     axis1 = g.shared_const("c.axes1", [1], np.int64)
-    cos = g.op1("Unsqueeze", [g.op1("Slice", [rot.cos_full, zero, n], f"{name}.cos_s"), axis1],
-                f"{name}.cos")
-    sin = g.op1("Unsqueeze", [g.op1("Slice", [rot.sin_full, zero, n], f"{name}.sin_s"), axis1],
-                f"{name}.sin")
-    out = g.op1("Add", [g.op1("Mul", [x4, cos], f"{name}.xc"),
-                        g.op1("Mul", [rotated, sin], f"{name}.rs")], f"{name}.sum")
+    cos = g.op1(
+        "Unsqueeze",
+        [g.op1("Slice", [rot.cos_full, zero, n], f"{name}.cos_s"), axis1],
+        f"{name}.cos",
+    )
+    sin = g.op1(
+        "Unsqueeze",
+        [g.op1("Slice", [rot.sin_full, zero, n], f"{name}.sin_s"), axis1],
+        f"{name}.sin",
+    )
+    out = g.op1(
+        "Add",
+        [g.op1("Mul", [x4, cos], f"{name}.xc"), g.op1("Mul", [rotated, sin], f"{name}.rs")],
+        f"{name}.sum",
+    )
     return g.op1("Reshape", [out, g.shared_const("c.merge3", [0, 0, -1], np.int64)], name)
 
 
 # --- attention -----------------------------------------------------------------------------------
 
-def attention(g: GraphBuilder, q: str, k: str, v: str, name: str, *, heads: int, head_dim: int,
-              fused: bool, mask32: str = "", mask_bias: str = "", extra_bias: str = "") -> str:
+
+def attention(
+    g: GraphBuilder,
+    q: str,
+    k: str,
+    v: str,
+    name: str,
+    *,
+    heads: int,
+    head_dim: int,
+    fused: bool,
+    mask32: str = "",
+    mask_bias: str = "",
+    extra_bias: str = "",
+) -> str:
     """Bidirectional scaled dot-product attention over ``q``, ``k``, ``v`` [batch, seq,
     heads * head_dim] -> context [batch, seq, heads * head_dim]. Padded keys are hidden by
     ``mask32`` (fused) or ``mask_bias`` (plain); ``extra_bias`` [1, 1, seq, seq] is added to
@@ -202,13 +271,21 @@ def attention(g: GraphBuilder, q: str, k: str, v: str, name: str, *, heads: int,
     shape = g.shared_const(f"c.heads{heads}x{head_dim}", [0, 0, heads, head_dim], np.int64)
 
     def split(x: str, tag: str, perm: list[int]) -> str:
-        return g.op1("Transpose", [g.op1("Reshape", [x, shape], f"{name}.{tag}4")],
-                     f"{name}.{tag}t", perm=perm)
+        return g.op1(
+            "Transpose",
+            [g.op1("Reshape", [x, shape], f"{name}.{tag}4")],
+            f"{name}.{tag}t",
+            perm=perm,
+        )
 
-    scores = g.op1("MatMul", [split(q, "q", [0, 2, 1, 3]), split(k, "k", [0, 2, 3, 1])],
-                   f"{name}.qk")
-    scores = g.op1("Mul", [scores, g.shared_const(f"c.scale{head_dim}", 1.0 / math.sqrt(head_dim))],
-                   f"{name}.scaled")
+    scores = g.op1(
+        "MatMul", [split(q, "q", [0, 2, 1, 3]), split(k, "k", [0, 2, 3, 1])], f"{name}.qk"
+    )
+    scores = g.op1(
+        "Mul",
+        [scores, g.shared_const(f"c.scale{head_dim}", 1.0 / math.sqrt(head_dim))],
+        f"{name}.scaled",
+    )
     scores = g.op1("Add", [scores, mask_bias], f"{name}.masked")
     if extra_bias:
         scores = g.op1("Add", [scores, extra_bias], f"{name}.windowed")
@@ -238,24 +315,55 @@ def padding_columns(g: GraphBuilder, x: str, heads: int, head_dim: int) -> Paddi
     (``x`` is any [batch, seq, ...] tensor, for the shape)."""
     from onnx import TensorProto
 
-    shape = g.op1("Concat", [g.op1("Slice", [g.op1("Shape", [x], "pad_cols.xshape"),
-                                             g.shared_const("c.s0", [0], np.int64),
-                                             g.shared_const("c.s2", [2], np.int64)],
-                                   "pad_cols.bs"),
-                             g.shared_const(f"c.heads{heads}_1", [heads, 1], np.int64)],
-                  "pad_cols.shape", axis=0)
+    shape = g.op1(
+        "Concat",
+        [
+            g.op1(
+                "Slice",
+                [
+                    g.op1("Shape", [x], "pad_cols.xshape"),
+                    g.shared_const("c.s0", [0], np.int64),
+                    g.shared_const("c.s2", [2], np.int64),
+                ],
+                "pad_cols.bs",
+            ),
+            g.shared_const(f"c.heads{heads}_1", [heads, 1], np.int64),
+        ],
+        "pad_cols.shape",
+        axis=0,
+    )
     m = g.op1("Cast", [ATTENTION_MASK], "pad_cols.mask", to=TensorProto.FLOAT)
-    neg = g.op1("Mul", [g.op1("Sub", [m, g.shared_const("c.one_f", 1.0)], "pad_cols.inv"),
-                        g.shared_const("pad_cols.big", PAD_SCORE * math.sqrt(head_dim))],
-                "pad_cols.neg")
-    k = g.op1("Expand", [g.op1("Unsqueeze", [neg, g.shared_const("c.axes23", [2, 3], np.int64)],
-                               "pad_cols.k4"), shape], "pad_cols.k")
+    neg = g.op1(
+        "Mul",
+        [
+            g.op1("Sub", [m, g.shared_const("c.one_f", 1.0)], "pad_cols.inv"),
+            g.shared_const("pad_cols.big", PAD_SCORE * math.sqrt(head_dim)),
+        ],
+        "pad_cols.neg",
+    )
+    k = g.op1(
+        "Expand",
+        [
+            g.op1("Unsqueeze", [neg, g.shared_const("c.axes23", [2, 3], np.int64)], "pad_cols.k4"),
+            shape,
+        ],
+        "pad_cols.k",
+    )
     q = g.op1("Expand", [g.shared_const("c.one_f", 1.0), shape], "pad_cols.q")
     return PaddingColumns(q, k)
 
 
-def flash_attention(g: GraphBuilder, q: str, k: str, v: str, cols: PaddingColumns, name: str,
-                    *, heads: int, head_dim: int) -> str:
+def flash_attention(
+    g: GraphBuilder,
+    q: str,
+    k: str,
+    v: str,
+    cols: PaddingColumns,
+    name: str,
+    *,
+    heads: int,
+    head_dim: int,
+) -> str:
     """Bidirectional attention through MultiHeadAttention *without* a mask input, which is
     what sends ONNX Runtime's CPU kernel down its FlashAttention path (MlasFlashAttention:
     block by block, never the [heads, seq, seq] score tensor). Padding is masked by one extra
@@ -272,11 +380,20 @@ def flash_attention(g: GraphBuilder, q: str, k: str, v: str, cols: PaddingColumn
 
     def widen(x: str, col: str, tag: str) -> str:
         x4 = g.op1("Reshape", [x, split], f"{name}.{tag}4")
-        return g.op1("Reshape", [g.op1("Concat", [x4, col], f"{name}.{tag}c", axis=3), merge],
-                     f"{name}.{tag}w")
+        return g.op1(
+            "Reshape",
+            [g.op1("Concat", [x4, col], f"{name}.{tag}c", axis=3), merge],
+            f"{name}.{tag}w",
+        )
 
-    return g.op1("MultiHeadAttention", [widen(q, cols.q, "q"), widen(k, cols.k, "k"), v], name,
-                 domain=MS_DOMAIN, num_heads=heads, scale=1.0 / math.sqrt(head_dim))
+    return g.op1(
+        "MultiHeadAttention",
+        [widen(q, cols.q, "q"), widen(k, cols.k, "k"), v],
+        name,
+        domain=MS_DOMAIN,
+        num_heads=heads,
+        scale=1.0 / math.sqrt(head_dim),
+    )
 
 
 @dataclass(frozen=True)
@@ -297,21 +414,53 @@ def local_blocks(g: GraphBuilder, x: str, half: int, name: str) -> LocalBlocks:
     c = half
     seq = seq_len(g, x)
     cst = g.shared_const(f"{name}.c", [c], np.int64)
-    extra = g.op1("Mod", [g.op1("Sub", [cst, g.op1("Mod", [seq, cst], f"{name}.rem")],
-                                f"{name}.short"), cst], f"{name}.extra")
+    extra = g.op1(
+        "Mod",
+        [g.op1("Sub", [cst, g.op1("Mod", [seq, cst], f"{name}.rem")], f"{name}.short"), cst],
+        f"{name}.extra",
+    )
     zero = g.shared_const("c.s0", [0], np.int64)
     pad3 = g.op1("Concat", [zero, zero, zero, zero, extra, zero], f"{name}.pad3", axis=0)
     m = g.op1("Cast", [ATTENTION_MASK], f"{name}.maskf", to=TensorProto.FLOAT)
-    bias = g.op1("Mul", [g.op1("Sub", [g.shared_const("c.one_f", 1.0), m], f"{name}.inv"),
-                         g.shared_const("c.neg", MASK_NEG)], f"{name}.bias")
-    bias = g.op1("Pad", [bias, g.op1("Concat", [zero, zero, zero, extra], f"{name}.pad2", axis=0),
-                         g.shared_const("c.neg", MASK_NEG)], f"{name}.biasp", mode="constant")
-    blocks = g.op1("Reshape", [bias, g.shared_const(f"{name}.bshape", [0, -1, c], np.int64)],
-                   f"{name}.bblocks")
-    ends = g.op1("Pad", [blocks, g.shared_const("c.pad_b1", [0, 1, 0, 0, 1, 0], np.int64),
-                         g.shared_const("c.neg", MASK_NEG)], f"{name}.bends", mode="constant")
-    key_bias = g.op1("Unsqueeze", [_three_blocks(g, ends, 1, 2, f"{name}.bext"),
-                                   g.shared_const("c.axes13", [1, 3], np.int64)], f"{name}.kbias")
+    bias = g.op1(
+        "Mul",
+        [
+            g.op1("Sub", [g.shared_const("c.one_f", 1.0), m], f"{name}.inv"),
+            g.shared_const("c.neg", MASK_NEG),
+        ],
+        f"{name}.bias",
+    )
+    bias = g.op1(
+        "Pad",
+        [
+            bias,
+            g.op1("Concat", [zero, zero, zero, extra], f"{name}.pad2", axis=0),
+            g.shared_const("c.neg", MASK_NEG),
+        ],
+        f"{name}.biasp",
+        mode="constant",
+    )
+    blocks = g.op1(
+        "Reshape", [bias, g.shared_const(f"{name}.bshape", [0, -1, c], np.int64)], f"{name}.bblocks"
+    )
+    ends = g.op1(
+        "Pad",
+        [
+            blocks,
+            g.shared_const("c.pad_b1", [0, 1, 0, 0, 1, 0], np.int64),
+            g.shared_const("c.neg", MASK_NEG),
+        ],
+        f"{name}.bends",
+        mode="constant",
+    )
+    key_bias = g.op1(
+        "Unsqueeze",
+        [
+            _three_blocks(g, ends, 1, 2, f"{name}.bext"),
+            g.shared_const("c.axes13", [1, 3], np.int64),
+        ],
+        f"{name}.kbias",
+    )
     a = np.arange(c)[:, None]
     t = np.arange(3 * c)[None, :]
     pattern = np.where((t >= a) & (t <= a + 2 * c), 0.0, MASK_NEG).astype(np.float32)
@@ -322,14 +471,33 @@ def _three_blocks(g: GraphBuilder, x: str, axis: int, cat_axis: int, name: str) 
     """``x`` padded by one block at each end of ``axis`` -> each block next to its two
     neighbours, concatenated on ``cat_axis`` (previous, own, next)."""
     ax = g.shared_const(f"c.ax_{axis}", [axis], np.int64)
-    parts = [g.op1("Slice", [x, g.shared_const(f"c.s{lo}", [lo], np.int64),
-                             g.shared_const(f"c.e{hi}", [hi], np.int64), ax], f"{name}.{lo}")
-             for lo, hi in ((0, -2), (1, -1), (2, 2**62))]
+    parts = [
+        g.op1(
+            "Slice",
+            [
+                x,
+                g.shared_const(f"c.s{lo}", [lo], np.int64),
+                g.shared_const(f"c.e{hi}", [hi], np.int64),
+                ax,
+            ],
+            f"{name}.{lo}",
+        )
+        for lo, hi in ((0, -2), (1, -1), (2, 2**62))
+    ]
     return g.op1("Concat", parts, name, axis=cat_axis)
 
 
-def local_attention(g: GraphBuilder, q: str, k: str, v: str, lb: LocalBlocks, name: str, *,
-                    heads: int, head_dim: int) -> str:
+def local_attention(
+    g: GraphBuilder,
+    q: str,
+    k: str,
+    v: str,
+    lb: LocalBlocks,
+    name: str,
+    *,
+    heads: int,
+    head_dim: int,
+) -> str:
     """Sliding-window attention (keys within ``lb.block`` positions) computed block by block
     in standard ops: the sequence is cut into blocks of ``block`` queries, each attending to
     its own and its two neighbouring key blocks (3 x block keys, the window masked exactly
@@ -337,34 +505,60 @@ def local_attention(g: GraphBuilder, q: str, k: str, v: str, lb: LocalBlocks, na
     instead of 3.2 GB for 12 heads at 8,192 tokens with ModernBERT's 64-token half-window, and
     a 40th of the score FLOPs."""
     c = lb.block
-    blocks5 = g.shared_const(f"c.blocks{c}x{heads}x{head_dim}", [0, -1, c, heads, head_dim],
-                             np.int64)
+    blocks5 = g.shared_const(
+        f"c.blocks{c}x{heads}x{head_dim}", [0, -1, c, heads, head_dim], np.int64
+    )
 
     def blocked(x: str, tag: str) -> str:  # [B, S, D] -> [B, N, nb, c, H]
         padded = g.op1("Pad", [x, lb.pad], f"{name}.{tag}p", mode="constant")
-        return g.op1("Transpose", [g.op1("Reshape", [padded, blocks5], f"{name}.{tag}5")],
-                     f"{name}.{tag}b", perm=[0, 3, 1, 2, 4])
+        return g.op1(
+            "Transpose",
+            [g.op1("Reshape", [padded, blocks5], f"{name}.{tag}5")],
+            f"{name}.{tag}b",
+            perm=[0, 3, 1, 2, 4],
+        )
 
     ends = g.shared_const("c.pad_n1", [0, 0, 1, 0, 0, 0, 0, 1, 0, 0], np.int64)
 
     def extended(x: str, tag: str) -> str:  # [B, N, nb, c, H] -> [B, N, nb, 3c, H]
-        return _three_blocks(g, g.op1("Pad", [blocked(x, tag), ends], f"{name}.{tag}e",
-                                      mode="constant"), 2, 3, f"{name}.{tag}x")
+        return _three_blocks(
+            g,
+            g.op1("Pad", [blocked(x, tag), ends], f"{name}.{tag}e", mode="constant"),
+            2,
+            3,
+            f"{name}.{tag}x",
+        )
 
     kt = g.op1("Transpose", [extended(k, "k")], f"{name}.kt", perm=[0, 1, 2, 4, 3])
     scores = g.op1("MatMul", [blocked(q, "q"), kt], f"{name}.qk")
-    scores = g.op1("Mul", [scores, g.shared_const(f"c.scale{head_dim}",
-                                                  1.0 / math.sqrt(head_dim))], f"{name}.scaled")
-    scores = g.op1("Add", [g.op1("Add", [scores, lb.pattern], f"{name}.windowed"), lb.key_bias],
-                   f"{name}.masked")
+    scores = g.op1(
+        "Mul",
+        [scores, g.shared_const(f"c.scale{head_dim}", 1.0 / math.sqrt(head_dim))],
+        f"{name}.scaled",
+    )
+    scores = g.op1(
+        "Add",
+        [g.op1("Add", [scores, lb.pattern], f"{name}.windowed"), lb.key_bias],
+        f"{name}.masked",
+    )
     probs = g.op1("Softmax", [scores], f"{name}.probs", axis=-1)
     ctx = g.op1("MatMul", [probs, extended(v, "v")], f"{name}.ctx")  # [B, N, nb, c, H]
     ctx = g.op1("Transpose", [ctx], f"{name}.ctxt", perm=[0, 2, 3, 1, 4])
-    ctx = g.op1("Reshape", [ctx, g.shared_const(f"c.flat{heads * head_dim}",
-                                                [0, -1, heads * head_dim], np.int64)],
-                f"{name}.ctxf")
-    return g.op1("Slice", [ctx, g.shared_const("c.s0", [0], np.int64), lb.seq,
-                           g.shared_const("c.axes1", [1], np.int64)], name)
+    ctx = g.op1(
+        "Reshape",
+        [ctx, g.shared_const(f"c.flat{heads * head_dim}", [0, -1, heads * head_dim], np.int64)],
+        f"{name}.ctxf",
+    )
+    return g.op1(
+        "Slice",
+        [
+            ctx,
+            g.shared_const("c.s0", [0], np.int64),
+            lb.seq,
+            g.shared_const("c.axes1", [1], np.int64),
+        ],
+        name,
+    )
 
 
 # --- choosing the attention kernel -----------------------------------------------------------------
@@ -378,8 +572,7 @@ def local_attention(g: GraphBuilder, q: str, k: str, v: str, lb: LocalBlocks, na
 ATTENTION_KINDS = ("flash", "mha", "plain")
 
 
-def attention_kind(attention: str, *, fused: bool, int8_ready: bool,
-                   default: str = "flash") -> str:
+def attention_kind(attention: str, *, fused: bool, int8_ready: bool, default: str = "flash") -> str:
     """A ``build_encoder``'s attention kind: ``attention`` when given, else ``default`` in the
     fused graph and ``plain`` in the unfused one. ``int8_ready`` is refused unfused."""
     if int8_ready and not fused:
@@ -399,8 +592,16 @@ class AttentionPlan:
     blocks: LocalBlocks | None = None
 
 
-def plan_attention(g: GraphBuilder, x: str, kind: str, *, heads: int, head_dim: int,
-                   window_half: int | None = None, has_global: bool = True) -> AttentionPlan:
+def plan_attention(
+    g: GraphBuilder,
+    x: str,
+    kind: str,
+    *,
+    heads: int,
+    head_dim: int,
+    window_half: int | None = None,
+    has_global: bool = True,
+) -> AttentionPlan:
     """The shared tensors for ``kind`` (see ATTENTION_KINDS); ``window_half`` when some layers
     use a sliding window, ``has_global`` when some do not."""
     if kind not in ATTENTION_KINDS:
@@ -415,8 +616,18 @@ def plan_attention(g: GraphBuilder, x: str, kind: str, *, heads: int, head_dim: 
     return AttentionPlan(kind, mask_bias=mask_bias_plain(g), window_bias=window)
 
 
-def self_attention(g: GraphBuilder, plan: AttentionPlan, q: str, k: str, v: str, name: str, *,
-                   heads: int, head_dim: int, local: bool = False) -> str:
+def self_attention(
+    g: GraphBuilder,
+    plan: AttentionPlan,
+    q: str,
+    k: str,
+    v: str,
+    name: str,
+    *,
+    heads: int,
+    head_dim: int,
+    local: bool = False,
+) -> str:
     """Attention of one layer as ``plan`` says; ``local``: this layer uses the window."""
     dims = {"heads": heads, "head_dim": head_dim}
     if plan.kind == "flash":
@@ -425,12 +636,22 @@ def self_attention(g: GraphBuilder, plan: AttentionPlan, q: str, k: str, v: str,
             return local_attention(g, q, k, v, plan.blocks, name, **dims)
         assert plan.cols is not None
         return flash_attention(g, q, k, v, plan.cols, name, **dims)
-    return attention(g, q, k, v, name, fused=plan.kind == "mha", mask32=plan.mask32,
-                     mask_bias=plan.mask_bias, extra_bias=plan.window_bias if local else "",
-                     **dims)
+    return attention(
+        g,
+        q,
+        k,
+        v,
+        name,
+        fused=plan.kind == "mha",
+        mask32=plan.mask32,
+        mask_bias=plan.mask_bias,
+        extra_bias=plan.window_bias if local else "",
+        **dims,
+    )
 
 
 # --- gated MLP -----------------------------------------------------------------------------------
+
 
 def activation(g: GraphBuilder, x: str, act: str, name: str, *, fused: bool) -> str:
     """SiLU or erf GELU of ``x`` (the gate branch of SwiGLU / GeGLU)."""
@@ -441,27 +662,34 @@ def activation(g: GraphBuilder, x: str, act: str, name: str, *, fused: bool) -> 
     if act in ERF_GELU:
         if fused:
             return g.op1("Gelu", [x], name, domain=MS_DOMAIN)
-        erf = g.op1("Erf", [g.op1("Mul", [x, g.shared_const("c.rsqrt2", 1 / math.sqrt(2))],
-                                  f"{name}.div")], f"{name}.erf")
+        erf = g.op1(
+            "Erf",
+            [g.op1("Mul", [x, g.shared_const("c.rsqrt2", 1 / math.sqrt(2))], f"{name}.div")],
+            f"{name}.erf",
+        )
         half_x = g.op1("Mul", [x, g.shared_const("c.half", 0.5)], f"{name}.half_x")
-        return g.op1("Mul", [half_x, g.op1("Add", [erf, g.shared_const("c.one_f", 1.0)],
-                                           f"{name}.add1")], name)
+        return g.op1(
+            "Mul",
+            [half_x, g.op1("Add", [erf, g.shared_const("c.one_f", 1.0)], f"{name}.add1")],
+            name,
+        )
     raise ValueError(f"unknown gated activation {act!r}")
 
 
-def gated_mlp(g: GraphBuilder, x: str, w: Mapping[str, Array], name: str, layer: int, *,
-              act: str, fused: bool) -> str:
+def gated_mlp(
+    g: GraphBuilder, x: str, w: Mapping[str, Array], name: str, layer: int, *, act: str, fused: bool
+) -> str:
     """``down(act(gate(x)) * up(x))`` with weights ``w["gate"]``, ``w["up"]``, ``w["down"]``
     (``[in, out]``, no biases): SwiGLU with SiLU, GeGLU with GELU."""
     gate = g.linear(x, w["gate"], f"{name}.gate", role="ffn_gate", layer=layer)
     up = g.linear(x, w["up"], f"{name}.up", role="ffn_up", layer=layer)
-    hidden = g.op1("Mul", [activation(g, gate, act, f"{name}.act", fused=fused), up],
-                   f"{name}.glu")
+    hidden = g.op1("Mul", [activation(g, gate, act, f"{name}.act", fused=fused), up], f"{name}.glu")
     return g.linear(hidden, w["down"], f"{name}.down", role="ffn_down", layer=layer)
 
 
-def qkv(g: GraphBuilder, x: str, w: Mapping[str, Array], name: str, layer: int
-        ) -> tuple[str, str, str]:
+def qkv(
+    g: GraphBuilder, x: str, w: Mapping[str, Array], name: str, layer: int
+) -> tuple[str, str, str]:
     """Three projections of ``x`` (``w["q"]``, ``w["k"]``, ``w["v"]``, ``[in, out]``, no
     biases): three MatMuls rather than one packed one, so that each is a plain quantisable
     MatMul with its own role, and MultiHeadAttention takes them as they are."""
@@ -472,8 +700,10 @@ def qkv(g: GraphBuilder, x: str, w: Mapping[str, Array], name: str, layer: int
 
 # --- what every family module has ------------------------------------------------------------
 
-def listed_layer_types(config: Mapping[str, Any], n_layers: int, where: str,
-                       allowed: tuple[str, ...]) -> tuple[str, ...] | None:
+
+def listed_layer_types(
+    config: Mapping[str, Any], n_layers: int, where: str, allowed: tuple[str, ...]
+) -> tuple[str, ...] | None:
     """config.json's ``layer_types``, checked (one a layer, each one of ``allowed``); None
     when the config has none (the family derives them from its own field)."""
     given = config.get("layer_types")
@@ -482,27 +712,51 @@ def listed_layer_types(config: Mapping[str, Any], n_layers: int, where: str,
     types = tuple(str(t) for t in given)
     bad = sorted(set(types) - set(allowed))
     if bad or len(types) != n_layers:
-        raise ModelError(f"{where}: layer_types {list(types)} must name {n_layers} layers, "
-                         f"each one of {list(allowed)}")
+        raise ModelError(
+            f"{where}: layer_types {list(types)} must name {n_layers} layers, "
+            f"each one of {list(allowed)}"
+        )
     return types
 
 
 class BuildModel(Protocol):
-    def __call__(self, weights: Mapping[str, Array], cfg: Any, *, pooling: Pooling,
-                 fused: bool = True, int8_ready: bool = False, name: str = ...
-                 ) -> onnx.ModelProto: ...
+    def __call__(
+        self,
+        weights: Mapping[str, Array],
+        cfg: Any,
+        *,
+        pooling: Pooling,
+        fused: bool = True,
+        int8_ready: bool = False,
+        name: str = ...,
+    ) -> onnx.ModelProto: ...
 
 
 def model_builder(module: str, default_name: str) -> BuildModel:
     """A family module's ``build_model``: the whole model (the family's encoder + one pooling
     + normalisation) through ``compose``, for tests and benchmarks. ``module`` is the family
     module's ``__name__`` (looked up when called: the module is still loading here)."""
-    def build_model(weights: Mapping[str, Array], cfg: Any, *, pooling: Pooling,
-                    fused: bool = True, int8_ready: bool = False, name: str = default_name
-                    ) -> onnx.ModelProto:
+
+    def build_model(
+        weights: Mapping[str, Array],
+        cfg: Any,
+        *,
+        pooling: Pooling,
+        fused: bool = True,
+        int8_ready: bool = False,
+        name: str = default_name,
+    ) -> onnx.ModelProto:
         from embedpool.graph.compose import compose
         from embedpool.modelspec import HeadSpec, PoolingSpec
 
-        return compose(sys.modules[module], weights, cfg, HeadSpec(PoolingSpec((pooling,))),
-                       fused=fused, int8_ready=int8_ready, name=name)
+        return compose(
+            sys.modules[module],
+            weights,
+            cfg,
+            HeadSpec(PoolingSpec((pooling,))),
+            fused=fused,
+            int8_ready=int8_ready,
+            name=name,
+        )
+
     return build_model

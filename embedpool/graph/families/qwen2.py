@@ -84,22 +84,33 @@ class DecoderConfig:
     causal: bool
 
 
-def parse_decoder(config: Mapping[str, Any], where: str, *, family: str, qkv_bias: bool,
-                  o_bias: bool, qk_norm: bool) -> DecoderConfig:
+def parse_decoder(
+    config: Mapping[str, Any],
+    where: str,
+    *,
+    family: str,
+    qkv_bias: bool,
+    o_bias: bool,
+    qk_norm: bool,
+) -> DecoderConfig:
     """The fields every Llama-style decoder shares; refuses by name what changes the maths
     and is not built (see the module docstring)."""
     model_type = str(config.get("model_type", ""))
 
     def refuse(key: str, why: str) -> ModelError:
-        return ModelError(f"{where}: {key} = {config.get(key)!r}: {why}; embedpool builds "
-                          f"{family} decoders without it")
+        return ModelError(
+            f"{where}: {key} = {config.get(key)!r}: {why}; embedpool builds "
+            f"{family} decoders without it"
+        )
 
     act = str(config.get("hidden_act", "silu"))
     if act not in ("silu", "swish"):
         raise refuse("hidden_act", "the MLP activation is not SiLU (SwiGLU)")
     if config.get("rope_scaling"):
         scaling = config["rope_scaling"]
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        kind = (
+            scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        )
         if kind not in (None, "default"):
             raise refuse("rope_scaling", f"rotary scaling {kind!r} changes the positions")
     rope = config.get("rope_parameters") or {}
@@ -107,32 +118,44 @@ def parse_decoder(config: Mapping[str, Any], where: str, *, family: str, qkv_bia
         raise refuse("rope_parameters", "not an object")
     extra = sorted(set(rope) - {"rope_type", "rope_theta", "partial_rotary_factor"})
     if extra:
-        raise ModelError(f"{where}: rope_parameters keys {extra} are not built (default "
-                         f"rotary positions take rope_theta only); embedpool builds {family} "
-                         "decoders without them")
+        raise ModelError(
+            f"{where}: rope_parameters keys {extra} are not built (default "
+            f"rotary positions take rope_theta only); embedpool builds {family} "
+            "decoders without them"
+        )
     if rope.get("rope_type", "default") != "default":
-        raise ModelError(f"{where}: rope_parameters.rope_type = {rope['rope_type']!r}: rotary "
-                         f"scaling changes the positions; embedpool builds {family} decoders "
-                         "with the default rotary positions only")
+        raise ModelError(
+            f"{where}: rope_parameters.rope_type = {rope['rope_type']!r}: rotary "
+            f"scaling changes the positions; embedpool builds {family} decoders "
+            "with the default rotary positions only"
+        )
     for src in (config, rope):
         if float(src.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise ModelError(f"{where}: partial_rotary_factor = {src['partial_rotary_factor']!r}:"
-                             f" embedpool builds {family} decoders with rotary over the whole "
-                             "head only")
+            raise ModelError(
+                f"{where}: partial_rotary_factor = {src['partial_rotary_factor']!r}:"
+                f" embedpool builds {family} decoders with rotary over the whole "
+                "head only"
+            )
     if config.get("use_sliding_window"):
         raise refuse("use_sliding_window", "sliding-window attention is not built")
     if model_type == "mistral" and config.get("sliding_window") is not None:
-        raise refuse("sliding_window", "Mistral's sliding-window attention is not built (set "
-                     "it to null only if the model was trained without it)")
+        raise refuse(
+            "sliding_window",
+            "Mistral's sliding-window attention is not built (set "
+            "it to null only if the model was trained without it)",
+        )
     types = config.get("layer_types")
     if types is not None and any(t != "full_attention" for t in types):
         raise refuse("layer_types", "only full_attention layers are built (no sliding window)")
     if config.get("mlp_bias"):
         raise refuse("mlp_bias", "MLP biases are not built")
     if config.get("use_bidirectional_attention"):
-        raise refuse("use_bidirectional_attention", "transformers' model ignores this field "
-                     "(is_causal: false is the switch it reads), so the reference attends "
-                     "causally; refused rather than guess which one the model was trained with")
+        raise refuse(
+            "use_bidirectional_attention",
+            "transformers' model ignores this field "
+            "(is_causal: false is the switch it reads), so the reference attends "
+            "causally; refused rather than guess which one the model was trained with",
+        )
     is_causal = config.get("is_causal", True)
     if not isinstance(is_causal, bool):
         raise refuse("is_causal", "must be true or false")
@@ -142,18 +165,27 @@ def parse_decoder(config: Mapping[str, Any], where: str, *, family: str, qkv_bia
         kv = int(config.get("num_key_value_heads") or heads)
         head_dim = int(config.get("head_dim") or hidden // heads)
         cfg = DecoderConfig(
-            model_type=model_type, hidden_size=hidden, num_heads=heads, num_kv_heads=kv,
-            head_dim=head_dim, num_layers=int(config["num_hidden_layers"]),
+            model_type=model_type,
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            num_layers=int(config["num_hidden_layers"]),
             intermediate_size=int(config["intermediate_size"]),
             rms_eps=float(config.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10_000.0))),
             max_positions=int(config.get("max_position_embeddings", 32_768)),
-            qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm, causal=is_causal)
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=qk_norm,
+            causal=is_causal,
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{where}: missing or bad {family} field: {exc}") from exc
     if heads <= 0 or kv <= 0 or heads % kv:
-        raise ModelError(f"{where}: {heads} attention heads are not a multiple of "
-                         f"{kv} key/value heads")
+        raise ModelError(
+            f"{where}: {heads} attention heads are not a multiple of {kv} key/value heads"
+        )
     if head_dim <= 0 or head_dim % 2:
         raise ModelError(f"{where}: head_dim {head_dim} is not even (rotary halves it)")
     return cfg
@@ -164,14 +196,17 @@ def parse_config(config: Mapping[str, Any], where: str = "config.json") -> Decod
     if model_type not in MODEL_TYPES:
         raise ModelError(f"{where}: model_type {model_type!r} is not one of {sorted(MODEL_TYPES)}")
     if model_type == "qwen2":  # Qwen2Attention: q, k, v with biases, o without
-        return parse_decoder(config, where, family="Qwen2", qkv_bias=True, o_bias=False,
-                             qk_norm=False)
+        return parse_decoder(
+            config, where, family="Qwen2", qkv_bias=True, o_bias=False, qk_norm=False
+        )
     bias = bool(config.get("attention_bias", False))
-    return parse_decoder(config, where, family=model_type.capitalize(), qkv_bias=bias,
-                         o_bias=bias, qk_norm=False)
+    return parse_decoder(
+        config, where, family=model_type.capitalize(), qkv_bias=bias, o_bias=bias, qk_norm=False
+    )
 
 
 # --- weights -------------------------------------------------------------------------------------
+
 
 def required_keys(cfg: DecoderConfig) -> list[str]:
     keys = ["embed_tokens.weight", "norm.weight"]
@@ -190,16 +225,28 @@ def required_keys(cfg: DecoderConfig) -> list[str]:
 
 
 def expected_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
-    h, q, kv, f = (cfg.hidden_size, cfg.num_heads * cfg.head_dim,
-                   cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size)
+    h, q, kv, f = (
+        cfg.hidden_size,
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+        cfg.intermediate_size,
+    )
     out: dict[str, tuple[int, ...]] = {"norm.weight": (h,)}
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
-        out.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                    p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                    p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                    p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
-                    p + "post_attention_layernorm.weight": (h,)})
+        out.update(
+            {
+                p + "self_attn.q_proj.weight": (q, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
         if cfg.qk_norm:
             out[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
             out[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
@@ -215,68 +262,145 @@ def load_weights(path: Any, cfg: DecoderConfig) -> dict[str, Array]:
     out.pop("lm_head.weight", None)
     missing = [k for k in required_keys(cfg) if k not in out]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelError(f"{path}: not a {cfg.model_type} checkpoint matching its config.json; "
-                         f"missing {shown}")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise ModelError(
+            f"{path}: not a {cfg.model_type} checkpoint matching its config.json; missing {shown}"
+        )
     check_shapes(out, expected_shapes(cfg), str(path))
     return out
 
 
 # --- the graph -----------------------------------------------------------------------------------
 
-def _proj(g: GraphBuilder, x: str, w: Mapping[str, Array], key: str, name: str, *,
-          role: Any, layer: int, bias: bool) -> str:
+
+def _proj(
+    g: GraphBuilder,
+    x: str,
+    w: Mapping[str, Array],
+    key: str,
+    name: str,
+    *,
+    role: Any,
+    layer: int,
+    bias: bool,
+) -> str:
     y = g.linear(x, linear_t(w, key), name, role=role, layer=layer)
     if bias:
         y = g.op1("Add", [y, g.const(f"{name}.b", w[key + ".bias"])], f"{name}.biased")
     return y
 
 
-def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: DecoderConfig, *,
-                  fused: bool = True, int8_ready: bool = False, attention: str = "") -> Encoder:
+def build_encoder(
+    g: GraphBuilder,
+    weights: Mapping[str, Array],
+    cfg: DecoderConfig,
+    *,
+    fused: bool = True,
+    int8_ready: bool = False,
+    attention: str = "",
+) -> Encoder:
     """Token states [batch, seq, hidden] after the final norm. ``int8_ready`` (fused only):
     the token table as int8 rows; every projection is a plain MatMul either way.
     ``attention``: one of decoder.ATTENTION_KINDS (default: ``gqa`` fused causal, ``flash``
     fused bidirectional, ``plain`` unfused)."""
-    kind = layers.attention_kind(attention, fused=fused, int8_ready=int8_ready,
-                                 default="gqa" if cfg.causal else "flash")
+    kind = layers.attention_kind(
+        attention, fused=fused, int8_ready=int8_ready, default="gqa" if cfg.causal else "flash"
+    )
     w = weights
     nh, kvh, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_eps
     x = layers.gather_rows(g, w["embed_tokens.weight"], INPUT_IDS, "emb.word", int8=int8_ready)
     plan = decoder.plan_attention(g, kind, causal=cfg.causal, heads=nh, head_dim=hd)
     rope_fused = kind != "plain"
-    rot = layers.rotary_consts(g, cfg.rope_theta, hd, cfg.max_positions, "rope",
-                               fused=rope_fused)
+    rot = layers.rotary_consts(g, cfg.rope_theta, hd, cfg.max_positions, "rope", fused=rope_fused)
     residual = x
-    normed = decoder.rms_norm(g, x, w["layers.0.input_layernorm.weight"], eps, "l0.in_norm",
-                              fused=fused)
+    normed = decoder.rms_norm(
+        g, x, w["layers.0.input_layernorm.weight"], eps, "l0.in_norm", fused=fused
+    )
     for i in range(cfg.num_layers):
         p, n = f"layers.{i}.", f"l{i}"
-        q, k, v = (_proj(g, normed, w, p + f"self_attn.{r}_proj", f"{n}.{r}", role=r, layer=i,
-                         bias=cfg.qkv_bias) for r in "qkv")
+        q, k, v = (
+            _proj(
+                g,
+                normed,
+                w,
+                p + f"self_attn.{r}_proj",
+                f"{n}.{r}",
+                role=r,
+                layer=i,
+                bias=cfg.qkv_bias,
+            )
+            for r in "qkv"
+        )
         if cfg.qk_norm:
-            q = decoder.head_rms_norm(g, q, w[p + "self_attn.q_norm.weight"], eps, f"{n}.q_norm",
-                                      heads=nh, head_dim=hd, fused=fused)
-            k = decoder.head_rms_norm(g, k, w[p + "self_attn.k_norm.weight"], eps, f"{n}.k_norm",
-                                      heads=kvh, head_dim=hd, fused=fused)
+            q = decoder.head_rms_norm(
+                g,
+                q,
+                w[p + "self_attn.q_norm.weight"],
+                eps,
+                f"{n}.q_norm",
+                heads=nh,
+                head_dim=hd,
+                fused=fused,
+            )
+            k = decoder.head_rms_norm(
+                g,
+                k,
+                w[p + "self_attn.k_norm.weight"],
+                eps,
+                f"{n}.k_norm",
+                heads=kvh,
+                head_dim=hd,
+                fused=fused,
+            )
         if kind != "gqa":
             q = layers.rotate(g, q, rot, f"{n}.q_rot", heads=nh, head_dim=hd, fused=rope_fused)
             k = layers.rotate(g, k, rot, f"{n}.k_rot", heads=kvh, head_dim=hd, fused=rope_fused)
-        ctx = decoder.attention(g, plan, q, k, v, f"{n}.attn", heads=nh, kv_heads=kvh,
-                                head_dim=hd, rotary=rot if kind == "gqa" else None)
-        o = _proj(g, ctx, w, p + "self_attn.o_proj", f"{n}.o", role="attn_out", layer=i,
-                  bias=cfg.o_bias)
-        normed, residual = decoder.add_rms_norm(g, o, residual,
-                                                w[p + "post_attention_layernorm.weight"], eps,
-                                                f"{n}.post_norm", fused=fused)
-        mlp = layers.gated_mlp(g, normed, {r: linear_t(w, p + f"mlp.{r}_proj")
-                                           for r in ("gate", "up", "down")}, n, i, act="silu",
-                               fused=fused)
+        ctx = decoder.attention(
+            g,
+            plan,
+            q,
+            k,
+            v,
+            f"{n}.attn",
+            heads=nh,
+            kv_heads=kvh,
+            head_dim=hd,
+            rotary=rot if kind == "gqa" else None,
+        )
+        o = _proj(
+            g, ctx, w, p + "self_attn.o_proj", f"{n}.o", role="attn_out", layer=i, bias=cfg.o_bias
+        )
+        normed, residual = decoder.add_rms_norm(
+            g,
+            o,
+            residual,
+            w[p + "post_attention_layernorm.weight"],
+            eps,
+            f"{n}.post_norm",
+            fused=fused,
+        )
+        mlp = layers.gated_mlp(
+            g,
+            normed,
+            {r: linear_t(w, p + f"mlp.{r}_proj") for r in ("gate", "up", "down")},
+            n,
+            i,
+            act="silu",
+            fused=fused,
+        )
         last = i == cfg.num_layers - 1
         norm_key = "norm.weight" if last else f"layers.{i + 1}.input_layernorm.weight"
-        normed, residual = decoder.add_rms_norm(g, mlp, residual, w[norm_key], eps,
-                                                "final_norm" if last else f"l{i + 1}.in_norm",
-                                                fused=fused)
+        normed, residual = decoder.add_rms_norm(
+            g,
+            mlp,
+            residual,
+            w[norm_key],
+            eps,
+            "final_norm" if last else f"l{i + 1}.in_norm",
+            fused=fused,
+        )
     return Encoder(normed, cfg.hidden_size)
 
 

@@ -37,8 +37,9 @@ def parse_config(config: Mapping[str, Any], where: str = "config.json") -> Decod
     if str(config.get("model_type", "")) not in MODEL_TYPES:
         raise ModelError(f"{where}: model_type {config.get('model_type')!r} is not qwen3")
     bias = bool(config.get("attention_bias", False))
-    return qwen2.parse_decoder(config, where, family="Qwen3", qkv_bias=bias, o_bias=bias,
-                               qk_norm=True)
+    return qwen2.parse_decoder(
+        config, where, family="Qwen3", qkv_bias=bias, o_bias=bias, qk_norm=True
+    )
 
 
 load_weights = qwen2.load_weights

@@ -66,26 +66,40 @@ class RobertaConfig:
             raise ModelError(f"{where}: model_type {model_type!r} is not XLM-RoBERTa/RoBERTa")
         for flag in ("is_decoder", "add_cross_attention"):
             if config.get(flag):
-                raise ModelError(f"{where}: {flag} is set: a {model_type} decoder attends "
-                                 "causally, and embedpool builds bidirectional encoders only")
+                raise ModelError(
+                    f"{where}: {flag} is set: a {model_type} decoder attends "
+                    "causally, and embedpool builds bidirectional encoders only"
+                )
         try:
             padding_idx = int(config.get("pad_token_id", 1))
             max_pos = int(config.get("max_position_embeddings", 514))
         except (TypeError, ValueError) as exc:
             raise ModelError(f"{where}: bad {model_type} field: {exc}") from exc
         # BERT's checks (sizes, hidden_act, position_embedding_type 'absolute') apply as is.
-        return cls(bert.BertConfig.from_dict({**config, "model_type": "bert"}, where),
-                   padding_idx, max_pos)
+        return cls(
+            bert.BertConfig.from_dict({**config, "model_type": "bert"}, where), padding_idx, max_pos
+        )
 
 
 def _required_keys(cfg: RobertaConfig) -> list[str]:
-    keys = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-            "embeddings.LayerNorm.weight", "embeddings.LayerNorm.bias"]
+    keys = [
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "embeddings.LayerNorm.weight",
+        "embeddings.LayerNorm.bias",
+    ]
     for i in range(cfg.bert.num_layers):
         p = f"encoder.layer.{i}."
-        for name in ("attention.self.query", "attention.self.key", "attention.self.value",
-                     "attention.output.dense", "intermediate.dense", "output.dense",
-                     "attention.output.LayerNorm", "output.LayerNorm"):
+        for name in (
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+            "intermediate.dense",
+            "output.dense",
+            "attention.output.LayerNorm",
+            "output.LayerNorm",
+        ):
             keys += [p + name + ".weight", p + name + ".bias"]
     return keys
 
@@ -97,18 +111,30 @@ def load_weights(path: Any, cfg: RobertaConfig) -> dict[str, Array]:
     out = load_safetensors(path)
     missing = [k for k in _required_keys(cfg) if k not in out]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelError(f"{path}: not an XLM-RoBERTa/RoBERTa checkpoint matching its "
-                         f"config.json; missing {shown}")
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise ModelError(
+            f"{path}: not an XLM-RoBERTa/RoBERTa checkpoint matching its "
+            f"config.json; missing {shown}"
+        )
     rows = out["embeddings.position_embeddings.weight"].shape[0]
     if rows <= cfg.padding_idx:
-        raise ModelError(f"{path}: {rows} position embeddings, but positions start at "
-                         f"pad_token_id + 1 = {cfg.padding_idx + 1}")
+        raise ModelError(
+            f"{path}: {rows} position embeddings, but positions start at "
+            f"pad_token_id + 1 = {cfg.padding_idx + 1}"
+        )
     return out
 
 
-def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: RobertaConfig, *,
-                  fused: bool = True, int8_ready: bool = False) -> Encoder:
+def build_encoder(
+    g: GraphBuilder,
+    weights: Mapping[str, Array],
+    cfg: RobertaConfig,
+    *,
+    fused: bool = True,
+    int8_ready: bool = False,
+) -> Encoder:
     """The encoder's nodes in ``g``; the flavours are BERT's (see bert.build_encoder)."""
     if int8_ready and not fused:
         raise ValueError("int8_ready applies to the fused graph only")
@@ -120,8 +146,9 @@ def build_encoder(g: GraphBuilder, weights: Mapping[str, Array], cfg: RobertaCon
         mask_index = _mask_int32(g) if fused else bert._mask_bias_plain(g)
     for i in range(cfg.bert.num_layers):
         if fused:
-            hidden = bert._layer_fused(g, weights, cfg.bert, i, hidden, mask_index,
-                                       split_qkv=int8_ready)
+            hidden = bert._layer_fused(
+                g, weights, cfg.bert, i, hidden, mask_index, split_qkv=int8_ready
+            )
         else:
             hidden = bert._layer_plain(g, weights, cfg.bert, i, hidden, mask_index)
     return Encoder(hidden, cfg.bert.hidden_size)
@@ -133,6 +160,7 @@ build_model = model_builder(__name__, "xlmr")
 
 # --- embeddings ----------------------------------------------------------------------------------
 
+
 def _position_ids(g: GraphBuilder, pad: int) -> str:
     """int64 [batch, seq]: ``cumsum(m) * m + pad`` with ``m = (ids != pad) * attention_mask``."""
     from onnx import TensorProto
@@ -141,8 +169,11 @@ def _position_ids(g: GraphBuilder, pad: int) -> str:
     real = g.op1("Cast", [g.op1("Not", [is_pad], "pos.not_pad")], "pos.real", to=TensorProto.INT64)
     m = g.op1("Mul", [real, ATTENTION_MASK], "pos.m")
     count = g.op1("CumSum", [m, g.const("pos.axis", 1, np.int64)], "pos.cumsum")
-    return g.op1("Add", [g.op1("Mul", [count, m], "pos.counted"), g.const("pos.start", pad, np.int64)],
-                 "pos.ids")
+    return g.op1(
+        "Add",
+        [g.op1("Mul", [count, m], "pos.counted"), g.const("pos.start", pad, np.int64)],
+        "pos.ids",
+    )
 
 
 def _position_table(w: Mapping[str, Array]) -> Array:
@@ -158,32 +189,50 @@ def _mask_int32(g: GraphBuilder) -> str:
     return g.op1("Cast", [ATTENTION_MASK], "mask32", to=TensorProto.INT32)
 
 
-def _embeddings_fused(g: GraphBuilder, w: Mapping[str, Array], cfg: RobertaConfig,
-                      pos_ids: str) -> tuple[str, str]:
+def _embeddings_fused(
+    g: GraphBuilder, w: Mapping[str, Array], cfg: RobertaConfig, pos_ids: str
+) -> tuple[str, str]:
     from onnx import TensorProto
 
     ids32 = g.op1("Cast", [INPUT_IDS], "ids32", to=TensorProto.INT32)
     pos32 = g.op1("Cast", [pos_ids], "pos32", to=TensorProto.INT32)
     hidden, mask_index = g.op(
         "EmbedLayerNormalization",
-        [ids32, "", g.const("emb.word", w["embeddings.word_embeddings.weight"]),
-         g.const("emb.pos", _position_table(w)), "",
-         g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
-         g.const("emb.ln.b", w["embeddings.LayerNorm.bias"]), _mask_int32(g), pos32],
-        "emb", outputs=2, domain=MS_DOMAIN, epsilon=cfg.bert.layer_norm_eps)
+        [
+            ids32,
+            "",
+            g.const("emb.word", w["embeddings.word_embeddings.weight"]),
+            g.const("emb.pos", _position_table(w)),
+            "",
+            g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
+            g.const("emb.ln.b", w["embeddings.LayerNorm.bias"]),
+            _mask_int32(g),
+            pos32,
+        ],
+        "emb",
+        outputs=2,
+        domain=MS_DOMAIN,
+        epsilon=cfg.bert.layer_norm_eps,
+    )
     return hidden, mask_index
 
 
-def _embeddings_gather(g: GraphBuilder, w: Mapping[str, Array], cfg: RobertaConfig,
-                       pos_ids: str, *, int8: bool) -> str:
-    word = gather_rows(g, w["embeddings.word_embeddings.weight"], INPUT_IDS, "emb.word",
-                       int8=int8)
+def _embeddings_gather(
+    g: GraphBuilder, w: Mapping[str, Array], cfg: RobertaConfig, pos_ids: str, *, int8: bool
+) -> str:
+    word = gather_rows(g, w["embeddings.word_embeddings.weight"], INPUT_IDS, "emb.word", int8=int8)
     pos = g.op1("Gather", [g.const("emb.pos", _position_table(w)), pos_ids], "emb.pos_g")
-    return g.op1("LayerNormalization",
-                 [g.op1("Add", [word, pos], "emb.sum"),
-                  g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
-                  g.const("emb.ln.b", w["embeddings.LayerNorm.bias"])],
-                 "emb.ln", axis=-1, epsilon=cfg.bert.layer_norm_eps)
+    return g.op1(
+        "LayerNormalization",
+        [
+            g.op1("Add", [word, pos], "emb.sum"),
+            g.const("emb.ln.w", w["embeddings.LayerNorm.weight"]),
+            g.const("emb.ln.b", w["embeddings.LayerNorm.bias"]),
+        ],
+        "emb.ln",
+        axis=-1,
+        epsilon=cfg.bert.layer_norm_eps,
+    )
 
 
 # --- the family interface (see embedpool.graph.families) ------------------------------------

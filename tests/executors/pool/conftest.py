@@ -41,7 +41,8 @@ def no_leftover_processes() -> Iterator[None]:
                 # singletons that live until the interpreter exits: not leaks
                 cmd = " ".join(proc.cmdline())
                 if proc.status() != psutil.STATUS_ZOMBIE and not any(
-                        name in cmd for name in ("resource_tracker", "forkserver")):
+                    name in cmd for name in ("resource_tracker", "forkserver")
+                ):
                     left.add(pid)
             except psutil.NoSuchProcess:
                 pass

@@ -15,15 +15,22 @@ DEADLINE_S = 60.0
 
 def fast_config(**overrides: Any) -> PoolConfig:
     """A PoolConfig for tests: 2 fixed workers, short timers, no periodic status noise."""
-    base: dict[str, Any] = dict(workers=2, sample_interval_s=0.2, status_interval_s=0,
-                                leave_timeout_s=3.0, start_timeout_s=60.0, hang_base_s=30.0,
-                                emergency_exit_s=0.5)
+    base: dict[str, Any] = dict(
+        workers=2,
+        sample_interval_s=0.2,
+        status_interval_s=0,
+        leave_timeout_s=3.0,
+        start_timeout_s=60.0,
+        hang_base_s=30.0,
+        emergency_exit_s=0.5,
+    )
     base.update(overrides)
     return PoolConfig(**base)
 
 
-def clean_real_run(texts: list[str], max_tokens: int | None = None,
-                   runtime: str = "onnxruntime") -> tuple[Any, Any, Any]:
+def clean_real_run(
+    texts: list[str], max_tokens: int | None = None, runtime: str = "onnxruntime"
+) -> tuple[Any, Any, Any]:
     """(EngineSpec of the default model at its default precision (int8), 1 thread, on
     ``runtime`` (ONNX Runtime or OpenVINO, tests/engines.py); the token
     sequences of ``texts``; their vectors from one clean in-process engine): what the
@@ -39,9 +46,10 @@ def clean_real_run(texts: list[str], max_tokens: int | None = None,
     model = resolve_model()
     spec = EngineSpec(model, threads=1, runtime=runtime)  # type: ignore[arg-type]
     engine = spec.build()
-    seqs = TextTokenizer(model.tokenizer_path, max_tokens or model.max_length).encode(
-        texts).sequences
-    clean = np.concatenate([engine.embed(seqs[i:i + 64]) for i in range(0, len(seqs), 64)])
+    seqs = (
+        TextTokenizer(model.tokenizer_path, max_tokens or model.max_length).encode(texts).sequences
+    )
+    clean = np.concatenate([engine.embed(seqs[i : i + 64]) for i in range(0, len(seqs), 64)])
     return spec, seqs, clean
 
 

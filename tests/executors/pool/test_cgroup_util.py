@@ -38,8 +38,9 @@ print("done", flush=True)
 
 
 def _run_in(cg: cgroup_util.MemoryCgroup, mib: int) -> tuple[int, str]:
-    proc = subprocess.Popen(cg.wrap([sys.executable, "-c", _ALLOCATE, str(mib)]),
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cg.wrap([sys.executable, "-c", _ALLOCATE, str(mib)]), stdout=subprocess.PIPE, text=True
+    )
     try:
         out, _ = proc.communicate(timeout=DEADLINE_S)
     finally:
@@ -51,8 +52,11 @@ def _run_in(cg: cgroup_util.MemoryCgroup, mib: int) -> tuple[int, str]:
 
 @pytest.mark.parametrize(
     ("mib", "killed"),
-    [pytest.param(256, True, id="256MiB-past-64MiB-limit-is-oom-killed"),
-     pytest.param(16, False, id="16MiB-under-64MiB-limit-completes")])
+    [
+        pytest.param(256, True, id="256MiB-past-64MiB-limit-is-oom-killed"),
+        pytest.param(16, False, id="16MiB-under-64MiB-limit-completes"),
+    ],
+)
 def test_kernel_oom_kills_past_the_limit(mib: int, killed: bool) -> None:
     with cgroup_util.memory_cgroup(LIMIT) as cg:
         assert cg.limit() == LIMIT
@@ -75,8 +79,9 @@ def test_child_is_inside_own_cgroup_and_removed() -> None:
     with cgroup_util.memory_cgroup(LIMIT) as cg:
         assert cg.version == version
         assert cg.path.parent == own
-        proc = subprocess.Popen(cg.wrap([sys.executable, "-c", "import sys; sys.stdin.read()"]),
-                                stdin=subprocess.PIPE)
+        proc = subprocess.Popen(
+            cg.wrap([sys.executable, "-c", "import sys; sys.stdin.read()"]), stdin=subprocess.PIPE
+        )
         try:
             # The wrapper writes its pid before exec, so the pid is inside once it shows up.
             deadline = time.monotonic() + DEADLINE_S

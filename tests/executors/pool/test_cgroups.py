@@ -25,17 +25,33 @@ V1_OOM = "oom_kill_disable 0\nunder_oom 0\noom_kill {n}"
 V2_EVENTS = "low 0\nhigh 0\nmax 12\noom 3\noom_kill {n}\noom_group_kill 0"
 
 
-@pytest.mark.parametrize(("tree", "want"), [
-    pytest.param(Tree(version=1, pids={WORKER: OTHER}, files={
-        f"memory/{OTHER}": {"memory.oom_control": V1_OOM.format(n=2)}}),
-        f"sys/fs/cgroup/memory/{OTHER}/memory.oom_control", id="v1-the-workers-own-cgroup"),
-    pytest.param(Tree(version=2, pids={WORKER: OTHER}, files={
-        OTHER: {"memory.events": V2_EVENTS.format(n=2)}}),
-        f"sys/fs/cgroup/{OTHER}/memory.events", id="v2-the-workers-own-cgroup"),
-    pytest.param(Tree(version=2, pids={WORKER: "/"}),
-                 "proc/vmstat", id="root-cgroup-host-wide-counter"),
-    pytest.param(Tree(version=None, pids={WORKER: "/"}), "proc/vmstat", id="no-cgroups"),
-])
+@pytest.mark.parametrize(
+    ("tree", "want"),
+    [
+        pytest.param(
+            Tree(
+                version=1,
+                pids={WORKER: OTHER},
+                files={f"memory/{OTHER}": {"memory.oom_control": V1_OOM.format(n=2)}},
+            ),
+            f"sys/fs/cgroup/memory/{OTHER}/memory.oom_control",
+            id="v1-the-workers-own-cgroup",
+        ),
+        pytest.param(
+            Tree(
+                version=2,
+                pids={WORKER: OTHER},
+                files={OTHER: {"memory.events": V2_EVENTS.format(n=2)}},
+            ),
+            f"sys/fs/cgroup/{OTHER}/memory.events",
+            id="v2-the-workers-own-cgroup",
+        ),
+        pytest.param(
+            Tree(version=2, pids={WORKER: "/"}), "proc/vmstat", id="root-cgroup-host-wide-counter"
+        ),
+        pytest.param(Tree(version=None, pids={WORKER: "/"}), "proc/vmstat", id="no-cgroups"),
+    ],
+)
 def test_oom_kill_counter_of_a_process(tmp_path: Path, tree: Tree, want: str) -> None:
     root = tree.build(tmp_path)
     assert oom_kill_counter(root, WORKER) == root / want
@@ -50,8 +66,12 @@ def test_read_oom_kills_parses_both_versions(tmp_path: Path) -> None:
 
 
 def test_evidence_is_used_up_one_death_at_a_time(tmp_path: Path) -> None:
-    tree = Tree(version=2, own=OWN, pids={1: OTHER, 2: OTHER, 3: OTHER},
-                files={OTHER: {"memory.events": V2_EVENTS.format(n=4)}})
+    tree = Tree(
+        version=2,
+        own=OWN,
+        pids={1: OTHER, 2: OTHER, 3: OTHER},
+        files={OTHER: {"memory.events": V2_EVENTS.format(n=4)}},
+    )
     root = tree.build(tmp_path)
     events = root / "sys/fs/cgroup" / OTHER / "memory.events"
     evidence = OomEvidence(root)
@@ -86,8 +106,12 @@ def test_kernel_oom_kill_is_confirmed_and_our_sigkill_is_not() -> None:
         evidence = OomEvidence()
         procs = []
         for _ in range(2):
-            proc = subprocess.Popen(cg.wrap([sys.executable, "-c", _ALLOCATE, "400"]),
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(
+                cg.wrap([sys.executable, "-c", _ALLOCATE, "400"]),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
             evidence.watch(proc, proc.pid)
             procs.append(proc)

@@ -50,10 +50,26 @@ class Cli:
         # own_group: the CLI leads a new process group (as under systemd), so that a signal
         # can be sent to the whole group: the CLI and every worker
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from embedpool.cli import main; main()", "embed", str(inp),
-             "--out", str(out), "--workers", "2", "--no-cache", "--log-json", "--quiet"],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=own_group)
+            [
+                sys.executable,
+                "-c",
+                "from embedpool.cli import main; main()",
+                "embed",
+                str(inp),
+                "--out",
+                str(out),
+                "--workers",
+                "2",
+                "--no-cache",
+                "--log-json",
+                "--quiet",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=own_group,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -81,8 +97,10 @@ class Cli:
     def wait_for(self, what: str, cond: object) -> None:
         def check() -> bool:
             if self.proc.poll() is not None:
-                pytest.fail(f"the CLI exited ({self.proc.returncode}) before {what}:\n"
-                            + "\n".join(self.lines[-30:]))
+                pytest.fail(
+                    f"the CLI exited ({self.proc.returncode}) before {what}:\n"
+                    + "\n".join(self.lines[-30:])
+                )
             return bool(cond() if callable(cond) else cond)
 
         wait_until(check, what)
@@ -125,13 +143,19 @@ def _gone(procs: list[psutil.Process]) -> bool:
     return True
 
 
-@pytest.mark.parametrize(("signals", "code"), [
-    pytest.param((signal.SIGTERM,), EXIT_SIGTERM, id="sigterm-143"),
-    pytest.param((signal.SIGINT,), EXIT_SIGINT, id="sigint-130"),
-    pytest.param((signal.SIGTERM, signal.SIGTERM), EXIT_SIGTERM, id="second-sigterm-exits-at-once"),
-])
-def test_signal_mid_job(tmp_path: Path, corpus: tuple[Path, set[str]],
-                        signals: tuple[signal.Signals, ...], code: int) -> None:
+@pytest.mark.parametrize(
+    ("signals", "code"),
+    [
+        pytest.param((signal.SIGTERM,), EXIT_SIGTERM, id="sigterm-143"),
+        pytest.param((signal.SIGINT,), EXIT_SIGINT, id="sigint-130"),
+        pytest.param(
+            (signal.SIGTERM, signal.SIGTERM), EXIT_SIGTERM, id="second-sigterm-exits-at-once"
+        ),
+    ],
+)
+def test_signal_mid_job(
+    tmp_path: Path, corpus: tuple[Path, set[str]], signals: tuple[signal.Signals, ...], code: int
+) -> None:
     inp, ids = corpus
     out = tmp_path / "vectors.jsonl"
     partial = tmp_path / "vectors.partial.jsonl"
@@ -145,16 +169,21 @@ def test_signal_mid_job(tmp_path: Path, corpus: tuple[Path, set[str]],
         cli.proc.send_signal(signals[0])
         if len(signals) > 1:
             name = signal.Signals(signals[0]).name
-            cli.wait_for("the CLI to acknowledge the first signal",
-                         lambda: cli.said(f"{name}: finishing in-flight batches"))
+            cli.wait_for(
+                "the CLI to acknowledge the first signal",
+                lambda: cli.said(f"{name}: finishing in-flight batches"),
+            )
             cli.proc.send_signal(signals[1])
         rc = cli.wait()
     finally:
         cli.kill()
     log = "\n".join(cli.lines[-30:])
     assert rc == code, log
-    wait_until(lambda: _gone(workers), f"the CLI's children {[p.pid for p in workers]} to exit",
-               timeout=15.0)
+    wait_until(
+        lambda: _gone(workers),
+        f"the CLI's children {[p.pid for p in workers]} to exit",
+        timeout=15.0,
+    )
     assert not out.exists(), "the final --out name was written by an interrupted job"
     if len(signals) > 1:
         return  # exited at once: nothing more is promised than no OUT and no orphans
@@ -166,12 +195,15 @@ def test_signal_mid_job(tmp_path: Path, corpus: tuple[Path, set[str]],
     assert len(set(got)) == len(got) and set(got) <= ids
     assert all(len(r["embedding"]) == DIM for r in rows)
     assert "interrupted" in log and str(partial) in log
-    print(f"\n{signals}: exit {rc}, {len(rows)} of {len(ids)} rows in the partial file, "
-          f"{len(workers)} children gone")
+    print(
+        f"\n{signals}: exit {rc}, {len(rows)} of {len(ids)} rows in the partial file, "
+        f"{len(workers)} children gone"
+    )
 
 
 def test_process_group_sigterm_drains_without_counting_crashes(
-        tmp_path: Path, corpus: tuple[Path, set[str]]) -> None:
+    tmp_path: Path, corpus: tuple[Path, set[str]]
+) -> None:
     """systemd's KillMode=control-group and ``kill -TERM -PGID`` send SIGTERM to every process
     of the group, the workers included. The workers ignore it, as they ignore a Ctrl-C's
     SIGINT: the CLI decides how in-flight batches end. So: exit 143, a partial file of
@@ -189,12 +221,14 @@ def test_process_group_sigterm_drains_without_counting_crashes(
         cli.kill()
     log = "\n".join(cli.lines[-30:])
     assert rc == EXIT_SIGTERM, log
-    wait_until(lambda: _gone(workers), f"the CLI's children {[p.pid for p in workers]} to exit",
-               timeout=15.0)
+    wait_until(
+        lambda: _gone(workers),
+        f"the CLI's children {[p.pid for p in workers]} to exit",
+        timeout=15.0,
+    )
     assert not out.exists()
     rows = [json.loads(line) for line in partial.read_text().splitlines()]
     assert 0 < len(rows) < len(ids), "the partial file is empty, or the job was not interrupted"
     assert cli.events("worker_death") == [], "a worker died of the group's SIGTERM"
     (stop,) = cli.events("pool_stop")
     assert stop["deaths"] == 0 and stop["start_failures"] == 0
-

@@ -52,11 +52,11 @@ def test_cuda_out_of_memory_splits_lowers_the_budget_and_recovers(event_log: Eve
     """A batch over the fake GPU's memory raises ORT's arena error in a live worker: the task
     is split and the budget lowered, as after an OOM kill, but no worker dies; the budget
     comes back up once things are calm, never to a size that ran out of memory."""
-    spec = FakeEngineSpec(dim=DIM, device="cuda:0", device_oom_above=1500,
-                          delay_per_batch_s=0.005)
+    spec = FakeEngineSpec(dim=DIM, device="cuda:0", device_oom_above=1500, delay_per_batch_s=0.005)
     batches = make_batches(make_sequences(1200, seed=31, min_len=40, max_len=64), 64)
-    with Pool(spec, gpu_config(batch_tokens=4096, emergency_exit_s=0.3),
-              on_event=event_log) as pool:
+    with Pool(
+        spec, gpu_config(batch_tokens=4096, emergency_exit_s=0.3), on_event=event_log
+    ) as pool:
         results = {r.batch_id: r for r in pool.run(batches)}
         stats = pool.stats()
     check_all(results, batches)
@@ -79,9 +79,11 @@ def test_a_lost_gpu_moves_its_batches_to_the_cpu(event_log: EventLog) -> None:
     seqs = make_sequences(400, seed=32)
     plant(seqs, 150)
     batches = make_batches(seqs, 10)
-    gpu = PoolRecipe("cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0",
-                                                      lose_device_on=POISON,
-                                                      delay_per_batch_s=0.01), gpu_config())
+    gpu = PoolRecipe(
+        "cuda:0 FakeGPU",
+        FakeEngineSpec(dim=DIM, device="cuda:0", lose_device_on=POISON, delay_per_batch_s=0.01),
+        gpu_config(),
+    )
     cpu = PoolRecipe("cpu", _fake(gpu).on_cpu(), fast_config(workers=2), precision="fp32")
     ex = devices.start([gpu], fallback=cpu, on_event=event_log)
     try:
@@ -106,10 +108,17 @@ def test_a_lost_gpu_moves_its_batches_to_the_cpu(event_log: EventLog) -> None:
 
 def test_cpu_workers_alongside_a_gpu_share_the_batches(event_log: EventLog) -> None:
     batches = make_batches(make_sequences(600, seed=33), 10)
-    gpu = PoolRecipe("cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0",
-                                                      delay_per_batch_s=0.02), gpu_config())
-    cpu = PoolRecipe("cpu", FakeEngineSpec(dim=DIM, delay_per_batch_s=0.02),
-                     fast_config(workers=2), precision="fp32")
+    gpu = PoolRecipe(
+        "cuda:0 FakeGPU",
+        FakeEngineSpec(dim=DIM, device="cuda:0", delay_per_batch_s=0.02),
+        gpu_config(),
+    )
+    cpu = PoolRecipe(
+        "cpu",
+        FakeEngineSpec(dim=DIM, delay_per_batch_s=0.02),
+        fast_config(workers=2),
+        precision="fp32",
+    )
     with devices.start([gpu], cpu=cpu, on_event=event_log) as ex:
         assert ex.devices == ["cuda:0 FakeGPU", "cpu"]
         assert ex.stats().max_workers == 3
@@ -126,33 +135,38 @@ def _fake(recipe: PoolRecipe) -> FakeEngineSpec:
 
 
 def test_auto_runs_on_the_cpu_when_the_cuda_provider_does_not_load(event_log: EventLog) -> None:
-    gpu = PoolRecipe("cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0", unavailable=True),
-                     gpu_config())
+    gpu = PoolRecipe(
+        "cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0", unavailable=True), gpu_config()
+    )
     cpu = PoolRecipe("cpu", _fake(gpu).on_cpu(), fast_config(workers=1), precision="fp32")
     with devices.start([gpu], fallback=cpu, on_event=event_log) as ex:
         assert ex.devices == ["cpu"]
-        assert any("auto: cuda:0 FakeGPU not used" in n and "did not load" in n
-                   for n in ex.notes)
+        assert any("auto: cuda:0 FakeGPU not used" in n and "did not load" in n for n in ex.notes)
         batches = make_batches(make_sequences(40, seed=34), 8)
         check_all({r.batch_id: r for r in ex.run(batches)}, batches)
 
 
 def test_cuda_fails_at_once_when_the_provider_does_not_load() -> None:
-    gpu = PoolRecipe("cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0", unavailable=True),
-                     gpu_config())
+    gpu = PoolRecipe(
+        "cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0", unavailable=True), gpu_config()
+    )
     cpu = PoolRecipe("cpu", _fake(gpu).on_cpu(), fast_config(workers=1))
     with pytest.raises(DeviceError) as info:
         devices.start([gpu], fallback=cpu, strict=True)
     assert info.value.missing == "package"
-    assert str(info.value).startswith("--device cuda:0: cuda:0: ONNX Runtime's "
-                                      "CUDAExecutionProvider did not load")
+    assert str(info.value).startswith(
+        "--device cuda:0: cuda:0: ONNX Runtime's CUDAExecutionProvider did not load"
+    )
 
 
 def test_a_lost_gpu_without_a_fallback_breaks_with_the_reason(event_log: EventLog) -> None:
     seqs = make_sequences(60, seed=35)
     plant(seqs, 5)
-    gpu = PoolRecipe("cuda:0 FakeGPU", FakeEngineSpec(dim=DIM, device="cuda:0",
-                                                      lose_device_on=POISON), gpu_config())
+    gpu = PoolRecipe(
+        "cuda:0 FakeGPU",
+        FakeEngineSpec(dim=DIM, device="cuda:0", lose_device_on=POISON),
+        gpu_config(),
+    )
     ex = DeviceExecutor([gpu.start(event_log)], on_event=event_log)
     try:
         with pytest.raises(Exception, match="every device was lost"):

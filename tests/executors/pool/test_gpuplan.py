@@ -32,17 +32,27 @@ from embedpool.types import Profile
 MiB = 1024**2
 GiB = 1024**3
 #: all-MiniLM-L6-v2: hidden 384, intermediate 1536, 12 heads, 256 tokens, 90.9 MB fp32.
-MINILM_FP16 = ModelShape(hidden=384, intermediate=1536, heads=12, max_length=256,
-                         weight_bytes=45 * MiB, dtype_bytes=2)
+MINILM_FP16 = ModelShape(
+    hidden=384, intermediate=1536, heads=12, max_length=256, weight_bytes=45 * MiB, dtype_bytes=2
+)
 #: bge-large-sized: hidden 1024, intermediate 4096, 16 heads, 512 tokens, 1.3 GB fp32.
-LARGE_FP16 = ModelShape(hidden=1024, intermediate=4096, heads=16, max_length=512,
-                        weight_bytes=670 * MiB, dtype_bytes=2)
+LARGE_FP16 = ModelShape(
+    hidden=1024, intermediate=4096, heads=16, max_length=512, weight_bytes=670 * MiB, dtype_bytes=2
+)
 
 
 def limits(cpus: int, memory: int = 512 * GiB, profile: Profile = "cloud") -> Limits:
-    return Limits(cpus=cpus, cpus_source="test", memory_bytes=memory, memory_source="test",
-                  profile=profile, profile_source="test", host_cpus=cpus,
-                  host_memory_bytes=memory, root=Path("/"))
+    return Limits(
+        cpus=cpus,
+        cpus_source="test",
+        memory_bytes=memory,
+        memory_source="test",
+        profile=profile,
+        profile_source="test",
+        host_cpus=cpus,
+        host_memory_bytes=memory,
+        root=Path("/"),
+    )
 
 
 # -- the CPU-only pool on many cores -----------------------------------------------------------
@@ -62,8 +72,9 @@ CPU_PLANS = [
 
 
 @pytest.mark.parametrize(("cpus", "workers", "threads", "reserve", "max_workers", "t"), CPU_PLANS)
-def test_cpu_plan_on_many_cores(cpus: int, workers: int | None, threads: int | None,
-                                reserve: int, max_workers: int, t: int) -> None:
+def test_cpu_plan_on_many_cores(
+    cpus: int, workers: int | None, threads: int | None, reserve: int, max_workers: int, t: int
+) -> None:
     p = plan(limits(cpus), workers=workers, threads=threads)
     assert parent_reserve(cpus) == reserve
     assert (p.policy.max_workers, p.policy.threads_per_worker) == (max_workers, t)
@@ -72,8 +83,22 @@ def test_cpu_plan_on_many_cores(cpus: int, workers: int | None, threads: int | N
         assert any(f"{reserve} of {cpus} cores kept for the parent" in r for r in p.reasons)
 
 
-@pytest.mark.parametrize(("cpus", "reserve"), [(1, 0), (2, 0), (4, 0), (16, 0), (23, 0), (24, 1),
-                                               (64, 1), (71, 1), (72, 2), (96, 2), (192, 4)])
+@pytest.mark.parametrize(
+    ("cpus", "reserve"),
+    [
+        (1, 0),
+        (2, 0),
+        (4, 0),
+        (16, 0),
+        (23, 0),
+        (24, 1),
+        (64, 1),
+        (71, 1),
+        (72, 2),
+        (96, 2),
+        (192, 4),
+    ],
+)
 def test_parent_reserve(cpus: int, reserve: int) -> None:
     assert parent_reserve(cpus) == reserve
     # the reserve feeds at least PARENT_WORKERS_PER_CORE workers per core, give or take half
@@ -88,6 +113,7 @@ def test_cpu_plan_never_oversubscribes_at_any_core_count() -> None:
 
 
 # -- the GPU plan --------------------------------------------------------------------------------
+
 
 def h200(i: int, free: int | None = 140 * GiB) -> GpuInput:
     return GpuInput(i, "NVIDIA H200", free)
@@ -117,17 +143,19 @@ GPU_PLANS = [
 ]
 
 
-@pytest.mark.parametrize(("cpus", "n_gpus", "cpu_workers", "gpu_workers", "want_cpu",
-                          "parent"), GPU_PLANS)
-def test_gpu_plan(cpus: int, n_gpus: int, cpu_workers: int | None, gpu_workers: int,
-                  want_cpu: int, parent: int) -> None:
-    p = plan_devices(cpus, [h200(i) for i in range(n_gpus)], MINILM_FP16,
-                     cpu_workers=cpu_workers)
+@pytest.mark.parametrize(
+    ("cpus", "n_gpus", "cpu_workers", "gpu_workers", "want_cpu", "parent"), GPU_PLANS
+)
+def test_gpu_plan(
+    cpus: int, n_gpus: int, cpu_workers: int | None, gpu_workers: int, want_cpu: int, parent: int
+) -> None:
+    p = plan_devices(cpus, [h200(i) for i in range(n_gpus)], MINILM_FP16, cpu_workers=cpu_workers)
     assert (len(p.gpu_workers), p.cpu_workers, p.parent_cores) == (gpu_workers, want_cpu, parent)
     assert p.cores_used <= cpus  # never oversubscribed
     if p.cpu_workers:  # the parent keeps its tokenisers when CPU workers run alongside
-        assert p.parent_cores >= min(cpus - gpu_workers,
-                                     max(parent_reserve(cpus), TOKENIZER_CORES_PER_GPU * gpu_workers))
+        assert p.parent_cores >= min(
+            cpus - gpu_workers, max(parent_reserve(cpus), TOKENIZER_CORES_PER_GPU * gpu_workers)
+        )
     assert [g.index for g in p.gpu_workers] == list(range(gpu_workers))
     assert all(g.batch_tokens == GPU_MAX_BATCH_TOKENS for g in p.gpu_workers)  # an H200 is big
     assert p.batch_tokens == GPU_MAX_BATCH_TOKENS
@@ -138,8 +166,13 @@ def test_gpu_plan_invariants_over_every_machine() -> None:
         for n_gpus in (1, 2, 3, 4, 8):
             for cpu_workers in (None, 0, 1, 7, 200):
                 for threads in (1, 2):
-                    p = plan_devices(cpus, [h200(i) for i in range(n_gpus)], MINILM_FP16,
-                                     cpu_workers=cpu_workers, cpu_threads=threads)
+                    p = plan_devices(
+                        cpus,
+                        [h200(i) for i in range(n_gpus)],
+                        MINILM_FP16,
+                        cpu_workers=cpu_workers,
+                        cpu_threads=threads,
+                    )
                     assert p.cores_used <= cpus
                     assert 1 <= len(p.gpu_workers) <= max(1, cpus - 1)
                     assert p.cpu_workers <= (cpu_workers or 0)

@@ -41,44 +41,63 @@ def all_sequences(batches: list[WorkBatch]) -> list[TokenIds]:
 # --- pure helpers -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("exitcode", "name"), [
-    (-9, "SIGKILL(-9)"),
-    (-15, "SIGTERM(-15)"),
-    (-11, "SIGSEGV(-11)"),
-    (1, "exit 1"),
-    (0, "exit 0"),
-    (None, "running"),
-], ids=["sigkill", "sigterm", "sigsegv", "exit1", "exit0", "running"])
+@pytest.mark.parametrize(
+    ("exitcode", "name"),
+    [
+        (-9, "SIGKILL(-9)"),
+        (-15, "SIGTERM(-15)"),
+        (-11, "SIGSEGV(-11)"),
+        (1, "exit 1"),
+        (0, "exit 0"),
+        (None, "running"),
+    ],
+    ids=["sigkill", "sigterm", "sigsegv", "exit1", "exit0", "running"],
+)
 def test_exit_name(exitcode: int | None, name: str) -> None:
     assert events.exit_name(exitcode) == name
 
 
-@pytest.mark.parametrize(("seq", "pattern", "found"), [
-    ([101, 5, 6, 7, 102], (6, 7), True),
-    ([101, 5, 6, 7, 102], (7, 6), False),
-    ([101, 5], (101, 5, 6), False),
-    ([101, 5], (), False),
-], ids=["present", "wrong-order", "longer-than-seq", "empty-pattern"])
+@pytest.mark.parametrize(
+    ("seq", "pattern", "found"),
+    [
+        ([101, 5, 6, 7, 102], (6, 7), True),
+        ([101, 5, 6, 7, 102], (7, 6), False),
+        ([101, 5], (101, 5, 6), False),
+        ([101, 5], (), False),
+    ],
+    ids=["present", "wrong-order", "longer-than-seq", "empty-pattern"],
+)
 def test_contains_subsequence(seq: list[int], pattern: tuple[int, ...], found: bool) -> None:
     assert contains_subsequence(np.asarray(seq, dtype=np.int32), pattern) is found
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"workers": 0}, "workers"),
-    ({"max_retries": -1}, "max_retries"),
-    ({"start_method": "fork"}, "start_method"),
-    ({"hang_warn_fraction": 1.5}, "hang_warn_fraction"),
-    ({"start_timeout_s": 0}, "start_timeout_s"),
-    ({"profile": "laptop"}, "profile"),
-], ids=["zero-workers", "negative-retries", "fork", "warn-fraction", "start-timeout", "profile"])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"workers": 0}, "workers"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"start_method": "fork"}, "start_method"),
+        ({"hang_warn_fraction": 1.5}, "hang_warn_fraction"),
+        ({"start_timeout_s": 0}, "start_timeout_s"),
+        ({"profile": "laptop"}, "profile"),
+    ],
+    ids=["zero-workers", "negative-retries", "fork", "warn-fraction", "start-timeout", "profile"],
+)
 def test_pool_config_rejects(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         PoolConfig(**kwargs)
 
 
-@pytest.mark.parametrize(("workers", "expected"), [
-    ("auto", None), (None, None), (3, 3), ("2", 2),
-], ids=["auto", "none", "int", "digit-string"])
+@pytest.mark.parametrize(
+    ("workers", "expected"),
+    [
+        ("auto", None),
+        (None, None),
+        (3, 3),
+        ("2", 2),
+    ],
+    ids=["auto", "none", "int", "digit-string"],
+)
 def test_pool_config_for(workers: int | str | None, expected: int | None) -> None:
     assert pool_config_for(workers=workers, precision="fp32").workers == expected
 
@@ -103,8 +122,9 @@ def pool() -> Iterator[Pool]:
     """A 2-worker pool shared by the happy-path tests (starting one costs seconds here)."""
     with Pool(FakeEngineSpec(dim=DIM), fast_config(batch_tokens=512)) as p:
         # both started before the first test's leak check takes its "before" picture
-        wait_until(lambda: sum(w.state == "idle" for w in p.stats().workers) == 2,
-                   "both workers ready")
+        wait_until(
+            lambda: sum(w.state == "idle" for w in p.stats().workers) == 2, "both workers ready"
+        )
         yield p
 
 
@@ -113,8 +133,9 @@ def test_results_equal_a_clean_run(pool: Pool) -> None:
     got = {r.batch_id: r for r in pool.run(batches)}
     assert sorted(got) == [b.batch_id for b in batches]
     assert all(not r.failed for r in got.values())
-    np.testing.assert_allclose(assemble(got, batches),
-                               fake_vectors(all_sequences(batches), DIM), atol=1e-6)
+    np.testing.assert_allclose(
+        assemble(got, batches), fake_vectors(all_sequences(batches), DIM), atol=1e-6
+    )
     assert pool.dim == DIM
 
 
@@ -182,8 +203,10 @@ def test_closing_run_early_does_not_hang(pool: Pool) -> None:
 
 
 def test_stats_names_workers_and_counts(pool: Pool) -> None:
-    wait_until(lambda: len([w for w in pool.stats().workers if w.state == "idle"]) == 2,
-               "both workers idle")
+    wait_until(
+        lambda: len([w for w in pool.stats().workers if w.state == "idle"]) == 2,
+        "both workers idle",
+    )
     s = pool.stats()
     assert s.threads == 1 and s.target_workers == 2 and s.batch_tokens == 512
     assert all(w.pid and w.rss > 0 for w in s.workers)
@@ -231,8 +254,9 @@ def test_event_callback_errors_do_not_break_the_pool() -> None:
 
 
 def test_periodic_status_event(event_log: EventLog) -> None:
-    with Pool(FakeEngineSpec(dim=DIM), fast_config(workers=1, status_interval_s=0.1),
-              on_event=event_log) as p:
+    with Pool(
+        FakeEngineSpec(dim=DIM), fast_config(workers=1, status_interval_s=0.1), on_event=event_log
+    ) as p:
         list(p.run(make_batches(make_sequences(20, seed=10), 5)))
         wait_until(lambda: len(event_log.named(events.STATUS)) >= 2, "two status events")
     status = event_log.named(events.STATUS)[-1]

@@ -134,15 +134,17 @@ def test_sigkills_without_oom_evidence_keep_the_budget(event_log: EventLog) -> N
                 return len(event_log.named(events.WORKER_DEATH)) == n
 
             wait_until(died, f"death {n}")
-        results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
-                                                                            strict=True)}
+        results = {
+            b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures, strict=True)
+        }
         stats = pool.stats()
     check_all(results, batches)
     assert stats.external_sigkills == 2 and stats.oom_kills == 0
     assert stats.batch_tokens == 1024 and not stats.emergency
     assert event_log.named(events.EMERGENCY) == []
-    assert [e for e in event_log.named(events.SCALE)
-            if e["batch_tokens_to"] != e["batch_tokens_from"]] == []
+    assert [
+        e for e in event_log.named(events.SCALE) if e["batch_tokens_to"] != e["batch_tokens_from"]
+    ] == []
 
 
 def test_sigstop_hung_worker_is_killed_and_its_batch_completes(event_log: EventLog) -> None:
@@ -155,13 +157,17 @@ def test_sigstop_hung_worker_is_killed_and_its_batch_completes(event_log: EventL
         pid = busy_pid(pool)
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
-        results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
-                                                                            strict=True)}
+        results = {
+            b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures, strict=True)
+        }
         stats = pool.stats()
     check_all(results, batches)
     names = [e["event"] for e in event_log.events if e.get("pid") == pid]
-    assert names.index(events.WORKER_HUNG_WARNING) < names.index(events.WORKER_HUNG_KILL) \
+    assert (
+        names.index(events.WORKER_HUNG_WARNING)
+        < names.index(events.WORKER_HUNG_KILL)
         < names.index(events.WORKER_DEATH)
+    )
     (death,) = event_log.named(events.WORKER_DEATH)
     assert death["exit"] == "SIGKILL(-9)" and "hung" in death["cause"]
     assert stats.hung_kills == 1 and stats.oom_kills == 0  # our own kill is not an OOM
@@ -172,16 +178,18 @@ def test_sigint_and_sigterm_to_a_worker_are_ignored(event_log: EventLog) -> None
     """A group-wide Ctrl-C or SIGTERM reaches the workers too; the pool decides, so a worker
     goes on with its batch (the CLI test sends SIGTERM to the whole group)."""
     batches = make_batches(make_sequences(16, seed=18), 4)
-    with Pool(FakeEngineSpec(dim=DIM, delay_per_batch_s=0.2), fast_config(workers=1),
-              on_event=event_log) as pool:
+    with Pool(
+        FakeEngineSpec(dim=DIM, delay_per_batch_s=0.2), fast_config(workers=1), on_event=event_log
+    ) as pool:
         futures = [pool.submit(b) for b in batches]
         wait_until(lambda: busy_pid(pool) is not None, "a busy worker")
         pid = busy_pid(pool)
         assert pid is not None
         os.kill(pid, signal.SIGINT)
         os.kill(pid, signal.SIGTERM)
-        results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
-                                                                            strict=True)}
+        results = {
+            b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures, strict=True)
+        }
         stats = pool.stats()
     check_all(results, batches)
     assert stats.deaths == 0 and event_log.named(events.WORKER_DEATH) == []
@@ -211,9 +219,11 @@ def test_poison_input_is_isolated_and_reported_once(event_log: EventLog) -> None
     good = [b for b in batches if b.batch_id != 2]
     check_all({b.batch_id: results[b.batch_id] for b in good}, good)
     others = [i for i in range(16) if i != 5]
-    np.testing.assert_allclose(results[2].vectors[others],
-                               fake_vectors([batches[2].sequences[i] for i in others], DIM),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        results[2].vectors[others],
+        fake_vectors([batches[2].sequences[i] for i in others], DIM),
+        atol=1e-6,
+    )
 
 
 def test_python_error_in_embed_fails_one_item_without_deaths(event_log: EventLog) -> None:
@@ -236,9 +246,11 @@ def test_worker_whose_rss_grows_is_recycled_not_mistaken_for_a_crash(event_log: 
     mib = 1024 * 1024
     batches = make_batches(make_sequences(20, seed=16), 4)
     spec = FakeEngineSpec(dim=DIM, grow_bytes_per_batch=40 * mib)
-    with Pool(spec, fast_config(workers=1, recycle_growth_bytes=100 * mib,
-                                    batch_tokens=256),
-              on_event=event_log) as pool:
+    with Pool(
+        spec,
+        fast_config(workers=1, recycle_growth_bytes=100 * mib, batch_tokens=256),
+        on_event=event_log,
+    ) as pool:
         results = {r.batch_id: r for r in pool.run(batches)}
         wait_until(lambda: len(event_log.named(events.WORKER_EXIT)) >= 1, "a recycled worker")
         stats = pool.stats()
@@ -254,13 +266,20 @@ def test_worker_whose_rss_grows_is_recycled_not_mistaken_for_a_crash(event_log: 
 # --- starting ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("spec", "match"), [
-    (FakeEngineSpec(fail_to_start="model file is corrupt"),
-     r"(?s)RuntimeError: model file is corrupt.*worker traceback.*in build"),
-    (FakeEngineSpec(exit_on_start=7), r"died while starting: exit 7"),
-], ids=["raises-while-loading", "exits-while-loading"])
-def test_worker_start_failure_raises_at_once(spec: FakeEngineSpec, match: str,
-                                             event_log: EventLog) -> None:
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (
+            FakeEngineSpec(fail_to_start="model file is corrupt"),
+            r"(?s)RuntimeError: model file is corrupt.*worker traceback.*in build",
+        ),
+        (FakeEngineSpec(exit_on_start=7), r"died while starting: exit 7"),
+    ],
+    ids=["raises-while-loading", "exits-while-loading"],
+)
+def test_worker_start_failure_raises_at_once(
+    spec: FakeEngineSpec, match: str, event_log: EventLog
+) -> None:
     cfg = fast_config(start_timeout_s=120.0)
     started = time.monotonic()
     with pytest.raises(WorkerStartError, match=match):
@@ -283,8 +302,7 @@ def test_unpicklable_spec_is_refused_before_any_process() -> None:
         Pool(LocalSpec())
 
 
-def test_pool_breaks_when_no_worker_can_be_respawned(tmp_path: Path,
-                                                     event_log: EventLog) -> None:
+def test_pool_breaks_when_no_worker_can_be_respawned(tmp_path: Path, event_log: EventLog) -> None:
     flag = tmp_path / "broken-model"
     spec = FakeEngineSpec(dim=DIM, delay_per_batch_s=0.5, fail_to_start_if_exists=str(flag))
     with Pool(spec, fast_config(workers=1, max_start_failures=2), on_event=event_log) as pool:
@@ -321,13 +339,19 @@ futures[0].result()
 
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
 def test_parent_killed_with_sigkill_leaves_no_workers(start_method: str) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", _PARENT, start_method],
-                            stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[3])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, start_method],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[3],
+    )
     try:
         line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()  # type: ignore[union-attr]
-                                                             ))
+        reader = threading.Thread(
+            target=lambda: line.append(
+                proc.stdout.readline()  # type: ignore[union-attr]
+            )
+        )
         reader.start()
         reader.join(DEADLINE_S)
         assert line and line[0], "the parent never reported its workers"
@@ -342,8 +366,11 @@ def test_parent_killed_with_sigkill_leaves_no_workers(start_method: str) -> None
             except psutil.NoSuchProcess:
                 return True
 
-        wait_until(lambda: all(gone(p) for p in pids), f"workers {pids} to die with their parent",
-                   timeout=15.0)
+        wait_until(
+            lambda: all(gone(p) for p in pids),
+            f"workers {pids} to die with their parent",
+            timeout=15.0,
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -359,13 +386,16 @@ def test_parent_killed_with_sigkill_leaves_no_workers(start_method: str) -> None
 def real_model(request: pytest.FixtureRequest) -> Any:
     """The real engine on each runtime (tests/engines.py): the faults are the pool's, the
     engine under them a parameter."""
-    return clean_real_run([f"def f{i}(x):\n    return x * {i} + {i % 7}  # chunk {i}"
-                           for i in range(400)], runtime=request.param)
+    return clean_real_run(
+        [f"def f{i}(x):\n    return x * {i} + {i % 7}  # chunk {i}" for i in range(400)],
+        runtime=request.param,
+    )
 
 
 @pytest.mark.slow
-def test_real_model_survives_sigkill_with_vectors_of_a_clean_run(real_model: Any,
-                                                                  event_log: EventLog) -> None:
+def test_real_model_survives_sigkill_with_vectors_of_a_clean_run(
+    real_model: Any, event_log: EventLog
+) -> None:
     """Exactly one SIGKILL, sent while a worker is busy (the batches are submitted and the
     test waits for a busy worker before it kills), and the job still equals a clean run."""
     spec, seqs, clean = real_model
@@ -376,8 +406,9 @@ def test_real_model_survives_sigkill_with_vectors_of_a_clean_run(real_model: Any
         pid = busy_pid(pool)
         assert pid is not None
         os.kill(pid, signal.SIGKILL)
-        results = {b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures,
-                                                                            strict=True)}
+        results = {
+            b.batch_id: f.result(timeout=DEADLINE_S) for b, f in zip(batches, futures, strict=True)
+        }
         stats = pool.stats()
     got = np.concatenate([results[b.batch_id].vectors for b in batches])
     assert np.sum(got * clean, axis=1).min() >= 0.99999
@@ -392,12 +423,14 @@ def test_real_model_poison_input(real_model: Any, event_log: EventLog) -> None:
     token pair only text 21 has: that text alone is given up."""
     spec, seqs, clean = real_model
     seqs = list(seqs[:48])
-    pairs = [tuple(s[i:i + 2].tolist()) for s in seqs for i in range(len(s) - 1)]
-    poison = next(p for p in (tuple(seqs[21][i:i + 2].tolist()) for i in range(len(seqs[21]) - 1))
-                  if pairs.count(p) == 1)  # two tokens in a row that only text 21 has
+    pairs = [tuple(s[i : i + 2].tolist()) for s in seqs for i in range(len(s) - 1)]
+    poison = next(
+        p
+        for p in (tuple(seqs[21][i : i + 2].tolist()) for i in range(len(seqs[21]) - 1))
+        if pairs.count(p) == 1
+    )  # two tokens in a row that only text 21 has
     batches = make_batches(seqs, 8)
-    with Pool(CrashingSpec(spec, poison), fast_config(max_retries=1),
-              on_event=event_log) as pool:
+    with Pool(CrashingSpec(spec, poison), fast_config(max_retries=1), on_event=event_log) as pool:
         results = {r.batch_id: r for r in pool.run(batches)}
     failed = {(bid, pos) for bid, r in results.items() for pos in r.failed}
     assert failed == {(2, 5)}

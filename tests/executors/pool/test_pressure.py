@@ -57,8 +57,11 @@ DIM = 16
 
 # The cgroup marker makes tests/ci_rules.py check for a writable memory cgroup: a skip
 # locally, a failure under CI=true unless EMBEDPOOL_CI_ALLOW_SKIP=cgroup.
-pytestmark = [pytest.mark.slow, pytest.mark.cgroup,
-              pytest.mark.usefixtures("no_leftover_processes")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.cgroup,
+    pytest.mark.usefixtures("no_leftover_processes"),
+]
 
 #: The job, run with ``python -c`` (a file as __main__ would be re-imported by every spawned
 #: worker). argv[1] is a JSON dict: sequences (n, seed, len), items per WorkBatch, the fake
@@ -113,7 +116,11 @@ class Job:
         self.events_path.touch()
         self.proc = subprocess.Popen(
             cg.wrap([sys.executable, "-c", _RUNNER, json.dumps(self.params)]),
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -130,8 +137,10 @@ class Job:
         def check() -> bool:
             if self.proc.poll() is not None:
                 _, err = self.proc.communicate()
-                pytest.fail(f"the job exited ({self.proc.returncode}) while waiting for "
-                            f"{what}; stderr:\n{err[-3000:]}")
+                pytest.fail(
+                    f"the job exited ({self.proc.returncode}) while waiting for "
+                    f"{what}; stderr:\n{err[-3000:]}"
+                )
             return bool(cond())
 
         wait_until(check, what, timeout=timeout)
@@ -158,7 +167,7 @@ def check_vectors(job: Job, expected_batches: int | None = None) -> int:
     p = job.params
     seqs = make_sequences(p["n"], seed=p["seed"], min_len=p["len"], max_len=p["len"])
     k = p["items"]
-    base = [fake_vectors(seqs[i:i + k], DIM) for i in range(0, len(seqs), k)]
+    base = [fake_vectors(seqs[i : i + k], DIM) for i in range(0, len(seqs), k)]
     with np.load(job.out) as data:
         ids, vectors, failed = data["ids"], data["vectors"], data["failed"]
     assert list(ids) == list(range(len(ids))), "a batch is missing"
@@ -174,14 +183,27 @@ def check_vectors(job: Job, expected_batches: int | None = None) -> int:
 # --- the kernel's OOM killer -------------------------------------------------------------------
 
 
-def test_cgroup_oom_kills_are_survived_with_emergency_mode(tmp_path: Path,
-                                                           cgroup_factory: Any) -> None:
+def test_cgroup_oom_kills_are_survived_with_emergency_mode(
+    tmp_path: Path, cgroup_factory: Any
+) -> None:
     cg = cgroup_factory(640 * MiB)
-    job = Job(cg, tmp_path, n=48, seed=21, len=64, items=16,
-              spec={"dim": DIM, "alloc_bytes_per_token": 1280 * KiB, "delay_per_batch_s": 0.02},
-              config={"workers": 2, "profile": "cloud", "batch_tokens": 1024,
-                      "status_interval_s": 0, "emergency_exit_s": 1.0,
-                      "start_timeout_s": 60.0})
+    job = Job(
+        cg,
+        tmp_path,
+        n=48,
+        seed=21,
+        len=64,
+        items=16,
+        spec={"dim": DIM, "alloc_bytes_per_token": 1280 * KiB, "delay_per_batch_s": 0.02},
+        config={
+            "workers": 2,
+            "profile": "cloud",
+            "batch_tokens": 1024,
+            "status_interval_s": 0,
+            "emergency_exit_s": 1.0,
+            "start_timeout_s": 60.0,
+        },
+    )
     try:
         stats = job.finish(timeout=120.0)
     finally:
@@ -203,8 +225,10 @@ def test_cgroup_oom_kills_are_survived_with_emergency_mode(tmp_path: Path,
     assert "2 consecutive OOM kills" in first_on["reason"]
     scale = job.events(events.SCALE)
     assert any(e["batch_tokens_to"] < e["batch_tokens_from"] for e in scale)
-    print(f"\ncgroup OOM: {kernel_kills} kernel OOM kills, {len(deaths)} worker deaths, "
-          f"emergency {emergency}, {len(scale)} scale events")
+    print(
+        f"\ncgroup OOM: {kernel_kills} kernel OOM kills, {len(deaths)} worker deaths, "
+        f"emergency {emergency}, {len(scale)} scale events"
+    )
 
 
 # --- an external memory hog ---------------------------------------------------------------------
@@ -219,20 +243,34 @@ sys.stdin.read()
 """
 
 
-def test_memory_hog_shrinks_the_pool_which_grows_back_after(tmp_path: Path,
-                                                           cgroup_factory: Any) -> None:
+def test_memory_hog_shrinks_the_pool_which_grows_back_after(
+    tmp_path: Path, cgroup_factory: Any
+) -> None:
     """A 1 GiB cgroup (local profile: stop at 80%, resume below 70%): a hog in the same cgroup
     takes ~700 MiB while the pool runs 2 workers. The pool shrinks with an event whose reading
     shows memory over 80%; once the hog exits it grows back to 2, and the job completes."""
     limit = 1024 * MiB
     cg = cgroup_factory(limit)
     stop = tmp_path / "stop"
-    job = Job(cg, tmp_path, n=64, seed=22, len=32, items=8, stop_file=str(stop),
-              max_batches=100_000,
-              spec={"dim": DIM, "delay_per_batch_s": 0.02},
-              config={"workers": 2, "profile": "local", "batch_tokens": 256,
-                      "sample_interval_s": 0.2, "status_interval_s": 0,
-                      "start_timeout_s": 60.0})
+    job = Job(
+        cg,
+        tmp_path,
+        n=64,
+        seed=22,
+        len=32,
+        items=8,
+        stop_file=str(stop),
+        max_batches=100_000,
+        spec={"dim": DIM, "delay_per_batch_s": 0.02},
+        config={
+            "workers": 2,
+            "profile": "local",
+            "batch_tokens": 256,
+            "sample_interval_s": 0.2,
+            "status_interval_s": 0,
+            "start_timeout_s": 60.0,
+        },
+    )
     hog: subprocess.Popen[str] | None = None
     try:
         job.wait_for("2 workers ready", lambda: len(job.events(events.WORKER_READY)) >= 2)
@@ -241,8 +279,12 @@ def test_memory_hog_shrinks_the_pool_which_grows_back_after(tmp_path: Path,
         used_mib = cg.usage() // MiB
         hog_mib = int(0.85 * limit / MiB) - used_mib
         assert hog_mib > 300, f"the pool already uses {used_mib} MiB of the 1 GiB limit"
-        hog = subprocess.Popen(cg.wrap([sys.executable, "-c", _HOG, str(hog_mib)]),
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        hog = subprocess.Popen(
+            cg.wrap([sys.executable, "-c", _HOG, str(hog_mib)]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
         def shrunk() -> bool:
             return any(e["action"] == "shrink" for e in job.events(events.SCALE))
@@ -263,11 +305,12 @@ def test_memory_hog_shrinks_the_pool_which_grows_back_after(tmp_path: Path,
         def grew_back() -> bool:
             after = job.events(events.SCALE)
             i = after.index(shrink)
-            return any(e["action"] == "grow" and e["workers_to"] == 2 for e in after[i + 1:])
+            return any(e["action"] == "grow" and e["workers_to"] == 2 for e in after[i + 1 :])
 
         job.wait_for("the pool to grow back after the hog left", grew_back)
-        grow = next(e for e in job.events(events.SCALE)
-                    if e["action"] == "grow" and e["ts"] > shrink["ts"])
+        grow = next(
+            e for e in job.events(events.SCALE) if e["action"] == "grow" and e["ts"] > shrink["ts"]
+        )
         assert grow["reading"]["mem_fraction"] < 0.70
         stop.touch()
         job.finish()
@@ -285,9 +328,10 @@ def test_memory_hog_shrinks_the_pool_which_grows_back_after(tmp_path: Path,
     assert any(e["reason"] == "scale-down" for e in left)
     assert job.events(events.WORKER_DEATH) == [], "the hog caused a death, not a shrink"
     assert cg.oom_kills() == 0
-    print(f"\nhog: {hog_mib} MiB; shrink at {shrink['reading']['mem_fraction']:.0%}, grow back "
-          f"at {grow['reading']['mem_fraction']:.0%}; {n} batches")
-
+    print(
+        f"\nhog: {hog_mib} MiB; shrink at {shrink['reading']['mem_fraction']:.0%}, grow back "
+        f"at {grow['reading']['mem_fraction']:.0%}; {n} batches"
+    )
 
 
 # --- the real model under a real limit -------------------------------------------------------
@@ -322,8 +366,9 @@ print(json.dumps({"deaths": stats.deaths, "oom_kills": stats.oom_kills}), flush=
 """
 
 
-def test_real_model_oom_killed_in_a_cgroup_completes_exactly(tmp_path: Path,
-                                                             cgroup_factory: Any) -> None:
+def test_real_model_oom_killed_in_a_cgroup_completes_exactly(
+    tmp_path: Path, cgroup_factory: Any
+) -> None:
     """Measured here (cgroup charge, fp32): supervisor + one loaded worker ~300 MiB; a
     32 x 256-token batch adds ~280 MiB (over a 440 MiB limit: the kernel kills it); its
     16 x 256 halves peaked at ~431 MiB (fit, or are killed too: then emergency mode takes
@@ -335,8 +380,11 @@ def test_real_model_oom_killed_in_a_cgroup_completes_exactly(tmp_path: Path,
 
     model = resolve_model("all-MiniLM-L6-v2")
     engine = EngineSpec(model, "fp32", 1).build()
-    encoded = TextTokenizer(model.tokenizer_path, 256).encode(
-        [c.text for c in stdlib_chunks(400)]).sequences
+    encoded = (
+        TextTokenizer(model.tokenizer_path, 256)
+        .encode([c.text for c in stdlib_chunks(400)])
+        .sequences
+    )
     # 48 x 256: after the workers' malloc_trim and memory-pattern changes, 32 x 256 sometimes
     # fit under 440 MiB; 48 x 256 (~410 MiB of activations) never does.
     seqs = [s for s in encoded if len(s) == 256][:48]
@@ -349,11 +397,25 @@ def test_real_model_oom_killed_in_a_cgroup_completes_exactly(tmp_path: Path,
     cg = cgroup_factory(440 * MiB)
     events_path, out = tmp_path / "events.jsonl", tmp_path / "vectors.npy"
     events_path.touch()
-    params = {"seqs": str(seqs_path), "events": str(events_path), "out": str(out),
-              "config": {"workers": 2, "profile": "cloud", "batch_tokens": 12288,
-                         "status_interval_s": 0, "emergency_exit_s": 2.0}}
-    proc = subprocess.Popen(cg.wrap([sys.executable, "-c", _REAL_RUNNER, json.dumps(params)]),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    params = {
+        "seqs": str(seqs_path),
+        "events": str(events_path),
+        "out": str(out),
+        "config": {
+            "workers": 2,
+            "profile": "cloud",
+            "batch_tokens": 12288,
+            "status_interval_s": 0,
+            "emergency_exit_s": 2.0,
+        },
+    }
+    proc = subprocess.Popen(
+        cg.wrap([sys.executable, "-c", _REAL_RUNNER, json.dumps(params)]),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=180)
     finally:
@@ -376,5 +438,7 @@ def test_real_model_oom_killed_in_a_cgroup_completes_exactly(tmp_path: Path,
     splits = [e for e in logged if e["event"] == events.SPLIT]
     assert splits and splits[0]["halves"] == [24, 24]
     ready = [e["rss"] >> 20 for e in logged if e["event"] == events.WORKER_READY]
-    print(f"\nreal model in a 440 MiB cgroup: {kernel_kills} kernel OOM kill(s), worker RSS "
-          f"after load {min(ready)}-{max(ready)} MiB, min cos {cos.min():.7f}")
+    print(
+        f"\nreal model in a 440 MiB cgroup: {kernel_kills} kernel OOM kill(s), worker RSS "
+        f"after load {min(ready)}-{max(ready)} MiB, min cos {cos.min():.7f}"
+    )

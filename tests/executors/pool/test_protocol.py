@@ -52,6 +52,5 @@ def test_messages_pickle_exactly_and_are_frozen(message: object) -> None:
 
 def test_importing_the_protocol_loads_no_numpy() -> None:
     code = "import sys, embedpool.executors.pool.protocol; sys.exit('numpy' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -20,22 +20,66 @@ from embedpool.executors.pool.readings import Sampler, memory_used, sample
 
 @pytest.mark.parametrize(
     ("tree", "env", "used"),
-    [pytest.param(Tree(memtotal_kb=HOST_MEM // 1024, memavail_kb=12 * GiB // 1024), {}, 4 * GiB,
-                  id="host-total-minus-available"),
-     pytest.param(Tree(version=1, files={f"memory/{OWN}": {
-         "memory.limit_in_bytes": str(GiB), "memory.usage_in_bytes": str(600 * MiB),
-         "memory.stat": f"cache 1\ninactive_file 7\ntotal_inactive_file {100 * MiB}"}}), {},
-                  500 * MiB, id="v1-usage-minus-total-inactive-file"),
-     pytest.param(Tree(version=2, files={OWN: {
-         "memory.max": str(GiB), "memory.current": str(700 * MiB),
-         "memory.stat": f"anon 1\ninactive_file {200 * MiB}\nactive_file 3"}}), {},
-                  500 * MiB, id="v2-current-minus-inactive-file"),
-     pytest.param(Tree(version=2, files={OWN: {
-         "memory.max": str(GiB), "memory.current": str(300 * MiB), "memory.stat": "anon 1"}}),
-                  {"EMBEDPOOL_MAX_MEMORY": "512M"}, 300 * MiB,
-                  id="override-counts-the-cgroup-usage"),
-     pytest.param(Tree(memavail_kb=15 * GiB // 1024), {"EMBEDPOOL_MAX_MEMORY": "2G"}, GiB,
-                  id="override-counts-the-host-usage")])
+    [
+        pytest.param(
+            Tree(memtotal_kb=HOST_MEM // 1024, memavail_kb=12 * GiB // 1024),
+            {},
+            4 * GiB,
+            id="host-total-minus-available",
+        ),
+        pytest.param(
+            Tree(
+                version=1,
+                files={
+                    f"memory/{OWN}": {
+                        "memory.limit_in_bytes": str(GiB),
+                        "memory.usage_in_bytes": str(600 * MiB),
+                        "memory.stat": f"cache 1\ninactive_file 7\ntotal_inactive_file {100 * MiB}",
+                    }
+                },
+            ),
+            {},
+            500 * MiB,
+            id="v1-usage-minus-total-inactive-file",
+        ),
+        pytest.param(
+            Tree(
+                version=2,
+                files={
+                    OWN: {
+                        "memory.max": str(GiB),
+                        "memory.current": str(700 * MiB),
+                        "memory.stat": f"anon 1\ninactive_file {200 * MiB}\nactive_file 3",
+                    }
+                },
+            ),
+            {},
+            500 * MiB,
+            id="v2-current-minus-inactive-file",
+        ),
+        pytest.param(
+            Tree(
+                version=2,
+                files={
+                    OWN: {
+                        "memory.max": str(GiB),
+                        "memory.current": str(300 * MiB),
+                        "memory.stat": "anon 1",
+                    }
+                },
+            ),
+            {"EMBEDPOOL_MAX_MEMORY": "512M"},
+            300 * MiB,
+            id="override-counts-the-cgroup-usage",
+        ),
+        pytest.param(
+            Tree(memavail_kb=15 * GiB // 1024),
+            {"EMBEDPOOL_MAX_MEMORY": "2G"},
+            GiB,
+            id="override-counts-the-host-usage",
+        ),
+    ],
+)
 def test_memory_used(tmp_path: Path, tree: Tree, env: dict[str, str], used: int) -> None:
     limits = detect_limits(root=tree.build(tmp_path), environ=env)
     assert memory_used(limits) == used
@@ -60,8 +104,14 @@ def test_max_memory_below_host_usage_reads_the_pool_not_the_host() -> None:
 
 
 def _busy_child() -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", "import time\nx = bytearray(8 << 20)\n"
-                             "end = time.monotonic() + 60\nwhile time.monotonic() < end: pass"])
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nx = bytearray(8 << 20)\n"
+            "end = time.monotonic() + 60\nwhile time.monotonic() < end: pass",
+        ]
+    )
 
 
 def test_sample_rss_skips_vanished_pids() -> None:
@@ -90,7 +140,9 @@ def test_sampler_counts_workers_cpu_and_throughput() -> None:
         assert reading.workers == 1 and len(reading.worker_rss) == 1
         assert reading.worker_rss[0] > 8 * MiB
         assert 0 <= reading.pool_cpu_percent <= 100 and 0 <= reading.cpu_percent <= 100
-        assert reading.foreign_cpu_percent == max(0.0, reading.cpu_percent - reading.pool_cpu_percent)
+        assert reading.foreign_cpu_percent == max(
+            0.0, reading.cpu_percent - reading.pool_cpu_percent
+        )
         assert reading.mem_limit == limits.memory_bytes and reading.queue_depth == 3
     finally:
         child.kill()
@@ -101,8 +153,16 @@ def test_sampler_counts_workers_cpu_and_throughput() -> None:
 
 def test_sampler_reads_cgroup_cpu_usage(tmp_path: Path) -> None:
     """Under a binding v1 quota the busy share comes from cpuacct.usage deltas."""
-    tree = Tree(version=1, files={f"cpu,cpuacct/{OWN}": {
-        "cpu.cfs_quota_us": "100000", "cpu.cfs_period_us": "100000", "cpuacct.usage": "0"}})
+    tree = Tree(
+        version=1,
+        files={
+            f"cpu,cpuacct/{OWN}": {
+                "cpu.cfs_quota_us": "100000",
+                "cpu.cfs_period_us": "100000",
+                "cpuacct.usage": "0",
+            }
+        },
+    )
     root = tree.build(tmp_path)
     limits = detect_limits(root=root, environ={})
     assert limits.cpu_cgroup == Cgroup(1, root / "sys/fs/cgroup/cpu,cpuacct" / OWN)

@@ -97,5 +97,7 @@ def test_sigkill_random_workers_real_model(stdlib_run: Any, event_log: EventLog)
     ready = event_log.named(events.WORKER_READY)
     assert len(ready) >= 2 + len(KILL_AT) - 1, "dead workers were not replaced"
     rss = [e["rss"] for e in ready]
-    print(f"\nreal model fp32: {CHUNKS} chunks, {len(killed)} SIGKILLs, min cos {cos.min():.7f}, "
-          f"worker RSS after load {min(rss) >> 20}-{max(rss) >> 20} MiB")
+    print(
+        f"\nreal model fp32: {CHUNKS} chunks, {len(killed)} SIGKILLs, min cos {cos.min():.7f}, "
+        f"worker RSS after load {min(rss) >> 20}-{max(rss) >> 20} MiB"
+    )

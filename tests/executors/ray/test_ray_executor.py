@@ -58,8 +58,11 @@ def local_reference(spec: Any, batches: Sequence[WorkBatch]) -> dict[int, BatchR
         ex.close()
 
 
-def assert_same(got: dict[int, BatchResult], want: dict[int, BatchResult],
-                skip: frozenset[tuple[int, int]] = frozenset()) -> None:
+def assert_same(
+    got: dict[int, BatchResult],
+    want: dict[int, BatchResult],
+    skip: frozenset[tuple[int, int]] = frozenset(),
+) -> None:
     assert sorted(got) == sorted(want)
     for bid, ref in want.items():
         cos = np.sum(got[bid].vectors * ref.vectors, axis=1)
@@ -70,10 +73,13 @@ def assert_same(got: dict[int, BatchResult], want: dict[int, BatchResult],
 
 # --- without Ray --------------------------------------------------------------------------
 
+
 def test_import_embedpool_never_imports_ray() -> None:
-    code = ("import sys, embedpool, embedpool.executors, embedpool.executors.ray, "
-            "embedpool.executors.ray.executor; "
-            "assert 'ray' not in sys.modules, 'ray was imported'")
+    code = (
+        "import sys, embedpool, embedpool.executors, embedpool.executors.ray, "
+        "embedpool.executors.ray.executor; "
+        "assert 'ray' not in sys.modules, 'ray was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -82,20 +88,27 @@ def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(MissingExtraError, match=r"pip install 'embedpool\[ray\]'") as info:
         require_ray()
     assert isinstance(info.value, ImportError) and isinstance(info.value, ConfigError)
-    with pytest.raises(MissingExtraError, match=INSTALL_HINT.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        MissingExtraError, match=INSTALL_HINT.replace("[", r"\[").replace("]", r"\]")
+    ):
         RayExecutor(FakeEngineSpec())
 
 
-@pytest.mark.parametrize(("actors", "cpus", "per_actor", "want"), [
-    (None, 2.0, 1.0, (2, 2)),
-    (None, 16.0, 2.0, (8, 8)),
-    (None, 1.0, 2.0, (1, 1)),  # never zero: one actor waits for a big enough node
-    (None, 3.0, 0.5, (6, 6)),
-    (3, 2.0, 1.0, (3, 3)),
-    ((1, 4), 2.0, 1.0, (1, 4)),
-], ids=["auto-2cpu", "auto-16cpu-2each", "auto-too-small", "auto-half-cpu", "fixed", "range"])
-def test_actor_range(actors: int | tuple[int, int] | None, cpus: float, per_actor: float,
-                     want: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    ("actors", "cpus", "per_actor", "want"),
+    [
+        (None, 2.0, 1.0, (2, 2)),
+        (None, 16.0, 2.0, (8, 8)),
+        (None, 1.0, 2.0, (1, 1)),  # never zero: one actor waits for a big enough node
+        (None, 3.0, 0.5, (6, 6)),
+        (3, 2.0, 1.0, (3, 3)),
+        ((1, 4), 2.0, 1.0, (1, 4)),
+    ],
+    ids=["auto-2cpu", "auto-16cpu-2each", "auto-too-small", "auto-half-cpu", "fixed", "range"],
+)
+def test_actor_range(
+    actors: int | tuple[int, int] | None, cpus: float, per_actor: float, want: tuple[int, int]
+) -> None:
     assert actor_range(actors, cpus, per_actor) == want
 
 
@@ -105,15 +118,23 @@ def test_bad_actor_counts_are_config_errors(actors: int | tuple[int, int]) -> No
         RayExecutor(FakeEngineSpec(), actors=actors)
 
 
-@pytest.mark.parametrize(("text", "want"), [
-    ("The actor died unexpectedly before finishing this task.\n\tpid: 19377\nThe actor is "
-     "dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
-     "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some "
-     "common causes include: (1) the process was killed by the OOM killer",
-     {"exit_type": "SYSTEM_ERROR",
-      "exit_detail": "Worker unexpectedly exits with a connection error code 2. End of file."}),
-    ("The actor is dead because it was killed by `ray.kill`.", {}),
-], ids=["sigkill", "ray-kill"])
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        (
+            "The actor died unexpectedly before finishing this task.\n\tpid: 19377\nThe actor is "
+            "dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
+            "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some "
+            "common causes include: (1) the process was killed by the OOM killer",
+            {
+                "exit_type": "SYSTEM_ERROR",
+                "exit_detail": "Worker unexpectedly exits with a connection error code 2. End of file.",
+            },
+        ),
+        ("The actor is dead because it was killed by `ray.kill`.", {}),
+    ],
+    ids=["sigkill", "ray-kill"],
+)
 def test_exit_detail(text: str, want: dict[str, str]) -> None:
     assert exit_detail(RuntimeError(text)) == want
 
@@ -121,25 +142,37 @@ def test_exit_detail(text: str, want: dict[str, str]) -> None:
 # what Ray raised -> what it means, by type only: the text of ActorDied mentions the OOM killer
 # for any unexpected exit, and "oom" is a substring of "room"
 FAILURES = [
-    pytest.param(lambda e: e.OutOfMemoryError("node memory 96% > 95%"), "oom_death", None,
-                 id="ray-memory-monitor"),
+    pytest.param(
+        lambda e: e.OutOfMemoryError("node memory 96% > 95%"),
+        "oom_death",
+        None,
+        id="ray-memory-monitor",
+    ),
     pytest.param(lambda e: e.ActorDiedError(), "death", None, id="actor-died"),
     pytest.param(lambda e: e.WorkerCrashedError(), "death", None, id="worker-crashed"),
-    pytest.param(lambda e: e.RayTaskError("embed", "tb", ValueError("no room: oom")
-                                          ).as_instanceof_cause(),
-                 "task_error", "engine_error", id="error-whose-text-says-oom"),
-    pytest.param(lambda e: e.RayTaskError("embed", "tb", MemoryError("cannot allocate")
-                                          ).as_instanceof_cause(),
-                 "task_error", "device_oom", id="memory-error-in-embed"),
-    pytest.param(lambda e: e.ObjectLostError("ab" * 14, None, ""), "lost", None,
-                 id="result-lost"),
+    pytest.param(
+        lambda e: e.RayTaskError("embed", "tb", ValueError("no room: oom")).as_instanceof_cause(),
+        "task_error",
+        "engine_error",
+        id="error-whose-text-says-oom",
+    ),
+    pytest.param(
+        lambda e: e.RayTaskError(
+            "embed", "tb", MemoryError("cannot allocate")
+        ).as_instanceof_cause(),
+        "task_error",
+        "device_oom",
+        id="memory-error-in-embed",
+    ),
+    pytest.param(lambda e: e.ObjectLostError("ab" * 14, None, ""), "lost", None, id="result-lost"),
 ]
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize(("make", "failure", "kind"), FAILURES)
-def test_failure_of_is_by_type(make: Callable[[Any], BaseException], failure: str,
-                               kind: str | None) -> None:
+def test_failure_of_is_by_type(
+    make: Callable[[Any], BaseException], failure: str, kind: str | None
+) -> None:
     import ray
 
     exc = make(ray.exceptions)
@@ -150,6 +183,7 @@ def test_failure_of_is_by_type(make: Callable[[Any], BaseException], failure: st
 
 # --- on the local Ray cluster ----------------------------------------------------------
 
+
 @pytest.mark.ray
 def test_fake_engine_output_equals_local(ray_cluster: ModuleType) -> None:
     spec = FakeEngineSpec(dim=24)
@@ -158,14 +192,18 @@ def test_fake_engine_output_equals_local(ray_cluster: ModuleType) -> None:
     with RayExecutor(spec, actors=2, on_event=events.append) as ex:
         assert ex.dim == 24
         # the executor starts work on its first ready actor; here both are wanted
-        wait_until(lambda: [w.state for w in ex.stats().workers] == ["idle", "idle"],
-                   "both actors ready", timeout=DEADLINE_S)
+        wait_until(
+            lambda: [w.state for w in ex.stats().workers] == ["idle", "idle"],
+            "both actors ready",
+            timeout=DEADLINE_S,
+        )
         got = collect(lambda: ex.run(batches))
     assert_same(got, local_reference(spec, batches))
     assert all(not r.failed for r in got.values())
     assert [e["event"] for e in events].count("worker_ready") == 2
-    assert not [e for e in events
-                if e["event"] in ("worker_death", "retry", "split", "poison_item")]
+    assert not [
+        e for e in events if e["event"] in ("worker_death", "retry", "split", "poison_item")
+    ]
     assert all(e["backend"] == "ray" for e in events)
 
 
@@ -176,8 +214,11 @@ def test_killing_an_actor_mid_job_loses_nothing(ray_cluster: ModuleType) -> None
     events: list[Event] = []
     got: dict[int, BatchResult] = {}
     with RayExecutor(spec, actors=2, on_event=events.append) as ex:
-        wait_until(lambda: [w.state for w in ex.stats().workers] == ["idle", "idle"],
-                   "both actors ready", timeout=DEADLINE_S)  # a death, not a failed start
+        wait_until(
+            lambda: [w.state for w in ex.stats().workers] == ["idle", "idle"],
+            "both actors ready",
+            timeout=DEADLINE_S,
+        )  # a death, not a failed start
         victim = ex.handles[0]
         end = time.monotonic() + DEADLINE_S
         for res in ex.run(batches):
@@ -201,8 +242,9 @@ def test_poison_input_is_one_per_item_error(ray_cluster: ModuleType) -> None:
     seqs[13] = np.concatenate([seqs[13][:3], POISON, seqs[13][3:]]).astype(np.int32)
     batches = make_batches(seqs, 4)  # the poison sits at row 1 of batch 3
     events: list[Event] = []
-    with RayExecutor(spec, actors=2, policy=FaultPolicy(max_retries=1),
-                     on_event=events.append) as ex:
+    with RayExecutor(
+        spec, actors=2, policy=FaultPolicy(max_retries=1), on_event=events.append
+    ) as ex:
         got = collect(lambda: ex.run(batches))
     failed = {(bid, pos): msg for bid, r in got.items() for pos, msg in r.failed.items()}
     assert list(failed) == [(3, 1)]
@@ -224,8 +266,9 @@ def test_input_that_raises_is_isolated_without_killing_actors(ray_cluster: Modul
     seqs = make_sequences(16, seed=4)
     seqs[2] = np.concatenate([POISON, seqs[2]]).astype(np.int32)
     events: list[Event] = []
-    with RayExecutor(spec, actors=1, policy=FaultPolicy(max_retries=0),
-                     on_event=events.append) as ex:
+    with RayExecutor(
+        spec, actors=1, policy=FaultPolicy(max_retries=0), on_event=events.append
+    ) as ex:
         got = collect(lambda: ex.run(make_batches(seqs, 4)))
     assert {(b, p) for b, r in got.items() for p in r.failed} == {(0, 2)}
     assert "raised in the engine" in got[0].failed[2] and "ValueError" in got[0].failed[2]
@@ -233,12 +276,17 @@ def test_input_that_raises_is_isolated_without_killing_actors(ray_cluster: Modul
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize(("spec", "match"), [
-    (FakeEngineSpec(fail_to_start="no such model here"), "no such model here"),
-    (FakeEngineSpec(exit_on_start=3), "failed while loading its engine"),
-], ids=["raises", "exits"])
-def test_actor_that_cannot_start_is_reported(ray_cluster: ModuleType, spec: FakeEngineSpec,
-                                             match: str) -> None:
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        (FakeEngineSpec(fail_to_start="no such model here"), "no such model here"),
+        (FakeEngineSpec(exit_on_start=3), "failed while loading its engine"),
+    ],
+    ids=["raises", "exits"],
+)
+def test_actor_that_cannot_start_is_reported(
+    ray_cluster: ModuleType, spec: FakeEngineSpec, match: str
+) -> None:
     started = time.monotonic()
     with pytest.raises(WorkerStartError, match=match):
         RayExecutor(spec, actors=1)
@@ -268,8 +316,10 @@ def test_real_model_output_equals_local(ray_cluster: ModuleType) -> None:
     spec = EngineSpec(resolve_model(), "int8", 1)
     texts = [f"def f{i}(x):\n    return x * {i} + {'y' * (i % 40)}" for i in range(96)]
     seqs = TextTokenizer(spec.model.tokenizer_path, spec.model.max_length).encode(texts).sequences
-    batches = [WorkBatch(n, tuple(seqs[i] for i in b.indices), tuple(str(i) for i in b.indices))
-               for n, b in enumerate(plan_batches([len(s) for s in seqs], 512))]
+    batches = [
+        WorkBatch(n, tuple(seqs[i] for i in b.indices), tuple(str(i) for i in b.indices))
+        for n, b in enumerate(plan_batches([len(s) for s in seqs], 512))
+    ]
     events: list[Event] = []
     with RayExecutor(spec, actors=2, on_event=events.append) as ex:
         assert ex.dim == spec.model.dim

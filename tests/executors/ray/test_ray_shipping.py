@@ -23,11 +23,15 @@ def _shipment(files: dict[str, bytes], origin: Path, payload: Any = None) -> Mod
 FILES = {"model.onnx": b"onnx-bytes" * 100, "1_Pooling/config.json": b'{"mean": true}'}
 
 
-@pytest.mark.parametrize(("at_origin", "in_cache", "want"), [
-    (True, False, "driver path"),
-    (False, True, "node cache"),
-    (False, False, "object store"),
-], ids=["driver-path", "node-cache", "object-store"])
+@pytest.mark.parametrize(
+    ("at_origin", "in_cache", "want"),
+    [
+        (True, False, "driver path"),
+        (False, True, "node cache"),
+        (False, False, "object store"),
+    ],
+    ids=["driver-path", "node-cache", "object-store"],
+)
 def test_locate_model_sources(tmp_path: Path, at_origin: bool, in_cache: bool, want: str) -> None:
     origin, cache = tmp_path / "origin", tmp_path / "cache"
     for base, present in ((origin, at_origin), (cache, in_cache)):
@@ -56,8 +60,9 @@ def test_locate_model_rejects_damaged_bytes(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-def test_model_files_travel_through_the_object_store(ray_cluster: ModuleType,
-                                                     tmp_path: Path) -> None:
+def test_model_files_travel_through_the_object_store(
+    ray_cluster: ModuleType, tmp_path: Path
+) -> None:
     """A node without the driver's path fetches the bytes once, then uses its cache."""
     shipment = _shipment(FILES, tmp_path / "not-on-any-node", ray_cluster.put(FILES))
 
