@@ -37,6 +37,7 @@ Outputs go to ``--work`` (default /tmp/embedpool-decoder-bench), never into the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -203,6 +204,16 @@ def make_texts(model_dir: Path, n: int, tokens: int) -> list[str]:
     return out
 
 
+def own_memory_cgroup_v1() -> Path | None:
+    """This process's cgroup v1 memory directory, when it can hold a child (else None)."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            where = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            return where if os.access(where, os.W_OK) else None
+    return None
+
+
 def run(
     python: str,
     system: str,
@@ -211,19 +222,37 @@ def run(
     threads: int,
     workers: int,
     env: dict[str, str],
+    cgroup: bool = False,
 ) -> dict[str, float]:
-    res = subprocess.run(
-        [python, "-c", RUN, system, str(model_dir), str(texts), str(threads), str(workers)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=3600,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise SystemExit(f"{system} run failed:\n{res.stderr[-3000:]}")
-    out: dict[str, float] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
+    """One run in its own process. ``cgroup``: in a fresh child memory cgroup (v1, no limit),
+    the page cache dropped first, so that the mapped weights are read again and charged to
+    it: its ``memory.max_usage_in_bytes`` is the tree's peak as the kernel counts it for the
+    OOM killer (every page once, shared or not), reported as ``peak_cgroup``."""
+    argv = [python, "-c", RUN, system, str(model_dir), str(texts), str(threads), str(workers)]
+    child = None
+    if cgroup:
+        parent = own_memory_cgroup_v1()
+        if parent is None:
+            raise SystemExit("--cgroup needs a writable cgroup v1 memory hierarchy")
+        child = parent / f"embedpool-bench-{os.getpid()}-{workers}x{threads}"
+        child.mkdir()
+        with contextlib.suppress(OSError):
+            Path("/proc/sys/vm/drop_caches").write_text("3")
+        argv = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(child), *argv]
+    try:
+        res = subprocess.run(
+            argv, capture_output=True, text=True, env=env, timeout=3600, check=False
+        )
+        if res.returncode != 0:
+            raise SystemExit(f"{system} run failed:\n{res.stderr[-3000:]}")
+        out: dict[str, float] = json.loads(res.stdout.strip().splitlines()[-1])
+        if child is not None:
+            out["peak_cgroup"] = int((child / "memory.max_usage_in_bytes").read_text())
+        return out
+    finally:
+        if child is not None:
+            with contextlib.suppress(OSError):
+                child.rmdir()
 
 
 def fused_vs_plain(layers: int, lengths: list[int], repeat: int, vocab: int) -> None:
@@ -237,7 +266,7 @@ def fused_vs_plain(layers: int, lengths: list[int], repeat: int, vocab: int) -> 
     import onnxruntime as ort
 
     from embedpool.graph.compose import compose
-    from embedpool.graph.families import qwen3
+    from embedpool.graph.families import qwen2, qwen3
     from embedpool.modelspec import HeadSpec, PoolingSpec
 
     cfg = qwen3.parse_config(
@@ -250,7 +279,7 @@ def fused_vs_plain(layers: int, lengths: list[int], repeat: int, vocab: int) -> 
         }
     )
     rng = np.random.default_rng(0)
-    shapes = qwen3.qwen2.expected_shapes(cfg)
+    shapes = qwen2.expected_shapes(cfg)
     shapes["embed_tokens.weight"] = (vocab, cfg.hidden_size)
     weights = {
         k: (rng.standard_normal(v) * (0.02 if len(v) > 1 else 1)).astype(np.float32)
@@ -322,6 +351,11 @@ def main() -> None:
     ap.add_argument("--rss", action="store_true", help="also 1 vs 2 workers, peak tree RSS")
     ap.add_argument("--rss-chunks", type=int, default=4, help="chunks of the --rss runs")
     ap.add_argument("--skip-speed", action="store_true", help="only the --rss runs")
+    ap.add_argument(
+        "--cgroup",
+        action="store_true",
+        help="--rss runs each in a fresh child memory cgroup (v1): the peak the kernel charges",
+    )
     ap.add_argument("--no-compare", action="store_true", help="embedpool only")
     ap.add_argument(
         "--long",
@@ -420,16 +454,29 @@ def main() -> None:
         few = work / f"texts-{args.rss_chunks}x{args.tokens}.json"
         few.write_text(json.dumps(json.loads(texts.read_text())[: args.rss_chunks]))
         for workers, threads in ((1, 1), (2, 1), (1, 2)):
-            r = run(PROJECT_PYTHON, "embedpool", model_dir, few, threads, workers, env)
+            r = run(
+                PROJECT_PYTHON,
+                "embedpool",
+                model_dir,
+                few,
+                threads,
+                workers,
+                env,
+                cgroup=args.cgroup,
+            )
             rss[(workers, threads)] = r
+            charged = f"cgroup {r['peak_cgroup'] / 2**20:.0f} MiB, " if args.cgroup else ""
             print(
-                f"  {workers} x {threads}: PSS {r['peak_pss'] / 2**20:.0f} MiB, RSS "
+                f"  {workers} x {threads}: {charged}PSS {r['peak_pss'] / 2**20:.0f} MiB, RSS "
                 f"{r['peak_rss'] / 2**20:.0f} MiB, "
                 f"{r['chunks'] / r['cpu_s']:.3f} chunks/CPU s, "
                 f"{r['chunks'] / r['wall_s']:.3f} chunks/s",
                 flush=True,
             )
-        for key, what in (("peak_pss", "PSS"), ("peak_rss", "RSS")):
+        keys = [("peak_pss", "PSS"), ("peak_rss", "RSS")]
+        if args.cgroup:
+            keys.insert(0, ("peak_cgroup", "memory charged to its cgroup"))
+        for key, what in keys:
             print(
                 f"  peak tree {what}, 2 workers / 1 worker: "
                 f"{rss[(2, 1)][key] / rss[(1, 1)][key]:.2f}x; 1 worker x 2 threads / 1 x 1: "
