@@ -347,22 +347,9 @@ def attention(
     split = g.shared_const(f"c.heads{heads}x{head_dim}", [0, 0, heads, head_dim], np.int64)
     merge = g.shared_const("c.merge3", [0, 0, -1], np.int64)
     if plan.kind == "flash":
-
-        def widen(x: str, col: str, tag: str) -> str:
-            x4 = g.op1("Reshape", [x, split], f"{name}.{tag}4")
-            return g.op1(
-                "Reshape",
-                [g.op1("Concat", [x4, col], f"{name}.{tag}c", axis=3), merge],
-                f"{name}.{tag}w",
-            )
-
-        return g.op1(
-            "MultiHeadAttention",
-            [widen(q, plan.pad_q, "q"), widen(k, plan.pad_k, "k"), v],
-            name,
-            domain=MS_DOMAIN,
-            num_heads=heads,
-            scale=s,
+        cols = layers.PaddingColumns(plan.pad_q, plan.pad_k)
+        return layers.flash_attention(
+            g, q, k, v, cols, name, heads=heads, head_dim=head_dim, scale=s
         )
 
     def heads_first(x: str, tag: str, perm: list[int]) -> str:
