@@ -29,7 +29,7 @@ import queue
 from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 from embedpool.errors import IntakeClosed, PoolBroken
 from embedpool.types import TokenIds, Vectors
@@ -204,15 +204,19 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def with_threads(spec: Any, threads: int) -> Any:
+_Recipe = TypeVar("_Recipe", bound=EngineRecipe)
+
+
+def with_threads(spec: _Recipe, threads: int) -> _Recipe:
     """The spec with ``threads`` intra-op threads where it has such a field (``EngineSpec``,
     the test specs), else the spec itself."""
+    fields: Any = spec
     if (
-        dataclasses.is_dataclass(spec)
-        and not isinstance(spec, type)
-        and any(f.name == "threads" for f in dataclasses.fields(spec))
+        dataclasses.is_dataclass(fields)
+        and not isinstance(fields, type)
+        and any(f.name == "threads" for f in dataclasses.fields(fields))
     ):
-        return dataclasses.replace(spec, threads=threads)
+        return cast(_Recipe, dataclasses.replace(fields, threads=threads))
     return spec
 
 

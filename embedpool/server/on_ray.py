@@ -36,16 +36,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 from embedpool.budget import DEFAULT_BATCH_TOKENS
+from embedpool.executor import EngineRecipe
 from embedpool.faults import FaultPolicy
 from embedpool.microbatcher import SubmitExecutor
 from embedpool.types import EventCallback
 
 
 def ray_executor_factory(
-    spec: Any,
+    spec: EngineRecipe,
     *,
     address: str | None = None,
     actors: int | None = None,

@@ -80,7 +80,7 @@ def pool_config_for(
         raise ConfigError(f"unknown pool option: {exc}") from None
 
 
-def engine_memory(spec: Any) -> ModelMemory | None:
+def engine_memory(spec: EngineRecipe) -> ModelMemory | None:
     """The memory shape of the model an EngineSpec runs, its runtime's included (None for
     other engine specs): what the pool and ``doctor`` assume per worker until measured."""
     model, precision = getattr(spec, "model", None), getattr(spec, "precision", None)

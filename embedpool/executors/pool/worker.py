@@ -179,9 +179,9 @@ def worker_main(
         signal.signal(signum, signal.SIG_IGN)
     pid = os.getpid()
     try:
-        from embedpool.executor import with_threads  # numpy: only after limit_threads
+        from embedpool.executor import EngineRecipe, with_threads  # numpy: after limit_threads
 
-        spec: Any = with_threads(pickle.loads(spec_blob), threads)
+        spec: EngineRecipe = with_threads(pickle.loads(spec_blob), threads)
         engine = spec.build()
         dim = int(engine.dim)
         release_memory()  # the model file's parse buffers, freed but kept by the heap
