@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 #: sentence-transformers' pooling modes. With the old ``pooling_mode_*`` flags its
 #: ``Pooling.forward`` concatenates the active modes in this order; a 6.x ``pooling_mode``
@@ -63,27 +63,7 @@ DenseActivation = Literal[
     "hardswish",
     "logsigmoid",
 ]
-DENSE_ACTIVATIONS: tuple[DenseActivation, ...] = (
-    "identity",
-    "tanh",
-    "relu",
-    "gelu",
-    "sigmoid",
-    "silu",
-    "leakyrelu",
-    "elu",
-    "softplus",
-    "mish",
-    "hardtanh",
-    "relu6",
-    "selu",
-    "celu",
-    "softsign",
-    "tanhshrink",
-    "hardsigmoid",
-    "hardswish",
-    "logsigmoid",
-)
+DENSE_ACTIVATIONS: tuple[DenseActivation, ...] = get_args(DenseActivation)
 
 #: What ``TextSpec.prompt_name_for`` maps an API ``input_type`` to, in order of preference:
 #: sentence-transformers' ``encode_query`` uses "query", ``encode_document`` the first of
