@@ -142,6 +142,14 @@ class DevicePlan:
     #: Lines to show the user once (the ORT clash, detection remarks).
     notes: tuple[str, ...] = ()
 
+    @classmethod
+    def for_recipe(cls, engine: object, device: str | DeviceRequest) -> DevicePlan | None:
+        """The plan of a custom engine recipe (tests, ``Embedder(engine=...)``): it runs where
+        it says, on the CPU's plan, with no device detection; None for the model's own."""
+        if engine is None:
+            return None
+        return cls("cpu", (), "a custom engine", parse_device(device))
+
     @property
     def devices(self) -> tuple[str, ...]:
         """ORT device names of the plan: ("cpu",) or ("cuda:0", "cuda:1", ...)."""

@@ -188,7 +188,7 @@ class Embedder:
         cpu_workers: int | None = None,
         runtime: str | None = None,
     ) -> None:
-        from embedpool.device_choice import DevicePlan, parse_device
+        from embedpool.device_choice import DevicePlan
 
         if long_text not in ("truncate", "window"):
             raise ConfigError(f"long_text must be 'truncate' or 'window', got {long_text!r}")
@@ -196,12 +196,7 @@ class Embedder:
             raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}")
         self.model = model if isinstance(model, ResolvedModel) else resolve_model(model)
         refuse_cross_encoder(self.model)
-        # a custom engine recipe (tests) runs where it says: no device detection for it
-        custom = (
-            DevicePlan("cpu", (), "a custom engine", parse_device(device))
-            if engine is not None
-            else None
-        )
+        custom = DevicePlan.for_recipe(engine, device)
         self.placement = place(
             self.model,
             device=device,

@@ -410,18 +410,14 @@ class Reranker:
         device: str = "cpu",
         instruction: str | None = None,
     ) -> None:
-        from embedpool.device_choice import DevicePlan, parse_device
+        from embedpool.device_choice import DevicePlan
         from embedpool.placement import place, prepare_graphs
 
         self.model = model if isinstance(model, ResolvedModel) else resolve_model(model)
         check_reranker(self.model)
         assert self.model.classifier is not None
         self.classifier = self.model.classifier
-        custom = (
-            DevicePlan("cpu", (), "a custom engine", parse_device(device))
-            if engine is not None
-            else None
-        )
+        custom = DevicePlan.for_recipe(engine, device)
         self.placement = place(
             self.model,
             device=device,
