@@ -187,7 +187,22 @@ def main() -> None:
         ).stdout.strip()
         print(run(DEV_PYTHON, MAKE, str(ROOT), minilm, str(model_dir), str(pairs_path)))
     precisions = args.precisions.split(",")
-    for p in precisions:  # graphs built and cached before anything is timed
+    results = measure(model_dir, pairs_path, precisions, args.threads, args.rounds)
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"{len(pairs)} pairs ({len(queries)} queries x {len(docs)} stdlib chunks), {args.rounds} "
+        f"rounds, {args.threads} threads, medians; CPU: {cpu_name()} ({os.cpu_count()} "
+        f"logical); load average at the end {load} (1, 5, 15 min)"
+    )
+    report(results, precisions, len(queries), len(docs))
+
+
+def measure(
+    model_dir: Path, pairs_path: Path, precisions: list[str], threads: int, rounds: int
+) -> dict[str, list[dict[str, Any]]]:
+    """CrossEncoder and embedpool at each precision on the pairs, whole processes alternating
+    for ``rounds`` rounds; embedpool's graphs built and cached before anything is timed."""
+    for p in precisions:
         subprocess.run(
             [
                 PROJECT_PYTHON,
@@ -200,30 +215,34 @@ def main() -> None:
             check=True,
         )
     results: dict[str, list[dict[str, Any]]] = {"crossencoder": [], **{p: [] for p in precisions}}
-    t = str(args.threads)
-    for _ in range(args.rounds):
+    t = str(threads)
+    for _ in range(rounds):
         results["crossencoder"].append(run(DEV_PYTHON, RUN_CE, str(model_dir), str(pairs_path), t))
         for p in precisions:
             results[p].append(run(PROJECT_PYTHON, RUN_EP, str(model_dir), str(pairs_path), t, p))
-    n = len(pairs)
+    return results
+
+
+def report(
+    results: dict[str, list[dict[str, Any]]], precisions: list[str], queries: int, docs: int
+) -> None:
+    """The table (medians of the rounds, ratios against CrossEncoder of the same run), fp32's
+    largest score error, and each quantised precision's Spearman per query with the scores'
+    spread it is measured against."""
     ce = results["crossencoder"]
+    n = queries * docs
     ce_wall = statistics.median(n / r["wall"] for r in ce)
     ce_cpu = statistics.median(n / r["cpu"] for r in ce)
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(
-        f"{n} pairs ({len(queries)} queries x {len(docs)} stdlib chunks), {args.rounds} "
-        f"rounds, {args.threads} threads, medians; CPU: {cpu_name()} ({os.cpu_count()} "
-        f"logical); load average at the end {load} (1, 5, 15 min)"
-    )
     print(f"{'system':28} {'pairs/s':>9} {'pairs/CPU-s':>12} {'x CE wall':>10} {'x CE CPU':>9}")
-    print(f"{'CrossEncoder fp32 (torch)':28} {ce_wall:9.1f} {ce_cpu:12.1f} {1:10.2f} {1:9.2f}")
+    print(f"{'CrossEncoder fp32 (torch)':28} {ce_wall:9.2f} {ce_cpu:12.2f} {1:10.2f} {1:9.2f}")
     reference = ce[0]["scores"]
+    k = docs
     for p in precisions:
         rs = results[p]
         wall = statistics.median(n / r["wall"] for r in rs)
         cpu = statistics.median(n / r["cpu"] for r in rs)
         print(
-            f"{'embedpool ' + rs[0]['precision']:28} {wall:9.1f} {cpu:12.1f} "
+            f"{'embedpool ' + rs[0]['precision']:28} {wall:9.2f} {cpu:12.2f} "
             f"{wall / ce_wall:10.2f} {cpu / ce_cpu:9.2f}"
         )
         scores = rs[0]["scores"]
@@ -231,20 +250,18 @@ def main() -> None:
             diff = max(abs(a - b) for a, b in zip(scores, reference, strict=True))
             print(f"  fp32 max |score - CrossEncoder| = {diff:.2e}")
         else:
-            k = len(docs)
             rho = [
                 spearman(scores[i * k : (i + 1) * k], reference[i * k : (i + 1) * k])
-                for i in range(len(queries))
+                for i in range(queries)
             ]
             print(
                 f"  {rs[0]['precision']} Spearman per query vs CrossEncoder: min "
-                f"{min(rho):.4f}, mean {statistics.mean(rho):.4f}"
+                f"{min(rho):.4f}, mean {statistics.mean(rho):.4f} "
+                f"({', '.join(f'{r:.4f}' for r in rho)})"
             )
             # what the Spearman figure means: the scores' spread within a query (tied scores
             # would make any ranking measure noise) and the largest error against it
-            spread = [
-                statistics.pstdev(reference[i * k : (i + 1) * k]) for i in range(len(queries))
-            ]
+            spread = [statistics.pstdev(reference[i * k : (i + 1) * k]) for i in range(queries)]
             worst = max(
                 max(
                     abs(a - b)
@@ -253,12 +270,12 @@ def main() -> None:
                     )
                 )
                 / spread[i]
-                for i in range(len(queries))
+                for i in range(queries)
             )
             print(
                 f"  CrossEncoder's score std within a query: min {min(spread):.3f}, "
-                f"mean {statistics.mean(spread):.3f}; largest |int8 - CE| / that std: "
-                f"{worst:.3f}"
+                f"mean {statistics.mean(spread):.3f}; largest |{rs[0]['precision']} - CE| / "
+                f"that std: {worst:.3f}"
             )
         print(f"  pairs truncated: {rs[0]['truncated']}")
 

@@ -24,23 +24,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rerank import (  # benchmarks/ is not a package
     DEV_PYTHON,
-    PROJECT_PYTHON,
     QUERIES,
     ROOT,
-    RUN_CE,
-    RUN_EP,
     cpu_name,
+    measure,
+    report,
     run,
-    spearman,
     stdlib_chunks,
 )
 
@@ -99,59 +94,13 @@ def main() -> None:
     if not (model_dir / "model.safetensors").is_file():
         print(run(DEV_PYTHON, MAKE, str(ROOT), str(model_dir), str(pairs_path), str(args.layers)))
     precisions = args.precisions.split(",")
-    for p in precisions:  # graphs built and cached before anything is timed
-        subprocess.run(
-            [
-                PROJECT_PYTHON,
-                "-c",
-                "import sys; from embedpool.rerank import "
-                "Reranker; Reranker(sys.argv[1], precision=sys.argv[2], lazy=True)",
-                str(model_dir),
-                p,
-            ],
-            check=True,
-        )
-    results: dict[str, list[dict[str, Any]]] = {"crossencoder": [], **{p: [] for p in precisions}}
-    t = str(args.threads)
-    for _ in range(args.rounds):
-        results["crossencoder"].append(run(DEV_PYTHON, RUN_CE, str(model_dir), str(pairs_path), t))
-        for p in precisions:
-            results[p].append(run(PROJECT_PYTHON, RUN_EP, str(model_dir), str(pairs_path), t, p))
-    n = len(pairs)
-    ce = results["crossencoder"]
-    ce_wall = statistics.median(n / r["wall"] for r in ce)
-    ce_cpu = statistics.median(n / r["cpu"] for r in ce)
+    results = measure(model_dir, pairs_path, precisions, args.threads, args.rounds)
     print(
-        f"{n} pairs ({len(queries)} queries x {len(docs)} stdlib chunks of {args.chars} "
-        f"chars), {args.layers} layers, {args.rounds} rounds, {args.threads} threads, "
-        f"medians; CPU: {cpu_name()}"
+        f"{len(pairs)} pairs ({len(queries)} queries x {len(docs)} stdlib chunks of "
+        f"{args.chars} chars), {args.layers} layers, {args.rounds} rounds, {args.threads} "
+        f"threads, medians; CPU: {cpu_name()}"
     )
-    print(f"{'system':28} {'pairs/s':>9} {'pairs/CPU-s':>12} {'x CE wall':>10} {'x CE CPU':>9}")
-    print(f"{'CrossEncoder fp32 (torch)':28} {ce_wall:9.2f} {ce_cpu:12.2f} {1:10.2f} {1:9.2f}")
-    reference = ce[0]["scores"]
-    for p in precisions:
-        rs = results[p]
-        wall = statistics.median(n / r["wall"] for r in rs)
-        cpu = statistics.median(n / r["cpu"] for r in rs)
-        print(
-            f"{'embedpool ' + rs[0]['precision']:28} {wall:9.2f} {cpu:12.2f} "
-            f"{wall / ce_wall:10.2f} {cpu / ce_cpu:9.2f}"
-        )
-        scores = rs[0]["scores"]
-        if rs[0]["precision"] == "fp32":
-            diff = max(abs(a - b) for a, b in zip(scores, reference, strict=True))
-            print(f"  fp32 max |score - CrossEncoder| = {diff:.2e}")
-        else:
-            k = len(docs)
-            rho = [
-                spearman(scores[i * k : (i + 1) * k], reference[i * k : (i + 1) * k])
-                for i in range(len(queries))
-            ]
-            print(
-                f"  {rs[0]['precision']} Spearman per query vs CrossEncoder: "
-                f"{', '.join(f'{r:.4f}' for r in rho)}"
-            )
-        print(f"  pairs truncated: {rs[0]['truncated']}")
+    report(results, precisions, len(queries), len(docs))
 
 
 if __name__ == "__main__":
