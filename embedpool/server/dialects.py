@@ -174,19 +174,6 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def type_name(value: Any) -> str:
-    """A JSON value's type as JSON names it (for error messages)."""
-    return {
-        dict: "object",
-        list: "array",
-        str: "string",
-        bool: "boolean",
-        int: "integer",
-        float: "number",
-        type(None): "null",
-    }.get(type(value), type(value).__name__)
-
-
 @dataclass(frozen=True)
 class ModelFacts:
     """What the Ollama and TEI model listings say about the served model."""

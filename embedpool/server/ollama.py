@@ -58,9 +58,14 @@ from embedpool.server.dialects import (
     parameter_size,
     read_body,
     register_dialect,
+)
+from embedpool.server.openai import (
+    ApiError,
+    EmbeddingCall,
+    parse_json,
+    truncation_headers,
     type_name,
 )
-from embedpool.server.openai import ApiError, EmbeddingCall, parse_json, truncation_headers
 from embedpool.server.service import Runtime
 from embedpool.server.settings import ServerSettings
 from embedpool.vectors import l2_normalize

@@ -260,7 +260,8 @@ class EmbeddingCall:
     dimensions: int | None = None
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """A JSON value's type as JSON names it (for error messages; every dialect uses it)."""
     return {
         dict: "object",
         list: "array",
@@ -286,7 +287,7 @@ def parse_embedding_request(body: Any, served: ServedModel, max_items: int) -> E
     """Validate an OpenAI embeddings body; every error names the field and input index."""
     if not isinstance(body, dict):
         raise bad_request(
-            f"the request body must be a JSON object, got {_type_name(body)}", None, "invalid_type"
+            f"the request body must be a JSON object, got {type_name(body)}", None, "invalid_type"
         )
     model = _parse_model(body.get("model"), served)
     if "input" not in body:
@@ -306,14 +307,14 @@ def parse_embedding_request(body: Any, served: ServedModel, max_items: int) -> E
     dims = body.get("dimensions")
     if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int)):
         raise bad_request(
-            f"'dimensions' must be an integer, got {_type_name(dims)}", "dimensions", "invalid_type"
+            f"'dimensions' must be an integer, got {type_name(dims)}", "dimensions", "invalid_type"
         )
     strings = {}
     for field in ("user", "prompt_name", "input_type"):
         value = body.get(field)
         if value is not None and not isinstance(value, str):
             raise bad_request(
-                f"'{field}' must be a string, got {_type_name(value)}", field, "invalid_type"
+                f"'{field}' must be a string, got {type_name(value)}", field, "invalid_type"
             )
         strings[field] = value
     return EmbeddingCall(
@@ -331,7 +332,7 @@ def _parse_model(name: Any, served: ServedModel) -> str:
         return served.names[0]
     if not isinstance(name, str):
         raise bad_request(
-            f"'model' must be a string, got {_type_name(name)}", "model", "invalid_type"
+            f"'model' must be a string, got {type_name(name)}", "model", "invalid_type"
         )
     found = served.lookup(name)
     if found is None:
@@ -347,7 +348,7 @@ def _parse_input(value: Any, max_items: int) -> list[str]:
         items, single = value, False
     else:
         raise bad_request(
-            f"'input' must be a string or an array of strings, got {_type_name(value)}",
+            f"'input' must be a string or an array of strings, got {type_name(value)}",
             "input",
             "invalid_type",
         )
@@ -378,7 +379,7 @@ def _parse_input(value: Any, max_items: int) -> list[str]:
         where = "input" if single else f"input[{i}]"
         if not isinstance(item, str):
             raise bad_request(
-                f"{where} must be a string, got {_type_name(item)}", where, "invalid_type"
+                f"{where} must be a string, got {type_name(item)}", where, "invalid_type"
             )
         try:
             item.encode("utf-8")

@@ -46,8 +46,14 @@ from embedpool.metrics import ServerMetrics
 from embedpool.microbatcher import MicroBatcher, SubmitExecutor
 from embedpool.models import ResolvedModel, find_known
 from embedpool.rerank import EncodedPairs, PairCache, PairTokenizer, activate, check_reranker
-from embedpool.server.dialects import read_body, register_dialect, type_name, use_dialect
-from embedpool.server.openai import ApiError, bad_request, parse_json, truncation_headers
+from embedpool.server.dialects import read_body, register_dialect, use_dialect
+from embedpool.server.openai import (
+    ApiError,
+    bad_request,
+    parse_json,
+    truncation_headers,
+    type_name,
+)
 from embedpool.server.service import INLINE_TOKENIZE_CHARS, Runtime, admit, pool_unavailable
 from embedpool.server.settings import ServerSettings
 from embedpool.types import Precision

@@ -54,10 +54,15 @@ from embedpool.server.dialects import (
     model_facts,
     read_body,
     register_dialect,
-    type_name,
     use_dialect,
 )
-from embedpool.server.openai import ApiError, EmbeddingCall, parse_json, truncation_headers
+from embedpool.server.openai import (
+    ApiError,
+    EmbeddingCall,
+    parse_json,
+    truncation_headers,
+    type_name,
+)
 from embedpool.server.service import INLINE_TOKENIZE_CHARS
 from embedpool.types import Vectors
 from embedpool.vectors import l2_normalize
