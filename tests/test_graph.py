@@ -494,6 +494,19 @@ def test_int8_vector_ignores_batch_neighbours(
     assert cos.min() >= 0.99999, cos
 
 
+def test_int8_attention_takes_the_flash_path(built: dict[str, Path]) -> None:
+    """The int8 graph's attention has no mask input (padding is masked by flash attention's
+    extra q/k column), which is what sends ONNX Runtime's CPU kernel down its FlashAttention
+    path; a key_padding_mask input would silently fall back to the slower masked kernel."""
+    import onnx
+
+    graph = onnx.load(str(built["int8"]), load_external_data=False).graph
+    mha = [n for n in graph.node if n.op_type == "MultiHeadAttention"]
+    assert mha, "no MultiHeadAttention in the int8 graph"
+    for node in mha:
+        assert len(node.input) <= 4 or not any(node.input[4:]), (node.name, list(node.input))
+
+
 #: A cold build in a fresh process: argv cache dir, precision, JSON texts. Prints the graph's
 #: path, the build's peak RSS (VmHWM before the session loads), whether the build imported
 #: onnxruntime, and the texts' vectors (one thread, one padded batch).

@@ -23,8 +23,9 @@ written node by node with ``onnx.helper``. Two flavours come out of the same wei
 ``fused=True, int8_ready=True`` (what the int8 recipe quantises)
     The fused graph with two changes. Attention's packed QKV projection becomes three
     linears (``GraphBuilder.linear``, roles q/k/v: the int8 recipe quantises linears, and
-    Attention's packed weight is none) feeding MultiHeadAttention, which adds the biases and
-    takes the 2-D mask. The
+    Attention's packed weight is none) feeding MultiHeadAttention, which adds the biases,
+    with the padding mask as flash attention's extra q/k column (``layers.flash_attention``:
+    no mask input, so ONNX Runtime's CPU kernel takes its FlashAttention path). The
     word-embedding table (47 of MiniLM's 90 MB) is stored as int8 rows, each with its own
     scale, and dequantised after the Gather, with EmbedLayerNormalization's maths in plain
     ops. Against the fused fp32 graph, before quantising: cos >= 0.99993 (mean 0.99998).
@@ -65,6 +66,7 @@ from embedpool.graph.builder import (
     LinearRole,
     linear_t,
 )
+from embedpool.graph.families import layers
 from embedpool.graph.weights import HasShape, check_shapes
 from embedpool.types import Pooling
 
@@ -72,7 +74,7 @@ if TYPE_CHECKING:
     import onnx
 
 #: Bump when the emitted graph changes for the same weights; part of every cache key.
-BUILDER_VERSION = 3
+BUILDER_VERSION = 4  # 4: the int8-ready graph attends through flash attention
 #: config.json ``model_type`` values this family builds.
 MODEL_TYPES = frozenset({"bert", "BertModel"})
 #: Erf GELU (BERT's "gelu") and the tanh approximation ("gelu_new" and friends).
@@ -234,12 +236,14 @@ def build_encoder(
     if int8_ready and not fused:
         raise ValueError("int8_ready applies to the fused graph only")
     if fused:
+        mask: str | layers.PaddingColumns
         if int8_ready:
-            hidden, mask_index = _embeddings_int8(g, weights, cfg, token_types)
+            hidden = _embeddings_int8(g, weights, cfg, token_types)
+            mask = padding_columns(g, hidden, cfg)
         else:
-            hidden, mask_index = _embeddings_fused(g, weights, cfg, token_types)
+            hidden, mask = _embeddings_fused(g, weights, cfg, token_types)
         for i in range(cfg.num_layers):
-            hidden = _layer_fused(g, weights, cfg, i, hidden, mask_index, split_qkv=int8_ready)
+            hidden = _layer_fused(g, weights, cfg, i, hidden, mask)
         return Encoder(
             hidden, cfg.hidden_size, extra_inputs=(TOKEN_TYPE_IDS,) if token_types else ()
         )
@@ -327,7 +331,7 @@ def _embeddings_fused(
 
 def _embeddings_int8(
     g: GraphBuilder, w: Mapping[str, Array], cfg: BertConfig, token_types: bool = False
-) -> tuple[str, str]:
+) -> str:
     """EmbedLayerNormalization's maths with the word table stored as int8 rows, each with
     its own fp32 scale (symmetric, row max / 127): the table is most of a small model's
     weights (47 of 90 MB on MiniLM) and only a few of its rows are read per batch."""
@@ -378,8 +382,12 @@ def _embeddings_int8(
         axis=-1,
         epsilon=cfg.layer_norm_eps,
     )
-    mask32 = g.op1("Cast", [ATTENTION_MASK], "mask32", to=TensorProto.INT32)
-    return hidden, mask32
+    return hidden
+
+
+def padding_columns(g: GraphBuilder, x: str, cfg: BertConfig) -> layers.PaddingColumns:
+    """The int8-ready graph's padding mask, as flash attention's extra q/k column."""
+    return layers.padding_columns(g, x, cfg.num_heads, cfg.hidden_size // cfg.num_heads)
 
 
 def _layer_fused(
@@ -388,23 +396,26 @@ def _layer_fused(
     cfg: BertConfig,
     i: int,
     x: str,
-    mask_index: str,
-    *,
-    split_qkv: bool = False,
+    mask: str | layers.PaddingColumns,
 ) -> str:
+    """One encoder layer of the fused graph. ``mask``: Attention's ``mask_index``, or (the
+    int8-ready graph) the padding columns of flash attention: its Q/K/V are three quantisable
+    MatMuls into MultiHeadAttention (which adds the biases) without a mask input: ONNX
+    Runtime's FlashAttention path on the CPU. Against the masked kernel (MiniLM int8, batches
+    of 8 stdlib chunks, 1 thread, ORT 1.32, AMD EPYC Zen 3; median of 10 paired rounds):
+    1.067x the whole graph's speed at 256 tokens, 1.056x at 128; attention's share of the
+    kernel time (ORT's profiler) fell from 24% to 18.5%. The vectors stay within the int8
+    bounds (cos to fp32 0.99787 / 0.99652 on 300 chunks, against 0.99788 / 0.99657)."""
     p, n = f"encoder.layer.{i}.", f"l{i}"
     qkv_b = np.concatenate([w[p + f"attention.self.{k}.bias"] for k in ("query", "key", "value")])
-    if split_qkv:  # three quantisable MatMuls; MultiHeadAttention adds the biases
+    if isinstance(mask, layers.PaddingColumns):
         q, k, v = (
             g.linear(x, linear_t(w, p + f"attention.self.{key}"), f"{n}.{t}", role=t, layer=i)  # type: ignore[arg-type]
             for t, key in (("q", "query"), ("k", "key"), ("v", "value"))
         )
-        attn = g.op1(
-            "MultiHeadAttention",
-            [q, k, v, g.const(f"{n}.qkv.b", qkv_b), mask_index],
-            f"{n}.attn",
-            domain=MS_DOMAIN,
-            num_heads=cfg.num_heads,
+        head_dim = cfg.hidden_size // cfg.num_heads
+        attn = layers.flash_attention(
+            g, q, k, v, mask, f"{n}.attn", heads=cfg.num_heads, head_dim=head_dim, bias=qkv_b
         )
     else:
         qkv_w = np.concatenate(
@@ -412,7 +423,7 @@ def _layer_fused(
         )
         attn = g.op1(
             "Attention",
-            [x, g.const(f"{n}.qkv.w", qkv_w), g.const(f"{n}.qkv.b", qkv_b), mask_index],
+            [x, g.const(f"{n}.qkv.w", qkv_w), g.const(f"{n}.qkv.b", qkv_b), mask],
             f"{n}.attn",
             domain=MS_DOMAIN,
             num_heads=cfg.num_heads,

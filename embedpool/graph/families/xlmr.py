@@ -43,11 +43,11 @@ from embedpool.graph.builder import (
     GraphBuilder,
 )
 from embedpool.graph.families import bert
-from embedpool.graph.families.layers import gather_rows, model_builder
+from embedpool.graph.families.layers import PaddingColumns, gather_rows, model_builder
 
 NAME = "xlm-roberta"
 #: Bump when the emitted graph changes for the same weights; part of every cache key.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the int8-ready graph attends through flash attention (bert)
 MODEL_TYPES = frozenset({"xlm-roberta", "roberta"})
 
 
@@ -139,18 +139,18 @@ def build_encoder(
     if int8_ready and not fused:
         raise ValueError("int8_ready applies to the fused graph only")
     pos_ids = _position_ids(g, cfg.padding_idx)
+    mask: str | PaddingColumns
     if fused and not int8_ready:
-        hidden, mask_index = _embeddings_fused(g, weights, cfg, pos_ids)
+        hidden, mask = _embeddings_fused(g, weights, cfg, pos_ids)
     else:
         hidden = _embeddings_gather(g, weights, cfg, pos_ids, int8=int8_ready)
-        mask_index = _mask_int32(g) if fused else bert._mask_bias_plain(g)
+        mask = bert.padding_columns(g, hidden, cfg.bert) if fused else bert._mask_bias_plain(g)
     for i in range(cfg.bert.num_layers):
         if fused:
-            hidden = bert._layer_fused(
-                g, weights, cfg.bert, i, hidden, mask_index, split_qkv=int8_ready
-            )
+            hidden = bert._layer_fused(g, weights, cfg.bert, i, hidden, mask)
         else:
-            hidden = bert._layer_plain(g, weights, cfg.bert, i, hidden, mask_index)
+            assert isinstance(mask, str)
+            hidden = bert._layer_plain(g, weights, cfg.bert, i, hidden, mask)
     return Encoder(hidden, cfg.bert.hidden_size)
 
 
