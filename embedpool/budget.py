@@ -14,12 +14,17 @@ from it, so ``embedpool doctor`` prints the plan that ``embed`` and ``serve`` ru
 
 Why these numbers:
 
-- **CPU: 768 padded tokens** (= 3 x 256). Small batches are as fast and lighter: one pool
+- **CPU: 512 padded tokens** (= 2 x 256). Small batches are faster and lighter: one pool
   worker (1 thread, int8, ``benchmarks/worker_rss.py``) peaked at 124 / 136 / 146 / 190 MiB
-  with batches of 2 / 3 / 4 / 8 x 256 tokens at the same speed within noise, and whole-pool
-  runs at 768 and 1024 differed by less than their run-to-run noise. 768 keeps an int8 worker
-  under 150 MB.
-- **wsl2 halves it to 384**: WSL2's VM gets half the host's RAM and hands freed memory back to
+  with batches of 2 / 3 / 4 / 8 x 256 tokens. Whole pools (``embedpool bench --batch-tokens
+  N``, 2 workers x 1 thread, int8 with flash attention, AMD EPYC Zen 3, four alternating
+  rounds): 512 against 768 gave 22.8 against 22.0 chunks/s on the 600-chunk built-in corpus
+  (95% truncated at 256 tokens) and 204 against 182 on 2,053 short texts (mean 32 tokens);
+  five rounds of 256 / 512 / 768 on 300 chunks gave 22.7 / 22.5 / 21.2, and 1,536 and 3,072
+  were slower still (the activations of a smaller batch stay in the core's caches). 512
+  rather than 256: the same speed on long texts, with half as many runs (each with its fixed
+  per-run cost) on short ones.
+- **wsl2 halves it to 256**: WSL2's VM gets half the host's RAM and hands freed memory back to
   Windows lazily, and a WSL OOM takes the whole distro down; a smaller spike per batch costs
   little speed (above) and leaves more headroom.
 - **A GPU's budget comes from its free memory** (``gpuplan`` computes the tokens that fit),
@@ -40,7 +45,7 @@ from embedpool.errors import ConfigError
 from embedpool.types import Profile
 
 #: The CPU's padded tokens per batch (see the module docstring).
-DEFAULT_BATCH_TOKENS = 768
+DEFAULT_BATCH_TOKENS = 512
 #: Item cap on the CPU: protects against thousands of 3-token texts in one batch (per-row
 #: overhead).
 DEFAULT_MAX_BATCH_ITEMS = 64

@@ -24,6 +24,7 @@ from typing import Any
 
 import click
 
+from embedpool.budget import DEFAULT_BATCH_TOKENS
 from embedpool.config import env_str, parse_bytes
 from embedpool.errors import CacheError, ConfigError, EmbedpoolError, ModelError
 
@@ -912,7 +913,7 @@ def cache_clear(cache_path: Path | None) -> None:
     "--batch-tokens",
     type=click.IntRange(16),
     default=None,
-    show_default="768 on the CPU, the GPU's budget on a GPU",
+    show_default=f"{DEFAULT_BATCH_TOKENS} on the CPU, the GPU's budget on a GPU",
 )
 @click.option(
     "--max-wait-ms",

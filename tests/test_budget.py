@@ -281,10 +281,10 @@ def _env(tmp: Path, profile: str | None) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("args", "env_profile", "tokens"),
     [
-        pytest.param(["--profile", "cloud"], None, 768, id="cloud"),
-        pytest.param(["--profile", "local"], None, 768, id="local"),
-        pytest.param(["--profile", "wsl2"], None, 384, id="wsl2"),
-        pytest.param([], "wsl2", 384, id="wsl2-from-the-environment"),
+        pytest.param(["--profile", "cloud"], None, 512, id="cloud"),
+        pytest.param(["--profile", "local"], None, 512, id="local"),
+        pytest.param(["--profile", "wsl2"], None, 256, id="wsl2"),
+        pytest.param([], "wsl2", 256, id="wsl2-from-the-environment"),
         pytest.param(["--profile", "wsl2", "--batch-tokens", "512"], None, 512, id="requested"),
     ],
 )
@@ -330,7 +330,7 @@ def test_serve_runs_the_doctors_budget(real_model: ResolvedModel, tmp_path: Path
     try:
         wait_ready(proc, url)
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
-        assert _metric(metrics, "embedpool_pool_batch_tokens") == doctor["batch_tokens"] == 384
+        assert _metric(metrics, "embedpool_pool_batch_tokens") == doctor["batch_tokens"] == 256
         assert _metric(metrics, "embedpool_max_workers") == doctor["max_workers"]
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -74,7 +74,7 @@ def test_a_gpu_placement_batches_for_the_gpu() -> None:
 def test_a_full_gpu_is_the_cpu_under_auto_and_an_error_under_cuda() -> None:
     m = resolve_model()
     p = place(m, plan=_cuda(FULL, request="auto"), cpus=8)
-    assert not p.on_gpu and p.precision == "int8" and p.batch_tokens == 768
+    assert not p.on_gpu and p.precision == "int8" and p.batch_tokens == 512
     assert "too little free GPU memory" in p.device.reason
     with pytest.raises(DeviceError) as info:
         place(m, plan=_cuda(FULL), cpus=8)

@@ -72,7 +72,7 @@ class PlanRow:
     max_workers: int
     threads: int
     kwargs: dict[str, object] = field(default_factory=dict)
-    batch: int = 768
+    batch: int = 512
     reason: str | None = None
 
 
@@ -81,7 +81,7 @@ PLAN_ROWS = [
     pytest.param(PlanRow(limits(2), 1, 2, 1), id="local-2-cores-starts-at-1"),
     pytest.param(PlanRow(limits(16), 1, 16, 1), id="local-16-cores"),
     pytest.param(
-        PlanRow(limits(8, profile="wsl2"), 1, 2, 1, batch=384, reason="wsl2 profile's cap"),
+        PlanRow(limits(8, profile="wsl2"), 1, 2, 1, batch=256, reason="wsl2 profile's cap"),
         id="wsl2-caps-at-2",
     ),
     pytest.param(PlanRow(limits(1, profile="cloud"), 1, 1, 1), id="one-core"),
@@ -99,44 +99,44 @@ PLAN_ROWS = [
         id="workers-above-cores-capped",
     ),
     pytest.param(PlanRow(limits(8), 3, 3, 2, {"workers": 3}), id="workers-3-on-8-get-2-threads"),
-    # (80% x 1024 - 150 supervisor) / (105 + 768 x 64 KiB = 153 MiB per int8 worker) = 4
+    # (80% x 1024 - 150 supervisor) / (105 + 512 x 64 KiB = 137 MiB per int8 worker) = 4
     pytest.param(
-        PlanRow(limits(16, GiB), 1, 4, 1, reason="153 MiB per int8 worker at 768 tokens"),
+        PlanRow(limits(16, GiB), 1, 4, 1, reason="137 MiB per int8 worker at 512 tokens"),
         id="memory-1GiB-bounds-workers",
     ),
     pytest.param(
         PlanRow(limits(16, 256 * MiB, "cloud"), 1, 1, 1, reason="not even one fits"),
         id="memory-256MiB-still-one-worker",
     ),
-    # (1638 - 150) / (160 + 48 = 208 MiB per fp32 worker) = 7
+    # (1638 - 150) / (160 + 32 = 192 MiB per fp32 worker) = 7
     pytest.param(
-        PlanRow(limits(16, 2 * GiB), 1, 7, 1, {"precision": "fp32"}, reason="208 MiB per fp32"),
+        PlanRow(limits(16, 2 * GiB), 1, 7, 1, {"precision": "fp32"}, reason="192 MiB per fp32"),
         id="fp32-estimate",
     ),
-    # smaller batches, smaller workers: (819 - 150) / (105 + 32) = 4
+    # smaller batches, smaller workers: (819 - 150) / (105 + 16) = 5
     pytest.param(
-        PlanRow(limits(16, GiB), 1, 4, 1, {"batch_tokens": 512}, batch=512),
+        PlanRow(limits(16, GiB), 1, 5, 1, {"batch_tokens": 256}, batch=256),
         id="memory-bound-follows-batch-budget",
     ),
-    # (80% x 8 GiB - 5 GiB in use) / 153 = 9
+    # (80% x 8 GiB - 5 GiB in use) / 137 = 10
     pytest.param(
-        PlanRow(limits(16, 8 * GiB), 1, 9, 1, {"mem_used": 5 * GiB}, reason="in use"),
+        PlanRow(limits(16, 8 * GiB), 1, 10, 1, {"mem_used": 5 * GiB}, reason="in use"),
         id="memory-in-use-counts",
     ),
-    # (85% x 8 GiB - 6 GiB in use) / 153 = 5
+    # (85% x 8 GiB - 6 GiB in use) / 137 = 5
     pytest.param(
         PlanRow(limits(16, 8 * GiB, "cloud"), 5, 5, 1, {"mem_used": 6 * GiB}),
         id="cloud-starts-at-memory-bound",
     ),
     pytest.param(
-        PlanRow(limits(2), 1, 2, 1, {"batch_tokens": 512}, batch=512, reason="as requested"),
+        PlanRow(limits(2), 1, 2, 1, {"batch_tokens": 1024}, batch=1024, reason="as requested"),
         id="batch-tokens-explicit",
     ),
     pytest.param(
         PlanRow(limits(2), 1, 2, 1, {"batch_tokens": 100}, batch=100), id="batch-below-min"
     ),
     # --max-memory 1G on a 16 GiB host with 12 GiB in use: the cap counts the pool's own RSS,
-    # (80% x 1024 - 150) / 153 = 4, not "host usage above the cap: 1 worker"
+    # (80% x 1024 - 150) / 137 = 4, not "host usage above the cap: 1 worker"
     pytest.param(
         PlanRow(
             capped(16, 16 * GiB, GiB),
@@ -160,12 +160,12 @@ PLAN_ROWS = [
         ),
         id="max-memory-real-limit-still-binds",
     ),
-    # ((80% x 2048 = 1638) - 600 used by the pool) / 153 = 6
+    # ((80% x 2048 = 1638) - 600 used by the pool) / 137 = 7
     pytest.param(
         PlanRow(
             capped(16, 16 * GiB, 2 * GiB),
             1,
-            6,
+            7,
             1,
             {"mem_used": GiB, "pool_used": 600 * MiB},
             reason="600 MiB in use",
@@ -267,7 +267,7 @@ def test_doctor_renders_every_number() -> None:
         "512.0 MiB limit",
         "profile     local",
         f"at most {p.policy.max_workers} x 1",
-        "768 padded tokens",
+        "512 padded tokens",
         "80%",
         "70%",
         "69%",
