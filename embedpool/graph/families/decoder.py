@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedpool.graph.builder import ATTENTION_MASK, INPUT_IDS, MS_DOMAIN, Array, GraphBuilder
+from embedpool.graph.builder import INPUT_IDS, MS_DOMAIN, Array, GraphBuilder
 from embedpool.graph.families import layers
 
 #: How a decoder graph computes attention (see the module docstring).
@@ -159,8 +159,7 @@ class DecoderPlan:
     causal: bool
     seqlens_k: str = ""  # gqa: int32 [batch], seq - 1 for every row
     total_len: str = ""  # gqa: int32 scalar, seq
-    pad_q: str = ""  # flash: [batch, seq, heads, 1] ones
-    pad_k: str = ""  # flash: [batch, seq, heads, 1]: 0 at tokens, -PAD_SCORE / scale at padding
+    cols: layers.PaddingColumns | None = None  # flash: the padding as an extra q/k column
     bias: str = ""  # plain: [batch, 1, seq, seq] (causal and padding) or [batch, 1, 1, seq]
 
 
@@ -210,39 +209,9 @@ def plan_attention(
             to=TensorProto.INT32,
         )
         return DecoderPlan(kind, causal, seqlens_k=seqlens, total_len=total)
-    m = g.op1("Cast", [ATTENTION_MASK], "attn.mask_f", to=TensorProto.FLOAT)
     if kind == "flash":
-        bs = g.op1(
-            "Slice",
-            [shape, g.shared_const("c.s0", [0], np.int64), g.shared_const("c.s2", [2], np.int64)],
-            "attn.bs",
-        )
-        cols = g.op1(
-            "Concat",
-            [bs, g.shared_const(f"c.heads{heads}_1", [heads, 1], np.int64)],
-            "attn.cols_shape",
-            axis=0,
-        )
-        neg = g.op1(
-            "Mul",
-            [
-                g.op1("Sub", [m, g.shared_const("c.one_f", 1.0)], "attn.inv"),
-                g.const("attn.pad_big", layers.PAD_SCORE / s),
-            ],
-            "attn.pad_neg",
-        )
-        pad_k = g.op1(
-            "Expand",
-            [
-                g.op1(
-                    "Unsqueeze", [neg, g.shared_const("c.axes23", [2, 3], np.int64)], "attn.pad_k4"
-                ),
-                cols,
-            ],
-            "attn.pad_k",
-        )
-        pad_q = g.op1("Expand", [g.shared_const("c.one_f", 1.0), cols], "attn.pad_q")
-        return DecoderPlan(kind, causal, pad_q=pad_q, pad_k=pad_k)
+        cols = layers.padding_columns(g, INPUT_IDS, heads, head_dim, scale=s)
+        return DecoderPlan(kind, causal, cols=cols)
     bias = layers.mask_bias_plain(g)  # [batch, 1, 1, seq]
     if causal:
         n = g.op1("Gather", [shape, g.shared_const("c.one_i", 1, np.int64)], "attn.n")
@@ -347,9 +316,9 @@ def attention(
     split = g.shared_const(f"c.heads{heads}x{head_dim}", [0, 0, heads, head_dim], np.int64)
     merge = g.shared_const("c.merge3", [0, 0, -1], np.int64)
     if plan.kind == "flash":
-        cols = layers.PaddingColumns(plan.pad_q, plan.pad_k)
+        assert plan.cols is not None
         return layers.flash_attention(
-            g, q, k, v, cols, name, heads=heads, head_dim=head_dim, scale=s
+            g, q, k, v, plan.cols, name, heads=heads, head_dim=head_dim, scale=s
         )
 
     def heads_first(x: str, tag: str, perm: list[int]) -> str:

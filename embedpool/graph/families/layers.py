@@ -307,12 +307,15 @@ class PaddingColumns:
     """Per-graph tensors that let MultiHeadAttention mask padded keys without a mask input."""
 
     q: str  # [batch, seq, heads, 1]: ones
-    k: str  # [batch, seq, heads, 1]: 0 at tokens, -PAD_SCORE * sqrt(head_dim) at padding
+    k: str  # [batch, seq, heads, 1]: 0 at tokens, -PAD_SCORE / scale at padding
 
 
-def padding_columns(g: GraphBuilder, x: str, heads: int, head_dim: int) -> PaddingColumns:
+def padding_columns(
+    g: GraphBuilder, x: str, heads: int, head_dim: int, scale: float | None = None
+) -> PaddingColumns:
     """The extra query/key column of ``flash_attention``, built once per graph from the mask
-    (``x`` is any [batch, seq, ...] tensor, for the shape)."""
+    (``x`` is any [batch, seq, ...] tensor, for the shape). ``scale``: the attention's, when
+    not 1 / sqrt(head_dim) (a padded key's scaled score is then still -PAD_SCORE)."""
     from onnx import TensorProto
 
     shape = g.op1(
@@ -337,7 +340,10 @@ def padding_columns(g: GraphBuilder, x: str, heads: int, head_dim: int) -> Paddi
         "Mul",
         [
             g.op1("Sub", [m, g.shared_const("c.one_f", 1.0)], "pad_cols.inv"),
-            g.shared_const("pad_cols.big", PAD_SCORE * math.sqrt(head_dim)),
+            g.shared_const(
+                "pad_cols.big",
+                PAD_SCORE * math.sqrt(head_dim) if scale is None else PAD_SCORE / scale,
+            ),
         ],
         "pad_cols.neg",
     )

@@ -62,7 +62,7 @@ from embedpool.graph.builder import INPUT_IDS, Array, Encoder, GraphBuilder, lin
 from embedpool.graph.families import decoder, layers
 
 NAME = "qwen2"
-BUILDER_VERSION = 2  # 2: GroupQueryAttention without its unused K/V cache outputs
+BUILDER_VERSION = 3  # 2: GroupQueryAttention without its unused K/V cache outputs; 3: flash padding columns from layers.padding_columns
 MODEL_TYPES = frozenset({"qwen2", "llama", "mistral"})
 
 

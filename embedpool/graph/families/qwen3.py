@@ -29,7 +29,7 @@ from embedpool.graph.families import layers, qwen2
 from embedpool.graph.families.qwen2 import DecoderConfig
 
 NAME = "qwen3"
-BUILDER_VERSION = 2  # 2: GroupQueryAttention without its unused K/V cache outputs
+BUILDER_VERSION = 3  # 2: GroupQueryAttention without its unused K/V cache outputs; 3: flash padding columns from layers.padding_columns
 MODEL_TYPES = frozenset({"qwen3"})
 
 
