@@ -11,9 +11,9 @@ and the model's own max length (256 for MiniLM), at fastembed's default settings
 The sentence-transformers peers (``st-torch``, ``st-onnx``, ``st-onnx-int8``, ``st-openvino``,
 ``st-openvino-int8``) load the model's own directory with ``SentenceTransformer(path,
 backend=...)`` at its defaults (batch 32); ``-int8`` is its own quantised export
-(``export_dynamic_quantized_onnx_model`` with the avx512_vnni config, or
-``export_static_quantized_openvino_model`` calibrated on its default dataset, which needs the
-hub, so here 300 texts of the corpus are given instead). A peer whose package is missing
+(``export_dynamic_quantized_onnx_model`` with the config for this CPU, ``st_onnx_qconfig``:
+avx512_vnni, avx512 or avx2; or ``export_static_quantized_openvino_model`` calibrated on its
+default dataset, which needs the hub, so here 300 texts of the corpus are given instead). A peer whose package is missing
 fails with the pip command that installs it. Each peer's vectors are compared with
 sentence-transformers' fp32 (torch) on the same texts when the runner can compute them
 (``cos``), so a faster setting's quality is printed beside its speed.
@@ -32,9 +32,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from embedpool.runtimes import CpuFeatures
 
 
 @dataclass(frozen=True)
@@ -239,8 +242,20 @@ def run_fastembed(cfg: BenchConfig) -> dict[str, Any]:
 ST_INSTALL = {
     "torch": "sentence-transformers",
     "onnx": "'sentence-transformers[onnx]' (optimum-onnx, onnxruntime)",
-    "openvino": "'sentence-transformers[openvino]' (optimum-intel, openvino, nncf)",
+    "openvino": "'sentence-transformers[openvino]' datasets (optimum-intel, openvino, nncf)",
 }
+
+
+def st_onnx_qconfig(cpu: CpuFeatures) -> str:
+    """sentence-transformers' dynamic int8 config for ``cpu`` (its best on that CPU): the
+    VNNI kernels where it has them, else AVX-512, else AVX2 (ARM: arm64)."""
+    if cpu.tier in ("vnni", "avx512_bf16", "amx"):
+        return "avx512_vnni"
+    if {"avx512f", "avx512bw"} <= cpu.flags:
+        return "avx512"
+    if "avx2" in cpu.flags:
+        return "avx2"
+    return "arm64" if "asimd" in cpu.flags else "avx2"
 
 
 def run_sentence_transformers(cfg: BenchConfig, backend: str, int8: bool) -> dict[str, Any]:
@@ -305,12 +320,19 @@ def _st_int8(st: Any, model: Any, path: str, backend: str, out: Path, texts: lis
     if backend == "onnx":
         from sentence_transformers.backend import export_dynamic_quantized_onnx_model
 
-        export_dynamic_quantized_onnx_model(model, "avx512_vnni", str(out))
+        from embedpool.runtimes import cpu_features
+
+        config = st_onnx_qconfig(cpu_features())
+        # the export writes only onnx/model_qint8_<config>.onnx: the model's own files first
+        model.save(str(out))
+        export_dynamic_quantized_onnx_model(model, config, str(out))
+        # model_qint8_<config>.onnx, or quint8 where the config's weights are unsigned (avx2)
+        (quantised,) = (out / "onnx").glob(f"model_q*int8_{config}.onnx")
         return st.SentenceTransformer(
             str(out),
             backend="onnx",
             device="cpu",
-            model_kwargs={"file_name": "onnx/model_qint8_avx512_vnni.onnx"},
+            model_kwargs={"file_name": f"onnx/{quantised.name}"},
         )
     if backend == "openvino":
         # export_static_quantized_openvino_model's calibration set (glue/sst2) comes from
@@ -328,8 +350,10 @@ def _st_int8(st: Any, model: Any, path: str, backend: str, out: Path, texts: lis
 def _ov_static(model: Any, out: Path, texts: list[str]) -> None:
     """optimum-intel's static int8 quantisation (what export_static_quantized_openvino_model
     runs), calibrated on ``texts`` instead of a hub dataset."""
+    import shutil
+
     from datasets import Dataset
-    from optimum.intel import OVQuantizationConfig, OVQuantizer
+    from optimum.intel import OVConfig, OVQuantizationConfig, OVQuantizer
 
     ov_model = model[0].auto_model
     tok = model.tokenizer
@@ -341,13 +365,22 @@ def _ov_static(model: Any, out: Path, texts: list[str]) -> None:
         batched=True,
         remove_columns=["text"],
     )
+    model.save(str(out))  # the model's own files, before the quantiser touches the model
+    written = out / "quantised"
     quantizer.quantize(
-        save_directory=out / "openvino",
+        save_directory=written,
         calibration_dataset=data,
-        ov_config=OVQuantizationConfig(num_samples=len(texts)),
-        file_name="openvino_model_qint8_quantized.xml",
+        ov_config=OVConfig(quantization_config=OVQuantizationConfig(num_samples=len(texts))),
     )
-    model.save(str(out))
+    # where it writes the IR moved between optimum-intel releases: take the one it wrote
+    xml = sorted(written.rglob("*.xml"))[0]
+    if "FakeQuantize" not in xml.read_text(encoding="utf-8"):
+        raise SystemExit(f"optimum-intel's static quantisation wrote no int8 model ({xml})")
+    for suffix in (".xml", ".bin"):
+        shutil.copyfile(
+            xml.with_suffix(suffix),
+            out / "openvino" / f"openvino_model_qint8_quantized{suffix}",
+        )
 
 
 def _cos_stats(a: Any, b: Any) -> dict[str, float]:
@@ -398,11 +431,20 @@ def _in_subprocess(runner: str, cfg: BenchConfig) -> dict[str, Any]:
         if runner.startswith("st-") and "pip install" in tail[0]:
             raise ConfigError(f"--compare {runner}: {tail[0]}")
         raise RuntimeError(
-            f"{runner} benchmark failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+            f"{runner} benchmark failed (exit {proc.returncode}):\n{_stderr_tail(proc.stderr)}"
         )
     last = proc.stdout.strip().splitlines()[-1]
     result: dict[str, Any] = json.loads(last)
     return result
+
+
+def _stderr_tail(text: str, lines: int = 20, width: int = 400) -> str:
+    """A failed peer's last ``lines`` lines of stderr, each cut at ``width`` characters (a
+    traceback's last line can be a whole list of model types)."""
+    return "\n".join(
+        line if len(line) <= width else line[:width] + " ..."
+        for line in text.strip().splitlines()[-lines:]
+    )
 
 
 #: The modules each sentence-transformers backend imports (checked before anything runs).
@@ -411,6 +453,16 @@ ST_MODULES = {
     "onnx": ("sentence_transformers", "torch", "optimum.onnxruntime"),
     "openvino": ("sentence_transformers", "torch", "optimum.intel"),
 }
+#: What an int8 peer's quantisation imports besides its backend's modules (_ov_static's
+#: calibration set is a ``datasets.Dataset``).
+ST_INT8_MODULES = {"onnx": (), "openvino": ("datasets",)}
+
+
+def peer_modules(compare: str) -> tuple[str, ...]:
+    """The modules a ``st-*`` peer imports (its backend's, and its int8 export's)."""
+    backend = compare.split("-")[1]
+    extra = ST_INT8_MODULES[backend] if compare.endswith("-int8") else ()
+    return ST_MODULES[backend] + extra
 
 
 def _check_peer(cfg: BenchConfig) -> None:
@@ -419,10 +471,11 @@ def _check_peer(cfg: BenchConfig) -> None:
     if not (cfg.compare or "").startswith("st-"):
         return
     backend = (cfg.compare or "").split("-")[1]
+    modules = peer_modules(cfg.compare or "")
     python = cfg.peer_python or sys.executable
     probe = (
         "import importlib.util as u, sys; sys.exit(0 if all(u.find_spec(m) for m in "
-        f"{ST_MODULES[backend]!r}) else 3)"
+        f"{modules!r}) else 3)"
     )
     try:
         ok = (
@@ -437,7 +490,7 @@ def _check_peer(cfg: BenchConfig) -> None:
         from embedpool.errors import ConfigError
 
         raise ConfigError(
-            f"--compare {cfg.compare} needs {', '.join(ST_MODULES[backend])} in "
+            f"--compare {cfg.compare} needs {', '.join(modules)} in "
             f"{python}: pip install {ST_INSTALL[backend]} there, or pass "
             "--peer-python with a Python that has them"
         )

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from embedpool.bench import RUNNERS, _corpus
+from embedpool.bench import RUNNERS, _corpus, peer_modules, st_onnx_qconfig
 from embedpool.cli import COMPARE_TARGETS
 from embedpool.errors import ConfigError
+from embedpool.runtimes import parse_cpuinfo
 
 
 def test_every_compare_target_has_a_runner() -> None:
@@ -50,3 +51,25 @@ def test_missing_sentence_transformers_backend_is_refused_at_once(tmp_path: Path
     assert "pip install 'sentence-transformers[onnx]'" in res.stderr
     assert "--peer-python" in res.stderr
     assert not any(tmp_path.rglob("*.onnx"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "config"),
+    [
+        ("fpu sse4_2 avx avx2 fma", "avx2"),  # Zen 3, Haswell..Comet Lake
+        ("avx2 avx512f avx512bw avx512vl", "avx512"),  # Skylake-SP
+        ("avx2 avx512f avx512bw avx512_vnni", "avx512_vnni"),  # Cascade Lake
+        ("avx2 avx_vnni", "avx512_vnni"),  # Alder Lake: VNNI without AVX-512
+        ("avx2 avx512f avx512bw avx512_vnni avx512_bf16", "avx512_vnni"),  # Zen 4
+        ("fp asimd asimddp", "arm64"),
+    ],
+)
+def test_onnx_int8_peer_takes_its_best_config_for_the_cpu(flags: str, config: str) -> None:
+    cpu = parse_cpuinfo(f"model name\t: some CPU\nflags\t\t: {flags}\n")
+    assert st_onnx_qconfig(cpu) == config
+
+
+def test_int8_peers_need_their_quantisers_modules() -> None:
+    assert peer_modules("st-openvino") == ("sentence_transformers", "torch", "optimum.intel")
+    assert peer_modules("st-openvino-int8")[-1] == "datasets"
+    assert peer_modules("st-onnx-int8") == peer_modules("st-onnx")
