@@ -72,21 +72,22 @@ MEASURED: dict[Tier, dict[str, Cell]] = {
         "auto": Cell(
             "onnxruntime",
             "int8",
-            "AMD EPYC Zen 3, 2 threads, bare engines: ONNX Runtime int8 26.2 chunks/s, "
-            "fp32 19.8, OpenVINO fp32 18.1 (quiet machine); OpenVINO ahead only under "
-            "heavy load (README Measured)",
+            "AMD EPYC Zen 3, bare engines, quiet machine (benchmarks/engines.py): 2 threads "
+            "ONNX Runtime int8 18.8 chunks/s, fp32 16.6, OpenVINO fp32 14.6, OpenVINO int8 "
+            "13.9; 1 thread 12.2 / 8.4 / 8.9 / 9.0 (README Measured)",
         ),
         "fp32": Cell(
             "onnxruntime",
             "fp32",
-            "AMD EPYC Zen 3, 2 threads: ONNX Runtime fp32 1.09-1.26x OpenVINO fp32 on quieter runs",
+            "AMD EPYC Zen 3, quiet runs: ONNX Runtime fp32 1.09-1.26x OpenVINO fp32 at 2 "
+            "threads; 0.94x at 1 thread (one run)",
         ),
         "int8": Cell(
             "onnxruntime",
             "int8",
-            "AMD EPYC Zen 3, 2 threads, two runs under heavy load: OpenVINO's "
-            "weight-only int8 0.92-1.02x ONNX Runtime int8 (cos 0.9995 to fp32 "
-            "against 0.998; no faster than OpenVINO fp32 without VNNI)",
+            "AMD EPYC Zen 3, quiet: OpenVINO's weight-only int8 0.74x ONNX Runtime int8 "
+            "at 1 and 2 threads (cos 0.9995 to fp32 against 0.998; no faster than "
+            "OpenVINO fp32 without VNNI)",
         ),
     },
     "avx512_bf16": {
