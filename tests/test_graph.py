@@ -507,6 +507,21 @@ def test_int8_attention_takes_the_flash_path(built: dict[str, Path]) -> None:
         assert len(node.input) <= 4 or not any(node.input[4:]), (node.name, list(node.input))
 
 
+def test_int8_graph_normalises_with_standard_layer_norm(built: dict[str, Path]) -> None:
+    """The int8 graph adds its residuals and biases with Add and normalises with the standard
+    LayerNormalization (4x faster on ONNX Runtime's CPU provider than SkipLayerNormalization,
+    bert._skip_norm_int8), two per layer; the fp32 graph keeps the fused op."""
+
+    def ops(path: Path) -> list[str]:
+        return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+    int8, fp32 = ops(built["int8"]), ops(built["fp32"])
+    layers = int8.count("MultiHeadAttention")
+    assert "SkipLayerNormalization" not in int8
+    assert int8.count("LayerNormalization") == 2 * layers + 1  # + the embeddings' norm
+    assert fp32.count("SkipLayerNormalization") == 2 * fp32.count("Attention")
+
+
 #: A cold build in a fresh process: argv cache dir, precision, JSON texts. Prints the graph's
 #: path, the build's peak RSS (VmHWM before the session loads), whether the build imported
 #: onnxruntime, and the texts' vectors (one thread, one padded batch).

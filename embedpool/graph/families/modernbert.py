@@ -47,7 +47,7 @@ from embedpool.graph.builder import INPUT_IDS, Array, Encoder, GraphBuilder
 from embedpool.graph.families import layers
 
 NAME = "modernbert"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the int8-ready graph's norms are Add + LayerNormalization
 MODEL_TYPES = frozenset({"modernbert"})
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -263,7 +263,7 @@ def build_encoder(
             None,
             cfg.norm_eps,
             f"{n}.mlp_norm",
-            fused=fused,
+            fused=fused and not int8_ready,  # layers.add_norm: Add + LayerNorm on CPU
         )
         wi = w[p + "mlp.Wi.weight"]  # [2 inter, h]: the activated half first
         mlp = layers.gated_mlp(
@@ -289,7 +289,7 @@ def build_encoder(
             None,
             cfg.norm_eps,
             "final_norm" if last else f"l{i + 1}.attn_norm",
-            fused=fused,
+            fused=fused and not int8_ready,  # layers.add_norm: Add + LayerNorm on CPU
         )
     return Encoder(normed, cfg.hidden_size)
 

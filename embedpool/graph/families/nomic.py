@@ -48,7 +48,7 @@ from embedpool.graph.builder import INPUT_IDS, Array, Encoder, GraphBuilder, lin
 from embedpool.graph.families import layers
 
 NAME = "nomic_bert"
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the int8-ready graph's norms are Add + LayerNormalization
 MODEL_TYPES = frozenset({"nomic_bert"})
 
 
@@ -288,7 +288,7 @@ def build_encoder(
             w[p + "post_attention_layernorm.bias"],
             cfg.layer_norm_eps,
             f"{n}.ln1",
-            fused=fused,
+            fused=fused and not int8_ready,  # layers.add_norm: Add + LayerNorm on CPU
         )
         mlp = layers.gated_mlp(
             g,
@@ -307,7 +307,7 @@ def build_encoder(
             w[p + "post_mlp_layernorm.bias"],
             cfg.layer_norm_eps,
             f"{n}.ln2",
-            fused=fused,
+            fused=fused and not int8_ready,  # layers.add_norm: Add + LayerNorm on CPU
         )
     return Encoder(x, cfg.hidden_size)
 
