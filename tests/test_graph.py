@@ -510,7 +510,7 @@ def test_int8_attention_takes_the_flash_path(built: dict[str, Path]) -> None:
 def test_int8_graph_normalises_with_standard_layer_norm(built: dict[str, Path]) -> None:
     """The int8 graph adds its residuals and biases with Add and normalises with the standard
     LayerNormalization (4x faster on ONNX Runtime's CPU provider than SkipLayerNormalization,
-    bert._skip_norm_int8), two per layer; the fp32 graph keeps the fused op."""
+    bert._dense_add_norm), two per layer; the fp32 graph keeps the fused op."""
 
     def ops(path: Path) -> list[str]:
         return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]

@@ -48,7 +48,7 @@ from embedpool.graph.families.layers import PaddingColumns, gather_rows, model_b
 NAME = "xlm-roberta"
 #: Bump when the emitted graph changes for the same weights; part of every cache key.
 BUILDER_VERSION = 3  # 2: the int8-ready graph attends through flash attention (bert); 3: its
-# norms are Add + LayerNormalization (bert._skip_norm_int8)
+# norms are Add + LayerNormalization (bert._dense_add_norm)
 MODEL_TYPES = frozenset({"xlm-roberta", "roberta"})
 
 
