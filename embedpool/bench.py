@@ -13,10 +13,10 @@ The sentence-transformers peers (``st-torch``, ``st-onnx``, ``st-onnx-int8``, ``
 backend=...)`` at its defaults (batch 32); ``-int8`` is its own quantised export
 (``export_dynamic_quantized_onnx_model`` with the config for this CPU, ``st_onnx_qconfig``:
 avx512_vnni, avx512 or avx2; or ``export_static_quantized_openvino_model`` calibrated on its
-default dataset, which needs the hub, so here 300 texts of the corpus are given instead). A peer whose package is missing
-fails with the pip command that installs it. Each peer's vectors are compared with
-sentence-transformers' fp32 (torch) on the same texts when the runner can compute them
-(``cos``), so a faster setting's quality is printed beside its speed.
+default dataset, which needs the hub, so here 300 texts of the corpus are given instead). A
+peer whose package is missing fails with the pip command that installs it. Each peer's
+vectors are compared with sentence-transformers' fp32 (torch) on the same texts when the
+runner can compute them (``cos``), so a faster setting's quality is printed beside its speed.
 
 ``--input FILE`` times the user's own texts (JSONL records or a text file, read as
 ``embedpool embed`` reads them) instead of the built-in corpus, for every contender.

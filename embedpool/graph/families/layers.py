@@ -138,6 +138,7 @@ def add_norm(
     name: str,
     *,
     fused: bool,
+    int8_ready: bool = False,
 ) -> tuple[str, str]:
     """``(norm(x + residual), x + residual)``: SkipLayerNormalization when fused (its fourth
     output is the sum, which pre-norm layers carry on as the residual stream), else Add and
@@ -146,7 +147,7 @@ def add_norm(
     on [2, 256, 384], 3.5 against 0.63 ms with the sum output at 1024 wide; 1 thread, ORT 1.32,
     AMD EPYC Zen 3), and ORT does not fuse them back. The fused fp32 graph keeps the one op:
     it is also the fp16 GPU graph's source."""
-    if not fused:
+    if not fused or int8_ready:
         total = g.op1("Add", [x, residual], f"{name}.sum")
         return layer_norm(g, total, weight, bias, eps, name), total
     inputs = [x, residual, g.const(f"{name}.w", weight)]

@@ -263,7 +263,8 @@ def build_encoder(
             None,
             cfg.norm_eps,
             f"{n}.mlp_norm",
-            fused=fused and not int8_ready,  # layers.add_norm: Add + LayerNorm on CPU
+            fused=fused,
+            int8_ready=int8_ready,
         )
         wi = w[p + "mlp.Wi.weight"]  # [2 inter, h]: the activated half first
         mlp = layers.gated_mlp(
@@ -289,7 +290,8 @@ def build_encoder(
             None,
             cfg.norm_eps,
             "final_norm" if last else f"l{i + 1}.attn_norm",
-            fused=fused and not int8_ready,  # layers.add_norm: Add + LayerNorm on CPU
+            fused=fused,
+            int8_ready=int8_ready,
         )
     return Encoder(normed, cfg.hidden_size)
 

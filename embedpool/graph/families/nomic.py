@@ -288,7 +288,8 @@ def build_encoder(
             w[p + "post_attention_layernorm.bias"],
             cfg.layer_norm_eps,
             f"{n}.ln1",
-            fused=fused and not int8_ready,  # layers.add_norm: Add + LayerNorm on CPU
+            fused=fused,
+            int8_ready=int8_ready,
         )
         mlp = layers.gated_mlp(
             g,
@@ -307,7 +308,8 @@ def build_encoder(
             w[p + "post_mlp_layernorm.bias"],
             cfg.layer_norm_eps,
             f"{n}.ln2",
-            fused=fused and not int8_ready,  # layers.add_norm: Add + LayerNorm on CPU
+            fused=fused,
+            int8_ready=int8_ready,
         )
     return Encoder(x, cfg.hidden_size)
 
