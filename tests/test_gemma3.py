@@ -372,6 +372,21 @@ def test_memory_is_planned_linear_in_length(long_fx: LongFixture) -> None:
     assert mem is not None and mem.max_seq == 8192 and mem.score_keys == 3 * 8
 
 
+def test_memory_estimate_counts_the_dense_modules(fx: Fixture) -> None:
+    """The graph holds the head's Dense modules too (EmbeddingGemma's two are 18 MiB of
+    fp32): the weights the pool plans for include each module's float tensors."""
+    from safetensors.numpy import load_file
+
+    assert len(fx.model.head.dense) == 2
+    bare = dataclasses.replace(fx.model, head=dataclasses.replace(fx.model.head, dense=()))
+    dense_bytes = 4 * sum(
+        t.size for d in fx.model.head.dense for t in load_file(d.weights).values()
+    )
+    with_dense, without = model_memory(fx.model, "fp32"), model_memory(bare, "fp32")
+    assert with_dense is not None and without is not None
+    assert with_dense.weights - without.weights == dense_bytes > 0
+
+
 # --- through the pool, the CLI and serve -----------------------------------------------------
 
 

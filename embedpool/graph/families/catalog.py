@@ -108,7 +108,12 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
     else:  # BERT's masked Attention kernel: every head's [seq, seq] scores
         cfg = getattr(cfg, "bert", cfg)  # XLM-R wraps BERT's config
         keys, ffn = None, cfg.intermediate_size
-    fp32_bytes = 4 * _parameter_count(model.weights_path)
+    # the graph also holds the head's Dense modules (EmbeddingGemma's two: 18 MiB, without
+    # which its fp32 estimate fell 1 MiB under a worker's measured peak)
+    params = _parameter_count(model.weights_path) + sum(
+        _parameter_count(d.weights) for d in model.head.dense
+    )
+    fp32_bytes = 4 * params
     weights = int(fp32_bytes * (INT8_WEIGHT_RATIO if precision == "int8" else 1.0))
     return ModelMemory(
         weights=weights,
