@@ -1065,6 +1065,7 @@ def serve(
             name,
             device=device,
             precision=precision,
+            engine=engine,
             workers=w,
             pool_options=pool_opts,
             backend=backend,

@@ -26,6 +26,7 @@ from embedpool.cli import (
     _fail,
     _pool_args,
     device_opt,
+    engine_opt,
     max_memory_opt,
     profile_opt,
     threads_opt,
@@ -77,11 +78,13 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "int8", "fp32"]),
+    type=click.Choice(["auto", "int8", "fp32", "bf16"]),
     default="auto",
     show_default=True,
-    help="auto: int8 on the CPU.",
+    help="auto: per CPU from measurements, as embed's (int8 on ONNX Runtime, or bf16 on "
+    "OpenVINO where it measured faster); bf16 needs avx512_bf16 or AMX.",
 )
+@engine_opt
 @device_opt
 @threads_opt
 @workers_opt
@@ -99,6 +102,7 @@ def rerank(
     no_documents: bool,
     instruction: str | None,
     precision: str,
+    engine: str,
     device: str,
     threads: int | None,
     workers: str,
@@ -151,6 +155,7 @@ def rerank(
             pool_options=pool_opts,
             cache=cache,
             instruction=instruction,
+            runtime=engine,
         )
     except (EmbedpoolError, ConfigError, CacheError) as exc:
         _fail(str(exc), EXIT_USAGE)
@@ -188,6 +193,7 @@ def reranker_setup(
     *,
     device: str,
     precision: str,
+    engine: str,
     workers: int | str | None,
     pool_options: dict[str, Any],
     backend: str,
@@ -211,9 +217,10 @@ def reranker_setup(
         placement = place(
             model,
             device=device,
-            precision=precision if precision in ("auto", "int8", "fp32") else "auto",
+            precision=precision if precision in ("auto", "int8", "fp32", "bf16") else "auto",
             backend=backend,
             profile=pool_options.get("profile"),
+            engine=engine,
         )
     except (EmbedpoolError, ConfigError) as exc:
         _fail(f"--reranker: {exc}", EXIT_USAGE)
@@ -225,7 +232,8 @@ def reranker_setup(
 
         try:
             cache = PairCache(
-                VectorCache.open(cache_path), reranker_fingerprint(model, placement.precision)
+                VectorCache.open(cache_path),
+                reranker_fingerprint(model, placement.precision, placement.runtime),
             )
         except CacheError as exc:
             _fail(str(exc), EXIT_USAGE)

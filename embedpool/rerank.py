@@ -53,6 +53,7 @@ from tokenizers import Tokenizer
 
 from embedpool import events
 from embedpool.batching import plan_batches
+from embedpool.config import env_str
 from embedpool.errors import ConfigError, InputError
 from embedpool.executor import Executor, WorkBatch, run
 from embedpool.models import ResolvedModel, resolve_model
@@ -353,11 +354,14 @@ class PairCache:
         )
 
 
-def reranker_fingerprint(model: ResolvedModel, precision: Precision) -> str:
-    """What keys a reranker's cached logits: its files, precision and graph."""
+def reranker_fingerprint(
+    model: ResolvedModel, precision: Precision, runtime: str = "onnxruntime"
+) -> str:
+    """What keys a reranker's cached logits: its files, precision and graph (the runtime's:
+    OpenVINO's int8 is another recipe than ONNX Runtime's, and scores otherwise)."""
     from embedpool.graph import graph_id
 
-    return model.fingerprint(precision, "pairs", graph=graph_id(model, precision))
+    return model.fingerprint(precision, "pairs", graph=graph_id(model, precision, runtime))
 
 
 def check_reranker(model: ResolvedModel) -> None:
@@ -385,7 +389,9 @@ class Reranker:
     process, ``"auto"`` or an int the adaptive pool, ``backend="ray"`` Ray actors;
     ``precision`` "auto" is int8 on the CPU (fp32 equals CrossEncoder within 1e-4;
     int8 ranks as it: per query Spearman mean >= 0.99, worst 0.98, tests/test_rerank.py;
-    its linears' rounding, not the word table, swaps near-tied documents); ``cache`` keeps the
+    its linears' rounding, not the word table, swaps near-tied documents); ``runtime``: the
+    CPU's inference runtime, as the ``Embedder``'s ("auto", "onnxruntime", "openvino"; None:
+    ``EMBEDPOOL_ENGINE``, else "auto"; the fidelity tests run on both); ``cache`` keeps the
     logits of pairs already scored; ``engine``: a custom engine recipe (tests);
     ``instruction``: a causal-LM reranker's task instruction (Qwen3-Reranker's
     ``<Instruct>``; CrossEncoder's ``prompt``), the template's default without one.
@@ -409,6 +415,7 @@ class Reranker:
         lazy: bool = False,
         device: str = "cpu",
         instruction: str | None = None,
+        runtime: str | None = None,
     ) -> None:
         from embedpool.device_choice import DevicePlan
         from embedpool.placement import place, prepare_graphs
@@ -427,6 +434,7 @@ class Reranker:
             backend=backend,
             plan=custom,
             profile=(pool_options or {}).get("profile"),
+            engine=runtime or env_str("EMBEDPOOL_ENGINE") or "auto",
         )
         self.on_event = on_event
         self._emit = events.Emitter(on_event, log)
@@ -440,7 +448,7 @@ class Reranker:
         self.precision: Precision = self.placement.precision
         self.tokenizer = PairTokenizer.for_model(self.model, instruction=instruction)
         self.cache = cache
-        self.fingerprint = reranker_fingerprint(self.model, self.precision)
+        self.fingerprint = reranker_fingerprint(self.model, self.precision, self.placement.runtime)
         if instruction:  # the same pair scores differently under another instruction
             self.fingerprint += (
                 ":" + sha256(instruction.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -115,10 +115,42 @@ def test_a_cross_encoder_makes_no_vectors() -> None:
         create_app(ServerSettings(), model=model)
 
 
+def int8_scores(engine: str, query: str, docs: list[str]) -> np.ndarray:
+    """The BERT fixture's int8 scores on ``engine``, in this process."""
+    from embedpool.rerank import Reranker
+
+    with Reranker(BERT, precision="int8", runtime=engine) as r:
+        return r.score(query, docs)
+
+
 @pytest.mark.slow
-def test_serve_with_a_reranker(tmp_path: Path) -> None:
+@pytest.mark.openvino
+def test_rerank_on_the_engine_asked(tmp_path: Path) -> None:
+    """``--engine openvino`` reaches the reranker: its int8 scores are OpenVINO's recipe's,
+    not ONNX Runtime's."""
+    g, _ = golden()
+    query, docs = g["queries"][0], g["documents"][:6]
+    res = run(query, *docs, "-m", str(BERT), "--precision", "int8", "--engine", "openvino",
+              "--workers", "0", "--no-cache", tmp=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = {r["index"]: r["score"] for r in json.loads(res.stdout)["results"]}
+    ov, ort = int8_scores("openvino", query, docs), int8_scores("onnxruntime", query, docs)
+    assert max(abs(got[i] - float(ov[i])) for i in range(len(docs))) <= 1e-6
+    assert max(abs(got[i] - float(ort[i])) for i in range(len(docs))) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("engine", "precision"),
+    [
+        pytest.param("onnxruntime", "fp32", id="ort-fp32"),
+        pytest.param("openvino", "int8", id="openvino-int8", marks=pytest.mark.openvino),
+    ],
+)
+def test_serve_with_a_reranker(tmp_path: Path, engine: str, precision: str) -> None:
     """``embedpool serve --reranker`` (a pool worker of its own) answers the cohere client with
-    CrossEncoder's scores, beside the embedding routes."""
+    CrossEncoder's scores, beside the embedding routes; ``--engine`` reaches the reranker (its
+    int8 scores are then that engine's recipe's)."""
     import signal
     import socket
 
@@ -144,7 +176,9 @@ def test_serve_with_a_reranker(tmp_path: Path) -> None:
             "--reranker",
             str(BERT),
             "--precision",
-            "fp32",
+            precision,
+            "--engine",
+            engine,
             "--workers",
             "1",
             "--no-cache",
@@ -164,9 +198,14 @@ def test_serve_with_a_reranker(tmp_path: Path) -> None:
             co = cohere.ClientV2(base_url=url, api_key="unused", httpx_client=http)
             res = co.rerank(model=str(BERT), query=g["queries"][0], documents=docs)
             emb = http.post(f"{url}/v1/embeddings", json={"input": ["a text"]})
-        expected = gold["scores"][:6]
+        if precision == "fp32":
+            expected, tol = gold["scores"][:6], 1e-4
+        else:
+            expected, tol = int8_scores(engine, g["queries"][0], docs), 1e-6
+            other = int8_scores("onnxruntime", g["queries"][0], docs)
+            assert np.abs(other - expected).max() > 1e-4  # the engines' recipes tell apart
         assert [r.index for r in res.results] == list(np.argsort(-expected, kind="stable"))
-        assert max(abs(r.relevance_score - float(expected[r.index])) for r in res.results) <= 1e-4
+        assert max(abs(r.relevance_score - float(expected[r.index])) for r in res.results) <= tol
         assert emb.status_code == 200 and len(emb.json()["data"][0]["embedding"]) == 32
     finally:
         proc.send_signal(signal.SIGTERM)

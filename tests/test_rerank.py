@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from engines import ENGINES
 
 from embedpool.errors import ConfigError, InputError, ModelError
 from embedpool.models import ResolvedModel, resolve_model
@@ -41,9 +42,11 @@ def models() -> dict[str, ResolvedModel]:
     return {n: resolve_model(FIXTURES / n / "model") for n in FAMILIES}
 
 
-@pytest.fixture(scope="module")
-def fp32(models: dict[str, ResolvedModel]) -> Any:
-    rerankers = {n: Reranker(m, precision="fp32") for n, m in models.items()}
+@pytest.fixture(scope="module", params=ENGINES)
+def fp32(models: dict[str, ResolvedModel], request: pytest.FixtureRequest) -> Any:
+    """The fp32 rerankers on each engine (the engine is a test parameter)."""
+    rerankers = {n: Reranker(m, precision="fp32", runtime=request.param) for n, m in models.items()}
+    assert all(r.placement.runtime == request.param for r in rerankers.values())
     yield rerankers
     for r in rerankers.values():
         r.close()
@@ -170,22 +173,24 @@ def test_a_long_query_is_kept_whole(name: str, fp32: dict[str, Reranker]) -> Non
     assert r.last_report.truncated == list(range(len(g["long_query_documents"])))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", FAMILIES)
-def test_int8_keeps_the_rankings(name: str, models: dict[str, ResolvedModel]) -> None:
+def test_int8_keeps_the_rankings(name: str, engine: str, models: dict[str, ResolvedModel]) -> None:
     """Issue 19's bar: int8 against CrossEncoder's fp32 logits, Spearman >= 0.99 for every
     query (of 19 documents). The measurement means something only where a query's scores
     spread well beyond int8's rounding: the fixtures' heads read the pooled features' first
     principal component (train_like_head), so each query's logits spread (std >= 1, checked
-    first) and no pair of documents is nearer than int8's error would swap by chance."""
+    first) and no pair of documents is nearer than int8's error would swap by chance. On each
+    engine: OpenVINO's int8 is its own recipe (graph.weight_int8)."""
     g, gold = golden(name)
     n = len(g["documents"])
     per_query = gold["logits"].reshape(len(g["queries"]), n)
     assert per_query.std(axis=1).min() >= 1.0, "fixture scores bunch: Spearman would be noise"
-    with Reranker(models[name], precision="int8") as r:
-        assert r.precision == "int8"
+    with Reranker(models[name], precision="int8", runtime=engine) as r:
+        assert (r.precision, r.placement.runtime) == ("int8", engine)
         scores = r.predict(pairs_of(g), raw=True).reshape(per_query.shape)
     rho = [spearman(s, ref) for s, ref in zip(scores, per_query, strict=True)]
-    print(name, "int8 Spearman per query:", [round(x, 4) for x in rho])
+    print(name, engine, "int8 Spearman per query:", [round(x, 4) for x in rho])
     assert min(rho) >= 0.99, rho
     # and no logit moves by more than a fifth of its query's spread
     assert (np.abs(scores - per_query).max(axis=1) / per_query.std(axis=1)).max() <= 0.2
@@ -276,6 +281,27 @@ def test_the_cache_is_keyed_by_query_and_document(
         assert np.abs(other - gold["logits"][len(docs) : 2 * len(docs)]).max() <= FP32_TOL
 
 
+@pytest.mark.openvino
+def test_the_cache_is_keyed_by_engine(tmp_path: Path, models: dict[str, ResolvedModel]) -> None:
+    """int8 is another recipe on each engine: OpenVINO's reranker never reads the logits ONNX
+    Runtime's cached for the same pairs (and gets its own, as without a cache)."""
+    from embedpool.cache import VectorCache
+
+    g, _ = golden("bert")
+    query, docs = g["queries"][0], g["documents"]
+    with VectorCache.open(tmp_path / "c.sqlite") as cache:
+        with Reranker(models["bert"], precision="int8", runtime="onnxruntime", cache=cache) as r:
+            ort_logits = r.score(query, docs, raw=True)
+        with Reranker(models["bert"], precision="int8", runtime="openvino", cache=cache) as r:
+            ov_logits = r.score(query, docs, raw=True)
+            assert r.last_report.cache_hits == 0
+            r.score(query, docs, raw=True)
+            assert r.last_report.cache_hits == len(docs)
+    with Reranker(models["bert"], precision="int8", runtime="openvino") as r:
+        np.testing.assert_array_equal(ov_logits, r.score(query, docs, raw=True))
+    assert np.abs(ov_logits - ort_logits).max() > 1e-3  # the recipes differ: keys must too
+
+
 def test_activate_matches_torch_definitions() -> None:
     x = np.array([-30.0, -1.0, 0.0, 2.5, 30.0], dtype=np.float32)
     np.testing.assert_allclose(
@@ -300,9 +326,10 @@ def test_pairs_through_a_real_pool(models: dict[str, ResolvedModel]) -> None:
 QWEN3 = FIXTURES / "qwen3" / "model"
 
 
-@pytest.fixture(scope="module")
-def qwen3() -> Any:
-    with Reranker(QWEN3, precision="fp32") as r:
+@pytest.fixture(scope="module", params=ENGINES)
+def qwen3(request: pytest.FixtureRequest) -> Any:
+    with Reranker(QWEN3, precision="fp32", runtime=request.param) as r:
+        assert r.placement.runtime == request.param
         yield r
 
 
@@ -424,17 +451,18 @@ def test_qwen3_without_lm_head_or_tie_is_refused(tmp_path: Path) -> None:
         Reranker(copy, precision="fp32", lazy=True)
 
 
-def test_qwen3_int8_keeps_each_querys_ranking() -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_qwen3_int8_keeps_each_querys_ranking(engine: str) -> None:
     g, gold = golden("qwen3")
-    with Reranker(QWEN3, precision="int8") as r:
-        assert r.precision == "int8"
+    with Reranker(QWEN3, precision="int8", runtime=engine) as r:
+        assert (r.precision, r.placement.runtime) == ("int8", engine)
         scores = r.predict(pairs_of(g), raw=True)
     n = len(g["documents"])
     rho = [
         spearman(scores[q * n : (q + 1) * n], gold["logits"][q * n : (q + 1) * n])
         for q in range(len(g["queries"]))
     ]
-    print("qwen3 int8 Spearman per query:", [round(x, 4) for x in rho])
+    print("qwen3", engine, "int8 Spearman per query:", [round(x, 4) for x in rho])
     assert min(rho) >= 0.99, rho
 
 
