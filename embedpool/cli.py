@@ -590,43 +590,55 @@ def _list_models() -> None:
     "--precision",
     "precisions",
     multiple=True,
-    type=click.Choice(["fp32", "int8", "fp16"]),
+    type=click.Choice(["fp32", "int8", "fp16", "bf16"]),
     default=("int8",),
     show_default=True,
-    help="Graph(s) to build; repeat for several.",
+    help="Graph(s) to build; repeat for several (bf16: OpenVINO's, on its fp32 graph).",
+)
+@click.option(
+    "--engine",
+    "engines",
+    multiple=True,
+    type=click.Choice(["onnxruntime", "openvino"]),
+    default=("onnxruntime",),
+    show_default=True,
+    help="The runtime whose graphs to build, each loaded by it to verify; repeat for both. "
+    "OpenVINO reads its own (the standard-op graph where the fused one does not convert, "
+    "int8 as weight-only int8) and needs the openvino extra.",
 )
 @click.option("--log-json", is_flag=True, help="Events as JSON lines on stderr.")
-def models_build(names: tuple[str, ...], precisions: tuple[str, ...], log_json: bool) -> None:
+def models_build(
+    names: tuple[str, ...], precisions: tuple[str, ...], engines: tuple[str, ...], log_json: bool
+) -> None:
     """Build and verify the graphs of NAMES (default: the default model) ahead of time, into
     the cache directory (EMBEDPOOL_CACHE_DIR): for a Dockerfile RUN step or a CI cache."""
     import logging
 
     from embedpool import events
-    from embedpool.graph import built_path
-    from embedpool.graph.prebuild import build_in_child, verify_graph
+    from embedpool.graph.prebuild import prebuilt_graph, verify_graph
     from embedpool.models import resolve_model
     from embedpool.progress import BuildDisplay, fmt_bytes
 
     display: Any = _json_events if log_json else BuildDisplay()
     emit = events.Emitter(display, logging.getLogger("embedpool.graph"))
     for name in names or (env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2",):
-        for precision in dict.fromkeys(precisions):
-            try:
-                model = resolve_model(name)
-                path = (
-                    built_path(model, precision)  # type: ignore[arg-type]
-                    or build_in_child(model, precision, emit).path  # type: ignore[arg-type]
+        for engine in dict.fromkeys(engines):
+            for precision in dict.fromkeys(precisions):
+                try:
+                    model = resolve_model(name)
+                    path = prebuilt_graph(model, precision, emit, runtime=engine)
+                    dim = verify_graph(model, path, precision=precision, runtime=engine)
+                except (ConfigError, ModelError) as exc:
+                    if isinstance(display, BuildDisplay):
+                        display.stop()
+                    _fail(str(exc), EXIT_USAGE)
+                    raise  # unreachable: _fail exits
+                what = "a score" if model.classifier is not None else f"a {dim}-dim vector"
+                on = " on OpenVINO" if engine == "openvino" else ""
+                click.echo(
+                    f"{model.name} {precision}{on}: {path} "
+                    f"({fmt_bytes(path.stat().st_size)}), verified: {what}"
                 )
-                dim = verify_graph(model, path)
-            except (ConfigError, ModelError) as exc:
-                if isinstance(display, BuildDisplay):
-                    display.stop()
-                _fail(str(exc), EXIT_USAGE)
-                raise  # unreachable: _fail exits
-            click.echo(
-                f"{model.name} {precision}: {path} ({fmt_bytes(path.stat().st_size)}), "
-                f"verified: a {dim}-dim vector"
-            )
 
 
 @main.command()

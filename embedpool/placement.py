@@ -56,7 +56,6 @@ from embedpool.types import EventCallback, Precision, Profile, Runtime
 
 if TYPE_CHECKING:
     from embedpool.faults import FaultPolicy
-    from embedpool.graph import GraphPrecision
     from embedpool.graph.prebuild import Emit
     from embedpool.runtimes import RuntimeChoice
 
@@ -311,11 +310,12 @@ def prepare_graphs(
     does not fit. CPU workers next to a GPU run fp32: that graph too. The one place the CLI,
     the library and ``serve`` build graphs (ConfigError/ModelError: the model cannot be
     built)."""
+    from embedpool.graph.ov_graph import graph_precision
     from embedpool.graph.prebuild import ensure_graph
 
     if placement.runtime == "openvino" and placement.devices is None:
         # OpenVINO's graph (graph.ov_graph; bf16 reads the fp32 one): unfused where need be
-        graph: GraphPrecision = "fp32" if placement.precision == "bf16" else (placement.precision)
+        graph = graph_precision(placement.precision)
         ensure_graph(model, graph, emit, max_memory=max_memory, runtime="openvino")
         return placement
     if placement.precision == "bf16":  # runs on OpenVINO only (runtimes.choose)

@@ -97,3 +97,42 @@ def test_prebuild_builds_the_graph_openvino_reads(
     path = built(fx.model, precision, tmp_path)
     assert path is not None and "unfused" in path.name
     assert built_path(fx.model, precision, tmp_path) is None  # ONNX Runtime's: not built
+
+
+@pytest.mark.slow
+def test_models_build_builds_and_verifies_openvinos_graphs(tmp_path: Path) -> None:
+    """``embedpool models build --engine openvino`` (a Dockerfile's prebuild): the graphs
+    OpenVINO reads, loaded by OpenVINO to verify them; ONNX Runtime's are not built. A
+    precision an engine does not run exits 2 with one line naming it."""
+    import os
+    import subprocess
+    import sys
+
+    from embedpool.graph import built_path
+    from embedpool.graph.ov_graph import built
+
+    fx = load_fixture("modernbert")
+    env = {**os.environ, "EMBEDPOOL_CACHE_DIR": str(tmp_path)}
+
+    def build(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "embedpool", "models", "build", str(fx.model.directory),
+             *args],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+
+    res = build("--engine", "openvino", "--precision", "int8", "--precision", "fp32")
+    assert res.returncode == 0, res.stderr
+    for precision in ("int8", "fp32"):
+        path = built(fx.model, precision, tmp_path / "onnx")
+        assert path is not None and "unfused" in path.name
+        assert f"{precision} on OpenVINO: {path}" in res.stdout
+        assert built_path(fx.model, precision, tmp_path / "onnx") is None  # ONNX Runtime's
+    assert res.stdout.count(f"verified: a {fx.model.dim}-dim vector") == 2
+    for args, needle in (
+        (["--engine", "openvino", "--precision", "fp16"], "not fp16 on cpu"),
+        (["--precision", "bf16"], "bf16 runs on the openvino engine only"),
+    ):
+        bad = build(*args)
+        assert bad.returncode == 2 and needle in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from embedpool.graph import GraphPrecision
     from embedpool.models import ResolvedModel
 
 #: Families whose fused fp32 graph OpenVINO's ONNX frontend converts (the rest use the
@@ -36,6 +37,12 @@ def _fp32(model: ResolvedModel, cache_dir: Path | None, build: bool) -> tuple[Pa
     if build:
         path = prepare_onnx(model, "fp32", cache_dir, fused=fused)
     return (path if path.is_file() else None), path
+
+
+def graph_precision(precision: str) -> GraphPrecision:
+    """The graph OpenVINO reads at ``precision``: int8's own, else the fp32 graph (bf16 is
+    the plugin's inference precision on it)."""
+    return "int8" if precision == "int8" else "fp32"
 
 
 def int8_path(key: Path) -> Path:
@@ -67,4 +74,4 @@ def built(model: ResolvedModel, precision: str, cache_dir: Path | None = None) -
     return path if path.is_file() else None
 
 
-__all__ = ["FUSED_CONVERTS", "built", "graph_for", "int8_path"]
+__all__ = ["FUSED_CONVERTS", "built", "graph_for", "graph_precision", "int8_path"]

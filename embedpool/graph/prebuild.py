@@ -372,17 +372,48 @@ def _fallback(model: ResolvedModel, requested: str, used: str, reason: str, emit
     )
 
 
-def verify_graph(model: ResolvedModel, path: Path) -> int:
-    """Load ``path`` in ONNX Runtime (CPU) and embed one text: the vector's width. Raises
-    ModelError when the file does not load or the vector is not the model's (its width, all
-    finite, unit length where the model normalises)."""
+def prebuilt_graph(
+    model: ResolvedModel, precision: str, emit: Emit = _no_emit, *, runtime: str = "onnxruntime"
+) -> Path:
+    """The graph ``runtime`` reads for ``model`` at ``precision``, built now (in a child, see
+    the module doc) if it was not yet, without ``ensure_graph``'s fallback: what ``embedpool
+    models build`` asked for, or a ConfigError naming why it cannot be."""
+    if runtime == "openvino":
+        from embedpool.engine import EngineSpec
+        from embedpool.graph import ov_graph
+
+        EngineSpec(model, precision, runtime="openvino")  # type: ignore[arg-type]  # checks it
+        graph = ov_graph.graph_precision(precision)
+        found = ov_graph.built(model, graph)
+        return found or build_in_child(model, graph, emit, runtime="openvino").path
+    if precision not in ("fp32", "int8", "fp16"):
+        raise ConfigError(f"precision {precision} runs on the openvino engine only")
+    graph_prec: GraphPrecision = precision  # type: ignore[assignment]
+    return built_path(model, graph_prec) or build_in_child(model, graph_prec, emit).path
+
+
+def verify_graph(
+    model: ResolvedModel, path: Path, *, precision: str = "int8", runtime: str = "onnxruntime"
+) -> int:
+    """Load ``path`` in ``runtime`` (the CPU; ONNX Runtime loads any graph precision there)
+    and embed one text: the vector's width. Raises ModelError when the file does not load or
+    the vector is not the model's (its width, all finite, unit length where the model
+    normalises), ConfigError when OpenVINO is asked for and not installed."""
     import numpy as np
 
-    from embedpool.engine import Engine
+    from embedpool.engine import Engine, EngineSpec
     from embedpool.tokenization import TextTokenizer
 
     seqs = TextTokenizer.for_model(model).encode(["embedpool checks this graph"]).sequences
-    vec = Engine.for_model(path, model, threads=1).embed(seqs)
+    if runtime == "openvino":
+        from embedpool.runtimes import INSTALL_HINT, openvino_installed
+
+        if not openvino_installed():
+            raise ConfigError(f"--engine openvino: openvino is not installed ({INSTALL_HINT})")
+        spec = EngineSpec(model, precision, threads=1, runtime="openvino")  # type: ignore[arg-type]
+        vec = spec.load(path).embed(seqs)
+    else:
+        vec = Engine.for_model(path, model, threads=1).embed(seqs)
     norm = float(np.linalg.norm(vec))
     if (
         vec.shape != (1, model.dim)
