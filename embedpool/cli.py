@@ -1121,7 +1121,11 @@ def serve(
             rerankers=rerank_setups,
             models=extra,
             planned_bytes=planned_bytes(
-                resolved, precision, settings.batch_tokens, w if isinstance(w, int) else 1
+                resolved,
+                precision,
+                settings.batch_tokens,
+                w if isinstance(w, int) else 1,
+                placement.runtime,
             ),
             session=functools.partial(hold_ray, ray_address) if backend == "ray" else None,
         )

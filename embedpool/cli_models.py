@@ -80,7 +80,9 @@ def extra_model_setup(
         model,
         factory,
         hook,
-        planned_bytes(model, placement.precision, placement.batch_tokens, start_workers),
+        planned_bytes(
+            model, placement.precision, placement.batch_tokens, start_workers, placement.runtime
+        ),
         aliases=(name,),
         precision=placement.precision,
     )

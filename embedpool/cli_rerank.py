@@ -258,6 +258,7 @@ def reranker_setup(
             placement.precision,
             placement.batch_tokens,
             workers if isinstance(workers, int) else 1,
+            placement.runtime,
         ),
         precision=placement.precision,
     )

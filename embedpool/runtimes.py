@@ -18,13 +18,17 @@ and Ice Lake, Alder Lake), ``avx2`` (Zen 1-3, Haswell to Skylake client), ``base
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from embedpool.errors import ConfigError
 from embedpool.types import Precision, Runtime
+
+if TYPE_CHECKING:
+    from embedpool.executors.pool.memory import ModelMemory
 
 Tier = Literal["amx", "avx512_bf16", "vnni", "avx2", "baseline"]
 RUNTIMES: tuple[str, ...] = ("auto", "onnxruntime", "openvino")
@@ -40,19 +44,32 @@ CPU_PRECISIONS: dict[Runtime, tuple[Precision, ...]] = {
     "openvino": ("fp32", "int8", "bf16"),
 }
 INSTALL_HINT = "pip install 'embedpool[openvino]'"
-#: What an OpenVINO worker holds beyond an ONNX Runtime worker of the same precision: its
-#: libraries and CPU plugin, and (fp32, bf16) the plugin's own copy of the weights beside the
-#: frontend's. Measured with the default model, 1 thread, after 3 x 4 x 256 tokens and
-#: malloc_trim (AMD EPYC Zen 3, OpenVINO 2026.4): fp32 294-296 MiB against ONNX Runtime fp32
-#: 184 (one run), 293 against 213 (another); int8 (weight-only, graph.weight_int8) 200 MiB
-#: against ONNX Runtime int8 156. ENABLE_MMAP and CPU_RUNTIME_CACHE_CAPACITY=0 did not
-#: lower it (200 and 244 MiB: an ONNX file is read, not mapped). The pool's per-worker
-#: estimate adds it (executors.pool.pool.engine_memory) until a worker is measured.
-OPENVINO_EXTRA_RSS: dict[Precision, int] = {
-    "fp32": 112 * 1024 * 1024,
-    "bf16": 112 * 1024 * 1024,
-    "int8": 64 * 1024 * 1024,
-}
+#: An OpenVINO worker's memory against ONNX Runtime's estimate of the same model and
+#: precision (``catalog.model_memory``; bf16 reads the fp32 graph): its libraries and CPU
+#: plugin (``OPENVINO_LIBS``), the weights held about twice (the ONNX frontend's copy and the
+#: plugin's: ``OPENVINO_WEIGHT_FACTOR``; read from the file, not mapped, so never shared
+#: between workers: ENABLE_MMAP and CPU_RUNTIME_CACHE_CAPACITY=0 did not lower it), and larger
+#: activations (``OPENVINO_ACTIVATION_FACTOR``: it reads the standard-op graph of the rotary
+#: families, whose windows become a mask). Measured peaks, 1 thread, AMD EPYC Zen 3,
+#: OpenVINO 2026.4 (tests/test_runtimes.py keeps the table and checks the estimate covers it):
+#: the default model after 3 x 4 x 256 tokens, fp32 294-296 MiB (ONNX Runtime 184-213), int8
+#: (weight-only, graph.weight_int8) 200 (156); one 8,192-token text at nomic-embed-text-v1.5's
+#: shape fp32 1,761 (ONNX Runtime 1,081), int8 1,091 (976), at gte-modernbert-base's fp32
+#: 2,140 (1,019). Erring high costs a late growth step: the pool measures its workers.
+OPENVINO_LIBS = 56 * 1024 * 1024
+OPENVINO_WEIGHT_FACTOR: dict[Precision, float] = {"fp32": 1.75, "bf16": 1.75, "int8": 1.6}
+OPENVINO_ACTIVATION_FACTOR = 2.3
+
+
+def openvino_memory(memory: ModelMemory, precision: Precision) -> ModelMemory:
+    """``memory`` (ONNX Runtime's estimate at ``precision``, bf16 as fp32) as an OpenVINO
+    worker holds it: see OPENVINO_LIBS."""
+    return dataclasses.replace(
+        memory,
+        weights=int(memory.weights * OPENVINO_WEIGHT_FACTOR[precision]) + OPENVINO_LIBS,
+        activation_factor=OPENVINO_ACTIVATION_FACTOR,
+        shared_weights=False,
+    )
 
 
 @dataclass(frozen=True)

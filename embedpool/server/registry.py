@@ -146,12 +146,19 @@ def next_expiry(resident: Iterable[Resident], now: float, keep_alive_s: float) -
     return None if math.isinf(soonest) else max(0.0, soonest)
 
 
-def planned_bytes(model: ResolvedModel, precision: str, batch_tokens: int, workers: int = 1) -> int:
-    """A model's planned memory: the pool's estimate of one worker's peak, times ``workers``."""
+def planned_bytes(
+    model: ResolvedModel,
+    precision: str,
+    batch_tokens: int,
+    workers: int = 1,
+    runtime: str = "onnxruntime",
+) -> int:
+    """A model's planned memory: the pool's estimate of one worker's peak on ``runtime``,
+    times ``workers``."""
     from embedpool.executors.pool.memory import worker_mem_estimate
     from embedpool.graph.families.catalog import model_memory
 
-    memory = model_memory(model, precision)
+    memory = model_memory(model, precision, runtime)
     return max(1, workers) * worker_mem_estimate(
         precision,  # type: ignore[arg-type]
         batch_tokens,

@@ -67,6 +67,9 @@ class ModelMemory:
     #: Qwen3-Embedding-0.6B's int8 shape (benchmarks/decoders.py --rss): a second worker
     #: added its runtime and activations only.
     shared_weights: bool = False
+    #: The runtime's activations against this model's (ONNX Runtime's): OpenVINO's
+    #: (``runtimes.openvino_memory``) are larger.
+    activation_factor: float = 1.0
 
     def activations(self, batch_tokens: int) -> int:
         """Activation bytes of the largest batch a worker gets under ``batch_tokens``: the
@@ -79,7 +82,7 @@ class ModelMemory:
             + ACTIVATION_PER_FFN * self.ffn
             + SCORE_BYTES * (self.heads + 1) * keys
         )
-        return per_token * tokens
+        return int(per_token * tokens * self.activation_factor)
 
 
 def activation_estimate(batch_tokens: int, model: ModelMemory | None = None) -> int:

@@ -88,18 +88,7 @@ def engine_memory(spec: EngineRecipe) -> ModelMemory | None:
         return None
     from embedpool.graph.families.catalog import model_memory
 
-    if getattr(spec, "runtime", "onnxruntime") != "openvino":
-        return model_memory(model, precision)
-    from embedpool.runtimes import OPENVINO_EXTRA_RSS
-
-    # OpenVINO reads the fp32 graph (bf16 too; int8: its weights as int8, about as large as
-    # ONNX Runtime's int8 graph) and holds more than ONNX Runtime beside it
-    memory = model_memory(model, "int8" if precision == "int8" else "fp32")
-    return (
-        None
-        if memory is None
-        else dataclasses.replace(memory, weights=memory.weights + OPENVINO_EXTRA_RSS[precision])
-    )
+    return model_memory(model, precision, getattr(spec, "runtime", "onnxruntime"))
 
 
 class Pool:

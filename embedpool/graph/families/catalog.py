@@ -82,10 +82,13 @@ INT8_WEIGHT_RATIO = 0.4
 DECODER_FFN_FACTOR = 16
 
 
-def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
-    """The model's memory shape for the pool's estimate (pool.memory.worker_mem_estimate),
-    or None when embedpool does not build its graph (a shipped ONNX file's shape is unknown:
-    the default model's constants apply)."""
+def model_memory(
+    model: ResolvedModel, precision: str, runtime: str = "onnxruntime"
+) -> ModelMemory | None:
+    """The model's memory shape for the pool's estimate (pool.memory.worker_mem_estimate) on
+    ``runtime`` (OpenVINO's: ``runtimes.openvino_memory``), or None when embedpool does not
+    build its graph (a shipped ONNX file's shape is unknown: the default model's constants
+    apply)."""
     from embedpool.executors.pool.memory import ModelMemory
     from embedpool.graph.external import EXTERNAL_MIN_BYTES
 
@@ -115,7 +118,7 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
     )
     fp32_bytes = 4 * params
     weights = int(fp32_bytes * (INT8_WEIGHT_RATIO if precision == "int8" else 1.0))
-    return ModelMemory(
+    memory = ModelMemory(
         weights=weights,
         hidden=int(cfg.hidden_size),
         ffn=int(ffn),
@@ -125,6 +128,11 @@ def model_memory(model: ResolvedModel, precision: str) -> ModelMemory | None:
         # a graph this large is written with its weights mapped from one side file
         shared_weights=weights > EXTERNAL_MIN_BYTES,
     )
+    if runtime != "openvino":
+        return memory
+    from embedpool.runtimes import openvino_memory
+
+    return openvino_memory(memory, "int8" if precision == "int8" else "fp32")
 
 
 def parameter_count(model: ResolvedModel) -> int | None:
