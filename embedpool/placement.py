@@ -233,7 +233,7 @@ def place(
             requested=batch_tokens,
             requested_items=max_batch_items,
         )
-    runtime = _runtime(engine, precision, request_plan.kind)
+    runtime = _runtime(model, engine, precision, request_plan.kind)
     if request_plan.kind == "cpu":
         chosen = runtime.precision
     return Placement(
@@ -248,12 +248,18 @@ def place(
     )
 
 
-def _runtime(engine: str, precision: str, kind: str) -> RuntimeChoice:
-    """``runtimes.choose`` for this machine's CPU and installed packages."""
+def _runtime(model: ResolvedModel, engine: str, precision: str, kind: str) -> RuntimeChoice:
+    """``runtimes.choose`` for this model, this machine's CPU and installed packages."""
+    from embedpool.graph.ov_graph import reads_fused
     from embedpool.runtimes import choose, cpu_features, openvino_installed
 
     return choose(
-        engine, precision, device_kind=kind, cpu=cpu_features(), openvino=openvino_installed()
+        engine,
+        precision,
+        device_kind=kind,
+        cpu=cpu_features(),
+        openvino=openvino_installed(),
+        fused_graph=engine != "auto" or kind != "cpu" or reads_fused(model),
     )
 
 

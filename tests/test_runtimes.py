@@ -67,6 +67,43 @@ def test_auto_picks_from_the_measured_table(
         assert "openvino is not installed" in got.reason and "pip install" in got.reason
 
 
+def test_auto_keeps_onnxruntime_where_openvino_reads_the_standard_op_graph() -> None:
+    """MEASURED's OpenVINO cells were measured on the BERT family's fused graph: a family
+    OpenVINO reads as its standard-op graph (rotary encoders, decoders) stays on ONNX Runtime
+    under auto, saying why; asked for by name, OpenVINO still runs it."""
+    got = choose("auto", "auto", device_kind="cpu", cpu=ZEN4, openvino=True, fused_graph=False)
+    assert (got.runtime, got.precision) == ("onnxruntime", "int8")
+    assert "standard-op graph" in got.reason and ZEN4.name in got.reason
+    explicit = choose(
+        "openvino", "auto", device_kind="cpu", cpu=ZEN4, openvino=True, fused_graph=False
+    )
+    assert (explicit.runtime, explicit.precision) == ("openvino", "bf16")
+    bf16 = choose("auto", "bf16", device_kind="cpu", cpu=ZEN4, openvino=True, fused_graph=False)
+    assert bf16.runtime == "openvino"  # bf16 runs nowhere else
+
+
+@pytest.mark.parametrize(
+    ("fixture", "fused"),
+    [
+        ("families/xlmr", True),
+        ("rerankers/bert", True),
+        ("families/nomic", False),
+        ("families/modernbert", False),
+        ("families/gemma3", False),
+        ("families/qwen3", False),
+        ("rerankers/qwen3", False),
+    ],
+)
+def test_which_models_openvino_reads_as_their_fused_graph(fixture: str, fused: bool) -> None:
+    from pathlib import Path
+
+    from embedpool.graph.ov_graph import reads_fused
+    from embedpool.models import resolve_model
+
+    model = resolve_model(Path(__file__).parent / "fixtures" / fixture / "model")
+    assert reads_fused(model) is fused
+
+
 def test_every_cell_names_its_measurement() -> None:
     for tier, cells in MEASURED.items():
         assert set(cells) == {"auto", "fp32", "int8"}, tier

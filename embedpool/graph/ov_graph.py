@@ -25,14 +25,22 @@ if TYPE_CHECKING:
 FUSED_CONVERTS = frozenset({"bert", "xlm-roberta"})
 
 
+def reads_fused(model: ResolvedModel) -> bool:
+    """OpenVINO reads the graph ONNX Runtime reads (a shipped file, or a family in
+    FUSED_CONVERTS), not the family's standard-op graph."""
+    from embedpool.graph import _family
+
+    return model.onnx_path is not None or _family(model)[0].NAME in FUSED_CONVERTS
+
+
 def _fp32(model: ResolvedModel, cache_dir: Path | None, build: bool) -> tuple[Path | None, Path]:
     """OpenVINO's fp32 graph (None when it is not built and ``build`` is False) and the
     cache path its int8 form is named after."""
-    from embedpool.graph import _family, cache_path, prepare_onnx
+    from embedpool.graph import cache_path, prepare_onnx
 
     if model.onnx_path is not None:
         return model.onnx_path, cache_path(model, "fp32", cache_dir)
-    fused = _family(model)[0].NAME in FUSED_CONVERTS
+    fused = reads_fused(model)
     path = cache_path(model, "fp32", cache_dir, fused=fused)
     if build:
         path = prepare_onnx(model, "fp32", cache_dir, fused=fused)
@@ -74,4 +82,4 @@ def built(model: ResolvedModel, precision: str, cache_dir: Path | None = None) -
     return path if path.is_file() else None
 
 
-__all__ = ["FUSED_CONVERTS", "built", "graph_for", "graph_precision", "int8_path"]
+__all__ = ["FUSED_CONVERTS", "built", "graph_for", "graph_precision", "int8_path", "reads_fused"]
