@@ -621,24 +621,25 @@ def models_build(
 
     display: Any = _json_events if log_json else BuildDisplay()
     emit = events.Emitter(display, logging.getLogger("embedpool.graph"))
+    jobs = [(e, p) for e in dict.fromkeys(engines) for p in dict.fromkeys(precisions)]
     for name in names or (env_str("EMBEDPOOL_MODEL") or "all-MiniLM-L6-v2",):
-        for engine in dict.fromkeys(engines):
-            for precision in dict.fromkeys(precisions):
-                try:
-                    model = resolve_model(name)
-                    path = prebuilt_graph(model, precision, emit, runtime=engine)
-                    dim = verify_graph(model, path, precision=precision, runtime=engine)
-                except (ConfigError, ModelError) as exc:
-                    if isinstance(display, BuildDisplay):
-                        display.stop()
-                    _fail(str(exc), EXIT_USAGE)
-                    raise  # unreachable: _fail exits
-                what = "a score" if model.classifier is not None else f"a {dim}-dim vector"
-                on = " on OpenVINO" if engine == "openvino" else ""
-                click.echo(
-                    f"{model.name} {precision}{on}: {path} "
-                    f"({fmt_bytes(path.stat().st_size)}), verified: {what}"
-                )
+        model = None
+        for engine, precision in jobs:
+            try:
+                model = model or resolve_model(name)
+                path = prebuilt_graph(model, precision, emit, runtime=engine)
+                dim = verify_graph(model, path, precision=precision, runtime=engine)
+            except (ConfigError, ModelError) as exc:
+                if isinstance(display, BuildDisplay):
+                    display.stop()
+                _fail(str(exc), EXIT_USAGE)
+                raise  # unreachable: _fail exits
+            what = "a score" if model.classifier is not None else f"a {dim}-dim vector"
+            on = " on OpenVINO" if engine == "openvino" else ""
+            click.echo(
+                f"{model.name} {precision}{on}: {path} "
+                f"({fmt_bytes(path.stat().st_size)}), verified: {what}"
+            )
 
 
 @main.command()

@@ -37,7 +37,6 @@ import numpy as np
 
 from embedpool import events
 from embedpool.batching import plan_batches
-from embedpool.config import env_str
 from embedpool.errors import ConfigError, InputError
 from embedpool.executor import Executor, WorkBatch, run
 from embedpool.graph import graph_id
@@ -207,7 +206,7 @@ class Embedder:
             backend=backend,
             plan=custom,
             profile=(pool_options or {}).get("profile"),
-            engine=runtime or env_str("EMBEDPOOL_ENGINE") or "auto",
+            engine=runtime,
         )
         self.precision: Precision = self.placement.precision
         self.long_text: LongTextMode = long_text

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from embedpool.budget import BatchBudget, batch_budget
+from embedpool.config import env_str
 from embedpool.device_choice import DevicePlan, DeviceRequest, resolve_device
 from embedpool.errors import ConfigError, DeviceError, EmbedpoolError, ModelError
 from embedpool.executor import Executor
@@ -173,13 +174,15 @@ def place(
     cpus: int | None = None,
     plan: DevicePlan | None = None,
     profile: str | None = None,
-    engine: str = "auto",
+    engine: str | None = None,
 ) -> Placement:
     """Resolve the device, the precision, the GPU plan and the batch budget
     (DeviceError/ConfigError: exit 2). ``plan`` skips detection (tests, and callers that
     resolved it already); ``profile`` (``--profile``; None: ``EMBEDPOOL_PROFILE`` or detected,
     as the pool detects it) sizes the CPU's budget on the local backend; ``engine``
-    (``--engine``: auto, onnxruntime, openvino) the CPU's runtime (``runtimes.choose``)."""
+    (``--engine``: auto, onnxruntime, openvino; None: ``EMBEDPOOL_ENGINE``, else auto) the
+    CPU's runtime (``runtimes.choose``)."""
+    engine = engine or env_str("EMBEDPOOL_ENGINE") or "auto"
     request_plan = plan or resolve_device(device)
     for note in request_plan.notes:
         log.warning("embedpool: %s", note)
@@ -259,6 +262,7 @@ def _runtime(model: ResolvedModel, engine: str, precision: str, kind: str) -> Ru
         device_kind=kind,
         cpu=cpu_features(),
         openvino=openvino_installed(),
+        # only auto on the CPU reads it: no family config parsed for other requests
         fused_graph=engine != "auto" or kind != "cpu" or reads_fused(model),
     )
 

@@ -53,7 +53,6 @@ from tokenizers import Tokenizer
 
 from embedpool import events
 from embedpool.batching import plan_batches
-from embedpool.config import env_str
 from embedpool.errors import ConfigError, InputError
 from embedpool.executor import Executor, WorkBatch, run
 from embedpool.models import ResolvedModel, resolve_model
@@ -434,7 +433,7 @@ class Reranker:
             backend=backend,
             plan=custom,
             profile=(pool_options or {}).get("profile"),
-            engine=runtime or env_str("EMBEDPOOL_ENGINE") or "auto",
+            engine=runtime,
         )
         self.on_event = on_event
         self._emit = events.Emitter(on_event, log)

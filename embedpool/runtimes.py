@@ -283,13 +283,12 @@ def choose(
             ),
         )
     cell = MEASURED[tier][precision]
+    prec: Precision = "int8" if precision == "auto" else precision  # type: ignore[assignment]
     if cell.runtime == "openvino" and not fused_graph and engine == "auto":
-        prec_std: Precision = "int8" if precision == "auto" else precision  # type: ignore[assignment]
         return RuntimeChoice(
-            "onnxruntime", prec_std, f"auto, {tier} tier ({cpu.name}): {STANDARD_OP_GRAPH}"
+            "onnxruntime", prec, f"auto, {tier} tier ({cpu.name}): {STANDARD_OP_GRAPH}"
         )
     if engine == "onnxruntime" or (cell.runtime == "openvino" and not openvino):
-        prec: Precision = "int8" if precision == "auto" else precision  # type: ignore[assignment]
         if engine == "onnxruntime":
             return RuntimeChoice("onnxruntime", prec, "--engine onnxruntime")
         return RuntimeChoice(
