@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from embedpool.errors import ConfigError, ModelError
+from embedpool.errors import ConfigError, InputError, ModelError
 from embedpool.graph.external import has_external_data
 from embedpool.graph.head import PROMPT_LENGTH, head_numpy, load_dense
 from embedpool.models import ResolvedModel
@@ -187,6 +187,7 @@ class Engine:
         gpu_mem_limit: int | None = None,
         precision: str = "int8",
         segments: bool = False,
+        vocab_rows: int | None = None,
     ) -> None:
         """``head_in_graph``: a [batch, dim] output already went through ``head`` (embedpool
         built the graph); otherwise (a shipped graph that pools by itself) Normalize and
@@ -194,7 +195,9 @@ class Engine:
         ``device`` "cuda:N" runs the session on that GPU (``cuda_ep``), with ORT's arena
         capped at ``gpu_mem_limit`` bytes. ``segments`` (a cross-encoder whose tokenizer
         hands the model token types): ``embed``'s ``prompt_lengths`` are each pair's first
-        segment (``[CLS] query [SEP]``), and the tokens after it get token type 1."""
+        segment (``[CLS] query [SEP]``), and the tokens after it get token type 1.
+        ``vocab_rows``: the model's token-embedding rows (``ResolvedModel.vocab_rows``); a
+        token id past them is refused by ``embed``."""
         import onnxruntime as ort
 
         from embedpool import cuda_ep
@@ -233,6 +236,7 @@ class Engine:
             dim=dim,
             head_in_graph=head_in_graph,
             segments=segments,
+            vocab_rows=vocab_rows,
             inputs={i.name for i in self.session.get_inputs()},
             output=out.name,
             output_shape=list(out.shape),
@@ -249,6 +253,7 @@ class Engine:
         output: str,
         output_shape: Sequence[object],
         segments: bool = False,
+        vocab_rows: int | None = None,
     ) -> None:
         """What ``embed`` needs of the loaded graph, whichever runtime loaded it: its inputs,
         the output it reads (``output_shape``: rank and, where static, width)."""
@@ -258,6 +263,7 @@ class Engine:
         self._needs_type_ids = "token_type_ids" in inputs
         self._needs_prompt_length = PROMPT_LENGTH in inputs
         self._segments = segments
+        self._vocab_rows = vocab_rows
         self._output = output
         # token states (a shipped encoder, or a graph built without its head) get the head
         # here; a [batch, dim] output is final when embedpool built it (head_in_graph)
@@ -305,6 +311,7 @@ class Engine:
                 gpu_mem_limit=gpu_mem_limit,
                 precision=precision,
                 segments=model.classifier is not None and model.classifier.token_types,
+                vocab_rows=model.vocab_rows,
             )
         except ModelError as exc:
             shipped = model.onnx_path
@@ -330,6 +337,7 @@ class Engine:
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = seq
             mask[row, : len(seq)] = 1
+        self._check_ids(ids)
         plen = (
             np.zeros(n, dtype=np.int64)
             if prompt_lengths is None
@@ -346,11 +354,38 @@ class Engine:
             feeds[PROMPT_LENGTH] = plen
         out = self._run(feeds)
         if self._token_states:
-            return head_numpy(out, mask, self.head, self._dense, plen)
+            return _finite(head_numpy(out, mask, self.head, self._dense, plen))
         vectors: Vectors = out.astype(np.float32, copy=False)
         if not self._head_in_graph:  # a shipped graph that pools by itself (no Dense)
             if self.head.normalize:
                 vectors = l2_normalize(vectors)
             if self.head.truncate_dim is not None:
                 vectors = np.ascontiguousarray(vectors[:, : self.head.truncate_dim])
-        return vectors
+        return _finite(vectors)
+
+    def _check_ids(self, ids: np.ndarray) -> None:
+        """Refuses a token id past the model's embedding table, the same way on every
+        runtime (OpenVINO would read past the table and return a wrong vector)."""
+        rows = self._vocab_rows
+        if rows is None or ids.size == 0 or int(ids.max()) < rows:
+            return
+        seq, pos = (int(i) for i in np.argwhere(ids >= rows)[0])
+        raise InputError(
+            f"token id {int(ids[seq, pos])} (sequence {seq} of the batch, token {pos}) is "
+            f"outside the model's embedding table of {rows} rows: its tokenizer makes ids "
+            "the model has no vector for (tokens added without resizing the embeddings)"
+        )
+
+
+def _finite(vectors: Vectors) -> Vectors:
+    """The batch's vectors, or an error naming the first row that holds NaN or inf (fp16
+    overflow, a broken graph): never a silently wrong vector. The job splits the batch, so
+    the error ends up on that item alone."""
+    ok = np.isfinite(vectors).all(axis=-1)
+    if not ok.all():
+        row = int(np.argmin(ok))
+        raise ModelError(
+            f"the model's output for sequence {row} of the batch is not finite (NaN or inf); "
+            "with --precision fp16 or bf16, fp32 may avoid the overflow"
+        )
+    return vectors

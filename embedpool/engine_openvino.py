@@ -62,6 +62,7 @@ class OpenVinoEngine(Engine):
         head_in_graph: bool = True,
         precision: str = "fp32",
         segments: bool = False,
+        vocab_rows: int | None = None,
     ) -> None:
         if precision not in _HINTS:
             raise ConfigError(f"the openvino engine runs fp32, int8 or bf16, not {precision}")
@@ -93,6 +94,7 @@ class OpenVinoEngine(Engine):
             inputs={i.get_any_name() for i in self._compiled.inputs},
             output=out.get_any_name(),
             output_shape=shape,
+            vocab_rows=vocab_rows,
         )
         self._segments = segments  # a cross-encoder's token types (Engine.embed)
 
@@ -112,6 +114,7 @@ class OpenVinoEngine(Engine):
             head_in_graph=model.onnx_path is None,
             precision=spec.precision,
             segments=bool(getattr(getattr(model, "classifier", None), "token_types", False)),
+            vocab_rows=model.vocab_rows,
         )
 
 

@@ -107,6 +107,16 @@ class ResolvedModel:
     def normalize(self) -> bool:
         return self.head.normalize
 
+    @property
+    def vocab_rows(self) -> int | None:
+        """Rows of the model's token-embedding table (config.json's ``vocab_size``; the
+        builders refuse weights that do not fit it), or None when the config does not say.
+        A tokenizer can make ids past it (tokens added without resizing the embeddings):
+        ONNX Runtime raises on such an id, OpenVINO reads past the table and returns a
+        vector, so ``Engine.embed`` checks the ids against it for both."""
+        rows = self.config.get("vocab_size")
+        return rows if isinstance(rows, int) and not isinstance(rows, bool) and rows > 0 else None
+
     def __post_init__(self) -> None:
         if not self.tokenizer_path.is_file():
             raise ModelError(
