@@ -59,15 +59,26 @@ INSTALL_HINT = "pip install 'embedpool[openvino]'"
 OPENVINO_LIBS = 56 * 1024 * 1024
 OPENVINO_WEIGHT_FACTOR: dict[Precision, float] = {"fp32": 1.75, "bf16": 1.75, "int8": 1.6}
 OPENVINO_ACTIVATION_FACTOR = 2.3
+#: The decoders' (Qwen3, Qwen2): OpenVINO's activations are ONNX Runtime's or less. At
+#: Qwen3-Embedding-0.6B's shape (benchmarks/decoders.py's model), one text, 1 thread, int8
+#: peaked at 1,375 MiB at 2,048 tokens and 2,596 at 8,192 (about 200 KB a token against ONNX
+#: Runtime's 344 KB estimate), fp32 at 3,937 and 5,149; ONNX Runtime's int8 at 8,192: 3,330.
+#: The encoders' x 2.3 planned 7.6 GB for int8's 2.6 GB peak.
+OPENVINO_DECODER_ACTIVATION_FACTOR = 1.0
 
 
-def openvino_memory(memory: ModelMemory, precision: Precision) -> ModelMemory:
+def openvino_memory(
+    memory: ModelMemory, precision: Precision, *, decoder: bool = False
+) -> ModelMemory:
     """``memory`` (ONNX Runtime's estimate at ``precision``, bf16 as fp32) as an OpenVINO
-    worker holds it: see OPENVINO_LIBS."""
+    worker holds it: see OPENVINO_LIBS; a decoder's activations as
+    OPENVINO_DECODER_ACTIVATION_FACTOR."""
     return dataclasses.replace(
         memory,
         weights=int(memory.weights * OPENVINO_WEIGHT_FACTOR[precision]) + OPENVINO_LIBS,
-        activation_factor=OPENVINO_ACTIVATION_FACTOR,
+        activation_factor=(
+            OPENVINO_DECODER_ACTIVATION_FACTOR if decoder else OPENVINO_ACTIVATION_FACTOR
+        ),
         shared_weights=False,
     )
 

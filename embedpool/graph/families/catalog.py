@@ -132,7 +132,9 @@ def model_memory(
         return memory
     from embedpool.runtimes import openvino_memory
 
-    return openvino_memory(memory, "int8" if precision == "int8" else "fp32")
+    return openvino_memory(
+        memory, "int8" if precision == "int8" else "fp32", decoder=fam in (qwen3, qwen2)
+    )
 
 
 def parameter_count(model: ResolvedModel) -> int | None:
