@@ -25,6 +25,7 @@ from typing import Any
 import conformance as C
 import numpy as np
 import pytest
+from engines import ENGINES
 from safetensors.numpy import save_file
 
 from embedpool.cache import VectorCache
@@ -77,16 +78,33 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: C.materialise(name, root) for name in VECTOR_CASES + ERROR_CASES}
 
 
-@pytest.mark.parametrize("cached", [False, True], ids=["no-cache", "cache"])
+#: The vector cache on ONNX Runtime (its keys per engine: tests/test_engine_openvino.py), every
+#: layout on both engines.
+RUNS = [
+    pytest.param(False, "onnxruntime", id="no-cache-ort"),
+    pytest.param(True, "onnxruntime", id="cache-ort"),
+    *(
+        pytest.param(False, e.values[0], id=f"no-cache-{e.id}", marks=e.marks)
+        for e in ENGINES
+        if e.values[0] != "onnxruntime"
+    ),
+]
+
+
+@pytest.mark.parametrize(("cached", "runtime"), RUNS)
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 @pytest.mark.parametrize("name", VECTOR_CASES)
 def test_vectors_match_sentence_transformers(
-    dirs: dict[str, Path], tmp_path: Path, name: str, precision: str, cached: bool
+    dirs: dict[str, Path], tmp_path: Path, name: str, precision: str, cached: bool, runtime: str
 ) -> None:
+    """Every layout on both engines (OpenVINO reads a shipped onnx/model.onnx, int32
+    inputs and all, as ONNX Runtime does)."""
     cache = VectorCache.open(tmp_path / "vectors.sqlite3") if cached else None
     try:
         for run in range(2 if cached else 1):
-            with Embedder(dirs[name], precision=precision, workers=None, cache=cache) as e:
+            with Embedder(
+                dirs[name], precision=precision, workers=None, cache=cache, runtime=runtime
+            ) as e:
                 vecs = e.embed(C.TEXTS)
                 hits = e.last_report.cache_hits
             check(vecs, name, precision)
