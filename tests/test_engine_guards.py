@@ -95,3 +95,27 @@ def test_a_non_finite_vector_fails_that_item_alone(runtime: str, tmp_path: Path)
     assert [e.index for e in errors] == [1]
     assert "is not finite (NaN or inf)" in errors[0].message
     assert all(np.isfinite(v).all() for ok, v in got if ok)
+
+
+@pytest.mark.parametrize("runtime", ENGINES)
+def test_a_graph_that_gives_nan_fails_its_check_naming_the_file(
+    runtime: str, tmp_path: Path
+) -> None:
+    """``models build`` / the prebuild verify each graph: one whose vectors are NaN is
+    named, with the way out, not passed on."""
+    from safetensors.numpy import load_file, save_file
+
+    from embedpool.engine import EngineSpec
+    from embedpool.errors import ModelError
+    from embedpool.graph.prebuild import verify_graph
+
+    model_dir = _copy(tmp_path)
+    weights = load_file(str(model_dir / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("word_embeddings.weight"))
+    weights[name][:] = np.nan
+    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    model = resolve_model(model_dir)
+    path = EngineSpec(model, "fp32", runtime=runtime).graph()  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match="is not finite") as err:
+        verify_graph(model, path, precision="fp32", runtime=runtime)
+    assert str(path) in str(err.value) and "delete it and rebuild" in str(err.value)

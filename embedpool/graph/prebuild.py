@@ -411,9 +411,15 @@ def verify_graph(
         if not openvino_installed():
             raise ConfigError(f"--engine openvino: openvino is not installed ({INSTALL_HINT})")
         spec = EngineSpec(model, precision, threads=1, runtime="openvino")  # type: ignore[arg-type]
-        vec = spec.load(path).embed(seqs)
+        engine = spec.load(path)
     else:
-        vec = Engine.for_model(path, model, threads=1).embed(seqs)
+        engine = Engine.for_model(path, model, threads=1)
+    try:
+        vec = engine.embed(seqs)
+    except ModelError as exc:  # a NaN or inf vector (Engine.embed refuses it)
+        raise ModelError(
+            f"{path} gives a bad vector for {model.name}: {exc}; delete it and rebuild"
+        ) from exc
     norm = float(np.linalg.norm(vec))
     if (
         vec.shape != (1, model.dim)
