@@ -47,16 +47,16 @@ INSTALL_HINT = "pip install 'embedpool[openvino]'"
 #: An OpenVINO worker's memory against ONNX Runtime's estimate of the same model and
 #: precision (``catalog.model_memory``; bf16 reads the fp32 graph): its libraries and CPU
 #: plugin (``OPENVINO_LIBS``), the weights held about twice (the ONNX frontend's copy and the
-#: plugin's: ``OPENVINO_WEIGHT_FACTOR``; counted per worker. A graph with its weights inside
-#: the ONNX file is read, not mapped: ENABLE_MMAP and CPU_RUNTIME_CACHE_CAPACITY=0 did not
-#: lower it. A large graph's side file (graph.external) is mapped and shared: of each of two
-#: OpenVINO workers' RSS at Qwen3-Embedding-0.6B's shape, 528 of 1,137 MiB were shared at
-#: int8 and 1,850 of 3,702 at fp32 (PSS). Whether OpenVINO's graph gets a side file depends on its own size,
-#: which the estimate does not know before the build, so it errs high by the side file
-#: per extra worker), and larger
-#: activations (``OPENVINO_ACTIVATION_FACTOR``: it reads the standard-op graph of the rotary
-#: families, whose windows become a mask). Measured peaks, 1 thread, AMD EPYC Zen 3,
-#: OpenVINO 2026.4 (tests/test_runtimes.py keeps the table and checks the estimate covers it):
+#: plugin's: ``OPENVINO_WEIGHT_FACTOR``), counted per worker, and larger activations
+#: (``OPENVINO_ACTIVATION_FACTOR``: it reads the standard-op graph of the rotary families,
+#: whose windows become a mask). A graph with its weights inside the ONNX file is read, not
+#: mapped (ENABLE_MMAP and CPU_RUNTIME_CACHE_CAPACITY=0 did not lower it); a large graph's
+#: side file (graph.external) is mapped and shared: of each of two OpenVINO workers' RSS at
+#: Qwen3-Embedding-0.6B's shape, 528 of 1,137 MiB were shared at int8 and 1,850 of 3,702 at
+#: fp32 (PSS). Whether OpenVINO's graph gets a side file depends on its own size, unknown
+#: before the build, so the estimate errs high by that file per extra worker. Measured
+#: peaks, 1 thread, AMD EPYC Zen 3, OpenVINO 2026.4 (tests/test_runtimes.py keeps the table
+#: and checks the estimate covers it):
 #: the default model after 3 x 4 x 256 tokens, fp32 294-296 MiB (ONNX Runtime 184-213), int8
 #: (weight-only, graph.weight_int8) 200 (156); one 8,192-token text at nomic-embed-text-v1.5's
 #: shape fp32 1,761 (ONNX Runtime 1,081), int8 1,091 (976), at gte-modernbert-base's fp32

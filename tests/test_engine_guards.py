@@ -29,6 +29,16 @@ def _copy(tmp_path: Path) -> Path:
     return out
 
 
+def _corrupt_word_rows(model: Path, rows: list[int] | None = None) -> None:
+    """Sets the word-embedding rows ``rows`` (None: all) of ``model``'s checkpoint to NaN."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(str(model / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("word_embeddings.weight"))
+    weights[name][slice(None) if rows is None else rows] = np.nan
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _stream(
     model: Path, runtime: str, texts: list[str]
 ) -> tuple[list[tuple[bool, np.ndarray]], list[ItemError]]:
@@ -78,18 +88,13 @@ def test_a_token_id_past_the_embedding_table_fails_that_item_alone(
 
 @pytest.mark.parametrize("runtime", ENGINES)
 def test_a_non_finite_vector_fails_that_item_alone(runtime: str, tmp_path: Path) -> None:
-    from safetensors.numpy import load_file, save_file
-
-    model = _copy(tmp_path)
-    weights = load_file(str(model / "model.safetensors"))
-    name = next(k for k in weights if k.endswith("word_embeddings.weight"))
     from tokenizers import Tokenizer
 
+    model = _copy(tmp_path)
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     bad = tok.encode("return", add_special_tokens=False).ids[-1]
     assert bad not in tok.encode("hello world").ids
-    weights[name][bad] = np.nan  # a corrupt row: every token of its text turns NaN
-    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    _corrupt_word_rows(model, [bad])  # a corrupt row: every token of its text turns NaN
     got, errors = _stream(model, runtime, ["hello world", "return x", "hello"])
     assert [ok for ok, _ in got] == [True, False, True]
     assert [e.index for e in errors] == [1]
@@ -103,17 +108,12 @@ def test_a_graph_that_gives_nan_fails_its_check_naming_the_file(
 ) -> None:
     """``models build`` / the prebuild verify each graph: one whose vectors are NaN is
     named, with the way out, not passed on."""
-    from safetensors.numpy import load_file, save_file
-
     from embedpool.engine import EngineSpec
     from embedpool.errors import ModelError
     from embedpool.graph.prebuild import verify_graph
 
     model_dir = _copy(tmp_path)
-    weights = load_file(str(model_dir / "model.safetensors"))
-    name = next(k for k in weights if k.endswith("word_embeddings.weight"))
-    weights[name][:] = np.nan
-    save_file(weights, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    _corrupt_word_rows(model_dir)
     model = resolve_model(model_dir)
     path = EngineSpec(model, "fp32", runtime=runtime).graph()  # type: ignore[arg-type]
     with pytest.raises(ModelError, match="is not finite") as err:

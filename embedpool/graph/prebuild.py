@@ -381,8 +381,11 @@ def prebuilt_graph(
     if runtime == "openvino":
         from embedpool.engine import EngineSpec
         from embedpool.graph import ov_graph
+        from embedpool.runtimes import INSTALL_HINT, openvino_installed
 
         EngineSpec(model, precision, runtime="openvino")  # type: ignore[arg-type]  # checks it
+        if not openvino_installed():  # before a build that nothing could load
+            raise ConfigError(f"--engine openvino: openvino is not installed ({INSTALL_HINT})")
         graph = ov_graph.graph_precision(precision)
         found = ov_graph.built(model, graph)
         return found or build_in_child(model, graph, emit, runtime="openvino").path
@@ -398,7 +401,7 @@ def verify_graph(
     """Load ``path`` in ``runtime`` (the CPU; ONNX Runtime loads any graph precision there)
     and embed one text: the vector's width. Raises ModelError when the file does not load or
     the vector is not the model's (its width, all finite, unit length where the model
-    normalises), ConfigError when OpenVINO is asked for and not installed."""
+    normalises); OpenVINO must be installed (``prebuilt_graph`` checks it)."""
     import numpy as np
 
     from embedpool.engine import Engine, EngineSpec
@@ -406,10 +409,6 @@ def verify_graph(
 
     seqs = TextTokenizer.for_model(model).encode(["embedpool checks this graph"]).sequences
     if runtime == "openvino":
-        from embedpool.runtimes import INSTALL_HINT, openvino_installed
-
-        if not openvino_installed():
-            raise ConfigError(f"--engine openvino: openvino is not installed ({INSTALL_HINT})")
         spec = EngineSpec(model, precision, threads=1, runtime="openvino")  # type: ignore[arg-type]
         engine = spec.load(path)
     else:

@@ -96,6 +96,7 @@ def model_memory(
         return None
     where = str(model.directory / "config.json")
     fam, cfg = parse_config(model.config, where)
+    decoder = fam in (qwen3, qwen2)
     if fam is modernbert:  # block-local windows hold 3 x half-window keys per query
         keys: int | None = (
             3 * (cfg.local_window // 2) if "sliding_attention" in cfg.layer_types else 0
@@ -106,7 +107,7 @@ def model_memory(
         ffn = 2 * cfg.intermediate_size
     elif fam is nomic:  # FlashAttention: no score tensor
         keys, ffn = 0, 2 * cfg.intermediate_size
-    elif fam in (qwen3, qwen2):  # GroupQueryAttention: no [seq, seq] scores; measured width
+    elif decoder:  # GroupQueryAttention: no [seq, seq] scores; measured width
         keys, ffn = 0, DECODER_FFN_FACTOR * cfg.intermediate_size
     else:  # BERT's masked Attention kernel: every head's [seq, seq] scores
         cfg = getattr(cfg, "bert", cfg)  # XLM-R wraps BERT's config
@@ -132,9 +133,7 @@ def model_memory(
         return memory
     from embedpool.runtimes import openvino_memory
 
-    return openvino_memory(
-        memory, "int8" if precision == "int8" else "fp32", decoder=fam in (qwen3, qwen2)
-    )
+    return openvino_memory(memory, "int8" if precision == "int8" else "fp32", decoder=decoder)
 
 
 def parameter_count(model: ResolvedModel) -> int | None:
